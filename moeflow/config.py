@@ -1,0 +1,343 @@
+"""What the network is: frozen, validated, serialisable model configuration.
+
+A `ModelConfig` describes one decoder: its architecture family (`gpt`, the DeepSpeed-MoE paper's
+GPT-3-style model, or `llama`: RMSNorm, RoPE, SwiGLU, grouped-query attention), its sizes, and
+where its MoE layers are. Every FFN layer is dense, MoE or Residual-MoE; `ffn_specs()` derives the
+per-layer `FFNSpec` from the layout fields (expert interval, first MoE layer, per-layer expert
+counts for pyramids). Defaults that depend on other fields (`d_ff`, `n_kv_heads`, ...) are
+resolved at construction, so a config written to JSON reads back equal.
+
+Invalid values raise `ValueError` naming the field and the value, at construction.
+How a run trains the model lives elsewhere (the trainer's run config), not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("gpt", "llama")
+MOE_KINDS = ("moe", "residual_moe")
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("position", "random")
+NOISE_KINDS = ("none", "jitter", "rsample")
+
+
+def _check(ok: bool, name: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {need}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How tokens pick experts (DeepSpeed-MoE gating semantics, plus later refinements).
+
+    top_k: experts per token. score_func: softmax over experts or per-expert sigmoid (fp32).
+    capacity_factor / eval_capacity_factor: capacity = ceil(k*T/E*factor), at least min_capacity.
+    dropless: never drop (capacity ignored). drop_policy: which over-capacity tokens go —
+    "position" keeps the earliest tokens, "random" is Random Token Selection.
+    noise: "jitter" multiplies router inputs by U(1-eps, 1+eps), "rsample" adds Gumbel noise to
+    the scores used for selection; both in training only.
+    normalize_topk: renormalise the k selected weights to sum to 1. routed_scaling: multiplies
+    the weights (DeepSeek-V3). num_groups / topk_groups: group-limited routing (DeepSeek-V2/V3).
+    expert_bias: aux-loss-free balancing bias added to selection scores only, moved by
+    bias_update_rate per step towards balance. aux_loss_coef / z_loss_coef weight the losses.
+    """
+
+    top_k: int = 1
+    score_func: str = "softmax"
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    dropless: bool = False
+    drop_policy: str = "position"
+    noise: str = "none"
+    noise_eps: float = 1e-2
+    normalize_topk: bool = False
+    routed_scaling: float = 1.0
+    num_groups: int = 1
+    topk_groups: int = 1
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "router.top_k", self.top_k, "must be >= 1")
+        _check_choice("router.score_func", self.score_func, SCORE_FUNCS)
+        _check(self.capacity_factor > 0, "router.capacity_factor", self.capacity_factor, "must be > 0")
+        _check(self.eval_capacity_factor > 0, "router.eval_capacity_factor",
+               self.eval_capacity_factor, "must be > 0")
+        _check(self.min_capacity >= 0, "router.min_capacity", self.min_capacity, "must be >= 0")
+        _check_choice("router.drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_choice("router.noise", self.noise, NOISE_KINDS)
+        _check(0 <= self.noise_eps < 1, "router.noise_eps", self.noise_eps, "must be in [0, 1)")
+        _check(self.routed_scaling > 0, "router.routed_scaling", self.routed_scaling, "must be > 0")
+        _check(self.num_groups >= 1, "router.num_groups", self.num_groups, "must be >= 1")
+        _check(1 <= self.topk_groups <= self.num_groups, "router.topk_groups", self.topk_groups,
+               f"must be in [1, num_groups={self.num_groups}]")
+        _check(self.bias_update_rate >= 0, "router.bias_update_rate", self.bias_update_rate,
+               "must be >= 0")
+        _check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+        _check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+    def capacity(self, num_tokens: int, num_experts: int, training: bool) -> int | None:
+        """Slots per expert for `num_tokens` tokens, or None when dropless."""
+        if self.dropless:
+            return None
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        cap = math.ceil(self.top_k * num_tokens / num_experts * factor)
+        return min(max(cap, self.min_capacity), num_tokens)
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """One layer's feed-forward block, derived from a ModelConfig by `ffn_specs()`."""
+
+    kind: str  # "dense" | "moe" | "residual_moe"
+    d_ff: int  # width of the dense MLP (dense layers and the Residual-MoE's fixed branch)
+    num_experts: int = 0
+    expert_d_ff: int = 0
+    num_shared_experts: int = 0
+    shared_d_ff: int = 0
+    shared_expert_gate: bool = False
+    router: RouterConfig | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.kind != "dense"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer whose FFN layers may be dense, MoE or Residual-MoE.
+
+    MoE layout: layer i (0-based) is an MoE layer when moe_every > 0, i >= first_moe_layer and
+    (i - first_moe_layer) % moe_every == 0. The default first_moe_layer = moe_every - 1 places
+    experts on every other layer starting at the second, as Megatron-DeepSpeed's expert interval
+    does. num_experts has one entry per MoE layer (an int means the same count everywhere).
+    """
+
+    name: str = "custom"
+    arch: str = "gpt"
+    vocab_size: int = 50257
+    n_layers: int = 24
+    d_model: int = 1024
+    n_heads: int = 16
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int | None = None
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    attn_bias: bool | None = None
+    mlp_bias: bool | None = None
+    tie_embeddings: bool | None = None
+    init_std: float = 0.02
+    moe_kind: str = "moe"
+    moe_every: int = 0
+    first_moe_layer: int | None = None
+    num_experts: tuple[int, ...] | int = ()
+    expert_d_ff: int | None = None
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        def resolve(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        _check_choice("arch", self.arch, ARCHS)
+        gpt = self.arch == "gpt"
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                   getattr(self, name), "must be an integer >= 1")
+        if self.n_kv_heads is None:
+            resolve("n_kv_heads", self.n_heads)
+        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+               self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                   f"must be divisible by n_heads={self.n_heads}")
+            resolve("head_dim", self.d_model // self.n_heads)
+        _check(self.head_dim >= 1, "head_dim", self.head_dim, "must be >= 1")
+        _check(gpt or self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
+        if self.d_ff is None:
+            resolve("d_ff", 4 * self.d_model)
+        _check(self.d_ff >= 1, "d_ff", self.d_ff, "must be >= 1")
+        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
+            if getattr(self, name) is None:
+                resolve(name, gpt)
+        if isinstance(self.router, dict):
+            resolve("router", RouterConfig(**self.router))
+
+        _check_choice("moe_kind", self.moe_kind, MOE_KINDS)
+        _check(self.moe_every >= 0, "moe_every", self.moe_every, "must be >= 0")
+        if self.first_moe_layer is None:
+            resolve("first_moe_layer", max(self.moe_every - 1, 0))
+        _check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
+               "first_moe_layer", self.first_moe_layer, f"must be in [0, n_layers={self.n_layers})")
+        n_moe = len(self.moe_layer_indices())
+        experts = self.num_experts
+        if isinstance(experts, int):
+            experts = (experts,) * n_moe
+        experts = tuple(experts)
+        resolve("num_experts", experts)
+        _check(len(experts) == n_moe, "num_experts", experts,
+               f"needs one entry per MoE layer ({n_moe} MoE layers)")
+        for e in experts:
+            _check(isinstance(e, int) and e >= 1, "num_experts", experts, "entries must be >= 1")
+            _check(self.router.top_k <= e, "router.top_k", self.router.top_k,
+                   f"must be <= num_experts ({e})")
+            _check(e % self.router.num_groups == 0, "router.num_groups", self.router.num_groups,
+                   f"must divide num_experts ({e})")
+            if self.router.num_groups > 1:
+                per_group = e // self.router.num_groups
+                _check(self.router.top_k <= self.router.topk_groups * per_group, "router.top_k",
+                       self.router.top_k, "exceeds the experts in the selected groups")
+        if self.expert_d_ff is None:
+            resolve("expert_d_ff", self.d_ff)
+        _check(self.expert_d_ff >= 1, "expert_d_ff", self.expert_d_ff, "must be >= 1")
+        _check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts,
+               "must be >= 0")
+        if self.shared_d_ff is None:
+            resolve("shared_d_ff", self.num_shared_experts * self.expert_d_ff)
+        _check(self.shared_d_ff >= 0, "shared_d_ff", self.shared_d_ff, "must be >= 0")
+        _check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
+               self.shared_expert_gate, "needs num_shared_experts > 0")
+
+    # ---- derived structure -------------------------------------------------------------
+
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        if self.moe_every == 0:
+            return ()
+        return tuple(range(self.first_moe_layer, self.n_layers, self.moe_every))
+
+    def ffn_specs(self) -> tuple[FFNSpec, ...]:
+        moe_layers = self.moe_layer_indices()
+        specs = []
+        for i in range(self.n_layers):
+            if i not in moe_layers:
+                specs.append(FFNSpec(kind="dense", d_ff=self.d_ff))
+                continue
+            specs.append(FFNSpec(
+                kind=self.moe_kind,
+                d_ff=self.d_ff,
+                num_experts=self.num_experts[moe_layers.index(i)],
+                expert_d_ff=self.expert_d_ff,
+                num_shared_experts=self.num_shared_experts,
+                shared_d_ff=self.shared_d_ff,
+                shared_expert_gate=self.shared_expert_gate,
+                router=self.router,
+            ))
+        return tuple(specs)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layer_indices())
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied; derived defaults are re-resolved when their inputs change."""
+        return ModelConfig.from_dict({**_unresolved(self), **changes})
+
+    # ---- serialisation -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["num_experts"] = list(self.num_experts)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field {unknown[0]!r}")
+        data = dict(data)
+        router = data.get("router", {})
+        if isinstance(router, dict):
+            known_r = {f.name for f in dataclasses.fields(RouterConfig)}
+            bad = sorted(set(router) - known_r)
+            if bad:
+                raise ValueError(f"unknown router config field {bad[0]!r}")
+            data["router"] = RouterConfig(**router)
+        if isinstance(data.get("num_experts"), list):
+            data["num_experts"] = tuple(data["num_experts"])
+        try:
+            return cls(**data)
+        except TypeError as e:  # wrong types reaching comparisons
+            raise ValueError(f"malformed model config: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        """Read a JSON or YAML config file (YAML by suffix .yaml/.yml)."""
+        path = Path(path)
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is a malformed file
+            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                             f"{str(e).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        from moeflow.presets import preset
+
+        return preset(name)
+
+
+def _unresolved(config: ModelConfig) -> dict[str, Any]:
+    """Fields of `config` with derived defaults put back to None, so `replace` re-derives them."""
+    d = config.to_dict()
+    gpt = config.arch == "gpt"
+    derived = {
+        "n_kv_heads": config.n_heads,
+        "head_dim": config.d_model // config.n_heads if config.d_model % config.n_heads == 0 else -1,
+        "d_ff": 4 * config.d_model,
+        "attn_bias": gpt, "mlp_bias": gpt, "tie_embeddings": gpt,
+        "first_moe_layer": max(config.moe_every - 1, 0),
+        "expert_d_ff": config.d_ff,
+        "shared_d_ff": config.num_shared_experts * config.expert_d_ff,
+    }
+    for name, default in derived.items():
+        if d[name] == default:
+            d[name] = None
+    if len(set(config.num_experts)) == 1:
+        d["num_experts"] = config.num_experts[0]
+    return d

@@ -1,0 +1,64 @@
+"""Dispatch → compute → combine: moving tokens to experts and their outputs back.
+
+A dispatcher turns (tokens, routing) into expert-sorted rows plus a small frozen `DispatchPlan`,
+and later combines the expert outputs back into token order with the routing weights.
+`LocalDispatcher` keeps everything on this process; the expert-parallel dispatchers in
+`moeflow.parallel` exchange rows between ranks behind the same two methods.
+
+Layout: the T·K assignments sorted by (expert, priority). Dropped assignments are parked after the
+last expert's rows; they are never computed and never read back. Combining gathers each
+token's K rows and sums them with their weights in a fixed order, so the result does not depend on
+thread scheduling (no atomics).
+
+Legend: T tokens, K top-k, N = T·K assignment rows, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.model.router import RoutingResult
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    token_N: torch.Tensor  # source token of each sorted row
+    row_TK: torch.Tensor  # sorted row of each assignment
+    ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
+
+
+def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
+    T, K = routing.ids_TK.shape
+    E = routing.num_experts
+    # Key = expert * (T·K) + priority slot: expert-major, then queue order; dropped keys last.
+    key_TK = routing.ids_TK * (T * K) + routing.slots_TK
+    parked_TK = E * T * K + torch.arange(T * K, device=key_TK.device).view(T, K)
+    key_TK = torch.where(routing.kept_TK, key_TK, parked_TK)
+    order_N = torch.argsort(key_TK.reshape(-1))
+    row_TK = torch.empty_like(order_N)
+    row_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    return DispatchPlan(token_N=order_N // K, row_TK=row_TK.view(T, K),
+                        ends_E=torch.cumsum(routing.counts_E, 0))
+
+
+def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult) -> torch.Tensor:
+    """out_TD = Σ_k weight_TK · y[row_TK] over kept assignments."""
+    y_TKD = y_ND[plan.row_TK]
+    w_TK = routing.weights_TK.to(y_ND.dtype)
+    y_TKD = torch.where(routing.kept_TK[..., None], y_TKD, 0)
+    return (y_TKD * w_TK[..., None]).sum(dim=1)
+
+
+class LocalDispatcher:
+    """All experts live on this process."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult
+                 ) -> tuple[torch.Tensor, DispatchPlan]:
+        plan = sort_by_expert(routing)
+        return x_TD[plan.token_N], plan
+
+    def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult
+                ) -> torch.Tensor:
+        return combine_rows(y_ND, plan, routing)

@@ -1,0 +1,22 @@
+"""Normalisation layers: LayerNorm for the GPT family, RMSNorm for the Llama family."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def make_norm(arch: str, dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if arch == "gpt" else RMSNorm(dim, eps=eps)

@@ -1,0 +1,174 @@
+"""The decoder: embeddings → blocks (attention + dense/MoE FFN) → final norm → LM head.
+
+GPT family (the DeepSpeed-MoE paper): LayerNorm, GELU MLP, learned positions, tied embeddings.
+Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head.
+
+`model(input_ids)` returns a `ModelOutput`: logits [B, T, V], the summed router losses (weighted
+by each layer's coefficients, ready to add to the LM loss) and per-MoE-layer routing statistics.
+Pass a `KVCache` to decode incrementally.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeflow.config import FFNSpec, ModelConfig
+from moeflow.model.attention import Attention
+from moeflow.model.mlp import MLP
+from moeflow.model.moe import MoELayer
+from moeflow.model.norms import make_norm
+from moeflow.model.rope import rope_cos_sin
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Routing statistics of one MoE layer for one forward pass."""
+
+    layer: int
+    counts_E: torch.Tensor  # assignments per expert after dropping
+    num_dropped: torch.Tensor
+    num_assignments: int  # T·K
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    router_loss: torch.Tensor  # Σ over MoE layers of aux_coef·aux + z_coef·z
+    aux_loss: torch.Tensor  # Σ of unweighted load-balancing losses
+    z_loss: torch.Tensor  # Σ of unweighted z-losses
+    routing: tuple[LayerRouting, ...]
+
+    @property
+    def dropped_fraction(self) -> float:
+        total = sum(r.num_assignments for r in self.routing)
+        if total == 0:
+            return 0.0
+        return float(sum(r.num_dropped for r in self.routing)) / total
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, spec: FFNSpec) -> None:
+        super().__init__()
+        activation = "gelu" if config.arch == "gpt" else "swiglu"
+        self.attn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
+        if spec.is_moe:
+            self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias)
+        else:
+            self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
+
+    def forward(self, x, rope, cache):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        h = self.ffn(self.ffn_norm(x))
+        routing = None
+        if isinstance(h, tuple):
+            h, routing = h
+        return x + h, routing
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.arch == "gpt" else None
+        self.blocks = nn.ModuleList(
+            Block(config, i, spec) for i, spec in enumerate(config.ffn_specs()))
+        self.final_norm = make_norm(config.arch, config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2/Megatron init: N(0, std), output projections scaled by 1/sqrt(2·layers)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name:
+                p.fill_(1.0) if leaf == "weight" else p.zero_()
+            elif leaf == "bias" or leaf.startswith("b_"):
+                p.zero_()
+            elif leaf == "w_out_EFD" or name.endswith(("attn.proj.weight", "fc_out.weight")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def set_expert_backend(self, backend: str) -> None:
+        """Force an expert implementation ("auto", "reference", "grouped_mm", ...)."""
+        for layer in self.moe_layers():
+            layer.experts.backend = backend
+
+    def set_dropless(self, dropless: bool) -> None:
+        """Turn capacity-based dropping off (inference) or back to the config's setting."""
+        for layer in self.moe_layers():
+            layer.router.force_dropless = dropless
+
+    def update_expert_biases(self, counts_per_layer: list[torch.Tensor]) -> None:
+        """Aux-loss-free balancing step, given each MoE layer's expert counts for the step."""
+        for layer, counts in zip(self.moe_layers(), counts_per_layer, strict=True):
+            layer.router.update_expert_bias(counts)
+
+    def forward(self, input_ids: torch.Tensor, cache=None) -> ModelOutput:
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        positions = torch.arange(offset, offset + T, device=input_ids.device)
+        x = self.tok_emb(input_ids)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_cos_sin(positions[None], self.config.head_dim, self.config.rope_theta,
+                                x.dtype)
+        stats = []
+        router_loss = aux = z = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, rope, cache)
+            if routing is not None:
+                router_loss = router_loss + routing.loss
+                aux, z = aux + routing.aux_loss, z + routing.z_loss
+                stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,
+                                          routing.ids_TK.numel(), routing.aux_loss,
+                                          routing.z_loss))
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.final_norm(x))
+        return ModelOutput(logits, router_loss, aux, z, tuple(stats))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameters; a token activates top_k of each MoE layer's E experts."""
+    expert_fraction = {id(layer.experts): layer.spec.router.top_k / layer.spec.num_experts
+                       for layer in model.modules() if isinstance(layer, MoELayer)}
+    total = active = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        fraction = expert_fraction.get(id(module), 1.0)
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+                active += round(p.numel() * fraction)
+    return total, active
+
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of `config`, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return count_parameters(model)

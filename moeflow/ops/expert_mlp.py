@@ -1,0 +1,57 @@
+"""Grouped expert MLP: every expert's MLP over its contiguous block of expert-sorted rows.
+
+Rows x_ND are sorted by expert; expert e owns rows [ends_E[e-1], ends_E[e]). Rows past ends_E[-1]
+(dropped assignments parked at the end) are not computed and their outputs are undefined: the
+combine step never reads them.
+
+Legend: N sorted rows, D model dim, F expert ffn dim, I = F or 2F (SwiGLU's gate|up), E experts.
+  w_in_EDI, b_in_EI, w_out_EFD, b_out_ED (biases optional).
+
+`expert_mlp_reference` loops over experts with plain matmuls and runs anywhere;
+`expert_mlp_grouped_mm` issues two `torch._grouped_mm` calls (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.ops.activation import apply_activation
+
+
+def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """b_EX[expert of each row] for rows sorted by expert: [N, X] (rows past the end get the last)."""
+    rows = torch.arange(num_rows, device=ends_E.device)
+    expert_N = torch.searchsorted(ends_E.to(torch.int64), rows, right=True)
+    return b_EX[expert_N.clamp_max(b_EX.shape[0] - 1)]
+
+
+def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                         b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                         b_out_ED: torch.Tensor | None, activation: str) -> torch.Tensor:
+    ends = [0] + ends_E.tolist()
+    out = x_ND.new_zeros(x_ND.shape[0], w_out_EFD.shape[-1])
+    for e in range(w_in_EDI.shape[0]):
+        lo, hi = ends[e], ends[e + 1]
+        if hi == lo:
+            continue
+        h = x_ND[lo:hi] @ w_in_EDI[e]
+        if b_in_EI is not None:
+            h = h + b_in_EI[e]
+        y = apply_activation(h, activation) @ w_out_EFD[e]
+        if b_out_ED is not None:
+            y = y + b_out_ED[e]
+        out[lo:hi] = y
+    return out
+
+
+def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                          b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                          b_out_ED: torch.Tensor | None, activation: str) -> torch.Tensor:
+    offs = ends_E.to(torch.int32)
+    h_NI = torch._grouped_mm(x_ND, w_in_EDI, offs=offs)
+    if b_in_EI is not None:
+        h_NI = h_NI + _row_bias(b_in_EI, ends_E, x_ND.shape[0])
+    y_ND = torch._grouped_mm(apply_activation(h_NI, activation).contiguous(), w_out_EFD, offs=offs)
+    if b_out_ED is not None:
+        y_ND = y_ND + _row_bias(b_out_ED, ends_E, x_ND.shape[0])
+    return y_ND
