@@ -81,7 +81,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row(r["name"], r["arch"], str(r["n_layers"]), str(r["d_model"]), moe,
                       str(r["top_k"]) if experts else "-", _human(r["total_params"]),
                       _human(r["active_params"]))
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)
+    console.print(table)
     return 0
 
 

@@ -27,6 +27,7 @@ class DispatchPlan:
     token_N: torch.Tensor  # source token of each sorted row
     row_TK: torch.Tensor  # sorted row of each assignment
     ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
+    parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
 
 
 def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
@@ -40,7 +41,8 @@ def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
     row_TK = torch.empty_like(order_N)
     row_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     return DispatchPlan(token_N=order_N // K, row_TK=row_TK.view(T, K),
-                        ends_E=torch.cumsum(routing.counts_E, 0))
+                        ends_E=torch.cumsum(routing.counts_E, 0),
+                        parked=routing.capacity is not None)
 
 
 def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult) -> torch.Tensor:
