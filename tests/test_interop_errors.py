@@ -94,6 +94,7 @@ def test_cli_convert_round_trip(tmp_path, capsys):
 
     torch.manual_seed(0)
     model = Transformer(_tiny()).eval()
+    model.set_dropless(True)  # as from_pretrained leaves it
     save_pretrained(model, tmp_path / "mf")
     assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen3_moe"
