@@ -47,10 +47,12 @@ def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: tor
     return out
 
 
-def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
-                          b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                          b_out_ED: torch.Tensor | None, activation: str,
-                          parked: bool = True) -> torch.Tensor:
+def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                b_out_ED: torch.Tensor | None, activate, parked: bool) -> torch.Tensor:
+    """grouped_mm → activate → grouped_mm. torch._grouped_mm leaves rows past the last offset
+    uninitialised, so with `parked` rows those rows are zeroed at every stage (forward values
+    and the gradients flowing back through them)."""
     offs = ends_E.to(torch.int32)
     N = x_ND.shape[0]
     valid_N1 = (torch.arange(N, device=x_ND.device) < ends_E[-1])[:, None] if parked else None
@@ -61,9 +63,17 @@ def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
         h_NI = h_NI + _row_bias(b_in_EI, ends_E, N)
     if parked:
         h_NI = torch.where(valid_N1, h_NI, 0)
-    y_ND = torch._grouped_mm(apply_activation(h_NI, activation).contiguous(), w_out_EFD, offs=offs)
+    y_ND = torch._grouped_mm(activate(h_NI), w_out_EFD, offs=offs)
     if b_out_ED is not None:
         y_ND = y_ND + _row_bias(b_out_ED, ends_E, N)
     if parked:
         y_ND = torch.where(valid_N1, y_ND, 0)
     return y_ND
+
+
+def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                          b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                          b_out_ED: torch.Tensor | None, activation: str,
+                          parked: bool = True) -> torch.Tensor:
+    return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
+                       lambda h: apply_activation(h, activation).contiguous(), parked)
