@@ -120,8 +120,8 @@ class Guard:
             try:
                 size = int(declared)
             except ValueError:
-                await _send_error(scope, send, RequestError(400, "Content-Length header is not an "
-                                                          "integer", "Content-Length"))
+                await _send_error(scope, send, RequestError(
+                    400, "Content-Length header is not an integer", "Content-Length"))
                 return None
             if size > limit:
                 await _send_error(scope, send, _too_large(size, limit))
@@ -223,7 +223,11 @@ async def _generate(request: Request, schema) -> Response:
         handle = await state.worker.submit(prompts, list(job.params), request_id)
     except ValueError as e:
         raise RequestError(400, str(e), None) from None
-    run = _Run(state, job, handle, request_id, start)
+    try:
+        run = _Run(state, job, handle, request_id, start)
+    except BaseException:
+        state.worker.abort(handle)
+        raise
     state.inflight += 1
     if job.stream:
         return _SSE(run.sse(), on_close=run.close, media_type="text/event-stream",
