@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import time
 
@@ -261,6 +262,19 @@ def test_clients_disconnecting_mid_stream_free_their_sequences(server):
     assert server.post(C, completion()).status_code == 200
 
 
+def test_bench_serve_reports_throughput_and_latency_percentiles(server):
+    from moeflow.serve.bench import BenchConfig, run_bench
+
+    before = server.metric("moeflow_generation_tokens_total")
+    result = run_bench(BenchConfig(url=server.url, concurrency=4, requests=12, max_tokens=6))
+    assert result.succeeded == 12 and result.failed == {}
+    assert server.metric("moeflow_generation_tokens_total") - before == 12 * 6
+    assert math.isclose(result.output_tokens_per_s, 72 / result.duration_s)
+    lat, ttft = result.latency_s, result.ttft_s
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and 0 < ttft["p50"] <= lat["p50"]
+    assert "p99" in result.table() and json.loads(json.dumps(result.to_dict()))
+
+
 def test_full_queue_answers_429_and_admitted_requests_finish(checkpoint):
     srv = ServerProcess(checkpoint, "--max-batch", "1", "--max-queue", "4").wait_ready()
     try:
@@ -312,3 +326,29 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoi
     finally:
         srv.stop()
     assert "draining 3 request(s)" in srv.output()
+
+
+def test_sigterm_aborts_what_outlives_the_drain_timeout_and_exits_0(checkpoint):
+    srv = ServerProcess(checkpoint, "--max-batch", "4", "--drain-timeout", "0").wait_ready()
+    try:
+        body = json.dumps(completion(prompt="def", max_tokens=120, ignore_eos=True,
+                                     stream=True)).encode()
+        socks = [raw_request(srv.port, C, body) for _ in range(2)]
+        bufs = [b""] * 2
+        for i, s in enumerate(socks):
+            while b"data: " not in bufs[i]:
+                bufs[i] += s.recv(4096)
+        srv.proc.send_signal(signal.SIGTERM)
+        for i, s in enumerate(socks):
+            while b"data: [DONE]" not in bufs[i]:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                bufs[i] += chunk
+            s.close()
+        assert srv.proc.wait(30) == 0, srv.output()
+        for buf in bufs:
+            assert b'"finish_reason": "abort"' in buf and b"data: [DONE]" in buf
+    finally:
+        srv.stop()
+    assert "drain timeout, aborting 2 sequence(s)" in srv.output()
