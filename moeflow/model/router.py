@@ -12,6 +12,9 @@ RNG ("random", Random Token Selection) — seed the RNG or pass a generator to r
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of assignments (before dropping) to e and P_e its mean score; z = mean(logsumexp(logits)²).
+Under data parallelism `stats_reduce` (set by moeflow.parallel) sums the assignment counts over the
+data-parallel ranks, so f_e is the global batch's fraction and the averaged loss does not depend on
+how the batch was split.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
@@ -94,6 +97,8 @@ class Router(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         # Inference turns capacity off so a token's output never depends on its batch-mates.
         self.force_dropless = False
+        # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
+        self.stats_reduce = None
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -147,7 +152,9 @@ class Router(nn.Module):
 
         probs_TE = scores_TE if cfg.score_func == "softmax" else \
             scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        frac_E = counts_before.float() / max(T * cfg.top_k, 1)
+        if self.stats_reduce is not None:
+            counts_before = self.stats_reduce(counts_before)
+        frac_E = counts_before.float() / counts_before.sum().clamp_min(1)
         aux_loss = E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
         return RoutingResult(
