@@ -99,3 +99,15 @@ def next_step(model, batches, eval_tokens, sharded):
     losses = run_steps(config, parallel, model=model, batches=batches)["losses"]
     model.load_state_dict(state)
     return {"logits": logits, "losses": losses}
+
+
+def trainer_worker(rank, world, train_kwargs, parallel_kwargs):
+    """A ParallelTrainer run on this rank; returns the rank's TrainResult fields."""
+    from moeflow.parallel.launch import init_distributed
+    from moeflow.parallel.trainer import ParallelTrainer
+    from moeflow.train import TrainConfig
+
+    trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
+                              init_distributed("cpu"))
+    result = trainer.run()
+    return {"step": result.step, "checkpoint": str(result.checkpoint)}

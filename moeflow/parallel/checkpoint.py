@@ -34,10 +34,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moeflow.model.moe import MoELayer
-from moeflow.parallel.shard import slice_columns
+from moeflow.parallel.shard import EXPERT_TENSORS, join_slices, slice_part
 
 FORMAT = "moeflow-experts-v1"
-EXPERT_TENSORS = ("w_in_EDI", "b_in_EI", "w_out_EFD", "b_out_ED")
 # Axis names of each per-expert tensor (the expert axis removed), for error messages.
 AXES = {"w_in_EDI": ("d_model", "ffn_in"), "b_in_EI": ("ffn_in",),
         "w_out_EFD": ("d_ff", "d_model"), "b_out_ED": ("d_model",)}
@@ -186,12 +185,7 @@ def _read_expert(reader: _Reader, layer: int, name: str, expert: int, swiglu: bo
     parts = [reader.get(k) for k in reader.slices_of(key)]
     if not parts:
         raise ValueError(f"checkpoint has no tensor {key}")
-    if name == "w_out_EFD":
-        return torch.cat(parts, 0)
-    if swiglu:  # each slice is [gate_j | up_j]; the full tensor is [gate_0..s | up_0..s]
-        halves = [p.chunk(2, dim=-1) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], -1)
-    return torch.cat(parts, -1)
+    return join_slices(name, parts, swiglu)
 
 
 @torch.no_grad()
@@ -218,15 +212,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         ex = layer.experts
         lay = getattr(ex, "layout", None)
         ids = lay.expert_ids if lay is not None else tuple(range(ex.num_experts))
-        s = lay.slices if lay is not None else 1
-        F, swiglu = ex.d_ff * s, ex.activation == "swiglu"
+        swiglu = ex.activation == "swiglu"
         for name in EXPERT_TENSORS:
             param = getattr(ex, name)
             if param is None:
                 continue
-            for local, g in enumerate(ids):
-                full = _read_expert(experts, i, name, g, swiglu)
-                if s > 1 and name != "b_out_ED":
-                    cols = slice_columns(F, s, lay.slice_index, swiglu)
-                    full = full[cols[: F // s]] if name == "w_out_EFD" else full[..., cols]
-                param[local].copy_(full)
+            full = torch.stack([_read_expert(experts, i, name, g, swiglu) for g in ids])
+            if lay is not None:
+                full = slice_part(name, full, lay, swiglu)
+            param.copy_(full)

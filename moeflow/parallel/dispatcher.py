@@ -50,6 +50,9 @@ class ExchangePlan:
     send_index: torch.Tensor | None  # sorted row behind each sent row (slicing), None: identity
     num_kept: int
     capacity: int | None  # fixed-capacity exchange: slots per expert
+    # No rows past ends_E[-1]: the uneven exchange sends only kept rows, the capacity exchange
+    # pads inside each expert's block (padding rows are computed but never read back).
+    parked: bool = False
 
 
 class AllToAllDispatcher:

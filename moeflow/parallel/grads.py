@@ -143,6 +143,18 @@ class ShardedOptimizer:
         for opt in self.optimizers:
             opt.step()
 
+    def local_state_dict(self) -> list[dict]:
+        """This rank's optimizer state (its ZeRO shard where sharded); reloads only at the same
+        layout."""
+        return [getattr(opt, "optim", opt).state_dict() for opt in self.optimizers]
+
+    def load_local_state_dict(self, states: list[dict]) -> None:
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"optimizer state has {len(states)} groups, this layout has "
+                             f"{len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, states):
+            getattr(opt, "optim", opt).load_state_dict(state)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)

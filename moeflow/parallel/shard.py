@@ -25,6 +25,8 @@ from moeflow.model.moe import MoELayer
 from moeflow.parallel.dispatcher import AllToAllDispatcher
 from moeflow.parallel.mesh import LayerLayout, ParallelConfig, ParallelLayout, ProcessGroups
 
+EXPERT_TENSORS = ("w_in_EDI", "b_in_EI", "w_out_EFD", "b_out_ED")
+
 
 class SumOverRanks:
     """Routing-statistics reduction for Router.stats_reduce: sums counts over a process group."""
@@ -53,32 +55,111 @@ def slice_columns(F: int, slices: int, index: int, swiglu: bool) -> torch.Tensor
     return torch.cat([cols, cols + F]) if swiglu else cols
 
 
+def local_part(name: str, full: torch.Tensor, lay: LayerLayout, swiglu: bool) -> torch.Tensor:
+    """This rank's part of a full stacked expert tensor (`name` one of EXPERT_TENSORS)."""
+    return slice_part(name, full[torch.tensor(lay.expert_ids, device=full.device)], lay, swiglu)
+
+
+def slice_part(name: str, part: torch.Tensor, lay: LayerLayout, swiglu: bool) -> torch.Tensor:
+    """This rank's slice of its experts' full-width tensor (identity without slicing)."""
+    if lay.slices == 1 or name == "b_out_ED":
+        return part
+    F = part.shape[1] if name == "w_out_EFD" else part.shape[-1] // (2 if swiglu else 1)
+    cols = slice_columns(F, lay.slices, lay.slice_index, swiglu).to(part.device)
+    return part[:, cols[: F // lay.slices]] if name == "w_out_EFD" else part[..., cols]
+
+
+def join_slices(name: str, parts: list[torch.Tensor], swiglu: bool) -> torch.Tensor:
+    """Inverse of `local_part` over the s slices of one expert (slice order)."""
+    if name == "b_out_ED":
+        return parts[0]
+    if name == "w_out_EFD":
+        return torch.cat(parts, -2)
+    if swiglu:  # each slice is [gate_j | up_j]; the full tensor is [gate_0..s | up_0..s]
+        halves = [p.chunk(2, dim=-1) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], -1)
+    return torch.cat(parts, -1)
+
+
 def shard_experts(experts: Experts, lay: LayerLayout) -> None:
     """Keep this rank's experts (or expert slice) of `experts`; record the layout on it."""
     if experts.num_experts != lay.num_experts:
         raise ValueError(f"layer {lay.layer}: model has {experts.num_experts} experts, layout "
                          f"expects {lay.num_experts}")
-    ids = torch.tensor(lay.expert_ids)
-    keep = {"w_in_EDI": ids, "b_in_EI": ids, "w_out_EFD": ids, "b_out_ED": ids}
-    tensors = {name: getattr(experts, name) for name in keep if getattr(experts, name) is not None}
-    new = {name: t.detach()[ids.to(t.device)] for name, t in tensors.items()}
-    F = experts.d_ff
-    if lay.slices > 1:
-        cols = slice_columns(F, lay.slices, lay.slice_index, experts.activation == "swiglu")
-        new["w_in_EDI"] = new["w_in_EDI"][:, :, cols.to(new["w_in_EDI"].device)]
-        if "b_in_EI" in new:
-            new["b_in_EI"] = new["b_in_EI"][:, cols.to(new["b_in_EI"].device)]
-        rows = cols[: F // lay.slices].to(new["w_out_EFD"].device)
-        new["w_out_EFD"] = new["w_out_EFD"][:, rows]
-        if "b_out_ED" in new and lay.slice_index != 0:
+    swiglu = experts.activation == "swiglu"
+    for name in EXPERT_TENSORS:
+        t = getattr(experts, name)
+        if t is None:
+            continue
+        if name == "b_out_ED" and lay.slices > 1 and lay.slice_index != 0:
             # The partial outputs of the s slices are summed: only slice 0 adds the bias.
-            del new["b_out_ED"]
-            experts.b_out_ED = None
-        experts.d_ff = F // lay.slices
-    for name, t in new.items():
-        setattr(experts, name, nn.Parameter(t.clone(), requires_grad=tensors[name].requires_grad))
+            setattr(experts, name, None)
+            continue
+        new = local_part(name, t.detach(), lay, swiglu).clone()
+        setattr(experts, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    if lay.slices > 1:
+        experts.d_ff //= lay.slices
     experts.num_experts = len(lay.expert_ids)
     experts.layout = lay
+
+
+def sharded_experts(model: nn.Module) -> dict[str, tuple[Experts, LayerLayout]]:
+    """{state-dict prefix 'blocks.i.ffn.experts.': (module, layout)} of a sharded model."""
+    return {f"{name}.": (m, m.layout) for name, m in model.named_modules()
+            if isinstance(m, Experts) and getattr(m, "layout", None) is not None}
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict into a sharded model: each rank takes its part."""
+    sharded = sharded_experts(model)
+    own = model.state_dict(keep_vars=True)
+    for key, full in state.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix + "." in sharded:
+            ex, lay = sharded[prefix + "."]
+            target = getattr(ex, name)
+            if target is None:
+                continue
+            full = local_part(name, full.to(target.device), lay, ex.activation == "swiglu")
+        else:
+            target = own.get(key)
+            if target is None:
+                raise ValueError(f"state has tensor {key!r} that the model lacks")
+        if tuple(full.shape) != tuple(target.shape):
+            raise ValueError(f"{key}: shape {list(full.shape)} in the state but "
+                             f"{list(target.shape)} in the model")
+        target.copy_(full)
+
+
+@torch.no_grad()
+def gather_full_state(model: nn.Module, groups: ProcessGroups) -> dict[str, torch.Tensor]:
+    """The full state dict (on CPU) rebuilt from every rank's shard. Collective over each
+    layer's EP group; all ranks return it (every replica gathers inside its own EP group)."""
+    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for prefix, (ex, lay) in sharded_experts(model).items():
+        group = groups.for_layer(lay).ep
+        P, s = lay.ep_size, lay.slices
+        swiglu = ex.activation == "swiglu"
+        for name in EXPERT_TENSORS:
+            t = getattr(ex, name)
+            if t is None and not (name == "b_out_ED" and ex.b_in_EI is not None):
+                continue
+            if t is None:  # a later slice of a biased layer: no b_out here, send zeros
+                t = torch.zeros(1, ex.d_model, device=ex.w_in_EDI.device,
+                                dtype=ex.w_in_EDI.dtype)
+            parts = [torch.empty_like(t) for _ in range(P)]
+            if P > 1:
+                dist.all_gather(parts, t.detach().contiguous(), group=group)
+            else:
+                parts = [t.detach()]
+            if s > 1:
+                full = torch.stack([join_slices(name, [p[0] for p in parts[e * s:(e + 1) * s]],
+                                                swiglu) for e in range(P // s)])
+            else:
+                full = torch.cat(parts)
+            out[prefix + name] = full.cpu()
+    return out
 
 
 def shard_model(model: nn.Module, config: ParallelConfig, groups: ProcessGroups | None = None
