@@ -56,14 +56,27 @@ def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0
 
 # ---- workers --------------------------------------------------------------------------------
 
-def train_worker(rank, world, config_dict, parallel_kwargs, steps, batch, seq, freeze_gate_zero):
-    config = ModelConfig.from_dict(config_dict)
+def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
+    """Run each scenario {name: (config dict, ParallelConfig kwargs, zero gates)} through
+    `run_steps`; then save the first scenario's initial model with moeflow.parallel's
+    checkpoint and report its logits and next-step losses."""
     from moeflow.parallel.equality import build_model
-    model = build_model(config, seed=0, device="cpu")
-    if freeze_gate_zero:
-        zero_gates(model)
-    return run_steps(config, ParallelConfig(**parallel_kwargs), steps=steps, batch=batch,
-                     seq=seq, model=model)
+    from moeflow.parallel.shard import shard_model
+
+    out = {}
+    for name, (config_dict, parallel_kwargs, force_one_expert) in scenarios.items():
+        config = ModelConfig.from_dict(config_dict)
+        model = build_model(config, seed=0, device="cpu")
+        if force_one_expert:
+            zero_gates(model)
+        out[name] = run_steps(config, ParallelConfig(**parallel_kwargs), model=model,
+                              batches=batches)
+    config_dict, parallel_kwargs, _ = next(iter(scenarios.values()))
+    model = build_model(ModelConfig.from_dict(config_dict), seed=0, device="cpu")
+    shard_model(model, ParallelConfig(**parallel_kwargs))
+    save_checkpoint(model, ckpt_dir)
+    out["saved"] = next_step(model, batches, eval_tokens, sharded=True)
+    return out
 
 
 def zero_gates(model) -> None:
@@ -73,36 +86,20 @@ def zero_gates(model) -> None:
         layer.router.gate.weight.requires_grad_(False)
 
 
-def reshard_worker(rank, world, config_dict, parallel_kwargs, load_dir, save_dir, batches,
-                   eval_tokens):
-    """Load an EP=1 checkpoint sharded; report logits + next-step losses; save sharded."""
-    config = ModelConfig.from_dict(config_dict)
-    from moeflow.parallel.equality import build_model
-    from moeflow.parallel.shard import shard_model
-    model = build_model(config, seed=123, device="cpu")  # different init: the load must win
-    shard_model(model, ParallelConfig(**parallel_kwargs))
-    load_checkpoint(model, load_dir)
-    loaded = next_step(model, batches, eval_tokens, sharded=True)
-    save_checkpoint(model, save_dir)
-    saved = next_step(model, batches, eval_tokens, sharded=True)
-    return {"loaded": loaded, "saved": saved}
-
-
 def next_step(model, batches, eval_tokens, sharded):
-    """Logits on eval_tokens, then one fresh-AdamW step on batches[0] and the loss on batches[1].
+    """Logits on eval_tokens, then two fresh-AdamW steps on batches[:2] (losses reported).
 
     Leaves the model's weights as they were."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     logits = global_logits(model, eval_tokens, sharded)
-    config = model.config
     parallel = model.parallel_layout.config if sharded else None
-    losses = run_steps(config, parallel, model=model, batches=batches)["losses"]
+    losses = run_steps(model.config, parallel, model=model, batches=batches[:2])["losses"]
     model.load_state_dict(state)
     return {"logits": logits, "losses": losses}
 
 
-def trainer_worker(rank, world, train_kwargs, parallel_kwargs):
-    """A ParallelTrainer run on this rank; returns the rank's TrainResult fields."""
+def trainer_worker(rank, world, train_kwargs, parallel_kwargs, eval_tokens):
+    """A ParallelTrainer run on this rank; returns its final checkpoint and global logits."""
     from moeflow.parallel.launch import init_distributed
     from moeflow.parallel.trainer import ParallelTrainer
     from moeflow.train import TrainConfig
@@ -110,4 +107,5 @@ def trainer_worker(rank, world, train_kwargs, parallel_kwargs):
     trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
                               init_distributed("cpu"))
     result = trainer.run()
-    return {"step": result.step, "checkpoint": str(result.checkpoint)}
+    return {"step": result.step, "checkpoint": str(result.checkpoint),
+            "logits": global_logits(trainer.model, eval_tokens, sharded=True)}

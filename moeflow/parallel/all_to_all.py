@@ -65,9 +65,9 @@ def gather_counts(send_counts_PX: torch.Tensor, group) -> torch.Tensor:
     """Every rank's send counts: [P src, P dst, X]."""
     if _group_size(group) == 1:
         return send_counts_PX[None]
-    out = send_counts_PX.new_empty((_group_size(group),) + tuple(send_counts_PX.shape))
-    dist.all_gather_into_tensor(out, send_counts_PX.contiguous(), group=group)
-    return out
+    parts = [torch.empty_like(send_counts_PX) for _ in range(_group_size(group))]
+    dist.all_gather(parts, send_counts_PX.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 def chunk_index(starts_C: torch.Tensor, sizes_C: torch.Tensor) -> torch.Tensor:
