@@ -36,6 +36,7 @@ class LayerRouting:
     num_assignments: int  # T·K
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    ids_TK: torch.Tensor | None = None  # chosen experts per token (the engine counts real rows)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Transformer(nn.Module):
                 aux, z = aux + routing.aux_loss, z + routing.z_loss
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,
                                           routing.ids_TK.numel(), routing.aux_loss,
-                                          routing.z_loss))
+                                          routing.z_loss, routing.ids_TK))
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:
