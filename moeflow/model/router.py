@@ -12,6 +12,9 @@ RNG ("random", Random Token Selection) — seed the RNG or pass a generator to r
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of assignments (before dropping) to e and P_e its mean score; z = mean(logsumexp(logits)²).
+Under data parallelism `Router.stats_reduce` (set by moeflow.parallel) sums the assignment counts
+over the data-parallel ranks, so f_e is the global batch's fraction and the rank-averaged loss
+equals the loss of the whole batch in one process, whatever the split.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
@@ -151,6 +154,20 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
             cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss)
 
 
+def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterConfig,
+                    reduce_counts) -> torch.Tensor:
+    """The aux loss with f_e taken from counts summed by `reduce_counts` (over data-parallel
+    ranks). P_e stays this rank's mean, so the mean over ranks of equal-sized shards is the
+    whole batch's loss; f_e carries no gradient, so nothing else changes."""
+    T, E = logits_TE.shape
+    scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+    probs_TE = scores_TE if cfg.score_func == "softmax" else \
+        scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    counts_E = reduce_counts(_count(ids_TK.reshape(-1), E))
+    frac_E = counts_E.float() / counts_E.sum().clamp_min(1)
+    return E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+
+
 class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig) -> None:
         super().__init__()
@@ -160,6 +177,8 @@ class Router(nn.Module):
         # Inference turns capacity off so a token's output never depends on its batch-mates.
         self.force_dropless = False
         self.backend = "auto"  # see moeflow.ops.backend.resolve_router_backend
+        # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
+        self.stats_reduce = None
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -187,6 +206,9 @@ class Router(nn.Module):
             from moeflow.ops.routing_triton import route_triton as route
         (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, num_dropped, aux_loss, z_loss,
          loss) = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
+        if self.stats_reduce is not None:
+            aux_loss = global_aux_loss(logits_TE, ids_TK, cfg, self.stats_reduce)
+            loss = cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
         return RoutingResult(
             ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
             counts_E=counts_E, num_dropped=num_dropped, capacity=capacity,
