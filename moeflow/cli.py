@@ -4,6 +4,8 @@ Examples:
   moeflow info                                # every preset: layers, experts, parameters
   moeflow info --preset 350m-pr-moe-32-64 --json
   moeflow info --config my_model.yaml
+  moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
+  moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.
@@ -81,7 +83,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row(r["name"], r["arch"], str(r["n_layers"]), str(r["d_model"]), moe,
                       str(r["top_k"]) if experts else "-", _human(r["total_params"]),
                       _human(r["active_params"]))
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeflow.interop import convert
+
+    if not os.path.isdir(args.src):
+        raise UsageError(f"checkpoint directory {args.src!r} does not exist")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(convert(args.src, args.dst, to=args.to, dtype=dtype,
+                  max_shard_bytes=int(args.max_shard_gb * (1 << 30))))
     return 0
 
 
@@ -95,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", help="a model config file (.json or .yaml)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts")
+    p.add_argument("src", help="checkpoint directory (moeflow or HF: Mixtral, Qwen2/3-MoE, "
+                               "OLMoE, DeepSeek-V2/V3)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=("hf", "moeflow"), required=True)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="cast weights (default: keep)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -28,6 +28,7 @@ class DispatchPlan:
     token_N: torch.Tensor  # source token of each sorted row
     row_TK: torch.Tensor  # sorted row of each assignment
     ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
+    parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
 
 
 def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
@@ -41,7 +42,8 @@ def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
     row_TK = torch.empty_like(order_N)
     row_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     return DispatchPlan(token_N=order_N // K, row_TK=row_TK.view(T, K),
-                        ends_E=torch.cumsum(routing.counts_E, 0))
+                        ends_E=torch.cumsum(routing.counts_E, 0),
+                        parked=routing.capacity is not None)
 
 
 def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult) -> torch.Tensor:
@@ -66,7 +68,8 @@ class LocalDispatcher:
             x_ND, row_TK, token_N, ends_E = dispatch_triton(
                 x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,
                 may_drop=routing.capacity is not None)
-            return x_ND, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E)
+            return x_ND, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E,
+                                      parked=routing.capacity is not None)
         plan = sort_by_expert(routing)
         return x_TD[plan.token_N], plan
 

@@ -56,11 +56,25 @@ def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _limit_groups(sel_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
-    """Mask out all experts outside each token's `topk_groups` best groups (DeepSeek-V3)."""
+def _count(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Per-expert counts of `ids` (optionally weighted), without bincount's host sync, so the
+    router can be captured in a CUDA graph."""
+    ones = torch.ones_like(ids) if weights is None else weights.to(ids.dtype)
+    return torch.zeros(num_experts, dtype=ids.dtype, device=ids.device).scatter_add_(0, ids, ones)
+
+
+def _limit_groups(sel_TE: torch.Tensor, num_groups: int, topk_groups: int,
+                  group_score: str = "top2_sum") -> torch.Tensor:
+    """Mask out all experts outside each token's `topk_groups` best groups (DeepSeek-V2/V3).
+
+    A group's score is the sum of its two best experts' scores (V3) or its best score (V2)."""
     T, E = sel_TE.shape
     grouped = sel_TE.view(T, num_groups, E // num_groups)
-    best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, groups]
+    if group_score == "max":
+        best = grouped.max(dim=-1).values  # [T, groups]
+    else:
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
     keep_groups = _stable_topk(best, topk_groups)
     mask = torch.zeros(T, num_groups, dtype=torch.bool, device=sel_TE.device)
     mask.scatter_(1, keep_groups, True)
@@ -76,7 +90,7 @@ def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Ten
         ids_KT = ids_KT[:, token_order_T]
     flat = ids_KT.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = _count(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     slots_flat = torch.empty_like(rank)
@@ -102,7 +116,7 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
     if expert_bias_E is not None:
         sel_TE = sel_TE + expert_bias_E
     if cfg.num_groups > 1:
-        sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups)
+        sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
     ids_TK = _stable_topk(sel_TE, cfg.top_k)
 
     weights_TK = scores_TE.gather(1, ids_TK)
@@ -118,9 +132,8 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
     weights_TK = weights_TK * kept_TK
 
     flat_ids = ids_TK.reshape(-1)
-    counts_before = torch.bincount(flat_ids, minlength=E)
-    counts_E = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
-    counts_E.scatter_add_(0, flat_ids, kept_TK.reshape(-1).long())
+    counts_before = _count(flat_ids, E)
+    counts_E = _count(flat_ids, E, kept_TK.reshape(-1))
 
     probs_TE = scores_TE if cfg.score_func == "softmax" else \
         scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)

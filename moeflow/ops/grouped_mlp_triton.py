@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.expert_mlp import _row_bias
+from moeflow.ops.expert_mlp import grouped_mlp
 
 
 @triton.jit
@@ -121,8 +121,113 @@ def _m_bucket(n_rows: int, n_experts: int) -> int:
 
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                      b_out_ED: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten."""
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
+    N, D = x_ND.shape
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+    up, down, fixed = _up_kernel, _down_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
+    up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
+        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
+        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+    down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
+    return y_ND
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+    else:
+        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
+    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        d_g = ga * u * (sg + silu * (1.0 - sg))
+        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _act_grid(N: int, F: int, block: int):
+    return (N, triton.cdiv(F, block))
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
+
+    @staticmethod
+    def forward(ctx, h_NI, swiglu: bool):
+        N, I = h_NI.shape
+        F = I // 2 if swiglu else I
+        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+        ctx.save_for_backward(h_NI)
+        ctx.swiglu = swiglu
+        return a_NF
+
+    @staticmethod
+    def backward(ctx, g_a_NF):
+        (h_NI,) = ctx.saved_tensors
+        N, I = h_NI.shape
+        F = g_a_NF.shape[1]
+        g_h = torch.empty_like(h_NI)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
+                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+        return g_h, None
+
+
+def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
     N, D = x_ND.shape
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     swiglu = activation == "swiglu"
@@ -222,13 +327,114 @@ def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
 
 def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                              b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                             b_out_ED: torch.Tensor | None, activation: str) -> torch.Tensor:
+                             b_out_ED: torch.Tensor | None, activation: str,
+                             parked: bool = True) -> torch.Tensor:
     """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all)."""
-    offs = ends_E.to(torch.int32)
-    h_NI = torch._grouped_mm(x_ND, w_in_EDI, offs=offs)
-    if b_in_EI is not None:
-        h_NI = h_NI + _row_bias(b_in_EI, ends_E, x_ND.shape[0])
-    y_ND = torch._grouped_mm(fused_activation(h_NI, activation), w_out_EFD, offs=offs)
-    if b_out_ED is not None:
-        y_ND = y_ND + _row_bias(b_out_ED, ends_E, x_ND.shape[0])
+    return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
+                       lambda h: fused_activation(h, activation), parked)
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
+    N, D = x_ND.shape
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+    up, down, fixed = _up_kernel, _down_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
+    up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
+        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
+        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+    down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
     return y_ND
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+    else:
+        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
+    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        d_g = ga * u * (sg + silu * (1.0 - sg))
+        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _act_grid(N: int, F: int, block: int):
+    return (N, triton.cdiv(F, block))
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
+
+    @staticmethod
+    def forward(ctx, h_NI, swiglu: bool):
+        N, I = h_NI.shape
+        F = I // 2 if swiglu else I
+        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+        ctx.save_for_backward(h_NI)
+        ctx.swiglu = swiglu
+        return a_NF
+
+    @staticmethod
+    def backward(ctx, g_a_NF):
+        (h_NI,) = ctx.saved_tensors
+        N, I = h_NI.shape
+        F = g_a_NF.shape[1]
+        g_h = torch.empty_like(h_NI)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
+                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+        return g_h, None
+
+
+def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+
+
+

@@ -1,0 +1,42 @@
+"""Metrics as JSON lines: OUT/metrics.jsonl, one object per step, flushed as it is written.
+
+A step's object has step, tokens, loss (LM cross-entropy), lr, aux_loss, dropped_frac,
+tokens_per_s, grad_norm (+ kd_loss while distilling); at validation points also val_loss,
+val_ppl, moe_layers and expert_load (assignments per expert, one list per MoE layer). Step 0 is
+the validation before training. A resumed run first drops rows after its checkpoint's step, so
+the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+class MetricsWriter:
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

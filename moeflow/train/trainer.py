@@ -1,0 +1,398 @@
+"""The training loop: data → model → loss (+ router loss, + KD) → clipped AdamW step → metrics.
+
+    trainer = Trainer(TrainConfig(preset="tiny", steps=200, out="runs/t"))
+    result = trainer.run()
+
+`prepare()` does everything that can fail on bad input (data, tokenizer, model, teacher,
+checkpoint compatibility) before anything is written to the run directory; `run()` then trains.
+
+Exact resumption on CPU: the run's state is the model, the AdamW state, the step (the learning
+rate is a pure function of it), the loader position and the RNG states; all are checkpointed
+and restored, validation runs inside a forked RNG, and metrics rows after the checkpoint are
+dropped, so an interrupted and resumed run writes the same losses as an uninterrupted one.
+
+Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
+the weights, the optimizer state and the last checkpoint stay as they were.
+
+Parallel training overrides the small steps rather than the loop: `build_model` (shard
+experts), `build_optimizer`, `sync_gradients` (all-reduce), `save`/`restore` and `evaluate`;
+`rank`/`world` pick each rank's slice of every global batch (see moeflow.data.loader).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.config import ModelConfig
+from moeflow.data.corpus import load_corpus, split_documents
+from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_windows
+from moeflow.data.tokenizer import BPETokenizer
+from moeflow.model import Transformer
+from moeflow.presets import preset
+from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.distill import init_student_from_teacher, kd_loss
+from moeflow.train.metrics import MetricsWriter
+from moeflow.train.progress import ProgressReporter
+from moeflow.train.run_config import TrainConfig
+from moeflow.train.schedule import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; training stopped before the optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps completed
+    finished: bool  # reached cfg.steps (False: stopped at --stop-at)
+    val_losses: list[tuple[int, float]]  # (step, val_loss) of this invocation
+    expert_load: list[list[int]] | None  # at the last validation point
+    moe_layers: list[int]
+    checkpoint: Path | None
+
+
+def load_model_config(cfg: TrainConfig) -> ModelConfig:
+    if cfg.model_config:
+        if not Path(cfg.model_config).is_file():
+            raise ValueError(f"config file {cfg.model_config!r} does not exist")
+        model_config = ModelConfig.load(cfg.model_config)
+    else:
+        model_config = preset(cfg.preset)
+    if cfg.aux_loss_coef is not None:
+        from dataclasses import replace
+
+        model_config = model_config.replace(
+            router=replace(model_config.router, aux_loss_coef=cfg.aux_loss_coef))
+    if cfg.vocab_size is not None:
+        model_config = model_config.replace(vocab_size=cfg.vocab_size)
+    return model_config
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, rank: int = 0, world: int = 1,
+                 reporter: ProgressReporter | None = None) -> None:
+        self.cfg = config
+        self.rank, self.world = rank, world
+        self.out = Path(config.out)
+        self._reporter = reporter
+        self.prepared = False
+
+    # ---- overridable steps ------------------------------------------------------------
+
+    def resolve_device(self) -> torch.device:
+        if self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but no CUDA device is available")
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def build_model(self, model_config: ModelConfig) -> torch.nn.Module:
+        with torch.device(self.device):
+            model = Transformer(model_config)
+        if not model_config.router.dropless:
+            # torch._grouped_mm leaves rows outside its groups (the parked, dropped assignments)
+            # uninitialised in forward *and* backward, which puts garbage or NaN into the
+            # gradients of dropped tokens and of the last expert's bias. Until the grouped path
+            # masks those rows, train dropping models with the reference experts.
+            model.set_expert_backend("reference")
+        return model
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW; weight decay on matrices only (not norms, biases, or the router's bias)."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 eps=1e-8)
+
+    def sync_gradients(self) -> None:
+        """Average gradients over data-parallel ranks; nothing to do on one process."""
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def save(self, step: int) -> Path:
+        state = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
+                 "scheduler": {"kind": "warmup_cosine", "step": step}, "world_size": self.world}
+        return ckpt_io.save_checkpoint(
+            self.out, step, model=self.model, optimizer=self.optimizer, state=state,
+            tokenizer=self.tokenizer, model_config=self.model_config, run_config=self.cfg,
+            keep=self.cfg.keep_checkpoints)
+
+    def restore(self, ckpt: Path) -> None:
+        """Load weights, optimizer, loader position and RNG states (compatibility checked)."""
+        ckpt_io.load_weights(self.model, ckpt)
+        self.optimizer.load_state_dict(ckpt_io.load_torch(ckpt, "optimizer.pt"))
+        state = ckpt_io.load_state(ckpt)
+        self.loader.load_state_dict(state["loader"])
+        self.start_step = int(state["step"])
+        self.tokens_seen = int(state["tokens"])
+        ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
+
+    def forward_loss(self, input_BT: torch.Tensor, target_BT: torch.Tensor, step: int
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(objective to minimise, statistics) for one micro-batch at 1-based `step`."""
+        with self.autocast():
+            out = self.model(input_BT)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())
+        objective = ce + out.router_loss
+        stats = {"loss": ce.detach(), "aux_loss": out.aux_loss.detach(),
+                 "dropped_frac": out.dropped_fraction,
+                 "counts": [r.counts_E.detach() for r in out.routing]}
+        if self.cfg.kd_active(step):
+            with torch.no_grad(), self.autocast():
+                teacher_logits = self.teacher(input_BT).logits
+            kd = kd_loss(out.logits, teacher_logits, self.cfg.kd_temperature)
+            objective = objective + self.cfg.kd_alpha * self.cfg.kd_temperature ** 2 * kd
+            stats["kd_loss"] = kd.detach()
+        return objective, stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss and per-layer expert loads; leaves every RNG as it found it."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.model.eval()
+            try:
+                total, count = 0.0, 0
+                loads = [torch.zeros(n, dtype=torch.int64) for n in self.model_config.num_experts]
+                for chunk in self.val_windows.split(self.micro_batch):
+                    chunk = chunk.to(self.device)
+                    with self.autocast():
+                        out = self.model(chunk[:, :-1])
+                    ce = F.cross_entropy(out.logits.float().flatten(0, 1),
+                                         chunk[:, 1:].flatten(), reduction="sum")
+                    total += float(ce)
+                    count += chunk[:, 1:].numel()
+                    for load, r in zip(loads, out.routing):
+                        load += r.counts_E.cpu()
+            finally:
+                self.model.train()
+        val_loss = total / count
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "moe_layers": list(self.model_config.moe_layer_indices()),
+                "expert_load": [x.tolist() for x in loads]}
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    @property
+    def reporter(self) -> ProgressReporter:
+        if self._reporter is None:
+            self._reporter = ProgressReporter(self.cfg.steps, self.start_step,
+                                              enabled=self.cfg.progress)
+        return self._reporter
+
+    def prepare(self) -> None:
+        """Everything that can fail on bad input; writes nothing."""
+        cfg = self.cfg
+        self.device = self.resolve_device()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size}: must be a multiple of the "
+                             f"world size {self.world}")
+        self.micro_batch = cfg.micro_batch or cfg.batch_size // self.world
+        if cfg.batch_size % (self.micro_batch * self.world):
+            raise ValueError(f"micro_batch={self.micro_batch}: batch_size={cfg.batch_size} must "
+                             f"be a multiple of micro_batch × world ({self.world})")
+        self.grad_accum = cfg.batch_size // (self.micro_batch * self.world)
+
+        resume_ckpt = self._check_out_dir()
+        model_config = load_model_config(cfg)
+        self.teacher = None
+        if cfg.distilling:
+            self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
+            self.teacher.requires_grad_(False)
+            self.teacher.set_dropless(True)
+            t_vocab = self.teacher.config.vocab_size
+            if cfg.vocab_size is not None and cfg.vocab_size != t_vocab:
+                raise ValueError(f"vocab_size={cfg.vocab_size}: a student shares its teacher's "
+                                 f"tokenizer (vocabulary {t_vocab})")
+            model_config = model_config.replace(vocab_size=t_vocab)
+        self.seq_len = cfg.seq_len or model_config.max_seq_len
+        if self.seq_len > model_config.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len}: exceeds the model's max_seq_len "
+                             f"{model_config.max_seq_len}")
+        if self.teacher is not None and self.seq_len > self.teacher.config.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len}: exceeds the teacher's max_seq_len "
+                             f"{self.teacher.config.max_seq_len}")
+        self.model_config = model_config
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        train_docs, val_docs = split_documents(load_corpus(cfg.data, cfg.text_field),
+                                               cfg.val_fraction)
+        if resume_ckpt is not None:
+            self.tokenizer = ckpt_io.load_tokenizer(resume_ckpt)
+        elif self.teacher is not None:
+            self.tokenizer = teacher_tokenizer
+        else:
+            self.tokenizer = BPETokenizer.train((d.text for d in train_docs),
+                                                model_config.vocab_size)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {model_config.vocab_size}")
+        self.train_data = PackedTokens(
+            self.tokenizer.encode_documents([d.text for d in train_docs]), self.seq_len, "train")
+        val_data = PackedTokens(
+            self.tokenizer.encode_documents([d.text for d in val_docs]), self.seq_len,
+            "validation")
+        self.val_windows = validation_windows(val_data, cfg.val_batches * self.micro_batch)
+        self.loader = BatchLoader(self.train_data, cfg.batch_size, cfg.seed)
+
+        self.model = self.build_model(model_config)
+        self.layer_mapping = None
+        if resume_ckpt is not None:
+            self._check_resumable(resume_ckpt)
+        elif self.teacher is not None and cfg.student_init == "teacher":
+            self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
+        self.optimizer = self.build_optimizer(self.model)
+        self.start_step, self.tokens_seen = 0, 0
+        self.resume_ckpt = resume_ckpt
+        if resume_ckpt is not None:
+            self.restore(resume_ckpt)
+        self.prepared = True
+
+    def _check_out_dir(self) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh run into an empty --out."""
+        out, cfg = self.out, self.cfg
+        if cfg.resume:
+            ckpt = ckpt_io.latest_checkpoint(out) if out.is_dir() else None
+            if ckpt is None:
+                raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume")
+            return ckpt
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            what = "a run" if (out / "run.json").exists() else "other files"
+            raise ValueError(f"--out {str(out)!r} already holds {what}; pass --resume to "
+                             f"continue it or choose another --out")
+        return None
+
+    def _check_resumable(self, ckpt: Path) -> None:
+        ckpt_io.check_compatible(self.model, ckpt)
+        saved_model = ckpt_io.load_model_config(ckpt)
+        if saved_model != self.model_config:
+            mine, theirs = self.model_config.to_dict(), saved_model.to_dict()
+            field = next(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"cannot resume {str(self.out)!r}: model config field {field!r} is "
+                             f"{mine[field]!r} here but {theirs.get(field)!r} in the checkpoint")
+        saved_run = TrainConfig.from_dict(ckpt_io.load_json(ckpt, "run.json"))
+        diff = self.cfg.differences(saved_run)
+        if diff:
+            f = diff[0]
+            raise ValueError(f"cannot resume {str(self.out)!r}: {f}={getattr(self.cfg, f)!r} "
+                             f"but the run used {f}={getattr(saved_run, f)!r}")
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (1-based `step`); returns its metrics row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.loader.next_batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        counts = None
+        for micro in micro_batches(batch, self.rank, self.world, self.micro_batch):
+            micro = micro.to(self.device)
+            objective, stats = self.forward_loss(micro[:, :-1], micro[:, 1:], step)
+            if not torch.isfinite(objective):
+                self._non_finite("loss", float(objective), step)
+            (objective / self.grad_accum).backward()
+            for key, value in stats.items():
+                if key == "counts":
+                    counts = value if counts is None else [a + b for a, b in zip(counts, value)]
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(value) / self.grad_accum
+        self.sync_gradients()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self._non_finite("gradient norm", grad_norm, step)
+        self.optimizer.step()
+        if self.model_config.router.expert_bias and counts:
+            self.model.update_expert_biases(counts)
+        tokens = cfg.batch_size * self.seq_len
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - t0
+        row = {"step": step, "tokens": self.tokens_seen, "lr": lr, **sums,
+               "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        return row
+
+    def _non_finite(self, what: str, value: float, step: int) -> None:
+        last = ckpt_io.latest_checkpoint(self.out) if self.out.is_dir() else None
+        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+        raise NonFiniteLossError(f"{what} is {value} at step {step}; stopped before the "
+                                 f"optimizer step{kept}")
+
+    def run(self) -> TrainResult:
+        if not self.prepared:
+            self.prepare()
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_writer and self.resume_ckpt is None:
+            cfg.save(self.out / "run.json")
+            self.model_config.save(self.out / "config.json")
+        metrics = MetricsWriter(self.out / "metrics.jsonl",
+                                resume_step=self.start_step if self.resume_ckpt else None) \
+            if self.is_writer else None
+        reporter = self.reporter
+        val_losses: list[tuple[int, float]] = []
+        last_val: dict[str, Any] | None = None
+        step, ckpt = self.start_step, None
+        end = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
+        if self.resume_ckpt is not None:
+            reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
+        try:
+            if step == 0:
+                last_val = self.evaluate()
+                val_losses.append((0, last_val["val_loss"]))
+                self._write(metrics, {"step": 0, "tokens": 0, **last_val})
+                reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
+            while step < end:
+                step += 1
+                row = self.train_step(step)
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    last_val = self.evaluate()
+                    val_losses.append((step, last_val["val_loss"]))
+                    row.update(last_val)
+                self._write(metrics, row)
+                reporter.step(step, row)
+                if "val_loss" in row:
+                    reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
+                                  f"ppl {row['val_ppl']:.1f}")
+                if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+                    ckpt = self.save(step) if self.is_writer else None
+        finally:
+            reporter.close()
+            if metrics is not None:
+                metrics.close()
+        if step < cfg.steps:
+            reporter.note(f"stopped at step {step} of {cfg.steps}; continue with --resume")
+        return TrainResult(step=step, finished=step == cfg.steps, val_losses=val_losses,
+                           expert_load=last_val["expert_load"] if last_val else None,
+                           moe_layers=list(self.model_config.moe_layer_indices()),
+                           checkpoint=ckpt)
+
+    def _write(self, metrics: MetricsWriter | None, row: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(row)
