@@ -11,12 +11,20 @@ and forward+backward (input and all weight gradients), bf16:
             experts this input actually hits + router + shared weights + x in and y out.
   fwd+bwd:  3× the forward FLOPs; weights read twice and their gradients written once (3× weight
             bytes) plus 3× the activation bytes.
-Implementations: moeflow (backend "auto": the fast paths), moeflow-ref (all plain-torch
+  The floor counts the (token, expert) pairs moeflow's router keeps (capacity drops included)
+  and the experts they hit.
+Implementations: moeflow (backend "auto": the fast paths), moeflow+graph and
+hf-grouped_mm+graph (forward replayed from a CUDA graph captured for that T, as servers run
+decode steps: no per-launch host cost; forward only), moeflow-ref (all plain-torch
 references), DeepSpeed `deepspeed.moe.layer.MoE` (capacity factor 1.0, one process group of one
 rank), transformers `MixtralSparseMoeBlock` with experts_implementation "eager" and
-"grouped_mm". Peers get the DeepSeek shared expert as the same dense torch MLP added to their
-output. Times: median of many CUDA-event-timed runs after warm-up. Writes JSON and a markdown
-table (GPU name, date, command) into --out; a cell that cannot run says why instead of a time.
+"grouped_mm" (its experts are always gated: the GELU shape gets a gated GELU of width 2F/3, equal
+parameters and FLOPs). Peers use their own softmax top-k routers; the DeepSeek shared expert is
+the same dense torch MLP added to their output. Times: median of CUDA-event-timed calls (≥ 5,
+about 0.25 s of them) after warm-up. A cell whose single call takes more than 10 s is skipped,
+with the larger token counts of that implementation; an OOM is recorded as such. Writes
+moe_layer_<GPU>_<date>.json and .md into --out (rewritten after every implementation, so an
+interrupted run keeps what it measured); a cell that did not run says why instead of a time.
 
 Routing per shape follows the model each shape comes from: Mixtral and Qwen3 softmax top-k with
 renormalised weights, dropless; ds-1.3b+moe128 top-1 with capacity factor 1.0 (DeepSpeed-MoE);
@@ -51,8 +59,12 @@ SHAPES = {  # name: (D, F, E, k, activation, shared experts, router)
                                  routed_scaling=2.5, num_groups=8, topk_groups=4,
                                  expert_bias=True, dropless=True)),
 }
-IMPLS = ("moeflow", "moeflow-ref", "deepspeed", "hf-eager", "hf-grouped_mm")
-GPU_BYTES = None  # filled in main from the device
+# Slowest last, so a run cut short loses the least telling cells.
+IMPLS = ("moeflow", "hf-grouped_mm", "deepspeed", "moeflow+graph", "hf-grouped_mm+graph",
+         "hf-eager", "moeflow-ref")
+GRAPH = "+graph"  # forward replayed from a CUDA graph captured for that T (decode-style serving)
+MAX_CALL_S = 10.0  # a cell whose single call takes longer is skipped (and larger T with it)
+DEVICE = "cuda"  # where layers are built (a CPU smoke test of build() sets "cpu")
 
 
 class DenseMLP(nn.Module):
@@ -90,7 +102,7 @@ def measure_gemm_rate() -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
-def time_fn(fn, budget_s: float = 0.6, min_reps: int = 5, max_reps: int = 100,
+def time_fn(fn, budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 50,
             warmup: int = 3) -> float:
     """Median milliseconds of `fn` over CUDA-event-timed runs, after warm-up."""
     for _ in range(warmup):
@@ -100,6 +112,8 @@ def time_fn(fn, budget_s: float = 0.6, min_reps: int = 5, max_reps: int = 100,
     fn()
     torch.cuda.synchronize()
     once = time.perf_counter() - t0
+    if once > 0.3:  # slow cells (the references' loops): three calls are enough for a median
+        min_reps = 3
     reps = int(min(max_reps, max(min_reps, budget_s / max(once, 1e-6))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
@@ -119,8 +133,9 @@ def _init_(module: nn.Module, std: float) -> None:
 
 
 def build(impl: str, shape: str):
+    impl = impl.removesuffix(GRAPH)
     D, F, E, k, act, shared, router = SHAPES[shape]
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEVICE, torch.bfloat16
     if impl.startswith("moeflow"):
         spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F,
                        num_shared_experts=shared, shared_d_ff=F * shared, router=router)
@@ -141,11 +156,14 @@ def build(impl: str, shape: str):
     else:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-        cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
+        # Mixtral's experts are always gated; for the GELU shape they get a gated GELU of width
+        # 2F/3 (rounded to 64), the same parameters and FLOPs as the plain GELU expert.
+        f_hf = F if act == "swiglu" else round(2 * F / 3 / 64) * 64
+        cfg = MixtralConfig(hidden_size=D, intermediate_size=f_hf, num_local_experts=E,
                             num_experts_per_tok=k, hidden_act="silu" if act == "swiglu" else "gelu")
         cfg._experts_implementation = impl.removeprefix("hf-")
         peer = MixtralSparseMoeBlock(cfg).to(dev, dt)
-        run = peer
+        run = lambda x: peer(x[None])[0]  # noqa: E731  (the block takes [B, T, D])
     _init_(peer, D ** -0.5)
     mods = nn.ModuleList([peer] + ([shared_mlp] if shared_mlp is not None else []))
     if shared_mlp is not None:
@@ -154,34 +172,45 @@ def build(impl: str, shape: str):
     return run, mods
 
 
-def floors(shape: str, T: int, active_experts: int, bw: float, rate: float) -> dict:
+def floors(shape: str, T: int, kept: int, active_experts: int, bw: float, rate: float) -> dict:
+    """Floor of one layer call: `kept` routed (token, expert) pairs hit `active_experts` experts."""
     D, F, E, k, act, shared, _ = SHAPES[shape]
     I = 2 * F if act == "swiglu" else F
     expert_params = D * (I + F)
     shared_params = shared * D * 3 * F
-    flops = 2 * T * (k * expert_params + shared_params + D * E)
+    flops = 2 * (kept * expert_params + T * (shared_params + D * E))
     w_bytes = 2 * (active_experts * expert_params + shared_params + D * E)
     act_bytes = 2 * 2 * T * D
     fwd = max((w_bytes + act_bytes) / bw, flops / rate) * 1e3
     fb = max((3 * w_bytes + 3 * act_bytes) / bw, 3 * flops / rate) * 1e3
     return {"fwd_floor_ms": fwd, "fwdbwd_floor_ms": fb, "flops": flops, "weight_bytes": w_bytes,
-            "active_experts": active_experts,
+            "active_experts": active_experts, "kept_assignments": kept,
             "fwd_bound": "memory" if (w_bytes + act_bytes) / bw > flops / rate else "compute"}
 
 
-def skip_reason(impl: str, shape: str, T: int, mode: str) -> str | None:
-    D, F, E, k, act, shared, _ = SHAPES[shape]
-    if impl == "deepspeed":
-        cap = max(4, math.ceil(k * T / E))
-        dense = T * E * cap  # DeepSpeed's one-hot dispatch/combine tensors are [T, E, capacity]
-        need = dense * 20 + 2 * E * D * (3 if act == "swiglu" else 2) * F * (2 if mode ==
-                                                                                  "fwd+bwd" else 1)
-        if need > 0.85 * GPU_BYTES:
-            return f"est. {need / 2**30:.0f} GiB: dense [T,E,C]=[{T},{E},{cap}] dispatch tensors"
-    return None
+class TooSlow(Exception):
+    pass
 
 
-def run_cell(fn, params, x, g, mode):
+class NotApplicable(Exception):
+    pass
+
+
+def run_cell(fn, params, x, g, mode, graph=False):
+    if graph:
+        if mode != "fwd":
+            raise NotApplicable("forward only (graphs are the inference configuration)")
+        with torch.no_grad():
+            for _ in range(3):  # compile, autotune and size the allocator before capture
+                fn(x)
+            torch.cuda.synchronize()
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                fn(x)
+        step = cuda_graph.replay
+        step()
+        torch.cuda.synchronize()
+        return time_fn(step, warmup=1)
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -192,22 +221,39 @@ def run_cell(fn, params, x, g, mode):
                 p.grad = None
             x.grad = None
             fn(x).backward(g)
-    return time_fn(step)
+    step()  # first call: compilation, autotuning, allocator warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t0
+    if once > MAX_CALL_S:
+        raise TooSlow(f"{once:.1f} s per call (> {MAX_CALL_S:.0f} s)")
+    return time_fn(step, warmup=0 if once > 0.3 else 1)
 
 
 def main() -> None:
-    global GPU_BYTES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="*", type=int, default=[8, 128, 4096, 16384])
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tag", default="moe_layer")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown of a results file")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as fh:
+            result = json.load(fh)
+        impls = [i for i in IMPLS if any(k.startswith(i + "/") for row in result["rows"]
+                                         for k in (*row["times_ms"], *row["skipped"]))]
+        with open(args.render.removesuffix(".json") + ".md", "w") as fh:
+            fh.write(markdown(result, impls, args.modes))
+        return
+    if args.impls[0] != "moeflow" and "moeflow" in args.impls:
+        args.impls.remove("moeflow")
+        args.impls.insert(0, "moeflow")  # its routing gives each row's floor
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
-    GPU_BYTES = props.total_memory
     if "deepspeed" in args.impls:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT="29517")
@@ -220,49 +266,70 @@ def main() -> None:
               "command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
               "bandwidth_Bps": bw, "bf16_flops": rate, "rows": []}
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.tag}.json")
+    stem = os.path.join(args.out, f"moe_layer_{props.name.replace(' ', '-')}_{result['date']}")
     for shape in args.shapes:
-        D, F, E, k, act, shared, router = SHAPES[shape]
-        for T in args.tokens:
-            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-            g = torch.randn_like(x)
-            row = {"shape": shape, "T": T, "times_ms": {}, "skipped": {}}
-            for impl in args.impls:
-                try:
-                    fn, mod = build(impl, shape)
-                except Exception as exc:  # noqa: BLE001  (a peer that cannot be built)
+        D = SHAPES[shape][0]
+        rows = {T: {"shape": shape, "T": T, "times_ms": {}, "skipped": {}} for T in args.tokens}
+        result["rows"] += rows.values()
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        xs = {T: torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+              for T in args.tokens}
+        for impl in args.impls:
+            try:
+                fn, mod = build(impl, shape)
+            except Exception as exc:  # noqa: BLE001  (a peer that cannot be built)
+                for row in rows.values():
                     for mode in args.modes:
                         row["skipped"][f"{impl}/{mode}"] = f"build failed: {exc!r}"[:200]
-                    continue
-                if impl == "moeflow" and "floor" not in row:
+                print(f"{shape} {impl}: build failed: {exc!r}"[:300], flush=True)
+                torch.cuda.empty_cache()
+                continue
+            params = [p for p in mod.parameters() if p.requires_grad]
+            too_slow = {}  # mode -> reason: larger T are not tried once a smaller one was too slow
+            for T, row in rows.items():
+                x = xs[T]
+                if impl == "moeflow":
                     with torch.no_grad():
                         routing = mod.router(x)
-                    active = int((routing.counts_E > 0).sum())
-                    row["floor"] = floors(shape, T, active, bw, rate)
+                    kept = int(routing.kept_TK.sum())
+                    row["floor"] = floors(shape, T, kept, int((routing.counts_E > 0).sum()),
+                                          bw, rate)
                     row["dropped"] = int(routing.num_dropped)
-                params = [p for p in mod.parameters() if p.requires_grad]
+                g = torch.randn_like(x)
                 for mode in args.modes:
                     key = f"{impl}/{mode}"
-                    reason = skip_reason(impl, shape, T, mode)
-                    if reason:
-                        row["skipped"][key] = reason
+                    if mode in too_slow:
+                        row["skipped"][key] = too_slow[mode]
                         continue
                     xi = x.clone().requires_grad_(mode != "fwd")
                     try:
-                        row["times_ms"][key] = run_cell(fn, params, xi, g, mode)
+                        row["times_ms"][key] = run_cell(fn, params, xi, g, mode,
+                                                        graph=impl.endswith(GRAPH))
+                    except NotApplicable as exc:
+                        row["skipped"][key] = str(exc)
+                    except TooSlow as exc:
+                        row["skipped"][key] = str(exc)
+                        too_slow[mode] = f"T={T} already took {exc}"
                     except torch.OutOfMemoryError:
                         row["skipped"][key] = "out of GPU memory"
                     except Exception as exc:  # noqa: BLE001
                         row["skipped"][key] = f"failed: {exc!r}"[:200]
-                    print(f"{shape} T={T} {key}: {row['times_ms'].get(key, row['skipped'].get(key))}",
-                          flush=True)
-                del fn, mod, params
-                torch.cuda.empty_cache()
-            result["rows"].append(row)
-            with open(json_path, "w") as fh:
+                    del xi
+                    for p in params:
+                        p.grad = None
+                    torch.cuda.empty_cache()
+                    t = row["times_ms"].get(key)
+                    fl = row.get("floor", {}).get("fwd_floor_ms" if mode == "fwd"
+                                                  else "fwdbwd_floor_ms")
+                    shown = f"{t:.3f} ms ({t / fl:.2f}x floor)" if t and fl else \
+                        row["skipped"].get(key)
+                    print(f"{shape} T={T} {key}: {shown}", flush=True)
+            del fn, mod, params
+            torch.cuda.empty_cache()
+            with open(stem + ".json", "w") as fh:
                 json.dump(result, fh, indent=1)
-    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as fh:
-        fh.write(markdown(result, args.impls, args.modes))
+            with open(stem + ".md", "w") as fh:
+                fh.write(markdown(result, args.impls, args.modes))
     print(markdown(result, args.impls, args.modes))
 
 
@@ -272,7 +339,9 @@ def markdown(result: dict, impls, modes) -> str:
              f"{result['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 GEMM "
              f"{result['bf16_flops'] / 1e12:.0f} TFLOP/s. Each cell: median ms (× floor).", ""]
     notes = []
+    all_impls = impls
     for mode in modes:
+        impls = [i for i in all_impls if mode == "fwd" or not i.endswith(GRAPH)]
         lines += [f"## {mode}", "",
                   "| shape | T | floor ms | " + " | ".join(impls) + " |",
                   "|---|---|---|" + "---|" * len(impls)]
@@ -285,15 +354,46 @@ def markdown(result: dict, impls, modes) -> str:
                     t = row["times_ms"][key]
                     cells.append(f"{t:.3f} ({t / fl:.1f}×)" if fl else f"{t:.3f}")
                 else:
-                    notes.append(f"{row['shape']} T={row['T']} {key}: "
-                                 f"{row['skipped'].get(key, 'not run')}")
+                    why = row["skipped"].get(key, "not run (the run ended before this cell)")
+                    notes.append(f"{row['shape']} T={row['T']} {key}: {why}")
                     cells.append(f"— [{len(notes)}]")
             fl_s = f"{fl:.3f}" if fl else "?"
             lines.append(f"| {row['shape']} | {row['T']} | {fl_s} | " + " | ".join(cells) + " |")
         lines.append("")
     if notes:
         lines += ["Not timed:", ""] + [f"{i + 1}. {n}" for i, n in enumerate(notes)] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + targets(result, modes))
+
+
+def targets(result: dict, modes) -> list[str]:
+    """moeflow against the issue's targets: forward ≤ 1.3× floor where the floor is ≥ 1 ms and
+    ≤ 2× below; forward+backward ≤ 1.6×; faster than every peer (eager against eager, graph
+    against graph)."""
+    lines = ["## moeflow against the targets", "",
+             "| shape | T | mode | floor ms | moeflow (× floor) | target | met | fastest peer ms "
+             "| faster than every peer |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        for row in result["rows"]:
+            fl = row.get("floor", {}).get("fwd_floor_ms" if mode == "fwd" else "fwdbwd_floor_ms")
+            t = row["times_ms"].get(f"moeflow/{mode}")
+            if not fl or t is None:
+                continue
+            goal = (1.3 if fl >= 1 else 2.0) if mode == "fwd" else 1.6
+            peers = {k.split("/")[0]: v for k, v in row["times_ms"].items()
+                     if k.endswith("/" + mode) and not k.startswith("moeflow")
+                     and not k.split("/")[0].endswith(GRAPH)}
+            best = min(peers.items(), key=lambda kv: kv[1]) if peers else None
+            verdict = ("yes" if all(t < v for v in peers.values()) else "no") if peers else "?"
+            g = row["times_ms"].get(f"moeflow{GRAPH}/{mode}")
+            hg = row["times_ms"].get(f"hf-grouped_mm{GRAPH}/{mode}")
+            if g is not None and hg is not None:
+                verdict += (f"; graphs: {g:.3f} ({g / fl:.2f}×) vs {hg:.3f} "
+                            f"({'faster' if g < hg else 'slower'})")
+            best_s = f"{best[0]} {best[1]:.3f}" if best else "none timed"
+            lines.append(f"| {row['shape']} | {row['T']} | {mode} | {fl:.3f} | {t:.3f} "
+                         f"({t / fl:.2f}×) | ≤ {goal}× | {'yes' if t / fl <= goal else 'no'} | "
+                         f"{best_s} | {verdict} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

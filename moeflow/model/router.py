@@ -166,7 +166,7 @@ class Router(nn.Module):
         if noisy and cfg.noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = _finite(F.linear(x, self.gate.weight.float()))
+        logits_TE = F.linear(x, self.gate.weight.float())
         gumbel_TE = None
         if noisy and cfg.noise == "rsample":
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
@@ -175,9 +175,11 @@ class Router(nn.Module):
         token_order = None
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)
-        route = route_reference
         if resolve_router_backend(self.backend, logits_TE, cfg) == "triton":
+            # The fused kernels make non-finite logits finite themselves (one launch less).
             from moeflow.ops.routing_triton import route_triton as route
+        else:
+            route, logits_TE = route_reference, _finite(logits_TE)
         (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, num_dropped, aux_loss, z_loss,
          loss) = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
         return RoutingResult(
