@@ -109,3 +109,26 @@ def trainer_worker(rank, world, train_kwargs, parallel_kwargs, eval_tokens):
     result = trainer.run()
     return {"step": result.step, "checkpoint": str(result.checkpoint),
             "logits": global_logits(trainer.model, eval_tokens, sharded=True)}
+
+
+def exchange_worker(rank, world, ranks_per_node):
+    """Flat vs hierarchical all-to-all on random uneven counts (zeros included): outputs and
+    input gradients, as seen by this rank."""
+    from moeflow.parallel.all_to_all import all_to_all, gather_counts, hierarchical_all_to_all
+    from moeflow.parallel.mesh import ParallelConfig, ParallelLayout, ProcessGroups
+
+    cfg = ParallelConfig(ep=world, hierarchical=True, ranks_per_node=ranks_per_node)
+    groups = ProcessGroups(ParallelLayout.build(cfg, world, rank, {0: world})).by_size(world)
+    g = torch.Generator().manual_seed(rank)
+    send_P = torch.randint(0, 4, (world,), generator=g)
+    send_P[(rank + 1) % world] = 0  # every rank sends nothing to one peer
+    counts_PP = gather_counts(send_P.view(world, 1), groups.ep).view(world, world)
+    x = torch.randn(int(send_P.sum()), 3, generator=g, requires_grad=True)
+    w = torch.randn(int(counts_PP[:, rank].sum()), 3, generator=g)
+    flat = all_to_all(x, send_P.tolist(), counts_PP[:, rank].tolist(), groups.ep)
+    (grad_flat,) = torch.autograd.grad((flat * w).sum(), x)
+    hier = hierarchical_all_to_all(x, counts_PP, rank, groups.intra, groups.inter,
+                                   groups.ranks_per_node)
+    (grad_hier,) = torch.autograd.grad((hier * w).sum(), x)
+    return {"flat": flat.detach(), "hier": hier.detach(), "grad_flat": grad_flat,
+            "grad_hier": grad_hier, "sent": x.detach(), "counts": counts_PP}

@@ -20,7 +20,8 @@ from moeflow.parallel.checkpoint import save_checkpoint
 from moeflow.parallel.equality import build_model, expert_grads, run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
 from moeflow.presets import preset
-from tests.parallel_workers import next_step, scenarios_worker, spawn, trainer_worker, zero_gates
+from tests.parallel_workers import (exchange_worker, next_step, scenarios_worker, spawn,
+                                     trainer_worker, zero_gates)
 
 STEPS, BATCH, SEQ = 4, 4, 16
 
@@ -197,3 +198,18 @@ def test_trainer_ep2_matches_one_process(tmp_path, corpus):
     with torch.no_grad():
         logits = model(eval_tokens).logits
     torch.testing.assert_close(logits, ranks[0]["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_hierarchical_all_to_all_matches_flat(tmp_path):
+    """4 ranks as 2 nodes × 2: same rows in the same order as the flat exchange, both ways."""
+    ranks = spawn(exchange_worker, 4, (2,), tmp_path, timeout_s=60)
+    counts = ranks[0]["counts"]
+    for dst, r in enumerate(ranks):
+        assert torch.equal(r["hier"], r["flat"])
+        assert torch.equal(r["grad_hier"], r["grad_flat"])
+        # what dst received from src is src's chunk for dst, in source order
+        expect = []
+        for src in range(4):
+            start = int(counts[src, :dst].sum())
+            expect.append(ranks[src]["sent"][start:start + int(counts[src, dst])])
+        assert torch.equal(r["flat"], torch.cat(expect))

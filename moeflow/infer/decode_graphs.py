@@ -60,6 +60,7 @@ class GraphDecoder:
         self.host = torch.zeros(3, num_slots, dtype=torch.int64,
                                 pin_memory=torch.device(device).type == "cuda")
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.last_key: tuple[int, int] | None = None  # (batch, key-length) bucket of the last step
         self.pool = None
 
     def buckets(self, n: int, kv_needed: int) -> tuple[int, int]:
@@ -69,6 +70,7 @@ class GraphDecoder:
     def __call__(self, tokens: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(tokens)
         B, S = self.buckets(n, max(lengths) + 1)
+        self.last_key = (B, S)
         self.host.zero_()
         self.host[:, :n] = torch.tensor([tokens, lengths, [1] * n], dtype=torch.int64)
         self.static.copy_(self.host, non_blocking=True)

@@ -32,6 +32,8 @@ from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
 from moeflow.infer.sampling import SamplingParams, sample_next
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
+from moeflow.ops.backend import resolve_expert_backend
+from moeflow.ops.expert_mlp import expert_mlp_reference
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class EngineConfig:
     max_batch_size: int = 16  # running sequences per step (= cache slots, unless cache_tokens caps it)
     max_seq_len: int | None = None  # prompt + generated tokens; default model.config.max_seq_len
     cache_tokens: int | None = None  # KV capacity over all sequences; default max_batch_size*max_seq_len
-    cuda_graphs: bool = True  # capture decode steps on CUDA; ignored on CPU
+    cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "cache_tokens"):
@@ -66,6 +68,17 @@ class EngineStats:
     cache_capacity: int  # slots * max_seq_len
     tokens_generated: int  # cumulative
     expert_counts: tuple[tuple[int, ...], ...]  # cumulative per MoE layer, per expert
+
+
+def graph_capturable(model: torch.nn.Module) -> bool:
+    """False when a decode step would run the plain-torch expert loop (fp32 on CUDA, say): it
+    reads expert boundaries on the host, which CUDA-graph capture forbids."""
+    for layer in model.moe_layers():
+        e = layer.experts
+        x_1D = e.w_in_EDI.new_empty(1, e.d_model)
+        if resolve_expert_backend(e.backend, x_1D, e.w_in_EDI, e.w_out_EFD) is expert_mlp_reference:
+            return False
+    return True
 
 
 def count_experts(routing, valid_T: torch.Tensor, offsets_L: torch.Tensor,
@@ -110,7 +123,7 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if self.device.type == "cuda" and config.cuda_graphs and graph_capturable(model):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
                                          self.device)
         else:

@@ -25,6 +25,7 @@ import torch
 
 from moeflow.model.attention import sdpa
 from moeflow.model.kv_cache import kv_shapes
+from moeflow.ops.fused import fused
 
 
 class SlotKVCache:
@@ -83,6 +84,7 @@ class PrefillView:
         pass
 
 
+@fused
 def decode_attention(q_BHd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
                      visible_BS: torch.Tensor) -> torch.Tensor:
     """One query per sequence over its cached keys; grouped heads share their kv head without

@@ -29,6 +29,7 @@ from torch import nn
 
 from moeflow.config import RouterConfig
 from moeflow.ops.backend import resolve_router_backend
+from moeflow.ops.fused import fused
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class RoutingResult:
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     big = torch.finfo(logits.dtype).max
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+
+@fused
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """Finite fp32 logits x·Wgᵀ."""
+    return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,12 +187,12 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None) -> RoutingResult:
         cfg, E = self.config, self.num_experts
         T = x_TD.shape[0]
-        x = x_TD.float()
+        x = x_TD
         noisy = self.training and cfg.noise != "none"
         if noisy and cfg.noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
-            x = x * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = _finite(F.linear(x, self.gate.weight.float()))
+            x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
+        logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noisy and cfg.noise == "rsample":
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)

@@ -65,9 +65,11 @@ def reduce_gradients(model: nn.Module, groups: ProcessGroups) -> None:
         if not params:
             continue
         grads = [_grad_or_zeros(p) for p in params]
+        if dist.get_world_size(group) == 1:  # experts held once (EP = world): scale in place
+            torch._foreach_div_(grads, world)
+            continue
         flat = _flatten_dense_tensors(grads)
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+        dist.all_reduce(flat, group=group)
         flat.div_(world)
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)

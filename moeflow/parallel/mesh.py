@@ -22,7 +22,7 @@ and tested without torch.distributed; `moeflow.parallel.groups` turns them into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EXCHANGES = ("auto", "uneven", "capacity")
 
@@ -40,12 +40,21 @@ class ParallelConfig:
     zero: shard optimizer state over each parameter's data-parallel ranks (ZeRO-1/2).
     """
 
-    ep: int = 1
-    expert_slicing: bool = False
-    hierarchical: bool = False
-    ranks_per_node: int = 0
-    exchange: str = "auto"
-    zero: bool = False
+    ep: int = field(default=1, metadata={
+        "help": "expert-parallel size: spread each MoE layer's experts over this many ranks "
+                "(must divide the number of processes; 1 = pure data parallel)"})
+    expert_slicing: bool = field(default=False, metadata={
+        "help": "split experts' hidden width over ranks when a layer has fewer experts than "
+                "--ep (else such layers use fewer EP ranks and more replicas)"})
+    hierarchical: bool = field(default=False, metadata={
+        "help": "hierarchical all-to-all: exchange inside a node first, then across nodes"})
+    ranks_per_node: int = field(default=0, metadata={
+        "help": "ranks per node for --hierarchical (0 = LOCAL_WORLD_SIZE from torchrun)"})
+    exchange: str = field(default="auto", metadata={
+        "help": "token exchange: uneven (exact splits, dropless), capacity (fixed slots per "
+                "expert), auto (capacity when the router has one)"})
+    zero: bool = field(default=False, metadata={
+        "help": "shard AdamW state over each parameter's data-parallel ranks (ZeRO-1)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.ep, int) or self.ep < 1:

@@ -26,6 +26,7 @@ rank's own tokens (as in DeepSpeed), so capacity-limited runs differ across worl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -56,6 +57,8 @@ class ParallelTrainer(Trainer):
     def __init__(self, config: TrainConfig, parallel: ParallelConfig, env: DistEnv,
                  reporter: ProgressReporter | None = None) -> None:
         super().__init__(config, rank=env.rank, world=env.world, reporter=reporter)
+        if parallel.hierarchical and not parallel.ranks_per_node:
+            parallel = dataclasses.replace(parallel, ranks_per_node=env.local_world)
         self.parallel, self.env = parallel, env
 
     def resolve_device(self) -> torch.device:
