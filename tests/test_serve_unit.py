@@ -208,3 +208,74 @@ def test_serve_config_and_cli_errors(capsys):
     assert main(["serve", "--model", "/nonexistent/ckpt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moeflow: error:") and "does not exist" in err and err.count("\n") == 1
+
+
+def test_worker_survives_a_failing_step_and_aborts_free_the_cache():
+    import asyncio
+
+    import torch
+
+    from moeflow import Transformer
+    from moeflow.infer import Engine, EngineConfig, SamplingParams
+    from moeflow.serve.worker import EngineFailure, EngineWorker
+    from tests._serve_util import tiny_config
+
+    class FlakyEngine(Engine):
+        fail_next = False
+
+        def step(self):
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("boom")
+            return super().step()
+
+    torch.manual_seed(0)
+    engine = FlakyEngine(Transformer(tiny_config()), EngineConfig(max_batch_size=2))
+    long = SamplingParams(max_new_tokens=100, temperature=0)
+
+    async def drain(handle):
+        events = []
+        while not handle.done:
+            events.append(await handle.events.get())
+        return events
+
+    async def scenario():
+        worker = EngineWorker(engine, capacity=3)
+        worker.start()
+        try:
+            assert worker.try_admit(2) and not worker.try_admit(2) and worker.outstanding == 2
+            engine.fail_next = True
+            handle = await worker.submit([(1, 2), (3, 4)], [long, long], "a")
+            events = await drain(handle)
+            assert {type(e) for _, e in events} == {EngineFailure}
+            assert "boom" in events[0][1].message and worker.outstanding == 0
+            # Still serving: a request runs to completion after the failure.
+            assert worker.try_admit(1)
+            handle = await worker.submit([(5, 6, 7)], [SamplingParams(max_new_tokens=5,
+                                                                      temperature=0)], "b")
+            events = await drain(handle)
+            assert len(events) == 5 and events[-1][1].finish_reason == "length"
+            # Abort mid-generation: the sequence ends with "abort" and its cache is freed.
+            assert worker.try_admit(1)
+            handle = await worker.submit([(8, 9)], [long], "c")
+            first = await handle.events.get()
+            assert first[1].token_id is not None
+            worker.abort(handle)
+            rest = await drain(handle)
+            assert rest[-1][1].finish_reason == "abort" and len(rest) < 99
+            for _ in range(100):
+                s = worker.stats
+                if s.running == 0 and s.cache_used == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert (s.running, s.waiting, s.cache_used, worker.outstanding) == (0, 0, 0, 0)
+            # The engine's own validation surfaces as ValueError and releases the slots.
+            assert worker.try_admit(1)
+            with pytest.raises(ValueError, match="max_new_tokens"):
+                await worker.submit([(1,) * 100], [long], "d")
+            assert worker.outstanding == 0
+        finally:
+            worker.stop()
+        assert not worker.alive
+
+    asyncio.run(scenario())

@@ -380,17 +380,27 @@ class _Run:
                 yield self._chunk(i, None, role=True)
             elif self.job.echo:
                 yield self._chunk(i, self._echo(i))
+        events = self.handle.events
         while not self.done:
-            i, event = await self.handle.events.get()
-            had_reason = self.reasons[i] is not None
-            delta = self.apply(i, event)
+            # Everything already queued goes out together: one chunk per choice, so a slow
+            # client or a busy loop gets fewer, larger chunks instead of falling behind.
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            deltas: dict[int, str] = {}
+            ended: dict[int, str] = {}
+            for i, event in batch:
+                had_reason = self.reasons[i] is not None
+                deltas[i] = deltas.get(i, "") + self.apply(i, event)
+                if not had_reason and self.reasons[i] is not None:
+                    ended[i] = self.reasons[i]
             if self.failure is not None:
                 err = RequestError(500, f"generation failed: {self.failure}", code="engine_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
                 break
-            reason = self.reasons[i] if not had_reason else None
-            if delta or reason:
-                yield self._chunk(i, delta, reason)
+            for i, delta in deltas.items():
+                if delta or i in ended:
+                    yield self._chunk(i, delta, ended.get(i))
         if self.job.include_usage and self.failure is None:
             yield self._chunk(None, None)
         yield "data: [DONE]\n\n"

@@ -271,6 +271,10 @@ def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: S
     else:
         raw_prompts = req.prompt
         encode = tokenizer.encode
+    n = req.n or 1
+    if n * len(raw_prompts) > limits.capacity:
+        raise RequestError(400, f"n: {n} choices x {len(raw_prompts)} prompts exceeds the "
+                                f"server's capacity of {limits.capacity} sequences", "n")
     prompts, texts = [], []
     for i, p in enumerate(raw_prompts):
         where = field if len(raw_prompts) == 1 else f"{field}[{i}]"
@@ -303,10 +307,6 @@ def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: S
                                 f"({max_tokens}) = {longest + max_tokens} exceeds the context "
                                 f"window of {limits.max_seq_len} tokens", max_field)
 
-    n = req.n or 1
-    if n * len(prompts) > limits.capacity:
-        raise RequestError(400, f"n: {n} choices x {len(prompts)} prompts exceeds the server's "
-                                f"capacity of {limits.capacity} sequences", "n")
     stop_ids = tuple(req.stop_token_ids or ())
     bad = next((t for t in stop_ids if not 0 <= t < limits.vocab_size), None)
     if bad is not None:
