@@ -48,6 +48,16 @@ SCENARIOS = {
 }
 
 
+# Capacity dropping is decided per rank, so these runs are compared with each other, not with
+# one process: the fixed-capacity and the uneven exchange must compute the same thing.
+DROP_SCENARIOS = {
+    "ep2_drops_capacity": (tiny(dropless=False, capacity_factor=1.0),
+                           {"ep": 2, "exchange": "capacity"}, False),
+    "ep2_drops_uneven": (tiny(dropless=False, capacity_factor=1.0),
+                         {"ep": 2, "exchange": "uneven"}, False),
+}
+
+
 def batches_for(config: ModelConfig, steps: int = STEPS) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, config.vocab_size, (steps, BATCH, SEQ + 1), generator=g)
@@ -65,7 +75,8 @@ def scenario_runs(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt_ep2")
     config = SCENARIOS["ep2_dropless"][0]
     eval_tokens = batches_for(config, 1)[0, :, :-1]
-    args = ({k: (c.to_dict(), p, f) for k, (c, p, f) in SCENARIOS.items()}, str(ckpt),
+    runs = {**SCENARIOS, **DROP_SCENARIOS}
+    args = ({k: (c.to_dict(), p, f) for k, (c, p, f) in runs.items()}, str(ckpt),
             batches_for(config), eval_tokens)
     ranks = spawn(scenarios_worker, 2, args, tmp_path_factory.mktemp("out"), timeout_s=100)
     return {"ranks": ranks, "ckpt": ckpt, "eval_tokens": eval_tokens}
@@ -85,6 +96,14 @@ def test_two_ranks_match_one_process(scenario_runs, name):
     for key, g in grads.items():
         torch.testing.assert_close(g, slice_of_full(ref["expert_grads"], key, swiglu),
                                    atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_capacity_exchange_with_drops_matches_uneven_exchange(scenario_runs):
+    for r in scenario_runs["ranks"]:
+        cap, uneven = r["ep2_drops_capacity"], r["ep2_drops_uneven"]
+        assert cap["losses"] == pytest.approx(uneven["losses"], abs=1e-5)
+        for key, g in cap["expert_grads"].items():
+            torch.testing.assert_close(g, uneven["expert_grads"][key], atol=1e-6, rtol=1e-4)
 
 
 def test_forced_single_expert_leaves_ranks_idle(scenario_runs):

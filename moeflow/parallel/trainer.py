@@ -178,8 +178,9 @@ class ParallelTrainer(Trainer):
         ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
 
 
-def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult:
-    """Run `config` on the ranks torchrun started (or in this process when there are none)."""
+def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult | None:
+    """Run `config` on the ranks torchrun started (or in this process when there are none).
+    Returns the result on rank 0 and None on the other ranks (so only one prints it)."""
     device = None if config.device == "auto" else config.device
     env = init_distributed(device)
     try:
@@ -188,6 +189,7 @@ def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult:
         if env.backend is None:
             raise ValueError(f"--ep {parallel.ep} needs several processes: launch with "
                              f"torchrun --nproc-per-node N -m moeflow train ...")
-        return ParallelTrainer(config, parallel, env).run()
+        result = ParallelTrainer(config, parallel, env).run()
+        return result if env.is_main else None
     finally:
         shutdown(env)
