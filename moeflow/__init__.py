@@ -4,7 +4,15 @@ from moeflow.config import FFNSpec, ModelConfig, RouterConfig
 from moeflow.model import KVCache, ModelOutput, Transformer, parameter_counts
 from moeflow.presets import PRESETS, preset
 
+
+def from_pretrained(path, dtype=None, device="cpu"):
+    """Load a moeflow or HF MoE checkpoint directory (see moeflow.interop.from_pretrained)."""
+    from moeflow.interop import from_pretrained as load
+
+    return load(path, dtype=dtype, device=device)
+
+
 __version__ = "0.1.0"
 
 __all__ = ["FFNSpec", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RouterConfig",
-           "Transformer", "parameter_counts", "preset"]
+           "Transformer", "from_pretrained", "parameter_counts", "preset"]

@@ -10,6 +10,8 @@ Examples:
   moeflow train --config student.yaml --teacher runs/tiny --kd-stop-step 500 --out runs/mos
   moeflow generate --checkpoint runs/tiny --prompt "def " --temperature 0.8 --top-k 40
   moeflow plot runs/tiny                      # loss.png, expert_load.png
+  moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
+  moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
 name with dashes); `generate` flags from moeflow.infer.SamplingParams.
@@ -136,7 +138,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row(r["name"], r["arch"], str(r["n_layers"]), str(r["d_model"]), moe,
                       str(r["top_k"]) if experts else "-", _human(r["total_params"]),
                       _human(r["active_params"]))
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeflow.interop import convert
+
+    if not os.path.isdir(args.src):
+        raise UsageError(f"checkpoint directory {args.src!r} does not exist")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(convert(args.src, args.dst, to=args.to, dtype=dtype,
+                  max_shard_bytes=int(args.max_shard_gb * (1 << 30))))
     return 0
 
 
@@ -235,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default: the demo's own, see moeflow/demo.py)")
     p.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts")
+    p.add_argument("src", help="checkpoint directory (moeflow or HF: Mixtral, Qwen2/3-MoE, "
+                               "OLMoE, DeepSeek-V2/V3)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=("hf", "moeflow"), required=True)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="cast weights (default: keep)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -25,6 +25,8 @@ MOE_KINDS = ("moe", "residual_moe")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "random")
 NOISE_KINDS = ("none", "jitter", "rsample")
+GROUP_SCORES = ("top2_sum", "max")
+QK_NORM_SCOPES = ("head", "full")
 
 
 def _check(ok: bool, name: str, value: Any, need: str) -> None:
@@ -47,7 +49,9 @@ class RouterConfig:
     noise: "jitter" multiplies router inputs by U(1-eps, 1+eps), "rsample" adds Gumbel noise to
     the scores used for selection; both in training only.
     normalize_topk: renormalise the k selected weights to sum to 1. routed_scaling: multiplies
-    the weights (DeepSeek-V3). num_groups / topk_groups: group-limited routing (DeepSeek-V2/V3).
+    the weights (DeepSeek-V3). num_groups / topk_groups: group-limited routing (DeepSeek-V2/V3);
+    group_score ranks groups by the sum of their two best scores ("top2_sum", DeepSeek-V3) or by
+    their best score ("max", DeepSeek-V2's group_limited_greedy).
     expert_bias: aux-loss-free balancing bias added to selection scores only, moved by
     bias_update_rate per step towards balance. aux_loss_coef / z_loss_coef weight the losses.
     """
@@ -65,6 +69,7 @@ class RouterConfig:
     routed_scaling: float = 1.0
     num_groups: int = 1
     topk_groups: int = 1
+    group_score: str = "top2_sum"
     expert_bias: bool = False
     bias_update_rate: float = 1e-3
     aux_loss_coef: float = 0.01
@@ -84,6 +89,7 @@ class RouterConfig:
         _check(self.num_groups >= 1, "router.num_groups", self.num_groups, "must be >= 1")
         _check(1 <= self.topk_groups <= self.num_groups, "router.topk_groups", self.topk_groups,
                f"must be in [1, num_groups={self.num_groups}]")
+        _check_choice("router.group_score", self.group_score, GROUP_SCORES)
         _check(self.bias_update_rate >= 0, "router.bias_update_rate", self.bias_update_rate,
                "must be >= 0")
         _check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
@@ -96,6 +102,34 @@ class RouterConfig:
         factor = self.capacity_factor if training else self.eval_capacity_factor
         cap = math.ceil(self.top_k * num_tokens / num_experts * factor)
         return min(max(cap, self.min_capacity), num_tokens)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a low-rank latent.
+
+    q_lora_rank: rank of the query's low-rank path (0 = a full-rank query projection).
+    kv_lora_rank: rank of the key/value latent. Each head's query/key is qk_nope_head_dim
+    position-free dims followed by qk_rope_head_dim rotary dims (the rotary key is shared by all
+    heads); values have v_head_dim dims.
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.q_lora_rank >= 0, "mla.q_lora_rank", self.q_lora_rank, "must be >= 0")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _check(getattr(self, name) >= 1, f"mla.{name}", getattr(self, name), "must be >= 1")
+        _check(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+               "mla.qk_rope_head_dim", self.qk_rope_head_dim, "must be even and >= 2")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -124,6 +158,12 @@ class ModelConfig:
     (i - first_moe_layer) % moe_every == 0. The default first_moe_layer = moe_every - 1 places
     experts on every other layer starting at the second, as Megatron-DeepSpeed's expert interval
     does. num_experts has one entry per MoE layer (an int means the same count everywhere).
+
+    Attention details for imported architectures: attn_bias is the q/k/v projection's bias and
+    attn_out_bias the output projection's (default: same as attn_bias; Qwen2-MoE has one without
+    the other). qk_norm normalises queries and keys per head (qk_norm_scope "head", Qwen3) or over
+    the whole projection ("full", OLMoE). rope_interleave rotates adjacent pairs of dims instead
+    of the two halves (DeepSeek). mla switches to multi-head latent attention.
     """
 
     name: str = "custom"
@@ -139,7 +179,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
+    rope_interleave: bool = False
     attn_bias: bool | None = None
+    attn_out_bias: bool | None = None
     mlp_bias: bool | None = None
     tie_embeddings: bool | None = None
     init_std: float = 0.02
@@ -152,6 +195,7 @@ class ModelConfig:
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
+    mla: MLAConfig | None = None
 
     def __post_init__(self) -> None:
         def resolve(name: str, value: Any) -> None:
@@ -180,8 +224,16 @@ class ModelConfig:
         for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
             if getattr(self, name) is None:
                 resolve(name, gpt)
+        if self.attn_out_bias is None:
+            resolve("attn_out_bias", self.attn_bias)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         if isinstance(self.router, dict):
             resolve("router", RouterConfig(**self.router))
+        if isinstance(self.mla, dict):
+            resolve("mla", MLAConfig(**self.mla))
+        if self.mla is not None:
+            _check(not gpt, "mla", self.mla, "needs arch 'llama'")
+            _check(not self.qk_norm, "qk_norm", self.qk_norm, "is not used with mla")
 
         _check_choice("moe_kind", self.moe_kind, MOE_KINDS)
         _check(self.moe_every >= 0, "moe_every", self.moe_every, "must be >= 0")
@@ -275,6 +327,13 @@ class ModelConfig:
             if bad:
                 raise ValueError(f"unknown router config field {bad[0]!r}")
             data["router"] = RouterConfig(**router)
+        mla = data.get("mla")
+        if isinstance(mla, dict):
+            known_m = {f.name for f in dataclasses.fields(MLAConfig)}
+            bad = sorted(set(mla) - known_m)
+            if bad:
+                raise ValueError(f"unknown mla config field {bad[0]!r}")
+            data["mla"] = MLAConfig(**mla)
         if isinstance(data.get("num_experts"), list):
             data["num_experts"] = tuple(data["num_experts"])
         try:
@@ -331,6 +390,7 @@ def _unresolved(config: ModelConfig) -> dict[str, Any]:
         "head_dim": config.d_model // config.n_heads if config.d_model % config.n_heads == 0 else -1,
         "d_ff": 4 * config.d_model,
         "attn_bias": gpt, "mlp_bias": gpt, "tie_embeddings": gpt,
+        "attn_out_bias": config.attn_bias,
         "first_moe_layer": max(config.moe_every - 1, 0),
         "expert_d_ff": config.d_ff,
         "shared_d_ff": config.num_shared_experts * config.expert_d_ff,

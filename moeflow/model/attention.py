@@ -1,5 +1,11 @@
 """Causal self-attention: multi-head (GPT) or grouped-query with RoPE (Llama), with a KV cache.
 
+The module computes queries, keys and values (with the optional q/k norms and RoPE) and hands
+"store the new keys/values and attend over everything cached" to the cache object, because only
+the cache knows where each sequence's earlier keys live and which positions each query may see:
+a static batch cache (`KVCache`) and the serving engine's per-slot cache implement the same
+`attend` differently. Without a cache it is plain causal attention over the input.
+
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G kv heads, hd head dim.
 """
 
@@ -14,41 +20,51 @@ from moeflow.model.norms import RMSNorm
 from moeflow.model.rope import apply_rope
 
 
+def sdpa(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+         mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads; `mask` is True where allowed."""
+    return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask,
+                                          is_causal=causal and mask is None,
+                                          enable_gqa=k_BGSd.shape[1] != q_BHTd.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.rope_interleave = config.rope_interleave
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.attn_bias)
-        self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.attn_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.attn_out_bias)
+        # "head": one RMSNorm over each head's dims (Qwen3); "full": over the whole projection (OLMoE).
+        self.full_qk_norm = config.qk_norm and config.qk_norm_scope == "full"
+        q_dim = self.n_heads * self.head_dim if self.full_qk_norm else self.head_dim
+        k_dim = self.n_kv_heads * self.head_dim if self.full_qk_norm else self.head_dim
+        self.q_norm = RMSNorm(q_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, config.norm_eps) if config.qk_norm else None
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(kv heads, key dim, value dim) of what this layer stores per cached token."""
+        return self.n_kv_heads, self.head_dim, self.head_dim
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache=None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BTD).split([H * hd, G * hd, G * hd], dim=-1)
+        if self.full_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q_BHTd = q.view(B, T, H, hd).transpose(1, 2)
         k_BGTd = k.view(B, T, G, hd).transpose(1, 2)
         v_BGTd = v.view(B, T, G, hd).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.full_qk_norm:
             q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
         if rope is not None:
-            q_BHTd, k_BGTd = apply_rope(q_BHTd, *rope), apply_rope(k_BGTd, *rope)
-
-        offset = 0
-        if cache is not None:
-            offset = cache.length
-            k_BGTd, v_BGTd = cache.update(self.layer_idx, k_BGTd, v_BGTd)
-        S = k_BGTd.shape[2]
-        mask, causal = None, False
-        if T > 1 and offset == 0:
-            causal = True
-        elif T > 1:  # a chunk after cached tokens: query i sees keys <= offset + i
-            q_pos = torch.arange(offset, offset + T, device=x_BTD.device)
-            mask = torch.arange(S, device=x_BTD.device)[None, :] <= q_pos[:, None]
-        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask,
-                                                is_causal=causal, enable_gqa=G != H)
+            q_BHTd = apply_rope(q_BHTd, *rope, interleave=self.rope_interleave)
+            k_BGTd = apply_rope(k_BGTd, *rope, interleave=self.rope_interleave)
+        if cache is None:
+            y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
+        else:
+            y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
         return self.proj(y_BHTd.transpose(1, 2).reshape(B, T, H * hd))

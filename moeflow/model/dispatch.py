@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.model.router import RoutingResult
+from moeflow.ops.backend import resolve_dispatch_backend
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DispatchPlan:
     token_N: torch.Tensor  # source token of each sorted row
     row_TK: torch.Tensor  # sorted row of each assignment
     ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
+    parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
 
 
 def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
@@ -40,7 +42,8 @@ def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
     row_TK = torch.empty_like(order_N)
     row_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
     return DispatchPlan(token_N=order_N // K, row_TK=row_TK.view(T, K),
-                        ends_E=torch.cumsum(routing.counts_E, 0))
+                        ends_E=torch.cumsum(routing.counts_E, 0),
+                        parked=routing.capacity is not None)
 
 
 def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult) -> torch.Tensor:
@@ -52,13 +55,27 @@ def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult)
 
 
 class LocalDispatcher:
-    """All experts live on this process."""
+    """All experts live on this process. `backend` ("auto", "reference" or "triton") picks the
+    implementation through moeflow.ops.backend.resolve_dispatch_backend."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult
                  ) -> tuple[torch.Tensor, DispatchPlan]:
+        if resolve_dispatch_backend(self.backend, x_TD) == "triton":
+            from moeflow.ops.permute_triton import dispatch_triton
+            x_ND, row_TK, token_N, ends_E = dispatch_triton(
+                x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,
+                may_drop=routing.capacity is not None)
+            return x_ND, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E,
+                                      parked=routing.capacity is not None)
         plan = sort_by_expert(routing)
         return x_TD[plan.token_N], plan
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult
                 ) -> torch.Tensor:
+        if resolve_dispatch_backend(self.backend, y_ND) == "triton":
+            from moeflow.ops.permute_triton import combine_triton
+            return combine_triton(y_ND, routing.weights_TK, plan.row_TK, routing.kept_TK)
         return combine_rows(y_ND, plan, routing)

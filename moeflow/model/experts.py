@@ -27,7 +27,9 @@ class Experts(nn.Module):
         self.b_in_EI = nn.Parameter(torch.zeros(num_experts, d_in)) if bias else None
         self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
+                ) -> torch.Tensor:
+        """`parked`: rows past ends_E[-1] may exist (dropped assignments); False when dropless."""
         fn = resolve_expert_backend(self.backend, x_ND, self.w_in_EDI, self.w_out_EFD)
         return fn(x_ND, ends_E, self.w_in_EDI, self.b_in_EI, self.w_out_EFD, self.b_out_ED,
-                  self.activation)
+                  self.activation, parked)

@@ -35,7 +35,7 @@ class MoELayer(nn.Module):
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.router(x_TD)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, plan.ends_E)
+        y_ND = self.experts(x_ND, plan.ends_E, plan.parked)
         y_TD = self.dispatcher.combine(y_ND, plan, routing)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

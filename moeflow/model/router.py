@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.config import RouterConfig
+from moeflow.ops.backend import resolve_router_backend
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,25 @@ def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _limit_groups(sel_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
-    """Mask out all experts outside each token's `topk_groups` best groups (DeepSeek-V3)."""
+def _count(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Per-expert counts of `ids` (optionally weighted), without bincount's host sync, so the
+    router can be captured in a CUDA graph."""
+    ones = torch.ones_like(ids) if weights is None else weights.to(ids.dtype)
+    return torch.zeros(num_experts, dtype=ids.dtype, device=ids.device).scatter_add_(0, ids, ones)
+
+
+def _limit_groups(sel_TE: torch.Tensor, num_groups: int, topk_groups: int,
+                  group_score: str = "top2_sum") -> torch.Tensor:
+    """Mask out all experts outside each token's `topk_groups` best groups (DeepSeek-V2/V3).
+
+    A group's score is the sum of its two best experts' scores (V3) or its best score (V2)."""
     T, E = sel_TE.shape
     grouped = sel_TE.view(T, num_groups, E // num_groups)
-    best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, groups]
+    if group_score == "max":
+        best = grouped.max(dim=-1).values  # [T, groups]
+    else:
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
     keep_groups = _stable_topk(best, topk_groups)
     mask = torch.zeros(T, num_groups, dtype=torch.bool, device=sel_TE.device)
     mask.scatter_(1, keep_groups, True)
@@ -75,7 +90,7 @@ def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Ten
         ids_KT = ids_KT[:, token_order_T]
     flat = ids_KT.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = _count(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     slots_flat = torch.empty_like(rank)
@@ -86,6 +101,49 @@ def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Ten
     return slots_KT.t()
 
 
+def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
+                    expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
+                    order_T: torch.Tensor | None):
+    """Plain-torch routing from finite fp32 logits. noise_TE (Gumbel) replaces the scores for
+    selection; order_T is the RTS token order. Returns (ids, weights, kept, slots, counts,
+    num_dropped, aux_loss, z_loss, loss), the fields of RoutingResult."""
+    T, E = logits_TE.shape
+    if cfg.score_func == "softmax":
+        scores_TE = logits_TE.softmax(dim=-1)
+    else:
+        scores_TE = logits_TE.sigmoid()
+    sel_TE = scores_TE if noise_TE is None else logits_TE + noise_TE
+    if expert_bias_E is not None:
+        sel_TE = sel_TE + expert_bias_E
+    if cfg.num_groups > 1:
+        sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
+    ids_TK = _stable_topk(sel_TE, cfg.top_k)
+
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if cfg.normalize_topk:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    weights_TK = weights_TK * cfg.routed_scaling
+
+    slots_TK = queue_slots(ids_TK, E, order_T)
+    if capacity is None:
+        kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    else:
+        kept_TK = slots_TK < capacity
+    weights_TK = weights_TK * kept_TK
+
+    flat_ids = ids_TK.reshape(-1)
+    counts_before = _count(flat_ids, E)
+    counts_E = _count(flat_ids, E, kept_TK.reshape(-1))
+
+    probs_TE = scores_TE if cfg.score_func == "softmax" else \
+        scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    frac_E = counts_before.float() / max(T * cfg.top_k, 1)
+    aux_loss = E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+    z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
+    return (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, (~kept_TK).sum(), aux_loss, z_loss,
+            cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss)
+
+
 class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig) -> None:
         super().__init__()
@@ -94,6 +152,7 @@ class Router(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         # Inference turns capacity off so a token's output never depends on its batch-mates.
         self.force_dropless = False
+        self.backend = "auto"  # see moeflow.ops.backend.resolve_router_backend
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -108,53 +167,23 @@ class Router(nn.Module):
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
         logits_TE = _finite(F.linear(x, self.gate.weight.float()))
-
-        if cfg.score_func == "softmax":
-            scores_TE = logits_TE.softmax(dim=-1)
-        else:
-            scores_TE = logits_TE.sigmoid()
-        sel_TE = scores_TE
+        gumbel_TE = None
         if noisy and cfg.noise == "rsample":
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
-            gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-            sel_TE = logits_TE + gumbel
-        if self.expert_bias is not None:
-            sel_TE = sel_TE + self.expert_bias
-        if cfg.num_groups > 1:
-            sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups)
-        ids_TK = _stable_topk(sel_TE, cfg.top_k)
-
-        weights_TK = scores_TE.gather(1, ids_TK)
-        if cfg.normalize_topk:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights_TK = weights_TK * cfg.routed_scaling
-
+            gumbel_TE = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
         capacity = None if self.force_dropless else cfg.capacity(T, E, self.training)
         token_order = None
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)
-        slots_TK = queue_slots(ids_TK, E, token_order)
-        if capacity is None:
-            kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        else:
-            kept_TK = slots_TK < capacity
-        weights_TK = weights_TK * kept_TK
-
-        flat_ids = ids_TK.reshape(-1)
-        counts_before = torch.bincount(flat_ids, minlength=E)
-        counts_E = torch.zeros(E, dtype=torch.int64, device=x.device)
-        counts_E.scatter_add_(0, flat_ids, kept_TK.reshape(-1).long())
-
-        probs_TE = scores_TE if cfg.score_func == "softmax" else \
-            scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        frac_E = counts_before.float() / max(T * cfg.top_k, 1)
-        aux_loss = E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
-        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
+        route = route_reference
+        if resolve_router_backend(self.backend, logits_TE, cfg) == "triton":
+            from moeflow.ops.routing_triton import route_triton as route
+        (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, num_dropped, aux_loss, z_loss,
+         loss) = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
         return RoutingResult(
             ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
-            counts_E=counts_E, num_dropped=(~kept_TK).sum(), capacity=capacity,
-            aux_loss=aux_loss, z_loss=z_loss,
-            loss=cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss,
+            counts_E=counts_E, num_dropped=num_dropped, capacity=capacity,
+            aux_loss=aux_loss, z_loss=z_loss, loss=loss,
         )
 
     @torch.no_grad()

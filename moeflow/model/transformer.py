@@ -5,7 +5,8 @@ Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head.
 
 `model(input_ids)` returns a `ModelOutput`: logits [B, T, V], the summed router losses (weighted
 by each layer's coefficients, ready to add to the LM loss) and per-MoE-layer routing statistics.
-Pass a `KVCache` to decode incrementally.
+Pass a cache (see `moeflow.model.kv_cache` for the protocol) to decode incrementally, and
+`logits_at` to compute logits only where they are needed (the last token of each sequence).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from moeflow.config import FFNSpec, ModelConfig
 from moeflow.model.attention import Attention
+from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
 from moeflow.model.norms import make_norm
@@ -57,7 +59,7 @@ class Block(nn.Module):
         super().__init__()
         activation = "gelu" if config.arch == "gpt" else "swiglu"
         self.attn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
-        self.attn = Attention(config, layer_idx)
+        self.attn = MLAttention(config, layer_idx) if config.mla else Attention(config, layer_idx)
         self.ffn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
         if spec.is_moe:
             self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias)
@@ -121,20 +123,25 @@ class Transformer(nn.Module):
         for layer, counts in zip(self.moe_layers(), counts_per_layer, strict=True):
             layer.router.update_expert_bias(counts)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, cache=None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
+        (logits [B, T', V]); the cache, if given, supplies each token's position."""
         B, T = input_ids.shape
-        offset = cache.length if cache is not None else 0
-        if offset + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {offset + T} tokens exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
-        positions = torch.arange(offset, offset + T, device=input_ids.device)
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len "
+                                 f"{self.config.max_seq_len}")
+            positions = torch.arange(T, device=input_ids.device)[None]
+        else:
+            positions = cache.positions(T, input_ids.device)
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
-            rope = rope_cos_sin(positions[None], self.config.head_dim, self.config.rope_theta,
-                                x.dtype)
+            rope_dim = self.config.mla.qk_rope_head_dim if self.config.mla else self.config.head_dim
+            rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats = []
         router_loss = aux = z = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
@@ -147,6 +154,8 @@ class Transformer(nn.Module):
                                           routing.z_loss))
         if cache is not None:
             cache.advance(T)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.final_norm(x))
         return ModelOutput(logits, router_loss, aux, z, tuple(stats))
 

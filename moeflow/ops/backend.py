@@ -1,22 +1,61 @@
-"""The one place that decides which expert-MLP implementation runs.
+"""The one place that decides which implementation of each MoE op runs.
 
-Callers pass a requested backend ("auto" or a name from EXPERT_BACKENDS); "auto" picks the fastest
-implementation known to work for the tensors at hand, so models pick the fast path by themselves
-and tests can force any path.
+Three choosers, one per op, each taking a requested name ("auto" or a name from its registry) and
+the tensors at hand. "auto" picks the fastest implementation measured for the device, dtype and
+shape (benchmarks/NOTES-kernels.md holds the measurements behind each rule); explicit names force
+a path, which is how the parity tests compare every fast path with its plain-torch reference.
+
+- experts: EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
+- router:  ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
+  moeflow.ops.routing_triton.route_triton).
+- dispatch/combine: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
+  "triton" = moeflow.ops.permute_triton).
+
+Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
+Triton never import it (and tests can switch on Triton's interpreter before the first import).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
 
 from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
 
+ROUTER_BACKENDS = ("reference", "triton")
+DISPATCH_BACKENDS = ("reference", "triton")
+
+# Weight-streaming experts win while an expert averages at most this many rows (measured on H100,
+# benchmarks/NOTES-kernels.md); above it the grouped GEMM's tiles are better.
+STREAM_MAX_ROWS_PER_EXPERT = 16
+
+
+def _stream(*args, **kwargs):
+    from moeflow.ops.grouped_mlp_triton import expert_mlp_stream
+    return expert_mlp_stream(*args, **kwargs)
+
+
+def _grouped_fused(*args, **kwargs):
+    from moeflow.ops.grouped_mlp_triton import expert_mlp_grouped_fused
+    return expert_mlp_grouped_fused(*args, **kwargs)
+
+
 EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": expert_mlp_reference,
     "grouped_mm": expert_mlp_grouped_mm,
+    "grouped_mm_fused": _grouped_fused,  # grouped_mm + one-pass Triton activation (fwd + bwd)
+    "stream": _stream,  # Triton weight-streaming kernels, inference only
 }
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and triton_available()
 
 
 def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
@@ -30,12 +69,46 @@ def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tenso
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
                            w_out: torch.Tensor) -> Callable[..., torch.Tensor]:
     if requested == "auto":
-        requested = "grouped_mm" if grouped_mm_supported(x, w_in, w_out) else "reference"
+        requested = "reference"
+        if grouped_mm_supported(x, w_in, w_out):
+            requested = "grouped_mm"
+            if _triton_cuda(x):
+                few_rows = x.shape[0] <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]
+                stream = few_rows and not _needs_grad(x, w_in, w_out)
+                requested = "stream" if stream else "grouped_mm_fused"
     try:
         return EXPERT_BACKENDS[requested]
     except KeyError:
         raise ValueError(f"expert backend {requested!r} unknown; choose auto or one of "
                          f"{', '.join(EXPERT_BACKENDS)}") from None
+
+
+def _check(requested: str, names: tuple[str, ...], what: str) -> None:
+    if requested != "auto" and requested not in names:
+        raise ValueError(f"{what} backend {requested!r} unknown; choose auto or one of "
+                         f"{', '.join(names)}")
+
+
+def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg) -> str:
+    """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups."""
+    _check(requested, ROUTER_BACKENDS, "router")
+    if requested != "auto":
+        return requested
+    E = logits_TE.shape[-1]
+    fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
+    return "triton" if _triton_cuda(logits_TE) and fits else "reference"
+
+
+def resolve_dispatch_backend(requested: str, x: torch.Tensor) -> str:
+    """"triton" (closed-form mapping table + gather, fused combine) on CUDA."""
+    _check(requested, DISPATCH_BACKENDS, "dispatch")
+    if requested != "auto":
+        return requested
+    return "triton" if _triton_cuda(x) else "reference"

@@ -1,0 +1,293 @@
+"""HF transformers config.json ⇄ ModelConfig for the MoE architectures moeflow can run.
+
+Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Each
+reader maps the HF fields onto moeflow's (d_ff is the dense layers' width, expert_d_ff the
+experts', shared experts become one MLP of width n_shared·moe_intermediate_size, DeepSeek's
+first_k_dense_replace becomes first_moe_layer, ...). Anything the model core cannot reproduce
+exactly is refused with a ValueError naming the field: sliding-window attention, RoPE scaling
+(YaRN, linear, ...), quantized checkpoints, OLMoE's clip_qkv, Qwen's mlp_only_layers, biased MLA
+projections, activations other than SiLU.
+
+Exporting (`config_to_hf`) picks the HF architecture whose semantics match the moeflow config and
+then checks the round trip: the config read back from the written dict must describe the same
+network (same attention, same FFN layout, same routing); if not, the first field that differs is
+named. GPT-family models, Residual-MoE layers and per-layer expert counts (PR-MoE pyramids) have
+no HF counterpart and are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeflow.config import MLAConfig, ModelConfig, RouterConfig
+
+HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+HF_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def _refuse(model_type: str, field: str, value: Any, why: str) -> None:
+    raise ValueError(f"{model_type}: {field}={value!r} is not supported ({why})")
+
+
+def _rope_theta(hf: dict, model_type: str) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        _refuse(model_type, "rope_type", kind, "only plain RoPE is implemented")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _common(hf: dict, model_type: str) -> dict[str, Any]:
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(model_type, "hidden_act", hf["hidden_act"], "experts are SwiGLU")
+    if hf.get("quantization_config"):
+        _refuse(model_type, "quantization_config", hf["quantization_config"].get("quant_method"),
+                "quantized weights are not loaded")
+    if hf.get("use_sliding_window") or (hf.get("sliding_window") and model_type == "mixtral"):
+        _refuse(model_type, "sliding_window", hf.get("sliding_window"), "full attention only")
+    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    return dict(
+        name=hf.get("_name_or_path") or model_type, arch="llama",
+        vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], d_model=d_model,
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or d_model // n_heads,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, model_type),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attn_bias=False, mlp_bias=False, moe_every=1, first_moe_layer=0,
+    )
+
+
+def _router(hf: dict, **kw: Any) -> RouterConfig:
+    return RouterConfig(top_k=hf["num_experts_per_tok"], dropless=True,
+                        aux_loss_coef=hf.get("router_aux_loss_coef", 0.0) or 0.0, **kw)
+
+
+def _num_experts(hf: dict, *keys: str) -> int:
+    for key in keys:
+        if hf.get(key):
+            return hf[key]
+    raise ValueError(f"config has none of {', '.join(keys)}")
+
+
+def _sparse_layout(hf: dict, model_type: str) -> dict[str, Any]:
+    if hf.get("mlp_only_layers"):
+        _refuse(model_type, "mlp_only_layers", hf["mlp_only_layers"],
+                "dense layers must follow decoder_sparse_step")
+    step = hf.get("decoder_sparse_step", 1) or 1
+    return dict(moe_every=step, first_moe_layer=step - 1)
+
+
+def _mixtral(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "mixtral")
+    width = hf["intermediate_size"]
+    return {**c, "d_ff": width, "expert_d_ff": width,
+            "num_experts": _num_experts(hf, "num_local_experts"),
+            "router": _router(hf, normalize_topk=True)}
+
+
+def _qwen2_moe(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "qwen2_moe")
+    shared = hf.get("shared_expert_intermediate_size", 0)
+    return {**c, **_sparse_layout(hf, "qwen2_moe"), "attn_bias": bool(hf.get("qkv_bias", True)),
+            "attn_out_bias": False, "head_dim": c["d_model"] // c["n_heads"],
+            "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
+            "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "num_shared_experts": 1 if shared else 0, "shared_d_ff": shared,
+            "shared_expert_gate": bool(shared),
+            "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
+
+
+def _qwen3_moe(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "qwen3_moe")
+    bias = bool(hf.get("attention_bias", False))
+    return {**c, **_sparse_layout(hf, "qwen3_moe"), "attn_bias": bias, "qk_norm": True,
+            "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
+            "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
+
+
+def _olmoe(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "olmoe")
+    if hf.get("clip_qkv") is not None:
+        _refuse("olmoe", "clip_qkv", hf["clip_qkv"], "q/k/v clipping is not implemented")
+    width = hf["intermediate_size"]
+    return {**c, "attn_bias": bool(hf.get("attention_bias", False)), "qk_norm": True,
+            "qk_norm_scope": "full", "head_dim": c["d_model"] // c["n_heads"], "d_ff": width,
+            "expert_d_ff": width, "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
+
+
+def _deepseek(hf: dict, model_type: str) -> dict[str, Any]:
+    c = _common(hf, model_type)
+    if hf.get("attention_bias"):
+        _refuse(model_type, "attention_bias", True, "MLA projections are bias-free here")
+    if (hf.get("moe_layer_freq") or 1) != 1:
+        _refuse(model_type, "moe_layer_freq", hf["moe_layer_freq"], "every layer after "
+                "first_k_dense_replace must be MoE, as in HF transformers")
+    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
+                    qk_nope_head_dim=hf["qk_nope_head_dim"],
+                    qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
+    n_shared = hf.get("n_shared_experts") or 0
+    num_experts = _num_experts(hf, "n_routed_experts", "num_local_experts")
+    groups, topk_groups = hf.get("n_group") or 1, hf.get("topk_group") or 1
+    if model_type == "deepseek_v2":
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            _refuse(model_type, "topk_method", method, "greedy or group_limited_greedy")
+        if hf.get("norm_topk_prob"):
+            _refuse(model_type, "norm_topk_prob", True, "HF's DeepSeek-V2 never renormalises")
+        if method == "greedy":
+            groups = topk_groups = 1
+        router = _router(hf, score_func="softmax", num_groups=groups, topk_groups=topk_groups,
+                         group_score="max", routed_scaling=hf.get("routed_scaling_factor", 1.0))
+        interleave = True  # V2 rotates adjacent pairs (complex multiplication)
+    else:
+        if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            _refuse(model_type, "topk_method", hf["topk_method"], "noaux_tc only")
+        router = _router(hf, score_func="sigmoid", num_groups=groups, topk_groups=topk_groups,
+                         group_score="top2_sum", expert_bias=True,
+                         normalize_topk=bool(hf.get("norm_topk_prob", True)),
+                         routed_scaling=hf.get("routed_scaling_factor", 1.0))
+        interleave = bool(hf.get("rope_interleave", True))
+    return {**c, "n_kv_heads": c["n_heads"], "head_dim": mla.qk_head_dim, "mla": mla,
+            "rope_interleave": interleave, "first_moe_layer": hf.get("first_k_dense_replace", 0),
+            "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
+            "num_experts": num_experts, "num_shared_experts": n_shared,
+            "shared_d_ff": n_shared * hf["moe_intermediate_size"], "router": router}
+
+
+_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
+            "olmoe": _olmoe, "deepseek_v2": lambda hf: _deepseek(hf, "deepseek_v2"),
+            "deepseek_v3": lambda hf: _deepseek(hf, "deepseek_v3")}
+
+
+def hf_model_type(hf: dict) -> str:
+    model_type = hf.get("model_type")
+    if model_type not in _READERS:
+        raise ValueError(f"unsupported architecture model_type={model_type!r} "
+                         f"(architectures={hf.get('architectures')}); supported: "
+                         f"{', '.join(HF_MODEL_TYPES)}")
+    return model_type
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of a HF config.json dict; ValueError naming what is unsupported."""
+    fields = _READERS[hf_model_type(hf)](hf)
+    if fields["first_moe_layer"] >= fields["n_layers"]:
+        _refuse(hf["model_type"], "first_k_dense_replace", fields["first_moe_layer"],
+                "a model without MoE layers")
+    return ModelConfig(**fields)
+
+
+# ---- export --------------------------------------------------------------------------------
+
+def _choose_model_type(c: ModelConfig) -> str:
+    if c.arch != "llama":
+        raise ValueError(f"arch={c.arch!r}: HF transformers has no MoE model of the GPT family")
+    if not c.is_moe:
+        raise ValueError("a dense model (no MoE layers) has no HF MoE counterpart")
+    if c.moe_kind != "moe":
+        raise ValueError(f"moe_kind={c.moe_kind!r} has no HF counterpart")
+    if c.mla is not None:
+        return "deepseek_v3" if c.router.score_func == "sigmoid" else "deepseek_v2"
+    if c.shared_expert_gate:
+        return "qwen2_moe"
+    if c.qk_norm:
+        return "olmoe" if c.qk_norm_scope == "full" else "qwen3_moe"
+    return "mixtral"
+
+
+def config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """A HF config.json dict describing the same network as `c` (ValueError if none does)."""
+    t = _choose_model_type(c)
+    r = c.router
+    hf: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[t]], "model_type": t, "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+        "num_experts_per_tok": r.top_k, "router_aux_loss_coef": r.aux_loss_coef,
+        "intermediate_size": c.d_ff, "moe_intermediate_size": c.expert_d_ff,
+        "norm_topk_prob": r.normalize_topk, "attention_bias": c.attn_bias,
+    }
+    E = c.num_experts[0]
+    if t == "mixtral":
+        hf.update(num_local_experts=E, head_dim=c.head_dim, intermediate_size=c.expert_d_ff)
+    elif t in ("qwen2_moe", "qwen3_moe"):
+        hf.update(num_experts=E, decoder_sparse_step=c.moe_every, mlp_only_layers=[])
+        if t == "qwen2_moe":
+            hf.update(qkv_bias=c.attn_bias, shared_expert_intermediate_size=c.shared_d_ff)
+        else:
+            hf.update(head_dim=c.head_dim)
+    elif t == "olmoe":
+        hf.update(num_experts=E, intermediate_size=c.expert_d_ff, clip_qkv=None)
+    else:
+        m = c.mla
+        n_shared = c.shared_d_ff // c.expert_d_ff if c.num_shared_experts else 0
+        hf.update(n_routed_experts=E, n_shared_experts=n_shared,
+                  first_k_dense_replace=c.first_moe_layer, moe_layer_freq=1,
+                  q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+                  qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
+                  v_head_dim=m.v_head_dim, head_dim=m.qk_rope_head_dim,
+                  n_group=r.num_groups, topk_group=r.topk_groups,
+                  routed_scaling_factor=r.routed_scaling)
+        if t == "deepseek_v2":
+            hf.update(topk_method="group_limited_greedy" if r.num_groups > 1 else "greedy")
+        else:
+            hf.update(topk_method="noaux_tc", rope_interleave=c.rope_interleave,
+                      num_nextn_predict_layers=0)
+    _check_round_trip(c, config_from_hf(hf), t)
+    return hf
+
+
+_ROUTER_FIELDS = ("top_k", "score_func", "normalize_topk", "routed_scaling", "num_groups",
+                  "topk_groups")
+_MODEL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps",
+                 "rope_theta", "qk_norm", "rope_interleave", "attn_bias", "attn_out_bias",
+                 "mlp_bias", "tie_embeddings", "mla")
+
+
+def _check_round_trip(c: ModelConfig, back: ModelConfig, model_type: str) -> None:
+    def differ(field: str, mine: Any, theirs: Any) -> None:
+        raise ValueError(f"{field}={mine!r} cannot be expressed as HF {model_type} "
+                         f"(it would read back as {theirs!r})")
+
+    fields = list(_MODEL_FIELDS)
+    if c.mla is None:
+        fields += ["n_kv_heads", "head_dim"]
+    if c.qk_norm:
+        fields.append("qk_norm_scope")
+    for f in fields:
+        if getattr(c, f) != getattr(back, f):
+            differ(f, getattr(c, f), getattr(back, f))
+    for f in _ROUTER_FIELDS:
+        if getattr(c.router, f) != getattr(back.router, f):
+            differ(f"router.{f}", getattr(c.router, f), getattr(back.router, f))
+    if c.router.num_groups > 1 and c.router.group_score != back.router.group_score:
+        differ("router.group_score", c.router.group_score, back.router.group_score)
+    if c.router.expert_bias and not back.router.expert_bias:
+        differ("router.expert_bias", True, False)
+    for i, (a, b) in enumerate(zip(c.ffn_specs(), back.ffn_specs())):
+        for f in ("kind", "num_experts", "expert_d_ff", "shared_d_ff", "shared_expert_gate"):
+            if getattr(a, f) != getattr(b, f):
+                differ(f"layer {i} {f}", getattr(a, f), getattr(b, f))
+        if a.kind == "dense" and a.d_ff != b.d_ff:
+            differ(f"layer {i} d_ff", a.d_ff, b.d_ff)
+
+
+def is_moeflow_config(data: dict) -> bool:
+    """A moeflow config.json (ModelConfig.to_dict) rather than a HF one."""
+    return "model_type" not in data and "arch" in data and "d_model" in data
+
+
+__all__ = ["HF_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type",
+           "is_moeflow_config"]

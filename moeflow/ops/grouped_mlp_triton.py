@@ -1,0 +1,440 @@
+"""Grouped expert MLP on CUDA: a weight-streaming path for few tokens and a grouped-GEMM path with
+a fused activation for many tokens (training included).
+
+Few tokens (decode): each active expert sees a handful of rows, so the layer is bound by reading
+its weights once. `_up_kernel` gives every (expert, column tile) one program that streams the
+[D, tile] slab(s) of w_in — for SwiGLU the gate and the up tile together — multiplies the
+expert's rows (padded to BLOCK_M ≥ 16 for the tensor cores) and writes act(h) directly, so the
+[N, 2F] pre-activation never touches memory. `_down_kernel` streams w_out the same way. Programs
+of experts with no rows return at once, so weights of idle experts are never read. Launch
+configurations are autotuned per (D, I, F, rows-bucket) and cached by Triton.
+
+Many tokens (prefill, training): `torch._grouped_mm` (CUTLASS grouped GEMM) measured faster than
+a Triton grouped GEMM here; the activation between the two GEMMs runs as one Triton pass forward
+(h → act) and one backward (recomputing from h), instead of torch's chunk/silu/mul and their
+backward temporaries. Backward of the GEMMs is torch._grouped_mm's own (input and weight grads).
+
+Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflow.ops.expert_mlp import grouped_mlp
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+def _stream_configs():
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((64, 128, 4, 4), (128, 64, 4, 4), (32, 256, 4, 3),
+                                 (64, 64, 4, 5))]
+
+
+@triton.autotune(configs=_stream_configs(), key=["D", "F", "M_BUCKET", "SWIGLU"],
+                 reset_to_zero=[])
+@triton.jit
+def _up_kernel(x_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, M_BUCKET,
+               SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lo = tl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
+    hi = tl.load(ends_ptr + e).to(tl.int32)
+    if hi <= lo:
+        return
+    I = 2 * F if SWIGLU else F
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < F
+    w_e = w_ptr + e.to(tl.int64) * D * I
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < hi
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < D
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + k[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
+            acc_g = tl.dot(a, wg, acc_g)
+            if SWIGLU:
+                wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
+                acc_u = tl.dot(a, wu, acc_u)
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + e * I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_u += tl.load(b_ptr + e * I + F + n, mask=nmask,
+                                 other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            act = acc_g * tl.sigmoid(acc_g) * acc_u
+        else:
+            act = _gelu(acc_g)
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
+                 act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.autotune(configs=_stream_configs(), key=["D", "F", "M_BUCKET"], reset_to_zero=[])
+@triton.jit
+def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, M_BUCKET,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lo = tl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
+    hi = tl.load(ends_ptr + e).to(tl.int32)
+    if hi <= lo:
+        return
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < D
+    w_e = w_ptr + e.to(tl.int64) * F * D
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < hi
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < F
+            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + k[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_e + k[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * D + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+def _m_bucket(n_rows: int, n_experts: int) -> int:
+    """Autotune key: rows per expert, rounded to a power of two (configs differ by load)."""
+    return triton.next_power_of_2(max(1, -(-n_rows // n_experts)))
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
+    N, D = x_ND.shape
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+    up, down, fixed = _up_kernel, _down_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
+    up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
+        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
+        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+    down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
+    return y_ND
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+    else:
+        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
+    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        d_g = ga * u * (sg + silu * (1.0 - sg))
+        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _act_grid(N: int, F: int, block: int):
+    return (N, triton.cdiv(F, block))
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
+
+    @staticmethod
+    def forward(ctx, h_NI, swiglu: bool):
+        N, I = h_NI.shape
+        F = I // 2 if swiglu else I
+        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+        ctx.save_for_backward(h_NI)
+        ctx.swiglu = swiglu
+        return a_NF
+
+    @staticmethod
+    def backward(ctx, g_a_NF):
+        (h_NI,) = ctx.saved_tensors
+        N, I = h_NI.shape
+        F = g_a_NF.shape[1]
+        g_h = torch.empty_like(h_NI)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
+                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+        return g_h, None
+
+
+def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
+    N, D = x_ND.shape
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+    up, down, fixed = _up_kernel, _down_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
+    up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
+        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
+        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+    down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
+    return y_ND
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+    else:
+        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
+    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        d_g = ga * u * (sg + silu * (1.0 - sg))
+        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _act_grid(N: int, F: int, block: int):
+    return (N, triton.cdiv(F, block))
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
+
+    @staticmethod
+    def forward(ctx, h_NI, swiglu: bool):
+        N, I = h_NI.shape
+        F = I // 2 if swiglu else I
+        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+        ctx.save_for_backward(h_NI)
+        ctx.swiglu = swiglu
+        return a_NF
+
+    @staticmethod
+    def backward(ctx, g_a_NF):
+        (h_NI,) = ctx.saved_tensors
+        N, I = h_NI.shape
+        F = g_a_NF.shape[1]
+        g_h = torch.empty_like(h_NI)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
+                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+        return g_h, None
+
+
+def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+
+
+def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                             b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                             b_out_ED: torch.Tensor | None, activation: str,
+                             parked: bool = True) -> torch.Tensor:
+    """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all)."""
+    return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
+                       lambda h: fused_activation(h, activation), parked)
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True) -> torch.Tensor:
+    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
+    (combine never reads them), so `parked` needs no work here."""
+    N, D = x_ND.shape
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
+    up, down, fixed = _up_kernel, _down_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
+    up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
+        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
+        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+    down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
+    return y_ND
+
+
+@triton.jit
+def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+    else:
+        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
+    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < F
+    row = pid_n.to(tl.int64)
+    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    if SWIGLU:
+        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        d_g = ga * u * (sg + silu * (1.0 - sg))
+        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
+                 mask=m)
+
+
+def _act_grid(N: int, F: int, block: int):
+    return (N, triton.cdiv(F, block))
+
+
+class _Activation(torch.autograd.Function):
+    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
+
+    @staticmethod
+    def forward(ctx, h_NI, swiglu: bool):
+        N, I = h_NI.shape
+        F = I // 2 if swiglu else I
+        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+        ctx.save_for_backward(h_NI)
+        ctx.swiglu = swiglu
+        return a_NF
+
+    @staticmethod
+    def backward(ctx, g_a_NF):
+        (h_NI,) = ctx.saved_tensors
+        N, I = h_NI.shape
+        F = g_a_NF.shape[1]
+        g_h = torch.empty_like(h_NI)
+        block = min(1024, triton.next_power_of_2(F))
+        if N > 0:
+            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
+                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+        return g_h, None
+
+
+def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+
+
+

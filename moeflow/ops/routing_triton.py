@@ -1,0 +1,380 @@
+"""Fused routing on CUDA: router logits → top-k ids and weights → queue slots, drops, counts, losses.
+
+Why: the plain-torch router issues ~30 small kernels (softmax, sort, gather, bincount, a stable
+sort for queue positions, scatters, the two losses). At decode sizes each costs launch latency,
+not bandwidth, and together they cost more than streaming the experts' weights. DeepSpeed-MoE's
+answer was a fused gating kernel that builds the token→slot mapping table directly; this is ours.
+
+Launches (after the router GEMM, which stays in torch so logits match the reference bit for bit):
+  1. `_topk_kernel`, one program per block of tokens: finite-ize logits, scores (softmax/sigmoid),
+     selection scores (+ Gumbel noise, + expert bias, group limiting), top-k by repeated arg-max
+     (ties → lower expert index, like the reference's stable sort), weights (normalised, scaled),
+     logsumexp for the z-loss and per-block column sums of the balance probabilities.
+  2. `_queue_kernel`: each assignment's position in its expert's queue in priority order
+     (choice-major, tokens in position or RTS order) = a stable counting sort. Small inputs: one
+     program walks all blocks carrying the running per-expert counts (no extra launch). Large
+     inputs: a histogram pass, a cumsum over blocks, then the slot pass, each block independent.
+  3. `_finalize_kernel`, one program: counts after dropping = min(count, capacity), the number
+     dropped, aux and z losses.
+Backward (`_route_bwd_kernel`) recomputes scores from the logits and returns d logits for the
+weights, the aux loss and the z-loss in one pass, so the router trains through this path.
+
+Ids, slots, kept and counts equal the reference exactly (same arithmetic on the same fp32
+logits); weights and losses agree to fp32 rounding (the exponentials differ in the last bits).
+
+Legend: T tokens, E experts, K top-k, N = T·K assignments, G expert groups, NB blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflow.config import RouterConfig
+
+_FP32_MAX = 3.4028234663852886e38
+_SERIAL_LIMIT = 8192  # assignments handled by one program walking all blocks
+
+
+@triton.jit
+def _finite(x):
+    x = tl.where(x != x, -3.4028234663852886e38, x)
+    return tl.minimum(tl.maximum(x, -3.4028234663852886e38), 3.4028234663852886e38)
+
+
+@triton.jit
+def _scores(x, cmask, SOFTMAX: tl.constexpr):
+    """Returns (scores, balance probabilities, logsumexp, softmax) for a [BT, BE] logits tile."""
+    xm = tl.where(cmask[None, :], x, float("-inf"))
+    mx = tl.max(xm, axis=1)
+    ex = tl.exp(xm - mx[:, None])
+    den = tl.sum(ex, axis=1)
+    soft = ex / den[:, None]
+    lse = mx + tl.log(den)
+    if SOFTMAX:
+        scores = soft
+        probs = soft
+    else:
+        scores = tl.where(cmask[None, :], tl.sigmoid(x), 0.0)
+        probs = scores / tl.maximum(tl.sum(scores, axis=1), 1e-20)[:, None]
+    return scores, probs, lse, soft
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr,
+                 T, E, routed_scaling,
+                 K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    cmask = cols < E
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    m2 = rmask[:, None] & cmask[None, :]
+    x = _finite(tl.load(logits_ptr + offs, mask=m2, other=0.0))
+    scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
+
+    if HAS_NOISE:
+        sel = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
+    else:
+        sel = scores
+    if HAS_BIAS:
+        sel = sel + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+
+    if GROUPS > 1:
+        per_group = E // GROUPS
+        gid = cols // per_group
+        gcols = tl.arange(0, BLOCK_G)
+        gscore = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUPS):
+            v = tl.where(((gid == g) & cmask)[None, :], sel, float("-inf"))
+            m1 = tl.max(v, axis=1)
+            s = m1
+            if GROUP_TOP2:
+                i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], BLOCK_E), axis=1)
+                v2 = tl.where(cols[None, :] == i1[:, None], float("-inf"), v)
+                s = m1 + tl.max(v2, axis=1)
+            gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
+        gtaken = (gcols >= GROUPS)[None, :] & (rows >= 0)[:, None]
+        for _ in tl.static_range(TOPK_GROUPS):
+            cand = tl.where(gtaken, float("-inf"), gscore)
+            m = tl.max(cand, axis=1)
+            gi = tl.min(tl.where((cand == m[:, None]) & ~gtaken, gcols[None, :], BLOCK_G), axis=1)
+            gtaken = gtaken | (gcols[None, :] == gi[:, None])
+        keep = (cols < 0)[None, :] & (rows >= 0)[:, None]
+        for g in tl.static_range(GROUPS):
+            chosen = tl.max(tl.where(gcols[None, :] == g, gtaken.to(tl.int32), 0), axis=1) > 0
+            keep = keep | ((gid == g)[None, :] & chosen[:, None])
+        sel = tl.where(keep, sel, float("-inf"))
+
+    kcols = tl.arange(0, BLOCK_K)
+    taken = (cols >= E)[None, :] & (rows >= 0)[:, None]
+    ids_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.int64)
+    w_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    for k in tl.static_range(K):
+        cand = tl.where(taken, float("-inf"), sel)
+        m = tl.max(cand, axis=1)
+        idx = tl.min(tl.where((cand == m[:, None]) & ~taken, cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == idx[:, None]
+        taken = taken | hit
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        ids_tile = tl.where(kcols[None, :] == k, idx.to(tl.int64)[:, None], ids_tile)
+        w_tile = tl.where(kcols[None, :] == k, w[:, None], w_tile)
+    if NORMALIZE:
+        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1e-20)[:, None]
+    w_tile = w_tile * routed_scaling
+    kmask = rmask[:, None] & (kcols < K)[None, :]
+    koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    tl.store(ids_ptr + koffs, ids_tile, mask=kmask)
+    tl.store(w_ptr + koffs, w_tile, mask=kmask)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(m2, probs, 0.0), axis=0), mask=cmask)
+
+
+@triton.jit
+def _queue_block(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, base, p0, T, N, capacity,
+                 cols, K: tl.constexpr, HAS_ORDER: tl.constexpr, WRITE: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """One block of priority positions: returns its per-expert histogram; WRITE stores slots."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    valid = p < N
+    k = p // T
+    j = p % T
+    if HAS_ORDER:
+        t = tl.load(order_ptr + j, mask=valid, other=0)
+    else:
+        t = j
+    flat = t.to(tl.int64) * K + k
+    e = tl.load(ids_ptr + flat, mask=valid, other=0).to(tl.int32)
+    onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+    if WRITE:
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        slot = tl.sum(onehot * base[None, :], axis=1) + rank
+        kept = slot < capacity
+        tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
+        tl.store(kept_ptr + flat, kept.to(tl.int8), mask=valid)
+        w = tl.load(w_ptr + flat, mask=valid, other=0.0)
+        tl.store(w_ptr + flat, tl.where(kept, w, 0.0), mask=valid)
+    return tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _queue_kernel(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, offsets_ptr, hist_ptr,
+                  counts_before_ptr, T, E, N, capacity,
+                  K: tl.constexpr, HAS_ORDER: tl.constexpr, MODE: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """MODE 0: one program, all blocks in turn. MODE 1: histogram per block. MODE 2: slots."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    if MODE == 0:
+        running = tl.zeros([BLOCK_E], tl.int32)
+        for p0 in range(0, N, BLOCK_P):
+            running += _queue_block(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, running, p0,
+                                    T, N, capacity, cols, K, HAS_ORDER, True, BLOCK_P)
+        tl.store(counts_before_ptr + cols, running.to(tl.int64), mask=cmask)
+    elif MODE == 1:
+        hist = _queue_block(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, cols * 0,
+                            pid * BLOCK_P, T, N, capacity, cols, K, HAS_ORDER, False, BLOCK_P)
+        tl.store(hist_ptr + pid * E + cols, hist, mask=cmask)
+    else:
+        base = tl.load(offsets_ptr + pid * E + cols, mask=cmask, other=0)
+        _queue_block(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, base, pid * BLOCK_P,
+                     T, N, capacity, cols, K, HAS_ORDER, True, BLOCK_P)
+
+
+@triton.jit
+def _finalize_kernel(counts_before_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_ptr, loss_ptr,
+                     T, E, NB, capacity, aux_coef, z_coef,
+                     K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    before = tl.load(counts_before_ptr + cols, mask=cmask, other=0)
+    counts = tl.minimum(before, capacity)
+    tl.store(counts_ptr + cols, counts, mask=cmask)
+    tl.store(dropped_ptr, T * K - tl.sum(counts))
+    p_e = tl.zeros([BLOCK_E], tl.float32)
+    for b in range(0, NB):
+        p_e += tl.load(psum_ptr + b * E + cols, mask=cmask, other=0.0)
+    frac = before.to(tl.float32) / tl.maximum(T * K, 1)
+    aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
+    zacc = tl.zeros([BLOCK_T], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        r = t0 + tl.arange(0, BLOCK_T)
+        lse = tl.load(lse_ptr + r, mask=r < T, other=0.0)
+        zacc += lse * lse
+    z = tl.sum(zacc) / tl.maximum(T, 1)
+    tl.store(loss_ptr, aux)
+    tl.store(loss_ptr + 1, z)
+    tl.store(loss_ptr + 2, aux_coef * aux + z_coef * z)
+
+
+@triton.jit
+def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_before_ptr,
+                      dlogits_ptr, T, E, routed_scaling, aux_coef, z_coef,
+                      K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    cmask = cols < E
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    m2 = rmask[:, None] & cmask[None, :]
+    raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
+    x = _finite(raw)
+    scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
+    g_aux = tl.load(gloss_ptr) + aux_coef * tl.load(gloss_ptr + 2)
+    g_z = tl.load(gloss_ptr + 1) + z_coef * tl.load(gloss_ptr + 2)
+
+    # d weights → d selected scores (through normalisation, scaling and the drop mask).
+    s_sum = tl.zeros([BLOCK_T], tl.float32)
+    gs_sum = tl.zeros([BLOCK_T], tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
+        s_k = tl.sum(tl.where(cols[None, :] == idx[:, None], scores, 0.0), axis=1)
+        kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
+        g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
+        g_k = g_k * routed_scaling
+        s_sum += s_k
+        gs_sum += g_k * s_k
+    denom = tl.maximum(s_sum, 1e-20)
+    ds = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
+        kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
+        g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
+        g_k = g_k * routed_scaling
+        if NORMALIZE:
+            g_k = g_k / denom - tl.where(s_sum >= 1e-20, gs_sum / (denom * denom), 0.0)
+        ds += tl.where(cols[None, :] == idx[:, None], g_k[:, None], 0.0)
+
+    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = counts_before_e / (T·K).
+    before = tl.load(counts_before_ptr + cols, mask=cmask, other=0).to(tl.float32)
+    dprobs = g_aux * E * before / tl.maximum(T * K, 1) / tl.maximum(T, 1)
+    dprobs = tl.where(m2, dprobs[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.float32), 0.0)
+    if SOFTMAX:
+        ds += dprobs
+        dx = scores * (ds - tl.sum(ds * scores, axis=1)[:, None])
+    else:
+        q_raw = tl.sum(scores, axis=1)
+        q = tl.maximum(q_raw, 1e-20)
+        corr = tl.where(q_raw >= 1e-20, tl.sum(dprobs * scores, axis=1) / (q * q), 0.0)
+        ds += dprobs / q[:, None] - corr[:, None]
+        dx = ds * scores * (1.0 - scores)
+    dx += (g_z * 2.0 * lse / tl.maximum(T, 1))[:, None] * soft
+    finite = (raw == raw) & (raw < float("inf")) & (raw > float("-inf"))
+    tl.store(dlogits_ptr + offs, tl.where(finite, dx, 0.0), mask=m2)
+
+
+def _block_t(E: int) -> int:
+    return max(1, min(64, 8192 // triton.next_power_of_2(E)))
+
+
+def _route_forward(logits_TE, cfg: RouterConfig, capacity, expert_bias_E, noise_TE, order_T):
+    T, E = logits_TE.shape
+    K = cfg.top_k
+    dev = logits_TE.device
+    block_e = triton.next_power_of_2(E)
+    block_t = _block_t(E)
+    nb = triton.cdiv(T, block_t)
+    ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
+    lse_T = torch.empty(T, dtype=torch.float32, device=dev)
+    psum = torch.empty(max(nb, 1), E, dtype=torch.float32, device=dev)
+    if T > 0:
+        _topk_kernel[(nb,)](
+            logits_TE, noise_TE if noise_TE is not None else logits_TE,
+            expert_bias_E if expert_bias_E is not None else logits_TE,
+            ids_TK, w_TK, lse_T, psum, T, E, float(cfg.routed_scaling),
+            K=K, SOFTMAX=cfg.score_func == "softmax", HAS_NOISE=noise_TE is not None,
+            HAS_BIAS=expert_bias_E is not None, NORMALIZE=cfg.normalize_topk,
+            GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
+            GROUP_TOP2=E // cfg.num_groups >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
+            BLOCK_G=triton.next_power_of_2(cfg.num_groups),
+            BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    else:
+        psum.zero_()
+
+    N = T * K
+    cap = N + 1 if capacity is None else capacity
+    slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
+    counts_before = torch.zeros(E, dtype=torch.int64, device=dev)
+    block_p = max(16, min(128, 8192 // block_e))
+    order = order_T if order_T is not None else ids_TK
+    common = dict(K=K, HAS_ORDER=order_T is not None, BLOCK_P=block_p, BLOCK_E=block_e)
+    if 0 < N <= _SERIAL_LIMIT:
+        _queue_kernel[(1,)](ids_TK, order, w_TK, slots_TK, kept_u8, counts_before, counts_before,
+                            counts_before, T, E, N, cap, MODE=0, num_warps=4, **common)
+    elif N > 0:
+        npb = triton.cdiv(N, block_p)
+        hist = torch.empty(npb, E, dtype=torch.int32, device=dev)
+        _queue_kernel[(npb,)](ids_TK, order, w_TK, slots_TK, kept_u8, hist, hist,
+                              counts_before, T, E, N, cap, MODE=1, num_warps=4, **common)
+        cum = hist.cumsum(0, dtype=torch.int32)
+        offsets = cum - hist
+        counts_before = cum[-1].to(torch.int64)
+        _queue_kernel[(npb,)](ids_TK, order, w_TK, slots_TK, kept_u8, offsets, hist,
+                              counts_before, T, E, N, cap, MODE=2, num_warps=4, **common)
+
+    counts_E = torch.empty(E, dtype=torch.int64, device=dev)
+    num_dropped = torch.empty((), dtype=torch.int64, device=dev)
+    losses = torch.empty(3, dtype=torch.float32, device=dev)
+    _finalize_kernel[(1,)](counts_before, psum, lse_T, counts_E, num_dropped, losses,
+                           T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
+                           float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024)
+    return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
+        counts_before
+
+
+class _FusedRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T):
+        ids, w, kept, slots, counts, dropped, losses, before = _route_forward(
+            logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T)
+        ctx.save_for_backward(logits_TE, ids, kept, before)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(ids, kept, slots, counts, dropped)
+        return ids, w, kept, slots, counts, dropped, losses
+
+    @staticmethod
+    def backward(ctx, g_ids, g_w, g_kept, g_slots, g_counts, g_dropped, g_losses):
+        logits_TE, ids, kept, before = ctx.saved_tensors
+        cfg = ctx.cfg
+        T, E = logits_TE.shape
+        d_logits = torch.empty_like(logits_TE)
+        if T > 0:
+            block_t = _block_t(E)
+            _route_bwd_kernel[(triton.cdiv(T, block_t),)](
+                logits_TE, ids, kept.view(torch.int8), g_w.contiguous(), g_losses.contiguous(),
+                before, d_logits, T, E, float(cfg.routed_scaling), float(cfg.aux_loss_coef),
+                float(cfg.z_loss_coef), K=cfg.top_k, SOFTMAX=cfg.score_func == "softmax",
+                NORMALIZE=cfg.normalize_topk, BLOCK_T=block_t,
+                BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+        return d_logits, None, None, None, None, None
+
+
+def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
+                 expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
+                 order_T: torch.Tensor | None):
+    """Same contract as `moeflow.model.router.route_reference`; returns the fields of RoutingResult
+    as a tuple (ids, weights, kept, slots, counts, num_dropped, aux, z, loss)."""
+    logits_TE = logits_TE.contiguous()
+    if noise_TE is not None:
+        noise_TE = noise_TE.contiguous()
+    ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
+        logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T)
+    return ids, w, kept, slots, counts, dropped, losses[0], losses[1], losses[2]
+
+
+def routing_supported(logits_TE: torch.Tensor, cfg: RouterConfig) -> bool:
+    """Shapes the fused kernel handles: fp32 logits, up to 1024 experts, equal groups."""
+    E = logits_TE.shape[-1]
+    return (logits_TE.dtype == torch.float32 and E <= 1024 and cfg.top_k <= E
+            and E % cfg.num_groups == 0)

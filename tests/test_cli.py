@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def moeflow(*args):
+    return subprocess.run([sys.executable, "-m", "moeflow", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_info_json_for_a_paper_preset():
+    r = moeflow("info", "--preset", "1.3b-pr-moe-64-128", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert abs(info["total_params"] - 31e9) / 31e9 < 0.03
+    assert info["active_params"] < info["total_params"] / 10
+    assert info["experts_per_moe_layer"] == [64] * 10 + [128] * 2
+
+
+def test_info_table_lists_every_preset():
+    from moeflow import PRESETS
+
+    r = moeflow("info")
+    assert r.returncode == 0, r.stderr
+    for name in PRESETS:
+        assert name in r.stdout
+
+
+def test_unknown_preset_is_one_line_exit_2():
+    r = moeflow("info", "--preset", "nope")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "unknown preset 'nope'" in lines[0] and "350m-pr-moe-32-64" in lines[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{broken", "not valid JSON"),
+    ('{"n_layers": 2, "moe_every": 1, "num_experts": [4], "d_model": 64, "n_heads": 4}',
+     "num_experts="),
+    ('{"d_model": 30, "n_heads": 4}', "d_model=30"),
+])
+def test_bad_config_file_is_one_line_exit_2(tmp_path, content, message):
+    path = tmp_path / "model.json"
+    path.write_text(content)
+    r = moeflow("info", "--config", str(path))
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path):
+    r = moeflow("info", "--config", str(tmp_path / "absent.yaml"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

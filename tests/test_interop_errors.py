@@ -1,0 +1,107 @@
+"""Checkpoints moeflow cannot load exactly are refused with errors naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moeflow
+from moeflow import ModelConfig, RouterConfig, Transformer
+from moeflow.interop import config_to_hf, save_hf, save_pretrained
+
+
+def _tiny(**kw) -> ModelConfig:
+    base = dict(name="t", arch="llama", vocab_size=64, n_layers=2, d_model=32, n_heads=4,
+                n_kv_heads=2, d_ff=48, expert_d_ff=16, max_seq_len=64, moe_every=1,
+                num_experts=4, qk_norm=True, router=RouterConfig(top_k=2, normalize_topk=True))
+    return ModelConfig(**{**base, **kw})
+
+
+def _export(tmp_path, config=None):
+    torch.manual_seed(0)
+    model = Transformer(config or _tiny()).eval()
+    save_hf(model, tmp_path)
+    return model
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    _export(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "jamba"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type='jamba'"):
+        moeflow.from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    _export(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    gone = "model.layers.1.mlp.experts.3.down_proj.weight"
+    kept = {k: v for k, v in tensors.items() if k != gone}
+    save_file(kept, path)
+    with pytest.raises(ValueError, match=f"missing tensor '{gone}'"):
+        moeflow.from_pretrained(tmp_path)
+    save_file({**tensors, "model.layers.0.mlp.bonus.weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.bonus.weight'"):
+        moeflow.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    _export(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = torch.ones(31)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="'final_norm.weight'.*shape"):
+        moeflow.from_pretrained(tmp_path)
+
+
+def test_unsupported_hf_fields_are_named(tmp_path):
+    _export(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        moeflow.from_pretrained(tmp_path)
+
+
+def test_export_refuses_what_hf_cannot_express():
+    with pytest.raises(ValueError, match="arch='gpt'"):
+        config_to_hf(moeflow.preset("tiny"))
+    with pytest.raises(ValueError, match="num_experts"):
+        config_to_hf(_tiny(num_experts=(4, 8)))
+    with pytest.raises(ValueError, match="router.routed_scaling"):
+        config_to_hf(_tiny(router=RouterConfig(top_k=2, normalize_topk=True, routed_scaling=2.0)))
+
+
+def test_moeflow_checkpoint_missing_tensor(tmp_path):
+    torch.manual_seed(0)
+    save_pretrained(Transformer(moeflow.preset("tiny")), tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["blocks.1.ffn.router.gate.weight"]
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="missing tensor 'blocks.1.ffn.router.gate.weight'"):
+        moeflow.from_pretrained(tmp_path)
+
+
+def test_cli_convert_round_trip(tmp_path, capsys):
+    from moeflow.cli import main
+
+    torch.manual_seed(0)
+    model = Transformer(_tiny()).eval()
+    model.set_dropless(True)  # as from_pretrained leaves it
+    save_pretrained(model, tmp_path / "mf")
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mf2"), "--to", "moeflow"]) == 0
+    back = moeflow.from_pretrained(tmp_path / "mf2")
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "hf"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow import KVCache, ModelConfig, RouterConfig, Transformer
+
+
+def small(arch="gpt", **kw) -> ModelConfig:
+    base = dict(arch=arch, vocab_size=97, n_layers=4, d_model=32, n_heads=4, max_seq_len=64,
+                moe_every=2, num_experts=(4, 8), moe_kind="residual_moe",
+                router=RouterConfig(top_k=1, dropless=True))
+    return ModelConfig(**{**base, **kw})
+
+
+LLAMA = dict(n_kv_heads=2, qk_norm=True, moe_kind="moe", num_shared_experts=1, expert_d_ff=24,
+             router=RouterConfig(top_k=2, dropless=True, normalize_topk=True))
+
+
+def test_gpt_and_llama_forward_shapes_and_heads():
+    gpt = Transformer(small())
+    out = gpt(torch.randint(0, 97, (2, 10)))
+    assert out.logits.shape == (2, 10, 97)
+    assert gpt.lm_head.weight is gpt.tok_emb.weight and gpt.pos_emb is not None
+    assert len(out.routing) == 2 and [r.layer for r in out.routing] == [1, 3]
+    llama = Transformer(small("llama", **LLAMA))
+    assert llama.lm_head.weight is not llama.tok_emb.weight and llama.pos_emb is None
+    assert llama.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    assert llama(torch.randint(0, 97, (2, 10))).logits.shape == (2, 10, 97)
+
+
+def test_routing_stats_account_for_every_assignment():
+    cfg = small(router=RouterConfig(top_k=2, capacity_factor=0.5, min_capacity=0))
+    out = Transformer(cfg)(torch.randint(0, 97, (2, 16)))
+    for r in out.routing:
+        assert r.num_assignments == 2 * 16 * 2
+        assert int(r.counts_E.sum()) + int(r.num_dropped) == r.num_assignments
+    assert 0 < out.dropped_fraction < 1
+    assert out.router_loss.item() == pytest.approx(0.01 * out.aux_loss.item())
+
+
+@pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])
+def test_kv_cache_decoding_equals_full_forward(arch, extra):
+    torch.manual_seed(0)
+    model = Transformer(small(arch, **extra)).eval()
+    ids = torch.randint(0, 97, (3, 24))
+    full = model(ids).logits
+    cache = KVCache.for_model(model, batch=3, max_len=32)
+    pieces = [model(ids[:, :9], cache=cache).logits,  # prefill
+              model(ids[:, 9:14], cache=cache).logits]  # a chunk after cached tokens
+    pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(14, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.length == 24
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = Transformer(small(max_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_tiny_moe_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = small(router=RouterConfig(top_k=1, capacity_factor=1.25, min_capacity=4))
+    model = Transformer(cfg)
+    batch = torch.randint(0, 97, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(100):
+        out = model(batch[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        (loss + out.router_loss).backward()
+        opt.step()
+    assert first > 4.0  # ln(97) = 4.57 at init
+    assert loss.item() < 0.5, f"loss {first:.2f} -> {loss.item():.2f}"
+
+
+def test_expert_bias_balancing_moves_load():
+    torch.manual_seed(0)
+    cfg = small("llama", **{**LLAMA, "router": RouterConfig(top_k=1, dropless=True, expert_bias=True,
+                                                            bias_update_rate=0.05)})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.gate.weight[0] += 0.5  # skew towards expert 0
+    ids = torch.randint(0, 97, (4, 32))
+
+    def imbalance():
+        counts = [r.counts_E.float() for r in model(ids).routing]
+        return sum((c.max() / c.mean()).item() for c in counts)
+
+    before = imbalance()
+    for _ in range(40):
+        model.update_expert_biases([r.counts_E for r in model(ids).routing])
+    assert imbalance() < before

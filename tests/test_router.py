@@ -1,0 +1,160 @@
+"""Router semantics on hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from moeflow import RouterConfig
+from moeflow.model.router import Router
+
+
+def route(logits_TE, training=False, generator=None, **cfg):
+    """Route tokens whose router logits are exactly `logits_TE` (x = I, gate = logitsᵀ)."""
+    logits_TE = torch.as_tensor(logits_TE, dtype=torch.float32)
+    T, E = logits_TE.shape
+    router = Router(T, E, RouterConfig(**{"min_capacity": 0, **cfg}))
+    with torch.no_grad():
+        router.gate.weight.copy_(logits_TE.t())
+    router.train(training)
+    return router(torch.eye(T), generator=generator), router
+
+
+def test_position_priority_keeps_the_first_tokens():
+    logits = torch.zeros(8, 4)
+    logits[:, 0] = 10.0  # every token wants expert 0
+    r, _ = route(logits)
+    assert r.capacity == 2  # ceil(1 * 8 / 4 * 1.0)
+    assert r.kept_TK[:, 0].tolist() == [True, True] + [False] * 6
+    assert r.counts_E.tolist() == [2, 0, 0, 0]  # counted after dropping
+    assert int(r.num_dropped) == 6
+    assert torch.all(r.weights_TK[2:] == 0) and torch.all(r.weights_TK[:2] > 0.99)
+
+
+def test_top2_first_choices_have_priority_over_second_choices():
+    # t0, t1 prefer e0 then e1; t2 prefers e1 then e0. capacity = ceil(2*3/2*0.6) = 2.
+    logits = [[2.0, 1.0], [2.0, 1.0], [1.0, 2.0]]
+    r, _ = route(logits, top_k=2, capacity_factor=0.6, eval_capacity_factor=0.6)
+    assert r.capacity == 2
+    assert r.ids_TK.tolist() == [[0, 1], [0, 1], [1, 0]]
+    # e0 queue: t0(1st) t1(1st) t2(2nd); e1 queue: t2(1st) t0(2nd) t1(2nd)
+    assert r.slots_TK.tolist() == [[0, 1], [1, 2], [0, 2]]
+    assert r.kept_TK.tolist() == [[True, True], [True, False], [True, False]]
+    assert r.counts_E.tolist() == [2, 2]
+
+
+def test_dropless_keeps_everything():
+    logits = torch.zeros(8, 4)
+    logits[:, 0] = 10.0
+    r, _ = route(logits, dropless=True)
+    assert r.capacity is None and bool(r.kept_TK.all())
+    assert r.counts_E.tolist() == [8, 0, 0, 0] and int(r.num_dropped) == 0
+
+
+def test_random_token_selection_is_seeded():
+    logits = torch.zeros(16, 4)
+    logits[:, 0] = 10.0
+
+    def kept(seed):
+        torch.manual_seed(seed)
+        r, _ = route(logits, training=True, drop_policy="random")
+        assert int(r.kept_TK.sum()) == 4
+        return r.kept_TK[:, 0].tolist()
+
+    assert kept(0) == kept(0)
+    assert kept(0) != kept(1)
+    assert kept(0) != [True] * 4 + [False] * 12  # not position order
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, _ = route(logits, drop_policy="random", generator=g1)
+    b, _ = route(logits, drop_policy="random", generator=g2)
+    assert torch.equal(a.kept_TK, b.kept_TK)
+
+
+def test_aux_and_z_loss_values():
+    # probs = [0.25, 0.75] for both tokens; both pick e1: f = [0, 1], P = [0.25, 0.75]
+    logits = [[0.0, math.log(3)], [0.0, math.log(3)]]
+    r, _ = route(logits, aux_loss_coef=0.1, z_loss_coef=0.01, dropless=True)
+    assert r.aux_loss.item() == pytest.approx(2 * 0.75)
+    assert r.z_loss.item() == pytest.approx(math.log(4) ** 2)
+    assert r.loss.item() == pytest.approx(0.1 * 1.5 + 0.01 * math.log(4) ** 2)
+    assert r.weights_TK[:, 0].tolist() == pytest.approx([0.75, 0.75])
+
+
+def test_balanced_routing_has_aux_loss_one():
+    logits = torch.eye(4) * 5.0
+    r, _ = route(logits)
+    assert r.aux_loss.item() == pytest.approx(1.0)
+
+
+def test_ties_go_to_the_lower_expert_index():
+    r, _ = route(torch.zeros(3, 6), top_k=2, dropless=True)
+    assert r.ids_TK.tolist() == [[0, 1]] * 3
+    r, _ = route([[1.0, 3.0, 3.0, 3.0]], top_k=2, dropless=True)
+    assert r.ids_TK.tolist() == [[1, 2]]
+
+
+def test_nan_and_inf_logits_give_in_range_ids():
+    nan, inf = float("nan"), float("inf")
+    logits = [[nan] * 4, [inf, -inf, nan, 1.0], [-inf] * 4, [inf] * 4]
+    for score_func in ("softmax", "sigmoid"):
+        r, _ = route(logits, top_k=2, dropless=True, score_func=score_func)
+        assert bool(((r.ids_TK >= 0) & (r.ids_TK < 4)).all())
+        assert bool(torch.isfinite(r.weights_TK).all())
+        assert r.ids_TK[1, 0].item() == 0
+
+
+def test_sigmoid_scores_renormalised_and_scaled():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 8)
+    r, _ = route(logits, top_k=2, dropless=True, score_func="sigmoid", normalize_topk=True,
+                 routed_scaling=2.5)
+    assert torch.allclose(r.weights_TK.sum(-1), torch.full((5,), 2.5))
+    r, _ = route(logits, top_k=2, dropless=True, score_func="sigmoid")
+    expected = logits.sigmoid().gather(1, r.ids_TK)
+    assert torch.allclose(r.weights_TK, expected)
+
+
+def test_expert_bias_steers_selection_but_not_weights():
+    logits = torch.tensor([[1.0, 0.5, 0.0]])
+    r, router = route(logits, dropless=True, expert_bias=True)
+    assert r.ids_TK.item() == 0
+    router.expert_bias[1] = 1.0
+    r = router(torch.eye(1))
+    assert r.ids_TK.item() == 1
+    assert r.weights_TK.item() == pytest.approx(logits.softmax(-1)[0, 1].item())
+    router.expert_bias.zero_()
+    router.update_expert_bias(torch.tensor([10, 0, 2]))
+    assert router.expert_bias[0] < 0 < router.expert_bias[1]
+
+
+def test_group_limited_routing_stays_in_the_best_groups():
+    torch.manual_seed(0)
+    logits = torch.randn(32, 8)
+    r, _ = route(logits, top_k=2, dropless=True, num_groups=4, topk_groups=1)
+    groups = r.ids_TK // 2
+    assert torch.equal(groups[:, 0], groups[:, 1])
+    best_pair = logits.view(32, 4, 2).softmax(-1)  # monotone per row: same ranking as scores
+    assert best_pair.shape == (32, 4, 2)
+
+
+def test_noise_only_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    for noise in ("jitter", "rsample"):
+        router = Router(16, 8, RouterConfig(dropless=True, noise=noise, noise_eps=0.5))
+        router.eval()
+        assert torch.equal(router(x).ids_TK, router(x).ids_TK)
+        clean = router(x).ids_TK
+        router.train()
+        assert not torch.equal(router(x).ids_TK, clean)
+
+
+def test_counts_and_slots_form_a_mapping_table():
+    torch.manual_seed(0)
+    r, _ = route(torch.randn(40, 8), top_k=2, capacity_factor=0.5, eval_capacity_factor=0.5)
+    ids, slots, kept = r.ids_TK, r.slots_TK, r.kept_TK
+    for e in range(8):
+        mine = slots[ids == e]
+        assert sorted(mine.tolist()) == list(range(mine.numel()))  # a permutation of 0..n-1
+        assert int(r.counts_E[e]) == int(((ids == e) & kept).sum()) == min(mine.numel(), r.capacity)
+    assert int(r.num_dropped) == int((~kept).sum())
