@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moeflow.infer.generate import generate_text
+    from moeflow.infer.text import generate_text
     from moeflow.infer.sampling import SamplingParams
     from moeflow.train.checkpoint import load_for_inference
 

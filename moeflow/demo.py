@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.table import Table
 
-from moeflow.infer.generate import generate_text
+from moeflow.infer.text import generate_text
 from moeflow.infer.sampling import SamplingParams
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moeflow.cli import main
-from moeflow.infer.generate import generate, generate_text
+from moeflow.infer.generate import generate
+from moeflow.infer.text import generate_text
 from moeflow.infer.sampling import SamplingParams
 from moeflow.train import TrainConfig, Trainer
 from moeflow.train.checkpoint import load_for_inference
