@@ -12,6 +12,8 @@ Examples:
   moeflow plot runs/tiny                      # loss.png, expert_load.png
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
+  moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
+  moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
 name with dashes); `generate` flags from moeflow.infer.SamplingParams.
@@ -211,6 +213,74 @@ _SAMPLING_HELP = {
 }
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moeflow.serve.config import ServeConfig
+    from moeflow.serve.server import serve
+
+    fields = {k: v for k, v in vars(args).items() if k in ServeConfig.__dataclass_fields__}
+    return serve(ServeConfig(**fields))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from moeflow.serve.bench import BenchConfig, run_bench
+
+    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__}
+    result = run_bench(BenchConfig(**fields))
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    return 0 if result.succeeded else 1
+
+
+def _add_serve_parsers(sub) -> None:
+    from moeflow.serve.config import ServeConfig as S
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
+                                     "/v1/chat/completions, /v1/models, /health, /metrics)")
+    p.add_argument("--model", required=True, help="checkpoint: a training run / checkpoint "
+                   "directory, or a moeflow or HF MoE directory with tokenizer.json")
+    p.add_argument("--served-model-name", help="the name clients send (default: directory name)")
+    p.add_argument("--host", default=S.host)
+    p.add_argument("--port", type=int, default=S.port)
+    p.add_argument("--max-batch", type=int, default=S.max_batch,
+                   help="sequences the engine runs per step")
+    p.add_argument("--max-queue", type=int, default=S.max_queue,
+                   help="sequences waiting for a batch slot; beyond it requests get 429")
+    p.add_argument("--max-seq-len", type=int, help="context window (default: the model's)")
+    p.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
+    p.add_argument("--max-body-bytes", type=int, default=S.max_body_bytes,
+                   help="larger request bodies get 413 without being parsed")
+    p.add_argument("--drain-timeout", type=float, default=S.drain_timeout,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S.device)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--default-max-tokens", type=int, default=S.default_max_tokens,
+                   help="max_tokens of /v1/completions requests that set none")
+    p.add_argument("--log-level", default=S.log_level,
+                   choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+    from moeflow.serve.bench import BenchConfig as B
+
+    p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, "
+                                           "latency and TTFT percentiles")
+    p.add_argument("--url", default=B.url)
+    p.add_argument("--concurrency", type=int, default=B.concurrency)
+    p.add_argument("--requests", type=int, default=B.requests)
+    p.add_argument("--model", help="model name (default: the server's first)")
+    p.add_argument("--prompt", default=B.prompt)
+    p.add_argument("--max-tokens", type=int, default=B.max_tokens)
+    p.add_argument("--temperature", type=float, default=B.temperature)
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests end at end-of-sequence (default: exactly max-tokens)")
+    p.add_argument("--timeout", type=float, default=B.timeout, help="per-request seconds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moeflow.infer.sampling import SamplingParams
     from moeflow.train.run_config import TrainConfig
@@ -262,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast weights (default: keep)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
     p.set_defaults(func=cmd_convert)
+    _add_serve_parsers(sub)
     return parser
 
 

@@ -3,6 +3,10 @@
 temperature == 0 means greedy (argmax, ties to the lower id). Otherwise logits are divided by the
 temperature, filtered to the top_k best (0 = all) and to the smallest set whose probability
 reaches top_p, and sampled with the given torch.Generator (reproducible for a fixed seed).
+
+Stopping is part of the request: `stop_token_ids` end it when one of them is produced,
+`stop_sequences` (token-id tuples) when the generated tokens end with one of them; the stopping
+tokens are still emitted. Lists are accepted and stored as tuples so params stay hashable.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        stop_ids = tuple(self.stop_token_ids)
+        if not all(isinstance(t, int) and t >= 0 for t in stop_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be ids >= 0")
+        object.__setattr__(self, "stop_token_ids", stop_ids)
+        seqs = tuple(tuple(s) for s in self.stop_sequences)
+        if not all(s and all(isinstance(t, int) and t >= 0 for t in s) for s in seqs):
+            raise ValueError(f"stop_sequences={self.stop_sequences!r}: must be non-empty "
+                             "sequences of ids >= 0")
+        object.__setattr__(self, "stop_sequences", seqs)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.config import ModelConfig
-from moeflow.model.norms import RMSNorm
+from moeflow.model.norms import RMSNorm, rms_norm
 from moeflow.model.rope import apply_rope
+from moeflow.ops.fused import fused
 
 
 def sdpa(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
@@ -26,6 +27,21 @@ def sdpa(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
     return F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask,
                                           is_causal=causal and mask is None,
                                           enable_gqa=k_BGSd.shape[1] != q_BHTd.shape[1])
+
+
+@fused
+def prepare_qk(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, q_norm_w: torch.Tensor | None,
+               k_norm_w: torch.Tensor | None, eps: float, cos: torch.Tensor | None,
+               sin: torch.Tensor | None, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of queries and keys (Qwen3; skipped when the weights are None), then
+    RoPE (skipped when cos is None). One function so that inference on CUDA fuses it whole."""
+    if q_norm_w is not None:
+        q_BHTd, k_BGTd = rms_norm.reference(q_BHTd, q_norm_w, eps), \
+            rms_norm.reference(k_BGTd, k_norm_w, eps)
+    if cos is not None:
+        q_BHTd = apply_rope.reference(q_BHTd, cos, sin, interleave)
+        k_BGTd = apply_rope.reference(k_BGTd, cos, sin, interleave)
+    return q_BHTd, k_BGTd
 
 
 class Attention(nn.Module):
@@ -58,11 +74,12 @@ class Attention(nn.Module):
         q_BHTd = q.view(B, T, H, hd).transpose(1, 2)
         k_BGTd = k.view(B, T, G, hd).transpose(1, 2)
         v_BGTd = v.view(B, T, G, hd).transpose(1, 2)
-        if self.q_norm is not None and not self.full_qk_norm:
-            q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
-        if rope is not None:
-            q_BHTd = apply_rope(q_BHTd, *rope, interleave=self.rope_interleave)
-            k_BGTd = apply_rope(k_BGTd, *rope, interleave=self.rope_interleave)
+        head_norm = self.q_norm is not None and not self.full_qk_norm
+        cos, sin = rope if rope is not None else (None, None)
+        q_BHTd, k_BGTd = prepare_qk(
+            q_BHTd, k_BGTd, self.q_norm.weight if head_norm else None,
+            self.k_norm.weight if head_norm else None, self.q_norm.eps if head_norm else 0.0,
+            cos, sin, self.rope_interleave)
         if cache is None:
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         else:

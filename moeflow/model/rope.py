@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.ops.fused import fused
+
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +22,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+@fused
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                interleave: bool = False) -> torch.Tensor:
     """x: [B, H, T, hd]; cos, sin: [B, T, hd] (or broadcastable)."""

@@ -12,6 +12,9 @@ RNG ("random", Random Token Selection) — seed the RNG or pass a generator to r
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of assignments (before dropping) to e and P_e its mean score; z = mean(logsumexp(logits)²).
+Under data parallelism `Router.stats_reduce` (set by moeflow.parallel) sums the assignment counts
+over the data-parallel ranks, so f_e is the global batch's fraction and the rank-averaged loss
+equals the loss of the whole batch in one process, whatever the split.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
@@ -26,6 +29,7 @@ from torch import nn
 
 from moeflow.config import RouterConfig
 from moeflow.ops.backend import resolve_router_backend
+from moeflow.ops.fused import fused
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class RoutingResult:
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     big = torch.finfo(logits.dtype).max
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+
+
+@fused
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """Finite fp32 logits x·Wgᵀ."""
+    return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,6 +154,20 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
             cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss)
 
 
+def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterConfig,
+                    reduce_counts) -> torch.Tensor:
+    """The aux loss with f_e taken from counts summed by `reduce_counts` (over data-parallel
+    ranks). P_e stays this rank's mean, so the mean over ranks of equal-sized shards is the
+    whole batch's loss; f_e carries no gradient, so nothing else changes."""
+    T, E = logits_TE.shape
+    scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+    probs_TE = scores_TE if cfg.score_func == "softmax" else \
+        scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    counts_E = reduce_counts(_count(ids_TK.reshape(-1), E))
+    frac_E = counts_E.float() / counts_E.sum().clamp_min(1)
+    return E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+
+
 class Router(nn.Module):
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig) -> None:
         super().__init__()
@@ -153,6 +177,8 @@ class Router(nn.Module):
         # Inference turns capacity off so a token's output never depends on its batch-mates.
         self.force_dropless = False
         self.backend = "auto"  # see moeflow.ops.backend.resolve_router_backend
+        # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
+        self.stats_reduce = None
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -161,12 +187,12 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None) -> RoutingResult:
         cfg, E = self.config, self.num_experts
         T = x_TD.shape[0]
-        x = x_TD.float()
+        x = x_TD
         noisy = self.training and cfg.noise != "none"
         if noisy and cfg.noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
-            x = x * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = _finite(F.linear(x, self.gate.weight.float()))
+            x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
+        logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noisy and cfg.noise == "rsample":
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
@@ -180,6 +206,9 @@ class Router(nn.Module):
             from moeflow.ops.routing_triton import route_triton as route
         (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, num_dropped, aux_loss, z_loss,
          loss) = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
+        if self.stats_reduce is not None:
+            aux_loss = global_aux_loss(logits_TE, ids_TK, cfg, self.stats_reduce)
+            loss = cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
         return RoutingResult(
             ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
             counts_E=counts_E, num_dropped=num_dropped, capacity=capacity,

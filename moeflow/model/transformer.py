@@ -36,6 +36,7 @@ class LayerRouting:
     num_assignments: int  # T·K
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    ids_TK: torch.Tensor | None = None  # chosen experts per token (the engine counts real rows)
 
 
 @dataclass(frozen=True)
@@ -142,16 +143,18 @@ class Transformer(nn.Module):
         else:
             rope_dim = self.config.mla.qk_rope_head_dim if self.config.mla else self.config.head_dim
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
-        stats = []
-        router_loss = aux = z = x.new_zeros((), dtype=torch.float32)
+        stats, losses = [], []
         for i, block in enumerate(self.blocks):
             x, routing = block(x, rope, cache)
             if routing is not None:
-                router_loss = router_loss + routing.loss
-                aux, z = aux + routing.aux_loss, z + routing.z_loss
+                losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,
                                           routing.ids_TK.numel(), routing.aux_loss,
-                                          routing.z_loss))
+                                          routing.z_loss, routing.ids_TK))
+        # Summed once at the end (not one add per layer: three kernels per layer at decode).
+        total = (torch.stack(losses).view(-1, 3).sum(0) if losses
+                 else x.new_zeros(3, dtype=torch.float32))
+        router_loss, aux, z = total.unbind()
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:

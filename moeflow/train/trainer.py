@@ -14,9 +14,10 @@ dropped, so an interrupted and resumed run writes the same losses as an uninterr
 Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
 the weights, the optimizer state and the last checkpoint stay as they were.
 
-Parallel training overrides the small steps rather than the loop: `build_model` (shard
-experts), `build_optimizer`, `sync_gradients` (all-reduce), `save`/`restore` and `evaluate`;
-`rank`/`world` pick each rank's slice of every global batch (see moeflow.data.loader).
+Parallel training overrides the small steps rather than the loop: `parallelize` (shard
+experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),
+`reduce_stats` (metrics of the global batch), `save`/`restore`; `rank`/`world` pick each rank's
+slice of every global batch (see moeflow.data.loader and moeflow.parallel.trainer).
 """
 
 from __future__ import annotations
@@ -110,14 +111,30 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
                                  eps=1e-8)
 
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Spread the (full, initialised) model over ranks; nothing to do on one process."""
+        return model
+
     def sync_gradients(self) -> None:
         """Average gradients over data-parallel ranks; nothing to do on one process."""
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip to the global gradient norm; returns the norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def reduce_stats(self, sums: dict[str, float], counts: list[torch.Tensor] | None
+                     ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
+        """This rank's step statistics -> the global batch's; identity on one process."""
+        return sums, counts
 
     @property
     def is_writer(self) -> bool:
         return self.rank == 0
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        if not self.is_writer:
+            return None
         state = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
                  "scheduler": {"kind": "warmup_cosine", "step": step}, "world_size": self.world}
         return ckpt_io.save_checkpoint(
@@ -246,7 +263,9 @@ class Trainer:
         val_data = PackedTokens(
             self.tokenizer.encode_documents([d.text for d in val_docs]), self.seq_len,
             "validation")
-        self.val_windows = validation_windows(val_data, cfg.val_batches * self.micro_batch)
+        # Global, like the batch: the same windows at any world size (each rank takes a share).
+        self.val_windows = validation_windows(val_data,
+                                              cfg.val_batches * self.micro_batch * self.world)
         self.loader = BatchLoader(self.train_data, cfg.batch_size, cfg.seed)
 
         self.model = self.build_model(model_config)
@@ -255,6 +274,7 @@ class Trainer:
             self._check_resumable(resume_ckpt)
         elif self.teacher is not None and cfg.student_init == "teacher":
             self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
+        self.model = self.parallelize(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.start_step, self.tokens_seen = 0, 0
         self.resume_ckpt = resume_ckpt
@@ -316,9 +336,8 @@ class Trainer:
                 else:
                     sums[key] = sums.get(key, 0.0) + float(value) / self.grad_accum
         self.sync_gradients()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        sums, counts = self.reduce_stats(sums, counts)
+        grad_norm = self.clip_gradients(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not math.isfinite(grad_norm):
             self._non_finite("gradient norm", grad_norm, step)
         self.optimizer.step()
@@ -374,7 +393,7 @@ class Trainer:
                     reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
                                   f"ppl {row['val_ppl']:.1f}")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                    ckpt = self.save(step) if self.is_writer else None
+                    ckpt = self.save(step)
         finally:
             reporter.close()
             if metrics is not None:

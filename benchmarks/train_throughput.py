@@ -1,0 +1,266 @@
+"""Training throughput of an MoE on 1..N GPUs, MFU, and the token exchange's bandwidth.
+
+    # one GPU: tokens/s and MFU against the bf16 GEMM rate measured in the same process
+    python benchmarks/train_throughput.py --out single.json
+    # EP weak scaling (same model, same micro-batch per GPU, experts spread over N GPUs) and
+    # all-to-all bandwidth: moeflow's exchanges next to torch.distributed.all_to_all_single
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/train_throughput.py --ep 4 \
+        --a2a --out ep4.json
+    python benchmarks/train_throughput.py --report single.json ep2.json ep4.json > results.md
+
+What is measured. One training step = forward, cross-entropy + router loss, backward, gradient
+reduction (moeflow.parallel.grads; none on one GPU), AdamW step. The model and AdamW run in bf16
+(no fp32 master copy), with moeflow's default kernel choice ("auto"). Each step is timed with CUDA
+events after warm-up steps; the median is reported. Per GPU, every step sees micro_batch × seq
+fresh random tokens, so with EP=N the global batch is N times larger (weak scaling): efficiency =
+(tokens/s per GPU at N) / (tokens/s on one GPU without expert parallelism).
+
+MFU = model FLOPs per second / the measured bf16 GEMM rate (8192³ matmul, median of 20), with
+model FLOPs per token = 6 · (active parameters, without the embedding table) + 12 · layers ·
+heads · head_dim · seq (PaLM's formula, attention counted without the causal halving).
+
+All-to-all bandwidth = bytes each rank sends / time (its own chunk included), for equal splits
+of the same total size: NCCL's all_to_all_single, moeflow's flat exchange as the dispatcher runs
+it (split sizes exchanged first, then the uneven all-to-all), and the hierarchical exchange with
+two "nodes" of N/2 GPUs (intra-node, layout transform, inter-node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeflow.config import ModelConfig  # noqa: E402
+from moeflow.model import Transformer, parameter_counts  # noqa: E402
+from moeflow.presets import preset  # noqa: E402
+
+
+def model_flops_per_token(config: ModelConfig, seq: int) -> float:
+    _, active = parameter_counts(config)
+    embedding = config.vocab_size * config.d_model
+    if config.arch == "gpt":
+        embedding += config.max_seq_len * config.d_model
+    if config.tie_embeddings:  # the tied head is a matmul: count the table once, as the head
+        embedding = embedding - config.vocab_size * config.d_model
+    head_dim = config.head_dim or config.d_model // config.n_heads
+    return 6.0 * (active - embedding) + 12.0 * config.n_layers * config.n_heads * head_dim * seq
+
+
+def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def timed(fn, warmup: int, reps: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    config = preset(args.preset)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    with torch.device(device):
+        model = Transformer(config).to(dtype)
+    groups = None
+    if args.ep > 1:
+        from moeflow.parallel import ParallelConfig, shard_model
+        groups = shard_model(model, ParallelConfig(ep=args.ep))
+    if groups is not None:
+        from moeflow.parallel import ShardedOptimizer, reduce_gradients
+        opt = ShardedOptimizer(model, groups, torch.optim.AdamW, lr=1e-4,
+                               fused=device.type == "cuda")
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator(device=device).manual_seed(1000 + rank)
+    B, T = args.micro_batch, args.seq
+
+    def step():
+        tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        (loss + out.router_loss).backward()
+        if groups is not None:
+            reduce_gradients(model, groups)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = timed(step, args.warmup, args.steps, device)
+    if world > 1:  # the slowest rank sets the pace
+        t = torch.tensor(times, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times = t.tolist()
+    sec = statistics.median(times)
+    total, active = parameter_counts(config)
+    flops = model_flops_per_token(config, T)
+    out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
+           "micro_batch": B, "seq": T, "params_total": total, "params_active": active,
+           "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
+           "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
+           "max_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                              if device.type == "cuda" else None)}
+    del model, opt
+    return out
+
+
+def a2a_bench(args, device: torch.device, rank: int, world: int) -> list[dict]:
+    import torch.distributed as dist
+
+    from moeflow.parallel.all_to_all import (all_to_all, exchange_counts, gather_counts,
+                                             hierarchical_all_to_all)
+    from moeflow.parallel.mesh import ParallelConfig, ParallelLayout, ProcessGroups
+
+    hier = None
+    if world >= 4 and world % 2 == 0:
+        cfg = ParallelConfig(ep=world, hierarchical=True, ranks_per_node=world // 2)
+        layout = ParallelLayout.build(cfg, world, rank, {0: world})
+        hier = ProcessGroups(layout).by_size(world)
+    D = 2048
+    rows_per_mib = 2 ** 20 // (D * 2)
+    results = []
+    for mib in args.a2a_mib:
+        rows = mib * rows_per_mib // world * world
+        x = torch.randn(rows, D, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        nbytes = x.numel() * x.element_size()
+        split = [rows // world] * world
+        counts_P1 = torch.full((world, 1), rows // world, device=device, dtype=torch.int64)
+
+        def nccl():
+            dist.all_to_all_single(out, x)
+
+        def moeflow_flat():
+            recv = exchange_counts(counts_P1, None).view(-1).tolist()
+            all_to_all(x, split, recv, None)
+
+        row = {"mib_per_rank": mib, "bytes_per_rank": nbytes}
+        for name, fn in (("nccl_all_to_all_single", nccl), ("moeflow_flat", moeflow_flat)):
+            t = statistics.median(timed(fn, 3, args.a2a_reps, device))
+            row[name + "_gbps"] = nbytes / t / 1e9
+        if hier is not None:
+            position = rank
+
+            def moeflow_hier():
+                counts_PP = gather_counts(counts_P1, None).sum(-1)
+                hierarchical_all_to_all(x, counts_PP, position, hier.intra, hier.inter,
+                                        hier.ranks_per_node)
+
+            t = statistics.median(timed(moeflow_hier, 3, args.a2a_reps, device))
+            row["moeflow_hierarchical_gbps"] = nbytes / t / 1e9
+        row["moeflow_flat_vs_nccl"] = row["moeflow_flat_gbps"] / row["nccl_all_to_all_single_gbps"]
+        results.append(row)
+        del x, out
+    return results
+
+
+def report(paths: list[str]) -> str:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = ["| GPUs | EP | micro-batch × seq | tokens/s per GPU | step (s) | MFU | weak-scaling eff. |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = next((r["train"]["tokens_per_s_per_gpu"] for r in runs if r["train"]["world"] == 1),
+                None)
+    for r in sorted(runs, key=lambda r: r["train"]["world"]):
+        t = r["train"]
+        mfu = r.get("mfu")
+        eff = t["tokens_per_s_per_gpu"] / base if base else None
+        lines.append(f"| {t['world']} | {t['ep']} | {t['micro_batch']} × {t['seq']} | "
+                     f"{t['tokens_per_s_per_gpu']:,.0f} | {t['step_s_median']:.3f} | "
+                     f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                     f"{'' if eff is None else f'{100 * eff:.1f}%'} |")
+    for r in runs:
+        if r.get("a2a"):
+            lines += ["", f"All-to-all, {r['train']['world']} GPUs (GB/s per rank):", "",
+                      "| MiB per rank | NCCL all_to_all_single | moeflow flat | ratio | "
+                      "moeflow hierarchical |", "| --- | --- | --- | --- | --- |"]
+            for a in r["a2a"]:
+                h = a.get("moeflow_hierarchical_gbps")
+                lines.append(f"| {a['mib_per_rank']} | {a['nccl_all_to_all_single_gbps']:.1f} | "
+                             f"{a['moeflow_flat_gbps']:.1f} | {a['moeflow_flat_vs_nccl']:.2f} | "
+                             f"{'' if h is None else f'{h:.1f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="finegrained-1b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per step")
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--a2a", action="store_true", help="also measure all-to-all bandwidth")
+    p.add_argument("--a2a-mib", type=int, nargs="+", default=[8, 64, 256, 1024])
+    p.add_argument("--a2a-reps", type=int, default=10)
+    p.add_argument("--out", help="JSON file to write (rank 0)")
+    p.add_argument("--report", nargs="+", help="JSON files to summarise as a markdown table")
+    args = p.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+
+    from moeflow.parallel.launch import init_distributed, shutdown
+
+    env = init_distributed()
+    device = env.device
+    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                   time.gmtime()),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+    if device.type == "cuda" and env.world == 1:
+        result["gemm_bf16_tflops"] = gemm_tflops(device)
+    result["train"] = train_bench(args, device, env.rank, env.world)
+    if "gemm_bf16_tflops" in result:
+        t = result["train"]
+        result["mfu"] = t["tokens_per_s_per_gpu"] * t["model_flops_per_token"] / (
+            result["gemm_bf16_tflops"] * 1e12)
+    if args.a2a and env.world > 1:
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["a2a"] = a2a_bench(args, device, env.rank, env.world)
+    if env.rank == 0:
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+    shutdown(env)
+
+
+if __name__ == "__main__":
+    main()

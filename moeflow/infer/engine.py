@@ -1,0 +1,270 @@
+"""The serving engine: continuous batching over a slot KV cache, streaming one event per token.
+
+The caller drives it (single-threaded): `add_request` queues a prompt, each `step()` decodes one
+token for every running request (one batched forward, replayed as a CUDA graph on GPU), then
+admits waiting requests into free cache slots and prefills them (one forward per prompt, which
+also yields their first token), and returns the step's `TokenEvent`s. Requests leave the batch
+the step they stop; `abort` frees a request's slot at once.
+
+Why a request's tokens do not depend on its batch-mates: routing is dropless (no capacity, so no
+competition for expert slots), every row attends only to its own slot, and each request samples
+with its own torch.Generator (seeded from `SamplingParams.seed`, else from the global RNG).
+
+Example:
+    engine = Engine(model, EngineConfig(max_batch_size=8))
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=16, temperature=0))
+    while engine.has_work():
+        for event in engine.step():
+            print(event.request_id, event.token_id, event.finish_reason)
+
+Legend: B running requests (batch rows), V vocabulary, L MoE layers, T tokens, K top-k.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
+from moeflow.infer.sampling import SamplingParams, sample_next
+from moeflow.infer.scheduler import Request, Scheduler
+from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
+from moeflow.ops.backend import resolve_expert_backend
+from moeflow.ops.expert_mlp import expert_mlp_reference
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16  # running sequences per step (= cache slots, unless cache_tokens caps it)
+    max_seq_len: int | None = None  # prompt + generated tokens; default model.config.max_seq_len
+    cache_tokens: int | None = None  # KV capacity over all sequences; default max_batch_size*max_seq_len
+    cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_seq_len", "cache_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.max_batch_size is None:
+            raise ValueError("max_batch_size=None: must be a positive integer")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # None only for an abort event
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    cache_used: int  # tokens held by running requests
+    cache_capacity: int  # slots * max_seq_len
+    tokens_generated: int  # cumulative
+    expert_counts: tuple[tuple[int, ...], ...]  # cumulative per MoE layer, per expert
+
+
+def graph_capturable(model: torch.nn.Module) -> bool:
+    """False when a decode step would run the plain-torch expert loop (fp32 on CUDA, say): it
+    reads expert boundaries on the host, which CUDA-graph capture forbids."""
+    for layer in model.moe_layers():
+        e = layer.experts
+        x_1D = e.w_in_EDI.new_empty(1, e.d_model)
+        if resolve_expert_backend(e.backend, x_1D, e.w_in_EDI, e.w_out_EFD) is expert_mlp_reference:
+            return False
+    return True
+
+
+def count_experts(routing, valid_T: torch.Tensor, offsets_L: torch.Tensor,
+                  total_experts: int) -> torch.Tensor:
+    """Assignments per expert over all MoE layers, flattened [Σ E], counting only rows where
+    valid_T is 1 (padding rows of a captured batch are 0). Few kernels, no host sync."""
+    counts = torch.zeros(total_experts, dtype=torch.int64, device=valid_T.device)
+    if not routing:
+        return counts
+    if len({r.ids_TK.shape for r in routing}) == 1:
+        ids_LTK = torch.stack([r.ids_TK for r in routing]) + offsets_L[:, None, None]
+        w_LTK = valid_T[None, :, None].expand_as(ids_LTK)
+        return counts.scatter_add_(0, ids_LTK.reshape(-1), w_LTK.reshape(-1))
+    for r, offset in zip(routing, offsets_L):
+        ids = (r.ids_TK + offset).reshape(-1)
+        counts.scatter_add_(0, ids, valid_T[:, None].expand_as(r.ids_TK).reshape(-1))
+    return counts
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig()) -> None:
+        mc = model.config
+        self.config = config
+        self.vocab_size = mc.vocab_size
+        self.max_seq_len = config.max_seq_len or mc.max_seq_len
+        if self.max_seq_len > mc.max_seq_len:
+            raise ValueError(f"max_seq_len={self.max_seq_len}: exceeds the model's "
+                             f"max_seq_len {mc.max_seq_len}")
+        cache_tokens = config.cache_tokens or config.max_batch_size * self.max_seq_len
+        num_slots = min(config.max_batch_size, cache_tokens // self.max_seq_len)
+        if num_slots < 1:
+            raise ValueError(f"cache_tokens={config.cache_tokens}: holds no sequence of "
+                             f"max_seq_len {self.max_seq_len}")
+        model.eval()
+        model.set_dropless(True)  # the engine owns the model: dropless routing from now on
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = SlotKVCache.for_model(model, num_slots, self.max_seq_len)
+        self.scheduler = Scheduler(num_slots)
+        sizes = [layer.experts.num_experts for layer in model.moe_layers()]
+        self._expert_sizes = sizes
+        self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
+                                            dtype=torch.int64, device=self.device)
+        self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda" and config.cuda_graphs and graph_capturable(model):
+            self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
+                                         self.device)
+        else:
+            self._decoder = EagerDecoder(self._decode_forward, self.device)
+        self._pending: list[TokenEvent] = []
+        self._next_id = itertools.count()
+        self._tokens_generated = 0
+        # Optional observer of every sampled row's logits (request_id, logits_V); tests use it.
+        self.logits_hook: Callable[[str, torch.Tensor], None] | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids: the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_ids: token id {bad} outside [0, {self.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"max_new_tokens: prompt of {len(prompt)} tokens + "
+                             f"max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
+                             f"{self.max_seq_len}")
+        if request_id is None:
+            request_id = next(f"req-{i}" for i in self._next_id if f"req-{i}" not in self.scheduler)
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
+        elif request_id in self.scheduler:
+            raise ValueError(f"request_id={request_id!r}: already in use")
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        self.scheduler.add(Request(request_id, prompt, params, generator))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now (its cache slot is freed); the next step reports an "abort" event.
+        Unknown or finished ids are ignored."""
+        request = self.scheduler.drop_waiting(request_id)
+        if request is None:
+            request = self.scheduler.find_running(request_id)
+            if request is None:
+                return
+            self._release(request)
+        self._pending.append(TokenEvent(request_id, None, True, "abort"))
+
+    def has_work(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.running or self._pending)
+
+    def stats(self) -> EngineStats:
+        flat = self._expert_counts.tolist()
+        per_layer, start = [], 0
+        for size in self._expert_sizes:
+            per_layer.append(tuple(flat[start:start + size]))
+            start += size
+        running = self.scheduler.running
+        return EngineStats(
+            running=len(running), waiting=len(self.scheduler.waiting),
+            cache_used=sum(r.cached for r in running),
+            cache_capacity=self.cache.num_slots * self.max_seq_len,
+            tokens_generated=self._tokens_generated, expert_counts=tuple(per_layer))
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """Decode one token for every running request, then admit and prefill waiting ones."""
+        events, self._pending = self._pending, []
+        running = list(self.scheduler.running)
+        if running:
+            logits_BV, counts = self._decoder([r.last_token for r in running],
+                                              [r.cached for r in running])
+            self._expert_counts += counts
+            for request in running:
+                request.cached += 1
+            self._emit(running, logits_BV, events)
+        for slot, request in self.scheduler.admit():
+            self._emit([request], self._prefill(slot, request), events)
+        return events
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run `prompts` to completion (the engine must be idle); returns their new tokens."""
+        if self.has_work():
+            raise RuntimeError("generate() needs an idle engine; drive step() instead")
+        ids = [self.add_request(p, params) for p in prompts]
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for event in self.step():
+                if event.token_id is not None:
+                    outputs[event.request_id].append(event.token_id)
+        return [outputs[i] for i in ids]
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _decode_forward(self, tokens_B1: torch.Tensor, lengths_B: torch.Tensor,
+                        valid_B: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len))
+        counts = count_experts(out.routing, valid_B, self._expert_offsets,
+                               self._expert_counts.numel())
+        return out.logits[:, 0], counts
+
+    def _prefill(self, slot: int, request: Request) -> torch.Tensor:
+        T = len(request.prompt_ids)
+        ids_1T = torch.tensor([request.prompt_ids], dtype=torch.int64, device=self.device)
+        last = torch.full((1, 1), T - 1, dtype=torch.int64, device=self.device)
+        out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last)
+        self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
+                                             device=self.device), self._expert_offsets,
+                                             self._expert_counts.numel())
+        request.cached = T
+        return out.logits[:, 0]
+
+    def _sample(self, requests: list[Request], logits_BV: torch.Tensor) -> list[int]:
+        """Greedy rows in one argmax; sampled rows one by one with their own generator."""
+        if self.logits_hook is not None:
+            for request, row_V in zip(requests, logits_BV):
+                self.logits_hook(request.request_id, row_V)
+        greedy = [r.params.greedy for r in requests]
+        if all(greedy):
+            return logits_BV.float().argmax(dim=-1).tolist()
+        tokens_B = torch.empty(len(requests), dtype=torch.int64, device=logits_BV.device)
+        for i, request in enumerate(requests):
+            tokens_B[i] = sample_next(logits_BV[i:i + 1], request.params, request.generator)[0]
+        return tokens_B.tolist()
+
+    def _emit(self, requests: list[Request], logits_BV: torch.Tensor,
+              events: list[TokenEvent]) -> None:
+        for request, token in zip(requests, self._sample(requests, logits_BV)):
+            reason = request.append(token)
+            self._tokens_generated += 1
+            events.append(TokenEvent(request.request_id, token, reason is not None, reason))
+            if reason is not None:
+                self._release(request)
+
+    def _release(self, request: Request) -> None:
+        move = self.scheduler.release(request)
+        if move is not None:
+            self.cache.move(*move)

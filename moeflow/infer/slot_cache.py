@@ -1,0 +1,133 @@
+"""The serving engine's KV cache: one fixed slot of `max_len` positions per running sequence.
+
+Why slots and not pages: decode reads every cached key of every running sequence once per layer
+per step, so the keys must be readable in place. A slot keeps a sequence's keys contiguous, so
+decode attention is one batched matmul over `k[:B, :, :S]` with no gather (a paged cache without
+a paged-attention kernel would copy every sequence's keys each step), and the shapes depend only
+on (batch, key length), which is what CUDA-graph capture needs. The price is memory reserved for
+`max_len` tokens per slot; the engine sizes the slot count from its token budget.
+
+Running sequences always occupy slots 0..B-1 (`move` compacts the cache when one leaves), so the
+decode batch is a prefix of the slot axis and padding a batch up to a captured bucket only
+touches free slots.
+
+Two views implement the model's cache protocol (`moeflow.model.kv_cache`) for one forward pass:
+`PrefillView` (one sequence, a chunk of new tokens from `start`) and `DecodeView` (one new token
+for each of slots 0..B-1 at its own position, keys read up to a static length S).
+
+Legend: L layers, N slots, G kv heads, M max_len, S keys read, B batch, H query heads, T new
+tokens, dk/dv key/value dims.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.model.attention import sdpa
+from moeflow.model.kv_cache import kv_shapes
+from moeflow.ops.fused import fused
+
+
+class SlotKVCache:
+    def __init__(self, shapes: list[tuple[int, int, int]], num_slots: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if len(set(shapes)) != 1:
+            raise ValueError(f"SlotKVCache needs one kv shape for every layer, got {sorted(set(shapes))}")
+        G, dk, dv = shapes[0]
+        L = len(shapes)
+        # One tensor for all layers, so moving a sequence between slots is one copy per K and V.
+        self.k_LNGMd = torch.zeros(L, num_slots, G, max_len, dk, dtype=dtype, device=device)
+        self.v_LNGMd = torch.zeros(L, num_slots, G, max_len, dv, dtype=dtype, device=device)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int) -> "SlotKVCache":
+        p = next(model.parameters())
+        return cls(kv_shapes(model), num_slots, max_len, p.dtype, p.device)
+
+    @staticmethod
+    def bytes_per_token(model: torch.nn.Module) -> int:
+        p = next(model.parameters())
+        return sum(g * (dk + dv) for g, dk, dv in kv_shapes(model)) * p.element_size()
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`."""
+        self.k_LNGMd[:, dst, :, :length] = self.k_LNGMd[:, src, :, :length]
+        self.v_LNGMd[:, dst, :, :length] = self.v_LNGMd[:, src, :, :length]
+
+
+class PrefillView:
+    """Tokens [start, start+T) of the sequence in `slot` (batch of one)."""
+
+    def __init__(self, cache: SlotKVCache, slot: int, start: int) -> None:
+        self.cache, self.slot, self.start = cache, slot, start
+
+    def positions(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+        if self.start + num_new > self.cache.max_len:
+            raise ValueError(f"KV slot overflow: {self.start + num_new} tokens > max_len "
+                             f"{self.cache.max_len}")
+        return torch.arange(self.start, self.start + num_new, device=device)[None]
+
+    def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
+               v_BGTd: torch.Tensor) -> torch.Tensor:
+        T, end = q_BHTd.shape[2], self.start + q_BHTd.shape[2]
+        k_GMd, v_GMd = self.cache.k_LNGMd[layer, self.slot], self.cache.v_LNGMd[layer, self.slot]
+        k_GMd[:, self.start:end] = k_BGTd[0]
+        v_GMd[:, self.start:end] = v_BGTd[0]
+        if self.start == 0:
+            return sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
+        q_pos = torch.arange(self.start, end, device=q_BHTd.device)
+        mask_TS = torch.arange(end, device=q_BHTd.device)[None, :] <= q_pos[:, None]
+        return sdpa(q_BHTd, k_GMd[None, :, :end], v_GMd[None, :, :end], mask=mask_TS)
+
+    def advance(self, num_new: int) -> None:
+        pass
+
+
+@fused
+def decode_attention(q_BHd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+                     visible_BS: torch.Tensor) -> torch.Tensor:
+    """One query per sequence over its cached keys; grouped heads share their kv head without
+    copying it (queries are viewed as [B, G, H/G, d]). Softmax in fp32. Returns [B, H, dv]."""
+    B, H, dk = q_BHd.shape
+    G = k_BGSd.shape[1]
+    q_BGQd = q_BHd.view(B, G, H // G, dk)
+    scores_BGQS = torch.matmul(q_BGQd, k_BGSd.transpose(-1, -2)).float() * dk ** -0.5
+    scores_BGQS = scores_BGQS.masked_fill(~visible_BS[:, None, None, :], float("-inf"))
+    probs_BGQS = scores_BGQS.softmax(dim=-1).to(v_BGSd.dtype)
+    return torch.matmul(probs_BGQS, v_BGSd).view(B, H, -1)
+
+
+class DecodeView:
+    """One new token for each of slots 0..B-1; `lengths_B` (a device tensor) holds each
+    sequence's cached length, which is the new token's position. Keys are read up to `kv_len`
+    (a static bound >= max length + 1, so the shapes suit graph capture); the engine, not
+    `advance`, updates lengths."""
+
+    def __init__(self, cache: SlotKVCache, lengths_B: torch.Tensor, kv_len: int) -> None:
+        if kv_len > cache.max_len:
+            raise ValueError(f"kv_len {kv_len} > slot max_len {cache.max_len}")
+        self.cache, self.lengths_B, self.kv_len = cache, lengths_B, kv_len
+        pos_S = torch.arange(kv_len, device=lengths_B.device)
+        self.visible_BS = pos_S[None, :] <= lengths_B[:, None]
+
+    def positions(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+        if num_new != 1:
+            raise ValueError(f"DecodeView takes one token per sequence, got {num_new}")
+        return self.lengths_B[:, None]
+
+    def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
+               v_BGTd: torch.Tensor) -> torch.Tensor:
+        B, G = k_BGTd.shape[:2]
+        k_BGMd = self.cache.k_LNGMd[layer, :B]
+        v_BGMd = self.cache.v_LNGMd[layer, :B]
+        at_B = self.lengths_B.view(B, 1, 1, 1)
+        k_BGMd.scatter_(2, at_B.expand(B, G, 1, k_BGMd.shape[-1]), k_BGTd)
+        v_BGMd.scatter_(2, at_B.expand(B, G, 1, v_BGMd.shape[-1]), v_BGTd)
+        S = self.kv_len
+        y_BHd = decode_attention(q_BHTd[:, :, 0], k_BGMd[:, :, :S], v_BGMd[:, :, :S],
+                                 self.visible_BS)
+        return y_BHd[:, :, None]
+
+    def advance(self, num_new: int) -> None:
+        pass

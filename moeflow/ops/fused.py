@@ -1,0 +1,58 @@
+"""Inference on CUDA: chains of small ops fused into one kernel each with torch.compile.
+
+Why: a decode step runs every layer's norms, rotary embedding, router prologue and attention
+softmax on a handful of rows. In plain torch each chain is 4-10 kernels of a few microseconds,
+and at batch 1 these launches (about 70 per layer), not the weight reads, set the step time even
+inside a CUDA graph. torch.compile (inductor) turns each chain into one generated kernel.
+
+The fused twin is the plain-torch function itself, compiled, so there is one definition of the
+math; fused fp32 arithmetic may round differently in the last bits. The choice is made here
+only: `fused(fn)` runs the compiled twin when the first argument is a CUDA tensor and autograd is
+off (inference; training keeps the reference and its autograd), unless the environment sets
+MOEFLOW_FUSE=0 (the override benchmarks and tests use to compare both). Compilation happens at the
+first CUDA call (the engine's warm-up, before any graph capture); a second shape makes the
+compiled twin shape-dynamic, so batch buckets and prompt lengths do not recompile each time. If
+compilation fails (no C compiler, an unsupported op), the reference is used from then on, with
+one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, TypeVar
+
+import torch
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def fuse_enabled(x: torch.Tensor) -> bool:
+    return (x.is_cuda and not torch.is_grad_enabled()
+            and os.environ.get("MOEFLOW_FUSE", "1") != "0")
+
+
+def fused(fn: Fn) -> Fn:
+    """`fn` with a lazily compiled twin chosen by `fuse_enabled(first argument)`."""
+    compiled: list[Callable] = []  # filled on the first CUDA call; [fn] if compiling failed
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not fuse_enabled(args[0]):
+            return fn(*args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, fullgraph=True))
+        if compiled[0] is fn:
+            return fn(*args, **kwargs)
+        try:
+            return compiled[0](*args, **kwargs)
+        except Exception as err:  # compilation (or a recompilation) failed: keep the reference
+            first = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"moeflow: fusing {fn.__name__} failed ({type(err).__name__}: "
+                          f"{first}); using plain torch")
+            compiled[0] = fn
+            return fn(*args, **kwargs)
+
+    run.reference = fn
+    return run

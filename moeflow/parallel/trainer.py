@@ -1,0 +1,176 @@
+"""The trainer on N ranks: the single-process loop with its small steps swapped for parallel ones.
+
+    torchrun --nproc-per-node 4 -m moeflow train --preset tiny --batch-size 16 --ep 2
+    trainer = ParallelTrainer(TrainConfig(...), ParallelConfig(ep=2), init_distributed())
+
+The loop itself (moeflow.train.trainer.Trainer) is unchanged; this class overrides its hooks:
+* parallelize: the full model is built from the same seed on every rank, then sharded
+  (moeflow.parallel.shard), so step 0 starts from the exact weights of a 1-process run.
+* build_optimizer: AdamW per replication group, ZeRO-sharded with ParallelConfig.zero.
+* sync_gradients / clip_gradients: moeflow.parallel.grads (global-batch mean, global norm).
+* reduce_stats: the metrics row is the global batch's (losses averaged over ranks, expert counts
+  summed), and so are the counts that drive aux-loss-free bias updates.
+* save / restore: rank 0 writes the trainer's usual checkpoint directory with the FULL model in
+  model.safetensors (experts gathered from their EP groups, stacked by global expert id), so a
+  checkpoint saved at one layout resumes at any other and `moeflow generate` reads it as is.
+  Optimizer state is per rank (optimizer.pt holds every rank's, gathered to rank 0) and only
+  reloads at the layout that saved it; at another layout the run resumes with fresh moments and
+  says so. For models too large to gather on one rank, moeflow.parallel.checkpoint writes the
+  experts from every rank instead.
+
+Batch sizes are global (TrainConfig.batch_size over all ranks): each rank takes its slice of the
+same global batch, so 1 and N processes see the same samples. With dropless routing the run is
+layout-independent up to float rounding; capacity-based dropping is decided per rank on the
+rank's own tokens (as in DeepSpeed), so capacity-limited runs differ across world sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.progress import ProgressReporter
+from moeflow.train.run_config import TrainConfig
+from moeflow.train.trainer import Trainer, TrainResult
+from moeflow.parallel.grads import ShardedOptimizer, clip_grad_norm_, reduce_gradients
+from moeflow.parallel.launch import DistEnv, init_distributed, shutdown
+from moeflow.parallel.mesh import ParallelConfig
+from moeflow.parallel.shard import gather_full_state, load_full_state, shard_model
+
+
+class _StateView:
+    """Duck-typed stand-in handed to moeflow.train.checkpoint.save_checkpoint."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+class ParallelTrainer(Trainer):
+    def __init__(self, config: TrainConfig, parallel: ParallelConfig, env: DistEnv,
+                 reporter: ProgressReporter | None = None) -> None:
+        super().__init__(config, rank=env.rank, world=env.world, reporter=reporter)
+        if parallel.hierarchical and not parallel.ranks_per_node:
+            parallel = dataclasses.replace(parallel, ranks_per_node=env.local_world)
+        self.parallel, self.env = parallel, env
+
+    def resolve_device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def reporter(self) -> ProgressReporter:
+        if self._reporter is None:
+            quiet = Console(quiet=not self.is_writer)
+            self._reporter = ProgressReporter(self.cfg.steps, self.start_step,
+                                              enabled=self.cfg.progress and self.is_writer,
+                                              console=quiet)
+        return self._reporter
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.groups = shard_model(model, self.parallel)
+        return model
+
+    def build_optimizer(self, model: torch.nn.Module) -> ShardedOptimizer:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return ShardedOptimizer(model, self.groups, torch.optim.AdamW, groups,
+                                zero=self.parallel.zero, lr=self.cfg.lr,
+                                betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+
+    def sync_gradients(self) -> None:
+        reduce_gradients(self.model, self.groups)
+
+    def clip_gradients(self, max_norm: float) -> float:
+        return float(clip_grad_norm_(self.model, self.groups, max_norm))
+
+    def reduce_stats(self, sums, counts):
+        keys = sorted(sums)
+        flat = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(flat, group=self.groups.world_group)
+        sums = {k: float(v) / self.world for k, v in zip(keys, flat.tolist())}
+        if counts:
+            counts = [c.clone() for c in counts]
+            for c in counts:
+                dist.all_reduce(c, group=self.groups.world_group)
+        return sums, counts
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Each rank validates its share of the global validation windows; results combined."""
+        every = self.val_windows
+        self.val_windows = every.chunk(self.world)[self.rank]
+        try:
+            mine = super().evaluate()
+        finally:
+            self.val_windows = every
+        loss = torch.tensor([mine["val_loss"]], dtype=torch.float64)
+        dist.all_reduce(loss, group=self.groups.world_group)
+        loads = torch.tensor([x for load in mine["expert_load"] for x in load])
+        dist.all_reduce(loads, group=self.groups.world_group)
+        sizes = [len(load) for load in mine["expert_load"]]
+        val_loss = float(loss) / self.world
+        return {**mine, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "expert_load": [x.tolist() for x in loads.split(sizes)]}
+
+    def _layout_key(self) -> dict:
+        return {"world": self.world, "parallel": vars(self.parallel)}
+
+    def save(self, step: int):
+        full = gather_full_state(self.model, self.groups)
+        per_rank: list = [None] * self.world
+        dist.all_gather_object(per_rank, self.optimizer.local_state_dict())
+        path = None
+        if self.is_writer:
+            state = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
+                     "scheduler": {"kind": "warmup_cosine", "step": step},
+                     "world_size": self.world, "layout": self._layout_key()}
+            path = ckpt_io.save_checkpoint(
+                self.out, step, model=_StateView(full),
+                optimizer=_StateView({"layout": self._layout_key(), "ranks": per_rank}),
+                state=state, tokenizer=self.tokenizer, model_config=self.model_config,
+                run_config=self.cfg, keep=self.cfg.keep_checkpoints)
+        dist.barrier()
+        return path
+
+    def restore(self, ckpt) -> None:
+        from safetensors.torch import load_file
+
+        load_full_state(self.model, load_file(str(ckpt / ckpt_io.WEIGHTS)))
+        saved = ckpt_io.load_torch(ckpt, "optimizer.pt")
+        if isinstance(saved, dict) and saved.get("layout") == self._layout_key():
+            self.optimizer.load_local_state_dict(saved["ranks"][self.rank])
+        else:
+            self.reporter.note(f"optimizer state in {ckpt} was saved at another layout "
+                               f"({saved.get('layout') if isinstance(saved, dict) else 'single'}"
+                               f"); resuming with fresh AdamW moments")
+        state = ckpt_io.load_state(ckpt)
+        self.loader.load_state_dict(state["loader"])
+        self.start_step = int(state["step"])
+        self.tokens_seen = int(state["tokens"])
+        ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
+
+
+def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult:
+    """Run `config` on the ranks torchrun started (or in this process when there are none)."""
+    device = None if config.device == "auto" else config.device
+    env = init_distributed(device)
+    try:
+        if env.backend is None and parallel.ep == 1:
+            return Trainer(config).run()
+        if env.backend is None:
+            raise ValueError(f"--ep {parallel.ep} needs several processes: launch with "
+                             f"torchrun --nproc-per-node N -m moeflow train ...")
+        return ParallelTrainer(config, parallel, env).run()
+    finally:
+        shutdown(env)

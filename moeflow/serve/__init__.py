@@ -1,0 +1,12 @@
+"""`moeflow serve`: an OpenAI-compatible HTTP server over the inference engine.
+
+Files, in the order a request meets them: config.py (flags), loader.py (checkpoint -> model,
+tokenizer, chat template), app.py (routes, body limit, draining), protocol.py (schemas and
+validation), chat.py (chat templates), worker.py (the engine thread), text.py (streaming
+detokenization, stop strings), metrics.py (Prometheus), server.py (uvicorn, SIGTERM drain),
+bench.py (`moeflow bench-serve`, a load generator).
+"""
+
+from moeflow.serve.config import ServeConfig
+
+__all__ = ["ServeConfig"]

@@ -1,0 +1,132 @@
+"""What `moeflow serve --model DIR` can load, and how each kind finds its tokenizer.
+
+DIR may be
+  * a moeflow training run, its checkpoints/ directory, or one step_* checkpoint in it
+    (moeflow/train/checkpoint.py): weights, config.json, and the run's BPE tokenizer.json whose
+    `<|endoftext|>` ends generation;
+  * a moeflow (`moeflow convert --to moeflow`) or HF MoE checkpoint directory (anything
+    `moeflow.from_pretrained` reads) with a `tokenizers` tokenizer.json beside it; the end of
+    sequence comes from generation_config.json / config.json `eos_token_id` and
+    tokenizer_config.json `eos_token`, the chat template from chat_template.jinja or
+    tokenizer_config.json (chat.py).
+The model comes back in eval mode with dropless routing: at inference no token is dropped for
+capacity, since a dropped token would change a user's answer depending on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeflow.serve.chat import ChatTemplate, find_chat_template
+from moeflow.serve.text import ServeTokenizer
+
+TRAIN_MARKER = "run.json"   # written with every training checkpoint, absent from converted ones
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: ServeTokenizer
+    chat_template: ChatTemplate
+    kind: str               # "moeflow-train" | "moeflow" | HF model_type
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+def _ids(value) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda': no CUDA device is available")
+    return torch.device(device)
+
+
+def _training_checkpoint(path: Path) -> Path | None:
+    from moeflow.train.checkpoint import resolve_checkpoint
+
+    if (path / "config.json").is_file() and not (path / TRAIN_MARKER).is_file():
+        return None
+    try:
+        return resolve_checkpoint(path)
+    except ValueError:
+        return None
+
+
+def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None = None
+                     ) -> LoadedModel:
+    """Model + tokenizer + chat template from a checkpoint directory; ValueError if unusable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    dev = resolve_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    ckpt = _training_checkpoint(path)
+    if ckpt is not None:
+        from moeflow.data.tokenizer import EOT
+        from moeflow.train.checkpoint import load_for_inference
+
+        model, bpe = load_for_inference(ckpt, device=dev)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        tokenizer = ServeTokenizer.from_file(ckpt / "tokenizer.json", eos_ids=(bpe.eot_id,),
+                                             eos_token=EOT, add_special_tokens=False)
+        kind, meta_dir = "moeflow-train", ckpt
+    else:
+        from moeflow.interop.pretrained import from_pretrained, read_config
+
+        _, model_type = read_config(path)
+        model = from_pretrained(path, dtype=torch_dtype, device=dev)
+        tokenizer = _hf_tokenizer(path)
+        kind, meta_dir = model_type or "moeflow", path
+    model.eval()
+    model.set_dropless(True)
+    template = ChatTemplate(find_chat_template(meta_dir), bos_token=tokenizer.bos_token,
+                            eos_token=tokenizer.eos_token)
+    return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, kind=kind)
+
+
+def _hf_tokenizer(path: Path) -> ServeTokenizer:
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ValueError(f"{path}: no tokenizer.json (a `tokenizers` file is needed to serve)")
+    tok_cfg = _json(path / "tokenizer_config.json")
+    probe = ServeTokenizer.from_file(tok_file, eos_ids=())
+    eos_token = _token_text(tok_cfg.get("eos_token"))
+    eos = _ids(_json(path / "generation_config.json").get("eos_token_id"))
+    eos += _ids(_json(path / "config.json").get("eos_token_id"))
+    for text in (eos_token, "<|endoftext|>"):
+        tid = probe.token_id(text) if text else None
+        if tid is not None:
+            eos.append(tid)
+            break
+    return ServeTokenizer(tok=probe.tok, eos_ids=tuple(dict.fromkeys(eos)),
+                          bos_token=_token_text(tok_cfg.get("bos_token")), eos_token=eos_token,
+                          add_special_tokens=True)

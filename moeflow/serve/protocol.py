@@ -1,0 +1,330 @@
+"""The OpenAI request schemas, and turning a request body into a validated generation job.
+
+Validation is the server's first line of defence: every malformed body must come back as a 4xx
+whose message names the offending field, and nothing malformed may reach the engine thread,
+where an exception would hurt every request in the batch. Hence:
+  * the body is parsed by hand (not a framework's body binding) so that non-JSON, non-object,
+    absurdly nested or non-UTF-8 bodies each get a precise 400;
+  * the schemas are pydantic models in strict mode: "5" is not an int, true is not 1, NaN and
+    infinities are refused, so a wrong type is never silently coerced;
+  * limits that depend on the model (vocabulary, context window) and on the server (admission
+    capacity) are checked in `build_job` with the same rules the engine applies, so
+    `Engine.add_request` never raises for a request that got this far.
+Fields OpenAI defines but this server does not implement (logprobs, penalties, logit_bias,
+tools, ...) are accepted only at their neutral value and otherwise refused by name, rather than
+silently ignored; unknown extra fields are ignored as OpenAI's own clients send many.
+Extensions (as vLLM): top_k, ignore_eos, stop_token_ids.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moeflow.infer.sampling import SamplingParams
+from moeflow.serve.chat import ChatTemplate, TemplateError
+from moeflow.serve.text import ServeTokenizer
+
+MAX_STOP_STRINGS = 4
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error",
+                429: "overloaded_error", 503: "service_unavailable_error"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status + OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message,
+                          "type": _ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _finite(lo: float, hi: float, **kw: Any) -> Any:
+    return Field(None, ge=lo, le=hi, allow_inf_nan=False, **kw)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _CommonRequest(_Strict):
+    model: str
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = _finite(0.0, 2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Any = ()
+    stop_token_ids: list[int] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = _finite(-2.0, 2.0)
+    frequency_penalty: float | None = _finite(-2.0, 2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, v: Any) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return tuple(items)
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: Any
+    max_tokens: int | None = Field(None, ge=1)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, v: Any) -> list[str | list[int]]:
+        """One or more prompts, each a string or a list of token ids."""
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        if isinstance(v, str) or (ids(v) and v):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) or (ids(p) and p) for p in v):
+            return list(v)
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        raise ValueError("must be a string, a list of strings, a non-empty list of integer "
+                         "token ids, or a list of such lists")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            parts = []
+            for i, part in enumerate(v):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise ValueError(f"part {i} must be {{\"type\": \"text\", \"text\": <string>}}"
+                                     f" (only text content is supported)")
+                parts.append(part["text"])
+            return "".join(parts)
+        raise ValueError("must be a string or a list of text parts")
+
+
+class ChatRequest(_CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What build_job checks against: the engine's and the server's bounds."""
+    vocab_size: int
+    max_seq_len: int
+    capacity: int              # sequences admitted at once (max_batch + max_queue)
+    default_max_tokens: int    # /v1/completions without max_tokens
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request: prompts x n choices, one SamplingParams per choice."""
+    chat: bool
+    prompts: tuple[tuple[int, ...], ...]
+    prompt_texts: tuple[str, ...]
+    n: int
+    params: tuple[SamplingParams, ...]   # index = prompt_index * n + choice
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.params)
+
+    def prompt_of(self, seq: int) -> int:
+        return seq // self.n
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    if not raw.strip():
+        raise RequestError(400, "request body is empty: expected a JSON object", "body")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply", "body") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise RequestError(400, f"request body is not valid JSON: {e}", "body") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}",
+                           "body")
+    return data
+
+
+def _param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def validate(schema: type[BaseModel], data: dict) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {json.dumps(err['input'])[:80]})" if _jsonable(err["input"]) else ""
+        raise RequestError(400, f"{param}: {msg}", param) from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply", "body") from None
+
+
+def _jsonable(x: Any) -> bool:
+    try:
+        json.dumps(x, allow_nan=True)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _unsupported(req: _CommonRequest) -> None:
+    def refuse(field: str, why: str = "is not supported by this server") -> None:
+        raise RequestError(400, f"{field}: {why}", field)
+
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, field) not in (None, 0):
+            refuse(field, "is not supported by this server (only 0)")
+    if req.logit_bias:
+        refuse("logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs:
+            refuse("logprobs")
+        if req.suffix:
+            refuse("suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            refuse("best_of", "is not supported by this server (only equal to n)")
+    else:
+        if req.logprobs or req.top_logprobs:
+            refuse("logprobs" if req.logprobs else "top_logprobs")
+        if req.tools:
+            refuse("tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            refuse("response_format", "only {\"type\": \"text\"} is supported")
+
+
+def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: ServeTokenizer,
+              template: ChatTemplate | None = None) -> Job:
+    """Tokenize and check a schema-valid request against the model's and server's limits."""
+    _unsupported(req)
+    chat = isinstance(req, ChatRequest)
+    field = "messages" if chat else "prompt"
+    if chat:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            text = template.render(messages)
+        except TemplateError as e:
+            raise RequestError(400, f"messages: {e}", "messages") from None
+        raw_prompts: list[str | list[int]] = [text]
+        encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    else:
+        raw_prompts = req.prompt
+        encode = tokenizer.encode
+    n = req.n or 1
+    if n * len(raw_prompts) > limits.capacity:
+        raise RequestError(400, f"n: {n} choices x {len(raw_prompts)} prompts exceeds the "
+                                f"server's capacity of {limits.capacity} sequences", "n")
+    prompts, texts = [], []
+    for i, p in enumerate(raw_prompts):
+        where = field if len(raw_prompts) == 1 else f"{field}[{i}]"
+        ids = encode(p) if isinstance(p, str) else p
+        if not ids:
+            raise RequestError(400, f"{where}: encodes to no tokens", where)
+        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise RequestError(400, f"{where}: token id {bad} is outside the vocabulary "
+                                    f"[0, {limits.vocab_size})", where)
+        if len(ids) >= limits.max_seq_len:
+            raise RequestError(400, f"{where}: {len(ids)} tokens leave no room in the context "
+                                    f"window of {limits.max_seq_len} tokens", where)
+        prompts.append(tuple(ids))
+        texts.append(p if isinstance(p, str) else tokenizer.decode(list(ids)))
+
+    max_field = "max_tokens"
+    max_tokens = req.max_tokens
+    if chat and req.max_completion_tokens is not None:
+        max_field, max_tokens = "max_completion_tokens", req.max_completion_tokens
+    longest = max(map(len, prompts))
+    if max_tokens is None:
+        room = limits.max_seq_len - longest
+        max_tokens = room if chat else min(limits.default_max_tokens, room)
+    elif max_tokens > limits.max_seq_len:
+        raise RequestError(400, f"{max_field}: {max_tokens} is beyond the context window of "
+                                f"{limits.max_seq_len} tokens", max_field)
+    elif longest + max_tokens > limits.max_seq_len:
+        raise RequestError(400, f"{max_field}: prompt ({longest} tokens) + {max_field} "
+                                f"({max_tokens}) = {longest + max_tokens} exceeds the context "
+                                f"window of {limits.max_seq_len} tokens", max_field)
+
+    stop_ids = tuple(req.stop_token_ids or ())
+    bad = next((t for t in stop_ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise RequestError(400, f"stop_token_ids: token id {bad} is outside the vocabulary "
+                                f"[0, {limits.vocab_size})", "stop_token_ids")
+    if not req.ignore_eos:
+        stop_ids = tuple(dict.fromkeys(stop_ids + tokenizer.eos_ids))
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    top_k = max(req.top_k or 0, 0)
+    params = []
+    for seq in range(n * len(prompts)):
+        seed = secrets.randbits(63) if req.seed is None else (req.seed + seq) % 2**63
+        params.append(SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, seed=seed,
+                                     stop_token_ids=stop_ids))
+    opts = req.stream_options
+    return Job(chat=chat, prompts=tuple(prompts), prompt_texts=tuple(texts), n=n,
+               params=tuple(params), stop=req.stop, stream=bool(req.stream),
+               include_usage=bool(opts and opts.include_usage), echo=bool(
+                   not chat and req.echo))

@@ -1,0 +1,111 @@
+"""Running the server: load the model, build the engine and app, serve with uvicorn, drain.
+
+Example:
+  moeflow serve --model runs/train --port 8000 --max-batch 16 --max-queue 64
+  curl localhost:8000/v1/completions -d '{"model": "train", "prompt": "def ", "max_tokens": 32}'
+
+Shutdown: the first SIGTERM (or Ctrl-C) starts a drain instead of uvicorn's immediate stop.
+New requests get 503 while everything admitted runs to completion; after --drain-timeout
+seconds whatever is left is aborted (clients see finish_reason "abort"), then uvicorn closes
+the sockets and the process exits 0. A second signal skips the wait. uvicorn re-raises the
+signals it caught once it has stopped, which would turn a clean drain into death by SIGTERM;
+`DrainingServer` does not record them, so a drained server exits normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import uvicorn
+
+from moeflow.infer.engine import Engine, EngineConfig
+from moeflow.serve.app import ServerState, create_app
+from moeflow.serve.config import ServeConfig
+from moeflow.serve.loader import load_for_serving
+from moeflow.serve.protocol import Limits
+from moeflow.serve.worker import EngineWorker
+
+log = logging.getLogger("moeflow.serve")
+ABORT_GRACE_S = 5.0   # after aborting at the drain timeout, time for responses to finish
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Runs in the main thread between bytecodes: only schedule work on the loop.
+        if self._loop is None or self._drain is not None:
+            self.state.worker.abort_all()
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_task(self.drain())
+
+    async def drain(self) -> None:
+        state = self.state
+        state.draining = True
+        timeout = state.config.drain_timeout
+        print(f"moeflow serve: draining {state.inflight} request(s), up to {timeout:g} s",
+              flush=True)
+        deadline = time.monotonic() + timeout
+        while self._busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._busy():
+            print(f"moeflow serve: drain timeout, aborting {state.worker.outstanding} "
+                  f"sequence(s)", flush=True)
+            state.worker.abort_all()
+            deadline = time.monotonic() + ABORT_GRACE_S
+            while self._busy() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+    def _busy(self) -> bool:
+        return self.state.inflight > 0 or self.state.worker.outstanding > 0
+
+
+def build_state(config: ServeConfig) -> ServerState:
+    loaded = load_for_serving(config.model, device=config.device, dtype=config.dtype)
+    engine = Engine(loaded.model, EngineConfig(max_batch_size=config.max_batch,
+                                               max_seq_len=config.max_seq_len,
+                                               cache_tokens=config.cache_tokens))
+    limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
+                    capacity=config.capacity, default_max_tokens=config.default_max_tokens)
+    name = config.served_model_name or Path(config.model).resolve().name
+    return ServerState(config=config, loaded=loaded, worker=EngineWorker(engine, config.capacity),
+                       model_name=name, limits=limits)
+
+
+def serve(config: ServeConfig) -> int:
+    """Load, serve until signalled, drain; returns the exit status (0 after a clean drain)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    state = build_state(config)
+    app = create_app(state)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port,
+                               log_level=config.log_level, access_log=False,
+                               timeout_graceful_shutdown=ABORT_GRACE_S, lifespan="on")
+    server = DrainingServer(uv_config, state)
+    print(f"moeflow serve: {state.model_name} ({state.loaded.kind}, context "
+          f"{state.limits.max_seq_len}, vocab {state.limits.vocab_size}) on "
+          f"http://{config.host}:{config.port}", flush=True)
+    server.run()
+    if not server.started:
+        return 1
+    print("moeflow serve: stopped", flush=True)
+    return 0
+
+
+__all__ = ["DrainingServer", "build_state", "serve"]

@@ -1,0 +1,134 @@
+"""Process-group plumbing for the gloo tests: spawn N ranks with a deadline, run a worker.
+
+Workers live here (an importable module) because spawned children unpickle them by name. Every
+run has two timeouts: the process group's (a collective that never completes raises instead of
+waiting forever) and the parent's deadline (kills the ranks and fails the test).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeflow.config import ModelConfig
+from moeflow.parallel import ParallelConfig, load_checkpoint, save_checkpoint
+from moeflow.parallel.equality import global_logits, run_steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, outdir, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = worker(rank, world, *args)
+        torch.save(result, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0) -> list:
+    """Run worker(rank, world, *args) on `world` gloo ranks; returns each rank's result."""
+    ctx = mp.start_processes(_entry, args=(world, free_port(), str(outdir), worker, args),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed run did not finish within {timeout_s} s (hang)")
+    return [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+
+
+# ---- workers --------------------------------------------------------------------------------
+
+def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
+    """Run each scenario {name: (config dict, ParallelConfig kwargs, zero gates)} through
+    `run_steps`; then save the first scenario's initial model with moeflow.parallel's
+    checkpoint and report its logits and next-step losses."""
+    from moeflow.parallel.equality import build_model
+    from moeflow.parallel.shard import shard_model
+
+    out = {}
+    for name, (config_dict, parallel_kwargs, force_one_expert) in scenarios.items():
+        config = ModelConfig.from_dict(config_dict)
+        model = build_model(config, seed=0, device="cpu")
+        if force_one_expert:
+            zero_gates(model)
+        out[name] = run_steps(config, ParallelConfig(**parallel_kwargs), model=model,
+                              batches=batches)
+    config_dict, parallel_kwargs, _ = next(iter(scenarios.values()))
+    model = build_model(ModelConfig.from_dict(config_dict), seed=0, device="cpu")
+    shard_model(model, ParallelConfig(**parallel_kwargs))
+    save_checkpoint(model, ckpt_dir)
+    out["saved"] = next_step(model, batches, eval_tokens, sharded=True)
+    return out
+
+
+def zero_gates(model) -> None:
+    """All router scores equal: the stable top-k sends every token to expert 0 (then 1, ...)."""
+    for layer in model.moe_layers():
+        torch.nn.init.zeros_(layer.router.gate.weight)
+        layer.router.gate.weight.requires_grad_(False)
+
+
+def next_step(model, batches, eval_tokens, sharded):
+    """Logits on eval_tokens, then two fresh-AdamW steps on batches[:2] (losses reported).
+
+    Leaves the model's weights as they were."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = global_logits(model, eval_tokens, sharded)
+    parallel = model.parallel_layout.config if sharded else None
+    losses = run_steps(model.config, parallel, model=model, batches=batches[:2])["losses"]
+    model.load_state_dict(state)
+    return {"logits": logits, "losses": losses}
+
+
+def trainer_worker(rank, world, train_kwargs, parallel_kwargs, eval_tokens):
+    """A ParallelTrainer run on this rank; returns its final checkpoint and global logits."""
+    from moeflow.parallel.launch import init_distributed
+    from moeflow.parallel.trainer import ParallelTrainer
+    from moeflow.train import TrainConfig
+
+    trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
+                              init_distributed("cpu"))
+    result = trainer.run()
+    return {"step": result.step, "checkpoint": str(result.checkpoint),
+            "logits": global_logits(trainer.model, eval_tokens, sharded=True)}
+
+
+def exchange_worker(rank, world, ranks_per_node):
+    """Flat vs hierarchical all-to-all on random uneven counts (zeros included): outputs and
+    input gradients, as seen by this rank."""
+    from moeflow.parallel.all_to_all import all_to_all, gather_counts, hierarchical_all_to_all
+    from moeflow.parallel.mesh import ParallelConfig, ParallelLayout, ProcessGroups
+
+    cfg = ParallelConfig(ep=world, hierarchical=True, ranks_per_node=ranks_per_node)
+    groups = ProcessGroups(ParallelLayout.build(cfg, world, rank, {0: world})).by_size(world)
+    g = torch.Generator().manual_seed(rank)
+    send_P = torch.randint(0, 4, (world,), generator=g)
+    send_P[(rank + 1) % world] = 0  # every rank sends nothing to one peer
+    counts_PP = gather_counts(send_P.view(world, 1), groups.ep).view(world, world)
+    x = torch.randn(int(send_P.sum()), 3, generator=g, requires_grad=True)
+    w = torch.randn(int(counts_PP[:, rank].sum()), 3, generator=g)
+    flat = all_to_all(x, send_P.tolist(), counts_PP[:, rank].tolist(), groups.ep)
+    (grad_flat,) = torch.autograd.grad((flat * w).sum(), x)
+    hier = hierarchical_all_to_all(x, counts_PP, rank, groups.intra, groups.inter,
+                                   groups.ranks_per_node)
+    (grad_hier,) = torch.autograd.grad((hier * w).sum(), x)
+    return {"flat": flat.detach(), "hier": hier.detach(), "grad_flat": grad_flat,
+            "grad_hier": grad_hier, "sent": x.detach(), "counts": counts_PP}

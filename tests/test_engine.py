@@ -1,0 +1,203 @@
+"""Serving engine on CPU: decode equals a full forward, batch invariance, joining/leaving,
+abort, stops, stats, and input validation."""
+
+import pytest
+import torch
+
+from moeflow import ModelConfig, RouterConfig, Transformer
+from moeflow.config import MLAConfig
+from moeflow.infer import Engine, EngineConfig, SamplingParams
+from moeflow.infer.decode_graphs import GraphDecoder
+
+VOCAB = 101
+
+CONFIGS = {
+    # Qwen3-like: GQA, per-head qk norm, SwiGLU experts top-2 renormalised, a shared expert.
+    "llama": dict(arch="llama", n_kv_heads=2, qk_norm=True, moe_kind="moe", moe_every=1,
+                  num_experts=8, expert_d_ff=24, num_shared_experts=1,
+                  router=RouterConfig(top_k=2, dropless=True, normalize_topk=True)),
+    # DeepSpeed-MoE paper: learned positions, Residual-MoE, top-1.
+    "gpt": dict(arch="gpt", n_layers=4, moe_every=2, num_experts=(4, 8), moe_kind="residual_moe",
+                router=RouterConfig(top_k=1, dropless=True)),
+    # DeepSeek-like: MLA, sigmoid scores with expert bias, grouped top-k.
+    "mla": dict(arch="llama", n_kv_heads=4, moe_kind="moe", moe_every=1, num_experts=8,
+                expert_d_ff=16, mla=MLAConfig(q_lora_rank=12, kv_lora_rank=16,
+                                              qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                              v_head_dim=8),
+                router=RouterConfig(top_k=2, dropless=True, score_func="sigmoid",
+                                    expert_bias=True, num_groups=4, topk_groups=2)),
+}
+
+
+def make_model(kind="llama", seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4,
+                                max_seq_len=48, init_std=0.1), **CONFIGS[kind]})
+    model = Transformer(cfg)
+    for layer in model.moe_layers():  # make routing depend on the input, not on ties
+        torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
+        if layer.router.expert_bias is not None:
+            layer.router.expert_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def prompts(n, seed=1, lo=3, hi=12):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (t,), generator=g).tolist() for t in lengths]
+
+
+def run_alone(model, prompt, params, **cfg):
+    return Engine(model, EngineConfig(**cfg)).generate([prompt], params)[0]
+
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt", "mla"])
+def test_greedy_decode_equals_full_forward_at_every_step(kind):
+    model = make_model(kind)
+    engine = Engine(model, EngineConfig(max_batch_size=3))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    ps = prompts(3, seed=2)
+    outs = engine.generate(ps, GREEDY)
+    for i, (prompt, out) in enumerate(zip(ps, outs)):
+        assert len(out) == GREEDY.max_new_tokens
+        rows = seen[f"req-{i}"]
+        full = model(torch.tensor([prompt + out])).logits[0]
+        for step, row in enumerate(rows):
+            ref = full[len(prompt) - 1 + step]
+            torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
+            assert int(ref.argmax()) == out[step]
+
+
+def test_batch_invariance_greedy_and_seeded_sampling():
+    model = make_model("llama")
+    ps = prompts(4, seed=3)
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    for params in (GREEDY, sampled):
+        batched = Engine(model, EngineConfig(max_batch_size=4)).generate(ps, params)
+        alone = [run_alone(model, p, params, max_batch_size=1) for p in ps]
+        assert batched == alone
+    # a different seed changes a sampled continuation (the generator is really used)
+    other = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.95, seed=8)
+    assert run_alone(model, ps[0], other) != run_alone(model, ps[0], sampled)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_requests_joining_and_leaving_mid_batch_match_alone(padded):
+    model = make_model("llama")
+    engine = Engine(model, EngineConfig(max_batch_size=3))
+    if padded:  # the CUDA-graph bucketing (padding rows into free slots), without capture
+        engine._decoder = GraphDecoder(engine._decode_forward, engine.cache.num_slots,
+                                       engine.max_seq_len, engine.device, capture=False)
+    ps = prompts(6, seed=4)
+    lengths = [3, 9, 5, 1, 7, 4]
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0))
+           for p, n in zip(ps[:4], lengths[:4])]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    occupancy = []
+    for step in range(40):
+        if step == 2:  # join while others are running
+            ids += [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0))
+                    for p, n in zip(ps[4:], lengths[4:])]
+            got.update({i: [] for i in ids[4:]})
+        for ev in engine.step():
+            got[ev.request_id].append(ev.token_id)
+            assert ev.finished == (len(got[ev.request_id]) == lengths[ids.index(ev.request_id)])
+        occupancy.append(engine.stats().running)
+        if not engine.has_work():
+            break
+    assert max(occupancy) == 3 and not engine.has_work()
+    for i, p, n in zip(ids, ps, lengths):
+        assert got[i] == run_alone(model, p, SamplingParams(max_new_tokens=n, temperature=0))
+
+
+def test_abort_frees_cache_and_reports_once():
+    model = make_model("llama")
+    engine = Engine(model, EngineConfig(max_batch_size=2))
+    ps = prompts(3, seed=5)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    a, b, c = (engine.add_request(p, params) for p in ps)
+    engine.step()
+    engine.step()
+    before = engine.stats()
+    assert (before.running, before.waiting) == (2, 1)
+    engine.abort(a)
+    engine.abort(c)  # still waiting
+    engine.abort("nope")  # unknown: no-op
+    after = engine.stats()
+    assert (after.running, after.waiting) == (1, 0)
+    assert after.cache_used == len(ps[1]) + 1  # only b's prompt + its one decoded token remain
+    events = engine.step()
+    aborts = [e for e in events if e.finish_reason == "abort"]
+    assert sorted(e.request_id for e in aborts) == sorted([a, c])
+    assert all(e.token_id is None and e.finished for e in aborts)
+    rest = [e.token_id for e in events if e.request_id == b]
+    while engine.has_work():
+        rest += [e.token_id for e in engine.step()]
+    assert not any(e.finish_reason == "abort" for e in engine.step())
+    assert engine.stats().cache_used == 0
+    alone = run_alone(model, ps[1], params)
+    assert alone[2:] == rest  # b kept decoding correctly after a's slot was freed
+
+
+def test_stop_tokens_sequences_and_max_tokens():
+    model = make_model("llama")
+    prompt = prompts(1, seed=6)[0]
+    free = run_alone(model, prompt, SamplingParams(max_new_tokens=12, temperature=0))
+    stop_at = next(i for i in range(2, 12) if free[i] not in free[:i])
+    engine = Engine(model, EngineConfig(max_batch_size=4))
+    rids = [engine.add_request(prompt, SamplingParams(max_new_tokens=12, temperature=0, **kw))
+            for kw in (dict(stop_token_ids=[free[stop_at]]),
+                       dict(stop_sequences=[[free[stop_at - 1], free[stop_at]]]),
+                       dict(stop_sequences=[[VOCAB - 1] * 5]))]
+    last = {}
+    tokens = {r: [] for r in rids}
+    while engine.has_work():
+        for ev in engine.step():
+            tokens[ev.request_id].append(ev.token_id)
+            if ev.finished:
+                last[ev.request_id] = ev.finish_reason
+    assert tokens[rids[0]] == tokens[rids[1]] == free[:stop_at + 1]
+    assert tokens[rids[2]] == free
+    assert [last[r] for r in rids] == ["stop", "stop", "length"]
+
+
+def test_expert_counts_cover_every_processed_token():
+    model = make_model("llama")
+    engine = Engine(model, EngineConfig(max_batch_size=2))
+    engine._decoder = GraphDecoder(engine._decode_forward, 2, engine.max_seq_len, engine.device,
+                                   capture=False)  # padding rows must not be counted
+    ps = prompts(3, seed=7)
+    outs = engine.generate(ps, SamplingParams(max_new_tokens=5, temperature=0))
+    processed = sum(len(p) + len(o) - 1 for p, o in zip(ps, outs))
+    stats = engine.stats()
+    assert len(stats.expert_counts) == 3 and all(len(c) == 8 for c in stats.expert_counts)
+    assert all(sum(c) == 2 * processed for c in stats.expert_counts)
+    assert stats.tokens_generated == 15 and stats.cache_capacity == 2 * 48
+
+
+def test_bad_inputs_raise_one_line_value_errors():
+    engine = Engine(make_model("gpt"), EngineConfig(max_batch_size=2))
+    ok = SamplingParams(max_new_tokens=4, temperature=0)
+    engine.add_request([1, 2], ok, request_id="dup")
+    cases = [(([], ok), "prompt_ids"), (([1, VOCAB], ok), "prompt_ids"),
+             (([-1], ok), "prompt_ids"),
+             (([1] * 40, SamplingParams(max_new_tokens=9)), "max_new_tokens"),
+             (([1], ok, "dup"), "request_id"), (([1], {"temperature": 0}), "params")]
+    for args, field in cases:
+        with pytest.raises(ValueError) as err:
+            engine.add_request(*args)
+        msg = str(err.value)
+        assert field in msg and "\n" not in msg
+    for bad in (dict(max_batch_size=0), dict(max_seq_len=-3), dict(cache_tokens=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    with pytest.raises(ValueError, match="cache_tokens"):
+        Engine(make_model("gpt"), EngineConfig(cache_tokens=10))
+    with pytest.raises(ValueError, match="stop_sequences"):
+        SamplingParams(stop_sequences=[[]])
+    with pytest.raises(RuntimeError):
+        engine.generate([[1]], ok)  # "dup" is still waiting

@@ -1,0 +1,215 @@
+"""Expert × data parallelism on 2 gloo ranks (CPU) against the 1-process run of the same batches.
+
+Two spawned runs serve all multi-rank tests (module fixtures): one runs several layouts through
+moeflow.parallel.equality.run_steps and saves a sharded checkpoint, the other runs the trainer
+(`ParallelTrainer`, the code behind `torchrun ... moeflow train --ep 2`). Every spawn has a
+deadline, so a hang fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from moeflow.config import ModelConfig
+from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
+from moeflow.parallel.checkpoint import save_checkpoint
+from moeflow.parallel.equality import build_model, expert_grads, run_steps, slice_of_full
+from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
+from moeflow.presets import preset
+from tests.parallel_workers import (exchange_worker, next_step, scenarios_worker, spawn,
+                                     trainer_worker, zero_gates)
+
+STEPS, BATCH, SEQ = 4, 4, 16
+
+
+def tiny(**router) -> ModelConfig:
+    cfg = preset("tiny").replace(vocab_size=256)
+    return cfg.replace(router=dataclasses.replace(cfg.router, **router))
+
+
+SCENARIOS = {
+    # name: (model config, ParallelConfig kwargs, all tokens on one expert)
+    "ep2_dropless": (tiny(dropless=True), {"ep": 2}, False),
+    "ep1_replicas": (tiny(dropless=True), {"ep": 1}, False),
+    "ep2_hierarchical": (tiny(dropless=True), {"ep": 2, "hierarchical": True,
+                                                "ranks_per_node": 1}, False),
+    "ep2_capacity": (tiny(dropless=False, capacity_factor=8.0), {"ep": 2, "exchange": "capacity"},
+                     False),
+    # layer 1 has a single expert: sliced over both ranks (tensor-parallel expert)
+    "ep2_sliced_zero": (tiny(dropless=True).replace(num_experts=(1, 2)),
+                        {"ep": 2, "expert_slicing": True, "zero": True}, False),
+    "ep2_one_expert": (tiny(dropless=True), {"ep": 2}, True),
+}
+
+
+def batches_for(config: ModelConfig, steps: int = STEPS) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, config.vocab_size, (steps, BATCH, SEQ + 1), generator=g)
+
+
+def single_process(config: ModelConfig, force_one_expert: bool) -> dict:
+    model = build_model(config, seed=0, device="cpu")
+    if force_one_expert:
+        zero_gates(model)
+    return run_steps(config, None, model=model, batches=batches_for(config))
+
+
+@pytest.fixture(scope="module")
+def scenario_runs(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ckpt_ep2")
+    config = SCENARIOS["ep2_dropless"][0]
+    eval_tokens = batches_for(config, 1)[0, :, :-1]
+    args = ({k: (c.to_dict(), p, f) for k, (c, p, f) in SCENARIOS.items()}, str(ckpt),
+            batches_for(config), eval_tokens)
+    ranks = spawn(scenarios_worker, 2, args, tmp_path_factory.mktemp("out"), timeout_s=100)
+    return {"ranks": ranks, "ckpt": ckpt, "eval_tokens": eval_tokens}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_match_one_process(scenario_runs, name):
+    config, _, force = SCENARIOS[name]
+    ref = single_process(config, force)
+    r0, r1 = (r[name] for r in scenario_runs["ranks"])
+    assert r0["losses"] == r1["losses"]  # every rank reports the global-batch loss
+    assert r0["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+    # expert gradients, keyed by global expert id (and slice), against the full model's
+    grads = {**r0["expert_grads"], **r1["expert_grads"]}
+    swiglu = config.arch == "llama"
+    assert {k.partition(".slice")[0] for k in grads} == set(ref["expert_grads"])
+    for key, g in grads.items():
+        torch.testing.assert_close(g, slice_of_full(ref["expert_grads"], key, swiglu),
+                                   atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_forced_single_expert_leaves_ranks_idle(scenario_runs):
+    """All tokens on expert 0: rank 1 holds experts that receive nothing, and still finished."""
+    r1 = scenario_runs["ranks"][1]["ep2_one_expert"]
+    idle = [g for k, g in r1["expert_grads"].items()]
+    assert idle and all(torch.count_nonzero(g) == 0 for g in idle)
+
+
+def test_reshard_ep2_to_ep1(scenario_runs):
+    saved = scenario_runs["ranks"][0]["saved"]
+    config = SCENARIOS["ep2_dropless"][0]
+    model = build_model(config, seed=123, device="cpu")  # different init: the load must win
+    load_checkpoint(model, scenario_runs["ckpt"])
+    loaded = next_step(model, batches_for(config), scenario_runs["eval_tokens"], sharded=False)
+    torch.testing.assert_close(loaded["logits"], saved["logits"], atol=1e-5, rtol=1e-5)
+    assert loaded["losses"] == pytest.approx(saved["losses"], abs=1e-5)
+
+
+@pytest.mark.parametrize("ep,slicing", [(4, False), (8, True)])
+def test_reshard_ep2_to_wider_layouts(scenario_runs, ep, slicing):
+    """Every rank of an EP=4 (or EP=8 with the 4-expert layer sliced in two) layout loads exactly
+    its global experts' weights. The layout is arithmetic, so the ranks are built in-process."""
+    config = SCENARIOS["ep2_dropless"][0]
+    full = build_model(config, seed=123, device="cpu")
+    load_checkpoint(full, scenario_runs["ckpt"])
+    ref = build_model(config, seed=0, device="cpu")  # the weights the EP=2 run saved
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(full.state_dict()[name], t, atol=0, rtol=0, msg=name)
+    cfg = ParallelConfig(ep=ep, expert_slicing=slicing)
+    for rank in range(ep):
+        model = build_model(config, seed=99, device="cpu")
+        layout = ParallelLayout.build(cfg, ep, rank, moe_layer_experts(model))
+        for lay in layout.layers:
+            shard_experts(model.blocks[lay.layer].ffn.experts, lay)
+        load_checkpoint(model, scenario_runs["ckpt"])
+        for lay in layout.layers:
+            ex, ex_full = model.blocks[lay.layer].ffn.experts, full.blocks[lay.layer].ffn.experts
+            assert (lay.slices > 1) == (slicing and lay.num_experts < ep)
+            for name in ("w_in_EDI", "w_out_EFD", "b_in_EI", "b_out_ED"):
+                if getattr(ex, name) is None:
+                    continue
+                want = local_part(name, getattr(ex_full, name).detach(), lay, False)
+                assert torch.equal(getattr(ex, name).detach(), want), (rank, lay.layer, name)
+
+
+def test_checkpoint_metadata_mismatch_names_layer_axis_values(tmp_path):
+    config = tiny(dropless=True)
+    save_checkpoint(build_model(config, 0, "cpu"), tmp_path)
+    wrong_count = build_model(config.replace(num_experts=(4, 16)), 0, "cpu")
+    with pytest.raises(ValueError, match=r"layer 3 .*'experts' has 8 in the checkpoint but 16"):
+        load_checkpoint(wrong_count, tmp_path)
+    wrong_width = build_model(config.replace(expert_d_ff=256), 0, "cpu")
+    with pytest.raises(ValueError, match=r"layer 1 .*axis '\w+' is \d+ in the checkpoint but "
+                                         r"\d+ in the model"):
+        load_checkpoint(wrong_width, tmp_path)
+
+
+def test_layouts_per_layer_pr_moe():
+    """PR-MoE on 64 ranks: a 32-expert and a 64-expert layer are both valid."""
+    layers = {0: 32, 1: 64}
+    plain = ParallelLayout.build(ParallelConfig(ep=64), 64, 37, layers)
+    a, b = plain.layers
+    assert (a.ep_size, a.slices, a.num_replicas, a.expert_ids) == (32, 1, 2, (5,))
+    assert a.expert_dp_ranks() == (5, 37)
+    assert (b.ep_size, b.slices, b.num_replicas, b.expert_ids) == (64, 1, 1, (37,))
+    sliced = ParallelLayout.build(ParallelConfig(ep=64, expert_slicing=True), 64, 37, layers)
+    a = sliced.layers[0]
+    assert (a.ep_size, a.slices, a.expert_ids, a.slice_index) == (64, 2, (18,), 1)
+    assert a.owners(18) == (36, 37)
+    with pytest.raises(ValueError, match="layer 0: 48 experts"):
+        ParallelLayout.build(ParallelConfig(ep=32), 64, 0, {0: 48})
+    with pytest.raises(ValueError, match="ep"):
+        ParallelConfig(ep=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    words = ("experts route tokens while dense layers replicate and ranks exchange rows over "
+             "the group so every gradient is averaged").split()
+    for i in range(4):
+        ids = torch.randint(0, len(words), (1500,), generator=g).tolist()
+        (root / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
+    return root
+
+
+def test_trainer_ep2_matches_one_process(tmp_path, corpus):
+    """`moeflow train` on 2 ranks with --ep 2 writes the 1-process run's metrics.jsonl, and its
+    checkpoint (saved at EP=2) loads in one process with the same logits."""
+    from moeflow.train import TrainConfig, Trainer
+    from moeflow.train.checkpoint import load_for_inference
+
+    config_path = tmp_path / "tiny.json"
+    tiny(dropless=True).replace(vocab_size=384).save(config_path)
+    common = dict(model_config=str(config_path), data=(str(corpus),), seq_len=16, steps=5,
+                  batch_size=4, val_every=5, val_batches=1, device="cpu", progress=False)
+    eval_tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    Trainer(TrainConfig(**common, out=str(tmp_path / "one"))).run()
+    ranks = spawn(trainer_worker, 2, ({**common, "out": str(tmp_path / "two")}, {"ep": 2},
+                                      eval_tokens), tmp_path, timeout_s=100)
+    rows = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+            for run in ("one", "two")]
+    assert [r["step"] for r in rows[1]] == list(range(6))
+    for a, b in zip(*rows):
+        for key in ("loss", "aux_loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        if "expert_load" in a:
+            assert a["expert_load"] == b["expert_load"]
+    model, _ = load_for_inference(ranks[0]["checkpoint"])
+    with torch.no_grad():
+        logits = model(eval_tokens).logits
+    torch.testing.assert_close(logits, ranks[0]["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_hierarchical_all_to_all_matches_flat(tmp_path):
+    """4 ranks as 2 nodes × 2: same rows in the same order as the flat exchange, both ways."""
+    ranks = spawn(exchange_worker, 4, (2,), tmp_path, timeout_s=60)
+    counts = ranks[0]["counts"]
+    for dst, r in enumerate(ranks):
+        assert torch.equal(r["hier"], r["flat"])
+        assert torch.equal(r["grad_hier"], r["grad_flat"])
+        # what dst received from src is src's chunk for dst, in source order
+        expect = []
+        for src in range(4):
+            start = int(counts[src, :dst].sum())
+            expect.append(ranks[src]["sent"][start:start + int(counts[src, dst])])
+        assert torch.equal(r["flat"], torch.cat(expect))
