@@ -107,8 +107,8 @@ def trainer_worker(rank, world, train_kwargs, parallel_kwargs, eval_tokens):
     trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
                               init_distributed("cpu"))
     result = trainer.run()
-    return {"step": result.step, "checkpoint": str(result.checkpoint),
-            "logits": global_logits(trainer.model, eval_tokens, sharded=True)}
+    logits = None if eval_tokens is None else global_logits(trainer.model, eval_tokens, True)
+    return {"step": result.step, "checkpoint": str(result.checkpoint), "logits": logits}
 
 
 def exchange_worker(rank, world, ranks_per_node):

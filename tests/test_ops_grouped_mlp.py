@@ -71,13 +71,39 @@ def test_grouped_fused_matches_reference_with_backward(activation):
     if not grouped_mm_supported(x, w_in, w_out):
         pytest.skip("torch._grouped_mm does not run for these operands here")
     g = torch.randn(n, D, device=DEVICE, dtype=dtype)
-    results = []
-    for name in ("reference", "grouped_mm_fused"):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w_in, b_in, w_out, b_out)]
+
+    def run(name, cast):
+        leaves = [cast(t).requires_grad_(True) for t in (x, w_in, b_in, w_out, b_out)]
         y = EXPERT_BACKENDS[name](leaves[0], ends, leaves[1], leaves[2], leaves[3], leaves[4],
                                   activation)
-        y.backward(g)
-        results.append([y] + [t.grad for t in leaves])
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for a, b in zip(results[1], results[0]):
-        assert _rel_err(a, b) < tol
+        y.backward(cast(g))
+        return [y] + [t.grad for t in leaves]
+
+    fast = run("grouped_mm_fused", lambda t: t.clone())
+    if dtype == torch.float32:
+        for a, b in zip(fast, run("reference", lambda t: t.clone())):
+            assert _rel_err(a, b) < 1e-4
+        return
+    # bf16: both paths round differently (the reference rounds after every op of the
+    # activation and its backward, the fused path once), so each is measured against the
+    # fp32 reference on the same bf16 inputs; the fast path must be about as close as the
+    # bf16 reference (bias gradients are sums with cancellation, where both drift most).
+    truth = run("reference", lambda t: t.float())
+    ref = run("reference", lambda t: t.clone())
+    names = ("y", "x", "w_in", "b_in", "w_out", "b_out")
+    for name, a, r, t in zip(names, fast, ref, truth):
+        err, ref_err = _rel_err(a, t), _rel_err(r, t)
+        assert err < max(1e-2, 1.5 * ref_err), (name, err, ref_err)
+
+
+def test_row_bias_gradient_accumulates_in_fp32():
+    """The grouped paths add biases per row; their gradient sums hundreds of bf16 rows per
+    expert and must round once (as the reference's broadcast sum), not at every add."""
+    from moeflow.ops.expert_mlp import _row_bias
+    E, I, rows = 4, 64, 512
+    ends = torch.cumsum(torch.full((E,), rows), 0).to(DEVICE)
+    b = torch.randn(E, I, device=DEVICE).bfloat16().requires_grad_(True)
+    g = torch.randn(E * rows, I, device=DEVICE).bfloat16()
+    _row_bias(b, ends, E * rows).backward(g)
+    truth = g.float().view(E, rows, I).sum(1)
+    assert _rel_err(b.grad, truth) < 5e-3

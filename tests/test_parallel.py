@@ -42,6 +42,8 @@ SCENARIOS = {
     # layer 1 has a single expert: sliced over both ranks (tensor-parallel expert)
     "ep2_sliced_zero": (tiny(dropless=True).replace(num_experts=(1, 2)),
                         {"ep": 2, "expert_slicing": True, "zero": True}, False),
+    # a layer with fewer experts than ep, not sliced: 1 EP rank and 2 replicas for it
+    "ep2_replicated_layer": (tiny(dropless=True).replace(num_experts=(1, 2)), {"ep": 2}, False),
     "ep2_one_expert": (tiny(dropless=True), {"ep": 2}, True),
 }
 
@@ -171,45 +173,75 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_trainer_ep2_matches_one_process(tmp_path, corpus):
-    """`moeflow train` on 2 ranks with --ep 2 writes the 1-process run's metrics.jsonl, and its
-    checkpoint (saved at EP=2) loads in one process with the same logits."""
-    from moeflow.train import TrainConfig, Trainer
-    from moeflow.train.checkpoint import load_for_inference
-
+def trainer_config(tmp_path, corpus) -> dict:
     config_path = tmp_path / "tiny.json"
     tiny(dropless=True).replace(vocab_size=384).save(config_path)
-    common = dict(model_config=str(config_path), data=(str(corpus),), seq_len=16, steps=5,
-                  batch_size=4, val_every=5, val_batches=1, device="cpu", progress=False)
+    return dict(model_config=str(config_path), data=(str(corpus),), seq_len=16, steps=5,
+                batch_size=4, val_every=5, val_batches=1, device="cpu", progress=False)
+
+
+def metrics(path) -> list[dict]:
+    return [json.loads(line) for line in open(path / "metrics.jsonl")]
+
+
+def assert_rows_match(rows, ref):
+    by_step = {r["step"]: r for r in ref}
+    for b in rows:
+        a = by_step[b["step"]]
+        assert ("loss" in b) == ("loss" in a)
+        for key in ("loss", "aux_loss", "val_loss", "grad_norm"):
+            if key in b:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        if "expert_load" in b:
+            assert a["expert_load"] == b["expert_load"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, corpus):
+    from moeflow.train import Trainer, TrainConfig
+
+    tmp = tmp_path_factory.mktemp("one")
+    Trainer(TrainConfig(**trainer_config(tmp, corpus), out=str(tmp / "run"))).run()
+    return metrics(tmp / "run")
+
+
+def test_trainer_ep2_matches_one_process(tmp_path, corpus, one_process_run):
+    """`moeflow train` on 2 ranks with --ep 2 writes the 1-process run's metrics.jsonl, and its
+    checkpoint (saved at EP=2) loads in one process with the same logits."""
+    from moeflow.train.checkpoint import load_for_inference
+
+    common = trainer_config(tmp_path, corpus)
     eval_tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-    Trainer(TrainConfig(**common, out=str(tmp_path / "one"))).run()
     ranks = spawn(trainer_worker, 2, ({**common, "out": str(tmp_path / "two")}, {"ep": 2},
                                       eval_tokens), tmp_path, timeout_s=100)
-    rows = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
-            for run in ("one", "two")]
-    assert [r["step"] for r in rows[1]] == list(range(6))
-    for a, b in zip(*rows):
-        for key in ("loss", "aux_loss", "val_loss", "grad_norm"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-        if "expert_load" in a:
-            assert a["expert_load"] == b["expert_load"]
+    rows = metrics(tmp_path / "two")
+    assert [r["step"] for r in rows] == list(range(6))
+    assert_rows_match(rows, one_process_run)
     model, _ = load_for_inference(ranks[0]["checkpoint"])
     with torch.no_grad():
         logits = model(eval_tokens).logits
     torch.testing.assert_close(logits, ranks[0]["logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_hierarchical_all_to_all_matches_flat(tmp_path):
-    """4 ranks as 2 nodes × 2: same rows in the same order as the flat exchange, both ways."""
-    ranks = spawn(exchange_worker, 4, (2,), tmp_path, timeout_s=60)
-    counts = ranks[0]["counts"]
-    for dst, r in enumerate(ranks):
-        assert torch.equal(r["hier"], r["flat"])
-        assert torch.equal(r["grad_hier"], r["grad_flat"])
-        # what dst received from src is src's chunk for dst, in source order
-        expect = []
-        for src in range(4):
-            start = int(counts[src, :dst].sum())
-            expect.append(ranks[src]["sent"][start:start + int(counts[src, dst])])
-        assert torch.equal(r["flat"], torch.cat(expect))
+def test_trainer_resume_at_same_and_other_layout(tmp_path, corpus, one_process_run):
+    """Stopped at step 3 on 2 ranks (EP=2, ZeRO): resuming on 2 ranks restores the sharded AdamW
+    state and continues exactly; resuming in 1 process from the same checkpoint loads the
+    weights (so step 4's loss, computed before its update, is still the same)."""
+    import shutil
+
+    from moeflow.train import Trainer, TrainConfig
+
+    common = {**trainer_config(tmp_path, corpus), "out": str(tmp_path / "two")}
+    spawn(trainer_worker, 2, ({**common, "stop_at": 3}, {"ep": 2, "zero": True}, None),
+          tmp_path, timeout_s=100)
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    spawn(trainer_worker, 2, ({**common, "resume": True}, {"ep": 2, "zero": True}, None),
+          tmp_path, timeout_s=100)
+    assert_rows_match(metrics(tmp_path / "two"), one_process_run)
+    assert [r["step"] for r in metrics(tmp_path / "two")] == list(range(6))
+
+    result = Trainer(TrainConfig(**{**common, "out": str(tmp_path / "one"),
+                                    "resume": True})).run()
+    assert result.finished
+    step4 = next(r for r in metrics(tmp_path / "one") if r["step"] == 4)
+    assert_rows_match([{"step": 4, "loss": step4["loss"]}], one_process_run)

@@ -21,10 +21,15 @@ from moeflow.ops.activation import apply_activation
 
 
 def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """b_EX[expert of each row] for rows sorted by expert: [N, X] (rows past the end get the last)."""
+    """b_EX[expert of each row] for rows sorted by expert: [N, X] (rows past the end get the last).
+
+    Gathered from an fp32 copy, so the backward (a scatter-add of the rows' gradients into the
+    bias) accumulates in fp32; scatter-adding a few hundred bf16 rows into bf16 rounds at every
+    add (3 % error on the bias gradient, measured on an H200) where the reference's sum over rows
+    rounds once. Forward values are unchanged (bf16 → fp32 → bf16 is exact)."""
     rows = torch.arange(num_rows, device=ends_E.device)
     expert_N = torch.searchsorted(ends_E.to(torch.int64), rows, right=True)
-    return b_EX[expert_N.clamp_max(b_EX.shape[0] - 1)]
+    return b_EX.float()[expert_N.clamp_max(b_EX.shape[0] - 1)].to(b_EX.dtype)
 
 
 def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,

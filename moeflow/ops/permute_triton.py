@@ -9,7 +9,8 @@ row of every assignment is known in closed form from the router's queue slots:
 so one program per block of assignments writes row_TK, token_N and copies the token's row into
 expert order — no sort. `combine` reads each token's K rows once and sums them in k order in
 fp32 after rounding each weighted row to the activation dtype, which is exactly what the
-reference's `(y_TKD * w_TK).sum(1)` computes, so the two agree bit for bit.
+reference's `(y_TKD * w_TK).sum(1)` computes, so in bf16 the two agree bit for bit (in fp32
+the GPU fuses the multiply-add, one rounding fewer than torch: equal to fp32 rounding).
 
 Backward: gather's gradient sums each token's kept rows (parked rows carry no gradient);
 combine's gradient scatters w·g to each row and returns d weights = <g_out[t], y[row]>.

@@ -145,7 +145,12 @@ class Trainer:
     def restore(self, ckpt: Path) -> None:
         """Load weights, optimizer, loader position and RNG states (compatibility checked)."""
         ckpt_io.load_weights(self.model, ckpt)
-        self.optimizer.load_state_dict(ckpt_io.load_torch(ckpt, "optimizer.pt"))
+        optimizer_state = ckpt_io.load_torch(ckpt, "optimizer.pt")
+        if "ranks" in optimizer_state:  # per-rank shards of a moeflow.parallel run
+            self.reporter.note(f"{ckpt} holds the per-rank optimizer state of a parallel run; "
+                               f"resuming with fresh AdamW moments")
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         state = ckpt_io.load_state(ckpt)
         self.loader.load_state_dict(state["loader"])
         self.start_step = int(state["step"])
