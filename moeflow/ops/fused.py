@@ -8,7 +8,8 @@ inside a CUDA graph. torch.compile (inductor) turns each chain into one generate
 The fused twin is the plain-torch function itself, compiled, so there is one definition of the
 math; fused fp32 arithmetic may round differently in the last bits. The choice is made here
 only: `fused(fn)` runs the compiled twin when the first argument is a CUDA tensor and autograd is
-off (inference; training keeps the reference and its autograd), unless the environment sets
+off (inference; training keeps the reference and its autograd) and the input is small (see
+FUSE_MAX_ELEMENTS), unless the environment sets
 MOEFLOW_FUSE=0 (the override benchmarks and tests use to compare both). Compilation happens at the
 first CUDA call (the engine's warm-up, before any graph capture); a second shape makes the
 compiled twin shape-dynamic, so batch buckets and prompt lengths do not recompile each time. If
@@ -28,8 +29,15 @@ import torch
 Fn = TypeVar("Fn", bound=Callable)
 
 
+# Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
+# compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
+# shape took 102 ms fused vs 78 ms plain on an H100 (benchmarks/results/generate.md), so above
+# this many elements in the first argument the reference runs.
+FUSE_MAX_ELEMENTS = 1 << 20
+
+
 def fuse_enabled(x: torch.Tensor) -> bool:
-    return (x.is_cuda and not torch.is_grad_enabled()
+    return (x.is_cuda and x.numel() <= FUSE_MAX_ELEMENTS and not torch.is_grad_enabled()
             and os.environ.get("MOEFLOW_FUSE", "1") != "0")
 
 
