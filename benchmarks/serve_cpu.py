@@ -53,6 +53,7 @@ def engine_alone(run: Path, concurrency: int, requests: int, max_tokens: int) ->
     from moeflow.infer import Engine, EngineConfig, SamplingParams
     from moeflow.train.checkpoint import load_for_inference, resolve_checkpoint
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # as `moeflow serve` on CPU
     model, tok = load_for_inference(resolve_checkpoint(run))
     engine = Engine(model, EngineConfig(max_batch_size=concurrency))
     prompt = tok.encode(BenchConfig().prompt)
@@ -133,8 +134,8 @@ def main() -> None:
     lines.append(f"\nEach request: a {len(BenchConfig().prompt)}-character prompt, "
                  f"{args.max_tokens} output tokens (ignore_eos), greedy, streamed. Engine alone: "
                  f"the same prompts through Engine.generate in-process, max_batch_size = "
-                 f"concurrency, after the server stopped. The bench client runs on the same "
-                 f"CPU as the server.")
+                 f"concurrency, same torch threads as the server (cores - 1), after the server "
+                 f"stopped. The bench client runs on the same CPU as the server.")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

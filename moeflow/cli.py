@@ -257,6 +257,8 @@ def _add_serve_parsers(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--default-max-tokens", type=int, default=S.default_max_tokens,
                    help="max_tokens of /v1/completions requests that set none")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default on CPU: cores - 1, one left for HTTP)")
     p.add_argument("--log-level", default=S.log_level,
                    choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)

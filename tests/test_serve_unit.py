@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -205,6 +206,12 @@ def test_serve_config_and_cli_errors(capsys):
     with pytest.raises(ValueError, match="drain_timeout=nan"):
         ServeConfig(model="x", drain_timeout=float("nan"))
     assert ServeConfig(model="x", max_batch=3, max_queue=4).capacity == 7
+    from moeflow.serve.server import torch_threads
+
+    assert torch_threads(ServeConfig(model="x", device="cpu")) == max(1, os.cpu_count() - 1)
+    assert torch_threads(ServeConfig(model="x", device="cpu", threads=3)) == 3
+    with pytest.raises(ValueError, match="threads=0"):
+        ServeConfig(model="x", threads=0)
     assert main(["serve", "--model", "/nonexistent/ckpt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moeflow: error:") and "does not exist" in err and err.count("\n") == 1
@@ -235,7 +242,7 @@ def test_worker_survives_a_failing_step_and_aborts_free_the_cache():
 
     async def drain(handle):
         events = []
-        while not handle.done:
+        while not (handle.done and handle.events.empty()):
             events.append(await handle.events.get())
         return events
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from moeflow.infer.engine import Engine, EngineConfig
 from moeflow.serve.app import ServerState, create_app
 from moeflow.serve.config import ServeConfig
-from moeflow.serve.loader import load_for_serving
+from moeflow.serve.loader import load_for_serving, resolve_device
 from moeflow.serve.protocol import Limits
 from moeflow.serve.worker import EngineWorker
 
@@ -89,9 +91,22 @@ def build_state(config: ServeConfig) -> ServerState:
                        model_name=name, limits=limits)
 
 
+def torch_threads(config: ServeConfig) -> int | None:
+    """Intra-op threads to use (None: leave torch's default), see ServeConfig."""
+    if config.threads is not None:
+        return config.threads
+    if resolve_device(config.device).type == "cpu":
+        return max(1, (os.cpu_count() or 2) - 1)
+    return None
+
+
 def serve(config: ServeConfig) -> int:
     """Load, serve until signalled, drain; returns the exit status (0 after a clean drain)."""
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    threads = torch_threads(config)
+    if threads is not None:
+        torch.set_num_threads(threads)
     state = build_state(config)
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port,
@@ -99,8 +114,9 @@ def serve(config: ServeConfig) -> int:
                                timeout_graceful_shutdown=ABORT_GRACE_S, lifespan="on")
     server = DrainingServer(uv_config, state)
     print(f"moeflow serve: {state.model_name} ({state.loaded.kind}, context "
-          f"{state.limits.max_seq_len}, vocab {state.limits.vocab_size}) on "
-          f"http://{config.host}:{config.port}", flush=True)
+          f"{state.limits.max_seq_len}, vocab {state.limits.vocab_size}, "
+          f"{torch.get_num_threads()} torch threads) on http://{config.host}:{config.port}",
+          flush=True)
     server.run()
     if not server.started:
         return 1
