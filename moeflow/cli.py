@@ -8,6 +8,7 @@ Examples:
   moeflow train --preset tiny --steps 2000 --out runs/tiny --save-every 200
   moeflow train --preset tiny --steps 2000 --out runs/tiny --resume
   moeflow train --config student.yaml --teacher runs/tiny --kd-stop-step 500 --out runs/mos
+  torchrun --nproc-per-node 4 -m moeflow train --preset tiny --batch-size 16 --ep 2
   moeflow generate --checkpoint runs/tiny --prompt "def " --temperature 0.8 --top-k 40
   moeflow plot runs/tiny                      # loss.png, expert_load.png
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
@@ -16,7 +17,7 @@ Examples:
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
-name with dashes); `generate` flags from moeflow.infer.SamplingParams.
+name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from moeflow.infer.SamplingParams.
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.
@@ -160,12 +161,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moeflow.train import TrainConfig, Trainer
+    from moeflow.parallel import ParallelConfig
+    from moeflow.parallel.trainer import train
+    from moeflow.train import TrainConfig
 
     fields = given(args, TrainConfig)
     if "preset" in fields and "model_config" in fields:
         raise UsageError("--preset and --config are mutually exclusive")
-    result = Trainer(TrainConfig(**fields)).run()
+    result = train(TrainConfig(**fields), ParallelConfig(**given(args, ParallelConfig)))
+    if result is None:  # not rank 0 of a torchrun launch
+        return 0
     if result.val_losses:
         (s0, v0), (s1, v1) = result.val_losses[0], result.val_losses[-1]
         print(f"validation loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
@@ -302,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. With no --data, the corpus is the source files (.py) of the "
                     "running Python interpreter's standard library: nothing to download.")
     add_dataclass_flags(p, TrainConfig)
+    from moeflow.parallel.mesh import ParallelConfig
+    add_dataclass_flags(p.add_argument_group("parallel (under torchrun, see moeflow.parallel)"),
+                        ParallelConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeflow.config import ModelConfig
-from moeflow.parallel import ParallelConfig, load_checkpoint, save_checkpoint
+from moeflow.parallel import ParallelConfig, save_checkpoint
 from moeflow.parallel.equality import global_logits, run_steps
 
 

@@ -17,11 +17,11 @@ import torch
 from moeflow.config import ModelConfig
 from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
 from moeflow.parallel.checkpoint import save_checkpoint
-from moeflow.parallel.equality import build_model, expert_grads, run_steps, slice_of_full
+from moeflow.parallel.equality import build_model, run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
 from moeflow.presets import preset
-from tests.parallel_workers import (exchange_worker, next_step, scenarios_worker, spawn,
-                                     trainer_worker, zero_gates)
+from tests.parallel_workers import (exchange_worker, free_port, next_step, scenarios_worker,
+                                     spawn, trainer_worker, zero_gates)
 
 STEPS, BATCH, SEQ = 4, 4, 16
 
@@ -284,3 +284,24 @@ def test_hierarchical_all_to_all_matches_flat(tmp_path):
             start = int(counts[src, :dst].sum())
             expect.append(ranks[src]["sent"][start:start + int(counts[src, dst])])
         assert torch.equal(r["flat"], torch.cat(expect))
+
+
+def test_torchrun_cli_ep2(tmp_path, corpus):
+    """The documented launch: `torchrun --nproc-per-node 2 -m moeflow train ... --ep 2` (gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    config_path = tmp_path / "tiny.json"
+    tiny(dropless=True).replace(vocab_size=384).save(config_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "moeflow", "train", "--config",
+           str(config_path), "--data", str(corpus), "--seq-len", "16", "--steps", "2",
+           "--batch-size", "4", "--val-every", "2", "--val-batches", "1", "--device", "cpu",
+           "--no-progress", "--out", str(tmp_path / "run"), "--ep", "2", "--zero"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished at step 2") == 1  # printed by rank 0 only
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]

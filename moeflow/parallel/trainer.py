@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -181,14 +182,15 @@ class ParallelTrainer(Trainer):
 def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult | None:
     """Run `config` on the ranks torchrun started (or in this process when there are none).
     Returns the result on rank 0 and None on the other ranks (so only one prints it)."""
-    device = None if config.device == "auto" else config.device
-    env = init_distributed(device)
-    try:
-        if env.backend is None and parallel.ep == 1:
-            return Trainer(config).run()
-        if env.backend is None:
-            raise ValueError(f"--ep {parallel.ep} needs several processes: launch with "
+    if "WORLD_SIZE" not in os.environ:
+        if parallel.ep > 1:
+            raise ValueError(f"ep={parallel.ep} needs several processes: launch with "
                              f"torchrun --nproc-per-node N -m moeflow train ...")
+        return Trainer(config).run()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    env = init_distributed(None if config.device == "auto" else config.device)
+    try:
         result = ParallelTrainer(config, parallel, env).run()
         return result if env.is_main else None
     finally:
