@@ -448,8 +448,8 @@ def main() -> None:
 
     results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "command": "python benchmarks/generate.py " +
-               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                        if v not in (False, None)),
+               " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in vars(args).items() if v not in (False, None)),
                "targets": TARGETS, "anchors_issue": ANCHORS, "models": {}}
     results["ceilings"] = ceilings()
     log(f"ceilings {results['ceilings']}")

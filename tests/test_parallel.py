@@ -184,15 +184,15 @@ def metrics(path) -> list[dict]:
     return [json.loads(line) for line in open(path / "metrics.jsonl")]
 
 
-def assert_rows_match(rows, ref):
+def assert_rows_match(rows, ref, keys=("loss", "aux_loss", "val_loss", "grad_norm")):
     by_step = {r["step"]: r for r in ref}
     for b in rows:
         a = by_step[b["step"]]
         assert ("loss" in b) == ("loss" in a)
-        for key in ("loss", "aux_loss", "val_loss", "grad_norm"):
+        for key in keys:
             if key in b:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-        if "expert_load" in b:
+        if "expert_load" in b and "val_loss" in keys:
             assert a["expert_load"] == b["expert_load"]
 
 
@@ -223,25 +223,45 @@ def test_trainer_ep2_matches_one_process(tmp_path, corpus, one_process_run):
     torch.testing.assert_close(logits, ranks[0]["logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_trainer_resume_at_same_and_other_layout(tmp_path, corpus, one_process_run):
-    """Stopped at step 3 on 2 ranks (EP=2, ZeRO): resuming on 2 ranks restores the sharded AdamW
-    state and continues exactly; resuming in 1 process from the same checkpoint loads the
-    weights (so step 4's loss, computed before its update, is still the same)."""
+def test_trainer_resume_at_same_and_other_layout(tmp_path, corpus):
+    """Stopped at step 3 on 2 ranks (EP=2, ZeRO, 2 accumulated micro-batches of 1 sequence per
+    rank): resuming on 2 ranks restores the sharded AdamW state and continues exactly like the
+    1-process run with the same global micro-batches (micro_batch=2); resuming in 1 process from
+    the same checkpoint loads the weights (so step 4's loss, computed before its update, is
+    still the same)."""
     import shutil
 
     from moeflow.train import Trainer, TrainConfig
 
-    common = {**trainer_config(tmp_path, corpus), "out": str(tmp_path / "two")}
+    common = {**trainer_config(tmp_path, corpus), "out": str(tmp_path / "two"), "micro_batch": 1}
+    Trainer(TrainConfig(**{**common, "micro_batch": 2, "out": str(tmp_path / "ref")})).run()
+    ref = metrics(tmp_path / "ref")
     spawn(trainer_worker, 2, ({**common, "stop_at": 3}, {"ep": 2, "zero": True}, None),
           tmp_path, timeout_s=100)
     shutil.copytree(tmp_path / "two", tmp_path / "one")
     spawn(trainer_worker, 2, ({**common, "resume": True}, {"ep": 2, "zero": True}, None),
           tmp_path, timeout_s=100)
-    assert_rows_match(metrics(tmp_path / "two"), one_process_run)
-    assert [r["step"] for r in metrics(tmp_path / "two")] == list(range(6))
+    rows = metrics(tmp_path / "two")
+    assert [r["step"] for r in rows] == list(range(6))
+    assert_rows_match(rows, ref)
 
     result = Trainer(TrainConfig(**{**common, "out": str(tmp_path / "one"),
                                     "resume": True})).run()
     assert result.finished
     step4 = next(r for r in metrics(tmp_path / "one") if r["step"] == 4)
-    assert_rows_match([{"step": 4, "loss": step4["loss"]}], one_process_run)
+    assert_rows_match([{"step": 4, "loss": step4["loss"]}], ref)
+
+
+def test_hierarchical_all_to_all_matches_flat(tmp_path):
+    """4 ranks as 2 nodes × 2: same rows in the same order as the flat exchange, both ways."""
+    ranks = spawn(exchange_worker, 4, (2,), tmp_path, timeout_s=60)
+    counts = ranks[0]["counts"]
+    for dst, r in enumerate(ranks):
+        assert torch.equal(r["hier"], r["flat"])
+        assert torch.equal(r["grad_hier"], r["grad_flat"])
+        # what dst received from src is src's chunk for dst, in source order
+        expect = []
+        for src in range(4):
+            start = int(counts[src, :dst].sum())
+            expect.append(ranks[src]["sent"][start:start + int(counts[src, dst])])
+        assert torch.equal(r["flat"], torch.cat(expect))

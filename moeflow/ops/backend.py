@@ -27,8 +27,9 @@ from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
 ROUTER_BACKENDS = ("reference", "triton")
 DISPATCH_BACKENDS = ("reference", "triton")
 
-# Weight-streaming experts win while an expert averages at most this many rows (measured on H100,
-# benchmarks/NOTES-kernels.md); above it the grouped GEMM's tiles are better.
+# Weight-streaming experts win while an expert averages at most this many rows; above it the
+# grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
+# at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
 
 

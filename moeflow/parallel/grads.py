@@ -57,10 +57,14 @@ def _grad_or_zeros(p: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, groups: ProcessGroups) -> None:
-    """Average gradients over the global batch (see module docstring for the scaling)."""
+def reduce_gradients(model: nn.Module, groups: ProcessGroups, dense: bool = True) -> None:
+    """Average gradients over the global batch (see module docstring for the scaling).
+    dense=False: expert gradients only (the dense ones were reduced during backward by
+    moeflow.parallel.overlap)."""
     world = groups.layout.world
-    for group, params, _ in replication_groups(model, groups):
+    for group, params, ep_size in replication_groups(model, groups):
+        if ep_size is None and not dense:
+            continue
         params = [p for p in params if p.requires_grad]
         if not params:
             continue

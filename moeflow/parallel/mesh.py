@@ -37,7 +37,8 @@ class ParallelConfig:
     ranks_per_node ranks per node (0 = all ranks on one node). exchange: "uneven" (exact split
     sizes, needed when dropless), "capacity" (every expert gets exactly `capacity` slots from
     every rank, the DeepSpeed layout), "auto" (capacity when the router has one, else uneven).
-    zero: shard optimizer state over each parameter's data-parallel ranks (ZeRO-1/2).
+    zero: shard optimizer state over each parameter's data-parallel ranks (ZeRO-1).
+    overlap_grads: reduce dense gradients during backward (moeflow.parallel.overlap).
     """
 
     ep: int = field(default=1, metadata={
@@ -55,6 +56,8 @@ class ParallelConfig:
                 "expert), auto (capacity when the router has one)"})
     zero: bool = field(default=False, metadata={
         "help": "shard AdamW state over each parameter's data-parallel ranks (ZeRO-1)"})
+    overlap_grads: bool = field(default=True, metadata={
+        "help": "all-reduce dense gradients in buckets during backward (DDP-style overlap)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.ep, int) or self.ep < 1:

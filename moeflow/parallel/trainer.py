@@ -7,7 +7,9 @@ The loop itself (moeflow.train.trainer.Trainer) is unchanged; this class overrid
 * parallelize: the full model is built from the same seed on every rank, then sharded
   (moeflow.parallel.shard), so step 0 starts from the exact weights of a 1-process run.
 * build_optimizer: AdamW per replication group, ZeRO-sharded with ParallelConfig.zero.
-* sync_gradients / clip_gradients: moeflow.parallel.grads (global-batch mean, global norm).
+* sync_gradients / clip_gradients: moeflow.parallel.grads (global-batch mean, global norm);
+  the dense gradients' all-reduce overlaps backward (moeflow.parallel.overlap) unless
+  ParallelConfig.overlap_grads is off.
 * reduce_stats: the metrics row is the global batch's (losses averaged over ranks, expert counts
   summed), and so are the counts that drive aux-loss-free bias updates.
 * save / restore: rank 0 writes the trainer's usual checkpoint directory with the FULL model in
@@ -37,9 +39,11 @@ from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer, TrainResult
-from moeflow.parallel.grads import ShardedOptimizer, clip_grad_norm_, reduce_gradients
+from moeflow.parallel.grads import (ShardedOptimizer, clip_grad_norm_, reduce_gradients,
+                                    replication_groups)
 from moeflow.parallel.launch import DistEnv, init_distributed, shutdown
 from moeflow.parallel.mesh import ParallelConfig
+from moeflow.parallel.overlap import OverlappedGradReducer
 from moeflow.parallel.shard import gather_full_state, load_full_state, shard_model
 
 
@@ -75,7 +79,18 @@ class ParallelTrainer(Trainer):
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         self.groups = shard_model(model, self.parallel)
+        self.overlap = None
+        if self.parallel.overlap_grads and self.world > 1:
+            dense = replication_groups(model, self.groups)[0][1]
+            self.overlap = OverlappedGradReducer(dense, self.groups.world_group, self.world)
+        self._micro = 0
         return model
+
+    def forward_loss(self, input_BT, target_BT, step):
+        self._micro += 1
+        if self.overlap is not None and self._micro % self.grad_accum == 0:
+            self.overlap.arm()  # the backward after this forward is the step's last
+        return super().forward_loss(input_BT, target_BT, step)
 
     def build_optimizer(self, model: torch.nn.Module) -> ShardedOptimizer:
         decay, no_decay = [], []
@@ -89,7 +104,9 @@ class ParallelTrainer(Trainer):
                                 betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
 
     def sync_gradients(self) -> None:
-        reduce_gradients(self.model, self.groups)
+        if self.overlap is not None:
+            self.overlap.finish()
+        reduce_gradients(self.model, self.groups, dense=self.overlap is None)
 
     def clip_gradients(self, max_norm: float) -> float:
         return float(clip_grad_norm_(self.model, self.groups, max_norm))
