@@ -4,10 +4,19 @@ Examples:
   moeflow info                                # every preset: layers, experts, parameters
   moeflow info --preset 350m-pr-moe-32-64 --json
   moeflow info --config my_model.yaml
+  moeflow demo                                # train `tiny` on the stdlib, ~3 min on 2 cores
+  moeflow train --preset tiny --steps 2000 --out runs/tiny --save-every 200
+  moeflow train --preset tiny --steps 2000 --out runs/tiny --resume
+  moeflow train --config student.yaml --teacher runs/tiny --kd-stop-step 500 --out runs/mos
+  moeflow generate --checkpoint runs/tiny --prompt "def " --temperature 0.8 --top-k 40
+  moeflow plot runs/tiny                      # loss.png, expert_load.png
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
+
+`train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
+name with dashes); `generate` flags from moeflow.infer.SamplingParams.
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.
@@ -16,9 +25,11 @@ Errors in what the user gave (unknown preset, malformed config, missing file) pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 
 from moeflow.config import ModelConfig
 from moeflow.presets import PRESETS, preset
@@ -26,6 +37,50 @@ from moeflow.presets import PRESETS, preset
 
 class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported in one line (no usage dump), status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"moeflow: error: {message} (see {self.prog} --help)\n")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        helps: dict[str, str] | None = None) -> None:
+    """One flag per field of dataclass `cls` (--field-name, or metadata["flag"]).
+
+    Defaults stay in the dataclass: flags not given are absent from the namespace (SUPPRESS),
+    so `cls(**given)` applies the dataclass's own defaults and validation.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = (helps or {}).get(f.name) or f.metadata.get("help", "")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw.update(nargs="+", metavar="PATH")
+        else:
+            kw["type"] = base
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper() if base is str \
+                else base.__name__.upper()
+        if not (default is None or default is False or default == ()):
+            help_text += f" (default: {default})"
+        parser.add_argument(flag, help=help_text, **kw)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of `cls` that the command line set."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -104,6 +159,60 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from moeflow.train import TrainConfig, Trainer
+
+    fields = given(args, TrainConfig)
+    if "preset" in fields and "model_config" in fields:
+        raise UsageError("--preset and --config are mutually exclusive")
+    result = Trainer(TrainConfig(**fields)).run()
+    if result.val_losses:
+        (s0, v0), (s1, v1) = result.val_losses[0], result.val_losses[-1]
+        print(f"validation loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
+    print(f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
+          f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moeflow.infer.text import generate_text
+    from moeflow.infer.sampling import SamplingParams
+    from moeflow.train.checkpoint import load_for_inference
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    model, tokenizer = load_for_inference(args.checkpoint, device)
+    params = SamplingParams(**given(args, SamplingParams), stop_token_ids=(tokenizer.eot_id,))
+    text = generate_text(model, tokenizer, args.prompt, params, use_cache=not args.no_cache)
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moeflow.train.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moeflow.demo import run_demo
+
+    result = run_demo(steps=args.steps, out=args.out)
+    return 0 if result.val_after < result.val_before else 1
+
+
+_SAMPLING_HELP = {
+    "max_new_tokens": "tokens to generate at most",
+    "temperature": "sampling temperature; 0 = greedy",
+    "top_k": "sample among the k most likely tokens (0 = all)",
+    "top_p": "nucleus sampling: the smallest set of tokens with this much probability",
+    "seed": "seed for reproducible sampling",
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from moeflow.serve.config import ServeConfig
     from moeflow.serve.server import serve
@@ -175,7 +284,10 @@ def _add_serve_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__.split("\n")[0])
+    from moeflow.infer.sampling import SamplingParams
+    from moeflow.train.run_config import TrainConfig
+
+    parser = _Parser(prog="moeflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters and layout of presets or a config file")
@@ -184,6 +296,34 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", help="a model config file (.json or .yaml)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "train", help="train a model (default corpus: the Python standard library's source)",
+        description="Train a model. With no --data, the corpus is the source files (.py) of the "
+                    "running Python interpreter's standard library: nothing to download.")
+    add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids",), helps=_SAMPLING_HELP)
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence each step (slow; for checking the cache)")
+    p.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="PNG plots of a run: loss vs tokens, expert-load heatmap")
+    p.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("demo", help="train `tiny` on the standard library's source, show "
+                                    "the loss falling, expert loads and a sample (~3 min)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the demo's own, see moeflow/demo.py)")
+    p.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts")
     p.add_argument("src", help="checkpoint directory (moeflow or HF: Mixtral, Qwen2/3-MoE, "
@@ -207,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moeflow: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from moeflow.train.trainer import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError) or os.environ.get("MOEFLOW_DEBUG"):
+            raise
+        print(f"moeflow: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moeflow: interrupted", file=sys.stderr)
         return 130

@@ -82,7 +82,8 @@ class TrainConfig:
                                "this model", default=None)
     kd_alpha: float = _opt("weight of the distillation term", default=0.5)
     kd_temperature: float = _opt("softmax temperature of the soft labels", default=1.0)
-    kd_stop_step: int | None = _opt("staged KD: distil only before this step (default: always)",
+    kd_stop_step: int | None = _opt("staged KD: steps from this one on train without the "
+                                    "distillation term (default: distil throughout)",
                                     default=None)
     student_init: str = _opt("with --teacher: 'teacher' copies matching teacher layers into the "
                              "student, 'random' starts from scratch", default="teacher")
@@ -131,7 +132,8 @@ class TrainConfig:
         return self.teacher is not None
 
     def kd_active(self, step: int) -> bool:
-        """Whether step `step` (0-based) uses the distillation term (staged KD)."""
+        """Whether optimizer step `step` (1-based, as in metrics.jsonl) uses the distillation
+        term: staged KD switches it off from step kd_stop_step on."""
         return self.distilling and (self.kd_stop_step is None or step < self.kd_stop_step)
 
     def replace(self, **changes: Any) -> "TrainConfig":

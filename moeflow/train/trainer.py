@@ -98,14 +98,7 @@ class Trainer:
 
     def build_model(self, model_config: ModelConfig) -> torch.nn.Module:
         with torch.device(self.device):
-            model = Transformer(model_config)
-        if not model_config.router.dropless:
-            # torch._grouped_mm leaves rows outside its groups (the parked, dropped assignments)
-            # uninitialised in forward *and* backward, which puts garbage or NaN into the
-            # gradients of dropped tokens and of the last expert's bias. Until the grouped path
-            # masks those rows, train dropping models with the reference experts.
-            model.set_expert_backend("reference")
-        return model
+            return Transformer(model_config)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices only (not norms, biases, or the router's bias)."""
@@ -340,7 +333,7 @@ class Trainer:
             micro = micro.to(self.device)
             objective, stats = self.forward_loss(micro[:, :-1], micro[:, 1:], step)
             if not torch.isfinite(objective):
-                self._non_finite("loss", float(objective), step)
+                self._non_finite("loss", float(objective.detach()), step)
             (objective / self.grad_accum).backward()
             for key, value in stats.items():
                 if key == "counts":

@@ -1,0 +1,76 @@
+"""PNG plots of a run directory, from its metrics.jsonl.
+
+loss.png: training loss per step and validation loss at the validation points, against tokens
+seen (tokens make runs with different batch sizes comparable). expert_load.png: one heatmap row
+per MoE layer, one column per expert, coloured by the share of the layer's assignments the
+expert received, averaged over the validation points after step 0 (step 0 alone for a run
+that never validated later). A PR-MoE's pyramid shows as rows of different lengths; cells past a
+layer's expert count are blank. A balanced layer is one flat colour at 1/E.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moeflow.train.metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no metrics.jsonl (not a moeflow run directory)")
+    rows = read_metrics(path)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train and not val:
+        raise ValueError(f"{path} holds no losses yet")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.8,
+                label="train")
+    if val:
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{run_dir.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.append(run_dir / "loss.png")
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    loads = [r for r in val if r.get("expert_load")]
+    if loads:
+        later = [r for r in loads if r["step"] > 0] or loads
+        layers = later[-1]["moe_layers"]
+        width = max(len(x) for x in later[-1]["expert_load"])
+        share = np.full((len(layers), width), np.nan)
+        for i in range(len(layers)):
+            counts = np.array([r["expert_load"][i] for r in later], dtype=float)
+            frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            share[i, :counts.shape[1]] = frac.mean(axis=0)
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * width + 2), 0.6 * len(layers) + 1.8))
+        im = ax.imshow(share, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+        ax.set_xlabel("expert")
+        steps = [r["step"] for r in later]
+        ax.set_title(f"share of assignments per expert (validation, steps {steps[0]}–{steps[-1]})"
+                     if len(steps) > 1 else f"share of assignments per expert (step {steps[0]})",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        out.append(run_dir / "expert_load.png")
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
+    return out

@@ -1,0 +1,70 @@
+"""Shared by the training tests: a model far smaller than `tiny`, a small corpus, CLI helpers.
+
+The corpus is a copy of the standard library's `json` package (~50 KB of Python, present in
+every CPython), so tokenizer training and packing take milliseconds. The model is a 4-layer
+PR-MoE-shaped GPT (MoE layers 1 and 3 with 4 and 8 experts, top-1 with capacity, jitter noise
+so that the RNG state matters for resumption).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MICRO = {
+    "name": "micro", "arch": "gpt", "vocab_size": 320, "n_layers": 4, "d_model": 32,
+    "n_heads": 2, "max_seq_len": 32, "moe_kind": "residual_moe", "moe_every": 2,
+    "num_experts": [4, 8],
+    "router": {"top_k": 1, "min_capacity": 2, "noise": "jitter"},
+}
+
+# Flags that make every run small and fast.
+FAST = ("--batch-size", "4", "--val-every", "4", "--val-batches", "2", "--lr", "3e-3",
+        "--no-progress")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, **changes) -> Path:
+    cfg = {**MICRO, **changes}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def write_corpus(directory: Path) -> Path:
+    src = Path(json.__file__).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.py")):
+        shutil.copy(f, directory / f.name)
+    return directory
+
+
+def train_argv(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(config), "--data", str(data), "--out", str(out),
+            *FAST, *extra]
+
+
+def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120
+                ) -> subprocess.CompletedProcess:
+    """`python -m moeflow ARGV` in a fresh process (or `python -c SCRIPT ARGV`)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("MOEFLOW_DEBUG", None)
+    cmd = [sys.executable, "-c", script, *argv] if script else \
+        [sys.executable, "-m", "moeflow", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    """(step, loss, val_loss) of every metrics row, in order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes, to prove nothing was changed."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

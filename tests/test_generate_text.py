@@ -1,0 +1,86 @@
+"""`moeflow generate` on a trained checkpoint: the cache changes nothing, seeds reproduce."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from moeflow.cli import main
+from moeflow.infer.generate import generate
+from moeflow.infer.text import generate_text
+from moeflow.infer.sampling import SamplingParams
+from moeflow.train import TrainConfig, Trainer
+from moeflow.train.checkpoint import load_for_inference
+
+from _train_small import write_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    cfg = TrainConfig(model_config=str(write_config(root / "micro.json")),
+                      data=(str(write_corpus(root / "data")),), out=str(root / "run"), steps=8,
+                      batch_size=4, val_every=8, val_batches=2, lr=3e-3, progress=False)
+    Trainer(cfg).run()
+    return root / "run"
+
+
+def test_greedy_with_and_without_cache_identical(run_dir):
+    model, tokenizer = load_for_inference(run_dir)
+    prompt = torch.tensor([tokenizer.encode("def load(s, *, cls=None):\n    ")] * 2)
+    params = SamplingParams(max_new_tokens=64, temperature=0)
+    cached = generate(model, prompt, params, use_cache=True)
+    uncached = generate(model, prompt, params, use_cache=False)
+    assert cached.shape == (2, 32 - prompt.shape[1])  # no stop token: runs to the context end
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_is_reproducible_with_a_seed(run_dir):
+    model, tokenizer = load_for_inference(run_dir)
+    stop = (tokenizer.eot_id,)
+    texts = [generate_text(model, tokenizer, "import ", SamplingParams(
+        max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=seed,
+        stop_token_ids=stop)) for seed in (7, 7, 8)]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_generate_text_cuts_at_the_first_stop_token(run_dir):
+    model, tokenizer = load_for_inference(run_dir)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    ids = generate(model, torch.tensor([tokenizer.encode("x = ")]), greedy)[0].tolist()
+    stop = ids[4]
+    cut = ids[:ids.index(stop)]
+    text = generate_text(model, tokenizer, "x = ", SamplingParams(
+        max_new_tokens=12, temperature=0, stop_token_ids=(tokenizer.eot_id, stop)))
+    assert text == tokenizer.decode(cut)
+    assert len(cut) < len(ids)
+
+
+def test_prompt_longer_than_the_context_is_refused(run_dir):
+    model, tokenizer = load_for_inference(run_dir)
+    with pytest.raises(ValueError, match="the model's context is 32"):
+        generate_text(model, tokenizer, "x = 1\n" * 40, SamplingParams(temperature=0))
+
+
+def test_generate_cli(run_dir):
+    def cli(*extra):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = main(["generate", "--checkpoint", str(run_dir), "--prompt", "def ",
+                       "--max-new-tokens", "12", *extra])
+        return rc, out.getvalue()
+
+    rc, greedy = cli("--temperature", "0")
+    assert rc == 0 and greedy.startswith("def ")
+    assert cli("--temperature", "0", "--no-cache") == (0, greedy)
+    seeded = cli("--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "3")
+    assert seeded == cli("--temperature", "0.9", "--top-k", "40", "--top-p", "0.9",
+                         "--seed", "3")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["generate", "--checkpoint", str(run_dir), "--top-p", "0"]) == 2
+    assert "top_p=0.0: must be in (0, 1]" in err.getvalue()

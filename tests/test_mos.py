@@ -1,0 +1,120 @@
+"""Mixture-of-Students: the KD loss, staged KD inside one run, students started from teachers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.model import Transformer
+from moeflow.train import TrainConfig, Trainer
+from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.distill import align_layers, kd_loss
+
+from _train_small import MICRO, write_config, write_corpus
+
+
+def _cfg(out, config, corpus, **kw):
+    base = dict(model_config=str(config), data=(str(corpus),), out=str(out), batch_size=4,
+                val_every=3, val_batches=2, lr=3e-3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mos")
+    corpus = write_corpus(root / "data")
+    teacher_cfg = write_config(root / "teacher.json")
+    # The student drops the teacher's last two layers (a dense one and the 8-expert MoE one).
+    student_cfg = write_config(root / "student.json", n_layers=2, num_experts=[4])
+    Trainer(_cfg(root / "teacher", teacher_cfg, corpus, steps=6)).run()
+    return root, corpus, teacher_cfg, student_cfg
+
+
+def test_kd_loss_is_the_tempered_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    assert kd_loss(t, t.clone(), 2.0).item() == 0.0
+    T = 2.0
+    p_t = F.softmax(t / T, -1)
+    expected = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(s, t, T), expected)
+    assert kd_loss(s, t, T) > 0
+
+
+def test_student_identical_to_teacher_has_zero_kd(setup, tmp_path):
+    root, corpus, teacher_cfg, _ = setup
+    trainer = Trainer(_cfg(tmp_path / "same", teacher_cfg, corpus, steps=2,
+                           teacher=str(root / "teacher")))
+    trainer.prepare()
+    assert trainer.layer_mapping == [0, 1, 2, 3]
+    batch = trainer.loader.next_batch()
+    trainer.model.set_dropless(True)  # the teacher routes dropless; make routing identical
+    torch.manual_seed(0)
+    trainer.model.eval()
+    _, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=1)
+    assert stats["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_student_starts_from_teacher_layers(setup, tmp_path):
+    root, corpus, _, student_cfg = setup
+    trainer = Trainer(_cfg(tmp_path / "init", student_cfg, corpus, steps=2,
+                           teacher=str(root / "teacher")))
+    trainer.prepare()
+    assert trainer.layer_mapping == [0, 1]
+    assert align_layers(trainer.model, trainer.teacher) == [0, 1]
+    s, t = trainer.model.state_dict(), trainer.teacher.state_dict()
+    for name, tensor in s.items():
+        assert torch.equal(tensor, t[name]), name  # same names: layers 0, 1 + embeddings, head
+    # Random init for comparison differs.
+    fresh = Transformer(trainer.model_config)
+    assert not torch.equal(fresh.state_dict()["blocks.1.ffn.router.gate.weight"],
+                           t["blocks.1.ffn.router.gate.weight"])
+
+
+def test_staged_kd_switches_off_and_the_student_trains(setup, tmp_path):
+    root, corpus, _, student_cfg = setup
+    out = tmp_path / "student"
+    result = Trainer(_cfg(out, student_cfg, corpus, steps=6, teacher=str(root / "teacher"),
+                          kd_alpha=0.5, kd_temperature=2.0, kd_stop_step=4,
+                          student_init="random")).run()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows if "kd_loss" in r] == [1, 2, 3]
+    assert all(r["kd_loss"] > 0 for r in train_rows if "kd_loss" in r)
+    (_, first), (_, last) = result.val_losses[0], result.val_losses[-1]
+    assert last < first - 0.05
+    # The student shares the teacher's tokenizer and is saved with it.
+    ckpt = ckpt_io.latest_checkpoint(out)
+    assert ckpt_io.load_tokenizer(ckpt).to_str() == \
+        ckpt_io.load_tokenizer(ckpt_io.latest_checkpoint(root / "teacher")).to_str()
+    assert ckpt_io.load_model_config(ckpt).n_layers == 2
+
+
+def test_kd_objective_is_ce_plus_alpha_t2_kl(setup, tmp_path):
+    root, corpus, _, student_cfg = setup
+    trainer = Trainer(_cfg(tmp_path / "obj", student_cfg, corpus, steps=4,
+                           teacher=str(root / "teacher"), kd_alpha=0.3, kd_temperature=2.0,
+                           kd_stop_step=2))
+    trainer.prepare()
+    batch = trainer.loader.next_batch()
+    trainer.model.eval()  # no router noise: two forwards give the same logits
+    objective, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=1)
+    out = trainer.model(batch[:, :-1])
+    expected = stats["loss"] + out.router_loss + 0.3 * 4.0 * stats["kd_loss"]
+    torch.testing.assert_close(objective, expected)
+    objective, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=2)
+    assert "kd_loss" not in stats
+    torch.testing.assert_close(objective, stats["loss"] + out.router_loss)
+
+
+def test_teacher_with_another_width_is_refused_before_writing(setup, tmp_path):
+    root, corpus, _, _ = setup
+    wide = write_config(tmp_path / "wide.json", d_model=64, n_layers=2, num_experts=[4])
+    with pytest.raises(ValueError, match="equal widths: student d_model 64, teacher 32"):
+        Trainer(_cfg(tmp_path / "wide", wide, corpus, steps=2,
+                     teacher=str(root / "teacher"))).prepare()
+    assert not (tmp_path / "wide").exists()
+    assert MICRO["d_model"] == 32
