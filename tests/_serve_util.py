@@ -19,7 +19,7 @@ TEXTS = ["def hello(name):\n    return 'hello ' + name\n",
          "The quick brown fox jumps over the lazy dog.",
          "import os\nimport sys\nprint(sys.argv)\n",
          "Ünïcödé text: naïve café, 東京, emoji 🎉 — done"] * 5
-CONTEXT = 128
+CONTEXT = 512
 MODEL_VOCAB = 320   # larger than the tokenizer's 300: ids 300..319 are valid but unnamed
 
 

@@ -79,7 +79,7 @@ MALFORMED = [
     ("max_tokens string", C, completion(max_tokens="10"), 400, "max_tokens"),
     ("max_tokens float", C, completion(max_tokens=2.5), 400, "max_tokens"),
     ("max_tokens beyond context", C, completion(max_tokens=10**6), 400, "max_tokens"),
-    ("prompt + max_tokens over context", C, completion(prompt=[7] * 100, max_tokens=100), 400,
+    ("prompt + max_tokens over context", C, completion(prompt=[7] * (CONTEXT - 50), max_tokens=100), 400,
      "max_tokens"),
     ("prompt alone fills context", C, completion(prompt=[7] * CONTEXT, max_tokens=1), 400,
      "prompt"),
@@ -237,7 +237,7 @@ def test_clients_disconnecting_mid_stream_free_their_sequences(server):
     assert base["running"] == 0 and base["cache_used"] == 0 and base["admitted"] == 0
     aborted0 = server.metric("moeflow_sequences_finished_total", reason="abort")
     gone0 = server.metric("moeflow_client_disconnects_total")
-    body = json.dumps(completion(prompt="import os", max_tokens=110, ignore_eos=True,
+    body = json.dumps(completion(prompt="import os", max_tokens=480, ignore_eos=True,
                                  stream=True)).encode()
     socks = []
     for _ in range(5):
@@ -248,7 +248,7 @@ def test_clients_disconnecting_mid_stream_free_their_sequences(server):
         socks.append(s)
     # A non-streaming request whose client gives up too.
     plain = raw_request(server.port, C, json.dumps(completion(
-        prompt="import sys", max_tokens=110, ignore_eos=True)).encode())
+        prompt="import sys", max_tokens=480, ignore_eos=True)).encode())
     busy = server.health()
     assert busy["running"] >= 1 and busy["cache_used"] > 0 and busy["admitted"] == 6
     for s in socks + [plain]:
@@ -299,7 +299,7 @@ def test_full_queue_answers_429_and_admitted_requests_finish(checkpoint):
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoint):
     srv = ServerProcess(checkpoint, "--max-batch", "4", "--drain-timeout", "30").wait_ready()
     try:
-        body = json.dumps(completion(prompt="def", max_tokens=120, ignore_eos=True,
+        body = json.dumps(completion(prompt="def", max_tokens=300, ignore_eos=True,
                                      stream=True)).encode()
         socks = [raw_request(srv.port, C, body) for _ in range(3)]
         bufs = [b""] * 3
@@ -331,7 +331,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoi
 def test_sigterm_aborts_what_outlives_the_drain_timeout_and_exits_0(checkpoint):
     srv = ServerProcess(checkpoint, "--max-batch", "4", "--drain-timeout", "0").wait_ready()
     try:
-        body = json.dumps(completion(prompt="def", max_tokens=120, ignore_eos=True,
+        body = json.dumps(completion(prompt="def", max_tokens=400, ignore_eos=True,
                                      stream=True)).encode()
         socks = [raw_request(srv.port, C, body) for _ in range(2)]
         bufs = [b""] * 2

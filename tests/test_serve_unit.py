@@ -225,10 +225,17 @@ def test_worker_survives_a_failing_step_and_aborts_free_the_cache():
     from moeflow import Transformer
     from moeflow.infer import Engine, EngineConfig, SamplingParams
     from moeflow.serve.worker import EngineFailure, EngineWorker
-    from tests._serve_util import tiny_config
+    from tests._serve_util import CONTEXT, tiny_config
 
     class FlakyEngine(Engine):
         fail_next = False
+        fail_add = False
+
+        def add_request(self, *args, **kw):
+            if self.fail_add:
+                self.fail_add = False
+                raise KeyError("bug")
+            return super().add_request(*args, **kw)
 
         def step(self):
             if self.fail_next:
@@ -279,8 +286,13 @@ def test_worker_survives_a_failing_step_and_aborts_free_the_cache():
             # The engine's own validation surfaces as ValueError and releases the slots.
             assert worker.try_admit(1)
             with pytest.raises(ValueError, match="max_new_tokens"):
-                await worker.submit([(1,) * 100], [long], "d")
+                await worker.submit([(1,) * (CONTEXT - 50)], [long], "d")
             assert worker.outstanding == 0
+            engine.fail_add = True
+            assert worker.try_admit(1)
+            with pytest.raises(RuntimeError, match="could not add"):
+                await worker.submit([(1, 2)], [long], "e")
+            assert worker.outstanding == 0 and worker.alive
         finally:
             worker.stop()
         assert not worker.alive

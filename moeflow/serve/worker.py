@@ -93,7 +93,7 @@ class EngineWorker:
         self._commands.put(("add", handle, prompts, params, ack))
         try:
             await ack
-        except ValueError:
+        except BaseException:
             self.outstanding -= len(prompts)
             raise
         return handle
@@ -151,7 +151,11 @@ class EngineWorker:
             if cmd[0] == "stop":
                 self._fail(active, "server shutting down")
                 return False
-            self._command(cmd, active, out)
+            try:
+                self._command(cmd, active, out)
+            except Exception as e:  # noqa: BLE001 - e.g. abort failed: reset, keep serving
+                log.error("engine command %s failed:\n%s", cmd[0], traceback.format_exc())
+                self._fail(active, f"engine {cmd[0]} failed: {type(e).__name__}: {e}")
         if self.engine.has_work():
             try:
                 events = self.engine.step()
@@ -180,10 +184,13 @@ class EngineWorker:
                 for rid, prompt, p in zip(handle.request_ids, prompts, params):
                     self.engine.add_request(list(prompt), p, request_id=rid)
                     added.append(rid)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - ValueError is the client's, others ours
+                if not isinstance(e, ValueError):
+                    log.error("add_request failed:\n%s", traceback.format_exc())
+                    e = RuntimeError(f"the engine could not add the request: {e}")
                 for rid in added:
                     self.engine.abort(rid)
-                self._loop.call_soon_threadsafe(self._resolve, ack, ValueError(str(e)))
+                self._loop.call_soon_threadsafe(self._resolve, ack, e)
                 return
             for i, rid in enumerate(handle.request_ids):
                 active[rid] = (handle, i)
