@@ -9,8 +9,9 @@
     python benchmarks/train_throughput.py --report single.json ep2.json ep4.json > results.md
 
 What is measured. One training step = forward, cross-entropy + router loss, backward, gradient
-reduction (moeflow.parallel.grads; none on one GPU), AdamW step. The model and AdamW run in bf16
-(no fp32 master copy), with moeflow's default kernel choice ("auto"). Each step is timed with CUDA
+reduction (moeflow.parallel.grads and .overlap; none on one GPU), AdamW step; the results of
+2026-11-22 in benchmarks/results/parallel.md predate the overlapped reduction. The model and
+AdamW run in bf16 (no fp32 master copy), with moeflow's default kernel choice ("auto"). Each step is timed with CUDA
 events after warm-up steps; the median is reported. Per GPU, every step sees micro_batch × seq
 fresh random tokens, so with EP=N the global batch is N times larger (weak scaling): efficiency =
 (tokens/s per GPU at N) / (tokens/s on one GPU without expert parallelism).
@@ -103,10 +104,16 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     if args.ep > 1:
         from moeflow.parallel import ParallelConfig, shard_model
         groups = shard_model(model, ParallelConfig(ep=args.ep))
+    overlap = None
     if groups is not None:
         from moeflow.parallel import ShardedOptimizer, reduce_gradients
+        from moeflow.parallel.grads import replication_groups
+        from moeflow.parallel.overlap import OverlappedGradReducer
         opt = ShardedOptimizer(model, groups, torch.optim.AdamW, lr=1e-4,
                                fused=device.type == "cuda")
+        if not args.no_overlap:
+            dense = replication_groups(model, groups)[0][1]
+            overlap = OverlappedGradReducer(dense, groups.world_group, world)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device=device).manual_seed(1000 + rank)
@@ -116,9 +123,13 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
         tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
         out = model(tokens[:, :-1])
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        if overlap is not None:
+            overlap.arm()
         (loss + out.router_loss).backward()
+        if overlap is not None:
+            overlap.finish()
         if groups is not None:
-            reduce_gradients(model, groups)
+            reduce_gradients(model, groups, dense=overlap is None)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -131,6 +142,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     total, active = parameter_counts(config)
     flops = model_flops_per_token(config, T)
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
+           "overlap_grads": overlap is not None,
            "micro_batch": B, "seq": T, "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
            "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
@@ -226,6 +238,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="reduce dense gradients after backward instead of during it")
     p.add_argument("--a2a", action="store_true", help="also measure all-to-all bandwidth")
     p.add_argument("--a2a-mib", type=int, nargs="+", default=[8, 64, 256, 1024])
     p.add_argument("--a2a-reps", type=int, default=10)
