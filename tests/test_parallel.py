@@ -210,7 +210,10 @@ def assert_rows_match(rows, ref, keys=("loss", "aux_loss", "val_loss", "grad_nor
         assert ("loss" in b) == ("loss" in a)
         for key in keys:
             if key in b:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+                # fp32 losses to 1e-5; the gradient norm, summed in another order per layout
+                # and amplified by AdamW where second moments are small, to 5e-5 relative
+                tol = {"rel": 5e-5} if key == "grad_norm" else {"abs": 1e-5}
+                assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
         if "expert_load" in b and "val_loss" in keys:
             assert a["expert_load"] == b["expert_load"]
 
