@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import sys
 import time
@@ -47,7 +48,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--out")
+    p.add_argument("--watchdog", type=float, default=0,
+                   help="seconds after which every rank prints its stacks and exits (0: never)")
     args = p.parse_args()
+    if args.watchdog > 0:  # a stuck collective then leaves a trace of where each rank waits
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
     env = init_distributed()
     device = env.device
     torch.backends.cuda.matmul.allow_tf32 = False

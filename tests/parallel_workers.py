@@ -57,18 +57,17 @@ def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0
 # ---- workers --------------------------------------------------------------------------------
 
 def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
-    """Run each scenario {name: (config dict, ParallelConfig kwargs, zero gates)} through
+    """Run each scenario {name: (config dict, ParallelConfig kwargs, tweaks)} through
     `run_steps`; then save the first scenario's initial model with moeflow.parallel's
     checkpoint and report its logits and next-step losses."""
     from moeflow.parallel.equality import build_model
     from moeflow.parallel.shard import shard_model
 
     out = {}
-    for name, (config_dict, parallel_kwargs, force_one_expert) in scenarios.items():
+    for name, (config_dict, parallel_kwargs, tweaks) in scenarios.items():
         config = ModelConfig.from_dict(config_dict)
         model = build_model(config, seed=0, device="cpu")
-        if force_one_expert:
-            zero_gates(model)
+        tweak(model, tweaks)
         out[name] = run_steps(config, ParallelConfig(**parallel_kwargs), model=model,
                               batches=batches)
     config_dict, parallel_kwargs, _ = next(iter(scenarios.values()))
@@ -79,11 +78,15 @@ def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
     return out
 
 
-def zero_gates(model) -> None:
-    """All router scores equal: the stable top-k sends every token to expert 0 (then 1, ...)."""
+def tweak(model, tweaks: tuple[str, ...]) -> None:
+    """"one_expert": all router scores equal, so the stable top-k sends every token to expert 0
+    (then 1, ...). "reference_experts": the plain-torch expert path (it skips empty experts)."""
     for layer in model.moe_layers():
-        torch.nn.init.zeros_(layer.router.gate.weight)
-        layer.router.gate.weight.requires_grad_(False)
+        if "one_expert" in tweaks:
+            torch.nn.init.zeros_(layer.router.gate.weight)
+            layer.router.gate.weight.requires_grad_(False)
+        if "reference_experts" in tweaks:
+            layer.experts.backend = "reference"
 
 
 def next_step(model, batches, eval_tokens, sharded):

@@ -21,7 +21,7 @@ from moeflow.parallel.equality import build_model, run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
 from moeflow.presets import preset
 from tests.parallel_workers import (exchange_worker, free_port, next_step, scenarios_worker,
-                                     spawn, trainer_worker, zero_gates)
+                                     spawn, trainer_worker, tweak)
 
 STEPS, BATCH, SEQ = 4, 4, 16
 
@@ -32,19 +32,23 @@ def tiny(**router) -> ModelConfig:
 
 
 SCENARIOS = {
-    # name: (model config, ParallelConfig kwargs, all tokens on one expert)
-    "ep2_dropless": (tiny(dropless=True), {"ep": 2}, False),
-    "ep1_replicas": (tiny(dropless=True), {"ep": 1}, False),
+    # name: (model config, ParallelConfig kwargs, model tweaks (tests.parallel_workers.tweak))
+    "ep2_dropless": (tiny(dropless=True), {"ep": 2}, ()),
+    "ep1_replicas": (tiny(dropless=True), {"ep": 1}, ()),
     "ep2_hierarchical": (tiny(dropless=True), {"ep": 2, "hierarchical": True,
-                                                "ranks_per_node": 1}, False),
+                                                "ranks_per_node": 1}, ()),
     "ep2_capacity": (tiny(dropless=False, capacity_factor=8.0), {"ep": 2, "exchange": "capacity"},
-                     False),
+                     ()),
     # layer 1 has a single expert: sliced over both ranks (tensor-parallel expert)
     "ep2_sliced_zero": (tiny(dropless=True).replace(num_experts=(1, 2)),
-                        {"ep": 2, "expert_slicing": True, "zero": True}, False),
+                        {"ep": 2, "expert_slicing": True, "zero": True}, ()),
     # a layer with fewer experts than ep, not sliced: 1 EP rank and 2 replicas for it
-    "ep2_replicated_layer": (tiny(dropless=True).replace(num_experts=(1, 2)), {"ep": 2}, False),
-    "ep2_one_expert": (tiny(dropless=True), {"ep": 2}, True),
+    "ep2_replicated_layer": (tiny(dropless=True).replace(num_experts=(1, 2)), {"ep": 2}, ()),
+    "ep2_one_expert": (tiny(dropless=True), {"ep": 2}, ("one_expert",)),
+    # the reference expert path skips empty experts: rank 1's output has no autograd path to
+    # the rows it received, and its backward must still run the exchange (it hung under NCCL)
+    "ep2_one_expert_reference": (tiny(dropless=True), {"ep": 2},
+                                 ("one_expert", "reference_experts")),
 }
 
 
@@ -52,9 +56,9 @@ SCENARIOS = {
 # one process: the fixed-capacity and the uneven exchange must compute the same thing.
 DROP_SCENARIOS = {
     "ep2_drops_capacity": (tiny(dropless=False, capacity_factor=1.0),
-                           {"ep": 2, "exchange": "capacity"}, False),
+                           {"ep": 2, "exchange": "capacity"}, ()),
     "ep2_drops_uneven": (tiny(dropless=False, capacity_factor=1.0),
-                         {"ep": 2, "exchange": "uneven"}, False),
+                         {"ep": 2, "exchange": "uneven"}, ()),
 }
 
 
@@ -63,10 +67,9 @@ def batches_for(config: ModelConfig, steps: int = STEPS) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (steps, BATCH, SEQ + 1), generator=g)
 
 
-def single_process(config: ModelConfig, force_one_expert: bool) -> dict:
+def single_process(config: ModelConfig, tweaks: tuple[str, ...]) -> dict:
     model = build_model(config, seed=0, device="cpu")
-    if force_one_expert:
-        zero_gates(model)
+    tweak(model, tweaks)
     return run_steps(config, None, model=model, batches=batches_for(config))
 
 
@@ -84,8 +87,8 @@ def scenario_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_match_one_process(scenario_runs, name):
-    config, _, force = SCENARIOS[name]
-    ref = single_process(config, force)
+    config, _, tweaks = SCENARIOS[name]
+    ref = single_process(config, tweaks)
     r0, r1 = (r[name] for r in scenario_runs["ranks"])
     assert r0["losses"] == r1["losses"]  # every rank reports the global-batch loss
     assert r0["losses"] == pytest.approx(ref["losses"], abs=1e-5)
@@ -106,9 +109,10 @@ def test_capacity_exchange_with_drops_matches_uneven_exchange(scenario_runs):
             torch.testing.assert_close(g, uneven["expert_grads"][key], atol=1e-6, rtol=1e-4)
 
 
-def test_forced_single_expert_leaves_ranks_idle(scenario_runs):
+@pytest.mark.parametrize("name", ["ep2_one_expert", "ep2_one_expert_reference"])
+def test_forced_single_expert_leaves_ranks_idle(scenario_runs, name):
     """All tokens on expert 0: rank 1 holds experts that receive nothing, and still finished."""
-    r1 = scenario_runs["ranks"][1]["ep2_one_expert"]
+    r1 = scenario_runs["ranks"][1][name]
     idle = [g for k, g in r1["expert_grads"].items()]
     assert idle and all(torch.count_nonzero(g) == 0 for g in idle)
 

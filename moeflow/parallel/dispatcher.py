@@ -50,9 +50,28 @@ class ExchangePlan:
     send_index: torch.Tensor | None  # sorted row behind each sent row (slicing), None: identity
     num_kept: int
     capacity: int | None  # fixed-capacity exchange: slots per expert
+    # The rows dispatch returned: combine ties the experts' output to them (see _TieToRows).
+    rows: torch.Tensor | None = None
     # No rows past ends_E[-1]: the uneven exchange sends only kept rows, the capacity exchange
     # pads inside each expert's block (padding rows are computed but never read back).
     parked: bool = False
+
+
+class _TieToRows(torch.autograd.Function):
+    """Identity on y_ND that also makes the received rows an autograd input of the combine.
+
+    A rank whose experts receive no rows (or an expert path that skips empty experts) computes
+    an output with no autograd path back to the rows it received; its backward would then skip
+    the dispatch exchange's backward while the other ranks wait in theirs (a hang under NCCL).
+    With the tie, every rank runs every exchange backward."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, rows_ND: torch.Tensor) -> torch.Tensor:
+        return y_ND.view_as(y_ND)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        return grad_ND, None
 
 
 class AllToAllDispatcher:
@@ -122,9 +141,10 @@ class AllToAllDispatcher:
         regroup = transpose_chunks(recv_PX)
         unregroup = transpose_chunks(recv_PX.t().contiguous())
         ends_E = torch.cumsum(recv_PX.sum(0), 0)
+        x_ND = x_recv[regroup]
         plan = ExchangePlan(ends_E, local, send_splits, recv_splits, counts_PP, regroup,
-                            unregroup, send_index, num_kept, None)
-        return x_recv[regroup], plan
+                            unregroup, send_index, num_kept, None, rows=x_ND)
+        return x_ND, plan
 
     def _dispatch_capacity(self, x_TD, routing):
         lay = self.layout
@@ -150,7 +170,7 @@ class AllToAllDispatcher:
         ends_E = torch.arange(1, El + 1, device=x_TD.device) * (P * C)
         local = DispatchPlan(token_N=token_N, row_TK=pos_TK, ends_E=ends_E, parked=False)
         plan = ExchangePlan(ends_E, local, splits, splits, counts_PP, None, None, None,
-                            int(kept.sum()), C)
+                            int(kept.sum()), C, rows=x_ND)
         return x_ND, plan
 
     # ---- combine -----------------------------------------------------------------------------
@@ -160,6 +180,8 @@ class AllToAllDispatcher:
         P, s = lay.ep_size, lay.slices
         El = len(lay.expert_ids)
         D = y_ND.shape[-1]
+        if plan.rows is not None and plan.rows.requires_grad:
+            y_ND = _TieToRows.apply(y_ND, plan.rows)
         if plan.capacity is not None:
             C = plan.capacity
             y = y_ND.view(El, P, C, D).transpose(0, 1).reshape(P * El * C, D)

@@ -104,10 +104,10 @@ def serve(config: ServeConfig) -> int:
     """Load, serve until signalled, drain; returns the exit status (0 after a clean drain)."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
+    state = build_state(config)  # a bad model path fails here, before any process-wide change
     threads = torch_threads(config)
     if threads is not None:
         torch.set_num_threads(threads)
-    state = build_state(config)
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port,
                                log_level=config.log_level, access_log=False,
