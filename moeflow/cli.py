@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="train `tiny` on the standard library's source, show "
-                                    "the loss falling, expert loads and a sample (~3 min)")
+    demo_help = ("train `tiny` on the running Python's standard-library sources (no download), "
+                 "show the validation loss falling, expert loads and a sample (~2-3 min)")
+    p = sub.add_parser("demo", help=demo_help, description=demo_help)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: the demo's own, see moeflow/demo.py)")
     p.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
