@@ -94,13 +94,7 @@ class ParallelTrainer(Trainer):
         return super().forward_loss(input_BT, target_BT, step)
 
     def build_optimizer(self, model: torch.nn.Module) -> ShardedOptimizer:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return ShardedOptimizer(model, self.groups, torch.optim.AdamW, groups,
+        return ShardedOptimizer(model, self.groups, torch.optim.AdamW, self.param_groups(model),
                                 zero=self.parallel.zero, lr=self.cfg.lr,
                                 betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
 

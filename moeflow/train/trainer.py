@@ -100,16 +100,18 @@ class Trainer:
         with torch.device(self.device):
             return Transformer(model_config)
 
-    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """AdamW; weight decay on matrices only (not norms, biases, or the router's bias)."""
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        """Weight decay on matrices only (not norms, biases, or the router's bias)."""
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                 eps=1e-8)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.param_groups(model), lr=self.cfg.lr,
+                                 betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         """Spread the (full, initialised) model over ranks; nothing to do on one process."""
