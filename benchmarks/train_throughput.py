@@ -92,6 +92,26 @@ def timed(fn, warmup: int, reps: int, device: torch.device) -> list[float]:
     return out
 
 
+def profile_steps(step, path: str, device: torch.device, steps: int = 2) -> None:
+    """Profile `steps` more steps; write the ops by GPU time (self) and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - t0) / steps
+    avg = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(path).write_text(f"{steps} steps profiled, {wall * 1e3:.1f} ms wall per step\n\n"
+                          + avg.table(sort_by=sort, row_limit=40) + "\n\n"
+                          + avg.table(sort_by="cpu_time_total", row_limit=25) + "\n")
+
+
 def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
@@ -134,6 +154,8 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times = timed(step, args.warmup, args.steps, device)
+    if args.profile:
+        profile_steps(step, f"{args.profile}.rank{rank}.txt", device)
     if world > 1:  # the slowest rank sets the pace
         t = torch.tensor(times, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -244,6 +266,8 @@ def main() -> None:
     p.add_argument("--a2a-mib", type=int, nargs="+", default=[8, 64, 256, 1024])
     p.add_argument("--a2a-reps", type=int, default=10)
     p.add_argument("--out", help="JSON file to write (rank 0)")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="after timing, profile 2 steps into PREFIX.rank<r>.txt (torch.profiler)")
     p.add_argument("--report", nargs="+", help="JSON files to summarise as a markdown table")
     args = p.parse_args()
     if args.report:

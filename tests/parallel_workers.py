@@ -80,13 +80,17 @@ def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
 
 def tweak(model, tweaks: tuple[str, ...]) -> None:
     """"one_expert": all router scores equal, so the stable top-k sends every token to expert 0
-    (then 1, ...). "reference_experts": the plain-torch expert path (it skips empty experts)."""
+    (then 1, ...). "reference_experts": the plain-torch expert path (it skips empty experts).
+    "triton_dispatch": the Triton mapping-table gather and combine (CUDA's default), run by
+    Triton's interpreter on CPU."""
     for layer in model.moe_layers():
         if "one_expert" in tweaks:
             torch.nn.init.zeros_(layer.router.gate.weight)
             layer.router.gate.weight.requires_grad_(False)
         if "reference_experts" in tweaks:
             layer.experts.backend = "reference"
+        if "triton_dispatch" in tweaks:
+            layer.dispatcher.backend = "triton"
 
 
 def next_step(model, batches, eval_tokens, sharded):

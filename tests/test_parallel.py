@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 
+from tests._triton_cpu import TRITON  # noqa: I001  (on CPU: Triton's interpreter, for the ranks too)
 from moeflow.config import ModelConfig
 from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
 from moeflow.parallel.checkpoint import save_checkpoint
@@ -50,6 +51,11 @@ SCENARIOS = {
     "ep2_one_expert_reference": (tiny(dropless=True), {"ep": 2},
                                  ("one_expert", "reference_experts")),
 }
+if TRITON:
+    SCENARIOS["ep2_triton_dispatch"] = (tiny(dropless=True), {"ep": 2}, ("triton_dispatch",))
+    SCENARIOS["ep2_capacity_triton_dispatch"] = (
+        tiny(dropless=False, capacity_factor=8.0), {"ep": 2, "exchange": "capacity"},
+        ("triton_dispatch",))
 
 
 # Capacity dropping is decided per rank, so these runs are compared with each other, not with
@@ -60,6 +66,10 @@ DROP_SCENARIOS = {
     "ep2_drops_uneven": (tiny(dropless=False, capacity_factor=1.0),
                          {"ep": 2, "exchange": "uneven"}, ()),
 }
+if TRITON:  # dropped assignments parked behind the kept rows of the Triton gather
+    DROP_SCENARIOS["ep2_drops_uneven_triton_dispatch"] = (
+        tiny(dropless=False, capacity_factor=1.0), {"ep": 2, "exchange": "uneven"},
+        ("triton_dispatch",))
 
 
 def batches_for(config: ModelConfig, steps: int = STEPS) -> torch.Tensor:
@@ -101,9 +111,10 @@ def test_two_ranks_match_one_process(scenario_runs, name):
                                    atol=1e-6, rtol=1e-4, msg=key)
 
 
-def test_capacity_exchange_with_drops_matches_uneven_exchange(scenario_runs):
+@pytest.mark.parametrize("other", list(DROP_SCENARIOS)[1:])
+def test_capacity_exchange_with_drops_matches_uneven_exchange(scenario_runs, other):
     for r in scenario_runs["ranks"]:
-        cap, uneven = r["ep2_drops_capacity"], r["ep2_drops_uneven"]
+        cap, uneven = r["ep2_drops_capacity"], r[other]
         assert cap["losses"] == pytest.approx(uneven["losses"], abs=1e-5)
         for key, g in cap["expert_grads"].items():
             torch.testing.assert_close(g, uneven["expert_grads"][key], atol=1e-6, rtol=1e-4)

@@ -4,8 +4,8 @@ dispatch(x_TD, routing) -> (x_ND, plan): this rank's tokens are sorted by global
 LocalDispatcher sorts them), sent to the ranks owning those experts, and the rows received from
 every rank of the EP group are regrouped expert-major, so the local `Experts` module computes them
 unchanged with `plan.ends_E` (cumulative rows per *local* expert). combine(y_ND, plan, routing)
-runs the same path backwards and sums each token's K outputs with its routing weights, through the
-same `combine_rows` as the local path. Autograd flows through both exchanges.
+runs the same path backwards and sums each token's K outputs with its routing weights. The local
+sort and the weighted sum are a LocalDispatcher's (its backend: Triton on CUDA). Autograd flows through both exchanges.
 
 Experts are laid out contiguously (global expert g on EP position g // El), so rows sorted by
 global expert are already grouped by destination rank. With expert slicing (El = 1, s ranks per
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moeflow.model.dispatch import DispatchPlan, combine_rows, sort_by_expert
+from moeflow.model.dispatch import DispatchPlan, LocalDispatcher
 from moeflow.model.router import RoutingResult
 from moeflow.parallel.all_to_all import (all_to_all, chunk_index, exchange_counts, gather_counts,
                                          hierarchical_all_to_all, transpose_chunks)
@@ -78,11 +78,23 @@ class AllToAllDispatcher:
     """Dispatcher for one MoE layer whose experts are spread over an EP group."""
 
     def __init__(self, layout: LayerLayout, groups: ExchangeGroups, exchange: str = "auto",
-                 hierarchical: bool = False) -> None:
+                 hierarchical: bool = False, backend: str = "auto") -> None:
         self.layout = layout
         self.groups = groups
         self.exchange = exchange
         self.hierarchical = hierarchical and groups.ranks_per_node > 0
+        # This rank's own sort by expert and weighted combine (the uneven exchange): the same
+        # implementations as on one process (Triton's mapping-table gather on CUDA, whose
+        # backward sums each token's rows without an accumulating scatter).
+        self.local = LocalDispatcher(backend)
+
+    @property
+    def backend(self) -> str:
+        return self.local.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.local.backend = value
 
     # ---- the two exchanges -------------------------------------------------------------------
     def _send(self, x_ND, send_splits, recv_splits, counts_PP):
@@ -113,7 +125,7 @@ class AllToAllDispatcher:
         lay = self.layout
         P, s = lay.ep_size, lay.slices
         El = len(lay.expert_ids)
-        local = sort_by_expert(routing)
+        x_sorted_ND, local = self.local.dispatch(x_TD, routing)
         counts_E = routing.counts_E
         send_index = None
         if s > 1:
@@ -134,10 +146,10 @@ class AllToAllDispatcher:
         host = torch.cat([send_PX.sum(1), recv_PX.sum(1), counts_E.sum().view(1)]).tolist()
         send_splits, recv_splits, num_kept = host[:P], host[P:2 * P], host[-1]
 
-        rows = local.token_N[:num_kept]
+        x_send = x_sorted_ND[:num_kept]  # kept rows come first, dropped ones are parked after
         if send_index is not None:
-            rows = rows[send_index]
-        x_recv = self._send(x_TD[rows], send_splits, recv_splits, counts_PP)
+            x_send = x_send[send_index]
+        x_recv = self._send(x_send, send_splits, recv_splits, counts_PP)
         regroup = transpose_chunks(recv_PX)
         unregroup = transpose_chunks(recv_PX.t().contiguous())
         ends_E = torch.cumsum(recv_PX.sum(0), 0)
@@ -188,10 +200,11 @@ class AllToAllDispatcher:
             y = self._return(y, plan)
             if s > 1:
                 y = y.view(P // s, s, C, D).sum(1).reshape(-1, D)
-            return combine_rows(y, plan.local, routing)
+            return self.local.combine(y, plan.local, routing)
         y_back = self._return(y_ND[plan.unregroup_N], plan)
         if plan.send_index is not None:
             y_back = y_back.new_zeros(plan.num_kept, D).index_add(0, plan.send_index, y_back)
         T, K = routing.ids_TK.shape
-        parked = y_back.new_zeros(T * K - plan.num_kept, D)
-        return combine_rows(torch.cat([y_back, parked]), plan.local, routing)
+        if plan.num_kept < T * K:  # rows for the parked (dropped) assignments, never weighted in
+            y_back = torch.cat([y_back, y_back.new_zeros(T * K - plan.num_kept, D)])
+        return self.local.combine(y_back, plan.local, routing)
