@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from tests._triton_cpu import TRITON  # noqa: I001  (on CPU: Triton's interpreter, for the ranks too)
+from tests._triton_cpu import TRITON  # noqa: I001  (sets Triton's interpreter on CPU, ranks too)
 from moeflow.config import ModelConfig
 from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
 from moeflow.parallel.checkpoint import save_checkpoint

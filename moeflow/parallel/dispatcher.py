@@ -5,7 +5,8 @@ LocalDispatcher sorts them), sent to the ranks owning those experts, and the row
 every rank of the EP group are regrouped expert-major, so the local `Experts` module computes them
 unchanged with `plan.ends_E` (cumulative rows per *local* expert). combine(y_ND, plan, routing)
 runs the same path backwards and sums each token's K outputs with its routing weights. The local
-sort and the weighted sum are a LocalDispatcher's (its backend: Triton on CUDA). Autograd flows through both exchanges.
+sort and the weighted sum are a LocalDispatcher's (Triton on CUDA, as on one process). Autograd
+flows through both exchanges.
 
 Experts are laid out contiguously (global expert g on EP position g // El), so rows sorted by
 global expert are already grouped by destination rank. With expert slicing (El = 1, s ranks per
@@ -83,9 +84,9 @@ class AllToAllDispatcher:
         self.groups = groups
         self.exchange = exchange
         self.hierarchical = hierarchical and groups.ranks_per_node > 0
-        # This rank's own sort by expert and weighted combine (the uneven exchange): the same
-        # implementations as on one process (Triton's mapping-table gather on CUDA, whose
-        # backward sums each token's rows without an accumulating scatter).
+        # This rank's own sort by expert (uneven exchange) and weighted combine (both): the
+        # implementations of one process (on CUDA Triton's mapping-table gather, whose backward
+        # sums each token's rows without an accumulating scatter, and the fused combine).
         self.local = LocalDispatcher(backend)
 
     @property
