@@ -1,12 +1,13 @@
-"""The distributed-equality check on GPUs (NCCL): 2 ranks with EP=2 against one process.
+"""The distributed-equality check on GPUs (NCCL): N ranks, EP=2 and EP=N, against one process.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/parallel_equality.py --out eq.json
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/parallel_equality.py --out eq4.json
 
 The same scenarios as tests/test_parallel.py runs on CPU with gloo, in fp32 on CUDA: the `tiny`
 preset made dropless, trained for 5 AdamW steps on fixed random batches, once sharded (each rank
-runs half of every global batch) and once in rank 0's process alone; the per-step losses and the
+runs its share of every global batch) and once in rank 0's process alone; the per-step losses and the
 step-0 expert gradients (by global expert id) are compared. "one_expert" zeroes the router so
-every token goes to expert 0 and the second rank's experts receive nothing (it must not hang).
+every token goes to expert 0 and the other ranks' experts receive nothing (it must not hang).
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ from moeflow.parallel.equality import build_model, run_steps, slice_of_full  # n
 from moeflow.parallel.launch import init_distributed, shutdown  # noqa: E402
 from moeflow.presets import preset  # noqa: E402
 
-SCENARIOS = {
-    "ep2_dropless": ({"ep": 2}, False),
-    "ep2_hierarchical": ({"ep": 2, "hierarchical": True, "ranks_per_node": 1}, False),
-    "ep2_one_expert": ({"ep": 2}, True),
-}
+def scenarios(world: int) -> dict[str, tuple[dict, bool]]:
+    """name -> (ParallelConfig kwargs, all tokens on one expert). EP = 2 on any world size (the
+    rest data parallel), plus EP = world where that differs; hierarchical treats the ranks as
+    nodes of 2 (of 1 on 2 ranks)."""
+    out = {}
+    for ep in sorted({2, world}):
+        rpn = 2 if ep >= 4 else 1
+        out[f"ep{ep}_dropless"] = ({"ep": ep}, False)
+        out[f"ep{ep}_hierarchical"] = ({"ep": ep, "hierarchical": True, "ranks_per_node": rpn},
+                                       False)
+        out[f"ep{ep}_one_expert"] = ({"ep": ep}, True)
+    return out
 
 
 def zero_gates(model) -> None:
@@ -63,7 +71,7 @@ def main() -> None:
     batches = torch.randint(0, config.vocab_size, (args.steps, args.batch, args.seq + 1),
                             generator=g)
     results = {}
-    for name, (parallel, force) in SCENARIOS.items():
+    for name, (parallel, force) in scenarios(env.world).items():
         model = build_model(config, seed=0, device=device)
         if force:
             zero_gates(model)

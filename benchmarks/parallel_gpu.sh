@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The expert-parallel GPU session on one host with 2 or 4 GPUs (recorded in benchmarks/results/):
-#   single-GPU throughput + MFU, NCCL equality (2 GPUs), EP weak scaling 1 -> 2 (-> 4) with the
-#   all-to-all bandwidth next to NCCL's.  Usage: OUT=dir benchmarks/parallel_gpu.sh
+#   single-GPU throughput + MFU, NCCL equality (2 and 4 GPUs), EP weak scaling 1 -> 2 (-> 4)
+#   with the all-to-all bandwidth next to NCCL's.  Usage: OUT=dir benchmarks/parallel_gpu.sh
 # With GPU_TESTS=1 the CUDA parity tests (kernels, engine) run on the second GPU while the
 # single-GPU measurement runs on the first.
 set -u
@@ -33,12 +33,15 @@ CUDA_VISIBLE_DEVICES=0,1 timeout "$T" torchrun --nproc-per-node 2 --master-port 
     > "$OUT/ep2.log" 2>&1
 
 if [ "$N" -ge 4 ]; then
+    timeout 170 torchrun --nproc-per-node 4 --master-port 29614 benchmarks/parallel_equality.py \
+        --watchdog 150 --out "$OUT/equality4.json" > "$OUT/equality4.log" 2>&1
     timeout "$T" torchrun --nproc-per-node 4 --master-port 29613 \
         benchmarks/train_throughput.py --ep 4 --micro-batch "$B" --a2a --out "$OUT/ep4.json" \
         > "$OUT/ep4.log" 2>&1
 fi
 
-for f in gpus.txt single.log equality.log ep2.log ep4.log; do
+for f in gpus.txt single.log equality.log ep2.log equality4.log ep4.log; do
     [ -f "$OUT/$f" ] && { echo "===== $f"; head -c 20000 "$OUT/$f"; }
 done > "$OUT/all.log"
-rm -f "$OUT"/single.log "$OUT"/ep2.log "$OUT"/equality.log "$OUT"/ep4.log "$OUT"/gpus.txt
+rm -f "$OUT"/single.log "$OUT"/ep2.log "$OUT"/equality.log "$OUT"/equality4.log "$OUT"/ep4.log \
+      "$OUT"/gpus.txt
