@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 ARCHS = ("gpt", "llama")
 MOE_KINDS = ("moe", "residual_moe")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "random")
-NOISE_KINDS = ("none", "jitter", "rsample")
+NOISE_KINDS = ("none", "jitter", "rsample", "rsample_second")
+AUX_CHOICES = ("first", "all")
 GROUP_SCORES = ("top2_sum", "max")
 QK_NORM_SCOPES = ("head", "full")
 
@@ -40,38 +42,55 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """How tokens pick experts (DeepSpeed-MoE gating semantics, plus later refinements).
+    """How tokens pick experts: DeepSpeed-MoE's gating by default, plus later refinements.
 
     top_k: experts per token. score_func: softmax over experts or per-expert sigmoid (fp32).
-    capacity_factor / eval_capacity_factor: capacity = ceil(k*T/E*factor), at least min_capacity.
+    capacity_factor / eval_capacity_factor: slots per expert (see `capacity`);
+    eval_capacity_factor=None routes dropless in eval mode (what a served model does).
     dropless: never drop (capacity ignored). drop_policy: which over-capacity tokens go —
     "position" keeps the earliest tokens, "random" is Random Token Selection.
-    noise: "jitter" multiplies router inputs by U(1-eps, 1+eps), "rsample" adds Gumbel noise to
-    the scores used for selection; both in training only.
-    normalize_topk: renormalise the k selected weights to sum to 1. routed_scaling: multiplies
-    the weights (DeepSeek-V3). num_groups / topk_groups: group-limited routing (DeepSeek-V2/V3);
-    group_score ranks groups by the sum of their two best scores ("top2_sum", DeepSeek-V3) or by
-    their best score ("max", DeepSeek-V2's group_limited_greedy).
+    noise (training only): "jitter" multiplies router inputs by U(1-eps, 1+eps); "rsample" adds
+    Gumbel noise to the logits that pick every choice; "rsample_second" adds it only to the
+    logits that pick the 2nd..k-th choice (DeepSpeed top-2's `top2_2nd_expert_sampling`, which
+    DeepSpeed also applies at eval; moeflow keeps eval deterministic).
+    normalize_topk: divide each token's kept weights by their sum (clamped at fp32 eps), so the
+    routes that survived capacity carry all of the token's weight; None = DeepSpeed's rule
+    (normalise when top_k >= 2, raw probabilities for top-1). routed_scaling multiplies the
+    weights (DeepSeek-V3). aux_loss_choices: which assignments make the balance loss's f_e —
+    "first" choices only or "all" k; None = DeepSpeed's rule ("first" for top-2, "all" else).
+    num_groups / topk_groups: group-limited routing (DeepSeek-V2/V3); group_score ranks groups
+    by the sum of their two best scores ("top2_sum", DeepSeek-V3) or their best ("max", V2).
     expert_bias: aux-loss-free balancing bias added to selection scores only, moved by
-    bias_update_rate per step towards balance. aux_loss_coef / z_loss_coef weight the losses.
+    bias_update_rate per step towards balance. aux_loss_coef / z_loss_coef weight the losses;
+    a loss whose coefficient is 0 is a statistic only (never in the objective or its gradient).
+
+    Which expert a token picks (moeflow.model.router.select_experts): with softmax scores and no
+    bias or groups, the first choice is the arg-max probability and later choices the arg-max
+    logits among the experts not yet chosen, as DeepSpeed's top1gating/top2gating do (logits
+    still order experts whose probabilities underflow to equal values); ties go to the lower
+    index. Sigmoid scores, expert bias or groups select by the (biased) scores (DeepSeek).
+    Queue priority is choice-major (every first choice before any second choice), as DeepSpeed's
+    top-2; DeepSpeed's k >= 3 `topkgating` queues token-major instead (a deliberate difference:
+    choice-major keeps first choices when capacity is short).
     """
 
     top_k: int = 1
     score_func: str = "softmax"
     capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
+    eval_capacity_factor: float | None = 1.0
     min_capacity: int = 4
     dropless: bool = False
     drop_policy: str = "position"
     noise: str = "none"
     noise_eps: float = 1e-2
-    normalize_topk: bool = False
+    normalize_topk: bool | None = None
     routed_scaling: float = 1.0
     num_groups: int = 1
     topk_groups: int = 1
     group_score: str = "top2_sum"
     expert_bias: bool = False
     bias_update_rate: float = 1e-3
+    aux_loss_choices: str | None = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
 
@@ -79,8 +98,9 @@ class RouterConfig:
         _check(self.top_k >= 1, "router.top_k", self.top_k, "must be >= 1")
         _check_choice("router.score_func", self.score_func, SCORE_FUNCS)
         _check(self.capacity_factor > 0, "router.capacity_factor", self.capacity_factor, "must be > 0")
-        _check(self.eval_capacity_factor > 0, "router.eval_capacity_factor",
-               self.eval_capacity_factor, "must be > 0")
+        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+               "router.eval_capacity_factor", self.eval_capacity_factor,
+               "must be > 0 (or null: dropless in eval mode)")
         _check(self.min_capacity >= 0, "router.min_capacity", self.min_capacity, "must be >= 0")
         _check_choice("router.drop_policy", self.drop_policy, DROP_POLICIES)
         _check_choice("router.noise", self.noise, NOISE_KINDS)
@@ -90,17 +110,38 @@ class RouterConfig:
         _check(1 <= self.topk_groups <= self.num_groups, "router.topk_groups", self.topk_groups,
                f"must be in [1, num_groups={self.num_groups}]")
         _check_choice("router.group_score", self.group_score, GROUP_SCORES)
+        if self.aux_loss_choices is not None:
+            _check_choice("router.aux_loss_choices", self.aux_loss_choices, AUX_CHOICES)
         _check(self.bias_update_rate >= 0, "router.bias_update_rate", self.bias_update_rate,
                "must be >= 0")
         _check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
         _check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
 
+    @property
+    def normalizes(self) -> bool:
+        """Whether kept weights are renormalised (normalize_topk, or DeepSpeed's rule)."""
+        return self.top_k >= 2 if self.normalize_topk is None else self.normalize_topk
+
+    @property
+    def balance_on_first_choice(self) -> bool:
+        """Whether the balance loss counts first choices only (aux_loss_choices, or DeepSpeed's
+        rule: its top2gating counts first choices, top1gating and topkgating all choices)."""
+        if self.aux_loss_choices is None:
+            return self.top_k == 2
+        return self.aux_loss_choices == "first"
+
     def capacity(self, num_tokens: int, num_experts: int, training: bool) -> int | None:
-        """Slots per expert for `num_tokens` tokens, or None when dropless."""
-        if self.dropless:
-            return None
+        """Slots per expert for `num_tokens` tokens, or None when routing is dropless.
+
+        DeepSpeed's `_capacity`: ceil(fp32(T/E) · fp32(factor·k)) with an fp32 product, at least
+        min_capacity. The result is clamped to T: an expert can hold at most T of one batch's
+        assignments (a token picks an expert once), so the clamp changes no decision and only
+        keeps capacity-sized buffers small."""
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        cap = math.ceil(self.top_k * num_tokens / num_experts * factor)
+        if self.dropless or factor is None:
+            return None
+        product = np.float32(num_tokens / num_experts) * np.float32(factor * self.top_k)
+        cap = math.ceil(float(product))
         return min(max(cap, self.min_capacity), num_tokens)
 
 

@@ -1,26 +1,30 @@
-"""Token → expert routing with DeepSpeed-MoE semantics, returning one frozen `RoutingResult`.
+"""Token → expert routing, DeepSpeed-MoE's gating by default, returning one frozen `RoutingResult`.
 
 Steps (all in fp32): logits = x·Wg → (NaN/inf made finite) → scores (softmax or sigmoid) →
-selection scores (+ Gumbel noise for RSample, + aux-free expert bias, group limiting) → top-k by a
-stable sort, so ties go to the lower expert index → weights gathered from the *unbiased* scores,
-optionally renormalised and scaled → capacity: each expert keeps its first `capacity` assignments
-in priority order and drops the rest.
+choices (`select_experts`: see RouterConfig's docstring for the rule and its DeepSpeed origin)
+→ queue slots in priority order → capacity: each expert keeps its first `capacity` assignments
+and drops the rest → weights: the chosen experts' *unbiased* scores, zero where dropped,
+optionally renormalised over the kept routes (DeepSpeed's top-2: a token whose second route was
+dropped gives its first route weight 1), then scaled.
 
 Priority order: all first choices before any second choice (GShard/DeepSpeed top-2), and within
 one choice rank, tokens in position order ("position") or in a random order drawn from the torch
 RNG ("random", Random Token Selection) — seed the RNG or pass a generator to reproduce it.
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
-fraction of assignments (before dropping) to e and P_e its mean score; z = mean(logsumexp(logits)²).
-Under data parallelism `Router.stats_reduce` (set by moeflow.parallel) sums the assignment counts
-over the data-parallel ranks, so f_e is the global batch's fraction and the rank-averaged loss
-equals the loss of the whole batch in one process, whatever the split.
+fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
+went to e, and P_e its mean score; z = mean(logsumexp(logits)²). A loss whose coefficient is 0
+is detached: huge logits can make z overflow to inf, and 0·inf would poison the objective.
+Under data parallelism `Router.stats_reduce` (set by moeflow.parallel) sums the counts over the
+data-parallel ranks, so f_e is the global batch's fraction and the rank-averaged loss equals
+the loss of the whole batch in one process, whatever the split.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,9 @@ from torch import nn
 from moeflow.config import RouterConfig
 from moeflow.ops.backend import resolve_router_backend
 from moeflow.ops.fused import fused
+
+# DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
+NORM_EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _count(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+def count_ids(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
            ) -> torch.Tensor:
     """Per-expert counts of `ids` (optionally weighted), without bincount's host sync, so the
     router can be captured in a CUDA graph."""
@@ -91,6 +98,37 @@ def _limit_groups(sel_TE: torch.Tensor, num_groups: int, topk_groups: int,
     return torch.where(mask[:, :, None], grouped, float("-inf")).view(T, E)
 
 
+def selects_by_logits(cfg: RouterConfig, has_bias: bool) -> bool:
+    """DeepSpeed's rule applies: first choice by probability, later ones by logits."""
+    return cfg.score_func == "softmax" and not has_bias and cfg.num_groups == 1
+
+
+def select_experts(logits_TE: torch.Tensor, scores_TE: torch.Tensor, cfg: RouterConfig,
+                   expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """ids_TK: each token's k experts in choice order (RouterConfig's docstring has the rule).
+    noise_TE is Gumbel noise: on every choice's logits for "rsample", on the 2nd..k-th choice's
+    for "rsample_second"."""
+    if cfg.noise == "rsample" and noise_TE is not None:
+        return _stable_topk(logits_TE + noise_TE, cfg.top_k)
+    if selects_by_logits(cfg, expert_bias_E is not None):
+        first_T = scores_TE.argmax(dim=-1)  # the first maximum: ties go to the lower index
+        ids = [first_T]
+        rest_TE = logits_TE if noise_TE is None else logits_TE + noise_TE
+        taken_TE = F.one_hot(first_T, logits_TE.shape[1]).bool()
+        for _ in range(cfg.top_k - 1):
+            nxt_T = rest_TE.masked_fill(taken_TE, float("-inf")).argmax(dim=-1)
+            ids.append(nxt_T)
+            taken_TE = taken_TE | F.one_hot(nxt_T, logits_TE.shape[1]).bool()
+        return torch.stack(ids, dim=1)
+    sel_TE = scores_TE
+    if expert_bias_E is not None:
+        sel_TE = sel_TE + expert_bias_E
+    if cfg.num_groups > 1:
+        sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
+    return _stable_topk(sel_TE, cfg.top_k)
+
+
 def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Tensor | None
                 ) -> torch.Tensor:
     """Each assignment's position in its expert's queue, in priority order (choice-major)."""
@@ -100,7 +138,7 @@ def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Ten
         ids_KT = ids_KT[:, token_order_T]
     flat = ids_KT.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = _count(flat, num_experts)
+    counts = count_ids(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     slots_flat = torch.empty_like(rank)
@@ -111,47 +149,72 @@ def queue_slots(ids_TK: torch.Tensor, num_experts: int, token_order_T: torch.Ten
     return slots_KT.t()
 
 
+def balance_ids(ids_TK: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """The assignments whose shares make f_e in the balance loss."""
+    return ids_TK[:, :1] if cfg.balance_on_first_choice else ids_TK
+
+
+def balance_probs(scores_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """P's per-token distribution: softmax scores, or sigmoid scores normalised per token."""
+    if cfg.score_func == "softmax":
+        return scores_TE
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def aux_loss_from(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """E · Σ_e f_e · P_e with f_e = counts_E / Σ counts and P_e the mean of probs over tokens."""
+    T, E = probs_TE.shape
+    frac_E = counts_E.float() / counts_E.sum().clamp_min(1)
+    return E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+
+
+def weighted_loss(cfg: RouterConfig, aux_loss: torch.Tensor, z_loss: torch.Tensor
+                  ) -> torch.Tensor:
+    """aux_coef·aux + z_coef·z, leaving out terms whose coefficient is 0 (they may be inf)."""
+    loss = aux_loss.new_zeros(())
+    if cfg.aux_loss_coef:
+        loss = loss + cfg.aux_loss_coef * aux_loss
+    if cfg.z_loss_coef:
+        loss = loss + cfg.z_loss_coef * z_loss
+    return loss
+
+
 def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
                     expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
-                    order_T: torch.Tensor | None):
-    """Plain-torch routing from finite fp32 logits. noise_TE (Gumbel) replaces the scores for
-    selection; order_T is the RTS token order. Returns (ids, weights, kept, slots, counts,
-    num_dropped, aux_loss, z_loss, loss), the fields of RoutingResult."""
+                    order_T: torch.Tensor | None) -> RoutingResult:
+    """Plain-torch routing from finite fp32 logits. noise_TE is Gumbel noise (see
+    select_experts); order_T is the RTS token order."""
     T, E = logits_TE.shape
-    if cfg.score_func == "softmax":
-        scores_TE = logits_TE.softmax(dim=-1)
-    else:
-        scores_TE = logits_TE.sigmoid()
-    sel_TE = scores_TE if noise_TE is None else logits_TE + noise_TE
-    if expert_bias_E is not None:
-        sel_TE = sel_TE + expert_bias_E
-    if cfg.num_groups > 1:
-        sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
-    ids_TK = _stable_topk(sel_TE, cfg.top_k)
-
-    weights_TK = scores_TE.gather(1, ids_TK)
-    if cfg.normalize_topk:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    weights_TK = weights_TK * cfg.routed_scaling
+    scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+    ids_TK = select_experts(logits_TE, scores_TE, cfg, expert_bias_E, noise_TE)
 
     slots_TK = queue_slots(ids_TK, E, order_T)
     if capacity is None:
         kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
     else:
         kept_TK = slots_TK < capacity
-    weights_TK = weights_TK * kept_TK
+    weights_TK = scores_TE.gather(1, ids_TK) * kept_TK
+    if cfg.normalizes:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(NORM_EPS)
+    weights_TK = weights_TK * cfg.routed_scaling
 
-    flat_ids = ids_TK.reshape(-1)
-    counts_before = _count(flat_ids, E)
-    counts_E = _count(flat_ids, E, kept_TK.reshape(-1))
-
-    probs_TE = scores_TE if cfg.score_func == "softmax" else \
-        scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    frac_E = counts_before.float() / max(T * cfg.top_k, 1)
-    aux_loss = E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+    counts_E = count_ids(ids_TK.reshape(-1), E, kept_TK.reshape(-1))
+    balance_E = count_ids(balance_ids(ids_TK, cfg).reshape(-1), E)
+    aux_loss = aux_loss_from(balance_probs(scores_TE, cfg), balance_E)
     z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
-    return (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, (~kept_TK).sum(), aux_loss, z_loss,
-            cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss)
+    aux_loss, z_loss = detach_unused(cfg, aux_loss, z_loss)
+    return RoutingResult(ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
+                         counts_E=counts_E, num_dropped=(~kept_TK).sum(), capacity=capacity,
+                         aux_loss=aux_loss, z_loss=z_loss,
+                         loss=weighted_loss(cfg, aux_loss, z_loss))
+
+
+def detach_unused(cfg: RouterConfig, aux_loss: torch.Tensor, z_loss: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss with coefficient 0 is a statistic: detached, so an inf value cannot send 0·inf
+    into the gradient of callers that sum the statistics."""
+    return (aux_loss if cfg.aux_loss_coef else aux_loss.detach(),
+            z_loss if cfg.z_loss_coef else z_loss.detach())
 
 
 def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterConfig,
@@ -159,13 +222,10 @@ def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterCo
     """The aux loss with f_e taken from counts summed by `reduce_counts` (over data-parallel
     ranks). P_e stays this rank's mean, so the mean over ranks of equal-sized shards is the
     whole batch's loss; f_e carries no gradient, so nothing else changes."""
-    T, E = logits_TE.shape
+    E = logits_TE.shape[1]
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
-    probs_TE = scores_TE if cfg.score_func == "softmax" else \
-        scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    counts_E = reduce_counts(_count(ids_TK.reshape(-1), E))
-    frac_E = counts_E.float() / counts_E.sum().clamp_min(1)
-    return E * (frac_E * probs_TE.sum(0) / max(T, 1)).sum()
+    counts_E = reduce_counts(count_ids(balance_ids(ids_TK, cfg).reshape(-1), E))
+    return aux_loss_from(balance_probs(scores_TE, cfg), counts_E)
 
 
 class Router(nn.Module):
@@ -188,13 +248,13 @@ class Router(nn.Module):
         cfg, E = self.config, self.num_experts
         T = x_TD.shape[0]
         x = x_TD
-        noisy = self.training and cfg.noise != "none"
-        if noisy and cfg.noise == "jitter":
+        noise = cfg.noise if self.training else "none"
+        if noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
         logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
-        if noisy and cfg.noise == "rsample":
+        if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
             gumbel_TE = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
         capacity = None if self.force_dropless else cfg.capacity(T, E, self.training)
@@ -204,16 +264,13 @@ class Router(nn.Module):
         route = route_reference
         if resolve_router_backend(self.backend, logits_TE, cfg) == "triton":
             from moeflow.ops.routing_triton import route_triton as route
-        (ids_TK, weights_TK, kept_TK, slots_TK, counts_E, num_dropped, aux_loss, z_loss,
-         loss) = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
+        result = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
         if self.stats_reduce is not None:
-            aux_loss = global_aux_loss(logits_TE, ids_TK, cfg, self.stats_reduce)
-            loss = cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
-        return RoutingResult(
-            ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
-            counts_E=counts_E, num_dropped=num_dropped, capacity=capacity,
-            aux_loss=aux_loss, z_loss=z_loss, loss=loss,
-        )
+            aux_loss = global_aux_loss(logits_TE, result.ids_TK, cfg, self.stats_reduce)
+            aux_loss, _ = detach_unused(cfg, aux_loss, result.z_loss)
+            result = dataclasses.replace(result, aux_loss=aux_loss,
+                                         loss=weighted_loss(cfg, aux_loss, result.z_loss))
+        return result
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

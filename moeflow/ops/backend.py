@@ -67,7 +67,7 @@ def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tenso
     if x.device.type == "cuda":
         return (x.dtype == torch.bfloat16 and aligned
                 and torch.cuda.get_device_capability(x.device)[0] >= 9)
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    return x.device.type == "cpu" and x.dtype == torch.float32 and aligned
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

@@ -7,16 +7,21 @@ answer was a fused gating kernel that builds the token→slot mapping table dire
 
 Launches (after the router GEMM, which stays in torch so logits match the reference bit for bit):
   1. `_topk_kernel`, one program per block of tokens: finite-ize logits, scores (softmax/sigmoid),
-     selection scores (+ Gumbel noise, + expert bias, group limiting), top-k by repeated arg-max
-     (ties → lower expert index, like the reference's stable sort), weights (normalised, scaled),
-     logsumexp for the z-loss and per-block column sums of the balance probabilities.
+     choices by repeated arg-max (ties → lower expert index) over what the reference's
+     `select_experts` ranks by: the probabilities for the first choice and the logits (+ Gumbel
+     noise) for later ones (DeepSpeed), logits + noise for every choice ("rsample"), or the
+     scores + expert bias within the best groups (DeepSeek); weights (scaled; normalised here when
+     nothing can be dropped), logsumexp for the z-loss and per-block column sums of the balance
+     probabilities.
   2. `_queue_kernel`: each assignment's position in its expert's queue in priority order
      (choice-major, tokens in position or RTS order) = a stable counting sort. Small inputs: one
      program walks all blocks carrying the running per-expert counts (no extra launch). Large
      inputs: a histogram pass, a prefix sum over blocks (`_scan_kernel`), then the slot pass,
      each block independent.
   3. `_finalize_kernel`, one program: counts after dropping = min(count, capacity), the number
-     dropped, aux and z losses.
+     dropped, aux and z losses (f_e from the first choices' counts when the config says so,
+     counted by one torch scatter). With capacity, renormalising the kept weights (DeepSpeed's
+     top-2) needs every route's kept flag, so it runs after the queue pass, in torch.
 Backward (`_route_bwd_kernel`) recomputes scores from the logits and returns d logits for the
 weights, the aux loss and the z-loss in one pass, so the router trains through this path.
 
@@ -28,11 +33,14 @@ Legend: T tokens, E experts, K top-k, N = T·K assignments, G expert groups, NB 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from moeflow.config import RouterConfig
+from moeflow.model.router import RoutingResult, count_ids, detach_unused, selects_by_logits
 
 _FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
@@ -62,10 +70,15 @@ def _scores(x, cmask, SOFTMAX: tl.constexpr):
     return scores, probs, lse, soft
 
 
+_NORM_EPS = 1.1920928955078125e-07  # fp32 eps, DeepSpeed's clamp of a token's weight sum
+_SEL_SCORES, _SEL_NOISY_LOGITS, _SEL_DEEPSPEED = 0, 1, 2
+
+
 @triton.jit
 def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr,
                  T, E, routed_scaling,
-                 K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                 HAS_NOISE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
                  TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -80,8 +93,11 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     x = _finite(tl.load(logits_ptr + offs, mask=m2, other=0.0))
     scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
 
+    xr = x
     if HAS_NOISE:
-        sel = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
+        xr = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
+    if SEL == 1:
+        sel = xr
     else:
         sel = scores
     if HAS_BIAS:
@@ -118,7 +134,13 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     ids_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.int64)
     w_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     for k in tl.static_range(K):
-        cand = tl.where(taken, float("-inf"), sel)
+        if SEL == 2:
+            if k == 0:
+                cand = tl.where(taken, float("-inf"), soft)
+            else:
+                cand = tl.where(taken, float("-inf"), xr)
+        else:
+            cand = tl.where(taken, float("-inf"), sel)
         m = tl.max(cand, axis=1)
         idx = tl.min(tl.where((cand == m[:, None]) & ~taken, cols[None, :], BLOCK_E), axis=1)
         hit = cols[None, :] == idx[:, None]
@@ -127,7 +149,7 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
         ids_tile = tl.where(kcols[None, :] == k, idx.to(tl.int64)[:, None], ids_tile)
         w_tile = tl.where(kcols[None, :] == k, w[:, None], w_tile)
     if NORMALIZE:
-        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1e-20)[:, None]
+        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1.1920928955078125e-07)[:, None]
     w_tile = w_tile * routed_scaling
     kmask = rmask[:, None] & (kcols < K)[None, :]
     koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
@@ -209,8 +231,8 @@ def _scan_kernel(hist_ptr, offsets_ptr, counts_before_ptr, NPB, E,
 
 
 @triton.jit
-def _finalize_kernel(counts_before_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_ptr, loss_ptr,
-                     T, E, NB, capacity, aux_coef, z_coef,
+def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_ptr,
+                     loss_ptr, T, E, NB, capacity, balance_total, aux_coef, z_coef,
                      K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_B: tl.constexpr):
     cols = tl.arange(0, BLOCK_E)
@@ -225,7 +247,8 @@ def _finalize_kernel(counts_before_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_p
         tile = tl.load(psum_ptr + b[:, None] * E + cols[None, :],
                        mask=(b < NB)[:, None] & cmask[None, :], other=0.0)
         p_e += tl.sum(tile, axis=0)
-    frac = before.to(tl.float32) / tl.maximum(T * K, 1)
+    balance = tl.load(balance_ptr + cols, mask=cmask, other=0)
+    frac = balance.to(tl.float32) / tl.maximum(balance_total, 1)
     aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
     zacc = tl.zeros([BLOCK_T], tl.float32)
     for t0 in range(0, T, BLOCK_T):
@@ -235,12 +258,14 @@ def _finalize_kernel(counts_before_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_p
     z = tl.sum(zacc) / tl.maximum(T, 1)
     tl.store(loss_ptr, aux)
     tl.store(loss_ptr + 1, z)
-    tl.store(loss_ptr + 2, aux_coef * aux + z_coef * z)
+    # A term whose coefficient is 0 stays out: z overflows to inf for huge logits, 0·inf = NaN.
+    tl.store(loss_ptr + 2, tl.where(aux_coef != 0.0, aux_coef * aux, 0.0)
+             + tl.where(z_coef != 0.0, z_coef * z, 0.0))
 
 
 @triton.jit
-def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_before_ptr,
-                      dlogits_ptr, T, E, routed_scaling, aux_coef, z_coef,
+def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_ptr,
+                      dlogits_ptr, T, E, balance_total, routed_scaling, aux_coef, z_coef,
                       K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -253,8 +278,8 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_b
     raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
     x = _finite(raw)
     scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
-    g_aux = tl.load(gloss_ptr) + aux_coef * tl.load(gloss_ptr + 2)
-    g_z = tl.load(gloss_ptr + 1) + z_coef * tl.load(gloss_ptr + 2)
+    g_aux = tl.load(gloss_ptr) + tl.where(aux_coef != 0.0, aux_coef * tl.load(gloss_ptr + 2), 0.0)
+    g_z = tl.load(gloss_ptr + 1) + tl.where(z_coef != 0.0, z_coef * tl.load(gloss_ptr + 2), 0.0)
 
     # d weights → d selected scores (through normalisation, scaling and the drop mask).
     s_sum = tl.zeros([BLOCK_T], tl.float32)
@@ -267,7 +292,7 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_b
         g_k = g_k * routed_scaling
         s_sum += s_k
         gs_sum += g_k * s_k
-    denom = tl.maximum(s_sum, 1e-20)
+    denom = tl.maximum(s_sum, 1.1920928955078125e-07)
     ds = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
     for k in tl.static_range(K):
         idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
@@ -275,12 +300,13 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_b
         g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
         g_k = g_k * routed_scaling
         if NORMALIZE:
-            g_k = g_k / denom - tl.where(s_sum >= 1e-20, gs_sum / (denom * denom), 0.0)
+            g_k = g_k / denom - tl.where(s_sum >= 1.1920928955078125e-07,
+                                         gs_sum / (denom * denom), 0.0)
         ds += tl.where(cols[None, :] == idx[:, None], g_k[:, None], 0.0)
 
-    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = counts_before_e / (T·K).
-    before = tl.load(counts_before_ptr + cols, mask=cmask, other=0).to(tl.float32)
-    dprobs = g_aux * E * before / tl.maximum(T * K, 1) / tl.maximum(T, 1)
+    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = balance_e / balance_total.
+    balance = tl.load(balance_ptr + cols, mask=cmask, other=0).to(tl.float32)
+    dprobs = g_aux * E * balance / tl.maximum(balance_total, 1) / tl.maximum(T, 1)
     dprobs = tl.where(m2, dprobs[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.float32), 0.0)
     if SOFTMAX:
         ds += dprobs
@@ -291,7 +317,8 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, counts_b
         corr = tl.where(q_raw >= 1e-20, tl.sum(dprobs * scores, axis=1) / (q * q), 0.0)
         ds += dprobs / q[:, None] - corr[:, None]
         dx = ds * scores * (1.0 - scores)
-    dx += (g_z * 2.0 * lse / tl.maximum(T, 1))[:, None] * soft
+    dz = tl.where(g_z != 0.0, g_z * 2.0 * lse / tl.maximum(T, 1), 0.0)  # lse may overflow
+    dx += dz[:, None] * soft
     finite = (raw == raw) & (raw < float("inf")) & (raw > float("-inf"))
     tl.store(dlogits_ptr + offs, tl.where(finite, dx, 0.0), mask=m2)
 
@@ -305,7 +332,32 @@ def _block_t(E: int, T: int) -> int:
     return max(2, min(cap, spread))
 
 
-def _route_forward(logits_TE, cfg: RouterConfig, capacity, expert_bias_E, noise_TE, order_T):
+@dataclass(frozen=True)
+class _Plan:
+    """What one routing call computes, decided from the config and the call's arguments."""
+
+    sel: int  # _SEL_*: what the choices are ranked by
+    normalize_in_kernel: bool  # renormalise in _topk_kernel (nothing can be dropped)
+    normalize_after: bool  # renormalise the kept weights after the queue pass (torch)
+    scaling: float  # routed_scaling applied in the kernel (1 when applied after)
+    first_choice_balance: bool  # f_e from first choices only
+
+
+def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
+    if noise_TE is not None and cfg.noise == "rsample":
+        sel = _SEL_NOISY_LOGITS
+    elif selects_by_logits(cfg, expert_bias_E is not None):
+        sel = _SEL_DEEPSPEED
+    else:
+        sel = _SEL_SCORES
+    after = cfg.normalizes and capacity is not None
+    return _Plan(sel=sel, normalize_in_kernel=cfg.normalizes and capacity is None,
+                 normalize_after=after, scaling=1.0 if after else float(cfg.routed_scaling),
+                 first_choice_balance=cfg.balance_on_first_choice)
+
+
+def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_bias_E, noise_TE,
+                   order_T):
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
@@ -320,9 +372,10 @@ def _route_forward(logits_TE, cfg: RouterConfig, capacity, expert_bias_E, noise_
         _topk_kernel[(nb,)](
             logits_TE, noise_TE if noise_TE is not None else logits_TE,
             expert_bias_E if expert_bias_E is not None else logits_TE,
-            ids_TK, w_TK, lse_T, psum, T, E, float(cfg.routed_scaling),
-            K=K, SOFTMAX=cfg.score_func == "softmax", HAS_NOISE=noise_TE is not None,
-            HAS_BIAS=expert_bias_E is not None, NORMALIZE=cfg.normalize_topk,
+            ids_TK, w_TK, lse_T, psum, T, E, plan.scaling,
+            K=K, SOFTMAX=cfg.score_func == "softmax", SEL=plan.sel,
+            HAS_NOISE=noise_TE is not None,
+            HAS_BIAS=expert_bias_E is not None, NORMALIZE=plan.normalize_in_kernel,
             GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
             GROUP_TOP2=E // cfg.num_groups >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
             BLOCK_G=triton.next_power_of_2(cfg.num_groups),
@@ -356,52 +409,62 @@ def _route_forward(logits_TE, cfg: RouterConfig, capacity, expert_bias_E, noise_
     counts_E = torch.empty(E, dtype=torch.int64, device=dev)
     num_dropped = torch.empty((), dtype=torch.int64, device=dev)
     losses = torch.empty(3, dtype=torch.float32, device=dev)
-    _finalize_kernel[(1,)](counts_before, psum, lse_T, counts_E, num_dropped, losses,
-                           T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
+    if plan.first_choice_balance:
+        balance, balance_total = count_ids(ids_TK[:, 0], E), T
+    else:
+        balance, balance_total = counts_before, N
+    _finalize_kernel[(1,)](counts_before, balance, psum, lse_T, counts_E, num_dropped, losses,
+                           T, E, max(nb, 1) if T > 0 else 1, cap, balance_total,
+                           float(cfg.aux_loss_coef),
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
                            BLOCK_B=max(1, min(64, 4096 // block_e)))
     return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
-        counts_before
+        balance, balance_total
 
 
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T):
-        ids, w, kept, slots, counts, dropped, losses, before = _route_forward(
-            logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T)
-        ctx.save_for_backward(logits_TE, ids, kept, before)
-        ctx.cfg = cfg
+    def forward(ctx, logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T):
+        ids, w, kept, slots, counts, dropped, losses, balance, balance_total = _route_forward(
+            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T)
+        ctx.save_for_backward(logits_TE, ids, kept, balance)
+        ctx.cfg, ctx.plan, ctx.balance_total = cfg, plan, balance_total
         ctx.mark_non_differentiable(ids, kept, slots, counts, dropped)
         return ids, w, kept, slots, counts, dropped, losses
 
     @staticmethod
     def backward(ctx, g_ids, g_w, g_kept, g_slots, g_counts, g_dropped, g_losses):
-        logits_TE, ids, kept, before = ctx.saved_tensors
-        cfg = ctx.cfg
+        logits_TE, ids, kept, balance = ctx.saved_tensors
+        cfg, plan = ctx.cfg, ctx.plan
         T, E = logits_TE.shape
         d_logits = torch.empty_like(logits_TE)
         if T > 0:
             block_t = _block_t(E, T)
             _route_bwd_kernel[(triton.cdiv(T, block_t),)](
                 logits_TE, ids, kept.view(torch.int8), g_w.contiguous(), g_losses.contiguous(),
-                before, d_logits, T, E, float(cfg.routed_scaling), float(cfg.aux_loss_coef),
-                float(cfg.z_loss_coef), K=cfg.top_k, SOFTMAX=cfg.score_func == "softmax",
-                NORMALIZE=cfg.normalize_topk, BLOCK_T=block_t,
-                BLOCK_E=triton.next_power_of_2(E), num_warps=4)
-        return d_logits, None, None, None, None, None
+                balance, d_logits, T, E, ctx.balance_total, plan.scaling,
+                float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
+                SOFTMAX=cfg.score_func == "softmax", NORMALIZE=plan.normalize_in_kernel,
+                BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+        return d_logits, None, None, None, None, None, None
 
 
 def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
                  expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
-                 order_T: torch.Tensor | None):
-    """Same contract as `moeflow.model.router.route_reference`; returns the fields of RoutingResult
-    as a tuple (ids, weights, kept, slots, counts, num_dropped, aux, z, loss)."""
+                 order_T: torch.Tensor | None) -> RoutingResult:
+    """Same contract and result as `moeflow.model.router.route_reference`."""
     logits_TE = logits_TE.contiguous()
     if noise_TE is not None:
         noise_TE = noise_TE.contiguous()
+    plan = _plan(cfg, capacity, expert_bias_E, noise_TE)
     ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
-        logits_TE, cfg, capacity, expert_bias_E, noise_TE, order_T)
-    return ids, w, kept, slots, counts, dropped, losses[0], losses[1], losses[2]
+        logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T)
+    if plan.normalize_after:
+        w = w / w.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
+    aux_loss, z_loss = detach_unused(cfg, losses[0], losses[1])
+    return RoutingResult(ids_TK=ids, weights_TK=w, kept_TK=kept, slots_TK=slots, counts_E=counts,
+                         num_dropped=dropped, capacity=capacity, aux_loss=aux_loss,
+                         z_loss=z_loss, loss=losses[2])
 
 
 def routing_supported(logits_TE: torch.Tensor, cfg: RouterConfig) -> bool:
