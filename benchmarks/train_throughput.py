@@ -17,8 +17,7 @@ fresh random tokens, so with EP=N the global batch is N times larger (weak scali
 (tokens/s per GPU at N) / (tokens/s on one GPU without expert parallelism).
 
 MFU = model FLOPs per second / the measured bf16 GEMM rate (8192³ matmul, median of 20), with
-model FLOPs per token = 6 · (active parameters, without the embedding table) + 12 · layers ·
-heads · head_dim · seq (PaLM's formula, attention counted without the causal halving).
+model FLOPs per token from moeflow.model.flops (PaLM's formula).
 
 All-to-all bandwidth = bytes each rank sends / time (its own chunk included), for equal splits
 of the same total size: NCCL's all_to_all_single, moeflow's flat exchange as the dispatcher runs
@@ -41,20 +40,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
+from moeflow.model.flops import training_flops_per_token  # noqa: E402
 from moeflow.presets import preset  # noqa: E402
-
-
-def model_flops_per_token(config: ModelConfig, seq: int) -> float:
-    _, active = parameter_counts(config)
-    embedding = config.vocab_size * config.d_model
-    if config.arch == "gpt":
-        embedding += config.max_seq_len * config.d_model
-    if config.tie_embeddings:  # the tied head is a matmul: count the table once, as the head
-        embedding = embedding - config.vocab_size * config.d_model
-    head_dim = config.head_dim or config.d_model // config.n_heads
-    return 6.0 * (active - embedding) + 12.0 * config.n_layers * config.n_heads * head_dim * seq
 
 
 def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
@@ -162,7 +150,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
         times = t.tolist()
     sec = statistics.median(times)
     total, active = parameter_counts(config)
-    flops = model_flops_per_token(config, T)
+    flops = training_flops_per_token(config, T)
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
            "micro_batch": B, "seq": T, "params_total": total, "params_active": active,

@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"validation loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
     print(f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
           f"checkpoint: {result.checkpoint}")
-    return 0
+    return 130 if result.interrupted_by else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -199,6 +199,35 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     for path in plot_run(args.run_dir):
         print(path)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from moeflow.reproduce import ReproduceInterrupted, ReproduceOptions, reproduce
+
+    only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else ()
+    opts = ReproduceOptions(out=args.out, scale=args.scale, only=only, resume=args.resume,
+                            data=tuple(args.data or ()), device=args.device,
+                            progress=not args.no_progress,
+                            command="moeflow " + " ".join(sys.argv[1:]))
+    try:
+        report = reproduce(opts)
+    except ReproduceInterrupted as e:
+        print(f"moeflow: interrupted: {e}", file=sys.stderr)
+        return 130
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from moeflow.data.prepared import DataSpec, prepare_dataset
+
+    spec = DataSpec(source=tuple(args.data), vocab_size=args.vocab_size,
+                    val_fraction=args.val_fraction, max_bytes=args.max_bytes,
+                    tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+                    text_field=args.text_field)
+    prepare_dataset(spec, args.out)
+    print(args.out)
     return 0
 
 
@@ -333,6 +362,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default: the demo's own, see moeflow/demo.py)")
     p.add_argument("--out", default=None, help="run directory (default: a new temporary one)")
     p.set_defaults(func=cmd_demo)
+
+    from moeflow.reproduce.family import STAGES
+    from moeflow.reproduce.scale import SCALES
+
+    p = sub.add_parser(
+        "reproduce", help="train the paper's model family at small scale and report which of "
+                          "its claims hold (MoE vs dense, PR-MoE, MoS, inference speed)",
+        description="Train dense-S/M/L, moe-S, pr-moe-S and three Mixture-of-Students on one "
+                    "prepared corpus with one schedule, time them in the engine, and write "
+                    "OUT/report.md with each paper claim and its measurement.")
+    p.add_argument("--out", required=True, help="directory for data, runs and the report")
+    p.add_argument("--scale", choices=list(SCALES),
+                   help="gpu: one H200, ~25 min (default); smoke: a few steps per stage on CPU")
+    p.add_argument("--only", help=f"comma-separated stages to (re)train: {', '.join(STAGES)}")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the reproduction in --out (finished stages are kept)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="your own text files, directories or JSONL instead of the built-in "
+                        "corpus (every source and text file of the running Python)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+    from moeflow.data.prepared import DataSpec as D
+
+    p = sub.add_parser("prepare-data", help="tokenize a corpus once into a directory that "
+                                            "`train --data DIR` reads")
+    p.add_argument("--out", required=True, help="the dataset directory to create")
+    p.add_argument("--data", nargs="+", metavar="PATH", default=list(D.source),
+                   help="files, directories, JSONL, builtin:stdlib or builtin:interpreter "
+                        f"(default: {D.source[0]})")
+    p.add_argument("--vocab-size", type=int, default=D.vocab_size)
+    p.add_argument("--val-fraction", type=float, default=D.val_fraction)
+    p.add_argument("--max-bytes", type=int, help="builtin:interpreter: read at most this much")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=D.tokenizer_sample_bytes,
+                   help="training text the BPE tokenizer learns from")
+    p.add_argument("--text-field", default=D.text_field, help="JSONL field holding the text")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts")
     p.add_argument("src", help="checkpoint directory (moeflow or HF: Mixtral, Qwen2/3-MoE, "

@@ -1,8 +1,15 @@
-"""Where training text comes from: the interpreter's own standard library, or the user's files.
+"""Where training text comes from: the interpreter's own files, or the user's.
 
-The default corpus needs no download: every `.py` file of the running Python's standard library
-(the directory holding `os.py`, without site-packages), about 30 MB of real, varied code on
-CPython 3.11. `--data` takes text files, directories of them, and JSONL files with a text field.
+Two built-in corpora need no download:
+- the default (`--data` not given, or `builtin:stdlib`): every `.py` file of the running Python's
+  standard library (the directory holding `os.py`, without site-packages), about 30 MB of real,
+  varied code on CPython 3.11;
+- `builtin:interpreter`: every text or source file (.py, .md, .rst, .txt) reachable from the
+  running interpreter — the standard library and every site-packages directory on sys.path —
+  deduplicated by content hash (vendored copies of one file appear once), files over 1 MB
+  skipped (generated tables, data dumps), files that are not UTF-8 skipped. Its size depends on
+  what is installed: tens of MB in a bare venv, hundreds on a machine with a deep-learning stack.
+`--data` takes text files, directories of them, and JSONL files with a text field.
 
 Documents come back in a fixed order (sorted paths, file line order), and the train/validation
 split is a function of each document's name only (a CRC32 bucket), so it is the same on every
@@ -13,15 +20,19 @@ Every problem with the input is a `ValueError` naming the path, so the CLI can p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import site
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 # Suffixes a directory contributes; a file named explicitly is read whatever its suffix.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
-_SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
+SITE_DIRS = ("site-packages", "dist-packages")
+_SKIP_DIRS = (*SITE_DIRS, "__pycache__")
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,64 @@ def stdlib_documents() -> list[Document]:
     if not docs:
         raise ValueError(f"no .py files found in the standard library at {root}; pass --data")
     return docs
+
+
+BUILTIN = ("builtin:stdlib", "builtin:interpreter")
+INTERPRETER_SUFFIXES = (".py", ".md", ".rst", ".txt")
+MAX_FILE_BYTES = 1 << 20
+
+
+def site_roots() -> list[Path]:
+    """The site-packages directories on the interpreter's path, each once, outside the stdlib."""
+    candidates = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    roots: list[Path] = []
+    for c in candidates:
+        path = Path(c).resolve() if c else None
+        if path is None or not path.is_dir() or path.name not in SITE_DIRS:
+            continue
+        if path not in roots:
+            roots.append(path)
+    return roots
+
+
+def interpreter_documents(max_bytes: int | None = None) -> tuple[list[Document], dict]:
+    """The `builtin:interpreter` corpus and what building it found (files, duplicates, bytes).
+
+    With `max_bytes`, files are read in a fixed pseudo-random order (CRC32 of the name) until
+    that many bytes are kept: a sample spread over every package rather than the first ones."""
+    labelled = [("stdlib", stdlib_root())] + [(f"site{i}", r) for i, r in enumerate(site_roots())]
+    paths = []
+    for label, root in labelled:
+        paths += [(f"{label}/{p.relative_to(root)}", p) for p in _walk(root, INTERPRETER_SUFFIXES)]
+    if max_bytes is not None:  # salted: the order must not follow the split's CRC buckets
+        paths.sort(key=lambda item: zlib.crc32(("sample:" + item[0]).encode("utf-8")))
+    # A sample takes no file over 1/16 of its size, so no single file dominates a split.
+    file_limit = MAX_FILE_BYTES if max_bytes is None else min(MAX_FILE_BYTES, max_bytes // 16)
+    seen: set[bytes] = set()
+    docs, stats = [], {"files": len(paths), "duplicates": 0, "skipped": 0, "bytes": 0}
+    for name, path in paths:
+        if max_bytes is not None and stats["bytes"] >= max_bytes:
+            break
+        try:
+            if path.stat().st_size > file_limit:
+                stats["skipped"] += 1
+                continue
+            raw = path.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            stats["skipped"] += 1
+            continue
+        digest = hashlib.sha1(raw).digest()
+        if digest in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(digest)
+        if text.strip():
+            docs.append(Document(name, text))
+            stats["bytes"] += len(raw)
+    docs.sort(key=lambda d: d.name)
+    stats["documents"] = len(docs)
+    return docs, stats
 
 
 def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -94,11 +163,17 @@ def _file_documents(path: Path, text_field: str) -> list[Document]:
 
 
 def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text") -> list[Document]:
-    """Documents from `paths` (files, directories, JSONL); the standard library when empty."""
+    """Documents from `paths` (files, directories, JSONL, built-in corpus names); the standard
+    library when empty."""
     if not paths:
         return stdlib_documents()
     docs: list[Document] = []
     for raw in paths:
+        if raw.startswith("builtin:"):
+            if raw not in BUILTIN:
+                raise ValueError(f"unknown built-in corpus {raw!r}; choose {' or '.join(BUILTIN)}")
+            docs += stdlib_documents() if raw == "builtin:stdlib" else interpreter_documents()[0]
+            continue
         path = Path(raw)
         if not path.exists():
             raise ValueError(f"data path {raw!r} does not exist")

@@ -27,9 +27,13 @@ import torch
 class PackedTokens:
     """A token stream cut into windows of seq_len + 1 tokens (overlapping by one)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train") -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train",
+                 digest: str | None = None) -> None:
+        """`digest` identifies the tokens when the caller knows it (a prepared dataset), so the
+        fingerprint need not hash them again at every checkpoint."""
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
         self.seq_len = seq_len
+        self.digest, self.split = digest, split
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise ValueError(f"corpus too small: the {split} split has {len(tokens)} tokens, "
@@ -42,7 +46,10 @@ class PackedTokens:
 
     def fingerprint(self) -> str:
         """Identifies the stream and the windowing, to refuse resuming on other data."""
-        h = hashlib.sha256(self.tokens.numpy().tobytes())
+        if self.digest is not None:
+            h = hashlib.sha256(f"{self.digest}:{self.split}".encode())
+        else:
+            h = hashlib.sha256(self.tokens.numpy().tobytes())
         h.update(str(self.seq_len).encode())
         return h.hexdigest()[:16]
 

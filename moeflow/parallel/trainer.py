@@ -117,6 +117,12 @@ class ParallelTrainer(Trainer):
                 dist.all_reduce(c, group=self.groups.world_group)
         return sums, counts
 
+    def stop_requested(self, local: bool) -> bool:
+        """A signal seen by any rank stops every rank after the same step (save is collective)."""
+        flag = torch.tensor([int(local)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.groups.world_group)
+        return bool(flag.item())
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Each rank validates its share of the global validation windows; results combined."""

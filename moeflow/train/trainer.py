@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from moeflow.config import ModelConfig
 from moeflow.data.corpus import load_corpus, split_documents
 from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_windows
+from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.model import Transformer
 from moeflow.presets import preset
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.distill import init_student_from_teacher, kd_loss
+from moeflow.train.interrupt import StopRequest
 from moeflow.train.metrics import MetricsWriter
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
@@ -54,11 +56,12 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     step: int  # steps completed
-    finished: bool  # reached cfg.steps (False: stopped at --stop-at)
+    finished: bool  # reached cfg.steps (False: stopped at --stop-at or by a signal)
     val_losses: list[tuple[int, float]]  # (step, val_loss) of this invocation
     expert_load: list[list[int]] | None  # at the last validation point
     moe_layers: list[int]
     checkpoint: Path | None
+    interrupted_by: str | None = None  # "SIGINT"/"SIGTERM" when a signal stopped the run
 
 
 def load_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -232,7 +235,7 @@ class Trainer:
 
         resume_ckpt = self._check_out_dir()
         model_config = load_model_config(cfg)
-        self.teacher = None
+        self.teacher, teacher_tokenizer = None, None
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
             self.teacher.requires_grad_(False)
@@ -253,25 +256,12 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        train_docs, val_docs = split_documents(load_corpus(cfg.data, cfg.text_field),
-                                               cfg.val_fraction)
-        if resume_ckpt is not None:
-            self.tokenizer = ckpt_io.load_tokenizer(resume_ckpt)
-        elif self.teacher is not None:
-            self.tokenizer = teacher_tokenizer
+        if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+            self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, teacher_tokenizer)
         else:
-            self.tokenizer = BPETokenizer.train((d.text for d in train_docs),
-                                                model_config.vocab_size)
-        if self.tokenizer.vocab_size > model_config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
-                             f"vocab_size is {model_config.vocab_size}")
-        self.train_data = PackedTokens(
-            self.tokenizer.encode_documents([d.text for d in train_docs]), self.seq_len, "train")
-        val_data = PackedTokens(
-            self.tokenizer.encode_documents([d.text for d in val_docs]), self.seq_len,
-            "validation")
+            self._tokenize_corpus(resume_ckpt, teacher_tokenizer)
         # Global, like the batch: the same windows at any world size (each rank takes a share).
-        self.val_windows = validation_windows(val_data,
+        self.val_windows = validation_windows(self.val_data,
                                               cfg.val_batches * self.micro_batch * self.world)
         self.loader = BatchLoader(self.train_data, cfg.batch_size, cfg.seed)
 
@@ -288,6 +278,46 @@ class Trainer:
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
         self.prepared = True
+
+    def _tokenize_corpus(self, resume_ckpt: Path | None, teacher_tokenizer) -> None:
+        """Train data from text: the run's tokenizer (trained here, or the checkpoint's or the
+        teacher's) encodes the corpus's training and validation documents."""
+        cfg = self.cfg
+        train_docs, val_docs = split_documents(load_corpus(cfg.data, cfg.text_field),
+                                               cfg.val_fraction)
+        if resume_ckpt is not None:
+            self.tokenizer = ckpt_io.load_tokenizer(resume_ckpt)
+        elif teacher_tokenizer is not None:
+            self.tokenizer = teacher_tokenizer
+        else:
+            self.tokenizer = BPETokenizer.train((d.text for d in train_docs),
+                                                self.model_config.vocab_size)
+        self._check_vocab()
+        self.train_data = PackedTokens(
+            self.tokenizer.encode_documents([d.text for d in train_docs]), self.seq_len, "train")
+        self.val_data = PackedTokens(
+            self.tokenizer.encode_documents([d.text for d in val_docs]), self.seq_len,
+            "validation")
+
+    def _use_prepared(self, data: PreparedDataset, resume_ckpt: Path | None,
+                      teacher_tokenizer) -> None:
+        """Train data from a prepared dataset: its tokens, its tokenizer (which a teacher and a
+        resumed checkpoint must share)."""
+        self.tokenizer = data.tokenizer
+        for owner, other in (("the teacher", teacher_tokenizer),
+                             ("the checkpoint", resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt))):
+            if other is not None and other.to_str() != data.tokenizer.to_str():
+                raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
+                                 f"{str(data.path)!r}'s")
+        self._check_vocab()
+        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest)
+        self.val_data = PackedTokens(data.val_tokens, self.seq_len, "validation",
+                                     data.info.digest)
+
+    def _check_vocab(self) -> None:
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {self.model_config.vocab_size}")
 
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from, or None for a fresh run into an empty --out."""
@@ -381,36 +411,50 @@ class Trainer:
         end = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
         if self.resume_ckpt is not None:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
+        stop = StopRequest()
         try:
-            if step == 0:
-                last_val = self.evaluate()
-                val_losses.append((0, last_val["val_loss"]))
-                self._write(metrics, {"step": 0, "tokens": 0, **last_val})
-                reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
-            while step < end:
-                step += 1
-                row = self.train_step(step)
-                if step % cfg.val_every == 0 or step == cfg.steps:
+            with stop:
+                if step == 0:
                     last_val = self.evaluate()
-                    val_losses.append((step, last_val["val_loss"]))
-                    row.update(last_val)
-                self._write(metrics, row)
-                reporter.step(step, row)
-                if "val_loss" in row:
-                    reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
-                                  f"ppl {row['val_ppl']:.1f}")
-                if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                    ckpt = self.save(step)
+                    val_losses.append((0, last_val["val_loss"]))
+                    self._write(metrics, {"step": 0, "tokens": 0, **last_val})
+                    reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
+                while step < end:
+                    step += 1
+                    row = self.train_step(step)
+                    if step % cfg.val_every == 0 or step == cfg.steps:
+                        last_val = self.evaluate()
+                        val_losses.append((step, last_val["val_loss"]))
+                        row.update(last_val)
+                    self._write(metrics, row)
+                    reporter.step(step, row)
+                    if "val_loss" in row:
+                        reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
+                                      f"ppl {row['val_ppl']:.1f}")
+                    interrupted = self.stop_requested(stop.requested)
+                    if interrupted or (cfg.save_every and step % cfg.save_every == 0) \
+                            or step == end:
+                        ckpt = self.save(step)
+                    if interrupted:
+                        break
         finally:
             reporter.close()
             if metrics is not None:
                 metrics.close()
-        if step < cfg.steps:
+        if stop.requested:
+            reporter.note(f"{stop.signal_name}: stopped at step {step} of {cfg.steps} with a "
+                          f"checkpoint; continue with --resume")
+        elif step < cfg.steps:
             reporter.note(f"stopped at step {step} of {cfg.steps}; continue with --resume")
         return TrainResult(step=step, finished=step == cfg.steps, val_losses=val_losses,
                            expert_load=last_val["expert_load"] if last_val else None,
                            moe_layers=list(self.model_config.moe_layer_indices()),
-                           checkpoint=ckpt)
+                           checkpoint=ckpt, interrupted_by=stop.signal_name)
+
+    def stop_requested(self, local: bool) -> bool:
+        """Whether to stop after this step; one process decides alone (ranks agree in the
+        parallel trainer)."""
+        return local
 
     def _write(self, metrics: MetricsWriter | None, row: dict[str, Any]) -> None:
         if metrics is not None:
