@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ARCHS = ("gpt", "llama")
 MOE_KINDS = ("moe", "residual_moe")
@@ -284,7 +284,7 @@ class ModelConfig:
         _check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
                self.shared_expert_gate, "needs num_shared_experts > 0")
 
-    def _resolve_layout(self, resolve: Any) -> None:
+    def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
         """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""
         _check(isinstance(self.moe_every, int) and self.moe_every >= 0, "moe_every",
                self.moe_every, "must be an integer >= 0")
@@ -309,8 +309,9 @@ class ModelConfig:
             _check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
                    "first_moe_layer", self.first_moe_layer,
                    f"must be in [0, n_layers={self.n_layers})")
-            moe_layers = range(self.first_moe_layer, self.n_layers, self.moe_every or self.n_layers)
-            n_moe = len(moe_layers) if self.moe_every else 0
+            moe_layers = range(self.first_moe_layer, self.n_layers, self.moe_every) \
+                if self.moe_every else range(0)
+            n_moe = len(moe_layers)
             if isinstance(experts, int):
                 experts = (experts,) * n_moe
             _check(len(experts) == n_moe, "num_experts", experts,

@@ -98,7 +98,7 @@ def _layout(hf: dict, model_type: str, sparse: Callable[[int], bool], experts: i
 
 
 def _qwen_layout(hf: dict, model_type: str) -> tuple[str, ...]:
-    step = hf.get("decoder_sparse_step", 1)
+    step = hf.get("decoder_sparse_step")
     step = 1 if step is None else step
     if not isinstance(step, int) or step < 1:
         _refuse(model_type, "decoder_sparse_step", step, "must be an integer >= 1")
@@ -156,7 +156,8 @@ _FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}  # transformers' c
 
 def _deepseek_layout(hf: dict, model_type: str) -> tuple[str, ...]:
     first = hf.get("first_k_dense_replace", _FIRST_K_DENSE_DEFAULT[model_type])
-    freq = hf.get("moe_layer_freq", 1)
+    freq = hf.get("moe_layer_freq")
+    freq = 1 if freq is None else freq
     for name, value, low in (("first_k_dense_replace", first, 0), ("moe_layer_freq", freq, 1)):
         if not isinstance(value, int) or value < low:
             _refuse(model_type, name, value, f"must be an integer >= {low}")
