@@ -128,7 +128,8 @@ def test_layouts_hf_cannot_express_are_refused():
     with pytest.raises(ValueError, match=r"^num_experts=\(4, 8\): HF MoE configs have one expert "
                                          r"count for every MoE layer$"):
         config_to_hf(_tiny(moe_every=0, num_experts=(), ffn_layout=("moe:4", "moe:8")))
-    with pytest.raises(ValueError, match=r"^layer 0 kind='dense' cannot be expressed as HF mixtral"):
+    with pytest.raises(ValueError,
+                       match=r"^layer 0 kind='dense' cannot be expressed as HF mixtral"):
         config_to_hf(_tiny(qk_norm=False, moe_every=0, num_experts=(),
                            ffn_layout=("dense", "moe:4")))
 

@@ -146,7 +146,8 @@ def test_layouts_match_transformers_without_weights():
                                                   mlp_only_layers=[1, 4, 5, 9])),
                           ("qwen2_moe-mlp_only", dict(num_hidden_layers=5,
                                                       mlp_only_layers=[0, 3])),
-                          ("deepseek_v2-groups", dict(num_hidden_layers=5, first_k_dense_replace=3)),
+                          ("deepseek_v2-groups", dict(num_hidden_layers=5,
+                                                      first_k_dense_replace=3)),
                           ("deepseek_v3", dict(num_hidden_layers=4, first_k_dense_replace=0))]:
         cfg_cls, model_cls, extra = CASES[case]
         config = getattr(transformers, cfg_cls)(**{**TINY, **extra, **changes})
