@@ -2,10 +2,18 @@
 
 A `ModelConfig` describes one decoder: its architecture family (`gpt`, the DeepSpeed-MoE paper's
 GPT-3-style model, or `llama`: RMSNorm, RoPE, SwiGLU, grouped-query attention), its sizes, and
-where its MoE layers are. Every FFN layer is dense, MoE or Residual-MoE; `ffn_specs()` derives the
-per-layer `FFNSpec` from the layout fields (expert interval, first MoE layer, per-layer expert
-counts for pyramids). Defaults that depend on other fields (`d_ff`, `n_kv_heads`, ...) are
+what each layer's FFN is. Defaults that depend on other fields (`d_ff`, `n_kv_heads`, ...) are
 resolved at construction, so a config written to JSON reads back equal.
+
+Layer layout. `ffn_layout` is the one source of truth: one entry per layer, "dense", "moe:E" or
+"residual_moe:E" (E experts in that layer), so any mix is expressible: PR-MoE pyramids, HF Qwen's
+`mlp_only_layers`, DeepSeek's dense first layers. Most models follow a regular pattern, so the
+older interval shorthand stays: `moe_every`, `first_moe_layer`, `num_experts` (one count per MoE
+layer) and `moe_kind` (Megatron-DeepSpeed's expert interval). When `ffn_layout` is omitted it is
+derived from the shorthand, so old config files and presets load unchanged; when it is given
+with `moe_every=0`, `num_experts` and `moe_kind` are derived from it instead (`moe_kind` is
+"mixed" when MoE and Residual-MoE layers are combined). Given both ways, they must agree.
+`ffn_specs()`, `moe_layer_indices()` and the model itself read only `ffn_layout`.
 
 Invalid values raise `ValueError` naming the field and the value, at construction.
 How a run trains the model lives elsewhere (the trainer's run config), not here.
@@ -18,11 +26,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 ARCHS = ("gpt", "llama")
 MOE_KINDS = ("moe", "residual_moe")
+MIXED = "mixed"  # moe_kind of a layout that combines both MoE kinds
+INTERVAL_FIELDS = ("moe_every", "first_moe_layer", "num_experts", "moe_kind")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "random")
 NOISE_KINDS = ("none", "jitter", "rsample", "rsample_second")
@@ -173,6 +183,20 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def _parse_layer(i: int, entry: Any) -> tuple[str, int]:
+    """("dense", 0) or (kind, number of experts) for the entry ffn_layout[i]."""
+    name = f"ffn_layout[{i}]"
+    _check(isinstance(entry, str), name, entry, "must be 'dense', 'moe:E' or 'residual_moe:E'")
+    if entry == "dense":
+        return "dense", 0
+    kind, sep, count = entry.partition(":")
+    _check(kind in MOE_KINDS and sep == ":", name, entry,
+           "must be 'dense', 'moe:E' or 'residual_moe:E'")
+    _check(count.isascii() and count.isdigit() and count == str(int(count)) and int(count) >= 1,
+           name, entry, "the expert count E must be an integer >= 1")
+    return kind, int(count)
+
+
 @dataclass(frozen=True)
 class FFNSpec:
     """One layer's feed-forward block, derived from a ModelConfig by `ffn_specs()`."""
@@ -195,10 +219,13 @@ class FFNSpec:
 class ModelConfig:
     """A decoder-only transformer whose FFN layers may be dense, MoE or Residual-MoE.
 
-    MoE layout: layer i (0-based) is an MoE layer when moe_every > 0, i >= first_moe_layer and
-    (i - first_moe_layer) % moe_every == 0. The default first_moe_layer = moe_every - 1 places
-    experts on every other layer starting at the second, as Megatron-DeepSpeed's expert interval
-    does. num_experts has one entry per MoE layer (an int means the same count everywhere).
+    FFN layout: ffn_layout[i] is layer i's FFN, "dense", "moe:E" or "residual_moe:E". The interval
+    shorthand makes layer i (0-based) an MoE layer of kind moe_kind when moe_every > 0,
+    i >= first_moe_layer and (i - first_moe_layer) % moe_every == 0; the default
+    first_moe_layer = moe_every - 1 places experts on every other layer starting at the second,
+    as Megatron-DeepSpeed's expert interval does. num_experts has one entry per MoE layer (an int
+    means the same count everywhere). The width and shared experts of every MoE layer come from
+    expert_d_ff, num_shared_experts, shared_d_ff and shared_expert_gate; dense layers use d_ff.
 
     Attention details for imported architectures: attn_bias is the q/k/v projection's bias and
     attn_out_bias the output projection's (default: same as attn_bias; Qwen2-MoE has one without
@@ -227,7 +254,8 @@ class ModelConfig:
     mlp_bias: bool | None = None
     tie_embeddings: bool | None = None
     init_std: float = 0.02
-    moe_kind: str = "moe"
+    ffn_layout: tuple[str, ...] | None = None
+    moe_kind: str | None = None
     moe_every: int = 0
     first_moe_layer: int | None = None
     num_experts: tuple[int, ...] | int = ()
@@ -276,22 +304,8 @@ class ModelConfig:
             _check(not gpt, "mla", self.mla, "needs arch 'llama'")
             _check(not self.qk_norm, "qk_norm", self.qk_norm, "is not used with mla")
 
-        _check_choice("moe_kind", self.moe_kind, MOE_KINDS)
-        _check(self.moe_every >= 0, "moe_every", self.moe_every, "must be >= 0")
-        if self.first_moe_layer is None:
-            resolve("first_moe_layer", max(self.moe_every - 1, 0))
-        _check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
-               "first_moe_layer", self.first_moe_layer, f"must be in [0, n_layers={self.n_layers})")
-        n_moe = len(self.moe_layer_indices())
-        experts = self.num_experts
-        if isinstance(experts, int):
-            experts = (experts,) * n_moe
-        experts = tuple(experts)
-        resolve("num_experts", experts)
-        _check(len(experts) == n_moe, "num_experts", experts,
-               f"needs one entry per MoE layer ({n_moe} MoE layers)")
-        for e in experts:
-            _check(isinstance(e, int) and e >= 1, "num_experts", experts, "entries must be >= 1")
+        self._resolve_layout(resolve)
+        for e in self.num_experts:
             _check(self.router.top_k <= e, "router.top_k", self.router.top_k,
                    f"must be <= num_experts ({e})")
             _check(e % self.router.num_groups == 0, "router.num_groups", self.router.num_groups,
@@ -311,24 +325,90 @@ class ModelConfig:
         _check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
                self.shared_expert_gate, "needs num_shared_experts > 0")
 
+    def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
+        """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""
+        _check(isinstance(self.moe_every, int) and self.moe_every >= 0, "moe_every",
+               self.moe_every, "must be an integer >= 0")
+        if self.first_moe_layer is None:
+            resolve("first_moe_layer", max(self.moe_every - 1, 0))
+        experts = self.num_experts
+        if isinstance(experts, list):
+            experts = tuple(experts)
+        layout, layers = self.ffn_layout, None
+        if layout is not None:
+            _check(isinstance(layout, (list, tuple)), "ffn_layout", layout,
+                   "must be a list with one entry per layer")
+            layout = tuple(layout)
+            _check(len(layout) == self.n_layers, "ffn_layout", layout,
+                   f"needs one entry per layer (n_layers={self.n_layers}), got {len(layout)}")
+            layers = [_parse_layer(i, entry) for i, entry in enumerate(layout)]
+            resolve("ffn_layout", layout)
+
+        if self.moe_every > 0 or layout is None:  # the interval shorthand decides
+            kind = "moe" if self.moe_kind is None else self.moe_kind
+            _check_choice("moe_kind", kind, MOE_KINDS)
+            _check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
+                   "first_moe_layer", self.first_moe_layer,
+                   f"must be in [0, n_layers={self.n_layers})")
+            moe_layers = range(self.first_moe_layer, self.n_layers, self.moe_every) \
+                if self.moe_every else range(0)
+            n_moe = len(moe_layers)
+            if isinstance(experts, int):
+                experts = (experts,) * n_moe
+            _check(len(experts) == n_moe, "num_experts", experts,
+                   f"needs one entry per MoE layer ({n_moe} MoE layers)")
+            for e in experts:
+                _check(isinstance(e, int) and e >= 1, "num_experts", experts,
+                       "entries must be >= 1")
+            derived = ["dense"] * self.n_layers
+            for i, e in zip(moe_layers, experts):
+                derived[i] = f"{kind}:{e}"
+            if layout is not None and layout != tuple(derived):
+                i = next(i for i, (a, b) in enumerate(zip(layout, derived)) if a != b)
+                raise ValueError(
+                    f"ffn_layout[{i}]={layout[i]!r} disagrees with moe_every={self.moe_every}, "
+                    f"first_moe_layer={self.first_moe_layer}, num_experts={experts!r}, "
+                    f"moe_kind={kind!r}, which make layer {i} {derived[i]!r}; give one or the "
+                    f"other, or make them agree")
+            resolve("ffn_layout", tuple(derived))
+            resolve("moe_kind", kind)
+            resolve("num_experts", experts)
+            return
+
+        counts = tuple(e for kind, e in layers if kind != "dense")
+        kinds = sorted({kind for kind, _ in layers if kind != "dense"})
+        if isinstance(experts, int):
+            experts = (experts,) * len(counts)
+        if experts and experts != counts:
+            raise ValueError(f"num_experts={experts!r} disagrees with ffn_layout, whose MoE "
+                             f"layers have {counts!r} experts")
+        if not kinds:
+            kind = "moe" if self.moe_kind is None else self.moe_kind
+            _check_choice("moe_kind", kind, MOE_KINDS)
+        else:
+            kind = kinds[0] if len(kinds) == 1 else MIXED
+            if self.moe_kind is not None and self.moe_kind != kind:
+                raise ValueError(f"moe_kind={self.moe_kind!r} disagrees with ffn_layout, whose "
+                                 f"MoE layers are {kind!r}")
+        resolve("moe_kind", kind)
+        resolve("num_experts", counts)
+
     # ---- derived structure -------------------------------------------------------------
 
     def moe_layer_indices(self) -> tuple[int, ...]:
-        if self.moe_every == 0:
-            return ()
-        return tuple(range(self.first_moe_layer, self.n_layers, self.moe_every))
+        return tuple(i for i, entry in enumerate(self.ffn_layout) if entry != "dense")
 
     def ffn_specs(self) -> tuple[FFNSpec, ...]:
-        moe_layers = self.moe_layer_indices()
         specs = []
-        for i in range(self.n_layers):
-            if i not in moe_layers:
+        for i, entry in enumerate(self.ffn_layout):
+            kind, num_experts = _parse_layer(i, entry)
+            if kind == "dense":
                 specs.append(FFNSpec(kind="dense", d_ff=self.d_ff))
                 continue
             specs.append(FFNSpec(
-                kind=self.moe_kind,
+                kind=kind,
                 d_ff=self.d_ff,
-                num_experts=self.num_experts[moe_layers.index(i)],
+                num_experts=num_experts,
                 expert_d_ff=self.expert_d_ff,
                 num_shared_experts=self.num_shared_experts,
                 shared_d_ff=self.shared_d_ff,
@@ -342,13 +422,23 @@ class ModelConfig:
         return bool(self.moe_layer_indices())
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with `changes` applied; derived defaults are re-resolved when their inputs change."""
-        return ModelConfig.from_dict({**_unresolved(self), **changes})
+        """A copy with `changes` applied; derived defaults are re-resolved when their inputs change.
+
+        A new `ffn_layout` alone replaces the interval fields; a new `moe_every` alone replaces
+        an explicit `ffn_layout`.
+        """
+        base = _unresolved(self)
+        if "ffn_layout" in changes and not any(f in changes for f in INTERVAL_FIELDS):
+            base.update(moe_every=0, first_moe_layer=None, num_experts=(), moe_kind=None)
+        elif changes.get("moe_every") and "ffn_layout" not in changes:
+            base["ffn_layout"] = None
+        return ModelConfig.from_dict({**base, **changes})
 
     # ---- serialisation -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["ffn_layout"] = list(self.ffn_layout)
         d["num_experts"] = list(self.num_experts)
         return d
 
@@ -375,8 +465,9 @@ class ModelConfig:
             if bad:
                 raise ValueError(f"unknown mla config field {bad[0]!r}")
             data["mla"] = MLAConfig(**mla)
-        if isinstance(data.get("num_experts"), list):
-            data["num_experts"] = tuple(data["num_experts"])
+        for name in ("num_experts", "ffn_layout"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         try:
             return cls(**data)
         except TypeError as e:  # wrong types reaching comparisons
@@ -439,6 +530,11 @@ def _unresolved(config: ModelConfig) -> dict[str, Any]:
     for name, default in derived.items():
         if d[name] == default:
             d[name] = None
-    if len(set(config.num_experts)) == 1:
-        d["num_experts"] = config.num_experts[0]
+    if config.moe_every > 0 or not config.is_moe:  # the interval fields derive the layout
+        d["ffn_layout"] = None
+        if len(set(config.num_experts)) == 1:
+            d["num_experts"] = config.num_experts[0]
+    else:  # the layout derives num_experts and moe_kind
+        d["num_experts"] = ()
+        d["moe_kind"] = None
     return d

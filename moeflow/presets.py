@@ -22,10 +22,13 @@ def _gpt(name: str, n_layers: int, d_model: int, n_heads: int, **moe) -> ModelCo
 
 
 def _pyramid(n_layers: int, early: int, late: int) -> dict:
-    """PR-MoE: Residual-MoE on every other layer; the last two MoE layers get `late` experts."""
-    n_moe = len(range(1, n_layers, 2))
-    return dict(moe_kind="residual_moe", moe_every=2,
-                num_experts=(early,) * (n_moe - 2) + (late,) * 2)
+    """PR-MoE: dense even layers, Residual-MoE odd layers with `early` experts, except the last
+    two MoE layers, which get `late` (the paper's pyramid: more experts where they help most)."""
+    moe_layers = range(1, n_layers, 2)
+    layout = ["dense"] * n_layers
+    for i in moe_layers:
+        layout[i] = f"residual_moe:{late if i >= moe_layers[-2] else early}"
+    return dict(ffn_layout=tuple(layout))
 
 
 def _presets() -> dict[str, ModelConfig]:

@@ -1,7 +1,10 @@
 import json
+import re
 
 import pytest
+import torch
 
+import moeflow
 from moeflow import PRESETS, ModelConfig, RouterConfig
 
 
@@ -98,3 +101,146 @@ def test_capacity_formula():
     assert r.capacity(8, 8, training=True) == 4  # floored at min_capacity
     assert r.capacity(3, 8, training=True) == 3  # never more than the tokens
     assert RouterConfig(dropless=True).capacity(100, 8, True) is None
+
+
+# ---- per-layer FFN layout ------------------------------------------------------------------
+
+MIXED = ("dense", "moe:4", "residual_moe:8", "moe:2", "dense")
+
+
+def layout(entries=MIXED, **kw) -> ModelConfig:
+    base = dict(vocab_size=64, n_layers=len(entries), d_model=32, n_heads=4, max_seq_len=16,
+                ffn_layout=entries)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_interval_fields_derive_the_layout():
+    assert moe().ffn_layout == ("dense", "moe:4", "dense", "moe:4")
+    cfg = moe(n_layers=5, moe_every=1, first_moe_layer=2, num_experts=(2, 4, 8),
+              moe_kind="residual_moe")
+    assert cfg.ffn_layout == ("dense", "dense", "residual_moe:2", "residual_moe:4",
+                              "residual_moe:8")
+    assert moe(moe_every=0, num_experts=()).ffn_layout == ("dense",) * 4
+
+
+def test_explicit_layout_derives_num_experts_and_moe_kind():
+    cfg = layout()
+    assert cfg.moe_every == 0
+    assert cfg.moe_layer_indices() == (1, 2, 3)
+    assert cfg.num_experts == (4, 8, 2)
+    assert cfg.moe_kind == "mixed"
+    assert [s.kind for s in cfg.ffn_specs()] == ["dense", "moe", "residual_moe", "moe", "dense"]
+    assert [s.num_experts for s in cfg.ffn_specs()] == [0, 4, 8, 2, 0]
+    assert layout(("residual_moe:4", "dense")).moe_kind == "residual_moe"
+    assert layout(("dense", "moe:4")).moe_kind == "moe"
+    # agreeing redundant fields are accepted
+    assert layout(num_experts=(4, 8, 2), moe_kind="mixed") == cfg
+    assert layout(("moe:3", "dense", "moe:3"), num_experts=3).num_experts == (3, 3)
+    both = moe(ffn_layout=("dense", "moe:4", "dense", "moe:4"))
+    assert both == moe() and both.moe_every == 2
+
+
+@pytest.mark.parametrize("config", [
+    lambda: layout(),
+    lambda: layout(("residual_moe:4", "residual_moe:4", "dense")),
+    lambda: layout(("dense", "dense")),
+    lambda: moe(),
+    lambda: moe(moe_kind="residual_moe", num_experts=(2, 6)),
+])
+def test_layout_round_trips(config, tmp_path):
+    cfg = config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    cfg.save(tmp_path / "c.yaml")
+    assert ModelConfig.load(tmp_path / "c.yaml") == cfg
+    assert cfg.replace() == cfg
+
+
+def test_replace_switches_between_interval_and_layout():
+    interval = moe()
+    explicit = interval.replace(ffn_layout=MIXED[:4])
+    assert explicit.moe_every == 0 and explicit.ffn_layout == MIXED[:4]
+    assert explicit.num_experts == (4, 8, 2) and explicit.moe_kind == "mixed"
+    deeper = interval.replace(n_layers=6)  # the interval re-derives
+    assert deeper.ffn_layout == ("dense", "moe:4") * 3
+    assert interval.replace(num_experts=(4, 6)).ffn_layout[3] == "moe:6"
+    back = explicit.replace(moe_every=1, num_experts=2)
+    assert back.ffn_layout == ("moe:2",) * 4
+    with pytest.raises(ValueError, match=r"^ffn_layout=.*needs one entry per layer \(n_layers=6\)"):
+        explicit.replace(n_layers=6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ffn_layout=("dense", "moe:4", "dense", "dense")),
+     r"^ffn_layout\[3\]='dense' disagrees with moe_every=2, first_moe_layer=1, "
+     r"num_experts=\(4, 4\), moe_kind='moe', which make layer 3 'moe:4'"),
+    (dict(ffn_layout=("dense", "residual_moe:4", "dense", "moe:4")),
+     r"^ffn_layout\[1\]='residual_moe:4' disagrees with moe_every=2"),
+    (dict(moe_every=0, num_experts=(4, 8), ffn_layout=("dense", "moe:4", "dense", "moe:4")),
+     r"^num_experts=\(4, 8\) disagrees with ffn_layout, whose MoE layers have \(4, 4\) experts"),
+    (dict(moe_every=0, num_experts=(), moe_kind="moe",
+          ffn_layout=("residual_moe:4", "dense", "dense", "dense")),
+     r"^moe_kind='moe' disagrees with ffn_layout, whose MoE layers are 'residual_moe'"),
+    (dict(moe_kind="mixed"), r"^moe_kind='mixed': must be one of moe, residual_moe"),
+])
+def test_layout_and_interval_fields_must_agree(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        moe(**kwargs)
+
+
+@pytest.mark.parametrize("entry, need", [
+    ("moe:0", "the expert count E must be an integer >= 1"),
+    ("moe:-2", "the expert count E must be an integer >= 1"),
+    ("moe:4.0", "the expert count E must be an integer >= 1"),
+    ("moe:04", "the expert count E must be an integer >= 1"),
+    ("moe:", "the expert count E must be an integer >= 1"),
+    ("moe", "must be 'dense', 'moe:E' or 'residual_moe:E'"),
+    ("sparse:4", "must be 'dense', 'moe:E' or 'residual_moe:E'"),
+    ("dense:4", "must be 'dense', 'moe:E' or 'residual_moe:E'"),
+    (4, "must be 'dense', 'moe:E' or 'residual_moe:E'"),
+])
+def test_bad_layout_entry_names_field_layer_and_value(entry, need):
+    with pytest.raises(ValueError, match=rf"^ffn_layout\[3\]={entry!r}: {re.escape(need)}$"):
+        layout(("dense", "moe:4", "dense", entry))
+
+
+def test_layout_checks_the_router_per_moe_layer():
+    with pytest.raises(ValueError, match=r"^router.top_k=3: must be <= num_experts \(2\)"):
+        layout(router=RouterConfig(top_k=3))
+    with pytest.raises(ValueError, match=r"^ffn_layout=.*needs one entry per layer"):
+        layout(n_layers=3)
+
+
+def test_mixed_layout_model_runs_and_reloads(tmp_path, capsys):
+    from moeflow import Transformer
+    from moeflow.cli import main
+    from moeflow.interop import save_pretrained
+    from moeflow.model.mlp import MLP
+    from moeflow.model.moe import MoELayer
+
+    cfg = layout(router=RouterConfig(top_k=2, dropless=True))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ffns = [block.ffn for block in model.blocks]
+    assert [type(f) for f in ffns] == [MLP, MoELayer, MoELayer, MoELayer, MLP]
+    assert [f.experts.num_experts for f in ffns[1:4]] == [4, 8, 2]
+    assert [f.residual_mlp is not None for f in ffns[1:4]] == [False, True, False]
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.shape == (2, 9, cfg.vocab_size) and torch.isfinite(out.logits).all()
+    assert [r.layer for r in out.routing] == [1, 2, 3]
+    assert [r.counts_E.numel() for r in out.routing] == [4, 8, 2]
+    assert [int(r.counts_E.sum()) for r in out.routing] == [2 * 9 * 2] * 3  # dropless, top-2
+
+    save_pretrained(model, tmp_path / "mf")
+    again = moeflow.from_pretrained(tmp_path / "mf")
+    assert again.config == cfg
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out.logits)
+    cfg.save(tmp_path / "mixed.json")
+    capsys.readouterr()
+    assert main(["info", "--config", str(tmp_path / "mixed.json"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["moe_layers"], info["experts_per_moe_layer"]) == ([1, 2, 3], [4, 8, 2])
+    assert info["moe_kind"] == "mixed"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import moeflow
 from moeflow import ModelConfig, RouterConfig, Transformer
-from moeflow.interop import config_to_hf, save_hf, save_pretrained
+from moeflow.interop import config_from_hf, config_to_hf, save_hf, save_pretrained
 
 
 def _tiny(**kw) -> ModelConfig:
@@ -105,3 +105,39 @@ def test_cli_convert_round_trip(tmp_path, capsys):
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout, step, mlp_only", [
+    (("moe:4",) * 4, 1, []),
+    (("dense", "moe:4", "dense", "moe:4"), 2, []),
+    (("dense", "moe:4", "dense", "dense"), 2, [3]),
+    (("dense", "dense", "dense", "moe:4"), 4, []),
+    (("moe:4", "dense", "moe:4", "moe:4"), 1, [1]),
+])
+def test_export_writes_any_layout_as_qwen_sparsity(layout, step, mlp_only):
+    cfg = _tiny(n_layers=4, moe_every=0, num_experts=(), ffn_layout=layout)
+    hf = config_to_hf(cfg)
+    assert (hf["model_type"], hf["decoder_sparse_step"], hf["mlp_only_layers"]) == \
+        ("qwen3_moe", step, mlp_only)
+    assert config_from_hf(hf).ffn_layout == layout
+
+
+def test_layouts_hf_cannot_express_are_refused():
+    with pytest.raises(ValueError, match=r"^moe_kind='mixed': Residual-MoE layers have no HF"):
+        config_to_hf(_tiny(moe_every=0, num_experts=(), ffn_layout=("residual_moe:4", "moe:4")))
+    with pytest.raises(ValueError, match=r"^num_experts=\(4, 8\): HF MoE configs have one expert "
+                                         r"count for every MoE layer$"):
+        config_to_hf(_tiny(moe_every=0, num_experts=(), ffn_layout=("moe:4", "moe:8")))
+    with pytest.raises(ValueError,
+                       match=r"^layer 0 kind='dense' cannot be expressed as HF mixtral"):
+        config_to_hf(_tiny(qk_norm=False, moe_every=0, num_experts=(),
+                           ffn_layout=("dense", "moe:4")))
+
+
+def test_hf_layouts_without_moe_layers_are_refused():
+    hf = config_to_hf(_tiny())
+    with pytest.raises(ValueError, match=r"^qwen3_moe: decoder_sparse_step=1, "
+                                         r"mlp_only_layers=\[0, 1\] leave no MoE layer"):
+        config_from_hf({**hf, "mlp_only_layers": [0, 1]})
+    with pytest.raises(ValueError, match=r"^qwen3_moe: decoder_sparse_step=0 is not supported"):
+        config_from_hf({**hf, "decoder_sparse_step": 0})

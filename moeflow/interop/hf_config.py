@@ -2,22 +2,33 @@
 
 Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Each
 reader maps the HF fields onto moeflow's (d_ff is the dense layers' width, expert_d_ff the
-experts', shared experts become one MLP of width n_shared·moe_intermediate_size, DeepSeek's
-first_k_dense_replace becomes first_moe_layer, ...). Anything the model core cannot reproduce
-exactly is refused with a ValueError naming the field: sliding-window attention, RoPE scaling
-(YaRN, linear, ...), quantized checkpoints, OLMoE's clip_qkv, Qwen's mlp_only_layers, biased MLA
-projections, activations other than SiLU.
+experts', shared experts become one MLP of width n_shared·moe_intermediate_size, ...). Anything
+the model core cannot reproduce exactly is refused with a ValueError naming the field:
+sliding-window attention, RoPE scaling (YaRN, linear, ...), quantized checkpoints, OLMoE's
+clip_qkv, biased MLA projections, activations other than SiLU.
+
+Which layers are MoE becomes `ffn_layout`, decided as transformers 5.x builds each decoder layer:
+- Mixtral, OLMoE: every layer.
+- Qwen2-MoE, Qwen3-MoE: layer i unless i is in mlp_only_layers, and only if num_experts > 0 and
+  (i + 1) % decoder_sparse_step == 0 (both rules apply together). The dense layers are
+  intermediate_size wide, the experts moe_intermediate_size.
+- DeepSeek-V2/V3: layer i when i >= first_k_dense_replace (the class default when absent: 0 for
+  V2, 3 for V3) and i % moe_layer_freq == 0. transformers ignores moe_layer_freq; DeepSeek's own
+  modeling code, vLLM and SGLang apply it, and so do the checkpoints' tensor names. Every
+  released DeepSeek-V2/V3 config has moe_layer_freq = 1, where all of them agree.
 
 Exporting (`config_to_hf`) picks the HF architecture whose semantics match the moeflow config and
 then checks the round trip: the config read back from the written dict must describe the same
 network (same attention, same FFN layout, same routing); if not, the first field that differs is
-named. GPT-family models, Residual-MoE layers and per-layer expert counts (PR-MoE pyramids) have
-no HF counterpart and are refused.
+named. Qwen's decoder_sparse_step and mlp_only_layers express any layout (the step that leaves
+the fewest mlp_only_layers is written); DeepSeek's only dense-then-MoE, since transformers ignores
+moe_layer_freq. GPT-family models, Residual-MoE layers and per-layer expert counts (PR-MoE
+pyramids) have no HF counterpart and are refused.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from moeflow.config import MLAConfig, ModelConfig, RouterConfig
 
@@ -59,7 +70,7 @@ def _common(hf: dict, model_type: str) -> dict[str, Any]:
         max_seq_len=hf.get("max_position_embeddings", 4096),
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, model_type),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attn_bias=False, mlp_bias=False, moe_every=1, first_moe_layer=0,
+        attn_bias=False, mlp_bias=False,
     )
 
 
@@ -75,29 +86,44 @@ def _num_experts(hf: dict, *keys: str) -> int:
     raise ValueError(f"config has none of {', '.join(keys)}")
 
 
-def _sparse_layout(hf: dict, model_type: str) -> dict[str, Any]:
-    if hf.get("mlp_only_layers"):
-        _refuse(model_type, "mlp_only_layers", hf["mlp_only_layers"],
-                "dense layers must follow decoder_sparse_step")
-    step = hf.get("decoder_sparse_step", 1) or 1
-    return dict(moe_every=step, first_moe_layer=step - 1)
+def _layout(hf: dict, model_type: str, sparse: Callable[[int], bool], experts: int,
+            fields: str) -> tuple[str, ...]:
+    """ffn_layout with `experts` experts on the layers where `sparse(i)`; `fields` decide it."""
+    layout = tuple(f"moe:{experts}" if sparse(i) else "dense"
+                   for i in range(hf["num_hidden_layers"]))
+    if all(entry == "dense" for entry in layout):
+        raise ValueError(f"{model_type}: {fields} leave no MoE layer (a dense model is not an "
+                         f"MoE checkpoint)")
+    return layout
+
+
+def _qwen_layout(hf: dict, model_type: str) -> tuple[str, ...]:
+    step = hf.get("decoder_sparse_step")
+    step = 1 if step is None else step
+    if not isinstance(step, int) or step < 1:
+        _refuse(model_type, "decoder_sparse_step", step, "must be an integer >= 1")
+    mlp_only = hf.get("mlp_only_layers") or []
+    experts = _num_experts(hf, "num_experts", "num_local_experts")
+    return _layout(hf, model_type, lambda i: i not in mlp_only and (i + 1) % step == 0, experts,
+                   f"decoder_sparse_step={step}, mlp_only_layers={mlp_only}")
 
 
 def _mixtral(hf: dict) -> dict[str, Any]:
     c = _common(hf, "mixtral")
     width = hf["intermediate_size"]
+    experts = _num_experts(hf, "num_local_experts")
     return {**c, "d_ff": width, "expert_d_ff": width,
-            "num_experts": _num_experts(hf, "num_local_experts"),
+            "ffn_layout": _layout(hf, "mixtral", lambda i: True, experts, "num_hidden_layers"),
             "router": _router(hf, normalize_topk=True)}
 
 
 def _qwen2_moe(hf: dict) -> dict[str, Any]:
     c = _common(hf, "qwen2_moe")
     shared = hf.get("shared_expert_intermediate_size", 0)
-    return {**c, **_sparse_layout(hf, "qwen2_moe"), "attn_bias": bool(hf.get("qkv_bias", True)),
+    return {**c, "attn_bias": bool(hf.get("qkv_bias", True)),
             "attn_out_bias": False, "head_dim": c["d_model"] // c["n_heads"],
             "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
-            "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "ffn_layout": _qwen_layout(hf, "qwen2_moe"),
             "num_shared_experts": 1 if shared else 0, "shared_d_ff": shared,
             "shared_expert_gate": bool(shared),
             "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
@@ -106,9 +132,9 @@ def _qwen2_moe(hf: dict) -> dict[str, Any]:
 def _qwen3_moe(hf: dict) -> dict[str, Any]:
     c = _common(hf, "qwen3_moe")
     bias = bool(hf.get("attention_bias", False))
-    return {**c, **_sparse_layout(hf, "qwen3_moe"), "attn_bias": bias, "qk_norm": True,
+    return {**c, "attn_bias": bias, "qk_norm": True,
             "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
-            "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "ffn_layout": _qwen_layout(hf, "qwen3_moe"),
             "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
 
 
@@ -117,24 +143,37 @@ def _olmoe(hf: dict) -> dict[str, Any]:
     if hf.get("clip_qkv") is not None:
         _refuse("olmoe", "clip_qkv", hf["clip_qkv"], "q/k/v clipping is not implemented")
     width = hf["intermediate_size"]
+    experts = _num_experts(hf, "num_experts", "num_local_experts")
     return {**c, "attn_bias": bool(hf.get("attention_bias", False)), "qk_norm": True,
             "qk_norm_scope": "full", "head_dim": c["d_model"] // c["n_heads"], "d_ff": width,
-            "expert_d_ff": width, "num_experts": _num_experts(hf, "num_experts", "num_local_experts"),
+            "expert_d_ff": width,
+            "ffn_layout": _layout(hf, "olmoe", lambda i: True, experts, "num_hidden_layers"),
             "router": _router(hf, normalize_topk=bool(hf.get("norm_topk_prob", False)))}
+
+
+_FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}  # transformers' config classes
+
+
+def _deepseek_layout(hf: dict, model_type: str) -> tuple[str, ...]:
+    first = hf.get("first_k_dense_replace", _FIRST_K_DENSE_DEFAULT[model_type])
+    freq = hf.get("moe_layer_freq")
+    freq = 1 if freq is None else freq
+    for name, value, low in (("first_k_dense_replace", first, 0), ("moe_layer_freq", freq, 1)):
+        if not isinstance(value, int) or value < low:
+            _refuse(model_type, name, value, f"must be an integer >= {low}")
+    experts = _num_experts(hf, "n_routed_experts", "num_local_experts")
+    return _layout(hf, model_type, lambda i: i >= first and i % freq == 0, experts,
+                   f"first_k_dense_replace={first}, moe_layer_freq={freq}")
 
 
 def _deepseek(hf: dict, model_type: str) -> dict[str, Any]:
     c = _common(hf, model_type)
     if hf.get("attention_bias"):
         _refuse(model_type, "attention_bias", True, "MLA projections are bias-free here")
-    if (hf.get("moe_layer_freq") or 1) != 1:
-        _refuse(model_type, "moe_layer_freq", hf["moe_layer_freq"], "every layer after "
-                "first_k_dense_replace must be MoE, as in HF transformers")
     mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
                     qk_nope_head_dim=hf["qk_nope_head_dim"],
                     qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
     n_shared = hf.get("n_shared_experts") or 0
-    num_experts = _num_experts(hf, "n_routed_experts", "num_local_experts")
     groups, topk_groups = hf.get("n_group") or 1, hf.get("topk_group") or 1
     if model_type == "deepseek_v2":
         method = hf.get("topk_method", "greedy")
@@ -156,9 +195,9 @@ def _deepseek(hf: dict, model_type: str) -> dict[str, Any]:
                          routed_scaling=hf.get("routed_scaling_factor", 1.0))
         interleave = bool(hf.get("rope_interleave", True))
     return {**c, "n_kv_heads": c["n_heads"], "head_dim": mla.qk_head_dim, "mla": mla,
-            "rope_interleave": interleave, "first_moe_layer": hf.get("first_k_dense_replace", 0),
+            "rope_interleave": interleave, "ffn_layout": _deepseek_layout(hf, model_type),
             "d_ff": hf["intermediate_size"], "expert_d_ff": hf["moe_intermediate_size"],
-            "num_experts": num_experts, "num_shared_experts": n_shared,
+            "num_shared_experts": n_shared,
             "shared_d_ff": n_shared * hf["moe_intermediate_size"], "router": router}
 
 
@@ -178,11 +217,7 @@ def hf_model_type(hf: dict) -> str:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ModelConfig of a HF config.json dict; ValueError naming what is unsupported."""
-    fields = _READERS[hf_model_type(hf)](hf)
-    if fields["first_moe_layer"] >= fields["n_layers"]:
-        _refuse(hf["model_type"], "first_k_dense_replace", fields["first_moe_layer"],
-                "a model without MoE layers")
-    return ModelConfig(**fields)
+    return ModelConfig(**_READERS[hf_model_type(hf)](hf))
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -193,7 +228,10 @@ def _choose_model_type(c: ModelConfig) -> str:
     if not c.is_moe:
         raise ValueError("a dense model (no MoE layers) has no HF MoE counterpart")
     if c.moe_kind != "moe":
-        raise ValueError(f"moe_kind={c.moe_kind!r} has no HF counterpart")
+        raise ValueError(f"moe_kind={c.moe_kind!r}: Residual-MoE layers have no HF counterpart")
+    if len(set(c.num_experts)) > 1:
+        raise ValueError(f"num_experts={c.num_experts!r}: HF MoE configs have one expert count "
+                         f"for every MoE layer")
     if c.mla is not None:
         return "deepseek_v3" if c.router.score_func == "sigmoid" else "deepseek_v2"
     if c.shared_expert_gate:
@@ -223,7 +261,8 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     if t == "mixtral":
         hf.update(num_local_experts=E, head_dim=c.head_dim, intermediate_size=c.expert_d_ff)
     elif t in ("qwen2_moe", "qwen3_moe"):
-        hf.update(num_experts=E, decoder_sparse_step=c.moe_every, mlp_only_layers=[])
+        step, mlp_only = _qwen_sparsity(c)
+        hf.update(num_experts=E, decoder_sparse_step=step, mlp_only_layers=mlp_only)
         if t == "qwen2_moe":
             hf.update(qkv_bias=c.attn_bias, shared_expert_intermediate_size=c.shared_d_ff)
         else:
@@ -234,7 +273,7 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
         m = c.mla
         n_shared = c.shared_d_ff // c.expert_d_ff if c.num_shared_experts else 0
         hf.update(n_routed_experts=E, n_shared_experts=n_shared,
-                  first_k_dense_replace=c.first_moe_layer, moe_layer_freq=1,
+                  first_k_dense_replace=_deepseek_first_k_dense(c, t), moe_layer_freq=1,
                   q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
                   qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
                   v_head_dim=m.v_head_dim, head_dim=m.qk_rope_head_dim,
@@ -247,6 +286,30 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
                       num_nextn_predict_layers=0)
     _check_round_trip(c, config_from_hf(hf), t)
     return hf
+
+
+def _qwen_sparsity(c: ModelConfig) -> tuple[int, list[int]]:
+    """(decoder_sparse_step, mlp_only_layers) making exactly c's MoE layers sparse, with the
+    fewest mlp_only_layers (ties: the smaller step)."""
+    moe = set(c.moe_layer_indices())
+    best: tuple[int, list[int]] | None = None
+    for step in range(1, c.n_layers + 1):
+        if any((i + 1) % step for i in moe):
+            continue
+        mlp_only = [i for i in range(c.n_layers) if (i + 1) % step == 0 and i not in moe]
+        if best is None or len(mlp_only) < len(best[1]):
+            best = (step, mlp_only)
+    return best
+
+
+def _deepseek_first_k_dense(c: ModelConfig, model_type: str) -> int:
+    moe = c.moe_layer_indices()
+    dense = [i for i in range(moe[0], c.n_layers) if i not in moe]
+    if dense:
+        raise ValueError(f"ffn_layout[{dense[0]}]='dense' follows MoE layer {moe[0]}: HF "
+                         f"{model_type} makes every layer from first_k_dense_replace on MoE "
+                         f"(transformers ignores moe_layer_freq)")
+    return moe[0]
 
 
 _ROUTER_FIELDS = ("top_k", "score_func", "normalize_topk", "routed_scaling", "num_groups",
