@@ -81,7 +81,8 @@ def ceilings() -> dict:
     x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     x @ y
     mm_ms = event_ms(lambda: x @ y, 20)
-    return {"copy_GBps": 2 * (2 << 30) / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9}
+    return {"copy_GBps": 2 * (2 << 30) / copy_ms / 1e6,
+            "bf16_matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9}
 
 
 def build(name: str) -> Transformer:
@@ -103,7 +104,8 @@ def step_bytes(model: Transformer, distinct_experts: float, batch: int, kv_token
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if name == "pos_emb.weight" or (name == "tok_emb.weight" and not model.config.tie_embeddings):
+        if name == "pos_emb.weight" or (name == "tok_emb.weight"
+                                        and not model.config.tie_embeddings):
             total += batch * p.shape[1] * p.element_size()
         elif ".experts." in name:
             total += p.nbytes * distinct_experts / p.shape[0]
@@ -375,7 +377,8 @@ def markdown(results: dict) -> str:
              f"Measured ceilings: copy {results['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
              f"{results['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.", ""]
     for name, res in results["models"].items():
-        lines += [f"## {name}", "", "| | decode b1 ms/token | decode b16 ms/step | prefill 2048 ms |",
+        lines += [f"## {name}", "",
+                  "| | decode b1 ms/token | decode b16 ms/step | prefill 2048 ms |",
                   "|---|---|---|---|"]
         fl = res.get("floor", {})
 
@@ -412,7 +415,8 @@ def markdown(results: dict) -> str:
             for impl, a in ANCHORS.items():
                 lines.append(f"| issue's anchor: transformers {impl} | {a['decode_b1_ms']} | "
                              f"{a['decode_b16_ms']} | {a['prefill_2048_ms']} |")
-        notes = [f"{k}: {v}" for k, v in res.items() if k.endswith("parity") or k == "hf_parity_rel_err"]
+        notes = [f"{k}: {v}" for k, v in res.items()
+                 if k.endswith("parity") or k == "hf_parity_rel_err"]
         notes += [f"engine parity: {res.get('engine_fused', {}).get('parity')}"]
         if fl:
             notes.append(f"distinct experts per layer per step: b1 "
@@ -435,7 +439,8 @@ def main() -> None:
     ap.add_argument("--no-unfused", action="store_true")
     ap.add_argument("--quick-hf", action="store_true", help="fewer transformers tokens")
     ap.add_argument("--profile", action="store_true",
-                    help="kernel breakdown of a decode step and a prefill; prefill backend variants")
+                    help="kernel breakdown of a decode step and a prefill; "
+                         "prefill backend variants")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
 
 The same scenarios as tests/test_parallel.py runs on CPU with gloo, in fp32 on CUDA: the `tiny`
 preset made dropless, trained for 5 AdamW steps on fixed random batches, once sharded (each rank
-runs its share of every global batch) and once in rank 0's process alone; the per-step losses and the
-step-0 expert gradients (by global expert id) are compared. "one_expert" zeroes the router so
+runs its share of every global batch) and once in rank 0's process alone; the per-step losses and
+the step-0 expert gradients (by global expert id) are compared. "one_expert" zeroes the router so
 every token goes to expert 0 and the other ranks' experts receive nothing (it must not hang).
 """
 

@@ -121,7 +121,7 @@ def main() -> None:
             "torch": torch.__version__, "server_exit_code": code,
             "load_average_1m_before_after": [load0, round(os.getloadavg()[0], 2)]}
     Path(args.out + ".json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
-    lines = [f"# moeflow serve on CPU: bench-serve, tiny model", "",
+    lines = ["# moeflow serve on CPU: bench-serve, tiny model", "",
              *(f"- {k}: {v}" for k, v in meta.items()), "",
              "| concurrency | requests | req/s | output tok/s | latency p50 / p90 / p99 (ms) "
              "| TTFT p50 / p90 / p99 (ms) | engine alone tok/s |", "|---|---|---|---|---|---|---|"]

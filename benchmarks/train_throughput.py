@@ -11,10 +11,11 @@
 What is measured. One training step = forward, cross-entropy + router loss, backward, gradient
 reduction (moeflow.parallel.grads and .overlap; none on one GPU), AdamW step; the results of
 2026-11-22 in benchmarks/results/parallel.md predate the overlapped reduction. The model and
-AdamW run in bf16 (no fp32 master copy), with moeflow's default kernel choice ("auto"). Each step is timed with CUDA
-events after warm-up steps; the median is reported. Per GPU, every step sees micro_batch × seq
-fresh random tokens, so with EP=N the global batch is N times larger (weak scaling): efficiency =
-(tokens/s per GPU at N) / (tokens/s on one GPU without expert parallelism).
+AdamW run in bf16 (no fp32 master copy), with moeflow's default kernel choice ("auto"). Each
+step is timed with CUDA events after warm-up steps; the median is reported. Per GPU, every step
+sees micro_batch × seq fresh random tokens, so with EP=N the global batch is N times larger
+(weak scaling): efficiency = (tokens/s per GPU at N) / (tokens/s on one GPU without expert
+parallelism).
 
 MFU = model FLOPs per second / the measured bf16 GEMM rate (8192³ matmul, median of 20), with
 model FLOPs per token from moeflow.model.flops (PaLM's formula).
@@ -214,7 +215,8 @@ def a2a_bench(args, device: torch.device, rank: int, world: int) -> list[dict]:
 
 def report(paths: list[str]) -> str:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["| GPUs | EP | micro-batch × seq | tokens/s per GPU | step (s) | MFU | weak-scaling eff. |",
+    lines = ["| GPUs | EP | micro-batch × seq | tokens/s per GPU | step (s) | MFU "
+             "| weak-scaling eff. |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     base = next((r["train"]["tokens_per_s_per_gpu"] for r in runs if r["train"]["world"] == 1),
                 None)

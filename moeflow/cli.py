@@ -17,7 +17,8 @@ Examples:
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
-name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from moeflow.infer.SamplingParams.
+name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from
+moeflow.infer.SamplingParams.
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.

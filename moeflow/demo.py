@@ -60,10 +60,11 @@ def run_demo(steps: int | None = None, out: str | None = None,
     console = console or Console()
     start = time.perf_counter()
     out = out or tempfile.mkdtemp(prefix="moeflow-demo-")
-    cfg = TrainConfig(**{**DEMO, "out": out, **({"steps": steps} if steps else {})})
-    if steps:
-        cfg = cfg.replace(val_every=max(1, steps // 4),
-                          warmup_steps=min(cfg.warmup_steps, steps // 10))
+    # A shorter run scales its schedule in the same construction (TrainConfig validates
+    # warmup_steps <= steps, so the demo's 30 warm-up steps cannot come first).
+    short = dict(steps=steps, val_every=max(1, steps // 4),
+                 warmup_steps=min(DEMO["warmup_steps"], steps // 10)) if steps else {}
+    cfg = TrainConfig(**{**DEMO, "out": out, **short})
     trainer = Trainer(cfg)
     console.print(f"[bold]moeflow demo[/]: training the `{cfg.preset}` PR-MoE on the Python "
                   f"standard library's source, {cfg.steps} steps of {cfg.batch_size} sequences, "

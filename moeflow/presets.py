@@ -40,7 +40,8 @@ def _presets() -> dict[str, ModelConfig]:
         "1.3b-moe128": _gpt("1.3b-moe128", 24, 2048, 16, moe_every=2, num_experts=128),
         "350m-pr-moe-32-64": _gpt("350m-pr-moe-32-64", 24, 1024, 16, **_pyramid(24, 32, 64)),
         "1.3b-pr-moe-64-128": _gpt("1.3b-pr-moe-64-128", 24, 2048, 16, **_pyramid(24, 64, 128)),
-        "350m-mos-pr-moe-32-64": _gpt("350m-mos-pr-moe-32-64", 21, 1024, 16, **_pyramid(21, 32, 64)),
+        "350m-mos-pr-moe-32-64": _gpt("350m-mos-pr-moe-32-64", 21, 1024, 16,
+                                      **_pyramid(21, 32, 64)),
         "1.3b-mos-pr-moe-64-128": _gpt("1.3b-mos-pr-moe-64-128", 21, 2048, 16,
                                        **_pyramid(21, 64, 128)),
         # A PR-MoE that trains in minutes on 2 CPU cores: 4 layers, Residual-MoE with 4 then 8

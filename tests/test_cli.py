@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -53,3 +54,18 @@ def test_bad_config_file_is_one_line_exit_2(tmp_path, content, message):
 def test_missing_config_file(tmp_path):
     r = moeflow("info", "--config", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_trains_and_samples(tmp_path):
+    """The README's main command, shortened: stdlib corpus, tokenizer, training, sample."""
+    r = subprocess.run([sys.executable, "-m", "moeflow", "demo", "--steps", "5",
+                        "--out", str(tmp_path / "demo")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]  # 0: the loss fell
+    before, after = re.search(r"validation loss: (\d+\.\d+) before training → (\d+\.\d+) after",
+                              r.stdout).groups()
+    assert float(after) < float(before)
+    sample = r.stdout.split("sample (temperature 0.8, top-k 40):\n")[1].split("\ndone in")[0]
+    assert sample.startswith("def ") and sample[len("def "):].strip()
+    assert any((tmp_path / "demo" / "checkpoints").iterdir())

@@ -17,6 +17,7 @@ LLAMA = dict(n_kv_heads=2, qk_norm=True, moe_kind="moe", num_shared_experts=1, e
 
 
 def test_gpt_and_llama_forward_shapes_and_heads():
+    torch.manual_seed(0)
     gpt = Transformer(small())
     out = gpt(torch.randint(0, 97, (2, 10)))
     assert out.logits.shape == (2, 10, 97)
@@ -29,6 +30,7 @@ def test_gpt_and_llama_forward_shapes_and_heads():
 
 
 def test_routing_stats_account_for_every_assignment():
+    torch.manual_seed(0)
     cfg = small(router=RouterConfig(top_k=2, capacity_factor=0.5, min_capacity=0))
     out = Transformer(cfg)(torch.randint(0, 97, (2, 16)))
     for r in out.routing:
@@ -78,8 +80,8 @@ def test_tiny_moe_overfits_one_batch():
 
 def test_expert_bias_balancing_moves_load():
     torch.manual_seed(0)
-    cfg = small("llama", **{**LLAMA, "router": RouterConfig(top_k=1, dropless=True, expert_bias=True,
-                                                            bias_update_rate=0.05)})
+    router = RouterConfig(top_k=1, dropless=True, expert_bias=True, bias_update_rate=0.05)
+    cfg = small("llama", **{**LLAMA, "router": router})
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for layer in model.moe_layers():

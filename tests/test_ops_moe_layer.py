@@ -25,6 +25,7 @@ def _set(layer, router, dispatch, experts):
 def test_fast_layer_matches_reference(router_cfg, shared):
     D, F, E, T = (512, 256, 16, 1024) if ON_GPU else (32, 16, 8, 40)
     dtype = torch.bfloat16 if ON_GPU else torch.float32
+    torch.manual_seed(0)
     spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F, num_shared_experts=shared,
                    shared_d_ff=F * shared, router=router_cfg)
     layer = MoELayer(spec, D, "swiglu", bias=False).to(DEVICE)

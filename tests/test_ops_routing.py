@@ -56,7 +56,8 @@ def test_fused_routing_matches_reference(name, multi_block, monkeypatch):
         monkeypatch.setattr(routing_triton, "_SERIAL_LIMIT", 8)
     cfg = CONFIGS[name]
     T, D, E = (4096, 256, 64) if ON_GPU else (37, 16, 16)
-    seed = int(torch.randint(0, 2**30, ()).item())
+    torch.manual_seed(0)  # weights and inputs; `seed` drives the noise and the RTS order
+    seed = 1234
     router = Router(D, E, cfg).to(DEVICE).train()
     torch.nn.init.normal_(router.gate.weight, std=0.5)
     if router.expert_bias is not None:
@@ -80,6 +81,7 @@ def test_fused_routing_matches_reference(name, multi_block, monkeypatch):
 def test_eval_dropless_routing_matches_reference():
     cfg = RouterConfig(top_k=2, capacity_factor=1.0)
     T, D, E = (512, 128, 32) if ON_GPU else (19, 8, 8)
+    torch.manual_seed(0)
     router = Router(D, E, cfg).to(DEVICE).eval()
     router.force_dropless = True
     x = torch.randn(T, D, device=DEVICE)

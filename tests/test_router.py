@@ -127,14 +127,32 @@ def test_expert_bias_steers_selection_but_not_weights():
     assert router.expert_bias[0] < 0 < router.expert_bias[1]
 
 
-def test_group_limited_routing_stays_in_the_best_groups():
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+def test_group_limited_routing_stays_in_the_best_groups(group_score):
+    # 2 groups of 2: e0 is the best expert, but group 1's pair has the larger sum (V3 picks
+    # e2, the lower of two tied experts) while group 0 has the best single score (V2 picks e0).
+    r, _ = route([[3.0, -5.0, 2.5, 2.5]], dropless=True, num_groups=2, topk_groups=1,
+                 group_score=group_score)
+    assert r.ids_TK.item() == (2 if group_score == "top2_sum" else 0)
+
+    # Random logits against a per-token reference written from the definition.
     torch.manual_seed(0)
-    logits = torch.randn(32, 8)
-    r, _ = route(logits, top_k=2, dropless=True, num_groups=4, topk_groups=1)
-    groups = r.ids_TK // 2
-    assert torch.equal(groups[:, 0], groups[:, 1])
-    best_pair = logits.view(32, 4, 2).softmax(-1)  # monotone per row: same ranking as scores
-    assert best_pair.shape == (32, 4, 2)
+    T, E, G, K, per_group = 64, 16, 4, 3, 4
+    logits = torch.randn(T, E) * 2
+    r, _ = route(logits, top_k=K, dropless=True, num_groups=G, topk_groups=2,
+                 group_score=group_score)
+    scores = logits.softmax(-1)
+    expected = []
+    for s in scores.tolist():
+        ranked = [sorted(s[g * per_group:(g + 1) * per_group], reverse=True) for g in range(G)]
+        value = [x[0] + x[1] if group_score == "top2_sum" else x[0] for x in ranked]
+        groups = sorted(range(G), key=lambda g: -value[g])[:2]
+        allowed = [e for e in range(E) if e // per_group in groups]
+        expected.append(sorted(allowed, key=lambda e: -s[e])[:K])
+    assert r.ids_TK.tolist() == expected
+    torch.testing.assert_close(r.weights_TK, scores.gather(1, r.ids_TK))  # unmasked scores
+    plain, _ = route(logits, top_k=K, dropless=True)
+    assert not torch.equal(plain.ids_TK, r.ids_TK)  # the limit changed some tokens' experts
 
 
 def test_noise_only_in_training():

@@ -192,9 +192,11 @@ def test_metrics_text_format():
 def test_percentiles_match_numpy():
     from moeflow.serve.bench import percentile
 
-    xs = [random.Random(1).random() for _ in range(37)]
-    for q in (0, 50, 90, 99, 100):
-        assert math.isclose(percentile(xs, q), float(np.percentile(xs, q)))
+    rng = random.Random(1)
+    xs = [rng.random() for _ in range(37)]
+    assert len(set(xs)) == len(xs)  # distinct and unsorted: rank and interpolation both matter
+    for q in (0, 10, 25, 50, 62.5, 90, 99, 100):
+        assert math.isclose(percentile(xs, q), float(np.percentile(xs, q))), q
     assert math.isnan(percentile([], 50))
 
 

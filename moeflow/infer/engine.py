@@ -38,9 +38,9 @@ from moeflow.ops.expert_mlp import expert_mlp_reference
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 16  # running sequences per step (= cache slots, unless cache_tokens caps it)
+    max_batch_size: int = 16  # running sequences per step (= cache slots unless cache_tokens caps)
     max_seq_len: int | None = None  # prompt + generated tokens; default model.config.max_seq_len
-    cache_tokens: int | None = None  # KV capacity over all sequences; default max_batch_size*max_seq_len
+    cache_tokens: int | None = None  # KV tokens, all sequences; default max_batch_size*max_seq_len
     cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
 
     def __post_init__(self) -> None:

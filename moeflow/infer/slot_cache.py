@@ -32,7 +32,8 @@ class SlotKVCache:
     def __init__(self, shapes: list[tuple[int, int, int]], num_slots: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         if len(set(shapes)) != 1:
-            raise ValueError(f"SlotKVCache needs one kv shape for every layer, got {sorted(set(shapes))}")
+            raise ValueError(f"SlotKVCache needs one kv shape for every layer, "
+                             f"got {sorted(set(shapes))}")
         G, dk, dv = shapes[0]
         L = len(shapes)
         # One tensor for all layers, so moving a sequence between slots is one copy per K and V.

@@ -48,12 +48,15 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
         self.rope_interleave = config.rope_interleave
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.attn_bias)
-        self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.attn_out_bias)
-        # "head": one RMSNorm over each head's dims (Qwen3); "full": over the whole projection (OLMoE).
+        self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model,
+                              bias=config.attn_out_bias)
+        # "head": one RMSNorm over each head's dims (Qwen3); "full": over the whole projection
+        # (OLMoE).
         self.full_qk_norm = config.qk_norm and config.qk_norm_scope == "full"
         q_dim = self.n_heads * self.head_dim if self.full_qk_norm else self.head_dim
         k_dim = self.n_kv_heads * self.head_dim if self.full_qk_norm else self.head_dim

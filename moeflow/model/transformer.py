@@ -81,7 +81,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.arch == "gpt" else None
+        self.pos_emb = (nn.Embedding(config.max_seq_len, config.d_model)
+                        if config.arch == "gpt" else None)
         self.blocks = nn.ModuleList(
             Block(config, i, spec) for i, spec in enumerate(config.ffn_specs()))
         self.final_norm = make_norm(config.arch, config.d_model, config.norm_eps)

@@ -71,8 +71,8 @@ SCALES: dict[str, Scale] = {
                       max_bytes=800 << 20, tokenizer_sample_bytes=48 << 20),
         n_layers=8, student_layers=6, widths=(256, 384, 576), head_dim=64,
         experts=32, pyramid=(8, 16), seq_len=1024,
-        steps=2000, batch_size=32, micro_batch=None, lr=1e-3, warmup_steps=100,
-        val_every=100, val_batches=4, kd_alpha=1.0, kd_stop_fraction=0.5,
+        steps=1000, batch_size=32, micro_batch=None, lr=1e-3, warmup_steps=50,
+        val_every=50, val_batches=4, kd_alpha=1.0, kd_stop_fraction=0.5,
         eval_windows=256, prefill_tokens=512, decode_batches=(1, 32), decode_steps=64,
     ),
     "smoke": Scale(

@@ -257,7 +257,8 @@ class _Run:
 
     def __init__(self, state: ServerState, job: Job, handle: JobHandle, request_id: str,
                  start: float) -> None:
-        self.state, self.job, self.handle, self.id, self.start = state, job, handle, request_id, start
+        self.state, self.job, self.handle = state, job, handle
+        self.id, self.start = request_id, start
         tok = state.loaded.tokenizer
         n = job.num_sequences
         self.streams = [TextStream(tok, job.stop) for _ in range(n)]
