@@ -178,13 +178,18 @@ def prepare_dataset(spec: DataSpec, out: str | Path, log=print) -> PreparedInfo:
     return info
 
 
-def load_prepared(path: str | Path) -> PreparedDataset:
-    path = Path(path)
-    info_path = path / INFO
+def read_info(path: str | Path) -> PreparedInfo:
+    """What a prepared dataset holds, from its dataset.json alone."""
+    info_path = Path(path) / INFO
     try:
-        info = PreparedInfo.from_dict(json.loads(info_path.read_text()))
+        return PreparedInfo.from_dict(json.loads(info_path.read_text()))
     except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
         raise ValueError(f"{info_path}: not a readable prepared dataset ({e})") from None
+
+
+def load_prepared(path: str | Path) -> PreparedDataset:
+    path = Path(path)
+    info = read_info(path)
     tokenizer = BPETokenizer.load(path / TOKENIZER)
     splits = []
     for name, expected in (("train.tokens", info.train_tokens), ("val.tokens", info.val_tokens)):

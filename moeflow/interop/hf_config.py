@@ -75,7 +75,10 @@ def _common(hf: dict, model_type: str) -> dict[str, Any]:
 
 
 def _router(hf: dict, **kw: Any) -> RouterConfig:
-    return RouterConfig(top_k=hf["num_experts_per_tok"], dropless=True,
+    """HF routers are dropless, renormalise only where the config says so, and balance over all
+    k choices (transformers' load_balancing_loss_func)."""
+    kw.setdefault("normalize_topk", False)
+    return RouterConfig(top_k=hf["num_experts_per_tok"], dropless=True, aux_loss_choices="all",
                         aux_loss_coef=hf.get("router_aux_loss_coef", 0.0) or 0.0, **kw)
 
 
@@ -255,7 +258,7 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
         "num_experts_per_tok": r.top_k, "router_aux_loss_coef": r.aux_loss_coef,
         "intermediate_size": c.d_ff, "moe_intermediate_size": c.expert_d_ff,
-        "norm_topk_prob": r.normalize_topk, "attention_bias": c.attn_bias,
+        "norm_topk_prob": r.normalizes, "attention_bias": c.attn_bias,
     }
     E = c.num_experts[0]
     if t == "mixtral":
@@ -312,7 +315,7 @@ def _deepseek_first_k_dense(c: ModelConfig, model_type: str) -> int:
     return moe[0]
 
 
-_ROUTER_FIELDS = ("top_k", "score_func", "normalize_topk", "routed_scaling", "num_groups",
+_ROUTER_FIELDS = ("top_k", "score_func", "normalizes", "routed_scaling", "num_groups",
                   "topk_groups")
 _MODEL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps",
                  "rope_theta", "qk_norm", "rope_interleave", "attn_bias", "attn_out_bias",

@@ -13,6 +13,7 @@ one `prefill_tokens` prompt; prompts are validation text.
 from __future__ import annotations
 
 import dataclasses
+import platform
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -81,4 +82,5 @@ def measure_stage(run_dir: Path, data_dir: Path, scale: Scale, device: str) -> d
                            for b in scale.decode_batches}
     result["prefill_ms"] = prefill_ms(engine, scale.prefill_tokens, pool)
     result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result["torch"], result["python"] = torch.__version__, platform.python_version()
     return result

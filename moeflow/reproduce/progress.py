@@ -3,7 +3,8 @@
 The overall bar counts training FLOPs (each stage's steps weighted by its model's FLOPs per step,
 a student's teacher forward included while it distils), so its ETA does not jump when a small
 model is followed by a large one. On a terminal both bars are live; otherwise (CI, a log file)
-a line is printed when a stage starts and ends and at every quarter of a stage.
+a line is printed when a stage starts and ends and at every quarter of a stage (also with
+`enabled=False`, which only turns the live bars off).
 The trainer reports through `stage_reporter`, which has its ProgressReporter's three methods.
 """
 
@@ -75,8 +76,7 @@ class ReproduceProgress:
         self._done_flops = 0.0
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False)
 
     @contextmanager
     def task(self, description: str):
@@ -101,7 +101,7 @@ class ReproduceProgress:
         if self._bar is not None:
             self._bar.update(self._stage_task, completed=step, info=info)
             self._bar.update(self._all, completed=min(100.0, 100 * self._done_flops / self.total))
-        elif self.enabled and step * 4 >= (self._quarter + 1) * self.scale.steps:
+        elif step * 4 >= (self._quarter + 1) * self.scale.steps:
             self._quarter = step * 4 // self.scale.steps
             self.note(f"  {self._stage.name} step {step}/{self.scale.steps}  {info}  "
                       f"(all stages {100 * self._done_flops / self.total:.0f}%)")

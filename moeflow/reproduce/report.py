@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.data.prepared import load_prepared
+from moeflow.data.prepared import read_info
 from moeflow.model.flops import training_flops_per_token
 from moeflow.reproduce.family import STAGES, TEACHER, Stage
 from moeflow.reproduce.progress import stage_flops
@@ -96,9 +96,12 @@ def build_claims(models: dict[str, dict], scale: Scale) -> list[Claim]:
         goal = cd[-1]["val_loss"]
         hit = next((p["step"] for p in cm if p["step"] > 0 and p["val_loss"] <= goal), None)
         frac = None if hit is None else hit / scale.steps
-        measured = (f"dense-S ends at {goal:.4f}; moe-S is there at step {hit} of {scale.steps} "
-                    f"({100 * frac:.0f}%)" if hit else
-                    f"dense-S ends at {goal:.4f}; moe-S never gets there ({cm[-1]['val_loss']:.4f})")
+        if hit:
+            measured = (f"dense-S ends at {goal:.4f}; moe-S is there at step {hit} of "
+                        f"{scale.steps} ({100 * frac:.0f}%)")
+        else:
+            measured = (f"dense-S ends at {goal:.4f}; moe-S never gets there "
+                        f"({cm[-1]['val_loss']:.4f})")
         claims.append(Claim("moe_reaches_dense_sooner", paper, target, measured,
                             _verdict(frac is not None and frac <= 0.5, frac is not None),
                             "a longer run: the MoE's lead grows with tokens"))
@@ -171,7 +174,7 @@ def build_claims(models: dict[str, dict], scale: Scale) -> list[Claim]:
 
     # 7. The MoE serves faster than its quality-equivalent dense model.
     paper = "MoE inference up to 4.5× faster and 9× cheaper than the quality-equivalent dense"
-    target = "moe-S decodes at batch 1 in <= 1/2 of dense-L's latency"
+    target = "moe-S decodes at batch 1 in <= 1/2 of dense-L's latency (partly: <= 0.9×)"
     dm, dl = (models.get(n, {}).get("measure") for n in ("moe-S", "dense-L"))
     if dm is None or dl is None:
         unmeasured("moe_serves_faster", paper, target, ["moe-S", "dense-L"])
@@ -184,17 +187,14 @@ def build_claims(models: dict[str, dict], scale: Scale) -> list[Claim]:
                             f"{dl['decode_ms'][b1]:.2f} ms ({r:.2f}×); b{bn}: "
                             f"{dm['decode_ms'][bn]:.2f} vs {dl['decode_ms'][bn]:.2f} ms; prefill "
                             f"{scale.prefill_tokens}: {dm['prefill_ms']:.2f} vs "
-                            f"{dl['prefill_ms']:.2f} ms", _verdict(r <= 0.5, r < 1),
+                            f"{dl['prefill_ms']:.2f} ms", _verdict(r <= 0.5, r <= 0.9),
                             "models large enough to be bound by weight bandwidth rather than "
                             "by per-layer launch latency (both are small here)"))
     return claims
 
 
-def _style(name: str) -> str:
-    for prefix, style in (("dense", "-"), ("moe", "--"), ("pr-moe", "-."), ("mos", ":")):
-        if name.startswith(prefix):
-            return style
-    return "-"
+STYLES = {"dense-S": "-", "dense-M": "-", "dense-L": "-", "moe-S": "--", "pr-moe-S": "-.",
+          "mos-S": ":", "mos-S-kd-always": (0, (3, 1, 1, 1)), "mos-S-no-kd": (0, (1, 3))}
 
 
 def _plot_losses(path: Path, models: dict[str, dict]) -> None:
@@ -208,9 +208,10 @@ def _plot_losses(path: Path, models: dict[str, dict]) -> None:
         curve = [p for p in m.get("curve", []) if p["step"] > 0]
         if not curve:
             continue
-        style = _style(name)
+        style = STYLES.get(name, "-")
         for ax, key in zip(axes, ("tokens", "flops")):
-            ax.plot([p[key] for p in curve], [p["val_loss"] for p in curve], style, label=name)
+            ax.plot([p[key] for p in curve], [p["val_loss"] for p in curve], linestyle=style,
+                    label=name)
     axes[0].set_xlabel("training tokens")
     axes[1].set_xlabel("training FLOPs (teacher forward included for students)")
     axes[1].set_xscale("log")
@@ -264,8 +265,8 @@ def _fmt(x, spec=".4f"):
 
 def _markdown(report: dict, claims: list[Claim], has_load: bool) -> str:
     sc, data = report["scale"], report["data"]
-    lines = [f"# moeflow reproduce — the DeepSpeed-MoE paper's claims at small scale ({sc['name']})",
-             ""]
+    lines = ["# moeflow reproduce — the DeepSpeed-MoE paper's claims at small scale "
+             f"({sc['name']})", ""]
     if sc["name"] == "smoke":
         lines += ["**Smoke scale**: every stage for a handful of steps, to check the machinery. "
                   "The numbers below mean nothing about the claims.", ""]
@@ -301,12 +302,14 @@ def _markdown(report: dict, claims: list[Claim], has_load: bool) -> str:
         dec = me.get("decode_ms", {})
         keys = sorted(dec, key=int)
         cap = me.get("val_capacity_1")
-        cap_s = "–" if cap is None else f"{cap['loss']:.4f} ({100 * cap['dropped_frac']:.1f}% dropped)"
+        cap_s = "–" if cap is None else \
+            f"{cap['loss']:.4f} ({100 * cap['dropped_frac']:.1f}% dropped)"
         lines.append(
             f"| {name} | {m['n_layers']} | {m['d_model']} | "
             f"{'/'.join(map(str, m['experts'])) or '–'} | "
             f"{_fmt(me.get('params_total', 0) / 1e6, '.1f')}M / "
-            f"{_fmt(me.get('params_active', 0) / 1e6, '.1f')}M | {_fmt(m.get('train_seconds'), '.1f')} | "
+            f"{_fmt(me.get('params_active', 0) / 1e6, '.1f')}M | "
+            f"{_fmt(m.get('train_seconds'), '.1f')} | "
             f"{_fmt(m.get('tokens_per_s'), ',.0f')} | {m['train_flops']:.2e} | "
             f"{_fmt(me.get('val', {}).get('loss'))} | {cap_s} | "
             f"{_fmt(dec.get(keys[0]) if keys else None, '.2f')} | "
@@ -324,7 +327,7 @@ def _markdown(report: dict, claims: list[Claim], has_load: bool) -> str:
 
 
 def write_report(out: Path, manifest: dict, scale: Scale, stages: dict[str, Stage]) -> Path:
-    data = load_prepared(out / "data").info
+    data = read_info(out / "data")
     models = {}
     for name in STAGES:
         stage, entry = stages[name], manifest["stages"].get(name, {})
@@ -345,11 +348,13 @@ def write_report(out: Path, manifest: dict, scale: Scale, stages: dict[str, Stag
     claims = build_claims(models, scale)
     wall = data.seconds + sum(e.get("wall_seconds", 0) + e.get("measure", {}).get("seconds", 0)
                               for e in manifest["stages"].values())
-    device = next((m["measure"]["device"] for m in models.values() if m.get("measure")), "–")
+    measured = next((m["measure"] for m in models.values() if m.get("measure")), {})
     report = {
-        "date": time.strftime("%Y-%m-%d"), "commands": manifest.get("commands", []),
-        "environment": {"device": device, "torch": torch.__version__,
-                        "python": platform.python_version()},
+        "date": manifest.get("created", time.strftime("%Y-%m-%d"))[:10],
+        "commands": manifest.get("commands", []),
+        "environment": {"device": measured.get("device", "–"),  # where the models were measured
+                        "torch": measured.get("torch", torch.__version__),
+                        "python": measured.get("python", platform.python_version())},
         "scale": scale.to_dict(), "data": {**data.spec.__dict__, **{
             k: v for k, v in data.__dict__.items() if k != "spec"}, "source": ", ".join(
                 data.spec.source), "vocab_size": data.spec.vocab_size},

@@ -193,21 +193,30 @@ def train_seconds(run_dir: Path) -> float:
     return sum(n / r["tokens_per_s"] for n, r in zip(steps, rows))
 
 
-def _train_stage(ctx: _Context, stage: Stage, rerun: bool, progress: ReproduceProgress) -> dict:
+def _train_stage(ctx: _Context, stage: Stage, entry: dict, rerun: bool,
+                 progress: ReproduceProgress) -> None:
+    """Train (or continue) one stage; `entry` is its manifest entry, updated in place, with the
+    wall time summed over every invocation that trained it."""
     run_dir = ctx.run_dir(stage.name)
     if rerun and run_dir.exists():
         shutil.rmtree(run_dir)
     resume = run_dir.is_dir() and ckpt_io.latest_checkpoint(run_dir) is not None
     if run_dir.exists() and not resume:  # stopped before its first checkpoint: start over
         shutil.rmtree(run_dir)
+    if not resume:
+        entry.clear()
+    entry["status"] = "training"
     trainer = Trainer(train_config(ctx, stage, resume), reporter=progress.stage_reporter(stage))
     start = time.perf_counter()
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        entry["wall_seconds"] = round(entry.get("wall_seconds", 0.0)
+                                      + time.perf_counter() - start, 2)
     if result.interrupted_by:
         raise ReproduceInterrupted(f"{result.interrupted_by} during {stage.name} (step "
                                    f"{result.step}); continue with --resume")
-    return {"status": "done", "wall_seconds": round(time.perf_counter() - start, 2),
-            "train_seconds": round(train_seconds(run_dir), 3)}
+    entry.update(status="done", train_seconds=round(train_seconds(run_dir), 3))
 
 
 # ---- the whole reproduction -----------------------------------------------------------------
@@ -247,11 +256,14 @@ def reproduce(opts: ReproduceOptions, console=None) -> Path:
         for name, stage in ctx.stages.items():
             stage.model.save(ctx.config_path(name))
         for name in todo:
-            rerun = bool(opts.only) and manifest["stages"].get(name, {}).get("status") == "done"
-            manifest["stages"][name] = {"status": "training"}
-            _save_manifest(out, manifest)
-            manifest["stages"][name] = _train_stage(ctx, ctx.stages[name], rerun, progress)
-            _save_manifest(out, manifest)
+            entry = manifest["stages"].setdefault(name, {})
+            rerun = bool(opts.only) and entry.get("status") == "done"
+            _save_manifest(out, {**manifest, "stages": {**manifest["stages"],
+                                                        name: {**entry, "status": "training"}}})
+            try:
+                _train_stage(ctx, ctx.stages[name], entry, rerun, progress)
+            finally:
+                _save_manifest(out, manifest)
             if name == TEACHER and rerun:
                 progress.note(f"{TEACHER} was retrained: the mos-S stages still hold students of "
                               f"the previous teacher until they are retrained too")

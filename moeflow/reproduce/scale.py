@@ -5,9 +5,10 @@ token budget, the schedule and the seed — and the sizes of the model family (m
 family). Every stage trains with the same schedule on the same windows in the same order, so
 the models differ only in their architecture.
 
-"gpu" is sized for one H200 in about 25 minutes end to end (measured in
-benchmarks/results/reproduce/); "smoke" runs every stage for a handful of steps on 2 CPU cores
-in well under 2 minutes, to check the machinery (CI), not the claims.
+"gpu" took 14 minutes end to end on one H200 (benchmarks/results/reproduce/: 32.8 M tokens per
+stage; benchmarks/reproduce_calibrate.py measured the rates it was sized from); "smoke" runs every
+stage for a handful of steps on 2 CPU cores in about a minute, to check the machinery (CI), not
+the claims.
 """
 
 from __future__ import annotations

@@ -304,8 +304,9 @@ class Trainer:
         """Train data from a prepared dataset: its tokens, its tokenizer (which a teacher and a
         resumed checkpoint must share)."""
         self.tokenizer = data.tokenizer
+        checkpoint_tokenizer = resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt)
         for owner, other in (("the teacher", teacher_tokenizer),
-                             ("the checkpoint", resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt))):
+                             ("the checkpoint", checkpoint_tokenizer)):
             if other is not None and other.to_str() != data.tokenizer.to_str():
                 raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
                                  f"{str(data.path)!r}'s")
