@@ -61,8 +61,9 @@ def run_demo(steps: int | None = None, out: str | None = None,
     start = time.perf_counter()
     out = out or tempfile.mkdtemp(prefix="moeflow-demo-")
     # A shorter run scales its schedule in the same construction (TrainConfig validates
-    # warmup_steps <= steps, so the demo's 30 warm-up steps cannot come first).
-    short = dict(steps=steps, val_every=max(1, steps // 4),
+    # warmup_steps <= steps, so the demo's 30 warm-up steps cannot come first); runs of under
+    # 40 steps validate only before and after (each validation costs several steps' time).
+    short = dict(steps=steps, val_every=max(10, steps // 4) if steps >= 40 else steps,
                  warmup_steps=min(DEMO["warmup_steps"], steps // 10)) if steps else {}
     cfg = TrainConfig(**{**DEMO, "out": out, **short})
     trainer = Trainer(cfg)

@@ -54,6 +54,10 @@ def fused(fn: Fn) -> Fn:
         if compiled[0] is fn:
             return fn(*args, **kwargs)
         try:
+            # Autograd is off here, so arguments go in detached: dynamo keeps a Parameter's
+            # sizes static and would recompile for every layer shape (router gates of 8 and
+            # 16 experts hit the recompile limit), while plain tensors become dynamic.
+            args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
             return compiled[0](*args, **kwargs)
         except Exception as err:  # compilation (or a recompilation) failed: keep the reference
             first = str(err).splitlines()[0] if str(err) else ""

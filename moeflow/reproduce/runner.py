@@ -146,8 +146,9 @@ def _resolve_device(requested: str, scale: Scale) -> str:
         raise ValueError("--device cuda: no CUDA device is available")
     device = "cuda" if requested == "cuda" or (requested == "auto" and cuda) else "cpu"
     if scale.name == "gpu" and device != "cuda":
-        raise ValueError("the gpu scale needs a CUDA GPU (it trains 8 models on ~65 M tokens "
-                         "each); on a CPU run --scale smoke")
+        raise ValueError(f"the gpu scale needs a CUDA GPU (it trains {len(STAGES)} models on "
+                         f"{scale.tokens_per_stage / 1e6:.0f} M tokens each); on a CPU run "
+                         f"--scale smoke")
     return device
 
 
