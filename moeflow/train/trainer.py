@@ -10,6 +10,8 @@ Exact resumption on CPU: the run's state is the model, the AdamW state, the step
 rate is a pure function of it), the loader position and the RNG states; all are checkpointed
 and restored, validation runs inside a forked RNG, and metrics rows after the checkpoint are
 dropped, so an interrupted and resumed run writes the same losses as an uninterrupted one.
+The loop runs with torch's deterministic algorithms on CPU, so this holds on a busy machine too
+(moeflow.train.determinism).
 
 Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
 the weights, the optimizer state and the last checkpoint stay as they were.
@@ -40,6 +42,7 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.model import Transformer
 from moeflow.presets import preset
 from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.metrics import MetricsWriter
 from moeflow.train.progress import ProgressReporter
@@ -382,25 +385,26 @@ class Trainer:
         if self.resume_ckpt is not None:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
         try:
-            if step == 0:
-                last_val = self.evaluate()
-                val_losses.append((0, last_val["val_loss"]))
-                self._write(metrics, {"step": 0, "tokens": 0, **last_val})
-                reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
-            while step < end:
-                step += 1
-                row = self.train_step(step)
-                if step % cfg.val_every == 0 or step == cfg.steps:
+            with deterministic_on_cpu(self.device):  # see moeflow.train.determinism
+                if step == 0:
                     last_val = self.evaluate()
-                    val_losses.append((step, last_val["val_loss"]))
-                    row.update(last_val)
-                self._write(metrics, row)
-                reporter.step(step, row)
-                if "val_loss" in row:
-                    reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
-                                  f"ppl {row['val_ppl']:.1f}")
-                if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                    ckpt = self.save(step)
+                    val_losses.append((0, last_val["val_loss"]))
+                    self._write(metrics, {"step": 0, "tokens": 0, **last_val})
+                    reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
+                while step < end:
+                    step += 1
+                    row = self.train_step(step)
+                    if step % cfg.val_every == 0 or step == cfg.steps:
+                        last_val = self.evaluate()
+                        val_losses.append((step, last_val["val_loss"]))
+                        row.update(last_val)
+                    self._write(metrics, row)
+                    reporter.step(step, row)
+                    if "val_loss" in row:
+                        reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
+                                      f"ppl {row['val_ppl']:.1f}")
+                    if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+                        ckpt = self.save(step)
         finally:
             reporter.close()
             if metrics is not None:
