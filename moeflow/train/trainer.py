@@ -10,6 +10,8 @@ Exact resumption on CPU: the run's state is the model, the AdamW state, the step
 rate is a pure function of it), the loader position and the RNG states; all are checkpointed
 and restored, validation runs inside a forked RNG, and metrics rows after the checkpoint are
 dropped, so an interrupted and resumed run writes the same losses as an uninterrupted one.
+The loop runs with torch's deterministic algorithms on CPU, so this holds on a busy machine too
+(moeflow.train.determinism).
 
 Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
 the weights, the optimizer state and the last checkpoint stay as they were.
@@ -41,6 +43,7 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.model import Transformer
 from moeflow.presets import preset
 from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.interrupt import StopRequest
 from moeflow.train.metrics import MetricsWriter
@@ -414,7 +417,7 @@ class Trainer:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
         stop = StopRequest()
         try:
-            with stop:
+            with stop, deterministic_on_cpu(self.device):  # see moeflow.train.determinism
                 if step == 0:
                     last_val = self.evaluate()
                     val_losses.append((0, last_val["val_loss"]))
