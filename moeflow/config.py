@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 ARCHS = ("gpt", "llama")
 MOE_KINDS = ("moe", "residual_moe")
 MIXED = "mixed"  # moe_kind of a layout that combines both MoE kinds

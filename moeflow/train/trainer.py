@@ -14,7 +14,12 @@ The loop runs with torch's deterministic algorithms on CPU, so this holds on a b
 (moeflow.train.determinism).
 
 Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
-the weights, the optimizer state and the last checkpoint stay as they were.
+the weights, the optimizer state and the last checkpoint stay as they were. SIGINT/SIGTERM stop
+the loop at the next step boundary with a checkpoint (moeflow.train.interrupt).
+
+Data: text (files, directories, JSONL, a built-in corpus) is tokenized here with a BPE tokenizer
+trained on its training split; a prepared dataset directory (moeflow.data.prepared) brings its
+own tokens and tokenizer.
 
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
 experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),

@@ -1,0 +1,61 @@
+"""Prepared datasets: `moeflow prepare-data` writes tokens once; `train --data DIR` reads them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moeflow.data.corpus import interpreter_documents, split_documents
+from moeflow.data.prepared import DataSpec, load_prepared, prepare_dataset
+
+from _train_small import losses, run_moeflow, write_config, write_corpus
+
+
+def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
+    corpus = write_corpus(tmp_path / "text")
+    data = tmp_path / "prepared"
+    r = run_moeflow("prepare-data", "--out", str(data), "--data", str(corpus),
+                    "--vocab-size", "320", "--val-fraction", "0.2")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((data / "dataset.json").read_text())
+    prepared = load_prepared(data)
+    assert info["train_tokens"] == len(prepared.train_tokens) > 0
+    assert info["val_tokens"] == len(prepared.val_tokens) > 0
+    assert prepared.tokenizer.vocab_size <= 320
+    # Every document ends with end-of-text, and decoding the stream gives the text back.
+    eot = prepared.tokenizer.eot_id
+    assert int(np.sum(prepared.val_tokens == eot)) == info["val_documents"]
+    first = prepared.val_tokens[:list(prepared.val_tokens).index(eot)]
+    assert prepared.tokenizer.decode(first.tolist()).strip()
+
+    config = write_config(tmp_path / "micro.json")
+    out = tmp_path / "run"
+    r = run_moeflow("train", "--config", str(config), "--data", str(data), "--out", str(out),
+                    "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-batches", "1",
+                    "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert [s for s, *_ in losses(out)] == [0, 1, 2]
+    saved = (out / "checkpoints").glob("step_*/tokenizer.json")
+    assert next(saved).read_text() == (data / "tokenizer.json").read_text()
+
+    again = run_moeflow("prepare-data", "--out", str(data), "--data", str(corpus))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_interpreter_corpus_is_deduplicated_and_sampled_across_the_split(tmp_path):
+    docs, stats = interpreter_documents(max_bytes=1 << 20)
+    assert stats["bytes"] >= 1 << 20 and len({d.text for d in docs}) == len(docs)
+    assert all(d.name.startswith(("stdlib/", "site")) for d in docs)
+    train, val = split_documents(docs, 0.1)
+    assert len(train) > 5 * len(val) > 0  # the sample order does not follow the split
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="val_fraction=1.5"):
+        DataSpec(val_fraction=1.5)
+    with pytest.raises(ValueError, match="max_bytes applies"):
+        DataSpec(source=("some/dir",), max_bytes=10)
+    with pytest.raises(ValueError, match="already exists"):
+        prepare_dataset(DataSpec(), ".")
