@@ -6,10 +6,12 @@ Examples:
   moeflow info --config my_model.yaml
   moeflow demo                                # train `tiny` on the stdlib, ~3 min on 2 cores
   moeflow train --preset tiny --steps 2000 --out runs/tiny --save-every 200
-  moeflow train --preset tiny --steps 2000 --out runs/tiny --resume
+  moeflow train --out runs/tiny --resume       # continue the run as it was configured
+  moeflow train --out runs/tiny --resume --steps 3000        # extend it (lr: see --steps)
   moeflow train --config student.yaml --teacher runs/tiny --kd-stop-step 500 --out runs/mos
   torchrun --nproc-per-node 4 -m moeflow train --preset tiny --batch-size 16 --ep 2
   moeflow generate --checkpoint runs/tiny --prompt "def " --temperature 0.8 --top-k 40
+  moeflow generate --checkpoint runs/tiny --prompt "def " --stop-sequences "\n\n" return
   moeflow plot runs/tiny                      # loss.png, expert_load.png
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
@@ -165,18 +167,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moeflow.parallel import ParallelConfig
     from moeflow.parallel.trainer import train
     from moeflow.train import TrainConfig
+    from moeflow.train.run_config import resume_config
 
     fields = given(args, TrainConfig)
     if "preset" in fields and "model_config" in fields:
         raise UsageError("--preset and --config are mutually exclusive")
-    result = train(TrainConfig(**fields), ParallelConfig(**given(args, ParallelConfig)))
+    config = resume_config(fields) if fields.get("resume") else TrainConfig(**fields)
+    result = train(config, ParallelConfig(**given(args, ParallelConfig)))
     if result is None:  # not rank 0 of a torchrun launch
         return 0
-    if result.val_losses:
-        (s0, v0), (s1, v1) = result.val_losses[0], result.val_losses[-1]
-        print(f"validation loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
-    print(f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
-          f"checkpoint: {result.checkpoint}")
+    print("\n".join(result.summary()))
     return 130 if result.interrupted_by else 0
 
 
@@ -190,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     model, tokenizer = load_for_inference(args.checkpoint, device)
     params = SamplingParams(**given(args, SamplingParams), stop_token_ids=(tokenizer.eot_id,))
-    text = generate_text(model, tokenizer, args.prompt, params, use_cache=not args.no_cache)
+    text = generate_text(model, tokenizer, args.prompt, params, use_cache=not args.no_cache,
+                         stop=tuple(args.stop_strings))
     print(args.prompt + text)
     return 0
 
@@ -265,7 +266,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
-    return 0 if result.succeeded else 1
+    if not result.succeeded:
+        status, reason = next(iter(result.reasons.items()))
+        print(f"moeflow: error: every request failed; first reason ({status}): {reason}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_serve_parsers(sub) -> None:
@@ -322,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moeflow.infer.sampling import SamplingParams
     from moeflow.train.run_config import TrainConfig
 
+    from moeflow import __version__
+
     parser = _Parser(prog="moeflow", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"moeflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters and layout of presets or a config file")
@@ -346,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
-    add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids",), helps=_SAMPLING_HELP)
+    add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids", "stop_sequences"),
+                        helps=_SAMPLING_HELP)
+    p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
+                   help="stop when the generated text contains one of these strings; the output "
+                        "ends just before it (end-of-text always stops)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence each step (slow; for checking the cache)")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")

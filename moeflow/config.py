@@ -495,16 +495,17 @@ class ModelConfig:
         """Read a JSON or YAML config file (YAML by suffix .yaml/.yml)."""
         path = Path(path)
         text = path.read_text()
+        yaml_file = path.suffix in (".yaml", ".yml")
         try:
-            if path.suffix in (".yaml", ".yml"):
+            if yaml_file:
                 import yaml
 
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)
         except Exception as e:  # noqa: BLE001 - any parse error is a malformed file
-            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise ValueError(f"{path}: not valid {'YAML' if yaml_file else 'JSON'}: "
+                             f"{_parse_error(e)}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -512,6 +513,16 @@ class ModelConfig:
         from moeflow.presets import preset
 
         return preset(name)
+
+
+def _parse_error(e: Exception) -> str:
+    """One line saying where a JSON or YAML parser stopped: json's message already holds the
+    line and column; PyYAML's holds them only on later lines, in its `problem_mark`."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        what = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return str(e).splitlines()[0]
 
 
 def _unresolved(config: ModelConfig) -> dict[str, Any]:

@@ -6,7 +6,9 @@ training split, the model trains for DEMO["steps"] steps, and the demo prints th
 before and after, each MoE layer's expert loads, and a sample generated from the new checkpoint.
 
 The demo's settings live in DEMO and SAMPLE below and nowhere else; the run goes to a fresh
-temporary directory unless --out is given, so running the demo twice overwrites nothing.
+temporary directory unless --out is given, so running the demo twice overwrites nothing. The
+demo always trains from scratch: an --out that already holds files is refused (a demo run is
+trained further with `moeflow train --out DIR --resume --steps N`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -59,6 +62,11 @@ def run_demo(steps: int | None = None, out: str | None = None,
              console: Console | None = None) -> DemoResult:
     console = console or Console()
     start = time.perf_counter()
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        what = "a training run" if (Path(out) / "run.json").exists() else "other files"
+        raise ValueError(f"--out {out!r} already holds {what}; the demo trains from scratch "
+                         f"into a new or empty directory (to train a run further: moeflow train "
+                         f"--out {out} --resume --steps N)")
     out = out or tempfile.mkdtemp(prefix="moeflow-demo-")
     # A shorter run scales its schedule in the same construction (TrainConfig validates
     # warmup_steps <= steps, so the demo's 30 warm-up steps cannot come first); runs of under

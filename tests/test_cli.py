@@ -69,3 +69,43 @@ def test_demo_trains_and_samples(tmp_path):
     sample = r.stdout.split("sample (temperature 0.8, top-k 40):\n")[1].split("\ndone in")[0]
     assert sample.startswith("def ") and sample[len("def "):].strip()
     assert any((tmp_path / "demo" / "checkpoints").iterdir())
+
+
+def test_version(capsys):
+    from moeflow import __version__
+    from moeflow.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moeflow {__version__}"
+
+
+@pytest.mark.parametrize("content, where", [
+    ("name: x\nn_layers: 2\nrouter:\n  top_k: [1\nd_model: 64\n", "line 5, column 8"),
+    ("name: x\n\td_model: 64\n", "line 2, column 1"),
+])
+def test_yaml_error_names_the_line(tmp_path, capsys, content, where):
+    from moeflow.cli import main
+
+    path = tmp_path / "model.yaml"
+    path.write_text(content)
+    assert main(["info", "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moeflow: error: {path}: not valid YAML: ")
+    assert where in lines[0], lines[0]
+
+
+def test_demo_refuses_an_existing_run_without_suggesting_a_flag_it_lacks(tmp_path):
+    from _train_small import snapshot
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    before = snapshot(out)
+    r = moeflow("demo", "--steps", "1", "--out", str(out))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"--out {str(out)!r} already holds a training run" in lines[0]
+    assert "pass --resume" not in lines[0] and "demo trains from scratch" in lines[0]
+    assert snapshot(out) == before

@@ -87,3 +87,32 @@ def test_generate_cli(run_dir):
     with contextlib.redirect_stderr(err):
         assert main(["generate", "--checkpoint", str(run_dir), "--top-p", "0"]) == 2
     assert "top_p=0.0: must be in (0, 1]" in err.getvalue()
+
+
+def test_generate_cli_stop_sequences_are_text(run_dir):
+    """`--stop-sequences sky tree` and `--stop-sequences 5` are strings: the output ends just
+    before the first one the text contains, and is unchanged when it contains none."""
+    def cli(*extra):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["generate", "--checkpoint", str(run_dir), "--prompt", "def ",
+                       "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "5", *extra])
+        assert rc == 0, err.getvalue()
+        return out.getvalue()[:-1]  # print's newline
+
+    full = cli()
+    continuation = full[len("def "):]
+    assert len(continuation) > 6
+    for stops in (("sky", "tree"), ("5",)):  # absent from the text: nothing is cut
+        absent = [s for s in stops if s not in continuation]
+        assert cli("--stop-sequences", *absent) == full
+    stop = continuation[3:5]  # present: cut just before its first occurrence
+    assert cli("--stop-sequences", "zzz", stop) == "def " + continuation[:continuation.find(stop)]
+
+
+def test_generate_help_describes_stop_sequences(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--stop-sequences TEXT [TEXT ...]" in help_text
+    assert "stop when the generated text contains one of these strings" in help_text

@@ -323,3 +323,13 @@ def test_torchrun_cli_ep2(tmp_path, corpus):
     assert proc.stdout.count("finished at step 2") == 1  # printed by rank 0 only
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2]
+
+    # Extended by one step with --resume and no training flag: every rank reads run.json.
+    resume = cmd[:cmd.index("train") + 1] + ["--out", str(tmp_path / "run"), "--resume",
+                                             "--steps", "3", "--ep", "2", "--zero"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished at step 3") == 1
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[3]["lr"] == pytest.approx(1e-3 * 0.1, rel=1e-12)  # the floor, as documented

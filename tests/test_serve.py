@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from tests._serve_util import (CONTEXT, MODEL_VOCAB, ServerProcess, parse_sse, raw_request,
+from tests._serve_util import (CONTEXT, MODEL_VOCAB, REPO, ServerProcess, parse_sse, raw_request,
                                read_status, save_training_checkpoint)
 
 BODY_LIMIT = 65536
@@ -352,3 +356,76 @@ def test_sigterm_aborts_what_outlives_the_drain_timeout_and_exits_0(checkpoint):
     finally:
         srv.stop()
     assert "drain timeout, aborting 2 sequence(s)" in srv.output()
+
+
+def test_chat_reply_does_not_start_with_the_templates_space(server):
+    """The default template ends at "Assistant:" and the model writes the space after it; that
+    space belongs to the "Role: content" format, so the reply is the completion of the same
+    rendered prompt without it (and the stream says the same)."""
+    rendered = "User: hi\n\nAssistant:"
+    spaced = 0
+    for seed in range(12):
+        sampling = {"max_tokens": 5, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        raw = server.post(C, completion(prompt=rendered, **sampling)).json()
+        text = raw["choices"][0]["text"]
+        reply = server.post(CH, chat(**sampling)).json()["choices"][0]["message"]["content"]
+        assert reply == text.removeprefix(" "), (seed, text, reply)
+        events = parse_sse(server.post(CH, chat(**sampling, stream=True)).text)
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == reply
+        spaced += text.startswith(" ")
+    assert spaced >= 1  # some completions did start with the space, so the test can fail
+
+
+def moeflow_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("MOEFLOW_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "moeflow", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_busy_port_is_one_line_exit_2_before_announcing_an_address(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = moeflow_cli("serve", "--model", str(checkpoint), "--port", str(port))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        f"moeflow: error: port {port} on 127.0.0.1 is already in use (another server?); "
+        f"choose another --port"]
+    assert "moeflow serve:" not in r.stdout  # no address announced that it cannot serve on
+
+
+@pytest.fixture(scope="module")
+def small_context_server(checkpoint):
+    """A 128-token context, the `tiny` preset's (the model `moeflow demo` trains)."""
+    srv = ServerProcess(checkpoint, "--max-seq-len", "128").wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+def test_readme_bench_serve_line_fits_a_128_token_context(small_context_server):
+    srv = small_context_server
+    line = next(x for x in (REPO / "README.md").read_text().splitlines()
+                if x.startswith("moeflow bench-serve "))
+    argv = line.split()[1:]
+    argv[argv.index("--url") + 1] = srv.url
+    argv[argv.index("--requests") + 1] = "16"  # fewer than the README's, same sizes
+    assert argv[argv.index("--max-tokens") + 1] == "64"
+    r = moeflow_cli(*argv)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "succeeded 16, failed 0" in r.stdout
+
+
+def test_bench_serve_shows_the_servers_reason_and_fails_when_every_request_fails(
+        small_context_server):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 4  # the old default
+    r = moeflow_cli("bench-serve", "--url", small_context_server.url, "--requests", "6",
+                    "--max-tokens", "64", "--prompt", long_prompt)
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "moeflow: error: every request failed; first reason (400): max_tokens: prompt ("), err
+    assert "exceeds the context window of 128 tokens" in err[0]
+    assert "succeeded 0, failed 6" in r.stdout
+    assert "failed 400: max_tokens: prompt (" in r.stdout  # the reason beside the table

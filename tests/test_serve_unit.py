@@ -74,6 +74,17 @@ def job(tok, body, schema=CompletionRequest):
     return build_job(validate(schema, {"model": "m", **body}), LIMITS, tok, ChatTemplate())
 
 
+def test_text_stream_drops_the_templates_reply_prefix_once(tok):
+    assert ChatTemplate().reply_prefix == " " and ChatTemplate("{{ x }}").reply_prefix == ""
+    for text, want in ((" hello  world", "hello  world"), ("hello", "hello"),
+                       ("  two spaces", " two spaces"), (" ", "")):
+        ids = tok.encode(text)
+        ts = TextStream(tok, drop_prefix=" ")
+        assert "".join(ts.push(t) for t in ids) + ts.finish() == want, text
+    ts = TextStream(tok, stop=("wor",), drop_prefix=" ")
+    assert "".join(ts.push(t) for t in tok.encode(" hello world")) + ts.finish() == "hello "
+
+
 def test_build_job_applies_defaults_seeds_and_stops(tok, bpe):
     j = job(tok, {"prompt": ["ab", [5, 6, 7]], "n": 3, "seed": 5, "temperature": 0.5,
                   "top_k": -1, "stop": "x", "stop_token_ids": [9]})

@@ -228,6 +228,24 @@ def test_plot_writes_pngs(small_run, capsys):
         assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(name) > 5000
 
 
+def test_expert_load_colour_is_relative_to_uniform_so_layers_of_any_size_compare():
+    """A balanced 4-expert layer and a balanced 8-expert layer get the same value (1), so the
+    heatmap's colour shows imbalance, not the expert count; step 0 is left out."""
+    from moeflow.train.plots import relative_expert_load
+
+    rows = [{"step": 0, "moe_layers": [1, 3], "expert_load": [[40, 0, 0, 0], [5] * 8]},
+            {"step": 4, "moe_layers": [1, 3], "expert_load": [[10] * 4, [5] * 8]},
+            {"step": 8, "moe_layers": [1, 3], "expert_load": [[20, 10, 10, 0], [12] + [4] * 7]}]
+    layers, steps, relative = relative_expert_load(rows)
+    assert layers == [1, 3] and steps == [4, 8]
+    # Shares times E, averaged over steps 4 and 8.
+    assert relative[0].tolist() == pytest.approx([1.5, 1.0, 1.0, 0.5, *[float("nan")] * 4],
+                                                 nan_ok=True)
+    assert relative[1].tolist() == pytest.approx([(1 + 2.4) / 2] + [(1 + 0.8) / 2] * 7)
+    balanced = relative_expert_load(rows[:2])[2]
+    assert balanced[0, :4].tolist() == balanced[1].tolist()[:4] == [1.0] * 4
+
+
 # ---- bad input: one line, exit status 2, nothing written or overwritten --------------------
 
 def _cli(argv):

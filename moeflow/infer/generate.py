@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from moeflow.infer.sampling import SamplingParams, sample_next
@@ -10,10 +12,12 @@ from moeflow.model.kv_cache import KVCache
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, params: SamplingParams,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True,
+             stop_when: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Continue `prompt_ids` [B, T]; returns the new tokens [B, <= max_new_tokens].
 
-    Stops early once every row has produced a stop token (rows that stopped keep emitting it).
+    Stops early once every row has produced a stop token or `stop_when(new_BT)` (the new tokens
+    so far) is true for it, [B] bool (rows that stopped keep emitting their last token).
     Without the cache every step re-runs the whole sequence: slow, used to check the cache.
     Routing is dropless while generating, so each token's output is independent of the batch.
     """
@@ -39,6 +43,8 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, params: SamplingP
                 nxt = torch.where(done, new[-1], nxt)
             new.append(nxt)
             done |= torch.isin(nxt, stop)
+            if stop_when is not None:
+                done |= stop_when(torch.stack(new, dim=1))
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
             if bool(done.all()):

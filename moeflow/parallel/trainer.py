@@ -150,9 +150,7 @@ class ParallelTrainer(Trainer):
         dist.all_gather_object(per_rank, self.optimizer.local_state_dict())
         path = None
         if self.is_writer:
-            state = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
-                     "scheduler": {"kind": "warmup_cosine", "step": step},
-                     "world_size": self.world, "layout": self._layout_key()}
+            state = {**self.train_state(step), "layout": self._layout_key()}
             path = ckpt_io.save_checkpoint(
                 self.out, step, model=_StateView(full),
                 optimizer=_StateView({"layout": self._layout_key(), "ranks": per_rank}),
@@ -161,10 +159,8 @@ class ParallelTrainer(Trainer):
         dist.barrier()
         return path
 
-    def restore(self, ckpt) -> None:
-        from safetensors.torch import load_file
-
-        load_full_state(self.model, load_file(str(ckpt / ckpt_io.WEIGHTS)))
+    def restore_model_and_optimizer(self, ckpt) -> None:
+        load_full_state(self.model, ckpt_io.load_tensors(ckpt))
         saved = ckpt_io.load_torch(ckpt, "optimizer.pt")
         if isinstance(saved, dict) and saved.get("layout") == self._layout_key():
             self.optimizer.load_local_state_dict(saved["ranks"][self.rank])
@@ -172,11 +168,6 @@ class ParallelTrainer(Trainer):
             self.reporter.note(f"optimizer state in {ckpt} was saved at another layout "
                                f"({saved.get('layout') if isinstance(saved, dict) else 'single'}"
                                f"); resuming with fresh AdamW moments")
-        state = ckpt_io.load_state(ckpt)
-        self.loader.load_state_dict(state["loader"])
-        self.start_step = int(state["step"])
-        self.tokens_seen = int(state["tokens"])
-        ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
 
 
 def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult | None:

@@ -261,7 +261,8 @@ class _Run:
         self.id, self.start = request_id, start
         tok = state.loaded.tokenizer
         n = job.num_sequences
-        self.streams = [TextStream(tok, job.stop) for _ in range(n)]
+        prefix = state.loaded.chat_template.reply_prefix if job.chat else ""
+        self.streams = [TextStream(tok, job.stop, drop_prefix=prefix) for _ in range(n)]
         self.texts = [""] * n
         self.tokens = [0] * n
         self.reasons: list[str | None] = [None] * n

@@ -11,6 +11,14 @@ Without a template (moeflow's own checkpoints are base models with no chat speci
 DEFAULT_TEMPLATE is plain text a base model can continue:
 
     System: {system}\n\nUser: {user}\n\nAssistant: {assistant}\n\nAssistant:
+
+The generation prompt ends at the colon, not at "Assistant: ": a byte-level BPE spells a word
+together with the space before it ("Ġhello"), so a prompt ending in a bare space would ask the
+model to continue from a token it rarely saw there. The model therefore writes the separating
+space itself, and the reply would start with it (" Hello"). That space is part of the
+"Role: content" format, not of the content, so the default template declares it as
+`reply_prefix` and the server drops it from the start of each reply (app.py, text.py). Templates
+from checkpoints end their generation prompt where the reply begins; their prefix is "".
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class ChatTemplate:
     def __init__(self, source: str | None = None, bos_token: str = "", eos_token: str = "") -> None:
         self.source = source if source is not None else DEFAULT_TEMPLATE
         self.is_default = source is None
+        self.reply_prefix = " " if self.is_default else ""  # see the module docstring
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
         self._template  # compile now: a broken template fails at startup, not per request
 

@@ -10,13 +10,19 @@ seconds whatever is left is aborted (clients see finish_reason "abort"), then uv
 the sockets and the process exits 0. A second signal skips the wait. uvicorn re-raises the
 signals it caught once it has stopped, which would turn a clean drain into death by SIGTERM;
 `DrainingServer` does not record them, so a drained server exits normally.
+
+The port is bound before anything else (the model load can take minutes) and the socket handed
+to uvicorn, so a port in use is one line, `moeflow: error: ... already in use`, exit status 2,
+before the server announces an address it cannot serve on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -100,10 +106,38 @@ def torch_threads(config: ServeConfig) -> int | None:
     return None
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening); ValueError if it cannot be."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only, as uvicorn
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (another server?); "
+                             f"choose another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve(config: ServeConfig) -> int:
-    """Load, serve until signalled, drain; returns the exit status (0 after a clean drain)."""
+    """Bind, load, serve until signalled, drain; returns the exit status (0 after a clean
+    drain)."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(config.host, config.port)
+    try:
+        return _serve(config, sock)
+    finally:
+        sock.close()
+
+
+def _serve(config: ServeConfig, sock: socket.socket) -> int:
     state = build_state(config)  # a bad model path fails here, before any process-wide change
     threads = torch_threads(config)
     if threads is not None:
@@ -113,15 +147,16 @@ def serve(config: ServeConfig) -> int:
                                log_level=config.log_level, access_log=False,
                                timeout_graceful_shutdown=ABORT_GRACE_S, lifespan="on")
     server = DrainingServer(uv_config, state)
+    port = sock.getsockname()[1]
     print(f"moeflow serve: {state.model_name} ({state.loaded.kind}, context "
           f"{state.limits.max_seq_len}, vocab {state.limits.vocab_size}, "
-          f"{torch.get_num_threads()} torch threads) on http://{config.host}:{config.port}",
+          f"{torch.get_num_threads()} torch threads) on http://{config.host}:{port}",
           flush=True)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         return 1
     print("moeflow serve: stopped", flush=True)
     return 0
 
 
-__all__ = ["DrainingServer", "build_state", "serve"]
+__all__ = ["DrainingServer", "bind_socket", "build_state", "serve"]

@@ -12,7 +12,8 @@ concatenated deltas equal decoding the whole sequence at once.
 
 Stop strings may straddle tokens, so `TextStream` holds back the last len(longest stop) - 1
 characters until it knows they do not begin a stop string; the text returned never contains a
-stop string and ends where the first one began.
+stop string and ends where the first one began. A `drop_prefix` (the chat template's
+reply_prefix, see chat.py) is removed from the start of the text if the text begins with it.
 """
 
 from __future__ import annotations
@@ -87,12 +88,25 @@ class IncrementalDecoder:
 class TextStream:
     """Detokenizes one choice's tokens and cuts the text at the first stop string."""
 
-    def __init__(self, tokenizer: ServeTokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: ServeTokenizer, stop: tuple[str, ...] = (),
+                 drop_prefix: str = "") -> None:
         self._decoder = IncrementalDecoder(tokenizer)
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._pending = ""
+        self._prefix = drop_prefix   # still to be matched against the start of the text
         self.stopped = False
+
+    def _drop_prefix(self, final: bool) -> bool:
+        """Remove the prefix once the text shows it; False while the text could still be it."""
+        if not self._prefix:
+            return True
+        if self._pending.startswith(self._prefix):
+            self._pending = self._pending[len(self._prefix):]
+        elif not final and self._prefix.startswith(self._pending):
+            return False
+        self._prefix = ""
+        return True
 
     def _emit(self, final: bool) -> str:
         cut = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0),
@@ -110,6 +124,8 @@ class TextStream:
         if self.stopped:
             return ""
         self._pending += self._decoder.push(token_id)
+        if not self._drop_prefix(final=False):
+            return ""
         return self._emit(final=False)
 
     def finish(self) -> str:
@@ -117,4 +133,5 @@ class TextStream:
         if self.stopped:
             return ""
         self._pending += self._decoder.flush()
+        self._drop_prefix(final=True)
         return self._emit(final=True)

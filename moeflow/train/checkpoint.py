@@ -18,6 +18,21 @@ pointing at a complete checkpoint; stale temporary directories are swept by the 
 Compatibility: before anything is loaded, the checkpoint's tensor names and shapes (read from
 the safetensors header, no data) are compared with the model's; the first difference is
 reported with both shapes, so loading a checkpoint into a different config changes nothing.
+
+Safe loading: a checkpoint may come from elsewhere, so nothing in it may run code. Weights are
+safetensors (no code by construction); optimizer.pt and rng.pt are read with
+`torch.load(weights_only=True)`, whose unpickler builds only tensors and plain containers
+(dict, list, tuple, str, int, float, bool, None) and refuses every other global. That is all
+they hold: AdamW's state_dict (tensors, floats, a betas tuple, bools, None), the parallel
+trainer's per-rank list of such dicts with a layout dict of ints and strings, and the RNG
+states (torch's ByteTensors and Python's `random.getstate()`, a tuple of ints; no numpy RNG is
+captured), so the allow-list of extra globals, SAFE_GLOBALS, is empty and files written before
+this change load unchanged. A pickle that names any other global is refused, never executed.
+
+Damaged files: any file of a checkpoint that cannot be read or parsed (truncated, corrupt, not
+what it should be) raises `CheckpointError`, a ValueError naming the file in one line, so the
+CLI reports it as `moeflow: error: ...` with exit status 2. Loading never deletes or rewrites
+anything.
 """
 
 from __future__ import annotations
@@ -25,11 +40,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -38,10 +55,38 @@ from safetensors.torch import save as safetensors_bytes
 
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
+from moeflow.train.run_config import TrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
+# Globals optimizer.pt and rng.pt may name beyond tensors and plain containers: none (see above).
+SAFE_GLOBALS: list = []
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or corrupt; the message names the file."""
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn any failure to read or parse `path` into a one-line CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - torch, safetensors, json and tokenizers differ
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        foreign = next((line for line in lines if "GLOBAL" in line), None)
+        if isinstance(e, pickle.UnpicklingError) and foreign:  # refused by weights_only=True
+            raise CheckpointError(f"checkpoint file {path} holds objects other than tensors "
+                                  f"and plain data; refused without running them "
+                                  f"({foreign})") from None
+        reason = lines[0].split(". ")[0].rstrip(".") if lines else ""
+        raise CheckpointError(f"checkpoint file {path} is damaged or truncated "
+                              f"({type(e).__name__}: {reason})") from None
 
 
 def checkpoint_name(step: int) -> str:
@@ -168,11 +213,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
-    try:
-        with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-        raise ValueError(f"cannot read {ckpt / WEIGHTS}: {e}") from None
+    with reading(ckpt / WEIGHTS), safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def check_compatible(model: torch.nn.Module, ckpt: Path) -> None:
@@ -193,10 +235,15 @@ def check_compatible(model: torch.nn.Module, ckpt: Path) -> None:
                          f"{list(have[extra[0]])} has no place in the model")
 
 
+def load_tensors(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors (CheckpointError naming the file if it is damaged)."""
+    with reading(ckpt / WEIGHTS):
+        return load_file(str(ckpt / WEIGHTS), device=str(device))
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     check_compatible(model, ckpt)
-    device = next(model.parameters()).device
-    tensors = load_file(str(ckpt / WEIGHTS), device=str(device))
+    tensors = load_tensors(ckpt, next(model.parameters()).device)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     aliases = set(model.state_dict()) - set(model_tensors(model))
     if unexpected or set(missing) - aliases:
@@ -204,23 +251,41 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:
-    return ModelConfig.from_json((ckpt / "config.json").read_text())
+    with reading(ckpt / "config.json"):
+        return ModelConfig.from_json((ckpt / "config.json").read_text())
 
 
 def load_tokenizer(ckpt: Path) -> BPETokenizer:
-    return BPETokenizer.load(ckpt / "tokenizer.json")
+    with reading(ckpt / "tokenizer.json"):
+        return BPETokenizer.load(ckpt / "tokenizer.json")
 
 
 def load_json(ckpt: Path, filename: str) -> Any:
-    return json.loads((ckpt / filename).read_text())
+    with reading(ckpt / filename):
+        data = json.loads((ckpt / filename).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+        return data
+
+
+def load_run_config(ckpt: Path) -> TrainConfig:
+    with reading(ckpt / "run.json"):
+        return TrainConfig.from_dict(load_json(ckpt, "run.json"))
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return load_json(ckpt, "state.json")
+    state = load_json(ckpt, "state.json")
+    with reading(ckpt / "state.json"):
+        for key in ("step", "tokens", "loader"):
+            if key not in state:
+                raise ValueError(f"no {key!r} entry")
+    return state
 
 
 def load_torch(ckpt: Path, filename: str) -> Any:
-    return torch.load(ckpt / filename, map_location="cpu", weights_only=False)
+    """optimizer.pt or rng.pt, unpickled without running code (see the module docstring)."""
+    with reading(ckpt / filename), torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(ckpt / filename, map_location="cpu", weights_only=True)
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"

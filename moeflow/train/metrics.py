@@ -27,12 +27,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class MetricsWriter:
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
+        self._kept: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self._kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self._kept))
             os.replace(tmp, self.path)
         self._f = open(self.path, "a")
+
+    def last_validation(self) -> tuple[int, float] | None:
+        """(step, val_loss) of the last validation kept from before a resume, if any."""
+        vals = [(r["step"], r["val_loss"]) for r in self._kept if "val_loss" in r]
+        return vals[-1] if vals else None
 
     def write(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row) + "\n")

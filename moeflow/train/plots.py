@@ -2,10 +2,14 @@
 
 loss.png: training loss per step and validation loss at the validation points, against tokens
 seen (tokens make runs with different batch sizes comparable). expert_load.png: one heatmap row
-per MoE layer, one column per expert, coloured by the share of the layer's assignments the
-expert received, averaged over the validation points after step 0 (step 0 alone for a run
-that never validated later). A PR-MoE's pyramid shows as rows of different lengths; cells past a
-layer's expert count are blank. A balanced layer is one flat colour at 1/E.
+per MoE layer, one column per expert, coloured by the expert's load relative to uniform: its
+share of the layer's assignments times the layer's expert count E, averaged over the validation
+points after step 0 (step 0 alone for a run that never validated later). Relative load is what
+makes layers comparable: a raw share of 1/E would colour a balanced 4-expert layer (0.25) and a
+balanced 8-expert layer (0.125) differently, showing the expert count instead of the imbalance.
+Here 1 is balanced in every layer (the colour scale's neutral centre), above 1 overloaded,
+below 1 starved. A PR-MoE's pyramid shows as rows of different lengths; cells past a layer's
+expert count are blank.
 """
 
 from __future__ import annotations
@@ -52,25 +56,37 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     loads = [r for r in val if r.get("expert_load")]
     if loads:
-        later = [r for r in loads if r["step"] > 0] or loads
-        layers = later[-1]["moe_layers"]
-        width = max(len(x) for x in later[-1]["expert_load"])
-        share = np.full((len(layers), width), np.nan)
-        for i in range(len(layers)):
-            counts = np.array([r["expert_load"][i] for r in later], dtype=float)
-            frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-            share[i, :counts.shape[1]] = frac.mean(axis=0)
+        from matplotlib.colors import TwoSlopeNorm
+
+        layers, steps, relative = relative_expert_load(loads)
+        width = relative.shape[1]
         fig, ax = plt.subplots(figsize=(max(4, 0.5 * width + 2), 0.6 * len(layers) + 1.8))
-        im = ax.imshow(share, aspect="auto", cmap="viridis")
+        cmap = plt.get_cmap("coolwarm").with_extremes(bad="white")
+        top = max(2.0, float(np.nanmax(relative)))
+        im = ax.imshow(relative, aspect="auto", cmap=cmap,
+                       norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top))
         ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
         ax.set_xlabel("expert")
-        steps = [r["step"] for r in later]
-        ax.set_title(f"share of assignments per expert (validation, steps {steps[0]}–{steps[-1]})"
-                     if len(steps) > 1 else f"share of assignments per expert (step {steps[0]})",
-                     fontsize=9)
-        fig.colorbar(im, ax=ax)
+        when = f"steps {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+        ax.set_title(f"expert load relative to uniform (share × experts; 1 = balanced), "
+                     f"validation, {when}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="load × E")
         fig.tight_layout()
         out.append(run_dir / "expert_load.png")
         fig.savefig(out[-1], dpi=120)
         plt.close(fig)
     return out
+
+
+def relative_expert_load(rows: list[dict]) -> tuple[list[int], list[int], np.ndarray]:
+    """(MoE layer indices, steps used, [layers, max experts] load × E averaged over those
+    steps; NaN past a layer's expert count) from metrics rows holding expert_load."""
+    later = [r for r in rows if r["step"] > 0] or rows
+    layers = later[-1]["moe_layers"]
+    width = max(len(x) for x in later[-1]["expert_load"])
+    relative = np.full((len(layers), width), np.nan)
+    for i in range(len(layers)):
+        counts = np.array([r["expert_load"][i] for r in later], dtype=float)
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        relative[i, :counts.shape[1]] = share.mean(axis=0) * counts.shape[1]
+    return layers, [r["step"] for r in later], relative

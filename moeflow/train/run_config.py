@@ -1,9 +1,15 @@
 """How a run trains a model: the frozen, validated run configuration (the model is ModelConfig).
 
 Every `moeflow train` flag is one field here; the CLI builds its flags from these fields and
-their `help` metadata, so there is no second list of options to keep in step. A run writes its
-config to OUT/run.json; `--resume` compares the new config with it and refuses a different run
-(fields in RESUMABLE may change between the interrupted run and its continuation).
+their `help` metadata, so there is no second list of options to keep in step.
+
+A run writes its config to OUT/run.json (rewritten by each `--resume` with what that
+invocation ran). `resume_config` builds a continuation from it, so `--resume` needs no other
+flag: a flag given again must agree with the run's value or the resume is refused, naming it;
+fields in RESUMABLE (bookkeeping) may change; `--stop-at` applies to one invocation only; and
+`--steps N` may grow, which extends the run (even a finished one) with the lr schedule that
+moeflow.train.schedule describes. `--preset`/`--config` given again are checked by content:
+the network they describe must be the checkpoint's (a config file may have moved).
 
 Batch sizes are global: `batch_size` windows per optimizer step over all ranks; `micro_batch`
 is what one rank runs per forward pass, and gradient accumulation makes up the rest
@@ -15,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,10 @@ DEVICES = ("auto", "cpu", "cuda")
 STUDENT_INITS = ("teacher", "random")
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "device", "progress")
+# Checked against the checkpoint's network rather than by value (see the module docstring).
+MODEL_FIELDS = ("preset", "model_config")
+# Fields naming files: compared as absolute paths ("builtin:" sources are names, not paths).
+PATH_FIELDS = ("data", "teacher")
 
 
 def _opt(help: str, flag: str | None = None, **kw: Any) -> Any:
@@ -47,7 +58,11 @@ class TrainConfig:
     seq_len: int | None = _opt("tokens per training sequence (default: the model's max_seq_len)",
                                default=None)
     # the schedule
-    steps: int = _opt("total optimizer steps: the length of the lr schedule", default=1000)
+    steps: int = _opt(
+        "total optimizer steps: the length of the lr schedule. With --resume, a larger N "
+        "extends the run, finished or not: from its next step the lr falls by a half cosine "
+        "from its current value to the floor (min_lr_ratio × lr) at step N, so a finished "
+        "run trains on at the floor (moeflow/train/schedule.py)", default=1000)
     batch_size: int = _opt("global batch: sequences per optimizer step over all ranks",
                            default=16)
     micro_batch: int | None = _opt("sequences per forward pass on one rank (default: all of the "
@@ -153,20 +168,77 @@ class TrainConfig:
         return cls(**{**data, "data": tuple(data.get("data", ()))})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write atomically: a resume rewrites OUT/run.json, and a kill must not truncate it."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a run.json; any problem is a one-line ValueError naming the file."""
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def differences(self, other: "TrainConfig") -> list[str]:
-        """Fields (outside RESUMABLE) on which `self` and `other` disagree, in field order."""
+        """Fields (outside RESUMABLE and `steps`, which a resume may raise) on which `self` and
+        `other` disagree, in field order."""
         return [f.name for f in dataclasses.fields(self)
-                if f.name not in RESUMABLE and getattr(self, f.name) != getattr(other, f.name)]
+                if f.name not in RESUMABLE + ("steps",)
+                and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def resume_config(given: dict[str, Any]) -> TrainConfig:
+    """The config that continues the run in given["out"] (or the default --out): the run's
+    OUT/run.json with the fields in `given` (the flags on the command line) applied.
+
+    ValueError naming the field when a given value contradicts the run, when `steps` is
+    smaller than the run's, or when OUT holds no run.
+    """
+    out = Path(given.get("out", TrainConfig.out))
+    path = out / "run.json"
+    if not path.is_file():
+        from moeflow.train.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(out) if out.is_dir() else None
+        if ckpt is None:
+            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume")
+        path = ckpt / "run.json"
+    saved = TrainConfig.load(path)
+    changes: dict[str, Any] = {"stop_at": None, "resume": True, "out": str(out)}
+    for name, value in given.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        have = getattr(saved, name)
+        if name in RESUMABLE or name in MODEL_FIELDS:
+            changes[name] = value
+        elif name == "steps" and isinstance(value, int) and value >= saved.steps:
+            changes[name] = value
+        elif _normalised(name, value) != _normalised(name, have):
+            hint = ("; --steps can only grow (extend the run)" if name == "steps" else
+                    f"; leave the flag out to continue with the run's {name}")
+            raise ValueError(f"cannot resume {str(out)!r}: {name}={value!r} but the run used "
+                             f"{name}={have!r}{hint}")
+    if "preset" in given and "model_config" not in given:
+        changes["model_config"] = None
+    return saved.replace(**changes)
+
+
+def _normalised(name: str, value: Any) -> Any:
+    def path(p: Any) -> Any:
+        return os.path.abspath(p) if isinstance(p, str) and not p.startswith("builtin:") else p
+
+    if name not in PATH_FIELDS:
+        return value
+    return tuple(map(path, value)) if isinstance(value, tuple) else path(value)
 
 
 def _fail(name: str, value: Any, need: str) -> None:

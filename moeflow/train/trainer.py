@@ -7,11 +7,18 @@
 checkpoint compatibility) before anything is written to the run directory; `run()` then trains.
 
 Exact resumption on CPU: the run's state is the model, the AdamW state, the step (the learning
-rate is a pure function of it), the loader position and the RNG states; all are checkpointed
-and restored, validation runs inside a forked RNG, and metrics rows after the checkpoint are
-dropped, so an interrupted and resumed run writes the same losses as an uninterrupted one.
-The loop runs with torch's deterministic algorithms on CPU, so this holds on a busy machine too
-(moeflow.train.determinism).
+rate is a pure function of it and of the schedule's segments), the loader position and the RNG
+states; all are checkpointed and restored, validation runs inside a forked RNG, and metrics rows
+after the checkpoint are dropped, so an interrupted and resumed run writes the same losses as an
+uninterrupted one. The loop runs with torch's deterministic algorithms on CPU, so this holds on
+a busy machine too (moeflow.train.determinism).
+
+Extending a run: resuming with a larger `steps` than the checkpoint's schedule was planned for
+extends it (a finished run too). The lr is then not the plain warmup-cosine of the new total:
+from the next step on it falls by a half cosine from its current value to the floor
+(min_lr_ratio × lr) at the new last step, so a finished run, already at the floor, trains on
+at the floor; see moeflow.train.schedule. The segments are saved in state.json, so an extended
+run that is interrupted resumes bit-exactly as well.
 
 Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimizer step, so
 the weights, the optimizer state and the last checkpoint stay as they were. SIGINT/SIGTERM stop
@@ -54,7 +61,7 @@ from moeflow.train.interrupt import StopRequest
 from moeflow.train.metrics import MetricsWriter
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
-from moeflow.train.schedule import lr_at
+from moeflow.train.schedule import LRSchedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,8 +75,29 @@ class TrainResult:
     val_losses: list[tuple[int, float]]  # (step, val_loss) of this invocation
     expert_load: list[list[int]] | None  # at the last validation point
     moe_layers: list[int]
-    checkpoint: Path | None
+    checkpoint: Path | None  # the run's latest checkpoint (written now, or resumed from)
     interrupted_by: str | None = None  # "SIGINT"/"SIGTERM" when a signal stopped the run
+    start_step: int = 0  # the step this invocation started from (the checkpoint's on resume)
+    # The last validation at or before start_step (step 0's on a fresh run; on a resume read
+    # from metrics.jsonl), so a summary compares with where this invocation began.
+    val_start: tuple[int, float] | None = None
+
+    def summary(self) -> list[str]:
+        """What `moeflow train` prints when it ends."""
+        lines = []
+        last = self.val_losses[-1] if self.val_losses else None
+        if last is not None and self.val_start is not None and self.val_start[0] < last[0]:
+            lines.append(f"validation loss {self.val_start[1]:.4f} (step {self.val_start[0]}) "
+                         f"-> {last[1]:.4f} (step {last[0]})")
+        elif last is not None:
+            lines.append(f"validation loss {last[1]:.4f} (step {last[0]})")
+        if self.step == self.start_step and self.finished:
+            lines.append(f"nothing to do: the run had already finished at step {self.step} "
+                         f"(checkpoint: {self.checkpoint}); pass a larger --steps to extend it")
+        else:
+            lines.append(f"{'finished' if self.finished else 'stopped'} at step {self.step}; "
+                         f"checkpoint: {self.checkpoint}")
+        return lines
 
 
 def load_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -145,18 +173,22 @@ class Trainer:
     def is_writer(self) -> bool:
         return self.rank == 0
 
+    def train_state(self, step: int) -> dict[str, Any]:
+        """state.json of a checkpoint at `step` (the step itself is added by the writer)."""
+        return {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
+                "scheduler": {"kind": "warmup_cosine", "step": step,
+                              "segments": self.schedule.state_dict()},
+                "world_size": self.world}
+
     def save(self, step: int) -> Path | None:
         if not self.is_writer:
             return None
-        state = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(),
-                 "scheduler": {"kind": "warmup_cosine", "step": step}, "world_size": self.world}
         return ckpt_io.save_checkpoint(
-            self.out, step, model=self.model, optimizer=self.optimizer, state=state,
-            tokenizer=self.tokenizer, model_config=self.model_config, run_config=self.cfg,
-            keep=self.cfg.keep_checkpoints)
+            self.out, step, model=self.model, optimizer=self.optimizer,
+            state=self.train_state(step), tokenizer=self.tokenizer,
+            model_config=self.model_config, run_config=self.cfg, keep=self.cfg.keep_checkpoints)
 
-    def restore(self, ckpt: Path) -> None:
-        """Load weights, optimizer, loader position and RNG states (compatibility checked)."""
+    def restore_model_and_optimizer(self, ckpt: Path) -> None:
         ckpt_io.load_weights(self.model, ckpt)
         optimizer_state = ckpt_io.load_torch(ckpt, "optimizer.pt")
         if "ranks" in optimizer_state:  # per-rank shards of a moeflow.parallel run
@@ -164,10 +196,28 @@ class Trainer:
                                f"resuming with fresh AdamW moments")
         else:
             self.optimizer.load_state_dict(optimizer_state)
+
+    def restore(self, ckpt: Path) -> None:
+        """Load weights, optimizer, loader position, schedule and RNG states (compatibility
+        checked); a larger cfg.steps than the checkpoint's plan extends the schedule."""
+        self.restore_model_and_optimizer(ckpt)
         state = ckpt_io.load_state(ckpt)
         self.loader.load_state_dict(state["loader"])
         self.start_step = int(state["step"])
         self.tokens_seen = int(state["tokens"])
+        segments = state.get("scheduler", {}).get("segments")
+        if segments:
+            self.schedule = self.schedule.with_segments(segments)
+        else:  # written before extensions existed: the plan was the run's own steps
+            planned = ckpt_io.load_run_config(ckpt).steps
+            self.schedule = self.schedule.with_segments([[0, planned]])
+        if self.cfg.steps < self.schedule.total_steps:
+            raise ValueError(f"steps={self.cfg.steps}: the run in {str(self.out)!r} is planned "
+                             f"for {self.schedule.total_steps} steps; --steps can only grow")
+        self.schedule = self.schedule.extended(self.start_step, self.cfg.steps)
+        if self.cfg.stop_at is not None and self.cfg.stop_at <= self.start_step:
+            raise ValueError(f"stop_at={self.cfg.stop_at}: the run is already at step "
+                             f"{self.start_step}")
         ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
 
     def forward_loss(self, input_BT: torch.Tensor, target_BT: torch.Tensor, step: int
@@ -282,6 +332,7 @@ class Trainer:
         self.model = self.parallelize(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.start_step, self.tokens_seen = 0, 0
+        self.schedule = LRSchedule.planned(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         self.resume_ckpt = resume_ckpt
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
@@ -350,7 +401,7 @@ class Trainer:
             field = next(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(f"cannot resume {str(self.out)!r}: model config field {field!r} is "
                              f"{mine[field]!r} here but {theirs.get(field)!r} in the checkpoint")
-        saved_run = TrainConfig.from_dict(ckpt_io.load_json(ckpt, "run.json"))
+        saved_run = ckpt_io.load_run_config(ckpt)
         diff = self.cfg.differences(saved_run)
         if diff:
             f = diff[0]
@@ -363,7 +414,7 @@ class Trainer:
         """One optimizer step (1-based `step`); returns its metrics row."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        lr = lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        lr = self.schedule.at(step - 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.loader.next_batch()
@@ -407,16 +458,18 @@ class Trainer:
             self.prepare()
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.is_writer and self.resume_ckpt is None:
+        if self.is_writer:
             cfg.save(self.out / "run.json")
-            self.model_config.save(self.out / "config.json")
+            if self.resume_ckpt is None:
+                self.model_config.save(self.out / "config.json")
         metrics = MetricsWriter(self.out / "metrics.jsonl",
                                 resume_step=self.start_step if self.resume_ckpt else None) \
             if self.is_writer else None
+        val_start = metrics.last_validation() if metrics is not None else None
         reporter = self.reporter
         val_losses: list[tuple[int, float]] = []
         last_val: dict[str, Any] | None = None
-        step, ckpt = self.start_step, None
+        step, ckpt = self.start_step, self.resume_ckpt
         end = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
         if self.resume_ckpt is not None:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
@@ -426,6 +479,7 @@ class Trainer:
                 if step == 0:
                     last_val = self.evaluate()
                     val_losses.append((0, last_val["val_loss"]))
+                    val_start = val_losses[0]
                     self._write(metrics, {"step": 0, "tokens": 0, **last_val})
                     reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
                 while step < end:
@@ -458,7 +512,8 @@ class Trainer:
         return TrainResult(step=step, finished=step == cfg.steps, val_losses=val_losses,
                            expert_load=last_val["expert_load"] if last_val else None,
                            moe_layers=list(self.model_config.moe_layer_indices()),
-                           checkpoint=ckpt, interrupted_by=stop.signal_name)
+                           checkpoint=ckpt, interrupted_by=stop.signal_name,
+                           start_step=self.start_step, val_start=val_start)
 
     def stop_requested(self, local: bool) -> bool:
         """Whether to stop after this step; one process decides alone (ranks agree in the
