@@ -225,14 +225,16 @@ def prefill_variants(model: Transformer, engine: Engine, vocab: int) -> dict:
 
 
 def parity(model: Transformer, engine: Engine, vocab: int) -> dict:
-    """Engine decode logits vs a full forward over the same tokens (bf16)."""
+    """Engine decode logits vs a full forward over the same tokens (bf16), routed as the engine
+    routes (inference=True: dropless)."""
     seen = []
     engine.logits_hook = lambda rid, row: seen.append(row.float().clone())
     prompt = torch.randint(0, vocab, (PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))[0]
     engine.logits_hook = None
     with torch.no_grad():
-        full = model(torch.tensor([prompt + out], device=engine.device)).logits[0].float()
+        full = model(torch.tensor([prompt + out], device=engine.device),
+                     inference=True).logits[0].float()
     errs = [float((row - full[PROMPT - 1 + i]).norm() / full[PROMPT - 1 + i].norm())
             for i, row in enumerate(seen)]
     agree = sum(int(full[PROMPT - 1 + i].argmax()) == t for i, t in enumerate(out))
@@ -308,7 +310,7 @@ def hf_measure(model: Transformer, res: dict, log, quick: bool) -> None:
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (1, 16), device="cuda")
     with torch.no_grad():
-        a = model(x).logits.float()
+        a = model(x, inference=True).logits.float()  # HF routes dropless
         b = hf(x).logits.float()
     res["hf_parity_rel_err"] = float((a - b).norm() / b.norm())
     log(f"  hf parity {res['hf_parity_rel_err']:.3e}")

@@ -181,17 +181,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moeflow.infer.text import generate_text
-    from moeflow.infer.sampling import SamplingParams
-    from moeflow.train.checkpoint import load_for_inference
-
     import torch
+
+    from moeflow.infer.engine import Engine, EngineConfig
+    from moeflow.infer.sampling import SamplingParams
+    from moeflow.infer.text import generate_text
+    from moeflow.train.checkpoint import load_for_inference
 
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     model, tokenizer = load_for_inference(args.checkpoint, device)
-    params = SamplingParams(**given(args, SamplingParams), stop_token_ids=(tokenizer.eot_id,))
-    text = generate_text(model, tokenizer, args.prompt, params, use_cache=not args.no_cache,
-                         stop=tuple(args.stop_strings))
+    params = SamplingParams(**given(args, SamplingParams), stop_token_ids=tokenizer.eos_ids)
+    engine = Engine(model, EngineConfig(max_batch_size=1))
+    text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
     print(args.prompt + text)
     return 0
 
@@ -351,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ParallelConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)")
+    generate_help = "generate text from a checkpoint (through the serving engine)"
+    p = sub.add_parser(
+        "generate", help=generate_help,
+        description="Continue a prompt with a trained checkpoint. It runs through the serving "
+                    "engine, as `moeflow serve` does (KV cache, dropless routing); there is no "
+                    "uncached mode: the tests check the engine against a full forward.")
     p.add_argument("--checkpoint", required=True,
                    help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
@@ -360,8 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
                    help="stop when the generated text contains one of these strings; the output "
                         "ends just before it (end-of-text always stops)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole sequence each step (slow; for checking the cache)")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
     p.set_defaults(func=cmd_generate)
 

@@ -3,7 +3,8 @@
 Trains the `tiny` PR-MoE (Residual-MoE layers with 4 then 8 experts) on the source files of the
 running Python's standard library, so nothing is downloaded: the BPE tokenizer is trained on the
 training split, the model trains for DEMO["steps"] steps, and the demo prints the validation loss
-before and after, each MoE layer's expert loads, and a sample generated from the new checkpoint.
+before and after, each MoE layer's expert loads, and a sample from the trained model (generated
+through the serving engine, as `moeflow generate` and `moeflow serve` do).
 
 The demo's settings live in DEMO and SAMPLE below and nowhere else; the run goes to a fresh
 temporary directory unless --out is given, so running the demo twice overwrites nothing. The
@@ -21,8 +22,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from moeflow.infer.text import generate_text
+from moeflow.infer.engine import Engine, EngineConfig
 from moeflow.infer.sampling import SamplingParams
+from moeflow.infer.text import generate_text
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer
 
@@ -87,8 +89,9 @@ def run_demo(steps: int | None = None, out: str | None = None,
     console.print(f"\nvalidation loss: {before:.3f} before training → {after:.3f} after "
                   f"({trainer.tokens_seen:,} tokens)", highlight=False)
     console.print(expert_load_table(result.moe_layers, result.expert_load))
-    params = replace(SAMPLE["params"], stop_token_ids=(trainer.tokenizer.eot_id,))
-    sample = generate_text(trainer.model, trainer.tokenizer, SAMPLE["prompt"], params)
+    params = replace(SAMPLE["params"], stop_token_ids=trainer.tokenizer.eos_ids)
+    engine = Engine(trainer.model, EngineConfig(max_batch_size=1))
+    sample = generate_text(engine, trainer.tokenizer, SAMPLE["prompt"], params)
     console.print("\nsample (temperature 0.8, top-k 40):", highlight=False)
     console.print(SAMPLE["prompt"] + sample, markup=False, highlight=False)
     seconds = time.perf_counter() - start

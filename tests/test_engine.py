@@ -26,6 +26,11 @@ CONFIGS = {
                                               v_head_dim=8),
                 router=RouterConfig(top_k=2, dropless=True, score_func="sigmoid",
                                     expert_bias=True, num_groups=4, topk_groups=2)),
+    # Drops at eval capacity and adds router noise in training: the engine must route neither way.
+    "capped": dict(arch="llama", n_kv_heads=2, moe_kind="moe", moe_every=1, num_experts=8,
+                   expert_d_ff=24, router=RouterConfig(top_k=2, capacity_factor=0.25,
+                                                       eval_capacity_factor=0.25, min_capacity=1,
+                                                       noise="jitter", noise_eps=0.5)),
 }
 
 
@@ -70,6 +75,31 @@ def test_greedy_decode_equals_full_forward_at_every_step(kind):
             ref = full[len(prompt) - 1 + step]
             torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
             assert int(ref.argmax()) == out[step]
+
+
+def test_engine_routes_dropless_and_leaves_the_model_as_it_was():
+    """The engine passes inference=True to its forwards instead of changing the model: on a
+    model left in training mode (a trainer's), it equals the full forward with inference=True,
+    the model stays in training mode, and the model's own forwards still drop tokens."""
+    model = make_model("capped").train()
+    engine = Engine(model, EngineConfig(max_batch_size=3))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    ps = prompts(3, seed=8)
+    outs = engine.generate(ps, GREEDY)
+    assert all(m.training for m in model.modules())
+    with torch.no_grad():
+        for i, (prompt, out) in enumerate(zip(ps, outs)):
+            ids = torch.tensor([prompt + out])
+            full = model(ids, inference=True).logits[0, len(prompt) - 1:-1]
+            torch.testing.assert_close(torch.stack(seen[f"req-{i}"]), full, rtol=1e-4,
+                                       atol=1e-4)
+            assert full.argmax(-1).tolist() == out
+        model.eval()
+        assert torch.equal(model(ids, inference=True).logits[0, len(prompt) - 1:-1], full)
+        capped = model(ids)
+        assert capped.dropped_fraction > 0
+        assert not torch.allclose(capped.logits[0, len(prompt) - 1:-1], full, atol=1e-3)
 
 
 def test_batch_invariance_greedy_and_seeded_sampling():

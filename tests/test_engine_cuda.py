@@ -46,7 +46,6 @@ def qwen_like(seed=0) -> Transformer:
     model = Transformer(cfg)
     for layer in model.moe_layers():
         torch.nn.init.normal_(layer.router.gate.weight, std=0.3)
-    model.set_dropless(True)
     return model.to("cuda").eval()
 
 
@@ -69,15 +68,17 @@ def bf16_weights(model: Transformer) -> Transformer:
 def greedy_path(model, prompt) -> list[int]:
     seq = list(prompt)
     for _ in range(STEPS):
-        seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+        logits = model(torch.tensor([seq], device="cuda"), inference=True).logits
+        seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt):]
 
 
 @torch.no_grad()
 def path_logits(model, prompt, path) -> torch.Tensor:
-    """[STEPS, V] fp32: the logits that predict each token of `path` (one full forward)."""
+    """[STEPS, V] fp32: the logits that predict each token of `path` (one full forward, routed
+    as the engine routes)."""
     seq = torch.tensor([prompt + path[:-1]], device="cuda")
-    return model(seq).logits[0, len(prompt) - 1:].float()
+    return model(seq, inference=True).logits[0, len(prompt) - 1:].float()
 
 
 class ForcedEngine(Engine):

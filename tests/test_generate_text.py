@@ -1,4 +1,5 @@
-"""`moeflow generate` on a trained checkpoint: the cache changes nothing, seeds reproduce."""
+"""`moeflow generate` on a trained checkpoint, through the engine: it equals the full forward,
+seeds reproduce, stop tokens and stop strings cut the text."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import pytest
 import torch
 
 from moeflow.cli import main
-from moeflow.infer.generate import generate
-from moeflow.infer.text import generate_text
-from moeflow.infer.sampling import SamplingParams
+from moeflow.infer import Engine, EngineConfig, SamplingParams, generate_text
 from moeflow.train import TrainConfig, Trainer
 from moeflow.train.checkpoint import load_for_inference
 
@@ -29,44 +28,64 @@ def run_dir(tmp_path_factory):
     return root / "run"
 
 
-def test_greedy_with_and_without_cache_identical(run_dir):
+def one_slot(model) -> Engine:
+    return Engine(model, EngineConfig(max_batch_size=1))
+
+
+def test_engine_greedy_equals_the_full_forward(run_dir):
+    """The micro model routes top-1 with capacity and jitter noise when it trains: the engine
+    (left in training mode here) must route as the full forward with inference=True does."""
     model, tokenizer = load_for_inference(run_dir)
-    prompt = torch.tensor([tokenizer.encode("def load(s, *, cls=None):\n    ")] * 2)
-    params = SamplingParams(max_new_tokens=64, temperature=0)
-    cached = generate(model, prompt, params, use_cache=True)
-    uncached = generate(model, prompt, params, use_cache=False)
-    assert cached.shape == (2, 32 - prompt.shape[1])  # no stop token: runs to the context end
-    assert torch.equal(cached, uncached)
+    model.train()
+    prompts = [tokenizer.encode("def load(s, *, cls=None):\n    "), tokenizer.encode("x = ")]
+    steps = 32 - max(map(len, prompts))  # no stop token: runs to the end of the context
+    engine = Engine(model, EngineConfig(max_batch_size=2))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=steps, temperature=0))
+    assert model.training
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        assert len(out) == steps
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + out]), inference=True).logits[0]
+        ref = full[len(prompt) - 1:len(prompt) - 1 + steps]
+        torch.testing.assert_close(torch.stack(seen[f"req-{i}"]), ref, rtol=1e-4, atol=1e-4)
+        assert ref.argmax(-1).tolist() == out
 
 
 def test_sampling_is_reproducible_with_a_seed(run_dir):
     model, tokenizer = load_for_inference(run_dir)
-    stop = (tokenizer.eot_id,)
-    texts = [generate_text(model, tokenizer, "import ", SamplingParams(
+    engine = one_slot(model)
+    texts = [generate_text(engine, tokenizer, "import ", SamplingParams(
         max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=seed,
-        stop_token_ids=stop)) for seed in (7, 7, 8)]
+        stop_token_ids=tokenizer.eos_ids)) for seed in (7, 7, 8)]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]
 
 
 def test_generate_text_cuts_at_the_first_stop_token(run_dir):
     model, tokenizer = load_for_inference(run_dir)
+    engine = one_slot(model)
     # Seeded sampling: the barely trained model's greedy output may repeat one token.
     sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=0)
-    ids = generate(model, torch.tensor([tokenizer.encode("x = ")]), sampled)[0].tolist()
+    ids = engine.generate([tokenizer.encode("x = ")], sampled)[0]
     stop = next(t for t in ids[1:] if t != ids[0])  # first seen after the start: a real cut
     cut = ids[:ids.index(stop)]
     assert 0 < len(cut) < len(ids)
-    text = generate_text(model, tokenizer, "x = ", replace(sampled, stop_token_ids=(stop,)))
+    text = generate_text(engine, tokenizer, "x = ", replace(sampled, stop_token_ids=(stop,)))
     assert text == tokenizer.decode(cut)
-    full = generate_text(model, tokenizer, "x = ", sampled)  # no stop tokens: nothing is cut
+    full = generate_text(engine, tokenizer, "x = ", sampled)  # no stop tokens: nothing is cut
     assert full == tokenizer.decode(ids)
 
 
-def test_prompt_longer_than_the_context_is_refused(run_dir):
+def test_prompt_longer_than_the_context_is_refused_and_empty_starts_a_document(run_dir):
     model, tokenizer = load_for_inference(run_dir)
-    with pytest.raises(ValueError, match="the model's context is 32"):
-        generate_text(model, tokenizer, "x = 1\n" * 40, SamplingParams(temperature=0))
+    engine = one_slot(model)
+    with pytest.raises(ValueError, match="the context is 32"):
+        generate_text(engine, tokenizer, "x = 1\n" * 40, SamplingParams(temperature=0))
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    assert generate_text(engine, tokenizer, "", greedy) == \
+        tokenizer.decode(engine.generate([[tokenizer.eot_id]], greedy)[0])
 
 
 def test_generate_cli(run_dir):
@@ -79,7 +98,12 @@ def test_generate_cli(run_dir):
 
     rc, greedy = cli("--temperature", "0")
     assert rc == 0 and greedy.startswith("def ")
-    assert cli("--temperature", "0", "--no-cache") == (0, greedy)
+    model, tokenizer = load_for_inference(run_dir)
+    ids = one_slot(model).generate([tokenizer.encode("def ")],
+                                   SamplingParams(max_new_tokens=12, temperature=0))[0]
+    if tokenizer.eot_id in ids:
+        ids = ids[:ids.index(tokenizer.eot_id)]
+    assert greedy == "def " + tokenizer.decode(ids) + "\n"
     seeded = cli("--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "3")
     assert seeded == cli("--temperature", "0.9", "--top-k", "40", "--top-p", "0.9",
                          "--seed", "3")
@@ -110,9 +134,10 @@ def test_generate_cli_stop_sequences_are_text(run_dir):
     assert cli("--stop-sequences", "zzz", stop) == "def " + continuation[:continuation.find(stop)]
 
 
-def test_generate_help_describes_stop_sequences(capsys):
+def test_generate_help_describes_the_engine_and_stop_sequences(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--stop-sequences TEXT [TEXT ...]" in help_text
     assert "stop when the generated text contains one of these strings" in help_text
+    assert "through the serving engine" in help_text and "--no-cache" not in help_text

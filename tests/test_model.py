@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow import KVCache, ModelConfig, RouterConfig, Transformer
+from moeflow import ModelConfig, RouterConfig, Transformer
+from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
 
 
 def small(arch="gpt", **kw) -> ModelConfig:
@@ -41,17 +42,25 @@ def test_routing_stats_account_for_every_assignment():
 
 
 @pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])
-def test_kv_cache_decoding_equals_full_forward(arch, extra):
+def test_slot_cache_decoding_equals_full_forward(arch, extra):
+    """Per sequence a prefill and a chunk after the cached tokens, then batched one-token steps
+    with every sequence at its own position (sequence b is b tokens ahead)."""
     torch.manual_seed(0)
     model = Transformer(small(arch, **extra)).eval()
-    ids = torch.randint(0, 97, (3, 24))
+    ids = torch.randint(0, 97, (3, 26))
     full = model(ids).logits
-    cache = KVCache.for_model(model, batch=3, max_len=32)
-    pieces = [model(ids[:, :9], cache=cache).logits,  # prefill
-              model(ids[:, 9:14], cache=cache).logits]  # a chunk after cached tokens
-    pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(14, 24)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
-    assert cache.length == 24
+    cache = SlotKVCache.for_model(model, num_slots=3, max_len=32)
+    for b in range(3):
+        start, mid, end = 0, 9 + b, 14 + b
+        for lo, hi in ((start, mid), (mid, end)):
+            got = model(ids[b:b + 1, lo:hi], cache=PrefillView(cache, b, lo)).logits
+            torch.testing.assert_close(got[0], full[b, lo:hi], rtol=1e-4, atol=1e-5)
+    rows = torch.arange(3)
+    for step in range(9):
+        lengths = 14 + rows + step
+        view = DecodeView(cache, lengths, int(lengths.max()) + 1)
+        got = model(ids[rows, lengths][:, None], cache=view).logits
+        torch.testing.assert_close(got[:, 0], full[rows, lengths], rtol=1e-4, atol=1e-5)
 
 
 def test_sequence_longer_than_context_is_refused():

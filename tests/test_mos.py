@@ -13,7 +13,7 @@ from moeflow.train import TrainConfig, Trainer
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.distill import align_layers, kd_loss
 
-from _train_small import write_config, write_corpus
+from _train_small import MICRO, write_config, write_corpus
 
 
 def _cfg(out, config, corpus, **kw):
@@ -45,13 +45,17 @@ def test_kd_loss_is_the_tempered_kl():
 
 
 def test_student_identical_to_teacher_has_zero_kd(setup, tmp_path):
-    root, corpus, teacher_cfg, _ = setup
-    trainer = Trainer(_cfg(tmp_path / "same", teacher_cfg, corpus, steps=2,
+    """The teacher routes as served (dropless): a copy of it that routes dropless in eval mode
+    (eval_capacity_factor None) has zero KD; with the teacher's own eval capacity it drops."""
+    root, corpus, _, _ = setup
+    dropless_eval = {**MICRO["router"], "eval_capacity_factor": None}
+    same = write_config(tmp_path / "same.json", router=dropless_eval)
+    trainer = Trainer(_cfg(tmp_path / "same", same, corpus, steps=2,
                            teacher=str(root / "teacher")))
     trainer.prepare()
     assert trainer.layer_mapping == [0, 1, 2, 3]
     batch = trainer.loader.next_batch()
-    trainer.model.set_dropless(True)  # the teacher routes dropless; make routing identical
+    assert trainer.teacher(batch[:, :-1]).dropped_fraction > 0
     torch.manual_seed(0)
     trainer.model.eval()
     _, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=1)

@@ -167,6 +167,29 @@ def test_noise_only_in_training():
         assert not torch.equal(router(x).ids_TK, clean)
 
 
+def test_inference_routing_is_dropless_and_noise_free_in_either_mode():
+    """`inference=True` is what the engine and a distillation teacher pass: whatever the
+    module's training flag, no capacity and no noise; without it the same router drops."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    for noise in ("jitter", "rsample"):
+        router = Router(16, 8, RouterConfig(top_k=2, capacity_factor=0.25,
+                                            eval_capacity_factor=0.25, min_capacity=1,
+                                            noise=noise, noise_eps=0.5))
+        results = []
+        for training in (True, True, False):
+            router.train(training)
+            r = router(x, inference=True)
+            assert r.capacity is None and bool(r.kept_TK.all()) and int(r.num_dropped) == 0
+            results.append(r)
+            assert int(router(x).num_dropped) > 0  # the module's own routing drops
+        for r in results[1:]:
+            assert torch.equal(r.ids_TK, results[0].ids_TK)
+            assert torch.equal(r.weights_TK, results[0].weights_TK)
+        router.train()
+        assert not torch.equal(router(x).ids_TK, results[0].ids_TK)  # training adds noise
+
+
 def test_counts_and_slots_form_a_mapping_table():
     torch.manual_seed(0)
     r, _ = route(torch.randn(40, 8), top_k=2, capacity_factor=0.5, eval_capacity_factor=0.5)

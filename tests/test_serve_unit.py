@@ -11,12 +11,14 @@ import random
 import numpy as np
 import pytest
 
+from moeflow.data import tokenizer as tokenizer_module
+from moeflow.data.tokenizer import BPETokenizer
+from moeflow.infer.text import IncrementalDecoder, TextStream
 from moeflow.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
 from moeflow.serve.config import ServeConfig
 from moeflow.serve.metrics import Histogram, ServerMetrics
 from moeflow.serve.protocol import (ChatRequest, CompletionRequest, Limits, RequestError,
                                     build_job, parse_body, validate)
-from moeflow.serve.text import IncrementalDecoder, ServeTokenizer, TextStream
 from tests._serve_util import TEXTS, tiny_tokenizer
 
 
@@ -29,7 +31,7 @@ def bpe():
 def tok(bpe, tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     bpe.save(path)
-    return ServeTokenizer.from_file(path, eos_ids=(bpe.eot_id,), add_special_tokens=False)
+    return BPETokenizer.load(path)
 
 
 def stream_text(tok, ids, stop=()):
@@ -145,7 +147,7 @@ def test_chat_templates(tok):
         ChatTemplate("{% for %}")
 
 
-def test_loads_a_training_run_and_a_hf_directory(tmp_path, bpe):
+def test_loads_a_training_run_and_a_hf_directory(tmp_path, bpe, monkeypatch):
     import torch
 
     from moeflow import ModelConfig, RouterConfig, Transformer
@@ -153,10 +155,15 @@ def test_loads_a_training_run_and_a_hf_directory(tmp_path, bpe):
     from moeflow.serve.loader import load_for_serving
     from tests._serve_util import save_training_checkpoint
 
+    reads = []
+    read = tokenizer_module._read
+    monkeypatch.setattr(tokenizer_module, "_read", lambda path: reads.append(path) or read(path))
     run = save_training_checkpoint(tmp_path / "run")
     loaded = load_for_serving(run, device="cpu")
     assert loaded.kind == "moeflow-train" and loaded.chat_template.is_default
     assert loaded.tokenizer.eos_ids == (bpe.eot_id,) and not loaded.model.training
+    assert loaded.tokenizer.eos_token == "<|endoftext|>" and not loaded.tokenizer.add_special_tokens
+    assert len(reads) == 1  # the tokenizer file is read once
 
     cfg = ModelConfig(name="t", arch="llama", vocab_size=320, n_layers=2, d_model=32, n_heads=4,
                       n_kv_heads=2, max_seq_len=64, moe_kind="moe", moe_every=1, num_experts=4,
@@ -173,9 +180,11 @@ def test_loads_a_training_run_and_a_hf_directory(tmp_path, bpe):
         "chat_template": "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
                          "{% endfor %}[assistant]"}))
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    reads.clear()
     loaded = load_for_serving(hf, device="cpu", dtype="bfloat16")
-    assert loaded.kind == "qwen3_moe"
+    assert loaded.kind == "qwen3_moe" and len(reads) == 1
     assert loaded.tokenizer.eos_ids == (7, 8, bpe.eot_id)
+    assert loaded.tokenizer.add_special_tokens and loaded.tokenizer.bos_token == ""
     assert loaded.chat_template.render([{"role": "user", "content": "x"}]) == \
         "[user]x[assistant]"
     assert next(loaded.model.parameters()).dtype == torch.bfloat16

@@ -1,8 +1,8 @@
-"""Inference: sampling, generation with a KV cache, and the serving engine."""
+"""Inference: sampling, the serving engine with its slot KV cache, and text through it."""
 
 from moeflow.infer.engine import Engine, EngineConfig, EngineStats, TokenEvent
-from moeflow.infer.generate import generate
 from moeflow.infer.sampling import SamplingParams, sample_next
+from moeflow.infer.text import generate_text
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "SamplingParams", "TokenEvent", "generate",
-           "sample_next"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "SamplingParams", "TokenEvent",
+           "generate_text", "sample_next"]

@@ -6,9 +6,16 @@ admits waiting requests into free cache slots and prefills them (one forward per
 also yields their first token), and returns the step's `TokenEvent`s. Requests leave the batch
 the step they stop; `abort` frees a request's slot at once.
 
-Why a request's tokens do not depend on its batch-mates: routing is dropless (no capacity, so no
-competition for expert slots), every row attends only to its own slot, and each request samples
-with its own torch.Generator (seeded from `SamplingParams.seed`, else from the global RNG).
+Why a request's tokens do not depend on its batch-mates: every forward the engine runs routes
+with `inference=True` (dropless, so no competition for expert slots, and no router noise), every
+row attends only to its own slot, and each request samples with its own torch.Generator (seeded
+from `SamplingParams.seed`, else from the global RNG). The routing mode is an argument of the
+engine's forwards, not a setting of the model: the engine changes nothing on the model it is
+given (not even `model.training`), so a model shared with a trainer trains as before.
+
+This is moeflow's one inference path: `moeflow generate` and the demo (moeflow.infer.text) and
+the server (moeflow.serve) all decode through it. The reference it is tested against is the
+plain full-sequence forward, `model(ids, inference=True)`.
 
 Example:
     engine = Engine(model, EngineConfig(max_batch_size=8))
@@ -112,8 +119,6 @@ class Engine:
         if num_slots < 1:
             raise ValueError(f"cache_tokens={config.cache_tokens}: holds no sequence of "
                              f"max_seq_len {self.max_seq_len}")
-        model.eval()
-        model.set_dropless(True)  # the engine owns the model: dropless routing from now on
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_seq_len)
@@ -226,7 +231,8 @@ class Engine:
 
     def _decode_forward(self, tokens_B1: torch.Tensor, lengths_B: torch.Tensor,
                         valid_B: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len))
+        out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
+                         inference=True)
         counts = count_experts(out.routing, valid_B, self._expert_offsets,
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
@@ -235,7 +241,8 @@ class Engine:
         T = len(request.prompt_ids)
         ids_1T = torch.tensor([request.prompt_ids], dtype=torch.int64, device=self.device)
         last = torch.full((1, 1), T - 1, dtype=torch.int64, device=self.device)
-        out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last)
+        out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last,
+                         inference=True)
         self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
                                              device=self.device), self._expert_offsets,
                                              self._expert_counts.numel())

@@ -51,11 +51,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(self.seed)
-
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> torch.Tensor:

@@ -11,9 +11,20 @@ Running sequences always occupy slots 0..B-1 (`move` compacts the cache when one
 decode batch is a prefix of the slot axis and padding a batch up to a captured bucket only
 touches free slots.
 
-Two views implement the model's cache protocol (`moeflow.model.kv_cache`) for one forward pass:
-`PrefillView` (one sequence, a chunk of new tokens from `start`) and `DecodeView` (one new token
-for each of slots 0..B-1 at its own position, keys read up to a static length S).
+The model talks to a cache through three methods (moeflow.model.attention hands "store the new
+keys/values and attend over everything cached" to it, because only the cache knows where each
+sequence's earlier keys live):
+
+  positions(num_new, device) -> int64 [B or 1, num_new]: the position of every new token (RoPE,
+      learned position embeddings);
+  attend(layer, q_BHTd, k_BGTd, v_BGTd) -> y_BHTd: store the new keys/values of `layer` and let
+      each new query attend causally to its own sequence's keys;
+  advance(num_new): called once after the forward pass.
+
+Two views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
+from `start`) and `DecodeView` (one new token for each of slots 0..B-1 at its own position, keys
+read up to a static length S). This is moeflow's only KV cache: `moeflow generate`, the demo
+and the server all decode through the engine that owns it.
 
 Legend: L layers, N slots, G kv heads, M max_len, S keys read, B batch, H query heads, T new
 tokens, dk/dv key/value dims.
@@ -24,8 +35,12 @@ from __future__ import annotations
 import torch
 
 from moeflow.model.attention import sdpa
-from moeflow.model.kv_cache import kv_shapes
 from moeflow.ops.fused import fused
+
+
+def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """Per layer (kv heads, key dim, value dim) of what attention caches."""
+    return [block.attn.kv_shape() for block in model.blocks]
 
 
 class SlotKVCache:

@@ -3,8 +3,10 @@
 moeflow layout: a directory with config.json (ModelConfig.to_dict) and model.safetensors (the
 Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB.
 HF layout: config.json with a `model_type` from HF_MODEL_TYPES plus (sharded) safetensors.
-`from_pretrained` tells them apart by config.json and returns an eval-mode Transformer with
-dropless routing, or raises naming what is unsupported, missing or unexpected.
+`from_pretrained` tells them apart by config.json and returns an eval-mode Transformer, or raises
+naming what is unsupported, missing or unexpected. HF routers are dropless by their config; a
+moeflow checkpoint routes as its config says, and `model(ids, inference=True)` (what the engine
+runs) routes any model dropless.
 
 The model is built on the meta device and the checked tensors are assigned to it, so nothing is
 allocated twice and no parameter keeps a random value.
@@ -86,9 +88,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
             if p.is_meta]
     if left:
         raise ValueError(f"tensor {left[0]!r} was not loaded from {where}")
-    model.eval()
-    model.set_dropless(True)
-    return model
+    return model.eval()
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30) -> None:

@@ -1,9 +1,8 @@
 """What the network computes: one file per concern (attention, router, dispatch, experts, ...)."""
 
-from moeflow.model.kv_cache import KVCache
 from moeflow.model.router import Router, RoutingResult
 from moeflow.model.transformer import (LayerRouting, ModelOutput, Transformer, count_parameters,
                                        parameter_counts)
 
-__all__ = ["KVCache", "LayerRouting", "ModelOutput", "Router", "RoutingResult", "Transformer",
+__all__ = ["LayerRouting", "ModelOutput", "Router", "RoutingResult", "Transformer",
            "count_parameters", "parameter_counts"]

@@ -2,9 +2,9 @@
 
 The module computes queries, keys and values (with the optional q/k norms and RoPE) and hands
 "store the new keys/values and attend over everything cached" to the cache object, because only
-the cache knows where each sequence's earlier keys live and which positions each query may see:
-a static batch cache (`KVCache`) and the serving engine's per-slot cache implement the same
-`attend` differently. Without a cache it is plain causal attention over the input.
+the cache knows where each sequence's earlier keys live and which positions each query may see
+(the serving engine's slot cache, moeflow.infer.slot_cache, has a view for prefill and one for
+batched decode). Without a cache it is plain causal attention over the input.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G kv heads, hd head dim.
 """

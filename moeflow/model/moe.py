@@ -31,9 +31,11 @@ class MoELayer(nn.Module):
         self.residual_mlp = MLP(d_model, spec.d_ff, activation, bias) if residual else None
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+    def forward(self, x_BTD: torch.Tensor, inference: bool = False
+                ) -> tuple[torch.Tensor, RoutingResult]:
+        """`inference`: route dropless and without noise (see moeflow.model.router)."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, inference=inference)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, plan.ends_E, plan.parked)
         y_TD = self.dispatcher.combine(y_ND, plan, routing)

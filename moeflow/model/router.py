@@ -11,6 +11,12 @@ Priority order: all first choices before any second choice (GShard/DeepSpeed top
 one choice rank, tokens in position order ("position") or in a random order drawn from the torch
 RNG ("random", Random Token Selection) — seed the RNG or pass a generator to reproduce it.
 
+Inference routing (`forward(..., inference=True)`, passed down from `model(ids, inference=True)`
+by the serving engine and by a distillation teacher): no capacity and no noise, so a token's
+output never depends on its batch-mates or on the RNG. It is an argument of each call, not a
+flag set on the module, so a model shared between a trainer and an engine routes each call as
+its caller declares.
+
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
 went to e, and P_e its mean score; z = mean(logsumexp(logits)²). A loss whose coefficient is 0
@@ -234,8 +240,6 @@ class Router(nn.Module):
         self.config = config
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        # Inference turns capacity off so a token's output never depends on its batch-mates.
-        self.force_dropless = False
         self.backend = "auto"  # see moeflow.ops.backend.resolve_router_backend
         # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
         self.stats_reduce = None
@@ -244,11 +248,14 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
 
-    def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None) -> RoutingResult:
+    def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None,
+                inference: bool = False) -> RoutingResult:
+        """Route x_TD. `inference=True` routes as served: no capacity and no noise, whatever
+        the training flag says, so a token's experts depend on nothing but the token."""
         cfg, E = self.config, self.num_experts
         T = x_TD.shape[0]
         x = x_TD
-        noise = cfg.noise if self.training else "none"
+        noise = cfg.noise if self.training and not inference else "none"
         if noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
@@ -257,7 +264,7 @@ class Router(nn.Module):
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
             gumbel_TE = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-        capacity = None if self.force_dropless else cfg.capacity(T, E, self.training)
+        capacity = None if inference else cfg.capacity(T, E, self.training)
         token_order = None
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)

@@ -5,8 +5,12 @@ Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied head.
 
 `model(input_ids)` returns a `ModelOutput`: logits [B, T, V], the summed router losses (weighted
 by each layer's coefficients, ready to add to the LM loss) and per-MoE-layer routing statistics.
-Pass a cache (see `moeflow.model.kv_cache` for the protocol) to decode incrementally, and
-`logits_at` to compute logits only where they are needed (the last token of each sequence).
+`model(input_ids, inference=True)` routes as served (dropless, no router noise; the result does
+not depend on `model.training`): what the serving engine and a distillation teacher run. The
+engine also passes a cache (moeflow.infer.slot_cache describes the protocol) to decode
+incrementally, and `logits_at` to compute logits only where they are needed (the last token of
+each sequence). Without a cache the forward is plain causal attention over the whole sequence:
+the reference the engine is tested against.
 """
 
 from __future__ import annotations
@@ -67,12 +71,12 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
-    def forward(self, x, rope, cache):
+    def forward(self, x, rope, cache, inference: bool):
         x = x + self.attn(self.attn_norm(x), rope, cache)
-        h = self.ffn(self.ffn_norm(x))
-        routing = None
-        if isinstance(h, tuple):
-            h, routing = h
+        if isinstance(self.ffn, MoELayer):
+            h, routing = self.ffn(self.ffn_norm(x), inference)
+        else:
+            h, routing = self.ffn(self.ffn_norm(x)), None
         return x + h, routing
 
 
@@ -115,20 +119,16 @@ class Transformer(nn.Module):
         for layer in self.moe_layers():
             layer.experts.backend = backend
 
-    def set_dropless(self, dropless: bool) -> None:
-        """Turn capacity-based dropping off (inference) or back to the config's setting."""
-        for layer in self.moe_layers():
-            layer.router.force_dropless = dropless
-
     def update_expert_biases(self, counts_per_layer: list[torch.Tensor]) -> None:
         """Aux-loss-free balancing step, given each MoE layer's expert counts for the step."""
         for layer, counts in zip(self.moe_layers(), counts_per_layer, strict=True):
             layer.router.update_expert_bias(counts)
 
     def forward(self, input_ids: torch.Tensor, cache=None,
-                logits_at: torch.Tensor | None = None) -> ModelOutput:
+                logits_at: torch.Tensor | None = None, inference: bool = False) -> ModelOutput:
         """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
-        (logits [B, T', V]); the cache, if given, supplies each token's position."""
+        (logits [B, T', V]); the cache, if given, supplies each token's position;
+        `inference=True` routes dropless and without noise (see moeflow.model.router)."""
         B, T = input_ids.shape
         if cache is None:
             if T > self.config.max_seq_len:
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, rope, cache)
+            x, routing = block(x, rope, cache, inference)
             if routing is not None:
                 losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,

@@ -35,12 +35,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from moeflow.infer.text import TextStream
 from moeflow.serve.config import ServeConfig
 from moeflow.serve.loader import LoadedModel
 from moeflow.serve.metrics import ServerMetrics
 from moeflow.serve.protocol import (ChatRequest, CompletionRequest, Job, Limits, RequestError,
                                     build_job, parse_body, validate)
-from moeflow.serve.text import TextStream
 from moeflow.serve.worker import DISCONNECTED, EngineFailure, EngineWorker, JobHandle
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")

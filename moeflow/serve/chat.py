@@ -17,8 +17,9 @@ together with the space before it ("Ġhello"), so a prompt ending in a bare spac
 model to continue from a token it rarely saw there. The model therefore writes the separating
 space itself, and the reply would start with it (" Hello"). That space is part of the
 "Role: content" format, not of the content, so the default template declares it as
-`reply_prefix` and the server drops it from the start of each reply (app.py, text.py). Templates
-from checkpoints end their generation prompt where the reply begins; their prefix is "".
+`reply_prefix` and the server drops it from the start of each reply (app.py, with
+moeflow.infer.text's TextStream). Templates from checkpoints end their generation prompt where
+the reply begins; their prefix is "".
 """
 
 from __future__ import annotations

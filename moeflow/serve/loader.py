@@ -9,20 +9,22 @@ DIR may be
     sequence comes from generation_config.json / config.json `eos_token_id` and
     tokenizer_config.json `eos_token`, the chat template from chat_template.jinja or
     tokenizer_config.json (chat.py).
-The model comes back in eval mode with dropless routing: at inference no token is dropped for
-capacity, since a dropped token would change a user's answer depending on its batch-mates.
+The model comes back in eval mode; the engine routes every forward it runs dropless and without
+noise (`inference=True`): at inference no token is dropped for capacity, since a dropped token
+would change a user's answer depending on its batch-mates. Each tokenizer file is read once,
+into moeflow's one tokenizer class (moeflow.data.tokenizer.BPETokenizer).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from moeflow.data.tokenizer import BPETokenizer
 from moeflow.serve.chat import ChatTemplate, find_chat_template
-from moeflow.serve.text import ServeTokenizer
 
 TRAIN_MARKER = "run.json"   # written with every training checkpoint, absent from converted ones
 
@@ -30,7 +32,7 @@ TRAIN_MARKER = "run.json"   # written with every training checkpoint, absent fro
 @dataclass(frozen=True)
 class LoadedModel:
     model: torch.nn.Module
-    tokenizer: ServeTokenizer
+    tokenizer: BPETokenizer
     chat_template: ChatTemplate
     kind: str               # "moeflow-train" | "moeflow" | HF model_type
 
@@ -90,14 +92,11 @@ def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None =
     torch_dtype = getattr(torch, dtype) if dtype else None
     ckpt = _training_checkpoint(path)
     if ckpt is not None:
-        from moeflow.data.tokenizer import EOT
         from moeflow.train.checkpoint import load_for_inference
 
-        model, bpe = load_for_inference(ckpt, device=dev)
+        model, tokenizer = load_for_inference(ckpt, device=dev)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
-        tokenizer = ServeTokenizer.from_file(ckpt / "tokenizer.json", eos_ids=(bpe.eot_id,),
-                                             eos_token=EOT, add_special_tokens=False)
         kind, meta_dir = "moeflow-train", ckpt
     else:
         from moeflow.interop.pretrained import from_pretrained, read_config
@@ -107,26 +106,25 @@ def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None =
         tokenizer = _hf_tokenizer(path)
         kind, meta_dir = model_type or "moeflow", path
     model.eval()
-    model.set_dropless(True)
     template = ChatTemplate(find_chat_template(meta_dir), bos_token=tokenizer.bos_token,
                             eos_token=tokenizer.eos_token)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, kind=kind)
 
 
-def _hf_tokenizer(path: Path) -> ServeTokenizer:
+def _hf_tokenizer(path: Path) -> BPETokenizer:
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise ValueError(f"{path}: no tokenizer.json (a `tokenizers` file is needed to serve)")
     tok_cfg = _json(path / "tokenizer_config.json")
-    probe = ServeTokenizer.from_file(tok_file, eos_ids=())
+    tokenizer = BPETokenizer.from_file(tok_file)
     eos_token = _token_text(tok_cfg.get("eos_token"))
     eos = _ids(_json(path / "generation_config.json").get("eos_token_id"))
     eos += _ids(_json(path / "config.json").get("eos_token_id"))
     for text in (eos_token, "<|endoftext|>"):
-        tid = probe.token_id(text) if text else None
+        tid = tokenizer.token_id(text) if text else None
         if tid is not None:
             eos.append(tid)
             break
-    return ServeTokenizer(tok=probe.tok, eos_ids=tuple(dict.fromkeys(eos)),
-                          bos_token=_token_text(tok_cfg.get("bos_token")), eos_token=eos_token,
-                          add_special_tokens=True)
+    return replace(tokenizer, eos_ids=tuple(dict.fromkeys(eos)),
+                   bos_token=_token_text(tok_cfg.get("bos_token")), eos_token=eos_token,
+                   add_special_tokens=True)

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moeflow.data.tokenizer import BPETokenizer
 from moeflow.infer.sampling import SamplingParams
 from moeflow.serve.chat import ChatTemplate, TemplateError
-from moeflow.serve.text import ServeTokenizer
 
 MAX_STOP_STRINGS = 4
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
@@ -254,7 +254,7 @@ def _unsupported(req: _CommonRequest) -> None:
             refuse("response_format", "only {\"type\": \"text\"} is supported")
 
 
-def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: ServeTokenizer,
+def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: BPETokenizer,
               template: ChatTemplate | None = None) -> Job:
     """Tokenize and check a schema-valid request against the model's and server's limits."""
     _unsupported(req)

@@ -232,7 +232,8 @@ class Trainer:
                  "counts": [r.counts_E.detach() for r in out.routing]}
         if self.cfg.kd_active(step):
             with torch.no_grad(), self.autocast():
-                teacher_logits = self.teacher(input_BT).logits
+                # Routed as served: dropless, no noise (see moeflow.model.router).
+                teacher_logits = self.teacher(input_BT, inference=True).logits
             kd = kd_loss(out.logits, teacher_logits, self.cfg.kd_temperature)
             objective = objective + self.cfg.kd_alpha * self.cfg.kd_temperature ** 2 * kd
             stats["kd_loss"] = kd.detach()
@@ -297,7 +298,6 @@ class Trainer:
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
             self.teacher.requires_grad_(False)
-            self.teacher.set_dropless(True)
             t_vocab = self.teacher.config.vocab_size
             if cfg.vocab_size is not None and cfg.vocab_size != t_vocab:
                 raise ValueError(f"vocab_size={cfg.vocab_size}: a student shares its teacher's "
