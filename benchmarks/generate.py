@@ -9,7 +9,7 @@ Models, random bf16 weights built directly on the GPU:
 Per model: engine decode ms/token at batch 1 and ms/step at batch 16 (prompts of 32 tokens,
 greedy; wall time of `Engine.step()`, host work and sampling included) and the device time of one
 replayed decode graph; prefill of 2048 tokens (one `step()` admitting one prompt). The engine
-runs with fused small ops (MOEFLOW_FUSE=1, the default) and without (=0).
+runs with fused small ops (Backends(fuse="auto"), the default) and without (fuse="reference").
 
 Floor: a decode step must read every weight it uses once: all non-expert weights (the LM head
 included, the embedding table only for the looked-up rows), the experts that the step's tokens
@@ -33,7 +33,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import statistics
 import time
 import traceback
@@ -41,9 +40,12 @@ from pathlib import Path
 
 import torch
 
-from moeflow import Transformer, preset
+import dataclasses
+
+from moeflow import ModelConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.slot_cache import SlotKVCache
+from moeflow.ops.backend import Backends
 
 PROMPT = 32
 TARGETS = {"decode_b1_ms": 2.6, "decode_b16_ms": 4.0, "prefill_2048_ms": 25.0}
@@ -86,7 +88,7 @@ def ceilings() -> dict:
 
 
 def build(name: str) -> Transformer:
-    cfg = preset(name).replace(max_seq_len=4096)
+    cfg = ModelConfig.from_name(name).replace(max_seq_len=4096)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -206,21 +208,18 @@ def profiles(engine: Engine, vocab: int) -> dict:
 
 def prefill_variants(model: Transformer, engine: Engine, vocab: int) -> dict:
     """Prefill with each MoE op forced to another backend (which path the choosers should take)."""
-    layers = model.moe_layers()
+    base = model.backends
     variants = {"experts=grouped_mm": ("experts", "grouped_mm"),
                 "router=reference": ("router", "reference"),
-                "dispatch=reference": ("dispatcher", "reference")}
+                "dispatch=reference": ("dispatch", "reference")}
     out = {}
     for label, (part, backend) in variants.items():
-        old = [getattr(layer, part).backend for layer in layers]
-        for layer in layers:
-            getattr(layer, part).backend = backend
+        model.set_backends(dataclasses.replace(base, **{part: backend}))
         try:
             out[label] = engine_prefill(engine, 2048, vocab, reps=3)["ms"]
         except Exception as err:
             out[label] = f"error: {type(err).__name__}: {err}"[:300]
-        for layer, b in zip(layers, old):
-            getattr(layer, part).backend = b
+    model.set_backends(base)
     return out
 
 
@@ -243,7 +242,7 @@ def parity(model: Transformer, engine: Engine, vocab: int) -> dict:
 
 def run_engine(model: Transformer, fuse: bool, steps: int, res: dict, log,
                extra: bool = False) -> None:
-    os.environ["MOEFLOW_FUSE"] = "1" if fuse else "0"
+    model.set_backends(Backends(fuse="auto" if fuse else "reference"))  # before the engine's cache
     tag = "fused" if fuse else "unfused"
     vocab = model.config.vocab_size
     engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=4096))
@@ -275,7 +274,7 @@ def run_engine(model: Transformer, fuse: bool, steps: int, res: dict, log,
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-        os.environ["MOEFLOW_FUSE"] = "1"
+        model.set_backends(Backends())
 
 
 def hf_twin(model: Transformer):

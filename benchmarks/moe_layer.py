@@ -45,6 +45,7 @@ from torch import nn
 
 from moeflow.config import FFNSpec, RouterConfig
 from moeflow.model.moe import MoELayer
+from moeflow.ops.backend import Backends
 
 SHAPES = {  # name: (D, F, E, k, activation, shared experts, router)
     "mixtral-8x7b": (4096, 14336, 8, 2, "swiglu", 0,
@@ -138,12 +139,11 @@ def build(impl: str, shape: str):
     if impl.startswith("moeflow"):
         spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F,
                        num_shared_experts=shared, shared_d_ff=F * shared, router=router)
-        layer = MoELayer(spec, D, act, bias=False).to(dev, dt)
+        backends = Backends.reference() if impl == "moeflow-ref" else Backends()
+        layer = MoELayer(spec, D, act, bias=False, backends=backends).to(dev, dt)
         _init_(layer, D ** -0.5)
         if layer.router.expert_bias is not None:
             layer.router.expert_bias.normal_(0, 0.01)
-        if impl == "moeflow-ref":
-            layer.router.backend = layer.dispatcher.backend = layer.experts.backend = "reference"
         return lambda x: layer(x)[0], layer
     shared_mlp = DenseMLP(D, F * shared, act).to(dev, dt) if shared else None
     if impl == "deepspeed":

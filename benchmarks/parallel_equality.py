@@ -25,10 +25,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.parallel import ParallelConfig  # noqa: E402
 from moeflow.parallel.equality import build_model, run_steps, slice_of_full  # noqa: E402
 from moeflow.parallel.launch import init_distributed, shutdown  # noqa: E402
-from moeflow.presets import preset  # noqa: E402
 
 def scenarios(world: int) -> dict[str, tuple[dict, bool]]:
     """name -> (ParallelConfig kwargs, all tokens on one expert). EP = 2 on any world size (the
@@ -65,7 +65,7 @@ def main() -> None:
     device = env.device
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    config = preset("tiny")
+    config = ModelConfig.from_name("tiny")
     config = config.replace(router=dataclasses.replace(config.router, dropless=True))
     g = torch.Generator().manual_seed(7)
     batches = torch.randint(0, config.vocab_size, (args.steps, args.batch, args.seq + 1),

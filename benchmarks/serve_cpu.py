@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moeflow import Transformer, preset  # noqa: E402
+from moeflow import ModelConfig, Transformer  # noqa: E402
 from moeflow.data.corpus import stdlib_documents  # noqa: E402
 from moeflow.data.tokenizer import BPETokenizer  # noqa: E402
 from moeflow.serve.bench import BenchConfig, run_bench  # noqa: E402
@@ -39,7 +39,7 @@ from moeflow.train.run_config import TrainConfig  # noqa: E402
 
 
 def make_checkpoint(out: Path) -> None:
-    cfg = preset("tiny")
+    cfg = ModelConfig.from_name("tiny")
     docs = [d.text for d in stdlib_documents()[:300]]
     tok = BPETokenizer.train(docs, vocab_size=cfg.vocab_size)
     torch.manual_seed(0)

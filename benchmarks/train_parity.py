@@ -32,6 +32,7 @@ import torch
 
 from moeflow.config import ModelConfig, RouterConfig
 from moeflow.model.transformer import Transformer
+from moeflow.ops.backend import Backends
 
 MAX_STEP_REL = 0.02
 MAX_MEAN_REL = 0.01
@@ -65,18 +66,11 @@ def markov_batches(vocab: int, steps: int, batch: int, seq: int, seed: int, devi
     return out
 
 
-def set_paths(model: Transformer, fast: bool) -> None:
-    for layer in model.moe_layers():
-        layer.router.backend = "triton" if fast else "reference"
-        layer.dispatcher.backend = "triton" if fast else "reference"
-        layer.experts.backend = "auto" if fast else "reference"
-
-
 def train(cfg: ModelConfig, state: dict, batches, fast: bool, lr: float) -> list[float]:
-    model = Transformer(cfg).to("cuda")
+    paths = Backends(router="triton", dispatch="triton") if fast else Backends.reference()
+    model = Transformer(cfg, backends=paths).to("cuda")
     model.load_state_dict(state)
     model = model.to(torch.bfloat16)
-    set_paths(model, fast)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=1e-6)
     losses = []
     for ids in batches:

@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
-from moeflow.presets import preset  # noqa: E402
 
 
 def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
@@ -104,7 +103,7 @@ def profile_steps(step, path: str, device: torch.device, steps: int = 2) -> None
 def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    config = preset(args.preset)
+    config = ModelConfig.from_name(args.preset)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     with torch.device(device):

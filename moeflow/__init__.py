@@ -1,8 +1,8 @@
 """moeflow: train and serve Mixture-of-Experts language models (DeepSpeed-MoE, independently)."""
 
-from moeflow.config import FFNSpec, ModelConfig, RouterConfig
+from moeflow.config import PRESETS, FFNSpec, ModelConfig, RouterConfig
 from moeflow.model import ModelOutput, Transformer, parameter_counts
-from moeflow.presets import PRESETS, preset
+from moeflow.ops.backend import Backends
 
 
 def from_pretrained(path, dtype=None, device="cpu"):
@@ -14,5 +14,5 @@ def from_pretrained(path, dtype=None, device="cpu"):
 
 __version__ = "0.1.0"
 
-__all__ = ["FFNSpec", "ModelConfig", "ModelOutput", "PRESETS", "RouterConfig",
-           "Transformer", "from_pretrained", "parameter_counts", "preset"]
+__all__ = ["Backends", "FFNSpec", "ModelConfig", "ModelOutput", "PRESETS",
+           "RouterConfig", "Transformer", "from_pretrained", "parameter_counts"]

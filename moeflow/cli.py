@@ -20,7 +20,8 @@ Examples:
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
 name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from
-moeflow.infer.SamplingParams.
+moeflow.infer.SamplingParams, `serve` flags from moeflow.serve.config.ServeConfig and
+`bench-serve` flags from moeflow.serve.bench.BenchConfig.
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.
@@ -35,8 +36,7 @@ import os
 import sys
 import typing
 
-from moeflow.config import ModelConfig
-from moeflow.presets import PRESETS, preset
+from moeflow.config import PRESETS, ModelConfig
 
 
 class UsageError(Exception):
@@ -50,28 +50,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"moeflow: error: {message} (see {self.prog} --help)\n")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                        helps: dict[str, str] | None = None) -> None:
-    """One flag per field of dataclass `cls` (--field-name, or metadata["flag"]).
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+                        ) -> None:
+    """One flag per field of dataclass `cls` (--field-name, or metadata["flag"]), with the help
+    text and choices of the field's metadata (moeflow.validate.option).
 
     Defaults stay in the dataclass: flags not given are absent from the namespace (SUPPRESS),
-    so `cls(**given)` applies the dataclass's own defaults and validation.
+    so `cls(**given)` applies the dataclass's own defaults and validation. A field without a
+    default is a required flag.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = (helps or {}).get(f.name) or f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = (None if required else f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory())
+        help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "required": required}
         if kind is bool:
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
             kw.update(nargs="+", metavar="PATH")
+        elif "choices" in f.metadata:
+            kw.update(type=base, choices=f.metadata["choices"])
         else:
             kw["type"] = base
             kw["metavar"] = flag.lstrip("-").replace("-", "_").upper() if base is str \
@@ -92,7 +98,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         if not os.path.isfile(args.config):
             raise UsageError(f"config file {args.config!r} does not exist")
         return ModelConfig.load(args.config)
-    return preset(args.preset)
+    return ModelConfig.from_name(args.preset)
 
 
 def _describe(config: ModelConfig) -> dict:
@@ -241,28 +247,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.val_after < result.val_before else 1
 
 
-_SAMPLING_HELP = {
-    "max_new_tokens": "tokens to generate at most",
-    "temperature": "sampling temperature; 0 = greedy",
-    "top_k": "sample among the k most likely tokens (0 = all)",
-    "top_p": "nucleus sampling: the smallest set of tokens with this much probability",
-    "seed": "seed for reproducible sampling",
-}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from moeflow.serve.config import ServeConfig
     from moeflow.serve.server import serve
 
-    fields = {k: v for k, v in vars(args).items() if k in ServeConfig.__dataclass_fields__}
-    return serve(ServeConfig(**fields))
+    return serve(ServeConfig(**given(args, ServeConfig)))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeflow.serve.bench import BenchConfig, run_bench
 
-    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__}
-    result = run_bench(BenchConfig(**fields))
+    result = run_bench(BenchConfig(**given(args, BenchConfig)))
     print(json.dumps(result.to_dict()) if args.json else result.table())
     if args.out:
         with open(args.out, "w") as f:
@@ -276,50 +271,17 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parsers(sub) -> None:
-    from moeflow.serve.config import ServeConfig as S
+    from moeflow.serve.bench import BenchConfig
+    from moeflow.serve.config import ServeConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
                                      "/v1/chat/completions, /v1/models, /health, /metrics)")
-    p.add_argument("--model", required=True, help="checkpoint: a training run / checkpoint "
-                   "directory, or a moeflow or HF MoE directory with tokenizer.json")
-    p.add_argument("--served-model-name", help="the name clients send (default: directory name)")
-    p.add_argument("--host", default=S.host)
-    p.add_argument("--port", type=int, default=S.port)
-    p.add_argument("--max-batch", type=int, default=S.max_batch,
-                   help="sequences the engine runs per step")
-    p.add_argument("--max-queue", type=int, default=S.max_queue,
-                   help="sequences waiting for a batch slot; beyond it requests get 429")
-    p.add_argument("--max-seq-len", type=int, help="context window (default: the model's)")
-    p.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens")
-    p.add_argument("--max-body-bytes", type=int, default=S.max_body_bytes,
-                   help="larger request bodies get 413 without being parsed")
-    p.add_argument("--drain-timeout", type=float, default=S.drain_timeout,
-                   help="seconds SIGTERM waits for in-flight requests before aborting them")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S.device)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--default-max-tokens", type=int, default=S.default_max_tokens,
-                   help="max_tokens of /v1/completions requests that set none")
-    p.add_argument("--threads", type=int,
-                   help="torch intra-op threads (default on CPU: cores - 1, one left for HTTP)")
-    p.add_argument("--log-level", default=S.log_level,
-                   choices=("critical", "error", "warning", "info", "debug"))
+    add_dataclass_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
-
-    from moeflow.serve.bench import BenchConfig as B
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, "
                                            "latency and TTFT percentiles")
-    p.add_argument("--url", default=B.url)
-    p.add_argument("--concurrency", type=int, default=B.concurrency)
-    p.add_argument("--requests", type=int, default=B.requests)
-    p.add_argument("--model", help="model name (default: the server's first)")
-    p.add_argument("--prompt", default=B.prompt)
-    p.add_argument("--max-tokens", type=int, default=B.max_tokens)
-    p.add_argument("--temperature", type=float, default=B.temperature)
-    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
-    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let requests end at end-of-sequence (default: exactly max-tokens)")
-    p.add_argument("--timeout", type=float, default=B.timeout, help="per-request seconds")
+    add_dataclass_flags(p, BenchConfig)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.set_defaults(func=cmd_bench_serve)
@@ -361,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
-    add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids", "stop_sequences"),
-                        helps=_SAMPLING_HELP)
+    add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids", "stop_sequences"))
     p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
                    help="stop when the generated text contains one of these strings; the output "
                         "ends just before it (end-of-text always stops)")

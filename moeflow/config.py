@@ -30,6 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from moeflow.presets import PRESET_FIELDS
+from moeflow.validate import check, choice, integer, number
+
 ARCHS = ("gpt", "llama")
 MOE_KINDS = ("moe", "residual_moe")
 MIXED = "mixed"  # moe_kind of a layout that combines both MoE kinds
@@ -40,15 +43,6 @@ NOISE_KINDS = ("none", "jitter", "rsample", "rsample_second")
 AUX_CHOICES = ("first", "all")
 GROUP_SCORES = ("top2_sum", "max")
 QK_NORM_SCOPES = ("head", "full")
-
-
-def _check(ok: bool, name: str, value: Any, need: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r}: {need}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -106,27 +100,24 @@ class RouterConfig:
     z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.top_k >= 1, "router.top_k", self.top_k, "must be >= 1")
-        _check_choice("router.score_func", self.score_func, SCORE_FUNCS)
-        _check(self.capacity_factor > 0, "router.capacity_factor", self.capacity_factor, "must be > 0")
-        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
-               "router.eval_capacity_factor", self.eval_capacity_factor,
-               "must be > 0 (or null: dropless in eval mode)")
-        _check(self.min_capacity >= 0, "router.min_capacity", self.min_capacity, "must be >= 0")
-        _check_choice("router.drop_policy", self.drop_policy, DROP_POLICIES)
-        _check_choice("router.noise", self.noise, NOISE_KINDS)
-        _check(0 <= self.noise_eps < 1, "router.noise_eps", self.noise_eps, "must be in [0, 1)")
-        _check(self.routed_scaling > 0, "router.routed_scaling", self.routed_scaling, "must be > 0")
-        _check(self.num_groups >= 1, "router.num_groups", self.num_groups, "must be >= 1")
-        _check(1 <= self.topk_groups <= self.num_groups, "router.topk_groups", self.topk_groups,
-               f"must be in [1, num_groups={self.num_groups}]")
-        _check_choice("router.group_score", self.group_score, GROUP_SCORES)
+        integer("router.top_k", self.top_k, lo=1)
+        choice("router.score_func", self.score_func, SCORE_FUNCS)
+        number("router.capacity_factor", self.capacity_factor, lo=0, lo_open=True)
+        check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+              "router.eval_capacity_factor", self.eval_capacity_factor,
+              "must be > 0 (or null: dropless in eval mode)")
+        integer("router.min_capacity", self.min_capacity, lo=0)
+        choice("router.drop_policy", self.drop_policy, DROP_POLICIES)
+        choice("router.noise", self.noise, NOISE_KINDS)
+        number("router.noise_eps", self.noise_eps, lo=0, hi=1, hi_open=True)
+        number("router.routed_scaling", self.routed_scaling, lo=0, lo_open=True)
+        integer("router.num_groups", self.num_groups, lo=1)
+        integer("router.topk_groups", self.topk_groups, lo=1, hi=self.num_groups)
+        choice("router.group_score", self.group_score, GROUP_SCORES)
         if self.aux_loss_choices is not None:
-            _check_choice("router.aux_loss_choices", self.aux_loss_choices, AUX_CHOICES)
-        _check(self.bias_update_rate >= 0, "router.bias_update_rate", self.bias_update_rate,
-               "must be >= 0")
-        _check(self.aux_loss_coef >= 0, "router.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
-        _check(self.z_loss_coef >= 0, "router.z_loss_coef", self.z_loss_coef, "must be >= 0")
+            choice("router.aux_loss_choices", self.aux_loss_choices, AUX_CHOICES)
+        for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+            number(f"router.{name}", getattr(self, name), lo=0)
 
     @property
     def normalizes(self) -> bool:
@@ -173,11 +164,11 @@ class MLAConfig:
     v_head_dim: int = 128
 
     def __post_init__(self) -> None:
-        _check(self.q_lora_rank >= 0, "mla.q_lora_rank", self.q_lora_rank, "must be >= 0")
+        integer("mla.q_lora_rank", self.q_lora_rank, lo=0)
         for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            _check(getattr(self, name) >= 1, f"mla.{name}", getattr(self, name), "must be >= 1")
-        _check(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
-               "mla.qk_rope_head_dim", self.qk_rope_head_dim, "must be even and >= 2")
+            integer(f"mla.{name}", getattr(self, name), lo=1)
+        check(self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+              "mla.qk_rope_head_dim", self.qk_rope_head_dim, "must be even and >= 2")
 
     @property
     def qk_head_dim(self) -> int:
@@ -187,14 +178,14 @@ class MLAConfig:
 def _parse_layer(i: int, entry: Any) -> tuple[str, int]:
     """("dense", 0) or (kind, number of experts) for the entry ffn_layout[i]."""
     name = f"ffn_layout[{i}]"
-    _check(isinstance(entry, str), name, entry, "must be 'dense', 'moe:E' or 'residual_moe:E'")
+    check(isinstance(entry, str), name, entry, "must be 'dense', 'moe:E' or 'residual_moe:E'")
     if entry == "dense":
         return "dense", 0
     kind, sep, count = entry.partition(":")
-    _check(kind in MOE_KINDS and sep == ":", name, entry,
-           "must be 'dense', 'moe:E' or 'residual_moe:E'")
-    _check(count.isascii() and count.isdigit() and count == str(int(count)) and int(count) >= 1,
-           name, entry, "the expert count E must be an integer >= 1")
+    check(kind in MOE_KINDS and sep == ":", name, entry,
+          "must be 'dense', 'moe:E' or 'residual_moe:E'")
+    check(count.isascii() and count.isdigit() and count == str(int(count)) and int(count) >= 1,
+          name, entry, "the expert count E must be an integer >= 1")
     return kind, int(count)
 
 
@@ -271,65 +262,62 @@ class ModelConfig:
         def resolve(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        _check_choice("arch", self.arch, ARCHS)
+        choice("arch", self.arch, ARCHS)
         gpt = self.arch == "gpt"
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
-                   getattr(self, name), "must be an integer >= 1")
+            integer(name, getattr(self, name), lo=1)
         if self.n_kv_heads is None:
             resolve("n_kv_heads", self.n_heads)
-        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-               self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+              self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim is None:
-            _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
-                   f"must be divisible by n_heads={self.n_heads}")
+            check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                  f"must be divisible by n_heads={self.n_heads}")
             resolve("head_dim", self.d_model // self.n_heads)
-        _check(self.head_dim >= 1, "head_dim", self.head_dim, "must be >= 1")
-        _check(gpt or self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
+        integer("head_dim", self.head_dim, lo=1)
+        check(gpt or self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
         if self.d_ff is None:
             resolve("d_ff", 4 * self.d_model)
-        _check(self.d_ff >= 1, "d_ff", self.d_ff, "must be >= 1")
-        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
-        _check(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+        integer("d_ff", self.d_ff, lo=1)
+        number("norm_eps", self.norm_eps, lo=0, lo_open=True)
+        number("init_std", self.init_std, lo=0, lo_open=True)
         for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
             if getattr(self, name) is None:
                 resolve(name, gpt)
         if self.attn_out_bias is None:
             resolve("attn_out_bias", self.attn_bias)
-        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         if isinstance(self.router, dict):
             resolve("router", RouterConfig(**self.router))
         if isinstance(self.mla, dict):
             resolve("mla", MLAConfig(**self.mla))
         if self.mla is not None:
-            _check(not gpt, "mla", self.mla, "needs arch 'llama'")
-            _check(not self.qk_norm, "qk_norm", self.qk_norm, "is not used with mla")
+            check(not gpt, "mla", self.mla, "needs arch 'llama'")
+            check(not self.qk_norm, "qk_norm", self.qk_norm, "is not used with mla")
 
         self._resolve_layout(resolve)
         for e in self.num_experts:
-            _check(self.router.top_k <= e, "router.top_k", self.router.top_k,
-                   f"must be <= num_experts ({e})")
-            _check(e % self.router.num_groups == 0, "router.num_groups", self.router.num_groups,
-                   f"must divide num_experts ({e})")
+            check(self.router.top_k <= e, "router.top_k", self.router.top_k,
+                  f"must be <= num_experts ({e})")
+            check(e % self.router.num_groups == 0, "router.num_groups", self.router.num_groups,
+                  f"must divide num_experts ({e})")
             if self.router.num_groups > 1:
                 per_group = e // self.router.num_groups
-                _check(self.router.top_k <= self.router.topk_groups * per_group, "router.top_k",
-                       self.router.top_k, "exceeds the experts in the selected groups")
+                check(self.router.top_k <= self.router.topk_groups * per_group, "router.top_k",
+                      self.router.top_k, "exceeds the experts in the selected groups")
         if self.expert_d_ff is None:
             resolve("expert_d_ff", self.d_ff)
-        _check(self.expert_d_ff >= 1, "expert_d_ff", self.expert_d_ff, "must be >= 1")
-        _check(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts,
-               "must be >= 0")
+        integer("expert_d_ff", self.expert_d_ff, lo=1)
+        integer("num_shared_experts", self.num_shared_experts, lo=0)
         if self.shared_d_ff is None:
             resolve("shared_d_ff", self.num_shared_experts * self.expert_d_ff)
-        _check(self.shared_d_ff >= 0, "shared_d_ff", self.shared_d_ff, "must be >= 0")
-        _check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
-               self.shared_expert_gate, "needs num_shared_experts > 0")
+        integer("shared_d_ff", self.shared_d_ff, lo=0)
+        check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
+              self.shared_expert_gate, "needs num_shared_experts > 0")
 
     def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
         """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""
-        _check(isinstance(self.moe_every, int) and self.moe_every >= 0, "moe_every",
-               self.moe_every, "must be an integer >= 0")
+        integer("moe_every", self.moe_every, lo=0)
         if self.first_moe_layer is None:
             resolve("first_moe_layer", max(self.moe_every - 1, 0))
         experts = self.num_experts
@@ -337,30 +325,30 @@ class ModelConfig:
             experts = tuple(experts)
         layout, layers = self.ffn_layout, None
         if layout is not None:
-            _check(isinstance(layout, (list, tuple)), "ffn_layout", layout,
-                   "must be a list with one entry per layer")
+            check(isinstance(layout, (list, tuple)), "ffn_layout", layout,
+                  "must be a list with one entry per layer")
             layout = tuple(layout)
-            _check(len(layout) == self.n_layers, "ffn_layout", layout,
-                   f"needs one entry per layer (n_layers={self.n_layers}), got {len(layout)}")
+            check(len(layout) == self.n_layers, "ffn_layout", layout,
+                  f"needs one entry per layer (n_layers={self.n_layers}), got {len(layout)}")
             layers = [_parse_layer(i, entry) for i, entry in enumerate(layout)]
             resolve("ffn_layout", layout)
 
         if self.moe_every > 0 or layout is None:  # the interval shorthand decides
             kind = "moe" if self.moe_kind is None else self.moe_kind
-            _check_choice("moe_kind", kind, MOE_KINDS)
-            _check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
-                   "first_moe_layer", self.first_moe_layer,
-                   f"must be in [0, n_layers={self.n_layers})")
+            choice("moe_kind", kind, MOE_KINDS)
+            check(0 <= self.first_moe_layer < self.n_layers or self.moe_every == 0,
+                  "first_moe_layer", self.first_moe_layer,
+                  f"must be in [0, n_layers={self.n_layers})")
             moe_layers = range(self.first_moe_layer, self.n_layers, self.moe_every) \
                 if self.moe_every else range(0)
             n_moe = len(moe_layers)
             if isinstance(experts, int):
                 experts = (experts,) * n_moe
-            _check(len(experts) == n_moe, "num_experts", experts,
-                   f"needs one entry per MoE layer ({n_moe} MoE layers)")
+            check(len(experts) == n_moe, "num_experts", experts,
+                  f"needs one entry per MoE layer ({n_moe} MoE layers)")
             for e in experts:
-                _check(isinstance(e, int) and e >= 1, "num_experts", experts,
-                       "entries must be >= 1")
+                check(isinstance(e, int) and e >= 1, "num_experts", experts,
+                      "entries must be >= 1")
             derived = ["dense"] * self.n_layers
             for i, e in zip(moe_layers, experts):
                 derived[i] = f"{kind}:{e}"
@@ -385,7 +373,7 @@ class ModelConfig:
                              f"layers have {counts!r} experts")
         if not kinds:
             kind = "moe" if self.moe_kind is None else self.moe_kind
-            _check_choice("moe_kind", kind, MOE_KINDS)
+            choice("moe_kind", kind, MOE_KINDS)
         else:
             kind = kinds[0] if len(kinds) == 1 else MIXED
             if self.moe_kind is not None and self.moe_kind != kind:
@@ -510,9 +498,11 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
-        from moeflow.presets import preset
-
-        return preset(name)
+        """The preset called `name` (moeflow.presets)."""
+        if name not in PRESET_FIELDS:
+            raise ValueError(f"unknown preset {name!r}; known presets: "
+                             f"{', '.join(PRESET_FIELDS)}")
+        return cls.from_dict(PRESET_FIELDS[name])
 
 
 def _parse_error(e: Exception) -> str:
@@ -550,3 +540,7 @@ def _unresolved(config: ModelConfig) -> dict[str, Any]:
         d["num_experts"] = ()
         d["moe_kind"] = None
     return d
+
+
+# Every preset, built once (the presets' source is moeflow/presets.py, plain data).
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig.from_name(name) for name in PRESET_FIELDS}

@@ -24,10 +24,11 @@ MODEL_VOCAB = 320   # larger than the tokenizer's 300: ids 300..319 are valid bu
 
 
 def tiny_config():
-    from moeflow import preset
+    from moeflow import ModelConfig
 
-    return preset("tiny").replace(name="tiny-serve", vocab_size=MODEL_VOCAB, n_layers=2,
-                                  d_model=64, n_heads=4, max_seq_len=CONTEXT, num_experts=(4,))
+    return ModelConfig.from_name("tiny").replace(
+        name="tiny-serve", vocab_size=MODEL_VOCAB, n_layers=2, d_model=64, n_heads=4,
+        max_seq_len=CONTEXT, num_experts=(4,))
 
 
 def tiny_tokenizer():

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from moeflow.config import ModelConfig
 from moeflow.parallel import ParallelConfig, save_checkpoint
+from moeflow.ops.backend import Backends
 from moeflow.parallel.equality import global_logits, run_steps
 
 
@@ -83,14 +84,12 @@ def tweak(model, tweaks: tuple[str, ...]) -> None:
     (then 1, ...). "reference_experts": the plain-torch expert path (it skips empty experts).
     "triton_dispatch": the Triton mapping-table gather and combine (CUDA's default), run by
     Triton's interpreter on CPU."""
+    model.set_backends(Backends(experts="reference" if "reference_experts" in tweaks else "auto",
+                                dispatch="triton" if "triton_dispatch" in tweaks else "auto"))
     for layer in model.moe_layers():
         if "one_expert" in tweaks:
             torch.nn.init.zeros_(layer.router.gate.weight)
             layer.router.gate.weight.requires_grad_(False)
-        if "reference_experts" in tweaks:
-            layer.experts.backend = "reference"
-        if "triton_dispatch" in tweaks:
-            layer.dispatcher.backend = "triton"
 
 
 def next_step(model, batches, eval_tokens, sharded):

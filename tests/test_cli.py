@@ -109,3 +109,54 @@ def test_demo_refuses_an_existing_run_without_suggesting_a_flag_it_lacks(tmp_pat
     assert f"--out {str(out)!r} already holds a training run" in lines[0]
     assert "pass --resume" not in lines[0] and "demo trains from scratch" in lines[0]
     assert snapshot(out) == before
+
+
+def test_serve_and_bench_serve_flags_come_from_their_configs():
+    import dataclasses
+
+    from moeflow.cli import build_parser, given
+    from moeflow.serve.bench import BenchConfig
+    from moeflow.serve.config import ServeConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--model", "ckpt"])
+    assert ServeConfig(**given(args, ServeConfig)) == ServeConfig(model="ckpt")
+    argv = ["serve", "--model", "m", "--served-model-name", "n", "--host", "0.0.0.0",
+            "--port", "9", "--max-batch", "2", "--max-queue", "3", "--max-seq-len", "64",
+            "--cache-tokens", "128", "--max-body-bytes", "100", "--drain-timeout", "1.5",
+            "--device", "cpu", "--dtype", "bfloat16", "--default-max-tokens", "5",
+            "--threads", "1", "--log-level", "info"]
+    got = ServeConfig(**given(parser.parse_args(argv), ServeConfig))
+    assert got == ServeConfig("m", "n", "0.0.0.0", 9, 2, 3, 64, 128, 100, 1.5, "cpu",
+                              "bfloat16", 5, 1, "info")
+    assert {f.name for f in dataclasses.fields(ServeConfig)} == set(given(
+        parser.parse_args(argv), ServeConfig))  # every field has a flag
+
+    args = parser.parse_args(["bench-serve"])
+    assert BenchConfig(**given(args, BenchConfig)) == BenchConfig()
+    assert args.json is False and args.out is None
+    argv = ["bench-serve", "--url", "http://h:1", "--concurrency", "2", "--requests", "3",
+            "--model", "m", "--prompt", "p", "--max-tokens", "4", "--temperature", "0.5",
+            "--chat", "--no-ignore-eos", "--timeout", "9", "--json", "--out", "r.json"]
+    args = parser.parse_args(argv)
+    assert BenchConfig(**given(args, BenchConfig)) == BenchConfig(
+        "http://h:1", 2, 3, "m", "p", 4, 0.5, True, False, 9.0)
+    assert args.json is True and args.out == "r.json"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve"], "the following arguments are required: --model"),
+    (["serve", "--model", "m", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["serve", "--model", "m", "--max-batch", "0"], "max_batch=0: must be an integer >= 1"),
+    (["bench-serve", "--requests", "0"], "requests=0: must be an integer >= 1"),
+])
+def test_bad_serve_flags_are_one_line_exit_2(argv, message, capsys):
+    from moeflow.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1

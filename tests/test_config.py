@@ -244,3 +244,62 @@ def test_mixed_layout_model_runs_and_reloads(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["moe_layers"], info["experts_per_moe_layer"]) == ([1, 2, 3], [4, 8, 2])
     assert info["moe_kind"] == "mixed"
+
+
+def _configs():
+    from moeflow.infer.engine import EngineConfig
+    from moeflow.infer.sampling import SamplingParams
+    from moeflow.parallel.mesh import ParallelConfig
+    from moeflow.serve.bench import BenchConfig
+    from moeflow.serve.config import ServeConfig
+    from moeflow.train.run_config import TrainConfig
+
+    serve = lambda **kw: ServeConfig(model="x", **kw)  # noqa: E731
+    return [
+        (TrainConfig, dict(batch_size=True), "batch_size", "must be an integer >= 1"),
+        (TrainConfig, dict(lr=float("inf")), "lr", "must be a finite number > 0"),
+        (TrainConfig, dict(beta2=1.0), "beta2", "must be a finite number in [0, 1)"),
+        (TrainConfig, dict(stop_at=5, steps=4, warmup_steps=0), "stop_at",
+         "must be an integer in [1, 4]"),
+        (TrainConfig, dict(device="tpu"), "device", "must be one of auto, cpu, cuda"),
+        (ParallelConfig, dict(ep=0), "ep", "must be an integer >= 1"),
+        (ParallelConfig, dict(exchange="all"), "exchange", "must be one of auto, uneven, capacity"),
+        (serve, dict(port=70000), "port", "must be an integer in [0, 65535]"),
+        (serve, dict(drain_timeout=-1), "drain_timeout", "must be a finite number >= 0"),
+        (serve, dict(dtype="int8"), "dtype", "must be one of float32, bfloat16, float16"),
+        (EngineConfig, dict(max_batch_size=None), "max_batch_size", "must be an integer >= 1"),
+        (EngineConfig, dict(cache_tokens=1.5), "cache_tokens", "must be an integer >= 1"),
+        (SamplingParams, dict(top_p=0.0), "top_p", "must be a finite number in (0, 1]"),
+        (SamplingParams, dict(temperature=float("nan")), "temperature",
+         "must be a finite number >= 0"),
+        (BenchConfig, dict(requests=0), "requests", "must be an integer >= 1"),
+        (BenchConfig, dict(timeout=0), "timeout", "must be a finite number > 0"),
+        (RouterConfig, dict(noise_eps=1.0), "router.noise_eps",
+         "must be a finite number in [0, 1)"),
+        (RouterConfig, dict(top_k=2.0), "router.top_k", "must be an integer >= 1"),
+        (moe, dict(norm_eps=0), "norm_eps", "must be a finite number > 0"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_configs())))
+def test_every_config_reports_a_bad_value_the_same_way(case):
+    make, kwargs, field, need = _configs()[case]
+    value = kwargs[field.removeprefix("router.")]
+    with pytest.raises(ValueError) as err:
+        make(**kwargs)
+    assert str(err.value) == f"{field}={value!r}: {need}"
+
+
+def test_presets_are_data_and_from_name_builds_them():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(moeflow.__file__).with_name("presets.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("moeflow")]  # no cycle with config
+    assert set(PRESETS) == set(moeflow.presets.PRESET_FIELDS)
+    for name, cfg in PRESETS.items():
+        assert ModelConfig.from_name(name) == cfg and cfg.name == name
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: 350m, "):
+        ModelConfig.from_name("nope")

@@ -28,6 +28,7 @@ import torch
 from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.decode_graphs import GraphDecoder
+from moeflow.ops.backend import Backends
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -113,15 +114,14 @@ def rel_err_S(a_SV, ref_SV) -> torch.Tensor:
 def make_reference(seed=0, n_prompts=4):
     """The fp32 model, prompts, the model's greedy paths, its logits along them and err_w
     (per prompt, per step), all computed with the plain-torch small ops."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOEFLOW_FUSE", "0")
     model = qwen_like(seed)
+    model.set_backends(Backends(fuse="reference"))
     ps = prompts(n_prompts, seed=seed + 1)
     paths = [greedy_path(model, p) for p in ps]
     ref = [path_logits(model, p, path) for p, path in zip(ps, paths)]
     rounded = bf16_weights(model)
     err_w = [rel_err_S(path_logits(rounded, p, path), r) for p, path, r in zip(ps, paths, ref)]
-    mp.undo()
+    model.set_backends(Backends())
     return model, ps, paths, ref, err_w
 
 
@@ -131,11 +131,11 @@ def reference():
 
 
 @pytest.mark.parametrize("variant", ["graphs", "eager", "unfused"])
-def test_bf16_engine_matches_fp32_within_bf16_rounding(reference, variant, monkeypatch):
+def test_bf16_engine_matches_fp32_within_bf16_rounding(reference, variant):
     model32, ps, paths, ref, err_w = reference
-    if variant == "unfused":
-        monkeypatch.setenv("MOEFLOW_FUSE", "0")
-    engine = ForcedEngine(copy.deepcopy(model32).bfloat16(),
+    model = copy.deepcopy(model32).bfloat16()
+    model.set_backends(Backends(fuse="reference" if variant == "unfused" else "auto"))
+    engine = ForcedEngine(model,
                           EngineConfig(max_batch_size=4, cuda_graphs=variant != "eager"),
                           {f"p{i}": path for i, path in enumerate(paths)})
     got = forced_logits(engine, ps)

@@ -110,7 +110,7 @@ def test_generate_cli(run_dir):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["generate", "--checkpoint", str(run_dir), "--top-p", "0"]) == 2
-    assert "top_p=0.0: must be in (0, 1]" in err.getvalue()
+    assert "top_p=0.0: must be a finite number in (0, 1]" in err.getvalue()
 
 
 def test_generate_cli_stop_sequences_are_text(run_dir):

@@ -71,7 +71,7 @@ def test_unsupported_hf_fields_are_named(tmp_path):
 
 def test_export_refuses_what_hf_cannot_express():
     with pytest.raises(ValueError, match="arch='gpt'"):
-        config_to_hf(moeflow.preset("tiny"))
+        config_to_hf(moeflow.ModelConfig.from_name("tiny"))
     with pytest.raises(ValueError, match="num_experts"):
         config_to_hf(_tiny(num_experts=(4, 8)))
     with pytest.raises(ValueError, match="router.routed_scaling"):
@@ -80,7 +80,7 @@ def test_export_refuses_what_hf_cannot_express():
 
 def test_moeflow_checkpoint_missing_tensor(tmp_path):
     torch.manual_seed(0)
-    save_pretrained(Transformer(moeflow.preset("tiny")), tmp_path)
+    save_pretrained(Transformer(moeflow.ModelConfig.from_name("tiny")), tmp_path)
     path = tmp_path / "model.safetensors"
     tensors = load_file(path)
     del tensors["blocks.1.ffn.router.gate.weight"]

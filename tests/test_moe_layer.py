@@ -8,6 +8,7 @@ from moeflow.config import FFNSpec
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
 from moeflow.ops.activation import apply_activation
+from moeflow.ops.backend import Backends, set_backends
 
 D, F = 16, 24
 
@@ -90,7 +91,7 @@ def test_grouped_mm_path_equals_reference_path(kind, shared, activation, bias):
     x = torch.randn(3, 11, D)
 
     def run(backend):
-        layer.experts.backend = backend
+        set_backends(layer, Backends(experts=backend))
         layer.zero_grad()
         poison_allocator()
         y, _ = layer(x)

@@ -11,11 +11,7 @@ import torch  # noqa: E402
 
 from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
-
-
-def _set(layer, router, dispatch, experts):
-    layer.router.backend, layer.dispatcher.backend, layer.experts.backend = \
-        router, dispatch, experts
+from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 
 
 @pytest.mark.parametrize("router_cfg,shared", [
@@ -36,7 +32,7 @@ def test_fast_layer_matches_reference(router_cfg, shared):
     g = torch.randn_like(x)
     results = []
     for paths in (("reference",) * 3, ("triton", "triton", "grouped_mm_fused")):
-        _set(layer, *paths)
+        set_backends(layer, Backends(*paths))
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
         y, routing = layer(xi)

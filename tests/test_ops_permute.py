@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.model.dispatch import LocalDispatcher  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
 
 
@@ -43,8 +44,8 @@ def test_dispatch_combine_match_reference(dtype, capacity_factor, dropless, k):
         routing = router(x)
     g_out = torch.randn(T, D, device=DEVICE, dtype=dtype)
     y_scale = torch.randn(D, device=DEVICE, dtype=dtype)
-    ref = _run(LocalDispatcher("reference"), x, routing, g_out, y_scale)
-    out = _run(LocalDispatcher("triton"), x, routing, g_out, y_scale)
+    ref = _run(LocalDispatcher(Backends(dispatch="reference")), x, routing, g_out, y_scale)
+    out = _run(LocalDispatcher(Backends(dispatch="triton")), x, routing, g_out, y_scale)
     assert torch.equal(out[1].token_N, ref[1].token_N)
     assert torch.equal(out[1].row_TK, ref[1].row_TK)
     assert torch.equal(out[1].ends_E, ref[1].ends_E)

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
+from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops import routing_triton  # noqa: E402
 
 CONFIGS = {
@@ -38,7 +39,7 @@ CONFIGS = {
 
 
 def _route(router, x, backend, seed):
-    router.backend = backend
+    set_backends(router, Backends(router=backend))
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     x = x.detach().clone().requires_grad_(True)
     router.zero_grad()
@@ -85,9 +86,9 @@ def test_eval_dropless_routing_matches_reference():
     router = Router(D, E, cfg).to(DEVICE).eval()
     x = torch.randn(T, D, device=DEVICE)
     with torch.no_grad():
-        router.backend = "reference"
+        set_backends(router, Backends(router="reference"))
         ref = router(x, inference=True)
-        router.backend = "triton"
+        set_backends(router, Backends(router="triton"))
         out = router(x, inference=True)
     assert out.capacity is None
     assert torch.equal(out.slots_TK, ref.slots_TK) and torch.equal(out.counts_E, ref.counts_E)

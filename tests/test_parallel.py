@@ -20,7 +20,6 @@ from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
 from moeflow.parallel.checkpoint import save_checkpoint
 from moeflow.parallel.equality import build_model, run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
-from moeflow.presets import preset
 from tests.parallel_workers import (exchange_worker, free_port, next_step, scenarios_worker,
                                      spawn, trainer_worker, tweak)
 
@@ -28,7 +27,7 @@ STEPS, BATCH, SEQ = 4, 4, 16
 
 
 def tiny(**router) -> ModelConfig:
-    cfg = preset("tiny").replace(vocab_size=256)
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=256)
     return cfg.replace(router=dataclasses.replace(cfg.router, **router))
 
 

@@ -14,7 +14,7 @@ from moeflow import RouterConfig  # noqa: E402
 from moeflow.config import FFNSpec  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
-from moeflow.ops.backend import triton_available  # noqa: E402
+from moeflow.ops.backend import Backends, triton_available  # noqa: E402
 from moeflow.train import NonFiniteLossError, TrainConfig, Trainer  # noqa: E402
 
 from _train_small import write_config, write_corpus  # noqa: E402
@@ -30,8 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered",
 
 def _router_with_logits(cfg: RouterConfig, backend: str) -> tuple[Router, torch.Tensor]:
     logits = torch.tensor(LOGITS)
-    router = Router(len(LOGITS), 4, cfg).to(DEVICE).train()
-    router.backend = backend
+    router = Router(len(LOGITS), 4, cfg, Backends(router=backend)).to(DEVICE).train()
     with torch.no_grad():
         router.gate.weight.copy_(logits.t())
     return router, torch.eye(len(LOGITS), device=DEVICE)
@@ -62,7 +61,7 @@ def test_moe_layer_output_is_finite_for_non_finite_logits(monkeypatch):
 
     crafted = torch.tensor(LOGITS)
 
-    def logits_with_crafted_rows(x_TD, w_ED):  # the first len(LOGITS) rows get LOGITS
+    def logits_with_crafted_rows(x_TD, w_ED, fuse):  # the first len(LOGITS) rows get LOGITS
         real = torch.nn.functional.linear(x_TD.float(), w_ED.float())
         rows = torch.arange(real.shape[0])[:, None] < crafted.shape[0]
         padded = torch.zeros_like(real)

@@ -16,7 +16,7 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.infer.text import IncrementalDecoder, TextStream
 from moeflow.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
 from moeflow.serve.config import ServeConfig
-from moeflow.serve.metrics import Histogram, ServerMetrics
+from moeflow.serve.metrics import ServerMetrics
 from moeflow.serve.protocol import (ChatRequest, CompletionRequest, Limits, RequestError,
                                     build_job, parse_body, validate)
 from tests._serve_util import TEXTS, tiny_tokenizer
@@ -194,19 +194,36 @@ def test_loads_a_training_run_and_a_hf_directory(tmp_path, bpe, monkeypatch):
         load_for_serving(tmp_path)
 
 
-def test_metrics_text_format():
-    h = Histogram("x_seconds", "help", buckets=(0.1, 1.0))
-    for v in (0.05, 0.1, 0.5, 3.0):
-        h.observe(v)
-    assert h.render()[2:] == ['moeflow_x_seconds_bucket{le="0.1"} 2',
-                              'moeflow_x_seconds_bucket{le="1"} 3',
-                              'moeflow_x_seconds_bucket{le="+Inf"} 4',
-                              "moeflow_x_seconds_sum 3.65", "moeflow_x_seconds_count 4"]
-    m = ServerMetrics()
-    m.requests.inc('/v1/"x"', 200)
-    text = m.render(None, outstanding=2, inflight=1, draining=False)
-    assert 'moeflow_requests_total{endpoint="/v1/\\"x\\"",status="200"} 1' in text
-    assert "moeflow_admitted_sequences 2" in text and text.endswith("\n")
+def test_metrics_exposition_parses_with_its_labels_and_buckets():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moeflow.infer.engine import EngineStats
+
+    m, other = ServerMetrics(), ServerMetrics()
+    m.requests.labels('/v1/"x"', 200).inc()
+    for v in (0.004, 0.1, 0.7, 300.0):
+        m.latency.observe(v)
+    stats = EngineStats(running=1, waiting=2, cache_used=3, cache_capacity=64,
+                        tokens_generated=9, expert_counts=((5, 0), (1, 4)))
+    body, content_type = m.render(stats, outstanding=2, inflight=1, draining=False)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
+    assert samples[("moeflow_requests_total", (("endpoint", '/v1/"x"'), ("status", "200")))] == 1
+    assert samples[("moeflow_admitted_sequences", ())] == 2
+    assert samples[("moeflow_queue_depth", ())] == 2
+    assert samples[("moeflow_engine_tokens_generated_total", ())] == 9
+    assert samples[("moeflow_expert_tokens_total", (("expert", "1"), ("moe_layer", "1")))] == 4
+    buckets = {dict(k[1])["le"]: v for k, v in samples.items()
+               if k[0] == "moeflow_request_latency_seconds_bucket"}
+    assert (buckets["0.005"], buckets["0.1"], buckets["1.0"], buckets["120.0"],
+            buckets["+Inf"]) == (1, 2, 3, 3, 4)
+    assert samples[("moeflow_request_latency_seconds_count", ())] == 4
+    # One registry per app: the other app's counters did not move.
+    other_body, _ = other.render(None, outstanding=0, inflight=0, draining=False)
+    assert b'moeflow_requests_total{' not in other_body
+    assert b"moeflow_expert_tokens_total" not in other_body
 
 
 def test_percentiles_match_numpy():

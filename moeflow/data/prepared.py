@@ -38,6 +38,7 @@ import numpy as np
 
 from moeflow.data.corpus import Document, interpreter_documents, load_corpus, split_documents
 from moeflow.data.tokenizer import BPETokenizer
+from moeflow.validate import integer, number
 
 FORMAT = 1
 INFO = "dataset.json"
@@ -60,11 +61,9 @@ class DataSpec:
         if isinstance(self.source, (list, str)):
             object.__setattr__(self, "source", tuple([self.source] if isinstance(self.source, str)
                                                      else self.source))
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in (0, 1)")
+        number("val_fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
         for name in ("vocab_size", "tokenizer_sample_bytes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
+            integer(name, getattr(self, name), lo=1)
         if self.max_bytes is not None and self.source != ("builtin:interpreter",):
             raise ValueError("max_bytes applies to the builtin:interpreter corpus only")
 

@@ -41,6 +41,7 @@ from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
 from moeflow.ops.backend import resolve_expert_backend
 from moeflow.ops.expert_mlp import expert_mlp_reference
+from moeflow.validate import integer
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_seq_len", "cache_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
-        if self.max_batch_size is None:
-            raise ValueError("max_batch_size=None: must be a positive integer")
+        integer("max_batch_size", self.max_batch_size, lo=1)
+        integer("max_seq_len", self.max_seq_len, lo=1, optional=True)
+        integer("cache_tokens", self.cache_tokens, lo=1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,8 @@ def graph_capturable(model: torch.nn.Module) -> bool:
     for layer in model.moe_layers():
         e = layer.experts
         x_1D = e.w_in_EDI.new_empty(1, e.d_model)
-        if resolve_expert_backend(e.backend, x_1D, e.w_in_EDI, e.w_out_EFD) is expert_mlp_reference:
+        if resolve_expert_backend(e.backends.experts, x_1D, e.w_in_EDI,
+                                  e.w_out_EFD) is expert_mlp_reference:
             return False
     return True
 

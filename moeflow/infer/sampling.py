@@ -11,41 +11,38 @@ tokens are still emitted. Lists are accepted and stored as tuples so params stay
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from moeflow.validate import check, integer, number, option
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int = option("tokens to generate at most", default=64)
+    temperature: float = option("sampling temperature; 0 = greedy", default=1.0)
+    top_k: int = option("sample among the k most likely tokens (0 = all)", default=0)
+    top_p: float = option("nucleus sampling: the smallest set of tokens with this much "
+                          "probability", default=1.0)
+    seed: int | None = option("seed for reproducible sampling", default=None)
     stop_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         stop_ids = tuple(self.stop_token_ids)
-        if not all(isinstance(t, int) and t >= 0 for t in stop_ids):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be ids >= 0")
+        check(all(isinstance(t, int) and t >= 0 for t in stop_ids), "stop_token_ids",
+              self.stop_token_ids, "must be ids >= 0")
         object.__setattr__(self, "stop_token_ids", stop_ids)
         seqs = tuple(tuple(s) for s in self.stop_sequences)
-        if not all(s and all(isinstance(t, int) and t >= 0 for t in s) for s in seqs):
-            raise ValueError(f"stop_sequences={self.stop_sequences!r}: must be non-empty "
-                             "sequences of ids >= 0")
+        check(all(s and all(isinstance(t, int) and t >= 0 for t in s) for s in seqs),
+              "stop_sequences", self.stop_sequences, "must be non-empty sequences of ids >= 0")
         object.__setattr__(self, "stop_sequences", seqs)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        integer("max_new_tokens", self.max_new_tokens, lo=1)
+        number("temperature", self.temperature, lo=0)
+        integer("top_k", self.top_k, lo=0)
+        number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        integer("seed", self.seed, optional=True)
 
     @property
     def greedy(self) -> bool:

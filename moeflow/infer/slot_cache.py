@@ -45,7 +45,7 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
 
 class SlotKVCache:
     def __init__(self, shapes: list[tuple[int, int, int]], num_slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, fuse: str = "auto") -> None:
         if len(set(shapes)) != 1:
             raise ValueError(f"SlotKVCache needs one kv shape for every layer, "
                              f"got {sorted(set(shapes))}")
@@ -55,11 +55,12 @@ class SlotKVCache:
         self.k_LNGMd = torch.zeros(L, num_slots, G, max_len, dk, dtype=dtype, device=device)
         self.v_LNGMd = torch.zeros(L, num_slots, G, max_len, dv, dtype=dtype, device=device)
         self.num_slots, self.max_len = num_slots, max_len
+        self.fuse = fuse  # the model's Backends.fuse, for decode attention
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int) -> "SlotKVCache":
         p = next(model.parameters())
-        return cls(kv_shapes(model), num_slots, max_len, p.dtype, p.device)
+        return cls(kv_shapes(model), num_slots, max_len, p.dtype, p.device, model.backends.fuse)
 
     @staticmethod
     def bytes_per_token(model: torch.nn.Module) -> int:
@@ -142,7 +143,7 @@ class DecodeView:
         v_BGMd.scatter_(2, at_B.expand(B, G, 1, v_BGMd.shape[-1]), v_BGTd)
         S = self.kv_len
         y_BHd = decode_attention(q_BHTd[:, :, 0], k_BGMd[:, :, :S], v_BGMd[:, :, :S],
-                                 self.visible_BS)
+                                 self.visible_BS, fuse=self.cache.fuse)
         return y_BHd[:, :, None]
 
     def advance(self, num_new: int) -> None:

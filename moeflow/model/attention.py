@@ -18,6 +18,7 @@ from torch import nn
 from moeflow.config import ModelConfig
 from moeflow.model.norms import RMSNorm, rms_norm
 from moeflow.model.rope import apply_rope
+from moeflow.ops.backend import Backends, ChoosesBackends
 from moeflow.ops.fused import fused
 
 
@@ -44,10 +45,12 @@ def prepare_qk(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, q_norm_w: torch.Tenso
     return q_BHTd, k_BGTd
 
 
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+class Attention(nn.Module, ChoosesBackends):
+    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends()
+                 ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.backends = backends
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
         self.head_dim = config.head_dim
         self.rope_interleave = config.rope_interleave
@@ -60,8 +63,8 @@ class Attention(nn.Module):
         self.full_qk_norm = config.qk_norm and config.qk_norm_scope == "full"
         q_dim = self.n_heads * self.head_dim if self.full_qk_norm else self.head_dim
         k_dim = self.n_kv_heads * self.head_dim if self.full_qk_norm else self.head_dim
-        self.q_norm = RMSNorm(q_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(k_dim, config.norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(q_dim, config.norm_eps, backends) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, config.norm_eps, backends) if config.qk_norm else None
 
     def kv_shape(self) -> tuple[int, int, int]:
         """(kv heads, key dim, value dim) of what this layer stores per cached token."""
@@ -82,7 +85,7 @@ class Attention(nn.Module):
         q_BHTd, k_BGTd = prepare_qk(
             q_BHTd, k_BGTd, self.q_norm.weight if head_norm else None,
             self.k_norm.weight if head_norm else None, self.q_norm.eps if head_norm else 0.0,
-            cos, sin, self.rope_interleave)
+            cos, sin, self.rope_interleave, fuse=self.backends.fuse)
         if cache is None:
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         else:

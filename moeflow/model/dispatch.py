@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from moeflow.model.router import RoutingResult
-from moeflow.ops.backend import resolve_dispatch_backend
+from moeflow.ops.backend import Backends, ChoosesBackends, resolve_dispatch_backend
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,18 @@ def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult)
     return (y_TKD * w_TK[..., None]).sum(dim=1)
 
 
-class LocalDispatcher:
-    """All experts live on this process. `backend` ("auto", "reference" or "triton") picks the
-    implementation through moeflow.ops.backend.resolve_dispatch_backend."""
+class LocalDispatcher(nn.Module, ChoosesBackends):
+    """All experts live on this process. `backends.dispatch` ("auto", "reference" or "triton")
+    picks the implementation through moeflow.ops.backend.resolve_dispatch_backend. A module
+    without parameters, so that it is part of the model it serves (set_backends reaches it)."""
 
-    def __init__(self, backend: str = "auto") -> None:
-        self.backend = backend
+    def __init__(self, backends: Backends = Backends()) -> None:
+        super().__init__()
+        self.backends = backends
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult
                  ) -> tuple[torch.Tensor, DispatchPlan]:
-        if resolve_dispatch_backend(self.backend, x_TD) == "triton":
+        if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
             from moeflow.ops.permute_triton import dispatch_triton
             x_ND, row_TK, token_N, ends_E = dispatch_triton(
                 x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,
@@ -75,7 +78,7 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult
                 ) -> torch.Tensor:
-        if resolve_dispatch_backend(self.backend, y_ND) == "triton":
+        if resolve_dispatch_backend(self.backends.dispatch, y_ND) == "triton":
             from moeflow.ops.permute_triton import combine_triton
             return combine_triton(y_ND, routing.weights_TK, plan.row_TK, routing.kept_TK)
         return combine_rows(y_ND, plan, routing)

@@ -21,27 +21,30 @@ from moeflow.config import ModelConfig
 from moeflow.model.attention import sdpa
 from moeflow.model.norms import RMSNorm
 from moeflow.model.rope import apply_rope
+from moeflow.ops.backend import Backends, ChoosesBackends
 
 # DeepSeek's reference normalises the low-rank latents with this fixed epsilon.
 LATENT_NORM_EPS = 1e-6
 
 
-class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+class MLAttention(nn.Module, ChoosesBackends):
+    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends()
+                 ) -> None:
         super().__init__()
         m = config.mla
         self.layer_idx = layer_idx
+        self.backends = backends
         self.n_heads, self.mla = config.n_heads, m
         self.rope_interleave = config.rope_interleave
         H, D = config.n_heads, config.d_model
         if m.q_lora_rank:
             self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=False)
-            self.q_a_norm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
+            self.q_a_norm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS, backends)
             self.q_b_proj = nn.Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(D, H * m.qk_head_dim, bias=False)
         self.kv_a_proj = nn.Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
-        self.kv_a_norm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_a_norm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, backends)
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim),
                                    bias=False)
         self.proj = nn.Linear(H * m.v_head_dim, D, bias=config.attn_out_bias)
@@ -62,8 +65,10 @@ class MLAttention(nn.Module):
         c_BTR, k_rope = self.kv_a_proj(x_BTD).split([m.kv_lora_rank, dr], dim=-1)
         kv = self.kv_b_proj(self.kv_a_norm(c_BTR)).view(B, T, H, dn + dv).transpose(1, 2)
         k_nope, v_BHTd = kv.split([dn, dv], dim=-1)
-        q_rope = apply_rope(q_rope, *rope, interleave=self.rope_interleave)
-        k_rope = apply_rope(k_rope.view(B, 1, T, dr), *rope, interleave=self.rope_interleave)
+        fuse = self.backends.fuse
+        q_rope = apply_rope(q_rope, *rope, interleave=self.rope_interleave, fuse=fuse)
+        k_rope = apply_rope(k_rope.view(B, 1, T, dr), *rope, interleave=self.rope_interleave,
+                            fuse=fuse)
         q_BHTd = torch.cat([q_nope, q_rope], dim=-1)
         k_BHTd = torch.cat([k_nope, k_rope.expand(B, H, T, dr)], dim=-1)
         if cache is None:

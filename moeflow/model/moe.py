@@ -16,15 +16,19 @@ from moeflow.model.dispatch import LocalDispatcher
 from moeflow.model.experts import Experts
 from moeflow.model.mlp import MLP
 from moeflow.model.router import Router, RoutingResult
+from moeflow.ops.backend import Backends, ChoosesBackends
 
 
-class MoELayer(nn.Module):
-    def __init__(self, spec: FFNSpec, d_model: int, activation: str, bias: bool) -> None:
+class MoELayer(nn.Module, ChoosesBackends):
+    def __init__(self, spec: FFNSpec, d_model: int, activation: str, bias: bool,
+                 backends: Backends = Backends()) -> None:
         super().__init__()
         self.spec = spec
-        self.router = Router(d_model, spec.num_experts, spec.router)
-        self.experts = Experts(spec.num_experts, d_model, spec.expert_d_ff, activation, bias)
-        self.dispatcher = LocalDispatcher()
+        self.backends = backends  # handed to an expert-parallel dispatcher that replaces ours
+        self.router = Router(d_model, spec.num_experts, spec.router, backends)
+        self.experts = Experts(spec.num_experts, d_model, spec.expert_d_ff, activation, bias,
+                               backends)
+        self.dispatcher = LocalDispatcher(backends)
         self.shared = MLP(d_model, spec.shared_d_ff, activation, bias) if spec.shared_d_ff else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         residual = spec.kind == "residual_moe"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeflow.ops.backend import Backends, ChoosesBackends
 from moeflow.ops.fused import fused
 
 
@@ -16,15 +17,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight.float()).to(x.dtype)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+class RMSNorm(nn.Module, ChoosesBackends):
+    def __init__(self, dim: int, eps: float = 1e-6, backends: Backends = Backends()) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.backends = backends
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, fuse=self.backends.fuse)
 
 
-def make_norm(arch: str, dim: int, eps: float) -> nn.Module:
-    return nn.LayerNorm(dim, eps=eps) if arch == "gpt" else RMSNorm(dim, eps=eps)
+def make_norm(arch: str, dim: int, eps: float, backends: Backends = Backends()) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if arch == "gpt" else RMSNorm(dim, eps, backends)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.config import RouterConfig
-from moeflow.ops.backend import resolve_router_backend
+from moeflow.ops.backend import Backends, ChoosesBackends, resolve_router_backend
 from moeflow.ops.fused import fused
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
@@ -234,13 +234,14 @@ def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterCo
     return aux_loss_from(balance_probs(scores_TE, cfg), counts_E)
 
 
-class Router(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig) -> None:
+class Router(nn.Module, ChoosesBackends):
+    def __init__(self, d_model: int, num_experts: int, config: RouterConfig,
+                 backends: Backends = Backends()) -> None:
         super().__init__()
         self.config = config
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        self.backend = "auto"  # see moeflow.ops.backend.resolve_router_backend
+        self.backends = backends  # router: routing kernels; fuse: the logits prologue
         # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
         self.stats_reduce = None
         if config.expert_bias:
@@ -259,7 +260,7 @@ class Router(nn.Module):
         if noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = router_logits(x, self.gate.weight)
+        logits_TE = router_logits(x, self.gate.weight, fuse=self.backends.fuse)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
@@ -269,7 +270,7 @@ class Router(nn.Module):
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)
         route = route_reference
-        if resolve_router_backend(self.backend, logits_TE, cfg) == "triton":
+        if resolve_router_backend(self.backends.router, logits_TE, cfg) == "triton":
             from moeflow.ops.routing_triton import route_triton as route
         result = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
         if self.stats_reduce is not None:

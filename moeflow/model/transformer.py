@@ -28,6 +28,7 @@ from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
 from moeflow.model.norms import make_norm
 from moeflow.model.rope import rope_cos_sin
+from moeflow.ops.backend import Backends, ChoosesBackends, set_backends
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,16 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, spec: FFNSpec) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, spec: FFNSpec, backends: Backends
+                 ) -> None:
         super().__init__()
         activation = "gelu" if config.arch == "gpt" else "swiglu"
-        self.attn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
-        self.attn = MLAttention(config, layer_idx) if config.mla else Attention(config, layer_idx)
-        self.ffn_norm = make_norm(config.arch, config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config.arch, config.d_model, config.norm_eps, backends)
+        attention = MLAttention if config.mla else Attention
+        self.attn = attention(config, layer_idx, backends)
+        self.ffn_norm = make_norm(config.arch, config.d_model, config.norm_eps, backends)
         if spec.is_moe:
-            self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias)
+            self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias, backends)
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
@@ -80,16 +83,20 @@ class Block(nn.Module):
         return x + h, routing
 
 
-class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+class Transformer(nn.Module, ChoosesBackends):
+    """`backends` chooses each op's implementation for every layer (moeflow.ops.backend);
+    the default picks the fastest measured path for the device."""
+
+    def __init__(self, config: ModelConfig, backends: Backends = Backends()) -> None:
         super().__init__()
         self.config = config
+        self.backends = backends
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = (nn.Embedding(config.max_seq_len, config.d_model)
                         if config.arch == "gpt" else None)
         self.blocks = nn.ModuleList(
-            Block(config, i, spec) for i, spec in enumerate(config.ffn_specs()))
-        self.final_norm = make_norm(config.arch, config.d_model, config.norm_eps)
+            Block(config, i, spec, backends) for i, spec in enumerate(config.ffn_specs()))
+        self.final_norm = make_norm(config.arch, config.d_model, config.norm_eps, backends)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -114,10 +121,9 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def set_expert_backend(self, backend: str) -> None:
-        """Force an expert implementation ("auto", "reference", "grouped_mm", ...)."""
-        for layer in self.moe_layers():
-            layer.experts.backend = backend
+    def set_backends(self, backends: Backends) -> None:
+        """Replace the implementation choice of every layer (tests and benchmarks force paths)."""
+        set_backends(self, backends)
 
     def update_expert_biases(self, counts_per_layer: list[torch.Tensor]) -> None:
         """Aux-loss-free balancing step, given each MoE layer's expert counts for the step."""

@@ -1,15 +1,20 @@
-"""The one place that decides which implementation of each MoE op runs.
+"""The one place that decides which implementation of each op runs: `Backends` and its choosers.
 
-Three choosers, one per op, each taking a requested name ("auto" or a name from its registry) and
-the tensors at hand. "auto" picks the fastest implementation measured for the device, dtype and
-shape (benchmarks/NOTES-kernels.md holds the measurements behind each rule); explicit names force
-a path, which is how the parity tests compare every fast path with its plain-torch reference.
+A `Backends` names an implementation per op, "auto" or a name from that op's registry; a model
+gets one through its constructor (`Transformer(config, backends=...)`) and
+`Transformer.set_backends` replaces it for every layer at once. "auto" picks the fastest
+implementation measured for the device, dtype and shape (benchmarks/NOTES-kernels.md holds the
+measurements behind each rule); explicit names force a path, which is how the parity tests and
+benchmarks compare every fast path with its plain-torch reference.
 
-- experts: EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
-- router:  ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
+- router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton).
-- dispatch/combine: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
-  "triton" = moeflow.ops.permute_triton).
+- dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
+  "triton" = moeflow.ops.permute_triton), for dispatch and combine.
+- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
+- fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
+  "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
+  "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -18,19 +23,29 @@ Triton never import it (and tests can switch on Triton's interpreter before the 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
+from moeflow.validate import choice
 
 ROUTER_BACKENDS = ("reference", "triton")
 DISPATCH_BACKENDS = ("reference", "triton")
+FUSE_BACKENDS = ("reference", "compiled")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
 # at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
+
+# Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
+# compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
+# shape took 102 ms fused vs 78 ms plain on an H100 (benchmarks/results/generate.md), so above
+# this many elements in the first argument "auto" runs the reference.
+FUSE_MAX_ELEMENTS = 1 << 20
 
 
 def _stream(*args, **kwargs):
@@ -49,6 +64,43 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "grouped_mm_fused": _grouped_fused,  # grouped_mm + one-pass Triton activation (fwd + bwd)
     "stream": _stream,  # Triton weight-streaming kernels, inference only
 }
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Which implementation each op of a model runs: "auto" or a name from the op's registry."""
+
+    router: str = "auto"
+    dispatch: str = "auto"
+    experts: str = "auto"
+    fuse: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, names in (("router", ROUTER_BACKENDS), ("dispatch", DISPATCH_BACKENDS),
+                            ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS)):
+            choice(name, getattr(self, name), ("auto", *names))
+
+    @classmethod
+    def reference(cls) -> "Backends":
+        """Plain torch everywhere."""
+        return cls(router="reference", dispatch="reference", experts="reference",
+                   fuse="reference")
+
+
+class ChoosesBackends:
+    """Marks a module whose forward chooses implementations by its `backends`, given at
+    construction; `set_backends` replaces it throughout a model."""
+
+    backends: Backends
+
+
+def set_backends(model: nn.Module, backends: Backends) -> None:
+    """Give `backends` to every part of `model` that chooses implementations."""
+    if not isinstance(backends, Backends):
+        raise TypeError(f"set_backends needs a Backends, got {type(backends).__name__}")
+    for module in model.modules():
+        if isinstance(module, ChoosesBackends):
+            module.backends = backends
 
 
 def triton_available() -> bool:
@@ -84,22 +136,11 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
                 few_rows = x.shape[0] <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]
                 stream = few_rows and not _needs_grad(x, w_in, w_out)
                 requested = "stream" if stream else "grouped_mm_fused"
-    try:
-        return EXPERT_BACKENDS[requested]
-    except KeyError:
-        raise ValueError(f"expert backend {requested!r} unknown; choose auto or one of "
-                         f"{', '.join(EXPERT_BACKENDS)}") from None
-
-
-def _check(requested: str, names: tuple[str, ...], what: str) -> None:
-    if requested != "auto" and requested not in names:
-        raise ValueError(f"{what} backend {requested!r} unknown; choose auto or one of "
-                         f"{', '.join(names)}")
+    return EXPERT_BACKENDS[requested]
 
 
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg) -> str:
     """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups."""
-    _check(requested, ROUTER_BACKENDS, "router")
     if requested != "auto":
         return requested
     E = logits_TE.shape[-1]
@@ -109,7 +150,14 @@ def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg) -> str:
 
 def resolve_dispatch_backend(requested: str, x: torch.Tensor) -> str:
     """"triton" (closed-form mapping table + gather, fused combine) on CUDA."""
-    _check(requested, DISPATCH_BACKENDS, "dispatch")
     if requested != "auto":
         return requested
     return "triton" if _triton_cuda(x) else "reference"
+
+
+def resolve_fuse(requested: str, x: torch.Tensor) -> bool:
+    """Whether a fused op runs its compiled twin for first argument `x`. Never under autograd:
+    the twin gets detached Parameters (moeflow.ops.fused), and training keeps the reference."""
+    if requested == "reference" or torch.is_grad_enabled():
+        return False
+    return requested == "compiled" or (x.is_cuda and x.numel() <= FUSE_MAX_ELEMENTS)

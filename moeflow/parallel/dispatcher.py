@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from moeflow.model.dispatch import DispatchPlan, LocalDispatcher
 from moeflow.model.router import RoutingResult
+from moeflow.ops.backend import Backends
 from moeflow.parallel.all_to_all import (all_to_all, chunk_index, exchange_counts, gather_counts,
                                          hierarchical_all_to_all, transpose_chunks)
 from moeflow.parallel.mesh import ExchangeGroups, LayerLayout
@@ -75,11 +77,13 @@ class _TieToRows(torch.autograd.Function):
         return grad_ND, None
 
 
-class AllToAllDispatcher:
-    """Dispatcher for one MoE layer whose experts are spread over an EP group."""
+class AllToAllDispatcher(nn.Module):
+    """Dispatcher for one MoE layer whose experts are spread over an EP group; a module without
+    parameters, like LocalDispatcher, whose `backends` its `local` dispatcher holds."""
 
     def __init__(self, layout: LayerLayout, groups: ExchangeGroups, exchange: str = "auto",
-                 hierarchical: bool = False, backend: str = "auto") -> None:
+                 hierarchical: bool = False, backends: Backends = Backends()) -> None:
+        super().__init__()
         self.layout = layout
         self.groups = groups
         self.exchange = exchange
@@ -87,15 +91,7 @@ class AllToAllDispatcher:
         # This rank's own sort by expert (uneven exchange) and weighted combine (both): the
         # implementations of one process (on CUDA Triton's mapping-table gather, whose backward
         # sums each token's rows without an accumulating scatter, and the fused combine).
-        self.local = LocalDispatcher(backend)
-
-    @property
-    def backend(self) -> str:
-        return self.local.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.local.backend = value
+        self.local = LocalDispatcher(backends)
 
     # ---- the two exchanges -------------------------------------------------------------------
     def _send(self, x_ND, send_splits, recv_splits, counts_PP):

@@ -22,7 +22,9 @@ and tested without torch.distributed; `moeflow.parallel.groups` turns them into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from moeflow.validate import choice, integer, option
 
 EXCHANGES = ("auto", "uneven", "capacity")
 
@@ -41,33 +43,27 @@ class ParallelConfig:
     overlap_grads: reduce dense gradients during backward (moeflow.parallel.overlap).
     """
 
-    ep: int = field(default=1, metadata={
-        "help": "expert-parallel size: spread each MoE layer's experts over this many ranks "
-                "(must divide the number of processes; 1 = pure data parallel)"})
-    expert_slicing: bool = field(default=False, metadata={
-        "help": "split experts' hidden width over ranks when a layer has fewer experts than "
-                "--ep (else such layers use fewer EP ranks and more replicas)"})
-    hierarchical: bool = field(default=False, metadata={
-        "help": "hierarchical all-to-all: exchange inside a node first, then across nodes"})
-    ranks_per_node: int = field(default=0, metadata={
-        "help": "ranks per node for --hierarchical (0 = LOCAL_WORLD_SIZE from torchrun)"})
-    exchange: str = field(default="auto", metadata={
-        "help": "token exchange: uneven (exact splits, dropless), capacity (fixed slots per "
-                "expert), auto (capacity when the router has one)"})
-    zero: bool = field(default=False, metadata={
-        "help": "shard AdamW state over each parameter's data-parallel ranks (ZeRO-1)"})
-    overlap_grads: bool = field(default=True, metadata={
-        "help": "all-reduce dense gradients in buckets during backward (DDP-style overlap)"})
+    ep: int = option("expert-parallel size: spread each MoE layer's experts over this many ranks "
+                     "(must divide the number of processes; 1 = pure data parallel)", default=1)
+    expert_slicing: bool = option("split experts' hidden width over ranks when a layer has fewer "
+                                  "experts than --ep (else such layers use fewer EP ranks and "
+                                  "more replicas)", default=False)
+    hierarchical: bool = option("hierarchical all-to-all: exchange inside a node first, then "
+                                "across nodes", default=False)
+    ranks_per_node: int = option("ranks per node for --hierarchical (0 = LOCAL_WORLD_SIZE from "
+                                 "torchrun)", default=0)
+    exchange: str = option("token exchange: uneven (exact splits, dropless), capacity (fixed "
+                           "slots per expert), auto (capacity when the router has one)",
+                           choices=EXCHANGES, default="auto")
+    zero: bool = option("shard AdamW state over each parameter's data-parallel ranks (ZeRO-1)",
+                        default=False)
+    overlap_grads: bool = option("all-reduce dense gradients in buckets during backward "
+                                 "(DDP-style overlap)", default=True)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ep, int) or self.ep < 1:
-            raise ValueError(f"ParallelConfig.ep must be an integer >= 1, got {self.ep!r}")
-        if not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 0:
-            raise ValueError(f"ParallelConfig.ranks_per_node must be an integer >= 0, "
-                             f"got {self.ranks_per_node!r}")
-        if self.exchange not in EXCHANGES:
-            raise ValueError(f"ParallelConfig.exchange must be one of {', '.join(EXCHANGES)}, "
-                             f"got {self.exchange!r}")
+        integer("ep", self.ep, lo=1)
+        integer("ranks_per_node", self.ranks_per_node, lo=0)
+        choice("exchange", self.exchange, EXCHANGES)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def shard_model(model: nn.Module, config: ParallelConfig, groups: ProcessGroups 
         layer = model.blocks[lay.layer].ffn
         shard_experts(layer.experts, lay)
         layer.dispatcher = AllToAllDispatcher(lay, groups.for_layer(lay), config.exchange,
-                                              config.hierarchical, layer.dispatcher.backend)
+                                              config.hierarchical, layer.backends)
         layer.router.stats_reduce = reduce
     model.parallel_layout = layout
     model.parallel_groups = groups

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moeflow.infer.text import TextStream
@@ -93,7 +93,7 @@ class Guard:
 
         try:
             if state.draining and path not in ALWAYS_OPEN:
-                state.metrics.rejected.inc("draining")
+                state.metrics.rejected.labels("draining").inc()
                 return await _send_error(scope, counting_send, RequestError(
                     503, "server is shutting down and accepts no new requests",
                     code="draining"))
@@ -111,7 +111,7 @@ class Guard:
 
             await self.app(scope, replay, counting_send)
         finally:
-            state.metrics.requests.inc(endpoint, status["code"])
+            state.metrics.requests.labels(endpoint, status["code"]).inc()
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
         limit = self.state.config.max_body_bytes
@@ -167,9 +167,10 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    text = state.metrics.render(state.worker.stats, state.worker.outstanding, state.inflight,
-                                state.draining)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = state.metrics.render(state.worker.stats, state.worker.outstanding,
+                                              state.inflight, state.draining,
+                                              request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)
 
 
 def _model_card(state: ServerState) -> dict:
@@ -211,7 +212,7 @@ async def _generate(request: Request, schema) -> Response:
     loaded = state.loaded
     job = build_job(req, state.limits, loaded.tokenizer, loaded.chat_template)
     if not state.worker.try_admit(job.num_sequences):
-        state.metrics.rejected.inc("queue_full")
+        state.metrics.rejected.labels("queue_full").inc()
         if not state.worker.alive:
             raise RequestError(503, "the engine is not running", code="engine_stopped")
         raise RequestError(429, f"server is at capacity ({state.worker.capacity} sequences "
@@ -312,9 +313,9 @@ class _Run:
         if disconnected or (not self.done and self.failure is None):
             m.disconnects.inc()
         for r in self.reasons:
-            m.finished.inc(r or ("error" if self.failure else "abort"))
-        m.prompt_tokens.inc(by=sum(map(len, self.job.prompts)))
-        m.generation_tokens.inc(by=sum(self.tokens))
+            m.finished.labels(r or ("error" if self.failure else "abort")).inc()
+        m.prompt_tokens.inc(sum(map(len, self.job.prompts)))
+        m.generation_tokens.inc(sum(self.tokens))
         now = time.perf_counter()
         m.latency.observe(now - self.start)
         if self.first_token_at is not None:

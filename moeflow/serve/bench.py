@@ -29,29 +29,32 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from moeflow.validate import check, integer, number, option
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    url: str = "http://127.0.0.1:8000"
-    concurrency: int = 8
-    requests: int = 100
-    model: str | None = None          # default: the first of GET /v1/models
-    prompt: str = "The quick brown fox jumps over the lazy dog."
-    max_tokens: int = 32
-    temperature: float = 0.0
-    chat: bool = False
-    ignore_eos: bool = True
-    timeout: float = 300.0
+    url: str = option("the server's base URL", default="http://127.0.0.1:8000")
+    concurrency: int = option("clients sending requests at once", default=8)
+    requests: int = option("requests to send in all", default=100)
+    model: str | None = option("model name (default: the server's first)", default=None)
+    prompt: str = option("the prompt of every request",
+                         default="The quick brown fox jumps over the lazy dog.")
+    max_tokens: int = option("tokens to generate per request", default=32)
+    temperature: float = option("sampling temperature", default=0.0)
+    chat: bool = option("use /v1/chat/completions", default=False)
+    ignore_eos: bool = option("send ignore_eos, so every request generates exactly max-tokens "
+                              "(--no-ignore-eos: let requests end at end-of-sequence)",
+                              default=True)
+    timeout: float = option("per-request seconds", default=300.0)
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "requests", "max_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url={self.url!r}: must start with http:// or https://")
-        if not (self.timeout > 0):
-            raise ValueError(f"timeout={self.timeout!r}: must be > 0")
+            integer(name, getattr(self, name), lo=1)
+        check(isinstance(self.url, str) and self.url.startswith(("http://", "https://")), "url",
+              self.url, "must start with http:// or https://")
+        number("temperature", self.temperature, lo=0)
+        number("timeout", self.timeout, lo=0, lo_open=True)
 
 
 @dataclass

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moeflow.validate import check, choice, fail, integer, number, option
 
 DEVICES = ("auto", "cpu", "cuda")
 STUDENT_INITS = ("teacher", "random")
@@ -36,72 +37,65 @@ MODEL_FIELDS = ("preset", "model_config")
 PATH_FIELDS = ("data", "teacher")
 
 
-def _opt(help: str, flag: str | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
-    if flag:
-        meta["flag"] = flag
-    return field(metadata=meta, **kw)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    preset: str = _opt("model preset to train (see `moeflow info`)", default="tiny")
-    model_config: str | None = _opt("model config file (.json/.yaml) instead of --preset",
-                                    flag="--config", default=None)
-    data: tuple[str, ...] = _opt(
+    preset: str = option("model preset to train (see `moeflow info`)", default="tiny")
+    model_config: str | None = option("model config file (.json/.yaml) instead of --preset",
+                                      flag="--config", default=None)
+    data: tuple[str, ...] = option(
         "text files, directories of them, or JSONL files; default: the source files of the "
         "running Python's standard library (no download)", default=())
-    text_field: str = _opt("JSONL field holding the text", default="text")
-    vocab_size: int | None = _opt("BPE vocabulary size (default: the model's)", default=None)
-    val_fraction: float = _opt("fraction of documents held out for validation", default=0.05)
-    seq_len: int | None = _opt("tokens per training sequence (default: the model's max_seq_len)",
-                               default=None)
+    text_field: str = option("JSONL field holding the text", default="text")
+    vocab_size: int | None = option("BPE vocabulary size (default: the model's)", default=None)
+    val_fraction: float = option("fraction of documents held out for validation", default=0.05)
+    seq_len: int | None = option("tokens per training sequence (default: the model's max_seq_len)",
+                                 default=None)
     # the schedule
-    steps: int = _opt(
+    steps: int = option(
         "total optimizer steps: the length of the lr schedule. With --resume, a larger N "
         "extends the run, finished or not: from its next step the lr falls by a half cosine "
         "from its current value to the floor (min_lr_ratio × lr) at step N, so a finished "
         "run trains on at the floor (moeflow/train/schedule.py)", default=1000)
-    batch_size: int = _opt("global batch: sequences per optimizer step over all ranks",
-                           default=16)
-    micro_batch: int | None = _opt("sequences per forward pass on one rank (default: all of the "
-                                   "rank's share, no accumulation)", default=None)
-    lr: float = _opt("peak learning rate", default=1e-3)
-    warmup_steps: int | None = _opt("linear warmup steps (default: min(100, steps/10))",
-                                    default=None)
-    min_lr_ratio: float = _opt("cosine decay floor as a fraction of --lr", default=0.1)
-    weight_decay: float = _opt("AdamW weight decay (matrices only)", default=0.1)
-    beta1: float = _opt("AdamW beta1", default=0.9)
-    beta2: float = _opt("AdamW beta2", default=0.95)
-    grad_clip: float = _opt("clip the global gradient norm to this (0 = off)", default=1.0)
-    aux_loss_coef: float | None = _opt("load-balancing loss coefficient (default: the model's)",
-                                       default=None)
-    seed: int = _opt("seeds weights, data order and every RNG", default=0)
+    batch_size: int = option("global batch: sequences per optimizer step over all ranks",
+                             default=16)
+    micro_batch: int | None = option("sequences per forward pass on one rank (default: all of the "
+                                     "rank's share, no accumulation)", default=None)
+    lr: float = option("peak learning rate", default=1e-3)
+    warmup_steps: int | None = option("linear warmup steps (default: min(100, steps/10))",
+                                      default=None)
+    min_lr_ratio: float = option("cosine decay floor as a fraction of --lr", default=0.1)
+    weight_decay: float = option("AdamW weight decay (matrices only)", default=0.1)
+    beta1: float = option("AdamW beta1", default=0.9)
+    beta2: float = option("AdamW beta2", default=0.95)
+    grad_clip: float = option("clip the global gradient norm to this (0 = off)", default=1.0)
+    aux_loss_coef: float | None = option("load-balancing loss coefficient (default: the model's)",
+                                         default=None)
+    seed: int = option("seeds weights, data order and every RNG", default=0)
     # bookkeeping
-    out: str = _opt("run directory: metrics.jsonl, checkpoints/", default="runs/train")
-    save_every: int = _opt("checkpoint every N steps (0 = only at the end)", default=0)
-    keep_checkpoints: int = _opt("checkpoints kept on disk (older ones are deleted)", default=2)
-    stop_at: int | None = _opt("end the run after step K as an interruption would, leaving a "
-                               "checkpoint that --resume continues on the same schedule",
-                               default=None)
-    resume: bool = _opt("continue the run in --out from its latest checkpoint", default=False)
-    val_every: int = _opt("validate every N steps (and before the first and after the last)",
-                          default=100)
-    val_batches: int = _opt("validation micro-batches per validation point", default=8)
-    device: str = _opt("auto (CUDA if available), cpu or cuda", default="auto")
-    progress: bool = _opt("show a progress bar (a line every 10%% when not a terminal)",
-                          default=True)
+    out: str = option("run directory: metrics.jsonl, checkpoints/", default="runs/train")
+    save_every: int = option("checkpoint every N steps (0 = only at the end)", default=0)
+    keep_checkpoints: int = option("checkpoints kept on disk (older ones are deleted)", default=2)
+    stop_at: int | None = option("end the run after step K as an interruption would, leaving a "
+                                 "checkpoint that --resume continues on the same schedule",
+                                 default=None)
+    resume: bool = option("continue the run in --out from its latest checkpoint", default=False)
+    val_every: int = option("validate every N steps (and before the first and after the last)",
+                            default=100)
+    val_batches: int = option("validation micro-batches per validation point", default=8)
+    device: str = option("auto (CUDA if available), cpu or cuda", default="auto")
+    progress: bool = option("show a progress bar (a line every 10%% when not a terminal)",
+                            default=True)
     # Mixture-of-Students distillation
-    teacher: str | None = _opt("teacher checkpoint (run dir or checkpoint dir): distil it into "
-                               "this model", default=None)
-    kd_alpha: float = _opt("weight of the distillation term", default=0.5)
-    kd_temperature: float = _opt("softmax temperature of the soft labels", default=1.0)
-    kd_stop_step: int | None = _opt("staged KD: steps from this one on train without the "
-                                    "distillation term (default: distil throughout)",
-                                    default=None)
-    student_init: str = _opt("with --teacher: 'teacher' copies matching teacher layers into the "
-                             "student, 'random' starts from scratch", default="teacher")
+    teacher: str | None = option("teacher checkpoint (run dir or checkpoint dir): distil it into "
+                                 "this model", default=None)
+    kd_alpha: float = option("weight of the distillation term", default=0.5)
+    kd_temperature: float = option("softmax temperature of the soft labels", default=1.0)
+    kd_stop_step: int | None = option("staged KD: steps from this one on train without the "
+                                      "distillation term (default: distil throughout)",
+                                      default=None)
+    student_init: str = option("with --teacher: 'teacher' copies matching teacher layers into the "
+                               "student, 'random' starts from scratch", default="teacher")
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, str)):
@@ -109,38 +103,31 @@ class TrainConfig:
                                                    else self.data))
         if self.warmup_steps is None and isinstance(self.steps, int):
             object.__setattr__(self, "warmup_steps", min(100, self.steps // 10))
-        _positive_int(self, "steps", "batch_size", "val_every", "val_batches", "keep_checkpoints")
-        _nonneg_int(self, "save_every", "warmup_steps", "seed")
+        for name in ("steps", "batch_size", "val_every", "val_batches", "keep_checkpoints"):
+            integer(name, getattr(self, name), lo=1)
+        for name in ("save_every", "warmup_steps", "seed"):
+            integer(name, getattr(self, name), lo=0)
         for name in ("micro_batch", "vocab_size", "seq_len"):
-            if getattr(self, name) is not None:
-                _positive_int(self, name)
+            integer(name, getattr(self, name), lo=1, optional=True)
         if self.micro_batch is not None and self.batch_size % self.micro_batch:
-            _fail("micro_batch", self.micro_batch,
-                  f"must divide batch_size={self.batch_size}")
-        if self.warmup_steps > self.steps:
-            _fail("warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
-        if self.stop_at is not None:
-            if not (isinstance(self.stop_at, int) and 1 <= self.stop_at <= self.steps):
-                _fail("stop_at", self.stop_at, f"must be in [1, steps={self.steps}]")
-        _number(self, "lr", lo=0, lo_open=True)
-        _number(self, "min_lr_ratio", lo=0, hi=1)
-        _number(self, "weight_decay", lo=0)
-        _number(self, "beta1", lo=0, hi=1, hi_open=True)
-        _number(self, "beta2", lo=0, hi=1, hi_open=True)
-        _number(self, "grad_clip", lo=0)
-        _number(self, "val_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
-        if self.aux_loss_coef is not None:
-            _number(self, "aux_loss_coef", lo=0)
-        _number(self, "kd_alpha", lo=0)
-        _number(self, "kd_temperature", lo=0, lo_open=True)
-        if self.kd_stop_step is not None:
-            _nonneg_int(self, "kd_stop_step")
-        if self.device not in DEVICES:
-            _fail("device", self.device, f"must be one of {', '.join(DEVICES)}")
-        if self.student_init not in STUDENT_INITS:
-            _fail("student_init", self.student_init, f"must be one of {', '.join(STUDENT_INITS)}")
-        if not self.out:
-            _fail("out", self.out, "must name a directory")
+            fail("micro_batch", self.micro_batch, f"must divide batch_size={self.batch_size}")
+        check(self.warmup_steps <= self.steps, "warmup_steps", self.warmup_steps,
+              f"must be <= steps={self.steps}")
+        integer("stop_at", self.stop_at, lo=1, hi=self.steps, optional=True)
+        number("lr", self.lr, lo=0, lo_open=True)
+        number("min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        number("weight_decay", self.weight_decay, lo=0)
+        number("beta1", self.beta1, lo=0, hi=1, hi_open=True)
+        number("beta2", self.beta2, lo=0, hi=1, hi_open=True)
+        number("grad_clip", self.grad_clip, lo=0)
+        number("val_fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        number("aux_loss_coef", self.aux_loss_coef, lo=0, optional=True)
+        number("kd_alpha", self.kd_alpha, lo=0)
+        number("kd_temperature", self.kd_temperature, lo=0, lo_open=True)
+        integer("kd_stop_step", self.kd_stop_step, lo=0, optional=True)
+        choice("device", self.device, DEVICES)
+        choice("student_init", self.student_init, STUDENT_INITS)
+        check(bool(self.out), "out", self.out, "must name a directory")
 
     @property
     def distilling(self) -> bool:
@@ -240,34 +227,3 @@ def _normalised(name: str, value: Any) -> Any:
         return value
     return tuple(map(path, value)) if isinstance(value, tuple) else path(value)
 
-
-def _fail(name: str, value: Any, need: str) -> None:
-    raise ValueError(f"{name}={value!r}: {need}")
-
-
-def _positive_int(cfg: TrainConfig, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            _fail(name, v, "must be an integer >= 1")
-
-
-def _nonneg_int(cfg: TrainConfig, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            _fail(name, v, "must be an integer >= 0")
-
-
-def _number(cfg: TrainConfig, name: str, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> None:
-    v = getattr(cfg, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}, "
-        hi_s = "inf)" if hi is None else f"{hi}" + (")" if hi_open else "]")
-        _fail(name, v, f"must be a finite number in {lo_s or '(-inf, '}{hi_s}")

@@ -53,7 +53,6 @@ from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, valida
 from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.model import Transformer
-from moeflow.presets import preset
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
@@ -106,7 +105,7 @@ def load_model_config(cfg: TrainConfig) -> ModelConfig:
             raise ValueError(f"config file {cfg.model_config!r} does not exist")
         model_config = ModelConfig.load(cfg.model_config)
     else:
-        model_config = preset(cfg.preset)
+        model_config = ModelConfig.from_name(cfg.preset)
     if cfg.aux_loss_coef is not None:
         from dataclasses import replace
 
