@@ -13,20 +13,9 @@ import pytest
 
 from moeflow.train import checkpoint as ckpt_io
 
-from _train_small import (losses, run_moeflow, snapshot, train_argv, write_config,
-                          write_corpus)
+from _train_small import (losses, run_moeflow, snapshot, train_argv)
 
 LR, FLOOR_RATIO = 3e-3, 0.1  # _train_small.FAST's --lr; TrainConfig's min_lr_ratio
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("data") / "json_src")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg") / "micro.json")
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,7 @@ from moeflow.cli import main
 from moeflow.train import NonFiniteLossError, TrainConfig, Trainer
 from moeflow.train import checkpoint as ckpt_io
 
-from _train_small import (losses, run_moeflow, snapshot, train_argv, write_config,
-                          write_corpus)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("data") / "json_src")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg") / "micro.json")
+from _train_small import (losses, run_moeflow, snapshot, train_argv, write_config)
 
 
 # ---- exact resumption, through the CLI, in fresh processes ---------------------------------
