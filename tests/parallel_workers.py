@@ -7,9 +7,12 @@ waiting forever) and the parent's deadline (kills the ranks and fails the test).
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
+import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,10 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeflow.config import ModelConfig
-from moeflow.parallel import ParallelConfig, save_checkpoint
 from moeflow.ops.backend import Backends
+from moeflow.parallel import ParallelConfig, save_checkpoint
 from moeflow.parallel.equality import global_logits, run_steps
+from moeflow.parallel.launch import init_distributed
+from moeflow.parallel.trainer import ParallelTrainer
+from moeflow.train import TrainConfig
 
 
 def free_port() -> int:
@@ -57,59 +62,84 @@ def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0
 
 # ---- workers --------------------------------------------------------------------------------
 
-def scenarios_worker(rank, world, scenarios, ckpt_dir, batches, eval_tokens):
-    """Run each scenario {name: (config dict, ParallelConfig kwargs, tweaks)} through
-    `run_steps`; then save the first scenario's initial model with moeflow.parallel's
-    checkpoint and report its logits and next-step losses."""
-    from moeflow.parallel.equality import build_model
-    from moeflow.parallel.shard import shard_model
-
+def scenarios_worker(rank, world, scenarios, steps, ckpt_dir, eval_tokens):
+    """Run each scenario {name: (TrainConfig kwargs, ParallelConfig kwargs, tweaks)} through the
+    ParallelTrainer's train_step (`run_steps`), counting the collectives of the first one's
+    steps; then save the first scenario's initial model with moeflow.parallel's checkpoint and
+    report its logits and next-step losses."""
+    env = init_distributed("cpu")
     out = {}
-    for name, (config_dict, parallel_kwargs, tweaks) in scenarios.items():
-        config = ModelConfig.from_dict(config_dict)
-        model = build_model(config, seed=0, device="cpu")
-        tweak(model, tweaks)
-        out[name] = run_steps(config, ParallelConfig(**parallel_kwargs), model=model,
-                              batches=batches)
-    config_dict, parallel_kwargs, _ = next(iter(scenarios.values()))
-    model = build_model(ModelConfig.from_dict(config_dict), seed=0, device="cpu")
-    shard_model(model, ParallelConfig(**parallel_kwargs))
-    save_checkpoint(model, ckpt_dir)
-    out["saved"] = next_step(model, batches, eval_tokens, sharded=True)
+    for name, (train_kwargs, parallel_kwargs, tweaks) in scenarios.items():
+        trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
+                                  env)
+        trainer.prepare()
+        tweak(trainer.model, tweaks)
+        with count_collectives() as counts:
+            out[name] = run_steps(trainer, steps)
+        if "collectives" not in out:
+            out["collectives"] = {k: v / steps for k, v in counts.items()}
+    train_kwargs, parallel_kwargs, _ = next(iter(scenarios.values()))
+    trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs), env)
+    trainer.prepare()
+    save_checkpoint(trainer.model, ckpt_dir)
+    out["saved"] = next_step(trainer, eval_tokens, sharded=True)
     return out
 
 
+COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather", "all_gather_object",
+               "broadcast", "barrier", "reduce_scatter_tensor", "all_gather_into_tensor")
+
+
+@contextmanager
+def count_collectives():
+    """{'kind @ file:function': calls} of the torch.distributed collectives issued inside the
+    block, each attributed to the innermost moeflow function that issued it (looking through
+    the reduction objects of moeflow/parallel/mesh.py to their caller)."""
+    counts: collections.Counter = collections.Counter()
+    originals = {kind: getattr(dist, kind) for kind in COLLECTIVES}
+
+    def counted(kind):
+        def call(*args, **kwargs):
+            where = next((f"{Path(f.filename).name}:{f.name}"
+                          for f in reversed(traceback.extract_stack()[:-1])
+                          if "/moeflow/" in f.filename
+                          and not f.filename.endswith("parallel/mesh.py")), "?")
+            counts[f"{kind} @ {where}"] += 1
+            return originals[kind](*args, **kwargs)
+        return call
+
+    for kind in COLLECTIVES:
+        setattr(dist, kind, counted(kind))
+    try:
+        yield counts
+    finally:
+        for kind, fn in originals.items():
+            setattr(dist, kind, fn)
+
+
 def tweak(model, tweaks: tuple[str, ...]) -> None:
-    """"one_expert": all router scores equal, so the stable top-k sends every token to expert 0
-    (then 1, ...). "reference_experts": the plain-torch expert path (it skips empty experts).
-    "triton_dispatch": the Triton mapping-table gather and combine (CUDA's default), run by
-    Triton's interpreter on CPU."""
+    """"one_expert": all router scores equal (the gates zeroed), so in the first step the stable
+    top-k sends every token to expert 0. "reference_experts": the plain-torch expert path (it
+    skips empty experts). "triton_dispatch" / "triton_router": the Triton mapping-table gather
+    and combine / the fused routing kernels (CUDA's defaults), run by Triton's interpreter on
+    CPU. Applied to the built (and sharded) model: set_backends reaches every layer."""
     model.set_backends(Backends(experts="reference" if "reference_experts" in tweaks else "auto",
-                                dispatch="triton" if "triton_dispatch" in tweaks else "auto"))
-    for layer in model.moe_layers():
-        if "one_expert" in tweaks:
-            torch.nn.init.zeros_(layer.router.gate.weight)
-            layer.router.gate.weight.requires_grad_(False)
+                                dispatch="triton" if "triton_dispatch" in tweaks else "auto",
+                                router="triton" if "triton_router" in tweaks else "auto"))
+    if "one_expert" in tweaks:
+        with torch.no_grad():
+            for layer in model.moe_layers():
+                layer.router.gate.weight.zero_()
 
 
-def next_step(model, batches, eval_tokens, sharded):
-    """Logits on eval_tokens, then two fresh-AdamW steps on batches[:2] (losses reported).
-
-    Leaves the model's weights as they were."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    logits = global_logits(model, eval_tokens, sharded)
-    parallel = model.parallel_layout.config if sharded else None
-    losses = run_steps(model.config, parallel, model=model, batches=batches[:2])["losses"]
-    model.load_state_dict(state)
-    return {"logits": logits, "losses": losses}
+def next_step(trainer, eval_tokens, sharded):
+    """Logits of the trainer's model on eval_tokens, then its first two steps' metrics rows."""
+    logits = global_logits(trainer.model, eval_tokens, sharded)
+    return {"logits": logits, "rows": run_steps(trainer, 2)["rows"]}
 
 
 def trainer_worker(rank, world, train_kwargs, parallel_kwargs, eval_tokens):
     """A ParallelTrainer run on this rank; returns its final checkpoint and global logits."""
-    from moeflow.parallel.launch import init_distributed
-    from moeflow.parallel.trainer import ParallelTrainer
-    from moeflow.train import TrainConfig
-
     trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs),
                               init_distributed("cpu"))
     result = trainer.run()

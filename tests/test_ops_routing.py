@@ -93,3 +93,46 @@ def test_eval_dropless_routing_matches_reference():
     assert out.capacity is None
     assert torch.equal(out.slots_TK, ref.slots_TK) and torch.equal(out.counts_E, ref.counts_E)
     assert torch.equal(out.ids_TK, ref.ids_TK) and bool(out.kept_TK.all())
+
+
+class _OtherRanks:
+    """A stats_reduce standing in for the all-reduce over data-parallel ranks: adds fixed counts
+    of other ranks' tokens, and counts its calls."""
+
+    def __init__(self, E: int) -> None:
+        self.other_E = torch.randint(0, 50, (E,), generator=torch.Generator().manual_seed(5))
+        self.calls = 0
+
+    def __call__(self, counts_E: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return counts_E + self.other_E.to(counts_E.device)
+
+
+@pytest.mark.parametrize("name", ["top2_position", "top3_dropless_norm", "sigmoid_capacity",
+                                  "top2_unnormalised_all_choices"])
+def test_fused_routing_with_reduced_statistics_matches_reference(name):
+    """Under data parallelism both paths compute the aux loss once, from the reduced balance
+    counts (f_e of the global batch, P_e of this rank): values and gate gradients agree, the
+    reduction runs once per call, and the counts after dropping stay this rank's."""
+    cfg = CONFIGS[name]
+    T, D, E = (4096, 256, 64) if ON_GPU else (37, 16, 16)
+    torch.manual_seed(0)
+    reduce = _OtherRanks(E)
+    router = Router(D, E, cfg, stats_reduce=reduce).to(DEVICE).train()
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    if router.expert_bias is not None:
+        router.expert_bias.normal_(0, 0.05)
+    x = torch.randn(T, D, device=DEVICE)
+    ref, gx_ref, gw_ref = _route(router, x, "reference", 7)
+    out, gx, gw = _route(router, x, "triton", 7)
+    assert reduce.calls == 2
+    assert torch.equal(out.counts_E, ref.counts_E) and int(ref.counts_E.sum()) <= T * cfg.top_k
+    local = Router(D, E, cfg).to(DEVICE).train()
+    local.load_state_dict(router.state_dict())
+    alone, _, _ = _route(local, x, "reference", 7)
+    assert not torch.allclose(alone.aux_loss, ref.aux_loss)  # the reduction changed f_e
+    for field in ("aux_loss", "z_loss", "loss"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=1e-5,
+                                   atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)

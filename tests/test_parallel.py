@@ -1,9 +1,10 @@
 """Expert × data parallelism on 2 gloo ranks (CPU) against the 1-process run of the same batches.
 
-Two spawned runs serve all multi-rank tests (module fixtures): one runs several layouts through
-moeflow.parallel.equality.run_steps and saves a sharded checkpoint, the other runs the trainer
-(`ParallelTrainer`, the code behind `torchrun ... moeflow train --ep 2`). Every spawn has a
-deadline, so a hang fails the test instead of stalling CI.
+Every comparison runs the trainer users run: `ParallelTrainer` on the ranks (the code behind
+`torchrun ... moeflow train --ep 2`) and `Trainer` in one process. Two spawned runs serve all
+multi-rank tests (module fixtures): one drives several layouts through the trainer's train_step
+(moeflow.parallel.equality.run_steps) and saves a sharded checkpoint, the other runs whole
+trainings. Every spawn has a deadline, so a hang fails the test instead of stalling CI.
 """
 
 from __future__ import annotations
@@ -16,19 +17,26 @@ import torch
 
 from tests._triton_cpu import TRITON  # noqa: I001  (sets Triton's interpreter on CPU, ranks too)
 from moeflow.config import ModelConfig
+from moeflow.model import Transformer
 from moeflow.parallel import ParallelConfig, ParallelLayout, load_checkpoint
 from moeflow.parallel.checkpoint import save_checkpoint
-from moeflow.parallel.equality import build_model, run_steps, slice_of_full
+from moeflow.parallel.equality import run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
+from moeflow.train import Trainer, TrainConfig
 from tests.parallel_workers import (exchange_worker, free_port, next_step, scenarios_worker,
                                      spawn, trainer_worker, tweak)
 
-STEPS, BATCH, SEQ = 4, 4, 16
+STEPS = 4
 
 
 def tiny(**router) -> ModelConfig:
-    cfg = ModelConfig.from_name("tiny").replace(vocab_size=256)
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=384)
     return cfg.replace(router=dataclasses.replace(cfg.router, **router))
+
+
+def build(config: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(config)
 
 
 SCENARIOS = {
@@ -55,6 +63,8 @@ if TRITON:
     SCENARIOS["ep2_capacity_triton_dispatch"] = (
         tiny(dropless=False, capacity_factor=8.0), {"ep": 2, "exchange": "capacity"},
         ("triton_dispatch",))
+    # the fused routing kernel sums its balance counts over the ranks before its aux loss
+    SCENARIOS["ep2_triton_router"] = (tiny(dropless=True), {"ep": 2}, ("triton_router",))
 
 
 # Capacity dropping is decided per rank, so these runs are compared with each other, not with
@@ -71,37 +81,83 @@ if TRITON:  # dropped assignments parked behind the kept rows of the Triton gath
         ("triton_dispatch",))
 
 
-def batches_for(config: ModelConfig, steps: int = STEPS) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
-    return torch.randint(0, config.vocab_size, (steps, BATCH, SEQ + 1), generator=g)
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    words = ("experts route tokens while dense layers replicate and ranks exchange rows over "
+             "the group so every gradient is averaged").split()
+    for i in range(4):
+        ids = torch.randint(0, len(words), (1500,), generator=g).tolist()
+        (root / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
+    return root
 
 
-def single_process(config: ModelConfig, tweaks: tuple[str, ...]) -> dict:
-    model = build_model(config, seed=0, device="cpu")
-    tweak(model, tweaks)
-    return run_steps(config, None, model=model, batches=batches_for(config))
+def train_kwargs(tmp_path, corpus, config: ModelConfig, name: str = "tiny") -> dict:
+    """TrainConfig fields of a small CPU run of `config` (written to a file, as --config)."""
+    config_path = tmp_path / f"{name}.json"
+    config.save(config_path)
+    return dict(model_config=str(config_path), data=(str(corpus),), seq_len=16, steps=5,
+                batch_size=4, val_every=5, val_batches=1, device="cpu", progress=False,
+                out=str(tmp_path / f"{name}-run"))
+
+
+def trainer_config(tmp_path, corpus) -> dict:
+    kwargs = train_kwargs(tmp_path, corpus, tiny(dropless=True))
+    del kwargs["out"]
+    return kwargs
 
 
 @pytest.fixture(scope="module")
-def scenario_runs(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt_ep2")
-    config = SCENARIOS["ep2_dropless"][0]
-    eval_tokens = batches_for(config, 1)[0, :, :-1]
+def scenario_runs(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("scenarios")
+    ckpt = tmp / "ckpt_ep2"
     runs = {**SCENARIOS, **DROP_SCENARIOS}
-    args = ({k: (c.to_dict(), p, f) for k, (c, p, f) in runs.items()}, str(ckpt),
-            batches_for(config), eval_tokens)
-    ranks = spawn(scenarios_worker, 2, args, tmp_path_factory.mktemp("out"), timeout_s=100)
-    return {"ranks": ranks, "ckpt": ckpt, "eval_tokens": eval_tokens}
+    kwargs = {name: train_kwargs(tmp, corpus, c, name) for name, (c, _, _) in runs.items()}
+    eval_tokens = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
+    args = ({k: (kwargs[k], p, f) for k, (_, p, f) in runs.items()}, STEPS, str(ckpt),
+            eval_tokens)
+    ranks = spawn(scenarios_worker, 2, args, tmp, timeout_s=150)
+    return {"ranks": ranks, "ckpt": ckpt, "eval_tokens": eval_tokens, "kwargs": kwargs}
+
+
+def single_process(train: dict, tweaks: tuple[str, ...]) -> dict:
+    trainer = Trainer(TrainConfig(**train))
+    trainer.prepare()
+    tweak(trainer.model, tweaks)
+    return run_steps(trainer, STEPS)
+
+
+def assert_rows_match(rows, ref, keys=("loss", "aux_loss", "val_loss", "grad_norm")):
+    by_step = {r["step"]: r for r in ref}
+    for b in rows:
+        a = by_step[b["step"]]
+        assert ("loss" in b) == ("loss" in a)
+        for key in keys:
+            if key in b:
+                # fp32 losses to 1e-5; the gradient norm, summed in another order per layout
+                # and amplified by AdamW where second moments are small, to 5e-5 relative
+                tol = {"rel": 5e-5} if key == "grad_norm" else {"abs": 1e-5}
+                assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
+        if "expert_load" in b and "val_loss" in keys:
+            assert a["expert_load"] == b["expert_load"]
+
+
+def losses(rows) -> list[float]:
+    return [r["loss"] for r in rows]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_match_one_process(scenario_runs, name):
     config, _, tweaks = SCENARIOS[name]
-    ref = single_process(config, tweaks)
+    ref = single_process(scenario_runs["kwargs"][name], tweaks)
     r0, r1 = (r[name] for r in scenario_runs["ranks"])
-    assert r0["losses"] == r1["losses"]  # every rank reports the global-batch loss
-    assert r0["losses"] == pytest.approx(ref["losses"], abs=1e-5)
-    # expert gradients, keyed by global expert id (and slice), against the full model's
+    assert [r["step"] for r in r0["rows"]] == list(range(1, STEPS + 1))
+    assert r0["rows"] == [{**r, "tokens_per_s": a["tokens_per_s"]}  # every rank reports
+                          for r, a in zip(r1["rows"], r0["rows"])]  # the global batch's row
+    assert_rows_match(r0["rows"], ref["rows"])
+    # expert gradients of the first step, keyed by global expert id (and slice), against the
+    # full model's
     grads = {**r0["expert_grads"], **r1["expert_grads"]}
     swiglu = config.arch == "llama"
     assert {k.partition(".slice")[0] for k in grads} == set(ref["expert_grads"])
@@ -110,31 +166,55 @@ def test_two_ranks_match_one_process(scenario_runs, name):
                                    atol=1e-6, rtol=1e-4, msg=key)
 
 
+def test_aux_loss_reduction_is_one_all_reduce_per_moe_layer(scenario_runs):
+    """Under data parallelism the router sums its balance counts over the ranks where it
+    computes the aux loss: one all-reduce per MoE layer and micro-batch, issued by the routing
+    path itself, and nothing recomputed (the whole step's collectives are counted)."""
+    for r in scenario_runs["ranks"]:
+        per_step = r["collectives"]
+        assert per_step["all_reduce @ router.py:route_reference"] == 2  # tiny: 2 MoE layers
+        assert per_step["all_reduce @ trainer.py:reduce_stats"] == 1  # the metrics row
+        assert per_step == {"all_reduce @ router.py:route_reference": 2,
+                            "all_reduce @ trainer.py:reduce_stats": 1,
+                            "all_reduce @ overlap.py:_launch": 1,
+                            "all_reduce @ grads.py:grad_norm": 1,
+                            "all_to_all_single @ all_to_all.py:exchange_counts": 2,
+                            "all_to_all_single @ all_to_all.py:forward": 4,
+                            "all_to_all_single @ all_to_all.py:backward": 4}
+
+
 @pytest.mark.parametrize("other", list(DROP_SCENARIOS)[1:])
 def test_capacity_exchange_with_drops_matches_uneven_exchange(scenario_runs, other):
     for r in scenario_runs["ranks"]:
         cap, uneven = r["ep2_drops_capacity"], r[other]
-        assert cap["losses"] == pytest.approx(uneven["losses"], abs=1e-5)
+        assert losses(cap["rows"]) == pytest.approx(losses(uneven["rows"]), abs=1e-5)
         for key, g in cap["expert_grads"].items():
             torch.testing.assert_close(g, uneven["expert_grads"][key], atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["ep2_one_expert", "ep2_one_expert_reference"])
 def test_forced_single_expert_leaves_ranks_idle(scenario_runs, name):
-    """All tokens on expert 0: rank 1 holds experts that receive nothing, and still finished."""
+    """All tokens on expert 0 in the first step: rank 1 holds experts that receive nothing,
+    and still finished."""
     r1 = scenario_runs["ranks"][1][name]
     idle = [g for k, g in r1["expert_grads"].items()]
     assert idle and all(torch.count_nonzero(g) == 0 for g in idle)
 
 
 def test_reshard_ep2_to_ep1(scenario_runs):
+    """The EP=2 trainer's checkpoint loads into a 1-process trainer (whose weights were
+    scrambled first, so the load must win): same logits, same next two steps."""
     saved = scenario_runs["ranks"][0]["saved"]
-    config = SCENARIOS["ep2_dropless"][0]
-    model = build_model(config, seed=123, device="cpu")  # different init: the load must win
-    load_checkpoint(model, scenario_runs["ckpt"])
-    loaded = next_step(model, batches_for(config), scenario_runs["eval_tokens"], sharded=False)
+    trainer = Trainer(TrainConfig(**scenario_runs["kwargs"]["ep2_dropless"]))
+    trainer.prepare()
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    load_checkpoint(trainer.model, scenario_runs["ckpt"])
+    loaded = next_step(trainer, scenario_runs["eval_tokens"], sharded=False)
     torch.testing.assert_close(loaded["logits"], saved["logits"], atol=1e-5, rtol=1e-5)
-    assert loaded["losses"] == pytest.approx(saved["losses"], abs=1e-5)
+    assert losses(loaded["rows"]) == pytest.approx(losses(saved["rows"]), abs=1e-5)
 
 
 @pytest.mark.parametrize("ep,slicing", [(4, False), (8, True)])
@@ -142,20 +222,23 @@ def test_reshard_ep2_to_wider_layouts(scenario_runs, ep, slicing):
     """Every rank of an EP=4 (or EP=8 with the 4-expert layer sliced in two) layout loads exactly
     its global experts' weights. The layout is arithmetic, so the ranks are built in-process."""
     config = SCENARIOS["ep2_dropless"][0]
-    full = build_model(config, seed=123, device="cpu")
+    full = build(config, seed=123)
     load_checkpoint(full, scenario_runs["ckpt"])
-    ref = build_model(config, seed=0, device="cpu")  # the weights the EP=2 run saved
-    for name, t in ref.state_dict().items():
+    ref = Trainer(TrainConfig(**scenario_runs["kwargs"]["ep2_dropless"]))
+    ref.prepare()  # the weights the EP=2 trainer started from, and saved
+    for name, t in ref.model.state_dict().items():
         torch.testing.assert_close(full.state_dict()[name], t, atol=0, rtol=0, msg=name)
     cfg = ParallelConfig(ep=ep, expert_slicing=slicing)
     for rank in range(ep):
-        model = build_model(config, seed=99, device="cpu")
+        model = build(config, seed=99)
         layout = ParallelLayout.build(cfg, ep, rank, moe_layer_experts(model))
         for lay in layout.layers:
-            shard_experts(model.blocks[lay.layer].ffn.experts, lay)
+            layer = model.blocks[lay.layer].ffn
+            layer.experts = shard_experts(layer.experts, lay)
         load_checkpoint(model, scenario_runs["ckpt"])
         for lay in layout.layers:
             ex, ex_full = model.blocks[lay.layer].ffn.experts, full.blocks[lay.layer].ffn.experts
+            assert ex.layout == lay and ex.expert_ids == lay.expert_ids
             assert (lay.slices > 1) == (slicing and lay.num_experts < ep)
             for name in ("w_in_EDI", "w_out_EFD", "b_in_EI", "b_out_ED"):
                 if getattr(ex, name) is None:
@@ -166,11 +249,11 @@ def test_reshard_ep2_to_wider_layouts(scenario_runs, ep, slicing):
 
 def test_checkpoint_metadata_mismatch_names_layer_axis_values(tmp_path):
     config = tiny(dropless=True)
-    save_checkpoint(build_model(config, 0, "cpu"), tmp_path)
-    wrong_count = build_model(config.replace(num_experts=(4, 16)), 0, "cpu")
+    save_checkpoint(build(config, 0), tmp_path)
+    wrong_count = build(config.replace(num_experts=(4, 16)), 0)
     with pytest.raises(ValueError, match=r"layer 3 .*'experts' has 8 in the checkpoint but 16"):
         load_checkpoint(wrong_count, tmp_path)
-    wrong_width = build_model(config.replace(expert_d_ff=256), 0, "cpu")
+    wrong_width = build(config.replace(expert_d_ff=256), 0)
     with pytest.raises(ValueError, match=r"layer 1 .*axis '\w+' is \d+ in the checkpoint but "
                                          r"\d+ in the model"):
         load_checkpoint(wrong_width, tmp_path)
@@ -194,48 +277,12 @@ def test_layouts_per_layer_pr_moe():
         ParallelConfig(ep=0)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = ("experts route tokens while dense layers replicate and ranks exchange rows over "
-             "the group so every gradient is averaged").split()
-    for i in range(4):
-        ids = torch.randint(0, len(words), (1500,), generator=g).tolist()
-        (root / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
-    return root
-
-
-def trainer_config(tmp_path, corpus) -> dict:
-    config_path = tmp_path / "tiny.json"
-    tiny(dropless=True).replace(vocab_size=384).save(config_path)
-    return dict(model_config=str(config_path), data=(str(corpus),), seq_len=16, steps=5,
-                batch_size=4, val_every=5, val_batches=1, device="cpu", progress=False)
-
-
 def metrics(path) -> list[dict]:
     return [json.loads(line) for line in open(path / "metrics.jsonl")]
 
 
-def assert_rows_match(rows, ref, keys=("loss", "aux_loss", "val_loss", "grad_norm")):
-    by_step = {r["step"]: r for r in ref}
-    for b in rows:
-        a = by_step[b["step"]]
-        assert ("loss" in b) == ("loss" in a)
-        for key in keys:
-            if key in b:
-                # fp32 losses to 1e-5; the gradient norm, summed in another order per layout
-                # and amplified by AdamW where second moments are small, to 5e-5 relative
-                tol = {"rel": 5e-5} if key == "grad_norm" else {"abs": 1e-5}
-                assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
-        if "expert_load" in b and "val_loss" in keys:
-            assert a["expert_load"] == b["expert_load"]
-
-
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, corpus):
-    from moeflow.train import Trainer, TrainConfig
-
     tmp = tmp_path_factory.mktemp("one")
     Trainer(TrainConfig(**trainer_config(tmp, corpus), out=str(tmp / "run"))).run()
     return metrics(tmp / "run")
@@ -266,8 +313,6 @@ def test_trainer_resume_at_same_and_other_layout(tmp_path, corpus):
     the same checkpoint loads the weights (so step 4's loss, computed before its update, is
     still the same)."""
     import shutil
-
-    from moeflow.train import Trainer, TrainConfig
 
     common = {**trainer_config(tmp_path, corpus), "out": str(tmp_path / "two"), "micro_batch": 1}
     Trainer(TrainConfig(**{**common, "micro_batch": 2, "out": str(tmp_path / "ref")})).run()

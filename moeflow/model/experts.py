@@ -3,9 +3,17 @@
 Legend: E experts (held here), D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU gate|up).
 `w_in_EDI` holds [gate | up] for SwiGLU. The computation is delegated to moeflow.ops through the
 backend chooser, by `backends.experts` ("auto" unless the model's Backends forces one).
+
+Under expert parallelism the module holds a part of the layer: `layout` (a
+moeflow.parallel.mesh.LayerLayout, given at construction; None = the whole layer) names the
+global experts held here (`expert_ids`, in local order) and, with expert slicing, which of
+`slices` equal parts of the hidden width F; the partial outputs of the slices are summed on
+combine, so only slice 0 holds the output bias. `num_experts` and `d_ff` stay the layer's.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,19 +21,38 @@ from torch import nn
 from moeflow.ops.activation import ffn_in_width
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
 
+if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.parallel.mesh import LayerLayout
+
 
 class Experts(nn.Module, ChoosesBackends):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, bias: bool,
-                 backends: Backends = Backends()) -> None:
+                 backends: Backends = Backends(), layout: LayerLayout | None = None) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.activation = activation
         self.backends = backends
-        d_in = ffn_in_width(activation, d_ff)
-        self.w_in_EDI = nn.Parameter(torch.empty(num_experts, d_model, d_in))
-        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.b_in_EI = nn.Parameter(torch.zeros(num_experts, d_in)) if bias else None
-        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.layout = layout
+        held_E, held_F, out_bias = num_experts, d_ff, bias
+        if layout is not None:
+            if layout.num_experts != num_experts:
+                raise ValueError(f"layout: layer {layout.layer} has {layout.num_experts} experts "
+                                 f"in the layout but num_experts={num_experts}")
+            if d_ff % layout.slices:
+                raise ValueError(f"d_ff={d_ff}: must be divisible by the layout's "
+                                 f"{layout.slices} expert slices")
+            held_E, held_F = len(layout.expert_ids), d_ff // layout.slices
+            out_bias = bias and layout.slice_index == 0
+        d_in = ffn_in_width(activation, held_F)
+        self.w_in_EDI = nn.Parameter(torch.empty(held_E, d_model, d_in))
+        self.w_out_EFD = nn.Parameter(torch.empty(held_E, held_F, d_model))
+        self.b_in_EI = nn.Parameter(torch.zeros(held_E, d_in)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.zeros(held_E, d_model)) if out_bias else None
+
+    @property
+    def expert_ids(self) -> tuple[int, ...]:
+        """Global ids of the experts held here, in local order."""
+        return tuple(range(self.num_experts)) if self.layout is None else self.layout.expert_ids
 
     def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
                 ) -> torch.Tensor:

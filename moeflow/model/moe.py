@@ -4,9 +4,18 @@ Variants (see FFNSpec): plain MoE; Residual-MoE (DeepSpeed-MoE's PR-MoE layers):
 and the experts mixed per token by c = softmax(Linear(d, 2)(x)), out = c0·moe(x) + c1·mlp(x);
 shared experts (DeepSeek-MoE): an always-on MLP added to the routed output, optionally scaled by
 sigmoid(Linear(d, 1)(x)) as in Qwen2-MoE.
+
+One forward for every setting: only the collaborators a layer is built with change. On one
+process they are a LocalDispatcher, all experts, and no statistics reduction. Under expert ×
+data parallelism moeflow.parallel.shard builds each layer with its `layout` (which experts, or
+expert slices, the Experts module holds), the dispatcher that exchanges tokens within the
+layer's EP group, and the router's `stats_reduce` (balance counts summed over data-parallel
+ranks); nothing is attached or swapped after construction.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,20 +24,33 @@ from moeflow.config import FFNSpec
 from moeflow.model.dispatch import LocalDispatcher
 from moeflow.model.experts import Experts
 from moeflow.model.mlp import MLP
-from moeflow.model.router import Router, RoutingResult
+from moeflow.model.router import Router, RoutingResult, StatsReduce
 from moeflow.ops.backend import Backends, ChoosesBackends
+
+if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.parallel.mesh import LayerLayout
 
 
 class MoELayer(nn.Module, ChoosesBackends):
+    """`layout`, `dispatcher`, `stats_reduce`: the layer's share of an expert-parallel run (see
+    the module docstring); the defaults hold every expert and dispatch locally."""
+
     def __init__(self, spec: FFNSpec, d_model: int, activation: str, bias: bool,
-                 backends: Backends = Backends()) -> None:
+                 backends: Backends = Backends(), *, layout: LayerLayout | None = None,
+                 dispatcher: nn.Module | None = None, stats_reduce: StatsReduce | None = None
+                 ) -> None:
         super().__init__()
+        if layout is not None and layout.ep_size > 1 and dispatcher is None:
+            raise ValueError(f"layout: layer {layout.layer}'s experts are spread over "
+                             f"{layout.ep_size} ranks, so it needs a dispatcher that exchanges "
+                             f"tokens between them")
         self.spec = spec
-        self.backends = backends  # handed to an expert-parallel dispatcher that replaces ours
-        self.router = Router(d_model, spec.num_experts, spec.router, backends)
+        self.d_model, self.activation, self.bias = d_model, activation, bias
+        self.backends = backends
+        self.router = Router(d_model, spec.num_experts, spec.router, backends, stats_reduce)
         self.experts = Experts(spec.num_experts, d_model, spec.expert_d_ff, activation, bias,
-                               backends)
-        self.dispatcher = LocalDispatcher(backends)
+                               backends, layout)
+        self.dispatcher = LocalDispatcher(backends) if dispatcher is None else dispatcher
         self.shared = MLP(d_model, spec.shared_d_ff, activation, bias) if spec.shared_d_ff else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         residual = spec.kind == "residual_moe"

@@ -21,17 +21,20 @@ Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/
 fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
 went to e, and P_e its mean score; z = mean(logsumexp(logits)²). A loss whose coefficient is 0
 is detached: huge logits can make z overflow to inf, and 0·inf would poison the objective.
-Under data parallelism `Router.stats_reduce` (set by moeflow.parallel) sums the counts over the
-data-parallel ranks, so f_e is the global batch's fraction and the rank-averaged loss equals
-the loss of the whole batch in one process, whatever the split.
+Under data parallelism the router is built with a `stats_reduce` (moeflow.parallel gives it one
+that sums over the data-parallel ranks): the routing path applies it to the balance counts
+before it computes the aux loss, so f_e is the global batch's fraction and the rank-averaged loss
+equals the loss of the whole batch in one process, whatever the split. P_e stays this rank's
+mean and f_e carries no gradient, so nothing else changes; the loss is computed once, by
+whichever path routes (the fused kernel included), at the cost of one all-reduce of E counts.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,9 @@ from moeflow.ops.fused import fused
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
+
+# counts_E -> counts_E summed over the data-parallel ranks, as a new tensor (Router's stats_reduce)
+StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,11 @@ def weighted_loss(cfg: RouterConfig, aux_loss: torch.Tensor, z_loss: torch.Tenso
 
 def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
                     expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
-                    order_T: torch.Tensor | None) -> RoutingResult:
+                    order_T: torch.Tensor | None, stats_reduce: StatsReduce | None = None
+                    ) -> RoutingResult:
     """Plain-torch routing from finite fp32 logits. noise_TE is Gumbel noise (see
-    select_experts); order_T is the RTS token order."""
+    select_experts); order_T is the RTS token order; stats_reduce sums the balance counts over
+    data-parallel ranks (see the module docstring)."""
     T, E = logits_TE.shape
     scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
     ids_TK = select_experts(logits_TE, scores_TE, cfg, expert_bias_E, noise_TE)
@@ -206,6 +214,8 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
 
     counts_E = count_ids(ids_TK.reshape(-1), E, kept_TK.reshape(-1))
     balance_E = count_ids(balance_ids(ids_TK, cfg).reshape(-1), E)
+    if stats_reduce is not None:
+        balance_E = stats_reduce(balance_E)
     aux_loss = aux_loss_from(balance_probs(scores_TE, cfg), balance_E)
     z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
     aux_loss, z_loss = detach_unused(cfg, aux_loss, z_loss)
@@ -223,27 +233,17 @@ def detach_unused(cfg: RouterConfig, aux_loss: torch.Tensor, z_loss: torch.Tenso
             z_loss if cfg.z_loss_coef else z_loss.detach())
 
 
-def global_aux_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor, cfg: RouterConfig,
-                    reduce_counts) -> torch.Tensor:
-    """The aux loss with f_e taken from counts summed by `reduce_counts` (over data-parallel
-    ranks). P_e stays this rank's mean, so the mean over ranks of equal-sized shards is the
-    whole batch's loss; f_e carries no gradient, so nothing else changes."""
-    E = logits_TE.shape[1]
-    scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
-    counts_E = reduce_counts(count_ids(balance_ids(ids_TK, cfg).reshape(-1), E))
-    return aux_loss_from(balance_probs(scores_TE, cfg), counts_E)
-
-
 class Router(nn.Module, ChoosesBackends):
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig,
-                 backends: Backends = Backends()) -> None:
+                 backends: Backends = Backends(), stats_reduce: StatsReduce | None = None
+                 ) -> None:
         super().__init__()
         self.config = config
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.backends = backends  # router: routing kernels; fuse: the logits prologue
-        # counts_E -> counts summed over data-parallel ranks (None: this process's batch only).
-        self.stats_reduce = None
+        # Balance counts summed over data-parallel ranks (None: this process's batch only).
+        self.stats_reduce = stats_reduce
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -272,13 +272,8 @@ class Router(nn.Module, ChoosesBackends):
         route = route_reference
         if resolve_router_backend(self.backends.router, logits_TE, cfg) == "triton":
             from moeflow.ops.routing_triton import route_triton as route
-        result = route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order)
-        if self.stats_reduce is not None:
-            aux_loss = global_aux_loss(logits_TE, result.ids_TK, cfg, self.stats_reduce)
-            aux_loss, _ = detach_unused(cfg, aux_loss, result.z_loss)
-            result = dataclasses.replace(result, aux_loss=aux_loss,
-                                         loss=weighted_loss(cfg, aux_loss, result.z_loss))
-        return result
+        return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
+                     self.stats_reduce)
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

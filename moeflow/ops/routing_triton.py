@@ -22,6 +22,10 @@ Launches (after the router GEMM, which stays in torch so logits match the refere
      dropped, aux and z losses (f_e from the first choices' counts when the config says so,
      counted by one torch scatter). With capacity, renormalising the kept weights (DeepSpeed's
      top-2) needs every route's kept flag, so it runs after the queue pass, in torch.
+Under data parallelism the balance counts are summed over the ranks (the router's
+`stats_reduce`, one all-reduce of E counts) between the queue pass and `_finalize_kernel`; the
+kernels take f_e's denominator from the counts they are given, so the fused aux loss is the
+global batch's, as in the reference path.
 Backward (`_route_bwd_kernel`) recomputes scores from the logits and returns d logits for the
 weights, the aux loss and the z-loss in one pass, so the router trains through this path.
 
@@ -40,7 +44,8 @@ import triton
 import triton.language as tl
 
 from moeflow.config import RouterConfig
-from moeflow.model.router import RoutingResult, count_ids, detach_unused, selects_by_logits
+from moeflow.model.router import (RoutingResult, StatsReduce, count_ids, detach_unused,
+                                  selects_by_logits)
 
 _FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
@@ -232,7 +237,7 @@ def _scan_kernel(hist_ptr, offsets_ptr, counts_before_ptr, NPB, E,
 
 @triton.jit
 def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_ptr, dropped_ptr,
-                     loss_ptr, T, E, NB, capacity, balance_total, aux_coef, z_coef,
+                     loss_ptr, T, E, NB, capacity, aux_coef, z_coef,
                      K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_B: tl.constexpr):
     cols = tl.arange(0, BLOCK_E)
@@ -248,7 +253,7 @@ def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_p
                        mask=(b < NB)[:, None] & cmask[None, :], other=0.0)
         p_e += tl.sum(tile, axis=0)
     balance = tl.load(balance_ptr + cols, mask=cmask, other=0)
-    frac = balance.to(tl.float32) / tl.maximum(balance_total, 1)
+    frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
     aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
     zacc = tl.zeros([BLOCK_T], tl.float32)
     for t0 in range(0, T, BLOCK_T):
@@ -265,7 +270,7 @@ def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_p
 
 @triton.jit
 def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_ptr,
-                      dlogits_ptr, T, E, balance_total, routed_scaling, aux_coef, z_coef,
+                      dlogits_ptr, T, E, routed_scaling, aux_coef, z_coef,
                       K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -304,9 +309,11 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
                                          gs_sum / (denom * denom), 0.0)
         ds += tl.where(cols[None, :] == idx[:, None], g_k[:, None], 0.0)
 
-    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = balance_e / balance_total.
-    balance = tl.load(balance_ptr + cols, mask=cmask, other=0).to(tl.float32)
-    dprobs = g_aux * E * balance / tl.maximum(balance_total, 1) / tl.maximum(T, 1)
+    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = balance_e / Σ balance.
+    balance_i = tl.load(balance_ptr + cols, mask=cmask, other=0)
+    balance = balance_i.to(tl.float32)
+    total = tl.maximum(tl.sum(balance_i), 1).to(tl.float32)
+    dprobs = g_aux * E * balance / total / tl.maximum(T, 1)
     dprobs = tl.where(m2, dprobs[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.float32), 0.0)
     if SOFTMAX:
         ds += dprobs
@@ -357,7 +364,7 @@ def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
 
 
 def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_bias_E, noise_TE,
-                   order_T):
+                   order_T, stats_reduce):
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
@@ -409,26 +416,25 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     counts_E = torch.empty(E, dtype=torch.int64, device=dev)
     num_dropped = torch.empty((), dtype=torch.int64, device=dev)
     losses = torch.empty(3, dtype=torch.float32, device=dev)
-    if plan.first_choice_balance:
-        balance, balance_total = count_ids(ids_TK[:, 0], E), T
-    else:
-        balance, balance_total = counts_before, N
+    balance = count_ids(ids_TK[:, 0], E) if plan.first_choice_balance else counts_before
+    if stats_reduce is not None:
+        balance = stats_reduce(balance)  # a new tensor: counts_before stays this rank's
     _finalize_kernel[(1,)](counts_before, balance, psum, lse_T, counts_E, num_dropped, losses,
-                           T, E, max(nb, 1) if T > 0 else 1, cap, balance_total,
-                           float(cfg.aux_loss_coef),
+                           T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
                            BLOCK_B=max(1, min(64, 4096 // block_e)))
     return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
-        balance, balance_total
+        balance
 
 
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T):
-        ids, w, kept, slots, counts, dropped, losses, balance, balance_total = _route_forward(
-            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T)
+    def forward(ctx, logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
+                stats_reduce):
+        ids, w, kept, slots, counts, dropped, losses, balance = _route_forward(
+            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
         ctx.save_for_backward(logits_TE, ids, kept, balance)
-        ctx.cfg, ctx.plan, ctx.balance_total = cfg, plan, balance_total
+        ctx.cfg, ctx.plan = cfg, plan
         ctx.mark_non_differentiable(ids, kept, slots, counts, dropped)
         return ids, w, kept, slots, counts, dropped, losses
 
@@ -442,23 +448,24 @@ class _FusedRoute(torch.autograd.Function):
             block_t = _block_t(E, T)
             _route_bwd_kernel[(triton.cdiv(T, block_t),)](
                 logits_TE, ids, kept.view(torch.int8), g_w.contiguous(), g_losses.contiguous(),
-                balance, d_logits, T, E, ctx.balance_total, plan.scaling,
+                balance, d_logits, T, E, plan.scaling,
                 float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
                 SOFTMAX=cfg.score_func == "softmax", NORMALIZE=plan.normalize_in_kernel,
                 BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), num_warps=4)
-        return d_logits, None, None, None, None, None, None
+        return d_logits, None, None, None, None, None, None, None
 
 
 def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
                  expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
-                 order_T: torch.Tensor | None) -> RoutingResult:
+                 order_T: torch.Tensor | None, stats_reduce: StatsReduce | None = None
+                 ) -> RoutingResult:
     """Same contract and result as `moeflow.model.router.route_reference`."""
     logits_TE = logits_TE.contiguous()
     if noise_TE is not None:
         noise_TE = noise_TE.contiguous()
     plan = _plan(cfg, capacity, expert_bias_E, noise_TE)
     ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
-        logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T)
+        logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
     if plan.normalize_after:
         w = w / w.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
     aux_loss, z_loss = detach_unused(cfg, losses[0], losses[1])

@@ -55,9 +55,7 @@ def _distributed() -> tuple[int, int]:
 def _full_shapes(layer: MoELayer) -> dict[str, list[int]]:
     """Per-expert shapes of the unsliced layer, whatever this rank holds."""
     ex = layer.experts
-    lay = getattr(ex, "layout", None)
-    s = lay.slices if lay is not None else 1
-    D, F = ex.d_model, ex.d_ff * s
+    D, F = ex.d_model, ex.d_ff
     I = 2 * F if ex.activation == "swiglu" else F
     shapes = {"w_in_EDI": [D, I], "w_out_EFD": [F, D]}
     if ex.b_in_EI is not None:  # biases come in pairs (slices past the first drop b_out)
@@ -94,17 +92,15 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in moe.items():
-        ex = layer.experts
-        lay = getattr(ex, "layout", None)
+        ex, lay = layer.experts, layer.experts.layout
         if lay is not None and lay.replica != 0:
             continue
-        ids = lay.expert_ids if lay is not None else tuple(range(ex.num_experts))
         sliced = lay is not None and lay.slices > 1
         for name in EXPERT_TENSORS:
             t = getattr(ex, name)
             if t is None:
                 continue
-            for local, g in enumerate(ids):
+            for local, g in enumerate(ex.expert_ids):
                 part = (lay.slice_index, lay.slices) if sliced and name != "b_out_ED" else None
                 tensors[_expert_key(i, name, g, part)] = t[local].detach().cpu().contiguous()
     own = f"experts-rank{rank:05d}.safetensors"
@@ -210,14 +206,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     experts = _Reader(path, meta["expert_files"])
     for i, layer in moe.items():
         ex = layer.experts
-        lay = getattr(ex, "layout", None)
-        ids = lay.expert_ids if lay is not None else tuple(range(ex.num_experts))
         swiglu = ex.activation == "swiglu"
         for name in EXPERT_TENSORS:
             param = getattr(ex, name)
             if param is None:
                 continue
-            full = torch.stack([_read_expert(experts, i, name, g, swiglu) for g in ids])
-            if lay is not None:
-                full = slice_part(name, full, lay, swiglu)
+            full = torch.stack([_read_expert(experts, i, name, g, swiglu)
+                                for g in ex.expert_ids])
+            if ex.layout is not None:
+                full = slice_part(name, full, ex.layout, swiglu)
             param.copy_(full)

@@ -1,54 +1,54 @@
 """Loss comparison between a sharded run and a 1-process run of the same global batches.
 
-The distributed-correctness check (torchtitan's loss_compare idea): train a model for a few steps
-on fixed random token batches, once in one process and once sharded over ranks with the global
-batch split between them, and compare the per-step losses and the expert gradients. With dropless
-routing and the routing statistics reduced over the data-parallel ranks, the two must agree to
-float rounding. Used by tests/test_parallel_train.py (gloo, CPU) and
+The distributed-correctness check (torchtitan's loss_compare idea), run through the trainer users
+run: `moeflow.train.Trainer` in one process and `moeflow.parallel.ParallelTrainer` on each rank
+train the same model on the same global batches, and their metrics rows (loss, aux loss, gradient
+norm, each the global batch's) and the first step's expert gradients, keyed by global expert id,
+are compared. With dropless routing and the routing statistics reduced over the data-parallel
+ranks, the two agree to float rounding. Used by tests/test_parallel.py (gloo, CPU) and
 benchmarks/parallel_equality.py (NCCL, GPUs).
 
-`run_steps` is the one workload; call it in each rank of an initialised process group (pass a
-ParallelConfig) or in a single process (parallel=None).
+`run_steps` drives the trainer's own `train_step` (what `Trainer.run` calls each step, in the
+same deterministic mode) without validation and checkpoints, and keeps the gradients that
+`train_step` leaves behind after its first step.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from moeflow.config import ModelConfig
-from moeflow.model.transformer import Transformer
-from moeflow.parallel.grads import ShardedOptimizer, reduce_gradients
-from moeflow.parallel.mesh import ParallelConfig
-from moeflow.parallel.shard import shard_model, slice_columns
+from moeflow.model.moe import MoELayer
+from moeflow.parallel.shard import slice_columns
+from moeflow.train.determinism import deterministic_on_cpu
+from moeflow.train.trainer import Trainer
 
 
-def token_batches(config: ModelConfig, steps: int, batch: int, seq: int, seed: int
-                  ) -> torch.Tensor:
-    """[steps, batch, seq + 1] random token ids, the same in every process."""
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, config.vocab_size, (steps, batch, seq + 1), generator=g)
-
-
-def lm_loss(model, tokens_BT1: torch.Tensor) -> torch.Tensor:
-    out = model(tokens_BT1[:, :-1])
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens_BT1[:, 1:].flatten())
-    return ce + out.router_loss
+def run_steps(trainer: Trainer, steps: int) -> dict:
+    """`steps` optimizer steps of `trainer` (prepared here unless it already is); returns
+    {'rows': its metrics rows, 'expert_grads': the first step's reduced expert gradients}."""
+    if not trainer.prepared:
+        trainer.prepare()
+    rows, grads = [], None
+    with deterministic_on_cpu(trainer.device):
+        for step in range(trainer.start_step + 1, trainer.start_step + steps + 1):
+            rows.append(trainer.train_step(step))
+            if grads is None:
+                grads = expert_grads(trainer.model)
+    return {"rows": rows, "expert_grads": grads}
 
 
 def expert_grads(model) -> dict[str, torch.Tensor]:
     """{'layer.name.expert[.slice]': grad} keyed by global expert id."""
     out = {}
     for i, block in enumerate(model.blocks):
-        ex = getattr(block.ffn, "experts", None)
-        if ex is None:
+        if not isinstance(block.ffn, MoELayer):
             continue
-        lay = getattr(ex, "layout", None)
-        ids = lay.expert_ids if lay is not None else range(ex.num_experts)
+        ex = block.ffn.experts
+        lay = ex.layout
         for name in ("w_in_EDI", "w_out_EFD"):
             g = getattr(ex, name).grad
-            for local, gid in enumerate(ids):
+            for local, gid in enumerate(ex.expert_ids):
                 key = f"{i}.{name}.{gid}"
                 if lay is not None and lay.slices > 1:
                     key += f".slice{lay.slice_index}of{lay.slices}"
@@ -67,55 +67,6 @@ def slice_of_full(full: dict[str, torch.Tensor], key: str, swiglu: bool) -> torc
     F_ = t.shape[0] if name == "w_out_EFD" else t.shape[-1] // (2 if swiglu else 1)
     cols = slice_columns(F_, s, j, swiglu)
     return t[cols[: F_ // s]] if name == "w_out_EFD" else t[:, cols]
-
-
-def build_model(config: ModelConfig, seed: int, device: str | torch.device) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(config).to(device)
-
-
-def run_steps(config: ModelConfig, parallel: ParallelConfig | None, steps: int = 5,
-              batch: int = 4, seq: int = 16, seed: int = 0, device: str = "cpu",
-              lr: float = 1e-3, model=None, batches: torch.Tensor | None = None) -> dict:
-    """Train `steps` AdamW steps; returns {'losses': [...], 'expert_grads': step-0 grads}.
-
-    Losses are the global-batch losses (averaged over ranks when sharded)."""
-    if model is None:
-        model = build_model(config, seed, device)
-    if batches is None:
-        batches = token_batches(config, steps, batch, seq, seed)
-    world, rank = 1, 0
-    groups = None
-    if parallel is not None:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if getattr(model, "parallel_layout", None) is None:
-            groups = shard_model(model, parallel)
-        else:
-            groups = model.parallel_groups
-        if batches.shape[1] % world:
-            raise ValueError(f"global batch {batches.shape[1]} not divisible by {world} ranks")
-    per_rank = batches.shape[1] // world
-    model.train()
-    if groups is not None:
-        opt = ShardedOptimizer(model, groups, torch.optim.AdamW, zero=parallel.zero, lr=lr)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses, grads0 = [], None
-    for step in range(batches.shape[0]):
-        tokens = batches[step, rank * per_rank:(rank + 1) * per_rank].to(device)
-        loss = lm_loss(model, tokens)
-        loss.backward()
-        reported = loss.detach().clone()
-        if groups is not None:
-            reduce_gradients(model, groups)
-            dist.all_reduce(reported)
-            reported /= world
-        if step == 0:
-            grads0 = expert_grads(model)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(reported))
-    return {"losses": losses, "expert_grads": grads0}
 
 
 @torch.no_grad()

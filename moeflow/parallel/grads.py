@@ -38,10 +38,9 @@ def replication_groups(model: nn.Module, groups: ProcessGroups
     expert_params: dict[int, list[nn.Parameter]] = defaultdict(list)
     seen: set[int] = set()
     for module in model.modules():
-        lay = getattr(module, "layout", None)
-        if isinstance(module, Experts) and lay is not None:
+        if isinstance(module, Experts) and module.layout is not None:
             for p in module.parameters():
-                expert_params[lay.ep_size].append(p)
+                expert_params[module.layout.ep_size].append(p)
                 seen.add(id(p))
     dense = [p for p in model.parameters() if id(p) not in seen]
     out = [(groups.world_group, dense, None)]
@@ -152,14 +151,21 @@ class ShardedOptimizer:
     def local_state_dict(self) -> list[dict]:
         """This rank's optimizer state (its ZeRO shard where sharded); reloads only at the same
         layout."""
-        return [getattr(opt, "optim", opt).state_dict() for opt in self.optimizers]
+        return [self._local(opt).state_dict() for opt in self.optimizers]
 
     def load_local_state_dict(self, states: list[dict]) -> None:
         if len(states) != len(self.optimizers):
             raise ValueError(f"optimizer state has {len(states)} groups, this layout has "
                              f"{len(self.optimizers)}")
         for opt, state in zip(self.optimizers, states):
-            getattr(opt, "optim", opt).load_state_dict(state)
+            self._local(opt).load_state_dict(state)
+
+    @staticmethod
+    def _local(opt) -> torch.optim.Optimizer:
+        """The optimizer over this rank's parameters (a ZeRO optimizer's shard)."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:

@@ -17,12 +17,17 @@ bandwidth is highest) and the ranks holding the same experts (the layer's expert
 group, which averages their gradients) are strided by p.
 
 `ParallelLayout` and `LayerLayout` are pure arithmetic (no process groups), so they can be built
-and tested without torch.distributed; `moeflow.parallel.groups` turns them into process groups.
+and tested without torch.distributed. `ProcessGroups` turns a layout into process groups, once:
+it is the one object through which the rest of moeflow.parallel reaches a group (the exchange
+groups of each EP size, the data-parallel world, the routing-statistics reduction over it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
 
 from moeflow.validate import choice, integer, option
 
@@ -193,18 +198,32 @@ class ExchangeGroups:
     ranks_per_node: int  # L: 0 when the exchange is flat
 
 
+class SumOverRanks:
+    """A routing-statistics reduction (the `stats_reduce` a Router is built with): counts_E
+    summed over the ranks of `group`, returned as a new tensor (the input is left as it was)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def __call__(self, counts_E: torch.Tensor) -> torch.Tensor:
+        out = counts_E.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
 class ProcessGroups:
     """All process groups of a layout, created once, in the same order on every rank.
 
     torch.distributed requires every rank to take part in creating every group, including groups
     it is not a member of; building them all here, from the pure layout, guarantees that.
+    `world_group` is the data-parallel group of the dense parameters and of the routing
+    statistics; `stats_reduce` sums a router's counts over it (None on one rank: nothing to sum).
     """
 
     def __init__(self, layout: ParallelLayout) -> None:
-        import torch.distributed as dist
-
         self.layout = layout
         self.world_group = dist.group.WORLD
+        self.stats_reduce = SumOverRanks(self.world_group) if layout.world > 1 else None
         world, rpn = layout.world, layout.ranks_per_node
         self._by_size: dict[int, ExchangeGroups] = {}
         for p in layout.ep_sizes:

@@ -1,14 +1,17 @@
-"""Turn a full Transformer into this rank's shard, in place.
+"""Turn a full Transformer into this rank's shard.
 
-Every rank builds (or loads) the same full model and keeps, per MoE layer, only its own experts'
-rows of the stacked weights — or, with expert slicing, its slice of one expert's hidden width F —
-and swaps the layer's LocalDispatcher for an AllToAllDispatcher. Dense parameters stay whole on
+Every rank builds (or loads) the same full model; then each MoE layer is rebuilt as this rank's
+share of it: a new MoELayer constructed with its `layout` (its Experts hold only this rank's
+experts' rows of the stacked weights, or with expert slicing its slice of one expert's hidden
+width F), an AllToAllDispatcher over the layer's EP group and the router's `stats_reduce`, all
+three from the run's one ProcessGroups. The new layer is built on the meta device (no memory, no
+RNG draws) and takes the old layer's tensors by assignment: the dense ones as they are (the same
+Parameter objects), the expert ones cut to this rank's part. Dense parameters stay whole on
 every rank. Building the full model first is what makes a sharded run start from exactly the
 weights of a 1-process run with the same seed; for models too large for that, build on the meta
 device, shard, then `to_empty` + initialise or load a checkpoint (see moeflow.parallel.checkpoint).
 
-Each sharded `Experts` module records `layout` (its LayerLayout: global expert ids, slice index),
-which the gradient reduction and the checkpoint code read.
+The gradient reduction and the checkpoint code read each Experts module's declared `layout`.
 
 Legend: E experts, El local experts, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up),
 s slices per expert.
@@ -22,22 +25,12 @@ from torch import nn
 
 from moeflow.model.experts import Experts
 from moeflow.model.moe import MoELayer
+from moeflow.model.router import StatsReduce
 from moeflow.parallel.dispatcher import AllToAllDispatcher
 from moeflow.parallel.mesh import LayerLayout, ParallelConfig, ParallelLayout, ProcessGroups
+from moeflow.train.checkpoint import model_tensors
 
 EXPERT_TENSORS = ("w_in_EDI", "b_in_EI", "w_out_EFD", "b_out_ED")
-
-
-class SumOverRanks:
-    """Routing-statistics reduction for Router.stats_reduce: sums counts over a process group."""
-
-    def __init__(self, group) -> None:
-        self.group = group
-
-    def __call__(self, counts_E: torch.Tensor) -> torch.Tensor:
-        out = counts_E.clone()
-        dist.all_reduce(out, group=self.group)
-        return out
 
 
 def moe_layer_experts(model: nn.Module) -> dict[int, int]:
@@ -81,32 +74,52 @@ def join_slices(name: str, parts: list[torch.Tensor], swiglu: bool) -> torch.Ten
     return torch.cat(parts, -1)
 
 
-def shard_experts(experts: Experts, lay: LayerLayout) -> None:
-    """Keep this rank's experts (or expert slice) of `experts`; record the layout on it."""
-    if experts.num_experts != lay.num_experts:
-        raise ValueError(f"layer {lay.layer}: model has {experts.num_experts} experts, layout "
-                         f"expects {lay.num_experts}")
-    swiglu = experts.activation == "swiglu"
-    for name in EXPERT_TENSORS:
-        t = getattr(experts, name)
-        if t is None:
+def _assign_shard(module: nn.Module, full: nn.Module, prefix: str, lay: LayerLayout,
+                  swiglu: bool) -> nn.Module:
+    """Give `module` (built on the meta device with `lay`) the tensors of its full twin `full`:
+    the expert tensors under `prefix` cut to this rank's part, the others as they are."""
+    want = module.state_dict(keep_vars=True)
+    state = {}
+    for key, t in full.state_dict(keep_vars=True).items():
+        if key not in want:  # the output bias of a later expert slice
             continue
-        if name == "b_out_ED" and lay.slices > 1 and lay.slice_index != 0:
-            # The partial outputs of the s slices are summed: only slice 0 adds the bias.
-            setattr(experts, name, None)
-            continue
-        new = local_part(name, t.detach(), lay, swiglu).clone()
-        setattr(experts, name, nn.Parameter(new, requires_grad=t.requires_grad))
-    if lay.slices > 1:
-        experts.d_ff //= lay.slices
-    experts.num_experts = len(lay.expert_ids)
-    experts.layout = lay
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in EXPERT_TENSORS:
+            t = nn.Parameter(local_part(name, t.detach(), lay, swiglu).clone(),
+                             requires_grad=t.requires_grad)
+        state[key] = t
+    trainable = {key: t.requires_grad for key, t in state.items()}
+    module.load_state_dict(state, assign=True)
+    for key, t in module.state_dict(keep_vars=True).items():
+        t.requires_grad_(trainable[key])  # assign=True takes the flag of the meta twin
+    return module
 
 
-def sharded_experts(model: nn.Module) -> dict[str, tuple[Experts, LayerLayout]]:
-    """{state-dict prefix 'blocks.i.ffn.experts.': (module, layout)} of a sharded model."""
-    return {f"{name}.": (m, m.layout) for name, m in model.named_modules()
-            if isinstance(m, Experts) and getattr(m, "layout", None) is not None}
+def shard_experts(experts: Experts, lay: LayerLayout) -> Experts:
+    """A new Experts module built with `lay`, holding this rank's part of `experts`."""
+    with torch.device("meta"):
+        part = Experts(experts.num_experts, experts.d_model, experts.d_ff, experts.activation,
+                       experts.b_in_EI is not None, experts.backends, layout=lay)
+    return _assign_shard(part, experts, "", lay, experts.activation == "swiglu")
+
+
+def shard_layer(layer: MoELayer, lay: LayerLayout, dispatcher: nn.Module,
+                stats_reduce: StatsReduce | None) -> MoELayer:
+    """A new MoELayer built with `lay`, `dispatcher` and `stats_reduce`, holding this rank's
+    part of `layer` (its dense tensors are the same objects)."""
+    if layer.experts.layout is not None:
+        raise ValueError(f"layer {lay.layer} is already sharded")
+    with torch.device("meta"):
+        part = MoELayer(layer.spec, layer.d_model, layer.activation, layer.bias, layer.backends,
+                        layout=lay, dispatcher=dispatcher, stats_reduce=stats_reduce)
+    return _assign_shard(part, layer, "experts.", lay, layer.activation == "swiglu").train(
+        layer.training)
+
+
+def sharded_experts(model: nn.Module) -> dict[str, Experts]:
+    """{state-dict prefix 'blocks.i.ffn.experts.': module} of the sharded Experts of a model."""
+    return {f"{name}.": m for name, m in model.named_modules()
+            if isinstance(m, Experts) and m.layout is not None}
 
 
 @torch.no_grad()
@@ -117,11 +130,12 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for key, full in state.items():
         prefix, _, name = key.rpartition(".")
         if prefix + "." in sharded:
-            ex, lay = sharded[prefix + "."]
+            ex = sharded[prefix + "."]
             target = getattr(ex, name)
             if target is None:
                 continue
-            full = local_part(name, full.to(target.device), lay, ex.activation == "swiglu")
+            full = local_part(name, full.to(target.device), ex.layout,
+                              ex.activation == "swiglu")
         else:
             target = own.get(key)
             if target is None:
@@ -134,10 +148,13 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def gather_full_state(model: nn.Module, groups: ProcessGroups) -> dict[str, torch.Tensor]:
-    """The full state dict (on CPU) rebuilt from every rank's shard. Collective over each
-    layer's EP group; all ranks return it (every replica gathers inside its own EP group)."""
-    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for prefix, (ex, lay) in sharded_experts(model).items():
+    """The full model's tensors (on CPU, each storage once as in
+    moeflow.train.checkpoint.model_tensors: a tied head is the embedding) rebuilt from every
+    rank's shard. Collective over each layer's EP group; all ranks return it (every replica
+    gathers inside its own EP group)."""
+    out = {k: v.cpu() for k, v in model_tensors(model).items()}
+    for prefix, ex in sharded_experts(model).items():
+        lay = ex.layout
         group = groups.for_layer(lay).ep
         P, s = lay.ep_size, lay.slices
         swiglu = ex.activation == "swiglu"
@@ -162,20 +179,15 @@ def gather_full_state(model: nn.Module, groups: ProcessGroups) -> dict[str, torc
     return out
 
 
-def shard_model(model: nn.Module, config: ParallelConfig, groups: ProcessGroups | None = None
-                ) -> ProcessGroups:
-    """Shard `model` for this rank (torch.distributed must be initialised); returns the groups."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    layout = ParallelLayout.build(config, world, rank, moe_layer_experts(model))
-    if groups is None:
-        groups = ProcessGroups(layout)
-    reduce = SumOverRanks(groups.world_group) if world > 1 else None
+def shard_model(model: nn.Module, config: ParallelConfig) -> ProcessGroups:
+    """Replace each MoE layer of `model` by this rank's share of it (torch.distributed must be
+    initialised); returns the run's process groups, whose `layout` is the model's."""
+    layout = ParallelLayout.build(config, dist.get_world_size(), dist.get_rank(),
+                                  moe_layer_experts(model))
+    groups = ProcessGroups(layout)
     for lay in layout.layers:
-        layer = model.blocks[lay.layer].ffn
-        shard_experts(layer.experts, lay)
-        layer.dispatcher = AllToAllDispatcher(lay, groups.for_layer(lay), config.exchange,
-                                              config.hierarchical, layer.backends)
-        layer.router.stats_reduce = reduce
-    model.parallel_layout = layout
-    model.parallel_groups = groups
+        block = model.blocks[lay.layer]
+        dispatcher = AllToAllDispatcher(lay, groups.for_layer(lay), config.exchange,
+                                        config.hierarchical, block.ffn.backends)
+        block.ffn = shard_layer(block.ffn, lay, dispatcher, groups.stats_reduce)
     return groups

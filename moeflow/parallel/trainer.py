@@ -10,8 +10,9 @@ The loop itself (moeflow.train.trainer.Trainer) is unchanged; this class overrid
 * sync_gradients / clip_gradients: moeflow.parallel.grads (global-batch mean, global norm);
   the dense gradients' all-reduce overlaps backward (moeflow.parallel.overlap) unless
   ParallelConfig.overlap_grads is off.
-* reduce_stats: the metrics row is the global batch's (losses averaged over ranks, expert counts
-  summed), and so are the counts that drive aux-loss-free bias updates.
+* reduce_stats: the metrics row and the validation result are the global batch's (losses
+  averaged over ranks, expert counts summed, all in one all-reduce), and so are the counts that
+  drive aux-loss-free bias updates. Each rank validates its share of the global windows.
 * save / restore: rank 0 writes the trainer's usual checkpoint directory with the FULL model in
   model.safetensors (experts gathered from their EP groups, stacked by global expert id), so a
   checkpoint saved at one layout resumes at any other and `moeflow generate` reads it as is.
@@ -29,7 +30,6 @@ rank's own tokens (as in DeepSpeed), so capacity-limited runs differ across worl
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -46,16 +46,6 @@ from moeflow.parallel.launch import DistEnv, init_distributed, shutdown
 from moeflow.parallel.mesh import ParallelConfig
 from moeflow.parallel.overlap import OverlappedGradReducer
 from moeflow.parallel.shard import gather_full_state, load_full_state, shard_model
-
-
-class _StateView:
-    """Duck-typed stand-in handed to moeflow.train.checkpoint.save_checkpoint."""
-
-    def __init__(self, state: dict) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 class ParallelTrainer(Trainer):
@@ -107,15 +97,18 @@ class ParallelTrainer(Trainer):
         return float(clip_grad_norm_(self.model, self.groups, max_norm))
 
     def reduce_stats(self, sums, counts):
+        """One all-reduce of the sums (then averaged over ranks) and the counts (summed, exact
+        in float64)."""
         keys = sorted(sums)
-        flat = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        counts = counts or []
+        flat = torch.cat([torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                       device=self.device)]
+                         + [c.to(self.device, torch.float64).view(-1) for c in counts])
         dist.all_reduce(flat, group=self.groups.world_group)
-        sums = {k: float(v) / self.world for k, v in zip(keys, flat.tolist())}
-        if counts:
-            counts = [c.clone() for c in counts]
-            for c in counts:
-                dist.all_reduce(c, group=self.groups.world_group)
-        return sums, counts
+        head, *summed = flat.split([len(keys)] + [c.numel() for c in counts])
+        sums = {k: v / self.world for k, v in zip(keys, head.tolist())}
+        return sums, [t.round().to(c.device, c.dtype).view_as(c)
+                      for t, c in zip(summed, counts)] or None
 
     def stop_requested(self, local: bool) -> bool:
         """A signal seen by any rank stops every rank after the same step (save is collective)."""
@@ -123,40 +116,23 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.groups.world_group)
         return bool(flag.item())
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Each rank validates its share of the global validation windows; results combined."""
-        every = self.val_windows
-        self.val_windows = every.chunk(self.world)[self.rank]
-        try:
-            mine = super().evaluate()
-        finally:
-            self.val_windows = every
-        loss = torch.tensor([mine["val_loss"]], dtype=torch.float64)
-        dist.all_reduce(loss, group=self.groups.world_group)
-        loads = torch.tensor([x for load in mine["expert_load"] for x in load])
-        dist.all_reduce(loads, group=self.groups.world_group)
-        sizes = [len(load) for load in mine["expert_load"]]
-        val_loss = float(loss) / self.world
-        return {**mine, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                "expert_load": [x.tolist() for x in loads.split(sizes)]}
-
     def _layout_key(self) -> dict:
         return {"world": self.world, "parallel": vars(self.parallel)}
 
     def save(self, step: int):
         full = gather_full_state(self.model, self.groups)
         per_rank: list = [None] * self.world
-        dist.all_gather_object(per_rank, self.optimizer.local_state_dict())
+        dist.all_gather_object(per_rank, self.optimizer.local_state_dict(),
+                               group=self.groups.world_group)
         path = None
         if self.is_writer:
             state = {**self.train_state(step), "layout": self._layout_key()}
             path = ckpt_io.save_checkpoint(
-                self.out, step, model=_StateView(full),
-                optimizer=_StateView({"layout": self._layout_key(), "ranks": per_rank}),
+                self.out, step, tensors=full,
+                optimizer_state={"layout": self._layout_key(), "ranks": per_rank},
                 state=state, tokenizer=self.tokenizer, model_config=self.model_config,
                 run_config=self.cfg, keep=self.cfg.keep_checkpoints)
-        dist.barrier()
+        dist.barrier(group=self.groups.world_group)
         return path
 
     def restore_model_and_optimizer(self, ckpt) -> None:

@@ -144,11 +144,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], state: dict[str, Any],
                     tokenizer: BPETokenizer, model_config: ModelConfig, run_config: Any,
                     keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep`.
+    `tensors`: the full model's, each storage once (`model_tensors`, or the parallel trainer's
+    gathered shards); `optimizer_state`: what optimizer.pt holds."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -156,8 +158,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
     name = checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     files = {
-        WEIGHTS: lambda: safetensors_bytes(model_tensors(model), metadata={"step": str(step)}),
-        "optimizer.pt": lambda: _torch_bytes(optimizer.state_dict()),
+        WEIGHTS: lambda: safetensors_bytes(tensors, metadata={"step": str(step)}),
+        "optimizer.pt": lambda: _torch_bytes(optimizer_state),
         "rng.pt": lambda: _torch_bytes(capture_rng()),
         "state.json": lambda: (json.dumps({**state, "step": step}, indent=2) + "\n").encode(),
         "tokenizer.json": lambda: tokenizer.to_str().encode(),

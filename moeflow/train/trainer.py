@@ -30,8 +30,9 @@ own tokens and tokenizer.
 
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
 experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),
-`reduce_stats` (metrics of the global batch), `save`/`restore`; `rank`/`world` pick each rank's
-slice of every global batch (see moeflow.data.loader and moeflow.parallel.trainer).
+`reduce_stats` (metrics and validation of the global batch), `save`/`restore`; `rank`/`world`
+pick each rank's slice of every global batch and of the validation windows (see
+moeflow.data.loader and moeflow.parallel.trainer).
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ class Trainer:
         if not self.is_writer:
             return None
         return ckpt_io.save_checkpoint(
-            self.out, step, model=self.model, optimizer=self.optimizer,
-            state=self.train_state(step), tokenizer=self.tokenizer,
+            self.out, step, tensors=ckpt_io.model_tensors(self.model),
+            optimizer_state=self.optimizer.state_dict(), state=self.train_state(step),
+            tokenizer=self.tokenizer,
             model_config=self.model_config, run_config=self.cfg, keep=self.cfg.keep_checkpoints)
 
     def restore_model_and_optimizer(self, ckpt: Path) -> None:
@@ -240,14 +242,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss and per-layer expert loads; leaves every RNG as it found it."""
+        """Validation loss and per-layer expert loads of the global validation windows: each
+        rank runs its share and `reduce_stats` combines them. Leaves every RNG as it found it."""
         devices = [self.device] if self.device.type == "cuda" else []
+        share = self.val_windows.chunk(self.world)[self.rank]
         with torch.random.fork_rng(devices=devices):
             self.model.eval()
             try:
                 total, count = 0.0, 0
                 loads = [torch.zeros(n, dtype=torch.int64) for n in self.model_config.num_experts]
-                for chunk in self.val_windows.split(self.micro_batch):
+                for chunk in share.split(self.micro_batch):
                     chunk = chunk.to(self.device)
                     with self.autocast():
                         out = self.model(chunk[:, :-1])
@@ -259,7 +263,8 @@ class Trainer:
                         load += r.counts_E.cpu()
             finally:
                 self.model.train()
-        val_loss = total / count
+        sums, loads = self.reduce_stats({"val_loss": total / count}, loads)
+        val_loss = sums["val_loss"]
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "moe_layers": list(self.model_config.moe_layer_indices()),
                 "expert_load": [x.tolist() for x in loads]}
