@@ -15,6 +15,7 @@ Examples:
   moeflow plot runs/tiny                      # loss.png, expert_load.png
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
+  moeflow convert runs/tiny ./tiny-hf --to hf    # a run -> transformers (+ tokenizer)
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
@@ -161,11 +162,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from moeflow.interop import convert
 
-    if not os.path.isdir(args.src):
-        raise UsageError(f"checkpoint directory {args.src!r} does not exist")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(convert(args.src, args.dst, to=args.to, dtype=dtype,
-                  max_shard_bytes=int(args.max_shard_gb * (1 << 30))))
+                  max_shard_bytes=int(args.max_shard_gb * (1 << 30)), overwrite=args.overwrite))
     return 0
 
 
@@ -192,10 +191,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeflow.infer.engine import Engine, EngineConfig
     from moeflow.infer.sampling import SamplingParams
     from moeflow.infer.text import generate_text
-    from moeflow.train.checkpoint import load_for_inference
+    from moeflow.serve.loader import load_for_serving
 
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    model, tokenizer = load_for_inference(args.checkpoint, device)
+    loaded = load_for_serving(args.checkpoint, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**given(args, SamplingParams), stop_token_ids=tokenizer.eos_ids)
     engine = Engine(model, EngineConfig(max_batch_size=1))
     text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "engine, as `moeflow serve` does (KV cache, dropless routing); there is no "
                     "uncached mode: the tests check the engine against a full forward.")
     p.add_argument("--checkpoint", required=True,
-                   help="a run directory (its latest checkpoint) or a checkpoint directory")
+                   help="a run directory (its latest checkpoint), a checkpoint directory, or a "
+                        "moeflow/HF checkpoint directory with a tokenizer.json (as `serve`)")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
     add_dataclass_flags(p, SamplingParams, skip=("stop_token_ids", "stop_sequences"))
     p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
@@ -380,10 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default=D.text_field, help="JSONL field holding the text")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts")
-    p.add_argument("src", help="checkpoint directory (moeflow or HF: Mixtral, Qwen2/3-MoE, "
-                               "OLMoE, DeepSeek-V2/V3)")
-    p.add_argument("dst", help="output directory")
+    p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts",
+                       description="Convert a checkpoint between moeflow's and HF transformers' "
+                                   "layouts, with its tokenizer and generation config. GPT-family "
+                                   "models export as `moeflow_gpt`, loaded by transformers with "
+                                   "trust_remote_code=True (moeflow/interop/hf_config.py).")
+    p.add_argument("src", help="what `serve` and `generate` load: a training run or checkpoint "
+                               "directory, a moeflow export, or a HF checkpoint (Mixtral, "
+                               "Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3)")
+    p.add_argument("dst", help="output directory (refused if it exists and is not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--to", choices=("hf", "moeflow"), required=True)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="cast weights (default: keep)")

@@ -70,8 +70,15 @@ def test_unsupported_hf_fields_are_named(tmp_path):
 
 
 def test_export_refuses_what_hf_cannot_express():
-    with pytest.raises(ValueError, match="arch='gpt'"):
-        config_to_hf(moeflow.ModelConfig.from_name("tiny"))
+    # the GPT family has no transformers class: it exports as moeflow's remote-code model
+    tiny = moeflow.ModelConfig.from_name("tiny")
+    hf = config_to_hf(tiny)
+    assert hf["model_type"] == "moeflow_gpt" and config_from_hf(hf) == tiny
+    with pytest.raises(ValueError, match=r"^moeflow_gpt: moeflow.arch='llama'"):
+        config_from_hf({**hf, "moeflow": _tiny().to_dict()})
+    with pytest.raises(ValueError, match=r"^moe_kind='residual_moe': Residual-MoE layers have "
+                                         r"no HF counterpart of the Llama family"):
+        config_to_hf(_tiny(moe_kind="residual_moe"))
     with pytest.raises(ValueError, match="num_experts"):
         config_to_hf(_tiny(num_experts=(4, 8)))
     with pytest.raises(ValueError, match="router.routed_scaling"):

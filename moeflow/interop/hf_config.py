@@ -1,6 +1,7 @@
 """HF transformers config.json ⇄ ModelConfig for the MoE architectures moeflow can run.
 
-Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Each
+Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, and
+moeflow_gpt, moeflow's own GPT family as a remote-code transformers model (below). Each
 reader maps the HF fields onto moeflow's (d_ff is the dense layers' width, expert_d_ff the
 experts', shared experts become one MLP of width n_shared·moe_intermediate_size, ...). Anything
 the model core cannot reproduce exactly is refused with a ValueError naming the field:
@@ -22,8 +23,20 @@ then checks the round trip: the config read back from the written dict must desc
 network (same attention, same FFN layout, same routing); if not, the first field that differs is
 named. Qwen's decoder_sparse_step and mlp_only_layers express any layout (the step that leaves
 the fewest mlp_only_layers is written); DeepSeek's only dense-then-MoE, since transformers ignores
-moe_layer_freq. GPT-family models, Residual-MoE layers and per-layer expert counts (PR-MoE
-pyramids) have no HF counterpart and are refused.
+moe_layer_freq.
+
+GPT-family models (arch="gpt": the DeepSpeed-MoE paper's models, `tiny`, what `moeflow demo` and
+`moeflow reproduce` train) have no transformers class: LayerNorm + GELU + learned positions with
+MoE and Residual-MoE layers and per-layer expert counts exist in no HF architecture. Mapping them
+onto one (GPT-2 has no experts; every HF MoE model is RMSNorm + SwiGLU + RoPE) would change what
+they compute, so they are exported as model_type "moeflow_gpt": config.json carries the whole
+ModelConfig under "moeflow" and `auto_map` points at modeling_moeflow_gpt.py, which the export
+ships beside the weights (transformers loads it with `trust_remote_code=True`). A remote-code
+file rather than a class registered with AutoConfig.register when moeflow is imported: the
+export then loads in any environment with transformers, without moeflow installed or imported,
+the way HF hosts every architecture transformers lacks. Llama-family models with Residual-MoE
+layers or per-layer expert counts stay refused: no HF class computes them, and the remote-code
+class implements the GPT family only.
 """
 
 from __future__ import annotations
@@ -32,12 +45,19 @@ from typing import Any, Callable
 
 from moeflow.config import MLAConfig, ModelConfig, RouterConfig
 
-HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+GPT_MODEL_TYPE = "moeflow_gpt"
+HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                  GPT_MODEL_TYPE)
 HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+    GPT_MODEL_TYPE: "MoeflowGPTForCausalLM",
 }
+# The remote-code file of GPT-family exports, copied from this directory into each one.
+GPT_REMOTE_CODE = "modeling_moeflow_gpt.py"
+GPT_AUTO_MAP = {"AutoConfig": "modeling_moeflow_gpt.MoeflowGPTConfig",
+                "AutoModelForCausalLM": "modeling_moeflow_gpt.MoeflowGPTForCausalLM"}
 
 
 def _refuse(model_type: str, field: str, value: Any, why: str) -> None:
@@ -204,9 +224,19 @@ def _deepseek(hf: dict, model_type: str) -> dict[str, Any]:
             "shared_d_ff": n_shared * hf["moe_intermediate_size"], "router": router}
 
 
+def _moeflow_gpt(hf: dict) -> dict[str, Any]:
+    m = hf.get("moeflow")
+    arch = m.get("arch") if isinstance(m, dict) else None
+    if arch != "gpt":
+        _refuse(GPT_MODEL_TYPE, "moeflow.arch", arch, "the class runs a GPT-family ModelConfig, "
+                "stored under 'moeflow'")
+    return m
+
+
 _READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
             "olmoe": _olmoe, "deepseek_v2": lambda hf: _deepseek(hf, "deepseek_v2"),
-            "deepseek_v3": lambda hf: _deepseek(hf, "deepseek_v3")}
+            "deepseek_v3": lambda hf: _deepseek(hf, "deepseek_v3"),
+            GPT_MODEL_TYPE: _moeflow_gpt}
 
 
 def hf_model_type(hf: dict) -> str:
@@ -220,18 +250,22 @@ def hf_model_type(hf: dict) -> str:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ModelConfig of a HF config.json dict; ValueError naming what is unsupported."""
-    return ModelConfig(**_READERS[hf_model_type(hf)](hf))
+    fields = _READERS[hf_model_type(hf)](hf)
+    return ModelConfig.from_dict(fields) if hf["model_type"] == GPT_MODEL_TYPE else \
+        ModelConfig(**fields)
 
 
 # ---- export --------------------------------------------------------------------------------
 
 def _choose_model_type(c: ModelConfig) -> str:
-    if c.arch != "llama":
-        raise ValueError(f"arch={c.arch!r}: HF transformers has no MoE model of the GPT family")
+    if c.arch == "gpt":
+        return GPT_MODEL_TYPE
     if not c.is_moe:
         raise ValueError("a dense model (no MoE layers) has no HF MoE counterpart")
     if c.moe_kind != "moe":
-        raise ValueError(f"moe_kind={c.moe_kind!r}: Residual-MoE layers have no HF counterpart")
+        raise ValueError(f"moe_kind={c.moe_kind!r}: Residual-MoE layers have no HF counterpart "
+                         f"of the Llama family (only GPT-family models export them, as "
+                         f"{GPT_MODEL_TYPE})")
     if len(set(c.num_experts)) > 1:
         raise ValueError(f"num_experts={c.num_experts!r}: HF MoE configs have one expert count "
                          f"for every MoE layer")
@@ -247,6 +281,8 @@ def _choose_model_type(c: ModelConfig) -> str:
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     """A HF config.json dict describing the same network as `c` (ValueError if none does)."""
     t = _choose_model_type(c)
+    if t == GPT_MODEL_TYPE:
+        return _gpt_to_hf(c)
     r = c.router
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[t]], "model_type": t, "vocab_size": c.vocab_size,
@@ -289,6 +325,16 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
                       num_nextn_predict_layers=0)
     _check_round_trip(c, config_from_hf(hf), t)
     return hf
+
+
+def _gpt_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """The remote-code config: the ModelConfig itself, plus the usual HF names derived from it
+    (for tools that read config.json without running code)."""
+    return {"architectures": [HF_ARCHITECTURES[GPT_MODEL_TYPE]], "model_type": GPT_MODEL_TYPE,
+            "auto_map": dict(GPT_AUTO_MAP), "moeflow": c.to_dict(),
+            "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+            "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings}
 
 
 def _qwen_sparsity(c: ModelConfig) -> tuple[int, list[int]]:
@@ -355,5 +401,5 @@ def is_moeflow_config(data: dict) -> bool:
     return "model_type" not in data and "arch" in data and "d_model" in data
 
 
-__all__ = ["HF_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type",
-           "is_moeflow_config"]
+__all__ = ["GPT_MODEL_TYPE", "GPT_REMOTE_CODE", "HF_MODEL_TYPES", "config_from_hf", "config_to_hf",
+           "hf_model_type", "is_moeflow_config"]

@@ -12,6 +12,9 @@ Loading checks names both ways before any tensor is converted: a tensor the conf
 checkpoint lacks, or a checkpoint tensor nothing uses, is a ValueError naming it, so a model is
 never half-loaded. Ignored on purpose: RoPE inv_freq buffers, a tied lm_head, DeepSeek's
 multi-token-prediction layers (index >= num_hidden_layers).
+
+moeflow_gpt (moeflow's own remote-code class, see hf_config) keeps every moeflow tensor as it is,
+under `model.` (the head stays `lm_head.weight`): its rules are renames.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moeflow.config import ModelConfig
+from moeflow.interop.hf_config import GPT_MODEL_TYPE
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -103,8 +107,19 @@ def _attention_rules(c: ModelConfig, mf: str, hf: str) -> list[Rule]:
     return rules
 
 
+def _gpt_rules(c: ModelConfig) -> list[Rule]:
+    from moeflow.model import Transformer
+
+    with torch.device("meta"):
+        names = list(Transformer(c).state_dict())
+    return [_same(n, n if n == "lm_head.weight" else "model." + n) for n in names
+            if not (c.tie_embeddings and n == "lm_head.weight")]
+
+
 def weight_rules(c: ModelConfig, model_type: str) -> list[Rule]:
     """Every tensor of a `model_type` checkpoint of config `c`, with its moeflow counterpart."""
+    if model_type == GPT_MODEL_TYPE:
+        return _gpt_rules(c)
     if c.mlp_bias:
         raise ValueError("mlp_bias=True: HF MoE models have bias-free MLPs")
     rules = [_same("tok_emb.weight", "model.embed_tokens.weight"),

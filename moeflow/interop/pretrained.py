@@ -1,12 +1,18 @@
 """Loading and saving whole checkpoints: moeflow's own layout and HF transformers' layout.
 
 moeflow layout: a directory with config.json (ModelConfig.to_dict) and model.safetensors (the
-Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB.
-HF layout: config.json with a `model_type` from HF_MODEL_TYPES plus (sharded) safetensors.
-`from_pretrained` tells them apart by config.json and returns an eval-mode Transformer, or raises
-naming what is unsupported, missing or unexpected. HF routers are dropless by their config; a
-moeflow checkpoint routes as its config says, and `model(ids, inference=True)` (what the engine
-runs) routes any model dropless.
+Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB. A
+training checkpoint (moeflow/train/checkpoint.py) is one such directory with more files beside.
+HF layout: config.json with a `model_type` from HF_MODEL_TYPES plus (sharded) safetensors; a
+GPT-family export also holds its remote-code file (hf_config's docstring says why).
+`find_model_dir` is the one answer to "which directory holds the model" for `moeflow serve`,
+`generate` and `convert`: a training run, its checkpoints/ directory, a step_* checkpoint, or a
+moeflow or HF checkpoint directory.
+
+`from_pretrained` tells the layouts apart by config.json and returns an eval-mode Transformer,
+or raises naming what is unsupported, missing or unexpected. HF routers are dropless by their
+config; a moeflow checkpoint routes as its config says, and `model(ids, inference=True)` (what
+the engine runs) routes any model dropless.
 
 The model is built on the meta device and the checked tensors are assigned to it, so nothing is
 allocated twice and no parameter keeps a random value.
@@ -15,18 +21,52 @@ allocated twice and no parameter keeps a random value.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from moeflow.config import ModelConfig
-from moeflow.interop.hf_config import config_from_hf, config_to_hf, hf_model_type, is_moeflow_config
+from moeflow.interop.hf_config import (GPT_MODEL_TYPE, GPT_REMOTE_CODE, config_from_hf,
+                                       config_to_hf, hf_model_type, is_moeflow_config)
 from moeflow.interop.hf_weights import (SafetensorsDir, hf_to_moeflow, moeflow_to_hf,
                                         save_safetensors_dir)
 from moeflow.model import Transformer
 
 # Kept in fp32 whatever the load dtype: the router adds it to fp32 scores.
 _FP32_BUFFERS = ("router.expert_bias",)
+
+TRAIN_MARKER = "run.json"   # written with every training checkpoint, absent from exports
+TRAINING = "moeflow-train"
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A directory holding config.json and the weights, and what wrote it."""
+
+    path: Path
+    kind: str  # TRAINING (a training checkpoint), "moeflow" (an export) or a HF model_type
+
+    @property
+    def is_training(self) -> bool:
+        return self.kind == TRAINING
+
+
+def find_model_dir(path: str | Path) -> ModelDir:
+    """The checkpoint directory `path` names: a training run (its latest checkpoint), its
+    checkpoints/ directory, one step_* checkpoint, or a moeflow or HF checkpoint directory.
+    ValueError naming the problem if it is none of them."""
+    from moeflow.train.checkpoint import resolve_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file() or (path / TRAIN_MARKER).is_file():
+        return ModelDir(resolve_checkpoint(path), TRAINING)
+    _, model_type = read_config(path)
+    return ModelDir(path, model_type or "moeflow")
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str | None]:
@@ -102,29 +142,20 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     save_safetensors_dir(state, path, max_shard_bytes)
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30) -> str:
-    """Write `model` as a HF transformers checkpoint; returns the model_type chosen."""
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30,
+            token_ids: Mapping[str, Any] | None = None) -> str:
+    """Write `model` as a HF transformers checkpoint; returns the model_type chosen.
+    `token_ids` (bos_token_id, eos_token_id, pad_token_id) go into config.json."""
     hf_config = config_to_hf(model.config)
     model_type = hf_config["model_type"]
     tensors = moeflow_to_hf(model.config, model_type, model.state_dict())
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
+    hf_config.update(token_ids or {})
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if model_type == GPT_MODEL_TYPE:
+        shutil.copyfile(Path(__file__).with_name(GPT_REMOTE_CODE), path / GPT_REMOTE_CODE)
     save_safetensors_dir(tensors, path, max_shard_bytes)
     return model_type
-
-
-def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = 5 << 30) -> str:
-    """Convert a checkpoint directory to `to` = "hf" or "moeflow"; returns a one-line summary."""
-    if to not in ("hf", "moeflow"):
-        raise ValueError(f"to={to!r}: must be 'hf' or 'moeflow'")
-    model = from_pretrained(src, dtype=dtype)
-    if to == "hf":
-        kind = save_hf(model, dst, max_shard_bytes)
-    else:
-        save_pretrained(model, dst, max_shard_bytes)
-        kind = "moeflow"
-    return f"{src} -> {dst} ({kind}, {sum(p.numel() for p in model.parameters()):,} parameters)"

@@ -1,14 +1,14 @@
 """What `moeflow serve --model DIR` can load, and how each kind finds its tokenizer.
 
-DIR may be
+DIR may be (moeflow.interop.find_model_dir decides, for `generate` and `convert` too)
   * a moeflow training run, its checkpoints/ directory, or one step_* checkpoint in it
     (moeflow/train/checkpoint.py): weights, config.json, and the run's BPE tokenizer.json whose
     `<|endoftext|>` ends generation;
   * a moeflow (`moeflow convert --to moeflow`) or HF MoE checkpoint directory (anything
-    `moeflow.from_pretrained` reads) with a `tokenizers` tokenizer.json beside it; the end of
-    sequence comes from generation_config.json / config.json `eos_token_id` and
-    tokenizer_config.json `eos_token`, the chat template from chat_template.jinja or
-    tokenizer_config.json (chat.py).
+    `moeflow.from_pretrained` reads, `moeflow convert --to hf` exports included) with a
+    `tokenizers` tokenizer.json beside it; the end of sequence comes from
+    generation_config.json / config.json `eos_token_id` and tokenizer_config.json
+    `eos_token`, the chat template from chat_template.jinja or tokenizer_config.json (chat.py).
 The model comes back in eval mode; the engine routes every forward it runs dropless and without
 noise (`inference=True`): at inference no token is dropped for capacity, since a dropped token
 would change a user's answer depending on its batch-mates. Each tokenizer file is read once,
@@ -25,8 +25,6 @@ import torch
 
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.serve.chat import ChatTemplate, find_chat_template
-
-TRAIN_MARKER = "run.json"   # written with every training checkpoint, absent from converted ones
 
 
 @dataclass(frozen=True)
@@ -71,44 +69,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _training_checkpoint(path: Path) -> Path | None:
-    from moeflow.train.checkpoint import resolve_checkpoint
-
-    if (path / "config.json").is_file() and not (path / TRAIN_MARKER).is_file():
-        return None
-    try:
-        return resolve_checkpoint(path)
-    except ValueError:
-        return None
-
-
 def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None = None
                      ) -> LoadedModel:
     """Model + tokenizer + chat template from a checkpoint directory; ValueError if unusable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"model directory {str(path)!r} does not exist")
+    from moeflow.interop.pretrained import find_model_dir, from_pretrained
+
+    found = find_model_dir(path)
     dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    ckpt = _training_checkpoint(path)
-    if ckpt is not None:
+    if found.is_training:
         from moeflow.train.checkpoint import load_for_inference
 
-        model, tokenizer = load_for_inference(ckpt, device=dev)
+        model, tokenizer = load_for_inference(found.path, device=dev)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
-        kind, meta_dir = "moeflow-train", ckpt
     else:
-        from moeflow.interop.pretrained import from_pretrained, read_config
-
-        _, model_type = read_config(path)
-        model = from_pretrained(path, dtype=torch_dtype, device=dev)
-        tokenizer = _hf_tokenizer(path)
-        kind, meta_dir = model_type or "moeflow", path
+        model = from_pretrained(found.path, dtype=torch_dtype, device=dev)
+        tokenizer = _hf_tokenizer(found.path)
     model.eval()
-    template = ChatTemplate(find_chat_template(meta_dir), bos_token=tokenizer.bos_token,
+    template = ChatTemplate(find_chat_template(found.path), bos_token=tokenizer.bos_token,
                             eos_token=tokenizer.eos_token)
-    return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, kind=kind)
+    return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, kind=found.kind)
 
 
 def _hf_tokenizer(path: Path) -> BPETokenizer:
