@@ -62,6 +62,37 @@ def test_the_forward_runs_the_forced_expert_path(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_experts_under_autocast_get_operands_in_the_autocast_dtype(monkeypatch):
+    """Training keeps fp32 weights and autocasts: the experts must receive bf16 operands (what
+    autocast would give each matmul), else "auto" sees fp32 and picks the per-expert loop."""
+    seen = []
+    real = backend.EXPERT_BACKENDS["reference"]
+
+    def spy(x, ends, w_in, b_in, w_out, b_out, *rest):
+        seen.append((x.dtype, w_in.dtype, w_out.dtype, b_in.dtype, b_out.dtype))
+        return real(x, ends, w_in, b_in, w_out, b_out, *rest)
+
+    monkeypatch.setitem(backend.EXPERT_BACKENDS, "reference", spy)
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32, "gelu", bias=True, backends=Backends(experts="reference"))
+    for w in experts.parameters():
+        torch.nn.init.normal_(w, std=0.1)
+    x = torch.randn(12, 16)
+    ends = torch.tensor([3, 6, 6, 12])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, ends, parked=False)
+    assert seen == [(torch.bfloat16,) * 5]
+    want = real(x.bfloat16(), ends, *(w.bfloat16() for w in (experts.w_in_EDI, experts.b_in_EI,
+                                                               experts.w_out_EFD, experts.b_out_ED)),
+                "gelu", False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.float().sum().backward()  # gradients reach the fp32 master weights
+    assert experts.w_in_EDI.grad.dtype == torch.float32 and experts.w_in_EDI.grad.abs().sum() > 0
+    seen.clear()
+    experts(x, ends, parked=False)  # no autocast: fp32 as stored
+    assert seen == [(torch.float32,) * 5]
+
+
 # ---- fused ops: forcing and falling back ------------------------------------------------------
 
 class FakeCompile:

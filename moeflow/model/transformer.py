@@ -53,11 +53,13 @@ class ModelOutput:
     routing: tuple[LayerRouting, ...]
 
     @property
-    def dropped_fraction(self) -> float:
+    def dropped_fraction(self) -> torch.Tensor:
+        """Share of token→expert assignments dropped by capacity, over every MoE layer (a 0-dim
+        tensor on the model's device: reading it is up to the caller, who may batch syncs)."""
         total = sum(r.num_assignments for r in self.routing)
         if total == 0:
-            return 0.0
-        return float(sum(r.num_dropped for r in self.routing)) / total
+            return self.router_loss.new_zeros(())
+        return torch.stack([r.num_dropped for r in self.routing]).sum() / total
 
 
 class Block(nn.Module):

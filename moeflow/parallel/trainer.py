@@ -93,20 +93,19 @@ class ParallelTrainer(Trainer):
             self.overlap.finish()
         reduce_gradients(self.model, self.groups, dense=self.overlap is None)
 
-    def clip_gradients(self, max_norm: float) -> float:
-        return float(clip_grad_norm_(self.model, self.groups, max_norm))
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(self.model, self.groups, max_norm)
 
     def reduce_stats(self, sums, counts):
         """One all-reduce of the sums (then averaged over ranks) and the counts (summed, exact
         in float64)."""
         keys = sorted(sums)
         counts = counts or []
-        flat = torch.cat([torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                                       device=self.device)]
+        flat = torch.cat([torch.stack([sums[k].to(self.device, torch.float64) for k in keys])]
                          + [c.to(self.device, torch.float64).view(-1) for c in counts])
         dist.all_reduce(flat, group=self.groups.world_group)
         head, *summed = flat.split([len(keys)] + [c.numel() for c in counts])
-        sums = {k: v / self.world for k, v in zip(keys, head.tolist())}
+        sums = dict(zip(keys, (head / self.world).unbind()))
         return sums, [t.round().to(c.device, c.dtype).view_as(c)
                       for t, c in zip(summed, counts)] or None
 

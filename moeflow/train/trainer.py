@@ -159,14 +159,16 @@ class Trainer:
     def sync_gradients(self) -> None:
         """Average gradients over data-parallel ranks; nothing to do on one process."""
 
-    def clip_gradients(self, max_norm: float) -> float:
-        """Clip to the global gradient norm; returns the norm before clipping."""
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to the global gradient norm; returns the norm before clipping (a 0-dim tensor:
+        reading it is the step's host sync)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def reduce_stats(self, sums: dict[str, float], counts: list[torch.Tensor] | None
-                     ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
-        """This rank's step statistics -> the global batch's; identity on one process."""
+    def reduce_stats(self, sums: dict[str, torch.Tensor], counts: list[torch.Tensor] | None
+                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+        """This rank's step statistics (0-dim tensors) -> the global batch's; identity on one
+        process."""
         return sums, counts
 
     @property
@@ -249,22 +251,23 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             self.model.eval()
             try:
-                total, count = 0.0, 0
-                loads = [torch.zeros(n, dtype=torch.int64) for n in self.model_config.num_experts]
+                total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+                loads = [torch.zeros(n, dtype=torch.int64, device=self.device)
+                         for n in self.model_config.num_experts]
                 for chunk in share.split(self.micro_batch):
                     chunk = chunk.to(self.device)
                     with self.autocast():
                         out = self.model(chunk[:, :-1])
                     ce = F.cross_entropy(out.logits.float().flatten(0, 1),
                                          chunk[:, 1:].flatten(), reduction="sum")
-                    total += float(ce)
+                    total += ce.double()
                     count += chunk[:, 1:].numel()
                     for load, r in zip(loads, out.routing):
-                        load += r.counts_E.cpu()
+                        load += r.counts_E
             finally:
                 self.model.train()
         sums, loads = self.reduce_stats({"val_loss": total / count}, loads)
-        val_loss = sums["val_loss"]
+        val_loss = float(sums["val_loss"])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "moe_layers": list(self.model_config.moe_layer_indices()),
                 "expert_load": [x.tolist() for x in loads]}
@@ -423,22 +426,32 @@ class Trainer:
             group["lr"] = lr
         batch = self.loader.next_batch()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        # Statistics stay on the device until the step's one host sync (the metrics row below):
+        # a float() per micro-batch would stall the CPU until the GPU caught up, every time.
+        sums: dict[str, torch.Tensor] = {}
         counts = None
         for micro in micro_batches(batch, self.rank, self.world, self.micro_batch):
             micro = micro.to(self.device)
             objective, stats = self.forward_loss(micro[:, :-1], micro[:, 1:], step)
-            if not torch.isfinite(objective):
-                self._non_finite("loss", float(objective.detach()), step)
             (objective / self.grad_accum).backward()
+            stats["objective"] = objective.detach()
             for key, value in stats.items():
                 if key == "counts":
                     counts = value if counts is None else [a + b for a, b in zip(counts, value)]
                 else:
-                    sums[key] = sums.get(key, 0.0) + float(value) / self.grad_accum
+                    sums[key] = sums.get(key, 0.0) + value.double() / self.grad_accum
         self.sync_gradients()
         sums, counts = self.reduce_stats(sums, counts)
         grad_norm = self.clip_gradients(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        keys = sorted(sums)
+        values = torch.stack([grad_norm.to(torch.float64)] +
+                             [sums[k].to(grad_norm.device) for k in keys]).tolist()
+        grad_norm, sums = values[0], dict(zip(keys, values[1:]))
+        # A non-finite loss on any rank reaches every rank through reduce_stats, so all of
+        # them stop here together, before the optimizer step.
+        objective = sums.pop("objective")
+        if not math.isfinite(objective):
+            self._non_finite("loss", objective, step)
         if not math.isfinite(grad_norm):
             self._non_finite("gradient norm", grad_norm, step)
         self.optimizer.step()
