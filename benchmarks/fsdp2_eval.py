@@ -118,7 +118,8 @@ def main() -> None:
         dist.broadcast_object_list(box, src=0)
     work = Path(box[0])
     if env.rank == 0:  # tokenize once; every mode reads the same prepared tokens
-        prepare_dataset(DataSpec(vocab_size=2048, max_bytes=8 << 20), work / "data", log=lambda m: None)
+        prepare_dataset(DataSpec(vocab_size=2048, max_bytes=8 << 20), work / "data",
+                        log=lambda m: None)
     if dist.is_initialized():
         dist.barrier()
     base = dict(preset=args.preset, data=(str(work / "data"),), steps=args.steps,

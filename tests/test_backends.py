@@ -82,9 +82,8 @@ def test_experts_under_autocast_get_operands_in_the_autocast_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, ends, parked=False)
     assert seen == [(torch.bfloat16,) * 5]
-    want = real(x.bfloat16(), ends, *(w.bfloat16() for w in (experts.w_in_EDI, experts.b_in_EI,
-                                                               experts.w_out_EFD, experts.b_out_ED)),
-                "gelu", False)
+    weights = (experts.w_in_EDI, experts.b_in_EI, experts.w_out_EFD, experts.b_out_ED)
+    want = real(x.bfloat16(), ends, *(w.bfloat16() for w in weights), "gelu", False)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     out.float().sum().backward()  # gradients reach the fp32 master weights
     assert experts.w_in_EDI.grad.dtype == torch.float32 and experts.w_in_EDI.grad.abs().sum() > 0
