@@ -244,3 +244,17 @@ def test_sizes_and_config_validation():
         OffloadConfig(gpu_memory="1GiB", prefetch="oracle")
     with pytest.raises(ValueError, match="offload="):
         EngineConfig(offload="1GiB")
+
+
+def test_a_new_engine_on_an_offloaded_model_reuses_its_store():
+    model = make_model("mixtral")
+    ps = prompts(2, seed=3)
+    _, ref_tokens, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
+    first = Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 4, max_batch_size=2))))
+    store = first.offload.cache.store
+    del first
+    engine, tokens, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 3, max_batch_size=2), expert_cache_policy="lfu"))
+    assert engine.offload.cache.store is store and engine.offload.plan.slots == 3
+    assert tokens == ref_tokens

@@ -103,12 +103,21 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     if not layers:
         raise ValueError("gpu_memory: the model has no MoE layer, there are no experts to "
                          "offload")
-    template = _layer_experts(layers[0].experts)
+    offloaded = [isinstance(m.experts, OffloadedExperts) for m in layers]
+    if any(offloaded) and not all(offloaded):
+        raise ValueError("gpu_memory: some MoE layers are offloaded and some are not")
+    # A model an earlier engine offloaded keeps its host store: a new engine (another budget,
+    # policy or prefetch method) builds a new cache over it instead of copying the experts.
+    reuse = layers[0].experts.cache.store if all(offloaded) else None
+    sources = (reuse.layers if reuse is not None
+               else [_layer_experts(m.experts) for m in layers])
+    template = sources[0]
     shapes = [(t.shape[1:], t.dtype) for t in template.tensors()]
-    for i, layer in enumerate(layers):
-        if [(t.shape[1:], t.dtype) for t in _layer_experts(layer.experts).tensors()] != shapes:
+    for i, src in enumerate(sources):
+        if [(t.shape[1:], t.dtype) for t in src.tensors()] != shapes:
             raise ValueError(f"gpu_memory: MoE layer {i}'s expert shapes differ from the first "
                              f"MoE layer's; the expert cache needs one expert shape")
+    del sources
     plan = plan_budget(config.budget_bytes, non_expert=non_expert_bytes(model),
                        kv_cache=kv_cache_bytes,
                        activations=activation_bytes(model, max_tokens, max_batch, device),
@@ -116,13 +125,14 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
                        min_slots=max(m.spec.router.top_k for m in layers),
                        total_experts=sum(m.spec.num_experts for m in layers))
 
-    store = ExpertStore(pin=device.type == "cuda")
+    store = reuse if reuse is not None else ExpertStore(pin=device.type == "cuda")
     cache = ExpertCache(store, template, plan.slots, device, config.expert_cache_policy)
     del template  # holds the first layer's weights: drop it so they go with the layer's module
     ledger = PrefetchLedger()
     for i, layer in enumerate(layers):
         old = layer.experts
-        store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
+        if reuse is None:
+            store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
         predictor = None
         if config.prefetch == "router" and i + 1 < len(layers):
             predictor = RouterPredictor(layers[i + 1].router)
