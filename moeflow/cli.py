@@ -101,6 +101,7 @@ def offload_config(args: argparse.Namespace, device: str):
     from moeflow.infer.offload import OffloadConfig
 
     fields = given(args, OffloadConfig)
+    fields.pop("device", None)  # the command's own --device, passed in as `device`
     if "gpu_memory" not in fields:
         if fields:
             raise UsageError(f"--{next(iter(fields)).replace('_', '-')} needs --gpu-memory")

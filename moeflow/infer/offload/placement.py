@@ -94,11 +94,9 @@ class ExpertOffload:
         return OffloadStats(self.plan, self.cache.stats(), self.ledger.stats())
 
 
-def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
-                    max_tokens: int, max_batch: int) -> ExpertOffload:
-    """Take `model` over as described in the module docstring; ValueError if the budget is
-    below the non-expert weights + KV cache + activations + a minimal expert cache."""
-    device = resolve_device(config.device)
+def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStore | None]:
+    """Each MoE layer's expert tensors, and the host store if an earlier engine offloaded them
+    (a new engine then builds a new cache over that store instead of copying the experts)."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("gpu_memory: the model has no MoE layer, there are no experts to "
@@ -106,28 +104,42 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     offloaded = [isinstance(m.experts, OffloadedExperts) for m in layers]
     if any(offloaded) and not all(offloaded):
         raise ValueError("gpu_memory: some MoE layers are offloaded and some are not")
-    # A model an earlier engine offloaded keeps its host store: a new engine (another budget,
-    # policy or prefetch method) builds a new cache over it instead of copying the experts.
-    reuse = layers[0].experts.cache.store if all(offloaded) else None
-    sources = (reuse.layers if reuse is not None
-               else [_layer_experts(m.experts) for m in layers])
-    template = sources[0]
-    shapes = [(t.shape[1:], t.dtype) for t in template.tensors()]
+    if all(offloaded):
+        store = layers[0].experts.cache.store
+        return store.layers, store
+    return [_layer_experts(m.experts) for m in layers], None
+
+
+def plan_offload(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
+                 max_tokens: int, max_batch: int) -> BudgetPlan:
+    """The budget plan `offload_experts` would use; changes and allocates nothing."""
+    device = resolve_device(config.device)
+    sources, _ = _host_layers(model)
+    shapes = [(t.shape[1:], t.dtype) for t in sources[0].tensors()]
     for i, src in enumerate(sources):
         if [(t.shape[1:], t.dtype) for t in src.tensors()] != shapes:
             raise ValueError(f"gpu_memory: MoE layer {i}'s expert shapes differ from the first "
                              f"MoE layer's; the expert cache needs one expert shape")
-    del sources
-    plan = plan_budget(config.budget_bytes, non_expert=non_expert_bytes(model),
+    layers = model.moe_layers()
+    return plan_budget(config.budget_bytes, non_expert=non_expert_bytes(model),
                        kv_cache=kv_cache_bytes,
                        activations=activation_bytes(model, max_tokens, max_batch, device),
-                       expert=expert_bytes(template),
+                       expert=expert_bytes(sources[0]),
                        min_slots=max(m.spec.router.top_k for m in layers),
                        total_experts=sum(m.spec.num_experts for m in layers))
 
+
+def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
+                    max_tokens: int, max_batch: int) -> ExpertOffload:
+    """Take `model` over as described in the module docstring; ValueError if the budget is
+    below the non-expert weights + KV cache + activations + a minimal expert cache."""
+    plan = plan_offload(model, config, kv_cache_bytes, max_tokens, max_batch)
+    device = resolve_device(config.device)
+    layers = model.moe_layers()
+    sources, reuse = _host_layers(model)
     store = reuse if reuse is not None else ExpertStore(pin=device.type == "cuda")
-    cache = ExpertCache(store, template, plan.slots, device, config.expert_cache_policy)
-    del template  # holds the first layer's weights: drop it so they go with the layer's module
+    cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
+    del sources  # they hold the layers' weights: drop them so they go with each layer's module
     ledger = PrefetchLedger()
     for i, layer in enumerate(layers):
         old = layer.experts
