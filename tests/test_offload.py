@@ -12,7 +12,9 @@ from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.offload import ExpertCache, OffloadConfig, parse_size
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
+from moeflow.infer.offload.placement import plan_offload
 from moeflow.infer.offload.prefetch import PrefetchLedger
+from moeflow.infer.slot_cache import SlotKVCache
 from moeflow.model.experts import Experts
 
 VOCAB = 97
@@ -47,10 +49,12 @@ def prompts(n: int, seed: int) -> list[list[int]]:
             for t in torch.randint(3, 12, (n,), generator=g)]
 
 
-def budget_for(model, slots: int, **engine) -> str:
-    """A budget that buys exactly `slots` cache slots (read from the plan of an ample one)."""
-    probe = Engine(copy.deepcopy(model), EngineConfig(
-        **engine, offload=OffloadConfig(gpu_memory="64GiB"))).offload.plan
+def budget_for(model, slots: int, max_batch_size: int) -> str:
+    """A budget that buys exactly `slots` cache slots (the plan of an ample one, as the engine
+    will compute it: max_seq_len and slot count are the engine's defaults here)."""
+    max_len = model.config.max_seq_len
+    kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
+    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"), kv, max_len, max_batch_size)
     return str(probe.fixed + slots * probe.expert)
 
 
@@ -65,14 +69,14 @@ def run(model, ps, **engine):
 @pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router")])
 def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, prefetch):
     model = make_model(kind)
-    ps = prompts(3, seed=len(kind))
-    _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=3)
+    ps = prompts(2, seed=len(kind))
+    _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
     total = sum(m.spec.num_experts for m in model.moe_layers())
     top_k = model.config.router.top_k
-    slots = top_k + 2  # far fewer than the experts: a batch of 3 needs groups and evictions
-    offload = OffloadConfig(gpu_memory=budget_for(model, slots, max_batch_size=3),
+    slots = top_k + 1  # far fewer than the experts: a batch of 2 needs groups and evictions
+    offload = OffloadConfig(gpu_memory=budget_for(model, slots, max_batch_size=2),
                             expert_cache_policy=policy, prefetch=prefetch)
-    engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=3, offload=offload)
+    engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
     assert engine.offload.plan.slots == slots < total
     assert tokens == ref_tokens
     for rid, rows in ref_logits.items():
@@ -213,8 +217,9 @@ def test_zero_shot_prefetch_recall_matches_the_next_routers_choices():
 
 def test_budget_below_the_minimum_is_one_line_naming_both_sizes_and_changes_nothing():
     model = make_model("mixtral")
-    probe = Engine(copy.deepcopy(model), EngineConfig(
-        max_batch_size=2, offload=OffloadConfig(gpu_memory="64GiB"))).offload.plan
+    max_len = model.config.max_seq_len
+    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"),
+                         SlotKVCache.bytes_per_token(model) * 2 * max_len, max_len, 2)
     assert probe.min_slots == 2
     too_small = probe.fixed + 2 * probe.expert - 1
     with pytest.raises(ValueError) as err:

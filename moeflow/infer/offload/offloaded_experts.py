@@ -84,8 +84,11 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
             rows.numel())).all())
         rows = rows.to(x_ND.device)
         x_RD = x_ND if identity else x_ND[rows]
-        fn = resolve_expert_backend(self.backends.experts, x_RD, cache.w_in_SDI,
-                                    cache.w_out_SFD)
+        # The chooser weighs rows per expert (few rows: the weight-streaming kernel): judge by
+        # the slots in use, not the whole pool, whose empty slots cost those kernels nothing.
+        used = len(experts)
+        fn = resolve_expert_backend(self.backends.experts, x_RD, cache.w_in_SDI[:used],
+                                    cache.w_out_SFD[:used])
         y_RD = fn(x_RD, ends_S, cache.w_in_SDI, cache.b_in_SI, cache.w_out_SFD, cache.b_out_SD,
                   self.activation, False)
         if identity:
