@@ -266,12 +266,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from moeflow.serve.config import ServeConfig
     from moeflow.serve.server import serve
 
+    return serve(serve_config(args))
+
+
+def serve_config(args: argparse.Namespace):
+    """ServeConfig from `serve` flags: its own fields, and `offload` from OffloadConfig's."""
+    from moeflow.serve.config import ServeConfig
+
     fields = given(args, ServeConfig)
-    offload = offload_config(args, fields.get("device", "auto"))
-    return serve(ServeConfig(**fields, offload=offload))
+    return ServeConfig(**fields, offload=offload_config(args, fields.get("device", "auto")))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
