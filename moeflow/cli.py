@@ -17,6 +17,7 @@ Examples:
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
   moeflow convert runs/tiny ./tiny-hf --to hf    # a run -> transformers (+ tokenizer)
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
+  moeflow serve --model ./q3-moeflow --gpu-memory 24GiB   # experts offloaded to host memory
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
@@ -51,22 +52,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"moeflow: error: {message} (see {self.prog} --help)\n")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
-                        ) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        optional: bool = False) -> None:
     """One flag per field of dataclass `cls` (--field-name, or metadata["flag"]), with the help
     text and choices of the field's metadata (moeflow.validate.option).
 
     Defaults stay in the dataclass: flags not given are absent from the namespace (SUPPRESS),
     so `cls(**given)` applies the dataclass's own defaults and validation. A field without a
-    default is a required flag.
+    default is a required flag, unless `optional` (the whole dataclass is optional: the caller
+    builds it only when its required flags are given, see `offload_config`).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = (None if required else f.default if f.default is not dataclasses.MISSING
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = missing and not optional
+        default = (None if missing else f.default if f.default is not dataclasses.MISSING
                    else f.default_factory())
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
@@ -92,6 +95,19 @@ def given(args: argparse.Namespace, cls: type) -> dict:
     """The fields of `cls` that the command line set."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def offload_config(args: argparse.Namespace, device: str):
+    """The OffloadConfig the --gpu-memory flags ask for, or None without --gpu-memory."""
+    from moeflow.infer.offload import OffloadConfig
+
+    fields = given(args, OffloadConfig)
+    fields.pop("device", None)  # the command's own --device, passed in as `device`
+    if "gpu_memory" not in fields:
+        if fields:
+            raise UsageError(f"--{next(iter(fields)).replace('_', '-')} needs --gpu-memory")
+        return None
+    return OffloadConfig(**fields, device=device)
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -194,10 +210,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeflow.serve.loader import load_for_serving
 
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    loaded = load_for_serving(args.checkpoint, device)
+    offload = offload_config(args, device)
+    # Offloading places the model itself (experts to host memory): load it on the CPU.
+    loaded = load_for_serving(args.checkpoint, "cpu" if offload else device)
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**given(args, SamplingParams), stop_token_ids=tokenizer.eos_ids)
-    engine = Engine(model, EngineConfig(max_batch_size=1))
+    engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))
     text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
     print(args.prompt + text)
     return 0
@@ -248,10 +266,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from moeflow.serve.config import ServeConfig
     from moeflow.serve.server import serve
 
-    return serve(ServeConfig(**given(args, ServeConfig)))
+    return serve(serve_config(args))
+
+
+def serve_config(args: argparse.Namespace):
+    """ServeConfig from `serve` flags: its own fields, and `offload` from OffloadConfig's."""
+    from moeflow.serve.config import ServeConfig
+
+    fields = given(args, ServeConfig)
+    return ServeConfig(**fields, offload=offload_config(args, fields.get("device", "auto")))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -270,13 +295,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    from moeflow.infer.offload import OffloadConfig
+
+    group = parser.add_argument_group("expert offloading (serve a model larger than the GPU)")
+    add_dataclass_flags(group, OffloadConfig, skip=("device",), optional=True)
+
+
 def _add_serve_parsers(sub) -> None:
     from moeflow.serve.bench import BenchConfig
     from moeflow.serve.config import ServeConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
                                      "/v1/chat/completions, /v1/models, /health, /metrics)")
-    add_dataclass_flags(p, ServeConfig)
+    add_dataclass_flags(p, ServeConfig, skip=("offload",))
+    _add_offload_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, "
@@ -329,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the generated text contains one of these strings; the output "
                         "ends just before it (end-of-text always stops)")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    _add_offload_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="PNG plots of a run: loss vs tokens, expert-load heatmap")

@@ -129,8 +129,15 @@ def test_serve_and_bench_serve_flags_come_from_their_configs():
     got = ServeConfig(**given(parser.parse_args(argv), ServeConfig))
     assert got == ServeConfig("m", "n", "0.0.0.0", 9, 2, 3, 64, 128, 100, 1.5, "cpu",
                               "bfloat16", 5, 1, "info")
-    assert {f.name for f in dataclasses.fields(ServeConfig)} == set(given(
-        parser.parse_args(argv), ServeConfig))  # every field has a flag
+    assert {f.name for f in dataclasses.fields(ServeConfig)} - {"offload"} == set(given(
+        parser.parse_args(argv), ServeConfig))  # every field has a flag; offload: its own
+    from moeflow.cli import serve_config
+    from moeflow.infer.offload import OffloadConfig
+
+    assert serve_config(parser.parse_args(argv)).offload is None
+    got = serve_config(parser.parse_args(argv + ["--gpu-memory", "8GiB", "--prefetch", "none",
+                                                 "--expert-cache-policy", "lfu"]))
+    assert got.offload == OffloadConfig("8GiB", "lfu", "none", device="cpu")
 
     args = parser.parse_args(["bench-serve"])
     assert BenchConfig(**given(args, BenchConfig)) == BenchConfig()

@@ -141,3 +141,23 @@ def test_generate_help_describes_the_engine_and_stop_sequences(capsys):
     assert "--stop-sequences TEXT [TEXT ...]" in help_text
     assert "stop when the generated text contains one of these strings" in help_text
     assert "through the serving engine" in help_text and "--no-cache" not in help_text
+
+
+def test_generate_cli_with_gpu_memory_offloads_and_gives_the_same_text(run_dir):
+    def cli(*extra):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["generate", "--checkpoint", str(run_dir), "--prompt", "def ",
+                       "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu",
+                       *extra])
+        return rc, out.getvalue(), err.getvalue()
+
+    rc, resident, err = cli()
+    assert rc == 0, err
+    assert cli("--gpu-memory", "1GiB", "--expert-cache-policy", "lfu") == (0, resident, "")
+    rc, _, err = cli("--expert-cache-policy", "lfu")
+    assert rc == 2 and err == "moeflow: error: --expert-cache-policy needs --gpu-memory\n"
+    rc, _, err = cli("--gpu-memory", "lots")
+    assert rc == 2 and err.startswith("moeflow: error: gpu_memory='lots': must be a size")
+    rc, _, err = cli("--gpu-memory", "100KB")
+    assert rc == 2 and err.count("\n") == 1 and "below the" in err and "minimal expert cache" in err

@@ -11,7 +11,10 @@ with `inference=True` (dropless, so no competition for expert slots, and no rout
 row attends only to its own slot, and each request samples with its own torch.Generator (seeded
 from `SamplingParams.seed`, else from the global RNG). The routing mode is an argument of the
 engine's forwards, not a setting of the model: the engine changes nothing on the model it is
-given (not even `model.training`), so a model shared with a trainer trains as before.
+given (not even `model.training`), so a model shared with a trainer trains as before. The one
+exception is `EngineConfig.offload` (`--gpu-memory`): a model that does not fit the GPU must be
+placed by the engine, which moves its experts to host memory behind a GPU expert cache and the
+rest to the device (moeflow.infer.offload.placement).
 
 This is moeflow's one inference path: `moeflow generate` and the demo (moeflow.infer.text) and
 the server (moeflow.serve) all decode through it. The reference it is tested against is the
@@ -36,6 +39,8 @@ from typing import Callable
 import torch
 
 from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
+from moeflow.infer.offload.config import OffloadConfig
+from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
 from moeflow.infer.sampling import SamplingParams, sample_next
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
@@ -50,8 +55,13 @@ class EngineConfig:
     max_seq_len: int | None = None  # prompt + generated tokens; default model.config.max_seq_len
     cache_tokens: int | None = None  # KV tokens, all sequences; default max_batch_size*max_seq_len
     cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
+    # Keep experts in host memory under a GPU-memory budget (moeflow.infer.offload); the engine
+    # then places the model itself: load it on the CPU. Decode runs eagerly (no CUDA graphs).
+    offload: OffloadConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.offload is not None and not isinstance(self.offload, OffloadConfig):
+            raise ValueError(f"offload={self.offload!r}: expected an OffloadConfig or None")
         integer("max_batch_size", self.max_batch_size, lo=1)
         integer("max_seq_len", self.max_seq_len, lo=1, optional=True)
         integer("cache_tokens", self.cache_tokens, lo=1, optional=True)
@@ -73,6 +83,7 @@ class EngineStats:
     cache_capacity: int  # slots * max_seq_len
     tokens_generated: int  # cumulative
     expert_counts: tuple[tuple[int, ...], ...]  # cumulative per MoE layer, per expert
+    offload: OffloadStats | None = None  # expert cache and prefetch statistics, if offloading
 
 
 def graph_capturable(model: torch.nn.Module) -> bool:
@@ -119,6 +130,11 @@ class Engine:
             raise ValueError(f"cache_tokens={config.cache_tokens}: holds no sequence of "
                              f"max_seq_len {self.max_seq_len}")
         self.model = model
+        self.offload: ExpertOffload | None = None
+        if config.offload is not None:
+            kv_bytes = SlotKVCache.bytes_per_token(model) * num_slots * self.max_seq_len
+            self.offload = offload_experts(model, config.offload, kv_bytes, self.max_seq_len,
+                                           num_slots)
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_seq_len)
         self.scheduler = Scheduler(num_slots)
@@ -127,7 +143,8 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
-        if self.device.type == "cuda" and config.cuda_graphs and graph_capturable(model):
+        if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
+                and graph_capturable(model)):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
                                          self.device)
         else:
@@ -194,7 +211,8 @@ class Engine:
             running=len(running), waiting=len(self.scheduler.waiting),
             cache_used=sum(r.cached for r in running),
             cache_capacity=self.cache.num_slots * self.max_seq_len,
-            tokens_generated=self._tokens_generated, expert_counts=tuple(per_layer))
+            tokens_generated=self._tokens_generated, expert_counts=tuple(per_layer),
+            offload=None if self.offload is None else self.offload.stats())
 
     # -- stepping ---------------------------------------------------------------------------
 

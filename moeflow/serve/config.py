@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeflow.infer.offload.config import OffloadConfig
 from moeflow.validate import check, choice, integer, number, option
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -49,6 +50,8 @@ class ServeConfig:
     threads: int | None = option("torch intra-op threads (default on CPU: cores - 1, one left "
                                  "for HTTP)", default=None)
     log_level: str = option("server log level", choices=LOG_LEVELS, default="warning")
+    # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
+    offload: OffloadConfig | None = None
 
     def __post_init__(self) -> None:
         check(isinstance(self.model, str) and bool(self.model), "model", self.model,
@@ -66,6 +69,8 @@ class ServeConfig:
         choice("device", self.device, DEVICES)
         choice("dtype", self.dtype, DTYPES, optional=True)
         choice("log_level", self.log_level, LOG_LEVELS)
+        check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
+              self.offload, "must be an OffloadConfig or None")
 
     @property
     def capacity(self) -> int:

@@ -86,10 +86,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_state(config: ServeConfig) -> ServerState:
-    loaded = load_for_serving(config.model, device=config.device, dtype=config.dtype)
+    # With --gpu-memory the engine places the model (experts to host memory): load on the CPU.
+    device = "cpu" if config.offload is not None else config.device
+    loaded = load_for_serving(config.model, device=device, dtype=config.dtype)
     engine = Engine(loaded.model, EngineConfig(max_batch_size=config.max_batch,
                                                max_seq_len=config.max_seq_len,
-                                               cache_tokens=config.cache_tokens))
+                                               cache_tokens=config.cache_tokens,
+                                               offload=config.offload))
     limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
                     capacity=config.capacity, default_max_tokens=config.default_max_tokens)
     name = config.served_model_name or Path(config.model).resolve().name

@@ -1,0 +1,111 @@
+"""How the engine offloads experts: the frozen `OffloadConfig` and the GPU-memory budget plan.
+
+`moeflow serve --gpu-memory 24GiB`, `moeflow generate --gpu-memory 24GiB` and
+`EngineConfig(offload=OffloadConfig(gpu_memory="24GiB"))` all build this one dataclass (the
+flags are generated from its fields). The budget covers everything the engine allocates on the
+GPU: non-expert weights, the KV cache, an activation reserve for the largest forward the engine
+runs, and the expert cache, whose slot count is what is left divided by one expert's bytes.
+
+Minimal cache: `max top_k` slots, one token's experts of one MoE layer. With fewer, a decode step
+at batch 1 could not hold the experts it computes with at once. Larger batches and prefill need
+more distinct experts than that; the layer then computes them in groups of at most the slot
+count (moeflow.infer.offload.offloaded_experts), so any budget at or above the minimum runs every
+request, only slower. Prefetching needs slots beyond those the current layer uses: with the
+minimum it finds none and is skipped (counted in the statistics).
+
+Eviction policy ("lru" or "lfu", see moeflow.infer.offload.expert_cache) and the prefetch method
+("none", "router": zero-shot pre-gating with the next layer's router) are chosen here too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moeflow.validate import check, choice, option
+
+POLICIES = ("lru", "lfu")
+PREFETCH = ("none", "router")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '24GiB', '24GB' (10^9), '1.5g', '4096' or an int; ValueError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"gpu_memory={text!r}: must be a size such as 24GiB, 24GB or "
+                             f"25769803776")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    check(value > 0, "gpu_memory", text, "must be a positive size")
+    return value
+
+
+def format_size(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 10 << 20 else f"{n:,} bytes"
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    gpu_memory: str = option("GPU memory budget (e.g. 24GiB, 40GB): experts stay in pinned CPU "
+                             "memory and a GPU expert cache fills what the non-expert weights "
+                             "and KV cache leave")
+    expert_cache_policy: str = option("which cached expert to evict", choices=POLICIES,
+                                      default="lru")
+    prefetch: str = option("predict the next MoE layer's experts while this one computes "
+                           "(router: apply the next layer's router to this layer's input)",
+                           choices=PREFETCH, default="router")
+    device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
+
+    def __post_init__(self) -> None:
+        parse_size(self.gpu_memory)
+        choice("expert_cache_policy", self.expert_cache_policy, POLICIES)
+        choice("prefetch", self.prefetch, PREFETCH)
+        choice("device", self.device, ("auto", "cpu", "cuda"))
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_size(self.gpu_memory)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What the budget buys; every figure in bytes except `slots`."""
+
+    budget: int
+    non_expert: int  # weights that stay on the device (attention, norms, routers, embeddings)
+    kv_cache: int
+    activations: int  # reserve for the largest forward (prefill of max_seq_len tokens)
+    expert: int  # one expert's weights (all projections and biases)
+    min_slots: int
+    slots: int
+
+    @property
+    def fixed(self) -> int:
+        return self.non_expert + self.kv_cache + self.activations
+
+    @property
+    def cache(self) -> int:
+        return self.slots * self.expert
+
+
+def plan_budget(budget: int, non_expert: int, kv_cache: int, activations: int, expert: int,
+                min_slots: int, total_experts: int) -> BudgetPlan:
+    """Slots = (budget - fixed) // expert, at most every expert; ValueError below the minimum."""
+    fixed = non_expert + kv_cache + activations
+    need = fixed + min_slots * expert
+    if budget < need:
+        raise ValueError(
+            f"gpu_memory={format_size(budget)}: below the {format_size(need)} needed for the "
+            f"non-expert weights + KV cache + activations ({format_size(fixed)}) and a minimal "
+            f"expert cache of {min_slots} experts ({format_size(min_slots * expert)})")
+    slots = min((budget - fixed) // expert, total_experts)
+    return BudgetPlan(budget=budget, non_expert=non_expert, kv_cache=kv_cache,
+                      activations=activations, expert=expert, min_slots=min_slots, slots=slots)

@@ -1,0 +1,210 @@
+"""The GPU expert cache: a fixed pool of whole-expert slots shared by every MoE layer.
+
+One pool tensor per projection (`w_in_SDI`, `w_out_SFD`, optional biases), allocated once, so
+the memory is fixed by the budget and the caching allocator never sees expert traffic. A slot
+holds one (MoE layer, expert); the layer computes directly on the pool (moeflow.infer.offload.
+offloaded_experts sorts its rows by slot), so a hit costs nothing but the lookup.
+
+Eviction policy (lower priority is evicted first; empty slots are used before any eviction):
+  * "lru": the slot used longest ago;
+  * "lfu": the expert used least often, counted over the engine's whole history (not reset on
+    eviction: an expert's popularity is a property of the expert, MoE-Infinity's observation),
+    ties broken by least recent use.
+"Use" is a demand access by a layer's forward; a prefetch stamps recency but not frequency.
+
+Pins: slots that must not be evicted now: the experts a layer is computing with (`acquire` ..
+`release`), and prefetched experts until their layer runs (released by that layer's
+`acquire`). A prefetch that finds every slot pinned is skipped and counted, never blocking.
+
+Victims come from a heap of (priority, slot) entries with lazy invalidation: O(log S) per miss,
+so a pool of thousands of small experts (Qwen3-30B-A3B's) costs no scan per miss.
+
+Legend: S slots, D model dim, F expert ffn dim, I = F or 2F.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
+from moeflow.infer.offload.streams import SlotStreams
+
+POLICIES = ("lru", "lfu")
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    lookups: int  # demand accesses (one per distinct expert a layer forward computes with)
+    hits: int  # of those, already resident (or prefetched) when asked for
+    prefetches: int  # copies issued ahead of demand
+    prefetch_used: int  # prefetched experts that a demand access found
+    prefetch_skipped: int  # predictions not prefetched: every slot was pinned
+    copies: int  # all copies (demand misses + prefetches)
+    bytes_copied: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, template: LayerExperts, num_slots: int,
+                 device: torch.device, policy: str = "lru") -> None:
+        """`template`: any layer's experts (shapes and dtype of the pool; every layer the
+        store holds must match them, see moeflow.infer.offload.placement)."""
+        if policy not in POLICIES:
+            raise ValueError(f"expert_cache_policy={policy!r}: must be one of "
+                             f"{', '.join(POLICIES)}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots}: the expert cache needs at least one slot")
+        self.store, self.num_slots, self.policy = store, num_slots, policy
+
+        def pool(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty(num_slots, *t.shape[1:], dtype=t.dtype,
+                                                      device=device)
+
+        first = template
+        self.w_in_SDI, self.w_out_SFD = pool(first.w_in_EDI), pool(first.w_out_EFD)
+        self.b_in_SI, self.b_out_SD = pool(first.b_in_EI), pool(first.b_out_ED)
+        self.streams = SlotStreams(device, num_slots)
+        self.key_S: list[tuple[int, int] | None] = [None] * num_slots
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self._uses: dict[tuple[int, int], int] = {}  # LFU frequency, kept across evictions
+        self._stamp: list[int] = [0] * num_slots  # last use (tick), per slot
+        self._tick = 0
+        self._heap: list[tuple[tuple[int, ...], int]] = []
+        self._empty = list(range(num_slots - 1, -1, -1))
+        self._pinned: dict[int, int] = {}  # slot -> pin count
+        self._prefetched: dict[int, set[int]] = {}  # layer -> slots prefetched for it, pinned
+        self._counts = dict(lookups=0, hits=0, prefetches=0, prefetch_used=0,
+                            prefetch_skipped=0, copies=0, bytes_copied=0)
+        self._unused_prefetch: set[int] = set()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def resident(self, layer: int) -> set[int]:
+        return {k[1] for k in self.slot_of if k[0] == layer}
+
+    def stats(self) -> CacheStats:
+        return CacheStats(**self._counts)
+
+    # -- demand -----------------------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Slots holding `experts` of `layer`, pinned, copies issued for misses. The caller
+        waits (`streams.wait_ready`), computes, then calls `release`. Releases the layer's
+        prefetch pins first: from here on demand decides what stays."""
+        if len(experts) > self.num_slots:
+            raise ValueError(f"{len(experts)} experts requested at once; the cache has "
+                             f"{self.num_slots} slots")
+        slots: list[int | None] = [self.slot_of.get((layer, e)) for e in experts]
+        for slot in slots:  # pin the hits first: no miss below may evict one of them
+            if slot is not None:
+                self._pin(slot)
+        self.unpin_prefetched(layer)
+        for i, e in enumerate(experts):
+            key = (layer, e)
+            self._counts["lookups"] += 1
+            if slots[i] is not None:
+                self._counts["hits"] += 1
+                if slots[i] in self._unused_prefetch:
+                    self._unused_prefetch.discard(slots[i])
+                    self._counts["prefetch_used"] += 1
+            else:
+                slots[i] = self._load(key)
+                self._pin(slots[i])
+            self._uses[key] = self._uses.get(key, 0) + 1
+            self._touch(slots[i])
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """End of the compute that read `slots` (as issued): they may be evicted again."""
+        self.streams.read_done(slots)
+        for s in slots:
+            self._unpin(s)
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire."""
+        held = self._prefetched.setdefault(layer, set())
+        for e in experts:
+            key = (layer, e)
+            slot = self.slot_of.get(key)
+            if slot is None:
+                if len(self._pinned) >= self.num_slots:
+                    self._counts["prefetch_skipped"] += 1
+                    continue
+                slot = self._load(key)
+                self._counts["prefetches"] += 1
+                self._unused_prefetch.add(slot)
+                self._touch(slot)
+            if slot not in held:
+                held.add(slot)
+                self._pin(slot)
+
+    def unpin_prefetched(self, layer: int) -> None:
+        for s in self._prefetched.pop(layer, ()):
+            self._unpin(s)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _priority(self, slot: int) -> tuple[int, ...]:
+        if self.policy == "lfu":
+            return (self._uses.get(self.key_S[slot], 0), self._stamp[slot])
+        return (self._stamp[slot],)
+
+    def _touch(self, slot: int) -> None:
+        self._tick += 1
+        self._stamp[slot] = self._tick
+        heapq.heappush(self._heap, (self._priority(slot), slot))
+
+    def _pin(self, slot: int) -> None:
+        self._pinned[slot] = self._pinned.get(slot, 0) + 1
+
+    def _unpin(self, slot: int) -> None:
+        n = self._pinned[slot] - 1
+        if n:
+            self._pinned[slot] = n
+        else:
+            del self._pinned[slot]
+
+    def _victim(self) -> int:
+        if self._empty:
+            return self._empty.pop()
+        skipped = []
+        try:
+            while self._heap:
+                prio, slot = heapq.heappop(self._heap)
+                if self.key_S[slot] is None or prio != self._priority(slot):
+                    continue  # stale entry: the slot was used again since
+                if slot in self._pinned:
+                    skipped.append((prio, slot))
+                    continue
+                return slot
+        finally:
+            for entry in skipped:
+                heapq.heappush(self._heap, entry)
+        raise RuntimeError("expert cache: every slot is pinned")
+
+    def _load(self, key: tuple[int, int]) -> int:
+        slot = self._victim()
+        old = self.key_S[slot]
+        if old is not None:
+            del self.slot_of[old]
+            self._unused_prefetch.discard(slot)
+        self.key_S[slot], self.slot_of[key] = key, slot
+        src = self.store.expert(*key)
+        dst = (self.w_in_SDI, self.w_out_SFD, self.b_in_SI, self.b_out_SD)
+        with self.streams.copying_into(slot):
+            for d, s in zip(dst, src):
+                if d is not None:
+                    d[slot].copy_(s, non_blocking=True)
+        self.streams.copied(slot)
+        self._counts["copies"] += 1
+        self._counts["bytes_copied"] += sum(s.numel() * s.element_size()
+                                            for s in src if s is not None)
+        return slot

@@ -1,0 +1,72 @@
+"""Where offloaded experts live: host memory, pinned when copies go to a CUDA device.
+
+Pinned (page-locked) memory is what lets `copy_(non_blocking=True)` run as a DMA on a side stream
+at full PCIe/NVLink-C2C bandwidth without the CPU in the loop; pageable memory is staged through
+a bounce buffer synchronously. The store takes each layer's expert tensors over one layer at a
+time (pinned copy, then the original is dropped by the caller), so converting a model in host
+RAM needs one layer's experts of headroom, not a second copy of the model.
+
+Not done: memory-mapping experts from safetensors for models larger than host RAM. The store's
+interface (`expert(layer, e)` -> tensors to copy from) is what such a store would implement.
+
+Legend: E experts of a layer, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    w_in_EDI: torch.Tensor
+    w_out_EFD: torch.Tensor
+    b_in_EI: torch.Tensor | None
+    b_out_ED: torch.Tensor | None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.w_in_EDI, self.w_out_EFD, self.b_in_EI, self.b_out_ED)
+                     if t is not None)
+
+
+def expert_bytes(layer: LayerExperts) -> int:
+    """Bytes of one expert: every projection and bias."""
+    return sum(t[0].numel() * t.element_size() for t in layer.tensors())
+
+
+class ExpertStore:
+    """All MoE layers' experts in host memory, indexed by (MoE layer, expert)."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.layers: list[LayerExperts] = []
+
+    def add_layer(self, w_in_EDI: torch.Tensor, w_out_EFD: torch.Tensor,
+                  b_in_EI: torch.Tensor | None, b_out_ED: torch.Tensor | None) -> int:
+        """Keep a host copy of one layer's experts (pinned if `pin`); returns its index."""
+        self.layers.append(LayerExperts(*(None if t is None else self._host(t)
+                                          for t in (w_in_EDI, w_out_EFD, b_in_EI, b_out_ED))))
+        return len(self.layers) - 1
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if not self.pin:
+            return t.to("cpu").contiguous()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t)
+        return out
+
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor | None, ...]:
+        """(w_in_DI, w_out_FD, b_in_I, b_out_D) of one expert, views into host memory."""
+        le = self.layers[layer]
+        return tuple(None if t is None else t[e]
+                     for t in (le.w_in_EDI, le.w_out_EFD, le.b_in_EI, le.b_out_ED))
+
+    def num_experts(self, layer: int) -> int:
+        return self.layers[layer].w_in_EDI.shape[0]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for le in self.layers for t in le.tensors())

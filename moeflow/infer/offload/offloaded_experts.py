@@ -1,0 +1,97 @@
+"""The experts module the offloading engine puts in place of each MoE layer's `Experts`.
+
+Same call as moeflow.model.experts.Experts — (x_ND, ends_E, parked) -> y_ND over expert-sorted
+rows — so MoELayer's router → dispatch → experts → combine is untouched. It holds no weights:
+it asks the shared ExpertCache for slots holding the experts its rows need, sorts the rows by
+slot and runs the same expert kernel (moeflow.ops, chosen by the model's Backends) on the cache's
+pool tensors. Rows keep their order within an expert, so each expert's matmuls see exactly the
+inputs of the resident path: outputs are equal, not just close (tests check bitwise on CPU).
+
+Per forward, in order:
+  1. one host sync reads the expert boundaries and, if a predictor is set, the predicted
+     experts of the next MoE layer (both in one transfer);
+  2. needed experts are acquired (misses copied on the copy stream), resident ones first, in
+     groups of at most the slot count when the layer needs more experts than there are slots;
+  3. before the last group computes, the next layer's predicted experts are prefetched, so
+     their copies overlap this layer's compute and the next layer's attention;
+  4. the compute stream waits for the copies into this group's slots only, computes, and
+     marks the slots free for eviction once those kernels finish.
+
+Legend: N rows, D model dim, E experts of this layer, S cache slots, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeflow.infer.offload.expert_cache import ExpertCache
+from moeflow.infer.offload.prefetch import Predictor, PrefetchLedger
+from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
+
+
+class OffloadedExperts(nn.Module, ChoosesBackends):
+    def __init__(self, layer: int, num_experts: int, d_model: int, d_ff: int, activation: str,
+                 cache: ExpertCache, ledger: PrefetchLedger, backends: Backends = Backends(),
+                 predictor: Predictor | None = None) -> None:
+        super().__init__()
+        self.layer, self.num_experts = layer, num_experts
+        self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        self.backends = backends
+        self.cache, self.ledger, self.predictor = cache, ledger, predictor
+
+    def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
+                ) -> torch.Tensor:
+        E, cache = self.num_experts, self.cache
+        parts = [ends_E.to(torch.int64)]
+        if self.predictor is not None:
+            parts.append(self.predictor(x_ND).reshape(-1).to(torch.int64))
+        host = torch.cat(parts).tolist()  # the one host sync of this layer
+        ends = host[:E]
+        starts = [0] + ends[:-1]
+        needed = [e for e in range(E) if ends[e] > starts[e]]
+        self.ledger.score(self.layer, set(needed))
+        predicted = sorted(set(host[E:])) if self.predictor is not None else []
+        if predicted:
+            self.ledger.predict(self.layer + 1, set(predicted))
+
+        y_ND = x_ND.new_zeros(x_ND.shape[0], cache.w_out_SFD.shape[-1])
+        resident = cache.resident(self.layer)
+        order = sorted(needed, key=lambda e: e not in resident)  # hits compute first
+        groups = [order[i:i + cache.num_slots] for i in range(0, len(order), cache.num_slots)]
+        for g, group in enumerate(groups):
+            slots = cache.acquire(self.layer, group)
+            if g == len(groups) - 1 and predicted:
+                cache.prefetch(self.layer + 1, predicted)
+            cache.streams.wait_ready(slots)
+            self._compute(x_ND, y_ND, group, slots, starts, ends)
+            cache.release(slots)
+        if not groups and predicted:
+            cache.prefetch(self.layer + 1, predicted)
+        return y_ND
+
+    def _compute(self, x_ND: torch.Tensor, y_ND: torch.Tensor, experts: list[int],
+                 slots: list[int], starts: list[int], ends: list[int]) -> None:
+        """y_ND[rows of `experts`] = their MLPs, run over the pool with rows sorted by slot."""
+        cache = self.cache
+        by_slot = sorted(zip(slots, experts))
+        counts_S = [0] * cache.num_slots
+        for s, e in by_slot:
+            counts_S[s] = ends[e] - starts[e]
+        rows = torch.cat([torch.arange(starts[e], ends[e]) for _, e in by_slot])
+        ends_S = torch.tensor(counts_S).cumsum(0).to(x_ND.device)
+        identity = rows.numel() == x_ND.shape[0] and bool((rows == torch.arange(
+            rows.numel())).all())
+        rows = rows.to(x_ND.device)
+        x_RD = x_ND if identity else x_ND[rows]
+        # The chooser weighs rows per expert (few rows: the weight-streaming kernel): judge by
+        # the slots in use, not the whole pool, whose empty slots cost those kernels nothing.
+        used = len(experts)
+        fn = resolve_expert_backend(self.backends.experts, x_RD, cache.w_in_SDI[:used],
+                                    cache.w_out_SFD[:used])
+        y_RD = fn(x_RD, ends_S, cache.w_in_SDI, cache.b_in_SI, cache.w_out_SFD, cache.b_out_SD,
+                  self.activation, False)
+        if identity:
+            y_ND.copy_(y_RD)
+        else:
+            y_ND[rows] = y_RD

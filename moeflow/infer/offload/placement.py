@@ -1,0 +1,156 @@
+"""Placing a model under a GPU-memory budget: experts to host memory, the rest to the device.
+
+`offload_experts(model, config, kv_cache_bytes, max_tokens)` is what the engine calls when
+`EngineConfig.offload` is set. It takes the model over (the one case where the engine changes
+the model it is given: it must, the model does not fit otherwise): each MoE layer's `Experts`
+is replaced by an `OffloadedExperts` reading from one shared `ExpertCache`, the experts' weights
+move to an `ExpertStore` in (pinned) host memory one layer at a time, and everything else moves
+to the device. Load the model on the CPU first (`moeflow serve/generate --gpu-memory` do): a
+model larger than the GPU never touches it whole.
+
+The budget is checked before anything moves, so a budget that is too small fails with one line
+naming the needed and the given sizes and leaves the model as it was.
+
+Activation reserve: the largest forward the engine runs is one prompt of up to `max_tokens`
+(prefill) or a decode step of the whole batch; `activation_bytes` bounds its live tensors from
+the config (hidden states, attention scores where materialised, expert rows, logits), doubled for
+the caching allocator's rounding and fragmentation. The GPU benchmark measures the peak
+(`torch.cuda.max_memory_allocated`) against the budget to check this bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
+from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
+from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
+from moeflow.infer.offload.offloaded_experts import OffloadedExperts
+from moeflow.infer.offload.prefetch import PrefetchLedger, PrefetchStats, RouterPredictor
+from moeflow.ops.activation import ffn_in_width
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    plan: BudgetPlan
+    cache: CacheStats
+    prefetch: PrefetchStats
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda': no CUDA device is available")
+    return torch.device(device)
+
+
+def _layer_experts(experts) -> LayerExperts:
+    return LayerExperts(experts.w_in_EDI, experts.w_out_EFD, experts.b_in_EI, experts.b_out_ED)
+
+
+def non_expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer outside the MoE layers' experts (tied ones once)."""
+    skip = {id(t) for layer in model.moe_layers() for t in layer.experts.parameters()}
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in skip and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def activation_bytes(model: torch.nn.Module, max_tokens: int, max_batch: int,
+                     device: torch.device) -> int:
+    """Upper bound on the live activations of one engine forward (see the module docstring)."""
+    c = model.config
+    elt = next(model.parameters()).element_size()
+    T = max(max_tokens, max_batch)
+    moe = model.moe_layers()
+    K = max((m.spec.router.top_k for m in moe), default=1)
+    E = max((m.spec.num_experts for m in moe), default=1)
+    activation = "gelu" if c.arch == "gpt" else "swiglu"
+    F = max([s.d_ff for s in c.ffn_specs()] + [s.expert_d_ff for s in c.ffn_specs()])
+    per_token = (12 * c.d_model + 3 * c.n_heads * c.head_dim  # residual, norms, q/k/v/o
+                 + K * (4 * c.d_model + ffn_in_width(activation, F) + F)) * elt  # expert rows
+    per_token += 4 * E * 4  # fp32 router logits, scores, sort keys
+    # Attention scores: CUDA prefill runs flash attention (causal, from position 0: no mask);
+    # the CPU's math path materialises them.
+    scores = 0 if device.type == "cuda" else T * T * c.n_heads * 4
+    logits = 2 * max_batch * c.vocab_size * 4
+    return 2 * (T * per_token + scores + logits)
+
+
+class ExpertOffload:
+    """The engine's handle on an offloaded model: its budget plan, cache and statistics."""
+
+    def __init__(self, plan: BudgetPlan, cache: ExpertCache, ledger: PrefetchLedger,
+                 device: torch.device) -> None:
+        self.plan, self.cache, self.ledger, self.device = plan, cache, ledger, device
+
+    def stats(self) -> OffloadStats:
+        return OffloadStats(self.plan, self.cache.stats(), self.ledger.stats())
+
+
+def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStore | None]:
+    """Each MoE layer's expert tensors, and the host store if an earlier engine offloaded them
+    (a new engine then builds a new cache over that store instead of copying the experts)."""
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("gpu_memory: the model has no MoE layer, there are no experts to "
+                         "offload")
+    offloaded = [isinstance(m.experts, OffloadedExperts) for m in layers]
+    if any(offloaded) and not all(offloaded):
+        raise ValueError("gpu_memory: some MoE layers are offloaded and some are not")
+    if all(offloaded):
+        store = layers[0].experts.cache.store
+        return store.layers, store
+    return [_layer_experts(m.experts) for m in layers], None
+
+
+def plan_offload(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
+                 max_tokens: int, max_batch: int) -> BudgetPlan:
+    """The budget plan `offload_experts` would use; changes and allocates nothing."""
+    device = resolve_device(config.device)
+    sources, _ = _host_layers(model)
+    shapes = [(t.shape[1:], t.dtype) for t in sources[0].tensors()]
+    for i, src in enumerate(sources):
+        if [(t.shape[1:], t.dtype) for t in src.tensors()] != shapes:
+            raise ValueError(f"gpu_memory: MoE layer {i}'s expert shapes differ from the first "
+                             f"MoE layer's; the expert cache needs one expert shape")
+    layers = model.moe_layers()
+    return plan_budget(config.budget_bytes, non_expert=non_expert_bytes(model),
+                       kv_cache=kv_cache_bytes,
+                       activations=activation_bytes(model, max_tokens, max_batch, device),
+                       expert=expert_bytes(sources[0]),
+                       min_slots=max(m.spec.router.top_k for m in layers),
+                       total_experts=sum(m.spec.num_experts for m in layers))
+
+
+def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
+                    max_tokens: int, max_batch: int) -> ExpertOffload:
+    """Take `model` over as described in the module docstring; ValueError if the budget is
+    below the non-expert weights + KV cache + activations + a minimal expert cache."""
+    plan = plan_offload(model, config, kv_cache_bytes, max_tokens, max_batch)
+    device = resolve_device(config.device)
+    layers = model.moe_layers()
+    sources, reuse = _host_layers(model)
+    store = reuse if reuse is not None else ExpertStore(pin=device.type == "cuda")
+    cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
+    del sources  # they hold the layers' weights: drop them so they go with each layer's module
+    ledger = PrefetchLedger()
+    for i, layer in enumerate(layers):
+        old = layer.experts
+        if reuse is None:
+            store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
+        predictor = None
+        if config.prefetch == "router" and i + 1 < len(layers):
+            predictor = RouterPredictor(layers[i + 1].router)
+        layer.experts = OffloadedExperts(i, old.num_experts, old.d_model, old.d_ff,
+                                         old.activation, cache, ledger, old.backends,
+                                         predictor)
+        del old  # the layer held the only reference: its weights are freed here
+    model.to(device)
+    return ExpertOffload(plan, cache, ledger, device)

@@ -1,0 +1,265 @@
+"""Expert offloading on CPU (streams and events are no-ops, everything else runs as on CUDA):
+equality with the resident engine under forced evictions, the cache's slot bound and eviction
+order, prefetch bookkeeping, the budget plan and its error."""
+
+import copy
+
+import pytest
+import torch
+
+from moeflow import ModelConfig, RouterConfig, Transformer
+from moeflow.infer import Engine, EngineConfig, SamplingParams
+from moeflow.infer.offload import ExpertCache, OffloadConfig, parse_size
+from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
+from moeflow.infer.offload.offloaded_experts import OffloadedExperts
+from moeflow.infer.offload.placement import plan_offload
+from moeflow.infer.offload.prefetch import PrefetchLedger
+from moeflow.infer.slot_cache import SlotKVCache
+from moeflow.model.experts import Experts
+
+VOCAB = 97
+KINDS = {
+    # Mixtral: SwiGLU experts, top-2 of 8, no shared expert.
+    "mixtral": dict(arch="llama", n_kv_heads=2, moe_kind="moe", moe_every=1, num_experts=8,
+                    expert_d_ff=24, router=RouterConfig(top_k=2, dropless=True)),
+    # Qwen3-MoE: per-head qk norm, renormalised top-4 of 16, a shared expert.
+    "qwen3": dict(arch="llama", n_kv_heads=2, qk_norm=True, moe_kind="moe", moe_every=1,
+                  num_experts=16, expert_d_ff=16, num_shared_experts=1,
+                  router=RouterConfig(top_k=4, dropless=True, normalize_topk=True)),
+    # The paper's PR-MoE: GPT, Residual-MoE, top-1, 4 then 8 experts (with biases).
+    "pr_moe": dict(arch="gpt", n_layers=4, moe_every=2, num_experts=(4, 8),
+                   moe_kind="residual_moe", router=RouterConfig(top_k=1, dropless=True)),
+}
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
+
+
+def make_model(kind: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4,
+                                max_seq_len=40, init_std=0.1), **KINDS[kind]})
+    model = Transformer(cfg)
+    for layer in model.moe_layers():  # routing that depends on the input, not on ties
+        torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
+    return model.eval()
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(t),), generator=g).tolist()
+            for t in torch.randint(3, 12, (n,), generator=g)]
+
+
+def budget_for(model, slots: int, max_batch_size: int) -> str:
+    """A budget that buys exactly `slots` cache slots (the plan of an ample one, as the engine
+    will compute it: max_seq_len and slot count are the engine's defaults here)."""
+    max_len = model.config.max_seq_len
+    kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
+    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"), kv, max_len, max_batch_size)
+    return str(probe.fixed + slots * probe.expert)
+
+
+def run(model, ps, **engine):
+    engine_ = Engine(model, EngineConfig(**engine))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine_.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    return engine_, engine_.generate(ps, GREEDY), seen
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router")])
+def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, prefetch):
+    model = make_model(kind)
+    ps = prompts(2, seed=len(kind))
+    _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
+    total = sum(m.spec.num_experts for m in model.moe_layers())
+    top_k = model.config.router.top_k
+    slots = top_k + 1  # far fewer than the experts: a batch of 2 needs groups and evictions
+    offload = OffloadConfig(gpu_memory=budget_for(model, slots, max_batch_size=2),
+                            expert_cache_policy=policy, prefetch=prefetch)
+    engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
+    assert engine.offload.plan.slots == slots < total
+    assert tokens == ref_tokens
+    for rid, rows in ref_logits.items():
+        assert len(logits[rid]) == len(rows)
+        for row, ref in zip(logits[rid], rows):
+            assert torch.equal(row, ref)
+    stats = engine.stats().offload
+    assert stats.cache.copies > slots  # evictions happened
+    assert stats.cache.hits < stats.cache.lookups
+    assert (stats.prefetch.predicted > 0) == (prefetch == "router")
+
+
+def test_offloaded_engine_holds_no_expert_weights_and_respects_the_slot_count():
+    model = make_model("mixtral")
+    expert_numel = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
+    numel = sum(p.numel() for p in model.parameters())
+    engine = Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 5, max_batch_size=2))))
+    assert all(isinstance(m.experts, OffloadedExperts) for m in model.moe_layers())
+    assert sum(p.numel() for p in model.parameters()) == numel - expert_numel
+    cache = engine.offload.cache
+    assert cache.w_in_SDI.shape[0] == cache.w_out_SFD.shape[0] == 5
+    engine.generate(prompts(2, seed=4), GREEDY)
+    assert len(cache.slot_of) == 5 and sorted(cache.slot_of.values()) == list(range(5))
+    for (layer, e), s in cache.slot_of.items():  # each slot holds the expert it claims to
+        assert torch.equal(cache.w_in_SDI[s], cache.store.layers[layer].w_in_EDI[e])
+        assert torch.equal(cache.w_out_SFD[s], cache.store.layers[layer].w_out_EFD[e])
+
+
+def _cache(num_slots: int, policy: str, layers: int = 2, experts: int = 6) -> ExpertCache:
+    store = ExpertStore(pin=False)
+    for layer in range(layers):
+        w_in = torch.randn(experts, 4, 6) + 100 * layer
+        store.add_layer(w_in, torch.randn(experts, 3, 4), None, None)
+    template = LayerExperts(store.layers[0].w_in_EDI, store.layers[0].w_out_EFD, None, None)
+    return ExpertCache(store, template, num_slots, torch.device("cpu"), policy)
+
+
+def _use(cache: ExpertCache, layer: int, experts: list[int]) -> None:
+    cache.release(cache.acquire(layer, experts))
+
+
+def _evicted(cache: ExpertCache, before: set, layer: int, e: int) -> set:
+    _use(cache, layer, [e])
+    return before - set(cache.slot_of)
+
+
+def test_lru_evicts_the_least_recently_used_expert():
+    cache = _cache(3, "lru")
+    for e in (0, 1, 2, 0, 0, 0):  # 0 is the most used but also the most recent
+        _use(cache, 0, [e])
+    assert _evicted(cache, set(cache.slot_of), 0, 3) == {(0, 1)}
+    assert _evicted(cache, set(cache.slot_of), 1, 0) == {(0, 2)}
+    _use(cache, 0, [0])  # 0 is now the most recent: 3 is the oldest
+    assert _evicted(cache, set(cache.slot_of), 1, 1) == {(0, 3)}
+
+
+def test_lfu_evicts_the_least_frequently_used_expert_with_history_and_lru_ties():
+    cache = _cache(3, "lfu")
+    for e in (0, 0, 0, 1, 1, 2):
+        _use(cache, 0, [e])
+    assert _evicted(cache, set(cache.slot_of), 0, 3) == {(0, 2)}  # 2 used once
+    assert _evicted(cache, set(cache.slot_of), 0, 4) == {(0, 3)}  # tie 3/4 used once: older
+    for _ in range(3):
+        _use(cache, 0, [4])  # 4: 4 uses, more than 1's 2
+    assert _evicted(cache, set(cache.slot_of), 0, 2) == {(0, 1)}  # 2 now has 2 uses
+    # History survives eviction: 1 comes back with 3 uses, 2 has 2: 2 goes first.
+    assert _evicted(cache, set(cache.slot_of), 0, 1) == {(0, 2)}
+
+
+def test_pinned_experts_are_never_evicted_and_groups_fit_the_slots():
+    cache = _cache(2, "lru")
+    held = cache.acquire(0, [0, 1])
+    cache.prefetch(1, [0])  # every slot pinned: skipped, nothing evicted
+    assert cache.stats().prefetch_skipped == 1 and set(cache.slot_of) == {(0, 0), (0, 1)}
+    with pytest.raises(ValueError, match="3 experts requested at once; the cache has 2"):
+        cache.acquire(0, [2, 3, 4])
+    cache.release(held)
+    cache.prefetch(1, [0])
+    assert (1, 0) in cache.slot_of
+    _use(cache, 0, [5])  # the prefetched slot stays pinned until layer 1 runs
+    assert (1, 0) in cache.slot_of and (0, 1) not in cache.slot_of
+
+
+def test_prefetch_bookkeeping():
+    cache = _cache(4, "lru")
+    cache.prefetch(1, [2, 3])
+    stats = cache.stats()
+    assert (stats.prefetches, stats.copies, stats.prefetch_used) == (2, 2, 0)
+    slots = cache.acquire(1, [3, 4])
+    stats = cache.stats()
+    assert (stats.lookups, stats.hits, stats.prefetch_used, stats.copies) == (2, 1, 1, 3)
+    assert torch.equal(cache.w_in_SDI[slots[0]], cache.store.layers[1].w_in_EDI[3])
+    cache.release(slots)
+
+    ledger = PrefetchLedger()
+    ledger.predict(1, {2, 3})
+    ledger.score(1, {3, 4, 5})
+    ledger.score(1, {0})  # no pending prediction for layer 1 any more: not scored
+    ledger.predict(2, {1})
+    ledger.score(2, {1})
+    s = ledger.stats()
+    assert (s.predicted, s.needed, s.correct) == (3, 4, 2)
+    assert s.recall == 0.5 and s.precision == pytest.approx(2 / 3)
+
+
+def test_zero_shot_prefetch_recall_matches_the_next_routers_choices():
+    """The ledger's recall equals an independent count: per forward and MoE layer l, the
+    experts layer l+1's router picks for layer l's input vs those layer l+1 then uses."""
+    model = make_model("qwen3")
+    ps = prompts(2, seed=9)
+    ref = copy.deepcopy(model)
+    moe = ref.moe_layers()
+    inputs, used = [], []
+
+    def record(i):
+        def hook(module, args, out):
+            inputs.append((i, args[0].reshape(-1, args[0].shape[-1])))
+            used.append((i, set(out[1].ids_TK.flatten().tolist())))
+        return hook
+
+    for i, layer in enumerate(moe):
+        layer.register_forward_hook(record(i))
+    run(ref, ps, max_batch_size=2)
+    correct = needed = 0
+    for k, (i, x_TD) in enumerate(inputs):  # hooks fire layer by layer: k+1 is layer i+1
+        if i + 1 < len(moe):
+            guess = set(moe[i + 1].router(x_TD, inference=True).ids_TK.flatten().tolist())
+            truth = used[k + 1][1]
+            needed += len(truth)
+            correct += len(truth & guess)
+    engine, _, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 6, max_batch_size=2), prefetch="router"))
+    stats = engine.stats().offload.prefetch
+    assert (stats.needed, stats.correct) == (needed, correct)
+    assert 0 < correct < needed
+
+
+def test_budget_below_the_minimum_is_one_line_naming_both_sizes_and_changes_nothing():
+    model = make_model("mixtral")
+    max_len = model.config.max_seq_len
+    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"),
+                         SlotKVCache.bytes_per_token(model) * 2 * max_len, max_len, 2)
+    assert probe.min_slots == 2
+    too_small = probe.fixed + 2 * probe.expert - 1
+    with pytest.raises(ValueError) as err:
+        Engine(model, EngineConfig(max_batch_size=2,
+                                   offload=OffloadConfig(gpu_memory=str(too_small))))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"gpu_memory={too_small:,} bytes: below the {too_small + 1:,} bytes needed" in msg
+    assert f"minimal expert cache of 2 experts ({2 * probe.expert:,} bytes)" in msg
+    assert all(isinstance(m.experts, Experts) for m in model.moe_layers())
+    ok = Engine(model, EngineConfig(max_batch_size=2,
+                                    offload=OffloadConfig(gpu_memory=str(too_small + 1))))
+    assert ok.offload.plan.slots == 2
+
+
+def test_sizes_and_config_validation():
+    assert parse_size("24GiB") == 24 << 30
+    assert parse_size("40GB") == 40 * 10**9
+    assert parse_size("1.5g") == 1_500_000_000
+    assert parse_size(" 4096 ") == parse_size(4096) == 4096
+    for bad in ("lots", "12 parsecs", "-1GB", "0", ""):
+        with pytest.raises(ValueError, match="gpu_memory="):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="expert_cache_policy='fifo'"):
+        OffloadConfig(gpu_memory="1GiB", expert_cache_policy="fifo")
+    with pytest.raises(ValueError, match="prefetch='oracle'"):
+        OffloadConfig(gpu_memory="1GiB", prefetch="oracle")
+    with pytest.raises(ValueError, match="offload="):
+        EngineConfig(offload="1GiB")
+
+
+def test_a_new_engine_on_an_offloaded_model_reuses_its_store():
+    model = make_model("mixtral")
+    ps = prompts(2, seed=3)
+    _, ref_tokens, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
+    first = Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 4, max_batch_size=2))))
+    store = first.offload.cache.store
+    del first
+    engine, tokens, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 3, max_batch_size=2), expert_cache_policy="lfu"))
+    assert engine.offload.cache.store is store and engine.offload.plan.slots == 3
+    assert tokens == ref_tokens
