@@ -95,17 +95,18 @@ def train_forecaster(cfg: ForecastTrainConfig, model_config: ForecastModelConfig
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
-                loss_value = float(loss.total.detach())
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    metrics.write({
-                        "step": done, "loss": loss_value, "huber": float(loss.huber),
-                        "pinball": float(loss.pinball), "aux_loss": float(loss.aux), "lr": lr,
-                        "expert_load": [r.counts_E.tolist() for r in out_.routing]})
-                if done % max(1, cfg.steps // 10) == 0 or done == cfg.steps:
-                    log(f"step {done}/{cfg.steps}  loss {loss_value:.4f}  huber "
-                        f"{float(loss.huber):.4f}  pinball {float(loss.pinball):.4f}  "
-                        f"aux {float(loss.aux):.3f}  lr {lr:.2e}")
+                row = {"step": step + 1, "loss": float(loss.total.detach()),
+                       "huber": float(loss.huber.detach()),
+                       "pinball": float(loss.pinball.detach()),
+                       "aux_loss": float(loss.aux.detach()), "lr": lr}
+                loss_value = row["loss"]
+                if row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps:
+                    metrics.write({**row, "expert_load": [r.counts_E.tolist()
+                                                          for r in out_.routing]})
+                if row["step"] % max(1, cfg.steps // 10) == 0 or row["step"] == cfg.steps:
+                    log(f"step {row['step']}/{cfg.steps}  loss {row['loss']:.4f}  huber "
+                        f"{row['huber']:.4f}  pinball {row['pinball']:.4f}  "
+                        f"aux {row['aux_loss']:.3f}  lr {lr:.2e}")
     finally:
         metrics.close()
     seconds = time.perf_counter() - t0
