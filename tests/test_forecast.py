@@ -172,6 +172,9 @@ def test_train_eval_predict_beats_seasonal_naive_on_sunspots(cli, tmp_path):
     assert 0.6 <= ours["coverage"] <= 0.98, ours  # the 0.1-0.9 interval means something
     assert (run / "eval" / "forecasts.png").stat().st_size > 10_000
 
+    status, _, err = cli("forecast", "eval", "--run", run, "--holdout", 40)
+    assert status == 2 and "would score points it trained on" in err
+
     status, out, err = cli("forecast", "predict", "--run", run, "--horizon", 5)
     assert status == 0, err
     rows = out.strip().splitlines()

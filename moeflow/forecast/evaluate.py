@@ -100,6 +100,10 @@ def evaluate(cfg: EvalConfig, log=print) -> EvalReport:
     holdout = cfg.holdout or run.train_config.holdout
     horizon = cfg.horizon or holdout
     stride = cfg.stride or horizon
+    if not cfg.data and holdout > run.train_config.holdout:
+        raise ValueError(f"holdout={holdout}: the run trained on all but the last "
+                         f"{run.train_config.holdout} points of its series; a longer tail "
+                         f"would score points it trained on")
     if horizon > holdout:
         raise ValueError(f"horizon={horizon}: must be <= the holdout ({holdout})")
     for s in series:
