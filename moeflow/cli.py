@@ -19,11 +19,16 @@ Examples:
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
   moeflow serve --model ./q3-moeflow --gpu-memory 24GiB   # experts offloaded to host memory
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
+  moeflow forecast train --data sunspots co2 --out runs/fc --steps 2000   # Time-MoE forecaster
+  moeflow forecast eval --run runs/fc         # held-out tails vs seasonal-naive, ARIMA, ETS
+  moeflow forecast predict --run runs/fc --data my.csv --column sales --horizon 12
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
 name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from
 moeflow.infer.SamplingParams, `serve` flags from moeflow.serve.config.ServeConfig and
-`bench-serve` flags from moeflow.serve.bench.BenchConfig.
+`bench-serve` flags from moeflow.serve.bench.BenchConfig; `forecast train|predict|eval` flags
+from moeflow.forecast.config's ForecastTrainConfig (+ ForecastModelConfig overrides),
+PredictConfig and EvalConfig.
 
 Errors in what the user gave (unknown preset, malformed config, missing file) print one line
 `moeflow: error: ...` and exit with status 2; set MOEFLOW_DEBUG=1 for the traceback.
@@ -53,9 +58,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                        optional: bool = False) -> None:
+                        optional: bool = False, show_defaults: bool = True) -> None:
     """One flag per field of dataclass `cls` (--field-name, or metadata["flag"]), with the help
-    text and choices of the field's metadata (moeflow.validate.option).
+    text, choices and metavar of the field's metadata (moeflow.validate.option);
+    `show_defaults=False` where the defaults are not what applies (overrides of a preset).
 
     Defaults stay in the dataclass: flags not given are absent from the namespace (SUPPRESS),
     so `cls(**given)` applies the dataclass's own defaults and validation. A field without a
@@ -79,14 +85,19 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[
         if kind is bool:
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
-            kw.update(nargs="+", metavar="PATH")
+            item = typing.get_args(kind)[0]
+            kw.update(nargs="+", type=item, choices=f.metadata.get("choices"),
+                      metavar=None if "choices" in f.metadata
+                      else "PATH" if item is str else item.__name__.upper())
         elif "choices" in f.metadata:
             kw.update(type=base, choices=f.metadata["choices"])
         else:
             kw["type"] = base
             kw["metavar"] = flag.lstrip("-").replace("-", "_").upper() if base is str \
                 else base.__name__.upper()
-        if not (default is None or default is False or default == ()):
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
+        if show_defaults and not (default is None or default is False or default == ()):
             help_text += f" (default: {default})"
         parser.add_argument(flag, help=help_text, **kw)
 
@@ -302,6 +313,65 @@ def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(group, OffloadConfig, skip=("device",), optional=True)
 
 
+def cmd_forecast_train(args: argparse.Namespace) -> int:
+    from moeflow.forecast.config import ForecastModelConfig, ForecastTrainConfig
+    from moeflow.forecast.train import train_forecaster
+
+    config = ForecastTrainConfig(**given(args, ForecastTrainConfig))
+    overrides = given(args, ForecastModelConfig)
+    model_config = ForecastModelConfig.from_name(config.preset).replace(**overrides)
+    print(train_forecaster(config, model_config).summary())
+    return 0
+
+
+def cmd_forecast_predict(args: argparse.Namespace) -> int:
+    from moeflow.forecast.config import PredictConfig
+    from moeflow.forecast.predict import predict_csv
+
+    config = PredictConfig(**given(args, PredictConfig))
+    text = predict_csv(config)
+    if config.out:
+        with open(config.out, "w") as f:
+            f.write(text)
+        print(config.out)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_forecast_eval(args: argparse.Namespace) -> int:
+    from moeflow.forecast.config import EvalConfig
+    from moeflow.forecast.evaluate import evaluate
+
+    report = evaluate(EvalConfig(**given(args, EvalConfig)))
+    print(report.table())
+    print(f"written: {report.out / 'eval.json'}, {report.out / 'forecasts.png'}")
+    return 0
+
+
+def _add_forecast_parsers(sub) -> None:
+    from moeflow.forecast.config import (EvalConfig, ForecastModelConfig, ForecastTrainConfig,
+                                         PredictConfig)
+
+    p = sub.add_parser("forecast", help="Time-MoE: train, run and evaluate an MoE forecaster "
+                                        "on time series (statsmodels datasets or a CSV)")
+    fsub = p.add_subparsers(dest="forecast_command", required=True)
+    t = fsub.add_parser("train", help="train a forecaster; the last --holdout points of every "
+                                      "series are never trained on")
+    add_dataclass_flags(t, ForecastTrainConfig)
+    add_dataclass_flags(t.add_argument_group("model (overrides the preset's fields)"),
+                        ForecastModelConfig, skip=("name", "init_std"), show_defaults=False)
+    t.set_defaults(func=cmd_forecast_train)
+    t = fsub.add_parser("predict", help="forecast past the end of each series: CSV of points "
+                                        "and quantiles")
+    add_dataclass_flags(t, PredictConfig)
+    t.set_defaults(func=cmd_forecast_predict)
+    t = fsub.add_parser("eval", help="MSE/MAE/MASE on the held-out tails vs seasonal-naive, "
+                                     "ARIMA and ETS; eval.json and forecasts.png")
+    add_dataclass_flags(t, EvalConfig)
+    t.set_defaults(func=cmd_forecast_eval)
+
+
 def _add_serve_parsers(sub) -> None:
     from moeflow.serve.bench import BenchConfig
     from moeflow.serve.config import ServeConfig
@@ -431,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
     p.set_defaults(func=cmd_convert)
     _add_serve_parsers(sub)
+    _add_forecast_parsers(sub)
     return parser
 
 

@@ -71,11 +71,13 @@ def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
 
 
 def option(help: str, *, flag: str | None = None, choices: tuple | None = None,
-           **field_kw: Any) -> Any:
-    """A dataclass field carrying its command-line help (and flag name, choices)."""
+           metavar: str | None = None, **field_kw: Any) -> Any:
+    """A dataclass field carrying its command-line help (and flag name, choices, metavar)."""
     meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
+    if metavar:
+        meta["metavar"] = metavar
     if choices:
         meta["choices"] = choices
     return dataclasses.field(metadata=meta, **field_kw)

@@ -85,6 +85,23 @@ class Block(nn.Module):
         return x + h, routing
 
 
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, n_layers: int) -> None:
+    """GPT-2/Megatron init: N(0, std), output projections scaled by 1/sqrt(2·layers); norms to
+    1, biases to 0. Shared by every network built from Blocks (the LM, the forecaster)."""
+    out_std = std / math.sqrt(2 * n_layers)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name:
+            p.fill_(1.0) if leaf == "weight" else p.zero_()
+        elif leaf == "bias" or leaf.startswith("b_"):
+            p.zero_()
+        elif leaf == "w_out_EFD" or name.endswith(("attn.proj.weight", "fc_out.weight")):
+            p.normal_(0.0, out_std)
+        else:
+            p.normal_(0.0, std)
+
+
 class Transformer(nn.Module, ChoosesBackends):
     """`backends` chooses each op's implementation for every layer (moeflow.ops.backend);
     the default picks the fastest measured path for the device."""
@@ -104,21 +121,8 @@ class Transformer(nn.Module, ChoosesBackends):
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2/Megatron init: N(0, std), output projections scaled by 1/sqrt(2·layers)."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name:
-                p.fill_(1.0) if leaf == "weight" else p.zero_()
-            elif leaf == "bias" or leaf.startswith("b_"):
-                p.zero_()
-            elif leaf == "w_out_EFD" or name.endswith(("attn.proj.weight", "fc_out.weight")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+        init_parameters(self, self.config.init_std, self.config.n_layers)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
