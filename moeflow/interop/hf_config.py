@@ -1,6 +1,7 @@
 """HF transformers config.json ⇄ ModelConfig for the MoE architectures moeflow can run.
 
-Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3. Each
+Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, and the
+dense llama and qwen2 (read only: what `moeflow upcycle` turns into an MoE). Each
 reader maps the HF fields onto moeflow's (d_ff is the dense layers' width, expert_d_ff the
 experts', shared experts become one MLP of width n_shared·moe_intermediate_size, ...). Anything
 the model core cannot reproduce exactly is refused with a ValueError naming the field:
@@ -33,6 +34,7 @@ from typing import Any, Callable
 from moeflow.config import MLAConfig, ModelConfig, RouterConfig
 
 HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+HF_DENSE_MODEL_TYPES = ("llama", "qwen2")  # read only (moeflow.interop.upcycle's sources)
 HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
@@ -204,7 +206,23 @@ def _deepseek(hf: dict, model_type: str) -> dict[str, Any]:
             "shared_d_ff": n_shared * hf["moe_intermediate_size"], "router": router}
 
 
-_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
+def _llama(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "llama")
+    if hf.get("mlp_bias"):
+        _refuse("llama", "mlp_bias", True, "the SwiGLU MLP is bias-free here")
+    return {**c, "attn_bias": bool(hf.get("attention_bias", False)), "d_ff": hf["intermediate_size"]}
+
+
+def _qwen2(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "qwen2")
+    types = set(hf.get("layer_types") or ["full_attention"])
+    if types != {"full_attention"}:
+        _refuse("qwen2", "layer_types", sorted(types), "full attention only")
+    return {**c, "attn_bias": True, "attn_out_bias": False, "head_dim": c["d_model"] // c["n_heads"],
+            "d_ff": hf["intermediate_size"]}
+
+
+_READERS = {"llama": _llama, "qwen2": _qwen2, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
             "olmoe": _olmoe, "deepseek_v2": lambda hf: _deepseek(hf, "deepseek_v2"),
             "deepseek_v3": lambda hf: _deepseek(hf, "deepseek_v3")}
 
@@ -214,7 +232,7 @@ def hf_model_type(hf: dict) -> str:
     if model_type not in _READERS:
         raise ValueError(f"unsupported architecture model_type={model_type!r} "
                          f"(architectures={hf.get('architectures')}); supported: "
-                         f"{', '.join(HF_MODEL_TYPES)}")
+                         f"{', '.join(HF_MODEL_TYPES + HF_DENSE_MODEL_TYPES)}")
     return model_type
 
 
@@ -355,5 +373,5 @@ def is_moeflow_config(data: dict) -> bool:
     return "model_type" not in data and "arch" in data and "d_model" in data
 
 
-__all__ = ["HF_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type",
+__all__ = ["HF_DENSE_MODEL_TYPES", "HF_MODEL_TYPES", "config_from_hf", "config_to_hf", "hf_model_type",
            "is_moeflow_config"]

@@ -2,11 +2,11 @@
 
 moeflow layout: a directory with config.json (ModelConfig.to_dict) and model.safetensors (the
 Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB.
-HF layout: config.json with a `model_type` from HF_MODEL_TYPES plus (sharded) safetensors.
-`from_pretrained` tells them apart by config.json and returns an eval-mode Transformer, or raises
-naming what is unsupported, missing or unexpected. HF routers are dropless by their config; a
-moeflow checkpoint routes as its config says, and `model(ids, inference=True)` (what the engine
-runs) routes any model dropless.
+HF layout: config.json with a `model_type` from HF_MODEL_TYPES or HF_DENSE_MODEL_TYPES plus
+(sharded) safetensors. `from_pretrained` tells them apart by config.json and returns an eval-mode
+Transformer, or raises naming what is unsupported, missing or unexpected. HF routers are dropless
+by their config; a moeflow checkpoint routes as its config says, and `model(ids, inference=True)`
+(what the engine runs) routes any model dropless.
 
 The model is built on the meta device and the checked tensors are assigned to it, so nothing is
 allocated twice and no parameter keeps a random value.
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moeflow.config import ModelConfig
+from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.hf_config import config_from_hf, config_to_hf, hf_model_type, is_moeflow_config
 from moeflow.interop.hf_weights import (SafetensorsDir, hf_to_moeflow, moeflow_to_hf,
                                         save_safetensors_dir)
@@ -60,7 +61,8 @@ def _moeflow_state(config: ModelConfig, weights: SafetensorsDir, where: str
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
-    """Load a moeflow or HF (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) checkpoint directory."""
+    """Load a moeflow or HF (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3; dense Llama, Qwen2)
+    checkpoint directory."""
     path = Path(path)
     config, model_type = read_config(path)
     weights = SafetensorsDir(path)
@@ -89,6 +91,27 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if left:
         raise ValueError(f"tensor {left[0]!r} was not loaded from {where}")
     return model.eval()
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu"
+                   ) -> tuple[Transformer, BPETokenizer | None, Path]:
+    """(eval-mode model, its tokenizer or None, the directory holding its tokenizer files) from a
+    moeflow training run or checkpoint directory (moeflow.train.checkpoint.resolve_checkpoint)
+    or a moeflow/HF model directory (`from_pretrained`; tokenizer.json beside it, if any)."""
+    from moeflow.train import checkpoint as ckpt_io
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    if (p / "config.json").is_file() and not (p / "run.json").is_file():
+        tok_file = p / "tokenizer.json"
+        tokenizer = BPETokenizer.from_file(tok_file) if tok_file.is_file() else None
+        if tokenizer is not None and tokenizer.token_id("<|endoftext|>") is not None:
+            tokenizer = BPETokenizer.load(tok_file)  # moeflow's own: end-of-text ends documents
+        return from_pretrained(p, device=device), tokenizer, p
+    ckpt = ckpt_io.resolve_checkpoint(p)
+    model, tokenizer = ckpt_io.load_for_inference(ckpt, device)
+    return model, tokenizer, ckpt
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30) -> None:
