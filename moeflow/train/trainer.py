@@ -24,6 +24,11 @@ Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimi
 the weights, the optimizer state and the last checkpoint stay as they were. SIGINT/SIGTERM stop
 the loop at the next step boundary with a checkpoint (moeflow.train.interrupt).
 
+Starting weights: random (seeded), a teacher's layers (Mixture-of-Students, moeflow.train.
+distill), or `init`: any checkpoint moeflow.interop.pretrained.load_model_dir reads (a run, a
+`moeflow upcycle` output, a moeflow/HF model directory), whose network and tokenizer the run
+takes; the optimizer and the schedule start fresh.
+
 Data: text (files, directories, JSONL, a built-in corpus) is tokenized here with a BPE tokenizer
 trained on its training split; a prepared dataset directory (moeflow.data.prepared) brings its
 own tokens and tokenizer.
