@@ -16,6 +16,8 @@ Examples:
   moeflow convert ./Qwen3-30B-A3B ./q3-moeflow --to moeflow   # HF checkpoint -> moeflow
   moeflow convert ./q3-moeflow ./q3-hf --to hf --dtype bfloat16
   moeflow convert runs/tiny ./tiny-hf --to hf    # a run -> transformers (+ tokenizer)
+  moeflow upcycle --from runs/dense --experts 8 --top-k 2 --method partition --out runs/moe
+  moeflow train --init runs/moe --steps 1000 --out runs/moe-train   # continue from its weights
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
   moeflow serve --model ./q3-moeflow --gpu-memory 24GiB   # experts offloaded to host memory
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
@@ -25,8 +27,9 @@ Examples:
 
 `train` flags are generated from moeflow.train.TrainConfig's fields (one flag per field, same
 name with dashes) and moeflow.parallel.ParallelConfig's; `generate` flags from
-moeflow.infer.SamplingParams, `serve` flags from moeflow.serve.config.ServeConfig and
-`bench-serve` flags from moeflow.serve.bench.BenchConfig; `forecast train|predict|eval` flags
+moeflow.infer.SamplingParams, `serve` flags from moeflow.serve.config.ServeConfig,
+`bench-serve` flags from moeflow.serve.bench.BenchConfig, `upcycle` flags from
+moeflow.interop.upcycle.UpcycleConfig; `forecast train|predict|eval` flags
 from moeflow.forecast.config's ForecastTrainConfig (+ ForecastModelConfig overrides),
 PredictConfig and EvalConfig.
 
@@ -204,6 +207,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = given(args, TrainConfig)
     if "preset" in fields and "model_config" in fields:
         raise UsageError("--preset and --config are mutually exclusive")
+    if "init" in fields and ("preset" in fields or "model_config" in fields):
+        raise UsageError("--init takes the network from its checkpoint; leave out --preset and "
+                         "--config")
     config = resume_config(fields) if fields.get("resume") else TrainConfig(**fields)
     result = train(config, ParallelConfig(**given(args, ParallelConfig)))
     if result is None:  # not rank 0 of a torchrun launch
@@ -229,6 +235,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))
     text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
     print(args.prompt + text)
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from moeflow.interop.upcycle import UpcycleConfig, upcycle
+
+    print("\n".join(upcycle(UpcycleConfig(**given(args, UpcycleConfig))).summary()))
     return 0
 
 
@@ -500,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast weights (default: keep)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
     p.set_defaults(func=cmd_convert)
+
+    from moeflow.interop.upcycle import UpcycleConfig
+
+    p = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE (sparse upcycling or "
+                                       "Read-ME neuron partitions) that train --init continues",
+                       description="Turn a dense moeflow or HF Llama/Qwen2 checkpoint into an "
+                                   "MoE; see moeflow/interop/upcycle.py.")
+    add_dataclass_flags(p, UpcycleConfig)
+    p.set_defaults(func=cmd_upcycle)
     _add_serve_parsers(sub)
     _add_forecast_parsers(sub)
     return parser

@@ -94,14 +94,15 @@ def test_gpt_family_exports_to_transformers_with_logit_parity(case, tmp_path):
 
 def _training_run(run_dir: Path) -> Path:
     """A training run directory: one checkpoint of a randomized `tiny`-shaped GPT PR-MoE."""
-    from moeflow.train.checkpoint import save_checkpoint
+    from moeflow.train.checkpoint import model_tensors, save_checkpoint
     from moeflow.train.run_config import TrainConfig
 
     cfg = _gpt()
     torch.manual_seed(0)
     model = Transformer(cfg)
     _randomize(model, 7)
-    save_checkpoint(run_dir, 3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    save_checkpoint(run_dir, 3, tensors=model_tensors(model),
+                    optimizer_state=torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
                     state={}, tokenizer=tiny_tokenizer(), model_config=cfg,
                     run_config=TrainConfig())
     return run_dir

@@ -1,7 +1,8 @@
 """HF transformers config.json ⇄ ModelConfig for the MoE architectures moeflow can run.
 
-Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, and
-moeflow_gpt, moeflow's own GPT family as a remote-code transformers model (below). Each
+Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3,
+moeflow_gpt, moeflow's own GPT family as a remote-code transformers model (below), and the dense
+llama and qwen2 (read only: what `moeflow upcycle` turns into an MoE). Each
 reader maps the HF fields onto moeflow's (d_ff is the dense layers' width, expert_d_ff the
 experts', shared experts become one MLP of width n_shared·moe_intermediate_size, ...). Anything
 the model core cannot reproduce exactly is refused with a ValueError naming the field:
@@ -48,6 +49,7 @@ from moeflow.config import MLAConfig, ModelConfig, RouterConfig
 GPT_MODEL_TYPE = "moeflow_gpt"
 HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
                   GPT_MODEL_TYPE)
+HF_DENSE_MODEL_TYPES = ("llama", "qwen2")  # read only (moeflow.interop.upcycle's sources)
 HF_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
@@ -233,7 +235,24 @@ def _moeflow_gpt(hf: dict) -> dict[str, Any]:
     return m
 
 
-_READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
+def _llama(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "llama")
+    if hf.get("mlp_bias"):
+        _refuse("llama", "mlp_bias", True, "the SwiGLU MLP is bias-free here")
+    return {**c, "attn_bias": bool(hf.get("attention_bias", False)), "d_ff": hf["intermediate_size"]}
+
+
+def _qwen2(hf: dict) -> dict[str, Any]:
+    c = _common(hf, "qwen2")
+    types = set(hf.get("layer_types") or ["full_attention"])
+    if types != {"full_attention"}:
+        _refuse("qwen2", "layer_types", sorted(types), "full attention only")
+    return {**c, "attn_bias": True, "attn_out_bias": False, "head_dim": c["d_model"] // c["n_heads"],
+            "d_ff": hf["intermediate_size"]}
+
+
+_READERS = {"llama": _llama, "qwen2": _qwen2, "mixtral": _mixtral,
+            "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
             "olmoe": _olmoe, "deepseek_v2": lambda hf: _deepseek(hf, "deepseek_v2"),
             "deepseek_v3": lambda hf: _deepseek(hf, "deepseek_v3"),
             GPT_MODEL_TYPE: _moeflow_gpt}
@@ -244,7 +263,7 @@ def hf_model_type(hf: dict) -> str:
     if model_type not in _READERS:
         raise ValueError(f"unsupported architecture model_type={model_type!r} "
                          f"(architectures={hf.get('architectures')}); supported: "
-                         f"{', '.join(HF_MODEL_TYPES)}")
+                         f"{', '.join(HF_MODEL_TYPES + HF_DENSE_MODEL_TYPES)}")
     return model_type
 
 
@@ -401,5 +420,5 @@ def is_moeflow_config(data: dict) -> bool:
     return "model_type" not in data and "arch" in data and "d_model" in data
 
 
-__all__ = ["GPT_MODEL_TYPE", "GPT_REMOTE_CODE", "HF_MODEL_TYPES", "config_from_hf", "config_to_hf",
-           "hf_model_type", "is_moeflow_config"]
+__all__ = ["GPT_MODEL_TYPE", "GPT_REMOTE_CODE", "HF_DENSE_MODEL_TYPES", "HF_MODEL_TYPES",
+           "config_from_hf", "config_to_hf", "hf_model_type", "is_moeflow_config"]

@@ -3,8 +3,8 @@
 moeflow layout: a directory with config.json (ModelConfig.to_dict) and model.safetensors (the
 Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB. A
 training checkpoint (moeflow/train/checkpoint.py) is one such directory with more files beside.
-HF layout: config.json with a `model_type` from HF_MODEL_TYPES plus (sharded) safetensors; a
-GPT-family export also holds its remote-code file (hf_config's docstring says why).
+HF layout: config.json with a `model_type` from HF_MODEL_TYPES or HF_DENSE_MODEL_TYPES plus
+(sharded) safetensors; a GPT-family export also holds its remote-code file (hf_config's docstring says why).
 `find_model_dir` is the one answer to "which directory holds the model" for `moeflow serve`,
 `generate` and `convert`: a training run, its checkpoints/ directory, a step_* checkpoint, or a
 moeflow or HF checkpoint directory.
@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from moeflow.config import ModelConfig
+from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.hf_config import (GPT_MODEL_TYPE, GPT_REMOTE_CODE, config_from_hf,
                                        config_to_hf, hf_model_type, is_moeflow_config)
 from moeflow.interop.hf_weights import (SafetensorsDir, hf_to_moeflow, moeflow_to_hf,
@@ -100,7 +101,8 @@ def _moeflow_state(config: ModelConfig, weights: SafetensorsDir, where: str
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
-    """Load a moeflow or HF (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) checkpoint directory."""
+    """Load a moeflow or HF (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3; dense Llama, Qwen2)
+    checkpoint directory."""
     path = Path(path)
     config, model_type = read_config(path)
     weights = SafetensorsDir(path)
@@ -129,6 +131,23 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if left:
         raise ValueError(f"tensor {left[0]!r} was not loaded from {where}")
     return model.eval()
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu"
+                   ) -> tuple[Transformer, BPETokenizer | None, Path]:
+    """(eval-mode model, its tokenizer or None, the directory holding its tokenizer files) of
+    any directory `find_model_dir` accepts: what `train --init` and `upcycle` start from."""
+    from moeflow.train import checkpoint as ckpt_io
+
+    found = find_model_dir(path)
+    if found.is_training:
+        model, tokenizer = ckpt_io.load_for_inference(found.path, device)
+        return model, tokenizer, found.path
+    tok_file = found.path / "tokenizer.json"
+    tokenizer = BPETokenizer.from_file(tok_file) if tok_file.is_file() else None
+    if tokenizer is not None and tokenizer.token_id("<|endoftext|>") is not None:
+        tokenizer = BPETokenizer.load(tok_file)  # moeflow's own: end-of-text ends documents
+    return from_pretrained(found.path, device=device), tokenizer, found.path
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30) -> None:

@@ -34,7 +34,7 @@ RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "devi
 # Checked against the checkpoint's network rather than by value (see the module docstring).
 MODEL_FIELDS = ("preset", "model_config")
 # Fields naming files: compared as absolute paths ("builtin:" sources are names, not paths).
-PATH_FIELDS = ("data", "teacher")
+PATH_FIELDS = ("data", "teacher", "init")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class TrainConfig:
     data: tuple[str, ...] = option(
         "text files, directories of them, or JSONL files; default: the source files of the "
         "running Python's standard library (no download)", default=())
+    init: str | None = option(
+        "start from this checkpoint's weights, network and tokenizer (a run or checkpoint "
+        "directory, `moeflow upcycle` output, a moeflow/HF model directory): a new run, fresh "
+        "optimizer and schedule; --preset/--config are not used", default=None)
     text_field: str = option("JSONL field holding the text", default="text")
     vocab_size: int | None = option("BPE vocabulary size (default: the model's)", default=None)
     val_fraction: float = option("fraction of documents held out for validation", default=0.05)
@@ -127,6 +131,10 @@ class TrainConfig:
         integer("kd_stop_step", self.kd_stop_step, lo=0, optional=True)
         choice("device", self.device, DEVICES)
         choice("student_init", self.student_init, STUDENT_INITS)
+        check(self.init is None or self.model_config is None, "init", self.init,
+              "takes the network from its checkpoint; leave model_config (--config) out")
+        check(self.init is None or self.teacher is None, "init", self.init,
+              "cannot be combined with teacher (a student starts from its teacher)")
         check(bool(self.out), "out", self.out, "must name a directory")
 
     @property

@@ -24,6 +24,11 @@ Non-finite losses or gradient norms raise `NonFiniteLossError` before the optimi
 the weights, the optimizer state and the last checkpoint stay as they were. SIGINT/SIGTERM stop
 the loop at the next step boundary with a checkpoint (moeflow.train.interrupt).
 
+Starting weights: random (seeded), a teacher's layers (Mixture-of-Students, moeflow.train.
+distill), or `init`: any checkpoint moeflow.interop.pretrained.load_model_dir reads (a run, a
+`moeflow upcycle` output, a moeflow/HF model directory), whose network and tokenizer the run
+takes; the optimizer and the schedule start fresh.
+
 Data: text (files, directories, JSONL, a built-in corpus) is tokenized here with a BPE tokenizer
 trained on its training split; a prepared dataset directory (moeflow.data.prepared) brings its
 own tokens and tokenizer.
@@ -53,6 +58,7 @@ from moeflow.data.corpus import load_corpus, split_documents
 from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_windows
 from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
+from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.determinism import deterministic_on_cpu
@@ -100,8 +106,15 @@ class TrainResult:
         return lines
 
 
-def load_model_config(cfg: TrainConfig) -> ModelConfig:
-    if cfg.model_config:
+def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:
+    """The run's network: `base` (the --init checkpoint's) or the preset/config file's, with the
+    run's aux_loss_coef and vocab_size applied."""
+    if base is not None:
+        if cfg.vocab_size is not None and cfg.vocab_size != base.vocab_size:
+            raise ValueError(f"vocab_size={cfg.vocab_size}: the --init checkpoint's vocabulary is "
+                             f"{base.vocab_size}")
+        model_config = base
+    elif cfg.model_config:
         if not Path(cfg.model_config).is_file():
             raise ValueError(f"config file {cfg.model_config!r} does not exist")
         model_config = ModelConfig.load(cfg.model_config)
@@ -300,7 +313,13 @@ class Trainer:
         self.grad_accum = cfg.batch_size // (self.micro_batch * self.world)
 
         resume_ckpt = self._check_out_dir()
-        model_config = load_model_config(cfg)
+        init_model, init_tokenizer, base = None, None, None
+        if cfg.init is not None and resume_ckpt is None:
+            init_model, init_tokenizer, _ = load_model_dir(cfg.init)
+            base = init_model.config
+        elif cfg.init is not None:  # resuming: the network is the checkpoint's
+            base = ckpt_io.load_model_config(resume_ckpt)
+        model_config = load_model_config(cfg, base)
         self.teacher, teacher_tokenizer = None, None
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
@@ -321,10 +340,11 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        source_tokenizer = teacher_tokenizer or init_tokenizer
         if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
-            self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, teacher_tokenizer)
+            self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, source_tokenizer)
         else:
-            self._tokenize_corpus(resume_ckpt, teacher_tokenizer)
+            self._tokenize_corpus(resume_ckpt, source_tokenizer)
         # Global, like the batch: the same windows at any world size (each rank takes a share).
         self.val_windows = validation_windows(self.val_data,
                                               cfg.val_batches * self.micro_batch * self.world)
@@ -336,6 +356,8 @@ class Trainer:
             self._check_resumable(resume_ckpt)
         elif self.teacher is not None and cfg.student_init == "teacher":
             self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
+        elif init_model is not None:
+            self.model.load_state_dict(init_model.state_dict())
         self.model = self.parallelize(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.start_step, self.tokens_seen = 0, 0
@@ -371,7 +393,8 @@ class Trainer:
         resumed checkpoint must share)."""
         self.tokenizer = data.tokenizer
         checkpoint_tokenizer = resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt)
-        for owner, other in (("the teacher", teacher_tokenizer),
+        source = "the teacher" if self.cfg.distilling else "the --init checkpoint"
+        for owner, other in ((source, teacher_tokenizer),
                              ("the checkpoint", checkpoint_tokenizer)):
             if other is not None and other.to_str() != data.tokenizer.to_str():
                 raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
