@@ -4,34 +4,51 @@ all-on-GPU and vs transformers + accelerate `device_map="auto"` at the same budg
 Models: random bf16 weights built on the GPU, Mixtral-8x7B shape (d 4096, 8 experts of width
 14336, top-2, 32/8 heads, vocab 32000) and Qwen3-30B-A3B shape (d 2048, 128 experts of width
 768, top-8). Fewer layers than the real models (--mixtral-layers, --qwen3-layers) so that
-the stack, its pinned host copy and the peer fit 128 GB of host RAM and the run fits 8 minutes.
+the stack, its pinned host copy and the peer fit 128 GB of host RAM and the run fits 7 minutes.
 
-Budgets: given for the full-depth model (Mixtral 24 and 40 GiB, Qwen3 16 and 24 GiB, the
-issue's), and scaled to the shorter stack so that the expert cache holds the same *fraction* of
-all experts as the full model would at that budget: budget_L = fixed_L + f · experts_L, with
-f = (budget_full - non-expert_full - KV_full - activations) / experts_full. The hit rate, and so
-the copy traffic per layer, depends on that fraction; the enforced budget is budget_L, by the
-engine's plan and by torch.cuda.set_per_process_memory_fraction, and the peak
-(torch.cuda.max_memory_allocated) is reported against it.
+Budgets: given for the full-depth model (the issue's: Mixtral 24 and 40 GiB, Qwen3 16 and 24
+GiB; by default only the smaller one, --budgets all for both), and scaled to the shorter stack
+so that the expert cache holds the same *fraction* of all experts as the full model would at
+that budget: budget_L = fixed_L + f · experts_L, with f = (budget_full - non-expert_full -
+KV_full - activations) / experts_full. The hit rate, and so the copy traffic per layer, depends
+on that fraction; the enforced budget is budget_L, by the engine's plan and by
+torch.cuda.set_per_process_memory_fraction, and the peak (torch.cuda.max_memory_allocated) is
+reported against it.
+
+One process per configuration: the parent starts this script again with --child for each
+configuration (and for the peer), so every one starts from a fresh CUDA context: nothing a
+previous configuration allocated (cache slots, engine, compiled graphs) counts against the next
+one's budget, and its peak is its own. Each child builds its model (random weights on the GPU)
+and, offloaded, the pinned host copy of the experts (build_s in the JSON). The parent writes
+offload.json / offload.md / offload.log after every configuration, and a global deadline
+(--deadline-s, from the parent's start) skips the configurations that no longer fit and kills a
+child that runs past it, so the files are always written.
 
 Per configuration (wall time of Engine.step() with a sync, sampling included):
   prefill: one 512-token prompt (two in a row, the second reported; the first is in the JSON);
-  decode batch 1 and batch 16: prompts of 64 tokens, greedy, tokens/s over the timed steps;
+  decode batch 1 and batch 16: prompts of 64 random tokens, then tokens *sampled* at
+  temperature 1 with a fixed seed per request. Sampled, not greedy: greedy decoding of a random
+  model falls into repeating one token, its routing then repeats exactly and the cache hits
+  ~99 % (what the first run showed for Qwen3), which says nothing about serving;
   copy traffic per decode token, the expert-cache hit rate and the pre-gate recall (the share
   of needed experts that were predicted) over those steps;
   transfer floor: bytes copied per token / the measured pinned host→device bandwidth, and the
-  measured time per token as a multiple of it.
-Configurations: all on the GPU (no budget, CUDA graphs); offloaded with LRU and LFU without
-prefetch; with zero-shot pre-gating (prefetch="router") under LRU and LFU. Peer (Mixtral shape,
-the smaller budget): transformers' MixtralForCausalLM dispatched by accelerate
-(infer_auto_device_map with max_memory = 90 % of the budget for weights, the rest for
-activations; dispatch_model), `generate` greedy: prefill = time of 1 new token after a 512-token
-prompt, decode = (time of n tokens - time of 1 token) / (n - 1) after a 64-token prompt.
+  measured time per token as a multiple of it ("× floor"), reported only when the floor is at
+  least 10 % of the time per token: below that the step is bound by compute and host overhead,
+  not by copies, and the ratio says nothing about how well copies are hidden.
+Configurations: all on the GPU (no budget, CUDA graphs); offloaded with each eviction policy
+(--configs, policy/prefetch) without prefetch and with zero-shot pre-gating (prefetch="router").
+Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
+accelerate (infer_auto_device_map with max_memory = 90 % of the budget for weights, the rest for
+activations; dispatch_model), `generate` sampled with a fixed seed: prefill = time of 1 new
+token after a 512-token prompt, decode = (time of n tokens - time of 1 token) / (n - 1) after a
+64-token prompt.
 
 Random weights route uniformly at random: the worst case for a cache; a trained model's
-routing has locality and hits more often (not measured here).
+routing has locality (benchmarks/offload_policy_replay.py replays trained routing on the CPU).
 
-Run (one H200, ~6 minutes; writes offload.json, offload.md, offload.log under --out):
+Run (one H200, at most --deadline-s = 420 s plus the last child's kill; writes offload.json,
+offload.md, offload.log under --out):
     PYTHONPATH=. python benchmarks/offload.py --out $OUT
 accelerate is not in the GPU image by default; carry its wheel (pure Python) and install it
 without dependencies first, or the peer is reported as not importable:
@@ -42,23 +59,31 @@ without dependencies first, or the peer is reported as not importable:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime
-import gc
-import json
-import statistics
 import time
-import traceback
-from pathlib import Path
 
-import torch
+T0 = time.monotonic()  # the global deadline counts from here, before torch is imported
 
-from moeflow import ModelConfig, Transformer
-from moeflow.infer import Engine, EngineConfig, SamplingParams
-from moeflow.infer.offload import OffloadConfig
-from moeflow.infer.offload.placement import activation_bytes, non_expert_bytes, plan_offload
-from moeflow.infer.slot_cache import SlotKVCache
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from moeflow import ModelConfig, Transformer  # noqa: E402
+from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from moeflow.infer.offload import OffloadConfig  # noqa: E402
+from moeflow.infer.offload.placement import activation_bytes, non_expert_bytes  # noqa: E402
+from moeflow.infer.slot_cache import SlotKVCache  # noqa: E402
 
 GiB = 1 << 30
 SHAPES = {
@@ -73,33 +98,28 @@ SHAPES = {
 }
 FULL_LAYERS = {"mixtral": 32, "qwen3": 48}
 BUDGETS_GIB = {"mixtral": (24, 40), "qwen3": (16, 24)}
-CONFIGS = (("lru", "none"), ("lfu", "none"), ("lru", "router"), ("lfu", "router"))
+CONFIGS = ("lru/none", "lfu/none", "lru/router", "lfu/router")
 MAX_SEQ = 1024
 PROMPT = 64
 PREFILL = 512
+MIN_CHILD_S = 25  # a configuration with less time than this left is skipped, not started
+CHILD_CAP_S = 150  # no single configuration may take more than this
+SMOKE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+             expert_d_ff=128)
 
 
 def log(msg: str, sink: list[str]) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    line = f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - T0:.0f}s] {msg}"
     print(line, flush=True)
     sink.append(line)
 
 
-SMOKE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
-             expert_d_ff=128)
-
+# -- models and budgets (no device needed) --------------------------------------------------
 
 def model_config(shape: str, layers: int, smoke: bool = False) -> ModelConfig:
     """`smoke`: the same structure at toy widths, to check the script on a CPU."""
     kw = {**SHAPES[shape], **(SMOKE if smoke else {})}
     return ModelConfig(name=f"{shape}-{layers}L", n_layers=layers, max_seq_len=MAX_SEQ, **kw)
-
-
-def expert_and_other_bytes(cfg: ModelConfig) -> tuple[int, int]:
-    """(expert bytes, non-expert bytes) in bf16, from a meta-device build."""
-    model = meta_model(cfg)
-    experts = sum(p.nbytes for m in model.moe_layers() for p in m.experts.parameters())
-    return experts, non_expert_bytes(model)
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:
@@ -112,15 +132,33 @@ def meta_model(cfg: ModelConfig) -> Transformer:
         torch.set_default_dtype(default)
 
 
-def cache_fraction(shape: str, budget_gib: float) -> float:
-    """Share of all experts the real full-depth model's cache holds at `budget_gib`, with the
-    benchmark's engine settings (16 sequences of MAX_SEQ tokens, activations as on CUDA)."""
-    model = meta_model(model_config(shape, FULL_LAYERS[shape]))
-    experts = sum(p.nbytes for m in model.moe_layers() for p in m.experts.parameters())
-    kv = SlotKVCache.bytes_per_token(model) * 16 * MAX_SEQ
-    act = activation_bytes(model, MAX_SEQ, 16, torch.device("cuda"))
-    return (budget_gib * GiB - non_expert_bytes(model) - kv - act) / experts
+def expert_bytes_total(model: Transformer) -> int:
+    return sum(p.nbytes for m in model.moe_layers() for p in m.experts.parameters())
 
+
+def fixed_bytes(model: Transformer, device: torch.device) -> int:
+    """What the engine's plan puts on the device besides the expert cache (16 sequences of
+    MAX_SEQ tokens): non-expert weights + KV cache + activation reserve."""
+    kv = SlotKVCache.bytes_per_token(model) * 16 * MAX_SEQ
+    return non_expert_bytes(model) + kv + activation_bytes(model, MAX_SEQ, 16, device)
+
+
+def cache_fraction(shape: str, budget_gib: float) -> float:
+    """Share of all experts the real full-depth model's cache holds at `budget_gib`."""
+    model = meta_model(model_config(shape, FULL_LAYERS[shape]))
+    return ((budget_gib * GiB - fixed_bytes(model, torch.device("cuda")))
+            / expert_bytes_total(model))
+
+
+def scaled_budget(shape: str, layers: int, budget_full: float, smoke: bool) -> int:
+    """budget_L (module docstring), in bytes."""
+    model = meta_model(model_config(shape, layers, smoke))
+    device = torch.device("cpu" if smoke else "cuda")
+    return int(fixed_bytes(model, device)
+               + cache_fraction(shape, budget_full) * expert_bytes_total(model))
+
+
+# -- device helpers (children only) ---------------------------------------------------------
 
 def h2d_bandwidth() -> float:
     """Pinned host → device copy rate, bytes/s (median of 5 copies of 1 GiB)."""
@@ -137,6 +175,9 @@ def h2d_bandwidth() -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     del src, dst
+    torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
     return GiB / statistics.median(times[1:])
 
 
@@ -154,6 +195,27 @@ def reset_peak() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+
+def with_budget(budget: int | None) -> None:
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else budget / total)
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return Transformer(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+# -- measuring one engine -------------------------------------------------------------------
 
 def timed_step(engine: Engine) -> tuple[float, list]:
     sync()
@@ -178,18 +240,22 @@ def delta(after: dict | None, before: dict | None) -> dict | None:
 
 
 def rates(d: dict | None, tokens: int, bandwidth: float, seconds: float) -> dict:
+    """Per-token copy figures over `tokens` decoded in `seconds` (module docstring)."""
     if d is None:
         return {}
     floor = d["bytes_copied"] / tokens / bandwidth
+    per_token = seconds / tokens
     return {"hit_rate": d["hits"] / max(d["lookups"], 1),
             "pregate_recall": (d["pred_correct"] / d["pred_needed"]) if d["pred_needed"] else None,
             "copied_GB_per_token": d["bytes_copied"] / tokens / 1e9,
             "transfer_floor_ms": 1e3 * floor,
-            "x_floor": (seconds / tokens) / floor if floor else None,
+            "x_floor": per_token / floor if floor >= 0.1 * per_token else None,
             "prefetch_skipped": d["prefetch_skipped"]}
 
 
-def measure(engine: Engine, vocab: int, bandwidth: float, decode_steps: dict[int, int]) -> dict:
+def measure(engine: Engine, vocab: int, bandwidth: float, decode_steps: list[list[int]]
+            ) -> dict:
+    """`decode_steps`: [batch, timed steps] pairs."""
     g = torch.Generator().manual_seed(0)
     out: dict = {}
     prefill_s = []
@@ -205,10 +271,11 @@ def measure(engine: Engine, vocab: int, bandwidth: float, decode_steps: dict[int
     out["prefill_512_tokens_per_s"] = PREFILL / prefill_s[-1]
     if d is not None:
         out["prefill_copied_GB"] = d["bytes_copied"] / 1e9
-    for batch, steps in decode_steps.items():
-        for _ in range(batch):
+    for batch, steps in decode_steps:
+        for i in range(batch):  # sampled with a fixed seed per request (module docstring)
             engine.add_request(torch.randint(0, vocab, (PROMPT,), generator=g).tolist(),
-                               SamplingParams(max_new_tokens=steps + 8, temperature=0))
+                               SamplingParams(max_new_tokens=steps + 8, temperature=1.0,
+                                              seed=1000 * batch + i))
         while engine.scheduler.waiting:  # admit and prefill everyone
             engine.step()
         for _ in range(3):  # warm-up (graph capture on the resident engine)
@@ -219,7 +286,7 @@ def measure(engine: Engine, vocab: int, bandwidth: float, decode_steps: dict[int
         total = sum(times)
         out[f"decode_b{batch}"] = {
             "tokens_per_s": batch * steps / total, "median_step_ms": 1e3 * statistics.median(times),
-            "steps": steps, **rates(d, steps * batch if d else 1, bandwidth, total / batch)}
+            "steps": steps, **rates(d, steps * batch if d else 1, bandwidth, total)}
         for r in list(engine.scheduler.running):
             engine.abort(r.request_id)
         while engine.has_work():
@@ -227,88 +294,47 @@ def measure(engine: Engine, vocab: int, bandwidth: float, decode_steps: dict[int
     return out
 
 
-def with_budget(budget: int | None):
-    if not torch.cuda.is_available():
-        return
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else budget / total)
+# -- the children: one configuration each, in a fresh process -------------------------------
+
+def child_resident(task: dict) -> dict:
+    cfg = model_config(task["shape"], task["layers"], task["smoke"])
+    t0 = time.perf_counter()
+    model = build_model(cfg)
+    reset_peak()
+    engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=MAX_SEQ))
+    build_s = time.perf_counter() - t0
+    r = measure(engine, cfg.vocab_size, h2d_bandwidth(), task["decode"])
+    return {**r, "peak_GiB": peak_bytes() / GiB, "build_s": build_s}
 
 
-def run_shape(shape: str, layers: int, bandwidth: float, args, sink: list[str]) -> dict:
-    cfg = model_config(shape, layers, args.smoke)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    full_cfg = model_config(shape, FULL_LAYERS[shape], args.smoke)
-    experts_full, other_full = expert_and_other_bytes(full_cfg)
-    experts_L, other_L = expert_and_other_bytes(cfg)
-    result: dict = {"layers": layers, "full_layers": FULL_LAYERS[shape],
-                    "expert_GB": experts_L / 1e9, "non_expert_GB": other_L / 1e9,
-                    "full_depth_GB": (experts_full + other_full) / 1e9, "runs": {}}
-    log(f"{shape}: {layers} layers, experts {experts_L / GiB:.1f} GiB + other "
-        f"{other_L / GiB:.1f} GiB (full depth {(experts_full + other_full) / GiB:.1f} GiB)", sink)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Transformer(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    decode = {1: args.decode_b1_steps, 16: args.decode_b16_steps}
-    engine_kw = dict(max_batch_size=16, max_seq_len=MAX_SEQ)
-    engine = None
-    try:
-        reset_peak()
-        engine = Engine(model, EngineConfig(**engine_kw))
-        r = measure(engine, cfg.vocab_size, bandwidth, decode)
-        r["peak_GiB"] = peak_bytes() / GiB
-        result["runs"]["all_on_gpu"] = r
-        log(f"  all on GPU: {json.dumps(r)}", sink)
-    except Exception as err:  # noqa: BLE001 - a failed configuration is reported, not fatal
-        result["runs"]["all_on_gpu"] = {"error": f"{type(err).__name__}: {err}"[:400]}
-        log(traceback.format_exc(), sink)
-    del engine
+def child_offload(task: dict) -> dict:
+    cfg = model_config(task["shape"], task["layers"], task["smoke"])
+    bandwidth = h2d_bandwidth()
+    budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"])
+    policy, prefetch = task["config"].split("/")
+    off = OffloadConfig(gpu_memory=str(budget), expert_cache_policy=policy, prefetch=prefetch)
+    t0 = time.perf_counter()
+    model = build_model(cfg)
+    experts = expert_bytes_total(model)
+    engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=MAX_SEQ, offload=off))
+    build_s = time.perf_counter() - t0
     gc.collect()
-    reset_peak()
-    for budget_full in BUDGETS_GIB[shape]:
-        frac = cache_fraction(shape, budget_full)
-        for policy, prefetch in CONFIGS:
-            name = f"{budget_full}GiB/{policy}/{prefetch}"
-            try:
-                with_budget(None)
-                probe = OffloadConfig(gpu_memory="1TiB", expert_cache_policy=policy,
-                                      prefetch=prefetch, device=device)
-                kv = SlotKVCache.bytes_per_token(model) * 16 * MAX_SEQ
-                plan = plan_offload(model, probe, kv, MAX_SEQ, 16)
-                budget = int(plan.fixed + frac * experts_L)
-                off = dataclasses.replace(probe, gpu_memory=str(budget))
-                engine = Engine(model, EngineConfig(**engine_kw, offload=off))
-                gc.collect()
-                reset_peak()
-                with_budget(budget)
-                r = measure(engine, cfg.vocab_size, bandwidth, decode)
-                peak = peak_bytes()
-                plan = engine.offload.plan
-                r.update(budget_GiB=budget / GiB, full_depth_budget_GiB=budget_full,
-                         cache_fraction=plan.slots * plan.expert / experts_L,
-                         slots=plan.slots, peak_GiB=peak / GiB, within_budget=peak <= budget,
-                         plan_GiB={k: v / GiB for k, v in dataclasses.asdict(plan).items()
-                                   if k not in ("slots", "min_slots")})
-                result["runs"][name] = r
-                log(f"  {name}: {json.dumps(r)}", sink)
-                del engine
-            except Exception as err:  # noqa: BLE001
-                result["runs"][name] = {"error": f"{type(err).__name__}: {err}"[:400]}
-                log(traceback.format_exc(), sink)
-            finally:
-                with_budget(None)
-                gc.collect()
-                reset_peak()
-    del model
-    gc.collect()
-    reset_peak()
-    if hasattr(torch._C, "_host_emptyCache"):
-        torch._C._host_emptyCache()  # give the pinned host copies back before the next model
-    return result
+    reset_peak()  # the model was built whole on the device; from here on only the plan's parts
+    with_budget(budget)
+    r = measure(engine, cfg.vocab_size, bandwidth, task["decode"])
+    peak = peak_bytes()
+    plan = engine.offload.plan
+    return {**r, "budget_GiB": budget / GiB, "full_depth_budget_GiB": task["budget_full"],
+            "cache_fraction": plan.slots * plan.expert / experts, "slots": plan.slots,
+            "peak_GiB": peak / GiB, "within_budget": peak <= budget, "build_s": build_s,
+            "h2d_GBps": bandwidth / 1e9,
+            "plan_GiB": {k: v / GiB for k, v in dataclasses.asdict(plan).items()
+                         if k not in ("slots", "min_slots")}}
+
+
+def child_peer(task: dict) -> dict:
+    budget = scaled_budget("mixtral", task["layers"], task["budget_full"], False)
+    return run_peer(task["layers"], budget, [])
 
 
 def run_peer(layers: int, budget: int, sink: list[str]) -> dict:
@@ -336,6 +362,7 @@ def run_peer(layers: int, budget: int, sink: list[str]) -> dict:
         set_module_tensor_to_device(model, name, "cpu", value=value.cpu())
         del value
     model.eval()
+    torch.cuda.empty_cache()
     device_map = infer_auto_device_map(model, max_memory={0: int(0.9 * budget),
                                                           "cpu": 400 * GiB},
                                        no_split_module_classes=model._no_split_modules,
@@ -347,109 +374,210 @@ def run_peer(layers: int, budget: int, sink: list[str]) -> dict:
     out = {"transformers": transformers.__version__, "accelerate": accelerate.__version__,
            "budget_GiB": budget / GiB, "weights_max_memory_GiB": 0.9 * budget / GiB,
            "modules_on_gpu": on_gpu, "modules": len(device_map)}
-    try:
-        vocab = s["vocab_size"]
+    vocab = s["vocab_size"]
 
-        def gen(prompt_len: int, new: int, model=model) -> float:
-            ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
+    def gen(prompt_len: int, new: int, model=model) -> float:
+        ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
+        torch.manual_seed(0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-        gen(8, 1)  # warm-up
-        out["prefill_512_ms"] = 1e3 * gen(PREFILL, 1)
-        t1, n = gen(PROMPT, 1), 4
-        tn = gen(PROMPT, n)
-        out["decode_b1"] = {"ms_per_token": 1e3 * (tn - t1) / (n - 1),
-                            "tokens_per_s": (n - 1) / (tn - t1)}
-        out["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
-        out["within_budget"] = torch.cuda.max_memory_allocated() <= budget
-    except Exception as err:  # noqa: BLE001
-        out["error"] = f"{type(err).__name__}: {err}"[:400]
-        log(traceback.format_exc(), sink)
-    finally:
-        with_budget(None)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    gen(8, 1)  # warm-up
+    out["prefill_512_ms"] = 1e3 * gen(PREFILL, 1)
+    t1, n = gen(PROMPT, 1), 4
+    tn = gen(PROMPT, n)
+    out["decode_b1"] = {"ms_per_token": 1e3 * (tn - t1) / (n - 1),
+                        "tokens_per_s": (n - 1) / (tn - t1)}
+    out["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
+    out["within_budget"] = torch.cuda.max_memory_allocated() <= budget
     return out
+
+
+def child_main(task_path: str, out_path: str) -> None:
+    """Run one task and write its result (or its error and traceback) as JSON to out_path."""
+    task = json.loads(Path(task_path).read_text())
+    fn = {"resident": child_resident, "offload": child_offload, "peer": child_peer}[task["kind"]]
+    t0 = time.perf_counter()
+    try:
+        result = fn(task)
+    except Exception as err:  # noqa: BLE001 - a failed configuration is reported, not fatal
+        result = {"error": f"{type(err).__name__}: {err}"[:400],
+                  "traceback": traceback.format_exc()}
+    result["child_s"] = time.perf_counter() - t0
+    Path(out_path).write_text(json.dumps(result))
+
+
+# -- the parent: tasks, deadline, incremental files -----------------------------------------
+
+def run_child(task: dict, timeout: float, sink: list[str]) -> dict:
+    """`task` in a fresh interpreter (own process group, killed whole at `timeout`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        task_path, out_path = Path(tmp, "task.json"), Path(tmp, "result.json")
+        task_path.write_text(json.dumps(task))
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
+                                 str(task_path), str(out_path)], start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"error": f"killed after {timeout:.0f} s (global deadline or the "
+                             f"{CHILD_CAP_S} s cap per configuration)"}
+        if not out_path.exists():
+            return {"error": f"child exited with status {rc} and no result"}
+        result = json.loads(out_path.read_text())
+    if "traceback" in result:
+        log(result.pop("traceback"), sink)
+    return result
+
+
+def plan_tasks(args) -> list[dict]:
+    """In the order they run; the deadline drops the tail, so the reference and the smaller
+    budget of each shape come first, then the peer, then the larger budgets."""
+    layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}
+    decode = [[1, args.decode_b1_steps], [16, args.decode_b16_steps]]  # JSON: no int keys
+    base = dict(smoke=args.smoke, decode=decode)
+    budgets = {s: BUDGETS_GIB[s][:1] if args.budgets == "small" else BUDGETS_GIB[s]
+               for s in args.shapes}
+    tasks = []
+    for shape in args.shapes:
+        tasks.append(dict(base, kind="resident", shape=shape, layers=layers[shape],
+                          name="all_on_gpu"))
+        for config in args.configs:
+            tasks.append(dict(base, kind="offload", shape=shape, layers=layers[shape],
+                              budget_full=budgets[shape][0], config=config,
+                              name=f"{budgets[shape][0]}GiB/{config}"))
+    if "mixtral" in args.shapes and not args.no_peer and not args.smoke:
+        tasks.append(dict(base, kind="peer", shape="mixtral", layers=layers["mixtral"],
+                          budget_full=BUDGETS_GIB["mixtral"][0], name="peer"))
+    for shape in args.shapes:
+        for budget_full in budgets[shape][1:]:
+            for config in args.configs:
+                tasks.append(dict(base, kind="offload", shape=shape, layers=layers[shape],
+                                  budget_full=budget_full, config=config,
+                                  name=f"{budget_full}GiB/{config}"))
+    return tasks
 
 
 def table(results: dict) -> str:
     lines = ["| shape | config | budget GiB (full-depth) | peak GiB | prefill 512 tok/s | "
-             "decode b1 tok/s | b1 hit | b1 recall | b1 × floor | decode b16 tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "decode b1 tok/s | b1 hit | b1 recall | b1 GB copied/token | b1 × floor | "
+             "decode b16 tok/s | b16 hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
     for shape, res in results["shapes"].items():
         for name, r in res["runs"].items():
-            if "error" in r:
-                lines.append(f"| {shape} | {name} | error: {r['error'][:80]} |")
+            if "error" in r or "skipped" in r:
+                lines.append(f"| {shape} | {name} | {r.get('error', r.get('skipped'))[:90]} |")
                 continue
             b1, b16 = r["decode_b1"], r["decode_b16"]
-
-            def f(x, fmt="{:.2f}"):
-                return "-" if x is None else fmt.format(x)
             budget = (f"{r['budget_GiB']:.1f} ({r['full_depth_budget_GiB']})"
                       if "budget_GiB" in r else "-")
             lines.append(
-                f"| {shape} | {name} | {budget} | {f(r.get('peak_GiB', r.get('peak_GB')))} | "
+                f"| {shape} | {name} | {budget} | {f(r.get('peak_GiB'))} | "
                 f"{r['prefill_512_tokens_per_s']:.0f} | {b1['tokens_per_s']:.2f} | "
                 f"{f(b1.get('hit_rate'))} | {f(b1.get('pregate_recall'))} | "
-                f"{f(b1.get('x_floor'))} | {b16['tokens_per_s']:.1f} |")
+                f"{f(b1.get('copied_GB_per_token'), '{:.3f}')} | {f(b1.get('x_floor'))} | "
+                f"{b16['tokens_per_s']:.1f} | {f(b16.get('hit_rate'))} |")
     peer = results.get("peer")
     if peer:
         lines.append("")
         lines.append(f"peer (transformers + accelerate, mixtral shape): {json.dumps(peer)}")
+    lines.append("")
+    lines.append(f"{results['gpu']}, {results['date']}, torch {results['torch']}, pinned "
+                 f"host->device {f(results.get('h2d_GBps'), '{:.1f}')} GB/s, "
+                 f"wall {results.get('wall_s', 0):.0f} s; `{results['command']}`")
     return "\n".join(lines)
 
 
+def write(out: Path, results: dict, sink: list[str]) -> None:
+    results["wall_s"] = time.monotonic() - T0
+    bw = [r["h2d_GBps"] for s in results["shapes"].values() for r in s["runs"].values()
+          if "h2d_GBps" in r]
+    results["h2d_GBps"] = statistics.median(bw) if bw else None
+    (out / "offload.json").write_text(json.dumps(results, indent=2))
+    (out / "offload.md").write_text(table(results) + "\n")
+    (out / "offload.log").write_text("\n".join(sink) + "\n")
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3])
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                   help="offloaded configurations, policy/prefetch")
+    p.add_argument("--budgets", choices=("small", "all"), default="small",
+                   help="the smaller full-depth budget per shape, or both")
     p.add_argument("--mixtral-layers", type=int, default=12)
     p.add_argument("--qwen3-layers", type=int, default=16)
-    p.add_argument("--decode-b1-steps", type=int, default=24)
-    p.add_argument("--decode-b16-steps", type=int, default=6)
+    p.add_argument("--decode-b1-steps", type=int, default=16)
+    p.add_argument("--decode-b16-steps", type=int, default=4)
+    p.add_argument("--deadline-s", type=float, default=420,
+                   help="from this script's start: configurations that cannot start with "
+                        f"{MIN_CHILD_S} s left are skipped, a running one is killed")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="toy widths on the CPU: checks the script, measures nothing")
     args = p.parse_args()
+    for c in args.configs:
+        policy, _, prefetch = c.partition("/")
+        try:
+            OffloadConfig(gpu_memory="1GiB", expert_cache_policy=policy, prefetch=prefetch)
+        except ValueError as err:
+            p.error(f"--configs {c}: {err}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sink: list[str] = []
-    start = time.perf_counter()
+    # The parent never touches the device: every CUDA context is a child's.
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         p.error("needs a CUDA device (or --smoke to check the script on the CPU)")
-    name = torch.cuda.get_device_properties(0).name if cuda else "cpu (smoke)"
-    total = torch.cuda.get_device_properties(0).total_memory if cuda else 0
-    bandwidth = h2d_bandwidth()
-    results = {"gpu": name, "gpu_total_GiB": total / GiB,
-               "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "torch": torch.__version__, "h2d_GBps": bandwidth / 1e9,
+    name = "cpu (smoke)"
+    if cuda:
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                               "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout.strip().splitlines()[0]
+    results = {"gpu": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "torch": torch.__version__, "deadline_s": args.deadline_s,
                "command": "PYTHONPATH=. python benchmarks/offload.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k != "out" and v is not False),
-               "shapes": {}}
-    log(f"{name}: pinned host->device {bandwidth / 1e9:.1f} GB/s", sink)
-    layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}
+                   f"--{k.replace('_', '-')}" + ("" if v is True else
+                                                 f" {' '.join(v) if isinstance(v, list) else v}")
+                   for k, v in vars(args).items() if k != "out" and v is not False),
+               "shapes": {}, "peer": None}
     for shape in args.shapes:
-        results["shapes"][shape] = run_shape(shape, layers[shape], bandwidth, args, sink)
-        if shape == "mixtral" and not args.no_peer and cuda:
-            runs = results["shapes"]["mixtral"]["runs"]
-            budget = next((r["budget_GiB"] for r in runs.values() if "budget_GiB" in r), None)
-            if budget is not None:
-                log("peer: transformers + accelerate", sink)
-                results["peer"] = run_peer(args.mixtral_layers, int(budget * GiB), sink)
-                log(f"  peer: {json.dumps(results['peer'])}", sink)
-        (out / "offload.json").write_text(json.dumps(results, indent=2))
-    results["wall_s"] = time.perf_counter() - start
-    (out / "offload.json").write_text(json.dumps(results, indent=2))
-    (out / "offload.md").write_text(table(results) + "\n")
-    (out / "offload.log").write_text("\n".join(sink) + "\n")
+        layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}[shape]
+        cfg, full = model_config(shape, layers), model_config(shape, FULL_LAYERS[shape])
+        e_L, e_full = expert_bytes_total(meta_model(cfg)), expert_bytes_total(meta_model(full))
+        o_L, o_full = non_expert_bytes(meta_model(cfg)), non_expert_bytes(meta_model(full))
+        results["shapes"][shape] = {"layers": layers, "full_layers": FULL_LAYERS[shape],
+                                    "expert_GB": e_L / 1e9, "non_expert_GB": o_L / 1e9,
+                                    "full_depth_GB": (e_full + o_full) / 1e9, "runs": {}}
+        log(f"{shape}: {layers} layers, experts {e_L / GiB:.1f} GiB + other {o_L / GiB:.1f} "
+            f"GiB (full depth {(e_full + o_full) / GiB:.1f} GiB)", sink)
+    for task in plan_tasks(args):
+        left = args.deadline_s - (time.monotonic() - T0)
+        if left < MIN_CHILD_S:
+            r = {"skipped": f"skipped: {left:.0f} s left of the {args.deadline_s:.0f} s deadline"}
+        else:
+            log(f"{task['shape']} {task['name']}: starting ({left:.0f} s left)", sink)
+            r = run_child(task, min(left - 5, CHILD_CAP_S), sink)
+        log(f"{task['shape']} {task['name']}: {json.dumps(r)}", sink)
+        if task["kind"] == "peer":
+            results["peer"] = r
+        else:
+            results["shapes"][task["shape"]]["runs"][task["name"]] = r
+        write(out, results, sink)
+    write(out, results, sink)
     print(table(results))
 
 
