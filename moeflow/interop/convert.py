@@ -38,22 +38,12 @@ import torch
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import EOT, BPETokenizer
 from moeflow.interop.hf_config import GPT_MODEL_TYPE
-from moeflow.interop.pretrained import (ModelDir, find_model_dir, from_pretrained, save_hf,
-                                        save_pretrained)
+from moeflow.interop.pretrained import (ModelDir, find_model_dir, from_pretrained, json_object,
+                                        save_hf, save_pretrained)
 
 TOKENIZER_FILES = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template*", "generation_config.json")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
@@ -68,7 +58,7 @@ def _token_ids(source: ModelDir) -> dict:
     """bos/eos/pad ids: the source's generation config, else its config.json (HF), else
     moeflow's `<|endoftext|>` for a training checkpoint."""
     for name in ("generation_config.json", "config.json"):
-        ids = {k: v for k, v in _json(source.path / name).items()
+        ids = {k: v for k, v in json_object(source.path / name).items()
                if k in TOKEN_ID_KEYS and v is not None}
         if ids:
             return ids

@@ -70,6 +70,18 @@ def find_model_dir(path: str | Path) -> ModelDir:
     return ModelDir(path, model_type or "moeflow")
 
 
+def json_object(path: Path) -> dict:
+    """The JSON object in an optional side file of a checkpoint (tokenizer_config.json,
+    generation_config.json, ...): {} when the file is absent or holds no object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
 def read_config(path: str | Path) -> tuple[ModelConfig, str | None]:
     """(config, HF model_type or None for a moeflow checkpoint) of a checkpoint directory."""
     path = Path(path)

@@ -17,13 +17,13 @@ into moeflow's one tokenizer class (moeflow.data.tokenizer.BPETokenizer).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from moeflow.data.tokenizer import BPETokenizer
+from moeflow.interop.pretrained import json_object
 from moeflow.serve.chat import ChatTemplate, find_chat_template
 
 
@@ -33,16 +33,6 @@ class LoadedModel:
     tokenizer: BPETokenizer
     chat_template: ChatTemplate
     kind: str               # "moeflow-train" | "moeflow" | HF model_type
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _token_text(value) -> str:
@@ -96,11 +86,11 @@ def _hf_tokenizer(path: Path) -> BPETokenizer:
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise ValueError(f"{path}: no tokenizer.json (a `tokenizers` file is needed to serve)")
-    tok_cfg = _json(path / "tokenizer_config.json")
+    tok_cfg = json_object(path / "tokenizer_config.json")
     tokenizer = BPETokenizer.from_file(tok_file)
     eos_token = _token_text(tok_cfg.get("eos_token"))
-    eos = _ids(_json(path / "generation_config.json").get("eos_token_id"))
-    eos += _ids(_json(path / "config.json").get("eos_token_id"))
+    eos = _ids(json_object(path / "generation_config.json").get("eos_token_id"))
+    eos += _ids(json_object(path / "config.json").get("eos_token_id"))
     for text in (eos_token, "<|endoftext|>"):
         tid = tokenizer.token_id(text) if text else None
         if tid is not None:
