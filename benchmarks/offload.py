@@ -424,10 +424,12 @@ def run_child(task: dict, timeout: float, sink: list[str]) -> dict:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             return {"error": f"killed after {timeout:.0f} s (global deadline or the "
                              f"{CHILD_CAP_S} s cap per configuration)"}
+        finally:  # also when the parent itself is stopped: no child outlives it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if not out_path.exists():
             return {"error": f"child exited with status {rc} and no result"}
         result = json.loads(out_path.read_text())
@@ -529,6 +531,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="toy widths on the CPU: checks the script, measures nothing")
     args = p.parse_args()
+    # SIGTERM (a job's time limit) unwinds like Ctrl-C, so run_child kills the running child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for c in args.configs:
         policy, _, prefetch = c.partition("/")
         try:
