@@ -101,8 +101,9 @@ def _training_run(run_dir: Path) -> Path:
     torch.manual_seed(0)
     model = Transformer(cfg)
     _randomize(model, 7)
-    save_checkpoint(run_dir, 3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    state={}, tokenizer=tiny_tokenizer(), model_config=cfg,
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(run_dir, 3, model=model, optimizers=[opt], state={},
+                    tokenizer=tiny_tokenizer(), model_config=cfg,
                     run_config=TrainConfig())
     return run_dir
 
@@ -255,7 +256,7 @@ def test_convert_refuses_an_existing_destination_unless_overwrite(tmp_path, caps
 
     assert main(["convert", str(src), str(dst), "--to", "moeflow", "--overwrite"]) == 0
     assert "weights only" in capsys.readouterr().out  # the source has no tokenizer
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "manifest.json", "model"]
     (tmp_path / "empty").mkdir()  # an existing empty directory is fine
     assert main(["convert", str(src), str(tmp_path / "empty"), "--to", "moeflow"]) == 0
     assert (tmp_path / "empty" / "config.json").is_file()
