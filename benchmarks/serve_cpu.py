@@ -34,7 +34,7 @@ from moeflow import ModelConfig, Transformer  # noqa: E402
 from moeflow.data.corpus import stdlib_documents  # noqa: E402
 from moeflow.data.tokenizer import BPETokenizer  # noqa: E402
 from moeflow.serve.bench import BenchConfig, run_bench  # noqa: E402
-from moeflow.train.checkpoint import model_tensors, save_checkpoint  # noqa: E402
+from moeflow.train.checkpoint import save_checkpoint  # noqa: E402
 from moeflow.train.run_config import TrainConfig  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def make_checkpoint(out: Path) -> None:
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(out, 0, tensors=model_tensors(model), optimizer_state=opt.state_dict(),
+    save_checkpoint(out, 0, model=model, optimizers=[opt],
                     state={}, tokenizer=tok, model_config=cfg, run_config=TrainConfig())
 
 

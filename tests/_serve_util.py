@@ -40,14 +40,14 @@ def tiny_tokenizer():
 def save_training_checkpoint(run_dir: Path, seed: int = 0) -> Path:
     """A moeflow training run directory holding one checkpoint (weights, config, tokenizer)."""
     from moeflow import Transformer
-    from moeflow.train.checkpoint import model_tensors, save_checkpoint
+    from moeflow.train.checkpoint import save_checkpoint
     from moeflow.train.run_config import TrainConfig
 
     torch.manual_seed(seed)
     cfg = tiny_config()
     model = Transformer(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(run_dir, 1, tensors=model_tensors(model), optimizer_state=opt.state_dict(),
+    save_checkpoint(run_dir, 1, model=model, optimizers=[opt],
                     state={}, tokenizer=tiny_tokenizer(), model_config=cfg,
                     run_config=TrainConfig())
     return run_dir

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeflow.ops.backend import Backends
-from moeflow.parallel import ParallelConfig, save_checkpoint
+from moeflow.checkpoint import write_weights
+from moeflow.parallel import ParallelConfig
 from moeflow.parallel.equality import global_logits, run_steps
 from moeflow.parallel.launch import init_distributed
 from moeflow.parallel.trainer import ParallelTrainer
@@ -65,8 +66,8 @@ def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0
 def scenarios_worker(rank, world, scenarios, steps, ckpt_dir, eval_tokens):
     """Run each scenario {name: (TrainConfig kwargs, ParallelConfig kwargs, tweaks)} through the
     ParallelTrainer's train_step (`run_steps`), counting the collectives of the first one's
-    steps; then save the first scenario's initial model with moeflow.parallel's checkpoint and
-    report its logits and next-step losses."""
+    steps; then write the first scenario's initial model with the checkpoint writer (every
+    rank its chunks) and report its logits and next-step losses."""
     env = init_distributed("cpu")
     out = {}
     for name, (train_kwargs, parallel_kwargs, tweaks) in scenarios.items():
@@ -81,7 +82,8 @@ def scenarios_worker(rank, world, scenarios, steps, ckpt_dir, eval_tokens):
     train_kwargs, parallel_kwargs, _ = next(iter(scenarios.values()))
     trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs), env)
     trainer.prepare()
-    save_checkpoint(trainer.model, ckpt_dir)
+    Path(ckpt_dir).mkdir(exist_ok=True)
+    write_weights(Path(ckpt_dir), trainer.model, trainer.checkpoint_group, rank)
     out["saved"] = next_step(trainer, eval_tokens, sharded=True)
     return out
 
@@ -168,3 +170,14 @@ def exchange_worker(rank, world, ranks_per_node):
     (grad_hier,) = torch.autograd.grad((hier * w).sum(), x)
     return {"flat": flat.detach(), "hier": hier.detach(), "grad_flat": grad_flat,
             "grad_hier": grad_hier, "sent": x.detach(), "counts": counts_PP}
+
+
+def layouts_worker(rank, world, train_kwargs, parallel_kwargs, steps):
+    """`train_kwargs` run on this rank: trained and checkpointed (`steps` None), or resumed
+    from its latest checkpoint for `steps` steps; returns those steps' metrics rows."""
+    env = init_distributed("cpu")
+    trainer = ParallelTrainer(TrainConfig(**train_kwargs), ParallelConfig(**parallel_kwargs), env)
+    if steps is None:
+        trainer.run()
+        return None
+    return run_steps(trainer, steps)["rows"]

@@ -94,16 +94,16 @@ def test_gpt_family_exports_to_transformers_with_logit_parity(case, tmp_path):
 
 def _training_run(run_dir: Path) -> Path:
     """A training run directory: one checkpoint of a randomized `tiny`-shaped GPT PR-MoE."""
-    from moeflow.train.checkpoint import model_tensors, save_checkpoint
+    from moeflow.train.checkpoint import save_checkpoint
     from moeflow.train.run_config import TrainConfig
 
     cfg = _gpt()
     torch.manual_seed(0)
     model = Transformer(cfg)
     _randomize(model, 7)
-    save_checkpoint(run_dir, 3, tensors=model_tensors(model),
-                    optimizer_state=torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
-                    state={}, tokenizer=tiny_tokenizer(), model_config=cfg,
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(run_dir, 3, model=model, optimizers=[opt], state={},
+                    tokenizer=tiny_tokenizer(), model_config=cfg,
                     run_config=TrainConfig())
     return run_dir
 
@@ -256,7 +256,7 @@ def test_convert_refuses_an_existing_destination_unless_overwrite(tmp_path, caps
 
     assert main(["convert", str(src), str(dst), "--to", "moeflow", "--overwrite"]) == 0
     assert "weights only" in capsys.readouterr().out  # the source has no tokenizer
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "manifest.json", "model"]
     (tmp_path / "empty").mkdir()  # an existing empty directory is fine
     assert main(["convert", str(src), str(tmp_path / "empty"), "--to", "moeflow"]) == 0
     assert (tmp_path / "empty" / "config.json").is_file()

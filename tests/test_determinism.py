@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+from safetensors import safe_open
 
 from moeflow.train import TrainConfig, Trainer
 
@@ -46,7 +47,14 @@ def _rows(run_dir):
 
 
 def _final_weights(run_dir):
-    return (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors").read_bytes()
+    """Every stored tensor's bytes and each file's metadata (the safetensors header's key order
+    is not fixed, so the files themselves are not compared byte for byte)."""
+    out = {}
+    for path in sorted((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model").iterdir()):
+        with safe_open(str(path), framework="pt") as f:
+            out[path.name] = (f.metadata(), {k: f.get_tensor(k).view(torch.uint8).numpy().tobytes()
+                                             for k in f.keys()})
+    return out
 
 
 def test_resume_is_bit_exact_while_the_cpus_are_busy(tmp_path):

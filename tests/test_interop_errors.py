@@ -88,11 +88,16 @@ def test_export_refuses_what_hf_cannot_express():
 def test_moeflow_checkpoint_missing_tensor(tmp_path):
     torch.manual_seed(0)
     save_pretrained(Transformer(moeflow.ModelConfig.from_name("tiny")), tmp_path)
-    path = tmp_path / "model.safetensors"
-    tensors = load_file(path)
-    del tensors["blocks.1.ffn.router.gate.weight"]
-    save_file(tensors, path)
-    with pytest.raises(ValueError, match="missing tensor 'blocks.1.ffn.router.gate.weight'"):
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["tensors"]["blocks.1.ffn.router.gate.weight"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"tensor 'blocks.1.ffn.router.gate.weight' \[4, 128\] "
+                                         r"is missing from the checkpoint"):
+        moeflow.from_pretrained(tmp_path)
+    manifest["version"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"format version 3; this moeflow reads "
+                                         r"'moeflow-checkpoint' version 2"):
         moeflow.from_pretrained(tmp_path)
 
 

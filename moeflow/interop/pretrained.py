@@ -1,10 +1,12 @@
 """Loading and saving whole checkpoints: moeflow's own layout and HF transformers' layout.
 
-moeflow layout: a directory with config.json (ModelConfig.to_dict) and model.safetensors (the
-Transformer state dict; a tied lm_head may be left out), sharded with an index past 5 GB. A
-training checkpoint (moeflow/train/checkpoint.py) is one such directory with more files beside.
+moeflow layout: moeflow's one checkpoint format (moeflow/checkpoint/model_dir.py: manifest.json,
+config.json, model/ safetensors); a training checkpoint (moeflow/train/checkpoint.py) is one such
+directory with the trainer's state beside. Directories written before it (config.json and
+model.safetensors holding the state dict) still load.
 HF layout: config.json with a `model_type` from HF_MODEL_TYPES or HF_DENSE_MODEL_TYPES plus
-(sharded) safetensors; a GPT-family export also holds its remote-code file (hf_config's docstring says why).
+(sharded) safetensors; a GPT-family export also holds its remote-code file (hf_config's
+docstring says why).
 `find_model_dir` is the one answer to "which directory holds the model" for `moeflow serve`,
 `generate` and `convert`: a training run, its checkpoints/ directory, a step_* checkpoint, or a
 moeflow or HF checkpoint directory.
@@ -28,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from moeflow.checkpoint.model_dir import MANIFEST, load_model, write_weights
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.hf_config import (GPT_MODEL_TYPE, GPT_REMOTE_CODE, config_from_hf,
@@ -117,6 +120,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     checkpoint directory."""
     path = Path(path)
     config, model_type = read_config(path)
+    if model_type is None and (path / MANIFEST).is_file():
+        return load_model(path, device, dtype)
     weights = SafetensorsDir(path)
     where = str(path)
     if model_type is None:
@@ -163,14 +168,10 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu"
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30) -> None:
-    """Write `model` in moeflow's layout (config.json + safetensors)."""
+    """Write `model` in moeflow's one checkpoint format (moeflow.checkpoint.model_dir)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save(path / "config.json")
-    state = dict(model.state_dict())
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    save_safetensors_dir(state, path, max_shard_bytes)
+    write_weights(path, model, max_file_bytes=max_shard_bytes)
 
 
 def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 5 << 30,

@@ -1,7 +1,6 @@
-"""Expert × data parallelism on torch.distributed: layout, token exchange, sharding, gradients,
-checkpoints. See mesh.py for how ranks are laid out per MoE layer."""
+"""Expert × data parallelism on torch.distributed: layout, token exchange, sharding, gradients.
+See mesh.py for how ranks are laid out per MoE layer."""
 
-from moeflow.parallel.checkpoint import load_checkpoint, save_checkpoint
 from moeflow.parallel.dispatcher import AllToAllDispatcher
 from moeflow.parallel.grads import ShardedOptimizer, clip_grad_norm_, reduce_gradients
 from moeflow.parallel.launch import DistEnv, init_distributed
@@ -10,4 +9,4 @@ from moeflow.parallel.shard import shard_model
 
 __all__ = ["AllToAllDispatcher", "DistEnv", "LayerLayout", "ParallelConfig", "ParallelLayout",
            "ProcessGroups", "ShardedOptimizer", "clip_grad_norm_", "init_distributed",
-           "load_checkpoint", "reduce_gradients", "save_checkpoint", "shard_model"]
+           "reduce_gradients", "shard_model"]

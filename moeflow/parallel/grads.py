@@ -148,24 +148,13 @@ class ShardedOptimizer:
         for opt in self.optimizers:
             opt.step()
 
-    def local_state_dict(self) -> list[dict]:
-        """This rank's optimizer state (its ZeRO shard where sharded); reloads only at the same
-        layout."""
-        return [self._local(opt).state_dict() for opt in self.optimizers]
-
-    def load_local_state_dict(self, states: list[dict]) -> None:
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"optimizer state has {len(states)} groups, this layout has "
-                             f"{len(self.optimizers)}")
-        for opt, state in zip(self.optimizers, states):
-            self._local(opt).load_state_dict(state)
-
-    @staticmethod
-    def _local(opt) -> torch.optim.Optimizer:
-        """The optimizer over this rank's parameters (a ZeRO optimizer's shard)."""
+    def local_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers over this rank's parameters (a ZeRO optimizer's shard): the state
+        this rank checkpoints."""
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
+        return [opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt
+                for opt in self.optimizers]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:

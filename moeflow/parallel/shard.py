@@ -9,7 +9,8 @@ RNG draws) and takes the old layer's tensors by assignment: the dense ones as th
 Parameter objects), the expert ones cut to this rank's part. Dense parameters stay whole on
 every rank. Building the full model first is what makes a sharded run start from exactly the
 weights of a 1-process run with the same seed; for models too large for that, build on the meta
-device, shard, then `to_empty` + initialise or load a checkpoint (see moeflow.parallel.checkpoint).
+device, shard, then `to_empty` + initialise, or load a checkpoint into the shards
+(moeflow.checkpoint reads any layout).
 
 The gradient reduction and the checkpoint code read each Experts module's declared `layout`.
 
@@ -28,7 +29,6 @@ from moeflow.model.moe import MoELayer
 from moeflow.model.router import StatsReduce
 from moeflow.parallel.dispatcher import AllToAllDispatcher
 from moeflow.parallel.mesh import LayerLayout, ParallelConfig, ParallelLayout, ProcessGroups
-from moeflow.train.checkpoint import model_tensors
 
 EXPERT_TENSORS = ("w_in_EDI", "b_in_EI", "w_out_EFD", "b_out_ED")
 
@@ -60,18 +60,6 @@ def slice_part(name: str, part: torch.Tensor, lay: LayerLayout, swiglu: bool) ->
     F = part.shape[1] if name == "w_out_EFD" else part.shape[-1] // (2 if swiglu else 1)
     cols = slice_columns(F, lay.slices, lay.slice_index, swiglu).to(part.device)
     return part[:, cols[: F // lay.slices]] if name == "w_out_EFD" else part[..., cols]
-
-
-def join_slices(name: str, parts: list[torch.Tensor], swiglu: bool) -> torch.Tensor:
-    """Inverse of `local_part` over the s slices of one expert (slice order)."""
-    if name == "b_out_ED":
-        return parts[0]
-    if name == "w_out_EFD":
-        return torch.cat(parts, -2)
-    if swiglu:  # each slice is [gate_j | up_j]; the full tensor is [gate_0..s | up_0..s]
-        halves = [p.chunk(2, dim=-1) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], -1)
-    return torch.cat(parts, -1)
 
 
 def _assign_shard(module: nn.Module, full: nn.Module, prefix: str, lay: LayerLayout,
@@ -114,69 +102,6 @@ def shard_layer(layer: MoELayer, lay: LayerLayout, dispatcher: nn.Module,
                         layout=lay, dispatcher=dispatcher, stats_reduce=stats_reduce)
     return _assign_shard(part, layer, "experts.", lay, layer.activation == "swiglu").train(
         layer.training)
-
-
-def sharded_experts(model: nn.Module) -> dict[str, Experts]:
-    """{state-dict prefix 'blocks.i.ffn.experts.': module} of the sharded Experts of a model."""
-    return {f"{name}.": m for name, m in model.named_modules()
-            if isinstance(m, Experts) and m.layout is not None}
-
-
-@torch.no_grad()
-def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full (unsharded) state dict into a sharded model: each rank takes its part."""
-    sharded = sharded_experts(model)
-    own = model.state_dict(keep_vars=True)
-    for key, full in state.items():
-        prefix, _, name = key.rpartition(".")
-        if prefix + "." in sharded:
-            ex = sharded[prefix + "."]
-            target = getattr(ex, name)
-            if target is None:
-                continue
-            full = local_part(name, full.to(target.device), ex.layout,
-                              ex.activation == "swiglu")
-        else:
-            target = own.get(key)
-            if target is None:
-                raise ValueError(f"state has tensor {key!r} that the model lacks")
-        if tuple(full.shape) != tuple(target.shape):
-            raise ValueError(f"{key}: shape {list(full.shape)} in the state but "
-                             f"{list(target.shape)} in the model")
-        target.copy_(full)
-
-
-@torch.no_grad()
-def gather_full_state(model: nn.Module, groups: ProcessGroups) -> dict[str, torch.Tensor]:
-    """The full model's tensors (on CPU, each storage once as in
-    moeflow.train.checkpoint.model_tensors: a tied head is the embedding) rebuilt from every
-    rank's shard. Collective over each layer's EP group; all ranks return it (every replica
-    gathers inside its own EP group)."""
-    out = {k: v.cpu() for k, v in model_tensors(model).items()}
-    for prefix, ex in sharded_experts(model).items():
-        lay = ex.layout
-        group = groups.for_layer(lay).ep
-        P, s = lay.ep_size, lay.slices
-        swiglu = ex.activation == "swiglu"
-        for name in EXPERT_TENSORS:
-            t = getattr(ex, name)
-            if t is None and not (name == "b_out_ED" and ex.b_in_EI is not None):
-                continue
-            if t is None:  # a later slice of a biased layer: no b_out here, send zeros
-                t = torch.zeros(1, ex.d_model, device=ex.w_in_EDI.device,
-                                dtype=ex.w_in_EDI.dtype)
-            parts = [torch.empty_like(t) for _ in range(P)]
-            if P > 1:
-                dist.all_gather(parts, t.detach().contiguous(), group=group)
-            else:
-                parts = [t.detach()]
-            if s > 1:
-                full = torch.stack([join_slices(name, [p[0] for p in parts[e * s:(e + 1) * s]],
-                                                swiglu) for e in range(P // s)])
-            else:
-                full = torch.cat(parts)
-            out[prefix + name] = full.cpu()
-    return out
 
 
 def shard_model(model: nn.Module, config: ParallelConfig) -> ProcessGroups:

@@ -13,13 +13,10 @@ The loop itself (moeflow.train.trainer.Trainer) is unchanged; this class overrid
 * reduce_stats: the metrics row and the validation result are the global batch's (losses
   averaged over ranks, expert counts summed, all in one all-reduce), and so are the counts that
   drive aux-loss-free bias updates. Each rank validates its share of the global windows.
-* save / restore: rank 0 writes the trainer's usual checkpoint directory with the FULL model in
-  model.safetensors (experts gathered from their EP groups, stacked by global expert id), so a
-  checkpoint saved at one layout resumes at any other and `moeflow generate` reads it as is.
-  Optimizer state is per rank (optimizer.pt holds every rank's, gathered to rank 0) and only
-  reloads at the layout that saved it; at another layout the run resumes with fresh moments and
-  says so. For models too large to gather on one rank, moeflow.parallel.checkpoint writes the
-  experts from every rank instead.
+* local_optimizers / checkpoint_group: the trainer's one checkpoint writer
+  (moeflow.train.checkpoint) runs on every rank; each writes its chunks of the global,
+  layout-free tensors (experts by global id) and of the optimizer state, nothing is gathered,
+  and a checkpoint saved at one layout resumes, AdamW moments included, at any other.
 
 Batch sizes are global (TrainConfig.batch_size over all ranks): each rank takes its slice of the
 same global batch, so 1 and N processes see the same samples. With dropless routing the run is
@@ -36,7 +33,6 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer, TrainResult
@@ -45,7 +41,7 @@ from moeflow.parallel.grads import (ShardedOptimizer, clip_grad_norm_, reduce_gr
 from moeflow.parallel.launch import DistEnv, init_distributed, shutdown
 from moeflow.parallel.mesh import ParallelConfig
 from moeflow.parallel.overlap import OverlappedGradReducer
-from moeflow.parallel.shard import gather_full_state, load_full_state, shard_model
+from moeflow.parallel.shard import shard_model
 
 
 class ParallelTrainer(Trainer):
@@ -115,34 +111,12 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.groups.world_group)
         return bool(flag.item())
 
-    def _layout_key(self) -> dict:
-        return {"world": self.world, "parallel": vars(self.parallel)}
+    def local_optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.optimizer.local_optimizers()
 
-    def save(self, step: int):
-        full = gather_full_state(self.model, self.groups)
-        per_rank: list = [None] * self.world
-        dist.all_gather_object(per_rank, self.optimizer.local_state_dict(),
-                               group=self.groups.world_group)
-        path = None
-        if self.is_writer:
-            state = {**self.train_state(step), "layout": self._layout_key()}
-            path = ckpt_io.save_checkpoint(
-                self.out, step, tensors=full,
-                optimizer_state={"layout": self._layout_key(), "ranks": per_rank},
-                state=state, tokenizer=self.tokenizer, model_config=self.model_config,
-                run_config=self.cfg, keep=self.cfg.keep_checkpoints)
-        dist.barrier(group=self.groups.world_group)
-        return path
-
-    def restore_model_and_optimizer(self, ckpt) -> None:
-        load_full_state(self.model, ckpt_io.load_tensors(ckpt))
-        saved = ckpt_io.load_torch(ckpt, "optimizer.pt")
-        if isinstance(saved, dict) and saved.get("layout") == self._layout_key():
-            self.optimizer.load_local_state_dict(saved["ranks"][self.rank])
-        else:
-            self.reporter.note(f"optimizer state in {ckpt} was saved at another layout "
-                               f"({saved.get('layout') if isinstance(saved, dict) else 'single'}"
-                               f"); resuming with fresh AdamW moments")
+    @property
+    def checkpoint_group(self):
+        return self.groups.world_group
 
 
 def train(config: TrainConfig, parallel: ParallelConfig) -> TrainResult | None:

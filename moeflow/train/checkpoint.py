@@ -1,92 +1,67 @@
-"""Checkpoints that survive being killed mid-write, and refuse to load into the wrong model.
+"""Training checkpoints: written by every rank at once, atomic, resumable at any layout.
 
-Layout: OUT/checkpoints/step_00000040/ holds
-  model.safetensors   weights (tied tensors stored once)
-  optimizer.pt        optimizer state_dict
-  state.json          step, tokens seen, loader position, scheduler position, world size
-  rng.pt              torch (CPU and CUDA) and Python RNG states
-  tokenizer.json      the run's BPE tokenizer
-  config.json         the ModelConfig
-  run.json            the TrainConfig
-and OUT/checkpoints/latest names the newest complete one.
+Layout: OUT/checkpoints/step_00000040/ is a model directory (moeflow.checkpoint.model_dir:
+manifest.json, config.json, model/ weights) with the trainer's state beside it:
+  trainer/        safetensors, written like the weights: the optimizer state of every parameter
+                  (`optim.<parameter>.<state>`, chunked as its parameter, so AdamW moments
+                  reload at any EP/DP layout) and rank 0's torch RNG states
+  state.json      step, tokens seen, loader position, scheduler position, world size, Python RNG
+  tokenizer.json  the run's BPE tokenizer
+  run.json        the TrainConfig
+and OUT/checkpoints/latest names the newest complete one. Every rank writes its own chunks of
+the weights and the optimizer state (torch.distributed.checkpoint); nothing is gathered to one
+rank, so the checkpoint directory must be on a filesystem every rank reaches.
 
-Atomicity: files are written into a fresh temporary directory next to the final one and each
-fsync'ed; the directory is fsync'ed and renamed into place; only then is `latest` replaced
-(write temp file, fsync, rename). A process killed at any instant therefore leaves `latest`
-pointing at a complete checkpoint; stale temporary directories are swept by the next save.
+Atomicity: rank 0 makes a fresh temporary directory next to the final one; every rank writes
+into it (each file fsync'ed); rank 0 writes the JSON files, fsyncs the directories and renames it
+into place; only then is `latest` replaced (write temp file, fsync, rename). A process killed at
+any instant therefore leaves `latest` pointing at a complete checkpoint; stale temporary
+directories are swept by the next save.
 
-Compatibility: before anything is loaded, the checkpoint's tensor names and shapes (read from
-the safetensors header, no data) are compared with the model's; the first difference is
-reported with both shapes, so loading a checkpoint into a different config changes nothing.
+Compatibility: before anything is loaded, the manifest's tensor names and global shapes are
+compared with the model's; the first difference is reported with both shapes, so loading a
+checkpoint into a different config changes nothing.
 
-Safe loading: a checkpoint may come from elsewhere, so nothing in it may run code. Weights are
-safetensors (no code by construction); optimizer.pt and rng.pt are read with
-`torch.load(weights_only=True)`, whose unpickler builds only tensors and plain containers
-(dict, list, tuple, str, int, float, bool, None) and refuses every other global. That is all
-they hold: AdamW's state_dict (tensors, floats, a betas tuple, bools, None), the parallel
-trainer's per-rank list of such dicts with a layout dict of ints and strings, and the RNG
-states (torch's ByteTensors and Python's `random.getstate()`, a tuple of ints; no numpy RNG is
-captured), so the allow-list of extra globals, SAFE_GLOBALS, is empty and files written before
-this change load unchanged. A pickle that names any other global is refused, never executed.
+Safe loading: a checkpoint may come from elsewhere, so nothing in it may run code: it holds only
+safetensors and JSON (no pickle). Checkpoints written before this format (format 1:
+model.safetensors, optimizer.pt, rng.pt) still serve, generate and teach; resuming one is refused
+in one line naming its format version.
 
-Damaged files: any file of a checkpoint that cannot be read or parsed (truncated, corrupt, not
-what it should be) raises `CheckpointError`, a ValueError naming the file in one line, so the
-CLI reports it as `moeflow: error: ...` with exit status 2. Loading never deletes or rewrites
+Damaged files: any file that cannot be read or parsed raises `CheckpointError`, a ValueError
+naming the file in one line (moeflow.checkpoint.errors). Loading never deletes or rewrites
 anything.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import random
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+import torch.distributed as dist
 
+from moeflow.checkpoint.chunks import Chunk, empty_optimizer_chunks, optimizer_chunks, whole
+from moeflow.checkpoint.errors import CheckpointError, reading
+from moeflow.checkpoint.model_dir import (LEGACY_WEIGHTS, MANIFEST, check_fits, format_version,
+                                          load_config, load_model, load_weights, read_manifest,
+                                          write_weights)
+from moeflow.checkpoint.storage import read_chunks, stored_tensors, write_chunks
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.train.run_config import TrainConfig
 
+__all__ = ["CheckpointError", "check_compatible", "latest_checkpoint", "load_for_inference",
+           "resolve_checkpoint", "save_checkpoint"]
+
 CHECKPOINTS_DIR = "checkpoints"
-# Globals optimizer.pt and rng.pt may name beyond tensors and plain containers: none (see above).
-SAFE_GLOBALS: list = []
 LATEST = "latest"
-WEIGHTS = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or corrupt; the message names the file."""
-
-
-@contextmanager
-def reading(path: Path) -> Iterator[None]:
-    """Turn any failure to read or parse `path` into a one-line CheckpointError naming it."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except Exception as e:  # noqa: BLE001 - torch, safetensors, json and tokenizers differ
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        foreign = next((line for line in lines if "GLOBAL" in line), None)
-        if isinstance(e, pickle.UnpicklingError) and foreign:  # refused by weights_only=True
-            raise CheckpointError(f"checkpoint file {path} holds objects other than tensors "
-                                  f"and plain data; refused without running them "
-                                  f"({foreign})") from None
-        reason = lines[0].split(". ")[0].rstrip(".") if lines else ""
-        raise CheckpointError(f"checkpoint file {path} is damaged or truncated "
-                              f"({type(e).__name__}: {reason})") from None
+TRAINER = "trainer"
+RNG = "rng."
 
 
 def checkpoint_name(step: int) -> str:
@@ -112,73 +87,78 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state, each storage once (a tied head is saved as the embedding only)."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous()
+def rng_chunks() -> dict[str, Chunk]:
+    """This process's torch RNG states (CPU, and each CUDA device's) as stored chunks."""
+    out = {f"{RNG}torch": whole(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"{RNG}cuda.{i}"] = whole(s)
     return out
 
 
-def capture_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def restore_rng(ckpt: Path, python_state: list | None) -> None:
+    """Every rank takes the RNG states rank 0 saved."""
+    stored = stored_tensors(ckpt / TRAINER)
+    chunks = {k: whole(torch.empty(shape, dtype=dtype)) for k, (shape, dtype) in stored.items()
+              if k.startswith(RNG)}
+    read_chunks(ckpt / TRAINER, chunks)
+    torch.set_rng_state(chunks[f"{RNG}torch"].local)
+    cuda = [chunks[k].local for k in sorted(chunks) if k.startswith(f"{RNG}cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    if python_state is not None:
+        version, internal, gauss = python_state
+        random.setstate((version, tuple(internal), gauss))
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], state: dict[str, Any],
+def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
+                    optimizers: list[torch.optim.Optimizer], state: dict[str, Any],
                     tokenizer: BPETokenizer, model_config: ModelConfig, run_config: Any,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, group=None, rank: int = 0) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune to the newest `keep`.
-    `tensors`: the full model's, each storage once (`model_tensors`, or the parallel trainer's
-    gathered shards); `optimizer_state`: what optimizer.pt holds."""
+    Collective over `group` (None: this process alone): each rank passes its model (shard)
+    and its local optimizers (the ones holding its share of the state)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    files = {
-        WEIGHTS: lambda: safetensors_bytes(tensors, metadata={"step": str(step)}),
-        "optimizer.pt": lambda: _torch_bytes(optimizer_state),
-        "rng.pt": lambda: _torch_bytes(capture_rng()),
-        "state.json": lambda: (json.dumps({**state, "step": step}, indent=2) + "\n").encode(),
-        "tokenizer.json": lambda: tokenizer.to_str().encode(),
-        "config.json": lambda: (model_config.to_json() + "\n").encode(),
-        "run.json": lambda: (json.dumps(run_config.to_dict(), indent=2) + "\n").encode(),
-    }
-    for filename, payload in files.items():
-        _write_bytes(tmp / filename, payload())
-    _fsync_dir(tmp)
+    tmp = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = [tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)]
+    if group is not None:
+        dist.broadcast_object_list(tmp, src=0, group=group)
+    tmp = Path(tmp[0])
+    write_weights(tmp, model, group, rank, trainer_state=TRAINER)
+    (tmp / TRAINER).mkdir(exist_ok=True)
+    trainer = optimizer_chunks(model, optimizers)
+    if rank == 0:
+        trainer.update(rng_chunks())
+    write_chunks(tmp / TRAINER, trainer, group)
     final = root / name
-    if final.exists():  # left by a run that died after the rename but before `latest` moved
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f".{LATEST}.tmp"
-    _write_bytes(pointer, (name + "\n").encode())
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
-    _prune(root, keep, final)
+    if rank == 0:
+        py_version, py_internal, py_gauss = random.getstate()
+        files = {
+            "state.json": {**state, "step": step,
+                           "python_rng": [py_version, list(py_internal), py_gauss]},
+            "run.json": run_config.to_dict(),
+        }
+        for filename, payload in files.items():
+            _write_bytes(tmp / filename, (json.dumps(payload, indent=2) + "\n").encode())
+        _write_bytes(tmp / "tokenizer.json", tokenizer.to_str().encode())
+        for d in (tmp / "model", tmp / TRAINER, tmp):
+            _fsync_dir(d)
+        if final.exists():  # left by a run that died after the rename but before `latest` moved
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer = root / f".{LATEST}.tmp"
+        _write_bytes(pointer, (name + "\n").encode())
+        os.replace(pointer, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep, final)
+    if group is not None:
+        dist.barrier(group=group)
     return final
 
 
@@ -189,6 +169,10 @@ def _prune(root: Path, keep: int, latest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path / LEGACY_WEIGHTS).is_file()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINTS_DIR
     try:
@@ -196,13 +180,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     except FileNotFoundError:
         return None
     path = root / name
-    return path if (path / WEIGHTS).is_file() else None
+    return path if is_checkpoint(path) else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a run directory, its checkpoints/ directory, or itself."""
     p = Path(path)
-    if (p / WEIGHTS).is_file():
+    if is_checkpoint(p):
         return p
     for run_dir in (p, p.parent):
         if (run_dir / CHECKPOINTS_DIR).is_dir():
@@ -214,47 +198,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise ValueError(f"{str(path)!r} holds no moeflow checkpoint")
 
 
-def tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
-    with reading(ckpt / WEIGHTS), safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+def check_resumable(ckpt: Path) -> None:
+    """Refuse, in one line naming the format version, a checkpoint this code cannot resume."""
+    version = format_version(ckpt)
+    if version == 1:
+        raise ValueError(f"checkpoint {ckpt} is moeflow checkpoint format version 1 "
+                         f"(model.safetensors + optimizer.pt); it still serves, generates and "
+                         f"teaches, but resuming needs format version 2: start a new run, e.g. "
+                         f"with --teacher {ckpt}")
+    if read_manifest(ckpt).get("trainer_state") != TRAINER:  # other versions refused there
+        raise ValueError(f"checkpoint {ckpt} holds a model but no trainer state to resume")
 
 
 def check_compatible(model: torch.nn.Module, ckpt: Path) -> None:
     """Raise ValueError naming the first tensor whose name or shape differs."""
-    have = tensor_shapes(ckpt)
-    want = {k: tuple(t.shape) for k, t in model_tensors(model).items()}
-    for name, shape in want.items():
-        if name not in have:
-            raise ValueError(f"checkpoint {ckpt} does not fit the model: tensor {name!r} "
-                             f"{list(shape)} is missing from the checkpoint")
-        if have[name] != shape:
-            raise ValueError(f"checkpoint {ckpt} does not fit the model: tensor {name!r} has "
-                             f"shape {list(have[name])} in the checkpoint but {list(shape)} "
-                             f"in the model")
-    extra = [k for k in have if k not in want]
-    if extra:
-        raise ValueError(f"checkpoint {ckpt} does not fit the model: tensor {extra[0]!r} "
-                         f"{list(have[extra[0]])} has no place in the model")
+    check_resumable(ckpt)
+    check_fits(model, ckpt)
 
 
-def load_tensors(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors (CheckpointError naming the file if it is damaged)."""
-    with reading(ckpt / WEIGHTS):
-        return load_file(str(ckpt / WEIGHTS), device=str(device))
-
-
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+@torch.no_grad()
+def load_trainer_state(ckpt: Path, model: torch.nn.Module,
+                       optimizers: list[torch.optim.Optimizer]) -> None:
+    """Weights and optimizer state into this rank's model (shard) and local optimizers, at
+    whatever layout they have now."""
     check_compatible(model, ckpt)
-    tensors = load_tensors(ckpt, next(model.parameters()).device)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    aliases = set(model.state_dict()) - set(model_tensors(model))
-    if unexpected or set(missing) - aliases:
-        raise ValueError(f"checkpoint {ckpt}: tensors do not match the model")
+    load_weights(model, ckpt)
+    wanted, states = empty_optimizer_chunks(model, optimizers, stored_tensors(ckpt / TRAINER))
+    read_chunks(ckpt / TRAINER, wanted)
+    for opt, state in zip(optimizers, states):
+        opt.load_state_dict(state)
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:
-    with reading(ckpt / "config.json"):
-        return ModelConfig.from_json((ckpt / "config.json").read_text())
+    return load_config(ckpt)
 
 
 def load_tokenizer(ckpt: Path) -> BPETokenizer:
@@ -284,20 +260,8 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_torch(ckpt: Path, filename: str) -> Any:
-    """optimizer.pt or rng.pt, unpickled without running code (see the module docstring)."""
-    with reading(ckpt / filename), torch.serialization.safe_globals(SAFE_GLOBALS):
-        return torch.load(ckpt / filename, map_location="cpu", weights_only=True)
-
-
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"
                        ) -> tuple[torch.nn.Module, BPETokenizer]:
     """(model in eval mode, tokenizer) from a checkpoint, run directory or checkpoints dir."""
-    from moeflow.model import Transformer
-
     ckpt = resolve_checkpoint(path)
-    config = load_model_config(ckpt)
-    with torch.device(device):
-        model = Transformer(config)
-    load_weights(model, ckpt)
-    return model.eval(), load_tokenizer(ckpt)
+    return load_model(ckpt, device), load_tokenizer(ckpt)

@@ -35,7 +35,8 @@ own tokens and tokenizer.
 
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
 experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),
-`reduce_stats` (metrics and validation of the global batch), `save`/`restore`; `rank`/`world`
+`reduce_stats` (metrics and validation of the global batch), `local_optimizers` and
+`checkpoint_group` (each rank checkpoints its share; moeflow.train.checkpoint); `rank`/`world`
 pick each rank's slice of every global batch and of the validation windows (see
 moeflow.data.loader and moeflow.parallel.trainer).
 """
@@ -195,28 +196,27 @@ class Trainer:
                               "segments": self.schedule.state_dict()},
                 "world_size": self.world}
 
-    def save(self, step: int) -> Path | None:
-        if not self.is_writer:
-            return None
-        return ckpt_io.save_checkpoint(
-            self.out, step, tensors=ckpt_io.model_tensors(self.model),
-            optimizer_state=self.optimizer.state_dict(), state=self.train_state(step),
-            tokenizer=self.tokenizer,
-            model_config=self.model_config, run_config=self.cfg, keep=self.cfg.keep_checkpoints)
+    def local_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers holding this rank's share of the optimizer state."""
+        return [self.optimizer]
 
-    def restore_model_and_optimizer(self, ckpt: Path) -> None:
-        ckpt_io.load_weights(self.model, ckpt)
-        optimizer_state = ckpt_io.load_torch(ckpt, "optimizer.pt")
-        if "ranks" in optimizer_state:  # per-rank shards of a moeflow.parallel run
-            self.reporter.note(f"{ckpt} holds the per-rank optimizer state of a parallel run; "
-                               f"resuming with fresh AdamW moments")
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
+    @property
+    def checkpoint_group(self):
+        """The process group checkpoints are written over (None: this process alone)."""
+        return None
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint `step` (collective: every rank writes its share)."""
+        return ckpt_io.save_checkpoint(
+            self.out, step, model=self.model, optimizers=self.local_optimizers(),
+            state=self.train_state(step), tokenizer=self.tokenizer,
+            model_config=self.model_config, run_config=self.cfg, keep=self.cfg.keep_checkpoints,
+            group=self.checkpoint_group, rank=self.rank)
 
     def restore(self, ckpt: Path) -> None:
         """Load weights, optimizer, loader position, schedule and RNG states (compatibility
         checked); a larger cfg.steps than the checkpoint's plan extends the schedule."""
-        self.restore_model_and_optimizer(ckpt)
+        ckpt_io.load_trainer_state(ckpt, self.model, self.local_optimizers())
         state = ckpt_io.load_state(ckpt)
         self.loader.load_state_dict(state["loader"])
         self.start_step = int(state["step"])
@@ -234,7 +234,7 @@ class Trainer:
         if self.cfg.stop_at is not None and self.cfg.stop_at <= self.start_step:
             raise ValueError(f"stop_at={self.cfg.stop_at}: the run is already at step "
                              f"{self.start_step}")
-        ckpt_io.restore_rng(ckpt_io.load_torch(ckpt, "rng.pt"))
+        ckpt_io.restore_rng(ckpt, state.get("python_rng"))
 
     def forward_loss(self, input_BT: torch.Tensor, target_BT: torch.Tensor, step: int
                      ) -> tuple[torch.Tensor, dict[str, Any]]:

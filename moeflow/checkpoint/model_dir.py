@@ -1,0 +1,161 @@
+"""A model directory: moeflow's one checkpoint format (format version 2).
+
+    manifest.json   {"format": "moeflow-checkpoint", "version": 2, "weights": "model",
+                     "tensors": {name: {"shape", "dtype"}}, "experts": {...}, ...}
+    config.json     the ModelConfig
+    model/          the weights: safetensors files, one per writing rank (moeflow.checkpoint
+                    .storage), together holding every tensor whole and layout-free
+                    (moeflow.checkpoint.chunks: experts stacked by global expert id, a SwiGLU
+                    [gate | up] projection with the halves on their own axis)
+
+`moeflow convert --to moeflow` writes exactly this; a training checkpoint
+(moeflow.train.checkpoint) is one with the trainer's state beside it. `load_weights` reads the
+weights into a model at any layout (a 1-process model, or one rank's shard); `load_model` builds
+the model of a directory. The manifest names every stored tensor with its global shape, so a
+model that does not fit is refused, naming the first tensor that differs, before anything is
+read. Directories written before the manifest existed (format 1: one model.safetensors, the
+model's own state dict) still load for inference (`load_legacy_weights`); anything newer than
+this code reads, or not a moeflow checkpoint at all, is refused in one line naming the version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from moeflow.checkpoint.chunks import global_shapes, model_chunks, tensor_names
+from moeflow.checkpoint.errors import reading
+from moeflow.checkpoint.storage import read_chunks, write_chunks
+from moeflow.config import ModelConfig
+from moeflow.model.experts import Experts
+
+FORMAT = "moeflow-checkpoint"
+VERSION = 2
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+WEIGHTS = "model"
+LEGACY_WEIGHTS = "model.safetensors"  # format 1: the model's state dict in one file
+
+
+def format_version(path: Path) -> int | None:
+    """2 (or what the manifest says) for a manifest, 1 for a format-1 directory, else None."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return int(read_manifest(path, check=False).get("version", 0))
+    if (path / LEGACY_WEIGHTS).is_file():
+        return 1
+    return None
+
+
+def read_manifest(path: Path, check: bool = True) -> dict[str, Any]:
+    with reading(path / MANIFEST):
+        data = json.loads((path / MANIFEST).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
+            raise ValueError("expected a JSON object with a 'tensors' object")
+    if check and (data.get("format") != FORMAT or data.get("version") != VERSION):
+        raise ValueError(f"checkpoint {path} is {data.get('format')!r} format version "
+                         f"{data.get('version')!r}; this moeflow reads {FORMAT!r} version "
+                         f"{VERSION}")
+    return data
+
+
+def write_weights(path: Path, model: nn.Module, group=None, rank: int = 0,
+                  max_file_bytes: int | None = None, **extra: Any) -> None:
+    """Write `model` (one process's, or with `group` every rank's shard; collective) into
+    directory `path`: the weights (files of at most `max_file_bytes` per rank), then on rank 0
+    the manifest (with `extra` fields) and config.json. `path` must exist, on a filesystem
+    every rank reaches."""
+    path = Path(path)
+    (path / WEIGHTS).mkdir(exist_ok=True)
+    chunks = model_chunks(model)
+    write_chunks(path / WEIGHTS, chunks, group, max_file_bytes)
+    if rank != 0:
+        return
+    experts = {name: {"num_experts": m.num_experts, "expert_axis": 0,
+                      "gate_up_axis": 2 if m.activation == "swiglu" else None}
+               for name, m in model.named_modules() if isinstance(m, Experts)}
+    manifest = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS,
+                "tensors": {k: {"shape": list(c.shape),
+                                "dtype": str(c.local.dtype).removeprefix("torch.")}
+                            for k, c in chunks.items()},
+                "experts": experts, **extra}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (path / CONFIG).write_text(model.config.to_json() + "\n")
+
+
+def check_fits(model: nn.Module, path: Path) -> None:
+    """Raise ValueError naming the first tensor whose name or stored shape differs."""
+    have = {k: tuple(v["shape"]) for k, v in read_manifest(path)["tensors"].items()}
+    _compare(global_shapes(model), have, path)
+
+
+def _compare(want: dict, have: dict, where: Path) -> None:
+    for name, shape in want.items():
+        if name not in have:
+            raise ValueError(f"checkpoint {where} does not fit the model: tensor {name!r} "
+                             f"{list(shape)} is missing from the checkpoint")
+        if have[name] != shape:
+            raise ValueError(f"checkpoint {where} does not fit the model: tensor {name!r} has "
+                             f"shape {list(have[name])} in the checkpoint but {list(shape)} "
+                             f"in the model")
+    extra = [k for k in have if k not in want]
+    if extra:
+        raise ValueError(f"checkpoint {where} does not fit the model: tensor {extra[0]!r} "
+                         f"{list(have[extra[0]])} has no place in the model")
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Read the weights of directory `path` into `model` (whatever its layout), in place."""
+    check_fits(model, path)
+    read_chunks(Path(path) / WEIGHTS, model_chunks(model))
+
+
+def load_config(path: Path) -> ModelConfig:
+    with reading(path / CONFIG):
+        return ModelConfig.from_json((path / CONFIG).read_text())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """The Transformer of a model directory (format 2 or 1), in eval mode. `dtype` casts the
+    parameters; buffers (the router's expert bias) stay fp32, as the router adds them to fp32
+    scores."""
+    from moeflow.model import Transformer
+
+    path = Path(path)
+    version = format_version(path)
+    config = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty allocates each parameter anew: share the head again
+        model.lm_head.weight = model.tok_emb.weight
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    if version == 1:
+        load_legacy_weights(model, path)
+    else:
+        load_weights(model, path)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_legacy_weights(model: nn.Module, path: Path) -> None:
+    """Format 1: model.safetensors holds the model's state dict (a tied head once)."""
+    file = path / LEGACY_WEIGHTS
+    with reading(file), safe_open(str(file), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = model.state_dict()
+    _compare({k: tuple(state[k].shape) for k in tensor_names(model).values()}, have, path)
+    with reading(file):
+        tensors = load_file(str(file))
+    for name, t in tensors.items():
+        state[name].copy_(t)
