@@ -98,7 +98,9 @@ SHAPES = {
 }
 FULL_LAYERS = {"mixtral": 32, "qwen3": 48}
 BUDGETS_GIB = {"mixtral": (24, 40), "qwen3": (16, 24)}
-CONFIGS = ("lru/none", "lfu/none", "lru/router", "lfu/router")
+# The default first (it is what a user gets), then the policies without prefetch: the first
+# --core (4) run for both shapes before the peer and the rest.
+CONFIGS = ("cyclic/router", "lru/none", "lfu/none", "cyclic/none", "lru/router", "lfu/router")
 MAX_SEQ = 1024
 PROMPT = 64
 PREFILL = 512
@@ -439,30 +441,31 @@ def run_child(task: dict, timeout: float, sink: list[str]) -> dict:
 
 
 def plan_tasks(args) -> list[dict]:
-    """In the order they run; the deadline drops the tail, so the reference and the smaller
-    budget of each shape come first, then the peer, then the larger budgets."""
+    """In the order they run; the deadline drops the tail, so first each shape's reference and
+    its first --core configurations at the smaller budget, then the peer, then the other
+    configurations, then the larger budgets."""
     layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}
     decode = [[1, args.decode_b1_steps], [16, args.decode_b16_steps]]  # JSON: no int keys
     base = dict(smoke=args.smoke, decode=decode)
     budgets = {s: BUDGETS_GIB[s][:1] if args.budgets == "small" else BUDGETS_GIB[s]
                for s in args.shapes}
+
+    def offload(shape: str, budget_full: int, config: str) -> dict:
+        return dict(base, kind="offload", shape=shape, layers=layers[shape],
+                    budget_full=budget_full, config=config, name=f"{budget_full}GiB/{config}")
     tasks = []
     for shape in args.shapes:
         tasks.append(dict(base, kind="resident", shape=shape, layers=layers[shape],
                           name="all_on_gpu"))
-        for config in args.configs:
-            tasks.append(dict(base, kind="offload", shape=shape, layers=layers[shape],
-                              budget_full=budgets[shape][0], config=config,
-                              name=f"{budgets[shape][0]}GiB/{config}"))
+        tasks += [offload(shape, budgets[shape][0], c) for c in args.configs[:args.core]]
     if "mixtral" in args.shapes and not args.no_peer and not args.smoke:
         tasks.append(dict(base, kind="peer", shape="mixtral", layers=layers["mixtral"],
                           budget_full=BUDGETS_GIB["mixtral"][0], name="peer"))
     for shape in args.shapes:
+        tasks += [offload(shape, budgets[shape][0], c) for c in args.configs[args.core:]]
+    for shape in args.shapes:
         for budget_full in budgets[shape][1:]:
-            for config in args.configs:
-                tasks.append(dict(base, kind="offload", shape=shape, layers=layers[shape],
-                                  budget_full=budget_full, config=config,
-                                  name=f"{budget_full}GiB/{config}"))
+            tasks += [offload(shape, budget_full, c) for c in args.configs]
     return tasks
 
 
@@ -518,6 +521,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS),
                    help="offloaded configurations, policy/prefetch")
+    p.add_argument("--core", type=int, default=4,
+                   help="how many of --configs run per shape before the peer and the rest")
     p.add_argument("--budgets", choices=("small", "all"), default="small",
                    help="the smaller full-depth budget per shape, or both")
     p.add_argument("--mixtral-layers", type=int, default=12)

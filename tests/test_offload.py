@@ -66,7 +66,8 @@ def run(model, ps, **engine):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router")])
+@pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router"),
+                                            ("cyclic", "router")])
 def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, prefetch):
     model = make_model(kind)
     ps = prompts(2, seed=len(kind))
@@ -145,6 +146,40 @@ def test_lfu_evicts_the_least_frequently_used_expert_with_history_and_lru_ties()
     assert _evicted(cache, set(cache.slot_of), 0, 2) == {(0, 1)}  # 2 now has 2 uses
     # History survives eviction: 1 comes back with 3 uses, 2 has 2: 2 goes first.
     assert _evicted(cache, set(cache.slot_of), 0, 1) == {(0, 2)}
+
+
+def test_cyclic_layer_order_thrashes_lru_and_lfu_but_not_cyclic():
+    """Decode visits the layers cyclically. When the slots hold no more than the other layers'
+    experts of one cycle (here 4 slots, 3 layers of 2 experts), LRU has evicted a layer's
+    experts by the time it comes round again: 0 hits, whatever the routing; LFU too, its
+    counts tie and LRU breaks the ties. "cyclic" evicts the layer whose turn comes last and
+    keeps the rest: from the second step on, 4 and 2 of the 6 experts hit in alternation."""
+    hits = {}
+    for policy in ("lru", "lfu", "cyclic"):
+        cache = _cache(4, policy, layers=3)
+        for _ in range(10):
+            for layer in range(3):
+                _use(cache, layer, [2 * layer, 2 * layer + 1])
+        hits[policy] = cache.stats().hits
+    assert hits == {"lru": 0, "lfu": 0, "cyclic": 5 * 4 + 4 * 2}
+
+
+def test_cyclic_evicts_the_loading_layer_then_backwards_round_the_cycle_lfu_within():
+    cache = _cache(4, "cyclic", layers=3)
+    _use(cache, 0, [0])
+    _use(cache, 0, [0])  # (0, 0): 2 uses
+    _use(cache, 0, [1])
+    _use(cache, 1, [0])
+    _use(cache, 2, [0])
+    # Full. Layer 0 wants a third expert: its own others go first, the less used one.
+    assert _evicted(cache, set(cache.slot_of), 0, 2) == {(0, 1)}
+    # Layer 1 wants another: none of its own is unpinned except (1, 0), which goes.
+    assert _evicted(cache, set(cache.slot_of), 1, 1) == {(1, 0)}
+    # Layer 2 wants (2, 1) while holding (2, 0): the walk goes 2 (pinned), 1, then 0.
+    cache.release(cache.acquire(2, [0, 1]))
+    assert (1, 1) not in cache.slot_of and (2, 0) in cache.slot_of
+    # Layer 1 again: layer 1 holds nothing, layer 0 is next backwards: its less used expert.
+    assert _evicted(cache, set(cache.slot_of), 1, 3) == {(0, 2)}
 
 
 def test_pinned_experts_are_never_evicted_and_groups_fit_the_slots():

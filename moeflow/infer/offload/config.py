@@ -13,8 +13,9 @@ count (moeflow.infer.offload.offloaded_experts), so any budget at or above the m
 request, only slower. Prefetching needs slots beyond those the current layer uses: with the
 minimum it finds none and is skipped (counted in the statistics).
 
-Eviction policy ("lru" or "lfu", see moeflow.infer.offload.expert_cache) and the prefetch method
-("none", "router": zero-shot pre-gating with the next layer's router) are chosen here too.
+Eviction policy ("lru", "lfu" or "cyclic", see moeflow.infer.offload.expert_cache) and the
+prefetch method ("none", "router": zero-shot pre-gating with the next layer's router) are chosen
+here too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from moeflow.validate import check, choice, option
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "cyclic")
 PREFETCH = ("none", "router")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
@@ -57,8 +58,11 @@ class OffloadConfig:
     gpu_memory: str = option("GPU memory budget (e.g. 24GiB, 40GB): experts stay in pinned CPU "
                              "memory and a GPU expert cache fills what the non-expert weights "
                              "and KV cache leave")
-    expert_cache_policy: str = option("which cached expert to evict", choices=POLICIES,
-                                      default="lru")
+    # cyclic by default: it hit most in every case of benchmarks/results/offload/replay.md
+    # (trained and random routing, batch 1 and 16); LRU hits 0 at batch 16 there.
+    expert_cache_policy: str = option("which cached expert to evict (cyclic: from the layer "
+                                      "whose turn comes last)", choices=POLICIES,
+                                      default="cyclic")
     prefetch: str = option("predict the next MoE layer's experts while this one computes "
                            "(router: apply the next layer's router to this layer's input)",
                            choices=PREFETCH, default="router")

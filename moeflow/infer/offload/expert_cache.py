@@ -9,15 +9,24 @@ Eviction policy (lower priority is evicted first; empty slots are used before an
   * "lru": the slot used longest ago;
   * "lfu": the expert used least often, counted over the engine's whole history (not reset on
     eviction: an expert's popularity is a property of the expert, MoE-Infinity's observation),
-    ties broken by least recent use.
+    ties broken by least recent use;
+  * "cyclic": decode visits the MoE layers in a fixed cycle, so an expert of the layer whose turn
+    comes last is the one needed furthest in the future (Belady's choice, knowing the order but
+    not the routing): evict from the loading layer itself (its other experts return next token),
+    then from the layer before it, and so on backwards round the cycle; within a layer, LFU.
+    LRU and LFU thrash here: with fewer slots than one cycle's experts, LRU has always evicted
+    a layer's experts by the time its turn comes (hit rate 0 whatever the routing), and LFU
+    degenerates to LRU when counts tie, as they do when routing is even
+    (benchmarks/offload_policy_replay.py measures all three on trained and random routing).
 "Use" is a demand access by a layer's forward; a prefetch stamps recency but not frequency.
 
 Pins: slots that must not be evicted now: the experts a layer is computing with (`acquire` ..
 `release`), and prefetched experts until their layer runs (released by that layer's
 `acquire`). A prefetch that finds every slot pinned is skipped and counted, never blocking.
 
-Victims come from a heap of (priority, slot) entries with lazy invalidation: O(log S) per miss,
-so a pool of thousands of small experts (Qwen3-30B-A3B's) costs no scan per miss.
+Victims come from a heap of (priority, slot) entries with lazy invalidation (one heap per layer
+for "cyclic"): O(log S) per miss (plus O(layers) for "cyclic"), so a pool of thousands of small
+experts (Qwen3-30B-A3B's) costs no scan per miss.
 
 Legend: S slots, D model dim, F expert ffn dim, I = F or 2F.
 """
@@ -32,7 +41,7 @@ import torch
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
 from moeflow.infer.offload.streams import SlotStreams
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "cyclic")
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class CacheStats:
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, template: LayerExperts, num_slots: int,
-                 device: torch.device, policy: str = "lru") -> None:
+                 device: torch.device, policy: str = "cyclic") -> None:
         """`template`: any layer's experts (shapes and dtype of the pool; every layer the
         store holds must match them, see moeflow.infer.offload.placement)."""
         if policy not in POLICIES:
@@ -75,7 +84,9 @@ class ExpertCache:
         self._uses: dict[tuple[int, int], int] = {}  # LFU frequency, kept across evictions
         self._stamp: list[int] = [0] * num_slots  # last use (tick), per slot
         self._tick = 0
-        self._heap: list[tuple[tuple[int, ...], int]] = []
+        # One heap for lru/lfu (key 0); one per MoE layer for cyclic (victims go layer by
+        # layer). The store may still be filling (placement builds the cache first).
+        self._heaps: dict[int, list[tuple[tuple[int, ...], int]]] = {}
         self._empty = list(range(num_slots - 1, -1, -1))
         self._pinned: dict[int, int] = {}  # slot -> pin count
         self._prefetched: dict[int, set[int]] = {}  # layer -> slots prefetched for it, pinned
@@ -153,14 +164,15 @@ class ExpertCache:
     # -- internals --------------------------------------------------------------------------
 
     def _priority(self, slot: int) -> tuple[int, ...]:
-        if self.policy == "lfu":
+        if self.policy in ("lfu", "cyclic"):
             return (self._uses.get(self.key_S[slot], 0), self._stamp[slot])
         return (self._stamp[slot],)
 
     def _touch(self, slot: int) -> None:
         self._tick += 1
         self._stamp[slot] = self._tick
-        heapq.heappush(self._heap, (self._priority(slot), slot))
+        heap = self._heaps.setdefault(self.key_S[slot][0] if self.policy == "cyclic" else 0, [])
+        heapq.heappush(heap, (self._priority(slot), slot))
 
     def _pin(self, slot: int) -> None:
         self._pinned[slot] = self._pinned.get(slot, 0) + 1
@@ -172,26 +184,45 @@ class ExpertCache:
         else:
             del self._pinned[slot]
 
-    def _victim(self) -> int:
+    def _victim(self, layer: int) -> int:
+        """A free slot, else the policy's choice among unpinned slots; `layer`: the MoE layer
+        the slot is wanted for (the starting point of "cyclic"'s backward walk)."""
         if self._empty:
             return self._empty.pop()
+        if self.policy != "cyclic":
+            slot = self._pop_victim(self._heaps.get(0, []), None)
+        else:
+            slot, layers = None, len(self.store.layers)
+            for back in range(layers):
+                j = (layer - back) % layers
+                slot = self._pop_victim(self._heaps.get(j, []), j)
+                if slot is not None:
+                    break
+        if slot is None:
+            raise RuntimeError("expert cache: every slot is pinned")
+        return slot
+
+    def _pop_victim(self, heap: list, layer: int | None) -> int | None:
+        """The lowest-priority unpinned slot of `heap` (of `layer`'s experts if given)."""
         skipped = []
         try:
-            while self._heap:
-                prio, slot = heapq.heappop(self._heap)
-                if self.key_S[slot] is None or prio != self._priority(slot):
-                    continue  # stale entry: the slot was used again since
+            while heap:
+                prio, slot = heapq.heappop(heap)
+                key = self.key_S[slot]
+                if key is None or prio != self._priority(slot) or (
+                        layer is not None and key[0] != layer):
+                    continue  # stale entry: the slot was used again, or refilled, since
                 if slot in self._pinned:
                     skipped.append((prio, slot))
                     continue
                 return slot
+            return None
         finally:
             for entry in skipped:
-                heapq.heappush(self._heap, entry)
-        raise RuntimeError("expert cache: every slot is pinned")
+                heapq.heappush(heap, entry)
 
     def _load(self, key: tuple[int, int]) -> int:
-        slot = self._victim()
+        slot = self._victim(key[0])
         old = self.key_S[slot]
         if old is not None:
             del self.slot_of[old]
