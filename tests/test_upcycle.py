@@ -185,8 +185,11 @@ def test_partition_is_deterministic_given_the_seed(dense_llama, corpus, tmp_path
     b = _upcycle(dense_llama, tmp_path / "b", corpus, experts=4, method="partition", seed=3)
     c = _upcycle(dense_llama, tmp_path / "c", corpus, experts=4, method="partition", seed=4)
     assert a.report["groups_digest"] == b.report["groups_digest"]
-    assert (tmp_path / "a/model.safetensors").read_bytes() == \
-        (tmp_path / "b/model.safetensors").read_bytes()
+    # the stored tensors, not the files' bytes: the safetensors header's key order is not fixed
+    wa = from_pretrained(tmp_path / "a").state_dict()
+    wb = from_pretrained(tmp_path / "b").state_dict()
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert c.report["groups_digest"] != a.report["groups_digest"]
 
 

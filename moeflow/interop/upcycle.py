@@ -8,8 +8,8 @@
 The source is a moeflow training run (its latest checkpoint), a checkpoint directory, a
 moeflow-layout directory, or an HF Llama/Qwen2 dense directory. Every FFN layer chosen by
 `moe_every` (all of them by default) becomes an MoE layer of E experts; attention, norms and
-embeddings are copied unchanged. The output is a moeflow-layout directory (config.json,
-model.safetensors, the source's tokenizer files, upcycle.json with what was done and measured)
+embeddings are copied unchanged. The output is a moeflow checkpoint directory (written by
+save_pretrained, plus the source's tokenizer files and upcycle.json with what was done and measured)
 that `moeflow generate --checkpoint`, `moeflow serve --model` and `moeflow train --init` read.
 
 Methods:
