@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moeflow.data.tokenizer import BPETokenizer
+from moeflow.infer.device import resolve_device
 from moeflow.interop.pretrained import json_object
 from moeflow.serve.chat import ChatTemplate, find_chat_template
 
@@ -49,14 +50,6 @@ def _ids(value) -> list[int]:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda': no CUDA device is available")
-    return torch.device(device)
 
 
 def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None = None

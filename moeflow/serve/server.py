@@ -32,7 +32,8 @@ import uvicorn
 from moeflow.infer.engine import Engine, EngineConfig
 from moeflow.serve.app import ServerState, create_app
 from moeflow.serve.config import ServeConfig
-from moeflow.serve.loader import load_for_serving, resolve_device
+from moeflow.infer.device import resolve_device
+from moeflow.serve.loader import load_for_serving
 from moeflow.serve.protocol import Limits
 from moeflow.serve.worker import EngineWorker
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.infer.device import resolve_device
 from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
@@ -37,14 +38,6 @@ class OffloadStats:
     plan: BudgetPlan
     cache: CacheStats
     prefetch: PrefetchStats
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda': no CUDA device is available")
-    return torch.device(device)
 
 
 def _layer_experts(experts) -> LayerExperts:
