@@ -3,6 +3,7 @@ group is the ungrouped router exactly, gradients reach only the group's experts,
 capacity and balance loss follow the documented rules, bad configs are one-line errors."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -232,3 +233,24 @@ def test_grouped_config_round_trips_through_json_and_yaml(tmp_path):
         cfg.save(tmp_path / name)
         assert ModelConfig.load(tmp_path / name) == cfg
     assert cfg.router.group_names == ("g0", "g1") and cfg.router.group_sizes == (1, 3)
+
+
+def test_expert_load_plot_names_the_groups(tmp_path):
+    rows = [{"step": 0, "loss": 5.0, "tokens": 0},
+            {"step": 4, "tokens": 64, "val_loss": 4.0, "moe_layers": [1], "expert_groups":
+             [["code", 3], ["text", 1]], "expert_load": [[5, 1, 2, 8]]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from matplotlib import pyplot as plt
+
+    from moeflow.train.plots import plot_run
+
+    seen = []
+    original = plt.Axes.text
+    plt.Axes.text = lambda self, x, y, s, **kw: seen.append((x, s)) or original(self, x, y, s,
+                                                                                 **kw)
+    try:
+        written = plot_run(tmp_path)
+    finally:
+        plt.Axes.text = original
+    assert tmp_path / "expert_load.png" in written
+    assert seen == [(1.0, "code"), (3.0, "text")]
