@@ -18,7 +18,6 @@ not carry group ids yet), identical for both models: same data order, seed and s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -148,7 +147,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"| model | params total / active | val loss | " +
+    lines = ["| model | params total / active | val loss | " +
              " | ".join(f"val loss {m}" for m in MODALITIES) + " | train s |",
              "|---|---|---|" + "---|" * len(MODALITIES) + "---|"]
     for name, r in runs.items():
