@@ -68,6 +68,12 @@ class RouterConfig:
     expert_bias: aux-loss-free balancing bias added to selection scores only, moved by
     bias_update_rate per step towards balance. aux_loss_coef / z_loss_coef weight the losses;
     a loss whose coefficient is 0 is a statistic only (never in the objective or its gradient).
+    expert_groups: modality/task expert groups (MoMa, JiuZhang 2.0), ((name, experts), ...): the
+    layer's experts split into named groups of contiguous global ids, in order; each token
+    carries a group id (`model(ids, groups=...)`, 0 when absent) and is routed only inside its
+    group (moeflow.model.expert_groups has the rules for capacity and the balance loss). Empty:
+    one pool. Not to be confused with num_groups, DeepSeek's group-limited routing, which picks
+    groups per token by score; the two do not combine.
 
     Which expert a token picks (moeflow.model.router.select_experts): with softmax scores and no
     bias or groups, the first choice is the arg-max probability and later choices the arg-max
@@ -98,6 +104,7 @@ class RouterConfig:
     aux_loss_choices: str | None = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    expert_groups: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         integer("router.top_k", self.top_k, lo=1)
@@ -118,6 +125,23 @@ class RouterConfig:
             choice("router.aux_loss_choices", self.aux_loss_choices, AUX_CHOICES)
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             number(f"router.{name}", getattr(self, name), lo=0)
+        object.__setattr__(self, "expert_groups", _parse_expert_groups(self.expert_groups))
+        if self.expert_groups:
+            check(self.num_groups == 1, "router.num_groups", self.num_groups,
+                  "must be 1 with expert_groups (group-limited routing does not combine with "
+                  "expert groups)")
+            smallest = min(n for _, n in self.expert_groups)
+            check(self.top_k <= smallest, "router.top_k", self.top_k,
+                  f"must be <= the smallest expert group's experts ({smallest})")
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Experts per expert group, in order (empty: one pool)."""
+        return tuple(n for _, n in self.expert_groups)
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.expert_groups)
 
     @property
     def normalizes(self) -> bool:
@@ -145,6 +169,21 @@ class RouterConfig:
         product = np.float32(num_tokens / num_experts) * np.float32(factor * self.top_k)
         cap = math.ceil(float(product))
         return min(max(cap, self.min_capacity), num_tokens)
+
+
+def _parse_expert_groups(groups: Any) -> tuple[tuple[str, int], ...]:
+    """((name, experts), ...) from a tuple or a JSON/YAML list of [name, experts] pairs."""
+    need = "must be a list of [name, number of experts] pairs with distinct names"
+    check(isinstance(groups, (list, tuple)), "router.expert_groups", groups, need)
+    out = []
+    for pair in groups:
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+        check(ok and isinstance(pair[0], str) and pair[0] != "", "router.expert_groups",
+              groups, need)
+        integer(f"router.expert_groups[{pair[0]!r}]", pair[1], lo=1)
+        out.append((pair[0], pair[1]))
+    check(len({name for name, _ in out}) == len(out), "router.expert_groups", groups, need)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -296,6 +335,12 @@ class ModelConfig:
             check(not self.qk_norm, "qk_norm", self.qk_norm, "is not used with mla")
 
         self._resolve_layout(resolve)
+        if self.router.expert_groups:
+            total = sum(self.router.group_sizes)
+            check(all(e == total for e in self.num_experts), "router.expert_groups",
+                  [list(g) for g in self.router.expert_groups],
+                  f"must split every MoE layer's experts: they sum to {total} but the layers "
+                  f"have {list(self.num_experts)} experts")
         for e in self.num_experts:
             check(self.router.top_k <= e, "router.top_k", self.router.top_k,
                   f"must be <= num_experts ({e})")
@@ -429,6 +474,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["ffn_layout"] = list(self.ffn_layout)
         d["num_experts"] = list(self.num_experts)
+        d["router"]["expert_groups"] = [list(g) for g in self.router.expert_groups]
         return d
 
     @classmethod

@@ -181,3 +181,36 @@ def layouts_worker(rank, world, train_kwargs, parallel_kwargs, steps):
         trainer.run()
         return None
     return run_steps(trainer, steps)["rows"]
+
+
+def grouped_step_worker(rank, world, config_dicts, seed, ids_BT, groups_BT, targets_BT):
+    """One forward/backward of a model with expert groups, sharded over `world` EP ranks, each
+    rank on its share of the global batch (with its tokens' group ids); returns, per config,
+    the global-batch loss, aux loss and the reduced gradients (experts keyed by global id,
+    dense parameters by name)."""
+    import torch.nn.functional as F
+
+    from moeflow.config import ModelConfig
+    from moeflow.model import Transformer
+    from moeflow.parallel.equality import expert_grads
+    from moeflow.parallel.grads import reduce_gradients
+    from moeflow.parallel.shard import shard_model
+
+    out = {}
+    per = ids_BT.shape[0] // world
+    mine = slice(rank * per, (rank + 1) * per)
+    for name, data in config_dicts.items():
+        config = ModelConfig.from_dict(data["model"])
+        torch.manual_seed(seed)
+        model = Transformer(config)
+        groups = shard_model(model, ParallelConfig(**data["parallel"]))
+        result = model(ids_BT[mine], groups=groups_BT[mine])
+        ce = F.cross_entropy(result.logits.flatten(0, 1), targets_BT[mine].flatten())
+        (ce + result.router_loss).backward()
+        reduce_gradients(model, groups)
+        stats = torch.stack([ce.detach(), result.aux_loss.detach()])
+        dist.all_reduce(stats)
+        dense = {n: p.grad.clone() for n, p in model.named_parameters()
+                 if "experts." not in n and p.grad is not None}
+        out[name] = {"loss": stats / world, "expert_grads": expert_grads(model), "dense": dense}
+    return out

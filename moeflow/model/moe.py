@@ -22,6 +22,7 @@ from torch import nn
 
 from moeflow.config import FFNSpec
 from moeflow.model.dispatch import LocalDispatcher
+from moeflow.model.expert_groups import TokenGroups
 from moeflow.model.experts import Experts
 from moeflow.model.mlp import MLP
 from moeflow.model.router import Router, RoutingResult, StatsReduce
@@ -57,11 +58,12 @@ class MoELayer(nn.Module, ChoosesBackends):
         self.residual_mlp = MLP(d_model, spec.d_ff, activation, bias) if residual else None
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
-    def forward(self, x_BTD: torch.Tensor, inference: bool = False
-                ) -> tuple[torch.Tensor, RoutingResult]:
-        """`inference`: route dropless and without noise (see moeflow.model.router)."""
+    def forward(self, x_BTD: torch.Tensor, inference: bool = False,
+                groups: TokenGroups | None = None) -> tuple[torch.Tensor, RoutingResult]:
+        """`inference`: route dropless and without noise (see moeflow.model.router); `groups`:
+        each token's expert group (moeflow.model.expert_groups)."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.router(x_TD, inference=inference)
+        routing = self.router(x_TD, inference=inference, groups=groups)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, plan.ends_E, plan.parked)
         y_TD = self.dispatcher.combine(y_ND, plan, routing)

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.config import RouterConfig
+from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
+                                         grouped_aux_loss)
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_router_backend
 from moeflow.ops.fused import fused
 
@@ -116,11 +118,13 @@ def selects_by_logits(cfg: RouterConfig, has_bias: bool) -> bool:
 
 
 def select_experts(logits_TE: torch.Tensor, scores_TE: torch.Tensor, cfg: RouterConfig,
-                   expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None
-                   ) -> torch.Tensor:
+                   expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
+                   allowed_TE: torch.Tensor | None = None) -> torch.Tensor:
     """ids_TK: each token's k experts in choice order (RouterConfig's docstring has the rule).
     noise_TE is Gumbel noise: on every choice's logits for "rsample", on the 2nd..k-th choice's
-    for "rsample_second"."""
+    for "rsample_second". allowed_TE (expert groups) restricts the choice: the caller has set
+    the logits of the other experts to -inf, and the selection scores (which a bias or a
+    sigmoid that underflows to 0 could tie with theirs) are masked here."""
     if cfg.noise == "rsample" and noise_TE is not None:
         return _stable_topk(logits_TE + noise_TE, cfg.top_k)
     if selects_by_logits(cfg, expert_bias_E is not None):
@@ -136,6 +140,8 @@ def select_experts(logits_TE: torch.Tensor, scores_TE: torch.Tensor, cfg: Router
     sel_TE = scores_TE
     if expert_bias_E is not None:
         sel_TE = sel_TE + expert_bias_E
+    if allowed_TE is not None:
+        sel_TE = sel_TE.masked_fill(~allowed_TE, float("-inf"))
     if cfg.num_groups > 1:
         sel_TE = _limit_groups(sel_TE, cfg.num_groups, cfg.topk_groups, cfg.group_score)
     return _stable_topk(sel_TE, cfg.top_k)
@@ -193,18 +199,27 @@ def weighted_loss(cfg: RouterConfig, aux_loss: torch.Tensor, z_loss: torch.Tenso
 
 def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
                     expert_bias_E: torch.Tensor | None, noise_TE: torch.Tensor | None,
-                    order_T: torch.Tensor | None, stats_reduce: StatsReduce | None = None
-                    ) -> RoutingResult:
+                    order_T: torch.Tensor | None, stats_reduce: StatsReduce | None = None,
+                    groups: GroupRouting | None = None) -> RoutingResult:
     """Plain-torch routing from finite fp32 logits. noise_TE is Gumbel noise (see
     select_experts); order_T is the RTS token order; stats_reduce sums the balance counts over
-    data-parallel ranks (see the module docstring)."""
+    data-parallel ranks (see the module docstring); `groups` routes every token inside its
+    expert group (moeflow.model.expert_groups), with per-group capacities replacing
+    `capacity`."""
     T, E = logits_TE.shape
+    allowed_TE = None
+    if groups is not None:
+        allowed_TE = groups.allowed_TE
+        logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
+        capacity = groups.capacity
     scores_TE = logits_TE.softmax(dim=-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
-    ids_TK = select_experts(logits_TE, scores_TE, cfg, expert_bias_E, noise_TE)
+    ids_TK = select_experts(logits_TE, scores_TE, cfg, expert_bias_E, noise_TE, allowed_TE)
 
     slots_TK = queue_slots(ids_TK, E, order_T)
     if capacity is None:
         kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    elif groups is not None:
+        kept_TK = slots_TK < groups.capacity_E[ids_TK]
     else:
         kept_TK = slots_TK < capacity
     weights_TK = scores_TE.gather(1, ids_TK) * kept_TK
@@ -216,7 +231,10 @@ def route_reference(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | 
     balance_E = count_ids(balance_ids(ids_TK, cfg).reshape(-1), E)
     if stats_reduce is not None:
         balance_E = stats_reduce(balance_E)
-    aux_loss = aux_loss_from(balance_probs(scores_TE, cfg), balance_E)
+    if groups is None:
+        aux_loss = aux_loss_from(balance_probs(scores_TE, cfg), balance_E)
+    else:
+        aux_loss = grouped_aux_loss(balance_probs(scores_TE, cfg), balance_E, groups.sizes)
     z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).sum() / max(T, 1)
     aux_loss, z_loss = detach_unused(cfg, aux_loss, z_loss)
     return RoutingResult(ids_TK=ids_TK, weights_TK=weights_TK, kept_TK=kept_TK, slots_TK=slots_TK,
@@ -250,9 +268,11 @@ class Router(nn.Module, ChoosesBackends):
             self.expert_bias = None
 
     def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None,
-                inference: bool = False) -> RoutingResult:
+                inference: bool = False, groups: TokenGroups | None = None) -> RoutingResult:
         """Route x_TD. `inference=True` routes as served: no capacity and no noise, whatever
-        the training flag says, so a token's experts depend on nothing but the token."""
+        the training flag says, so a token's experts depend on nothing but the token.
+        `groups`: each token's expert group, for a router with expert_groups (None: every token
+        in group 0)."""
         cfg, E = self.config, self.num_experts
         T = x_TD.shape[0]
         x = x_TD
@@ -269,6 +289,14 @@ class Router(nn.Module, ChoosesBackends):
         token_order = None
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)
+        if cfg.expert_groups:  # the fused kernels do not mask groups: resolve_router_backend
+            if groups is None:
+                ids_T = torch.zeros(T, dtype=torch.int64, device=x.device)
+                groups = TokenGroups(ids_T, (T,) + (0,) * (len(cfg.expert_groups) - 1))
+            grouped = group_routing(cfg, groups, capacity is not None, self.training)
+            resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
+            return route_reference(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
+                                   token_order, self.stats_reduce, grouped)
         route = route_reference
         if resolve_router_backend(self.backends.router, logits_TE, cfg) == "triton":
             from moeflow.ops.routing_triton import route_triton as route

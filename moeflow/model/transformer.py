@@ -11,6 +11,9 @@ engine also passes a cache (moeflow.infer.slot_cache describes the protocol) to 
 incrementally, and `logits_at` to compute logits only where they are needed (the last token of
 each sequence). Without a cache the forward is plain causal attention over the whole sequence:
 the reference the engine is tested against.
+`model(input_ids, groups=groups_BT)` gives every token an expert group for a model whose router
+names `expert_groups` (moeflow.model.expert_groups: routing stays inside the token's group);
+without it every token is in group 0.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from moeflow.config import FFNSpec, ModelConfig
 from moeflow.model.attention import Attention
+from moeflow.model.expert_groups import TokenGroups, token_groups
 from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
@@ -76,10 +80,10 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
-    def forward(self, x, rope, cache, inference: bool):
+    def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None):
         x = x + self.attn(self.attn_norm(x), rope, cache)
         if isinstance(self.ffn, MoELayer):
-            h, routing = self.ffn(self.ffn_norm(x), inference)
+            h, routing = self.ffn(self.ffn_norm(x), inference, groups)
         else:
             h, routing = self.ffn(self.ffn_norm(x)), None
         return x + h, routing
@@ -137,11 +141,23 @@ class Transformer(nn.Module, ChoosesBackends):
             layer.router.update_expert_bias(counts)
 
     def forward(self, input_ids: torch.Tensor, cache=None,
-                logits_at: torch.Tensor | None = None, inference: bool = False) -> ModelOutput:
+                logits_at: torch.Tensor | None = None, inference: bool = False,
+                groups: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
         (logits [B, T', V]); the cache, if given, supplies each token's position;
-        `inference=True` routes dropless and without noise (see moeflow.model.router)."""
+        `inference=True` routes dropless and without noise (see moeflow.model.router);
+        `groups` [B, T]: each token's expert group id (checked here, one host sync)."""
         B, T = input_ids.shape
+        token_group = None
+        if groups is not None:
+            names = self.config.router.expert_groups
+            if not names:
+                raise ValueError("groups: this model has no expert groups "
+                                 "(router.expert_groups is empty)")
+            if tuple(groups.shape) != (B, T):
+                raise ValueError(f"groups has shape {tuple(groups.shape)}; it needs one group "
+                                 f"id per token, the shape of input_ids {(B, T)}")
+            token_group = token_groups(groups.to(input_ids.device), B * T, len(names))
         if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len "
@@ -158,7 +174,7 @@ class Transformer(nn.Module, ChoosesBackends):
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, rope, cache, inference)
+            x, routing = block(x, rope, cache, inference, token_group)
             if routing is not None:
                 losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,

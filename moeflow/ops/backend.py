@@ -140,7 +140,15 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
 
 
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg) -> str:
-    """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups."""
+    """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups; the
+    reference router for expert groups (moeflow.model.expert_groups: the kernels do not mask a
+    token's experts to its group), where asking for "triton" is an error."""
+    if cfg.expert_groups:
+        if requested == "triton":
+            raise ValueError("backends.router='triton': the fused routing kernels cannot route "
+                             "within expert groups (router.expert_groups); use 'auto' or "
+                             "'reference'")
+        return "reference"
     if requested != "auto":
         return requested
     E = logits_TE.shape[-1]

@@ -9,7 +9,8 @@ makes layers comparable: a raw share of 1/E would colour a balanced 4-expert lay
 balanced 8-expert layer (0.125) differently, showing the expert count instead of the imbalance.
 Here 1 is balanced in every layer (the colour scale's neutral centre), above 1 overloaded,
 below 1 starved. A PR-MoE's pyramid shows as rows of different lengths; cells past a layer's
-expert count are blank.
+expert count are blank. With expert groups (rows naming `expert_groups`), black lines separate
+the groups' expert ranges and each range is named above the heatmap.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_title(f"expert load relative to uniform (share × experts; 1 = balanced), "
                      f"validation, {when}", fontsize=9)
         fig.colorbar(im, ax=ax, label="load × E")
+        start = 0
+        for name, size in loads[-1].get("expert_groups", []):  # expert groups: named id ranges
+            if start:
+                ax.axvline(start - 0.5, color="black", linewidth=1.5)
+            ax.text(start + size / 2 - 0.5, -0.6, name, ha="center", va="bottom", fontsize=8)
+            start += size
         fig.tight_layout()
         out.append(run_dir / "expert_load.png")
         fig.savefig(out[-1], dpi=120)

@@ -283,7 +283,10 @@ class Trainer:
         val_loss = float(sums["val_loss"])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "moe_layers": list(self.model_config.moe_layer_indices()),
-                "expert_load": [x.tolist() for x in loads]}
+                "expert_load": [x.tolist() for x in loads],
+                # expert groups: contiguous id ranges of expert_load (moeflow.model.expert_groups)
+                **({"expert_groups": [list(g) for g in self.model_config.router.expert_groups]}
+                   if self.model_config.router.expert_groups else {})}
 
     def autocast(self):
         if self.device.type == "cuda":
