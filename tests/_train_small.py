@@ -43,6 +43,19 @@ def write_corpus(directory: Path) -> Path:
     return directory
 
 
+def write_word_corpus(directory: Path, sentence: str, docs: int, words_per_doc: int) -> Path:
+    """`docs` text files of words drawn at random (seed 0) from `sentence`: a corpus whose
+    tokenizer and batches cost little, for the multi-process tests where every rank builds both."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    words = sentence.split()
+    for i in range(docs):
+        ids = torch.randint(0, len(words), (words_per_doc,), generator=g).tolist()
+        (directory / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
+    return directory
+
+
 def train_argv(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--config", str(config), "--data", str(data), "--out", str(out),
             *FAST, *extra]

@@ -31,6 +31,7 @@ from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
 from moeflow.serve.loader import load_for_serving
 from moeflow.train import Trainer, TrainConfig
 from moeflow.train import checkpoint as ckpt_io
+from tests._train_small import write_word_corpus
 from tests.parallel_workers import layouts_worker, spawn
 
 LOSS_TOL = 2e-6  # fp32 rounding of another layout's sums; fresh moments move step 4 by ~1e-3
@@ -59,14 +60,9 @@ def losses(rows) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Small synthetic text: the tokenizer and the batches cost little on every rank."""
-    root = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = ("experts hold rows by global id while every rank writes its own chunks and reads "
-             "back any layout").split()
-    for i in range(3):
-        ids = torch.randint(0, len(words), (800,), generator=g).tolist()
-        (root / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"),
+                             "experts hold rows by global id while every rank writes its own "
+                             "chunks and reads back any layout", docs=3, words_per_doc=800)
 
 
 @pytest.fixture(scope="module")

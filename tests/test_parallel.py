@@ -23,6 +23,7 @@ from moeflow.parallel import ParallelConfig, ParallelLayout
 from moeflow.parallel.equality import run_steps, slice_of_full
 from moeflow.parallel.shard import local_part, moe_layer_experts, shard_experts
 from moeflow.train import Trainer, TrainConfig
+from tests._train_small import write_word_corpus
 from tests.parallel_workers import (exchange_worker, free_port, next_step, scenarios_worker,
                                      spawn, trainer_worker, tweak)
 
@@ -83,14 +84,10 @@ if TRITON:  # dropped assignments parked behind the kept rows of the Triton gath
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = ("experts route tokens while dense layers replicate and ranks exchange rows over "
-             "the group so every gradient is averaged").split()
-    for i in range(4):
-        ids = torch.randint(0, len(words), (1500,), generator=g).tolist()
-        (root / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"),
+                             "experts route tokens while dense layers replicate and ranks "
+                             "exchange rows over the group so every gradient is averaged",
+                             docs=4, words_per_doc=1500)
 
 
 def train_kwargs(tmp_path, corpus, config: ModelConfig, name: str = "tiny") -> dict:

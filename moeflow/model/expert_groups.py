@@ -116,12 +116,10 @@ def grouped_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, sizes: tupl
     moeflow.model.router.aux_loss_from."""
     T = probs_TE.shape[0]
     mass_E = probs_TE.sum(0)
-    terms, start = [], 0
-    for size in sizes:
-        part = slice(start, start + size)
-        frac = counts_E[part].float() / counts_E[part].sum().clamp_min(1)
-        terms.append(size * (frac * mass_E[part] / max(T, 1)).sum())
-        start += size
+    terms = []
+    for start, end in group_slices(sizes):
+        frac = counts_E[start:end].float() / counts_E[start:end].sum().clamp_min(1)
+        terms.append((end - start) * (frac * mass_E[start:end] / max(T, 1)).sum())
     return torch.stack(terms).sum()
 
 
