@@ -8,11 +8,13 @@ On `moeflow reproduce`'s data (builtin:interpreter, prepared once), with its GPT
 aux-loss coefficient 0.01; at the gpu scale the dense model is reproduce's dense-S):
 
 1. dense: the dense model trained for `pretrain_steps` (the upcycling source).
-2. Four continuations of `continue_steps` each, with one fresh schedule (warmup + cosine, the
+2. Five continuations of `continue_steps` each, with one fresh schedule (warmup + cosine, the
    same peak lr) and the same batches in the same order:
    - dense-continued: the dense model itself (`train --init` from it);
    - upcycled-copy: `moeflow upcycle --method copy`, E experts top-1 on every other layer (the
      reproduce family's moe-S layout): the same active parameters as the dense model + routers;
+   - upcycled-copy-normal-router: the same with the router drawn from N(0, init_std) instead
+     of zero (--router-init normal), so tokens spread over the experts from the first step;
    - upcycled-partition: `--method partition`, the same layers split into E neuron groups, top-k
      (the total parameters of the dense model + routers, k/E of its FFN active);
    - (then the scratch arm below, for both budgets)
@@ -152,16 +154,23 @@ def main() -> None:
     arms["dense"] = _train(out / "runs/dense", data, s, s.pretrain_steps, args.device,
                            model_config=str(out / "dense.json"))
     upcycled = {}
-    for method, k in (("copy", 1), ("partition", s.partition_top_k)):
+    # copy with its default zero router (every token ties on expert 0 until the router moves,
+    # so the first steps drop most MoE-layer tokens at capacity 1) and with a N(0, init_std)
+    # router (ties broken from step 0, near-uniform load)
+    for name, method, k, router_init in (("copy", "copy", 1, None),
+                                         ("copy-normal", "copy", 1, "normal"),
+                                         ("partition", "partition", s.partition_top_k, None)):
         t = time.perf_counter()
         r = upcycle(UpcycleConfig(source=str(out / "runs/dense"), experts=s.experts, top_k=k,
-                                  method=method, moe_every=2, out=str(out / f"models/{method}"),
+                                  method=method, router_init=router_init, moe_every=2,
+                                  out=str(out / f"models/{name}"),
                                   calib_data=(str(data),), calib_tokens=s.calib_tokens))
-        upcycled[method] = {**{k2: v for k2, v in r.report.items() if k2 != "config"},
-                            "seconds": round(time.perf_counter() - t, 1)}
+        upcycled[name] = {**{k2: v for k2, v in r.report.items() if k2 != "config"},
+                          "seconds": round(time.perf_counter() - t, 1)}
         print("\n".join(r.summary()), flush=True)
     continued = {"dense-continued": out / "runs/dense",
                  "upcycled-copy": out / "models/copy",
+                 "upcycled-copy-normal-router": out / "models/copy-normal",
                  "upcycled-partition": out / "models/partition"}
     for name, init in continued.items():
         arms[name] = _train(out / f"runs/{name}", data, s, s.continue_steps, args.device,
