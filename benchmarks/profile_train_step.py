@@ -7,7 +7,6 @@ script times steps of the real trainer loop (moeflow.train.trainer.Trainer.train
 device and by host time, the host-device synchronisations, and the median step time.
 
     python benchmarks/profile_train_step.py --out $OUT/profile_train [--stages dense-S,moe-S]
-        [--compile off|on|both]
 """
 
 from __future__ import annotations
@@ -41,9 +40,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps (after 4 warm-up steps)")
     ap.add_argument("--profiled", type=int, default=3, help="steps under the profiler")
     ap.add_argument("--data-mb", type=int, default=48)
-    ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                    help="`moeflow train --compile` (dense parts compiled per block); both: "
-                         "each stage eager, then compiled")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,18 +52,15 @@ def main() -> None:
         prepare_dataset(spec, data, log=lambda m: None)
     summary = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "stages": {}}
-    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
-    for name, compiled in [(n, c) for n in args.stages.split(",") for c in modes]:
+    for name in args.stages.split(","):
         stage = stages[name]
-        label = f"{name}+compile" if compiled else name
         cfg_path = out / f"{name}.json"
         stage.model.save(cfg_path)
-        run = out / f"run-{label}"
+        run = out / f"run-{name}"
         trainer = Trainer(TrainConfig(
             model_config=str(cfg_path), data=(str(data),), seq_len=scale.seq_len,
             steps=1000, batch_size=scale.batch_size, micro_batch=scale.micro_batch, lr=scale.lr,
-            warmup_steps=scale.warmup_steps, seed=0, out=str(run), progress=False,
-            compile=compiled))
+            warmup_steps=scale.warmup_steps, seed=0, out=str(run), progress=False))
         trainer.prepare()
         losses = [trainer.train_step(step)["loss"] for step in range(1, 5)]
         sync()
@@ -88,18 +81,12 @@ def main() -> None:
         syncs = {e.key: e.count for e in prof.key_averages()
                  if any(s in e.key for s in ("Synchronize", "item", "_local_scalar_dense",
                                              "cudaMemcpy", "nonzero"))}
-        (out / f"{label}_by_device.txt").write_text(by_device)
-        (out / f"{label}_by_host.txt").write_text(by_host)
-        summary["stages"][label] = {"median_step_s": med, "tokens_per_s": tokens / med,
+        (out / f"{name}_by_device.txt").write_text(by_device)
+        (out / f"{name}_by_host.txt").write_text(by_host)
+        summary["stages"][name] = {"median_step_s": med, "tokens_per_s": tokens / med,
                                    "step_s": times, "losses": losses,
                                    "sync_like_ops_in_profiled_steps": syncs}
-        if compiled and name in summary["stages"]:  # the same steps eager: the same losses?
-            eager = summary["stages"][name]["losses"]
-            summary["stages"][label]["max_loss_diff_vs_eager"] = max(
-                abs(a - b) for a, b in zip(losses, eager))
-            print(f"{label}: max |loss - eager loss| over {len(losses)} steps "
-                  f"{summary['stages'][label]['max_loss_diff_vs_eager']:.2e}")
-        print(f"== {label}: median step {med * 1e3:.1f} ms, {tokens / med:,.0f} tokens/s; "
+        print(f"== {name}: median step {med * 1e3:.1f} ms, {tokens / med:,.0f} tokens/s; "
               f"syncs in {args.profiled} steps: {syncs}")
         print(by_device)
         print(by_host)

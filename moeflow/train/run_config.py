@@ -30,8 +30,7 @@ from moeflow.validate import check, choice, fail, integer, number, option
 DEVICES = ("auto", "cpu", "cuda")
 STUDENT_INITS = ("teacher", "random")
 # Fields a resumed run may set differently from the run it continues.
-RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "device", "progress",
-             "compile")
+RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "device", "progress")
 # Checked against the checkpoint's network rather than by value (see the module docstring).
 MODEL_FIELDS = ("preset", "model_config")
 # Fields naming files: compared as absolute paths ("builtin:" sources are names, not paths).
@@ -89,9 +88,6 @@ class TrainConfig:
                             default=100)
     val_batches: int = option("validation micro-batches per validation point", default=8)
     device: str = option("auto (CUDA if available), cpu or cuda", default="auto")
-    compile: bool = option("torch.compile each block's norms, attention and dense MLP (the MoE "
-                           "layers stay eager); the first steps pay the compile time",
-                           default=False)
     progress: bool = option("show a progress bar (a line every 10%% when not a terminal)",
                             default=True)
     # Mixture-of-Students distillation

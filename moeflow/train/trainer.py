@@ -62,7 +62,6 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
 from moeflow.train import checkpoint as ckpt_io
-from moeflow.train.compile import compile_dense_parts
 from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.interrupt import StopRequest
@@ -363,8 +362,6 @@ class Trainer:
         elif init_model is not None:
             self.model.load_state_dict(init_model.state_dict())
         self.model = self.parallelize(self.model)
-        if cfg.compile:
-            compile_dense_parts(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.start_step, self.tokens_seen = 0, 0
         self.schedule = LRSchedule.planned(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
