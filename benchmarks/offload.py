@@ -39,8 +39,9 @@ Per configuration (wall time of Engine.step() with a sync, sampling included):
 Configurations: all on the GPU (no budget, CUDA graphs); offloaded with each eviction policy
 (--configs, policy/prefetch) without prefetch and with zero-shot pre-gating (prefetch="router").
 Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
-accelerate (infer_auto_device_map with max_memory = 90 % of the budget for weights, the rest for
-activations; dispatch_model), `generate` sampled with a fixed seed: prefill = time of 1 new
+accelerate (infer_auto_device_map with max_memory = the budget less two of the largest decoder
+layers, which accelerate copies to the GPU to run CPU-placed layers, less 1 GiB for activations;
+dispatch_model), `generate` sampled with a fixed seed: prefill = time of 1 new
 token after a 512-token prompt, decode = (time of n tokens - time of 1 token) / (n - 1) after a
 64-token prompt.
 
@@ -365,8 +366,19 @@ def run_peer(layers: int, budget: int, sink: list[str]) -> dict:
         del value
     model.eval()
     torch.cuda.empty_cache()
-    device_map = infer_auto_device_map(model, max_memory={0: int(0.9 * budget),
-                                                          "cpu": 400 * GiB},
+    # accelerate runs a CPU-placed layer by copying its weights to the GPU for the call, so the
+    # budget must leave room for streamed layers besides the resident weights, plus activations
+    # (a 512-token prefill's logits and attention: well under 1 GiB). Measured on the H200:
+    # weights at 90 % of the budget went out of memory at 11.3 of 9.7 GiB; the budget less one
+    # layer less 1 GiB went out of memory at 9.4 + 1.75 GiB (a second layer's experts arriving
+    # while the first's were held); so two layers' room.
+    layer_bytes = max(sum(p.numel() * 2 for p in layer.parameters())
+                      for layer in model.model.layers)
+    weights_max = int(budget - 2 * layer_bytes - 1 * GiB)
+    if weights_max <= 0:
+        return {"error": f"budget {budget / GiB:.1f} GiB holds no more than two decoder layers "
+                         f"({layer_bytes / GiB:.1f} GiB each) and activations"}
+    device_map = infer_auto_device_map(model, max_memory={0: weights_max, "cpu": 400 * GiB},
                                        no_split_module_classes=model._no_split_modules,
                                        dtype=torch.bfloat16)
     on_gpu = sum(1 for v in device_map.values() if v == 0)
@@ -374,7 +386,8 @@ def run_peer(layers: int, budget: int, sink: list[str]) -> dict:
     with_budget(budget)
     torch.cuda.reset_peak_memory_stats()
     out = {"transformers": transformers.__version__, "accelerate": accelerate.__version__,
-           "budget_GiB": budget / GiB, "weights_max_memory_GiB": 0.9 * budget / GiB,
+           "budget_GiB": budget / GiB, "weights_max_memory_GiB": weights_max / GiB,
+           "largest_layer_GiB": layer_bytes / GiB,
            "modules_on_gpu": on_gpu, "modules": len(device_map)}
     vocab = s["vocab_size"]
 
@@ -453,14 +466,17 @@ def plan_tasks(args) -> list[dict]:
     def offload(shape: str, budget_full: int, config: str) -> dict:
         return dict(base, kind="offload", shape=shape, layers=layers[shape],
                     budget_full=budget_full, config=config, name=f"{budget_full}GiB/{config}")
+    peer = dict(base, kind="peer", shape="mixtral", layers=layers["mixtral"],
+                budget_full=BUDGETS_GIB["mixtral"][0], name="peer")
+    if args.peer_only:
+        return [peer]
     tasks = []
     for shape in args.shapes:
         tasks.append(dict(base, kind="resident", shape=shape, layers=layers[shape],
                           name="all_on_gpu"))
         tasks += [offload(shape, budgets[shape][0], c) for c in args.configs[:args.core]]
     if "mixtral" in args.shapes and not args.no_peer and not args.smoke:
-        tasks.append(dict(base, kind="peer", shape="mixtral", layers=layers["mixtral"],
-                          budget_full=BUDGETS_GIB["mixtral"][0], name="peer"))
+        tasks.append(peer)
     for shape in args.shapes:
         tasks += [offload(shape, budgets[shape][0], c) for c in args.configs[args.core:]]
     for shape in args.shapes:
@@ -533,6 +549,8 @@ def main() -> None:
                    help="from this script's start: configurations that cannot start with "
                         f"{MIN_CHILD_S} s left are skipped, a running one is killed")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peer-only", action="store_true",
+                   help="only the transformers + accelerate peer (Mixtral shape)")
     p.add_argument("--smoke", action="store_true",
                    help="toy widths on the CPU: checks the script, measures nothing")
     args = p.parse_args()
