@@ -61,11 +61,14 @@ def train_argv(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
             *FAST, *extra]
 
 
-def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120
-                ) -> subprocess.CompletedProcess:
-    """`python -m moeflow ARGV` in a fresh process (or `python -c SCRIPT ARGV`)."""
+def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120,
+                threads: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m moeflow ARGV` in a fresh process (or `python -c SCRIPT ARGV`); `threads`: its
+    torch intra-op threads (default: the tests' one, tests/conftest.py)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("MOEFLOW_DEBUG", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-c", script, *argv] if script else \
         [sys.executable, "-m", "moeflow", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

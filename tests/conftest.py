@@ -1,9 +1,19 @@
 """Fixtures shared by the training tests (see tests/_train_small.py); a test file may define its
-own fixture of the same name (tests/test_parallel.py's corpus does)."""
+own fixture of the same name (tests/test_parallel.py's corpus does).
+
+One torch thread per test process, set before any test runs and inherited by the processes the
+tests start (`python -m moeflow ...`, ranks): pytest-xdist runs one worker per core, and the
+tests' tensors are tiny, where a second intra-op thread only adds synchronisation — with the
+cores busy, a 2-thread training step of the micro model took 11x as long as a 1-thread one."""
+
+import os
 
 import pytest
-
+import torch
 from _train_small import write_config, write_corpus
+
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def test_resume_is_bit_exact_while_the_cpus_are_busy(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
 
     def leg(out, *extra):
-        r = run_moeflow(*train_argv(config, corpus, out, *WIDE, *extra))
+        # two threads, whatever the suite's default: the racy kernels are the multi-threaded ones
+        r = run_moeflow(*train_argv(config, corpus, out, *WIDE, *extra), threads=2)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
