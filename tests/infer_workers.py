@@ -8,6 +8,8 @@ multi-rank engine; the rank worker lives here because spawned children unpickle 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -85,9 +87,11 @@ def drive(engine: Engine) -> dict:
     return {"tokens": tokens, "logits": logits}
 
 
-def engine_worker(rank, world, scenarios, ckpt_root):
+def engine_worker(rank, world, scenarios, ckpt_root, kill_last=None):
     """Each scenario {name: (model kind, tp, ep, a2a)}: this rank's shard read from the
-    checkpoint, an engine over it; rank 0 drives the script, the others follow."""
+    checkpoint, an engine over it; rank 0 drives the script, the others follow.
+    `kill_last` (a results directory): then the last rank dies without a word while following
+    the last scenario's engine, and rank 0 reports how its next step ended."""
     out = {}
     cpu = torch.device("cpu")
     for name, (kind, tp, ep, a2a) in scenarios.items():
@@ -99,4 +103,24 @@ def engine_worker(rank, world, scenarios, ckpt_root):
         else:
             engine.follow()
         out[f"{name}/params"] = sum(p.numel() for p in model.parameters())
+    if kill_last is not None:
+        engine = Engine(model, ENGINE, StepChannel(dist.group.WORLD, 0, cpu))
+        if rank == world - 1:
+            torch.save(out, Path(kill_last) / f"rank{rank}.pt")
+            os._exit(0)  # dies mid-service: no stop, no goodbye to the process group
+        if rank == 0:
+            engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0))
+            start = time.monotonic()
+            try:
+                while engine.has_work():
+                    engine.step()
+                out["after kill"] = "finished"
+            except RuntimeError as e:
+                out["after kill"] = f"RuntimeError: {e}"
+            out["after kill s"] = time.monotonic() - start
+        else:
+            try:
+                engine.follow()
+            except RuntimeError:
+                pass
     return out

@@ -50,9 +50,11 @@ def assert_matches(got, ref):
         torch.testing.assert_close(got["logits"][key], want, rtol=0, atol=bound)
 
 
-def run(checkpoints, world, scenarios, tmp_path):
+def run(checkpoints, world, scenarios, tmp_path, kill_last=False):
     root = next(iter(checkpoints.values()))[0]
-    results = spawn(engine_worker, world, (scenarios, str(root)), tmp_path, timeout_s=150)
+    results = spawn(engine_worker, world,
+                    (scenarios, str(root), str(tmp_path) if kill_last else None), tmp_path,
+                    timeout_s=150)
     for name, (kind, *_ ) in scenarios.items():
         _, ref, full = checkpoints[kind]
         assert_matches(results[0][name], ref)
@@ -61,14 +63,19 @@ def run(checkpoints, world, scenarios, tmp_path):
     return results
 
 
-def test_two_ranks_ep2_and_tp2_equal_one_process(checkpoints, tmp_path):
+def test_two_ranks_ep2_and_tp2_equal_one_process_and_a_dead_rank_fails_fast(checkpoints,
+                                                                          tmp_path):
+    """...and when rank 1 then dies, rank 0's next step raises at once instead of hanging (the
+    gloo connection closes; a stalled rank would hit the process group's timeout, 60 s here)."""
     scenarios = {"gpt ep2": ("gpt", 1, 2, "coordinated"),
                  "qwen3 ep2": ("qwen3", 1, 2, "coordinated"),
                  "qwen3 ep2 plain": ("qwen3", 1, 2, "plain"),
                  "gpt tp2": ("gpt", 2, 1, "coordinated"),
                  "mla tp2": ("mla", 2, 1, "plain")}
-    results = run(checkpoints, 2, scenarios, tmp_path)
+    results = run(checkpoints, 2, scenarios, tmp_path, kill_last=True)
     assert results[0]["qwen3 ep2"]["tokens"] == results[0]["qwen3 ep2 plain"]["tokens"]
+    assert results[0]["after kill"].startswith("RuntimeError"), results[0]["after kill"]
+    assert results[0]["after kill s"] < 30
 
 
 def test_four_ranks_tp2_ep2_and_expert_slicing_equal_one_process(checkpoints, tmp_path):
