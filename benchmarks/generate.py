@@ -25,6 +25,9 @@ device whose parameters are views of the moeflow weights (no copy), `generate` w
 
 Example (one H100, ~4 minutes):
     PYTHONPATH=. python benchmarks/generate.py --out benchmarks/results
+
+Several GPUs (tensor slicing × expert parallelism, benchmarks/generate_parallel.py):
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/generate.py --tp 2 --ep 2 --out $OUT
 """
 
 from __future__ import annotations
@@ -442,7 +445,23 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="kernel breakdown of a decode step and a prefill; "
                          "prefill backend variants")
+    ap.add_argument("--tp", type=int, default=None,
+                    help="under torchrun: tensor-parallel size (see generate_parallel.py)")
+    ap.add_argument("--ep", type=int, default=None,
+                    help="under torchrun: expert-parallel replicas (world = tp × ep)")
+    ap.add_argument("--a2a", choices=("coordinated", "plain"), default="coordinated")
     args = ap.parse_args()
+    if args.tp is not None or args.ep is not None:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from generate_parallel import run
+
+        args.tp, args.ep = args.tp or 1, args.ep or 1
+        if args.models == "qwen3-30b-a3b,350m-moe128":
+            args.models = "qwen3-30b-a3b,1.3b-moe128"
+        run(args)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / f"{args.name}.log", "a")

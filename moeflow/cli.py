@@ -226,12 +226,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeflow.infer.text import generate_text
     from moeflow.serve.loader import load_for_serving
 
+    from moeflow.parallel.inference import InferenceParallel
+
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    par = InferenceParallel(**given(args, InferenceParallel))
+    params_given = given(args, SamplingParams)
+    if par.world > 1 or "WORLD_SIZE" in os.environ:
+        from moeflow.infer.offload import OffloadConfig
+        from moeflow.infer.text import generate_text_on_ranks
+
+        if "gpu_memory" in given(args, OffloadConfig):
+            raise UsageError("--gpu-memory: expert offloading runs on one process")
+        text = generate_text_on_ranks(args.checkpoint, par, args.device, args.prompt,
+                                      params_given, tuple(args.stop_strings))
+        if text is not None:  # rank 0
+            print(args.prompt + text)
+        return 0
     offload = offload_config(args, device)
     # Offloading places the model itself (experts to host memory): load it on the CPU.
     loaded = load_for_serving(args.checkpoint, "cpu" if offload else device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    params = SamplingParams(**given(args, SamplingParams), stop_token_ids=tokenizer.eos_ids)
+    params = SamplingParams(**params_given, stop_token_ids=tokenizer.eos_ids)
     engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))
     text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
     print(args.prompt + text)
@@ -299,8 +314,11 @@ def serve_config(args: argparse.Namespace):
     """ServeConfig from `serve` flags: its own fields, and `offload` from OffloadConfig's."""
     from moeflow.serve.config import ServeConfig
 
+    from moeflow.parallel.inference import InferenceParallel
+
     fields = given(args, ServeConfig)
-    return ServeConfig(**fields, offload=offload_config(args, fields.get("device", "auto")))
+    return ServeConfig(**fields, offload=offload_config(args, fields.get("device", "auto")),
+                       parallel=InferenceParallel(**given(args, InferenceParallel)))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -317,6 +335,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _add_inference_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    from moeflow.parallel.inference import InferenceParallel
+
+    group = parser.add_argument_group(
+        "several GPUs (under torchrun --nproc-per-node TP*EP, see moeflow.parallel.inference)")
+    add_dataclass_flags(group, InferenceParallel)
 
 
 def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
@@ -391,8 +417,9 @@ def _add_serve_parsers(sub) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, "
                                      "/v1/chat/completions, /v1/models, /health, /metrics)")
-    add_dataclass_flags(p, ServeConfig, skip=("offload",))
+    add_dataclass_flags(p, ServeConfig, skip=("offload", "parallel"))
     _add_offload_flags(p)
+    _add_inference_parallel_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, "
@@ -446,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ends just before it (end-of-text always stops)")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
     _add_offload_flags(p)
+    _add_inference_parallel_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="PNG plots of a run: loss vs tokens, expert-load heatmap")

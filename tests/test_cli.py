@@ -129,12 +129,17 @@ def test_serve_and_bench_serve_flags_come_from_their_configs():
     got = ServeConfig(**given(parser.parse_args(argv), ServeConfig))
     assert got == ServeConfig("m", "n", "0.0.0.0", 9, 2, 3, 64, 128, 100, 1.5, "cpu",
                               "bfloat16", 5, 1, "info")
-    assert {f.name for f in dataclasses.fields(ServeConfig)} - {"offload"} == set(given(
-        parser.parse_args(argv), ServeConfig))  # every field has a flag; offload: its own
+    assert {f.name for f in dataclasses.fields(ServeConfig)} - {"offload", "parallel"} == set(
+        given(parser.parse_args(argv), ServeConfig))  # every field has a flag; those: their own
     from moeflow.cli import serve_config
     from moeflow.infer.offload import OffloadConfig
+    from moeflow.parallel.inference import InferenceParallel
 
     assert serve_config(parser.parse_args(argv)).offload is None
+    assert serve_config(parser.parse_args(argv)).parallel == InferenceParallel()
+    got = serve_config(parser.parse_args(argv + ["--tp", "2", "--ep", "4", "--a2a", "plain",
+                                                 "--timeout-s", "9"]))
+    assert got.parallel == InferenceParallel(tp=2, ep=4, a2a="plain", timeout_s=9.0)
     got = serve_config(parser.parse_args(argv + ["--gpu-memory", "8GiB", "--prefetch", "none",
                                                  "--expert-cache-policy", "lfu"]))
     assert got.offload == OffloadConfig("8GiB", "lfu", "none", device="cpu")

@@ -15,6 +15,11 @@ parameter (AdamW's moments) is stored as that parameter's global tensor under
 `optim.<parameter>.<state>` and chunked like it, so the moments reload at any EP/DP layout; a
 scalar (AdamW's step) is stored whole. Tied tensors are stored once, under their first name.
 
+Under tensor slicing (moeflow.parallel.tensor) a sliced module (one built with a `tp`) holds,
+of each tensor it declares in `tp_splits`, one part of every section along an axis (a fused QKV
+weight: part of the query, of the key and of the value rows): such a tensor's chunk is a tuple
+of chunks, one per section, and reading fills each in place.
+
 Legend: E experts, El experts held here, D model dim, F expert hidden width, s slices.
 """
 
@@ -37,8 +42,16 @@ class Chunk:
     shape: tuple[int, ...]  # the global tensor's stored shape
 
 
+# A tensor's chunk: one block, or (a tensor-sliced tensor) one block per section.
+Chunks = Chunk | tuple[Chunk, ...]
+
+
 def whole(t: torch.Tensor) -> Chunk:
     return Chunk(t, (0,) * t.dim(), tuple(t.shape))
+
+
+def pieces(c: Chunks) -> tuple[Chunk, ...]:
+    return c if isinstance(c, tuple) else (c,)
 
 
 def tensor_names(model: nn.Module) -> dict[int, str]:
@@ -49,23 +62,44 @@ def tensor_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def model_chunks(model: nn.Module) -> dict[str, Chunk]:
+def sliced_tensors(model: nn.Module) -> dict[str, tuple[object, int, tuple[int, ...]]]:
+    """{stored name: (tp, axis, global sections)} of the tensors held tensor-sliced."""
+    from moeflow.model.attention import Attention
+    from moeflow.model.mla import MLAttention
+    from moeflow.model.mlp import MLP
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (Attention, MLAttention, MLP)) and m.tp is not None:
+            for leaf, (axis, sections) in m.tp_splits.items():
+                out[f"{name}.{leaf}"] = (m.tp, axis, sections)
+    return out
+
+
+def model_chunks(model: nn.Module) -> dict[str, Chunks]:
     """{stored name: this rank's chunk} of every model tensor (tied tensors once)."""
+    from moeflow.parallel.tensor import split_chunks
+
     experts = {f"{name}.": m for name, m in model.named_modules() if isinstance(m, Experts)}
+    sliced = sliced_tensors(model)
     out = {}
     state = model.state_dict(keep_vars=True)
     for name in tensor_names(model).values():
         t = state[name].detach()
         prefix, _, leaf = name.rpartition(".")
         ex = experts.get(prefix + ".")
-        out[name] = whole(t) if ex is None else expert_chunk(ex, leaf, t)
+        if name in sliced:
+            tp, axis, sections = sliced[name]
+            out[name] = split_chunks(t, axis, sections, tp.rank, tp.size)
+        else:
+            out[name] = whole(t) if ex is None else expert_chunk(ex, leaf, t)
     return out
 
 
 def global_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """{stored name: global shape} of every tensor of the whole model, including those no part
     of this rank holds (a later expert slice has no output bias: slice 0 holds it)."""
-    out = {k: c.shape for k, c in model_chunks(model).items()}
+    out = {k: pieces(c)[0].shape for k, c in model_chunks(model).items()}
     for name, m in model.named_modules():
         if isinstance(m, Experts) and m.b_in_EI is not None and m.b_out_ED is None:
             out[f"{name}.b_out_ED"] = (m.num_experts, m.d_model)
@@ -105,6 +139,9 @@ def optimizer_chunks(model: nn.Module, optimizers: list[torch.optim.Optimizer]
         for group in opt.param_groups:
             for p in group["params"]:
                 name = names[id(p)]
+                if isinstance(chunks[name], tuple):
+                    raise ValueError(f"{name} is tensor-sliced: optimizer state is only "
+                                     f"checkpointed for expert/data-parallel layouts")
                 for key, value in opt.state.get(p, {}).items():
                     out[f"{OPTIM}{name}.{key}"] = state_chunk(chunks[name], p, name, key, value)
     return out

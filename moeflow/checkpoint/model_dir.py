@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -123,17 +123,22 @@ def load_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> nn.Module:
+               dtype: torch.dtype | None = None,
+               build: Callable[[ModelConfig], nn.Module] | None = None) -> nn.Module:
     """The Transformer of a model directory (format 2 or 1), in eval mode. `dtype` casts the
     parameters; buffers (the router's expert bias) stay fp32, as the router adds them to fp32
-    scores."""
+    scores. `build(config)` makes the model on the meta device (default: the whole
+    Transformer); a rank's shard of it (moeflow.parallel.inference) reads only its chunks."""
     from moeflow.model import Transformer
 
     path = Path(path)
     version = format_version(path)
     config = load_config(path)
+    if build is not None and version == 1:
+        raise ValueError(f"checkpoint {path} is format 1 (one model.safetensors): it loads "
+                         f"only whole; rewrite it with `moeflow convert --to moeflow`")
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config) if build is None else build(config)
     model = model.to_empty(device=device)
     if config.tie_embeddings:  # to_empty allocates each parameter anew: share the head again
         model.lm_head.weight = model.tok_emb.weight

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import (LoadPlan, SavePlan, TensorWrit
                                                   WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from moeflow.checkpoint.chunks import Chunk
+from moeflow.checkpoint.chunks import Chunk, Chunks, pieces
 from moeflow.checkpoint.errors import reading
 
 SUFFIX = ".safetensors"
@@ -44,13 +44,13 @@ _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
 class _SavePlanner(DefaultSavePlanner):
     """Writes each chunk at its offsets in its global tensor."""
 
-    def __init__(self, chunks: dict[str, Chunk]) -> None:
+    def __init__(self, chunks: dict[str, Chunks]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.chunks = chunks
 
     def create_local_plan(self) -> SavePlan:
         items = []
-        for fqn, c in self.chunks.items():
+        for fqn, c in _flat(self.chunks):
             at = torch.Size(c.offsets)
             items.append(WriteItem(
                 index=MetadataIndex(fqn, at), type=WriteItemType.SHARD,
@@ -62,13 +62,13 @@ class _SavePlanner(DefaultSavePlanner):
         return self.plan
 
     def lookup_object(self, index: MetadataIndex) -> torch.Tensor:
-        return self.chunks[index.fqn].local.contiguous()
+        return _at(self.chunks, index).local.contiguous()
 
 
 class _LoadPlanner(DefaultLoadPlanner):
     """Reads into each chunk the overlapping parts of the stored chunks."""
 
-    def __init__(self, chunks: dict[str, Chunk]) -> None:
+    def __init__(self, chunks: dict[str, Chunks]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.chunks = chunks
 
@@ -77,12 +77,24 @@ class _LoadPlanner(DefaultLoadPlanner):
         for fqn, c in self.chunks.items():
             md = self.metadata.state_dict_metadata[fqn]
             items += create_read_items_for_chunk_list(
-                fqn, md, [ChunkStorageMetadata(offsets=torch.Size(c.offsets),
-                                               sizes=c.local.shape)])
+                fqn, md, [ChunkStorageMetadata(offsets=torch.Size(p.offsets),
+                                               sizes=p.local.shape) for p in pieces(c)])
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.chunks[index.fqn].local
+        return _at(self.chunks, index).local
+
+
+def _flat(chunks: dict[str, Chunks]):
+    return ((fqn, p) for fqn, c in chunks.items() for p in pieces(c))
+
+
+def _at(chunks: dict[str, Chunks], index: MetadataIndex) -> Chunk:
+    """The chunk of `index.fqn` that starts at `index.offset` (a sliced tensor has several)."""
+    parts = pieces(chunks[index.fqn])
+    if len(parts) == 1:
+        return parts[0]
+    return next(p for p in parts if torch.Size(p.offsets) == index.offset)
 
 
 def files(path: Path) -> list[Path]:
@@ -106,11 +118,12 @@ def stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
     return out
 
 
-def file_indices(chunks: dict[str, Chunk], max_file_bytes: int) -> dict[str, int]:
+def file_indices(chunks: dict[str, Chunks], max_file_bytes: int) -> dict[str, int]:
     """{name: file number from 1}: consecutive tensors grouped into files of at most
     `max_file_bytes` of global tensor data (a larger tensor gets a file of its own)."""
     out, index, size = {}, 1, 0
     for name, c in chunks.items():
+        c = pieces(c)[0]
         n = math.prod(c.shape) * c.local.element_size()
         if size and size + n > max_file_bytes:
             index, size = index + 1, 0
@@ -118,22 +131,23 @@ def file_indices(chunks: dict[str, Chunk], max_file_bytes: int) -> dict[str, int
     return out
 
 
-def write_chunks(path: Path, chunks: dict[str, Chunk], group=None,
+def write_chunks(path: Path, chunks: dict[str, Chunks], group=None,
                  max_file_bytes: int | None = None) -> None:
     """Collective over `group` (None: this process alone): every rank writes its chunks into
     `path` (which must exist, on a filesystem every rank reaches); with `max_file_bytes`, into
     several files per rank (every rank must then hold a chunk of every tensor, as every rank
     does of the weights)."""
-    cpu = {k: Chunk(c.local.detach().cpu(), c.offsets, c.shape) for k, c in chunks.items()}
+    cpu = {k: tuple(Chunk(p.local.detach().cpu(), p.offsets, p.shape) for p in pieces(c))
+           for k, c in chunks.items()}
     mapping = None if max_file_bytes is None else file_indices(cpu, max_file_bytes)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.save({k: c.local for k, c in cpu.items()},
+        dcp.save({k: c[0].local for k, c in cpu.items()},
                  storage_writer=HuggingFaceStorageWriter(str(path), mapping, save_distributed=True),
                  planner=_SavePlanner(cpu), process_group=group, no_dist=group is None)
 
 
-def read_chunks(path: Path, chunks: dict[str, Chunk]) -> None:
+def read_chunks(path: Path, chunks: dict[str, Chunks]) -> None:
     """Fill every chunk (in place) from the global tensors stored in `path`. The caller has
     checked names and shapes (stored_tensors)."""
     if not chunks:
@@ -143,6 +157,6 @@ def read_chunks(path: Path, chunks: dict[str, Chunk]) -> None:
             pass
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load({k: c.local for k, c in chunks.items()},
+        dcp.load({k: pieces(c)[0].local for k, c in chunks.items()},
                  storage_reader=HuggingFaceStorageReader(str(path)),
                  planner=_LoadPlanner(chunks), no_dist=True)

@@ -16,6 +16,12 @@ exception is `EngineConfig.offload` (`--gpu-memory`): a model that does not fit 
 placed by the engine, which moves its experts to host memory behind a GPU expert cache and the
 rest to the device (moeflow.infer.offload.placement).
 
+On several ranks (tensor slicing × expert parallelism, moeflow.parallel.inference) every rank
+builds an Engine over its shard of the model with the same `channel` (moeflow.infer.ranks):
+rank 0 is driven as above and broadcasts the inputs of every forward it runs; the other ranks
+call `follow()`, which runs the same forwards until rank 0's `close()`. Decode then runs eagerly
+(the token exchange reads split sizes on the host, which graph capture forbids).
+
 This is moeflow's one inference path: `moeflow generate` and the demo (moeflow.infer.text) and
 the server (moeflow.serve) all decode through it. The reference it is tested against is the
 plain full-sequence forward, `model(ids, inference=True)`.
@@ -41,6 +47,7 @@ import torch
 from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
+from moeflow.infer.ranks import StepChannel, StepOp
 from moeflow.infer.sampling import SamplingParams, sample_next
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
@@ -116,8 +123,14 @@ def count_experts(routing, valid_T: torch.Tensor, offsets_L: torch.Tensor,
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig()) -> None:
+    """`channel`: set on every rank of a multi-rank engine (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig = EngineConfig(),
+                 channel: StepChannel | None = None) -> None:
         mc = model.config
+        if channel is not None and config.offload is not None:
+            raise ValueError("offload: expert offloading runs on one process; with several "
+                             "ranks the experts are spread over them instead")
         self.config = config
         self.vocab_size = mc.vocab_size
         self.max_seq_len = config.max_seq_len or mc.max_seq_len
@@ -143,8 +156,10 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
+        self.channel = channel
+        self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
-                and graph_capturable(model)):
+                and channel is None and graph_capturable(model)):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
                                          self.device)
         else:
@@ -222,15 +237,49 @@ class Engine:
         events, self._pending = self._pending, []
         running = list(self.scheduler.running)
         if running:
-            logits_BV, counts = self._decoder([r.last_token for r in running],
-                                              [r.cached for r in running])
+            tokens, lengths = [r.last_token for r in running], [r.cached for r in running]
+            self._broadcast("decode", tokens, lengths)
+            logits_BV, counts = self._decoder(tokens, lengths)
             self._expert_counts += counts
             for request in running:
                 request.cached += 1
             self._emit(running, logits_BV, events)
-        for slot, request in self.scheduler.admit():
-            self._emit([request], self._prefill(slot, request), events)
+        for _, request in self.scheduler.admit():
+            # Its slot now, not at admission: a request admitted before it may have finished on
+            # its first token and moved the last running one (possibly this) into its slot.
+            slot = self.scheduler.running.index(request)
+            self._broadcast("prefill", request.prompt_ids, slot=slot)
+            logits_1V = self._prefill(slot, request.prompt_ids)
+            request.cached = len(request.prompt_ids)
+            self._emit([request], logits_1V, events)
         return events
+
+    def follow(self) -> None:
+        """On a rank other than 0 of a multi-rank engine: run the forwards rank 0 announces
+        (cache moves, prefills, decode steps) until it closes."""
+        if self.channel is None:
+            raise RuntimeError("follow() needs an engine built with a channel")
+        with torch.no_grad():
+            while True:
+                op = self.channel.recv()
+                for move in op.moves:
+                    self.cache.move(*move)
+                if op.kind == "stop":
+                    return
+                if op.kind == "decode":
+                    self._decoder(list(op.a), list(op.b))
+                else:
+                    self._prefill(op.slot, list(op.a))
+
+    def close(self) -> None:
+        """On rank 0 of a multi-rank engine: release the other ranks from `follow`."""
+        if self.channel is not None:
+            self._broadcast("stop", ())
+
+    def _broadcast(self, kind: str, a, b=(), slot: int = 0) -> None:
+        if self.channel is not None:
+            self.channel.send(StepOp(kind, tuple(self._moves), tuple(a), tuple(b), slot))
+            self._moves = []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run `prompts` to completion (the engine must be idle); returns their new tokens."""
@@ -254,16 +303,15 @@ class Engine:
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
 
-    def _prefill(self, slot: int, request: Request) -> torch.Tensor:
-        T = len(request.prompt_ids)
-        ids_1T = torch.tensor([request.prompt_ids], dtype=torch.int64, device=self.device)
+    def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
+        T = len(prompt_ids)
+        ids_1T = torch.tensor([prompt_ids], dtype=torch.int64, device=self.device)
         last = torch.full((1, 1), T - 1, dtype=torch.int64, device=self.device)
         out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last,
                          inference=True)
         self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
                                              device=self.device), self._expert_offsets,
                                              self._expert_counts.numel())
-        request.cached = T
         return out.logits[:, 0]
 
     def _sample(self, requests: list[Request], logits_BV: torch.Tensor) -> list[int]:
@@ -292,3 +340,5 @@ class Engine:
         move = self.scheduler.release(request)
         if move is not None:
             self.cache.move(*move)
+            if self.channel is not None:
+                self._moves.append(move)

@@ -140,3 +140,28 @@ def generate_text(engine: Engine, tokenizer: BPETokenizer, prompt: str, params: 
             elif event.finished:
                 text += stream.finish()
     return text
+
+
+def generate_text_on_ranks(path: str, par, device: str, prompt: str, sampling: dict,
+                           stop: tuple[str, ...] = ()) -> str | None:
+    """`generate_text` on the ranks torchrun started, the model split by `par`
+    (moeflow.parallel.inference.InferenceParallel); `sampling`: SamplingParams fields. Returns
+    the text on rank 0, None on the others (they run the same forwards)."""
+    from moeflow.infer.engine import EngineConfig
+    from moeflow.parallel.launch import shutdown
+    from moeflow.serve.loader import load_shard_for_serving
+
+    shard = load_shard_for_serving(path, par, device)
+    engine = Engine(shard.model, EngineConfig(max_batch_size=1), shard.channel)
+    if shard.loaded is None:
+        engine.follow()
+        shutdown(shard.env)
+        return None
+    tokenizer = shard.loaded.tokenizer
+    params = SamplingParams(**sampling, stop_token_ids=tokenizer.eos_ids)
+    try:
+        text = generate_text(engine, tokenizer, prompt, params, stop=stop)
+    finally:
+        engine.close()
+    shutdown(shard.env)
+    return text

@@ -11,6 +11,8 @@ Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G kv heads,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +20,12 @@ from torch import nn
 from moeflow.config import ModelConfig
 from moeflow.model.norms import RMSNorm, rms_norm
 from moeflow.model.rope import apply_rope
+from moeflow.model.sliced import part, row_parallel
 from moeflow.ops.backend import Backends, ChoosesBackends
 from moeflow.ops.fused import fused
+
+if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.parallel.tensor import TensorSlice
 
 
 def sdpa(q_BHTd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
@@ -46,12 +52,18 @@ def prepare_qk(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, q_norm_w: torch.Tenso
 
 
 class Attention(nn.Module, ChoosesBackends):
-    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends()
-                 ) -> None:
+    """`tp`: this rank's share of a tensor-parallel group (moeflow.parallel.tensor): it then
+    holds n_heads/tp query and n_kv_heads/tp key/value heads and all-reduces the output
+    projection's partial sums. None: all heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends(),
+                 tp: TensorSlice | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.backends = backends
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.tp = tp
+        self.n_heads = part(config.n_heads, tp, "n_heads")
+        self.n_kv_heads = part(config.n_kv_heads, tp, "n_kv_heads")
         self.head_dim = config.head_dim
         self.rope_interleave = config.rope_interleave
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
@@ -61,6 +73,14 @@ class Attention(nn.Module, ChoosesBackends):
         # "head": one RMSNorm over each head's dims (Qwen3); "full": over the whole projection
         # (OLMoE).
         self.full_qk_norm = config.qk_norm and config.qk_norm_scope == "full"
+        if self.full_qk_norm and tp is not None:
+            raise ValueError("qk_norm_scope='full' normalises over every head at once, which "
+                             "tensor slicing does not support")
+        hd, H, G = config.head_dim, config.n_heads, config.n_kv_heads
+        # Global section sizes of the sliced tensors (moeflow.parallel.tensor).
+        self.tp_splits = {"qkv.weight": (0, (H * hd, G * hd, G * hd)),
+                          "qkv.bias": (0, (H * hd, G * hd, G * hd)),
+                          "proj.weight": (1, (H * hd,))}
         q_dim = self.n_heads * self.head_dim if self.full_qk_norm else self.head_dim
         k_dim = self.n_kv_heads * self.head_dim if self.full_qk_norm else self.head_dim
         self.q_norm = RMSNorm(q_dim, config.norm_eps, backends) if config.qk_norm else None
@@ -90,4 +110,4 @@ class Attention(nn.Module, ChoosesBackends):
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
-        return self.proj(y_BHTd.transpose(1, 2).reshape(B, T, H * hd))
+        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp)

@@ -14,6 +14,8 @@ Shapes: B batch, T tokens, H heads, R kv latent rank, dn/dr nope/rope dims, dv v
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -21,22 +23,36 @@ from moeflow.config import ModelConfig
 from moeflow.model.attention import sdpa
 from moeflow.model.norms import RMSNorm
 from moeflow.model.rope import apply_rope
+from moeflow.model.sliced import part, row_parallel
 from moeflow.ops.backend import Backends, ChoosesBackends
+
+if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.parallel.tensor import TensorSlice
 
 # DeepSeek's reference normalises the low-rank latents with this fixed epsilon.
 LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nn.Module, ChoosesBackends):
-    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends()
-                 ) -> None:
+    """`tp`: this rank's share of a tensor-parallel group (moeflow.parallel.tensor): it then
+    holds n_heads/tp heads (the per-head query and key/value expansions, the output
+    projection's matching columns); the latent projections stay whole. None: all heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, backends: Backends = Backends(),
+                 tp: TensorSlice | None = None) -> None:
         super().__init__()
         m = config.mla
         self.layer_idx = layer_idx
         self.backends = backends
-        self.n_heads, self.mla = config.n_heads, m
+        self.tp = tp
+        self.n_heads, self.mla = part(config.n_heads, tp, "n_heads"), m
         self.rope_interleave = config.rope_interleave
-        H, D = config.n_heads, config.d_model
+        H, D = self.n_heads, config.d_model
+        Hg = config.n_heads
+        q_out = (0, (Hg * m.qk_head_dim,))
+        self.tp_splits = {"q_b_proj.weight" if m.q_lora_rank else "q_proj.weight": q_out,
+                          "kv_b_proj.weight": (0, (Hg * (m.qk_nope_head_dim + m.v_head_dim),)),
+                          "proj.weight": (1, (Hg * m.v_head_dim,))}
         if m.q_lora_rank:
             self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=False)
             self.q_a_norm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS, backends)
@@ -75,4 +91,4 @@ class MLAttention(nn.Module, ChoosesBackends):
             y_BHTd = sdpa(q_BHTd, k_BHTd, v_BHTd, causal=T > 1)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BHTd, v_BHTd)
-        return self.proj(y_BHTd.transpose(1, 2).reshape(B, T, H * dv))
+        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * dv), self.tp)

@@ -30,16 +30,18 @@ from moeflow.ops.backend import Backends, ChoosesBackends
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.parallel.mesh import LayerLayout
+    from moeflow.parallel.tensor import TensorSlice
 
 
 class MoELayer(nn.Module, ChoosesBackends):
     """`layout`, `dispatcher`, `stats_reduce`: the layer's share of an expert-parallel run (see
-    the module docstring); the defaults hold every expert and dispatch locally."""
+    the module docstring); the defaults hold every expert and dispatch locally. `tp`: the
+    tensor slicing of the dense branches (shared experts, residual MLP), see MLP."""
 
     def __init__(self, spec: FFNSpec, d_model: int, activation: str, bias: bool,
                  backends: Backends = Backends(), *, layout: LayerLayout | None = None,
-                 dispatcher: nn.Module | None = None, stats_reduce: StatsReduce | None = None
-                 ) -> None:
+                 dispatcher: nn.Module | None = None, stats_reduce: StatsReduce | None = None,
+                 tp: TensorSlice | None = None) -> None:
         super().__init__()
         if layout is not None and layout.ep_size > 1 and dispatcher is None:
             raise ValueError(f"layout: layer {layout.layer}'s experts are spread over "
@@ -52,10 +54,11 @@ class MoELayer(nn.Module, ChoosesBackends):
         self.experts = Experts(spec.num_experts, d_model, spec.expert_d_ff, activation, bias,
                                backends, layout)
         self.dispatcher = LocalDispatcher(backends) if dispatcher is None else dispatcher
-        self.shared = MLP(d_model, spec.shared_d_ff, activation, bias) if spec.shared_d_ff else None
+        self.shared = (MLP(d_model, spec.shared_d_ff, activation, bias, tp) if spec.shared_d_ff
+                       else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         residual = spec.kind == "residual_moe"
-        self.residual_mlp = MLP(d_model, spec.d_ff, activation, bias) if residual else None
+        self.residual_mlp = MLP(d_model, spec.d_ff, activation, bias, tp) if residual else None
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
     def forward(self, x_BTD: torch.Tensor, inference: bool = False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeflow.infer.offload.config import OffloadConfig
+from moeflow.parallel.inference import InferenceParallel
 from moeflow.validate import check, choice, integer, number, option
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,6 +53,8 @@ class ServeConfig:
     log_level: str = option("server log level", choices=LOG_LEVELS, default="warning")
     # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
     offload: OffloadConfig | None = None
+    # --tp, --ep and companions (under torchrun): flags generated from InferenceParallel's fields.
+    parallel: InferenceParallel = InferenceParallel()
 
     def __post_init__(self) -> None:
         check(isinstance(self.model, str) and bool(self.model), "model", self.model,
@@ -71,6 +74,10 @@ class ServeConfig:
         choice("log_level", self.log_level, LOG_LEVELS)
         check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
               self.offload, "must be an OffloadConfig or None")
+        check(isinstance(self.parallel, InferenceParallel), "parallel", self.parallel,
+              "must be an InferenceParallel")
+        check(self.offload is None or self.parallel.world == 1, "offload", self.offload,
+              "expert offloading runs on one process (--tp 1 --ep 1)")
 
     @property
     def capacity(self) -> int:

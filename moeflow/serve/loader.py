@@ -13,12 +13,18 @@ The model comes back in eval mode; the engine routes every forward it runs dropl
 noise (`inference=True`): at inference no token is dropped for capacity, since a dropped token
 would change a user's answer depending on its batch-mates. Each tokenizer file is read once,
 into moeflow's one tokenizer class (moeflow.data.tokenizer.BPETokenizer).
+
+On several ranks (`torchrun ... serve --tp T --ep E`, moeflow.parallel.inference),
+`load_shard_for_serving` gives each rank its shard of a moeflow checkpoint (training or
+converted; an HF directory must be converted first) and rank 0 also the tokenizer; the layout is
+checked against config.json before any process group starts or any weight is read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +32,10 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.infer.device import resolve_device
 from moeflow.interop.pretrained import json_object
 from moeflow.serve.chat import ChatTemplate, find_chat_template
+
+if TYPE_CHECKING:
+    from moeflow.infer.ranks import StepChannel
+    from moeflow.parallel.inference import InferenceParallel
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,53 @@ def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None =
     template = ChatTemplate(find_chat_template(found.path), bos_token=tokenizer.bos_token,
                             eos_token=tokenizer.eos_token)
     return LoadedModel(model=model, tokenizer=tokenizer, chat_template=template, kind=found.kind)
+
+
+@dataclass(frozen=True)
+class LoadedShard:
+    loaded: LoadedModel | None  # rank 0: the shard with tokenizer and template; else None
+    model: torch.nn.Module  # this rank's shard
+    channel: StepChannel  # rank 0 -> the others, for moeflow.infer.Engine
+    env: object  # moeflow.parallel.launch.DistEnv
+
+
+def load_shard_for_serving(path: str | Path, par: InferenceParallel, device: str = "auto",
+                           dtype: str | None = None) -> LoadedShard:
+    """Start torch.distributed (torchrun's environment) and load this rank's shard; a layout
+    that does not fit the model fails in one line first."""
+    import os
+
+    import torch.distributed as dist
+
+    from moeflow.checkpoint.model_dir import MANIFEST, load_config
+    from moeflow.infer.ranks import StepChannel
+    from moeflow.interop.pretrained import find_model_dir
+    from moeflow.parallel.inference import check_layout, load_shard
+    from moeflow.parallel.launch import init_distributed
+
+    found = find_model_dir(path)
+    if not (found.path / MANIFEST).is_file():
+        raise ValueError(f"{found.path}: --tp/--ep load moeflow checkpoints (manifest.json) "
+                         f"rank by rank; convert this one first: moeflow convert "
+                         f"{found.path} OUT --to moeflow")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(load_config(found.path), par, world)
+    env = init_distributed(None if device == "auto" else device, timeout_s=par.timeout_s)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = load_shard(found.path, par, env.device, torch_dtype,
+                       ranks_per_node=env.local_world)
+    loaded = None
+    if env.is_main:
+        if found.is_training:
+            from moeflow.train.checkpoint import load_tokenizer
+
+            tokenizer = load_tokenizer(found.path)
+        else:
+            tokenizer = _hf_tokenizer(found.path)
+        template = ChatTemplate(find_chat_template(found.path), bos_token=tokenizer.bos_token,
+                                eos_token=tokenizer.eos_token)
+        loaded = LoadedModel(model, tokenizer, template, found.kind)
+    return LoadedShard(loaded, model, StepChannel(dist.group.WORLD, 0, env.device), env)
 
 
 def _hf_tokenizer(path: Path) -> BPETokenizer:

@@ -14,6 +14,14 @@ signals it caught once it has stopped, which would turn a clean drain into death
 The port is bound before anything else (the model load can take minutes) and the socket handed
 to uvicorn, so a port in use is one line, `moeflow: error: ... already in use`, exit status 2,
 before the server announces an address it cannot serve on.
+
+Several ranks (`torchrun --nproc-per-node N -m moeflow serve --model DIR --tp T --ep E`): every
+rank loads its shard (moeflow.serve.loader.load_shard_for_serving); rank 0 binds the port, runs
+HTTP, tokenizer and scheduler, and its engine broadcasts every forward to the others, which
+follow (moeflow.infer.engine). Collectives wait at most --timeout-s: a rank that dies or stalls
+fails rank 0's next step, its engine thread stops, requests get 500/503, /health turns 503 and
+the server exits with status 1; the other ranks' waits fail the same way. A clean stop releases
+the followers (`Engine.close`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from moeflow.infer.engine import Engine, EngineConfig
 from moeflow.serve.app import ServerState, create_app
 from moeflow.serve.config import ServeConfig
 from moeflow.infer.device import resolve_device
-from moeflow.serve.loader import load_for_serving
+from moeflow.serve.loader import LoadedShard, load_for_serving, load_shard_for_serving
 from moeflow.serve.protocol import Limits
 from moeflow.serve.worker import EngineWorker
 
@@ -47,6 +55,16 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self._drain: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed = False  # the engine died for good (a multi-rank engine lost a rank)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.worker.died and self.state.worker.fatal:
+            if not self.failed:
+                print("moeflow serve: the engine failed (a rank died or stalled); exiting",
+                      flush=True)
+            self.failed = True
+            return True
+        return await super().on_tick(counter)
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -86,14 +104,21 @@ class DrainingServer(uvicorn.Server):
         return self.state.inflight > 0 or self.state.worker.outstanding > 0
 
 
-def build_state(config: ServeConfig) -> ServerState:
-    # With --gpu-memory the engine places the model (experts to host memory): load on the CPU.
-    device = "cpu" if config.offload is not None else config.device
-    loaded = load_for_serving(config.model, device=device, dtype=config.dtype)
-    engine = Engine(loaded.model, EngineConfig(max_batch_size=config.max_batch,
-                                               max_seq_len=config.max_seq_len,
-                                               cache_tokens=config.cache_tokens,
-                                               offload=config.offload))
+def engine_config(config: ServeConfig) -> EngineConfig:
+    return EngineConfig(max_batch_size=config.max_batch, max_seq_len=config.max_seq_len,
+                        cache_tokens=config.cache_tokens, offload=config.offload)
+
+
+def build_state(config: ServeConfig, shard: LoadedShard | None = None) -> ServerState:
+    """The server's state: the model loaded here, or rank 0's `shard` with its channel."""
+    if shard is None:
+        # With --gpu-memory the engine places the model (experts to host memory): load on CPU.
+        device = "cpu" if config.offload is not None else config.device
+        loaded = load_for_serving(config.model, device=device, dtype=config.dtype)
+        engine = Engine(loaded.model, engine_config(config))
+    else:
+        loaded = shard.loaded
+        engine = Engine(shard.model, engine_config(config), shard.channel)
     limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
                     capacity=config.capacity, default_max_tokens=config.default_max_tokens)
     name = config.served_model_name or Path(config.model).resolve().name
@@ -134,6 +159,8 @@ def serve(config: ServeConfig) -> int:
     drain)."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
+    if is_multi_rank(config):
+        return _serve_ranks(config)
     sock = bind_socket(config.host, config.port)
     try:
         return _serve(config, sock)
@@ -141,8 +168,34 @@ def serve(config: ServeConfig) -> int:
         sock.close()
 
 
-def _serve(config: ServeConfig, sock: socket.socket) -> int:
-    state = build_state(config)  # a bad model path fails here, before any process-wide change
+def is_multi_rank(config: ServeConfig) -> bool:
+    return config.parallel.world > 1 or "WORLD_SIZE" in os.environ
+
+
+def _serve_ranks(config: ServeConfig) -> int:
+    from moeflow.parallel.launch import shutdown
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    sock = bind_socket(config.host, config.port) if main else None
+    try:
+        shard = load_shard_for_serving(config.model, config.parallel, config.device,
+                                       config.dtype)
+        if not main:
+            Engine(shard.model, engine_config(config), shard.channel).follow()
+            shutdown(shard.env)
+            return 0
+        status = _serve(config, sock, shard)
+        if status == 0:
+            shutdown(shard.env)
+        return status
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _serve(config: ServeConfig, sock: socket.socket, shard: LoadedShard | None = None) -> int:
+    # A bad model path fails here, before any process-wide change.
+    state = build_state(config, shard)
     threads = torch_threads(config)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -157,8 +210,9 @@ def _serve(config: ServeConfig, sock: socket.socket) -> int:
           f"{torch.get_num_threads()} torch threads) on http://{config.host}:{port}",
           flush=True)
     server.run(sockets=[sock])
-    if not server.started:
+    if not server.started or server.failed:
         return 1
+    state.worker.engine.close()  # releases the other ranks (nothing on one process)
     print("moeflow serve: stopped", flush=True)
     return 0
 

@@ -14,6 +14,10 @@ engine contract) and delivers a synthetic finished event with reason "abort", so
 handler and the admission count see the same end whether the engine or the client stopped it.
 An exception from `step()` fails every active sequence with an `EngineFailure` (the handlers
 answer 500) and the loop goes on with a clean engine: one bad step does not take the server down.
+Except on several ranks (an engine with a channel, moeflow.infer.ranks): a failed step there
+means a rank died, stalled past the process-group timeout or fell out of step, and nothing can
+resynchronise the ranks, so the thread fails everything and stops (`fatal`); the server sees
+the dead worker, answers 503 and exits non-zero (moeflow.serve.server).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class EngineWorker:
         self.outstanding = 0                          # loop thread only
         self.stats = engine.stats()                   # replaced by the engine thread
         self.alive = False
+        self.fatal = engine.channel is not None  # a failed step ends the worker (see above)
+        self.died = False  # the engine thread ended on an error
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
@@ -133,6 +139,7 @@ class EngineWorker:
                     pass
         except BaseException:  # noqa: BLE001 - report, then mark the worker dead
             log.error("engine thread died:\n%s", traceback.format_exc())
+            self.died = True
             self._fail(active, "engine thread died")
         finally:
             self.alive = False
@@ -160,6 +167,8 @@ class EngineWorker:
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                if self.fatal:
+                    raise
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail(active, f"engine step failed: {type(e).__name__}: {e}")
                 events = []

@@ -1,0 +1,127 @@
+"""Multi-rank inference on gloo: tensor slicing × expert parallelism (× expert slicing) against
+the 1-process engine, plain and coordinated all-to-all, and the layout checks.
+
+Each multi-rank test is one spawn running several layouts and models back to back (process
+start-up dominates the cost). Every rank reads its shard from a checkpoint the 1-process model
+wrote; rank 0 drives the request script of tests/infer_workers.py (joins, an abort, a request
+that stops on its first token) and must produce the reference's greedy tokens, with logits
+within fp32 rounding of the reference's (the sums run in a different order across ranks)."""
+
+import pytest
+import torch
+
+from moeflow import ModelConfig, RouterConfig
+from moeflow.checkpoint import write_weights
+from moeflow.infer import Engine, SamplingParams
+from moeflow.parallel.inference import InferenceParallel, check_layout
+
+from infer_workers import CONFIGS, ENGINE, VOCAB, drive, engine_worker, make_model
+from parallel_workers import spawn
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{kind: (checkpoint dir, reference result, full parameter count)}."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend with the ranks
+    try:
+        _write_references(root, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _write_references(root, out):
+    for kind in CONFIGS:
+        model = make_model(kind)
+        (root / kind).mkdir()
+        write_weights(root / kind, model)
+        out[kind] = (root, drive(Engine(model, ENGINE)), sum(p.numel() for p in model.parameters()))
+
+
+def assert_matches(got, ref):
+    assert got["tokens"] == ref["tokens"]
+    assert got["logits"].keys() == ref["logits"].keys()
+    for key, want in ref["logits"].items():
+        # fp32: a few ulps of the logits' scale, times the depth of reordered sums
+        bound = 64 * torch.finfo(torch.float32).eps * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got["logits"][key], want, rtol=0, atol=bound)
+
+
+def run(checkpoints, world, scenarios, tmp_path, kill_last=False):
+    root = next(iter(checkpoints.values()))[0]
+    results = spawn(engine_worker, world,
+                    (scenarios, str(root), str(tmp_path) if kill_last else None), tmp_path,
+                    timeout_s=150)
+    for name, (kind, *_ ) in scenarios.items():
+        _, ref, full = checkpoints[kind]
+        assert_matches(results[0][name], ref)
+        held = [r[f"{name}/params"] for r in results]
+        assert max(held) < full, f"{name}: a rank holds the whole model"
+    return results
+
+
+def test_two_ranks_ep2_and_tp2_equal_one_process_and_a_dead_rank_fails_fast(checkpoints,
+                                                                          tmp_path):
+    """...and when rank 1 then dies, rank 0's next step raises at once instead of hanging (the
+    gloo connection closes; a stalled rank would hit the process group's timeout, 60 s here)."""
+    scenarios = {"gpt ep2": ("gpt", 1, 2, "coordinated"),
+                 "qwen3 ep2": ("qwen3", 1, 2, "coordinated"),
+                 "qwen3 ep2 plain": ("qwen3", 1, 2, "plain"),
+                 "gpt tp2": ("gpt", 2, 1, "coordinated"),
+                 "mla tp2": ("mla", 2, 1, "plain")}
+    results = run(checkpoints, 2, scenarios, tmp_path, kill_last=True)
+    assert results[0]["qwen3 ep2"]["tokens"] == results[0]["qwen3 ep2 plain"]["tokens"]
+    assert results[0]["after kill"].startswith("RuntimeError"), results[0]["after kill"]
+    assert results[0]["after kill s"] < 30
+
+
+def test_four_ranks_tp2_ep2_and_expert_slicing_equal_one_process(checkpoints, tmp_path):
+    # gpt at EP=4: its 2-expert layer is sliced (each expert's d_ff over 2 ranks), its 4-expert
+    # layer has one expert per rank.
+    scenarios = {"qwen3 tp2xep2": ("qwen3", 2, 2, "coordinated"),
+                 "qwen3 tp2xep2 plain": ("qwen3", 2, 2, "plain"),
+                 "gpt ep4 sliced": ("gpt", 1, 4, "coordinated"),
+                 "mla tp2xep2": ("mla", 2, 2, "coordinated")}
+    results = run(checkpoints, 4, scenarios, tmp_path)
+    assert (results[0]["qwen3 tp2xep2"]["tokens"]
+            == results[0]["qwen3 tp2xep2 plain"]["tokens"])
+    # Only expert slice 0 of each sliced expert holds its output bias: the slices differ.
+    assert len({r["gpt ep4 sliced/params"] for r in results}) == 2
+
+
+def test_script_on_one_process_equals_each_request_alone(checkpoints):
+    """The script's joins, abort and first-token stop change no request's tokens (a request
+    admitted behind one that stops at once prefills into the slot it then holds)."""
+    _, ref, _ = checkpoints["qwen3"]
+    model = make_model("qwen3")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (6, 3, 4, 5, 2)]
+    for i, prompt in enumerate(prompts):
+        alone = Engine(model, ENGINE).generate([prompt], SamplingParams(max_new_tokens=5,
+                                                                         temperature=0))[0]
+        got = ref["tokens"][f"r{i}"]
+        assert got == alone[:len(got)], f"r{i}"
+
+
+def tiny(**kw):
+    return ModelConfig(**{**dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2,
+                                 moe_every=1, num_experts=4, expert_d_ff=16,
+                                 router=RouterConfig(top_k=2, dropless=True)), **kw})
+
+
+@pytest.mark.parametrize("config, tp, ep, world, needle", [
+    (tiny(), 2, 2, 2, "needs tp × ep = 4 processes, but 2 were started"),
+    (tiny(), 3, 1, 3, "n_heads = 4 is not divisible by tp=3"),
+    (tiny(arch="llama", n_kv_heads=1), 2, 1, 2, "n_kv_heads (key/value heads) = 1"),
+    (tiny(num_experts=6), 1, 4, 4, "6 experts cannot be split evenly"),
+    (tiny(num_experts=3), 2, 2, 4, "3 experts do not divide ep=4"),
+    (tiny(num_experts=2, expert_d_ff=18), 1, 8, 8, "expert_d_ff=18 is not divisible by 4"),
+    (tiny(arch="llama", qk_norm=True, qk_norm_scope="full"), 2, 1, 2, "qk_norm_scope='full'"),
+])
+def test_layouts_that_do_not_fit_fail_in_one_line_before_loading(config, tp, ep, world, needle):
+    with pytest.raises(ValueError, match="^--tp") as err:
+        check_layout(config, InferenceParallel(tp=tp, ep=ep), world)
+    assert needle in str(err.value) and "\n" not in str(err.value)
