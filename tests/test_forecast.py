@@ -27,18 +27,11 @@ MICRO = ForecastModelConfig(d_model=16, n_layers=2, n_heads=2, num_experts=4, to
 @pytest.fixture
 def cli(capsys):
     """Runs `moeflow ARGS` in this process (no interpreter start per call): (status, stdout,
-    stderr). With one intra-op thread: these models are tiny, and on a shared 2-core machine
-    two threads spin against each other (a 1024×32 matmul measured 20 ms with 2 threads,
-    0.7 ms with 1)."""
+    stderr), with the suite's one intra-op thread (tests/conftest.py)."""
     from moeflow.cli import main
 
     def run(*args):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            status = main([str(a) for a in args])
-        finally:
-            torch.set_num_threads(threads)
+        status = main([str(a) for a in args])
         out = capsys.readouterr()
         return status, out.out, out.err
     return run

@@ -24,12 +24,7 @@ def checkpoints(tmp_path_factory):
     """{kind: (checkpoint dir, reference result, full parameter count)}."""
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend with the ranks
-    try:
-        _write_references(root, out)
-    finally:
-        torch.set_num_threads(threads)
+    _write_references(root, out)
     return out
 
 
