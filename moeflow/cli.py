@@ -233,7 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**given(args, SamplingParams), stop_token_ids=tokenizer.eos_ids)
     engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))
-    text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
+    text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings),
+                         group=args.expert_group)
     print(args.prompt + text)
     return 0
 
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
                    help="stop when the generated text contains one of these strings; the output "
                         "ends just before it (end-of-text always stops)")
+    p.add_argument("--expert-group", metavar="NAME", default=None,
+                   help="models with expert groups: the group of the prompt and the generation")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
     _add_offload_flags(p)
     p.set_defaults(func=cmd_generate)

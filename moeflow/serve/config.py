@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeflow.data.groups import GROUP_RULES
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.validate import check, choice, integer, number, option
 
@@ -50,6 +51,12 @@ class ServeConfig:
     threads: int | None = option("torch intra-op threads (default on CPU: cores - 1, one left "
                                  "for HTTP)", default=None)
     log_level: str = option("server log level", choices=LOG_LEVELS, default="warning")
+    # expert groups (moeflow.serve.protocol): for requests that name no `expert_group`
+    group_rule: str | None = option("label the prompt tokens of requests naming no expert_group "
+                                    "by this rule (modality: Python code vs text)",
+                                    choices=GROUP_RULES, default=None)
+    default_group: str | None = option("the expert group of requests naming none (and no "
+                                       "--group-rule)", default=None)
     # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
     offload: OffloadConfig | None = None
 
@@ -69,6 +76,9 @@ class ServeConfig:
         choice("device", self.device, DEVICES)
         choice("dtype", self.dtype, DTYPES, optional=True)
         choice("log_level", self.log_level, LOG_LEVELS)
+        choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
+        check(self.group_rule is None or self.default_group is None, "default_group",
+              self.default_group, "and group_rule both choose a request's group; give one")
         check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
               self.offload, "must be an OffloadConfig or None")
 
