@@ -277,7 +277,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     spec = DataSpec(source=tuple(args.data), vocab_size=args.vocab_size,
                     val_fraction=args.val_fraction, max_bytes=args.max_bytes,
                     tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                    text_field=args.text_field)
+                    text_field=args.text_field, group_field=args.group_field,
+                    group_rule=args.group_rule)
     prepare_dataset(spec, args.out)
     print(args.out)
     return 0
@@ -485,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
+    from moeflow.data.groups import GROUP_RULES
     from moeflow.data.prepared import DataSpec as D
 
     p = sub.add_parser("prepare-data", help="tokenize a corpus once into a directory that "
@@ -499,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-sample-bytes", type=int, default=D.tokenizer_sample_bytes,
                    help="training text the BPE tokenizer learns from")
     p.add_argument("--text-field", default=D.text_field, help="JSONL field holding the text")
+    p.add_argument("--group-field", help="expert groups: store each JSONL record's group, "
+                                         "named in this field")
+    p.add_argument("--group-rule", choices=GROUP_RULES,
+                   help="expert groups: store every token's label by this rule instead")
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts",

@@ -144,3 +144,45 @@ def test_group_sources_are_checked_with_one_line_errors(files, tmp_path):
     rc, err = cli(["train", "--config", str(other), "--data", str(files["src"]), "--out",
                    str(tmp_path / "o"), "--group-rule", "modality", *FAST])
     assert rc == 2 and "have no 'text'" in err, err
+
+
+def test_prepared_dataset_carries_group_labels_by_name(files, tmp_path):
+    """prepare-data --group-field stores labels by name; a model naming its groups in the other
+    order gets them mapped by name (text-group tokens = the text records' tokens), trains, and
+    an unlabelled dataset or a foreign group name is a one-line error."""
+    from moeflow.data.corpus import load_corpus, split_documents
+    from moeflow.data.prepared import load_prepared
+
+    data = tmp_path / "prep"
+    assert cli(["prepare-data", "--out", str(data), "--data", str(files["jsonl"]),
+                "--vocab-size", "300", "--val-fraction", "0.2", "--group-field", "modality"]) \
+        == (0, "")
+    prepared = load_prepared(data)
+    assert prepared.info.group_names == ("code", "text")
+    reversed_cfg = tmp_path / "reversed.json"
+    reversed_cfg.write_text(json.dumps({**GROUPED, "router": {
+        **GROUPED["router"], "expert_groups": [["text", 2], ["code", 2]]}}))
+    cfg = TrainConfig(model_config=str(reversed_cfg), data=(str(data),), out=str(tmp_path / "r"),
+                      batch_size=4, steps=1, progress=False)
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    train_docs, _ = split_documents(load_corpus([str(files["jsonl"])], "text", "modality"), 0.2)
+    text_tokens = sum(len(prepared.tokenizer.encode(d.text)) for d in train_docs
+                      if d.group == "text")
+    assert int((trainer.train_data.groups == 0).sum()) == text_tokens  # "text" is group 0 here
+    assert trainer.train_step(1)["group_assignments"]["text"] > 0
+
+    plain = tmp_path / "plain_prep"
+    assert cli(["prepare-data", "--out", str(plain), "--data", str(files["jsonl"]),
+                "--vocab-size", "300"])[0] == 0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**GROUPED, "router": {
+        "top_k": 1, "expert_groups": [["code", 2], ["prose", 2]]}}))
+    for args, message in [
+            (["--data", str(plain)], "holds no expert group labels"),
+            (["--data", str(data), "--group-rule", "modality"],
+             "a prepared dataset brings its own group labels"),
+            (["--data", str(data), "--config", str(other)], "have no 'text'")]:
+        config = [] if "--config" in args else ["--config", str(files["config"])]
+        rc, err = cli(["train", *config, *args, "--out", str(tmp_path / "o"), *FAST])
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err

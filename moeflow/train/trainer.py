@@ -39,7 +39,9 @@ the ids travel with the tokens through the same windows and micro-batches into
 `model(..., groups=...)` in training and validation. Such a model without a group source is
 refused rather than trained with every token in group 0: that would train only the first
 group's experts and leave the others at their random init, with nothing in the metrics to say
-why. Prepared datasets hold no group ids, so a grouped model trains from text.
+why. A prepared dataset brings its own group labels (`moeflow prepare-data --group-field F` or
+`--group-rule modality`), stored by name and mapped to the model's groups here; an ungrouped
+model trains on such a dataset and ignores them (a one-pool baseline on the same tokens).
 
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
 experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),
@@ -59,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -149,11 +152,16 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
     return model_config
 
 
-def check_group_source(cfg: TrainConfig, model_config: ModelConfig) -> None:
+def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bool) -> None:
     """A grouped model needs a source of group ids and an ungrouped one takes none (see the
-    module docstring for why there is no default group)."""
+    module docstring for why there is no default group); a prepared dataset is its own."""
     names = model_config.router.group_names
     flag = "--group-field" if cfg.group_field is not None else "--group-rule"
+    if prepared and (cfg.group_field is not None or cfg.group_rule is not None):
+        raise ValueError(f"{flag}: a prepared dataset brings its own group labels (give the "
+                         f"flag to `moeflow prepare-data` instead)")
+    if prepared:
+        return
     if names and cfg.group_field is None and cfg.group_rule is None:
         raise ValueError(f"the model has expert groups ({', '.join(names)}): give every token "
                          f"a group with --group-field FIELD (JSONL records naming their group) "
@@ -364,7 +372,8 @@ class Trainer:
         elif cfg.init is not None:  # resuming: the network is the checkpoint's
             base = ckpt_io.load_model_config(resume_ckpt)
         model_config = load_model_config(cfg, base)
-        check_group_source(cfg, model_config)
+        prepared = len(cfg.data) == 1 and is_prepared(cfg.data[0])
+        check_group_source(cfg, model_config, prepared)
         self.teacher, teacher_tokenizer = None, None
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
@@ -391,7 +400,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         source_tokenizer = teacher_tokenizer or init_tokenizer
-        if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        if prepared:
             self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, source_tokenizer)
         else:
             self._tokenize_corpus(resume_ckpt, source_tokenizer)
@@ -454,10 +463,7 @@ class Trainer:
                       teacher_tokenizer) -> None:
         """Train data from a prepared dataset: its tokens, its tokenizer (which a teacher and a
         resumed checkpoint must share)."""
-        if self.model_config.router.expert_groups:
-            raise ValueError(f"the prepared dataset {str(data.path)!r} holds no expert group ids; "
-                             f"train a grouped model from text (--data FILES with --group-field "
-                             f"or --group-rule)")
+        train_groups, val_groups = self._prepared_groups(data)
         self.tokenizer = data.tokenizer
         checkpoint_tokenizer = resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt)
         source = "the teacher" if self.cfg.distilling else "the --init checkpoint"
@@ -467,9 +473,27 @@ class Trainer:
                 raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
                                  f"{str(data.path)!r}'s")
         self._check_vocab()
-        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest)
+        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest,
+                                       train_groups)
         self.val_data = PackedTokens(data.val_tokens, self.seq_len, "validation",
-                                     data.info.digest)
+                                     data.info.digest, val_groups)
+
+    def _prepared_groups(self, data: PreparedDataset) -> tuple[Any, Any]:
+        """The prepared dataset's labels as the model's group ids (None, None: no groups)."""
+        names = self.model_config.router.group_names
+        if not names:
+            return None, None
+        have = data.info.group_names
+        if not have:
+            raise ValueError(f"the prepared dataset {str(data.path)!r} holds no expert group "
+                             f"labels; prepare it with --group-field or --group-rule")
+        missing = [n for n in have if n not in names]
+        if missing:
+            raise ValueError(f"the prepared dataset {str(data.path)!r} labels tokens "
+                             f"{', '.join(have)}; the model's expert groups "
+                             f"({', '.join(names)}) have no {missing[0]!r}")
+        lut = np.asarray([names.index(n) for n in have], dtype=np.uint8)
+        return lut[data.train_groups], lut[data.val_groups]
 
     def _check_vocab(self) -> None:
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
