@@ -55,8 +55,8 @@ class ServeConfig:
     group_rule: str | None = option("label the prompt tokens of requests naming no expert_group "
                                     "by this rule (modality: Python code vs text)",
                                     choices=GROUP_RULES, default=None)
-    default_group: str | None = option("the expert group of requests naming none (and no "
-                                       "--group-rule)", default=None)
+    default_group: str | None = option("the expert group of requests naming none that "
+                                       "--group-rule does not label", default=None)
     # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
     offload: OffloadConfig | None = None
 
@@ -77,8 +77,6 @@ class ServeConfig:
         choice("dtype", self.dtype, DTYPES, optional=True)
         choice("log_level", self.log_level, LOG_LEVELS)
         choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
-        check(self.group_rule is None or self.default_group is None, "default_group",
-              self.default_group, "and group_rule both choose a request's group; give one")
         check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
               self.offload, "must be an OffloadConfig or None")
 

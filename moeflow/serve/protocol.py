@@ -17,9 +17,10 @@ Extensions (as vLLM): top_k, ignore_eos, stop_token_ids. And `expert_group`, for
 expert groups (moeflow.model.expert_groups): a group name for the whole request (prompt and
 generation), or a list of names, one per prompt token, for a single prompt (generated tokens
 continue in the last one's group). A request that names none takes the server's rule
-(`--group-rule modality`: moeflow.data.modality labels the prompt's tokens) or its
-`--default-group`; with neither it is refused with a 400 naming the field, since guessing a
-group would answer from experts trained on other data.
+(`--group-rule modality`: moeflow.data.modality labels the prompt's tokens), else (no rule, or
+a token-id prompt the rule cannot label) its `--default-group`; with neither it is refused
+with a 400 naming the field, since guessing a group would answer from experts trained on other
+data.
 """
 
 from __future__ import annotations
@@ -372,20 +373,24 @@ def _prompt_groups(req: _CommonRequest, limits: Limits, tokenizer: BPETokenizer,
             raise RequestError(400, f"{field}: {len(given)} groups for a prompt of "
                                     f"{len(prompts[0])} tokens", field)
         return (tuple(gid(g) for g in given),)
+    default = None if limits.default_group is None else gid(limits.default_group)
     if limits.group_rule is not None:
         lut = rule_group_ids(limits.group_rule, names)
         out = []
         for raw, ids in zip(raw_prompts, prompts):
             text = raw if isinstance(raw, str) else tokenizer.decode(list(ids))
             got, labels = prompt_token_labels(tokenizer, text, special)
-            if tuple(got) != ids:  # a token-id prompt its text does not re-encode to
+            if tuple(got) == ids:
+                out.append(tuple(int(lut[x]) for x in labels))
+            elif default is not None:  # a token-id prompt its text does not re-encode to
+                out.append((default,) * len(ids))
+            else:
                 raise RequestError(400, f"{field}: required for this token-id prompt (the "
                                         f"server's rule labels text, and the prompt's text "
                                         f"encodes to other tokens)", field)
-            out.append(tuple(int(lut[x]) for x in labels))
         return tuple(out)
-    if limits.default_group is not None:
-        return tuple((gid(limits.default_group),) * len(p) for p in prompts)
+    if default is not None:
+        return tuple((default,) * len(p) for p in prompts)
     raise RequestError(400, f"{field}: the model routes inside expert groups "
                             f"({', '.join(names)}); name one for the request (or start the "
                             f"server with --group-rule modality or --default-group NAME)", field)
