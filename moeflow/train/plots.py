@@ -73,14 +73,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
         ax.set_xlabel("expert")
         when = f"steps {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
-        ax.set_title(f"expert load relative to uniform (share × experts; 1 = balanced), "
-                     f"validation, {when}", fontsize=9)
-        fig.colorbar(im, ax=ax, label="load × E")
+        inside = " inside each group" if loads[-1].get("expert_groups") else ""
+        ax.set_title(f"expert load relative to uniform{inside}\n(share × experts; 1 = "
+                     f"balanced), validation, {when}", fontsize=9, pad=16 if inside else 6)
+        fig.colorbar(im, ax=ax, label="load × group experts" if inside else "load × E")
         start = 0
         for name, size in loads[-1].get("expert_groups", []):  # expert groups: named id ranges
             if start:
                 ax.axvline(start - 0.5, color="black", linewidth=1.5)
-            ax.text(start + size / 2 - 0.5, -0.6, name, ha="center", va="bottom", fontsize=8)
+            ax.text(start + size / 2 - 0.5, -0.52, name, ha="center", va="bottom", fontsize=8)
             start += size
         fig.tight_layout()
         out.append(run_dir / "expert_load.png")
