@@ -9,8 +9,9 @@ Total and active parameters and FLOPs per token are equal by construction (one e
 same size per token, the same router width); what differs is only which experts a token may
 use. Data: a sample of `builtin:interpreter`. Reports validation loss overall and per modality.
 
-The training loop here is a plain AdamW loop over moeflow's model (moeflow.train's trainer does
-not carry group ids yet), identical for both models: same data order, seed and schedule.
+The training loop here is a plain AdamW loop over moeflow's model, identical for both models:
+same data order, seed and schedule. (It predates `moeflow train --group-rule modality`, which
+trains a grouped model on the same labels; the recorded results come from this script.)
 
     nice python benchmarks/expert_groups_compare.py --out benchmarks/results/expert_groups
 """

@@ -248,7 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**params_given, stop_token_ids=tokenizer.eos_ids)
     engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))
-    text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings))
+    text = generate_text(engine, tokenizer, args.prompt, params, stop=tuple(args.stop_strings),
+                         group=args.expert_group)
     print(args.prompt + text)
     return 0
 
@@ -291,7 +292,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     spec = DataSpec(source=tuple(args.data), vocab_size=args.vocab_size,
                     val_fraction=args.val_fraction, max_bytes=args.max_bytes,
                     tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                    text_field=args.text_field)
+                    text_field=args.text_field, group_field=args.group_field,
+                    group_rule=args.group_rule)
     prepare_dataset(spec, args.out)
     print(args.out)
     return 0
@@ -471,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-sequences", nargs="+", metavar="TEXT", default=[], dest="stop_strings",
                    help="stop when the generated text contains one of these strings; the output "
                         "ends just before it (end-of-text always stops)")
+    p.add_argument("--expert-group", metavar="NAME", default=None,
+                   help="models with expert groups: the group of the prompt and the generation")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
     _add_offload_flags(p)
     _add_inference_parallel_flags(p)
@@ -510,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
+    from moeflow.data.groups import GROUP_RULES
     from moeflow.data.prepared import DataSpec as D
 
     p = sub.add_parser("prepare-data", help="tokenize a corpus once into a directory that "
@@ -524,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-sample-bytes", type=int, default=D.tokenizer_sample_bytes,
                    help="training text the BPE tokenizer learns from")
     p.add_argument("--text-field", default=D.text_field, help="JSONL field holding the text")
+    p.add_argument("--group-field", help="expert groups: store each JSONL record's group, "
+                                         "named in this field")
+    p.add_argument("--group-rule", choices=GROUP_RULES,
+                   help="expert groups: store every token's label by this rule instead")
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("convert", help="convert a checkpoint between moeflow and HF layouts",

@@ -162,8 +162,8 @@ class _PoisonedTrainer(Trainer):
 
     poison_step = 3
 
-    def forward_loss(self, input_BT, target_BT, step):
-        objective, stats = super().forward_loss(input_BT, target_BT, step)
+    def forward_loss(self, input_BT, target_BT, step, groups_BT=None):
+        objective, stats = super().forward_loss(input_BT, target_BT, step, groups_BT)
         if step == self.poison_step:
             objective = objective * float("nan")
         return objective, stats

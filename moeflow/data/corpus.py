@@ -9,7 +9,10 @@ Two built-in corpora need no download:
   deduplicated by content hash (vendored copies of one file appear once), files over 1 MB
   skipped (generated tables, data dumps), files that are not UTF-8 skipped. Its size depends on
   what is installed: tens of MB in a bare venv, hundreds on a machine with a deep-learning stack.
-`--data` takes text files, directories of them, and JSONL files with a text field.
+`--data` takes text files, directories of them, and JSONL files with a text field. With a
+`group_field` (expert groups, `--group-field`), every JSONL record must also name its document's
+expert group in that field; the name is checked against the model's groups later
+(moeflow.data.groups), and any other kind of file is refused, since it names no group.
 
 Documents come back in a fixed order (sorted paths, file line order), and the train/validation
 split is a function of each document's name only (a CRC32 bucket), so it is the same on every
@@ -39,6 +42,7 @@ _SKIP_DIRS = (*SITE_DIRS, "__pycache__")
 class Document:
     name: str  # path, or path:line for JSONL records; decides the split
     text: str
+    group: str | None = None  # the JSONL record's expert group (load_corpus's group_field)
 
 
 def stdlib_root() -> Path:
@@ -134,7 +138,8 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+def _jsonl_documents(path: Path, text_field: str, group_field: str | None = None
+                     ) -> list[Document]:
     docs = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
@@ -146,14 +151,30 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path} line {lineno}: no string field {text_field!r}")
+        group = None
+        if group_field is not None:
+            if group_field not in record:
+                raise ValueError(f"{path} line {lineno}: no field {group_field!r} naming the "
+                                 f"record's expert group (--group-field)")
+            group = record[group_field]
+            if not isinstance(group, str):
+                raise ValueError(f"{path} line {lineno}: field {group_field!r} must be a string "
+                                 f"naming an expert group, got {json.dumps(group)[:40]}")
         if text.strip():
-            docs.append(Document(f"{path}:{lineno}", text))
+            docs.append(Document(f"{path}:{lineno}", text, group))
     return docs
 
 
-def _file_documents(path: Path, text_field: str) -> list[Document]:
+def _not_jsonl(path: Path | str, group_field: str) -> ValueError:
+    return ValueError(f"data {str(path)!r} is not a JSONL file: --group-field {group_field!r} "
+                      f"needs every document to name its expert group in a JSONL record")
+
+
+def _file_documents(path: Path, text_field: str, group_field: str | None) -> list[Document]:
     if path.suffix == ".jsonl":
-        docs = _jsonl_documents(path, text_field)
+        docs = _jsonl_documents(path, text_field, group_field)
+    elif group_field is not None:
+        raise _not_jsonl(path, group_field)
     else:
         text = _read_text(path)
         docs = [Document(str(path), text)] if text.strip() else []
@@ -162,13 +183,18 @@ def _file_documents(path: Path, text_field: str) -> list[Document]:
     return docs
 
 
-def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text") -> list[Document]:
+def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text",
+                group_field: str | None = None) -> list[Document]:
     """Documents from `paths` (files, directories, JSONL, built-in corpus names); the standard
-    library when empty."""
+    library when empty. `group_field`: JSONL only, each record's expert group (Document.group)."""
+    if group_field is not None and not paths:
+        raise _not_jsonl("builtin:stdlib", group_field)
     if not paths:
         return stdlib_documents()
     docs: list[Document] = []
     for raw in paths:
+        if raw.startswith("builtin:") and group_field is not None:
+            raise _not_jsonl(raw, group_field)
         if raw.startswith("builtin:"):
             if raw not in BUILTIN:
                 raise ValueError(f"unknown built-in corpus {raw!r}; choose {' or '.join(BUILTIN)}")
@@ -185,7 +211,9 @@ def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text") ->
             found = []
             for f in files:
                 if f.suffix == ".jsonl":
-                    found += _jsonl_documents(f, text_field)
+                    found += _jsonl_documents(f, text_field, group_field)
+                elif group_field is not None:
+                    raise _not_jsonl(f, group_field)
                 else:
                     text = _read_text(f)
                     if text.strip():
@@ -194,7 +222,7 @@ def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text") ->
                 raise ValueError(f"data directory {raw!r} holds no text")
             docs += found
         else:
-            docs += _file_documents(path, text_field)
+            docs += _file_documents(path, text_field, group_field)
     return docs
 
 
@@ -212,8 +240,8 @@ def split_documents(docs: list[Document], val_fraction: float
         cut = int(len(doc.text) * (1 - val_fraction))
         newline = doc.text.rfind("\n", 0, cut)
         cut = newline + 1 if newline > 0 else cut
-        return ([Document(doc.name, doc.text[:cut])],
-                [Document(doc.name + "#validation", doc.text[cut:])])
+        return ([Document(doc.name, doc.text[:cut], doc.group)],
+                [Document(doc.name + "#validation", doc.text[cut:], doc.group)])
     val = [d for d in docs if _bucket(d.name) < val_fraction]
     if not val:
         val = [min(docs, key=lambda d: _bucket(d.name))]

@@ -13,6 +13,10 @@ of ranks. `micro_batches` cuts a global batch [G, L+1] into rank r's gradient-ac
 micro-batches: viewed as [accum, world, micro, L+1], rank r takes [:, r]. Every rank builds the
 same global batch from the same state, so no rank needs to talk to another to get its slice.
 
+Expert groups: a stream may carry a group id per token (moeflow.data.groups); the group ids
+are cut into exactly the token windows (`next_windows`, `group_windows`), so shuffling, sharding
+and resumption are the tokens' own.
+
 Legend: G windows per global batch, L sequence length.
 """
 
@@ -28,10 +32,16 @@ class PackedTokens:
     """A token stream cut into windows of seq_len + 1 tokens (overlapping by one)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train",
-                 digest: str | None = None) -> None:
+                 digest: str | None = None, groups: np.ndarray | None = None) -> None:
         """`digest` identifies the tokens when the caller knows it (a prepared dataset), so the
-        fingerprint need not hash them again at every checkpoint."""
+        fingerprint need not hash them again at every checkpoint; `groups`: each token's expert
+        group id (as long as `tokens`), or None."""
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+        self.groups = None
+        if groups is not None:
+            if len(groups) != len(tokens):
+                raise ValueError(f"{len(groups)} group ids for {len(tokens)} tokens")
+            self.groups = torch.from_numpy(np.ascontiguousarray(groups, dtype=np.int64))
         self.seq_len = seq_len
         self.digest, self.split = digest, split
         self.num_windows = (len(tokens) - 1) // seq_len
@@ -44,12 +54,20 @@ class PackedTokens:
         offsets = torch.arange(self.seq_len + 1)
         return self.tokens[idx[:, None] * self.seq_len + offsets]
 
+    def group_windows(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """[len(idx), L+1] int64 group ids of `windows(idx)`, or None without groups."""
+        if self.groups is None:
+            return None
+        return self.groups[idx[:, None] * self.seq_len + torch.arange(self.seq_len + 1)]
+
     def fingerprint(self) -> str:
         """Identifies the stream and the windowing, to refuse resuming on other data."""
         if self.digest is not None:
             h = hashlib.sha256(f"{self.digest}:{self.split}".encode())
         else:
             h = hashlib.sha256(self.tokens.numpy().tobytes())
+        if self.groups is not None:
+            h.update(self.groups.numpy().tobytes())
         h.update(str(self.seq_len).encode())
         return h.hexdigest()[:16]
 
@@ -71,14 +89,20 @@ class BatchLoader:
             self._perm_epoch = epoch
         return self._perm
 
-    def next_batch(self) -> torch.Tensor:
-        """The next global batch [G, L+1]; advances the position."""
+    def next_windows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next global batch [G, L+1] and its group ids (None without groups); advances
+        the position."""
         n = self.data.num_windows
         picks = []
         for k in range(self.consumed, self.consumed + self.global_batch):
             picks.append(self._permutation(k // n)[k % n])
         self.consumed += self.global_batch
-        return self.data.windows(torch.stack(picks))
+        idx = torch.stack(picks)
+        return self.data.windows(idx), self.data.group_windows(idx)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next global batch's tokens [G, L+1]; advances the position."""
+        return self.next_windows()[0]
 
     @property
     def epoch(self) -> float:
@@ -110,8 +134,12 @@ def micro_batches(batch_GL: torch.Tensor, rank: int, world: int, micro_batch: in
     return [view[a, rank] for a in range(accum)]
 
 
-def validation_windows(data: PackedTokens, count: int) -> torch.Tensor:
-    """`count` windows spread evenly over the validation stream (all of them if fewer)."""
+def validation_indices(data: PackedTokens, count: int) -> torch.Tensor:
+    """Indices of `count` windows spread evenly over the validation stream (all if fewer)."""
     count = min(count, data.num_windows)
-    idx = torch.linspace(0, data.num_windows - 1, count).round().long().unique()
-    return data.windows(idx)
+    return torch.linspace(0, data.num_windows - 1, count).round().long().unique()
+
+
+def validation_windows(data: PackedTokens, count: int) -> torch.Tensor:
+    """The windows of `validation_indices`."""
+    return data.windows(validation_indices(data, count))

@@ -12,14 +12,22 @@ The rule, for the built-in corpora (Python sources plus .md/.rst/.txt files):
 Characters are labelled first, then BPE tokens by their character offsets: a token takes the
 label of its first non-whitespace character (a token " #" starts a comment, " x" is code), or
 of its first character when it is all whitespace. End-of-text takes group CODE (0): it belongs
-to no document. Group ids are positions in MODALITIES, the order a model's
-`router.expert_groups` must name them in.
+to no document. Group ids are positions in MODALITIES (moeflow.data.groups maps them to a
+model's groups by name).
+
+Prompts at inference have no file name, so `prompt_token_labels` decides from the text: a prompt
+Python compiles, whole or as an unfinished block (`codeop`, as the interactive interpreter
+decides whether to wait for more input), is labelled as a .py document; any other prompt (prose,
+a chat transcript) is TEXT throughout. A one-word prompt such as "hello" compiles (a name), so
+it counts as code: short prompts are ambiguous, and a client that knows better names the group.
 """
 
 from __future__ import annotations
 
+import codeop
 import io
 import tokenize
+import warnings
 
 import numpy as np
 
@@ -107,3 +115,26 @@ def document_modality(record: dict, field: str, where: str) -> int:
         raise ValueError(f"{where}: field {field!r} must be one of {', '.join(MODALITIES)}, "
                          f"got {value!r}")
     return MODALITIES.index(value)
+
+
+def is_python(text: str) -> bool:
+    """Whether Python compiles `text`, complete or unfinished (module docstring)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SyntaxWarning for odd escapes in prose
+        try:
+            codeop.compile_command(text, symbol="exec")
+        except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
+            return False
+    return True
+
+
+def prompt_token_labels(tokenizer: BPETokenizer, text: str, add_special_tokens: bool | None
+                        ) -> tuple[list[int], np.ndarray]:
+    """(token ids as tokenizer.encode gives them, uint8 label per token) of a prompt."""
+    special = tokenizer.add_special_tokens if add_special_tokens is None else add_special_tokens
+    enc = tokenizer.tok.encode(text, add_special_tokens=special)
+    if is_python(text):
+        labels = token_labels(python_char_labels(text), text, enc.offsets)
+    else:
+        labels = np.full(len(enc.ids), TEXT, dtype=np.uint8)
+    return list(enc.ids), labels

@@ -9,7 +9,13 @@ A prepared dataset is a directory:
   tokenizer.json  the byte-level BPE tokenizer, trained on a sample of the training split
   train.tokens    the training split's token ids, each document ended by end-of-text
   val.tokens      the validation split's (the split is by document: corpus.split_documents)
+  train.groups    with group_field / group_rule (expert groups, moeflow.data.groups): each
+  val.groups      token's group label, uint8, an index into dataset.json's group_names
 Token files are raw little-endian uint16 (vocabularies up to 65536) or uint32.
+
+Group labels are stored by name (group_names: the rule's labels, or the field's distinct values
+in sorted order), not as a model's group ids, so one prepared dataset serves any model whose
+expert groups include those names, in any order; the trainer maps them.
 
 Why: tokenizing hundreds of MB takes minutes, and a reproduction trains eight models on the same
 tokens. The tokenizer trains on a sample of `tokenizer_sample_bytes` of training text (documents
@@ -37,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.data.corpus import Document, interpreter_documents, load_corpus, split_documents
+from moeflow.data.groups import GROUP_RULES
+from moeflow.data.modality import MODALITIES, encode_labelled
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.validate import integer, number
 
@@ -56,6 +64,8 @@ class DataSpec:
     max_bytes: int | None = None  # builtin:interpreter only: stop reading after this many bytes
     tokenizer_sample_bytes: int = 64 << 20
     text_field: str = "text"
+    group_field: str | None = None  # expert groups: the JSONL field naming each record's group
+    group_rule: str | None = None  # or a rule labelling every token (moeflow.data.groups)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, (list, str)):
@@ -66,6 +76,11 @@ class DataSpec:
             integer(name, getattr(self, name), lo=1)
         if self.max_bytes is not None and self.source != ("builtin:interpreter",):
             raise ValueError("max_bytes applies to the builtin:interpreter corpus only")
+        if self.group_rule is not None and self.group_rule not in GROUP_RULES:
+            raise ValueError(f"group_rule={self.group_rule!r}: choose one of "
+                             f"{', '.join(GROUP_RULES)}")
+        if self.group_field is not None and self.group_rule is not None:
+            raise ValueError("group_field and group_rule both label expert groups; give one")
 
 
 @dataclass(frozen=True)
@@ -83,10 +98,12 @@ class PreparedInfo:
     digest: str  # sha256 over both token files and the tokenizer
     seconds: float  # to prepare
     format: int = FORMAT
+    group_names: tuple[str, ...] = ()  # labels of the .groups files (empty: no group labels)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["spec"]["source"] = list(self.spec.source)
+        d["group_names"] = list(self.group_names)
         return d
 
     @classmethod
@@ -94,7 +111,8 @@ class PreparedInfo:
         if data.get("format") != FORMAT:
             raise ValueError(f"prepared dataset format {data.get('format')!r}; this moeflow "
                              f"reads format {FORMAT}")
-        return cls(**{**data, "spec": DataSpec(**data["spec"])})
+        return cls(**{**data, "spec": DataSpec(**data["spec"]),
+                      "group_names": tuple(data.get("group_names", ()))})
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,8 @@ class PreparedDataset:
     tokenizer: BPETokenizer
     train_tokens: np.ndarray
     val_tokens: np.ndarray
+    train_groups: np.ndarray | None = None  # labels, indices into info.group_names
+    val_groups: np.ndarray | None = None
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -111,9 +131,9 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def _documents(spec: DataSpec) -> tuple[list[Document], dict]:
-    if spec.source == ("builtin:interpreter",):
+    if spec.source == ("builtin:interpreter",) and spec.group_field is None:
         return interpreter_documents(spec.max_bytes)
-    docs = load_corpus(spec.source, spec.text_field)
+    docs = load_corpus(spec.source, spec.text_field, spec.group_field)
     return docs, {"duplicates": 0, "skipped": 0, "bytes": sum(len(d.text.encode()) for d in docs)}
 
 
@@ -128,16 +148,39 @@ def _tokenizer_sample(docs: list[Document], max_bytes: int):
 
 
 def _write_tokens(path: Path, tokenizer: BPETokenizer, docs: list[Document], dtype,
-                  digest) -> int:
+                  digest, spec: DataSpec, group_names: tuple[str, ...]) -> int:
+    """Write the token file (and, with group labels, the .groups file beside it)."""
     count = 0
-    with open(path, "wb") as f:
-        for i in range(0, len(docs), _ENCODE_CHUNK):
-            chunk = tokenizer.encode_documents([d.text for d in docs[i:i + _ENCODE_CHUNK]])
-            data = chunk.astype(dtype).tobytes()
-            digest.update(data)
-            f.write(data)
-            count += len(chunk)
+    groups = open(path.with_suffix(".groups"), "wb") if group_names else None
+    try:
+        with open(path, "wb") as f:
+            for i in range(0, len(docs), _ENCODE_CHUNK):
+                part = docs[i:i + _ENCODE_CHUNK]
+                if groups is None:
+                    chunk = tokenizer.encode_documents([d.text for d in part])
+                else:
+                    whole = (None if spec.group_field is None
+                             else [group_names.index(d.group) for d in part])
+                    chunk, labels = encode_labelled(tokenizer, [d.name for d in part],
+                                                    [d.text for d in part], whole)
+                    digest.update(labels.tobytes())
+                    groups.write(labels.tobytes())
+                data = chunk.astype(dtype).tobytes()
+                digest.update(data)
+                f.write(data)
+                count += len(chunk)
+    finally:
+        if groups is not None:
+            groups.close()
     return count
+
+
+def _group_names(spec: DataSpec, docs: list[Document]) -> tuple[str, ...]:
+    if spec.group_rule is not None:
+        return MODALITIES
+    if spec.group_field is not None:
+        return tuple(sorted({d.group for d in docs}))
+    return ()
 
 
 def prepare_dataset(spec: DataSpec, out: str | Path, log=print) -> PreparedInfo:
@@ -157,8 +200,9 @@ def prepare_dataset(spec: DataSpec, out: str | Path, log=print) -> PreparedInfo:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         digest = hashlib.sha256()
-        n_train = _write_tokens(tmp / "train.tokens", tokenizer, train, dtype, digest)
-        n_val = _write_tokens(tmp / "val.tokens", tokenizer, val, dtype, digest)
+        names = _group_names(spec, docs)
+        n_train = _write_tokens(tmp / "train.tokens", tokenizer, train, dtype, digest, spec, names)
+        n_val = _write_tokens(tmp / "val.tokens", tokenizer, val, dtype, digest, spec, names)
         tokenizer.save(tmp / TOKENIZER)
         digest.update(tokenizer.to_str().encode())
         info = PreparedInfo(spec=spec, documents=len(docs), duplicates=stats["duplicates"],
@@ -166,7 +210,7 @@ def prepare_dataset(spec: DataSpec, out: str | Path, log=print) -> PreparedInfo:
                             train_documents=len(train), val_documents=len(val),
                             train_tokens=n_train, val_tokens=n_val,
                             dtype=np.dtype(dtype).name, digest=digest.hexdigest(),
-                            seconds=round(time.perf_counter() - start, 2))
+                            seconds=round(time.perf_counter() - start, 2), group_names=names)
         (tmp / INFO).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
         os.replace(tmp, out)
     except BaseException:
@@ -190,10 +234,17 @@ def load_prepared(path: str | Path) -> PreparedDataset:
     path = Path(path)
     info = read_info(path)
     tokenizer = BPETokenizer.load(path / TOKENIZER)
-    splits = []
+    splits, groups = [], []
     for name, expected in (("train.tokens", info.train_tokens), ("val.tokens", info.val_tokens)):
         tokens = np.fromfile(path / name, dtype=np.dtype(info.dtype))
         if len(tokens) != expected:
             raise ValueError(f"{path / name}: {len(tokens)} tokens, dataset.json says {expected}")
         splits.append(tokens)
-    return PreparedDataset(path, info, tokenizer, splits[0], splits[1])
+        if info.group_names:
+            labels = np.fromfile((path / name).with_suffix(".groups"), dtype=np.uint8)
+            if len(labels) != expected:
+                raise ValueError(f"{(path / name).with_suffix('.groups')}: {len(labels)} group "
+                                 f"labels for {expected} tokens")
+            groups.append(labels)
+    return PreparedDataset(path, info, tokenizer, splits[0], splits[1],
+                           *(groups if groups else (None, None)))

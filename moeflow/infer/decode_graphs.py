@@ -39,10 +39,14 @@ class EagerDecoder:
     def __init__(self, step_fn: StepFn, device: torch.device) -> None:
         self.step_fn, self.device = step_fn, device
 
-    def __call__(self, tokens: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = torch.tensor([tokens, lengths, [1] * len(tokens)], dtype=torch.int64)
-        inputs = inputs.to(self.device)
-        return self.step_fn(inputs[0, :, None], inputs[1], inputs[2], max(lengths) + 1)
+    def __call__(self, tokens: list[int], lengths: list[int], groups: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`groups`: each row's expert group (models with expert groups, which decode eagerly:
+        the router reads each group's token count on the host, which capture forbids)."""
+        rows = [tokens, lengths, [1] * len(tokens)] + ([groups] if groups is not None else [])
+        inputs = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        extra = {} if groups is None else {"groups_B1": inputs[3, :, None]}
+        return self.step_fn(inputs[0, :, None], inputs[1], inputs[2], max(lengths) + 1, **extra)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -67,7 +71,10 @@ class GraphDecoder:
         return (min(_pow2_at_least(n), self.num_slots),
                 min(max(_pow2_at_least(kv_needed), MIN_KV_LEN), self.max_len))
 
-    def __call__(self, tokens: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tokens: list[int], lengths: list[int], groups: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if groups is not None:
+            raise ValueError("GraphDecoder: models with expert groups decode eagerly")
         n = len(tokens)
         B, S = self.buckets(n, max(lengths) + 1)
         self.last_key = (B, S)

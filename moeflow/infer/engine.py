@@ -20,7 +20,17 @@ On several ranks (tensor slicing × expert parallelism, moeflow.parallel.inferen
 builds an Engine over its shard of the model with the same `channel` (moeflow.infer.ranks):
 rank 0 is driven as above and broadcasts the inputs of every forward it runs; the other ranks
 call `follow()`, which runs the same forwards until rank 0's `close()`. Decode then runs eagerly
-(the token exchange reads split sizes on the host, which graph capture forbids).
+(the token exchange reads split sizes on the host, which graph capture forbids). Grouped models are
+refused on several ranks for now (the step broadcast carries no group ids).
+
+Expert groups (a model whose router names expert_groups, moeflow.model.expert_groups): every
+request carries its tokens' groups, `add_request(..., groups=g)` with one group id for the
+whole request or one per prompt token; generated tokens continue in the last prompt token's
+group. A request without groups is refused (a silent group 0 would answer from the wrong
+experts). Requests of different groups share every forward: the decode batch passes one group
+per row, and routing keeps each row inside its group, so a request's tokens are the same as
+when it runs alone. Grouped models decode eagerly (no CUDA graphs): the router reads each
+group's token count on the host. `stats()` adds the groups' expert ranges and tokens per group.
 
 This is moeflow's one inference path: `moeflow generate` and the demo (moeflow.infer.text) and
 the server (moeflow.serve) all decode through it. The reference it is tested against is the
@@ -91,6 +101,8 @@ class EngineStats:
     tokens_generated: int  # cumulative
     expert_counts: tuple[tuple[int, ...], ...]  # cumulative per MoE layer, per expert
     offload: OffloadStats | None = None  # expert cache and prefetch statistics, if offloading
+    expert_groups: tuple[tuple[str, int], ...] = ()  # the model's ((name, experts), ...)
+    group_tokens: tuple[int, ...] = ()  # cumulative tokens processed (prompt + decode) per group
 
 
 def graph_capturable(model: torch.nn.Module) -> bool:
@@ -149,6 +161,8 @@ class Engine:
             self.offload = offload_experts(model, config.offload, kv_bytes, self.max_seq_len,
                                            num_slots)
         self.device = next(model.parameters()).device
+        self.expert_groups = mc.router.expert_groups
+        self._group_tokens = [0] * len(self.expert_groups)
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_seq_len)
         self.scheduler = Scheduler(num_slots)
         sizes = [layer.experts.num_experts for layer in model.moe_layers()]
@@ -156,10 +170,13 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
+        if channel is not None and self.expert_groups:
+            raise ValueError("expert groups: a grouped model runs on one rank for now (the "
+                             "multi-rank step broadcast carries no group ids)")
         self.channel = channel
         self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
-                and channel is None and graph_capturable(model)):
+                and channel is None and not self.expert_groups and graph_capturable(model)):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
                                          self.device)
         else:
@@ -173,7 +190,10 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, groups: int | list[int] | None = None
+                    ) -> str:
+        """Queue a prompt; `groups` (models with expert groups): one group id for the request,
+        or one per prompt token."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         prompt = [int(t) for t in prompt_ids]
@@ -192,13 +212,33 @@ class Engine:
             raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
         elif request_id in self.scheduler:
             raise ValueError(f"request_id={request_id!r}: already in use")
+        prompt_groups = self._check_groups(groups, len(prompt))
         generator = torch.Generator(device=self.device)
         if params.seed is None:
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        self.scheduler.add(Request(request_id, prompt, params, generator))
+        self.scheduler.add(Request(request_id, prompt, params, generator, prompt_groups))
         return request_id
+
+    def _check_groups(self, groups: int | list[int] | None, length: int) -> list[int] | None:
+        names = tuple(name for name, _ in self.expert_groups)
+        if not names:
+            if groups is not None:
+                raise ValueError("groups: this model has no expert groups")
+            return None
+        if groups is None:
+            raise ValueError(f"groups: the model routes inside expert groups ({', '.join(names)}); "
+                             f"give the request one group id or one per prompt token")
+        ids = [groups] * length if isinstance(groups, int) else list(groups)
+        if len(ids) != length or not all(isinstance(g, int) for g in ids):
+            raise ValueError(f"groups: give one group id or {length} (one per prompt token), "
+                             f"got {len(ids)}")
+        bad = next((g for g in ids if not 0 <= g < len(names)), None)
+        if bad is not None:
+            raise ValueError(f"groups: group id {bad} outside [0, {len(names)}) "
+                             f"({', '.join(names)})")
+        return ids
 
     def abort(self, request_id: str) -> None:
         """Drop a request now (its cache slot is freed); the next step reports an "abort" event.
@@ -227,7 +267,8 @@ class Engine:
             cache_used=sum(r.cached for r in running),
             cache_capacity=self.cache.num_slots * self.max_seq_len,
             tokens_generated=self._tokens_generated, expert_counts=tuple(per_layer),
-            offload=None if self.offload is None else self.offload.stats())
+            offload=None if self.offload is None else self.offload.stats(),
+            expert_groups=self.expert_groups, group_tokens=tuple(self._group_tokens))
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -238,8 +279,13 @@ class Engine:
         running = list(self.scheduler.running)
         if running:
             tokens, lengths = [r.last_token for r in running], [r.cached for r in running]
+            groups = None
+            if self.expert_groups:
+                groups = [r.decode_group for r in running]
+                for g in groups:
+                    self._group_tokens[g] += 1
             self._broadcast("decode", tokens, lengths)
-            logits_BV, counts = self._decoder(tokens, lengths)
+            logits_BV, counts = self._decoder(tokens, lengths, groups)
             self._expert_counts += counts
             for request in running:
                 request.cached += 1
@@ -249,7 +295,7 @@ class Engine:
             # its first token and moved the last running one (possibly this) into its slot.
             slot = self.scheduler.running.index(request)
             self._broadcast("prefill", request.prompt_ids, slot=slot)
-            logits_1V = self._prefill(slot, request.prompt_ids)
+            logits_1V = self._prefill(slot, request.prompt_ids, request.prompt_groups)
             request.cached = len(request.prompt_ids)
             self._emit([request], logits_1V, events)
         return events
@@ -281,11 +327,14 @@ class Engine:
             self.channel.send(StepOp(kind, tuple(self._moves), tuple(a), tuple(b), slot))
             self._moves = []
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Run `prompts` to completion (the engine must be idle); returns their new tokens."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 groups: list[int | list[int]] | None = None) -> list[list[int]]:
+        """Run `prompts` to completion (the engine must be idle); returns their new tokens.
+        `groups`: each prompt's groups, as add_request takes them."""
         if self.has_work():
             raise RuntimeError("generate() needs an idle engine; drive step() instead")
-        ids = [self.add_request(p, params) for p in prompts]
+        groups = [None] * len(prompts) if groups is None else groups
+        ids = [self.add_request(p, params, groups=g) for p, g in zip(prompts, groups, strict=True)]
         outputs: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_work():
             for event in self.step():
@@ -296,19 +345,26 @@ class Engine:
     # -- internals --------------------------------------------------------------------------
 
     def _decode_forward(self, tokens_B1: torch.Tensor, lengths_B: torch.Tensor,
-                        valid_B: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        valid_B: torch.Tensor, kv_len: int, groups_B1: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
-                         inference=True)
+                         inference=True, groups=groups_B1)
         counts = count_experts(out.routing, valid_B, self._expert_offsets,
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
 
-    def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
+    def _prefill(self, slot: int, prompt_ids: list[int],
+                 prompt_groups: list[int] | None = None) -> torch.Tensor:
         T = len(prompt_ids)
         ids_1T = torch.tensor([prompt_ids], dtype=torch.int64, device=self.device)
         last = torch.full((1, 1), T - 1, dtype=torch.int64, device=self.device)
+        groups_1T = None
+        if prompt_groups is not None:
+            groups_1T = torch.tensor([prompt_groups], dtype=torch.int64, device=self.device)
+            for g in prompt_groups:
+                self._group_tokens[g] += 1
         out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last,
-                         inference=True)
+                         inference=True, groups=groups_1T)
         self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
                                              device=self.device), self._expert_offsets,
                                              self._expert_counts.numel())

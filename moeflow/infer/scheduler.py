@@ -25,6 +25,9 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    # Expert groups: the prompt tokens' group ids (None: the model has no groups); generated
+    # tokens continue in the last prompt token's group (`decode_group`).
+    prompt_groups: list[int] | None = None
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None
@@ -32,6 +35,10 @@ class Request:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def decode_group(self) -> int | None:
+        return None if self.prompt_groups is None else self.prompt_groups[-1]
 
     def append(self, token: int) -> str | None:
         """Record a generated token; returns the finish reason if the request is now done."""

@@ -110,13 +110,14 @@ class TextStream:
 
 
 def generate_text(engine: Engine, tokenizer: BPETokenizer, prompt: str, params: SamplingParams,
-                  stop: tuple[str, ...] = ()) -> str:
+                  stop: tuple[str, ...] = (), group: str | None = None) -> str:
     """The continuation of `prompt` as text, run through `engine` (which must be idle).
 
     The text ends before the first stop token (params.stop_token_ids, not rendered) or stop
     string, whichever comes first; generation ends at that step. An empty prompt starts a new
     document (the end-of-text token). A prompt that leaves no room in the engine's context is
     refused rather than silently truncated; otherwise max_new_tokens is capped by the room left.
+    `group`: the expert group of prompt and generation (models with expert groups).
     """
     if any(not s for s in stop):
         raise ValueError(f"stop={stop!r}: stop strings must not be empty")
@@ -127,7 +128,15 @@ def generate_text(engine: Engine, tokenizer: BPETokenizer, prompt: str, params: 
     if engine.has_work():
         raise RuntimeError("generate_text() needs an idle engine")
     params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
-    request_id = engine.add_request(ids, params)
+    names = [name for name, _ in engine.expert_groups]
+    if group is None and names:
+        raise ValueError(f"the model has expert groups ({', '.join(names)}): name the "
+                         f"prompt's group (moeflow generate --expert-group NAME)")
+    if group is not None and group not in names:
+        raise ValueError(f"expert group {group!r}: the model's groups are "
+                         f"{', '.join(names) or 'none'}")
+    request_id = engine.add_request(ids, params,
+                                    groups=None if group is None else names.index(group))
     stream, text = TextStream(tokenizer, stop), ""
     while engine.has_work():
         for event in engine.step():

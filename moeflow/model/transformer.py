@@ -46,6 +46,7 @@ class LayerRouting:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     ids_TK: torch.Tensor | None = None  # chosen experts per token (the engine counts real rows)
+    kept_TK: torch.Tensor | None = None  # False where capacity dropped the assignment
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class Transformer(nn.Module, ChoosesBackends):
                 losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,
                                           routing.ids_TK.numel(), routing.aux_loss,
-                                          routing.z_loss, routing.ids_TK))
+                                          routing.z_loss, routing.ids_TK, routing.kept_TK))
         # Summed once at the end (not one add per layer: three kernels per layer at decode).
         total = (torch.stack(losses).view(-1, 3).sum(0) if losses
                  else x.new_zeros(3, dtype=torch.float32))

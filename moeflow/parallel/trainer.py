@@ -73,11 +73,11 @@ class ParallelTrainer(Trainer):
         self._micro = 0
         return model
 
-    def forward_loss(self, input_BT, target_BT, step):
+    def forward_loss(self, input_BT, target_BT, step, groups_BT=None):
         self._micro += 1
         if self.overlap is not None and self._micro % self.grad_accum == 0:
             self.overlap.arm()  # the backward after this forward is the step's last
-        return super().forward_loss(input_BT, target_BT, step)
+        return super().forward_loss(input_BT, target_BT, step, groups_BT)
 
     def build_optimizer(self, model: torch.nn.Module) -> ShardedOptimizer:
         return ShardedOptimizer(model, self.groups, torch.optim.AdamW, self.param_groups(model),

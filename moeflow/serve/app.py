@@ -220,8 +220,10 @@ async def _generate(request: Request, schema) -> Response:
     kind = "chatcmpl" if job.chat else "cmpl"
     request_id = f"{kind}-{uuid.uuid4().hex}"
     prompts = [job.prompts[job.prompt_of(s)] for s in range(job.num_sequences)]
+    groups = (None if job.groups is None else
+              [job.groups[job.prompt_of(s)] for s in range(job.num_sequences)])
     try:
-        handle = await state.worker.submit(prompts, list(job.params), request_id)
+        handle = await state.worker.submit(prompts, list(job.params), request_id, groups)
     except ValueError as e:
         raise RequestError(400, str(e), None) from None
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeflow.data.groups import GROUP_RULES
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.parallel.inference import InferenceParallel
 from moeflow.validate import check, choice, integer, number, option
@@ -51,6 +52,12 @@ class ServeConfig:
     threads: int | None = option("torch intra-op threads (default on CPU: cores - 1, one left "
                                  "for HTTP)", default=None)
     log_level: str = option("server log level", choices=LOG_LEVELS, default="warning")
+    # expert groups (moeflow.serve.protocol): for requests that name no `expert_group`
+    group_rule: str | None = option("label the prompt tokens of requests naming no expert_group "
+                                    "by this rule (modality: Python code vs text)",
+                                    choices=GROUP_RULES, default=None)
+    default_group: str | None = option("the expert group of requests naming none that "
+                                       "--group-rule does not label", default=None)
     # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
     offload: OffloadConfig | None = None
     # --tp, --ep and companions (under torchrun): flags generated from InferenceParallel's fields.
@@ -72,6 +79,7 @@ class ServeConfig:
         choice("device", self.device, DEVICES)
         choice("dtype", self.dtype, DTYPES, optional=True)
         choice("log_level", self.log_level, LOG_LEVELS)
+        choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
         check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
               self.offload, "must be an OffloadConfig or None")
         check(isinstance(self.parallel, InferenceParallel), "parallel", self.parallel,

@@ -6,7 +6,8 @@ histograms are only touched from the event-loop thread. Engine figures (running,
 use, per-expert load) come from the latest `EngineStats` snapshot that the engine thread
 publishes after every step, handed to `render` at scrape time; per-expert counts are cumulative
 tokens routed to each expert of each MoE layer, so `rate()` over them shows the live load
-balance. `render` negotiates the exposition format from the Accept header (Prometheus text
+balance. With expert groups, per-group tokens, per-group expert load and balance too.
+`render` negotiates the exposition format from the Accept header (Prometheus text
 0.0.4 by default, OpenMetrics when asked for).
 """
 
@@ -46,6 +47,34 @@ class _EngineCollector:
             for expert, c in enumerate(counts):
                 experts.add_metric((str(layer), str(expert)), c)
         yield experts
+        if s.expert_groups:
+            yield from _group_families(s)
+
+
+def _group_families(s):
+    """Expert groups: tokens per group, and each group's experts' load per MoE layer (its
+    assignments, and its busiest expert relative to the group's mean: 1 = balanced)."""
+    tokens = CounterMetricFamily(PREFIX + "group_tokens", "tokens processed per expert group "
+                                 "(prompt and generated, cumulative)", labels=("group",))
+    load = CounterMetricFamily(PREFIX + "group_expert_tokens",
+                               "tokens routed to the experts of each group (cumulative, per MoE "
+                               "layer)", labels=("moe_layer", "group"))
+    balance = GaugeMetricFamily(PREFIX + "group_max_expert_load",
+                                "busiest expert of the group over the group's mean load "
+                                "(cumulative counts; 1 = balanced)", labels=("moe_layer", "group"))
+    for (name, _), count in zip(s.expert_groups, s.group_tokens):
+        tokens.add_metric((name,), count)
+    for layer, counts in enumerate(s.expert_counts):
+        start = 0
+        for name, size in s.expert_groups:
+            mine = counts[start:start + size]
+            start += size
+            load.add_metric((str(layer), name), sum(mine))
+            if sum(mine):
+                balance.add_metric((str(layer), name), max(mine) * len(mine) / sum(mine))
+    yield tokens
+    yield load
+    yield balance
 
 
 class ServerMetrics:

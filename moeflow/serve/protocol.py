@@ -13,7 +13,14 @@ where an exception would hurt every request in the batch. Hence:
 Fields OpenAI defines but this server does not implement (logprobs, penalties, logit_bias,
 tools, ...) are accepted only at their neutral value and otherwise refused by name, rather than
 silently ignored; unknown extra fields are ignored as OpenAI's own clients send many.
-Extensions (as vLLM): top_k, ignore_eos, stop_token_ids.
+Extensions (as vLLM): top_k, ignore_eos, stop_token_ids. And `expert_group`, for a model with
+expert groups (moeflow.model.expert_groups): a group name for the whole request (prompt and
+generation), or a list of names, one per prompt token, for a single prompt (generated tokens
+continue in the last one's group). A request that names none takes the server's rule
+(`--group-rule modality`: moeflow.data.modality labels the prompt's tokens), else (no rule, or
+a token-id prompt the rule cannot label) its `--default-group`; with neither it is refused
+with a 400 naming the field, since guessing a group would answer from experts trained on other
+data.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moeflow.data.groups import rule_group_ids
+from moeflow.data.modality import prompt_token_labels
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.infer.sampling import SamplingParams
 from moeflow.serve.chat import ChatTemplate, TemplateError
@@ -77,6 +86,7 @@ class _CommonRequest(_Strict):
     frequency_penalty: float | None = _finite(-2.0, 2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    expert_group: str | list[str] | None = None
 
     @field_validator("stop", mode="plain")
     @classmethod
@@ -159,6 +169,9 @@ class Limits:
     max_seq_len: int
     capacity: int              # sequences admitted at once (max_batch + max_queue)
     default_max_tokens: int    # /v1/completions without max_tokens
+    expert_groups: tuple[str, ...] = ()  # the model's group names (empty: no groups)
+    group_rule: str | None = None  # labels the prompts of requests naming no group
+    default_group: str | None = None  # else the group of requests naming none
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool
+    groups: tuple[tuple[int, ...], ...] | None = None  # per prompt, one group id per token
 
     @property
     def num_sequences(self) -> int:
@@ -323,8 +337,60 @@ def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: B
         params.append(SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed,
                                      stop_token_ids=stop_ids))
+    groups = _prompt_groups(req, limits, tokenizer, raw_prompts, prompts,
+                            False if chat else None)
     opts = req.stream_options
-    return Job(chat=chat, prompts=tuple(prompts), prompt_texts=tuple(texts), n=n,
+    return Job(groups=groups, chat=chat, prompts=tuple(prompts), prompt_texts=tuple(texts), n=n,
                params=tuple(params), stop=req.stop, stream=bool(req.stream),
                include_usage=bool(opts and opts.include_usage), echo=bool(
                    not chat and req.echo))
+
+
+def _prompt_groups(req: _CommonRequest, limits: Limits, tokenizer: BPETokenizer,
+                   raw_prompts: list, prompts: list[tuple[int, ...]], special: bool | None
+                   ) -> tuple[tuple[int, ...], ...] | None:
+    """Each prompt's token groups (module docstring), or None for a model without groups."""
+    names, given = limits.expert_groups, req.expert_group
+    field = "expert_group"
+    if not names:
+        if given is not None:
+            raise RequestError(400, f"{field}: this model has no expert groups", field)
+        return None
+
+    def gid(name: str) -> int:
+        if name not in names:
+            raise RequestError(400, f"{field}: {name!r} is not one of the model's expert groups "
+                                    f"({', '.join(names)})", field)
+        return names.index(name)
+
+    if isinstance(given, str):
+        return tuple((gid(given),) * len(p) for p in prompts)
+    if given is not None:
+        if len(prompts) != 1:
+            raise RequestError(400, f"{field}: a list (one group per prompt token) needs a "
+                                    f"single prompt, got {len(prompts)}", field)
+        if len(given) != len(prompts[0]):
+            raise RequestError(400, f"{field}: {len(given)} groups for a prompt of "
+                                    f"{len(prompts[0])} tokens", field)
+        return (tuple(gid(g) for g in given),)
+    default = None if limits.default_group is None else gid(limits.default_group)
+    if limits.group_rule is not None:
+        lut = rule_group_ids(limits.group_rule, names)
+        out = []
+        for raw, ids in zip(raw_prompts, prompts):
+            text = raw if isinstance(raw, str) else tokenizer.decode(list(ids))
+            got, labels = prompt_token_labels(tokenizer, text, special)
+            if tuple(got) == ids:
+                out.append(tuple(int(lut[x]) for x in labels))
+            elif default is not None:  # a token-id prompt its text does not re-encode to
+                out.append((default,) * len(ids))
+            else:
+                raise RequestError(400, f"{field}: required for this token-id prompt (the "
+                                        f"server's rule labels text, and the prompt's text "
+                                        f"encodes to other tokens)", field)
+        return tuple(out)
+    if default is not None:
+        return tuple((default,) * len(p) for p in prompts)
+    raise RequestError(400, f"{field}: the model routes inside expert groups "
+                            f"({', '.join(names)}); name one for the request (or start the "
+                            f"server with --group-rule modality or --default-group NAME)", field)

@@ -38,6 +38,7 @@ import torch
 import uvicorn
 
 from moeflow.infer.engine import Engine, EngineConfig
+from moeflow.data.groups import rule_group_ids
 from moeflow.serve.app import ServerState, create_app
 from moeflow.serve.config import ServeConfig
 from moeflow.infer.device import resolve_device
@@ -119,11 +120,27 @@ def build_state(config: ServeConfig, shard: LoadedShard | None = None) -> Server
     else:
         loaded = shard.loaded
         engine = Engine(shard.model, engine_config(config), shard.channel)
+    names = tuple(name for name, _ in engine.expert_groups)
+    _check_group_defaults(config, names)
     limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
-                    capacity=config.capacity, default_max_tokens=config.default_max_tokens)
+                    capacity=config.capacity, default_max_tokens=config.default_max_tokens,
+                    expert_groups=names, group_rule=config.group_rule,
+                    default_group=config.default_group)
     name = config.served_model_name or Path(config.model).resolve().name
     return ServerState(config=config, loaded=loaded, worker=EngineWorker(engine, config.capacity),
                        model_name=name, limits=limits)
+
+
+def _check_group_defaults(config: ServeConfig, names: tuple[str, ...]) -> None:
+    """--group-rule / --default-group must fit the model's expert groups."""
+    if not names and (config.group_rule or config.default_group):
+        flag = "--group-rule" if config.group_rule else "--default-group"
+        raise ValueError(f"{flag}: the model has no expert groups")
+    if config.default_group is not None and config.default_group not in names:
+        raise ValueError(f"default_group={config.default_group!r}: not one of the model's "
+                         f"expert groups ({', '.join(names)})")
+    if config.group_rule is not None:
+        rule_group_ids(config.group_rule, names)
 
 
 def torch_threads(config: ServeConfig) -> int | None:

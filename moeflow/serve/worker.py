@@ -92,11 +92,13 @@ class EngineWorker:
         return True
 
     async def submit(self, prompts: list[tuple[int, ...]], params: list[SamplingParams],
-                     prefix: str) -> JobHandle:
-        """Add admitted sequences to the engine; ValueError if the engine refuses one."""
+                     prefix: str, groups: list[tuple[int, ...]] | None = None) -> JobHandle:
+        """Add admitted sequences to the engine; ValueError if the engine refuses one.
+        `groups`: each sequence's prompt token groups (models with expert groups)."""
         handle = JobHandle(tuple(f"{prefix}-{next(self._ids)}" for _ in prompts))
         ack = self._loop.create_future()
-        self._commands.put(("add", handle, prompts, params, ack))
+        groups = [None] * len(prompts) if groups is None else groups
+        self._commands.put(("add", handle, prompts, params, groups, ack))
         try:
             await ack
         except BaseException:
@@ -187,11 +189,12 @@ class EngineWorker:
     def _command(self, cmd: tuple, active: dict, out: list) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, handle, prompts, params, ack = cmd
+            _, handle, prompts, params, groups, ack = cmd
             added = []
             try:
-                for rid, prompt, p in zip(handle.request_ids, prompts, params):
-                    self.engine.add_request(list(prompt), p, request_id=rid)
+                for rid, prompt, p, g in zip(handle.request_ids, prompts, params, groups):
+                    self.engine.add_request(list(prompt), p, request_id=rid,
+                                            groups=None if g is None else list(g))
                     added.append(rid)
             except Exception as e:  # noqa: BLE001 - ValueError is the client's, others ours
                 if not isinstance(e, ValueError):

@@ -2,9 +2,11 @@
 
 A step's object has step, tokens, loss (LM cross-entropy), lr, aux_loss, dropped_frac,
 tokens_per_s, grad_norm (+ kd_loss while distilling); at validation points also val_loss,
-val_ppl, moe_layers and expert_load (assignments per expert, one list per MoE layer). Step 0 is
-the validation before training. A resumed run first drops rows after its checkpoint's step, so
-the file reads as one uninterrupted run.
+val_ppl, moe_layers and expert_load (assignments per expert, one list per MoE layer). A model
+with expert groups adds group_assignments and group_dropped_frac ({group: value}, summed over
+MoE layers) to every step and expert_groups to validation rows (moeflow.train.group_stats).
+Step 0 is the validation before training. A resumed run first drops rows after its checkpoint's
+step, so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ balanced 8-expert layer (0.125) differently, showing the expert count instead of
 Here 1 is balanced in every layer (the colour scale's neutral centre), above 1 overloaded,
 below 1 starved. A PR-MoE's pyramid shows as rows of different lengths; cells past a layer's
 expert count are blank. With expert groups (rows naming `expert_groups`), black lines separate
-the groups' expert ranges and each range is named above the heatmap.
+the groups' expert ranges, each range is named above the heatmap, and load is relative to
+uniform *inside the group* (share of the group's assignments × the group's experts): a group
+that gets few tokens is not "starved", its experts are only compared with each other.
+expert_groups.png (grouped runs): each group's share of the token→expert assignments and the
+share of them dropped by the group's capacity, per training step (moeflow.train.group_stats).
 """
 
 from __future__ import annotations
@@ -69,20 +73,47 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
         ax.set_xlabel("expert")
         when = f"steps {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
-        ax.set_title(f"expert load relative to uniform (share × experts; 1 = balanced), "
-                     f"validation, {when}", fontsize=9)
-        fig.colorbar(im, ax=ax, label="load × E")
+        inside = " inside each group" if loads[-1].get("expert_groups") else ""
+        ax.set_title(f"expert load relative to uniform{inside}\n(share × experts; 1 = "
+                     f"balanced), validation, {when}", fontsize=9, pad=16 if inside else 6)
+        fig.colorbar(im, ax=ax, label="load × group experts" if inside else "load × E")
         start = 0
         for name, size in loads[-1].get("expert_groups", []):  # expert groups: named id ranges
             if start:
                 ax.axvline(start - 0.5, color="black", linewidth=1.5)
-            ax.text(start + size / 2 - 0.5, -0.6, name, ha="center", va="bottom", fontsize=8)
+            ax.text(start + size / 2 - 0.5, -0.52, name, ha="center", va="bottom", fontsize=8)
             start += size
         fig.tight_layout()
         out.append(run_dir / "expert_load.png")
         fig.savefig(out[-1], dpi=120)
         plt.close(fig)
+    grouped = [r for r in train if r.get("group_assignments")]
+    if grouped:
+        out.append(_plot_groups(plt, run_dir, grouped))
     return out
+
+
+def _plot_groups(plt, run_dir: Path, rows: list[dict]) -> Path:
+    names = list(rows[-1]["group_assignments"])
+    steps = [r["step"] for r in rows]
+    fig, (share_ax, drop_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        total = [max(sum(r["group_assignments"].values()), 1) for r in rows]
+        share_ax.plot(steps, [r["group_assignments"][name] / t for r, t in zip(rows, total)],
+                      label=name)
+        drop_ax.plot(steps, [100 * r["group_dropped_frac"][name] for r in rows], label=name)
+    share_ax.set_title("share of token→expert assignments", fontsize=9)
+    drop_ax.set_title("dropped by the group's capacity (%)", fontsize=9)
+    for ax in (share_ax, drop_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name}: expert groups, training steps", fontsize=10)
+    fig.tight_layout()
+    path = run_dir / "expert_groups.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def relative_expert_load(rows: list[dict]) -> tuple[list[int], list[int], np.ndarray]:
@@ -94,6 +125,12 @@ def relative_expert_load(rows: list[dict]) -> tuple[list[int], list[int], np.nda
     relative = np.full((len(layers), width), np.nan)
     for i in range(len(layers)):
         counts = np.array([r["expert_load"][i] for r in later], dtype=float)
-        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        relative[i, :counts.shape[1]] = share.mean(axis=0) * counts.shape[1]
+        ranges = [(0, counts.shape[1])]
+        if later[-1].get("expert_groups"):  # load relative to uniform inside each group
+            ends = np.cumsum([n for _, n in later[-1]["expert_groups"]])
+            ranges = list(zip([0, *ends[:-1]], ends))
+        for start, end in ranges:
+            part = counts[:, start:end]
+            share = part / np.maximum(part.sum(axis=1, keepdims=True), 1)
+            relative[i, start:end] = share.mean(axis=0) * (end - start)
     return layers, [r["step"] for r in later], relative

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeflow.data.groups import GROUP_RULES
 from moeflow.validate import check, choice, fail, integer, number, option
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,6 +52,13 @@ class TrainConfig:
         "directory, `moeflow upcycle` output, a moeflow/HF model directory): a new run, fresh "
         "optimizer and schedule; --preset/--config are not used", default=None)
     text_field: str = option("JSONL field holding the text", default="text")
+    group_field: str | None = option(
+        "expert groups: the JSONL field naming each record's group (one of the model's "
+        "router.expert_groups names); see moeflow/data/groups.py", default=None)
+    group_rule: str | None = option(
+        "expert groups: label every token by a rule instead (modality: Python code vs "
+        "comments, strings and prose; the model's groups must include code and text)",
+        choices=GROUP_RULES, default=None)
     vocab_size: int | None = option("BPE vocabulary size (default: the model's)", default=None)
     val_fraction: float = option("fraction of documents held out for validation", default=0.05)
     seq_len: int | None = option("tokens per training sequence (default: the model's max_seq_len)",
@@ -131,6 +139,11 @@ class TrainConfig:
         integer("kd_stop_step", self.kd_stop_step, lo=0, optional=True)
         choice("device", self.device, DEVICES)
         choice("student_init", self.student_init, STUDENT_INITS)
+        choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
+        check(self.group_field is None or self.group_rule is None, "group_field",
+              self.group_field, "and group_rule both label expert groups; give one of them")
+        check(self.group_field is None or bool(self.group_field), "group_field",
+              self.group_field, "must name a JSONL field")
         check(self.init is None or self.model_config is None, "init", self.init,
               "takes the network from its checkpoint; leave model_config (--config) out")
         check(self.init is None or self.teacher is None, "init", self.init,

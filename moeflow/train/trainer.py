@@ -33,6 +33,16 @@ Data: text (files, directories, JSONL, a built-in corpus) is tokenized here with
 trained on its training split; a prepared dataset directory (moeflow.data.prepared) brings its
 own tokens and tokenizer.
 
+Expert groups: a model whose router names expert_groups trains on tokens that each carry a
+group id, from a JSONL field (`group_field`) or a rule (`group_rule`), see moeflow.data.groups;
+the ids travel with the tokens through the same windows and micro-batches into
+`model(..., groups=...)` in training and validation. Such a model without a group source is
+refused rather than trained with every token in group 0: that would train only the first
+group's experts and leave the others at their random init, with nothing in the metrics to say
+why. A prepared dataset brings its own group labels (`moeflow prepare-data --group-field F` or
+`--group-rule modality`), stored by name and mapped to the model's groups here; an ungrouped
+model trains on such a dataset and ignores them (a one-pool baseline on the same tokens).
+
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
 experts), `build_optimizer`, `sync_gradients` (all-reduce), `clip_gradients` (global norm),
 `reduce_stats` (metrics and validation of the global batch), `local_optimizers` and
@@ -51,12 +61,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moeflow.config import ModelConfig
 from moeflow.data.corpus import load_corpus, split_documents
-from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_windows
+from moeflow.data.groups import document_group_ids, encode_grouped, rule_group_ids
+from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_indices
 from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
@@ -64,6 +76,7 @@ from moeflow.model import Transformer
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
+from moeflow.train.group_stats import dropped_per_expert, group_load_summary, group_step_stats
 from moeflow.train.interrupt import StopRequest
 from moeflow.train.metrics import MetricsWriter
 from moeflow.train.progress import ProgressReporter
@@ -88,6 +101,9 @@ class TrainResult:
     # The last validation at or before start_step (step 0's on a fresh run; on a resume read
     # from metrics.jsonl), so a summary compares with where this invocation began.
     val_start: tuple[int, float] | None = None
+    # Expert groups: {group: share (of the last validation's assignments), max_load (its
+    # busiest expert over the group's mean), dropped_frac (mean over this invocation's steps)}
+    groups: dict[str, dict[str, float]] | None = None
 
     def summary(self) -> list[str]:
         """What `moeflow train` prints when it ends."""
@@ -104,6 +120,11 @@ class TrainResult:
         else:
             lines.append(f"{'finished' if self.finished else 'stopped'} at step {self.step}; "
                          f"checkpoint: {self.checkpoint}")
+        for name, g in (self.groups or {}).items():
+            dropped = ("" if math.isnan(g["dropped_frac"]) else
+                       f", {100 * g['dropped_frac']:.1f}% dropped in training")
+            lines.append(f"expert group {name}: {100 * g['share']:.1f}% of assignments, busiest "
+                         f"expert {g['max_load']:.2f}x the group mean{dropped}")
         return lines
 
 
@@ -129,6 +150,24 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
     if cfg.vocab_size is not None:
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
     return model_config
+
+
+def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bool) -> None:
+    """A grouped model needs a source of group ids and an ungrouped one takes none (see the
+    module docstring for why there is no default group); a prepared dataset is its own."""
+    names = model_config.router.group_names
+    flag = "--group-field" if cfg.group_field is not None else "--group-rule"
+    if prepared and (cfg.group_field is not None or cfg.group_rule is not None):
+        raise ValueError(f"{flag}: a prepared dataset brings its own group labels (give the "
+                         f"flag to `moeflow prepare-data` instead)")
+    if prepared:
+        return
+    if names and cfg.group_field is None and cfg.group_rule is None:
+        raise ValueError(f"the model has expert groups ({', '.join(names)}): give every token "
+                         f"a group with --group-field FIELD (JSONL records naming their group) "
+                         f"or --group-rule modality")
+    if not names and (cfg.group_field is not None or cfg.group_rule is not None):
+        raise ValueError(f"{flag}: the model has no expert groups (router.expert_groups)")
 
 
 class Trainer:
@@ -236,20 +275,26 @@ class Trainer:
                              f"{self.start_step}")
         ckpt_io.restore_rng(ckpt, state.get("python_rng"))
 
-    def forward_loss(self, input_BT: torch.Tensor, target_BT: torch.Tensor, step: int
+    def forward_loss(self, input_BT: torch.Tensor, target_BT: torch.Tensor, step: int,
+                     groups_BT: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(objective to minimise, statistics) for one micro-batch at 1-based `step`."""
+        """(objective to minimise, statistics) for one micro-batch at 1-based `step`;
+        `groups_BT`: the input tokens' expert groups (grouped models)."""
         with self.autocast():
-            out = self.model(input_BT)
+            out = self.model(input_BT, groups=groups_BT)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())
         objective = ce + out.router_loss
         stats = {"loss": ce.detach(), "aux_loss": out.aux_loss.detach(),
                  "dropped_frac": out.dropped_fraction,
                  "counts": [r.counts_E.detach() for r in out.routing]}
+        if groups_BT is not None:
+            stats["dropped"] = [dropped_per_expert(r) for r in out.routing]
         if self.cfg.kd_active(step):
             with torch.no_grad(), self.autocast():
                 # Routed as served: dropless, no noise (see moeflow.model.router).
-                teacher_logits = self.teacher(input_BT, inference=True).logits
+                teacher_groups = groups_BT if self.teacher.config.router.expert_groups else None
+                teacher_logits = self.teacher(input_BT, inference=True,
+                                              groups=teacher_groups).logits
             kd = kd_loss(out.logits, teacher_logits, self.cfg.kd_temperature)
             objective = objective + self.cfg.kd_alpha * self.cfg.kd_temperature ** 2 * kd
             stats["kd_loss"] = kd.detach()
@@ -261,16 +306,20 @@ class Trainer:
         rank runs its share and `reduce_stats` combines them. Leaves every RNG as it found it."""
         devices = [self.device] if self.device.type == "cuda" else []
         share = self.val_windows.chunk(self.world)[self.rank]
+        group_share = (self.val_groups.chunk(self.world)[self.rank].split(self.micro_batch)
+                       if self.val_groups is not None else [None] * len(
+                           share.split(self.micro_batch)))
         with torch.random.fork_rng(devices=devices):
             self.model.eval()
             try:
                 total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
                 loads = [torch.zeros(n, dtype=torch.int64, device=self.device)
                          for n in self.model_config.num_experts]
-                for chunk in share.split(self.micro_batch):
+                for chunk, groups in zip(share.split(self.micro_batch), group_share):
                     chunk = chunk.to(self.device)
+                    groups = None if groups is None else groups[:, :-1].to(self.device)
                     with self.autocast():
-                        out = self.model(chunk[:, :-1])
+                        out = self.model(chunk[:, :-1], groups=groups)
                     ce = F.cross_entropy(out.logits.float().flatten(0, 1),
                                          chunk[:, 1:].flatten(), reduction="sum")
                     total += ce.double()
@@ -323,6 +372,8 @@ class Trainer:
         elif cfg.init is not None:  # resuming: the network is the checkpoint's
             base = ckpt_io.load_model_config(resume_ckpt)
         model_config = load_model_config(cfg, base)
+        prepared = len(cfg.data) == 1 and is_prepared(cfg.data[0])
+        check_group_source(cfg, model_config, prepared)
         self.teacher, teacher_tokenizer = None, None
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
@@ -332,6 +383,11 @@ class Trainer:
                 raise ValueError(f"vocab_size={cfg.vocab_size}: a student shares its teacher's "
                                  f"tokenizer (vocabulary {t_vocab})")
             model_config = model_config.replace(vocab_size=t_vocab)
+            t_groups = self.teacher.config.router.group_names
+            if t_groups and t_groups != model_config.router.group_names:
+                raise ValueError(f"the teacher's expert groups ({', '.join(t_groups)}) differ "
+                                 f"from the student's "
+                                 f"({', '.join(model_config.router.group_names) or 'none'})")
         self.seq_len = cfg.seq_len or model_config.max_seq_len
         if self.seq_len > model_config.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len}: exceeds the model's max_seq_len "
@@ -344,13 +400,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         source_tokenizer = teacher_tokenizer or init_tokenizer
-        if len(cfg.data) == 1 and is_prepared(cfg.data[0]):
+        if prepared:
             self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, source_tokenizer)
         else:
             self._tokenize_corpus(resume_ckpt, source_tokenizer)
         # Global, like the batch: the same windows at any world size (each rank takes a share).
-        self.val_windows = validation_windows(self.val_data,
-                                              cfg.val_batches * self.micro_batch * self.world)
+        val_idx = validation_indices(self.val_data, cfg.val_batches * self.micro_batch * self.world)
+        self.val_windows = self.val_data.windows(val_idx)
+        self.val_groups = self.val_data.group_windows(val_idx)
         self.loader = BatchLoader(self.train_data, cfg.batch_size, cfg.seed)
 
         self.model = self.build_model(model_config)
@@ -374,8 +431,13 @@ class Trainer:
         """Train data from text: the run's tokenizer (trained here, or the checkpoint's or the
         teacher's) encodes the corpus's training and validation documents."""
         cfg = self.cfg
-        train_docs, val_docs = split_documents(load_corpus(cfg.data, cfg.text_field),
-                                               cfg.val_fraction)
+        docs = load_corpus(cfg.data, cfg.text_field, cfg.group_field)
+        names = self.model_config.router.group_names
+        if cfg.group_field is not None:  # every label checked before any tokenizer training
+            document_group_ids(docs, names, cfg.group_field)
+        elif cfg.group_rule is not None:
+            rule_group_ids(cfg.group_rule, names)
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction)
         if resume_ckpt is not None:
             self.tokenizer = ckpt_io.load_tokenizer(resume_ckpt)
         elif teacher_tokenizer is not None:
@@ -384,16 +446,24 @@ class Trainer:
             self.tokenizer = BPETokenizer.train((d.text for d in train_docs),
                                                 self.model_config.vocab_size)
         self._check_vocab()
-        self.train_data = PackedTokens(
-            self.tokenizer.encode_documents([d.text for d in train_docs]), self.seq_len, "train")
-        self.val_data = PackedTokens(
-            self.tokenizer.encode_documents([d.text for d in val_docs]), self.seq_len,
-            "validation")
+        for split, docs in (("train", train_docs), ("validation", val_docs)):
+            groups = None
+            if names:
+                tokens, groups = encode_grouped(self.tokenizer, docs, names,
+                                                field=cfg.group_field, rule=cfg.group_rule)
+            else:
+                tokens = self.tokenizer.encode_documents([d.text for d in docs])
+            data = PackedTokens(tokens, self.seq_len, split, groups=groups)
+            if split == "train":
+                self.train_data = data
+            else:
+                self.val_data = data
 
     def _use_prepared(self, data: PreparedDataset, resume_ckpt: Path | None,
                       teacher_tokenizer) -> None:
         """Train data from a prepared dataset: its tokens, its tokenizer (which a teacher and a
         resumed checkpoint must share)."""
+        train_groups, val_groups = self._prepared_groups(data)
         self.tokenizer = data.tokenizer
         checkpoint_tokenizer = resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt)
         source = "the teacher" if self.cfg.distilling else "the --init checkpoint"
@@ -403,9 +473,27 @@ class Trainer:
                 raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
                                  f"{str(data.path)!r}'s")
         self._check_vocab()
-        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest)
+        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest,
+                                       train_groups)
         self.val_data = PackedTokens(data.val_tokens, self.seq_len, "validation",
-                                     data.info.digest)
+                                     data.info.digest, val_groups)
+
+    def _prepared_groups(self, data: PreparedDataset) -> tuple[Any, Any]:
+        """The prepared dataset's labels as the model's group ids (None, None: no groups)."""
+        names = self.model_config.router.group_names
+        if not names:
+            return None, None
+        have = data.info.group_names
+        if not have:
+            raise ValueError(f"the prepared dataset {str(data.path)!r} holds no expert group "
+                             f"labels; prepare it with --group-field or --group-rule")
+        missing = [n for n in have if n not in names]
+        if missing:
+            raise ValueError(f"the prepared dataset {str(data.path)!r} labels tokens "
+                             f"{', '.join(have)}; the model's expert groups "
+                             f"({', '.join(names)}) have no {missing[0]!r}")
+        lut = np.asarray([names.index(n) for n in have], dtype=np.uint8)
+        return lut[data.train_groups], lut[data.val_groups]
 
     def _check_vocab(self) -> None:
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
@@ -450,24 +538,34 @@ class Trainer:
         lr = self.schedule.at(step - 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.loader.next_batch()
+        batch, groups = self.loader.next_windows()
         self.optimizer.zero_grad(set_to_none=True)
         # Statistics stay on the device until the step's one host sync (the metrics row below):
         # a float() per micro-batch would stall the CPU until the GPU caught up, every time.
         sums: dict[str, torch.Tensor] = {}
-        counts = None
-        for micro in micro_batches(batch, self.rank, self.world, self.micro_batch):
+        per_expert: dict[str, list[torch.Tensor]] = {}  # "counts" (and "dropped": groups)
+        micros = micro_batches(batch, self.rank, self.world, self.micro_batch)
+        group_micros = (micro_batches(groups, self.rank, self.world, self.micro_batch)
+                        if groups is not None else [None] * len(micros))
+        for micro, group in zip(micros, group_micros):
             micro = micro.to(self.device)
-            objective, stats = self.forward_loss(micro[:, :-1], micro[:, 1:], step)
+            group = None if group is None else group[:, :-1].to(self.device)
+            objective, stats = self.forward_loss(micro[:, :-1], micro[:, 1:], step, group)
             (objective / self.grad_accum).backward()
             stats["objective"] = objective.detach()
             for key, value in stats.items():
-                if key == "counts":
-                    counts = value if counts is None else [a + b for a, b in zip(counts, value)]
+                if key in ("counts", "dropped"):
+                    have = per_expert.get(key)
+                    per_expert[key] = value if have is None else [
+                        a + b for a, b in zip(have, value)]
                 else:
                     sums[key] = sums.get(key, 0.0) + value.double() / self.grad_accum
         self.sync_gradients()
-        sums, counts = self.reduce_stats(sums, counts)
+        # One reduction for both per-expert lists: counts first, then drops (grouped models).
+        counts, dropped = per_expert.get("counts"), per_expert.get("dropped")
+        sums, merged = self.reduce_stats(sums, None if counts is None else counts + (dropped or []))
+        if merged is not None:
+            counts, dropped = merged[:len(counts)], merged[len(counts):] or None
         grad_norm = self.clip_gradients(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         keys = sorted(sums)
         values = torch.stack([grad_norm.to(torch.float64)] +
@@ -488,6 +586,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         row = {"step": step, "tokens": self.tokens_seen, "lr": lr, **sums,
                "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if dropped:
+            row.update(group_step_stats(self.model_config.router, counts, dropped))
         return row
 
     def _non_finite(self, what: str, value: float, step: int) -> None:
@@ -517,6 +617,7 @@ class Trainer:
         if self.resume_ckpt is not None:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
         stop = StopRequest()
+        dropped: dict[str, float] = {}  # expert groups: summed dropped fraction of these steps
         try:
             with stop, deterministic_on_cpu(self.device):  # see moeflow.train.determinism
                 if step == 0:
@@ -528,6 +629,8 @@ class Trainer:
                 while step < end:
                     step += 1
                     row = self.train_step(step)
+                    for name, frac in row.get("group_dropped_frac", {}).items():
+                        dropped[name] = dropped.get(name, 0.0) + frac
                     if step % cfg.val_every == 0 or step == cfg.steps:
                         last_val = self.evaluate()
                         val_losses.append((step, last_val["val_loss"]))
@@ -552,11 +655,17 @@ class Trainer:
                           f"checkpoint; continue with --resume")
         elif step < cfg.steps:
             reporter.note(f"stopped at step {step} of {cfg.steps}; continue with --resume")
+        groups = None
+        if last_val is not None and last_val.get("expert_groups"):
+            steps_run = max(step - self.start_step, 1)
+            groups = {name: {**g, "dropped_frac": dropped.get(name, float("nan") * steps_run)
+                             / steps_run}
+                      for name, g in group_load_summary(last_val).items()}
         return TrainResult(step=step, finished=step == cfg.steps, val_losses=val_losses,
                            expert_load=last_val["expert_load"] if last_val else None,
                            moe_layers=list(self.model_config.moe_layer_indices()),
                            checkpoint=ckpt, interrupted_by=stop.signal_name,
-                           start_step=self.start_step, val_start=val_start)
+                           start_step=self.start_step, val_start=val_start, groups=groups)
 
     def stop_requested(self, local: bool) -> bool:
         """Whether to stop after this step; one process decides alone (ranks agree in the
