@@ -89,6 +89,13 @@ def test_engine_refuses_missing_or_bad_groups():
     assert not engine.has_work()
 
 
+def test_multi_rank_engine_refuses_a_grouped_model():
+    # the step broadcast to the other ranks (moeflow.infer.ranks) carries no group ids; any
+    # channel object will do, the engine must refuse before using it
+    with pytest.raises(ValueError, match="grouped model runs on one rank"):
+        Engine(grouped_model(), EngineConfig(max_batch_size=1), channel=object())
+
+
 # ---- HTTP ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
