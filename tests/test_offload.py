@@ -34,9 +34,10 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
 
 
 def make_model(kind: str, seed: int = 0) -> Transformer:
+    """With pre-gate heads (random: the engine's outputs must not depend on them)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4,
-                                max_seq_len=40, init_std=0.1), **KINDS[kind]})
+                                max_seq_len=40, init_std=0.1, pregate=True), **KINDS[kind]})
     model = Transformer(cfg)
     for layer in model.moe_layers():  # routing that depends on the input, not on ties
         torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
@@ -67,7 +68,7 @@ def run(model, ps, **engine):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router"),
-                                            ("cyclic", "router")])
+                                            ("cyclic", "router"), ("cyclic", "pregate")])
 def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, prefetch):
     model = make_model(kind)
     ps = prompts(2, seed=len(kind))
@@ -87,7 +88,7 @@ def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, p
     stats = engine.stats().offload
     assert stats.cache.copies > slots  # evictions happened
     assert stats.cache.hits < stats.cache.lookups
-    assert (stats.prefetch.predicted > 0) == (prefetch == "router")
+    assert (stats.prefetch.predicted > 0) == (prefetch != "none")
 
 
 def test_offloaded_engine_holds_no_expert_weights_and_respects_the_slot_count():
@@ -268,6 +269,16 @@ def test_budget_below_the_minimum_is_one_line_naming_both_sizes_and_changes_noth
     ok = Engine(model, EngineConfig(max_batch_size=2,
                                     offload=OffloadConfig(gpu_memory=str(too_small + 1))))
     assert ok.offload.plan.slots == 2
+
+
+def test_pregate_prefetch_needs_the_models_heads():
+    model = make_model("mixtral")
+    plain = Transformer(model.config.replace(pregate=False))
+    with pytest.raises(ValueError, match=r"prefetch='pregate': the model has no pre-gate heads; "
+                                         r"fine-tune them with `moeflow train --pregate"):
+        Engine(plain, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+            gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="pregate")))
+    assert all(isinstance(m.experts, Experts) for m in plain.moe_layers())
 
 
 def test_sizes_and_config_validation():

@@ -14,8 +14,8 @@ request, only slower. Prefetching needs slots beyond those the current layer use
 minimum it finds none and is skipped (counted in the statistics).
 
 Eviction policy ("lru", "lfu" or "cyclic", see moeflow.infer.offload.expert_cache) and the
-prefetch method ("none", "router": zero-shot pre-gating with the next layer's router) are chosen
-here too.
+prefetch method ("none"; "router": zero-shot pre-gating with the next layer's router;
+"pregate": the model's fine-tuned pre-gate heads, `moeflow train --pregate`) are chosen here too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from moeflow.validate import check, choice, option
 
 POLICIES = ("lru", "lfu", "cyclic")
-PREFETCH = ("none", "router")
+PREFETCH = ("none", "router", "pregate")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30, "tib": 1 << 40}
@@ -64,7 +64,8 @@ class OffloadConfig:
                                       "whose turn comes last)", choices=POLICIES,
                                       default="cyclic")
     prefetch: str = option("predict the next MoE layer's experts while this one computes "
-                           "(router: apply the next layer's router to this layer's input)",
+                           "(router: apply the next layer's router to this layer's input; "
+                           "pregate: the model's fine-tuned pre-gate heads, see train --pregate)",
                            choices=PREFETCH, default="router")
     device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
 

@@ -29,7 +29,8 @@ from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
-from moeflow.infer.offload.prefetch import PrefetchLedger, PrefetchStats, RouterPredictor
+from moeflow.infer.offload.prefetch import (PregatePredictor, PrefetchLedger, PrefetchStats,
+                                            RouterPredictor)
 from moeflow.ops.activation import ffn_in_width
 
 
@@ -127,6 +128,9 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     """Take `model` over as described in the module docstring; ValueError if the budget is
     below the non-expert weights + KV cache + activations + a minimal expert cache."""
     plan = plan_offload(model, config, kv_cache_bytes, max_tokens, max_batch)
+    if config.prefetch == "pregate" and model.pregate is None:
+        raise ValueError("prefetch='pregate': the model has no pre-gate heads; fine-tune them "
+                         "with `moeflow train --pregate --init CHECKPOINT`")
     device = resolve_device(config.device)
     layers = model.moe_layers()
     sources, reuse = _host_layers(model)
@@ -141,6 +145,8 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
         predictor = None
         if config.prefetch == "router" and i + 1 < len(layers):
             predictor = RouterPredictor(layers[i + 1].router)
+        elif config.prefetch == "pregate" and i + 1 < len(layers):
+            predictor = PregatePredictor(model.pregate, i)
         layer.experts = OffloadedExperts(i, old.num_experts, old.d_model, old.d_ff,
                                          old.activation, cache, ledger, old.backends,
                                          predictor)
