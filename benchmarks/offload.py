@@ -37,7 +37,13 @@ Per configuration (wall time of Engine.step() with a sync, sampling included):
   least 10 % of the time per token: below that the step is bound by compute and host overhead,
   not by copies, and the ratio says nothing about how well copies are hidden.
 Configurations: all on the GPU (no budget, CUDA graphs); offloaded with each eviction policy
-(--configs, policy/prefetch) without prefetch and with zero-shot pre-gating (prefetch="router").
+(--configs, policy/prefetch) without prefetch and with zero-shot pre-gating (prefetch="router");
+a third part computes misses on the CPU (Fiddler, moeflow.infer.offload.cpu_experts):
+"cyclic/router/auto" chooses per missed expert from the copy and CPU costs the engine measured
+at start (reported in ms as cpu_expert_costs, with the row count up to which the CPU wins),
+"cyclic/router/always" computes every miss there; cpu_expert_share is the share of demanded
+experts computed on the CPU, and the hit rate counts them as misses. Fine-tuned pre-gate heads
+("pregate") need a trained model and are measured on the CPU (benchmarks/pregate_hit_rate.py).
 Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
 accelerate (infer_auto_device_map with max_memory = the budget less two of the largest decoder
 layers, which accelerate copies to the GPU to run CPU-placed layers, less 1 GiB for activations;
@@ -233,7 +239,16 @@ def offload_counts(engine: Engine) -> dict | None:
     if s is None:
         return None
     return {**dataclasses.asdict(s.cache), "pred_needed": s.prefetch.needed,
-            "pred_correct": s.prefetch.correct, "pred_predicted": s.prefetch.predicted}
+            "pred_correct": s.prefetch.correct, "pred_predicted": s.prefetch.predicted,
+            "cpu_experts": s.cpu.experts if s.cpu else 0, "cpu_rows": s.cpu.rows if s.cpu else 0}
+
+
+def parse_config(config: str) -> dict:
+    """'policy/prefetch[/cpu_experts]' -> OffloadConfig fields (cpu_experts default off)."""
+    parts = config.split("/")
+    if len(parts) not in (2, 3):
+        raise ValueError("expected policy/prefetch or policy/prefetch/cpu_experts")
+    return dict(zip(("expert_cache_policy", "prefetch", "cpu_experts"), parts))
 
 
 def delta(after: dict | None, before: dict | None) -> dict | None:
@@ -248,7 +263,10 @@ def rates(d: dict | None, tokens: int, bandwidth: float, seconds: float) -> dict
         return {}
     floor = d["bytes_copied"] / tokens / bandwidth
     per_token = seconds / tokens
-    return {"hit_rate": d["hits"] / max(d["lookups"], 1),
+    # Experts computed on the CPU (Fiddler) are misses the cache never saw: counted as misses.
+    demand = d["lookups"] + d["cpu_experts"]
+    return {"hit_rate": d["hits"] / max(demand, 1),
+            "cpu_expert_share": d["cpu_experts"] / max(demand, 1),
             "pregate_recall": (d["pred_correct"] / d["pred_needed"]) if d["pred_needed"] else None,
             "copied_GB_per_token": d["bytes_copied"] / tokens / 1e9,
             "transfer_floor_ms": 1e3 * floor,
@@ -314,8 +332,7 @@ def child_offload(task: dict) -> dict:
     cfg = model_config(task["shape"], task["layers"], task["smoke"])
     bandwidth = h2d_bandwidth()
     budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"])
-    policy, prefetch = task["config"].split("/")
-    off = OffloadConfig(gpu_memory=str(budget), expert_cache_policy=policy, prefetch=prefetch)
+    off = OffloadConfig(gpu_memory=str(budget), **parse_config(task["config"]))
     t0 = time.perf_counter()
     model = build_model(cfg)
     experts = expert_bytes_total(model)
@@ -330,9 +347,18 @@ def child_offload(task: dict) -> dict:
     return {**r, "budget_GiB": budget / GiB, "full_depth_budget_GiB": task["budget_full"],
             "cache_fraction": plan.slots * plan.expert / experts, "slots": plan.slots,
             "peak_GiB": peak / GiB, "within_budget": peak <= budget, "build_s": build_s,
-            "h2d_GBps": bandwidth / 1e9,
+            "h2d_GBps": bandwidth / 1e9, "cpu_expert_costs": cpu_costs(engine),
             "plan_GiB": {k: v / GiB for k, v in dataclasses.asdict(plan).items()
                          if k not in ("slots", "min_slots")}}
+
+
+def cpu_costs(engine: Engine) -> dict | None:
+    """The costs the engine measured at start for its CPU-or-copy rule (cpu_experts=auto)."""
+    s = engine.stats().offload.cpu
+    if s is None or s.costs is None:
+        return None
+    return {**{k: 1e3 * v for k, v in dataclasses.asdict(s.costs).items()},
+            "cpu_wins_up_to_rows": s.costs.max_rows}
 
 
 def child_peer(task: dict) -> dict:
@@ -487,9 +513,9 @@ def plan_tasks(args) -> list[dict]:
 
 def table(results: dict) -> str:
     lines = ["| shape | config | budget GiB (full-depth) | peak GiB | prefill 512 tok/s | "
-             "decode b1 tok/s | b1 hit | b1 recall | b1 GB copied/token | b1 × floor | "
-             "decode b16 tok/s | b16 hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode b1 tok/s | b1 hit | b1 recall | b1 on CPU | b1 GB copied/token | "
+             "b1 × floor | decode b16 tok/s | b16 hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
@@ -505,6 +531,7 @@ def table(results: dict) -> str:
                 f"| {shape} | {name} | {budget} | {f(r.get('peak_GiB'))} | "
                 f"{r['prefill_512_tokens_per_s']:.0f} | {b1['tokens_per_s']:.2f} | "
                 f"{f(b1.get('hit_rate'))} | {f(b1.get('pregate_recall'))} | "
+                f"{f(b1.get('cpu_expert_share'))} | "
                 f"{f(b1.get('copied_GB_per_token'), '{:.3f}')} | {f(b1.get('x_floor'))} | "
                 f"{b16['tokens_per_s']:.1f} | {f(b16.get('hit_rate'))} |")
     peer = results.get("peer")
@@ -536,7 +563,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                   help="offloaded configurations, policy/prefetch")
+                   help="offloaded configurations, policy/prefetch[/cpu_experts] "
+                        "(cpu_experts: off (default), auto or always)")
     p.add_argument("--core", type=int, default=4,
                    help="how many of --configs run per shape before the peer and the rest")
     p.add_argument("--budgets", choices=("small", "all"), default="small",
@@ -557,9 +585,8 @@ def main() -> None:
     # SIGTERM (a job's time limit) unwinds like Ctrl-C, so run_child kills the running child.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for c in args.configs:
-        policy, _, prefetch = c.partition("/")
         try:
-            OffloadConfig(gpu_memory="1GiB", expert_cache_policy=policy, prefetch=prefetch)
+            OffloadConfig(gpu_memory="1GiB", **parse_config(c))
         except ValueError as err:
             p.error(f"--configs {c}: {err}")
     out = Path(args.out)

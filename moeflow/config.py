@@ -263,6 +263,9 @@ class ModelConfig:
     the other). qk_norm normalises queries and keys per head (qk_norm_scope "head", Qwen3) or over
     the whole projection ("full", OLMoE). rope_interleave rotates adjacent pairs of dims instead
     of the two halves (DeepSeek). mla switches to multi-head latent attention.
+
+    pregate: the network also carries pre-gate heads (moeflow.model.pregate), one per MoE layer
+    but the last, predicting the next MoE layer's experts; the forward never runs them.
     """
 
     name: str = "custom"
@@ -296,6 +299,7 @@ class ModelConfig:
     shared_expert_gate: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
     mla: MLAConfig | None = None
+    pregate: bool = False
 
     def __post_init__(self) -> None:
         def resolve(name: str, value: Any) -> None:
@@ -359,6 +363,8 @@ class ModelConfig:
         integer("shared_d_ff", self.shared_d_ff, lo=0)
         check(self.num_shared_experts > 0 or not self.shared_expert_gate, "shared_expert_gate",
               self.shared_expert_gate, "needs num_shared_experts > 0")
+        check(not self.pregate or len(self.num_experts) >= 2, "pregate", self.pregate,
+              "needs at least two MoE layers (a head predicts the next one's routing)")
 
     def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
         """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""

@@ -161,3 +161,12 @@ def test_generate_cli_with_gpu_memory_offloads_and_gives_the_same_text(run_dir):
     assert rc == 2 and err.startswith("moeflow: error: gpu_memory='lots': must be a size")
     rc, _, err = cli("--gpu-memory", "100KB")
     assert rc == 2 and err.count("\n") == 1 and "below the" in err and "minimal expert cache" in err
+    # A prompt whose KV need exceeds what a sequence's cache holds (max_new_tokens is capped
+    # by the room left, see generate_text): one line.
+    out, err_io = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err_io):
+        rc = main(["generate", "--checkpoint", str(run_dir), "--prompt", "def f(): pass\n" * 200,
+                   "--device", "cpu", "--gpu-memory", "1GiB"])
+    err = err_io.getvalue()
+    assert rc == 2 and err.count("\n") == 1 and out.getvalue() == "", err
+    assert err.startswith("moeflow: error: prompt has ") and "; the context is " in err

@@ -10,6 +10,7 @@ import torch
 from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.offload import ExpertCache, OffloadConfig, parse_size
+from moeflow.infer.offload.cpu_experts import CpuExpertCosts, CpuExperts
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
 from moeflow.infer.offload.placement import plan_offload
@@ -34,9 +35,10 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
 
 
 def make_model(kind: str, seed: int = 0) -> Transformer:
+    """With pre-gate heads (random: the engine's outputs must not depend on them)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**dict(vocab_size=VOCAB, n_layers=3, d_model=32, n_heads=4,
-                                max_seq_len=40, init_std=0.1), **KINDS[kind]})
+                                max_seq_len=40, init_std=0.1, pregate=True), **KINDS[kind]})
     model = Transformer(cfg)
     for layer in model.moe_layers():  # routing that depends on the input, not on ties
         torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
@@ -67,7 +69,7 @@ def run(model, ps, **engine):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("policy,prefetch", [("lru", "none"), ("lfu", "router"),
-                                            ("cyclic", "router")])
+                                            ("cyclic", "router"), ("cyclic", "pregate")])
 def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, prefetch):
     model = make_model(kind)
     ps = prompts(2, seed=len(kind))
@@ -87,7 +89,45 @@ def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, p
     stats = engine.stats().offload
     assert stats.cache.copies > slots  # evictions happened
     assert stats.cache.hits < stats.cache.lookups
-    assert (stats.prefetch.predicted > 0) == (prefetch == "router")
+    assert (stats.prefetch.predicted > 0) == (prefetch != "none")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("cpu_experts", ["always", "auto"])
+def test_misses_computed_on_the_cpu_give_the_resident_engines_outputs(kind, cpu_experts):
+    """Fiddler's path: missed experts run on the host copy. On the CPU the same kernel runs
+    on the same rows, so outputs are bitwise equal; "auto" decides from measured costs."""
+    model = make_model(kind)
+    ps = prompts(2, seed=5 + len(kind))
+    _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
+    top_k = model.config.router.top_k
+    offload = OffloadConfig(gpu_memory=budget_for(model, top_k + 1, max_batch_size=2),
+                            cpu_experts=cpu_experts)
+    engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
+    assert tokens == ref_tokens
+    for rid, rows in ref_logits.items():
+        assert all(torch.equal(a, b) for a, b in zip(logits[rid], rows, strict=True))
+    stats = engine.stats().offload
+    if cpu_experts == "always":
+        assert stats.cpu.experts > 0 and stats.cpu.costs is None
+        # Every miss ran on the CPU: the cache copied only what the prefetch asked for.
+        assert stats.cache.copies == stats.cache.prefetches
+    else:
+        costs = stats.cpu.costs
+        assert costs.copy_s > 0 and costs.cpu_fixed_s + costs.cpu_per_row_s > 0
+        assert stats.cpu.rows <= stats.cpu.experts * max(costs.max_rows, 0)
+
+
+def test_cpu_expert_rule_compares_the_measured_costs():
+    costs = CpuExpertCosts(copy_s=1.0, cpu_fixed_s=0.2, cpu_per_row_s=0.1)
+    cpu = CpuExperts(ExpertStore(pin=False), "gelu", "auto", costs)
+    assert [cpu.prefers_cpu(n) for n in (1, 7, 8, 9)] == [True, True, False, False]
+    assert costs.max_rows == 7
+    assert CpuExpertCosts(1.0, 1.5, 0.0).max_rows == 0
+    assert not CpuExperts(ExpertStore(pin=False), "gelu", "off", None).prefers_cpu(1)
+    assert CpuExperts(ExpertStore(pin=False), "gelu", "always", None).prefers_cpu(10**6)
+    with pytest.raises(ValueError, match="cpu_experts='sometimes'"):
+        OffloadConfig(gpu_memory="1GiB", cpu_experts="sometimes")
 
 
 def test_offloaded_engine_holds_no_expert_weights_and_respects_the_slot_count():
@@ -268,6 +308,40 @@ def test_budget_below_the_minimum_is_one_line_naming_both_sizes_and_changes_noth
     ok = Engine(model, EngineConfig(max_batch_size=2,
                                     offload=OffloadConfig(gpu_memory=str(too_small + 1))))
     assert ok.offload.plan.slots == 2
+
+
+def test_pregate_prefetch_needs_the_models_heads():
+    model = make_model("mixtral")
+    plain = Transformer(model.config.replace(pregate=False))
+    with pytest.raises(ValueError, match=r"prefetch='pregate': the model has no pre-gate heads; "
+                                         r"fine-tune them with `moeflow train --pregate"):
+        Engine(plain, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+            gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="pregate")))
+    assert all(isinstance(m.experts, Experts) for m in plain.moe_layers())
+
+
+def test_over_budget_request_is_one_line_and_running_requests_lose_nothing():
+    """The KV cache is sized from the budget at start (slots x max_seq_len); a request that
+    needs more than a sequence may hold is refused in one line while others run on."""
+    model = make_model("mixtral")
+    ps = prompts(2, seed=11)
+    _, alone, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
+    engine = Engine(model, EngineConfig(max_batch_size=2, max_seq_len=24, offload=OffloadConfig(
+        gpu_memory=budget_for(model, 3, max_batch_size=2))))
+    ids = [engine.add_request(p, GREEDY) for p in ps]
+    out = {i: [] for i in ids}
+    for _ in range(2):
+        for ev in engine.step():
+            out[ev.request_id].append(ev.token_id)
+    with pytest.raises(ValueError) as err:
+        engine.add_request([1] * 20, SamplingParams(max_new_tokens=5))
+    assert str(err.value) == ("max_new_tokens: prompt of 20 tokens + max_new_tokens 5 exceeds "
+                              "max_seq_len 24")
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id].append(ev.token_id)
+    assert [out[i] for i in ids] == alone
+    assert engine.stats().cache_used == 0
 
 
 def test_sizes_and_config_validation():

@@ -429,3 +429,42 @@ def test_bench_serve_shows_the_servers_reason_and_fails_when_every_request_fails
     assert "exceeds the context window of 128 tokens" in err[0]
     assert "succeeded 0, failed 6" in r.stdout
     assert "failed 400: max_tokens: prompt (" in r.stdout  # the reason beside the table
+
+
+def test_offloaded_server_refuses_over_budget_requests_with_400_and_running_ones_finish(
+        checkpoint):
+    """Under --gpu-memory the KV cache is sized from the budget at start (slots x the context
+    window); a request whose KV need exceeds what a sequence may hold, or whose sequences
+    exceed the slots and queue, is a 400 naming the field; a request streaming meanwhile
+    loses nothing: it yields every token, the same ones as when run alone."""
+    srv = ServerProcess(checkpoint, "--gpu-memory", "1GiB", "--max-seq-len", "64",
+                        "--max-batch", "2", "--max-queue", "1").wait_ready()
+    try:
+        body = completion(prompt=[5, 6, 7], max_tokens=16, ignore_eos=True, temperature=0)
+        alone = srv.post(C, body).json()["choices"][0]["text"]
+
+        async def during_a_stream():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                async with client.stream("POST", C, json={**body, "stream": True}) as r:
+                    chunks = r.aiter_text()
+                    raw = await anext(chunks)  # the stream is running
+                    assert raw.startswith("data: ")
+                    over = [await client.post(C, json=b) for b in (
+                        completion(prompt=[5] * 30, max_tokens=40),
+                        completion(max_tokens=65), completion(n=4))]
+                    raw += "".join([c async for c in chunks])
+            return over, parse_sse(raw)
+
+        over, events = asyncio.run(during_a_stream())
+        assert [r.status_code for r in over] == [400, 400, 400]
+        messages = [_error_message(r) for r in over]
+        assert all("\n" not in m for m in messages)
+        assert "exceeds the context window of 64 tokens" in messages[0]
+        assert "max_tokens: 65 is beyond the context window of 64 tokens" in messages[1]
+        assert "n: 4 choices x 1 prompts exceeds the server's capacity of 3" in messages[2]
+        assert events[-1] == "[DONE]"
+        text = "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices"))
+        assert text == alone
+        assert srv.health()["status"] == "ok" and srv.health()["cache_used"] == 0
+    finally:
+        assert srv.stop() == 0, srv.output()

@@ -14,6 +14,8 @@ the reference the engine is tested against.
 `model(input_ids, groups=groups_BT)` gives every token an expert group for a model whose router
 names `expert_groups` (moeflow.model.expert_groups: routing stays inside the token's group);
 without it every token is in group 0.
+With `config.pregate` the model also holds pre-gate heads (`model.pregate`, moeflow.model.pregate)
+that predict the next MoE layer's experts for the offloading engine; the forward ignores them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
 from moeflow.model.norms import make_norm
+from moeflow.model.pregate import PregateHeads
 from moeflow.model.rope import rope_cos_sin
 from moeflow.ops.backend import Backends, ChoosesBackends, set_backends
 
@@ -124,6 +127,9 @@ class Transformer(nn.Module, ChoosesBackends):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Read by the offloading engine's prefetch only; the forward below never runs them.
+        self.pregate = (PregateHeads(config.d_model, config.num_experts, config.router.top_k)
+                        if config.pregate else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

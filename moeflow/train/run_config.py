@@ -108,6 +108,10 @@ class TrainConfig:
                                       default=None)
     student_init: str = option("with --teacher: 'teacher' copies matching teacher layers into the "
                                "student, 'random' starts from scratch", default="teacher")
+    # Pre-gated MoE: prefetch heads for expert offloading (moeflow.train.pregate)
+    pregate: bool = option("fine-tune pre-gate heads of the --init model, backbone frozen: head l "
+                           "predicts MoE layer l+1's experts from layer l's input (used by "
+                           "serve/generate --prefetch pregate)", default=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, str)):
@@ -149,6 +153,8 @@ class TrainConfig:
         check(self.init is None or self.teacher is None, "init", self.init,
               "cannot be combined with teacher (a student starts from its teacher)")
         check(bool(self.out), "out", self.out, "must name a directory")
+        check(not self.pregate or self.init is not None, "pregate", self.pregate,
+              "fine-tunes heads on a trained model: give its checkpoint with --init")
 
     @property
     def distilling(self) -> bool:

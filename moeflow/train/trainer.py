@@ -79,6 +79,8 @@ from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.group_stats import dropped_per_expert, group_load_summary, group_step_stats
 from moeflow.train.interrupt import StopRequest
 from moeflow.train.metrics import MetricsWriter
+from moeflow.train.pregate import (freeze_backbone, load_backbone, pregate_objective,
+                                   recall_counts)
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.schedule import LRSchedule
@@ -130,7 +132,7 @@ class TrainResult:
 
 def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:
     """The run's network: `base` (the --init checkpoint's) or the preset/config file's, with the
-    run's aux_loss_coef and vocab_size applied."""
+    run's aux_loss_coef and vocab_size applied, and pre-gate heads added for a --pregate run."""
     if base is not None:
         if cfg.vocab_size is not None and cfg.vocab_size != base.vocab_size:
             raise ValueError(f"vocab_size={cfg.vocab_size}: the --init checkpoint's vocabulary is "
@@ -149,6 +151,8 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
             router=replace(model_config.router, aux_loss_coef=cfg.aux_loss_coef))
     if cfg.vocab_size is not None:
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
+    if cfg.pregate:
+        model_config = model_config.replace(pregate=True)
     return model_config
 
 
@@ -157,6 +161,9 @@ def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bo
     module docstring for why there is no default group); a prepared dataset is its own."""
     names = model_config.router.group_names
     flag = "--group-field" if cfg.group_field is not None else "--group-rule"
+    if names and cfg.pregate:
+        raise ValueError("--pregate: the model has expert groups; pre-gate heads for grouped "
+                         "routing are not built yet")
     if prepared and (cfg.group_field is not None or cfg.group_rule is not None):
         raise ValueError(f"{flag}: a prepared dataset brings its own group labels (give the "
                          f"flag to `moeflow prepare-data` instead)")
@@ -168,6 +175,13 @@ def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bo
                          f"or --group-rule modality")
     if not names and (cfg.group_field is not None or cfg.group_rule is not None):
         raise ValueError(f"{flag}: the model has no expert groups (router.expert_groups)")
+
+
+def _recall_note(row: dict[str, Any]) -> str:
+    if "val_pregate_recall" not in row:
+        return ""
+    return (f"  pre-gate recall {row['val_pregate_recall']:.3f} "
+            f"(zero-shot {row['val_zero_shot_recall']:.3f})")
 
 
 class Trainer:
@@ -280,6 +294,8 @@ class Trainer:
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
         """(objective to minimise, statistics) for one micro-batch at 1-based `step`;
         `groups_BT`: the input tokens' expert groups (grouped models)."""
+        if self.cfg.pregate:
+            return pregate_objective(self.model, input_BT)
         with self.autocast():
             out = self.model(input_BT, groups=groups_BT)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())
@@ -313,6 +329,7 @@ class Trainer:
             self.model.eval()
             try:
                 total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+                recall = torch.zeros(3, dtype=torch.float64, device=self.device)
                 loads = [torch.zeros(n, dtype=torch.int64, device=self.device)
                          for n in self.model_config.num_experts]
                 for chunk, groups in zip(share.split(self.micro_batch), group_share):
@@ -326,11 +343,21 @@ class Trainer:
                     count += chunk[:, 1:].numel()
                     for load, r in zip(loads, out.routing):
                         load += r.counts_E
+                    if self.cfg.pregate:
+                        recall = recall + recall_counts(self.model, chunk[:, :-1])
             finally:
                 self.model.train()
-        sums, loads = self.reduce_stats({"val_loss": total / count}, loads)
+        sums = {"val_loss": total / count}
+        if self.cfg.pregate:
+            sums.update(pregate_hits=recall[0], zero_shot_hits=recall[1], routes=recall[2])
+        sums, loads = self.reduce_stats(sums, loads)
         val_loss = float(sums["val_loss"])
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+        extra = {}
+        if self.cfg.pregate:  # hit rates of the heads and of zero-shot pre-gating (batch 1)
+            routes = float(sums["routes"])
+            extra = {"val_pregate_recall": float(sums["pregate_hits"]) / routes,
+                     "val_zero_shot_recall": float(sums["zero_shot_hits"]) / routes}
+        return {**extra, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "moe_layers": list(self.model_config.moe_layer_indices()),
                 "expert_load": [x.tolist() for x in loads],
                 # expert groups: contiguous id ranges of expert_load (moeflow.model.expert_groups)
@@ -416,8 +443,12 @@ class Trainer:
             self._check_resumable(resume_ckpt)
         elif self.teacher is not None and cfg.student_init == "teacher":
             self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
+        elif init_model is not None and cfg.pregate:
+            load_backbone(self.model, init_model.state_dict())
         elif init_model is not None:
             self.model.load_state_dict(init_model.state_dict())
+        if cfg.pregate:
+            freeze_backbone(self.model)
         self.model = self.parallelize(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.start_step, self.tokens_seen = 0, 0
@@ -625,7 +656,8 @@ class Trainer:
                     val_losses.append((0, last_val["val_loss"]))
                     val_start = val_losses[0]
                     self._write(metrics, {"step": 0, "tokens": 0, **last_val})
-                    reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}")
+                    reporter.note(f"step 0  val loss {last_val['val_loss']:.4f}"
+                                  f"{_recall_note(last_val)}")
                 while step < end:
                     step += 1
                     row = self.train_step(step)
@@ -639,7 +671,7 @@ class Trainer:
                     reporter.step(step, row)
                     if "val_loss" in row:
                         reporter.note(f"step {step}  val loss {row['val_loss']:.4f}  "
-                                      f"ppl {row['val_ppl']:.1f}")
+                                      f"ppl {row['val_ppl']:.1f}{_recall_note(row)}")
                     interrupted = self.stop_requested(stop.requested)
                     if interrupted or (cfg.save_every and step % cfg.save_every == 0) \
                             or step == end:

@@ -14,8 +14,9 @@ request, only slower. Prefetching needs slots beyond those the current layer use
 minimum it finds none and is skipped (counted in the statistics).
 
 Eviction policy ("lru", "lfu" or "cyclic", see moeflow.infer.offload.expert_cache) and the
-prefetch method ("none", "router": zero-shot pre-gating with the next layer's router) are chosen
-here too.
+prefetch method ("none"; "router": zero-shot pre-gating with the next layer's router;
+"pregate": the model's fine-tuned pre-gate heads, `moeflow train --pregate`) and whether misses
+may compute on the CPU (`cpu_experts`, moeflow.infer.offload.cpu_experts) are chosen here too.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 from moeflow.validate import check, choice, option
 
+CPU_EXPERTS = ("off", "auto", "always")
 POLICIES = ("lru", "lfu", "cyclic")
-PREFETCH = ("none", "router")
+PREFETCH = ("none", "router", "pregate")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30, "tib": 1 << 40}
@@ -64,14 +66,21 @@ class OffloadConfig:
                                       "whose turn comes last)", choices=POLICIES,
                                       default="cyclic")
     prefetch: str = option("predict the next MoE layer's experts while this one computes "
-                           "(router: apply the next layer's router to this layer's input)",
+                           "(router: apply the next layer's router to this layer's input; "
+                           "pregate: the model's fine-tuned pre-gate heads, see train --pregate)",
                            choices=PREFETCH, default="router")
+    # off by default until the GPU benchmark has measured it (benchmarks/offload.py, "+cpu" rows).
+    cpu_experts: str = option("compute a missed expert on the CPU from its host copy when that is "
+                              "faster than copying it (auto: from copy and CPU rates measured at "
+                              "start; always: every miss, for benchmarks)", choices=CPU_EXPERTS,
+                              default="off")
     device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
 
     def __post_init__(self) -> None:
         parse_size(self.gpu_memory)
         choice("expert_cache_policy", self.expert_cache_policy, POLICIES)
         choice("prefetch", self.prefetch, PREFETCH)
+        choice("cpu_experts", self.cpu_experts, CPU_EXPERTS)
         choice("device", self.device, ("auto", "cpu", "cuda"))
 
     @property

@@ -228,6 +228,13 @@ class ExpertCache:
             del self.slot_of[old]
             self._unused_prefetch.discard(slot)
         self.key_S[slot], self.slot_of[key] = key, slot
+        self._counts["copies"] += 1
+        self._counts["bytes_copied"] += self.copy_into(slot, key)
+        return slot
+
+    def copy_into(self, slot: int, key: tuple[int, int]) -> int:
+        """Issue the copy of expert `key` into `slot` on the copy stream; returns its bytes. No
+        bookkeeping: `_load` does that; on its own, this times a copy (an empty slot only)."""
         src = self.store.expert(*key)
         dst = (self.w_in_SDI, self.w_out_SFD, self.b_in_SI, self.b_out_SD)
         with self.streams.copying_into(slot):
@@ -235,7 +242,4 @@ class ExpertCache:
                 if d is not None:
                     d[slot].copy_(s, non_blocking=True)
         self.streams.copied(slot)
-        self._counts["copies"] += 1
-        self._counts["bytes_copied"] += sum(s.numel() * s.element_size()
-                                            for s in src if s is not None)
-        return slot
+        return sum(s.numel() * s.element_size() for s in src if s is not None)

@@ -15,7 +15,11 @@ Per forward, in order:
   3. before the last group computes, the next layer's predicted experts are prefetched, so
      their copies overlap this layer's compute and the next layer's attention;
   4. the compute stream waits for the copies into this group's slots only, computes, and
-     marks the slots free for eviction once those kernels finish.
+     marks the slots free for eviction once those kernels finish;
+  5. with `cpu` (moeflow.infer.offload.cpu_experts), missed experts whose few rows the CPU
+     computes faster than their copy would take are not acquired: their rows go to the host
+     before step 2 queues any kernel, are computed there while the device runs the others, and
+     come back into y_ND. CPU float math differs from the device's in rounding only.
 
 Legend: N rows, D model dim, E experts of this layer, S cache slots, K top-k.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeflow.infer.offload.cpu_experts import CpuExperts
 from moeflow.infer.offload.expert_cache import ExpertCache
 from moeflow.infer.offload.prefetch import Predictor, PrefetchLedger
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
@@ -33,12 +38,12 @@ from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backen
 class OffloadedExperts(nn.Module, ChoosesBackends):
     def __init__(self, layer: int, num_experts: int, d_model: int, d_ff: int, activation: str,
                  cache: ExpertCache, ledger: PrefetchLedger, backends: Backends = Backends(),
-                 predictor: Predictor | None = None) -> None:
+                 predictor: Predictor | None = None, cpu: CpuExperts | None = None) -> None:
         super().__init__()
         self.layer, self.num_experts = layer, num_experts
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
         self.backends = backends
-        self.cache, self.ledger, self.predictor = cache, ledger, predictor
+        self.cache, self.ledger, self.predictor, self.cpu = cache, ledger, predictor, cpu
 
     def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
                 ) -> torch.Tensor:
@@ -57,7 +62,13 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
 
         y_ND = x_ND.new_zeros(x_ND.shape[0], cache.w_out_SFD.shape[-1])
         resident = cache.resident(self.layer)
-        order = sorted(needed, key=lambda e: e not in resident)  # hits compute first
+        on_cpu = [e for e in needed if e not in resident and self.cpu is not None
+                  and self.cpu.prefers_cpu(ends[e] - starts[e])]
+        if on_cpu:  # rows to the host before the device queues more work behind them
+            cpu_rows = torch.cat([torch.arange(starts[e], ends[e]) for e in on_cpu])
+            x_host_RD = x_ND[cpu_rows.to(x_ND.device)].to("cpu")
+        order = sorted((e for e in needed if e not in on_cpu),
+                       key=lambda e: e not in resident)  # hits compute first
         groups = [order[i:i + cache.num_slots] for i in range(0, len(order), cache.num_slots)]
         for g, group in enumerate(groups):
             slots = cache.acquire(self.layer, group)
@@ -68,6 +79,13 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
             cache.release(slots)
         if not groups and predicted:
             cache.prefetch(self.layer + 1, predicted)
+        if on_cpu:  # overlaps the device's kernels queued above
+            y_host_RD, at = torch.empty_like(x_host_RD[:, :y_ND.shape[1]]), 0
+            for e in on_cpu:
+                n = ends[e] - starts[e]
+                y_host_RD[at:at + n] = self.cpu.run(self.layer, e, x_host_RD[at:at + n])
+                at += n
+            y_ND[cpu_rows.to(x_ND.device)] = y_host_RD.to(x_ND.device)
         return y_ND
 
     def _compute(self, x_ND: torch.Tensor, y_ND: torch.Tensor, experts: list[int],

@@ -26,18 +26,21 @@ import torch
 
 from moeflow.infer.device import resolve_device
 from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
+from moeflow.infer.offload.cpu_experts import CpuExperts, CpuExpertStats, measure_costs
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
-from moeflow.infer.offload.prefetch import PrefetchLedger, PrefetchStats, RouterPredictor
+from moeflow.infer.offload.prefetch import (PregatePredictor, PrefetchLedger, PrefetchStats,
+                                            RouterPredictor)
 from moeflow.ops.activation import ffn_in_width
 
 
 @dataclass(frozen=True)
 class OffloadStats:
     plan: BudgetPlan
-    cache: CacheStats
+    cache: CacheStats  # lookups: experts computed on the device (CPU-computed ones are in `cpu`)
     prefetch: PrefetchStats
+    cpu: CpuExpertStats | None = None  # misses computed on the CPU, if cpu_experts is not "off"
 
 
 def _layer_experts(experts) -> LayerExperts:
@@ -80,11 +83,13 @@ class ExpertOffload:
     """The engine's handle on an offloaded model: its budget plan, cache and statistics."""
 
     def __init__(self, plan: BudgetPlan, cache: ExpertCache, ledger: PrefetchLedger,
-                 device: torch.device) -> None:
+                 device: torch.device, cpu: CpuExperts | None = None) -> None:
         self.plan, self.cache, self.ledger, self.device = plan, cache, ledger, device
+        self.cpu = cpu
 
     def stats(self) -> OffloadStats:
-        return OffloadStats(self.plan, self.cache.stats(), self.ledger.stats())
+        return OffloadStats(self.plan, self.cache.stats(), self.ledger.stats(),
+                            None if self.cpu is None else self.cpu.stats())
 
 
 def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStore | None]:
@@ -127,6 +132,9 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     """Take `model` over as described in the module docstring; ValueError if the budget is
     below the non-expert weights + KV cache + activations + a minimal expert cache."""
     plan = plan_offload(model, config, kv_cache_bytes, max_tokens, max_batch)
+    if config.prefetch == "pregate" and model.pregate is None:
+        raise ValueError("prefetch='pregate': the model has no pre-gate heads; fine-tune them "
+                         "with `moeflow train --pregate --init CHECKPOINT`")
     device = resolve_device(config.device)
     layers = model.moe_layers()
     sources, reuse = _host_layers(model)
@@ -134,16 +142,25 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
     del sources  # they hold the layers' weights: drop them so they go with each layer's module
     ledger = PrefetchLedger()
+    cpu = None
     for i, layer in enumerate(layers):
         old = layer.experts
         if reuse is None:
             store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
+        if i == 0 and config.cpu_experts != "off":  # layer 0 is stored: measure with it
+            costs = None
+            if config.cpu_experts == "auto":  # slot 0 is empty until the first forward
+                costs = measure_costs(store, old.activation, lambda: cache.copy_into(0, (0, 0)),
+                                      device)
+            cpu = CpuExperts(store, old.activation, config.cpu_experts, costs)
         predictor = None
         if config.prefetch == "router" and i + 1 < len(layers):
             predictor = RouterPredictor(layers[i + 1].router)
+        elif config.prefetch == "pregate" and i + 1 < len(layers):
+            predictor = PregatePredictor(model.pregate, i)
         layer.experts = OffloadedExperts(i, old.num_experts, old.d_model, old.d_ff,
                                          old.activation, cache, ledger, old.backends,
-                                         predictor)
+                                         predictor, cpu)
         del old  # the layer held the only reference: its weights are freed here
     model.to(device)
-    return ExpertOffload(plan, cache, ledger, device)
+    return ExpertOffload(plan, cache, ledger, device, cpu)

@@ -13,8 +13,10 @@ The predictor sees the dispatched rows x_ND (each token repeated once per chosen
 gives the same set of predicted experts as the tokens themselves (duplicates predict the same),
 so the offloaded experts module needs nothing beyond what MoELayer already passes it.
 
-Not done here: fine-tuned pre-gate heads (`moeflow train --pregate`) and Read-ME's decoupled
-lookahead router; both would be further `Predictor`s.
+"pregate" (Pre-gated MoE): the model's fine-tuned pre-gate head for layer l+1, trained for
+exactly this input (`moeflow train --pregate`, moeflow.model.pregate); same top-k, higher recall.
+
+Not done here: Read-ME's decoupled lookahead router, which would be a further `Predictor`.
 
 Legend: N dispatched rows, D model dim, K top-k.
 """
@@ -26,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from moeflow.model.pregate import PregateHeads
 from moeflow.model.router import Router
 
 
@@ -42,6 +45,16 @@ class RouterPredictor:
 
     def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.router(x_ND, inference=True).ids_TK
+
+
+class PregatePredictor:
+    """Fine-tuned pre-gate: head `index` of the model's PregateHeads (MoE layer index+1)."""
+
+    def __init__(self, heads: PregateHeads, index: int) -> None:
+        self.heads, self.index = heads, index
+
+    def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.heads.predict(self.index, x_ND)
 
 
 @dataclass(frozen=True)
