@@ -61,14 +61,19 @@ class OffloadConfig:
                              "memory and a GPU expert cache fills what the non-expert weights "
                              "and KV cache leave")
     # cyclic by default: it hit most in every case of benchmarks/results/offload/replay.md
-    # (trained and random routing, batch 1 and 16); LRU hits 0 at batch 16 there.
+    # (trained and random routing, batch 1 and 16; LRU hits 0 at batch 16 there), and was the
+    # fastest at batch 16 on the H200 (results/offload/README.md). LFU was faster at batch 1
+    # there, on random weights whose routing concentrates on few experts.
     expert_cache_policy: str = option("which cached expert to evict (cyclic: from the layer "
                                       "whose turn comes last)", choices=POLICIES,
                                       default="cyclic")
+    # none by default: zero-shot pre-gating was the slowest offloaded setting at batch 1 on the
+    # H200 for both the Mixtral and the Qwen3 shape (its wrong guesses are copies too); the
+    # trained heads (pregate) have no GPU measurement yet.
     prefetch: str = option("predict the next MoE layer's experts while this one computes "
                            "(router: apply the next layer's router to this layer's input; "
                            "pregate: the model's fine-tuned pre-gate heads, see train --pregate)",
-                           choices=PREFETCH, default="router")
+                           choices=PREFETCH, default="none")
     # off by default until the GPU benchmark has measured it (benchmarks/offload.py, "+cpu" rows).
     cpu_experts: str = option("compute a missed expert on the CPU from its host copy when that is "
                               "faster than copying it (auto: from copy and CPU rates measured at "
