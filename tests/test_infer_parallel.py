@@ -4,7 +4,8 @@ the 1-process engine, plain and coordinated all-to-all, and the layout checks.
 Each multi-rank test is one spawn running several layouts and models back to back (process
 start-up dominates the cost). Every rank reads its shard from a checkpoint the 1-process model
 wrote, or (kind "trained") from the checkpoint an EP=2 training run wrote at the start of the
-2-rank spawn, served at TP=2 there and at EP=4 (expert slicing) by the 4-rank one; rank 0
+2-rank spawn, served at TP=2 there and at EP=4 (expert slicing) by the 4-rank one, or (kind
+"hf-dsv3") straight from a HF DeepSeek-V3 directory, each rank reading its slices; rank 0
 drives the request script of tests/infer_workers.py (joins, an abort, a request that stops on
 its first token) and must produce the reference's greedy tokens, with logits
 within fp32 rounding of the reference's (the sums run in a different order across ranks)."""
@@ -17,7 +18,7 @@ from moeflow.checkpoint import load_model, write_weights
 from moeflow.infer import Engine, SamplingParams
 from moeflow.parallel.inference import InferenceParallel, check_layout
 
-from moeflow.interop.pretrained import find_model_dir
+from moeflow.interop.pretrained import find_model_dir, from_pretrained, save_hf
 
 from _train_small import write_word_corpus
 from infer_workers import (CONFIGS, ENGINE, VOCAB, drive, engine_worker, make_model,
@@ -38,6 +39,10 @@ def checkpoints(tmp_path_factory):
             (root / kind).mkdir()
             write_weights(root / kind, model)
             out[kind] = reference(root, model)
+        # DeepSeek-V3 (MLA, shared expert, sigmoid router) as a HF directory: per-expert
+        # gate/up/down tensors, q/k/v-style names; the ranks read it without conversion.
+        assert save_hf(make_model("mla"), root / "hf-dsv3") == "deepseek_v3"
+        out["hf-dsv3"] = reference(root, from_pretrained(root / "hf-dsv3"))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -90,7 +95,8 @@ TWO_RANKS = {"gpt ep2": ("gpt", 1, 2, "coordinated"),
              "qwen3 ep2 plain": ("qwen3", 1, 2, "plain"),
              "gpt tp2": ("gpt", 2, 1, "coordinated"),
              "mla tp2": ("mla", 2, 1, "plain"),
-             "trained tp2": ("trained", 2, 1, "coordinated")}
+             "trained tp2": ("trained", 2, 1, "coordinated"),
+             "hf dsv3 ep2": ("hf-dsv3", 1, 2, "coordinated")}
 
 
 def test_two_ranks_ep2_and_tp2_equal_one_process_and_a_dead_rank_fails_fast(checkpoints,
@@ -113,7 +119,8 @@ def test_four_ranks_tp2_ep2_and_expert_slicing_equal_one_process(checkpoints, tw
                  "qwen3 tp2xep2 plain": ("qwen3", 2, 2, "plain"),
                  "gpt ep4 sliced": ("gpt", 1, 4, "coordinated"),
                  "mla tp2xep2": ("mla", 2, 2, "coordinated"),
-                 "trained ep4": ("trained", 1, 4, "coordinated")}
+                 "trained ep4": ("trained", 1, 4, "coordinated"),
+                 "hf dsv3 tp2xep2": ("hf-dsv3", 2, 2, "coordinated")}
     root = next(iter(checkpoints.values()))[0]
     results = spawn(engine_worker, 4, (scenarios, str(root)), tmp_path, timeout_s=150)
     check(checkpoints, scenarios, results)
