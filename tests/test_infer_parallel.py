@@ -163,3 +163,38 @@ def test_layouts_that_do_not_fit_fail_in_one_line_before_loading(config, tp, ep,
     with pytest.raises(ValueError, match="^--tp") as err:
         check_layout(config, InferenceParallel(tp=tp, ep=ep), world)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hf_experts_fused_over_experts_read_the_same_chunks(checkpoints, tmp_path):
+    """transformers ≥ 5 stores experts fused ([E, 2F, D] gate_up, [E, D, F] down): the chunk
+    reader takes them as it takes per-expert tensors (here a whole-model chunk of each)."""
+    from safetensors.torch import load_file, save_file
+
+    from moeflow.checkpoint.chunks import model_chunks
+    from moeflow.interop.hf_shard import read_hf_chunks
+    from moeflow.interop.hf_weights import SafetensorsDir
+
+    src = next(iter(checkpoints.values()))[0] / "hf-dsv3"
+    state, fused = load_file(src / "model.safetensors"), {}
+    for name, t in state.items():
+        head, sep, tail = name.partition("experts.")
+        if not sep or not tail[0].isdigit():
+            fused[name] = t
+            continue
+        pre = head + "experts."
+        ids = range(sum(1 for k in state if k.startswith(pre) and k.endswith("down_proj.weight")))
+        fused[head + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([state[f"{head}experts.{e}.gate_proj.weight"],
+                        state[f"{head}experts.{e}.up_proj.weight"]]) for e in ids])
+        fused[head + "experts.down_proj"] = torch.stack(
+            [state[f"{head}experts.{e}.down_proj.weight"] for e in ids])
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    save_file(fused, tmp_path / "model.safetensors")
+    want = from_pretrained(src)
+    with torch.device("meta"):
+        got = type(want)(want.config)
+    got = got.to_empty(device="cpu")
+    read_hf_chunks(want.config, "deepseek_v3", SafetensorsDir(tmp_path), model_chunks(got),
+                   str(tmp_path))
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
