@@ -60,9 +60,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m moeflow serve` in a subprocess; `url`, `get`, `post`, `stop`."""
+    """`python -m moeflow serve` in a subprocess; `url`, `get`, `post`, `stop`. `launch`: what
+    runs the `moeflow` module (e.g. torchrun's `-m torch.distributed.run ... -m`)."""
 
-    def __init__(self, model_dir: Path, *args: str, name: str = "tiny") -> None:
+    def __init__(self, model_dir: Path, *args: str, name: str = "tiny",
+                 launch: tuple[str, ...] = ("-m",)) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
@@ -70,7 +72,7 @@ class ServerProcess:
                "PYTHONUNBUFFERED": "1"}
         self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moeflow", "serve", "--model", str(model_dir), "--port",
+            [sys.executable, *launch, "moeflow", "serve", "--model", str(model_dir), "--port",
              str(self.port), "--served-model-name", name, *args],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -19,7 +19,12 @@ from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.config import MLAConfig
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.ranks import StepChannel
+from moeflow.interop.pretrained import find_model_dir
+from moeflow.parallel import ParallelConfig
 from moeflow.parallel.inference import InferenceParallel, load_shard
+from moeflow.parallel.launch import init_distributed
+from moeflow.parallel.trainer import ParallelTrainer
+from moeflow.train import TrainConfig
 
 VOCAB = 97
 CONFIGS = {
@@ -87,15 +92,30 @@ def drive(engine: Engine) -> dict:
     return {"tokens": tokens, "logits": logits}
 
 
-def engine_worker(rank, world, scenarios, ckpt_root, kill_last=None):
+def trained_config(path: Path) -> Path:
+    """The PR-MoE of CONFIGS["gpt"] as a model config file for `moeflow train`."""
+    cfg = ModelConfig(**{**dict(vocab_size=320, d_model=32, n_heads=4, max_seq_len=32,
+                                init_std=0.1), **CONFIGS["gpt"]})
+    cfg.save(path)
+    return path
+
+
+def engine_worker(rank, world, scenarios, ckpt_root, kill_last=None, train=None):
     """Each scenario {name: (model kind, tp, ep, a2a)}: this rank's shard read from the
-    checkpoint, an engine over it; rank 0 drives the script, the others follow.
+    checkpoint `ckpt_root`/kind (a model directory, or a training run: its latest checkpoint,
+    as `moeflow serve` finds it), an engine over it; rank 0 drives the script, the others
+    follow. `train` (TrainConfig kwargs): first, all ranks train that run at EP=world and
+    checkpoint it (the scenarios may then serve it).
     `kill_last` (a results directory): then the last rank dies without a word while following
     the last scenario's engine, and rank 0 reports how its next step ended."""
     out = {}
     cpu = torch.device("cpu")
+    if train is not None:
+        ParallelTrainer(TrainConfig(**train), ParallelConfig(ep=world),
+                        init_distributed("cpu")).run()
     for name, (kind, tp, ep, a2a) in scenarios.items():
-        model = load_shard(Path(ckpt_root) / kind, InferenceParallel(tp=tp, ep=ep, a2a=a2a), cpu)
+        path = find_model_dir(Path(ckpt_root) / kind).path
+        model = load_shard(path, InferenceParallel(tp=tp, ep=ep, a2a=a2a), cpu)
         engine = Engine(model, ENGINE, StepChannel(dist.group.WORLD, 0, cpu))
         if rank == 0:
             out[name] = drive(engine)

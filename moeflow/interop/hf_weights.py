@@ -42,10 +42,11 @@ class Rule:
     join: Callable[[list[torch.Tensor]], torch.Tensor]
     split: Callable[[torch.Tensor], list[torch.Tensor]]
     alt: "Rule | None" = None  # another HF layout of the same tensor (fused experts)
+    same: bool = False  # one HF tensor, stored as it is (a rank may read just its rows)
 
 
 def _same(mf: str, hf: str) -> Rule:
-    return Rule(mf, (hf,), lambda ts: ts[0], lambda t: [t])
+    return Rule(mf, (hf,), lambda ts: ts[0], lambda t: [t], same=True)
 
 
 def _cat(mf: str, hf: Iterable[str], sizes: list[int]) -> Rule:
@@ -160,6 +161,14 @@ def hf_to_moeflow(c: ModelConfig, model_type: str, available: Iterable[str],
                   get: Callable[[str], torch.Tensor], where: str = "checkpoint"
                   ) -> dict[str, torch.Tensor]:
     """Build the moeflow state dict; `get(name)` reads one HF tensor. Names are checked first."""
+    chosen = choose_rules(c, model_type, available, where)
+    return {rule.moeflow: rule.join([get(n) for n in rule.hf]) for rule in chosen}
+
+
+def choose_rules(c: ModelConfig, model_type: str, available: Iterable[str],
+                 where: str = "checkpoint") -> list[Rule]:
+    """The rule (primary or alternative HF layout) each moeflow tensor is read by, after
+    checking the names both ways (ValueError naming the first missing or unused tensor)."""
     available = set(available)
     chosen, used = [], set()
     for rule in weight_rules(c, model_type):
@@ -177,7 +186,7 @@ def hf_to_moeflow(c: ModelConfig, model_type: str, available: Iterable[str],
     if unexpected:
         raise ValueError(f"unexpected tensor {unexpected[0]!r} in {where} "
                          f"({len(unexpected)} unused; not part of this {model_type} config)")
-    return {rule.moeflow: rule.join([get(n) for n in rule.hf]) for rule in chosen}
+    return chosen
 
 
 def moeflow_to_hf(c: ModelConfig, model_type: str, state: Tensors) -> dict[str, torch.Tensor]:
@@ -219,10 +228,17 @@ class SafetensorsDir:
         return list(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """Lazy view of tensor `name`: indexing it (`[a:b]`, `[:, a:b]`) reads only that part."""
+        return self._file(name).get_slice(name)
+
+    def _file(self, name: str):
         shard = self.weight_map[name]
         if shard not in self._open:
             self._open[shard] = safe_open(self.path / shard, "pt")
-        return self._open[shard].get_tensor(name)
+        return self._open[shard]
 
 
 def save_safetensors_dir(tensors: Tensors, path: str | Path, max_shard_bytes: int = 5 << 30,

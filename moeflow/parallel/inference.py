@@ -23,7 +23,8 @@ them (the TP group and its replicas), so the split is over the whole world.
 divisible by tp, experts not divisible over the ranks, world ≠ tp × ep) in one line, from the
 config alone, before any process group is used or any weight is read. `load_shard` builds the
 rank's modules on the meta device and reads only their chunks of a moeflow checkpoint
-(moeflow.checkpoint), whatever layout wrote it.
+(moeflow.checkpoint), whatever layout wrote it, or of a HF MoE directory
+(moeflow.interop.hf_shard).
 """
 
 from __future__ import annotations
@@ -172,11 +173,35 @@ class InferenceMesh:
 def load_shard(path: str | Path, par: InferenceParallel, device: torch.device,
                dtype: torch.dtype | None = None, backends: Backends = Backends(),
                ranks_per_node: int = 0) -> nn.Module:
-    """This rank's shard of the moeflow checkpoint at `path` (a model directory or a training
-    step checkpoint), in eval mode; every rank reads only its chunks. Collective."""
-    from moeflow.checkpoint.model_dir import load_config, load_model
+    """This rank's shard of the checkpoint at `path`, in eval mode: a moeflow checkpoint (a
+    model directory or a training step checkpoint, any layout) or a HF MoE directory
+    (moeflow.interop.hf_shard); every rank reads only its chunks. Collective."""
+    from moeflow.checkpoint.model_dir import MANIFEST, load_model
+    from moeflow.interop.pretrained import read_config
 
-    config = load_config(Path(path))
+    path = Path(path)
+    config, model_type = read_config(path)
     check_layout(config, par, dist.get_world_size())
     mesh = InferenceMesh(config, par, ranks_per_node)
-    return load_model(path, device, dtype, build=lambda c: mesh.build(c, backends))
+    if model_type is None or (path / MANIFEST).is_file():
+        return load_model(path, device, dtype, build=lambda c: mesh.build(c, backends))
+    return _load_hf_shard(path, config, model_type, mesh, device, dtype, backends)
+
+
+def _load_hf_shard(path: Path, config: ModelConfig, model_type: str, mesh: InferenceMesh,
+                   device: torch.device, dtype: torch.dtype | None, backends: Backends
+                   ) -> nn.Module:
+    from moeflow.checkpoint.chunks import model_chunks
+    from moeflow.interop.hf_shard import read_hf_chunks
+    from moeflow.interop.hf_weights import SafetensorsDir
+
+    with torch.device("meta"):
+        model = mesh.build(config, backends)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty allocates each parameter anew: share the head again
+        model.lm_head.weight = model.tok_emb.weight
+    if dtype is not None:  # buffers (the router's expert bias) stay fp32, as in load_model
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    read_hf_chunks(config, model_type, SafetensorsDir(path), model_chunks(model), str(path))
+    return model.eval()

@@ -16,7 +16,8 @@ into moeflow's one tokenizer class (moeflow.data.tokenizer.BPETokenizer).
 
 On several ranks (`torchrun ... serve --tp T --ep E`, moeflow.parallel.inference),
 `load_shard_for_serving` gives each rank its shard of a moeflow checkpoint (training or
-converted; an HF directory must be converted first) and rank 0 also the tokenizer; the layout is
+converted) or of a HF MoE directory, each rank reading only its slices, and rank 0 also the
+tokenizer; the layout is
 checked against config.json before any process group starts or any weight is read.
 """
 
@@ -101,19 +102,18 @@ def load_shard_for_serving(path: str | Path, par: InferenceParallel, device: str
 
     import torch.distributed as dist
 
-    from moeflow.checkpoint.model_dir import MANIFEST, load_config
+    from moeflow.checkpoint.model_dir import MANIFEST
     from moeflow.infer.ranks import StepChannel
-    from moeflow.interop.pretrained import find_model_dir
+    from moeflow.interop.pretrained import find_model_dir, read_config
     from moeflow.parallel.inference import check_layout, load_shard
     from moeflow.parallel.launch import init_distributed
 
     found = find_model_dir(path)
-    if not (found.path / MANIFEST).is_file():
-        raise ValueError(f"{found.path}: --tp/--ep load moeflow checkpoints (manifest.json) "
-                         f"rank by rank; convert this one first: moeflow convert "
-                         f"{found.path} OUT --to moeflow")
+    if found.kind == "moeflow" and not (found.path / MANIFEST).is_file():
+        raise ValueError(f"{found.path}: a format-1 moeflow checkpoint loads only whole; "
+                         f"rewrite it first: moeflow convert {found.path} OUT --to moeflow")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(load_config(found.path), par, world)
+    check_layout(read_config(found.path)[0], par, world)
     env = init_distributed(None if device == "auto" else device, timeout_s=par.timeout_s)
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = load_shard(found.path, par, env.device, torch_dtype,
