@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,14 +40,10 @@ from moeflow.model.transformer import init_parameters
 from moeflow.parallel.inference import InferenceMesh, InferenceParallel
 from moeflow.parallel.launch import init_distributed, shutdown
 
+from generate import engine_prefill, sync_time  # the one-GPU script's timing helpers
+
 PROMPT = 32
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "broadcast")
-
-
-def sync_time() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def build_shard(name: str, mesh: InferenceMesh, device: torch.device, seed: int):
@@ -121,18 +116,6 @@ def decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
             "distinct_expert_fraction": statistics.mean(distinct) if distinct else 0.0}
 
 
-def prefill(engine: Engine, T: int, vocab: int, reps: int = 4) -> dict:
-    g = torch.Generator().manual_seed(T)
-    times = []
-    for _ in range(reps):
-        engine.add_request(torch.randint(0, vocab, (T,), generator=g).tolist(),
-                           SamplingParams(max_new_tokens=1, temperature=0))
-        t0 = sync_time()
-        engine.step()
-        times.append((sync_time() - t0) * 1e3)
-    return {"ms": statistics.median(times[1:]), "first_ms": times[0]}
-
-
 def floor_ms(model, fraction: float, batch: int, copy_GBps: float) -> float:
     """Bytes this rank reads per decode step / copy bandwidth (expected expert share)."""
     total, seen = 0.0, set()
@@ -197,7 +180,7 @@ def run(args) -> None:
                                      results["copy_GBps"])
             res[f"decode_b{batch}"] = r
             print(name, batch, json.dumps(r), flush=True)
-        res["prefill_2048"] = prefill(engine, 2048, vocab)
+        res["prefill_2048"] = engine_prefill(engine, 2048, vocab)
         print(name, "prefill", res["prefill_2048"], flush=True)
         engine.close()
         del engine, model
