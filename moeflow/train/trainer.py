@@ -465,7 +465,11 @@ class Trainer:
                 if key == "counts":
                     counts = value if counts is None else [a + b for a, b in zip(counts, value)]
                 else:
-                    sums[key] = sums.get(key, 0.0) + value.double() / self.grad_accum
+                    # no division by 1 and no add onto 0.0: the same sums, 8 ops fewer per step
+                    value = value.double()
+                    if self.grad_accum != 1:
+                        value = value / self.grad_accum
+                    sums[key] = value if key not in sums else sums[key] + value
         self.sync_gradients()
         sums, counts = self.reduce_stats(sums, counts)
         grad_norm = self.clip_gradients(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
