@@ -224,9 +224,9 @@ def step_case(stage_name: str, device: torch.device, workdir: Path):
     cfg_path = workdir / f"{stage_name}.json"
     model.save(cfg_path)
     trainer = Trainer(TrainConfig(
-        model_config=str(cfg_path), data=(str(Path(json_package.__file__).parent),), seq_len=64, steps=100,
-        batch_size=2, lr=1e-3, warmup_steps=2, seed=0, out=str(workdir / f"run-{stage_name}"),
-        progress=False, device=device.type, val_every=1000))
+        model_config=str(cfg_path), data=(str(Path(json_package.__file__).parent),),
+        seq_len=64, steps=100, batch_size=2, lr=1e-3, warmup_steps=2, seed=0,
+        out=str(workdir / f"run-{stage_name}"), progress=False, device=device.type, val_every=1000))
     trainer.prepare()
     step = iter(range(1, 1000))
     return lambda: trainer.train_step(next(step))
