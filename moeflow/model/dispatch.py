@@ -37,12 +37,12 @@ def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
     E = routing.num_experts
     # Key = expert * (T·K) + priority slot: expert-major, then queue order; dropped keys last.
     key_TK = routing.ids_TK * (T * K) + routing.slots_TK
-    parked_TK = E * T * K + torch.arange(T * K, device=key_TK.device).view(T, K)
-    key_TK = torch.where(routing.kept_TK, key_TK, parked_TK)
+    index_N = torch.arange(T * K, device=key_TK.device)
+    if routing.capacity is not None:  # dropless routing keeps every assignment: nothing parks
+        key_TK = torch.where(routing.kept_TK, key_TK, E * T * K + index_N.view(T, K))
     order_N = torch.argsort(key_TK.reshape(-1))
-    row_TK = torch.empty_like(order_N)
-    row_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    return DispatchPlan(token_N=order_N // K, row_TK=row_TK.view(T, K),
+    row_TK = torch.empty_like(order_N).index_put_((order_N,), index_N)
+    return DispatchPlan(token_N=order_N // K if K > 1 else order_N, row_TK=row_TK.view(T, K),
                         ends_E=torch.cumsum(routing.counts_E, 0),
                         parked=routing.capacity is not None)
 
@@ -51,8 +51,11 @@ def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult)
     """out_TD = Σ_k weight_TK · y[row_TK] over kept assignments."""
     y_TKD = y_ND[plan.row_TK]
     w_TK = routing.weights_TK.to(y_ND.dtype)
-    y_TKD = torch.where(routing.kept_TK[..., None], y_TKD, 0)
-    return (y_TKD * w_TK[..., None]).sum(dim=1)
+    if plan.parked:  # dropped assignments read parked rows, whose contents are not outputs
+        y_TKD = y_TKD.masked_fill(~routing.kept_TK.unsqueeze(2), 0)
+    y_TKD = y_TKD * w_TK.unsqueeze(2)
+    # K = 1: the sum over one term is that term; a view instead of a reduction
+    return y_TKD.squeeze(1) if y_TKD.shape[1] == 1 else y_TKD.sum(dim=1)
 
 
 class LocalDispatcher(nn.Module, ChoosesBackends):

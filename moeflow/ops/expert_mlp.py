@@ -20,8 +20,16 @@ import torch
 from moeflow.ops.activation import apply_activation
 
 
-def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+def row_experts(ends_E: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """The expert of each row of an expert-sorted layout (rows past ends_E[-1] get the last)."""
+    return torch.searchsorted(ends_E, rows_N, right=True).clamp_max_(ends_E.shape[0] - 1)
+
+
+def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int,
+              expert_N: torch.Tensor | None = None) -> torch.Tensor:
     """b_EX[expert of each row] for rows sorted by expert: [N, X] (rows past the end get the last).
+    `expert_N`: row_experts(ends_E, arange(N)), when the caller already has it (one
+    searchsorted serves both biases of an MLP).
 
     Gathered from an fp32 copy, so the backward (a scatter-add of the rows' gradients into the
     bias) accumulates in fp32; scatter-adding a few hundred bf16 rows into bf16 rounds at every
@@ -32,9 +40,10 @@ def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int) -> torch.
     accumulate kernel, which serialises duplicate indices — here every row of an expert — and
     took 100 of moe-S's 153 ms per training step on an H200; index_select's backward is an
     index_add (atomic adds on CUDA, deterministic on CPU under deterministic mode)."""
-    rows = torch.arange(num_rows, device=ends_E.device)
-    expert_N = torch.searchsorted(ends_E.to(torch.int64), rows, right=True)
-    return b_EX.float().index_select(0, expert_N.clamp_max(b_EX.shape[0] - 1)).to(b_EX.dtype)
+    if expert_N is None:
+        ends_E = ends_E.to(torch.int64)
+        expert_N = row_experts(ends_E, torch.arange(num_rows, device=ends_E.device))
+    return b_EX.float().index_select(0, expert_N).to(b_EX.dtype)
 
 
 def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -63,21 +72,30 @@ def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor
     """grouped_mm → activate → grouped_mm. torch._grouped_mm leaves rows past the last offset
     uninitialised, so with `parked` rows those rows are zeroed at every stage (forward values
     and the gradients flowing back through them)."""
+    # Host work matters here at small N (issue 14): one arange and one searchsorted serve the
+    # parked-row mask and both biases, and masked_fill zeroes rows without where's scalar
+    # operand (forward values and gradients are where's: the masked rows get exact zeros).
     offs = ends_E.to(torch.int32)
     N = x_ND.shape[0]
-    valid_N1 = (torch.arange(N, device=x_ND.device) < ends_E[-1])[:, None] if parked else None
+    rows_N = None
+    if parked or b_in_EI is not None or b_out_ED is not None:
+        rows_N = torch.arange(N, device=x_ND.device)
+    parked_N1 = (rows_N >= ends_E[-1]).unsqueeze(1) if parked else None
+    expert_N = None
+    if b_in_EI is not None or b_out_ED is not None:
+        expert_N = row_experts(ends_E.to(torch.int64), rows_N)
     if parked:
-        x_ND = torch.where(valid_N1, x_ND, 0)
+        x_ND = x_ND.masked_fill(parked_N1, 0)
     h_NI = torch._grouped_mm(x_ND, w_in_EDI, offs=offs)
     if b_in_EI is not None:
-        h_NI = h_NI + _row_bias(b_in_EI, ends_E, N)
+        h_NI = h_NI + _row_bias(b_in_EI, ends_E, N, expert_N)
     if parked:
-        h_NI = torch.where(valid_N1, h_NI, 0)
+        h_NI = h_NI.masked_fill(parked_N1, 0)
     y_ND = torch._grouped_mm(activate(h_NI), w_out_EFD, offs=offs)
     if b_out_ED is not None:
-        y_ND = y_ND + _row_bias(b_out_ED, ends_E, N)
+        y_ND = y_ND + _row_bias(b_out_ED, ends_E, N, expert_N)
     if parked:
-        y_ND = torch.where(valid_N1, y_ND, 0)
+        y_ND = y_ND.masked_fill(parked_N1, 0)
     return y_ND
 
 

@@ -590,7 +590,11 @@ class Trainer:
                     per_expert[key] = value if have is None else [
                         a + b for a, b in zip(have, value)]
                 else:
-                    sums[key] = sums.get(key, 0.0) + value.double() / self.grad_accum
+                    # no division by 1 and no add onto 0.0: the same sums, 8 ops fewer per step
+                    value = value.double()
+                    if self.grad_accum != 1:
+                        value = value / self.grad_accum
+                    sums[key] = value if key not in sums else sums[key] + value
         self.sync_gradients()
         # One reduction for both per-expert lists: counts first, then drops (grouped models).
         counts, dropped = per_expert.get("counts"), per_expert.get("dropped")
