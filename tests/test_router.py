@@ -199,3 +199,19 @@ def test_counts_and_slots_form_a_mapping_table():
         assert sorted(mine.tolist()) == list(range(mine.numel()))  # a permutation of 0..n-1
         assert int(r.counts_E[e]) == int(((ids == e) & kept).sum()) == min(mine.numel(), r.capacity)
     assert int(r.num_dropped) == int((~kept).sum())
+
+
+def test_logits_stay_fp32_under_autocast():
+    # Two experts whose logits differ by less than bf16 resolves near 1.0 (2^-7): in fp32 the
+    # second wins; computed in bf16 (what autocast does to a linear, even from fp32 operands)
+    # they tie and the lower index would win.
+    router = Router(1, 2, RouterConfig(top_k=1, dropless=True))
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0], [1.0 + 2**-10]]))
+    x = torch.ones(1, 1)
+    plain = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x)
+    assert plain.ids_TK.tolist() == [[1]]
+    assert mixed.ids_TK.tolist() == [[1]]
+    assert torch.equal(mixed.weights_TK, plain.weights_TK)

@@ -78,8 +78,11 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 
 @fused
 def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
-    """Finite fp32 logits x·Wgᵀ."""
-    return _finite(F.linear(x_TD.float(), w_ED.float()))
+    """Finite fp32 logits x·Wgᵀ, under autocast too: autocast would run the product in bf16
+    even from fp32 operands, and bf16-rounded logits change which experts win (ties, near-ties)
+    and keep the fp32 Triton router from being chosen."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
