@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeflow.reproduce import ReproduceOptions, reproduce  # noqa: E402
+from moeflow.reproduce.runner import ReproduceOptions, reproduce  # noqa: E402
 from moeflow.reproduce.family import STAGES  # noqa: E402
 from moeflow.reproduce.scale import SCALES  # noqa: E402
 from moeflow.train.metrics import read_metrics  # noqa: E402

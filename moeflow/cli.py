@@ -190,7 +190,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from moeflow.interop import convert
+    from moeflow.interop.convert import convert
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(convert(args.src, args.dst, to=args.to, dtype=dtype,
@@ -270,7 +270,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from moeflow.reproduce import ReproduceInterrupted, ReproduceOptions, reproduce
+    from moeflow.reproduce.runner import ReproduceInterrupted, ReproduceOptions, reproduce
 
     only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else ()
     opts = ReproduceOptions(out=args.out, scale=args.scale, only=only, resume=args.resume,

@@ -176,7 +176,8 @@ def test_deepseek_moe_layer_freq_follows_deepseek_not_transformers(tmp_path):
 
 
 def test_moeflow_checkpoint_round_trip_sharded(tmp_path):
-    from moeflow.interop import convert, save_pretrained
+    from moeflow.interop import save_pretrained
+    from moeflow.interop.convert import convert
 
     hf = _hf_model("qwen2_moe-shared-nonorm")
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # several shards + index.json

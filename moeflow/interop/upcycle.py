@@ -62,7 +62,6 @@ import torch
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop import neuron_groups as ng
-from moeflow.interop.pretrained import load_model_dir, save_pretrained
 from moeflow.model import Transformer
 from moeflow.model.transformer import count_parameters
 from moeflow.validate import check, choice, integer, number, option
@@ -320,6 +319,10 @@ def _digest(groups_EG: torch.Tensor) -> str:
 
 def upcycle(cfg: UpcycleConfig) -> UpcycleResult:
     """Load cfg.source, build the MoE, write cfg.out; everything is checked before writing."""
+    # here, not at the top: the command line imports this module for UpcycleConfig's flags, and
+    # the checkpoint readers/writers bring torch.distributed.checkpoint (~0.7 s) with them
+    from moeflow.interop.pretrained import load_model_dir, save_pretrained
+
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"upcycle: --out {cfg.out!r} already exists and is not empty")

@@ -99,6 +99,8 @@ def init_parameters(model: nn.Module, std: float, n_layers: int) -> None:
     1, biases to 0. Shared by every network built from Blocks (the LM, the forecaster)."""
     out_std = std / math.sqrt(2 * n_layers)
     for name, p in model.named_parameters():
+        if p.is_meta:  # no values to set (parameter counts, shards built before loading)
+            continue
         leaf = name.rsplit(".", 1)[-1]
         if "norm" in name:
             p.fill_(1.0) if leaf == "weight" else p.zero_()

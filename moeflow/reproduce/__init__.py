@@ -1,5 +1,5 @@
-"""`moeflow reproduce`: the DeepSpeed-MoE paper's claims, measured at small scale."""
+"""`moeflow reproduce`: the DeepSpeed-MoE paper's claims, measured at small scale.
 
-from moeflow.reproduce.runner import ReproduceInterrupted, ReproduceOptions, reproduce
-
-__all__ = ["ReproduceInterrupted", "ReproduceOptions", "reproduce"]
+The entry point is moeflow.reproduce.runner (`reproduce`, `ReproduceOptions`); this package
+imports nothing itself, so that the command line can read the family and scales (for its flags)
+without loading the trainer."""
