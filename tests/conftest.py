@@ -7,6 +7,7 @@ tests' tensors are tiny, where a second intra-op thread only adds synchronisatio
 cores busy, a 2-thread training step of the micro model took 11x as long as a 1-thread one."""
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -26,3 +27,23 @@ def corpus(tmp_path_factory):
 def config(tmp_path_factory):
     """The micro PR-MoE's model config file."""
     return write_config(tmp_path_factory.mktemp("cfg") / "micro.json")
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """`moeflow ARGV` run in this process, as a CompletedProcess (returncode, stdout, stderr):
+    for tests of what a command prints and returns, without an interpreter and torch import per
+    call (~3 s each on 2 cores). Tests of a real process's behaviour (no traceback, signals,
+    exit codes from the shell) start one instead."""
+    from moeflow.cli import main
+
+    monkeypatch.delenv("MOEFLOW_DEBUG", raising=False)
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code if isinstance(e.code, int) else 2
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["moeflow", *argv], code, out.out, out.err)
+    return run

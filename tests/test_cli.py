@@ -11,8 +11,8 @@ def moeflow(*args):
                           timeout=120)
 
 
-def test_info_json_for_a_paper_preset():
-    r = moeflow("info", "--preset", "1.3b-pr-moe-64-128", "--json")
+def test_info_json_for_a_paper_preset(run_cli):
+    r = run_cli("info", "--preset", "1.3b-pr-moe-64-128", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert abs(info["total_params"] - 31e9) / 31e9 < 0.03
@@ -20,10 +20,10 @@ def test_info_json_for_a_paper_preset():
     assert info["experts_per_moe_layer"] == [64] * 10 + [128] * 2
 
 
-def test_info_table_lists_every_preset():
+def test_info_table_lists_every_preset(run_cli):
     from moeflow import PRESETS
 
-    r = moeflow("info")
+    r = run_cli("info")
     assert r.returncode == 0, r.stderr
     for name in PRESETS:
         assert name in r.stdout
@@ -43,16 +43,16 @@ def test_unknown_preset_is_one_line_exit_2():
      "num_experts="),
     ('{"d_model": 30, "n_heads": 4}', "d_model=30"),
 ])
-def test_bad_config_file_is_one_line_exit_2(tmp_path, content, message):
+def test_bad_config_file_is_one_line_exit_2(tmp_path, run_cli, content, message):
     path = tmp_path / "model.json"
     path.write_text(content)
-    r = moeflow("info", "--config", str(path))
+    r = run_cli("info", "--config", str(path))
     assert r.returncode == 2 and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_missing_config_file(tmp_path):
-    r = moeflow("info", "--config", str(tmp_path / "absent.yaml"))
+def test_missing_config_file(tmp_path, run_cli):
+    r = run_cli("info", "--config", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
@@ -96,14 +96,14 @@ def test_yaml_error_names_the_line(tmp_path, capsys, content, where):
     assert where in lines[0], lines[0]
 
 
-def test_demo_refuses_an_existing_run_without_suggesting_a_flag_it_lacks(tmp_path):
+def test_demo_refuses_an_existing_run_without_suggesting_a_flag_it_lacks(tmp_path, run_cli):
     from _train_small import snapshot
 
     out = tmp_path / "demo"
     out.mkdir()
     (out / "run.json").write_text("{}")
     before = snapshot(out)
-    r = moeflow("demo", "--steps", "1", "--out", str(out))
+    r = run_cli("demo", "--steps", "1", "--out", str(out))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert f"--out {str(out)!r} already holds a training run" in lines[0]

@@ -125,19 +125,19 @@ def test_only_retrains_one_stage_and_keeps_the_others(smoke):
     (("--scale", "gpu"), "the gpu scale needs a CUDA GPU"),
     (("--scale", "huge"), "invalid choice: 'huge'"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, argv, message):
-    r = run_moeflow(*SMOKE, "--out", str(tmp_path / "new"), *argv)
+def test_bad_input_is_one_line_exit_2(tmp_path, run_cli, argv, message):
+    r = run_cli(*SMOKE, "--out", str(tmp_path / "new"), *argv)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists()  # refused before anything was written
 
 
-def test_unwritable_or_occupied_out_is_one_line_exit_2(tmp_path, smoke):
+def test_unwritable_or_occupied_out_is_one_line_exit_2(tmp_path, smoke, run_cli):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for out, message in ((blocker / "sub", "cannot write there"),
                          (smoke[0], "already holds a reproduction; pass --resume"),
                          (tmp_path, "holds other files")):
-        r = run_moeflow(*SMOKE, "--out", str(out))
+        r = run_cli(*SMOKE, "--out", str(out))
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1

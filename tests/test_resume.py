@@ -71,14 +71,14 @@ def test_resume_needs_no_flag_but_out_and_matches_an_uninterrupted_run(tmp_path,
         [x for x in losses(finished) if x[0] != 2]
 
 
-def test_a_contradicting_flag_is_refused_by_name_and_changes_nothing(finished):
+def test_a_contradicting_flag_is_refused_by_name_and_changes_nothing(finished, run_cli):
     before = snapshot(finished)
     for flag, value, message in [
         ("--lr", "0.01", "lr=0.01 but the run used lr=0.003"),
         ("--batch-size", "8", "batch_size=8 but the run used batch_size=4"),
         ("--steps", "3", "steps=3 but the run used steps=4; --steps can only grow"),
     ]:
-        r = run_moeflow("train", "--out", str(finished), "--resume", flag, value)
+        r = run_cli("train", "--out", str(finished), "--resume", flag, value)
         line = one_error_line(r)
         assert f"cannot resume {str(finished)!r}: {message}" in line, line
     assert snapshot(finished) == before
