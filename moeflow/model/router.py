@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.amp.autocast_mode import is_autocast_available
 from torch import nn
 
 from moeflow.config import RouterConfig
@@ -81,7 +82,10 @@ def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """Finite fp32 logits x·Wgᵀ, under autocast too: autocast would run the product in bf16
     even from fp32 operands, and bf16-rounded logits change which experts win (ties, near-ties)
     and keep the fp32 Triton router from being chosen."""
-    with torch.autocast(x_TD.device.type, enabled=False):
+    device = x_TD.device.type
+    if not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return _finite(F.linear(x_TD.float(), w_ED.float()))
+    with torch.autocast(device, enabled=False):
         return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
