@@ -103,8 +103,11 @@ def test_train_resume_and_plot_with_the_modality_rule(files, tmp_path):
     rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert all(set(r["group_assignments"]) == {"code", "text"} for r in train_rows)
-    assert all(r["group_assignments"]["code"] > 0 and r["group_assignments"]["text"] > 0
-               for r in train_rows)
+    # both groups over the run, not in every step: one step's 4 windows may hold one group
+    # only. A full-suite run had a step without code tokens after other files had run in the
+    # same worker (not reproduced alone; the windows depend on the trained tokenizer).
+    assert sum(r["group_assignments"]["code"] for r in train_rows) > 0
+    assert sum(r["group_assignments"]["text"] for r in train_rows) > 0
     assert rows[-1]["expert_groups"] == [["code", 2], ["text", 2]]
     names = [p.name for p in plot_run(straight)]
     assert "expert_groups.png" in names
