@@ -349,7 +349,6 @@ def test_hierarchical_all_to_all_matches_flat(tmp_path):
 
 def test_torchrun_cli_ep2(tmp_path, corpus):
     """The documented launch: `torchrun --nproc-per-node 2 -m moeflow train ... --ep 2` (gloo)."""
-    import os
     import subprocess
     import sys
 
@@ -360,8 +359,7 @@ def test_torchrun_cli_ep2(tmp_path, corpus):
            str(config_path), "--data", str(corpus), "--seq-len", "16", "--steps", "2",
            "--batch-size", "4", "--val-every", "2", "--val-batches", "1", "--device", "cpu",
            "--no-progress", "--out", str(tmp_path / "run"), "--ep", "2", "--zero"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished at step 2") == 1  # printed by rank 0 only
     rows = metrics(tmp_path / "run")
@@ -370,7 +368,7 @@ def test_torchrun_cli_ep2(tmp_path, corpus):
     # Extended by one step with --resume and no training flag: every rank reads run.json.
     resume = cmd[:cmd.index("train") + 1] + ["--out", str(tmp_path / "run"), "--resume",
                                              "--steps", "3", "--ep", "2", "--zero"]
-    proc = subprocess.run(resume, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished at step 3") == 1
     rows = metrics(tmp_path / "run")
