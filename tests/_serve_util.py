@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,27 +55,24 @@ def save_training_checkpoint(run_dir: Path, seed: int = 0) -> Path:
     return run_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m moeflow serve` in a subprocess; `url`, `get`, `post`, `stop`. `launch`: what
-    runs the `moeflow` module (e.g. torchrun's `-m torch.distributed.run ... -m`)."""
+    runs the `moeflow` module (e.g. torchrun's `-m torch.distributed.run ... -m`). The server
+    binds port 0 and the test reads the port it got from its start line: a port picked here and
+    handed over could be taken by another test process in between."""
 
     def __init__(self, model_dir: Path, *args: str, name: str = "tiny",
                  launch: tuple[str, ...] = ("-m",)) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None
+        self.url = ""
         self.name = name
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "PYTHONUNBUFFERED": "1"}
-        self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w+", dir=model_dir.parent, prefix="serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, *launch, "moeflow", "serve", "--model", str(model_dir), "--port",
-             str(self.port), "--served-model-name", name, *args],
+             "0", "--served-model-name", name, *args],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> "ServerProcess":
@@ -81,11 +80,18 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
+            if self.port is None:
+                bound = re.search(r"^moeflow serve: .* on http://[^\s]*:(\d+)$", self.output(),
+                                  re.MULTILINE)
+                if bound:
+                    self.port = int(bound.group(1))
+                    self.url = f"http://127.0.0.1:{self.port}"
+            else:
+                try:
+                    if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
 
