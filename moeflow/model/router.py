@@ -77,16 +77,22 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
-@fused
-def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor, fuse: str = "auto") -> torch.Tensor:
     """Finite fp32 logits x·Wgᵀ, under autocast too: autocast would run the product in bf16
     even from fp32 operands, and bf16-rounded logits change which experts win (ties, near-ties)
-    and keep the fp32 Triton router from being chosen."""
+    and keep the fp32 Triton router from being chosen. The autocast test stays outside the
+    compiled twin: torch 2.11's dynamo cannot trace `is_autocast_available`, and the twin fell
+    back to plain torch on every CUDA call."""
     device = x_TD.device.type
     if not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
-        return _finite(F.linear(x_TD.float(), w_ED.float()))
+        return _fp32_logits(x_TD, w_ED, fuse=fuse)
     with torch.autocast(device, enabled=False):
-        return _finite(F.linear(x_TD.float(), w_ED.float()))
+        return _fp32_logits(x_TD, w_ED, fuse=fuse)
+
+
+@fused
+def _fp32_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
