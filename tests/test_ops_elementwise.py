@@ -61,7 +61,8 @@ def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
     kw = (1 + 0.1 * torch.randn(hd, device=DEVICE)).to(dtype) if norm else None
     cos = sin = None
     if rope:  # positions per batch row (the decode view's [B, T] case) with an offset
-        positions = torch.arange(T, device=DEVICE)[None] + 7 * torch.arange(B, device=DEVICE)[:, None]
+        positions = (torch.arange(T, device=DEVICE)[None]
+                     + 7 * torch.arange(B, device=DEVICE)[:, None])
         cos, sin = rope_cos_sin(positions, hd, 10000.0, dtype)
     args = (q_BHTd, k_BGTd, qw, kw, 1e-6, cos, sin, interleave)
     q_ref, k_ref = prepare_qk.reference(*args)
