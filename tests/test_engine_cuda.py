@@ -28,6 +28,7 @@ import torch
 from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.decode_graphs import GraphDecoder
+from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.ops.backend import Backends
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -130,18 +131,30 @@ def reference():
     return make_reference()
 
 
-@pytest.mark.parametrize("variant", ["graphs", "eager", "unfused"])
+VARIANT_BACKENDS = {"unfused": Backends(fuse="reference"),
+                    # the one-pass Triton norms and q/k norm + RoPE at every size (auto picks
+                    # them only above FUSE_MAX_ELEMENTS, which these prompts never reach)
+                    "triton_elementwise": Backends(elementwise="triton")}
+
+
+@pytest.mark.parametrize("variant", ["graphs", "eager", "unfused", "no_prefill_graphs",
+                                     "triton_elementwise"])
 def test_bf16_engine_matches_fp32_within_bf16_rounding(reference, variant):
     model32, ps, paths, ref, err_w = reference
     model = copy.deepcopy(model32).bfloat16()
-    model.set_backends(Backends(fuse="reference" if variant == "unfused" else "auto"))
+    model.set_backends(VARIANT_BACKENDS.get(variant, Backends()))
     engine = ForcedEngine(model,
-                          EngineConfig(max_batch_size=4, cuda_graphs=variant != "eager"),
+                          EngineConfig(max_batch_size=4, cuda_graphs=variant != "eager",
+                                       prefill_graphs=variant != "no_prefill_graphs"),
                           {f"p{i}": path for i, path in enumerate(paths)})
     got = forced_logits(engine, ps)
     assert isinstance(engine._decoder, GraphDecoder) == (variant != "eager")
     if variant != "eager":
         assert len(engine._decoder.graphs) >= 1
+    prefill_graphs = variant not in ("eager", "no_prefill_graphs")
+    assert (engine._prefiller is not None) == prefill_graphs
+    if prefill_graphs:
+        assert len(engine._prefiller.graphs) >= 1
     worst_w = max(float(w.max()) for w in err_w)
     assert sum(float(w.mean()) for w in err_w) / len(err_w) < 8 * 2**-8  # a bf16-sized yardstick
     for i, (g, r, w) in enumerate(zip(got, ref, err_w)):
@@ -171,3 +184,44 @@ def test_graph_replay_equals_uncaptured_step():
         for a, b in zip(runs[0][1][rid], runs[1][1][rid]):
             assert torch.equal(a, b)
     assert runs[0][2] == runs[1][2]
+
+
+
+@pytest.mark.parametrize("elementwise", ["auto", "triton"])
+def test_graph_prefill_equals_padded_prefill_and_matches_eager(elementwise):
+    """Captured prefill = the same padded forward uncaptured, bit for bit (tokens, logits,
+    expert counts). Against the eager (unpadded) prefill, teacher-forced along the captured
+    run's tokens: the same greedy token after every prefill, logits within bf16 rounding
+    (padding changes the expert kernels' row buckets, hence their summation order)."""
+    model = qwen_like().bfloat16()
+    model.set_backends(Backends(elementwise=elementwise))
+    # Prompts of 5-40 tokens run the weight-streaming experts; one of 128 tokens fills its
+    # bucket and runs torch._grouped_mm (512 rows > 16 per expert), captured too.
+    ps = prompts(4, seed=3) + [list(range(1, 129))]
+    runs = {}
+    for name in ("captured", "uncaptured"):
+        engine = Engine(model, EngineConfig(max_batch_size=4))
+        if name == "uncaptured":
+            engine._prefiller = GraphPrefiller(engine._prefill_forward,
+                                               engine._prefiller.max_tokens, engine.device,
+                                               capture=False)
+        seen = {}
+        engine.logits_hook = lambda rid, row, seen=seen: seen.setdefault(rid, []).append(
+            row.float().clone())
+        runs[name] = (engine.generate(ps, GREEDY), seen, engine.stats().expert_counts)
+        if name == "captured":
+            assert len(engine._prefiller.graphs) >= 2
+    (out_c, seen_c, counts_c), (out_u, seen_u, counts_u) = runs["captured"], runs["uncaptured"]
+    assert out_c == out_u and counts_c == counts_u
+    for rid in seen_c:
+        for a, b in zip(seen_c[rid], seen_u[rid], strict=True):
+            assert torch.equal(a, b)
+    eager = ForcedEngine(model, EngineConfig(max_batch_size=4, prefill_graphs=False),
+                         {f"p{i}": path for i, path in enumerate(out_c)})
+    assert eager._prefiller is None
+    got = forced_logits(eager, ps)
+    for i, rows in enumerate(got):
+        captured = torch.stack(seen_c[f"req-{i}"])
+        assert int(rows[0].argmax()) == int(captured[0].argmax()) == out_c[i][0]
+        err = rel_err_S(captured, rows)
+        assert float(err.mean()) < 2e-2 and float(err.max()) < 0.15, err.tolist()

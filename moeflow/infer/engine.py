@@ -3,7 +3,8 @@
 The caller drives it (single-threaded): `add_request` queues a prompt, each `step()` decodes one
 token for every running request (one batched forward, replayed as a CUDA graph on GPU), then
 admits waiting requests into free cache slots and prefills them (one forward per prompt, which
-also yields their first token), and returns the step's `TokenEvent`s. Requests leave the batch
+also yields their first token; on GPU replayed as a CUDA graph per prompt-length bucket,
+moeflow.infer.prefill_graphs), and returns the step's `TokenEvent`s. Requests leave the batch
 the step they stop; `abort` frees a request's slot at once.
 
 Why a request's tokens do not depend on its batch-mates: every forward the engine runs routes
@@ -55,12 +56,13 @@ from typing import Callable
 import torch
 
 from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
+from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
 from moeflow.infer.sampling import SamplingParams, sample_next
 from moeflow.infer.scheduler import Request, Scheduler
-from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache
+from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
 from moeflow.ops.expert_mlp import expert_mlp_reference
 from moeflow.validate import integer
@@ -72,6 +74,10 @@ class EngineConfig:
     max_seq_len: int | None = None  # prompt + generated tokens; default model.config.max_seq_len
     cache_tokens: int | None = None  # KV tokens, all sequences; default max_batch_size*max_seq_len
     cuda_graphs: bool = True  # capture decode steps on CUDA (if capturable); ignored on CPU
+    # Also capture prefills (one graph per prompt-length bucket, moeflow.infer.prefill_graphs)
+    # where decode is captured; prompts longer than prefill_graph_tokens (or the slot) run eagerly.
+    prefill_graphs: bool = True
+    prefill_graph_tokens: int = 4096
     # Keep experts in host memory under a GPU-memory budget (moeflow.infer.offload); the engine
     # then places the model itself: load it on the CPU. Decode runs eagerly (no CUDA graphs).
     offload: OffloadConfig | None = None
@@ -82,6 +88,7 @@ class EngineConfig:
         integer("max_batch_size", self.max_batch_size, lo=1)
         integer("max_seq_len", self.max_seq_len, lo=1, optional=True)
         integer("cache_tokens", self.cache_tokens, lo=1, optional=True)
+        integer("prefill_graph_tokens", self.prefill_graph_tokens, lo=1)
 
 
 @dataclass(frozen=True)
@@ -175,10 +182,15 @@ class Engine:
                              "multi-rank step broadcast carries no group ids)")
         self.channel = channel
         self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
+        self._prefiller: GraphPrefiller | None = None
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
                                          self.device)
+            if config.prefill_graphs:
+                self._prefiller = GraphPrefiller(
+                    self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
+                    self.device)
         else:
             self._decoder = EagerDecoder(self._decode_forward, self.device)
         self._pending: list[TokenEvent] = []
@@ -353,9 +365,23 @@ class Engine:
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
 
+    def _prefill_forward(self, ids_1T: torch.Tensor, last_11: torch.Tensor,
+                         valid_T: torch.Tensor, slot_1: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded prompt into the slot `slot_1` holds (what GraphPrefiller captures)."""
+        out = self.model(ids_1T, cache=SlotPrefillView(self.cache, slot_1), logits_at=last_11,
+                         inference=True)
+        counts = count_experts(out.routing, valid_T, self._expert_offsets,
+                               self._expert_counts.numel())
+        return out.logits[:, 0], counts
+
     def _prefill(self, slot: int, prompt_ids: list[int],
                  prompt_groups: list[int] | None = None) -> torch.Tensor:
         T = len(prompt_ids)
+        if self._prefiller is not None and prompt_groups is None and self._prefiller.fits(T):
+            logits_1V, counts = self._prefiller(slot, prompt_ids)
+            self._expert_counts += counts
+            return logits_1V
         ids_1T = torch.tensor([prompt_ids], dtype=torch.int64, device=self.device)
         last = torch.full((1, 1), T - 1, dtype=torch.int64, device=self.device)
         groups_1T = None

@@ -21,10 +21,12 @@ sequence's earlier keys live):
       each new query attend causally to its own sequence's keys;
   advance(num_new): called once after the forward pass.
 
-Two views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
-from `start`) and `DecodeView` (one new token for each of slots 0..B-1 at its own position, keys
-read up to a static length S). This is moeflow's only KV cache: `moeflow generate`, the demo
-and the server all decode through the engine that owns it.
+Three views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
+from `start`), `SlotPrefillView` (a whole prompt, padded, into a slot named by a device tensor:
+the engine's captured prefill, moeflow.infer.prefill_graphs) and `DecodeView` (one new token for
+each of slots 0..B-1 at its own position, keys read up to a static length S). This is moeflow's
+only KV cache: `moeflow generate`, the demo and the server all decode through the engine that
+owns it.
 
 Legend: L layers, N slots, G kv heads, M max_len, S keys read, B batch, H query heads, T new
 tokens, dk/dv key/value dims.
@@ -96,6 +98,33 @@ class PrefillView:
         q_pos = torch.arange(self.start, end, device=q_BHTd.device)
         mask_TS = torch.arange(end, device=q_BHTd.device)[None, :] <= q_pos[:, None]
         return sdpa(q_BHTd, k_GMd[None, :, :end], v_GMd[None, :, :end], mask=mask_TS)
+
+    def advance(self, num_new: int) -> None:
+        pass
+
+
+class SlotPrefillView:
+    """A prompt from position 0 into the slot held by the device tensor `slot_1` (shape [1]), so
+    that one captured CUDA graph serves every slot. The prompt may be padded at its end (the
+    captured bucket): padding rows come after every real token, so causal attention keeps them
+    out of the real rows; their keys land in the slot past the prompt, where decode masks them
+    until it overwrites them position by position."""
+
+    def __init__(self, cache: SlotKVCache, slot_1: torch.Tensor) -> None:
+        self.cache, self.slot_1 = cache, slot_1
+
+    def positions(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+        if num_new > self.cache.max_len:
+            raise ValueError(f"KV slot overflow: {num_new} tokens > max_len "
+                             f"{self.cache.max_len}")
+        return torch.arange(num_new, device=device)[None]
+
+    def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
+               v_BGTd: torch.Tensor) -> torch.Tensor:
+        T = q_BHTd.shape[2]
+        self.cache.k_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, k_BGTd)
+        self.cache.v_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, v_BGTd)
+        return sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
 
     def advance(self, num_new: int) -> None:
         pass

@@ -21,7 +21,7 @@ from moeflow.config import ModelConfig
 from moeflow.model.norms import RMSNorm, rms_norm
 from moeflow.model.rope import apply_rope
 from moeflow.model.sliced import part, row_parallel
-from moeflow.ops.backend import Backends, ChoosesBackends
+from moeflow.ops.backend import Backends, ChoosesBackends, resolve_elementwise_backend
 from moeflow.ops.fused import fused
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
@@ -102,10 +102,15 @@ class Attention(nn.Module, ChoosesBackends):
         v_BGTd = v.view(B, T, G, hd).transpose(1, 2)
         head_norm = self.q_norm is not None and not self.full_qk_norm
         cos, sin = rope if rope is not None else (None, None)
-        q_BHTd, k_BGTd = prepare_qk(
-            q_BHTd, k_BGTd, self.q_norm.weight if head_norm else None,
-            self.k_norm.weight if head_norm else None, self.q_norm.eps if head_norm else 0.0,
-            cos, sin, self.rope_interleave, fuse=self.backends.fuse)
+        qk_args = (q_BHTd, k_BGTd, self.q_norm.weight if head_norm else None,
+                   self.k_norm.weight if head_norm else None,
+                   self.q_norm.eps if head_norm else 0.0, cos, sin, self.rope_interleave)
+        if head_norm or cos is not None:
+            if resolve_elementwise_backend(self.backends.elementwise, q_BHTd) == "triton":
+                from moeflow.ops.qk_rope_triton import qk_norm_rope_triton
+                q_BHTd, k_BGTd = qk_norm_rope_triton(*qk_args)
+            else:
+                q_BHTd, k_BGTd = prepare_qk(*qk_args, fuse=self.backends.fuse)
         if cache is None:
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         else:

@@ -1,11 +1,18 @@
-"""Normalisation layers: LayerNorm for the GPT family, RMSNorm for the Llama family."""
+"""Normalisation layers: LayerNorm for the GPT family, RMSNorm for the Llama family.
+
+RMSNorm runs one of three implementations of the same math, chosen per call by the model's
+Backends: plain torch (the reference), its torch.compile twin (small inputs on CUDA,
+moeflow.ops.fused) or a one-pass Triton kernel (large inputs without autograd,
+moeflow.ops.norm_triton). `add_norm` is the residual update followed by the next norm, which
+the Triton path does in the same pass.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from moeflow.ops.backend import Backends, ChoosesBackends
+from moeflow.ops.backend import Backends, ChoosesBackends, resolve_elementwise_backend
 from moeflow.ops.fused import fused
 
 
@@ -25,7 +32,22 @@ class RMSNorm(nn.Module, ChoosesBackends):
         self.backends = backends
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_elementwise_backend(self.backends.elementwise, x) == "triton":
+            from moeflow.ops.norm_triton import rms_norm_triton
+            return rms_norm_triton(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps, fuse=self.backends.fuse)
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h, norm(x + h)): the residual stream's update and its normalised value; one Triton
+    pass when `norm` is an RMSNorm whose backend picks it, else exactly the two plain steps."""
+    if (isinstance(norm, RMSNorm) and h.shape == x.shape and h.dtype == x.dtype
+            and resolve_elementwise_backend(norm.backends.elementwise, x) == "triton"):
+        from moeflow.ops.norm_triton import add_rms_norm_triton
+        return add_rms_norm_triton(x, h, norm.weight, norm.eps)
+    x = x + h
+    return x, norm(x)
 
 
 def make_norm(arch: str, dim: int, eps: float, backends: Backends = Backends()) -> nn.Module:

@@ -32,7 +32,7 @@ from moeflow.model.expert_groups import TokenGroups, token_groups
 from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
-from moeflow.model.norms import make_norm
+from moeflow.model.norms import add_norm, make_norm
 from moeflow.model.pregate import PregateHeads
 from moeflow.model.rope import rope_cos_sin
 from moeflow.ops.backend import Backends, ChoosesBackends, set_backends
@@ -85,11 +85,11 @@ class Block(nn.Module):
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
     def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None):
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+        x, normed = add_norm(self.ffn_norm, x, self.attn(self.attn_norm(x), rope, cache))
         if isinstance(self.ffn, MoELayer):
-            h, routing = self.ffn(self.ffn_norm(x), inference, groups)
+            h, routing = self.ffn(normed, inference, groups)
         else:
-            h, routing = self.ffn(self.ffn_norm(x)), None
+            h, routing = self.ffn(normed), None
         return x + h, routing
 
 

@@ -15,6 +15,10 @@ benchmarks compare every fast path with its plain-torch reference.
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
+- elementwise: ELEMENTWISE_BACKENDS, RMSNorm, residual add + RMSNorm and q/k norm + RoPE
+  ("reference" = as `fuse` decides; "triton" = one-pass kernels, moeflow.ops.norm_triton and
+  moeflow.ops.qk_rope_triton, whenever autograd is off, on any device; "auto" = triton on CUDA,
+  without autograd, for inputs above FUSE_MAX_ELEMENTS, where the compiled twins lose).
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -35,6 +39,7 @@ from moeflow.validate import choice
 ROUTER_BACKENDS = ("reference", "triton")
 DISPATCH_BACKENDS = ("reference", "triton")
 FUSE_BACKENDS = ("reference", "compiled")
+ELEMENTWISE_BACKENDS = ("reference", "triton")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
@@ -74,17 +79,19 @@ class Backends:
     dispatch: str = "auto"
     experts: str = "auto"
     fuse: str = "auto"
+    elementwise: str = "auto"
 
     def __post_init__(self) -> None:
         for name, names in (("router", ROUTER_BACKENDS), ("dispatch", DISPATCH_BACKENDS),
-                            ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS)):
+                            ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS),
+                            ("elementwise", ELEMENTWISE_BACKENDS)):
             choice(name, getattr(self, name), ("auto", *names))
 
     @classmethod
     def reference(cls) -> "Backends":
         """Plain torch everywhere."""
         return cls(router="reference", dispatch="reference", experts="reference",
-                   fuse="reference")
+                   fuse="reference", elementwise="reference")
 
 
 class ChoosesBackends:
@@ -169,3 +176,13 @@ def resolve_fuse(requested: str, x: torch.Tensor) -> bool:
     if requested == "reference" or torch.is_grad_enabled():
         return False
     return requested == "compiled" or (x.is_cuda and x.numel() <= FUSE_MAX_ELEMENTS)
+
+
+def resolve_elementwise_backend(requested: str, x: torch.Tensor) -> str:
+    """"triton" or "reference" for a norm / q-k-RoPE call with first argument `x`. Never Triton
+    under autograd (the kernels have no backward): training keeps the reference."""
+    if requested == "reference" or torch.is_grad_enabled():
+        return "reference"
+    if requested == "triton":
+        return "triton"
+    return "triton" if _triton_cuda(x) and x.numel() > FUSE_MAX_ELEMENTS else "reference"

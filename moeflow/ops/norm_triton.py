@@ -1,0 +1,72 @@
+"""RMSNorm (and residual add + RMSNorm) as one Triton pass per row, for inference on large inputs.
+
+Why: the plain-torch RMSNorm (moeflow.model.norms.rms_norm) is seven kernels with fp32
+temporaries the size of the input (upcast, square, mean, rsqrt, two products, downcast). On a
+prefill of 2048 tokens of d_model 2048 that is ~50 MB of traffic per norm instead of the 16 MB
+that reading x and writing y need, twice per layer. torch.compile's shape-dynamic twin measured
+slower than plain torch at that size (moeflow.ops.backend.FUSE_MAX_ELEMENTS), hence these kernels.
+
+Same math as the reference: fp32 arithmetic, y = x · rsqrt(mean(x²) + eps) · w, one rounding to
+x's dtype at the end; only the order of the fp32 sum differs (last-bit differences, which may
+move a bf16 output by one unit). `add_rms_norm` first rounds the residual sum s = x + h to x's
+dtype, exactly as the plain `x + h` does, and normalises that rounded s.
+
+Forward only (no autograd): moeflow.ops.backend.resolve_norm_backend never picks these under
+autograd. Legend: R rows (all leading dims), D normalised dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    m = d < D
+    x = tl.load(x_ptr + row * D + d, mask=m, other=0.0)
+    if HAS_RESIDUAL:
+        h = tl.load(h_ptr + row * D + d, mask=m, other=0.0)
+        s = (x.to(tl.float32) + h.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * D + d, s, mask=m)
+        x = s
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    D = x.shape[-1]
+    x_RD = x.reshape(-1, D).contiguous()
+    h_RD = None if h is None else h.reshape(-1, D).contiguous()
+    y_RD = torch.empty_like(x_RD)
+    s_RD = None if h is None else torch.empty_like(x_RD)
+    R = x_RD.shape[0]
+    block = triton.next_power_of_2(D)
+    if R:
+        _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight.contiguous(),
+                               y_RD if s_RD is None else s_RD, y_RD, D, float(eps),
+                               HAS_RESIDUAL=h is not None, BLOCK=block,
+                               num_warps=min(16, max(1, block // 256)))
+    return (None if s_RD is None else s_RD.view(x.shape)), y_RD.view(x.shape)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, fp32 math, returned in x's dtype."""
+    return _launch(x, None, weight, eps)[1]
+
+
+def add_rms_norm_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) with s = x + h rounded to x's dtype (the residual stream's update)."""
+    if h.shape != x.shape or h.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual {tuple(h.shape)} {h.dtype} does not match "
+                         f"{tuple(x.shape)} {x.dtype}")
+    s, y = _launch(x, h, weight, eps)
+    return s, y

@@ -1,0 +1,107 @@
+"""The one-pass Triton RMSNorm, add + RMSNorm and q/k norm + RoPE vs their plain-torch references
+(moeflow.model.norms.rms_norm, moeflow.model.attention.prepare_qk), and the model using them.
+
+Under Triton's interpreter (no GPU) in fp32 on tiny shapes: only the order of fp32 sums differs.
+On a GPU also bf16 at the Qwen3-30B-A3B prefill shape, to one unit of bf16 rounding."""
+
+import pytest
+
+from tests._triton_cpu import DEVICE, ON_GPU  # noqa: I001  (sets TRITON_INTERPRET first)
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from moeflow import ModelConfig, RouterConfig, Transformer  # noqa: E402
+from moeflow.model.attention import prepare_qk  # noqa: E402
+from moeflow.model.norms import rms_norm  # noqa: E402
+from moeflow.ops import backend  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
+from moeflow.ops.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from moeflow.ops.qk_rope_triton import qk_norm_rope_triton  # noqa: E402
+from moeflow.model.rope import rope_cos_sin  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+
+
+def _tol(dtype):
+    # bf16: the kernels round once where the reference rounds at every op (RoPE) or sums in
+    # another order (norms): one unit of bf16 (2^-8 relative) at most, on values of size ~3.
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_add_norm_match_reference(dtype):
+    T, D = (2048, 2048) if ON_GPU else (5, 24)  # D=24: a row shorter than the kernel's block
+    torch.manual_seed(0)
+    x = torch.randn(2, T, D, device=DEVICE).to(dtype)
+    h = torch.randn(2, T, D, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).to(dtype)
+    torch.testing.assert_close(rms_norm_triton(x, w, 1e-6), rms_norm.reference(x, w, 1e-6),
+                               **_tol(dtype))
+    s, y = add_rms_norm_triton(x, h, w, 1e-6)
+    assert torch.equal(s, x + h)  # the residual sum is rounded exactly as the plain add
+    torch.testing.assert_close(y, rms_norm.reference(x + h, w, 1e-6), **_tol(dtype))
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm_triton(x, h[:, :1], w, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,rope,interleave", [(True, True, False), (True, True, True),
+                                                  (False, True, False), (True, False, False)])
+def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
+    B, T, H, G, hd = (1, 2048, 32, 4, 128) if ON_GPU else (2, 3, 3, 1, 8)
+    torch.manual_seed(1)
+    # q and k as the attention module has them: strided head views of one qkv projection.
+    qkv = torch.randn(B, T, (H + 2 * G) * hd, device=DEVICE).to(dtype)
+    q, k, _ = qkv.split([H * hd, G * hd, G * hd], dim=-1)
+    q_BHTd = q.view(B, T, H, hd).transpose(1, 2)
+    k_BGTd = k.view(B, T, G, hd).transpose(1, 2)
+    qw = (1 + 0.1 * torch.randn(hd, device=DEVICE)).to(dtype) if norm else None
+    kw = (1 + 0.1 * torch.randn(hd, device=DEVICE)).to(dtype) if norm else None
+    cos = sin = None
+    if rope:  # positions per batch row (the decode view's [B, T] case) with an offset
+        positions = (torch.arange(T, device=DEVICE)[None]
+                     + 7 * torch.arange(B, device=DEVICE)[:, None])
+        cos, sin = rope_cos_sin(positions, hd, 10000.0, dtype)
+    args = (q_BHTd, k_BGTd, qw, kw, 1e-6, cos, sin, interleave)
+    q_ref, k_ref = prepare_qk.reference(*args)
+    q_out, k_out = qk_norm_rope_triton(*args)
+    assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape
+    torch.testing.assert_close(q_out, q_ref, **_tol(dtype))
+    torch.testing.assert_close(k_out, k_ref, **_tol(dtype))
+    if rope:  # one cos/sin row shared by the batch ([1, T, hd], prefill)
+        cos1, sin1 = rope_cos_sin(torch.arange(T, device=DEVICE)[None], hd, 10000.0, dtype)
+        args = (q_BHTd, k_BGTd, qw, kw, 1e-6, cos1, sin1, interleave)
+        torch.testing.assert_close(qk_norm_rope_triton(*args)[0], prepare_qk.reference(*args)[0],
+                                   **_tol(dtype))
+
+
+def test_elementwise_backend_choice():
+    big = torch.empty(backend.FUSE_MAX_ELEMENTS + 1)
+    with torch.no_grad():
+        assert backend.resolve_elementwise_backend("auto", big) == "reference"  # CPU
+        assert backend.resolve_elementwise_backend("triton", big[:4]) == "triton"
+        assert backend.resolve_elementwise_backend("reference", big) == "reference"
+    assert backend.resolve_elementwise_backend("triton", big) == "reference"  # autograd on
+    assert Backends.reference().elementwise == "reference"
+    with pytest.raises(ValueError, match="elementwise"):
+        Backends(elementwise="nope")
+
+
+@pytest.mark.parametrize("qk_scope", ["head", "full"])
+def test_model_forward_with_triton_elementwise_matches_reference(qk_scope):
+    """A Qwen3-like model (q/k norm per head, RoPE) and an OLMoE-like one (q/k norm over the
+    whole projection): the forward with the Triton kernels matches plain torch."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=64, n_layers=2, d_model=32, n_heads=4,
+                      n_kv_heads=2, head_dim=8, max_seq_len=16, qk_norm=True,
+                      qk_norm_scope=qk_scope, moe_kind="moe", moe_every=1, num_experts=4,
+                      expert_d_ff=16, router=RouterConfig(top_k=2, dropless=True))
+    model = Transformer(cfg, backends=Backends.reference()).to(DEVICE).eval()
+    ids = torch.randint(0, 64, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        ref = model(ids, inference=True).logits
+        model.set_backends(Backends(fuse="reference", elementwise="triton"))
+        got = model(ids, inference=True).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
