@@ -26,24 +26,29 @@ Legend: N rows, D model dim, E experts of this layer, S cache slots, K top-k.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from moeflow.infer.offload.cpu_experts import CpuExperts
 from moeflow.infer.offload.expert_cache import ExpertCache
 from moeflow.infer.offload.prefetch import Predictor, PrefetchLedger
+from moeflow.infer.offload.split_experts import SplitExperts, host_to_device
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
 
 
 class OffloadedExperts(nn.Module, ChoosesBackends):
     def __init__(self, layer: int, num_experts: int, d_model: int, d_ff: int, activation: str,
                  cache: ExpertCache, ledger: PrefetchLedger, backends: Backends = Backends(),
-                 predictor: Predictor | None = None, cpu: CpuExperts | None = None) -> None:
+                 predictor: Predictor | None = None, cpu: CpuExperts | None = None,
+                 split: SplitExperts | None = None) -> None:
         super().__init__()
         self.layer, self.num_experts = layer, num_experts
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
         self.backends = backends
         self.cache, self.ledger, self.predictor, self.cpu = cache, ledger, predictor, cpu
+        self.split = split
 
     def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
                 ) -> torch.Tensor:
@@ -62,12 +67,29 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
 
         y_ND = x_ND.new_zeros(x_ND.shape[0], cache.w_out_SFD.shape[-1])
         resident = cache.resident(self.layer)
-        on_cpu = [e for e in needed if e not in resident and self.cpu is not None
+        missed = [e for e in needed if e not in resident]
+        on_cpu = [e for e in missed if self.cpu is not None
                   and self.cpu.prefers_cpu(ends[e] - starts[e])]
-        if on_cpu:  # rows to the host before the device queues more work behind them
-            cpu_rows = torch.cat([torch.arange(starts[e], ends[e]) for e in on_cpu])
-            x_host_RD = x_ND[cpu_rows.to(x_ND.device)].to("cpu")
-        order = sorted((e for e in needed if e not in on_cpu),
+        split = {}  # expert -> Fg, the columns the device computes
+        if self.split is not None and not cache.has_empty_slot:
+            for e in missed:
+                Fg = self.split.columns_for(ends[e] - starts[e])
+                if 0 < Fg < self.d_ff:
+                    split[e] = Fg
+        host_experts = on_cpu + list(split)
+        if host_experts:  # rows to the host before the device queues more work behind them
+            x_host_RD = torch.cat([x_ND[starts[e]:ends[e]] for e in host_experts]).to("cpu")
+            at, host_rows = 0, {}
+            for e in host_experts:
+                host_rows[e] = x_host_RD[at:at + ends[e] - starts[e]]
+                at += ends[e] - starts[e]
+        if split:  # the CPU starts on its shares now, while this thread queues device work
+            pending = self.split.start_cpu(self.layer, [(e, Fg, host_rows[e])
+                                                         for e, Fg in split.items()])
+            for e, Fg in split.items():  # copies back to back on the copy stream
+                y_ND[starts[e]:ends[e]] = self.split.device_share(
+                    self.layer, e, Fg, x_ND[starts[e]:ends[e]])
+        order = sorted((e for e in needed if e not in on_cpu and e not in split),
                        key=lambda e: e not in resident)  # hits compute first
         groups = [order[i:i + cache.num_slots] for i in range(0, len(order), cache.num_slots)]
         for g, group in enumerate(groups):
@@ -79,13 +101,12 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
             cache.release(slots)
         if not groups and predicted:
             cache.prefetch(self.layer + 1, predicted)
-        if on_cpu:  # overlaps the device's kernels queued above
-            y_host_RD, at = torch.empty_like(x_host_RD[:, :y_ND.shape[1]]), 0
-            for e in on_cpu:
-                n = ends[e] - starts[e]
-                y_host_RD[at:at + n] = self.cpu.run(self.layer, e, x_host_RD[at:at + n])
-                at += n
-            y_ND[cpu_rows.to(x_ND.device)] = y_host_RD.to(x_ND.device)
+        for e in on_cpu:  # overlaps the device's kernels queued above
+            y_ND[starts[e]:ends[e]] = _to_device(self.cpu.run(self.layer, e, host_rows[e]),
+                                                 y_ND.device)
+        if split:
+            for e, y_RD in zip(split, pending.result()):
+                y_ND[starts[e]:ends[e]] += _to_device(y_RD, y_ND.device)
         return y_ND
 
     def _compute(self, x_ND: torch.Tensor, y_ND: torch.Tensor, experts: list[int],
@@ -96,12 +117,12 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
         counts_S = [0] * cache.num_slots
         for s, e in by_slot:
             counts_S[s] = ends[e] - starts[e]
-        rows = torch.cat([torch.arange(starts[e], ends[e]) for _, e in by_slot])
-        ends_S = torch.tensor(counts_S).cumsum(0).to(x_ND.device)
-        identity = rows.numel() == x_ND.shape[0] and bool((rows == torch.arange(
-            rows.numel())).all())
-        rows = rows.to(x_ND.device)
-        x_RD = x_ND if identity else x_ND[rows]
+        ends_S = list(itertools.accumulate(counts_S))
+        rows = [r for _, e in by_slot for r in range(starts[e], ends[e])]
+        identity = rows == list(range(x_ND.shape[0]))
+        both = host_to_device(ends_S + ([] if identity else rows), x_ND.device)
+        ends_S = both[:cache.num_slots]
+        x_RD = x_ND if identity else x_ND[both[cache.num_slots:]]
         # The chooser weighs rows per expert (few rows: the weight-streaming kernel): judge by
         # the slots in use, not the whole pool, whose empty slots cost those kernels nothing.
         used = len(experts)
@@ -112,4 +133,11 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
         if identity:
             y_ND.copy_(y_RD)
         else:
-            y_ND[rows] = y_RD
+            y_ND[both[cache.num_slots:]] = y_RD
+
+
+def _to_device(y_RD: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host rows to `device` from pinned memory, without a host sync (on CUDA)."""
+    if device.type != "cuda":
+        return y_RD
+    return y_RD.pin_memory().to(device, non_blocking=True)
