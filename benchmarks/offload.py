@@ -41,9 +41,13 @@ Configurations: all on the GPU (no budget, CUDA graphs); offloaded with each evi
 a third part computes misses on the CPU (Fiddler, moeflow.infer.offload.cpu_experts):
 "cyclic/router/auto" chooses per missed expert from the copy and CPU costs the engine measured
 at start (reported in ms as cpu_expert_costs, with the row count up to which the CPU wins),
-"cyclic/router/always" computes every miss there; cpu_expert_share is the share of demanded
-experts computed on the CPU, and the hit rate counts them as misses. Fine-tuned pre-gate heads
-("pregate") need a trained model and are measured on the CPU (benchmarks/pregate_hit_rate.py).
+"cyclic/router/always" computes every miss there; "lfu/none/split" splits each miss that finds
+no free slot between the device and the CPU (moeflow.infer.offload.split_experts; split_share:
+the share of demanded experts split, split_cpu_columns: the CPU's share of their d_ff columns,
+split_two_d_dma: whether the device shares were copied by one 2D DMA); cpu_expert_share is the
+share of demanded experts computed on the CPU, and the hit rate counts both as misses.
+Fine-tuned pre-gate heads ("pregate") need a trained model and are measured on the CPU
+(benchmarks/pregate_hit_rate.py).
 Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
 accelerate (infer_auto_device_map with max_memory = the budget less two of the largest decoder
 layers, which accelerate copies to the GPU to run CPU-placed layers, less 1 GiB for activations;
@@ -240,7 +244,10 @@ def offload_counts(engine: Engine) -> dict | None:
         return None
     return {**dataclasses.asdict(s.cache), "pred_needed": s.prefetch.needed,
             "pred_correct": s.prefetch.correct, "pred_predicted": s.prefetch.predicted,
-            "cpu_experts": s.cpu.experts if s.cpu else 0, "cpu_rows": s.cpu.rows if s.cpu else 0}
+            "cpu_experts": s.cpu.experts if s.cpu else 0, "cpu_rows": s.cpu.rows if s.cpu else 0,
+            "split_experts": s.split.experts if s.split else 0,
+            "split_cpu_columns": s.split.cpu_columns if s.split else 0,
+            "split_columns": s.split.columns if s.split else 0}
 
 
 def parse_config(config: str) -> dict:
@@ -263,10 +270,14 @@ def rates(d: dict | None, tokens: int, bandwidth: float, seconds: float) -> dict
         return {}
     floor = d["bytes_copied"] / tokens / bandwidth
     per_token = seconds / tokens
-    # Experts computed on the CPU (Fiddler) are misses the cache never saw: counted as misses.
-    demand = d["lookups"] + d["cpu_experts"]
+    # Experts computed on the CPU (Fiddler) or split between device and CPU are misses the
+    # cache never saw: counted as misses.
+    demand = d["lookups"] + d["cpu_experts"] + d["split_experts"]
     return {"hit_rate": d["hits"] / max(demand, 1),
             "cpu_expert_share": d["cpu_experts"] / max(demand, 1),
+            "split_share": d["split_experts"] / max(demand, 1),
+            "split_cpu_columns": (d["split_cpu_columns"] / d["split_columns"]
+                                  if d["split_columns"] else None),
             "pregate_recall": (d["pred_correct"] / d["pred_needed"]) if d["pred_needed"] else None,
             "copied_GB_per_token": d["bytes_copied"] / tokens / 1e9,
             "transfer_floor_ms": 1e3 * floor,
@@ -348,17 +359,26 @@ def child_offload(task: dict) -> dict:
             "cache_fraction": plan.slots * plan.expert / experts, "slots": plan.slots,
             "peak_GiB": peak / GiB, "within_budget": peak <= budget, "build_s": build_s,
             "h2d_GBps": bandwidth / 1e9, "cpu_expert_costs": cpu_costs(engine),
+            "split_two_d_dma": (engine.stats().offload.split.two_d_dma
+                                if engine.offload.split is not None else None),
             "plan_GiB": {k: v / GiB for k, v in dataclasses.asdict(plan).items()
                          if k not in ("slots", "min_slots")}}
 
 
 def cpu_costs(engine: Engine) -> dict | None:
-    """The costs the engine measured at start for its CPU-or-copy rule (cpu_experts=auto)."""
+    """The costs the engine measured at start for its CPU-or-copy rule (cpu_experts=auto) or
+    its device/CPU share (split), in ms (the dataclass's fields are in seconds: `_s` -> `_ms`);
+    for split, the CPU's share of the columns at 1 row and the miss time it predicts."""
     s = engine.stats().offload.cpu
     if s is None or s.costs is None:
         return None
-    return {**{k: 1e3 * v for k, v in dataclasses.asdict(s.costs).items()},
-            "cpu_wins_up_to_rows": s.costs.max_rows}
+    c = s.costs
+    out = {**{k[:-2] + "_ms": 1e3 * v for k, v in dataclasses.asdict(c).items()},
+           "cpu_wins_up_to_rows": c.max_rows}
+    if engine.offload.split is not None:
+        out["split_cpu_share_1row"] = c.copy_s / (c.copy_s + c.cpu_s(1))
+        out["split_miss_ms_1row"] = 1e3 * c.copy_s * c.cpu_s(1) / (c.copy_s + c.cpu_s(1))
+    return out
 
 
 def child_peer(task: dict) -> dict:
@@ -513,9 +533,9 @@ def plan_tasks(args) -> list[dict]:
 
 def table(results: dict) -> str:
     lines = ["| shape | config | budget GiB (full-depth) | peak GiB | prefill 512 tok/s | "
-             "decode b1 tok/s | b1 hit | b1 recall | b1 on CPU | b1 GB copied/token | "
-             "b1 × floor | decode b16 tok/s | b16 hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode b1 tok/s | b1 hit | b1 recall | b1 on CPU | b1 split (CPU cols) | "
+             "b1 GB copied/token | b1 × floor | decode b16 tok/s | b16 hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
@@ -531,7 +551,8 @@ def table(results: dict) -> str:
                 f"| {shape} | {name} | {budget} | {f(r.get('peak_GiB'))} | "
                 f"{r['prefill_512_tokens_per_s']:.0f} | {b1['tokens_per_s']:.2f} | "
                 f"{f(b1.get('hit_rate'))} | {f(b1.get('pregate_recall'))} | "
-                f"{f(b1.get('cpu_expert_share'))} | "
+                f"{f(b1.get('cpu_expert_share'))} | {f(b1.get('split_share'))} "
+                f"({f(b1.get('split_cpu_columns'))}) | "
                 f"{f(b1.get('copied_GB_per_token'), '{:.3f}')} | {f(b1.get('x_floor'))} | "
                 f"{b16['tokens_per_s']:.1f} | {f(b16.get('hit_rate'))} |")
     peer = results.get("peer")
@@ -564,7 +585,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS),
                    help="offloaded configurations, policy/prefetch[/cpu_experts] "
-                        "(cpu_experts: off (default), auto or always)")
+                        "(cpu_experts: off (default), auto, always or split)")
     p.add_argument("--core", type=int, default=4,
                    help="how many of --configs run per shape before the peer and the rest")
     p.add_argument("--budgets", choices=("small", "all"), default="small",

@@ -15,8 +15,10 @@ from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
 from moeflow.infer.offload.placement import plan_offload
 from moeflow.infer.offload.prefetch import PrefetchLedger
+from moeflow.infer.offload.split_experts import SplitExperts, device_columns
 from moeflow.infer.slot_cache import SlotKVCache
 from moeflow.model.experts import Experts
+from moeflow.ops.expert_mlp import expert_mlp_reference
 
 VOCAB = 97
 KINDS = {
@@ -51,12 +53,13 @@ def prompts(n: int, seed: int) -> list[list[int]]:
             for t in torch.randint(3, 12, (n,), generator=g)]
 
 
-def budget_for(model, slots: int, max_batch_size: int) -> str:
+def budget_for(model, slots: int, max_batch_size: int, cpu_experts: str = "off") -> str:
     """A budget that buys exactly `slots` cache slots (the plan of an ample one, as the engine
     will compute it: max_seq_len and slot count are the engine's defaults here)."""
     max_len = model.config.max_seq_len
     kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
-    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"), kv, max_len, max_batch_size)
+    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB", cpu_experts=cpu_experts), kv,
+                         max_len, max_batch_size)
     return str(probe.fixed + slots * probe.expert)
 
 
@@ -116,6 +119,86 @@ def test_misses_computed_on_the_cpu_give_the_resident_engines_outputs(kind, cpu_
         costs = stats.cpu.costs
         assert costs.copy_s > 0 and costs.cpu_fixed_s + costs.cpu_per_row_s > 0
         assert stats.cpu.rows <= stats.cpu.experts * max(costs.max_rows, 0)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_split_misses_give_the_resident_engines_tokens_and_close_logits(kind):
+    """cpu_experts="split": once the cache is full, every miss is computed half by the device
+    (a staged copy of its first d_ff columns) and half by the CPU worker, and the partials are
+    summed. Each half sums over fewer d_ff terms, so logits differ from the resident engine's
+    by rounding only (fp32 here: measured <= 5e-7 on logits of magnitude ~2, two units in the
+    last place; the 1e-5 tolerance leaves margin for other BLAS builds);
+    greedy tokens are the same."""
+    model = make_model(kind)
+    ps = prompts(2, seed=7 + len(kind))
+    _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
+    top_k = model.config.router.top_k
+    offload = OffloadConfig(gpu_memory=budget_for(model, top_k + 1, 2, "split"),
+                            cpu_experts="split")
+    engine = Engine(copy.deepcopy(model), EngineConfig(max_batch_size=2, offload=offload))
+    assert engine.offload.plan.slots == top_k + 1
+    assert engine.offload.plan.staging == engine.offload.plan.expert
+    measured = engine.offload.split.costs
+    assert measured.copy_s > 0 and measured.cpu_fixed_s + measured.cpu_per_row_s > 0
+    # The timing-based share would vary run to run: equal costs give every side half.
+    engine.offload.split.costs = CpuExpertCosts(copy_s=1.0, cpu_fixed_s=1.0, cpu_per_row_s=0.0)
+    logits: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
+    assert engine.generate(ps, GREEDY) == ref_tokens
+    worst = 0.0
+    for rid, rows in ref_logits.items():
+        for a, b in zip(logits[rid], rows, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            worst = max(worst, (a - b).abs().max().item())
+    assert worst > 0  # the split really ran: partial sums round differently
+    stats = engine.stats().offload
+    F = model.moe_layers()[-1].experts.d_ff
+    assert stats.split.experts > 0 and stats.split.columns == stats.split.experts * F
+    assert stats.split.cpu_columns == stats.split.experts * (F - round(F / 2))
+    assert not stats.split.two_d_dma and stats.cpu.experts == 0
+    # Only misses that found no free slot were split: the cache copied the first slots' worth.
+    assert stats.cache.copies == stats.cache.lookups - stats.cache.hits >= top_k + 1
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True),
+                                             ("swiglu", True)])
+def test_split_shares_sum_to_the_whole_expert(activation, bias):
+    """The d_ff split is exact algebra: device share + CPU share = the expert, for any Fg."""
+    torch.manual_seed(0)
+    D, F, E, R = 8, 12, 3, 5
+    I = 2 * F if activation == "swiglu" else F
+    store = ExpertStore(pin=False)
+    store.add_layer(torch.randn(E, D, I, dtype=torch.float64),
+                    torch.randn(E, F, D, dtype=torch.float64),
+                    torch.randn(E, I, dtype=torch.float64) if bias else None,
+                    torch.randn(E, D, dtype=torch.float64) if bias else None)
+    costs = CpuExpertCosts(copy_s=1.0, cpu_fixed_s=1.0, cpu_per_row_s=0.0)
+    split = SplitExperts(store, activation, costs, torch.device("cpu"), None)
+    x_RD = torch.randn(R, D, dtype=torch.float64)
+    le = store.layers[0]
+    for e, Fg in ((0, 1), (1, 6), (2, 11)):
+        whole = expert_mlp_reference(x_RD, torch.tensor([R]), le.w_in_EDI[e:e + 1],
+                                     None if le.b_in_EI is None else le.b_in_EI[e:e + 1],
+                                     le.w_out_EFD[e:e + 1],
+                                     None if le.b_out_ED is None else le.b_out_ED[e:e + 1],
+                                     activation, False)
+        (cpu_part,) = split.start_cpu(0, [(e, Fg, x_RD)]).result()
+        total = split.device_share(0, e, Fg, x_RD) + cpu_part
+        torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
+    assert split.stats(False).cpu_columns == (F - 1) + (F - 6) + (F - 11)
+
+
+def test_split_share_balances_the_measured_costs():
+    """f = copy / (copy + cpu): the H200's measured costs (copy 6.44 ms, CPU 10.0 ms + 0.027
+    ms/row) give the CPU 39 % of Mixtral's 14336 columns at 1 row, both sides done in 3.9 ms;
+    more rows make the CPU slower and its share smaller. Rounded to 128-column tiles."""
+    h200 = CpuExpertCosts(copy_s=6.44e-3, cpu_fixed_s=10.0e-3, cpu_per_row_s=0.027e-3)
+    Fg = device_columns(h200, 1, 14336, 128)
+    assert Fg == 68 * 128
+    assert (14336 - Fg) / 14336 == pytest.approx(6.44 / (6.44 + 10.027), abs=128 / 14336)
+    assert device_columns(h200, 64, 14336, 128) > Fg
+    assert device_columns(CpuExpertCosts(1.0, 1.0, 0.0), 1, 24, 1) == 12
+    assert device_columns(CpuExpertCosts(1.0, 1e9, 0.0), 1, 24, 1) == 24  # CPU far too slow
 
 
 def test_cpu_expert_rule_compares_the_measured_costs():

@@ -16,7 +16,9 @@ minimum it finds none and is skipped (counted in the statistics).
 Eviction policy ("lru", "lfu" or "cyclic", see moeflow.infer.offload.expert_cache) and the
 prefetch method ("none"; "router": zero-shot pre-gating with the next layer's router;
 "pregate": the model's fine-tuned pre-gate heads, `moeflow train --pregate`) and whether misses
-may compute on the CPU (`cpu_experts`, moeflow.infer.offload.cpu_experts) are chosen here too.
+may compute on the CPU (`cpu_experts`, moeflow.infer.offload.cpu_experts; "split": the device
+and the CPU share a missed expert, moeflow.infer.offload.split_experts, whose staging buffer of
+one expert comes out of the budget) are chosen here too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 from moeflow.validate import check, choice, option
 
-CPU_EXPERTS = ("off", "auto", "always")
+CPU_EXPERTS = ("off", "auto", "always", "split")
 POLICIES = ("lru", "lfu", "cyclic")
 PREFETCH = ("none", "router", "pregate")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -77,7 +79,9 @@ class OffloadConfig:
     # off by default until the GPU benchmark has measured it (benchmarks/offload.py, "+cpu" rows).
     cpu_experts: str = option("compute a missed expert on the CPU from its host copy when that is "
                               "faster than copying it (auto: from copy and CPU rates measured at "
-                              "start; always: every miss, for benchmarks)", choices=CPU_EXPERTS,
+                              "start; always: every miss, for benchmarks; split: the device and "
+                              "the CPU each compute a share of a missed expert's columns at "
+                              "once)", choices=CPU_EXPERTS,
                               default="off")
     device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
 
@@ -104,10 +108,11 @@ class BudgetPlan:
     expert: int  # one expert's weights (all projections and biases)
     min_slots: int
     slots: int
+    staging: int = 0  # the device share of a split miss (cpu_experts="split"): one expert
 
     @property
     def fixed(self) -> int:
-        return self.non_expert + self.kv_cache + self.activations
+        return self.non_expert + self.kv_cache + self.activations + self.staging
 
     @property
     def cache(self) -> int:
@@ -115,15 +120,18 @@ class BudgetPlan:
 
 
 def plan_budget(budget: int, non_expert: int, kv_cache: int, activations: int, expert: int,
-                min_slots: int, total_experts: int) -> BudgetPlan:
+                min_slots: int, total_experts: int, staging: int = 0) -> BudgetPlan:
     """Slots = (budget - fixed) // expert, at most every expert; ValueError below the minimum."""
-    fixed = non_expert + kv_cache + activations
+    fixed = non_expert + kv_cache + activations + staging
     need = fixed + min_slots * expert
     if budget < need:
+        what = "non-expert weights + KV cache + activations" + (
+            " + split staging" if staging else "")
         raise ValueError(
             f"gpu_memory={format_size(budget)}: below the {format_size(need)} needed for the "
-            f"non-expert weights + KV cache + activations ({format_size(fixed)}) and a minimal "
-            f"expert cache of {min_slots} experts ({format_size(min_slots * expert)})")
+            f"{what} ({format_size(fixed)}) and a minimal expert cache of {min_slots} experts "
+            f"({format_size(min_slots * expert)})")
     slots = min((budget - fixed) // expert, total_experts)
     return BudgetPlan(budget=budget, non_expert=non_expert, kv_cache=kv_cache,
-                      activations=activations, expert=expert, min_slots=min_slots, slots=slots)
+                      activations=activations, expert=expert, min_slots=min_slots, slots=slots,
+                      staging=staging)

@@ -16,8 +16,10 @@ rows, round trip of the rows included (on CUDA: device→host, compute, host→d
 
 Modes (OffloadConfig.cpu_experts): "off" (always copy), "auto" (the rule above), "always"
 (every miss computes on the CPU: the rule's upper bound for benchmarks, and the tests' way to
-exercise the path). An expert computed on the CPU is not loaded into the cache (it evicts
-nothing), and it is never one the cache already holds: hits always compute on the device.
+exercise the path), "split" (the device and the CPU each compute a share of every miss that
+would evict: moeflow.infer.offload.split_experts, with the same measured costs). An expert
+computed on the CPU is not loaded into the cache (it evicts nothing), and it is never one the
+cache already holds: hits always compute on the device.
 
 The CPU runs the plain-torch expert MLP (moeflow.ops.expert_mlp.expert_mlp_reference) on views
 of the store's tensors (no copy of the weights), in the model's dtype.
@@ -36,7 +38,7 @@ import torch
 from moeflow.infer.offload.expert_store import ExpertStore
 from moeflow.ops.expert_mlp import expert_mlp_reference
 
-MODES = ("off", "auto", "always")
+MODES = ("off", "auto", "always", "split")
 PROBE_ROWS = 16
 
 
@@ -63,7 +65,7 @@ class CpuExpertCosts:
 class CpuExpertStats:
     experts: int  # expert calls computed on the CPU
     rows: int  # rows they computed
-    costs: CpuExpertCosts | None  # what the rule used ("auto"), or None
+    costs: CpuExpertCosts | None  # what the rule used ("auto", "split"), or None
 
 
 class CpuExperts:
@@ -73,14 +75,14 @@ class CpuExperts:
                  costs: CpuExpertCosts | None) -> None:
         if mode not in MODES:
             raise ValueError(f"cpu_experts={mode!r}: must be one of {', '.join(MODES)}")
-        if mode == "auto" and costs is None:
-            raise ValueError("cpu_experts='auto' needs the measured costs")
+        if mode in ("auto", "split") and costs is None:
+            raise ValueError(f"cpu_experts={mode!r} needs the measured costs")
         self.store, self.activation, self.mode, self.costs = store, activation, mode, costs
         self.experts = self.rows = 0
 
     def prefers_cpu(self, rows: int) -> bool:
         """For a missed expert with `rows` rows: compute it on the CPU rather than copy it?"""
-        if self.mode == "off":
+        if self.mode in ("off", "split"):  # split: moeflow.infer.offload.split_experts
             return False
         return self.mode == "always" or self.costs.cpu_s(rows) < self.costs.copy_s
 
@@ -96,7 +98,8 @@ class CpuExperts:
         return y_RD
 
     def stats(self) -> CpuExpertStats:
-        return CpuExpertStats(self.experts, self.rows, self.costs if self.mode == "auto" else None)
+        return CpuExpertStats(self.experts, self.rows,
+                              self.costs if self.mode in ("auto", "split") else None)
 
 
 def _median_s(fn, sync, repeats: int) -> float:

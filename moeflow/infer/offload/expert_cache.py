@@ -99,6 +99,10 @@ class ExpertCache:
     def resident(self, layer: int) -> set[int]:
         return {k[1] for k in self.slot_of if k[0] == layer}
 
+    @property
+    def has_empty_slot(self) -> bool:
+        return bool(self._empty)
+
     def stats(self) -> CacheStats:
         return CacheStats(**self._counts)
 

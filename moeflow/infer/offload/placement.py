@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.infer.device import resolve_device
+from moeflow.infer.offload.column_copy import two_d_dma
 from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
 from moeflow.infer.offload.cpu_experts import CpuExperts, CpuExpertStats, measure_costs
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
@@ -32,6 +33,7 @@ from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
 from moeflow.infer.offload.prefetch import (PregatePredictor, PrefetchLedger, PrefetchStats,
                                             RouterPredictor)
+from moeflow.infer.offload.split_experts import SplitExperts, SplitStats
 from moeflow.ops.activation import ffn_in_width
 
 
@@ -41,6 +43,7 @@ class OffloadStats:
     cache: CacheStats  # lookups: experts computed on the device (CPU-computed ones are in `cpu`)
     prefetch: PrefetchStats
     cpu: CpuExpertStats | None = None  # misses computed on the CPU, if cpu_experts is not "off"
+    split: SplitStats | None = None  # misses split between device and CPU (cpu_experts="split")
 
 
 def _layer_experts(experts) -> LayerExperts:
@@ -83,13 +86,17 @@ class ExpertOffload:
     """The engine's handle on an offloaded model: its budget plan, cache and statistics."""
 
     def __init__(self, plan: BudgetPlan, cache: ExpertCache, ledger: PrefetchLedger,
-                 device: torch.device, cpu: CpuExperts | None = None) -> None:
+                 device: torch.device, cpu: CpuExperts | None = None,
+                 split: SplitExperts | None = None) -> None:
         self.plan, self.cache, self.ledger, self.device = plan, cache, ledger, device
-        self.cpu = cpu
+        self.cpu, self.split = cpu, split
 
     def stats(self) -> OffloadStats:
+        split = None
+        if self.split is not None:
+            split = self.split.stats(self.device.type == "cuda" and two_d_dma())
         return OffloadStats(self.plan, self.cache.stats(), self.ledger.stats(),
-                            None if self.cpu is None else self.cpu.stats())
+                            None if self.cpu is None else self.cpu.stats(), split)
 
 
 def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStore | None]:
@@ -124,7 +131,8 @@ def plan_offload(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: 
                        activations=activation_bytes(model, max_tokens, max_batch, device),
                        expert=expert_bytes(sources[0]),
                        min_slots=max(m.spec.router.top_k for m in layers),
-                       total_experts=sum(m.spec.num_experts for m in layers))
+                       total_experts=sum(m.spec.num_experts for m in layers),
+                       staging=expert_bytes(sources[0]) if config.cpu_experts == "split" else 0)
 
 
 def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
@@ -142,17 +150,21 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
     del sources  # they hold the layers' weights: drop them so they go with each layer's module
     ledger = PrefetchLedger()
-    cpu = None
+    cpu = split = None
     for i, layer in enumerate(layers):
         old = layer.experts
         if reuse is None:
             store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
         if i == 0 and config.cpu_experts != "off":  # layer 0 is stored: measure with it
             costs = None
-            if config.cpu_experts == "auto":  # slot 0 is empty until the first forward
+            if config.cpu_experts in ("auto", "split"):  # slot 0 is empty until first used
                 costs = measure_costs(store, old.activation, lambda: cache.copy_into(0, (0, 0)),
                                       device)
             cpu = CpuExperts(store, old.activation, config.cpu_experts, costs)
+            if config.cpu_experts == "split":
+                split = SplitExperts(store, old.activation, costs, device,
+                                     cache.streams.copy if device.type == "cuda" else None,
+                                     old.backends)
         predictor = None
         if config.prefetch == "router" and i + 1 < len(layers):
             predictor = RouterPredictor(layers[i + 1].router)
@@ -160,7 +172,7 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
             predictor = PregatePredictor(model.pregate, i)
         layer.experts = OffloadedExperts(i, old.num_experts, old.d_model, old.d_ff,
                                          old.activation, cache, ledger, old.backends,
-                                         predictor, cpu)
+                                         predictor, cpu, split)
         del old  # the layer held the only reference: its weights are freed here
     model.to(device)
-    return ExpertOffload(plan, cache, ledger, device, cpu)
+    return ExpertOffload(plan, cache, ledger, device, cpu, split)
