@@ -242,7 +242,10 @@ def offload_counts(engine: Engine) -> dict | None:
     s = engine.stats().offload
     if s is None:
         return None
-    return {**dataclasses.asdict(s.cache), "pred_needed": s.prefetch.needed,
+    cache = dataclasses.asdict(s.cache)
+    if s.split:  # the split misses' device shares are copies too (the transfer floor's bytes)
+        cache["bytes_copied"] += s.split.bytes_copied
+    return {**cache, "pred_needed": s.prefetch.needed,
             "pred_correct": s.prefetch.correct, "pred_predicted": s.prefetch.predicted,
             "cpu_experts": s.cpu.experts if s.cpu else 0, "cpu_rows": s.cpu.rows if s.cpu else 0,
             "split_experts": s.split.experts if s.split else 0,

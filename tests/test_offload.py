@@ -156,6 +156,11 @@ def test_split_misses_give_the_resident_engines_tokens_and_close_logits(kind):
     assert stats.split.experts > 0 and stats.split.columns == stats.split.experts * F
     assert stats.split.cpu_columns == stats.split.experts * (F - round(F / 2))
     assert not stats.split.two_d_dma and stats.cpu.experts == 0
+    # Each split copied its device half: w_in's and w_out's first F/2 columns/rows, biases.
+    le, Fg = engine.offload.split.store.layers[-1], round(F / 2)
+    share = sum(t[0].numel() * Fg // F for t in (le.w_in_EDI, le.w_out_EFD, le.b_in_EI)
+                if t is not None) + (0 if le.b_out_ED is None else le.b_out_ED[0].numel())
+    assert stats.split.bytes_copied == stats.split.experts * share * le.w_in_EDI.element_size()
     # Only misses that found no free slot were split: the cache copied the first slots' worth.
     assert stats.cache.copies == stats.cache.lookups - stats.cache.hits >= top_k + 1
 

@@ -81,6 +81,7 @@ class SplitStats:
     rows: int  # rows they computed
     cpu_columns: int  # d_ff columns the CPU computed, summed over them
     columns: int  # all their d_ff columns (experts · F)
+    bytes_copied: int  # the device shares' host -> device bytes
     two_d_dma: bool  # device shares copied by one cudaMemcpy2DAsync (else a staged torch copy)
 
     @property
@@ -111,7 +112,7 @@ class SplitExperts:
         if device.type == "cuda":
             self.ready, self.free = torch.cuda.Event(), torch.cuda.Event()
         self.worker = concurrent.futures.ThreadPoolExecutor(1, "moeflow-split-cpu")
-        self.experts = self.rows = self.cpu_columns = self.columns = 0
+        self.experts = self.rows = self.cpu_columns = self.columns = self.bytes_copied = 0
 
     def columns_for(self, rows: int) -> int:
         """Fg for a miss with `rows` rows; 0 or F: no split (one side would get nothing)."""
@@ -168,11 +169,14 @@ class SplitExperts:
         if cuda:
             self.free.record(torch.cuda.current_stream(self.device))
         self.experts += 1
+        self.bytes_copied += sum(t.numel() * t.element_size() for t in
+                                 (w_in_1DI, w_out_1FD, b_in_1I, b_out_1D) if t is not None)
         self.rows += x_RD.shape[0]
         self.cpu_columns += F - Fg
         self.columns += F
         return y_RD
 
     def stats(self, two_d_dma: bool) -> SplitStats:
-        return SplitStats(self.experts, self.rows, self.cpu_columns, self.columns, two_d_dma)
+        return SplitStats(self.experts, self.rows, self.cpu_columns, self.columns,
+                          self.bytes_copied, two_d_dma)
 
