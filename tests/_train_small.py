@@ -74,6 +74,31 @@ def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def cli_in_process(*argv: str) -> subprocess.CompletedProcess:
+    """`moeflow ARGV` run in this process (what tests/conftest.py's `run_cli` does, usable from a
+    module fixture): the CLI a user meets, without an interpreter and torch import per call.
+    Comparisons between such runs are made inside one process, so they share its thread count
+    and any global RNG state a leg might wrongly read (a fresh process starts from torch's fixed
+    default seed, which would hide that; this one does not)."""
+    import contextlib
+    import io
+
+    from moeflow.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.pop("MOEFLOW_DEBUG", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        if saved is not None:
+            os.environ["MOEFLOW_DEBUG"] = saved
+    return subprocess.CompletedProcess(["moeflow", *argv], code, out.getvalue(), err.getvalue())
+
+
 def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
     """(step, loss, val_loss) of every metrics row, in order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
