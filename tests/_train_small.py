@@ -77,16 +77,21 @@ def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120,
 def cli_in_process(*argv: str) -> subprocess.CompletedProcess:
     """`moeflow ARGV` run in this process (what tests/conftest.py's `run_cli` does, usable from a
     module fixture): the CLI a user meets, without an interpreter and torch import per call.
-    Comparisons between such runs are made inside one process, so they share its thread count
-    and any global RNG state a leg might wrongly read (a fresh process starts from torch's fixed
-    default seed, which would hide that; this one does not)."""
+    It runs on the tests' one intra-op thread (tests/conftest.py), whatever another test left, so
+    its numbers are a fresh `run_moeflow` process's (the thread count changes CPU reduction
+    order). A leg that read the global RNG instead of its run's own would differ between two
+    such runs (fresh processes all start from torch's fixed default seed, which hides that)."""
     import contextlib
     import io
+
+    import torch
 
     from moeflow.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = os.environ.pop("MOEFLOW_DEBUG", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -94,6 +99,7 @@ def cli_in_process(*argv: str) -> subprocess.CompletedProcess:
             except SystemExit as e:  # argparse: --help, usage errors
                 code = e.code if isinstance(e.code, int) else 2
     finally:
+        torch.set_num_threads(threads)
         if saved is not None:
             os.environ["MOEFLOW_DEBUG"] = saved
     return subprocess.CompletedProcess(["moeflow", *argv], code, out.getvalue(), err.getvalue())
