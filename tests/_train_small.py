@@ -74,6 +74,37 @@ def run_moeflow(*argv: str, script: str | None = None, timeout: float = 120,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def cli_in_process(*argv: str) -> subprocess.CompletedProcess:
+    """`moeflow ARGV` run in this process (what tests/conftest.py's `run_cli` does, usable from a
+    module fixture): the CLI a user meets, without an interpreter and torch import per call.
+    It runs on the tests' one intra-op thread (tests/conftest.py), whatever another test left, so
+    its numbers are a fresh `run_moeflow` process's (the thread count changes CPU reduction
+    order). A leg that read the global RNG instead of its run's own would differ between two
+    such runs (fresh processes all start from torch's fixed default seed, which hides that)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from moeflow.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.pop("MOEFLOW_DEBUG", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        torch.set_num_threads(threads)
+        if saved is not None:
+            os.environ["MOEFLOW_DEBUG"] = saved
+    return subprocess.CompletedProcess(["moeflow", *argv], code, out.getvalue(), err.getvalue())
+
+
 def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
     """(step, loss, val_loss) of every metrics row, in order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -47,3 +47,12 @@ def run_cli(capsys, monkeypatch):
         out = capsys.readouterr()
         return subprocess.CompletedProcess(["moeflow", *argv], code, out.out, out.err)
     return run
+
+
+def pytest_sessionfinish(session):
+    """Stop the fork server that tests/parallel_workers.spawn starts its ranks from (if any), and
+    wait for it: its CPU time and its ranks' then count as this process's children's, and no
+    process outlives the session."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # noqa: SLF001 - the stdlib's one way to stop and reap it

@@ -8,6 +8,7 @@ waiting forever) and the parent's deadline (kills the ranks and fails the test).
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import os
 import socket
 import time
@@ -47,9 +48,16 @@ def _entry(rank, world, port, outdir, worker, args):
 
 
 def spawn(worker, world: int, args: tuple, outdir: Path, timeout_s: float = 90.0) -> list:
-    """Run worker(rank, world, *args) on `world` gloo ranks; returns each rank's result."""
+    """Run worker(rank, world, *args) on `world` gloo ranks; returns each rank's result.
+
+    The ranks fork from multiprocessing's fork server, which imported torch, moeflow and the
+    workers once (the first call's preload): a spawned rank imported them itself, ~3 CPU s per
+    rank, most of a small run. The fork server is one clean single-threaded process, so forking
+    it is safe where forking the test process (threads, torch state) would not be, and every rank
+    still starts from the same state. tests/conftest.py stops it at the end of the session."""
+    multiprocessing.set_forkserver_preload([__name__, worker.__module__])
     ctx = mp.start_processes(_entry, args=(world, free_port(), str(outdir), worker, args),
-                             nprocs=world, join=False, start_method="spawn")
+                             nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:

@@ -25,7 +25,9 @@ from moeflow.train import TrainConfig, Trainer
 
 from _train_small import MICRO, run_moeflow, train_argv, write_config, write_corpus
 
-STEPS, STOP = 8, 4
+# 4 steps, stopped after 2: with the deterministic mode switched off (moeflow.train.determinism)
+# this test failed 2 runs out of 2 on the shared 2-core machine (the final weights differed).
+STEPS, STOP = 4, 2
 WIDE = ("--steps", str(STEPS), "--batch-size", "16")
 
 

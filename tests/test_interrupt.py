@@ -1,5 +1,9 @@
 """Ctrl-C (SIGINT) during `moeflow train` leaves a checkpoint at the next step boundary and exits
-130; `--resume` then continues bit-for-bit as if the run had never stopped."""
+130; `--resume` then continues bit-for-bit as if the run had never stopped.
+
+The interrupted run is a real process (the signal is the point); the resume and the uninterrupted
+run are the CLI in this process (tests/_train_small.cli_in_process: one thread, as the process
+had), so the comparison also crosses from a process to another."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import time
 
 from moeflow.train import checkpoint as ckpt_io
 
-from _train_small import REPO, losses, run_moeflow, train_argv, write_config, write_corpus
+from _train_small import REPO, cli_in_process, losses, train_argv, write_config, write_corpus
 
 
 def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
@@ -37,8 +41,8 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert 5 <= stopped < 60
     assert ckpt_io.latest_checkpoint(interrupted).name == ckpt_io.checkpoint_name(stopped)
 
-    r = run_moeflow(*train_argv(config, corpus, interrupted, *steps, "--resume"))
+    r = cli_in_process(*train_argv(config, corpus, interrupted, *steps, "--resume"))
     assert r.returncode == 0, r.stderr
-    r = run_moeflow(*train_argv(config, corpus, straight, *steps))
+    r = cli_in_process(*train_argv(config, corpus, straight, *steps))
     assert r.returncode == 0, r.stderr
     assert losses(interrupted) == losses(straight)  # exact float equality

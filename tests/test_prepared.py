@@ -10,13 +10,15 @@ import pytest
 from moeflow.data.corpus import interpreter_documents, split_documents
 from moeflow.data.prepared import DataSpec, load_prepared, prepare_dataset
 
-from _train_small import losses, run_moeflow, write_config, write_corpus
+from _train_small import cli_in_process, losses, write_config, write_corpus
 
 
 def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
+    # the commands run in this process (tests/_train_small.cli_in_process): what they write,
+    # print and return is the point, not the interpreter
     corpus = write_corpus(tmp_path / "text")
     data = tmp_path / "prepared"
-    r = run_moeflow("prepare-data", "--out", str(data), "--data", str(corpus),
+    r = cli_in_process("prepare-data", "--out", str(data), "--data", str(corpus),
                     "--vocab-size", "320", "--val-fraction", "0.2")
     assert r.returncode == 0, r.stderr
     info = json.loads((data / "dataset.json").read_text())
@@ -32,7 +34,7 @@ def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
 
     config = write_config(tmp_path / "micro.json")
     out = tmp_path / "run"
-    r = run_moeflow("train", "--config", str(config), "--data", str(data), "--out", str(out),
+    r = cli_in_process("train", "--config", str(config), "--data", str(data), "--out", str(out),
                     "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-batches", "1",
                     "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -40,7 +42,7 @@ def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
     saved = (out / "checkpoints").glob("step_*/tokenizer.json")
     assert next(saved).read_text() == (data / "tokenizer.json").read_text()
 
-    again = run_moeflow("prepare-data", "--out", str(data), "--data", str(corpus))
+    again = cli_in_process("prepare-data", "--out", str(data), "--data", str(corpus))
     assert again.returncode == 2 and "already exists" in again.stderr
 
 

@@ -1,5 +1,6 @@
-"""`moeflow reproduce --scale smoke`: every stage, the measurements and the report, through the CLI
-in real processes, interrupted by SIGINT and resumed; bad input gets one line and exit 2.
+"""`moeflow reproduce --scale smoke`: every stage, the measurements and the report, through the CLI:
+interrupted by SIGINT in a real process and resumed (the resumes run the CLI in this process,
+tests/_train_small.cli_in_process); bad input gets one line and exit 2.
 
 The smoke scale checks the machinery, not the claims: the assertions are on what is produced."""
 
@@ -19,7 +20,7 @@ from moeflow.reproduce.family import STAGES
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.metrics import read_metrics
 
-from _train_small import REPO, run_moeflow
+from _train_small import REPO, cli_in_process
 
 CLAIMS = ("moe_beats_dense", "moe_reaches_dense_sooner", "moe_matches_larger_dense",
           "pr_moe_keeps_quality", "mos_keeps_quality", "staged_kd_best", "moe_serves_faster")
@@ -51,7 +52,7 @@ def smoke(tmp_path_factory):
     interrupted = {"returncode": proc.returncode, "stderr": stderr,
                    "manifest": _manifest(out),
                    "dense_s_metrics": (out / "runs/dense-S/metrics.jsonl").read_bytes()}
-    resumed = run_moeflow(*SMOKE, "--out", str(out), "--resume", timeout=600)
+    resumed = cli_in_process(*SMOKE, "--out", str(out), "--resume")
     return out, interrupted, resumed
 
 
@@ -109,7 +110,7 @@ def test_report_has_every_claim_table_row_and_plot(smoke):
 def test_only_retrains_one_stage_and_keeps_the_others(smoke):
     out, _, _ = smoke
     before = {n: (out / "runs" / n / "metrics.jsonl").read_bytes() for n in STAGES}
-    r = run_moeflow(*SMOKE, "--out", str(out), "--resume", "--only", "moe-S", timeout=300)
+    r = cli_in_process(*SMOKE, "--out", str(out), "--resume", "--only", "moe-S")
     assert r.returncode == 0, r.stderr
     assert "stage moe-S" in r.stdout and "stage dense-S" not in r.stdout
     after = {n: (out / "runs" / n / "metrics.jsonl").read_bytes() for n in STAGES}

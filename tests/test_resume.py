@@ -1,7 +1,9 @@
 """`moeflow train --resume` as a user meets it: no flag but --out needed (the run's config is read
 from OUT/run.json), flags that contradict the run refused by name, `--steps` extending a
 finished or unfinished run on the documented lr schedule, bit-exactly across interruptions, and
-a summary that compares with where the invocation started."""
+a summary that compares with where the invocation started. Every command runs in this process
+(tests/_train_small.cli_in_process): the CLI's parsing, run.json and checkpoints are the point,
+not the interpreter; tests/test_train.py and tests/test_determinism.py resume in fresh ones."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from moeflow.train import checkpoint as ckpt_io
 
-from _train_small import (losses, run_moeflow, snapshot, train_argv)
+from _train_small import cli_in_process, losses, snapshot, train_argv
 
 LR, FLOOR_RATIO = 3e-3, 0.1  # _train_small.FAST's --lr; TrainConfig's min_lr_ratio
 
@@ -23,7 +25,7 @@ def finished(tmp_path_factory, corpus, config):
     """A finished 4-step run whose checkpoint state.json lacks the schedule's segments, as every
     checkpoint written before runs could be extended."""
     out = tmp_path_factory.mktemp("runs") / "finished"
-    r = run_moeflow(*train_argv(config, corpus, out, "--steps", "4"))
+    r = cli_in_process(*train_argv(config, corpus, out, "--steps", "4"))
     assert r.returncode == 0, r.stderr
     state_path = ckpt_io.latest_checkpoint(out) / "state.json"
     state = json.loads(state_path.read_text())
@@ -36,7 +38,7 @@ def finished(tmp_path_factory, corpus, config):
 def stopped(tmp_path_factory, corpus, config):
     """The same 4-step run stopped after step 2 (validating every 2 steps)."""
     out = tmp_path_factory.mktemp("runs") / "stopped"
-    r = run_moeflow(*train_argv(config, corpus, out, "--steps", "4", "--stop-at", "2",
+    r = cli_in_process(*train_argv(config, corpus, out, "--steps", "4", "--stop-at", "2",
                                 "--val-every", "2"))
     assert r.returncode == 0, r.stderr
     return out
@@ -57,7 +59,7 @@ def test_resume_needs_no_flag_but_out_and_matches_an_uninterrupted_run(tmp_path,
                                                                       finished):
     split = tmp_path / "split"
     shutil.copytree(stopped, split)
-    resumed = run_moeflow("train", "--out", str(split), "--resume")
+    resumed = cli_in_process("train", "--out", str(split), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     # The summary compares with the validation the resume started from, not with itself.
     assert "validation loss " in resumed.stdout and "(step 2) -> " in resumed.stdout
@@ -87,7 +89,7 @@ def test_a_contradicting_flag_is_refused_by_name_and_changes_nothing(finished, r
 def test_resuming_a_finished_run_says_so_and_names_its_checkpoint(finished, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(finished, out)
-    r = run_moeflow("train", "--out", str(out), "--resume")
+    r = cli_in_process("train", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr
     ckpt = out / "checkpoints" / "step_00000004"
     assert f"nothing to do: the run had already finished at step 4 (checkpoint: {ckpt})" \
@@ -101,7 +103,7 @@ def test_extending_a_finished_run_trains_at_the_floor_and_resumes_bit_exactly(fi
     straight, split = tmp_path / "straight", tmp_path / "split"
     shutil.copytree(finished, straight)
     shutil.copytree(finished, split)
-    r = run_moeflow("train", "--out", str(straight), "--resume", "--steps", "6")
+    r = cli_in_process("train", "--out", str(straight), "--resume", "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert "(step 4) -> " in r.stdout and "finished at step 6" in r.stdout
     got = rows(straight)
@@ -114,9 +116,9 @@ def test_extending_a_finished_run_trains_at_the_floor_and_resumes_bit_exactly(fi
         == [[0, 4], [4, 6]]
 
     # Interrupted inside the extension, then resumed with no flag: the same losses and rates.
-    r = run_moeflow("train", "--out", str(split), "--resume", "--steps", "6", "--stop-at", "5")
+    r = cli_in_process("train", "--out", str(split), "--resume", "--steps", "6", "--stop-at", "5")
     assert r.returncode == 0 and "stopped at step 5" in r.stdout, r.stderr
-    r = run_moeflow("train", "--out", str(split), "--resume")
+    r = cli_in_process("train", "--out", str(split), "--resume")
     assert r.returncode == 0 and "finished at step 6" in r.stdout, r.stderr
     assert timeless(rows(split)) == timeless(got)  # exact float equality, every field
 
@@ -128,7 +130,7 @@ def timeless(metrics_rows):
 def test_extending_an_unfinished_run_decays_from_its_current_rate(tmp_path, stopped):
     out = tmp_path / "run"
     shutil.copytree(stopped, out)
-    r = run_moeflow("train", "--out", str(out), "--resume", "--steps", "6")
+    r = cli_in_process("train", "--out", str(out), "--resume", "--steps", "6")
     assert r.returncode == 0, r.stderr
     lrs = {row["step"]: row["lr"] for row in rows(out) if "lr" in row}
     assert sorted(lrs) == list(range(1, 7))

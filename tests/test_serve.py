@@ -404,7 +404,9 @@ def small_context_server(checkpoint):
     assert srv.stop() == 0, srv.output()
 
 
-def test_readme_bench_serve_line_fits_a_128_token_context(small_context_server):
+# bench-serve is an HTTP client: it runs in this process (tests/conftest.py's run_cli), against
+# a real server process.
+def test_readme_bench_serve_line_fits_a_128_token_context(small_context_server, run_cli):
     srv = small_context_server
     line = next(x for x in (REPO / "README.md").read_text().splitlines()
                 if x.startswith("moeflow bench-serve "))
@@ -412,15 +414,15 @@ def test_readme_bench_serve_line_fits_a_128_token_context(small_context_server):
     argv[argv.index("--url") + 1] = srv.url
     argv[argv.index("--requests") + 1] = "16"  # fewer than the README's, same sizes
     assert argv[argv.index("--max-tokens") + 1] == "64"
-    r = moeflow_cli(*argv)
+    r = run_cli(*argv)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded 16, failed 0" in r.stdout
 
 
 def test_bench_serve_shows_the_servers_reason_and_fails_when_every_request_fails(
-        small_context_server):
+        small_context_server, run_cli):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 4  # the old default
-    r = moeflow_cli("bench-serve", "--url", small_context_server.url, "--requests", "6",
+    r = run_cli("bench-serve", "--url", small_context_server.url, "--requests", "6",
                     "--max-tokens", "64", "--prompt", long_prompt)
     assert r.returncode == 1, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()

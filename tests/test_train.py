@@ -16,25 +16,28 @@ from moeflow.cli import main
 from moeflow.train import NonFiniteLossError, TrainConfig, Trainer
 from moeflow.train import checkpoint as ckpt_io
 
-from _train_small import (losses, run_moeflow, snapshot, train_argv, write_config)
+from _train_small import (cli_in_process, losses, run_moeflow, snapshot, train_argv,
+                          write_config)
 
 TRAINER_FILE = "trainer/shard-00001-model-00001-of-00001.safetensors"
 
 
-# ---- exact resumption, through the CLI, in fresh processes ---------------------------------
+# ---- exact resumption, through the CLI ------------------------------------------------------
 
-def test_resume_gives_bit_identical_losses(tmp_path, corpus, config, capsys):
+def test_resume_gives_bit_identical_losses(tmp_path, corpus, config):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    # All three runs in fresh processes, so that no state another test left in this one (the
-    # intra-op thread count changes CPU reduction order) can touch the comparison.
-    r = run_moeflow(*train_argv(config, corpus, split, "--steps", "8", "--stop-at", "4"))
+    # All three runs in this process, one after another: they share its intra-op thread count
+    # (which changes CPU reduction order) whatever another test left, and a leg that read the
+    # global RNG instead of the run's own would differ here (fresh processes all start from
+    # torch's fixed default seed). Fresh processes: tests/test_determinism.py.
+    r = cli_in_process(*train_argv(config, corpus, split, "--steps", "8", "--stop-at", "4"))
     assert r.returncode == 0, r.stderr
     assert "stopped at step 4" in r.stdout
     assert [s for s, *_ in losses(split)] == [0, 1, 2, 3, 4]
-    r = run_moeflow(*train_argv(config, corpus, split, "--steps", "8", "--resume"))
+    r = cli_in_process(*train_argv(config, corpus, split, "--steps", "8", "--resume"))
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "finished at step 8" in r.stdout
-    r = run_moeflow(*train_argv(config, corpus, straight, "--steps", "8"))
+    r = cli_in_process(*train_argv(config, corpus, straight, "--steps", "8"))
     assert r.returncode == 0, r.stderr
 
     expected = losses(straight)
