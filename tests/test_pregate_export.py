@@ -30,7 +30,7 @@ CASES = {
                            n_heads=2, n_kv_heads=1, d_ff=64, expert_d_ff=32, max_seq_len=32,
                            moe_every=1, first_moe_layer=0, num_experts=4,
                            router=RouterConfig(top_k=2, dropless=True, normalize_topk=True),
-                           pregate=True),
+                           pregate=True, pregate_rank=8),
 }
 
 
@@ -39,8 +39,8 @@ def test_convert_to_hf_keeps_pregate_heads(model_type, tmp_path, capsys):
     torch.manual_seed(0)
     ours = Transformer(CASES[model_type]).eval()
     with torch.no_grad():  # heads unlike the routers they start from
-        for head in ours.pregate.heads:
-            head.weight.normal_()
+        for name, t in ours.pregate.named_parameters():
+            t.normal_()
     save_pretrained(ours, tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     summary = capsys.readouterr().out
@@ -49,15 +49,17 @@ def test_convert_to_hf_keeps_pregate_heads(model_type, tmp_path, capsys):
     assert config["model_type"] == model_type
 
     back = moeflow.from_pretrained(tmp_path / "hf")
-    assert back.config.pregate and len(back.pregate) == len(ours.pregate) >= 1
+    assert back.config.pregate and back.config.pregate_rank == ours.config.pregate_rank
+    assert len(back.pregate) == len(ours.pregate) >= 1
     want, got = ours.state_dict(), back.state_dict()
     assert got.keys() == want.keys()
     for name, t in got.items():
         assert torch.equal(t, want[name]), name
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mf"), "--to", "moeflow"]) == 0
     again = moeflow.from_pretrained(tmp_path / "mf")
-    assert all(torch.equal(a.weight, b.weight)
-               for a, b in zip(again.pregate.heads, ours.pregate.heads, strict=True))
+    heads = ours.pregate.state_dict()
+    assert again.pregate.state_dict().keys() == heads.keys()
+    assert all(torch.equal(t, heads[n]) for n, t in again.pregate.state_dict().items())
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", trust_remote_code=model_type == "moeflow_gpt").eval()

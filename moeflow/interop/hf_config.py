@@ -42,8 +42,8 @@ class implements the GPT family only.
 Pre-gate heads (`ModelConfig.pregate`, moeflow.model.pregate: the offloading engine's
 predictors, not part of the forward) have no field in any HF architecture. A GPT-family export
 carries them with the rest of the ModelConfig; an HF-family export (Mixtral, Qwen, ...) marks
-them with the extra config.json key "moeflow_pregate" (transformers keeps unknown keys and
-ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
+them with the extra config.json key "moeflow_pregate" = {"rank": pregate_rank} (transformers
+keeps unknown keys and ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
 moeflow reads both back, transformers loads the model without them.
 """
 
@@ -280,7 +280,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
     fields = _READERS[hf_model_type(hf)](hf)
     if hf["model_type"] == GPT_MODEL_TYPE:
         return ModelConfig.from_dict(fields)
-    return ModelConfig(**fields, pregate=hf.get(PREGATE_KEY) is True)
+    pregate = hf.get(PREGATE_KEY)
+    if pregate is None:
+        return ModelConfig(**fields)
+    if not isinstance(pregate, dict) or not isinstance(pregate.get("rank"), int):
+        raise ValueError(f"config.json {PREGATE_KEY}={pregate!r}: expected {{\"rank\": int}}")
+    return ModelConfig(**fields, pregate=True, pregate_rank=pregate["rank"])
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
             hf.update(topk_method="noaux_tc", rope_interleave=c.rope_interleave,
                       num_nextn_predict_layers=0)
     if c.pregate:
-        hf[PREGATE_KEY] = True
+        hf[PREGATE_KEY] = {"rank": c.pregate_rank}
     _check_round_trip(c, config_from_hf(hf), t)
     return hf
 
@@ -395,7 +400,8 @@ _ROUTER_FIELDS = ("top_k", "score_func", "normalizes", "routed_scaling", "num_gr
                   "topk_groups")
 _MODEL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps",
                  "rope_theta", "qk_norm", "rope_interleave", "attn_bias", "attn_out_bias",
-                 "mlp_bias", "tie_embeddings", "mla", "pregate")
+                 "mlp_bias", "tie_embeddings", "mla", "pregate",
+                 "pregate_rank")
 
 
 def _check_round_trip(c: ModelConfig, back: ModelConfig, model_type: str) -> None:

@@ -122,7 +122,7 @@ def _pregate_rules(c: ModelConfig) -> list[Rule]:
     from moeflow.model.pregate import PregateHeads
 
     with torch.device("meta"):
-        names = list(PregateHeads(c.d_model, c.num_experts, c.router.top_k).state_dict())
+        names = list(PregateHeads.of(c).state_dict())
     return [_same(f"pregate.{n}", f"pregate.{n}") for n in names]
 
 
