@@ -21,6 +21,8 @@ Variants (head l: MoE layer l's input -> logits over layer l+1's experts):
                     U·gelu(V·x) with U zero-initialised (starts at zero-shot's predictions)
   <head>@block-in   the same head fed layer l's block input (before layer l's attention,
                     normalised by layer l's FFN norm): a prediction a whole attention earlier
+  <head>@embed      the same head fed the token's embedding only (Read-ME-style lookahead:
+                    every layer's experts known as soon as the token is sampled)
 Diagnostics (not available at layer l's prefetch point; they bound what any head can reach):
   after-ffn         layer l+1's router on the residual after layer l's FFN (normalised by layer
                     l+1's FFN norm): everything but layer l+1's attention is known
@@ -72,12 +74,16 @@ def windows_of(ckpt: Path, tokenizer, length: int, train_count: int, val_count: 
 @torch.no_grad()
 def features(model, windows_WT: torch.Tensor, batch: int = 32) -> list[dict[str, torch.Tensor]]:
     """Per MoE layer: ffn_in (its normalised input), block_in (its block's input under its FFN
-    norm), resid_out (the residual after its FFN, raw), ids (served top-k), logits (its router's
-    logits on ffn_in)."""
+    norm), embed (the token embedding, the same for every layer), resid_out (the residual
+    after its FFN, raw), ids (served top-k), logits (its router's logits on ffn_in)."""
     blocks = [b for b in model.blocks if b.ffn in model.moe_layers()]
-    out: list[dict[str, list]] = [dict(ffn_in=[], block_in=[], resid_out=[], ids=[], logits=[])
-                                  for _ in blocks]
-    hooks = []
+    out: list[dict[str, list]] = [dict(ffn_in=[], block_in=[], resid_out=[], ids=[], logits=[],
+                                       embed=[]) for _ in blocks]
+
+    def embed(mod, args, res):
+        for d in out:
+            d["embed"].append(res.flatten(0, 1))
+    hooks = [model.tok_emb.register_forward_hook(embed)]
     for j, b in enumerate(blocks):
         def pre(mod, args, j=j):
             out[j]["block_in"].append(mod.ffn_norm(args[0]).flatten(0, 1))
