@@ -266,6 +266,7 @@ class ModelConfig:
 
     pregate: the network also carries pre-gate heads (moeflow.model.pregate), one per MoE layer
     but the last, predicting the next MoE layer's experts; the forward never runs them.
+    pregate_rank: their width: 0 = a linear map, R > 0 = the linear map plus a rank-R MLP.
     """
 
     name: str = "custom"
@@ -300,6 +301,7 @@ class ModelConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     mla: MLAConfig | None = None
     pregate: bool = False
+    pregate_rank: int = 0
 
     def __post_init__(self) -> None:
         def resolve(name: str, value: Any) -> None:
@@ -365,6 +367,9 @@ class ModelConfig:
               self.shared_expert_gate, "needs num_shared_experts > 0")
         check(not self.pregate or len(self.num_experts) >= 2, "pregate", self.pregate,
               "needs at least two MoE layers (a head predicts the next one's routing)")
+        integer("pregate_rank", self.pregate_rank, lo=0)
+        check(self.pregate or self.pregate_rank == 0, "pregate_rank", self.pregate_rank,
+              "needs pregate=True")
 
     def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
         """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""

@@ -22,10 +22,11 @@ from moeflow.train.trainer import Trainer
 from tests._train_small import write_corpus
 
 
-def test_untrained_heads_predict_what_zero_shot_predicts():
+@pytest.mark.parametrize("rank", [0, 16])
+def test_untrained_heads_predict_what_zero_shot_predicts(rank):
     torch.manual_seed(0)
     config = ModelConfig.from_name("tiny").replace(pregate=True, n_layers=6, num_experts=8,
-                                                   router={"top_k": 2})
+                                                   router={"top_k": 2}, pregate_rank=rank)
     model = Transformer(config)
     moe = model.moe_layers()
     model.pregate.init_from_routers([m.router for m in moe])
@@ -34,6 +35,14 @@ def test_untrained_heads_predict_what_zero_shot_predicts():
         zero_TK = moe[i + 1].router(x_TD, inference=True).ids_TK
         head_TK = model.pregate.predict(i, x_TD)
         assert torch.equal(zero_TK.sort(-1).values, head_TK.sort(-1).values)
+    if rank:  # the MLP's output starts at zero, but it is there and can learn
+        assert model.pregate.heads[0].down.weight.shape == (rank, config.d_model)
+        assert model.pregate.heads[0].down.weight.abs().sum() > 0
+
+
+def test_pregate_rank_needs_pregate():
+    with pytest.raises(ValueError, match="pregate_rank"):
+        ModelConfig.from_name("tiny").replace(pregate_rank=8)
 
 
 def test_pregate_loss_and_recall():

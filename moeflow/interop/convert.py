@@ -17,6 +17,8 @@ on its own, because a checkpoint without its tokenizer is not one a user can run
     `AutoTokenizer.from_pretrained(DST)` and transformers' generate stop where moeflow does;
   * a HF export's config.json carries the generation config's bos/eos/pad ids, as HF's do.
 A source without tokenizer.json still converts (weights only) and the summary line says so.
+Pre-gate heads (`moeflow train --pregate`) go along in either direction, named in the summary
+line; in an HF-family export transformers skips them (moeflow.interop.hf_config says how).
 
 Refusals come before anything is written: a DST that exists and is not empty (unless
 `overwrite`: it is then replaced whole) and a DST that holds the source. The result is built in
@@ -121,6 +123,8 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
     has_tok = "tokenizer.json" in files
     extra = (f"with {', '.join(files)}" if has_tok else
              f"weights only: {source.path} has no tokenizer.json, which serving needs")
+    if model.pregate is not None:
+        extra += "; pre-gate heads kept (moeflow reads them back, transformers skips them)"
     if kind == GPT_MODEL_TYPE:
         extra += "; transformers loads it with trust_remote_code=True"
     return f"{src} -> {dst} ({kind}, {params:,} parameters; {extra})"

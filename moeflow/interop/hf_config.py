@@ -38,6 +38,13 @@ export then loads in any environment with transformers, without moeflow installe
 the way HF hosts every architecture transformers lacks. Llama-family models with Residual-MoE
 layers or per-layer expert counts stay refused: no HF class computes them, and the remote-code
 class implements the GPT family only.
+
+Pre-gate heads (`ModelConfig.pregate`, moeflow.model.pregate: the offloading engine's
+predictors, not part of the forward) have no field in any HF architecture. A GPT-family export
+carries them with the rest of the ModelConfig; an HF-family export (Mixtral, Qwen, ...) marks
+them with the extra config.json key "moeflow_pregate" = {"rank": pregate_rank} (transformers
+keeps unknown keys and ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
+moeflow reads both back, transformers loads the model without them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from typing import Any, Callable
 from moeflow.config import MLAConfig, ModelConfig, RouterConfig
 
 GPT_MODEL_TYPE = "moeflow_gpt"
+PREGATE_KEY = "moeflow_pregate"  # an HF-family config.json key: the export holds pre-gate heads
 HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
                   GPT_MODEL_TYPE)
 HF_DENSE_MODEL_TYPES = ("llama", "qwen2")  # read only (moeflow.interop.upcycle's sources)
@@ -270,8 +278,14 @@ def hf_model_type(hf: dict) -> str:
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ModelConfig of a HF config.json dict; ValueError naming what is unsupported."""
     fields = _READERS[hf_model_type(hf)](hf)
-    return ModelConfig.from_dict(fields) if hf["model_type"] == GPT_MODEL_TYPE else \
-        ModelConfig(**fields)
+    if hf["model_type"] == GPT_MODEL_TYPE:
+        return ModelConfig.from_dict(fields)
+    pregate = hf.get(PREGATE_KEY)
+    if pregate is None:
+        return ModelConfig(**fields)
+    if not isinstance(pregate, dict) or not isinstance(pregate.get("rank"), int):
+        raise ValueError(f"config.json {PREGATE_KEY}={pregate!r}: expected {{\"rank\": int}}")
+    return ModelConfig(**fields, pregate=True, pregate_rank=pregate["rank"])
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -342,6 +356,8 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
         else:
             hf.update(topk_method="noaux_tc", rope_interleave=c.rope_interleave,
                       num_nextn_predict_layers=0)
+    if c.pregate:
+        hf[PREGATE_KEY] = {"rank": c.pregate_rank}
     _check_round_trip(c, config_from_hf(hf), t)
     return hf
 
@@ -384,7 +400,8 @@ _ROUTER_FIELDS = ("top_k", "score_func", "normalizes", "routed_scaling", "num_gr
                   "topk_groups")
 _MODEL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps",
                  "rope_theta", "qk_norm", "rope_interleave", "attn_bias", "attn_out_bias",
-                 "mlp_bias", "tie_embeddings", "mla")
+                 "mlp_bias", "tie_embeddings", "mla", "pregate",
+                 "pregate_rank")
 
 
 def _check_round_trip(c: ModelConfig, back: ModelConfig, model_type: str) -> None:
@@ -420,5 +437,5 @@ def is_moeflow_config(data: dict) -> bool:
     return "model_type" not in data and "arch" in data and "d_model" in data
 
 
-__all__ = ["GPT_MODEL_TYPE", "GPT_REMOTE_CODE", "HF_DENSE_MODEL_TYPES", "HF_MODEL_TYPES",
+__all__ = ["GPT_MODEL_TYPE", "GPT_REMOTE_CODE", "PREGATE_KEY", "HF_DENSE_MODEL_TYPES", "HF_MODEL_TYPES",
            "config_from_hf", "config_to_hf", "hf_model_type", "is_moeflow_config"]

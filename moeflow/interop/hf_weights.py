@@ -117,10 +117,24 @@ def _gpt_rules(c: ModelConfig) -> list[Rule]:
             if not (c.tie_embeddings and n == "lm_head.weight")]
 
 
+def _pregate_rules(c: ModelConfig) -> list[Rule]:
+    """Pre-gate heads in an HF-family export: stored under their moeflow names (hf_config)."""
+    from moeflow.model.pregate import PregateHeads
+
+    with torch.device("meta"):
+        names = list(PregateHeads.of(c).state_dict())
+    return [_same(f"pregate.{n}", f"pregate.{n}") for n in names]
+
+
 def weight_rules(c: ModelConfig, model_type: str) -> list[Rule]:
     """Every tensor of a `model_type` checkpoint of config `c`, with its moeflow counterpart."""
     if model_type == GPT_MODEL_TYPE:
         return _gpt_rules(c)
+    rules = _pregate_rules(c) if c.pregate else []
+    return rules + _hf_family_rules(c, model_type)
+
+
+def _hf_family_rules(c: ModelConfig, model_type: str) -> list[Rule]:
     if c.mlp_bias:
         raise ValueError("mlp_bias=True: HF MoE models have bias-free MLPs")
     rules = [_same("tok_emb.weight", "model.embed_tokens.weight"),

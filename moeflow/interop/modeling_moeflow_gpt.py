@@ -265,6 +265,8 @@ class MoeflowGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    # moeflow's pre-gate heads (offloading prefetch), exported with the model; not in the forward
+    _keys_to_ignore_on_load_unexpected = [r"^model\.pregate\."]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -3,18 +3,26 @@
 An offloading engine must know a layer's experts before the layer runs to hide their copy behind
 compute. Zero-shot pre-gating applies layer l+1's own router to layer l's FFN input, which is a
 different vector (layer l's FFN, layer l+1's attention and a different norm lie between them).
-A pre-gate head is a linear map trained for exactly that input: head l gives logits over layer
-l+1's experts from layer l's normalised FFN input x_TD, and its top-k (k = layer l+1's top_k) is
-the prediction. It is part of the network (`ModelConfig.pregate`), so it is stored with the
-weights in moeflow's one checkpoint format, but the model's forward never runs it: outputs do
-not depend on it. The engine's `--prefetch pregate` does (moeflow.infer.offload.prefetch).
+A pre-gate head is trained for exactly that input: head l gives logits over layer l+1's experts
+from layer l's normalised FFN input x_TD, and its top-k (k = layer l+1's top_k) is the
+prediction. It is part of the network (`ModelConfig.pregate`), so it is stored with the weights
+in moeflow's one checkpoint format, but the model's forward never runs it: outputs do not depend
+on it. The engine's `--prefetch pregate` does (moeflow.infer.offload.prefetch).
+
+A head is a linear map W (E x D) plus, with `ModelConfig.pregate_rank` R > 0, a rank-R MLP
+U·gelu(V·x + b) + c. The MLP is there because part of what separates layer l's input from layer
+l+1's is layer l's FFN output, a nonlinear function of x_TD that a linear map cannot follow;
+measured on a trained 6-MoE-layer model (benchmarks/results/offload/README.md, "Which pre-gate
+head") it buys several points of recall over the linear head at the same objective.
 
 Training (`moeflow train --pregate --init CKPT`, moeflow.train.pregate): the backbone frozen,
-each head starts as a copy of the next layer's router gate (so it starts exactly at zero-shot's
-predictions) and learns the routing the backbone actually produces, as served (dropless, no
-noise), by cross-entropy against the uniform distribution over the true top-k.
+W starts as a copy of the next layer's router gate and U at zero (so a head starts exactly at
+zero-shot's predictions) and learns the routing the backbone actually produces, as served
+(dropless, no noise), by cross-entropy against the uniform distribution over the true top-k.
+(KL to the next router's full distribution was measured too and predicts worse: it spends the
+head's capacity on the order of experts that are not chosen.)
 
-Legend: T tokens, D model dim, E experts of the next MoE layer, K its top-k.
+Legend: T tokens, D model dim, E experts of the next MoE layer, K its top-k, R MLP rank.
 """
 
 from __future__ import annotations
@@ -23,27 +31,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.config import ModelConfig
+
+
+class PregateHead(nn.Module):
+    """logits_TE = x·Wᵀ (+ U·gelu(V·x + b) + c when rank > 0), in fp32 (the router's precision)."""
+
+    def __init__(self, d_model: int, num_experts: int, rank: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.down = nn.Linear(d_model, rank) if rank else None
+        self.up = nn.Linear(rank, num_experts) if rank else None
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_TD.float()
+        logits_TE = F.linear(x_TD, self.weight.float())
+        if self.down is not None:
+            h_TR = F.gelu(F.linear(x_TD, self.down.weight.float(), self.down.bias.float()))
+            logits_TE = logits_TE + F.linear(h_TR, self.up.weight.float(), self.up.bias.float())
+        return logits_TE
+
 
 class PregateHeads(nn.Module):
     """heads[i]: MoE layer i's input -> logits over MoE layer i+1's experts."""
 
-    def __init__(self, d_model: int, num_experts: tuple[int, ...], top_k: int) -> None:
+    def __init__(self, d_model: int, num_experts: tuple[int, ...], top_k: int, rank: int = 0
+                 ) -> None:
         super().__init__()
         self.top_k = top_k
-        self.heads = nn.ModuleList(nn.Linear(d_model, e, bias=False) for e in num_experts[1:])
+        self.heads = nn.ModuleList(PregateHead(d_model, e, rank) for e in num_experts[1:])
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "PregateHeads":
+        return cls(config.d_model, config.num_experts, config.router.top_k, config.pregate_rank)
 
     def __len__(self) -> int:
         return len(self.heads)
 
     @torch.no_grad()
     def init_from_routers(self, routers: list[nn.Module]) -> None:
-        """Head i := router i+1's gate: predictions equal zero-shot pre-gating's."""
+        """Head i := router i+1's gate (MLP output zero): predictions equal zero-shot's. The
+        MLP's input side starts random (torch's Linear init), so its gradient is not zero."""
         for head, router in zip(self.heads, routers[1:], strict=True):
             head.weight.copy_(router.gate.weight)
+            if head.up is not None:
+                head.down.reset_parameters()
+                head.up.weight.zero_()
+                head.up.bias.zero_()
 
     def logits(self, i: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """fp32 logits_TE of head i (the router's precision)."""
-        return F.linear(x_TD.float(), self.heads[i].weight.float())
+        """fp32 logits_TE of head i."""
+        return self.heads[i](x_TD)
 
     def predict(self, i: int, x_TD: torch.Tensor) -> torch.Tensor:
         """ids_TK: the k experts of MoE layer i+1 with the largest logits."""

@@ -130,8 +130,7 @@ class Transformer(nn.Module, ChoosesBackends):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # Read by the offloading engine's prefetch only; the forward below never runs them.
-        self.pregate = (PregateHeads(config.d_model, config.num_experts, config.router.top_k)
-                        if config.pregate else None)
+        self.pregate = PregateHeads.of(config) if config.pregate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -112,6 +112,9 @@ class TrainConfig:
     pregate: bool = option("fine-tune pre-gate heads of the --init model, backbone frozen: head l "
                            "predicts MoE layer l+1's experts from layer l's input (used by "
                            "serve/generate --prefetch pregate)", default=False)
+    pregate_rank: int = option("with --pregate: each head is a linear map plus an MLP of this "
+                               "rank (0: linear only); see moeflow/model/pregate.py",
+                               default=128)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, str)):
@@ -155,6 +158,7 @@ class TrainConfig:
         check(bool(self.out), "out", self.out, "must name a directory")
         check(not self.pregate or self.init is not None, "pregate", self.pregate,
               "fine-tunes heads on a trained model: give its checkpoint with --init")
+        integer("pregate_rank", self.pregate_rank, lo=0)
 
     @property
     def distilling(self) -> bool:

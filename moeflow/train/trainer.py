@@ -152,7 +152,7 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
     if cfg.vocab_size is not None:
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
     if cfg.pregate:
-        model_config = model_config.replace(pregate=True)
+        model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank)
     return model_config
 
 
