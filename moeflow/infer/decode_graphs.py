@@ -93,14 +93,22 @@ class GraphDecoder:
 
     def _capture(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, tuple]:
         args = (self.static[0, :B, None], self.static[1, :B], self.static[2, :B], S)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning, lazy init; writes are idempotent
-            for _ in range(2):
-                self.step_fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.step_fn(*args)
+        graph, outputs = capture_graph(self.step_fn, args, self.pool)
         self.pool = graph.pool()
         return graph, outputs
+
+
+def capture_graph(fn: Callable, args: tuple, pool) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """`fn(*args)` captured into `pool` (None: a new one), after two warm-up runs on a side
+    stream: Triton autotuning, torch.compile and lazy initialisation must happen outside
+    capture. The warm-ups' writes (KV cache) are the ones the replays repeat."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn(*args)
+    return graph, outputs

@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from moeflow.infer.decode_graphs import capture_graph
+
 MIN_BUCKET = 16
 
 # (ids_1T, last_11, valid_T, slot_1) -> (logits_1V, expert counts)
@@ -106,15 +108,6 @@ class GraphPrefiller:
         return outputs
 
     def _capture(self, Tb: int) -> tuple[torch.cuda.CUDAGraph, tuple]:
-        args = self._args(Tb)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up; its KV writes are the ones replay repeats
-            for _ in range(2):
-                self.prefill_fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.prefill_fn(*args)
+        graph, outputs = capture_graph(self.prefill_fn, self._args(Tb), self.pool)
         self.pool = graph.pool()
         return graph, outputs
