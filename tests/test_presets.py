@@ -38,3 +38,21 @@ def test_modern_presets_are_sparse():
     assert 29e9 < total < 32e9 and 3.0e9 < active < 3.6e9
     total, active = parameter_counts(PRESETS["finegrained-1b"])
     assert active < total / 4
+
+
+def test_parameter_counts_build_nothing_and_import_no_compiler():
+    """Counting builds on the meta device with torch's own initialisers skipped: no values, and
+    no torch._dynamo import (meta `normal_` went through torch._refs, which imported it: ~1 s of
+    `moeflow info`). Counts are the ones a real model has."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moeflow import PRESETS, parameter_counts; "
+            "print(*parameter_counts(PRESETS['tiny'])); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    from moeflow import PRESETS, Transformer
+    from moeflow.model.transformer import count_parameters
+
+    assert [int(out[0]), int(out[1])] == list(count_parameters(Transformer(PRESETS["tiny"])))
+    assert out[2] == "False"

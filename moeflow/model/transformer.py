@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moeflow.config import FFNSpec, ModelConfig
 from moeflow.model.attention import Attention
@@ -218,6 +219,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     """(total, active) parameters of `config`, built on the meta device (nothing allocated)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipTorchInit():
         model = Transformer(config)
     return count_parameters(model)
+
+
+class _SkipTorchInit(TorchFunctionMode):
+    """torch.nn.init calls return their tensor untouched. torch's modules initialise themselves
+    in their constructors; on meta tensors that sets nothing, yet `normal_` there goes through
+    torch._refs, whose first use imports torch._dynamo (~1 s: most of `moeflow info`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
