@@ -64,6 +64,16 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
+def step_ms(engine: Engine, steps: int) -> list[float]:
+    """Wall time of each of `steps` engine steps, device synchronised, in ms."""
+    times = []
+    for _ in range(steps):
+        t0 = sync_time()
+        engine.step()
+        times.append((sync_time() - t0) * 1e3)
+    return times
+
+
 def event_ms(fn, reps: int = 10) -> float:
     times = []
     for _ in range(reps):
@@ -142,11 +152,7 @@ def engine_decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
     engine.step()  # prefill all
     for _ in range(3):  # capture + warm
         engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = sync_time()
-        engine.step()
-        times.append((sync_time() - t0) * 1e3)
+    times = step_ms(engine, steps)
     out = {"step_ms": statistics.median(times), "step_ms_min": min(times)}
     dec = engine._decoder
     if hasattr(dec, "graphs") and dec.graphs:

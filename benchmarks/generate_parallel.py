@@ -40,7 +40,7 @@ from moeflow.model.transformer import init_parameters
 from moeflow.parallel.inference import InferenceMesh, InferenceParallel
 from moeflow.parallel.launch import init_distributed, shutdown
 
-from generate import engine_prefill, sync_time  # the one-GPU script's timing helpers
+from generate import engine_prefill, step_ms, sync_time  # the one-GPU script's timing helpers
 
 PROMPT = 32
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "broadcast")
@@ -92,17 +92,9 @@ def decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
     engine.step()
     for _ in range(3):
         engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = sync_time()
-        engine.step()
-        times.append((sync_time() - t0) * 1e3)
-    inst = []
+    times = step_ms(engine, steps)
     with timed_collectives() as spent:
-        for _ in range(steps):
-            t0 = sync_time()
-            engine.step()
-            inst.append((sync_time() - t0) * 1e3)
+        inst = step_ms(engine, steps)
     before = engine.stats().expert_counts
     engine.step()
     after = engine.stats().expert_counts
