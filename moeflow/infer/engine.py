@@ -378,7 +378,7 @@ class Engine:
     def _prefill(self, slot: int, prompt_ids: list[int],
                  prompt_groups: list[int] | None = None) -> torch.Tensor:
         T = len(prompt_ids)
-        if self._prefiller is not None and prompt_groups is None and self._prefiller.fits(T):
+        if self._prefiller is not None and self._prefiller.fits(T):  # never a grouped model
             logits_1V, counts = self._prefiller(slot, prompt_ids)
             self._expert_counts += counts
             return logits_1V

@@ -43,6 +43,7 @@ from moeflow.infer.offload.cpu_experts import CpuExperts
 from moeflow.infer.offload.expert_cache import ExpertCache
 from moeflow.infer.offload.prefetch import Predictor, PrefetchLedger
 from moeflow.infer.offload.split_experts import SplitExperts, host_to_device
+from moeflow.infer.offload.streams import to_device_async
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
 
 
@@ -110,11 +111,11 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
         if not groups and predicted:
             cache.prefetch(self.layer + 1, predicted)
         for e in on_cpu:  # overlaps the device's kernels queued above
-            y_ND[starts[e]:ends[e]] = _to_device(self.cpu.run(self.layer, e, host_rows[e]),
+            y_ND[starts[e]:ends[e]] = to_device_async(self.cpu.run(self.layer, e, host_rows[e]),
                                                  y_ND.device)
         if split:
             for e, y_RD in zip(split, pending.result()):
-                y_ND[starts[e]:ends[e]] += _to_device(y_RD, y_ND.device)
+                y_ND[starts[e]:ends[e]] += to_device_async(y_RD, y_ND.device)
         return y_ND
 
     def _compute(self, x_ND: torch.Tensor, y_ND: torch.Tensor, experts: list[int],
@@ -143,9 +144,3 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
         else:
             y_ND[both[cache.num_slots:]] = y_RD
 
-
-def _to_device(y_RD: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host rows to `device` from pinned memory, without a host sync (on CUDA)."""
-    if device.type != "cuda":
-        return y_RD
-    return y_RD.pin_memory().to(device, non_blocking=True)

@@ -56,17 +56,14 @@ import torch
 from moeflow.infer.offload.column_copy import copy_columns
 from moeflow.infer.offload.cpu_experts import CpuExpertCosts
 from moeflow.infer.offload.expert_store import ExpertStore
+from moeflow.infer.offload.streams import to_device_async
 from moeflow.ops.activation import apply_activation
 from moeflow.ops.backend import Backends, resolve_expert_backend
 
 
 def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor of `values` on `device` without a host sync: a blocking `.to(cuda)`
-    waits for the whole stream (the copies this layer queued before it included)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """An int64 tensor of `values` on `device` without a host sync."""
+    return to_device_async(torch.tensor(values, dtype=torch.int64), device)
 
 
 def device_columns(costs: CpuExpertCosts, rows: int, d_ff: int, align: int) -> int:

@@ -49,3 +49,12 @@ class SlotStreams:
             stream = torch.cuda.current_stream()
             for s in slots:
                 self.free[s].record(stream)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: staged through pinned memory and copied
+    non-blocking on the current stream (a blocking `.to(cuda)` waits for the whole stream, the
+    expert copies queued before it included). Without CUDA, `t` itself."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
