@@ -16,9 +16,11 @@ and forward+backward (input and all weight gradients), bf16:
 Implementations: moeflow (backend "auto": the fast paths), moeflow+graph and
 hf-grouped_mm+graph (forward replayed from a CUDA graph captured for that T, as servers run
 decode steps: no per-launch host cost; forward only), moeflow-ref (all plain-torch
-references), DeepSpeed `deepspeed.moe.layer.MoE` (capacity factor 1.0, one process group of one
-rank), transformers `MixtralSparseMoeBlock` with experts_implementation "eager" and
-"grouped_mm" (its experts are always gated: the GELU shape gets a gated GELU of width 2F/3, equal
+references), "minimal" (the issue's yardstick: softmax top-k, argsort, gather, two
+`torch._grouped_mm` calls, index_add; dropless, about 30 lines), DeepSpeed
+`deepspeed.moe.layer.MoE` (capacity factor 1.0, one process group of one rank),
+transformers `MixtralSparseMoeBlock` with experts_implementation "eager" and "grouped_mm" (its
+experts are always gated: the GELU shape gets a gated GELU of width 2F/3, equal
 parameters and FLOPs). Peers use their own softmax top-k routers; the DeepSeek shared expert is
 the same dense torch MLP added to their output. Times: median of CUDA-event-timed calls (≥ 5,
 about 0.25 s of them) after warm-up. A cell whose single call takes more than 10 s is skipped,
@@ -60,11 +62,43 @@ SHAPES = {  # name: (D, F, E, k, activation, shared experts, router)
                                  expert_bias=True, dropless=True)),
 }
 # Slowest last, so a run cut short loses the least telling cells.
-IMPLS = ("moeflow", "hf-grouped_mm", "deepspeed", "moeflow+graph", "hf-grouped_mm+graph",
-         "hf-eager", "moeflow-ref")
+IMPLS = ("moeflow", "minimal", "hf-grouped_mm", "deepspeed", "moeflow+graph", "minimal+graph",
+         "hf-grouped_mm+graph", "hf-eager", "moeflow-ref")
 GRAPH = "+graph"  # forward replayed from a CUDA graph captured for that T (decode-style serving)
 MAX_CALL_S = 10.0  # a cell whose single call takes longer is skipped (and larger T with it)
 DEVICE = "cuda"  # where layers are built (a CPU smoke test of build() sets "cpu")
+
+
+class MinimalMoE(nn.Module):
+    """The issue's yardstick: the least a grouped_mm MoE layer can do in plain torch. Softmax
+    top-k (renormalised where the shape's router does), one argsort of the flat expert ids, one
+    gather, two `torch._grouped_mm` calls around the activation, weights applied to the rows and
+    `index_add_` back into token order. Dropless for every shape (no capacity)."""
+
+    def __init__(self, d: int, f: int, e: int, k: int, activation: str, renorm: bool) -> None:
+        super().__init__()
+        self.k, self.activation, self.renorm = k, activation, renorm
+        self.gate = nn.Linear(d, e, bias=False)
+        self.w_in = nn.Parameter(torch.empty(e, d, 2 * f if activation == "swiglu" else f))
+        self.w_out = nn.Parameter(torch.empty(e, f, d))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        probs_TE = self.gate(x_TD).float().softmax(-1)
+        w_TK, ids_TK = probs_TE.topk(self.k, dim=-1)
+        if self.renorm:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        order_N = ids_TK.flatten().argsort()
+        token_N = order_N // self.k
+        offs_E = torch.bincount(ids_TK.flatten(), minlength=self.w_in.shape[0]).cumsum(0)
+        h_NI = torch._grouped_mm(x_TD[token_N], self.w_in, offs=offs_E.to(torch.int32))
+        if self.activation == "swiglu":
+            g_NF, u_NF = h_NI.chunk(2, dim=-1)
+            h_NF = nn.functional.silu(g_NF) * u_NF
+        else:
+            h_NF = nn.functional.gelu(h_NI)
+        y_ND = torch._grouped_mm(h_NF, self.w_out, offs=offs_E.to(torch.int32))
+        y_ND = y_ND * w_TK.flatten()[order_N, None].to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
 
 class DenseMLP(nn.Module):
@@ -146,7 +180,10 @@ def build(impl: str, shape: str):
             layer.router.expert_bias.normal_(0, 0.01)
         return lambda x: layer(x)[0], layer
     shared_mlp = DenseMLP(D, F * shared, act).to(dev, dt) if shared else None
-    if impl == "deepspeed":
+    if impl == "minimal":
+        peer = MinimalMoE(D, F, E, k, act, router.normalize_topk).to(dev, dt)
+        run = peer
+    elif impl == "deepspeed":
         from deepspeed.moe.layer import MoE
         peer = MoE(D, DenseMLP(D, F, act).to(dev, dt), num_experts=E, ep_size=1, k=k,
                    capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4).to(dev, dt)
