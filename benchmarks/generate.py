@@ -90,7 +90,7 @@ def ceilings() -> dict:
     a = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     b.copy_(a)
-    copy_ms = event_ms(lambda: b.copy_(a), 20)
+    copy_ms = event_ms(lambda: b.copy_(a), 20)  # noqa: F821 (closure; a later del frees it)
     del a, b
     n = 8192
     x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -335,7 +335,7 @@ def hf_measure(model: Transformer, res: dict, log, quick: bool) -> None:
                 def gen(n):
                     t0 = sync_time()
                     with torch.no_grad():
-                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: F821 (closure; a later del frees it)
                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
                     return sync_time() - t0
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
 
@@ -129,7 +130,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
 
     def step():
         tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
-        out = model(tokens[:, :-1])
+        out = model(tokens[:, :-1])  # noqa: F821 (closure; a later del frees it)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         if overlap is not None:
             overlap.arm()
@@ -137,9 +138,9 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
         if overlap is not None:
             overlap.finish()
         if groups is not None:
-            reduce_gradients(model, groups, dense=overlap is None)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            reduce_gradients(model, groups, dense=overlap is None)  # noqa: F821 (closure; a later del frees it)
+        opt.step()  # noqa: F821 (closure; a later del frees it)
+        opt.zero_grad(set_to_none=True)  # noqa: F821 (closure; a later del frees it)
 
     times = timed(step, args.warmup, args.steps, device)
     if args.profile:
@@ -186,11 +187,11 @@ def a2a_bench(args, device: torch.device, rank: int, world: int) -> list[dict]:
         counts_P1 = torch.full((world, 1), rows // world, device=device, dtype=torch.int64)
 
         def nccl():
-            dist.all_to_all_single(out, x)
+            dist.all_to_all_single(out, x)  # noqa: F821 (closure; a later del frees it)
 
         def moeflow_flat():
             recv = exchange_counts(counts_P1, None).view(-1).tolist()
-            all_to_all(x, split, recv, None)
+            all_to_all(x, split, recv, None)  # noqa: F821 (closure; a later del frees it)
 
         row = {"mib_per_rank": mib, "bytes_per_rank": nbytes}
         for name, fn in (("nccl_all_to_all_single", nccl), ("moeflow_flat", moeflow_flat)):
@@ -201,7 +202,7 @@ def a2a_bench(args, device: torch.device, rank: int, world: int) -> list[dict]:
 
             def moeflow_hier():
                 counts_PP = gather_counts(counts_P1, None).sum(-1)
-                hierarchical_all_to_all(x, counts_PP, position, hier.intra, hier.inter,
+                hierarchical_all_to_all(x, counts_PP, position, hier.intra, hier.inter,  # noqa: F821 (closure; a later del frees it)
                                         hier.ranks_per_node)
 
             t = statistics.median(timed(moeflow_hier, 3, args.a2a_reps, device))

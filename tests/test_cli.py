@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_demo_refuses_an_existing_run_without_suggesting_a_flag_it_lacks(tmp_pat
     assert snapshot(out) == before
 
 
-def test_serve_and_bench_serve_flags_come_from_their_configs():
+def test_serve_and_bench_serve_flags_come_from_their_configs(monkeypatch):
     import dataclasses
 
     from moeflow.cli import build_parser, given
@@ -140,9 +141,16 @@ def test_serve_and_bench_serve_flags_come_from_their_configs():
     got = serve_config(parser.parse_args(argv + ["--tp", "2", "--ep", "4", "--a2a", "plain",
                                                  "--timeout-s", "9"]))
     assert got.parallel == InferenceParallel(tp=2, ep=4, a2a="plain", timeout_s=9.0)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert serve_config(parser.parse_args(argv)).offload is None
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ  # only --gpu-memory sets it
     got = serve_config(parser.parse_args(argv + ["--gpu-memory", "8GiB", "--prefetch", "none",
                                                  "--expert-cache-policy", "lfu"]))
     assert got.offload == OffloadConfig("8GiB", "lfu", "none", device="cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")  # the user's wins
+    serve_config(parser.parse_args(argv + ["--gpu-memory", "8GiB"]))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
 
     args = parser.parse_args(["bench-serve"])
     assert BenchConfig(**given(args, BenchConfig)) == BenchConfig()
