@@ -533,8 +533,9 @@ def plan_tasks(args) -> list[dict]:
         return [peer]
     tasks = []
     for shape in args.shapes:
-        tasks.append(dict(base, kind="resident", shape=shape, layers=layers[shape],
-                          name="all_on_gpu"))
+        if not args.no_resident:
+            tasks.append(dict(base, kind="resident", shape=shape, layers=layers[shape],
+                              name="all_on_gpu"))
         tasks += [offload(shape, budgets[shape][0], c) for c in args.configs[:args.core]]
     if "mixtral" in args.shapes and not args.no_peer and not args.smoke:
         tasks.append(peer)
@@ -617,6 +618,8 @@ def main() -> None:
     p.add_argument("--child-cap-s", type=float, default=CHILD_CAP_S,
                    help="seconds one configuration may take (full-depth Mixtral builds ~80 s)")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-resident", action="store_true",
+                   help="skip the all-on-GPU reference (full depth: measured in an earlier run)")
     p.add_argument("--peer-only", action="store_true",
                    help="only the transformers + accelerate peer (Mixtral shape)")
     p.add_argument("--smoke", action="store_true",

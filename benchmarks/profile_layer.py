@@ -6,12 +6,16 @@ to find what separates a cell of benchmarks/moe_layer.py from its floor.
 
 Each cell is shape:T:mode[:impl] with the shapes and implementations of benchmarks/moe_layer.py
 (impl defaults to moeflow). Prints, per cell, the kernels sorted by total CUDA time over a few
-calls.
+calls. `--host`: instead, where the host's time goes in eager calls (small T is bound by it):
+cProfile over `--reps` calls, the Python functions by own time, with the wall time per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,6 +28,7 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", required=True)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--host", action="store_true", help="profile the host (cProfile) instead")
     args = ap.parse_args()
     built = {}
     for cell in args.cells:
@@ -49,6 +54,17 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        if args.host:
+            t0 = time.perf_counter()
+            with cProfile.Profile() as host:
+                for _ in range(args.reps):
+                    step()
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3 / args.reps
+            print(f"=== {cell} host profile ({args.reps} calls, {ms:.3f} ms per call under "
+                  f"cProfile)")
+            pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
+            continue
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.reps):
                 step()

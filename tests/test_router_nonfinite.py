@@ -61,7 +61,7 @@ def test_moe_layer_output_is_finite_for_non_finite_logits(monkeypatch):
 
     crafted = torch.tensor(LOGITS)
 
-    def logits_with_crafted_rows(x_TD, w_ED, fuse):  # the first len(LOGITS) rows get LOGITS
+    def logits_with_crafted_rows(x_TD, w_ED):  # the first len(LOGITS) rows get LOGITS
         real = torch.nn.functional.linear(x_TD.float(), w_ED.float())
         rows = torch.arange(real.shape[0])[:, None] < crafted.shape[0]
         padded = torch.zeros_like(real)

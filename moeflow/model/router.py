@@ -45,7 +45,6 @@ from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_router_backend
-from moeflow.ops.fused import fused
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -77,22 +76,21 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
-def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor, fuse: str = "auto") -> torch.Tensor:
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """Finite fp32 logits x·Wgᵀ, under autocast too: autocast would run the product in bf16
     even from fp32 operands, and bf16-rounded logits change which experts win (ties, near-ties)
-    and keep the fp32 Triton router from being chosen. The autocast test stays outside the
-    compiled twin: torch 2.11's dynamo cannot trace `is_autocast_available`, and the twin fell
-    back to plain torch on every CUDA call."""
+    and keep the fp32 Triton router from being chosen.
+
+    Plain torch, not a compiled twin (moeflow.ops.fused): inductor gave the same four kernels
+    (two casts, the GEMM, nan_to_num), so a CUDA graph gained nothing, while each eager call paid
+    the twin's guards and wrappers: ~0.4 of the 1.8 ms host time of a T = 8 layer call on the
+    H200 host (benchmarks/results/host_ops/host_profile_qwen3_T8_H200_2026-12-02.log), and
+    shape changes recompiled it."""
     device = x_TD.device.type
     if not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
-        return _fp32_logits(x_TD, w_ED, fuse=fuse)
+        return _finite(F.linear(x_TD.float(), w_ED.float()))
     with torch.autocast(device, enabled=False):
-        return _fp32_logits(x_TD, w_ED, fuse=fuse)
-
-
-@fused
-def _fp32_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
-    return _finite(F.linear(x_TD.float(), w_ED.float()))
+        return _finite(F.linear(x_TD.float(), w_ED.float()))
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -315,7 +313,7 @@ class Router(nn.Module, ChoosesBackends):
         if noise == "jitter":
             u = torch.rand(x.shape, device=x.device, generator=generator)
             x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = router_logits(x, self.gate.weight, fuse=self.backends.fuse)
+        logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)

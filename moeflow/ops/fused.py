@@ -1,7 +1,7 @@
 """Inference on CUDA: chains of small ops fused into one kernel each with torch.compile.
 
-Why: a decode step runs every layer's norms, rotary embedding, router prologue and attention
-softmax on a handful of rows. In plain torch each chain is 4-10 kernels of a few microseconds,
+Why: a decode step runs every layer's norms, rotary embedding and attention softmax on a
+handful of rows. In plain torch each chain is 4-10 kernels of a few microseconds,
 and at batch 1 these launches (about 70 per layer), not the weight reads, set the step time even
 inside a CUDA graph. torch.compile (inductor) turns each chain into one generated kernel.
 
