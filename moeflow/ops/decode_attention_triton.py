@@ -36,6 +36,8 @@ P key splits, dk/dv key/value dims.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -142,11 +144,16 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, so_b, so_h, H, P, CHU
     tl.store(out_ptr + b * so_b + h * so_h + dv, y_V.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
+@functools.lru_cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device) -> int:
     """Key splits per (sequence, kv head): about PROGRAMS_PER_SM programs per SM in all, at
     least one key block per split."""
     if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        target = PROGRAMS_PER_SM * _sm_count(device.index)
     else:
         target = CPU_PROGRAMS
     return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(kv_len, block_n)))
