@@ -20,9 +20,10 @@ written cache rows must be equal.
     PYTHONPATH=. python benchmarks/decode_attention.py --out $OUT          # one H200: ~1 min
     PYTHONPATH=. python benchmarks/decode_attention.py --smoke --out /tmp/d  # CPU, interpreter
 
-writes OUT/decode_attention.{json,md}. `--sweep` also times the kernel's (block_n, num_warps)
-choices for every shape (more Triton compiles). --smoke runs tiny shapes through Triton's
-interpreter on the CPU (timings meaningless: it only shows the script runs).
+writes OUT/decode_attention.{json,md}. `--sweep` also times the kernel alone with other
+(block_n, num_warps, programs per SM) choices for every shape (more Triton compiles). --smoke
+runs tiny shapes through Triton's interpreter on the CPU (timings meaningless: it only shows the
+script runs).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ QWEN3 = Shape()
 SMOKE = Shape(H=4, G=2, HD=16, layers=2, dtype=torch.float32)
 BATCHES, KV_LENS = (1, 16, 64), (512, 2048, 8192)
 REPS = 10
-SWEEP = ((32, 4), (64, 4), (64, 8), (128, 8))  # (block_n, num_warps)
+# (block_n, num_warps, programs per SM the key splits aim for); the kernel's default for this
+# shape is (64, 4, 2), repeated here as the control.
+SWEEP = ((64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (64, 4, 4), (64, 4, 8))
 
 
 def lengths_for(B: int, S: int, fill: str, device) -> torch.Tensor:
@@ -89,6 +92,13 @@ def inputs(sh: Shape, B: int, device):
     return (torch.randn(B, sh.H, 1, sh.HD, device=device, dtype=sh.dtype),
             torch.randn(B, sh.G, 1, sh.HD, device=device, dtype=sh.dtype),
             torch.randn(B, sh.G, 1, sh.HD, device=device, dtype=sh.dtype))
+
+
+def splits_for(batch_heads: int, S: int, block_n: int, per_sm: int, device) -> int:
+    """Key splits aiming at `per_sm` programs per SM (num_splits' rule with another target)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else 4
+    return max(1, min(-(-per_sm * sms // batch_heads), -(-S // block_n)))
 
 
 def time_per_call(fn, calls: int, device) -> float:
@@ -156,15 +166,17 @@ def measure(sh: Shape, B: int, S: int, fill: str, device, sweep: bool) -> dict:
 
             row[f"{attention}_us"] = time_per_call(step, layers, device)
             if attention == "triton" and sweep:
-                for block_n, warps in SWEEP:
-                    def kernel_step(block_n=block_n, warps=warps, cache=cache):
+                for block_n, warps, per_sm in SWEEP:
+                    splits = splits_for(B * sh.G, S, block_n, per_sm, device)
+
+                    def kernel_step(block_n=block_n, warps=warps, splits=splits, cache=cache):
                         for layer in range(layers):
                             decode_attention_triton(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0],
                                                     cache.k_LNGMd[layer], cache.v_LNGMd[layer],
-                                                    lengths_B, S, block_n=block_n,
-                                                    num_warps=warps)
-                    row[f"triton_us_bn{block_n}_w{warps}"] = time_per_call(kernel_step, layers,
-                                                                           device)
+                                                    lengths_B, S, splits=splits,
+                                                    block_n=block_n, num_warps=warps)
+                    row[f"triton_us_bn{block_n}_w{warps}_sm{per_sm}"] = time_per_call(
+                        kernel_step, layers, device)
         del view, cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -214,10 +226,11 @@ def table(rows: list[dict], ceiling: float | None) -> str:
                      f" | {r['max_abs_err_triton_vs_fp32']:.2e} / "
                      f"{r['max_abs_err_reference_vs_fp32']:.2e} |")
     out = head + "\n".join(lines) + "\n"
-    keys = [f"triton_us_bn{bn}_w{w}" for bn, w in SWEEP]
+    keys = [f"triton_us_bn{bn}_w{w}_sm{p}" for bn, w, p in SWEEP]
     if keys[0] in rows[0]:
-        out += ("\nKernel alone, µs/layer by (block_n, num_warps); the default is block_n 64, "
-                "4 warps:\n\n| B | S | lengths | " + " | ".join(f"{bn}, {w}" for bn, w in SWEEP)
+        out += ("\nKernel alone, µs/layer by (block_n, num_warps, programs per SM); the default "
+                "is (64, 4, 2):\n\n| B | S | lengths | "
+                + " | ".join(f"{bn}, {w}, {p}" for bn, w, p in SWEEP)
                 + " |\n|---|---|---|" + "---|" * len(keys) + "\n")
         for r in rows:
             out += (f"| {r['batch']} | {r['kv_len']} | {r['fill']} | "
@@ -229,7 +242,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    ap.add_argument("--sweep", action="store_true", help="also time (block_n, num_warps) choices")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time other (block_n, num_warps, programs per SM) choices")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
