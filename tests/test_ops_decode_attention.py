@@ -42,8 +42,11 @@ def reference(q_BHd, k_BGd, v_BGd, k_NGMd, v_NGMd, lengths_B, kv_len):
 # (H, G, dk, dv): MHA with hd 64 (GPT presets), GQA with hd 128 (Qwen3: 8 queries per kv head),
 # and MLA's unequal, non-power-of-two key and value dims (G = H).
 SHAPES = {"mha64": (2, 2, 64, 64), "gqa128": (8, 2, 128, 128), "mla": (2, 2, 24, 16)}
-# (batch lengths, kv_len): one row, and three rows from length 0 to kv_len - 1.
+# (batch lengths, kv_len): one row, and three rows from length 0 to kv_len - 1; on a GPU also a
+# bucket of realistic size (many splits of the default key block).
 LENGTHS = {"b1": ([21], 40), "b3": ([0, 29, 47], 48)}
+if ON_GPU:
+    LENGTHS["long"] = ([0, 700, 2047, 1500], 2048)
 
 
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
@@ -66,10 +69,11 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
     # Exact fp32 math on the same (rounded) inputs: the yardstick for bf16.
     y32, _, _ = reference(q.float(), k_new.float(), v_new.float(), k_cache.float(),
                           v_cache.float(), lengths_B, kv_len)
-    for splits in (None, 1, 3):  # the chosen split, one split (no merge), three (a merge)
+    # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step.
+    for splits, block_n in ((None, 16), (1, 16), (3, 16), (None, None)):
         k, v = k_cache.clone(), v_cache.clone()
         y = decode_attention_triton(q, k_new, v_new, k, v, lengths_B, kv_len, splits=splits,
-                                    block_n=16)
+                                    block_n=block_n)
         assert y.shape == (B, H, dv) and y.dtype == dtype
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # the new rows, nothing else
         for b, L in enumerate(lengths):
