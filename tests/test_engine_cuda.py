@@ -134,11 +134,14 @@ def reference():
 VARIANT_BACKENDS = {"unfused": Backends(fuse="reference"),
                     # the one-pass Triton norms and q/k norm + RoPE at every size (auto picks
                     # them only above FUSE_MAX_ELEMENTS, which these prompts never reach)
-                    "triton_elementwise": Backends(elementwise="triton")}
+                    "triton_elementwise": Backends(elementwise="triton"),
+                    # decode attention in plain torch (scatters + compiled twin) instead of the
+                    # Triton kernel "auto" picks on CUDA (moeflow.ops.decode_attention_triton)
+                    "reference_attention": Backends(attention="reference")}
 
 
 @pytest.mark.parametrize("variant", ["graphs", "eager", "unfused", "no_prefill_graphs",
-                                     "triton_elementwise"])
+                                     "triton_elementwise", "reference_attention"])
 def test_bf16_engine_matches_fp32_within_bf16_rounding(reference, variant):
     model32, ps, paths, ref, err_w = reference
     model = copy.deepcopy(model32).bfloat16()

@@ -24,9 +24,11 @@ sequence's earlier keys live):
 Three views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
 from `start`), `SlotPrefillView` (a whole prompt, padded, into a slot named by a device tensor:
 the engine's captured prefill, moeflow.infer.prefill_graphs) and `DecodeView` (one new token for
-each of slots 0..B-1 at its own position, keys read up to a static length S). This is moeflow's
-only KV cache: `moeflow generate`, the demo and the server all decode through the engine that
-owns it.
+each of slots 0..B-1 at its own position, keys read up to a static length S; on CUDA one Triton
+pass that also stores the new keys/values and reads each sequence's keys only up to its own
+length, moeflow.ops.decode_attention_triton, as the model's Backends.attention decides). This is
+moeflow's only KV cache: `moeflow generate`, the demo and the server all decode through the
+engine that owns it.
 
 Legend: L layers, N slots, G kv heads, M max_len, S keys read, B batch, H query heads, T new
 tokens, dk/dv key/value dims.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.model.attention import sdpa
+from moeflow.ops.backend import Backends, resolve_attention_backend
 from moeflow.ops.fused import fused
 
 
@@ -47,7 +50,8 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
 
 class SlotKVCache:
     def __init__(self, shapes: list[tuple[int, int, int]], num_slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, fuse: str = "auto") -> None:
+                 dtype: torch.dtype, device: torch.device | str,
+                 backends: Backends = Backends()) -> None:
         if len(set(shapes)) != 1:
             raise ValueError(f"SlotKVCache needs one kv shape for every layer, "
                              f"got {sorted(set(shapes))}")
@@ -57,12 +61,13 @@ class SlotKVCache:
         self.k_LNGMd = torch.zeros(L, num_slots, G, max_len, dk, dtype=dtype, device=device)
         self.v_LNGMd = torch.zeros(L, num_slots, G, max_len, dv, dtype=dtype, device=device)
         self.num_slots, self.max_len = num_slots, max_len
-        self.fuse = fuse  # the model's Backends.fuse, for decode attention
+        # The model's choice (fuse, attention) for decode attention, taken when the cache is built.
+        self.backends = backends
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int) -> "SlotKVCache":
         p = next(model.parameters())
-        return cls(kv_shapes(model), num_slots, max_len, p.dtype, p.device, model.backends.fuse)
+        return cls(kv_shapes(model), num_slots, max_len, p.dtype, p.device, model.backends)
 
     @staticmethod
     def bytes_per_token(model: torch.nn.Module) -> int:
@@ -164,6 +169,13 @@ class DecodeView:
 
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:
+        backends = self.cache.backends
+        if resolve_attention_backend(backends.attention, q_BHTd) == "triton":
+            from moeflow.ops.decode_attention_triton import decode_attention_triton
+            y_BHd = decode_attention_triton(q_BHTd[:, :, 0], k_BGTd[:, :, 0], v_BGTd[:, :, 0],
+                                            self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer],
+                                            self.lengths_B, self.kv_len)
+            return y_BHd[:, :, None]
         B, G = k_BGTd.shape[:2]
         k_BGMd = self.cache.k_LNGMd[layer, :B]
         v_BGMd = self.cache.v_LNGMd[layer, :B]
@@ -172,7 +184,7 @@ class DecodeView:
         v_BGMd.scatter_(2, at_B.expand(B, G, 1, v_BGMd.shape[-1]), v_BGTd)
         S = self.kv_len
         y_BHd = decode_attention(q_BHTd[:, :, 0], k_BGMd[:, :, :S], v_BGMd[:, :, :S],
-                                 self.visible_BS, fuse=self.cache.fuse)
+                                 self.visible_BS, fuse=backends.fuse)
         return y_BHd[:, :, None]
 
     def advance(self, num_new: int) -> None:

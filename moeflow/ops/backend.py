@@ -19,6 +19,11 @@ benchmarks compare every fast path with its plain-torch reference.
   ("reference" = as `fuse` decides; "triton" = one-pass kernels, moeflow.ops.norm_triton and
   moeflow.ops.qk_rope_triton, whenever autograd is off, on any device; "auto" = triton on CUDA,
   without autograd, for inputs above FUSE_MAX_ELEMENTS, where the compiled twins lose).
+- attention: ATTENTION_BACKENDS, the serving engine's decode attention over its slot cache
+  (moeflow.infer.slot_cache.DecodeView; "reference" = two scatters storing the new key/value,
+  then decode_attention as `fuse` decides; "triton" = moeflow.ops.decode_attention_triton, one
+  split-K pass that also stores them, whenever autograd is off, on any device; "auto" = triton on
+  CUDA without autograd). Prefill attention is SDPA either way.
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -40,6 +45,7 @@ ROUTER_BACKENDS = ("reference", "triton")
 DISPATCH_BACKENDS = ("reference", "triton")
 FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
+ATTENTION_BACKENDS = ("reference", "triton")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
@@ -80,18 +86,20 @@ class Backends:
     experts: str = "auto"
     fuse: str = "auto"
     elementwise: str = "auto"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name, names in (("router", ROUTER_BACKENDS), ("dispatch", DISPATCH_BACKENDS),
                             ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS),
-                            ("elementwise", ELEMENTWISE_BACKENDS)):
+                            ("elementwise", ELEMENTWISE_BACKENDS),
+                            ("attention", ATTENTION_BACKENDS)):
             choice(name, getattr(self, name), ("auto", *names))
 
     @classmethod
     def reference(cls) -> "Backends":
         """Plain torch everywhere."""
         return cls(router="reference", dispatch="reference", experts="reference",
-                   fuse="reference", elementwise="reference")
+                   fuse="reference", elementwise="reference", attention="reference")
 
 
 class ChoosesBackends:
@@ -186,3 +194,13 @@ def resolve_elementwise_backend(requested: str, x: torch.Tensor) -> str:
     if requested == "triton":
         return "triton"
     return "triton" if _triton_cuda(x) and x.numel() > FUSE_MAX_ELEMENTS else "reference"
+
+
+def resolve_attention_backend(requested: str, q: torch.Tensor) -> str:
+    """"triton" or "reference" for one decode-attention call with queries `q`. Never Triton
+    under autograd (the kernel has no backward)."""
+    if requested == "reference" or torch.is_grad_enabled():
+        return "reference"
+    if requested == "triton":
+        return "triton"
+    return "triton" if _triton_cuda(q) else "reference"

@@ -1,0 +1,222 @@
+"""Decode attention over the slot KV cache as one split-K Triton pass (flash-decoding) that also
+stores the new token's key and value, for inference.
+
+Why: the plain path (moeflow.infer.slot_cache.DecodeView with decode_attention) is two scatters
+(the new k and v into the cache), then q·Kᵀ, scale, mask, softmax and P·V, each a kernel even
+when compiled, ~6 launches per layer at every decode step; and it reads all S keys of the
+static bucket (S >= the longest sequence + 1, a power of two for CUDA-graph capture), so a batch
+whose sequences are S/2 long reads twice the keys it needs. Here one launch stores k/v and
+computes every split's partial softmax, a second small one merges the splits (skipped when one
+split suffices), and keys past a sequence's own length are never read.
+
+Work split: one program per (sequence b, kv head g, key split s). The program computes all H/G
+query heads of its kv group against the keys of its split (grouped-query attention reads each
+key once for the whole group; the queries are padded to 16 rows, the smallest tl.dot tile), with
+an fp32 online softmax in base 2 (scores · dk^-0.5 · log2 e). Splits are chosen from the
+launch's B·G and S so that a batch-1 step still fills the GPU (about two programs per SM); a
+split that starts past position lengths_B[b] returns at once, so the cost follows each
+sequence's real length, not S. Every split that runs has at least one visible key, so no
+partial is all -inf.
+
+The new token's key is visible to its own query without a read-after-write through memory: each
+program reads only cached positions < lengths_B[b]; the one program whose split holds position
+lengths_B[b] stores the incoming k/v rows there and folds that key into its softmax from the
+registers it loaded them into. No other program reads that position, so there is no race.
+
+CUDA-graph capturable: no host syncs, grid and shapes depend only on (B, G, S); lengths are read
+on the device. Numerics: fp32 scores and softmax, probabilities rounded to V's dtype before P·V
+(as the reference does), fp32 accumulation, output rounded once to q's dtype. The reference
+rounds q·Kᵀ to the input dtype before scaling; this one does not (it is the more exact one).
+fp32 inputs use exact fp32 dot products (not TF32), so the fp32 parity tests can be tight.
+
+Forward only (no autograd). Legend: B batch (slots 0..B-1), H query heads, G kv heads,
+Q = H/G queries per kv head, N cache slots, M slot length, S keys read (the static bound),
+P key splits, dk/dv key/value dims.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Programs per SM to aim for when splitting keys: enough to hide one program's load latency
+# behind another's without making the merge (P partials per head) the larger cost.
+PROGRAMS_PER_SM = 2
+# Without a GPU (the interpreter runs programs one after another) a few splits, so that tests
+# still exercise the merge.
+CPU_PROGRAMS = 8
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
+                  kc_ptr, skc_n, skc_g, skc_m, vc_ptr, svc_n, svc_g, svc_m, len_ptr,
+                  m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
+                  G, P, CHUNK, scale_log2,
+                  Q: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr):
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = (bg % G).to(tl.int64)
+    L = tl.load(len_ptr + b).to(tl.int32)  # the new token's position
+    start = s * CHUNK
+    if start <= L:
+        qi = tl.arange(0, BLOCK_Q)
+        dk = tl.arange(0, BLOCK_DK)
+        dv = tl.arange(0, BLOCK_DV)
+        qmask = qi < Q
+        dkmask = dk < DK
+        dvmask = dv < DV
+        heads = g * Q + qi
+        q_QK = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
+                       mask=qmask[:, None] & dkmask[None, :], other=0.0)
+        m_Q = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_Q = tl.zeros([BLOCK_Q], tl.float32)
+        acc_QV = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
+        kc = kc_ptr + b * skc_n + g * skc_g
+        vc = vc_ptr + b * svc_n + g * svc_g
+        end = tl.minimum(start + CHUNK, L)  # cached keys only; position L is the new one
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            pmask = pos < end
+            kT_KN = tl.load(kc + pos[None, :].to(tl.int64) * skc_m + dk[:, None],
+                            mask=dkmask[:, None] & pmask[None, :], other=0.0)
+            v_NV = tl.load(vc + pos[:, None].to(tl.int64) * svc_m + dv[None, :],
+                           mask=pmask[:, None] & dvmask[None, :], other=0.0)
+            s_QN = tl.dot(q_QK, kT_KN, input_precision=PRECISION) * scale_log2
+            s_QN = tl.where(pmask[None, :], s_QN, float("-inf"))
+            m_new = tl.maximum(m_Q, tl.max(s_QN, axis=1))
+            alpha = tl.exp2(m_Q - m_new)
+            p_QN = tl.exp2(s_QN - m_new[:, None])
+            l_Q = l_Q * alpha + tl.sum(p_QN, axis=1)
+            acc_QV = acc_QV * alpha[:, None] + tl.dot(p_QN.to(v_NV.dtype), v_NV,
+                                                      input_precision=PRECISION)
+            m_Q = m_new
+        if L < start + CHUNK:  # this split holds position L: store the new key and use it
+            k_K = tl.load(kn_ptr + b * skn_b + g * skn_g + dk, mask=dkmask, other=0.0)
+            v_V = tl.load(vn_ptr + b * svn_b + g * svn_g + dv, mask=dvmask, other=0.0)
+            tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask)
+            tl.store(vc + L.to(tl.int64) * svc_m + dv, v_V, mask=dvmask)
+            s_Q = tl.sum(q_QK.to(tl.float32) * k_K.to(tl.float32)[None, :], axis=1) * scale_log2
+            m_new = tl.maximum(m_Q, s_Q)
+            alpha = tl.exp2(m_Q - m_new)
+            p_Q = tl.exp2(s_Q - m_new)
+            l_Q = l_Q * alpha + p_Q
+            # P is rounded to V's dtype before P·V, as in the loop above.
+            p_Q = p_Q.to(v_V.dtype).to(tl.float32)
+            acc_QV = acc_QV * alpha[:, None] + p_Q[:, None] * v_V.to(tl.float32)[None, :]
+            m_Q = m_new
+        if SINGLE:
+            y_QV = acc_QV / l_Q[:, None]
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
+                     y_QV.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dvmask[None, :])
+        else:
+            row = (b * G * Q + heads) * P + s  # partials laid out [B, H, P]
+            tl.store(m_ptr + row, m_Q, mask=qmask)
+            tl.store(l_ptr + row, l_Q, mask=qmask)
+            tl.store(acc_ptr + row[:, None] * DV + dv[None, :], acc_QV,
+                     mask=qmask[:, None] & dvmask[None, :])
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, so_b, so_h, H, P, CHUNK,
+                  DV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    L = tl.load(len_ptr + b).to(tl.int32)
+    splits = L // CHUNK + 1  # the splits that ran (they start at or before position L)
+    sp = tl.arange(0, BLOCK_P)
+    dv = tl.arange(0, BLOCK_DV)
+    smask = sp < splits
+    m_P = tl.load(m_ptr + bh * P + sp, mask=smask, other=float("-inf"))
+    l_P = tl.load(l_ptr + bh * P + sp, mask=smask, other=0.0)
+    acc_PV = tl.load(acc_ptr + (bh * P + sp[:, None]) * DV + dv[None, :],
+                     mask=smask[:, None] & (dv[None, :] < DV), other=0.0)
+    w_P = tl.exp2(m_P - tl.max(m_P, axis=0))
+    w_P = tl.where(smask, w_P, 0.0)
+    y_V = tl.sum(acc_PV * w_P[:, None], axis=0) / tl.sum(l_P * w_P, axis=0)
+    tl.store(out_ptr + b * so_b + h * so_h + dv, y_V.to(out_ptr.dtype.element_ty), mask=dv < DV)
+
+
+@functools.lru_cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device) -> int:
+    """Key splits per (sequence, kv head): about PROGRAMS_PER_SM programs per SM in all, at
+    least one key block per split."""
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * _sm_count(device.index)
+    else:
+        target = CPU_PROGRAMS
+    return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(kv_len, block_n)))
+
+
+def _last_unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: torch.Tensor,
+                            k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, lengths_B: torch.Tensor,
+                            kv_len: int, splits: int | None = None, block_n: int | None = None,
+                            num_warps: int = 4) -> torch.Tensor:
+    """Store k_BGd/v_BGd at position lengths_B[b] of slots b = 0..B-1 of the cache k_NGMd/v_NGMd
+    (in place), and return each query's attention over its slot's positions 0..lengths_B[b]
+    (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`: override the choice (tests,
+    benchmarks)."""
+    B, H, dk = q_BHd.shape
+    G, dv = k_BGd.shape[1], v_BGd.shape[-1]
+    if H % G or k_NGMd.shape[1] != G or k_NGMd.shape[-1] != dk or v_NGMd.shape[-1] != dv:
+        raise ValueError(f"decode attention: q {tuple(q_BHd.shape)}, k {tuple(k_BGd.shape)}, "
+                         f"cache {tuple(k_NGMd.shape)}/{tuple(v_NGMd.shape)} do not fit")
+    if kv_len > k_NGMd.shape[2] or B > k_NGMd.shape[0]:
+        raise ValueError(f"decode attention: kv_len {kv_len} or batch {B} exceeds the cache "
+                         f"{tuple(k_NGMd.shape)}")
+    if k_NGMd.stride(-1) != 1 or v_NGMd.stride(-1) != 1:
+        raise ValueError("decode attention: the cache's last dim must be contiguous")
+    q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
+    Q = H // G
+    block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    if block_n is None:
+        # Keys per loop step. The loop's loads are pipelined through shared memory (3 stages):
+        # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
+        # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
+        block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
+    P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
+    chunk = triton.cdiv(triton.cdiv(kv_len, P), block_n) * block_n
+    P = triton.cdiv(kv_len, chunk)
+    y_BHd = torch.empty(B, H, dv, dtype=q_BHd.dtype, device=q_BHd.device)
+    if B == 0:
+        return y_BHd
+    single = P == 1
+    if single:  # the kernel normalises and writes y itself; no partials
+        m_BHP = l_BHP = acc_BHPd = y_BHd
+    else:
+        m_BHP = torch.empty(B, H, P, dtype=torch.float32, device=q_BHd.device)
+        l_BHP = torch.empty_like(m_BHP)
+        acc_BHPd = torch.empty(B, H, P, dv, dtype=torch.float32, device=q_BHd.device)
+    precision = "ieee" if q_BHd.dtype == torch.float32 else "tf32"
+    _split_kernel[(B * G, P)](
+        q_BHd, q_BHd.stride(0), q_BHd.stride(1), k_BGd, k_BGd.stride(0), k_BGd.stride(1),
+        v_BGd, v_BGd.stride(0), v_BGd.stride(1),
+        k_NGMd, k_NGMd.stride(0), k_NGMd.stride(1), k_NGMd.stride(2),
+        v_NGMd, v_NGMd.stride(0), v_NGMd.stride(1), v_NGMd.stride(2), lengths_B,
+        m_BHP, l_BHP, acc_BHPd, y_BHd, y_BHd.stride(0), y_BHd.stride(1),
+        G, P, chunk, dk ** -0.5 * LOG2E,
+        Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, triton.next_power_of_2(Q)), BLOCK_N=block_n,
+        BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
+        num_warps=num_warps)
+    if not single:
+        _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
+                                y_BHd.stride(1), H, P, chunk, DV=dv,
+                                BLOCK_P=triton.next_power_of_2(P), BLOCK_DV=block_dv,
+                                num_warps=4 if block_dv >= 128 else 1)
+    return y_BHd
+
