@@ -220,3 +220,20 @@ def json_source() -> str:
     import json
 
     return json.__file__.replace("__init__.py", "decoder.py")
+
+
+def test_experts_stored_in_another_dtype_are_converted_on_the_way_to_the_slot(tmp_path):
+    """A bf16 checkpoint loaded without a dtype serves fp32 (the default dtype, as
+    load_model gives every other parameter): the views stay bf16, the staged copy converts."""
+    write_weights(tmp_path, make_model("pr_moe").to(torch.bfloat16))
+    resident = load_model(tmp_path)
+    mapped = load_model(tmp_path, map_experts=True)
+    assert mapped.moe_layers()[0].experts.dtype == resident.tok_emb.weight.dtype == torch.float32
+    ps = prompts(2, seed=11)
+    budget = budget_for(resident, 2, max_batch_size=2)
+    _, *want = run(resident, ps, max_batch_size=2, offload=OffloadConfig(gpu_memory=budget))
+    engine, *got = run(mapped, ps, max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget, expert_store="mmap"))
+    assert_equal_runs(got, want)
+    assert engine.offload.cache.store.expert(0, 0)[0].dtype == torch.bfloat16
+    assert engine.offload.cache.w_in_SDI.dtype == torch.float32

@@ -130,8 +130,9 @@ class MappedExperts(nn.Module):
     """A MoE layer's experts as views of the checkpoint's files (no parameters, nothing read).
 
     Stands where the layer's `Experts` stood, with its description (experts, widths,
-    activation, backends) and `dtype`, the dtype the model serves them in (the stored one, or
-    what `load_model(dtype=...)` asked for: the copy to the device converts). Only the offload
+    activation, backends) and `dtype`, the dtype the model serves them in: what its parameters
+    would have had, `load_model(dtype=...)` or the default dtype, whatever the stored one (the
+    copy to the device converts). Only the offload
     engine computes with it (expert_store="mmap", moeflow.infer.offload.mapped_store)."""
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, backends,
@@ -172,7 +173,7 @@ def map_experts(model: nn.Module, path: Path, weights_dir: Path,
                 raise CheckpointError(f"checkpoint {path} has no tensor {key!r}")
             views = expert_views(key, stored[key], m.num_experts, tuple(t.shape[1:]))
             per_leaf.append(views)
-        served = dtype or per_leaf[0][0].dtype
+        served = dtype or m.w_in_EDI.dtype  # what load_model gives the other parameters
         mapped = MappedExperts(m.num_experts, m.d_model, m.d_ff, m.activation, m.backends,
                                served, list(zip(*per_leaf)))
         parent, _, child = name.rpartition(".")
