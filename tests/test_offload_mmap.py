@@ -178,6 +178,13 @@ def test_what_cannot_be_mapped_is_one_line(tmp_path):
     _, pinned_tokens, _ = run(mapped, ps, max_batch_size=2,
                               offload=OffloadConfig(gpu_memory=budget))
     assert pinned_tokens == tokens
+    (tmp_path / "cut").mkdir()  # a copy nothing maps: truncating a mapped file is SIGBUS
+    write_weights(tmp_path / "cut", model)
+    weights = sorted((tmp_path / "cut" / "model").glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="is damaged or truncated .*byte range") as e:
+        load_model(tmp_path / "cut", map_experts=True)
+    assert "\n" not in str(e.value)
     save_hf(model, tmp_path / "hf")
     with pytest.raises(ValueError, match="is a HF .* moeflow convert .* --to moeflow") as e:
         load_for_serving(tmp_path / "hf", "cpu", map_experts=True)

@@ -24,7 +24,9 @@ Files are mapped copy-on-write (mmap.ACCESS_COPY: MAP_PRIVATE, readable and writ
 is the same zero-copy page-cache mapping as a read-only one, the file is never written, and an
 accidental in-place write costs a private page instead of a SIGSEGV (torch.frombuffer also
 warns on a read-only buffer). The views keep their mapping alive; there is no file handle to
-close.
+close. The files must stay as they are while a model maps them: a file truncated or rewritten
+under a mapping faults (SIGBUS) on the next read (training writes each checkpoint to a new
+step_* directory, so serving a run's checkpoint while it trains is safe).
 
 Legend: E experts, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up).
 """
@@ -32,6 +34,7 @@ Legend: E experts, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -56,21 +59,22 @@ class StoredPiece:
 def map_file(path: Path) -> dict[str, StoredPiece]:
     """{tensor name: piece} of one safetensors file, mapped; no tensor data is read."""
     from moeflow.checkpoint.storage import _DTYPES  # imports DCP: only when a file is mapped
+
     with reading(path):
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
             size = f.seek(0, 2)
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         meta = header.pop("__metadata__", None) or {}
         sharding = json.loads(meta.get("DCP_SHARDING_INFO", "{}"))
-        base = torch.frombuffer(mm, dtype=torch.uint8) if mm is not None else None
+        base = torch.frombuffer(mm, dtype=torch.uint8)
         out = {}
         for name, info in header.items():
             dtype = _DTYPES[info["dtype"]]
             begin, end = (8 + n + o for o in info["data_offsets"])
             shape = tuple(info["shape"])
-            if end > size or end - begin != _numel(shape) * dtype.itemsize:
+            if end > size or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {name!r}: its byte range does not fit the file")
             raw = base[begin:end]
             # view(dtype) needs the offset aligned to the element size; safetensors writers
@@ -81,13 +85,6 @@ def map_file(path: Path) -> dict[str, StoredPiece]:
             at = tuple(sharding.get(name, {}).get("saved_offsets", [0] * len(shape)))
             out[name] = StoredPiece(at, raw.view(dtype).view(shape))
         return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def map_weights(weights_dir: Path, names: set[str]) -> dict[str, list[StoredPiece]]:
@@ -109,7 +106,7 @@ def expert_views(name: str, pieces: list[StoredPiece], num_experts: int,
     views: list[torch.Tensor | None] = [None] * num_experts
     for p in pieces:
         rest = p.view.shape[1:]
-        if any(p.offsets[1:]) or _numel(tuple(rest)) != _numel(shape):
+        if any(p.offsets[1:]) or rest.numel() != math.prod(shape):
             raise CheckpointError(
                 f"checkpoint tensor {name!r} is expert-sliced (stored piece at offsets "
                 f"{list(p.offsets)}, shape {list(p.view.shape)}): an expert is not contiguous "
