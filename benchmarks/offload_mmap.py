@@ -1,7 +1,7 @@
 """Experts memory-mapped from the checkpoint (expert_store="mmap") vs the pinned host copy.
 
-The model (random bf16 weights, Mixtral-8x7B shape with --layers decoder layers, default 4:
-32 experts, 11.3 GB) is saved once to a directory on local disk (--dir, default a fresh temp
+The model (random bf16 weights, Mixtral-8x7B shape with --layers decoder layers, default 2:
+16 experts, 5.6 GB; 6.2 GB on disk) is saved once to a directory on local disk (--dir, default a fresh temp
 directory under /tmp, deleted at the end unless --keep), fsynced, then served by two fresh
 child processes, one after the other, at the same budget (the share of the experts the real
 32-layer Mixtral's cache holds at --budget-full GiB, as benchmarks/offload.py scales it):
@@ -22,11 +22,13 @@ the checkpoint's page-cache residency after the pass. Pass 1 against pass 2 of t
 is the page-cache effect (first touch from disk vs pages already cached); the peak RSS
 (VmHWM) closes each child's record.
 
-Run (one H200, ~2-3 min, < 30 GiB of disk at the default 4 layers; writes offload_mmap.json and
-offload_mmap.md under --out):
+Run (one H200; 6.2 GB of disk, written and read back cold twice: under 3 min on a disk of
+~200 MB/s or better; --layers 4 doubles everything, still < 30 GiB of disk; each child is
+killed after --child-timeout-s; writes offload_mmap.json and offload_mmap.md under --out):
     PYTHONPATH=. python benchmarks/offload_mmap.py --out $OUT
-On CPU (the same code, no CUDA; --smoke for toy widths):
-    PYTHONPATH=. python benchmarks/offload_mmap.py --out /tmp/mm --device cpu --layers 1 --steps 4
+On CPU (the same code, no CUDA; --smoke for toy widths; what results/offload_mmap/ records):
+    PYTHONPATH=. python benchmarks/offload_mmap.py --out /tmp/mm --device cpu \
+        --widths 2048 8192 --layers 4 --prompt 8 --steps 4 --child-timeout-s 400
 """
 
 from __future__ import annotations
@@ -231,18 +233,24 @@ def build_and_save(args, directory: Path) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = ["| store | load s | RssAnon after load GiB | RssFile after load GiB | pass | "
-             "page cache before | prefill ms | decode tok/s | GB/token | hit | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"experts {r['expert_GB']:.2f} GB, checkpoint {r['disk_GB']:.2f} GB on disk, "
+             f"saved in {r['save_s']:.0f} s; RSS growth = VmRSS after load - before, as a share "
+             f"of the expert bytes", "",
+             "| store | load s | RSS growth | RssAnon after load GiB | RssFile after load GiB | "
+             "pass | page cache before | prefill ms | decode tok/s | GB/token | hit | "
+             "peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for store in ("pinned", "mmap"):
         c = r.get(store, {})
         if "error" in c:
             lines.append(f"| {store} | error: {c['error']} |")
             continue
         before = c["page_cache_after_load"]
+        growth = ((c["after_load"]["VmRSS_GiB"] - c["before_load"]["VmRSS_GiB"]) * GiB
+                  / (r["expert_GB"] * 1e9))
         for i, p in enumerate(c["passes"]):
             lines.append(
-                f"| {store} | {c['load_s']:.1f} | {c['after_load']['RssAnon_GiB']:.2f} | "
+                f"| {store} | {c['load_s']:.1f} | {growth:.2f} | "
+                f"{c['after_load']['RssAnon_GiB']:.2f} | "
                 f"{c['after_load']['RssFile_GiB']:.2f} | {i + 1} | {before:.2f} | "
                 f"{p['prefill_ms']:.0f} | {p['decode_tokens_per_s']:.2f} | "
                 f"{p['copied_GB_per_token']:.2f} | {p['hit_rate']:.2f} | "
@@ -257,7 +265,7 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to save the model (default: a temp dir "
                    "under /tmp, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the saved model")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget-full", type=float, default=24,
                    help="GiB, for the 32-layer model (scaled as benchmarks/offload.py does)")
@@ -266,7 +274,7 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs=2, metavar=("D", "F"),
                    help="d_model and expert width instead of Mixtral's (CPU runs)")
     p.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens")
-    p.add_argument("--child-timeout-s", type=float, default=150)
+    p.add_argument("--child-timeout-s", type=float, default=100)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
