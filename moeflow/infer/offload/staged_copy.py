@@ -10,7 +10,11 @@ Filling a buffer is a CPU copy out of the mapping, which pages the chunk in (pag
 memcpy speed; miss: the disk's read speed); while it runs, the previous chunk's DMA runs on the
 copy stream. Before a buffer is filled again the host waits for the event recorded after the
 DMA that last read it (`Event.synchronize`), so the host never overwrites a buffer in flight.
-The fill converts dtype when the served dtype differs from the stored one.
+The fill converts dtype when the served dtype differs from the stored one. Before the first
+chunk of a tensor, madvise(MADV_WILLNEED) over its pages starts the kernel reading all of it
+from disk at once, so a cold expert's read runs ahead of the fills instead of page by page
+behind them (readahead alone brings 128 KiB at a time); for pages already cached, or memory
+that is not a file's, the call does nothing.
 
 The caller issues the copies inside the cache's `copying_into(slot)` context (the copy stream,
 after the slot's last reader); the DMAs go on the current stream, so the slot's `ready` event,
@@ -25,9 +29,21 @@ Legend: n elements of one chunk.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 
 CHUNK_BYTES = 16 << 20
+_MADV_WILLNEED = 3
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def will_need(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading `t`'s pages (a hint: its failure changes nothing)."""
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + t.nbytes - start),
+                  _MADV_WILLNEED)
 
 
 class StagedCopy:
@@ -49,6 +65,7 @@ class StagedCopy:
             if not dst.is_contiguous() or not src.is_contiguous() or dst.shape != src.shape:
                 raise ValueError("staged copy: needs contiguous tensors of one shape")
             dst_n, src_n = dst.view(-1), src.view(-1)
+            will_need(src_n)
             step = self.chunk_bytes // max(dst.element_size(), src.element_size())
             for at in range(0, dst_n.numel(), step):
                 n = min(step, dst_n.numel() - at)
