@@ -1,8 +1,9 @@
 """Experts memory-mapped from the checkpoint (expert_store="mmap") vs the pinned host copy.
 
 The model (random bf16 weights, Mixtral-8x7B shape with --layers decoder layers, default 2:
-16 experts, 5.6 GB; 6.2 GB on disk) is saved once to a directory on local disk (--dir, default a fresh temp
-directory under /tmp, deleted at the end unless --keep), fsynced, then served by two fresh
+16 experts, 5.6 GB; ~6.3 GB on disk) is saved once to a directory on local disk (--dir,
+default a fresh temp directory under /tmp, deleted at the end unless --keep), fsynced, then
+served by two fresh
 child processes, one after the other, at the same budget (the share of the experts the real
 32-layer Mixtral's cache holds at --budget-full GiB, as benchmarks/offload.py scales it):
   pinned: load_model(DIR) reads every tensor into RAM, the engine copies the experts to pinned
@@ -22,7 +23,7 @@ the checkpoint's page-cache residency after the pass. Pass 1 against pass 2 of t
 is the page-cache effect (first touch from disk vs pages already cached); the peak RSS
 (VmHWM) closes each child's record.
 
-Run (one H200; 6.2 GB of disk, written and read back cold twice: under 3 min on a disk of
+Run (one H200; ~6.3 GB of disk, written and read back cold twice: under 3 min on a disk of
 ~200 MB/s or better; --layers 4 doubles everything, still < 30 GiB of disk; each child is
 killed after --child-timeout-s; writes offload_mmap.json and offload_mmap.md under --out):
     PYTHONPATH=. python benchmarks/offload_mmap.py --out $OUT
