@@ -96,6 +96,15 @@ def test_mmap_engine_equals_resident_and_pinned_engines_under_evictions(
                 if t is not None:
                     assert any(s <= t.data_ptr() and t.data_ptr() + t.nbytes <= e
                                for s, e, _ in maps)
+    # A second engine on the offloaded model reuses the mapped store (another slot count).
+    del engine
+    again, *served_again = run(mapped, ps, max_batch_size=2, offload=OffloadConfig(
+        gpu_memory=budget_for(model, slots + 1, max_batch_size=2), cpu_experts=cpu_experts,
+        expert_store="mmap"))
+    assert again.offload.cache.store is store and again.offload.plan.slots == slots + 1
+    assert_equal_runs(served_again, resident)
+    with pytest.raises(ValueError, match="already moved this model's experts to a 'mmap'"):
+        Engine(mapped, EngineConfig(max_batch_size=2, offload=OffloadConfig(gpu_memory=budget)))
     # ... and holds the values of the model it was saved from.
     for i, m in enumerate(model.moe_layers()):
         for e in range(m.experts.num_experts):

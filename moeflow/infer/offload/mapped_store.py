@@ -29,6 +29,7 @@ class MappedExpertStore:
         self.pin = False
         self.staging = StagedCopy(device, chunk_bytes)
         self.layers: list[list[tuple[torch.Tensor | None, ...]]] = []  # [layer][e] -> views
+        self.templates: list[LayerExperts] = []  # [layer] -> shapes and dtype (`template`)
         self.dtype: torch.dtype | None = None  # the served dtype (the cache's, the CPU's)
 
     def add_layer(self, mapped) -> int:
@@ -38,6 +39,7 @@ class MappedExpertStore:
                              f"{mapped.dtype}, the first layer {self.dtype}")
         self.dtype = mapped.dtype
         self.layers.append(list(mapped.experts))
+        self.templates.append(template(mapped))
         return len(self.layers) - 1
 
     @property

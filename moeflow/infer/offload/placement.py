@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.checkpoint.mapped import MappedExperts
 from moeflow.infer.device import resolve_device
 from moeflow.infer.offload.column_copy import two_d_dma
 from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
 from moeflow.infer.offload.cpu_experts import CpuExperts, CpuExpertStats, measure_costs
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
-from moeflow.checkpoint.mapped import MappedExperts
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
 from moeflow.infer.offload.mapped_store import MappedExpertStore, template
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
@@ -149,7 +149,7 @@ def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStor
         raise ValueError("gpu_memory: some MoE layers' experts are memory-mapped and some not")
     if all(offloaded):
         store = layers[0].experts.cache.store
-        return store.layers, store
+        return (store.templates if isinstance(store, MappedExpertStore) else store.layers), store
     return [_layer_experts(m.experts) for m in layers], None
 
 
