@@ -20,6 +20,7 @@ Examples:
   moeflow train --init runs/moe --steps 1000 --out runs/moe-train   # continue from its weights
   moeflow serve --model runs/train --port 8000            # OpenAI-compatible HTTP server
   moeflow serve --model ./q3-moeflow --gpu-memory 24GiB   # experts offloaded to host memory
+  moeflow serve --model ./q3-moeflow --gpu-memory 24GiB --expert-store mmap  # larger than RAM
   moeflow bench-serve --url http://127.0.0.1:8000 --concurrency 8 --requests 200
   moeflow forecast train --data sunspots co2 --out runs/fc --steps 2000   # Time-MoE forecaster
   moeflow forecast eval --run runs/fc         # held-out tails vs seasonal-naive, ARIMA, ETS
@@ -249,7 +250,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     offload = offload_config(args, device)
     # Offloading places the model itself (experts to host memory): load it on the CPU.
-    loaded = load_for_serving(args.checkpoint, "cpu" if offload else device)
+    loaded = load_for_serving(args.checkpoint, "cpu" if offload else device,
+                              map_experts=offload is not None and offload.expert_store == "mmap")
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**params_given, stop_token_ids=tokenizer.eos_ids)
     engine = Engine(model, EngineConfig(max_batch_size=1, offload=offload))

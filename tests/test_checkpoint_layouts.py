@@ -129,6 +129,28 @@ def test_ep2_checkpoint_serves_through_the_serve_loader_and_engine(two_rank_run)
     assert out == ids[len(prompt):]
 
 
+def test_ep2_checkpoint_serves_with_experts_mapped_from_both_ranks_files(two_rank_run):
+    """Each rank's file holds its experts' rows (DCP_SHARDING_INFO offsets): expert_store=
+    "mmap" maps each expert from the file that holds it and gives the resident tokens."""
+    from moeflow.infer.offload import OffloadConfig
+
+    ckpt = ckpt_io.latest_checkpoint(two_rank_run["run"])
+    model = load_model(ckpt)
+    mapped = load_model(ckpt, map_experts=True)
+    prompts = [[5, 17, 33, 2, 9], [7, 1, 4]]
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    want = Engine(model, EngineConfig(max_batch_size=2)).generate(prompts, params)
+    offload = OffloadConfig(gpu_memory="1GiB", expert_store="mmap")
+    engine = Engine(mapped, EngineConfig(max_batch_size=2, offload=offload))
+    assert engine.generate(prompts, params) == want
+    files = {}
+    for i, layer in enumerate(engine.offload.cache.store.layers):
+        for e, (w_in, *_) in enumerate(layer):
+            files.setdefault(i, set()).add(w_in.untyped_storage().data_ptr())
+            assert torch.equal(w_in, model.moe_layers()[i].experts.w_in_EDI[e])
+    assert all(len(ptrs) == 2 for ptrs in files.values())  # each layer's experts: two files
+
+
 def test_swiglu_slices_read_their_block_of_gate_and_up(tmp_path):
     """A SwiGLU model saved by one process loads into every rank of an EP=8 layout with the
     4-expert layer sliced in two: each rank gets exactly its [gate_j | up_j] columns."""

@@ -89,9 +89,11 @@ def write_weights(path: Path, model: nn.Module, group=None, rank: int = 0,
     (path / CONFIG).write_text(model.config.to_json() + "\n")
 
 
-def check_fits(model: nn.Module, path: Path) -> None:
-    """Raise ValueError naming the first tensor whose name or stored shape differs."""
-    have = {k: tuple(v["shape"]) for k, v in read_manifest(path)["tensors"].items()}
+def check_fits(model: nn.Module, path: Path, mapped: set[str] = frozenset()) -> None:
+    """Raise ValueError naming the first tensor whose name or stored shape differs; `mapped`:
+    stored names the model serves from the files instead (moeflow.checkpoint.mapped)."""
+    have = {k: tuple(v["shape"]) for k, v in read_manifest(path)["tensors"].items()
+            if k not in mapped}
     _compare(global_shapes(model), have, path)
 
 
@@ -111,9 +113,10 @@ def _compare(want: dict, have: dict, where: Path) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Read the weights of directory `path` into `model` (whatever its layout), in place."""
-    check_fits(model, path)
+def load_weights(model: nn.Module, path: Path, mapped: set[str] = frozenset()) -> None:
+    """Read the weights of directory `path` into `model` (whatever its layout), in place;
+    `mapped`: stored names not to read (experts served from the files)."""
+    check_fits(model, path, mapped)
     read_chunks(Path(path) / WEIGHTS, model_chunks(model))
 
 
@@ -124,11 +127,15 @@ def load_config(path: Path) -> ModelConfig:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None,
-               build: Callable[[ModelConfig], nn.Module] | None = None) -> nn.Module:
+               build: Callable[[ModelConfig], nn.Module] | None = None,
+               map_experts: bool = False) -> nn.Module:
     """The Transformer of a model directory (format 2 or 1), in eval mode. `dtype` casts the
     parameters; buffers (the router's expert bias) stay fp32, as the router adds them to fp32
     scores. `build(config)` makes the model on the meta device (default: the whole
-    Transformer); a rank's shard of it (moeflow.parallel.inference) reads only its chunks."""
+    Transformer); a rank's shard of it (moeflow.parallel.inference) reads only its chunks.
+    `map_experts`: leave the experts in the files, memory-mapped, nothing of them read
+    (moeflow.checkpoint.mapped; for the offload engine's expert_store="mmap")."""
+    from moeflow.checkpoint.mapped import map_experts as map_expert_views
     from moeflow.model import Transformer
 
     path = Path(path)
@@ -137,8 +144,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if build is not None and version == 1:
         raise ValueError(f"checkpoint {path} is format 1 (one model.safetensors): it loads "
                          f"only whole; rewrite it with `moeflow convert --to moeflow`")
+    if map_experts and (version != VERSION or build is not None):
+        raise ValueError(f"checkpoint {path}: memory-mapped experts need a whole model of a "
+                         f"format-{VERSION} moeflow checkpoint; rewrite it with "
+                         f"`moeflow convert --to moeflow`")
     with torch.device("meta"):
         model = Transformer(config) if build is None else build(config)
+    mapped: set[str] = set()
+    if map_experts:
+        read_manifest(path)
+        mapped = map_expert_views(model, path, path / WEIGHTS, dtype)
     model = model.to_empty(device=device)
     if config.tie_embeddings:  # to_empty allocates each parameter anew: share the head again
         model.lm_head.weight = model.tok_emb.weight
@@ -148,7 +163,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if version == 1:
         load_legacy_weights(model, path)
     else:
-        load_weights(model, path)
+        load_weights(model, path, mapped)
     return model.eval()
 
 

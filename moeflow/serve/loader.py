@@ -9,6 +9,10 @@ DIR may be (moeflow.interop.find_model_dir decides, for `generate` and `convert`
     `tokenizers` tokenizer.json beside it; the end of sequence comes from
     generation_config.json / config.json `eos_token_id` and tokenizer_config.json
     `eos_token`, the chat template from chat_template.jinja or tokenizer_config.json (chat.py).
+With `map_experts` (`--expert-store mmap`) the experts of a moeflow checkpoint (training or
+converted) stay in its files, memory-mapped (moeflow.checkpoint.mapped); a HF directory stores
+each expert's projections as separate, transposed tensors that are not the slot layout, so it is
+refused in one line naming the conversion (`moeflow convert DIR OUT --to moeflow`).
 The model comes back in eval mode; the engine routes every forward it runs dropless and without
 noise (`inference=True`): at inference no token is dropped for capacity, since a dropped token
 would change a user's answer depending on its batch-mates. Each tokenizer file is read once,
@@ -63,15 +67,30 @@ def _ids(value) -> list[int]:
     return []
 
 
-def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None = None
-                     ) -> LoadedModel:
+def load_for_serving(path: str | Path, device: str = "auto", dtype: str | None = None,
+                     map_experts: bool = False) -> LoadedModel:
     """Model + tokenizer + chat template from a checkpoint directory; ValueError if unusable."""
     from moeflow.interop.pretrained import find_model_dir, from_pretrained
 
     found = find_model_dir(path)
     dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if found.is_training:
+    if map_experts:
+        from moeflow.checkpoint.model_dir import load_model
+
+        if not found.is_training and found.kind != "moeflow":
+            raise ValueError(f"--expert-store mmap: {found.path} is a HF {found.kind} "
+                             f"directory, whose experts are not stored in the layout the cache "
+                             f"copies; convert it first: moeflow convert {found.path} OUT "
+                             f"--to moeflow")
+        model = load_model(found.path, dev, torch_dtype, map_experts=True)
+        if found.is_training:
+            from moeflow.train.checkpoint import load_tokenizer
+
+            tokenizer = load_tokenizer(found.path)
+        else:
+            tokenizer = _hf_tokenizer(found.path)
+    elif found.is_training:
         from moeflow.train.checkpoint import load_for_inference
 
         model, tokenizer = load_for_inference(found.path, device=dev)

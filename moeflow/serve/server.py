@@ -115,7 +115,9 @@ def build_state(config: ServeConfig, shard: LoadedShard | None = None) -> Server
     if shard is None:
         # With --gpu-memory the engine places the model (experts to host memory): load on CPU.
         device = "cpu" if config.offload is not None else config.device
-        loaded = load_for_serving(config.model, device=device, dtype=config.dtype)
+        mapped = config.offload is not None and config.offload.expert_store == "mmap"
+        loaded = load_for_serving(config.model, device=device, dtype=config.dtype,
+                                  map_experts=mapped)
         engine = Engine(loaded.model, engine_config(config))
     else:
         loaded = shard.loaded

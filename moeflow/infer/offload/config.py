@@ -19,6 +19,11 @@ prefetch method ("none"; "router": zero-shot pre-gating with the next layer's ro
 may compute on the CPU (`cpu_experts`, moeflow.infer.offload.cpu_experts; "split": the device
 and the CPU share a missed expert, moeflow.infer.offload.split_experts, whose staging buffer of
 one expert comes out of the budget) are chosen here too.
+
+Where the experts live (`expert_store`): "pinned", a page-locked host copy (host RAM must hold
+every expert), or "mmap", views of the checkpoint's files that the kernel pages in on a miss
+(moeflow.infer.offload.mapped_store; for models larger than host RAM: the model must come from
+`load_model(DIR, map_experts=True)`, which `--expert-store mmap` does).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from moeflow.validate import check, choice, option
 CPU_EXPERTS = ("off", "auto", "always", "split")
 POLICIES = ("lru", "lfu", "cyclic")
 PREFETCH = ("none", "router", "pregate")
+EXPERT_STORES = ("pinned", "mmap")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30, "tib": 1 << 40}
@@ -83,6 +89,12 @@ class OffloadConfig:
                               "the CPU each compute a share of a missed expert's columns at "
                               "once)", choices=CPU_EXPERTS,
                               default="off")
+    # pinned by default: it copies without the CPU in the loop; mmap is for models whose
+    # experts do not fit host RAM (each miss pages the expert in through the CPU).
+    expert_store: str = option("where the experts live (pinned: a page-locked copy in host "
+                               "RAM; mmap: memory-mapped from the checkpoint's files, paged in "
+                               "on a miss, for models larger than host RAM)",
+                               choices=EXPERT_STORES, default="pinned")
     device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
 
     def __post_init__(self) -> None:
@@ -91,6 +103,11 @@ class OffloadConfig:
         choice("prefetch", self.prefetch, PREFETCH)
         choice("cpu_experts", self.cpu_experts, CPU_EXPERTS)
         choice("device", self.device, ("auto", "cpu", "cuda"))
+        choice("expert_store", self.expert_store, EXPERT_STORES)
+        if self.expert_store == "mmap" and self.cpu_experts == "split":
+            raise ValueError("cpu_experts='split' with expert_store='mmap': the split's 2D "
+                             "DMA copies from pinned experts; use cpu_experts auto, always "
+                             "or off with mmap")
 
     @property
     def budget_bytes(self) -> int:

@@ -22,7 +22,9 @@ computed on the CPU is not loaded into the cache (it evicts nothing), and it is 
 cache already holds: hits always compute on the device.
 
 The CPU runs the plain-torch expert MLP (moeflow.ops.expert_mlp.expert_mlp_reference) on views
-of the store's tensors (no copy of the weights), in the model's dtype.
+of the store's tensors (no copy of the weights), in the model's dtype. Memory-mapped experts
+(expert_store="mmap") are read from their mapped pages the same way; only when the checkpoint
+stores another dtype than the served one is the expert converted, one expert per call.
 
 Legend: R rows, D model dim.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.infer.offload.expert_store import ExpertStore
+from moeflow.infer.offload.mapped_store import MappedExpertStore
 from moeflow.ops.expert_mlp import expert_mlp_reference
 
 MODES = ("off", "auto", "always", "split")
@@ -71,7 +74,7 @@ class CpuExpertStats:
 class CpuExperts:
     """Runs experts of the store on the CPU and decides which misses go there."""
 
-    def __init__(self, store: ExpertStore, activation: str, mode: str,
+    def __init__(self, store: ExpertStore | MappedExpertStore, activation: str, mode: str,
                  costs: CpuExpertCosts | None) -> None:
         if mode not in MODES:
             raise ValueError(f"cpu_experts={mode!r}: must be one of {', '.join(MODES)}")
@@ -88,11 +91,11 @@ class CpuExperts:
 
     def run(self, layer: int, e: int, x_RD: torch.Tensor) -> torch.Tensor:
         """Expert e of `layer` on host rows x_RD; returns the host output rows."""
-        le = self.store.layers[layer]
-        y_RD = expert_mlp_reference(
-            x_RD, torch.tensor([x_RD.shape[0]]), le.w_in_EDI[e:e + 1],
-            None if le.b_in_EI is None else le.b_in_EI[e:e + 1], le.w_out_EFD[e:e + 1],
-            None if le.b_out_ED is None else le.b_out_ED[e:e + 1], self.activation, False)
+        w_in_1DI, w_out_1FD, b_in_1I, b_out_1D = (
+            None if t is None else t.to(self.store.dtype).unsqueeze(0)
+            for t in self.store.expert(layer, e))
+        y_RD = expert_mlp_reference(x_RD, torch.tensor([x_RD.shape[0]]), w_in_1DI, b_in_1I,
+                                    w_out_1FD, b_out_1D, self.activation, False)
         self.experts += 1
         self.rows += x_RD.shape[0]
         return y_RD
@@ -115,15 +118,15 @@ def _median_s(fn, sync, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_costs(store: ExpertStore, activation: str, copy_one, device: torch.device,
-                  repeats: int = 5) -> CpuExpertCosts:
+def measure_costs(store: ExpertStore | MappedExpertStore, activation: str, copy_one,
+                  device: torch.device, repeats: int = 5) -> CpuExpertCosts:
     """Time one expert's copy (`copy_one()` issues it on the copy stream) and its CPU compute
     on 1 and PROBE_ROWS rows, the rows' trip from and back to `device` included."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     copy_s = _median_s(copy_one, sync, repeats)
     cpu = CpuExperts(store, activation, "always", None)
-    D = store.layers[0].w_in_EDI.shape[1]
-    dtype = store.layers[0].w_in_EDI.dtype
+    D = store.expert(0, 0)[0].shape[0]
+    dtype = store.dtype
     gen = torch.Generator().manual_seed(0)
     at = {}
     for rows in (1, PROBE_ROWS):

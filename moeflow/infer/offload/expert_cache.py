@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts
+from moeflow.infer.offload.mapped_store import MappedExpertStore
 from moeflow.infer.offload.streams import SlotStreams
 
 POLICIES = ("lru", "lfu", "cyclic")
@@ -60,7 +61,8 @@ class CacheStats:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, template: LayerExperts, num_slots: int,
+    def __init__(self, store: ExpertStore | MappedExpertStore, template: LayerExperts,
+                 num_slots: int,
                  device: torch.device, policy: str = "cyclic") -> None:
         """`template`: any layer's experts (shapes and dtype of the pool; every layer the
         store holds must match them, see moeflow.infer.offload.placement)."""
@@ -196,7 +198,7 @@ class ExpertCache:
         if self.policy != "cyclic":
             slot = self._pop_victim(self._heaps.get(0, []), None)
         else:
-            slot, layers = None, len(self.store.layers)
+            slot, layers = None, self.store.num_layers
             for back in range(layers):
                 j = (layer - back) % layers
                 slot = self._pop_victim(self._heaps.get(j, []), j)
@@ -239,11 +241,9 @@ class ExpertCache:
     def copy_into(self, slot: int, key: tuple[int, int]) -> int:
         """Issue the copy of expert `key` into `slot` on the copy stream; returns its bytes. No
         bookkeeping: `_load` does that; on its own, this times a copy (an empty slot only)."""
-        src = self.store.expert(*key)
-        dst = (self.w_in_SDI, self.w_out_SFD, self.b_in_SI, self.b_out_SD)
+        dst = tuple(None if d is None else d[slot]
+                    for d in (self.w_in_SDI, self.w_out_SFD, self.b_in_SI, self.b_out_SD))
         with self.streams.copying_into(slot):
-            for d, s in zip(dst, src):
-                if d is not None:
-                    d[slot].copy_(s, non_blocking=True)
+            n = self.store.copy_expert(*key, dst)
         self.streams.copied(slot)
-        return sum(s.numel() * s.element_size() for s in src if s is not None)
+        return n

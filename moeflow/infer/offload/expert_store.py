@@ -6,8 +6,11 @@ a bounce buffer synchronously. The store takes each layer's expert tensors over 
 time (pinned copy, then the original is dropped by the caller), so converting a model in host
 RAM needs one layer's experts of headroom, not a second copy of the model.
 
-Not done: memory-mapping experts from safetensors for models larger than host RAM. The store's
-interface (`expert(layer, e)` -> tensors to copy from) is what such a store would implement.
+For models larger than host RAM, expert_store="mmap" serves the experts straight from the
+checkpoint's files instead (moeflow.infer.offload.mapped_store: memory-mapped views, paged in
+on a miss through a pinned double buffer). Both stores answer `expert(layer, e)` (the tensors
+the CPU paths read), `copy_expert` (the cache's copy into a slot), `num_layers`, `num_experts`,
+`dtype` and `total_bytes`.
 
 Legend: E experts of a layer, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up).
 """
@@ -64,8 +67,26 @@ class ExpertStore:
         return tuple(None if t is None else t[e]
                      for t in (le.w_in_EDI, le.w_out_EFD, le.b_in_EI, le.b_out_ED))
 
+    def copy_expert(self, layer: int, e: int, dsts: tuple[torch.Tensor | None, ...]) -> int:
+        """Issue the copies of one expert into `dsts` (a cache slot's views) on the current
+        stream, asynchronous from pinned memory; returns their bytes."""
+        src = self.expert(layer, e)
+        for d, s in zip(dsts, src):
+            if d is not None:
+                d.copy_(s, non_blocking=True)
+        return sum(s.numel() * s.element_size() for s in src if s is not None)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
     def num_experts(self, layer: int) -> int:
         return self.layers[layer].w_in_EDI.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the experts are served (and computed on the CPU) in."""
+        return self.layers[0].w_in_EDI.dtype
 
     @property
     def total_bytes(self) -> int:

@@ -8,6 +8,15 @@ move to an `ExpertStore` in (pinned) host memory one layer at a time, and everyt
 to the device. Load the model on the CPU first (`moeflow serve/generate --gpu-memory` do): a
 model larger than the GPU never touches it whole.
 
+With expert_store="mmap" the model must come from `load_model(DIR, map_experts=True)`: its MoE
+layers hold `MappedExperts` (views of the checkpoint's files), which go to a MappedExpertStore
+as they are, nothing read. A model whose experts are in memory (an nn.Module built or loaded
+whole) is refused in one line rather than written to disk behind the caller's back: its
+experts already take the RAM that mmap would spare, and where to put a second copy of the
+weights, and when to delete it, is the caller's decision (`write_weights`, then load mapped).
+A mapped model under expert_store="pinned" gets its experts read into the pinned store, one
+layer at a time.
+
 The budget is checked before anything moves, so a budget that is too small fails with one line
 naming the needed and the given sizes and leaves the model as it was.
 
@@ -24,12 +33,14 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.checkpoint.mapped import MappedExperts
 from moeflow.infer.device import resolve_device
 from moeflow.infer.offload.column_copy import two_d_dma
 from moeflow.infer.offload.config import BudgetPlan, OffloadConfig, plan_budget
 from moeflow.infer.offload.cpu_experts import CpuExperts, CpuExpertStats, measure_costs
 from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
+from moeflow.infer.offload.mapped_store import MappedExpertStore, template
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
 from moeflow.infer.offload.prefetch import (PregatePredictor, PrefetchLedger, PrefetchStats,
                                             RouterPredictor)
@@ -47,7 +58,31 @@ class OffloadStats:
 
 
 def _layer_experts(experts) -> LayerExperts:
+    if isinstance(experts, MappedExperts):  # shapes and dtype only: nothing is read here
+        return template(experts)
     return LayerExperts(experts.w_in_EDI, experts.w_out_EFD, experts.b_in_EI, experts.b_out_ED)
+
+
+def _read_mapped(experts: MappedExperts) -> tuple[torch.Tensor | None, ...]:
+    """A mapped layer's experts read into memory, stacked [E, ...] in the served dtype."""
+    return tuple(None if ts[0] is None else torch.stack(ts).to(experts.dtype)
+                 for ts in zip(*experts.experts))
+
+
+def _check_store(model: torch.nn.Module, config: OffloadConfig, reuse) -> None:
+    """One line for a model whose experts cannot be served from the store asked for."""
+    if reuse is not None:
+        kind = "mmap" if isinstance(reuse, MappedExpertStore) else "pinned"
+        if kind != config.expert_store:
+            raise ValueError(f"expert_store={config.expert_store!r}: an earlier engine already "
+                             f"moved this model's experts to a {kind!r} store")
+        return
+    mapped = isinstance(model.moe_layers()[0].experts, MappedExperts)
+    if config.expert_store == "mmap" and not mapped:
+        raise ValueError("expert_store='mmap': the model's experts are in memory, not mapped "
+                         "from a checkpoint; load it with moeflow.checkpoint.load_model(DIR, "
+                         "map_experts=True) (serve/generate --model DIR --expert-store mmap "
+                         "do), or save it first with moeflow.checkpoint.write_weights")
 
 
 def non_expert_bytes(model: torch.nn.Module) -> int:
@@ -109,9 +144,12 @@ def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStor
     offloaded = [isinstance(m.experts, OffloadedExperts) for m in layers]
     if any(offloaded) and not all(offloaded):
         raise ValueError("gpu_memory: some MoE layers are offloaded and some are not")
+    mapped = [isinstance(m.experts, MappedExperts) for m in layers]
+    if any(mapped) and not all(mapped):
+        raise ValueError("gpu_memory: some MoE layers' experts are memory-mapped and some not")
     if all(offloaded):
         store = layers[0].experts.cache.store
-        return store.layers, store
+        return (store.templates if isinstance(store, MappedExpertStore) else store.layers), store
     return [_layer_experts(m.experts) for m in layers], None
 
 
@@ -146,15 +184,24 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     device = resolve_device(config.device)
     layers = model.moe_layers()
     sources, reuse = _host_layers(model)
-    store = reuse if reuse is not None else ExpertStore(pin=device.type == "cuda")
+    _check_store(model, config, reuse)
+    if reuse is not None:
+        store = reuse
+    elif config.expert_store == "mmap":
+        store = MappedExpertStore(device)
+    else:
+        store = ExpertStore(pin=device.type == "cuda")
     cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
     del sources  # they hold the layers' weights: drop them so they go with each layer's module
     ledger = PrefetchLedger()
     cpu = split = None
     for i, layer in enumerate(layers):
         old = layer.experts
-        if reuse is None:
-            store.add_layer(old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)
+        if reuse is None and isinstance(store, MappedExpertStore):
+            store.add_layer(old)
+        elif reuse is None:
+            store.add_layer(*(_read_mapped(old) if isinstance(old, MappedExperts) else
+                              (old.w_in_EDI, old.w_out_EFD, old.b_in_EI, old.b_out_ED)))
         if i == 0 and config.cpu_experts != "off":  # layer 0 is stored: measure with it
             costs = None
             if config.cpu_experts in ("auto", "split"):  # slot 0 is empty until first used
