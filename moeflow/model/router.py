@@ -55,6 +55,16 @@ StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ExpertOrder:
+    """The expert-sorted layout of a dropless routing (moeflow.model.dispatch's DispatchPlan),
+    when the routing kernel computed it with the choices (moeflow.ops.decode_route_triton)."""
+
+    row_TK: torch.Tensor  # int64 sorted row of each assignment
+    token_N: torch.Tensor  # int64 source token of each sorted row
+    ends_E: torch.Tensor  # int64 cumulative rows per expert
+
+
+@dataclass(frozen=True)
 class RoutingResult:
     ids_TK: torch.Tensor  # int64 expert ids in [0, E)
     weights_TK: torch.Tensor  # fp32 combine weights, 0 where dropped
@@ -66,6 +76,8 @@ class RoutingResult:
     aux_loss: torch.Tensor  # unweighted load-balancing loss
     z_loss: torch.Tensor  # unweighted router z-loss
     loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    # The layout LocalDispatcher would sort, already computed (None: the dispatcher sorts).
+    order: ExpertOrder | None = None
 
     @property
     def num_experts(self) -> int:
@@ -332,8 +344,15 @@ class Router(nn.Module, ChoosesBackends):
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
             return route_reference(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
+        # The one-launch decode kernel has no backward and sums no statistics over ranks.
+        decode = (capacity is None and gumbel_TE is None and self.stats_reduce is None
+                  and not (torch.is_grad_enabled() and logits_TE.requires_grad))
+        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
+        if backend == "triton_decode":
+            from moeflow.ops.decode_route_triton import route_decode_triton
+            return route_decode_triton(logits_TE, cfg, self.expert_bias)
         route = route_reference
-        if resolve_router_backend(self.backends.router, logits_TE, cfg) == "triton":
+        if backend == "triton":
             from moeflow.ops.routing_triton import route_triton as route
         return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
                      self.stats_reduce)
