@@ -143,8 +143,9 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
         NORMALIZE=cfg.normalizes, GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
         GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
-        # Tiles of at most 4096 scores and 8192 one-hot entries: larger ones spill registers.
-        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 4096 // block_e)),
+        # The fused router's tile limits (routing_triton._block_t, _route_forward): at most
+        # 16 tokens and 4096 scores, 8192 one-hot entries; larger tiles spill registers.
+        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 4096 // block_e)),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K), BLOCK_P=max(16, min(128, 8192 // block_e)),
         num_warps=4)
