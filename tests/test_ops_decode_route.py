@@ -50,8 +50,8 @@ def _logits(T, E, seed):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("T,E", [(1, 16), (16, 16), (37, 128)])
 def test_decode_route_equals_reference_and_sort(name, T, E):
-    """(37, 128): several blocks of tokens (16 per block) and of assignments (64) in one
-    program."""
+    """(37, 128): several blocks of tokens (16 per block) and of assignments (64 per block)
+    in one program."""
     cfg, has_bias = CONFIGS[name]
     logits = _logits(T, E, seed=T * 1000 + E)
     bias = (torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.05).to(DEVICE) \

@@ -143,12 +143,14 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
         NORMALIZE=cfg.normalizes, GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
         GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
-        # The fused router's tile limits (routing_triton._block_t, _route_forward): at most
-        # 16 tokens and 4096 scores, 8192 one-hot entries; larger tiles spill registers.
-        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 4096 // block_e)),
+        # Tiles of at most 16 tokens and 2048 scores, 8192 one-hot entries, 8 warps for the one
+        # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
+        # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
+        # kernel spills 148 there); 4 warps or 4096-score tiles spilled up to 900 bytes.
+        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K), BLOCK_P=max(16, min(128, 8192 // block_e)),
-        num_warps=4)
+        num_warps=8)
     return RoutingResult(ids_TK=ids_TK, weights_TK=w_TK, kept_TK=kept_TK.view(torch.bool),
                          slots_TK=slots_TK, counts_E=counts_E, num_dropped=num_dropped,
                          capacity=None, aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
