@@ -15,7 +15,9 @@ Inference routing (`forward(..., inference=True)`, passed down from `model(ids, 
 by the serving engine and by a distillation teacher): no capacity and no noise, so a token's
 output never depends on its batch-mates or on the RNG. It is an argument of each call, not a
 flag set on the module, so a model shared between a trainer and an engine routes each call as
-its caller declares.
+its caller declares. Dropless and without autograd, a decode-sized call can also take the
+one-launch kernel that returns the expert-sorted layout with the choices (`order`, see
+moeflow.ops.decode_route_triton and the router chooser in moeflow.ops.backend).
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
