@@ -85,10 +85,10 @@ def test_router_takes_the_decode_kernel_only_where_it_applies():
         assert trained.order is None and trained.capacity is not None
     assert router(x, inference=True).order is None  # the gate needs a gradient
     # auto: plain torch off CUDA; the decode kernel above the bound is route_triton
-    logits = torch.zeros(4, 8)
+    logits = torch.zeros(4, 8, device=DEVICE)
     assert backend.resolve_router_backend("auto", logits, cfg, decode=True) == (
         "triton_decode" if ON_GPU else "reference")
-    big = torch.zeros(backend.DECODE_ROUTE_MAX_ASSIGNMENTS // 2 + 1, 8)
+    big = torch.zeros(backend.DECODE_ROUTE_MAX_ASSIGNMENTS // 2 + 1, 8, device=DEVICE)
     assert backend.resolve_router_backend("triton_decode", big, cfg, decode=True) == "triton"
     assert backend.resolve_router_backend("triton_decode", logits, cfg, decode=False) == "triton"
     grouped = RouterConfig(top_k=1, expert_groups=(("text", 4), ("image", 4)))
