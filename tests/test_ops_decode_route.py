@@ -69,8 +69,14 @@ def test_decode_route_equals_reference_and_sort(name, T, E):
     assert torch.equal(out.order.row_TK, plan.row_TK)
     assert torch.equal(out.order.token_N, plan.token_N)
     assert torch.equal(out.order.ends_E, plan.ends_E)
-    # The same choice code as the multi-kernel fused router: equal weights, bit for bit.
-    assert torch.equal(out.weights_TK, route_triton(logits, cfg, None, bias, None, None).weights_TK)
+    # The same choice code as the multi-kernel fused router: equal weights, bit for bit under
+    # the interpreter; compiled with other block sizes and warps, reductions may sum in another
+    # order on the GPU (a few fp32 ulps).
+    fused = route_triton(logits, cfg, None, bias, None, None).weights_TK
+    if ON_GPU:
+        torch.testing.assert_close(out.weights_TK, fused, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(out.weights_TK, fused)
 
 
 def test_router_takes_the_decode_kernel_only_where_it_applies():
@@ -144,8 +150,14 @@ def test_decode_layer_equals_reference_and_the_multi_kernel_path(name, shared, T
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     rel = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
     assert rel < tol
-    assert torch.equal(y, y_before)  # same kernels, same rows: only the launches changed
-    assert torch.equal(outs["sorted_rows"][0], y)
+    # Same rows through the same expert kernels: equal, up to the combine weights' last fp32
+    # bits on the GPU (see above), which can move a bf16 product by one rounding step.
+    if ON_GPU:
+        rel_before = ((y.float() - y_before.float()).norm() / y_before.float().norm()).item()
+        assert rel_before < 4e-3
+    else:
+        assert torch.equal(y, y_before)
+    assert torch.equal(outs["sorted_rows"][0], y)  # gathered in the kernel or before it
 
 
 def test_a_dispatcher_that_does_not_defer_gathers_the_planned_rows():
