@@ -100,6 +100,8 @@ def layer_table(tokens: list[int]) -> dict:
             ys[label] = fwd()
             row[label] = both(fwd)
         row["outputs_equal"] = bool(torch.equal(ys["before"], ys["after"]))
+        diff = (ys["after"].float() - ys["before"].float()).norm() / ys["before"].float().norm()
+        row["rel_diff"] = diff.item()
         out[T] = row
         print(f"layer T={T:3d}: {row}", flush=True)
     return out
@@ -116,12 +118,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {b['eager_us']:.1f} | {a['eager_us']:.1f} | "
                      f"{b['graph_us']:.1f} | {a['graph_us']:.1f} |")
     lines += ["", "## MoE layer forward (µs; before = Backends(router='triton'))", "",
-              "| T | before eager | after eager | before graph | after graph | equal |",
-              "|---:|---:|---:|---:|---:|:---:|"]
+              "| T | before eager | after eager | before graph | after graph | equal | rel diff |",
+              "|---:|---:|---:|---:|---:|:---:|---:|"]
     for T, row in result["layer"].items():
         b, a = row["before"], row["after"]
         lines.append(f"| {T} | {b['eager_us']:.1f} | {a['eager_us']:.1f} | "
-                     f"{b['graph_us']:.1f} | {a['graph_us']:.1f} | {row['outputs_equal']} |")
+                     f"{b['graph_us']:.1f} | {a['graph_us']:.1f} | {row['outputs_equal']} | "
+                     f"{row['rel_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
