@@ -175,3 +175,38 @@ def test_a_dispatcher_that_does_not_defer_gathers_the_planned_rows():
             assert x_ND is x and torch.equal(plan.gather_N, ref.token_N)
         else:
             assert plan.gather_N is None and torch.equal(x_ND, x[ref.token_N])
+
+
+MOE_KERNELS = ("_decode_route_kernel", "_topk_kernel", "_queue_kernel", "_scan_kernel",
+               "_finalize_kernel", "_dispatch_kernel", "_up_kernel", "_down_kernel",
+               "_sum_rows_kernel")
+
+
+def _cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
+@pytest.mark.parametrize("T", [1, 16])
+def test_decode_layer_launches_route_up_down_combine_after_the_logits(T):
+    """Issue 14: past the router GEMM, a decode MoE layer launches four kernels."""
+    layer, D, dtype = _layer(CONFIGS["qwen3_top8"][0], 0)
+    set_backends(layer, Backends())
+    x = torch.randn(1, T, D, device=DEVICE, dtype=dtype)
+    x_TD = x.view(T, D)
+    with torch.no_grad():
+        for _ in range(2):  # compile the logits' fused twin, autotune the stream kernels
+            layer(x, inference=True)
+        names = _cuda_kernels(lambda: layer(x, inference=True))
+        logits = _cuda_kernels(lambda: layer.router.forward(x_TD, inference=True))
+    moe = sorted(n for n in names if n.startswith(MOE_KERNELS))
+    assert moe == sorted(["_decode_route_kernel", "_up_kernel", "_down_kernel",
+                          "_sum_rows_kernel"]), names
+    # the router's own launches are its logits and the decode kernel; nothing else runs
+    assert len(names) == len(logits) + 3, (names, logits)
