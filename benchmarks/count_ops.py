@@ -17,9 +17,15 @@ Cases (one call each, after two warm-up calls):
   grouped GEMMs, index_add combine), in the same two configurations;
 - `step:<stage>`: one whole `Trainer.train_step` of the reproduce family's stages (gpu-scale
   model shapes, vocabulary shrunk and batch tiny so that it runs on a CPU in seconds; op
-  counts do not depend on either).
+  counts do not depend on either);
+- CUDA only, `decode-layer-T<n>/<path>`: one MoE layer of the Qwen3-30B-A3B shape (D 2048,
+  128 experts, top-8 renormalised, expert F 768, SwiGLU, bf16) served at each of
+  --decode-tokens, inference forward, on `auto` (the one-launch decode router) and on
+  `router=triton` (the multi-kernel fused router and the dispatch gather: the path before the
+  decode router), with each kernel's name, so the two lists can be compared launch by launch.
 
     python benchmarks/count_ops.py --out DIR [--device cpu|cuda] [--stages dense-S,moe-S]
+    python benchmarks/count_ops.py --out DIR --device cuda --stages '' --decode-tokens 1,16
 
 writes DIR/count_ops_<device>.json (per case: total ops, kernels, syncs, the op histogram) and
 prints a table.
@@ -43,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflow.config import FFNSpec, RouterConfig
 from moeflow.model.moe import MoELayer
+from moeflow.ops.backend import Backends, set_backends
 from moeflow.reproduce.family import build_stages
 from moeflow.reproduce.scale import get_scale
 
@@ -78,16 +85,19 @@ def count_kernels(fn) -> dict:
         torch.cuda.synchronize()
     kernels = launches = 0
     syncs: Counter[str] = Counter()
+    names: Counter[str] = Counter()
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
+            names[evt.name[:80]] += 1
         elif evt.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"):
             launches += 1
         elif evt.name in SYNC_EVENTS:
             syncs[evt.name] += 1
     # the trailing synchronize above is the measurement's own
     syncs["cudaDeviceSynchronize"] -= 1
-    return {"kernels": kernels, "launches": launches, "syncs": dict(+syncs)}
+    return {"kernels": kernels, "launches": launches, "syncs": dict(+syncs),
+            "kernel_names": dict(names.most_common())}
 
 
 def measure(fn, device: torch.device, warmup: int = 2) -> dict:
@@ -211,6 +221,28 @@ def layer_cases(device: torch.device, T: int) -> dict:
     }
 
 
+def decode_cases(device: torch.device, tokens: list[int]) -> dict:
+    """The Qwen3-30B-A3B MoE layer served at decode sizes, on the default path and on the
+    path before the one-launch decode router (router=triton)."""
+    spec = FFNSpec(kind="moe", d_ff=768, num_experts=128, expert_d_ff=768, router=RouterConfig(
+        top_k=8, normalize_topk=True, dropless=True, aux_loss_coef=0.001))
+    layer = MoELayer(spec, 2048, "swiglu", False).to(device).eval()
+    for p in layer.parameters():
+        nn.init.normal_(p, std=2048 ** -0.5)
+    layer = layer.bfloat16()
+    paths = {"auto": Backends(), "router=triton": Backends(router="triton")}
+    cases = {}
+    for T in tokens:
+        x = torch.randn(1, T, 2048, device=device, dtype=torch.bfloat16)
+        for label, backends in paths.items():
+            def run(x=x, backends=backends):
+                set_backends(layer, backends)
+                with torch.no_grad():
+                    return layer(x, inference=True)
+            cases[f"decode-layer-T{T}/{label}"] = run
+    return cases
+
+
 def step_case(stage_name: str, device: torch.device, workdir: Path):
     """One Trainer.train_step of a reproduce-family stage (vocab 512, 2 sequences of 64; the
     text is the standard library's json package, which tokenizes in well under a second)."""
@@ -239,12 +271,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="T of the layer cases")
     ap.add_argument("--stages", default="dense-S,moe-S", help="'' for no training steps")
     ap.add_argument("--label", default="", help="tag stored with the results (e.g. before)")
+    ap.add_argument("--decode-tokens", default="1,16",
+                    help="T of the decode-layer cases (CUDA only; '' for none)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = layer_cases(device, args.tokens)
+    if device.type == "cuda" and args.decode_tokens:
+        cases.update(decode_cases(device, [int(t) for t in args.decode_tokens.split(",")]))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in filter(None, args.stages.split(",")):
@@ -261,6 +297,11 @@ def main() -> None:
     for name, row in results.items():
         extra = (f" {row['kernels']:8d} {sum(row['syncs'].values()):6d}" if cuda else "")
         print(f"{name:32s} {row['ops']:9d}{extra}")
+    for name, row in results.items():
+        if name.startswith("decode-layer"):
+            print(f"\n{name}: {row['kernels']} kernels")
+            for kernel, n in row["kernel_names"].items():
+                print(f"  {n:3d}  {kernel}")
     print(f"-> {path}")
 
 

@@ -68,9 +68,9 @@ def test_experts_under_autocast_get_operands_in_the_autocast_dtype(monkeypatch):
     seen = []
     real = backend.EXPERT_BACKENDS["reference"]
 
-    def spy(x, ends, w_in, b_in, w_out, b_out, *rest):
+    def spy(x, ends, w_in, b_in, w_out, b_out, *rest, **kwargs):
         seen.append((x.dtype, w_in.dtype, w_out.dtype, b_in.dtype, b_out.dtype))
-        return real(x, ends, w_in, b_in, w_out, b_out, *rest)
+        return real(x, ends, w_in, b_in, w_out, b_out, *rest, **kwargs)
 
     monkeypatch.setitem(backend.EXPERT_BACKENDS, "reference", spy)
     torch.manual_seed(0)

@@ -10,6 +10,13 @@ last expert's rows; they are never computed and never read back. Combining gathe
 token's K rows and sums them with their weights in a fixed order, so the result does not depend on
 thread scheduling (no atomics).
 
+Decode (issue 14): when the router's one-launch kernel has already computed the layout
+(`routing.order`, dropless inference with few tokens), a dispatcher built with
+`defer_gather=True` (MoELayer's own) returns the tokens unsorted with `plan.gather_N` = the
+source token of each row, and the experts' up kernel gathers the rows as it loads them: no
+planning and no gather launch. Every plan has `ends_E`, `parked` and `gather_N` (None: x_ND
+holds the sorted rows), so MoELayer reads them alike from local and expert-parallel plans.
+
 Legend: T tokens, K top-k, N = T·K assignment rows, D model dim, E experts.
 """
 
@@ -30,6 +37,8 @@ class DispatchPlan:
     row_TK: torch.Tensor  # sorted row of each assignment
     ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
     parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
+    # Set when dispatch left the rows ungathered: x_ND is x_TD and row n is x_TD[gather_N[n]].
+    gather_N: torch.Tensor | None = None
 
 
 def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
@@ -61,15 +70,24 @@ def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult)
 class LocalDispatcher(nn.Module, ChoosesBackends):
     """All experts live on this process. `backends.dispatch` ("auto", "reference" or "triton")
     picks the implementation through moeflow.ops.backend.resolve_dispatch_backend. A module
-    without parameters, so that it is part of the model it serves (set_backends reaches it)."""
+    without parameters, so that it is part of the model it serves (set_backends reaches it).
+    `defer_gather`: the caller hands x_ND to experts that can gather their rows themselves
+    (MoELayer does; the expert-parallel dispatchers, which send x_ND to other ranks, do not)."""
 
-    def __init__(self, backends: Backends = Backends()) -> None:
+    def __init__(self, backends: Backends = Backends(), defer_gather: bool = False) -> None:
         super().__init__()
         self.backends = backends
+        self.defer_gather = defer_gather
 
     def dispatch(self, x_TD: torch.Tensor, routing: RoutingResult
                  ) -> tuple[torch.Tensor, DispatchPlan]:
         if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
+            order = routing.order
+            if order is not None:  # the decode router planned the layout (dropless)
+                gather_N = order.token_N if self.defer_gather else None
+                plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
+                                    ends_E=order.ends_E, parked=False, gather_N=gather_N)
+                return (x_TD if self.defer_gather else x_TD[order.token_N]), plan
             from moeflow.ops.permute_triton import dispatch_triton
             x_ND, row_TK, token_N, ends_E = dispatch_triton(
                 x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,

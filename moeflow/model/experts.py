@@ -54,9 +54,11 @@ class Experts(nn.Module, ChoosesBackends):
         """Global ids of the experts held here, in local order."""
         return tuple(range(self.num_experts)) if self.layout is None else self.layout.expert_ids
 
-    def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
-                ) -> torch.Tensor:
-        """`parked`: rows past ends_E[-1] may exist (dropped assignments); False when dropless."""
+    def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True,
+                rows_N: torch.Tensor | None = None) -> torch.Tensor:
+        """`parked`: rows past ends_E[-1] may exist (dropped assignments); False when dropless.
+        `rows_N`: the expert-sorted rows are x_ND[rows_N] (x_ND holds the tokens; the
+        weight-streaming kernel gathers them as it loads them, the others gather first)."""
         w_in, b_in, w_out, b_out = self.w_in_EDI, self.b_in_EI, self.w_out_EFD, self.b_out_ED
         dtype = autocast_dtype(x_ND.device)
         if dtype is not None and dtype != w_in.dtype:
@@ -66,8 +68,9 @@ class Experts(nn.Module, ChoosesBackends):
             # per-expert loop: 5x slower training steps at the reproduce scale on an H200.
             x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
             b_in, b_out = (None if b is None else b.to(dtype) for b in (b_in, b_out))
-        fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out)
-        return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked)
+        num_rows = None if rows_N is None else rows_N.shape[0]
+        fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows)
+        return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

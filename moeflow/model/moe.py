@@ -53,7 +53,8 @@ class MoELayer(nn.Module, ChoosesBackends):
         self.router = Router(d_model, spec.num_experts, spec.router, backends, stats_reduce)
         self.experts = Experts(spec.num_experts, d_model, spec.expert_d_ff, activation, bias,
                                backends, layout)
-        self.dispatcher = LocalDispatcher(backends) if dispatcher is None else dispatcher
+        self.dispatcher = (LocalDispatcher(backends, defer_gather=True) if dispatcher is None
+                           else dispatcher)
         self.shared = (MLP(d_model, spec.shared_d_ff, activation, bias, tp) if spec.shared_d_ff
                        else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
@@ -68,7 +69,7 @@ class MoELayer(nn.Module, ChoosesBackends):
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.router(x_TD, inference=inference, groups=groups)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, plan.ends_E, plan.parked)
+        y_ND = self._run_experts(x_ND, plan)
         y_TD = self.dispatcher.combine(y_ND, plan, routing)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
@@ -79,3 +80,13 @@ class MoELayer(nn.Module, ChoosesBackends):
             coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         return y_TD.view_as(x_BTD), routing
+
+    def _run_experts(self, x_ND: torch.Tensor, plan) -> torch.Tensor:
+        """The experts over the dispatched rows. Rows left ungathered (`plan.gather_N`, the
+        decode path) are gathered by Experts' kernels as they load them; an experts module of
+        another kind (the offload engine's, moeflow.infer.offload) gets them gathered here."""
+        if plan.gather_N is None:
+            return self.experts(x_ND, plan.ends_E, plan.parked)
+        if isinstance(self.experts, Experts):
+            return self.experts(x_ND, plan.ends_E, plan.parked, rows_N=plan.gather_N)
+        return self.experts(x_ND[plan.gather_N], plan.ends_E, plan.parked)

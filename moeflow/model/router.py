@@ -15,7 +15,9 @@ Inference routing (`forward(..., inference=True)`, passed down from `model(ids, 
 by the serving engine and by a distillation teacher): no capacity and no noise, so a token's
 output never depends on its batch-mates or on the RNG. It is an argument of each call, not a
 flag set on the module, so a model shared between a trainer and an engine routes each call as
-its caller declares.
+its caller declares. Dropless and without autograd, a decode-sized call can also take the
+one-launch kernel that returns the expert-sorted layout with the choices (`order`, see
+moeflow.ops.decode_route_triton and the router chooser in moeflow.ops.backend).
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
@@ -54,6 +56,16 @@ StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ExpertOrder:
+    """The expert-sorted layout of a dropless routing (moeflow.model.dispatch's DispatchPlan),
+    when the routing kernel computed it with the choices (moeflow.ops.decode_route_triton)."""
+
+    row_TK: torch.Tensor  # int64 sorted row of each assignment
+    token_N: torch.Tensor  # int64 source token of each sorted row
+    ends_E: torch.Tensor  # int64 cumulative rows per expert
+
+
+@dataclass(frozen=True)
 class RoutingResult:
     ids_TK: torch.Tensor  # int64 expert ids in [0, E)
     weights_TK: torch.Tensor  # fp32 combine weights, 0 where dropped
@@ -65,6 +77,8 @@ class RoutingResult:
     aux_loss: torch.Tensor  # unweighted load-balancing loss
     z_loss: torch.Tensor  # unweighted router z-loss
     loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    # The layout LocalDispatcher would sort, already computed (None: the dispatcher sorts).
+    order: ExpertOrder | None = None
 
     @property
     def num_experts(self) -> int:
@@ -330,8 +344,15 @@ class Router(nn.Module, ChoosesBackends):
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
             return route_reference(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
+        # The one-launch decode kernel has no backward and sums no statistics over ranks.
+        decode = (capacity is None and gumbel_TE is None and self.stats_reduce is None
+                  and not (torch.is_grad_enabled() and logits_TE.requires_grad))
+        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
+        if backend == "triton_decode":
+            from moeflow.ops.decode_route_triton import route_decode_triton
+            return route_decode_triton(logits_TE, cfg, self.expert_bias)
         route = route_reference
-        if resolve_router_backend(self.backends.router, logits_TE, cfg) == "triton":
+        if backend == "triton":
             from moeflow.ops.routing_triton import route_triton as route
         return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
                      self.stats_reduce)

@@ -8,7 +8,9 @@ measurements behind each rule); explicit names force a path, which is how the pa
 benchmarks compare every fast path with its plain-torch reference.
 
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
-  moeflow.ops.routing_triton.route_triton).
+  moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
+  kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits), route_triton
+  elsewhere; "auto" takes triton_decode on CUDA).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
 - experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
@@ -41,7 +43,7 @@ from torch import nn
 from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
 from moeflow.validate import choice
 
-ROUTER_BACKENDS = ("reference", "triton")
+ROUTER_BACKENDS = ("reference", "triton", "triton_decode")
 DISPATCH_BACKENDS = ("reference", "triton")
 FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
@@ -51,6 +53,13 @@ ATTENTION_BACKENDS = ("reference", "triton")
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
 # at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
+
+# The one-launch decode router handles up to this many assignments (T·K). It runs in one
+# program, so its time grows with T·K, while the launches it saves (four, ~2.3 µs each in the
+# H100 decode profile of issue 14) cost the same at any T; prefill chunks, far above the bound,
+# keep the multi-program kernels. The bound itself is not tuned yet: benchmarks/decode_route.py
+# times both paths at T·K up to 1024.
+DECODE_ROUTE_MAX_ASSIGNMENTS = 512
 
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
 # compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
@@ -142,33 +151,48 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
-                           w_out: torch.Tensor) -> Callable[..., torch.Tensor]:
+                           w_out: torch.Tensor, num_rows: int | None = None
+                           ) -> Callable[..., torch.Tensor]:
+    """`num_rows`: the rows the experts compute when that is not x.shape[0] (x holds the tokens
+    and the expert kernel gathers its rows, see DispatchPlan.gather_N)."""
     if requested == "auto":
         requested = "reference"
         if grouped_mm_supported(x, w_in, w_out):
             requested = "grouped_mm"
             if _triton_cuda(x):
-                few_rows = x.shape[0] <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]
+                rows = x.shape[0] if num_rows is None else num_rows
+                few_rows = rows <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]
                 stream = few_rows and not _needs_grad(x, w_in, w_out)
                 requested = "stream" if stream else "grouped_mm_fused"
     return EXPERT_BACKENDS[requested]
 
 
-def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg) -> str:
-    """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups; the
+def decode_route_fits(logits_TE: torch.Tensor, cfg, decode: bool) -> bool:
+    """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
+    call: `decode` (the router's word: dropless, no noise, one process's statistics, no
+    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments."""
+    return decode and logits_TE.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
+
+
+def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
+                           decode: bool = False) -> str:
+    """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups, and
+    "triton_decode" (one launch, which also plans the dispatch) where decode_route_fits; the
     reference router for expert groups (moeflow.model.expert_groups: the kernels do not mask a
-    token's experts to its group), where asking for "triton" is an error."""
+    token's experts to its group), where asking for a Triton router is an error."""
     if cfg.expert_groups:
-        if requested == "triton":
-            raise ValueError("backends.router='triton': the fused routing kernels cannot route "
-                             "within expert groups (router.expert_groups); use 'auto' or "
+        if requested != "auto" and requested != "reference":
+            raise ValueError(f"backends.router={requested!r}: the fused routing kernels cannot "
+                             "route within expert groups (router.expert_groups); use 'auto' or "
                              "'reference'")
         return "reference"
-    if requested != "auto":
-        return requested
-    E = logits_TE.shape[-1]
-    fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
-    return "triton" if _triton_cuda(logits_TE) and fits else "reference"
+    if requested == "auto":
+        E = logits_TE.shape[-1]
+        fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
+        requested = "triton_decode" if _triton_cuda(logits_TE) and fits else "reference"
+    if requested == "triton_decode" and not decode_route_fits(logits_TE, cfg, decode):
+        return "triton"
+    return requested
 
 
 def resolve_dispatch_backend(requested: str, x: torch.Tensor) -> str:

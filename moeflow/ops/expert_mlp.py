@@ -11,6 +11,9 @@ Legend: N sorted rows, D model dim, F expert ffn dim, I = F or 2F (SwiGLU's gate
 
 `expert_mlp_reference` loops over experts with plain matmuls and runs anywhere;
 `expert_mlp_grouped_mm` issues two `torch._grouped_mm` calls (no host sync).
+Every implementation takes `rows_N`: when given, x_ND holds the tokens and the sorted rows are
+x_ND[rows_N] (moeflow.model.dispatch's deferred gather); these gather first, the Triton
+weight-streaming kernel gathers as it loads.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def _row_bias(b_EX: torch.Tensor, ends_E: torch.Tensor, num_rows: int,
 def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                          b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                          b_out_ED: torch.Tensor | None, activation: str,
-                         parked: bool = True) -> torch.Tensor:
+                         parked: bool = True, rows_N: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    if rows_N is not None:
+        x_ND = x_ND[rows_N]
     ends = [0] + ends_E.tolist()
     out = x_ND.new_zeros(x_ND.shape[0], w_out_EFD.shape[-1])
     for e in range(w_in_EDI.shape[0]):
@@ -68,22 +74,25 @@ def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: tor
 
 def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                 b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                b_out_ED: torch.Tensor | None, activate, parked: bool) -> torch.Tensor:
+                b_out_ED: torch.Tensor | None, activate, parked: bool,
+                rows_N: torch.Tensor | None = None) -> torch.Tensor:
     """grouped_mm → activate → grouped_mm. torch._grouped_mm leaves rows past the last offset
     uninitialised, so with `parked` rows those rows are zeroed at every stage (forward values
     and the gradients flowing back through them)."""
+    if rows_N is not None:
+        x_ND = x_ND[rows_N]
     # Host work matters here at small N (issue 14): one arange and one searchsorted serve the
     # parked-row mask and both biases, and masked_fill zeroes rows without where's scalar
     # operand (forward values and gradients are where's: the masked rows get exact zeros).
     offs = ends_E.to(torch.int32)
     N = x_ND.shape[0]
-    rows_N = None
+    index_N = None
     if parked or b_in_EI is not None or b_out_ED is not None:
-        rows_N = torch.arange(N, device=x_ND.device)
-    parked_N1 = (rows_N >= ends_E[-1]).unsqueeze(1) if parked else None
+        index_N = torch.arange(N, device=x_ND.device)
+    parked_N1 = (index_N >= ends_E[-1]).unsqueeze(1) if parked else None
     expert_N = None
     if b_in_EI is not None or b_out_ED is not None:
-        expert_N = row_experts(ends_E.to(torch.int64), rows_N)
+        expert_N = row_experts(ends_E.to(torch.int64), index_N)
     if parked:
         x_ND = x_ND.masked_fill(parked_N1, 0)
     h_NI = torch._grouped_mm(x_ND, w_in_EDI, offs=offs)
@@ -102,6 +111,7 @@ def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor
 def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                           b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                           b_out_ED: torch.Tensor | None, activation: str,
-                          parked: bool = True) -> torch.Tensor:
+                          parked: bool = True, rows_N: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
-                       lambda h: apply_activation(h, activation).contiguous(), parked)
+                       lambda h: apply_activation(h, activation).contiguous(), parked, rows_N)

@@ -5,7 +5,9 @@ Few tokens (decode): each active expert sees a handful of rows, so the layer is 
 its weights once. `_up_kernel` gives every (expert, column tile) one program that streams the
 [D, tile] slab(s) of w_in — for SwiGLU the gate and the up tile together — multiplies the
 expert's rows (padded to BLOCK_M ≥ 16 for the tensor cores) and writes act(h) directly, so the
-[N, 2F] pre-activation never touches memory. `_down_kernel` streams w_out the same way. Programs
+[N, 2F] pre-activation never touches memory. With GATHER (the decode path, see
+moeflow.model.dispatch) it reads its rows straight from the token matrix through `token_N`,
+so no dispatch gather runs before it. `_down_kernel` streams w_out the same way. Programs
 of experts with no rows return at once, so weights of idle experts are never read. Launch
 configurations are autotuned per (D, I, F, rows-bucket) and cached by Triton.
 
@@ -40,9 +42,9 @@ def _stream_configs():
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "M_BUCKET", "SWIGLU"],
                  reset_to_zero=[])
 @triton.jit
-def _up_kernel(x_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, M_BUCKET,
-               SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, M_BUCKET,
+               SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     lo = tl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
@@ -56,12 +58,16 @@ def _up_kernel(x_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, M_BUCKET,
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
+        if GATHER:
+            src = tl.load(token_ptr + rows, mask=rmask, other=0)
+        else:
+            src = rows
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < D
-            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + k[None, :],
+            a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
             wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
@@ -122,10 +128,11 @@ def _m_bucket(n_rows: int, n_experts: int) -> int:
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                       b_out_ED: torch.Tensor | None, activation: str,
-                      parked: bool = True) -> torch.Tensor:
+                      parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
     """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
-    (combine never reads them), so `parked` needs no work here."""
-    N, D = x_ND.shape
+    (combine never reads them), so `parked` needs no work here. `rows_N`: x_ND holds the
+    tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+    N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     swiglu = activation == "swiglu"
     x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
@@ -140,8 +147,9 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
     if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
         up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
     up[lambda meta: (E, triton.cdiv(F, meta["BLOCK_N"]))](
-        x_ND, ends, w_in_EDI, b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket,
-        SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None, BLOCK_M=block_m, **fixed)
+        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
+        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, bucket, SWIGLU=swiglu,
+        HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None, BLOCK_M=block_m, **fixed)
     down[lambda meta: (E, triton.cdiv(D, meta["BLOCK_N"]))](
         h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F,
         bucket, HAS_BIAS=b_out_ED is not None, BLOCK_M=block_m, **fixed)
@@ -225,9 +233,10 @@ def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
 def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                              b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                              b_out_ED: torch.Tensor | None, activation: str,
-                             parked: bool = True) -> torch.Tensor:
+                             parked: bool = True, rows_N: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all)."""
     return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
-                       lambda h: fused_activation(h, activation), parked)
+                       lambda h: fused_activation(h, activation), parked, rows_N)
 
 

@@ -80,27 +80,16 @@ _SEL_SCORES, _SEL_NOISY_LOGITS, _SEL_DEEPSPEED = 0, 1, 2
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr,
-                 T, E, routed_scaling,
-                 K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                 HAS_NOISE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    rmask = rows < T
-    cmask = cols < E
-    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
-    x = _finite(tl.load(logits_ptr + offs, mask=m2, other=0.0))
+def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
+                K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The choices of a [BLOCK_T, BLOCK_E] tile of finite logits `x` (`xr`: with noise, or `x`):
+    returns (ids [BLOCK_T, BLOCK_K], weights (scaled; normalised if NORMALIZE), logsumexp,
+    balance probabilities, chosen [BLOCK_T, BLOCK_E] = the experts each row picked).
+    Shared by `_topk_kernel` and moeflow.ops.decode_route_triton, so both choose alike."""
     scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
-
-    xr = x
-    if HAS_NOISE:
-        xr = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
     if SEL == 1:
         sel = xr
     else:
@@ -135,7 +124,7 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
         sel = tl.where(keep, sel, float("-inf"))
 
     kcols = tl.arange(0, BLOCK_K)
-    taken = (cols >= E)[None, :] & (rows >= 0)[:, None]
+    taken = (~cmask)[None, :] & (rows >= 0)[:, None]
     ids_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.int64)
     w_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     for k in tl.static_range(K):
@@ -156,6 +145,33 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     if NORMALIZE:
         w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1.1920928955078125e-07)[:, None]
     w_tile = w_tile * routed_scaling
+    return ids_tile, w_tile, lse, probs, taken & cmask[None, :]
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr,
+                 T, E, routed_scaling,
+                 K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                 HAS_NOISE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    cmask = cols < E
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    m2 = rmask[:, None] & cmask[None, :]
+    x = _finite(tl.load(logits_ptr + offs, mask=m2, other=0.0))
+    xr = x
+    if HAS_NOISE:
+        xr = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
+    ids_tile, w_tile, lse, probs, _ = choose_tile(
+        x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling, K, SOFTMAX, SEL, HAS_BIAS,
+        NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K)
+    kcols = tl.arange(0, BLOCK_K)
     kmask = rmask[:, None] & (kcols < K)[None, :]
     koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
     tl.store(ids_ptr + koffs, ids_tile, mask=kmask)

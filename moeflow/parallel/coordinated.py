@@ -49,7 +49,8 @@ def routing_rows(routing: RoutingResult, start: int, end: int) -> RoutingResult:
     return dataclasses.replace(
         routing, ids_TK=ids_TK, weights_TK=routing.weights_TK[start:end],
         kept_TK=routing.kept_TK[start:end], slots_TK=slots_KT.t().contiguous(),
-        counts_E=one_hot_NE.sum(0), num_dropped=routing.num_dropped.new_zeros(()))
+        counts_E=one_hot_NE.sum(0), num_dropped=routing.num_dropped.new_zeros(()),
+        order=None)  # the whole batch's layout is not the share's
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class CoordinatedPlan:
     @property
     def parked(self) -> bool:
         return self.inner.parked
+
+    @property
+    def gather_N(self) -> torch.Tensor | None:
+        return self.inner.gather_N
 
 
 class CoordinatedDispatcher(nn.Module):

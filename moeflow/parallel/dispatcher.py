@@ -58,6 +58,7 @@ class ExchangePlan:
     # No rows past ends_E[-1]: the uneven exchange sends only kept rows, the capacity exchange
     # pads inside each expert's block (padding rows are computed but never read back).
     parked: bool = False
+    gather_N: torch.Tensor | None = None  # received rows are gathered (moeflow.model.dispatch)
 
 
 class _TieToRows(torch.autograd.Function):

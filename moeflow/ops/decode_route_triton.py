@@ -1,0 +1,157 @@
+"""Decode routing on CUDA in one launch: logits → choices, weights, counts, losses and the
+expert-sorted layout (the dispatch plan) together.
+
+Why: at decode sizes (a few tokens) every launch costs ~2-3 µs of latency and almost no work.
+The fused router (moeflow.ops.routing_triton) still takes four launches (top-k, queue, finalize,
+plus a scatter for first-choice counts) and the Triton dispatch one more, so for a decode step of
+the Qwen3-30B-A3B shape the MoE layer's bookkeeping outnumbered its two weight-streaming expert
+kernels. When routing is dropless and nothing needs a gradient (inference) the whole plan fits
+in one program: without capacity there is nothing to drop, so an assignment's row is
+start[e] + its queue slot, and the starts are the prefix sum of the counts the choice pass has
+already accumulated. The gather of the token rows is left to the experts' up kernel
+(moeflow.ops.grouped_mlp_triton, through `token_N`), so the layer runs: router GEMM, this
+kernel, up, down, combine.
+
+One program, two passes over the assignments:
+  1. blocks of tokens: finite logits → `choose_tile` (the same code as the fused router's
+     top-k kernel: same choices, same weights bit for bit) → ids, weights; per-expert counts
+     (all choices, and first choices for DeepSpeed's top-2 balance loss), the balance
+     probabilities' column sums and Σ logsumexp² accumulate in registers;
+  2. after a barrier, blocks of assignments in priority order (choice-major, then token):
+     a counting sort carrying the running per-expert counts gives each assignment's queue
+     slot, and row = start[e] + slot; token_N[row] = its token.
+Then counts, ends (inclusive prefix sum), the losses (aux = E·Σ f_e·P_e, z = mean lse²,
+weighted as the reference weights them) and num_dropped = 0 are written, so the RoutingResult
+is the reference's field for field and the DispatchPlan is sort_by_expert's, row for row.
+
+Legend: T tokens, E experts, K top-k, N = T·K assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflow.config import RouterConfig
+from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
+from moeflow.ops.routing_triton import _SEL_DEEPSPEED, _SEL_SCORES, _finite, choose_tile
+
+
+@triton.jit
+def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                         ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr,
+                         T, E, routed_scaling, aux_coef, z_coef,
+                         K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                         TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                         FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    kcols = tl.arange(0, BLOCK_K)
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    first = tl.zeros([BLOCK_E], tl.int32)
+    p_e = tl.zeros([BLOCK_E], tl.float32)
+    z_acc = tl.zeros([BLOCK_T], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        m2 = rmask[:, None] & cmask[None, :]
+        x = _finite(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
+                            mask=m2, other=0.0))
+        ids_tile, w_tile, lse, probs, chosen = choose_tile(
+            x, x, bias_ptr, rows, cols, cmask, E, routed_scaling, K, SOFTMAX, SEL, HAS_BIAS,
+            NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K)
+        kmask = rmask[:, None] & (kcols < K)[None, :]
+        koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
+        tl.store(ids_ptr + koffs, ids_tile, mask=kmask)
+        tl.store(w_ptr + koffs, w_tile, mask=kmask)
+        tl.store(kept_ptr + koffs, tl.full([BLOCK_T, BLOCK_K], 1, tl.int8), mask=kmask)
+        counts += tl.sum((chosen & m2).to(tl.int32), axis=0)
+        if FIRST_BALANCE:
+            id0 = tl.sum(tl.where(kcols[None, :] == 0, ids_tile, 0), axis=1)
+            first += tl.sum(((cols[None, :] == id0[:, None]) & m2).to(tl.int32), axis=0)
+        p_e += tl.sum(tl.where(m2, probs, 0.0), axis=0)
+        z_acc += tl.where(rmask, lse * lse, 0.0)
+
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
+    tl.store(ends_ptr + cols, ends.to(tl.int64), mask=cmask)
+    tl.store(dropped_ptr + tl.arange(0, 1), tl.zeros([1], tl.int64))
+    if FIRST_BALANCE:
+        balance = first
+    else:
+        balance = counts
+    frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
+    aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
+    z = tl.sum(z_acc) / tl.maximum(T, 1)
+    tl.store(loss_ptr, aux)
+    tl.store(loss_ptr + 1, z)
+    # A term whose coefficient is 0 stays out: z overflows to inf for huge logits, 0·inf = NaN.
+    tl.store(loss_ptr + 2, tl.where(aux_coef != 0.0, aux_coef * aux, 0.0)
+             + tl.where(z_coef != 0.0, z_coef * z, 0.0))
+
+    # Pass 2 reads the ids pass 1 stored from other threads of this program.
+    tl.debug_barrier()
+    N = T * K
+    running = tl.zeros([BLOCK_E], tl.int32)
+    for p0 in range(0, N, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        valid = p < N
+        t = p % T
+        flat = t.to(tl.int64) * K + p // T
+        e = tl.load(ids_ptr + flat, mask=valid, other=0, volatile=True).to(tl.int32)
+        onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        slot = tl.sum(onehot * running[None, :], axis=1) + rank
+        row = tl.sum(onehot * starts[None, :], axis=1) + slot
+        tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
+        tl.store(row_ptr + flat, row.to(tl.int64), mask=valid)
+        tl.store(token_ptr + row, t.to(tl.int64), mask=valid)
+        running += tl.sum(onehot, axis=0)
+
+
+def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
+                        expert_bias_E: torch.Tensor | None) -> RoutingResult:
+    """Dropless routing without noise or autograd, with the expert-sorted layout in
+    `order`: route_reference's result (weights to fp32 rounding, equal to route_triton's) plus
+    sort_by_expert's plan. For small T (moeflow.ops.backend.decode_route_fits)."""
+    logits_TE = logits_TE.contiguous()
+    T, E = logits_TE.shape
+    K = cfg.top_k
+    dev = logits_TE.device
+    ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
+    kept_TK = torch.empty(T, K, dtype=torch.int8, device=dev)
+    slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    token_N = torch.empty(T * K, dtype=torch.int64, device=dev)
+    counts_E = torch.empty(E, dtype=torch.int64, device=dev)
+    ends_E = torch.empty(E, dtype=torch.int64, device=dev)
+    num_dropped = torch.empty((), dtype=torch.int64, device=dev)
+    losses = torch.empty(3, dtype=torch.float32, device=dev)
+    block_e = triton.next_power_of_2(E)
+    sel = _SEL_DEEPSPEED if selects_by_logits(cfg, expert_bias_E is not None) else _SEL_SCORES
+    _decode_route_kernel[(1,)](
+        logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE,
+        ids_TK, w_TK, kept_TK, slots_TK, counts_E, ends_E, row_TK, token_N, num_dropped, losses,
+        T, E, float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
+        K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=expert_bias_E is not None,
+        NORMALIZE=cfg.normalizes, GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
+        GROUP_TOP2=E // cfg.num_groups >= 2,
+        FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
+        # Tiles of at most 16 tokens and 2048 scores, 8192 one-hot entries, 8 warps for the one
+        # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
+        # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
+        # kernel spills 148 there); 4 warps or 4096-score tiles spilled up to 900 bytes.
+        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
+        BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
+        BLOCK_K=triton.next_power_of_2(K), BLOCK_P=max(16, min(128, 8192 // block_e)),
+        num_warps=8)
+    return RoutingResult(ids_TK=ids_TK, weights_TK=w_TK, kept_TK=kept_TK.view(torch.bool),
+                         slots_TK=slots_TK, counts_E=counts_E, num_dropped=num_dropped,
+                         capacity=None, aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
+                         order=ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
