@@ -105,7 +105,7 @@ def test_split_count_rule():
 
 
 def test_attention_backend_choice():
-    q = torch.randn(2, 4, 8)
+    q = torch.randn(2, 4, 8, device=DEVICE)  # "auto" looks at q's device
     with torch.no_grad():
         assert backend.resolve_attention_backend("auto", q) == ("triton" if ON_GPU
                                                                else "reference")
