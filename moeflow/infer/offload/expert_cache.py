@@ -161,6 +161,16 @@ class ExpertCache:
                 held.add(slot)
                 self._pin(slot)
 
+    def can_prefetch(self, layer: int, expert: int) -> bool:
+        """Whether `prefetch(layer, [expert])` would take effect now: the expert is resident,
+        or a slot is unpinned (else it would be skipped)."""
+        return (layer, expert) in self.slot_of or len(self._pinned) < self.num_slots
+
+    def count_skipped(self, n: int) -> None:
+        """Predictions a caller held back (no unpinned slot while it could still help) count
+        as skipped prefetches."""
+        self._counts["prefetch_skipped"] += n
+
     def unpin_prefetched(self, layer: int) -> None:
         for s in self._prefetched.pop(layer, ()):
             self._unpin(s)
