@@ -240,3 +240,12 @@ def test_expert_aware_admission_lets_no_request_starve():
         assert _admitted(waited, sets) == []
     waited.release(waited.running[1])
     assert _admitted(waited, sets) == ["old"]  # waited past max_wait: the oldest goes first
+
+
+def test_expert_aware_engine_gives_each_request_the_tokens_fifo_gives():
+    model = make_model("mixtral")
+    ps = prompts(5, seed=6)
+    _, fifo, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
+    engine, aware, _ = run(copy.deepcopy(model), ps, max_batch_size=2, batching="expert-aware",
+                           batching_window=4, batching_max_wait=1)
+    assert aware == fifo and engine.scheduler.rounds > 2
