@@ -6,10 +6,11 @@ What a lookahead router (moeflow.model.lookahead, `moeflow train --lookahead`) b
     the runs' metrics.jsonl (the trainer's validation, the same held-out windows when the runs
     share --batch-size, --val-batches and the corpus);
   * prefetch: per method (original model: none, zero-shot `router`, `pregate` heads; lookahead
-    model: none, `lookahead`), the prefetch recall over decode steps, the expert cache's hit
-    rate and the bytes copied per decoded token, at batch 1 and at `--batch`, and the CPU's
-    tokens/s (the simulated device: no real copies, so tokens/s says nothing about transfer
-    time; benchmarks/offload.py measures that on a GPU);
+    model: none, `lookahead`), over decode forwards only (`DecodeCounts`): the prefetch
+    recall and precision, the expert cache's hit rate and the copies and bytes copied per
+    decoded token, at batch 1 and at `--batch`, and the CPU's tokens/s (the simulated device
+    copies synchronously, on a busy shared CPU: it says nothing about transfer time;
+    benchmarks/offload.py measures that on a GPU, `--configs cyclic/lookahead`);
   * expert-aware admission vs FIFO (moeflow.infer.scheduler) with the lookahead model at
     `--batch`: a queue of `--queue` requests of varied lengths, so slots free at different
     times; distinct experts per MoE layer per decode step (the copies a step can need), hit
@@ -63,33 +64,53 @@ def budget(model, slots: int, batch: int, max_len: int) -> str:
     return str(probe.fixed + slots * probe.expert)
 
 
-class DecodeExperts:
-    """Distinct experts per MoE layer forward of decode steps (inputs [B, 1, D])."""
+class DecodeCounts:
+    """Cache and prefetch counts of decode forwards only (inputs [B, 1]); prefills need nearly
+    every expert of a layer and would lift every figure. Whatever happens between two forwards
+    (the lookahead prefetch, issued before its decode forward) counts with the next one."""
 
-    def __init__(self, model) -> None:
-        self.distinct, self.layer_steps = 0, 0
-        self.handles = [m.register_forward_hook(self.hook) for m in model.modules()
-                        if isinstance(m, MoELayer)]
+    KEYS = ("lookups", "hits", "copies", "bytes_copied")
 
-    def hook(self, module, args, out) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.decode = dict.fromkeys(self.KEYS + ("predicted", "needed", "correct"), 0)
+        self.distinct = self.layer_steps = 0
+        self.last = self.snapshot()
+        self.handles = [engine.model.register_forward_hook(self.forward_done)] + [
+            m.register_forward_hook(self.layer_done) for m in engine.model.modules()
+            if isinstance(m, MoELayer)]
+
+    def snapshot(self) -> dict:
+        s = self.engine.stats().offload
+        return {**{k: getattr(s.cache, k) for k in self.KEYS}, "predicted": s.prefetch.predicted,
+                "needed": s.prefetch.needed, "correct": s.prefetch.correct}
+
+    def forward_done(self, module, args, out) -> None:
+        now = self.snapshot()
+        if args[0].shape[1] == 1:
+            for k in self.decode:
+                self.decode[k] += now[k] - self.last[k]
+        self.last = now
+
+    def layer_done(self, module, args, out) -> None:
         if args[0].shape[1] == 1:
             self.distinct += out[1].ids_TK.unique().numel()
             self.layer_steps += 1
 
-    @property
-    def per_layer_step(self) -> float:
-        return self.distinct / max(self.layer_steps, 1)
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def drive(model, prompts: list[list[int]], lengths: list[int], batch: int, slots: int,
           prefetch: str, batching: str = "fifo") -> dict:
-    """Decode every prompt (its own max_new_tokens) through an offloaded engine."""
+    """Decode every prompt (its own max_new_tokens, sampled) through an offloaded engine."""
     max_len = max(len(p) + n for p, n in zip(prompts, lengths))
     engine = Engine(copy.deepcopy(model), EngineConfig(
         max_batch_size=batch, max_seq_len=max_len, batching=batching,
         offload=OffloadConfig(gpu_memory=budget(model, slots, batch, max_len), device="cpu",
                               prefetch=prefetch)))
-    counter = DecodeExperts(engine.model)
+    counts = DecodeCounts(engine)
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=1.0, seed=i),
                            request_id=f"r{i}")
@@ -102,50 +123,31 @@ def drive(model, prompts: list[list[int]], lengths: list[int], batch: int, slots
                 started[event.request_id] = step
         step += 1
     wall = time.perf_counter() - t0
-    for h in counter.handles:
-        h.remove()
-    s = engine.stats().offload
-    return {"stats": s, "wall_s": wall, "tokens": sum(lengths), "steps": step,
-            "distinct_per_layer_step": counter.per_layer_step,
-            "mean_wait_steps": sum(started.values()) / len(started),
-            "max_wait_steps": max(started.values())}
+    counts.close()
+    d = counts.decode
+    decode_tokens = sum(lengths) - len(lengths)  # each request's first token is its prefill's
+    return {"prefetch": prefetch, "batch": batch, "slots": slots, "batching": batching,
+            "decode_recall": d["correct"] / d["needed"] if d["needed"] else None,
+            "decode_precision": d["correct"] / d["predicted"] if d["predicted"] else None,
+            "decode_hit_rate": d["hits"] / d["lookups"],
+            "decode_copies_per_token": d["copies"] / decode_tokens,
+            "decode_bytes_per_token": d["bytes_copied"] / decode_tokens,
+            "distinct_per_layer_step": counts.distinct / max(counts.layer_steps, 1),
+            "steps": step, "mean_wait_steps": sum(started.values()) / len(started),
+            "max_wait_steps": max(started.values()),
+            "cpu_tokens_per_s": sum(lengths) / wall}
 
 
 def measure(model, prefetch: str, prompts, new_tokens: int, batch: int, slots: int) -> dict:
-    full = drive(model, prompts, [new_tokens] * len(prompts), batch, slots, prefetch)
-    # The prefills alone (one new token each: no decode step), subtracted to leave decode.
-    pre = drive(model, prompts, [1] * len(prompts), batch, slots, prefetch)
-    s, p = full["stats"], pre["stats"]
-    decode_tokens = full["tokens"] - pre["tokens"]
-    needed = s.prefetch.needed - p.prefetch.needed
-    return {"prefetch": prefetch, "batch": batch, "slots": slots,
-            "decode_recall": ((s.prefetch.correct - p.prefetch.correct) / needed
-                              if prefetch != "none" and needed else None),
-            "decode_precision": ((s.prefetch.correct - p.prefetch.correct)
-                                 / (s.prefetch.predicted - p.prefetch.predicted)
-                                 if prefetch != "none" and needed else None),
-            "decode_hit_rate": (s.cache.hits - p.cache.hits) / (s.cache.lookups - p.cache.lookups),
-            "decode_bytes_per_token": (s.cache.bytes_copied - p.cache.bytes_copied)
-            / decode_tokens,
-            "cpu_tokens_per_s": full["tokens"] / full["wall_s"],
-            "distinct_per_layer_step": full["distinct_per_layer_step"]}
+    return drive(model, prompts, [new_tokens] * len(prompts), batch, slots, prefetch)
 
 
 def batching_compare(model, prompts, batch: int, slots: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 48, (len(prompts),), generator=g).tolist()
-    rows = []
-    for batching in ("fifo", "expert-aware"):
-        r = drive(model, prompts, lengths, batch, slots, "lookahead", batching)
-        s = r["stats"]
-        rows.append({"batching": batching, "batch": batch, "queue": len(prompts),
-                     "distinct_per_layer_step": r["distinct_per_layer_step"],
-                     "hit_rate": s.cache.hit_rate,
-                     "bytes_per_token": s.cache.bytes_copied / r["tokens"],
-                     "steps": r["steps"], "mean_wait_steps": r["mean_wait_steps"],
-                     "max_wait_steps": r["max_wait_steps"],
-                     "cpu_tokens_per_s": r["tokens"] / r["wall_s"]})
-    return rows
+    return [{"queue": len(prompts), **drive(model, prompts, lengths, batch, slots, prefetch,
+                                            batching)}
+            for prefetch in ("none", "lookahead") for batching in ("fifo", "expert-aware")]
 
 
 def last_validation(run: str | None) -> dict | None:
@@ -215,11 +217,12 @@ def main() -> None:
               f"{fmt(r['decode_precision'])} | {r['decode_hit_rate']:.3f} | "
               f"{r['decode_bytes_per_token'] / 1024:.1f} | {r['distinct_per_layer_step']:.2f} | "
               f"{r['cpu_tokens_per_s']:.1f} |")
-    print("| batching | distinct experts/layer/step | hit rate | KB/token | steps | mean / max "
-          "wait (steps) |\n|---|---|---|---|---|---|")
+    print("| batching | prefetch | distinct experts/layer/step | hit rate | KB/token | steps | "
+          "mean / max wait (steps) |\n|---|---|---|---|---|---|---|")
     for r in batching:
-        print(f"| {r['batching']} | {r['distinct_per_layer_step']:.2f} | {r['hit_rate']:.3f} | "
-              f"{r['bytes_per_token'] / 1024:.1f} | {r['steps']} | "
+        print(f"| {r['batching']} | {r['prefetch']} | {r['distinct_per_layer_step']:.2f} | "
+              f"{r['decode_hit_rate']:.3f} | {r['decode_bytes_per_token'] / 1024:.1f} | "
+              f"{r['steps']} | "
               f"{r['mean_wait_steps']:.1f} / {r['max_wait_steps']} |")
 
 

@@ -23,6 +23,9 @@ Eviction policy (lower priority is evicted first; empty slots are used before an
 Pins: slots that must not be evicted now: the experts a layer is computing with (`acquire` ..
 `release`), and prefetched experts until their layer runs (released by that layer's
 `acquire`). A prefetch that finds every slot pinned is skipped and counted, never blocking.
+Reserved experts (`reserve`): ones a later layer of the current step is known to need (lookahead
+prefetch): evicted only when every other unpinned slot is gone, so prefetching one layer's
+experts does not throw out another's that would have to be copied back in the same step.
 
 Victims come from a heap of (priority, slot) entries with lazy invalidation (one heap per layer
 for "cyclic"): O(log S) per miss (plus O(layers) for "cyclic"), so a pool of thousands of small
@@ -93,6 +96,7 @@ class ExpertCache:
         self._counts = dict(lookups=0, hits=0, prefetches=0, prefetch_used=0,
                             prefetch_skipped=0, copies=0, bytes_copied=0)
         self._unused_prefetch: set[int] = set()
+        self._reserved: frozenset[tuple[int, int]] = frozenset()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -166,6 +170,10 @@ class ExpertCache:
         or a slot is unpinned (else it would be skipped)."""
         return (layer, expert) in self.slot_of or len(self._pinned) < self.num_slots
 
+    def reserve(self, keys: frozenset[tuple[int, int]]) -> None:
+        """(layer, expert) keys to evict last (see the module docstring); replaces the last."""
+        self._reserved = keys
+
     def count_skipped(self, n: int) -> None:
         """Predictions a caller held back (no unpinned slot while it could still help) count
         as skipped prefetches."""
@@ -199,25 +207,28 @@ class ExpertCache:
             del self._pinned[slot]
 
     def _victim(self, layer: int) -> int:
-        """A free slot, else the policy's choice among unpinned slots; `layer`: the MoE layer
-        the slot is wanted for (the starting point of "cyclic"'s backward walk)."""
+        """A free slot, else the policy's choice among unpinned slots, reserved ones last;
+        `layer`: the MoE layer the slot is wanted for (the start of "cyclic"'s backward walk)."""
         if self._empty:
             return self._empty.pop()
-        if self.policy != "cyclic":
-            slot = self._pop_victim(self._heaps.get(0, []), None)
-        else:
-            slot, layers = None, len(self.store.layers)
-            for back in range(layers):
-                j = (layer - back) % layers
-                slot = self._pop_victim(self._heaps.get(j, []), j)
-                if slot is not None:
-                    break
-        if slot is None:
-            raise RuntimeError("expert cache: every slot is pinned")
-        return slot
+        for spare_reserved in (True, False) if self._reserved else (False,):
+            if self.policy != "cyclic":
+                slot = self._pop_victim(self._heaps.get(0, []), None, spare_reserved)
+            else:
+                slot, layers = None, len(self.store.layers)
+                for back in range(layers):
+                    j = (layer - back) % layers
+                    slot = self._pop_victim(self._heaps.get(j, []), j, spare_reserved)
+                    if slot is not None:
+                        break
+            if slot is not None:
+                return slot
+        raise RuntimeError("expert cache: every slot is pinned")
 
-    def _pop_victim(self, heap: list, layer: int | None) -> int | None:
-        """The lowest-priority unpinned slot of `heap` (of `layer`'s experts if given)."""
+    def _pop_victim(self, heap: list, layer: int | None, spare_reserved: bool = False
+                    ) -> int | None:
+        """The lowest-priority unpinned slot of `heap` (of `layer`'s experts if given; not a
+        reserved expert's when `spare_reserved`)."""
         skipped = []
         try:
             while heap:
@@ -226,7 +237,7 @@ class ExpertCache:
                 if key is None or prio != self._priority(slot) or (
                         layer is not None and key[0] != layer):
                     continue  # stale entry: the slot was used again, or refilled, since
-                if slot in self._pinned:
+                if slot in self._pinned or (spare_reserved and key in self._reserved):
                     skipped.append((prio, slot))
                     continue
                 return slot

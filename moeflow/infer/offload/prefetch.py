@@ -108,26 +108,32 @@ class LookaheadPrefetch:
     def __init__(self, cache: ExpertCache, ledger: PrefetchLedger) -> None:
         self.cache, self.ledger = cache, ledger
         self._pending: dict[int, list[int]] = {}  # layer -> predicted experts not yet issued
+        self._needed: dict[int, list[int]] = {}  # layer -> all its predicted experts
 
     def plan(self, ids_per_layer: list[torch.Tensor]) -> None:
         """Record each MoE layer's experts for the step (ids_TK from the model's
         `lookahead_routing`; one host sync for all layers) and issue what fits."""
         flat = torch.cat([ids.reshape(-1) for ids in ids_per_layer]).tolist()
         per_layer = len(flat) // max(len(ids_per_layer), 1)
-        self._pending = {}
+        self._pending, self._needed = {}, {}
         for layer in range(len(ids_per_layer)):
             experts = sorted(set(flat[layer * per_layer:(layer + 1) * per_layer]))
             self.ledger.predict(layer, set(experts))
             self._pending[layer] = experts
+            self._needed[layer] = experts
         self.refill(-1)
 
     def refill(self, after: int) -> None:
         """Forget layers up to `after` (they run now) and issue the later layers' experts, in
-        layer order, while the cache has a slot no current or earlier prediction pins."""
+        layer order, while the cache has a slot no current or earlier prediction pins. The
+        later layers' experts are reserved: a copy evicts one only when nothing else is left."""
         for layer in [k for k in self._pending if k <= after]:
             left = self._pending.pop(layer)
+            del self._needed[layer]
             if left:
                 self.cache.count_skipped(len(left))
+        self.cache.reserve(frozenset((layer, e) for layer, experts in self._needed.items()
+                                     for e in experts))
         for layer in sorted(self._pending):
             experts = self._pending[layer]
             issued = 0
