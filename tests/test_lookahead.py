@@ -22,7 +22,7 @@ from moeflow.train.lookahead import distill_objective
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer
 from tests._train_small import write_corpus
-from tests.test_offload import KINDS, VOCAB, budget_for, prompts, run
+from tests.test_offload import KINDS, VOCAB, _cache, _evicted, _use, budget_for, prompts, run
 
 
 def make_model(kind: str, context: int = 2, rank: int = 8, seed: int = 0) -> Transformer:
@@ -249,3 +249,15 @@ def test_expert_aware_engine_gives_each_request_the_tokens_fifo_gives():
     engine, aware, _ = run(copy.deepcopy(model), ps, max_batch_size=2, batching="expert-aware",
                            batching_window=4, batching_max_wait=1)
     assert aware == fifo and engine.scheduler.rounds > 2
+
+
+@pytest.mark.parametrize("policy", ["lru", "cyclic"])
+def test_reserved_experts_are_evicted_last(policy):
+    cache = _cache(3, policy, layers=2)
+    for layer, e in ((0, 0), (1, 0), (1, 1)):
+        _use(cache, layer, [e])
+    before = set(cache.slot_of)
+    cache.reserve(frozenset({(0, 0), (1, 0)}))  # a later layer of this step needs them
+    assert _evicted(cache, before, 0, 5) == {(1, 1)}  # the policy alone would take (0, 0)
+    cache.reserve(frozenset({(0, 5), (0, 0), (1, 0)}))  # all reserved: one goes anyway
+    assert len(_evicted(cache, set(cache.slot_of), 1, 4)) == 1
