@@ -147,8 +147,12 @@ class ExpertCache:
 
     # -- prefetch ---------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire."""
+    def prefetch(self, layer: int, experts: list[int], evict_from: int | None = None) -> None:
+        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire.
+        `evict_from`: the MoE layer where "cyclic"'s backward walk for a victim starts (default
+        `layer`). A caller that knows every layer's experts for the step (lookahead) passes
+        -1: the unreserved experts are then all used next step at the earliest, the last
+        layer's furthest away, so the walk goes from the last layer down."""
         held = self._prefetched.setdefault(layer, set())
         for e in experts:
             key = (layer, e)
@@ -157,7 +161,7 @@ class ExpertCache:
                 if len(self._pinned) >= self.num_slots:
                     self._counts["prefetch_skipped"] += 1
                     continue
-                slot = self._load(key)
+                slot = self._load(key, evict_from)
                 self._counts["prefetches"] += 1
                 self._unused_prefetch.add(slot)
                 self._touch(slot)
@@ -246,8 +250,8 @@ class ExpertCache:
             for entry in skipped:
                 heapq.heappush(heap, entry)
 
-    def _load(self, key: tuple[int, int]) -> int:
-        slot = self._victim(key[0])
+    def _load(self, key: tuple[int, int], evict_from: int | None = None) -> int:
+        slot = self._victim(key[0] if evict_from is None else evict_from)
         old = self.key_S[slot]
         if old is not None:
             del self.slot_of[old]

@@ -126,7 +126,8 @@ class LookaheadPrefetch:
     def refill(self, after: int) -> None:
         """Forget layers up to `after` (they run now) and issue the later layers' experts, in
         layer order, while the cache has a slot no current or earlier prediction pins. The
-        later layers' experts are reserved: a copy evicts one only when nothing else is left."""
+        later layers' experts are reserved: a copy evicts one only when nothing else is left, and
+        victims are sought from the last layer down (ExpertCache.prefetch's `evict_from`)."""
         for layer in [k for k in self._pending if k <= after]:
             left = self._pending.pop(layer)
             del self._needed[layer]
@@ -140,7 +141,7 @@ class LookaheadPrefetch:
             for e in experts:
                 if not self.cache.can_prefetch(layer, e):
                     break
-                self.cache.prefetch(layer, [e])
+                self.cache.prefetch(layer, [e], evict_from=-1)
                 issued += 1
             self._pending[layer] = experts[issued:]
             if experts[issued:]:
