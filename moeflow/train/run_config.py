@@ -179,7 +179,8 @@ class TrainConfig:
               "forward; it needs no pre-gate heads)")
         integer("lookahead_context", self.lookahead_context, lo=1)
         integer("lookahead_rank", self.lookahead_rank, lo=0)
-        integer("lookahead_distill_steps", self.lookahead_distill_steps, lo=0, hi=self.steps)
+        integer("lookahead_distill_steps", self.lookahead_distill_steps, lo=0,
+                hi=self.steps if self.lookahead else None)
 
     @property
     def distilling(self) -> bool:
