@@ -47,7 +47,10 @@ the share of demanded experts split, split_cpu_columns: the CPU's share of their
 split_two_d_dma: whether the device shares were copied by one 2D DMA); cpu_expert_share is the
 share of demanded experts computed on the CPU, and the hit rate counts both as misses.
 Fine-tuned pre-gate heads ("pregate") need a trained model and are measured on the CPU
-(benchmarks/pregate_hit_rate.py).
+(benchmarks/pregate_hit_rate.py). "policy/lookahead" gives the random model a random lookahead
+router (moeflow.model.lookahead, a linear map of each token's and the previous token's
+embedding) that routes every layer, and prefetches each decode step's experts at its start:
+its speed, not its quality (benchmarks/lookahead_eval.py measures that on a trained model).
 Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
 accelerate (infer_auto_device_map with max_memory = the budget less two of the largest decoder
 layers, which accelerate copies to the GPU to run CPU-placed layers, less 1 GiB for activations;
@@ -357,6 +360,8 @@ def child_offload(task: dict) -> dict:
     bandwidth = h2d_bandwidth()
     budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"])
     off = OffloadConfig(gpu_memory=str(budget), **parse_config(task["config"]))
+    if off.prefetch == "lookahead":  # a random lookahead router (a 2-token window) routes
+        cfg = cfg.replace(lookahead=2)
     t0 = time.perf_counter()
     model = build_model(cfg)
     experts = expert_bytes_total(model)

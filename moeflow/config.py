@@ -267,6 +267,10 @@ class ModelConfig:
     pregate: the network also carries pre-gate heads (moeflow.model.pregate), one per MoE layer
     but the last, predicting the next MoE layer's experts; the forward never runs them.
     pregate_rank: their width: 0 = a linear map, R > 0 = the linear map plus a rank-R MLP.
+    lookahead: C > 0 gives the network a decoupled lookahead router (Read-ME, moeflow.model.
+    lookahead) that computes every MoE layer's routing logits from token ids alone (each token
+    and the C-1 before it), and every MoE layer routes by them instead of by its own router;
+    0: no lookahead router. lookahead_rank: its MLP's width (0: a linear map of the window).
     """
 
     name: str = "custom"
@@ -302,6 +306,8 @@ class ModelConfig:
     mla: MLAConfig | None = None
     pregate: bool = False
     pregate_rank: int = 0
+    lookahead: int = 0
+    lookahead_rank: int = 0
 
     def __post_init__(self) -> None:
         def resolve(name: str, value: Any) -> None:
@@ -370,6 +376,18 @@ class ModelConfig:
         integer("pregate_rank", self.pregate_rank, lo=0)
         check(self.pregate or self.pregate_rank == 0, "pregate_rank", self.pregate_rank,
               "needs pregate=True")
+        integer("lookahead", self.lookahead, lo=0)
+        integer("lookahead_rank", self.lookahead_rank, lo=0)
+        check(self.lookahead > 0 or self.lookahead_rank == 0, "lookahead_rank",
+              self.lookahead_rank, "needs lookahead > 0")
+        if self.lookahead:
+            check(len(self.num_experts) >= 1, "lookahead", self.lookahead,
+                  "needs at least one MoE layer (it routes the MoE layers)")
+            check(not self.pregate, "lookahead", self.lookahead,
+                  "and pregate both predict routing; a lookahead model's routing is known "
+                  "before the forward, so it needs no pre-gate heads")
+            check(not self.router.expert_groups, "lookahead", self.lookahead,
+                  "is not built for models with expert groups")
 
     def _resolve_layout(self, resolve: Callable[[str, Any], None]) -> None:
         """Set ffn_layout from the interval fields, or num_experts and moe_kind from ffn_layout."""

@@ -126,10 +126,10 @@ def test_serve_and_bench_serve_flags_come_from_their_configs(monkeypatch):
             "--cache-tokens", "128", "--max-body-bytes", "100", "--drain-timeout", "1.5",
             "--device", "cpu", "--dtype", "bfloat16", "--default-max-tokens", "5",
             "--threads", "1", "--log-level", "info", "--group-rule", "modality",
-            "--default-group", "code"]
+            "--default-group", "code", "--batching", "expert-aware"]
     got = ServeConfig(**given(parser.parse_args(argv), ServeConfig))
     assert got == ServeConfig("m", "n", "0.0.0.0", 9, 2, 3, 64, 128, 100, 1.5, "cpu",
-                              "bfloat16", 5, 1, "info", "modality", "code")
+                              "bfloat16", 5, 1, "info", "modality", "code", "expert-aware")
     assert {f.name for f in dataclasses.fields(ServeConfig)} - {"offload", "parallel"} == set(
         given(parser.parse_args(argv), ServeConfig))  # every field has a flag; those: their own
     from moeflow.cli import serve_config

@@ -33,6 +33,12 @@ per row, and routing keeps each row inside its group, so a request's tokens are 
 when it runs alone. Grouped models decode eagerly (no CUDA graphs): the router reads each
 group's token count on the host. `stats()` adds the groups' expert ranges and tokens per group.
 
+Lookahead routing (a model with a lookahead router, moeflow.model.lookahead): each forward also
+passes every row's tokens before its input (the router's window), taken from the request. An
+offloading engine may then prefetch a whole step's experts from the tokens alone
+(`--prefetch lookahead`), and `batching="expert-aware"` admits the waiting requests whose
+predicted experts overlap most with the running batch's (moeflow.infer.scheduler).
+
 This is moeflow's one inference path: `moeflow generate` and the demo (moeflow.infer.text) and
 the server (moeflow.serve) all decode through it. The reference it is tested against is the
 plain full-sequence forward, `model(ids, inference=True)`.
@@ -61,11 +67,11 @@ from moeflow.infer.offload.config import OffloadConfig
 from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
 from moeflow.infer.sampling import SamplingParams, sample_next
-from moeflow.infer.scheduler import Request, Scheduler
+from moeflow.infer.scheduler import BATCHING, Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
 from moeflow.ops.expert_mlp import expert_mlp_reference
-from moeflow.validate import integer
+from moeflow.validate import choice, integer
 
 
 @dataclass(frozen=True)
@@ -81,10 +87,19 @@ class EngineConfig:
     # Keep experts in host memory under a GPU-memory budget (moeflow.infer.offload); the engine
     # then places the model itself: load it on the CPU. Decode runs eagerly (no CUDA graphs).
     offload: OffloadConfig | None = None
+    # Admission order of waiting requests (moeflow.infer.scheduler): "fifo" or "expert-aware"
+    # (needs a model with a lookahead router); the latter looks at the oldest batching_window
+    # waiting requests and admits any that waited batching_max_wait steps first.
+    batching: str = "fifo"
+    batching_window: int = 16
+    batching_max_wait: int = 8
 
     def __post_init__(self) -> None:
         if self.offload is not None and not isinstance(self.offload, OffloadConfig):
             raise ValueError(f"offload={self.offload!r}: expected an OffloadConfig or None")
+        choice("batching", self.batching, BATCHING)
+        integer("batching_window", self.batching_window, lo=1)
+        integer("batching_max_wait", self.batching_max_wait, lo=0)
         integer("max_batch_size", self.max_batch_size, lo=1)
         integer("max_seq_len", self.max_seq_len, lo=1, optional=True)
         integer("cache_tokens", self.cache_tokens, lo=1, optional=True)
@@ -171,7 +186,17 @@ class Engine:
         self.expert_groups = mc.router.expert_groups
         self._group_tokens = [0] * len(self.expert_groups)
         self.cache = SlotKVCache.for_model(model, num_slots, self.max_seq_len)
-        self.scheduler = Scheduler(num_slots)
+        lookahead = model.lookahead
+        # tokens before each row's input that a lookahead model's forwards take (None: none)
+        self._history = None if lookahead is None else lookahead.history
+        if config.batching == "expert-aware" and lookahead is None:
+            raise ValueError("batching='expert-aware': the model has no lookahead router to "
+                             "predict requests' experts (moeflow train --lookahead)")
+        if self._history is not None and channel is not None:
+            raise ValueError("lookahead router: a lookahead model runs on one rank for now "
+                             "(the multi-rank step broadcast carries no token history)")
+        self.scheduler = Scheduler(num_slots, config.batching, config.batching_window,
+                                   config.batching_max_wait)
         sizes = [layer.experts.num_experts for layer in model.moe_layers()]
         self._expert_sizes = sizes
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
@@ -186,7 +211,7 @@ class Engine:
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
             self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
-                                         self.device)
+                                         self.device, history=self._history)
             if config.prefill_graphs:
                 self._prefiller = GraphPrefiller(
                     self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
@@ -297,12 +322,14 @@ class Engine:
                 for g in groups:
                     self._group_tokens[g] += 1
             self._broadcast("decode", tokens, lengths)
-            logits_BV, counts = self._decoder(tokens, lengths, groups)
+            history = (None if self._history is None
+                       else [r.history(self._history) for r in running])
+            logits_BV, counts = self._decoder(tokens, lengths, groups, history)
             self._expert_counts += counts
             for request in running:
                 request.cached += 1
             self._emit(running, logits_BV, events)
-        for _, request in self.scheduler.admit():
+        for _, request in self.scheduler.admit(self._predicted_experts):
             # Its slot now, not at admission: a request admitted before it may have finished on
             # its first token and moved the last running one (possibly this) into its slot.
             slot = self.scheduler.running.index(request)
@@ -356,11 +383,28 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _predicted_experts(self, requests: list[Request]) -> list[frozenset[tuple[int, int]]]:
+        """Each request's next token's (MoE layer, expert) set from the lookahead router: a
+        running request's next input is its last token; a waiting one's is predicted by its
+        last prompt token (the first token it decodes is not known yet)."""
+        ids_N1 = torch.tensor([[r.last_token] for r in requests], device=self.device)
+        hist_NH = torch.tensor([r.history(self._history) for r in requests],
+                               dtype=torch.int64, device=self.device).view(len(requests), -1)
+        ids = self.model.lookahead_routing(ids_N1, hist_NH)
+        L = len(ids)
+        flat = torch.stack(ids).tolist() if L else []  # [L][N][K], one host sync
+        return [frozenset((layer, e) for layer in range(L) for e in flat[layer][n])
+                for n in range(len(requests))]
+
     def _decode_forward(self, tokens_B1: torch.Tensor, lengths_B: torch.Tensor,
-                        valid_B: torch.Tensor, kv_len: int, groups_B1: torch.Tensor | None = None
+                        valid_B: torch.Tensor, kv_len: int, groups_B1: torch.Tensor | None = None,
+                        history_BH: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.offload is not None and history_BH is not None:
+            self.offload.before_decode(self.model, tokens_B1, history_BH)
+        extra = {} if history_BH is None else {"history": history_BH}
         out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
-                         inference=True, groups=groups_B1)
+                         inference=True, groups=groups_B1, **extra)
         counts = count_experts(out.routing, valid_B, self._expert_offsets,
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
@@ -370,7 +414,7 @@ class Engine:
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded prompt into the slot `slot_1` holds (what GraphPrefiller captures)."""
         out = self.model(ids_1T, cache=SlotPrefillView(self.cache, slot_1), logits_at=last_11,
-                         inference=True)
+                         inference=True, **self._prompt_history())
         counts = count_experts(out.routing, valid_T, self._expert_offsets,
                                self._expert_counts.numel())
         return out.logits[:, 0], counts
@@ -390,11 +434,18 @@ class Engine:
             for g in prompt_groups:
                 self._group_tokens[g] += 1
         out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last,
-                         inference=True, groups=groups_1T)
+                         inference=True, groups=groups_1T, **self._prompt_history())
         self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
                                              device=self.device), self._expert_offsets,
                                              self._expert_counts.numel())
         return out.logits[:, 0]
+
+    def _prompt_history(self) -> dict[str, torch.Tensor]:
+        """A prompt starts its sequence: no tokens before it (lookahead models)."""
+        if self._history is None:
+            return {}
+        return {"history": torch.full((1, self._history), -1, dtype=torch.int64,
+                                      device=self.device)}
 
     def _sample(self, requests: list[Request], logits_BV: torch.Tensor) -> list[int]:
         """Greedy rows in one argmax; sampled rows one by one with their own generator."""

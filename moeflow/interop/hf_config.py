@@ -45,6 +45,8 @@ carries them with the rest of the ModelConfig; an HF-family export (Mixtral, Qwe
 them with the extra config.json key "moeflow_pregate" = {"rank": pregate_rank} (transformers
 keeps unknown keys and ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
 moeflow reads both back, transformers loads the model without them.
+A lookahead router (`ModelConfig.lookahead`) is refused: it decides the routing of every layer,
+so an export without it would compute a different network.
 """
 
 from __future__ import annotations
@@ -313,6 +315,10 @@ def _choose_model_type(c: ModelConfig) -> str:
 
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     """A HF config.json dict describing the same network as `c` (ValueError if none does)."""
+    if c.lookahead:  # it decides every layer's routing: no HF class computes that
+        raise ValueError("lookahead: the model routes by a lookahead router, which no "
+                         "transformers architecture (nor moeflow_gpt's remote code) computes; "
+                         "convert it --to moeflow instead")
     t = _choose_model_type(c)
     if t == GPT_MODEL_TYPE:
         return _gpt_to_hf(c)

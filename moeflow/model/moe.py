@@ -63,11 +63,13 @@ class MoELayer(nn.Module, ChoosesBackends):
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
     def forward(self, x_BTD: torch.Tensor, inference: bool = False,
-                groups: TokenGroups | None = None) -> tuple[torch.Tensor, RoutingResult]:
+                groups: TokenGroups | None = None, logits_TE: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RoutingResult]:
         """`inference`: route dropless and without noise (see moeflow.model.router); `groups`:
-        each token's expert group (moeflow.model.expert_groups)."""
+        each token's expert group (moeflow.model.expert_groups); `logits_TE`: routing logits
+        from the model's lookahead router (moeflow.model.lookahead) instead of this layer's."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.router(x_TD, inference=inference, groups=groups)
+        routing = self.router(x_TD, inference=inference, groups=groups, logits_TE=logits_TE)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self._run_experts(x_ND, plan)
         y_TD = self.dispatcher.combine(y_ND, plan, routing)

@@ -314,20 +314,26 @@ class Router(nn.Module, ChoosesBackends):
         else:
             self.expert_bias = None
 
-    def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None,
-                inference: bool = False, groups: TokenGroups | None = None) -> RoutingResult:
+    def forward(self, x_TD: torch.Tensor | None, generator: torch.Generator | None = None,
+                inference: bool = False, groups: TokenGroups | None = None,
+                logits_TE: torch.Tensor | None = None) -> RoutingResult:
         """Route x_TD. `inference=True` routes as served: no capacity and no noise, whatever
         the training flag says, so a token's experts depend on nothing but the token.
         `groups`: each token's expert group, for a router with expert_groups (None: every token
-        in group 0)."""
+        in group 0). `logits_TE`: route by these logits instead of the gate's (a model with a
+        lookahead router, moeflow.model.lookahead); x_TD is then unused and may be None, and
+        input jitter, which perturbs the gate's input, does not apply."""
         cfg, E = self.config, self.num_experts
-        T = x_TD.shape[0]
-        x = x_TD
+        x = x_TD if logits_TE is None else logits_TE
+        T = x.shape[0]
         noise = cfg.noise if self.training and not inference else "none"
-        if noise == "jitter":
-            u = torch.rand(x.shape, device=x.device, generator=generator)
-            x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-        logits_TE = router_logits(x, self.gate.weight)
+        if logits_TE is not None:
+            logits_TE = _finite(logits_TE.float())
+        else:
+            if noise == "jitter":
+                u = torch.rand(x.shape, device=x.device, generator=generator)
+                x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
+            logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)

@@ -16,6 +16,13 @@ names `expert_groups` (moeflow.model.expert_groups: routing stays inside the tok
 without it every token is in group 0.
 With `config.pregate` the model also holds pre-gate heads (`model.pregate`, moeflow.model.pregate)
 that predict the next MoE layer's experts for the offloading engine; the forward ignores them.
+With `config.lookahead` it holds a decoupled lookahead router (`model.lookahead`, moeflow.model.
+lookahead): the forward computes every MoE layer's routing logits from the token ids once, before
+the first block, and each MoE layer routes by its share (`own_routers=True` routes by the layers'
+own routers instead: what the lookahead router is distilled from). Its window reaches C-1 tokens
+before the inputs: `history` [B, C-1] gives them (-1 where the sequence has none); without it the
+inputs start their sequences, which a cached forward must say explicitly (`lookahead_routing`
+computes the same choices without running the model: the engine's prefetch).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from moeflow.config import FFNSpec, ModelConfig
 from moeflow.model.attention import Attention
 from moeflow.model.expert_groups import TokenGroups, token_groups
+from moeflow.model.lookahead import LookaheadRouter
 from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
@@ -85,10 +93,11 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
-    def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None):
+    def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None,
+                route_logits: torch.Tensor | None = None):
         x, normed = add_norm(self.ffn_norm, x, self.attn(self.attn_norm(x), rope, cache))
         if isinstance(self.ffn, MoELayer):
-            h, routing = self.ffn(normed, inference, groups)
+            h, routing = self.ffn(normed, inference, groups, route_logits)
         else:
             h, routing = self.ffn(normed), None
         return x + h, routing
@@ -132,6 +141,7 @@ class Transformer(nn.Module, ChoosesBackends):
             self.lm_head.weight = self.tok_emb.weight
         # Read by the offloading engine's prefetch only; the forward below never runs them.
         self.pregate = PregateHeads.of(config) if config.pregate else None
+        self.lookahead = LookaheadRouter.of(config) if config.lookahead else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -149,14 +159,50 @@ class Transformer(nn.Module, ChoosesBackends):
         for layer, counts in zip(self.moe_layers(), counts_per_layer, strict=True):
             layer.router.update_expert_bias(counts)
 
+    def lookahead_logits(self, input_ids: torch.Tensor, history: torch.Tensor | None
+                         ) -> list[torch.Tensor]:
+        """Every MoE layer's routing logits_TE from the lookahead router: input_ids [B, T] and
+        history [B, C-1] (the ids before them, -1 for none; None: the inputs start their
+        sequences)."""
+        B = input_ids.shape[0]
+        H = self.lookahead.history
+        if history is None:
+            history = torch.full((B, H), -1, dtype=torch.int64, device=input_ids.device)
+        if tuple(history.shape) != (B, H):
+            raise ValueError(f"history has shape {tuple(history.shape)}; the lookahead router "
+                             f"needs the {H} token ids before each sequence's inputs, "
+                             f"shape {(B, H)}")
+        known_BH1 = (history >= 0)[..., None]
+        hist_BHD = self.tok_emb(history.clamp_min(0)) * known_BH1
+        return self.lookahead(self.tok_emb(input_ids), hist_BHD)
+
+    @torch.no_grad()
+    def lookahead_routing(self, input_ids: torch.Tensor, history: torch.Tensor | None
+                          ) -> list[torch.Tensor]:
+        """ids_TK of every MoE layer for these tokens, exactly as the forward will route them
+        as served (the same logits through each layer's own routing), without running it."""
+        logits = self.lookahead_logits(input_ids, history)
+        return [m.router(None, inference=True, logits_TE=lg).ids_TK
+                for m, lg in zip(self.moe_layers(), logits, strict=True)]
+
     def forward(self, input_ids: torch.Tensor, cache=None,
                 logits_at: torch.Tensor | None = None, inference: bool = False,
-                groups: torch.Tensor | None = None) -> ModelOutput:
+                groups: torch.Tensor | None = None, history: torch.Tensor | None = None,
+                own_routers: bool = False) -> ModelOutput:
         """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
         (logits [B, T', V]); the cache, if given, supplies each token's position;
         `inference=True` routes dropless and without noise (see moeflow.model.router);
-        `groups` [B, T]: each token's expert group id (checked here, one host sync)."""
+        `groups` [B, T]: each token's expert group id (checked here, one host sync);
+        `history`, `own_routers`: models with a lookahead router (see the module docstring)."""
         B, T = input_ids.shape
+        route_by = [None] * len(self.blocks)
+        if self.lookahead is not None and not own_routers:
+            if cache is not None and history is None and self.lookahead.history:
+                raise ValueError("history: a cached forward of a model with a lookahead router "
+                                 "must give the token ids before its inputs (-1 for none)")
+            logits = iter(self.lookahead_logits(input_ids, history))
+            route_by = [next(logits) if isinstance(b.ffn, MoELayer) else None
+                        for b in self.blocks]
         token_group = None
         if groups is not None:
             names = self.config.router.expert_groups
@@ -183,7 +229,7 @@ class Transformer(nn.Module, ChoosesBackends):
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, rope, cache, inference, token_group)
+            x, routing = block(x, rope, cache, inference, token_group, route_by[i])
             if routing is not None:
                 losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from moeflow.data.groups import GROUP_RULES
 from moeflow.infer.offload.config import OffloadConfig
+from moeflow.infer.scheduler import BATCHING
 from moeflow.parallel.inference import InferenceParallel
 from moeflow.validate import check, choice, integer, number, option
 
@@ -58,6 +59,10 @@ class ServeConfig:
                                     choices=GROUP_RULES, default=None)
     default_group: str | None = option("the expert group of requests naming none that "
                                        "--group-rule does not label", default=None)
+    batching: str = option("admission order of waiting requests (expert-aware: those whose "
+                           "predicted experts overlap the running batch's most; needs a model "
+                           "with a lookahead router, see train --lookahead)",
+                           choices=BATCHING, default="fifo")
     # --gpu-memory and its companions: flags generated from OffloadConfig's own fields.
     offload: OffloadConfig | None = None
     # --tp, --ep and companions (under torchrun): flags generated from InferenceParallel's fields.
@@ -80,6 +85,7 @@ class ServeConfig:
         choice("dtype", self.dtype, DTYPES, optional=True)
         choice("log_level", self.log_level, LOG_LEVELS)
         choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
+        choice("batching", self.batching, BATCHING)
         check(self.offload is None or isinstance(self.offload, OffloadConfig), "offload",
               self.offload, "must be an OffloadConfig or None")
         check(isinstance(self.parallel, InferenceParallel), "parallel", self.parallel,

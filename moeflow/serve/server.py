@@ -107,7 +107,8 @@ class DrainingServer(uvicorn.Server):
 
 def engine_config(config: ServeConfig) -> EngineConfig:
     return EngineConfig(max_batch_size=config.max_batch, max_seq_len=config.max_seq_len,
-                        cache_tokens=config.cache_tokens, offload=config.offload)
+                        cache_tokens=config.cache_tokens, offload=config.offload,
+                        batching=config.batching)
 
 
 def build_state(config: ServeConfig, shard: LoadedShard | None = None) -> ServerState:

@@ -115,6 +115,19 @@ class TrainConfig:
     pregate_rank: int = option("with --pregate: each head is a linear map plus an MLP of this "
                                "rank (0: linear only); see moeflow/model/pregate.py",
                                default=128)
+    # Read-ME: a decoupled lookahead router for expert offloading (moeflow.train.lookahead)
+    lookahead: bool = option("give the --init model a lookahead router that routes every MoE "
+                             "layer from token ids alone: distil it from the layers' routers "
+                             "(backbone frozen) for --lookahead-distill-steps, then route by it "
+                             "and fine-tune the whole model (used by serve/generate --prefetch "
+                             "lookahead); see moeflow/train/lookahead.py", default=False)
+    lookahead_context: int = option("with --lookahead: tokens the router sees (the token and "
+                                    "the ones before it)", default=2)
+    lookahead_rank: int = option("with --lookahead: the router is a linear map of the window "
+                                 "plus an MLP of this rank (0: linear only)", default=256)
+    lookahead_distill_steps: int = option("with --lookahead: steps of phase 1 (distillation, "
+                                          "backbone frozen); the rest fine-tune the model",
+                                          default=100)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, str)):
@@ -159,6 +172,15 @@ class TrainConfig:
         check(not self.pregate or self.init is not None, "pregate", self.pregate,
               "fine-tunes heads on a trained model: give its checkpoint with --init")
         integer("pregate_rank", self.pregate_rank, lo=0)
+        check(not self.lookahead or self.init is not None, "lookahead", self.lookahead,
+              "distils a lookahead router from a trained model: give its checkpoint with --init")
+        check(not (self.lookahead and self.pregate), "lookahead", self.lookahead,
+              "and pregate cannot be combined (a lookahead model's routing is known before the "
+              "forward; it needs no pre-gate heads)")
+        integer("lookahead_context", self.lookahead_context, lo=1)
+        integer("lookahead_rank", self.lookahead_rank, lo=0)
+        integer("lookahead_distill_steps", self.lookahead_distill_steps, lo=0,
+                hi=self.steps if self.lookahead else None)
 
     @property
     def distilling(self) -> bool:

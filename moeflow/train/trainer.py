@@ -78,6 +78,8 @@ from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.group_stats import dropped_per_expert, group_load_summary, group_step_stats
 from moeflow.train.interrupt import StopRequest
+from moeflow.train.lookahead import distill_objective, load_backbone as load_lookahead_backbone
+from moeflow.train.lookahead import validation_counts
 from moeflow.train.metrics import MetricsWriter
 from moeflow.train.pregate import (freeze_backbone, load_backbone, pregate_objective,
                                    recall_counts)
@@ -153,6 +155,10 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
     if cfg.pregate:
         model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank)
+    if cfg.lookahead:  # pre-gate heads of the --init model are dropped (train.lookahead)
+        model_config = model_config.replace(pregate=False, pregate_rank=0,
+                                            lookahead=cfg.lookahead_context,
+                                            lookahead_rank=cfg.lookahead_rank)
     return model_config
 
 
@@ -178,6 +184,9 @@ def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bo
 
 
 def _recall_note(row: dict[str, Any]) -> str:
+    if "val_lookahead_agreement" in row:
+        return (f"  own routers' loss {row['val_loss_own_routers']:.4f}, lookahead agreement "
+                f"{row['val_lookahead_agreement']:.3f}")
     if "val_pregate_recall" not in row:
         return ""
     return (f"  pre-gate recall {row['val_pregate_recall']:.3f} "
@@ -296,6 +305,9 @@ class Trainer:
         `groups_BT`: the input tokens' expert groups (grouped models)."""
         if self.cfg.pregate:
             return pregate_objective(self.model, input_BT)
+        if self.cfg.lookahead and step <= self.cfg.lookahead_distill_steps:
+            with self.autocast():
+                return distill_objective(self.model, input_BT)
         with self.autocast():
             out = self.model(input_BT, groups=groups_BT)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())
@@ -330,6 +342,7 @@ class Trainer:
             try:
                 total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
                 recall = torch.zeros(3, dtype=torch.float64, device=self.device)
+                own = torch.zeros(3, dtype=torch.float64, device=self.device)
                 loads = [torch.zeros(n, dtype=torch.int64, device=self.device)
                          for n in self.model_config.num_experts]
                 for chunk, groups in zip(share.split(self.micro_batch), group_share):
@@ -345,11 +358,18 @@ class Trainer:
                         load += r.counts_E
                     if self.cfg.pregate:
                         recall = recall + recall_counts(self.model, chunk[:, :-1])
+                    if self.cfg.lookahead:
+                        with self.autocast():
+                            own = own + validation_counts(
+                                self.model, chunk[:, :-1], chunk[:, 1:],
+                                [r.ids_TK for r in out.routing])
             finally:
                 self.model.train()
         sums = {"val_loss": total / count}
         if self.cfg.pregate:
             sums.update(pregate_hits=recall[0], zero_shot_hits=recall[1], routes=recall[2])
+        if self.cfg.lookahead:
+            sums.update(own_loss=own[0] / count, agree=own[1], routes=own[2])
         sums, loads = self.reduce_stats(sums, loads)
         val_loss = float(sums["val_loss"])
         extra = {}
@@ -357,6 +377,9 @@ class Trainer:
             routes = float(sums["routes"])
             extra = {"val_pregate_recall": float(sums["pregate_hits"]) / routes,
                      "val_zero_shot_recall": float(sums["zero_shot_hits"]) / routes}
+        if self.cfg.lookahead:  # the quality cost and how far routing moved from the original
+            extra = {"val_loss_own_routers": float(sums["own_loss"]),
+                     "val_lookahead_agreement": float(sums["agree"]) / float(sums["routes"])}
         return {**extra, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "moe_layers": list(self.model_config.moe_layer_indices()),
                 "expert_load": [x.tolist() for x in loads],
@@ -445,6 +468,8 @@ class Trainer:
             self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
         elif init_model is not None and cfg.pregate:
             load_backbone(self.model, init_model.state_dict())
+        elif init_model is not None and cfg.lookahead:
+            load_lookahead_backbone(self.model, init_model.state_dict())
         elif init_model is not None:
             self.model.load_state_dict(init_model.state_dict())
         if cfg.pregate:

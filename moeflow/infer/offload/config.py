@@ -15,7 +15,9 @@ minimum it finds none and is skipped (counted in the statistics).
 
 Eviction policy ("lru", "lfu" or "cyclic", see moeflow.infer.offload.expert_cache) and the
 prefetch method ("none"; "router": zero-shot pre-gating with the next layer's router;
-"pregate": the model's fine-tuned pre-gate heads, `moeflow train --pregate`) and whether misses
+"pregate": the model's fine-tuned pre-gate heads, `moeflow train --pregate`; "lookahead": every
+layer's experts of a decode step at its start, from a model with a lookahead router, `moeflow
+train --lookahead`) and whether misses
 may compute on the CPU (`cpu_experts`, moeflow.infer.offload.cpu_experts; "split": the device
 and the CPU share a missed expert, moeflow.infer.offload.split_experts, whose staging buffer of
 one expert comes out of the budget) are chosen here too.
@@ -35,7 +37,7 @@ from moeflow.validate import check, choice, option
 
 CPU_EXPERTS = ("off", "auto", "always", "split")
 POLICIES = ("lru", "lfu", "cyclic")
-PREFETCH = ("none", "router", "pregate")
+PREFETCH = ("none", "router", "pregate", "lookahead")
 EXPERT_STORES = ("pinned", "mmap")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
@@ -80,7 +82,9 @@ class OffloadConfig:
     # trained heads (pregate) have no GPU measurement yet.
     prefetch: str = option("predict the next MoE layer's experts while this one computes "
                            "(router: apply the next layer's router to this layer's input; "
-                           "pregate: the model's fine-tuned pre-gate heads, see train --pregate)",
+                           "pregate: the model's fine-tuned pre-gate heads, see train --pregate; "
+                           "lookahead: all layers' experts at the step's start, from a model "
+                           "with a lookahead router, see train --lookahead)",
                            choices=PREFETCH, default="none")
     # off by default until the GPU benchmark has measured it (benchmarks/offload.py, "+cpu" rows).
     cpu_experts: str = option("compute a missed expert on the CPU from its host copy when that is "

@@ -23,6 +23,9 @@ Eviction policy (lower priority is evicted first; empty slots are used before an
 Pins: slots that must not be evicted now: the experts a layer is computing with (`acquire` ..
 `release`), and prefetched experts until their layer runs (released by that layer's
 `acquire`). A prefetch that finds every slot pinned is skipped and counted, never blocking.
+Reserved experts (`reserve`): ones a later layer of the current step is known to need (lookahead
+prefetch): evicted only when every other unpinned slot is gone, so prefetching one layer's
+experts does not throw out another's that would have to be copied back in the same step.
 
 Victims come from a heap of (priority, slot) entries with lazy invalidation (one heap per layer
 for "cyclic"): O(log S) per miss (plus O(layers) for "cyclic"), so a pool of thousands of small
@@ -95,6 +98,7 @@ class ExpertCache:
         self._counts = dict(lookups=0, hits=0, prefetches=0, prefetch_used=0,
                             prefetch_skipped=0, copies=0, bytes_copied=0)
         self._unused_prefetch: set[int] = set()
+        self._reserved: frozenset[tuple[int, int]] = frozenset()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -145,8 +149,12 @@ class ExpertCache:
 
     # -- prefetch ---------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire."""
+    def prefetch(self, layer: int, experts: list[int], evict_from: int | None = None) -> None:
+        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire.
+        `evict_from`: the MoE layer where "cyclic"'s backward walk for a victim starts (default
+        `layer`). A caller that knows every layer's experts for the step (lookahead) passes
+        -1: the unreserved experts are then all used next step at the earliest, the last
+        layer's furthest away, so the walk goes from the last layer down."""
         held = self._prefetched.setdefault(layer, set())
         for e in experts:
             key = (layer, e)
@@ -155,13 +163,27 @@ class ExpertCache:
                 if len(self._pinned) >= self.num_slots:
                     self._counts["prefetch_skipped"] += 1
                     continue
-                slot = self._load(key)
+                slot = self._load(key, evict_from)
                 self._counts["prefetches"] += 1
                 self._unused_prefetch.add(slot)
                 self._touch(slot)
             if slot not in held:
                 held.add(slot)
                 self._pin(slot)
+
+    def can_prefetch(self, layer: int, expert: int) -> bool:
+        """Whether `prefetch(layer, [expert])` would take effect now: the expert is resident,
+        or a slot is unpinned (else it would be skipped)."""
+        return (layer, expert) in self.slot_of or len(self._pinned) < self.num_slots
+
+    def reserve(self, keys: frozenset[tuple[int, int]]) -> None:
+        """(layer, expert) keys to evict last (see the module docstring); replaces the last."""
+        self._reserved = keys
+
+    def count_skipped(self, n: int) -> None:
+        """Predictions a caller held back (no unpinned slot while it could still help) count
+        as skipped prefetches."""
+        self._counts["prefetch_skipped"] += n
 
     def unpin_prefetched(self, layer: int) -> None:
         for s in self._prefetched.pop(layer, ()):
@@ -191,25 +213,28 @@ class ExpertCache:
             del self._pinned[slot]
 
     def _victim(self, layer: int) -> int:
-        """A free slot, else the policy's choice among unpinned slots; `layer`: the MoE layer
-        the slot is wanted for (the starting point of "cyclic"'s backward walk)."""
+        """A free slot, else the policy's choice among unpinned slots, reserved ones last;
+        `layer`: the MoE layer the slot is wanted for (the start of "cyclic"'s backward walk)."""
         if self._empty:
             return self._empty.pop()
-        if self.policy != "cyclic":
-            slot = self._pop_victim(self._heaps.get(0, []), None)
-        else:
-            slot, layers = None, self.store.num_layers
-            for back in range(layers):
-                j = (layer - back) % layers
-                slot = self._pop_victim(self._heaps.get(j, []), j)
-                if slot is not None:
-                    break
-        if slot is None:
-            raise RuntimeError("expert cache: every slot is pinned")
-        return slot
+        for spare_reserved in (True, False) if self._reserved else (False,):
+            if self.policy != "cyclic":
+                slot = self._pop_victim(self._heaps.get(0, []), None, spare_reserved)
+            else:
+                slot, layers = None, self.store.num_layers
+                for back in range(layers):
+                    j = (layer - back) % layers
+                    slot = self._pop_victim(self._heaps.get(j, []), j, spare_reserved)
+                    if slot is not None:
+                        break
+            if slot is not None:
+                return slot
+        raise RuntimeError("expert cache: every slot is pinned")
 
-    def _pop_victim(self, heap: list, layer: int | None) -> int | None:
-        """The lowest-priority unpinned slot of `heap` (of `layer`'s experts if given)."""
+    def _pop_victim(self, heap: list, layer: int | None, spare_reserved: bool = False
+                    ) -> int | None:
+        """The lowest-priority unpinned slot of `heap` (of `layer`'s experts if given; not a
+        reserved expert's when `spare_reserved`)."""
         skipped = []
         try:
             while heap:
@@ -218,7 +243,7 @@ class ExpertCache:
                 if key is None or prio != self._priority(slot) or (
                         layer is not None and key[0] != layer):
                     continue  # stale entry: the slot was used again, or refilled, since
-                if slot in self._pinned:
+                if slot in self._pinned or (spare_reserved and key in self._reserved):
                     skipped.append((prio, slot))
                     continue
                 return slot
@@ -227,8 +252,8 @@ class ExpertCache:
             for entry in skipped:
                 heapq.heappush(heap, entry)
 
-    def _load(self, key: tuple[int, int]) -> int:
-        slot = self._victim(key[0])
+    def _load(self, key: tuple[int, int], evict_from: int | None = None) -> int:
+        slot = self._victim(key[0] if evict_from is None else evict_from)
         old = self.key_S[slot]
         if old is not None:
             del self.slot_of[old]

@@ -18,7 +18,9 @@ Per forward, in order:
   2. needed experts are acquired (misses copied on the copy stream), resident ones first, in
      groups of at most the slot count when the layer needs more experts than there are slots;
   3. before the last group computes, the next layer's predicted experts are prefetched, so
-     their copies overlap this layer's compute and the next layer's attention;
+     their copies overlap this layer's compute and the next layer's attention (with
+     `lookahead`, moeflow.infer.offload.prefetch.LookaheadPrefetch, the step's predictions
+     for all later layers that did not fit at the step's start are issued instead);
   4. the compute stream waits for the copies into this group's slots only, computes, and
      marks the slots free for eviction once those kernels finish;
   5. with `cpu` (moeflow.infer.offload.cpu_experts), missed experts whose few rows the CPU
@@ -41,7 +43,7 @@ from torch import nn
 
 from moeflow.infer.offload.cpu_experts import CpuExperts
 from moeflow.infer.offload.expert_cache import ExpertCache
-from moeflow.infer.offload.prefetch import Predictor, PrefetchLedger
+from moeflow.infer.offload.prefetch import LookaheadPrefetch, Predictor, PrefetchLedger
 from moeflow.infer.offload.split_experts import SplitExperts, host_to_device
 from moeflow.infer.offload.streams import to_device_async
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
@@ -51,13 +53,14 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
     def __init__(self, layer: int, num_experts: int, d_model: int, d_ff: int, activation: str,
                  cache: ExpertCache, ledger: PrefetchLedger, backends: Backends = Backends(),
                  predictor: Predictor | None = None, cpu: CpuExperts | None = None,
-                 split: SplitExperts | None = None) -> None:
+                 split: SplitExperts | None = None,
+                 lookahead: LookaheadPrefetch | None = None) -> None:
         super().__init__()
         self.layer, self.num_experts = layer, num_experts
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
         self.backends = backends
         self.cache, self.ledger, self.predictor, self.cpu = cache, ledger, predictor, cpu
-        self.split = split
+        self.split, self.lookahead = split, lookahead
 
     def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True
                 ) -> torch.Tensor:
@@ -105,11 +108,15 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
             slots = cache.acquire(self.layer, group)
             if g == len(groups) - 1 and predicted:
                 cache.prefetch(self.layer + 1, predicted)
+            if g == len(groups) - 1 and self.lookahead is not None:
+                self.lookahead.refill(self.layer)
             cache.streams.wait_ready(slots)
             self._compute(x_ND, y_ND, group, slots, starts, ends)
             cache.release(slots)
         if not groups and predicted:
             cache.prefetch(self.layer + 1, predicted)
+        if not groups and self.lookahead is not None:
+            self.lookahead.refill(self.layer)
         for e in on_cpu:  # overlaps the device's kernels queued above
             y_ND[starts[e]:ends[e]] = to_device_async(self.cpu.run(self.layer, e, host_rows[e]),
                                                  y_ND.device)

@@ -42,8 +42,8 @@ from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
 from moeflow.infer.offload.mapped_store import MappedExpertStore, template
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
-from moeflow.infer.offload.prefetch import (PregatePredictor, PrefetchLedger, PrefetchStats,
-                                            RouterPredictor)
+from moeflow.infer.offload.prefetch import (LookaheadPrefetch, PregatePredictor,
+                                            PrefetchLedger, PrefetchStats, RouterPredictor)
 from moeflow.infer.offload.split_experts import SplitExperts, SplitStats
 from moeflow.ops.activation import ffn_in_width
 
@@ -122,9 +122,17 @@ class ExpertOffload:
 
     def __init__(self, plan: BudgetPlan, cache: ExpertCache, ledger: PrefetchLedger,
                  device: torch.device, cpu: CpuExperts | None = None,
-                 split: SplitExperts | None = None) -> None:
+                 split: SplitExperts | None = None, lookahead: LookaheadPrefetch | None = None
+                 ) -> None:
         self.plan, self.cache, self.ledger, self.device = plan, cache, ledger, device
-        self.cpu, self.split = cpu, split
+        self.cpu, self.split, self.lookahead = cpu, split, lookahead
+
+    def before_decode(self, model: torch.nn.Module, tokens_B1: torch.Tensor,
+                      history_BH: torch.Tensor) -> None:
+        """Start of a decode step: with prefetch="lookahead", issue the step's experts of every
+        layer (moeflow.infer.offload.prefetch.LookaheadPrefetch); otherwise nothing."""
+        if self.lookahead is not None:
+            self.lookahead.plan(model.lookahead_routing(tokens_B1, history_BH))
 
     def stats(self) -> OffloadStats:
         split = None
@@ -181,6 +189,9 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     if config.prefetch == "pregate" and model.pregate is None:
         raise ValueError("prefetch='pregate': the model has no pre-gate heads; fine-tune them "
                          "with `moeflow train --pregate --init CHECKPOINT`")
+    if config.prefetch == "lookahead" and model.lookahead is None:
+        raise ValueError("prefetch='lookahead': the model has no lookahead router; give it one "
+                         "with `moeflow train --lookahead --init CHECKPOINT`")
     device = resolve_device(config.device)
     layers = model.moe_layers()
     sources, reuse = _host_layers(model)
@@ -194,6 +205,7 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
     cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
     del sources  # they hold the layers' weights: drop them so they go with each layer's module
     ledger = PrefetchLedger()
+    lookahead = LookaheadPrefetch(cache, ledger) if config.prefetch == "lookahead" else None
     cpu = split = None
     for i, layer in enumerate(layers):
         old = layer.experts
@@ -219,7 +231,7 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
             predictor = PregatePredictor(model.pregate, i)
         layer.experts = OffloadedExperts(i, old.num_experts, old.d_model, old.d_ff,
                                          old.activation, cache, ledger, old.backends,
-                                         predictor, cpu, split)
+                                         predictor, cpu, split, lookahead)
         del old  # the layer held the only reference: its weights are freed here
     model.to(device)
-    return ExpertOffload(plan, cache, ledger, device, cpu, split)
+    return ExpertOffload(plan, cache, ledger, device, cpu, split, lookahead)

@@ -16,9 +16,15 @@ so the offloaded experts module needs nothing beyond what MoELayer already passe
 "pregate" (Pre-gated MoE): the model's fine-tuned pre-gate head for layer l+1, trained for
 exactly this input (`moeflow train --pregate`, moeflow.model.pregate); same top-k, higher recall.
 
-Not done here: Read-ME's decoupled lookahead router, which would be a further `Predictor`.
+"lookahead" (Read-ME): a model with a lookahead router (moeflow.model.lookahead) routes every
+layer from token ids alone, so at the start of a decode step the engine knows every layer's
+experts for the step before any layer runs (`LookaheadPrefetch`). They are the experts the step
+will compute with, not a guess: recall is 1 by construction. Copies are issued in layer order
+as far as the cache has slots that the step does not need; what does not fit is issued as the
+layers ahead release theirs (`refill`, called by each layer before it computes), so copies for
+layer l+2.. run under layer l's compute.
 
-Legend: N dispatched rows, D model dim, K top-k.
+Legend: N dispatched rows, D model dim, K top-k, B batch rows, H history tokens, L MoE layers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Protocol
 
 import torch
 
+from moeflow.infer.offload.expert_cache import ExpertCache
 from moeflow.model.pregate import PregateHeads
 from moeflow.model.router import Router
 
@@ -93,3 +100,49 @@ class PrefetchLedger:
 
     def stats(self) -> PrefetchStats:
         return PrefetchStats(self.predicted, self.needed, self.correct)
+
+
+class LookaheadPrefetch:
+    """prefetch="lookahead": a decode step's experts of every MoE layer, issued before it runs."""
+
+    def __init__(self, cache: ExpertCache, ledger: PrefetchLedger) -> None:
+        self.cache, self.ledger = cache, ledger
+        self._pending: dict[int, list[int]] = {}  # layer -> predicted experts not yet issued
+        self._needed: dict[int, list[int]] = {}  # layer -> all its predicted experts
+
+    def plan(self, ids_per_layer: list[torch.Tensor]) -> None:
+        """Record each MoE layer's experts for the step (ids_TK from the model's
+        `lookahead_routing`; one host sync for all layers) and issue what fits."""
+        flat = torch.cat([ids.reshape(-1) for ids in ids_per_layer]).tolist()
+        per_layer = len(flat) // max(len(ids_per_layer), 1)
+        self._pending, self._needed = {}, {}
+        for layer in range(len(ids_per_layer)):
+            experts = sorted(set(flat[layer * per_layer:(layer + 1) * per_layer]))
+            self.ledger.predict(layer, set(experts))
+            self._pending[layer] = experts
+            self._needed[layer] = experts
+        self.refill(-1)
+
+    def refill(self, after: int) -> None:
+        """Forget layers up to `after` (they run now) and issue the later layers' experts, in
+        layer order, while the cache has a slot no current or earlier prediction pins. The
+        later layers' experts are reserved: a copy evicts one only when nothing else is left, and
+        victims are sought from the last layer down (ExpertCache.prefetch's `evict_from`)."""
+        for layer in [k for k in self._pending if k <= after]:
+            left = self._pending.pop(layer)
+            del self._needed[layer]
+            if left:
+                self.cache.count_skipped(len(left))
+        self.cache.reserve(frozenset((layer, e) for layer, experts in self._needed.items()
+                                     for e in experts))
+        for layer in sorted(self._pending):
+            experts = self._pending[layer]
+            issued = 0
+            for e in experts:
+                if not self.cache.can_prefetch(layer, e):
+                    break
+                self.cache.prefetch(layer, [e], evict_from=-1)
+                issued += 1
+            self._pending[layer] = experts[issued:]
+            if experts[issued:]:
+                return
