@@ -66,21 +66,3 @@ def validation_counts(model: nn.Module, input_BT: torch.Tensor, target_BT: torch
     return torch.stack([ce.double(), torch.tensor(float(hits), dtype=torch.float64,
                                                    device=ce.device),
                         torch.tensor(float(total), dtype=torch.float64, device=ce.device)])
-
-
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an --init checkpoint's weights into a model with a lookahead router. A lookahead
-    router of the checkpoint's own that fits continues training; otherwise it starts from the
-    layers' router gates (moeflow.model.lookahead). Pre-gate heads of the checkpoint are left
-    out: they predict routers that no longer route."""
-    state = {k: v for k, v in state.items() if not k.startswith("pregate.")}
-    mine = {k: v for k, v in model.state_dict().items() if k.startswith("lookahead.")}
-    fits = all(k in state and state[k].shape == v.shape for k, v in mine.items()) and \
-        not any(k.startswith("lookahead.") and k not in mine for k in state)
-    backbone = {k: v for k, v in state.items() if fits or not k.startswith("lookahead.")}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    wrong = unexpected + [k for k in missing if not k.startswith("lookahead.")]
-    if wrong:
-        raise ValueError(f"--init checkpoint does not fit the model: tensor {wrong[0]!r}")
-    if missing:
-        model.lookahead.init_from_routers([m.router for m in model.moe_layers()])

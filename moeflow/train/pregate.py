@@ -86,19 +86,3 @@ def freeze_backbone(model: nn.Module) -> None:
     """Only the pre-gate heads train."""
     model.requires_grad_(False)
     model.pregate.requires_grad_(True)
-
-
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a checkpoint's weights into a model with heads. Heads of the checkpoint's own that
-    fit (same rank) continue training; otherwise every head starts as a copy of the next
-    router's gate (moeflow.model.pregate)."""
-    heads = {k: v for k, v in model.state_dict().items() if k.startswith("pregate.")}
-    fits = all(k in state and state[k].shape == v.shape for k, v in heads.items()) and \
-        not any(k.startswith("pregate.") and k not in heads for k in state)
-    backbone = {k: v for k, v in state.items() if fits or not k.startswith("pregate.")}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    wrong = unexpected + [k for k in missing if not k.startswith("pregate.")]
-    if wrong:
-        raise ValueError(f"--init checkpoint does not fit the model: tensor {wrong[0]!r}")
-    if missing:
-        model.pregate.init_from_routers([m.router for m in model.moe_layers()])

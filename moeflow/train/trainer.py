@@ -74,15 +74,14 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
 from moeflow.train import checkpoint as ckpt_io
+from moeflow.train.added_part import load_with_added_part
 from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.distill import init_student_from_teacher, kd_loss
 from moeflow.train.group_stats import dropped_per_expert, group_load_summary, group_step_stats
 from moeflow.train.interrupt import StopRequest
-from moeflow.train.lookahead import distill_objective, load_backbone as load_lookahead_backbone
-from moeflow.train.lookahead import validation_counts
+from moeflow.train.lookahead import distill_objective, validation_counts
 from moeflow.train.metrics import MetricsWriter
-from moeflow.train.pregate import (freeze_backbone, load_backbone, pregate_objective,
-                                   recall_counts)
+from moeflow.train.pregate import freeze_backbone, pregate_objective, recall_counts
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.schedule import LRSchedule
@@ -467,9 +466,11 @@ class Trainer:
         elif self.teacher is not None and cfg.student_init == "teacher":
             self.layer_mapping = init_student_from_teacher(self.model, self.teacher)
         elif init_model is not None and cfg.pregate:
-            load_backbone(self.model, init_model.state_dict())
+            load_with_added_part(self.model, init_model.state_dict(), "pregate")
         elif init_model is not None and cfg.lookahead:
-            load_lookahead_backbone(self.model, init_model.state_dict())
+            # pre-gate heads of the checkpoint predict routers that no longer route
+            load_with_added_part(self.model, init_model.state_dict(), "lookahead",
+                                 dropped=("pregate.",))
         elif init_model is not None:
             self.model.load_state_dict(init_model.state_dict())
         if cfg.pregate:
