@@ -167,3 +167,24 @@ def test_fused_decode_layer_equals_reference(name, T):
     assert r.order is not None and torch.equal(r.ids_TK, r_ref.ids_TK)
     rel = ((y - y_ref).norm() / y_ref.norm()).item()
     assert rel < 1e-5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
+@pytest.mark.parametrize("T", [1, 16])
+def test_fused_decode_layer_launches_four_kernels(T):
+    """Issue 14: route + plan with the logits, up, down, combine; nothing else."""
+    layer, D = _layer(CONFIGS["qwen3_top8"][0])
+    layer = layer.bfloat16()
+    set_backends(layer, Backends(router="triton_decode_fused"))
+    x = torch.randn(1, T, D, device=DEVICE, dtype=torch.bfloat16)
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        for _ in range(2):  # compile, autotune the stream kernels, zero the router's ticket
+            layer(x, inference=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            layer(x, inference=True)
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sorted(names) == sorted(["_decode_route_logits_kernel", "_up_kernel",
+                                    "_down_kernel", "_sum_rows_kernel"]), names

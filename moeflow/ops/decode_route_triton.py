@@ -24,7 +24,23 @@ Then counts, ends (inclusive prefix sum), the losses (aux = E·Σ f_e·P_e, z = 
 weighted as the reference weights them) and num_dropped = 0 are written, so the RoutingResult
 is the reference's field for field and the DispatchPlan is sort_by_expert's, row for row.
 
-Legend: T tokens, E experts, K top-k, N = T·K assignments.
+With the logits (`route_decode_fused`, router backend "triton_decode_fused"): the router's
+own logits x·Wgᵀ cost five more launches at decode (two fp32 casts, cuBLAS's GEMV in two
+kernels, nan_to_num), so this variant computes them in the same launch. Programs on a grid of
+expert blocks × token blocks each compute one tile of logits from the layer input and the gate
+weight, both upcast to fp32 before the product (exact for bf16 operands), summed in fp32 over
+the model dim, made finite as router_logits does, and store it (the logits are also returned).
+The program that draws the last ticket of an atomic counter (release-acquire, after all its
+threads stored) then runs the two passes above over the whole [T, E] logits, and resets the
+counter. Why many programs rather than one: a single SM streams the gate (Qwen3-30B-A3B: 128 ×
+2048 bf16 = 0.5 MB) at well below the HBM rate, and its FP32 units need T·E·D/128 cycles
+(2 µs per token at that shape), so one program would give back what the four saved launches
+save; ~16 KB of gate rows per program spreads both over tens of SMs (logits_tiles). The sum
+order differs from cuBLAS's: the logits agree to fp32 rounding, not bit for bit, and a near-tie
+between two experts may resolve differently than on the two-step path; the counter is why the
+Router keeps one int32 per device and why one router may route on one stream at a time.
+
+Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
 
 from __future__ import annotations
