@@ -22,7 +22,9 @@ Cases (one call each, after two warm-up calls):
   128 experts, top-8 renormalised, expert F 768, SwiGLU, bf16) served at each of
   --decode-tokens, inference forward, on `auto` (the one-launch decode router) and on
   `router=triton` (the multi-kernel fused router and the dispatch gather: the path before the
-  decode router), with each kernel's name, so the two lists can be compared launch by launch.
+  decode router) and on `router=triton_decode_fused` (the decode router computing its own
+  logits: four kernels per layer expected), with each kernel's name, so the lists can be
+  compared launch by launch.
 
     python benchmarks/count_ops.py --out DIR [--device cpu|cuda] [--stages dense-S,moe-S]
     python benchmarks/count_ops.py --out DIR --device cuda --stages '' --decode-tokens 1,16
@@ -222,15 +224,16 @@ def layer_cases(device: torch.device, T: int) -> dict:
 
 
 def decode_cases(device: torch.device, tokens: list[int]) -> dict:
-    """The Qwen3-30B-A3B MoE layer served at decode sizes, on the default path and on the
-    path before the one-launch decode router (router=triton)."""
+    """The Qwen3-30B-A3B MoE layer served at decode sizes, on the default path, on the
+    path before the one-launch decode router (router=triton) and on the fused-logits one."""
     spec = FFNSpec(kind="moe", d_ff=768, num_experts=128, expert_d_ff=768, router=RouterConfig(
         top_k=8, normalize_topk=True, dropless=True, aux_loss_coef=0.001))
     layer = MoELayer(spec, 2048, "swiglu", False).to(device).eval()
     for p in layer.parameters():
         nn.init.normal_(p, std=2048 ** -0.5)
     layer = layer.bfloat16()
-    paths = {"auto": Backends(), "router=triton": Backends(router="triton")}
+    paths = {"auto": Backends(), "router=triton": Backends(router="triton"),
+             "router=triton_decode_fused": Backends(router="triton_decode_fused")}
     cases = {}
     for T in tokens:
         x = torch.randn(1, T, 2048, device=device, dtype=torch.bfloat16)

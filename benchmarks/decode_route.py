@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/decode_route.py --out DIR
 
 Shape: the Qwen3-30B-A3B MoE layer (D 2048, 128 experts, top-8 renormalised, expert F 768,
-SwiGLU, bf16, dropless inference). Two tables, each eager (every launch paid by the host) and
+SwiGLU, bf16, dropless inference). Three tables, each eager (every launch paid by the host) and
 replayed from a CUDA graph (what the serving engine runs at decode: launch gaps only):
 - `route+plan`: from fp32 logits to the dispatch plan with the tokens' rows in expert order —
   before: route_triton (top-k, queue, finalize) + dispatch_triton (plan + gather);
@@ -11,8 +11,15 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
   kernel loads the rows through token_N, a cost the layer table includes).
   Timed at T·K from 8 to 1024, beyond moeflow.ops.backend.DECODE_ROUTE_MAX_ASSIGNMENTS (512),
   to check that bound: above the crossing the one program is slower than the launches it saves.
-- `layer`: the whole MoE layer forward, Backends() (auto: the decode path up to the bound)
-  against Backends(router="triton") (the path before), at T = 1, 8, 16, 64.
+- `logits+route`: from the layer input x (bf16) and the gate weight to the plan — unfused:
+  router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused
+  (one launch: logits tiles over many programs, the last one routes), at the same T·K.
+- `layer`: the whole MoE layer forward, Backends(router="triton") (before the decode router),
+  Backends(router="triton_decode") (what auto takes now) and
+  Backends(router="triton_decode_fused"), at T = 1, 8, 16, 64, with the CUDA kernels each
+  launches per forward (profiled eager call; expect 4 for fused, 9 for triton_decode at T = 1)
+  and each path's relative difference to "before" (fused: also whether its choices equal
+  triton_decode's; a near-tie may differ, the logits' sum order is not cuBLAS's).
 Times: median of CUDA-event-timed calls (moeflow's benchmarks/moe_layer.py time_fn). Writes
 DIR/decode_route_<GPU>.json and .md.
 """
@@ -33,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_layer import time_fn  # noqa: E402
 from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
+from moeflow.model.router import router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
-from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
+from moeflow.ops.decode_route_triton import route_decode_fused, route_decode_triton  # noqa: E402
 from moeflow.ops.permute_triton import dispatch_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 
@@ -78,6 +86,46 @@ def route_plan_table(tokens: list[int]) -> dict:
     return out
 
 
+def logits_route_table(tokens: list[int]) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for T in tokens:
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+
+        def unfused():
+            route_decode_triton(router_logits(x, gate), CFG, None)
+
+        def fused():
+            route_decode_fused(x, gate, CFG, None, ticket)
+
+        with torch.no_grad():
+            ref = route_decode_triton(router_logits(x, gate), CFG, None)
+            got, logits = route_decode_fused(x, gate, CFG, None, ticket)
+            row = {"T": T, "unfused": both(unfused), "fused": both(fused),
+                   "ids_equal": bool(torch.equal(got.ids_TK, ref.ids_TK)),
+                   "logits_max_abs_diff": (logits - router_logits(x, gate)).abs().max().item(),
+                   "ticket_after": int(ticket.item())}
+        out[T * K] = row
+        print(f"logits+route T·K={T * K:5d}: {row}", flush=True)
+    return out
+
+
+def cuda_kernels(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+PATHS = (("before", Backends(router="triton")), ("after", Backends(router="triton_decode")),
+         ("fused", Backends(router="triton_decode_fused")))
+
+
 def layer_table(tokens: list[int]) -> dict:
     torch.manual_seed(0)
     spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F, router=CFG)
@@ -90,20 +138,30 @@ def layer_table(tokens: list[int]) -> dict:
         x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
         row = {}
         ys = {}
-        for label, backends in (("before", Backends(router="triton")), ("after", Backends())):
+        ids = {}
+        for label, backends in PATHS:
             set_backends(layer, backends)
 
             def fwd():
                 with torch.no_grad():
                     return layer(x, inference=True)[0]
 
+            with torch.no_grad():
+                ids[label] = layer(x, inference=True)[1].ids_TK
             ys[label] = fwd()
             row[label] = both(fwd)
+            names = cuda_kernels(fwd)
+            row[label]["kernels"] = len(names)
+            row[label]["kernel_names"] = names
         row["outputs_equal"] = bool(torch.equal(ys["before"], ys["after"]))
-        diff = (ys["after"].float() - ys["before"].float()).norm() / ys["before"].float().norm()
-        row["rel_diff"] = diff.item()
+        for label in ("after", "fused"):
+            diff = (ys[label].float() - ys["before"].float()).norm() / ys["before"].float().norm()
+            row[f"rel_diff_{label}"] = diff.item()
+        row["fused_ids_equal_after"] = bool(torch.equal(ids["fused"], ids["after"]))
         out[T] = row
-        print(f"layer T={T:3d}: {row}", flush=True)
+        print(f"layer T={T:3d}: " + ", ".join(
+            f"{k}: {v['eager_us']:.1f}/{v['graph_us']:.1f} us, {v['kernels']} kernels"
+            for k, v in row.items() if isinstance(v, dict)), flush=True)
     return out
 
 
@@ -117,14 +175,25 @@ def markdown(result: dict) -> str:
         b, a = row["before"], row["after"]
         lines.append(f"| {n} | {b['eager_us']:.1f} | {a['eager_us']:.1f} | "
                      f"{b['graph_us']:.1f} | {a['graph_us']:.1f} |")
-    lines += ["", "## MoE layer forward (µs; before = Backends(router='triton'))", "",
-              "| T | before eager | after eager | before graph | after graph | equal | rel diff |",
-              "|---:|---:|---:|---:|---:|:---:|---:|"]
+    lines += ["", "## logits + route + plan from x (µs; unfused = router_logits + "
+              "route_decode_triton, fused = route_decode_fused)", "",
+              "| T·K | unfused eager | fused eager | unfused graph | fused graph | ids equal | "
+              "max abs logit diff |", "|---:|---:|---:|---:|---:|:---:|---:|"]
+    for n, row in result["logits_route"].items():
+        u, f = row["unfused"], row["fused"]
+        lines.append(f"| {n} | {u['eager_us']:.1f} | {f['eager_us']:.1f} | "
+                     f"{u['graph_us']:.1f} | {f['graph_us']:.1f} | {row['ids_equal']} | "
+                     f"{row['logits_max_abs_diff']:.1e} |")
+    lines += ["", "## MoE layer forward (µs eager / graph, kernels per forward; before = "
+              "router=triton, after = triton_decode, fused = triton_decode_fused)", "",
+              "| T | before | after | fused | after = before | rel diff after | "
+              "rel diff fused | fused ids = after |", "|---:|---:|---:|---:|:---:|---:|---:|:---:|"]
     for T, row in result["layer"].items():
-        b, a = row["before"], row["after"]
-        lines.append(f"| {T} | {b['eager_us']:.1f} | {a['eager_us']:.1f} | "
-                     f"{b['graph_us']:.1f} | {a['graph_us']:.1f} | {row['outputs_equal']} | "
-                     f"{row['rel_diff']:.1e} |")
+        cells = [f"{row[k]['eager_us']:.1f} / {row[k]['graph_us']:.1f}, {row[k]['kernels']}"
+                 for k, _ in PATHS]
+        lines.append(f"| {T} | " + " | ".join(cells) + f" | {row['outputs_equal']} | "
+                     f"{row['rel_diff_after']:.1e} | {row['rel_diff_fused']:.1e} | "
+                     f"{row['fused_ids_equal_after']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,6 +209,8 @@ def main() -> None:
     result = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "command": " ".join(["python"] + sys.argv),
               "route_plan": route_plan_table([int(t) for t in args.route_tokens.split(",")]),
+              "logits_route": logits_route_table(
+                  [int(t) for t in args.route_tokens.split(",")]),
               "layer": layer_table([int(t) for t in args.layer_tokens.split(",")])}
     stem = out / f"decode_route_{gpu.replace(' ', '-')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

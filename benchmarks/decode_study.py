@@ -15,6 +15,8 @@ forced; per variant:
     PYTHONPATH=. python benchmarks/decode_study.py --out $OUT
     PYTHONPATH=. python benchmarks/decode_study.py --out $OUT \
         --variant baseline=attention:reference --variant all=
+    PYTHONPATH=. python benchmarks/decode_study.py --out $OUT \
+        --variant after= --variant fused=router:triton_decode_fused
 
 A variant is `label=field:value,field:value` over Backends' fields; fields the installed
 moeflow's Backends does not have are reported as an error for that variant, not a crash.

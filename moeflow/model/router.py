@@ -46,7 +46,8 @@ from torch import nn
 from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
-from moeflow.ops.backend import Backends, ChoosesBackends, resolve_router_backend
+from moeflow.ops.backend import (Backends, ChoosesBackends, decode_route_fits,
+                                 resolve_router_backend)
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -327,18 +328,25 @@ class Router(nn.Module, ChoosesBackends):
         x = x_TD if logits_TE is None else logits_TE
         T = x.shape[0]
         noise = cfg.noise if self.training and not inference else "none"
+        capacity = None if inference else cfg.capacity(T, E, self.training)
         if logits_TE is not None:
             logits_TE = _finite(logits_TE.float())
         else:
             if noise == "jitter":
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
+            if self.backends.router == "triton_decode_fused" and not cfg.expert_groups:
+                # The same decode conditions as below, known before the logits exist.
+                decode = (capacity is None and noise not in ("rsample", "rsample_second")
+                          and self.stats_reduce is None and not (torch.is_grad_enabled() and (
+                              x.requires_grad or self.gate.weight.requires_grad)))
+                if decode_route_fits(x, cfg, decode):
+                    return self._route_fused(x)
             logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
             gumbel_TE = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-        capacity = None if inference else cfg.capacity(T, E, self.training)
         token_order = None
         if capacity is not None and cfg.drop_policy == "random":
             token_order = torch.randperm(T, device=x.device, generator=generator)
@@ -354,7 +362,7 @@ class Router(nn.Module, ChoosesBackends):
         decode = (capacity is None and gumbel_TE is None and self.stats_reduce is None
                   and not (torch.is_grad_enabled() and logits_TE.requires_grad))
         backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
-        if backend == "triton_decode":
+        if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
             return route_decode_triton(logits_TE, cfg, self.expert_bias)
         route = route_reference
@@ -362,6 +370,17 @@ class Router(nn.Module, ChoosesBackends):
             from moeflow.ops.routing_triton import route_triton as route
         return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
                      self.stats_reduce)
+
+    def _route_fused(self, x_TD: torch.Tensor) -> RoutingResult:
+        """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
+        from moeflow.ops.decode_route_triton import route_decode_fused
+        # The kernel's last-program ticket: zeroed once per device, left at 0 by every launch.
+        ticket = getattr(self, "_route_ticket", None)
+        if ticket is None or ticket.device != x_TD.device:
+            ticket = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
+            self._route_ticket = ticket
+        return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
+                                  ticket)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

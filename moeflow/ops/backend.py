@@ -10,7 +10,10 @@ benchmarks compare every fast path with its plain-torch reference.
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
   kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits), route_triton
-  elsewhere; "auto" takes triton_decode on CUDA).
+  elsewhere; "auto" takes triton_decode on CUDA; "triton_decode_fused" = the same kernel
+  computing the fp32 router logits too, from the layer input and the gate weight (one launch
+  for the router instead of five), where decode_route_fits, route_triton elsewhere; not taken
+  by "auto" until it is measured on a GPU).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
 - experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
@@ -43,7 +46,7 @@ from torch import nn
 from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
 from moeflow.validate import choice
 
-ROUTER_BACKENDS = ("reference", "triton", "triton_decode")
+ROUTER_BACKENDS = ("reference", "triton", "triton_decode", "triton_decode_fused")
 DISPATCH_BACKENDS = ("reference", "triton")
 FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
@@ -167,11 +170,12 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
     return EXPERT_BACKENDS[requested]
 
 
-def decode_route_fits(logits_TE: torch.Tensor, cfg, decode: bool) -> bool:
+def decode_route_fits(tokens_T: torch.Tensor, cfg, decode: bool) -> bool:
     """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
     call: `decode` (the router's word: dropless, no noise, one process's statistics, no
-    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments."""
-    return decode and logits_TE.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
+    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments. `tokens_T`: anything with
+    a row per token (the logits, or the router's input for the fused-logits kernel)."""
+    return decode and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
 
 
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
@@ -190,7 +194,8 @@ def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
         E = logits_TE.shape[-1]
         fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
         requested = "triton_decode" if _triton_cuda(logits_TE) and fits else "reference"
-    if requested == "triton_decode" and not decode_route_fits(logits_TE, cfg, decode):
+    if (requested in ("triton_decode", "triton_decode_fused")
+            and not decode_route_fits(logits_TE, cfg, decode)):
         return "triton"
     return requested
 

@@ -24,7 +24,23 @@ Then counts, ends (inclusive prefix sum), the losses (aux = E·Σ f_e·P_e, z = 
 weighted as the reference weights them) and num_dropped = 0 are written, so the RoutingResult
 is the reference's field for field and the DispatchPlan is sort_by_expert's, row for row.
 
-Legend: T tokens, E experts, K top-k, N = T·K assignments.
+With the logits (`route_decode_fused`, router backend "triton_decode_fused"): the router's
+own logits x·Wgᵀ cost five more launches at decode (two fp32 casts, cuBLAS's GEMV in two
+kernels, nan_to_num), so this variant computes them in the same launch. Programs on a grid of
+expert blocks × token blocks each compute one tile of logits from the layer input and the gate
+weight, both upcast to fp32 before the product (exact for bf16 operands), summed in fp32 over
+the model dim, made finite as router_logits does, and store it (the logits are also returned).
+The program that draws the last ticket of an atomic counter (release-acquire, after all its
+threads stored) then runs the two passes above over the whole [T, E] logits, and resets the
+counter. Why many programs rather than one: a single SM streams the gate (Qwen3-30B-A3B: 128 ×
+2048 bf16 = 0.5 MB) at well below the HBM rate, and its FP32 units need T·E·D/128 cycles
+(2 µs per token at that shape), so one program would give back what the four saved launches
+save; ~16 KB of gate rows per program spreads both over tens of SMs (logits_tiles). The sum
+order differs from cuBLAS's: the logits agree to fp32 rounding, not bit for bit, and a near-tie
+between two experts may resolve differently than on the two-step path; the counter is why the
+Router keeps one int32 per device and why one router may route on one stream at a time.
+
+Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
 
 from __future__ import annotations
@@ -39,15 +55,16 @@ from moeflow.ops.routing_triton import _SEL_DEEPSPEED, _SEL_SCORES, _finite, cho
 
 
 @triton.jit
-def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-                         ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr,
-                         T, E, routed_scaling, aux_coef, z_coef,
-                         K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                         TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                         FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
+def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
+                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+                z_coef, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
+    """The two passes of the module docstring, run by one program over the finite logits at
+    `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
+    (the fused-logits kernel), so the loads must not be served from this SM's L1."""
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     kcols = tl.arange(0, BLOCK_K)
@@ -60,7 +77,7 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
         rmask = rows < T
         m2 = rmask[:, None] & cmask[None, :]
         x = _finite(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
-                            mask=m2, other=0.0))
+                            mask=m2, other=0.0, volatile=LOGITS_VOLATILE))
         ids_tile, w_tile, lse, probs, chosen = choose_tile(
             x, x, bias_ptr, rows, cols, cmask, E, routed_scaling, K, SOFTMAX, SEL, HAS_BIAS,
             NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K)
@@ -114,32 +131,89 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
         running += tl.sum(onehot, axis=0)
 
 
-def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
-                        expert_bias_E: torch.Tensor | None) -> RoutingResult:
-    """Dropless routing without noise or autograd, with the expert-sorted layout in
-    `order`: route_reference's result (weights to fp32 rounding, equal to route_triton's) plus
-    sort_by_expert's plan. For small T (moeflow.ops.backend.decode_route_fits)."""
-    logits_TE = logits_TE.contiguous()
-    T, E = logits_TE.shape
+@triton.jit
+def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                         ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr,
+                         T, E, routed_scaling, aux_coef, z_coef,
+                         K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                         TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                         FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
+                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+                z_coef, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2,
+                FIRST_BALANCE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, False)
+
+
+@triton.jit
+def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_ptr, ids_ptr,
+                                w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
+                                token_ptr, dropped_ptr, loss_ptr, T, D, E, routed_scaling,
+                                aux_coef, z_coef, K: tl.constexpr, SOFTMAX: tl.constexpr,
+                                SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                                FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                                LT: tl.constexpr, LE: tl.constexpr, LD: tl.constexpr):
+    """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
+    and expert block e and stores it; the last program to finish (a ticket taken after the
+    stores) routes and plans over all of them, as _decode_route_kernel does."""
+    pe = tl.program_id(0)
+    pt = tl.program_id(1)
+    rows = pt * LT + tl.arange(0, LT)
+    experts = pe * LE + tl.arange(0, LE)
+    rmask = rows < T
+    emask = experts < E
+    acc = tl.zeros([LT, LE], tl.float32)
+    for d0 in range(0, D, LD):
+        d = d0 + tl.arange(0, LD)
+        dmask = d < D
+        # Each operand upcast to fp32 before the product: a bf16·bf16 product is exact in fp32,
+        # and the sums are fp32 (as F.linear on fp32 copies; only the order of the sum differs).
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(gate_ptr + experts[:, None].to(tl.int64) * D + d[None, :],
+                    mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], _finite(acc),
+             mask=rmask[:, None] & emask[None, :])
+    # Every thread's stores, then one release-acquire ticket per program (the grid-reduction
+    # pattern): the program that draws the last ticket sees every tile. It also puts the ticket
+    # counter back to 0 for the next launch, so a replayed CUDA graph finds it as captured.
+    tl.debug_barrier()
+    last = tl.num_programs(0) * tl.num_programs(1) - 1
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == last:
+        tl.store(ticket_ptr, 0)
+        _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                    ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
+                    aux_coef, z_coef, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
+                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K,
+                    BLOCK_P, True)
+
+
+def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The kernels' outputs, in their argument order (ids … losses)."""
+    def new(*shape, dtype=torch.int64):
+        return torch.empty(*shape, dtype=dtype, device=dev)
+    return {"ids": new(T, K), "weights": new(T, K, dtype=torch.float32),
+            "kept": new(T, K, dtype=torch.int8), "slots": new(T, K), "counts": new(E),
+            "ends": new(E), "rows": new(T, K), "tokens": new(T * K), "dropped": new(()),
+            "losses": new(3, dtype=torch.float32)}
+
+
+def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool) -> tuple[tuple, dict]:
+    """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef) and constexprs."""
     K = cfg.top_k
-    dev = logits_TE.device
-    ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
-    w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
-    kept_TK = torch.empty(T, K, dtype=torch.int8, device=dev)
-    slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
-    row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
-    token_N = torch.empty(T * K, dtype=torch.int64, device=dev)
-    counts_E = torch.empty(E, dtype=torch.int64, device=dev)
-    ends_E = torch.empty(E, dtype=torch.int64, device=dev)
-    num_dropped = torch.empty((), dtype=torch.int64, device=dev)
-    losses = torch.empty(3, dtype=torch.float32, device=dev)
     block_e = triton.next_power_of_2(E)
-    sel = _SEL_DEEPSPEED if selects_by_logits(cfg, expert_bias_E is not None) else _SEL_SCORES
-    _decode_route_kernel[(1,)](
-        logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE,
-        ids_TK, w_TK, kept_TK, slots_TK, counts_E, ends_E, row_TK, token_N, num_dropped, losses,
-        T, E, float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
-        K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=expert_bias_E is not None,
+    sel = _SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else _SEL_SCORES
+    scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef))
+    return scalars, dict(
+        K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=has_bias,
         NORMALIZE=cfg.normalizes, GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
         GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
@@ -151,7 +225,69 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K), BLOCK_P=max(16, min(128, 8192 // block_e)),
         num_warps=8)
-    return RoutingResult(ids_TK=ids_TK, weights_TK=w_TK, kept_TK=kept_TK.view(torch.bool),
-                         slots_TK=slots_TK, counts_E=counts_E, num_dropped=num_dropped,
-                         capacity=None, aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
-                         order=ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
+
+
+def _result(out: dict[str, torch.Tensor]) -> RoutingResult:
+    losses = out["losses"]
+    return RoutingResult(ids_TK=out["ids"], weights_TK=out["weights"],
+                         kept_TK=out["kept"].view(torch.bool), slots_TK=out["slots"],
+                         counts_E=out["counts"], num_dropped=out["dropped"], capacity=None,
+                         aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
+                         order=ExpertOrder(row_TK=out["rows"], token_N=out["tokens"],
+                                           ends_E=out["ends"]))
+
+
+def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
+                        expert_bias_E: torch.Tensor | None) -> RoutingResult:
+    """Dropless routing without noise or autograd, with the expert-sorted layout in
+    `order`: route_reference's result (weights to fp32 rounding, equal to route_triton's) plus
+    sort_by_expert's plan. For small T (moeflow.ops.backend.decode_route_fits)."""
+    logits_TE = logits_TE.contiguous()
+    T, E = logits_TE.shape
+    out = _outputs(T, E, cfg.top_k, logits_TE.device)
+    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None)
+    _decode_route_kernel[(1,)](
+        logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
+        T, E, *scalars, **meta)
+    return _result(out)
+
+
+# Logits tiles: at most this many products per step (LT·LE·LD), and about this many bytes of
+# the gate per program (LE rows of D), so that decode reads the gate from many SMs at once.
+_LOGIT_PRODUCTS = 8192
+_GATE_BYTES_PER_PROGRAM = 16384
+
+
+def logits_tiles(T: int, D: int, E: int, gate_bytes: int) -> tuple[int, int, int]:
+    """(LT, LE, LD): tokens, experts and model-dim columns per logits tile. A program streams
+    LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs."""
+    lt = max(2, min(triton.next_power_of_2(max(T, 1)), 4))
+    le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
+    le = max(2, min(le, triton.next_power_of_2(E), 64))
+    ld = max(16, min(triton.next_power_of_2(D), _LOGIT_PRODUCTS // (lt * le)))
+    return lt, le, ld
+
+
+def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
+                       expert_bias_E: torch.Tensor | None, ticket_1: torch.Tensor
+                       ) -> tuple[RoutingResult, torch.Tensor]:
+    """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
+    RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
+    products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
+    ulps, and exactly where every partial sum is representable).
+    `ticket_1`: an int32 counter holding 0, left at 0 (the Router keeps one per device); one
+    launch at a time may use it, i.e. a router routes on one stream at a time."""
+    x_TD = x_TD.contiguous()
+    gate_ED = gate_ED.contiguous()
+    T, D = x_TD.shape
+    E = gate_ED.shape[0]
+    out = _outputs(T, E, cfg.top_k, x_TD.device)
+    logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None)
+    lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size())
+    grid = (triton.cdiv(E, le), max(1, triton.cdiv(T, lt)))
+    _decode_route_logits_kernel[grid](
+        x_TD, gate_ED, logits_TE, ticket_1,
+        expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
+        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta)
+    return _result(out), logits_TE

@@ -1,0 +1,62 @@
+"""Compile the fused-logits decode router (moeflow.ops.decode_route_triton's
+_decode_route_logits_kernel) for sm_90 without a GPU and print ptxas's registers and spills at
+the tiles route_decode_fused picks, plus the ticket's atomic as emitted. CPU only:
+
+    PYTHONPATH=. python benchmarks/decode_route_ptxas.py
+"""
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moeflow.config import RouterConfig
+from moeflow.ops import decode_route_triton as m
+
+def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16"):
+    scalars, meta = m._route_args(cfg, T, E, False)
+    nw = meta.pop("num_warps")
+    lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4)
+    names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "bias_ptr", "ids_ptr", "w_ptr",
+             "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
+             "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef"]
+    types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*i64", "*fp32", "*i8",
+             "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32", "i32", "i32",
+             "fp32", "fp32", "fp32"]
+    sig = dict(zip(names, types))
+    consts = dict(meta, LT=lt, LE=le, LD=ld)
+    for k in consts:
+        sig[k] = "constexpr"
+    src = ASTSource(fn=m._decode_route_logits_kernel, signature=sig,
+                    constexprs={(list(sig).index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    r = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", "/dev/null"],
+                       capture_output=True, text=True)
+    info = [line.strip() for line in r.stderr.splitlines()
+            if "registers" in line or "spill" in line]
+    print(f"T {T} D {D} E {E} K {cfg.top_k} {x_dtype}/{gate_dtype} tiles (LT, LE, LD) "
+          f"{(lt, le, ld)}: " + " | ".join(info), flush=True)
+    return ptx
+
+q = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
+
+
+def main() -> None:
+    qwen3 = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
+    ptx = compile_case(1, 2048, 128, qwen3)
+    print("ticket:", [line.strip() for line in ptx.splitlines() if "atom" in line])
+    compile_case(16, 2048, 128, qwen3)
+    compile_case(64, 2048, 128, qwen3)
+    compile_case(1, 4096, 8, RouterConfig(top_k=2, normalize_topk=True, dropless=True))
+    compile_case(1, 7168, 256, RouterConfig(top_k=8, score_func="sigmoid", normalize_topk=True,
+                                            num_groups=8, topk_groups=4, dropless=True))
+    compile_case(1, 2048, 128, qwen3, "fp32", "fp32")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The decode router that computes its own logits (moeflow.ops.decode_route_triton's
+route_decode_fused, router backend "triton_decode_fused"): its logits are router_logits' (fp32
+products of upcast operands, summed in another order: equal to fp32 rounding, exactly where the
+sums are exact), its routing is route_decode_triton's on those logits field for field, and the
+MoE layer on it equals the reference layer."""
+
+import pytest
+
+from tests._triton_cpu import DEVICE, ON_GPU  # noqa: I001  (sets TRITON_INTERPRET first)
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
+from moeflow.model.moe import MoELayer  # noqa: E402
+from moeflow.model.router import Router, router_logits  # noqa: E402
+from moeflow.ops.backend import Backends, set_backends  # noqa: E402
+from moeflow.ops.decode_route_triton import (logits_tiles, route_decode_fused,  # noqa: E402
+                                             route_decode_triton)
+
+CONFIGS = {  # name: (config, has expert bias)
+    "qwen3_top8": (RouterConfig(top_k=8, normalize_topk=True, dropless=True,
+                                aux_loss_coef=1e-3), False),
+    "top1_deepspeed": (RouterConfig(top_k=1, z_loss_coef=1e-3), False),
+    "deepseek_v3": (RouterConfig(top_k=4, score_func="sigmoid", normalize_topk=True,
+                                 routed_scaling=2.5, num_groups=4, topk_groups=2,
+                                 expert_bias=True, dropless=True), True),
+}
+FIELDS = ("ids_TK", "weights_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped", "aux_loss",
+          "z_loss", "loss")
+
+
+def _same_routing(a, b):
+    for field in FIELDS:
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    for field in ("row_TK", "token_N", "ends_E"):
+        assert torch.equal(getattr(a.order, field), getattr(b.order, field)), field
+
+
+def _fused(x, w, cfg, bias):
+    ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
+    out, logits = route_decode_fused(x, w, cfg, bias, ticket)
+    assert ticket.item() == 0  # left ready for the next launch
+    return out, logits
+
+
+def _bias(E, has_bias):
+    if not has_bias:
+        return None
+    return (torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.05).to(DEVICE)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("T,D,E", [(1, 40, 16), (16, 72, 16), (37, 24, 128)])
+def test_exact_sums_give_the_unfused_routing_bit_for_bit(name, T, D, E):
+    """Operands that are multiples of 1/8 below 1: every product and partial sum is exact in
+    fp32, so the logits equal router_logits' bit for bit whatever the order, and so must every
+    routing field. (37, 24, 128): 10 token blocks × 2 expert blocks of logits tiles; (16, 72):
+    D not a multiple of the tile."""
+    cfg, has_bias = CONFIGS[name]
+    g = torch.Generator().manual_seed(T * 100 + E)
+    x = (torch.randint(-7, 8, (T, D), generator=g) / 8).to(DEVICE)
+    w = (torch.randint(-7, 8, (E, D), generator=g) / 8).to(DEVICE)
+    bias = _bias(E, has_bias)
+    out, logits = _fused(x, w, cfg, bias)
+    ref_logits = router_logits(x, w)
+    assert torch.equal(logits, ref_logits)
+    _same_routing(out, route_decode_triton(ref_logits, cfg, bias))
+
+
+@pytest.mark.parametrize("name", ["qwen3_top8", "top1_deepspeed"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32)])
+def test_random_logits_match_router_logits(name, dtypes):
+    """Random operands: logits to fp32 rounding of the sum (bf16 operands: exact products),
+    the same choices as routing router_logits, and routing equal to the unfused kernel's on the
+    fused logits bit for bit."""
+    cfg, _ = CONFIGS[name]
+    T, D, E = 21, 96, 64
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, D, generator=g).to(DEVICE, dtypes[0])
+    w = (torch.randn(E, D, generator=g) * D ** -0.5).to(DEVICE, dtypes[1])
+    out, logits = _fused(x, w, cfg, None)
+    ref_logits = router_logits(x, w)
+    # |error| ≤ D·eps·Σ|x·w| for any summation order; relative to the magnitudes summed.
+    scale = x.float().abs() @ w.float().abs().t()
+    assert ((logits - ref_logits).abs() <= 1e-6 * scale).all()
+    assert torch.equal(out.ids_TK, route_decode_triton(ref_logits, cfg, None).ids_TK)
+    _same_routing(out, route_decode_triton(logits, cfg, None))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf, NaN
+def test_non_finite_inputs_are_made_finite_like_router_logits():
+    cfg, _ = CONFIGS["qwen3_top8"]
+    T, D, E = 6, 32, 16
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=g)
+    w = torch.randn(E, D, generator=g)
+    w[:, 5] = w[:, 5].abs() + 0.1  # column 5 positive: an inf there gives ±inf logits, no NaN
+    x[1, 5] = float("inf")
+    x[2, 5] = float("-inf")
+    x[3, 0] = float("nan")
+    x[4, 5], x[4, 6] = float("inf"), float("-inf")  # inf - inf: NaN logits where w has both signs
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    out, logits = _fused(x, w, cfg, None)
+    ref_logits = router_logits(x, w)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits[1:5], ref_logits[1:5])
+    _same_routing(out, route_decode_triton(logits, cfg, None))
+
+
+def test_tiles_spread_the_gate_over_programs():
+    # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 4 experts per program, 32 programs.
+    assert logits_tiles(1, 2048, 128, 2) == (2, 4, 1024)
+    assert logits_tiles(16, 2048, 128, 2) == (4, 4, 512)
+    # Mixtral (D 4096, 8 experts): 2 experts per program; a tiny gate: one program.
+    assert logits_tiles(1, 4096, 8, 2)[1] == 2
+    assert logits_tiles(1, 64, 16, 4)[1] == 16
+
+
+def test_router_takes_the_fused_kernel_only_where_it_applies():
+    torch.manual_seed(0)
+    cfg = RouterConfig(top_k=2, capacity_factor=1.0, min_capacity=1)
+    router = Router(16, 8, cfg, Backends(router="triton_decode_fused")).to(DEVICE)
+    unfused = Router(16, 8, cfg, Backends(router="triton_decode")).to(DEVICE)
+    unfused.load_state_dict(router.state_dict())
+    x = torch.randn(6, 16, device=DEVICE)
+    with torch.no_grad():
+        out = router(x, inference=True)
+        ref = unfused(x, inference=True)
+        assert out.order is not None and torch.equal(out.ids_TK, ref.ids_TK)
+        torch.testing.assert_close(out.weights_TK, ref.weights_TK, rtol=1e-6, atol=1e-7)
+        assert torch.equal(out.order.token_N, ref.order.token_N)
+        assert router(x, inference=True).order is not None  # the ticket was left at 0
+        router.train()
+        trained = router(x)  # capacity: the multi-kernel router, which may drop
+        assert trained.order is None and trained.capacity is not None
+    assert router(x, inference=True).order is None  # the gate needs a gradient
+
+
+def _layer(router):
+    D, F, E = (512, 256, 64) if ON_GPU else (32, 16, 16)
+    torch.manual_seed(0)
+    spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F, router=router)
+    layer = MoELayer(spec, D, "swiglu", bias=False).to(DEVICE)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=D ** -0.5)
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.normal_(0, 0.05)
+    return layer, D
+
+
+@pytest.mark.parametrize("name", ["qwen3_top8", "deepseek_v3"])
+@pytest.mark.parametrize("T", [1, 16])
+def test_fused_decode_layer_equals_reference(name, T):
+    layer, D = _layer(CONFIGS[name][0])
+    x = torch.randn(1, T, D, device=DEVICE)
+    with torch.no_grad():
+        set_backends(layer, Backends.reference())
+        y_ref, r_ref = layer(x, inference=True)
+        set_backends(layer, Backends(router="triton_decode_fused", dispatch="triton",
+                                     experts="stream"))
+        y, r = layer(x, inference=True)
+    assert r.order is not None and torch.equal(r.ids_TK, r_ref.ids_TK)
+    rel = ((y - y_ref).norm() / y_ref.norm()).item()
+    assert rel < 1e-5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
+@pytest.mark.parametrize("T", [1, 16])
+def test_fused_decode_layer_launches_four_kernels(T):
+    """Issue 14: route + plan with the logits, up, down, combine; nothing else."""
+    layer, D = _layer(CONFIGS["qwen3_top8"][0])
+    layer = layer.bfloat16()
+    set_backends(layer, Backends(router="triton_decode_fused"))
+    x = torch.randn(1, T, D, device=DEVICE, dtype=torch.bfloat16)
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        for _ in range(2):  # compile, autotune the stream kernels, zero the router's ticket
+            layer(x, inference=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            layer(x, inference=True)
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sorted(names) == sorted(["_decode_route_logits_kernel", "_up_kernel",
+                                    "_down_kernel", "_sum_rows_kernel"]), names
