@@ -157,26 +157,27 @@ def expert_bytes_total(model: Transformer) -> int:
     return sum(p.nbytes for m in model.moe_layers() for p in m.experts.parameters())
 
 
-def fixed_bytes(model: Transformer, device: torch.device) -> int:
-    """What the engine's plan puts on the device besides the expert cache (16 sequences of
-    MAX_SEQ tokens): non-expert weights + KV cache + activation reserve."""
-    kv = SlotKVCache.bytes_per_token(model) * 16 * MAX_SEQ
-    return non_expert_bytes(model) + kv + activation_bytes(model, MAX_SEQ, 16, device)
+def fixed_bytes(model: Transformer, device: torch.device, max_batch: int) -> int:
+    """What the engine's plan puts on the device besides the expert cache (`max_batch`
+    sequences of MAX_SEQ tokens): non-expert weights + KV cache + activation reserve."""
+    kv = SlotKVCache.bytes_per_token(model) * max_batch * MAX_SEQ
+    return non_expert_bytes(model) + kv + activation_bytes(model, MAX_SEQ, max_batch, device)
 
 
-def cache_fraction(shape: str, budget_gib: float) -> float:
+def cache_fraction(shape: str, budget_gib: float, max_batch: int) -> float:
     """Share of all experts the real full-depth model's cache holds at `budget_gib`."""
     model = meta_model(model_config(shape, FULL_LAYERS[shape]))
-    return ((budget_gib * GiB - fixed_bytes(model, torch.device("cuda")))
+    return ((budget_gib * GiB - fixed_bytes(model, torch.device("cuda"), max_batch))
             / expert_bytes_total(model))
 
 
-def scaled_budget(shape: str, layers: int, budget_full: float, smoke: bool) -> int:
+def scaled_budget(shape: str, layers: int, budget_full: float, smoke: bool,
+                  max_batch: int) -> int:
     """budget_L (module docstring), in bytes."""
     model = meta_model(model_config(shape, layers, smoke))
     device = torch.device("cpu" if smoke else "cuda")
-    return int(fixed_bytes(model, device)
-               + cache_fraction(shape, budget_full) * expert_bytes_total(model))
+    return int(fixed_bytes(model, device, max_batch)
+               + cache_fraction(shape, budget_full, max_batch) * expert_bytes_total(model))
 
 
 # -- device helpers (children only) ---------------------------------------------------------
@@ -349,7 +350,7 @@ def child_resident(task: dict) -> dict:
     t0 = time.perf_counter()
     model = build_model(cfg)
     reset_peak()
-    engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=MAX_SEQ))
+    engine = Engine(model, EngineConfig(max_batch_size=task["max_batch"], max_seq_len=MAX_SEQ))
     build_s = time.perf_counter() - t0
     r = measure(engine, cfg.vocab_size, h2d_bandwidth(), task["decode"])
     return {**r, "peak_GiB": peak_bytes() / GiB, "build_s": build_s}
@@ -358,14 +359,16 @@ def child_resident(task: dict) -> dict:
 def child_offload(task: dict) -> dict:
     cfg = model_config(task["shape"], task["layers"], task["smoke"])
     bandwidth = h2d_bandwidth()
-    budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"])
+    budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"],
+                           task["max_batch"])
     off = OffloadConfig(gpu_memory=str(budget), **parse_config(task["config"]))
     if off.prefetch == "lookahead":  # a random lookahead router (a 2-token window) routes
         cfg = cfg.replace(lookahead=2)
     t0 = time.perf_counter()
     model = build_model(cfg)
     experts = expert_bytes_total(model)
-    engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=MAX_SEQ, offload=off))
+    engine = Engine(model, EngineConfig(max_batch_size=task["max_batch"], max_seq_len=MAX_SEQ,
+                                        offload=off))
     build_s = time.perf_counter() - t0
     gc.collect()
     reset_peak()  # the model was built whole on the device; from here on only the plan's parts
@@ -401,7 +404,8 @@ def cpu_costs(engine: Engine) -> dict | None:
 
 
 def child_peer(task: dict) -> dict:
-    budget = scaled_budget("mixtral", task["layers"], task["budget_full"], False)
+    budget = scaled_budget("mixtral", task["layers"], task["budget_full"], False,
+                           task["max_batch"])
     return run_peer(task["layers"], budget, [])
 
 
@@ -524,8 +528,9 @@ def plan_tasks(args) -> list[dict]:
     its first --core configurations at the smaller budget, then the peer, then the other
     configurations, then the larger budgets."""
     layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}
-    decode = [[1, args.decode_b1_steps], [16, args.decode_b16_steps]]  # JSON: no int keys
-    base = dict(smoke=args.smoke, decode=decode)
+    decode = [[b, n] for b, n in ((1, args.decode_b1_steps), (16, args.decode_b16_steps))
+              if b <= args.max_batch]  # JSON: no int keys
+    base = dict(smoke=args.smoke, decode=decode, max_batch=args.max_batch)
     budgets = {s: BUDGETS_GIB[s][:1] if args.budgets == "small" else BUDGETS_GIB[s]
                for s in args.shapes}
 
@@ -566,7 +571,8 @@ def table(results: dict) -> str:
             if "error" in r or "skipped" in r:
                 lines.append(f"| {shape} | {name} | {r.get('error', r.get('skipped'))[:90]} |")
                 continue
-            b1, b16 = r["decode_b1"], r["decode_b16"]
+            b1 = r["decode_b1"]
+            b16 = r.get("decode_b16", {"tokens_per_s": float("nan")})
             budget = (f"{r['budget_GiB']:.1f} ({r['full_depth_budget_GiB']})"
                       if "budget_GiB" in r else "-")
             lines.append(
@@ -622,6 +628,10 @@ def main() -> None:
                         f"{MIN_CHILD_S} s left are skipped, a running one is killed")
     p.add_argument("--child-cap-s", type=float, default=CHILD_CAP_S,
                    help="seconds one configuration may take (full-depth Mixtral builds ~80 s)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="the engine's max_batch_size, which sizes its KV cache and activation "
+                        "reserve; below 16 the batch-16 decode is not measured (a batch-1 "
+                        "server configured as one leaves more of the budget to the cache)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-resident", action="store_true",
                    help="skip the all-on-GPU reference (full depth: measured in an earlier run)")

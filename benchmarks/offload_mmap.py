@@ -59,6 +59,7 @@ from moeflow.checkpoint.model_dir import WEIGHTS, load_model, write_weights
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.offload import OffloadConfig
 
+MAX_BATCH = 16  # the engine's max_batch_size, as benchmarks/offload.py's default
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -151,7 +152,8 @@ def child(task: dict) -> dict:
     out["load_model_s"] = time.perf_counter() - t0
     off = OffloadConfig(gpu_memory=str(task["budget"]), expert_store=store,
                         expert_cache_policy="lfu", device=task["device"])
-    engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=MAX_SEQ, offload=off))
+    engine = Engine(model, EngineConfig(max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ,
+                                        offload=off))
     out["load_s"] = time.perf_counter() - t0
     out["after_load"] = status_bytes()
     out["page_cache_after_load"] = cached_fraction(files)
@@ -200,13 +202,13 @@ def budget(args) -> int:
     """benchmarks/offload.py's scaled budget, or with --widths the same cache fraction of
     this model's experts."""
     if not args.widths:
-        return scaled_budget("mixtral", args.layers, args.budget_full, args.smoke)
+        return scaled_budget("mixtral", args.layers, args.budget_full, args.smoke, MAX_BATCH)
     from benchmarks.offload import cache_fraction, fixed_bytes
 
     model = meta_model(config(args))
     device = torch.device("cpu" if args.device == "cpu" else "cuda")
-    return int(fixed_bytes(model, device)
-               + cache_fraction("mixtral", args.budget_full) * expert_bytes_total(model))
+    return int(fixed_bytes(model, device, MAX_BATCH)
+               + cache_fraction("mixtral", args.budget_full, MAX_BATCH) * expert_bytes_total(model))
 
 
 def build_and_save(args, directory: Path) -> dict:
