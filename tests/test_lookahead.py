@@ -14,6 +14,7 @@ from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.decode_graphs import GraphDecoder
 from moeflow.infer.offload import OffloadConfig
+from moeflow.infer.offload.prefetch import LookaheadPrefetch, PrefetchLedger
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.interop.convert import convert
 from moeflow.interop.pretrained import from_pretrained, save_pretrained
@@ -261,3 +262,21 @@ def test_reserved_experts_are_evicted_last(policy):
     assert _evicted(cache, before, 0, 5) == {(1, 1)}  # the policy alone would take (0, 0)
     cache.reserve(frozenset({(0, 5), (0, 0), (1, 0)}))  # all reserved: one goes anyway
     assert len(_evicted(cache, set(cache.slot_of), 1, 4)) == 1
+
+
+def test_lookahead_prefetch_stops_before_evicting_an_expert_the_step_needs():
+    cache = _cache(4, "cyclic", layers=3)
+    for layer, e in ((2, 0), (2, 1), (0, 5)):
+        _use(cache, layer, [e])  # one slot stays empty
+    lookahead = LookaheadPrefetch(cache, PrefetchLedger())
+    lookahead.plan([torch.tensor([[0, 1]])] * 3)  # 6 experts for the step, 4 slots
+    # layer 0's two take the empty slot and (0, 5); layer 1's would evict layer 2's: held back
+    assert set(cache.slot_of) == {(0, 0), (0, 1), (2, 0), (2, 1)}
+    assert cache.stats().prefetches == 2
+    slots = cache.acquire(0, [0, 1])
+    cache.release(slots)
+    lookahead.refill(0)  # layer 0 has run: its slots are spare now
+    assert set(cache.slot_of) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    for layer in (1, 2):
+        _use(cache, layer, [0, 1])
+    assert cache.stats().hits == cache.stats().lookups - 3  # the 3 warm-up misses only

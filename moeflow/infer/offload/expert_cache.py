@@ -24,8 +24,10 @@ Pins: slots that must not be evicted now: the experts a layer is computing with 
 `release`), and prefetched experts until their layer runs (released by that layer's
 `acquire`). A prefetch that finds every slot pinned is skipped and counted, never blocking.
 Reserved experts (`reserve`): ones a later layer of the current step is known to need (lookahead
-prefetch): evicted only when every other unpinned slot is gone, so prefetching one layer's
-experts does not throw out another's that would have to be copied back in the same step.
+prefetch): evicted only when every other unpinned slot is gone, so a copy does not throw out an
+expert that would have to be copied back in the same step. `spare_slots` counts the slots a copy
+can take without evicting a pinned or a reserved expert; lookahead prefetch issues only that
+many, leaving any eviction of a reserved expert to demand (see moeflow.infer.offload.prefetch).
 
 Victims come from a heap of (priority, slot) entries with lazy invalidation (one heap per layer
 for "cyclic"): O(log S) per miss (plus O(layers) for "cyclic"), so a pool of thousands of small
@@ -149,12 +151,9 @@ class ExpertCache:
 
     # -- prefetch ---------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts: list[int], evict_from: int | None = None) -> None:
-        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire.
-        `evict_from`: the MoE layer where "cyclic"'s backward walk for a victim starts (default
-        `layer`). A caller that knows every layer's experts for the step (lookahead) passes
-        -1: the unreserved experts are then all used next step at the earliest, the last
-        layer's furthest away, so the walk goes from the last layer down."""
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying `experts` of `layer` if absent, pinned until `layer`'s acquire. A copy
+        evicts what a demand access of `layer` would (the cyclic walk starts at `layer`)."""
         held = self._prefetched.setdefault(layer, set())
         for e in experts:
             key = (layer, e)
@@ -163,7 +162,7 @@ class ExpertCache:
                 if len(self._pinned) >= self.num_slots:
                     self._counts["prefetch_skipped"] += 1
                     continue
-                slot = self._load(key, evict_from)
+                slot = self._load(key)
                 self._counts["prefetches"] += 1
                 self._unused_prefetch.add(slot)
                 self._touch(slot)
@@ -171,10 +170,12 @@ class ExpertCache:
                 held.add(slot)
                 self._pin(slot)
 
-    def can_prefetch(self, layer: int, expert: int) -> bool:
-        """Whether `prefetch(layer, [expert])` would take effect now: the expert is resident,
-        or a slot is unpinned (else it would be skipped)."""
-        return (layer, expert) in self.slot_of or len(self._pinned) < self.num_slots
+    def spare_slots(self) -> int:
+        """Slots a copy could take now without evicting a pinned or a reserved expert: the
+        empty ones and the unpinned ones that hold an unreserved expert. O(reserved keys)."""
+        kept = sum(1 for k in self._reserved
+                   if k in self.slot_of and self.slot_of[k] not in self._pinned)
+        return self.num_slots - len(self._pinned) - kept
 
     def reserve(self, keys: frozenset[tuple[int, int]]) -> None:
         """(layer, expert) keys to evict last (see the module docstring); replaces the last."""
@@ -252,8 +253,8 @@ class ExpertCache:
             for entry in skipped:
                 heapq.heappush(heap, entry)
 
-    def _load(self, key: tuple[int, int], evict_from: int | None = None) -> int:
-        slot = self._victim(key[0] if evict_from is None else evict_from)
+    def _load(self, key: tuple[int, int]) -> int:
+        slot = self._victim(key[0])
         old = self.key_S[slot]
         if old is not None:
             del self.slot_of[old]

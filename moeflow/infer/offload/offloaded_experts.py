@@ -18,11 +18,12 @@ Per forward, in order:
   2. needed experts are acquired (misses copied on the copy stream), resident ones first, in
      groups of at most the slot count when the layer needs more experts than there are slots;
   3. before the last group computes, the next layer's predicted experts are prefetched, so
-     their copies overlap this layer's compute and the next layer's attention (with
-     `lookahead`, moeflow.infer.offload.prefetch.LookaheadPrefetch, the step's predictions
-     for all later layers that did not fit at the step's start are issued instead);
+     their copies overlap this layer's compute and the next layer's attention;
   4. the compute stream waits for the copies into this group's slots only, computes, and
-     marks the slots free for eviction once those kernels finish;
+     marks the slots free for eviction once those kernels finish; then, with `lookahead`
+     (moeflow.infer.offload.prefetch.LookaheadPrefetch), the step's experts of later layers
+     that did not fit at the step's start are issued, into slots that include this layer's
+     (the copies wait for its kernels, not the host);
   5. with `cpu` (moeflow.infer.offload.cpu_experts), missed experts whose few rows the CPU
      computes faster than their copy would take are not acquired: their rows go to the host
      before step 2 queues any kernel, are computed there while the device runs the others, and
@@ -108,11 +109,13 @@ class OffloadedExperts(nn.Module, ChoosesBackends):
             slots = cache.acquire(self.layer, group)
             if g == len(groups) - 1 and predicted:
                 cache.prefetch(self.layer + 1, predicted)
-            if g == len(groups) - 1 and self.lookahead is not None:
-                self.lookahead.refill(self.layer)
             cache.streams.wait_ready(slots)
             self._compute(x_ND, y_ND, group, slots, starts, ends)
             cache.release(slots)
+            if g == len(groups) - 1 and self.lookahead is not None:
+                # After the release: this layer's slots are then spare for the later layers
+                # (their copies still wait for the compute that reads them, streams.py).
+                self.lookahead.refill(self.layer)
         if not groups and predicted:
             cache.prefetch(self.layer + 1, predicted)
         if not groups and self.lookahead is not None:

@@ -20,9 +20,17 @@ exactly this input (`moeflow train --pregate`, moeflow.model.pregate); same top-
 layer from token ids alone, so at the start of a decode step the engine knows every layer's
 experts for the step before any layer runs (`LookaheadPrefetch`). They are the experts the step
 will compute with, not a guess: recall is 1 by construction. Copies are issued in layer order
-as far as the cache has slots that the step does not need; what does not fit is issued as the
-layers ahead release theirs (`refill`, called by each layer before it computes), so copies for
-layer l+2.. run under layer l's compute.
+as far as the cache has spare slots (empty, or holding an expert the rest of the step does not
+need, `ExpertCache.spare_slots`); what does not fit is issued as the layers ahead release theirs
+(`refill`, called by each layer after its compute is queued), so copies for layer l+2.. run
+under layer l's compute. A prefetch never evicts an expert a later layer of the step needs: when
+a step needs more experts than there are slots, one of them has to go, and evicting it early
+(even the one needed last, Belady's choice) measured worse than leaving that eviction to the
+layer's demand access, which by then also has the just-computed layers' experts to choose from
+(at batch 8 with 40 of 96 slots: 839 KiB copied per token stopping at the spare slots, 876 with
+no prefetch, 1134-1171 issuing further; benchmarks/results/offload/README.md, "Lookahead
+routing"). Victims are the ones demand would pick for the same layer (the cyclic walk from it),
+so at batch 1, where a step's experts fit, the bytes match no prefetch's.
 
 Legend: N dispatched rows, D model dim, K top-k, B batch rows, H history tokens, L MoE layers.
 """
@@ -124,10 +132,9 @@ class LookaheadPrefetch:
         self.refill(-1)
 
     def refill(self, after: int) -> None:
-        """Forget layers up to `after` (they run now) and issue the later layers' experts, in
-        layer order, while the cache has a slot no current or earlier prediction pins. The
-        later layers' experts are reserved: a copy evicts one only when nothing else is left, and
-        victims are sought from the last layer down (ExpertCache.prefetch's `evict_from`)."""
+        """Forget layers up to `after` (they have run) and issue the later layers' experts, in
+        layer order, while the cache has a spare slot (the module docstring says why no further).
+        The later layers' experts are reserved, so demand evicts them last."""
         for layer in [k for k in self._pending if k <= after]:
             left = self._pending.pop(layer)
             del self._needed[layer]
@@ -135,13 +142,16 @@ class LookaheadPrefetch:
                 self.cache.count_skipped(len(left))
         self.cache.reserve(frozenset((layer, e) for layer, experts in self._needed.items()
                                      for e in experts))
+        spare = self.cache.spare_slots()  # a resident expert pinned here was reserved: no change
         for layer in sorted(self._pending):
             experts = self._pending[layer]
             issued = 0
             for e in experts:
-                if not self.cache.can_prefetch(layer, e):
-                    break
-                self.cache.prefetch(layer, [e], evict_from=-1)
+                if (layer, e) not in self.cache.slot_of:
+                    if spare <= 0:
+                        break
+                    spare -= 1
+                self.cache.prefetch(layer, [e])
                 issued += 1
             self._pending[layer] = experts[issued:]
             if experts[issued:]:
