@@ -159,8 +159,15 @@ class DecodeView:
         if kv_len > cache.max_len:
             raise ValueError(f"kv_len {kv_len} > slot max_len {cache.max_len}")
         self.cache, self.lengths_B, self.kv_len = cache, lengths_B, kv_len
-        pos_S = torch.arange(kv_len, device=lengths_B.device)
-        self.visible_BS = pos_S[None, :] <= lengths_B[:, None]
+        self._visible_BS: torch.Tensor | None = None  # the reference path's mask, made once
+
+    def visible_BS(self) -> torch.Tensor:
+        """Which of the S keys each sequence sees, for the reference path only (the Triton
+        kernel reads the lengths itself, so a step that runs it builds no mask)."""
+        if self._visible_BS is None:
+            pos_S = torch.arange(self.kv_len, device=self.lengths_B.device)
+            self._visible_BS = pos_S[None, :] <= self.lengths_B[:, None]
+        return self._visible_BS
 
     def positions(self, num_new: int, device: torch.device | str) -> torch.Tensor:
         if num_new != 1:
@@ -184,7 +191,7 @@ class DecodeView:
         v_BGMd.scatter_(2, at_B.expand(B, G, 1, v_BGMd.shape[-1]), v_BGTd)
         S = self.kv_len
         y_BHd = decode_attention(q_BHTd[:, :, 0], k_BGMd[:, :, :S], v_BGMd[:, :, :S],
-                                 self.visible_BS, fuse=backends.fuse)
+                                 self.visible_BS(), fuse=backends.fuse)
         return y_BHd[:, :, None]
 
     def advance(self, num_new: int) -> None:
