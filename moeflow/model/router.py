@@ -329,19 +329,21 @@ class Router(nn.Module, ChoosesBackends):
         T = x.shape[0]
         noise = cfg.noise if self.training and not inference else "none"
         capacity = None if inference else cfg.capacity(T, E, self.training)
+        # Whether the one-launch decode kernels may route this call: they have no backward, add
+        # no Gumbel noise and sum no statistics over ranks.
+        sources = (x,) if logits_TE is not None else (x, self.gate.weight)
+        decode = (capacity is None and noise not in ("rsample", "rsample_second")
+                  and self.stats_reduce is None
+                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)))
         if logits_TE is not None:
             logits_TE = _finite(logits_TE.float())
         else:
             if noise == "jitter":
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-            if self.backends.router == "triton_decode_fused" and not cfg.expert_groups:
-                # The same decode conditions as below, known before the logits exist.
-                decode = (capacity is None and noise not in ("rsample", "rsample_second")
-                          and self.stats_reduce is None and not (torch.is_grad_enabled() and (
-                              x.requires_grad or self.gate.weight.requires_grad)))
-                if decode_route_fits(x, cfg, decode):
-                    return self._route_fused(x)
+            if (self.backends.router == "triton_decode_fused" and not cfg.expert_groups
+                    and decode_route_fits(x, cfg, decode)):
+                return self._route_fused(x)
             logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
@@ -358,9 +360,6 @@ class Router(nn.Module, ChoosesBackends):
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
             return route_reference(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
-        # The one-launch decode kernel has no backward and sums no statistics over ranks.
-        decode = (capacity is None and gumbel_TE is None and self.stats_reduce is None
-                  and not (torch.is_grad_enabled() and logits_TE.requires_grad))
         backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
         if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
