@@ -36,6 +36,7 @@ Triton never import it (and tests can switch on Triton's interpreter before the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -130,7 +131,10 @@ def set_backends(model: nn.Module, backends: Backends) -> None:
             module.backends = backends
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Looked up once per process: the choosers ask on every CUDA layer call, and a package
+    search there is host time in the decode hot path."""
     return importlib.util.find_spec("triton") is not None
 
 
