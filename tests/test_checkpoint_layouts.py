@@ -140,7 +140,7 @@ def test_ep2_checkpoint_serves_with_experts_mapped_from_both_ranks_files(two_ran
     prompts = [[5, 17, 33, 2, 9], [7, 1, 4]]
     params = SamplingParams(max_new_tokens=4, temperature=0)
     want = Engine(model, EngineConfig(max_batch_size=2)).generate(prompts, params)
-    offload = OffloadConfig(gpu_memory="1GiB", expert_store="mmap")
+    offload = OffloadConfig(device="cpu", gpu_memory="1GiB", expert_store="mmap")
     engine = Engine(mapped, EngineConfig(max_batch_size=2, offload=offload))
     assert engine.generate(prompts, params) == want
     files = {}

@@ -97,7 +97,7 @@ def test_config_and_flag_errors():
     with pytest.raises(ValueError, match="prefetch='lookahead': the model has no lookahead"):
         plain = make_model("mixtral", context=0, rank=0)
         Engine(plain, EngineConfig(max_batch_size=2, offload=OffloadConfig(
-            gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="lookahead")))
+            device="cpu", gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="lookahead")))
     with pytest.raises(ValueError, match="batching='expert-aware': the model has no lookahead"):
         Engine(make_model("mixtral", context=0, rank=0), EngineConfig(batching="expert-aware"))
 
@@ -174,7 +174,7 @@ def test_engine_decodes_as_the_full_forward_and_lookahead_prefetch_changes_nothi
             seq.append(int(model(torch.tensor([seq]), inference=True).logits[0, -1].argmax()))
         assert seq[len(p):] == toks
     slots = model.config.router.top_k + 1  # far fewer than the experts: forced evictions
-    offload = OffloadConfig(gpu_memory=budget_for(model, slots, max_batch_size=2),
+    offload = OffloadConfig(device="cpu", gpu_memory=budget_for(model, slots, max_batch_size=2),
                             prefetch="lookahead")
     engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
     assert tokens == ref_tokens

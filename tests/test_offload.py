@@ -58,8 +58,9 @@ def budget_for(model, slots: int, max_batch_size: int, cpu_experts: str = "off")
     will compute it: max_seq_len and slot count are the engine's defaults here)."""
     max_len = model.config.max_seq_len
     kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
-    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB", cpu_experts=cpu_experts), kv,
-                         max_len, max_batch_size)
+    probe = plan_offload(model, OffloadConfig(device="cpu", gpu_memory="64GiB",
+                                              cpu_experts=cpu_experts),
+                         kv, max_len, max_batch_size)
     return str(probe.fixed + slots * probe.expert)
 
 
@@ -80,7 +81,7 @@ def test_offloaded_engine_equals_resident_engine_under_evictions(kind, policy, p
     total = sum(m.spec.num_experts for m in model.moe_layers())
     top_k = model.config.router.top_k
     slots = top_k + 1  # far fewer than the experts: a batch of 2 needs groups and evictions
-    offload = OffloadConfig(gpu_memory=budget_for(model, slots, max_batch_size=2),
+    offload = OffloadConfig(device="cpu", gpu_memory=budget_for(model, slots, max_batch_size=2),
                             expert_cache_policy=policy, prefetch=prefetch)
     engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
     assert engine.offload.plan.slots == slots < total
@@ -104,7 +105,7 @@ def test_misses_computed_on_the_cpu_give_the_resident_engines_outputs(kind, cpu_
     ps = prompts(2, seed=5 + len(kind))
     _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
     top_k = model.config.router.top_k
-    offload = OffloadConfig(gpu_memory=budget_for(model, top_k + 1, max_batch_size=2),
+    offload = OffloadConfig(device="cpu", gpu_memory=budget_for(model, top_k + 1, max_batch_size=2),
                             cpu_experts=cpu_experts)
     engine, tokens, logits = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
     assert tokens == ref_tokens
@@ -133,7 +134,7 @@ def test_split_misses_give_the_resident_engines_tokens_and_close_logits(kind):
     ps = prompts(2, seed=7 + len(kind))
     _, ref_tokens, ref_logits = run(copy.deepcopy(model), ps, max_batch_size=2)
     top_k = model.config.router.top_k
-    offload = OffloadConfig(gpu_memory=budget_for(model, top_k + 1, 2, "split"),
+    offload = OffloadConfig(device="cpu", gpu_memory=budget_for(model, top_k + 1, 2, "split"),
                             cpu_experts="split")
     engine = Engine(copy.deepcopy(model), EngineConfig(max_batch_size=2, offload=offload))
     assert engine.offload.plan.slots == top_k + 1
@@ -215,7 +216,7 @@ def test_cpu_expert_rule_compares_the_measured_costs():
     assert not CpuExperts(ExpertStore(pin=False), "gelu", "off", None).prefers_cpu(1)
     assert CpuExperts(ExpertStore(pin=False), "gelu", "always", None).prefers_cpu(10**6)
     with pytest.raises(ValueError, match="cpu_experts='sometimes'"):
-        OffloadConfig(gpu_memory="1GiB", cpu_experts="sometimes")
+        OffloadConfig(device="cpu", gpu_memory="1GiB", cpu_experts="sometimes")
 
 
 def test_offloaded_engine_holds_no_expert_weights_and_respects_the_slot_count():
@@ -223,7 +224,7 @@ def test_offloaded_engine_holds_no_expert_weights_and_respects_the_slot_count():
     expert_numel = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
     numel = sum(p.numel() for p in model.parameters())
     engine = Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget_for(model, 5, max_batch_size=2))))
+        device="cpu", gpu_memory=budget_for(model, 5, max_batch_size=2))))
     assert all(isinstance(m.experts, OffloadedExperts) for m in model.moe_layers())
     assert sum(p.numel() for p in model.parameters()) == numel - expert_numel
     cache = engine.offload.cache
@@ -372,7 +373,7 @@ def test_zero_shot_prefetch_recall_matches_the_next_routers_choices():
             needed += len(truth)
             correct += len(truth & guess)
     engine, _, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget_for(model, 6, max_batch_size=2), prefetch="router"))
+        device="cpu", gpu_memory=budget_for(model, 6, max_batch_size=2), prefetch="router"))
     stats = engine.stats().offload.prefetch
     assert (stats.needed, stats.correct) == (needed, correct)
     assert 0 < correct < needed
@@ -381,20 +382,21 @@ def test_zero_shot_prefetch_recall_matches_the_next_routers_choices():
 def test_budget_below_the_minimum_is_one_line_naming_both_sizes_and_changes_nothing():
     model = make_model("mixtral")
     max_len = model.config.max_seq_len
-    probe = plan_offload(model, OffloadConfig(gpu_memory="64GiB"),
+    probe = plan_offload(model, OffloadConfig(device="cpu", gpu_memory="64GiB"),
                          SlotKVCache.bytes_per_token(model) * 2 * max_len, max_len, 2)
     assert probe.min_slots == 2
     too_small = probe.fixed + 2 * probe.expert - 1
     with pytest.raises(ValueError) as err:
         Engine(model, EngineConfig(max_batch_size=2,
-                                   offload=OffloadConfig(gpu_memory=str(too_small))))
+                                   offload=OffloadConfig(device="cpu", gpu_memory=str(too_small))))
     msg = str(err.value)
     assert "\n" not in msg
     assert f"gpu_memory={too_small:,} bytes: below the {too_small + 1:,} bytes needed" in msg
     assert f"minimal expert cache of 2 experts ({2 * probe.expert:,} bytes)" in msg
     assert all(isinstance(m.experts, Experts) for m in model.moe_layers())
     ok = Engine(model, EngineConfig(max_batch_size=2,
-                                    offload=OffloadConfig(gpu_memory=str(too_small + 1))))
+                                    offload=OffloadConfig(
+                                        device="cpu", gpu_memory=str(too_small + 1))))
     assert ok.offload.plan.slots == 2
 
 
@@ -404,7 +406,7 @@ def test_pregate_prefetch_needs_the_models_heads():
     with pytest.raises(ValueError, match=r"prefetch='pregate': the model has no pre-gate heads; "
                                          r"fine-tune them with `moeflow train --pregate"):
         Engine(plain, EngineConfig(max_batch_size=2, offload=OffloadConfig(
-            gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="pregate")))
+            device="cpu", gpu_memory=budget_for(plain, 4, max_batch_size=2), prefetch="pregate")))
     assert all(isinstance(m.experts, Experts) for m in plain.moe_layers())
 
 
@@ -415,7 +417,7 @@ def test_over_budget_request_is_one_line_and_running_requests_lose_nothing():
     ps = prompts(2, seed=11)
     _, alone, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
     engine = Engine(model, EngineConfig(max_batch_size=2, max_seq_len=24, offload=OffloadConfig(
-        gpu_memory=budget_for(model, 3, max_batch_size=2))))
+        device="cpu", gpu_memory=budget_for(model, 3, max_batch_size=2))))
     ids = [engine.add_request(p, GREEDY) for p in ps]
     out = {i: [] for i in ids}
     for _ in range(2):
@@ -441,9 +443,9 @@ def test_sizes_and_config_validation():
         with pytest.raises(ValueError, match="gpu_memory="):
             parse_size(bad)
     with pytest.raises(ValueError, match="expert_cache_policy='fifo'"):
-        OffloadConfig(gpu_memory="1GiB", expert_cache_policy="fifo")
+        OffloadConfig(device="cpu", gpu_memory="1GiB", expert_cache_policy="fifo")
     with pytest.raises(ValueError, match="prefetch='oracle'"):
-        OffloadConfig(gpu_memory="1GiB", prefetch="oracle")
+        OffloadConfig(device="cpu", gpu_memory="1GiB", prefetch="oracle")
     with pytest.raises(ValueError, match="offload="):
         EngineConfig(offload="1GiB")
 
@@ -453,10 +455,10 @@ def test_a_new_engine_on_an_offloaded_model_reuses_its_store():
     ps = prompts(2, seed=3)
     _, ref_tokens, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
     first = Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget_for(model, 4, max_batch_size=2))))
+        device="cpu", gpu_memory=budget_for(model, 4, max_batch_size=2))))
     store = first.offload.cache.store
     del first
     engine, tokens, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget_for(model, 3, max_batch_size=2), expert_cache_policy="lfu"))
+        device="cpu", gpu_memory=budget_for(model, 3, max_batch_size=2), expert_cache_policy="lfu"))
     assert engine.offload.cache.store is store and engine.offload.plan.slots == 3
     assert tokens == ref_tokens

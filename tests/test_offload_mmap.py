@@ -73,12 +73,12 @@ def test_mmap_engine_equals_resident_and_pinned_engines_under_evictions(
     slots = model.config.router.top_k + 1
     budget = budget_for(model, slots, max_batch_size=2)
     _, *pinned = run(copy.deepcopy(model), ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget, cpu_experts=cpu_experts))
+        device="cpu", gpu_memory=budget, cpu_experts=cpu_experts))
     mapped = load_model(tmp_path, map_experts=True)
     assert all(isinstance(m.experts, MappedExperts) for m in mapped.moe_layers())
     assert not any(p.numel() for m in mapped.moe_layers() for p in m.experts.parameters())
     engine, *served = run(mapped, ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget, cpu_experts=cpu_experts, expert_store="mmap"))
+        device="cpu", gpu_memory=budget, cpu_experts=cpu_experts, expert_store="mmap"))
     assert_equal_runs(served, resident)
     assert_equal_runs(served, pinned)
     store, stats = engine.offload.cache.store, engine.stats().offload
@@ -99,12 +99,13 @@ def test_mmap_engine_equals_resident_and_pinned_engines_under_evictions(
     # A second engine on the offloaded model reuses the mapped store (another slot count).
     del engine
     again, *served_again = run(mapped, ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget_for(model, slots + 1, max_batch_size=2), cpu_experts=cpu_experts,
-        expert_store="mmap"))
+        device="cpu", gpu_memory=budget_for(model, slots + 1, max_batch_size=2),
+        cpu_experts=cpu_experts, expert_store="mmap"))
     assert again.offload.cache.store is store and again.offload.plan.slots == slots + 1
     assert_equal_runs(served_again, resident)
     with pytest.raises(ValueError, match="already moved this model's experts to a 'mmap'"):
-        Engine(mapped, EngineConfig(max_batch_size=2, offload=OffloadConfig(gpu_memory=budget)))
+        Engine(mapped, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+            device="cpu", gpu_memory=budget)))
     # ... and holds the values of the model it was saved from.
     for i, m in enumerate(model.moe_layers()):
         for e in range(m.experts.num_experts):
@@ -129,7 +130,7 @@ def test_loading_reads_none_of_the_expert_bytes(tmp_path):
     assert file_mappings(tmp_path / "model")
     assert mapped_rss(tmp_path / "model") < 0.1 * expert_bytes
     engine = Engine(mapped, EngineConfig(max_batch_size=1, offload=OffloadConfig(
-        gpu_memory=budget_for(mapped, 3, max_batch_size=1), expert_store="mmap")))
+        device="cpu", gpu_memory=budget_for(mapped, 3, max_batch_size=1), expert_store="mmap")))
     engine.generate(prompts(1, seed=2), GREEDY)
     copied = engine.stats().offload.cache.bytes_copied
     assert copied > 0 and mapped_rss(tmp_path / "model") > 0.5 * min(copied, expert_bytes)
@@ -170,13 +171,13 @@ def test_what_cannot_be_mapped_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"expert_store='mmap': the model's experts are in "
                                          r"memory.*map_experts=True") as e:
         Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
-            gpu_memory=budget, expert_store="mmap")))
+            device="cpu", gpu_memory=budget, expert_store="mmap")))
     assert "\n" not in str(e.value)
     assert all(not isinstance(m.experts, MappedExperts) for m in model.moe_layers())
     with pytest.raises(ValueError, match="cpu_experts='split' with expert_store='mmap'"):
-        OffloadConfig(gpu_memory="1GiB", expert_store="mmap", cpu_experts="split")
+        OffloadConfig(device="cpu", gpu_memory="1GiB", expert_store="mmap", cpu_experts="split")
     with pytest.raises(ValueError, match="expert_store='disk'"):
-        OffloadConfig(gpu_memory="1GiB", expert_store="disk")
+        OffloadConfig(device="cpu", gpu_memory="1GiB", expert_store="disk")
     write_weights(tmp_path, model)
     mapped = load_model(tmp_path, map_experts=True)
     with pytest.raises(ValueError, match="memory-mapped .*expert_store='mmap'"):
@@ -185,7 +186,7 @@ def test_what_cannot_be_mapped_is_one_line(tmp_path):
     ps = prompts(2, seed=3)
     _, tokens, _ = run(copy.deepcopy(model), ps, max_batch_size=2)
     _, pinned_tokens, _ = run(mapped, ps, max_batch_size=2,
-                              offload=OffloadConfig(gpu_memory=budget))
+                              offload=OffloadConfig(device="cpu", gpu_memory=budget))
     assert pinned_tokens == tokens
     (tmp_path / "cut").mkdir()  # a copy nothing maps: truncating a mapped file is SIGBUS
     write_weights(tmp_path / "cut", model)
@@ -247,9 +248,10 @@ def test_experts_stored_in_another_dtype_are_converted_on_the_way_to_the_slot(tm
     assert mapped.moe_layers()[0].experts.dtype == resident.tok_emb.weight.dtype == torch.float32
     ps = prompts(2, seed=11)
     budget = budget_for(resident, 2, max_batch_size=2)
-    _, *want = run(resident, ps, max_batch_size=2, offload=OffloadConfig(gpu_memory=budget))
+    _, *want = run(resident, ps, max_batch_size=2, offload=OffloadConfig(
+        device="cpu", gpu_memory=budget))
     engine, *got = run(mapped, ps, max_batch_size=2, offload=OffloadConfig(
-        gpu_memory=budget, expert_store="mmap"))
+        device="cpu", gpu_memory=budget, expert_store="mmap"))
     assert_equal_runs(got, want)
     assert engine.offload.cache.store.expert(0, 0)[0].dtype == torch.bfloat16
     assert engine.offload.cache.w_in_SDI.dtype == torch.float32

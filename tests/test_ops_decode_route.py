@@ -94,6 +94,12 @@ def test_router_takes_the_decode_kernel_only_where_it_applies():
     logits = torch.zeros(4, 8, device=DEVICE)
     assert backend.resolve_router_backend("auto", logits, cfg, decode=True) == (
         "triton_decode" if ON_GPU else "reference")
+    # ... and on CUDA "auto" routes decode calls with the fused-logits kernel before that
+    x_TD = torch.zeros(4, 16, device=DEVICE)
+    assert backend.router_fuses_logits("auto", x_TD, cfg, 8, decode=True) == ON_GPU
+    assert not backend.router_fuses_logits("auto", x_TD, cfg, 8, decode=False)
+    assert backend.router_fuses_logits("triton_decode_fused", x_TD, cfg, 8, decode=True)
+    assert not backend.router_fuses_logits("triton_decode", x_TD, cfg, 8, decode=True)
     big = torch.zeros(backend.DECODE_ROUTE_MAX_ASSIGNMENTS // 2 + 1, 8, device=DEVICE)
     assert backend.resolve_router_backend("triton_decode", big, cfg, decode=True) == "triton"
     assert backend.resolve_router_backend("triton_decode", logits, cfg, decode=False) == "triton"
@@ -177,9 +183,9 @@ def test_a_dispatcher_that_does_not_defer_gathers_the_planned_rows():
             assert plan.gather_N is None and torch.equal(x_ND, x[ref.token_N])
 
 
-MOE_KERNELS = ("_decode_route_kernel", "_topk_kernel", "_queue_kernel", "_scan_kernel",
-               "_finalize_kernel", "_dispatch_kernel", "_up_kernel", "_down_kernel",
-               "_sum_rows_kernel")
+MOE_KERNELS = ("_decode_route_kernel", "_decode_route_logits_kernel", "_topk_kernel",
+               "_queue_kernel", "_scan_kernel", "_finalize_kernel", "_dispatch_kernel",
+               "_up_kernel", "_down_kernel", "_sum_rows_kernel")
 
 
 def _cuda_kernels(fn) -> list[str]:
@@ -194,8 +200,9 @@ def _cuda_kernels(fn) -> list[str]:
 
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
 @pytest.mark.parametrize("T", [1, 16])
-def test_decode_layer_launches_route_up_down_combine_after_the_logits(T):
-    """Issue 14: past the router GEMM, a decode MoE layer launches four kernels."""
+def test_decode_layer_launches_route_up_down_combine(T):
+    """Issue 14: a decode MoE layer launches four kernels under "auto": the router's logits
+    with routing and the dispatch plan, up, down, combine."""
     layer, D, dtype = _layer(CONFIGS["qwen3_top8"][0], 0)
     set_backends(layer, Backends())
     x = torch.randn(1, T, D, device=DEVICE, dtype=dtype)
@@ -206,7 +213,7 @@ def test_decode_layer_launches_route_up_down_combine_after_the_logits(T):
         names = _cuda_kernels(lambda: layer(x, inference=True))
         logits = _cuda_kernels(lambda: layer.router.forward(x_TD, inference=True))
     moe = sorted(n for n in names if n.startswith(MOE_KERNELS))
-    assert moe == sorted(["_decode_route_kernel", "_up_kernel", "_down_kernel",
+    assert moe == sorted(["_decode_route_logits_kernel", "_up_kernel", "_down_kernel",
                           "_sum_rows_kernel"]), names
-    # the router's own launches are its logits and the decode kernel; nothing else runs
-    assert len(names) == len(logits) + 3, (names, logits)
+    # the router's one launch computes its logits and routes; nothing else runs
+    assert logits == ["_decode_route_logits_kernel"] and len(names) == 4, (names, logits)

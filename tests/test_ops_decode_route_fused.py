@@ -161,12 +161,20 @@ def test_fused_decode_layer_equals_reference(name, T):
     with torch.no_grad():
         set_backends(layer, Backends.reference())
         y_ref, r_ref = layer(x, inference=True)
+        set_backends(layer, Backends(router="triton_decode", dispatch="triton",
+                                     experts="stream"))
+        y_unfused, _ = layer(x, inference=True)
         set_backends(layer, Backends(router="triton_decode_fused", dispatch="triton",
                                      experts="stream"))
         y, r = layer(x, inference=True)
     assert r.order is not None and torch.equal(r.ids_TK, r_ref.ids_TK)
-    rel = ((y - y_ref).norm() / y_ref.norm()).item()
-    assert rel < 1e-5
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    # On the GPU the stream kernels' fp32 tl.dot runs in TF32 (~1e-3 from the fp32 reference);
+    # the same kernels behind the unfused decode router must agree to the logits' fp32 rounding.
+    assert rel(y, y_ref) < (5e-3 if ON_GPU else 1e-5)
+    assert rel(y, y_unfused) < 1e-5
 
 
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")

@@ -97,9 +97,9 @@ def test_pregate_finetune_beats_zero_shot_and_round_trips_through_the_checkpoint
 
     _, ref_tokens, ref_logits = decode(copy.deepcopy(model))
     kv = SlotKVCache.bytes_per_token(model) * 2 * 32
-    plan = plan_offload(model, OffloadConfig(gpu_memory="64GiB"), kv, 32, 2)
+    plan = plan_offload(model, OffloadConfig(device="cpu", gpu_memory="64GiB"), kv, 32, 2)
     budget = str(plan.fixed + 3 * plan.expert)  # 3 slots for tiny's 4 + 8 experts
-    engine, tokens, logits = decode(model, offload=OffloadConfig(gpu_memory=budget,
+    engine, tokens, logits = decode(model, offload=OffloadConfig(device="cpu", gpu_memory=budget,
                                                                  prefetch="pregate"))
     assert engine.offload.plan.slots == 3
     assert tokens == ref_tokens

@@ -46,8 +46,8 @@ from torch import nn
 from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
-from moeflow.ops.backend import (Backends, ChoosesBackends, decode_route_fits,
-                                 resolve_router_backend)
+from moeflow.ops.backend import (Backends, ChoosesBackends, resolve_router_backend,
+                                 router_fuses_logits)
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -341,8 +341,7 @@ class Router(nn.Module, ChoosesBackends):
             if noise == "jitter":
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-            if (self.backends.router == "triton_decode_fused" and not cfg.expert_groups
-                    and decode_route_fits(x, cfg, decode)):
+            if router_fuses_logits(self.backends.router, x, cfg, E, decode):
                 return self._route_fused(x)
             logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None

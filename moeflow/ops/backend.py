@@ -10,10 +10,10 @@ benchmarks compare every fast path with its plain-torch reference.
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
   kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits), route_triton
-  elsewhere; "auto" takes triton_decode on CUDA; "triton_decode_fused" = the same kernel
-  computing the fp32 router logits too, from the layer input and the gate weight (one launch
-  for the router instead of five), where decode_route_fits, route_triton elsewhere; not taken
-  by "auto" until it is measured on a GPU).
+  elsewhere; "triton_decode_fused" = the same kernel computing the fp32 router logits too,
+  from the layer input and the gate weight (one launch for the router instead of five), where
+  decode_route_fits, route_triton elsewhere; "auto" takes triton_decode_fused on CUDA where
+  it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
 - experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference).
@@ -59,11 +59,14 @@ ATTENTION_BACKENDS = ("reference", "triton")
 STREAM_MAX_ROWS_PER_EXPERT = 16
 
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
-# program, so its time grows with T·K, while the launches it saves (four, ~2.3 µs each in the
-# H100 decode profile of issue 14) cost the same at any T; prefill chunks, far above the bound,
-# keep the multi-program kernels. The bound itself is not tuned yet: benchmarks/decode_route.py
-# times both paths at T·K up to 1024.
+# program, so its time grows with T·K, while what it saves is launches, which cost the same at
+# any T; prefill chunks, far above the bound, keep the multi-program kernels. Measured on the
+# H200 (benchmarks/results/decode_route, 2026-12-02, route + plan): eagerly it wins up to
+# T·K = 1024 (155 vs 266 µs; launch-bound); replayed in a CUDA graph, where launches are
+# nearly free, it wins up to 128 (22.5 vs 25.7 µs), and loses from 256 (42 vs 29; 512: 79 vs
+# 42). So the bound is 512 eagerly and 128 while a graph is being captured.
 DECODE_ROUTE_MAX_ASSIGNMENTS = 512
+DECODE_ROUTE_MAX_ASSIGNMENTS_GRAPHED = 128
 
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
 # compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
@@ -177,9 +180,32 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
 def decode_route_fits(tokens_T: torch.Tensor, cfg, decode: bool) -> bool:
     """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
     call: `decode` (the router's word: dropless, no noise, one process's statistics, no
-    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments. `tokens_T`: anything with
-    a row per token (the logits, or the router's input for the fused-logits kernel)."""
-    return decode and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
+    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments (..._GRAPHED while a CUDA
+    graph is captured). `tokens_T`: anything with a row per token (the logits, or the router's
+    input for the fused-logits kernel)."""
+    if not decode:
+        return False
+    bound = DECODE_ROUTE_MAX_ASSIGNMENTS
+    if tokens_T.is_cuda and torch.cuda.is_current_stream_capturing():
+        bound = DECODE_ROUTE_MAX_ASSIGNMENTS_GRAPHED
+    return tokens_T.shape[0] * cfg.top_k <= bound
+
+
+def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: int,
+                        decode: bool) -> bool:
+    """Whether the router hands its input to the fused-logits decode kernel
+    ("triton_decode_fused") instead of computing the logits first: asked for, or "auto" on
+    CUDA where the decode kernel applies (as resolve_router_backend's rule, E <= 1024 in equal
+    groups). Measured on the H200 (benchmarks/results/decode_study, 2026-12-02, Qwen3-30B-A3B
+    shape, two runs each): 942 -> 702 kernels and 4.20 -> 3.81 ms of kernel time per batch-1
+    decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32 ms, batch 16 13.50 / 13.94 -> 13.34 /
+    12.98 ms."""
+    if cfg.expert_groups or not decode_route_fits(x_TD, cfg, decode):
+        return False
+    if requested == "triton_decode_fused":
+        return True
+    return (requested == "auto" and _triton_cuda(x_TD) and num_experts <= 1024
+            and num_experts % cfg.num_groups == 0)
 
 
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
