@@ -45,7 +45,10 @@ at start (reported in ms as cpu_expert_costs, with the row count up to which the
 no free slot between the device and the CPU (moeflow.infer.offload.split_experts; split_share:
 the share of demanded experts split, split_cpu_columns: the CPU's share of their d_ff columns,
 split_two_d_dma: whether the device shares were copied by one 2D DMA); cpu_expert_share is the
-share of demanded experts computed on the CPU, and the hit rate counts both as misses.
+share of demanded experts computed on the CPU, and the hit rate counts both as misses. A
+fourth part names the expert store: "lfu/none/off/packed" copies experts packed to 12 bits
+per weight (moeflow.infer.offload.packed_store; its bytes per token are the packed bytes, so
+its floor is too; `store_ratio`: packed over unpacked host bytes).
 Fine-tuned pre-gate heads ("pregate") need a trained model and are measured on the CPU
 (benchmarks/pregate_hit_rate.py). "policy/lookahead" gives the random model a random lookahead
 router (moeflow.model.lookahead, a linear map of each token's and the previous token's
@@ -268,11 +271,12 @@ def offload_counts(engine: Engine) -> dict | None:
 
 
 def parse_config(config: str) -> dict:
-    """'policy/prefetch[/cpu_experts]' -> OffloadConfig fields (cpu_experts default off)."""
+    """'policy/prefetch[/cpu_experts[/expert_store]]' -> OffloadConfig fields (cpu_experts
+    default off, expert_store pinned)."""
     parts = config.split("/")
-    if len(parts) not in (2, 3):
-        raise ValueError("expected policy/prefetch or policy/prefetch/cpu_experts")
-    return dict(zip(("expert_cache_policy", "prefetch", "cpu_experts"), parts))
+    if len(parts) not in (2, 3, 4):
+        raise ValueError("expected policy/prefetch[/cpu_experts[/expert_store]]")
+    return dict(zip(("expert_cache_policy", "prefetch", "cpu_experts", "expert_store"), parts))
 
 
 def delta(after: dict | None, before: dict | None) -> dict | None:
@@ -383,8 +387,14 @@ def child_offload(task: dict) -> dict:
             "h2d_GBps": bandwidth / 1e9, "cpu_expert_costs": cpu_costs(engine),
             "split_two_d_dma": (engine.stats().offload.split.two_d_dma
                                 if engine.offload.split is not None else None),
+            "store_ratio": store_ratio(engine.offload.cache.store),
             "plan_GiB": {k: v / GiB for k, v in dataclasses.asdict(plan).items()
                          if k not in ("slots", "min_slots")}}
+
+
+def store_ratio(store) -> float | None:
+    """Packed over unpacked host bytes of a packed store; None for the others."""
+    return store.total_bytes / store.unpacked_bytes if store.kind == "packed" else None
 
 
 def cpu_costs(engine: Engine) -> dict | None:
@@ -613,7 +623,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                   help="offloaded configurations, policy/prefetch[/cpu_experts] "
+                   help="offloaded configurations, policy/prefetch[/cpu_experts[/expert_store]] "
                         "(cpu_experts: off (default), auto, always or split)")
     p.add_argument("--core", type=int, default=4,
                    help="how many of --configs run per shape before the peer and the rest")

@@ -23,9 +23,12 @@ and the CPU share a missed expert, moeflow.infer.offload.split_experts, whose st
 one expert comes out of the budget) are chosen here too.
 
 Where the experts live (`expert_store`): "pinned", a page-locked host copy (host RAM must hold
-every expert), or "mmap", views of the checkpoint's files that the kernel pages in on a miss
-(moeflow.infer.offload.mapped_store; for models larger than host RAM: the model must come from
-`load_model(DIR, map_experts=True)`, which `--expert-store mmap` does).
+every expert); "packed", the same packed losslessly to 12 bits per bf16 weight, so a miss
+copies 3/4 of the bytes, through a device staging buffer of one packed expert that comes out of
+the budget (moeflow.infer.offload.packed_store); or "mmap", views of the checkpoint's files that
+the kernel pages in on a miss (moeflow.infer.offload.mapped_store; for models larger than host
+RAM: the model must come from `load_model(DIR, map_experts=True)`, which `--expert-store mmap`
+does).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from moeflow.validate import check, choice, option
 CPU_EXPERTS = ("off", "auto", "always", "split")
 POLICIES = ("lru", "lfu", "cyclic")
 PREFETCH = ("none", "router", "pregate", "lookahead")
-EXPERT_STORES = ("pinned", "mmap")
+EXPERT_STORES = ("pinned", "mmap", "packed")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20,
           "gib": 1 << 30, "tib": 1 << 40}
@@ -96,9 +99,10 @@ class OffloadConfig:
     # pinned by default: it copies without the CPU in the loop; mmap is for models whose
     # experts do not fit host RAM (each miss pages the expert in through the CPU).
     expert_store: str = option("where the experts live (pinned: a page-locked copy in host "
-                               "RAM; mmap: memory-mapped from the checkpoint's files, paged in "
-                               "on a miss, for models larger than host RAM)",
-                               choices=EXPERT_STORES, default="pinned")
+                               "RAM; packed: the same packed losslessly to 12 bits per bf16 "
+                               "weight, 3/4 of the bytes per miss; mmap: memory-mapped from the "
+                               "checkpoint's files, paged in on a miss, for models larger than "
+                               "host RAM)", choices=EXPERT_STORES, default="pinned")
     device: str = "auto"  # compute device: no flag of its own, the command's --device sets it
 
     def __post_init__(self) -> None:
@@ -108,10 +112,10 @@ class OffloadConfig:
         choice("cpu_experts", self.cpu_experts, CPU_EXPERTS)
         choice("device", self.device, ("auto", "cpu", "cuda"))
         choice("expert_store", self.expert_store, EXPERT_STORES)
-        if self.expert_store == "mmap" and self.cpu_experts == "split":
-            raise ValueError("cpu_experts='split' with expert_store='mmap': the split's 2D "
-                             "DMA copies from pinned experts; use cpu_experts auto, always "
-                             "or off with mmap")
+        if self.expert_store != "pinned" and self.cpu_experts == "split":
+            raise ValueError(f"cpu_experts='split' with expert_store={self.expert_store!r}: "
+                             f"the split's 2D DMA copies columns of unpacked pinned experts; "
+                             f"use cpu_experts auto, always or off with {self.expert_store}")
 
     @property
     def budget_bytes(self) -> int:
@@ -129,7 +133,8 @@ class BudgetPlan:
     expert: int  # one expert's weights (all projections and biases)
     min_slots: int
     slots: int
-    staging: int = 0  # the device share of a split miss (cpu_experts="split"): one expert
+    staging: int = 0  # the device share of a split miss (cpu_experts="split"): one expert;
+    # or expert_store="packed"'s staging buffer: one packed expert
 
     @property
     def fixed(self) -> int:
@@ -147,7 +152,7 @@ def plan_budget(budget: int, non_expert: int, kv_cache: int, activations: int, e
     need = fixed + min_slots * expert
     if budget < need:
         what = "non-expert weights + KV cache + activations" + (
-            " + split staging" if staging else "")
+            " + staging" if staging else "")
         raise ValueError(
             f"gpu_memory={format_size(budget)}: below the {format_size(need)} needed for the "
             f"{what} ({format_size(fixed)}) and a minimal expert cache of {min_slots} experts "

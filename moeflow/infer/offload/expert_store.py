@@ -8,9 +8,11 @@ RAM needs one layer's experts of headroom, not a second copy of the model.
 
 For models larger than host RAM, expert_store="mmap" serves the experts straight from the
 checkpoint's files instead (moeflow.infer.offload.mapped_store: memory-mapped views, paged in
-on a miss through a pinned double buffer). Both stores answer `expert(layer, e)` (the tensors
-the CPU paths read), `copy_expert` (the cache's copy into a slot), `num_layers`, `num_experts`,
-`dtype` and `total_bytes`.
+on a miss through a pinned double buffer); expert_store="packed" holds them packed to 12 bits
+per bf16 weight, losslessly, so a miss copies 3/4 of the bytes
+(moeflow.infer.offload.packed_store). Every store answers `kind`, `expert(layer, e)` (the
+tensors the CPU paths read), `copy_expert` (the cache's copy into a slot), `num_layers`,
+`num_experts`, `templates`, `dtype` and `total_bytes`.
 
 Legend: E experts of a layer, D model dim, F expert ffn dim, I = F or 2F (SwiGLU gate|up).
 """
@@ -41,6 +43,8 @@ def expert_bytes(layer: LayerExperts) -> int:
 
 class ExpertStore:
     """All MoE layers' experts in host memory, indexed by (MoE layer, expert)."""
+
+    kind = "pinned"
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
@@ -79,6 +83,11 @@ class ExpertStore:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def templates(self) -> list[LayerExperts]:
+        """Each layer's experts (their shapes and dtype are what a new cache needs)."""
+        return self.layers
 
     def num_experts(self, layer: int) -> int:
         return self.layers[layer].w_in_EDI.shape[0]

@@ -25,6 +25,8 @@ from moeflow.infer.offload.staged_copy import CHUNK_BYTES, StagedCopy
 
 
 class MappedExpertStore:
+    kind = "mmap"
+
     def __init__(self, device: torch.device, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.pin = False
         self.staging = StagedCopy(device, chunk_bytes)

@@ -4,8 +4,9 @@
 `EngineConfig.offload` is set. It takes the model over (the one case where the engine changes
 the model it is given: it must, the model does not fit otherwise): each MoE layer's `Experts`
 is replaced by an `OffloadedExperts` reading from one shared `ExpertCache`, the experts' weights
-move to an `ExpertStore` in (pinned) host memory one layer at a time, and everything else moves
-to the device. Load the model on the CPU first (`moeflow serve/generate --gpu-memory` do): a
+move to an `ExpertStore` in (pinned) host memory one layer at a time (or a PackedExpertStore,
+packed to 12 bits per weight, with expert_store="packed"), and everything else moves to the
+device. Load the model on the CPU first (`moeflow serve/generate --gpu-memory` do): a
 model larger than the GPU never touches it whole.
 
 With expert_store="mmap" the model must come from `load_model(DIR, map_experts=True)`: its MoE
@@ -23,8 +24,10 @@ naming the needed and the given sizes and leaves the model as it was.
 Activation reserve: the largest forward the engine runs is one prompt of up to `max_tokens`
 (prefill) or a decode step of the whole batch; `activation_bytes` bounds its live tensors from
 the config (hidden states, attention scores where materialised, expert rows, logits), doubled for
-the caching allocator's rounding and fragmentation. The GPU benchmark measures the peak
-(`torch.cuda.max_memory_allocated`) against the budget to check this bound.
+the caching allocator's rounding, plus on CUDA ALLOCATOR_SLACK for the free pieces the caching
+allocator holds that a larger request cannot use. The GPU benchmark measures the peak
+(`torch.cuda.max_memory_allocated` and `max_memory_reserved`) against the budget to check this
+bound.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from moeflow.infer.offload.expert_cache import CacheStats, ExpertCache
 from moeflow.infer.offload.expert_store import ExpertStore, LayerExperts, expert_bytes
 from moeflow.infer.offload.mapped_store import MappedExpertStore, template
 from moeflow.infer.offload.offloaded_experts import OffloadedExperts
+from moeflow.infer.offload.packed_store import PackedExpertStore
+from moeflow.infer.offload.packed_store import staging_bytes as packed_staging_bytes
 from moeflow.infer.offload.prefetch import (LookaheadPrefetch, PregatePredictor,
                                             PrefetchLedger, PrefetchStats, RouterPredictor)
 from moeflow.infer.offload.split_experts import SplitExperts, SplitStats
@@ -72,10 +77,9 @@ def _read_mapped(experts: MappedExperts) -> tuple[torch.Tensor | None, ...]:
 def _check_store(model: torch.nn.Module, config: OffloadConfig, reuse) -> None:
     """One line for a model whose experts cannot be served from the store asked for."""
     if reuse is not None:
-        kind = "mmap" if isinstance(reuse, MappedExpertStore) else "pinned"
-        if kind != config.expert_store:
+        if reuse.kind != config.expert_store:
             raise ValueError(f"expert_store={config.expert_store!r}: an earlier engine already "
-                             f"moved this model's experts to a {kind!r} store")
+                             f"moved this model's experts to a {reuse.kind!r} store")
         return
     mapped = isinstance(model.moe_layers()[0].experts, MappedExperts)
     if config.expert_store == "mmap" and not mapped:
@@ -96,6 +100,12 @@ def non_expert_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+# Measured on the H200 (benchmarks/results/offload, Mixtral shape at full depth, 24 GiB,
+# expandable segments): 0.62-0.63 GiB reserved but free at the peak, in two runs; a plan that
+# left 0.02 GiB beyond the doubled activations went out of memory in its first prefill.
+ALLOCATOR_SLACK = 640 << 20
+
+
 def activation_bytes(model: torch.nn.Module, max_tokens: int, max_batch: int,
                      device: torch.device) -> int:
     """Upper bound on the live activations of one engine forward (see the module docstring)."""
@@ -114,7 +124,8 @@ def activation_bytes(model: torch.nn.Module, max_tokens: int, max_batch: int,
     # the CPU's math path materialises them.
     scores = 0 if device.type == "cuda" else T * T * c.n_heads * 4
     logits = 2 * max_batch * c.vocab_size * 4
-    return 2 * (T * per_token + scores + logits)
+    slack = ALLOCATOR_SLACK if device.type == "cuda" else 0
+    return 2 * (T * per_token + scores + logits) + slack
 
 
 class ExpertOffload:
@@ -157,7 +168,7 @@ def _host_layers(model: torch.nn.Module) -> tuple[list[LayerExperts], ExpertStor
         raise ValueError("gpu_memory: some MoE layers' experts are memory-mapped and some not")
     if all(offloaded):
         store = layers[0].experts.cache.store
-        return (store.templates if isinstance(store, MappedExpertStore) else store.layers), store
+        return store.templates, store
     return [_layer_experts(m.experts) for m in layers], None
 
 
@@ -171,6 +182,15 @@ def plan_offload(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: 
         if [(t.shape[1:], t.dtype) for t in src.tensors()] != shapes:
             raise ValueError(f"gpu_memory: MoE layer {i}'s expert shapes differ from the first "
                              f"MoE layer's; the expert cache needs one expert shape")
+    if config.expert_store == "packed" and sources[0].w_in_EDI.dtype != torch.bfloat16:
+        raise ValueError(f"expert_store='packed': packs bfloat16 experts; this model's are "
+                         f"{sources[0].w_in_EDI.dtype} (serve it in bfloat16, or use "
+                         f"expert_store 'pinned')")
+    staging = 0
+    if config.cpu_experts == "split":
+        staging = expert_bytes(sources[0])
+    elif config.expert_store == "packed":  # counted on the CPU too, where it is not allocated
+        staging = packed_staging_bytes(sources[0])
     layers = model.moe_layers()
     return plan_budget(config.budget_bytes, non_expert=non_expert_bytes(model),
                        kv_cache=kv_cache_bytes,
@@ -178,7 +198,7 @@ def plan_offload(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: 
                        expert=expert_bytes(sources[0]),
                        min_slots=max(m.spec.router.top_k for m in layers),
                        total_experts=sum(m.spec.num_experts for m in layers),
-                       staging=expert_bytes(sources[0]) if config.cpu_experts == "split" else 0)
+                       staging=staging)
 
 
 def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_bytes: int,
@@ -200,6 +220,8 @@ def offload_experts(model: torch.nn.Module, config: OffloadConfig, kv_cache_byte
         store = reuse
     elif config.expert_store == "mmap":
         store = MappedExpertStore(device)
+    elif config.expert_store == "packed":
+        store = PackedExpertStore(device, sources[0])
     else:
         store = ExpertStore(pin=device.type == "cuda")
     cache = ExpertCache(store, sources[0], plan.slots, device, config.expert_cache_policy)
