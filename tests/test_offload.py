@@ -53,13 +53,15 @@ def prompts(n: int, seed: int) -> list[list[int]]:
             for t in torch.randint(3, 12, (n,), generator=g)]
 
 
-def budget_for(model, slots: int, max_batch_size: int, cpu_experts: str = "off") -> str:
+def budget_for(model, slots: int, max_batch_size: int, cpu_experts: str = "off",
+               expert_store: str = "pinned") -> str:
     """A budget that buys exactly `slots` cache slots (the plan of an ample one, as the engine
     will compute it: max_seq_len and slot count are the engine's defaults here)."""
     max_len = model.config.max_seq_len
     kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
     probe = plan_offload(model, OffloadConfig(device="cpu", gpu_memory="64GiB",
-                                              cpu_experts=cpu_experts),
+                                              cpu_experts=cpu_experts,
+                                              expert_store=expert_store),
                          kv, max_len, max_batch_size)
     return str(probe.fixed + slots * probe.expert)
 

@@ -12,13 +12,11 @@ from moeflow.infer import Engine, EngineConfig
 from moeflow.infer.offload import OffloadConfig
 from moeflow.infer.offload.expert_store import LayerExperts
 from moeflow.infer.offload.packed_store import PackedExpertStore
-from moeflow.infer.offload.placement import plan_offload
-from moeflow.infer.slot_cache import SlotKVCache
 from moeflow.model.experts import Experts
 from moeflow.ops.bf16_pack import (MAX_EXCEPTION_SHARE, PackedLayout, pack_bf16,
                                    unpack_bf16_reference)
 from tests._triton_cpu import DEVICE, ON_GPU, TRITON  # noqa: I001  (sets TRITON_INTERPRET first)
-from test_offload import KINDS, make_model, prompts, run
+from test_offload import KINDS, budget_for, make_model, prompts, run
 
 SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-39, 3.3e38, -1.0]
 
@@ -77,31 +75,33 @@ def test_triton_unpack_equals_the_reference():
     assert torch.equal(bits(out).cpu(), bits(t))
 
 
-def packed_budget(model, slots: int, max_batch_size: int, store: str) -> str:
-    max_len = model.config.max_seq_len
-    kv = SlotKVCache.bytes_per_token(model) * max_batch_size * max_len
-    probe = plan_offload(model, OffloadConfig(device="cpu", gpu_memory="64GiB",
-                                              expert_store=store),
-                         kv, max_len, max_batch_size)
-    return str(probe.fixed + slots * probe.expert)
+def pinned_and_packed(kind: str, device: str, seed: int):
+    """{store: (engine, tokens, logits)} for a bf16 `kind` model offloaded to `device` with
+    top_k + 1 slots, once per store."""
+    model = make_model(kind).bfloat16()
+    ps = prompts(2, seed=seed)
+    slots = model.config.router.top_k + 1
+    out = {}
+    for store in ("pinned", "packed"):
+        offload = OffloadConfig(device=device, expert_store=store, gpu_memory=budget_for(
+            model, slots, 2, expert_store=store))
+        out[store] = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
+    return out, slots
+
+
+def assert_same_logits(a: dict, b: dict) -> None:
+    for rid, rows in a.items():
+        assert all(torch.equal(x, y) for x, y in zip(b[rid], rows, strict=True))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_packed_engine_equals_pinned_engine_under_evictions(kind):
-    model = make_model(kind).bfloat16()
-    ps = prompts(2, seed=len(kind) + 3)
-    slots = model.config.router.top_k + 1
-    out = {}
-    for store in ("pinned", "packed"):
-        offload = OffloadConfig(device="cpu", gpu_memory=packed_budget(model, slots, 2, store),
-                                expert_store=store)
-        out[store] = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
+    out, slots = pinned_and_packed(kind, "cpu", seed=len(kind) + 3)
     (pinned, tokens, logits), (packed, tokens_p, logits_p) = out["pinned"], out["packed"]
     assert packed.offload.plan.slots == slots and packed.offload.plan.staging > 0
     assert isinstance(packed.offload.cache.store, PackedExpertStore)
     assert tokens_p == tokens
-    for rid, rows in logits.items():
-        assert all(torch.equal(a, b) for a, b in zip(logits_p[rid], rows, strict=True))
+    assert_same_logits(logits, logits_p)
     a, b = pinned.stats().offload.cache, packed.stats().offload.cache
     assert a.copies == b.copies > slots
     assert b.bytes_copied < 0.8 * a.bytes_copied  # weights packed; biases (pr_moe) raw
@@ -139,15 +139,7 @@ def test_packed_store_serves_the_cpu_paths_unpacked():
 
 @pytest.mark.skipif(not ON_GPU, reason="the staging buffer and copy stream exist on CUDA")
 def test_packed_engine_on_cuda_equals_pinned_engine():
-    model = make_model("mixtral").bfloat16()
-    ps = prompts(2, seed=5)
-    slots = model.config.router.top_k + 1
-    out = {}
-    for store in ("pinned", "packed"):
-        offload = OffloadConfig(device="cuda", gpu_memory=packed_budget(model, slots, 2, store),
-                                expert_store=store)
-        out[store] = run(copy.deepcopy(model), ps, max_batch_size=2, offload=offload)
+    out, _ = pinned_and_packed("mixtral", "cuda", seed=5)
     assert out["packed"][0].offload.cache.store.staging.is_cuda
     assert out["packed"][1] == out["pinned"][1]
-    for rid, rows in out["pinned"][2].items():
-        assert all(torch.equal(a, b) for a, b in zip(out["packed"][2][rid], rows, strict=True))
+    assert_same_logits(out["pinned"][2], out["packed"][2])
