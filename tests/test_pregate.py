@@ -22,11 +22,12 @@ from moeflow.train.trainer import Trainer
 from tests._train_small import write_corpus
 
 
-@pytest.mark.parametrize("rank", [0, 16])
-def test_untrained_heads_predict_what_zero_shot_predicts(rank):
+@pytest.mark.parametrize("rank,depth", [(0, 1), (16, 1), (16, 2)])
+def test_untrained_heads_predict_what_zero_shot_predicts(rank, depth):
     torch.manual_seed(0)
     config = ModelConfig.from_name("tiny").replace(pregate=True, n_layers=6, num_experts=8,
-                                                   router={"top_k": 2}, pregate_rank=rank)
+                                                   router={"top_k": 2}, pregate_rank=rank,
+                                                   pregate_depth=depth)
     model = Transformer(config)
     moe = model.moe_layers()
     model.pregate.init_from_routers([m.router for m in moe])
@@ -38,11 +39,33 @@ def test_untrained_heads_predict_what_zero_shot_predicts(rank):
     if rank:  # the MLP's output starts at zero, but it is there and can learn
         assert model.pregate.heads[0].down.weight.shape == (rank, config.d_model)
         assert model.pregate.heads[0].down.weight.abs().sum() > 0
+        assert len(model.pregate.heads[0].mid) == depth - 1
 
 
-def test_pregate_rank_needs_pregate():
+def test_pregate_rank_and_depth_are_checked():
     with pytest.raises(ValueError, match="pregate_rank"):
         ModelConfig.from_name("tiny").replace(pregate_rank=8)
+    with pytest.raises(ValueError, match="pregate_depth"):
+        ModelConfig.from_name("tiny").replace(pregate=True, pregate_depth=2)
+    with pytest.raises(ValueError, match="pregate_depth"):
+        ModelConfig.from_name("tiny").replace(pregate=True, pregate_rank=8, pregate_depth=0)
+
+
+def test_heads_saved_before_depth_existed_load_as_depth_one():
+    """A config without pregate_depth is a depth-1 head with the parameter names of before."""
+    config = ModelConfig.from_name("tiny").replace(pregate=True, pregate_rank=8)
+    old = config.to_dict()
+    del old["pregate_depth"]
+    loaded = ModelConfig.from_dict(old)
+    assert loaded.pregate_depth == 1
+    names = set(Transformer(loaded).pregate.state_dict())
+    assert names == {f"heads.0.{n}" for n in ("weight", "down.weight", "down.bias",
+                                              "up.weight", "up.bias")}
+    deeper = Transformer(loaded.replace(pregate_depth=2))
+    assert set(deeper.pregate.state_dict()) == names | {"heads.0.mid.0.weight",
+                                                        "heads.0.mid.0.bias"}
+    with pytest.raises(RuntimeError, match="mid"):  # a depth-2 model refuses depth-1 weights
+        deeper.pregate.load_state_dict(Transformer(loaded).pregate.state_dict())
 
 
 def test_pregate_loss_and_recall():

@@ -113,8 +113,10 @@ class TrainConfig:
                            "predicts MoE layer l+1's experts from layer l's input (used by "
                            "serve/generate --prefetch pregate)", default=False)
     pregate_rank: int = option("with --pregate: each head is a linear map plus an MLP of this "
-                               "rank (0: linear only); see moeflow/model/pregate.py",
+                               "width (0: linear only); see moeflow/model/pregate.py",
                                default=128)
+    pregate_depth: int = option("with --pregate: hidden layers of the heads' MLP (1 or more)",
+                                default=1)
     # Read-ME: a decoupled lookahead router for expert offloading (moeflow.train.lookahead)
     lookahead: bool = option("give the --init model a lookahead router that routes every MoE "
                              "layer from token ids alone: distil it from the layers' routers "
@@ -172,6 +174,7 @@ class TrainConfig:
         check(not self.pregate or self.init is not None, "pregate", self.pregate,
               "fine-tunes heads on a trained model: give its checkpoint with --init")
         integer("pregate_rank", self.pregate_rank, lo=0)
+        integer("pregate_depth", self.pregate_depth, lo=1)
         check(not self.lookahead or self.init is not None, "lookahead", self.lookahead,
               "distils a lookahead router from a trained model: give its checkpoint with --init")
         check(not (self.lookahead and self.pregate), "lookahead", self.lookahead,

@@ -153,9 +153,10 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
     if cfg.vocab_size is not None:
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
     if cfg.pregate:
-        model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank)
+        model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank,
+                                            pregate_depth=cfg.pregate_depth)
     if cfg.lookahead:  # pre-gate heads of the --init model are dropped (train.lookahead)
-        model_config = model_config.replace(pregate=False, pregate_rank=0,
+        model_config = model_config.replace(pregate=False, pregate_rank=0, pregate_depth=1,
                                             lookahead=cfg.lookahead_context,
                                             lookahead_rank=cfg.lookahead_rank)
     return model_config
