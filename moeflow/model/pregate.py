@@ -108,6 +108,12 @@ def pregate_loss(logits_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     return -(target_TE * logits_TE.log_softmax(dim=-1)).sum(-1).mean()
 
 
+def pregate_kl_loss(logits_TE: torch.Tensor, teacher_TE: torch.Tensor) -> torch.Tensor:
+    """KL(next router's softmax on its own input || the head's softmax), mean over tokens."""
+    return F.kl_div(logits_TE.log_softmax(-1), teacher_TE.float().log_softmax(-1),
+                    log_target=True, reduction="batchmean")
+
+
 def topk_recall(pred_TK: torch.Tensor, true_TK: torch.Tensor) -> tuple[int, int]:
     """(true assignments that were predicted, true assignments), per token."""
     hit = (pred_TK[:, :, None] == true_TK[:, None, :]).any(dim=1)

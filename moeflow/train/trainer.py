@@ -304,7 +304,7 @@ class Trainer:
         """(objective to minimise, statistics) for one micro-batch at 1-based `step`;
         `groups_BT`: the input tokens' expert groups (grouped models)."""
         if self.cfg.pregate:
-            return pregate_objective(self.model, input_BT)
+            return pregate_objective(self.model, input_BT, self.cfg.pregate_loss)
         if self.cfg.lookahead and step <= self.cfg.lookahead_distill_steps:
             with self.autocast():
                 return distill_objective(self.model, input_BT)
