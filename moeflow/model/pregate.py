@@ -20,9 +20,11 @@ objective, and a second hidden layer about one point more than the first alone.
 Training (`moeflow train --pregate --init CKPT`, moeflow.train.pregate): the backbone frozen,
 W starts as a copy of the next layer's router gate and U at zero (so a head starts exactly at
 zero-shot's predictions) and learns the routing the backbone actually produces, as served
-(dropless, no noise), by cross-entropy against the uniform distribution over the true top-k.
-(KL to the next router's full distribution was measured too and predicts worse: it spends the
-head's capacity on the order of experts that are not chosen.)
+(dropless, no noise), by cross-entropy against the uniform distribution over the true top-k
+(`pregate_loss`), or by KL to the next router's full distribution on its own input
+(`pregate_kl_loss`, `--pregate-loss kl`): on little data KL predicted worse (it spends the
+head's capacity on the order of experts that are not chosen), on 4x more it predicted better on
+every layer pair but the first; the README section "Pre-gate heads past 90 %" has both.
 
 Legend: T tokens, D model dim, E experts of the next MoE layer, K its top-k, R MLP width.
 """

@@ -115,9 +115,9 @@ class TrainConfig:
                            "serve/generate --prefetch pregate)", default=False)
     pregate_rank: int = option("with --pregate: each head is a linear map plus an MLP of this "
                                "width (0: linear only); see moeflow/model/pregate.py",
-                               default=128)
+                               default=256)
     pregate_depth: int = option("with --pregate: hidden layers of the heads' MLP (1 or more)",
-                                default=1)
+                                default=2)
     pregate_loss: str = option("with --pregate: the heads' objective, 'topk-ce' (the served "
                                "top-k as the target) or 'kl' (the next router's distribution)",
                                default="topk-ce")
