@@ -23,6 +23,13 @@ Variants (head l: MoE layer l's input -> logits over layer l+1's experts):
                     normalised by layer l's FFN norm): a prediction a whole attention earlier
   <head>@embed      the same head fed the token's embedding only (Read-ME-style lookahead:
                     every layer's experts known as soon as the token is sampled)
+  mlp2-R/<loss>     two hidden layers of width R (U·gelu(V2·gelu(V1·x)))
+  <head>@A+B+...    the MLP sees the concatenation of several inputs (the linear map sees the
+                    first): route (layer l's own router distribution and its top-k one-hot,
+                    known before layer l's experts run), rms (log RMS of layer l's residual
+                    before the FFN norm: the norm hides how far layer l's FFN output can turn
+                    it), prev (the previous token's ffn_in at layer l), prevnext (the previous
+                    token's experts at layer l+1: both known at decode from the last step)
 Diagnostics (not available at layer l's prefetch point; they bound what any head can reach):
   after-ffn         layer l+1's router on the residual after layer l's FFN (normalised by layer
                     l+1's FFN norm): everything but layer l+1's attention is known
@@ -75,10 +82,11 @@ def windows_of(ckpt: Path, tokenizer, length: int, train_count: int, val_count: 
 def features(model, windows_WT: torch.Tensor, batch: int = 32) -> list[dict[str, torch.Tensor]]:
     """Per MoE layer: ffn_in (its normalised input), block_in (its block's input under its FFN
     norm), embed (the token embedding, the same for every layer), resid_out (the residual
-    after its FFN, raw), ids (served top-k), logits (its router's logits on ffn_in)."""
+    after its FFN, raw), moe_out (its FFN's output), ids (served top-k), logits (its router's
+    logits on ffn_in)."""
     blocks = [b for b in model.blocks if b.ffn in model.moe_layers()]
     out: list[dict[str, list]] = [dict(ffn_in=[], block_in=[], resid_out=[], ids=[], logits=[],
-                                       embed=[]) for _ in blocks]
+                                       embed=[], moe_out=[]) for _ in blocks]
 
     def embed(mod, args, res):
         for d in out:
@@ -95,6 +103,7 @@ def features(model, windows_WT: torch.Tensor, batch: int = 32) -> list[dict[str,
             x_TD = args[0].flatten(0, 1)
             out[j]["ffn_in"].append(x_TD)
             out[j]["ids"].append(res[1].ids_TK)
+            out[j]["moe_out"].append(res[0].flatten(0, 1))
             out[j]["logits"].append(F.linear(x_TD.float(), mod.router.gate.weight.float()))
         hooks += [b.register_forward_pre_hook(pre), b.register_forward_hook(post),
                   b.ffn.register_forward_hook(moe)]
@@ -107,24 +116,57 @@ def features(model, windows_WT: torch.Tensor, batch: int = 32) -> list[dict[str,
     return [{k: torch.cat(v) for k, v in d.items()} for d in out]
 
 
-class Head(torch.nn.Module):
-    """logits = W·x (+ U·gelu(V·x) when rank > 0); W starts as the next router's gate."""
+def input_of(feats: list[dict[str, torch.Tensor]], l: int, source: str, length: int
+             ) -> torch.Tensor:
+    """[T, F] input of head l: the named features concatenated (module docstring)."""
+    parts = []
+    for name in source.split("+"):
+        f = feats[l]
+        if name == "route":
+            probs = f["logits"].softmax(-1)
+            parts.append(torch.cat([probs, torch.zeros_like(probs).scatter_(1, f["ids"], 1.0)],
+                                   dim=1))
+        elif name == "rms":
+            mid = f["resid_out"] - f["moe_out"]
+            parts.append(mid.float().pow(2).mean(-1, keepdim=True).sqrt().log())
+        elif name in ("prev", "prevnext"):
+            if name == "prev":
+                cur = f["ffn_in"].float()
+            else:
+                nxt = feats[l + 1]
+                cur = torch.zeros_like(nxt["logits"]).scatter_(1, nxt["ids"], 1.0)
+            prev = torch.roll(cur, 1, dims=0)
+            prev[::length] = 0  # the first token of each window has no previous token here
+            parts.append(prev)
+        else:
+            parts.append(f[name].float())
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, gate_ED: torch.Tensor, rank: int) -> None:
+
+class Head(torch.nn.Module):
+    """logits = W·x[:D] (+ U·gelu(V·x) when rank > 0, two hidden layers with depth 2); W starts
+    as the next router's gate, U at zero."""
+
+    def __init__(self, gate_ED: torch.Tensor, rank: int, in_features: int, depth: int = 1
+                 ) -> None:
         super().__init__()
         E, D = gate_ED.shape
+        self.d = D
         self.w = torch.nn.Parameter(gate_ED.float().clone())
         self.rank = rank
         if rank:
-            self.v = torch.nn.Linear(D, rank)
+            hidden = [torch.nn.Linear(in_features, rank), torch.nn.GELU()]
+            for _ in range(depth - 1):
+                hidden += [torch.nn.Linear(rank, rank), torch.nn.GELU()]
+            self.v = torch.nn.Sequential(*hidden)
             self.u = torch.nn.Linear(rank, E)
             torch.nn.init.zeros_(self.u.weight)
             torch.nn.init.zeros_(self.u.bias)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x_TD, self.w)
+    def forward(self, x_TF: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x_TF[:, :self.d], self.w)
         if self.rank:
-            y = y + self.u(F.gelu(self.v(x_TD)))
+            y = y + self.u(self.v(x_TF))
         return y
 
 
@@ -142,10 +184,11 @@ def loss_of(kind: str, logits_TE, ids_TK, teacher_TE) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def train_head(gate_ED, rank, kind, x_TD, ids_TK, teacher_TE, steps, lr, batch, seed=0):
+def train_head(gate_ED, rank, depth, kind, x_TD, ids_TK, teacher_TE, steps, lr, batch,
+               weight_decay, seed=0):
     torch.manual_seed(seed)
-    head = Head(gate_ED, rank)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    head = Head(gate_ED, rank, x_TD.shape[1], depth)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup 5%, cosine to 10%
@@ -177,10 +220,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--tag", default="", help="results go to heads_compare[_TAG].json/.md")
     ap.add_argument("--variants", default="linear/topk-ce,linear/kl,mlp-64/topk-ce,"
                     "mlp-64/kl,mlp-256/topk-ce,mlp-64/topk-ce@block_in",
-                    help="HEAD/LOSS[@INPUT]: HEAD linear or mlp-RANK, LOSS topk-ce, kl or bce, "
-                    "INPUT ffn_in (default) or block_in")
+                    help="HEAD/LOSS[@INPUT]: HEAD linear, mlp-RANK or mlp2-RANK, LOSS topk-ce, "
+                    "kl or bce, INPUT ffn_in (default), block_in, embed, or A+B+... with "
+                    "route, rms, prev, prevnext (module docstring)")
     ap.add_argument("--out", default="benchmarks/results/offload")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -197,8 +243,9 @@ def main() -> None:
     for v in args.variants.split(","):
         spec, _, source = v.partition("@")
         name, kind = spec.split("/")
-        rank = 0 if name == "linear" else int(name.removeprefix("mlp-"))
-        variants.append((name, rank, kind, source or "ffn_in"))
+        depth = 2 if name.startswith("mlp2-") else 1
+        rank = 0 if name == "linear" else int(name.split("-")[1])
+        variants.append((name, rank, depth, kind, source or "ffn_in"))
     rows = []
     for l in range(len(moe) - 1):
         gate_ED = moe[l + 1].router.gate.weight.detach()
@@ -209,14 +256,15 @@ def main() -> None:
         row["after-ffn (diagnostic)"] = recalls(F.linear(resid.float(), gate_ED.float()), true_va)
         row["zero-shot@block-in"] = recalls(F.linear(va[l]["block_in"].float(),
                                                      gate_ED.float()), true_va)
-        for name, rank, kind, source in variants:
-            head = train_head(gate_ED, rank, kind, tr[l][source].float(), true_tr,
-                              tr[l + 1]["logits"], args.steps, args.lr, args.batch)
+        for name, rank, depth, kind, source in variants:
+            x_tr = input_of(tr, l, source, length)
+            head = train_head(gate_ED, rank, depth, kind, x_tr, true_tr, tr[l + 1]["logits"],
+                              args.steps, args.lr, args.batch, args.weight_decay)
             with torch.no_grad():
                 label = f"{name}/{kind}" + ("" if source == "ffn_in" else f"@{source}")
-                row[label + " (train)"] = recalls(head(tr[l][source][:len(true_va)].float()),
+                row[label + " (train)"] = recalls(head(x_tr[:len(true_va)]),
                                                   true_tr[:len(true_va)])
-                row[label] = recalls(head(va[l][source].float()), true_va)
+                row[label] = recalls(head(input_of(va, l, source, length)), true_va)
             print(f"pair {l}->{l + 1} {label}: {row[label]['k']:.3f}", flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -230,14 +278,15 @@ def main() -> None:
               "per_layer": rows, "mean": mean, "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "heads_compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = f"heads_compare_{args.tag}" if args.tag else "heads_compare"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     pairs = [f"{r['layer_pair'][0]}->{r['layer_pair'][1]}" for r in rows]
     lines = ["| method | " + " | ".join(pairs) + " | mean (k) | mean (k+1) | mean (2k) |",
              "|---" * (len(pairs) + 4) + "|"]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{r[m]['k']:.3f}" for r in rows) +
                      f" | {mean[m]['k']:.3f} | {mean[m]['k+1']:.3f} | {mean[m]['2k']:.3f} |")
-    (out / "heads_compare.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

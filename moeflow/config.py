@@ -267,6 +267,7 @@ class ModelConfig:
     pregate: the network also carries pre-gate heads (moeflow.model.pregate), one per MoE layer
     but the last, predicting the next MoE layer's experts; the forward never runs them.
     pregate_rank: their width: 0 = a linear map, R > 0 = the linear map plus a rank-R MLP.
+    pregate_depth: that MLP's hidden layers (1 or 2; checkpoints saved before it existed are 1).
     lookahead: C > 0 gives the network a decoupled lookahead router (Read-ME, moeflow.model.
     lookahead) that computes every MoE layer's routing logits from token ids alone (each token
     and the C-1 before it), and every MoE layer routes by them instead of by its own router;
@@ -306,6 +307,7 @@ class ModelConfig:
     mla: MLAConfig | None = None
     pregate: bool = False
     pregate_rank: int = 0
+    pregate_depth: int = 1
     lookahead: int = 0
     lookahead_rank: int = 0
 
@@ -376,6 +378,9 @@ class ModelConfig:
         integer("pregate_rank", self.pregate_rank, lo=0)
         check(self.pregate or self.pregate_rank == 0, "pregate_rank", self.pregate_rank,
               "needs pregate=True")
+        integer("pregate_depth", self.pregate_depth, lo=1)
+        check(self.pregate_depth == 1 or self.pregate_rank > 0, "pregate_depth",
+              self.pregate_depth, "needs pregate_rank > 0 (a linear head has no hidden layers)")
         integer("lookahead", self.lookahead, lo=0)
         integer("lookahead_rank", self.lookahead_rank, lo=0)
         check(self.lookahead > 0 or self.lookahead_rank == 0, "lookahead_rank",

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeflow import ModelConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
@@ -17,16 +18,18 @@ from moeflow.infer.slot_cache import SlotKVCache
 from moeflow.interop.pretrained import save_pretrained
 from moeflow.model.pregate import pregate_loss, topk_recall
 from moeflow.train.checkpoint import load_for_inference
+from moeflow.train.pregate import backbone_routing, freeze_backbone, pregate_objective
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer
 from tests._train_small import write_corpus
 
 
-@pytest.mark.parametrize("rank", [0, 16])
-def test_untrained_heads_predict_what_zero_shot_predicts(rank):
+@pytest.mark.parametrize("rank,depth", [(0, 1), (16, 1), (16, 2)])
+def test_untrained_heads_predict_what_zero_shot_predicts(rank, depth):
     torch.manual_seed(0)
     config = ModelConfig.from_name("tiny").replace(pregate=True, n_layers=6, num_experts=8,
-                                                   router={"top_k": 2}, pregate_rank=rank)
+                                                   router={"top_k": 2}, pregate_rank=rank,
+                                                   pregate_depth=depth)
     model = Transformer(config)
     moe = model.moe_layers()
     model.pregate.init_from_routers([m.router for m in moe])
@@ -38,11 +41,33 @@ def test_untrained_heads_predict_what_zero_shot_predicts(rank):
     if rank:  # the MLP's output starts at zero, but it is there and can learn
         assert model.pregate.heads[0].down.weight.shape == (rank, config.d_model)
         assert model.pregate.heads[0].down.weight.abs().sum() > 0
+        assert len(model.pregate.heads[0].mid) == depth - 1
 
 
-def test_pregate_rank_needs_pregate():
+def test_pregate_rank_and_depth_are_checked():
     with pytest.raises(ValueError, match="pregate_rank"):
         ModelConfig.from_name("tiny").replace(pregate_rank=8)
+    with pytest.raises(ValueError, match="pregate_depth"):
+        ModelConfig.from_name("tiny").replace(pregate=True, pregate_depth=2)
+    with pytest.raises(ValueError, match="pregate_depth"):
+        ModelConfig.from_name("tiny").replace(pregate=True, pregate_rank=8, pregate_depth=0)
+
+
+def test_heads_saved_before_depth_existed_load_as_depth_one():
+    """A config without pregate_depth is a depth-1 head with the parameter names of before."""
+    config = ModelConfig.from_name("tiny").replace(pregate=True, pregate_rank=8)
+    old = config.to_dict()
+    del old["pregate_depth"]
+    loaded = ModelConfig.from_dict(old)
+    assert loaded.pregate_depth == 1
+    names = set(Transformer(loaded).pregate.state_dict())
+    assert names == {f"heads.0.{n}" for n in ("weight", "down.weight", "down.bias",
+                                              "up.weight", "up.bias")}
+    deeper = Transformer(loaded.replace(pregate_depth=2))
+    assert set(deeper.pregate.state_dict()) == names | {"heads.0.mid.0.weight",
+                                                        "heads.0.mid.0.bias"}
+    with pytest.raises(RuntimeError, match="mid"):  # a depth-2 model refuses depth-1 weights
+        deeper.pregate.load_state_dict(Transformer(loaded).pregate.state_dict())
 
 
 def test_pregate_loss_and_recall():
@@ -51,6 +76,34 @@ def test_pregate_loss_and_recall():
     assert pregate_loss(good, ids_TK) < 0.7 < pregate_loss(torch.zeros(2, 4), ids_TK)
     assert pregate_loss(torch.zeros(2, 4), ids_TK) == pytest.approx(torch.log(torch.tensor(4.0)))
     assert topk_recall(torch.tensor([[0, 1], [3, 2]]), ids_TK) == (2, 4)
+
+
+def test_kl_objective_is_the_kl_to_the_next_router_and_training_lowers_it():
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny").replace(pregate=True, n_layers=6, num_experts=8,
+                                                   router={"top_k": 2}, pregate_rank=16,
+                                                   pregate_depth=2, max_seq_len=32)
+    model = Transformer(config)
+    freeze_backbone(model)
+    input_BT = torch.randint(0, config.vocab_size, (4, 32))
+    seen = backbone_routing(model, input_BT)
+    moe = model.moe_layers()
+    want = []
+    for i in range(len(model.pregate)):
+        p_TE = F.linear(seen[i + 1][0], moe[i + 1].router.gate.weight).softmax(-1)
+        q_TE = model.pregate.logits(i, seen[i][0]).softmax(-1)
+        want.append((p_TE * (p_TE.log() - q_TE.log())).sum(-1).mean())
+    loss, _ = pregate_objective(model, input_BT, "kl")
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    opt = torch.optim.Adam(model.pregate.parameters(), lr=1e-2)
+    for _ in range(20):
+        step_loss, _ = pregate_objective(model, input_BT, "kl")
+        opt.zero_grad()
+        step_loss.backward()
+        opt.step()
+    assert pregate_objective(model, input_BT, "kl")[0] < 0.7 * loss
+    assert all(p.grad is None for n, p in model.named_parameters()
+               if not n.startswith("pregate."))
 
 
 def test_pregate_finetune_beats_zero_shot_and_round_trips_through_the_checkpoint(tmp_path):

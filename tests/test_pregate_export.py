@@ -30,7 +30,7 @@ CASES = {
                            n_heads=2, n_kv_heads=1, d_ff=64, expert_d_ff=32, max_seq_len=32,
                            moe_every=1, first_moe_layer=0, num_experts=4,
                            router=RouterConfig(top_k=2, dropless=True, normalize_topk=True),
-                           pregate=True, pregate_rank=8),
+                           pregate=True, pregate_rank=8, pregate_depth=2),
 }
 
 
@@ -50,6 +50,7 @@ def test_convert_to_hf_keeps_pregate_heads(model_type, tmp_path, capsys):
 
     back = moeflow.from_pretrained(tmp_path / "hf")
     assert back.config.pregate and back.config.pregate_rank == ours.config.pregate_rank
+    assert back.config.pregate_depth == ours.config.pregate_depth
     assert len(back.pregate) == len(ours.pregate) >= 1
     want, got = ours.state_dict(), back.state_dict()
     assert got.keys() == want.keys()

@@ -42,8 +42,8 @@ class implements the GPT family only.
 Pre-gate heads (`ModelConfig.pregate`, moeflow.model.pregate: the offloading engine's
 predictors, not part of the forward) have no field in any HF architecture. A GPT-family export
 carries them with the rest of the ModelConfig; an HF-family export (Mixtral, Qwen, ...) marks
-them with the extra config.json key "moeflow_pregate" = {"rank": pregate_rank} (transformers
-keeps unknown keys and ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
+them with the extra config.json key "moeflow_pregate" = {"rank": pregate_rank, plus "depth":
+pregate_depth when it is not 1} (transformers keeps unknown keys and ignores them), and hf_weights stores their tensors under their moeflow names beside the HF ones:
 moeflow reads both back, transformers loads the model without them.
 A lookahead router (`ModelConfig.lookahead`) is refused: it decides the routing of every layer,
 so an export without it would compute a different network.
@@ -285,9 +285,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
     pregate = hf.get(PREGATE_KEY)
     if pregate is None:
         return ModelConfig(**fields)
-    if not isinstance(pregate, dict) or not isinstance(pregate.get("rank"), int):
-        raise ValueError(f"config.json {PREGATE_KEY}={pregate!r}: expected {{\"rank\": int}}")
-    return ModelConfig(**fields, pregate=True, pregate_rank=pregate["rank"])
+    if (not isinstance(pregate, dict) or not isinstance(pregate.get("rank"), int)
+            or not isinstance(pregate.get("depth", 1), int)):
+        raise ValueError(f"config.json {PREGATE_KEY}={pregate!r}: expected "
+                         f"{{\"rank\": int, \"depth\": int (optional, default 1)}}")
+    return ModelConfig(**fields, pregate=True, pregate_rank=pregate["rank"],
+                       pregate_depth=pregate.get("depth", 1))
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -364,6 +367,8 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
                       num_nextn_predict_layers=0)
     if c.pregate:
         hf[PREGATE_KEY] = {"rank": c.pregate_rank}
+        if c.pregate_depth != 1:  # depth-1 exports stay as they were before depth existed
+            hf[PREGATE_KEY]["depth"] = c.pregate_depth
     _check_round_trip(c, config_from_hf(hf), t)
     return hf
 
@@ -407,7 +412,7 @@ _ROUTER_FIELDS = ("top_k", "score_func", "normalizes", "routed_scaling", "num_gr
 _MODEL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "norm_eps",
                  "rope_theta", "qk_norm", "rope_interleave", "attn_bias", "attn_out_bias",
                  "mlp_bias", "tie_embeddings", "mla", "pregate",
-                 "pregate_rank")
+                 "pregate_rank", "pregate_depth")
 
 
 def _check_round_trip(c: ModelConfig, back: ModelConfig, model_type: str) -> None:

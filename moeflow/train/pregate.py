@@ -4,7 +4,8 @@ The trainer's loop is unchanged; with `TrainConfig.pregate` it asks this module 
 objective and for the validation figures. Per micro-batch: one no-grad forward of the frozen
 backbone, routed as served (dropless, no noise, `inference=True`), records each MoE layer's
 normalised input and chosen experts (forward hooks observe them, removed on exit); head i then
-learns MoE layer i+1's choices from MoE layer i's input (moeflow.model.pregate.pregate_loss).
+learns MoE layer i+1's choices from MoE layer i's input (moeflow.model.pregate.pregate_loss, or
+with `--pregate-loss kl` layer i+1's router distribution, pregate_kl_loss).
 
 Recall is the hit rate the offloading engine's prefetch sees at batch 1: the share of layer
 i+1's true (token, expert) assignments that the prediction from layer i's input contains. It is
@@ -22,7 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moeflow.model.pregate import pregate_loss, topk_recall
+from moeflow.model.pregate import pregate_kl_loss, pregate_loss, topk_recall
+from moeflow.model.router import router_logits
 
 
 @contextmanager
@@ -51,21 +53,27 @@ def backbone_routing(model: nn.Module, input_BT: torch.Tensor
     return list(seen)
 
 
-def pregate_objective(model: nn.Module, input_BT: torch.Tensor
+def pregate_objective(model: nn.Module, input_BT: torch.Tensor, loss: str = "topk-ce"
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(mean of the heads' losses, statistics) for one micro-batch."""
+    """(mean of the heads' losses, statistics) for one micro-batch. `loss`: "topk-ce" (the
+    served top-k as a uniform target) or "kl" (the next router's distribution on its own
+    input, moeflow.model.pregate.pregate_kl_loss)."""
     seen = backbone_routing(model, input_BT)
-    heads = model.pregate
+    heads, moe = model.pregate, model.moe_layers()
     losses, hits, total = [], 0, 0
     for i in range(len(heads)):
-        x_TD, (_, true_TK) = seen[i][0], seen[i + 1]
+        x_TD, (next_TD, true_TK) = seen[i][0], seen[i + 1]
         logits_TE = heads.logits(i, x_TD)
-        losses.append(pregate_loss(logits_TE, true_TK))
+        if loss == "kl":
+            teacher_TE = router_logits(next_TD, moe[i + 1].router.gate.weight)
+            losses.append(pregate_kl_loss(logits_TE, teacher_TE))
+        else:
+            losses.append(pregate_loss(logits_TE, true_TK))
         h, n = topk_recall(logits_TE.detach().topk(heads.top_k, dim=-1).indices, true_TK)
         hits, total = hits + h, total + n
-    loss = torch.stack(losses).mean()
-    recall = torch.tensor(hits / total, dtype=torch.float64, device=loss.device)
-    return loss, {"loss": loss.detach(), "pregate_recall": recall}
+    mean = torch.stack(losses).mean()
+    recall = torch.tensor(hits / total, dtype=torch.float64, device=mean.device)
+    return mean, {"loss": mean.detach(), "pregate_recall": recall}
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from moeflow.validate import check, choice, fail, integer, number, option
 
 DEVICES = ("auto", "cpu", "cuda")
 STUDENT_INITS = ("teacher", "random")
+PREGATE_LOSSES = ("topk-ce", "kl")  # moeflow.train.pregate.pregate_objective
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "device", "progress")
 # Checked against the checkpoint's network rather than by value (see the module docstring).
@@ -113,8 +114,13 @@ class TrainConfig:
                            "predicts MoE layer l+1's experts from layer l's input (used by "
                            "serve/generate --prefetch pregate)", default=False)
     pregate_rank: int = option("with --pregate: each head is a linear map plus an MLP of this "
-                               "rank (0: linear only); see moeflow/model/pregate.py",
-                               default=128)
+                               "width (0: linear only); see moeflow/model/pregate.py",
+                               default=256)
+    pregate_depth: int = option("with --pregate: hidden layers of the heads' MLP (1 or more)",
+                                default=2)
+    pregate_loss: str = option("with --pregate: the heads' objective, 'topk-ce' (the served "
+                               "top-k as the target) or 'kl' (the next router's distribution)",
+                               default="topk-ce")
     # Read-ME: a decoupled lookahead router for expert offloading (moeflow.train.lookahead)
     lookahead: bool = option("give the --init model a lookahead router that routes every MoE "
                              "layer from token ids alone: distil it from the layers' routers "
@@ -172,6 +178,8 @@ class TrainConfig:
         check(not self.pregate or self.init is not None, "pregate", self.pregate,
               "fine-tunes heads on a trained model: give its checkpoint with --init")
         integer("pregate_rank", self.pregate_rank, lo=0)
+        integer("pregate_depth", self.pregate_depth, lo=1)
+        choice("pregate_loss", self.pregate_loss, PREGATE_LOSSES)
         check(not self.lookahead or self.init is not None, "lookahead", self.lookahead,
               "distils a lookahead router from a trained model: give its checkpoint with --init")
         check(not (self.lookahead and self.pregate), "lookahead", self.lookahead,

@@ -153,9 +153,10 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
     if cfg.vocab_size is not None:
         model_config = model_config.replace(vocab_size=cfg.vocab_size)
     if cfg.pregate:
-        model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank)
+        model_config = model_config.replace(pregate=True, pregate_rank=cfg.pregate_rank,
+                                            pregate_depth=cfg.pregate_depth)
     if cfg.lookahead:  # pre-gate heads of the --init model are dropped (train.lookahead)
-        model_config = model_config.replace(pregate=False, pregate_rank=0,
+        model_config = model_config.replace(pregate=False, pregate_rank=0, pregate_depth=1,
                                             lookahead=cfg.lookahead_context,
                                             lookahead_rank=cfg.lookahead_rank)
     return model_config
@@ -303,7 +304,7 @@ class Trainer:
         """(objective to minimise, statistics) for one micro-batch at 1-based `step`;
         `groups_BT`: the input tokens' expert groups (grouped models)."""
         if self.cfg.pregate:
-            return pregate_objective(self.model, input_BT)
+            return pregate_objective(self.model, input_BT, self.cfg.pregate_loss)
         if self.cfg.lookahead and step <= self.cfg.lookahead_distill_steps:
             with self.autocast():
                 return distill_objective(self.model, input_BT)
