@@ -104,8 +104,9 @@ def test_train_resume_and_plot_with_the_modality_rule(files, tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert all(set(r["group_assignments"]) == {"code", "text"} for r in train_rows)
     # both groups over the run, not in every step: one step's 4 windows may hold one group
-    # only. A full-suite run had a step without code tokens after other files had run in the
-    # same worker (not reproduced alone; the windows depend on the trained tokenizer).
+    # only. (A full-suite run once had a step without code tokens: the split then depended on
+    # the absolute paths of pytest's temporary directory; documents are now named relative
+    # to the --data argument, tests/test_prepared.py.)
     assert sum(r["group_assignments"]["code"] for r in train_rows) > 0
     assert sum(r["group_assignments"]["text"] for r in train_rows) > 0
     assert rows[-1]["expert_groups"] == [["code", 2], ["text", 2]]
@@ -123,7 +124,8 @@ def test_group_sources_are_checked_with_one_line_errors(files, tmp_path):
                        json.dumps({"text": "no label"}) + "\n")
     cases = [
         (argv(files, bad_value, tmp_path / "o", "--group-field", "modality"),
-         f"{bad_value}:2: modality 'image' is not one of the model's expert groups (code, text)"),
+         "bad_value.jsonl:2: modality 'image' is not one of the model's expert groups "
+         "(code, text)"),
         (argv(files, missing, tmp_path / "o", "--group-field", "modality"),
          f"{missing} line 3: no field 'modality'"),
         (argv(files, files["jsonl"], tmp_path / "o"),

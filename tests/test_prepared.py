@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from moeflow.data.corpus import interpreter_documents, split_documents
+from moeflow.data.corpus import interpreter_documents, load_corpus, split_documents
 from moeflow.data.prepared import DataSpec, load_prepared, prepare_dataset
 
 from _train_small import cli_in_process, losses, write_config, write_corpus
@@ -52,6 +52,26 @@ def test_interpreter_corpus_is_deduplicated_and_sampled_across_the_split(tmp_pat
     assert all(d.name.startswith(("stdlib/", "site")) for d in docs)
     train, val = split_documents(docs, 0.1)
     assert len(train) > 5 * len(val) > 0  # the sample order does not follow the split
+
+
+def test_the_split_does_not_depend_on_where_the_data_sits(tmp_path):
+    """Documents are named relative to the --data argument: a corpus copied elsewhere splits
+    into the same training and validation documents (with absolute names it did not, which
+    made a test's batches depend on pytest's temporary directory)."""
+    splits = []
+    for where in ("a", "b/deeper"):
+        root = tmp_path / where / "corpus"
+        (root / "sub").mkdir(parents=True)
+        for i in range(30):
+            (root / "sub" / f"f{i}.txt").write_text(f"text number {i}\n")
+        (root / "r.jsonl").write_text("".join(json.dumps({"text": f"record {i}"}) + "\n"
+                                              for i in range(30)))
+        docs = load_corpus([str(root), str(root / "r.jsonl")])
+        train, val = split_documents(docs, 0.2)
+        splits.append(([d.name for d in train], [d.name for d in val]))
+    assert splits[0] == splits[1]
+    assert "sub/f0.txt" in splits[0][0] + splits[0][1] and "r.jsonl:1" in sum(splits[0], [])
+    assert splits[0][1]  # some documents went to validation
 
 
 def test_spec_rejects_bad_values():

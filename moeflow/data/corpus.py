@@ -40,7 +40,10 @@ _SKIP_DIRS = (*SITE_DIRS, "__pycache__")
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # path, or path:line for JSONL records; decides the split
+    # Relative to the --data argument (a file's own name, a directory's files below it), or
+    # that:line for JSONL records; decides the split, so the same data split the same way
+    # wherever it sits on disk.
+    name: str
     text: str
     group: str | None = None  # the JSONL record's expert group (load_corpus's group_field)
 
@@ -138,8 +141,9 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
 
 
-def _jsonl_documents(path: Path, text_field: str, group_field: str | None = None
+def _jsonl_documents(path: Path, text_field: str, group_field: str | None, name: str
                      ) -> list[Document]:
+    """One document per record, named `name:line`."""
     docs = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
@@ -161,7 +165,7 @@ def _jsonl_documents(path: Path, text_field: str, group_field: str | None = None
                 raise ValueError(f"{path} line {lineno}: field {group_field!r} must be a string "
                                  f"naming an expert group, got {json.dumps(group)[:40]}")
         if text.strip():
-            docs.append(Document(f"{path}:{lineno}", text, group))
+            docs.append(Document(f"{name}:{lineno}", text, group))
     return docs
 
 
@@ -172,12 +176,12 @@ def _not_jsonl(path: Path | str, group_field: str) -> ValueError:
 
 def _file_documents(path: Path, text_field: str, group_field: str | None) -> list[Document]:
     if path.suffix == ".jsonl":
-        docs = _jsonl_documents(path, text_field, group_field)
+        docs = _jsonl_documents(path, text_field, group_field, path.name)
     elif group_field is not None:
         raise _not_jsonl(path, group_field)
     else:
         text = _read_text(path)
-        docs = [Document(str(path), text)] if text.strip() else []
+        docs = [Document(path.name, text)] if text.strip() else []
     if not docs:
         raise ValueError(f"data file {str(path)!r} holds no text")
     return docs
@@ -210,14 +214,15 @@ def load_corpus(paths: tuple[str, ...] | list[str], text_field: str = "text",
                                  f"({', '.join(TEXT_SUFFIXES)})")
             found = []
             for f in files:
+                rel = str(f.relative_to(path))
                 if f.suffix == ".jsonl":
-                    found += _jsonl_documents(f, text_field, group_field)
+                    found += _jsonl_documents(f, text_field, group_field, rel)
                 elif group_field is not None:
                     raise _not_jsonl(f, group_field)
                 else:
                     text = _read_text(f)
                     if text.strip():
-                        found.append(Document(str(f), text))
+                        found.append(Document(rel, text))
             if not found:
                 raise ValueError(f"data directory {raw!r} holds no text")
             docs += found
