@@ -51,7 +51,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.routing_triton import _SEL_DEEPSPEED, _SEL_SCORES, _finite, choose_tile
+from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, finite_logits, choose_tile
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < T
         m2 = rmask[:, None] & cmask[None, :]
-        x = _finite(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
+        x = finite_logits(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
                             mask=m2, other=0.0, volatile=LOGITS_VOLATILE))
         ids_tile, w_tile, lse, probs, chosen = choose_tile(
             x, x, bias_ptr, rows, cols, cmask, E, routed_scaling, K, SOFTMAX, SEL, HAS_BIAS,
@@ -179,7 +179,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
         w = tl.load(gate_ptr + experts[:, None].to(tl.int64) * D + d[None, :],
                     mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], _finite(acc),
+    tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], finite_logits(acc),
              mask=rmask[:, None] & emask[None, :])
     # Every thread's stores, then one release-acquire ticket per program (the grid-reduction
     # pattern): the program that draws the last ticket sees every tile. It also puts the ticket
@@ -210,7 +210,7 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool) -> tuple[tupl
     """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef) and constexprs."""
     K = cfg.top_k
     block_e = triton.next_power_of_2(E)
-    sel = _SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else _SEL_SCORES
+    sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
     scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef))
     return scalars, dict(
         K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=has_bias,

@@ -52,7 +52,7 @@ _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (â
 
 
 @triton.jit
-def _finite(x):
+def finite_logits(x):
     x = tl.where(x != x, -3.4028234663852886e38, x)
     return tl.minimum(tl.maximum(x, -3.4028234663852886e38), 3.4028234663852886e38)
 
@@ -76,7 +76,7 @@ def _scores(x, cmask, SOFTMAX: tl.constexpr):
 
 
 _NORM_EPS = 1.1920928955078125e-07  # fp32 eps, DeepSpeed's clamp of a token's weight sum
-_SEL_SCORES, _SEL_NOISY_LOGITS, _SEL_DEEPSPEED = 0, 1, 2
+SEL_SCORES, SEL_NOISY_LOGITS, SEL_DEEPSPEED = 0, 1, 2
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     cmask = cols < E
     offs = rows[:, None].to(tl.int64) * E + cols[None, :]
     m2 = rmask[:, None] & cmask[None, :]
-    x = _finite(tl.load(logits_ptr + offs, mask=m2, other=0.0))
+    x = finite_logits(tl.load(logits_ptr + offs, mask=m2, other=0.0))
     xr = x
     if HAS_NOISE:
         xr = x + tl.load(noise_ptr + offs, mask=m2, other=0.0)
@@ -297,7 +297,7 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
     offs = rows[:, None].to(tl.int64) * E + cols[None, :]
     m2 = rmask[:, None] & cmask[None, :]
     raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
-    x = _finite(raw)
+    x = finite_logits(raw)
     scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
     g_aux = tl.load(gloss_ptr) + tl.where(aux_coef != 0.0, aux_coef * tl.load(gloss_ptr + 2), 0.0)
     g_z = tl.load(gloss_ptr + 1) + tl.where(z_coef != 0.0, z_coef * tl.load(gloss_ptr + 2), 0.0)
@@ -359,7 +359,7 @@ def _block_t(E: int, T: int) -> int:
 class _Plan:
     """What one routing call computes, decided from the config and the call's arguments."""
 
-    sel: int  # _SEL_*: what the choices are ranked by
+    sel: int  # SEL_*: what the choices are ranked by
     normalize_in_kernel: bool  # renormalise in _topk_kernel (nothing can be dropped)
     normalize_after: bool  # renormalise the kept weights after the queue pass (torch)
     scaling: float  # routed_scaling applied in the kernel (1 when applied after)
@@ -368,11 +368,11 @@ class _Plan:
 
 def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
     if noise_TE is not None and cfg.noise == "rsample":
-        sel = _SEL_NOISY_LOGITS
+        sel = SEL_NOISY_LOGITS
     elif selects_by_logits(cfg, expert_bias_E is not None):
-        sel = _SEL_DEEPSPEED
+        sel = SEL_DEEPSPEED
     else:
-        sel = _SEL_SCORES
+        sel = SEL_SCORES
     after = cfg.normalizes and capacity is not None
     return _Plan(sel=sel, normalize_in_kernel=cfg.normalizes and capacity is None,
                  normalize_after=after, scaling=1.0 if after else float(cfg.routed_scaling),
