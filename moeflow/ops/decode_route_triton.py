@@ -51,7 +51,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, finite_logits, choose_tile
+from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
 
 
 @triton.jit
