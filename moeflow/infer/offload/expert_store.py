@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.infer.offload.host_memory import pinned_buffer
+
 
 @dataclass(frozen=True)
 class LayerExperts:
@@ -49,6 +51,7 @@ class ExpertStore:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self.layers: list[LayerExperts] = []
+        self._bases: list[torch.Tensor] = []  # the pinned buffers the layers' tensors view
 
     def add_layer(self, w_in_EDI: torch.Tensor, w_out_EFD: torch.Tensor,
                   b_in_EI: torch.Tensor | None, b_out_ED: torch.Tensor | None) -> int:
@@ -61,7 +64,11 @@ class ExpertStore:
         t = t.detach()
         if not self.pin:
             return t.to("cpu").contiguous()
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        # Exact-size page-locked memory (torch's pinned allocator would round a Mixtral
+        # layer's 1.75 GiB w_in up to 2 GiB); the base is kept: freeing it unregisters it.
+        base = pinned_buffer(t.numel() * t.element_size(), pin=True)
+        self._bases.append(base)
+        out = base.view(t.dtype).view(t.shape)
         out.copy_(t)
         return out
 
