@@ -244,13 +244,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if "gpu_memory" in given(args, OffloadConfig):
             raise UsageError("--gpu-memory: expert offloading runs on one process")
         text = generate_text_on_ranks(args.checkpoint, par, args.device, args.prompt,
-                                      params_given, tuple(args.stop_strings))
+                                      params_given, tuple(args.stop_strings), args.dtype)
         if text is not None:  # rank 0
             print(args.prompt + text)
         return 0
     offload = offload_config(args, device)
     # Offloading places the model itself (experts to host memory): load it on the CPU.
-    loaded = load_for_serving(args.checkpoint, "cpu" if offload else device,
+    loaded = load_for_serving(args.checkpoint, "cpu" if offload else device, args.dtype,
                               map_experts=offload is not None and offload.expert_store == "mmap")
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(**params_given, stop_token_ids=tokenizer.eos_ids)
@@ -441,6 +441,7 @@ def _add_serve_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from moeflow.infer.sampling import SamplingParams
+    from moeflow.serve.config import DTYPES
     from moeflow.train.run_config import TrainConfig
 
     from moeflow import __version__
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-group", metavar="NAME", default=None,
                    help="models with expert groups: the group of the prompt and the generation")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="cast the weights (default: as stored; --expert-store packed needs "
+                        "bfloat16)")
     _add_offload_flags(p)
     _add_inference_parallel_flags(p)
     p.set_defaults(func=cmd_generate)

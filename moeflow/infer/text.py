@@ -152,15 +152,16 @@ def generate_text(engine: Engine, tokenizer: BPETokenizer, prompt: str, params: 
 
 
 def generate_text_on_ranks(path: str, par, device: str, prompt: str, sampling: dict,
-                           stop: tuple[str, ...] = ()) -> str | None:
+                           stop: tuple[str, ...] = (), dtype: str | None = None) -> str | None:
     """`generate_text` on the ranks torchrun started, the model split by `par`
-    (moeflow.parallel.inference.InferenceParallel); `sampling`: SamplingParams fields. Returns
-    the text on rank 0, None on the others (they run the same forwards)."""
+    (moeflow.parallel.inference.InferenceParallel); `sampling`: SamplingParams fields; `dtype`:
+    cast the weights (None: as stored). Returns the text on rank 0, None on the others (they
+    run the same forwards)."""
     from moeflow.infer.engine import EngineConfig
     from moeflow.parallel.launch import shutdown
     from moeflow.serve.loader import load_shard_for_serving
 
-    shard = load_shard_for_serving(path, par, device)
+    shard = load_shard_for_serving(path, par, device, dtype)
     engine = Engine(shard.model, EngineConfig(max_batch_size=1), shard.channel)
     if shard.loaded is None:
         engine.follow()
