@@ -49,10 +49,19 @@ share of demanded experts computed on the CPU, and the hit rate counts both as m
 fourth part names the expert store: "lfu/none/off/packed" copies experts packed to 12 bits
 per weight (moeflow.infer.offload.packed_store; its bytes per token are the packed bytes, so
 its floor is too; `store_ratio`: packed over unpacked host bytes).
-Fine-tuned pre-gate heads ("pregate") need a trained model and are measured on the CPU
-(benchmarks/pregate_hit_rate.py). "policy/lookahead" gives the random model a random lookahead
-router (moeflow.model.lookahead, a linear map of each token's and the previous token's
-embedding) that routes every layer, and prefetches each decode step's experts at its start:
+"policy/pregate" gives the random model pre-gate heads (moeflow.model.pregate; the trainer's
+default width and depth) and fits them in the child, on the device, before the engine takes the
+model over: --pregate-steps optimizer steps of moeflow.train.pregate's objective on batches of
+random tokens (uniform over the vocabulary, like the prompts), the backbone frozen (fit_pregate).
+The heads learn the random model's own routing, a deterministic function of its hidden states,
+so they are trained pre-gates for this model, not stand-ins; their held-out recall and
+zero-shot's on the same fresh sequences (teacher-forced, recall_counts) are in the JSON
+(`pregate_heads`) and under the table, and the engine's decode recall in the table's column.
+Every configuration's backbone is the same random draw (build_model). How heads trained on
+text behave is measured on the CPU (benchmarks/pregate_hit_rate.py).
+"policy/lookahead" gives the random model a random lookahead router (moeflow.model.lookahead,
+a linear map of each token's and the previous token's embedding) that routes every layer, and
+prefetches each decode step's experts at its start:
 its speed, not its quality (benchmarks/lookahead_eval.py measures that on a trained model).
 Peer (Mixtral shape, the smaller budget): transformers' MixtralForCausalLM dispatched by
 accelerate (infer_auto_device_map with max_memory = the budget less two of the largest decoder
@@ -72,6 +81,9 @@ without dependencies first, or the peer is reported as not importable:
     pip download --no-deps accelerate==1.15.0 -d wheels      (here, once)
     pip install --no-deps wheels/accelerate-*.whl &&
         PYTHONPATH=. python benchmarks/offload.py --out $OUT
+Pre-gating compared (Mixtral shape, 12 layers, 24 GiB scaled; ~3-4 minutes):
+    PYTHONPATH=. python benchmarks/offload.py --out $OUT --shapes mixtral \
+        --configs cyclic/none cyclic/router cyclic/pregate --no-peer --no-resident
 """
 
 from __future__ import annotations
@@ -101,6 +113,9 @@ from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
 from moeflow.infer.offload import OffloadConfig  # noqa: E402
 from moeflow.infer.offload.placement import activation_bytes, non_expert_bytes  # noqa: E402
 from moeflow.infer.slot_cache import SlotKVCache  # noqa: E402
+from moeflow.train.pregate import freeze_backbone, pregate_objective, recall_counts  # noqa: E402
+from moeflow.train.run_config import TrainConfig  # noqa: E402
+from moeflow.train.schedule import lr_at  # noqa: E402
 
 GiB = 1 << 30
 SHAPES = {
@@ -128,6 +143,19 @@ CHILD_CAP_S = 150  # no single configuration may take more than this (full depth
 # 23.1 GiB of tensors and hit the per-process cap in its first prefill (2026-12-02). moeflow's
 # CLI sets the same default when --gpu-memory is given.
 ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# "policy/pregate": pre-gate heads of the trainer's default width and depth, fitted in the child
+# (fit_pregate) on batches of PREGATE_BATCH (sequences, tokens) of random tokens, then scored on
+# PREGATE_HELDOUT fresh batches. lr 1e-3, not the 5e-3 of the trainer runs on a d_model-128
+# model: in a one-off CPU sweep (2026-12-02; a random d_model-1024 model, 4 layers, top-2 of 8,
+# 200 steps over 96k cached tokens) held-out recall was 0.552 / 0.567 / 0.573 / 0.575 / 0.569 at
+# lr 1e-4 / 3e-4 / 1e-3 / 2e-3 / 5e-3, zero-shot 0.517. 300 steps of 2048 tokens: ~25 s for the
+# 12-layer Mixtral shape at the H200's measured prefill rate (29k tokens/s all on the GPU).
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+PREGATE_RANK, PREGATE_DEPTH = _TRAIN_DEFAULTS["pregate_rank"], _TRAIN_DEFAULTS["pregate_depth"]
+PREGATE_BATCH, PREGATE_HELDOUT = (8, 256), 4
+PREGATE_SMOKE_BATCH = (2, 64)  # --smoke: the CPU runs ~1.4 s per step at the full batch
+PREGATE_LR, PREGATE_WARMUP = 1e-3, 20
+PREGATE_STEPS = 300
 SMOKE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
              expert_d_ff=128)
 
@@ -140,10 +168,19 @@ def log(msg: str, sink: list[str]) -> None:
 
 # -- models and budgets (no device needed) --------------------------------------------------
 
-def model_config(shape: str, layers: int, smoke: bool = False) -> ModelConfig:
-    """`smoke`: the same structure at toy widths, to check the script on a CPU."""
+def model_config(shape: str, layers: int, smoke: bool = False, prefetch: str = "none"
+                 ) -> ModelConfig:
+    """`smoke`: the same structure at toy widths, to check the script on a CPU. `prefetch`:
+    the network that prefetch needs, which the budget must hold too: "lookahead" adds a
+    lookahead router (a 2-token window), "pregate" pre-gate heads of the trainer's default
+    width and depth (fitted in the child, fit_pregate)."""
     kw = {**SHAPES[shape], **(SMOKE if smoke else {})}
-    return ModelConfig(name=f"{shape}-{layers}L", n_layers=layers, max_seq_len=MAX_SEQ, **kw)
+    cfg = ModelConfig(name=f"{shape}-{layers}L", n_layers=layers, max_seq_len=MAX_SEQ, **kw)
+    if prefetch == "lookahead":
+        cfg = cfg.replace(lookahead=2)
+    if prefetch == "pregate":
+        cfg = cfg.replace(pregate=True, pregate_rank=PREGATE_RANK, pregate_depth=PREGATE_DEPTH)
+    return cfg
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:
@@ -167,20 +204,22 @@ def fixed_bytes(model: Transformer, device: torch.device, max_batch: int) -> int
     return non_expert_bytes(model) + kv + activation_bytes(model, MAX_SEQ, max_batch, device)
 
 
-def cache_fraction(shape: str, budget_gib: float, max_batch: int) -> float:
+def cache_fraction(shape: str, budget_gib: float, max_batch: int, prefetch: str = "none"
+                   ) -> float:
     """Share of all experts the real full-depth model's cache holds at `budget_gib`."""
-    model = meta_model(model_config(shape, FULL_LAYERS[shape]))
+    model = meta_model(model_config(shape, FULL_LAYERS[shape], prefetch=prefetch))
     return ((budget_gib * GiB - fixed_bytes(model, torch.device("cuda"), max_batch))
             / expert_bytes_total(model))
 
 
 def scaled_budget(shape: str, layers: int, budget_full: float, smoke: bool,
-                  max_batch: int) -> int:
+                  max_batch: int, prefetch: str = "none") -> int:
     """budget_L (module docstring), in bytes."""
-    model = meta_model(model_config(shape, layers, smoke))
+    model = meta_model(model_config(shape, layers, smoke, prefetch))
     device = torch.device("cpu" if smoke else "cuda")
     return int(fixed_bytes(model, device, max_batch)
-               + cache_fraction(shape, budget_full, max_batch) * expert_bytes_total(model))
+               + cache_fraction(shape, budget_full, max_batch, prefetch)
+               * expert_bytes_total(model))
 
 
 # -- device helpers (children only) ---------------------------------------------------------
@@ -234,15 +273,77 @@ def with_budget(budget: int | None) -> None:
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
+    """Random bf16 weights on the device. Re-initialised from seed 0 after construction: the
+    constructors of added parts (pre-gate heads, a lookahead router) draw from the RNG, and
+    init_parameters sets the backbone's tensors before theirs (registration order), so every
+    configuration of a shape serves the same backbone."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            return Transformer(cfg).eval()
+            model = Transformer(cfg).eval()
     finally:
         torch.set_default_dtype(default)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.reset_parameters()
+    return model
+
+
+def random_batches(vocab: int, shape: tuple[int, int], n: int, seed: int,
+                   device: torch.device):
+    """`n` batches of `shape` = (sequences, tokens) uniform over the vocabulary, the
+    distribution of the benchmark's prompts (and, nearly, of a random model's samples)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield torch.randint(0, vocab, shape, generator=g).to(device)
+
+
+def fit_pregate(model: Transformer, steps: int, shape: tuple[int, int]) -> dict:
+    """Fine-tune `model`'s pre-gate heads on its own routing, the backbone frozen, as `moeflow
+    train --pregate` does (moeflow.train.pregate: the heads start at zero-shot's predictions,
+    its objective, its held-out recall) but without the trainer, which starts from a checkpoint
+    on disk and a tokenized corpus: this model is random and exists only on the device. `steps`
+    batches of `shape` (sequences, tokens), seed 1; returns the held-out recall of the heads and
+    of zero-shot pre-gating on PREGATE_HELDOUT fresh batches (seed 2; the prompts use seed 0)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    dtype = next(model.pregate.parameters()).dtype
+    model.pregate.float()  # fp32 weights for AdamW; the heads compute in fp32 regardless
+    model.pregate.init_from_routers([m.router for m in model.moe_layers()])
+    freeze_backbone(model)
+    params = list(model.pregate.parameters())
+    # No weight decay: every step is fresh data from the model the heads are fitted to.
+    opt = torch.optim.AdamW(params, lr=PREGATE_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    sync()
+    t0 = time.perf_counter()
+    losses = []
+    for step, input_BT in enumerate(random_batches(vocab, shape, steps, 1, device)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, PREGATE_LR, PREGATE_WARMUP, steps, 0.1)
+        loss, _ = pregate_objective(model, input_BT)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.detach())
+    sync()
+    train_s = time.perf_counter() - t0
+    model.requires_grad_(False)
+    del opt, params
+    model.pregate.to(dtype)  # served, and counted in the budget, as the model's other weights
+    counts = sum(recall_counts(model, input_BT)
+                 for input_BT in random_batches(vocab, shape, PREGATE_HELDOUT, 2, device))
+    head_hits, zero_hits, routes = counts.tolist()
+    return {"steps": steps, "batch": shape[0], "seq": shape[1], "lr": PREGATE_LR,
+            "rank": model.config.pregate_rank, "depth": model.config.pregate_depth,
+            "tokens": "uniform random", "train_s": train_s,
+            "first_loss": losses[0].item() if losses else None,
+            "last_loss": losses[-1].item() if losses else None,
+            "heldout_sequences": PREGATE_HELDOUT * shape[0],
+            "heldout_recall": head_hits / routes, "zero_shot_recall": zero_hits / routes,
+            "heads_MB": sum(p.nbytes for p in model.pregate.parameters()) / 1e6}
 
 
 # -- measuring one engine -------------------------------------------------------------------
@@ -361,19 +462,23 @@ def child_resident(task: dict) -> dict:
 
 
 def child_offload(task: dict) -> dict:
-    cfg = model_config(task["shape"], task["layers"], task["smoke"])
+    prefetch = parse_config(task["config"])["prefetch"]
+    cfg = model_config(task["shape"], task["layers"], task["smoke"], prefetch)
     bandwidth = h2d_bandwidth()
     budget = scaled_budget(task["shape"], task["layers"], task["budget_full"], task["smoke"],
-                           task["max_batch"])
+                           task["max_batch"], prefetch)
     off = OffloadConfig(gpu_memory=str(budget), **parse_config(task["config"]))
-    if off.prefetch == "lookahead":  # a random lookahead router (a 2-token window) routes
-        cfg = cfg.replace(lookahead=2)
     t0 = time.perf_counter()
     model = build_model(cfg)
     experts = expert_bytes_total(model)
+    pregate, fit_s = None, 0.0
+    if cfg.pregate:
+        t1 = time.perf_counter()
+        pregate = fit_pregate(model, task["pregate_steps"], tuple(task["pregate_batch"]))
+        fit_s = pregate["fit_s"] = time.perf_counter() - t1  # training and held-out scoring
     engine = Engine(model, EngineConfig(max_batch_size=task["max_batch"], max_seq_len=MAX_SEQ,
                                         offload=off))
-    build_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t0 - fit_s
     gc.collect()
     reset_peak()  # the model was built whole on the device; from here on only the plan's parts
     with_budget(budget)
@@ -387,7 +492,7 @@ def child_offload(task: dict) -> dict:
             "h2d_GBps": bandwidth / 1e9, "cpu_expert_costs": cpu_costs(engine),
             "split_two_d_dma": (engine.stats().offload.split.two_d_dma
                                 if engine.offload.split is not None else None),
-            "store_ratio": store_ratio(engine.offload.cache.store),
+            "store_ratio": store_ratio(engine.offload.cache.store), "pregate_heads": pregate,
             "plan_GiB": {k: v / GiB for k, v in dataclasses.asdict(plan).items()
                          if k not in ("slots", "min_slots")}}
 
@@ -540,7 +645,9 @@ def plan_tasks(args) -> list[dict]:
     layers = {"mixtral": args.mixtral_layers, "qwen3": args.qwen3_layers}
     decode = [[b, n] for b, n in ((1, args.decode_b1_steps), (16, args.decode_b16_steps))
               if b <= args.max_batch]  # JSON: no int keys
-    base = dict(smoke=args.smoke, decode=decode, max_batch=args.max_batch)
+    base = dict(smoke=args.smoke, decode=decode, max_batch=args.max_batch,
+                pregate_steps=args.pregate_steps,
+                pregate_batch=PREGATE_SMOKE_BATCH if args.smoke else PREGATE_BATCH)
     budgets = {s: BUDGETS_GIB[s][:1] if args.budgets == "small" else BUDGETS_GIB[s]
                for s in args.shapes}
 
@@ -594,6 +701,18 @@ def table(results: dict) -> str:
                 f"({f(b1.get('split_cpu_columns'))}) | "
                 f"{f(b1.get('copied_GB_per_token'), '{:.3f}')} | {f(b1.get('x_floor'))} | "
                 f"{b16['tokens_per_s']:.1f} | {f(b16.get('hit_rate'))} |")
+    for shape, res in results["shapes"].items():
+        for name, r in res["runs"].items():
+            h = r.get("pregate_heads")
+            if h:
+                lines.append("")
+                lines.append(
+                    f"{shape} {name}: heads (width {h['rank']}, {h['depth']} hidden layers) "
+                    f"fitted {h['steps']} steps of {h['batch']} x {h['seq']} {h['tokens']} "
+                    f"tokens in {h['train_s']:.1f} s (loss {f(h['first_loss'], '{:.3f}')} -> "
+                    f"{f(h['last_loss'], '{:.3f}')}); held-out recall (teacher-forced, "
+                    f"{h['heldout_sequences']} fresh sequences) {h['heldout_recall']:.3f}, "
+                    f"zero-shot on the same {h['zero_shot_recall']:.3f}")
     peer = results.get("peer")
     if peer:
         lines.append("")
@@ -642,6 +761,9 @@ def main() -> None:
                    help="the engine's max_batch_size, which sizes its KV cache and activation "
                         "reserve; below 16 the batch-16 decode is not measured (a batch-1 "
                         "server configured as one leaves more of the budget to the cache)")
+    p.add_argument("--pregate-steps", type=int, default=PREGATE_STEPS,
+                   help="optimizer steps that fit the pre-gate heads of a policy/pregate "
+                        "configuration ({} x {} random tokens each)".format(*PREGATE_BATCH))
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-resident", action="store_true",
                    help="skip the all-on-GPU reference (full depth: measured in an earlier run)")
@@ -652,6 +774,9 @@ def main() -> None:
     args = p.parse_args()
     # SIGTERM (a job's time limit) unwinds like Ctrl-C, so run_child kills the running child.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.pregate_steps < 0:
+        p.error(f"--pregate-steps {args.pregate_steps}: must be 0 (the heads stay at zero-shot's "
+                f"predictions) or more")
     for c in args.configs:
         try:
             OffloadConfig(gpu_memory="1GiB", **parse_config(c))
