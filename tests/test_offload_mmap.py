@@ -208,20 +208,24 @@ def _cli(*argv):
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_generate_cli_with_expert_store_mmap_gives_the_resident_text(tmp_path):
-    text = Path(json_source()).read_text()
-    tokenizer = BPETokenizer.train([text], vocab_size=300)
-    model = make_model("mixtral")
-    cfg = ModelConfig(**{**model.config.to_dict(), "vocab_size": tokenizer.vocab_size,
-                         "pregate": False})
+def saved_mixtral(directory: Path) -> tuple[Transformer, tuple[str, ...]]:
+    """A tiny Mixtral-style model with a BPE tokenizer saved to `directory` (float32), and the
+    `generate` command line for it (greedy, 8 tokens, CPU)."""
+    tokenizer = BPETokenizer.train([Path(json_source()).read_text()], vocab_size=300)
+    cfg = ModelConfig(**{**make_model("mixtral").config.to_dict(),
+                         "vocab_size": tokenizer.vocab_size, "pregate": False})
     torch.manual_seed(1)
     model = Transformer(cfg).eval()
     for layer in model.moe_layers():
         torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
-    write_weights(tmp_path, model)
-    tokenizer.save(tmp_path / "tokenizer.json")
-    base = ("generate", "--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens",
-            "8", "--temperature", "0", "--device", "cpu")
+    write_weights(directory, model)
+    tokenizer.save(directory / "tokenizer.json")
+    return model, ("generate", "--checkpoint", str(directory), "--prompt", "def ",
+                   "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu")
+
+
+def test_generate_cli_with_expert_store_mmap_gives_the_resident_text(tmp_path):
+    model, base = saved_mixtral(tmp_path)
     rc, resident, err = _cli(*base)
     assert rc == 0, err
     budget = budget_for(model, model.config.router.top_k + 1, max_batch_size=1)

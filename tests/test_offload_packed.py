@@ -4,14 +4,10 @@ engine gives the same greedy tokens and bit-identical logits as with the pinned 
 forced evictions, copying about 3/4 of the bytes; one-line errors for what cannot be packed."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from moeflow import ModelConfig, Transformer
-from moeflow.checkpoint.model_dir import write_weights
-from moeflow.data.tokenizer import BPETokenizer
 from moeflow.infer import Engine, EngineConfig
 from moeflow.infer.offload import OffloadConfig
 from moeflow.infer.offload.expert_store import LayerExperts
@@ -21,7 +17,7 @@ from moeflow.ops.bf16_pack import (MAX_EXCEPTION_SHARE, PackedLayout, pack_bf16,
                                    unpack_bf16_reference)
 from tests._triton_cpu import DEVICE, ON_GPU, TRITON  # noqa: I001  (sets TRITON_INTERPRET first)
 from test_offload import KINDS, budget_for, make_model, prompts, run
-from test_offload_mmap import _cli, json_source
+from test_offload_mmap import _cli, saved_mixtral
 
 SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-39, 3.3e38, -1.0]
 
@@ -153,18 +149,7 @@ def test_packed_engine_on_cuda_equals_pinned_engine():
 def test_generate_cli_with_expert_store_packed_gives_the_bf16_resident_text(tmp_path):
     """`generate --dtype bfloat16 --gpu-memory ... --expert-store packed` = the bf16 resident
     engine's text; a float32 checkpoint without --dtype is one line naming the fix."""
-    tokenizer = BPETokenizer.train([Path(json_source()).read_text()], vocab_size=300)
-    model = make_model("mixtral")
-    cfg = ModelConfig(**{**model.config.to_dict(), "vocab_size": tokenizer.vocab_size,
-                         "pregate": False})
-    torch.manual_seed(1)
-    model = Transformer(cfg).eval()
-    for layer in model.moe_layers():
-        torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
-    write_weights(tmp_path, model)
-    tokenizer.save(tmp_path / "tokenizer.json")
-    base = ("generate", "--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens",
-            "8", "--temperature", "0", "--device", "cpu")
+    model, base = saved_mixtral(tmp_path)
     rc, resident, err = _cli(*base, "--dtype", "bfloat16")
     assert rc == 0, err
     budget = budget_for(model.bfloat16(), model.config.router.top_k + 1, max_batch_size=1,
