@@ -158,3 +158,19 @@ def test_generate_cli_with_expert_store_packed_gives_the_bf16_resident_text(tmp_
     assert _cli(*base, "--dtype", "bfloat16", *packed) == (0, resident, "")
     rc, _, err = _cli(*base, *packed)
     assert rc == 2 and err.count("\n") == 1 and "this model's are torch.float32" in err
+
+
+def test_a_new_engine_reuses_the_packed_store_and_refuses_another_kind():
+    out, slots = pinned_and_packed("qwen3", "cpu", seed=9)
+    first, want = out["packed"][0], out["packed"][1]
+    model, store = first.model, first.offload.cache.store
+    ps = prompts(2, seed=9)
+    del first, out
+    budget = budget_for(model, slots + 1, 2, expert_store="packed")
+    engine, tokens, _ = run(model, ps, max_batch_size=2, offload=OffloadConfig(
+        device="cpu", gpu_memory=budget, expert_store="packed"))
+    assert engine.offload.cache.store is store and engine.offload.plan.slots == slots + 1
+    assert tokens == want
+    with pytest.raises(ValueError, match="already moved this model's experts to a 'packed'"):
+        Engine(model, EngineConfig(max_batch_size=2, offload=OffloadConfig(
+            device="cpu", gpu_memory=budget)))
