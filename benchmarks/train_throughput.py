@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
+from moeflow.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 
 def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
@@ -130,8 +131,12 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
 
     def step():
         tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
-        out = model(tokens[:, :-1])  # noqa: F821 (closure; a later del frees it)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0)  # noqa: F821 (closure; a later del frees it)
+        if args.loss_chunk:  # TrainConfig.loss_chunk: the head fused with the loss, in chunks
+            loss = linear_cross_entropy(out.hidden.flatten(0, 1), model.lm_head.weight,  # noqa: F821 (closure; a later del frees it)
+                                        tokens[:, 1:].flatten(), args.loss_chunk)
+        else:
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         if overlap is not None:
             overlap.arm()
         (loss + out.router_loss).backward()
@@ -154,7 +159,8 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     flops = training_flops_per_token(config, T)
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
-           "micro_batch": B, "seq": T, "params_total": total, "params_active": active,
+           "micro_batch": B, "seq": T, "loss_chunk": args.loss_chunk,
+           "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
            "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
            "max_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -248,6 +254,9 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per step")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="fuse the LM head and cross-entropy over chunks of this many tokens "
+                        "(TrainConfig.loss_chunk; 0: the plain loss)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-overlap", action="store_true",

@@ -63,11 +63,12 @@ class LayerRouting:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when the forward was asked for `hidden`
     router_loss: torch.Tensor  # Σ over MoE layers of aux_coef·aux + z_coef·z
     aux_loss: torch.Tensor  # Σ of unweighted load-balancing losses
     z_loss: torch.Tensor  # Σ of unweighted z-losses
     routing: tuple[LayerRouting, ...]
+    hidden: torch.Tensor | None = None  # [B, T, D] the LM head's input, with hidden_only=True
 
     @property
     def dropped_fraction(self) -> torch.Tensor:
@@ -188,12 +189,14 @@ class Transformer(nn.Module, ChoosesBackends):
     def forward(self, input_ids: torch.Tensor, cache=None,
                 logits_at: torch.Tensor | None = None, inference: bool = False,
                 groups: torch.Tensor | None = None, history: torch.Tensor | None = None,
-                own_routers: bool = False) -> ModelOutput:
+                own_routers: bool = False, hidden_only: bool = False) -> ModelOutput:
         """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
         (logits [B, T', V]); the cache, if given, supplies each token's position;
         `inference=True` routes dropless and without noise (see moeflow.model.router);
         `groups` [B, T]: each token's expert group id (checked here, one host sync);
-        `history`, `own_routers`: models with a lookahead router (see the module docstring)."""
+        `history`, `own_routers`: models with a lookahead router (see the module docstring);
+        `hidden_only`: return the LM head's input (final norm applied) as `hidden` and no
+        logits (the trainer's fused head + loss, moeflow.ops.linear_cross_entropy)."""
         B, T = input_ids.shape
         route_by = [None] * len(self.blocks)
         if self.lookahead is not None and not own_routers:
@@ -243,6 +246,8 @@ class Transformer(nn.Module, ChoosesBackends):
             cache.advance(T)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        if hidden_only:
+            return ModelOutput(None, router_loss, aux, z, tuple(stats), self.final_norm(x))
         logits = self.lm_head(self.final_norm(x))
         return ModelOutput(logits, router_loss, aux, z, tuple(stats))
 

@@ -74,6 +74,12 @@ class TrainConfig:
                              default=16)
     micro_batch: int | None = option("sequences per forward pass on one rank (default: all of the "
                                      "rank's share, no accumulation)", default=None)
+    # 0 by default until the GPU benchmark has measured it (train_throughput.py --loss-chunk).
+    loss_chunk: int = option("compute the LM head and cross-entropy together over chunks of this "
+                             "many tokens, never holding the [tokens, vocabulary] logits (less "
+                             "activation memory, one more head GEMM per chunk in backward; "
+                             "moeflow/ops/linear_cross_entropy.py); 0: the plain loss",
+                             default=0)
     lr: float = option("peak learning rate", default=1e-3)
     warmup_steps: int | None = option("linear warmup steps (default: min(100, steps/10))",
                                       default=None)
@@ -161,6 +167,9 @@ class TrainConfig:
         number("val_fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
         number("aux_loss_coef", self.aux_loss_coef, lo=0, optional=True)
         number("kd_alpha", self.kd_alpha, lo=0)
+        integer("loss_chunk", self.loss_chunk, lo=0)
+        check(self.loss_chunk == 0 or self.teacher is None, "loss_chunk", self.loss_chunk,
+              "is not used with --teacher: distillation compares the student's full logits")
         number("kd_temperature", self.kd_temperature, lo=0, lo_open=True)
         integer("kd_stop_step", self.kd_stop_step, lo=0, optional=True)
         choice("device", self.device, DEVICES)

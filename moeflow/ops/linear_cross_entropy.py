@@ -1,0 +1,85 @@
+"""The LM head and the cross-entropy in one autograd op over chunks of tokens, never holding the
+[tokens, vocabulary] logits (`TrainConfig.loss_chunk`).
+
+Why: the plain loss, F.cross_entropy(lm_head(h).float(), target), keeps the logits in the
+compute dtype for the head's backward plus their fp32 copy and log-softmax for the loss's: at
+finegrained-1b's micro-batch of 4 x 2048 tokens and a 50k vocabulary that is ~4 GB of
+activations that exist only for the last layer, and they cap the micro-batch. Here the forward
+computes each chunk's logits, keeps only its log-sum-exp (4 bytes a token), and sums the loss;
+the backward recomputes each chunk's logits (one more head GEMM per chunk: ~1/3 more head
+FLOPs, a few % of a step), forms softmax - one-hot in fp32, and accumulates the input and
+weight gradients chunk by chunk.
+
+Same math as the plain loss: the logits from the same GEMM in the same compute dtype (the
+autocast dtype when autocast is on, as the head would run), fp32 from there on, mean over the
+targets that are not `ignore_index`; only the order of the fp32 sums over chunks differs.
+
+Legend: N tokens, D model dim, V vocabulary, C tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return h.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, target_N, chunk, ignore_index, dtype):
+        N = h_ND.shape[0]
+        w = w_VD.to(dtype)
+        lse_N = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
+        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        valid_N = target_N != ignore_index
+        safe_N = torch.where(valid_N, target_N, 0)
+        with torch.autocast(h_ND.device.type, enabled=False):
+            for s in range(0, N, chunk):
+                logits_CV = F.linear(h_ND[s:s + chunk].to(dtype), w).float()
+                lse_C = torch.logsumexp(logits_CV, dim=-1)
+                picked_C = logits_CV.gather(1, safe_N[s:s + chunk, None]).squeeze(1)
+                total += torch.where(valid_N[s:s + chunk], lse_C - picked_C, 0.0).sum()
+                lse_N[s:s + chunk] = lse_C
+        count = valid_N.sum()
+        ctx.save_for_backward(h_ND, w_VD, safe_N, valid_N, lse_N, count)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total / count  # 0 targets: nan, as F.cross_entropy's mean
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h_ND, w_VD, safe_N, valid_N, lse_N, count = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = w_VD.to(dtype)
+        scale = grad_loss.float() / count
+        grad_h = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) \
+            if ctx.needs_input_grad[1] else None
+        with torch.autocast(h_ND.device.type, enabled=False):
+            for s in range(0, h_ND.shape[0], chunk):
+                h_CD = h_ND[s:s + chunk].to(dtype)
+                logits_CV = F.linear(h_CD, w).float()
+                g_CV = torch.exp(logits_CV - lse_N[s:s + chunk, None])
+                g_CV.scatter_add_(1, safe_N[s:s + chunk, None],
+                                  torch.full_like(lse_N[s:s + chunk, None], -1.0))
+                g_CV = (g_CV * (valid_N[s:s + chunk, None] * scale)).to(dtype)
+                if grad_h is not None:
+                    grad_h[s:s + chunk] = (g_CV @ w).to(h_ND.dtype)
+                if grad_w is not None:
+                    grad_w += (g_CV.t() @ h_CD).float()
+        return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None, None
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor,
+                         chunk: int, ignore_index: int = -100) -> torch.Tensor:
+    """F.cross_entropy(F.linear(h_ND, weight_VD).float(), target_N) (mean over the targets that
+    are not `ignore_index`) without the [N, V] logits: `chunk` tokens at a time."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be a positive number of tokens")
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk, ignore_index,
+                                     _compute_dtype(h_ND))
