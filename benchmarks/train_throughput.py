@@ -131,7 +131,8 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
 
     def step():
         tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
-        out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0)  # noqa: F821 (closure; a later del frees it)
+        out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0,  # noqa: F821 (closure; a later del frees it)
+                    recompute=args.recompute)
         if args.loss_chunk:  # TrainConfig.loss_chunk: the head fused with the loss, in chunks
             loss = linear_cross_entropy(out.hidden.flatten(0, 1), model.lm_head.weight,  # noqa: F821 (closure; a later del frees it)
                                         tokens[:, 1:].flatten(), args.loss_chunk)
@@ -160,6 +161,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
            "micro_batch": B, "seq": T, "loss_chunk": args.loss_chunk,
+           "recompute": args.recompute,
            "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
            "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
@@ -257,6 +259,8 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="fuse the LM head and cross-entropy over chunks of this many tokens "
                         "(TrainConfig.loss_chunk; 0: the plain loss)")
+    p.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing per block (TrainConfig.recompute)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-overlap", action="store_true",

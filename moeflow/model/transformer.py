@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 from moeflow.config import FFNSpec, ModelConfig
 from moeflow.model.attention import Attention
@@ -189,14 +190,17 @@ class Transformer(nn.Module, ChoosesBackends):
     def forward(self, input_ids: torch.Tensor, cache=None,
                 logits_at: torch.Tensor | None = None, inference: bool = False,
                 groups: torch.Tensor | None = None, history: torch.Tensor | None = None,
-                own_routers: bool = False, hidden_only: bool = False) -> ModelOutput:
+                own_routers: bool = False, hidden_only: bool = False,
+                recompute: bool = False) -> ModelOutput:
         """input_ids [B, T]; `logits_at` [B, T'] picks the positions whose logits are returned
         (logits [B, T', V]); the cache, if given, supplies each token's position;
         `inference=True` routes dropless and without noise (see moeflow.model.router);
         `groups` [B, T]: each token's expert group id (checked here, one host sync);
         `history`, `own_routers`: models with a lookahead router (see the module docstring);
         `hidden_only`: return the LM head's input (final norm applied) as `hidden` and no
-        logits (the trainer's fused head + loss, moeflow.ops.linear_cross_entropy)."""
+        logits (the trainer's fused head + loss, moeflow.ops.linear_cross_entropy);
+        `recompute`: under autograd, checkpoint each block (torch.utils.checkpoint,
+        non-reentrant: RNG and autocast replayed, so the recomputed activations are the same)."""
         B, T = input_ids.shape
         route_by = [None] * len(self.blocks)
         if self.lookahead is not None and not own_routers:
@@ -231,8 +235,13 @@ class Transformer(nn.Module, ChoosesBackends):
             rope_dim = self.config.mla.qk_rope_head_dim if self.config.mla else self.config.head_dim
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
+        checkpointed = recompute and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, rope, cache, inference, token_group, route_by[i])
+            if checkpointed:
+                x, routing = checkpoint(block, x, rope, None, inference, token_group, route_by[i],
+                                        use_reentrant=False)
+            else:
+                x, routing = block(x, rope, cache, inference, token_group, route_by[i])
             if routing is not None:
                 losses += [routing.loss, routing.aux_loss, routing.z_loss]
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,

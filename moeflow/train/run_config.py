@@ -74,6 +74,11 @@ class TrainConfig:
                              default=16)
     micro_batch: int | None = option("sequences per forward pass on one rank (default: all of the "
                                      "rank's share, no accumulation)", default=None)
+    # off by default until the GPU benchmark has measured it (train_throughput.py --recompute).
+    recompute: bool = option("activation checkpointing: keep only each block's input and "
+                             "recompute its activations in the backward (less memory for a "
+                             "larger micro-batch, about one more forward per step)",
+                             default=False)
     # 0 by default until the GPU benchmark has measured it (train_throughput.py --loss-chunk).
     loss_chunk: int = option("compute the LM head and cross-entropy together over chunks of this "
                              "many tokens, never holding the [tokens, vocabulary] logits (less "

@@ -310,7 +310,8 @@ class Trainer:
             with self.autocast():
                 return distill_objective(self.model, input_BT)
         with self.autocast():
-            out = self.model(input_BT, groups=groups_BT, hidden_only=self.cfg.loss_chunk > 0)
+            out = self.model(input_BT, groups=groups_BT, hidden_only=self.cfg.loss_chunk > 0,
+                             recompute=self.cfg.recompute)
             if self.cfg.loss_chunk:  # the head's GEMM in the autocast dtype, as lm_head's
                 ce = linear_cross_entropy(out.hidden.flatten(0, 1), self.model.lm_head.weight,
                                           target_BT.flatten(), self.cfg.loss_chunk)

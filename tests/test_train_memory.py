@@ -1,7 +1,9 @@
-"""The LM head and cross-entropy fused over chunks (moeflow.ops.linear_cross_entropy,
-`train --loss-chunk`): the loss and both gradients of the plain F.cross_entropy(lm_head(h)),
-in fp32 to rounding and in bf16 under autocast to a bf16 step, ignore_index honoured; a run
-trained with it follows the plain run's losses; one-line errors."""
+"""Training's activation-memory options. `--loss-chunk`: the LM head and cross-entropy fused
+over chunks (moeflow.ops.linear_cross_entropy): the loss and both gradients of the plain
+F.cross_entropy(lm_head(h)), in fp32 to rounding and in bf16 under autocast to a bf16 step,
+ignore_index honoured; a run with it follows the plain run's losses. `--recompute`: activation
+checkpointing per block, the same run bit for bit on the CPU, each block run again in the
+backward. One-line errors."""
 
 from __future__ import annotations
 
@@ -67,3 +69,45 @@ def test_training_with_loss_chunk_follows_the_plain_run(tmp_path, corpus, config
     assert r.returncode == 2 and "loss_chunk" in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(ValueError, match="loss_chunk.*distillation compares"):
         TrainConfig(loss_chunk=64, teacher=str(tmp_path / "teacher"))
+
+
+def test_recompute_gives_the_same_run(tmp_path, corpus, config):
+    """--recompute (activation checkpointing per block): on the CPU the recomputed activations
+    are the kept ones bit for bit, so the run's losses and weights are the plain run's."""
+    runs = {}
+    for name, extra in (("plain", ()), ("recompute", ("--recompute",)),
+                        ("both", ("--recompute", "--loss-chunk", "40"))):
+        out = tmp_path / name
+        r = cli_in_process(*train_argv(config, corpus, out, "--steps", "3", *extra))
+        assert r.returncode == 0, r.stderr
+        runs[name] = losses(out)
+    assert runs["recompute"] == runs["plain"]
+    assert [s for s, *_ in runs["both"]] == [s for s, *_ in runs["plain"]]
+
+
+def test_recompute_runs_each_block_again_in_the_backward():
+    from moeflow import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=2,
+                                    max_seq_len=16, moe_every=2, num_experts=4))
+    calls, block = [], model.blocks[1]
+    forward = block.forward  # counted by wrapping: module hooks do not fire on the recompute
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    block.forward = counting
+    ids = torch.randint(0, 64, (2, 8))
+    grads = {}
+    for recompute in (False, True):
+        calls.clear()
+        model.zero_grad()
+        out = model(ids, recompute=recompute)
+        (out.logits.float().square().mean() + out.router_loss).backward()
+        grads[recompute] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert len(calls) == (2 if recompute else 1)
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+    with torch.no_grad():  # nothing to recompute without autograd
+        calls.clear()
+        model(ids, recompute=True)
+        assert len(calls) == 1
