@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 
@@ -109,7 +110,8 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     with torch.device(device):
-        model = Transformer(config).to(dtype)
+        model = Transformer(config, Backends(dense="compiled" if args.compile else "auto"))
+        model = model.to(dtype)
     groups = None
     if args.ep > 1:
         from moeflow.parallel import ParallelConfig, shard_model
@@ -161,7 +163,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
            "micro_batch": B, "seq": T, "loss_chunk": args.loss_chunk,
-           "recompute": args.recompute,
+           "recompute": args.recompute, "compile": args.compile,
            "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
            "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
@@ -261,6 +263,9 @@ def main() -> None:
                         "(TrainConfig.loss_chunk; 0: the plain loss)")
     p.add_argument("--recompute", action="store_true",
                    help="activation checkpointing per block (TrainConfig.recompute)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each block's dense part (TrainConfig.compile); the warm-up "
+                        "steps pay the compilation")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-overlap", action="store_true",

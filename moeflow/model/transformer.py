@@ -27,6 +27,7 @@ computes the same choices without running the model: the engine's prefetch).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from moeflow.model.moe import MoELayer
 from moeflow.model.norms import add_norm, make_norm
 from moeflow.model.pregate import PregateHeads
 from moeflow.model.rope import rope_cos_sin
-from moeflow.ops.backend import Backends, ChoosesBackends, set_backends
+from moeflow.ops.backend import Backends, ChoosesBackends, compiles_dense, set_backends
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,20 @@ class ModelOutput:
         return torch.stack([r.num_dropped for r in self.routing]).sum() / total
 
 
-class Block(nn.Module):
+class Block(nn.Module, ChoosesBackends):
+    """Attention sub-layer, then the FFN (dense or MoE), each with its residual.
+
+    With `backends.dense == "compiled"` the dense part runs through torch.compile under
+    autograd (regional compilation): `attend` for every block, and the whole block for a dense
+    FFN; the MoE FFN stays eager (its routing and expert kernels choose their own paths). The
+    compiled functions are compiled once per block structure, not per layer: they take the
+    block as an argument, and torch.compile treats a module's parameters as inputs, so the
+    layers of one structure share a graph (test_compiled_blocks counts the graphs)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, spec: FFNSpec, backends: Backends
                  ) -> None:
         super().__init__()
+        self.backends = backends
         activation = "gelu" if config.arch == "gpt" else "swiglu"
         self.attn_norm = make_norm(config.arch, config.d_model, config.norm_eps, backends)
         attention = MLAttention if config.mla else Attention
@@ -95,14 +106,32 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
 
+    def attend(self, x, rope, cache):
+        """(x + attention(norm(x)), ffn_norm of that): the residual stream and the FFN's input."""
+        return add_norm(self.ffn_norm, x, self.attn(self.attn_norm(x), rope, cache))
+
+    def dense_forward(self, x, rope, cache):
+        """The whole block when its FFN is dense."""
+        x, normed = self.attend(x, rope, cache)
+        return x + self.ffn(normed)
+
     def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None,
                 route_logits: torch.Tensor | None = None):
-        x, normed = add_norm(self.ffn_norm, x, self.attn(self.attn_norm(x), rope, cache))
-        if isinstance(self.ffn, MoELayer):
-            h, routing = self.ffn(normed, inference, groups, route_logits)
-        else:
-            h, routing = self.ffn(normed), None
+        compiled = cache is None and compiles_dense(self.backends.dense)
+        if not isinstance(self.ffn, MoELayer):
+            run = _compiled(Block.dense_forward) if compiled else Block.dense_forward
+            return run(self, x, rope, cache), None
+        attend = _compiled(Block.attend) if compiled else Block.attend
+        x, normed = attend(self, x, rope, cache)
+        h, routing = self.ffn(normed, inference, groups, route_logits)
         return x + h, routing
+
+
+@functools.cache
+def _compiled(fn):
+    """torch.compile(fn), made once per process on first use (importing torch._dynamo costs
+    about a second, which runs that never compile should not pay)."""
+    return torch.compile(fn)
 
 
 @torch.no_grad()

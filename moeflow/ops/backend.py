@@ -29,6 +29,12 @@ benchmarks compare every fast path with its plain-torch reference.
   then decode_attention as `fuse` decides; "triton" = moeflow.ops.decode_attention_triton, one
   split-K pass that also stores them, whenever autograd is off, on any device; "auto" = triton on
   CUDA without autograd). Prefill attention is SDPA either way.
+- dense: DENSE_BACKENDS, the dense part of each block under autograd (training): its attention
+  sub-layer (norm, attention, residual add, the next norm) and a dense FFN ("eager" = as the
+  other fields choose; "compiled" = regional torch.compile, one graph per block structure,
+  reused by every layer of that structure, moeflow.model.transformer.Block; "auto" = eager
+  until the GPU benchmark has measured the compiled blocks, benchmarks/train_throughput.py
+  --compile). The MoE FFN (routing, dispatch, expert kernels) stays eager either way.
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -52,6 +58,7 @@ DISPATCH_BACKENDS = ("reference", "triton")
 FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
 ATTENTION_BACKENDS = ("reference", "triton")
+DENSE_BACKENDS = ("eager", "compiled")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
@@ -103,19 +110,22 @@ class Backends:
     fuse: str = "auto"
     elementwise: str = "auto"
     attention: str = "auto"
+    dense: str = "auto"
 
     def __post_init__(self) -> None:
         for name, names in (("router", ROUTER_BACKENDS), ("dispatch", DISPATCH_BACKENDS),
                             ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS),
                             ("elementwise", ELEMENTWISE_BACKENDS),
-                            ("attention", ATTENTION_BACKENDS)):
+                            ("attention", ATTENTION_BACKENDS),
+                            ("dense", DENSE_BACKENDS)):
             choice(name, getattr(self, name), ("auto", *names))
 
     @classmethod
     def reference(cls) -> "Backends":
         """Plain torch everywhere."""
         return cls(router="reference", dispatch="reference", experts="reference",
-                   fuse="reference", elementwise="reference", attention="reference")
+                   fuse="reference", elementwise="reference", attention="reference",
+                   dense="eager")
 
 
 class ChoosesBackends:
@@ -263,3 +273,9 @@ def resolve_attention_backend(requested: str, q: torch.Tensor) -> str:
     if requested == "triton":
         return "triton"
     return "triton" if _triton_cuda(q) else "reference"
+
+
+def compiles_dense(requested: str) -> bool:
+    """Whether a block runs its dense part compiled: asked for, under autograd (inference has
+    its own fused paths and CUDA graphs, moeflow.infer)."""
+    return requested == "compiled" and torch.is_grad_enabled()

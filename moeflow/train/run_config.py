@@ -79,6 +79,11 @@ class TrainConfig:
                              "recompute its activations in the backward (less memory for a "
                              "larger micro-batch, about one more forward per step)",
                              default=False)
+    # off by default until the GPU benchmark has measured it (train_throughput.py --compile).
+    compile: bool = option("compile the dense part of each block (attention, norms, residuals, "
+                           "dense FFNs) with torch.compile, one graph per block structure shared "
+                           "by its layers; the first step pays the compilation (Backends.dense)",
+                           default=False)
     # 0 by default until the GPU benchmark has measured it (train_throughput.py --loss-chunk).
     loss_chunk: int = option("compute the LM head and cross-entropy together over chunks of this "
                              "many tokens, never holding the [tokens, vocabulary] logits (less "

@@ -73,6 +73,7 @@ from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
+from moeflow.ops.backend import Backends
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.added_part import load_with_added_part
@@ -214,7 +215,11 @@ class Trainer:
 
     def build_model(self, model_config: ModelConfig) -> torch.nn.Module:
         with torch.device(self.device):
-            return Transformer(model_config)
+            return Transformer(model_config, self.backends())
+
+    def backends(self) -> Backends:
+        """The implementation choices the run asks for (moeflow.ops.backend)."""
+        return Backends(dense="compiled" if self.cfg.compile else "auto")
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         """Weight decay on matrices only (not norms, biases, or the router's bias)."""
