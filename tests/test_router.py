@@ -215,3 +215,29 @@ def test_logits_stay_fp32_under_autocast():
     assert plain.ids_TK.tolist() == [[1]]
     assert mixed.ids_TK.tolist() == [[1]]
     assert torch.equal(mixed.weights_TK, plain.weights_TK)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_half_precision_logits_equal_the_fp32_product(device):
+    """router_logits of bf16 operands: on CUDA without autograd one bf16 GEMM with fp32 output
+    (the products of bf16 numbers are exact in fp32, so only the summation order differs from
+    the fp32 GEMM of the upcast operands); on the CPU and under autograd that fp32 GEMM."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from moeflow.model.router import router_logits
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 256, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(24, 256, generator=g).to(device, torch.bfloat16)
+    want = x.float() @ w.float().t()
+    with torch.no_grad():
+        got = router_logits(x, w)
+    assert got.dtype == torch.float32 and got.shape == (2, 37, 24)
+    # fp32 summation of 256 exact products: a few ulps of the sum of their magnitudes
+    bound = 256 * torch.finfo(torch.float32).eps * (x.float().abs() @ w.float().abs().t())
+    assert ((got - want).abs() <= bound).all()
+    w.requires_grad_(True)
+    logits = router_logits(x, w)
+    logits.sum().backward()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(w.grad, x.float().sum((0, 1)).expand(24, -1).to(w.dtype),
+                               rtol=2**-7, atol=1e-3)

@@ -86,6 +86,9 @@ class RoutingResult:
         return self.counts_E.shape[0]
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _finite(logits: torch.Tensor) -> torch.Tensor:
     big = torch.finfo(logits.dtype).max
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
@@ -100,8 +103,19 @@ def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     (two casts, the GEMM, nan_to_num), so a CUDA graph gained nothing, while each eager call paid
     the twin's guards and wrappers: ~0.4 of the 1.8 ms host time of a T = 8 layer call on the
     H200 host (benchmarks/results/host_ops/host_profile_qwen3_T8_H200_2026-12-02.log), and
-    shape changes recompiled it."""
+    shape changes recompiled it.
+
+    bf16/fp16 operands on CUDA without autograd (serving): one half-precision GEMM with fp32
+    accumulation and output (aten::mm.dtype) gives the fp32 logits to summation order, since
+    the product of two bf16 numbers is exact in fp32; the fp32 GEMM of their upcast copies
+    took 1.48 of the 40 ms prefill of 2048 tokens on the Qwen3-30B-A3B shape (H200,
+    benchmarks/results/prefill), with two cast kernels besides. CPU torch has no mm.dtype."""
     device = x_TD.device.type
+    if (x_TD.is_cuda and x_TD.dtype in HALF_DTYPES and w_ED.dtype == x_TD.dtype
+            and not (torch.is_grad_enabled() and (x_TD.requires_grad or w_ED.requires_grad))):
+        flat_ND = x_TD.reshape(-1, x_TD.shape[-1])
+        logits_NE = torch.mm(flat_ND, w_ED.t(), out_dtype=torch.float32)
+        return _finite(logits_NE.view(*x_TD.shape[:-1], w_ED.shape[0]))
     if not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return _finite(F.linear(x_TD.float(), w_ED.float()))
     with torch.autocast(device, enabled=False):
