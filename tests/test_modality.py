@@ -63,3 +63,20 @@ def test_jsonl_modality_field_is_checked():
     assert document_modality({"modality": "code"}, "modality", "f:1") == CODE
     with pytest.raises(ValueError, match="f:2: field 'modality' must be one of code, text"):
         document_modality({"modality": "image"}, "modality", "f:2")
+
+
+def test_batched_encoding_gives_the_one_batch_result(monkeypatch):
+    """BPETokenizer.encodings encodes ENCODE_BATCH_CHARS of text at a time (memory); batches
+    of one document each must give what one batch gives, offsets and labels included."""
+    import moeflow.data.tokenizer as tokenizer_module
+    tok = BPETokenizer.train([SOURCE * 4, "plain words here"], 300)
+    names = [f"d{i}.py" if i % 3 else f"d{i}.md" for i in range(7)]
+    texts = [SOURCE[i:] + "x" * i for i in range(7)]
+    one_batch = tok.encode_documents(texts), encode_labelled(tok, names, texts)
+    monkeypatch.setattr(tokenizer_module, "ENCODE_BATCH_CHARS", 1)
+    batched = tok.encode_documents(iter(texts)), encode_labelled(tok, names, texts)
+    assert np.array_equal(batched[0], one_batch[0])
+    for got, want in zip(batched[1], one_batch[1], strict=True):
+        assert np.array_equal(got, want)
+    assert len(list(tok.encodings(texts))) == len(texts)
+    assert tok.encode_documents([]).shape == (0,)

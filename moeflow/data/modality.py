@@ -93,8 +93,8 @@ def encode_labelled(tokenizer: BPETokenizer, names: list[str], texts: list[str],
     document i as a whole (user data); otherwise the built-in rule applies."""
     eot = np.asarray([tokenizer.eot_id], dtype=np.int32)
     tokens, groups = [], []
-    encodings = tokenizer.tok.encode_batch(texts, add_special_tokens=tokenizer.add_special_tokens)
-    for i, (name, text, enc) in enumerate(zip(names, texts, encodings)):
+    encodings = tokenizer.encodings(texts, offsets=True)
+    for i, (name, text, enc) in enumerate(zip(names, texts, encodings, strict=True)):
         ids = np.asarray(enc.ids, dtype=np.int32)
         whole = None if modalities is None else modalities[i]
         if whole is not None:

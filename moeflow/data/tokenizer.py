@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 258  # 256 byte symbols + end-of-text + at least one merge
+ENCODE_BATCH_CHARS = 4 << 20  # text per encode_batch call (see encode_documents)
 
 
 def _read(path: str | Path) -> Tokenizer:
@@ -93,13 +94,31 @@ class BPETokenizer:
         special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         return self.tok.encode(text, add_special_tokens=special).ids
 
-    def encode_documents(self, texts: list[str]) -> np.ndarray:
+    def encodings(self, texts: Iterable[str], offsets: bool = False) -> Iterator[Encoding]:
+        """Each text's Encoding, in order, encoded ENCODE_BATCH_CHARS of text at a time (each
+        batch on every core); `offsets`: with each token's character span (slower).
+
+        Callers keep what they need of each and let it go: an Encoding costs ~90 bytes per
+        token. Measured on this project's CPU machine, `builtin:interpreter` (272 MB, 106 M
+        tokens): peak RSS 10.7 GB encoded in one batch, 1.8 GB batched (and 160 → 103 s);
+        each rank of a multi-process run encodes its own copy, so two gloo ranks on a 24 GB
+        machine were killed before."""
+        encode = self.tok.encode_batch if offsets else self.tok.encode_batch_fast
+        batch, chars = [], 0
+        for text in texts:
+            batch.append(text)
+            chars += len(text)
+            if chars >= ENCODE_BATCH_CHARS:
+                yield from encode(batch, add_special_tokens=self.add_special_tokens)
+                batch, chars = [], 0
+        yield from encode(batch, add_special_tokens=self.add_special_tokens)
+
+    def encode_documents(self, texts: Iterable[str]) -> np.ndarray:
         """All texts as one int32 stream, each followed by end-of-text."""
         eot = np.asarray([self.eot_id], dtype=np.int32)
         pieces = []
-        for enc in self.tok.encode_batch_fast(texts, add_special_tokens=self.add_special_tokens):
-            pieces.append(np.asarray(enc.ids, dtype=np.int32))
-            pieces.append(eot)
+        for enc in self.encodings(texts):
+            pieces += [np.asarray(enc.ids, dtype=np.int32), eot]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
