@@ -93,7 +93,7 @@ class Block(nn.Module):
         if spec.is_moe:
             self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias, backends)
         else:
-            self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
+            self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias, backends)
 
     def forward(self, x, rope, cache, inference: bool, groups: TokenGroups | None = None,
                 route_logits: torch.Tensor | None = None):

@@ -73,6 +73,7 @@ from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
+from moeflow.ops.backend import Backends
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.added_part import load_with_added_part
@@ -213,8 +214,10 @@ class Trainer:
         return torch.device("cpu")
 
     def build_model(self, model_config: ModelConfig) -> torch.nn.Module:
+        """`fp8`: the model's matmuls in FP8 where autograd records them (Backends.matmul)."""
         with torch.device(self.device):
-            return Transformer(model_config)
+            return Transformer(model_config, Backends(matmul="fp8") if self.cfg.fp8
+                               else Backends())
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         """Weight decay on matrices only (not norms, biases, or the router's bias)."""
@@ -411,6 +414,12 @@ class Trainer:
         """Everything that can fail on bad input; writes nothing."""
         cfg = self.cfg
         self.device = self.resolve_device()
+        if cfg.fp8 and self.device.type == "cuda" and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"fp8: {torch.cuda.get_device_name(self.device)} (compute "
+                             f"capability {major}.{minor}) has no FP8 tensor cores (8.9+); "
+                             "the emulation would be slower than bf16, train without --fp8")
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size}: must be a multiple of the "
                              f"world size {self.world}")
