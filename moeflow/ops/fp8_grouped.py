@@ -59,7 +59,7 @@ def quantize_segment_columns(t_NC: torch.Tensor, segment_N: torch.Tensor, num_ex
     amax = torch.zeros(num_experts + 1, C, device=t_NC.device, dtype=torch.float32)
     amax.scatter_reduce_(0, index_NC, t_NC.abs().float(), "amax")
     scale, inverse = pow2_scales(amax)
-    return (t_NC * scale[segment_N]).to(FP8), inverse[:num_experts]
+    return (t_NC * scale.to(t_NC.dtype)[segment_N]).to(FP8), inverse[:num_experts]
 
 
 def _grouped_nt(a_NC: torch.Tensor, b_EDC: torch.Tensor, offs_E: torch.Tensor, kernel: bool
