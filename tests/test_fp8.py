@@ -238,8 +238,8 @@ def fake_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, bias=None, scale_r
     GroupMMCommon.cuh), emulated on the CPU to test how the op calls it: e4m3 operands, a
     row-major, b column-major, widths multiples of 16, int32 offsets, fp32 scales (2D×3D: [M]
     and [E, N]; 2D×2D: [E·M] and [E·N] expert-major, group sizes multiples of 16 but the last),
-    bf16 output, rows past the last offset left unwritten (NaN here), and (an assumption on
-    the safe side) an empty group of the 2D×2D form too."""
+    bf16 output, rows past the last offset left unwritten (NaN here); no empty group in the 2D×2D
+    form (sm100's kernel asserts that, sm90's would leave it unwritten)."""
     assert a.dtype == b.dtype == FP8 and out_dtype == torch.bfloat16 and not use_fast_accum
     assert bias is None and scale_result is None and offs.dtype == torch.int32
     assert a.stride(-1) == 1 and b.stride(-2) == 1 and b.stride(-1) >= b.shape[-2]
@@ -260,8 +260,7 @@ def fake_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, bias=None, scale_r
     for e in range(E):
         lo, hi = ends[e], ends[e + 1]
         assert e == E - 1 or (hi - lo) % 16 == 0, "group size not a multiple of 16"
-        if hi == lo:
-            continue
+        assert hi > lo, "empty group"
         out[e] = ((a[:, lo:hi].float() * scale_a[e * M:(e + 1) * M, None])
                   @ (b[lo:hi].float() * scale_b[e * N:(e + 1) * N]))
     return out.to(out_dtype)

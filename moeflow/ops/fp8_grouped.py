@@ -25,10 +25,12 @@ inverse scales; moeflow.ops.backend.scaled_grouped_mm_supported says where it ru
 dX are its 2D×3D form: scale_a [N] per row, scale_b [E, J] (or [E, K]) per expert and column,
 the 3D operand column-major. dW is its 2D×2D form, groups along the contraction: scale_a [E·K]
 and scale_b [E·J] expert-major, output [E, K, J]; the kernel asserts that every group's row count
-is a multiple of 16 (each group's start must be 16-byte aligned for TMA), so the dW operands are
-copied into 16-aligned segments with zero rows between them (zeros add nothing to a sum and
-change no amax). `kernel=False`, the reference: the same quantized operands, dequantized, in one
-fp32 matmul per expert (one host sync for the offsets); it runs anywhere and defines the numerics.
+is a multiple of 16 (each group's start must be 16-byte aligned for TMA), and sm100's version
+also refuses empty groups, so the dW operands are gathered into segments of a multiple of 16
+rows, at least 16, zero rows filling them (zeros add nothing to a sum and change no amax; an
+idle expert's gradient comes out exactly zero). `kernel=False`, the reference: the same
+quantized operands, dequantized, in one fp32 matmul per expert (one host sync for the offsets);
+it runs anywhere and defines the numerics.
 
 Legend: N rows, K and J the two widths of w (D/I for the up projection, F/D for the down), E
 experts, P rows after 16-alignment.
@@ -83,40 +85,44 @@ def _grouped_nt(a_NC: torch.Tensor, b_EDC: torch.Tensor, offs_E: torch.Tensor, k
     return out
 
 
-def _aligned_rows(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor,
-                  segment_N: torch.Tensor):
-    """x and dy with every expert's rows moved to a segment starting at a multiple of
-    GROUP_ALIGN rows, zero rows between (rows past the end follow the last segment): (x_PK,
-    dy_PJ, offs_E of the aligned segments, segment_P). No host sync: P is a bound, N + 15·E
-    rounded up."""
+def _aligned_rows(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor):
+    """x and dy with every expert's rows moved to a segment of a multiple of GROUP_ALIGN rows
+    (at least one: an idle expert gets a group of zero rows, since sm100's kernel refuses empty
+    groups of this form), zero rows filling each segment, rows past the end dropped:
+    (x_PK, dy_PJ, offs_E of the aligned segments, segment_P). A gather, so deterministic and
+    without host sync: P is a bound, N rounded up plus GROUP_ALIGN·E."""
     N, E = x_NK.shape[0], offs_E.shape[0]
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    padded_E = (counts_E + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    padded_E = (counts_E.clamp_min(1) + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
     padded_offs_E = torch.cumsum(padded_E, 0).to(offs_E.dtype)
-    shift = torch.cat([padded_offs_E - padded_E - (offs_E - counts_E),
-                       (padded_offs_E[-1:] - offs_E[-1:])])  # [E + 1]: segment E = parked rows
-    dest_N = torch.arange(N, device=x_NK.device) + shift[segment_N]
-    P = -(-(N + (GROUP_ALIGN - 1) * E) // GROUP_ALIGN) * GROUP_ALIGN
-    x_PK = x_NK.new_zeros(P, x_NK.shape[1]).index_copy_(0, dest_N, x_NK)
-    dy_PJ = dy_NJ.new_zeros(P, dy_NJ.shape[1]).index_copy_(0, dest_N, dy_NJ)
-    return x_PK, dy_PJ, padded_offs_E, _segments(padded_offs_E, P)
+    P = -(-N // GROUP_ALIGN) * GROUP_ALIGN + GROUP_ALIGN * E
+    segment_P = _segments(padded_offs_E, P)
+    none = offs_E.new_zeros(1)  # segment E (past the aligned end) holds no rows
+    start_S = torch.cat([offs_E - counts_E, none])
+    aligned_start_S = torch.cat([padded_offs_E - padded_E, padded_offs_E[-1:]])
+    count_S = torch.cat([counts_E, none])
+    position_P = torch.arange(P, device=x_NK.device) - aligned_start_S[segment_P]
+    empty_P1 = (position_P >= count_S[segment_P])[:, None]
+    source_P = (start_S[segment_P] + position_P).clamp_(0, N - 1)
+    x_PK = x_NK.index_select(0, source_P).masked_fill_(empty_P1, 0)
+    dy_PJ = dy_NJ.index_select(0, source_P).masked_fill_(empty_P1, 0)
+    return x_PK, dy_PJ, padded_offs_E, segment_P
 
 
 def _weight_grad(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor, kernel: bool
                  ) -> torch.Tensor:
     """dw[e] = x_eᵀ · dy_e over expert e's rows: [E, K, J]."""
     E = offs_E.shape[0]
-    segment_N = _segments(offs_E, x_NK.shape[0])
     if kernel:
-        x_NK, dy_NJ, offs_E, segment_N = _aligned_rows(x_NK, dy_NJ, offs_E, segment_N)
+        x_NK, dy_NJ, offs_E, segment_N = _aligned_rows(x_NK, dy_NJ, offs_E)
+    else:
+        segment_N = _segments(offs_E, x_NK.shape[0])
     qx, inv_x = quantize_segment_columns(x_NK, segment_N, E)
     qdy, inv_dy = quantize_segment_columns(dy_NJ, segment_N, E)
     if kernel:
-        dw = torch._scaled_grouped_mm(qx.t().contiguous(), qdy.t().contiguous().t(),
-                                      inv_x.reshape(-1), inv_dy.reshape(-1), offs=offs_E,
-                                      out_dtype=x_NK.dtype, use_fast_accum=False)
-        idle_E11 = (torch.diff(offs_E, prepend=offs_E.new_zeros(1)) == 0)[:, None, None]
-        return dw.masked_fill(idle_E11, 0)
+        return torch._scaled_grouped_mm(qx.t().contiguous(), qdy.t().contiguous().t(),
+                                        inv_x.reshape(-1), inv_dy.reshape(-1), offs=offs_E,
+                                        out_dtype=x_NK.dtype, use_fast_accum=False)
     dw = x_NK.new_zeros(E, x_NK.shape[1], dy_NJ.shape[1])
     lo = 0
     for e, hi in enumerate(offs_E.tolist()):
