@@ -184,14 +184,19 @@ def test_fp8_linear_under_autocast_runs_in_the_autocast_dtype():
 
 def grouped_case(dtype=torch.float32, device="cpu", counts=(5, 0, 23, 1, 9), parked=3,
                  K=32, J=48, seed=0):
+    """Expert-sorted rows; the first expert's x and dy rows 2^-20 times the others', so that a
+    scale taken over another expert's rows would push them into e4m3's subnormals. (A power-of-
+    two scale does not change how a normal value rounds, so only range can tell scales apart.)"""
     counts = torch.tensor(counts)
     ends = torch.cumsum(counts, 0)
     N = int(ends[-1]) + parked
-    x = varied(N, K, seed=seed, dtype=dtype, device=device).requires_grad_()
+    quiet_N1 = torch.where(torch.arange(N)[:, None] < counts[0], 2.0 ** -20, 1.0).double()
+    x = (varied(N, K, seed=seed, dtype=torch.float64) * quiet_N1).to(dtype).to(device)
+    x.requires_grad_()
     w = torch.stack([varied(K, J, seed=seed + 1 + e, dtype=torch.float64)
                      for e in range(len(counts))])
     w = w.to(dtype).to(device).requires_grad_()
-    dy = varied(N, J, seed=seed + 9, dtype=dtype, device=device)
+    dy = (varied(N, J, seed=seed + 9, dtype=torch.float64) * quiet_N1).to(dtype).to(device)
     return x, w, dy, ends.to(device)
 
 
