@@ -52,16 +52,22 @@ def _segments(offs_E: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(offs_E, rows, right=True)
 
 
-def quantize_segment_columns(t_NC: torch.Tensor, segment_N: torch.Tensor, num_experts: int
+def quantize_segment_columns(t_NC: torch.Tensor, segment_N: torch.Tensor,
+                             bounds_S1: torch.Tensor, block: int = 1
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_NC, inverse_EC): e4m3 with one scale per (expert, column), the amax over the expert's
-    rows; rows of segment E (past the end) get their own scales, which are not returned."""
-    C = t_NC.shape[1]
-    index_NC = segment_N[:, None].expand(-1, C)
-    amax = torch.zeros(num_experts + 1, C, device=t_NC.device, dtype=torch.float32)
-    amax.scatter_reduce_(0, index_NC, t_NC.abs().float(), "amax")
-    scale, inverse = pow2_scales(amax)
-    return (t_NC * scale.to(t_NC.dtype)[segment_N]).to(FP8), inverse[:num_experts]
+    rows. bounds_S1 = [0, offs..., N]: the last segment holds the rows past the end, whose own
+    scales are not returned. A segmented reduction, not a scatter: every expert's rows are
+    contiguous, and a scatter-amax would serialise hundreds of rows on each (expert, column).
+    `block`: every bound is a multiple of it (the 16-aligned dW operands), so blocks of rows are
+    reduced densely first and the segmented pass runs over block maxima."""
+    amax_NC = t_NC.abs()
+    if block > 1:
+        amax_NC = amax_NC.view(-1, block, t_NC.shape[1]).amax(1)
+        bounds_S1 = bounds_S1 // block
+    amax_SC = torch.segment_reduce(amax_NC, "max", offsets=bounds_S1, unsafe=True, initial=0)
+    scale, inverse = pow2_scales(amax_SC)
+    return (t_NC * scale.to(t_NC.dtype)[segment_N]).to(FP8), inverse[:-1]
 
 
 def _grouped_nt(a_NC: torch.Tensor, b_EDC: torch.Tensor, offs_E: torch.Tensor, kernel: bool
@@ -117,8 +123,11 @@ def _weight_grad(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor, 
         x_NK, dy_NJ, offs_E, segment_N = _aligned_rows(x_NK, dy_NJ, offs_E)
     else:
         segment_N = _segments(offs_E, x_NK.shape[0])
-    qx, inv_x = quantize_segment_columns(x_NK, segment_N, E)
-    qdy, inv_dy = quantize_segment_columns(dy_NJ, segment_N, E)
+    block = GROUP_ALIGN if kernel else 1
+    ends = offs_E.new_tensor([x_NK.shape[0]])
+    bounds_S1 = torch.cat([offs_E.new_zeros(1), offs_E, ends])
+    qx, inv_x = quantize_segment_columns(x_NK, segment_N, bounds_S1, block)
+    qdy, inv_dy = quantize_segment_columns(dy_NJ, segment_N, bounds_S1, block)
     if kernel:
         return torch._scaled_grouped_mm(qx.t().contiguous(), qdy.t().contiguous().t(),
                                         inv_x.reshape(-1), inv_dy.reshape(-1), offs=offs_E,
