@@ -124,8 +124,8 @@ def _weight_grad(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor, 
     else:
         segment_N = _segments(offs_E, x_NK.shape[0])
     block = GROUP_ALIGN if kernel else 1
-    ends = offs_E.new_tensor([x_NK.shape[0]])
-    bounds_S1 = torch.cat([offs_E.new_zeros(1), offs_E, ends])
+    rows = offs_E.new_full((1,), x_NK.shape[0])  # a fill, not a host-to-device copy
+    bounds_S1 = torch.cat([offs_E.new_zeros(1), offs_E, rows])
     qx, inv_x = quantize_segment_columns(x_NK, segment_N, bounds_S1, block)
     qdy, inv_dy = quantize_segment_columns(dy_NJ, segment_N, bounds_S1, block)
     if kernel:
