@@ -31,6 +31,9 @@ exactly from frexp: multiplying by them is exact, so a value is rounded once (to
 dequantized exactly; a row of zeros gets a finite scale. A value v of a row then comes back with
 |error| <= 2^-4·|v| (3 mantissa bits, round to nearest), or <= 2^-10 / scale where v·scale falls
 in e4m3's subnormal range (below 2^-6).
+A power-of-two scale does not change how a normal value rounds, only where the row sits in
+e4m3's range: the scale keeps the row's largest values below 448 and as few of its small values
+as possible in the subnormals (or at zero), which is why the axis it is shared along matters.
 
 Numerics, and the two implementations. The result is the fp32 sum of the products of the
 dequantized operands, cast to the compute dtype (the autocast dtype when autocast is on, as the
@@ -54,8 +57,7 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(FP8).max = 0.875 · 2^9
+FP8 = torch.float8_e4m3fn  # largest value 448 = 0.875 · 2^9
 # Scales stay within 2^±126 so that the inverse scale is a normal fp32 (rows of near-zero values
 # then quantize to small e4m3 values or zero instead of overflowing the scale).
 MAX_SCALE_EXPONENT = 126
