@@ -484,3 +484,17 @@ def test_train_with_fp8_follows_the_plain_run(tmp_path, corpus, config):
     with pytest.raises(ValueError, match=r"^fp8=True: does nothing with --pregate"):
         TrainConfig(fp8=True, pregate=True, init=str(tmp_path))
     assert dataclasses.replace(TrainConfig(), fp8=True).fp8
+
+
+def test_fp8_is_refused_on_gpus_without_fp8_tensor_cores(monkeypatch, tmp_path):
+    """Below compute capability 8.9 the emulation would be slower than bf16: a one-line error
+    before anything is read or written (the CPU runs the emulation: tests, studies)."""
+    from moeflow.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "resolve_device", lambda self: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"^fp8: NVIDIA A100 \(compute capability 8\.0\) has "
+                                         r"no FP8 tensor cores \(8\.9\+\)"):
+        Trainer(TrainConfig(fp8=True, out=str(tmp_path / "run"))).prepare()
+    assert not (tmp_path / "run").exists()
