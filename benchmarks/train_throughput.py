@@ -2,6 +2,8 @@
 
     # one GPU: tokens/s and MFU against the bf16 GEMM rate measured in the same process
     python benchmarks/train_throughput.py --out single.json
+    # the same with the attention, MLP and expert matmuls in FP8 (TrainConfig.fp8)
+    python benchmarks/train_throughput.py --fp8 --out single-fp8.json
     # EP weak scaling (same model, same micro-batch per GPU, experts spread over N GPUs) and
     # all-to-all bandwidth: moeflow's exchanges next to torch.distributed.all_to_all_single
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/train_throughput.py --ep 4 \
@@ -18,7 +20,10 @@ sees micro_batch × seq fresh random tokens, so with EP=N the global batch is N 
 parallelism).
 
 MFU = model FLOPs per second / the measured bf16 GEMM rate (8192³ matmul, median of 20), with
-model FLOPs per token from moeflow.model.flops (PaLM's formula).
+model FLOPs per token from moeflow.model.flops (PaLM's formula). With --fp8 the denominator
+stays the bf16 rate, so MFU compares directly with the bf16 run's; the FP8 GEMM rate
+(torch._scaled_mm, rowwise scales, 8192³, quantization excluded) is recorded beside it as
+gemm_fp8_tflops, the ceiling an FP8 run's GEMMs could reach.
 
 All-to-all bandwidth = bytes each rank sends / time (its own chunk included), for equal splits
 of the same total size: NCCL's all_to_all_single, moeflow's flat exchange as the dispatcher runs
@@ -48,16 +53,26 @@ from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 
-def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20, fp8: bool = False
+                ) -> float:
+    """The n³ GEMM rate: bf16, or with `fp8` torch._scaled_mm on e4m3 operands with rowwise
+    scales as moeflow.ops.fp8_linear calls it (quantization not included)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    gemm = lambda: a @ b  # noqa: E731
+    if fp8:
+        a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        scale_a = torch.ones(n, 1, device=device)
+        scale_b = torch.ones(1, n, device=device)
+        gemm = lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b,  # noqa: E731
+                                        out_dtype=torch.bfloat16, use_fast_accum=False)
     for _ in range(3):
-        a @ b
+        gemm()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        a @ b
+        gemm()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
@@ -109,9 +124,10 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     config = ModelConfig.from_name(args.preset)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    backends = Backends(dense="compiled" if args.compile else "auto",
+                        matmul="fp8" if args.fp8 else "auto")
     with torch.device(device):
-        model = Transformer(config, Backends(dense="compiled" if args.compile else "auto"))
-        model = model.to(dtype)
+        model = Transformer(config, backends).to(dtype)
     groups = None
     if args.ep > 1:
         from moeflow.parallel import ParallelConfig, shard_model
@@ -163,7 +179,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
            "micro_batch": B, "seq": T, "loss_chunk": args.loss_chunk,
-           "recompute": args.recompute, "compile": args.compile,
+           "recompute": args.recompute, "compile": args.compile, "fp8": args.fp8,
            "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
            "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
@@ -225,9 +241,9 @@ def a2a_bench(args, device: torch.device, rank: int, world: int) -> list[dict]:
 
 def report(paths: list[str]) -> str:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["| GPUs | EP | micro-batch × seq | tokens/s per GPU | step (s) | MFU "
+    lines = ["| GPUs | EP | micro-batch × seq | FP8 | tokens/s per GPU | step (s) | MFU "
              "| weak-scaling eff. |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = next((r["train"]["tokens_per_s_per_gpu"] for r in runs if r["train"]["world"] == 1),
                 None)
     for r in sorted(runs, key=lambda r: r["train"]["world"]):
@@ -235,6 +251,7 @@ def report(paths: list[str]) -> str:
         mfu = r.get("mfu")
         eff = t["tokens_per_s_per_gpu"] / base if base else None
         lines.append(f"| {t['world']} | {t['ep']} | {t['micro_batch']} × {t['seq']} | "
+                     f"{'yes' if t.get('fp8') else 'no'} | "
                      f"{t['tokens_per_s_per_gpu']:,.0f} | {t['step_s_median']:.3f} | "
                      f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
                      f"{'' if eff is None else f'{100 * eff:.1f}%'} |")
@@ -266,6 +283,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile each block's dense part (TrainConfig.compile); the warm-up "
                         "steps pay the compilation")
+    p.add_argument("--fp8", action="store_true",
+                   help="the attention, MLP and expert matmuls in FP8 (TrainConfig.fp8: "
+                        "Backends(matmul='fp8'))")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-overlap", action="store_true",
@@ -292,6 +312,8 @@ def main() -> None:
               "torch": torch.__version__, "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
     if device.type == "cuda" and env.world == 1:
         result["gemm_bf16_tflops"] = gemm_tflops(device)
+        if args.fp8:
+            result["gemm_fp8_tflops"] = gemm_tflops(device, fp8=True)
     result["train"] = train_bench(args, device, env.rank, env.world)
     if "gemm_bf16_tflops" in result:
         t = result["train"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflow.config import ModelConfig
+from moeflow.model.linear import project
 from moeflow.model.norms import RMSNorm, rms_norm
 from moeflow.model.rope import apply_rope
 from moeflow.model.sliced import part, row_parallel
@@ -94,7 +95,8 @@ class Attention(nn.Module, ChoosesBackends):
                 cache=None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x_BTD).split([H * hd, G * hd, G * hd], dim=-1)
+        qkv = project(self.qkv, x_BTD, self.backends.matmul)
+        q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
         if self.full_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHTd = q.view(B, T, H, hd).transpose(1, 2)
@@ -115,4 +117,5 @@ class Attention(nn.Module, ChoosesBackends):
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
-        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp)
+        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp,
+                            self.backends.matmul)

@@ -2,7 +2,8 @@
 
 Legend: E experts (held here), D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU gate|up).
 `w_in_EDI` holds [gate | up] for SwiGLU. The computation is delegated to moeflow.ops through the
-backend chooser, by `backends.experts` ("auto" unless the model's Backends forces one).
+backend chooser, by `backends.experts` ("auto" unless the model's Backends forces one), or in
+FP8 where `backends.matmul` asks for it and autograd records the call (moeflow.ops.fp8_grouped).
 
 Under expert parallelism the module holds a part of the layer: `layout` (a
 moeflow.parallel.mesh.LayerLayout, given at construction; None = the whole layer) names the
@@ -69,7 +70,8 @@ class Experts(nn.Module, ChoosesBackends):
             x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
             b_in, b_out = (None if b is None else b.to(dtype) for b in (b_in, b_out))
         num_rows = None if rows_N is None else rows_N.shape[0]
-        fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows)
+        fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows,
+                                    self.backends.matmul)
         return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)
 
 

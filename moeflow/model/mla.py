@@ -21,6 +21,7 @@ from torch import nn
 
 from moeflow.config import ModelConfig
 from moeflow.model.attention import sdpa
+from moeflow.model.linear import project
 from moeflow.model.norms import RMSNorm
 from moeflow.model.rope import apply_rope
 from moeflow.model.sliced import part, row_parallel
@@ -73,13 +74,15 @@ class MLAttention(nn.Module, ChoosesBackends):
         B, T, _ = x_BTD.shape
         m, H = self.mla, self.n_heads
         dn, dr, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        mm = self.backends.matmul
         if m.q_lora_rank:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTD)))
+            q = project(self.q_b_proj, self.q_a_norm(project(self.q_a_proj, x_BTD, mm)), mm)
         else:
-            q = self.q_proj(x_BTD)
+            q = project(self.q_proj, x_BTD, mm)
         q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
-        c_BTR, k_rope = self.kv_a_proj(x_BTD).split([m.kv_lora_rank, dr], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_norm(c_BTR)).view(B, T, H, dn + dv).transpose(1, 2)
+        c_BTR, k_rope = project(self.kv_a_proj, x_BTD, mm).split([m.kv_lora_rank, dr], dim=-1)
+        kv = project(self.kv_b_proj, self.kv_a_norm(c_BTR), mm).view(B, T, H, dn + dv
+                                                                     ).transpose(1, 2)
         k_nope, v_BHTd = kv.split([dn, dv], dim=-1)
         fuse = self.backends.fuse
         q_rope = apply_rope(q_rope, *rope, interleave=self.rope_interleave, fuse=fuse)
@@ -91,4 +94,4 @@ class MLAttention(nn.Module, ChoosesBackends):
             y_BHTd = sdpa(q_BHTd, k_BHTd, v_BHTd, causal=T > 1)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BHTd, v_BHTd)
-        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * dv), self.tp)
+        return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * dv), self.tp, mm)

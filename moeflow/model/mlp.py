@@ -2,7 +2,8 @@
 
 Built with a `tp` (moeflow.parallel.tensor.TensorSlice), it holds 1/tp.size of the hidden width:
 the first projection column-parallel (a SwiGLU's gate and up halves each sliced), the second
-row-parallel, completed by one all-reduce (moeflow.model.sliced).
+row-parallel, completed by one all-reduce (moeflow.model.sliced). Both projections run as
+`backends.matmul` chooses (moeflow.model.linear).
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moeflow.model.linear import project
 from moeflow.model.sliced import part, row_parallel
 from moeflow.ops.activation import apply_activation, ffn_in_width
+from moeflow.ops.backend import Backends, ChoosesBackends
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.parallel.tensor import TensorSlice
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, ChoosesBackends):
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool,
-                 tp: TensorSlice | None = None) -> None:
+                 backends: Backends = Backends(), tp: TensorSlice | None = None) -> None:
         super().__init__()
         self.activation = activation
+        self.backends = backends
         self.tp = tp
         held = part(d_ff, tp, "d_ff")
         self.fc_in = nn.Linear(d_model, ffn_in_width(activation, held), bias=bias)
@@ -33,4 +37,6 @@ class MLP(nn.Module):
                           "fc_out.weight": (1, (d_ff,))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_parallel(self.fc_out, apply_activation(self.fc_in(x), self.activation), self.tp)
+        mm = self.backends.matmul
+        h = apply_activation(project(self.fc_in, x, mm), self.activation)
+        return row_parallel(self.fc_out, h, self.tp, mm)

@@ -55,11 +55,12 @@ class MoELayer(nn.Module, ChoosesBackends):
                                backends, layout)
         self.dispatcher = (LocalDispatcher(backends, defer_gather=True) if dispatcher is None
                            else dispatcher)
-        self.shared = (MLP(d_model, spec.shared_d_ff, activation, bias, tp) if spec.shared_d_ff
-                       else None)
+        self.shared = (MLP(d_model, spec.shared_d_ff, activation, bias, backends, tp)
+                       if spec.shared_d_ff else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         residual = spec.kind == "residual_moe"
-        self.residual_mlp = MLP(d_model, spec.d_ff, activation, bias, tp) if residual else None
+        self.residual_mlp = (MLP(d_model, spec.d_ff, activation, bias, backends, tp) if residual
+                             else None)
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
     def forward(self, x_BTD: torch.Tensor, inference: bool = False,

@@ -3,7 +3,8 @@
 A module built with a `tp` (a moeflow.parallel.tensor.TensorSlice; None = whole) holds 1/tp.size
 of its sliced widths; `part` computes that width, and `row_parallel` applies a row-parallel
 projection: the local matmul gives a partial sum, one all-reduce completes it, and the bias
-(held whole by every rank) is added once, after the reduction.
+(held whole by every rank) is added once, after the reduction. The matmul runs as `matmul` (a
+Backends.matmul name) chooses, see moeflow.model.linear.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from moeflow.model.linear import project
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.parallel.tensor import TensorSlice
@@ -27,8 +29,9 @@ def part(n: int, tp: TensorSlice | None, what: str) -> int:
     return n // tp.size
 
 
-def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TensorSlice | None) -> torch.Tensor:
+def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TensorSlice | None,
+                 matmul: str = "auto") -> torch.Tensor:
     if tp is None:
-        return linear(x)
-    y = tp.all_reduce(F.linear(x, linear.weight))
+        return project(linear, x, matmul)
+    y = tp.all_reduce(project(linear, x, matmul, bias=False))
     return y if linear.bias is None else y + linear.bias

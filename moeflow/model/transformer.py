@@ -104,7 +104,7 @@ class Block(nn.Module, ChoosesBackends):
         if spec.is_moe:
             self.ffn = MoELayer(spec, config.d_model, activation, config.mlp_bias, backends)
         else:
-            self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias)
+            self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias, backends)
 
     def attend(self, x, rope, cache):
         """(x + attention(norm(x)), ffn_norm of that): the residual stream and the FFN's input."""

@@ -35,6 +35,16 @@ benchmarks compare every fast path with its plain-torch reference.
   reused by every layer of that structure, moeflow.model.transformer.Block; "auto" = eager
   until the GPU benchmark has measured the compiled blocks, benchmarks/train_throughput.py
   --compile). The MoE FFN (routing, dispatch, expert kernels) stays eager either way.
+- matmul: MATMUL_BACKENDS, the dense linears (attention, MLA and dense-MLP projections,
+  moeflow.model.linear) and the expert GEMMs ("reference" = the plain matmul in the compute
+  dtype; "fp8" = FP8 with rowwise scales, moeflow.ops.fp8_linear and moeflow.ops.fp8_grouped,
+  on torch._scaled_mm / torch._scaled_grouped_mm where they run (scaled_mm_supported,
+  scaled_grouped_mm_supported) and their plain-torch reference elsewhere; "fp8_reference" =
+  that reference everywhere; "auto" = "reference": FP8 only when asked). FP8 applies only to
+  calls autograd records (training); forwards without autograd (validation, generation,
+  serving) run the plain matmul, so a model's inference does not depend on this field. The LM
+  head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says why).
+  With an FP8 matmul the experts' GEMMs are FP8's, so `experts` must stay "auto".
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -50,8 +60,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeflow.ops.expert_mlp import expert_mlp_grouped_mm, expert_mlp_reference
-from moeflow.validate import choice
+from moeflow.ops.expert_mlp import expert_mlp_fp8, expert_mlp_grouped_mm, expert_mlp_reference
+from moeflow.ops.fp8_linear import compute_dtype
+from moeflow.validate import check, choice
 
 ROUTER_BACKENDS = ("reference", "triton", "triton_decode", "triton_decode_fused")
 DISPATCH_BACKENDS = ("reference", "triton")
@@ -59,6 +70,7 @@ FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
 ATTENTION_BACKENDS = ("reference", "triton")
 DENSE_BACKENDS = ("eager", "compiled")
+MATMUL_BACKENDS = ("reference", "fp8", "fp8_reference")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
@@ -111,21 +123,30 @@ class Backends:
     elementwise: str = "auto"
     attention: str = "auto"
     dense: str = "auto"
+    matmul: str = "auto"
 
     def __post_init__(self) -> None:
         for name, names in (("router", ROUTER_BACKENDS), ("dispatch", DISPATCH_BACKENDS),
                             ("experts", tuple(EXPERT_BACKENDS)), ("fuse", FUSE_BACKENDS),
                             ("elementwise", ELEMENTWISE_BACKENDS),
                             ("attention", ATTENTION_BACKENDS),
-                            ("dense", DENSE_BACKENDS)):
+                            ("dense", DENSE_BACKENDS), ("matmul", MATMUL_BACKENDS)):
             choice(name, getattr(self, name), ("auto", *names))
+        check(self.experts == "auto" or not self.fp8, "experts", self.experts,
+              f"cannot be chosen with matmul={self.matmul!r}: the FP8 path runs its own expert "
+              "GEMMs; leave experts 'auto'")
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the matmuls run in FP8 (where autograd records them)."""
+        return self.matmul in ("fp8", "fp8_reference")
 
     @classmethod
     def reference(cls) -> "Backends":
         """Plain torch everywhere."""
         return cls(router="reference", dispatch="reference", experts="reference",
                    fuse="reference", elementwise="reference", attention="reference",
-                   dense="eager")
+                   dense="eager", matmul="reference")
 
 
 class ChoosesBackends:
@@ -170,11 +191,48 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm's rowwise FP8 kernel runs the three GEMMs of x · weightᵀ
+    (moeflow.ops.fp8_linear): CUDA sm89+, bf16 compute dtype, and every dimension a multiple of
+    16 — the tokens too, which the weight gradient contracts."""
+    if not (x.is_cuda and compute_dtype(x) == torch.bfloat16 and hasattr(torch, "_scaled_mm")):
+        return False
+    rows = x.numel() // x.shape[-1]
+    return (torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and all(d % 16 == 0 for d in (rows, *weight.shape)))
+
+
+def scaled_grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor
+                                ) -> bool:
+    """Whether torch._scaled_grouped_mm runs the expert GEMMs (moeflow.ops.fp8_grouped): CUDA
+    sm90 or sm100 (torch builds it for those only), bf16, the weights' widths multiples of 16,
+    fewer than 1024 experts (the kernel's limit)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")):
+        return False
+    return (torch.cuda.get_device_capability(x.device)[0] in (9, 10) and w_in.shape[0] < 1024
+            and all(d % 16 == 0 for d in (*w_in.shape[1:], *w_out.shape[1:])))
+
+
+def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """"reference" (the plain linear), "fp8" (torch._scaled_mm) or "fp8_reference" (its
+    plain-torch reference) for x · weightᵀ: FP8 only when asked and autograd records the call."""
+    if requested in ("auto", "reference") or not _needs_grad(x, weight):
+        return "reference"
+    if requested == "fp8" and scaled_mm_supported(x, weight):
+        return "fp8"
+    return "fp8_reference"
+
+
 def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
-                           w_out: torch.Tensor, num_rows: int | None = None
-                           ) -> Callable[..., torch.Tensor]:
+                           w_out: torch.Tensor, num_rows: int | None = None,
+                           matmul: str = "auto") -> Callable[..., torch.Tensor]:
     """`num_rows`: the rows the experts compute when that is not x.shape[0] (x holds the tokens
-    and the expert kernel gathers its rows, see DispatchPlan.gather_N)."""
+    and the expert kernel gathers its rows, see DispatchPlan.gather_N). `matmul`: an FP8 choice
+    (Backends.matmul) takes over where autograd records the call; x and the weights are then
+    in the compute dtype."""
+    if matmul in ("fp8", "fp8_reference") and _needs_grad(x, w_in, w_out):
+        kernel = matmul == "fp8" and scaled_grouped_mm_supported(x, w_in, w_out)
+        return functools.partial(expert_mlp_fp8, kernel=kernel)
     if requested == "auto":
         requested = "reference"
         if grouped_mm_supported(x, w_in, w_out):

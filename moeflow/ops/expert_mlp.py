@@ -10,7 +10,10 @@ Legend: N sorted rows, D model dim, F expert ffn dim, I = F or 2F (SwiGLU's gate
   w_in_EDI, b_in_EI, w_out_EFD, b_out_ED (biases optional).
 
 `expert_mlp_reference` loops over experts with plain matmuls and runs anywhere;
-`expert_mlp_grouped_mm` issues two `torch._grouped_mm` calls (no host sync).
+`expert_mlp_grouped_mm` issues two `torch._grouped_mm` calls (no host sync);
+`expert_mlp_fp8` issues the same two as FP8 grouped GEMMs (moeflow.ops.fp8_grouped: the
+training path of `Backends(matmul="fp8")`; `kernel` chooses torch._scaled_grouped_mm or its
+plain-torch reference).
 Every implementation takes `rows_N`: when given, x_ND holds the tokens and the sorted rows are
 x_ND[rows_N] (moeflow.model.dispatch's deferred gather); these gather first, the Triton
 weight-streaming kernel gathers as it loads.
@@ -18,9 +21,12 @@ weight-streaming kernel gathers as it loads.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moeflow.ops.activation import apply_activation
+from moeflow.ops.fp8_grouped import fp8_grouped_mm
 
 
 def row_experts(ends_E: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
@@ -75,10 +81,12 @@ def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: tor
 def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                 b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                 b_out_ED: torch.Tensor | None, activate, parked: bool,
-                rows_N: torch.Tensor | None = None) -> torch.Tensor:
+                rows_N: torch.Tensor | None = None, grouped_mm=torch._grouped_mm
+                ) -> torch.Tensor:
     """grouped_mm → activate → grouped_mm. torch._grouped_mm leaves rows past the last offset
     uninitialised, so with `parked` rows those rows are zeroed at every stage (forward values
-    and the gradients flowing back through them)."""
+    and the gradients flowing back through them). `grouped_mm`: torch._grouped_mm or a
+    replacement with its signature and contract (moeflow.ops.fp8_grouped.fp8_grouped_mm)."""
     if rows_N is not None:
         x_ND = x_ND[rows_N]
     # Host work matters here at small N (issue 14): one arange and one searchsorted serve the
@@ -95,12 +103,12 @@ def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor
         expert_N = row_experts(ends_E.to(torch.int64), index_N)
     if parked:
         x_ND = x_ND.masked_fill(parked_N1, 0)
-    h_NI = torch._grouped_mm(x_ND, w_in_EDI, offs=offs)
+    h_NI = grouped_mm(x_ND, w_in_EDI, offs=offs)
     if b_in_EI is not None:
         h_NI = h_NI + _row_bias(b_in_EI, ends_E, N, expert_N)
     if parked:
         h_NI = h_NI.masked_fill(parked_N1, 0)
-    y_ND = torch._grouped_mm(activate(h_NI), w_out_EFD, offs=offs)
+    y_ND = grouped_mm(activate(h_NI), w_out_EFD, offs=offs)
     if b_out_ED is not None:
         y_ND = y_ND + _row_bias(b_out_ED, ends_E, N, expert_N)
     if parked:
@@ -115,3 +123,13 @@ def expert_mlp_grouped_mm(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
                           ) -> torch.Tensor:
     return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
                        lambda h: apply_activation(h, activation).contiguous(), parked, rows_N)
+
+
+def expert_mlp_fp8(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                   b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                   b_out_ED: torch.Tensor | None, activation: str, parked: bool = True,
+                   rows_N: torch.Tensor | None = None, *, kernel: bool) -> torch.Tensor:
+    """grouped_mlp with FP8 grouped GEMMs; x and the weights in the compute dtype."""
+    return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
+                       lambda h: apply_activation(h, activation).contiguous(), parked, rows_N,
+                       functools.partial(fp8_grouped_mm, kernel=kernel))

@@ -166,7 +166,8 @@ class InferenceMesh:
                                      layout=lay, dispatcher=self.dispatcher(lay, backends),
                                      tp=self.tp)
             else:
-                block.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias, self.tp)
+                block.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias, backends,
+                                tp=self.tp)
         return model
 
 

@@ -90,6 +90,13 @@ class TrainConfig:
                              "activation memory, one more head GEMM per chunk in backward; "
                              "moeflow/ops/linear_cross_entropy.py); 0: the plain loss",
                              default=0)
+    # off by default until the GPU benchmark has measured it (train_throughput.py --fp8).
+    fp8: bool = option("run the attention, dense-MLP and expert matmuls in FP8 (e4m3 with "
+                       "rowwise scales, forward and backward; moeflow/ops/fp8_linear.py): "
+                       "torch._scaled_mm on a GPU of compute capability 8.9+ (the experts' "
+                       "grouped kernel: 9.0), a plain-torch emulation of the same numerics "
+                       "on the CPU; the LM head, router, embeddings and norms stay in high "
+                       "precision, and validation runs without FP8", default=False)
     lr: float = option("peak learning rate", default=1e-3)
     warmup_steps: int | None = option("linear warmup steps (default: min(100, steps/10))",
                                       default=None)
@@ -196,6 +203,9 @@ class TrainConfig:
         check(bool(self.out), "out", self.out, "must name a directory")
         check(not self.pregate or self.init is not None, "pregate", self.pregate,
               "fine-tunes heads on a trained model: give its checkpoint with --init")
+        check(not (self.fp8 and self.pregate), "fp8", self.fp8,
+              "does nothing with --pregate: the backbone is frozen and the pre-gate heads, "
+              "like the router, stay in high precision")
         integer("pregate_rank", self.pregate_rank, lo=0)
         integer("pregate_depth", self.pregate_depth, lo=1)
         choice("pregate_loss", self.pregate_loss, PREGATE_LOSSES)

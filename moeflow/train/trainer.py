@@ -219,7 +219,8 @@ class Trainer:
 
     def backends(self) -> Backends:
         """The implementation choices the run asks for (moeflow.ops.backend)."""
-        return Backends(dense="compiled" if self.cfg.compile else "auto")
+        return Backends(dense="compiled" if self.cfg.compile else "auto",
+                        matmul="fp8" if self.cfg.fp8 else "auto")
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         """Weight decay on matrices only (not norms, biases, or the router's bias)."""
@@ -416,6 +417,12 @@ class Trainer:
         """Everything that can fail on bad input; writes nothing."""
         cfg = self.cfg
         self.device = self.resolve_device()
+        if cfg.fp8 and self.device.type == "cuda" and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"fp8: {torch.cuda.get_device_name(self.device)} (compute "
+                             f"capability {major}.{minor}) has no FP8 tensor cores (8.9+); "
+                             "the emulation would be slower than bf16, train without --fp8")
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size}: must be a multiple of the "
                              f"world size {self.world}")

@@ -1,0 +1,39 @@
+"""The model's dense projections as they run: the plain nn.Linear, or FP8 where the model's
+`Backends.matmul` asks for it (moeflow.ops.backend.resolve_linear_backend).
+
+    q, k, v = project(self.qkv, x_BTD, self.backends.matmul).split(...)
+
+FP8 runs the layers that hold most of a step's FLOPs: attention's qkv and output projections
+(and MLA's), the dense MLPs (the shared experts and PR-MoE's residual MLP too) and, through
+moeflow.model.experts, the expert GEMMs. The LM head, the router gates (and the other small
+gates), the embeddings and the norms stay in high precision, as torchao's float8 training and
+DeepSeek-V3 keep them: the head's logits feed the loss directly and a gate's logits decide which
+experts a token reaches, so their rounding costs more than it saves; embeddings are lookups and
+norms elementwise, with no GEMM to speed up; together they are a small share of the FLOPs.
+
+FP8 is how the matmul is computed: the parameters, their dtype and the state_dict are the same
+with either choice, so checkpoints do not depend on it. Calls that autograd does not record
+(validation, generation, serving) run the plain linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeflow.ops.backend import resolve_linear_backend
+from moeflow.ops.fp8_linear import fp8_linear
+
+
+def project(layer: nn.Linear, x: torch.Tensor, matmul: str, bias: bool = True
+            ) -> torch.Tensor:
+    """layer(x) as `matmul` (a Backends.matmul name) chooses; `bias=False` leaves the layer's
+    bias out (a row-parallel partial sum adds it after the reduction)."""
+    kind = resolve_linear_backend(matmul, x, layer.weight)
+    if kind == "reference":
+        return layer(x) if bias else F.linear(x, layer.weight)
+    y = fp8_linear(x, layer.weight, kernel=kind == "fp8")
+    if bias and layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y

@@ -1,0 +1,144 @@
+"""FP8 matmuls with rowwise scaling, forward and backward: `Backends(matmul="fp8")`'s linears.
+
+    y = fp8_linear(x, weight, kernel=True)   # x [..., K], weight [N, K]: x · weightᵀ
+
+The recipe ("rowwise", as torchao's float8 training and, at a finer grain, DeepSeek-V3):
+every GEMM operand is cast to float8_e4m3fn with one power-of-two scale per row of the operand
+laid out contraction-last, the GEMM accumulates the fp8 products in fp32, and its epilogue
+multiplies by the two inverse scales and casts to the compute dtype.
+
+Which axis each scale runs along. A GEMM C = A·Bᵀ (A [M, K], B [N, K]) sums over k:
+C[m, n] = Σ_k A[m, k]·B[n, k]. A scale factors out of that sum only if it is constant along k,
+so A gets one scale per row m and B one per row n: C[m, n] = Σ_k qA[m, k]·qB[n, k] / (sA[m]·sB[n]).
+A linear layer runs three GEMMs, each contracting a different axis:
+  forward  Y  = X · Wᵀ   contracts K (in features):  X per token, W per output feature (row)
+  dX       dX = dY · W   contracts N (out features): dY per token, W per input feature (column)
+  dW       dW = dYᵀ · X  contracts M (tokens):       dY per output feature (column), X per input
+                                                     feature (column)
+So the backward cannot reuse the forward's fp8 copies: X and W are quantized again, along their
+other axis, from the high-precision tensors saved for the backward (the memory a bf16 linear keeps).
+Every GEMM here is therefore `_gemm_nt(a, b)` = a·bᵀ with both operands scaled along their rows.
+
+Why e4m3 for the gradients too. Per-tensor recipes put gradients in e5m2 (range 2^-16..57344,
+2 mantissa bits) because one scale must cover a whole tensor whose rows differ by orders of
+magnitude. With a scale per row each scale covers one row's values, where range matters less
+than precision, and e4m3's third mantissa bit halves the rounding error (relative 2^-4 instead
+of 2^-3). torchao's rowwise recipe and DeepSeek-V3 make the same choice, and
+torch._scaled_grouped_mm (the expert GEMMs, moeflow.ops.fp8_grouped) accepts only e4m3.
+
+Scales are powers of two, the largest 2^k with amax·2^k <= 448 (e4m3's largest value), computed
+exactly from frexp: multiplying by them is exact, so a value is rounded once (to e4m3) and
+dequantized exactly; a row of zeros gets a finite scale. A value v of a row then comes back with
+|error| <= 2^-4·|v| (3 mantissa bits, round to nearest), or <= 2^-10 / scale where v·scale falls
+in e4m3's subnormal range (below 2^-6).
+A power-of-two scale does not change how a normal value rounds, only where the row sits in
+e4m3's range: the scale keeps the row's largest values below 448 and as few of its small values
+as possible in the subnormals (or at zero), which is why the axis it is shared along matters.
+
+Numerics, and the two implementations. The result is the fp32 sum of the products of the
+dequantized operands, cast to the compute dtype (the autocast dtype when autocast is on, as the
+layer would run; else the input's). `kernel=False` computes exactly that with an fp32 matmul on
+the dequantized operands: it runs anywhere (the CPU, the CI, the loss study) and defines the
+numerics. `kernel=True` runs torch._scaled_mm: rowwise fp32 scales scale_a [M, 1] and
+scale_b [1, N] (the inverse scales: the kernel multiplies by them), the first operand row-major,
+the second column-major, use_fast_accum=False (fp32 accumulation throughout). A product of two
+e4m3 values is exact in fp32, so the kernel and the reference differ only in the order of the
+fp32 sums (and in the final rounding to bf16 where that order moves a value across a rounding
+boundary). On CUDA the kernel needs sm89+, bf16 and dimensions that are multiples of 16
+(moeflow.ops.backend.scaled_mm_supported); the CPU build of torch runs it too (the parity test).
+
+The quantization (amax, scale, multiply, cast) is plain torch, a few elementwise passes per
+operand; fusing it into one kernel is left for when the GPU measurement says it matters.
+
+Legend: M rows (tokens), K contraction, N output features; R, C rows and columns of an operand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn  # largest value 448 = 0.875 · 2^9
+# Scales stay within 2^±126 so that the inverse scale is a normal fp32 (rows of near-zero values
+# then quantize to small e4m3 values or zero instead of overflowing the scale).
+MAX_SCALE_EXPONENT = 126
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on `x` runs in: the autocast dtype when autocast is on for its device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def pow2_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse scale), fp32 powers of two: the largest 2^k with amax·2^k <= 448.
+
+    amax = m·2^e with m in [0.5, 1) (frexp); 448 = 0.875·2^9, so k = 9 - e when m <= 0.875 and
+    8 - e otherwise. Built from the exponent bits, so both are exact."""
+    mantissa, exponent = torch.frexp(amax.float())
+    k = (9 - exponent - (mantissa > 0.875).to(torch.int32)).clamp_(max=MAX_SCALE_EXPONENT)
+    scale = ((k + 127) << 23).view(torch.float32)
+    inverse = ((127 - k) << 23).view(torch.float32)
+    return scale, inverse
+
+
+def quantize_rows(t_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_RC, inverse_R1): t_RC ≈ q_RC · inverse_R1, e4m3 with one scale per row, q contiguous.
+
+    The scale is applied in t's dtype: a power of two times a bf16 value is exact in bf16 (the
+    same exponent range as fp32) down to bf16's subnormals, far below what e4m3 keeps, so the
+    result is the fp32 product's at half the memory traffic."""
+    amax_R1 = torch.linalg.vector_norm(t_RC, ord=float("inf"), dim=1, keepdim=True)
+    scale_R1, inverse_R1 = pow2_scales(amax_R1)
+    return (t_RC * scale_R1.to(t_RC.dtype)).to(FP8).contiguous(), inverse_R1
+
+
+def dequantize(q: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """fp32 values of an fp8 operand (exact: the inverse scale is a power of two)."""
+    return q.float() * inverse
+
+
+def scaled_matmul(a_MK: torch.Tensor, inv_a_M1: torch.Tensor, b_NK: torch.Tensor,
+                  inv_b_N1: torch.Tensor, dtype: torch.dtype, kernel: bool) -> torch.Tensor:
+    """(a · inv_a) · (b · inv_b)ᵀ in fp32, cast to `dtype`: torch._scaled_mm or its reference."""
+    if kernel:
+        return torch._scaled_mm(a_MK, b_NK.t(), scale_a=inv_a_M1, scale_b=inv_b_N1.reshape(1, -1),
+                                out_dtype=dtype, use_fast_accum=False)
+    return (dequantize(a_MK, inv_a_M1) @ dequantize(b_NK, inv_b_N1).t()).to(dtype)
+
+
+def _gemm_nt(a_MK: torch.Tensor, b_NK: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """a · bᵀ with both operands quantized along K (their rows), in a's dtype."""
+    qa, inv_a = quantize_rows(a_MK)
+    qb, inv_b = quantize_rows(b_NK)
+    return scaled_matmul(qa, inv_a, qb, inv_b, a_MK.dtype, kernel)
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, kernel):
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.kernel = kernel
+        with torch.autocast(x_MK.device.type, enabled=False):
+            return _gemm_nt(x_MK, w_NK, kernel)
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        dx = dw = None
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            dy_MN = dy_MN.to(x_MK.dtype)
+            if ctx.needs_input_grad[0]:
+                dx = _gemm_nt(dy_MN, w_NK.t(), ctx.kernel)  # contracts N
+            if ctx.needs_input_grad[1]:
+                dw = _gemm_nt(dy_MN.t(), x_MK.t(), ctx.kernel)  # contracts M
+        return dx, dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight_NK: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """x · weightᵀ (no bias) in FP8, forward and backward, in the compute dtype (compute_dtype:
+    both operands are cast to it first, as autocast would). x [..., K] -> [..., N]."""
+    dtype = compute_dtype(x)
+    x_MK = x.to(dtype).reshape(-1, x.shape[-1])
+    y_MN = _FP8Linear.apply(x_MK, weight_NK.to(dtype), kernel)
+    return y_MN.view(*x.shape[:-1], weight_NK.shape[0])
