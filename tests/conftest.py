@@ -4,7 +4,12 @@ own fixture of the same name (tests/test_parallel.py's corpus does).
 One torch thread per test process, set before any test runs and inherited by the processes the
 tests start (`python -m moeflow ...`, ranks): pytest-xdist runs one worker per core, and the
 tests' tensors are tiny, where a second intra-op thread only adds synchronisation — with the
-cores busy, a 2-thread training step of the micro model took 11x as long as a 1-thread one."""
+cores busy, a 2-thread training step of the micro model took 11x as long as a 1-thread one.
+
+Without CUDA, Triton kernels run through its interpreter (TRITON_INTERPRET=1, tests/_triton_cpu.py),
+set here before any test module is imported: test_compiled_blocks imports torch._dynamo, which
+imports Triton, before the parity modules set the flag, and once torch.compile had run in that
+worker the parity tests failed ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
 
 import os
 import subprocess
@@ -15,6 +20,8 @@ from _train_small import write_config, write_corpus
 
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="module")
