@@ -34,7 +34,10 @@ benchmarks compare every fast path with its plain-torch reference.
   other fields choose; "compiled" = regional torch.compile, one graph per block structure,
   reused by every layer of that structure, moeflow.model.transformer.Block; "auto" = eager
   until the GPU benchmark has measured the compiled blocks, benchmarks/train_throughput.py
-  --compile). The MoE FFN (routing, dispatch, expert kernels) stays eager either way.
+  --compile). The MoE FFN (routing, dispatch, expert kernels) stays eager either way. Each
+  compiled call costs host time (~0.5-0.8 ms per region on the H200 host for an earlier
+  per-module version, which slowed the host-bound steps of `moeflow reproduce`'s small models,
+  benchmarks/results/train_step_profile), so it can pay only where the GPU is the bottleneck.
 - matmul: MATMUL_BACKENDS, the dense linears (attention, MLA and dense-MLP projections,
   moeflow.model.linear) and the expert GEMMs ("reference" = the plain matmul in the compute
   dtype; "fp8" = FP8 with rowwise scales, moeflow.ops.fp8_linear and moeflow.ops.fp8_grouped,
