@@ -16,28 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-from moeflow.forecast.config import EvalConfig, ForecastModelConfig, ForecastTrainConfig
-from moeflow.forecast.evaluate import MOEFLOW, evaluate
-from moeflow.forecast.train import train_forecaster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.machine import cpu_name  # noqa: E402
+from moeflow.forecast.config import EvalConfig, ForecastModelConfig, ForecastTrainConfig  # noqa: E402
+from moeflow.forecast.evaluate import MOEFLOW, evaluate  # noqa: E402
+from moeflow.forecast.train import train_forecaster  # noqa: E402
 
 DATASETS = ("sunspots", "nile", "co2", "elnino", "macrodata")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -81,7 +73,7 @@ def main() -> None:
                 slot["baselines_per_series"] = {s: {b: m[b] for b in baselines if b in m}
                                                 for s, m in rep.per_series.items()}
     results["meta"] = {
-        "date": date.today().isoformat(), "cpu": _cpu(), "torch": torch.__version__,
+        "date": date.today().isoformat(), "cpu": cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
         "model": ForecastModelConfig.from_name(args.preset).to_dict(),

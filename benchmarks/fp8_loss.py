@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from moeflow.train import TrainConfig  # noqa: E402
 from moeflow.train.trainer import Trainer  # noqa: E402
 
@@ -56,16 +57,6 @@ def train(args, name: str, fp8: bool, seed: int) -> dict:
             "device": str(trainer.device),
             "train_loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
             "val_loss": {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def differences(a: dict, b: dict, key: str) -> dict:
@@ -127,7 +118,7 @@ def main() -> None:
 
     result = {"command": " ".join(["python"] + sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": {"platform": platform.platform(), "cpu": cpu_model(),
+              "machine": {"platform": platform.platform(), "cpu": cpu_name(),
                           "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available()

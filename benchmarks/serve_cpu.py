@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from moeflow import ModelConfig, Transformer  # noqa: E402
 from moeflow.data.corpus import stdlib_documents  # noqa: E402
 from moeflow.data.tokenizer import BPETokenizer  # noqa: E402
@@ -63,16 +63,6 @@ def engine_alone(run: Path, concurrency: int, requests: int, max_tokens: int) ->
     start = time.perf_counter()
     out = engine.generate([prompt] * requests, params)
     return sum(map(len, out)) / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -111,6 +111,26 @@ def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
 
+def train_variants(tmp_path: Path, config: Path, corpus: Path, steps: int,
+                   **variants: tuple[str, ...]) -> dict[str, list]:
+    """`losses` of one short run per variant (its extra flags), each in tmp_path / name."""
+    runs = {}
+    for name, extra in variants.items():
+        r = cli_in_process(*train_argv(config, corpus, tmp_path / name, "--steps", str(steps),
+                                       *extra))
+        assert r.returncode == 0, r.stderr
+        runs[name] = losses(tmp_path / name)
+    return runs
+
+
+def assert_follows(run: list, reference: list, rel: float) -> None:
+    """The same steps, and every training and validation loss within `rel` of the reference's."""
+    for (s, loss, val), (s_r, loss_r, val_r) in zip(run, reference, strict=True):
+        assert s == s_r
+        for a, b in ((loss, loss_r), (val, val_r)):
+            assert (a is None) == (b is None) and (a is None or abs(a - b) < rel * abs(b))
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` with its bytes, to prove nothing was changed."""
     return {str(p.relative_to(directory)): p.read_bytes()

@@ -16,7 +16,7 @@ from moeflow import ModelConfig, Transformer
 from moeflow.ops.backend import Backends
 from moeflow.train import TrainConfig
 
-from _train_small import cli_in_process, losses, train_argv
+from _train_small import assert_follows, losses, train_variants
 
 CONFIG = ModelConfig(vocab_size=64, n_layers=4, d_model=16, n_heads=2, max_seq_len=16,
                      moe_every=2, num_experts=4)
@@ -58,19 +58,13 @@ def test_compiled_blocks_match_eager_with_one_graph_per_block_structure():
 
 
 def test_training_with_compile_follows_the_eager_run(tmp_path, corpus, config):
-    runs, graphs = {}, {}
+    graphs = []
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
-        out = tmp_path / name
         before = unique_graphs()
-        r = cli_in_process(*train_argv(config, corpus, out, "--steps", "3", *extra))
-        assert r.returncode == 0, r.stderr
-        runs[name], graphs[name] = losses(out), unique_graphs() - before
-    assert graphs == {"eager": 0, "compiled": 2}
-    for (s, loss, val), (s_c, loss_c, val_c) in zip(runs["eager"], runs["compiled"],
-                                                    strict=True):
-        assert s == s_c
-        for a, b in ((loss, loss_c), (val, val_c)):
-            assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4 * abs(a))
+        train_variants(tmp_path, config, corpus, 3, **{name: extra})
+        graphs.append(unique_graphs() - before)
+    assert graphs == [0, 2]
+    assert_follows(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4)
     assert TrainConfig(compile=True).compile
 
 

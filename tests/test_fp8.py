@@ -26,7 +26,7 @@ from moeflow.ops.fp8_grouped import fp8_grouped_mm
 from moeflow.ops.fp8_linear import FP8, fp8_linear, pow2_scales, quantize_rows
 from moeflow.train import TrainConfig
 
-from _train_small import cli_in_process, losses, train_argv
+from _train_small import assert_follows, train_variants
 
 U = 2.0 ** -4  # e4m3's unit roundoff: 3 mantissa bits, round to nearest
 SUBNORMAL_ERR = 2.0 ** -10  # half the spacing of e4m3's subnormals (2^-9), in scaled units
@@ -469,17 +469,9 @@ def test_fp8_inference_is_untouched(monkeypatch):
 
 
 def test_train_with_fp8_follows_the_plain_run(tmp_path, corpus, config):
-    runs = {}
-    for name, extra in (("plain", ()), ("fp8", ("--fp8",))):
-        out = tmp_path / name
-        r = cli_in_process(*train_argv(config, corpus, out, "--steps", "4", *extra))
-        assert r.returncode == 0, r.stderr
-        runs[name] = losses(out)
+    runs = train_variants(tmp_path, config, corpus, 4, plain=(), fp8=("--fp8",))
     assert runs["fp8"] != runs["plain"]
-    for (s, loss, val), (s_f, loss_f, val_f) in zip(runs["plain"], runs["fp8"], strict=True):
-        assert s == s_f
-        for a, b in ((loss, loss_f), (val, val_f)):
-            assert (a is None) == (b is None) and (a is None or abs(a - b) < 0.01 * abs(a))
+    assert_follows(runs["fp8"], runs["plain"], rel=0.01)
     assert TrainConfig.load(tmp_path / "fp8" / "run.json").fp8
     with pytest.raises(ValueError, match=r"^fp8=True: does nothing with --pregate"):
         TrainConfig(fp8=True, pregate=True, init=str(tmp_path))

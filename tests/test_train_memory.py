@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy
 from moeflow.train import TrainConfig
 
-from _train_small import cli_in_process, losses, train_argv
+from _train_small import assert_follows, cli_in_process, train_argv, train_variants
 
 
 def plain_and_fused(dtype, chunk, autocast=False, N=53, D=24, V=61):
@@ -53,18 +53,10 @@ def test_under_autocast_the_head_runs_in_bf16_as_the_plain_one():
 
 
 def test_training_with_loss_chunk_follows_the_plain_run(tmp_path, corpus, config):
-    runs = {}
-    for name, extra in (("plain", ()), ("fused", ("--loss-chunk", "48"))):
-        out = tmp_path / name
-        r = cli_in_process(*train_argv(config, corpus, out, "--steps", "4", *extra))
-        assert r.returncode == 0, r.stderr
-        runs[name] = losses(out)
+    runs = train_variants(tmp_path, config, corpus, 4, plain=(), fused=("--loss-chunk", "48"))
     # the chunked fp32 sums round differently in the last bits: the fused path did run
     assert runs["fused"] != runs["plain"]
-    for (s, loss, val), (s_f, loss_f, val_f) in zip(runs["plain"], runs["fused"], strict=True):
-        assert s == s_f
-        for a, b in ((loss, loss_f), (val, val_f)):
-            assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4 * abs(a))
+    assert_follows(runs["fused"], runs["plain"], rel=1e-4)
     r = cli_in_process(*train_argv(config, corpus, tmp_path / "bad", "--loss-chunk", "-1"))
     assert r.returncode == 2 and "loss_chunk" in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(ValueError, match="loss_chunk.*distillation compares"):
@@ -74,13 +66,8 @@ def test_training_with_loss_chunk_follows_the_plain_run(tmp_path, corpus, config
 def test_recompute_gives_the_same_run(tmp_path, corpus, config):
     """--recompute (activation checkpointing per block): on the CPU the recomputed activations
     are the kept ones bit for bit, so the run's losses and weights are the plain run's."""
-    runs = {}
-    for name, extra in (("plain", ()), ("recompute", ("--recompute",)),
-                        ("both", ("--recompute", "--loss-chunk", "40"))):
-        out = tmp_path / name
-        r = cli_in_process(*train_argv(config, corpus, out, "--steps", "3", *extra))
-        assert r.returncode == 0, r.stderr
-        runs[name] = losses(out)
+    runs = train_variants(tmp_path, config, corpus, 3, plain=(), recompute=("--recompute",),
+                          both=("--recompute", "--loss-chunk", "40"))
     assert runs["recompute"] == runs["plain"]
     assert [s for s, *_ in runs["both"]] == [s for s, *_ in runs["plain"]]
 
