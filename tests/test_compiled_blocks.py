@@ -16,7 +16,7 @@ from moeflow import ModelConfig, Transformer
 from moeflow.ops.backend import Backends
 from moeflow.train import TrainConfig
 
-from _train_small import assert_follows, losses, train_variants
+from _train_small import assert_follows, cli_in_process, losses, train_argv, train_variants
 
 CONFIG = ModelConfig(vocab_size=64, n_layers=4, d_model=16, n_heads=2, max_seq_len=16,
                      moe_every=2, num_experts=4)
@@ -72,3 +72,19 @@ def test_dense_backend_names_are_checked():
     with pytest.raises(ValueError, match="dense"):
         Backends(dense="inductor")
     assert Backends.reference().dense == "eager"
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, corpus, config,
+                                                            monkeypatch):
+    """On the CPU inductor writes C++: with no compiler on PATH `--compile` is refused before
+    anything is written, not with inductor's traceback at the first step."""
+    from moeflow.ops.backend import compile_blocker
+    assert compile_blocker(torch.device("cpu")) is None  # this machine has g++
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    assert "C++ compiler" in compile_blocker(torch.device("cpu"))
+    out = tmp_path / "run"
+    r = cli_in_process(*train_argv(config, corpus, out, "--steps", "2", "--compile"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("moeflow: error: compile: torch.compile on the CPU needs a C++")
+    assert not out.exists()

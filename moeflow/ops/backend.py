@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -344,6 +346,19 @@ def resolve_attention_backend(requested: str, q: torch.Tensor) -> str:
     if requested == "triton":
         return "triton"
     return "triton" if _triton_cuda(q) else "reference"
+
+
+def compile_blocker(device: torch.device) -> str | None:
+    """Why torch.compile cannot compile for `device` on this machine, or None: inductor writes
+    C++ for the CPU (a compiler must be on PATH, or named by CXX) and Triton for CUDA. Checked
+    up front so a run asking for compiled blocks fails in one line instead of at its first
+    step with inductor's traceback."""
+    if device.type == "cuda":
+        return None if triton_available() else "torch.compile on CUDA needs Triton installed"
+    compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
+    if not any(c and shutil.which(c) for c in compilers):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX)"
+    return None
 
 
 def compiles_dense(requested: str) -> bool:

@@ -73,7 +73,7 @@ from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
-from moeflow.ops.backend import Backends
+from moeflow.ops.backend import Backends, compile_blocker
 from moeflow.ops.linear_cross_entropy import linear_cross_entropy
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.added_part import load_with_added_part
@@ -423,6 +423,9 @@ class Trainer:
             raise ValueError(f"fp8: {torch.cuda.get_device_name(self.device)} (compute "
                              f"capability {major}.{minor}) has no FP8 tensor cores (8.9+); "
                              "the emulation would be slower than bf16, train without --fp8")
+        blocker = compile_blocker(self.device) if cfg.compile else None
+        if blocker:
+            raise ValueError(f"compile: {blocker}; train without --compile")
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size}: must be a multiple of the "
                              f"world size {self.world}")
