@@ -101,8 +101,9 @@ def splits_for(batch_heads: int, S: int, block_n: int, per_sm: int, device) -> i
     return max(1, min(-(-per_sm * sms // batch_heads), -(-S // block_n)))
 
 
-def time_per_call(fn, calls: int, device) -> float:
-    """Median µs per call of `fn` (which makes `calls` calls): CUDA graph + events on a GPU."""
+def time_per_call(fn, calls: int, device, reps: int = REPS) -> float:
+    """Median µs per call of `fn` (which makes `calls` calls) over `reps` replays of its CUDA
+    graph, timed with events, on a GPU; one timed eager run after a warm-up elsewhere."""
     if device.type != "cuda":
         fn()
         t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def time_per_call(fn, calls: int, device) -> float:
     graph, _ = capture_graph(fn, (), None)
     graph.replay()
     times = []
-    for _ in range(REPS):
+    for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,9 +43,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_attention import copy_ceiling_gbps  # noqa: E402
+from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
 
-from moeflow.infer.decode_graphs import capture_graph  # noqa: E402
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
 from moeflow.ops.grouped_mlp_triton import expert_mlp_stream  # noqa: E402
@@ -92,26 +90,6 @@ def routing(sh: Shape, T: int, seed: int, device) -> tuple[torch.Tensor, torch.T
     counts_E = torch.bincount(ids_TK.reshape(-1), minlength=sh.E)
     return (torch.cumsum(counts_E, 0).to(device), (order_N // sh.top_k).to(device),
             int((counts_E > 0).sum()))
-
-
-def time_per_call(fn, calls: int, device) -> float:
-    """Median µs per call of `fn` (which makes `calls` calls): a replayed CUDA graph on a GPU."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6 / calls
-    graph, _ = capture_graph(fn, (), None)
-    graph.replay()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
 
 
 def kernel_us(fn, calls: int, names: tuple[str, ...]) -> dict[str, float]:
@@ -183,7 +161,7 @@ def measure_shape(sh: Shape, batches, dtype, device, sweep: bool, smoke: bool) -
                 row[f"rel_err_{path}_vs_fp32"] = rel(y[path], truth)
             for path, kernel in (("stream", expert_mlp_stream),
                                  ("splitk", expert_mlp_stream_splitk)):
-                us = time_per_call(step(kernel), sh.layers, device)
+                us = time_per_call(step(kernel), sh.layers, device, REPS)
                 row[f"{path}_us"] = us
                 row[f"{path}_tbps"] = row["weight_bytes_per_call"] / us / 1e6
                 if device.type == "cuda":
@@ -198,7 +176,7 @@ def measure_shape(sh: Shape, batches, dtype, device, sweep: bool, smoke: bool) -
                 for s in SWEEP_SPLITS:
                     launch = sweep_launch(s, smoke)
                     row[f"splitk_fixed_s{s}_us"] = time_per_call(
-                        step(expert_mlp_stream_splitk, launch=launch), sh.layers, device)
+                        step(expert_mlp_stream_splitk, launch=launch), sh.layers, device, REPS)
         rows.append(row)
         print(f"{sh.name} T={T:2d}: {row['busy_experts_per_layer']:5.1f} busy experts, "
               f"{row['weight_bytes_per_call'] / 1e6:7.1f} MB/call; stream {row['stream_us']:8.1f}"

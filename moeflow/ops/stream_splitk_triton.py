@@ -61,7 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.grouped_mlp_triton import _gelu  # the stream path's GELU: the same h
+# the stream path's GELU (the same h) and its up kernel's K loop
+from moeflow.ops.grouped_mlp_triton import _gelu, gate_up_products
 from moeflow.validate import check
 
 MAX_EXPERTS = 1024  # the busy-expert scan holds ends_E in one block
@@ -183,23 +184,9 @@ def _up_partials_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, ws_ptr, D, F, E, ROWS
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
-        if GATHER:
-            src = tl.load(token_ptr + rows, mask=rmask, other=0)
-        else:
-            src = rows
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < k_hi
-            a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wmask = kmask[:, None] & nmask[None, :]
-            wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
-            acc_g = tl.dot(a, wg, acc_g)
-            if SWIGLU:
-                wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
-                acc_u = tl.dot(a, wu, acc_u)
+        acc_g, acc_u = gate_up_products(x_ptr, token_ptr, w_e, rows, rmask, n, nmask, k_lo,
+                                        k_hi, D, F, I, SWIGLU, GATHER, BLOCK_M, BLOCK_N,
+                                        BLOCK_K)
         out = ws_ptr + rows[:, None].to(tl.int64) * (SPLIT_K * I) + s * I + n[None, :]
         omask = rmask[:, None] & nmask[None, :]
         tl.store(out, acc_g, mask=omask)
