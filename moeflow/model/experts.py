@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moeflow.ops.activation import ffn_in_width
+from moeflow.ops.autocast import autocast_dtype
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_expert_backend
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
@@ -73,10 +74,3 @@ class Experts(nn.Module, ChoosesBackends):
         fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows,
                                     self.backends.matmul)
         return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes matmuls in on `device`, or None when autocast is off."""
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from moeflow.ops.expert_mlp import expert_mlp_fp8, expert_mlp_grouped_mm, expert_mlp_reference
-from moeflow.ops.fp8_linear import compute_dtype
+from moeflow.ops.autocast import compute_dtype
 from moeflow.validate import check, choice
 
 ROUTER_BACKENDS = ("reference", "triton", "triton_decode", "triton_decode_fused")

@@ -57,17 +57,12 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.ops.autocast import compute_dtype
+
 FP8 = torch.float8_e4m3fn  # largest value 448 = 0.875 · 2^9
 # Scales stay within 2^±126 so that the inverse scale is a normal fp32 (rows of near-zero values
 # then quantize to small e4m3 values or zero instead of overflowing the scale).
 MAX_SCALE_EXPONENT = 126
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM on `x` runs in: the autocast dtype when autocast is on for its device."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def pow2_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,12 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    device = h.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return h.dtype
+from moeflow.ops.autocast import compute_dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -82,4 +77,4 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: 
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be a positive number of tokens")
     return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk, ignore_index,
-                                     _compute_dtype(h_ND))
+                                     compute_dtype(h_ND))
