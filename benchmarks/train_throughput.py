@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,7 +49,7 @@ from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
-from moeflow.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from moeflow.ops.linear_cross_entropy import next_token_loss  # noqa: E402
 
 
 def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20, fp8: bool = False
@@ -151,11 +150,7 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
         tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
         out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0,  # noqa: F821 (closure; a later del frees it)
                     recompute=args.recompute)
-        if args.loss_chunk:  # TrainConfig.loss_chunk: the head fused with the loss, in chunks
-            loss = linear_cross_entropy(out.hidden.flatten(0, 1), model.lm_head.weight,  # noqa: F821 (closure; a later del frees it)
-                                        tokens[:, 1:].flatten(), args.loss_chunk)
-        else:
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss = next_token_loss(out, model.lm_head.weight, tokens[:, 1:], args.loss_chunk)  # noqa: F821 (closure; a later del frees it)
         if overlap is not None:
             overlap.arm()
         (loss + out.router_loss).backward()

@@ -78,3 +78,14 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: 
         raise ValueError(f"chunk={chunk}: must be a positive number of tokens")
     return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk, ignore_index,
                                      compute_dtype(h_ND))
+
+
+def next_token_loss(out, head_weight_VD: torch.Tensor, target_BT: torch.Tensor, chunk: int
+                    ) -> torch.Tensor:
+    """The LM loss of a forward's ModelOutput: fused with the head over `chunk` tokens at a
+    time when the forward returned `hidden` (chunk > 0), else the plain fp32 cross-entropy of
+    its logits. Training and its benchmark both compute the loss this way."""
+    if chunk:
+        return linear_cross_entropy(out.hidden.flatten(0, 1), head_weight_VD,
+                                    target_BT.flatten(), chunk)
+    return F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())

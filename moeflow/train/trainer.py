@@ -74,7 +74,7 @@ from moeflow.data.tokenizer import BPETokenizer
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
 from moeflow.ops.backend import Backends, compile_blocker
-from moeflow.ops.linear_cross_entropy import linear_cross_entropy
+from moeflow.ops.linear_cross_entropy import next_token_loss
 from moeflow.train import checkpoint as ckpt_io
 from moeflow.train.added_part import load_with_added_part
 from moeflow.train.determinism import deterministic_on_cpu
@@ -318,11 +318,9 @@ class Trainer:
         with self.autocast():
             out = self.model(input_BT, groups=groups_BT, hidden_only=self.cfg.loss_chunk > 0,
                              recompute=self.cfg.recompute)
-            if self.cfg.loss_chunk:  # the head's GEMM in the autocast dtype, as lm_head's
-                ce = linear_cross_entropy(out.hidden.flatten(0, 1), self.model.lm_head.weight,
-                                          target_BT.flatten(), self.cfg.loss_chunk)
-        if not self.cfg.loss_chunk:
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), target_BT.flatten())
+            # in autocast: the fused head's GEMM in the autocast dtype, as lm_head's (the plain
+            # loss of fp32 logits is an fp32 op either way)
+            ce = next_token_loss(out, self.model.lm_head.weight, target_BT, self.cfg.loss_chunk)
         objective = ce + out.router_loss
         stats = {"loss": ce.detach(), "aux_loss": out.aux_loss.detach(),
                  "dropped_frac": out.dropped_fraction,
