@@ -130,6 +130,8 @@ def test_packed_store_serves_the_cpu_paths_unpacked():
     store = PackedExpertStore(torch.device("cpu"), LayerExperts(w_in, w_out, b_in, None))
     assert store.add_layer(w_in, w_out, b_in, None) == 0
     assert store.packed_tensors == 5 and store.raw_tensors == 4
+    assert store.unpacked_bytes == 2 * (w_in.numel() + w_out.numel() + b_in.numel())
+    assert store.total_bytes < store.unpacked_bytes
     for e in range(3):
         got = store.expert(0, e)
         assert got[3] is None

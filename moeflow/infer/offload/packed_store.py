@@ -74,8 +74,6 @@ class PackedExpertStore:
         self.staging = None
         if self.pin:
             self.staging = torch.empty(staging_bytes(template), dtype=torch.uint8, device=device)
-        self.unpacked_bytes = 0  # what the pinned store would hold
-        self.packed_tensors = self.raw_tensors = 0
 
     def add_layer(self, w_in_EDI: torch.Tensor, w_out_EFD: torch.Tensor,
                   b_in_EI: torch.Tensor | None, b_out_ED: torch.Tensor | None) -> int:
@@ -102,8 +100,6 @@ class PackedExpertStore:
                 sections.append(_Section(j, offset, data.numel(), layout))
                 pieces.append((offset, data))
                 offset += -(-data.numel() // 16) * 16
-                self.packed_tensors += layout is not None
-                self.raw_tensors += layout is None
             last = sections[len(packed) - 1] if packed else None
             packed_end = last.offset + last.nbytes if last else start
             records.append(_PackedExpert(start, packed_end, tuple(sections)))
@@ -114,8 +110,6 @@ class PackedExpertStore:
         self.buffers.append(buf)
         self.experts.append(records)
         self.templates.append(LayerExperts(*(_meta(t) for t in tensors)))
-        self.unpacked_bytes += sum(t.numel() * t.element_size() for t in tensors
-                                   if t is not None)
         return len(self.buffers) - 1
 
     @property
@@ -132,6 +126,22 @@ class PackedExpertStore:
     @property
     def total_bytes(self) -> int:
         return sum(b.numel() for b in self.buffers)
+
+    @property
+    def unpacked_bytes(self) -> int:
+        """What the pinned store would hold for the same experts."""
+        return sum(t.numel() * t.element_size() for tpl in self.templates for t in tpl.tensors())
+
+    @property
+    def packed_tensors(self) -> int:
+        """Expert tensors stored packed (the rest, `raw_tensors`, are stored as they were)."""
+        return sum(s.layout is not None for layer in self.experts for rec in layer
+                   for s in rec.sections)
+
+    @property
+    def raw_tensors(self) -> int:
+        return sum(s.layout is None for layer in self.experts for rec in layer
+                   for s in rec.sections)
 
     def _shape(self, layer: int, j: int) -> tuple[torch.Size, torch.dtype]:
         tpl = self.templates[layer]
