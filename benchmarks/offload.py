@@ -7,13 +7,13 @@ Models: random bf16 weights built on the GPU, Mixtral-8x7B shape (d 4096, 8 expe
 the stack, its pinned host copy and the peer fit 128 GB of host RAM and the run fits 7 minutes.
 
 Budgets: given for the full-depth model (the issue's: Mixtral 24 and 40 GiB, Qwen3 16 and 24
-GiB; by default only the smaller one, --budgets all for both), and scaled to the shorter stack
-so that the expert cache holds the same *fraction* of all experts as the full model would at
-that budget: budget_L = fixed_L + f · experts_L, with f = (budget_full - non-expert_full -
-KV_full - activations) / experts_full. The hit rate, and so the copy traffic per layer, depends
-on that fraction; the enforced budget is budget_L, by the engine's plan and by
-torch.cuda.set_per_process_memory_fraction, and the peak (torch.cuda.max_memory_allocated) is
-reported against it.
+GiB; by default only the smaller one, --budgets large or all for the larger or both), and
+scaled to the shorter stack so that the expert cache holds the same *fraction* of all experts
+as the full model would at that budget: budget_L = fixed_L + f · experts_L, with
+f = (budget_full - non-expert_full - KV_full - activations) / experts_full. The hit rate,
+and so the copy traffic per layer, depends on that fraction; the enforced budget is budget_L,
+by the engine's plan and by torch.cuda.set_per_process_memory_fraction, and the peak
+(torch.cuda.max_memory_allocated) is reported against it.
 
 One process per configuration: the parent starts this script again with --child for each
 configuration (and for the peer), so every one starts from a fresh CUDA context: nothing a
@@ -648,8 +648,8 @@ def plan_tasks(args) -> list[dict]:
     base = dict(smoke=args.smoke, decode=decode, max_batch=args.max_batch,
                 pregate_steps=args.pregate_steps,
                 pregate_batch=PREGATE_SMOKE_BATCH if args.smoke else PREGATE_BATCH)
-    budgets = {s: BUDGETS_GIB[s][:1] if args.budgets == "small" else BUDGETS_GIB[s]
-               for s in args.shapes}
+    chosen = {"small": slice(0, 1), "large": slice(1, 2), "all": slice(0, 2)}[args.budgets]
+    budgets = {s: BUDGETS_GIB[s][chosen] for s in args.shapes}
 
     def offload(shape: str, budget_full: int, config: str) -> dict:
         return dict(base, kind="offload", shape=shape, layers=layers[shape],
@@ -746,8 +746,8 @@ def main() -> None:
                         "(cpu_experts: off (default), auto, always or split)")
     p.add_argument("--core", type=int, default=4,
                    help="how many of --configs run per shape before the peer and the rest")
-    p.add_argument("--budgets", choices=("small", "all"), default="small",
-                   help="the smaller full-depth budget per shape, or both")
+    p.add_argument("--budgets", choices=("small", "large", "all"), default="small",
+                   help="the smaller full-depth budget per shape, the larger, or both")
     p.add_argument("--mixtral-layers", type=int, default=12)
     p.add_argument("--qwen3-layers", type=int, default=16)
     p.add_argument("--decode-b1-steps", type=int, default=16)
