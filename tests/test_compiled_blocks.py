@@ -84,7 +84,9 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, corpus, co
     monkeypatch.delenv("CXX", raising=False)
     assert "C++ compiler" in compile_blocker(torch.device("cpu"))
     out = tmp_path / "run"
-    r = cli_in_process(*train_argv(config, corpus, out, "--steps", "2", "--compile"))
+    # --device cpu: on a CUDA machine "auto" trains on the GPU, where inductor writes Triton
+    r = cli_in_process(*train_argv(config, corpus, out, "--steps", "2", "--compile",
+                                   "--device", "cpu"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("moeflow: error: compile: torch.compile on the CPU needs a C++")
     assert not out.exists()

@@ -5,8 +5,12 @@
 
 y[n] = x[n] · w[e] for the rows n of expert e, [offs[e-1], offs[e]) (offs: int32 ends, as for
 torch._grouped_mm, which this replaces). The recipe is moeflow.ops.fp8_linear's: e4m3,
-power-of-two scales along each GEMM's contraction axis, fp32 accumulation, output in the inputs'
-dtype. The three GEMMs and their scales:
+power-of-two scales along each GEMM's contraction axis, fp32 accumulation (the kernel's, on
+Hopper: about 14 bits between promotions, see fp8_linear), output in the inputs' dtype.
+Measured on the H200 (2026-12-02): slower than bf16, 9.85 ms against torch._grouped_mm's 1.83
+ms for one forward and backward of 49152 rows over 64 experts (2048 -> 1408), the quantization
+passes and the grouped kernel itself (0.91 ms a call in a finegrained-1b step) both.
+The three GEMMs and their scales:
   forward  y     = x · w[e]       contracts K:  x per row, w[e] per (expert, output column j)
   dX       dx    = dy · w[e]ᵀ     contracts J:  dy per row, w[e] per (expert, input row k)
   dW       dw[e] = x_eᵀ · dy_e    contracts expert e's rows: x per (expert, column k) and dy per

@@ -41,14 +41,20 @@ layer would run; else the input's). `kernel=False` computes exactly that with an
 the dequantized operands: it runs anywhere (the CPU, the CI, the loss study) and defines the
 numerics. `kernel=True` runs torch._scaled_mm: rowwise fp32 scales scale_a [M, 1] and
 scale_b [1, N] (the inverse scales: the kernel multiplies by them), the first operand row-major,
-the second column-major, use_fast_accum=False (fp32 accumulation throughout). A product of two
-e4m3 values is exact in fp32, so the kernel and the reference differ only in the order of the
-fp32 sums (and in the final rounding to bf16 where that order moves a value across a rounding
-boundary). On CUDA the kernel needs sm89+, bf16 and dimensions that are multiples of 16
-(moeflow.ops.backend.scaled_mm_supported); the CPU build of torch runs it too (the parity test).
+the second column-major, use_fast_accum=False. A product of two e4m3 values is exact in fp32,
+but Hopper's FP8 tensor cores keep only about 14 bits of the running sum between promotions to
+fp32 (DeepSeek-V3 measured it on the H800): on the H200 (torch 2.11) the kernel was off from the
+reference by up to 2.7e-4 of the sum of |products| (tests/test_fp8.py, HOPPER_FP8_ACC), which
+matters only where a sum cancels. On CUDA the kernel needs sm89+, bf16 and dimensions that are
+multiples of 16 (moeflow.ops.backend.scaled_mm_supported); torch 2.13's CPU build runs it too
+(the parity test).
 
 The quantization (amax, scale, multiply, cast) is plain torch, a few elementwise passes per
-operand; fusing it into one kernel is left for when the GPU measurement says it matters.
+operand. Measured on the H200 (2026-12-02, benchmarks/results/fp8/): it costs more than FP8
+saves. An 8192x2048 bf16 operand quantizes in 0.38 ms (0.51 ms transposed), where its GEMM
+with a 6144x2048 weight takes 0.33 ms in bf16 and 0.23 ms in FP8; a linear's forward and
+backward (6 quantized operands, 3 GEMMs) took 3.56 ms against bf16's 0.92 ms. A fused
+quantization kernel (one read, one write) is what would make this path pay.
 
 Legend: M rows (tokens), K contraction, N output features; R, C rows and columns of an operand.
 """
