@@ -16,9 +16,8 @@ benchmarks compare every fast path with its plain-torch reference.
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
-- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream" and
-  "stream_splitk", moeflow.ops.grouped_mlp_triton and moeflow.ops.stream_splitk_triton, are
-  inference only; "auto" never picks stream_splitk yet).
+- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream",
+  moeflow.ops.grouped_mlp_triton's weight-streaming kernels, is inference only).
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
@@ -106,11 +105,6 @@ def _stream(*args, **kwargs):
     return expert_mlp_stream(*args, **kwargs)
 
 
-def _stream_splitk(*args, **kwargs):
-    from moeflow.ops.stream_splitk_triton import expert_mlp_stream_splitk
-    return expert_mlp_stream_splitk(*args, **kwargs)
-
-
 def _grouped_fused(*args, **kwargs):
     from moeflow.ops.grouped_mlp_triton import expert_mlp_grouped_fused
     return expert_mlp_grouped_fused(*args, **kwargs)
@@ -121,9 +115,6 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "grouped_mm": expert_mlp_grouped_mm,
     "grouped_mm_fused": _grouped_fused,  # grouped_mm + one-pass Triton activation (fwd + bwd)
     "stream": _stream,  # Triton weight-streaming kernels, inference only
-    # The same with the up projection split along D (more programs at decode); only when asked
-    # for, until a GPU measures it against "stream" (benchmarks/decode_experts.py)
-    "stream_splitk": _stream_splitk,
 }
 
 

@@ -39,33 +39,6 @@ def _stream_configs():
                                  (64, 64, 4, 5))]
 
 
-@triton.jit
-def gate_up_products(x_ptr, token_ptr, w_e, rows, rmask, n, nmask, k_lo, k_hi, D, F, I,
-                     SWIGLU: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (gate, up) products of the rows (x rows, or x[token_ptr[rows]] with GATHER) with
-    the column tile n of one expert's w_in (w_e: [D, I]) over k in [k_lo, k_hi); up is zeros
-    unless SWIGLU. Shared by the stream and split-K up kernels."""
-    if GATHER:
-        src = tl.load(token_ptr + rows, mask=rmask, other=0)
-    else:
-        src = rows
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < k_hi
-        a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & nmask[None, :]
-        wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
-        acc_g = tl.dot(a, wg, acc_g)
-        if SWIGLU:
-            wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
-            acc_u = tl.dot(a, wu, acc_u)
-    return acc_g, acc_u
-
-
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "M_BUCKET", "SWIGLU"],
                  reset_to_zero=[])
 @triton.jit
@@ -85,8 +58,23 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, M_BUCKET,
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
-        acc_g, acc_u = gate_up_products(x_ptr, token_ptr, w_e, rows, rmask, n, nmask, 0, D, D,
-                                        F, I, SWIGLU, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
+        if GATHER:
+            src = tl.load(token_ptr + rows, mask=rmask, other=0)
+        else:
+            src = rows
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < D
+            a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
+            acc_g = tl.dot(a, wg, acc_g)
+            if SWIGLU:
+                wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
+                acc_u = tl.dot(a, wu, acc_u)
         if HAS_BIAS:
             acc_g += tl.load(b_ptr + e * I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
