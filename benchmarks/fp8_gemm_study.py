@@ -9,7 +9,8 @@ goes (moeflow.ops.fp8_linear, moeflow.ops.fp8_grouped; CUDA only).
    use_fast_accum;
 2. timing (median of 20, CUDA events): a finegrained-1b-sized linear (8192 x 2048 -> 6144) and
    expert GEMM (49152 rows, 64 experts, 2048 -> 1408), bf16 against FP8, forward and backward,
-   and the quantization alone.
+   and the quantization alone (plain torch and the fused Triton kernels, which the FP8 runs
+   use).
 
     PYTHONPATH=. python benchmarks/fp8_gemm_study.py > fp8_gemm_study.log     # one H200: ~10 s
 """
@@ -28,6 +29,7 @@ from test_fp8 import (BF16_U, FP32_U, grouped_case, linear_case, linear_gemms,  
 
 from moeflow.ops.fp8_grouped import fp8_grouped_mm  # noqa: E402
 from moeflow.ops.fp8_linear import fp8_linear, quantize_rows, scaled_matmul  # noqa: E402
+from moeflow.ops.fp8_quantize_triton import quantize_rows_triton  # noqa: E402
 
 
 def errors(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -106,6 +108,8 @@ def timing() -> None:
             ("fp8 linear fwd", lambda: fp8_linear(x.detach(), w.detach(), kernel=True)),
             ("quantize_rows x", lambda: quantize_rows(x.detach())),
             ("quantize_rows x.t()", lambda: quantize_rows(x.detach().t())),
+            ("quantize_rows_triton x", lambda: quantize_rows_triton(x.detach())),
+            ("quantize_rows_triton x.t()", lambda: quantize_rows_triton(x.detach().t())),
             ("_scaled_mm alone", lambda: scaled_matmul(qx, ix, qw, iw, torch.bfloat16, True)),
             ("bf16 mm alone", lambda: x.detach() @ w.detach().t())):
         print(f"{name}: {median_ms(fn):.3f}")

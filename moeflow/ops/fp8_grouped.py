@@ -9,7 +9,10 @@ power-of-two scales along each GEMM's contraction axis, fp32 accumulation (the k
 Hopper: about 14 bits between promotions, see fp8_linear), output in the inputs' dtype.
 Measured on the H200 (2026-12-02): slower than bf16, 9.85 ms against torch._grouped_mm's 1.83
 ms for one forward and backward of 49152 rows over 64 experts (2048 -> 1408), the quantization
-passes and the grouped kernel itself (0.91 ms a call in a finegrained-1b step) both.
+passes and the grouped kernel itself (0.91 ms a call in a finegrained-1b step) both. Since then
+the kernel path quantizes the row-scaled operands (forward and dX) with the fused Triton
+kernels (fp8_linear.quantize_operand; GPU speed not measured yet); the dW's per-(expert,
+column) scales are still plain torch (quantize_segment_columns).
 The three GEMMs and their scales:
   forward  y     = x · w[e]       contracts K:  x per row, w[e] per (expert, output column j)
   dX       dx    = dy · w[e]ᵀ     contracts J:  dy per row, w[e] per (expert, input row k)
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from moeflow.ops.fp8_linear import FP8, dequantize, pow2_scales, quantize_rows
+from moeflow.ops.fp8_linear import FP8, dequantize, pow2_scales, quantize_operand
 
 # torch._scaled_grouped_mm's 2D×2D form needs group sizes that are multiples of this (see above).
 GROUP_ALIGN = 16
@@ -79,8 +82,8 @@ def _grouped_nt(a_NC: torch.Tensor, b_EDC: torch.Tensor, offs_E: torch.Tensor, k
     """out[n] = a[n] · b[e]ᵀ for the rows of expert e: [N, D], a per row and b per (expert, row)
     quantized along C."""
     E, D, C = b_EDC.shape
-    qa, inv_a = quantize_rows(a_NC)
-    qb, inv_b = quantize_rows(b_EDC.reshape(E * D, C))
+    qa, inv_a = quantize_operand(a_NC, kernel)
+    qb, inv_b = quantize_operand(b_EDC.reshape(E * D, C), kernel)
     qb, inv_b = qb.view(E, D, C), inv_b.view(E, D)
     if kernel:
         return torch._scaled_grouped_mm(qa, qb.transpose(1, 2), inv_a.reshape(-1), inv_b,

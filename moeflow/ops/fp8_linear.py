@@ -49,12 +49,18 @@ matters only where a sum cancels. On CUDA the kernel needs sm89+, bf16 and dimen
 multiples of 16 (moeflow.ops.backend.scaled_mm_supported); torch 2.13's CPU build runs it too
 (the parity test).
 
-The quantization (amax, scale, multiply, cast) is plain torch, a few elementwise passes per
-operand. Measured on the H200 (2026-12-02, benchmarks/results/fp8/): it costs more than FP8
-saves. An 8192x2048 bf16 operand quantizes in 0.38 ms (0.51 ms transposed), where its GEMM
-with a 6144x2048 weight takes 0.33 ms in bf16 and 0.23 ms in FP8; a linear's forward and
-backward (6 quantized operands, 3 GEMMs) took 3.56 ms against bf16's 0.92 ms. A fused
-quantization kernel (one read, one write) is what would make this path pay.
+The quantization (amax, scale, multiply, cast). `quantize_rows` is plain torch, a few
+elementwise passes per operand; the reference (kernel=False) uses it everywhere. The kernel path
+on CUDA quantizes with moeflow.ops.fp8_quantize_triton instead (quantize_operand): at most two
+Triton launches that read the operand twice and write the e4m3 values once, coalesced for a
+row-contiguous operand and for the backward's transposed views alike, bit-equal to
+quantize_rows on finite rows. Measured on the H200 (2026-12-02, benchmarks/results/fp8/), with
+plain torch still on the kernel path: the quantization cost more than FP8 saves. An 8192x2048
+bf16 operand quantized in 0.38 ms (0.51 ms transposed), where its GEMM with a 6144x2048 weight
+takes 0.33 ms in bf16 and 0.23 ms in FP8; a linear's forward and backward (6 quantized
+operands, 3 GEMMs) took 3.56 ms against bf16's 0.92 ms. The fused kernels' GPU speed is not
+measured yet; the prediction is ~0.02-0.03 ms for that operand in either layout (48 MB of
+traffic at ~3 TB/s, plus the second read where it misses L2).
 
 Legend: M rows (tokens), K contraction, N output features; R, C rows and columns of an operand.
 """
@@ -94,6 +100,29 @@ def quantize_rows(t_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t_RC * scale_R1.to(t_RC.dtype)).to(FP8).contiguous(), inverse_R1
 
 
+def fused_quantize_fits(t_RC: torch.Tensor) -> bool:
+    """Whether moeflow.ops.fp8_quantize_triton quantizes t_RC: a non-empty bf16 or fp32 matrix
+    on CUDA whose rows or columns are contiguous (the operands' layouts: a saved activation, a
+    weight, or a transposed view of one), with Triton installed."""
+    from moeflow.ops.backend import triton_available  # here: backend imports this module's users
+
+    return (t_RC.is_cuda and t_RC.dim() == 2 and t_RC.numel() > 0
+            and t_RC.dtype in (torch.bfloat16, torch.float32)
+            and 1 in (t_RC.stride(0), t_RC.stride(1)) and triton_available())
+
+
+def quantize_operand(t_RC: torch.Tensor, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(t_RC) for a GEMM: by the fused Triton kernels on the kernel path where
+    they apply (fused_quantize_fits), else in plain torch. The two are bit-equal on finite
+    rows (moeflow.ops.fp8_quantize_triton says what differs on rows holding inf or NaN), so the
+    reference (kernel=False) keeps plain torch and defines the numerics."""
+    if kernel and fused_quantize_fits(t_RC):
+        from moeflow.ops.fp8_quantize_triton import quantize_rows_triton
+
+        return quantize_rows_triton(t_RC)
+    return quantize_rows(t_RC)
+
+
 def dequantize(q: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """fp32 values of an fp8 operand (exact: the inverse scale is a power of two)."""
     return q.float() * inverse
@@ -110,8 +139,8 @@ def scaled_matmul(a_MK: torch.Tensor, inv_a_M1: torch.Tensor, b_NK: torch.Tensor
 
 def _gemm_nt(a_MK: torch.Tensor, b_NK: torch.Tensor, kernel: bool) -> torch.Tensor:
     """a · bᵀ with both operands quantized along K (their rows), in a's dtype."""
-    qa, inv_a = quantize_rows(a_MK)
-    qb, inv_b = quantize_rows(b_NK)
+    qa, inv_a = quantize_operand(a_MK, kernel)
+    qb, inv_b = quantize_operand(b_NK, kernel)
     return scaled_matmul(qa, inv_a, qb, inv_b, a_MK.dtype, kernel)
 
 
