@@ -115,8 +115,10 @@ def quantize_operand(t_RC: torch.Tensor, kernel: bool) -> tuple[torch.Tensor, to
     """quantize_rows(t_RC) for a GEMM: by the fused Triton kernels on the kernel path where
     they apply (fused_quantize_fits), else in plain torch. The two are bit-equal on finite
     rows (moeflow.ops.fp8_quantize_triton says what differs on rows holding inf or NaN), so the
-    reference (kernel=False) keeps plain torch and defines the numerics."""
-    if kernel and fused_quantize_fits(t_RC):
+    reference (kernel=False) keeps plain torch and defines the numerics. Inside a torch.compile
+    region (`--compile`'s dense blocks) plain torch too: inductor fuses those passes itself, and
+    the fused kernels' wrapper has never been traced by dynamo."""
+    if kernel and not torch.compiler.is_compiling() and fused_quantize_fits(t_RC):
         from moeflow.ops.fp8_quantize_triton import quantize_rows_triton
 
         return quantize_rows_triton(t_RC)
