@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_fp8 import (BF16_U, FP32_U, grouped_case, linear_case, linear_gemms,  # noqa: E402
                       recipe, run_grouped, run_linear)
 
+from benchmarks.machine import cuda_event_ms  # noqa: E402
 from moeflow.ops.fp8_grouped import fp8_grouped_mm  # noqa: E402
 from moeflow.ops.fp8_linear import fp8_linear, quantize_rows, scaled_matmul  # noqa: E402
 from moeflow.ops.fp8_quantize_triton import quantize_rows_triton  # noqa: E402
@@ -80,18 +82,8 @@ def accuracy() -> None:
             print(f"gaussian K={K} use_fast_accum={fast}: per sum|p| {errors(got, a, b)[1]:.3g}")
 
 
-def median_ms(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[n // 2]
+def median_ms(fn) -> float:
+    return cuda_event_ms(fn, reps=20, warmup=3)
 
 
 def timing() -> None:

@@ -45,6 +45,7 @@ import torch
 
 import dataclasses
 
+from benchmarks.machine import cuda_event_ms
 from moeflow import ModelConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
 from moeflow.infer.slot_cache import SlotKVCache
@@ -74,28 +75,16 @@ def step_ms(engine: Engine, steps: int) -> list[float]:
     return times
 
 
-def event_ms(fn, reps: int = 10) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def ceilings() -> dict:
     a = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     b.copy_(a)
-    copy_ms = event_ms(lambda: b.copy_(a), 20)  # noqa: F821 (closure; a later del frees it)
+    copy_ms = cuda_event_ms(lambda: b.copy_(a), 20)  # noqa: F821 (closure; a later del frees it)
     del a, b
     n = 8192
     x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     x @ y
-    mm_ms = event_ms(lambda: x @ y, 20)
+    mm_ms = cuda_event_ms(lambda: x @ y, 20)
     return {"copy_GBps": 2 * (2 << 30) / copy_ms / 1e6,
             "bf16_matmul_TFLOPs": 2 * n ** 3 / mm_ms / 1e9}
 
@@ -157,7 +146,7 @@ def engine_decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
     dec = engine._decoder
     if hasattr(dec, "graphs") and dec.graphs:
         graph = dec.graphs[dec.last_key][0]
-        out["graph_replay_ms"] = event_ms(graph.replay, 20)
+        out["graph_replay_ms"] = cuda_event_ms(graph.replay, 20)
         out["graph_key"] = list(dec.last_key)
     distinct = []
     for _ in range(8):

@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cuda_event_ms  # noqa: E402
 from moeflow.config import ModelConfig  # noqa: E402
 from moeflow.model import Transformer, parameter_counts  # noqa: E402
 from moeflow.model.flops import training_flops_per_token  # noqa: E402
@@ -65,17 +66,7 @@ def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 20, fp8: bool =
         scale_b = torch.ones(1, n, device=device)
         gemm = lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b,  # noqa: E731
                                         out_dtype=torch.bfloat16, use_fast_accum=False)
-    for _ in range(3):
-        gemm()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        gemm()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n ** 3 / (cuda_event_ms(gemm, reps, warmup=3) / 1e3) / 1e12
 
 
 def timed(fn, warmup: int, reps: int, device: torch.device) -> list[float]:
