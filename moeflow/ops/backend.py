@@ -33,12 +33,13 @@ benchmarks compare every fast path with its plain-torch reference.
 - dense: DENSE_BACKENDS, the dense part of each block under autograd (training): its attention
   sub-layer (norm, attention, residual add, the next norm) and a dense FFN ("eager" = as the
   other fields choose; "compiled" = regional torch.compile, one graph per block structure,
-  reused by every layer of that structure, moeflow.model.transformer.Block; "auto" = eager
-  until the GPU benchmark has measured the compiled blocks, benchmarks/train_throughput.py
-  --compile). The MoE FFN (routing, dispatch, expert kernels) stays eager either way. Each
-  compiled call costs host time (~0.5-0.8 ms per region on the H200 host for an earlier
-  per-module version, which slowed the host-bound steps of `moeflow reproduce`'s small models,
-  benchmarks/results/train_step_profile), so it can pay only where the GPU is the bottleneck.
+  reused by every layer of that structure, moeflow.model.transformer.Block; "auto" = eager).
+  The MoE FFN (routing, dispatch, expert kernels) stays eager either way. Each compiled call
+  costs host time (~0.5-0.8 ms per region on the H200 host for an earlier per-module version,
+  which slowed the host-bound steps of `moeflow reproduce`'s small models,
+  benchmarks/results/train_step_profile), so it pays only where the GPU is the bottleneck: a
+  finegrained-1b step on the H200 went 166.7 -> 133.8 ms (benchmarks/results/train_throughput);
+  hence a choice (`moeflow train --compile`), not the default.
 - matmul: MATMUL_BACKENDS, the dense linears (attention, MLA and dense-MLP projections,
   moeflow.model.linear) and the expert GEMMs ("reference" = the plain matmul in the compute
   dtype; "fp8" = FP8 with rowwise scales, moeflow.ops.fp8_linear and moeflow.ops.fp8_grouped,

@@ -79,18 +79,20 @@ class TrainConfig:
                              "recompute its activations in the backward (less memory for a "
                              "larger micro-batch, about one more forward per step)",
                              default=False)
-    # off by default until the GPU benchmark has measured it (train_throughput.py --compile).
+    # off by default: on the H200 it took a device-bound finegrained-1b step 166.7 -> 133.8 ms,
+    # but an earlier per-module version slowed host-bound small models (Backends.dense says why).
     compile: bool = option("compile the dense part of each block (attention, norms, residuals, "
                            "dense FFNs) with torch.compile, one graph per block structure shared "
                            "by its layers; the first step pays the compilation (Backends.dense)",
                            default=False)
-    # 0 by default until the GPU benchmark has measured it (train_throughput.py --loss-chunk).
+    # 0 by default: it saves memory at some speed (finegrained-1b on the H200: 133.8 -> 141.6 ms
+    # a step with --compile at micro-batch 4); with it micro-batch 8 ran at 53.5 % MFU.
     loss_chunk: int = option("compute the LM head and cross-entropy together over chunks of this "
                              "many tokens, never holding the [tokens, vocabulary] logits (less "
                              "activation memory, one more head GEMM per chunk in backward; "
                              "moeflow/ops/linear_cross_entropy.py); 0: the plain loss",
                              default=0)
-    # off by default until the GPU benchmark has measured it (train_throughput.py --fp8).
+    # off by default: 2.5x slower than bf16 on the H200 (benchmarks/results/train_throughput).
     fp8: bool = option("run the attention, dense-MLP and expert matmuls in FP8 (e4m3 with "
                        "rowwise scales, forward and backward; moeflow/ops/fp8_linear.py): "
                        "torch._scaled_mm on a GPU of compute capability 8.9+ (the experts' "
