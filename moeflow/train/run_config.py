@@ -98,7 +98,8 @@ class TrainConfig:
                        "torch._scaled_mm on a GPU of compute capability 8.9+ (the experts' "
                        "grouped kernel: 9.0), a plain-torch emulation of the same numerics "
                        "on the CPU; the LM head, router, embeddings and norms stay in high "
-                       "precision, and validation runs without FP8", default=False)
+                       "precision, and validation runs without FP8. Measured so far: 2.5x "
+                       "slower than bf16 on an H200 (finegrained-1b)", default=False)
     lr: float = option("peak learning rate", default=1e-3)
     warmup_steps: int | None = option("linear warmup steps (default: min(100, steps/10))",
                                       default=None)
