@@ -14,6 +14,9 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
 - `logits+route`: from the layer input x (bf16) and the gate weight to the plan — unfused:
   router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused
   (one launch: logits tiles over many programs, the last one routes), at the same T·K.
+- `warps` (with --sweep-warps): route_decode_fused with the routing program's warps forced
+  (decode_route_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4, 8,
+  and its choices compared with the default's; the rule in route_warps comes from this table.
 - `layer`: the whole MoE layer forward, Backends(router="triton") (before the decode router),
   Backends(router="triton_decode") (what auto takes now) and
   Backends(router="triton_decode_fused"), at T = 1, 8, 16, 64, with the CUDA kernels each
@@ -42,6 +45,7 @@ from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
+from moeflow.ops import decode_route_triton  # noqa: E402
 from moeflow.ops.decode_route_triton import route_decode_fused, route_decode_triton  # noqa: E402
 from moeflow.ops.permute_triton import dispatch_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
@@ -109,6 +113,33 @@ def logits_route_table(tokens: list[int]) -> dict:
                    "ticket_after": int(ticket.item())}
         out[T * K] = row
         print(f"logits+route T·K={T * K:5d}: {row}", flush=True)
+    return out
+
+
+def warps_table(tokens: list[int]) -> dict:
+    """route_decode_fused with decode_route_triton.route_warps forced to each warp count."""
+    out = {}
+    torch.manual_seed(0)
+    gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    rule = decode_route_triton.route_warps
+    try:
+        for T in tokens:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
+            row = {"T": T, "rule": rule(T, E)}
+            for warps in (1, 2, 4, 8):
+                decode_route_triton.route_warps = lambda T_, E_, w=warps: w  # noqa: E731
+                with torch.no_grad():
+                    got = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
+                    row[warps] = dict(both(lambda: route_decode_fused(x, gate, CFG, None,
+                                                                      ticket)),
+                                      ids_equal=bool(torch.equal(got, want)))
+            out[T * K] = row
+            print(f"warps T·K={T * K:5d}: {row}", flush=True)
+    finally:
+        decode_route_triton.route_warps = rule
     return out
 
 
@@ -194,6 +225,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {T} | " + " | ".join(cells) + f" | {row['outputs_equal']} | "
                      f"{row['rel_diff_after']:.1e} | {row['rel_diff_fused']:.1e} | "
                      f"{row['fused_ids_equal_after']} |")
+    if "warps" in result:
+        lines += ["", "## fused router by warps (µs eager / graph; ids equal the rule's)", "",
+                  "| T·K | rule | 1 | 2 | 4 | 8 |", "|---:|---:|---:|---:|---:|---:|"]
+        for n, row in result["warps"].items():
+            cells = [f"{row[w]['eager_us']:.1f} / {row[w]['graph_us']:.1f}"
+                     + ("" if row[w]["ids_equal"] else " (ids differ)") for w in (1, 2, 4, 8)]
+            lines.append(f"| {n} | {row['rule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,16 +240,23 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--route-tokens", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--layer-tokens", default="1,8,16,64")
+    ap.add_argument("--sweep-warps", action="store_true",
+                    help="also time the fused router at each warp count (the warps table)")
+    ap.add_argument("--only-sweep", action="store_true", help="the warps table alone")
     args = ap.parse_args()
+    route_tokens = [int(t) for t in args.route_tokens.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     result = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "command": " ".join(["python"] + sys.argv),
-              "route_plan": route_plan_table([int(t) for t in args.route_tokens.split(",")]),
-              "logits_route": logits_route_table(
-                  [int(t) for t in args.route_tokens.split(",")]),
-              "layer": layer_table([int(t) for t in args.layer_tokens.split(",")])}
+              "route_plan": {}, "logits_route": {}, "layer": {}}
+    if args.sweep_warps or args.only_sweep:
+        result["warps"] = warps_table(route_tokens)
+    if not args.only_sweep:
+        result.update(route_plan=route_plan_table(route_tokens),
+                      logits_route=logits_route_table(route_tokens),
+                      layer=layer_table([int(t) for t in args.layer_tokens.split(",")]))
     stem = out / f"decode_route_{gpu.replace(' ', '-')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))

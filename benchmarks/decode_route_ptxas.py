@@ -17,7 +17,7 @@ from moeflow.ops import decode_route_triton as m
 def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16"):
     scalars, meta = m._route_args(cfg, T, E, False)
     nw = meta.pop("num_warps")
-    lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4)
+    lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "bias_ptr", "ids_ptr", "w_ptr",
              "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
              "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef"]

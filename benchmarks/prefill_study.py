@@ -174,7 +174,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="prefills per variant (first captures)")
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                    help="comma-separated subset of " + ", ".join(v[0] for v in VARIANTS)
+                    + " (the first one run is the reference of the others' logits)")
     args = ap.parse_args()
+    chosen = args.variants.split(",")
+    unknown = sorted(set(chosen) - {v[0] for v in VARIANTS})
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}")
     if args.smoke:
         args.model, args.tokens, args.steps, args.reps, args.max_seq_len = "tiny", 40, 3, 3, 128
     out = Path(args.out)
@@ -198,7 +205,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.tokens)
     prompt = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=g).tolist()
     ref = None
-    for label, elementwise, graphs in VARIANTS:
+    for label, elementwise, graphs in (v for v in VARIANTS if v[0] in chosen):
         logits = run_variant(model, label, elementwise, graphs, args, prompt,
                              results["variants"], log, ref)
         ref = logits if ref is None else ref

@@ -68,6 +68,9 @@ def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
     q_ref, k_ref = prepare_qk.reference(*args)
     q_out, k_out = qk_norm_rope_triton(*args)
     assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape
+    # q in [B, T, H, hd] memory (the attention output follows it; its reshape is then a view),
+    # k contiguous (the KV cache's layout).
+    assert q_out.transpose(1, 2).is_contiguous() and k_out.is_contiguous()
     torch.testing.assert_close(q_out, q_ref, **_tol(dtype))
     torch.testing.assert_close(k_out, k_ref, **_tol(dtype))
     if rope:  # one cos/sin row shared by the batch ([1, T, hd], prefill)

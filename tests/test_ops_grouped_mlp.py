@@ -46,6 +46,25 @@ def test_stream_matches_reference(activation, bias, rows_per_expert):
     out = EXPERT_BACKENDS["stream"](x, ends, w_in, b_in, w_out, b_out, activation)[:n]
     assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
 
+@pytest.mark.parametrize("counts", [[0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+                                    [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3],
+                                    [0] * 15 + [1]])
+def test_stream_finds_the_active_experts_of_a_decode_batch(counts):
+    """Fewer rows than experts (decode): the grid has one column of programs per row, not per
+    expert, and each program finds its active expert in ends_E; idle experts before, between
+    and after the active ones must not shift which weights a row meets."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    D, F = (1024, 768) if ON_GPU else (48, 40)
+    E = len(counts)
+    _, _, w_in, _, w_out, _, _ = _problem(E, D, F, E, "swiglu", False, dtype)
+    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
+    n = int(ends[-1])
+    x = torch.randn(n, D, device=DEVICE).to(dtype)
+    ref = expert_mlp_reference(x, ends, w_in, None, w_out, None, "swiglu")
+    out = EXPERT_BACKENDS["stream"](x, ends, w_in, None, w_out, None, "swiglu")
+    assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
 
 def test_stream_gathers_its_rows_exactly():
     """rows_N (the decode path's deferred dispatch gather): the up kernel reads row n from

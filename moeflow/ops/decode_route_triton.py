@@ -221,10 +221,20 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool) -> tuple[tupl
         # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
         # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
         # kernel spills 148 there); 4 warps or 4096-score tiles spilled up to 900 bytes.
+        # Pass 2's one-hot tile: no wider than the assignments (T·K) need.
         BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
-        BLOCK_K=triton.next_power_of_2(K), BLOCK_P=max(16, min(128, 8192 // block_e)),
-        num_warps=8)
+        BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_P=max(16, min(128, 8192 // block_e, triton.next_power_of_2(max(T * K, 1)))),
+        num_warps=route_warps(T, E))
+
+
+def route_warps(T: int, E: int) -> int:
+    """Warps of the routing program (and of every logits program of the fused kernel). 8: on
+    the H200 (benchmarks/decode_route.py --sweep-warps, Qwen3-30B-A3B router, 2026-12-02) the
+    fused router replayed from a CUDA graph ran fastest or within 0.8 µs of it with 8 warps at
+    every T·K from 8 to 512 (T·K 8: 13.6 µs, against 14.7 / 18.0 / 19.9 with 4 / 2 / 1)."""
+    return 8
 
 
 def _result(out: dict[str, torch.Tensor]) -> RoutingResult:
@@ -252,19 +262,22 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
     return _result(out)
 
 
-# Logits tiles: at most this many products per step (LT·LE·LD), and about this many bytes of
-# the gate per program (LE rows of D), so that decode reads the gate from many SMs at once.
-_LOGIT_PRODUCTS = 8192
+# Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
+# bytes of the gate per program (LE rows of D), so that decode reads the gate from many SMs.
+_LOGIT_PRODUCTS_PER_WARP = 1024
 _GATE_BYTES_PER_PROGRAM = 16384
 
 
-def logits_tiles(T: int, D: int, E: int, gate_bytes: int) -> tuple[int, int, int]:
+def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
+                 ) -> tuple[int, int, int]:
     """(LT, LE, LD): tokens, experts and model-dim columns per logits tile. A program streams
-    LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs."""
+    LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs.
+    The products per step scale with the warps (32 per thread)."""
     lt = max(2, min(triton.next_power_of_2(max(T, 1)), 4))
     le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
     le = max(2, min(le, triton.next_power_of_2(E), 64))
-    ld = max(16, min(triton.next_power_of_2(D), _LOGIT_PRODUCTS // (lt * le)))
+    products = _LOGIT_PRODUCTS_PER_WARP * num_warps
+    ld = max(16, min(triton.next_power_of_2(D), products // (lt * le)))
     return lt, le, ld
 
 
@@ -284,7 +297,7 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     out = _outputs(T, E, cfg.top_k, x_TD.device)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None)
-    lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size())
+    lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
     grid = (triton.cdiv(E, le), max(1, triton.cdiv(T, lt)))
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, ticket_1,
