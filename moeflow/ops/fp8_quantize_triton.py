@@ -91,10 +91,13 @@ _MAX_K = tl.constexpr(MAX_SCALE_EXPONENT)
 
 @triton.jit
 def _load_bits(ptrs, mask, IS_BF16: tl.constexpr):
-    """fp32 bit patterns (int32) of the values at ptrs (bf16 widened exactly)."""
+    """fp32 bit patterns (int32) of the values at ptrs (bf16 widened exactly). One return: the
+    compiler (not the interpreter) also types a return that follows a constexpr branch's."""
     if IS_BF16:
-        return tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16
-    return tl.load(ptrs, mask=mask, other=0)
+        bits = tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16
+    else:
+        bits = tl.load(ptrs, mask=mask, other=0)
+    return bits
 
 
 @triton.jit

@@ -1,0 +1,107 @@
+"""Compile cases for tests/test_kernels_compile_sm90.py, run in a process without
+TRITON_INTERPRET (under the interpreter, @triton.jit gives interpreted functions, which do not
+compile):
+
+    python -m tests._compile_sm90 CASE [CASE ...]
+
+exits 0 when every case compiled for sm_90 through ptxas, 3 when this Triton has no ptxas."""
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moeflow.config import RouterConfig
+from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
+                         qk_rope_triton)
+
+NO_PTXAS = 3
+
+
+def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4):
+    """triton.compile of the jit function `fn` for sm_90: `signature` maps the runtime
+    arguments, in order, to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest."""
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    index = list(sig)
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(index.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def _args(names: str, kind: str) -> dict[str, str]:
+    return {n: kind for n in names.split()}
+
+
+def fp8_quantize():
+    m = fp8_quantize_triton
+    for is_bf16 in (True, False):
+        bits = "*i16" if is_bf16 else "*i32"
+        compile_sm90(m._chunk_amax_kernel,
+                     {"t_ptr": bits, "partial_ptr": "*i32",
+                      **_args("R C chunk stride_r stride_c", "i32")},
+                     {"IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128})
+        for block_s in (1, 4):
+            compile_sm90(m._quantize_kernel,
+                         {"t_ptr": bits, "partial_ptr": "*i32", "q_ptr": "*u8",
+                          "inverse_ptr": "*fp32",
+                          **_args("R C chunk splits stride_r stride_c", "i32")},
+                         {"IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128,
+                          "BLOCK_S": block_s})
+
+
+def stream_experts():
+    m = grouped_mlp_triton
+    blocks = {"BLOCK_E": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
+    for swiglu, gather in ((True, True), (False, False)):
+        compile_sm90(m._up_kernel.fn,
+                     {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
+                      "w_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16",
+                      **_args("D F E M_BUCKET", "i32")},
+                     {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": gather, **blocks})
+        compile_sm90(m._down_kernel.fn,
+                     {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                      "y_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                     {"HAS_BIAS": not swiglu, **blocks}, num_warps=8)
+
+
+def qk_norm_rope():
+    strides = "q_sb q_sh q_st"
+    compile_sm90(qk_rope_triton._qk_norm_rope_kernel,
+                 {"q_ptr": "*bf16", **_args(strides, "i32"),
+                  "k_ptr": "*bf16", **_args(strides.replace("q_", "k_"), "i32"),
+                  "qo_ptr": "*bf16", **_args(strides.replace("q_", "qo_"), "i32"),
+                  "ko_ptr": "*bf16", **_args(strides.replace("q_", "ko_"), "i32"),
+                  **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"),
+                  **_args("c_b c_t H G T", "i32"), "eps": "fp32"},
+                 {"HD": 128, "HALF": 64, "HAS_NORM": True, "HAS_ROPE": True,
+                  "INTERLEAVE": False, "BLOCK_H": 4, "BLOCK_D": 64}, num_warps=2)
+
+
+def fused_decode_router():
+    m = decode_route_triton
+    T, D, E = 1, 2048, 128
+    cfg = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
+    _, meta = m._route_args(cfg, T, E, False)
+    warps = meta.pop("num_warps")
+    lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
+    compile_sm90(m._decode_route_logits_kernel,
+                 {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
+                  "ticket_ptr": "*i32", "bias_ptr": "*fp32", "ids_ptr": "*i64",
+                  "w_ptr": "*fp32", "kept_ptr": "*i8",
+                  **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
+                  "loss_ptr": "*fp32", **_args("T D E", "i32"),
+                  **_args("routed_scaling aux_coef z_coef", "fp32")},
+                 dict(meta, LT=lt, LE=le, LD=ld), num_warps=warps)
+
+
+CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, qk_norm_rope,
+                                 fused_decode_router)}
+
+if __name__ == "__main__":
+    try:
+        for name in sys.argv[1:]:
+            CASES[name]()
+    except FileNotFoundError as e:  # a Triton build without its bundled ptxas
+        print(f"no ptxas: {e}", file=sys.stderr)
+        sys.exit(NO_PTXAS)
