@@ -5,8 +5,8 @@ never meets the compiler's rules: a kernel can pass every interpreter test and s
 compile on the GPU. It happened (H200, 2026-12-02): `_load_bits` in moeflow.ops.fp8_quantize_triton
 returned an int32 from a constexpr branch and fell through to a second return of int16, which
 the compiler types as inconsistent return types while the interpreter takes the first return.
-Each case (tests/_compile_sm90.py) compiles kernels with the constexprs its launcher passes, through ptxas, for
-sm_90 — the kernels changed or added since that run, and the one that failed."""
+Each case (tests/_compile_sm90.py) compiles kernels with the constexprs their launchers pass,
+through ptxas, for sm_90: the kernels changed since that run, and the one that failed."""
 
 import os
 import subprocess
