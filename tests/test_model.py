@@ -42,6 +42,25 @@ def test_routing_stats_account_for_every_assignment():
 
 
 @pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])
+def test_forward_without_autograd_equals_the_recorded_forward_exactly(arch, extra):
+    """Without autograd the blocks leave each residual add to the next norm
+    (Block.forward_deferred); the outputs, the routing and the hidden state must equal the
+    forward autograd records, bit for bit (dense and MoE blocks, both norm kinds)."""
+    torch.manual_seed(0)
+    model = Transformer(small(arch, **extra))
+    ids = torch.randint(0, 97, (2, 12))
+    recorded = model(ids, inference=True)
+    with torch.no_grad():
+        deferred = model(ids, inference=True)
+        hidden = model(ids, inference=True, hidden_only=True).hidden
+    assert recorded.logits.requires_grad and not deferred.logits.requires_grad
+    assert torch.equal(deferred.logits, recorded.logits)
+    assert torch.equal(hidden, model(ids, inference=True, hidden_only=True).hidden)
+    for got, want in zip(deferred.routing, recorded.routing):
+        assert torch.equal(got.ids_TK, want.ids_TK)
+
+
+@pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])
 def test_slot_cache_decoding_equals_full_forward(arch, extra):
     """Per sequence a prefill and a chunk after the cached tokens, then batched one-token steps
     with every sequence at its own position (sequence b is b tokens ahead)."""

