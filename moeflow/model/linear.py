@@ -1,5 +1,6 @@
-"""The model's dense projections as they run: the plain nn.Linear, or FP8 where the model's
-`Backends.matmul` asks for it (moeflow.ops.backend.resolve_linear_backend).
+"""The model's dense projections as they run: the plain nn.Linear, FP8 where the model's
+`Backends.matmul` asks for it, or a weight-streaming kernel for a decode step's few rows
+(moeflow.ops.backend.resolve_linear_backend chooses).
 
     q, k, v = project(self.qkv, x_BTD, self.backends.matmul).split(...)
 
@@ -13,7 +14,10 @@ norms elementwise, with no GEMM to speed up; together they are a small share of 
 
 FP8 is how the matmul is computed: the parameters, their dtype and the state_dict are the same
 with either choice, so checkpoints do not depend on it. Calls that autograd does not record
-(validation, generation, serving) run the plain linear.
+(validation, generation, serving) run the plain linear, or, for a few rows on CUDA (a decode
+step), moeflow.ops.skinny_linear_triton's kernel: it streams the weight once, aiming at the
+memory bandwidth, where cuBLAS measured 2.0–2.7 TB/s against a ~4.2 TB/s copy on the H200
+(that module gives the numbers; the kernel's own speed is benchmarks/skinny_linear.py's).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def project(layer: nn.Linear, x: torch.Tensor, matmul: str, bias: bool = True
     kind = resolve_linear_backend(matmul, x, layer.weight)
     if kind == "reference":
         return layer(x) if bias else F.linear(x, layer.weight)
+    if kind == "stream":
+        from moeflow.ops.skinny_linear_triton import linear_stream
+        return linear_stream(x, layer.weight, layer.bias if bias else None)
     y = fp8_linear(x, layer.weight, kernel=kind == "fp8")
     if bias and layer.bias is not None:
         y = y + layer.bias.to(y.dtype)

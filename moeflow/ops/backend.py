@@ -45,11 +45,15 @@ benchmarks compare every fast path with its plain-torch reference.
   dtype; "fp8" = FP8 with rowwise scales, moeflow.ops.fp8_linear and moeflow.ops.fp8_grouped,
   on torch._scaled_mm / torch._scaled_grouped_mm where they run (scaled_mm_supported,
   scaled_grouped_mm_supported) and their plain-torch reference elsewhere; "fp8_reference" =
-  that reference everywhere; "auto" = "reference": FP8 only when asked). FP8 applies only to
+  that reference everywhere; "stream" = the dense linears' weight-streaming kernel for a few
+  rows, moeflow.ops.skinny_linear_triton, wherever linear_streams (inference, at most
+  LINEAR_STREAM_MAX_ROWS rows), on any device, and the plain matmul elsewhere; "auto" =
+  "stream" on CUDA in bf16/fp16, else "reference": FP8 only when asked). FP8 applies only to
   calls autograd records (training); forwards without autograd (validation, generation,
-  serving) run the plain matmul, so a model's inference does not depend on this field. The LM
-  head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says why).
-  With an FP8 matmul the experts' GEMMs are FP8's, so `experts` must stay "auto".
+  serving) run as "auto" decides, so a model's inference does not depend on the FP8 choice.
+  The LM head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says
+  why), nor in the stream kernel, which only moeflow.model.linear.project calls. With an FP8
+  matmul the experts' GEMMs are FP8's, so `experts` must stay "auto".
 
 Triton modules are imported only when a Triton path is chosen, so CPU-only installs without
 Triton never import it (and tests can switch on Triton's interpreter before the first import).
@@ -59,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -77,12 +82,18 @@ FUSE_BACKENDS = ("reference", "compiled")
 ELEMENTWISE_BACKENDS = ("reference", "triton")
 ATTENTION_BACKENDS = ("reference", "triton")
 DENSE_BACKENDS = ("eager", "compiled")
-MATMUL_BACKENDS = ("reference", "fp8", "fp8_reference")
+MATMUL_BACKENDS = ("reference", "fp8", "fp8_reference", "stream")
 
 # Weight-streaming experts win while an expert averages at most this many rows; above it the
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
 # at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
+
+# Inference linears of at most this many rows (x.numel() / K) stream their weight
+# (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
+# takes (one MMA tile of rows). A first choice, not yet measured on a GPU: where cuBLAS catches
+# up between 1 and 16 rows is for benchmarks/skinny_linear.py to show.
+LINEAR_STREAM_MAX_ROWS = 16
 
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
 # program, so its time grows with T·K, while what it saves is launches, which cost the same at
@@ -220,14 +231,29 @@ def scaled_grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torc
             and all(d % 16 == 0 for d in (*w_in.shape[1:], *w_out.shape[1:])))
 
 
+def linear_streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the weight-streaming kernel (moeflow.ops.skinny_linear_triton) computes
+    x · weightᵀ as the plain linear would: autograd does not record the call (the kernel has no
+    backward), x has at most LINEAR_STREAM_MAX_ROWS rows, and x and weight share the dtype the
+    matmul runs in (autocast would change it)."""
+    rows = math.prod(x.shape[:-1])
+    return (not _needs_grad(x, weight) and rows <= LINEAR_STREAM_MAX_ROWS
+            and x.dtype == weight.dtype == compute_dtype(x))
+
+
 def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """"reference" (the plain linear), "fp8" (torch._scaled_mm) or "fp8_reference" (its
-    plain-torch reference) for x · weightᵀ: FP8 only when asked and autograd records the call."""
-    if requested in ("auto", "reference") or not _needs_grad(x, weight):
+    """"reference" (the plain linear), "fp8" (torch._scaled_mm), "fp8_reference" (its
+    plain-torch reference) or "stream" (the weight-streaming kernel) for x · weightᵀ. FP8 only
+    when asked and autograd records the call; other calls stream where linear_streams, when
+    asked for (on any device) or under "auto" on CUDA in bf16/fp16, and run the plain linear
+    elsewhere (a forced "stream" too: training and prefill keep cuBLAS)."""
+    if requested in ("fp8", "fp8_reference") and _needs_grad(x, weight):
+        return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
+    if requested == "reference" or not linear_streams(x, weight):
         return "reference"
-    if requested == "fp8" and scaled_mm_supported(x, weight):
-        return "fp8"
-    return "fp8_reference"
+    if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)):
+        return "stream"
+    return "reference"
 
 
 def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,

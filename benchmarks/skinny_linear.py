@@ -1,0 +1,172 @@
+"""Decode-sized dense projections: cuBLAS (F.linear) vs the weight-streaming kernel
+(moeflow.ops.skinny_linear_triton.linear_stream, `Backends(matmul="stream")`).
+
+At decode a projection reads its whole weight for a few rows, so its floor is the weight's
+bytes over the bandwidth; the H200 profile of 2026-12-02 had cuBLAS at 2.0–2.7 TB/s on the
+Qwen3-30B-A3B attention projections, against a ~4.2 TB/s copy. Per shape (the attention's qkv
+and output projections of Qwen3-30B-A3B: K 2048 -> N 5120, K 4096 -> N 2048; of Mixtral-8x7B:
+K 4096 -> N 6144, K 4096 -> N 4096; bf16, no bias) and rows M:
+- `copies` weights of the shape, so that a call's weight is not in L2 from the previous call of
+  it: one CUDA graph of one call per copy, replayed REPS times and timed with CUDA events;
+  median µs per call, for F.linear and linear_stream;
+- TB/s = weight bytes / time, and its fraction of a measured copy ceiling (bytes read + written
+  / time of a large device-to-device copy);
+- the autotuner's choice for the shape and M, and each path's max |y - y_fp32| / max |y_fp32|
+  on copy 0 against F.linear in fp32.
+
+    PYTHONPATH=. python benchmarks/skinny_linear.py --out $OUT            # one GPU, not yet run
+    PYTHONPATH=. python benchmarks/skinny_linear.py --smoke --out /tmp/s  # CPU, interpreter
+
+writes OUT/skinny_linear.{json,md}. --smoke runs tiny fp32 shapes through Triton's interpreter on
+the CPU (timings meaningless: it only shows the script runs and the output is right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
+
+from moeflow.ops import skinny_linear_triton  # noqa: E402
+from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    K: int
+    N: int
+    copies: int  # weights in one graph: their bytes well above the 50 MB of L2
+
+
+SHAPES = (Shape("qwen3-30b-a3b qkv", 2048, 5120, copies=32),  # 21 MB each
+          Shape("qwen3-30b-a3b o", 4096, 2048, copies=32),  # 16.8 MB
+          Shape("mixtral-8x7b qkv", 4096, 6144, copies=16),  # 50 MB
+          Shape("mixtral-8x7b o", 4096, 4096, copies=16))  # 33.6 MB
+SMOKE_SHAPES = (Shape("smoke qkv", 64, 80, copies=2), Shape("smoke o", 96, 48, copies=2))
+ROWS, SMOKE_ROWS = (1, 4, 16), (1, 4)
+REPS = 50
+PATHS = {"f_linear": F.linear, "stream": linear_stream}
+
+
+def max_rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((y.float() - truth).abs().max() / truth.abs().max())
+
+
+def chosen_config(device) -> str:
+    if device.type != "cuda":
+        return "interpreter: " + ", ".join(f"{k} {v}" for k, v in
+                                           skinny_linear_triton.INTERPRETER_BLOCKS.items())
+    return str(skinny_linear_triton._linear_kernel.best_config)
+
+
+def measure_shape(sh: Shape, rows, dtype, device) -> list[dict]:
+    torch.manual_seed(0)
+    weights = [torch.randn(sh.N, sh.K, device=device, dtype=dtype) * sh.K ** -0.5
+               for _ in range(sh.copies)]
+    weight_bytes = weights[0].numel() * weights[0].element_size()
+    out = []
+    for M in rows:
+        x = torch.randn(M, sh.K, device=device, dtype=dtype)
+        truth = F.linear(x.float(), weights[0].float())
+        row = {"shape": sh.name, "K": sh.K, "N": sh.N, "M": M, "weight_bytes": weight_bytes}
+        for path, fn in PATHS.items():
+            row[f"{path}_max_rel_err"] = max_rel_err(fn(x, weights[0]), truth)
+            if path == "stream":
+                row["config"] = chosen_config(device)  # autotuned by the call above
+
+            def calls(fn=fn):
+                for w in weights:
+                    fn(x, w)
+            us = time_per_call(calls, sh.copies, device, REPS)
+            row[f"{path}_us"] = us
+            row[f"{path}_tbps"] = weight_bytes / us / 1e6
+        row["speedup"] = row["f_linear_us"] / row["stream_us"]
+        out.append(row)
+        print(f"{sh.name} M={M:2d}: F.linear {row['f_linear_us']:7.1f} µs "
+              f"({row['f_linear_tbps']:.2f} TB/s), stream {row['stream_us']:7.1f} µs "
+              f"({row['stream_tbps']:.2f} TB/s), {row['speedup']:.2f}x", flush=True)
+    return out
+
+
+def table(rows: list[dict], ceiling: float | None) -> str:
+    def tbps(v: float) -> str:
+        return f"{v:.2f}" + (f" ({v * 1e3 / ceiling:.0%})" if ceiling else "")
+
+    out = ("| shape | K -> N | M | MB of weight | F.linear µs | F.linear TB/s | stream µs "
+           "| stream TB/s | speedup | max rel err F.linear / stream | stream config |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        out += (f"| {r['shape']} | {r['K']} -> {r['N']} | {r['M']} | "
+                f"{r['weight_bytes'] / 1e6:.1f} | {r['f_linear_us']:.1f} | "
+                f"{tbps(r['f_linear_tbps'])} | {r['stream_us']:.1f} | {tbps(r['stream_tbps'])} | "
+                f"{r['speedup']:.2f}x | {r['f_linear_max_rel_err']:.1e} / "
+                f"{r['stream_max_rel_err']:.1e} | {r['config']} |\n")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("moeflow: error: no CUDA device; run with --smoke for the CPU check")
+    shapes, rows = (SMOKE_SHAPES, SMOKE_ROWS) if args.smoke else (SHAPES, ROWS)
+    dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's dot: no bf16
+    ceiling = copy_ceiling_gbps(device)
+    results = []
+    with torch.no_grad():
+        for sh in shapes:
+            results += measure_shape(sh, rows, dtype, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the shape's weights, freed on return
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "command": " ".join(["python"] + sys.argv), "dtype": str(dtype),
+            "shapes": [asdict(s) for s in shapes], "reps": REPS,
+            "copy_ceiling_gbps": ceiling, "seconds": time.perf_counter() - t_start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "skinny_linear.json").write_text(json.dumps({"meta": meta, "rows": results},
+                                                            indent=1))
+    timing = (f"µs / call: median of {REPS} replays of a graph of one call per weight copy"
+              if device.type == "cuda" else
+              "µs / call: one eager run (the kernel through the interpreter): meaningless")
+    md = (f"# Decode-sized linears: F.linear (cuBLAS) vs the stream kernel ({meta['device']}, "
+          f"{meta['date']})\n\n"
+          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {dtype}, no "
+          f"bias; {timing}; TB/s of the weight's bytes, copy ceiling "
+          f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (in brackets: its fraction); "
+          "max rel err = max |y - y_fp32| / max |y_fp32|.\n\n" + table(results, ceiling))
+    (args.out / "skinny_linear.md").write_text(md)
+    print(md)
+    print(f"total {meta['seconds']:.1f} s; median speedup "
+          f"{statistics.median(r['speedup'] for r in results):.2f}x")
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    bad = [r for r in results if r["stream_max_rel_err"] > tol]
+    if bad:
+        raise SystemExit(f"moeflow: error: the stream kernel is off the fp32 reference by more "
+                         f"than {tol} in {len(bad)} cells")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""A dense projection of a few rows (decode) as one weight-streaming Triton kernel:
+`linear_stream(x, weight, bias)` = F.linear(x, weight, bias) for at most 16 rows of x, forward
+only. moeflow.ops.backend.resolve_linear_backend chooses it (Backends.matmul "stream", and
+"auto" for inference calls of bf16/fp16 on CUDA); moeflow.model.linear runs it.
+
+Why: at decode a projection multiplies one row (or a few) by its whole weight, so its time is the
+weight's bytes over the memory bandwidth. Measured on the H200 by the profile of 2026-12-02 (a
+batch-1 decode step of the Qwen3-30B-A3B shape), cuBLAS ran the attention's qkv projection
+(x [1, 2048] · W [5120, 2048]ᵀ, 21 MB of bf16 weight) in 7.8 µs and the output projection
+(x [1, 4096] · W [2048, 4096]ᵀ, 16.8 MB) as a split-K GEMV of 7.2 µs plus a 1.7 µs reduce kernel:
+2.0–2.7 TB/s, where the GPU copies at ~4.2 TB/s and the expert stream kernels
+(moeflow.ops.grouped_mlp_triton) read their weights at 3.3–4.4 TB/s.
+
+How: one program per tile of BLOCK_N outputs streams that tile's [BLOCK_N, K] slab of W once, in
+BLOCK_K chunks, and multiplies each chunk with the matching columns of all rows of x. The rows are
+padded to one 16-row tile (masked loads: the padding reads nothing) and multiplied with tl.dot,
+at M = 1 too, because Triton software-pipelines the loads that feed a dot (num_stages chunks in
+flight through shared memory), which is what keeps enough of the weight in flight to approach
+the bandwidth; it is the pattern the expert stream kernels were measured with. The padded MMA
+does 16× the useful math, still far from the compute bound (16 FLOP per weight byte, where the
+H200 balances near 200). A multiply-and-sum in registers would do only the useful math, but
+whether Triton pipelines its loads as deeply is up to the compiler's heuristics, not measured.
+Sums are fp32; the bias is added in fp32 and the result rounded once, to x's dtype.
+
+Not split along K: with BLOCK_N = 16 every shape above already has N / 16 ≥ 128 programs (the
+H200 has 132 SMs), and a split costs either a second launch to sum fp32 partials (the 1.7 µs
+cuBLAS spends on the output projection) or atomics whose order changes the sums; a split-K
+variant of the expert kernels lost on the H200 (benchmarks/NOTES-kernels.md).
+benchmarks/skinny_linear.py shows each shape against the copy ceiling: a shape far below it is
+where a split would be tried. The launch configuration is autotuned per (N, K, rows bucket).
+
+Legend: M rows of x (tokens), K input features, N output features (rows of W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# x's rows are padded to one tile of this many: the most one call takes.
+MAX_ROWS = 16
+# Triton's interpreter (CPU tests) cannot autotune: it runs these blocks.
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}
+
+
+def _configs():
+    # A first list, not yet measured on a GPU: narrow tiles with deep pipelines (BLOCK_N 16 or 32:
+    # N = 2048 gives 128 or 64 programs), and the expert stream kernels' wider ones.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((16, 256, 4, 6), (16, 512, 4, 4), (32, 256, 4, 4),
+                                 (32, 128, 4, 6), (64, 128, 4, 4), (64, 64, 4, 5),
+                                 (128, 64, 4, 4), (64, 128, 8, 4))]
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "M_BUCKET"])
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk,
+                   stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.arange(0, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = m < M, n < N
+    x_rows = x_ptr + m[:, None] * stride_xm
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
+    acc_MN = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x_MK = tl.load(x_rows + k[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :],
+                       other=0.0)
+        w_NK = tl.load(w_rows + k[None, :] * stride_wk, mask=nmask[:, None] & kmask[None, :],
+                       other=0.0)
+        acc_MN = tl.dot(x_MK, tl.trans(w_NK), acc_MN, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc_MN += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc_MN.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+    """One-line ValueErrors for the calls the kernel does not take."""
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear_stream: weight {tuple(weight.shape)} does not match x "
+                         f"{tuple(x.shape)}: it must be [N, {x.shape[-1]}]")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_stream: bias {tuple(bias.shape)} must be "
+                         f"[{weight.shape[0]}]")
+    if rows > MAX_ROWS:
+        raise ValueError(f"linear_stream: x has {rows} rows, more than the {MAX_ROWS} it takes; "
+                         "use F.linear")
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"linear_stream: x and weight must share one of bfloat16, float16, "
+                         f"float32, got {x.dtype} and {weight.dtype}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        raise ValueError("linear_stream has no backward: call it under torch.no_grad() or with "
+                         "inputs that do not require grad")
+
+
+def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] of at most MAX_ROWS rows and weight [N, K],
+    bf16 or fp16 (fp32 too: exact fp32 dots, for the interpreter tests); y in x's dtype. Any
+    strides; no autograd."""
+    K, N = x.shape[-1], weight.shape[0]
+    M = math.prod(x.shape[:-1])
+    _check(x, weight, bias, M)
+    y_MN = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M > 0 and N > 0:
+        x_MK = x.reshape(M, K)
+        kernel, fixed = _linear_kernel, {}
+        if not x.is_cuda:
+            kernel, fixed = _linear_kernel.fn, INTERPRETER_BLOCKS
+        kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            x_MK, weight, bias if bias is not None else weight, y_MN, M, N, K,
+            triton.next_power_of_2(M), *x_MK.stride(), *weight.stride(),
+            HAS_BIAS=bias is not None,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
+            **fixed)
+    return y_MN.view(*x.shape[:-1], N)
