@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
-                         qk_rope_triton)
+                         qk_rope_triton, skinny_linear_triton)
 
 NO_PTXAS = 3
 
@@ -95,8 +95,17 @@ def fused_decode_router():
                  dict(meta, LT=lt, LE=le, LD=ld), num_warps=warps)
 
 
+def skinny_linear():
+    for has_bias in (True, False):
+        compile_sm90(skinny_linear_triton._linear_kernel.fn,
+                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                      **_args("M N K M_BUCKET stride_xm stride_xk stride_wn stride_wk", "i32")},
+                     {"HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
+                      "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)
+
+
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, qk_norm_rope,
-                                 fused_decode_router)}
+                                 fused_decode_router, skinny_linear)}
 
 if __name__ == "__main__":
     try:

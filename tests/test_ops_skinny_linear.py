@@ -98,12 +98,15 @@ def test_stream_refuses_what_it_cannot_compute_in_one_line():
 
 
 def test_linear_backend_choice():
-    """"auto" streams inference calls of up to 16 rows in bf16/fp16 on CUDA (fake CUDA tensors:
-    the rule needs no GPU) and nothing else; a forced "stream" runs where the kernel computes
-    what the plain linear would, on any device, and falls back to the plain linear elsewhere."""
-    def resolve(requested, shape, dtype=torch.bfloat16, device="cuda", w_dtype=None, grad=False):
+    """"auto" streams inference calls of up to 16 rows in bf16/fp16 on CUDA whose weight has no
+    more outputs than inputs (fake CUDA tensors: the rule needs no GPU) and nothing else; a
+    forced "stream" runs where the kernel computes what the plain linear would, on any device,
+    and falls back to the plain linear elsewhere."""
+    def resolve(requested, shape, dtype=torch.bfloat16, device="cuda", w_dtype=None, grad=False,
+                outputs=8):
         x = torch.empty(*shape, dtype=dtype, device=device)
-        w = torch.empty(8, shape[-1], dtype=w_dtype or dtype, device=device, requires_grad=grad)
+        w = torch.empty(outputs, shape[-1], dtype=w_dtype or dtype, device=device,
+                        requires_grad=grad)
         return resolve_linear_backend(requested, x, w)
 
     assert backend.LINEAR_STREAM_MAX_ROWS == skinny_linear_triton.MAX_ROWS
@@ -114,6 +117,9 @@ def test_linear_backend_choice():
         assert resolve("auto", (1, 32)) == "stream"  # nothing requires grad
         assert resolve("auto", (16, 32), torch.float16) == "stream"
         assert resolve("auto", (2, 8, 32)) == "stream"  # 16 rows in [B, T, K]
+        assert resolve("auto", (1, 32), outputs=32) == "stream"  # N = K
+        assert resolve("auto", (1, 32), outputs=33) == "reference"  # N > K: cuBLAS was faster
+        assert resolve("stream", (1, 32), outputs=33) == "stream"
         assert resolve("auto", (17, 32)) == "reference"  # prefill
         assert resolve("auto", (2, 9, 32)) == "reference"
         assert resolve("auto", (1, 32), torch.float32) == "reference"

@@ -48,7 +48,8 @@ benchmarks compare every fast path with its plain-torch reference.
   that reference everywhere; "stream" = the dense linears' weight-streaming kernel for a few
   rows, moeflow.ops.skinny_linear_triton, wherever linear_streams (inference, at most
   LINEAR_STREAM_MAX_ROWS rows), on any device, and the plain matmul elsewhere; "auto" =
-  "stream" on CUDA in bf16/fp16, else "reference": FP8 only when asked). FP8 applies only to
+  "stream" on CUDA in bf16/fp16 for weights with N ≤ K, else "reference": FP8 only when
+  asked). FP8 applies only to
   calls autograd records (training); forwards without autograd (validation, generation,
   serving) run as "auto" decides, so a model's inference does not depend on the FP8 choice.
   The LM head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says
@@ -89,10 +90,13 @@ MATMUL_BACKENDS = ("reference", "fp8", "fp8_reference", "stream")
 # at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
 
-# Inference linears of at most this many rows (x.numel() / K) stream their weight
+# Inference linears of at most this many rows (x.numel() / K) may stream their weight
 # (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
-# takes (one MMA tile of rows). A first choice, not yet measured on a GPU: where cuBLAS catches
-# up between 1 and 16 rows is for benchmarks/skinny_linear.py to show.
+# takes (one MMA tile of rows). "auto" streams only weights with no more outputs than inputs
+# (N ≤ K): on the H200 (benchmarks/results/skinny_linear, 2026-12-02) the kernel beat cuBLAS on
+# the output projections (Qwen3-30B-A3B 4096 → 2048: 8.2-8.6 vs 9.5 µs at 1-16 rows, Mixtral
+# 4096 → 4096: 12.0 vs 13.6 at 1 row) and lost or tied on the wider qkv projections (Qwen3
+# 2048 → 5120: 9.1 vs 8.1 µs; Mixtral 4096 → 6144: 15.9 vs 15.8).
 LINEAR_STREAM_MAX_ROWS = 16
 
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
@@ -251,7 +255,8 @@ def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor
         return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
     if requested == "reference" or not linear_streams(x, weight):
         return "reference"
-    if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)):
+    if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)
+                                 and weight.shape[0] <= weight.shape[1]):
         return "stream"
     return "reference"
 
