@@ -9,7 +9,7 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
   before: route_triton (top-k, queue, finalize) + dispatch_triton (plan + gather);
   after: route_decode_triton alone (one program; its plan needs no gather launch, the up
   kernel loads the rows through token_N, a cost the layer table includes).
-  Timed at T·K from 8 to 1024, beyond moeflow.ops.backend.DECODE_ROUTE_MAX_ASSIGNMENTS (512),
+  Timed at T·K from 8 to 1024, beyond moeflow.ops.backend.DECODE_ROUTE_MAX_ASSIGNMENTS (256),
   to check that bound: above the crossing the one program is slower than the launches it saves.
 - `logits+route`: from the layer input x (bf16) and the gate weight to the plan — unfused:
   router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused

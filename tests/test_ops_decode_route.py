@@ -108,6 +108,25 @@ def test_router_takes_the_decode_kernel_only_where_it_applies():
         backend.resolve_router_backend("triton_decode", logits, grouped, decode=True)
 
 
+def test_decode_route_bound_does_not_move_while_a_graph_is_captured(monkeypatch):
+    """The engine replays captured prefills and must produce what the same forward gives
+    uncaptured, so no routing choice may depend on capture: the fused decode router routes by
+    its own logits sum order, and a bound that moved with capture flipped near-tie experts
+    between the two (the engine's captured = uncaptured test failed on the H200)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = RouterConfig(top_k=2, dropless=True)
+    bound = backend.DECODE_ROUTE_MAX_ASSIGNMENTS
+    with FakeTensorMode():
+        calls = [torch.empty(T, 16, device="cuda") for T in (1, bound // 4, bound // 2,
+                                                              bound // 2 + 1)]
+        decided = {}
+        for capturing in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
+            decided[capturing] = [backend.decode_route_fits(x, cfg, True) for x in calls]
+    assert decided[False] == decided[True] == [True, True, True, False]
+
+
 class SortedRowsOnly(nn.Module):
     """An experts module with the offload engine's call (x_ND, ends_E, parked): sorted rows."""
 

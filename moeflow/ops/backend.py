@@ -102,12 +102,16 @@ LINEAR_STREAM_MAX_ROWS = 16
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
 # program, so its time grows with T·K, while what it saves is launches, which cost the same at
 # any T; prefill chunks, far above the bound, keep the multi-program kernels. Measured on the
-# H200 (benchmarks/results/decode_route, 2026-12-02, route + plan): eagerly it wins up to
-# T·K = 1024 (155 vs 266 µs; launch-bound); replayed in a CUDA graph, where launches are
-# nearly free, it wins up to 128 (22.5 vs 25.7 µs), and loses from 256 (42 vs 29; 512: 79 vs
-# 42). So the bound is 512 eagerly and 128 while a graph is being captured.
-DECODE_ROUTE_MAX_ASSIGNMENTS = 512
-DECODE_ROUTE_MAX_ASSIGNMENTS_GRAPHED = 128
+# H200 (benchmarks/results/decode_route, 2026-12-02), the fused-logits kernel that "auto" takes
+# against router_logits + the multi-program route and plan it replaces (router_logits' share
+# read off the table's unfused column): eagerly it wins at every T·K to 1024 (256: 132 vs
+# ~354 µs; launch-bound); replayed in a CUDA graph it wins to 128 (24.6 vs ~40), ties at 256
+# (45.3 vs ~44) and loses from 512 (86.1 vs ~57). One bound for
+# both: a bound that moved with capture (512 eagerly, 128 while capturing, until 2026-12-02)
+# routed a captured prefill differently from the same forward run eagerly (logits summed in
+# another order, so near-ties could flip) and broke the engine's captured = uncaptured equality
+# (tests/test_engine_cuda.py failed on the H200).
+DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
 # compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
@@ -286,15 +290,10 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
 def decode_route_fits(tokens_T: torch.Tensor, cfg, decode: bool) -> bool:
     """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
     call: `decode` (the router's word: dropless, no noise, one process's statistics, no
-    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments (..._GRAPHED while a CUDA
-    graph is captured). `tokens_T`: anything with a row per token (the logits, or the router's
+    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments, whether or not a CUDA graph
+    is being captured. `tokens_T`: anything with a row per token (the logits, or the router's
     input for the fused-logits kernel)."""
-    if not decode:
-        return False
-    bound = DECODE_ROUTE_MAX_ASSIGNMENTS
-    if tokens_T.is_cuda and torch.cuda.is_current_stream_capturing():
-        bound = DECODE_ROUTE_MAX_ASSIGNMENTS_GRAPHED
-    return tokens_T.shape[0] * cfg.top_k <= bound
+    return decode and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
 
 
 def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: int,
