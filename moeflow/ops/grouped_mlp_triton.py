@@ -13,7 +13,8 @@ ends_E itself (`_active_expert`), so at decode the launch holds min(N, E) expert
 programs instead of E (batch 1 of Qwen3-30B-A3B: 8 instead of 128, 1440 fewer programs per up
 launch and 3840 fewer per down launch that would only have read ends_E and returned), and
 weights of idle experts are never read. Launch configurations are autotuned per (D, F, E,
-rows-bucket, activation) and cached by Triton.
+rows-bucket, activation); the choice is kept in Triton's cache directory (cache_results), so
+later processes on the machine skip the timing and run the same tiles (the same sums).
 
 Many tokens (prefill, training): `torch._grouped_mm` (CUTLASS grouped GEMM) measured faster than
 a Triton grouped GEMM here; the activation between the two GEMMs runs as one Triton pass forward
@@ -64,7 +65,7 @@ def _stream_configs():
 
 
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET", "SWIGLU"],
-                 reset_to_zero=[])
+                 reset_to_zero=[], cache_results=True)
 @triton.jit
 def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
@@ -111,7 +112,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
                  act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET"], reset_to_zero=[])
+@triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET"], reset_to_zero=[],
+                 cache_results=True)
 @triton.jit
 def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -1,7 +1,13 @@
 """A dense projection of a few rows (decode) as one weight-streaming Triton kernel:
 `linear_stream(x, weight, bias)` = F.linear(x, weight, bias) for at most 16 rows of x, forward
 only. moeflow.ops.backend.resolve_linear_backend chooses it (Backends.matmul "stream", and
-"auto" for inference calls of bf16/fp16 on CUDA); moeflow.model.linear runs it.
+"auto" for inference calls of bf16/fp16 on CUDA whose weight has N ≤ K); moeflow.model.linear
+runs it.
+
+Measured on the H200 (benchmarks/results/skinny_linear, 2026-12-02): 46–76% of the copy rate,
+faster than cuBLAS on the output projections (Qwen3-30B-A3B 4096 → 2048: 8.2–8.6 vs 9.5 µs at
+1–16 rows) and slower or equal on the wider qkv projections (2048 → 5120: 9.1 vs 8.1 µs); the
+~3.5 TB/s this design was expected to reach (below) was not.
 
 Why: at decode a projection multiplies one row (or a few) by its whole weight, so its time is the
 weight's bytes over the memory bandwidth. Measured on the H200 by the profile of 2026-12-02 (a
@@ -47,15 +53,18 @@ INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}
 
 
 def _configs():
-    # A first list, not yet measured on a GPU: narrow tiles with deep pipelines (BLOCK_N 16 or 32:
-    # N = 2048 gives 128 or 64 programs), and the expert stream kernels' wider ones.
+    # Narrow tiles with deep pipelines (BLOCK_N 16 or 32: N = 2048 gives 128 or 64 programs) and
+    # the expert stream kernels' wider ones. The H200 picked (16, 512, 4, 4) for the Qwen3 output
+    # projection and 32-wide tiles for the others (benchmarks/results/skinny_linear).
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in ((16, 256, 4, 6), (16, 512, 4, 4), (32, 256, 4, 4),
                                  (32, 128, 4, 6), (64, 128, 4, 4), (64, 64, 4, 5),
                                  (128, 64, 4, 4), (64, 128, 8, 4))]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "M_BUCKET"])
+# cache_results: the choice is kept in Triton's cache directory, as the expert stream kernels
+# keep theirs (moeflow.ops.grouped_mlp_triton).
+@triton.autotune(configs=_configs(), key=["N", "K", "M_BUCKET"], cache_results=True)
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk,
                    stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
