@@ -14,11 +14,12 @@ K 4096 -> N 6144, K 4096 -> N 4096; bf16, no bias) and rows M:
 - the autotuner's choice for the shape and M, and each path's max |y - y_fp32| / max |y_fp32|
   on copy 0 against F.linear in fp32.
 
-    PYTHONPATH=. python benchmarks/skinny_linear.py --out $OUT            # one GPU, not yet run
+    PYTHONPATH=. python benchmarks/skinny_linear.py --out $OUT            # one H200: ~30 s
     PYTHONPATH=. python benchmarks/skinny_linear.py --smoke --out /tmp/s  # CPU, interpreter
 
 writes OUT/skinny_linear.{json,md}. --smoke runs tiny fp32 shapes through Triton's interpreter on
-the CPU (timings meaningless: it only shows the script runs and the output is right).
+the CPU (timings meaningless: it only shows the script runs and the output is right). The H200
+run of 2026-12-02 is in benchmarks/results/skinny_linear/.
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ benchmarks compare every fast path with its plain-torch reference.
   rows, moeflow.ops.skinny_linear_triton, wherever linear_streams (inference, at most
   LINEAR_STREAM_MAX_ROWS rows), on any device, and the plain matmul elsewhere; "auto" =
   "stream" on CUDA in bf16/fp16 for weights with N ≤ K, else "reference": FP8 only when
-  asked). FP8 applies only to
-  calls autograd records (training); forwards without autograd (validation, generation,
-  serving) run as "auto" decides, so a model's inference does not depend on the FP8 choice.
+  asked). FP8 applies only to calls autograd records (training); forwards without autograd
+  (validation, generation, serving) run as "auto" decides, so a model's inference does not
+  depend on the FP8 choice.
   The LM head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says
   why), nor in the stream kernel, which only moeflow.model.linear.project calls. With an FP8
   matmul the experts' GEMMs are FP8's, so `experts` must stay "auto".
@@ -106,11 +106,11 @@ LINEAR_STREAM_MAX_ROWS = 16
 # against router_logits + the multi-program route and plan it replaces (router_logits' share
 # read off the table's unfused column): eagerly it wins at every T·K to 1024 (256: 132 vs
 # ~354 µs; launch-bound); replayed in a CUDA graph it wins to 128 (24.6 vs ~40), ties at 256
-# (45.3 vs ~44) and loses from 512 (86.1 vs ~57). One bound for
-# both: a bound that moved with capture (512 eagerly, 128 while capturing, until 2026-12-02)
-# routed a captured prefill differently from the same forward run eagerly (logits summed in
-# another order, so near-ties could flip) and broke the engine's captured = uncaptured equality
-# (tests/test_engine_cuda.py failed on the H200).
+# (45.3 vs ~44) and loses from 512 (86.1 vs ~57). One bound for both: a bound that moved with
+# capture (512 eagerly, 128 while capturing, until 2026-12-02) routed a captured prefill
+# differently from the same forward run eagerly (logits summed in another order, so near-ties
+# could flip), the likely cause of tests/test_engine_cuda.py's captured = uncaptured failure on
+# the H200.
 DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
@@ -253,8 +253,9 @@ def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor
     """"reference" (the plain linear), "fp8" (torch._scaled_mm), "fp8_reference" (its
     plain-torch reference) or "stream" (the weight-streaming kernel) for x · weightᵀ. FP8 only
     when asked and autograd records the call; other calls stream where linear_streams, when
-    asked for (on any device) or under "auto" on CUDA in bf16/fp16, and run the plain linear
-    elsewhere (a forced "stream" too: training and prefill keep cuBLAS)."""
+    asked for (on any device) or under "auto" on CUDA in bf16/fp16 for a weight with N ≤ K,
+    and run the plain linear elsewhere (a forced "stream" too: training and prefill keep
+    cuBLAS)."""
     if requested in ("fp8", "fp8_reference") and _needs_grad(x, weight):
         return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
     if requested == "reference" or not linear_streams(x, weight):
