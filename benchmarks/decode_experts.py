@@ -28,7 +28,6 @@ stream kernels and was removed (benchmarks/NOTES-kernels.md).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
+from machine import kernel_bench_device, kernel_bench_meta  # noqa: E402
 
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
@@ -188,9 +188,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit("moeflow: error: no CUDA device; run with --smoke for the CPU check")
+    device = kernel_bench_device(args.smoke)
     shapes, batches = (SMOKE_SHAPES, SMOKE_BATCHES) if args.smoke else (SHAPES, BATCHES)
     dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's dot: no bf16
     ceiling = copy_ceiling_gbps(device)
@@ -199,12 +197,8 @@ def main() -> None:
         rows += measure_shape(sh, batches, dtype, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the shape's weights, freed on return
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "command": " ".join(["python"] + sys.argv), "dtype": str(dtype),
-            "shapes": [asdict(s) for s in shapes], "reps": REPS,
-            "copy_ceiling_gbps": ceiling, "seconds": time.perf_counter() - t_start}
+    meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
+                             time.perf_counter() - t_start)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_experts.json").write_text(json.dumps({"meta": meta, "rows": rows},
                                                              indent=1))

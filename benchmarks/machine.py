@@ -34,3 +34,26 @@ def cuda_event_ms(fn, reps: int, warmup: int = 0) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def kernel_bench_device(smoke: bool) -> torch.device:
+    """The GPU for a kernel benchmark, or the CPU (Triton's interpreter) for its --smoke check;
+    a one-line exit where the benchmark needs a GPU and there is none."""
+    if smoke or not torch.cuda.is_available():
+        if not smoke:
+            raise SystemExit("moeflow: error: no CUDA device; run with --smoke for the CPU check")
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def kernel_bench_meta(device: torch.device, dtype: torch.dtype, shapes: list[dict], reps: int,
+                      copy_ceiling_gbps: float | None, seconds: float) -> dict:
+    """What a kernel benchmark records about its run: device, UTC time, versions, command."""
+    import datetime
+    import sys
+
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "command": " ".join(["python"] + sys.argv), "dtype": str(dtype), "shapes": shapes,
+            "reps": reps, "copy_ceiling_gbps": copy_ceiling_gbps, "seconds": seconds}

@@ -25,7 +25,6 @@ run of 2026-12-02 is in benchmarks/results/skinny_linear/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -43,6 +42,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
+from machine import kernel_bench_device, kernel_bench_meta  # noqa: E402
 
 from moeflow.ops import skinny_linear_triton  # noqa: E402
 from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
@@ -128,9 +128,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit("moeflow: error: no CUDA device; run with --smoke for the CPU check")
+    device = kernel_bench_device(args.smoke)
     shapes, rows = (SMOKE_SHAPES, SMOKE_ROWS) if args.smoke else (SHAPES, ROWS)
     dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's dot: no bf16
     ceiling = copy_ceiling_gbps(device)
@@ -140,12 +138,8 @@ def main() -> None:
             results += measure_shape(sh, rows, dtype, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the shape's weights, freed on return
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "command": " ".join(["python"] + sys.argv), "dtype": str(dtype),
-            "shapes": [asdict(s) for s in shapes], "reps": REPS,
-            "copy_ceiling_gbps": ceiling, "seconds": time.perf_counter() - t_start}
+    meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
+                             time.perf_counter() - t_start)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "skinny_linear.json").write_text(json.dumps({"meta": meta, "rows": results},
                                                             indent=1))
