@@ -58,6 +58,14 @@ def test_forward_without_autograd_equals_the_recorded_forward_exactly(arch, extr
     assert torch.equal(hidden, model(ids, inference=True, hidden_only=True).hidden)
     for got, want in zip(deferred.routing, recorded.routing):
         assert torch.equal(got.ids_TK, want.ids_TK)
+    # A forward hook on a block sees forward's (x, routing), so the model then runs forward.
+    seen = []
+    handle = model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        hooked = model(ids, inference=True)
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (2, 12, model.config.d_model)
+    assert torch.equal(hooked.logits, recorded.logits)
 
 
 @pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])

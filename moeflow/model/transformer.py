@@ -145,6 +145,14 @@ class Block(nn.Module, ChoosesBackends):
         return x, self.ffn(normed), None
 
 
+def _block_hooks(blocks: nn.ModuleList) -> bool:
+    """Whether forward hooks (the blocks' own, or every module's) would see Block.forward."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks
+                or any(b._forward_hooks or b._forward_pre_hooks for b in blocks))
+
+
 @functools.cache
 def _compiled(fn):
     """torch.compile(fn), made once per process on first use (importing torch._dynamo costs
@@ -283,8 +291,9 @@ class Transformer(nn.Module, ChoosesBackends):
             rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
         stats, losses = [], []
         checkpointed = recompute and cache is None and torch.is_grad_enabled()
-        # Without autograd each block leaves its residual add to the next norm (forward_deferred).
-        deferred = not torch.is_grad_enabled()
+        # Without autograd each block leaves its residual add to the next norm (forward_deferred),
+        # unless a forward hook watches a block: the hooks see forward's (x, routing).
+        deferred = not torch.is_grad_enabled() and not _block_hooks(self.blocks)
         pending = None
         for i, block in enumerate(self.blocks):
             if checkpointed:
