@@ -17,6 +17,9 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
 - `warps` (with --sweep-warps): route_decode_fused with the routing program's warps forced
   (decode_route_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4, 8,
   and its choices compared with the default's; the rule in route_warps comes from this table.
+  Also route_decode_triton (the routing program alone, on precomputed logits) at each warp
+  count: in the fused kernel one count serves both the logits programs and the routing
+  program, so this separates what the routing program alone would prefer.
 - `layer`: the whole MoE layer forward, Backends(router="triton") (before the decode router),
   Backends(router="triton_decode") (what auto takes now) and
   Backends(router="triton_decode_fused"), at T = 1, 8, 16, 64, with the CUDA kernels each
@@ -128,7 +131,8 @@ def warps_table(tokens: list[int]) -> dict:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
-            row = {"T": T, "rule": rule(T, E)}
+            logits = router_logits(x, gate)
+            row = {"T": T, "rule": rule(T, E), "route_only": {}}
             for warps in (1, 2, 4, 8):
                 decode_route_triton.route_warps = lambda T_, E_, w=warps: w  # noqa: E731
                 with torch.no_grad():
@@ -136,6 +140,8 @@ def warps_table(tokens: list[int]) -> dict:
                     row[warps] = dict(both(lambda: route_decode_fused(x, gate, CFG, None,
                                                                       ticket)),
                                       ids_equal=bool(torch.equal(got, want)))
+                    row["route_only"][warps] = both(
+                        lambda: route_decode_triton(logits, CFG, None))
             out[T * K] = row
             print(f"warps T·K={T * K:5d}: {row}", flush=True)
     finally:
@@ -232,6 +238,13 @@ def markdown(result: dict) -> str:
             cells = [f"{row[w]['eager_us']:.1f} / {row[w]['graph_us']:.1f}"
                      + ("" if row[w]["ids_equal"] else " (ids differ)") for w in (1, 2, 4, 8)]
             lines.append(f"| {n} | {row['rule']} | " + " | ".join(cells) + " |")
+        lines += ["", "## routing program alone (route_decode_triton on precomputed logits) by "
+                  "warps (µs eager / graph)", "", "| T·K | 1 | 2 | 4 | 8 |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n, row in result["warps"].items():
+            cells = [f"{row['route_only'][w]['eager_us']:.1f} / "
+                     f"{row['route_only'][w]['graph_us']:.1f}" for w in (1, 2, 4, 8)]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
