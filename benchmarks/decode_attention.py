@@ -28,10 +28,8 @@ script runs).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
+from machine import kernel_bench_device, kernel_bench_parser  # noqa: E402
 from moeflow.infer.decode_graphs import capture_graph  # noqa: E402
 from moeflow.infer.slot_cache import DecodeView, SlotKVCache  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
@@ -240,14 +238,12 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    ap = kernel_bench_parser(__doc__)
     ap.add_argument("--sweep", action="store_true",
                     help="also time other (block_n, num_warps, programs per SM) choices")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    device = kernel_bench_device(args.smoke)
     sh, batches, kv_lens = (SMOKE, (1, 3), (32, 64)) if args.smoke else (QWEN3, BATCHES, KV_LENS)
     ceiling = copy_ceiling_gbps(device)
     rows = []

@@ -27,9 +27,6 @@ stream kernels and was removed (benchmarks/NOTES-kernels.md).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import kernel_bench_device, kernel_bench_meta  # noqa: E402
+from machine import (kernel_bench_device, kernel_bench_meta, kernel_bench_parser,  # noqa: E402
+                     write_kernel_bench)
 
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
@@ -183,10 +179,7 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    args = ap.parse_args()
+    args = kernel_bench_parser(__doc__).parse_args()
     t_start = time.perf_counter()
     device = kernel_bench_device(args.smoke)
     shapes, batches = (SMOKE_SHAPES, SMOKE_BATCHES) if args.smoke else (SHAPES, BATCHES)
@@ -199,9 +192,6 @@ def main() -> None:
             torch.cuda.empty_cache()  # the shape's weights, freed on return
     meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
                              time.perf_counter() - t_start)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_experts.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                             indent=1))
     timing = (f"µs / call: median of {REPS} graph replays; kernel µs: profile of eager calls"
               if device.type == "cuda" else
               "µs / call: one eager run through the interpreter (meaningless); no kernel profile")
@@ -211,8 +201,7 @@ def main() -> None:
           "(the up kernel: w_in, the down kernel: w_out); copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (TB/s in brackets: its "
           "fraction).\n\n" + table(rows, ceiling))
-    (args.out / "decode_experts.md").write_text(md)
-    print(md)
+    write_kernel_bench(args.out, "decode_experts", meta, rows, md)
     print(f"total {meta['seconds']:.1f} s")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     bad = [r for r in rows if r["rel_err_vs_fp32"] > tol]

@@ -21,8 +21,6 @@ writes OUT/grouped_mm_layout.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.machine import cuda_event_ms, kernel_bench_device, kernel_bench_meta  # noqa: E402
+from benchmarks.machine import (cuda_event_ms, kernel_bench_device, kernel_bench_meta,  # noqa: E402
+                                kernel_bench_parser, write_kernel_bench)
 
 
 @dataclass(frozen=True)
@@ -119,10 +118,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shape on the CPU")
-    args = ap.parse_args()
+    args = kernel_bench_parser(__doc__, "tiny fp32 shape on the CPU").parse_args()
     t_start = time.perf_counter()
     device = kernel_bench_device(args.smoke)
     shapes, dtype = (SMOKE_SHAPES, torch.float32) if args.smoke else (SHAPES, torch.bfloat16)
@@ -130,12 +126,7 @@ def main() -> None:
         rows = [measure(sh, dtype, device) for sh in shapes]
     meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, None,
                              time.perf_counter() - t_start)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "grouped_mm_layout.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                                indent=1))
-    md = markdown(meta, rows)
-    (args.out / "grouped_mm_layout.md").write_text(md)
-    print(md)
+    write_kernel_bench(args.out, "grouped_mm_layout", meta, rows, markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -49,11 +53,25 @@ def kernel_bench_device(smoke: bool) -> torch.device:
 def kernel_bench_meta(device: torch.device, dtype: torch.dtype, shapes: list[dict], reps: int,
                       copy_ceiling_gbps: float | None, seconds: float) -> dict:
     """What a kernel benchmark records about its run: device, UTC time, versions, command."""
-    import datetime
-    import sys
-
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "command": " ".join(["python"] + sys.argv), "dtype": str(dtype), "shapes": shapes,
             "reps": reps, "copy_ceiling_gbps": copy_ceiling_gbps, "seconds": seconds}
+
+
+def kernel_bench_parser(doc: str, smoke_help: str = "tiny shapes on the CPU (interpreter)"
+                        ) -> argparse.ArgumentParser:
+    """A kernel benchmark's command line: --out DIR, --smoke (add the script's own options)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    return ap
+
+
+def write_kernel_bench(out: Path, name: str, meta: dict, rows: list[dict], md: str) -> None:
+    """OUT/name.json ({"meta", "rows"}) and OUT/name.md, and the markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text(md)
+    print(md)

@@ -24,9 +24,6 @@ run of 2026-12-02 is in benchmarks/results/skinny_linear/.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -36,13 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import kernel_bench_device, kernel_bench_meta  # noqa: E402
+from machine import (kernel_bench_device, kernel_bench_meta, kernel_bench_parser,  # noqa: E402
+                     write_kernel_bench)
 
 from moeflow.ops import skinny_linear_triton  # noqa: E402
 from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
@@ -123,10 +119,7 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    args = ap.parse_args()
+    args = kernel_bench_parser(__doc__).parse_args()
     t_start = time.perf_counter()
     device = kernel_bench_device(args.smoke)
     shapes, rows = (SMOKE_SHAPES, SMOKE_ROWS) if args.smoke else (SHAPES, ROWS)
@@ -140,9 +133,6 @@ def main() -> None:
                 torch.cuda.empty_cache()  # the shape's weights, freed on return
     meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
                              time.perf_counter() - t_start)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "skinny_linear.json").write_text(json.dumps({"meta": meta, "rows": results},
-                                                            indent=1))
     timing = (f"µs / call: median of {REPS} replays of a graph of one call per weight copy"
               if device.type == "cuda" else
               "µs / call: one eager run (the kernel through the interpreter): meaningless")
@@ -152,8 +142,7 @@ def main() -> None:
           f"bias; {timing}; TB/s of the weight's bytes, copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (in brackets: its fraction); "
           "max rel err = max |y - y_fp32| / max |y_fp32|.\n\n" + table(results, ceiling))
-    (args.out / "skinny_linear.md").write_text(md)
-    print(md)
+    write_kernel_bench(args.out, "skinny_linear", meta, results, md)
     print(f"total {meta['seconds']:.1f} s; median speedup "
           f"{statistics.median(r['speedup'] for r in results):.2f}x")
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
