@@ -151,7 +151,7 @@ def test_project_runs_the_kernel_and_keeps_the_bias_contract(monkeypatch):
 
     monkeypatch.setattr(skinny_linear_triton, "linear_stream", spy)
     matmul = "auto" if ON_GPU else "stream"
-    K, N = SHAPES[-1]
+    N, K = SHAPES[-1]  # transposed: "auto" streams only weights with N <= K
     torch.manual_seed(2)
     layer = nn.Linear(K, N, device=DEVICE, dtype=DTYPE)
     x_BTK = torch.randn(1, 3, K, device=DEVICE).to(DTYPE)
