@@ -4,7 +4,9 @@ Options compared (issue 14, prefill to the roofline), on the Qwen3-30B-A3B shape
 weights built on the GPU, as benchmarks/generate.py builds them):
 - `elementwise`: Backends.elementwise "auto" (one-pass Triton RMSNorm, add + RMSNorm and q/k norm
   + RoPE on inputs above FUSE_MAX_ELEMENTS) vs "reference" (plain torch at that size);
-- `prefill_graphs`: EngineConfig.prefill_graphs (a CUDA graph per prompt-length bucket) on/off.
+- `prefill_graphs`: EngineConfig.prefill_graphs (a CUDA graph per prompt-length bucket) on/off;
+and, with `--experts auto,tiled` (Backends.experts names), each chosen variant once per expert
+path (labelled `variant+experts` for all but "auto").
 
 Per variant: prefill of 2048 tokens (wall time of one `Engine.step()` admitting one prompt,
 median of 4 after the first, which captures), decode ms/step at batch 1 and 16 (as
@@ -39,7 +41,7 @@ from generate import build, engine_decode, sync_time  # noqa: E402
 
 from moeflow import ModelConfig, RouterConfig, Transformer  # noqa: E402
 from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
-from moeflow.ops.backend import Backends  # noqa: E402
+from moeflow.ops.backend import EXPERT_BACKENDS, Backends  # noqa: E402
 
 # (label, Backends.elementwise, EngineConfig.prefill_graphs); the first is today's engine.
 VARIANTS = [("baseline", "reference", False), ("elementwise", "auto", False),
@@ -91,9 +93,13 @@ def profile_step(engine: Engine, prompt: list[int], top: int = 15) -> dict:
             "top": [[k[:100], c, round(t, 1)] for k, c, t in rows[:top]]}
 
 
-def run_variant(model, label, elementwise, graphs, args, prompt, res, log, ref_logits):
-    model.set_backends(Backends(elementwise=elementwise))
-    r = res.setdefault(label, {"elementwise": elementwise, "prefill_graphs": graphs})
+def run_variant(model, label, elementwise, graphs, experts, args, prompt, res, log,
+                ref_logits):
+    model.set_backends(Backends(elementwise=elementwise, experts=experts))
+    profiled = label in PROFILED
+    label = label if experts == "auto" else f"{label}+{experts}"
+    r = res.setdefault(label, {"elementwise": elementwise, "prefill_graphs": graphs,
+                               "experts": experts})
     engine = Engine(model, EngineConfig(max_batch_size=16, max_seq_len=args.max_seq_len,
                                         prefill_graphs=graphs))
     cuda = torch.cuda.is_available()
@@ -109,7 +115,7 @@ def run_variant(model, label, elementwise, graphs, args, prompt, res, log, ref_l
             r["prefill"]["rel_err_vs_baseline"] = err
             r["prefill"]["argmax_equal"] = int(logits.argmax()) == int(ref_logits.argmax())
         log(f"  {label} prefill {r['prefill']}")
-        if label in PROFILED:
+        if profiled:
             r["profile"] = profile_step(engine, prompt)
             p = r["profile"]
             log(f"  {label} profile: {p['kernels']} kernels, {p['kernel_ms']:.2f} ms kernel "
@@ -137,9 +143,9 @@ def markdown(results: dict) -> str:
     lines = [f"# Prefill study ({results['device']}, {results['date']})", "",
              f"Command: `{results['command']}`", "",
              f"Model: {results['model']}, prefill of {results['prefill_tokens']} tokens.", "",
-             "| variant | elementwise | prefill graphs | prefill ms | first (capture) ms | "
-             "graph pool GB | rel err vs baseline | decode b1 ms | decode b16 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | elementwise | prefill graphs | experts | prefill ms | "
+             "first (capture) ms | graph pool GB | rel err vs baseline | decode b1 ms | "
+             "decode b16 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt="{:.2f}"):
         return "—" if v is None else fmt.format(v)
@@ -147,7 +153,8 @@ def markdown(results: dict) -> str:
     for label, r in results["variants"].items():
         p = r.get("prefill", {})
         lines.append(
-            f"| {label} | {r['elementwise']} | {r['prefill_graphs']} | {f(p.get('ms'))} | "
+            f"| {label} | {r['elementwise']} | {r['prefill_graphs']} | "
+            f"{r.get('experts', 'auto')} | {f(p.get('ms'))} | "
             f"{f(p.get('first_ms'))} | {f(p.get('reserved_added_GB'))} | "
             f"{f(p.get('rel_err_vs_baseline'), '{:.2e}')} | "
             f"{f(r.get('decode_b1', {}).get('step_ms'), '{:.3f}')} | "
@@ -177,11 +184,17 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help="comma-separated subset of " + ", ".join(v[0] for v in VARIANTS)
                     + " (the first one run is the reference of the others' logits)")
+    ap.add_argument("--experts", default="auto",
+                    help="comma-separated Backends.experts choices, each run per variant")
     args = ap.parse_args()
     chosen = args.variants.split(",")
     unknown = sorted(set(chosen) - {v[0] for v in VARIANTS})
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)}")
+    bad = sorted(set(args.experts.split(",")) - set(EXPERT_BACKENDS) - {"auto"})
+    if bad:
+        ap.error(f"--experts: unknown {', '.join(bad)}; choose from auto, "
+                 + ", ".join(EXPERT_BACKENDS))
     if args.smoke:
         args.model, args.tokens, args.steps, args.reps, args.max_seq_len = "tiny", 40, 3, 3, 128
     out = Path(args.out)
@@ -205,8 +218,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.tokens)
     prompt = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=g).tolist()
     ref = None
-    for label, elementwise, graphs in (v for v in VARIANTS if v[0] in chosen):
-        logits = run_variant(model, label, elementwise, graphs, args, prompt,
+    runs = [(v, experts) for v in VARIANTS if v[0] in chosen
+            for experts in args.experts.split(",")]
+    for (label, elementwise, graphs), experts in runs:
+        logits = run_variant(model, label, elementwise, graphs, experts, args, prompt,
                              results["variants"], log, ref)
         ref = logits if ref is None else ref
         (out / "prefill_study.json").write_text(json.dumps(results, indent=1))

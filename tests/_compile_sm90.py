@@ -65,6 +65,21 @@ def stream_experts():
                      {"HAS_BIAS": not swiglu, **blocks}, num_warps=8)
 
 
+def tiled_experts():
+    """The largest tiles of the tiled kernels' configs (SwiGLU's two accumulators: 128x128)."""
+    m = grouped_mlp_triton
+    blocks = {"BLOCK_E": 128, "BLOCK_M": 128, "BLOCK_K": 64}
+    compile_sm90(m._up_tiled_kernel.fn,
+                 {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64", "w_ptr": "*bf16",
+                  "b_ptr": "*bf16", "h_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                 {"SWIGLU": True, "HAS_BIAS": False, "GATHER": True, "BLOCK_N": 128, **blocks},
+                 num_warps=8)
+    compile_sm90(m._down_tiled_kernel.fn,
+                 {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                  "y_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                 {"HAS_BIAS": True, "BLOCK_N": 256, **blocks}, num_warps=8)
+
+
 def qk_norm_rope():
     strides = "q_sb q_sh q_st"
     compile_sm90(qk_rope_triton._qk_norm_rope_kernel,
@@ -104,7 +119,7 @@ def skinny_linear():
                       "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)
 
 
-CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, qk_norm_rope,
+CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, qk_norm_rope,
                                  fused_decode_router, skinny_linear)}
 
 if __name__ == "__main__":

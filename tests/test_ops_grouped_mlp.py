@@ -1,5 +1,6 @@
-"""Grouped expert MLP fast paths vs expert_mlp_reference: the weight-streaming kernels (forward)
-and grouped_mm with the fused activation (forward and backward, where torch._grouped_mm runs)."""
+"""Grouped expert MLP fast paths vs expert_mlp_reference: the weight-streaming and the tiled
+Triton kernels (forward) and grouped_mm with the fused activation (forward and backward, where
+torch._grouped_mm runs)."""
 
 import pytest
 
@@ -34,16 +35,34 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("backend", ["stream", "tiled"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_per_expert", [1, 5, 40])
-def test_stream_matches_reference(activation, bias, rows_per_expert):
+def test_inference_kernels_match_reference(backend, activation, bias, rows_per_expert):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     D, F, E = (1024, 768, 16) if ON_GPU else (48, 40, 4)
     x, ends, w_in, b_in, w_out, b_out, n = _problem(rows_per_expert * E, D, F, E, activation,
                                                     bias, dtype)
     ref = expert_mlp_reference(x, ends, w_in, b_in, w_out, b_out, activation)[:n]
-    out = EXPERT_BACKENDS["stream"](x, ends, w_in, b_in, w_out, b_out, activation)[:n]
+    out = EXPERT_BACKENDS[backend](x, ends, w_in, b_in, w_out, b_out, activation)[:n]
+    assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("counts", [[16, 0, 32, 1, 0, 17, 0, 0], [0, 0, 0, 0, 0, 0, 0, 50],
+                                    [33, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 1]])
+def test_tiled_maps_each_program_to_its_expert_and_tile(counts):
+    """The tiled kernels' programs walk expert, column tile, row tile: experts with whole and
+    partial row tiles (CPU tiles: 16 rows, 32 columns), idle experts before, between and
+    after, and the programs past the last tile must each land on their own rows and weights."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    D, F = (1024, 768) if ON_GPU else (72, 40)
+    E = len(counts)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, "swiglu", True, dtype)
+    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
+    x = torch.randn(int(ends[-1]), D, device=DEVICE).to(dtype)
+    ref = expert_mlp_reference(x, ends, w_in, b_in, w_out, b_out, "swiglu")
+    out = EXPERT_BACKENDS["tiled"](x, ends, w_in, b_in, w_out, b_out, "swiglu")
     assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
 
 @pytest.mark.parametrize("counts", [[0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
@@ -66,15 +85,16 @@ def test_stream_finds_the_active_experts_of_a_decode_batch(counts):
 
 
 
-def test_stream_gathers_its_rows_exactly():
-    """rows_N (the decode path's deferred dispatch gather): the up kernel reads row n from
-    x[rows_N[n]]; the result equals the kernels on the gathered rows bit for bit."""
+@pytest.mark.parametrize("backend", ["stream", "tiled"])
+def test_inference_kernels_gather_their_rows_exactly(backend):
+    """rows_N (the deferred dispatch gather): the up kernel reads row n from x[rows_N[n]]; the
+    result equals the kernels on the gathered rows bit for bit."""
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     D, F, E = (1024, 768, 16) if ON_GPU else (48, 40, 4)
     x, ends, w_in, b_in, w_out, b_out, n = _problem(3 * E, D, F, E, "swiglu", True, dtype)
     x_TD = x[:7]
     rows_N = torch.randint(0, 7, (n,), device=DEVICE)
-    stream = EXPERT_BACKENDS["stream"]
+    stream = EXPERT_BACKENDS[backend]
     want = stream(x_TD[rows_N], ends, w_in, b_in, w_out, b_out, "swiglu", False)
     got = stream(x_TD, ends, w_in, b_in, w_out, b_out, "swiglu", False, rows_N=rows_N)
     assert got.shape == want.shape and torch.equal(got, want)

@@ -47,3 +47,32 @@ def test_fast_layer_matches_reference(router_cfg, shared):
     assert rel(gx1, gx0) < tol
     for name in gr0:
         assert rel(gr1[name], gr0[name]) < tol, name
+
+
+@pytest.mark.parametrize("router_cfg", [
+    RouterConfig(top_k=2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=1),
+    RouterConfig(top_k=2, dropless=True, normalize_topk=True)])
+@pytest.mark.parametrize("experts", ["grouped_mm_fused", "tiled", "stream"])
+def test_inference_layer_leaves_the_gather_to_the_experts(router_cfg, experts):
+    """Without autograd the Triton dispatch only plans (x_TD goes to the experts with the
+    token of each row), the experts gather; the layer equals the all-reference one, dropped
+    assignments included."""
+    D, F, E, T = (512, 256, 16, 1024) if ON_GPU else (32, 16, 8, 40)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    torch.manual_seed(0)
+    spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F, router=router_cfg)
+    layer = MoELayer(spec, D, "swiglu", bias=False).to(DEVICE)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=D ** -0.5)
+    layer = layer.to(dtype).eval()
+    x = torch.randn(2, T // 2, D, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        y0, r0 = layer(x)  # Backends() on the CPU: the reference paths
+        set_backends(layer, Backends(router="triton", dispatch="triton", experts=experts))
+        x_ND, plan = layer.dispatcher.dispatch(x.reshape(T, D), r0)
+        assert x_ND.data_ptr() == x.data_ptr() and plan.gather_N is not None
+        y1, r1 = layer(x)
+    assert torch.equal(r0.ids_TK, r1.ids_TK) and torch.equal(r0.kept_TK, r1.kept_TK)
+    assert (int(r0.num_dropped) > 0) == (not router_cfg.dropless)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert ((y1.float() - y0.float()).norm() / y0.float().norm()).item() < tol

@@ -14,7 +14,10 @@ Decode (issue 14): when the router's one-launch kernel has already computed the 
 (`routing.order`, dropless inference with few tokens), a dispatcher built with
 `defer_gather=True` (MoELayer's own) returns the tokens unsorted with `plan.gather_N` = the
 source token of each row, and the experts' up kernel gathers the rows as it loads them: no
-planning and no gather launch. Every plan has `ends_E`, `parked` and `gather_N` (None: x_ND
+planning and no gather launch. Without autograd (prefill, validation) the Triton dispatch
+likewise only plans (permute_triton.dispatch_plan_triton) and leaves the gather to the experts:
+the tiled and streaming kernels gather as they load, the grouped_mm paths index first. Every
+plan has `ends_E`, `parked` and `gather_N` (None: x_ND
 holds the sorted rows), so MoELayer reads them alike from local and expert-parallel plans.
 
 Legend: T tokens, K top-k, N = T·K assignment rows, D model dim, E experts.
@@ -88,12 +91,20 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                 plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
                                     ends_E=order.ends_E, parked=False, gather_N=gather_N)
                 return (x_TD if self.defer_gather else x_TD[order.token_N]), plan
+            may_drop = routing.capacity is not None
+            if self.defer_gather and not (torch.is_grad_enabled() and x_TD.requires_grad):
+                from moeflow.ops.permute_triton import dispatch_plan_triton
+                row_TK, token_N, ends_E = dispatch_plan_triton(
+                    x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,
+                    may_drop)
+                return x_TD, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E,
+                                          parked=may_drop, gather_N=token_N)
             from moeflow.ops.permute_triton import dispatch_triton
             x_ND, row_TK, token_N, ends_E = dispatch_triton(
                 x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,
-                may_drop=routing.capacity is not None)
+                may_drop=may_drop)
             return x_ND, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E,
-                                      parked=routing.capacity is not None)
+                                      parked=may_drop)
         plan = sort_by_expert(routing)
         return x_TD[plan.token_N], plan
 

@@ -125,6 +125,11 @@ def _stream(*args, **kwargs):
     return expert_mlp_stream(*args, **kwargs)
 
 
+def _tiled(*args, **kwargs):
+    from moeflow.ops.grouped_mlp_triton import expert_mlp_tiled
+    return expert_mlp_tiled(*args, **kwargs)
+
+
 def _grouped_fused(*args, **kwargs):
     from moeflow.ops.grouped_mlp_triton import expert_mlp_grouped_fused
     return expert_mlp_grouped_fused(*args, **kwargs)
@@ -135,6 +140,7 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "grouped_mm": expert_mlp_grouped_mm,
     "grouped_mm_fused": _grouped_fused,  # grouped_mm + one-pass Triton activation (fwd + bwd)
     "stream": _stream,  # Triton weight-streaming kernels, inference only
+    "tiled": _tiled,  # Triton grouped GEMM, gather and activation fused, inference only
 }
 
 

@@ -64,6 +64,67 @@ def _stream_configs():
                                  (64, 128, 8, 4), (128, 64, 8, 5))]
 
 
+@triton.jit
+def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
+             HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act(x[rows] · w_e[:, n] + b_e[n]) into h[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi))
+    of one expert (w_e, b_e: its weight [D, I] and bias [I]); SwiGLU multiplies the gate
+    columns n by the up columns F + n, both accumulated over the same x tiles."""
+    I = 2 * F if SWIGLU else F
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < hi
+    if GATHER:
+        src = tl.load(token_ptr + rows, mask=rmask, other=0)
+    else:
+        src = rows
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < D
+        a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & nmask[None, :]
+        wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
+        acc_g = tl.dot(a, wg, acc_g)
+        if SWIGLU:
+            wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
+            acc_u = tl.dot(a, wu, acc_u)
+    if HAS_BIAS:
+        acc_g += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_u += tl.load(b_e + F + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+    else:
+        act = _gelu(acc_g)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
+             act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[rows] · w_e[:, n] + b_e[n] into y[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi)) of
+    one expert (w_e, b_e: its weight [F, D] and bias [D])."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < hi
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < F
+        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + k[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_e + k[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET", "SWIGLU"],
                  reset_to_zero=[], cache_results=True)
 @triton.jit
@@ -80,36 +141,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
     nmask = n < F
     w_e = w_ptr + e.to(tl.int64) * D * I
     for m0 in range(lo, hi, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < hi
-        if GATHER:
-            src = tl.load(token_ptr + rows, mask=rmask, other=0)
-        else:
-            src = rows
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < D
-            a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wmask = kmask[:, None] & nmask[None, :]
-            wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
-            acc_g = tl.dot(a, wg, acc_g)
-            if SWIGLU:
-                wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
-                acc_u = tl.dot(a, wu, acc_u)
-        if HAS_BIAS:
-            acc_g += tl.load(b_ptr + e * I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc_u += tl.load(b_ptr + e * I + F + n, mask=nmask,
-                                 other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            act = acc_g * tl.sigmoid(acc_g) * acc_u
-        else:
-            act = _gelu(acc_g)
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
-                 act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+        _up_rows(x_ptr, token_ptr, w_e, b_ptr + e * I, h_ptr, m0, hi, n, nmask, D, F, SWIGLU,
+                 HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET"], reset_to_zero=[],
@@ -126,21 +159,77 @@ def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
     nmask = n < D
     w_e = w_ptr + e.to(tl.int64) * F * D
     for m0 in range(lo, hi, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < hi
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < F
-            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + k[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_e + k[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
-            acc = tl.dot(a, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + e * D + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+        _down_rows(h_ptr, w_e, b_ptr + e * D, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS, BLOCK_M,
+                   BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _expert_tile(ends_ptr, pid, E, n_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(e, m0, hi, j): program `pid`'s expert, first row, the expert's row end and column tile.
+    Programs run expert by expert, within one expert column tile by column tile, within a
+    column tile row tile by row tile: the row tiles of a column tile (neighbours in launch
+    order, so resident together) share its weight slab through L2, and one wave of programs
+    covers all column tiles of a few experts, which share their rows. m0 >= hi: past the last
+    tile, no work (the grid is sized for the most tiles any routing can need)."""
+    ee = tl.arange(0, BLOCK_E)
+    emask = ee < E
+    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
+    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
+    tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(tiles_e * n_tiles, axis=0)
+    e = tl.sum((cum <= pid).to(tl.int32), axis=0)
+    hit = ee == e
+    first = tl.sum(tl.where(hit, cum - tiles_e * n_tiles, 0), axis=0)
+    tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
+    lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
+    hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
+    r = pid - first
+    return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
+
+
+def _tiled_configs(accumulators: int):
+    # Tensor-core tiles for prefill (tens to hundreds of rows per expert): 64- and 128-row
+    # tiles (one or two warpgroups), 2-4 stages of loads in flight; at most 128 fp32
+    # accumulator registers per thread (the up kernel holds two tiles for SwiGLU).
+    tiles = ((64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
+             (64, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
+             (128, 256, 64, 8, 3))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                          num_stages=s)
+            for bm, bn, bk, w, s in tiles if accumulators * bm * bn <= 128 * 32 * w]
+
+
+@triton.autotune(configs=_tiled_configs(accumulators=2), key=["D", "F", "E", "M_BUCKET", "SWIGLU"],
+                 reset_to_zero=[], cache_results=True)
+@triton.jit
+def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET,
+                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+                     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(F, BLOCK_N),
+                                    BLOCK_E, BLOCK_M)
+    if m0 >= hi:
+        return
+    I = 2 * F if SWIGLU else F
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _up_rows(x_ptr, token_ptr, w_ptr + e.to(tl.int64) * D * I, b_ptr + e * I, h_ptr, m0, hi, n,
+             n < F, D, F, SWIGLU, HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.autotune(configs=_tiled_configs(accumulators=1), key=["D", "F", "E", "M_BUCKET"],
+                 reset_to_zero=[],
+                 cache_results=True)
+@triton.jit
+def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
+                       HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(D, BLOCK_N),
+                                    BLOCK_E, BLOCK_M)
+    if m0 >= hi:
+        return
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _down_rows(h_ptr, w_ptr + e.to(tl.int64) * F * D, b_ptr + e * D, y_ptr, m0, hi, n, n < D, D,
+               F, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def _m_bucket(n_rows: int, n_experts: int) -> int:
@@ -179,6 +268,47 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
     down[lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))](
         h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
         bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, BLOCK_M=block_m, **fixed)
+    return y_ND
+
+
+def _tiled_grid(N: int, E: int, cols: int):
+    """Programs for the most (row tile, column tile) pairs any routing of N rows can need: each
+    expert with rows wastes less than one row tile."""
+    return lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + min(N, E))
+                         * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def expert_mlp_tiled(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                     b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                     b_out_ED: torch.Tensor | None, activation: str,
+                     parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Many-token path for inference (no autograd): a grouped GEMM in Triton over (expert, row
+    tile, column tile) programs. The up kernel gathers its rows (`rows_N`) as it loads them and
+    applies the activation before it stores, so neither the gathered rows nor the [N, 2F]
+    pre-activation touch memory; the down kernel writes y. Rows past ends_E[-1] are left
+    unwritten, as in expert_mlp_stream."""
+    N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    swiglu = activation == "swiglu"
+    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
+    ends = ends_E.contiguous()
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    bucket = _m_bucket(N, E)
+    up, down, fixed = _up_tiled_kernel, _down_tiled_kernel, {}
+    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
+        up, down = _up_tiled_kernel.fn, _down_tiled_kernel.fn
+        fixed = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    block_e = triton.next_power_of_2(E)
+    up[_tiled_grid(N, E, F)](
+        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
+        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, bucket, SWIGLU=swiglu,
+        HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None, BLOCK_E=block_e, **fixed)
+    down[_tiled_grid(N, E, D)](
+        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **fixed)
     return y_ND
 
 

@@ -30,8 +30,8 @@ _BLOCK_A = 16
 @triton.jit
 def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, drop_rank_ptr,
                      row_ptr, token_ptr, ends_ptr, out_ptr, N, E, D,
-                     K: tl.constexpr, HAS_DROPS: tl.constexpr, BLOCK_A: tl.constexpr,
-                     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                     K: tl.constexpr, HAS_DROPS: tl.constexpr, GATHER: tl.constexpr,
+                     BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     ecols = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + ecols, mask=ecols < E, other=0)
@@ -53,11 +53,12 @@ def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, drop_rank_
     t = a // K
     tl.store(row_ptr + a, row, mask=valid)
     tl.store(token_ptr + row, t.to(tl.int64), mask=valid)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        m = valid[:, None] & (d < D)[None, :]
-        v = tl.load(x_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=m)
-        tl.store(out_ptr + row[:, None] * D + d[None, :], v, mask=m)
+    if GATHER:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = valid[:, None] & (d < D)[None, :]
+            v = tl.load(x_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=m)
+            tl.store(out_ptr + row[:, None] * D + d[None, :], v, mask=m)
 
 
 @triton.jit
@@ -120,31 +121,39 @@ def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted):
     return out
 
 
+def _dispatch(x_TD, ids_TK, slots_TK, kept_TK, counts_E, has_drops: bool, gather: bool):
+    """(x_ND or None, row_TK, token_N, ends_E) from one _dispatch_kernel launch; `gather`: also
+    copy the rows into expert order."""
+    T, K = ids_TK.shape
+    N, D, E = T * K, x_TD.shape[1], counts_E.shape[0]
+    dev = x_TD.device
+    kept_i8 = kept_TK.view(torch.int8)
+    if has_drops:
+        dropped = (~kept_TK).reshape(-1).to(torch.int64)
+        drop_rank = torch.cumsum(dropped, 0) - dropped
+    else:
+        drop_rank = ids_TK
+    row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    token_N = torch.empty(N, dtype=torch.int64, device=dev)
+    ends_E = torch.empty(E, dtype=torch.int64, device=dev)
+    x_ND = torch.empty(N, D, dtype=x_TD.dtype, device=dev) if gather else None
+    if N > 0:
+        _dispatch_kernel[(triton.cdiv(N, _BLOCK_A),)](
+            x_TD, ids_TK, slots_TK, kept_i8, counts_E, drop_rank, row_TK, token_N, ends_E,
+            x_ND if gather else x_TD, N, E, D, K=K, HAS_DROPS=has_drops, GATHER=gather,
+            BLOCK_A=_BLOCK_A, BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_D=min(triton.next_power_of_2(D), 256), num_warps=4)
+    else:
+        ends_E.zero_()
+    return x_ND, row_TK, token_N, ends_E
+
+
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, ids_TK, slots_TK, kept_TK, counts_E, has_drops):
-        T, K = ids_TK.shape
-        N, D, E = T * K, x_TD.shape[1], counts_E.shape[0]
-        dev = x_TD.device
-        kept_i8 = kept_TK.view(torch.int8)
-        if has_drops:
-            dropped = (~kept_TK).reshape(-1).to(torch.int64)
-            drop_rank = torch.cumsum(dropped, 0) - dropped
-        else:
-            drop_rank = ids_TK
-        row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
-        token_N = torch.empty(N, dtype=torch.int64, device=dev)
-        ends_E = torch.empty(E, dtype=torch.int64, device=dev)
-        x_ND = torch.empty(N, D, dtype=x_TD.dtype, device=dev)
-        if N > 0:
-            _dispatch_kernel[(triton.cdiv(N, _BLOCK_A),)](
-                x_TD, ids_TK, slots_TK, kept_i8, counts_E, drop_rank, row_TK, token_N, ends_E,
-                x_ND, N, E, D, K=K, HAS_DROPS=has_drops, BLOCK_A=_BLOCK_A,
-                BLOCK_E=triton.next_power_of_2(E), BLOCK_D=min(triton.next_power_of_2(D), 256),
-                num_warps=4)
-        else:
-            ends_E.zero_()
-        ctx.save_for_backward(row_TK, kept_i8)
+        x_ND, row_TK, token_N, ends_E = _dispatch(x_TD, ids_TK, slots_TK, kept_TK, counts_E,
+                                                  has_drops, gather=True)
+        ctx.save_for_backward(row_TK, kept_TK.view(torch.int8))
         ctx.mark_non_differentiable(row_TK, token_N, ends_E)
         return x_ND, row_TK, token_N, ends_E
 
@@ -183,6 +192,16 @@ def dispatch_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Te
     may_drop=False (dropless routing) skips the dropped-rank prefix sum."""
     return _Gather.apply(x_TD.contiguous(), ids_TK.contiguous(), slots_TK.contiguous(),
                          kept_TK.contiguous(), counts_E.contiguous(), may_drop)
+
+
+def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Tensor,
+                         kept_TK: torch.Tensor, counts_E: torch.Tensor, may_drop: bool):
+    """(row_TK, token_N, ends_E) of dispatch_triton without the gather: for experts that read
+    their rows through token_N themselves (no autograd)."""
+    _, row_TK, token_N, ends_E = _dispatch(x_TD, ids_TK.contiguous(), slots_TK.contiguous(),
+                                           kept_TK.contiguous(), counts_E.contiguous(),
+                                           may_drop, gather=False)
+    return row_TK, token_N, ends_E
 
 
 def combine_triton(y_ND: torch.Tensor, weights_TK: torch.Tensor, row_TK: torch.Tensor,
