@@ -14,16 +14,17 @@ from triton.compiler import ASTSource
 from moeflow.config import RouterConfig
 from moeflow.ops import decode_route_triton as m
 
-def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16"):
-    scalars, meta = m._route_args(cfg, T, E, False)
+def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None):
+    scalars, meta = m._route_args(cfg, T, E, False, capacity)
     nw = meta.pop("num_warps")
     lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "bias_ptr", "ids_ptr", "w_ptr",
              "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
-             "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef"]
+             "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef",
+             "capacity"]
     types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*i64", "*fp32", "*i8",
              "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32", "i32", "i32",
-             "fp32", "fp32", "fp32"]
+             "fp32", "fp32", "fp32", "i32"]
     sig = dict(zip(names, types))
     consts = dict(meta, LT=lt, LE=le, LD=ld)
     for k in consts:
@@ -39,7 +40,8 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16"):
                        capture_output=True, text=True)
     info = [line.strip() for line in r.stderr.splitlines()
             if "registers" in line or "spill" in line]
-    print(f"T {T} D {D} E {E} K {cfg.top_k} {x_dtype}/{gate_dtype} tiles (LT, LE, LD) "
+    print(f"T {T} D {D} E {E} K {cfg.top_k} capacity {capacity} {x_dtype}/{gate_dtype} "
+          f"tiles (LT, LE, LD) "
           f"{(lt, le, ld)}: " + " | ".join(info), flush=True)
     return ptx
 
@@ -56,6 +58,9 @@ def main() -> None:
     compile_case(1, 7168, 256, RouterConfig(top_k=8, score_func="sigmoid", normalize_topk=True,
                                             num_groups=8, topk_groups=4, dropless=True))
     compile_case(1, 2048, 128, qwen3, "fp32", "fp32")
+    # DeepSpeed-MoE's ds-1.3b+moe128 (top-1) and top-2 with a capacity: the third pass.
+    compile_case(8, 2048, 128, RouterConfig(top_k=1), capacity=4)
+    compile_case(8, 2048, 128, RouterConfig(top_k=2), capacity=4)
 
 
 if __name__ == "__main__":

@@ -94,20 +94,28 @@ def qk_norm_rope():
 
 
 def fused_decode_router():
+    """Both decode routers: Qwen3-30B-A3B's dropless top-8, and DeepSpeed-MoE's top-1
+    (ds-1.3b+moe128) and top-2 with a capacity (the third pass)."""
     m = decode_route_triton
-    T, D, E = 1, 2048, 128
-    cfg = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
-    _, meta = m._route_args(cfg, T, E, False)
-    warps = meta.pop("num_warps")
-    lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
-    compile_sm90(m._decode_route_logits_kernel,
-                 {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
-                  "ticket_ptr": "*i32", "bias_ptr": "*fp32", "ids_ptr": "*i64",
-                  "w_ptr": "*fp32", "kept_ptr": "*i8",
-                  **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
-                  "loss_ptr": "*fp32", **_args("T D E", "i32"),
-                  **_args("routed_scaling aux_coef z_coef", "fp32")},
-                 dict(meta, LT=lt, LE=le, LD=ld), num_warps=warps)
+    outputs = {"ids_ptr": "*i64", "w_ptr": "*fp32", "kept_ptr": "*i8",
+               **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
+               "loss_ptr": "*fp32"}
+    scalars = {**_args("routed_scaling aux_coef z_coef", "fp32"), "capacity": "i32"}
+    for T, D, E, cfg, capacity in (
+            (1, 2048, 128, RouterConfig(top_k=8, normalize_topk=True, dropless=True), None),
+            (8, 2048, 128, RouterConfig(top_k=1), 4),
+            (8, 2048, 128, RouterConfig(top_k=2), 4)):
+        _, meta = m._route_args(cfg, T, E, False, capacity)
+        warps = meta.pop("num_warps")
+        lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
+        compile_sm90(m._decode_route_logits_kernel,
+                     {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
+                      "ticket_ptr": "*i32", "bias_ptr": "*fp32", **outputs,
+                      **_args("T D E", "i32"), **scalars},
+                     dict(meta, LT=lt, LE=le, LD=ld), num_warps=warps)
+        compile_sm90(m._decode_route_kernel,
+                     {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
+                      **_args("T E", "i32"), **scalars}, meta, num_warps=warps)
 
 
 def skinny_linear():

@@ -87,8 +87,12 @@ def test_router_takes_the_decode_kernel_only_where_it_applies():
     with torch.no_grad():
         assert router(x, inference=True).order is not None
         router.train()
-        trained = router(x)  # capacity: the multi-kernel router, which may drop
-        assert trained.order is None and trained.capacity is not None
+        trained = router(x)  # a capacity dropping in position order: the one launch too
+        assert trained.order is not None and trained.capacity is not None
+        rts_cfg = RouterConfig(top_k=2, capacity_factor=1.0, min_capacity=1,
+                               drop_policy="random")
+        rts = Router(16, 8, rts_cfg, Backends(router="triton_decode")).to(DEVICE)(x)
+        assert rts.order is None and rts.capacity is not None  # RTS: the multi-kernel router
     assert router(x, inference=True).order is None  # the gate needs a gradient
     # auto: plain torch off CUDA; the decode kernel above the bound is route_triton
     logits = torch.zeros(4, 8, device=DEVICE)

@@ -136,8 +136,12 @@ def test_router_takes_the_fused_kernel_only_where_it_applies():
         assert torch.equal(out.order.token_N, ref.order.token_N)
         assert router(x, inference=True).order is not None  # the ticket was left at 0
         router.train()
-        trained = router(x)  # capacity: the multi-kernel router, which may drop
-        assert trained.order is None and trained.capacity is not None
+        trained = router(x)  # a capacity dropping in position order: the one launch too
+        assert trained.order is not None and trained.capacity is not None
+        rts_cfg = RouterConfig(top_k=2, capacity_factor=1.0, min_capacity=1,
+                               drop_policy="random")
+        rts = Router(16, 8, rts_cfg, Backends(router="triton_decode_fused")).to(DEVICE)(x)
+        assert rts.order is None and rts.capacity is not None  # RTS: the multi-kernel router
     assert router(x, inference=True).order is None  # the gate needs a gradient
 
 

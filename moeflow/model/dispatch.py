@@ -11,7 +11,8 @@ token's K rows and sums them with their weights in a fixed order, so the result 
 thread scheduling (no atomics).
 
 Decode (issue 14): when the router's one-launch kernel has already computed the layout
-(`routing.order`, dropless inference with few tokens), a dispatcher built with
+(`routing.order`, inference with few tokens; with a capacity the dropped rows are parked as
+sort_by_expert parks them), a dispatcher built with
 `defer_gather=True` (MoELayer's own) returns the tokens unsorted with `plan.gather_N` = the
 source token of each row, and the experts' up kernel gathers the rows as it loads them: no
 planning and no gather launch. Without autograd (prefill, validation) the Triton dispatch
@@ -86,10 +87,11 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                  ) -> tuple[torch.Tensor, DispatchPlan]:
         if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
             order = routing.order
-            if order is not None:  # the decode router planned the layout (dropless)
+            if order is not None:  # the decode router planned the layout
                 gather_N = order.token_N if self.defer_gather else None
                 plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
-                                    ends_E=order.ends_E, parked=False, gather_N=gather_N)
+                                    ends_E=order.ends_E, parked=routing.capacity is not None,
+                                    gather_N=gather_N)
                 return (x_TD if self.defer_gather else x_TD[order.token_N]), plan
             may_drop = routing.capacity is not None
             if self.defer_gather and not (torch.is_grad_enabled() and x_TD.requires_grad):

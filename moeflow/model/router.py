@@ -15,9 +15,10 @@ Inference routing (`forward(..., inference=True)`, passed down from `model(ids, 
 by the serving engine and by a distillation teacher): no capacity and no noise, so a token's
 output never depends on its batch-mates or on the RNG. It is an argument of each call, not a
 flag set on the module, so a model shared between a trainer and an engine routes each call as
-its caller declares. Dropless and without autograd, a decode-sized call can also take the
-one-launch kernel that returns the expert-sorted layout with the choices (`order`, see
-moeflow.ops.decode_route_triton and the router chooser in moeflow.ops.backend).
+its caller declares. Without autograd, Gumbel noise, Random Token Selection or statistics summed
+over ranks (served calls, and calls with a capacity such as eval-mode forwards), a decode-sized
+call can also take the one-launch kernel that returns the expert-sorted layout with the choices
+(`order`, see moeflow.ops.decode_route_triton and the router chooser in moeflow.ops.backend).
 
 Losses are returned unweighted and weighted: aux = E · Σ_e f_e · P_e (Switch/GShard), with f_e the
 fraction of counted assignments (before dropping; first choices only for DeepSpeed's top-2) that
@@ -58,8 +59,10 @@ StatsReduce = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ExpertOrder:
-    """The expert-sorted layout of a dropless routing (moeflow.model.dispatch's DispatchPlan),
-    when the routing kernel computed it with the choices (moeflow.ops.decode_route_triton)."""
+    """The expert-sorted layout of a routing (moeflow.model.dispatch's DispatchPlan, as
+    sort_by_expert builds it: with a capacity, the dropped assignments' rows follow
+    ends_E[-1] in (token, choice) order), when the routing kernel computed it with the choices
+    (moeflow.ops.decode_route_triton)."""
 
     row_TK: torch.Tensor  # int64 sorted row of each assignment
     token_N: torch.Tensor  # int64 source token of each sorted row
@@ -343,10 +346,12 @@ class Router(nn.Module, ChoosesBackends):
         T = x.shape[0]
         noise = cfg.noise if self.training and not inference else "none"
         capacity = None if inference else cfg.capacity(T, E, self.training)
-        # Whether the one-launch decode kernels may route this call: they have no backward, add
-        # no Gumbel noise and sum no statistics over ranks.
+        # Whether the one-launch decode kernels may route this call: they drop in position order
+        # only (a capacity with Random Token Selection needs the RNG's permutation), have no
+        # backward, add no Gumbel noise and sum no statistics over ranks.
         sources = (x,) if logits_TE is not None else (x, self.gate.weight)
-        decode = (capacity is None and noise not in ("rsample", "rsample_second")
+        decode = ((capacity is None or cfg.drop_policy == "position")
+                  and noise not in ("rsample", "rsample_second")
                   and self.stats_reduce is None
                   and not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)))
         if logits_TE is not None:
@@ -356,7 +361,7 @@ class Router(nn.Module, ChoosesBackends):
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
             if router_fuses_logits(self.backends.router, x, cfg, E, decode):
-                return self._route_fused(x)
+                return self._route_fused(x, capacity)
             logits_TE = router_logits(x, self.gate.weight)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
@@ -376,14 +381,14 @@ class Router(nn.Module, ChoosesBackends):
         backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
         if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
-            return route_decode_triton(logits_TE, cfg, self.expert_bias)
+            return route_decode_triton(logits_TE, cfg, self.expert_bias, capacity)
         route = route_reference
         if backend == "triton":
             from moeflow.ops.routing_triton import route_triton as route
         return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
                      self.stats_reduce)
 
-    def _route_fused(self, x_TD: torch.Tensor) -> RoutingResult:
+    def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
         from moeflow.ops.decode_route_triton import route_decode_fused
         # The kernel's last-program ticket: zeroed once per device, left at 0 by every launch.
@@ -392,7 +397,7 @@ class Router(nn.Module, ChoosesBackends):
             ticket = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
             self._route_ticket = ticket
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  ticket)[0]
+                                  ticket, capacity)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

@@ -9,9 +9,10 @@ benchmarks compare every fast path with its plain-torch reference.
 
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
-  kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits), route_triton
-  elsewhere; "triton_decode_fused" = the same kernel computing the fp32 router logits too,
-  from the layer input and the gate weight (one launch for the router instead of five), where
+  kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits: no autograd,
+  noise or Random Token Selection, dropless or with capacity drops), route_triton elsewhere;
+  "triton_decode_fused" = the same kernel computing the fp32 router logits too, from the
+  layer input and the gate weight (one launch for the router instead of five), where
   decode_route_fits, route_triton elsewhere; "auto" takes triton_decode_fused on CUDA where
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
@@ -296,8 +297,10 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
 
 def decode_route_fits(tokens_T: torch.Tensor, cfg, decode: bool) -> bool:
     """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
-    call: `decode` (the router's word: dropless, no noise, one process's statistics, no
-    autograd) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments, whether or not a CUDA graph
+    call: `decode` (the router's word: no autograd, no Gumbel noise, one process's statistics,
+    and either dropless or a capacity that drops in position order, as the kernel reproduces
+    route_reference's drops exactly; Random Token Selection needs the RNG's order, so not
+    that) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments, whether or not a CUDA graph
     is being captured. `tokens_T`: anything with a row per token (the logits, or the router's
     input for the fused-logits kernel)."""
     return decode and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
@@ -307,11 +310,12 @@ def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: in
                         decode: bool) -> bool:
     """Whether the router hands its input to the fused-logits decode kernel
     ("triton_decode_fused") instead of computing the logits first: asked for, or "auto" on
-    CUDA where the decode kernel applies (as resolve_router_backend's rule, E <= 1024 in equal
-    groups). Measured on the H200 (benchmarks/results/decode_study, 2026-12-02, Qwen3-30B-A3B
-    shape, two runs each): 942 -> 702 kernels and 4.20 -> 3.81 ms of kernel time per batch-1
-    decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32 ms, batch 16 13.50 / 13.94 -> 13.34 /
-    12.98 ms."""
+    CUDA where the decode kernel applies (decode_route_fits: dropless or dropping over
+    capacity in position order; as resolve_router_backend's rule, E <= 1024 in equal groups;
+    no expert groups). Measured on the H200 (benchmarks/results/decode_study, 2026-12-02,
+    Qwen3-30B-A3B shape, dropless, two runs each): 942 -> 702 kernels and 4.20 -> 3.81 ms of
+    kernel time per batch-1 decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32 ms, batch 16
+    13.50 / 13.94 -> 13.34 / 12.98 ms."""
     if cfg.expert_groups or not decode_route_fits(x_TD, cfg, decode):
         return False
     if requested == "triton_decode_fused":
@@ -323,9 +327,10 @@ def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: in
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
                            decode: bool = False) -> str:
     """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups, and
-    "triton_decode" (one launch, which also plans the dispatch) where decode_route_fits; the
-    reference router for expert groups (moeflow.model.expert_groups: the kernels do not mask a
-    token's experts to its group), where asking for a Triton router is an error."""
+    "triton_decode" (one launch, which also plans the dispatch, dropless or with capacity
+    drops in position order) where decode_route_fits; the reference router for expert groups
+    (moeflow.model.expert_groups: the kernels do not mask a token's experts to its group, nor
+    apply per-group capacities), where asking for a Triton router is an error."""
     if cfg.expert_groups:
         if requested != "auto" and requested != "reference":
             raise ValueError(f"backends.router={requested!r}: the fused routing kernels cannot "

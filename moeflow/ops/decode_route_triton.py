@@ -5,24 +5,40 @@ Why: at decode sizes (a few tokens) every launch costs ~2-3 µs of latency and a
 The fused router (moeflow.ops.routing_triton) still takes four launches (top-k, queue, finalize,
 plus a scatter for first-choice counts) and the Triton dispatch one more, so for a decode step of
 the Qwen3-30B-A3B shape the MoE layer's bookkeeping outnumbered its two weight-streaming expert
-kernels. When routing is dropless and nothing needs a gradient (inference) the whole plan fits
-in one program: without capacity there is nothing to drop, so an assignment's row is
-start[e] + its queue slot, and the starts are the prefix sum of the counts the choice pass has
-already accumulated. The gather of the token rows is left to the experts' up kernel
+kernels. When nothing needs a gradient (inference) the whole plan fits in one program, dropless
+or with a capacity (DeepSpeed-MoE's top-1/top-2 gating evaluated with eval_capacity_factor,
+which took the multi-kernel router and the Triton dispatch before): the choice pass accumulates
+each expert's count; an assignment's queue slot in priority order decides whether it is kept
+(slot < capacity; always, dropless); each expert keeps min(count, capacity) rows, so a kept
+assignment's row is start[e] + slot with the starts the prefix sum of the clamped counts.
+Dropped assignments are parked after the last expert's rows in (token, choice) order, where
+sort_by_expert parks them: the experts never compute them and combine skips them (kept = 0,
+weight 0). The capacity is a host-side int from T (RouterConfig.capacity), a kernel argument.
+Random Token Selection (drop_policy "random") would need the RNG's token order and takes the
+multi-kernel router. The gather of the token rows is left to the experts' up kernel
 (moeflow.ops.grouped_mlp_triton, through `token_N`), so the layer runs: router GEMM, this
 kernel, up, down, combine.
 
-One program, two passes over the assignments:
+One program, two passes over the assignments (three with a capacity):
   1. blocks of tokens: finite logits → `choose_tile` (the same code as the fused router's
      top-k kernel: same choices, same weights bit for bit) → ids, weights; per-expert counts
      (all choices, and first choices for DeepSpeed's top-2 balance loss), the balance
      probabilities' column sums and Σ logsumexp² accumulate in registers;
-  2. after a barrier, blocks of assignments in priority order (choice-major, then token):
-     a counting sort carrying the running per-expert counts gives each assignment's queue
-     slot, and row = start[e] + slot; token_N[row] = its token.
-Then counts, ends (inclusive prefix sum), the losses (aux = E·Σ f_e·P_e, z = mean lse²,
-weighted as the reference weights them) and num_dropped = 0 are written, so the RoutingResult
-is the reference's field for field and the DispatchPlan is sort_by_expert's, row for row.
+  2. after a barrier, blocks of assignments in priority order (choice-major, then token, as
+     the reference's queue: DeepSpeed's first choices before second choices): a counting sort
+     carrying the running per-expert counts gives each assignment's queue slot; the kept ones
+     get row = start[e] + slot and token_N[row] = their token;
+  3. with a capacity, after another barrier, blocks of tokens in (token, choice) order: the
+     dropped assignments' weights become 0 and, where the config normalises (DeepSpeed's
+     top-2), each token's kept weights are renormalised and then scaled, as route_triton does
+     in torch after its queue kernel (a token whose second route was dropped gives its first
+     weight 1); a dropped assignment's row is Σ kept + its rank among the dropped in that
+     order, and token_N[row] = its token.
+Then counts (after dropping), ends (inclusive prefix sum), the losses (aux = E·Σ f_e·P_e with
+f_e from the counts before dropping, z = mean lse², weighted as the reference weights them)
+and num_dropped = Σ max(count − capacity, 0) are written, so the RoutingResult is the
+reference's field for field (slots: the queue position, ≥ capacity where dropped) and the
+DispatchPlan is sort_by_expert's, row for row (parked when there is a capacity).
 
 With the logits (`route_decode_fused`, router backend "triton_decode_fused"): the router's
 own logits x·Wgᵀ cost five more launches at decode (two fp32 casts, cuBLAS's GEMV in two
@@ -31,7 +47,7 @@ expert blocks × token blocks each compute one tile of logits from the layer inp
 weight, both upcast to fp32 before the product (exact for bf16 operands), summed in fp32 over
 the model dim, made finite as router_logits does, and store it (the logits are also returned).
 The program that draws the last ticket of an atomic counter (release-acquire, after all its
-threads stored) then runs the two passes above over the whole [T, E] logits, and resets the
+threads stored) then runs the passes above over the whole [T, E] logits, and resets the
 counter. Why many programs rather than one: a single SM streams the gate (Qwen3-30B-A3B: 128 ×
 2048 bf16 = 0.5 MB) at well below the HBM rate, and its FP32 units need T·E·D/128 cycles
 (2 µs per token at that shape), so one program would give back what the four saved launches
@@ -57,14 +73,17 @@ from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, f
 @triton.jit
 def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-                z_coef, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
-    """The two passes of the module docstring, run by one program over the finite logits at
+                CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_P: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
+    """The passes of the module docstring, run by one program over the finite logits at
     `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
-    (the fused-logits kernel), so the loads must not be served from this SM's L1."""
+    (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
+    each expert keeps its first `capacity` assignments (pass 3 runs); NORMALIZE: pass 1
+    normalises the weights (dropless only); RENORMALIZE: pass 3 normalises the kept ones."""
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     kcols = tl.arange(0, BLOCK_K)
@@ -72,6 +91,10 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
     first = tl.zeros([BLOCK_E], tl.int32)
     p_e = tl.zeros([BLOCK_E], tl.float32)
     z_acc = tl.zeros([BLOCK_T], tl.float32)
+    if RENORMALIZE:  # the scaling follows the renormalisation over the kept routes (pass 3)
+        pass1_scaling = 1.0
+    else:
+        pass1_scaling = routed_scaling
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < T
@@ -79,13 +102,14 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         x = finite_logits(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
                             mask=m2, other=0.0, volatile=LOGITS_VOLATILE))
         ids_tile, w_tile, lse, probs, chosen = choose_tile(
-            x, x, bias_ptr, rows, cols, cmask, E, routed_scaling, K, SOFTMAX, SEL, HAS_BIAS,
+            x, x, bias_ptr, rows, cols, cmask, E, pass1_scaling, K, SOFTMAX, SEL, HAS_BIAS,
             NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K)
         kmask = rmask[:, None] & (kcols < K)[None, :]
         koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
         tl.store(ids_ptr + koffs, ids_tile, mask=kmask)
         tl.store(w_ptr + koffs, w_tile, mask=kmask)
-        tl.store(kept_ptr + koffs, tl.full([BLOCK_T, BLOCK_K], 1, tl.int8), mask=kmask)
+        if not CAPPED:  # with a capacity, pass 2 stores whether each assignment was kept
+            tl.store(kept_ptr + koffs, tl.full([BLOCK_T, BLOCK_K], 1, tl.int8), mask=kmask)
         counts += tl.sum((chosen & m2).to(tl.int32), axis=0)
         if FIRST_BALANCE:
             id0 = tl.sum(tl.where(kcols[None, :] == 0, ids_tile, 0), axis=1)
@@ -93,11 +117,17 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         p_e += tl.sum(tl.where(m2, probs, 0.0), axis=0)
         z_acc += tl.where(rmask, lse * lse, 0.0)
 
-    ends = tl.cumsum(counts, axis=0)
-    starts = ends - counts
-    tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
+    # Expert e keeps the first min(count, capacity) assignments of its queue.
+    if CAPPED:
+        kept_counts = tl.minimum(counts, capacity)
+        tl.store(dropped_ptr, tl.sum(counts - kept_counts).to(tl.int64))
+    else:
+        kept_counts = counts
+        tl.store(dropped_ptr + tl.arange(0, 1), tl.zeros([1], tl.int64))
+    ends = tl.cumsum(kept_counts, axis=0)
+    starts = ends - kept_counts
+    tl.store(counts_ptr + cols, kept_counts.to(tl.int64), mask=cmask)
     tl.store(ends_ptr + cols, ends.to(tl.int64), mask=cmask)
-    tl.store(dropped_ptr + tl.arange(0, 1), tl.zeros([1], tl.int64))
     if FIRST_BALANCE:
         balance = first
     else:
@@ -126,36 +156,70 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         slot = tl.sum(onehot * running[None, :], axis=1) + rank
         row = tl.sum(onehot * starts[None, :], axis=1) + slot
         tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
-        tl.store(row_ptr + flat, row.to(tl.int64), mask=valid)
-        tl.store(token_ptr + row, t.to(tl.int64), mask=valid)
+        if CAPPED:
+            kept = slot < capacity
+            tl.store(kept_ptr + flat, kept.to(tl.int8), mask=valid)
+            placed = valid & kept
+        else:
+            placed = valid
+        tl.store(row_ptr + flat, row.to(tl.int64), mask=placed)
+        tl.store(token_ptr + row, t.to(tl.int64), mask=placed)
         running += tl.sum(onehot, axis=0)
+
+    if CAPPED:
+        # Pass 3 reads the kept flags pass 2 stored and the weights pass 1 stored.
+        tl.debug_barrier()
+        next_parked = tl.sum(kept_counts)  # dropped rows follow the last expert's, (t, k) order
+        for t0 in range(0, T, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            kmask = (rows < T)[:, None] & (kcols < K)[None, :]
+            koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
+            kept = tl.load(kept_ptr + koffs, mask=kmask, other=0, volatile=True) != 0
+            w = tl.load(w_ptr + koffs, mask=kmask, other=0.0, volatile=True)
+            w = tl.where(kept, w, 0.0)
+            if RENORMALIZE:
+                w = w / tl.maximum(tl.sum(w, axis=1), 1.1920928955078125e-07)[:, None]
+                w = w * routed_scaling
+            tl.store(w_ptr + koffs, w, mask=kmask)
+            drop = (kmask & ~kept).to(tl.int32)
+            drop_t = tl.sum(drop, axis=1)
+            rank = (tl.cumsum(drop_t, axis=0) - drop_t)[:, None] + tl.cumsum(drop, axis=1) - drop
+            row = next_parked + rank
+            token = rows[:, None] + kcols[None, :] * 0
+            tl.store(row_ptr + koffs, row.to(tl.int64), mask=drop != 0)
+            tl.store(token_ptr + row, token.to(tl.int64), mask=drop != 0)
+            next_parked += tl.sum(drop_t)
 
 
 @triton.jit
 def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                          ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr,
-                         T, E, routed_scaling, aux_coef, z_coef,
+                         T, E, routed_scaling, aux_coef, z_coef, capacity,
                          K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
                          HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
                          TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                         FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+                         RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_P: tl.constexpr):
     _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-                z_coef, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2,
-                FIRST_BALANCE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, False)
+                z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
+                GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G,
+                BLOCK_K, BLOCK_P, False)
 
 
 @triton.jit
 def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_ptr, ids_ptr,
                                 w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
                                 token_ptr, dropped_ptr, loss_ptr, T, D, E, routed_scaling,
-                                aux_coef, z_coef, K: tl.constexpr, SOFTMAX: tl.constexpr,
-                                SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
-                                FIRST_BALANCE: tl.constexpr, BLOCK_T: tl.constexpr,
+                                aux_coef, z_coef, capacity, K: tl.constexpr,
+                                SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                                GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                                GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
+                                CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr,
+                                BLOCK_T: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                                 LT: tl.constexpr, LE: tl.constexpr, LD: tl.constexpr):
@@ -191,9 +255,9 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
         tl.store(ticket_ptr, 0)
         _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                     ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
-                    aux_coef, z_coef, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
-                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K,
-                    BLOCK_P, True)
+                    aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
+                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
+                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, True)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -206,17 +270,24 @@ def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tenso
             "losses": new(3, dtype=torch.float32)}
 
 
-def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool) -> tuple[tuple, dict]:
-    """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef) and constexprs."""
+def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int | None
+                ) -> tuple[tuple, dict]:
+    """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef, capacity) and
+    constexprs."""
     K = cfg.top_k
     block_e = triton.next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
-    scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef))
+    capped = capacity is not None
+    # Dropless, the capacity is unused: one constant, so it adds no specialisation (Triton
+    # compiles a variant per int argument that is 1 or a multiple of 16).
+    scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
+               capacity if capped else 0)
     return scalars, dict(
         K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=has_bias,
-        NORMALIZE=cfg.normalizes, GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
-        GROUP_TOP2=E // cfg.num_groups >= 2,
+        NORMALIZE=cfg.normalizes and not capped, GROUPS=cfg.num_groups,
+        TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
+        CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
         # Tiles of at most 16 tokens and 2048 scores, 8192 one-hot entries, 8 warps for the one
         # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
         # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
@@ -237,29 +308,32 @@ def route_warps(T: int, E: int) -> int:
     return 8
 
 
-def _result(out: dict[str, torch.Tensor]) -> RoutingResult:
+def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:
     losses = out["losses"]
     return RoutingResult(ids_TK=out["ids"], weights_TK=out["weights"],
                          kept_TK=out["kept"].view(torch.bool), slots_TK=out["slots"],
-                         counts_E=out["counts"], num_dropped=out["dropped"], capacity=None,
+                         counts_E=out["counts"], num_dropped=out["dropped"], capacity=capacity,
                          aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
                          order=ExpertOrder(row_TK=out["rows"], token_N=out["tokens"],
                                            ends_E=out["ends"]))
 
 
 def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
-                        expert_bias_E: torch.Tensor | None) -> RoutingResult:
-    """Dropless routing without noise or autograd, with the expert-sorted layout in
-    `order`: route_reference's result (weights to fp32 rounding, equal to route_triton's) plus
-    sort_by_expert's plan. For small T (moeflow.ops.backend.decode_route_fits)."""
+                        expert_bias_E: torch.Tensor | None, capacity: int | None = None
+                        ) -> RoutingResult:
+    """Routing without noise or autograd, dropless (capacity None) or keeping each expert's
+    first `capacity` assignments in priority order, with the expert-sorted layout in `order`:
+    route_reference(logits_TE, cfg, capacity, expert_bias_E, None, None)'s result (weights to
+    fp32 rounding, equal to route_triton's) plus sort_by_expert's plan. For small T
+    (moeflow.ops.backend.decode_route_fits)."""
     logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape
     out = _outputs(T, E, cfg.top_k, logits_TE.device)
-    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None)
+    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
     _decode_route_kernel[(1,)](
         logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, E, *scalars, **meta)
-    return _result(out)
+    return _result(out, capacity)
 
 
 # Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
@@ -282,8 +356,8 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
 
 
 def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
-                       expert_bias_E: torch.Tensor | None, ticket_1: torch.Tensor
-                       ) -> tuple[RoutingResult, torch.Tensor]:
+                       expert_bias_E: torch.Tensor | None, ticket_1: torch.Tensor,
+                       capacity: int | None = None) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
     products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
@@ -296,11 +370,11 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     E = gate_ED.shape[0]
     out = _outputs(T, E, cfg.top_k, x_TD.device)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
-    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None)
+    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
     grid = (triton.cdiv(E, le), max(1, triton.cdiv(T, lt)))
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, ticket_1,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta)
-    return _result(out), logits_TE
+    return _result(out, capacity), logits_TE
