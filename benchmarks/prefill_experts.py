@@ -53,6 +53,7 @@ class Shape:
 
 SHAPES = (Shape("qwen3-30b-a3b, 512 tokens", 512, 2048, 768, 128, 8, "swiglu"),
           Shape("qwen3-30b-a3b, 2048 tokens", 2048, 2048, 768, 128, 8, "swiglu"),
+          Shape("qwen3-30b-a3b, 4096 tokens", 4096, 2048, 768, 128, 8, "swiglu"),
           Shape("qwen3-30b-a3b, 8192 tokens", 8192, 2048, 768, 128, 8, "swiglu"),
           Shape("mixtral-8x7b, 2048 tokens", 2048, 4096, 14336, 8, 2, "swiglu"),
           Shape("ds-1.3b+moe128, 2048 tokens", 2048, 2048, 8192, 128, 1, "gelu"))

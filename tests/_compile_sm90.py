@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
-                         qk_rope_triton, skinny_linear_triton)
+                         qk_rope_triton, skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
 
@@ -127,8 +127,15 @@ def skinny_linear():
                       "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)
 
 
-CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, qk_norm_rope,
-                                 fused_decode_router, skinny_linear)}
+def slot_write():
+    compile_sm90(slot_write_triton._slot_write_kernel,
+                 {**_args("k_ptr v_ptr kc_ptr vc_ptr", "*bf16"), "slot_ptr": "*i64",
+                  **_args("T G M sk_g sk_t sv_g sv_t", "i32")},
+                 {"DK": 128, "DV": 128, "BLOCK_T": 32, "BLOCK_DK": 128, "BLOCK_DV": 128})
+
+
+CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
+                                 qk_norm_rope, fused_decode_router, skinny_linear)}
 
 if __name__ == "__main__":
     try:

@@ -2,11 +2,15 @@
 prompts give the eager prefill's tokens, logits, KV cache and expert counts."""
 
 import pytest
-import torch
 
-from moeflow.infer import Engine, EngineConfig, SamplingParams
-from moeflow.infer.prefill_graphs import GraphPrefiller, prefill_buckets
-from tests.test_engine import VOCAB, make_model
+from tests import _triton_cpu  # noqa: F401, I001  (sets TRITON_INTERPRET first)
+
+import torch  # noqa: E402
+
+from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from moeflow.infer.prefill_graphs import GraphPrefiller, prefill_buckets  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
+from tests.test_engine import VOCAB, make_model  # noqa: E402
 
 
 def test_buckets_grow_by_at_most_half_and_end_at_the_limit():
@@ -24,9 +28,16 @@ def padded_engine(model, max_tokens, **cfg):
     return engine
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt", "mla"])
-def test_padded_prefill_matches_eager_prefill(kind):
+@pytest.mark.parametrize("kind,attention", [("llama", "auto"), ("gpt", "auto"), ("mla", "auto"),
+                                            ("llama", "triton")])
+def test_padded_prefill_matches_eager_prefill(kind, attention):
+    """attention="triton": the padded prefill writes its keys and values into the slot with
+    moeflow.ops.slot_write_triton (Triton's interpreter on the CPU) and decode attends with
+    the Triton kernel."""
+    if attention == "triton":
+        pytest.importorskip("triton")
     model = make_model(kind)
+    model.set_backends(Backends(attention=attention))
     g = torch.Generator().manual_seed(3)
     # 5 and 17 tokens pad up to 16 and 24; 16 fills its bucket; 30 exceeds max_tokens (eager);
     # 17 is prefilled last.

@@ -127,8 +127,13 @@ class SlotPrefillView:
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:
         T = q_BHTd.shape[2]
-        self.cache.k_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, k_BGTd)
-        self.cache.v_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, v_BGTd)
+        if resolve_attention_backend(self.cache.backends.attention, q_BHTd) == "triton":
+            from moeflow.ops.slot_write_triton import write_slot_triton
+            write_slot_triton(self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer], self.slot_1,
+                              k_BGTd, v_BGTd)
+        else:
+            self.cache.k_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, k_BGTd)
+            self.cache.v_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, v_BGTd)
         return sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
 
     def advance(self, num_new: int) -> None:

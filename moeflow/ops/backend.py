@@ -17,8 +17,11 @@ benchmarks compare every fast path with its plain-torch reference.
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
-- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream",
-  moeflow.ops.grouped_mlp_triton's weight-streaming kernels, is inference only).
+- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream"
+  and "tiled", moeflow.ops.grouped_mlp_triton's weight-streaming and tiled grouped-GEMM
+  kernels, are inference only; "auto" on CUDA in bf16/fp16: "stream" up to
+  STREAM_MAX_ROWS_PER_EXPERT rows per expert, "tiled" up to TILED_MAX_ROWS_PER_EXPERT, then
+  and in training "grouped_mm_fused").
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
@@ -90,6 +93,14 @@ MATMUL_BACKENDS = ("reference", "fp8", "fp8_reference", "stream")
 # grouped GEMM's tiles are better. Set from an earlier H100 comparison; the recorded runs agree
 # at 1 and 8 rows per expert, the crossover itself is not re-measured (benchmarks/NOTES-kernels.md).
 STREAM_MAX_ROWS_PER_EXPERT = 16
+
+# Inference above that, up to this many rows per expert on average, runs the tiled Triton grouped
+# GEMM (gather and activation fused); more rows, and training, run torch._grouped_mm. On the
+# H200 (benchmarks/results/prefill_experts, 2026-12-02) the tiled kernels took 0.76-0.83x the
+# time of gather + grouped_mm + activation + grouped_mm at 32 and 128 rows per expert
+# (Qwen3-30B-A3B, 512 and 2048 tokens) and 1.03-1.10x at 512 (Qwen3 8192 tokens, Mixtral 2048
+# tokens); the 2048-token prefill of Qwen3-30B-A3B took 31.67 instead of 37.14 ms.
+TILED_MAX_ROWS_PER_EXPERT = 128
 
 # Inference linears of at most this many rows (x.numel() / K) may stream their weight
 # (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
@@ -289,9 +300,12 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
             requested = "grouped_mm"
             if _triton_cuda(x):
                 rows = x.shape[0] if num_rows is None else num_rows
-                few_rows = rows <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]
-                stream = few_rows and not _needs_grad(x, w_in, w_out)
-                requested = "stream" if stream else "grouped_mm_fused"
+                requested = "grouped_mm_fused"
+                if not _needs_grad(x, w_in, w_out):
+                    if rows <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]:
+                        requested = "stream"
+                    elif rows <= TILED_MAX_ROWS_PER_EXPERT * w_in.shape[0]:
+                        requested = "tiled"
     return EXPERT_BACKENDS[requested]
 
 

@@ -263,7 +263,10 @@ def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_p
     tl.store(counts_ptr + cols, counts, mask=cmask)
     tl.store(dropped_ptr, T * K - tl.sum(counts))
     p_e = tl.zeros([BLOCK_E], tl.float32)
-    for b0 in range(0, NB, BLOCK_B):  # a tile of blocks per step: no serial chain of NB loads
+    # A tile of blocks per step, 64 KB of fp32 over 8 warps: no serial chain of NB loads. With
+    # 4 KB tiles and 4 warps this one program took 15.6 µs per layer of a 2048-token prefill of
+    # the Qwen3-30B-A3B shape on an H200 (256 blocks: 8 dependent steps).
+    for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         tile = tl.load(psum_ptr + b[:, None] * E + cols[None, :],
                        mask=(b < NB)[:, None] & cmask[None, :], other=0.0)
@@ -438,7 +441,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     _finalize_kernel[(1,)](counts_before, balance, psum, lse_T, counts_E, num_dropped, losses,
                            T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
-                           BLOCK_B=max(1, min(64, 4096 // block_e)))
+                           BLOCK_B=max(1, min(256, 16384 // block_e)), num_warps=8)
     return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
         balance
 
