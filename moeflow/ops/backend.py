@@ -96,10 +96,11 @@ STREAM_MAX_ROWS_PER_EXPERT = 16
 
 # Inference above that, up to this many rows per expert on average, runs the tiled Triton grouped
 # GEMM (gather and activation fused); more rows, and training, run torch._grouped_mm. On the
-# H200 (benchmarks/results/prefill_experts, 2026-12-02) the tiled kernels took 0.76-0.83x the
-# time of gather + grouped_mm + activation + grouped_mm at 32 and 128 rows per expert
-# (Qwen3-30B-A3B, 512 and 2048 tokens) and 1.03-1.10x at 512 (Qwen3 8192 tokens, Mixtral 2048
-# tokens); the 2048-token prefill of Qwen3-30B-A3B took 31.67 instead of 37.14 ms.
+# H200 (benchmarks/results/prefill_experts, 2026-12-02, two runs) the tiled kernels took
+# 0.74-0.83x the time of gather + grouped_mm + activation + grouped_mm at 32 and 128 rows per
+# expert (Qwen3-30B-A3B, 512 and 2048 tokens), 1.11x at 256 (4096 tokens) and 1.03-1.15x at 512
+# (Qwen3 8192 tokens, Mixtral 2048 tokens); the 2048-token prefill of Qwen3-30B-A3B took 31.67
+# instead of 37.14 ms.
 TILED_MAX_ROWS_PER_EXPERT = 128
 
 # Inference linears of at most this many rows (x.numel() / K) may stream their weight
