@@ -1,5 +1,6 @@
-"""Grouped expert MLP on CUDA: a weight-streaming path for few tokens and a grouped-GEMM path with
-a fused activation for many tokens (training included).
+"""Grouped expert MLP on CUDA: a weight-streaming path for few tokens, a tiled Triton grouped GEMM
+for prefill-sized inference, and torch._grouped_mm with a fused activation for many tokens
+(training included).
 
 Few tokens (decode): each active expert sees a handful of rows, so the layer is bound by reading
 its weights once. `_up_kernel` gives every (expert, column tile) one program that streams the
@@ -16,10 +17,21 @@ weights of idle experts are never read. Launch configurations are autotuned per 
 rows-bucket, activation); the choice is kept in Triton's cache directory (cache_results), so
 later processes on the machine skip the timing and run the same tiles (the same sums).
 
-Many tokens (prefill, training): `torch._grouped_mm` (CUTLASS grouped GEMM) measured faster than
-a Triton grouped GEMM here; the activation between the two GEMMs runs as one Triton pass forward
-(h → act) and one backward (recomputing from h), instead of torch's chunk/silu/mul and their
-backward temporaries. Backward of the GEMMs is torch._grouped_mm's own (input and weight grads).
+Prefill-sized inference (tens to ~128 rows per expert): `expert_mlp_tiled`, a grouped GEMM on
+tensor-core tiles. One program per (expert, column tile, row tile), in that order of launch
+(`_expert_tile` finds a program's expert, row tile and column tile from ends_E): an expert's row
+tiles of one column tile run side by side and read its weight slab once through L2, and a wave
+of programs covers all column tiles of a few experts, which share their rows. At these sizes the
+layer is bound by reading every expert's weights (Qwen3-30B-A3B, 2048 tokens: 1.2 GB per
+layer), so that order matters more than the MMA rate. The up kernel gathers its rows
+(`token_N`) and applies the activation before storing, as the stream kernel does; the row-tile
+bodies (`_up_rows`, `_down_rows`) are the stream kernels' too.
+
+Many tokens and training: `torch._grouped_mm` (CUTLASS grouped GEMM), faster than the tiled
+kernels from ~256 rows per expert (benchmarks/results/prefill_experts); the activation between
+the two GEMMs runs as one Triton pass forward (h → act) and one backward (recomputing from h),
+instead of torch's chunk/silu/mul and their backward temporaries. Backward of the GEMMs is
+torch._grouped_mm's own (input and weight grads).
 
 Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
 """
