@@ -249,16 +249,15 @@ def _m_bucket(n_rows: int, n_experts: int) -> int:
     return triton.next_power_of_2(max(1, -(-n_rows // n_experts)))
 
 
-def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
-                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                      b_out_ED: torch.Tensor | None, activation: str,
-                      parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
-    """Few-token path (inference only: no autograd). Rows past ends_E[-1] are left unwritten
-    (combine never reads them), so `parked` needs no work here. `rows_N`: x_ND holds the
-    tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                       b_out_ED: torch.Tensor | None, activation: str,
+                       rows_N: torch.Tensor | None, tiled: bool) -> torch.Tensor:
+    """The up and down launches of the stream (`tiled` False) or the tiled kernels. Rows past
+    ends_E[-1] are left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens
+    and row n is x_ND[rows_N[n]], gathered by the up kernel."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
-    swiglu = activation == "swiglu"
     x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
     ends = ends_E.contiguous()
     h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
@@ -266,21 +265,41 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
     if N == 0:
         return y_ND
     bucket = _m_bucket(N, E)
-    block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
-    up, down, fixed = _up_kernel, _down_kernel, {}
+    if tiled:
+        up, down, blocks = _up_tiled_kernel, _down_tiled_kernel, {}
+        up_grid, down_grid = _tiled_grid(N, E, F), _tiled_grid(N, E, D)
+        interpreter = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    else:
+        up, down = _up_kernel, _down_kernel
+        blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
+        # At most N experts have rows: one column of programs per possibly active expert.
+        active = min(N, E)
+        up_grid = lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
+        down_grid = lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
+        interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
     if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
-        up, down, fixed = _up_kernel.fn, _down_kernel.fn, {"BLOCK_N": 32, "BLOCK_K": 32}
-    # At most N experts have rows: one column of programs per possibly active expert.
-    active, block_e = min(N, E), triton.next_power_of_2(E)
-    up[lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))](
+        up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
+    block_e = triton.next_power_of_2(E)
+    up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
-        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, bucket, SWIGLU=swiglu,
-        HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None, BLOCK_E=block_e,
-        BLOCK_M=block_m, **fixed)
-    down[lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))](
+        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, bucket,
+        SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None,
+        BLOCK_E=block_e, **blocks)
+    down[down_grid](
         h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
-        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, BLOCK_M=block_m, **fixed)
+        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks)
     return y_ND
+
+
+def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                      b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                      b_out_ED: torch.Tensor | None, activation: str,
+                      parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Few-token path (inference only: no autograd): the weight-streaming kernels. Rows past
+    ends_E[-1] are left unwritten (combine never reads them), so `parked` needs no work here.
+    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+    return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
+                              rows_N, tiled=False)
 
 
 def _tiled_grid(N: int, E: int, cols: int):
@@ -299,29 +318,8 @@ def expert_mlp_tiled(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.T
     applies the activation before it stores, so neither the gathered rows nor the [N, 2F]
     pre-activation touch memory; the down kernel writes y. Rows past ends_E[-1] are left
     unwritten, as in expert_mlp_stream."""
-    N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
-    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
-    swiglu = activation == "swiglu"
-    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
-    ends = ends_E.contiguous()
-    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
-    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
-    if N == 0:
-        return y_ND
-    bucket = _m_bucket(N, E)
-    up, down, fixed = _up_tiled_kernel, _down_tiled_kernel, {}
-    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
-        up, down = _up_tiled_kernel.fn, _down_tiled_kernel.fn
-        fixed = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-    block_e = triton.next_power_of_2(E)
-    up[_tiled_grid(N, E, F)](
-        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
-        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, bucket, SWIGLU=swiglu,
-        HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None, BLOCK_E=block_e, **fixed)
-    down[_tiled_grid(N, E, D)](
-        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
-        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **fixed)
-    return y_ND
+    return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
+                              rows_N, tiled=True)
 
 
 @triton.jit
