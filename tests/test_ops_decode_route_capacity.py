@@ -15,15 +15,15 @@ from tests._triton_cpu import DEVICE, ON_GPU  # noqa: I001  (sets TRITON_INTERPR
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
+from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.model.dispatch import LocalDispatcher, sort_by_expert  # noqa: E402
-from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router, route_reference, router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops.decode_route_triton import route_decode_fused, route_decode_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
+from tests.test_ops_decode_route import SortedRowsOnly  # noqa: E402
+from tests.test_ops_decode_route_fused import _layer  # noqa: E402
 
 CONFIGS = {
     # DeepSpeed-MoE's top-1: raw probabilities; min_capacity 1, so the capacity is ⌈T/E⌉.
@@ -185,30 +185,6 @@ def test_fused_logits_capacity_routing_equals_the_unfused_kernel(name, T, E):
     _assert_equals_reference(out, route_reference(ref_logits, cfg, capacity, bias, None, None))
 
 
-def _layer(router):
-    D, F, E = (512, 256, 64) if ON_GPU else (32, 16, 16)
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    torch.manual_seed(0)
-    spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F, router=router)
-    layer = MoELayer(spec, D, "swiglu", bias=False).to(DEVICE)
-    for p in layer.parameters():
-        nn.init.normal_(p, std=D ** -0.5)
-    if layer.router.expert_bias is not None:
-        layer.router.expert_bias.normal_(0, 0.05)
-    return layer.to(dtype).eval(), D, dtype
-
-
-class SortedRowsOnly(nn.Module):
-    """An experts module with the offload engine's call (x_ND, ends_E, parked): sorted rows."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x_ND, ends_E, parked=True):
-        return self.inner(x_ND, ends_E, parked)
-
-
 PATHS = {"ref": Backends.reference(),
          "before": Backends(router="triton", dispatch="triton", experts="stream"),
          "decode": Backends(router="triton_decode", dispatch="triton", experts="stream"),
@@ -220,7 +196,9 @@ def test_capacity_layer_in_eval_mode_equals_reference(name):
     """An eval-mode forward (capacity from eval_capacity_factor) through each decode router
     equals the reference layer, and the multi-kernel Triton path's exactly: dropped routes
     contribute nothing, and a top-1 token whose route was dropped gets exactly 0."""
-    layer, D, dtype = _layer(CONFIGS[name])
+    layer, D = _layer(CONFIGS[name])
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    layer = layer.to(dtype).eval()
     T = 16
     x = torch.randn(1, T, D, device=DEVICE, dtype=dtype)
     outs = {}
