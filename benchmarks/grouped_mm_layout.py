@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.machine import (cuda_event_ms, kernel_bench_device, kernel_bench_meta,  # noqa: E402
-                                kernel_bench_parser, write_kernel_bench)
+from benchmarks.machine import (cuda_event_ms, kernel_bench_parser, measure_shapes,  # noqa: E402
+                                write_kernel_bench)
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main() -> None:
     args = kernel_bench_parser(__doc__, "tiny fp32 shape on the CPU").parse_args()
-    t_start = time.perf_counter()
-    device = kernel_bench_device(args.smoke)
-    shapes, dtype = (SMOKE_SHAPES, torch.float32) if args.smoke else (SHAPES, torch.bfloat16)
-    with torch.no_grad():
-        rows = [measure(sh, dtype, device) for sh in shapes]
-    meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, None,
-                             time.perf_counter() - t_start)
+    rows, meta = measure_shapes(args.smoke, SHAPES, SMOKE_SHAPES, measure, REPS)
     write_kernel_bench(args.out, "grouped_mm_layout", meta, rows, markdown(meta, rows))
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +60,20 @@ def kernel_bench_meta(device: torch.device, dtype: torch.dtype, shapes: list[dic
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "command": " ".join(["python"] + sys.argv), "dtype": str(dtype), "shapes": shapes,
             "reps": reps, "copy_ceiling_gbps": copy_ceiling_gbps, "seconds": seconds}
+
+
+def measure_shapes(smoke: bool, shapes, smoke_shapes, measure, reps: int) -> tuple[list, dict]:
+    """(rows, meta) of a kernel benchmark whose `measure(shape, dtype, device)` returns one row
+    per shape: bf16 on the GPU, or with `smoke` fp32 on the CPU (Triton's interpreter has no
+    bf16 dot); no autograd."""
+    t_start = time.perf_counter()
+    device = kernel_bench_device(smoke)
+    shapes, dtype = (smoke_shapes, torch.float32) if smoke else (shapes, torch.bfloat16)
+    with torch.no_grad():
+        rows = [measure(sh, dtype, device) for sh in shapes]
+    meta = kernel_bench_meta(device, dtype, [dataclasses.asdict(s) for s in shapes], reps, None,
+                             time.perf_counter() - t_start)
+    return rows, meta
 
 
 def kernel_bench_parser(doc: str, smoke_help: str = "tiny shapes on the CPU (interpreter)"
