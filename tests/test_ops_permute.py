@@ -65,3 +65,24 @@ def test_dispatch_combine_match_reference(dtype, capacity_factor, dropless, k):
         torch.testing.assert_close(out[4], ref[4], **tol)
     if not dropless and capacity_factor < 1:
         assert routing.num_dropped.item() > 0
+
+
+@pytest.mark.parametrize("capacity_factor,dropless,k", [(0.5, False, 2), (1.0, True, 3)])
+def test_plan_only_dispatch_equals_the_gathering_one(capacity_factor, dropless, k):
+    """dispatch_plan_triton (inference: the experts gather) plans exactly what dispatch_triton
+    plans, dropped rows included, and its rows are the gathered ones."""
+    from moeflow.ops.permute_triton import dispatch_plan_triton, dispatch_triton
+    T, D, E = (2048, 1024, 64) if ON_GPU else (29, 24, 8)
+    torch.manual_seed(1)
+    router = Router(D, E, RouterConfig(top_k=k, capacity_factor=capacity_factor, min_capacity=1,
+                                       dropless=dropless)).to(DEVICE)
+    x = torch.randn(T, D, device=DEVICE)
+    with torch.no_grad():
+        r = router(x)
+        args = (x, r.ids_TK, r.slots_TK, r.kept_TK, r.counts_E, r.capacity is not None)
+        x_ND, *plan = dispatch_triton(*args)
+        row_TK, token_N, ends_E = dispatch_plan_triton(*args)
+    assert (int(r.num_dropped) > 0) == (not dropless)
+    for got, want in zip((row_TK, token_N, ends_E), plan):
+        assert torch.equal(got, want)
+    assert torch.equal(x[token_N], x_ND)
