@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from moeflow.model.router import RoutingResult
-from moeflow.ops.backend import Backends, ChoosesBackends, resolve_dispatch_backend
+from moeflow.ops.backend import (Backends, ChoosesBackends, records_grad,
+                                  resolve_dispatch_backend)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                                     gather_N=gather_N)
                 return (x_TD if self.defer_gather else x_TD[order.token_N]), plan
             may_drop = routing.capacity is not None
-            if self.defer_gather and not (torch.is_grad_enabled() and x_TD.requires_grad):
+            if self.defer_gather and not records_grad(x_TD):
                 from moeflow.ops.permute_triton import dispatch_plan_triton
                 row_TK, token_N, ends_E = dispatch_plan_triton(
                     x_TD, routing.ids_TK, routing.slots_TK, routing.kept_TK, routing.counts_E,

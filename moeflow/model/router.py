@@ -47,7 +47,7 @@ from torch import nn
 from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
-from moeflow.ops.backend import (Backends, ChoosesBackends, resolve_router_backend,
+from moeflow.ops.backend import (Backends, ChoosesBackends, records_grad, resolve_router_backend,
                                  router_fuses_logits)
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
@@ -115,7 +115,7 @@ def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     benchmarks/results/prefill), with two cast kernels besides. CPU torch has no mm.dtype."""
     device = x_TD.device.type
     if (x_TD.is_cuda and x_TD.dtype in HALF_DTYPES and w_ED.dtype == x_TD.dtype
-            and not (torch.is_grad_enabled() and (x_TD.requires_grad or w_ED.requires_grad))):
+            and not records_grad(x_TD, w_ED)):
         flat_ND = x_TD.reshape(-1, x_TD.shape[-1])
         logits_NE = torch.mm(flat_ND, w_ED.t(), out_dtype=torch.float32)
         return _finite(logits_NE.view(*x_TD.shape[:-1], w_ED.shape[0]))
@@ -353,7 +353,7 @@ class Router(nn.Module, ChoosesBackends):
         decode = ((capacity is None or cfg.drop_policy == "position")
                   and noise not in ("rsample", "rsample_second")
                   and self.stats_reduce is None
-                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in sources)))
+                  and not records_grad(*sources))
         if logits_TE is not None:
             logits_TE = _finite(logits_TE.float())
         else:

@@ -232,8 +232,10 @@ def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tenso
     return x.device.type == "cpu" and x.dtype == torch.float32 and aligned
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (None entries are skipped): what every
+    inference-only path (no backward) checks before it runs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -264,7 +266,7 @@ def linear_streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
     backward), x has at most LINEAR_STREAM_MAX_ROWS rows, and x and weight share the dtype the
     matmul runs in (autocast would change it)."""
     rows = math.prod(x.shape[:-1])
-    return (not _needs_grad(x, weight) and rows <= LINEAR_STREAM_MAX_ROWS
+    return (not records_grad(x, weight) and rows <= LINEAR_STREAM_MAX_ROWS
             and x.dtype == weight.dtype == compute_dtype(x))
 
 
@@ -275,7 +277,7 @@ def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor
     asked for (on any device) or under "auto" on CUDA in bf16/fp16 for a weight with N ≤ K,
     and run the plain linear elsewhere (a forced "stream" too: training and prefill keep
     cuBLAS)."""
-    if requested in ("fp8", "fp8_reference") and _needs_grad(x, weight):
+    if requested in ("fp8", "fp8_reference") and records_grad(x, weight):
         return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
     if requested == "reference" or not linear_streams(x, weight):
         return "reference"
@@ -292,7 +294,7 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
     and the expert kernel gathers its rows, see DispatchPlan.gather_N). `matmul`: an FP8 choice
     (Backends.matmul) takes over where autograd records the call; x and the weights are then
     in the compute dtype."""
-    if matmul in ("fp8", "fp8_reference") and _needs_grad(x, w_in, w_out):
+    if matmul in ("fp8", "fp8_reference") and records_grad(x, w_in, w_out):
         kernel = matmul == "fp8" and scaled_grouped_mm_supported(x, w_in, w_out)
         return functools.partial(expert_mlp_fp8, kernel=kernel)
     if requested == "auto":
@@ -302,7 +304,7 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
             if _triton_cuda(x):
                 rows = x.shape[0] if num_rows is None else num_rows
                 requested = "grouped_mm_fused"
-                if not _needs_grad(x, w_in, w_out):
+                if not records_grad(x, w_in, w_out):
                     if rows <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]:
                         requested = "stream"
                     elif rows <= TILED_MAX_ROWS_PER_EXPERT * w_in.shape[0]:

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.backend import records_grad
+
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
 # Triton's interpreter (CPU tests) cannot autotune: it runs these blocks.
@@ -103,8 +105,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row
     if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"linear_stream: x and weight must share one of bfloat16, float16, "
                          f"float32, got {x.dtype} and {weight.dtype}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias)):
+    if records_grad(x, weight, bias):
         raise ValueError("linear_stream has no backward: call it under torch.no_grad() or with "
                          "inputs that do not require grad")
 
