@@ -15,8 +15,8 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
   router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused
   (one launch: logits tiles over many programs, the last one routes), at the same T·K.
 - `warps` (with --sweep-warps): route_decode_fused with the routing program's warps forced
-  (decode_route_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4, 8,
-  and its choices compared with the default's; the rule in route_warps comes from this table.
+  (decode_route_triton.ROUTE_WARPS, which also sizes the logits tiles) to each of 1, 2, 4, 8,
+  and its choices compared with the default's; ROUTE_WARPS comes from this table.
   Also route_decode_triton (the routing program alone, on precomputed logits) at each warp
   count: in the fused kernel one count serves both the logits programs and the routing
   program, so this separates what the routing program alone would prefer.
@@ -120,21 +120,21 @@ def logits_route_table(tokens: list[int]) -> dict:
 
 
 def warps_table(tokens: list[int]) -> dict:
-    """route_decode_fused with decode_route_triton.route_warps forced to each warp count."""
+    """route_decode_fused with decode_route_triton.ROUTE_WARPS set to each warp count."""
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
     ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
-    rule = decode_route_triton.route_warps
+    rule = decode_route_triton.ROUTE_WARPS
     try:
         for T in tokens:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
             logits = router_logits(x, gate)
-            row = {"T": T, "rule": rule(T, E), "route_only": {}}
+            row = {"T": T, "rule": rule, "route_only": {}}
             for warps in (1, 2, 4, 8):
-                decode_route_triton.route_warps = lambda T_, E_, w=warps: w  # noqa: E731
+                decode_route_triton.ROUTE_WARPS = warps
                 with torch.no_grad():
                     got = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
                     row[warps] = dict(both(lambda: route_decode_fused(x, gate, CFG, None,
@@ -145,7 +145,7 @@ def warps_table(tokens: list[int]) -> dict:
             out[T * K] = row
             print(f"warps T·K={T * K:5d}: {row}", flush=True)
     finally:
-        decode_route_triton.route_warps = rule
+        decode_route_triton.ROUTE_WARPS = rule
     return out
 
 

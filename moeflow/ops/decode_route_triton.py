@@ -297,15 +297,15 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=max(16, min(128, 8192 // block_e, triton.next_power_of_2(max(T * K, 1)))),
-        num_warps=route_warps(T, E))
+        num_warps=ROUTE_WARPS)
 
 
-def route_warps(T: int, E: int) -> int:
-    """Warps of the routing program (and of every logits program of the fused kernel). 8: on
-    the H200 (benchmarks/decode_route.py --sweep-warps, Qwen3-30B-A3B router, 2026-12-02) the
-    fused router replayed from a CUDA graph ran fastest or within 0.8 µs of it with 8 warps at
-    every T·K from 8 to 512 (T·K 8: 13.6 µs, against 14.7 / 18.0 / 19.9 with 4 / 2 / 1)."""
-    return 8
+# Warps of the routing program (and of every logits program of the fused kernel), at every T
+# and E: on the H200 (benchmarks/decode_route.py --sweep-warps, Qwen3-30B-A3B router,
+# 2026-12-02) the fused router replayed from a CUDA graph ran fastest or within 0.8 µs of it
+# with 8 warps at every T·K from 8 to 512 (T·K 8: 13.6 µs, against 14.7 / 18.0 / 19.9 with
+# 4 / 2 / 1).
+ROUTE_WARPS = 8
 
 
 def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:
