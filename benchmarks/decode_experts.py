@@ -28,8 +28,7 @@ stream kernels and was removed (benchmarks/NOTES-kernels.md).
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import (kernel_bench_device, kernel_bench_meta, kernel_bench_parser,  # noqa: E402
+from machine import (exit_if_off_reference, kernel_bench_parser, measure_shapes,  # noqa: E402
                      write_kernel_bench)
 
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
@@ -180,34 +179,24 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
 def main() -> None:
     args = kernel_bench_parser(__doc__).parse_args()
-    t_start = time.perf_counter()
-    device = kernel_bench_device(args.smoke)
-    shapes, batches = (SMOKE_SHAPES, SMOKE_BATCHES) if args.smoke else (SHAPES, BATCHES)
-    dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's dot: no bf16
-    ceiling = copy_ceiling_gbps(device)
-    rows = []
-    for sh in shapes:
-        rows += measure_shape(sh, batches, dtype, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the shape's weights, freed on return
-    meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
-                             time.perf_counter() - t_start)
+    batches = SMOKE_BATCHES if args.smoke else BATCHES
+    rows, meta = measure_shapes(args.smoke, SHAPES, SMOKE_SHAPES,
+                                lambda sh, dtype, device: measure_shape(sh, batches, dtype, device),
+                                REPS, copy_ceiling_gbps)
+    ceiling = meta["copy_ceiling_gbps"]
     timing = (f"µs / call: median of {REPS} graph replays; kernel µs: profile of eager calls"
-              if device.type == "cuda" else
+              if meta["device"] != "cpu" else
               "µs / call: one eager run through the interpreter (meaningless); no kernel profile")
     md = (f"# Decode expert MLP, stream kernels ({meta['device']}, {meta['date']})\n\n"
-          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {dtype}, "
+          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
           f"SwiGLU, rows gathered from the tokens; {timing}; TB/s of the busy experts' weights "
           "(the up kernel: w_in, the down kernel: w_out); copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (TB/s in brackets: its "
           "fraction).\n\n" + table(rows, ceiling))
     write_kernel_bench(args.out, "decode_experts", meta, rows, md)
     print(f"total {meta['seconds']:.1f} s")
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    bad = [r for r in rows if r["rel_err_vs_fp32"] > tol]
-    if bad:
-        raise SystemExit(f"moeflow: error: the stream kernels are off the fp32 reference by more "
-                         f"than {tol} in {len(bad)} cells")
+    exit_if_off_reference(rows, "rel_err_vs_fp32", 1e-4 if args.smoke else 2e-2,
+                          "the stream kernels are")
 
 
 if __name__ == "__main__":

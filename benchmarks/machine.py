@@ -62,18 +62,35 @@ def kernel_bench_meta(device: torch.device, dtype: torch.dtype, shapes: list[dic
             "reps": reps, "copy_ceiling_gbps": copy_ceiling_gbps, "seconds": seconds}
 
 
-def measure_shapes(smoke: bool, shapes, smoke_shapes, measure, reps: int) -> tuple[list, dict]:
-    """(rows, meta) of a kernel benchmark whose `measure(shape, dtype, device)` returns one row
-    per shape: bf16 on the GPU, or with `smoke` fp32 on the CPU (Triton's interpreter has no
-    bf16 dot); no autograd."""
+def measure_shapes(smoke: bool, shapes, smoke_shapes, measure, reps: int,
+                   ceiling=None) -> tuple[list, dict]:
+    """(rows, meta) of a kernel benchmark whose `measure(shape, dtype, device)` returns a row or
+    a list of rows per shape: bf16 on the GPU, or with `smoke` fp32 on the CPU (Triton's
+    interpreter has no bf16 dot); no autograd; the GPU's cache emptied after each shape (its
+    weights). `ceiling(device)`: the copy rate the benchmark compares with, kept in meta."""
     t_start = time.perf_counter()
     device = kernel_bench_device(smoke)
     shapes, dtype = (smoke_shapes, torch.float32) if smoke else (shapes, torch.bfloat16)
+    ceiling_gbps = ceiling(device) if ceiling is not None else None
+    rows = []
     with torch.no_grad():
-        rows = [measure(sh, dtype, device) for sh in shapes]
-    meta = kernel_bench_meta(device, dtype, [dataclasses.asdict(s) for s in shapes], reps, None,
-                             time.perf_counter() - t_start)
+        for sh in shapes:
+            got = measure(sh, dtype, device)
+            rows += got if isinstance(got, list) else [got]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    meta = kernel_bench_meta(device, dtype, [dataclasses.asdict(s) for s in shapes], reps,
+                             ceiling_gbps, time.perf_counter() - t_start)
     return rows, meta
+
+
+def exit_if_off_reference(rows: list[dict], key: str, tol: float, what: str) -> None:
+    """The one-line error of a kernel benchmark whose kernel's error (rows' `key`) against the
+    fp32 reference exceeds `tol` in some cell."""
+    bad = [r for r in rows if r[key] > tol]
+    if bad:
+        raise SystemExit(f"moeflow: error: {what} off the fp32 reference by more than {tol} in "
+                         f"{len(bad)} cells")
 
 
 def kernel_bench_parser(doc: str, smoke_help: str = "tiny shapes on the CPU (interpreter)"

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import (kernel_bench_device, kernel_bench_meta, kernel_bench_parser,  # noqa: E402
+from machine import (exit_if_off_reference, kernel_bench_parser, measure_shapes,  # noqa: E402
                      write_kernel_bench)
 
 from moeflow.ops import skinny_linear_triton  # noqa: E402
@@ -120,36 +119,25 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
 def main() -> None:
     args = kernel_bench_parser(__doc__).parse_args()
-    t_start = time.perf_counter()
-    device = kernel_bench_device(args.smoke)
-    shapes, rows = (SMOKE_SHAPES, SMOKE_ROWS) if args.smoke else (SHAPES, ROWS)
-    dtype = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's dot: no bf16
-    ceiling = copy_ceiling_gbps(device)
-    results = []
-    with torch.no_grad():
-        for sh in shapes:
-            results += measure_shape(sh, rows, dtype, device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the shape's weights, freed on return
-    meta = kernel_bench_meta(device, dtype, [asdict(s) for s in shapes], REPS, ceiling,
-                             time.perf_counter() - t_start)
+    rows = SMOKE_ROWS if args.smoke else ROWS
+    results, meta = measure_shapes(args.smoke, SHAPES, SMOKE_SHAPES,
+                                   lambda sh, dtype, device: measure_shape(sh, rows, dtype, device),
+                                   REPS, copy_ceiling_gbps)
+    ceiling = meta["copy_ceiling_gbps"]
     timing = (f"µs / call: median of {REPS} replays of a graph of one call per weight copy"
-              if device.type == "cuda" else
+              if meta["device"] != "cpu" else
               "µs / call: one eager run (the kernel through the interpreter): meaningless")
     md = (f"# Decode-sized linears: F.linear (cuBLAS) vs the stream kernel ({meta['device']}, "
           f"{meta['date']})\n\n"
-          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {dtype}, no "
-          f"bias; {timing}; TB/s of the weight's bytes, copy ceiling "
+          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
+          f"no bias; {timing}; TB/s of the weight's bytes, copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (in brackets: its fraction); "
           "max rel err = max |y - y_fp32| / max |y_fp32|.\n\n" + table(results, ceiling))
     write_kernel_bench(args.out, "skinny_linear", meta, results, md)
     print(f"total {meta['seconds']:.1f} s; median speedup "
           f"{statistics.median(r['speedup'] for r in results):.2f}x")
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    bad = [r for r in results if r["stream_max_rel_err"] > tol]
-    if bad:
-        raise SystemExit(f"moeflow: error: the stream kernel is off the fp32 reference by more "
-                         f"than {tol} in {len(bad)} cells")
+    exit_if_off_reference(results, "stream_max_rel_err", 1e-5 if args.smoke else 1e-2,
+                          "the stream kernel is")
 
 
 if __name__ == "__main__":
