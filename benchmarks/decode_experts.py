@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import (exit_if_off_reference, kernel_bench_parser, measure_shapes,  # noqa: E402
-                     write_kernel_bench)
+from machine import (exit_if_off_reference, kernel_bench_heading,  # noqa: E402
+                     kernel_bench_parser, measure_shapes, write_kernel_bench)
 
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
@@ -187,9 +187,8 @@ def main() -> None:
     timing = (f"µs / call: median of {REPS} graph replays; kernel µs: profile of eager calls"
               if meta["device"] != "cpu" else
               "µs / call: one eager run through the interpreter (meaningless); no kernel profile")
-    md = (f"# Decode expert MLP, stream kernels ({meta['device']}, {meta['date']})\n\n"
-          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
-          f"SwiGLU, rows gathered from the tokens; {timing}; TB/s of the busy experts' weights "
+    md = (kernel_bench_heading(meta, "Decode expert MLP, stream kernels") + ", SwiGLU, "
+          f"rows gathered from the tokens; {timing}; TB/s of the busy experts' weights "
           "(the up kernel: w_in, the down kernel: w_out); copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (TB/s in brackets: its "
           "fraction).\n\n" + table(rows, ceiling))

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.machine import (cuda_event_ms, kernel_bench_parser, measure_shapes,  # noqa: E402
-                                write_kernel_bench)
+from benchmarks.machine import (cuda_event_ms, kernel_bench_heading,  # noqa: E402
+                                kernel_bench_parser, measure_shapes, write_kernel_bench)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def measure(sh: Shape, dtype, device) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    out = (f"# torch._grouped_mm by weight layout ({meta['device']}, {meta['date']})\n\n"
-           f"`{meta['command']}`; torch {meta['torch']}, {meta['dtype']}; the MoE layer's two "
+    out = (kernel_bench_heading(meta, "torch._grouped_mm by weight layout") + "; the MoE "
+           "layer's two "
            "GEMMs (up and down), "
            + (f"median of {meta['reps']} CUDA-event-timed calls" if meta["device"] != "cpu"
               else "one call on the CPU (meaningless)") + ".\n\n"

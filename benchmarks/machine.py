@@ -84,6 +84,13 @@ def measure_shapes(smoke: bool, shapes, smoke_shapes, measure, reps: int,
     return rows, meta
 
 
+def kernel_bench_heading(meta: dict, title: str) -> str:
+    """A kernel benchmark's markdown title and run line: what ran, where, when, with which
+    versions and dtype (the caller continues the run line with "; ...")."""
+    return (f"# {title} ({meta['device']}, {meta['date']})\n\n`{meta['command']}`; torch "
+            f"{meta['torch']}, triton {meta['triton']}, {meta['dtype']}")
+
+
 def exit_if_off_reference(rows: list[dict], key: str, tol: float, what: str) -> None:
     """The one-line error of a kernel benchmark whose kernel's error (rows' `key`) against the
     fp32 reference exceeds `tol` in some cell."""

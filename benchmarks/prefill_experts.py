@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
-from machine import (cuda_event_ms, kernel_bench_parser, measure_shapes,  # noqa: E402
+from machine import (cuda_event_ms, kernel_bench_heading, kernel_bench_parser, measure_shapes,  # noqa: E402
                      write_kernel_bench)
 
 from moeflow.ops import grouped_mlp_triton  # noqa: E402
@@ -111,10 +111,8 @@ def measure(sh: Shape, dtype, device) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    out = (f"# Prefill experts: tiled Triton grouped GEMM vs grouped_mm ({meta['device']}, "
-           f"{meta['date']})\n\n"
-           f"`{meta['command']}`; torch {meta['torch']}, Triton {meta['triton']}, "
-           f"{meta['dtype']}; from the token matrix to the expert outputs (gather, both GEMMs, "
+    out = (kernel_bench_heading(meta, "Prefill experts: tiled Triton grouped GEMM vs grouped_mm")
+           + "; from the token matrix to the expert outputs (gather, both GEMMs, "
            "activation), "
            + (f"median of {meta['reps']} CUDA-event-timed calls" if meta["device"] != "cpu"
               else "one call on the CPU (meaningless)") + ".\n\n"

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
 from decode_attention import copy_ceiling_gbps, time_per_call  # noqa: E402
-from machine import (exit_if_off_reference, kernel_bench_parser, measure_shapes,  # noqa: E402
-                     write_kernel_bench)
+from machine import (exit_if_off_reference, kernel_bench_heading,  # noqa: E402
+                     kernel_bench_parser, measure_shapes, write_kernel_bench)
 
 from moeflow.ops import skinny_linear_triton  # noqa: E402
 from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
@@ -127,10 +127,9 @@ def main() -> None:
     timing = (f"µs / call: median of {REPS} replays of a graph of one call per weight copy"
               if meta["device"] != "cpu" else
               "µs / call: one eager run (the kernel through the interpreter): meaningless")
-    md = (f"# Decode-sized linears: F.linear (cuBLAS) vs the stream kernel ({meta['device']}, "
-          f"{meta['date']})\n\n"
-          f"`{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, "
-          f"no bias; {timing}; TB/s of the weight's bytes, copy ceiling "
+    md = (kernel_bench_heading(meta, "Decode-sized linears: F.linear (cuBLAS) vs the stream "
+                               "kernel")
+          + f", no bias; {timing}; TB/s of the weight's bytes, copy ceiling "
           f"{'-' if ceiling is None else f'{ceiling:.0f} GB/s'} (in brackets: its fraction); "
           "max rel err = max |y - y_fp32| / max |y_fp32|.\n\n" + table(results, ceiling))
     write_kernel_bench(args.out, "skinny_linear", meta, results, md)
