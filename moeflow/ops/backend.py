@@ -122,8 +122,8 @@ LINEAR_STREAM_MAX_ROWS = 16
 # (45.3 vs ~44) and loses from 512 (86.1 vs ~57). One bound for both: a bound that moved with
 # capture (512 eagerly, 128 while capturing, until 2026-12-02) routed a captured prefill
 # differently from the same forward run eagerly (logits summed in another order, so near-ties
-# could flip), the likely cause of tests/test_engine_cuda.py's captured = uncaptured failure on
-# the H200.
+# could flip) and failed tests/test_engine_cuda.py's captured = uncaptured test on the H200;
+# with the one bound it passed there (session 10, benchmarks/results/gpu_tests_*_session10.log).
 DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
