@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from moeflow.config import RouterConfig  # noqa: E402
+from moeflow.model.dispatch import sort_by_expert  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops import routing_triton  # noqa: E402
@@ -93,6 +94,38 @@ def test_eval_dropless_routing_matches_reference():
     assert out.capacity is None
     assert torch.equal(out.slots_TK, ref.slots_TK) and torch.equal(out.counts_E, ref.counts_E)
     assert torch.equal(out.ids_TK, ref.ids_TK) and bool(out.kept_TK.all())
+
+
+@pytest.mark.parametrize("name,T", [("top3_dropless_norm", 37), ("deepseek_v3", 37),
+                                    ("top2_dropless_first_choice", 301)])
+def test_dropless_inference_routing_plans_the_reference_layout(name, T):
+    """Without autograd the dropless kernels also return the expert-sorted layout: it must be
+    sort_by_expert's row for row, with every routing field and loss the reference's. T = 301
+    takes two steps of the scan's loop (151 token blocks of 2)."""
+    cfg = CONFIGS.get(name) or RouterConfig(top_k=2, dropless=True, z_loss_coef=1e-2)
+    assert cfg.balance_on_first_choice == (name == "top2_dropless_first_choice")
+    D, E = (64, 16) if not ON_GPU else (256, 64)
+    torch.manual_seed(0)
+    router = Router(D, E, cfg).to(DEVICE).eval()
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    if router.expert_bias is not None:
+        router.expert_bias.normal_(0, 0.05)
+    x = torch.randn(T, D, device=DEVICE)
+    with torch.no_grad():
+        set_backends(router, Backends(router="reference"))
+        ref = router(x, inference=True)
+        set_backends(router, Backends(router="triton"))
+        out = router(x, inference=True)
+    assert ref.order is None and out.order is not None
+    for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped"):
+        assert torch.equal(getattr(out, field), getattr(ref, field)), field
+    for field in ("weights_TK", "aux_loss", "z_loss", "loss"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=1e-5,
+                                   atol=1e-6)
+    want = sort_by_expert(ref)
+    assert torch.equal(out.order.row_TK, want.row_TK)
+    assert torch.equal(out.order.token_N, want.token_N)
+    assert torch.equal(out.order.ends_E, want.ends_E)
 
 
 class _OtherRanks:

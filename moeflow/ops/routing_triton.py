@@ -22,6 +22,13 @@ Launches (after the router GEMM, which stays in torch so logits match the refere
      dropped, aux and z losses (f_e from the first choices' counts when the config says so,
      counted by one torch scatter). With capacity, renormalising the kept weights (DeepSpeed's
      top-2) needs every route's kept flag, so it runs after the queue pass, in torch.
+Dropless routing without a statistics reduction (serving prefill, dropless training on one
+rank) takes three launches instead: the top-k kernel also stores each block's count per
+(choice, expert); `_dropless_scan_kernel` (a program per choice and column tile of experts)
+turns them into prefix sums down the blocks and per-choice totals, and shares out the sums the
+losses need; `_dropless_plan_kernel` (a program per token block) gives each assignment its queue
+slot and, nothing being dropped, its expert-sorted row start[e] + slot — the dispatch plan
+(`routing.order`, used when no backward follows), so the layer needs no planning launch.
 Under data parallelism the balance counts are summed over the ranks (the router's
 `stats_reduce`, one all-reduce of E counts) between the queue pass and `_finalize_kernel`; the
 kernels take f_e's denominator from the counts they are given, so the fused aux loss is the
@@ -44,8 +51,9 @@ import triton
 import triton.language as tl
 
 from moeflow.config import RouterConfig
-from moeflow.model.router import (RoutingResult, StatsReduce, count_ids, detach_unused,
-                                  selects_by_logits)
+from moeflow.model.router import (ExpertOrder, RoutingResult, StatsReduce, count_ids,
+                                  detach_unused, selects_by_logits)
+from moeflow.ops.backend import records_grad
 
 _FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
@@ -149,10 +157,10 @@ def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr,
-                 T, E, routed_scaling,
+def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_ptr, hist_ptr,
+                 T, E, NB, routed_scaling,
                  K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                 HAS_NOISE: tl.constexpr,
+                 HAS_NOISE: tl.constexpr, HIST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
                  TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -178,6 +186,11 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     tl.store(w_ptr + koffs, w_tile, mask=kmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(m2, probs, 0.0), axis=0), mask=cmask)
+    if HIST:  # this block's count per (choice, expert): hist[k, pid, e]
+        for k in tl.static_range(K):
+            e_k = tl.sum(tl.where(kcols[None, :] == k, ids_tile, 0), axis=1)
+            onehot = ((e_k[:, None] == cols[None, :]) & rmask[:, None]).to(tl.int32)
+            tl.store(hist_ptr + (k * NB + pid) * E + cols, tl.sum(onehot, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -280,11 +293,113 @@ def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_p
         lse = tl.load(lse_ptr + r, mask=r < T, other=0.0)
         zacc += lse * lse
     z = tl.sum(zacc) / tl.maximum(T, 1)
+    store_losses(loss_ptr, aux, z, aux_coef, z_coef)
+
+
+@triton.jit
+def store_losses(loss_ptr, aux, z, aux_coef, z_coef):
+    """losses = (aux, z, the weighted sum the router returns as `loss`)."""
     tl.store(loss_ptr, aux)
     tl.store(loss_ptr + 1, z)
     # A term whose coefficient is 0 stays out: z overflows to inf for huge logits, 0·inf = NaN.
     tl.store(loss_ptr + 2, tl.where(aux_coef != 0.0, aux_coef * aux, 0.0)
              + tl.where(z_coef != 0.0, z_coef * z, 0.0))
+
+
+@triton.jit
+def _dropless_scan_kernel(hist_ptr, offsets_ptr, totals_ptr, psum_ptr, lse_ptr, pe_part_ptr,
+                          z_part_ptr, T, E, NB, K: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """Program (k, column tile): exclusive prefix sums of choice k's block histograms down the
+    token blocks, and choice k's totals per expert; besides, a 1/K share of the blocks' balance
+    probability sums and a share of the tokens' logsumexp², for the losses."""
+    k = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < E
+    running = tl.zeros([BLOCK_C], tl.int32)
+    for r0 in range(0, NB, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        m = (r < NB)[:, None] & cmask[None, :]
+        offs = (k * NB + r)[:, None].to(tl.int64) * E + cols[None, :]
+        h = tl.load(hist_ptr + offs, mask=m, other=0)
+        tl.store(offsets_ptr + offs, tl.cumsum(h, axis=0) - h + running[None, :], mask=m)
+        running += tl.sum(h, axis=0)
+    tl.store(totals_ptr + k * E + cols, running, mask=cmask)
+
+    per_k = tl.cdiv(NB, K)
+    end = tl.minimum((k + 1) * per_k, NB)
+    p_e = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(k * per_k, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        m = (r < end)[:, None] & cmask[None, :]
+        p_e += tl.sum(tl.load(psum_ptr + r[:, None].to(tl.int64) * E + cols[None, :], mask=m,
+                              other=0.0), axis=0)
+    tl.store(pe_part_ptr + k * E + cols, p_e, mask=cmask)
+
+    q = k * tl.num_programs(1) + tl.program_id(1)
+    per_q = tl.cdiv(T, K * tl.num_programs(1))
+    t_end = tl.minimum((q + 1) * per_q, T)
+    zacc = tl.zeros([BLOCK_Z], tl.float32)
+    for t0 in range(q * per_q, t_end, BLOCK_Z):
+        t = t0 + tl.arange(0, BLOCK_Z)
+        lse = tl.load(lse_ptr + t, mask=t < t_end, other=0.0)
+        zacc += lse * lse
+    tl.store(z_part_ptr + q, tl.sum(zacc))
+
+
+@triton.jit
+def _dropless_plan_kernel(ids_ptr, offsets_ptr, totals_ptr, pe_part_ptr, z_part_ptr, slots_ptr,
+                          kept_ptr, row_ptr, token_ptr, ends_ptr, counts_ptr, balance_ptr,
+                          dropped_ptr, loss_ptr, T, E, NB, NQ, aux_coef, z_coef,
+                          K: tl.constexpr, FIRST_CHOICE_BALANCE: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_Q: tl.constexpr):
+    """Program per token block (the top-k kernel's blocks): each assignment's queue slot =
+    (assignments of earlier choices to its expert) + (earlier blocks', this choice) + (its rank
+    among this block's); dropless, so its sorted row is start[e] + slot. Program 0 also writes
+    ends, counts, the balance counts and the losses."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    kk = tl.arange(0, BLOCK_K)
+    km = (kk < K)[:, None] & cmask[None, :]
+    totals = tl.load(totals_ptr + kk[:, None] * E + cols[None, :], mask=km, other=0)
+    counts = tl.sum(totals, axis=0)
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    if pid == 0:
+        tl.store(ends_ptr + cols, ends.to(tl.int64), mask=cmask)
+        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cmask)
+        tl.store(dropped_ptr, (T * K - tl.sum(counts)).to(tl.int64))
+        if FIRST_CHOICE_BALANCE:
+            balance = tl.sum(tl.where(kk[:, None] == 0, totals, 0), axis=0)
+        else:
+            balance = counts
+        tl.store(balance_ptr + cols, balance.to(tl.int64), mask=cmask)
+        p_e = tl.sum(tl.load(pe_part_ptr + kk[:, None] * E + cols[None, :], mask=km, other=0.0),
+                     axis=0)
+        frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
+        aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
+        qs = tl.arange(0, BLOCK_Q)
+        z = tl.sum(tl.load(z_part_ptr + qs, mask=qs < NQ, other=0.0)) / tl.maximum(T, 1)
+        store_losses(loss_ptr, aux, z, aux_coef, z_coef)
+
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    earlier = tl.zeros([BLOCK_E], tl.int32)  # assignments of choices < k per expert
+    for k in tl.static_range(K):
+        flat = rows.to(tl.int64) * K + k
+        e = tl.load(ids_ptr + flat, mask=rmask, other=0).to(tl.int32)
+        onehot = ((e[:, None] == cols[None, :]) & rmask[:, None]).to(tl.int32)
+        base = earlier + tl.load(offsets_ptr + (k * NB + pid) * E + cols, mask=cmask, other=0)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        slot = tl.sum(onehot * base[None, :], axis=1) + rank
+        row = tl.sum(onehot * starts[None, :], axis=1) + slot
+        tl.store(slots_ptr + flat, slot.to(tl.int64), mask=rmask)
+        tl.store(kept_ptr + flat, tl.full([BLOCK_T], 1, tl.int8), mask=rmask)
+        tl.store(row_ptr + flat, row.to(tl.int64), mask=rmask)
+        tl.store(token_ptr + row, rows.to(tl.int64), mask=rmask)
+        earlier += tl.load(totals_ptr + k * E + cols, mask=cmask, other=0)
 
 
 @triton.jit
@@ -384,23 +499,26 @@ def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
 
 def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_bias_E, noise_TE,
                    order_T, stats_reduce):
+    """(ids, weights, kept, slots, counts, dropped, losses, balance counts, ExpertOrder or None)."""
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
     block_e = triton.next_power_of_2(E)
     block_t = _block_t(E, T)
     nb = triton.cdiv(T, block_t)
+    dropless = capacity is None and stats_reduce is None and T > 0
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     lse_T = torch.empty(T, dtype=torch.float32, device=dev)
     psum = torch.empty(max(nb, 1), E, dtype=torch.float32, device=dev)
+    hist = torch.empty(K, nb, E, dtype=torch.int32, device=dev) if dropless else psum
     if T > 0:
         _topk_kernel[(nb,)](
             logits_TE, noise_TE if noise_TE is not None else logits_TE,
             expert_bias_E if expert_bias_E is not None else logits_TE,
-            ids_TK, w_TK, lse_T, psum, T, E, plan.scaling,
+            ids_TK, w_TK, lse_T, psum, hist, T, E, nb, plan.scaling,
             K=K, SOFTMAX=cfg.score_func == "softmax", SEL=plan.sel,
-            HAS_NOISE=noise_TE is not None,
+            HAS_NOISE=noise_TE is not None, HIST=dropless,
             HAS_BIAS=expert_bias_E is not None, NORMALIZE=plan.normalize_in_kernel,
             GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
             GROUP_TOP2=E // cfg.num_groups >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
@@ -408,6 +526,8 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
             BLOCK_K=triton.next_power_of_2(K), num_warps=4)
     else:
         psum.zero_()
+    if dropless:
+        return (ids_TK, w_TK) + _plan_dropless(ids_TK, hist, psum, lse_T, cfg, plan, block_t)
 
     N = T * K
     cap = N + 1 if capacity is None else capacity
@@ -443,14 +563,48 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
                            BLOCK_B=max(1, min(256, 16384 // block_e)), num_warps=8)
     return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
-        balance
+        balance, None
+
+
+def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, block_t: int):
+    """Dropless routing without a statistics reduction: the queue slots, counts, losses and the
+    expert-sorted layout from the top-k kernel's per-choice block histograms in two launches
+    (the capacity path needs five: histogram, scan, slots, finalize, then the dispatch's plan)."""
+    K, nb, E = hist.shape
+    T = ids_TK.shape[0]
+    dev = ids_TK.device
+    block_c = min(triton.next_power_of_2(E), 32)
+    tiles = triton.cdiv(E, block_c)
+    offsets = torch.empty_like(hist)
+    totals = torch.empty(K, E, dtype=torch.int32, device=dev)
+    pe_part = torch.empty(K, E, dtype=torch.float32, device=dev)
+    z_part = torch.empty(K * tiles, dtype=torch.float32, device=dev)
+    _dropless_scan_kernel[(K, tiles)](hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E,
+                                      nb, K=K, BLOCK_R=max(64, 2048 // block_c),
+                                      BLOCK_C=block_c, BLOCK_Z=256, num_warps=4)
+    slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
+    row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
+    token_N = torch.empty(T * K, dtype=torch.int64, device=dev)
+    ends_E, counts_E, balance_E = (torch.empty(E, dtype=torch.int64, device=dev)
+                                   for _ in range(3))
+    num_dropped = torch.empty((), dtype=torch.int64, device=dev)
+    losses = torch.empty(3, dtype=torch.float32, device=dev)
+    _dropless_plan_kernel[(nb,)](
+        ids_TK, offsets, totals, pe_part, z_part, slots_TK, kept_u8, row_TK, token_N, ends_E,
+        counts_E, balance_E, num_dropped, losses, T, E, nb, K * tiles, float(cfg.aux_loss_coef),
+        float(cfg.z_loss_coef), K=K, FIRST_CHOICE_BALANCE=plan.first_choice_balance,
+        BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_Q=triton.next_power_of_2(K * tiles), num_warps=4)
+    return (kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, balance_E,
+            ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
 
 
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
                 stats_reduce):
-        ids, w, kept, slots, counts, dropped, losses, balance = _route_forward(
+        ids, w, kept, slots, counts, dropped, losses, balance, _ = _route_forward(
             logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
         ctx.save_for_backward(logits_TE, ids, kept, balance)
         ctx.cfg, ctx.plan = cfg, plan
@@ -483,14 +637,19 @@ def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | Non
     if noise_TE is not None:
         noise_TE = noise_TE.contiguous()
     plan = _plan(cfg, capacity, expert_bias_E, noise_TE)
-    ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
-        logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
+    order = None
+    if records_grad(logits_TE):
+        ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
+            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
+    else:  # no backward: the dropless path's layout goes to the dispatcher (routing.order)
+        ids, w, kept, slots, counts, dropped, losses, _, order = _route_forward(
+            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
     if plan.normalize_after:
         w = w / w.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
     aux_loss, z_loss = detach_unused(cfg, losses[0], losses[1])
     return RoutingResult(ids_TK=ids, weights_TK=w, kept_TK=kept, slots_TK=slots, counts_E=counts,
                          num_dropped=dropped, capacity=capacity, aux_loss=aux_loss,
-                         z_loss=z_loss, loss=losses[2])
+                         z_loss=z_loss, loss=losses[2], order=order)
 
 
 def routing_supported(logits_TE: torch.Tensor, cfg: RouterConfig) -> bool:
