@@ -57,6 +57,7 @@ from moeflow.ops.backend import records_grad
 
 _FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
+_SCAN_TILE = 8192  # entries of the dropless scan's [blocks, experts] tiles (one step ≤ 256 blocks)
 
 
 @triton.jit
@@ -186,11 +187,10 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
     tl.store(w_ptr + koffs, w_tile, mask=kmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(m2, probs, 0.0), axis=0), mask=cmask)
-    if HIST:  # this block's count per (choice, expert): hist[k, pid, e]
-        for k in tl.static_range(K):
-            e_k = tl.sum(tl.where(kcols[None, :] == k, ids_tile, 0), axis=1)
-            onehot = ((e_k[:, None] == cols[None, :]) & rmask[:, None]).to(tl.int32)
-            tl.store(hist_ptr + (k * NB + pid) * E + cols, tl.sum(onehot, axis=0), mask=cmask)
+    if HIST:  # this block's count per (choice, expert), hist[k, pid, e], in one [K, E] store
+        hit = (ids_tile.to(tl.int32)[:, :, None] == cols[None, None, :]) & kmask[:, :, None]
+        tl.store(hist_ptr + (kcols[:, None] * NB + pid) * E + cols[None, :],
+                 tl.sum(hit.to(tl.int32), axis=0), mask=(kcols < K)[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -384,22 +384,24 @@ def _dropless_plan_kernel(ids_ptr, offsets_ptr, totals_ptr, pe_part_ptr, z_part_
         z = tl.sum(tl.load(z_part_ptr + qs, mask=qs < NQ, other=0.0)) / tl.maximum(T, 1)
         store_losses(loss_ptr, aux, z, aux_coef, z_coef)
 
+    # All K choices of the block at once, as [BLOCK_T, BLOCK_K, BLOCK_E] one-hot tiles.
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    earlier = tl.zeros([BLOCK_E], tl.int32)  # assignments of choices < k per expert
-    for k in tl.static_range(K):
-        flat = rows.to(tl.int64) * K + k
-        e = tl.load(ids_ptr + flat, mask=rmask, other=0).to(tl.int32)
-        onehot = ((e[:, None] == cols[None, :]) & rmask[:, None]).to(tl.int32)
-        base = earlier + tl.load(offsets_ptr + (k * NB + pid) * E + cols, mask=cmask, other=0)
-        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
-        slot = tl.sum(onehot * base[None, :], axis=1) + rank
-        row = tl.sum(onehot * starts[None, :], axis=1) + slot
-        tl.store(slots_ptr + flat, slot.to(tl.int64), mask=rmask)
-        tl.store(kept_ptr + flat, tl.full([BLOCK_T], 1, tl.int8), mask=rmask)
-        tl.store(row_ptr + flat, row.to(tl.int64), mask=rmask)
-        tl.store(token_ptr + row, rows.to(tl.int64), mask=rmask)
-        earlier += tl.load(totals_ptr + k * E + cols, mask=cmask, other=0)
+    m2 = (rows < T)[:, None] & (kk < K)[None, :]
+    flat = rows[:, None].to(tl.int64) * K + kk[None, :]
+    e = tl.load(ids_ptr + flat, mask=m2, other=-1).to(tl.int32)
+    onehot = (e[:, :, None] == cols[None, None, :]).to(tl.int32)
+    rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=2) - 1  # among the block's, by token
+    # Queue position of the block's first (choice k, expert e) assignment: every earlier
+    # choice's assignments to e, then the earlier blocks' of choice k.
+    base = (tl.cumsum(totals, axis=0) - totals
+            + tl.load(offsets_ptr + (kk[:, None] * NB + pid) * E + cols[None, :], mask=km,
+                      other=0))
+    slot = tl.sum(onehot * base[None, :, :], axis=2) + rank
+    row = tl.sum(onehot * starts[None, None, :], axis=2) + slot
+    tl.store(slots_ptr + flat, slot.to(tl.int64), mask=m2)
+    tl.store(kept_ptr + flat, tl.full([BLOCK_T, BLOCK_K], 1, tl.int8), mask=m2)
+    tl.store(row_ptr + flat, row.to(tl.int64), mask=m2)
+    tl.store(token_ptr + row, (rows[:, None] + kk[None, :] * 0).to(tl.int64), mask=m2)
 
 
 @triton.jit
@@ -504,9 +506,11 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     K = cfg.top_k
     dev = logits_TE.device
     block_e = triton.next_power_of_2(E)
-    block_t = _block_t(E, T)
-    nb = triton.cdiv(T, block_t)
     dropless = capacity is None and stats_reduce is None and T > 0
+    block_t = _block_t(E, T)
+    if dropless:  # the histogram's and the plan's [BLOCK_T, K, E] tiles: at most 8192 entries
+        block_t = min(block_t, max(2, 8192 // (triton.next_power_of_2(K) * block_e)))
+    nb = triton.cdiv(T, block_t)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     lse_T = torch.empty(T, dtype=torch.float32, device=dev)
@@ -579,9 +583,10 @@ def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, bl
     totals = torch.empty(K, E, dtype=torch.int32, device=dev)
     pe_part = torch.empty(K, E, dtype=torch.float32, device=dev)
     z_part = torch.empty(K * tiles, dtype=torch.float32, device=dev)
+    block_r = min(triton.next_power_of_2(nb), max(16, _SCAN_TILE // block_c))
     _dropless_scan_kernel[(K, tiles)](hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E,
-                                      nb, K=K, BLOCK_R=max(64, 2048 // block_c),
-                                      BLOCK_C=block_c, BLOCK_Z=256, num_warps=4)
+                                      nb, K=K, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Z=256,
+                                      num_warps=4)
     slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
     row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
