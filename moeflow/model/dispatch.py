@@ -10,13 +10,15 @@ last expert's rows; they are never computed and never read back. Combining gathe
 token's K rows and sums them with their weights in a fixed order, so the result does not depend on
 thread scheduling (no atomics).
 
-Decode (issue 14): when the router's one-launch kernel has already computed the layout
-(`routing.order`, inference with few tokens; with a capacity the dropped rows are parked as
-sort_by_expert parks them), a dispatcher built with
+Decode and prefill (issue 14): when the router's kernels have already computed the layout
+(`routing.order`: the one-launch decode router, with a capacity parking the dropped rows as
+sort_by_expert parks them; and the fused router's dropless path without autograd), a
+dispatcher built with
 `defer_gather=True` (MoELayer's own) returns the tokens unsorted with `plan.gather_N` = the
 source token of each row, and the experts' up kernel gathers the rows as it loads them: no
-planning and no gather launch. Without autograd (prefill, validation) the Triton dispatch
-likewise only plans (permute_triton.dispatch_plan_triton) and leaves the gather to the experts:
+planning and no gather launch. Otherwise without autograd (capacity routing in evaluation)
+the Triton dispatch likewise only plans (permute_triton.dispatch_plan_triton) and leaves the
+gather to the experts:
 the tiled and streaming kernels gather as they load, the grouped_mm paths index first. Every
 plan has `ends_E`, `parked` and `gather_N` (None: x_ND
 holds the sorted rows), so MoELayer reads them alike from local and expert-parallel plans.
@@ -88,7 +90,7 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                  ) -> tuple[torch.Tensor, DispatchPlan]:
         if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
             order = routing.order
-            if order is not None:  # the decode router planned the layout
+            if order is not None:  # the router's kernels planned the layout
                 gather_N = order.token_N if self.defer_gather else None
                 plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
                                     ends_E=order.ends_E, parked=routing.capacity is not None,
