@@ -18,6 +18,7 @@ from moeflow.model.norms import rms_norm  # noqa: E402
 from moeflow.ops import backend  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.ops.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from moeflow.ops import qk_rope_triton  # noqa: E402
 from moeflow.ops.qk_rope_triton import qk_norm_rope_triton  # noqa: E402
 from moeflow.model.rope import rope_cos_sin  # noqa: E402
 
@@ -46,13 +47,11 @@ def test_rms_norm_and_add_norm_match_reference(dtype):
         add_rms_norm_triton(x, h[:, :1], w, 1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm,rope,interleave", [(True, True, False), (True, True, True),
-                                                  (False, True, False), (True, False, False)])
-def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
-    B, T, H, G, hd = (1, 2048, 32, 4, 128) if ON_GPU else (2, 3, 3, 1, 8)
-    torch.manual_seed(1)
-    # q and k as the attention module has them: strided head views of one qkv projection.
+def _qk_args(B, T, H, G, hd, dtype, norm, rope, interleave, seed):
+    """prepare_qk's arguments as the attention module has them: q and k strided head views of
+    one qkv projection; cos and sin with positions per batch row (the decode view's [B, T] case)
+    and an offset."""
+    torch.manual_seed(seed)
     qkv = torch.randn(B, T, (H + 2 * G) * hd, device=DEVICE).to(dtype)
     q, k, _ = qkv.split([H * hd, G * hd, G * hd], dim=-1)
     q_BHTd = q.view(B, T, H, hd).transpose(1, 2)
@@ -60,11 +59,20 @@ def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
     qw = (1 + 0.1 * torch.randn(hd, device=DEVICE)).to(dtype) if norm else None
     kw = (1 + 0.1 * torch.randn(hd, device=DEVICE)).to(dtype) if norm else None
     cos = sin = None
-    if rope:  # positions per batch row (the decode view's [B, T] case) with an offset
+    if rope:
         positions = (torch.arange(T, device=DEVICE)[None]
                      + 7 * torch.arange(B, device=DEVICE)[:, None])
         cos, sin = rope_cos_sin(positions, hd, 10000.0, dtype)
-    args = (q_BHTd, k_BGTd, qw, kw, 1e-6, cos, sin, interleave)
+    return q_BHTd, k_BGTd, qw, kw, 1e-6, cos, sin, interleave
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,rope,interleave", [(True, True, False), (True, True, True),
+                                                  (False, True, False), (True, False, False)])
+def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
+    B, T, H, G, hd = (1, 2048, 32, 4, 128) if ON_GPU else (2, 3, 3, 1, 8)
+    args = _qk_args(B, T, H, G, hd, dtype, norm, rope, interleave, seed=1)
+    q_BHTd, k_BGTd, qw, kw = args[:4]
     q_ref, k_ref = prepare_qk.reference(*args)
     q_out, k_out = qk_norm_rope_triton(*args)
     assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape
@@ -78,6 +86,34 @@ def test_qk_norm_rope_matches_reference(dtype, norm, rope, interleave):
         args = (q_BHTd, k_BGTd, qw, kw, 1e-6, cos1, sin1, interleave)
         torch.testing.assert_close(qk_norm_rope_triton(*args)[0], prepare_qk.reference(*args)[0],
                                    **_tol(dtype))
+
+
+# (tokens, heads per program, num_warps). On the GPU each tile has its own layout, and so its
+# own order of tl.sum: the norm's fixed-order sum of squares is what keeps the bits equal.
+QK_TILES = ([(1, 4, 2), (16, 8, 4), (2, 16, 1), (8, 32, 8), (4, 2, 4)] if ON_GPU else
+            [(1, 4, 1), (2, 2, 2), (8, 4, 4)])
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_qk_norm_rope_tiles_give_the_same_bits(interleave):
+    """Every tile writes the default tile's bits, where tokens and heads per program divide
+    neither the tokens nor the heads (CPU: 5 tokens, 5 query and 3 kv heads; GPU: 2000 tokens
+    of the Qwen3-30B-A3B attention in bf16), over two batch rows with their own positions."""
+    B, T, H, G, hd = (2, 2000, 32, 4, 128) if ON_GPU else (2, 5, 5, 3, 8)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    args = _qk_args(B, T, H, G, hd, dtype, True, True, interleave, seed=2)
+    want = qk_norm_rope_triton(*args)
+    ref = prepare_qk.reference(*args)
+    for got, r in zip(want, ref):
+        torch.testing.assert_close(got, r, **_tol(dtype))
+    outs = []  # kept alive: a tile that skips a write must not find the last tile's output
+    for block_t, block_h, num_warps in QK_TILES:
+        outs.append(qk_rope_triton._launch(*args, block_t=block_t, block_h=block_h,
+                                           num_warps=num_warps))
+        for got, w in zip(outs[-1], want):
+            assert torch.equal(got, w), (block_t, block_h, num_warps)
+    with pytest.raises(ValueError, match="block_h"):
+        qk_rope_triton._launch(*args, block_h=3)
 
 
 def test_elementwise_backend_choice():

@@ -86,3 +86,37 @@ def test_plan_only_dispatch_equals_the_gathering_one(capacity_factor, dropless, 
     for got, want in zip((row_TK, token_N, ends_E), plan):
         assert torch.equal(got, want)
     assert torch.equal(x[token_N], x_ND)
+
+
+# (tokens, columns per program, num_warps), none dividing the tokens or D.
+SUM_TILES = ([(8, 1024, 8), (1, 256, 2), (16, 2048, 16), (2, 512, 4)] if ON_GPU else
+             [(8, 16, 2), (1, 64, 4), (16, 8, 1)])
+
+
+def test_sum_rows_tiles_give_the_same_bits():
+    """The combine's kernel with tiles that divide neither the tokens nor D writes the bits of
+    the default tile and of the sum in k order of rows rounded to the row dtype after weighting
+    (exact: bf16 on the GPU, fp32 through the interpreter, which fuses no multiply-add),
+    weighted (the combine) and unweighted (the gather's backward), with dropped assignments.
+    GPU: Qwen3-30B-A3B's top-8 of 2047 tokens."""
+    from moeflow.ops.permute_triton import _sum_rows
+    T, K, D = (2047, 8, 2048) if ON_GPU else (29, 3, 24)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    torch.manual_seed(3)
+    y_ND = torch.randn(T * K, D, device=DEVICE).to(dtype)
+    row_TK = torch.randperm(T * K, device=DEVICE).view(T, K)
+    kept_TK = torch.rand(T, K, device=DEVICE) > 0.2
+    w_TK = torch.rand(T, K, device=DEVICE)
+    for weighted in (True, False):
+        want = torch.zeros(T, D, device=DEVICE)
+        for k in range(K):
+            y_TD = y_ND[row_TK[:, k]] * kept_TK[:, k, None].to(dtype)
+            want += (y_TD * w_TK[:, k, None].to(dtype) if weighted else y_TD).float()
+        want = want.to(dtype)
+        outs = []  # kept alive: a tile that skips a write must not find the last tile's output
+        for tiles in [{}] + [dict(block_t=t, block_d=d, num_warps=w) for t, d, w in SUM_TILES]:
+            outs.append(_sum_rows(y_ND, row_TK, kept_TK.view(torch.int8), w_TK, T, weighted,
+                                  **tiles))
+            assert torch.equal(outs[-1], want), (weighted, tiles)
+    with pytest.raises(ValueError, match="block_d"):
+        _sum_rows(y_ND, row_TK, kept_TK.view(torch.int8), w_TK, T, True, block_d=100)

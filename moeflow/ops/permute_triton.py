@@ -107,17 +107,25 @@ def _combine_bwd_kernel(g_ptr, y_ptr, row_ptr, kept_ptr, w_ptr, gy_ptr, gw_ptr, 
         tl.store(gw_ptr + t * K + k, tl.where(kept, dot, 0.0), mask=tmask)
 
 
-def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted):
+def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted, *, block_t: int = 4,
+              block_d: int = 512, num_warps: int = 4):
+    """out_TD of _sum_rows_kernel, `block_t` tokens × `block_d` columns (at most D rounded up to
+    a power of two) per program: the tile changes the speed, not the bits (each output element
+    is its own sum in k order). The defaults are the first version's, not a measured best
+    (benchmarks/elementwise_sweep.py sweeps them)."""
+    for name, v in (("block_t", block_t), ("block_d", block_d), ("num_warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"combine: {name} must be a power of two, got {v}")
     K = row_TK.shape[1]
     D = y_ND.shape[1]
     out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
     if T == 0:
         return out
-    block_d = min(triton.next_power_of_2(D), 512)
-    block_t = 4
+    block_d = min(triton.next_power_of_2(D), block_d)
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _sum_rows_kernel[grid](y_ND, row_TK, kept_i8, w_TK if weighted else y_ND, out, T, D, K=K,
-                           WEIGHTED=weighted, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+                           WEIGHTED=weighted, BLOCK_T=block_t, BLOCK_D=block_d,
+                           num_warps=num_warps)
     return out
 
 

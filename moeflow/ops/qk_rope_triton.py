@@ -6,12 +6,19 @@ about 0.3 ms per layer on a 2048-token prefill of the Qwen3-30B-A3B shape, where
 once and writing them once takes ~15 µs. torch.compile's shape-dynamic twin measured slower than
 plain torch at this size (moeflow.ops.backend.FUSE_MAX_ELEMENTS).
 
-One program normalises and rotates a block of heads of one token; q and k heads are programs of
-the same launch. The math is the reference's (moeflow.model.norms.rms_norm then
+One program normalises and rotates a tile of BLOCK_T tokens × a block of heads of q or of k;
+q and k tiles are programs of one launch, each tensor with its own heads per program (at most its
+head count: k's 4 heads of Qwen3-30B-A3B do not pad a tile of q's 32). The first version ran one
+token per program (18,432 programs moving 1 KB each in that prefill): 16.7 µs per layer on the
+H200 for 38 MB read and written, about half its copy rate. The tiles are the launcher's arguments
+(benchmarks/elementwise_sweep.py sweeps them); the defaults are not yet measured.
+
+The math is the reference's (moeflow.model.norms.rms_norm then
 moeflow.model.rope.apply_rope): the norm in fp32, rounded to the input dtype as the reference
 rounds it; then the rotation in fp32 with one rounding at the end, where the reference rounds
 each product and the sum in the input dtype (the fused result is the more exact one; in bf16
-they differ by about one unit in the last place). `interleave` (DeepSeek) reads the pairs
+they differ by about one unit in the last place). The norm's sum of squares runs in one fixed
+order (_sum_squares), so every tile gives the same bits. `interleave` (DeepSeek) reads the pairs
 (x0, x1), (x2, x3), ... into the two halves as the reference's gather does.
 
 Inputs may be strided views (the heads of the fused qkv projection, transposed to [B, H, T, hd]).
@@ -29,17 +36,44 @@ import torch
 import triton
 import triton.language as tl
 
+# Tiles of _launch (unmeasured: benchmarks/elementwise_sweep.py sweeps them).
+BLOCK_T, BLOCK_H, NUM_WARPS = 4, 32, 8
+
+
+@triton.jit
+def _sum_squares(x, R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Σ x² over the last axis of a tile x [..., BLOCK_D] (BLOCK_D a power of two ≥ 4), as [R]
+    (R: the product of the other dims), in one order whatever layout the compiler gives the
+    tile: each run of 4 adjacent dims in order, then the run sums pairwise (run i with run
+    i + n/2, then again on the n/2 sums...). tl.sum's order follows the layout, which changes
+    with the tile and num_warps. This is the order tl.sum took in the one-token kernel this
+    replaced, for bf16 heads of 128 on sm_90 with Triton 3.6 (4 dims per thread, then 16 lanes;
+    the PTX's multiply-adds match too), so there its outputs are the same bits."""
+    RUNS: tl.constexpr = BLOCK_D // 4
+    sq = tl.reshape(x * x, [R, RUNS, 2, 2])
+    even, odd = tl.split(sq)  # [R, RUNS, 2]: dims 4i, 4i + 2 and 4i + 1, 4i + 3
+    d0, d2 = tl.split(even)
+    d1, d3 = tl.split(odd)
+    s = ((d0 + d1) + d2) + d3
+    for i in tl.static_range(1, 16):
+        if (RUNS >> i) > 0:
+            s = tl.sum(tl.reshape(s, [R, 2, RUNS >> i]), axis=1)
+    return tl.reshape(s, [R])
+
 
 @triton.jit
 def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, sin_ptr, c_b,
-                c_t, b, t, head0, NH, eps, HD: tl.constexpr, HALF: tl.constexpr,
+                c_t, b, t0, T, head0, NH, eps, HD: tl.constexpr, HALF: tl.constexpr,
                 HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tokens t0 .. t0 + BLOCK_T - 1 of batch row b, heads head0 .. head0 + BLOCK_H - 1: a
+    [BLOCK_T, BLOCK_H, BLOCK_D] tile per half of the head dim."""
+    t = t0 + tl.arange(0, BLOCK_T)
     heads = head0 + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
-    hmask = heads < NH
+    tmask = t < T
     jmask = j < HALF
-    m = hmask[:, None] & jmask[None, :]
+    m = (tmask[:, None, None] & (heads < NH)[None, :, None]) & jmask[None, None, :]
     # Source positions of the two halves (the interleaved layout gathers even, then odd dims).
     if INTERLEAVE:
         i1 = 2 * j
@@ -47,32 +81,40 @@ def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, 
     else:
         i1 = j
         i2 = j + HALF
-    base = src_ptr + b * s_b + t * s_t + heads[:, None].to(tl.int64) * s_h
-    x1 = tl.load(base + i1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(base + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    t64 = t.to(tl.int64)[:, None, None]
+    h64 = heads.to(tl.int64)[None, :, None]
+    base = src_ptr + b * s_b + t64 * s_t + h64 * s_h
+    x1 = tl.load(base + i1[None, None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + i2[None, None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_NORM:
-        ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD
-        r = (1.0 / tl.sqrt(ms + eps))[:, None]
-        w1 = tl.load(w_ptr + i1, mask=jmask, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(w_ptr + i2, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        R: tl.constexpr = BLOCK_T * BLOCK_H
+        ms = (_sum_squares(x1, R, BLOCK_D) + _sum_squares(x2, R, BLOCK_D)) / HD
+        r = tl.reshape(1.0 / tl.sqrt(ms + eps), [BLOCK_T, BLOCK_H])[:, :, None]
+        w1 = tl.load(w_ptr + i1, mask=jmask, other=0.0).to(tl.float32)[None, None, :]
+        w2 = tl.load(w_ptr + i2, mask=jmask, other=0.0).to(tl.float32)[None, None, :]
         # The reference returns the normed heads in the input dtype before rotating them.
         x1 = (x1 * r * w1).to(dst_ptr.dtype.element_ty).to(tl.float32)
         x2 = (x2 * r * w2).to(dst_ptr.dtype.element_ty).to(tl.float32)
     if HAS_ROPE:
-        c = cos_ptr + b * c_b + t * c_t
-        s = sin_ptr + b * c_b + t * c_t
-        cos1 = tl.load(c + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-        cos2 = tl.load(c + HALF + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-        sin1 = tl.load(s + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-        sin2 = tl.load(s + HALF + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+        # [BLOCK_T, BLOCK_D] loads broadcast over the heads: loaded as [BLOCK_T, 1, BLOCK_D],
+        # they got a layout of their own and (sm_90, Triton 3.6) the heads' tiles were moved
+        # through shared memory to it and back.
+        cm = tmask[:, None] & jmask[None, :]
+        ct = b * c_b + t.to(tl.int64)[:, None] * c_t + j[None, :]
+        c = cos_ptr + ct
+        s = sin_ptr + ct
+        cos1 = tl.load(c, mask=cm, other=0.0).to(tl.float32)[:, None, :]
+        cos2 = tl.load(c + HALF, mask=cm, other=0.0).to(tl.float32)[:, None, :]
+        sin1 = tl.load(s, mask=cm, other=0.0).to(tl.float32)[:, None, :]
+        sin2 = tl.load(s + HALF, mask=cm, other=0.0).to(tl.float32)[:, None, :]
         y1 = x1 * cos1 - x2 * sin1
         y2 = x2 * cos2 + x1 * sin2
     else:
         y1 = x1
         y2 = x2
-    out = dst_ptr + b * o_b + t * o_t + heads[:, None].to(tl.int64) * o_h
-    tl.store(out + j[None, :], y1.to(dst_ptr.dtype.element_ty), mask=m)
-    tl.store(out + HALF + j[None, :], y2.to(dst_ptr.dtype.element_ty), mask=m)
+    out = dst_ptr + b * o_b + t64 * o_t + h64 * o_h
+    tl.store(out + j[None, None, :], y1.to(dst_ptr.dtype.element_ty), mask=m)
+    tl.store(out + HALF + j[None, None, :], y2.to(dst_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -81,20 +123,21 @@ def _qk_norm_rope_kernel(q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st, qo_pt
                          sin_ptr, c_b, c_t, H, G, T, eps,
                          HD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    bt = tl.program_id(0).to(tl.int64)
-    b = bt // T
-    t = bt % T
+                         BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    b = (tl.program_id(0) // t_blocks).to(tl.int64)
+    t0 = (tl.program_id(0) % t_blocks) * BLOCK_T
     blk = tl.program_id(1)
-    q_blocks = tl.cdiv(H, BLOCK_H)
+    q_blocks = tl.cdiv(H, BLOCK_HQ)
     if blk < q_blocks:
         _heads_tile(q_ptr, q_sb, q_sh, q_st, qo_ptr, qo_sb, qo_sh, qo_st, qw_ptr, cos_ptr,
-                    sin_ptr, c_b, c_t, b, t, blk * BLOCK_H, H, eps, HD, HALF, HAS_NORM,
-                    HAS_ROPE, INTERLEAVE, BLOCK_H, BLOCK_D)
+                    sin_ptr, c_b, c_t, b, t0, T, blk * BLOCK_HQ, H, eps, HD, HALF, HAS_NORM,
+                    HAS_ROPE, INTERLEAVE, BLOCK_T, BLOCK_HQ, BLOCK_D)
     else:
         _heads_tile(k_ptr, k_sb, k_sh, k_st, ko_ptr, ko_sb, ko_sh, ko_st, kw_ptr, cos_ptr,
-                    sin_ptr, c_b, c_t, b, t, (blk - q_blocks) * BLOCK_H, G, eps, HD, HALF,
-                    HAS_NORM, HAS_ROPE, INTERLEAVE, BLOCK_H, BLOCK_D)
+                    sin_ptr, c_b, c_t, b, t0, T, (blk - q_blocks) * BLOCK_HK, G, eps, HD, HALF,
+                    HAS_NORM, HAS_ROPE, INTERLEAVE, BLOCK_T, BLOCK_HK, BLOCK_D)
 
 
 def qk_norm_rope_triton(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
@@ -103,11 +146,22 @@ def qk_norm_rope_triton(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                         interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """prepare_qk's contract: norms skipped when the weights are None, RoPE when cos is None;
     cos, sin: [B or 1, T, hd]."""
+    return _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave)
+
+
+def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave, *,
+            block_t: int = BLOCK_T, block_h: int = BLOCK_H, num_warps: int = NUM_WARPS):
+    """qk_norm_rope_triton with its tiles as arguments (benchmarks/elementwise_sweep.py):
+    `block_t` tokens (at most T rounded up to a power of two) and `block_h` heads per program,
+    the heads capped per tensor at its head count rounded up to a power of two."""
     B, H, T, hd = q_BHTd.shape
     G = k_BGTd.shape[1]
     if hd % 2 or k_BGTd.shape != (B, G, T, hd):
         raise ValueError(f"qk_norm_rope: q {tuple(q_BHTd.shape)} and k {tuple(k_BGTd.shape)} "
                          f"need one even head dim and the same batch and tokens")
+    for name, v in (("block_t", block_t), ("block_h", block_h), ("num_warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"qk_norm_rope: {name} must be a power of two, got {v}")
     if q_BHTd.stride(-1) != 1:
         q_BHTd = q_BHTd.contiguous()
     if k_BGTd.stride(-1) != 1:
@@ -120,8 +174,10 @@ def qk_norm_rope_triton(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
         cos, sin = (c.expand(c.shape[0], T, hd).contiguous() for c in (cos, sin))
         c_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         c_t = cos.stride(1)
-    block_h = min(triton.next_power_of_2(max(H, G)), 4)
-    grid = (B * T, triton.cdiv(H, block_h) + triton.cdiv(G, block_h))
+    block_t = min(block_t, triton.next_power_of_2(T))
+    block_hq = min(block_h, triton.next_power_of_2(H))
+    block_hk = min(block_h, triton.next_power_of_2(G))
+    grid = (B * triton.cdiv(T, block_t), triton.cdiv(H, block_hq) + triton.cdiv(G, block_hk))
     if B * T:
         _qk_norm_rope_kernel[grid](
             q_BHTd, q_BHTd.stride(0), q_BHTd.stride(1), q_BHTd.stride(2),
@@ -131,6 +187,6 @@ def qk_norm_rope_triton(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
             q_norm_w if has_norm else q_out, k_norm_w if has_norm else k_out,
             cos if has_rope else q_out, sin if has_rope else q_out, c_b, c_t, H, G, T,
             float(eps), HD=hd, HALF=hd // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
-            INTERLEAVE=interleave, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(hd // 2),
-            num_warps=2)
+            INTERLEAVE=interleave, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+            BLOCK_D=max(triton.next_power_of_2(hd // 2), 4), num_warps=num_warps)
     return q_out, k_out
