@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
-                         qk_rope_triton, skinny_linear_triton, slot_write_triton)
+                         qk_rope_triton, routing_triton, skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
 
@@ -123,6 +123,36 @@ def fused_decode_router():
                       **_args("T E", "i32"), **scalars}, meta, num_warps=warps)
 
 
+def dropless_router():
+    """The fused router's dropless path at a Qwen3-30B-A3B prefill (2048 tokens, top-8 of 128:
+    blocks of 8 tokens) and DeepSpeed's top-2 (first-choice balance)."""
+    m = routing_triton
+    for K, first_choice in ((8, False), (2, True)):
+        compile_sm90(m._topk_kernel,
+                     {**_args("logits_ptr noise_ptr bias_ptr", "*fp32"), "ids_ptr": "*i64",
+                      **_args("w_ptr lse_ptr psum_ptr", "*fp32"), "hist_ptr": "*i32",
+                      **_args("T E NB", "i32"), "routed_scaling": "fp32"},
+                     {"K": K, "SOFTMAX": True, "SEL": m.SEL_SCORES, "HAS_NOISE": False,
+                      "HIST": True, "HAS_BIAS": False, "NORMALIZE": True, "GROUPS": 1,
+                      "TOPK_GROUPS": 1, "GROUP_TOP2": True, "BLOCK_T": 8, "BLOCK_E": 128,
+                      "BLOCK_G": 1, "BLOCK_K": K})
+        compile_sm90(m._dropless_scan_kernel,
+                     {**_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
+                      **_args("psum_ptr lse_ptr pe_part_ptr z_part_ptr", "*fp32"),
+                      **_args("T E NB", "i32")},
+                     {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256})
+        compile_sm90(m._dropless_plan_kernel,
+                     {"ids_ptr": "*i64", **_args("offsets_ptr hist_ptr totals_ptr", "*i32"),
+                      **_args("pe_part_ptr z_part_ptr", "*fp32"), "slots_ptr": "*i64",
+                      "kept_ptr": "*i8",
+                      **_args("row_ptr token_ptr ends_ptr counts_ptr balance_ptr dropped_ptr",
+                              "*i64"),
+                      "loss_ptr": "*fp32", **_args("T E NB NQ", "i32"),
+                      **_args("aux_coef z_coef", "fp32")},
+                     {"K": K, "FIRST_CHOICE_BALANCE": first_choice, "BLOCK_T": 8,
+                      "BLOCK_E": 128, "BLOCK_K": K, "BLOCK_Q": 32})
+
+
 def skinny_linear():
     for has_bias in (True, False):
         compile_sm90(skinny_linear_triton._linear_kernel.fn,
@@ -140,7 +170,8 @@ def slot_write():
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
-                                 qk_norm_rope, fused_decode_router, skinny_linear)}
+                                 qk_norm_rope, fused_decode_router, dropless_router,
+                                 skinny_linear)}
 
 if __name__ == "__main__":
     try:

@@ -11,7 +11,10 @@ q and k tiles are programs of one launch, each tensor with its own heads per pro
 head count: k's 4 heads of Qwen3-30B-A3B do not pad a tile of q's 32). The first version ran one
 token per program (18,432 programs moving 1 KB each in that prefill): 16.7 µs per layer on the
 H200 for 38 MB read and written, about half its copy rate. The tiles are the launcher's arguments
-(benchmarks/elementwise_sweep.py sweeps them); the defaults are not yet measured.
+(benchmarks/elementwise_sweep.py sweeps them). The defaults, 2 tokens × 4 heads on one warp,
+were the fastest of 60 tiles on the H200 at 2048 and 128 tokens and within 1.2% of it at 8192:
+12.5 µs per Qwen3-30B-A3B layer at 2048 tokens against the first version's 16.1 µs, same bits
+(benchmarks/results/elementwise_sweep/).
 
 The math is the reference's (moeflow.model.norms.rms_norm then
 moeflow.model.rope.apply_rope): the norm in fp32, rounded to the input dtype as the reference
@@ -36,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles of _launch (unmeasured: benchmarks/elementwise_sweep.py sweeps them).
-BLOCK_T, BLOCK_H, NUM_WARPS = 4, 32, 8
+# Tiles of _launch: the fastest in benchmarks/elementwise_sweep.py on the H200 (2026-12-02).
+BLOCK_T, BLOCK_H, NUM_WARPS = 2, 4, 1
 
 
 @triton.jit
