@@ -516,7 +516,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     block_e = triton.next_power_of_2(E)
     dropless = capacity is None and stats_reduce is None and T > 0
     block_t = _block_t(E, T)
-    if dropless:  # the histogram's and the plan's [BLOCK_T, K, E] tiles: at most 8192 entries
+    if dropless:  # the top-k kernel's [BLOCK_T, K, E] histogram tile: at most 8192 entries
         block_t = min(block_t, max(2, 8192 // (triton.next_power_of_2(K) * block_e)))
     nb = triton.cdiv(T, block_t)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
