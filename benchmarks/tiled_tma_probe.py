@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from machine import cuda_event_ms
 from moeflow.ops import grouped_mlp_triton as g
 from moeflow.ops.grouped_mlp_triton import _expert_tile, _m_bucket, _tiled_grid
 
@@ -100,22 +101,6 @@ def tma_mlp(x, token_N, ends, w_in, w_out):
     return y
 
 
-def bench(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def main():
     torch.manual_seed(0)
     D, F, E, K = 2048, 768, 128, 8
@@ -142,7 +127,7 @@ def main():
             ref_parts.append(a.bfloat16().float() @ w_out[e].float())
         ref = torch.cat(ref_parts)
         err = lambda y: float((y.float() - ref).norm() / ref.norm())  # noqa
-        tb, tn = bench(base), bench(new)
+        tb, tn = (cuda_event_ms(f, reps=30, warmup=3) for f in (base, new))
         row = dict(T=T, rows_per_expert=T * K / E, tiled_ms=tb, tma_ms=tn, ratio=tn / tb,
                    err_tiled=err(yb), err_tma=err(yn),
                    up_cfg=str(up_tma.best_config), down_cfg=str(down_tma.best_config),

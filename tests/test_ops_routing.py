@@ -80,17 +80,21 @@ def test_fused_routing_matches_reference(name, multi_block, monkeypatch):
         assert ref.num_dropped.item() > 0  # the drop path was exercised
 
 
+def _route_inference(router, x):
+    """(reference, triton) routings of x as served: no capacity, no autograd."""
+    with torch.no_grad():
+        set_backends(router, Backends(router="reference"))
+        ref = router(x, inference=True)
+        set_backends(router, Backends(router="triton"))
+        return ref, router(x, inference=True)
+
+
 def test_eval_dropless_routing_matches_reference():
     cfg = RouterConfig(top_k=2, capacity_factor=1.0)
     T, D, E = (512, 128, 32) if ON_GPU else (19, 8, 8)
     torch.manual_seed(0)
     router = Router(D, E, cfg).to(DEVICE).eval()
-    x = torch.randn(T, D, device=DEVICE)
-    with torch.no_grad():
-        set_backends(router, Backends(router="reference"))
-        ref = router(x, inference=True)
-        set_backends(router, Backends(router="triton"))
-        out = router(x, inference=True)
+    ref, out = _route_inference(router, torch.randn(T, D, device=DEVICE))
     assert out.capacity is None
     assert torch.equal(out.slots_TK, ref.slots_TK) and torch.equal(out.counts_E, ref.counts_E)
     assert torch.equal(out.ids_TK, ref.ids_TK) and bool(out.kept_TK.all())
@@ -111,12 +115,7 @@ def test_dropless_inference_routing_plans_the_reference_layout(name, T, monkeypa
     torch.nn.init.normal_(router.gate.weight, std=0.5)
     if router.expert_bias is not None:
         router.expert_bias.normal_(0, 0.05)
-    x = torch.randn(T, D, device=DEVICE)
-    with torch.no_grad():
-        set_backends(router, Backends(router="reference"))
-        ref = router(x, inference=True)
-        set_backends(router, Backends(router="triton"))
-        out = router(x, inference=True)
+    ref, out = _route_inference(router, torch.randn(T, D, device=DEVICE))
     assert ref.order is None and out.order is not None
     for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped"):
         assert torch.equal(getattr(out, field), getattr(ref, field)), field

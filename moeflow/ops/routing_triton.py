@@ -246,6 +246,22 @@ def _queue_kernel(ids_ptr, order_ptr, w_ptr, slots_ptr, kept_ptr, offsets_ptr, h
 
 
 @triton.jit
+def _scan_rows(hist_ptr, offsets_ptr, row0, NR, E, cols, cmask, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """offsets[row0 + r] = Σ_{r' < r} hist[row0 + r'] for the NR rows of [rows, E] histograms
+    from row0, over the columns `cols`, BLOCK_R rows per step; returns the column totals."""
+    running = tl.zeros([BLOCK_C], tl.int32)
+    for r0 in range(0, NR, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        m = (r < NR)[:, None] & cmask[None, :]
+        offs = (row0 + r)[:, None].to(tl.int64) * E + cols[None, :]
+        h = tl.load(hist_ptr + offs, mask=m, other=0)
+        tl.store(offsets_ptr + offs, tl.cumsum(h, axis=0) - h + running[None, :], mask=m)
+        running += tl.sum(h, axis=0)
+    return running
+
+
+@triton.jit
 def _scan_kernel(hist_ptr, offsets_ptr, counts_before_ptr, NPB, E,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Exclusive prefix sum of the per-block histograms down the blocks, one program per column
@@ -253,14 +269,7 @@ def _scan_kernel(hist_ptr, offsets_ptr, counts_before_ptr, NPB, E,
     one: 0.35 ms for 2048 blocks × 128 experts on an H100). Also writes the totals."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < E
-    running = tl.zeros([BLOCK_C], tl.int32)
-    for r0 in range(0, NPB, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        m = (r < NPB)[:, None] & cmask[None, :]
-        offs = r[:, None].to(tl.int64) * E + cols[None, :]
-        h = tl.load(hist_ptr + offs, mask=m, other=0)
-        tl.store(offsets_ptr + offs, tl.cumsum(h, axis=0) - h + running[None, :], mask=m)
-        running += tl.sum(h, axis=0)
+    running = _scan_rows(hist_ptr, offsets_ptr, 0, NPB, E, cols, cmask, BLOCK_R, BLOCK_C)
     tl.store(counts_before_ptr + cols, running.to(tl.int64), mask=cmask)
 
 
@@ -316,15 +325,8 @@ def _dropless_scan_kernel(hist_ptr, offsets_ptr, totals_ptr, psum_ptr, lse_ptr, 
     k = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < E
-    running = tl.zeros([BLOCK_C], tl.int32)
-    for r0 in range(0, NB, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        m = (r < NB)[:, None] & cmask[None, :]
-        offs = (k * NB + r)[:, None].to(tl.int64) * E + cols[None, :]
-        h = tl.load(hist_ptr + offs, mask=m, other=0)
-        tl.store(offsets_ptr + offs, tl.cumsum(h, axis=0) - h + running[None, :], mask=m)
-        running += tl.sum(h, axis=0)
-    tl.store(totals_ptr + k * E + cols, running, mask=cmask)
+    totals = _scan_rows(hist_ptr, offsets_ptr, k * NB, NB, E, cols, cmask, BLOCK_R, BLOCK_C)
+    tl.store(totals_ptr + k * E + cols, totals, mask=cmask)
 
     per_k = tl.cdiv(NB, K)
     end = tl.minimum((k + 1) * per_k, NB)
