@@ -142,7 +142,7 @@ def dropless_router():
                       **_args("T E NB", "i32")},
                      {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256})
         compile_sm90(m._dropless_plan_kernel,
-                     {"ids_ptr": "*i64", **_args("offsets_ptr hist_ptr totals_ptr", "*i32"),
+                     {"ids_ptr": "*i64", **_args("offsets_ptr totals_ptr", "*i32"),
                       **_args("pe_part_ptr z_part_ptr", "*fp32"), "slots_ptr": "*i64",
                       "kept_ptr": "*i8",
                       **_args("row_ptr token_ptr ends_ptr counts_ptr balance_ptr dropped_ptr",

@@ -350,8 +350,8 @@ def _dropless_scan_kernel(hist_ptr, offsets_ptr, totals_ptr, psum_ptr, lse_ptr, 
 
 
 @triton.jit
-def _dropless_plan_kernel(ids_ptr, offsets_ptr, hist_ptr, totals_ptr, pe_part_ptr, z_part_ptr,
-                          slots_ptr, kept_ptr, row_ptr, token_ptr, ends_ptr, counts_ptr, balance_ptr,
+def _dropless_plan_kernel(ids_ptr, offsets_ptr, totals_ptr, pe_part_ptr, z_part_ptr, slots_ptr,
+                          kept_ptr, row_ptr, token_ptr, ends_ptr, counts_ptr, balance_ptr,
                           dropped_ptr, loss_ptr, T, E, NB, NQ, aux_coef, z_coef,
                           K: tl.constexpr, FIRST_CHOICE_BALANCE: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -386,28 +386,20 @@ def _dropless_plan_kernel(ids_ptr, offsets_ptr, hist_ptr, totals_ptr, pe_part_pt
         z = tl.sum(tl.load(z_part_ptr + qs, mask=qs < NQ, other=0.0)) / tl.maximum(T, 1)
         store_losses(loss_ptr, aux, z, aux_coef, z_coef)
 
-    # Queue position of the block's first (choice k, expert e) assignment: every earlier
-    # choice's assignments to e, then the earlier blocks' of choice k. This block's [K, E]
-    # entries of offsets (and of hist, which the scan has read) are its own: they take the
-    # first slot and the first sorted row of each (k, e), for the assignments to look up.
-    ke = (kk[:, None].to(tl.int64) * NB + pid) * E + cols[None, :]
-    first_slot = (tl.cumsum(totals, axis=0) - totals
-                  + tl.load(offsets_ptr + ke, mask=km, other=0))
-    tl.store(offsets_ptr + ke, first_slot, mask=km)
-    tl.store(hist_ptr + ke, first_slot + starts[None, :], mask=km)
-    tl.debug_barrier()  # the stores above are visible to all of the program's threads
-
+    # All K choices of the block at once, as [BLOCK_T, BLOCK_K, BLOCK_E] one-hot tiles.
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     m2 = (rows < T)[:, None] & (kk < K)[None, :]
     flat = rows[:, None].to(tl.int64) * K + kk[None, :]
     e = tl.load(ids_ptr + flat, mask=m2, other=-1).to(tl.int32)
-    # Rank among the block's assignments of the same (choice, expert), in token order.
-    tt = tl.arange(0, BLOCK_T)
-    same = (e[:, None, :] == e[None, :, :]) & (tt[:, None] > tt[None, :])[:, :, None]
-    rank = tl.sum(same.to(tl.int32), axis=1)
-    ke_e = (kk[None, :].to(tl.int64) * NB + pid) * E + e
-    slot = tl.load(offsets_ptr + ke_e, mask=m2, other=0) + rank
-    row = tl.load(hist_ptr + ke_e, mask=m2, other=0) + rank
+    onehot = (e[:, :, None] == cols[None, None, :]).to(tl.int32)
+    rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=2) - 1  # among the block's, by token
+    # Queue position of the block's first (choice k, expert e) assignment: every earlier
+    # choice's assignments to e, then the earlier blocks' of choice k.
+    base = (tl.cumsum(totals, axis=0) - totals
+            + tl.load(offsets_ptr + (kk[:, None] * NB + pid) * E + cols[None, :], mask=km,
+                      other=0))
+    slot = tl.sum(onehot * base[None, :, :], axis=2) + rank
+    row = tl.sum(onehot * starts[None, None, :], axis=2) + slot
     tl.store(slots_ptr + flat, slot.to(tl.int64), mask=m2)
     tl.store(kept_ptr + flat, tl.full([BLOCK_T, BLOCK_K], 1, tl.int8), mask=m2)
     tl.store(row_ptr + flat, row.to(tl.int64), mask=m2)
@@ -518,7 +510,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     block_e = triton.next_power_of_2(E)
     dropless = capacity is None and stats_reduce is None and T > 0
     block_t = _block_t(E, T)
-    if dropless:  # the top-k kernel's [BLOCK_T, K, E] histogram tile: at most 8192 entries
+    if dropless:  # the histogram's and the plan's [BLOCK_T, K, E] tiles: at most 8192 entries
         block_t = min(block_t, max(2, 8192 // (triton.next_power_of_2(K) * block_e)))
     nb = triton.cdiv(T, block_t)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
@@ -606,7 +598,7 @@ def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, bl
     num_dropped = torch.empty((), dtype=torch.int64, device=dev)
     losses = torch.empty(3, dtype=torch.float32, device=dev)
     _dropless_plan_kernel[(nb,)](
-        ids_TK, offsets, hist, totals, pe_part, z_part, slots_TK, kept_u8, row_TK, token_N, ends_E,
+        ids_TK, offsets, totals, pe_part, z_part, slots_TK, kept_u8, row_TK, token_N, ends_E,
         counts_E, balance_E, num_dropped, losses, T, E, nb, K * tiles, float(cfg.aux_loss_coef),
         float(cfg.z_loss_coef), K=K, FIRST_CHOICE_BALANCE=plan.first_choice_balance,
         BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(K),
