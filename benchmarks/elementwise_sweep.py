@@ -26,9 +26,8 @@ T = 128 and 8192 too.
     PYTHONPATH=. python benchmarks/elementwise_sweep.py --smoke --out /tmp/e  # CPU, interpreter
 
 writes OUT/elementwise_sweep.{json,md}. Triton first compiles the ~130 tiles in up to 8
-processes into its on-disk cache (a second run finds them there): ~30 s on 8 cores at the
-0.5-4 s per compile measured on this repository's 2-core CPU machine, then ~1 s of timing per
-tile; the whole sweep took 30 s on an H200 (session 11). --smoke runs two tiles of each kernel on tiny fp32
+processes into its on-disk cache (a second run finds them there), then times them: the whole
+sweep took 30 s on an H200 (session 11). --smoke runs two tiles of each kernel on tiny fp32
 shapes through Triton's interpreter on the CPU (timings meaningless: it only shows the script
 runs and the tiles agree).
 """
