@@ -67,7 +67,8 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
+from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
+                                        store_losses)
 
 
 @triton.jit
@@ -132,14 +133,7 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         balance = first
     else:
         balance = counts
-    frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
-    aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
-    z = tl.sum(z_acc) / tl.maximum(T, 1)
-    tl.store(loss_ptr, aux)
-    tl.store(loss_ptr + 1, z)
-    # A term whose coefficient is 0 stays out: z overflows to inf for huge logits, 0·inf = NaN.
-    tl.store(loss_ptr + 2, tl.where(aux_coef != 0.0, aux_coef * aux, 0.0)
-             + tl.where(z_coef != 0.0, z_coef * z, 0.0))
+    store_losses(loss_ptr, balance, p_e, tl.sum(z_acc), T, E, aux_coef, z_coef)
 
     # Pass 2 reads the ids pass 1 stored from other threads of this program.
     tl.debug_barrier()

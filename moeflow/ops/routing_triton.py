@@ -294,20 +294,22 @@ def _finalize_kernel(counts_before_ptr, balance_ptr, psum_ptr, lse_ptr, counts_p
                        mask=(b < NB)[:, None] & cmask[None, :], other=0.0)
         p_e += tl.sum(tile, axis=0)
     balance = tl.load(balance_ptr + cols, mask=cmask, other=0)
-    frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
-    aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
     zacc = tl.zeros([BLOCK_T], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         r = t0 + tl.arange(0, BLOCK_T)
         lse = tl.load(lse_ptr + r, mask=r < T, other=0.0)
         zacc += lse * lse
-    z = tl.sum(zacc) / tl.maximum(T, 1)
-    store_losses(loss_ptr, aux, z, aux_coef, z_coef)
+    store_losses(loss_ptr, balance, p_e, tl.sum(zacc), T, E, aux_coef, z_coef)
 
 
 @triton.jit
-def store_losses(loss_ptr, aux, z, aux_coef, z_coef):
-    """losses = (aux, z, the weighted sum the router returns as `loss`)."""
+def store_losses(loss_ptr, balance, p_e, lse_sq_sum, T, E, aux_coef, z_coef):
+    """losses = (aux, z, the weighted sum the router returns as `loss`) from the balance counts
+    and balance probability sums per expert and Σ logsumexp² over the T tokens: aux = E·Σ f_e·P_e
+    with f_e = balance_e / Σ balance and P_e = p_e / T, z = mean lse²."""
+    frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
+    aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
+    z = lse_sq_sum / tl.maximum(T, 1)
     tl.store(loss_ptr, aux)
     tl.store(loss_ptr + 1, z)
     # A term whose coefficient is 0 stays out: z overflows to inf for huge logits, 0·inf = NaN.
@@ -380,11 +382,10 @@ def _dropless_plan_kernel(ids_ptr, offsets_ptr, totals_ptr, pe_part_ptr, z_part_
         tl.store(balance_ptr + cols, balance.to(tl.int64), mask=cmask)
         p_e = tl.sum(tl.load(pe_part_ptr + kk[:, None] * E + cols[None, :], mask=km, other=0.0),
                      axis=0)
-        frac = balance.to(tl.float32) / tl.maximum(tl.sum(balance), 1).to(tl.float32)
-        aux = E * tl.sum(frac * p_e / tl.maximum(T, 1))
         qs = tl.arange(0, BLOCK_Q)
-        z = tl.sum(tl.load(z_part_ptr + qs, mask=qs < NQ, other=0.0)) / tl.maximum(T, 1)
-        store_losses(loss_ptr, aux, z, aux_coef, z_coef)
+        store_losses(loss_ptr, balance, p_e,
+                     tl.sum(tl.load(z_part_ptr + qs, mask=qs < NQ, other=0.0)), T, E, aux_coef,
+                     z_coef)
 
     # All K choices of the block at once, as [BLOCK_T, BLOCK_K, BLOCK_E] one-hot tiles.
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
