@@ -61,12 +61,13 @@ def test_moe_layer_output_is_finite_for_non_finite_logits(monkeypatch):
 
     crafted = torch.tensor(LOGITS)
 
-    def logits_with_crafted_rows(x_TD, w_ED):  # the first len(LOGITS) rows get LOGITS
+    def logits_with_crafted_rows(x_TD, w_ED, finite=True):  # the first len(LOGITS) rows get LOGITS
         real = torch.nn.functional.linear(x_TD.float(), w_ED.float())
         rows = torch.arange(real.shape[0])[:, None] < crafted.shape[0]
         padded = torch.zeros_like(real)
         padded[:crafted.shape[0]] = crafted
-        return router_module._finite(torch.where(rows, padded, real))
+        logits = torch.where(rows, padded, real)
+        return router_module._finite(logits) if finite else logits
 
     monkeypatch.setattr(router_module, "router_logits", logits_with_crafted_rows)
     spec = FFNSpec(kind="residual_moe", d_ff=16, num_experts=4, expert_d_ff=16,

@@ -97,8 +97,10 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
-def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
-    """Finite fp32 logits x·Wgᵀ, under autocast too: autocast would run the product in bf16
+def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor, finite: bool = True) -> torch.Tensor:
+    """fp32 logits x·Wgᵀ, made finite (NaN → -max, ±inf → ±max) unless `finite` is False (the
+    Triton routers finite-ize the logits they load themselves, and their backward gives a
+    non-finite logit no gradient, as nan_to_num's does), under autocast too: autocast would run the product in bf16
     even from fp32 operands, and bf16-rounded logits change which experts win (ties, near-ties)
     and keep the fp32 Triton router from being chosen.
 
@@ -118,11 +120,13 @@ def router_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
             and not records_grad(x_TD, w_ED)):
         flat_ND = x_TD.reshape(-1, x_TD.shape[-1])
         logits_NE = torch.mm(flat_ND, w_ED.t(), out_dtype=torch.float32)
-        return _finite(logits_NE.view(*x_TD.shape[:-1], w_ED.shape[0]))
-    if not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
-        return _finite(F.linear(x_TD.float(), w_ED.float()))
-    with torch.autocast(device, enabled=False):
-        return _finite(F.linear(x_TD.float(), w_ED.float()))
+        logits_TE = logits_NE.view(*x_TD.shape[:-1], w_ED.shape[0])
+    elif not (is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        logits_TE = F.linear(x_TD.float(), w_ED.float())
+    else:
+        with torch.autocast(device, enabled=False):
+            logits_TE = F.linear(x_TD.float(), w_ED.float())
+    return _finite(logits_TE) if finite else logits_TE
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -354,15 +358,17 @@ class Router(nn.Module, ChoosesBackends):
                   and noise not in ("rsample", "rsample_second")
                   and self.stats_reduce is None
                   and not records_grad(*sources))
+        # Raw logits: only the reference router needs them made finite (a launch the Triton
+        # routers do not need; 48 of them per prefill of the Qwen3-30B-A3B shape).
         if logits_TE is not None:
-            logits_TE = _finite(logits_TE.float())
+            logits_TE = logits_TE.float()
         else:
             if noise == "jitter":
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
             if router_fuses_logits(self.backends.router, x, cfg, E, decode):
                 return self._route_fused(x, capacity)
-            logits_TE = router_logits(x, self.gate.weight)
+            logits_TE = router_logits(x, self.gate.weight, finite=False)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
             u = torch.rand(logits_TE.shape, device=x.device, generator=generator)
@@ -376,17 +382,18 @@ class Router(nn.Module, ChoosesBackends):
                 groups = TokenGroups(ids_T, (T,) + (0,) * (len(cfg.expert_groups) - 1))
             grouped = group_routing(cfg, groups, capacity is not None, self.training)
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
-            return route_reference(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
+            return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
         backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
         if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
             return route_decode_triton(logits_TE, cfg, self.expert_bias, capacity)
-        route = route_reference
         if backend == "triton":
-            from moeflow.ops.routing_triton import route_triton as route
-        return route(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE, token_order,
-                     self.stats_reduce)
+            from moeflow.ops.routing_triton import route_triton
+            return route_triton(logits_TE, cfg, capacity, self.expert_bias, gumbel_TE,
+                                token_order, self.stats_reduce)
+        return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
+                               token_order, self.stats_reduce)
 
     def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
