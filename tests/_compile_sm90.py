@@ -81,21 +81,27 @@ def tiled_experts():
 
 
 def qk_norm_rope():
-    """The launcher's default tiles and one token per program, interleaved or not."""
+    """The launcher's default tiles, with and without the KV-cache slot write, and one token
+    per program, interleaved."""
     m = qk_rope_triton
     strides = "q_sb q_sh q_st"
-    for interleave, (block_t, block_h, warps) in ((False, (m.BLOCK_T, m.BLOCK_H, m.NUM_WARPS)),
-                                                  (True, (1, 4, 2))):
+    default = (m.BLOCK_T, m.BLOCK_H, m.NUM_WARPS)
+    for interleave, write_kv, (block_t, block_h, warps) in ((False, False, default),
+                                                            (False, True, default),
+                                                            (True, False, (1, 4, 2))):
         compile_sm90(m._qk_norm_rope_kernel,
                      {"q_ptr": "*bf16", **_args(strides, "i32"),
                       "k_ptr": "*bf16", **_args(strides.replace("q_", "k_"), "i32"),
                       "qo_ptr": "*bf16", **_args(strides.replace("q_", "qo_"), "i32"),
                       "ko_ptr": "*bf16", **_args(strides.replace("q_", "ko_"), "i32"),
                       **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"),
-                      **_args("c_b c_t H G T", "i32"), "eps": "fp32"},
+                      **_args("c_b c_t H G T", "i32"), "eps": "fp32", "v_ptr": "*bf16",
+                      **_args("v_sh v_st", "i32"), **_args("kc_ptr vc_ptr", "*bf16"),
+                      "slot_ptr": "*i64", "M": "i32"},
                      {"HD": 128, "HALF": 64, "HAS_NORM": True, "HAS_ROPE": True,
-                      "INTERLEAVE": interleave, "BLOCK_T": block_t, "BLOCK_HQ": block_h,
-                      "BLOCK_HK": min(block_h, 4), "BLOCK_D": 64}, num_warps=warps)
+                      "INTERLEAVE": interleave, "WRITE_KV": write_kv, "BLOCK_T": block_t,
+                      "BLOCK_HQ": block_h, "BLOCK_HK": min(block_h, 4), "BLOCK_D": 64},
+                     num_warps=warps)
 
 
 def fused_decode_router():

@@ -11,14 +11,18 @@ Running sequences always occupy slots 0..B-1 (`move` compacts the cache when one
 decode batch is a prefix of the slot axis and padding a batch up to a captured bucket only
 touches free slots.
 
-The model talks to a cache through three methods (moeflow.model.attention hands "store the new
+The model talks to a cache through four methods (moeflow.model.attention hands "store the new
 keys/values and attend over everything cached" to it, because only the cache knows where each
 sequence's earlier keys live):
 
   positions(num_new, device) -> int64 [B or 1, num_new]: the position of every new token (RoPE,
       learned position embeddings);
+  kv_slot_write(layer, q_BHTd, v_BGTd) -> KVSlotWrite or None: where the q/k norm + RoPE kernel
+      (moeflow.ops.qk_rope_triton) may store the new keys/values of `layer` itself, saving the
+      cache its own write; only SlotPrefillView with the Triton attention backend says where;
   attend(layer, q_BHTd, k_BGTd, v_BGTd) -> y_BHTd: store the new keys/values of `layer` and let
-      each new query attend causally to its own sequence's keys;
+      each new query attend causally to its own sequence's keys (SlotPrefillView takes
+      kv_written=True when the kernel stored them as kv_slot_write asked);
   advance(num_new): called once after the forward pass.
 
 Three views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
@@ -36,11 +40,16 @@ tokens, dk/dv key/value dims.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moeflow.model.attention import sdpa
 from moeflow.ops.backend import Backends, resolve_attention_backend
 from moeflow.ops.fused import fused
+
+if TYPE_CHECKING:  # the kernel's module imports Triton, which the CPU-only install may lack
+    from moeflow.ops.qk_rope_triton import KVSlotWrite
 
 
 def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int]]:
@@ -92,6 +101,9 @@ class PrefillView:
                              f"{self.cache.max_len}")
         return torch.arange(self.start, self.start + num_new, device=device)[None]
 
+    def kv_slot_write(self, layer: int, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> None:
+        return None  # attend writes the chunk (not a captured path: no launch to save)
+
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:
         T, end = q_BHTd.shape[2], self.start + q_BHTd.shape[2]
@@ -124,16 +136,28 @@ class SlotPrefillView:
                              f"{self.cache.max_len}")
         return torch.arange(num_new, device=device)[None]
 
+    def kv_slot_write(self, layer: int, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor
+                      ) -> KVSlotWrite | None:
+        """With the Triton attention backend (the one that writes the slot in a kernel), the
+        q/k kernel stores the keys and values into the slot: one launch per layer less."""
+        if resolve_attention_backend(self.cache.backends.attention, q_BHTd) != "triton":
+            return None
+        from moeflow.ops.qk_rope_triton import KVSlotWrite
+        return KVSlotWrite(self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer], self.slot_1,
+                           v_BGTd)
+
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
-               v_BGTd: torch.Tensor) -> torch.Tensor:
+               v_BGTd: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
+        """kv_written: the q/k kernel already stored k and v (kv_slot_write)."""
         T = q_BHTd.shape[2]
-        if resolve_attention_backend(self.cache.backends.attention, q_BHTd) == "triton":
-            from moeflow.ops.slot_write_triton import write_slot_triton
-            write_slot_triton(self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer], self.slot_1,
-                              k_BGTd, v_BGTd)
-        else:
-            self.cache.k_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, k_BGTd)
-            self.cache.v_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, v_BGTd)
+        if not kv_written:
+            if resolve_attention_backend(self.cache.backends.attention, q_BHTd) == "triton":
+                from moeflow.ops.slot_write_triton import write_slot_triton
+                write_slot_triton(self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer],
+                                  self.slot_1, k_BGTd, v_BGTd)
+            else:
+                self.cache.k_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, k_BGTd)
+                self.cache.v_LNGMd[layer, :, :, :T].index_copy_(0, self.slot_1, v_BGTd)
         return sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
 
     def advance(self, num_new: int) -> None:
@@ -178,6 +202,9 @@ class DecodeView:
         if num_new != 1:
             raise ValueError(f"DecodeView takes one token per sequence, got {num_new}")
         return self.lengths_B[:, None]
+
+    def kv_slot_write(self, layer: int, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> None:
+        return None  # attend stores the new keys (the Triton decode attention in its own pass)
 
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:

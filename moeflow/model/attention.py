@@ -4,7 +4,9 @@ The module computes queries, keys and values (with the optional q/k norms and Ro
 "store the new keys/values and attend over everything cached" to the cache object, because only
 the cache knows where each sequence's earlier keys live and which positions each query may see
 (the serving engine's slot cache, moeflow.infer.slot_cache, has a view for prefill and one for
-batched decode). Without a cache it is plain causal attention over the input.
+batched decode). Where the q/k norm + RoPE kernel runs, the cache may ask it to store the keys
+and values itself (kv_slot_write: the captured prefill into a slot), and then only attends.
+Without a cache it is plain causal attention over the input.
 
 Shapes: B batch, T new tokens, S keys (cached + new), H query heads, G kv heads, hd head dim.
 """
@@ -107,14 +109,19 @@ class Attention(nn.Module, ChoosesBackends):
         qk_args = (q_BHTd, k_BGTd, self.q_norm.weight if head_norm else None,
                    self.k_norm.weight if head_norm else None,
                    self.q_norm.eps if head_norm else 0.0, cos, sin, self.rope_interleave)
+        kv_write = None  # set when the q/k kernel also stores k and v into the cache
         if head_norm or cos is not None:
             if resolve_elementwise_backend(self.backends.elementwise, q_BHTd) == "triton":
                 from moeflow.ops.qk_rope_triton import qk_norm_rope_triton
-                q_BHTd, k_BGTd = qk_norm_rope_triton(*qk_args)
+                if cache is not None:
+                    kv_write = cache.kv_slot_write(self.layer_idx, q_BHTd, v_BGTd)
+                q_BHTd, k_BGTd = qk_norm_rope_triton(*qk_args, kv_write=kv_write)
             else:
                 q_BHTd, k_BGTd = prepare_qk(*qk_args, fuse=self.backends.fuse)
         if cache is None:
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
+        elif kv_write is not None:
+            y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, kv_written=True)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
         return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp,

@@ -1,4 +1,5 @@
-"""Per-head q/k RMSNorm (Qwen3) and RoPE in one Triton pass that writes q and k, for inference.
+"""Per-head q/k RMSNorm (Qwen3) and RoPE in one Triton pass that writes q and k (and, for the
+engine's prefill, the keys and values into their KV-cache slot), for inference.
 
 Why: moeflow.model.attention.prepare_qk in plain torch is ~20 kernels over the query tensor
 (the norm's fp32 temporaries, then RoPE's slices, cats, negation, two products and a sum),
@@ -30,10 +31,22 @@ output in the layout of q, so the output is then [B, T, H, hd] in memory too and
 projection's `transpose(1, 2).reshape(B, T, H·hd)` is a view, not the 16 MB strided copy per
 layer (20 µs on the H200) it was for a 2048-token Qwen3-30B-A3B prefill with contiguous q.
 k comes back contiguous [B, G, T, hd] (the KV cache's layout). Forward only (no autograd).
-Legend: B batch, T tokens, H query heads, G kv heads, hd head dim (even), HALF = hd / 2.
+
+Given a KVSlotWrite (the engine's prefill into a KV-cache slot, moeflow.infer.slot_cache.
+SlotPrefillView), the programs of k's heads also store their output rows into the key cache
+rows [slot, g, t] and copy the value rows of the same tokens and heads into the value cache,
+with the slot read on the device. This replaces the separate slot-write launch
+(moeflow.ops.slot_write_triton: 3.6 µs per layer plus ~1.9 µs of launch gap in the CUDA graph
+for a 2048-token Qwen3-30B-A3B prefill on the H200, ~0.27 ms of 30.5 ms over 48 layers): the
+keys are written from registers instead of being read back, and one launch less per layer.
+That gain is expected, not yet measured.
+Legend: B batch, T tokens, H query heads, G kv heads, hd head dim (even), HALF = hd / 2,
+N cache slots, M slot length.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -66,11 +79,13 @@ def _sum_squares(x, R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, sin_ptr, c_b,
-                c_t, b, t0, T, head0, NH, eps, HD: tl.constexpr, HALF: tl.constexpr,
-                HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr,
+                c_t, b, t0, T, head0, NH, eps, cache_ptr, cache_h, cache_t,
+                HD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                HAS_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr, TO_CACHE: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Tokens t0 .. t0 + BLOCK_T - 1 of batch row b, heads head0 .. head0 + BLOCK_H - 1: a
-    [BLOCK_T, BLOCK_H, BLOCK_D] tile per half of the head dim."""
+    [BLOCK_T, BLOCK_H, BLOCK_D] tile per half of the head dim. TO_CACHE: the output rows are
+    also stored at cache_ptr + head · cache_h + token · cache_t (batch of one)."""
     t = t0 + tl.arange(0, BLOCK_T)
     heads = head0 + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
@@ -115,17 +130,41 @@ def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, 
     else:
         y1 = x1
         y2 = x2
+    y1 = y1.to(dst_ptr.dtype.element_ty)
+    y2 = y2.to(dst_ptr.dtype.element_ty)
     out = dst_ptr + b * o_b + t64 * o_t + h64 * o_h
-    tl.store(out + j[None, None, :], y1.to(dst_ptr.dtype.element_ty), mask=m)
-    tl.store(out + HALF + j[None, None, :], y2.to(dst_ptr.dtype.element_ty), mask=m)
+    tl.store(out + j[None, None, :], y1, mask=m)
+    tl.store(out + HALF + j[None, None, :], y2, mask=m)
+    if TO_CACHE:
+        row = cache_ptr + t64 * cache_t + h64 * cache_h
+        tl.store(row + j[None, None, :], y1, mask=m)
+        tl.store(row + HALF + j[None, None, :], y2, mask=m)
+
+
+@triton.jit
+def _copy_heads_tile(src_ptr, s_h, s_t, dst_ptr, o_h, o_t, t0, T, head0, NH,
+                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """The same tile of another tensor (batch of one), copied unchanged: the values beside the
+    keys _heads_tile writes into the cache."""
+    t64 = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None, None]
+    heads = head0 + tl.arange(0, BLOCK_H)
+    h64 = heads.to(tl.int64)[None, :, None]
+    j = tl.arange(0, BLOCK_D)[None, None, :]
+    m = ((t64 < T) & (heads < NH)[None, :, None]) & (j < HALF)
+    src = src_ptr + t64 * s_t + h64 * s_h
+    dst = dst_ptr + t64 * o_t + h64 * o_h
+    tl.store(dst + j, tl.load(src + j, mask=m), mask=m)
+    tl.store(dst + HALF + j, tl.load(src + HALF + j, mask=m), mask=m)
 
 
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st, qo_ptr, qo_sb,
                          qo_sh, qo_st, ko_ptr, ko_sb, ko_sh, ko_st, qw_ptr, kw_ptr, cos_ptr,
-                         sin_ptr, c_b, c_t, H, G, T, eps,
-                         HD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
-                         HAS_ROPE: tl.constexpr, INTERLEAVE: tl.constexpr,
+                         sin_ptr, c_b, c_t, H, G, T, eps, v_ptr, v_sh, v_st, kc_ptr, vc_ptr,
+                         slot_ptr, M, HD: tl.constexpr, HALF: tl.constexpr,
+                         HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                         INTERLEAVE: tl.constexpr, WRITE_KV: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     t_blocks = tl.cdiv(T, BLOCK_T)
@@ -135,28 +174,67 @@ def _qk_norm_rope_kernel(q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st, qo_pt
     q_blocks = tl.cdiv(H, BLOCK_HQ)
     if blk < q_blocks:
         _heads_tile(q_ptr, q_sb, q_sh, q_st, qo_ptr, qo_sb, qo_sh, qo_st, qw_ptr, cos_ptr,
-                    sin_ptr, c_b, c_t, b, t0, T, blk * BLOCK_HQ, H, eps, HD, HALF, HAS_NORM,
-                    HAS_ROPE, INTERLEAVE, BLOCK_T, BLOCK_HQ, BLOCK_D)
+                    sin_ptr, c_b, c_t, b, t0, T, blk * BLOCK_HQ, H, eps, qo_ptr, 0, 0, HD,
+                    HALF, HAS_NORM, HAS_ROPE, INTERLEAVE, False, BLOCK_T, BLOCK_HQ, BLOCK_D)
     else:
+        head0 = (blk - q_blocks) * BLOCK_HK
+        # WRITE_KV: rows [slot, head, token] of one layer's [N, G, M, hd] caches.
+        slot_at = 0
+        if WRITE_KV:
+            slot_at = tl.load(slot_ptr).to(tl.int64) * G * M * HD
+            _copy_heads_tile(v_ptr, v_sh, v_st, vc_ptr + slot_at, M * HD, HD, t0, T, head0, G,
+                             HALF, BLOCK_T, BLOCK_HK, BLOCK_D)
         _heads_tile(k_ptr, k_sb, k_sh, k_st, ko_ptr, ko_sb, ko_sh, ko_st, kw_ptr, cos_ptr,
-                    sin_ptr, c_b, c_t, b, t0, T, (blk - q_blocks) * BLOCK_HK, G, eps, HD, HALF,
-                    HAS_NORM, HAS_ROPE, INTERLEAVE, BLOCK_T, BLOCK_HK, BLOCK_D)
+                    sin_ptr, c_b, c_t, b, t0, T, head0, G, eps, kc_ptr + slot_at, M * HD, HD,
+                    HD, HALF, HAS_NORM, HAS_ROPE, INTERLEAVE, WRITE_KV, BLOCK_T, BLOCK_HK,
+                    BLOCK_D)
+
+
+@dataclass(frozen=True)
+class KVSlotWrite:
+    """Where qk_norm_rope_triton also stores a prompt's keys (normed and rotated, as returned)
+    and values: rows [slot, :, :T] of one layer's caches, slot = slot_1[0] read on the device
+    (one captured prefill graph serves every slot). Built by
+    moeflow.infer.slot_cache.SlotPrefillView.kv_slot_write."""
+
+    k_NGMd: torch.Tensor  # one layer's key cache, contiguous
+    v_NGMd: torch.Tensor  # its value cache, contiguous, value dim = key dim
+    slot_1: torch.Tensor  # integer [1] on the device
+    v_BGTd: torch.Tensor  # the prompt's values (B = 1), a view with a contiguous head dim
 
 
 def qk_norm_rope_triton(q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                         q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                         eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                        interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        interleave: bool, *, kv_write: KVSlotWrite | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """prepare_qk's contract: norms skipped when the weights are None, RoPE when cos is None;
-    cos, sin: [B or 1, T, hd]."""
-    return _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave)
+    cos, sin: [B or 1, T, hd]. `kv_write`: also store k's output and the values there."""
+    return _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave,
+                   kv_write=kv_write)
 
 
-def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave, *,
-            block_t: int = BLOCK_T, block_h: int = BLOCK_H, num_warps: int = NUM_WARPS):
-    """qk_norm_rope_triton with its tiles as arguments (benchmarks/elementwise_sweep.py):
-    `block_t` tokens (at most T rounded up to a power of two) and `block_h` heads per program,
-    the heads capped per tensor at its head count rounded up to a power of two."""
+def _check_kv_write(w: KVSlotWrite, k_BGTd: torch.Tensor) -> None:
+    B, G, T, hd = k_BGTd.shape
+    caches = (w.k_NGMd, w.v_NGMd)
+    if (B != 1 or w.v_BGTd.shape != k_BGTd.shape or w.slot_1.shape != (1,)
+            or w.slot_1.is_floating_point()
+            or any(c.dim() != 4 or c.shape[1] != G or c.shape[2] < T or c.shape[3] != hd
+                   or not c.is_contiguous() for c in caches)
+            or any(t.dtype != k_BGTd.dtype for t in (*caches, w.v_BGTd))):
+        raise ValueError(f"qk_norm_rope: kv_write needs k and v [1, G, T, hd] "
+                         f"({tuple(k_BGTd.shape)}, {tuple(w.v_BGTd.shape)}), contiguous caches "
+                         f"[N, G, M >= T, hd] ({tuple(w.k_NGMd.shape)}, {tuple(w.v_NGMd.shape)}) "
+                         f"of k's dtype and an integer slot_1 [1] ({tuple(w.slot_1.shape)})")
+
+
+def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave,
+            kv_write: KVSlotWrite | None = None, *, block_t: int = BLOCK_T,
+            block_h: int = BLOCK_H, num_warps: int = NUM_WARPS):
+    """qk_norm_rope_triton with its tiles as the keyword-only arguments
+    (benchmarks/elementwise_sweep.py reads their defaults): `block_t` tokens (at most T rounded
+    up to a power of two) and `block_h` heads per program, the heads capped per tensor at its
+    head count rounded up to a power of two."""
     B, H, T, hd = q_BHTd.shape
     G = k_BGTd.shape[1]
     if hd % 2 or k_BGTd.shape != (B, G, T, hd):
@@ -165,6 +243,8 @@ def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave, *,
     for name, v in (("block_t", block_t), ("block_h", block_h), ("num_warps", num_warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"qk_norm_rope: {name} must be a power of two, got {v}")
+    if kv_write is not None:
+        _check_kv_write(kv_write, k_BGTd)
     if q_BHTd.stride(-1) != 1:
         q_BHTd = q_BHTd.contiguous()
     if k_BGTd.stride(-1) != 1:
@@ -177,6 +257,11 @@ def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave, *,
         cos, sin = (c.expand(c.shape[0], T, hd).contiguous() for c in (cos, sin))
         c_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         c_t = cos.stride(1)
+    k_cache = v_cache = slot_1 = v_BGTd = k_out  # unread placeholders without kv_write
+    if kv_write is not None:
+        k_cache, v_cache, slot_1 = kv_write.k_NGMd, kv_write.v_NGMd, kv_write.slot_1
+        v_BGTd = kv_write.v_BGTd if kv_write.v_BGTd.stride(-1) == 1 else \
+            kv_write.v_BGTd.contiguous()
     block_t = min(block_t, triton.next_power_of_2(T))
     block_hq = min(block_h, triton.next_power_of_2(H))
     block_hk = min(block_h, triton.next_power_of_2(G))
@@ -189,7 +274,9 @@ def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave, *,
             k_out, k_out.stride(0), k_out.stride(1), k_out.stride(2),
             q_norm_w if has_norm else q_out, k_norm_w if has_norm else k_out,
             cos if has_rope else q_out, sin if has_rope else q_out, c_b, c_t, H, G, T,
-            float(eps), HD=hd, HALF=hd // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
-            INTERLEAVE=interleave, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+            float(eps), v_BGTd, v_BGTd.stride(1), v_BGTd.stride(2), k_cache, v_cache, slot_1,
+            k_cache.shape[2], HD=hd, HALF=hd // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
+            INTERLEAVE=interleave, WRITE_KV=kv_write is not None, BLOCK_T=block_t,
+            BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
             BLOCK_D=max(triton.next_power_of_2(hd // 2), 4), num_warps=num_warps)
     return q_out, k_out

@@ -6,6 +6,12 @@ Why: `index_copy_` of the keys and of the values into the [slot, :, :T] slices o
 of the Qwen3-30B-A3B shape on an H200 (2 MB each: 0.4 TB/s; 0.54 of its 37 ms). Here one program
 per (block of positions, kv head) copies both tensors' rows.
 
+Where attention runs the q/k norm + RoPE kernel (moeflow.ops.qk_rope_triton, Triton elementwise
+backend), that kernel stores the keys and values into the slot itself and this launch is
+skipped (moeflow.infer.slot_cache.SlotPrefillView.kv_slot_write). This one remains for the
+prefills that do not run it: no per-head q/k norm and no RoPE (learned positions), MLA, the
+reference elementwise backend.
+
 Legend: B = 1 sequence, G kv heads, T prompt positions, N slots, M slot length, dk/dv head dims.
 """
 
