@@ -8,6 +8,9 @@ benchmarks/moe_layer.py, and, for moeflow, the top functions by cumulative time 
 Then the unit costs on this host, each the mean issue time over 2000 calls: torch.empty,
 torch.zeros, a view, a small torch.mm, a Triton launch of a kernel with 4 and with 16 arguments,
 and the same 16-argument kernel behind triton.autotune (one config).
+`--timeline`: instead, for each cell's moeflow call, the device timeline of one eager call
+(torch.profiler): each kernel's start offset, duration and the idle gap before it, next to the
+CUDA-graph replay time of the same call (its GPU time without host gaps; forward cells only).
 
     PYTHONPATH=. python benchmarks/host_cost_probe.py [--cells qwen3-30b-a3b:128:fwd ...]
 """
@@ -22,6 +25,8 @@ import time
 
 import torch
 import triton
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 import triton.language as tl
 
 from benchmarks.moe_layer import SHAPES, build, run_cell
@@ -78,10 +83,48 @@ def _step(fn, params, x, g, mode):
     return step
 
 
+def timeline(cell: str) -> None:
+    shape, T, mode = cell.split(":")
+    fn, mod = build("moeflow", shape)
+    params = list(mod.parameters())
+    x = torch.randn(int(T), SHAPES[shape][0], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=mode != "fwd")
+    g = torch.randn_like(x)
+    event = run_cell(fn, params, x, g, mode)
+    graph = run_cell(fn, params, x.detach(), g, mode, graph=True) if mode == "fwd" else None
+    step = _step(fn, params, x, g, mode)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    t0, prev_end = kernels[0].time_range.start, kernels[0].time_range.start
+    busy = sum(k.time_range.elapsed_us() for k in kernels)
+    span = kernels[-1].time_range.end - t0
+    print(f"== {cell} moeflow: event {event:.3f} ms, graph replay "
+          f"{'-' if graph is None else f'{graph:.3f}'} ms; one eager call: {len(kernels)} "
+          f"kernels, {busy:.0f} µs busy over a {span:.0f} µs span", flush=True)
+    for k in kernels:
+        start = k.time_range.start
+        print(f"  +{start - t0:7.1f} gap {start - prev_end:6.1f} dur "
+              f"{k.time_range.elapsed_us():7.1f}  {k.name[:70]}")
+        prev_end = max(prev_end, k.time_range.end)
+    del fn, mod, params
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", nargs="*", default=list(CELLS))
+    ap.add_argument("--timeline", action="store_true")
     args = ap.parse_args()
+    if args.timeline:
+        for cell in args.cells:
+            timeline(cell)
+        return
     for cell in args.cells:
         shape, T, mode = cell.split(":")
         D = SHAPES[shape][0]
