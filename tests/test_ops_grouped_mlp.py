@@ -166,3 +166,51 @@ def test_row_bias_gradient_accumulates_in_fp32():
     _row_bias(b, ends, E * rows).backward(g)
     truth = g.float().view(E, rows, I).sum(1)
     assert _rel_err(b.grad, truth) < 5e-3
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", ["grouped_mm", "grouped_mm_fused"])
+def test_grouped_parked_rows_are_zero_and_carry_no_gradient(activation, bias, name):
+    """torch._grouped_mm leaves rows past the last offset unwritten; with uninitialised memory
+    filled with NaN (deterministic mode), the parked rows' outputs must still be exact zeros,
+    their input gradient exact zeros, and every weight and bias gradient the reference's."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    D, F, E, N = (1024, 512, 8, 4096) if ON_GPU else (32, 16, 4, 24)
+    x, ends, w_in, b_in, w_out, b_out, n = _problem(N, D, F, E, activation, bias, dtype)
+    if not grouped_mm_supported(x, w_in, w_out):
+        pytest.skip("torch._grouped_mm does not run for these operands here")
+    g = torch.randn(x.shape[0], D, device=DEVICE, dtype=dtype)
+    g[n:] = 0  # the combine gives a parked (dropped) row no gradient
+
+    def run(backend, fill):
+        leaves = [t.clone().requires_grad_(True) if t is not None else None
+                  for t in (x, w_in, b_in, w_out, b_out)]
+        with _deterministic(fill):
+            y = EXPERT_BACKENDS[backend](leaves[0], ends, *leaves[1:], activation)
+            y.backward(g)
+        return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+    fast, ref = run(name, fill=True), run("reference", fill=False)
+    assert (fast[0][n:] == 0).all() and (fast[1][n:] == 0).all()
+    for a, b in zip(fast, ref):
+        assert torch.isfinite(a).all()
+        assert _rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+class _deterministic:
+    """Deterministic algorithms with uninitialised memory filled (NaN for floats) inside."""
+
+    def __init__(self, fill):
+        self.fill = fill
+
+    def __enter__(self):
+        self.saved = (torch.are_deterministic_algorithms_enabled(),
+                      torch.utils.deterministic.fill_uninitialized_memory)
+        if self.fill:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = True
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.saved[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = self.saved[1]
