@@ -15,6 +15,17 @@ from pathlib import Path
 import torch
 
 
+def autotuned_configs(*modules) -> dict[str, dict[str, str]]:
+    """The configs Triton's autotuner picked so far in this process, per autotuned kernel of
+    `modules` and per autotune key: a run's kernel times depend on them, and the pick can
+    differ between processes (no disk cache on a fresh machine)."""
+    from triton.runtime.autotuner import Autotuner
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}":
+            {str(k): str(c) for k, c in obj.cache.items()}
+            for m in modules for name, obj in vars(m).items()
+            if isinstance(obj, Autotuner) and obj.cache}
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
     try:

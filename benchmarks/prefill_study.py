@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import build, engine_decode, sync_time  # noqa: E402
+from benchmarks.machine import autotuned_configs  # noqa: E402
 
 from moeflow import ModelConfig, RouterConfig, Transformer  # noqa: E402
 from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -127,6 +128,10 @@ def run_variant(model, label, elementwise, graphs, experts, args, prompt, res, l
             r[f"decode_b{batch}"] = {k: d[k] for k in ("step_ms", "step_ms_min",
                                                        "graph_replay_ms") if k in d}
             log(f"  {label} decode b{batch} {r[f'decode_b{batch}']}")
+        if cuda:
+            from moeflow.ops import grouped_mlp_triton, skinny_linear_triton
+            r["autotuned"] = autotuned_configs(grouped_mlp_triton, skinny_linear_triton)
+            log(f"  {label} autotuned {r['autotuned']}")
         return logits
     except Exception:
         r["error"] = traceback.format_exc()[-3000:]
@@ -167,6 +172,10 @@ def markdown(results: dict) -> str:
                       f"{p['wall_ms_under_profiler']:.2f} ms wall under the profiler.", "",
                       "| kernel | count | µs |", "|---|---|---|"]
             lines += [f"| `{k}` | {c} | {t} |" for k, c, t in p["top"]]
+        if r.get("autotuned"):
+            lines += ["", f"Autotuned ({label}): " + "; ".join(
+                f"`{kernel}` {key}: {cfg}" for kernel, picks in r["autotuned"].items()
+                for key, cfg in picks.items())]
         if "error" in r:
             lines += ["", f"{label}: error (see JSON)"]
     return "\n".join(lines) + "\n"
