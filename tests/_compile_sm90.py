@@ -147,8 +147,8 @@ def dropless_router():
                       **_args("psum_ptr lse_ptr pe_part_ptr z_part_ptr", "*fp32"),
                       **_args("T E NB", "i32")},
                      {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256})
-        compile_sm90(m._dropless_plan_kernel,
-                     {"ids_ptr": "*i64", **_args("offsets_ptr totals_ptr", "*i32"),
+        plan = compile_sm90(m._dropless_plan_kernel,
+                     {"ids_ptr": "*i64", **_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("pe_part_ptr z_part_ptr", "*fp32"), "slots_ptr": "*i64",
                       "kept_ptr": "*i8",
                       **_args("row_ptr token_ptr ends_ptr counts_ptr balance_ptr dropped_ptr",
@@ -157,6 +157,8 @@ def dropless_router():
                       **_args("aux_coef z_coef", "fp32")},
                      {"K": K, "FIRST_CHOICE_BALANCE": first_choice, "BLOCK_T": 8,
                       "BLOCK_E": 128, "BLOCK_K": K, "BLOCK_Q": 32})
+        # It loads back what it stored (after a barrier): never through the read-only cache.
+        assert "ld.global.nc" not in plan.asm["ptx"], "plan kernel: non-coherent loads"
 
 
 def skinny_linear():
