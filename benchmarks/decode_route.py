@@ -14,12 +14,16 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
 - `logits+route`: from the layer input x (bf16) and the gate weight to the plan — unfused:
   router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused
   (one launch: logits tiles over many programs, the last one routes), at the same T·K.
-- `warps` (with --sweep-warps): route_decode_fused with the routing program's warps forced
-  (decode_route_triton.ROUTE_WARPS, which also sizes the logits tiles) to each of 1, 2, 4, 8,
-  and its choices compared with the default's; ROUTE_WARPS comes from this table.
-  Also route_decode_triton (the routing program alone, on precomputed logits) at each warp
-  count: in the fused kernel one count serves both the logits programs and the routing
-  program, so this separates what the routing program alone would prefer.
+- `warps` (with --sweep-warps): route_decode_fused's kernel time (the profiler's CUPTI
+  records, median of eager calls, each after an L2 flush) with the warps forced
+  (decode_route_triton.ROUTE_WARPS, which also sizes the logits tiles) to each of 1, 2, 4, 8
+  and the gate bytes per logits program (_GATE_BYTES_PER_PROGRAM) to each of GATE_BYTES, its
+  choices compared with the default's; both constants come from this table. Also
+  route_decode_triton (the routing program alone, on precomputed logits) at each warp count:
+  in the fused kernel one count serves both the logits programs and the routing program, so
+  this separates what the routing program alone would prefer. (An earlier version timed
+  single-kernel CUDA graphs with events: their replay overhead, ±5 µs from call to call,
+  buried the kernels' differences.)
 - `layer`: the whole MoE layer forward, Backends(router="triton") (before the decode router),
   Backends(router="triton_decode") (what auto takes now) and
   Backends(router="triton_decode_fused"), at T = 1, 8, 16, 64, with the CUDA kernels each
@@ -119,33 +123,62 @@ def logits_route_table(tokens: list[int]) -> dict:
     return out
 
 
+GATE_BYTES = (2048, 4096, 8192, 16384)
+
+
+def kernel_us(fn, name: str, reps: int = 25) -> float:
+    """Median device time (the profiler's CUPTI records, not host timing) of the kernels whose
+    name contains `name`, over `reps` eager calls of fn, each after an L2 flush: in a decode
+    step the gate comes from memory, the other layers' weights having passed through L2."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    times = sorted(e.time_range.elapsed_us() for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and name in e.name)
+    return times[len(times) // 2]
+
+
 def warps_table(tokens: list[int]) -> dict:
-    """route_decode_fused with decode_route_triton.ROUTE_WARPS set to each warp count."""
+    """The fused router's kernel time with decode_route_triton.ROUTE_WARPS at 1, 2, 4, 8 and
+    _GATE_BYTES_PER_PROGRAM at each of GATE_BYTES (the logits tiles), and the routing program
+    alone (route_decode_triton on precomputed logits) at each warp count."""
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
     ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
-    rule = decode_route_triton.ROUTE_WARPS
+    rule = decode_route_triton.ROUTE_WARPS, decode_route_triton._GATE_BYTES_PER_PROGRAM
     try:
         for T in tokens:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
-            logits = router_logits(x, gate)
-            row = {"T": T, "rule": rule, "route_only": {}}
+                logits = router_logits(x, gate)
+            row = {"T": T, "rule": list(rule), "fused": {}, "route_only": {}}
             for warps in (1, 2, 4, 8):
                 decode_route_triton.ROUTE_WARPS = warps
+                for gate_bytes in GATE_BYTES:
+                    decode_route_triton._GATE_BYTES_PER_PROGRAM = gate_bytes
+                    fused = lambda: route_decode_fused(x, gate, CFG, None, ticket)  # noqa: E731
+                    with torch.no_grad():
+                        got = fused()[0].ids_TK
+                        us = kernel_us(fused, "_decode_route_logits_kernel")
+                    row["fused"][f"{warps}/{gate_bytes}"] = {
+                        "us": us, "ids_equal": bool(torch.equal(got, want))}
                 with torch.no_grad():
-                    got = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
-                    row[warps] = dict(both(lambda: route_decode_fused(x, gate, CFG, None,
-                                                                      ticket)),
-                                      ids_equal=bool(torch.equal(got, want)))
-                    row["route_only"][warps] = both(
-                        lambda: route_decode_triton(logits, CFG, None))
+                    row["route_only"][warps] = kernel_us(
+                        lambda: route_decode_triton(logits, CFG, None), "_decode_route_kernel")
             out[T * K] = row
             print(f"warps T·K={T * K:5d}: {row}", flush=True)
     finally:
-        decode_route_triton.ROUTE_WARPS = rule
+        decode_route_triton.ROUTE_WARPS, decode_route_triton._GATE_BYTES_PER_PROGRAM = rule
     return out
 
 
@@ -232,19 +265,20 @@ def markdown(result: dict) -> str:
                      f"{row['rel_diff_after']:.1e} | {row['rel_diff_fused']:.1e} | "
                      f"{row['fused_ids_equal_after']} |")
     if "warps" in result:
-        lines += ["", "## fused router by warps (µs eager / graph; ids equal the rule's)", "",
-                  "| T·K | rule | 1 | 2 | 4 | 8 |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "## fused router kernel time by warps / gate bytes per logits program (µs, "
+                  "CUPTI, L2 flushed; * = ids differ from the default's)", "",
+                  "| T·K | default | " + " | ".join(f"{w} warps, {b} B" for w in (1, 2, 4, 8)
+                                                      for b in GATE_BYTES) + " |",
+                  "|---:|---|" + "---:|" * (4 * len(GATE_BYTES))]
         for n, row in result["warps"].items():
-            cells = [f"{row[w]['eager_us']:.1f} / {row[w]['graph_us']:.1f}"
-                     + ("" if row[w]["ids_equal"] else " (ids differ)") for w in (1, 2, 4, 8)]
+            cells = [f"{c['us']:.2f}" + ("" if c["ids_equal"] else " *")
+                     for c in row["fused"].values()]
             lines.append(f"| {n} | {row['rule']} | " + " | ".join(cells) + " |")
         lines += ["", "## routing program alone (route_decode_triton on precomputed logits) by "
-                  "warps (µs eager / graph)", "", "| T·K | 1 | 2 | 4 | 8 |",
-                  "|---:|---:|---:|---:|---:|"]
+                  "warps (µs, CUPTI)", "", "| T·K | 1 | 2 | 4 | 8 |", "|---:|---:|---:|---:|---:|"]
         for n, row in result["warps"].items():
-            cells = [f"{row['route_only'][w]['eager_us']:.1f} / "
-                     f"{row['route_only'][w]['graph_us']:.1f}" for w in (1, 2, 4, 8)]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append(f"| {n} | " + " | ".join(f"{row['route_only'][w]:.2f}"
+                                                  for w in (1, 2, 4, 8)) + " |")
     return "\n".join(lines) + "\n"
 
 

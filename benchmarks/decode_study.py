@@ -81,7 +81,7 @@ def run_variant(model, label: str, forced: dict, args, res: dict, log) -> None:
     rid = eager.add_request(prompt, SamplingParams(max_new_tokens=8, temperature=0))
     eager.step()  # prefill
     eager.step()  # one warm decode step (compiles, autotunes)
-    r["eager_step_profile"] = profile_kernels(eager.step, top=15)
+    r["eager_step_profile"] = profile_kernels(eager.step, top=args.top)
     eager.abort(rid)
     log(f"{label}: eager decode step {r['eager_step_profile']['kernels']} kernels, "
         f"{r['eager_step_profile']['total_us']:.0f} us of kernel time")
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", help="label=field:value,... (repeatable)")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--top", type=int, default=30, help="kernels listed per eager step profile")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     args = ap.parse_args()
     out = Path(args.out)

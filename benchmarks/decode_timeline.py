@@ -1,0 +1,184 @@
+"""Device timeline of one engine decode step, replayed from its CUDA graph as served: where the
+batch-1 (and batch-16) step's time goes, kernel by kernel, and how much of it is gaps.
+
+decode_study.py profiles an eager step (every launch paid by the host) because older profilers
+did not see the kernels inside a graph replay; CUPTI on CUDA 12+ does record them, each with its
+own start and end, so this takes the served step itself. Per batch size:
+- the step's CUDA-event time (median of 20 graph replays) and the profiled replay's kernels:
+  count, summed duration, span and summed idle gaps between consecutive kernels;
+- per kernel name: count per step, mean duration, mean gap before it, total;
+- the kernel sequence of one middle layer (each kernel's duration and the gap before it).
+If the profiler sees no kernels in the replay, says so and falls back to an eager step.
+
+    PYTHONPATH=. python benchmarks/decode_timeline.py --out DIR [--model qwen3-30b-a3b]
+        [--batches 1 16] [--variant label=field:value,... ...]
+
+Each --variant (repeatable; default one, `auto=`, Backends' defaults) forces Backends fields on
+the same model; variants run one after the other in one process.
+
+Writes DIR/decode_timeline.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import PROMPT, build  # noqa: E402
+
+from benchmarks.machine import cuda_event_ms  # noqa: E402
+
+from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
+
+
+def kernel_events(fn) -> list:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and e.time_range.elapsed_us() > 0 and "Memcpy" not in e.name),
+                  key=lambda e: e.time_range.start)
+
+
+def summarise(kernels: list, n_layers: int) -> dict:
+    if not kernels:
+        return {"kernels": 0}
+    gaps, prev_end = [], kernels[0].time_range.start
+    for k in kernels:
+        gaps.append(max(0.0, k.time_range.start - prev_end))
+        prev_end = max(prev_end, k.time_range.end)
+    by_name: dict = defaultdict(lambda: [0, 0.0, 0.0])
+    for k, gap in zip(kernels, gaps):
+        row = by_name[k.name[:80]]
+        row[0] += 1
+        row[1] += k.time_range.elapsed_us()
+        row[2] += gap
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    per_layer = len(kernels) // max(n_layers, 1)
+    mid = (n_layers // 2) * per_layer
+    return {
+        "kernels": len(kernels),
+        "busy_us": round(sum(k.time_range.elapsed_us() for k in kernels), 1),
+        "span_us": round(kernels[-1].time_range.end - kernels[0].time_range.start, 1),
+        "gaps_us": round(sum(gaps), 1),
+        "by_name": [[n, c, round(t, 1), round(t / c, 2), round(g / c, 2)]
+                    for n, (c, t, g) in names],
+        "middle_layer": [[k.name[:80], round(k.time_range.elapsed_us(), 2), round(g, 2)]
+                         for k, g in zip(kernels[mid:mid + per_layer],
+                                         gaps[mid:mid + per_layer])],
+    }
+
+
+def measure(model, batch: int, max_seq_len: int) -> dict:
+    vocab = model.config.vocab_size
+    engine = Engine(model, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=max_seq_len))
+    g = torch.Generator().manual_seed(batch)
+    ids = [engine.add_request(torch.randint(0, vocab, (PROMPT,), generator=g).tolist(),
+                              SamplingParams(max_new_tokens=64, temperature=0))
+           for _ in range(batch)]
+    engine.step()  # prefill
+    for _ in range(4):  # capture + warm
+        engine.step()
+    out: dict = {"batch": batch}
+    dec = engine._decoder
+    graphs = getattr(dec, "graphs", None)
+    if graphs:
+        graph = graphs[dec.last_key][0]
+        out["graph_replay_ms"] = cuda_event_ms(graph.replay, 20)
+        out["replay"] = summarise(kernel_events(graph.replay), model.config.n_layers)
+    if not out.get("replay", {}).get("kernels"):
+        out["note"] = "no kernels seen inside the graph replay: eager step profiled instead"
+        eager = Engine(model, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=max_seq_len,
+                                           cuda_graphs=False, prefill_graphs=False))
+        rid = eager.add_request(list(range(PROMPT)), SamplingParams(max_new_tokens=8,
+                                                                     temperature=0))
+        eager.step()
+        eager.step()
+        out["eager"] = summarise(kernel_events(eager.step), model.config.n_layers)
+        eager.abort(rid)
+    for rid in ids:
+        engine.abort(rid)
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Decode step timeline — {res['gpu']}, {res['date']}", "",
+             f"Model {res['model']}, torch {res['torch']}; command `{res['command']}`.", "",
+             "| variant | forced | " + " | ".join(f"b{b} replay ms | b{b} kernels | b{b} busy µs"
+                                                  for b in res["batches"]) + " |",
+             "|---|---|" + "---:|---:|---:|" * len(res["batches"])]
+    for label, v in res["variants"].items():
+        cells = []
+        for r in v["batches"]:
+            t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
+            cells.append(f"{r.get('graph_replay_ms', float('nan')):.3f} | {t.get('kernels')} | "
+                         f"{t.get('busy_us')}")
+        lines.append(f"| {label} | {v['forced']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for label, v in res["variants"].items():
+        lines += [f"# Variant {label}", ""] + batch_sections(v["batches"])
+    return "\n".join(lines)
+
+
+def batch_sections(batches: list) -> list[str]:
+    lines = []
+    for r in batches:
+        t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
+        replay_ms = r.get("graph_replay_ms", float("nan"))
+        lines += [f"## Batch {r['batch']}: graph replay {replay_ms:.3f} ms; "
+                  f"{t.get('kernels')} kernels, {t.get('busy_us')} µs busy, "
+                  f"{t.get('gaps_us')} µs of gaps over a {t.get('span_us')} µs span"
+                  + (f" ({r['note']})" if "note" in r else ""), "",
+                  "| kernel | per step | µs total | µs mean | mean gap before, µs |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| `{n}` | {c} | {t_} | {m} | {g} |" for n, c, t_, m, g in t.get("by_name", [])]
+        lines += ["", "One middle layer, in order (µs, gap before):", ""]
+        lines += [f"- {n}: {d} (gap {g})" for n, d, g in t.get("middle_layer", [])]
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="qwen3-30b-a3b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--variant", action="append",
+                    help="label=field:value,... : Backends fields forced (repeatable)")
+    ap.add_argument("--max-seq-len", type=int, default=1024)
+    args = ap.parse_args()
+    model = build(args.model)
+    res = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__, "model": args.model, "batches": args.batches,
+           "command": "python " + " ".join(sys.argv), "variants": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in args.variant or ["auto="]:
+        label, _, fields = spec.partition("=")
+        forced = dict(f.split(":", 1) for f in fields.split(",") if f)
+        model.set_backends(Backends(**forced))
+        v = res["variants"][label] = {"forced": forced, "batches": []}
+        for batch in args.batches:
+            v["batches"].append(measure(model, batch, args.max_seq_len))
+            r = v["batches"][-1]
+            t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
+            print(f"{label} batch {batch}: replay {r.get('graph_replay_ms')} ms, "
+                  f"{t.get('kernels')} kernels, busy {t.get('busy_us')} µs, "
+                  f"gaps {t.get('gaps_us')} µs", flush=True)
+            (out / "decode_timeline.json").write_text(json.dumps(res, indent=1))
+            (out / "decode_timeline.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
