@@ -67,7 +67,6 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.pdl import pdl_enter, pdl_launch
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
 
@@ -217,12 +216,10 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
                                 BLOCK_T: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                                LT: tl.constexpr, LE: tl.constexpr, LD: tl.constexpr,
-                                PDL: tl.constexpr):
+                                LT: tl.constexpr, LE: tl.constexpr, LD: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
-    pdl_enter(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
     rows = pt * LT + tl.arange(0, LT)
@@ -354,15 +351,13 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
 
 def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
                        expert_bias_E: torch.Tensor | None, ticket_1: torch.Tensor,
-                       capacity: int | None = None, pdl: bool = False
-                       ) -> tuple[RoutingResult, torch.Tensor]:
+                       capacity: int | None = None) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
     products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
     ulps, and exactly where every partial sum is representable).
     `ticket_1`: an int32 counter holding 0, left at 0 (the Router keeps one per device); one
-    launch at a time may use it, i.e. a router routes on one stream at a time. `pdl`: launch
-    with programmatic dependent launch (moeflow.ops.pdl; CUDA sm_90+)."""
+    launch at a time may use it, i.e. a router routes on one stream at a time."""
     x_TD = x_TD.contiguous()
     gate_ED = gate_ED.contiguous()
     T, D = x_TD.shape
@@ -375,5 +370,5 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, ticket_1,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
-        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta, **pdl_launch(pdl))
+        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta)
     return _result(out, capacity), logits_TE

@@ -43,7 +43,6 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.expert_mlp import grouped_mlp
-from moeflow.ops.pdl import pdl_enter, pdl_launch
 
 
 @triton.jit
@@ -144,8 +143,7 @@ def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.cons
 def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
+               BLOCK_K: tl.constexpr):
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -164,8 +162,7 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
 @triton.jit
 def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -255,12 +252,10 @@ def _m_bucket(n_rows: int, n_experts: int) -> int:
 def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                        b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                        b_out_ED: torch.Tensor | None, activation: str,
-                       rows_N: torch.Tensor | None, tiled: bool, pdl: bool = False
-                       ) -> torch.Tensor:
+                       rows_N: torch.Tensor | None, tiled: bool) -> torch.Tensor:
     """The up and down launches of the stream (`tiled` False) or the tiled kernels. Rows past
     ends_E[-1] are left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens
-    and row n is x_ND[rows_N[n]], gathered by the up kernel. `pdl` (stream kernels only):
-    launch them with programmatic dependent launch (moeflow.ops.pdl)."""
+    and row n is x_ND[rows_N[n]], gathered by the up kernel."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
@@ -272,7 +267,6 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     bucket = _m_bucket(N, E)
     if tiled:
         up, down, blocks = _up_tiled_kernel, _down_tiled_kernel, {}
-        pdl = False
         up_grid, down_grid = _tiled_grid(N, E, F), _tiled_grid(N, E, D)
         interpreter = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
     else:
@@ -283,7 +277,6 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
         up_grid = lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
         down_grid = lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
         interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
-        blocks.update(pdl_launch(pdl))
     if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
         up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
     block_e = triton.next_power_of_2(E)
@@ -301,14 +294,12 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                       b_out_ED: torch.Tensor | None, activation: str,
-                      parked: bool = True, rows_N: torch.Tensor | None = None,
-                      pdl: bool = False) -> torch.Tensor:
+                      parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
     """Few-token path (inference only: no autograd): the weight-streaming kernels. Rows past
     ends_E[-1] are left unwritten (combine never reads them), so `parked` needs no work here.
-    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel.
-    `pdl`: launch both with programmatic dependent launch (moeflow.ops.pdl; CUDA sm_90+)."""
+    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
     return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=False, pdl=pdl)
+                              rows_N, tiled=False)
 
 
 def _tiled_grid(N: int, E: int, cols: int):

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.pdl import pdl_enter, pdl_launch
-
 _BLOCK_A = 16
 
 
@@ -66,9 +64,8 @@ def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, drop_rank_
 @triton.jit
 def _sum_rows_kernel(y_ptr, row_ptr, kept_ptr, w_ptr, out_ptr, T, D,
                      K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_D: tl.constexpr):
     """out[t] = Σ_k kept[t,k] · (w[t,k] ·) y[row[t,k]], in k order, fp32 accumulation."""
-    pdl_enter(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tmask = t < T
@@ -111,7 +108,7 @@ def _combine_bwd_kernel(g_ptr, y_ptr, row_ptr, kept_ptr, w_ptr, gy_ptr, gw_ptr, 
 
 
 def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted, *, block_t: int = 1,
-              block_d: int = 256, num_warps: int = 2, pdl: bool = False):
+              block_d: int = 256, num_warps: int = 2):
     """out_TD of _sum_rows_kernel, `block_t` tokens × `block_d` columns (at most D rounded up to
     a power of two) per program: the tile changes the speed, not the bits (each output element
     is its own sum in k order). The defaults were the fastest of 69 tiles in
@@ -129,7 +126,7 @@ def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted, *, block_t: int = 1,
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _sum_rows_kernel[grid](y_ND, row_TK, kept_i8, w_TK if weighted else y_ND, out, T, D, K=K,
                            WEIGHTED=weighted, BLOCK_T=block_t, BLOCK_D=block_d,
-                           num_warps=num_warps, **pdl_launch(pdl))
+                           num_warps=num_warps)
     return out
 
 
@@ -178,10 +175,10 @@ class _Gather(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_ND, w_TK, row_TK, kept_TK, pdl):
+    def forward(ctx, y_ND, w_TK, row_TK, kept_TK):
         kept_i8 = kept_TK.view(torch.int8)
         ctx.save_for_backward(y_ND, w_TK, row_TK, kept_i8)
-        return _sum_rows(y_ND, row_TK, kept_i8, w_TK, row_TK.shape[0], True, pdl=pdl)
+        return _sum_rows(y_ND, row_TK, kept_i8, w_TK, row_TK.shape[0], True)
 
     @staticmethod
     def backward(ctx, g_TD):
@@ -195,7 +192,7 @@ class _Combine(torch.autograd.Function):
             _combine_bwd_kernel[(triton.cdiv(T, block_t),)](
                 g_TD.contiguous(), y_ND, row_TK, kept_i8, w_TK, g_y, g_w, T, D, K=K,
                 BLOCK_T=block_t, BLOCK_D=min(triton.next_power_of_2(D), 512), num_warps=4)
-        return g_y, g_w.to(w_TK.dtype), None, None, None
+        return g_y, g_w.to(w_TK.dtype), None, None
 
 
 def dispatch_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Tensor,
@@ -217,8 +214,6 @@ def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: tor
 
 
 def combine_triton(y_ND: torch.Tensor, weights_TK: torch.Tensor, row_TK: torch.Tensor,
-                   kept_TK: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference). `pdl`: launch
-    with programmatic dependent launch (moeflow.ops.pdl; CUDA sm_90+)."""
-    return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK,
-                          kept_TK.contiguous(), pdl)
+                   kept_TK: torch.Tensor) -> torch.Tensor:
+    """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference)."""
+    return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK, kept_TK.contiguous())
