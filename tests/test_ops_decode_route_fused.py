@@ -113,9 +113,9 @@ def test_non_finite_inputs_are_made_finite_like_router_logits():
 
 
 def test_tiles_spread_the_gate_over_programs():
-    # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 4 experts per program, 32 programs.
-    assert logits_tiles(1, 2048, 128, 2) == (2, 4, 1024)
-    assert logits_tiles(16, 2048, 128, 2) == (4, 4, 512)
+    # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 2 experts per program, 64 programs.
+    assert logits_tiles(1, 2048, 128, 2) == (2, 2, 2048)
+    assert logits_tiles(16, 2048, 128, 2) == (4, 2, 1024)
     # Mixtral (D 4096, 8 experts): 2 experts per program; a tiny gate: one program.
     assert logits_tiles(1, 4096, 8, 2)[1] == 2
     assert logits_tiles(1, 64, 16, 4)[1] == 16

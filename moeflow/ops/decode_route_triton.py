@@ -295,10 +295,12 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
 
 
 # Warps of the routing program (and of every logits program of the fused kernel), at every T
-# and E: on the H200 (benchmarks/decode_route.py --sweep-warps, Qwen3-30B-A3B router,
-# 2026-12-02) the fused router replayed from a CUDA graph ran fastest or within 0.8 µs of it
-# with 8 warps at every T·K from 8 to 512 (T·K 8: 13.6 µs, against 14.7 / 18.0 / 19.9 with
-# 4 / 2 / 1).
+# and E, and the gate bytes each logits program streams: the fused router's kernel time on the
+# H200 (benchmarks/decode_route.py --sweep-warps: the profiler's kernel records, L2 flushed,
+# Qwen3-30B-A3B router, 2026-12-02 session 13) was least with 8 warps at T·K 8 (9.02-9.09 µs
+# at 2-8 KB per program, 11.17 at 16 KB; 4 warps 9.7-13.0, 1 warp 13.8-20.4) and at T·K 128
+# (25.3-25.4 µs at every size; 4 warps 25.1-30.3, 1 warp 151). In the served batch-1 step
+# (benchmarks/decode_timeline.py) the router went 10.7 -> 8.7 µs per layer with the 8 KB tiles.
 ROUTE_WARPS = 8
 
 
@@ -331,9 +333,11 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
 
 
 # Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
-# bytes of the gate per program (LE rows of D), so that decode reads the gate from many SMs.
+# bytes of the gate per program (LE rows of D), so that decode reads the gate from many SMs
+# (Qwen3-30B-A3B: 64 programs of two 4 KB rows, the fewest rows a tile takes; see ROUTE_WARPS
+# for the measurement: 2, 4 and 8 KB all give these tiles).
 _LOGIT_PRODUCTS_PER_WARP = 1024
-_GATE_BYTES_PER_PROGRAM = 16384
+_GATE_BYTES_PER_PROGRAM = 8192
 
 
 def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
