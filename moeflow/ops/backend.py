@@ -27,8 +27,11 @@ benchmarks compare every fast path with its plain-torch reference.
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
 - elementwise: ELEMENTWISE_BACKENDS, RMSNorm, residual add + RMSNorm and q/k norm + RoPE
   ("reference" = as `fuse` decides; "triton" = one-pass kernels, moeflow.ops.norm_triton and
-  moeflow.ops.qk_rope_triton, whenever autograd is off, on any device; "auto" = triton on CUDA,
-  without autograd, for inputs above FUSE_MAX_ELEMENTS, where the compiled twins lose).
+  moeflow.ops.qk_rope_triton, whenever autograd is off, on any device; "auto" = triton on CUDA
+  without autograd: the compiled twins lose at prefill sizes, and at decode the compiled norm
+  leaves the residual add to a kernel of its own; a batch-1 decode step of the Qwen3-30B-A3B
+  shape on the H200 ran 143 kernels and ~130 µs of kernel time and gaps fewer with triton,
+  benchmarks/results/decode_timeline).
 - attention: ATTENTION_BACKENDS, the serving engine's decode attention over its slot cache
   (moeflow.infer.slot_cache.DecodeView; "reference" = two scatters storing the new key/value,
   then decode_attention as `fuse` decides; "triton" = moeflow.ops.decode_attention_triton, one
@@ -386,7 +389,7 @@ def resolve_elementwise_backend(requested: str, x: torch.Tensor) -> str:
         return "reference"
     if requested == "triton":
         return "triton"
-    return "triton" if _triton_cuda(x) and x.numel() > FUSE_MAX_ELEMENTS else "reference"
+    return "triton" if _triton_cuda(x) else "reference"
 
 
 def resolve_attention_backend(requested: str, q: torch.Tensor) -> str:

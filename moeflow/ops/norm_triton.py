@@ -1,17 +1,19 @@
-"""RMSNorm (and residual add + RMSNorm) as one Triton pass per row, for inference on large inputs.
+"""RMSNorm (and residual add + RMSNorm) as one Triton pass per row, for inference on CUDA.
 
 Why: the plain-torch RMSNorm (moeflow.model.norms.rms_norm) is seven kernels with fp32
 temporaries the size of the input (upcast, square, mean, rsqrt, two products, downcast). On a
 prefill of 2048 tokens of d_model 2048 that is ~50 MB of traffic per norm instead of the 16 MB
 that reading x and writing y need, twice per layer. torch.compile's shape-dynamic twin measured
 slower than plain torch at that size (moeflow.ops.backend.FUSE_MAX_ELEMENTS), hence these kernels.
+At decode sizes the compiled twin is as fast a norm, but the residual add before it is a kernel
+of its own; here it is part of the pass (moeflow.ops.backend.resolve_elementwise_backend).
 
 Same math as the reference: fp32 arithmetic, y = x · rsqrt(mean(x²) + eps) · w, one rounding to
 x's dtype at the end; only the order of the fp32 sum differs (last-bit differences, which may
 move a bf16 output by one unit). `add_rms_norm` first rounds the residual sum s = x + h to x's
 dtype, exactly as the plain `x + h` does, and normalises that rounded s.
 
-Forward only (no autograd): moeflow.ops.backend.resolve_norm_backend never picks these under
+Forward only (no autograd): moeflow.ops.backend.resolve_elementwise_backend never picks these under
 autograd. Legend: R rows (all leading dims), D normalised dim.
 """
 
