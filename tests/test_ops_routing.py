@@ -169,31 +169,3 @@ def test_fused_routing_with_reduced_statistics_matches_reference(name):
                                    atol=1e-6)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
-
-
-def test_choice_order_keys_rank_like_the_floats_and_below_them_when_taken():
-    """choose_tile ranks candidates by int32 keys of their fp32 values in one (max, index)
-    reduction: keys keep the floats' order (−0.0 ties with +0.0, as they compare), every key is
-    above the taken columns' −2**31 (−inf included), and the max key gives back its value."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def keys_kernel(v_ptr, key_ptr, back_ptr, N: tl.constexpr):
-        i = tl.arange(0, N)
-        key = routing_triton._order_key(tl.load(v_ptr + i))
-        tl.store(key_ptr + i, key)
-        tl.store(back_ptr + i, routing_triton._order_value(key))
-
-    inf, big = float("inf"), 3.4028234663852886e38
-    values = torch.tensor([-inf, -big, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, big, inf,
-                           -3.0, 7.0, 2.0, 0.25], device=DEVICE)
-    keys = torch.empty(16, dtype=torch.int32, device=DEVICE)
-    back = torch.empty(16, device=DEVICE)
-    keys_kernel[(1,)](values, keys, back, N=16)
-    order = torch.argsort(values, stable=True)
-    pairs = list(zip(values[order].tolist(), keys[order].tolist()))
-    for (v, k), (v_next, k_next) in zip(pairs, pairs[1:]):
-        assert (k == k_next) if v == v_next else (k < k_next), (v, v_next)
-    assert keys[5] == keys[6] and int(keys.min()) > -2**31  # −0.0 keyed as +0.0
-    assert torch.equal(back, values + 0.0)  # the values back (−0.0 as +0.0)

@@ -89,20 +89,6 @@ SEL_SCORES, SEL_NOISY_LOGITS, SEL_DEEPSPEED = 0, 1, 2
 
 
 @triton.jit
-def _order_key(v):
-    """fp32 → int32 keys in the same order (−0.0 keyed as +0.0, so the two tie as they
-    compare); every key of a non-NaN value is above −2**31."""
-    b = (v + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-
-
-@triton.jit
-def _order_value(key):
-    """The fp32 value of an _order_key key."""
-    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
                 K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
@@ -153,22 +139,16 @@ def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
     for k in tl.static_range(K):
         if SEL == 2:
             if k == 0:
-                cand = soft
+                cand = tl.where(taken, float("-inf"), soft)
             else:
-                cand = xr
+                cand = tl.where(taken, float("-inf"), xr)
         else:
-            cand = sel
-        # One (max, leftmost index) reduction per choice over order keys, where a taken column
-        # ranks below every score, -inf included: the first untaken column holding the largest
-        # untaken value, as a max and then a min over the indices holding it would give.
-        key, idx = tl.max(tl.where(taken, -2147483648, _order_key(cand)), axis=1,
-                          return_indices=True, return_indices_tie_break_left=True)
+            cand = tl.where(taken, float("-inf"), sel)
+        m = tl.max(cand, axis=1)
+        idx = tl.min(tl.where((cand == m[:, None]) & ~taken, cols[None, :], BLOCK_E), axis=1)
         hit = cols[None, :] == idx[:, None]
         taken = taken | hit
-        if SEL == 0 and not HAS_BIAS:
-            w = _order_value(key)  # the ranked values are the scores themselves
-        else:
-            w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         ids_tile = tl.where(kcols[None, :] == k, idx.to(tl.int64)[:, None], ids_tile)
         w_tile = tl.where(kcols[None, :] == k, w[:, None], w_tile)
     if NORMALIZE:
