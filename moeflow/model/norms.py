@@ -1,10 +1,10 @@
 """Normalisation layers: LayerNorm for the GPT family, RMSNorm for the Llama family.
 
 RMSNorm runs one of three implementations of the same math, chosen per call by the model's
-Backends: plain torch (the reference), its torch.compile twin (small inputs on CUDA,
-moeflow.ops.fused) or a one-pass Triton kernel (large inputs without autograd,
-moeflow.ops.norm_triton). `add_norm` is the residual update followed by the next norm, which
-the Triton path does in the same pass.
+Backends: plain torch (the reference), its torch.compile twin (moeflow.ops.fused; with
+elementwise="reference", small inputs on CUDA) or a one-pass Triton kernel (on CUDA without
+autograd, moeflow.ops.norm_triton). `add_norm` is the residual update followed by the next
+norm, which the Triton path does in the same pass.
 """
 
 from __future__ import annotations
