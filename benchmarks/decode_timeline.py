@@ -8,7 +8,6 @@ own start and end, so this takes the served step itself. Per batch size:
   count, summed duration, span and summed idle gaps between consecutive kernels;
 - per kernel name: count per step, mean duration, mean gap before it, total;
 - the kernel sequence of one middle layer (each kernel's duration and the gap before it).
-If the profiler sees no kernels in the replay, says so and falls back to an eager step.
 
     PYTHONPATH=. python benchmarks/decode_timeline.py --out DIR [--model qwen3-30b-a3b]
         [--batches 1 16] [--variant label=field:value,... ...]
@@ -29,25 +28,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import PROMPT, build  # noqa: E402
 
-from benchmarks.machine import cuda_event_ms  # noqa: E402
+from benchmarks.machine import cuda_event_ms, cuda_kernel_events  # noqa: E402
 
 from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from moeflow.infer.decode_graphs import GraphDecoder  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
-
-
-def kernel_events(fn) -> list:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
-                   and e.time_range.elapsed_us() > 0 and "Memcpy" not in e.name),
-                  key=lambda e: e.time_range.start)
 
 
 def summarise(kernels: list, n_layers: int) -> dict:
@@ -89,23 +78,15 @@ def measure(model, batch: int, max_seq_len: int) -> dict:
     engine.step()  # prefill
     for _ in range(4):  # capture + warm
         engine.step()
-    out: dict = {"batch": batch}
     dec = engine._decoder
-    graphs = getattr(dec, "graphs", None)
-    if graphs:
-        graph = graphs[dec.last_key][0]
-        out["graph_replay_ms"] = cuda_event_ms(graph.replay, 20)
-        out["replay"] = summarise(kernel_events(graph.replay), model.config.n_layers)
-    if not out.get("replay", {}).get("kernels"):
-        out["note"] = "no kernels seen inside the graph replay: eager step profiled instead"
-        eager = Engine(model, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=max_seq_len,
-                                           cuda_graphs=False, prefill_graphs=False))
-        rid = eager.add_request(list(range(PROMPT)), SamplingParams(max_new_tokens=8,
-                                                                     temperature=0))
-        eager.step()
-        eager.step()
-        out["eager"] = summarise(kernel_events(eager.step), model.config.n_layers)
-        eager.abort(rid)
+    if not isinstance(dec, GraphDecoder):
+        sys.exit("decode_timeline: the engine decodes without CUDA graphs here (a GPU is needed)")
+    graph = dec.graphs[dec.last_key][0]
+    replay_ms = cuda_event_ms(graph.replay, 20)
+    replay = summarise(cuda_kernel_events(graph.replay), model.config.n_layers)
+    if not replay["kernels"]:
+        sys.exit("decode_timeline: the profiler saw no kernels inside the graph replay")
+    out = {"batch": batch, "graph_replay_ms": replay_ms, "replay": replay}
     for rid in ids:
         engine.abort(rid)
     return out
@@ -120,9 +101,8 @@ def markdown(res: dict) -> str:
     for label, v in res["variants"].items():
         cells = []
         for r in v["batches"]:
-            t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
-            cells.append(f"{r.get('graph_replay_ms', float('nan')):.3f} | {t.get('kernels')} | "
-                         f"{t.get('busy_us')}")
+            cells.append(f"{r['graph_replay_ms']:.3f} | {r['replay']['kernels']} | "
+                         f"{r['replay']['busy_us']}")
         lines.append(f"| {label} | {v['forced']} | " + " | ".join(cells) + " |")
     lines.append("")
     for label, v in res["variants"].items():
@@ -133,17 +113,15 @@ def markdown(res: dict) -> str:
 def batch_sections(batches: list) -> list[str]:
     lines = []
     for r in batches:
-        t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
-        replay_ms = r.get("graph_replay_ms", float("nan"))
-        lines += [f"## Batch {r['batch']}: graph replay {replay_ms:.3f} ms; "
-                  f"{t.get('kernels')} kernels, {t.get('busy_us')} µs busy, "
-                  f"{t.get('gaps_us')} µs of gaps over a {t.get('span_us')} µs span"
-                  + (f" ({r['note']})" if "note" in r else ""), "",
+        t = r["replay"]
+        lines += [f"## Batch {r['batch']}: graph replay {r['graph_replay_ms']:.3f} ms; "
+                  f"{t['kernels']} kernels, {t['busy_us']} µs busy, "
+                  f"{t['gaps_us']} µs of gaps over a {t['span_us']} µs span", "",
                   "| kernel | per step | µs total | µs mean | mean gap before, µs |",
                   "|---|---:|---:|---:|---:|"]
-        lines += [f"| `{n}` | {c} | {t_} | {m} | {g} |" for n, c, t_, m, g in t.get("by_name", [])]
+        lines += [f"| `{n}` | {c} | {t_} | {m} | {g} |" for n, c, t_, m, g in t["by_name"]]
         lines += ["", "One middle layer, in order (µs, gap before):", ""]
-        lines += [f"- {n}: {d} (gap {g})" for n, d, g in t.get("middle_layer", [])]
+        lines += [f"- {n}: {d} (gap {g})" for n, d, g in t["middle_layer"]]
         lines.append("")
     return lines
 
@@ -171,10 +149,10 @@ def main() -> None:
         for batch in args.batches:
             v["batches"].append(measure(model, batch, args.max_seq_len))
             r = v["batches"][-1]
-            t = r.get("replay") if r.get("replay", {}).get("kernels") else r.get("eager", {})
-            print(f"{label} batch {batch}: replay {r.get('graph_replay_ms')} ms, "
-                  f"{t.get('kernels')} kernels, busy {t.get('busy_us')} µs, "
-                  f"gaps {t.get('gaps_us')} µs", flush=True)
+            t = r["replay"]
+            print(f"{label} batch {batch}: replay {r['graph_replay_ms']:.3f} ms, "
+                  f"{t['kernels']} kernels, busy {t['busy_us']} µs, gaps {t['gaps_us']} µs",
+                  flush=True)
             (out / "decode_timeline.json").write_text(json.dumps(res, indent=1))
             (out / "decode_timeline.md").write_text(markdown(res))
     print(markdown(res))

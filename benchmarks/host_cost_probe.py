@@ -25,10 +25,9 @@ import time
 
 import torch
 import triton
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 import triton.language as tl
 
+from benchmarks.machine import cuda_kernel_events
 from benchmarks.moe_layer import SHAPES, build, run_cell
 
 CELLS = ("qwen3-30b-a3b:128:fwd", "ds-1.3b+moe128:8:fwd", "qwen3-30b-a3b:8:fwd+bwd",
@@ -96,11 +95,7 @@ def timeline(cell: str) -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
+    kernels = cuda_kernel_events(step)
     t0, prev_end = kernels[0].time_range.start, kernels[0].time_range.start
     busy = sum(k.time_range.elapsed_us() for k in kernels)
     span = kernels[-1].time_range.end - t0

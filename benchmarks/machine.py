@@ -37,6 +37,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cuda_kernel_events(fn) -> list:
+    """The GPU kernels of one call of `fn` in start order, from the profiler's records (CUPTI
+    sees the kernels inside a replayed CUDA graph too); copies and empty records left out."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and e.time_range.elapsed_us() > 0 and "Memcpy" not in e.name),
+                  key=lambda e: e.time_range.start)
+
+
 def cuda_event_ms(fn, reps: int, warmup: int = 0) -> float:
     """Median ms of `fn` over `reps` calls (after `warmup` untimed ones), each between two CUDA
     events on the current stream and waited for before the next."""
