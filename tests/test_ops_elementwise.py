@@ -123,6 +123,18 @@ def test_elementwise_backend_choice():
         assert backend.resolve_elementwise_backend("triton", big[:4]) == "triton"
         assert backend.resolve_elementwise_backend("reference", big) == "reference"
     assert backend.resolve_elementwise_backend("triton", big) == "reference"  # autograd on
+
+
+def test_elementwise_auto_takes_triton_at_every_size_where_triton_runs(monkeypatch):
+    """On CUDA (here: where _triton_cuda says Triton runs) "auto" takes the one-pass kernels
+    for a decode-sized row as for a prefill: at decode the compiled norm left the residual add
+    to a kernel of its own (benchmarks/results/decode_timeline)."""
+    monkeypatch.setattr(backend, "_triton_cuda", lambda t: True)
+    with torch.no_grad():
+        for numel in (2048, backend.FUSE_MAX_ELEMENTS + 1):
+            assert backend.resolve_elementwise_backend("auto", torch.empty(numel)) == "triton"
+        assert backend.resolve_elementwise_backend("reference", torch.empty(4)) == "reference"
+    assert backend.resolve_elementwise_backend("auto", torch.empty(4)) == "reference"  # autograd
     assert Backends.reference().elementwise == "reference"
     with pytest.raises(ValueError, match="elementwise"):
         Backends(elementwise="nope")
