@@ -14,7 +14,8 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
-                         qk_rope_triton, routing_triton, skinny_linear_triton, slot_write_triton)
+                         norm_triton, qk_rope_triton, routing_triton, skinny_linear_triton,
+                         slot_write_triton)
 
 NO_PTXAS = 3
 
@@ -177,9 +178,20 @@ def slot_write():
                  {"DK": 128, "DV": 128, "BLOCK_T": 32, "BLOCK_DK": 128, "BLOCK_DV": 128})
 
 
+def rms_norm():
+    """The norm kernel plain, with a residual, and with a MoE combine of 8 rows as the
+    residual (the decode layer's add + norm with the combine folded in)."""
+    for residual, combine_k in ((False, 0), (True, 0), (True, 8)):
+        compile_sm90(norm_triton._rms_norm_kernel,
+                     {**_args("x_ptr h_ptr w_ptr s_ptr y_ptr", "*bf16"), "row_ptr": "*i64",
+                      "kept_ptr": "*i8", "cw_ptr": "*fp32", "D": "i32", "eps": "fp32"},
+                     {"HAS_RESIDUAL": residual, "COMBINE_K": combine_k, "BLOCK": 2048},
+                     num_warps=8)
+
+
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
-                                 skinny_linear)}
+                                 skinny_linear, rms_norm)}
 
 if __name__ == "__main__":
     try:
