@@ -155,7 +155,11 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             v_V = tl.load(vn_ptr + b * svn_b + g * svn_g + dv, mask=dvmask, other=0.0)
             tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask)
             tl.store(vc + L.to(tl.int64) * svc_m + dv, v_V, mask=dvmask)
-            s_Q = tl.sum(q_QK.to(tl.float32) * k_K.to(tl.float32)[None, :], axis=1) * scale_log2
+            # Scored by the cached keys' tl.dot (the key as 16 equal columns): its order of
+            # sums is fixed, where tl.sum's would follow q_QK's layout, and that layout differs
+            # when the kernel prepares q (fp32 bits did).
+            kT_K16 = tl.broadcast_to(k_K[:, None], [BLOCK_DK, 16])
+            s_Q = tl.max(tl.dot(q_QK, kT_K16, input_precision=PRECISION), axis=1) * scale_log2
             m_new = tl.maximum(m_Q, s_Q)
             alpha = tl.exp2(m_Q - m_new)
             p_Q = tl.exp2(s_Q - m_new)
