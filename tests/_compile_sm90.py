@@ -14,8 +14,8 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quantize_triton,
-                         grouped_mlp_triton, l2_prefetch_triton, norm_triton, qk_rope_triton,
-                         routing_triton, skinny_linear_triton, slot_write_triton)
+                         grouped_mlp_triton, norm_triton, qk_rope_triton, routing_triton,
+                         skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
 
@@ -208,15 +208,9 @@ def decode_attention():
                       "PREP_NORM": norm, "PREP_ROPE": rope})
 
 
-def l2_prefetch():
-    """The bulk L2 prefetch (inline PTX: its assembly is only checked here)."""
-    compile_sm90(l2_prefetch_triton._prefetch_kernel, {"base_ptr": "*u8", "n_bytes": "i64"},
-                 {"CHUNK": l2_prefetch_triton.CHUNK, "BLOCK": l2_prefetch_triton.BLOCK})
-
-
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
-                                 skinny_linear, rms_norm, decode_attention, l2_prefetch)}
+                                 skinny_linear, rms_norm, decode_attention)}
 
 if __name__ == "__main__":
     try:
