@@ -25,9 +25,10 @@ One program, two passes over the assignments (three with a capacity):
      (all choices, and first choices for DeepSpeed's top-2 balance loss), the balance
      probabilities' column sums and Σ logsumexp² accumulate in registers;
   2. after a barrier, blocks of assignments in priority order (choice-major, then token, as
-     the reference's queue: DeepSpeed's first choices before second choices): a counting sort
-     carrying the running per-expert counts gives each assignment's queue slot; the kept ones
-     get row = start[e] + slot and token_N[row] = their token;
+     the reference's queue: DeepSpeed's first choices before second choices): pairwise
+     counts give each assignment's queue slot (the assignments ahead of it with its expert)
+     and, dropless, its row (slot + the assignments with a lower expert); with a capacity the
+     kept ones get row = start[e] + slot. token_N[row] = their token;
   3. with a capacity, after another barrier, blocks of tokens in (token, choice) order: the
      dropped assignments' weights become 0 and, where the config normalises (DeepSpeed's
      top-2), each token's kept weights are renormalised and then scaled, as route_triton does
@@ -138,27 +139,36 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
     # Pass 2 reads the ids pass 1 stored from other threads of this program.
     tl.debug_barrier()
     N = T * K
-    running = tl.zeros([BLOCK_E], tl.int32)
     for p0 in range(0, N, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         valid = p < N
         t = p % T
         flat = t.to(tl.int64) * K + p // T
         e = tl.load(ids_ptr + flat, mask=valid, other=0, volatile=True).to(tl.int32)
-        onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
-        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
-        slot = tl.sum(onehot * running[None, :], axis=1) + rank
-        row = tl.sum(onehot * starts[None, :], axis=1) + slot
+        # Pairwise counts against every assignment q (blocks of BLOCK_P; past N an id no
+        # expert has): slot = #{q ahead in priority order with the same expert}; dropless,
+        # row = #{q with a lower expert} + slot. No one-hot tile, no scan.
+        slot = tl.zeros([BLOCK_P], tl.int32)
+        lower = tl.zeros([BLOCK_P], tl.int32)
+        for q0 in range(0, N, BLOCK_P):
+            q = q0 + tl.arange(0, BLOCK_P)
+            e_q = tl.load(ids_ptr + (q % T).to(tl.int64) * K + q // T, mask=q < N,
+                          other=BLOCK_E, volatile=True).to(tl.int32)
+            ahead = (e_q[None, :] == e[:, None]) & (q[None, :] < p[:, None])
+            slot += tl.sum(ahead.to(tl.int32), axis=1)
+            if not CAPPED:
+                lower += tl.sum((e_q[None, :] < e[:, None]).to(tl.int32), axis=1)
         tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
         if CAPPED:
             kept = slot < capacity
             tl.store(kept_ptr + flat, kept.to(tl.int8), mask=valid)
             placed = valid & kept
+            row = tl.sum(tl.where(e[:, None] == cols[None, :], starts[None, :], 0), axis=1) + slot
         else:
             placed = valid
+            row = lower + slot
         tl.store(row_ptr + flat, row.to(tl.int64), mask=placed)
         tl.store(token_ptr + row, t.to(tl.int64), mask=placed)
-        running += tl.sum(onehot, axis=0)
 
     if CAPPED:
         # Pass 3 reads the kept flags pass 2 stored and the weights pass 1 stored.
@@ -282,15 +292,17 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
         CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
-        # Tiles of at most 16 tokens and 2048 scores, 8192 one-hot entries, 8 warps for the one
-        # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
-        # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
-        # kernel spills 148 there); 4 warps or 4096-score tiles spilled up to 900 bytes.
-        # Pass 2's one-hot tile: no wider than the assignments (T·K) need.
+        # Tiles of at most 16 tokens and 2048 scores, 8 warps for the one program: ptxas
+        # (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8, except ≤ 68 bytes
+        # with 8 DeepSeek groups at E = 128/256 (the fused router's top-k kernel spills 148
+        # there); 4 warps or 4096-score tiles spilled up to 900 bytes. Pass 2's pairwise tiles
+        # [BLOCK_P, BLOCK_P] no wider than the assignments (T·K) need; with a capacity its
+        # [BLOCK_P, BLOCK_E] look-up of the starts at most 8192 entries.
         BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
-        BLOCK_P=max(16, min(128, 8192 // block_e, triton.next_power_of_2(max(T * K, 1)))),
+        BLOCK_P=max(16, min(128, 8192 // block_e if capped else 128,
+                            triton.next_power_of_2(max(T * K, 1)))),
         num_warps=ROUTE_WARPS)
 
 
