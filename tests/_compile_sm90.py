@@ -13,8 +13,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
-from moeflow.ops import (decode_route_triton, fp8_quantize_triton, grouped_mlp_triton,
-                         qk_rope_triton, routing_triton, skinny_linear_triton, slot_write_triton)
+from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quantize_triton,
+                         grouped_mlp_triton, norm_triton, qk_rope_triton, routing_triton,
+                         skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
 
@@ -177,9 +178,39 @@ def slot_write():
                  {"DK": 128, "DV": 128, "BLOCK_T": 32, "BLOCK_DK": 128, "BLOCK_DV": 128})
 
 
+def rms_norm():
+    """The norm kernel plain, with a residual, and with a MoE combine of 8 rows as the
+    residual (the decode layer's add + norm with the combine folded in)."""
+    for residual, combine_k in ((False, 0), (True, 0), (True, 8)):
+        compile_sm90(norm_triton._rms_norm_kernel,
+                     {**_args("x_ptr h_ptr w_ptr s_ptr y_ptr", "*bf16"), "row_ptr": "*i64",
+                      "kept_ptr": "*i8", "cw_ptr": "*fp32", "D": "i32", "eps": "fp32"},
+                     {"HAS_RESIDUAL": residual, "COMBINE_K": combine_k, "BLOCK": 2048},
+                     num_warps=8)
+
+
+def decode_attention():
+    """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
+    with raw q/k prepared in the kernel (norm + RoPE, each alone) and without."""
+    for norm, rope in ((True, True), (True, False), (False, True), (False, False)):
+        compile_sm90(decode_attention_triton._split_kernel,
+                     {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
+                      "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
+                      "vn_ptr": "*bf16", **_args("svn_b svn_g", "i32"),
+                      "kc_ptr": "*bf16", **_args("skc_n skc_g skc_m", "i32"),
+                      "vc_ptr": "*bf16", **_args("svc_n svc_g svc_m", "i32"),
+                      "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
+                      "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
+                      **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
+                      "eps": "fp32", **_args("G P CHUNK", "i32"), "scale_log2": "fp32"},
+                     {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
+                      "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False, "PRECISION": "tf32",
+                      "PREP_NORM": norm, "PREP_ROPE": rope})
+
+
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
-                                 skinny_linear)}
+                                 skinny_linear, rms_norm, decode_attention)}
 
 if __name__ == "__main__":
     try:

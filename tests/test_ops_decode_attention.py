@@ -95,6 +95,53 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
             torch.testing.assert_close(y[b], rows, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prep", ["norm_rope", "norm", "rope"])
+def test_kernel_prepares_raw_heads_like_the_qk_kernel(dtype, prep):
+    """Raw q and k with QKPrep give the bits of the q/k norm + RoPE kernel followed by the
+    attention kernel: the same output, the same prepared key stored in the cache."""
+    from moeflow.model.rope import rope_cos_sin
+    from moeflow.ops.decode_attention_triton import QKPrep
+    from moeflow.ops.qk_rope_triton import qk_norm_rope_triton
+
+    H, G, hd = 8, 2, 32
+    lengths, kv_len = [0, 13, 30], 32
+    B, M = len(lengths), kv_len + 3
+    torch.manual_seed(len(prep))
+    q = (3 * torch.randn(B, H, 1, hd, device=DEVICE)).to(dtype)
+    k = (3 * torch.randn(B, G, 1, hd, device=DEVICE)).to(dtype)
+    v = torch.randn(B, G, 1, hd, device=DEVICE).to(dtype)
+    cache = torch.randn(B, G, M, hd, device=DEVICE).to(dtype), \
+        torch.randn(B, G, M, hd, device=DEVICE).to(dtype)
+    lengths_B = torch.tensor(lengths, device=DEVICE)
+    qw, kw = (torch.rand(hd, device=DEVICE) + 0.5 for _ in range(2))
+    if "norm" not in prep:
+        qw = kw = None
+    cos, sin = rope_cos_sin(lengths_B[:, None], hd, 10000.0, dtype)
+    if "rope" not in prep:
+        cos = sin = None
+    q_p, k_p = qk_norm_rope_triton(q, k, qw, kw, 1e-6, cos, sin, False)
+    k_ref, v_ref = (c.clone() for c in cache)
+    y_ref = decode_attention_triton(q_p[:, :, 0], k_p[:, :, 0], v[:, :, 0], k_ref, v_ref,
+                                    lengths_B, kv_len, splits=2, block_n=16)
+    k_got, v_got = (c.clone() for c in cache)
+    y = decode_attention_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_got, v_got, lengths_B,
+                                kv_len, splits=2, block_n=16,
+                                qk=QKPrep(qw, kw, 1e-6, None if cos is None else cos[:, 0],
+                                          None if sin is None else sin[:, 0]))
+    assert torch.equal(k_got, k_ref) and torch.equal(v_got, v_ref)
+    assert torch.equal(y, y_ref)
+    assert not torch.equal(k_got, cache[0])  # the prepared keys were stored
+    from moeflow.ops.decode_attention_triton import prepares
+    assert [prepares(d) for d in (8, 16, 24, 128)] == [False, True, False, True]
+    with pytest.raises(ValueError, match="cannot be prepared"):
+        decode_attention_triton(q[:, :, 0, :8], k[:, :, 0, :8], v[:, :, 0, :8],
+                                cache[0][..., :8].contiguous(), cache[1][..., :8].contiguous(),
+                                lengths_B, kv_len, qk=QKPrep(qw, kw, 1e-6, None, None)
+                                if qw is not None else QKPrep(None, None, 0.0, cos[:, 0, :8],
+                                                              sin[:, 0, :8]))
+
+
 def test_split_count_rule():
     assert num_splits(4, 8192, 64, torch.device("cpu")) == 2  # CPU_PROGRAMS = 8
     assert num_splits(1, 64, 64, torch.device("cpu")) == 1  # never more splits than key blocks
@@ -162,3 +209,42 @@ def test_engine_decodes_the_same_through_the_triton_kernel(kind, monkeypatch):
     for rid in logits:
         torch.testing.assert_close(torch.stack(logits[rid]), torch.stack(logits_ref[rid]),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_engine_decode_with_heads_prepared_in_the_kernel_equals_the_qk_kernel(monkeypatch):
+    """A Qwen3-like model (q/k norm per head, RoPE) decoding with the Triton norms and decode
+    attention: the attention kernel norms and rotates raw q/k itself (QKPrep, every layer of
+    every decode step) and the logits equal, bit for bit, those of the same engine with the
+    q/k kernel run first (prepares_qk turned off)."""
+    from moeflow.infer.slot_cache import DecodeView
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=61, n_layers=2, d_model=32, n_heads=4,
+                      n_kv_heads=2, head_dim=16, max_seq_len=32, qk_norm=True, moe_kind="moe",
+                      moe_every=1, init_std=0.1, num_experts=4, expert_d_ff=16,
+                      router=RouterConfig(top_k=2, dropless=True))
+    model = Transformer(cfg, backends=Backends(attention="triton", elementwise="triton",
+                                               fuse="reference")).to(DEVICE).eval()
+    prompts = [[5, 9, 1], [7, 2, 8, 3, 3, 4, 11]]
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    prepared = []
+
+    def spy(*args, **kwargs):
+        prepared.append(kwargs.get("qk") is not None)
+        return decode_attention_triton(*args, **kwargs)
+
+    monkeypatch.setattr("moeflow.ops.decode_attention_triton.decode_attention_triton", spy)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(DecodeView, "prepares_qk", lambda self, q: False)
+        engine = Engine(model, EngineConfig(max_batch_size=2))
+        seen: dict[str, list[torch.Tensor]] = {}
+        engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.float())
+        runs.append((engine.generate(prompts, params), seen, list(prepared)))
+        prepared.clear()
+    (tokens, logits, fused_calls), (tokens_ref, logits_ref, plain_calls) = runs
+    assert fused_calls and all(fused_calls) and not any(plain_calls)
+    assert tokens == tokens_ref
+    for rid in logits:
+        assert torch.equal(torch.stack(logits[rid]), torch.stack(logits_ref[rid]))

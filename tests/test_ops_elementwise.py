@@ -156,3 +156,59 @@ def test_model_forward_with_triton_elementwise_matches_reference(qk_scope):
         model.set_backends(Backends(fuse="reference", elementwise="triton"))
         got = model(ids, inference=True).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("K,dtype", [(1, torch.float32), (3, torch.float32)]
+                         + ([(8, torch.bfloat16)] if ON_GPU else []))
+def test_add_combine_norm_equals_combine_then_add_norm(K, dtype):
+    """The MoE combine done inside the residual add + RMSNorm pass gives the bits of the combine
+    kernel followed by the add + norm kernel: s, y equal; dropped assignments (kept False, their
+    rows parked) add nothing."""
+    from moeflow.ops.norm_triton import add_combine_rms_norm_triton
+    from moeflow.ops.permute_triton import combine_triton
+
+    torch.manual_seed(K)
+    B, T, D = 2, 5, 48
+    N = B * T * K + 3  # three parked rows past the kept ones
+    x = torch.randn(B, T, D, device=DEVICE).to(dtype)
+    y_ND = torch.randn(N, D, device=DEVICE).to(dtype)
+    row_TK = torch.randperm(N, device=DEVICE)[:B * T * K].view(B * T, K)
+    w_TK = torch.rand(B * T, K, device=DEVICE)
+    kept_TK = torch.rand(B * T, K, device=DEVICE) > 0.25
+    weight = torch.randn(D, device=DEVICE)
+    h = combine_triton(y_ND, w_TK, row_TK, kept_TK).view(B, T, D)
+    s_ref, y_ref = add_rms_norm_triton(x, h, weight, 1e-6)
+    s, y = add_combine_rms_norm_triton(x, y_ND, row_TK, w_TK, kept_TK, weight, 1e-6)
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    assert not torch.equal(s, x + combine_triton(y_ND, w_TK, row_TK, torch.ones_like(kept_TK))
+                           .view(B, T, D))  # the dropped ones did not count
+    with pytest.raises(ValueError, match="add_combine_rms_norm"):
+        add_combine_rms_norm_triton(x[:, :4], y_ND, row_TK, w_TK, kept_TK, weight, 1e-6)
+
+
+def test_model_defers_each_moe_combine_to_the_next_norm(monkeypatch):
+    """Without autograd, with the Triton combine and norms, each MoE layer's combine runs in
+    the next add + norm (the last one's in the final norm): the logits equal the ones of the
+    same model run block by block (a forward hook turns the deferral off) bit for bit."""
+    from moeflow.ops import norm_triton
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=64, n_layers=3, d_model=32, n_heads=4,
+                      n_kv_heads=2, head_dim=8, max_seq_len=16, qk_norm=True,
+                      moe_kind="moe", moe_every=1, num_experts=4, expert_d_ff=16,
+                      router=RouterConfig(top_k=2, dropless=True))
+    model = Transformer(cfg, backends=Backends(fuse="reference", elementwise="triton",
+                                               dispatch="triton")).to(DEVICE).eval()
+    ids = torch.randint(0, 64, (2, 6), device=DEVICE)
+    calls = []
+    fused = norm_triton.add_combine_rms_norm_triton
+    monkeypatch.setattr(norm_triton, "add_combine_rms_norm_triton",
+                        lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        got = model(ids, inference=True).logits
+        assert len(calls) == cfg.n_layers  # two blocks' first norms and the final norm
+        handle = model.blocks[0].register_forward_hook(lambda *a: None)
+        want = model(ids, inference=True).logits
+        handle.remove()
+    assert len(calls) == cfg.n_layers
+    assert torch.equal(got, want)

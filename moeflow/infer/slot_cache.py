@@ -11,7 +11,7 @@ Running sequences always occupy slots 0..B-1 (`move` compacts the cache when one
 decode batch is a prefix of the slot axis and padding a batch up to a captured bucket only
 touches free slots.
 
-The model talks to a cache through four methods (moeflow.model.attention hands "store the new
+The model talks to a cache through these methods (moeflow.model.attention hands "store the new
 keys/values and attend over everything cached" to it, because only the cache knows where each
 sequence's earlier keys live):
 
@@ -20,9 +20,13 @@ sequence's earlier keys live):
   kv_slot_write(layer, q_BHTd, v_BGTd) -> KVSlotWrite or None: where the q/k norm + RoPE kernel
       (moeflow.ops.qk_rope_triton) may store the new keys/values of `layer` itself, saving the
       cache its own write; only SlotPrefillView with the Triton attention backend says where;
+  prepares_qk(q_BHTd) -> bool: whether attend takes raw queries and keys with a QKPrep and
+      applies their norm and RoPE itself (only DecodeView with the Triton attention backend:
+      the decode kernel does it as it loads them, saving the q/k kernel's launch);
   attend(layer, q_BHTd, k_BGTd, v_BGTd) -> y_BHTd: store the new keys/values of `layer` and let
       each new query attend causally to its own sequence's keys (SlotPrefillView takes
-      kv_written=True when the kernel stored them as kv_slot_write asked);
+      kv_written=True when the kernel stored them as kv_slot_write asked; DecodeView takes
+      qk=QKPrep where prepares_qk said so);
   advance(num_new): called once after the forward pass.
 
 Three views implement it for one forward pass: `PrefillView` (one sequence, a chunk of new tokens
@@ -48,7 +52,8 @@ from moeflow.model.attention import sdpa
 from moeflow.ops.backend import Backends, resolve_attention_backend
 from moeflow.ops.fused import fused
 
-if TYPE_CHECKING:  # the kernel's module imports Triton, which the CPU-only install may lack
+if TYPE_CHECKING:  # the kernels' modules import Triton, which the CPU-only install may lack
+    from moeflow.ops.decode_attention_triton import QKPrep
     from moeflow.ops.qk_rope_triton import KVSlotWrite
 
 
@@ -104,6 +109,9 @@ class PrefillView:
     def kv_slot_write(self, layer: int, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> None:
         return None  # attend writes the chunk (not a captured path: no launch to save)
 
+    def prepares_qk(self, q_BHTd: torch.Tensor) -> bool:
+        return False
+
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:
         T, end = q_BHTd.shape[2], self.start + q_BHTd.shape[2]
@@ -145,6 +153,9 @@ class SlotPrefillView:
         from moeflow.ops.qk_rope_triton import KVSlotWrite
         return KVSlotWrite(self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer], self.slot_1,
                            v_BGTd)
+
+    def prepares_qk(self, q_BHTd: torch.Tensor) -> bool:
+        return False
 
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
@@ -206,15 +217,22 @@ class DecodeView:
     def kv_slot_write(self, layer: int, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> None:
         return None  # attend stores the new keys (the Triton decode attention in its own pass)
 
+    def prepares_qk(self, q_BHTd: torch.Tensor) -> bool:
+        """With the Triton attention backend: the kernel norms and rotates raw q and k."""
+        return resolve_attention_backend(self.cache.backends.attention, q_BHTd) == "triton"
+
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
-               v_BGTd: torch.Tensor) -> torch.Tensor:
+               v_BGTd: torch.Tensor, qk: QKPrep | None = None) -> torch.Tensor:
+        """qk: q and k are raw, prepared by the kernel (where prepares_qk says so)."""
         backends = self.cache.backends
         if resolve_attention_backend(backends.attention, q_BHTd) == "triton":
             from moeflow.ops.decode_attention_triton import decode_attention_triton
             y_BHd = decode_attention_triton(q_BHTd[:, :, 0], k_BGTd[:, :, 0], v_BGTd[:, :, 0],
                                             self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer],
-                                            self.lengths_B, self.kv_len)
+                                            self.lengths_B, self.kv_len, qk=qk)
             return y_BHd[:, :, None]
+        if qk is not None:
+            raise ValueError("DecodeView.attend: raw q/k (qk) need the Triton attention backend")
         B, G = k_BGTd.shape[:2]
         k_BGMd = self.cache.k_LNGMd[layer, :B]
         v_BGMd = self.cache.v_LNGMd[layer, :B]

@@ -110,18 +110,28 @@ class Attention(nn.Module, ChoosesBackends):
                    self.k_norm.weight if head_norm else None,
                    self.q_norm.eps if head_norm else 0.0, cos, sin, self.rope_interleave)
         kv_write = None  # set when the q/k kernel also stores k and v into the cache
+        qk_prep = None  # set when the decode attention kernel norms and rotates q and k itself
         if head_norm or cos is not None:
             if resolve_elementwise_backend(self.backends.elementwise, q_BHTd) == "triton":
-                from moeflow.ops.qk_rope_triton import qk_norm_rope_triton
-                if cache is not None:
-                    kv_write = cache.kv_slot_write(self.layer_idx, q_BHTd, v_BGTd)
-                q_BHTd, k_BGTd = qk_norm_rope_triton(*qk_args, kv_write=kv_write)
+                if cache is not None and not self.rope_interleave and cache.prepares_qk(q_BHTd):
+                    from moeflow.ops.decode_attention_triton import QKPrep, prepares
+                    if prepares(hd):
+                        qk_prep = QKPrep(*qk_args[2:4], qk_args[4],
+                                         None if cos is None else cos[:, -1].expand(B, hd),
+                                         None if sin is None else sin[:, -1].expand(B, hd))
+                if qk_prep is None:
+                    from moeflow.ops.qk_rope_triton import qk_norm_rope_triton
+                    if cache is not None:
+                        kv_write = cache.kv_slot_write(self.layer_idx, q_BHTd, v_BGTd)
+                    q_BHTd, k_BGTd = qk_norm_rope_triton(*qk_args, kv_write=kv_write)
             else:
                 q_BHTd, k_BGTd = prepare_qk(*qk_args, fuse=self.backends.fuse)
         if cache is None:
             y_BHTd = sdpa(q_BHTd, k_BGTd, v_BGTd, causal=T > 1)
         elif kv_write is not None:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, kv_written=True)
+        elif qk_prep is not None:
+            y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, qk=qk_prep)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
         return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp,

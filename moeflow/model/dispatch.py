@@ -23,6 +23,11 @@ the tiled and streaming kernels gather as they load, the grouped_mm paths index 
 plan has `ends_E`, `parked` and `gather_N` (None: x_ND
 holds the sorted rows), so MoELayer reads them alike from local and expert-parallel plans.
 
+Without autograd the combine can wait for the residual add and RMSNorm that follow the layer
+(`PendingCombine`, moeflow.model.norms.add_norm): one Triton pass sums each token's K weighted
+rows, adds the residual stream and normalises, the same bits as the combine kernel followed by
+the add-and-norm kernel, one launch and one [T, D] round trip through memory fewer per MoE layer.
+
 Legend: T tokens, K top-k, N = T·K assignment rows, D model dim, E experts.
 """
 
@@ -46,6 +51,25 @@ class DispatchPlan:
     parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
     # Set when dispatch left the rows ungathered: x_ND is x_TD and row n is x_TD[gather_N[n]].
     gather_N: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PendingCombine:
+    """A MoE layer's output before its combine: out_TD = Σ_k kept · weight · y_ND[row_TK] in
+    k order (combine_triton), left for the next residual add + norm to compute in its own pass
+    (moeflow.model.norms.add_norm). `shape`: the layer's output shape ([..., D], T·D
+    elements); LocalDispatcher.defer_combine says when a layer may leave it."""
+    y_ND: torch.Tensor
+    row_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor
+    shape: torch.Size
+
+    def materialize(self) -> torch.Tensor:
+        """The combined output, as LocalDispatcher.combine gives it."""
+        from moeflow.ops.permute_triton import combine_triton
+        return combine_triton(self.y_ND, self.weights_TK, self.row_TK,
+                              self.kept_TK).view(self.shape)
 
 
 def sort_by_expert(routing: RoutingResult) -> DispatchPlan:
@@ -112,6 +136,16 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                                       parked=may_drop)
         plan = sort_by_expert(routing)
         return x_TD[plan.token_N], plan
+
+    def defer_combine(self, y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult,
+                      shape: torch.Size) -> PendingCombine | None:
+        """The combine left for the next add + norm (PendingCombine), where this dispatcher
+        would run the Triton combine and autograd records nothing; else None."""
+        if (records_grad(y_ND, routing.weights_TK)
+                or resolve_dispatch_backend(self.backends.dispatch, y_ND) != "triton"):
+            return None
+        return PendingCombine(y_ND.contiguous(), plan.row_TK, routing.weights_TK.contiguous(),
+                              routing.kept_TK.contiguous(), shape)
 
     def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, routing: RoutingResult
                 ) -> torch.Tensor:

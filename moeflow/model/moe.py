@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moeflow.config import FFNSpec
-from moeflow.model.dispatch import LocalDispatcher
+from moeflow.model.dispatch import LocalDispatcher, PendingCombine
 from moeflow.model.expert_groups import TokenGroups
 from moeflow.model.experts import Experts
 from moeflow.model.mlp import MLP
@@ -64,15 +64,24 @@ class MoELayer(nn.Module, ChoosesBackends):
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
     def forward(self, x_BTD: torch.Tensor, inference: bool = False,
-                groups: TokenGroups | None = None, logits_TE: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, RoutingResult]:
+                groups: TokenGroups | None = None, logits_TE: torch.Tensor | None = None,
+                defer_combine: bool = False
+                ) -> tuple[torch.Tensor | PendingCombine, RoutingResult]:
         """`inference`: route dropless and without noise (see moeflow.model.router); `groups`:
         each token's expert group (moeflow.model.expert_groups); `logits_TE`: routing logits
-        from the model's lookahead router (moeflow.model.lookahead) instead of this layer's."""
+        from the model's lookahead router (moeflow.model.lookahead) instead of this layer's.
+        `defer_combine`: return the output as a PendingCombine where the local dispatcher can
+        leave its combine to the next add + norm (moeflow.model.dispatch) and nothing is added
+        to it here (no shared experts, no residual MLP)."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.router(x_TD, inference=inference, groups=groups, logits_TE=logits_TE)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self._run_experts(x_ND, plan)
+        if (defer_combine and self.shared is None and self.residual_mlp is None
+                and isinstance(self.dispatcher, LocalDispatcher)):
+            pending = self.dispatcher.defer_combine(y_ND, plan, routing, x_BTD.shape)
+            if pending is not None:
+                return pending, routing
         y_TD = self.dispatcher.combine(y_ND, plan, routing)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

@@ -4,7 +4,7 @@ RMSNorm runs one of three implementations of the same math, chosen per call by t
 Backends: plain torch (the reference), its torch.compile twin (moeflow.ops.fused; with
 elementwise="reference", small inputs on CUDA) or a one-pass Triton kernel (on CUDA without
 autograd, moeflow.ops.norm_triton). `add_norm` is the residual update followed by the next
-norm, which the Triton path does in the same pass.
+norm, which the Triton path does in the same pass, a MoE layer's combine included.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeflow.model.dispatch import PendingCombine
 from moeflow.ops.backend import Backends, ChoosesBackends, resolve_elementwise_backend
 from moeflow.ops.fused import fused
 
@@ -38,16 +39,25 @@ class RMSNorm(nn.Module, ChoosesBackends):
         return rms_norm(x, self.weight, self.eps, fuse=self.backends.fuse)
 
 
-def add_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor
+def add_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor | PendingCombine
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + h, norm(x + h)): the residual stream's update and its normalised value; one Triton
-    pass when `norm` is an RMSNorm whose backend picks it, else exactly the two plain steps."""
-    if (isinstance(norm, RMSNorm) and h.shape == x.shape and h.dtype == x.dtype
+    pass when `norm` is an RMSNorm whose backend picks it, else exactly the two plain steps.
+    `h` may be a MoE layer's PendingCombine: the Triton pass combines its rows first (the same
+    bits as the combine kernel's output), the plain steps combine it with that kernel."""
+    if (isinstance(norm, RMSNorm) and h.shape == x.shape and _dtype(h) == x.dtype
             and resolve_elementwise_backend(norm.backends.elementwise, x) == "triton"):
-        from moeflow.ops.norm_triton import add_rms_norm_triton
+        from moeflow.ops.norm_triton import add_combine_rms_norm_triton, add_rms_norm_triton
+        if isinstance(h, PendingCombine):
+            return add_combine_rms_norm_triton(x, h.y_ND, h.row_TK, h.weights_TK, h.kept_TK,
+                                               norm.weight, norm.eps)
         return add_rms_norm_triton(x, h, norm.weight, norm.eps)
-    x = x + h
+    x = x + (h.materialize() if isinstance(h, PendingCombine) else h)
     return x, norm(x)
+
+
+def _dtype(h: torch.Tensor | PendingCombine) -> torch.dtype:
+    return h.y_ND.dtype if isinstance(h, PendingCombine) else h.dtype
 
 
 def make_norm(arch: str, dim: int, eps: float, backends: Backends = Backends()) -> nn.Module:

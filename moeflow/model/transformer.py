@@ -139,12 +139,14 @@ class Block(nn.Module, ChoosesBackends):
         autograd does not record: returns (x, h, routing) where the block's output is x + h,
         and `pending` is the previous block's h (None for the first block), added to x by this
         block's first norm (add_norm: one Triton pass where the norm takes that path, else the
-        plain add and norm, the same values as forward). Saves one add kernel per block: a
-        2048-token prefill of the Qwen3-30B-A3B shape on the H200 ran 47 kernels and 0.15 ms of
-        kernel time fewer (not visible in its wall time, benchmarks/results/prefill)."""
+        plain add and norm, the same values as forward). A MoE FFN's h may be a PendingCombine
+        (moeflow.model.dispatch), its combine then done in that same pass. Saves one add
+        kernel per block: a 2048-token prefill of the Qwen3-30B-A3B shape on the H200 ran 47
+        kernels and 0.15 ms of kernel time fewer (not visible in its wall time,
+        benchmarks/results/prefill)."""
         x, normed = self.attend(x, rope, cache, pending)
         if isinstance(self.ffn, MoELayer):
-            return (x, *self.ffn(normed, inference, groups, route_logits))
+            return (x, *self.ffn(normed, inference, groups, route_logits, defer_combine=True))
         return x, self.ffn(normed), None
 
 
@@ -316,16 +318,17 @@ class Transformer(nn.Module, ChoosesBackends):
         total = (torch.stack(losses).view(-1, 3).sum(0) if losses
                  else x.new_zeros(3, dtype=torch.float32))
         router_loss, aux, z = total.unbind()
-        if pending is not None:
-            x = x + pending
+        if pending is None:
+            h = self.final_norm(x)
+        else:  # the last block's output, added by the final norm's pass (the norm is per row)
+            h = add_norm(self.final_norm, x, pending)[1]
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:
-            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         if hidden_only:
-            return ModelOutput(None, router_loss, aux, z, tuple(stats), self.final_norm(x))
-        logits = self.lm_head(self.final_norm(x))
-        return ModelOutput(logits, router_loss, aux, z, tuple(stats))
+            return ModelOutput(None, router_loss, aux, z, tuple(stats), h)
+        return ModelOutput(self.lm_head(h), router_loss, aux, z, tuple(stats))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -37,10 +37,13 @@ P key splits, dk/dv key/value dims.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from moeflow.ops.qk_rope_triton import _sum_squares
 
 # Programs per SM to aim for when splitting keys: enough to hide one program's load latency
 # behind another's without making the merge (P partials per head) the larger cost.
@@ -52,13 +55,51 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _prep_heads(row_ptrs, rmask, w_ptr, cos_ptr, sin_ptr, eps, HD: tl.constexpr,
+                NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                dtype: tl.constexpr):
+    """[BLOCK_R, HD] rows (heads) starting at `row_ptrs`, each RMS-normalised with weight w
+    (NORM) and then rotated by one position's cos/sin (ROPE), with the roundings and the
+    sum-of-squares order of moeflow.ops.qk_rope_triton's kernel (the same bits as its output):
+    the normed row rounded to `dtype`, the rotation in fp32, one rounding at the end. HD a power
+    of two, halves rotated (not interleaved)."""
+    HALF: tl.constexpr = HD // 2
+    j = tl.arange(0, HALF)
+    m = rmask[:, None] & (j < HALF)[None, :]
+    x1 = tl.load(row_ptrs[:, None] + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(row_ptrs[:, None] + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        ms = (_sum_squares(x1, BLOCK_R, HALF) + _sum_squares(x2, BLOCK_R, HALF)) / HD
+        r = (1.0 / tl.sqrt(ms + eps))[:, None]
+        w1 = tl.load(w_ptr + j).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + j).to(tl.float32)[None, :]
+        x1 = (x1 * r * w1).to(dtype).to(tl.float32)
+        x2 = (x2 * r * w2).to(dtype).to(tl.float32)
+    if ROPE:
+        cos1 = tl.load(cos_ptr + j).to(tl.float32)[None, :]
+        cos2 = tl.load(cos_ptr + HALF + j).to(tl.float32)[None, :]
+        sin1 = tl.load(sin_ptr + j).to(tl.float32)[None, :]
+        sin2 = tl.load(sin_ptr + HALF + j).to(tl.float32)[None, :]
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    else:
+        y1 = x1
+        y2 = x2
+    # [BLOCK_R, HALF] halves → [BLOCK_R, HD]: the first half, then the second.
+    y = tl.permute(tl.join(y1.to(dtype), y2.to(dtype)), (0, 2, 1))
+    return tl.reshape(y, [BLOCK_R, HD])
+
+
+@triton.jit
 def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   kc_ptr, skc_n, skc_g, skc_m, vc_ptr, svc_n, svc_g, svc_m, len_ptr,
                   m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
+                  qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps,
                   G, P, CHUNK, scale_log2,
                   Q: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
+                  PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -73,8 +114,13 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
         dkmask = dk < DK
         dvmask = dv < DV
         heads = g * Q + qi
-        q_QK = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
-                       mask=qmask[:, None] & dkmask[None, :], other=0.0)
+        if PREP_NORM or PREP_ROPE:
+            q_QK = _prep_heads(q_ptr + b * sq_b + heads * sq_h, qmask, qw_ptr,
+                               cos_ptr + b * c_b, sin_ptr + b * c_b, eps, DK, PREP_NORM,
+                               PREP_ROPE, BLOCK_Q, q_ptr.dtype.element_ty)
+        else:
+            q_QK = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
+                           mask=qmask[:, None] & dkmask[None, :], other=0.0)
         m_Q = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_Q = tl.zeros([BLOCK_Q], tl.float32)
         acc_QV = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
@@ -98,11 +144,22 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                                                       input_precision=PRECISION)
             m_Q = m_new
         if L < start + CHUNK:  # this split holds position L: store the new key and use it
-            k_K = tl.load(kn_ptr + b * skn_b + g * skn_g + dk, mask=dkmask, other=0.0)
+            if PREP_NORM or PREP_ROPE:
+                one = tl.arange(0, 1)
+                k_K = tl.reshape(_prep_heads(kn_ptr + b * skn_b + g * skn_g + one, one < 1,
+                                             kw_ptr, cos_ptr + b * c_b, sin_ptr + b * c_b,
+                                             eps, DK, PREP_NORM, PREP_ROPE, 1,
+                                             kn_ptr.dtype.element_ty), [DK])
+            else:
+                k_K = tl.load(kn_ptr + b * skn_b + g * skn_g + dk, mask=dkmask, other=0.0)
             v_V = tl.load(vn_ptr + b * svn_b + g * svn_g + dv, mask=dvmask, other=0.0)
             tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask)
             tl.store(vc + L.to(tl.int64) * svc_m + dv, v_V, mask=dvmask)
-            s_Q = tl.sum(q_QK.to(tl.float32) * k_K.to(tl.float32)[None, :], axis=1) * scale_log2
+            # Scored by the cached keys' tl.dot (the key as 16 equal columns): its order of
+            # sums is fixed, where tl.sum's would follow q_QK's layout, and that layout differs
+            # when the kernel prepares q (fp32 bits did).
+            kT_K16 = tl.broadcast_to(k_K[:, None], [BLOCK_DK, 16])
+            s_Q = tl.max(tl.dot(q_QK, kT_K16, input_precision=PRECISION), axis=1) * scale_log2
             m_new = tl.maximum(m_Q, s_Q)
             alpha = tl.exp2(m_Q - m_new)
             p_Q = tl.exp2(s_Q - m_new)
@@ -163,14 +220,34 @@ def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@dataclass(frozen=True)
+class QKPrep:
+    """What the split kernel does to raw queries and keys before attending (the work of
+    moeflow.ops.qk_rope_triton, same bits, without its launch): a per-head RMSNorm with
+    weights q_weight / k_weight [hd] and eps (None: no norm), then RoPE at each sequence's
+    position with cos_Bd / sin_Bd [B, hd] (None: no rotation), halves rotated."""
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    cos_Bd: torch.Tensor | None
+    sin_Bd: torch.Tensor | None
+
+
+def prepares(head_dim: int) -> bool:
+    """Whether the split kernel can prepare heads of this size: a power of two of at least 16
+    dims, so the prepared tile is the kernel's key-dim tile (BLOCK_DK, at least 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: torch.Tensor,
                             k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, lengths_B: torch.Tensor,
                             kv_len: int, splits: int | None = None, block_n: int | None = None,
-                            num_warps: int = 4) -> torch.Tensor:
+                            num_warps: int = 4, qk: QKPrep | None = None) -> torch.Tensor:
     """Store k_BGd/v_BGd at position lengths_B[b] of slots b = 0..B-1 of the cache k_NGMd/v_NGMd
     (in place), and return each query's attention over its slot's positions 0..lengths_B[b]
     (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`: override the choice (tests,
-    benchmarks)."""
+    benchmarks). `qk`: q and k are raw (before their norm and RoPE), prepared by the kernel as
+    it loads them; the key stored is the prepared one."""
     B, H, dk = q_BHd.shape
     G, dv = k_BGd.shape[1], v_BGd.shape[-1]
     if H % G or k_NGMd.shape[1] != G or k_NGMd.shape[-1] != dk or v_NGMd.shape[-1] != dv:
@@ -203,16 +280,28 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         l_BHP = torch.empty_like(m_BHP)
         acc_BHPd = torch.empty(B, H, P, dv, dtype=torch.float32, device=q_BHd.device)
     precision = "ieee" if q_BHd.dtype == torch.float32 else "tf32"
+    norm = qk is not None and qk.q_weight is not None
+    rope = qk is not None and qk.cos_Bd is not None
+    if (norm or rope) and not prepares(dk):
+        raise ValueError(f"decode attention: heads of {dk} dims cannot be prepared in the "
+                         "kernel (a power of two, at least 16)")
+    # Rows may be broadcast (stride 0: one position for every sequence); the dims contiguous.
+    cos_Bd = _last_unit(qk.cos_Bd) if rope else q_BHd
+    sin_Bd = _last_unit(qk.sin_Bd) if rope else q_BHd
+    if rope and (cos_Bd.stride(0) != sin_Bd.stride(0) or cos_Bd.shape != (B, dk)):
+        cos_Bd, sin_Bd = cos_Bd.expand(B, dk).contiguous(), sin_Bd.expand(B, dk).contiguous()
     _split_kernel[(B * G, P)](
         q_BHd, q_BHd.stride(0), q_BHd.stride(1), k_BGd, k_BGd.stride(0), k_BGd.stride(1),
         v_BGd, v_BGd.stride(0), v_BGd.stride(1),
         k_NGMd, k_NGMd.stride(0), k_NGMd.stride(1), k_NGMd.stride(2),
         v_NGMd, v_NGMd.stride(0), v_NGMd.stride(1), v_NGMd.stride(2), lengths_B,
         m_BHP, l_BHP, acc_BHPd, y_BHd, y_BHd.stride(0), y_BHd.stride(1),
+        qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
+        cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
         G, P, chunk, dk ** -0.5 * LOG2E,
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, triton.next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
-        num_warps=num_warps)
+        PREP_NORM=norm, PREP_ROPE=rope, num_warps=num_warps)
     if not single:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
                                 y_BHd.stride(1), H, P, chunk, DV=dv,

@@ -25,9 +25,10 @@ One program, two passes over the assignments (three with a capacity):
      (all choices, and first choices for DeepSpeed's top-2 balance loss), the balance
      probabilities' column sums and Σ logsumexp² accumulate in registers;
   2. after a barrier, blocks of assignments in priority order (choice-major, then token, as
-     the reference's queue: DeepSpeed's first choices before second choices): a counting sort
-     carrying the running per-expert counts gives each assignment's queue slot; the kept ones
-     get row = start[e] + slot and token_N[row] = their token;
+     the reference's queue: DeepSpeed's first choices before second choices): each
+     assignment's queue slot (the assignments ahead of it with its expert: pairwise counts
+     when all fit one tile, else a counting sort carrying the running per-expert counts);
+     the kept ones get row = start[e] + slot and token_N[row] = their token;
   3. with a capacity, after another barrier, blocks of tokens in (token, choice) order: the
      dropped assignments' weights become 0 and, where the config normalises (DeepSpeed's
      top-2), each token's kept weights are renormalised and then scaled, as route_triton does
@@ -72,6 +73,22 @@ from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, 
 
 
 @triton.jit
+def _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr, capacity,
+           CAPPED: tl.constexpr):
+    """Pass 2's stores for a block of assignments (priority-order positions `flat` in the
+    [T, K] outputs): the queue slot, whether kept (CAPPED), the row and the row's token."""
+    tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
+    if CAPPED:
+        kept = slot < capacity
+        tl.store(kept_ptr + flat, kept.to(tl.int8), mask=valid)
+        placed = valid & kept
+    else:
+        placed = valid
+    tl.store(row_ptr + flat, row.to(tl.int64), mask=placed)
+    tl.store(token_ptr + row, t.to(tl.int64), mask=placed)
+
+
+@triton.jit
 def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
                 z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
@@ -79,7 +96,8 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
                 CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
+                BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+                LOGITS_VOLATILE: tl.constexpr):
     """The passes of the module docstring, run by one program over the finite logits at
     `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
     (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
@@ -138,27 +156,38 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
     # Pass 2 reads the ids pass 1 stored from other threads of this program.
     tl.debug_barrier()
     N = T * K
-    running = tl.zeros([BLOCK_E], tl.int32)
-    for p0 in range(0, N, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
+    if PAIRWISE:  # all N assignments in one tile: pairwise counts, no one-hot tile, no scan
+        p = tl.arange(0, BLOCK_P)
         valid = p < N
         t = p % T
         flat = t.to(tl.int64) * K + p // T
-        e = tl.load(ids_ptr + flat, mask=valid, other=0, volatile=True).to(tl.int32)
-        onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
-        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
-        slot = tl.sum(onehot * running[None, :], axis=1) + rank
-        row = tl.sum(onehot * starts[None, :], axis=1) + slot
-        tl.store(slots_ptr + flat, slot.to(tl.int64), mask=valid)
+        # Past N an id no expert has.
+        e = tl.load(ids_ptr + flat, mask=valid, other=BLOCK_E, volatile=True).to(tl.int32)
+        # slot = #{assignments ahead in priority order with the same expert}; dropless,
+        # row = #{assignments with a lower expert} + slot.
+        slot = tl.sum(((e[None, :] == e[:, None]) & (p[None, :] < p[:, None])).to(tl.int32),
+                      axis=1)
         if CAPPED:
-            kept = slot < capacity
-            tl.store(kept_ptr + flat, kept.to(tl.int8), mask=valid)
-            placed = valid & kept
+            start = tl.sum(tl.where(e[:, None] == cols[None, :], starts[None, :], 0), axis=1)
         else:
-            placed = valid
-        tl.store(row_ptr + flat, row.to(tl.int64), mask=placed)
-        tl.store(token_ptr + row, t.to(tl.int64), mask=placed)
-        running += tl.sum(onehot, axis=0)
+            start = tl.sum((e[None, :] < e[:, None]).to(tl.int32), axis=1)
+        _place(slot, start + slot, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
+               capacity, CAPPED)
+    else:  # blocks of BLOCK_P: a counting sort carrying the running per-expert counts
+        running = tl.zeros([BLOCK_E], tl.int32)
+        for p0 in range(0, N, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            valid = p < N
+            t = p % T
+            flat = t.to(tl.int64) * K + p // T
+            e = tl.load(ids_ptr + flat, mask=valid, other=0, volatile=True).to(tl.int32)
+            onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+            rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+            slot = tl.sum(onehot * running[None, :], axis=1) + rank
+            row = tl.sum(onehot * starts[None, :], axis=1) + slot
+            _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
+                   capacity, CAPPED)
+            running += tl.sum(onehot, axis=0)
 
     if CAPPED:
         # Pass 3 reads the kept flags pass 2 stored and the weights pass 1 stored.
@@ -195,12 +224,12 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
                          FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
+                         BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr):
     _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
                 z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
                 GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G,
-                BLOCK_K, BLOCK_P, False)
+                BLOCK_K, BLOCK_P, PAIRWISE, False)
 
 
 @triton.jit
@@ -216,7 +245,8 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
                                 BLOCK_T: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                                LT: tl.constexpr, LE: tl.constexpr, LD: tl.constexpr):
+                                PAIRWISE: tl.constexpr, LT: tl.constexpr,
+                                LE: tl.constexpr, LD: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
@@ -251,7 +281,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
                     ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
                     aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
                     TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
-                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, True)
+                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -272,6 +302,10 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
     block_e = triton.next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
     capped = capacity is not None
+    n = T * K
+    pairwise = n <= 128 and (not capped or n * block_e <= 8192)
+    block_p = (max(16, triton.next_power_of_2(max(n, 1))) if pairwise
+               else max(16, min(128, 8192 // block_e, triton.next_power_of_2(n))))
     # Dropless, the capacity is unused: one constant, so it adds no specialisation (Triton
     # compiles a variant per int argument that is 1 or a multiple of 16).
     scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
@@ -282,15 +316,18 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
         CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
-        # Tiles of at most 16 tokens and 2048 scores, 8192 one-hot entries, 8 warps for the one
-        # program: ptxas (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8,
-        # except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused router's top-k
-        # kernel spills 148 there); 4 warps or 4096-score tiles spilled up to 900 bytes.
-        # Pass 2's one-hot tile: no wider than the assignments (T·K) need.
+        # Tiles of at most 16 tokens and 2048 scores, 8 warps for the one program: ptxas
+        # (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8, except ≤ 68 bytes
+        # with 8 DeepSeek groups at E = 128/256 (the fused router's top-k kernel spills 148
+        # there); 4 warps or 4096-score tiles spilled up to 900 bytes. Pass 2: all T·K
+        # assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to 128 of them (H200, plan
+        # program alone, Qwen3 router, T·K 128: 14.7 µs, 20.4 with the one-hot sort; all
+        # pairs over tiles at T·K 512 took 107 µs against its 77), else one-hot tiles of at
+        # most 8192 entries; with a capacity the starts' look-up is [BLOCK_P, BLOCK_E] too.
         BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
-        BLOCK_P=max(16, min(128, 8192 // block_e, triton.next_power_of_2(max(T * K, 1)))),
+        BLOCK_P=block_p, PAIRWISE=pairwise,
         num_warps=ROUTE_WARPS)
 
 

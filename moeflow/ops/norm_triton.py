@@ -25,14 +25,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, HAS_RESIDUAL: tl.constexpr,
+def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_ptr, D, eps,
+                     HAS_RESIDUAL: tl.constexpr, COMBINE_K: tl.constexpr,
                      BLOCK: tl.constexpr):
+    """Row `row`: y = rms_norm(x [+ h]) · w; with HAS_RESIDUAL also s = x + h (rounded to x's
+    dtype) stored. COMBINE_K > 0: h is a MoE combine, Σ_k kept · (weight · y_ND[row_TK]) over
+    that many choices, as permute_triton's _sum_rows_kernel sums it (each product rounded to
+    the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
     x = tl.load(x_ptr + row * D + d, mask=m, other=0.0)
     if HAS_RESIDUAL:
-        h = tl.load(h_ptr + row * D + d, mask=m, other=0.0)
+        if COMBINE_K > 0:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for k in tl.static_range(COMBINE_K):
+                src = tl.load(row_ptr + row * COMBINE_K + k)
+                kept = tl.load(kept_ptr + row * COMBINE_K + k) != 0
+                y = tl.load(h_ptr + src * D + d, mask=m & kept, other=0.0)
+                c = tl.load(cw_ptr + row * COMBINE_K + k).to(y.dtype).to(tl.float32)
+                acc += (y.to(tl.float32) * c).to(y.dtype).to(tl.float32)
+            h = acc.to(h_ptr.dtype.element_ty)
+        else:
+            h = tl.load(h_ptr + row * D + d, mask=m, other=0.0)
         s = (x.to(tl.float32) + h.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(s_ptr + row * D + d, s, mask=m)
         x = s
@@ -42,8 +57,10 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, HAS_RESIDUAL: tl
     tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`combine`: (row_TK, weights_TK, kept_TK as int8) when h is a MoE combine's y_ND."""
     D = x.shape[-1]
     x_RD = x.reshape(-1, D).contiguous()
     h_RD = None if h is None else h.reshape(-1, D).contiguous()
@@ -51,10 +68,12 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
     s_RD = None if h is None else torch.empty_like(x_RD)
     R = x_RD.shape[0]
     block = triton.next_power_of_2(D)
+    row_TK, w_TK, kept_TK = combine if combine is not None else (x_RD, x_RD, x_RD)
     if R:
         _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight.contiguous(),
-                               y_RD if s_RD is None else s_RD, y_RD, D, float(eps),
-                               HAS_RESIDUAL=h is not None, BLOCK=block,
+                               y_RD if s_RD is None else s_RD, y_RD, row_TK, kept_TK, w_TK, D,
+                               float(eps), HAS_RESIDUAL=h is not None,
+                               COMBINE_K=0 if combine is None else row_TK.shape[1], BLOCK=block,
                                num_warps=min(16, max(1, block // 256)))
     return (None if s_RD is None else s_RD.view(x.shape)), y_RD.view(x.shape)
 
@@ -72,3 +91,18 @@ def add_rms_norm_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, 
                          f"{tuple(x.shape)} {x.dtype}")
     s, y = _launch(x, h, weight, eps)
     return s, y
+
+
+def add_combine_rms_norm_triton(x: torch.Tensor, y_ND: torch.Tensor, row_TK: torch.Tensor,
+                                weights_TK: torch.Tensor, kept_TK: torch.Tensor,
+                                weight: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_triton(x, h) with h the MoE combine of y_ND (Σ_k kept · weight ·
+    y_ND[row_TK], permute_triton.combine_triton's bits) computed in the same pass: x [..., D]
+    with T·D elements, row_TK / weights_TK / kept_TK [T, K]."""
+    T, K = row_TK.shape
+    if x.numel() != T * x.shape[-1] or y_ND.shape[-1] != x.shape[-1] or y_ND.dtype != x.dtype:
+        raise ValueError(f"add_combine_rms_norm: rows {tuple(y_ND.shape)} {y_ND.dtype} for "
+                         f"{T} tokens do not match x {tuple(x.shape)} {x.dtype}")
+    return _launch(x, y_ND, weight, eps, combine=(row_TK.contiguous(), weights_TK.contiguous(),
+                                                  kept_TK.contiguous().view(torch.int8)))

@@ -89,6 +89,14 @@ SEL_SCORES, SEL_NOISY_LOGITS, SEL_DEEPSPEED = 0, 1, 2
 
 
 @triton.jit
+def _first_largest(v1, i1, s1, v2, i2, s2):
+    """tl.reduce's combine for top-k: of two (value, column, score) candidates the larger
+    value, the lower column on a tie."""
+    left = (v1 > v2) | ((v1 == v2) & (i1 < i2))
+    return tl.where(left, v1, v2), tl.where(left, i1, i2), tl.where(left, s1, s2)
+
+
+@triton.jit
 def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
                 K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
@@ -144,11 +152,13 @@ def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
                 cand = tl.where(taken, float("-inf"), xr)
         else:
             cand = tl.where(taken, float("-inf"), sel)
-        m = tl.max(cand, axis=1)
-        idx = tl.min(tl.where((cand == m[:, None]) & ~taken, cols[None, :], BLOCK_E), axis=1)
+        # One reduction per round: the largest candidate (the lowest column among equals)
+        # and its score. Untaken candidates are finite, taken ones -inf, so a taken column
+        # never wins while one is left.
+        _, idx, w = tl.reduce((cand, tl.broadcast_to(cols[None, :], cand.shape), scores),
+                              axis=1, combine_fn=_first_largest)
         hit = cols[None, :] == idx[:, None]
         taken = taken | hit
-        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         ids_tile = tl.where(kcols[None, :] == k, idx.to(tl.int64)[:, None], ids_tile)
         w_tile = tl.where(kcols[None, :] == k, w[:, None], w_tile)
     if NORMALIZE:

@@ -1,0 +1,67 @@
+"""Where the decode router's kernel time goes: the plan program alone (route_decode_triton:
+top-k and the dispatch plan over given logits) against the fused kernel (route_decode_fused:
+the logits too), over tokens T and top-k K on the Qwen3-30B-A3B router (E 128, D 2048); the
+prefill router's top-k kernel at 2048 / 16384 tokens; and the plan with 16-token tiles forced
+at small T. µs: the profiler's kernel records, median of 15 calls.
+
+    PYTHONPATH=. python benchmarks/route_phases.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.machine import cuda_kernel_events  # noqa: E402
+
+import moeflow.ops.decode_route_triton as drt  # noqa: E402
+from moeflow.config import RouterConfig  # noqa: E402
+from moeflow.ops.routing_triton import route_triton  # noqa: E402
+
+E, D = 128, 2048
+
+
+def kernel_us(fn, key: str, reps: int = 15) -> float:
+    for _ in range(3):
+        fn()
+    return statistics.median(
+        sum(e.time_range.elapsed_us() for e in cuda_kernel_events(fn) if key in e.name)
+        for _ in range(reps))
+
+
+def sweep(shapes, label: str, ticket, gate) -> None:
+    for T, K in shapes:
+        cfg = RouterConfig(top_k=K, normalize_topk=True, dropless=True, aux_loss_coef=0.001)
+        logits = torch.randn(T, E, device="cuda")
+        x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
+        plan = kernel_us(lambda: drt.route_decode_triton(logits, cfg, None), "route")
+        fused = kernel_us(lambda: drt.route_decode_fused(x, gate, cfg, None, ticket), "route")
+        print(f"{label}T {T:2d} K {K}: plan alone {plan:6.2f} us, fused {fused:6.2f} us",
+              flush=True)
+
+
+def main() -> None:
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    gate = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    sweep([(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 1), (16, 2), (16, 4),
+           (16, 8), (32, 8), (64, 8)], "", ticket, gate)
+    cfg = RouterConfig(top_k=8, normalize_topk=True, dropless=True, aux_loss_coef=0.001)
+    for T in (2048, 16384):
+        logits = torch.randn(T, E, device="cuda")
+        run = lambda: route_triton(logits, cfg, None, None, None, None)  # noqa: E731
+        print(f"prefill T {T}: topk kernel {kernel_us(run, 'topk'):7.2f} us, all routing "
+              f"kernels {kernel_us(run, ''):7.2f} us", flush=True)
+    args = drt._route_args  # the plan with 16-token tiles: each warp holds whole rows
+    drt._route_args = lambda *a: (args(*a)[0], {**args(*a)[1], "BLOCK_T": 16})
+    try:
+        sweep([(1, 1), (1, 8), (2, 8), (4, 8), (8, 8)], "BLOCK_T 16: ", ticket, gate)
+    finally:
+        drt._route_args = args
+
+
+if __name__ == "__main__":
+    main()
