@@ -153,8 +153,8 @@ def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
         else:
             cand = tl.where(taken, float("-inf"), sel)
         # One reduction per round: the largest candidate (the lowest column among equals)
-        # and its score. Untaken candidates are finite, taken ones -inf, so a taken column
-        # never wins while one is left.
+        # and its score. Taken columns are -inf and every round has a finite one left (the
+        # config keeps top_k ≤ topk_groups × experts per group), so a taken one never wins.
         _, idx, w = tl.reduce((cand, tl.broadcast_to(cols[None, :], cand.shape), scores),
                               axis=1, combine_fn=_first_largest)
         hit = cols[None, :] == idx[:, None]
