@@ -25,7 +25,10 @@ from moeflow.ops.routing_triton import route_triton  # noqa: E402
 E, D = 128, 2048
 
 
-def kernel_us(fn, key: str, reps: int = 15) -> float:
+def call_kernel_us(fn, key: str, reps: int = 15) -> float:
+    """Median over `reps` calls of fn of the summed device time of its kernels whose name
+    contains `key` (a call's whole routing, not one kernel; L2 not flushed, unlike
+    decode_route.py's kernel_us: this compares phases, not the gate's read)."""
     for _ in range(3):
         fn()
     return statistics.median(
@@ -38,8 +41,8 @@ def sweep(shapes, label: str, ticket, gate) -> None:
         cfg = RouterConfig(top_k=K, normalize_topk=True, dropless=True, aux_loss_coef=0.001)
         logits = torch.randn(T, E, device="cuda")
         x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
-        plan = kernel_us(lambda: drt.route_decode_triton(logits, cfg, None), "route")
-        fused = kernel_us(lambda: drt.route_decode_fused(x, gate, cfg, None, ticket), "route")
+        plan = call_kernel_us(lambda: drt.route_decode_triton(logits, cfg, None), "route")
+        fused = call_kernel_us(lambda: drt.route_decode_fused(x, gate, cfg, None, ticket), "route")
         print(f"{label}T {T:2d} K {K}: plan alone {plan:6.2f} us, fused {fused:6.2f} us",
               flush=True)
 
@@ -53,8 +56,8 @@ def main() -> None:
     for T in (2048, 16384):
         logits = torch.randn(T, E, device="cuda")
         run = lambda: route_triton(logits, cfg, None, None, None, None)  # noqa: E731
-        print(f"prefill T {T}: topk kernel {kernel_us(run, 'topk'):7.2f} us, all routing "
-              f"kernels {kernel_us(run, ''):7.2f} us", flush=True)
+        print(f"prefill T {T}: topk kernel {call_kernel_us(run, 'topk'):7.2f} us, all routing "
+              f"kernels {call_kernel_us(run, ''):7.2f} us", flush=True)
     args = drt._route_args  # the plan with 16-token tiles: each warp holds whole rows
     drt._route_args = lambda *a: (args(*a)[0], {**args(*a)[1], "BLOCK_T": 16})
     try:

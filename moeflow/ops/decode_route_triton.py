@@ -303,9 +303,10 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
     capped = capacity is not None
     n = T * K
-    pairwise = n <= 128 and (not capped or n * block_e <= 8192)
-    block_p = (max(16, triton.next_power_of_2(max(n, 1))) if pairwise
-               else max(16, min(128, 8192 // block_e, triton.next_power_of_2(n))))
+    block_p = max(16, triton.next_power_of_2(max(n, 1)))
+    pairwise = n <= 128 and (not capped or block_p * block_e <= 8192)
+    if not pairwise:
+        block_p = max(16, min(128, 8192 // block_e, block_p))
     # Dropless, the capacity is unused: one constant, so it adds no specialisation (Triton
     # compiles a variant per int argument that is 1 or a multiple of 16).
     scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
