@@ -24,9 +24,10 @@ from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
 
 # The interpreter's dot takes no bf16: fp32 on the CPU, the models' dtype on the GPU.
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-# (K, N). CPU: multiples of neither interpreter block (BLOCK_K 32, BLOCK_N 16). GPU: the
-# Qwen3-30B-A3B qkv projection, and a shape that no autotuned block (all >= 16) divides.
-SHAPES = [(2048, 5120), (1000, 2056)] if ON_GPU else [(72, 40)]
+# (K, N). CPU: multiples of no interpreter block (BLOCK_K 32, BLOCK_N 16 and the one-row
+# kernel's 4). GPU: the Qwen3-30B-A3B qkv projection, and a shape that no autotuned block
+# (all >= 16 in K) divides.
+SHAPES = [(2048, 5120), (1000, 2056)] if ON_GPU else [(72, 42)]
 
 
 def _operands(M, K, N, bias, dtype=DTYPE, seed=0):
@@ -75,6 +76,11 @@ def test_stream_takes_strided_3d_input():
     exact, bound = _exact_and_bound(x_BTK, w, b)
     assert y.shape == (2, 3, N)
     assert ((y.double() - exact).abs() <= bound).all()
+    x_11K = x_BTK[1:, 2:, :]  # one row: the register GEMV, same strides
+    y = linear_stream(x_11K, w, b)
+    exact, bound = _exact_and_bound(x_11K, w, b)
+    assert y.shape == (1, 1, N)
+    assert ((y.double() - exact).abs() <= bound).all()
 
 
 def test_stream_refuses_what_it_cannot_compute_in_one_line():
@@ -98,8 +104,9 @@ def test_stream_refuses_what_it_cannot_compute_in_one_line():
 
 
 def test_linear_backend_choice():
-    """"auto" streams inference calls of up to 16 rows in bf16/fp16 on CUDA whose weight has no
-    more outputs than inputs (fake CUDA tensors: the rule needs no GPU) and nothing else; a
+    """"auto" streams inference calls in bf16/fp16 on CUDA of one row, or of up to 16 rows
+    whose weight has no more outputs than inputs (fake CUDA tensors: the rule needs no GPU),
+    and nothing else; a
     forced "stream" runs where the kernel computes what the plain linear would, on any device,
     and falls back to the plain linear elsewhere."""
     def resolve(requested, shape, dtype=torch.bfloat16, device="cuda", w_dtype=None, grad=False,
@@ -118,8 +125,10 @@ def test_linear_backend_choice():
         assert resolve("auto", (16, 32), torch.float16) == "stream"
         assert resolve("auto", (2, 8, 32)) == "stream"  # 16 rows in [B, T, K]
         assert resolve("auto", (1, 32), outputs=32) == "stream"  # N = K
-        assert resolve("auto", (1, 32), outputs=33) == "reference"  # N > K: cuBLAS was faster
-        assert resolve("stream", (1, 32), outputs=33) == "stream"
+        assert resolve("auto", (1, 32), outputs=33) == "stream"  # one row: the register GEMV
+        assert resolve("auto", (1, 1, 32), outputs=33) == "stream"
+        assert resolve("auto", (2, 32), outputs=33) == "reference"  # N > K: cuBLAS was faster
+        assert resolve("stream", (2, 32), outputs=33) == "stream"
         assert resolve("auto", (17, 32)) == "reference"  # prefill
         assert resolve("auto", (2, 9, 32)) == "reference"
         assert resolve("auto", (1, 32), torch.float32) == "reference"

@@ -108,11 +108,13 @@ TILED_MAX_ROWS_PER_EXPERT = 128
 
 # Inference linears of at most this many rows (x.numel() / K) may stream their weight
 # (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
-# takes (one MMA tile of rows). "auto" streams only weights with no more outputs than inputs
-# (N ≤ K): on the H200 (benchmarks/results/skinny_linear, 2026-12-02) the kernel beat cuBLAS on
-# the output projections (Qwen3-30B-A3B 4096 → 2048: 8.2-8.6 vs 9.5 µs at 1-16 rows, Mixtral
-# 4096 → 4096: 12.0 vs 13.6 at 1 row) and lost or tied on the wider qkv projections (Qwen3
-# 2048 → 5120: 9.1 vs 8.1 µs; Mixtral 4096 → 6144: 15.9 vs 15.8).
+# takes (one MMA tile of rows). "auto" streams one row through any weight, and more rows only
+# through weights with no more outputs than inputs (N ≤ K): on the H200
+# (benchmarks/results/skinny_linear) the MMA kernel beat cuBLAS on the output projections
+# (Qwen3-30B-A3B 4096 → 2048: 8.2-8.6 vs 9.5 µs at 1-16 rows, Mixtral 4096 → 4096: 12.0 vs
+# 13.6 at 1 row) and lost or tied on the wider qkv projections (Qwen3 2048 → 5120: 9.1 vs 8.1
+# µs; Mixtral 4096 → 6144: 15.9 vs 15.8), while the one-row register GEMV beat cuBLAS on both
+# (Qwen3 o 5.96 vs 9.33 µs, qkv 6.88 vs 8.38; 2026-12-03).
 LINEAR_STREAM_MAX_ROWS = 16
 
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
@@ -277,15 +279,16 @@ def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor
     """"reference" (the plain linear), "fp8" (torch._scaled_mm), "fp8_reference" (its
     plain-torch reference) or "stream" (the weight-streaming kernel) for x · weightᵀ. FP8 only
     when asked and autograd records the call; other calls stream where linear_streams, when
-    asked for (on any device) or under "auto" on CUDA in bf16/fp16 for a weight with N ≤ K,
-    and run the plain linear elsewhere (a forced "stream" too: training and prefill keep
-    cuBLAS)."""
+    asked for (on any device) or under "auto" on CUDA in bf16/fp16 for one row or a weight
+    with N ≤ K, and run the plain linear elsewhere (a forced "stream" too: training and
+    prefill keep cuBLAS)."""
     if requested in ("fp8", "fp8_reference") and records_grad(x, weight):
         return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
     if requested == "reference" or not linear_streams(x, weight):
         return "reference"
+    one_row = x.numel() == x.shape[-1]
     if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)
-                                 and weight.shape[0] <= weight.shape[1]):
+                                 and (one_row or weight.shape[0] <= weight.shape[1])):
         return "stream"
     return "reference"
 

@@ -35,6 +35,15 @@ variant of the expert kernels lost on the H200 (benchmarks/NOTES-kernels.md).
 benchmarks/skinny_linear.py shows each shape against the copy ceiling: a shape far below it is
 where a split would be tried. The launch configuration is autotuned per (N, K, rows bucket).
 
+One row (a batch-1 decode step) runs a second kernel, `_gemv_kernel`: no MMA, every program
+loads its [BLOCK_N, K] slab of W straight into registers in BLOCK_K chunks (unrolled, so all of
+a program's loads are issued before the first multiply waits), multiplies by x in fp32 and sums
+along K at the end. Measured on the H200 (benchmarks/results/skinny_linear, 2026-12-03): Qwen3-
+30B-A3B output projection 5.96 µs (the MMA kernel 8.20, cuBLAS 9.33), qkv 6.88 (cuBLAS 8.38):
+2.8-3.0 TB/s, so at one row "auto" takes it for every weight shape, wide ones included. The
+same register design lost to the MMA stream kernels on the expert GEMVs (up 17.7 against 15.2
+µs), which keep theirs (moeflow.ops.grouped_mlp_triton).
+
 Legend: M rows of x (tokens), K input features, N output features (rows of W).
 """
 
@@ -52,6 +61,7 @@ from moeflow.ops.backend import records_grad
 MAX_ROWS = 16
 # Triton's interpreter (CPU tests) cannot autotune: it runs these blocks.
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}
+GEMV_INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
 
 def _configs():
@@ -91,6 +101,38 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, str
              mask=mmask[:, None] & nmask[None, :])
 
 
+def _gemv_configs():
+    # The five fastest of a 36-config sweep on the H200 for the Qwen3-30B-A3B qkv and output
+    # projections (benchmarks/gemv_probe.py, 2026-12-03: all within 0.3 µs of the best), plus
+    # 16-row slabs for weights with few outputs. Each thread holds BLOCK_N * BLOCK_K / (32 *
+    # num_warps) fp32 partial sums.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
+            for bn, bk, w in ((4, 2048, 8), (1, 2048, 8), (2, 2048, 8), (2, 1024, 4),
+                              (1, 1024, 4), (16, 512, 8))]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K"], cache_results=True)
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xk, stride_wn, stride_wk,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
+    acc_NK = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: K is a compile-time constant
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x_K = tl.load(x_ptr + k * stride_xk, mask=kmask, other=0.0).to(tl.float32)
+        w_NK = tl.load(w_rows + k[None, :] * stride_wk, mask=nmask[:, None] & kmask[None, :],
+                       other=0.0)
+        acc_NK += w_NK.to(tl.float32) * x_K[None, :]
+    y_N = tl.sum(acc_NK, axis=1)
+    if HAS_BIAS:
+        y_N += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n, y_N.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
     """One-line ValueErrors for the calls the kernel does not take."""
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -114,12 +156,20 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] of at most MAX_ROWS rows and weight [N, K],
     bf16 or fp16 (fp32 too: exact fp32 dots, for the interpreter tests); y in x's dtype. Any
-    strides; no autograd."""
+    strides; no autograd. One row runs the register GEMV, more the MMA kernel."""
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])
     _check(x, weight, bias, M)
     y_MN = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M > 0 and N > 0:
+    if M == 1 and N > 0:
+        x_K = x.reshape(K)
+        kernel, fixed = _gemv_kernel, {}
+        if not x.is_cuda:
+            kernel, fixed = _gemv_kernel.fn, GEMV_INTERPRETER_BLOCKS
+        kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            x_K, weight, bias if bias is not None else weight, y_MN, N, x_K.stride(0),
+            *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed)
+    elif M > 0 and N > 0:
         x_MK = x.reshape(M, K)
         kernel, fixed = _linear_kernel, {}
         if not x.is_cuda:
