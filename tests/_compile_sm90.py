@@ -169,6 +169,11 @@ def skinny_linear():
                       **_args("M N K M_BUCKET stride_xm stride_xk stride_wn stride_wk", "i32")},
                      {"HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                       "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)
+        compile_sm90(skinny_linear_triton._gemv_kernel.fn,
+                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                      **_args("N stride_xk stride_wn stride_wk", "i32")},
+                     {"K": 4096, "HAS_BIAS": has_bias, "BLOCK_N": 4, "BLOCK_K": 2048},
+                     num_warps=8)
 
 
 def slot_write():
@@ -191,9 +196,11 @@ def rms_norm():
 
 def decode_attention():
     """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
-    with raw q/k prepared in the kernel (norm + RoPE, each alone) and without."""
-    for norm, rope in ((True, True), (True, False), (False, True), (False, False)):
-        compile_sm90(decode_attention_triton._split_kernel,
+    with raw q/k prepared in the kernel (norm + RoPE, each alone) and without, the splits
+    merged by the last split (with raw q/k) and by the merge kernel."""
+    for norm, rope, merge in ((True, True, True), (True, False, False), (False, True, False),
+                              (False, False, False)):
+        split = compile_sm90(decode_attention_triton._split_kernel,
                      {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
                       "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
                       "vn_ptr": "*bf16", **_args("svn_b svn_g", "i32"),
@@ -202,10 +209,14 @@ def decode_attention():
                       "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
                       "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
                       **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
-                      "eps": "fp32", **_args("G P CHUNK", "i32"), "scale_log2": "fp32"},
+                      "eps": "fp32", "tickets_ptr": "*i32", **_args("G P CHUNK", "i32"),
+                      "scale_log2": "fp32"},
                      {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
                       "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False, "PRECISION": "tf32",
-                      "PREP_NORM": norm, "PREP_ROPE": rope})
+                      "PREP_NORM": norm, "PREP_ROPE": rope, "MERGE": merge, "BLOCK_QM": 8,
+                      "BLOCK_P": 4})
+        if merge:  # the merging split loads partials other programs stored: coherent loads
+            assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,

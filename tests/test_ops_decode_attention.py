@@ -9,6 +9,8 @@ everywhere, so a kernel that read a position past a sequence's length, or missed
 would differ from the reference by far more than rounding; the length-0 row sees only its new
 key, whose value it must return."""
 
+import itertools
+
 import pytest
 
 from tests._triton_cpu import DEVICE, ON_GPU  # noqa: I001  (sets TRITON_INTERPRET first)
@@ -67,11 +69,14 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
     # Exact fp32 math on the same (rounded) inputs: the yardstick for bf16.
     y32, _, _ = reference(q.float(), k_new.float(), v_new.float(), k_cache.float(),
                           v_cache.float(), lengths_B, kv_len)
-    # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step.
-    for splits, block_n in ((None, 16), (1, 16), (3, 16), (None, None)):
+    # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step;
+    # each merged by the merge kernel and (with tickets) by the last split of each kv head.
+    tickets = torch.zeros(B * G, dtype=torch.int32, device=DEVICE)
+    for splits, block_n, ticketed in itertools.product((None, 1, 3), (16, None), (False, True)):
         k, v = k_cache.clone(), v_cache.clone()
         y = decode_attention_triton(q, k_new, v_new, k, v, lengths_B, kv_len, splits=splits,
-                                    block_n=block_n)
+                                    block_n=block_n, tickets=tickets if ticketed else None)
+        assert not tickets.any()  # left at 0 for the next launch
         assert y.shape == (B, H, dv) and y.dtype == dtype
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # the new rows, nothing else
         for b, L in enumerate(lengths):

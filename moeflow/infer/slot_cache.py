@@ -77,6 +77,9 @@ class SlotKVCache:
         self.num_slots, self.max_len = num_slots, max_len
         # The model's choice (fuse, attention) for decode attention, taken when the cache is built.
         self.backends = backends
+        # The Triton decode attention's merge tickets (one counter per slot and kv head), zero
+        # between launches; the layers take turns with them.
+        self.merge_tickets = torch.zeros(num_slots * G, dtype=torch.int32, device=device)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int) -> "SlotKVCache":
@@ -229,7 +232,8 @@ class DecodeView:
             from moeflow.ops.decode_attention_triton import decode_attention_triton
             y_BHd = decode_attention_triton(q_BHTd[:, :, 0], k_BGTd[:, :, 0], v_BGTd[:, :, 0],
                                             self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer],
-                                            self.lengths_B, self.kv_len, qk=qk)
+                                            self.lengths_B, self.kv_len, qk=qk,
+                                            tickets=self.cache.merge_tickets)
             return y_BHd[:, :, None]
         if qk is not None:
             raise ValueError("DecodeView.attend: raw q/k (qk) need the Triton attention backend")

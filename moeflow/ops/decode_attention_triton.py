@@ -6,8 +6,10 @@ Why: the plain path (moeflow.infer.slot_cache.DecodeView with decode_attention) 
 when compiled, ~6 launches per layer at every decode step; and it reads all S keys of the
 static bucket (S >= the longest sequence + 1, a power of two for CUDA-graph capture), so a batch
 whose sequences are S/2 long reads twice the keys it needs. Here one launch stores k/v and
-computes every split's partial softmax, a second small one merges the splits (skipped when one
-split suffices), and keys past a sequence's own length are never read.
+computes every split's partial softmax and merges them (the last split of each sequence and kv
+head to finish, by an atomic ticket; a second small launch where the partials are too many for
+one program, none when one split suffices), and keys past a sequence's own length are never
+read.
 
 Work split: one program per (sequence b, kv head g, key split s). The program computes all H/G
 query heads of its kv group against the keys of its split (grouped-query attention reads each
@@ -52,6 +54,10 @@ PROGRAMS_PER_SM = 2
 # still exercise the merge.
 CPU_PROGRAMS = 8
 LOG2E = 1.4426950408889634
+# The most fp32 partials (query heads per kv head × splits × value dims, each a power of two)
+# the last split merges itself: 64 per thread of a 4-warp program. Qwen3-30B-A3B (8 × P × 128)
+# merges in the split kernel up to P = 16; more splits (long contexts) launch the merge kernel.
+MERGE_TILE = 16384
 
 
 @triton.jit
@@ -94,12 +100,13 @@ def _prep_heads(row_ptrs, rmask, w_ptr, cos_ptr, sin_ptr, eps, HD: tl.constexpr,
 def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   kc_ptr, skc_n, skc_g, skc_m, vc_ptr, svc_n, svc_g, svc_m, len_ptr,
                   m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
-                  qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps,
+                  qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps, tickets_ptr,
                   G, P, CHUNK, scale_log2,
                   Q: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-                  PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr):
+                  PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
+                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -178,6 +185,39 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             tl.store(l_ptr + row, l_Q, mask=qmask)
             tl.store(acc_ptr + row[:, None] * DV + dv[None, :], acc_QV,
                      mask=qmask[:, None] & dvmask[None, :])
+            if MERGE:
+                # Every thread's stores, then one release-acquire ticket per program on its
+                # (sequence, kv head)'s counter: the split that draws the last of the tickets
+                # of the splits that run (s = 0 .. L // CHUNK) sees all their partials, merges
+                # them and puts the counter back to 0 for the next launch (a replayed graph).
+                tl.debug_barrier()
+                ticket = tl.atomic_add(tickets_ptr + bg, 1, sem="acq_rel", scope="gpu")
+                if ticket == L // CHUNK:
+                    tl.store(tickets_ptr + bg, 0)
+                    _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * so_b + g * Q * so_h,
+                                 so_h, b * G * Q + g * Q, L // CHUNK + 1, P, Q, DV, BLOCK_QM,
+                                 BLOCK_P, BLOCK_DV)
+
+
+@triton.jit
+def _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, so_h, h0, splits, P, Q: tl.constexpr,
+                 DV: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):
+    """The merge kernel's sums for Q heads at once: partials' rows (h0 + i) * P + split of
+    [B·H, P], the output of head i at out_ptr + i * so_h."""
+    qi = tl.arange(0, BLOCK_QM)
+    sp = tl.arange(0, BLOCK_P)
+    dv = tl.arange(0, BLOCK_DV)
+    row_QP = (h0 + qi[:, None]).to(tl.int64) * P + sp[None, :]
+    mask_QP = (qi[:, None] < Q) & (sp[None, :] < splits)
+    m_QP = tl.load(m_ptr + row_QP, mask=mask_QP, other=float("-inf"))
+    l_QP = tl.load(l_ptr + row_QP, mask=mask_QP, other=0.0)
+    acc_QPV = tl.load(acc_ptr + row_QP[:, :, None] * DV + dv[None, None, :],
+                      mask=mask_QP[:, :, None] & (dv[None, None, :] < DV), other=0.0)
+    w_QP = tl.where(mask_QP, tl.exp2(m_QP - tl.max(m_QP, axis=1)[:, None]), 0.0)
+    y_QV = tl.sum(acc_QPV * w_QP[:, :, None], axis=1) / tl.sum(l_QP * w_QP, axis=1)[:, None]
+    tl.store(out_ptr + qi[:, None] * so_h + dv[None, :],
+             y_QV.to(out_ptr.dtype.element_ty), mask=(qi[:, None] < Q) & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -242,12 +282,16 @@ def prepares(head_dim: int) -> bool:
 def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: torch.Tensor,
                             k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, lengths_B: torch.Tensor,
                             kv_len: int, splits: int | None = None, block_n: int | None = None,
-                            num_warps: int = 4, qk: QKPrep | None = None) -> torch.Tensor:
+                            num_warps: int = 4, qk: QKPrep | None = None,
+                            tickets: torch.Tensor | None = None) -> torch.Tensor:
     """Store k_BGd/v_BGd at position lengths_B[b] of slots b = 0..B-1 of the cache k_NGMd/v_NGMd
     (in place), and return each query's attention over its slot's positions 0..lengths_B[b]
     (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`: override the choice (tests,
     benchmarks). `qk`: q and k are raw (before their norm and RoPE), prepared by the kernel as
-    it loads them; the key stored is the prepared one."""
+    it loads them; the key stored is the prepared one. `tickets`: int32 zeros, at least B·G
+    (SlotKVCache keeps them), left at 0: the last split of each (sequence, kv head) merges the
+    splits itself where its Q·P·dv tile of partials is small enough (MERGE_TILE), with no
+    merge launch; one launch at a time may use them."""
     B, H, dk = q_BHd.shape
     G, dv = k_BGd.shape[1], v_BGd.shape[-1]
     if H % G or k_NGMd.shape[1] != G or k_NGMd.shape[-1] != dk or v_NGMd.shape[-1] != dv:
@@ -290,6 +334,9 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     sin_Bd = _last_unit(qk.sin_Bd) if rope else q_BHd
     if rope and (cos_Bd.stride(0) != sin_Bd.stride(0) or cos_Bd.shape != (B, dk)):
         cos_Bd, sin_Bd = cos_Bd.expand(B, dk).contiguous(), sin_Bd.expand(B, dk).contiguous()
+    block_qm, block_p = triton.next_power_of_2(Q), triton.next_power_of_2(P)
+    merge = (not single and tickets is not None and tickets.numel() >= B * G
+             and tickets.dtype == torch.int32 and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](
         q_BHd, q_BHd.stride(0), q_BHd.stride(1), k_BGd, k_BGd.stride(0), k_BGd.stride(1),
         v_BGd, v_BGd.stride(0), v_BGd.stride(1),
@@ -298,14 +345,14 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         m_BHP, l_BHP, acc_BHPd, y_BHd, y_BHd.stride(0), y_BHd.stride(1),
         qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
-        G, P, chunk, dk ** -0.5 * LOG2E,
+        tickets if merge else lengths_B, G, P, chunk, dk ** -0.5 * LOG2E,
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, triton.next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
-        PREP_NORM=norm, PREP_ROPE=rope, num_warps=num_warps)
-    if not single:
+        PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
+        num_warps=num_warps)
+    if not single and not merge:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
-                                y_BHd.stride(1), H, P, chunk, DV=dv,
-                                BLOCK_P=triton.next_power_of_2(P), BLOCK_DV=block_dv,
-                                num_warps=4 if block_dv >= 128 else 1)
+                                y_BHd.stride(1), H, P, chunk, DV=dv, BLOCK_P=block_p,
+                                BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1)
     return y_BHd
 
