@@ -14,10 +14,12 @@ norms elementwise, with no GEMM to speed up; together they are a small share of 
 
 FP8 is how the matmul is computed: the parameters, their dtype and the state_dict are the same
 with either choice, so checkpoints do not depend on it. Calls that autograd does not record
-(validation, generation, serving) run the plain linear, or, for a few rows on CUDA (a decode
-step) through a weight with no more outputs than inputs (the attention output projection),
-moeflow.ops.skinny_linear_triton's kernel, which streams the weight once: on the H200 it beat
-cuBLAS there and not on the wider qkv projection (that module gives the numbers).
+(validation, generation, serving) run the plain linear, or, on CUDA, the kernels of
+moeflow.ops.skinny_linear_triton, which stream the weight once: for one row (a batch-1 decode
+step) through any weight, and for 2-16 rows through a weight with no more outputs than inputs
+(the attention output projection). On the H200 the one-row GEMV beat cuBLAS on every
+projection measured and the MMA kernel only on the output projections (that module gives the
+numbers).
 """
 
 from __future__ import annotations
