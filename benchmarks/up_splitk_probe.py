@@ -103,6 +103,7 @@ def routings(T: int, K: int, E: int, count: int, device):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--no-sweep", action="store_true", help="time the current kernel only")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -118,12 +119,13 @@ def main() -> None:
         bucket = gm._m_bucket(N, E)
         block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
         active = min(N, E)
+        a_bucket = triton.next_power_of_2(active)
 
         def current():
             for ends, rows in plans:
                 gm._up_kernel[lambda meta: (active, triton.cdiv(Fd, meta["BLOCK_N"]))](
-                    x, rows, ends, w_in, w_in, h, D, Fd, E, bucket, SWIGLU=True, HAS_BIAS=False,
-                    GATHER=True, BLOCK_E=E, BLOCK_M=block_m)
+                    x, rows, ends, w_in, w_in, h, D, Fd, E, bucket, a_bucket, SWIGLU=True,
+                    HAS_BIAS=False, GATHER=True, BLOCK_E=E, BLOCK_M=block_m)
         ends0, rows0 = plans[0]
         experts_N = torch.repeat_interleave(torch.arange(E, device=dev),
                                             torch.diff(ends0, prepend=ends0.new_zeros(1)))
@@ -136,7 +138,7 @@ def main() -> None:
         tickets = torch.zeros(active * 64, dtype=torch.int32, device=dev)
         part = torch.empty(4, N, 2 * Fd, device=dev, dtype=torch.float32)
         for bn, bk, w, st, split in itertools.product((32, 64, 128), (64, 128), (4,), (3, 4),
-                                                      (2, 4)):
+                                                      () if args.no_sweep else (2, 4)):
             grid = (active, triton.cdiv(Fd, bn) * split)
 
             def run(bn=bn, bk=bk, w=w, st=st, split=split, grid=grid):
@@ -158,10 +160,11 @@ def main() -> None:
         sweep.sort(key=lambda r: r["us"])
         # current kernel's error on routing 0
         gm._up_kernel[lambda meta: (active, triton.cdiv(Fd, meta["BLOCK_N"]))](
-            x, rows0, ends0, w_in, w_in, h, D, Fd, E, bucket, SWIGLU=True, HAS_BIAS=False,
-            GATHER=True, BLOCK_E=E, BLOCK_M=block_m)
+            x, rows0, ends0, w_in, w_in, h, D, Fd, E, bucket, a_bucket, SWIGLU=True,
+            HAS_BIAS=False, GATHER=True, BLOCK_E=E, BLOCK_M=block_m)
         row["current_err"] = (h.float() - h_ref).abs().max().item()
         row["split_best"] = sweep[:6]
+        row["current_cfg_after"] = str(gm._up_kernel.best_config)
         print(json.dumps(row), flush=True)
         results.append(row)
     (args.out / "up_splitk_probe.json").write_text(json.dumps(results, indent=1))

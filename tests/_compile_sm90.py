@@ -58,11 +58,11 @@ def stream_experts():
         compile_sm90(m._up_kernel.fn,
                      {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
                       "w_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16",
-                      **_args("D F E M_BUCKET", "i32")},
+                      **_args("D F E M_BUCKET A_BUCKET", "i32")},
                      {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": gather, **blocks})
         compile_sm90(m._down_kernel.fn,
                      {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
-                      "y_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                      "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                      {"HAS_BIAS": not swiglu, **blocks}, num_warps=8)
 
 

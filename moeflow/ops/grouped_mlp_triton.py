@@ -14,8 +14,9 @@ ends_E itself (`_active_expert`), so at decode the launch holds min(N, E) expert
 programs instead of E (batch 1 of Qwen3-30B-A3B: 8 instead of 128, 1440 fewer programs per up
 launch and 3840 fewer per down launch that would only have read ends_E and returned), and
 weights of idle experts are never read. Launch configurations are autotuned per (D, F, E,
-rows-bucket, activation); the choice is kept in Triton's cache directory (cache_results), so
-later processes on the machine skip the timing and run the same tiles (the same sums).
+rows-bucket, active-experts bound, activation); the choice is kept in Triton's cache directory
+(cache_results), so later processes on the machine skip the timing and run the same tiles (the
+same sums).
 
 Prefill-sized inference (tens to ~128 rows per expert): `expert_mlp_tiled`, a grouped GEMM on
 tensor-core tiles. One program per (expert, column tile, row tile), in that order of launch
@@ -137,10 +138,11 @@ def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.cons
              acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET", "SWIGLU"],
-                 reset_to_zero=[], cache_results=True)
+@triton.autotune(configs=_stream_configs(),
+                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
+                 cache_results=True)
 @triton.jit
-def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET,
+def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET, A_BUCKET,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr):
@@ -157,10 +159,10 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
                  HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-@triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET"], reset_to_zero=[],
-                 cache_results=True)
+@triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET", "A_BUCKET"],
+                 reset_to_zero=[], cache_results=True)
 @triton.jit
-def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
+def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
@@ -265,6 +267,7 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     if N == 0:
         return y_ND
     bucket = _m_bucket(N, E)
+    keys = (bucket,)  # autotune keys after E
     if tiled:
         up, down, blocks = _up_tiled_kernel, _down_tiled_kernel, {}
         up_grid, down_grid = _tiled_grid(N, E, F), _tiled_grid(N, E, D)
@@ -274,6 +277,10 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
         blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
         # At most N experts have rows: one column of programs per possibly active expert.
         active = min(N, E)
+        # Tuned per active-expert bound too: batch 1 and 16 of Qwen3-30B-A3B (8 and 128 rows
+        # over 128 experts) share rows-per-expert bucket 1 but not the best tiles (8 vs ~82
+        # busy experts; benchmarks/results/decode_experts, session 15).
+        keys = (bucket, triton.next_power_of_2(active))
         up_grid = lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
         down_grid = lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
         interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
@@ -282,12 +289,12 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     block_e = triton.next_power_of_2(E)
     up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
-        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, bucket,
+        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, *keys,
         SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None,
         BLOCK_E=block_e, **blocks)
     down[down_grid](
         h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
-        bucket, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks)
+        *keys, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks)
     return y_ND
 
 
