@@ -133,6 +133,20 @@ def prefill_flops(model: Transformer, T: int) -> float:
     return 2 * active * T + attn
 
 
+def decoding_engine(model: Transformer, batch: int, max_seq_len: int = 1024,
+                    warm_steps: int = 5) -> Engine:
+    """An engine sized for `batch`, decoding `batch` greedy requests of PROMPT random tokens
+    (ids < 1000), after `warm_steps` steps (the prefill, the decode graph's capture, warm-up)."""
+    engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=max_seq_len))
+    g = torch.Generator().manual_seed(batch)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, 1000, (PROMPT,), generator=g).tolist(),
+                           SamplingParams(max_new_tokens=200, temperature=0))
+    for _ in range(warm_steps):
+        engine.step()
+    return engine
+
+
 def engine_decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
     g = torch.Generator().manual_seed(batch)
     ids = [engine.add_request(torch.randint(0, vocab, (PROMPT,), generator=g).tolist(),

@@ -18,21 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import PROMPT, build  # noqa: E402
-
-from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from generate import build, decoding_engine  # noqa: E402
 
 
 def main() -> None:
     model = build("qwen3-30b-a3b")
     for batch in (1, 16):
-        engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=1024))
-        g = torch.Generator().manual_seed(batch)
-        for _ in range(batch):
-            engine.add_request(torch.randint(0, 1000, (PROMPT,), generator=g).tolist(),
-                               SamplingParams(max_new_tokens=200, temperature=0))
-        for _ in range(5):
-            engine.step()
+        engine = decoding_engine(model, batch)
         graph = engine._decoder.graphs[engine._decoder.last_key][0]
         alone, second = [], []
         for _ in range(30):

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import PROMPT, build  # noqa: E402
+from generate import build, decoding_engine  # noqa: E402
 
 from benchmarks.machine import cuda_event_ms  # noqa: E402
 
-from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from moeflow.infer import Engine  # noqa: E402
 from moeflow.infer.decode_graphs import GraphDecoder  # noqa: E402
 
 MARKS: dict[str, list[tuple[float, float]]] = {}
@@ -46,13 +46,7 @@ def main() -> None:
     Engine._sample = marked("sample", Engine._sample)
     model = build("qwen3-30b-a3b")
     for batch in (1, 16):
-        engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=1024))
-        g = torch.Generator().manual_seed(batch)
-        for _ in range(batch):
-            engine.add_request(torch.randint(0, 1000, (PROMPT,), generator=g).tolist(),
-                               SamplingParams(max_new_tokens=200, temperature=0))
-        for _ in range(5):
-            engine.step()
+        engine = decoding_engine(model, batch)
         rows = []
         for _ in range(30):
             MARKS.clear()
