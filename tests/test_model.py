@@ -41,6 +41,32 @@ def test_routing_stats_account_for_every_assignment():
     assert out.router_loss.item() == pytest.approx(0.01 * out.aux_loss.item())
 
 
+def test_loss_sums_are_per_layer_sums_summed_when_read_without_autograd():
+    """The router/aux/z totals are the sums of each MoE layer's losses; a forward autograd
+    records sums them at once (so they carry grad even when read under no_grad), one without
+    autograd only when they are read (a served decode step never reads them)."""
+    torch.manual_seed(0)
+    cfg = small(router=RouterConfig(top_k=2, capacity_factor=0.5, min_capacity=0,
+                                    z_loss_coef=0.1))
+    model = Transformer(cfg)
+    ids = torch.randint(0, 97, (2, 16))
+    recorded = model(ids)
+    with torch.no_grad():
+        assert recorded.router_loss.requires_grad  # summed with the forward, not here
+        plain = model(ids)
+    assert "_loss_sums" in recorded.__dict__ and "_loss_sums" not in plain.__dict__
+    assert len(plain.layer_losses) == 3 * len(plain.routing) == 6
+    for out in (recorded, plain):
+        per_layer = torch.stack(out.layer_losses).view(-1, 3)
+        torch.testing.assert_close(out.router_loss, per_layer[:, 0].sum())
+        torch.testing.assert_close(out.aux_loss, sum(r.aux_loss for r in out.routing))
+        torch.testing.assert_close(out.z_loss, sum(r.z_loss for r in out.routing))
+    torch.testing.assert_close(plain.router_loss, recorded.router_loss.detach())
+    dense = Transformer(small(moe_every=0, num_experts=4))
+    with torch.no_grad():
+        assert dense(ids).router_loss.item() == 0 == dense(ids, hidden_only=True).z_loss.item()
+
+
 @pytest.mark.parametrize("arch, extra", [("gpt", {}), ("llama", LLAMA)])
 def test_forward_without_autograd_equals_the_recorded_forward_exactly(arch, extra):
     """Without autograd the blocks leave each residual add to the next norm

@@ -66,11 +66,36 @@ class LayerRouting:
 @dataclass(frozen=True)
 class ModelOutput:
     logits: torch.Tensor | None  # [B, T, V]; None when the forward was asked for `hidden`
-    router_loss: torch.Tensor  # Σ over MoE layers of aux_coef·aux + z_coef·z
-    aux_loss: torch.Tensor  # Σ of unweighted load-balancing losses
-    z_loss: torch.Tensor  # Σ of unweighted z-losses
+    # Per MoE layer, in order: its weighted router loss, aux and z (0-dim), summed into
+    # router_loss / aux_loss / z_loss when first read (at once when autograd records the forward).
+    layer_losses: tuple[torch.Tensor, ...]
     routing: tuple[LayerRouting, ...]
     hidden: torch.Tensor | None = None  # [B, T, D] the LM head's input, with hidden_only=True
+
+    @functools.cached_property
+    def _loss_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # One stack and sum for all layers (not an add per layer: three kernels per layer at
+        # decode), and only when read: a served decode step never reads them, so its CUDA graph
+        # holds no copy kernel for them (17 µs of a batch-1 step on the H200, session 14).
+        if self.layer_losses:
+            return tuple(torch.stack(self.layer_losses).view(-1, 3).sum(0).unbind())
+        ref = self.logits if self.logits is not None else self.hidden
+        return tuple(ref.new_zeros(3, dtype=torch.float32).unbind())
+
+    @property
+    def router_loss(self) -> torch.Tensor:
+        """Σ over MoE layers of aux_coef·aux + z_coef·z."""
+        return self._loss_sums[0]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Σ of unweighted load-balancing losses."""
+        return self._loss_sums[1]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Σ of unweighted z-losses."""
+        return self._loss_sums[2]
 
     @property
     def dropped_fraction(self) -> torch.Tensor:
@@ -314,10 +339,6 @@ class Transformer(nn.Module, ChoosesBackends):
                 stats.append(LayerRouting(i, routing.counts_E, routing.num_dropped,
                                           routing.ids_TK.numel(), routing.aux_loss,
                                           routing.z_loss, routing.ids_TK, routing.kept_TK))
-        # Summed once at the end (not one add per layer: three kernels per layer at decode).
-        total = (torch.stack(losses).view(-1, 3).sum(0) if losses
-                 else x.new_zeros(3, dtype=torch.float32))
-        router_loss, aux, z = total.unbind()
         if pending is None:
             h = self.final_norm(x)
         else:  # the last block's output, added by the final norm's pass (the norm is per row)
@@ -326,9 +347,11 @@ class Transformer(nn.Module, ChoosesBackends):
             cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        if hidden_only:
-            return ModelOutput(None, router_loss, aux, z, tuple(stats), h)
-        return ModelOutput(self.lm_head(h), router_loss, aux, z, tuple(stats))
+        out = ModelOutput(None if hidden_only else self.lm_head(h), tuple(losses), tuple(stats),
+                          h if hidden_only else None)
+        if torch.is_grad_enabled():
+            out.router_loss  # noqa: B018  (summed now, so autograd records it with the forward)
+        return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
