@@ -201,20 +201,20 @@ def decode_attention():
     for norm, rope, merge in ((True, True, True), (True, False, False), (False, True, False),
                               (False, False, False)):
         split = compile_sm90(decode_attention_triton._split_kernel,
-                     {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
-                      "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
-                      "vn_ptr": "*bf16", **_args("svn_b svn_g", "i32"),
-                      "kc_ptr": "*bf16", **_args("skc_n skc_g skc_m", "i32"),
-                      "vc_ptr": "*bf16", **_args("svc_n svc_g svc_m", "i32"),
-                      "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
-                      "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
-                      **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
-                      "eps": "fp32", "tickets_ptr": "*i32", **_args("G P CHUNK", "i32"),
-                      "scale_log2": "fp32"},
-                     {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
-                      "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False, "PRECISION": "tf32",
-                      "PREP_NORM": norm, "PREP_ROPE": rope, "MERGE": merge, "BLOCK_QM": 8,
-                      "BLOCK_P": 4})
+                             {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
+                              "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
+                              "vn_ptr": "*bf16", **_args("svn_b svn_g", "i32"),
+                              "kc_ptr": "*bf16", **_args("skc_n skc_g skc_m", "i32"),
+                              "vc_ptr": "*bf16", **_args("svc_n svc_g svc_m", "i32"),
+                              "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
+                              "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
+                              **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
+                              "eps": "fp32", "tickets_ptr": "*i32", **_args("G P CHUNK", "i32"),
+                              "scale_log2": "fp32"},
+                             {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
+                              "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False,
+                              "PRECISION": "tf32", "PREP_NORM": norm, "PREP_ROPE": rope,
+                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4})
         if merge:  # the merging split loads partials other programs stored: coherent loads
             assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
 
