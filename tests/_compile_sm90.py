@@ -197,7 +197,7 @@ def rms_norm():
 def decode_attention():
     """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
     with raw q/k prepared in the kernel (norm + RoPE, each alone) and without, the splits
-    merged by the last split (with raw q/k) and by the merge kernel."""
+    merged by the last split (with raw q/k) and by the merge kernel (and that kernel)."""
     for norm, rope, merge in ((True, True, True), (True, False, False), (False, True, False),
                               (False, False, False)):
         split = compile_sm90(decode_attention_triton._split_kernel,
@@ -217,6 +217,11 @@ def decode_attention():
                               "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4})
         if merge:  # the merging split loads partials other programs stored: coherent loads
             assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
+    # The merge kernel, for long contexts' splits (64 of them at head dim 128).
+    compile_sm90(decode_attention_triton._merge_kernel,
+                 {**_args("m_ptr l_ptr acc_ptr", "*fp32"), "len_ptr": "*i64", "out_ptr": "*bf16",
+                  **_args("so_b so_h H P CHUNK", "i32")},
+                 {"DV": 128, "BLOCK_P": 64, "BLOCK_DV": 128})
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,

@@ -223,22 +223,14 @@ def _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, so_h, h0, splits, P, Q: tl.cons
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, so_b, so_h, H, P, CHUNK,
                   DV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The splits' merge for partials too many for the last split to hold (MERGE_TILE): one
+    program per (sequence, head), the same sums as the split kernel's merge."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
-    h = bh % H
     L = tl.load(len_ptr + b).to(tl.int32)
     splits = L // CHUNK + 1  # the splits that ran (they start at or before position L)
-    sp = tl.arange(0, BLOCK_P)
-    dv = tl.arange(0, BLOCK_DV)
-    smask = sp < splits
-    m_P = tl.load(m_ptr + bh * P + sp, mask=smask, other=float("-inf"))
-    l_P = tl.load(l_ptr + bh * P + sp, mask=smask, other=0.0)
-    acc_PV = tl.load(acc_ptr + (bh * P + sp[:, None]) * DV + dv[None, :],
-                     mask=smask[:, None] & (dv[None, :] < DV), other=0.0)
-    w_P = tl.exp2(m_P - tl.max(m_P, axis=0))
-    w_P = tl.where(smask, w_P, 0.0)
-    y_V = tl.sum(acc_PV * w_P[:, None], axis=0) / tl.sum(l_P * w_P, axis=0)
-    tl.store(out_ptr + b * so_b + h * so_h + dv, y_V.to(out_ptr.dtype.element_ty), mask=dv < DV)
+    _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * so_b + (bh % H) * so_h, so_h, bh, splits,
+                 P, 1, DV, 1, BLOCK_P, BLOCK_DV)
 
 
 @functools.lru_cache
@@ -334,9 +326,14 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     sin_Bd = _last_unit(qk.sin_Bd) if rope else q_BHd
     if rope and (cos_Bd.stride(0) != sin_Bd.stride(0) or cos_Bd.shape != (B, dk)):
         cos_Bd, sin_Bd = cos_Bd.expand(B, dk).contiguous(), sin_Bd.expand(B, dk).contiguous()
+    if tickets is not None and (tickets.dtype != torch.int32 or tickets.numel() < B * G
+                                or tickets.device != q_BHd.device):
+        raise ValueError(f"decode attention: tickets must be int32 zeros, at least B·G = "
+                         f"{B * G}, on {q_BHd.device}; got {tickets.dtype} "
+                         f"[{tickets.numel()}] on {tickets.device}")
     block_qm, block_p = triton.next_power_of_2(Q), triton.next_power_of_2(P)
-    merge = (not single and tickets is not None and tickets.numel() >= B * G
-             and tickets.dtype == torch.int32 and block_qm * block_p * block_dv <= MERGE_TILE)
+    merge = (not single and tickets is not None
+             and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](
         q_BHd, q_BHd.stride(0), q_BHd.stride(1), k_BGd, k_BGd.stride(0), k_BGd.stride(1),
         v_BGd, v_BGd.stride(0), v_BGd.stride(1),
