@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import cuda_event_ms  # noqa: E402
 from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.ops.grouped_mlp_triton import (_down_tiled_kernel, _expert_tile,  # noqa: E402
-                                            _m_bucket, _tiled_configs, _tiled_grid)
+                                            _tiled_configs, _tiled_grid, _tune_keys)
 from moeflow.ops.permute_triton import combine_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 
@@ -88,19 +88,19 @@ def main() -> None:
         h = torch.randn(N, F, device=dev).to(bf)
         w_row = torch.empty(N, device=dev)
         w_row[order.row_TK.flatten()] = r.weights_TK.flatten()
-        bucket, block_e = _m_bucket(N, E), triton.next_power_of_2(E)
+        keys, block_e = _tune_keys(N, E), triton.next_power_of_2(E)
         y_ND = torch.empty(N, D, device=dev, dtype=bf)
 
         def base():
             _down_tiled_kernel[_tiled_grid(N, E, D)](
-                h, order.ends_E, w_out, w_out, y_ND, D, F, E, bucket, HAS_BIAS=False,
+                h, order.ends_E, w_out, w_out, y_ND, D, F, E, *keys, HAS_BIAS=False,
                 BLOCK_E=block_e)
             return combine_triton(y_ND, r.weights_TK, order.row_TK, r.kept_TK)
 
         def atomic():
             y32 = torch.zeros(T, D, device=dev)
             _down_atomic_kernel[_tiled_grid(N, E, D)](
-                h, order.ends_E, w_out, order.token_N, w_row, y32, D, F, E, bucket,
+                h, order.ends_E, w_out, order.token_N, w_row, y32, D, F, E, keys[0],
                 BLOCK_E=block_e)
             return y32.to(bf)
 

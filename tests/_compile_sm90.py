@@ -72,12 +72,13 @@ def tiled_experts():
     blocks = {"BLOCK_E": 128, "BLOCK_M": 128, "BLOCK_K": 64}
     compile_sm90(m._up_tiled_kernel.fn,
                  {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64", "w_ptr": "*bf16",
-                  "b_ptr": "*bf16", "h_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                  "b_ptr": "*bf16", "h_ptr": "*bf16",
+                  **_args("D F E M_BUCKET A_BUCKET", "i32")},
                  {"SWIGLU": True, "HAS_BIAS": False, "GATHER": True, "BLOCK_N": 128, **blocks},
                  num_warps=8)
     compile_sm90(m._down_tiled_kernel.fn,
                  {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
-                  "y_ptr": "*bf16", **_args("D F E M_BUCKET", "i32")},
+                  "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                  {"HAS_BIAS": True, "BLOCK_N": 256, **blocks}, num_warps=8)
 
 

@@ -213,10 +213,11 @@ def _tiled_configs(accumulators: int):
             for bm, bn, bk, w, s in tiles if accumulators * bm * bn <= 128 * 32 * w]
 
 
-@triton.autotune(configs=_tiled_configs(accumulators=2), key=["D", "F", "E", "M_BUCKET", "SWIGLU"],
-                 reset_to_zero=[], cache_results=True)
+@triton.autotune(configs=_tiled_configs(accumulators=2),
+                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
+                 cache_results=True)
 @triton.jit
-def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET,
+def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET, A_BUCKET,
                      SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
@@ -230,11 +231,11 @@ def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M
              n < F, D, F, SWIGLU, HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-@triton.autotune(configs=_tiled_configs(accumulators=1), key=["D", "F", "E", "M_BUCKET"],
-                 reset_to_zero=[],
+@triton.autotune(configs=_tiled_configs(accumulators=1),
+                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET"], reset_to_zero=[],
                  cache_results=True)
 @triton.jit
-def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
+def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                        HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(D, BLOCK_N),
@@ -249,6 +250,14 @@ def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET,
 def _m_bucket(n_rows: int, n_experts: int) -> int:
     """Autotune key: rows per expert, rounded to a power of two (configs differ by load)."""
     return triton.next_power_of_2(max(1, -(-n_rows // n_experts)))
+
+
+def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
+    """The expert kernels' autotune keys after E: rows per expert (_m_bucket) and the bound on
+    experts with rows, min(rows, E), to a power of two. Batch 1 and 16 of Qwen3-30B-A3B (8 and
+    128 rows over 128 experts) share rows-per-expert bucket 1 but not the best tiles (8 vs ~82
+    busy experts; benchmarks/results/decode_experts, session 15)."""
+    return _m_bucket(n_rows, n_experts), triton.next_power_of_2(min(n_rows, n_experts))
 
 
 def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -266,8 +275,8 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
     if N == 0:
         return y_ND
-    bucket = _m_bucket(N, E)
-    keys = (bucket,)  # autotune keys after E
+    keys = _tune_keys(N, E)
+    bucket = keys[0]
     if tiled:
         up, down, blocks = _up_tiled_kernel, _down_tiled_kernel, {}
         up_grid, down_grid = _tiled_grid(N, E, F), _tiled_grid(N, E, D)
@@ -277,10 +286,6 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
         blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
         # At most N experts have rows: one column of programs per possibly active expert.
         active = min(N, E)
-        # Tuned per active-expert bound too: batch 1 and 16 of Qwen3-30B-A3B (8 and 128 rows
-        # over 128 experts) share rows-per-expert bucket 1 but not the best tiles (8 vs ~82
-        # busy experts; benchmarks/results/decode_experts, session 15).
-        keys = (bucket, triton.next_power_of_2(active))
         up_grid = lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
         down_grid = lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
         interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
