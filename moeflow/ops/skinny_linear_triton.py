@@ -40,7 +40,7 @@ loads its [BLOCK_N, K] slab of W straight into registers in BLOCK_K chunks (unro
 a program's loads are issued before the first multiply waits), multiplies by x in fp32 and sums
 along K at the end. Measured on the H200 (benchmarks/results/skinny_linear, 2026-12-03): Qwen3-
 30B-A3B output projection 5.96 µs (the MMA kernel 8.20, cuBLAS 9.33), qkv 6.88 (cuBLAS 8.38):
-2.8-3.0 TB/s, so at one row "auto" takes it for every weight shape, wide ones included. The
+2.8-3.05 TB/s, so at one row "auto" takes it for every weight shape, wide ones included. The
 same register design lost to the MMA stream kernels on the expert GEMVs (up 17.7 against 15.2
 µs), which keep theirs (moeflow.ops.grouped_mlp_triton).
 
