@@ -26,7 +26,7 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None)
              "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32", "i32", "i32",
              "fp32", "fp32", "fp32", "i32"]
     sig = dict(zip(names, types))
-    consts = dict(meta, LT=lt, LE=le, LD=ld)
+    consts = dict(meta, LT=lt, LE=le, LD=ld, PDL=True)
     for k in consts:
         sig[k] = "constexpr"
     src = ASTSource(fn=m._decode_route_logits_kernel, signature=sig,

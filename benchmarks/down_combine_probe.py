@@ -94,7 +94,7 @@ def main() -> None:
         def base():
             _down_tiled_kernel[_tiled_grid(N, E, D)](
                 h, order.ends_E, w_out, w_out, y_ND, D, F, E, *keys, HAS_BIAS=False,
-                BLOCK_E=block_e)
+                BLOCK_E=block_e, PDL=False)
             return combine_triton(y_ND, r.weights_TK, order.row_TK, r.kept_TK)
 
         def atomic():

@@ -27,7 +27,23 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int
     index = list(sig)
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(index.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps})
+    if constexprs.get("PDL"):
+        _check_waits_first(fn, kernel.asm["ptx"])
+    return kernel
+
+
+def _check_waits_first(fn, ptx: str) -> None:
+    """A kernel launched with programmatic dependent launch may start while the kernel ahead
+    still runs: it must not touch global memory before griddepcontrol.wait (moeflow.ops.pdl)."""
+    body = ptx[ptx.index(".entry"):]
+    wait = body.find("griddepcontrol.wait")
+    first = min((i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.global",
+                                                     "red.global", "cp.async"))
+                 if i >= 0), default=len(body))
+    name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", fn))
+    assert 0 <= wait < first, f"{name}: global memory accessed before griddepcontrol.wait"
 
 
 def _args(names: str, kind: str) -> dict[str, str]:
@@ -59,11 +75,12 @@ def stream_experts():
                      {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
                       "w_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16",
                       **_args("D F E M_BUCKET A_BUCKET", "i32")},
-                     {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": gather, **blocks})
+                     {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": gather, **blocks,
+                      "PDL": True})
         compile_sm90(m._down_kernel.fn,
                      {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
                       "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
-                     {"HAS_BIAS": not swiglu, **blocks}, num_warps=8)
+                     {"HAS_BIAS": not swiglu, **blocks, "PDL": True}, num_warps=8)
 
 
 def tiled_experts():
@@ -74,12 +91,13 @@ def tiled_experts():
                  {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64", "w_ptr": "*bf16",
                   "b_ptr": "*bf16", "h_ptr": "*bf16",
                   **_args("D F E M_BUCKET A_BUCKET", "i32")},
-                 {"SWIGLU": True, "HAS_BIAS": False, "GATHER": True, "BLOCK_N": 128, **blocks},
+                 {"SWIGLU": True, "HAS_BIAS": False, "GATHER": True, "BLOCK_N": 128, **blocks,
+                  "PDL": True},
                  num_warps=8)
     compile_sm90(m._down_tiled_kernel.fn,
                  {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
                   "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
-                 {"HAS_BIAS": True, "BLOCK_N": 256, **blocks}, num_warps=8)
+                 {"HAS_BIAS": True, "BLOCK_N": 256, **blocks, "PDL": True}, num_warps=8)
 
 
 def qk_norm_rope():
@@ -125,10 +143,10 @@ def fused_decode_router():
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
                       "ticket_ptr": "*i32", "bias_ptr": "*fp32", **outputs,
                       **_args("T D E", "i32"), **scalars},
-                     dict(meta, LT=lt, LE=le, LD=ld), num_warps=warps)
+                     dict(meta, LT=lt, LE=le, LD=ld, PDL=True), num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
-                      **_args("T E", "i32"), **scalars}, meta, num_warps=warps)
+                      **_args("T E", "i32"), **scalars}, dict(meta, PDL=True), num_warps=warps)
 
 
 def dropless_router():
@@ -169,11 +187,12 @@ def skinny_linear():
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       **_args("M N K M_BUCKET stride_xm stride_xk stride_wn stride_wk", "i32")},
                      {"HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
-                      "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)
+                      "BLOCK_N": 16, "BLOCK_K": 256, "PDL": True}, num_warps=4)
         compile_sm90(skinny_linear_triton._gemv_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       **_args("N stride_xk stride_wn stride_wk", "i32")},
-                     {"K": 4096, "HAS_BIAS": has_bias, "BLOCK_N": 4, "BLOCK_K": 2048},
+                     {"K": 4096, "HAS_BIAS": has_bias, "BLOCK_N": 4, "BLOCK_K": 2048,
+                      "PDL": True},
                      num_warps=8)
 
 
@@ -191,7 +210,8 @@ def rms_norm():
         compile_sm90(norm_triton._rms_norm_kernel,
                      {**_args("x_ptr h_ptr w_ptr s_ptr y_ptr", "*bf16"), "row_ptr": "*i64",
                       "kept_ptr": "*i8", "cw_ptr": "*fp32", "D": "i32", "eps": "fp32"},
-                     {"HAS_RESIDUAL": residual, "COMBINE_K": combine_k, "BLOCK": 2048},
+                     {"HAS_RESIDUAL": residual, "COMBINE_K": combine_k, "BLOCK": 2048,
+                      "PDL": True},
                      num_warps=8)
 
 
@@ -215,14 +235,14 @@ def decode_attention():
                              {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
                               "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False,
                               "PRECISION": "tf32", "PREP_NORM": norm, "PREP_ROPE": rope,
-                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4})
+                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4, "PDL": True})
         if merge:  # the merging split loads partials other programs stored: coherent loads
             assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
     # The merge kernel, for long contexts' splits (64 of them at head dim 128).
     compile_sm90(decode_attention_triton._merge_kernel,
                  {**_args("m_ptr l_ptr acc_ptr", "*fp32"), "len_ptr": "*i64", "out_ptr": "*bf16",
                   **_args("so_b so_h H P CHUNK", "i32")},
-                 {"DV": 128, "BLOCK_P": 64, "BLOCK_DV": 128})
+                 {"DV": 128, "BLOCK_P": 64, "BLOCK_DV": 128, "PDL": True})
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,

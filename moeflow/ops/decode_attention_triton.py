@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.pdl import enter, pdl_launch
 from moeflow.ops.qk_rope_triton import _sum_squares
 
 # Programs per SM to aim for when splitting keys: enough to hide one program's load latency
@@ -106,7 +107,8 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                   PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
-                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr):
+                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -222,9 +224,11 @@ def _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, so_h, h0, splits, P, Q: tl.cons
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, so_b, so_h, H, P, CHUNK,
-                  DV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  DV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  PDL: tl.constexpr):
     """The splits' merge for partials too many for the last split to hold (MERGE_TILE): one
     program per (sequence, head), the same sums as the split kernel's merge."""
+    enter(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     L = tl.load(len_ptr + b).to(tl.int32)
@@ -346,10 +350,11 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, triton.next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
         PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl_launch(q_BHd))
     if not single and not merge:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
                                 y_BHd.stride(1), H, P, chunk, DV=dv, BLOCK_P=block_p,
-                                BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1)
+                                BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1,
+                                **pdl_launch(q_BHd))
     return y_BHd
 

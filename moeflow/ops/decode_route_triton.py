@@ -68,6 +68,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
+from moeflow.ops.pdl import enter, pdl_launch
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
 
@@ -224,7 +225,8 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
                          FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr):
+                         BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
                 z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
@@ -246,10 +248,11 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                                 PAIRWISE: tl.constexpr, LT: tl.constexpr,
-                                LE: tl.constexpr, LD: tl.constexpr):
+                                LE: tl.constexpr, LD: tl.constexpr, PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
+    enter(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
     rows = pt * LT + tl.arange(0, LT)
@@ -366,7 +369,7 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
     _decode_route_kernel[(1,)](
         logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
-        T, E, *scalars, **meta)
+        T, E, *scalars, **meta, **pdl_launch(logits_TE))
     return _result(out, capacity)
 
 
@@ -412,5 +415,5 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, ticket_1,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
-        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta)
+        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta, **pdl_launch(x_TD))
     return _result(out, capacity), logits_TE

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.expert_mlp import grouped_mlp
+from moeflow.ops.pdl import enter, pdl_launch
 
 
 @triton.jit
@@ -145,7 +146,8 @@ def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.cons
 def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET, A_BUCKET,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -164,7 +166,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
 @triton.jit
 def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -220,7 +223,8 @@ def _tiled_configs(accumulators: int):
 def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET, A_BUCKET,
                      SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(F, BLOCK_N),
                                     BLOCK_E, BLOCK_M)
     if m0 >= hi:
@@ -237,7 +241,8 @@ def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M
 @triton.jit
 def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                        HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(D, BLOCK_N),
                                     BLOCK_E, BLOCK_M)
     if m0 >= hi:
@@ -292,14 +297,15 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
         up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
     block_e = triton.next_power_of_2(E)
+    pdl = pdl_launch(x_ND)
     up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
         b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, *keys,
         SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None,
-        BLOCK_E=block_e, **blocks)
+        BLOCK_E=block_e, **blocks, **pdl)
     down[down_grid](
         h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
-        *keys, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks)
+        *keys, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks, **pdl)
     return y_ND
 
 

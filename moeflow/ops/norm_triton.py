@@ -23,15 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.pdl import enter, pdl_launch
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_ptr, D, eps,
                      HAS_RESIDUAL: tl.constexpr, COMBINE_K: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row `row`: y = rms_norm(x [+ h]) · w; with HAS_RESIDUAL also s = x + h (rounded to x's
     dtype) stored. COMBINE_K > 0: h is a MoE combine, Σ_k kept · (weight · y_ND[row_TK]) over
     that many choices, as permute_triton's _sum_rows_kernel sums it (each product rounded to
     the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND."""
+    enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
@@ -74,7 +77,7 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
                                y_RD if s_RD is None else s_RD, y_RD, row_TK, kept_TK, w_TK, D,
                                float(eps), HAS_RESIDUAL=h is not None,
                                COMBINE_K=0 if combine is None else row_TK.shape[1], BLOCK=block,
-                               num_warps=min(16, max(1, block // 256)))
+                               num_warps=min(16, max(1, block // 256)), **pdl_launch(x_RD))
     return (None if s_RD is None else s_RD.view(x.shape)), y_RD.view(x.shape)
 
 

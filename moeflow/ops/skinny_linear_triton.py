@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.backend import records_grad
+from moeflow.ops.pdl import enter, pdl_launch
 
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
@@ -80,7 +81,9 @@ def _configs():
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk,
                    stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr):
+    enter(PDL)
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = m < M, n < N
@@ -115,7 +118,8 @@ def _gemv_configs():
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xk, stride_wn, stride_wk,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
@@ -168,7 +172,7 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             kernel, fixed = _gemv_kernel.fn, GEMV_INTERPRETER_BLOCKS
         kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
             x_K, weight, bias if bias is not None else weight, y_MN, N, x_K.stride(0),
-            *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed)
+            *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed, **pdl_launch(x))
     elif M > 0 and N > 0:
         x_MK = x.reshape(M, K)
         kernel, fixed = _linear_kernel, {}
@@ -179,5 +183,5 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             triton.next_power_of_2(M), *x_MK.stride(), *weight.stride(),
             HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
-            **fixed)
+            **fixed, **pdl_launch(x))
     return y_MN.view(*x.shape[:-1], N)

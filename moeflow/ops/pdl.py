@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (PDL) for the decode step's kernels, on Hopper and later.
+
+Why: a batch-1 decode step of the Qwen3-30B-A3B shape is a chain of ~400 kernels, each waiting
+for the one ahead (benchmarks/results/decode_timeline: ~0.43 µs of idle GPU at every boundary,
+plus each kernel's ramp as its first programs start). Launched with PDL, a kernel is scheduled
+while the one ahead still runs: its programs become resident and wait in hardware
+(griddepcontrol.wait) until that kernel has finished and its writes are visible, so the launch
+and ramp overlap the tail ahead of them.
+
+How: every kernel that takes a `PDL` constexpr calls `enter(PDL)` before it reads or writes
+memory: it lets the kernel after it be scheduled at once (griddepcontrol.launch_dependents) and
+then waits for the kernel before it. Ordering is therefore what it is without PDL: nothing is
+read or written before the kernel ahead is done, and since that kernel itself waited for the
+one before it, every earlier kernel's writes are visible too. A kernel ahead that is not PDL-
+aware (torch, cuBLAS) never lets the next one in early; the wait then returns at once.
+`pdl_launch(t)` gives the launch keywords: PDL on CUDA devices of compute capability 9 and up
+(griddepcontrol is sm_90 PTX), off elsewhere (older GPUs, Triton's interpreter).
+
+Measured (benchmarks/pdl_prefetch_probe.py, one H200, 2026-12-03): a graph of 16 stand-in
+attention halves (latency-bound kernel → qkv GEMV → latency-bound kernel → output GEMV) ran
+15.78 → 13.28 µs per layer with PDL (−0.6 µs per kernel boundary); having the GEMVs load their
+weights before the wait was slower (14.00), so the wait comes first. Session 13's trial of the
+same design on the decode MoE kernels alone measured +5% (results/pdl_probe): the engine-wide
+effect is measured in results/decode_timeline.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """Keywords for launching a kernel with a `PDL` constexpr on t's device."""
+    if t.is_cuda and _hopper_or_later(t.device.index if t.device.index is not None
+                                      else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """A PDL kernel's first step: let the next kernel be scheduled, wait for the one ahead."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
