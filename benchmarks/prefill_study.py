@@ -125,7 +125,7 @@ def run_variant(model, label, elementwise, graphs, experts, args, prompt, res, l
                 log(f"    {row}")
         for batch in (1, 16):
             d = engine_decode(engine, batch, args.steps, model.config.vocab_size)
-            r[f"decode_b{batch}"] = {k: d[k] for k in ("step_ms", "step_ms_min",
+            r[f"decode_b{batch}"] = {k: d[k] for k in ("step_ms", "step_ms_min", "run_ms",
                                                        "graph_replay_ms") if k in d}
             log(f"  {label} decode b{batch} {r[f'decode_b{batch}']}")
         if cuda:

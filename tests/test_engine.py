@@ -120,8 +120,8 @@ def test_requests_joining_and_leaving_mid_batch_match_alone(padded):
     model = make_model("llama")
     engine = Engine(model, EngineConfig(max_batch_size=3))
     if padded:  # the CUDA-graph bucketing (padding rows into free slots), without capture
-        engine._decoder = GraphDecoder(engine._decode_forward, engine.cache.num_slots,
-                                       engine.max_seq_len, engine.device, capture=False)
+        engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
+                                       engine.max_seq_len, capture=False)
     ps = prompts(6, seed=4)
     lengths = [3, 9, 5, 1, 7, 4]
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0))
@@ -170,7 +170,9 @@ def test_abort_frees_cache_and_reports_once():
     assert not any(e.finish_reason == "abort" for e in engine.step())
     assert engine.stats().cache_used == 0
     alone = run_alone(model, ps[1], params)
-    assert alone[2:] == rest  # b kept decoding correctly after a's slot was freed
+    # b kept decoding correctly after a's slot was freed; its first decoded token was in flight
+    # (pipelined decode) when a was aborted, so it comes with the events after the abort.
+    assert alone[1:] == rest
 
 
 def test_stop_tokens_sequences_and_max_tokens():
@@ -195,11 +197,66 @@ def test_stop_tokens_sequences_and_max_tokens():
     assert [last[r] for r in rids] == ["stop", "stop", "length"]
 
 
+def _drive(engine, script):
+    """Run `script` ({step: [(prompt, params), ...]}: requests added before that step) to the
+    end; returns each request's events as (token, finish reason) and the decode calls made."""
+    calls = []
+    decoder = engine._decoder.__call__
+    engine._decoder = lambda *a, **k: calls.append(len(a[1])) or decoder(*a, **k)
+    events: dict[str, list] = {}
+    step = 0
+    while engine.has_work() or step <= max(script):
+        for prompt, params in script.get(step, []):
+            events[engine.add_request(prompt, params)] = []
+        for e in engine.step():
+            events[e.request_id].append((e.token_id, e.finish_reason))
+        step += 1
+    return events, calls
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_pipelined_decode_emits_what_one_step_at_a_time_emits(padded):
+    """Requests that stop on a stop token (their in-flight row is dropped), stop by length at
+    different steps, sample with seeds, and join into freed slots: the pipelined engine reports
+    exactly the events of the engine that decodes one step at a time, each request's tokens equal
+    its tokens alone, and no decode is launched once every running request is sure to be done."""
+    model = make_model("llama")
+    ps = prompts(5, seed=11)
+    greedy = SamplingParams(max_new_tokens=9, temperature=0)
+    alone = [run_alone(model, p, greedy) for p in ps]
+    stop = SamplingParams(max_new_tokens=9, temperature=0, stop_token_ids=(alone[0][2],))
+    script = {0: [(ps[0], stop), (ps[1], SamplingParams(max_new_tokens=4, temperature=0)),
+                  (ps[2], SamplingParams(max_new_tokens=7, temperature=0.8, seed=5))],
+              2: [(ps[3], greedy)], 5: [(ps[4], SamplingParams(max_new_tokens=2, temperature=0))]}
+    runs = {}
+    for pipelined in (False, True):
+        engine = Engine(model, EngineConfig(max_batch_size=3, pipelined_decode=pipelined))
+        if padded:
+            engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
+                                           engine.max_seq_len, capture=False)
+        runs[pipelined] = _drive(engine, script)
+        assert engine.stats().cache_used == 0 and not engine.has_work()
+    (plain, plain_calls), (piped, piped_calls) = runs[False], runs[True]
+    assert piped == plain
+    tokens = {rid: [t for t, _ in ev] for rid, ev in piped.items()}
+    rids = list(piped)
+    assert tokens[rids[0]] == alone[0][:alone[0].index(alone[0][2]) + 1]
+    assert piped[rids[0]][-1][1] == "stop"
+    assert tokens[rids[1]] == alone[1][:4] and tokens[rids[3]] == alone[3]
+    assert tokens[rids[4]] == alone[4][:2]
+    # One decode row per token after the first, plus the rows dropped after a stop token: the
+    # pipelined engine runs no more decode steps than one step at a time does, plus one at most
+    # for each request that stopped on a stop token.
+    assert sum(plain_calls) == sum(len(t) - 1 for t in tokens.values())
+    assert len(piped_calls) <= len(plain_calls) + 1
+
+
 def test_expert_counts_cover_every_processed_token():
     model = make_model("llama")
     engine = Engine(model, EngineConfig(max_batch_size=2))
-    engine._decoder = GraphDecoder(engine._decode_forward, 2, engine.max_seq_len, engine.device,
-                                   capture=False)  # padding rows must not be counted
+    # padding rows must not be counted
+    engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
+                                   engine.max_seq_len, capture=False)
     ps = prompts(3, seed=7)
     outs = engine.generate(ps, SamplingParams(max_new_tokens=5, temperature=0))
     processed = sum(len(p) + len(o) - 1 for p, o in zip(ps, outs))

@@ -84,10 +84,9 @@ def path_logits(model, prompt, path) -> torch.Tensor:
 
 
 class ForcedEngine(Engine):
-    """Records every step's logits, makes its own choice (and the host sync that comes with
-    it), then emits the given path's token instead. The sync matters: GraphDecoder refills a
-    pinned host buffer and copies it without blocking, so a step that returned without syncing
-    would let the next one overwrite the buffer before the copy ran (measured: errors of 1)."""
+    """Records every step's logits, samples as the engine does, then makes the given path's
+    token the one it decodes next and emits instead (every request runs len(path) steps, so
+    no row is sampled past its path)."""
 
     def __init__(self, model, config, paths: dict[str, list[int]]):
         super().__init__(model, config)
@@ -95,9 +94,11 @@ class ForcedEngine(Engine):
         self.rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in paths}
         self.logits_hook = lambda rid, row_V: self.rows[rid].append(row_V.float().clone())
 
-    def _sample(self, requests, logits_BV):
-        super()._sample(requests, logits_BV)
-        return [self.paths[r.request_id][len(r.output_ids)] for r in requests]
+    def _sample(self, requests, logits_BV, greedy_B, first_slot):
+        super()._sample(requests, logits_BV, greedy_B, first_slot)
+        forced = [self.paths[r.request_id][len(self.rows[r.request_id]) - 1] for r in requests]
+        return self.next_tokens.record(first_slot, torch.tensor(forced, device=self.device),
+                                       requests)
 
 
 def forced_logits(engine: ForcedEngine, ps) -> list[torch.Tensor]:
@@ -174,8 +175,8 @@ def test_graph_replay_equals_uncaptured_step():
     runs = []
     for capture in (False, True):
         engine = Engine(model, EngineConfig(max_batch_size=4))
-        engine._decoder = GraphDecoder(engine._decode_forward, 4, engine.max_seq_len,
-                                       engine.device, capture=capture)
+        engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
+                                       engine.max_seq_len, capture=capture)
         seen = {}
         engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.float().clone())
         outs = engine.generate(prompts(3, seed=2), GREEDY)

@@ -10,6 +10,8 @@ drives the request script of tests/infer_workers.py (joins, an abort, a request 
 its first token) and must produce the reference's greedy tokens, with logits
 within fp32 rounding of the reference's (the sums run in a different order across ranks)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,7 +46,11 @@ def checkpoints(tmp_path_factory):
 
 
 def reference(root, model):
-    return root, drive(Engine(model, ENGINE)), sum(p.numel() for p in model.parameters())
+    # The ranks decode one step at a time (the step broadcast carries the tokens), so the
+    # reference does too: the script aborts a request mid-generation, and which of its tokens
+    # were reported by then depends on that.
+    engine = Engine(model, dataclasses.replace(ENGINE, pipelined_decode=False))
+    return root, drive(engine), sum(p.numel() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -192,8 +192,8 @@ def test_padded_graph_decoder_passes_the_history():
     ps = prompts(3, seed=4)
     _, ref, _ = run(copy.deepcopy(model), ps, max_batch_size=4)
     engine = Engine(copy.deepcopy(model), EngineConfig(max_batch_size=4))
-    engine._decoder = GraphDecoder(engine._decode_forward, 4, engine.max_seq_len, engine.device,
-                                   capture=False, history=2)
+    engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
+                                   engine.max_seq_len, capture=False, history=2)
     assert engine.generate(ps, SamplingParams(max_new_tokens=6, temperature=0)) == ref
 
 

@@ -5,8 +5,10 @@ expert kernels, combine, per layer); at batch 1 launching them from Python costs
 GPU needs to stream the weights. Capturing the step once and replaying it removes the launch
 cost. Graphs need static shapes and addresses, so:
 
-- inputs live in one static device buffer (tokens, cached lengths, a real-row mask), refreshed
-  by a single host-to-device copy per step;
+- the input tokens live in the engine's device buffer of each slot's next token
+  (moeflow.infer.next_tokens: the previous step's sampling wrote them there); the cached lengths
+  and a real-row mask in one static device buffer, refreshed by a single host-to-device copy per
+  step;
 - the batch is padded up to a bucket (powers of two up to the slot count); padded rows decode a
   dummy token into free cache slots (running sequences always occupy slots 0..B-1) and are masked
   out of the expert counts;
@@ -16,8 +18,8 @@ cost. Graphs need static shapes and addresses, so:
   stream (Triton autotuning and lazy initialisation must happen outside capture), all sharing one
   memory pool since they never run concurrently.
 
-Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> (logits_BV,
-counts)`, so CPU tests exercise the exact computation the graphs capture; `GraphDecoder` with
+Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`, so
+CPU tests exercise the exact computation the graphs capture; `GraphDecoder` with
 capture=False runs the padded, bucketed step without graphs (CPU tests of the padding). A model
 with a lookahead router (moeflow.model.lookahead) also needs each row's `history` (the tokens
 before its input): `history_BH=` is then passed too, from H more rows of the same buffer.
@@ -25,35 +27,53 @@ before its input): `history_BH=` is then passed too, from H more rows of the sam
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 MIN_KV_LEN = 128
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int],
-                  tuple[torch.Tensor, torch.Tensor]]
+
+class StepOutput(NamedTuple):
+    logits_BV: torch.Tensor
+    greedy_B: torch.Tensor  # each row's argmax (int64), computed inside the step
+    counts: torch.Tensor  # expert assignments of the real rows, flattened over MoE layers
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepOutput]
+
+
+def _set_tokens(buffer: torch.Tensor, tokens: list[int] | None) -> None:
+    """Host tokens into the device buffer (None: the buffer already holds them)."""
+    if tokens is not None:
+        buffer[:len(tokens)].copy_(torch.tensor(tokens, dtype=torch.int64))
 
 
 class EagerDecoder:
-    """Runs the step as is: batch and key length exactly as needed."""
+    """Runs the step as is: batch and key length exactly as needed. `tokens`: the [slots]
+    device buffer the input tokens are read from (moeflow.infer.next_tokens)."""
 
-    def __init__(self, step_fn: StepFn, device: torch.device) -> None:
-        self.step_fn, self.device = step_fn, device
+    def __init__(self, step_fn: StepFn, tokens: torch.Tensor) -> None:
+        self.step_fn, self.tokens = step_fn, tokens
 
-    def __call__(self, tokens: list[int], lengths: list[int], groups: list[int] | None = None,
-                 history: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`groups`: each row's expert group (models with expert groups, which decode eagerly:
-        the router reads each group's token count on the host, which capture forbids);
+    def __call__(self, tokens: list[int] | None, lengths: list[int],
+                 groups: list[int] | None = None, history: list[list[int]] | None = None
+                 ) -> StepOutput:
+        """Rows 0..n-1 (n = len(lengths)); `tokens`: their input tokens, or None when the buffer
+        holds them; `groups`: each row's expert group (models with expert groups, which decode
+        eagerly: the router reads each group's token count on the host, which capture forbids);
         `history`: each row's tokens before its input (lookahead models)."""
-        rows = [tokens, lengths, [1] * len(tokens)] + ([groups] if groups is not None else [])
+        _set_tokens(self.tokens, tokens)
+        n = len(lengths)
+        rows = [lengths, [1] * n] + ([groups] if groups is not None else [])
         H = 0 if history is None else len(history[0])
         rows += [list(col) for col in zip(*history)] if H else []
-        inputs = torch.tensor(rows, dtype=torch.int64).to(self.device)
-        extra = {} if groups is None else {"groups_B1": inputs[3, :, None]}
+        inputs = torch.tensor(rows, dtype=torch.int64).to(self.tokens.device)
+        extra = {} if groups is None else {"groups_B1": inputs[2, :, None]}
         if history is not None:
             extra["history_BH"] = inputs[len(rows) - H:].t()
-        return self.step_fn(inputs[0, :, None], inputs[1], inputs[2], max(lengths) + 1, **extra)
+        return self.step_fn(self.tokens[:n, None], inputs[0], inputs[1], max(lengths) + 1,
+                            **extra)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -63,15 +83,18 @@ def _pow2_at_least(n: int) -> int:
 class GraphDecoder:
     """Replays one captured CUDA graph per (batch bucket, key-length bucket)."""
 
-    def __init__(self, step_fn: StepFn, num_slots: int, max_len: int,
-                 device: torch.device, capture: bool = True, history: int | None = None) -> None:
-        """`history`: H, the tokens before each row's input that step_fn takes (None: none)."""
-        self.step_fn, self.num_slots, self.max_len = step_fn, num_slots, max_len
+    def __init__(self, step_fn: StepFn, tokens: torch.Tensor, max_len: int,
+                 capture: bool = True, history: int | None = None) -> None:
+        """`tokens`: the [slots] device buffer the input tokens are read from (one per cache
+        slot, moeflow.infer.next_tokens); `history`: H, the tokens before each row's input that
+        step_fn takes (None: none)."""
+        self.step_fn, self.tokens, self.max_len = step_fn, tokens, max_len
+        self.num_slots = num_slots = tokens.numel()
         self.capture, self.history = capture, history
-        rows = 3 + (history or 0)
-        self.static = torch.zeros(rows, num_slots, dtype=torch.int64, device=device)
+        rows = 2 + (history or 0)
+        self.static = torch.zeros(rows, num_slots, dtype=torch.int64, device=tokens.device)
         self.host = torch.zeros(rows, num_slots, dtype=torch.int64,
-                                pin_memory=torch.device(device).type == "cuda")
+                                pin_memory=tokens.device.type == "cuda")
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.last_key: tuple[int, int] | None = None  # (batch, key-length) bucket of the last step
         self.pool = None
@@ -80,35 +103,41 @@ class GraphDecoder:
         return (min(_pow2_at_least(n), self.num_slots),
                 min(max(_pow2_at_least(kv_needed), MIN_KV_LEN), self.max_len))
 
-    def __call__(self, tokens: list[int], lengths: list[int], groups: list[int] | None = None,
-                 history: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tokens: list[int] | None, lengths: list[int],
+                 groups: list[int] | None = None, history: list[list[int]] | None = None
+                 ) -> StepOutput:
+        """As EagerDecoder's; the outputs are the graph's static buffers (valid until the next
+        call), cut to the n real rows."""
         if groups is not None:
             raise ValueError("GraphDecoder: models with expert groups decode eagerly")
-        n = len(tokens)
+        _set_tokens(self.tokens, tokens)
+        n = len(lengths)
         B, S = self.buckets(n, max(lengths) + 1)
         self.last_key = (B, S)
         self.host.zero_()
-        rows = [tokens, lengths, [1] * n]
+        rows = [lengths, [1] * n]
         if self.history:
             rows += [list(col) for col in zip(*history)]
         self.host[:, :n] = torch.tensor(rows, dtype=torch.int64)
         self.static.copy_(self.host, non_blocking=True)
         if not self.capture:
-            logits_BV, counts = self.step_fn(*self._args(B, S))
-            return logits_BV[:n], counts
-        if (B, S) not in self.graphs:
-            self.graphs[B, S] = self._capture(B, S)
-        graph, (logits_BV, counts) = self.graphs[B, S]
-        graph.replay()
-        return logits_BV[:n], counts
+            out = self.step_fn(*self._args(B, S))
+        else:
+            if (B, S) not in self.graphs:
+                self.graphs[B, S] = self._capture(B, S)
+            graph, out = self.graphs[B, S]
+            graph.replay()
+        return StepOutput(out.logits_BV[:n], out.greedy_B[:n], out.counts)
 
     def _args(self, B: int, S: int) -> tuple:
-        args = (self.static[0, :B, None], self.static[1, :B], self.static[2, :B], S)
+        # Padded rows (n..B-1) read whatever token their free slot holds: always a valid id
+        # (zeros, an earlier sequence's, or a padded row's own argmax); their results are unused.
+        args = (self.tokens[:B, None], self.static[0, :B], self.static[1, :B], S)
         if self.history is not None:  # padded rows: history 0, a real token (masked out anyway)
-            args += (None, self.static[3:, :B].t())
+            args += (None, self.static[2:, :B].t())
         return args
 
-    def _capture(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    def _capture(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, StepOutput]:
         graph, outputs = capture_graph(self.step_fn, self._args(B, S), self.pool)
         self.pool = graph.pool()
         return graph, outputs

@@ -7,6 +7,18 @@ also yields their first token; on GPU replayed as a CUDA graph per prompt-length
 moeflow.infer.prefill_graphs), and returns the step's `TokenEvent`s. Requests leave the batch
 the step they stop; `abort` frees a request's slot at once.
 
+Pipelined decode: tokens are sampled on the device and stay there as the next step's input
+(moeflow.infer.next_tokens), so each `step()` launches its decode forward first and only then
+reads the previous call's sampled tokens and turns them into events: the host's work (that
+read, stop checks, events, the caller's handling of them, admissions) overlaps the GPU's next
+step instead of leaving the GPU idle. A step's events are therefore returned by the following
+`step()` call (a prefill's first token by its own call). A request that stops on a stop token
+has already been given one more decode row, whose token is dropped; no step is launched when
+every running request is sure to reach max_new_tokens with the step in flight. Engines that read
+tokens on the host before each forward decode one step at a time: several ranks (the step
+broadcast carries the tokens), lookahead routers (the token history), offloading and expert
+groups.
+
 Why a request's tokens do not depend on its batch-mates: every forward the engine runs routes
 with `inference=True` (dropless, so no competition for expert slots, and no router noise), every
 row attends only to its own slot, and each request samples with its own torch.Generator (seeded
@@ -61,7 +73,8 @@ from typing import Callable
 
 import torch
 
-from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder
+from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder, StepOutput
+from moeflow.infer.next_tokens import NextTokens, SampledTokens
 from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
@@ -71,7 +84,7 @@ from moeflow.infer.scheduler import BATCHING, Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
 from moeflow.ops.expert_mlp import expert_mlp_reference
-from moeflow.validate import choice, integer
+from moeflow.validate import check, choice, integer
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,9 @@ class EngineConfig:
     batching: str = "fifo"
     batching_window: int = 16
     batching_max_wait: int = 8
+    # Launch each decode step before reading the previous one's tokens (module docstring,
+    # "pipelined decode"); False: one step at a time, each step's events from its own call.
+    pipelined_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.offload is not None and not isinstance(self.offload, OffloadConfig):
@@ -104,6 +120,8 @@ class EngineConfig:
         integer("max_seq_len", self.max_seq_len, lo=1, optional=True)
         integer("cache_tokens", self.cache_tokens, lo=1, optional=True)
         integer("prefill_graph_tokens", self.prefill_graph_tokens, lo=1)
+        check(isinstance(self.pipelined_decode, bool), "pipelined_decode", self.pipelined_decode,
+              "must be True or False")
 
 
 @dataclass(frozen=True)
@@ -207,17 +225,22 @@ class Engine:
                              "multi-rank step broadcast carries no group ids)")
         self.channel = channel
         self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
+        self.next_tokens = NextTokens(num_slots, self.device)
+        # Pipelined decode (module docstring) where no forward needs its tokens on the host.
+        self._pipelined = (config.pipelined_decode and channel is None and self._history is None
+                           and self.offload is None and not self.expert_groups)
+        self._in_flight: SampledTokens | None = None  # a launched decode's unread tokens
         self._prefiller: GraphPrefiller | None = None
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
-            self._decoder = GraphDecoder(self._decode_forward, num_slots, self.max_seq_len,
-                                         self.device, history=self._history)
+            self._decoder = GraphDecoder(self._decode_forward, self.next_tokens.ids,
+                                         self.max_seq_len, history=self._history)
             if config.prefill_graphs:
                 self._prefiller = GraphPrefiller(
                     self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
                     self.device)
         else:
-            self._decoder = EagerDecoder(self._decode_forward, self.device)
+            self._decoder = EagerDecoder(self._decode_forward, self.next_tokens.ids)
         self._pending: list[TokenEvent] = []
         self._next_id = itertools.count()
         self._tokens_generated = 0
@@ -285,12 +308,13 @@ class Engine:
             request = self.scheduler.find_running(request_id)
             if request is None:
                 return
+            request.finish_reason = "abort"  # a decode in flight drops its row
             self._release(request)
         self._pending.append(TokenEvent(request_id, None, True, "abort"))
 
     def has_work(self) -> bool:
         s = self.scheduler
-        return bool(s.waiting or s.running or self._pending)
+        return bool(s.waiting or s.running or self._pending or self._in_flight)
 
     def stats(self) -> EngineStats:
         flat = self._expert_counts.tolist()
@@ -311,24 +335,20 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Decode one token for every running request, then admit and prefill waiting ones."""
+        """Launch one decode token for every running request, return the events of the decode
+        launched before (pipelined; this one's when not pipelined), then admit and prefill
+        waiting requests (their first tokens' events included)."""
         events, self._pending = self._pending, []
+        in_flight, self._in_flight = self._in_flight, None
         running = list(self.scheduler.running)
-        if running:
-            tokens, lengths = [r.last_token for r in running], [r.cached for r in running]
-            groups = None
-            if self.expert_groups:
-                groups = [r.decode_group for r in running]
-                for g in groups:
-                    self._group_tokens[g] += 1
-            self._broadcast("decode", tokens, lengths)
-            history = (None if self._history is None
-                       else [r.history(self._history) for r in running])
-            logits_BV, counts = self._decoder(tokens, lengths, groups, history)
-            self._expert_counts += counts
-            for request in running:
-                request.cached += 1
-            self._emit(running, logits_BV, events)
+        launched = self._launch_decode(running) if self._needs_step(running, in_flight) else None
+        if in_flight is not None:
+            self._emit(in_flight, events)
+        if launched is not None:
+            if self._pipelined:
+                self._in_flight = launched
+            else:
+                self._emit(launched, events)
         for _, request in self.scheduler.admit(self._predicted_experts):
             # Its slot now, not at admission: a request admitted before it may have finished on
             # its first token and moved the last running one (possibly this) into its slot.
@@ -336,8 +356,32 @@ class Engine:
             self._broadcast("prefill", request.prompt_ids, slot=slot)
             logits_1V = self._prefill(slot, request.prompt_ids, request.prompt_groups)
             request.cached = len(request.prompt_ids)
-            self._emit([request], logits_1V, events)
+            self._emit(self._sample([request], logits_1V, None, slot), events)
         return events
+
+    @staticmethod
+    def _needs_step(running: list[Request], in_flight: SampledTokens | None) -> bool:
+        """Whether a running request may still want a token after the one in flight."""
+        pending = set(in_flight.requests) if in_flight is not None else set()
+        return any(len(r.output_ids) + (r in pending) < r.params.max_new_tokens
+                   for r in running)
+
+    def _launch_decode(self, running: list[Request]) -> SampledTokens:
+        lengths = [r.cached for r in running]
+        groups = None
+        if self.expert_groups:
+            groups = [r.decode_group for r in running]
+            for g in groups:
+                self._group_tokens[g] += 1
+        if self.channel is not None:  # not pipelined: the last tokens are the host's
+            self._broadcast("decode", [r.last_token for r in running], lengths)
+        history = (None if self._history is None
+                   else [r.history(self._history) for r in running])
+        out = self._decoder(None, lengths, groups, history)  # tokens: self.next_tokens
+        self._expert_counts += out.counts
+        for request in running:
+            request.cached += 1
+        return self._sample(running, out.logits_BV, out.greedy_B, 0)
 
     def follow(self) -> None:
         """On a rank other than 0 of a multi-rank engine: run the forwards rank 0 announces
@@ -398,8 +442,7 @@ class Engine:
 
     def _decode_forward(self, tokens_B1: torch.Tensor, lengths_B: torch.Tensor,
                         valid_B: torch.Tensor, kv_len: int, groups_B1: torch.Tensor | None = None,
-                        history_BH: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        history_BH: torch.Tensor | None = None) -> StepOutput:
         if self.offload is not None and history_BH is not None:
             self.offload.before_decode(self.model, tokens_B1, history_BH)
         extra = {} if history_BH is None else {"history": history_BH}
@@ -407,7 +450,8 @@ class Engine:
                          inference=True, groups=groups_B1, **extra)
         counts = count_experts(out.routing, valid_B, self._expert_offsets,
                                self._expert_counts.numel())
-        return out.logits[:, 0], counts
+        logits_BV = out.logits[:, 0]
+        return StepOutput(logits_BV, logits_BV.argmax(dim=-1), counts)
 
     def _prefill_forward(self, ids_1T: torch.Tensor, last_11: torch.Tensor,
                          valid_T: torch.Tensor, slot_1: torch.Tensor
@@ -447,22 +491,29 @@ class Engine:
         return {"history": torch.full((1, self._history), -1, dtype=torch.int64,
                                       device=self.device)}
 
-    def _sample(self, requests: list[Request], logits_BV: torch.Tensor) -> list[int]:
-        """Greedy rows in one argmax; sampled rows one by one with their own generator."""
+    def _sample(self, requests: list[Request], logits_BV: torch.Tensor,
+                greedy_B: torch.Tensor | None, first_slot: int) -> SampledTokens:
+        """Each row's next token, on the device, recorded as the next input of the requests'
+        slots (first_slot onwards): greedy rows take their argmax (`greedy_B`, or computed
+        here), sampled rows are drawn one by one with their own generator. No host sync."""
         if self.logits_hook is not None:
             for request, row_V in zip(requests, logits_BV):
                 self.logits_hook(request.request_id, row_V)
-        greedy = [r.params.greedy for r in requests]
-        if all(greedy):
-            return logits_BV.float().argmax(dim=-1).tolist()
-        tokens_B = torch.empty(len(requests), dtype=torch.int64, device=logits_BV.device)
-        for i, request in enumerate(requests):
-            tokens_B[i] = sample_next(logits_BV[i:i + 1], request.params, request.generator)[0]
-        return tokens_B.tolist()
+        if greedy_B is None:
+            greedy_B = logits_BV.argmax(dim=-1)  # exact in any float dtype: no upcast needed
+        tokens_B = greedy_B
+        if not all(r.params.greedy for r in requests):
+            tokens_B = greedy_B.clone()
+            for i, request in enumerate(requests):
+                if not request.params.greedy:
+                    tokens_B[i] = sample_next(logits_BV[i:i + 1], request.params,
+                                              request.generator)[0]
+        return self.next_tokens.record(first_slot, tokens_B, requests)
 
-    def _emit(self, requests: list[Request], logits_BV: torch.Tensor,
-              events: list[TokenEvent]) -> None:
-        for request, token in zip(requests, self._sample(requests, logits_BV)):
+    def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:
+        for request, token in zip(sampled.requests, sampled.read()):
+            if request.finish_reason is not None:  # finished (or aborted) while it ran
+                continue
             reason = request.append(token)
             self._tokens_generated += 1
             events.append(TokenEvent(request.request_id, token, reason is not None, reason))
@@ -473,5 +524,6 @@ class Engine:
         move = self.scheduler.release(request)
         if move is not None:
             self.cache.move(*move)
+            self.next_tokens.move(*move[:2])
             if self.channel is not None:
                 self._moves.append(move)

@@ -1,9 +1,12 @@
 """Wall-clock latency of the engine: decode ms per step at a batch size, prefill ms per prompt.
 
 Times `Engine.step()` as a user's server loop sees it (host work, sampling and CUDA-graph replay
-included), synchronising the device around each step; the median over the timed steps is
-reported. Prompts are drawn from a caller's token pool (real text reads experts the way serving
-does; random ids would route uniformly). Greedy sampling, so the timed work is deterministic.
+included). Decode: the device is synchronised before and after a run of steps, not between them
+(the engine overlaps its host work for one step with the GPU's next, moeflow.infer.engine), and
+the run's wall time per step is reported. Prefill: one step (admission and prefill) between two
+synchronisations, the median over repeats. Prompts are drawn from a caller's token pool (real
+text reads experts the way serving does; random ids would route uniformly). Greedy sampling, so
+the timed work is deterministic.
 """
 
 from __future__ import annotations
@@ -30,21 +33,22 @@ def _prompt(pool: torch.Tensor, length: int, index: int) -> list[int]:
 
 def decode_ms(engine: Engine, batch: int, steps: int, pool: torch.Tensor,
               prompt_len: int = 32, warmup: int = 3) -> float:
-    """Median ms of one decode step with `batch` running sequences (the engine must be idle)."""
+    """ms per decode step with `batch` running sequences over `steps` consecutive steps (the
+    engine must be idle)."""
     params = SamplingParams(max_new_tokens=steps + warmup + 2, temperature=0)
     ids = [engine.add_request(_prompt(pool, prompt_len, i), params) for i in range(batch)]
     engine.step()  # admits and prefills every prompt
     for _ in range(warmup):  # graph capture, caches
         engine.step()
-    times = []
+    t0 = _now(engine.device)
     for _ in range(steps):
-        t0 = _now(engine.device)
         engine.step()
-        times.append((_now(engine.device) - t0) * 1e3)
+    ms = (_now(engine.device) - t0) * 1e3 / steps
     for request_id in ids:
         engine.abort(request_id)
-    engine.step()
-    return statistics.median(times)
+    while engine.has_work():
+        engine.step()
+    return ms
 
 
 def prefill_ms(engine: Engine, tokens: int, pool: torch.Tensor, reps: int = 4) -> float:
