@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.pdl import enter, pdl_launch
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.qk_rope_triton import _sum_squares
 
 # Programs per SM to aim for when splitting keys: enough to hide one program's load latency
@@ -108,7 +108,7 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                   PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
                   BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -152,6 +152,7 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             acc_QV = acc_QV * alpha[:, None] + tl.dot(p_QN.to(v_NV.dtype), v_NV,
                                                       input_precision=PRECISION)
             m_Q = m_new
+        launch_next(PDL)
         if L < start + CHUNK:  # this split holds position L: store the new key and use it
             if PREP_NORM or PREP_ROPE:
                 one = tl.arange(0, 1)
@@ -228,7 +229,7 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, so_b, so_h, H, P, CHU
                   PDL: tl.constexpr):
     """The splits' merge for partials too many for the last split to hold (MERGE_TILE): one
     program per (sequence, head), the same sums as the split kernel's merge."""
-    enter(PDL)
+    wait_for_previous(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     L = tl.load(len_ptr + b).to(tl.int32)

@@ -68,7 +68,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.pdl import enter, pdl_launch
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
 
@@ -226,7 +226,7 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
                          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
     _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
                 z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
@@ -252,7 +252,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
-    enter(PDL)
+    wait_for_previous(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
     rows = pt * LT + tl.arange(0, LT)
@@ -272,6 +272,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], finite_logits(acc),
              mask=rmask[:, None] & emask[None, :])
+    launch_next(PDL)
     # Every thread's stores, then one release-acquire ticket per program (the grid-reduction
     # pattern): the program that draws the last ticket sees every tile. It also puts the ticket
     # counter back to 0 for the next launch, so a replayed CUDA graph finds it as captured.

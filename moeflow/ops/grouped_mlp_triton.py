@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.expert_mlp import grouped_mlp
-from moeflow.ops.pdl import enter, pdl_launch
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -147,7 +147,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
+    launch_next(PDL)
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -167,7 +168,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
 def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
+    launch_next(PDL)
     e, lo, hi = _active_expert(ends_ptr, tl.program_id(0), E, BLOCK_E)
     pid_n = tl.program_id(1)
     if hi <= lo:
@@ -224,7 +226,8 @@ def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M
                      SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
+    launch_next(PDL)
     e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(F, BLOCK_N),
                                     BLOCK_E, BLOCK_M)
     if m0 >= hi:
@@ -242,7 +245,8 @@ def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M
 def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
                        HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
+    launch_next(PDL)
     e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(D, BLOCK_N),
                                     BLOCK_E, BLOCK_M)
     if m0 >= hi:

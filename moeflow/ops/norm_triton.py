@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.pdl import enter, pdl_launch
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
     dtype) stored. COMBINE_K > 0: h is a MoE combine, Σ_k kept · (weight · y_ND[row_TK]) over
     that many choices, as permute_triton's _sum_rows_kernel sums it (each product rounded to
     the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND."""
-    enter(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
@@ -57,6 +57,7 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    launch_next(PDL)
     tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
 

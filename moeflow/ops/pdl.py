@@ -7,14 +7,15 @@ while the one ahead still runs: its programs become resident and wait in hardwar
 (griddepcontrol.wait) until that kernel has finished and its writes are visible, so the launch
 and ramp overlap the tail ahead of them.
 
-How: every kernel that takes a `PDL` constexpr calls `enter(PDL)` before it reads or writes
-memory: it lets the kernel after it be scheduled at once (griddepcontrol.launch_dependents) and
-then waits for the kernel before it. Ordering is therefore what it is without PDL: nothing is
-read or written before the kernel ahead is done, and since that kernel itself waited for the
-one before it, every earlier kernel's writes are visible too. A kernel ahead that is not PDL-
-aware (torch, cuBLAS) never lets the next one in early; the wait then returns at once.
-`pdl_launch(t)` gives the launch keywords: PDL on CUDA devices of compute capability 9 and up
-(griddepcontrol is sm_90 PTX), off elsewhere (older GPUs, Triton's interpreter).
+How: every kernel that takes a `PDL` constexpr calls `wait_for_previous(PDL)` before it reads or
+writes memory, so ordering is what it is without PDL: nothing is read or written before the
+kernel ahead is done, and since that kernel itself waited for the one before it, every earlier
+kernel's writes are visible too. It calls `launch_next(PDL)` once its main loads are issued (the
+weight-streaming loops, the attention's key loop, the router's logits tiles; the expert kernels
+at their start), so the next kernel's launch and ramp overlap this kernel's tail. A kernel ahead
+that is not PDL-aware (torch, cuBLAS) never lets the next one in early; the wait then returns at
+once. `pdl_launch(t)` gives the launch keywords: PDL on CUDA devices of compute capability 9 and
+up (griddepcontrol is sm_90 PTX), off elsewhere (older GPUs, Triton's interpreter).
 
 Measured (benchmarks/pdl_prefetch_probe.py, one H200, 2026-12-03): a graph of 16 stand-in
 attention halves (latency-bound kernel → qkv GEMV → latency-bound kernel → output GEMV) ran
@@ -48,8 +49,15 @@ def pdl_launch(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def enter(PDL: tl.constexpr):
-    """A PDL kernel's first step: let the next kernel be scheduled, wait for the one ahead."""
+def wait_for_previous(PDL: tl.constexpr):
+    """A PDL kernel's first step: wait until the kernel ahead has finished and its writes are
+    visible (a no-op when the kernel was not launched early)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def launch_next(PDL: tl.constexpr):
+    """Let the next kernel be scheduled (its programs then wait for this kernel to finish)."""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.backend import records_grad
-from moeflow.ops.pdl import enter, pdl_launch
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
@@ -83,7 +83,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, str
                    stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = m < M, n < N
@@ -98,6 +98,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, str
         w_NK = tl.load(w_rows + k[None, :] * stride_wk, mask=nmask[:, None] & kmask[None, :],
                        other=0.0)
         acc_MN = tl.dot(x_MK, tl.trans(w_NK), acc_MN, input_precision=DOT_PRECISION)
+    launch_next(PDL)
     if HAS_BIAS:
         acc_MN += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * N + n[None, :], acc_MN.to(y_ptr.dtype.element_ty),
@@ -119,7 +120,7 @@ def _gemv_configs():
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xk, stride_wn, stride_wk,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+    wait_for_previous(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
@@ -131,6 +132,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xk, stride_wn, stride_wk,
         w_NK = tl.load(w_rows + k[None, :] * stride_wk, mask=nmask[:, None] & kmask[None, :],
                        other=0.0)
         acc_NK += w_NK.to(tl.float32) * x_K[None, :]
+    launch_next(PDL)
     y_N = tl.sum(acc_NK, axis=1)
     if HAS_BIAS:
         y_N += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
