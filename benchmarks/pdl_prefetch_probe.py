@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +34,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_attention import time_per_call  # noqa: E402
+
 from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
 
 MODES = {"plain": 0, "wait_first": 1, "prefetch": 2}
@@ -88,18 +90,6 @@ def chain(y, x, table, hops, mode, block=128):
                                                     launch_pdl=mode > 0)
 
 
-def replay_us(graph, reps):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -134,18 +124,13 @@ def main() -> None:
             gemv(xin, ws[0], yout, bn, warps, 0)
             torch.cuda.synchronize()
             err = (yout.float() - ref.float()).abs().max().item()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for w in ws:
-                    gemv(xin, w, yout, bn, warps, 0)
-            timed[(bn, warps)] = replay_us(g, args.reps) / L
+            timed[(bn, warps)] = time_per_call(
+                lambda bn=bn, warps=warps: [gemv(xin, w, yout, bn, warps, 0) for w in ws], L,
+                dev, args.reps)
             print(f"{name} probe GEMV BLOCK_N {bn} warps {warps}: {timed[(bn, warps)]:.2f} us "
                   f"(max |diff| vs linear_stream {err:.3g})", flush=True)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for w in ws:
-                linear_stream(xin[None], w)
-        engine_us = replay_us(g, args.reps) / L
+        engine_us = time_per_call(lambda: [linear_stream(xin[None], w) for w in ws], L, dev,
+                                  args.reps)
         best[name] = min(timed, key=timed.get)
         print(f"{name} engine linear_stream: {engine_us:.2f} us; probe best {best[name]}",
               flush=True)
@@ -165,21 +150,12 @@ def main() -> None:
     for hops in args.hops:
         outs = {}
         for mode_name, mode in MODES.items():
-            layers(hops, mode)  # compile outside capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                layers(hops, mode)
-            us = replay_us(g, args.reps) / L
-            g.replay()
-            torch.cuda.synchronize()
+            us = time_per_call(lambda: layers(hops, mode), L, dev, args.reps)
+            layers(hops, mode)
             outs[mode_name] = bufs["y2"].clone()
-            # the chain kernel alone, for scale
-            gc = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gc):
-                for _ in range(L):
-                    chain(bufs["y1"], bufs["x2"], table, hops, 0)
-            chain_us = replay_us(gc, args.reps) / L
+            chain_us = time_per_call(  # the chain kernel alone, for scale
+                lambda: [chain(bufs["y1"], bufs["x2"], table, hops, 0) for _ in range(L)], L,
+                dev, args.reps)
             equal = bool(torch.equal(outs[mode_name], outs["plain"]))
             print(f"hops {hops} {mode_name}: {us:.2f} us per layer (chain kernel alone "
                   f"{chain_us:.2f} us; equal to plain: {equal})", flush=True)

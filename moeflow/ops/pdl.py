@@ -17,12 +17,14 @@ that is not PDL-aware (torch, cuBLAS) never lets the next one in early; the wait
 once. `pdl_launch(t)` gives the launch keywords: PDL on CUDA devices of compute capability 9 and
 up (griddepcontrol is sm_90 PTX), off elsewhere (older GPUs, Triton's interpreter).
 
-Measured (benchmarks/pdl_prefetch_probe.py, one H200, 2026-12-03): a graph of 16 stand-in
-attention halves (latency-bound kernel → qkv GEMV → latency-bound kernel → output GEMV) ran
-15.78 → 13.28 µs per layer with PDL (−0.6 µs per kernel boundary); having the GEMVs load their
-weights before the wait was slower (14.00), so the wait comes first. Session 13's trial of the
-same design on the decode MoE kernels alone measured +5% (results/pdl_probe): the engine-wide
-effect is measured in results/decode_timeline.
+Measured (one H200, 2026-12-03): a graph of 16 stand-in attention halves (latency-bound kernel
+→ qkv GEMV → latency-bound kernel → output GEMV; benchmarks/pdl_prefetch_probe.py) ran 15.78 →
+13.28 µs per layer with PDL; having the GEMVs load their weights before the wait was slower
+(14.00), so the wait comes first. In the engine's batch-1 decode graph (results/decode_timeline,
+three trees in one call) letting the next kernel in at the start made the step slower (3.028 ms
+against 2.943 without PDL: small kernels launch their successors in a cascade, session 13's +5%
+too, results/pdl_probe); letting it in once the main loads are issued gave 2.858 ms. Batch 16
+did not move (11.976 vs 11.995: its qkv projection is cuBLAS, which PDL does not overlap).
 """
 
 from __future__ import annotations
