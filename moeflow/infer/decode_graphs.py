@@ -93,8 +93,12 @@ class GraphDecoder:
         self.capture, self.history = capture, history
         rows = 2 + (history or 0)
         self.static = torch.zeros(rows, num_slots, dtype=torch.int64, device=tokens.device)
-        self.host = torch.zeros(rows, num_slots, dtype=torch.int64,
-                                pin_memory=tokens.device.type == "cuda")
+        # Two pinned staging buffers, used in turn: the engine launches a step before it has
+        # waited for the one before (pipelined decode), so the buffer that step's copy reads may
+        # not be rewritten yet; the one two steps back was copied before a step it waited for.
+        self.host = [torch.zeros(rows, num_slots, dtype=torch.int64,
+                                 pin_memory=tokens.device.type == "cuda") for _ in range(2)]
+        self.calls = 0
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.last_key: tuple[int, int] | None = None  # (batch, key-length) bucket of the last step
         self.pool = None
@@ -114,12 +118,14 @@ class GraphDecoder:
         n = len(lengths)
         B, S = self.buckets(n, max(lengths) + 1)
         self.last_key = (B, S)
-        self.host.zero_()
+        host = self.host[self.calls % 2]
+        self.calls += 1
+        host.zero_()
         rows = [lengths, [1] * n]
         if self.history:
             rows += [list(col) for col in zip(*history)]
-        self.host[:, :n] = torch.tensor(rows, dtype=torch.int64)
-        self.static.copy_(self.host, non_blocking=True)
+        host[:, :n] = torch.tensor(rows, dtype=torch.int64)
+        self.static.copy_(host, non_blocking=True)
         if not self.capture:
             out = self.step_fn(*self._args(B, S))
         else:
