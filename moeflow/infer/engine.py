@@ -12,9 +12,10 @@ Pipelined decode: tokens are sampled on the device and stay there as the next st
 reads the previous call's sampled tokens and turns them into events: the host's work (that
 read, stop checks, events, the caller's handling of them, admissions) overlaps the GPU's next
 step instead of leaving the GPU idle. A step's events are therefore returned by the following
-`step()` call (a prefill's first token by its own call). A request that stops on a stop token
-has already been given one more decode row, whose token is dropped; no step is launched when
-every running request is sure to reach max_new_tokens with the step in flight. Engines that read
+`step()` call (a prefill's first token by its own call). A request that stops on a stop token,
+or reaches max_new_tokens while batch-mates go on, has already been given one more decode row
+(the rows are the slots), whose token is dropped; no step is launched when every running
+request is sure to reach max_new_tokens with the step in flight. Engines that read
 tokens on the host before each forward decode one step at a time: several ranks (the step
 broadcast carries the tokens), lookahead routers (the token history), offloading and expert
 groups.
@@ -245,6 +246,8 @@ class Engine:
         self._next_id = itertools.count()
         self._tokens_generated = 0
         # Optional observer of every sampled row's logits (request_id, logits_V); tests use it.
+        # Pipelined, a request that finished while batch-mates ran on may show one more row
+        # (sampled, then dropped).
         self.logits_hook: Callable[[str, torch.Tensor], None] | None = None
 
     # -- requests ---------------------------------------------------------------------------
