@@ -2,6 +2,8 @@
 around the engine's sections (decoder call, CUDAGraph.replay, _sample, _emit) over 30 synced
 engine.step() calls at batch 1 and 16 (Qwen3-30B-A3B shape, random weights, greedy), medians
 in µs beside the replay's CUDA-event time; a profiler trace of two steps per batch is written.
+Since session 16 the engine pipelines decode: _sample only launches the sampling and the
+tokens' copy, and _emit (of the step launched before) is where the host waits.
 
     PYTHONPATH=. python benchmarks/served_host_probe.py OUT_DIR
 """
