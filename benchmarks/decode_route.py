@@ -53,7 +53,8 @@ from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops import decode_route_triton  # noqa: E402
-from moeflow.ops.decode_route_triton import route_decode_fused, route_decode_triton  # noqa: E402
+from moeflow.ops.decode_route_triton import (route_decode_fused, route_decode_triton,
+                                             route_tickets)  # noqa: E402
 from moeflow.ops.permute_triton import dispatch_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 
@@ -101,7 +102,7 @@ def logits_route_table(tokens: list[int]) -> dict:
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
-    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ticket = route_tickets("cuda")
     for T in tokens:
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
 
@@ -153,7 +154,7 @@ def warps_table(tokens: list[int]) -> dict:
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
-    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ticket = route_tickets("cuda")
     rule = decode_route_triton.ROUTE_WARPS, decode_route_triton._GATE_BYTES_PER_PROGRAM
     try:
         for T in tokens:

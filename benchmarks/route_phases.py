@@ -48,7 +48,7 @@ def sweep(shapes, label: str, ticket, gate) -> None:
 
 
 def main() -> None:
-    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ticket = drt.route_tickets("cuda")
     gate = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
     sweep([(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 1), (16, 2), (16, 4),
            (16, 8), (32, 8), (64, 8)], "", ticket, gate)

@@ -132,18 +132,19 @@ def fused_decode_router():
                **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
                "loss_ptr": "*fp32"}
     scalars = {**_args("routed_scaling aux_coef z_coef", "fp32"), "capacity": "i32"}
-    for T, D, E, cfg, capacity in (
-            (1, 2048, 128, RouterConfig(top_k=8, normalize_topk=True, dropless=True), None),
-            (8, 2048, 128, RouterConfig(top_k=1), 4),
-            (8, 2048, 128, RouterConfig(top_k=2), 4)):
+    qwen3 = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
+    for T, D, E, cfg, capacity in ((1, 2048, 128, qwen3, None), (16, 2048, 128, qwen3, None),
+                                   (8, 2048, 128, RouterConfig(top_k=1), 4),
+                                   (8, 2048, 128, RouterConfig(top_k=2), 4)):
         _, meta = m._route_args(cfg, T, E, False, capacity)
         warps = meta.pop("num_warps")
         lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
         compile_sm90(m._decode_route_logits_kernel,
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
-                      "ticket_ptr": "*i32", "bias_ptr": "*fp32", **outputs,
-                      **_args("T D E", "i32"), **scalars},
-                     dict(meta, LT=lt, LE=le, LD=ld, PDL=True), num_warps=warps)
+                      "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",
+                      **outputs, **_args("T D E", "i32"), **scalars},
+                     dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=T > lt, PDL=True),
+                     num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
                       **_args("T E", "i32"), **scalars}, dict(meta, PDL=True), num_warps=warps)
@@ -182,12 +183,13 @@ def dropless_router():
 
 
 def skinny_linear():
-    for has_bias in (True, False):
+    for has_bias, swap in ((True, False), (False, True)):
         compile_sm90(skinny_linear_triton._linear_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       **_args("M N K M_BUCKET stride_xm stride_xk stride_wn stride_wk", "i32")},
                      {"HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
-                      "BLOCK_N": 16, "BLOCK_K": 256, "PDL": True}, num_warps=4)
+                      "BLOCK_N": 64 if swap else 16, "BLOCK_K": 128 if swap else 256,
+                      "SWAP": swap, "PDL": True}, num_warps=4)
         compile_sm90(skinny_linear_triton._gemv_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       **_args("N stride_xk stride_wn stride_wk", "i32")},

@@ -397,14 +397,14 @@ class Router(nn.Module, ChoosesBackends):
 
     def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
-        from moeflow.ops.decode_route_triton import route_decode_fused
-        # The kernel's last-program ticket: zeroed once per device, left at 0 by every launch.
-        ticket = getattr(self, "_route_ticket", None)
-        if ticket is None or ticket.device != x_TD.device:
-            ticket = torch.zeros(1, dtype=torch.int32, device=x_TD.device)
-            self._route_ticket = ticket
+        from moeflow.ops.decode_route_triton import route_decode_fused, route_tickets
+        # The kernel's tickets: zeroed once per device, left at 0 by every launch.
+        tickets = getattr(self, "_route_tickets", None)
+        if tickets is None or tickets.device != x_TD.device:
+            tickets = route_tickets(x_TD.device)
+            self._route_tickets = tickets
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  ticket, capacity)[0]
+                                  tickets, capacity)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

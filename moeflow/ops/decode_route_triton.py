@@ -49,13 +49,22 @@ weight, both upcast to fp32 before the product (exact for bf16 operands), summed
 the model dim, made finite as router_logits does, and store it (the logits are also returned).
 The program that draws the last ticket of an atomic counter (release-acquire, after all its
 threads stored) then runs the passes above over the whole [T, E] logits, and resets the
-counter. Why many programs rather than one: a single SM streams the gate (Qwen3-30B-A3B: 128 ×
-2048 bf16 = 0.5 MB) at well below the HBM rate, and its FP32 units need T·E·D/128 cycles
-(2 µs per token at that shape), so one program would give back what the four saved launches
-save; ~16 KB of gate rows per program spreads both over tens of SMs (logits_tiles). The sum
+counter. With more than one token block (choice_rows tokens each: 4 at most) the choosing is
+spread: the last program of each token block to store its tile (a ticket per block) runs pass 1
+for that block's tokens and stores its counts and balance sums; the last block to finish (the
+launch-wide ticket) sums those in block order, which is how one program sums its tiles, and
+runs the passes after pass 1. Measured on the H200 (benchmarks/route_phases.py, session 17):
+16 tokens of top-8, 19.4 -> 16.6 µs per launch; ≤ 4 tokens unchanged. Both kernels choose in
+tiles of choice_rows tokens, so they choose alike (the one-program kernel got slower from 8
+tokens: 13.9 -> 18.6 µs at 16, it had 16-token tiles). Why many programs rather than one: a
+single SM streams the gate (Qwen3-30B-A3B: 128 × 2048 bf16 = 0.5 MB) at well below the HBM
+rate, and its FP32 units need T·E·D/128 cycles (2 µs per token at that shape), so one program
+would give back what the four saved launches save; ~16 KB of gate rows per program spreads
+both over tens of SMs (logits_tiles). The sum
 order differs from cuBLAS's: the logits agree to fp32 rounding, not bit for bit, and a near-tie
-between two experts may resolve differently than on the two-step path; the counter is why the
-Router keeps one int32 per device and why one router may route on one stream at a time.
+between two experts may resolve differently than on the two-step path; the counters are why the
+Router keeps them per device (route_tickets) and why one router may route on one stream at a
+time.
 
 Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
@@ -68,6 +77,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
+from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
@@ -90,34 +100,25 @@ def _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr, c
 
 
 @triton.jit
-def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
-                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-                z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
-                CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
-                LOGITS_VOLATILE: tl.constexpr):
-    """The passes of the module docstring, run by one program over the finite logits at
-    `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
-    (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
-    each expert keeps its first `capacity` assignments (pass 3 runs); NORMALIZE: pass 1
-    normalises the weights (dropless only); RENORMALIZE: pass 3 normalises the kept ones."""
+def _choose(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, t_hi, E, pass1_scaling,
+            K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+            NORMALIZE: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+            GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+            BLOCK_K: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
+    """Pass 1 over the tokens [t_lo, t_hi), in tiles of BLOCK_T: stores their ids and weights
+    (and kept = 1, dropless) and returns (counts, first-choice counts, the balance
+    probabilities' column sums, Σ lse²), each summed tile by tile in token order."""
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     kcols = tl.arange(0, BLOCK_K)
     counts = tl.zeros([BLOCK_E], tl.int32)
     first = tl.zeros([BLOCK_E], tl.int32)
     p_e = tl.zeros([BLOCK_E], tl.float32)
-    z_acc = tl.zeros([BLOCK_T], tl.float32)
-    if RENORMALIZE:  # the scaling follows the renormalisation over the kept routes (pass 3)
-        pass1_scaling = 1.0
-    else:
-        pass1_scaling = routed_scaling
-    for t0 in range(0, T, BLOCK_T):
+    z = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
-        rmask = rows < T
+        rmask = rows < t_hi
         m2 = rmask[:, None] & cmask[None, :]
         x = finite_logits(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
                             mask=m2, other=0.0, volatile=LOGITS_VOLATILE))
@@ -135,8 +136,21 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
             id0 = tl.sum(tl.where(kcols[None, :] == 0, ids_tile, 0), axis=1)
             first += tl.sum(((cols[None, :] == id0[:, None]) & m2).to(tl.int32), axis=0)
         p_e += tl.sum(tl.where(m2, probs, 0.0), axis=0)
-        z_acc += tl.where(rmask, lse * lse, 0.0)
+        z += tl.sum(tl.where(rmask, lse * lse, 0.0), axis=0)
+    return counts, first, p_e, z
 
+
+@triton.jit
+def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+          ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+          z_coef, capacity, K: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr):
+    """The passes after pass 1, from its sums over all T tokens (the ids and weights it
+    stored are read back)."""
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    kcols = tl.arange(0, BLOCK_K)
     # Expert e keeps the first min(count, capacity) assignments of its queue.
     if CAPPED:
         kept_counts = tl.minimum(counts, capacity)
@@ -152,7 +166,7 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
         balance = first
     else:
         balance = counts
-    store_losses(loss_ptr, balance, p_e, tl.sum(z_acc), T, E, aux_coef, z_coef)
+    store_losses(loss_ptr, balance, p_e, z, T, E, aux_coef, z_coef)
 
     # Pass 2 reads the ids pass 1 stored from other threads of this program.
     tl.debug_barrier()
@@ -216,6 +230,41 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
 
 
 @triton.jit
+def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
+                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+                z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
+                CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+                LOGITS_VOLATILE: tl.constexpr):
+    """The passes of the module docstring, run by one program over the finite logits at
+    `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
+    (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
+    each expert keeps its first `capacity` assignments (pass 3 runs); NORMALIZE: pass 1
+    normalises the weights (dropless only); RENORMALIZE: pass 3 normalises the kept ones."""
+    counts, first, p_e, z = _choose(
+        logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, 0, T, E,
+        _pass1_scaling(routed_scaling, RENORMALIZE), K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE,
+        GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, BLOCK_T, BLOCK_E, BLOCK_G,
+        BLOCK_K, LOGITS_VOLATILE)
+    _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
+          row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
+          capacity, K, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P,
+          PAIRWISE)
+
+
+@triton.jit
+def _pass1_scaling(routed_scaling, RENORMALIZE: tl.constexpr):
+    """With a renormalisation over the kept routes (pass 3) the scaling follows it."""
+    if RENORMALIZE:
+        return 1.0
+    else:
+        return routed_scaling
+
+
+@triton.jit
 def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                          ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr,
                          T, E, routed_scaling, aux_coef, z_coef, capacity,
@@ -235,8 +284,8 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
 
 
 @triton.jit
-def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_ptr, ids_ptr,
-                                w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
+def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_ptr, bias_ptr,
+                                ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
                                 token_ptr, dropped_ptr, loss_ptr, T, D, E, routed_scaling,
                                 aux_coef, z_coef, capacity, K: tl.constexpr,
                                 SOFTMAX: tl.constexpr, SEL: tl.constexpr,
@@ -248,7 +297,8 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                                 PAIRWISE: tl.constexpr, LT: tl.constexpr,
-                                LE: tl.constexpr, LD: tl.constexpr, PDL: tl.constexpr):
+                                LE: tl.constexpr, LD: tl.constexpr,
+                                SPLIT_PASS1: tl.constexpr, PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
@@ -277,15 +327,53 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, bias_pt
     # pattern): the program that draws the last ticket sees every tile. It also puts the ticket
     # counter back to 0 for the next launch, so a replayed CUDA graph finds it as captured.
     tl.debug_barrier()
-    last = tl.num_programs(0) * tl.num_programs(1) - 1
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == last:
-        tl.store(ticket_ptr, 0)
-        _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-                    ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
-                    aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
-                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
-                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
+    if SPLIT_PASS1:
+        # Two levels: the last of token block pt's programs chooses that block's experts and
+        # stores its sums; the last block to do so runs the rest over all T tokens.
+        block_ticket = tl.atomic_add(ticket_ptr + 1 + pt, 1, sem="acq_rel", scope="gpu")
+        if block_ticket == tl.num_programs(0) - 1:
+            tl.store(ticket_ptr + 1 + pt, 0)
+            t_lo = pt * LT
+            counts, first, p_e, z = _choose(
+                logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, tl.minimum(t_lo + LT, T),
+                E, _pass1_scaling(routed_scaling, RENORMALIZE), K, SOFTMAX, SEL, HAS_BIAS,
+                NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, LT,
+                BLOCK_E, BLOCK_G, BLOCK_K, True)
+            cols = tl.arange(0, BLOCK_E)
+            part = part_ptr + pt * 4 * BLOCK_E
+            tl.store(part + cols, counts.to(tl.float32))
+            tl.store(part + BLOCK_E + cols, first.to(tl.float32))
+            tl.store(part + 2 * BLOCK_E + cols, p_e)
+            tl.store(part + 3 * BLOCK_E + tl.arange(0, 1), tl.zeros([1], tl.float32) + z)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+            if ticket == tl.num_programs(1) - 1:
+                tl.store(ticket_ptr, 0)
+                # The blocks' sums in block order, as one program sums its tiles.
+                counts = tl.zeros([BLOCK_E], tl.int32)
+                first = tl.zeros([BLOCK_E], tl.int32)
+                p_e = tl.zeros([BLOCK_E], tl.float32)
+                z = tl.sum(tl.zeros([2], tl.float32), axis=0)
+                for b in range(0, tl.num_programs(1)):
+                    part = part_ptr + b * 4 * BLOCK_E
+                    counts += tl.load(part + cols, volatile=True).to(tl.int32)
+                    first += tl.load(part + BLOCK_E + cols, volatile=True).to(tl.int32)
+                    p_e += tl.load(part + 2 * BLOCK_E + cols, volatile=True)
+                    z += tl.load(part + 3 * BLOCK_E, volatile=True)
+                _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                      ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
+                      routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
+                      RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE)
+    else:
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.store(ticket_ptr, 0)
+            _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                        ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
+                        routed_scaling, aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS,
+                        NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED,
+                        RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE,
+                        True)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -321,15 +409,16 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
         CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
-        # Tiles of at most 16 tokens and 2048 scores, 8 warps for the one program: ptxas
-        # (sm_90) reports no register spills for E = 16 … 1024, top-1/2/8, except ≤ 68 bytes
+        # Tiles of at most 4 tokens (choice_rows; 16 until session 17) and 2048 scores, 8
+        # warps: ptxas (sm_90, 16-token tiles) reported no register spills for E = 16 … 1024,
+        # top-1/2/8, except ≤ 68 bytes
         # with 8 DeepSeek groups at E = 128/256 (the fused router's top-k kernel spills 148
         # there); 4 warps or 4096-score tiles spilled up to 900 bytes. Pass 2: all T·K
         # assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to 128 of them (H200, plan
         # program alone, Qwen3 router, T·K 128: 14.7 µs, 20.4 with the one-hot sort; all
         # pairs over tiles at T·K 512 took 107 µs against its 77), else one-hot tiles of at
         # most 8192 entries; with a capacity the starts' look-up is [BLOCK_P, BLOCK_E] too.
-        BLOCK_T=max(2, min(triton.next_power_of_2(max(T, 1)), 16, 2048 // block_e)),
+        BLOCK_T=choice_rows(T, E),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=block_p, PAIRWISE=pairwise,
@@ -344,6 +433,25 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
 # (25.3-25.4 µs at every size; 4 warps 25.1-30.3, 1 warp 151). In the served batch-1 step
 # (benchmarks/decode_timeline.py) the router went 10.7 -> 8.7 µs per layer with the 8 KB tiles.
 ROUTE_WARPS = 8
+
+
+def choice_rows(T: int, E: int) -> int:
+    """Tokens per pass-1 tile (at most 2048 scores), also the fused kernel's token block: its
+    blocks' programs choose their own tokens' experts with the tiles one program would use, so
+    both kernels choose, and sum the balance terms, alike."""
+    return max(2, min(triton.next_power_of_2(max(T, 1)), 4,
+                      2048 // triton.next_power_of_2(E)))
+
+
+# Token blocks the fused kernel takes per launch at most (DECODE_ROUTE_MAX_ASSIGNMENTS tokens
+# of top-1 in blocks of choice_rows ≥ 2), each with a ticket after the launch-wide one.
+MAX_TOKEN_BLOCKS = DECODE_ROUTE_MAX_ASSIGNMENTS // 2
+
+
+def route_tickets(device: torch.device) -> torch.Tensor:
+    """The fused kernel's ticket counters, zero (every launch leaves them so): one a router
+    keeps per device, for one launch at a time."""
+    return torch.zeros(1 + MAX_TOKEN_BLOCKS, dtype=torch.int32, device=device)
 
 
 def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:
@@ -387,7 +495,7 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
     """(LT, LE, LD): tokens, experts and model-dim columns per logits tile. A program streams
     LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs.
     The products per step scale with the warps (32 per thread)."""
-    lt = max(2, min(triton.next_power_of_2(max(T, 1)), 4))
+    lt = choice_rows(T, E)
     le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
     le = max(2, min(le, triton.next_power_of_2(E), 64))
     products = _LOGIT_PRODUCTS_PER_WARP * num_warps
@@ -396,14 +504,15 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
 
 
 def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
-                       expert_bias_E: torch.Tensor | None, ticket_1: torch.Tensor,
+                       expert_bias_E: torch.Tensor | None, tickets: torch.Tensor,
                        capacity: int | None = None) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
     products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
     ulps, and exactly where every partial sum is representable).
-    `ticket_1`: an int32 counter holding 0, left at 0 (the Router keeps one per device); one
-    launch at a time may use it, i.e. a router routes on one stream at a time."""
+    `tickets`: route_tickets' counters (zero, left at zero), for one launch at a time: a
+    router routes on one stream at a time. More than one token block: each block's last
+    program to finish chooses that block's experts (pass 1), the last block plans."""
     x_TD = x_TD.contiguous()
     gate_ED = gate_ED.contiguous()
     T, D = x_TD.shape
@@ -413,8 +522,13 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
     grid = (triton.cdiv(E, le), max(1, triton.cdiv(T, lt)))
+    if tickets.numel() < 1 + grid[1] or tickets.dtype != torch.int32:
+        raise ValueError(f"route_decode_fused: tickets must be int32 with {1 + grid[1]} "
+                         f"counters for {T} tokens, got {tickets.numel()} {tickets.dtype}")
+    part = torch.empty(grid[1], 4, meta["BLOCK_E"], dtype=torch.float32, device=x_TD.device)
     _decode_route_logits_kernel[grid](
-        x_TD, gate_ED, logits_TE, ticket_1,
+        x_TD, gate_ED, logits_TE, tickets, part,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
-        T, D, E, *scalars, LT=lt, LE=le, LD=ld, **meta, **pdl_launch(x_TD))
+        T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1, **meta,
+        **pdl_launch(x_TD))
     return _result(out, capacity), logits_TE
