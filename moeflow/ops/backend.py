@@ -55,10 +55,9 @@ benchmarks compare every fast path with its plain-torch reference.
   that reference everywhere; "stream" = the dense linears' weight-streaming kernel for a few
   rows, moeflow.ops.skinny_linear_triton, wherever linear_streams (inference, at most
   LINEAR_STREAM_MAX_ROWS rows), on any device, and the plain matmul elsewhere; "auto" =
-  "stream" on CUDA in bf16/fp16 for weights with N ≤ K, else "reference": FP8 only when
-  asked). FP8 applies only to calls autograd records (training); forwards without autograd
-  (validation, generation, serving) run as "auto" decides, so a model's inference does not
-  depend on the FP8 choice.
+  "stream" on CUDA in bf16/fp16, else "reference": FP8 only when asked). FP8 applies only to
+  calls autograd records (training); forwards without autograd (validation, generation,
+  serving) run as "auto" decides, so a model's inference does not depend on the FP8 choice.
   The LM head, router gates, embeddings and norms never run in FP8 (moeflow.model.linear says
   why), nor in the stream kernel, which only moeflow.model.linear.project calls. With an FP8
   matmul the experts' GEMMs are FP8's, so `experts` must stay "auto".
@@ -279,16 +278,15 @@ def resolve_linear_backend(requested: str, x: torch.Tensor, weight: torch.Tensor
     """"reference" (the plain linear), "fp8" (torch._scaled_mm), "fp8_reference" (its
     plain-torch reference) or "stream" (the weight-streaming kernel) for x · weightᵀ. FP8 only
     when asked and autograd records the call; other calls stream where linear_streams, when
-    asked for (on any device) or under "auto" on CUDA in bf16/fp16 for one row or a weight
-    with N ≤ K, and run the plain linear elsewhere (a forced "stream" too: training and
-    prefill keep cuBLAS)."""
+    asked for (on any device) or under "auto" on CUDA in bf16/fp16, and run the plain linear
+    elsewhere (a forced "stream" too: training and prefill keep cuBLAS). Wide weights (N > K)
+    stream too since the kernel's swapped tiles (session 17: Qwen3-30B-A3B qkv at 4 and 16
+    rows 8.05 / 8.18 µs against cuBLAS's 8.25 / 8.51, benchmarks/results/skinny_linear)."""
     if requested in ("fp8", "fp8_reference") and records_grad(x, weight):
         return "fp8" if requested == "fp8" and scaled_mm_supported(x, weight) else "fp8_reference"
     if requested == "reference" or not linear_streams(x, weight):
         return "reference"
-    one_row = x.numel() == x.shape[-1]
-    if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)
-                                 and (one_row or weight.shape[0] <= weight.shape[1])):
+    if requested == "stream" or (_triton_cuda(x) and x.dtype in (torch.bfloat16, torch.float16)):
         return "stream"
     return "reference"
 

@@ -1,7 +1,7 @@
 """A dense projection of a few rows (decode) as one weight-streaming Triton kernel:
 `linear_stream(x, weight, bias)` = F.linear(x, weight, bias) for at most 16 rows of x, forward
 only. moeflow.ops.backend.resolve_linear_backend chooses it (Backends.matmul "stream", and
-"auto" for inference calls of bf16/fp16 on CUDA whose weight has N ≤ K); moeflow.model.linear
+"auto" for inference calls of bf16/fp16 on CUDA); moeflow.model.linear
 runs it.
 
 Measured on the H200 (benchmarks/results/skinny_linear, 2026-12-02): 46–76% of the copy rate,
@@ -27,6 +27,15 @@ does 16× the useful math, still far from the compute bound (16 FLOP per weight 
 H200 balances near 200). A multiply-and-sum in registers would do only the useful math, but
 whether Triton pipelines its loads as deeply is up to the compiler's heuristics, not measured.
 Sums are fp32; the bias is added in fp32 and the result rounded once, to x's dtype.
+
+The autotuned configs also hold a swapped orientation (SWAP): the weight tile [64, BLOCK_K] is
+the dot's M and the rows its N (yᵀ = W · xᵀ), so that Hopper's warpgroup MMA, which takes M in
+64s, can run it. benchmarks/skinny16_probe.py (H200, session 17) put that first on the wide qkv
+projection at 4 and 16 rows (8.05 / 8.18 µs, cuBLAS 8.25 / 8.51, unswapped 8.68 / 8.80), so
+"auto" now streams wide weights too. The same probe split K over 2-8 programs per output tile
+(fp32 partials summed by the last, in split order): 7.5 against 8.1 µs on the output
+projection at 16 rows, ~0.5 µs, not taken (it needs a ticket counter per tile kept across
+calls); issuing all loads before the first dot (as the register GEMV does) was slower.
 
 Not split along K: with BLOCK_N = 16 every shape above already has N / 16 ≥ 128 programs (the
 H200 has 132 SMs), and a split costs either a second launch to sum fp32 partials (the 1.7 µs
@@ -61,18 +70,24 @@ from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
 # Triton's interpreter (CPU tests) cannot autotune: it runs these blocks.
-INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32}
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "SWAP": False}
 GEMV_INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
 
 def _configs():
     # Narrow tiles with deep pipelines (BLOCK_N 16 or 32: N = 2048 gives 128 or 64 programs) and
     # the expert stream kernels' wider ones. The H200 picked (16, 512, 4, 4) for the Qwen3 output
-    # projection and 32-wide tiles for the others (benchmarks/results/skinny_linear).
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((16, 256, 4, 6), (16, 512, 4, 4), (32, 256, 4, 4),
-                                 (32, 128, 4, 6), (64, 128, 4, 4), (64, 64, 4, 5),
-                                 (128, 64, 4, 4), (64, 128, 8, 4))]
+    # projection and 32-wide tiles for the others (benchmarks/results/skinny_linear). SWAP: the
+    # weight tile is the dot's M (64 outputs, Hopper's warpgroup MMA) and the rows its N; the
+    # fastest of benchmarks/skinny16_probe.py on the Qwen3 qkv projection (8.2 µs at 16 rows
+    # against cuBLAS's 8.5 and the unswapped kernel's 8.8; results/skinny_linear, session 17).
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w,
+                          num_stages=s)
+            for bn, bk, w, s, swap in ((16, 256, 4, 6, False), (16, 512, 4, 4, False),
+                                       (32, 256, 4, 4, False), (32, 128, 4, 6, False),
+                                       (64, 128, 4, 4, False), (64, 64, 4, 5, False),
+                                       (128, 64, 4, 4, False), (64, 128, 8, 4, False),
+                                       (64, 128, 4, 4, True), (64, 64, 4, 6, True))]
 
 
 # cache_results: the choice is kept in Triton's cache directory, as the expert stream kernels
@@ -82,23 +97,34 @@ def _configs():
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk,
                    stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr):
+                   SWAP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = m < M, n < N
-    x_rows = x_ptr + m[:, None] * stride_xm
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-    acc_MN = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
-        x_MK = tl.load(x_rows + k[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :],
-                       other=0.0)
         w_NK = tl.load(w_rows + k[None, :] * stride_wk, mask=nmask[:, None] & kmask[None, :],
                        other=0.0)
-        acc_MN = tl.dot(x_MK, tl.trans(w_NK), acc_MN, input_precision=DOT_PRECISION)
+        if SWAP:  # yᵀ = W · xᵀ
+            x_KM = tl.load(x_ptr + m[None, :] * stride_xm + k[:, None] * stride_xk,
+                           mask=mmask[None, :] & kmask[:, None], other=0.0)
+            acc = tl.dot(w_NK, x_KM, acc, input_precision=DOT_PRECISION)
+        else:
+            x_MK = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :] * stride_xk,
+                           mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc = tl.dot(x_MK, tl.trans(w_NK), acc, input_precision=DOT_PRECISION)
     launch_next(PDL)
+    if SWAP:
+        acc_MN = tl.trans(acc)
+    else:
+        acc_MN = acc
     if HAS_BIAS:
         acc_MN += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * N + n[None, :], acc_MN.to(y_ptr.dtype.element_ty),
