@@ -112,6 +112,14 @@ def test_non_finite_inputs_are_made_finite_like_router_logits():
     _same_routing(out, route_decode_triton(logits, cfg, None))
 
 
+def test_too_few_tickets_are_refused_in_one_line():
+    x = torch.zeros(16, 32, device=DEVICE)
+    w = torch.zeros(16, 32, device=DEVICE)
+    cfg = CONFIGS["qwen3_top8"][0]
+    with pytest.raises(ValueError, match="tickets must be int32 with 5 counters for 16 tokens"):
+        route_decode_fused(x, w, cfg, None, torch.zeros(1, dtype=torch.int32, device=DEVICE))
+
+
 def test_tiles_spread_the_gate_over_programs():
     # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 2 experts per program, 64 programs.
     assert logits_tiles(1, 2048, 128, 2) == (2, 2, 2048)

@@ -411,13 +411,13 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
         # Tiles of at most 4 tokens (choice_rows; 16 until session 17) and 2048 scores, 8
         # warps: ptxas (sm_90, 16-token tiles) reported no register spills for E = 16 … 1024,
-        # top-1/2/8, except ≤ 68 bytes
-        # with 8 DeepSeek groups at E = 128/256 (the fused router's top-k kernel spills 148
-        # there); 4 warps or 4096-score tiles spilled up to 900 bytes. Pass 2: all T·K
-        # assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to 128 of them (H200, plan
-        # program alone, Qwen3 router, T·K 128: 14.7 µs, 20.4 with the one-hot sort; all
-        # pairs over tiles at T·K 512 took 107 µs against its 77), else one-hot tiles of at
-        # most 8192 entries; with a capacity the starts' look-up is [BLOCK_P, BLOCK_E] too.
+        # top-1/2/8, except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused
+        # router's top-k kernel spills 148 there); 4 warps or 4096-score tiles spilled up to
+        # 900 bytes. Pass 2: all T·K assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to
+        # 128 of them (H200, plan program alone, Qwen3 router, T·K 128: 14.7 µs, 20.4 with the
+        # one-hot sort; all pairs over tiles at T·K 512 took 107 µs against its 77), else
+        # one-hot tiles of at most 8192 entries; with a capacity the starts' look-up is
+        # [BLOCK_P, BLOCK_E] too.
         BLOCK_T=choice_rows(T, E),
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
