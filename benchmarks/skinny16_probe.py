@@ -40,6 +40,18 @@ from moeflow.ops.skinny_linear_triton import linear_stream  # noqa: E402
 
 
 @triton.jit
+def _step(x_ptr, w_ptr, acc, m, n, k, M, K: tl.constexpr, SWAP: tl.constexpr):
+    """One K chunk: acc += W[n, k] · x[m, k]ᵀ (SWAP: acc is [n, m]) or x · Wᵀ ([m, n])."""
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :])
+    if SWAP:
+        xt = tl.load(x_ptr + m[None, :] * K + k[:, None], mask=(m < M)[None, :], other=0.0)
+        return tl.dot(w, xt, acc)
+    else:
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m < M)[:, None], other=0.0)
+        return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _probe_kernel(x_ptr, w_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K: tl.constexpr,
                   SPLIT: tl.constexpr, SWAP: tl.constexpr, UNROLL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -55,28 +67,10 @@ def _probe_kernel(x_ptr, w_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K: tl.constex
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if UNROLL:
         for k0 in tl.static_range(0, KS, BLOCK_K):
-            k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :])
-            if SWAP:
-                xt = tl.load(x_ptr + m[None, :] * K + k[:, None], mask=(m < M)[None, :],
-                             other=0.0)
-                acc = tl.dot(w, xt, acc)
-            else:
-                x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m < M)[:, None],
-                            other=0.0)
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = _step(x_ptr, w_ptr, acc, m, n, k_lo + k0 + tl.arange(0, BLOCK_K), M, K, SWAP)
     else:
         for k0 in range(0, KS, BLOCK_K):
-            k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :])
-            if SWAP:
-                xt = tl.load(x_ptr + m[None, :] * K + k[:, None], mask=(m < M)[None, :],
-                             other=0.0)
-                acc = tl.dot(w, xt, acc)
-            else:
-                x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m < M)[:, None],
-                            other=0.0)
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = _step(x_ptr, w_ptr, acc, m, n, k_lo + k0 + tl.arange(0, BLOCK_K), M, K, SWAP)
     if SWAP:
         out = tl.trans(acc)
     else:
