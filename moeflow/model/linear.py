@@ -14,12 +14,11 @@ norms elementwise, with no GEMM to speed up; together they are a small share of 
 
 FP8 is how the matmul is computed: the parameters, their dtype and the state_dict are the same
 with either choice, so checkpoints do not depend on it. Calls that autograd does not record
-(validation, generation, serving) run the plain linear, or, on CUDA, the kernels of
-moeflow.ops.skinny_linear_triton, which stream the weight once: for one row (a batch-1 decode
-step) through any weight, and for 2-16 rows through a weight with no more outputs than inputs
-(the attention output projection). On the H200 the one-row GEMV beat cuBLAS on every
-projection measured and the MMA kernel only on the output projections (that module gives the
-numbers).
+(validation, generation, serving) run the plain linear, or, on CUDA for up to 16 rows (a
+decode step), the kernels of moeflow.ops.skinny_linear_triton, which stream the weight once:
+the one-row GEMV and, for 2-16 rows, the MMA kernel, whose swapped tiles also serve the wide
+qkv projections. On the H200 both beat cuBLAS on the Qwen3-30B-A3B projections (that module
+gives the numbers).
 """
 
 from __future__ import annotations

@@ -107,13 +107,12 @@ TILED_MAX_ROWS_PER_EXPERT = 128
 
 # Inference linears of at most this many rows (x.numel() / K) may stream their weight
 # (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
-# takes (one MMA tile of rows). "auto" streams one row through any weight, and more rows only
-# through weights with no more outputs than inputs (N ≤ K): on the H200
-# (benchmarks/results/skinny_linear) the MMA kernel beat cuBLAS on the output projections
+# takes (one MMA tile of rows). "auto" streams every weight (resolve_linear_backend): on the
+# H200 (benchmarks/results/skinny_linear) the MMA kernel beat cuBLAS on the output projections
 # (Qwen3-30B-A3B 4096 → 2048: 8.2-8.6 vs 9.5 µs at 1-16 rows, Mixtral 4096 → 4096: 12.0 vs
-# 13.6 at 1 row) and lost or tied on the wider qkv projections (Qwen3 2048 → 5120: 9.1 vs 8.1
-# µs; Mixtral 4096 → 6144: 15.9 vs 15.8), while the one-row register GEMV beat cuBLAS on both
-# (Qwen3 o 5.96 vs 9.33 µs, qkv 6.88 vs 8.38; 2026-12-03).
+# 13.6 at 1 row), the one-row register GEMV on every projection (Qwen3 o 5.96 vs 9.33 µs, qkv
+# 6.88 vs 8.38; 2026-12-03), and the swapped tiles on the wide qkv projection at 4-16 rows
+# (8.05-8.18 vs 8.25-8.51 µs, session 17), where the unswapped kernel had lost (9.1 vs 8.1).
 LINEAR_STREAM_MAX_ROWS = 16
 
 # The one-launch decode router handles up to this many assignments (T·K). It runs in one
