@@ -47,6 +47,7 @@ import triton.language as tl
 
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.qk_rope_triton import _sum_squares
+from moeflow.ops.tickets import last_to_arrive
 
 # Programs per SM to aim for when splitting keys: enough to hide one program's load latency
 # behind another's without making the merge (P partials per head) the larger cost.
@@ -188,15 +189,10 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             tl.store(l_ptr + row, l_Q, mask=qmask)
             tl.store(acc_ptr + row[:, None] * DV + dv[None, :], acc_QV,
                      mask=qmask[:, None] & dvmask[None, :])
+            # The last of the splits that run (s = 0 .. L // CHUNK) to store its partials, by
+            # its (sequence, kv head)'s counter (moeflow.ops.tickets), merges them all.
             if MERGE:
-                # Every thread's stores, then one release-acquire ticket per program on its
-                # (sequence, kv head)'s counter: the split that draws the last of the tickets
-                # of the splits that run (s = 0 .. L // CHUNK) sees all their partials, merges
-                # them and puts the counter back to 0 for the next launch (a replayed graph).
-                tl.debug_barrier()
-                ticket = tl.atomic_add(tickets_ptr + bg, 1, sem="acq_rel", scope="gpu")
-                if ticket == L // CHUNK:
-                    tl.store(tickets_ptr + bg, 0)
+                if last_to_arrive(tickets_ptr + bg, L // CHUNK + 1):
                     _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * so_b + g * Q * so_h,
                                  so_h, b * G * Q + g * Q, L // CHUNK + 1, P, Q, DV, BLOCK_QM,
                                  BLOCK_P, BLOCK_DV)

@@ -81,6 +81,7 @@ from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
+from moeflow.ops.tickets import last_to_arrive
 
 
 @triton.jit
@@ -323,16 +324,11 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
     tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], finite_logits(acc),
              mask=rmask[:, None] & emask[None, :])
     launch_next(PDL)
-    # Every thread's stores, then one release-acquire ticket per program (the grid-reduction
-    # pattern): the program that draws the last ticket sees every tile. It also puts the ticket
-    # counter back to 0 for the next launch, so a replayed CUDA graph finds it as captured.
-    tl.debug_barrier()
+    # The last program to store its tile (moeflow.ops.tickets) sees every tile.
     if SPLIT_PASS1:
         # Two levels: the last of token block pt's programs chooses that block's experts and
         # stores its sums; the last block to do so runs the rest over all T tokens.
-        block_ticket = tl.atomic_add(ticket_ptr + 1 + pt, 1, sem="acq_rel", scope="gpu")
-        if block_ticket == tl.num_programs(0) - 1:
-            tl.store(ticket_ptr + 1 + pt, 0)
+        if last_to_arrive(ticket_ptr + 1 + pt, tl.num_programs(0)):
             t_lo = pt * LT
             counts, first, p_e, z = _choose(
                 logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, tl.minimum(t_lo + LT, T),
@@ -345,10 +341,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
             tl.store(part + BLOCK_E + cols, first.to(tl.float32))
             tl.store(part + 2 * BLOCK_E + cols, p_e)
             tl.store(part + 3 * BLOCK_E + tl.arange(0, 1), tl.zeros([1], tl.float32) + z)
-            tl.debug_barrier()
-            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-            if ticket == tl.num_programs(1) - 1:
-                tl.store(ticket_ptr, 0)
+            if last_to_arrive(ticket_ptr, tl.num_programs(1)):
                 # The blocks' sums in block order, as one program sums its tiles.
                 counts = tl.zeros([BLOCK_E], tl.int32)
                 first = tl.zeros([BLOCK_E], tl.int32)
@@ -364,16 +357,12 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                       ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
                       routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
                       RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE)
-    else:
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
-            tl.store(ticket_ptr, 0)
-            _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-                        ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
-                        routed_scaling, aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS,
-                        NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED,
-                        RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE,
-                        True)
+    elif last_to_arrive(ticket_ptr, tl.num_programs(0) * tl.num_programs(1)):
+        _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                    ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
+                    aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
+                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
+                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
