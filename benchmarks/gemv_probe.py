@@ -56,14 +56,20 @@ def _gemv_nk(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _up_gemv(x_ptr, e_ptr, w_ptr, h_ptr, D: tl.constexpr, F: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row i of h = silu(x · W_e[:, n]) * (x · W_e[:, F + n]), e = experts[i]; x one row."""
+def _expert_program(e_ptr, w_ptr, expert_elems, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (i, j): row i, its expert's weight (experts[i], `expert_elems` each), column
+    tile j, and the K offsets of one chunk."""
     i = tl.program_id(0)
     e = tl.load(e_ptr + i).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    w_e = w_ptr + e * D * 2 * F
+    return i, w_ptr + e * expert_elems, n, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _up_gemv(x_ptr, e_ptr, w_ptr, h_ptr, D: tl.constexpr, F: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row i of h = silu(x · W_e[:, n]) * (x · W_e[:, F + n]), e = experts[i]; x one row."""
+    i, w_e, n, kk = _expert_program(e_ptr, w_ptr, D * 2 * F, BLOCK_N, BLOCK_K)
     acc_g = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, D, BLOCK_K):
@@ -79,11 +85,7 @@ def _up_gemv(x_ptr, e_ptr, w_ptr, h_ptr, D: tl.constexpr, F: tl.constexpr,
 @triton.jit
 def _down_gemv(h_ptr, e_ptr, w_ptr, y_ptr, D: tl.constexpr, F: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    i = tl.program_id(0)
-    e = tl.load(e_ptr + i).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    w_e = w_ptr + e * F * D
+    i, w_e, n, kk = _expert_program(e_ptr, w_ptr, F * D, BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, F, BLOCK_K):
         h = tl.load(h_ptr + i * F + k0 + kk).to(tl.float32)[:, None]
