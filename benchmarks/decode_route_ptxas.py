@@ -18,19 +18,25 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None)
     scalars, meta = m._route_args(cfg, T, E, False, capacity)
     nw = meta.pop("num_warps")
     lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4, nw)
-    names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "bias_ptr", "ids_ptr", "w_ptr",
-             "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
+    names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
+             "w_ptr", "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
              "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef",
              "capacity"]
-    types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*i64", "*fp32", "*i8",
-             "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32", "i32", "i32",
-             "fp32", "fp32", "fp32", "i32"]
+    types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*fp32", "*i64",
+             "*fp32", "*i8", "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32",
+             "i32", "i32", "fp32", "fp32", "fp32", "i32"]
     sig = dict(zip(names, types))
-    consts = dict(meta, LT=lt, LE=le, LD=ld, PDL=True)
+    blocks = -(-T // lt)
+    consts = dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=blocks > 1,
+                  PART_BLOCKS=triton.next_power_of_2(blocks), PDL=True)
     for k in consts:
         sig[k] = "constexpr"
+    # As a launch specialises them: pointers and the multiples of 16 among D and E 16-aligned.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(zip(names, types))
+               if t.startswith("*") or (n in ("D", "E") and {"D": D, "E": E}[n] % 16 == 0)}
     src = ASTSource(fn=m._decode_route_logits_kernel, signature=sig,
-                    constexprs={(list(sig).index(k),): v for k, v in consts.items()})
+                    constexprs={(list(sig).index(k),): v for k, v in consts.items()},
+                    attrs=aligned)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
     ptx = k.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -1,8 +1,9 @@
 """Where the decode router's kernel time goes: the plan program alone (route_decode_triton:
 top-k and the dispatch plan over given logits) against the fused kernel (route_decode_fused:
 the logits too), over tokens T and top-k K on the Qwen3-30B-A3B router (E 128, D 2048); the
-prefill router's top-k kernel at 2048 / 16384 tokens; and the plan with 16-token tiles forced
-at small T. µs: the profiler's kernel records, median of 15 calls.
+prefill router's top-k kernel at 2048 / 16384 tokens; and the logits grid by the gate's bytes
+alone (before session 18) instead of one wave of programs. µs: the profiler's kernel records,
+median of 15 calls.
 
     PYTHONPATH=. python benchmarks/route_phases.py
 """
@@ -58,12 +59,12 @@ def main() -> None:
         run = lambda: route_triton(logits, cfg, None, None, None, None)  # noqa: E731
         print(f"prefill T {T}: topk kernel {call_kernel_us(run, 'topk'):7.2f} us, all routing "
               f"kernels {call_kernel_us(run, ''):7.2f} us", flush=True)
-    args = drt._route_args  # the plan with 16-token tiles: each warp holds whole rows
-    drt._route_args = lambda *a: (args(*a)[0], {**args(*a)[1], "BLOCK_T": 16})
+    programs = drt._LOGITS_PROGRAMS  # logits tiles by the gate's bytes alone (two waves at 16)
+    drt._LOGITS_PROGRAMS = 1 << 30
     try:
-        sweep([(1, 1), (1, 8), (2, 8), (4, 8), (8, 8)], "BLOCK_T 16: ", ticket, gate)
+        sweep([(8, 8), (16, 8), (32, 8)], "LE by gate bytes: ", ticket, gate)
     finally:
-        drt._route_args = args
+        drt._LOGITS_PROGRAMS = programs
 
 
 if __name__ == "__main__":

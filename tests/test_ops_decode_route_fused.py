@@ -121,9 +121,13 @@ def test_too_few_tickets_are_refused_in_one_line():
 
 
 def test_tiles_spread_the_gate_over_programs():
-    # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 2 experts per program, 64 programs.
+    # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 2 experts per program, 64 programs;
+    # with more token blocks more experts per program, so that the grid stays one wave of at
+    # most 128 programs (16 tokens: 32 × 4, not 64 × 4).
     assert logits_tiles(1, 2048, 128, 2) == (2, 2, 2048)
-    assert logits_tiles(16, 2048, 128, 2) == (4, 2, 1024)
+    assert logits_tiles(8, 2048, 128, 2) == (4, 2, 1024)
+    assert logits_tiles(16, 2048, 128, 2) == (4, 4, 512)
+    assert logits_tiles(32, 2048, 128, 2) == (4, 8, 256)
     # Mixtral (D 4096, 8 experts): 2 experts per program; a tiny gate: one program.
     assert logits_tiles(1, 4096, 8, 2)[1] == 2
     assert logits_tiles(1, 64, 16, 4)[1] == 16

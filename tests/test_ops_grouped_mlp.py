@@ -12,7 +12,8 @@ import torch  # noqa: E402
 
 from moeflow.ops.backend import EXPERT_BACKENDS, grouped_mm_supported  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
-from moeflow.ops.grouped_mlp_triton import fused_activation  # noqa: E402
+from moeflow.ops.grouped_mlp_triton import (expert_mlp_stream, fused_activation,  # noqa: E402
+                                            stream_counters)
 from moeflow.ops.activation import apply_activation  # noqa: E402
 
 
@@ -83,6 +84,46 @@ def test_stream_finds_the_active_experts_of_a_decode_batch(counts):
     out = EXPERT_BACKENDS["stream"](x, ends, w_in, None, w_out, None, "swiglu")
     assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
 
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+                                    [3, 0, 1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 2, 1],
+                                    [0] * 15 + [1], [2] * 16])
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True)])
+def test_stream_in_one_launch_equals_two_launches(counts, activation, bias):
+    """With counters the up and down programs run as one launch, each down program waiting for
+    its expert's up tiles: the same tiles give the same values, bit for bit (CPU: both with
+    32-wide tiles); the counters are back at 0 after every call, so a second call (a replayed
+    graph) waits for its own up tiles, not the last call's."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    D, F = (1024, 768) if ON_GPU else (72, 40)
+    E = len(counts)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, bias, dtype)
+    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
+    n = int(ends[-1])
+    x_TD = torch.randn(5, D, device=DEVICE).to(dtype)
+    rows_N = torch.randint(0, 5, (n,), device=DEVICE)
+    counters = stream_counters(E, DEVICE)
+    ref = expert_mlp_reference(x_TD, ends, w_in, b_in, w_out, b_out, activation, False,
+                               rows_N=rows_N)
+    for _ in range(2):
+        got = expert_mlp_stream(x_TD, ends, w_in, b_in, w_out, b_out, activation, False,
+                                rows_N=rows_N, counters=counters)
+        assert torch.count_nonzero(counters) == 0
+        assert _rel_err(got, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
+    if not ON_GPU:  # on a GPU each launch kind autotunes its own tiles
+        want = expert_mlp_stream(x_TD, ends, w_in, b_in, w_out, b_out, activation, False,
+                                 rows_N=rows_N)
+        assert torch.equal(got, want)
+
+
+def test_stream_counters_are_checked():
+    x, ends, w_in, b_in, w_out, b_out, _ = _problem(8, 48, 40, 4, "swiglu", False,
+                                                    torch.float32)
+    for bad in (torch.zeros(7, dtype=torch.int32), torch.zeros(8, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="counters must be int32 with 8 entries"):
+            expert_mlp_stream(x.to(DEVICE), ends, w_in, None, w_out, None, "swiglu",
+                              counters=bad.to(DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["stream", "tiled"])
@@ -214,3 +255,32 @@ class _deterministic:
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self.saved[0], warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = self.saved[1]
+
+
+@pytest.mark.parametrize("rows", [8, 16])
+def test_experts_take_one_launch_from_its_row_bound(rows):
+    """The Experts module streams 16 rows or more in one launch (its counters kept on the
+    module, left at 0), fewer in two; both give the two-launch values (CPU: the same tiles)."""
+    from moeflow.model.experts import Experts
+    from moeflow.ops.backend import STREAM_ONE_LAUNCH_MIN_ROWS, Backends
+
+    assert STREAM_ONE_LAUNCH_MIN_ROWS == 16
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    experts = Experts(4, 48, 40, "swiglu", False, Backends(experts="stream")).to(DEVICE, dtype)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+        x = torch.randn(5, 48, device=DEVICE).to(dtype)
+        ends = torch.tensor([rows // 2, rows // 2, rows - 1, rows], device=DEVICE)
+        rows_N = torch.randint(0, 5, (rows,), device=DEVICE)
+        got = experts(x, ends, parked=False, rows_N=rows_N)
+        counters = getattr(experts, "_stream_counters", None)
+        assert (counters is not None) == (rows >= 16)
+        assert counters is None or torch.count_nonzero(counters) == 0
+        want = expert_mlp_stream(x, ends, experts.w_in_EDI, None, experts.w_out_EFD, None,
+                                 "swiglu", False, rows_N=rows_N)
+    if ON_GPU:
+        assert _rel_err(got, want) < 1e-2
+    else:
+        assert torch.equal(got, want)

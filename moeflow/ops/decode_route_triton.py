@@ -105,11 +105,13 @@ def _choose(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, t_hi, E, pass1
             K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
             NORMALIZE: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
             GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-            BLOCK_K: tl.constexpr, LOGITS_VOLATILE: tl.constexpr):
+            BLOCK_T: tl.constexpr, FULL_E: tl.constexpr, BLOCK_E: tl.constexpr,
+            BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PEER_LOGITS: tl.constexpr):
     """Pass 1 over the tokens [t_lo, t_hi), in tiles of BLOCK_T: stores their ids and weights
     (and kept = 1, dropless) and returns (counts, first-choice counts, the balance
-    probabilities' column sums, Σ lse²), each summed tile by tile in token order."""
+    probabilities' column sums, Σ lse²), each summed tile by tile in token order. FULL_E:
+    E == BLOCK_E, so the logits load needs no column mask. PEER_LOGITS: other programs of this
+    launch stored the logits: read through L2 (.cg), never from this SM's L1."""
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     kcols = tl.arange(0, BLOCK_K)
@@ -121,8 +123,13 @@ def _choose(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, t_hi, E, pass1
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < t_hi
         m2 = rmask[:, None] & cmask[None, :]
+        if FULL_E:
+            lmask = rmask[:, None]
+        else:
+            lmask = m2
         x = finite_logits(tl.load(logits_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
-                            mask=m2, other=0.0, volatile=LOGITS_VOLATILE))
+                                  mask=lmask, other=0.0,
+                                  cache_modifier=".cg" if PEER_LOGITS else ""))
         ids_tile, w_tile, lse, probs, chosen = choose_tile(
             x, x, bias_ptr, rows, cols, cmask, E, pass1_scaling, K, SOFTMAX, SEL, HAS_BIAS,
             NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, BLOCK_T, BLOCK_E, BLOCK_G, BLOCK_K)
@@ -169,7 +176,7 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
         balance = counts
     store_losses(loss_ptr, balance, p_e, z, T, E, aux_coef, z_coef)
 
-    # Pass 2 reads the ids pass 1 stored from other threads of this program.
+    # Pass 2 reads the ids pass 1 stored from other threads of this program (through L2).
     tl.debug_barrier()
     N = T * K
     if PAIRWISE:  # all N assignments in one tile: pairwise counts, no one-hot tile, no scan
@@ -178,7 +185,7 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
         t = p % T
         flat = t.to(tl.int64) * K + p // T
         # Past N an id no expert has.
-        e = tl.load(ids_ptr + flat, mask=valid, other=BLOCK_E, volatile=True).to(tl.int32)
+        e = tl.load(ids_ptr + flat, mask=valid, other=BLOCK_E, cache_modifier=".cg").to(tl.int32)
         # slot = #{assignments ahead in priority order with the same expert}; dropless,
         # row = #{assignments with a lower expert} + slot.
         slot = tl.sum(((e[None, :] == e[:, None]) & (p[None, :] < p[:, None])).to(tl.int32),
@@ -196,7 +203,7 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
             valid = p < N
             t = p % T
             flat = t.to(tl.int64) * K + p // T
-            e = tl.load(ids_ptr + flat, mask=valid, other=0, volatile=True).to(tl.int32)
+            e = tl.load(ids_ptr + flat, mask=valid, other=0, cache_modifier=".cg").to(tl.int32)
             onehot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
             rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
             slot = tl.sum(onehot * running[None, :], axis=1) + rank
@@ -213,8 +220,8 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
             rows = t0 + tl.arange(0, BLOCK_T)
             kmask = (rows < T)[:, None] & (kcols < K)[None, :]
             koffs = rows[:, None].to(tl.int64) * K + kcols[None, :]
-            kept = tl.load(kept_ptr + koffs, mask=kmask, other=0, volatile=True) != 0
-            w = tl.load(w_ptr + koffs, mask=kmask, other=0.0, volatile=True)
+            kept = tl.load(kept_ptr + koffs, mask=kmask, other=0, cache_modifier=".cg") != 0
+            w = tl.load(w_ptr + koffs, mask=kmask, other=0.0, cache_modifier=".cg")
             w = tl.where(kept, w, 0.0)
             if RENORMALIZE:
                 w = w / tl.maximum(tl.sum(w, axis=1), 1.1920928955078125e-07)[:, None]
@@ -237,19 +244,19 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
                 TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
                 CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
-                LOGITS_VOLATILE: tl.constexpr):
+                FULL_E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+                PEER_LOGITS: tl.constexpr):
     """The passes of the module docstring, run by one program over the finite logits at
-    `logits_ptr` ([T, E] fp32). LOGITS_VOLATILE: other programs of the same launch wrote them
+    `logits_ptr` ([T, E] fp32). PEER_LOGITS: other programs of the same launch wrote them
     (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
     each expert keeps its first `capacity` assignments (pass 3 runs); NORMALIZE: pass 1
     normalises the weights (dropless only); RENORMALIZE: pass 3 normalises the kept ones."""
     counts, first, p_e, z = _choose(
         logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, 0, T, E,
         _pass1_scaling(routed_scaling, RENORMALIZE), K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE,
-        GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, BLOCK_T, BLOCK_E, BLOCK_G,
-        BLOCK_K, LOGITS_VOLATILE)
+        GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, BLOCK_T, FULL_E, BLOCK_E,
+        BLOCK_G, BLOCK_K, PEER_LOGITS)
     _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
           row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
           capacity, K, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P,
@@ -274,14 +281,15 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
                          TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
                          FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         FULL_E: tl.constexpr,
                          BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
                 row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
                 z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
-                GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_G,
-                BLOCK_K, BLOCK_P, PAIRWISE, False)
+                GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, FULL_E, BLOCK_E,
+                BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, False)
 
 
 @triton.jit
@@ -294,12 +302,13 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                                 GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                                 GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
                                 CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr,
-                                BLOCK_T: tl.constexpr,
+                                BLOCK_T: tl.constexpr, FULL_E: tl.constexpr,
                                 BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                                 PAIRWISE: tl.constexpr, LT: tl.constexpr,
                                 LE: tl.constexpr, LD: tl.constexpr,
-                                SPLIT_PASS1: tl.constexpr, PDL: tl.constexpr):
+                                SPLIT_PASS1: tl.constexpr, PART_BLOCKS: tl.constexpr,
+                                PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does."""
@@ -334,7 +343,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                 logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, tl.minimum(t_lo + LT, T),
                 E, _pass1_scaling(routed_scaling, RENORMALIZE), K, SOFTMAX, SEL, HAS_BIAS,
                 NORMALIZE, GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, LT,
-                BLOCK_E, BLOCK_G, BLOCK_K, True)
+                FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, True)
             cols = tl.arange(0, BLOCK_E)
             part = part_ptr + pt * 4 * BLOCK_E
             tl.store(part + cols, counts.to(tl.float32))
@@ -342,17 +351,23 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
             tl.store(part + 2 * BLOCK_E + cols, p_e)
             tl.store(part + 3 * BLOCK_E + tl.arange(0, 1), tl.zeros([1], tl.float32) + z)
             if last_to_arrive(ticket_ptr, tl.num_programs(1)):
-                # The blocks' sums in block order, as one program sums its tiles.
+                # The blocks' sums in block order, as one program sums its tiles; the loop
+                # is unrolled (PART_BLOCKS ≥ the blocks) so that every block's loads are in
+                # flight at once (a block past the last adds zeros).
                 counts = tl.zeros([BLOCK_E], tl.int32)
                 first = tl.zeros([BLOCK_E], tl.int32)
                 p_e = tl.zeros([BLOCK_E], tl.float32)
                 z = tl.sum(tl.zeros([2], tl.float32), axis=0)
-                for b in range(0, tl.num_programs(1)):
+                for b in tl.static_range(PART_BLOCKS):
+                    live = b < tl.num_programs(1)
                     part = part_ptr + b * 4 * BLOCK_E
-                    counts += tl.load(part + cols, volatile=True).to(tl.int32)
-                    first += tl.load(part + BLOCK_E + cols, volatile=True).to(tl.int32)
-                    p_e += tl.load(part + 2 * BLOCK_E + cols, volatile=True)
-                    z += tl.load(part + 3 * BLOCK_E, volatile=True)
+                    counts += tl.load(part + cols, mask=live, other=0.0,
+                                      cache_modifier=".cg").to(tl.int32)
+                    first += tl.load(part + BLOCK_E + cols, mask=live, other=0.0,
+                                     cache_modifier=".cg").to(tl.int32)
+                    p_e += tl.load(part + 2 * BLOCK_E + cols, mask=live, other=0.0,
+                                   cache_modifier=".cg")
+                    z += tl.load(part + 3 * BLOCK_E, mask=live, other=0.0, cache_modifier=".cg")
                 _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                       ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
                       routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
@@ -362,7 +377,7 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                     ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
                     aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
                     TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
-                    BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
+                    FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -407,7 +422,7 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         # one-hot sort; all pairs over tiles at T·K 512 took 107 µs against its 77), else
         # one-hot tiles of at most 8192 entries; with a capacity the starts' look-up is
         # [BLOCK_P, BLOCK_E] too.
-        BLOCK_T=choice_rows(T, E),
+        BLOCK_T=choice_rows(T, E), FULL_E=E == block_e,
         BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
         BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=block_p, PAIRWISE=pairwise,
@@ -474,9 +489,13 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
 # Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
 # bytes of the gate per program (LE rows of D), so that decode reads the gate from many SMs
 # (Qwen3-30B-A3B: 64 programs of two 4 KB rows, the fewest rows a tile takes; see ROUTE_WARPS
-# for the measurement: 2, 4 and 8 KB all give these tiles).
+# for the measurement: 2, 4 and 8 KB all give these tiles). With several token blocks LE grows
+# until the grid is at most _LOGITS_PROGRAMS: the kernel's ~190-240 registers per thread (the
+# routing pass's) leave room for one 8-warp program per SM, so a bigger grid runs in two waves
+# (16 tokens of Qwen3-30B-A3B: 64 × 4 programs before, 32 × 4 now; an H200 has 132 SMs).
 _LOGIT_PRODUCTS_PER_WARP = 1024
 _GATE_BYTES_PER_PROGRAM = 8192
+_LOGITS_PROGRAMS = 128
 
 
 def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
@@ -486,7 +505,8 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
     The products per step scale with the warps (32 per thread)."""
     lt = choice_rows(T, E)
     le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
-    le = max(2, min(le, triton.next_power_of_2(E), 64))
+    one_wave = triton.next_power_of_2(-(-E * -(-max(T, 1) // lt) // _LOGITS_PROGRAMS))
+    le = max(2, min(max(le, one_wave), triton.next_power_of_2(E), 64))
     products = _LOGIT_PRODUCTS_PER_WARP * num_warps
     ld = max(16, min(triton.next_power_of_2(D), products // (lt * le)))
     return lt, le, ld
@@ -518,6 +538,7 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, tickets, part,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
-        T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1, **meta,
+        T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1,
+        PART_BLOCKS=triton.next_power_of_2(grid[1]), **meta,
         **pdl_launch(x_TD))
     return _result(out, capacity), logits_TE

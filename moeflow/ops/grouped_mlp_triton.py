@@ -45,6 +45,7 @@ import triton.language as tl
 
 from moeflow.ops.expert_mlp import grouped_mlp
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
+from moeflow.ops.tickets import last_to_arrive
 
 
 @triton.jit
@@ -119,9 +120,11 @@ def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: 
 
 @triton.jit
 def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               H_FROM_PEERS: tl.constexpr = False):
     """h[rows] · w_e[:, n] + b_e[n] into y[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi)) of
-    one expert (w_e, b_e: its weight [F, D] and bias [D])."""
+    one expert (w_e, b_e: its weight [F, D] and bias [D]). H_FROM_PEERS: other programs of this
+    launch stored h: read it through L2 (.cg), never from this SM's L1."""
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < hi
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -129,7 +132,8 @@ def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.cons
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < F
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + k[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    mask=rmask[:, None] & kmask[None, :], other=0.0,
+                    cache_modifier=".cg" if H_FROM_PEERS else "")
         w = tl.load(w_e + k[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
         acc = tl.dot(a, w, acc)
@@ -180,6 +184,70 @@ def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCK
     for m0 in range(lo, hi, BLOCK_M):
         _down_rows(h_ptr, w_e, b_ptr + e * D, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS, BLOCK_M,
                    BLOCK_N, BLOCK_K)
+
+
+def _moe_stream_configs():
+    # (UP_N, UP_K, DOWN_N, DOWN_K, warps, stages): the two kernels' tiles in one launch (one
+    # warps / stages setting for both), around what the separate kernels were tuned to (batch
+    # 1 of Qwen3-30B-A3B: up 64 × 64, down 128 × 64). An L2 prefetch of the down tile while
+    # its expert's h was computed was offered beside each (session 18) and never chosen.
+    tiles = ((64, 64, 128, 64, 4, 5), (64, 64, 64, 128, 4, 4), (64, 128, 128, 64, 4, 4),
+             (32, 128, 64, 64, 4, 5), (128, 64, 128, 64, 8, 4), (64, 64, 128, 64, 8, 5))
+    return [triton.Config({"UP_N": un, "UP_K": uk, "DOWN_N": dn, "DOWN_K": dk}, num_warps=w,
+                          num_stages=st) for un, uk, dn, dk, w, st in tiles]
+
+
+@triton.autotune(configs=_moe_stream_configs(),
+                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
+                 cache_results=True)
+@triton.jit
+def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_out_ptr,
+                       b_out_ptr, y_ptr, count_ptr, D, F, E, ACTIVE, M_BUCKET, A_BUCKET,
+                       SWIGLU: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
+                       HAS_OUT_BIAS: tl.constexpr, GATHER: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, UP_N: tl.constexpr,
+                       UP_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
+                       PDL: tl.constexpr):
+    """_up_kernel and _down_kernel in one launch (see expert_mlp_stream). Programs [0, U) are
+    the up kernel's, expert slot by expert slot (U = ACTIVE · ⌈F/UP_N⌉); each stores its h tile
+    and then releases it by a count per expert slot. Programs from U are the down kernel's:
+    each waits until its expert's up programs have all counted, then streams its w_out tile. The
+    last down program of an expert puts both of its counts back to 0 for the next launch.
+    Only a program from U waits, and only for programs below U: blocks are dispatched in order,
+    so those are running or done, and the wait ends."""
+    wait_for_previous(PDL)
+    launch_next(PDL)
+    pid = tl.program_id(0)
+    up_tiles = tl.cdiv(F, UP_N)
+    if pid < ACTIVE * up_tiles:
+        i = pid // up_tiles
+        e, lo, hi = _active_expert(ends_ptr, i, E, BLOCK_E)
+        if hi > lo:
+            I = 2 * F if SWIGLU else F
+            n = (pid % up_tiles) * UP_N + tl.arange(0, UP_N)
+            w_e = w_in_ptr + e.to(tl.int64) * D * I
+            for m0 in range(lo, hi, BLOCK_M):
+                _up_rows(x_ptr, token_ptr, w_e, b_in_ptr + e * I, h_ptr, m0, hi, n, n < F, D, F,
+                         SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, UP_N, UP_K)
+            tl.debug_barrier()  # every thread's stores of the tile, then one release
+            tl.atomic_add(count_ptr + i, 1, sem="release", scope="gpu")
+    else:
+        q = pid - ACTIVE * up_tiles
+        down_tiles = tl.cdiv(D, DOWN_N)
+        i = q // down_tiles
+        e, lo, hi = _active_expert(ends_ptr, i, E, BLOCK_E)
+        if hi > lo:
+            w_e = w_out_ptr + e.to(tl.int64) * F * D
+            seen = tl.atomic_add(count_ptr + i, 0, sem="acquire", scope="gpu")
+            while seen < up_tiles:
+                seen = tl.atomic_add(count_ptr + i, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()  # the acquire above orders every thread's loads after it
+            n = (q % down_tiles) * DOWN_N + tl.arange(0, DOWN_N)
+            for m0 in range(lo, hi, BLOCK_M):
+                _down_rows(h_ptr, w_e, b_out_ptr + e * D, y_ptr, m0, hi, n, n < D, D, F,
+                           HAS_OUT_BIAS, BLOCK_M, DOWN_N, DOWN_K, True)
+            if last_to_arrive(count_ptr + E + i, down_tiles):
+                tl.store(count_ptr + i, 0)
 
 
 @triton.jit
@@ -272,10 +340,12 @@ def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
 def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                        b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                        b_out_ED: torch.Tensor | None, activation: str,
-                       rows_N: torch.Tensor | None, tiled: bool) -> torch.Tensor:
-    """The up and down launches of the stream (`tiled` False) or the tiled kernels. Rows past
-    ends_E[-1] are left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens
-    and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+                       rows_N: torch.Tensor | None, tiled: bool,
+                       counters: torch.Tensor | None = None) -> torch.Tensor:
+    """The up and down launches of the stream (`tiled` False) or the tiled kernels, or the
+    stream kernels in one launch (`counters`, see expert_mlp_stream). Rows past ends_E[-1] are
+    left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens and row n is
+    x_ND[rows_N[n]], gathered by the up kernel."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
@@ -302,6 +372,10 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
         up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
     block_e = triton.next_power_of_2(E)
     pdl = pdl_launch(x_ND)
+    if counters is not None:
+        _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
+                    counters, activation, keys, dict(blocks, BLOCK_E=block_e, **pdl))
+        return y_ND
     up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
         b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, *keys,
@@ -313,15 +387,46 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     return y_ND
 
 
+def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
+                counters, activation, keys, meta) -> None:
+    """Launch _moe_stream_kernel (one launch for the up and the down kernels' programs)."""
+    D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
+    if counters.dtype != torch.int32 or counters.numel() < 2 * E:
+        raise ValueError(f"expert_mlp_stream: counters must be int32 with {2 * E} entries for "
+                         f"{E} experts, got {counters.numel()} {counters.dtype}")
+    active = min(h_NF.shape[0], E)
+    kernel = _moe_stream_kernel
+    if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
+        kernel = kernel.fn
+        meta = dict(meta, UP_N=32, UP_K=32, DOWN_N=32, DOWN_K=32)
+    grid = lambda m: (active * (triton.cdiv(F, m["UP_N"]) + triton.cdiv(D, m["DOWN_N"])),)  # noqa: E731
+    kernel[grid](
+        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
+        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, w_out_EFD,
+        b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, counters, D, F, E, active, *keys,
+        SWIGLU=activation == "swiglu", HAS_IN_BIAS=b_in_EI is not None,
+        HAS_OUT_BIAS=b_out_ED is not None, GATHER=rows_N is not None, **meta)
+
+
+def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
+    """expert_mlp_stream's counters for one layer's experts: int32 zeros (every launch leaves
+    them so), for one launch at a time."""
+    return torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
+
+
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                       b_out_ED: torch.Tensor | None, activation: str,
-                      parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
+                      parked: bool = True, rows_N: torch.Tensor | None = None,
+                      counters: torch.Tensor | None = None) -> torch.Tensor:
     """Few-token path (inference only: no autograd): the weight-streaming kernels. Rows past
     ends_E[-1] are left unwritten (combine never reads them), so `parked` needs no work here.
-    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel.
+    `counters` (stream_counters): the up and down kernels run as one launch, each down program
+    waiting for its expert's h instead of the whole up kernel (no kernel boundary between them;
+    the same tiles give the same values)."""
     return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=False)
+                              rows_N, tiled=False, counters=counters)
 
 
 def _tiled_grid(N: int, E: int, cols: int):

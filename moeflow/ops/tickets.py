@@ -7,10 +7,10 @@ ticket from a counter in memory, and the program that draws the last one does th
 
 `last_to_arrive(counter, arrivals)`: every thread's stores first (a CTA barrier), then one
 atomic add with release-acquire semantics at GPU scope, so the program that draws ticket
-arrivals - 1 sees the stores of all the programs that drew before it (it must read them with
-volatile loads, not from its own L1). That program puts the counter back to 0, so the next
-launch (or a replayed CUDA graph) finds it as it was captured. The counters are the callers'
-(int32 zeros kept across launches), one launch at a time per counter.
+arrivals - 1 sees the stores of all the programs that drew before it (it must read them
+through L2, with .cg or volatile loads, not from its own L1). That program puts the counter
+back to 0, so the next launch (or a replayed CUDA graph) finds it as it was captured. The
+counters are the callers' (int32 zeros kept across launches), one launch at a time per counter.
 """
 
 from __future__ import annotations
