@@ -21,8 +21,8 @@ from torch import nn
 
 from moeflow.ops.activation import ffn_in_width
 from moeflow.ops.autocast import autocast_dtype
-from moeflow.ops.backend import (EXPERT_BACKENDS, STREAM_ONE_LAUNCH_MIN_ROWS, Backends,
-                                  ChoosesBackends, resolve_expert_backend)
+from moeflow.ops.backend import (EXPERT_BACKENDS, Backends, ChoosesBackends,
+                                  resolve_expert_backend)
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.parallel.mesh import LayerLayout
@@ -74,10 +74,10 @@ class Experts(nn.Module, ChoosesBackends):
         num_rows = None if rows_N is None else rows_N.shape[0]
         fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows,
                                     self.backends.matmul)
-        rows = x_ND.shape[0] if num_rows is None else num_rows
-        if fn is EXPERT_BACKENDS["stream"] and rows >= STREAM_ONE_LAUNCH_MIN_ROWS:
-            # The up and down kernels in one launch; its counters, zeroed once per device, are
-            # left at 0 by every launch (one launch at a time: one stream, as the router's).
+        if fn is EXPERT_BACKENDS["stream"]:
+            # The up and down kernels in one launch (moeflow.ops.grouped_mlp_triton); its
+            # counters, zeroed once per device, are left at 0 by every launch (one launch at a
+            # time: one stream, as the router's tickets).
             counters = getattr(self, "_stream_counters", None)
             if counters is None or counters.device != x_ND.device:
                 from moeflow.ops.grouped_mlp_triton import stream_counters

@@ -129,14 +129,6 @@ LINEAR_STREAM_MAX_ROWS = 16
 # with the one bound it passed there (session 10, benchmarks/results/gpu_tests_*_session10.log).
 DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 
-# The stream kernels run as one launch (expert_mlp_stream's counters: each down program waits
-# for its expert's up tiles, no kernel boundary between them) from this many rows. One H200,
-# session 18 (benchmarks/results/decode_experts): Qwen3-30B-A3B 32 rows (batch 4) 81.5 -> 70.6
-# µs per call, 128 rows (batch 16) 190.8 -> 181.7, Mixtral-8x7B 32 rows 681 -> 658; but 8 rows
-# (Qwen3 batch 1) 24.8 -> 26.7 and Mixtral's 2 and 8 rows 203 -> 210, 330 -> 343: with few
-# rows the two launches stay.
-STREAM_ONE_LAUNCH_MIN_ROWS = 16
-
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
 # compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
 # shape took 102 ms fused vs 78 ms plain on an H100 (benchmarks/results/generate.md), so above

@@ -16,7 +16,15 @@ launch and 3840 fewer per down launch that would only have read ends_E and retur
 weights of idle experts are never read. Launch configurations are autotuned per (D, F, E,
 rows-bucket, active-experts bound, activation); the choice is kept in Triton's cache directory
 (cache_results), so later processes on the machine skip the timing and run the same tiles (the
-same sums).
+same sums). With `counters` (the Experts module passes them) both run as one launch,
+`_moe_stream_kernel`: the down programs come after all up programs and each waits for its own
+expert's up tiles (a count per expert, released by each up program after its stores), so the
+down weights of an expert start streaming as soon as its h is done rather than after the last
+up program, and the launch boundary between the kernels is gone. One H200, session 18
+(benchmarks/results/decode_experts, decode_timeline): Qwen3-30B-A3B batch 16 (128 rows)
+190.8 -> 181.7 µs per call alone, decode step replay 11.57 -> 11.26 ms; batch 1 (8 rows) lost
+1.9 µs per call alone but the decode step's replay went 2.914 -> 2.830 ms with it; the two
+launches stay for callers without counters (and as the parity reference).
 
 Prefill-sized inference (tens to ~128 rows per expert): `expert_mlp_tiled`, a grouped GEMM on
 tensor-core tiles. One program per (expert, column tile, row tile), in that order of launch
