@@ -283,3 +283,16 @@ def test_experts_stream_in_one_launch(rows):
         assert _rel_err(got, want) < 1e-2
     else:
         assert torch.equal(got, want)
+
+
+def test_kept_counters_are_made_once_per_device_and_count():
+    from moeflow.ops.tickets import kept_counters
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    first = kept_counters(owner, "_c", 6, torch.device(DEVICE))
+    assert first.dtype == torch.int32 and first.numel() == 6 and not first.any()
+    assert kept_counters(owner, "_c", 6, first.device) is first
+    assert kept_counters(owner, "_c", 8, first.device).numel() == 8 and owner._c is not first

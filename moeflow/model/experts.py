@@ -75,14 +75,12 @@ class Experts(nn.Module, ChoosesBackends):
         fn = resolve_expert_backend(self.backends.experts, x_ND, w_in, w_out, num_rows,
                                     self.backends.matmul)
         if fn is EXPERT_BACKENDS["stream"]:
-            # The up and down kernels in one launch (moeflow.ops.grouped_mlp_triton); its
-            # counters, zeroed once per device, are left at 0 by every launch (one launch at a
-            # time: one stream, as the router's tickets).
-            counters = getattr(self, "_stream_counters", None)
-            if counters is None or counters.device != x_ND.device:
-                from moeflow.ops.grouped_mlp_triton import stream_counters
-                counters = stream_counters(w_in.shape[0], x_ND.device)
-                self._stream_counters = counters
+            # The up and down kernels in one launch (moeflow.ops.grouped_mlp_triton), with two
+            # counts per expert (one launch at a time: one stream, as the router's tickets).
+            from moeflow.ops.grouped_mlp_triton import COUNTERS_PER_EXPERT  # imports Triton
+            from moeflow.ops.tickets import kept_counters
+            counters = kept_counters(self, "_stream_counters",
+                                     COUNTERS_PER_EXPERT * w_out.shape[0], x_ND.device)
             return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked,
                       rows_N=rows_N, counters=counters)
         return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)

@@ -397,12 +397,9 @@ class Router(nn.Module, ChoosesBackends):
 
     def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
-        from moeflow.ops.decode_route_triton import route_decode_fused, route_tickets
-        # The kernel's tickets: zeroed once per device, left at 0 by every launch.
-        tickets = getattr(self, "_route_tickets", None)
-        if tickets is None or tickets.device != x_TD.device:
-            tickets = route_tickets(x_TD.device)
-            self._route_tickets = tickets
+        from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
+        from moeflow.ops.tickets import kept_counters
+        tickets = kept_counters(self, "_route_tickets", ROUTE_TICKETS, x_TD.device)
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
                                   tickets, capacity)[0]
 

@@ -455,10 +455,14 @@ def choice_rows(T: int, E: int) -> int:
 MAX_TOKEN_BLOCKS = DECODE_ROUTE_MAX_ASSIGNMENTS // 2
 
 
+# The fused kernel's ticket counters: the launch-wide one, then one per token block.
+ROUTE_TICKETS = 1 + MAX_TOKEN_BLOCKS
+
+
 def route_tickets(device: torch.device) -> torch.Tensor:
-    """The fused kernel's ticket counters, zero (every launch leaves them so): one a router
-    keeps per device, for one launch at a time."""
-    return torch.zeros(1 + MAX_TOKEN_BLOCKS, dtype=torch.int32, device=device)
+    """The fused kernel's ticket counters, zero (every launch leaves them so), for one launch at
+    a time (a Router keeps its own, moeflow.ops.tickets.kept_counters)."""
+    return torch.zeros(ROUTE_TICKETS, dtype=torch.int32, device=device)
 
 
 def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:

@@ -399,8 +399,9 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
                 counters, activation, keys, meta) -> None:
     """Launch _moe_stream_kernel (one launch for the up and the down kernels' programs)."""
     D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
-    if counters.dtype != torch.int32 or counters.numel() < 2 * E:
-        raise ValueError(f"expert_mlp_stream: counters must be int32 with {2 * E} entries for "
+    if counters.dtype != torch.int32 or counters.numel() < COUNTERS_PER_EXPERT * E:
+        raise ValueError(f"expert_mlp_stream: counters must be int32 with "
+                         f"{COUNTERS_PER_EXPERT * E} entries for "
                          f"{E} experts, got {counters.numel()} {counters.dtype}")
     active = min(h_NF.shape[0], E)
     kernel = _moe_stream_kernel
@@ -416,10 +417,15 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
         HAS_OUT_BIAS=b_out_ED is not None, GATHER=rows_N is not None, **meta)
 
 
+# expert_mlp_stream's counters per expert: its up tiles done, its down tiles done.
+COUNTERS_PER_EXPERT = 2
+
+
 def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
     """expert_mlp_stream's counters for one layer's experts: int32 zeros (every launch leaves
-    them so), for one launch at a time."""
-    return torch.zeros(2 * num_experts, dtype=torch.int32, device=device)
+    them so), for one launch at a time (the Experts module keeps its own,
+    moeflow.ops.tickets.kept_counters)."""
+    return torch.zeros(COUNTERS_PER_EXPERT * num_experts, dtype=torch.int32, device=device)
 
 
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,

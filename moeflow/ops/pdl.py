@@ -24,7 +24,8 @@ Measured (one H200, 2026-12-03): a graph of 16 stand-in attention halves (latenc
 three trees in one call) letting the next kernel in at the start made the step slower (3.028 ms
 against 2.943 without PDL: small kernels launch their successors in a cascade, session 13's +5%
 too, results/pdl_probe); letting it in once the main loads are issued gave 2.858 ms. Batch 16
-did not move (11.976 vs 11.995: its qkv projection is cuBLAS, which PDL does not overlap).
+did not move (11.976 vs 11.995: its qkv projection was cuBLAS then, which PDL does not
+overlap; streamed since session 17).
 """
 
 from __future__ import annotations

@@ -10,11 +10,14 @@ atomic add with release-acquire semantics at GPU scope, so the program that draw
 arrivals - 1 sees the stores of all the programs that drew before it (it must read them
 through L2, with .cg or volatile loads, not from its own L1). That program puts the counter
 back to 0, so the next launch (or a replayed CUDA graph) finds it as it was captured. The
-counters are the callers' (int32 zeros kept across launches), one launch at a time per counter.
+counters are the callers' (int32 zeros kept across launches), one launch at a time per counter:
+`kept_counters` keeps them on the module that launches (the router's tickets, the experts'
+counts), zeroed once per device.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,3 +30,13 @@ def last_to_arrive(counter_ptr, arrivals):
     last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
     tl.store(counter_ptr, 0, mask=last)
     return last
+
+
+def kept_counters(owner: object, name: str, count: int, device: torch.device) -> torch.Tensor:
+    """`count` int32 counters kept on `owner` as attribute `name`: zeros made once per device
+    (and again if the count changes), left at 0 by every launch that uses them."""
+    counters = getattr(owner, name, None)
+    if counters is None or counters.device != device or counters.numel() != count:
+        counters = torch.zeros(count, dtype=torch.int32, device=device)
+        setattr(owner, name, counters)
+    return counters
