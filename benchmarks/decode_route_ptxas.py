@@ -28,7 +28,8 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None)
     sig = dict(zip(names, types))
     blocks = -(-T // lt)
     consts = dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=blocks > 1,
-                  PART_BLOCKS=triton.next_power_of_2(blocks), PDL=True)
+                  PART_BLOCKS=triton.next_power_of_2(blocks), ONE_CHUNK=ld >= D,
+                  PDL=True)
     for k in consts:
         sig[k] = "constexpr"
     # As a launch specialises them: pointers and the multiples of 16 among D and E 16-aligned.

@@ -1,9 +1,9 @@
 """Where the decode router's kernel time goes: the plan program alone (route_decode_triton:
 top-k and the dispatch plan over given logits) against the fused kernel (route_decode_fused:
 the logits too), over tokens T and top-k K on the Qwen3-30B-A3B router (E 128, D 2048); the
-prefill router's top-k kernel at 2048 / 16384 tokens; and the logits grid by the gate's bytes
-alone (before session 18) instead of one wave of programs. µs: the profiler's kernel records,
-median of 15 calls.
+prefill router's top-k kernel at 2048 / 16384 tokens; and the logits tiles at 1024 products
+per warp (before session 19: D in chunks of 512 at 16 tokens) instead of 4096. µs: the
+profiler's kernel records, median of 15 calls.
 
     PYTHONPATH=. python benchmarks/route_phases.py
 """
@@ -59,12 +59,12 @@ def main() -> None:
         run = lambda: route_triton(logits, cfg, None, None, None, None)  # noqa: E731
         print(f"prefill T {T}: topk kernel {call_kernel_us(run, 'topk'):7.2f} us, all routing "
               f"kernels {call_kernel_us(run, ''):7.2f} us", flush=True)
-    programs = drt._LOGITS_PROGRAMS  # logits tiles by the gate's bytes alone (two waves at 16)
-    drt._LOGITS_PROGRAMS = 1 << 30
+    products = drt._LOGIT_PRODUCTS_PER_WARP  # session 18's tiles: D in chunks at 8+ tokens
+    drt._LOGIT_PRODUCTS_PER_WARP = 1024
     try:
-        sweep([(8, 8), (16, 8), (32, 8)], "LE by gate bytes: ", ticket, gate)
+        sweep([(1, 8), (8, 8), (16, 8), (32, 8)], "1024 products per warp: ", ticket, gate)
     finally:
-        drt._LOGITS_PROGRAMS = programs
+        drt._LOGIT_PRODUCTS_PER_WARP = products
 
 
 if __name__ == "__main__":

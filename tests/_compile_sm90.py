@@ -153,7 +153,8 @@ def fused_decode_router():
                       "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",
                       **outputs, **_args("T D E", "i32"), **scalars},
                      dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=T > lt,
-                          PART_BLOCKS=triton.next_power_of_2(-(-T // lt)), PDL=True),
+                          PART_BLOCKS=triton.next_power_of_2(-(-T // lt)), ONE_CHUNK=ld >= D,
+                          PDL=True),
                      num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,

@@ -123,11 +123,11 @@ def test_too_few_tickets_are_refused_in_one_line():
 def test_tiles_spread_the_gate_over_programs():
     # Qwen3-30B-A3B's gate (D 2048, 128 experts, bf16): 2 experts per program, 64 programs;
     # with more token blocks more experts per program, so that the grid stays one wave of at
-    # most 128 programs (16 tokens: 32 × 4, not 64 × 4).
+    # most 128 programs (16 tokens: 32 × 4, not 64 × 4); all of D in one chunk up to 16 tokens.
     assert logits_tiles(1, 2048, 128, 2) == (2, 2, 2048)
-    assert logits_tiles(8, 2048, 128, 2) == (4, 2, 1024)
-    assert logits_tiles(16, 2048, 128, 2) == (4, 4, 512)
-    assert logits_tiles(32, 2048, 128, 2) == (4, 8, 256)
+    assert logits_tiles(8, 2048, 128, 2) == (4, 2, 2048)
+    assert logits_tiles(16, 2048, 128, 2) == (4, 4, 2048)
+    assert logits_tiles(32, 2048, 128, 2) == (4, 8, 1024)
     # Mixtral (D 4096, 8 experts): 2 experts per program; a tiny gate: one program.
     assert logits_tiles(1, 4096, 8, 2)[1] == 2
     assert logits_tiles(1, 64, 16, 4)[1] == 16
@@ -195,8 +195,9 @@ def test_fused_decode_layer_equals_reference(name, T):
 
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
 @pytest.mark.parametrize("T", [1, 16])
-def test_fused_decode_layer_launches_four_kernels(T):
-    """Issue 14: route + plan with the logits, up, down, combine; nothing else."""
+def test_fused_decode_layer_launches_three_kernels(T):
+    """Issue 14: route + plan with the logits, the experts (up and down in one launch),
+    combine; nothing else."""
     layer, D = _layer(CONFIGS["qwen3_top8"][0])
     layer = layer.bfloat16()
     set_backends(layer, Backends(router="triton_decode_fused"))
@@ -210,5 +211,5 @@ def test_fused_decode_layer_launches_four_kernels(T):
             layer(x, inference=True)
             torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sorted(names) == sorted(["_decode_route_logits_kernel", "_up_kernel",
-                                    "_down_kernel", "_sum_rows_kernel"]), names
+    assert sorted(names) == sorted(["_decode_route_logits_kernel", "_moe_stream_kernel",
+                                    "_sum_rows_kernel"]), names

@@ -296,6 +296,13 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
 
 
 @triton.jit
+def _gate_chunk(gate_ptr, experts, emask, d, D):
+    """The gate rows `experts`, columns d, upcast to fp32."""
+    return tl.load(gate_ptr + experts[:, None].to(tl.int64) * D + d[None, :],
+                   mask=emask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_ptr, bias_ptr,
                                 ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
                                 token_ptr, dropped_ptr, loss_ptr, T, D, E, routed_scaling,
@@ -311,10 +318,11 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                                 PAIRWISE: tl.constexpr, LT: tl.constexpr,
                                 LE: tl.constexpr, LD: tl.constexpr,
                                 SPLIT_PASS1: tl.constexpr, PART_BLOCKS: tl.constexpr,
-                                PDL: tl.constexpr):
+                                ONE_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
-    stores) routes and plans over all of them, as _decode_route_kernel does."""
+    stores) routes and plans over all of them, as _decode_route_kernel does. ONE_CHUNK: all of
+    D in one tile (LD ≥ D), its gate loads issued first."""
     wait_for_previous(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
@@ -322,6 +330,8 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
     experts = pe * LE + tl.arange(0, LE)
     rmask = rows < T
     emask = experts < E
+    if ONE_CHUNK:
+        w_all = _gate_chunk(gate_ptr, experts, emask, tl.arange(0, LD), D)
     acc = tl.zeros([LT, LE], tl.float32)
     for d0 in range(0, D, LD):
         d = d0 + tl.arange(0, LD)
@@ -330,8 +340,10 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
         # and the sums are fp32 (as F.linear on fp32 copies; only the order of the sum differs).
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(gate_ptr + experts[:, None].to(tl.int64) * D + d[None, :],
-                    mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if ONE_CHUNK:
+            w = w_all
+        else:
+            w = _gate_chunk(gate_ptr, experts, emask, d, D)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], finite_logits(acc),
              mask=rmask[:, None] & emask[None, :])
@@ -500,7 +512,12 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
 # until the grid is at most _LOGITS_PROGRAMS: the kernel's ~190-240 registers per thread (the
 # routing pass's) leave room for one 8-warp program per SM, so a bigger grid runs in two waves
 # (16 tokens of Qwen3-30B-A3B: 64 × 4 programs before, 32 × 4 now; an H200 has 132 SMs).
-_LOGIT_PRODUCTS_PER_WARP = 1024
+# Products per warp: the loop over D is not software-pipelined (its tiles feed no tl.dot), so
+# each chunk's gate load waits for the chunk before it; 4096 (128 per thread, session 19; 1024
+# before) takes all of D in one chunk up to 16 tokens of Qwen3-30B-A3B (ptxas sm_90: 251
+# registers at 16 tokens, no spills; benchmarks/decode_route_ptxas.py). H200: 15.84 -> 13.79
+# µs at 16 tokens, 35.58 -> 26.53 at 32 (benchmarks/route_phases.py, one process).
+_LOGIT_PRODUCTS_PER_WARP = 4096
 _GATE_BYTES_PER_PROGRAM = 8192
 _LOGITS_PROGRAMS = 128
 
@@ -509,7 +526,7 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
                  ) -> tuple[int, int, int]:
     """(LT, LE, LD): tokens, experts and model-dim columns per logits tile. A program streams
     LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs.
-    The products per step scale with the warps (32 per thread)."""
+    The products per step scale with the warps (128 per thread)."""
     lt = choice_rows(T, E)
     le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
     one_wave = triton.next_power_of_2(-(-E * -(-max(T, 1) // lt) // _LOGITS_PROGRAMS))
@@ -546,6 +563,6 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
         x_TD, gate_ED, logits_TE, tickets, part,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1,
-        PART_BLOCKS=triton.next_power_of_2(grid[1]), **meta,
+        PART_BLOCKS=triton.next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, **meta,
         **pdl_launch(x_TD))
     return _result(out, capacity), logits_TE
