@@ -5,11 +5,12 @@ prefill router's top-k kernel at 2048 / 16384 tokens; and the logits tiles at 10
 per warp (before session 19: D in chunks of 512 at 16 tokens) instead of 4096. µs: the
 profiler's kernel records, median of 15 calls.
 
-    PYTHONPATH=. python benchmarks/route_phases.py
+    PYTHONPATH=. python benchmarks/route_phases.py [--tokens T ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -49,8 +50,15 @@ def sweep(shapes, label: str, ticket, gate) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+",
+                    help="only these T (top-8), nothing else (to compare two trees quickly)")
+    args = ap.parse_args()
     ticket = drt.route_tickets("cuda")
     gate = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
+    if args.tokens:
+        sweep([(T, 8) for T in args.tokens], "", ticket, gate)
+        return
     sweep([(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 1), (16, 2), (16, 4),
            (16, 8), (32, 8), (64, 8)], "", ticket, gate)
     cfg = RouterConfig(top_k=8, normalize_topk=True, dropless=True, aux_loss_coef=0.001)
