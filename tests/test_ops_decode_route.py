@@ -208,7 +208,7 @@ def test_a_dispatcher_that_does_not_defer_gathers_the_planned_rows():
 
 MOE_KERNELS = ("_decode_route_kernel", "_decode_route_logits_kernel", "_topk_kernel",
                "_queue_kernel", "_scan_kernel", "_finalize_kernel", "_dispatch_kernel",
-               "_up_kernel", "_down_kernel", "_sum_rows_kernel")
+               "_up_kernel", "_down_kernel", "_moe_stream_kernel", "_sum_rows_kernel")
 
 
 def _cuda_kernels(fn) -> list[str]:
@@ -223,9 +223,9 @@ def _cuda_kernels(fn) -> list[str]:
 
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
 @pytest.mark.parametrize("T", [1, 16])
-def test_decode_layer_launches_route_up_down_combine(T):
-    """Issue 14: a decode MoE layer launches four kernels under "auto": the router's logits
-    with routing and the dispatch plan, up, down, combine."""
+def test_decode_layer_launches_route_experts_combine(T):
+    """Issue 14: a decode MoE layer launches three kernels under "auto": the router's logits
+    with routing and the dispatch plan, the experts (up and down in one launch), combine."""
     layer, D, dtype = _layer(CONFIGS["qwen3_top8"][0], 0)
     set_backends(layer, Backends())
     x = torch.randn(1, T, D, device=DEVICE, dtype=dtype)
@@ -236,7 +236,7 @@ def test_decode_layer_launches_route_up_down_combine(T):
         names = _cuda_kernels(lambda: layer(x, inference=True))
         logits = _cuda_kernels(lambda: layer.router.forward(x_TD, inference=True))
     moe = sorted(n for n in names if n.startswith(MOE_KERNELS))
-    assert moe == sorted(["_decode_route_logits_kernel", "_up_kernel", "_down_kernel",
+    assert moe == sorted(["_decode_route_logits_kernel", "_moe_stream_kernel",
                           "_sum_rows_kernel"]), names
     # the router's one launch computes its logits and routes; nothing else runs
-    assert logits == ["_decode_route_logits_kernel"] and len(names) == 4, (names, logits)
+    assert logits == ["_decode_route_logits_kernel"] and len(names) == 3, (names, logits)
