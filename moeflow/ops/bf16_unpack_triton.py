@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.bf16_pack import PackedLayout
+from moeflow.ops.grid import cdiv
 
 BLOCK = 4096
 
@@ -41,9 +42,9 @@ def unpack_bf16_triton(buf: torch.Tensor, layout: PackedLayout, out: torch.Tenso
     """moeflow.ops.bf16_pack.unpack_bf16 on the current stream (arguments checked there)."""
     n, k = layout.n, layout.k
     out16 = out.view(torch.int16).view(-1)
-    _unpack_kernel[(triton.cdiv(n, BLOCK),)](buf, buf[n:], out16, n, layout.base - 1,
+    _unpack_kernel[(cdiv(n, BLOCK),)](buf, buf[n:], out16, n, layout.base - 1,
                                              BLOCK=BLOCK, num_warps=8)
     if k:
         idx = buf[layout.idx:layout.vals].view(torch.int32)
         vals = buf[layout.vals:layout.vals + 2 * k].view(torch.int16)
-        _patch_kernel[(triton.cdiv(k, 1024),)](idx, vals, out16, k, BLOCK=1024, num_warps=4)
+        _patch_kernel[(cdiv(k, 1024),)](idx, vals, out16, k, BLOCK=1024, num_warps=4)

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.qk_rope_triton import _sum_squares
 from moeflow.ops.tickets import last_to_arrive
@@ -246,7 +247,7 @@ def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device
         target = PROGRAMS_PER_SM * _sm_count(device.index)
     else:
         target = CPU_PROGRAMS
-    return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(kv_len, block_n)))
+    return max(1, min(cdiv(target, batch_heads), cdiv(kv_len, block_n)))
 
 
 def _last_unit(t: torch.Tensor) -> torch.Tensor:
@@ -297,15 +298,15 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         raise ValueError("decode attention: the cache's last dim must be contiguous")
     q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
     Q = H // G
-    block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    block_dk, block_dv = max(16, next_power_of_2(dk)), max(16, next_power_of_2(dv))
     if block_n is None:
         # Keys per loop step. The loop's loads are pipelined through shared memory (3 stages):
         # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
         # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
     P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
-    chunk = triton.cdiv(triton.cdiv(kv_len, P), block_n) * block_n
-    P = triton.cdiv(kv_len, chunk)
+    chunk = cdiv(cdiv(kv_len, P), block_n) * block_n
+    P = cdiv(kv_len, chunk)
     y_BHd = torch.empty(B, H, dv, dtype=q_BHd.dtype, device=q_BHd.device)
     if B == 0:
         return y_BHd
@@ -332,7 +333,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         raise ValueError(f"decode attention: tickets must be int32 zeros, at least B·G = "
                          f"{B * G}, on {q_BHd.device}; got {tickets.dtype} "
                          f"[{tickets.numel()}] on {tickets.device}")
-    block_qm, block_p = triton.next_power_of_2(Q), triton.next_power_of_2(P)
+    block_qm, block_p = next_power_of_2(Q), next_power_of_2(P)
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](
@@ -344,7 +345,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
         tickets if merge else lengths_B, G, P, chunk, dk ** -0.5 * LOG2E,
-        Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, triton.next_power_of_2(Q)), BLOCK_N=block_n,
+        Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
         PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
         num_warps=num_warps, **pdl_launch(q_BHd))

@@ -81,6 +81,7 @@ import triton.language as tl
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
 from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
                                         store_losses)
@@ -410,11 +411,11 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
     """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef, capacity) and
     constexprs."""
     K = cfg.top_k
-    block_e = triton.next_power_of_2(E)
+    block_e = next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
     capped = capacity is not None
     n = T * K
-    block_p = max(16, triton.next_power_of_2(max(n, 1)))
+    block_p = max(16, next_power_of_2(max(n, 1)))
     pairwise = n <= 128 and (not capped or block_p * block_e <= 8192)
     if not pairwise:
         block_p = max(16, min(128, 8192 // block_e, block_p))
@@ -438,8 +439,8 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         # one-hot tiles of at most 8192 entries; with a capacity the starts' look-up is
         # [BLOCK_P, BLOCK_E] too.
         BLOCK_T=choice_rows(T, E), FULL_E=E == block_e,
-        BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(cfg.num_groups),
-        BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_E=block_e, BLOCK_G=next_power_of_2(cfg.num_groups),
+        BLOCK_K=next_power_of_2(K),
         BLOCK_P=block_p, PAIRWISE=pairwise,
         num_warps=ROUTE_WARPS)
 
@@ -458,8 +459,8 @@ def choice_rows(T: int, E: int) -> int:
     """Tokens per pass-1 tile (at most 2048 scores), also the fused kernel's token block: its
     blocks' programs choose their own tokens' experts with the tiles one program would use, so
     both kernels choose, and sum the balance terms, alike."""
-    return max(2, min(triton.next_power_of_2(max(T, 1)), 4,
-                      2048 // triton.next_power_of_2(E)))
+    return max(2, min(next_power_of_2(max(T, 1)), 4,
+                      2048 // next_power_of_2(E)))
 
 
 # Token blocks the fused kernel takes per launch at most (DECODE_ROUTE_MAX_ASSIGNMENTS tokens
@@ -528,11 +529,11 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
     LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs.
     The products per step scale with the warps (128 per thread)."""
     lt = choice_rows(T, E)
-    le = triton.next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
-    one_wave = triton.next_power_of_2(-(-E * -(-max(T, 1) // lt) // _LOGITS_PROGRAMS))
-    le = max(2, min(max(le, one_wave), triton.next_power_of_2(E), 64))
+    le = next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
+    one_wave = next_power_of_2(-(-E * -(-max(T, 1) // lt) // _LOGITS_PROGRAMS))
+    le = max(2, min(max(le, one_wave), next_power_of_2(E), 64))
     products = _LOGIT_PRODUCTS_PER_WARP * num_warps
-    ld = max(16, min(triton.next_power_of_2(D), products // (lt * le)))
+    ld = max(16, min(next_power_of_2(D), products // (lt * le)))
     return lt, le, ld
 
 
@@ -554,7 +555,7 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
-    grid = (triton.cdiv(E, le), max(1, triton.cdiv(T, lt)))
+    grid = (cdiv(E, le), max(1, cdiv(T, lt)))
     if tickets.numel() < 1 + grid[1] or tickets.dtype != torch.int32:
         raise ValueError(f"route_decode_fused: tickets must be int32 with {1 + grid[1]} "
                          f"counters for {T} tokens, got {tickets.numel()} {tickets.dtype}")
@@ -563,6 +564,6 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
         x_TD, gate_ED, logits_TE, tickets, part,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1,
-        PART_BLOCKS=triton.next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, **meta,
+        PART_BLOCKS=next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, **meta,
         **pdl_launch(x_TD))
     return _result(out, capacity), logits_TE

@@ -80,6 +80,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.fp8_linear import FP8, MAX_SCALE_EXPONENT
+from moeflow.ops.grid import cdiv, next_power_of_2
 
 # About eight programs per SM on the H200's 132: below this many row blocks, columns are split.
 TARGET_PROGRAMS = 1024
@@ -204,12 +205,12 @@ def plan_splits(rows: int, cols: int, block_r: int, block_c: int, splits: int | 
                 ) -> tuple[int, int]:
     """(splits, chunk): how many programs share each row block's columns, and the columns each
     takes (a multiple of block_c). `splits` None: enough for TARGET_PROGRAMS programs."""
-    row_blocks, col_blocks = triton.cdiv(rows, block_r), triton.cdiv(cols, block_c)
+    row_blocks, col_blocks = cdiv(rows, block_r), cdiv(cols, block_c)
     if splits is None:
-        splits = triton.cdiv(TARGET_PROGRAMS, row_blocks)
+        splits = cdiv(TARGET_PROGRAMS, row_blocks)
     splits = max(1, min(splits, col_blocks))
-    chunk = triton.cdiv(col_blocks, splits) * block_c
-    return triton.cdiv(cols, chunk), chunk
+    chunk = cdiv(col_blocks, splits) * block_c
+    return cdiv(cols, chunk), chunk
 
 
 def quantize_rows_triton(t_RC: torch.Tensor, splits: int | None = None
@@ -235,7 +236,7 @@ def quantize_rows_triton(t_RC: torch.Tensor, splits: int | None = None
     splits, chunk = plan_splits(R, C, block_r, block_c, splits)
     is_bf16 = t_RC.dtype == torch.bfloat16
     bits_RC = t_RC.view(torch.int16 if is_bf16 else torch.int32)
-    grid = (triton.cdiv(R, block_r), splits)
+    grid = (cdiv(R, block_r), splits)
     partial_SR = inverse_R1  # unread when there is one split
     if splits > 1:
         partial_SR = torch.empty((splits, R), dtype=torch.int32, device=t_RC.device)
@@ -244,6 +245,6 @@ def quantize_rows_triton(t_RC: torch.Tensor, splits: int | None = None
                                  num_warps=num_warps)
     _quantize_kernel[grid](bits_RC, partial_SR, q_RC.view(torch.uint8), inverse_R1, R, C, chunk,
                            splits, *t_RC.stride(), IS_BF16=is_bf16, BLOCK_R=block_r,
-                           BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits),
+                           BLOCK_C=block_c, BLOCK_S=next_power_of_2(splits),
                            num_warps=num_warps)
     return q_RC, inverse_R1

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.expert_mlp import grouped_mlp
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.tickets import last_to_arrive
 
@@ -334,7 +335,7 @@ def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, 
 
 def _m_bucket(n_rows: int, n_experts: int) -> int:
     """Autotune key: rows per expert, rounded to a power of two (configs differ by load)."""
-    return triton.next_power_of_2(max(1, -(-n_rows // n_experts)))
+    return next_power_of_2(max(1, -(-n_rows // n_experts)))
 
 
 def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
@@ -342,7 +343,7 @@ def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
     experts with rows, min(rows, E), to a power of two. Batch 1 and 16 of Qwen3-30B-A3B (8 and
     128 rows over 128 experts) share rows-per-expert bucket 1 but not the best tiles (8 vs ~82
     busy experts; benchmarks/results/decode_experts, session 15)."""
-    return _m_bucket(n_rows, n_experts), triton.next_power_of_2(min(n_rows, n_experts))
+    return _m_bucket(n_rows, n_experts), next_power_of_2(min(n_rows, n_experts))
 
 
 def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -373,12 +374,12 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
         blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
         # At most N experts have rows: one column of programs per possibly active expert.
         active = min(N, E)
-        up_grid = lambda meta: (active, triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
-        down_grid = lambda meta: (active, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
+        up_grid = lambda meta: (active, cdiv(F, meta["BLOCK_N"]))  # noqa: E731
+        down_grid = lambda meta: (active, cdiv(D, meta["BLOCK_N"]))  # noqa: E731
         interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
     if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
         up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
-    block_e = triton.next_power_of_2(E)
+    block_e = next_power_of_2(E)
     pdl = pdl_launch(x_ND)
     if counters is not None:
         _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
@@ -408,7 +409,7 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
     if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
         kernel = kernel.fn
         meta = dict(meta, UP_N=32, UP_K=32, DOWN_N=32, DOWN_K=32)
-    grid = lambda m: (active * (triton.cdiv(F, m["UP_N"]) + triton.cdiv(D, m["DOWN_N"])),)  # noqa: E731
+    grid = lambda m: (active * (cdiv(F, m["UP_N"]) + cdiv(D, m["DOWN_N"])),)  # noqa: E731
     kernel[grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
         b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, w_out_EFD,
@@ -446,8 +447,8 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
 def _tiled_grid(N: int, E: int, cols: int):
     """Programs for the most (row tile, column tile) pairs any routing of N rows can need: each
     expert with rows wastes less than one row tile."""
-    return lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + min(N, E))
-                         * triton.cdiv(cols, meta["BLOCK_N"]),)
+    return lambda meta: ((cdiv(N, meta["BLOCK_M"]) + min(N, E))
+                         * cdiv(cols, meta["BLOCK_N"]),)
 
 
 def expert_mlp_tiled(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -502,7 +503,7 @@ def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl
 
 
 def _act_grid(N: int, F: int, block: int):
-    return (N, triton.cdiv(F, block))
+    return (N, cdiv(F, block))
 
 
 class _Activation(torch.autograd.Function):
@@ -513,7 +514,7 @@ class _Activation(torch.autograd.Function):
         N, I = h_NI.shape
         F = I // 2 if swiglu else I
         a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
-        block = min(1024, triton.next_power_of_2(F))
+        block = min(1024, next_power_of_2(F))
         if N > 0:
             _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
         ctx.save_for_backward(h_NI)
@@ -526,7 +527,7 @@ class _Activation(torch.autograd.Function):
         N, I = h_NI.shape
         F = g_a_NF.shape[1]
         g_h = torch.empty_like(h_NI)
-        block = min(1024, triton.next_power_of_2(F))
+        block = min(1024, next_power_of_2(F))
         if N > 0:
             _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
                                                     SWIGLU=ctx.swiglu, BLOCK=block)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.grid import next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 
@@ -71,7 +72,7 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
     y_RD = torch.empty_like(x_RD)
     s_RD = None if h is None else torch.empty_like(x_RD)
     R = x_RD.shape[0]
-    block = triton.next_power_of_2(D)
+    block = next_power_of_2(D)
     row_TK, w_TK, kept_TK = combine if combine is not None else (x_RD, x_RD, x_RD)
     if R:
         _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight.contiguous(),

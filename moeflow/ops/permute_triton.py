@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.grid import cdiv, next_power_of_2
+
 _BLOCK_A = 16
 
 
@@ -122,8 +124,8 @@ def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted, *, block_t: int = 1,
     out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
     if T == 0:
         return out
-    block_d = min(triton.next_power_of_2(D), block_d)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+    block_d = min(next_power_of_2(D), block_d)
+    grid = (cdiv(T, block_t), cdiv(D, block_d))
     _sum_rows_kernel[grid](y_ND, row_TK, kept_i8, w_TK if weighted else y_ND, out, T, D, K=K,
                            WEIGHTED=weighted, BLOCK_T=block_t, BLOCK_D=block_d,
                            num_warps=num_warps)
@@ -147,11 +149,11 @@ def _dispatch(x_TD, ids_TK, slots_TK, kept_TK, counts_E, has_drops: bool, gather
     ends_E = torch.empty(E, dtype=torch.int64, device=dev)
     x_ND = torch.empty(N, D, dtype=x_TD.dtype, device=dev) if gather else None
     if N > 0:
-        _dispatch_kernel[(triton.cdiv(N, _BLOCK_A),)](
+        _dispatch_kernel[(cdiv(N, _BLOCK_A),)](
             x_TD, ids_TK, slots_TK, kept_i8, counts_E, drop_rank, row_TK, token_N, ends_E,
             x_ND if gather else x_TD, N, E, D, K=K, HAS_DROPS=has_drops, GATHER=gather,
-            BLOCK_A=_BLOCK_A, BLOCK_E=triton.next_power_of_2(E),
-            BLOCK_D=min(triton.next_power_of_2(D), 256), num_warps=4)
+            BLOCK_A=_BLOCK_A, BLOCK_E=next_power_of_2(E),
+            BLOCK_D=min(next_power_of_2(D), 256), num_warps=4)
     else:
         ends_E.zero_()
     return x_ND, row_TK, token_N, ends_E
@@ -189,9 +191,9 @@ class _Combine(torch.autograd.Function):
         g_w = torch.empty(T, K, dtype=torch.float32, device=y_ND.device)
         if T > 0:
             block_t = 4
-            _combine_bwd_kernel[(triton.cdiv(T, block_t),)](
+            _combine_bwd_kernel[(cdiv(T, block_t),)](
                 g_TD.contiguous(), y_ND, row_TK, kept_i8, w_TK, g_y, g_w, T, D, K=K,
-                BLOCK_T=block_t, BLOCK_D=min(triton.next_power_of_2(D), 512), num_warps=4)
+                BLOCK_T=block_t, BLOCK_D=min(next_power_of_2(D), 512), num_warps=4)
         return g_y, g_w.to(w_TK.dtype), None, None
 
 

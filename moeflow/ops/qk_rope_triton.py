@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.grid import cdiv, next_power_of_2
+
 # Tiles of _launch: the fastest in benchmarks/elementwise_sweep.py on the H200 (2026-12-02).
 BLOCK_T, BLOCK_H, NUM_WARPS = 2, 4, 1
 
@@ -262,10 +264,10 @@ def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave,
         k_cache, v_cache, slot_1 = kv_write.k_NGMd, kv_write.v_NGMd, kv_write.slot_1
         v_BGTd = kv_write.v_BGTd if kv_write.v_BGTd.stride(-1) == 1 else \
             kv_write.v_BGTd.contiguous()
-    block_t = min(block_t, triton.next_power_of_2(T))
-    block_hq = min(block_h, triton.next_power_of_2(H))
-    block_hk = min(block_h, triton.next_power_of_2(G))
-    grid = (B * triton.cdiv(T, block_t), triton.cdiv(H, block_hq) + triton.cdiv(G, block_hk))
+    block_t = min(block_t, next_power_of_2(T))
+    block_hq = min(block_h, next_power_of_2(H))
+    block_hk = min(block_h, next_power_of_2(G))
+    grid = (B * cdiv(T, block_t), cdiv(H, block_hq) + cdiv(G, block_hk))
     if B * T:
         _qk_norm_rope_kernel[grid](
             q_BHTd, q_BHTd.stride(0), q_BHTd.stride(1), q_BHTd.stride(2),
@@ -278,5 +280,5 @@ def _launch(q_BHTd, k_BGTd, q_norm_w, k_norm_w, eps, cos, sin, interleave,
             k_cache.shape[2], HD=hd, HALF=hd // 2, HAS_NORM=has_norm, HAS_ROPE=has_rope,
             INTERLEAVE=interleave, WRITE_KV=kv_write is not None, BLOCK_T=block_t,
             BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-            BLOCK_D=max(triton.next_power_of_2(hd // 2), 4), num_warps=num_warps)
+            BLOCK_D=max(next_power_of_2(hd // 2), 4), num_warps=num_warps)
     return q_out, k_out

@@ -54,6 +54,7 @@ from moeflow.config import RouterConfig
 from moeflow.model.router import (ExpertOrder, RoutingResult, StatsReduce, count_ids,
                                   detach_unused, selects_by_logits)
 from moeflow.ops.backend import records_grad
+from moeflow.ops.grid import cdiv, next_power_of_2
 
 _FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
@@ -498,8 +499,8 @@ def _block_t(E: int, T: int) -> int:
     """Tokens per routing program: a [BLOCK_T, E] tile of at most 4096 scores (larger tiles
     spill registers: 64 × 128 took 77 µs for one program on an H100), and few enough tokens that
     small batches still spread over the SMs instead of one program doing all the work."""
-    cap = max(2, min(16, 4096 // triton.next_power_of_2(E)))
-    spread = triton.next_power_of_2(max(1, -(-T // 264)))  # ≥ 2 programs per SM when T allows
+    cap = max(2, min(16, 4096 // next_power_of_2(E)))
+    spread = next_power_of_2(max(1, -(-T // 264)))  # ≥ 2 programs per SM when T allows
     return max(2, min(cap, spread))
 
 
@@ -533,12 +534,12 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
-    block_e = triton.next_power_of_2(E)
+    block_e = next_power_of_2(E)
     dropless = capacity is None and stats_reduce is None and T > 0
     block_t = _block_t(E, T)
     if dropless:  # the histogram's [BLOCK_T, K, E] tile: at most 8192 entries
-        block_t = min(block_t, max(2, 8192 // (triton.next_power_of_2(K) * block_e)))
-    nb = triton.cdiv(T, block_t)
+        block_t = min(block_t, max(2, 8192 // (next_power_of_2(K) * block_e)))
+    nb = cdiv(T, block_t)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     lse_T = torch.empty(T, dtype=torch.float32, device=dev)
@@ -554,8 +555,8 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
             HAS_BIAS=expert_bias_E is not None, NORMALIZE=plan.normalize_in_kernel,
             GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
             GROUP_TOP2=E // cfg.num_groups >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
-            BLOCK_G=triton.next_power_of_2(cfg.num_groups),
-            BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+            BLOCK_G=next_power_of_2(cfg.num_groups),
+            BLOCK_K=next_power_of_2(K), num_warps=4)
     else:
         psum.zero_()
     if dropless:
@@ -573,13 +574,13 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
         _queue_kernel[(1,)](ids_TK, order, w_TK, slots_TK, kept_u8, counts_before, counts_before,
                             counts_before, T, E, N, cap, MODE=0, num_warps=4, **common)
     elif N > 0:
-        npb = triton.cdiv(N, block_p)
+        npb = cdiv(N, block_p)
         hist = torch.empty(npb, E, dtype=torch.int32, device=dev)
         _queue_kernel[(npb,)](ids_TK, order, w_TK, slots_TK, kept_u8, hist, hist,
                               counts_before, T, E, N, cap, MODE=1, num_warps=4, **common)
         offsets = torch.empty_like(hist)
         block_c = min(block_e, 32)
-        _scan_kernel[(triton.cdiv(E, block_c),)](hist, offsets, counts_before, npb, E,
+        _scan_kernel[(cdiv(E, block_c),)](hist, offsets, counts_before, npb, E,
                                                  BLOCK_R=64, BLOCK_C=block_c, num_warps=4)
         _queue_kernel[(npb,)](ids_TK, order, w_TK, slots_TK, kept_u8, offsets, hist,
                               counts_before, T, E, N, cap, MODE=2, num_warps=4, **common)
@@ -605,13 +606,13 @@ def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, bl
     K, nb, E = hist.shape
     T = ids_TK.shape[0]
     dev = ids_TK.device
-    block_c = min(triton.next_power_of_2(E), 32)
-    tiles = triton.cdiv(E, block_c)
+    block_c = min(next_power_of_2(E), 32)
+    tiles = cdiv(E, block_c)
     offsets = torch.empty_like(hist)
     totals = torch.empty(K, E, dtype=torch.int32, device=dev)
     pe_part = torch.empty(K, E, dtype=torch.float32, device=dev)
     z_part = torch.empty(K * tiles, dtype=torch.float32, device=dev)
-    block_r = min(triton.next_power_of_2(nb), max(16, _SCAN_TILE // block_c))
+    block_r = min(next_power_of_2(nb), max(16, _SCAN_TILE // block_c))
     _dropless_scan_kernel[(K, tiles)](hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E,
                                       nb, K=K, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Z=256,
                                       num_warps=4)
@@ -627,8 +628,8 @@ def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, bl
         ids_TK, hist, offsets, totals, pe_part, z_part, slots_TK, kept_u8, row_TK, token_N, ends_E,
         counts_E, balance_E, num_dropped, losses, T, E, nb, K * tiles, float(cfg.aux_loss_coef),
         float(cfg.z_loss_coef), K=K, FIRST_CHOICE_BALANCE=plan.first_choice_balance,
-        BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(K),
-        BLOCK_Q=triton.next_power_of_2(K * tiles), num_warps=4)
+        BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(K),
+        BLOCK_Q=next_power_of_2(K * tiles), num_warps=4)
     return (kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, balance_E,
             ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
 
@@ -652,12 +653,12 @@ class _FusedRoute(torch.autograd.Function):
         d_logits = torch.empty_like(logits_TE)
         if T > 0:
             block_t = _block_t(E, T)
-            _route_bwd_kernel[(triton.cdiv(T, block_t),)](
+            _route_bwd_kernel[(cdiv(T, block_t),)](
                 logits_TE, ids, kept.view(torch.int8), g_w.contiguous(), g_losses.contiguous(),
                 balance, d_logits, T, E, plan.scaling,
                 float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
                 SOFTMAX=cfg.score_func == "softmax", NORMALIZE=plan.normalize_in_kernel,
-                BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+                BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
         return d_logits, None, None, None, None, None, None, None
 
 

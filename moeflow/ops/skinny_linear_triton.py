@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.backend import records_grad
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 # x's rows are padded to one tile of this many: the most one call takes.
@@ -198,7 +199,7 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         kernel, fixed = _gemv_kernel, {}
         if not x.is_cuda:
             kernel, fixed = _gemv_kernel.fn, GEMV_INTERPRETER_BLOCKS
-        kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](
             x_K, weight, bias if bias is not None else weight, y_MN, N, x_K.stride(0),
             *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed, **pdl_launch(x))
     elif M > 0 and N > 0:
@@ -206,9 +207,9 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         kernel, fixed = _linear_kernel, {}
         if not x.is_cuda:
             kernel, fixed = _linear_kernel.fn, INTERPRETER_BLOCKS
-        kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](
             x_MK, weight, bias if bias is not None else weight, y_MN, M, N, K,
-            triton.next_power_of_2(M), *x_MK.stride(), *weight.stride(),
+            next_power_of_2(M), *x_MK.stride(), *weight.stride(),
             HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
             **fixed, **pdl_launch(x))

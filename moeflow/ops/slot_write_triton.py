@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _slot_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, T, G, M,
@@ -51,8 +53,8 @@ def write_slot_triton(k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, slot_1: torch.
     k_BGTd, v_BGTd = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_BGTd, v_BGTd))
     DK, DV = k_BGTd.shape[-1], v_BGTd.shape[-1]
     block_t = 32
-    _slot_write_kernel[(triton.cdiv(T, block_t), G)](
+    _slot_write_kernel[(cdiv(T, block_t), G)](
         k_BGTd, v_BGTd, k_NGMd, v_NGMd, slot_1, T, G, k_NGMd.shape[2],
         k_BGTd.stride(1), k_BGTd.stride(2), v_BGTd.stride(1), v_BGTd.stride(2), DK=DK, DV=DV,
-        BLOCK_T=block_t, BLOCK_DK=triton.next_power_of_2(DK),
-        BLOCK_DV=triton.next_power_of_2(DV), num_warps=4)
+        BLOCK_T=block_t, BLOCK_DK=next_power_of_2(DK),
+        BLOCK_DV=next_power_of_2(DV), num_warps=4)
