@@ -57,7 +57,9 @@ runs the passes after pass 1. Measured on the H200 (benchmarks/route_phases.py, 
 16 tokens of top-8, 19.4 -> 16.6 µs per launch; ≤ 4 tokens unchanged. Session 18: the
 peers' logits, ids and block sums read through L2 (.cg) instead of volatile loads, the block
 sums' loads unrolled, and the logits grid kept to one wave (logits_tiles): 16.6 -> 15.9 µs at
-16 tokens, 37.6 -> 35.8 at 32, −0.2 at 1-4. Both kernels choose in
+16 tokens, 37.6 -> 35.8 at 32, −0.2 at 1-4. Session 19: all of D in one logits chunk up to 16
+tokens (the loop over D is not software-pipelined; _LOGIT_PRODUCTS_PER_WARP): 15.8 -> 13.8 µs
+at 16 tokens, 35.6 -> 26.5 at 32. Both kernels choose in
 tiles of choice_rows tokens, so they choose alike (the one-program kernel got slower from 8
 tokens: 13.9 -> 18.6 µs at 16, it had 16-token tiles). Why many programs rather than one: a
 single SM streams the gate (Qwen3-30B-A3B: 128 × 2048 bf16 = 0.5 MB) at well below the HBM
