@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops.backend import records_grad
 from moeflow.ops.grid import cdiv, next_power_of_2
 
 _BLOCK_A = 16
@@ -201,6 +202,9 @@ def dispatch_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Te
                     kept_TK: torch.Tensor, counts_E: torch.Tensor, may_drop: bool):
     """(x_ND, row_TK, token_N, ends_E): rows in (expert, queue slot) order, dropped ones last.
     may_drop=False (dropless routing) skips the dropped-rank prefix sum."""
+    if not records_grad(x_TD):  # the kernel alone: Function.apply costs ~4 µs of host per call
+        return _dispatch(x_TD.contiguous(), ids_TK.contiguous(), slots_TK.contiguous(),
+                         kept_TK.contiguous(), counts_E.contiguous(), may_drop, gather=True)
     return _Gather.apply(x_TD.contiguous(), ids_TK.contiguous(), slots_TK.contiguous(),
                          kept_TK.contiguous(), counts_E.contiguous(), may_drop)
 
@@ -218,4 +222,7 @@ def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: tor
 def combine_triton(y_ND: torch.Tensor, weights_TK: torch.Tensor, row_TK: torch.Tensor,
                    kept_TK: torch.Tensor) -> torch.Tensor:
     """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference)."""
+    if not records_grad(y_ND, weights_TK):  # the kernel alone, as dispatch_triton
+        return _sum_rows(y_ND.contiguous(), row_TK, kept_TK.contiguous().view(torch.int8),
+                         weights_TK.contiguous(), row_TK.shape[0], True)
     return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK, kept_TK.contiguous())
