@@ -285,14 +285,11 @@ def test_experts_stream_in_one_launch(rows):
         assert torch.equal(got, want)
 
 
-def test_kept_counters_are_made_once_per_device_and_count():
-    from moeflow.ops.tickets import kept_counters
+def test_zeroed_counters_are_made_once_per_device_and_count():
+    from moeflow.ops.tickets import zeroed_counters
 
-    class Owner:
-        pass
-
-    owner = Owner()
-    first = kept_counters(owner, "_c", 6, torch.device(DEVICE))
+    first = zeroed_counters(None, 6, torch.device(DEVICE))
     assert first.dtype == torch.int32 and first.numel() == 6 and not first.any()
-    assert kept_counters(owner, "_c", 6, first.device) is first
-    assert kept_counters(owner, "_c", 8, first.device).numel() == 8 and owner._c is not first
+    assert zeroed_counters(first, 6, first.device) is first
+    other = zeroed_counters(first, 8, first.device)
+    assert other.numel() == 8 and other is not first and not other.any()

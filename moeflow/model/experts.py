@@ -36,6 +36,8 @@ class Experts(nn.Module, ChoosesBackends):
         self.activation = activation
         self.backends = backends
         self.layout = layout
+        # The one-launch stream kernel's counts, made on its first launch on a device.
+        self._stream_counters: torch.Tensor | None = None
         held_E, held_F, out_bias = num_experts, d_ff, bias
         if layout is not None:
             if layout.num_experts != num_experts:
@@ -78,9 +80,9 @@ class Experts(nn.Module, ChoosesBackends):
             # The up and down kernels in one launch (moeflow.ops.grouped_mlp_triton), with two
             # counts per expert (one launch at a time: one stream, as the router's tickets).
             from moeflow.ops.grouped_mlp_triton import COUNTERS_PER_EXPERT  # imports Triton
-            from moeflow.ops.tickets import kept_counters
-            counters = kept_counters(self, "_stream_counters",
-                                     COUNTERS_PER_EXPERT * w_out.shape[0], x_ND.device)
+            from moeflow.ops.tickets import zeroed_counters
+            self._stream_counters = zeroed_counters(
+                self._stream_counters, COUNTERS_PER_EXPERT * w_out.shape[0], x_ND.device)
             return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked,
-                      rows_N=rows_N, counters=counters)
+                      rows_N=rows_N, counters=self._stream_counters)
         return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)

@@ -331,6 +331,8 @@ class Router(nn.Module, ChoosesBackends):
         self.backends = backends  # router: routing kernels; fuse: the logits prologue
         # Balance counts summed over data-parallel ranks (None: this process's batch only).
         self.stats_reduce = stats_reduce
+        # The fused decode kernel's ticket counters, made on its first launch on a device.
+        self._route_tickets: torch.Tensor | None = None
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -398,10 +400,10 @@ class Router(nn.Module, ChoosesBackends):
     def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
         from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
-        from moeflow.ops.tickets import kept_counters
-        tickets = kept_counters(self, "_route_tickets", ROUTE_TICKETS, x_TD.device)
+        from moeflow.ops.tickets import zeroed_counters
+        self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  tickets, capacity)[0]
+                                  self._route_tickets, capacity)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

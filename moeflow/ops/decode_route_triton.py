@@ -476,7 +476,7 @@ ROUTE_TICKETS = 1 + MAX_TOKEN_BLOCKS
 
 def route_tickets(device: torch.device) -> torch.Tensor:
     """The fused kernel's ticket counters, zero (every launch leaves them so), for one launch at
-    a time (a Router keeps its own, moeflow.ops.tickets.kept_counters)."""
+    a time (a Router keeps its own, moeflow.ops.tickets.zeroed_counters)."""
     return torch.zeros(ROUTE_TICKETS, dtype=torch.int32, device=device)
 
 

@@ -335,7 +335,7 @@ def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, 
 
 def _m_bucket(n_rows: int, n_experts: int) -> int:
     """Autotune key: rows per expert, rounded to a power of two (configs differ by load)."""
-    return next_power_of_2(max(1, -(-n_rows // n_experts)))
+    return next_power_of_2(max(1, cdiv(n_rows, n_experts)))
 
 
 def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
@@ -425,7 +425,7 @@ COUNTERS_PER_EXPERT = 2
 def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
     """expert_mlp_stream's counters for one layer's experts: int32 zeros (every launch leaves
     them so), for one launch at a time (the Experts module keeps its own,
-    moeflow.ops.tickets.kept_counters)."""
+    moeflow.ops.tickets.zeroed_counters)."""
     return torch.zeros(COUNTERS_PER_EXPERT * num_experts, dtype=torch.int32, device=device)
 
 

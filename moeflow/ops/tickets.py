@@ -11,8 +11,8 @@ arrivals - 1 sees the stores of all the programs that drew before it (it must re
 through L2, with .cg or volatile loads, not from its own L1). That program puts the counter
 back to 0, so the next launch (or a replayed CUDA graph) finds it as it was captured. The
 counters are the callers' (int32 zeros kept across launches), one launch at a time per counter:
-`kept_counters` keeps them on the module that launches (the router's tickets, the experts'
-counts), zeroed once per device.
+the module that launches declares an attribute for them and keeps what `zeroed_counters`
+returns (the router's tickets, the experts' counts), made once per device.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ def last_to_arrive(counter_ptr, arrivals):
     return last
 
 
-def kept_counters(owner: object, name: str, count: int, device: torch.device) -> torch.Tensor:
-    """`count` int32 counters kept on `owner` as attribute `name`: zeros made once per device
-    (and again if the count changes), left at 0 by every launch that uses them."""
-    counters = getattr(owner, name, None)
-    if counters is None or counters.device != device or counters.numel() != count:
-        counters = torch.zeros(count, dtype=torch.int32, device=device)
-        setattr(owner, name, counters)
-    return counters
+def zeroed_counters(kept: torch.Tensor | None, count: int, device: torch.device
+                    ) -> torch.Tensor:
+    """`kept` if it is `count` counters on `device` (every launch leaves them at 0), else new
+    int32 zeros there: the caller keeps the result and passes it back on its next call."""
+    if kept is None or kept.device != device or kept.numel() != count:
+        kept = torch.zeros(count, dtype=torch.int32, device=device)
+    return kept
