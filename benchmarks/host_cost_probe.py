@@ -3,7 +3,8 @@ small-T cells of benchmarks/moe_layer.py are bound by the GPU host's Python, not
 
 Per cell (shape:T:mode, moeflow and the minimal layer): the host time to issue one call (the
 GPU is first given ~20 ms of queued work so issuing never waits for it: the mean over 20 calls
-of the wall time between issuing and the end of the issue), the CUDA-event time of
+of the wall time between issuing and the end of the issue; for fwd+bwd cells also split into
+the forward's and the backward's issue time), the CUDA-event time of
 benchmarks/moe_layer.py, and, for moeflow, the top functions by cumulative time under cProfile.
 Then the unit costs on this host, each the mean issue time over 2000 calls: torch.empty,
 torch.zeros, a view, a small torch.mm, a Triton launch of a kernel with 4 and with 16 arguments,
@@ -66,6 +67,25 @@ def issue_ms(fn, calls: int) -> float:
     t = (time.perf_counter() - t0) / calls * 1e3
     torch.cuda.synchronize()
     return t
+
+
+def issue_split_ms(fn, params, x, g, calls: int) -> tuple[float, float]:
+    """Host issue ms of a fwd+bwd call's forward (autograd recording) and of its backward
+    alone: `calls` forwards are issued and kept, then their backwards (each after the
+    parameters' gradients are reset, as a step does)."""
+    torch.cuda.synchronize()
+    _busy()
+    t0 = time.perf_counter()
+    outs = [fn(x) for _ in range(calls)]
+    t1 = time.perf_counter()
+    for y in outs:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        y.backward(g)
+    t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e3, (t2 - t1) / calls * 1e3
 
 
 def _step(fn, params, x, g, mode):
@@ -132,7 +152,11 @@ def main() -> None:
             event = run_cell(fn, params, x, g, mode)
             step = _step(fn, params, x, g, mode)
             issue = issue_ms(step, 20)
-            print(f"{cell} {impl}: event {event:.3f} ms, host issue {issue:.3f} ms/call",
+            split = ""
+            if mode != "fwd":
+                fwd_ms, bwd_ms = issue_split_ms(fn, params, x, g, 10)
+                split = f" (forward {fwd_ms:.3f}, backward {bwd_ms:.3f})"
+            print(f"{cell} {impl}: event {event:.3f} ms, host issue {issue:.3f} ms/call{split}",
                   flush=True)
             if impl == "moeflow":
                 torch.cuda.synchronize()

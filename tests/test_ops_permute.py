@@ -48,6 +48,8 @@ def test_dispatch_combine_match_reference(dtype, capacity_factor, dropless, k):
     out = _run(LocalDispatcher(Backends(dispatch="triton")), x, routing, g_out, y_scale)
     assert torch.equal(out[1].token_N, ref[1].token_N)
     assert torch.equal(out[1].row_TK, ref[1].row_TK)
+    # Each assignment has a row of its own (what lets the combine's backward skip zeroing).
+    assert torch.equal(out[1].row_TK.flatten().sort().values, torch.arange(T * k, device=DEVICE))
     assert torch.equal(out[1].ends_E, ref[1].ends_E)
     assert torch.equal(out[0], ref[0])
     if dtype == torch.bfloat16:  # one rounding per weighted row, fp32 sum in k order: exact

@@ -151,5 +151,8 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                 ) -> torch.Tensor:
         if resolve_dispatch_backend(self.backends.dispatch, y_ND) == "triton":
             from moeflow.ops.permute_triton import combine_triton
-            return combine_triton(y_ND, routing.weights_TK, plan.row_TK, routing.kept_TK)
+            # Every plan here places each assignment in a row of its own (dropped ones parked
+            # at the end), so row_TK covers y_ND's rows.
+            return combine_triton(y_ND, routing.weights_TK, plan.row_TK, routing.kept_TK,
+                                  covers_rows=True)
         return combine_rows(y_ND, plan, routing)

@@ -167,10 +167,13 @@ class _Gather(torch.autograd.Function):
                                                   has_drops, gather=True)
         ctx.save_for_backward(row_TK, kept_TK.view(torch.int8))
         ctx.mark_non_differentiable(row_TK, token_N, ends_E)
+        ctx.set_materialize_grads(False)  # no zero fills for the integer outputs' gradients
         return x_ND, row_TK, token_N, ends_E
 
     @staticmethod
     def backward(ctx, g_x_ND, g_row, g_token, g_ends):
+        if g_x_ND is None:
+            return (None,) * 6
         row_TK, kept_i8 = ctx.saved_tensors
         return _sum_rows(g_x_ND.contiguous(), row_TK, kept_i8, None, row_TK.shape[0],
                          False), None, None, None, None, None
@@ -178,9 +181,10 @@ class _Gather(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_ND, w_TK, row_TK, kept_TK):
+    def forward(ctx, y_ND, w_TK, row_TK, kept_TK, covers_rows):
         kept_i8 = kept_TK.view(torch.int8)
         ctx.save_for_backward(y_ND, w_TK, row_TK, kept_i8)
+        ctx.covers_rows = covers_rows
         return _sum_rows(y_ND, row_TK, kept_i8, w_TK, row_TK.shape[0], True)
 
     @staticmethod
@@ -188,14 +192,16 @@ class _Combine(torch.autograd.Function):
         y_ND, w_TK, row_TK, kept_i8 = ctx.saved_tensors
         T, K = row_TK.shape
         D = y_ND.shape[1]
-        g_y = torch.zeros_like(y_ND)
+        # The kernel writes the row of every assignment (zero where dropped); rows no
+        # assignment names need zeros first.
+        g_y = torch.empty_like(y_ND) if ctx.covers_rows else torch.zeros_like(y_ND)
         g_w = torch.empty(T, K, dtype=torch.float32, device=y_ND.device)
         if T > 0:
             block_t = 4
             _combine_bwd_kernel[(cdiv(T, block_t),)](
                 g_TD.contiguous(), y_ND, row_TK, kept_i8, w_TK, g_y, g_w, T, D, K=K,
                 BLOCK_T=block_t, BLOCK_D=min(next_power_of_2(D), 512), num_warps=4)
-        return g_y, g_w.to(w_TK.dtype), None, None
+        return g_y, g_w.to(w_TK.dtype), None, None, None
 
 
 def dispatch_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Tensor,
@@ -220,9 +226,12 @@ def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: tor
 
 
 def combine_triton(y_ND: torch.Tensor, weights_TK: torch.Tensor, row_TK: torch.Tensor,
-                   kept_TK: torch.Tensor) -> torch.Tensor:
-    """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference)."""
+                   kept_TK: torch.Tensor, covers_rows: bool = False) -> torch.Tensor:
+    """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference).
+    `covers_rows`: row_TK names each row of y_ND once (the dispatch's layout), so the backward
+    need not zero y's gradient before writing it (one launch fewer per backward)."""
     if not records_grad(y_ND, weights_TK):  # the kernel alone, as dispatch_triton
         return _sum_rows(y_ND.contiguous(), row_TK, kept_TK.contiguous().view(torch.int8),
                          weights_TK.contiguous(), row_TK.shape[0], True)
-    return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK, kept_TK.contiguous())
+    return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK, kept_TK.contiguous(),
+                          covers_rows and y_ND.shape[0] == row_TK.numel())

@@ -437,7 +437,8 @@ def _dropless_plan_kernel(ids_ptr, hist_ptr, offsets_ptr, totals_ptr, pe_part_pt
 def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_ptr,
                       dlogits_ptr, T, E, routed_scaling, aux_coef, z_coef,
                       K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                      LOSS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`LOSS_GRAD`: the losses have a gradient at gloss_ptr (else they are unused: zero)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -448,8 +449,13 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
     raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
     x = finite_logits(raw)
     scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
-    g_aux = tl.load(gloss_ptr) + tl.where(aux_coef != 0.0, aux_coef * tl.load(gloss_ptr + 2), 0.0)
-    g_z = tl.load(gloss_ptr + 1) + tl.where(z_coef != 0.0, z_coef * tl.load(gloss_ptr + 2), 0.0)
+    if LOSS_GRAD:
+        g_total = tl.load(gloss_ptr + 2)
+        g_aux = tl.load(gloss_ptr) + tl.where(aux_coef != 0.0, aux_coef * g_total, 0.0)
+        g_z = tl.load(gloss_ptr + 1) + tl.where(z_coef != 0.0, z_coef * g_total, 0.0)
+    else:
+        g_aux = tl.full([], 0.0, tl.float32)
+        g_z = tl.full([], 0.0, tl.float32)
 
     # d weights → d selected scores (through normalisation, scaling and the drop mask).
     s_sum = tl.zeros([BLOCK_T], tl.float32)
@@ -643,6 +649,9 @@ class _FusedRoute(torch.autograd.Function):
         ctx.save_for_backward(logits_TE, ids, kept, balance)
         ctx.cfg, ctx.plan = cfg, plan
         ctx.mark_non_differentiable(ids, kept, slots, counts, dropped)
+        # Unused outputs' gradients stay None: autograd would fill a zero tensor for each of
+        # the five integer outputs, one launch apiece in every backward (issue 14, small T).
+        ctx.set_materialize_grads(False)
         return ids, w, kept, slots, counts, dropped, losses
 
     @staticmethod
@@ -650,15 +659,20 @@ class _FusedRoute(torch.autograd.Function):
         logits_TE, ids, kept, balance = ctx.saved_tensors
         cfg, plan = ctx.cfg, ctx.plan
         T, E = logits_TE.shape
+        if g_w is None and g_losses is None:
+            return (None,) * 8
+        if g_w is None:
+            g_w = logits_TE.new_zeros(ids.shape)
         d_logits = torch.empty_like(logits_TE)
         if T > 0:
             block_t = _block_t(E, T)
+            loss_grad = g_losses is not None
             _route_bwd_kernel[(cdiv(T, block_t),)](
-                logits_TE, ids, kept.view(torch.int8), g_w.contiguous(), g_losses.contiguous(),
-                balance, d_logits, T, E, plan.scaling,
-                float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
+                logits_TE, ids, kept.view(torch.int8), g_w.contiguous(),
+                g_losses.contiguous() if loss_grad else g_w, balance, d_logits, T, E,
+                plan.scaling, float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
                 SOFTMAX=cfg.score_func == "softmax", NORMALIZE=plan.normalize_in_kernel,
-                BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
+                LOSS_GRAD=loss_grad, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
         return d_logits, None, None, None, None, None, None, None
 
 
