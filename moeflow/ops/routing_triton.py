@@ -45,6 +45,7 @@ Legend: T tokens, E experts, K top-k, N = T·K assignments, G expert groups, NB 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -534,9 +535,23 @@ def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
                  first_choice_balance=cfg.balance_on_first_choice)
 
 
+class _Routed(NamedTuple):
+    """What the forward kernels give (a NamedTuple: named, and as cheap to build as a tuple on
+    the host path of a small eager call)."""
+
+    ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor  # bool
+    slots_TK: torch.Tensor
+    counts_E: torch.Tensor
+    num_dropped: torch.Tensor
+    losses: torch.Tensor  # [3]: aux, z, their weighted sum
+    balance_E: torch.Tensor  # the counts the balance loss used (its backward reads them)
+    order: ExpertOrder | None  # the expert-sorted layout, where the kernels planned it
+
+
 def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_bias_E, noise_TE,
-                   order_T, stats_reduce):
-    """(ids, weights, kept, slots, counts, dropped, losses, balance counts, ExpertOrder or None)."""
+                   order_T, stats_reduce) -> _Routed:
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
@@ -566,7 +581,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     else:
         psum.zero_()
     if dropless:
-        return (ids_TK, w_TK) + _plan_dropless(ids_TK, hist, psum, lse_T, cfg, plan, block_t)
+        return _plan_dropless(ids_TK, w_TK, hist, psum, lse_T, cfg, plan, block_t)
 
     N = T * K
     cap = N + 1 if capacity is None else capacity
@@ -601,11 +616,12 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
                            T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
                            BLOCK_B=max(1, min(256, 16384 // block_e)), num_warps=8)
-    return ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, \
-        balance, None
+    return _Routed(ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped,
+                   losses, balance, None)
 
 
-def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, block_t: int):
+def _plan_dropless(ids_TK, w_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan,
+                   block_t: int) -> _Routed:
     """Dropless routing without a statistics reduction: the queue slots, counts, losses and the
     expert-sorted layout from the top-k kernel's per-choice block histograms in two launches
     (the capacity path needs five: histogram, scan, slots, finalize, then the dispatch's plan)."""
@@ -636,23 +652,23 @@ def _plan_dropless(ids_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Plan, bl
         float(cfg.z_loss_coef), K=K, FIRST_CHOICE_BALANCE=plan.first_choice_balance,
         BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(K),
         BLOCK_Q=next_power_of_2(K * tiles), num_warps=4)
-    return (kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped, losses, balance_E,
-            ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
+    return _Routed(ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped,
+                   losses, balance_E, ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
 
 
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
                 stats_reduce):
-        ids, w, kept, slots, counts, dropped, losses, balance, _ = _route_forward(
-            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
-        ctx.save_for_backward(logits_TE, ids, kept, balance)
+        r = _route_forward(logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
+                           stats_reduce)
+        ctx.save_for_backward(logits_TE, r.ids_TK, r.kept_TK, r.balance_E)
         ctx.cfg, ctx.plan = cfg, plan
-        ctx.mark_non_differentiable(ids, kept, slots, counts, dropped)
+        ctx.mark_non_differentiable(r.ids_TK, r.kept_TK, r.slots_TK, r.counts_E, r.num_dropped)
         # Unused outputs' gradients stay None: autograd would fill a zero tensor for each of
         # the five integer outputs, one launch apiece in every backward (issue 14, small T).
         ctx.set_materialize_grads(False)
-        return ids, w, kept, slots, counts, dropped, losses
+        return r.ids_TK, r.weights_TK, r.kept_TK, r.slots_TK, r.counts_E, r.num_dropped, r.losses
 
     @staticmethod
     def backward(ctx, g_ids, g_w, g_kept, g_slots, g_counts, g_dropped, g_losses):
@@ -690,8 +706,10 @@ def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | Non
         ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
             logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
     else:  # no backward: the dropless path's layout goes to the dispatcher (routing.order)
-        ids, w, kept, slots, counts, dropped, losses, _, order = _route_forward(
-            logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T, stats_reduce)
+        r = _route_forward(logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
+                           stats_reduce)
+        ids, w, kept, slots, counts = r.ids_TK, r.weights_TK, r.kept_TK, r.slots_TK, r.counts_E
+        dropped, losses, order = r.num_dropped, r.losses, r.order
     if plan.normalize_after:
         w = w / w.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
     aux_loss, z_loss = detach_unused(cfg, losses[0], losses[1])
