@@ -31,7 +31,7 @@ _BLOCK_A = 16
 
 
 @triton.jit
-def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, drop_rank_ptr,
+def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, kept_cum_ptr,
                      row_ptr, token_ptr, ends_ptr, out_ptr, N, E, D,
                      K: tl.constexpr, HAS_DROPS: tl.constexpr, GATHER: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -52,7 +52,10 @@ def _dispatch_kernel(x_ptr, ids_ptr, slots_ptr, kept_ptr, counts_ptr, drop_rank_
     row = start + slot
     if HAS_DROPS:
         kept = tl.load(kept_ptr + a, mask=valid, other=1) != 0
-        row = tl.where(kept, row, total_kept + tl.load(drop_rank_ptr + a, mask=valid, other=0))
+        # A dropped assignment's rank among the dropped ones: the assignments ahead of it less
+        # the kept ones among them (kept_cum: inclusive running count of kept assignments).
+        kept_ahead = tl.load(kept_cum_ptr + a, mask=valid, other=0)
+        row = tl.where(kept, row, total_kept + a - kept_ahead)
     t = a // K
     tl.store(row_ptr + a, row, mask=valid)
     tl.store(token_ptr + row, t.to(tl.int64), mask=valid)
@@ -140,18 +143,15 @@ def _dispatch(x_TD, ids_TK, slots_TK, kept_TK, counts_E, has_drops: bool, gather
     N, D, E = T * K, x_TD.shape[1], counts_E.shape[0]
     dev = x_TD.device
     kept_i8 = kept_TK.view(torch.int8)
-    if has_drops:
-        dropped = (~kept_TK).reshape(-1).to(torch.int64)
-        drop_rank = torch.cumsum(dropped, 0) - dropped
-    else:
-        drop_rank = ids_TK
+    # One cumsum launch (was four: not, cast, cumsum, subtract).
+    kept_cum = torch.cumsum(kept_i8.view(-1), 0, dtype=torch.int64) if has_drops else ids_TK
     row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     token_N = torch.empty(N, dtype=torch.int64, device=dev)
     ends_E = torch.empty(E, dtype=torch.int64, device=dev)
     x_ND = torch.empty(N, D, dtype=x_TD.dtype, device=dev) if gather else None
     if N > 0:
         _dispatch_kernel[(cdiv(N, _BLOCK_A),)](
-            x_TD, ids_TK, slots_TK, kept_i8, counts_E, drop_rank, row_TK, token_N, ends_E,
+            x_TD, ids_TK, slots_TK, kept_i8, counts_E, kept_cum, row_TK, token_N, ends_E,
             x_ND if gather else x_TD, N, E, D, K=K, HAS_DROPS=has_drops, GATHER=gather,
             BLOCK_A=_BLOCK_A, BLOCK_E=next_power_of_2(E),
             BLOCK_D=min(next_power_of_2(D), 256), num_warps=4)

@@ -587,7 +587,8 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     cap = N + 1 if capacity is None else capacity
     slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
-    counts_before = torch.zeros(E, dtype=torch.int64, device=dev)
+    # The queue kernel (one program) or the scan writes every count; nothing does for N = 0.
+    counts_before = (torch.zeros if N == 0 else torch.empty)(E, dtype=torch.int64, device=dev)
     block_p = max(16, min(128, 8192 // block_e))
     order = order_T if order_T is not None else ids_TK
     common = dict(K=K, HAS_ORDER=order_T is not None, BLOCK_P=block_p, BLOCK_E=block_e)
