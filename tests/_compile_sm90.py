@@ -14,7 +14,8 @@ from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quantize_triton,
-                         grouped_mlp_triton, norm_triton, qk_rope_triton, routing_triton,
+                         grouped_mlp_triton, norm_triton, permute_triton, qk_rope_triton,
+                         routing_triton,
                          skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
@@ -193,6 +194,32 @@ def dropless_router():
         assert "ld.global.nc" not in plan.asm["ptx"], "plan kernel: non-coherent loads"
 
 
+def training_route_dispatch():
+    """What a training step runs around the experts: the fused router's backward with and
+    without the losses' gradient (LOSS_GRAD), the dispatch with and without dropped rows
+    (their ranks from the kept flags' running count), and the combine's backward; Qwen3-30B-A3B
+    sizes, bf16 rows."""
+    for softmax, loss_grad in ((True, True), (True, False), (False, True)):
+        compile_sm90(routing_triton._route_bwd_kernel,
+                     {"logits_ptr": "*fp32", "ids_ptr": "*i64", "kept_ptr": "*i8",
+                      **_args("gw_ptr gloss_ptr", "*fp32"), "balance_ptr": "*i64",
+                      "dlogits_ptr": "*fp32", **_args("T E", "i32"),
+                      **_args("routed_scaling aux_coef z_coef", "fp32")},
+                     {"K": 8, "SOFTMAX": softmax, "NORMALIZE": True, "LOSS_GRAD": loss_grad,
+                      "BLOCK_T": 8, "BLOCK_E": 128})
+    for has_drops in (True, False):
+        compile_sm90(permute_triton._dispatch_kernel,
+                     {"x_ptr": "*bf16", **_args("ids_ptr slots_ptr", "*i64"), "kept_ptr": "*i8",
+                      **_args("counts_ptr kept_cum_ptr row_ptr token_ptr ends_ptr", "*i64"),
+                      "out_ptr": "*bf16", **_args("N E D", "i32")},
+                     {"K": 8, "HAS_DROPS": has_drops, "GATHER": True, "BLOCK_A": 16,
+                      "BLOCK_E": 128, "BLOCK_D": 256})
+    compile_sm90(permute_triton._combine_bwd_kernel,
+                 {**_args("g_ptr y_ptr", "*bf16"), "row_ptr": "*i64", "kept_ptr": "*i8",
+                  "w_ptr": "*fp32", "gy_ptr": "*bf16", "gw_ptr": "*fp32", **_args("T D", "i32")},
+                 {"K": 8, "BLOCK_T": 4, "BLOCK_D": 512})
+
+
 def skinny_linear():
     for has_bias, swap in ((True, False), (False, True)):
         compile_sm90(skinny_linear_triton._linear_kernel.fn,
@@ -260,7 +287,8 @@ def decode_attention():
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
-                                 skinny_linear, rms_norm, decode_attention)}
+                                 training_route_dispatch, skinny_linear, rms_norm,
+                                 decode_attention)}
 
 if __name__ == "__main__":
     try:
