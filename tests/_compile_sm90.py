@@ -15,7 +15,7 @@ from triton.compiler import ASTSource
 from moeflow.config import RouterConfig
 from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quantize_triton,
                          grouped_mlp_triton, norm_triton, permute_triton, qk_rope_triton,
-                         routing_triton,
+                         routing_slots_triton, routing_triton,
                          skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
@@ -175,12 +175,12 @@ def dropless_router():
                       "HIST": True, "HAS_BIAS": False, "NORMALIZE": True, "GROUPS": 1,
                       "TOPK_GROUPS": 1, "GROUP_TOP2": True, "BLOCK_T": 8, "BLOCK_E": 128,
                       "BLOCK_G": 1, "BLOCK_K": K})
-        compile_sm90(m._dropless_scan_kernel,
+        compile_sm90(routing_slots_triton._dropless_scan_kernel,
                      {**_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("psum_ptr lse_ptr pe_part_ptr z_part_ptr", "*fp32"),
                       **_args("T E NB", "i32")},
                      {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256})
-        plan = compile_sm90(m._dropless_plan_kernel,
+        plan = compile_sm90(routing_slots_triton._dropless_plan_kernel,
                      {"ids_ptr": "*i64", **_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("pe_part_ptr z_part_ptr", "*fp32"), "slots_ptr": "*i64",
                       "kept_ptr": "*i8",

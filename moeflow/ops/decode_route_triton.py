@@ -85,8 +85,8 @@ from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
 from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
-from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
-                                        store_losses)
+from moeflow.ops.routing_slots_triton import store_losses
+from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
 from moeflow.ops.tickets import last_to_arrive
 
 
