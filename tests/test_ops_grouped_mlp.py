@@ -222,7 +222,7 @@ def test_grouped_parked_rows_are_zero_and_carry_no_gradient(activation, bias, na
     if not grouped_mm_supported(x, w_in, w_out):
         pytest.skip("torch._grouped_mm does not run for these operands here")
     g = torch.randn(x.shape[0], D, device=DEVICE, dtype=dtype)
-    g[n:] = 0  # the combine gives a parked (dropped) row no gradient
+    g[n:] = 0  # a parked (dropped) row's gradient, which y's mask would zero anyway
 
     def run(backend, fill):
         leaves = [t.clone().requires_grad_(True) if t is not None else None

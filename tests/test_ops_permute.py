@@ -48,7 +48,8 @@ def test_dispatch_combine_match_reference(dtype, capacity_factor, dropless, k):
     out = _run(LocalDispatcher(Backends(dispatch="triton")), x, routing, g_out, y_scale)
     assert torch.equal(out[1].token_N, ref[1].token_N)
     assert torch.equal(out[1].row_TK, ref[1].row_TK)
-    # Each assignment has a row of its own (what lets the combine's backward skip zeroing).
+    # Each assignment has a row of its own (the packed layout whose combine backward skips
+    # zeroing y's gradient).
     assert torch.equal(out[1].row_TK.flatten().sort().values, torch.arange(T * k, device=DEVICE))
     assert torch.equal(out[1].ends_E, ref[1].ends_E)
     assert torch.equal(out[0], ref[0])
@@ -122,3 +123,31 @@ def test_sum_rows_tiles_give_the_same_bits():
             assert torch.equal(outs[-1], want), (weighted, tiles)
     with pytest.raises(ValueError, match="block_d"):
         _sum_rows(y_ND, row_TK, kept_TK.view(torch.int8), w_TK, T, True, block_d=100)
+
+
+def test_combine_backward_in_a_capacity_slot_layout():
+    """The expert-parallel capacity layout (moeflow.parallel.dispatcher): rows are expert slots,
+    one of them empty, and dropped assignments name kept ones' rows (their slots clamped), after
+    them in the kernel's order. The combine's gradients equal plain torch's: the kept rows keep
+    their gradients, and the empty slot's is zero."""
+    from moeflow.ops.permute_triton import combine_triton
+
+    torch.manual_seed(0)
+    T, K, D, rows = 5, 2, 8, 8
+    row_TK = torch.tensor([[0, 4], [1, 5], [2, 6], [7, 0], [6, 1]], device=DEVICE)
+    kept_TK = torch.ones(T, K, dtype=torch.bool, device=DEVICE)
+    kept_TK[3, 1] = kept_TK[4, 0] = kept_TK[4, 1] = False  # name rows 0, 6, 1; row 3 is empty
+    y = torch.randn(rows, D, device=DEVICE, requires_grad=True)
+    w = torch.rand(T, K, device=DEVICE, requires_grad=True)
+    g = torch.randn(T, D, device=DEVICE)
+
+    out = combine_triton(y, w, row_TK, kept_TK, packed=False)
+    out.backward(g)
+    got = (out.detach(), y.grad.clone(), w.grad.clone())
+    y.grad, w.grad = None, None
+    ref = (y[row_TK] * w.unsqueeze(2) * kept_TK.unsqueeze(2)).sum(1)
+    ref.backward(g)
+    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], y.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2], w.grad, rtol=1e-6, atol=1e-6)
+    assert all(got[1][r].abs().sum() > 0 for r in (0, 1, 6)) and (got[1][3] == 0).all()

@@ -49,6 +49,9 @@ class DispatchPlan:
     row_TK: torch.Tensor  # sorted row of each assignment
     ends_E: torch.Tensor  # cumulative row counts per local expert (int64)
     parked: bool  # rows past ends_E[-1] may exist (capacity dropping); False when dropless
+    # The experts' rows (below ends_E[-1]) are exactly the kept assignments', one each; False for
+    # a capacity-slot layout with empty slots (moeflow.parallel.dispatcher).
+    packed: bool = True
     # Set when dispatch left the rows ungathered: x_ND is x_TD and row n is x_TD[gather_N[n]].
     gather_N: torch.Tensor | None = None
 
@@ -151,8 +154,6 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                 ) -> torch.Tensor:
         if resolve_dispatch_backend(self.backends.dispatch, y_ND) == "triton":
             from moeflow.ops.permute_triton import combine_triton
-            # Every plan here places each assignment in a row of its own (dropped ones parked
-            # at the end), so row_TK covers y_ND's rows.
             return combine_triton(y_ND, routing.weights_TK, plan.row_TK, routing.kept_TK,
-                                  covers_rows=True)
+                                  packed=plan.packed)
         return combine_rows(y_ND, plan, routing)

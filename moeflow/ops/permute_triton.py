@@ -107,8 +107,11 @@ def _combine_bwd_kernel(g_ptr, y_ptr, row_ptr, kept_ptr, w_ptr, gy_ptr, gw_ptr, 
             g = tl.load(g_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=m, other=0.0)
             y = tl.load(y_ptr + row[:, None] * D + d[None, :], mask=m & kept[:, None], other=0.0)
             w_g = w.to(g.dtype).to(tl.float32)
-            gy = tl.where(kept[:, None], g.to(tl.float32) * w_g[:, None], 0.0)
-            tl.store(gy_ptr + row[:, None] * D + d[None, :], gy.to(gy_ptr.dtype.element_ty), mask=m)
+            gy = g.to(tl.float32) * w_g[:, None]
+            # Kept assignments only: in a capacity-slot layout a dropped one may name a kept
+            # one's row (moeflow.parallel.dispatcher), and its zero must not overwrite that.
+            tl.store(gy_ptr + row[:, None] * D + d[None, :], gy.to(gy_ptr.dtype.element_ty),
+                     mask=m & kept[:, None])
             dot += tl.sum(g.to(tl.float32) * y.to(tl.float32), axis=1)
         tl.store(gw_ptr + t * K + k, tl.where(kept, dot, 0.0), mask=tmask)
 
@@ -181,10 +184,10 @@ class _Gather(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_ND, w_TK, row_TK, kept_TK, covers_rows):
+    def forward(ctx, y_ND, w_TK, row_TK, kept_TK, packed):
         kept_i8 = kept_TK.view(torch.int8)
         ctx.save_for_backward(y_ND, w_TK, row_TK, kept_i8)
-        ctx.covers_rows = covers_rows
+        ctx.packed = packed
         return _sum_rows(y_ND, row_TK, kept_i8, w_TK, row_TK.shape[0], True)
 
     @staticmethod
@@ -192,9 +195,10 @@ class _Combine(torch.autograd.Function):
         y_ND, w_TK, row_TK, kept_i8 = ctx.saved_tensors
         T, K = row_TK.shape
         D = y_ND.shape[1]
-        # The kernel writes the row of every assignment (zero where dropped); rows no
-        # assignment names need zeros first.
-        g_y = torch.empty_like(y_ND) if ctx.covers_rows else torch.zeros_like(y_ND)
+        # The kernel writes the kept assignments' rows. Packed, those are all the rows the
+        # experts read (dropped ones are parked past ends_E[-1], which nothing reads); else
+        # (empty capacity slots) the rest must be zeros.
+        g_y = torch.empty_like(y_ND) if ctx.packed else torch.zeros_like(y_ND)
         g_w = torch.empty(T, K, dtype=torch.float32, device=y_ND.device)
         if T > 0:
             block_t = 4
@@ -226,12 +230,12 @@ def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: tor
 
 
 def combine_triton(y_ND: torch.Tensor, weights_TK: torch.Tensor, row_TK: torch.Tensor,
-                   kept_TK: torch.Tensor, covers_rows: bool = False) -> torch.Tensor:
+                   kept_TK: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """out_TD = Σ_k kept · weight · y[row_TK] (same rounding as the reference).
-    `covers_rows`: row_TK names each row of y_ND once (the dispatch's layout), so the backward
-    need not zero y's gradient before writing it (one launch fewer per backward)."""
+    `packed`: the layout is DispatchPlan.packed's (the experts' rows are exactly the kept
+    assignments', one each), so the backward need not zero y's gradient first (a launch fewer)."""
     if not records_grad(y_ND, weights_TK):  # the kernel alone, as dispatch_triton
         return _sum_rows(y_ND.contiguous(), row_TK, kept_TK.contiguous().view(torch.int8),
                          weights_TK.contiguous(), row_TK.shape[0], True)
     return _Combine.apply(y_ND.contiguous(), weights_TK.contiguous(), row_TK, kept_TK.contiguous(),
-                          covers_rows and y_ND.shape[0] == row_TK.numel())
+                          packed)

@@ -178,7 +178,8 @@ class AllToAllDispatcher(nn.Module):
         x_recv = self._send(buf, splits, splits, counts_PP)
         x_ND = x_recv.view(P, El, C, D).transpose(0, 1).reshape(El * P * C, D)
         ends_E = torch.arange(1, El + 1, device=x_TD.device) * (P * C)
-        local = DispatchPlan(token_N=token_N, row_TK=pos_TK, ends_E=ends_E, parked=False)
+        local = DispatchPlan(token_N=token_N, row_TK=pos_TK, ends_E=ends_E, parked=False,
+                             packed=False)
         plan = ExchangePlan(ends_E, local, splits, splits, counts_PP, None, None, None,
                             int(kept.sum()), C, rows=x_ND)
         return x_ND, plan
