@@ -67,9 +67,9 @@ rate, and its FP32 units need T·E·D/128 cycles (2 µs per token at that shape)
 would give back what the four saved launches save; ~16 KB of gate rows per program spreads
 both over tens of SMs (logits_tiles). The sum
 order differs from cuBLAS's: the logits agree to fp32 rounding, not bit for bit, and a near-tie
-between two experts may resolve differently than on the two-step path; the counters are why the
-Router keeps them per device (route_tickets) and why one router may route on one stream at a
-time.
+between two experts may resolve differently than on the two-step path. The ticket counters are
+why a Router keeps its own per device (moeflow.ops.tickets.zeroed_counters) and why one router
+may route on one stream at a time.
 
 Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
@@ -87,7 +87,7 @@ from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
 from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
-from moeflow.ops.tickets import last_to_arrive
+from moeflow.ops.tickets import last_to_arrive, zeroed_counters
 
 
 @triton.jit
@@ -477,7 +477,7 @@ ROUTE_TICKETS = 1 + MAX_TOKEN_BLOCKS
 def route_tickets(device: torch.device) -> torch.Tensor:
     """The fused kernel's ticket counters, zero (every launch leaves them so), for one launch at
     a time (a Router keeps its own, moeflow.ops.tickets.zeroed_counters)."""
-    return torch.zeros(ROUTE_TICKETS, dtype=torch.int32, device=device)
+    return zeroed_counters(None, ROUTE_TICKETS, device)
 
 
 def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:
@@ -532,7 +532,7 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
     The products per step scale with the warps (128 per thread)."""
     lt = choice_rows(T, E)
     le = next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
-    one_wave = next_power_of_2(-(-E * -(-max(T, 1) // lt) // _LOGITS_PROGRAMS))
+    one_wave = next_power_of_2(cdiv(E * cdiv(max(T, 1), lt), _LOGITS_PROGRAMS))
     le = max(2, min(max(le, one_wave), next_power_of_2(E), 64))
     products = _LOGIT_PRODUCTS_PER_WARP * num_warps
     ld = max(16, min(next_power_of_2(D), products // (lt * le)))
