@@ -18,7 +18,6 @@ Mixtral-8x7B: D 4096, F 14336, 8 experts, top-2; SwiGLU, bf16) and batch T:
 
     PYTHONPATH=. python benchmarks/decode_experts.py --out $OUT            # one H200: ~1 min
     PYTHONPATH=. python benchmarks/decode_experts.py --smoke --out /tmp/e  # CPU, interpreter
-    PYTHONPATH=. python benchmarks/decode_experts.py --sweep --out $OUT    # each slice config
 
 writes OUT/decode_experts.{json,md}. --smoke runs tiny fp32 shapes through Triton's interpreter
 on the CPU (timings meaningless: it only shows the script runs and the output is right). The
@@ -60,7 +59,7 @@ SHAPES = (Shape("qwen3-30b-a3b", 2048, 768, 128, 8, layers=8),  # 1.2 GB of expe
           Shape("mixtral-8x7b", 4096, 14336, 8, 2, layers=2))  # 2.8 GB per layer
 SMOKE_SHAPES = (Shape("smoke-qwen", 64, 48, 16, 4, layers=2),
                 Shape("smoke-mixtral", 64, 96, 4, 2, layers=2))
-BATCHES, SMOKE_BATCHES = (1, 2, 4, 16), (1, 4)
+BATCHES, SMOKE_BATCHES = (1, 4, 16), (1, 4)
 REPS = 50
 KERNELS = {"_up_kernel": "up", "_down_kernel": "down"}  # profiler name -> part
 
@@ -92,16 +91,14 @@ def kernel_us(fn, calls: int, names) -> dict[str, float]:
     return {n: t / (3 * calls) for n, t in total.items()}
 
 
-def layer_calls(x_TD, plans, w_in, w_out, counters=None, slices=False):
+def layer_calls(x_TD, plans, w_in, w_out, counters=None):
     """One decode step's expert calls, one per layer, each with its own weights and routing;
-    `counters` (one per layer): one launch, the up and down programs (`slices` False) or the
-    hidden-slice kernel."""
+    `counters` (one per layer): the up and down kernels in one launch."""
     def run():
         for layer, (ends, rows_N, _) in enumerate(plans):
             expert_mlp_stream(x_TD, ends, w_in[layer], None, w_out[layer], None, "swiglu", False,
                               rows_N=rows_N,
-                              counters=None if counters is None else counters[layer],
-                              slices=slices)
+                              counters=None if counters is None else counters[layer])
     return run
 
 
@@ -143,25 +140,13 @@ def measure_shape(sh: Shape, batches, dtype, device) -> list[dict]:
             # The same calls as one launch each (expert_mlp_stream's counters).
             counters = [stream_counters(sh.E, device) for _ in range(sh.layers)]
             one = expert_mlp_stream(x_TD, ends, w_in[0], None, w_out[0], None, "swiglu", False,
-                                    rows_N=rows_N, counters=counters[0], slices=False)
+                                    rows_N=rows_N, counters=counters[0])
             row["one_launch_rel_err_vs_fp32"] = rel(one, truth)
             fused = layer_calls(x_TD, plans, w_in, w_out, counters)
             row["one_launch_us"] = time_per_call(fused, sh.layers, device, REPS)
             if device.type == "cuda":
                 row["configs"]["one_launch"] = str(
                     grouped_mlp_triton._moe_stream_kernel.best_config)
-            # The hidden-slice kernel (where its sum of partials fits: slices_fit's width).
-            if sh.F <= grouped_mlp_triton.SLICES_MAX_F:
-                sliced = expert_mlp_stream(x_TD, ends, w_in[0], None, w_out[0], None, "swiglu",
-                                           False, rows_N=rows_N, counters=counters[0],
-                                           slices=True)
-                row["slices_rel_err_vs_fp32"] = rel(sliced, truth)
-                row["slices_us"] = time_per_call(
-                    layer_calls(x_TD, plans, w_in, w_out, counters, slices=True), sh.layers,
-                    device, REPS)
-                if device.type == "cuda":
-                    row["configs"]["slices"] = str(
-                        grouped_mlp_triton._moe_slices_kernel.best_config)
             if device.type == "cuda":
                 for name, us in kernel_us(step, sh.layers, KERNELS).items():
                     part = KERNELS[name]
@@ -173,39 +158,7 @@ def measure_shape(sh: Shape, batches, dtype, device) -> list[dict]:
               f"{row['weight_bytes_per_call'] / 1e6:7.1f} MB/call; {row['us']:8.1f} µs "
               f"({row['tbps']:.2f} TB/s); rel err vs fp32 {row['rel_err_vs_fp32']:.1e}; "
               f"one launch {row['one_launch_us']:8.1f} µs (rel err "
-              f"{row['one_launch_rel_err_vs_fp32']:.1e}); slices "
-              f"{fmt(row.get('slices_us'))} µs (rel err "
-              f"{fmt(row.get('slices_rel_err_vs_fp32'), '.1e')})", flush=True)
-    return rows
-
-
-def sweep_slices(sh: Shape, batches, dtype, device) -> list[dict]:
-    """µs per call of every launch config of the hidden-slice kernel, each forced in turn (the
-    autotuner given only that one), for shape sh at each batch: the graph-replay timing of
-    measure_shape, so configs are compared as a decode step runs them."""
-    kernel = grouped_mlp_triton._moe_slices_kernel
-    configs = list(kernel.configs)
-    torch.manual_seed(0)
-    w_in = [torch.randn(sh.E, sh.D, 2 * sh.F, device=device, dtype=dtype) * sh.D ** -0.5
-            for _ in range(sh.layers)]
-    w_out = [torch.randn(sh.E, sh.F, sh.D, device=device, dtype=dtype) * sh.F ** -0.5
-             for _ in range(sh.layers)]
-    counters = [stream_counters(sh.E, device) for _ in range(sh.layers)]
-    rows = []
-    try:
-        for T in batches:
-            x_TD = torch.randn(T, sh.D, device=device, dtype=dtype)
-            plans = [routing(sh, T, seed=1000 * T + layer, device=device)
-                     for layer in range(sh.layers)]
-            step = layer_calls(x_TD, plans, w_in, w_out, counters, slices=True)
-            for config in configs:
-                kernel.configs = [config]
-                row = {"shape": sh.name, "T": T, "config": str(config),
-                       "us": time_per_call(step, sh.layers, device, REPS)}
-                rows.append(row)
-                print(f"sweep {sh.name} T={T:2d}: {row['us']:7.1f} µs  {config}", flush=True)
-    finally:
-        kernel.configs = configs
+              f"{row['one_launch_rel_err_vs_fp32']:.1e})", flush=True)
     return rows
 
 
@@ -221,44 +174,27 @@ def table(rows: list[dict], ceiling: float | None) -> str:
 
     out = ("| shape | T | busy experts | MB of weights / call | µs / call | TB/s | up kernel µs "
            "| up TB/s | down kernel µs | down TB/s | rel err vs fp32 | one launch µs / call "
-           "| one launch TB/s | slices µs / call | slices TB/s |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+           "| one launch TB/s |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         out += (f"| {r['shape']} | {r['T']} | {r['busy_experts_per_layer']:.1f} | "
                 f"{r['weight_bytes_per_call'] / 1e6:.1f} | {r['us']:.1f} | {tbps(r['tbps'])} | "
                 f"{fmt(r.get('up_kernel_us'))} | {tbps(r.get('up_kernel_tbps'))} | "
                 f"{fmt(r.get('down_kernel_us'))} | {tbps(r.get('down_kernel_tbps'))} | "
                 f"{r['rel_err_vs_fp32']:.1e} | {r['one_launch_us']:.1f} | "
-                f"{tbps(r['weight_bytes_per_call'] / r['one_launch_us'] / 1e6)} | "
-                f"{fmt(r.get('slices_us'))} | "
-                f"{tbps(r['weight_bytes_per_call'] / r['slices_us'] / 1e6 if 'slices_us' in r else None)} |\n")
+                f"{tbps(r['weight_bytes_per_call'] / r['one_launch_us'] / 1e6)} |\n")
     configs = [r for r in rows if "configs" in r]
     if configs:
         out += "\nAutotuned configs:\n\n"
         for r in configs:
             out += (f"- {r['shape']} T={r['T']}: up {r['configs']['up']}; "
-                    f"down {r['configs']['down']}; one launch {r['configs']['one_launch']}; "
-                    f"slices {r['configs'].get('slices', '-')}\n")
+                    f"down {r['configs']['down']}; one launch {r['configs']['one_launch']}\n")
     return out
 
 
 def main() -> None:
-    parser = kernel_bench_parser(__doc__)
-    parser.add_argument("--sweep", action="store_true",
-                        help="time every hidden-slice kernel config at the first shape instead")
-    args = parser.parse_args()
+    args = kernel_bench_parser(__doc__).parse_args()
     batches = SMOKE_BATCHES if args.smoke else BATCHES
-    if args.sweep:
-        rows, meta = measure_shapes(
-            args.smoke, SHAPES[:1], SMOKE_SHAPES[:1],
-            lambda sh, dtype, device: sweep_slices(sh, batches[:2], dtype, device), REPS)
-        md = (kernel_bench_heading(meta, "Hidden-slice decode expert kernel, each config") +
-              "; µs / call: median of graph replays\n\n| shape | T | µs / call | config |\n"
-              "|---|---|---|---|\n" + "".join(
-                  f"| {r['shape']} | {r['T']} | {r['us']:.1f} | {r['config']} |\n"
-                  for r in sorted(rows, key=lambda r: (r["T"], r["us"]))))
-        write_kernel_bench(args.out, "decode_experts_sweep", meta, rows, md)
-        return
     rows, meta = measure_shapes(args.smoke, SHAPES, SMOKE_SHAPES,
                                 lambda sh, dtype, device: measure_shape(sh, batches, dtype, device),
                                 REPS, copy_ceiling_gbps)
@@ -273,7 +209,7 @@ def main() -> None:
           "fraction).\n\n" + table(rows, ceiling))
     write_kernel_bench(args.out, "decode_experts", meta, rows, md)
     print(f"total {meta['seconds']:.1f} s")
-    for key in ("rel_err_vs_fp32", "one_launch_rel_err_vs_fp32", "slices_rel_err_vs_fp32"):
+    for key in ("rel_err_vs_fp32", "one_launch_rel_err_vs_fp32"):
         exit_if_off_reference(rows, key, 1e-4 if args.smoke else 2e-2, "the stream kernels are")
 
 

@@ -91,17 +91,6 @@ def stream_experts():
                      {"SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu, "HAS_OUT_BIAS": not swiglu,
                       "GATHER": gather, "BLOCK_E": 128, "BLOCK_M": 16, "UP_N": 64, "UP_K": 64,
                       "DOWN_N": 128, "DOWN_K": 64, "PDL": True})
-        # The hidden-slice kernel at Qwen3-30B-A3B's width, the narrowest and widest slices.
-        for slice_n, red_d, warps, prefetch in ((32, 1024, 8, False), (128, 512, 4, True)):
-            compile_sm90(m._moe_slices_kernel.fn,
-                         {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
-                          "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "w_out_ptr": "*bf16",
-                          "b_out_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*bf16",
-                          "count_ptr": "*i32", **_args("E M_BUCKET A_BUCKET", "i32")},
-                         {"D": 2048, "F": 768, "SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu,
-                          "HAS_OUT_BIAS": not swiglu, "GATHER": gather, "BLOCK_E": 128,
-                          "BLOCK_M": 16, "SLICE_N": slice_n, "UP_K": 64, "DOWN_N": 128,
-                          "RED_D": red_d, "PREFETCH": prefetch, "PDL": True}, num_warps=warps)
 
 
 def tiled_experts():

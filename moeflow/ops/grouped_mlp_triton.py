@@ -24,7 +24,12 @@ up program, and the launch boundary between the kernels is gone. One H200, sessi
 (benchmarks/results/decode_experts, decode_timeline): Qwen3-30B-A3B batch 16 (128 rows)
 190.8 -> 181.7 µs per call alone, decode step replay 11.57 -> 11.26 ms; batch 1 (8 rows) lost
 1.9 µs per call alone but the decode step's replay went 2.914 -> 2.830 ms with it; the two
-launches stay for callers without counters (and as the parity reference).
+launches stay for callers without counters (and as the parity reference). Tried and removed
+(session 21, same folder): programs that each compute a slice of an expert's hidden units and
+its share of the output, summed by the expert's last program (no program waits): 26.6 µs per
+batch-1 call against 26.8, +0.1 ms per step in the graph; a probe of the streaming alone
+(benchmarks/decode_stream_probe.py) read the 50 MB of gate|up in 14.2-14.7 µs whatever the
+program count, split or layout, so the decomposition is not what these kernels lack.
 
 Prefill-sized inference (tens to ~128 rows per expert): `expert_mlp_tiled`, a grouped GEMM on
 tensor-core tiles. One program per (expert, column tile, row tile), in that order of launch
@@ -89,15 +94,13 @@ def _stream_configs():
 
 
 @triton.jit
-def _up_act(x_ptr, token_ptr, w_e, b_e, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
-            HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_FIRST: tl.constexpr):
-    """act(x[rows] · w_e[:, n] + b_e[n]) in fp32, [BLOCK_M, BLOCK_N], for the rows [m0,
-    min(m0 + BLOCK_M, hi)) of one expert (w_e, b_e: its weight [D, I] and bias [I]; rows past
-    hi give act(b_e)); SwiGLU multiplies the gate columns n by the up columns F + n, both
-    accumulated over the same x tiles. EVICT_FIRST: the weight's lines are the first L2 evicts."""
+def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
+             HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act(x[rows] · w_e[:, n] + b_e[n]) into h[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi))
+    of one expert (w_e, b_e: its weight [D, I] and bias [I]); SwiGLU multiplies the gate
+    columns n by the up columns F + n, both accumulated over the same x tiles."""
     I = 2 * F if SWIGLU else F
-    policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < hi
     if GATHER:
@@ -112,33 +115,21 @@ def _up_act(x_ptr, token_ptr, w_e, b_e, m0, hi, n, nmask, D, F, SWIGLU: tl.const
         a = tl.load(x_ptr + src[:, None].to(tl.int64) * D + k[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         wmask = kmask[:, None] & nmask[None, :]
-        wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0,
-                     eviction_policy=policy)
+        wg = tl.load(w_e + k[:, None] * I + n[None, :], mask=wmask, other=0.0)
         acc_g = tl.dot(a, wg, acc_g)
         if SWIGLU:
-            wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0,
-                         eviction_policy=policy)
+            wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
             acc_u = tl.dot(a, wu, acc_u)
     if HAS_BIAS:
         acc_g += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
             acc_u += tl.load(b_e + F + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
-        return acc_g * tl.sigmoid(acc_g) * acc_u
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
     else:
-        return _gelu(acc_g)
-
-
-@triton.jit
-def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
-             HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_up_act's tile stored into h[rows, n] (rows [m0, min(m0 + BLOCK_M, hi)))."""
-    act = _up_act(x_ptr, token_ptr, w_e, b_e, m0, hi, n, nmask, D, F, SWIGLU, HAS_BIAS, GATHER,
-                  BLOCK_M, BLOCK_N, BLOCK_K, False)
-    rows = m0 + tl.arange(0, BLOCK_M)
+        act = _gelu(acc_g)
     tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
-             act.to(h_ptr.dtype.element_ty), mask=(rows < hi)[:, None] & nmask[None, :])
+             act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -273,103 +264,6 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
                 tl.store(count_ptr + i, 0)
 
 
-def _moe_slices_configs():
-    # (SLICE_N, UP_K, DOWN_N, RED_D, warps, stages). SLICE_N hidden units per program: at batch
-    # 1 of Qwen3-30B-A3B (8 experts, F 768) 32 / 64 / 128 give 192 / 96 / 48 programs, each
-    # streaming 2·D·SLICE_N gate|up and SLICE_N·D down elements, and 24 / 12 / 6 partial rows per
-    # expert row for the last program to sum. RED_D: columns per load of that sum.
-    # PREFETCH: each program first asks L2 for its w_out rows (kept: evict_last) and streams
-    # w_in past L2 (evict_first), so its down loop finds them there instead of starting cold
-    # from HBM after the up loop.
-    tiles = ((64, 64, 128, 512, 4, 4), (64, 128, 64, 512, 4, 4), (32, 128, 128, 512, 4, 4),
-             (32, 64, 128, 1024, 8, 5), (64, 64, 128, 1024, 8, 4), (128, 64, 64, 1024, 8, 4))
-    return [triton.Config({"SLICE_N": sn, "UP_K": uk, "DOWN_N": dn, "RED_D": rd,
-                           "PREFETCH": pf}, num_warps=w, num_stages=st)
-            for sn, uk, dn, rd, w, st in tiles for pf in (False, True)]
-
-
-@triton.jit
-def _prefetch_rows_l2(base, row0, rows_total, ROW_BYTES: tl.constexpr, ROWS: tl.constexpr):
-    """Ask L2 to fetch and keep (evict_last) rows [row0, row0 + ROWS) of a row-major matrix
-    of rows_total rows of ROW_BYTES at `base`; no wait, no value (CUDA only: inline PTX)."""
-    PER_ROW: tl.constexpr = ROW_BYTES // 128
-    i = tl.arange(0, ROWS * PER_ROW)
-    i = tl.where(row0 + i // PER_ROW < rows_total, i, 0)  # past the last row: the first line
-    lines = base.to(tl.pointer_type(tl.int8)) + row0.to(tl.int64) * ROW_BYTES + i.to(
-        tl.int64) * 128
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];", "=r,l", [lines],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-# The narrowest slice of the configs: the partial sums' buffer is sized for its slice count.
-MIN_SLICE_N = 32
-
-
-@triton.autotune(configs=_moe_slices_configs(),
-                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
-                 cache_results=True)
-@triton.jit
-def _moe_slices_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr,
-                       part_ptr, y_ptr, count_ptr, E, M_BUCKET, A_BUCKET, D: tl.constexpr,
-                       F: tl.constexpr, SWIGLU: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
-                       HAS_OUT_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr, UP_K: tl.constexpr,
-                       DOWN_N: tl.constexpr, RED_D: tl.constexpr, PREFETCH: tl.constexpr,
-                       PDL: tl.constexpr):
-    """The expert MLP in one launch without a wait between programs (see expert_mlp_stream):
-    program (i, s) owns hidden units [s·SLICE_N, (s+1)·SLICE_N) of the i-th active expert,
-    computes them for the expert's rows (act rounded to the weights' dtype, as h is stored by
-    the up kernel) and multiplies them by the matching SLICE_N rows of w_out, storing an fp32
-    partial output per row and slice in part [N, S, D]. The expert's last program to arrive
-    (its count, put back to 0) sums the S partials of each row in slice order, adds the bias
-    and stores y."""
-    wait_for_previous(PDL)
-    launch_next(PDL)
-    S: tl.constexpr = (F + SLICE_N - 1) // SLICE_N
-    pid = tl.program_id(0)
-    i = pid // S
-    s = pid % S
-    e, lo, hi = _active_expert(ends_ptr, i, E, BLOCK_E)
-    if hi > lo:
-        I = 2 * F if SWIGLU else F
-        n = s * SLICE_N + tl.arange(0, SLICE_N)
-        nmask = n < F
-        w_in_e = w_in_ptr + e.to(tl.int64) * D * I
-        w_out_e = w_out_ptr + e.to(tl.int64) * F * D
-        if PREFETCH:
-            _prefetch_rows_l2(w_out_e, s * SLICE_N, F,
-                              D * (w_out_ptr.dtype.element_ty.primitive_bitwidth // 8), SLICE_N)
-        for m0 in range(lo, hi, BLOCK_M):
-            act = _up_act(x_ptr, token_ptr, w_in_e, b_in_ptr + e * I, m0, hi, n, nmask, D, F,
-                          SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, SLICE_N, UP_K, PREFETCH)
-            a = act.to(w_out_ptr.dtype.element_ty)
-            rows = m0 + tl.arange(0, BLOCK_M)
-            rmask = rows < hi
-            part_rows = part_ptr + (rows[:, None].to(tl.int64) * S + s) * D
-            for d0 in range(0, D, DOWN_N):
-                d = d0 + tl.arange(0, DOWN_N)
-                dmask = d < D
-                w = tl.load(w_out_e + n[:, None] * D + d[None, :],
-                            mask=nmask[:, None] & dmask[None, :], other=0.0)
-                tl.store(part_rows + d[None, :], tl.dot(a, w),
-                         mask=rmask[:, None] & dmask[None, :])
-        if last_to_arrive(count_ptr + i, S):
-            for r in range(0, hi - lo):
-                m = lo.to(tl.int64) + r
-                part_m = part_ptr + m * S * D
-                for d0 in tl.static_range(0, D, RED_D):
-                    d = d0 + tl.arange(0, RED_D)
-                    dmask = d < D
-                    acc = tl.zeros([RED_D], tl.float32)
-                    for j in tl.static_range(S):  # slice order: the same sums every launch
-                        acc += tl.load(part_m + j * D + d, mask=dmask, other=0.0,
-                                       cache_modifier=".cg")
-                    if HAS_OUT_BIAS:
-                        acc += tl.load(b_out_ptr + e * D + d, mask=dmask, other=0.0).to(
-                            tl.float32)
-                    tl.store(y_ptr + m * D + d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
-
-
 @triton.jit
 def _expert_tile(ends_ptr, pid, E, n_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     """(e, m0, hi, j): program `pid`'s expert, first row, the expert's row end and column tile.
@@ -461,12 +355,11 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
                        b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                        b_out_ED: torch.Tensor | None, activation: str,
                        rows_N: torch.Tensor | None, tiled: bool,
-                       counters: torch.Tensor | None = None, slices: bool = False
-                       ) -> torch.Tensor:
+                       counters: torch.Tensor | None = None) -> torch.Tensor:
     """The up and down launches of the stream (`tiled` False) or the tiled kernels, or the
-    stream kernels in one launch (`counters`; `slices`: the hidden-slice kernel, see
-    expert_mlp_stream). Rows past ends_E[-1] are left unwritten (combine never reads them).
-    `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel."""
+    stream kernels in one launch (`counters`, see expert_mlp_stream). Rows past ends_E[-1] are
+    left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens and row n is
+    x_ND[rows_N[n]], gathered by the up kernel."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
@@ -494,10 +387,8 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     block_e = next_power_of_2(E)
     pdl = pdl_launch(x_ND)
     if counters is not None:
-        _check_counters(counters, E)
-        launch = _moe_slices if slices else _moe_stream
-        launch(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND, counters,
-               activation, keys, dict(blocks, BLOCK_E=block_e, **pdl))
+        _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
+                    counters, activation, keys, dict(blocks, BLOCK_E=block_e, **pdl))
         return y_ND
     up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
@@ -510,17 +401,14 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     return y_ND
 
 
-def _check_counters(counters: torch.Tensor, E: int) -> None:
-    if counters.dtype != torch.int32 or counters.numel() < COUNTERS_PER_EXPERT * E:
-        raise ValueError(f"expert_mlp_stream: counters must be int32 with "
-                         f"{COUNTERS_PER_EXPERT * E} entries for "
-                         f"{E} experts, got {counters.numel()} {counters.dtype}")
-
-
 def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
                 counters, activation, keys, meta) -> None:
     """Launch _moe_stream_kernel (one launch for the up and the down kernels' programs)."""
     D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
+    if counters.dtype != torch.int32 or counters.numel() < COUNTERS_PER_EXPERT * E:
+        raise ValueError(f"expert_mlp_stream: counters must be int32 with "
+                         f"{COUNTERS_PER_EXPERT * E} entries for "
+                         f"{E} experts, got {counters.numel()} {counters.dtype}")
     active = min(h_NF.shape[0], E)
     kernel = _moe_stream_kernel
     if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
@@ -535,34 +423,8 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
         HAS_OUT_BIAS=b_out_ED is not None, GATHER=rows_N is not None, **meta)
 
 
-def _moe_slices(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
-                counters, activation, keys, meta) -> None:
-    """Launch _moe_slices_kernel (h_NF unused: each program keeps its slice of h)."""
-    D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
-    N = y_ND.shape[0]
-    active = min(N, E)
-    part = torch.empty(N * cdiv(F, MIN_SLICE_N) * D, dtype=torch.float32, device=x_ND.device)
-    kernel = _moe_slices_kernel
-    if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
-        kernel = kernel.fn
-        meta = dict(meta, SLICE_N=MIN_SLICE_N, UP_K=32, DOWN_N=32, RED_D=32, PREFETCH=False)
-    grid = lambda m: (active * cdiv(F, m["SLICE_N"]),)  # noqa: E731
-    kernel[grid](
-        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
-        b_in_EI if b_in_EI is not None else w_in_EDI, w_out_EFD,
-        b_out_ED if b_out_ED is not None else w_out_EFD, part, y_ND, counters, E, *keys, D=D,
-        F=F, SWIGLU=activation == "swiglu", HAS_IN_BIAS=b_in_EI is not None,
-        HAS_OUT_BIAS=b_out_ED is not None, GATHER=rows_N is not None, **meta)
-
-
 # expert_mlp_stream's counters per expert: its up tiles done, its down tiles done.
 COUNTERS_PER_EXPERT = 2
-
-# slices_fit's bounds: the hidden-slice kernel for at most this many rows (batch 1 of a top-8
-# router) and this hidden width (32 slices of MIN_SLICE_N: the last program of an expert sums
-# that many partial rows of D, unrolled).
-SLICES_MAX_ROWS = 8
-SLICES_MAX_F = 32 * MIN_SLICE_N
 
 
 def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
@@ -572,33 +434,19 @@ def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
     return zeroed_counters(None, COUNTERS_PER_EXPERT * num_experts, device)
 
 
-def slices_fit(n_rows: int, d_ff: int) -> bool:
-    """Whether expert_mlp_stream's one launch runs the hidden-slice kernel for n_rows rows of
-    experts with hidden width d_ff: few rows (SLICES_MAX_ROWS), and few enough slices
-    (SLICES_MAX_F / MIN_SLICE_N) for one program to sum each row's partials."""
-    return n_rows <= SLICES_MAX_ROWS and d_ff <= SLICES_MAX_F
-
-
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                       b_out_ED: torch.Tensor | None, activation: str,
                       parked: bool = True, rows_N: torch.Tensor | None = None,
-                      counters: torch.Tensor | None = None,
-                      slices: bool | None = None) -> torch.Tensor:
+                      counters: torch.Tensor | None = None) -> torch.Tensor:
     """Few-token path (inference only: no autograd): the weight-streaming kernels. Rows past
     ends_E[-1] are left unwritten (combine never reads them), so `parked` needs no work here.
     `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel.
-    `counters` (stream_counters): one launch instead of two; `slices` picks its kernel (None:
-    slices_fit): the hidden-slice kernel (each program computes a slice of an expert's hidden
-    units and its share of the output, the expert's last program sums the shares; no program
-    waits for another) or the up and down programs with each down program waiting for its
-    expert's h (the same tiles give the two launches' values)."""
-    if slices is None:
-        slices = slices_fit(x_ND.shape[0] if rows_N is None else rows_N.shape[0],
-                            w_out_EFD.shape[1])
+    `counters` (stream_counters): the up and down kernels run as one launch, each down program
+    waiting for its expert's h instead of the whole up kernel (no kernel boundary between them;
+    the same tiles give the same values)."""
     return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=False, counters=counters,
-                              slices=slices and counters is not None)
+                              rows_N, tiled=False, counters=counters)
 
 
 def _tiled_grid(N: int, E: int, cols: int):
