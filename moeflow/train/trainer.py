@@ -29,9 +29,9 @@ distill), or `init`: any checkpoint moeflow.interop.pretrained.load_model_dir re
 `moeflow upcycle` output, a moeflow/HF model directory), whose network and tokenizer the run
 takes; the optimizer and the schedule start fresh.
 
-Data: text (files, directories, JSONL, a built-in corpus) is tokenized here with a BPE tokenizer
-trained on its training split; a prepared dataset directory (moeflow.data.prepared) brings its
-own tokens and tokenizer.
+Data (moeflow.train.run_data): text (files, directories, JSONL, a built-in corpus) tokenized
+with a BPE tokenizer trained on its training split, or a prepared dataset directory
+(moeflow.data.prepared) with its own tokens and tokenizer.
 
 Expert groups: a model whose router names expert_groups trains on tokens that each carry a
 group id, from a JSONL field (`group_field`) or a rule (`group_rule`), see moeflow.data.groups;
@@ -40,7 +40,7 @@ the ids travel with the tokens through the same windows and micro-batches into
 refused rather than trained with every token in group 0: that would train only the first
 group's experts and leave the others at their random init, with nothing in the metrics to say
 why. A prepared dataset brings its own group labels (`moeflow prepare-data --group-field F` or
-`--group-rule modality`), stored by name and mapped to the model's groups here; an ungrouped
+`--group-rule modality`), stored by name and mapped to the model's groups by run_data; an ungrouped
 model trains on such a dataset and ignores them (a one-pool baseline on the same tokens).
 
 Parallel training overrides the small steps rather than the loop: `parallelize` (shard
@@ -61,16 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moeflow.config import ModelConfig
-from moeflow.data.corpus import load_corpus, split_documents
-from moeflow.data.groups import document_group_ids, encode_grouped, rule_group_ids
-from moeflow.data.loader import BatchLoader, PackedTokens, micro_batches, validation_indices
-from moeflow.data.prepared import PreparedDataset, is_prepared, load_prepared
-from moeflow.data.tokenizer import BPETokenizer
+from moeflow.data.loader import BatchLoader, micro_batches, validation_indices
 from moeflow.interop.pretrained import load_model_dir
 from moeflow.model import Transformer
 from moeflow.ops.backend import Backends, compile_blocker
@@ -86,6 +81,7 @@ from moeflow.train.metrics import MetricsWriter
 from moeflow.train.pregate import freeze_backbone, pregate_objective, recall_counts
 from moeflow.train.progress import ProgressReporter
 from moeflow.train.run_config import TrainConfig
+from moeflow.train.run_data import check_group_source, is_prepared_run, load_run_data
 from moeflow.train.schedule import LRSchedule
 
 
@@ -162,27 +158,6 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
                                             lookahead=cfg.lookahead_context,
                                             lookahead_rank=cfg.lookahead_rank)
     return model_config
-
-
-def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bool) -> None:
-    """A grouped model needs a source of group ids and an ungrouped one takes none (see the
-    module docstring for why there is no default group); a prepared dataset is its own."""
-    names = model_config.router.group_names
-    flag = "--group-field" if cfg.group_field is not None else "--group-rule"
-    if names and cfg.pregate:
-        raise ValueError("--pregate: the model has expert groups; pre-gate heads for grouped "
-                         "routing are not built yet")
-    if prepared and (cfg.group_field is not None or cfg.group_rule is not None):
-        raise ValueError(f"{flag}: a prepared dataset brings its own group labels (give the "
-                         f"flag to `moeflow prepare-data` instead)")
-    if prepared:
-        return
-    if names and cfg.group_field is None and cfg.group_rule is None:
-        raise ValueError(f"the model has expert groups ({', '.join(names)}): give every token "
-                         f"a group with --group-field FIELD (JSONL records naming their group) "
-                         f"or --group-rule modality")
-    if not names and (cfg.group_field is not None or cfg.group_rule is not None):
-        raise ValueError(f"{flag}: the model has no expert groups (router.expert_groups)")
 
 
 def _recall_note(row: dict[str, Any]) -> str:
@@ -441,8 +416,7 @@ class Trainer:
         elif cfg.init is not None:  # resuming: the network is the checkpoint's
             base = ckpt_io.load_model_config(resume_ckpt)
         model_config = load_model_config(cfg, base)
-        prepared = len(cfg.data) == 1 and is_prepared(cfg.data[0])
-        check_group_source(cfg, model_config, prepared)
+        check_group_source(cfg, model_config, is_prepared_run(cfg))
         self.teacher, teacher_tokenizer = None, None
         if cfg.distilling:
             self.teacher, teacher_tokenizer = ckpt_io.load_for_inference(cfg.teacher, self.device)
@@ -469,10 +443,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         source_tokenizer = teacher_tokenizer or init_tokenizer
-        if prepared:
-            self._use_prepared(load_prepared(cfg.data[0]), resume_ckpt, source_tokenizer)
-        else:
-            self._tokenize_corpus(resume_ckpt, source_tokenizer)
+        data = load_run_data(cfg, model_config, self.seq_len, resume_ckpt, source_tokenizer)
+        self.tokenizer, self.train_data, self.val_data = data.tokenizer, data.train, data.val
         # Global, like the batch: the same windows at any world size (each rank takes a share).
         val_idx = validation_indices(self.val_data, cfg.val_batches * self.micro_batch * self.world)
         self.val_windows = self.val_data.windows(val_idx)
@@ -503,79 +475,6 @@ class Trainer:
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
         self.prepared = True
-
-    def _tokenize_corpus(self, resume_ckpt: Path | None, teacher_tokenizer) -> None:
-        """Train data from text: the run's tokenizer (trained here, or the checkpoint's or the
-        teacher's) encodes the corpus's training and validation documents."""
-        cfg = self.cfg
-        docs = load_corpus(cfg.data, cfg.text_field, cfg.group_field)
-        names = self.model_config.router.group_names
-        if cfg.group_field is not None:  # every label checked before any tokenizer training
-            document_group_ids(docs, names, cfg.group_field)
-        elif cfg.group_rule is not None:
-            rule_group_ids(cfg.group_rule, names)
-        train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-        if resume_ckpt is not None:
-            self.tokenizer = ckpt_io.load_tokenizer(resume_ckpt)
-        elif teacher_tokenizer is not None:
-            self.tokenizer = teacher_tokenizer
-        else:
-            self.tokenizer = BPETokenizer.train((d.text for d in train_docs),
-                                                self.model_config.vocab_size)
-        self._check_vocab()
-        for split, docs in (("train", train_docs), ("validation", val_docs)):
-            groups = None
-            if names:
-                tokens, groups = encode_grouped(self.tokenizer, docs, names,
-                                                field=cfg.group_field, rule=cfg.group_rule)
-            else:
-                tokens = self.tokenizer.encode_documents([d.text for d in docs])
-            data = PackedTokens(tokens, self.seq_len, split, groups=groups)
-            if split == "train":
-                self.train_data = data
-            else:
-                self.val_data = data
-
-    def _use_prepared(self, data: PreparedDataset, resume_ckpt: Path | None,
-                      teacher_tokenizer) -> None:
-        """Train data from a prepared dataset: its tokens, its tokenizer (which a teacher and a
-        resumed checkpoint must share)."""
-        train_groups, val_groups = self._prepared_groups(data)
-        self.tokenizer = data.tokenizer
-        checkpoint_tokenizer = resume_ckpt and ckpt_io.load_tokenizer(resume_ckpt)
-        source = "the teacher" if self.cfg.distilling else "the --init checkpoint"
-        for owner, other in ((source, teacher_tokenizer),
-                             ("the checkpoint", checkpoint_tokenizer)):
-            if other is not None and other.to_str() != data.tokenizer.to_str():
-                raise ValueError(f"{owner}'s tokenizer differs from the prepared dataset "
-                                 f"{str(data.path)!r}'s")
-        self._check_vocab()
-        self.train_data = PackedTokens(data.train_tokens, self.seq_len, "train", data.info.digest,
-                                       train_groups)
-        self.val_data = PackedTokens(data.val_tokens, self.seq_len, "validation",
-                                     data.info.digest, val_groups)
-
-    def _prepared_groups(self, data: PreparedDataset) -> tuple[Any, Any]:
-        """The prepared dataset's labels as the model's group ids (None, None: no groups)."""
-        names = self.model_config.router.group_names
-        if not names:
-            return None, None
-        have = data.info.group_names
-        if not have:
-            raise ValueError(f"the prepared dataset {str(data.path)!r} holds no expert group "
-                             f"labels; prepare it with --group-field or --group-rule")
-        missing = [n for n in have if n not in names]
-        if missing:
-            raise ValueError(f"the prepared dataset {str(data.path)!r} labels tokens "
-                             f"{', '.join(have)}; the model's expert groups "
-                             f"({', '.join(names)}) have no {missing[0]!r}")
-        lut = np.asarray([names.index(n) for n in have], dtype=np.uint8)
-        return lut[data.train_groups], lut[data.val_groups]
-
-    def _check_vocab(self) -> None:
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
-                             f"vocab_size is {self.model_config.vocab_size}")
 
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from, or None for a fresh run into an empty --out."""
