@@ -9,7 +9,8 @@ p reads a [D / SPLIT, BN] slab of one expert's [D, I] weight (or, TRANSPOSED, of
 weight: BN rows of D contiguous elements) in [BK, BN] tiles and multiplies it by a constant
 16-row tile, as the expert kernels do (so Triton pipelines the loads), then stores BN sums.
 Each configuration runs over 8 copies of the weights (one per "layer", so L2 holds none of
-them between calls) in a CUDA graph; µs per call is the median of the replays over 8.
+them between calls) in a CUDA graph; µs per call is the median of the replays over 8
+(decode_attention.time_per_call).
 
     PYTHONPATH=. python benchmarks/decode_stream_probe.py --out $OUT   # one H200: ~2 min
 
@@ -23,9 +24,14 @@ import itertools
 import json
 from pathlib import Path
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_attention import time_per_call  # noqa: E402
 
 D, I, EXPERTS, LAYERS, REPS = 2048, 1536, 8, 8, 30
 
@@ -59,20 +65,8 @@ def time_config(ws, out, bn, bk, split, warps, stages, transposed) -> float:
         for w in ws:
             _slab_kernel[grid](w, out, D=D, I=I, SPLIT=split, BN=bn, BK=bk,
                                TRANSPOSED=transposed, num_warps=warps, num_stages=stages)
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(ws))
-    return sorted(times)[len(times) // 2]
+    step()  # compiles outside the capture
+    return time_per_call(step, len(ws), out.device, REPS)
 
 
 def main() -> None:
