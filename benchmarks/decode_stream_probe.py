@@ -20,11 +20,11 @@ writes OUT/decode_stream_probe.{json,md}.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -98,8 +98,10 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     (args.out / "decode_stream_probe.json").write_text(json.dumps(
         {"gpu": name, "mb_per_call": mb, "rows": rows}, indent=1))
-    md = [f"# Decode weight streaming probe ({name}): {mb:.1f} MB per call "
-          f"({EXPERTS} experts × [{D}, {I}] bf16)\n",
+    md = [f"# Decode weight streaming probe ({name}, {datetime.date.today()}): {mb:.1f} MB per "
+          f"call ({EXPERTS} experts × [{D}, {I}] bf16)\n",
+          f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, triton "
+          f"{triton.__version__}; µs per call: median of {REPS} graph replays over {LAYERS}\n",
           "| BN | BK | SPLIT | warps | stages | transposed | programs | µs | TB/s |",
           "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["us"]):
