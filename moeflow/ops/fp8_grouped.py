@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from moeflow.ops.fp8_linear import FP8, dequantize, pow2_scales, quantize_operand
+from moeflow.ops.grid import cdiv
 
 # torch._scaled_grouped_mm's 2D×2D form needs group sizes that are multiples of this (see above).
 GROUP_ALIGN = 16
@@ -108,7 +109,7 @@ def _aligned_rows(x_NK: torch.Tensor, dy_NJ: torch.Tensor, offs_E: torch.Tensor)
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
     padded_E = (counts_E.clamp_min(1) + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
     padded_offs_E = torch.cumsum(padded_E, 0).to(offs_E.dtype)
-    P = -(-N // GROUP_ALIGN) * GROUP_ALIGN + GROUP_ALIGN * E
+    P = cdiv(N, GROUP_ALIGN) * GROUP_ALIGN + GROUP_ALIGN * E
     segment_P = _segments(padded_offs_E, P)
     none = offs_E.new_zeros(1)  # segment E (past the aligned end) holds no rows
     start_S = torch.cat([offs_E - counts_E, none])

@@ -283,7 +283,7 @@ def _block_t(E: int, T: int) -> int:
     spill registers: 64 × 128 took 77 µs for one program on an H100), and few enough tokens that
     small batches still spread over the SMs instead of one program doing all the work."""
     cap = max(2, min(16, 4096 // next_power_of_2(E)))
-    spread = next_power_of_2(max(1, -(-T // 264)))  # ≥ 2 programs per SM when T allows
+    spread = next_power_of_2(max(1, cdiv(T, 264)))  # ≥ 2 programs per SM when T allows
     return max(2, min(cap, spread))
 
 
