@@ -4,6 +4,8 @@ over 200 steps").
 
     PYTHONPATH=. python benchmarks/fp8_loss.py --out benchmarks/results/fp8          # 200 steps
     PYTHONPATH=. python benchmarks/fp8_loss.py --steps 50 --out /tmp/fp8 --baseline-seed 1
+    PYTHONPATH=. python benchmarks/fp8_loss.py --preset finegrained-1b --batch-size 4 \
+        --steps 60 --out /tmp/fp8 --variant experts_ref=experts:reference
 
 Both runs go through the library's Trainer (what `moeflow train` runs): the same preset, seed,
 built-in corpus (the standard library's sources), tokenizer, batches and initial weights; only
@@ -16,16 +18,22 @@ What is compared: the training loss of every step (the FP8 forward's, on the ste
 the validation loss at every validation point. Validation runs without autograd, where FP8 does
 not apply (Backends.matmul), so the validation curve compares the weights each run trained,
 evaluated the same way. `--baseline-seed S` adds a third run, the plain model from another seed,
-to put the FP8 difference next to the seed-to-seed spread.
+to put the FP8 difference next to the seed-to-seed spread. `--variant NAME=field:value,...`
+adds a plain run with those Backends fields fixed (the same seed and batches), compared with
+plain step by step: which implementation moves the curve. Why: on the H200 (session 22)
+finegrained-1b's FP8 run ended 0.21 below plain bf16 in validation loss over 200 steps (0.40
+at step 20), where the CPU (fp32 or bf16 autocast against the FP8 emulation) and the tiny
+preset on the GPU agree to ≤ 0.03 (benchmarks/results/fp8/README.md).
 
 Writes OUT/fp8_loss.json (per-step losses, the differences, machine, date, command) and
-OUT/fp8_loss.md (a short table); prints the table. The runs themselves (metrics.jsonl,
-checkpoints) go to --work.
+OUT/fp8_loss.md (a short table); prints the table. The runs themselves (metrics.jsonl; no
+checkpoint: only the metrics are read) go to --work.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -40,20 +48,52 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.train import TrainConfig  # noqa: E402
 from moeflow.train.trainer import Trainer  # noqa: E402
 
 
-def train(args, name: str, fp8: bool, seed: int) -> dict:
+class _ChosenBackends(Trainer):
+    """The Trainer with some Backends fields fixed (a --variant run)."""
+
+    def __init__(self, cfg: TrainConfig, backends: dict[str, str]):
+        self.chosen = backends  # before Trainer.__init__, which builds the model
+        super().__init__(cfg)
+
+    def backends(self) -> Backends:
+        return dataclasses.replace(super().backends(), **self.chosen)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'NAME=field:value,...' (Backends fields) -> (NAME, {field: value})."""
+    name, _, spec = text.partition("=")
+    fields = dict(item.split(":", 1) for item in spec.split(",") if item)
+    known = {f.name for f in dataclasses.fields(Backends)}
+    if not name or not fields or set(fields) - known:
+        raise SystemExit(f"--variant {text!r}: expected NAME=field:value,... with fields from "
+                         f"{', '.join(sorted(known))}")
+    try:
+        Backends(**fields)  # an unknown value fails here, before any run
+    except ValueError as e:
+        raise SystemExit(f"--variant {text!r}: {e}") from None
+    return name, fields
+
+
+def train(args, name: str, fp8: bool, seed: int, backends: dict[str, str] | None = None
+          ) -> dict:
     out = Path(args.work) / name
     cfg = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                       val_every=args.val_every, val_batches=args.val_batches, seed=seed,
-                      fp8=fp8, device=args.device, out=str(out), progress=False)
+                      fp8=fp8, device=args.device, out=str(out), progress=False,
+                      # Only the metrics are read: a final checkpoint (weights and AdamW state,
+                      # ~50 GB for finegrained-1b) filled the H200 machine's disk (session 22).
+                      save_at_end=False)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = _ChosenBackends(cfg, backends) if backends else Trainer(cfg)
     trainer.run()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "fp8": fp8, "seed": seed, "seconds": time.perf_counter() - t0,
+    return {"name": name, "fp8": fp8, "seed": seed, "backends": backends or {},
+            "seconds": time.perf_counter() - t0,
             "device": str(trainer.device),
             "train_loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
             "val_loss": {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}}
@@ -95,6 +135,12 @@ def table(result: dict) -> str:
                      f"{s['val_loss']['max_abs']:.4f}, final |Δ| "
                      f"{s['val_loss']['final_abs']:.4f} (its batches differ too, so its "
                      "training losses are not compared step by step)")
+    for name, d in result.get("variants_vs_plain", {}).items():
+        lines.append(f"Variant {name} {result['runs'][name]['backends']} vs plain: validation "
+                     f"loss max |Δ| {d['val_loss']['max_abs']:.4f}, final |Δ| "
+                     f"{d['val_loss']['final_abs']:.4f}; training loss mean |Δ| "
+                     f"{d['train_loss']['mean_abs']:.4f} (final val "
+                     f"{result['runs'][name]['val_loss'][d['val_loss']['final_step']]:.4f})")
     lines.append(f"Wall time: plain {plain['seconds']:.0f} s, FP8 {fp8['seconds']:.0f} s.")
     return "\n".join(lines)
 
@@ -109,11 +155,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline-seed", type=int, default=None,
                    help="also train the plain model from this seed (the seed-to-seed spread)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=field:value,...",
+                   help="also train the plain run with these Backends fields fixed (e.g. "
+                        "experts_ref=experts:reference), compared step by step with plain")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory for fp8_loss.json and fp8_loss.md")
-    p.add_argument("--work", help="directory for the runs (checkpoints, metrics; default: a "
+    p.add_argument("--work", help="directory for the runs (metrics; default: a "
                                   "new temporary directory)")
     args = p.parse_args()
+    variants = dict(parse_variant(v) for v in args.variant)
+    if {"plain", "fp8", "seed"} & set(variants):
+        p.error("--variant: plain, fp8 and seed name the script's own runs")
     args.work = args.work or tempfile.mkdtemp(prefix="fp8_loss_")
 
     result = {"command": " ".join(["python"] + sys.argv),
@@ -133,6 +185,11 @@ def main() -> None:
         result["runs"]["seed"] = train(args, "seed", False, args.baseline_seed)
         result["seed_vs_plain"] = {k: differences(plain, result["runs"]["seed"], k)
                                    for k in ("train_loss", "val_loss")}
+    for name, backends in variants.items():
+        result["runs"][name] = train(args, name, False, args.seed, backends)
+    result["variants_vs_plain"] = {
+        name: {k: differences(plain, result["runs"][name], k) for k in ("train_loss", "val_loss")}
+        for name in variants}
     marks = sorted({0, 1, *range(args.val_every, args.steps + 1, args.val_every), args.steps})
     result["report_steps"] = marks
     text = table(result)

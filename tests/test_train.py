@@ -3,6 +3,7 @@ losses, the aux-loss-free bias update, plots and every bad input of `moeflow tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -190,6 +191,22 @@ def test_nan_loss_stops_before_the_optimizer_step(tmp_path, corpus, config):
     assert [s["step"] for s in trainer.optimizer.state.values()] == trainer.opt_steps
     assert ckpt_io.latest_checkpoint(out).name == "step_00000002"
     assert [s for s, *_ in losses(out)] == [0, 1, 2]  # the poisoned step wrote no row
+
+
+def test_no_save_at_end_writes_metrics_and_no_checkpoint(tmp_path, corpus, config):
+    """--no-save-at-end (a throwaway run: fp8_loss.py's comparisons) trains and records as
+    usual; only the closing checkpoint is not written. save_every still saves."""
+    out = tmp_path / "nosave"
+    cfg = TrainConfig(model_config=str(config), data=(str(corpus),), out=str(out), steps=4,
+                      batch_size=4, val_every=2, val_batches=1, save_every=3, save_at_end=False,
+                      progress=False)
+    result = Trainer(cfg).run()
+    assert result.finished and [s for s, *_ in losses(out)] == [0, 1, 2, 3, 4]
+    assert result.checkpoint.name == "step_00000003"
+    assert ckpt_io.latest_checkpoint(out).name == "step_00000003"
+    none = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "none"), save_every=0)).run()
+    assert none.checkpoint is None and not (tmp_path / "none" / "checkpoints").exists()
+    assert "checkpoint: none (--no-save-at-end)" in none.summary()[-1]
 
 
 # ---- aux-loss-free balancing ----------------------------------------------------------------

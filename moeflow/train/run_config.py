@@ -32,7 +32,8 @@ DEVICES = ("auto", "cpu", "cuda")
 STUDENT_INITS = ("teacher", "random")
 PREGATE_LOSSES = ("topk-ce", "kl")  # moeflow.train.pregate.pregate_objective
 # Fields a resumed run may set differently from the run it continues.
-RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "out", "device", "progress")
+RESUMABLE = ("stop_at", "resume", "save_every", "keep_checkpoints", "save_at_end", "out", "device",
+             "progress")
 # Checked against the checkpoint's network rather than by value (see the module docstring).
 MODEL_FIELDS = ("preset", "model_config")
 # Fields naming files: compared as absolute paths ("builtin:" sources are names, not paths).
@@ -115,6 +116,8 @@ class TrainConfig:
     out: str = option("run directory: metrics.jsonl, checkpoints/", default="runs/train")
     save_every: int = option("checkpoint every N steps (0 = only at the end)", default=0)
     keep_checkpoints: int = option("checkpoints kept on disk (older ones are deleted)", default=2)
+    save_at_end: bool = option("write a checkpoint when the run ends (--no-save-at-end: metrics "
+                               "only, for a run nothing will load or resume)", default=True)
     stop_at: int | None = option("end the run after step K as an interruption would, leaving a "
                                  "checkpoint that --resume continues on the same schedule",
                                  default=None)

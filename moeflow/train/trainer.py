@@ -119,8 +119,9 @@ class TrainResult:
             lines.append(f"nothing to do: the run had already finished at step {self.step} "
                          f"(checkpoint: {self.checkpoint}); pass a larger --steps to extend it")
         else:
+            saved = self.checkpoint if self.checkpoint is not None else "none (--no-save-at-end)"
             lines.append(f"{'finished' if self.finished else 'stopped'} at step {self.step}; "
-                         f"checkpoint: {self.checkpoint}")
+                         f"checkpoint: {saved}")
         for name, g in (self.groups or {}).items():
             dropped = ("" if math.isnan(g["dropped_frac"]) else
                        f", {100 * g['dropped_frac']:.1f}% dropped in training")
@@ -623,7 +624,7 @@ class Trainer:
                                       f"ppl {row['val_ppl']:.1f}{_recall_note(row)}")
                     interrupted = self.stop_requested(stop.requested)
                     if interrupted or (cfg.save_every and step % cfg.save_every == 0) \
-                            or step == end:
+                            or (step == end and cfg.save_at_end):
                         ckpt = self.save(step)
                     if interrupted:
                         break
