@@ -44,6 +44,11 @@ def _logits(T, E, seed):
     if T > 2:
         logits[1] = 0.5  # a token whose scores all tie
         logits[2, :E // 4] = logits[2, E // 4:E // 2]
+    if T > 4:
+        logits[3] -= 20  # every logit negative (DeepSpeed ranks later choices by them)
+        # -0 ties +0: the lower expert wins (DeepSpeed's second choice is by the logits).
+        logits[4] = -5.0
+        logits[4, 1], logits[4, 2], logits[4, 6] = 5.0, -0.0, 0.0
     return logits.to(DEVICE)
 
 
