@@ -162,7 +162,8 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=20)
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the preset's, as `moeflow train`)")
     p.add_argument("--rerun", action="store_true",
                    help="also train the plain run again from the same seed: the run-to-run "
                         "spread of a device whose kernels are not deterministic (GPU atomics)")
@@ -189,7 +190,7 @@ def main() -> None:
                           "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                                   else None)},
               "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
-              "lr": args.lr,
+              "lr": TrainConfig(preset=args.preset, lr=args.lr).lr,
               "runs": {}}
     result["runs"]["plain"] = train(args, "plain", False, args.seed)
     result["runs"]["fp8"] = train(args, "fp8", True, args.seed)

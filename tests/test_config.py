@@ -303,3 +303,21 @@ def test_presets_are_data_and_from_name_builds_them():
         assert ModelConfig.from_name(name) == cfg and cfg.name == name
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: 350m, "):
         ModelConfig.from_name("nope")
+
+
+def test_lr_defaults_to_the_presets_recipe(tmp_path):
+    """--lr left out: the preset's recipe (PRESET_LR), DEFAULT_LR for other models and for
+    networks from --config or --init; an explicit lr wins; run.json keeps the resolved value,
+    so a resume trains on at it."""
+    from moeflow.train.run_config import DEFAULT_LR, PRESET_LR, TrainConfig
+
+    assert set(PRESET_LR) <= set(PRESETS)
+    assert TrainConfig(preset="350m-moe128").lr == 2e-4
+    assert TrainConfig(preset="1.3b-pr-moe-64-128").lr == 1.2e-4
+    assert TrainConfig(preset="finegrained-1b").lr == 3e-4
+    assert TrainConfig(preset="tiny").lr == DEFAULT_LR == 1e-3
+    assert TrainConfig(preset="350m-moe128", lr=5e-4).lr == 5e-4
+    assert TrainConfig(preset="350m-moe128", model_config="m.json").lr == DEFAULT_LR
+    assert TrainConfig(preset="350m-moe128", init="run").lr == DEFAULT_LR
+    TrainConfig(preset="1.3b-moe128", out=str(tmp_path)).save(tmp_path / "run.json")
+    assert TrainConfig.load(tmp_path / "run.json").lr == 1.2e-4

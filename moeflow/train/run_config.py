@@ -39,6 +39,21 @@ MODEL_FIELDS = ("preset", "model_config")
 # Fields naming files: compared as absolute paths ("builtin:" sources are names, not paths).
 PATH_FIELDS = ("data", "teacher", "init")
 
+# The peak learning rate when --lr is not given: the preset's below where its recipe is known,
+# else DEFAULT_LR (the small presets', `tiny`'s and the demo's scale). The paper's MoE models
+# (PR-MoE and MoS students included) take its recipe's lr for their base size (the
+# Megatron-DeepSpeed scripts: 2e-4 on the 350M base, 1.2e-4 on the 1.3B one), its dense
+# baselines GPT-3's (350M 3e-4, 1.3B 2e-4, 6.7B 1.2e-4). finegrained-1b: 3e-4, measured on an
+# H200 at batch 4 (benchmarks/results/fp8, session 23): validation loss 4.18-4.23 after 200
+# steps against 4.71-4.85 at 1e-3, which had loss spikes.
+DEFAULT_LR = 1e-3
+PRESET_LR = {
+    "350m": 3e-4, "1.3b": 2e-4, "6.7b": 1.2e-4,
+    "350m-moe128": 2e-4, "350m-pr-moe-32-64": 2e-4, "350m-mos-pr-moe-32-64": 2e-4,
+    "1.3b-moe128": 1.2e-4, "1.3b-pr-moe-64-128": 1.2e-4, "1.3b-mos-pr-moe-64-128": 1.2e-4,
+    "finegrained-1b": 3e-4,
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -93,15 +108,17 @@ class TrainConfig:
                              "activation memory, one more head GEMM per chunk in backward; "
                              "moeflow/ops/linear_cross_entropy.py); 0: the plain loss",
                              default=0)
-    # off by default: 2.5x slower than bf16 on the H200 (benchmarks/results/train_throughput).
+    # off by default: 2.0x slower than bf16 on the H200 (benchmarks/results/train_throughput).
     fp8: bool = option("run the attention, dense-MLP and expert matmuls in FP8 (e4m3 with "
                        "rowwise scales, forward and backward; moeflow/ops/fp8_linear.py): "
                        "torch._scaled_mm on a GPU of compute capability 8.9+ (the experts' "
                        "grouped kernel: 9.0), a plain-torch emulation of the same numerics "
                        "on the CPU; the LM head, router, embeddings and norms stay in high "
-                       "precision, and validation runs without FP8. Measured so far: 2.5x "
+                       "precision, and validation runs without FP8. Measured so far: 2.0x "
                        "slower than bf16 on an H200 (finegrained-1b)", default=False)
-    lr: float = option("peak learning rate", default=1e-3)
+    lr: float | None = option("peak learning rate (default: the preset's recipe where known, "
+                              "e.g. 2e-4 for 350m-moe128, else 1e-3; PRESET_LR in "
+                              "moeflow/train/run_config.py)", default=None)
     warmup_steps: int | None = option("linear warmup steps (default: min(100, steps/10))",
                                       default=None)
     min_lr_ratio: float = option("cosine decay floor as a fraction of --lr", default=0.1)
@@ -168,6 +185,10 @@ class TrainConfig:
         if isinstance(self.data, (list, str)):
             object.__setattr__(self, "data", tuple([self.data] if isinstance(self.data, str)
                                                    else self.data))
+        if self.lr is None:
+            from_preset = self.model_config is None and self.init is None
+            object.__setattr__(self, "lr", PRESET_LR.get(self.preset, DEFAULT_LR)
+                               if from_preset else DEFAULT_LR)
         if self.warmup_steps is None and isinstance(self.steps, int):
             object.__setattr__(self, "warmup_steps", min(100, self.steps // 10))
         for name in ("steps", "batch_size", "val_every", "val_batches", "keep_checkpoints"):
