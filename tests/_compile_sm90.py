@@ -19,17 +19,32 @@ from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quant
                          skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
+SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 
 
 def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4):
     """triton.compile of the jit function `fn` for sm_90: `signature` maps the runtime
-    arguments, in order, to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest."""
+    arguments, in order, to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest.
+
+    Every pointer and i32 argument is compiled as a multiple of 16, the variant the models'
+    launches run: Triton specializes on 16-byte aligned tensors and sizes or strides divisible
+    by 16, and only that variant gets vectorised loads and the software pipeliner (loads
+    staged through shared memory by cp.async; the tiled up kernel's 128 x 128 tiles use 32 KB
+    of shared memory unaligned and 144 KB aligned). The kernel must fit sm_90's shared memory,
+    else the launch fails on the GPU."""
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
     index = list(sig)
+    aligned = {(index.index(name),): [["tt.divisibility", 16]]
+               for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
     src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(index.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(index.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})
+    name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", fn))
+    assert kernel.metadata.shared <= SM90_SHARED_BYTES, (
+        f"{name}: {kernel.metadata.shared} bytes of shared memory, over sm_90's "
+        f"{SM90_SHARED_BYTES}")
     if constexprs.get("PDL"):
         _check_waits_first(fn, kernel.asm["ptx"])
     return kernel

@@ -6,7 +6,9 @@ compile on the GPU. It happened (H200, 2026-12-02): `_load_bits` in moeflow.ops.
 returned an int32 from a constexpr branch and fell through to a second return of int16, which
 the compiler types as inconsistent return types while the interpreter takes the first return.
 Each case (tests/_compile_sm90.py) compiles kernels with the constexprs their launchers pass,
-through ptxas, for sm_90: the kernels changed since that run, and the one that failed."""
+through ptxas, for sm_90, specialized as a launch with 16-aligned tensors and sizes (the
+pipelined variant the GPU runs), and checks that it fits sm_90's shared memory: the kernels
+changed since that run, and the one that failed."""
 
 import os
 import subprocess
