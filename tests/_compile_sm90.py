@@ -24,24 +24,28 @@ SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 
 
 def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4):
     """triton.compile of the jit function `fn` for sm_90: `signature` maps the runtime
-    arguments, in order, to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest.
+    arguments to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest, with the
+    unit strides of contiguous tensors among them as 1 (a launch specializes an integer equal
+    to 1 as that constant).
 
-    Every pointer and i32 argument is compiled as a multiple of 16, the variant the models'
-    launches run: Triton specializes on 16-byte aligned tensors and sizes or strides divisible
-    by 16, and only that variant gets vectorised loads and the software pipeliner (loads
-    staged through shared memory by cp.async; the tiled up kernel's 128 x 128 tiles use 32 KB
-    of shared memory unaligned and 144 KB aligned). The kernel must fit sm_90's shared memory,
-    else the launch fails on the GPU."""
-    sig = dict(signature, **{name: "constexpr" for name in constexprs})
-    index = list(sig)
-    aligned = {(index.index(name),): [["tt.divisibility", 16]]
-               for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
+    Every other pointer and i32 argument is compiled as a multiple of 16, the variant the
+    models' launches run: Triton specializes on 16-byte aligned tensors and sizes or strides
+    divisible by 16, and only that variant gets vectorised loads and the software pipeliner
+    (loads staged through shared memory by cp.async; the tiled up kernel's 128 x 128 tiles use
+    32 KB of shared memory unaligned and 144 KB aligned). The kernel must fit sm_90's shared
+    memory, else the launch fails on the GPU."""
+    names = fn.arg_names
+    missing = set(names) - set(signature) - set(constexprs)
+    assert not missing, f"{fn.__name__}: no type or value for {sorted(missing)}"
+    sig = {n: signature.get(n, "constexpr") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]]
+               for n, kind in signature.items() if kind.startswith("*") or kind == "i32"}
     src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(index.index(k),): v for k, v in constexprs.items()},
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})
-    name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", fn))
+    name = fn.__name__
     assert kernel.metadata.shared <= SM90_SHARED_BYTES, (
         f"{name}: {kernel.metadata.shared} bytes of shared memory, over sm_90's "
         f"{SM90_SHARED_BYTES}")
@@ -71,15 +75,14 @@ def fp8_quantize():
     for is_bf16 in (True, False):
         bits = "*i16" if is_bf16 else "*i32"
         compile_sm90(m._chunk_amax_kernel,
-                     {"t_ptr": bits, "partial_ptr": "*i32",
-                      **_args("R C chunk stride_r stride_c", "i32")},
-                     {"IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128})
+                     {"t_ptr": bits, "partial_ptr": "*i32", **_args("R C chunk stride_r", "i32")},
+                     {"stride_c": 1, "IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128})
         for block_s in (1, 4):
             compile_sm90(m._quantize_kernel,
                          {"t_ptr": bits, "partial_ptr": "*i32", "q_ptr": "*u8",
                           "inverse_ptr": "*fp32",
-                          **_args("R C chunk splits stride_r stride_c", "i32")},
-                         {"IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128,
+                          **_args("R C chunk splits stride_r", "i32")},
+                         {"stride_c": 1, "IS_BF16": is_bf16, "BLOCK_R": 16, "BLOCK_C": 128,
                           "BLOCK_S": block_s})
 
 
@@ -239,15 +242,16 @@ def skinny_linear():
     for has_bias, swap in ((True, False), (False, True)):
         compile_sm90(skinny_linear_triton._linear_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                      **_args("M N K M_BUCKET stride_xm stride_xk stride_wn stride_wk", "i32")},
-                     {"HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
+                      **_args("M N K M_BUCKET stride_xm stride_wn", "i32")},
+                     {"stride_xk": 1, "stride_wk": 1,
+                      "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                       "BLOCK_N": 64 if swap else 16, "BLOCK_K": 128 if swap else 256,
                       "SWAP": swap, "PDL": True}, num_warps=4)
         compile_sm90(skinny_linear_triton._gemv_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                      **_args("N stride_xk stride_wn stride_wk", "i32")},
-                     {"K": 4096, "HAS_BIAS": has_bias, "BLOCK_N": 4, "BLOCK_K": 2048,
-                      "PDL": True},
+                      "N": "i32", "stride_wn": "i32"},
+                     {"stride_xk": 1, "stride_wk": 1, "K": 4096, "HAS_BIAS": has_bias,
+                      "BLOCK_N": 4, "BLOCK_K": 2048, "PDL": True},
                      num_warps=8)
 
 
