@@ -45,9 +45,8 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int
                     attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})
-    name = fn.__name__
     assert kernel.metadata.shared <= SM90_SHARED_BYTES, (
-        f"{name}: {kernel.metadata.shared} bytes of shared memory, over sm_90's "
+        f"{fn.__name__}: {kernel.metadata.shared} bytes of shared memory, over sm_90's "
         f"{SM90_SHARED_BYTES}")
     if constexprs.get("PDL"):
         _check_waits_first(fn, kernel.asm["ptx"])
@@ -62,8 +61,7 @@ def _check_waits_first(fn, ptx: str) -> None:
     first = min((i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.global",
                                                      "red.global", "cp.async"))
                  if i >= 0), default=len(body))
-    name = getattr(fn, "__name__", getattr(getattr(fn, "fn", None), "__name__", fn))
-    assert 0 <= wait < first, f"{name}: global memory accessed before griddepcontrol.wait"
+    assert 0 <= wait < first, f"{fn.__name__}: global memory accessed before griddepcontrol.wait"
 
 
 def _args(names: str, kind: str) -> dict[str, str]:
