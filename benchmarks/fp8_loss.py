@@ -95,7 +95,8 @@ def train(args, name: str, fp8: bool, seed: int, backends: dict[str, str] | None
     trainer = _ChosenBackends(cfg, backends) if backends else Trainer(cfg)
     trainer.run()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "fp8": fp8, "seed": seed, "backends": backends or {},
+    return {"name": name, "fp8": fp8, "seed": seed, "lr": trainer.cfg.lr,
+            "backends": backends or {},
             "seconds": time.perf_counter() - t0,
             "device": str(trainer.device),
             "train_loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
@@ -190,25 +191,24 @@ def main() -> None:
                           "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                                   else None)},
               "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
-              "lr": TrainConfig(preset=args.preset, lr=args.lr).lr,
               "runs": {}}
     result["runs"]["plain"] = train(args, "plain", False, args.seed)
     result["runs"]["fp8"] = train(args, "fp8", True, args.seed)
-    plain, fp8 = result["runs"]["plain"], result["runs"]["fp8"]
-    result["fp8_vs_plain"] = {k: differences(plain, fp8, k) for k in ("train_loss", "val_loss")}
+    plain = result["runs"]["plain"]
+
+    def against_plain(run: dict) -> dict:
+        return {k: differences(plain, run, k) for k in ("train_loss", "val_loss")}
+
+    result["fp8_vs_plain"] = against_plain(result["runs"]["fp8"])
     if args.baseline_seed is not None:
         result["runs"]["seed"] = train(args, "seed", False, args.baseline_seed)
-        result["seed_vs_plain"] = {k: differences(plain, result["runs"]["seed"], k)
-                                   for k in ("train_loss", "val_loss")}
+        result["seed_vs_plain"] = against_plain(result["runs"]["seed"])
     if args.rerun:
         result["runs"]["rerun"] = train(args, "rerun", False, args.seed)
-        result["rerun_vs_plain"] = {k: differences(plain, result["runs"]["rerun"], k)
-                                    for k in ("train_loss", "val_loss")}
+        result["rerun_vs_plain"] = against_plain(result["runs"]["rerun"])
     for name, backends in variants.items():
         result["runs"][name] = train(args, name, False, args.seed, backends)
-    result["variants_vs_plain"] = {
-        name: {k: differences(plain, result["runs"][name], k) for k in ("train_loss", "val_loss")}
-        for name in variants}
+    result["variants_vs_plain"] = {name: against_plain(result["runs"][name]) for name in variants}
     marks = sorted({0, 1, *range(args.val_every, args.steps + 1, args.val_every), args.steps})
     result["report_steps"] = marks
     text = table(result)
