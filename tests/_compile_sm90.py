@@ -195,7 +195,8 @@ def dropless_router():
                      {**_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("psum_ptr lse_ptr pe_part_ptr z_part_ptr", "*fp32"),
                       **_args("T E NB", "i32")},
-                     {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256})
+                     {"K": K, "BLOCK_R": 256, "BLOCK_C": 32, "BLOCK_Z": 256},
+                     num_warps=m.scan_warps(256, 32))
         plan = compile_sm90(routing_slots_triton._dropless_plan_kernel,
                      {"ids_ptr": "*i64", **_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("pe_part_ptr z_part_ptr", "*fp32"), "slots_ptr": "*i64",

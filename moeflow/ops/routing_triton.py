@@ -66,6 +66,13 @@ _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (�
 _SCAN_TILE = 8192  # entries of the dropless scan's [blocks, experts] tiles (one step ≤ 256 blocks)
 
 
+def scan_warps(block_r: int, block_c: int) -> int:
+    """Warps of the dropless scan's program: 8 once its tile holds more than 4096 entries.
+    ptxas (sm_90, benchmarks/kernel_resources.py) at the 2048-token prefill's 256 × 32 tile:
+    4 warps 255 registers and 156 bytes of spills per thread, 8 warps 178 and none."""
+    return 8 if block_r * block_c > 4096 else 4
+
+
 @triton.jit
 def finite_logits(x):
     x = tl.where(x != x, -3.4028234663852886e38, x)
@@ -414,7 +421,7 @@ def _plan_dropless(ids_TK, w_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Pl
     block_r = min(next_power_of_2(nb), max(16, _SCAN_TILE // block_c))
     _dropless_scan_kernel[(K, tiles)](hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E,
                                       nb, K=K, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Z=256,
-                                      num_warps=4)
+                                      num_warps=scan_warps(block_r, block_c))
     slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
     row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
