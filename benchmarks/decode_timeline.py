@@ -7,7 +7,9 @@ own start and end, so this takes the served step itself. Per batch size:
 - the step's CUDA-event time (median of 20 graph replays) and the profiled replay's kernels:
   count, summed duration, span and summed idle gaps between consecutive kernels;
 - per kernel name: count per step, mean duration, mean gap before it, total;
-- the kernel sequence of one middle layer (each kernel's duration and the gap before it).
+- the kernel sequence of one middle layer (each kernel's duration and the gap before it), and
+  per kernel of that sequence its end step (its end minus the previous kernel's end) averaged
+  over the layers: what it adds to the step when kernels overlap under PDL.
 
     PYTHONPATH=. python benchmarks/decode_timeline.py --out DIR [--model qwen3-30b-a3b]
         [--batches 1 16] [--variant label=field:value,... ...]
@@ -65,7 +67,33 @@ def summarise(kernels: list, n_layers: int) -> dict:
         "middle_layer": [[k.name[:80], round(k.time_range.elapsed_us(), 2), round(g, 2)]
                          for k, g in zip(kernels[mid:mid + per_layer],
                                          gaps[mid:mid + per_layer])],
+        "layer_path": layer_path(kernels, [k.name for k in kernels[mid:mid + per_layer]]),
     }
+
+
+def layer_path(kernels: list, layer: list[str]) -> dict:
+    """Each kernel's share of the layer's time, averaged over every layer whose kernels run in
+    the middle layer's order. Under programmatic dependent launch a kernel starts while the one
+    before it still runs and waits inside, so its duration overstates its cost; its end minus
+    the previous kernel's end does not: those steps add up to the layer's period. Per position:
+    mean duration, mean start before the previous end (the overlap) and mean end step."""
+    n = len(layer)
+    names = [k.name for k in kernels]
+    starts = [i for i in range(1, len(kernels) - n + 1) if names[i:i + n] == layer]
+    layers = [starts[0]] if starts else []
+    for i in starts[1:]:
+        if i >= layers[-1] + n:  # non-overlapping occurrences
+            layers.append(i)
+    rows = []
+    for j, name in enumerate(layer):
+        dur = [kernels[i + j].time_range.elapsed_us() for i in layers]
+        prev_end = [kernels[i + j - 1].time_range.end for i in layers]
+        early = [p - kernels[i + j].time_range.start for i, p in zip(layers, prev_end)]
+        step = [kernels[i + j].time_range.end - p for i, p in zip(layers, prev_end)]
+        rows.append([name[:80], round(sum(dur) / len(dur), 2), round(sum(early) / len(early), 2),
+                     round(sum(step) / len(step), 2)])
+    return {"layers": len(layers), "rows": rows,
+            "period_us": round(sum(r[3] for r in rows), 2) if rows else 0.0}
 
 
 def measure(model, batch: int, max_seq_len: int) -> dict:
@@ -122,6 +150,15 @@ def batch_sections(batches: list) -> list[str]:
         lines += [f"| `{n}` | {c} | {t_} | {m} | {g} |" for n, c, t_, m, g in t["by_name"]]
         lines += ["", "One middle layer, in order (µs, gap before):", ""]
         lines += [f"- {n}: {d} (gap {g})" for n, d, g in t["middle_layer"]]
+        path = t.get("layer_path")
+        if path and path["rows"]:
+            lines += ["", f"Layer period {path['period_us']} µs, mean over {path['layers']} "
+                      "layers run in that order: per kernel its duration, how long before "
+                      "the previous kernel's end it started, and its end minus that end "
+                      "(the steps add up to the period):", "",
+                      "| kernel | µs mean | started early, µs | end step, µs |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| `{n}` | {d} | {e} | {st} |" for n, d, e, st in path["rows"]]
         lines.append("")
     return lines
 

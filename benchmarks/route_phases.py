@@ -5,7 +5,12 @@ prefill router's top-k kernel at 2048 / 16384 tokens; and the logits tiles at 10
 per warp (before session 19: D in chunks of 512 at 16 tokens) instead of 4096. µs: the
 profiler's kernel records, median of 15 calls.
 
-    PYTHONPATH=. python benchmarks/route_phases.py [--tokens T ...]
+--skip takes a phase out of the kernels, to price it by difference (the results are then
+wrong; run each in its own process, so that nothing compiled before the patch is reused):
+"pass2" leaves only the counts and ends of the plan (no queue slots, rows or token list, no
+losses), "routing" leaves only the logits (no program draws the last ticket).
+
+    PYTHONPATH=. python benchmarks/route_phases.py [--tokens T ...] [--skip pass2|routing]
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import cuda_kernel_events  # noqa: E402
@@ -49,11 +56,38 @@ def sweep(shapes, label: str, ticket, gate) -> None:
               flush=True)
 
 
+@triton.jit
+def _counts_and_ends_only(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
+                          ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
+                          routed_scaling, aux_coef, z_coef, capacity, K: tl.constexpr,
+                          FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+                          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                          PAIRWISE: tl.constexpr):
+    """--skip pass2: drt._plan's signature, storing only the counts and their prefix sum."""
+    cols = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
+    tl.store(ends_ptr + cols, tl.cumsum(counts, axis=0).to(tl.int64), mask=cols < E)
+
+
+@triton.jit
+def _never_last(counter_ptr, arrivals):
+    """--skip routing: no program draws the last ticket (the counter is left untouched)."""
+    tl.debug_barrier()
+    return tl.program_id(0) < 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+",
                     help="only these T (top-8), nothing else (to compare two trees quickly)")
+    ap.add_argument("--skip", choices=["pass2", "routing"],
+                    help="take this phase out of the decode kernels (see the docstring)")
     args = ap.parse_args()
+    if args.skip == "pass2":
+        drt._plan = _counts_and_ends_only
+    elif args.skip == "routing":
+        drt.last_to_arrive = _never_last
     ticket = drt.route_tickets("cuda")
     gate = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
     if args.tokens:
