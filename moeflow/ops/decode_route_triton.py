@@ -194,13 +194,19 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
         e = tl.load(ids_ptr + flat, mask=valid, other=BLOCK_E, cache_modifier=".cg").to(tl.int32)
         # slot = #{assignments ahead in priority order with the same expert}; dropless,
         # row = #{assignments with a lower expert} + slot.
-        slot = tl.sum(((e[None, :] == e[:, None]) & (p[None, :] < p[:, None])).to(tl.int32),
-                      axis=1)
+        ahead = ((e[None, :] == e[:, None]) & (p[None, :] < p[:, None])).to(tl.int32)
         if CAPPED:
+            slot = tl.sum(ahead, axis=1)
             start = tl.sum(tl.where(e[:, None] == cols[None, :], starts[None, :], 0), axis=1)
+            row = start + slot
         else:
-            start = tl.sum((e[None, :] < e[:, None]).to(tl.int32), axis=1)
-        _place(slot, start + slot, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
+            # Both counts from one reduction (the pairwise sums are most of this pass's time
+            # at 128 assignments): the row in the low 16 bits, the slot above (each < 2^16).
+            below = (e[None, :] < e[:, None]).to(tl.int32)
+            both = tl.sum(below + ahead * 65537, axis=1)
+            row = both & 0xFFFF
+            slot = both >> 16
+        _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
                capacity, CAPPED)
     else:  # blocks of BLOCK_P: a counting sort carrying the running per-expert counts
         running = tl.zeros([BLOCK_E], tl.int32)
