@@ -65,15 +65,16 @@ def max_rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
     return float((y.float() - truth).abs().max() / truth.abs().max())
 
 
-def chosen_config(device, rows: int) -> str:
+def chosen_config(device, rows: int, sh) -> str:
     """The launch config of the kernel linear_stream ran for `rows` rows (one row: the register
     GEMV, more: the MMA kernel)."""
     m = skinny_linear_triton
     if device.type != "cuda":
         blocks = m.GEMV_INTERPRETER_BLOCKS if rows == 1 else m.INTERPRETER_BLOCKS
         return "interpreter: " + ", ".join(f"{k} {v}" for k, v in blocks.items())
-    kernel = m._gemv_kernel if rows == 1 else m._linear_kernel
-    return ("gemv " if rows == 1 else "mma ") + str(kernel.best_config)
+    if rows == 1:
+        return "gemv " + str(m._gemv_kernel.best_config)
+    return "mma " + str(m.linear_config(sh.N, sh.K))
 
 
 def measure_shape(sh: Shape, rows, dtype, device) -> list[dict]:
@@ -89,7 +90,7 @@ def measure_shape(sh: Shape, rows, dtype, device) -> list[dict]:
         for path, fn in PATHS.items():
             row[f"{path}_max_rel_err"] = max_rel_err(fn(x, weights[0]), truth)
             if path == "stream":
-                row["config"] = chosen_config(device, M)  # autotuned by the call above
+                row["config"] = chosen_config(device, M, sh)  # GEMV: autotuned by that call
 
             def calls(fn=fn):
                 for w in weights:

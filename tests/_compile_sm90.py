@@ -239,12 +239,12 @@ def training_route_dispatch():
 
 def skinny_linear():
     for has_bias, swap in ((True, False), (False, True)):
-        compile_sm90(skinny_linear_triton._linear_kernel.fn,
+        compile_sm90(skinny_linear_triton._linear_kernel,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                      **_args("M N K M_BUCKET stride_xm stride_wn", "i32")},
+                      **_args("M N K stride_xm stride_wn", "i32")},
                      {"stride_xk": 1, "stride_wk": 1,
                       "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
-                      "BLOCK_N": 64 if swap else 16, "BLOCK_K": 128 if swap else 256,
+                      "BLOCK_N": 64 if swap else 32, "BLOCK_K": 128 if swap else 256,
                       "SWAP": swap, "PDL": True}, num_warps=4)
         compile_sm90(skinny_linear_triton._gemv_kernel.fn,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",

@@ -28,7 +28,7 @@ H200 balances near 200). A multiply-and-sum in registers would do only the usefu
 whether Triton pipelines its loads as deeply is up to the compiler's heuristics, not measured.
 Sums are fp32; the bias is added in fp32 and the result rounded once, to x's dtype.
 
-The autotuned configs also hold a swapped orientation (SWAP): the weight tile [64, BLOCK_K] is
+The kernel also has a swapped orientation (SWAP): the weight tile [64, BLOCK_K] is
 the dot's M and the rows its N (yᵀ = W · xᵀ), so that Hopper's warpgroup MMA, which takes M in
 64s, can run it. benchmarks/skinny16_probe.py (H200, session 17) put that first on the wide qkv
 projection at 4 and 16 rows (8.05 / 8.18 µs, cuBLAS 8.25 / 8.51, unswapped 8.68 / 8.80), so
@@ -42,7 +42,9 @@ H200 has 132 SMs), and a split costs either a second launch to sum fp32 partials
 cuBLAS spends on the output projection) or atomics whose order changes the sums; a split-K
 variant of the expert kernels lost on the H200 (benchmarks/NOTES-kernels.md).
 benchmarks/skinny_linear.py shows each shape against the copy ceiling: a shape far below it is
-where a split would be tried. The launch configuration is autotuned per (N, K, rows bucket).
+where a split would be tried. The launch configuration is fixed per weight shape
+(linear_config: measured in the decode graph, where autotuning the kernel alone picked
+configurations 50% slower there).
 
 One row (a batch-1 decode step) runs a second kernel, `_gemv_kernel`: no MMA, every program
 loads its [BLOCK_N, K] slab of W straight into registers in BLOCK_K chunks (unrolled, so all of
@@ -65,37 +67,34 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.backend import records_grad
-from moeflow.ops.grid import cdiv, next_power_of_2
+from moeflow.ops.grid import cdiv
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
-# Triton's interpreter (CPU tests) cannot autotune: it runs these blocks.
+# Triton's interpreter (CPU tests) runs these blocks (and cannot autotune the GEMV).
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "SWAP": False}
 GEMV_INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
 
-def _configs():
-    # Narrow tiles with deep pipelines (BLOCK_N 16 or 32: N = 2048 gives 128 or 64 programs) and
-    # the expert stream kernels' wider ones. The H200 picked (16, 512, 4, 4) for the Qwen3 output
-    # projection and 32-wide tiles for the others (benchmarks/results/skinny_linear). SWAP: the
-    # weight tile is the dot's M (64 outputs, Hopper's warpgroup MMA) and the rows its N; the
-    # fastest of benchmarks/skinny16_probe.py on the Qwen3 qkv projection (8.2 µs at 16 rows
-    # against cuBLAS's 8.5 and the unswapped kernel's 8.8; results/skinny_linear, session 17).
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap}, num_warps=w,
-                          num_stages=s)
-            for bn, bk, w, s, swap in ((16, 256, 4, 6, False), (16, 512, 4, 4, False),
-                                       (32, 256, 4, 4, False), (32, 128, 4, 6, False),
-                                       (64, 128, 4, 4, False), (64, 64, 4, 5, False),
-                                       (128, 64, 4, 4, False), (64, 128, 8, 4, False),
-                                       (64, 128, 4, 4, True), (64, 64, 4, 6, True))]
+def linear_config(N: int, K: int) -> dict:
+    """The MMA kernel's launch configuration for a weight [N, K] (2-16 rows; fixed, not
+    autotuned). Chosen inside the decode graph, where it runs: on the H200 (session 24,
+    benchmarks/results/decode_timeline, Qwen3-30B-A3B at 16 rows, each config pinned for every
+    projection, the kernel's end minus the previous kernel's end) the qkv projection (N > K)
+    took 8.0 µs with the swapped 64 × 128 tiles against 8.6-12.8 for the others, and the
+    output projection (N < K) 9.3 µs with 32 × 256 tiles against 10.7-12.2 (cuBLAS's split-K
+    GEMM + reduce: 8.2 and 9.8-10.0). Autotuned alone, the kernel had picked 16-wide tiles on
+    some machines, 12.3 µs in the graph on both projections: timing one kernel by itself did
+    not rank the configs as the graph does. The rows do not change the tiles (one 16-row tile),
+    so the choice holds from 2 rows."""
+    if N > K:
+        return {"BLOCK_N": 64, "BLOCK_K": 128, "SWAP": True, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_N": 32, "BLOCK_K": 256, "SWAP": False, "num_warps": 4, "num_stages": 4}
 
 
-# cache_results: the choice is kept in Triton's cache directory, as the expert stream kernels
-# keep theirs (moeflow.ops.grouped_mlp_triton).
-@triton.autotune(configs=_configs(), key=["N", "K", "M_BUCKET"], cache_results=True)
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_xk,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk,
                    stride_wn, stride_wk, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SWAP: tl.constexpr, PDL: tl.constexpr):
@@ -204,13 +203,10 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed, **pdl_launch(x))
     elif M > 0 and N > 0:
         x_MK = x.reshape(M, K)
-        kernel, fixed = _linear_kernel, {}
-        if not x.is_cuda:
-            kernel, fixed = _linear_kernel.fn, INTERPRETER_BLOCKS
-        kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](
-            x_MK, weight, bias if bias is not None else weight, y_MN, M, N, K,
-            next_power_of_2(M), *x_MK.stride(), *weight.stride(),
-            HAS_BIAS=bias is not None,
+        config = linear_config(N, K) if x.is_cuda else INTERPRETER_BLOCKS
+        _linear_kernel[(cdiv(N, config["BLOCK_N"]),)](
+            x_MK, weight, bias if bias is not None else weight, y_MN, M, N, K, *x_MK.stride(),
+            *weight.stride(), HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
-            **fixed, **pdl_launch(x))
+            **config, **pdl_launch(x))
     return y_MN.view(*x.shape[:-1], N)
