@@ -98,15 +98,18 @@ def stream_experts():
                      {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
                       "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                      {"HAS_BIAS": not swiglu, **blocks, "PDL": True}, num_warps=8)
-        # Both in one launch, with the wait on the counts.
-        compile_sm90(m._moe_stream_kernel.fn,
-                     {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
-                      "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "h_ptr": "*bf16",
-                      "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "y_ptr": "*bf16",
-                      "count_ptr": "*i32", **_args("D F E ACTIVE M_BUCKET A_BUCKET", "i32")},
-                     {"SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu, "HAS_OUT_BIAS": not swiglu,
-                      "GATHER": gather, "BLOCK_E": 128, "BLOCK_M": 16, "UP_N": 64, "UP_K": 64,
-                      "DOWN_N": 128, "DOWN_K": 64, "PDL": True})
+        # Both in one launch, with the wait on the counts; gathering, also placing the rows.
+        for place in (False, True) if gather else (False,):
+            compile_sm90(m._moe_stream_kernel.fn,
+                         {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
+                          "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "h_ptr": "*bf16",
+                          "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "y_ptr": "*bf16",
+                          "count_ptr": "*i32", **_args("ids_ptr slots_ptr row_ptr", "*i64"),
+                          **_args("T K D F E ACTIVE M_BUCKET A_BUCKET", "i32")},
+                         {"SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu,
+                          "HAS_OUT_BIAS": not swiglu, "GATHER": gather, "PLACE": place,
+                          "BLOCK_E": 128, "BLOCK_M": 16, "BLOCK_C": 8, "UP_N": 64, "UP_K": 64,
+                          "DOWN_N": 128, "DOWN_K": 64, "PDL": True})
 
 
 def tiled_experts():
@@ -171,7 +174,7 @@ def fused_decode_router():
                       **outputs, **_args("T D E", "i32"), **scalars},
                      dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=T > lt,
                           PART_BLOCKS=triton.next_power_of_2(-(-T // lt)), ONE_CHUNK=ld >= D,
-                          PDL=True),
+                          PLACE=capacity is not None, PDL=True),  # dropless: the experts place
                      num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,

@@ -179,11 +179,18 @@ def test_fused_decode_layer_equals_reference(name, T):
         y_ref, r_ref = layer(x, inference=True)
         set_backends(layer, Backends(router="triton_decode", dispatch="triton",
                                      experts="stream"))
-        y_unfused, _ = layer(x, inference=True)
+        y_unfused, r_unfused = layer(x, inference=True)
         set_backends(layer, Backends(router="triton_decode_fused", dispatch="triton",
                                      experts="stream"))
         y, r = layer(x, inference=True)
     assert r.order is not None and torch.equal(r.ids_TK, r_ref.ids_TK)
+    # At most 16 tokens the router leaves the rows to the experts' stream kernel, which
+    # writes what the router's pass 2 would have (the unfused router placed them itself).
+    # (The weights agree to the logits' fp32 rounding only: compare the placement.)
+    assert not r.order.placed and r_unfused.order.placed
+    assert torch.equal(r.slots_TK, r_unfused.slots_TK)
+    for field in ("row_TK", "token_N", "ends_E"):
+        assert torch.equal(getattr(r.order, field), getattr(r_unfused.order, field)), field
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -191,6 +198,44 @@ def test_fused_decode_layer_equals_reference(name, T):
     # the same kernels behind the unfused decode router must agree to the logits' fp32 rounding.
     assert rel(y, y_ref) < (5e-3 if ON_GPU else 1e-5)
     assert rel(y, y_unfused) < 1e-5
+
+
+def test_experts_place_the_rows_the_router_leaves():
+    """route_decode_fused(place_rows=False) then the one-launch stream kernel with the
+    placement: the same outputs, slots, rows and token list as the router placing them;
+    refused in one line where the experts cannot place (a capacity, more than 16 tokens)."""
+    from moeflow.ops.grouped_mlp_triton import expert_mlp_stream, stream_counters
+    cfg = CONFIGS["qwen3_top8"][0]
+    T, D, F, E = 16, 32, 16, 16
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=g).to(DEVICE)
+    gate = (torch.randn(E, D, generator=g) * 0.3).to(DEVICE)
+    w_in = (torch.randn(E, D, 2 * F, generator=g) * D ** -0.5).to(DEVICE)
+    w_out = (torch.randn(E, F, D, generator=g) * F ** -0.5).to(DEVICE)
+    placed, _ = _fused(x, gate, cfg, None)
+    left, _ = route_decode_fused(x, gate, cfg, None, route_tickets(x.device), place_rows=False)
+    assert placed.order.placed and not left.order.placed
+    assert torch.equal(left.order.ends_E, placed.order.ends_E)
+    counters = stream_counters(E, x.device)
+    y_placed = expert_mlp_stream(x, placed.order.ends_E, w_in, None, w_out, None, "swiglu",
+                                 False, rows_N=placed.order.token_N, counters=counters)
+    y_left = expert_mlp_stream(x, left.order.ends_E, w_in, None, w_out, None, "swiglu", False,
+                               rows_N=left.order.token_N, counters=counters,
+                               placement=(left.ids_TK, left.slots_TK, left.order.row_TK))
+    assert not counters.any()
+    _same_routing(left, placed)
+    assert torch.equal(y_left[:T * cfg.top_k], y_placed[:T * cfg.top_k])
+    with pytest.raises(ValueError, match="only dropless and for at most 16 tokens") as err:
+        route_decode_fused(x, gate, cfg, None, route_tickets(x.device), capacity=4,
+                           place_rows=False)
+    assert "\n" not in str(err.value)
+    x17 = torch.randn(17, D, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match="got 17 tokens"):
+        route_decode_fused(x17, gate, cfg, None, route_tickets(x.device), place_rows=False)
+    with pytest.raises(ValueError, match="needs the counters"):
+        expert_mlp_stream(x, left.order.ends_E, w_in, None, w_out, None, "swiglu", False,
+                          rows_N=left.order.token_N,
+                          placement=(left.ids_TK, left.slots_TK, left.order.row_TK))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")

@@ -44,6 +44,17 @@ from moeflow.ops.backend import (Backends, ChoosesBackends, records_grad,
 
 
 @dataclass(frozen=True)
+class RowPlacement:
+    """Rows the router left unplaced (decode, see moeflow.model.router.ExpertOrder.placed): the
+    experts' stream kernel finds each expert's tokens in ids_TK and writes row_TK, slots_TK
+    and the plan's token_N as the router's pass 2 would have."""
+
+    ids_TK: torch.Tensor
+    slots_TK: torch.Tensor
+    row_TK: torch.Tensor
+
+
+@dataclass(frozen=True)
 class DispatchPlan:
     token_N: torch.Tensor  # source token of each sorted row
     row_TK: torch.Tensor  # sorted row of each assignment
@@ -54,6 +65,8 @@ class DispatchPlan:
     packed: bool = True
     # Set when dispatch left the rows ungathered: x_ND is x_TD and row n is x_TD[gather_N[n]].
     gather_N: torch.Tensor | None = None
+    # Set when the rows are not placed yet: token_N and row_TK are written by the experts.
+    placement: RowPlacement | None = None
 
 
 @dataclass(frozen=True)
@@ -118,10 +131,16 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
         if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
             order = routing.order
             if order is not None:  # the router's kernels planned the layout
+                placement = None
+                if not order.placed:
+                    if not self.defer_gather:
+                        raise ValueError("LocalDispatcher: the routing left its rows for the "
+                                         "experts' kernel to place; that needs defer_gather")
+                    placement = RowPlacement(routing.ids_TK, routing.slots_TK, order.row_TK)
                 gather_N = order.token_N if self.defer_gather else None
                 plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
                                     ends_E=order.ends_E, parked=routing.capacity is not None,
-                                    gather_N=gather_N)
+                                    gather_N=gather_N, placement=placement)
                 return (x_TD if self.defer_gather else x_TD[order.token_N]), plan
             may_drop = routing.capacity is not None
             if self.defer_gather and not records_grad(x_TD):
@@ -137,6 +156,9 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                 may_drop=may_drop)
             return x_ND, DispatchPlan(token_N=token_N, row_TK=row_TK, ends_E=ends_E,
                                       parked=may_drop)
+        if routing.order is not None and not routing.order.placed:
+            raise ValueError("LocalDispatcher: the routing left its rows for the experts' "
+                             "kernel to place; that needs the Triton dispatch")
         plan = sort_by_expert(routing)
         return x_TD[plan.token_N], plan
 

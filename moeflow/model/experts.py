@@ -21,10 +21,11 @@ from torch import nn
 
 from moeflow.ops.activation import ffn_in_width
 from moeflow.ops.autocast import autocast_dtype
-from moeflow.ops.backend import (EXPERT_BACKENDS, Backends, ChoosesBackends,
+from moeflow.ops.backend import (EXPERT_BACKENDS, Backends, ChoosesBackends, records_grad,
                                   resolve_expert_backend)
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.model.dispatch import RowPlacement
     from moeflow.parallel.mesh import LayerLayout
 
 
@@ -59,11 +60,27 @@ class Experts(nn.Module, ChoosesBackends):
         """Global ids of the experts held here, in local order."""
         return tuple(range(self.num_experts)) if self.layout is None else self.layout.expert_ids
 
+    def places_rows(self, x_TD: torch.Tensor, num_rows: int) -> bool:
+        """Whether a call over the tokens x_TD with `num_rows` expert rows runs the one-launch
+        weight-streaming kernel, which can place the rows itself (forward's `placement`):
+        inference without autocast's casts, the "stream" backend."""
+        dtype = autocast_dtype(x_TD.device)
+        if (self.layout is not None or records_grad(x_TD, self.w_in_EDI)
+                or (dtype is not None and dtype != self.w_in_EDI.dtype)):
+            return False
+        fn = resolve_expert_backend(self.backends.experts, x_TD, self.w_in_EDI, self.w_out_EFD,
+                                    num_rows, self.backends.matmul)
+        return fn is EXPERT_BACKENDS["stream"]
+
     def forward(self, x_ND: torch.Tensor, ends_E: torch.Tensor, parked: bool = True,
-                rows_N: torch.Tensor | None = None) -> torch.Tensor:
+                rows_N: torch.Tensor | None = None,
+                placement: RowPlacement | None = None) -> torch.Tensor:
         """`parked`: rows past ends_E[-1] may exist (dropped assignments); False when dropless.
         `rows_N`: the expert-sorted rows are x_ND[rows_N] (x_ND holds the tokens; the
-        weight-streaming kernel gathers them as it loads them, the others gather first)."""
+        weight-streaming kernel gathers them as it loads them, the others gather first).
+        `placement` (where places_rows): the routing left the rows unplaced; the stream
+        kernel finds each expert's tokens in its ids and writes rows_N and the placement's
+        row_TK and slots_TK."""
         w_in, b_in, w_out, b_out = self.w_in_EDI, self.b_in_EI, self.w_out_EFD, self.b_out_ED
         dtype = autocast_dtype(x_ND.device)
         if dtype is not None and dtype != w_in.dtype:
@@ -83,6 +100,11 @@ class Experts(nn.Module, ChoosesBackends):
             from moeflow.ops.tickets import zeroed_counters
             self._stream_counters = zeroed_counters(
                 self._stream_counters, COUNTERS_PER_EXPERT * w_out.shape[0], x_ND.device)
+            place = (None if placement is None else
+                     (placement.ids_TK, placement.slots_TK, placement.row_TK))
             return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked,
-                      rows_N=rows_N, counters=self._stream_counters)
+                      rows_N=rows_N, counters=self._stream_counters, placement=place)
+        if placement is not None:
+            raise ValueError(f"Experts: the rows were left for the stream kernel to place, but "
+                             f"this call runs {getattr(fn, '__name__', fn)}")
         return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked, rows_N=rows_N)

@@ -26,7 +26,8 @@ from moeflow.model.expert_groups import TokenGroups
 from moeflow.model.experts import Experts
 from moeflow.model.mlp import MLP
 from moeflow.model.router import Router, RoutingResult, StatsReduce
-from moeflow.ops.backend import Backends, ChoosesBackends
+from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
+                                  resolve_dispatch_backend)
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.parallel.mesh import LayerLayout
@@ -74,7 +75,8 @@ class MoELayer(nn.Module, ChoosesBackends):
         leave its combine to the next add + norm (moeflow.model.dispatch) and nothing is added
         to it here (no shared experts, no residual MLP)."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.router(x_TD, inference=inference, groups=groups, logits_TE=logits_TE)
+        routing = self.router(x_TD, inference=inference, groups=groups, logits_TE=logits_TE,
+                              experts_place=inference and self._experts_place(x_TD))
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self._run_experts(x_ND, plan)
         if (defer_combine and self.shared is None and self.residual_mlp is None
@@ -93,6 +95,18 @@ class MoELayer(nn.Module, ChoosesBackends):
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         return y_TD.view_as(x_BTD), routing
 
+    def _experts_place(self, x_TD: torch.Tensor) -> bool:
+        """Whether this call's experts can place the rows themselves, so that the router may
+        leave them (decode: moeflow.ops.decode_route_triton's pass 2 moves into the experts'
+        one-launch kernel): the local dispatcher hands the tokens over ungathered through the
+        Triton dispatch, and the experts run the stream kernel."""
+        d = self.dispatcher
+        return (isinstance(d, LocalDispatcher) and d.defer_gather
+                and x_TD.shape[0] <= EXPERTS_PLACE_MAX_TOKENS
+                and resolve_dispatch_backend(d.backends.dispatch, x_TD) == "triton"
+                and isinstance(self.experts, Experts)
+                and self.experts.places_rows(x_TD, x_TD.shape[0] * self.router.config.top_k))
+
     def _run_experts(self, x_ND: torch.Tensor, plan) -> torch.Tensor:
         """The experts over the dispatched rows. Rows left ungathered (`plan.gather_N`, the
         decode path) are gathered by Experts' kernels as they load them; an experts module of
@@ -100,5 +114,6 @@ class MoELayer(nn.Module, ChoosesBackends):
         if plan.gather_N is None:
             return self.experts(x_ND, plan.ends_E, plan.parked)
         if isinstance(self.experts, Experts):
-            return self.experts(x_ND, plan.ends_E, plan.parked, rows_N=plan.gather_N)
+            return self.experts(x_ND, plan.ends_E, plan.parked, rows_N=plan.gather_N,
+                                placement=plan.placement)
         return self.experts(x_ND[plan.gather_N], plan.ends_E, plan.parked)

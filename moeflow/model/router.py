@@ -47,8 +47,8 @@ from torch import nn
 from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
-from moeflow.ops.backend import (Backends, ChoosesBackends, records_grad, resolve_router_backend,
-                                 router_fuses_logits)
+from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
+                                 records_grad, resolve_router_backend, router_fuses_logits)
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -67,6 +67,10 @@ class ExpertOrder:
     row_TK: torch.Tensor  # int64 sorted row of each assignment
     token_N: torch.Tensor  # int64 source token of each sorted row
     ends_E: torch.Tensor  # int64 cumulative rows per expert
+    # False: row_TK, token_N and the RoutingResult's slots_TK are not written yet; the experts'
+    # weight-streaming kernel writes them from the ids as it gathers its rows (decode, see
+    # moeflow.ops.decode_route_triton.route_decode_fused's place_rows).
+    placed: bool = True
 
 
 @dataclass(frozen=True)
@@ -340,13 +344,17 @@ class Router(nn.Module, ChoosesBackends):
 
     def forward(self, x_TD: torch.Tensor | None, generator: torch.Generator | None = None,
                 inference: bool = False, groups: TokenGroups | None = None,
-                logits_TE: torch.Tensor | None = None) -> RoutingResult:
+                logits_TE: torch.Tensor | None = None,
+                experts_place: bool = False) -> RoutingResult:
         """Route x_TD. `inference=True` routes as served: no capacity and no noise, whatever
         the training flag says, so a token's experts depend on nothing but the token.
         `groups`: each token's expert group, for a router with expert_groups (None: every token
         in group 0). `logits_TE`: route by these logits instead of the gate's (a model with a
         lookahead router, moeflow.model.lookahead); x_TD is then unused and may be None, and
-        input jitter, which perturbs the gate's input, does not apply."""
+        input jitter, which perturbs the gate's input, does not apply. `experts_place`: the
+        caller's experts can place the rows (moeflow.model.moe): the one-launch decode kernel
+        may then stop after the counts and ends (order.placed False) for at most
+        EXPERTS_PLACE_MAX_TOKENS tokens, dropless."""
         cfg, E = self.config, self.num_experts
         x = x_TD if logits_TE is None else logits_TE
         T = x.shape[0]
@@ -369,7 +377,9 @@ class Router(nn.Module, ChoosesBackends):
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
             if router_fuses_logits(self.backends.router, x, cfg, E, decode):
-                return self._route_fused(x, capacity)
+                place = not (experts_place and capacity is None
+                             and T <= EXPERTS_PLACE_MAX_TOKENS)
+                return self._route_fused(x, capacity, place)
             logits_TE = router_logits(x, self.gate.weight, finite=False)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
@@ -397,13 +407,14 @@ class Router(nn.Module, ChoosesBackends):
         return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
                                token_order, self.stats_reduce)
 
-    def _route_fused(self, x_TD: torch.Tensor, capacity: int | None) -> RoutingResult:
+    def _route_fused(self, x_TD: torch.Tensor, capacity: int | None, place_rows: bool
+                     ) -> RoutingResult:
         """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
         from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
         from moeflow.ops.tickets import zeroed_counters
         self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  self._route_tickets, capacity)[0]
+                                  self._route_tickets, capacity, place_rows)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

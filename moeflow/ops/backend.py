@@ -129,6 +129,11 @@ LINEAR_STREAM_MAX_ROWS = 16
 # with the one bound it passed there (session 10, benchmarks/results/gpu_tests_*_session10.log).
 DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 
+# Decode calls of at most this many tokens let the experts' one-launch stream kernel place the
+# rows (moeflow.ops.grouped_mlp_triton: one 16-row tile holds every token an expert can have)
+# instead of the router's last program (its pass 2, moeflow.ops.decode_route_triton).
+EXPERTS_PLACE_MAX_TOKENS = 16
+
 # Fusing pays where launches dominate (decode: a few rows). On large inputs the shape-dynamic
 # compiled twins measured slower than plain torch: prefill of 2048 tokens of the Qwen3-30B-A3B
 # shape took 102 ms fused vs 78 ms plain on an H100 (benchmarks/results/generate.md), so above

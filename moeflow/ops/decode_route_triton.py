@@ -82,7 +82,7 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
-from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS
+from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS, EXPERTS_PLACE_MAX_TOKENS
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
@@ -159,12 +159,14 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
           ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
           z_coef, capacity, K: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
           RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr):
+          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+          PLACE: tl.constexpr = True):
     """The passes after pass 1, from its sums over all T tokens (the ids and weights it
-    stored are read back)."""
+    stored are read back). PLACE False (dropless only): stop after the counts, ends and
+    losses; the experts' kernel places the rows (slots, rows, token list; see
+    route_decode_fused)."""
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    kcols = tl.arange(0, BLOCK_K)
     # Expert e keeps the first min(count, capacity) assignments of its queue.
     if CAPPED:
         kept_counts = tl.minimum(counts, capacity)
@@ -182,6 +184,21 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
         balance = counts
     store_losses(loss_ptr, balance, p_e, z, T, E, aux_coef, z_coef)
 
+    if PLACE:
+        _assign_rows(starts, kept_counts, ids_ptr, w_ptr, kept_ptr, slots_ptr, row_ptr,
+                     token_ptr, T, E, routed_scaling, capacity, K, CAPPED, RENORMALIZE,
+                     BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE)
+
+
+@triton.jit
+def _assign_rows(starts, kept_counts, ids_ptr, w_ptr, kept_ptr, slots_ptr, row_ptr, token_ptr,
+                 T, E, routed_scaling, capacity, K: tl.constexpr, CAPPED: tl.constexpr,
+                 RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Passes 2 and 3 (the module docstring): every assignment's queue slot and sorted row,
+    the rows' tokens, and with a capacity the dropped assignments' weights and parked rows."""
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
     # Pass 2 reads the ids pass 1 stored from other threads of this program (through L2).
     tl.debug_barrier()
     N = T * K
@@ -198,15 +215,15 @@ def _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr
         if CAPPED:
             slot = tl.sum(ahead, axis=1)
             start = tl.sum(tl.where(e[:, None] == cols[None, :], starts[None, :], 0), axis=1)
-            row = start + slot
+            sorted_row = start + slot
         else:
             # Both counts from one reduction (the pairwise sums are most of this pass's time
             # at 128 assignments): the row in the low 16 bits, the slot above (each < 2^16).
             below = (e[None, :] < e[:, None]).to(tl.int32)
             both = tl.sum(below + ahead * 65537, axis=1)
-            row = both & 0xFFFF
+            sorted_row = both & 0xFFFF
             slot = both >> 16
-        _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
+        _place(slot, sorted_row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr,
                capacity, CAPPED)
     else:  # blocks of BLOCK_P: a counting sort carrying the running per-expert counts
         running = tl.zeros([BLOCK_E], tl.int32)
@@ -258,7 +275,7 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
                 CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                 FULL_E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
-                PEER_LOGITS: tl.constexpr):
+                PEER_LOGITS: tl.constexpr, PLACE: tl.constexpr = True):
     """The passes of the module docstring, run by one program over the finite logits at
     `logits_ptr` ([T, E] fp32). PEER_LOGITS: other programs of the same launch wrote them
     (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
@@ -272,7 +289,7 @@ def _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, count
     _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
           row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
           capacity, K, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P,
-          PAIRWISE)
+          PAIRWISE, PLACE)
 
 
 @triton.jit
@@ -327,7 +344,8 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                                 PAIRWISE: tl.constexpr, LT: tl.constexpr,
                                 LE: tl.constexpr, LD: tl.constexpr,
                                 SPLIT_PASS1: tl.constexpr, PART_BLOCKS: tl.constexpr,
-                                ONE_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                                ONE_CHUNK: tl.constexpr, PLACE: tl.constexpr,
+                                PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does. ONE_CHUNK: all of
@@ -395,13 +413,13 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                 _plan(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                       ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
                       routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
-                      RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE)
+                      RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE, PLACE)
     elif last_to_arrive(ticket_ptr, tl.num_programs(0) * tl.num_programs(1)):
         _route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
                     ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
                     aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
                     TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
-                    FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True)
+                    FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True, PLACE)
 
 
 def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -486,14 +504,15 @@ def route_tickets(device: torch.device) -> torch.Tensor:
     return zeroed_counters(None, ROUTE_TICKETS, device)
 
 
-def _result(out: dict[str, torch.Tensor], capacity: int | None) -> RoutingResult:
+def _result(out: dict[str, torch.Tensor], capacity: int | None, placed: bool = True
+            ) -> RoutingResult:
     losses = out["losses"]
     return RoutingResult(ids_TK=out["ids"], weights_TK=out["weights"],
                          kept_TK=out["kept"].view(torch.bool), slots_TK=out["slots"],
                          counts_E=out["counts"], num_dropped=out["dropped"], capacity=capacity,
                          aux_loss=losses[0], z_loss=losses[1], loss=losses[2],
                          order=ExpertOrder(row_TK=out["rows"], token_N=out["tokens"],
-                                           ends_E=out["ends"]))
+                                           ends_E=out["ends"], placed=placed))
 
 
 def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
@@ -547,18 +566,29 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
 
 def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
                        expert_bias_E: torch.Tensor | None, tickets: torch.Tensor,
-                       capacity: int | None = None) -> tuple[RoutingResult, torch.Tensor]:
+                       capacity: int | None = None, place_rows: bool = True
+                       ) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
     products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
     ulps, and exactly where every partial sum is representable).
     `tickets`: route_tickets' counters (zero, left at zero), for one launch at a time: a
     router routes on one stream at a time. More than one token block: each block's last
-    program to finish chooses that block's experts (pass 1), the last block plans."""
+    program to finish chooses that block's experts (pass 1), the last block plans.
+    `place_rows` False (dropless, at most EXPERTS_PLACE_MAX_TOKENS tokens): the kernel stops
+    after the counts, ends and losses, and the result's slots_TK and order.row_TK / token_N are
+    left for the experts' kernel to write from the ids (ExpertOrder.placed False; see
+    moeflow.ops.grouped_mlp_triton.expert_mlp_stream). Pass 2 is the part of this kernel that
+    grows with the square of the assignments: 5.7 of 13.9 µs at 16 tokens of top-8 on the
+    H200 (benchmarks/results/decode_route, session 24), on its one last program."""
     x_TD = x_TD.contiguous()
     gate_ED = gate_ED.contiguous()
     T, D = x_TD.shape
     E = gate_ED.shape[0]
+    if not place_rows and (capacity is not None or T > EXPERTS_PLACE_MAX_TOKENS):
+        raise ValueError(f"route_decode_fused: the experts place the rows only dropless and "
+                         f"for at most {EXPERTS_PLACE_MAX_TOKENS} tokens, got {T} tokens, "
+                         f"capacity {capacity}")
     out = _outputs(T, E, cfg.top_k, x_TD.device)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
@@ -572,6 +602,6 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
         x_TD, gate_ED, logits_TE, tickets, part,
         expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1,
-        PART_BLOCKS=next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, **meta,
+        PART_BLOCKS=next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, PLACE=place_rows, **meta,
         **pdl_launch(x_TD))
-    return _result(out, capacity), logits_TE
+    return _result(out, capacity, place_rows), logits_TE

@@ -100,13 +100,22 @@ def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: 
     """act(x[rows] · w_e[:, n] + b_e[n]) into h[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi))
     of one expert (w_e, b_e: its weight [D, I] and bias [I]); SwiGLU multiplies the gate
     columns n by the up columns F + n, both accumulated over the same x tiles."""
-    I = 2 * F if SWIGLU else F
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < hi
     if GATHER:
         src = tl.load(token_ptr + rows, mask=rmask, other=0)
     else:
         src = rows
+    _up_tile(x_ptr, src, rows, rmask, w_e, b_e, h_ptr, n, nmask, D, F, SWIGLU, HAS_BIAS,
+             BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _up_tile(x_ptr, src, dst, rmask, w_e, b_e, h_ptr, n, nmask, D, F, SWIGLU: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """act(x[src] · w_e[:, n] + b_e[n]) into h[dst, n] for the BLOCK_M rows where rmask."""
+    I = 2 * F if SWIGLU else F
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -128,7 +137,7 @@ def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: 
         act = acc_g * tl.sigmoid(acc_g) * acc_u
     else:
         act = _gelu(acc_g)
-    tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
+    tl.store(h_ptr + dst[:, None].to(tl.int64) * F + n[None, :],
              act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
@@ -211,24 +220,46 @@ def _moe_stream_configs():
                           num_stages=st) for un, uk, dn, dk, w, st in tiles]
 
 
+@triton.jit
+def _expert_tokens(ids_ptr, e, T, K, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Decode (T ≤ BLOCK_M tokens, dropless): (t, k_t, mine, rank) over the tokens t: whether
+    token t chose expert e (`mine`), as its choice k_t, and its rank among e's tokens in the
+    router's priority order (choice, then token) — its queue slot, so its sorted row is the
+    expert's first row + rank, the row the router's pass 2 gives it."""
+    t = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_C)
+    ids = tl.load(ids_ptr + t[:, None] * K + c[None, :],
+                  mask=(t < T)[:, None] & (c < K)[None, :], other=-1)
+    hit = ids == e
+    mine = tl.max(hit.to(tl.int32), axis=1) > 0
+    k_t = tl.sum(tl.where(hit, c[None, :], 0), axis=1)
+    p = k_t * T + t
+    rank = tl.sum(((p[None, :] < p[:, None]) & mine[None, :]).to(tl.int32), axis=1)
+    return t, k_t, mine, rank
+
+
 @triton.autotune(configs=_moe_stream_configs(),
                  key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
                  cache_results=True)
 @triton.jit
 def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_out_ptr,
-                       b_out_ptr, y_ptr, count_ptr, D, F, E, ACTIVE, M_BUCKET, A_BUCKET,
+                       b_out_ptr, y_ptr, count_ptr, ids_ptr, slots_ptr, row_ptr, T, K,
+                       D, F, E, ACTIVE, M_BUCKET, A_BUCKET,
                        SWIGLU: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
-                       HAS_OUT_BIAS: tl.constexpr, GATHER: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, UP_N: tl.constexpr,
-                       UP_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
-                       PDL: tl.constexpr):
+                       HAS_OUT_BIAS: tl.constexpr, GATHER: tl.constexpr, PLACE: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       UP_N: tl.constexpr, UP_K: tl.constexpr, DOWN_N: tl.constexpr,
+                       DOWN_K: tl.constexpr, PDL: tl.constexpr):
     """_up_kernel and _down_kernel in one launch (see expert_mlp_stream). Programs [0, U) are
     the up kernel's, expert slot by expert slot (U = ACTIVE · ⌈F/UP_N⌉); each stores its h tile
     and then releases it by a count per expert slot. Programs from U are the down kernel's:
     each waits until its expert's up programs have all counted, then streams its w_out tile. The
     last down program of an expert puts both of its counts back to 0 for the next launch.
     Only a program from U waits, and only for programs below U: blocks are dispatched in order,
-    so those are running or done, and the wait ends."""
+    so those are running or done, and the wait ends.
+    PLACE (decode, T ≤ BLOCK_M tokens): the router left the rows unplaced; each up program
+    finds its expert's tokens in the ids [T, K] (_expert_tokens), and the first column tile's
+    program writes their slots, rows and the token list (token_ptr, an output then)."""
     wait_for_previous(PDL)
     launch_next(PDL)
     pid = tl.program_id(0)
@@ -240,9 +271,20 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
             I = 2 * F if SWIGLU else F
             n = (pid % up_tiles) * UP_N + tl.arange(0, UP_N)
             w_e = w_in_ptr + e.to(tl.int64) * D * I
-            for m0 in range(lo, hi, BLOCK_M):
-                _up_rows(x_ptr, token_ptr, w_e, b_in_ptr + e * I, h_ptr, m0, hi, n, n < F, D, F,
-                         SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, UP_N, UP_K)
+            if PLACE:
+                t, k_t, mine, rank = _expert_tokens(ids_ptr, e, T, K, BLOCK_M, BLOCK_C)
+                dst = lo + rank
+                first = mine & (pid % up_tiles == 0)
+                flat = t * K + k_t
+                tl.store(slots_ptr + flat, rank.to(tl.int64), mask=first)
+                tl.store(row_ptr + flat, dst.to(tl.int64), mask=first)
+                tl.store(token_ptr + dst, t.to(tl.int64), mask=first)
+                _up_tile(x_ptr, t, dst, mine, w_e, b_in_ptr + e * I, h_ptr, n, n < F, D, F,
+                         SWIGLU, HAS_IN_BIAS, BLOCK_M, UP_N, UP_K)
+            else:
+                for m0 in range(lo, hi, BLOCK_M):
+                    _up_rows(x_ptr, token_ptr, w_e, b_in_ptr + e * I, h_ptr, m0, hi, n, n < F,
+                             D, F, SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, UP_N, UP_K)
             tl.debug_barrier()  # every thread's stores of the tile, then one release
             tl.atomic_add(count_ptr + i, 1, sem="release", scope="gpu")
     else:
@@ -355,7 +397,8 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
                        b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                        b_out_ED: torch.Tensor | None, activation: str,
                        rows_N: torch.Tensor | None, tiled: bool,
-                       counters: torch.Tensor | None = None) -> torch.Tensor:
+                       counters: torch.Tensor | None = None,
+                       placement: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The up and down launches of the stream (`tiled` False) or the tiled kernels, or the
     stream kernels in one launch (`counters`, see expert_mlp_stream). Rows past ends_E[-1] are
     left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens and row n is
@@ -388,7 +431,7 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
     pdl = pdl_launch(x_ND)
     if counters is not None:
         _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
-                    counters, activation, keys, dict(blocks, BLOCK_E=block_e, **pdl))
+                    counters, activation, keys, dict(blocks, BLOCK_E=block_e, **pdl), placement)
         return y_ND
     up[up_grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
@@ -402,9 +445,18 @@ def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch
 
 
 def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
-                counters, activation, keys, meta) -> None:
+                counters, activation, keys, meta, placement) -> None:
     """Launch _moe_stream_kernel (one launch for the up and the down kernels' programs)."""
     D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
+    if placement is not None:
+        ids_TK, slots_TK, row_TK = placement
+        T, K = ids_TK.shape
+        if rows_N is None or T > meta["BLOCK_M"] or T > x_ND.shape[0]:
+            raise ValueError(f"expert_mlp_stream: placing the rows needs the token list to "
+                             f"write and at most {meta['BLOCK_M']} tokens, got {T}")
+    else:
+        ids_TK = slots_TK = row_TK = ends
+        T, K = 0, 1
     if counters.dtype != torch.int32 or counters.numel() < COUNTERS_PER_EXPERT * E:
         raise ValueError(f"expert_mlp_stream: counters must be int32 with "
                          f"{COUNTERS_PER_EXPERT * E} entries for "
@@ -418,9 +470,11 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
     kernel[grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
         b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, w_out_EFD,
-        b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, counters, D, F, E, active, *keys,
-        SWIGLU=activation == "swiglu", HAS_IN_BIAS=b_in_EI is not None,
-        HAS_OUT_BIAS=b_out_ED is not None, GATHER=rows_N is not None, **meta)
+        b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, counters, ids_TK, slots_TK,
+        row_TK, T, K, D, F, E, active, *keys, SWIGLU=activation == "swiglu",
+        HAS_IN_BIAS=b_in_EI is not None, HAS_OUT_BIAS=b_out_ED is not None,
+        GATHER=rows_N is not None, PLACE=placement is not None,
+        BLOCK_C=next_power_of_2(K), **meta)
 
 
 # expert_mlp_stream's counters per expert: its up tiles done, its down tiles done.
@@ -438,15 +492,22 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                       b_out_ED: torch.Tensor | None, activation: str,
                       parked: bool = True, rows_N: torch.Tensor | None = None,
-                      counters: torch.Tensor | None = None) -> torch.Tensor:
+                      counters: torch.Tensor | None = None,
+                      placement: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Few-token path (inference only: no autograd): the weight-streaming kernels. Rows past
     ends_E[-1] are left unwritten (combine never reads them), so `parked` needs no work here.
     `rows_N`: x_ND holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel.
     `counters` (stream_counters): the up and down kernels run as one launch, each down program
     waiting for its expert's h instead of the whole up kernel (no kernel boundary between them;
-    the same tiles give the same values)."""
+    the same tiles give the same values).
+    `placement` (ids_TK, slots_TK, row_TK), with counters, at most 16 tokens (x_ND holds them):
+    the router left the rows unplaced (route_decode_fused's place_rows); the up programs find
+    each expert's tokens in ids_TK, and they write the slots, rows and rows_N (an output then)
+    that the router's pass 2 would have, the sorted rows coming out the same."""
+    if placement is not None and counters is None:
+        raise ValueError("expert_mlp_stream: placing the rows needs the counters (one launch)")
     return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=False, counters=counters)
+                              rows_N, tiled=False, counters=counters, placement=placement)
 
 
 def _tiled_grid(N: int, E: int, cols: int):
