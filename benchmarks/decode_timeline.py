@@ -13,6 +13,7 @@ own start and end, so this takes the served step itself. Per batch size:
 
     PYTHONPATH=. python benchmarks/decode_timeline.py --out DIR [--model qwen3-30b-a3b]
         [--batches 1 16] [--variant label=field:value,... ...]
+        [--linear-config BN,BK,WARPS,STAGES,SWAP] [--router-places]
 
 Each --variant (repeatable; default one, `auto=`, Backends' defaults) forces Backends fields on
 the same model; variants run one after the other in one process.
@@ -36,6 +37,8 @@ from generate import PROMPT, build  # noqa: E402
 
 from benchmarks.machine import cuda_event_ms, cuda_kernel_events  # noqa: E402
 
+import moeflow.model.moe as moe  # noqa: E402
+import moeflow.ops.skinny_linear_triton as skinny_linear_triton  # noqa: E402
 from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
 from moeflow.infer.decode_graphs import GraphDecoder  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
@@ -171,7 +174,20 @@ def main() -> None:
     ap.add_argument("--variant", action="append",
                     help="label=field:value,... : Backends fields forced (repeatable)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--linear-config", metavar="BN,BK,WARPS,STAGES,SWAP",
+                    help="run the dense projections' MMA stream kernel (2-16 rows) with this one "
+                         "config instead of moeflow.ops.skinny_linear_triton.linear_config's")
+    ap.add_argument("--router-places", action="store_true",
+                    help="the decode router places the rows itself (its pass 2) instead of "
+                         "leaving them to the experts' kernel at <= 16 tokens")
     args = ap.parse_args()
+    if args.linear_config:
+        bn, bk, warps, stages, swap = (int(v) for v in args.linear_config.split(","))
+        config = {"BLOCK_N": bn, "BLOCK_K": bk, "SWAP": bool(swap), "num_warps": warps,
+                  "num_stages": stages}
+        skinny_linear_triton.linear_config = lambda N, K: config
+    if args.router_places:
+        moe.EXPERTS_PLACE_MAX_TOKENS = 0
     model = build(args.model)
     res = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "model": args.model, "batches": args.batches,

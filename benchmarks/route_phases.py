@@ -8,7 +8,9 @@ profiler's kernel records, median of 15 calls.
 --skip takes a phase out of the kernels, to price it by difference (the results are then
 wrong; run each in its own process, so that nothing compiled before the patch is reused):
 "pass2" leaves only the counts and ends of the plan (no queue slots, rows or token list, no
-losses), "routing" leaves only the logits (no program draws the last ticket).
+losses; as route_decode_fused(place_rows=False) does, less the losses), "routing" leaves only
+the logits (no program draws the last ticket). route_decode_fused places the rows here (the
+default), as it did before session 24.
 
     PYTHONPATH=. python benchmarks/route_phases.py [--tokens T ...] [--skip pass2|routing]
 """
@@ -63,7 +65,7 @@ def _counts_and_ends_only(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots
                           FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
                           RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                          PAIRWISE: tl.constexpr):
+                          PAIRWISE: tl.constexpr, PLACE: tl.constexpr = True):
     """--skip pass2: drt._plan's signature, storing only the counts and their prefix sum."""
     cols = tl.arange(0, BLOCK_E)
     tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)

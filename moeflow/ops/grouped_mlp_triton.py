@@ -20,7 +20,12 @@ same sums). With `counters` (the Experts module passes them) both run as one lau
 `_moe_stream_kernel`: the down programs come after all up programs and each waits for its own
 expert's up tiles (a count per expert, released by each up program after its stores), so the
 down weights of an expert start streaming as soon as its h is done rather than after the last
-up program, and the launch boundary between the kernels is gone. One H200, session 18
+up program, and the launch boundary between the kernels is gone. At decode (≤ 16 tokens) the
+one launch can also place the rows itself (`placement`): the router then stops after its counts
+and ends, and each up program finds its expert's tokens in the routing's ids and ranks them in
+the router's priority order (one 16-row tile holds them all), the first column tile writing
+the slots, rows and token list (H200, session 24: the b16 router 12.9 -> 9.2 µs per layer in the
+decode graph, the experts no slower; benchmarks/results/decode_route). One H200, session 18
 (benchmarks/results/decode_experts, decode_timeline): Qwen3-30B-A3B batch 16 (128 rows)
 190.8 -> 181.7 µs per call alone, decode step replay 11.57 -> 11.26 ms; batch 1 (8 rows) lost
 1.9 µs per call alone but the decode step's replay went 2.914 -> 2.830 ms with it; the two
