@@ -37,9 +37,10 @@ projection at 4 and 16 rows (8.05 / 8.18 µs, cuBLAS 8.25 / 8.51, unswapped 8.68
 projection at 16 rows, ~0.5 µs, not taken (it needs a ticket counter per tile kept across
 calls); issuing all loads before the first dot (as the register GEMV does) was slower.
 
-Not split along K: with BLOCK_N = 16 every shape above already has N / 16 ≥ 128 programs (the
-H200 has 132 SMs), and a split costs either a second launch to sum fp32 partials (the 1.7 µs
-cuBLAS spends on the output projection) or atomics whose order changes the sums; a split-K
+Not split along K: more programs did not help in the decode graph (the output projection ran
+faster on 32-wide tiles, 64 programs, than on 16-wide ones, 128 programs; linear_config), and a
+split costs either a second launch to sum fp32 partials (the 1.7-2.1 µs cuBLAS spends on the
+output projection) or atomics whose order changes the sums; a split-K
 variant of the expert kernels lost on the H200 (benchmarks/NOTES-kernels.md).
 benchmarks/skinny_linear.py shows each shape against the copy ceiling: a shape far below it is
 where a split would be tried. The launch configuration is fixed per weight shape
