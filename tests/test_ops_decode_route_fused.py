@@ -238,6 +238,31 @@ def test_experts_place_the_rows_the_router_leaves():
                           placement=(left.ids_TK, left.slots_TK, left.order.row_TK))
 
 
+def test_rows_stay_with_the_router_unless_the_experts_stream():
+    """The router leaves the rows only to a layer whose experts run the stream kernel behind the
+    Triton dispatch; a dispatcher that cannot hand them over refuses an unplaced routing in one
+    line instead of sorting unwritten slots."""
+    from moeflow.model.dispatch import LocalDispatcher
+    layer, D = _layer(CONFIGS["qwen3_top8"][0])
+    x = torch.randn(1, 4, D, device=DEVICE)
+    with torch.no_grad():
+        set_backends(layer, Backends(router="triton_decode_fused", dispatch="triton",
+                                     experts="reference"))
+        _, r = layer(x, inference=True)
+        assert r.order.placed
+        set_backends(layer, Backends(router="triton_decode_fused", dispatch="triton",
+                                     experts="stream"))
+        _, r = layer(x, inference=True)
+        assert not r.order.placed
+        unplaced = layer.router(x[0], inference=True, experts_place=True)
+        assert not unplaced.order.placed
+        for dispatcher in (LocalDispatcher(Backends(dispatch="triton")),
+                           LocalDispatcher(Backends(dispatch="reference"), defer_gather=True)):
+            with pytest.raises(ValueError, match="left its rows") as err:
+                dispatcher.dispatch(x[0], unplaced)
+            assert "\n" not in str(err.value)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="kernel launches are counted on CUDA")
 @pytest.mark.parametrize("T", [1, 16])
 def test_fused_decode_layer_launches_three_kernels(T):
