@@ -456,7 +456,7 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
     if placement is not None:
         ids_TK, slots_TK, row_TK = placement
         T, K = ids_TK.shape
-        if rows_N is None or T > meta["BLOCK_M"] or T > x_ND.shape[0]:
+        if rows_N is None or T > meta["BLOCK_M"]:
             raise ValueError(f"expert_mlp_stream: placing the rows needs the token list to "
                              f"write and at most {meta['BLOCK_M']} tokens, got {T}")
     else:
