@@ -1,6 +1,6 @@
-"""Grouped expert MLP fast paths vs expert_mlp_reference: the weight-streaming and the tiled
-Triton kernels (forward) and grouped_mm with the fused activation (forward and backward, where
-torch._grouped_mm runs)."""
+"""Grouped expert MLP fast paths vs expert_mlp_reference: the weight-streaming, tiled and
+persistent Triton kernels (forward) and grouped_mm with the fused activation (forward and
+backward, where torch._grouped_mm runs)."""
 
 import pytest
 
@@ -36,7 +36,7 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("backend", ["stream", "tiled"])
+@pytest.mark.parametrize("backend", ["stream", "tiled", "persistent"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows_per_expert", [1, 5, 40])
@@ -52,18 +52,21 @@ def test_inference_kernels_match_reference(backend, activation, bias, rows_per_e
 
 @pytest.mark.parametrize("counts", [[16, 0, 32, 1, 0, 17, 0, 0], [0, 0, 0, 0, 0, 0, 0, 50],
                                     [33, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 1]])
-def test_tiled_maps_each_program_to_its_expert_and_tile(counts):
-    """The tiled kernels' programs walk expert, column tile, row tile: experts with whole and
-    partial row tiles (CPU tiles: 16 rows, 32 columns), idle experts before, between and
-    after, and the programs past the last tile must each land on their own rows and weights."""
+@pytest.mark.parametrize("backend", ["tiled", "persistent"])
+def test_tiles_map_to_their_expert_and_rows(counts, backend):
+    """The tiled kernels' programs, and the persistent kernels' tiles, walk expert, column tile,
+    row tile: experts with whole and partial row tiles (CPU tiles: 16 rows, 32 columns), idle
+    experts before, between and after, and the programs past the last tile must each land on
+    their own rows and weights. D and F not multiples of the K tile (CPU: 72 and 40 against
+    16 / 32): the persistent kernels' TMA tiles then reach past an expert's weight rows."""
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    D, F = (1024, 768) if ON_GPU else (72, 40)
+    D, F = (1032, 776) if ON_GPU else (72, 40)
     E = len(counts)
     _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, "swiglu", True, dtype)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
     x = torch.randn(int(ends[-1]), D, device=DEVICE).to(dtype)
     ref = expert_mlp_reference(x, ends, w_in, b_in, w_out, b_out, "swiglu")
-    out = EXPERT_BACKENDS["tiled"](x, ends, w_in, b_in, w_out, b_out, "swiglu")
+    out = EXPERT_BACKENDS[backend](x, ends, w_in, b_in, w_out, b_out, "swiglu")
     assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
 
 @pytest.mark.parametrize("counts", [[0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
@@ -126,7 +129,7 @@ def test_stream_counters_are_checked():
                               counters=bad.to(DEVICE))
 
 
-@pytest.mark.parametrize("backend", ["stream", "tiled"])
+@pytest.mark.parametrize("backend", ["stream", "tiled", "persistent"])
 def test_inference_kernels_gather_their_rows_exactly(backend):
     """rows_N (the deferred dispatch gather): the up kernel reads row n from x[rows_N[n]]; the
     result equals the kernels on the gathered rows bit for bit."""

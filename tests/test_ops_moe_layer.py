@@ -52,7 +52,7 @@ def test_fast_layer_matches_reference(router_cfg, shared):
 @pytest.mark.parametrize("router_cfg", [
     RouterConfig(top_k=2, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=1),
     RouterConfig(top_k=2, dropless=True, normalize_topk=True)])
-@pytest.mark.parametrize("experts", ["grouped_mm_fused", "tiled", "stream"])
+@pytest.mark.parametrize("experts", ["grouped_mm_fused", "tiled", "persistent", "stream"])
 def test_inference_layer_leaves_the_gather_to_the_experts(router_cfg, experts):
     """Without autograd the Triton dispatch only plans (x_TD goes to the experts with the
     token of each row), the experts gather; the layer equals the all-reference one, dropped

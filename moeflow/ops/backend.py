@@ -19,9 +19,10 @@ benchmarks compare every fast path with its plain-torch reference.
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
 - experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream"
   and "tiled", moeflow.ops.grouped_mlp_triton's weight-streaming and tiled grouped-GEMM
-  kernels, are inference only; "auto" on CUDA in bf16/fp16: "stream" up to
-  STREAM_MAX_ROWS_PER_EXPERT rows per expert, "tiled" up to TILED_MAX_ROWS_PER_EXPERT, then
-  and in training "grouped_mm_fused").
+  kernels, and "persistent", moeflow.ops.persistent_mlp_triton's, are inference only; "auto"
+  on CUDA in bf16: "stream" up to STREAM_MAX_ROWS_PER_EXPERT rows per expert, "tiled" up to
+  TILED_MAX_ROWS_PER_EXPERT, then "persistent" where it wins and TMA runs (up to
+  PERSISTENT_MAX_ROWS_PER_EXPERT, or narrow experts), else and in training "grouped_mm_fused").
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
@@ -105,6 +106,18 @@ STREAM_MAX_ROWS_PER_EXPERT = 16
 # instead of 37.14 ms.
 TILED_MAX_ROWS_PER_EXPERT = 128
 
+# Inference above TILED_MAX_ROWS_PER_EXPERT, where TMA runs (tma_experts_supported), takes the
+# persistent grouped GEMM (moeflow.ops.persistent_mlp_triton: gather and activation fused like
+# the tiled kernels) up to PERSISTENT_MAX_ROWS_PER_EXPERT rows per expert, and at any row count
+# for experts at most PERSISTENT_ANY_ROWS_MAX_FFN wide; torch._grouped_mm otherwise. On the H200
+# (benchmarks/results/prefill_experts, session 25, five calls back to back) it beat
+# gather + grouped_mm + activation + grouped_mm by 4-10% at 256-1024 rows per expert of the
+# Qwen3-30B-A3B shape (F 768) and 512 of Mixtral-8x7B (F 14336), and lost by 3-9% at 1024 rows
+# of DeepSeek-V3-shaped experts (F 2048) and 2048 of Mixtral, where CUTLASS's GEMM rate
+# (569-633 TFLOP/s against 552-582) outweighs the fused passes.
+PERSISTENT_MAX_ROWS_PER_EXPERT = 512
+PERSISTENT_ANY_ROWS_MAX_FFN = 1024
+
 # Inference linears of at most this many rows (x.numel() / K) may stream their weight
 # (moeflow.ops.skinny_linear_triton); more rows run the plain matmul. 16 is the most the kernel
 # takes (one MMA tile of rows). "auto" streams every weight (resolve_linear_backend): on the
@@ -151,6 +164,11 @@ def _tiled(*args, **kwargs):
     return expert_mlp_tiled(*args, **kwargs)
 
 
+def _persistent(*args, **kwargs):
+    from moeflow.ops.persistent_mlp_triton import expert_mlp_persistent
+    return expert_mlp_persistent(*args, **kwargs)
+
+
 def _grouped_fused(*args, **kwargs):
     from moeflow.ops.grouped_mlp_triton import expert_mlp_grouped_fused
     return expert_mlp_grouped_fused(*args, **kwargs)
@@ -162,6 +180,7 @@ EXPERT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "grouped_mm_fused": _grouped_fused,  # grouped_mm + one-pass Triton activation (fwd + bwd)
     "stream": _stream,  # Triton weight-streaming kernels, inference only
     "tiled": _tiled,  # Triton grouped GEMM, gather and activation fused, inference only
+    "persistent": _persistent,  # the same, persistent over the tiles (TMA, Hopper), inference
 }
 
 
@@ -240,6 +259,15 @@ def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tenso
     return x.device.type == "cpu" and x.dtype == torch.float32 and aligned
 
 
+def tma_experts_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """Whether the persistent expert kernels (moeflow.ops.persistent_mlp_triton: weights and h
+    through TMA) run: grouped_mm_supported's conditions on CUDA (sm_90+, bf16, 16-byte rows of
+    x and both weights), plus 16-byte rows of h ([N, F]) and 16-byte weight base addresses."""
+    return (x.is_cuda and grouped_mm_supported(x, w_in, w_out)
+            and w_out.shape[1] * w_out.element_size() % 16 == 0
+            and all(w.data_ptr() % 16 == 0 for w in (w_in, w_out)))
+
+
 def records_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an op on these tensors (None entries are skipped): what every
     inference-only path (no backward) checks before it runs."""
@@ -313,10 +341,15 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
                 rows = x.shape[0] if num_rows is None else num_rows
                 requested = "grouped_mm_fused"
                 if not records_grad(x, w_in, w_out):
-                    if rows <= STREAM_MAX_ROWS_PER_EXPERT * w_in.shape[0]:
+                    E = w_in.shape[0]
+                    if rows <= STREAM_MAX_ROWS_PER_EXPERT * E:
                         requested = "stream"
-                    elif rows <= TILED_MAX_ROWS_PER_EXPERT * w_in.shape[0]:
+                    elif rows <= TILED_MAX_ROWS_PER_EXPERT * E:
                         requested = "tiled"
+                    elif ((rows <= PERSISTENT_MAX_ROWS_PER_EXPERT * E
+                           or w_out.shape[1] <= PERSISTENT_ANY_ROWS_MAX_FFN)
+                          and tma_experts_supported(x, w_in, w_out)):
+                        requested = "persistent"
     return EXPERT_BACKENDS[requested]
 
 

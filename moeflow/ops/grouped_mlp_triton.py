@@ -46,11 +46,12 @@ layer), so that order matters more than the MMA rate. The up kernel gathers its 
 (`token_N`) and applies the activation before storing, as the stream kernel does; the row-tile
 bodies (`_up_rows`, `_down_rows`) are the stream kernels' too.
 
-Many tokens and training: `torch._grouped_mm` (CUTLASS grouped GEMM), faster than the tiled
-kernels from ~256 rows per expert (benchmarks/results/prefill_experts); the activation between
-the two GEMMs runs as one Triton pass forward (h → act) and one backward (recomputing from h),
-instead of torch's chunk/silu/mul and their backward temporaries. Backward of the GEMMs is
-torch._grouped_mm's own (input and weight grads).
+Many tokens: on Hopper the tiled kernels' persistent twin (moeflow.ops.persistent_mlp_triton)
+where it wins, else (and in training) `torch._grouped_mm` (CUTLASS grouped GEMM), faster than
+the tiled kernels from ~256 rows per expert (benchmarks/results/prefill_experts); the
+activation between the two GEMMs runs as one Triton pass forward (h → act) and one backward
+(recomputing from h), instead of torch's chunk/silu/mul and their backward temporaries.
+Backward of the GEMMs is torch._grouped_mm's own (input and weight grads).
 
 Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
 """

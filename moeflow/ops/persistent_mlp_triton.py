@@ -1,0 +1,210 @@
+"""Persistent grouped expert MLP for many-token inference on Hopper: one program per SM walks
+the (expert, column tile, row tile) list of the up GEMM, then of the down GEMM.
+
+Why: at large prefill and batch sizes (hundreds of rows per expert) the expert GEMMs are most
+of a MoE layer, and both paths before this one left time on the table there. torch._grouped_mm
+(CUTLASS) needs its rows gathered into expert order first and the activation as a pass of its
+own (at 16384 tokens of the Qwen3-30B-A3B shape: a 262 µs gather and a 135 µs activation around
+~2 ms of GEMMs, benchmarks/results/moe_layer, session 25); the tiled kernels fuse both, but
+launch one program per tile, so each tile pays its own pipeline fill and its store is not
+overlapped with the next tile's loads.
+
+How: `_up_kernel` gathers each row tile from the token matrix by pointer loads (`token_N`), as
+the tiled kernel does, while the weight tiles come through TMA (`TensorDescriptor`s over the
+[E·D, I] and [E·F, D] weights: expert e's k-th row is row e·D + k); the activation (SwiGLU's
+gate and up columns in two accumulators, or GELU) is applied before the store of h, so neither
+the gathered rows nor the pre-activation touch memory. `_down_kernel` reads h through TMA too.
+Each program strides over the tile list by the number of programs (the SMs), in the tiled
+kernels' order — expert, then column tile, then row tile — so the tiles in flight at once
+cover a few experts and share their weight slabs and rows through L2. On Hopper the tile loop
+runs warp-specialised (`tl.range(warp_specialize=True)`: producer warps issue the loads,
+consumer warpgroups the MMAs, so a tile's epilogue overlaps the next tile's loads).
+
+Rows the tile list reads past an expert's end (the last row tile of each expert) belong to the
+next expert or lie past the last row: they are loaded, computed and never stored. Rows past
+ends_E[-1] (parked rows) are left unwritten, as the other inference kernels leave them.
+
+Measured (one H200, session 25, benchmarks/prefill_experts.py, five calls back to back): 0.90-
+0.96x the time of gather + torch._grouped_mm + activation + torch._grouped_mm at 256-1024 rows
+per expert of the Qwen3-30B-A3B shape and 512 of Mixtral-8x7B's; slower than it at 1024-2048 rows
+of experts 2048 wide or more, and than the tiled kernels below ~128 rows (the rule that follows
+is moeflow.ops.backend's; benchmarks/results/prefill_experts/README.md). With these tiles the
+sums run in the tiled kernels' order: at 2048 tokens the engine's first-token logits were bit
+for bit the tiled path's (benchmarks/results/prefill, session 25).
+
+Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from moeflow.ops.grid import next_power_of_2
+from moeflow.ops.grouped_mlp_triton import _gelu
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _warp_specialise(index: int) -> bool:
+    """Hopper: Triton 3.6's warp specialisation of these loops is measured there (sm_90)."""
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@triton.jit
+def _tile_list(ends_ptr, E, n_cols, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert: its row range and row tiles, the tile list's running count, and its length."""
+    ee = tl.arange(0, BLOCK_E)
+    emask = ee < E
+    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
+    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
+    tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(tiles_e * n_cols, axis=0)
+    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_cols
+
+
+@triton.jit
+def _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M: tl.constexpr):
+    """Tile t of the list (expert, then column tile, then row tile): expert, first row, the
+    expert's row end, column tile."""
+    e = tl.sum((cum <= t).to(tl.int32), axis=0)
+    hit = ee == e
+    first = tl.sum(tl.where(hit, cum - tiles_e * n_cols, 0), axis=0)
+    tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
+    lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
+    hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
+    r = t - first
+    return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
+
+
+# One launch config per kernel (Hopper, session 25, benchmarks/results/prefill_experts): 128-row
+# tiles on two consumer warpgroups won every token count of the sweep for both GEMMs, the up
+# kernel with 128 columns of each of SwiGLU's halves; the tile loop warp-specialised on sm_90
+# (4-warp configs do not build that way). No autotuning: a config with a pre-hook (the
+# descriptors' block shapes) re-times every process and costs ~0.1 ms of host per call.
+_UP_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
+_DOWN_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
+_UP_LAUNCH = {True: {"num_warps": 8, "num_stages": 3}, False: {"num_warps": 8, "num_stages": 4}}
+_DOWN_LAUNCH = {True: {"num_warps": 8, "num_stages": 4}, False: {"num_warps": 8, "num_stages": 3}}
+# Triton's interpreter (CPU tests): small tiles, a few programs, no specialisation.
+_INTERPRETER_UP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_INTERPRETER_DOWN = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+
+
+@triton.jit
+def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
+             SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+             BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+    n_cols = tl.cdiv(F, BLOCK_N)
+    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
+    I = 2 * F if SWIGLU else F
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
+        e, m0, hi, col = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
+        n0 = col * BLOCK_N
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < hi
+        if GATHER:
+            src = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + src[:, None] * D + k[None, :],
+                        mask=rmask[:, None] & (k < D)[None, :], other=0.0)
+            acc_g = tl.dot(a, w_desc.load([e * D + k0, n0]), acc_g)
+            if SWIGLU:
+                acc_u = tl.dot(a, w_desc.load([e * D + k0, F + n0]), acc_u)
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < F
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + e * I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_u += tl.load(b_ptr + e * I + F + n, mask=nmask,
+                                 other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            act = acc_g * tl.sigmoid(acc_g) * acc_u
+        else:
+            act = _gelu(acc_g)
+        tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
+                 act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, D, F, E, HAS_BIAS: tl.constexpr,
+               BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+    n_cols = tl.cdiv(D, BLOCK_N)
+    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
+        e, m0, hi, col = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
+        n0 = col * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # h's columns past F are zeros (TMA fills out-of-bounds), so the weight rows read past
+        # expert e's last (the next expert's first rows) add nothing.
+        for k0 in range(0, F, BLOCK_K):
+            acc = tl.dot(h_desc.load([m0, k0]), w_desc.load([e * F + k0, n0]), acc)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < D
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * D + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=(rows < hi)[:, None] & nmask[None, :])
+
+
+def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                          b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
+                          b_out_ED: torch.Tensor | None, activation: str,
+                          parked: bool = True, rows_N: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Many-token inference (no autograd): the persistent up and down kernels. `rows_N`: x_ND
+    holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel. Rows past
+    ends_E[-1] are left unwritten (combine never reads them), whatever `parked` says."""
+    if x_ND.is_cuda and torch.cuda.get_device_capability(x_ND.device)[0] < 9:
+        raise ValueError("persistent experts load through TMA: they need a Hopper (sm_90) or "
+                         f"later GPU, not {torch.cuda.get_device_name(x_ND.device)}")
+    N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
+    E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
+    I = w_in_EDI.shape[2]
+    x_ND, ends = x_ND.contiguous(), ends_E.contiguous()
+    w_in = w_in_EDI.contiguous().view(E * D, I)
+    w_out = w_out_EFD.contiguous().view(E * F, D)
+    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N == 0:
+        return y_ND
+    if x_ND.is_cuda:
+        index = x_ND.device.index if x_ND.device.index is not None else \
+            torch.cuda.current_device()
+        programs, ws = _num_sms(index), _warp_specialise(index)
+        up_blocks, down_blocks = _UP_BLOCKS, _DOWN_BLOCKS
+        up_launch, down_launch = _UP_LAUNCH[ws], _DOWN_LAUNCH[ws]
+    else:  # Triton's interpreter
+        programs, ws = 3, False
+        up_blocks, down_blocks, up_launch, down_launch = _INTERPRETER_UP, _INTERPRETER_DOWN, {}, {}
+    w_in_desc = TensorDescriptor.from_tensor(w_in, [up_blocks["BLOCK_K"], up_blocks["BLOCK_N"]])
+    h_desc = TensorDescriptor.from_tensor(h_NF, [down_blocks["BLOCK_M"], down_blocks["BLOCK_K"]])
+    w_out_desc = TensorDescriptor.from_tensor(w_out, [down_blocks["BLOCK_K"],
+                                                      down_blocks["BLOCK_N"]])
+    block_e = next_power_of_2(E)
+    _up_kernel[(programs,)](x_ND, rows_N if rows_N is not None else ends, ends, w_in_desc,
+                            b_in_EI if b_in_EI is not None else w_in, h_NF, D, F, E,
+                            SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None,
+                            GATHER=rows_N is not None, BLOCK_E=block_e, NUM_PROGRAMS=programs,
+                            WS=ws, **up_blocks, **up_launch)
+    _down_kernel[(programs,)](h_desc, ends, w_out_desc,
+                              b_out_ED if b_out_ED is not None else w_out, y_ND, D, F, E,
+                              HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e,
+                              NUM_PROGRAMS=programs, WS=ws, **down_blocks, **down_launch)
+    return y_ND
