@@ -30,33 +30,10 @@ import triton.language as tl
 from machine import cuda_event_ms
 from moeflow.ops import grouped_mlp_triton as g
 from moeflow.ops import persistent_mlp_triton as pm
+from moeflow.ops.persistent_mlp_triton import _tile, _tile_list
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
-@triton.jit
-def _tile(cum, tiles_e, lo_e, hi_e, ee, t, n_tiles, BLOCK_M: tl.constexpr):
-    """Tile t of the list ordered expert -> column tile -> row tile: (e, m0, hi, column tile)."""
-    e = tl.sum((cum <= t).to(tl.int32), axis=0)
-    hit = ee == e
-    first = tl.sum(tl.where(hit, cum - tiles_e * n_tiles, 0), axis=0)
-    tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
-    lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
-    hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
-    r = t - first
-    return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
-
-
-@triton.jit
-def _tile_list(ends_ptr, E, n_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    ee = tl.arange(0, BLOCK_E)
-    emask = ee < E
-    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
-    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
-    tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(tiles_e * n_tiles, axis=0)
-    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_tiles
 
 
 @triton.jit
@@ -73,7 +50,7 @@ def up_persistent(x_ptr, tok_ptr, ends_ptr, w_ptr, h_ptr, N, D, F, E,
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, D], strides=[D, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
     for t in tl.range(tl.program_id(0), total, NUM_SMS, warp_specialize=WS):
-        e, m0, hi, pn = _tile(cum, tiles_e, lo_e, hi_e, ee, t, n_tiles, BLOCK_M)
+        e, m0, hi, pn = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
         n0 = pn * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
@@ -107,7 +84,7 @@ def down_persistent(h_ptr, ends_ptr, w_ptr, y_ptr, N, D, F, E,
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * F, D], strides=[D, 1],
                                        block_shape=[BLOCK_K, BLOCK_N])
     for t in tl.range(tl.program_id(0), total, NUM_SMS, warp_specialize=WS):
-        e, m0, hi, pn = _tile(cum, tiles_e, lo_e, hi_e, ee, t, n_tiles, BLOCK_M)
+        e, m0, hi, pn = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
         n0 = pn * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, F, BLOCK_K):

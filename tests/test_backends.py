@@ -187,9 +187,9 @@ def test_auto_experts_by_rows_per_expert_and_autograd(monkeypatch, rows_per_expe
     """"auto" experts on CUDA: weight streaming for few rows per expert, the tiled grouped GEMM
     up to TILED_MAX_ROWS_PER_EXPERT; above it, where TMA runs, the persistent grouped GEMM up
     to PERSISTENT_MAX_ROWS_PER_EXPERT and for experts up to PERSISTENT_ANY_ROWS_MAX_FFN wide at
-    any row count, torch._grouped_mm otherwise;
-    under autograd always torch._grouped_mm (stream, tiled and persistent have no backward).
-    The rows are the gathered ones when the experts gather (num_rows), not the tokens."""
+    any row count, torch._grouped_mm otherwise; under autograd always torch._grouped_mm
+    (stream, tiled and persistent have no backward). The rows are the gathered ones when the
+    experts gather (num_rows), not the tokens."""
     monkeypatch.setattr(backend, "_triton_cuda", lambda x: True)
     monkeypatch.setattr(backend, "grouped_mm_supported", lambda *a: True)
     monkeypatch.setattr(backend, "tma_experts_supported", lambda *a: tma)

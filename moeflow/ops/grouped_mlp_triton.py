@@ -135,6 +135,14 @@ def _up_tile(x_ptr, src, dst, rmask, w_e, b_e, h_ptr, n, nmask, D, F, SWIGLU: tl
         if SWIGLU:
             wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
             acc_u = tl.dot(a, wu, acc_u)
+    _store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU, HAS_BIAS)
+
+
+@triton.jit
+def _store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    """h[dst, n] = act(acc + b_e[n]) for the rows where rmask: SwiGLU multiplies the gate columns
+    n (acc_g) by the up columns F + n (acc_u); GELU takes acc_g alone."""
     if HAS_BIAS:
         acc_g += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:

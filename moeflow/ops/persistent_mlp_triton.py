@@ -45,7 +45,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
-from moeflow.ops.grouped_mlp_triton import _gelu
+from moeflow.ops.grouped_mlp_triton import _store_activated
 
 
 @functools.cache
@@ -101,9 +101,9 @@ _INTERPRETER_DOWN = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 
 @triton.jit
 def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
-             SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
-             BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+               SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+               BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
     n_cols = tl.cdiv(F, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
@@ -126,24 +126,14 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
             if SWIGLU:
                 acc_u = tl.dot(a, w_desc.load([e * D + k0, F + n0]), acc_u)
         n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < F
-        if HAS_BIAS:
-            acc_g += tl.load(b_ptr + e * I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc_u += tl.load(b_ptr + e * I + F + n, mask=nmask,
-                                 other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            act = acc_g * tl.sigmoid(acc_g) * acc_u
-        else:
-            act = _gelu(acc_g)
-        tl.store(h_ptr + rows[:, None].to(tl.int64) * F + n[None, :],
-                 act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+        _store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F, SWIGLU,
+                         HAS_BIAS)
 
 
 @triton.jit
 def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, D, F, E, HAS_BIAS: tl.constexpr,
-               BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+                 BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
     n_cols = tl.cdiv(D, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
