@@ -30,7 +30,7 @@ import triton.language as tl
 from machine import cuda_event_ms
 from moeflow.ops import grouped_mlp_triton as g
 from moeflow.ops import persistent_mlp_triton as pm
-from moeflow.ops.persistent_mlp_triton import _tile, _tile_list
+from moeflow.ops.grouped_mlp_triton import list_tile, tile_list
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -42,7 +42,7 @@ def up_persistent(x_ptr, tok_ptr, ends_ptr, w_ptr, h_ptr, N, D, F, E,
                   BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr, A_TMA: tl.constexpr,
                   WS: tl.constexpr):
     n_tiles = tl.cdiv(F, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
     I = 2 * F
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * D, I], strides=[I, 1],
                                        block_shape=[BLOCK_K, BLOCK_N])
@@ -50,7 +50,7 @@ def up_persistent(x_ptr, tok_ptr, ends_ptr, w_ptr, h_ptr, N, D, F, E,
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, D], strides=[D, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
     for t in tl.range(tl.program_id(0), total, NUM_SMS, warp_specialize=WS):
-        e, m0, hi, pn = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
+        e, m0, hi, pn = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
         n0 = pn * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
@@ -78,13 +78,13 @@ def down_persistent(h_ptr, ends_ptr, w_ptr, y_ptr, N, D, F, E,
                     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr, WS: tl.constexpr):
     n_tiles = tl.cdiv(D, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, F], strides=[F, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * F, D], strides=[D, 1],
                                        block_shape=[BLOCK_K, BLOCK_N])
     for t in tl.range(tl.program_id(0), total, NUM_SMS, warp_specialize=WS):
-        e, m0, hi, pn = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
+        e, m0, hi, pn = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
         n0 = pn * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, F, BLOCK_K):

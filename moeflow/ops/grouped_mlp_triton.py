@@ -135,11 +135,11 @@ def _up_tile(x_ptr, src, dst, rmask, w_e, b_e, h_ptr, n, nmask, D, F, SWIGLU: tl
         if SWIGLU:
             wu = tl.load(w_e + k[:, None] * I + (F + n)[None, :], mask=wmask, other=0.0)
             acc_u = tl.dot(a, wu, acc_u)
-    _store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU, HAS_BIAS)
+    store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU, HAS_BIAS)
 
 
 @triton.jit
-def _store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: tl.constexpr,
+def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: tl.constexpr,
                      HAS_BIAS: tl.constexpr):
     """h[dst, n] = act(acc + b_e[n]) for the rows where rmask: SwiGLU multiplies the gate columns
     n (acc_g) by the up columns F + n (acc_u); GELU takes acc_g alone."""
@@ -328,19 +328,33 @@ def _expert_tile(ends_ptr, pid, E, n_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.c
     order, so resident together) share its weight slab through L2, and one wave of programs
     covers all column tiles of a few experts, which share their rows. m0 >= hi: past the last
     tile, no work (the grid is sized for the most tiles any routing can need)."""
+    ee, lo_e, hi_e, tiles_e, cum, _ = tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
+    return list_tile(ee, lo_e, hi_e, tiles_e, cum, pid, n_tiles, BLOCK_M)
+
+
+@triton.jit
+def tile_list(ends_ptr, E, n_cols, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The (expert, column tile, row tile) list of a grouped GEMM over ends_E: per expert its
+    row range and row tiles, the list's running tile count, and its length."""
     ee = tl.arange(0, BLOCK_E)
     emask = ee < E
     hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
     lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
     tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(tiles_e * n_tiles, axis=0)
-    e = tl.sum((cum <= pid).to(tl.int32), axis=0)
+    cum = tl.cumsum(tiles_e * n_cols, axis=0)
+    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_cols
+
+
+@triton.jit
+def list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M: tl.constexpr):
+    """Tile t of tile_list's list: its expert, first row, the expert's row end, column tile."""
+    e = tl.sum((cum <= t).to(tl.int32), axis=0)
     hit = ee == e
-    first = tl.sum(tl.where(hit, cum - tiles_e * n_tiles, 0), axis=0)
+    first = tl.sum(tl.where(hit, cum - tiles_e * n_cols, 0), axis=0)
     tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
     lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
     hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
-    r = pid - first
+    r = t - first
     return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
 
 

@@ -45,7 +45,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
-from moeflow.ops.grouped_mlp_triton import _store_activated
+from moeflow.ops.grouped_mlp_triton import list_tile, store_activated, tile_list
 
 
 @functools.cache
@@ -57,32 +57,6 @@ def _num_sms(index: int) -> int:
 def _warp_specialise(index: int) -> bool:
     """Hopper: Triton 3.6's warp specialisation of these loops is measured there (sm_90)."""
     return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-@triton.jit
-def _tile_list(ends_ptr, E, n_cols, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per expert: its row range and row tiles, the tile list's running count, and its length."""
-    ee = tl.arange(0, BLOCK_E)
-    emask = ee < E
-    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
-    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
-    tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(tiles_e * n_cols, axis=0)
-    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_cols
-
-
-@triton.jit
-def _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M: tl.constexpr):
-    """Tile t of the list (expert, then column tile, then row tile): expert, first row, the
-    expert's row end, column tile."""
-    e = tl.sum((cum <= t).to(tl.int32), axis=0)
-    hit = ee == e
-    first = tl.sum(tl.where(hit, cum - tiles_e * n_cols, 0), axis=0)
-    tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
-    lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
-    hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
-    r = t - first
-    return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
 
 
 # One launch config per kernel (Hopper, session 25, benchmarks/results/prefill_experts): 128-row
@@ -105,10 +79,10 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
     n_cols = tl.cdiv(F, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
-        e, m0, hi, col = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
+        e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < hi
@@ -126,7 +100,7 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
             if SWIGLU:
                 acc_u = tl.dot(a, w_desc.load([e * D + k0, F + n0]), acc_u)
         n = n0 + tl.arange(0, BLOCK_N)
-        _store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F, SWIGLU,
+        store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F, SWIGLU,
                          HAS_BIAS)
 
 
@@ -135,9 +109,9 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, D, F, E, HAS_BIAS: tl.c
                  BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
     n_cols = tl.cdiv(D, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
-        e, m0, hi, col = _tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
+        e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         # h's columns past F are zeros (TMA fills out-of-bounds), so the weight rows read past
