@@ -69,8 +69,7 @@ _DOWN_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
 _UP_LAUNCH = {True: {"num_warps": 8, "num_stages": 3}, False: {"num_warps": 8, "num_stages": 4}}
 _DOWN_LAUNCH = {True: {"num_warps": 8, "num_stages": 4}, False: {"num_warps": 8, "num_stages": 3}}
 # Triton's interpreter (CPU tests): small tiles, a few programs, no specialisation.
-_INTERPRETER_UP = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
-_INTERPRETER_DOWN = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
 @triton.jit
@@ -156,7 +155,8 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
         up_launch, down_launch = _UP_LAUNCH[ws], _DOWN_LAUNCH[ws]
     else:  # Triton's interpreter
         programs, ws = 3, False
-        up_blocks, down_blocks, up_launch, down_launch = _INTERPRETER_UP, _INTERPRETER_DOWN, {}, {}
+        up_blocks = down_blocks = _INTERPRETER_BLOCKS
+        up_launch = down_launch = {}
     w_in_desc = TensorDescriptor.from_tensor(w_in, [up_blocks["BLOCK_K"], up_blocks["BLOCK_N"]])
     h_desc = TensorDescriptor.from_tensor(h_NF, [down_blocks["BLOCK_M"], down_blocks["BLOCK_K"]])
     w_out_desc = TensorDescriptor.from_tensor(w_out, [down_blocks["BLOCK_K"],
