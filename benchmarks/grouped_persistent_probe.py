@@ -13,7 +13,10 @@ the down GEMM separately:
     under Triton's warp specialisation (`tl.range(warp_specialize=True)`),
 over a few tile configs each, and checks each output against torch._grouped_mm's; then whole
 expert MLPs from the token rows (`--no-sweep`: these only), one call and five back to back per
-timing: the product paths, the probe's kernels and moeflow.ops.persistent_mlp_triton's.
+timing: the product paths, the probe's up kernel with the product's down kernel, and
+moeflow.ops.persistent_mlp_triton's path. (Session 25's calls ran earlier states of this script:
+its own down kernel with in-kernel descriptors, and autotuned / PDL variants of the product
+kernels that were not kept; the results README says which call measured what.)
 Results (H200, session 25): benchmarks/results/prefill_experts/README.md — the gathering,
 warp-specialised persistent kernels became moeflow.ops.persistent_mlp_triton.
 """
@@ -73,28 +76,6 @@ def up_persistent(x_ptr, tok_ptr, ends_ptr, w_ptr, h_ptr, N, D, F, E,
                  act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & (n < F)[None, :])
 
 
-@triton.jit
-def down_persistent(h_ptr, ends_ptr, w_ptr, y_ptr, N, D, F, E,
-                    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr, WS: tl.constexpr):
-    n_tiles = tl.cdiv(D, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, F], strides=[F, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * F, D], strides=[D, 1],
-                                       block_shape=[BLOCK_K, BLOCK_N])
-    for t in tl.range(tl.program_id(0), total, NUM_SMS, warp_specialize=WS):
-        e, m0, hi, pn = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_tiles, BLOCK_M)
-        n0 = pn * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            acc = tl.dot(h_desc.load([m0, k0]), w_desc.load([e * F + k0, n0]), acc)
-        rows = m0 + tl.arange(0, BLOCK_M)
-        n = n0 + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=(rows < hi)[:, None] & (n < D)[None, :])
-
-
 UP_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 64, 64, 8, 5),
             (64, 128, 64, 4, 4), (128, 128, 32, 8, 6)]
 DOWN_TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
@@ -149,6 +130,16 @@ def main() -> None:
 
         h = torch.empty(N, F, dtype=torch.bfloat16, device="cuda")
         y = torch.empty(N, D, dtype=torch.bfloat16, device="cuda")
+
+        def product_down(h_src, cfg):
+            """moeflow.ops.persistent_mlp_triton's down kernel on h_src, one config."""
+            bm, bn, bk, w, s, ws = cfg
+            h_desc = TensorDescriptor.from_tensor(h_src, [bm, bk])
+            w_desc = TensorDescriptor.from_tensor(w_out.view(E * F, D), [bk, bn])
+            return lambda: pm._down_kernel[(sms,)](
+                h_desc, ends, w_desc, w_out, y, D, F, E, HAS_BIAS=False, BLOCK_E=128,
+                NUM_PROGRAMS=sms, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, num_warps=w,
+                num_stages=s)
         for ws in (() if args.no_sweep else (False, True)):  # warp specialisation last
             for a_tma in (True, False):
                 for bm, bn, bk, w, s in UP_TILES:
@@ -169,10 +160,7 @@ def main() -> None:
             for bm, bn, bk, w, s in DOWN_TILES:
                 cfg = f"WS={ws} {bm}x{bn}x{bk} w{w} s{s}"
 
-                def down():
-                    down_persistent[(sms,)](a_ref, ends, w_out, y, N, D, F, E, BLOCK_E=128,
-                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=sms,
-                                            WS=ws, num_warps=w, num_stages=s)
+                down = product_down(a_ref, (bm, bn, bk, w, s, ws))
                 try:
                     y.fill_(float("nan"))
                     down()
@@ -187,37 +175,14 @@ def main() -> None:
         # grouped_mm) against persistent up (gathering or after the gather) + down.
         def composite(up_cfg, down_cfg, gather_first):
             bm, bn, bk, w, s, ws = up_cfg
-            dbm, dbn, dbk, dw, ds, dws = down_cfg
+            down = product_down(h, down_cfg)
 
             def run():
                 src = x[tok.long()] if gather_first else x
                 up_persistent[(sms,)](src, tok, ends, w_in, h, N, D, F, E, BLOCK_E=128,
                                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=sms,
                                       A_TMA=gather_first, WS=ws, num_warps=w, num_stages=s)
-                down_persistent[(sms,)](h, ends, w_out, y, N, D, F, E, BLOCK_E=128,
-                                        BLOCK_M=dbm, BLOCK_N=dbn, BLOCK_K=dbk, NUM_SMS=sms,
-                                        WS=dws, num_warps=dw, num_stages=ds)
-                return y
-            return run
-
-        def product_fixed(up_cfg, down_cfg, pdl):
-            """moeflow.ops.persistent_mlp_triton's kernels, one config each, PDL on or off."""
-            bm, bn, bk, w, s, ws = up_cfg
-            dbm, dbn, dbk, dw, ds, dws = down_cfg
-            w_in_desc = TensorDescriptor.from_tensor(w_in.view(E * D, 2 * F), [bk, bn])
-            h_desc = TensorDescriptor.from_tensor(h, [dbm, dbk])
-            w_out_desc = TensorDescriptor.from_tensor(w_out.view(E * F, D), [dbk, dbn])
-            launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
-
-            def run():
-                pm._up_kernel.fn[(sms,)](
-                    x, tok, ends, w_in_desc, w_in, h, D, F, E, 0, SWIGLU=True, HAS_BIAS=False,
-                    GATHER=True, NO_WS=False, BLOCK_E=128, NUM_PROGRAMS=sms, BLOCK_M=bm,
-                    BLOCK_N=bn, BLOCK_K=bk, WS=ws, num_warps=w, num_stages=s, **launch)
-                pm._down_kernel.fn[(sms,)](
-                    h_desc, ends, w_out_desc, w_out, y, D, F, E, 0, HAS_BIAS=False, NO_WS=False,
-                    BLOCK_E=128, NUM_PROGRAMS=sms, BLOCK_M=dbm, BLOCK_N=dbn, BLOCK_K=dbk,
-                    WS=dws, num_warps=dw, num_stages=ds, **launch)
+                down()
                 return y
             return run
 
@@ -233,14 +198,8 @@ def main() -> None:
                 (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 4, True), False),
             "gather, persistent TMA up WS + down WS": composite(
                 (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 4, True), True),
-            "product persistent (autotuned)": lambda: pm.expert_mlp_persistent(
+            "product persistent (expert_mlp_persistent)": lambda: pm.expert_mlp_persistent(
                 x, ends, w_in, None, w_out, None, "swiglu", False, rows_N=tok),
-            "product kernels, up WS s3 + down WS s4, PDL": product_fixed(
-                (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 4, True), True),
-            "product kernels, up WS s3 + down WS s4, no PDL": product_fixed(
-                (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 4, True), False),
-            "product kernels, up s4 + down s3 (no WS), no PDL": product_fixed(
-                (128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), False),
         }
         with torch.no_grad():
             for rnd in range(args.rounds):

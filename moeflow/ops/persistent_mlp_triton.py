@@ -49,14 +49,15 @@ from moeflow.ops.grouped_mlp_triton import list_tile, store_activated, tile_list
 
 
 @functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.cache
-def _warp_specialise(index: int) -> bool:
-    """Hopper: Triton 3.6's warp specialisation of these loops is measured there (sm_90)."""
-    return torch.cuda.get_device_capability(index) == (9, 0)
+def _device_launch(index: int) -> tuple[int, bool]:
+    """(programs, warp-specialised) on CUDA device `index`: one program per SM; Triton 3.6's
+    warp specialisation of these loops only where it is measured (sm_90). Raises on GPUs
+    without TMA."""
+    props = torch.cuda.get_device_properties(index)
+    if props.major < 9:
+        raise ValueError("persistent experts load through TMA: they need a Hopper (sm_90) or "
+                         f"later GPU, not {props.name}")
+    return props.multi_processor_count, (props.major, props.minor) == (9, 0)
 
 
 # One launch config per kernel (Hopper, session 25, benchmarks/results/prefill_experts): 128-row
@@ -134,9 +135,6 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
     """Many-token inference (no autograd): the persistent up and down kernels. `rows_N`: x_ND
     holds the tokens and row n is x_ND[rows_N[n]], gathered by the up kernel. Rows past
     ends_E[-1] are left unwritten (combine never reads them), whatever `parked` says."""
-    if x_ND.is_cuda and torch.cuda.get_device_capability(x_ND.device)[0] < 9:
-        raise ValueError("persistent experts load through TMA: they need a Hopper (sm_90) or "
-                         f"later GPU, not {torch.cuda.get_device_name(x_ND.device)}")
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
     I = w_in_EDI.shape[2]
@@ -150,7 +148,7 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
     if x_ND.is_cuda:
         index = x_ND.device.index if x_ND.device.index is not None else \
             torch.cuda.current_device()
-        programs, ws = _num_sms(index), _warp_specialise(index)
+        programs, ws = _device_launch(index)
         up_blocks, down_blocks = _UP_BLOCKS, _DOWN_BLOCKS
         up_launch, down_launch = _UP_LAUNCH[ws], _DOWN_LAUNCH[ws]
     else:  # Triton's interpreter
