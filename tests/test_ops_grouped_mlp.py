@@ -296,3 +296,23 @@ def test_zeroed_counters_are_made_once_per_device_and_count():
     assert zeroed_counters(first, 6, first.device) is first
     other = zeroed_counters(first, 8, first.device)
     assert other.numel() == 8 and other is not first and not other.any()
+
+
+def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):
+    """The persistent kernels load through TMA: on a GPU older than Hopper they stop with one
+    line naming the GPU; on Hopper they run one program per SM, warp-specialised on sm_90."""
+    from types import SimpleNamespace
+
+    from moeflow.ops import persistent_mlp_triton as pm
+    gpus = {0: SimpleNamespace(major=8, minor=0, name="NVIDIA A100", multi_processor_count=108),
+            1: SimpleNamespace(major=9, minor=0, name="NVIDIA H200", multi_processor_count=132),
+            2: SimpleNamespace(major=10, minor=0, name="NVIDIA B200", multi_processor_count=148)}
+    monkeypatch.setattr(pm.torch.cuda, "get_device_properties", lambda i: gpus[i])
+    pm._device_launch.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="Hopper.*A100"):
+            pm._device_launch(0)
+        assert pm._device_launch(1) == (132, True)
+        assert pm._device_launch(2) == (148, False)
+    finally:
+        pm._device_launch.cache_clear()
