@@ -56,7 +56,7 @@ class Shape:
 SHAPES = tuple(Shape(f"qwen3-30b-a3b, {t} tokens", t, 2048, 768, 128, 8, "swiglu")
                for t in (256, 512, 1024, 2048, 4096, 8192, 16384)) + tuple(
     Shape(f"mixtral-8x7b, {t} tokens", t, 4096, 14336, 8, 2, "swiglu")
-    for t in (128, 256, 512, 2048, 8192)) + tuple(
+    for t in (128, 256, 512, 1024, 2048, 4096, 8192)) + tuple(
     Shape(f"ds-1.3b+moe128, {t} tokens", t, 2048, 8192, 128, 1, "gelu")
     for t in (2048, 4096, 8192, 16384)) + tuple(
     Shape(f"deepseek-v3 experts (64 of 256), {t} tokens", t, 7168, 2048, 64, 8, "swiglu")

@@ -177,17 +177,19 @@ def test_fuse_choice_by_device_and_autograd():
 
 @pytest.mark.parametrize("rows_per_expert,grad,tma,ffn,want", [
     (1, False, True, 3, "stream"), (16, False, True, 3, "stream"), (17, False, True, 3, "tiled"),
-    (128, False, True, 4096, "tiled"), (129, False, True, 4096, "persistent"),
+    (64, False, True, 4096, "tiled"), (65, False, True, 4096, "persistent"),
+    (128, False, False, 4096, "tiled"), (129, False, False, 4096, "grouped_mm_fused"),
     (512, False, True, 4096, "persistent"), (513, False, True, 4096, "grouped_mm_fused"),
     (4096, False, True, 1024, "persistent"), (4096, False, True, 1032, "grouped_mm_fused"),
     (129, False, False, 3, "grouped_mm_fused"), (4, True, True, 3, "grouped_mm_fused"),
     (300, True, True, 3, "grouped_mm_fused")])
 def test_auto_experts_by_rows_per_expert_and_autograd(monkeypatch, rows_per_expert, grad, tma,
                                                       ffn, want):
-    """"auto" experts on CUDA: weight streaming for few rows per expert, the tiled grouped GEMM
-    up to TILED_MAX_ROWS_PER_EXPERT; above it, where TMA runs, the persistent grouped GEMM up
-    to PERSISTENT_MAX_ROWS_PER_EXPERT and for experts up to PERSISTENT_ANY_ROWS_MAX_FFN wide at
-    any row count, torch._grouped_mm otherwise; under autograd always torch._grouped_mm
+    """"auto" experts on CUDA: weight streaming for few rows per expert; where TMA runs, the
+    persistent grouped GEMM above PERSISTENT_MIN_ROWS_PER_EXPERT, up to
+    PERSISTENT_MAX_ROWS_PER_EXPERT and for experts up to PERSISTENT_ANY_ROWS_MAX_FFN wide at
+    any row count; else the tiled grouped GEMM up to TILED_MAX_ROWS_PER_EXPERT,
+    torch._grouped_mm above; under autograd always torch._grouped_mm
     (stream, tiled and persistent have no backward). The rows are the gathered ones when the
     experts gather (num_rows), not the tokens."""
     monkeypatch.setattr(backend, "_triton_cuda", lambda x: True)

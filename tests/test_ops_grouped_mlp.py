@@ -316,3 +316,23 @@ def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):
         assert pm._device_launch(2) == (148, False)
     finally:
         pm._device_launch.cache_clear()
+
+
+@pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m", [
+    (True, 768, 128, True, (64, 256), 128), (True, 14336, 256, True, (64, 256), 64),
+    (True, 8192, 128, False, (128, 256), 64), (True, 768, 1024, True, (128, 128), 128),
+    (False, 14336, 256, True, (128, 128), 128)])
+def test_persistent_tiles_follow_rows_width_and_activation(ws, F, rows, swiglu, up_mn, down_m):
+    """Warp-specialised (sm_90): SwiGLU's up kernel on 64 x 256 tiles (its two accumulators),
+    GELU's on 128 x 256 (one accumulator, the same registers), both on 128 x 128 above
+    UP_SHORT_TILE_MAX_ROWS rows per expert; the down kernel on 64-row tiles for sums longer
+    than DOWN_SHORT_K_MAX. Elsewhere the 128-row tiles throughout. Every config fits the
+    shared memory: a tile's stages hold x, the weight halves (and h for down)."""
+    from moeflow.ops import persistent_mlp_triton as pm
+    up, up_launch, down, down_launch = pm._configs(ws, F, rows, swiglu)
+    assert (up["BLOCK_M"], up["BLOCK_N"]) == up_mn and down["BLOCK_M"] == down_m
+    halves = 2 if swiglu else 1
+    up_stage = 2 * up["BLOCK_K"] * (up["BLOCK_M"] + halves * up["BLOCK_N"])
+    down_stage = 2 * down["BLOCK_K"] * (down["BLOCK_M"] + down["BLOCK_N"])
+    assert up_stage * up_launch["num_stages"] <= 227 * 1024
+    assert down_stage * down_launch["num_stages"] <= 227 * 1024

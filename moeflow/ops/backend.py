@@ -20,9 +20,10 @@ benchmarks compare every fast path with its plain-torch reference.
 - experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream"
   and "tiled", moeflow.ops.grouped_mlp_triton's weight-streaming and tiled grouped-GEMM
   kernels, and "persistent", moeflow.ops.persistent_mlp_triton's, are inference only; "auto"
-  on CUDA in bf16: "stream" up to STREAM_MAX_ROWS_PER_EXPERT rows per expert, "tiled" up to
-  TILED_MAX_ROWS_PER_EXPERT, then "persistent" where it wins and TMA runs (up to
-  PERSISTENT_MAX_ROWS_PER_EXPERT, or narrow experts), else and in training "grouped_mm_fused").
+  on CUDA in bf16: "stream" up to STREAM_MAX_ROWS_PER_EXPERT rows per expert, then
+  "persistent" where it wins and TMA runs (above PERSISTENT_MIN_ROWS_PER_EXPERT, up to
+  PERSISTENT_MAX_ROWS_PER_EXPERT or for narrow experts), else "tiled" up to
+  TILED_MAX_ROWS_PER_EXPERT, else and in training "grouped_mm_fused").
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
   "auto" = compiled only on CUDA, without autograd, for inputs up to FUSE_MAX_ELEMENTS).
@@ -103,18 +104,24 @@ STREAM_MAX_ROWS_PER_EXPERT = 16
 # 0.74-0.83x the time of gather + grouped_mm + activation + grouped_mm at 32 and 128 rows per
 # expert (Qwen3-30B-A3B, 512 and 2048 tokens), 1.11x at 256 (4096 tokens) and 1.03-1.15x at 512
 # (Qwen3 8192 tokens, Mixtral 2048 tokens); the 2048-token prefill of Qwen3-30B-A3B took 31.67
-# instead of 37.14 ms.
+# instead of 37.14 ms. Where TMA runs, the persistent kernels take over above
+# PERSISTENT_MIN_ROWS_PER_EXPERT (below); GPUs without it keep the tiled kernels up to here.
 TILED_MAX_ROWS_PER_EXPERT = 128
 
-# Inference above TILED_MAX_ROWS_PER_EXPERT, where TMA runs (tma_experts_supported), takes the
-# persistent grouped GEMM (moeflow.ops.persistent_mlp_triton: gather and activation fused like
-# the tiled kernels) up to PERSISTENT_MAX_ROWS_PER_EXPERT rows per expert, and at any row count
-# for experts at most PERSISTENT_ANY_ROWS_MAX_FFN wide; torch._grouped_mm otherwise. On the H200
+# Inference above PERSISTENT_MIN_ROWS_PER_EXPERT, where TMA runs (tma_experts_supported), takes
+# the persistent grouped GEMM (moeflow.ops.persistent_mlp_triton: gather and activation fused
+# like the tiled kernels) up to PERSISTENT_MAX_ROWS_PER_EXPERT rows per expert, and at any row
+# count for experts at most PERSISTENT_ANY_ROWS_MAX_FFN wide; torch._grouped_mm otherwise.
+# From 64 rows (session 26, its 64-row up tiles): on the H200 (benchmarks/results/
+# prefill_experts) the two kernels alone took 0.47 against the tiled path's 0.51 ms at 128 rows
+# per expert of Qwen3-30B-A3B (2048 tokens) and 1.30 against 1.69 at Mixtral-8x7B's 256
+# (1024 tokens); at 64 rows (Qwen3, 1024 tokens) they tie (0.36 against 0.35). On the H200
 # (benchmarks/results/prefill_experts, session 25, five calls back to back) it beat
 # gather + grouped_mm + activation + grouped_mm by 4-10% at 256-1024 rows per expert of the
 # Qwen3-30B-A3B shape (F 768) and 512 of Mixtral-8x7B (F 14336), and lost by 3-9% at 1024 rows
 # of DeepSeek-V3-shaped experts (F 2048) and 2048 of Mixtral, where CUTLASS's GEMM rate
 # (569-633 TFLOP/s against 552-582) outweighs the fused passes.
+PERSISTENT_MIN_ROWS_PER_EXPERT = 64
 PERSISTENT_MAX_ROWS_PER_EXPERT = 512
 PERSISTENT_ANY_ROWS_MAX_FFN = 1024
 
@@ -344,12 +351,13 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
                     E = w_in.shape[0]
                     if rows <= STREAM_MAX_ROWS_PER_EXPERT * E:
                         requested = "stream"
-                    elif rows <= TILED_MAX_ROWS_PER_EXPERT * E:
-                        requested = "tiled"
-                    elif ((rows <= PERSISTENT_MAX_ROWS_PER_EXPERT * E
-                           or w_out.shape[1] <= PERSISTENT_ANY_ROWS_MAX_FFN)
+                    elif (rows > PERSISTENT_MIN_ROWS_PER_EXPERT * E
+                          and (rows <= PERSISTENT_MAX_ROWS_PER_EXPERT * E
+                               or w_out.shape[1] <= PERSISTENT_ANY_ROWS_MAX_FFN)
                           and tma_experts_supported(x, w_in, w_out)):
                         requested = "persistent"
+                    elif rows <= TILED_MAX_ROWS_PER_EXPERT * E:
+                        requested = "tiled"
     return EXPERT_BACKENDS[requested]
 
 

@@ -24,13 +24,15 @@ Rows the tile list reads past an expert's end (the last row tile of each expert)
 next expert or lie past the last row: they are loaded, computed and never stored. Rows past
 ends_E[-1] (parked rows) are left unwritten, as the other inference kernels leave them.
 
-Measured (one H200, session 25, benchmarks/prefill_experts.py, five calls back to back): 0.90-
+Measured (one H200, benchmarks/prefill_experts.py, five calls back to back): session 25, 0.90-
 0.96x the time of gather + torch._grouped_mm + activation + torch._grouped_mm at 256-1024 rows
 per expert of the Qwen3-30B-A3B shape and 512 of Mixtral-8x7B's; slower than it at 1024-2048 rows
-of experts 2048 wide or more, and than the tiled kernels below ~128 rows (the rule that follows
-is moeflow.ops.backend's; benchmarks/results/prefill_experts/README.md). With these tiles the
-sums run in the tiled kernels' order: at 2048 tokens the engine's first-token logits were bit
-for bit the tiled path's (benchmarks/results/prefill, session 25).
+of experts 2048 wide or more. Session 26, with the tiles below chosen per activation, width and
+rows: 0.82-0.86x the tiled kernels at 128-256 rows per expert of Mixtral-8x7B, 0.96-0.98x at
+128 of Qwen3-30B-A3B and 157 of ds-1.3b+moe128; the tiled kernels still win at 64 rows and
+fewer (the rule is moeflow.ops.backend's; benchmarks/results/prefill_experts/README.md). With
+K tiles of 64 the sums run in the tiled kernels' order: at 2048 tokens the engine's first-token
+logits were bit for bit the tiled path's (benchmarks/results/prefill, session 25).
 
 Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
 """
@@ -60,15 +62,40 @@ def _device_launch(index: int) -> tuple[int, bool]:
     return props.multi_processor_count, (props.major, props.minor) == (9, 0)
 
 
-# One launch config per kernel (Hopper, session 25, benchmarks/results/prefill_experts): 128-row
-# tiles on two consumer warpgroups won every token count of the sweep for both GEMMs, the up
-# kernel with 128 columns of each of SwiGLU's halves; the tile loop warp-specialised on sm_90
-# (4-warp configs do not build that way). No autotuning: a config with a pre-hook (the
-# descriptors' block shapes) re-times every process and costs ~0.1 ms of host per call.
-_UP_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
-_DOWN_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
-_UP_LAUNCH = {True: {"num_warps": 8, "num_stages": 3}, False: {"num_warps": 8, "num_stages": 4}}
-_DOWN_LAUNCH = {True: {"num_warps": 8, "num_stages": 4}, False: {"num_warps": 8, "num_stages": 3}}
+# One launch config per kernel and GPU kind; no autotuning: a config with a pre-hook (the
+# descriptors' block shapes) re-times in every process and cost ~0.1 ms of host per call
+# (session 25). Warp-specialised (sm_90), from the H200 sweeps of sessions 25-26
+# (benchmarks/results/prefill_experts):
+# - the SwiGLU up kernel on 64-row tiles with 256 columns of each half (its rows are gathered
+#   by pointer loads, so a shorter row tile with wider columns loads fewer of them per weight
+#   byte): 0.85 against 0.98-1.08 ms on Mixtral-8x7B's 256 rows per expert, 0.30 against 0.33
+#   on Qwen3-30B-A3B's 128; the GELU up kernel (one accumulator) on 128 x 256 tiles, the same
+#   registers; above UP_SHORT_TILE_MAX_ROWS rows per expert, session 25's 128 x 128 (equal at
+#   512, and it measured best at 1024);
+# - the down kernel on 128-row tiles for short sums (F at most DOWN_SHORT_K_MAX: a tile's few
+#   K steps amortise its start and store over more rows), on 64-row tiles for long ones (fewer
+#   padded rows; Mixtral-8x7B's F 14336: 0.45 against 0.47-0.53 ms at 256 rows per expert).
+# Without warp specialisation (unmeasured GPUs): session 25's 128-row configs.
+UP_SHORT_TILE_MAX_ROWS = 512
+DOWN_SHORT_K_MAX = 2048
+_WIDE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
+
+
+def _configs(ws: bool, F: int, rows_per_expert: float, swiglu: bool
+             ) -> tuple[dict, dict, dict, dict]:
+    """(up blocks, up launch, down blocks, down launch) on a GPU with or without warp
+    specialisation, for experts F wide averaging `rows_per_expert` rows."""
+    if not ws:
+        return (_WIDE, {"num_warps": 8, "num_stages": 4},
+                {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, {"num_warps": 8, "num_stages": 3})
+    if rows_per_expert > UP_SHORT_TILE_MAX_ROWS:
+        up = _WIDE
+    else:
+        up = {"BLOCK_M": 64 if swiglu else 128, "BLOCK_N": 256, "BLOCK_K": 64}
+    down = {"BLOCK_M": 64 if F > DOWN_SHORT_K_MAX else 128, "BLOCK_N": 256, "BLOCK_K": 64}
+    return up, {"num_warps": 8, "num_stages": 3}, down, {"num_warps": 8, "num_stages": 4}
+
+
 # Triton's interpreter (CPU tests): small tiles, a few programs, no specialisation.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 
@@ -149,8 +176,8 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
         index = x_ND.device.index if x_ND.device.index is not None else \
             torch.cuda.current_device()
         programs, ws = _device_launch(index)
-        up_blocks, down_blocks = _UP_BLOCKS, _DOWN_BLOCKS
-        up_launch, down_launch = _UP_LAUNCH[ws], _DOWN_LAUNCH[ws]
+        up_blocks, up_launch, down_blocks, down_launch = _configs(
+            ws, F, N / E, activation == "swiglu")
     else:  # Triton's interpreter
         programs, ws = 3, False
         up_blocks = down_blocks = _INTERPRETER_BLOCKS
