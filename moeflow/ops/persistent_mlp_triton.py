@@ -28,9 +28,11 @@ Measured (one H200, benchmarks/prefill_experts.py, five calls back to back): ses
 0.96x the time of gather + torch._grouped_mm + activation + torch._grouped_mm at 256-1024 rows
 per expert of the Qwen3-30B-A3B shape and 512 of Mixtral-8x7B's; slower than it at 1024-2048 rows
 of experts 2048 wide or more. Session 26, with the tiles below chosen per activation, width and
-rows: 0.82-0.86x the tiled kernels at 128-256 rows per expert of Mixtral-8x7B, 0.96-0.98x at
-128 of Qwen3-30B-A3B and 157 of ds-1.3b+moe128; the tiled kernels still win at 64 rows and
-fewer (the rule is moeflow.ops.backend's; benchmarks/results/prefill_experts/README.md). With
+rows: 0.82-0.86x the tiled kernels at 128-256 rows per expert of Mixtral-8x7B, 0.98x at 128 of
+Qwen3-30B-A3B; GELU experts on their 128 x 256 tiles tied the tiled kernels in the
+ds-1.3b+moe128 layer at 16384 tokens (2.84-2.87 against 2.87-3.48 ms,
+benchmarks/moe_layer_variants.py); the tiled kernels still win at 64 rows per expert and fewer
+(the rule is moeflow.ops.backend's; benchmarks/results/prefill_experts/README.md). With
 K tiles of 64 the sums run in the tiled kernels' order: at 2048 tokens the engine's first-token
 logits were bit for bit the tiled path's (benchmarks/results/prefill, session 25).
 

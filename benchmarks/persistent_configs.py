@@ -1,0 +1,129 @@
+"""The persistent expert kernels' launch configs, each kernel alone, against the product paths.
+
+    PYTHONPATH=. python benchmarks/persistent_configs.py OUT.json qwen3:1024 mixtral:2048 ...
+
+Per cell (shape:tokens; random top-k routing, bf16, SwiGLU): the whole expert MLP through the
+"tiled", "persistent" and "grouped_mm_fused" backends, then moeflow.ops.persistent_mlp_triton's
+up kernel and down kernel alone under each config of UP / DOWN (tile shape, warps, stages,
+warp specialisation, programs per SM), each timed as five calls back to back (median of 20),
+with its weight bytes per second; every up config's h is checked bit for bit against the
+first config's, every down config's y against the first's (relative difference). Configs that
+do not build (shared memory, Triton's warp-specialisation pass) are recorded with their error.
+Results (H200, session 26): benchmarks/results/prefill_experts/README.md.
+"""
+import json
+import sys
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from machine import cuda_event_ms
+from moeflow.ops import persistent_mlp_triton as pm
+from moeflow.ops.backend import EXPERT_BACKENDS
+from moeflow.ops.grid import next_power_of_2
+from prefill_experts import Shape, problem
+
+SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # D, F, E, top-k
+
+
+def _config(m, n, k, warps, stages, ws, per_sm=1):
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, {"num_warps": warps,
+                                                         "num_stages": stages}, ws, per_sm
+
+
+UP = [_config(128, 128, 64, 8, 3, True), _config(128, 128, 64, 8, 4, True),
+      _config(64, 256, 64, 8, 3, True), _config(64, 256, 32, 8, 5, True),
+      _config(128, 64, 64, 8, 4, True), _config(64, 128, 64, 4, 4, False),
+      _config(64, 128, 64, 4, 4, False, 2), _config(64, 128, 64, 8, 4, True)]
+DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 3, True),
+        _config(64, 256, 64, 8, 4, True), _config(128, 128, 64, 8, 4, True),
+        _config(128, 128, 64, 8, 5, True), _config(64, 256, 64, 4, 4, False),
+        _config(64, 128, 64, 4, 4, False, 2)]
+
+
+def _up(x, rows_N, ends, w_in, F, h, blocks, launch, ws, per_sm, sms):
+    E, D, I = w_in.shape
+    desc = TensorDescriptor.from_tensor(w_in.view(E * D, I), [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    pm._up_kernel[(sms * per_sm,)](x, rows_N, ends, desc, w_in, h, D, F, E, SWIGLU=True,
+                                   HAS_BIAS=False, GATHER=True, BLOCK_E=next_power_of_2(E),
+                                   NUM_PROGRAMS=sms * per_sm, WS=ws, **blocks, **launch)
+
+
+def _down(h, ends, w_out, y, blocks, launch, ws, per_sm, sms):
+    E, F, D = w_out.shape
+    h_desc = TensorDescriptor.from_tensor(h, [blocks["BLOCK_M"], blocks["BLOCK_K"]])
+    w_desc = TensorDescriptor.from_tensor(w_out.view(E * F, D),
+                                          [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    pm._down_kernel[(sms * per_sm,)](h_desc, ends, w_desc, w_out, y, D, F, E, HAS_BIAS=False,
+                                     BLOCK_E=next_power_of_2(E), NUM_PROGRAMS=sms * per_sm,
+                                     WS=ws, **blocks, **launch)
+
+
+def _timed(fn):
+    return cuda_event_ms(lambda: [fn() for _ in range(5)], 20, warmup=2) / 5
+
+
+def _sweep(configs, run, nbytes, check):
+    rows = []
+    for cfg in configs:
+        try:
+            out = run(cfg)
+            rows.append({"config": repr(cfg), "ms": _timed(lambda: run(cfg)),
+                         "check": check(out)})
+            rows[-1]["TBps"] = nbytes / rows[-1]["ms"] / 1e9
+        except Exception as exc:  # noqa: BLE001  (a config that does not build is a result)
+            rows.append({"config": repr(cfg), "error": str(exc)[:200]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def measure(cell: str, sms: int) -> dict:
+    name, tokens = cell.split(":")
+    D, F, E, K = SHAPES[name]
+    x, rows_N, ends, (w_in, w_out) = problem(Shape(cell, int(tokens), D, F, E, K, "swiglu"),
+                                             torch.bfloat16, torch.device("cuda"))
+    N = rows_N.shape[0]
+    kept = int(ends[-1])
+    rec = {"cell": cell, "rows_per_expert": N / E}
+    for path in ("tiled", "persistent", "grouped_mm_fused"):
+        fn = EXPERT_BACKENDS[path]
+        rec[path] = _timed(lambda fn=fn: fn(x, ends, w_in, None, w_out, None, "swiglu", False,
+                                            rows_N=rows_N))
+    h0 = torch.empty(N, F, dtype=x.dtype, device=x.device)
+    _up(x, rows_N, ends, w_in, F, h0, *UP[0], sms)
+    y0 = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    _down(h0, ends, w_out, y0, *DOWN[0], sms)
+
+    def run_up(cfg):
+        h = torch.empty_like(h0)
+        _up(x, rows_N, ends, w_in, F, h, *cfg, sms)
+        return h
+
+    def run_down(cfg):
+        y = torch.empty_like(y0)
+        _down(h0, ends, w_out, y, *cfg, sms)
+        return y
+
+    rec["up"] = _sweep(UP, run_up, w_in.numel() * 2,
+                       lambda h: bool(torch.equal(h[:kept], h0[:kept])))
+    rec["down"] = _sweep(DOWN, run_down, w_out.numel() * 2, lambda y: float(
+        (y[:kept].float() - y0[:kept].float()).norm() / y0[:kept].float().norm()))
+    print(cell, {p: round(rec[p], 3) for p in ("tiled", "persistent", "grouped_mm_fused")},
+          flush=True)
+    return rec
+
+
+def main() -> None:
+    if len(sys.argv) < 3 or not torch.cuda.is_available():
+        raise SystemExit("usage (on a Hopper GPU): persistent_configs.py OUT.json "
+                         "qwen3:TOKENS|mixtral:TOKENS ...")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for cell in sys.argv[2:]:
+        results.append(measure(cell, sms))
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
