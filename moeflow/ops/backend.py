@@ -112,7 +112,7 @@ TILED_MAX_ROWS_PER_EXPERT = 128
 # the persistent grouped GEMM (moeflow.ops.persistent_mlp_triton: gather and activation fused
 # like the tiled kernels) up to PERSISTENT_MAX_ROWS_PER_EXPERT rows per expert, and at any row
 # count for experts at most PERSISTENT_ANY_ROWS_MAX_FFN wide; torch._grouped_mm otherwise.
-# From 64 rows (session 26, its 64-row up tiles): on the H200 (benchmarks/results/
+# Above 64 rows (session 26, its 64-row up tiles): on the H200 (benchmarks/results/
 # prefill_experts) the two kernels alone took 0.47 against the tiled path's 0.51 ms at 128 rows
 # per expert of Qwen3-30B-A3B (2048 tokens) and 1.30 against 1.69 at Mixtral-8x7B's 256
 # (1024 tokens); at 64 rows (Qwen3, 1024 tokens) they tie (0.36 against 0.35). On the H200
