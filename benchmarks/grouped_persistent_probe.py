@@ -34,7 +34,6 @@ from machine import cuda_event_ms
 from moeflow.ops import grouped_mlp_triton as g
 from moeflow.ops import persistent_mlp_triton as pm
 from moeflow.ops.grouped_mlp_triton import list_tile, tile_list
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
@@ -134,12 +133,9 @@ def main() -> None:
         def product_down(h_src, cfg):
             """moeflow.ops.persistent_mlp_triton's down kernel on h_src, one config."""
             bm, bn, bk, w, s, ws = cfg
-            h_desc = TensorDescriptor.from_tensor(h_src, [bm, bk])
-            w_desc = TensorDescriptor.from_tensor(w_out.view(E * F, D), [bk, bn])
-            return lambda: pm._down_kernel[(sms,)](
-                h_desc, ends, w_desc, w_out, y, D, F, E, HAS_BIAS=False, BLOCK_E=128,
-                NUM_PROGRAMS=sms, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, num_warps=w,
-                num_stages=s)
+            return lambda: pm.launch_down(
+                h_src, ends, w_out, None, y, sms, ws, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                {"num_warps": w, "num_stages": s})
         for ws in (() if args.no_sweep else (False, True)):  # warp specialisation last
             for a_tma in (True, False):
                 for bm, bn, bk, w, s in UP_TILES:

@@ -15,12 +15,10 @@ import json
 import sys
 
 import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from machine import cuda_event_ms
 from moeflow.ops import persistent_mlp_triton as pm
 from moeflow.ops.backend import EXPERT_BACKENDS
-from moeflow.ops.grid import next_power_of_2
 from prefill_experts import Shape, problem
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # D, F, E, top-k
@@ -39,24 +37,6 @@ DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 3, True),
         _config(64, 256, 64, 8, 4, True), _config(128, 128, 64, 8, 4, True),
         _config(128, 128, 64, 8, 5, True), _config(64, 256, 64, 4, 4, False),
         _config(64, 128, 64, 4, 4, False, 2)]
-
-
-def _up(x, rows_N, ends, w_in, F, h, blocks, launch, ws, per_sm, sms):
-    E, D, I = w_in.shape
-    desc = TensorDescriptor.from_tensor(w_in.view(E * D, I), [blocks["BLOCK_K"], blocks["BLOCK_N"]])
-    pm._up_kernel[(sms * per_sm,)](x, rows_N, ends, desc, w_in, h, D, F, E, SWIGLU=True,
-                                   HAS_BIAS=False, GATHER=True, BLOCK_E=next_power_of_2(E),
-                                   NUM_PROGRAMS=sms * per_sm, WS=ws, **blocks, **launch)
-
-
-def _down(h, ends, w_out, y, blocks, launch, ws, per_sm, sms):
-    E, F, D = w_out.shape
-    h_desc = TensorDescriptor.from_tensor(h, [blocks["BLOCK_M"], blocks["BLOCK_K"]])
-    w_desc = TensorDescriptor.from_tensor(w_out.view(E * F, D),
-                                          [blocks["BLOCK_K"], blocks["BLOCK_N"]])
-    pm._down_kernel[(sms * per_sm,)](h_desc, ends, w_desc, w_out, y, D, F, E, HAS_BIAS=False,
-                                     BLOCK_E=next_power_of_2(E), NUM_PROGRAMS=sms * per_sm,
-                                     WS=ws, **blocks, **launch)
 
 
 def _timed(fn):
@@ -89,24 +69,25 @@ def measure(cell: str, sms: int) -> dict:
         fn = EXPERT_BACKENDS[path]
         rec[path] = _timed(lambda fn=fn: fn(x, ends, w_in, None, w_out, None, "swiglu", False,
                                             rows_N=rows_N))
-    h0 = torch.empty(N, F, dtype=x.dtype, device=x.device)
-    _up(x, rows_N, ends, w_in, F, h0, *UP[0], sms)
-    y0 = torch.empty(N, D, dtype=x.dtype, device=x.device)
-    _down(h0, ends, w_out, y0, *DOWN[0], sms)
 
-    def run_up(cfg):
-        h = torch.empty_like(h0)
-        _up(x, rows_N, ends, w_in, F, h, *cfg, sms)
+    def run_up(cfg, h=None):
+        blocks, launch, ws, per_sm = cfg
+        h = torch.empty(N, F, dtype=x.dtype, device=x.device) if h is None else h
+        pm.launch_up(x, rows_N, ends, w_in, None, h, True, sms * per_sm, ws, blocks, launch)
         return h
 
-    def run_down(cfg):
-        y = torch.empty_like(y0)
-        _down(h0, ends, w_out, y, *cfg, sms)
+    def run_down(cfg, h):
+        blocks, launch, ws, per_sm = cfg
+        y = torch.empty(N, D, dtype=x.dtype, device=x.device)
+        pm.launch_down(h, ends, w_out, None, y, sms * per_sm, ws, blocks, launch)
         return y
+
+    h0 = run_up(UP[0])
+    y0 = run_down(DOWN[0], h0)
 
     rec["up"] = _sweep(UP, run_up, w_in.numel() * 2,
                        lambda h: bool(torch.equal(h[:kept], h0[:kept])))
-    rec["down"] = _sweep(DOWN, run_down, w_out.numel() * 2, lambda y: float(
+    rec["down"] = _sweep(DOWN, lambda cfg: run_down(cfg, h0), w_out.numel() * 2, lambda y: float(
         (y[:kept].float() - y0[:kept].float()).norm() / y0[:kept].float().norm()))
     print(cell, {p: round(rec[p], 3) for p in ("tiled", "persistent", "grouped_mm_fused")},
           flush=True)

@@ -166,10 +166,7 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
     ends_E[-1] are left unwritten (combine never reads them), whatever `parked` says."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
-    I = w_in_EDI.shape[2]
     x_ND, ends = x_ND.contiguous(), ends_E.contiguous()
-    w_in = w_in_EDI.contiguous().view(E * D, I)
-    w_out = w_out_EFD.contiguous().view(E * F, D)
     h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
     y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
     if N == 0:
@@ -184,18 +181,37 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
         programs, ws = 3, False
         up_blocks = down_blocks = _INTERPRETER_BLOCKS
         up_launch = down_launch = {}
-    w_in_desc = TensorDescriptor.from_tensor(w_in, [up_blocks["BLOCK_K"], up_blocks["BLOCK_N"]])
-    h_desc = TensorDescriptor.from_tensor(h_NF, [down_blocks["BLOCK_M"], down_blocks["BLOCK_K"]])
-    w_out_desc = TensorDescriptor.from_tensor(w_out, [down_blocks["BLOCK_K"],
-                                                      down_blocks["BLOCK_N"]])
-    block_e = next_power_of_2(E)
-    _up_kernel[(programs,)](x_ND, rows_N if rows_N is not None else ends, ends, w_in_desc,
-                            b_in_EI if b_in_EI is not None else w_in, h_NF, D, F, E,
-                            SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None,
-                            GATHER=rows_N is not None, BLOCK_E=block_e, NUM_PROGRAMS=programs,
-                            WS=ws, **up_blocks, **up_launch)
-    _down_kernel[(programs,)](h_desc, ends, w_out_desc,
-                              b_out_ED if b_out_ED is not None else w_out, y_ND, D, F, E,
-                              HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e,
-                              NUM_PROGRAMS=programs, WS=ws, **down_blocks, **down_launch)
+    launch_up(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, activation == "swiglu", programs, ws,
+              up_blocks, up_launch)
+    launch_down(h_NF, ends, w_out_EFD, b_out_ED, y_ND, programs, ws, down_blocks, down_launch)
     return y_ND
+
+
+def launch_up(x: torch.Tensor, rows_N: torch.Tensor | None, ends_E: torch.Tensor,
+              w_in_EDI: torch.Tensor, b_in_EI: torch.Tensor | None, h_NF: torch.Tensor,
+              swiglu: bool, programs: int, ws: bool, blocks: dict, launch: dict) -> None:
+    """The up kernel into h_NF under one config (blocks: BLOCK_M/N/K; launch: warps, stages):
+    x holds the tokens when rows_N is given (gathered), else the expert-sorted rows. The
+    tile-config benchmarks call it directly (benchmarks/persistent_configs.py)."""
+    E, D, I = w_in_EDI.shape
+    w_in = w_in_EDI.contiguous().view(E * D, I)
+    w_desc = TensorDescriptor.from_tensor(w_in, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    _up_kernel[(programs,)](x, rows_N if rows_N is not None else ends_E, ends_E, w_desc,
+                            b_in_EI if b_in_EI is not None else w_in, h_NF, D, h_NF.shape[1],
+                            E, SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None,
+                            GATHER=rows_N is not None, BLOCK_E=next_power_of_2(E),
+                            NUM_PROGRAMS=programs, WS=ws, **blocks, **launch)
+
+
+def launch_down(h_NF: torch.Tensor, ends_E: torch.Tensor, w_out_EFD: torch.Tensor,
+                b_out_ED: torch.Tensor | None, y_ND: torch.Tensor, programs: int, ws: bool,
+                blocks: dict, launch: dict) -> None:
+    """The down kernel from h_NF into y_ND under one config (as launch_up)."""
+    E, F, D = w_out_EFD.shape
+    w_out = w_out_EFD.contiguous().view(E * F, D)
+    h_desc = TensorDescriptor.from_tensor(h_NF, [blocks["BLOCK_M"], blocks["BLOCK_K"]])
+    w_desc = TensorDescriptor.from_tensor(w_out, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    _down_kernel[(programs,)](h_desc, ends_E, w_desc, b_out_ED if b_out_ED is not None else w_out,
+                              y_ND, D, F, E, HAS_BIAS=b_out_ED is not None,
+                              BLOCK_E=next_power_of_2(E), NUM_PROGRAMS=programs, WS=ws,
+                              **blocks, **launch)
