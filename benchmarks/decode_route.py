@@ -16,7 +16,7 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
   (one launch: logits tiles over many programs, the last one routes), at the same T·K.
 - `warps` (with --sweep-warps): route_decode_fused's kernel time (the profiler's CUPTI
   records, median of eager calls, each after an L2 flush) with the warps forced
-  (decode_route_triton.ROUTE_WARPS, which also sizes the logits tiles) to each of 1, 2, 4, 8
+  (decode_route_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4, 8
   and the gate bytes per logits program (_GATE_BYTES_PER_PROGRAM) to each of GATE_BYTES, its
   choices compared with the default's; both constants come from this table. Also
   route_decode_triton (the routing program alone, on precomputed logits) at each warp count:
@@ -148,23 +148,23 @@ def kernel_us(fn, name: str, reps: int = 25) -> float:
 
 
 def warps_table(tokens: list[int]) -> dict:
-    """The fused router's kernel time with decode_route_triton.ROUTE_WARPS at 1, 2, 4, 8 and
+    """The fused router's kernel time with decode_route_triton.route_warps at 1, 2, 4, 8 and
     _GATE_BYTES_PER_PROGRAM at each of GATE_BYTES (the logits tiles), and the routing program
     alone (route_decode_triton on precomputed logits) at each warp count."""
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
     ticket = route_tickets("cuda")
-    rule = decode_route_triton.ROUTE_WARPS, decode_route_triton._GATE_BYTES_PER_PROGRAM
+    rule = decode_route_triton.route_warps, decode_route_triton._GATE_BYTES_PER_PROGRAM
     try:
         for T in tokens:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
                 want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
                 logits = router_logits(x, gate)
-            row = {"T": T, "rule": list(rule), "fused": {}, "route_only": {}}
+            row = {"T": T, "rule": [rule[0](T), rule[1]], "fused": {}, "route_only": {}}
             for warps in (1, 2, 4, 8):
-                decode_route_triton.ROUTE_WARPS = warps
+                decode_route_triton.route_warps = lambda T, w=warps: w
                 for gate_bytes in GATE_BYTES:
                     decode_route_triton._GATE_BYTES_PER_PROGRAM = gate_bytes
                     fused = lambda: route_decode_fused(x, gate, CFG, None, ticket)  # noqa: E731
@@ -179,7 +179,7 @@ def warps_table(tokens: list[int]) -> dict:
             out[T * K] = row
             print(f"warps T·K={T * K:5d}: {row}", flush=True)
     finally:
-        decode_route_triton.ROUTE_WARPS, decode_route_triton._GATE_BYTES_PER_PROGRAM = rule
+        decode_route_triton.route_warps, decode_route_triton._GATE_BYTES_PER_PROGRAM = rule
     return out
 
 

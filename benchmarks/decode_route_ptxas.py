@@ -15,7 +15,8 @@ from moeflow.config import RouterConfig
 from moeflow.ops import decode_route_triton as m
 
 def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None):
-    scalars, meta = m._route_args(cfg, T, E, False, capacity)
+    scalars, meta = m._route_args(cfg, T, E, False, capacity, D,
+                                  2 if gate_dtype == "bf16" else 4)
     nw = meta.pop("num_warps")
     lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
@@ -59,13 +60,20 @@ def main() -> None:
     qwen3 = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
     ptx = compile_case(1, 2048, 128, qwen3)
     print("ticket:", [line.strip() for line in ptx.splitlines() if "atom" in line])
+    compile_case(2, 2048, 128, qwen3)
+    compile_case(4, 2048, 128, qwen3)
+    compile_case(8, 2048, 128, qwen3)
     compile_case(16, 2048, 128, qwen3)
+    compile_case(16, 7168, 256, RouterConfig(top_k=8, score_func="sigmoid", normalize_topk=True,
+                                             num_groups=8, topk_groups=4, dropless=True))
+    compile_case(16, 2048, 128, RouterConfig(top_k=2), capacity=8)
     compile_case(64, 2048, 128, qwen3)
     compile_case(1, 4096, 8, RouterConfig(top_k=2, normalize_topk=True, dropless=True))
     compile_case(1, 7168, 256, RouterConfig(top_k=8, score_func="sigmoid", normalize_topk=True,
                                             num_groups=8, topk_groups=4, dropless=True))
     compile_case(1, 2048, 128, qwen3, "fp32", "fp32")
     # DeepSpeed-MoE's ds-1.3b+moe128 (top-1) and top-2 with a capacity: the third pass.
+    compile_case(1, 2048, 128, RouterConfig(top_k=1), capacity=4)
     compile_case(8, 2048, 128, RouterConfig(top_k=1), capacity=4)
     compile_case(8, 2048, 128, RouterConfig(top_k=2), capacity=4)
 

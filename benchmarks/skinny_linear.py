@@ -73,7 +73,7 @@ def chosen_config(device, rows: int, sh) -> str:
         blocks = m.GEMV_INTERPRETER_BLOCKS if rows == 1 else m.INTERPRETER_BLOCKS
         return "interpreter: " + ", ".join(f"{k} {v}" for k, v in blocks.items())
     if rows == 1:
-        return "gemv " + str(m._gemv_kernel.best_config)
+        return "gemv " + str(m.gemv_config(sh.N, sh.K))
     return "mma " + str(m.linear_config(sh.N, sh.K))
 
 

@@ -165,7 +165,7 @@ def fused_decode_router():
     for T, D, E, cfg, capacity in ((1, 2048, 128, qwen3, None), (16, 2048, 128, qwen3, None),
                                    (8, 2048, 128, RouterConfig(top_k=1), 4),
                                    (8, 2048, 128, RouterConfig(top_k=2), 4)):
-        _, meta = m._route_args(cfg, T, E, False, capacity)
+        _, meta = m._route_args(cfg, T, E, False, capacity, D)
         warps = meta.pop("num_warps")
         lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
         compile_sm90(m._decode_route_logits_kernel,
@@ -249,12 +249,18 @@ def skinny_linear():
                       "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                       "BLOCK_N": 64 if swap else 32, "BLOCK_K": 128 if swap else 256,
                       "SWAP": swap, "PDL": True}, num_warps=4)
-        compile_sm90(skinny_linear_triton._gemv_kernel.fn,
+        compile_sm90(skinny_linear_triton._gemv_kernel,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       "N": "i32", "stride_wn": "i32"},
                      {"stride_xk": 1, "stride_wk": 1, "K": 4096, "HAS_BIAS": has_bias,
-                      "BLOCK_N": 4, "BLOCK_K": 2048, "PDL": True},
+                      "BLOCK_N": 1, "BLOCK_K": 2048, "PDL": True},
                      num_warps=8)
+        compile_sm90(skinny_linear_triton._gemv_kernel,
+                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                      "N": "i32", "stride_wn": "i32"},
+                     {"stride_xk": 1, "stride_wk": 1, "K": 2048, "HAS_BIAS": has_bias,
+                      "BLOCK_N": 2, "BLOCK_K": 1024, "PDL": True},
+                     num_warps=4)
 
 
 def slot_write():

@@ -436,10 +436,11 @@ def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tenso
             "losses": new(3, dtype=torch.float32)}
 
 
-def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int | None
-                ) -> tuple[tuple, dict]:
+def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int | None,
+                D: int = 0, gate_bytes: int = 2) -> tuple[tuple, dict]:
     """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef, capacity) and
-    constexprs."""
+    constexprs; D, gate_bytes: the fused kernel's model dim and gate element size (D 0: the
+    logits are given)."""
     K = cfg.top_k
     block_e = next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
@@ -459,11 +460,9 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
         FIRST_BALANCE=cfg.balance_on_first_choice and K > 1,
         CAPPED=capped, RENORMALIZE=cfg.normalizes and capped,
-        # Tiles of at most 4 tokens (choice_rows; 16 until session 17) and 2048 scores, 8
-        # warps: ptxas (sm_90, 16-token tiles) reported no register spills for E = 16 … 1024,
-        # top-1/2/8, except ≤ 68 bytes with 8 DeepSeek groups at E = 128/256 (the fused
-        # router's top-k kernel spills 148 there); 4 warps or 4096-score tiles spilled up to
-        # 900 bytes. Pass 2: all T·K assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to
+        # Tiles of at most 4 tokens (choice_rows; 16 until session 17) and 2048 scores (with
+        # 16-token tiles, 4 warps or 4096-score tiles had spilled up to 900 bytes; the warps:
+        # route_warps). Pass 2: all T·K assignments in one [BLOCK_P, BLOCK_P] pairwise tile up to
         # 128 of them (H200, plan program alone, Qwen3 router, T·K 128: 14.7 µs, 20.4 with the
         # one-hot sort; all pairs over tiles at T·K 512 took 107 µs against its 77), else
         # one-hot tiles of at most 8192 entries; with a capacity the starts' look-up is
@@ -472,17 +471,26 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         BLOCK_E=block_e, BLOCK_G=next_power_of_2(cfg.num_groups),
         BLOCK_K=next_power_of_2(K),
         BLOCK_P=block_p, PAIRWISE=pairwise,
-        num_warps=ROUTE_WARPS)
+        num_warps=route_warps(T, D, E, gate_bytes))
 
 
-# Warps of the routing program (and of every logits program of the fused kernel), at every T
-# and E, and the gate bytes each logits program streams: the fused router's kernel time on the
-# H200 (benchmarks/decode_route.py --sweep-warps: the profiler's kernel records, L2 flushed,
-# Qwen3-30B-A3B router, 2026-12-02 session 13) was least with 8 warps at T·K 8 (9.02-9.09 µs
-# at 2-8 KB per program, 11.17 at 16 KB; 4 warps 9.7-13.0, 1 warp 13.8-20.4) and at T·K 128
-# (25.3-25.4 µs at every size; 4 warps 25.1-30.3, 1 warp 151). In the served batch-1 step
-# (benchmarks/decode_timeline.py) the router went 10.7 -> 8.7 µs per layer with the 8 KB tiles.
-ROUTE_WARPS = 8
+def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
+    """Warps of the routing program (and of every logits program of the fused kernel) for T
+    tokens of model dim D over E experts (D 0: the logits are given). Chosen inside the served
+    decode graph of Qwen3-30B-A3B (H200, session 27, benchmarks/results/decode_timeline: 2, 4
+    and 8 warps forced in turn, two passes, the layer's period): up to 2 tokens the fewest of
+    2, 4, 8 warps whose logits tile takes all of D in one chunk (logits_tiles; Qwen3's 2048:
+    2), the router's end step 6.75 -> 5.73 µs at 1 token and the experts' after it ~1 µs lower
+    (their programs start earlier beside smaller ones): period 56.2 -> 54.4 µs, at 2 tokens
+    77.4 -> 75.6; up to 16 tokens 4 warps, period −0.8 / −0.9 / −0.4 µs at 4 / 8 / 16 tokens
+    (2 warps lost 1.7-3 µs there); past 16 tokens 8, which the kernel alone preferred at T·K
+    8-128 in session 13 (benchmarks/decode_route.py --sweep-warps). Tiles of at most 4 tokens
+    (choice_rows) and pass 2's pairwise tile at ≤ 16 tokens compile without spills at these
+    warps (ptxas sm_90, benchmarks/decode_route_ptxas.py)."""
+    if T <= 2:
+        return next(w for w in (2, 4, 8)
+                    if w == 8 or logits_tiles(T, D, E, gate_bytes, w)[2] >= D)
+    return 4 if T <= 16 else 8
 
 
 def choice_rows(T: int, E: int) -> int:
@@ -539,7 +547,7 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
 
 # Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
 # bytes of the gate per program (LE rows of D), so that decode reads the gate from many SMs
-# (Qwen3-30B-A3B: 64 programs of two 4 KB rows, the fewest rows a tile takes; see ROUTE_WARPS
+# (Qwen3-30B-A3B: 64 programs of two 4 KB rows, the fewest rows a tile takes; see route_warps
 # for the measurement: 2, 4 and 8 KB all give these tiles). With several token blocks LE grows
 # until the grid is at most _LOGITS_PROGRAMS: the kernel's ~190-240 registers per thread (the
 # routing pass's) leave room for one 8-warp program per SM, so a bigger grid runs in two waves
@@ -595,7 +603,8 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
                          f"capacity {capacity}")
     out = _outputs(T, E, cfg.top_k, x_TD.device)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
-    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity)
+    scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity, D,
+                                gate_ED.element_size())
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
     grid = (cdiv(E, le), max(1, cdiv(T, lt)))
     if tickets.numel() < 1 + grid[1] or tickets.dtype != torch.int32:

@@ -234,6 +234,17 @@ def _moe_stream_configs():
                           num_stages=st) for un, uk, dn, dk, w, st in tiles]
 
 
+# At most this many active experts (batch 1 of a top-8 model) the one launch runs
+# FEW_ACTIVE_CONFIG instead of autotuning: inside the served batch-1 decode graph of
+# Qwen3-30B-A3B (H200, session 27, benchmarks/results/decode_timeline: each config of
+# _moe_stream_configs forced, two passes) 64 x 64 up and 128 x 64 down tiles on 4 warps ended
+# 24.9-25.0 µs after the router, the 8-warp 128 x 64 ones 29.4-29.7, and autotuning the kernel
+# alone picked the latter on one machine of four (the served step 2.96 ms there).
+FEW_ACTIVE_EXPERTS = 8
+FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "num_warps": 4,
+                     "num_stages": 5}
+
+
 @triton.jit
 def _expert_tokens(ids_ptr, e, T, K, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Decode (T ≤ BLOCK_M tokens, dropless): (t, k_t, mine, rank) over the tokens t: whether
@@ -494,6 +505,9 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
     if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
         kernel = kernel.fn
         meta = dict(meta, UP_N=32, UP_K=32, DOWN_N=32, DOWN_K=32)
+    elif keys[1] <= FEW_ACTIVE_EXPERTS:
+        kernel = kernel.fn
+        meta = dict(meta, **FEW_ACTIVE_CONFIG)
     grid = lambda m: (active * (cdiv(F, m["UP_N"]) + cdiv(D, m["DOWN_N"])),)  # noqa: E731
     kernel[grid](
         x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,

@@ -54,7 +54,8 @@ along K at the end. Measured on the H200 (benchmarks/results/skinny_linear, 2026
 30B-A3B output projection 5.96 µs (the MMA kernel 8.20, cuBLAS 9.33), qkv 6.88 (cuBLAS 8.38):
 2.8-3.05 TB/s, so at one row "auto" takes it for every weight shape, wide ones included. The
 same register design lost to the MMA stream kernels on the expert GEMVs (up 17.7 against 15.2
-µs), which keep theirs (moeflow.ops.grouped_mlp_triton).
+µs), which keep theirs (moeflow.ops.grouped_mlp_triton). Its launch configuration is fixed per
+weight shape too (gemv_config), chosen in the decode graph for the same reason.
 
 Legend: M rows of x (tokens), K input features, N output features (rows of W).
 """
@@ -68,12 +69,12 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.backend import records_grad
-from moeflow.ops.grid import cdiv
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 
 # x's rows are padded to one tile of this many: the most one call takes.
 MAX_ROWS = 16
-# Triton's interpreter (CPU tests) runs these blocks (and cannot autotune the GEMV).
+# Triton's interpreter (CPU tests) runs these blocks.
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 32, "SWAP": False}
 GEMV_INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 32}
 
@@ -132,17 +133,23 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xk,
              mask=mmask[:, None] & nmask[None, :])
 
 
-def _gemv_configs():
-    # The five fastest of a 36-config sweep on the H200 for the Qwen3-30B-A3B qkv and output
-    # projections (benchmarks/gemv_probe.py, 2026-12-03: all within 0.3 µs of the best), plus
-    # 16-row slabs for weights with few outputs. Each thread holds BLOCK_N * BLOCK_K / (32 *
-    # num_warps) fp32 partial sums.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-            for bn, bk, w in ((4, 2048, 8), (1, 2048, 8), (2, 2048, 8), (2, 1024, 4),
-                              (1, 1024, 4), (16, 512, 8))]
+def gemv_config(N: int, K: int) -> dict:
+    """The one-row GEMV's launch configuration for a weight [N, K] (fixed, not autotuned; each
+    thread holds BLOCK_N · BLOCK_K / (32 · num_warps) fp32 partial sums). Chosen inside the
+    served batch-1 decode graph (H200, session 27, benchmarks/results/decode_timeline: 31
+    configs pinned, two passes, the kernel's end step and the next kernel's): wide weights
+    (the qkv projection, N > K) take 2-row slabs in 1024-column chunks on 4 warps, 6.45 µs and
+    the attention after it 6.47, against 7.39 + 7.12 with the 1-row slabs that autotuning the
+    kernel alone picked on two machines (its 5120 programs keep the attention's programs from
+    starting early under PDL); narrow ones (the output projection) 1-row slabs of 2048 columns
+    on 8 warps, 5.25 µs (autotuning had picked 2-row slabs on one machine: 5.96)."""
+    if N > K:
+        config = {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 4}
+    else:
+        config = {"BLOCK_N": 1, "BLOCK_K": 2048, "num_warps": 8}
+    return dict(config, BLOCK_K=min(config["BLOCK_K"], next_power_of_2(K)))
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K"], cache_results=True)
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_xk, stride_wn, stride_wk,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -196,12 +203,11 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y_MN = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 1 and N > 0:
         x_K = x.reshape(K)
-        kernel, fixed = _gemv_kernel, {}
-        if not x.is_cuda:
-            kernel, fixed = _gemv_kernel.fn, GEMV_INTERPRETER_BLOCKS
-        kernel[lambda meta: (cdiv(N, meta["BLOCK_N"]),)](
+        config = gemv_config(N, K) if x.is_cuda else GEMV_INTERPRETER_BLOCKS
+        _gemv_kernel[(cdiv(N, config["BLOCK_N"]),)](
             x_K, weight, bias if bias is not None else weight, y_MN, N, x_K.stride(0),
-            *weight.stride(), K=K, HAS_BIAS=bias is not None, **fixed, **pdl_launch(x))
+            *weight.stride(), K=K, HAS_BIAS=bias is not None, num_stages=1, **config,
+            **pdl_launch(x))
     elif M > 0 and N > 0:
         x_MK = x.reshape(M, K)
         config = linear_config(N, K) if x.is_cuda else INTERPRETER_BLOCKS
