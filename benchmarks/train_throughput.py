@@ -10,13 +10,14 @@
         --a2a --out ep4.json
     python benchmarks/train_throughput.py --report single.json ep2.json ep4.json > results.md
 
-What is measured. One training step = forward, cross-entropy + router loss, backward, gradient
-reduction (moeflow.parallel.grads and .overlap; none on one GPU), AdamW step; the results of
-2026-11-22 in benchmarks/results/parallel.md predate the overlapped reduction. The model and
-AdamW run in bf16 (no fp32 master copy), with moeflow's default kernel choice ("auto"). Each
-step is timed with CUDA events after warm-up steps; the median is reported. Per GPU, every step
-sees micro_batch × seq fresh random tokens, so with EP=N the global batch is N times larger
-(weak scaling): efficiency = (tokens/s per GPU at N) / (tokens/s on one GPU without expert
+What is measured. One training step = forward, cross-entropy + router loss, backward (each
+--grad-accum times, on fresh micro-batches), gradient reduction (moeflow.parallel.grads and
+.overlap; none on one GPU), AdamW step; the results of 2026-11-22 in
+benchmarks/results/parallel.md predate the overlapped reduction. The model and AdamW run in
+bf16 (no fp32 master copy), with moeflow's default kernel choice ("auto"). Each step is timed
+with CUDA events after warm-up steps; the median is reported. Per GPU, every micro-batch is
+micro_batch × seq fresh random tokens, so with EP=N the global batch is N times larger (weak
+scaling): efficiency = (tokens/s per GPU at N) / (tokens/s on one GPU without expert
 parallelism).
 
 MFU = model FLOPs per second / the measured bf16 GEMM rate (8192³ matmul, median of 20), with
@@ -137,14 +138,17 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     g = torch.Generator(device=device).manual_seed(1000 + rank)
     B, T = args.micro_batch, args.seq
 
+    accum = args.grad_accum
+
     def step():
-        tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
-        out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0,  # noqa: F821 (closure; a later del frees it)
-                    recompute=args.recompute)
-        loss = next_token_loss(out, model.lm_head.weight, tokens[:, 1:], args.loss_chunk)  # noqa: F821 (closure; a later del frees it)
-        if overlap is not None:
-            overlap.arm()
-        (loss + out.router_loss).backward()
+        for micro in range(accum):
+            tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=g)
+            out = model(tokens[:, :-1], hidden_only=args.loss_chunk > 0,  # noqa: F821 (closure; a later del frees it)
+                        recompute=args.recompute)
+            loss = next_token_loss(out, model.lm_head.weight, tokens[:, 1:], args.loss_chunk)  # noqa: F821 (closure; a later del frees it)
+            if overlap is not None and micro == accum - 1:  # reduce once, after the last
+                overlap.arm()
+            ((loss + out.router_loss) / accum).backward()
         if overlap is not None:
             overlap.finish()
         if groups is not None:
@@ -164,11 +168,12 @@ def train_bench(args, device: torch.device, rank: int, world: int) -> dict:
     flops = training_flops_per_token(config, T)
     out = {"preset": args.preset, "dtype": args.dtype, "world": world, "ep": args.ep,
            "overlap_grads": overlap is not None,
-           "micro_batch": B, "seq": T, "loss_chunk": args.loss_chunk,
+           "micro_batch": B, "grad_accum": accum, "seq": T, "loss_chunk": args.loss_chunk,
            "recompute": args.recompute, "compile": args.compile, "fp8": args.fp8,
            "params_total": total, "params_active": active,
            "model_flops_per_token": flops, "step_s_median": sec, "step_s_all": times,
-           "tokens_per_s_per_gpu": B * T / sec, "tokens_per_s_total": B * T * world / sec,
+           "tokens_per_s_per_gpu": accum * B * T / sec,
+           "tokens_per_s_total": accum * B * T * world / sec,
            "max_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
                               if device.type == "cuda" else None)}
     del model, opt
@@ -258,7 +263,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="finegrained-1b")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per step")
+    p.add_argument("--micro-batch", type=int, default=4,
+                   help="sequences per GPU per forward pass")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="forward/backward passes per optimizer step (gradient accumulation: "
+                        "the AdamW step, which reads and writes every parameter, is paid once "
+                        "per this many micro-batches, as in a run with a larger global batch)")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--loss-chunk", type=int, default=0,
@@ -287,6 +297,9 @@ def main() -> None:
     if args.report:
         print(report(args.report))
         return
+    if args.grad_accum < 1 or args.micro_batch < 1:
+        p.error(f"--grad-accum and --micro-batch must be at least 1, got {args.grad_accum} "
+                f"and {args.micro_batch}")
 
     from moeflow.parallel.launch import init_distributed, shutdown
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow.ops.linear_cross_entropy import linear_cross_entropy
+from moeflow.ops.linear_cross_entropy import VOCAB_ALIGN, head_logits, linear_cross_entropy
 from moeflow.train import TrainConfig
 
 from _train_small import assert_follows, cli_in_process, train_argv, train_variants
@@ -50,6 +50,30 @@ def test_under_autocast_the_head_runs_in_bf16_as_the_plain_one():
     torch.testing.assert_close(gw_f, gw, rtol=2e-2, atol=1e-3)
     with pytest.raises(ValueError, match="chunk=0: must be a positive"):
         linear_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2).long(), 0)
+
+
+@pytest.mark.parametrize("V", [61, VOCAB_ALIGN, 2 * VOCAB_ALIGN + 1])
+def test_head_logits_are_the_plain_head_with_its_gradients(V):
+    """The head multiplies through a weight padded to VOCAB_ALIGN rows in training (aligned
+    GEMMs); the logits are a [.., V] view of that product: the same values and gradients."""
+    g = torch.Generator().manual_seed(V)
+    h = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    w = torch.randn(V, 24, generator=g, requires_grad=True)
+    target = torch.randint(0, V, (2, 5), generator=g)
+    grads = []
+    for fn in (F.linear, head_logits):
+        logits = fn(h, w)
+        assert logits.shape == (2, 5, V)
+        F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+        grads.append((logits.detach(), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    for plain, padded in zip(*grads):
+        torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+    assert grads[1][2].shape == (V, 24)
+    if V % VOCAB_ALIGN:  # padded: a strided view of the wider product
+        assert head_logits(h, w).stride(-2) == V + -V % VOCAB_ALIGN
+    with torch.no_grad():  # inference keeps the plain product (no weight copy)
+        assert head_logits(h, w).is_contiguous()
 
 
 def test_training_with_loss_chunk_follows_the_plain_run(tmp_path, corpus, config):

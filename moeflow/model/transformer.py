@@ -47,6 +47,7 @@ from moeflow.model.norms import add_norm, make_norm
 from moeflow.model.pregate import PregateHeads
 from moeflow.model.rope import rope_cos_sin
 from moeflow.ops.backend import Backends, ChoosesBackends, compiles_dense, set_backends
+from moeflow.ops.linear_cross_entropy import head_logits
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,8 @@ class Transformer(nn.Module, ChoosesBackends):
             cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        out = ModelOutput(None if hidden_only else self.lm_head(h), tuple(losses), tuple(stats),
+        out = ModelOutput(None if hidden_only else head_logits(h, self.lm_head.weight),
+                          tuple(losses), tuple(stats),
                           h if hidden_only else None)
         if torch.is_grad_enabled():
             out.router_loss  # noqa: B018  (summed now, so autograd records it with the forward)

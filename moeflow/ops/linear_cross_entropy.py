@@ -14,6 +14,14 @@ Same math as the plain loss: the logits from the same GEMM in the same compute d
 autocast dtype when autocast is on, as the head would run), fp32 from there on, mean over the
 targets that are not `ignore_index`; only the order of the fp32 sums over chunks differs.
 
+Vocabulary alignment: a vocabulary that is not a multiple of VOCAB_ALIGN (GPT-2's 50257, the
+paper presets') gives the logits and their gradient a row stride cuBLAS cannot feed to its
+Hopper kernels; on an H200 it then ran all three head GEMMs on sm_75-era CUTLASS kernels (~60
+ms of a 255 ms 350m-moe128 step, session 27's profile, benchmarks/results/train_throughput). So
+both paths here multiply by the weight with zero rows appended up to the next multiple
+(`aligned_rows`) and drop those columns: the padded logits are exactly 0 and unused, their
+gradients 0, so the loss and the gradients are the same math.
+
 Legend: N tokens, D model dim, V vocabulary, C tokens per chunk.
 """
 
@@ -23,20 +31,41 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.ops.autocast import compute_dtype
+from moeflow.ops.backend import records_grad
+
+# Rows of the LM-head weight are padded to a multiple of this for its GEMMs (module docstring).
+VOCAB_ALIGN = 64
+
+
+def aligned_rows(w_VD: torch.Tensor) -> torch.Tensor:
+    """w_VD with zero rows appended up to a multiple of VOCAB_ALIGN rows (itself if aligned)."""
+    pad = -w_VD.shape[0] % VOCAB_ALIGN
+    return F.pad(w_VD, (0, 0, 0, pad)) if pad else w_VD
+
+
+def head_logits(h_ND: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
+    """F.linear(h_ND, w_VD): the LM head. In training (autograd recording) through the padded
+    weight, the logits a [..., V] view of the [..., V_padded] product, so that the forward and
+    both backward GEMMs run aligned; the padding copies the weight, so inference (decode: one
+    row against the whole weight) keeps the plain product."""
+    V = w_VD.shape[0]
+    if V % VOCAB_ALIGN == 0 or not records_grad(h_ND, w_VD):
+        return F.linear(h_ND, w_VD)
+    return F.linear(h_ND, aligned_rows(w_VD))[..., :V]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, w_VD, target_N, chunk, ignore_index, dtype):
-        N = h_ND.shape[0]
-        w = w_VD.to(dtype)
+        N, V = h_ND.shape[0], w_VD.shape[0]
+        w = aligned_rows(w_VD.to(dtype))
         lse_N = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         valid_N = target_N != ignore_index
         safe_N = torch.where(valid_N, target_N, 0)
         with torch.autocast(h_ND.device.type, enabled=False):
             for s in range(0, N, chunk):
-                logits_CV = F.linear(h_ND[s:s + chunk].to(dtype), w).float()
+                logits_CV = F.linear(h_ND[s:s + chunk].to(dtype), w)[:, :V].float()
                 lse_C = torch.logsumexp(logits_CV, dim=-1)
                 picked_C = logits_CV.gather(1, safe_N[s:s + chunk, None]).squeeze(1)
                 total += torch.where(valid_N[s:s + chunk], lse_C - picked_C, 0.0).sum()
@@ -50,24 +79,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h_ND, w_VD, safe_N, valid_N, lse_N, count = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
-        w = w_VD.to(dtype)
+        V = w_VD.shape[0]
+        w = aligned_rows(w_VD.to(dtype))
+        pad = w.shape[0] - V
         scale = grad_loss.float() / count
         grad_h = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) \
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w_VD.device) \
             if ctx.needs_input_grad[1] else None
         with torch.autocast(h_ND.device.type, enabled=False):
             for s in range(0, h_ND.shape[0], chunk):
                 h_CD = h_ND[s:s + chunk].to(dtype)
-                logits_CV = F.linear(h_CD, w).float()
+                logits_CV = F.linear(h_CD, w)[:, :V].float()
                 g_CV = torch.exp(logits_CV - lse_N[s:s + chunk, None])
                 g_CV.scatter_add_(1, safe_N[s:s + chunk, None],
                                   torch.full_like(lse_N[s:s + chunk, None], -1.0))
                 g_CV = (g_CV * (valid_N[s:s + chunk, None] * scale)).to(dtype)
+                g_CV = F.pad(g_CV, (0, pad)) if pad else g_CV  # the padded columns' 0s
                 if grad_h is not None:
                     grad_h[s:s + chunk] = (g_CV @ w).to(h_ND.dtype)
                 if grad_w is not None:
                     grad_w += (g_CV.t() @ h_CD).float()
-        return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None, None
+        if grad_w is not None:
+            grad_w = grad_w[:V].to(w_VD.dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor,
