@@ -249,18 +249,16 @@ def skinny_linear():
                       "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                       "BLOCK_N": 64 if swap else 32, "BLOCK_K": 128 if swap else 256,
                       "SWAP": swap, "PDL": True}, num_warps=4)
-        compile_sm90(skinny_linear_triton._gemv_kernel,
-                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                      "N": "i32", "stride_wn": "i32"},
-                     {"stride_xk": 1, "stride_wk": 1, "K": 4096, "HAS_BIAS": has_bias,
-                      "BLOCK_N": 1, "BLOCK_K": 2048, "PDL": True},
-                     num_warps=8)
-        compile_sm90(skinny_linear_triton._gemv_kernel,
-                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-                      "N": "i32", "stride_wn": "i32"},
-                     {"stride_xk": 1, "stride_wk": 1, "K": 2048, "HAS_BIAS": has_bias,
-                      "BLOCK_N": 2, "BLOCK_K": 1024, "PDL": True},
-                     num_warps=4)
+        # The one-row GEMV at the Qwen3-30B-A3B projections' configs (gemv_config): output, qkv.
+        for N, K in ((2048, 4096), (5120, 2048)):
+            config = skinny_linear_triton.gemv_config(N, K)
+            compile_sm90(skinny_linear_triton._gemv_kernel,
+                         {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                          "N": "i32", "stride_wn": "i32"},
+                         {"stride_xk": 1, "stride_wk": 1, "K": K, "HAS_BIAS": has_bias,
+                          "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+                          "PDL": True},
+                         num_warps=config["num_warps"])
 
 
 def slot_write():
