@@ -162,7 +162,7 @@ def warps_table(tokens: list[int]) -> dict:
             with torch.no_grad():
                 want = route_decode_fused(x, gate, CFG, None, ticket)[0].ids_TK
                 logits = router_logits(x, gate)
-            row = {"T": T, "rule": [rule[0](T), rule[1]], "fused": {}, "route_only": {}}
+            row = {"T": T, "rule": [rule[0](T, D, E), rule[1]], "fused": {}, "route_only": {}}
             for warps in (1, 2, 4, 8):
                 decode_route_triton.route_warps = lambda T, w=warps: w
                 for gate_bytes in GATE_BYTES:
