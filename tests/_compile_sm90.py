@@ -178,7 +178,8 @@ def fused_decode_router():
                      num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
-                      **_args("T E", "i32"), **scalars}, dict(meta, PDL=True), num_warps=warps)
+                      **_args("T E", "i32"), **scalars}, dict(meta, PDL=True),
+                     num_warps=m.route_warps(T))  # the logits given: the one-program warps
 
 
 def dropless_router():

@@ -476,7 +476,8 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
 
 def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
     """Warps of the routing program (and of every logits program of the fused kernel) for T
-    tokens of model dim D over E experts (D 0: the logits are given). Chosen inside the served
+    tokens of model dim D over E experts (D 0: the logits are given, the one-program kernel,
+    which keeps the 8 warps session 13 measured for it). Chosen inside the served
     decode graph of Qwen3-30B-A3B (H200, session 27, benchmarks/results/decode_timeline: 2, 4
     and 8 warps forced in turn, two passes, the layer's period): up to 2 tokens the fewest of
     2, 4, 8 warps whose logits tile takes all of D in one chunk (logits_tiles; Qwen3's 2048:
@@ -487,6 +488,8 @@ def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
     8-128 in session 13 (benchmarks/decode_route.py --sweep-warps). Tiles of at most 4 tokens
     (choice_rows) and pass 2's pairwise tile at ≤ 16 tokens compile without spills at these
     warps (ptxas sm_90, benchmarks/decode_route_ptxas.py)."""
+    if not D:
+        return 8
     if T <= 2:
         return next(w for w in (2, 4, 8)
                     if w == 8 or logits_tiles(T, D, E, gate_bytes, w)[2] >= D)
