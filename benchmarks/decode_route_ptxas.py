@@ -15,10 +15,10 @@ from moeflow.config import RouterConfig
 from moeflow.ops import decode_route_triton as m
 
 def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None):
-    scalars, meta = m._route_args(cfg, T, E, False, capacity, D,
-                                  2 if gate_dtype == "bf16" else 4)
+    gate_bytes = 2 if gate_dtype == "bf16" else 4
+    scalars, meta = m._route_args(cfg, T, E, False, capacity, D, gate_bytes)
     nw = meta.pop("num_warps")
-    lt, le, ld = m.logits_tiles(T, D, E, 2 if gate_dtype == "bf16" else 4, nw)
+    lt, le, ld = m.logits_tiles(T, D, E, gate_bytes, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
              "w_ptr", "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
              "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef",

@@ -238,8 +238,9 @@ def _moe_stream_configs():
 # FEW_ACTIVE_CONFIG instead of autotuning: inside the served batch-1 decode graph of
 # Qwen3-30B-A3B (H200, session 27, benchmarks/results/decode_timeline: each config of
 # _moe_stream_configs forced, two passes) 64 x 64 up and 128 x 64 down tiles on 4 warps ended
-# 24.9-25.0 µs after the router, the 8-warp 128 x 64 ones 29.4-29.7, and autotuning the kernel
-# alone picked the latter on one machine of four (the served step 2.96 ms there).
+# 24.9-25.0 µs after the router, the 8-warp 128 x 64 ones 29.4-29.7; autotuning the kernel
+# alone picked the latter on one machine (its served batch-1 step: 2.96 ms; pinned, on
+# another machine: 2.735).
 FEW_ACTIVE_EXPERTS = 8
 FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "num_warps": 4,
                      "num_stages": 5}
