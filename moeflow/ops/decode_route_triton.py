@@ -486,9 +486,8 @@ def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
     77.4 -> 75.6; up to 16 tokens 4 warps, period −0.8 / −0.9 / −0.4 µs at 4 / 8 / 16 tokens
     (2 warps lost 1.4-3.2 µs there against 8); past 16 tokens 8, which the kernel alone
     preferred at T·K 8-128 in session 13 (benchmarks/decode_route.py --sweep-warps). Tiles of at
-    most 4 tokens
-    (choice_rows) and pass 2's pairwise tile at ≤ 16 tokens compile without spills at these
-    warps (ptxas sm_90, benchmarks/decode_route_ptxas.py)."""
+    most 4 tokens (choice_rows) and pass 2's pairwise tile at ≤ 16 tokens compile without
+    spills at these warps (ptxas sm_90, benchmarks/decode_route_ptxas.py)."""
     if not D:
         return 8
     if T <= 2:
