@@ -7,8 +7,9 @@ Each variant is a ';'-separated list of settings (an empty one: the product as i
     gemv=N,K:BN,BK,W      the one-row GEMV of weight [N, K] (skinny_linear_triton.gemv_config)
     rw=W                  the decode router's warps at every T (decode_route_triton.route_warps)
     gate=BYTES            gate bytes per router logits program (_GATE_BYTES_PER_PROGRAM)
-    moe=UN,UK,DN,DK,W,S   the experts' one launch, every call (grouped_mlp_triton's
-                          _moe_stream_kernel: up and down tiles, warps, stages)
+    moe=UN,UK,DN,DK,W,S[,P]  the experts' one launch, every call (grouped_mlp_triton's
+                          _moe_stream_kernel: up and down tiles, warps, stages, and the
+                          w_out rows a down program loads before it waits, PRE_K; 0 if left out)
 
 Per variant and batch size: a fresh engine's decode graph (benchmarks/decode_timeline.measure),
 its replay time and the layer period with each kernel's end step. Variants run in the order
@@ -34,7 +35,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_timeline import measure  # noqa: E402
-from generate import build  # noqa: E402
+from generate import PROMPT, build  # noqa: E402
 
 import moeflow.ops.decode_route_triton as route  # noqa: E402
 import moeflow.ops.grouped_mlp_triton as experts  # noqa: E402
@@ -63,10 +64,11 @@ def forced(spec: str):
             elif key == "gate":
                 route._GATE_BYTES_PER_PROGRAM = int(value)
             elif key == "moe":
-                un, uk, dn, dk, warps, stages = _ints(value)
+                un, uk, dn, dk, warps, stages, *pre = _ints(value)
                 experts.FEW_ACTIVE_EXPERTS = 1 << 30  # every call takes the forced config
                 experts.FEW_ACTIVE_CONFIG = {"UP_N": un, "UP_K": uk, "DOWN_N": dn,
-                                             "DOWN_K": dk, "num_warps": warps,
+                                             "DOWN_K": dk, "PRE_K": pre[0] if pre else 0,
+                                             "num_warps": warps,
                                              "num_stages": stages}
             else:
                 raise SystemExit(f"decode_knobs: unknown setting {key!r} in {spec!r}")
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=None,
                     help="';'-separated settings (repeatable; '' is the product)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[PROMPT],
+                    help="prompt lengths (the keys each step attends to)")
     args = ap.parse_args()
     variants = args.variant if args.variant is not None else [""]
     for spec in variants:  # a typo fails here, before the model is built
@@ -99,17 +103,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for batch in args.batches:
-        measure(model, batch, args.max_seq_len)  # compiles and autotunes the product first
-        for spec in variants:
-            with forced(spec):
-                r = measure(model, batch, args.max_seq_len)
-            path = r["replay"]["layer_path"]
-            res["runs"].append({"variant": spec, "batch": batch,
-                                "replay_ms": r["graph_replay_ms"],
-                                "period_us": path["period_us"], "rows": path["rows"]})
-            steps = " ".join(f"{row[3]}" for row in path["rows"])
-            print(f"[{spec}] b{batch}: replay {r['graph_replay_ms']:.3f} ms, period "
-                  f"{path['period_us']} µs, end steps {steps}", flush=True)
+        for prompt in args.prompts:
+            measure(model, batch, args.max_seq_len, prompt)  # compiles and autotunes first
+            for spec in variants:
+                with forced(spec):
+                    r = measure(model, batch, args.max_seq_len, prompt)
+                path = r["replay"]["layer_path"]
+                res["runs"].append({"variant": spec, "batch": batch, "prompt": prompt,
+                                    "replay_ms": r["graph_replay_ms"],
+                                    "period_us": path["period_us"], "rows": path["rows"]})
+                steps = " ".join(f"{row[3]}" for row in path["rows"])
+                print(f"[{spec}] b{batch} prompt {prompt}: replay {r['graph_replay_ms']:.3f} ms, "
+                      f"period {path['period_us']} µs, end steps {steps}", flush=True)
             (out / "decode_knobs.json").write_text(json.dumps(res, indent=1))
 
 

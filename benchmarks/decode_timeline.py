@@ -99,11 +99,13 @@ def layer_path(kernels: list, layer: list[str]) -> dict:
             "period_us": round(sum(r[3] for r in rows), 2) if rows else 0.0}
 
 
-def measure(model, batch: int, max_seq_len: int) -> dict:
+def measure(model, batch: int, max_seq_len: int, prompt: int = PROMPT) -> dict:
+    """The decode step of `batch` requests of `prompt` random tokens, after the prefill and
+    four steps (capture, warm-up), from its CUDA graph."""
     vocab = model.config.vocab_size
     engine = Engine(model, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=max_seq_len))
     g = torch.Generator().manual_seed(batch)
-    ids = [engine.add_request(torch.randint(0, vocab, (PROMPT,), generator=g).tolist(),
+    ids = [engine.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(),
                               SamplingParams(max_new_tokens=64, temperature=0))
            for _ in range(batch)]
     engine.step()  # prefill

@@ -98,8 +98,9 @@ def stream_experts():
                      {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
                       "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                      {"HAS_BIAS": not swiglu, **blocks, "PDL": True}, num_warps=8)
-        # Both in one launch, with the wait on the counts; gathering, also placing the rows.
-        for place in (False, True) if gather else (False,):
+        # Both in one launch, with the wait on the counts; gathering, also placing the rows,
+        # with and without w_out rows loaded before the wait (the batch-1 config).
+        for place, pre_k in ((False, 0), (True, 0), (True, 256)) if gather else ((False, 0),):
             compile_sm90(m._moe_stream_kernel.fn,
                          {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
                           "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "h_ptr": "*bf16",
@@ -109,7 +110,7 @@ def stream_experts():
                          {"SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu,
                           "HAS_OUT_BIAS": not swiglu, "GATHER": gather, "PLACE": place,
                           "BLOCK_E": 128, "BLOCK_M": 16, "BLOCK_C": 8, "UP_N": 64, "UP_K": 64,
-                          "DOWN_N": 128, "DOWN_K": 64, "PDL": True})
+                          "DOWN_N": 128, "DOWN_K": 64, "PRE_K": pre_k, "PDL": True})
 
 
 def tiled_experts():

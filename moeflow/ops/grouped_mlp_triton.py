@@ -158,14 +158,21 @@ def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: t
 @triton.jit
 def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               H_FROM_PEERS: tl.constexpr = False):
+               H_FROM_PEERS: tl.constexpr = False, w_pre=None, PRE_K: tl.constexpr = 0):
     """h[rows] · w_e[:, n] + b_e[n] into y[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi)) of
     one expert (w_e, b_e: its weight [F, D] and bias [D]). H_FROM_PEERS: other programs of this
-    launch stored h: read it through L2 (.cg), never from this SM's L1."""
+    launch stored h: read it through L2 (.cg), never from this SM's L1. PRE_K > 0: w_pre holds
+    w_e[:PRE_K, n], loaded by the caller."""
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < hi
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    if PRE_K > 0:
+        kp = tl.arange(0, PRE_K)
+        h_pre = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + kp[None, :],
+                        mask=rmask[:, None] & (kp < F)[None, :], other=0.0,
+                        cache_modifier=".cg" if H_FROM_PEERS else "")
+        acc = tl.dot(h_pre, w_pre, acc)
+    for k0 in range(PRE_K, F, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < F
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * F + k[None, :],
@@ -230,8 +237,8 @@ def _moe_stream_configs():
     # its expert's h was computed was offered beside each (session 18) and never chosen.
     tiles = ((64, 64, 128, 64, 4, 5), (64, 64, 64, 128, 4, 4), (64, 128, 128, 64, 4, 4),
              (32, 128, 64, 64, 4, 5), (128, 64, 128, 64, 8, 4), (64, 64, 128, 64, 8, 5))
-    return [triton.Config({"UP_N": un, "UP_K": uk, "DOWN_N": dn, "DOWN_K": dk}, num_warps=w,
-                          num_stages=st) for un, uk, dn, dk, w, st in tiles]
+    return [triton.Config({"UP_N": un, "UP_K": uk, "DOWN_N": dn, "DOWN_K": dk, "PRE_K": 0},
+                          num_warps=w, num_stages=st) for un, uk, dn, dk, w, st in tiles]
 
 
 # At most this many active experts (batch 1 of a top-8 model) the one launch runs
@@ -240,10 +247,15 @@ def _moe_stream_configs():
 # _moe_stream_configs forced, two passes) 64 x 64 up and 128 x 64 down tiles on 4 warps ended
 # 24.9-25.0 µs after the router, the 8-warp 128 x 64 ones 29.4-29.7; autotuning the kernel
 # alone picked the latter on one machine (its served batch-1 step: 2.96 ms; pinned, on
-# another machine: 2.735).
+# another machine: 2.735). PRE_K 256 (session 28, three calls on three machines, each variant
+# forced twice in one process by benchmarks/decode_knobs.py): a down program's first 256 w_out
+# rows (a third of Qwen3's 768) loaded before its wait took the experts' end step 25.13-25.47
+# -> 24.47-24.75 µs (-0.4 to -0.85 a layer); 128 rows gained less (24.9), and narrower down
+# tiles that preload more (64 x 512, 32 x 512 or all 768) or 8 warps lost 1-9 µs (more
+# programs than stay resident, or fewer per SM).
 FEW_ACTIVE_EXPERTS = 8
-FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "num_warps": 4,
-                     "num_stages": 5}
+FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "PRE_K": 256,
+                     "num_warps": 4, "num_stages": 5}
 
 
 @triton.jit
@@ -275,12 +287,14 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
                        HAS_OUT_BIAS: tl.constexpr, GATHER: tl.constexpr, PLACE: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                        UP_N: tl.constexpr, UP_K: tl.constexpr, DOWN_N: tl.constexpr,
-                       DOWN_K: tl.constexpr, PDL: tl.constexpr):
+                       DOWN_K: tl.constexpr, PRE_K: tl.constexpr, PDL: tl.constexpr):
     """_up_kernel and _down_kernel in one launch (see expert_mlp_stream). Programs [0, U) are
     the up kernel's, expert slot by expert slot (U = ACTIVE · ⌈F/UP_N⌉); each stores its h tile
     and then releases it by a count per expert slot. Programs from U are the down kernel's:
     each waits until its expert's up programs have all counted, then streams its w_out tile. The
     last down program of an expert puts both of its counts back to 0 for the next launch.
+    PRE_K > 0: a down program loads the first PRE_K rows of its w_out tile before it waits (the
+    weights do not depend on h), so that part streams while the up programs run.
     Only a program from U waits, and only for programs below U: blocks are dispatched in order,
     so those are running or done, and the wait ends.
     PLACE (decode, T ≤ BLOCK_M tokens): the router left the rows unplaced; each up program
@@ -320,14 +334,19 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
         e, lo, hi = _active_expert(ends_ptr, i, E, BLOCK_E)
         if hi > lo:
             w_e = w_out_ptr + e.to(tl.int64) * F * D
+            n = (q % down_tiles) * DOWN_N + tl.arange(0, DOWN_N)
+            w_pre = None
+            if PRE_K > 0:
+                k_pre = tl.arange(0, PRE_K)
+                w_pre = tl.load(w_e + k_pre[:, None] * D + n[None, :],
+                                mask=(k_pre < F)[:, None] & (n < D)[None, :], other=0.0)
             seen = tl.atomic_add(count_ptr + i, 0, sem="acquire", scope="gpu")
             while seen < up_tiles:
                 seen = tl.atomic_add(count_ptr + i, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()  # the acquire above orders every thread's loads after it
-            n = (q % down_tiles) * DOWN_N + tl.arange(0, DOWN_N)
             for m0 in range(lo, hi, BLOCK_M):
                 _down_rows(h_ptr, w_e, b_out_ptr + e * D, y_ptr, m0, hi, n, n < D, D, F,
-                           HAS_OUT_BIAS, BLOCK_M, DOWN_N, DOWN_K, True)
+                           HAS_OUT_BIAS, BLOCK_M, DOWN_N, DOWN_K, True, w_pre, PRE_K)
             if last_to_arrive(count_ptr + E + i, down_tiles):
                 tl.store(count_ptr + i, 0)
 
@@ -505,7 +524,7 @@ def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED
     kernel = _moe_stream_kernel
     if not x_ND.is_cuda:  # the interpreter cannot autotune: one fixed config
         kernel = kernel.fn
-        meta = dict(meta, UP_N=32, UP_K=32, DOWN_N=32, DOWN_K=32)
+        meta = dict(meta, UP_N=32, UP_K=32, DOWN_N=32, DOWN_K=32, PRE_K=32)
     elif keys[1] <= FEW_ACTIVE_EXPERTS:
         kernel = kernel.fn
         meta = dict(meta, **FEW_ACTIVE_CONFIG)
