@@ -26,13 +26,13 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None)
     types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*fp32", "*i64",
              "*fp32", "*i8", "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32",
              "i32", "i32", "fp32", "fp32", "fp32", "i32"]
+    sig = dict(zip(names, types))
     blocks = -(-T // lt)
-    # As served: dropless, the experts place the rows (at most 16 tokens).
     consts = dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=blocks > 1,
                   PART_BLOCKS=triton.next_power_of_2(blocks), ONE_CHUNK=ld >= D,
-                  PLACE=capacity is not None or T > 16, PDL=True)
-    runtime = dict(zip(names, types))
-    sig = {n: runtime.get(n, "constexpr") for n in m._decode_route_logits_kernel.arg_names}
+                  PDL=True)
+    for k in consts:
+        sig[k] = "constexpr"
     # As a launch specialises them: pointers and the multiples of 16 among D and E 16-aligned.
     aligned = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(zip(names, types))
                if t.startswith("*") or (n in ("D", "E") and {"D": D, "E": E}[n] % 16 == 0)}
