@@ -164,7 +164,7 @@ def warps_table(tokens: list[int]) -> dict:
                 logits = router_logits(x, gate)
             row = {"T": T, "rule": [rule[0](T, D, E), rule[1]], "fused": {}, "route_only": {}}
             for warps in (1, 2, 4, 8):
-                decode_route_triton.route_warps = lambda T, w=warps: w
+                decode_route_triton.route_warps = lambda *args, _w=warps: _w
                 for gate_bytes in GATE_BYTES:
                     decode_route_triton._GATE_BYTES_PER_PROGRAM = gate_bytes
                     fused = lambda: route_decode_fused(x, gate, CFG, None, ticket)  # noqa: E731

@@ -251,7 +251,7 @@ def _moe_stream_configs():
 # forced twice in one process by benchmarks/decode_knobs.py): a down program's first 256 w_out
 # rows (a third of Qwen3's 768) loaded before its wait took the experts' end step 25.13-25.47
 # -> 24.47-24.75 µs (-0.4 to -0.85 a layer); 128 rows gained less (24.9), and narrower down
-# tiles that preload more (64 x 512, 32 x 512 or all 768) or 8 warps lost 1-9 µs (more
+# tiles that preload more (64 x 512, 32 x 512 or all 768) or 8 warps lost 0.8-9 µs (more
 # programs than stay resident, or fewer per SM).
 FEW_ACTIVE_EXPERTS = 8
 FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "PRE_K": 256,
