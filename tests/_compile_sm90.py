@@ -13,9 +13,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
-from moeflow.ops import (decode_attention_triton, decode_route_triton, fp8_quantize_triton,
-                         grouped_mlp_triton, norm_triton, permute_triton, qk_rope_triton,
-                         routing_slots_triton, routing_triton,
+from moeflow.ops import (cross_entropy_triton, decode_attention_triton, decode_route_triton,
+                         expert_bias_triton, fp8_quantize_triton, grouped_mlp_triton, norm_triton,
+                         permute_triton, qk_rope_triton, routing_slots_triton, routing_triton,
                          skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
@@ -312,10 +312,35 @@ def decode_attention():
                  {"DV": 128, "BLOCK_P": 64, "BLOCK_DV": 128, "PDL": True})
 
 
+def training_losses_and_biases():
+    """The cross-entropy's softmax passes over bf16 logits and the experts' bias passes."""
+    for kernel, sig in ((cross_entropy_triton._lse_picked_kernel,
+                         {"logits_ptr": "*bf16", "target_ptr": "*i64",
+                          **_args("lse_ptr picked_ptr", "*fp32"), **_args("V stride_c", "i32")}),
+                        (cross_entropy_triton._softmax_grad_kernel,
+                         {"logits_ptr": "*bf16", **_args("lse_ptr weight_ptr", "*fp32"),
+                          "target_ptr": "*i64", **_args("V P stride_c", "i32")})):
+        compile_sm90(kernel, sig, {"BLOCK_V": 2048}, num_warps=8)
+    blocks = {"SPLITS": 4, "BLOCK_R": 16, "BLOCK_F": 256}
+    for swiglu in (False, True):
+        compile_sm90(expert_bias_triton._act_bias_fwd_kernel,
+                     {**_args("h_ptr b_ptr a_ptr", "*bf16"), "ends_ptr": "*i64", "F": "i32"},
+                     {"SWIGLU": swiglu, **blocks})
+        compile_sm90(expert_bias_triton._act_bias_bwd_kernel,
+                     {**_args("h_ptr b_ptr ga_ptr gh_ptr", "*bf16"), "ends_ptr": "*i64",
+                      "gb_ptr": "*fp32", **_args("F E", "i32")}, {"SWIGLU": swiglu, **blocks})
+    compile_sm90(expert_bias_triton._add_bias_fwd_kernel,
+                 {**_args("y_ptr b_ptr out_ptr", "*bf16"), "ends_ptr": "*i64",
+                  **_args("N X E", "i32")}, {"PARKED": 64, **blocks})
+    compile_sm90(expert_bias_triton._bias_grad_kernel,
+                 {"g_ptr": "*bf16", "ends_ptr": "*i64", "gb_ptr": "*fp32",
+                  **_args("X E", "i32")}, blocks)
+
+
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
                                  training_route_dispatch, skinny_linear, rms_norm,
-                                 decode_attention)}
+                                 decode_attention, training_losses_and_biases)}
 
 if __name__ == "__main__":
     try:

@@ -22,6 +22,8 @@ weight-streaming kernel gathers as it loads.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -78,6 +80,16 @@ def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: tor
     return out
 
 
+@dataclass(frozen=True)
+class FusedBias:
+    """grouped_mlp's bias handling in one pass each (moeflow.ops.expert_bias_triton): `activate`
+    (h_NI, b_EI, ends_E) -> act(h + b[expert of the row]), `add` (y_NX, b_EX, ends_E) ->
+    y + b[expert of the row]; both zero the rows past ends_E[-1] and give the biases their
+    gradients."""
+    activate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class _ZeroRowsInGrad(torch.autograd.Function):
     """Identity forward; the backward zeroes the gradient rows of mask_N1."""
 
@@ -95,8 +107,8 @@ class _ZeroRowsInGrad(torch.autograd.Function):
 def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
                 b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
                 b_out_ED: torch.Tensor | None, activate, parked: bool,
-                rows_N: torch.Tensor | None = None, grouped_mm=torch._grouped_mm
-                ) -> torch.Tensor:
+                rows_N: torch.Tensor | None = None, grouped_mm=torch._grouped_mm,
+                fused_bias: FusedBias | None = None) -> torch.Tensor:
     """grouped_mm → activate → grouped_mm. torch._grouped_mm leaves rows past the last offset
     uninitialised in its output and in its input gradient (its weight gradient never reads
     them), so with `parked` rows this zeroes exactly what would carry them out: y's rows (to
@@ -106,7 +118,8 @@ def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor
     fwd+bwd call of the ds-1.3b+moe128 layer at 4096 tokens (H200 profile, 2026-12-02), so
     bias-free experts skip it.
     `grouped_mm`: torch._grouped_mm or a replacement with its signature and contract
-    (moeflow.ops.fp8_grouped.fp8_grouped_mm)."""
+    (moeflow.ops.fp8_grouped.fp8_grouped_mm). `fused_bias`: one-pass replacements for the
+    bias gathers, adds and masks (and the first bias's activation)."""
     if rows_N is not None:
         x_ND = x_ND[rows_N]
     # Host work matters here at small N (issue 14): one arange and one searchsorted serve the
@@ -114,21 +127,29 @@ def grouped_mlp(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor
     # operand (forward values and gradients are where's: the masked rows get exact zeros).
     offs = ends_E.to(torch.int32)
     N = x_ND.shape[0]
+    fuse_in = fused_bias is not None and b_in_EI is not None
+    fuse_out = fused_bias is not None and b_out_ED is not None
     index_N = None
-    if parked or b_in_EI is not None or b_out_ED is not None:
+    if parked or (b_in_EI is not None and not fuse_in) or (b_out_ED is not None and not fuse_out):
         index_N = torch.arange(N, device=x_ND.device)
     parked_N1 = (index_N >= ends_E[-1]).unsqueeze(1) if parked else None
     expert_N = None
-    if b_in_EI is not None or b_out_ED is not None:
+    if (b_in_EI is not None and not fuse_in) or (b_out_ED is not None and not fuse_out):
         expert_N = row_experts(ends_E.to(torch.int64), index_N)
     if parked and x_ND.requires_grad:
         x_ND = _ZeroRowsInGrad.apply(x_ND, parked_N1)
     h_NI = grouped_mm(x_ND, w_in_EDI, offs=offs)
-    if b_in_EI is not None:
-        h_NI = h_NI + _row_bias(b_in_EI, ends_E, N, expert_N)
-        if parked:
-            h_NI = h_NI.masked_fill(parked_N1, 0)
-    y_ND = grouped_mm(activate(h_NI), w_out_EFD, offs=offs)
+    if fuse_in:
+        a_NF = fused_bias.activate(h_NI, b_in_EI, ends_E)
+    else:
+        if b_in_EI is not None:
+            h_NI = h_NI + _row_bias(b_in_EI, ends_E, N, expert_N)
+            if parked:
+                h_NI = h_NI.masked_fill(parked_N1, 0)
+        a_NF = activate(h_NI)
+    y_ND = grouped_mm(a_NF, w_out_EFD, offs=offs)
+    if fuse_out:
+        return fused_bias.add(y_ND, b_out_ED, ends_E)  # parked rows zero
     if b_out_ED is not None:
         y_ND = y_ND + _row_bias(b_out_ED, ends_E, N, expert_N)
     if parked:

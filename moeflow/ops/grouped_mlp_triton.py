@@ -58,11 +58,13 @@ Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from moeflow.ops.expert_mlp import grouped_mlp
+from moeflow.ops.expert_mlp import FusedBias, grouped_mlp
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.tickets import last_to_arrive, zeroed_counters
@@ -671,8 +673,15 @@ def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI:
                              b_out_ED: torch.Tensor | None, activation: str,
                              parked: bool = True, rows_N: torch.Tensor | None = None
                              ) -> torch.Tensor:
-    """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all)."""
+    """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all);
+    biases added, and parked rows zeroed, inside the activation's pass and one pass after the
+    second GEMM (moeflow.ops.expert_bias_triton)."""
+    from moeflow.ops import expert_bias_triton as bias
+
+    fused_bias = FusedBias(functools.partial(bias.activate_with_bias, activation=activation),
+                           bias.add_bias)
     return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
-                       lambda h: fused_activation(h, activation), parked, rows_N)
+                       lambda h: fused_activation(h, activation), parked, rows_N,
+                       fused_bias=fused_bias)
 
 
