@@ -95,7 +95,8 @@ def test_the_mode_is_on_for_the_run_only(tmp_path):
 
     cfg = TrainConfig(model_config=str(write_config(tmp_path / "micro.json")),
                       data=(str(write_corpus(tmp_path / "json_src")),), out=str(tmp_path / "r"),
-                      steps=2, batch_size=4, val_batches=2, progress=False)
+                      steps=2, batch_size=4, val_batches=2, progress=False,
+                      device="cpu")  # the mode is the CPU's (on a GPU machine too)
     assert not torch.are_deterministic_algorithms_enabled()
     Recording(cfg).run()
     assert seen == [True, True]
