@@ -83,9 +83,9 @@ def expert_mlp_reference(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: tor
 @dataclass(frozen=True)
 class FusedBias:
     """grouped_mlp's bias handling in one pass each (moeflow.ops.expert_bias_triton): `activate`
-    (h_NI, b_EI, ends_E) -> act(h + b[expert of the row]), `add` (y_NX, b_EX, ends_E) ->
-    y + b[expert of the row]; both zero the rows past ends_E[-1] and give the biases their
-    gradients."""
+    (h_NI, b_EI, ends_E) -> act(h + b[expert of the row]), its rows past ends_E[-1] unspecified
+    (the down GEMM never reads them), `add` (y_NX, b_EX, ends_E) -> y + b[expert of the row],
+    those rows zero; both give the biases their gradients."""
     activate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -71,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, N, chunk):
                 logits_CP = F.linear(h_ND[s:s + chunk].to(dtype), w)
                 if kernels:
-                    lse_C, picked_C = cross_entropy_triton().lse_and_picked(
+                    lse_C, picked_C = _kernels().lse_and_picked(
                         logits_CP, V, safe_N[s:s + chunk])
                 else:
                     logits_CV = logits_CP[:, :V].float()
@@ -101,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits_CP = F.linear(h_CD, w)
                 weight_C = valid_N[s:s + chunk] * scale
                 if kernels:  # in place, the padded columns' 0s included
-                    g_CP = cross_entropy_triton().softmax_grad_(
+                    g_CP = _kernels().softmax_grad_(
                         logits_CP, V, lse_N[s:s + chunk], safe_N[s:s + chunk], weight_C)
                 else:
                     g_CV = torch.exp(logits_CP[:, :V].float() - lse_N[s:s + chunk, None])
@@ -126,7 +126,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-def cross_entropy_triton():
+def _kernels():
     """moeflow.ops.cross_entropy_triton, imported on first use (Triton is optional)."""
     from moeflow.ops import cross_entropy_triton as module
     return module
