@@ -360,3 +360,17 @@ def test_plot_and_generate_refuse_non_runs(tmp_path):
     assert rc == 2 and "does not exist" in err
     rc, err = _cli(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"])
     assert rc == 2 and "holds no moeflow checkpoint" in err
+
+
+def test_adamw_is_torchs_fused_kernel_on_cuda_and_its_default_on_the_cpu():
+    """On CUDA the trainer steps AdamW with torch's fused kernel (one pass per tensor list;
+    foreach, torch's CUDA default, ran 2.7x longer on an H200: benchmarks/results/
+    optimizer_step); on the CPU torch's default, which the exact-resumption tests pin down.
+    The CUDA choice is checked with CPU parameters (torch's fused AdamW runs on both)."""
+    trainer = Trainer(TrainConfig(preset="tiny"))
+    model = torch.nn.Linear(4, 4)
+    for device, fused in (("cpu", None), ("cuda", True)):
+        trainer.device = torch.device(device)
+        opt = trainer.build_optimizer(model)
+        assert opt.defaults["fused"] is fused, device
+        assert opt.defaults["foreach"] is None
