@@ -51,6 +51,8 @@ def test_padded_columns_get_zero_gradient_in_place():
     assert out.data_ptr() == logits.data_ptr()
     torch.testing.assert_close(out[:, :V], expect, rtol=1e-5, atol=1e-6)
     assert torch.equal(out[:, V:], torch.zeros(C, P - V, device=DEVICE))
+    _, picked = lse_and_picked(logits, V, torch.tensor([V, -1, 4], device=DEVICE))
+    assert picked[:2].isnan().all() and picked[2] == logits[2, 4]  # no read past the row
     with pytest.raises(ValueError, match="rows must be contiguous"):
         softmax_grad_(torch.zeros(P, C, device=DEVICE).t(), V, lse, target, weight)
 

@@ -50,8 +50,9 @@ def _lse_picked_kernel(logits_ptr, target_ptr, lse_ptr, picked_ptr, V, stride_c,
         x = tl.load(row + v0 + v, mask=v0 + v < V, other=float("-inf")).to(tl.float32)
         s_V += tl.exp(x - m_safe)
     tl.store(lse_ptr + c, m_safe + tl.log(tl.sum(s_V, axis=0)))
-    t = tl.load(target_ptr + c)
-    tl.store(picked_ptr + c, tl.load(row + t).to(tl.float32))
+    t = tl.load(target_ptr + c)  # a target outside [0, V): NaN, never a read out of the row
+    tl.store(picked_ptr + c, tl.load(row + t, mask=(t >= 0) & (t < V),
+                                     other=float("nan")).to(tl.float32))
 
 
 @triton.jit
@@ -80,7 +81,8 @@ def _block(length: int) -> int:
 def lse_and_picked(logits_CP: torch.Tensor, V: int, target_C: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse_C, picked_C), fp32: the log-sum-exp of each row's first V logits and the logit at
-    its target (targets must lie in [0, V))."""
+    its target; NaN for a target outside [0, V), so that the loss is NaN (the trainer then stops
+    before its optimizer step) where torch's gather would fault."""
     C = logits_CP.shape[0]
     lse_C = torch.empty(C, dtype=torch.float32, device=logits_CP.device)
     picked_C = torch.empty(C, dtype=torch.float32, device=logits_CP.device)
