@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops.grouped_mlp_triton import _gelu
+from moeflow.ops.grouped_mlp_triton import activate, activation_grads
 
 _BLOCK_R = 16  # rows per step of a program's walk over its rows
 _BLOCK_F = 256  # columns per program
@@ -81,12 +81,11 @@ def _act_bias_fwd_kernel(h_ptr, b_ptr, ends_ptr, a_ptr, F, SWIGLU: tl.constexpr,
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         rm = rows < hi
         g = _biased(h_ptr, b_ptr, rows, rm, f, fm, I, e)
+        u = g
         if SWIGLU:
             u = _biased(h_ptr + F, b_ptr + F, rows, rm, f, fm, I, e)
-            a = g * tl.sigmoid(g) * u
-        else:
-            a = _gelu(g)
-        tl.store(a_ptr + rows[:, None] * F + f[None, :], a.to(a_ptr.dtype.element_ty),
+        tl.store(a_ptr + rows[:, None] * F + f[None, :],
+                 activate(g, u, SWIGLU).to(a_ptr.dtype.element_ty),
                  mask=rm[:, None] & fm[None, :])
 
 
@@ -109,18 +108,15 @@ def _act_bias_bwd_kernel(h_ptr, b_ptr, ends_ptr, ga_ptr, gh_ptr, gb_ptr, F, E,
         m = rm[:, None] & fm[None, :]
         ga = tl.load(ga_ptr + rows[:, None] * F + f[None, :], mask=m, other=0.0).to(tl.float32)
         x = _biased(h_ptr, b_ptr, rows, rm, f, fm, I, e)
+        u = x
         if SWIGLU:
             u = _biased(h_ptr + F, b_ptr + F, rows, rm, f, fm, I, e)
-            sg = tl.sigmoid(x)
-            silu = x * sg
-            d_x = (ga * u * (sg + silu * (1.0 - sg))).to(gh_ptr.dtype.element_ty)
-            d_u = (ga * silu).to(gh_ptr.dtype.element_ty)
+        d_x, d_u = activation_grads(x, u, ga, SWIGLU)
+        d_x = d_x.to(gh_ptr.dtype.element_ty)
+        if SWIGLU:
+            d_u = d_u.to(gh_ptr.dtype.element_ty)
             tl.store(gh_ptr + rows[:, None] * I + F + f[None, :], d_u, mask=m)
             sum_u += tl.sum(tl.where(m, d_u.to(tl.float32), 0.0), axis=0)
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-            pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-            d_x = (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty)
         tl.store(gh_ptr + rows[:, None] * I + f[None, :], d_x, mask=m)
         sum_g += tl.sum(tl.where(m, d_x.to(tl.float32), 0.0), axis=0)
     part = gb_ptr + (s * E + e) * I

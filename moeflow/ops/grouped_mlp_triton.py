@@ -76,6 +76,26 @@ def _gelu(x):
 
 
 @triton.jit
+def activate(g, u, SWIGLU: tl.constexpr):
+    """The experts' activation in fp32: SwiGLU silu(g) · u, or GELU(g) (u unused)."""
+    if SWIGLU:
+        return g * tl.sigmoid(g) * u
+    return _gelu(g)
+
+
+@triton.jit
+def activation_grads(g, u, ga, SWIGLU: tl.constexpr):
+    """(d_g, d_u) of activate(g, u) for its output gradient ga, in fp32 (d_u 0 for GELU)."""
+    if SWIGLU:
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        return ga * u * (sg + silu * (1.0 - sg)), ga * silu
+    cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+    return ga * (cdf + g * pdf), tl.zeros_like(g)
+
+
+@triton.jit
 def _active_expert(ends_ptr, i, E, BLOCK_E: tl.constexpr):
     """(e, lo, hi): the i-th expert with rows (in expert order) and its rows [lo, hi); hi == lo
     when fewer than i + 1 experts have rows."""
@@ -149,12 +169,9 @@ def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: t
         acc_g += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
             acc_u += tl.load(b_e + F + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
-    else:
-        act = _gelu(acc_g)
     tl.store(h_ptr + dst[:, None].to(tl.int64) * F + n[None, :],
-             act.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+             activate(acc_g, acc_u, SWIGLU).to(h_ptr.dtype.element_ty),
+             mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -600,13 +617,12 @@ def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexp
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = f < F
     row = pid_n.to(tl.int64)
+    I = 2 * F if SWIGLU else F
+    g = tl.load(h_ptr + row * I + f, mask=m, other=0.0).to(tl.float32)
+    u = g
     if SWIGLU:
-        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
-        a = g * tl.sigmoid(g) * u
-    else:
-        a = _gelu(tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32))
-    tl.store(a_ptr + row * F + f, a.to(a_ptr.dtype.element_ty), mask=m)
+        u = tl.load(h_ptr + row * I + F + f, mask=m, other=0.0).to(tl.float32)
+    tl.store(a_ptr + row * F + f, activate(g, u, SWIGLU).to(a_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -616,20 +632,15 @@ def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl
     m = f < F
     row = pid_n.to(tl.int64)
     ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
+    I = 2 * F if SWIGLU else F
+    g = tl.load(h_ptr + row * I + f, mask=m, other=0.0).to(tl.float32)
+    u = g
     if SWIGLU:
-        g = tl.load(h_ptr + row * 2 * F + f, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + row * 2 * F + F + f, mask=m, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(g)
-        silu = g * sg
-        d_g = ga * u * (sg + silu * (1.0 - sg))
-        tl.store(gh_ptr + row * 2 * F + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
-        tl.store(gh_ptr + row * 2 * F + F + f, (ga * silu).to(gh_ptr.dtype.element_ty), mask=m)
-    else:
-        x = tl.load(h_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-        tl.store(gh_ptr + row * F + f, (ga * (cdf + x * pdf)).to(gh_ptr.dtype.element_ty),
-                 mask=m)
+        u = tl.load(h_ptr + row * I + F + f, mask=m, other=0.0).to(tl.float32)
+    d_g, d_u = activation_grads(g, u, ga, SWIGLU)
+    tl.store(gh_ptr + row * I + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
+    if SWIGLU:
+        tl.store(gh_ptr + row * I + F + f, d_u.to(gh_ptr.dtype.element_ty), mask=m)
 
 
 def _act_grid(N: int, F: int, block: int):
@@ -674,14 +685,18 @@ def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI:
                              parked: bool = True, rows_N: torch.Tensor | None = None
                              ) -> torch.Tensor:
     """Many-token path: grouped_mm → fused activation → grouped_mm (autograd through all);
-    biases added, and parked rows zeroed, inside the activation's pass and one pass after the
-    second GEMM (moeflow.ops.expert_bias_triton)."""
-    from moeflow.ops import expert_bias_triton as bias
-
-    fused_bias = FusedBias(functools.partial(bias.activate_with_bias, activation=activation),
-                           bias.add_bias)
+    the first bias added inside the activation's pass, the second in one pass after the second
+    GEMM (moeflow.ops.expert_bias_triton)."""
     return grouped_mlp(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED,
                        lambda h: fused_activation(h, activation), parked, rows_N,
-                       fused_bias=fused_bias)
+                       fused_bias=_fused_bias(activation))
+
+
+@functools.cache
+def _fused_bias(activation: str) -> FusedBias:
+    from moeflow.ops import expert_bias_triton as bias  # imports this module
+
+    return FusedBias(functools.partial(bias.activate_with_bias, activation=activation),
+                     bias.add_bias)
 
 

@@ -29,13 +29,11 @@ Legend: N tokens, D model dim, V vocabulary, C tokens per chunk.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from moeflow.ops.autocast import compute_dtype
-from moeflow.ops.backend import records_grad
+from moeflow.ops.backend import records_grad, triton_available
 
 # Rows of the LM-head weight are padded to a multiple of this for its GEMMs (module docstring).
 VOCAB_ALIGN = 64
@@ -141,7 +139,7 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: 
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be a positive number of tokens")
     if kernels is None:
-        kernels = h_ND.is_cuda and importlib.util.find_spec("triton") is not None
+        kernels = h_ND.is_cuda and triton_available()
     return _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, chunk, ignore_index,
                                      compute_dtype(h_ND), kernels)
 
