@@ -22,7 +22,8 @@ NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 
 
-def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4):
+def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4,
+                 num_stages: int = 3):
     """triton.compile of the jit function `fn` for sm_90: `signature` maps the runtime
     arguments to Triton types ("*bf16", "i32", "fp32"...); `constexprs` the rest, with the
     unit strides of contiguous tensors among them as 1 (a launch specializes an integer equal
@@ -33,7 +34,8 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int
     divisible by 16, and only that variant gets vectorised loads and the software pipeliner
     (loads staged through shared memory by cp.async; the tiled up kernel's 128 x 128 tiles use
     32 KB of shared memory unaligned and 144 KB aligned). The kernel must fit sm_90's shared
-    memory, else the launch fails on the GPU."""
+    memory, else the launch fails on the GPU (checked at the launch's `num_stages`: each
+    stage of the pipeline holds its own tiles)."""
     names = fn.arg_names
     missing = set(names) - set(signature) - set(constexprs)
     assert not missing, f"{fn.__name__}: no type or value for {sorted(missing)}"
@@ -44,7 +46,7 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int
                     constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     assert kernel.metadata.shared <= SM90_SHARED_BYTES, (
         f"{fn.__name__}: {kernel.metadata.shared} bytes of shared memory, over sm_90's "
         f"{SM90_SHARED_BYTES}")
@@ -99,8 +101,12 @@ def stream_experts():
                       "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                      {"HAS_BIAS": not swiglu, **blocks, "PDL": True}, num_warps=8)
         # Both in one launch, with the wait on the counts; gathering, also placing the rows,
-        # with and without w_out rows loaded before the wait (the batch-1 config).
+        # with and without w_out rows loaded before the wait: the batch-1 config as launched
+        # (FEW_ACTIVE_CONFIG, its stages included; in fp32 it would not fit, which is why
+        # only half-precision weights take it).
+        few = {k: v for k, v in m.FEW_ACTIVE_CONFIG.items() if k.startswith("num_")}
         for place, pre_k in ((False, 0), (True, 0), (True, 256)) if gather else ((False, 0),):
+            launch = few if pre_k else {}
             compile_sm90(m._moe_stream_kernel.fn,
                          {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
                           "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "h_ptr": "*bf16",
@@ -110,7 +116,8 @@ def stream_experts():
                          {"SWIGLU": swiglu, "HAS_IN_BIAS": not swiglu,
                           "HAS_OUT_BIAS": not swiglu, "GATHER": gather, "PLACE": place,
                           "BLOCK_E": 128, "BLOCK_M": 16, "BLOCK_C": 8, "UP_N": 64, "UP_K": 64,
-                          "DOWN_N": 128, "DOWN_K": 64, "PRE_K": pre_k, "PDL": True})
+                          "DOWN_N": 128, "DOWN_K": 64, "PRE_K": pre_k, "PDL": True},
+                         **launch)
 
 
 def tiled_experts():
