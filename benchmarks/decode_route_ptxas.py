@@ -14,23 +14,25 @@ from triton.compiler import ASTSource
 from moeflow.config import RouterConfig
 from moeflow.ops import decode_route_triton as m
 
-def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None):
+def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None,
+                 prenorm=False):
     gate_bytes = 2 if gate_dtype == "bf16" else 4
     scalars, meta = m._route_args(cfg, T, E, False, capacity, D, gate_bytes)
     nw = meta.pop("num_warps")
     lt, le, ld = m.logits_tiles(T, D, E, gate_bytes, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
              "w_ptr", "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
-             "dropped_ptr", "loss_ptr", "T", "D", "E", "routed_scaling", "aux_coef", "z_coef",
-             "capacity"]
+             "dropped_ptr", "loss_ptr", "res_ptr", "h_ptr", "nw_ptr", "s_ptr", "eps", "T", "D",
+             "E", "routed_scaling", "aux_coef", "z_coef", "capacity"]
     types = ["*" + x_dtype, "*" + gate_dtype, "*fp32", "*i32", "*fp32", "*fp32", "*i64",
-             "*fp32", "*i8", "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "i32",
+             "*fp32", "*i8", "*i64", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32",
+             "*" + x_dtype, "*" + x_dtype, "*" + x_dtype, "*" + x_dtype, "fp32", "i32",
              "i32", "i32", "fp32", "fp32", "fp32", "i32"]
     sig = dict(zip(names, types))
     blocks = -(-T // lt)
     consts = dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=blocks > 1,
                   PART_BLOCKS=triton.next_power_of_2(blocks), ONE_CHUNK=ld >= D,
-                  PDL=True)
+                  PLACE=capacity is not None, PRENORM=prenorm and ld >= D, PDL=True)
     for k in consts:
         sig[k] = "constexpr"
     # As a launch specialises them: pointers and the multiples of 16 among D and E 16-aligned.
@@ -50,7 +52,8 @@ def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None)
             if "registers" in line or "spill" in line]
     print(f"T {T} D {D} E {E} K {cfg.top_k} capacity {capacity} {x_dtype}/{gate_dtype} "
           f"tiles (LT, LE, LD) "
-          f"{(lt, le, ld)}: " + " | ".join(info), flush=True)
+          f"{(lt, le, ld)}{' with the add + norm' if consts['PRENORM'] else ''}: "
+          + " | ".join(info), flush=True)
     return ptx
 
 q = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
@@ -60,6 +63,8 @@ def main() -> None:
     qwen3 = RouterConfig(top_k=8, normalize_topk=True, dropless=True)
     ptx = compile_case(1, 2048, 128, qwen3)
     print("ticket:", [line.strip() for line in ptx.splitlines() if "atom" in line])
+    for T in (1, 2, 4, 8, 16):  # as served: the add + norm ahead computed in the kernel
+        compile_case(T, 2048, 128, qwen3, prenorm=True)
     compile_case(2, 2048, 128, qwen3)
     compile_case(4, 2048, 128, qwen3)
     compile_case(8, 2048, 128, qwen3)

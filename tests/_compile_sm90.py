@@ -162,8 +162,8 @@ def qk_norm_rope():
 
 
 def fused_decode_router():
-    """Both decode routers: Qwen3-30B-A3B's dropless top-8, and DeepSpeed-MoE's top-1
-    (ds-1.3b+moe128) and top-2 with a capacity (the third pass)."""
+    """Both decode routers: Qwen3-30B-A3B's dropless top-8 (with the add + norm ahead of it),
+    and DeepSpeed-MoE's top-1 (ds-1.3b+moe128) and top-2 with a capacity (the third pass)."""
     m = decode_route_triton
     outputs = {"ids_ptr": "*i64", "w_ptr": "*fp32", "kept_ptr": "*i8",
                **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
@@ -179,10 +179,13 @@ def fused_decode_router():
         compile_sm90(m._decode_route_logits_kernel,
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
                       "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",
-                      **outputs, **_args("T D E", "i32"), **scalars},
+                      **outputs, **_args("res_ptr h_ptr nw_ptr s_ptr", "*bf16"),
+                      "eps": "fp32", **_args("T D E", "i32"), **scalars},
                      dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=T > lt,
                           PART_BLOCKS=triton.next_power_of_2(-(-T // lt)), ONE_CHUNK=ld >= D,
-                          PLACE=capacity is not None, PDL=True),  # dropless: the experts place
+                          # dropless (the served decode): the experts place the rows and the
+                          # add + norm ahead runs in the kernel
+                          PLACE=capacity is not None, PRENORM=capacity is None, PDL=True),
                      num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,

@@ -283,3 +283,76 @@ def test_fused_decode_layer_launches_three_kernels(T):
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sorted(names) == sorted(["_decode_route_logits_kernel", "_moe_stream_kernel",
                                     "_sum_rows_kernel"]), names
+
+
+@pytest.mark.parametrize("T,D", [(1, 48), (9, 40), (3, 4096)])
+def test_pending_add_norm_is_computed_by_the_router_kernel(T, D):
+    """route_decode_fused with the add + RMSNorm ahead of it pending: its programs compute s
+    and y themselves (where D fits one logits tile; (3, 4096) does not, so the norm's
+    own pass runs first) and the result is the norm kernel's s and y followed by the router on
+    y: s equal, y to the sum of squares' order, the same routing."""
+    from moeflow.ops import norm_triton
+    from moeflow.ops.norm_triton import PendingAddNorm, add_rms_norm_triton
+
+    cfg, _ = CONFIGS["qwen3_top8"]
+    E = 16
+    g = torch.Generator().manual_seed(T * 10 + D)
+    x, h = (torch.randn(T, D, generator=g).to(DEVICE) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE)
+    gate = (torch.randn(E, D, generator=g) * D ** -0.5).to(DEVICE)
+    s_ref, y_ref = add_rms_norm_triton(x, h, weight, 1e-6)
+    out_ref, logits_ref = _fused(y_ref, gate, cfg, None)
+    pending = PendingAddNorm.of(x, h, weight, 1e-6)
+    runs = []
+    run = PendingAddNorm.run
+    try:
+        PendingAddNorm.run = lambda self: runs.append(1) or run(self)
+        out, logits = route_decode_fused(pending.y, gate, cfg, None, route_tickets(x.device),
+                                         prenorm=pending)
+    finally:
+        PendingAddNorm.run = run
+    assert len(runs) == (1 if D == 4096 else 0)  # in-kernel wherever all of D is one tile
+    assert torch.equal(pending.s, s_ref)
+    torch.testing.assert_close(pending.y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.ids_TK, out_ref.ids_TK)
+    assert norm_triton.PendingAddNorm is PendingAddNorm
+    with pytest.raises(ValueError, match="x_TD must be prenorm.y"):
+        route_decode_fused(x, gate, cfg, None, route_tickets(x.device), prenorm=pending)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_decode_model_leaves_the_norm_before_each_moe_layer_to_its_router(T):
+    """A Qwen3-like model decoding through the one-launch router: the add + norm after each
+    attention runs inside the router's kernel (no norm launch of its own), and the logits
+    equal those of the same model run block by block (a forward hook on a block: every norm
+    its own launch) to the sum of squares' order (on a GPU the fp32 tl.dot run in TF32,
+    which rounds that difference up to 2^-11)."""
+    from moeflow import ModelConfig, Transformer
+    from moeflow.ops import norm_triton
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", vocab_size=64, n_layers=2, d_model=32, n_heads=4,
+                      n_kv_heads=2, head_dim=8, max_seq_len=16, qk_norm=True,
+                      moe_kind="moe", moe_every=1, num_experts=8, expert_d_ff=16,
+                      router=RouterConfig(top_k=2, dropless=True))
+    model = Transformer(cfg, backends=Backends(
+        fuse="reference", elementwise="triton", dispatch="triton", experts="stream",
+        router="triton_decode_fused")).to(DEVICE).eval()
+    ids = torch.randint(0, 64, (1, T), device=DEVICE)
+    launches = []
+    launch = norm_triton._launch
+    norm_triton._launch = lambda *a, **k: launches.append(1) or launch(*a, **k)
+    try:
+        with torch.no_grad():
+            got = model(ids, inference=True).logits
+            fused = len(launches)
+            hook = model.blocks[0].register_forward_hook(lambda *a: None)
+            want = model(ids, inference=True).logits
+            hook.remove()
+    finally:
+        norm_triton._launch = launch
+    assert fused == cfg.n_layers + 1  # each block's first norm and the final norm
+    assert len(launches) - fused == 2 * cfg.n_layers + 1
+    tol = 5e-3 if ON_GPU else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -30,6 +30,7 @@ from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBack
                                   resolve_dispatch_backend)
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
+    from moeflow.ops.norm_triton import PendingAddNorm
     from moeflow.parallel.mesh import LayerLayout
     from moeflow.parallel.tensor import TensorSlice
 
@@ -66,17 +67,20 @@ class MoELayer(nn.Module, ChoosesBackends):
 
     def forward(self, x_BTD: torch.Tensor, inference: bool = False,
                 groups: TokenGroups | None = None, logits_TE: torch.Tensor | None = None,
-                defer_combine: bool = False
+                defer_combine: bool = False, norm_input: PendingAddNorm | None = None
                 ) -> tuple[torch.Tensor | PendingCombine, RoutingResult]:
         """`inference`: route dropless and without noise (see moeflow.model.router); `groups`:
         each token's expert group (moeflow.model.expert_groups); `logits_TE`: routing logits
         from the model's lookahead router (moeflow.model.lookahead) instead of this layer's.
         `defer_combine`: return the output as a PendingCombine where the local dispatcher can
         leave its combine to the next add + norm (moeflow.model.dispatch) and nothing is added
-        to it here (no shared experts, no residual MLP)."""
+        to it here (no shared experts, no residual MLP). `norm_input`: x_BTD is
+        norm_input.y, the add + norm ahead of the layer not yet run; the router computes it
+        (in its decode kernel where that runs) before anything reads x."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.router(x_TD, inference=inference, groups=groups, logits_TE=logits_TE,
-                              experts_place=inference and self._experts_place(x_TD))
+                              experts_place=inference and self._experts_place(x_TD),
+                              norm_input=norm_input)
         x_ND, plan = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self._run_experts(x_ND, plan)
         if (defer_combine and self.shared is None and self.residual_mlp is None

@@ -56,6 +56,18 @@ def add_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor | PendingCombine
     return x, norm(x)
 
 
+def pending_add_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor):
+    """add_norm(norm, x, h) left for its consumer to run (moeflow.ops.norm_triton.
+    PendingAddNorm: the MoE router's decode kernel computes it with the routing logits), or
+    None where that pass is not the one add_norm would take (another norm, backend or dtype)."""
+    if not (isinstance(norm, RMSNorm) and isinstance(h, torch.Tensor) and h.shape == x.shape
+            and h.dtype == x.dtype
+            and resolve_elementwise_backend(norm.backends.elementwise, x) == "triton"):
+        return None
+    from moeflow.ops.norm_triton import PendingAddNorm
+    return PendingAddNorm.of(x, h, norm.weight, norm.eps)
+
+
 def _dtype(h: torch.Tensor | PendingCombine) -> torch.dtype:
     return h.y_ND.dtype if isinstance(h, PendingCombine) else h.dtype
 

@@ -37,7 +37,7 @@ Legend: T tokens, D model dim, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routin
                                          grouped_aux_loss)
 from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
                                  records_grad, resolve_router_backend, router_fuses_logits)
+
+if TYPE_CHECKING:  # imports Triton; only the decode path, which has it, makes one
+    from moeflow.ops.norm_triton import PendingAddNorm
 
 # DeepSpeed clamps a token's weight sum at fp32 eps before renormalising.
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -345,7 +348,8 @@ class Router(nn.Module, ChoosesBackends):
     def forward(self, x_TD: torch.Tensor | None, generator: torch.Generator | None = None,
                 inference: bool = False, groups: TokenGroups | None = None,
                 logits_TE: torch.Tensor | None = None,
-                experts_place: bool = False) -> RoutingResult:
+                experts_place: bool = False,
+                norm_input: PendingAddNorm | None = None) -> RoutingResult:
         """Route x_TD. `inference=True` routes as served: no capacity and no noise, whatever
         the training flag says, so a token's experts depend on nothing but the token.
         `groups`: each token's expert group, for a router with expert_groups (None: every token
@@ -354,7 +358,9 @@ class Router(nn.Module, ChoosesBackends):
         input jitter, which perturbs the gate's input, does not apply. `experts_place`: the
         caller's experts can place the rows (moeflow.model.moe): the one-launch decode kernel
         may then stop after the counts and ends (order.placed False) for at most
-        EXPERTS_PLACE_MAX_TOKENS tokens, dropless."""
+        EXPERTS_PLACE_MAX_TOKENS tokens, dropless. `norm_input`: x_TD is norm_input.y, not yet
+        written (moeflow.ops.norm_triton.PendingAddNorm): the one-launch decode kernel computes
+        it with the logits, any other path runs it first."""
         cfg, E = self.config, self.num_experts
         x = x_TD if logits_TE is None else logits_TE
         T = x.shape[0]
@@ -368,6 +374,10 @@ class Router(nn.Module, ChoosesBackends):
                   and noise not in ("rsample", "rsample_second")
                   and self.stats_reduce is None
                   and not records_grad(*sources))
+        fused = (logits_TE is None and noise != "jitter"
+                 and router_fuses_logits(self.backends.router, x, cfg, E, decode))
+        if norm_input is not None and not fused:
+            norm_input.run()  # x_TD is its output: written before anything reads it
         # Raw logits: only the reference router needs them made finite (a launch the Triton
         # routers do not need; 48 of them per prefill of the Qwen3-30B-A3B shape).
         if logits_TE is not None:
@@ -376,10 +386,10 @@ class Router(nn.Module, ChoosesBackends):
             if noise == "jitter":
                 u = torch.rand(x.shape, device=x.device, generator=generator)
                 x = x.float() * (1 - cfg.noise_eps + 2 * cfg.noise_eps * u)
-            if router_fuses_logits(self.backends.router, x, cfg, E, decode):
+            if fused:
                 place = not (experts_place and capacity is None
                              and T <= EXPERTS_PLACE_MAX_TOKENS)
-                return self._route_fused(x, capacity, place)
+                return self._route_fused(x, capacity, place, norm_input)
             logits_TE = router_logits(x, self.gate.weight, finite=False)
         gumbel_TE = None
         if noise in ("rsample", "rsample_second"):
@@ -407,14 +417,15 @@ class Router(nn.Module, ChoosesBackends):
         return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
                                token_order, self.stats_reduce)
 
-    def _route_fused(self, x_TD: torch.Tensor, capacity: int | None, place_rows: bool
-                     ) -> RoutingResult:
-        """Logits and decode routing in one launch (moeflow.ops.decode_route_triton)."""
+    def _route_fused(self, x_TD: torch.Tensor, capacity: int | None, place_rows: bool,
+                     norm_input: PendingAddNorm | None) -> RoutingResult:
+        """Logits and decode routing in one launch (moeflow.ops.decode_route_triton), the
+        norm of x_TD too when it is pending."""
         from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
         from moeflow.ops.tickets import zeroed_counters
         self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
         return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  self._route_tickets, capacity, place_rows)[0]
+                                  self._route_tickets, capacity, place_rows, norm_input)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

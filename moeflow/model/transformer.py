@@ -43,7 +43,7 @@ from moeflow.model.lookahead import LookaheadRouter
 from moeflow.model.mla import MLAttention
 from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
-from moeflow.model.norms import add_norm, make_norm
+from moeflow.model.norms import add_norm, make_norm, pending_add_norm
 from moeflow.model.pregate import PregateHeads
 from moeflow.model.rope import rope_cos_sin
 from moeflow.ops.backend import Backends, ChoosesBackends, compiles_dense, set_backends
@@ -132,15 +132,19 @@ class Block(nn.Module, ChoosesBackends):
         else:
             self.ffn = MLP(config.d_model, spec.d_ff, activation, config.mlp_bias, backends)
 
-    def attend(self, x, rope, cache, pending: torch.Tensor | None = None):
-        """(x + attention(norm(x)), ffn_norm of that): the residual stream and the FFN's input.
-        `pending`: the previous block's output still to be added to x (forward_deferred), added
-        by this block's first norm."""
+    def attention(self, x, rope, cache, pending: torch.Tensor | None = None):
+        """(x, attention(norm(x))): the residual stream and the attention's output, not yet
+        added. `pending`: the previous block's output still to be added to x
+        (forward_deferred), added by this block's first norm."""
         if pending is None:
             normed = self.attn_norm(x)
         else:
             x, normed = add_norm(self.attn_norm, x, pending)
-        return add_norm(self.ffn_norm, x, self.attn(normed, rope, cache))
+        return x, self.attn(normed, rope, cache)
+
+    def attend(self, x, rope, cache, pending: torch.Tensor | None = None):
+        """(x + attention(norm(x)), ffn_norm of that): the residual stream and the FFN's input."""
+        return add_norm(self.ffn_norm, *self.attention(x, rope, cache, pending))
 
     def dense_forward(self, x, rope, cache):
         """The whole block when its FFN is dense."""
@@ -169,10 +173,21 @@ class Block(nn.Module, ChoosesBackends):
         (moeflow.model.dispatch), its combine then done in that same pass. Saves one add
         kernel per block: a 2048-token prefill of the Qwen3-30B-A3B shape on the H200 ran 47
         kernels and 0.15 ms of kernel time fewer (not visible in its wall time,
-        benchmarks/results/prefill)."""
-        x, normed = self.attend(x, rope, cache, pending)
+        benchmarks/results/prefill). Before a MoE FFN the add + norm after the attention is
+        left to the MoE router (norms.pending_add_norm), whose decode kernel computes it with
+        the routing logits: one launch fewer per decode layer."""
+        x, attended = self.attention(x, rope, cache, pending)
         if isinstance(self.ffn, MoELayer):
-            return (x, *self.ffn(normed, inference, groups, route_logits, defer_combine=True))
+            # (Not under a forward pre-hook on the FFN: it would read the input unwritten.)
+            norm_input = (None if self.ffn._forward_pre_hooks
+                          else pending_add_norm(self.ffn_norm, x, attended))
+            if norm_input is not None:
+                x, normed = norm_input.s, norm_input.y
+            else:
+                x, normed = add_norm(self.ffn_norm, x, attended)
+            return (x, *self.ffn(normed, inference, groups, route_logits, defer_combine=True,
+                                 norm_input=norm_input))
+        x, normed = add_norm(self.ffn_norm, x, attended)
         return x, self.ffn(normed), None
 
 

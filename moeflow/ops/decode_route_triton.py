@@ -75,6 +75,18 @@ between two experts may resolve differently than on the two-step path. The ticke
 why a Router keeps its own per device (moeflow.ops.tickets.zeroed_counters) and why one router
 may route on one stream at a time.
 
+The fused variant also takes the residual add + RMSNorm ahead of it (`prenorm`, a
+moeflow.ops.norm_triton.PendingAddNorm: at decode the add of the attention's output to the
+residual stream and the MoE layer's input norm). Every logits program computes that pass for
+its token rows from the residual and the attention's output (the norm kernel's arithmetic; one
+row is 4 KB of each at Qwen3-30B-A3B's D 2048), uses the normalised rows for its logits, and
+the first expert block's programs store s and y for the experts and the next layer: one launch
+and one kernel boundary fewer per layer where all of D is one logits tile (up to 8 tokens of
+that shape: at 16 the tiles split D and the norm runs first, as before). Measured on the H200
+(benchmarks/results/decode_timeline, session 30): the norm's end step (1.50-1.61 µs) and the
+router's (5.72-5.75) became one of 6.26-6.33 µs; batch-1 graph replay 2.715 -> 2.663 ms in one
+call (ptxas sm_90: 246 registers at one token, no spills; 128 without the norm).
+
 Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
 
@@ -88,6 +100,7 @@ from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
 from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS, EXPERTS_PLACE_MAX_TOKENS
 from moeflow.ops.grid import cdiv, next_power_of_2
+from moeflow.ops.norm_triton import PendingAddNorm
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
 from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
@@ -333,9 +346,30 @@ def _gate_chunk(gate_ptr, experts, emask, d, D):
 
 
 @triton.jit
+def _add_norm_rows(res_ptr, h_ptr, nw_ptr, s_ptr, y_ptr, rows, rmask, d, dmask, D, eps, store):
+    """moeflow.ops.norm_triton's add + RMSNorm pass for the token rows, all D columns in one
+    tile: s = x + h and y = s · rsqrt(mean(s²) + eps) · w, each rounded once to x's dtype, the
+    same arithmetic (only the order of the fp32 sum of squares may differ); s and y stored
+    where `store`; returns y in fp32."""
+    offs = rows[:, None].to(tl.int64) * D + d[None, :]
+    m = rmask[:, None] & dmask[None, :]
+    x = tl.load(res_ptr + offs, mask=m, other=0.0)
+    h = tl.load(h_ptr + offs, mask=m, other=0.0)
+    s = (x.to(tl.float32) + h.to(tl.float32)).to(res_ptr.dtype.element_ty)
+    sf = s.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / D + eps)
+    w = tl.load(nw_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    y = (sf * r[:, None] * w[None, :]).to(y_ptr.dtype.element_ty)
+    tl.store(s_ptr + offs, s, mask=m & store)
+    tl.store(y_ptr + offs, y, mask=m & store)
+    return y.to(tl.float32)
+
+
+@triton.jit
 def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_ptr, bias_ptr,
                                 ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr, row_ptr,
-                                token_ptr, dropped_ptr, loss_ptr, T, D, E, routed_scaling,
+                                token_ptr, dropped_ptr, loss_ptr, res_ptr, h_ptr, nw_ptr, s_ptr,
+                                eps, T, D, E, routed_scaling,
                                 aux_coef, z_coef, capacity, K: tl.constexpr,
                                 SOFTMAX: tl.constexpr, SEL: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -349,11 +383,13 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                                 LE: tl.constexpr, LD: tl.constexpr,
                                 SPLIT_PASS1: tl.constexpr, PART_BLOCKS: tl.constexpr,
                                 ONE_CHUNK: tl.constexpr, PLACE: tl.constexpr,
-                                PDL: tl.constexpr):
+                                PRENORM: tl.constexpr, PDL: tl.constexpr):
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does. ONE_CHUNK: all of
-    D in one tile (LD ≥ D), its gate loads issued first."""
+    D in one tile (LD ≥ D), its gate loads issued first. PRENORM (with ONE_CHUNK): x is the
+    RMSNorm of res + h, which every program computes for its token rows (_add_norm_rows) and
+    the first expert block's programs store, with the sum s = res + h, for the layer after."""
     wait_for_previous(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
@@ -369,8 +405,12 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
         dmask = d < D
         # Each operand upcast to fp32 before the product: a bf16·bf16 product is exact in fp32,
         # and the sums are fp32 (as F.linear on fp32 copies; only the order of the sum differs).
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if PRENORM:
+            x = _add_norm_rows(res_ptr, h_ptr, nw_ptr, s_ptr, x_ptr, rows, rmask, d, dmask, D,
+                               eps, pe == 0)
+        else:
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
+                        mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         if ONE_CHUNK:
             w = w_all
         else:
@@ -581,7 +621,8 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
 
 def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
                        expert_bias_E: torch.Tensor | None, tickets: torch.Tensor,
-                       capacity: int | None = None, place_rows: bool = True
+                       capacity: int | None = None, place_rows: bool = True,
+                       prenorm: PendingAddNorm | None = None
                        ) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
@@ -595,7 +636,13 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     left for the experts' kernel to write from the ids (ExpertOrder.placed False; see
     moeflow.ops.grouped_mlp_triton.expert_mlp_stream). Pass 2 is the part of this kernel that
     grows with the square of the assignments: 5.7 of 13.9 µs at 16 tokens of top-8 on the
-    H200 (benchmarks/results/decode_route, session 24), on its one last program."""
+    H200 (benchmarks/results/decode_route, session 24), on its one last program.
+    `prenorm`: x_TD is prenorm.y, not yet written; where all of D fits one logits tile the
+    kernel's programs compute the add + RMSNorm themselves and store s and y (the norm's launch
+    saved), else prenorm.run() writes them first."""
+    if prenorm is not None and x_TD.data_ptr() != prenorm.y.data_ptr():
+        raise ValueError("route_decode_fused: with prenorm, x_TD must be prenorm.y (the "
+                         "normalised rows the kernel writes)")
     x_TD = x_TD.contiguous()
     gate_ED = gate_ED.contiguous()
     T, D = x_TD.shape
@@ -614,10 +661,15 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
         raise ValueError(f"route_decode_fused: tickets must be int32 with {1 + grid[1]} "
                          f"counters for {T} tokens, got {tickets.numel()} {tickets.dtype}")
     part = torch.empty(grid[1], 4, meta["BLOCK_E"], dtype=torch.float32, device=x_TD.device)
+    fused_norm = prenorm is not None and ld >= D
+    if prenorm is not None and not fused_norm:
+        prenorm.run()
+    norm_args = ((prenorm.x, prenorm.h, prenorm.weight, prenorm.s, prenorm.eps) if fused_norm
+                 else (x_TD, x_TD, x_TD, x_TD, 0.0))
     _decode_route_logits_kernel[grid](
         x_TD, gate_ED, logits_TE, tickets, part,
-        expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
+        expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(), *norm_args,
         T, D, E, *scalars, LT=lt, LE=le, LD=ld, SPLIT_PASS1=grid[1] > 1,
-        PART_BLOCKS=next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, PLACE=place_rows, **meta,
-        **pdl_launch(x_TD))
+        PART_BLOCKS=next_power_of_2(grid[1]), ONE_CHUNK=ld >= D, PLACE=place_rows,
+        PRENORM=fused_norm, **meta, **pdl_launch(x_TD))
     return _result(out, capacity, place_rows), logits_TE

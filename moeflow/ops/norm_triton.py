@@ -19,6 +19,8 @@ autograd. Legend: R rows (all leading dims), D normalised dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -63,14 +65,19 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
 
 
 def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            out: tuple[torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """`combine`: (row_TK, weights_TK, kept_TK as int8) when h is a MoE combine's y_ND."""
+    """`combine`: (row_TK, weights_TK, kept_TK as int8) when h is a MoE combine's y_ND; `out`:
+    contiguous (s, y) to write (with h) instead of new tensors."""
     D = x.shape[-1]
     x_RD = x.reshape(-1, D).contiguous()
     h_RD = None if h is None else h.reshape(-1, D).contiguous()
-    y_RD = torch.empty_like(x_RD)
-    s_RD = None if h is None else torch.empty_like(x_RD)
+    if out is None:
+        y_RD = torch.empty_like(x_RD)
+        s_RD = None if h is None else torch.empty_like(x_RD)
+    else:
+        s_RD, y_RD = (t.view(x_RD.shape) for t in out)
     R = x_RD.shape[0]
     block = next_power_of_2(D)
     row_TK, w_TK, kept_TK = combine if combine is not None else (x_RD, x_RD, x_RD)
@@ -96,6 +103,37 @@ def add_rms_norm_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, 
                          f"{tuple(x.shape)} {x.dtype}")
     s, y = _launch(x, h, weight, eps)
     return s, y
+
+
+@dataclass(frozen=True)
+class PendingAddNorm:
+    """add_rms_norm_triton(x, h, weight, eps) not yet run: its outputs s (the residual stream's
+    update) and y (the normalised s) are allocated, contiguous, shaped like x, and unwritten.
+    The MoE router's decode kernel writes both in its own launch, where it computes the
+    routing logits from y (moeflow.ops.decode_route_triton.route_decode_fused: one launch and
+    one kernel boundary fewer per decode layer); any other consumer calls run() before it
+    reads them. Made by moeflow.model.norms.pending_add_norm."""
+
+    x: torch.Tensor
+    h: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    s: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+           ) -> PendingAddNorm:
+        if h.shape != x.shape or h.dtype != x.dtype:
+            raise ValueError(f"add_rms_norm: residual {tuple(h.shape)} {h.dtype} does not "
+                             f"match {tuple(x.shape)} {x.dtype}")
+        x = x.contiguous()
+        return cls(x, h.contiguous(), weight.contiguous(), float(eps), torch.empty_like(x),
+                   torch.empty_like(x))
+
+    def run(self) -> None:
+        """Write s and y by add_rms_norm_triton's pass."""
+        _launch(self.x, self.h, self.weight, self.eps, out=(self.s, self.y))
 
 
 def add_combine_rms_norm_triton(x: torch.Tensor, y_ND: torch.Tensor, row_TK: torch.Tensor,
