@@ -272,9 +272,9 @@ def _moe_stream_configs():
 # -> 24.47-24.75 µs (-0.4 to -0.85 a layer); 128 rows gained less (24.9), and narrower down
 # tiles that preload more (64 x 512, 32 x 512 or all 768) or 8 warps lost 0.8-9 µs (more
 # programs than stay resident, or fewer per SM).
-# Half-precision weights only: fp32 tiles of this config need 272 KB of shared memory for its
-# 5 stages and the preloaded rows, more than an H200 has (232 KB; OutOfResources at batch 1 of
-# an fp32 model until session 30), so fp32 weights take the autotuner's configs.
+# Half-precision weights only: in fp32 this config's 5 stages and preloaded rows need 278,528
+# bytes of shared memory, over the 232,448 a block may use on an H200 (OutOfResources at batch
+# 1 of an fp32 model until session 30), so fp32 weights take the autotuner's configs.
 FEW_ACTIVE_EXPERTS = 8
 FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "PRE_K": 256,
                      "num_warps": 4, "num_stages": 5}
