@@ -273,8 +273,9 @@ def _moe_stream_configs():
 # tiles that preload more (64 x 512, 32 x 512 or all 768) or 8 warps lost 0.8-9 µs (more
 # programs than stay resident, or fewer per SM).
 # Half-precision weights only: in fp32 this config's 5 stages and preloaded rows need 278,528
-# bytes of shared memory, over the 232,448 a block may use on an H200 (OutOfResources at batch
-# 1 of an fp32 model until session 30), so fp32 weights take the autotuner's configs.
+# bytes of shared memory, over the 232,448 a block may use on an H200 (OutOfResources until
+# session 30 where fp32 experts were forced onto this kernel, Backends(experts="stream"); "auto"
+# takes it for bf16 only), so fp32 weights take the autotuner's configs.
 FEW_ACTIVE_EXPERTS = 8
 FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "PRE_K": 256,
                      "num_warps": 4, "num_stages": 5}
