@@ -253,14 +253,18 @@ def training_route_dispatch():
 
 
 def skinny_linear():
-    for has_bias, swap in ((True, False), (False, True)):
+    """The MMA kernel at linear_config's tiles and stages (the qkv projection's swapped ones,
+    the output projection's), and the one-row GEMV at gemv_config's (one stage, as launched)."""
+    for has_bias, (N, K) in ((True, (2048, 4096)), (False, (5120, 2048))):
+        config = skinny_linear_triton.linear_config(N, K)
         compile_sm90(skinny_linear_triton._linear_kernel,
                      {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
                       **_args("M N K stride_xm stride_wn", "i32")},
                      {"stride_xk": 1, "stride_wk": 1,
                       "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
-                      "BLOCK_N": 64 if swap else 32, "BLOCK_K": 128 if swap else 256,
-                      "SWAP": swap, "PDL": True}, num_warps=4)
+                      "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+                      "SWAP": config["SWAP"], "PDL": True},
+                     num_warps=config["num_warps"], num_stages=config["num_stages"])
         # The one-row GEMV at the Qwen3-30B-A3B projections' configs (gemv_config): output, qkv.
         for N, K in ((2048, 4096), (5120, 2048)):
             config = skinny_linear_triton.gemv_config(N, K)
@@ -270,7 +274,7 @@ def skinny_linear():
                          {"stride_xk": 1, "stride_wk": 1, "K": K, "HAS_BIAS": has_bias,
                           "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
                           "PDL": True},
-                         num_warps=config["num_warps"])
+                         num_warps=config["num_warps"], num_stages=1)
 
 
 def slot_write():
