@@ -176,6 +176,11 @@ def fused_decode_router():
         _, meta = m._route_args(cfg, T, E, False, capacity, D)
         warps = meta.pop("num_warps")
         lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
+        # dropless (the served decode): the experts place the rows and the add + norm ahead
+        # runs in the kernel, on 8 warps where route_warps' split D (route_decode_fused)
+        prenorm = capacity is None
+        if prenorm and ld < D:
+            warps, (lt, le, ld) = 8, m.logits_tiles(T, D, E, 2, 8)
         compile_sm90(m._decode_route_logits_kernel,
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
                       "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -183,14 +188,13 @@ def fused_decode_router():
                       "eps": "fp32", **_args("T D E", "i32"), **scalars},
                      dict(meta, LT=lt, LE=le, LD=ld, SPLIT_PASS1=T > lt,
                           PART_BLOCKS=triton.next_power_of_2(-(-T // lt)), ONE_CHUNK=ld >= D,
-                          # dropless (the served decode): the experts place the rows and the
-                          # add + norm ahead runs in the kernel
-                          PLACE=capacity is not None, PRENORM=capacity is None, PDL=True),
+                          PLACE=not prenorm, PRENORM=prenorm and ld >= D, PDL=True),
                      num_warps=warps)
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
                       **_args("T E", "i32"), **scalars}, dict(meta, PDL=True),
                      num_warps=m.route_warps(T))  # the logits given: the one-program warps
+        assert not prenorm or ld >= D, "the served decode router splits D: no norm inside"
 
 
 def dropless_router():

@@ -285,11 +285,11 @@ def test_fused_decode_layer_launches_three_kernels(T):
                                     "_sum_rows_kernel"]), names
 
 
-@pytest.mark.parametrize("T,D", [(1, 48), (9, 40), (3, 4096)])
+@pytest.mark.parametrize("T,D", [(1, 48), (9, 40), (3, 4096), (3, 8192)])
 def test_pending_add_norm_is_computed_by_the_router_kernel(T, D, monkeypatch):
     """route_decode_fused with the add + RMSNorm ahead of it pending: its programs compute s
-    and y themselves (where D fits one logits tile; (3, 4096) does not, so the norm's
-    own pass runs first) and the result is the norm kernel's s and y followed by the router on
+    and y themselves (where D fits one logits tile: (3, 4096) on 8 warps, where the router's
+    4 split it; (3, 8192) on none, so the norm's own pass runs first) and the result is the norm kernel's s and y followed by the router on
     y: s equal, y to the sum of squares' order, the same routing."""
     from moeflow.ops.norm_triton import PendingAddNorm, add_rms_norm_triton
 
@@ -307,7 +307,7 @@ def test_pending_add_norm_is_computed_by_the_router_kernel(T, D, monkeypatch):
     monkeypatch.setattr(PendingAddNorm, "run", lambda self: runs.append(1) or run(self))
     out, logits = route_decode_fused(pending.y, gate, cfg, None, route_tickets(x.device),
                                      prenorm=pending)
-    assert len(runs) == (1 if D == 4096 else 0)  # in-kernel wherever all of D is one tile
+    assert len(runs) == (1 if D == 8192 else 0)  # in-kernel wherever all of D is one tile
     assert torch.equal(pending.s, s_ref)
     torch.testing.assert_close(pending.y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)

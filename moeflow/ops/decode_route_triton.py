@@ -637,9 +637,10 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     moeflow.ops.grouped_mlp_triton.expert_mlp_stream). Pass 2 is the part of this kernel that
     grows with the square of the assignments: 5.7 of 13.9 µs at 16 tokens of top-8 on the
     H200 (benchmarks/results/decode_route, session 24), on its one last program.
-    `prenorm`: x_TD is prenorm.y, not yet written; where all of D fits one logits tile the
-    kernel's programs compute the add + RMSNorm themselves and store s and y (the norm's launch
-    saved), else prenorm.run() writes them first."""
+    `prenorm`: x_TD is prenorm.y, not yet written; where all of D fits one logits tile (on 8
+    warps if route_warps' warps split it) the kernel's programs compute the add + RMSNorm
+    themselves and store s and y (the norm's launch saved), else prenorm.run() writes them
+    first."""
     if prenorm is not None and x_TD.data_ptr() != prenorm.y.data_ptr():
         raise ValueError("route_decode_fused: with prenorm, x_TD must be prenorm.y (the "
                          "normalised rows the kernel writes)")
@@ -656,6 +657,12 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity, D,
                                 gate_ED.element_size())
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
+    if prenorm is not None and ld < D:
+        # A tile that splits D cannot norm its rows; 8 warps' tiles may hold all of D (16
+        # tokens of Qwen3-30B-A3B: route_warps' 4 split it).
+        wide = logits_tiles(T, D, E, gate_ED.element_size(), 8)
+        if wide[2] >= D:
+            meta["num_warps"], (lt, le, ld) = 8, wide
     grid = (cdiv(E, le), max(1, cdiv(T, lt)))
     if tickets.numel() < 1 + grid[1] or tickets.dtype != torch.int32:
         raise ValueError(f"route_decode_fused: tickets must be int32 with {1 + grid[1]} "
