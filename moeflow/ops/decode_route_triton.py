@@ -81,11 +81,13 @@ residual stream and the MoE layer's input norm). Every logits program computes t
 its token rows from the residual and the attention's output (the norm kernel's arithmetic; one
 row is 4 KB of each at Qwen3-30B-A3B's D 2048), uses the normalised rows for its logits, and
 the first expert block's programs store s and y for the experts and the next layer: one launch
-and one kernel boundary fewer per layer where all of D is one logits tile (up to 8 tokens of
-that shape: at 16 the tiles split D and the norm runs first, as before). Measured on the H200
-(benchmarks/results/decode_timeline, session 30): the norm's end step (1.50-1.61 µs) and the
-router's (5.72-5.75) became one of 6.26-6.33 µs; batch-1 graph replay 2.715 -> 2.663 ms in one
-call (ptxas sm_90: 246 registers at one token, no spills; 128 without the norm).
+and one kernel boundary fewer per layer where all of D is one logits tile: at 16 tokens of
+that shape route_warps' 4 warps split D, so with a norm pending the kernel runs on 8, whose
+tiles hold it (where none does, the norm's own pass runs first). Measured on the H200
+(benchmarks/results/decode_timeline, session 30): at one token the norm's end step (1.50-1.61
+µs) and the router's (5.72-5.75) became one of 6.26-6.33 µs, graph replay 2.715 -> 2.663 ms in
+one call; at 16 tokens 2.17 + 9.06 -> 10.41 µs, 10.390 -> 10.34-10.35 ms (ptxas sm_90: 246
+registers at one token, 127 at 16 on 8 warps, no spills; 128 at one token without the norm).
 
 Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
