@@ -288,9 +288,10 @@ def test_fused_decode_layer_launches_three_kernels(T):
 @pytest.mark.parametrize("T,D", [(1, 48), (9, 40), (3, 4096), (3, 8192)])
 def test_pending_add_norm_is_computed_by_the_router_kernel(T, D, monkeypatch):
     """route_decode_fused with the add + RMSNorm ahead of it pending: its programs compute s
-    and y themselves (where D fits one logits tile: (3, 4096) on 8 warps, where the router's
-    4 split it; (3, 8192) on none, so the norm's own pass runs first) and the result is the norm kernel's s and y followed by the router on
-    y: s equal, y to the sum of squares' order, the same routing."""
+    and y themselves where D fits one logits tile ((3, 4096) on 8 warps, where the router's
+    4 split it; (3, 8192) on none, so the norm's own pass runs first), and the result is the
+    norm kernel's s and y followed by the router on y: s equal, y to the sum of squares'
+    order, the same routing."""
     from moeflow.ops.norm_triton import PendingAddNorm, add_rms_norm_triton
 
     cfg, _ = CONFIGS["qwen3_top8"]
