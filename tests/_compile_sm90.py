@@ -15,8 +15,9 @@ from triton.compiler import ASTSource
 from moeflow.config import RouterConfig
 from moeflow.ops import (cross_entropy_triton, decode_attention_triton, decode_route_triton,
                          expert_bias_triton, fp8_quantize_triton, grouped_mlp_triton, norm_triton,
-                         permute_triton, qk_rope_triton, routing_slots_triton, routing_triton,
-                         skinny_linear_triton, slot_write_triton)
+                         permute_triton, persistent_mlp_triton, qk_rope_triton,
+                         routing_slots_triton, routing_triton, skinny_linear_triton,
+                         slot_write_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -135,6 +136,29 @@ def tiled_experts():
                  {"h_ptr": "*bf16", "ends_ptr": "*i64", "w_ptr": "*bf16", "b_ptr": "*bf16",
                   "y_ptr": "*bf16", **_args("D F E M_BUCKET A_BUCKET", "i32")},
                  {"HAS_BIAS": True, "BLOCK_N": 256, **blocks, "PDL": True}, num_warps=8)
+
+
+def persistent_experts():
+    """The persistent expert kernels at every launch config _configs picks on sm_90 (warp
+    specialised): the up kernel's short-row SwiGLU and GELU tiles and its wide ones, the down
+    kernel's for short and long sums; weights (and the down kernel's h) as TMA descriptors."""
+    m = persistent_mlp_triton
+    rows_f = ((256, 768, True), (256, 768, False), (1024, 768, True), (256, 14336, True))
+    for rows_per_expert, F, swiglu in rows_f:
+        up, up_launch, down, down_launch = m._configs(True, F, rows_per_expert, swiglu)
+        compile_sm90(m._up_kernel,
+                     {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
+                      "w_desc": f"tensordesc<bf16[{up['BLOCK_K']}, {up['BLOCK_N']}]>",
+                      "b_ptr": "*bf16", "h_ptr": "*bf16", **_args("D F E", "i32")},
+                     {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": True, "BLOCK_E": 128,
+                      "NUM_PROGRAMS": 132, **up, "WS": True}, **up_launch)
+        compile_sm90(m._down_kernel,
+                     {"h_desc": f"tensordesc<bf16[{down['BLOCK_M']}, {down['BLOCK_K']}]>",
+                      "ends_ptr": "*i64",
+                      "w_desc": f"tensordesc<bf16[{down['BLOCK_K']}, {down['BLOCK_N']}]>",
+                      "b_ptr": "*bf16", "y_ptr": "*bf16", **_args("D F E", "i32")},
+                     {"HAS_BIAS": not swiglu, "BLOCK_E": 128, "NUM_PROGRAMS": 132, **down,
+                      "WS": True}, **down_launch)
 
 
 def qk_norm_rope():
@@ -355,7 +379,8 @@ def training_losses_and_biases():
                   **_args("X E", "i32")}, blocks)
 
 
-CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, slot_write,
+CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, persistent_experts,
+                                 slot_write,
                                  qk_norm_rope, fused_decode_router, dropless_router,
                                  training_route_dispatch, skinny_linear, rms_norm,
                                  decode_attention, training_losses_and_biases)}
