@@ -20,7 +20,8 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["fp8_quantize", "stream_experts", "tiled_experts", "slot_write", "qk_norm_rope",
+CASES = ["fp8_quantize", "stream_experts", "tiled_experts", "persistent_experts", "slot_write",
+         "qk_norm_rope",
          "fused_decode_router", "dropless_router", "training_route_dispatch", "skinny_linear",
          "rms_norm", "decode_attention", "training_losses_and_biases"]
 NO_PTXAS = 3  # tests/_compile_sm90.py's exit status without ptxas
