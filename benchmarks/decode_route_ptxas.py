@@ -17,11 +17,10 @@ from moeflow.ops import decode_route_triton as m
 def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None,
                  prenorm=False):
     gate_bytes = 2 if gate_dtype == "bf16" else 4
-    scalars, meta = m._route_args(cfg, T, E, False, capacity, D, gate_bytes)
+    scalars, meta = m._route_args(cfg, T, E, False, capacity, D, gate_bytes,
+                                  whole_rows=prenorm)
     nw = meta.pop("num_warps")
     lt, le, ld = m.logits_tiles(T, D, E, gate_bytes, nw)
-    if prenorm and ld < D:  # as route_decode_fused: 8 warps where those hold all of D
-        nw, (lt, le, ld) = 8, m.logits_tiles(T, D, E, gate_bytes, 8)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
              "w_ptr", "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",
              "dropped_ptr", "loss_ptr", "res_ptr", "h_ptr", "nw_ptr", "s_ptr", "eps", "T", "D",

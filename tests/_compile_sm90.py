@@ -197,14 +197,12 @@ def fused_decode_router():
     for T, D, E, cfg, capacity in ((1, 2048, 128, qwen3, None), (16, 2048, 128, qwen3, None),
                                    (8, 2048, 128, RouterConfig(top_k=1), 4),
                                    (8, 2048, 128, RouterConfig(top_k=2), 4)):
-        _, meta = m._route_args(cfg, T, E, False, capacity, D)
+        # dropless (the served decode): the experts place the rows and the add + norm ahead
+        # runs in the kernel (route_warps' whole_rows)
+        prenorm = capacity is None
+        _, meta = m._route_args(cfg, T, E, False, capacity, D, whole_rows=prenorm)
         warps = meta.pop("num_warps")
         lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
-        # dropless (the served decode): the experts place the rows and the add + norm ahead
-        # runs in the kernel, on 8 warps where route_warps' split D (route_decode_fused)
-        prenorm = capacity is None
-        if prenorm and ld < D:
-            warps, (lt, le, ld) = 8, m.logits_tiles(T, D, E, 2, 8)
         compile_sm90(m._decode_route_logits_kernel,
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
                       "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",

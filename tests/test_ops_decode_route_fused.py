@@ -18,7 +18,7 @@ from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router, router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops.decode_route_triton import (logits_tiles, route_decode_fused,  # noqa: E402
-                                             route_decode_triton, route_tickets)
+                                             route_decode_triton, route_tickets, route_warps)
 
 CONFIGS = {  # name: (config, has expert bias)
     "qwen3_top8": (RouterConfig(top_k=8, normalize_topk=True, dropless=True,
@@ -131,6 +131,15 @@ def test_tiles_spread_the_gate_over_programs():
     # Mixtral (D 4096, 8 experts): 2 experts per program; a tiny gate: one program.
     assert logits_tiles(1, 4096, 8, 2)[1] == 2
     assert logits_tiles(1, 64, 16, 4)[1] == 16
+    # With the add + norm inside (whole_rows) the warps must give tiles holding all of D:
+    # 16 tokens of Qwen3-30B-A3B take 8 (4 split D), 1 and 8 tokens keep theirs, and 32
+    # tokens split D on any warps (the norm then runs first).
+    assert (route_warps(16, 2048, 128), route_warps(16, 2048, 128, whole_rows=True)) == (4, 8)
+    assert logits_tiles(16, 2048, 128, 2, 8)[2] == 2048
+    for T in (1, 8):
+        assert route_warps(T, 2048, 128, whole_rows=True) == route_warps(T, 2048, 128)
+    assert route_warps(32, 2048, 128, whole_rows=True) == 8
+    assert logits_tiles(32, 2048, 128, 2, 8)[2] < 2048
 
 
 def test_router_takes_the_fused_kernel_only_where_it_applies():
@@ -306,15 +315,12 @@ def test_pending_add_norm_is_computed_by_the_router_kernel(T, D, monkeypatch):
     runs = []
     run = PendingAddNorm.run
     monkeypatch.setattr(PendingAddNorm, "run", lambda self: runs.append(1) or run(self))
-    out, logits = route_decode_fused(pending.y, gate, cfg, None, route_tickets(x.device),
-                                     prenorm=pending)
+    out, logits = route_decode_fused(pending, gate, cfg, None, route_tickets(x.device))
     assert len(runs) == (1 if D == 8192 else 0)  # in-kernel wherever all of D is one tile
     assert torch.equal(pending.s, s_ref)
     torch.testing.assert_close(pending.y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.ids_TK, out_ref.ids_TK)
-    with pytest.raises(ValueError, match="x_TD must be prenorm.y"):
-        route_decode_fused(x, gate, cfg, None, route_tickets(x.device), prenorm=pending)
 
 
 @pytest.mark.parametrize("T", [1, 4])

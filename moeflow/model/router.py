@@ -424,8 +424,9 @@ class Router(nn.Module, ChoosesBackends):
         from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
         from moeflow.ops.tickets import zeroed_counters
         self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
-        return route_decode_fused(x_TD, self.gate.weight, self.config, self.expert_bias,
-                                  self._route_tickets, capacity, place_rows, norm_input)[0]
+        rows = x_TD if norm_input is None else norm_input
+        return route_decode_fused(rows, self.gate.weight, self.config, self.expert_bias,
+                                  self._route_tickets, capacity, place_rows)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

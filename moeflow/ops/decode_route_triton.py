@@ -75,19 +75,20 @@ between two experts may resolve differently than on the two-step path. The ticke
 why a Router keeps its own per device (moeflow.ops.tickets.zeroed_counters) and why one router
 may route on one stream at a time.
 
-The fused variant also takes the residual add + RMSNorm ahead of it (`prenorm`, a
-moeflow.ops.norm_triton.PendingAddNorm: at decode the add of the attention's output to the
-residual stream and the MoE layer's input norm). Every logits program computes that pass for
-its token rows from the residual and the attention's output (the norm kernel's arithmetic; one
-row is 4 KB of each at Qwen3-30B-A3B's D 2048), uses the normalised rows for its logits, and
-the first expert block's programs store s and y for the experts and the next layer: one launch
-and one kernel boundary fewer per layer where all of D is one logits tile: at 16 tokens of
-that shape route_warps' 4 warps split D, so with a norm pending the kernel runs on 8, whose
-tiles hold it (where none does, the norm's own pass runs first). Measured on the H200
-(benchmarks/results/decode_timeline, session 30): at one token the norm's end step (1.50-1.61
-µs) and the router's (5.72-5.75) became one of 6.26-6.33 µs, graph replay 2.715 -> 2.663 ms in
-one call; at 16 tokens 2.17 + 9.06 -> 10.41 µs, 10.390 -> 10.34-10.35 ms (ptxas sm_90: 246
-registers at one token, 127 at 16 on 8 warps, no spills; 128 at one token without the norm).
+The fused variant also takes the residual add + RMSNorm ahead of it (a
+moeflow.ops.norm_triton.PendingAddNorm in place of its input rows: at decode the add of the
+attention's output to the residual stream and the MoE layer's input norm). Every logits program
+computes that pass for its token rows from the residual and the attention's output (the norm
+kernel's arithmetic; one row is 4 KB of each at Qwen3-30B-A3B's D 2048), uses the normalised
+rows for its logits, and the first expert block's programs store s and y for the experts and
+the next layer: one launch and one kernel boundary fewer per layer where all of D is one logits
+tile: at 16 tokens of that shape route_warps' 4 warps split D, so with a norm pending it
+chooses 8, whose tiles hold it (where none does, the norm's own pass runs first). Measured on
+the H200 (benchmarks/results/decode_timeline, session 30): at one token the norm's end step
+(1.50-1.61 µs) and the router's (5.72-5.75) became one of 6.26-6.33 µs, graph replay 2.715 ->
+2.663 ms in one call; at 16 tokens 2.17 + 9.06 -> 10.41 µs, 10.390 -> 10.34-10.35 ms (ptxas
+sm_90: 246 registers at one token, 127 at 16 on 8 warps, no spills; 128 at one token without
+the norm).
 
 Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 """
@@ -479,10 +480,11 @@ def _outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tenso
 
 
 def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int | None,
-                D: int = 0, gate_bytes: int = 2) -> tuple[tuple, dict]:
+                D: int = 0, gate_bytes: int = 2, whole_rows: bool = False
+                ) -> tuple[tuple, dict]:
     """The routing pass's scalar arguments (routed_scaling, aux_coef, z_coef, capacity) and
     constexprs; D, gate_bytes: the fused kernel's model dim and gate element size (D 0: the
-    logits are given)."""
+    logits are given); whole_rows: route_warps'."""
     K = cfg.top_k
     block_e = next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
@@ -513,10 +515,11 @@ def _route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int
         BLOCK_E=block_e, BLOCK_G=next_power_of_2(cfg.num_groups),
         BLOCK_K=next_power_of_2(K),
         BLOCK_P=block_p, PAIRWISE=pairwise,
-        num_warps=route_warps(T, D, E, gate_bytes))
+        num_warps=route_warps(T, D, E, gate_bytes, whole_rows))
 
 
-def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
+def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2,
+                whole_rows: bool = False) -> int:
     """Warps of the routing program (and of every logits program of the fused kernel) for T
     tokens of model dim D over E experts (D 0: the logits are given, the one-program kernel,
     which keeps the 8 warps session 13 measured for it). Chosen inside the served
@@ -529,13 +532,20 @@ def route_warps(T: int, D: int = 0, E: int = 0, gate_bytes: int = 2) -> int:
     (2 warps lost 1.4-3.2 µs there against 8); past 16 tokens 8, which the kernel alone
     preferred at T·K 8-128 in session 13 (benchmarks/decode_route.py --sweep-warps). Tiles of at
     most 4 tokens (choice_rows) and pass 2's pairwise tile at ≤ 16 tokens compile without
-    spills at these warps (ptxas sm_90, benchmarks/decode_route_ptxas.py)."""
+    spills at these warps (ptxas sm_90, benchmarks/decode_route_ptxas.py). `whole_rows` (the
+    kernel computes the add + norm ahead, which needs all of D in one tile): 8 warps where the
+    choice above splits D and 8 do not (16 tokens of Qwen3-30B-A3B: norm + router 2.17 + 9.06
+    -> 10.41 µs on the H200, session 30)."""
     if not D:
         return 8
     if T <= 2:
         return next(w for w in (2, 4, 8)
                     if w == 8 or logits_tiles(T, D, E, gate_bytes, w)[2] >= D)
-    return 4 if T <= 16 else 8
+    warps = 4 if T <= 16 else 8
+    if (whole_rows and logits_tiles(T, D, E, gate_bytes, warps)[2] < D
+            and logits_tiles(T, D, E, gate_bytes, 8)[2] >= D):
+        return 8
+    return warps
 
 
 def choice_rows(T: int, E: int) -> int:
@@ -621,11 +631,10 @@ def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
     return lt, le, ld
 
 
-def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterConfig,
-                       expert_bias_E: torch.Tensor | None, tickets: torch.Tensor,
-                       capacity: int | None = None, place_rows: bool = True,
-                       prenorm: PendingAddNorm | None = None
-                       ) -> tuple[RoutingResult, torch.Tensor]:
+def route_decode_fused(x_TD: torch.Tensor | PendingAddNorm, gate_ED: torch.Tensor,
+                       cfg: RouterConfig, expert_bias_E: torch.Tensor | None,
+                       tickets: torch.Tensor, capacity: int | None = None,
+                       place_rows: bool = True) -> tuple[RoutingResult, torch.Tensor]:
     """route_decode_triton(router_logits(x_TD, gate_ED), …) in one launch: returns the
     RoutingResult and the finite fp32 logits_TE the kernel computed on the way (the same
     products as router_logits, summed in another order than cuBLAS/MKL: equal to a few fp32
@@ -639,13 +648,13 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     moeflow.ops.grouped_mlp_triton.expert_mlp_stream). Pass 2 is the part of this kernel that
     grows with the square of the assignments: 5.7 of 13.9 µs at 16 tokens of top-8 on the
     H200 (benchmarks/results/decode_route, session 24), on its one last program.
-    `prenorm`: x_TD is prenorm.y, not yet written; where all of D fits one logits tile (on 8
-    warps if route_warps' warps split it) the kernel's programs compute the add + RMSNorm
-    themselves and store s and y (the norm's launch saved), else prenorm.run() writes them
+    x_TD may be a PendingAddNorm (the rows are its y, [..., D], not yet written): where all of
+    D fits one logits tile (route_warps' whole_rows) the kernel's programs compute the add +
+    RMSNorm themselves and store s and y (the norm's launch saved), else its run() writes them
     first."""
-    if prenorm is not None and x_TD.data_ptr() != prenorm.y.data_ptr():
-        raise ValueError("route_decode_fused: with prenorm, x_TD must be prenorm.y (the "
-                         "normalised rows the kernel writes)")
+    prenorm = x_TD if isinstance(x_TD, PendingAddNorm) else None
+    if prenorm is not None:  # its y is contiguous: the kernel writes into it, not a copy
+        x_TD = prenorm.y.view(-1, prenorm.y.shape[-1])
     x_TD = x_TD.contiguous()
     gate_ED = gate_ED.contiguous()
     T, D = x_TD.shape
@@ -657,14 +666,8 @@ def route_decode_fused(x_TD: torch.Tensor, gate_ED: torch.Tensor, cfg: RouterCon
     out = _outputs(T, E, cfg.top_k, x_TD.device)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
     scalars, meta = _route_args(cfg, T, E, expert_bias_E is not None, capacity, D,
-                                gate_ED.element_size())
+                                gate_ED.element_size(), whole_rows=prenorm is not None)
     lt, le, ld = logits_tiles(T, D, E, gate_ED.element_size(), meta["num_warps"])
-    if prenorm is not None and ld < D:
-        # A tile that splits D cannot norm its rows; 8 warps' tiles may hold all of D (16
-        # tokens of Qwen3-30B-A3B: route_warps' 4 split it).
-        wide = logits_tiles(T, D, E, gate_ED.element_size(), 8)
-        if wide[2] >= D:
-            meta["num_warps"], (lt, le, ld) = 8, wide
     grid = (cdiv(E, le), max(1, cdiv(T, lt)))
     if tickets.numel() < 1 + grid[1] or tickets.dtype != torch.int32:
         raise ValueError(f"route_decode_fused: tickets must be int32 with {1 + grid[1]} "
