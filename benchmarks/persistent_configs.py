@@ -24,19 +24,22 @@ from prefill_experts import Shape, problem
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # D, F, E, top-k
 
 
-def _config(m, n, k, warps, stages, ws, per_sm=1):
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, {"num_warps": warps,
-                                                         "num_stages": stages}, ws, per_sm
+def _config(m, n, k, warps, stages, ws, per_sm=1, store=0):
+    """store: STORE_SPLIT (0 pointer stores; 1 or 2: whole row tiles through TMA in that many
+    column pieces)."""
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "STORE_SPLIT": store}, {
+        "num_warps": warps, "num_stages": stages}, ws, per_sm
 
 
-UP = [_config(128, 128, 64, 8, 3, True), _config(128, 128, 64, 8, 4, True),
-      _config(64, 256, 64, 8, 3, True), _config(64, 256, 32, 8, 5, True),
-      _config(128, 64, 64, 8, 4, True), _config(64, 128, 64, 4, 4, False),
-      _config(64, 128, 64, 4, 4, False, 2), _config(64, 128, 64, 8, 4, True)]
-DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 3, True),
-        _config(64, 256, 64, 8, 4, True), _config(128, 128, 64, 8, 4, True),
-        _config(128, 128, 64, 8, 5, True), _config(64, 256, 64, 4, 4, False),
-        _config(64, 128, 64, 4, 4, False, 2)]
+# Session 31: the product's tiles against the same tiles storing through TMA (shared memory
+# for the staged output tile leaves 2-4 stages; tests/_compile_sm90.py sizes).
+UP = [_config(128, 128, 64, 8, 3, True), _config(128, 128, 64, 8, 3, True, store=1),
+      _config(128, 128, 64, 8, 4, True, store=2), _config(128, 128, 64, 8, 3, True, store=2),
+      _config(64, 256, 64, 8, 3, True), _config(64, 256, 64, 8, 2, True),
+      _config(64, 256, 64, 8, 2, True, store=2)]
+DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 4, True, store=2),
+        _config(128, 256, 64, 8, 3, True, store=1), _config(128, 256, 64, 8, 3, True, store=2),
+        _config(64, 256, 64, 8, 4, True), _config(64, 256, 64, 8, 4, True, store=2)]
 
 
 def _timed(fn):

@@ -138,27 +138,37 @@ def tiled_experts():
                  {"HAS_BIAS": True, "BLOCK_N": 256, **blocks, "PDL": True}, num_warps=8)
 
 
+def _store_desc(blocks: dict) -> str:
+    """The persistent kernels' output descriptor type for a config (its STORE_SPLIT pieces)."""
+    split = blocks.get("STORE_SPLIT", 0) or 1
+    return f"tensordesc<bf16[{blocks['BLOCK_M']}, {blocks['BLOCK_N'] // split}]>"
+
+
 def persistent_experts():
     """The persistent expert kernels at every launch config _configs picks on sm_90 (warp
-    specialised): the up kernel's short-row SwiGLU and GELU tiles and its wide ones, the down
-    kernel's for short and long sums; weights (and the down kernel's h) as TMA descriptors."""
+    specialised): the up kernel's short-row SwiGLU and GELU tiles, the down kernel's for short
+    and long sums, and above LONG_EXPERT_ROWS both storing whole tiles through TMA; weights
+    (and the down kernel's h) as TMA descriptors."""
     m = persistent_mlp_triton
-    rows_f = ((256, 768, True), (256, 768, False), (1024, 768, True), (256, 14336, True))
+    rows_f = ((256, 768, True), (256, 768, False), (1024, 768, True), (1024, 768, False),
+              (256, 14336, True))
     for rows_per_expert, F, swiglu in rows_f:
         up, up_launch, down, down_launch = m._configs(True, F, rows_per_expert, swiglu)
         compile_sm90(m._up_kernel,
                      {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64",
                       "w_desc": f"tensordesc<bf16[{up['BLOCK_K']}, {up['BLOCK_N']}]>",
-                      "b_ptr": "*bf16", "h_ptr": "*bf16", **_args("D F E", "i32")},
+                      "b_ptr": "*bf16", "h_ptr": "*bf16", "h_desc": _store_desc(up),
+                      **_args("D F E", "i32")},
                      {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": True, "BLOCK_E": 128,
-                      "NUM_PROGRAMS": 132, **up, "WS": True}, **up_launch)
+                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, **up, "WS": True}, **up_launch)
         compile_sm90(m._down_kernel,
                      {"h_desc": f"tensordesc<bf16[{down['BLOCK_M']}, {down['BLOCK_K']}]>",
                       "ends_ptr": "*i64",
                       "w_desc": f"tensordesc<bf16[{down['BLOCK_K']}, {down['BLOCK_N']}]>",
-                      "b_ptr": "*bf16", "y_ptr": "*bf16", **_args("D F E", "i32")},
-                     {"HAS_BIAS": not swiglu, "BLOCK_E": 128, "NUM_PROGRAMS": 132, **down,
-                      "WS": True}, **down_launch)
+                      "b_ptr": "*bf16", "y_ptr": "*bf16", "y_desc": _store_desc(down),
+                      **_args("D F E", "i32")},
+                     {"HAS_BIAS": not swiglu, "BLOCK_E": 128, "NUM_PROGRAMS": 132,
+                      "STORE_SPLIT": 0, **down, "WS": True}, **down_launch)
 
 
 def qk_norm_rope():

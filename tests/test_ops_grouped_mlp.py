@@ -318,24 +318,70 @@ def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):
         pm._device_launch.cache_clear()
 
 
-@pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m", [
-    (True, 768, 128, True, (64, 256), 128), (True, 14336, 256, True, (64, 256), 64),
-    (True, 8192, 128, False, (128, 256), 64), (True, 768, 1024, True, (128, 128), 128),
-    (False, 14336, 256, True, (128, 128), 128)])
-def test_persistent_tiles_follow_rows_width_and_activation(ws, F, rows, swiglu, up_mn, down_m):
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_persistent_tma_stores_equal_pointer_stores(split, activation):
+    """STORE_SPLIT > 0: the persistent kernels store each whole row tile through TMA (in that
+    many column pieces) and the expert's last, partial one by pointers, which must not touch
+    the next expert's rows: h and y bit for bit the pointer stores' (the rows past ends_E[-1]
+    unwritten by both). Experts of whole tiles, partial ones, idle ones (tiles of 16 rows on
+    the CPU); F and D not multiples of the column tile (the TMA store clips them)."""
+    from moeflow.ops import persistent_mlp_triton as pm
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    D, F = (1032, 776) if ON_GPU else (72, 40)
+    counts = [16, 0, 32, 1, 0, 17, 0, 48]
+    E = len(counts)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
+    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
+    n = int(ends[-1])
+    x = torch.randn(n + 5, D, device=DEVICE).to(dtype)
+    programs, ws = (pm._device_launch(x.device.index or 0) if ON_GPU else (3, False))
+    blocks = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64} if ON_GPU
+              else pm._INTERPRETER_BLOCKS)
+    launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
+    outs = []
+    for store in (0, split):
+        b = dict(blocks, STORE_SPLIT=store)
+        h = torch.full((n + 5, F), 7.0, device=DEVICE, dtype=dtype)
+        y = torch.full((n + 5, D), 7.0, device=DEVICE, dtype=dtype)
+        pm.launch_up(x, None, ends, w_in, b_in, h, activation == "swiglu", programs, ws, b,
+                     launch)
+        pm.launch_down(h, ends, w_out, b_out, y, programs, ws, b, launch)
+        outs.append((h, y))
+    (h0, y0), (h1, y1) = outs
+    assert torch.equal(h1, h0) and torch.equal(y1, y0)
+    assert (h1[n:] == 7).all() and (y1[n:] == 7).all()
+    ref = expert_mlp_reference(x[:n], ends, w_in, b_in, w_out, b_out, activation)
+    assert _rel_err(y1[:n], ref) < (1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m,stores", [
+    (True, 768, 128, True, (64, 256), 128, 0), (True, 14336, 256, True, (64, 256), 64, 0),
+    (True, 8192, 128, False, (128, 256), 64, 0), (True, 768, 512, True, (64, 256), 128, 0),
+    (True, 768, 1024, True, (128, 128), 128, 1), (True, 768, 1024, False, (128, 128), 128, 1),
+    (False, 14336, 256, True, (128, 128), 128, 0)])
+def test_persistent_tiles_follow_rows_width_and_activation(ws, F, rows, swiglu, up_mn, down_m,
+                                                           stores):
     """Warp-specialised (sm_90): SwiGLU's up kernel on 64 x 256 tiles (its two accumulators),
-    GELU's on 128 x 256 (one accumulator, the same registers), both on 128 x 128 above
-    UP_SHORT_TILE_MAX_ROWS rows per expert; the down kernel on 64-row tiles for sums longer
-    than DOWN_SHORT_K_MAX. Elsewhere the 128-row tiles throughout. Every config fits the
-    shared memory: a tile's stages hold x, the weight halves (and h for down)."""
+    GELU's on 128 x 256 (one accumulator, the same registers); the down kernel on 64-row tiles
+    for sums longer than DOWN_SHORT_K_MAX. Above LONG_EXPERT_ROWS rows per expert both store
+    whole row tiles through TMA, up on 128 x 128 tiles and down on 128 x 256. Elsewhere the
+    128-row tiles throughout, pointer stores. Every config fits the shared memory: a tile's
+    stages hold x, the weight halves (and h for down), plus the staged output piece."""
     from moeflow.ops import persistent_mlp_triton as pm
     up, up_launch, down, down_launch = pm._configs(ws, F, rows, swiglu)
     assert (up["BLOCK_M"], up["BLOCK_N"]) == up_mn and down["BLOCK_M"] == down_m
+    assert bool(up.get("STORE_SPLIT")) == bool(down.get("STORE_SPLIT")) == bool(stores)
     halves = 2 if swiglu else 1
+
+    def staged(blocks):
+        split = blocks.get("STORE_SPLIT", 0)
+        return 2 * blocks["BLOCK_M"] * blocks["BLOCK_N"] // split if split else 0
+
     up_stage = 2 * up["BLOCK_K"] * (up["BLOCK_M"] + halves * up["BLOCK_N"])
     down_stage = 2 * down["BLOCK_K"] * (down["BLOCK_M"] + down["BLOCK_N"])
-    assert up_stage * up_launch["num_stages"] <= 227 * 1024
-    assert down_stage * down_launch["num_stages"] <= 227 * 1024
+    assert up_stage * up_launch["num_stages"] + staged(up) <= 227 * 1024
+    assert down_stage * down_launch["num_stages"] + staged(down) <= 227 * 1024
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

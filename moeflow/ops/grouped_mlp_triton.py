@@ -161,16 +161,23 @@ def _up_tile(x_ptr, src, dst, rmask, w_e, b_e, h_ptr, n, nmask, D, F, SWIGLU: tl
 
 
 @triton.jit
-def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
-    """h[dst, n] = act(acc + b_e[n]) for the rows where rmask: SwiGLU multiplies the gate columns
-    n (acc_g) by the up columns F + n (acc_u); GELU takes acc_g alone."""
+def activated(acc_g, acc_u, b_e, n, nmask, F, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """act(acc + b_e[n]) in fp32: SwiGLU multiplies the gate columns n (acc_g) by the up columns
+    F + n (acc_u); GELU takes acc_g alone."""
     if HAS_BIAS:
         acc_g += tl.load(b_e + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
             acc_u += tl.load(b_e + F + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    return activate(acc_g, acc_u, SWIGLU)
+
+
+@triton.jit
+def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """h[dst, n] = activated(...) for the rows where rmask."""
     tl.store(h_ptr + dst[:, None].to(tl.int64) * F + n[None, :],
-             activate(acc_g, acc_u, SWIGLU).to(h_ptr.dtype.element_ty),
+             activated(acc_g, acc_u, b_e, n, nmask, F, SWIGLU, HAS_BIAS).to(
+                 h_ptr.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
 
 

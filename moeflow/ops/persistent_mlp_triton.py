@@ -49,7 +49,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
-from moeflow.ops.grouped_mlp_triton import list_tile, store_activated, tile_list
+from moeflow.ops.grouped_mlp_triton import activated, list_tile, store_activated, tile_list
 
 
 @functools.cache
@@ -72,13 +72,20 @@ def _device_launch(index: int) -> tuple[int, bool]:
 #   by pointer loads, so a shorter row tile with wider columns loads fewer of them per weight
 #   byte): 0.85 against 0.98-1.08 ms on Mixtral-8x7B's 256 rows per expert, 0.30 against 0.33
 #   on Qwen3-30B-A3B's 128; the GELU up kernel (one accumulator) on 128 x 256 tiles, the same
-#   registers; above UP_SHORT_TILE_MAX_ROWS rows per expert, session 25's 128 x 128 (equal at
-#   512, and it measured best at 1024);
+#   registers;
 # - the down kernel on 128-row tiles for short sums (F at most DOWN_SHORT_K_MAX: a tile's few
 #   K steps amortise its start and store over more rows), on 64-row tiles for long ones (fewer
-#   padded rows; Mixtral-8x7B's F 14336: 0.45 against 0.47-0.53 ms at 256 rows per expert).
+#   padded rows; Mixtral-8x7B's F 14336: 0.45 against 0.47-0.53 ms at 256 rows per expert);
+# - above LONG_EXPERT_ROWS rows per expert (session 31: benchmarks/persistent_configs.py on
+#   one machine, the layer on another; benchmarks/results/prefill_experts): whole row tiles
+#   stored through TMA (STORE_SPLIT; the expert's last, partial tile by pointers), the up
+#   kernel on session 25's 128 x 128 tiles in two 64-column pieces, the down kernel on
+#   128 x 256 in one, each on 3 stages (the staged output tile takes the fourth's shared
+#   memory). Qwen3-30B-A3B at 16384 tokens (1024 rows): up 1.675 -> 1.587 ms, down 0.872 ->
+#   0.801; the MoE layer's forward 2.486-2.529 -> 2.315-2.358. At 128-512 rows the same stores
+#   were within +-2% on Qwen3 and 4-10% slower on Mixtral's 256 rows.
 # Without warp specialisation (unmeasured GPUs): session 25's 128-row configs.
-UP_SHORT_TILE_MAX_ROWS = 512
+LONG_EXPERT_ROWS = 512
 DOWN_SHORT_K_MAX = 2048
 _WIDE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
 
@@ -90,12 +97,13 @@ def _configs(ws: bool, F: int, rows_per_expert: float, swiglu: bool
     if not ws:
         return (_WIDE, {"num_warps": 8, "num_stages": 4},
                 {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, {"num_warps": 8, "num_stages": 3})
-    if rows_per_expert > UP_SHORT_TILE_MAX_ROWS:
-        up = _WIDE
-    else:
-        up = {"BLOCK_M": 64 if swiglu else 128, "BLOCK_N": 256, "BLOCK_K": 64}
+    launch = {"num_warps": 8, "num_stages": 3}
+    if rows_per_expert > LONG_EXPERT_ROWS:
+        return (dict(_WIDE, STORE_SPLIT=2), launch,
+                {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "STORE_SPLIT": 1}, launch)
+    up = {"BLOCK_M": 64 if swiglu else 128, "BLOCK_N": 256, "BLOCK_K": 64}
     down = {"BLOCK_M": 64 if F > DOWN_SHORT_K_MAX else 128, "BLOCK_N": 256, "BLOCK_K": 64}
-    return up, {"num_warps": 8, "num_stages": 3}, down, {"num_warps": 8, "num_stages": 4}
+    return up, launch, down, {"num_warps": 8, "num_stages": 4}
 
 
 # Triton's interpreter (CPU tests): small tiles, a few programs, no specialisation.
@@ -103,10 +111,11 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
 @triton.jit
-def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
+def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
+               STORE_SPLIT: tl.constexpr = 0):
     n_cols = tl.cdiv(F, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
@@ -129,14 +138,24 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, D, F, E,
             if SWIGLU:
                 acc_u = tl.dot(a, w_desc.load([e * D + k0, F + n0]), acc_u)
         n = n0 + tl.arange(0, BLOCK_N)
-        store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F, SWIGLU,
-                         HAS_BIAS)
+        if STORE_SPLIT > 0:
+            if m0 + BLOCK_M <= hi:
+                _store_tile(h_desc, m0, n0, activated(acc_g, acc_u, b_ptr + e * I, n, n < F, F,
+                                                      SWIGLU, HAS_BIAS).to(h_desc.dtype),
+                            BLOCK_M, BLOCK_N, STORE_SPLIT)
+            else:
+                store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
+                                SWIGLU, HAS_BIAS)
+        else:
+            store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
+                            SWIGLU, HAS_BIAS)
 
 
 @triton.jit
-def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, D, F, E, HAS_BIAS: tl.constexpr,
-                 BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr):
+def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
+                 HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0):
     n_cols = tl.cdiv(D, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
@@ -152,8 +171,35 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, D, F, E, HAS_BIAS: tl.c
         nmask = n < D
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * D + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=(rows < hi)[:, None] & nmask[None, :])
+        y = acc.to(y_ptr.dtype.element_ty)
+        if STORE_SPLIT > 0:
+            if m0 + BLOCK_M <= hi:
+                _store_tile(y_desc, m0, n0, y, BLOCK_M, BLOCK_N, STORE_SPLIT)
+            else:
+                _store_rows(y_ptr, y, rows, hi, n, nmask, D)
+        else:
+            _store_rows(y_ptr, y, rows, hi, n, nmask, D)
+
+
+@triton.jit
+def _store_rows(y_ptr, y, rows, hi, n, nmask, D):
+    """y into rows `rows` (those below hi) and columns n of a row-major [N, D] by pointers."""
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :], y,
+             mask=(rows < hi)[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _store_tile(desc, m0, n0, y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """A whole [BLOCK_M, BLOCK_N] tile through TMA at (m0, n0), in SPLIT column pieces
+    (desc's block: [BLOCK_M, BLOCK_N // SPLIT]; columns past the tensor's are clipped)."""
+    if SPLIT == 1:
+        desc.store([m0, n0], y)
+    else:
+        halves = tl.permute(tl.reshape(y, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1))
+        y0, y1 = tl.split(halves)
+        desc.store([m0, n0], y0)
+        desc.store([m0, n0 + BLOCK_N // 2], y1)
 
 
 def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -197,7 +243,8 @@ def launch_up(x: torch.Tensor, rows_N: torch.Tensor | None, ends_E: torch.Tensor
     w_in = w_in_EDI.contiguous().view(E * D, I)
     w_desc = TensorDescriptor.from_tensor(w_in, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
     _up_kernel[(programs,)](x, rows_N if rows_N is not None else ends_E, ends_E, w_desc,
-                            b_in_EI if b_in_EI is not None else w_in, h_NF, D, h_NF.shape[1],
+                            b_in_EI if b_in_EI is not None else w_in, h_NF,
+                            _store_desc(h_NF, blocks, w_desc), D, h_NF.shape[1],
                             E, SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None,
                             GATHER=rows_N is not None, BLOCK_E=next_power_of_2(E),
                             NUM_PROGRAMS=programs, WS=ws, **blocks, **launch)
@@ -212,6 +259,16 @@ def launch_down(h_NF: torch.Tensor, ends_E: torch.Tensor, w_out_EFD: torch.Tenso
     h_desc = TensorDescriptor.from_tensor(h_NF, [blocks["BLOCK_M"], blocks["BLOCK_K"]])
     w_desc = TensorDescriptor.from_tensor(w_out, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
     _down_kernel[(programs,)](h_desc, ends_E, w_desc, b_out_ED if b_out_ED is not None else w_out,
-                              y_ND, D, F, E, HAS_BIAS=b_out_ED is not None,
+                              y_ND, _store_desc(y_ND, blocks, w_desc), D, F, E,
+                              HAS_BIAS=b_out_ED is not None,
                               BLOCK_E=next_power_of_2(E), NUM_PROGRAMS=programs, WS=ws,
                               **blocks, **launch)
+
+
+def _store_desc(out: torch.Tensor, blocks: dict, unused: TensorDescriptor) -> TensorDescriptor:
+    """The output's TMA descriptor for blocks' STORE_SPLIT > 0 (whole row tiles stored in that
+    many column pieces), else `unused` in its place (the kernel never touches it)."""
+    split = blocks.get("STORE_SPLIT", 0)
+    if not split:
+        return unused
+    return TensorDescriptor.from_tensor(out, [blocks["BLOCK_M"], blocks["BLOCK_N"] // split])
