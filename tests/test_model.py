@@ -116,6 +116,33 @@ def test_slot_cache_decoding_equals_full_forward(arch, extra):
         torch.testing.assert_close(got[:, 0], full[rows, lengths], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_give_rope_cos_sin_bits(dtype):
+    """The model's rope tables (moeflow.model.rope.RopeTables) look the cos and sin up instead
+    of computing them per step: the same bits as rope_cos_sin at any positions (a decode batch
+    of scattered lengths, the last one included) and for 0..T-1 (the slice views), one table
+    per dtype; the MLA models' tables span their rotated dims only."""
+    from moeflow.model.rope import RopeTables, rope_cos_sin
+    tables = RopeTables(64, 1e6, 4096)
+    pos = torch.tensor([[0], [1], [37], [1000], [4095]])
+    for got, want in zip(tables.at(pos, dtype), rope_cos_sin(pos, 64, 1e6, dtype)):
+        assert got.dtype == dtype and got.shape == (5, 1, 64) and torch.equal(got, want)
+    for got, want in zip(tables.first(300, "cpu", dtype),
+                         rope_cos_sin(torch.arange(300)[None], 64, 1e6, dtype)):
+        assert got.shape == (1, 300, 64) and torch.equal(got, want)
+    assert tables.at(pos, torch.float16)[0].dtype == torch.float16
+    model = Transformer(small("llama", **LLAMA))  # tables first built in inference mode
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.inference_mode():
+        model(ids)
+    model(ids).logits.sum().backward()  # then trained: the tables are not inference tensors
+    from moeflow.config import MLAConfig
+    mla = MLAConfig(q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8)
+    mla = Transformer(small("llama", **dict(LLAMA, qk_norm=False), mla=mla))
+    assert mla.rope.head_dim == 4 and Transformer(small()).rope is None  # GPT: learned
+
+
 def test_sequence_longer_than_context_is_refused():
     model = Transformer(small(max_seq_len=8))
     with pytest.raises(ValueError, match="exceeds max_seq_len 8"):

@@ -45,7 +45,7 @@ from moeflow.model.mlp import MLP
 from moeflow.model.moe import MoELayer
 from moeflow.model.norms import add_norm, make_norm, pending_add_norm
 from moeflow.model.pregate import PregateHeads
-from moeflow.model.rope import rope_cos_sin
+from moeflow.model.rope import RopeTables
 from moeflow.ops.backend import Backends, ChoosesBackends, compiles_dense, set_backends
 from moeflow.ops.linear_cross_entropy import head_logits
 
@@ -238,6 +238,9 @@ class Transformer(nn.Module, ChoosesBackends):
                         if config.arch == "gpt" else None)
         self.blocks = nn.ModuleList(
             Block(config, i, spec, backends) for i, spec in enumerate(config.ffn_specs()))
+        rope_dim = config.mla.qk_rope_head_dim if config.mla else config.head_dim
+        self.rope = (RopeTables(rope_dim, config.rope_theta, config.max_seq_len)
+                     if self.pos_emb is None else None)
         self.final_norm = make_norm(config.arch, config.d_model, config.norm_eps, backends)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -325,16 +328,18 @@ class Transformer(nn.Module, ChoosesBackends):
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len "
                                  f"{self.config.max_seq_len}")
-            positions = torch.arange(T, device=input_ids.device)[None]
+            positions = None  # 0..T-1
         else:
             positions = cache.positions(T, input_ids.device)
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(torch.arange(T, device=input_ids.device)[None]
+                                 if positions is None else positions)
+        elif positions is None:
+            rope = self.rope.first(T, input_ids.device, x.dtype)
         else:
-            rope_dim = self.config.mla.qk_rope_head_dim if self.config.mla else self.config.head_dim
-            rope = rope_cos_sin(positions, rope_dim, self.config.rope_theta, x.dtype)
+            rope = self.rope.at(positions, x.dtype)
         stats, losses = [], []
         checkpointed = recompute and cache is None and torch.is_grad_enabled()
         # Without autograd each block leaves its residual add to the next norm (forward_deferred),
