@@ -83,8 +83,8 @@ def _device_launch(index: int) -> tuple[int, bool]:
 #   128 x 256 in one, each on 3 stages (the staged output tile takes the fourth's shared
 #   memory). Qwen3-30B-A3B at 16384 tokens (1024 rows): up 1.675 -> 1.587 ms, down 0.872 ->
 #   0.801; the MoE layer's forward 2.486-2.529 -> 2.315-2.358 on one machine (2.315-2.541 over
-#   six runs on three). At 128-512 rows the same stores
-#   were within +-2% on Qwen3 and 4-10% slower on Mixtral's 256 rows.
+#   six runs on three). At 128-512 rows the same stores were within +-2% on Qwen3 and 4-10%
+#   slower on Mixtral's 256 rows.
 # Without warp specialisation (unmeasured GPUs): session 25's 128-row configs.
 LONG_EXPERT_ROWS = 512
 DOWN_SHORT_K_MAX = 2048
