@@ -139,14 +139,10 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
             if SWIGLU:
                 acc_u = tl.dot(a, w_desc.load([e * D + k0, F + n0]), acc_u)
         n = n0 + tl.arange(0, BLOCK_N)
-        if STORE_SPLIT > 0:
-            if m0 + BLOCK_M <= hi:
-                _store_tile(h_desc, m0, n0, activated(acc_g, acc_u, b_ptr + e * I, n, n < F, F,
-                                                      SWIGLU, HAS_BIAS).to(h_desc.dtype),
-                            BLOCK_M, BLOCK_N, STORE_SPLIT)
-            else:
-                store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
-                                SWIGLU, HAS_BIAS)
+        if STORE_SPLIT > 0 and m0 + BLOCK_M <= hi:  # a whole row tile (constexpr first)
+            _store_tile(h_desc, m0, n0, activated(acc_g, acc_u, b_ptr + e * I, n, n < F, F,
+                                                  SWIGLU, HAS_BIAS).to(h_desc.dtype),
+                        BLOCK_M, BLOCK_N, STORE_SPLIT)
         else:
             store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
                             SWIGLU, HAS_BIAS)
@@ -173,20 +169,11 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * D + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         y = acc.to(y_ptr.dtype.element_ty)
-        if STORE_SPLIT > 0:
-            if m0 + BLOCK_M <= hi:
-                _store_tile(y_desc, m0, n0, y, BLOCK_M, BLOCK_N, STORE_SPLIT)
-            else:
-                _store_rows(y_ptr, y, rows, hi, n, nmask, D)
+        if STORE_SPLIT > 0 and m0 + BLOCK_M <= hi:  # a whole row tile (constexpr first)
+            _store_tile(y_desc, m0, n0, y, BLOCK_M, BLOCK_N, STORE_SPLIT)
         else:
-            _store_rows(y_ptr, y, rows, hi, n, nmask, D)
-
-
-@triton.jit
-def _store_rows(y_ptr, y, rows, hi, n, nmask, D):
-    """y into rows `rows` (those below hi) and columns n of a row-major [N, D] by pointers."""
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :], y,
-             mask=(rows < hi)[:, None] & nmask[None, :])
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :], y,
+                     mask=(rows < hi)[:, None] & nmask[None, :])
 
 
 @triton.jit
