@@ -212,3 +212,15 @@ def test_model_defers_each_moe_combine_to_the_next_norm(monkeypatch):
         handle.remove()
     assert len(calls) == cfg.n_layers
     assert torch.equal(got, want)
+
+
+def test_add_norm_refuses_a_residual_of_another_shape_or_dtype():
+    """add_rms_norm_triton and the pending pass the router's kernel takes (PendingAddNorm.of)
+    stop with one line naming both operands, before anything is allocated or launched."""
+    from moeflow.ops.norm_triton import PendingAddNorm
+    x, w = torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    for h in (torch.randn(2, 4, device=DEVICE), x.double()):
+        for fn in (add_rms_norm_triton, PendingAddNorm.of):
+            with pytest.raises(ValueError, match="add_rms_norm: residual .* does not match "
+                                                 r"\(2, 8\) torch.float32"):
+                fn(x, h, w, 1e-6)

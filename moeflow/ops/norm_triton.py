@@ -98,11 +98,15 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def add_rms_norm_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, rms_norm(s)) with s = x + h rounded to x's dtype (the residual stream's update)."""
+    _check_residual(x, h)
+    s, y = _launch(x, h, weight, eps)
+    return s, y
+
+
+def _check_residual(x: torch.Tensor, h: torch.Tensor) -> None:
     if h.shape != x.shape or h.dtype != x.dtype:
         raise ValueError(f"add_rms_norm: residual {tuple(h.shape)} {h.dtype} does not match "
                          f"{tuple(x.shape)} {x.dtype}")
-    s, y = _launch(x, h, weight, eps)
-    return s, y
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,7 @@ class PendingAddNorm:
     @classmethod
     def of(cls, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
            ) -> PendingAddNorm:
-        if h.shape != x.shape or h.dtype != x.dtype:
-            raise ValueError(f"add_rms_norm: residual {tuple(h.shape)} {h.dtype} does not "
-                             f"match {tuple(x.shape)} {x.dtype}")
+        _check_residual(x, h)
         x = x.contiguous()
         return cls(x, h.contiguous(), weight.contiguous(), float(eps), torch.empty_like(x),
                    torch.empty_like(x))
