@@ -58,8 +58,11 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, num_warps: int
 
 def _check_waits_first(fn, ptx: str) -> None:
     """A kernel launched with programmatic dependent launch may start while the kernel ahead
-    still runs: it must not touch global memory before griddepcontrol.wait (moeflow.ops.pdl)."""
-    body = ptx[ptx.index(".entry"):]
+    still runs: it must not touch global memory before griddepcontrol.wait (moeflow.ops.pdl).
+    An L2 prefetch (moeflow.ops.pdl.prefetch_l2: cp.async.bulk.prefetch) may come first: it
+    reads nothing into the kernel."""
+    body = "\n".join(line for line in ptx[ptx.index(".entry"):].splitlines()
+                     if "cp.async.bulk.prefetch" not in line)
     wait = body.find("griddepcontrol.wait")
     first = min((i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.global",
                                                      "red.global", "cp.async"))
@@ -328,7 +331,7 @@ def rms_norm():
                      {**_args("x_ptr h_ptr w_ptr s_ptr y_ptr", "*bf16"), "row_ptr": "*i64",
                       "kept_ptr": "*i8", "cw_ptr": "*fp32", "D": "i32", "eps": "fp32"},
                      {"HAS_RESIDUAL": residual, "COMBINE_K": combine_k, "BLOCK": 2048,
-                      "PDL": True},
+                      "PREFETCH": True, "PDL": True},
                      num_warps=8)
 
 
@@ -347,12 +350,14 @@ def decode_attention():
                               "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
                               "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
                               **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
-                              "eps": "fp32", "tickets_ptr": "*i32", **_args("G P CHUNK", "i32"),
+                              "eps": "fp32", "tickets_ptr": "*i32",
+                              **_args("G P CHUNK kv_len", "i32"),
                               "scale_log2": "fp32"},
                              {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
                               "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False,
                               "PRECISION": "tf32", "PREP_NORM": norm, "PREP_ROPE": rope,
-                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4, "PDL": True})
+                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4, "PREFETCH": True,
+                              "PDL": True})
         if merge:  # the merging split loads partials other programs stored: coherent loads
             assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
     # The merge kernel, for long contexts' splits (64 of them at head dim 128).

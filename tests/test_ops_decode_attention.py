@@ -152,6 +152,34 @@ def test_kernel_prepares_raw_heads_like_the_qk_kernel(dtype, prep):
                                                               sin[:, 0, :8]))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_positions_past_the_length_never_reach_the_output(splits):
+    """The split kernel loads its first block of cached rows before it knows the length
+    (masked only at kv_len), so rows past a sequence's length are read: whatever they hold
+    (NaN, inf, as an uninitialised cache may) must drop out of the scores and the values. The
+    sequences are shorter than one split at 4 splits (then split 0 writes the output itself,
+    no partials) and longer at 1-2."""
+    H, G, d = 8, 2, 32
+    lengths, kv_len = [5, 21, 0], 64
+    B, M = len(lengths), kv_len + 3
+    torch.manual_seed(splits)
+    q = torch.randn(B, H, d, device=DEVICE)
+    k_new, v_new = torch.randn(B, G, d, device=DEVICE), torch.randn(B, G, d, device=DEVICE)
+    k_cache = torch.randn(B, G, M, d, device=DEVICE)
+    v_cache = torch.randn(B, G, M, d, device=DEVICE)
+    lengths_B = torch.tensor(lengths, device=DEVICE)
+    tickets = torch.zeros(B * G, dtype=torch.int32, device=DEVICE)
+    y_ref = decode_attention_triton(q, k_new, v_new, k_cache.clone(), v_cache.clone(), lengths_B,
+                                    kv_len, splits=splits, block_n=16, tickets=tickets)
+    for b, L in enumerate(lengths):  # past the length: NaN keys, infinite values
+        k_cache[b, :, L:] = float("nan")
+        v_cache[b, :, L:] = float("inf")
+    y = decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lengths_B, kv_len,
+                                splits=splits, block_n=16, tickets=tickets)
+    assert torch.equal(y, y_ref)
+    assert not tickets.any()
+
+
 def test_split_count_rule():
     assert num_splits(4, 8192, 64, torch.device("cpu")) == 2  # CPU_PROGRAMS = 8
     assert num_splits(1, 64, 64, torch.device("cpu")) == 1  # never more splits than key blocks

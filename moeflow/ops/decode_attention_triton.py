@@ -25,6 +25,21 @@ program reads only cached positions < lengths_B[b]; the one program whose split 
 lengths_B[b] stores the incoming k/v rows there and folds that key into its softmax from the
 registers it loaded them into. No other program reads that position, so there is no race.
 
+The latency of a batch-1 step's attention is its chain of dependent trips to memory, so the
+kernel keeps that chain short. Every load a split makes whose address does not depend on the
+sequence's length is issued in one round with the length's own load, right after the PDL wait:
+the raw queries and the new key and value with their norm weights and rotary rows, and the
+split's first block of cached keys and values (masked past kv_len; positions past the length are
+taken out of the scores and zeroed in V afterwards, so a split that turns out to be idle has read
+a few KB for nothing). Before, the length, the queries, the cached block and the new key came one
+after another. Where the last split merges (tickets) and a sequence is shorter than one split
+(L < CHUNK: split 0 is the only one that runs), that split writes the output itself, the bits of
+a one-split merge (weight exp2(0) = 1), with no partials and no ticket. With PDL the split's first
+block of cached rows and the q/k norm weights, which the qkv projection ahead does not write, are
+prefetched to L2 before the wait (moeflow.ops.pdl.prefetch_l2). Measured in the batch-1 decode
+graph of Qwen3-30B-A3B (H200, session 32, benchmarks/results/decode_timeline, a 36-token
+context): the attention's end step 6.30-6.40 -> 4.72-4.86 µs.
+
 CUDA-graph capturable: no host syncs, grid and shapes depend only on (B, G, S); lengths are read
 on the device. Numerics: fp32 scores and softmax, probabilities rounded to V's dtype before P·V
 (as the reference does), fp32 accumulation, output rounded once to q's dtype. The reference
@@ -46,8 +61,9 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
-from moeflow.ops.qk_rope_triton import _sum_squares
+from moeflow.ops.pdl import (launch_next, pdl_launch, prefetch_l2, prefetchable,
+                             wait_for_previous)
+from moeflow.ops.qk_rope_triton import _sum_squares, rotate_halves
 from moeflow.ops.tickets import last_to_arrive
 
 # Programs per SM to aim for when splitting keys: enough to hide one program's load latency
@@ -64,33 +80,57 @@ MERGE_TILE = 16384
 
 
 @triton.jit
-def _prep_heads(row_ptrs, rmask, w_ptr, cos_ptr, sin_ptr, eps, HD: tl.constexpr,
-                NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
-                dtype: tl.constexpr):
-    """[BLOCK_R, HD] rows (heads) starting at `row_ptrs`, each RMS-normalised with weight w
-    (NORM) and then rotated by one position's cos/sin (ROPE), with the roundings and the
-    sum-of-squares order of moeflow.ops.qk_rope_triton's kernel (the same bits as its output):
-    the normed row rounded to `dtype`, the rotation in fp32, one rounding at the end. HD a power
-    of two, halves rotated (not interleaved)."""
+def _load_heads(row_ptrs, rmask, w_ptr, cos_ptr, sin_ptr, HD: tl.constexpr, NORM: tl.constexpr,
+                ROPE: tl.constexpr):
+    """The loads of _prepare_heads, issued together: [BLOCK_R, HD] rows (heads) starting at
+    `row_ptrs` as two halves, the norm's weight halves (NORM) and one position's cos/sin halves
+    (ROPE; zeros where unused)."""
     HALF: tl.constexpr = HD // 2
     j = tl.arange(0, HALF)
     m = rmask[:, None] & (j < HALF)[None, :]
-    x1 = tl.load(row_ptrs[:, None] + j[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(row_ptrs[:, None] + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(row_ptrs[:, None] + j[None, :], mask=m, other=0.0)
+    x2 = tl.load(row_ptrs[:, None] + HALF + j[None, :], mask=m, other=0.0)
+    unused = tl.zeros([HALF], tl.float32)  # in place of what the prep does not take
+    w1 = unused
+    w2 = unused
+    cos1 = unused
+    cos2 = unused
+    sin1 = unused
+    sin2 = unused
+    if NORM:
+        w1 = tl.load(w_ptr + j)
+        w2 = tl.load(w_ptr + HALF + j)
+    if ROPE:
+        cos1 = tl.load(cos_ptr + j)
+        cos2 = tl.load(cos_ptr + HALF + j)
+        sin1 = tl.load(sin_ptr + j)
+        sin2 = tl.load(sin_ptr + HALF + j)
+    return x1, x2, w1, w2, cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def _prepare_heads(x1, x2, w1, w2, cos1, cos2, sin1, sin2, eps, HD: tl.constexpr,
+                   NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   dtype: tl.constexpr):
+    """_load_heads' rows, each RMS-normalised with weight w (NORM) and then rotated by one
+    position's cos/sin (ROPE), with the roundings and the sum-of-squares order of
+    moeflow.ops.qk_rope_triton's kernel (the same bits as its output): the normed row rounded
+    to `dtype`, the rotation in fp32, one rounding at the end. HD a power of two, halves
+    rotated (not interleaved)."""
+    HALF: tl.constexpr = HD // 2
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     if NORM:
         ms = (_sum_squares(x1, BLOCK_R, HALF) + _sum_squares(x2, BLOCK_R, HALF)) / HD
         r = (1.0 / tl.sqrt(ms + eps))[:, None]
-        w1 = tl.load(w_ptr + j).to(tl.float32)[None, :]
-        w2 = tl.load(w_ptr + HALF + j).to(tl.float32)[None, :]
-        x1 = (x1 * r * w1).to(dtype).to(tl.float32)
-        x2 = (x2 * r * w2).to(dtype).to(tl.float32)
+        x1 = (x1 * r * w1.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
+        x2 = (x2 * r * w2.to(tl.float32)[None, :]).to(dtype).to(tl.float32)
     if ROPE:
-        cos1 = tl.load(cos_ptr + j).to(tl.float32)[None, :]
-        cos2 = tl.load(cos_ptr + HALF + j).to(tl.float32)[None, :]
-        sin1 = tl.load(sin_ptr + j).to(tl.float32)[None, :]
-        sin2 = tl.load(sin_ptr + HALF + j).to(tl.float32)[None, :]
-        y1 = x1 * cos1 - x2 * sin1
-        y2 = x2 * cos2 + x1 * sin2
+        c1 = cos1.to(tl.float32)[None, :]
+        c2 = cos2.to(tl.float32)[None, :]
+        s1 = sin1.to(tl.float32)[None, :]
+        s2 = sin2.to(tl.float32)[None, :]
+        y1, y2 = rotate_halves(x1, x2, c1, c2, s1, s2)
     else:
         y1 = x1
         y2 = x2
@@ -100,71 +140,105 @@ def _prep_heads(row_ptrs, rmask, w_ptr, cos_ptr, sin_ptr, eps, HD: tl.constexpr,
 
 
 @triton.jit
+def _cached_block(kc, vc, pos, valid, skc_m, svc_m, dk, dkmask, dv, dvmask):
+    """Keys (transposed, [BLOCK_DK, BLOCK_N]) and values ([BLOCK_N, BLOCK_DV]) of the cached
+    positions `pos` of one (sequence, kv head), zero where not `valid`."""
+    kT_KN = tl.load(kc + pos[None, :].to(tl.int64) * skc_m + dk[:, None],
+                    mask=dkmask[:, None] & valid[None, :], other=0.0)
+    v_NV = tl.load(vc + pos[:, None].to(tl.int64) * svc_m + dv[None, :],
+                   mask=valid[:, None] & dvmask[None, :], other=0.0)
+    return kT_KN, v_NV
+
+
+@triton.jit
+def _attend_block(q_QK, kT_KN, v_NV, pmask, m_Q, l_Q, acc_QV, scale_log2,
+                  PRECISION: tl.constexpr):
+    """One step of the online softmax over a block of cached keys (pmask: the visible ones;
+    v_NV zero past them): the running max, sum and P·V with the block folded in."""
+    s_QN = tl.dot(q_QK, kT_KN, input_precision=PRECISION) * scale_log2
+    s_QN = tl.where(pmask[None, :], s_QN, float("-inf"))
+    m_new = tl.maximum(m_Q, tl.max(s_QN, axis=1))
+    alpha = tl.exp2(m_Q - m_new)
+    p_QN = tl.exp2(s_QN - m_new[:, None])
+    l_Q = l_Q * alpha + tl.sum(p_QN, axis=1)
+    acc_QV = acc_QV * alpha[:, None] + tl.dot(p_QN.to(v_NV.dtype), v_NV,
+                                              input_precision=PRECISION)
+    return m_new, l_Q, acc_QV
+
+
+@triton.jit
 def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   kc_ptr, skc_n, skc_g, skc_m, vc_ptr, svc_n, svc_g, svc_m, len_ptr,
                   m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
                   qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps, tickets_ptr,
-                  G, P, CHUNK, scale_log2,
+                  G, P, CHUNK, kv_len, scale_log2,
                   Q: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                   PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
-                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)
+                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr,
+                  PDL: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
-    L = tl.load(len_ptr + b).to(tl.int32)  # the new token's position
     start = s * CHUNK
+    if PREFETCH:  # before the wait: see the module docstring
+        n = tl.minimum(BLOCK_N, kv_len - start).to(tl.int64)
+        prefetch_l2(kc_ptr + b * skc_n + g * skc_g + start * skc_m,
+                    n * skc_m * (kc_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        prefetch_l2(vc_ptr + b * svc_n + g * svc_g + start * svc_m,
+                    n * svc_m * (vc_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        if PREP_NORM:
+            prefetch_l2(qw_ptr, DK * (qw_ptr.dtype.element_ty.primitive_bitwidth // 8))
+            prefetch_l2(kw_ptr, DK * (kw_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    wait_for_previous(PDL)
+    qi = tl.arange(0, BLOCK_Q)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    qmask = qi < Q
+    dkmask = dk < DK
+    dvmask = dv < DV
+    heads = g * Q + qi
+    kc = kc_ptr + b * skc_n + g * skc_g
+    vc = vc_ptr + b * svc_n + g * svc_g
+    # One round of loads before anything waits on one (the module docstring).
+    L = tl.load(len_ptr + b).to(tl.int32)  # the new token's position
+    if PREP_NORM or PREP_ROPE:
+        one = tl.arange(0, 1)
+        q_raw = _load_heads(q_ptr + b * sq_b + heads * sq_h, qmask, qw_ptr, cos_ptr + b * c_b,
+                            sin_ptr + b * c_b, DK, PREP_NORM, PREP_ROPE)
+        k_raw = _load_heads(kn_ptr + b * skn_b + g * skn_g + one, one < 1, kw_ptr,
+                            cos_ptr + b * c_b, sin_ptr + b * c_b, DK, PREP_NORM, PREP_ROPE)
+    else:
+        q_QK = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
+                       mask=qmask[:, None] & dkmask[None, :], other=0.0)
+        k_K = tl.load(kn_ptr + b * skn_b + g * skn_g + dk, mask=dkmask, other=0.0)
+    v_V = tl.load(vn_ptr + b * svn_b + g * svn_g + dv, mask=dvmask, other=0.0)
+    pos = start + tl.arange(0, BLOCK_N)
+    kT_KN, v_NV = _cached_block(kc, vc, pos, pos < kv_len, skc_m, svc_m, dk, dkmask, dv, dvmask)
+    if PREP_NORM or PREP_ROPE:
+        q_QK = _prepare_heads(*q_raw, eps, DK, PREP_NORM, PREP_ROPE, BLOCK_Q,
+                              q_ptr.dtype.element_ty)
+        k_K = tl.reshape(_prepare_heads(*k_raw, eps, DK, PREP_NORM, PREP_ROPE, 1,
+                                        kn_ptr.dtype.element_ty), [DK])
     if start <= L:
-        qi = tl.arange(0, BLOCK_Q)
-        dk = tl.arange(0, BLOCK_DK)
-        dv = tl.arange(0, BLOCK_DV)
-        qmask = qi < Q
-        dkmask = dk < DK
-        dvmask = dv < DV
-        heads = g * Q + qi
-        if PREP_NORM or PREP_ROPE:
-            q_QK = _prep_heads(q_ptr + b * sq_b + heads * sq_h, qmask, qw_ptr,
-                               cos_ptr + b * c_b, sin_ptr + b * c_b, eps, DK, PREP_NORM,
-                               PREP_ROPE, BLOCK_Q, q_ptr.dtype.element_ty)
-        else:
-            q_QK = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
-                           mask=qmask[:, None] & dkmask[None, :], other=0.0)
         m_Q = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_Q = tl.zeros([BLOCK_Q], tl.float32)
         acc_QV = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
-        kc = kc_ptr + b * skc_n + g * skc_g
-        vc = vc_ptr + b * svc_n + g * svc_g
         end = tl.minimum(start + CHUNK, L)  # cached keys only; position L is the new one
-        for n0 in range(start, end, BLOCK_N):
+        if start < end:
+            pmask = pos < end
+            m_Q, l_Q, acc_QV = _attend_block(q_QK, kT_KN, tl.where(pmask[:, None], v_NV, 0.0),
+                                             pmask, m_Q, l_Q, acc_QV, scale_log2, PRECISION)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             pmask = pos < end
-            kT_KN = tl.load(kc + pos[None, :].to(tl.int64) * skc_m + dk[:, None],
-                            mask=dkmask[:, None] & pmask[None, :], other=0.0)
-            v_NV = tl.load(vc + pos[:, None].to(tl.int64) * svc_m + dv[None, :],
-                           mask=pmask[:, None] & dvmask[None, :], other=0.0)
-            s_QN = tl.dot(q_QK, kT_KN, input_precision=PRECISION) * scale_log2
-            s_QN = tl.where(pmask[None, :], s_QN, float("-inf"))
-            m_new = tl.maximum(m_Q, tl.max(s_QN, axis=1))
-            alpha = tl.exp2(m_Q - m_new)
-            p_QN = tl.exp2(s_QN - m_new[:, None])
-            l_Q = l_Q * alpha + tl.sum(p_QN, axis=1)
-            acc_QV = acc_QV * alpha[:, None] + tl.dot(p_QN.to(v_NV.dtype), v_NV,
-                                                      input_precision=PRECISION)
-            m_Q = m_new
+            kT_KN, v_NV = _cached_block(kc, vc, pos, pmask, skc_m, svc_m, dk, dkmask, dv, dvmask)
+            m_Q, l_Q, acc_QV = _attend_block(q_QK, kT_KN, v_NV, pmask, m_Q, l_Q, acc_QV,
+                                             scale_log2, PRECISION)
         launch_next(PDL)
         if L < start + CHUNK:  # this split holds position L: store the new key and use it
-            if PREP_NORM or PREP_ROPE:
-                one = tl.arange(0, 1)
-                k_K = tl.reshape(_prep_heads(kn_ptr + b * skn_b + g * skn_g + one, one < 1,
-                                             kw_ptr, cos_ptr + b * c_b, sin_ptr + b * c_b,
-                                             eps, DK, PREP_NORM, PREP_ROPE, 1,
-                                             kn_ptr.dtype.element_ty), [DK])
-            else:
-                k_K = tl.load(kn_ptr + b * skn_b + g * skn_g + dk, mask=dkmask, other=0.0)
-            v_V = tl.load(vn_ptr + b * svn_b + g * svn_g + dv, mask=dvmask, other=0.0)
             tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask)
             tl.store(vc + L.to(tl.int64) * svc_m + dv, v_V, mask=dvmask)
             # Scored by the cached keys' tl.dot (the key as 16 equal columns): its order of
@@ -180,7 +254,10 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             p_Q = p_Q.to(v_V.dtype).to(tl.float32)
             acc_QV = acc_QV * alpha[:, None] + p_Q[:, None] * v_V.to(tl.float32)[None, :]
             m_Q = m_new
-        if SINGLE:
+        # With the merge in this kernel, a sequence shorter than one split (L < CHUNK: split 0
+        # is the only one that runs) writes its output here: no partials, no ticket, the bits
+        # of the merge of one split (weight exp2(0) = 1).
+        if SINGLE or (MERGE and L < CHUNK):
             y_QV = acc_QV / l_Q[:, None]
             tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
                      y_QV.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dvmask[None, :])
@@ -334,6 +411,15 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
                          f"{B * G}, on {q_BHd.device}; got {tickets.dtype} "
                          f"[{tickets.numel()}] on {tickets.device}")
     block_qm, block_p = next_power_of_2(Q), next_power_of_2(P)
+    pdl = pdl_launch(q_BHd)
+    # The split's first block of cached rows (contiguous rows only) and the q/k norm weights,
+    # which the kernel ahead (the qkv projection) does not write, are prefetched to L2 before
+    # the PDL wait: the loads after it then find L2 instead of HBM.
+    prefetch = pdl["PDL"] and all(
+        c.stride(2) == c.shape[-1]
+        and prefetchable(c, *(st * c.element_size() for st in c.stride()[:3]))
+        for c in (k_NGMd, v_NGMd)) and (not norm or all(
+            prefetchable(w, dk * w.element_size()) for w in (qk.q_weight, qk.k_weight)))
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](
@@ -344,11 +430,11 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         m_BHP, l_BHP, acc_BHPd, y_BHd, y_BHd.stride(0), y_BHd.stride(1),
         qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
-        tickets if merge else lengths_B, G, P, chunk, dk ** -0.5 * LOG2E,
+        tickets if merge else lengths_B, G, P, chunk, kv_len, dk ** -0.5 * LOG2E,
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
         PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
-        num_warps=num_warps, **pdl_launch(q_BHd))
+        PREFETCH=prefetch, num_warps=num_warps, **pdl)
     if not single and not merge:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
                                 y_BHd.stride(1), H, P, chunk, DV=dv, BLOCK_P=block_p,

@@ -349,19 +349,28 @@ def _gate_chunk(gate_ptr, experts, emask, d, D):
 
 
 @triton.jit
-def _add_norm_rows(res_ptr, h_ptr, nw_ptr, s_ptr, y_ptr, rows, rmask, d, dmask, D, eps, store):
-    """moeflow.ops.norm_triton's add + RMSNorm pass for the token rows, all D columns in one
-    tile: s = x + h and y = s · rsqrt(mean(s²) + eps) · w, each rounded once to x's dtype, the
-    same arithmetic (only the order of the fp32 sum of squares may differ); s and y stored
-    where `store`; returns y in fp32."""
+def _norm_operands(res_ptr, h_ptr, nw_ptr, rows, rmask, d, dmask, D):
+    """The loads of _add_norm: the token rows of the residual x and of h, and the norm's
+    weight (upcast to fp32), issued together."""
     offs = rows[:, None].to(tl.int64) * D + d[None, :]
     m = rmask[:, None] & dmask[None, :]
     x = tl.load(res_ptr + offs, mask=m, other=0.0)
     h = tl.load(h_ptr + offs, mask=m, other=0.0)
-    s = (x.to(tl.float32) + h.to(tl.float32)).to(res_ptr.dtype.element_ty)
+    w = tl.load(nw_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    return x, h, w
+
+
+@triton.jit
+def _add_norm(x, h, w, s_ptr, y_ptr, rows, rmask, d, dmask, D, eps, store):
+    """moeflow.ops.norm_triton's add + RMSNorm pass for the token rows (_norm_operands), all D
+    columns in one tile: s = x + h and y = s · rsqrt(mean(s²) + eps) · w, each rounded once to
+    x's dtype, the same arithmetic (only the order of the fp32 sum of squares may differ); s
+    and y stored where `store`; returns y in fp32."""
+    offs = rows[:, None].to(tl.int64) * D + d[None, :]
+    m = rmask[:, None] & dmask[None, :]
+    s = (x.to(tl.float32) + h.to(tl.float32)).to(x.dtype)
     sf = s.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / D + eps)
-    w = tl.load(nw_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     y = (sf * r[:, None] * w[None, :]).to(y_ptr.dtype.element_ty)
     tl.store(s_ptr + offs, s, mask=m & store)
     tl.store(y_ptr + offs, y, mask=m & store)
@@ -390,9 +399,10 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
     """Program (e, t) computes the [LT, LE] tile of finite fp32 logits x·Wgᵀ for token block t
     and expert block e and stores it; the last program to finish (a ticket taken after the
     stores) routes and plans over all of them, as _decode_route_kernel does. ONE_CHUNK: all of
-    D in one tile (LD ≥ D), its gate loads issued first. PRENORM (with ONE_CHUNK): x is the
-    RMSNorm of res + h, which every program computes for its token rows (_add_norm_rows) and
-    the first expert block's programs store, with the sum s = res + h, for the layer after."""
+    D in one tile (LD ≥ D), the rows' and the gate's loads issued together. PRENORM (with
+    ONE_CHUNK only): x is the RMSNorm of res + h, which every program computes for its token
+    rows (_add_norm) and the first expert block's programs store, with the sum s = res + h, for
+    the layer after."""
     wait_for_previous(PDL)
     pe = tl.program_id(0)
     pt = tl.program_id(1)
@@ -400,25 +410,31 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
     experts = pe * LE + tl.arange(0, LE)
     rmask = rows < T
     emask = experts < E
-    if ONE_CHUNK:
-        w_all = _gate_chunk(gate_ptr, experts, emask, tl.arange(0, LD), D)
     acc = tl.zeros([LT, LE], tl.float32)
-    for d0 in range(0, D, LD):
-        d = d0 + tl.arange(0, LD)
+    # Each operand upcast to fp32 before the product: a bf16·bf16 product is exact in fp32,
+    # and the sums are fp32 (as F.linear on fp32 copies; only the order of the sum differs).
+    if ONE_CHUNK:
+        # The rows' loads, then the gate's, before any arithmetic: one trip to memory for all.
+        d = tl.arange(0, LD)
         dmask = d < D
-        # Each operand upcast to fp32 before the product: a bf16·bf16 product is exact in fp32,
-        # and the sums are fp32 (as F.linear on fp32 copies; only the order of the sum differs).
         if PRENORM:
-            x = _add_norm_rows(res_ptr, h_ptr, nw_ptr, s_ptr, x_ptr, rows, rmask, d, dmask, D,
-                               eps, pe == 0)
+            res, h, nw = _norm_operands(res_ptr, h_ptr, nw_ptr, rows, rmask, d, dmask, D)
         else:
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if ONE_CHUNK:
-            w = w_all
-        else:
-            w = _gate_chunk(gate_ptr, experts, emask, d, D)
+        w = _gate_chunk(gate_ptr, experts, emask, d, D)
+        if PRENORM:
+            x = _add_norm(res, h, nw, s_ptr, x_ptr, rows, rmask, d, dmask, D, eps, pe == 0)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    else:
+        tl.static_assert(not PRENORM, "the add + norm needs all of D in one tile")
+        for d0 in range(0, D, LD):
+            d = d0 + tl.arange(0, LD)
+            dmask = d < D
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + d[None, :],
+                        mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * _gate_chunk(gate_ptr, experts, emask, d, D)[None, :, :],
+                          axis=2)
     tl.store(logits_ptr + rows[:, None].to(tl.int64) * E + experts[None, :], finite_logits(acc),
              mask=rmask[:, None] & emask[None, :])
     launch_next(PDL)

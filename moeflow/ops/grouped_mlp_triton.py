@@ -289,15 +289,23 @@ FEW_ACTIVE_CONFIG = {"UP_N": 64, "UP_K": 64, "DOWN_N": 128, "DOWN_K": 64, "PRE_K
 
 
 @triton.jit
-def _expert_tokens(ids_ptr, e, T, K, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Decode (T ≤ BLOCK_M tokens, dropless): (t, k_t, mine, rank) over the tokens t: whether
-    token t chose expert e (`mine`), as its choice k_t, and its rank among e's tokens in the
-    router's priority order (choice, then token) — its queue slot, so its sorted row is the
-    expert's first row + rank, the row the router's pass 2 gives it."""
+def _routed_ids(ids_ptr, T, K, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The router's ids [T, K] as a [BLOCK_M, BLOCK_C] tile (-1 past them), for _expert_tokens;
+    loaded on its own so that it is issued beside the loads that find the program's expert."""
     t = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_C)
-    ids = tl.load(ids_ptr + t[:, None] * K + c[None, :],
-                  mask=(t < T)[:, None] & (c < K)[None, :], other=-1)
+    return tl.load(ids_ptr + t[:, None] * K + c[None, :],
+                   mask=(t < T)[:, None] & (c < K)[None, :], other=-1)
+
+
+@triton.jit
+def _expert_tokens(ids, e, T, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Decode (T ≤ BLOCK_M tokens, dropless): (t, k_t, mine, rank) over the tokens t of the ids
+    tile (_routed_ids): whether token t chose expert e (`mine`), as its choice k_t, and its
+    rank among e's tokens in the router's priority order (choice, then token) — its queue slot,
+    so its sorted row is the expert's first row + rank, the row the router's pass 2 gives it."""
+    t = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_C)
     hit = ids == e
     mine = tl.max(hit.to(tl.int32), axis=1) > 0
     k_t = tl.sum(tl.where(hit, c[None, :], 0), axis=1)
@@ -328,21 +336,24 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
     Only a program from U waits, and only for programs below U: blocks are dispatched in order,
     so those are running or done, and the wait ends.
     PLACE (decode, T ≤ BLOCK_M tokens): the router left the rows unplaced; each up program
-    finds its expert's tokens in the ids [T, K] (_expert_tokens), and the first column tile's
-    program writes their slots, rows and the token list (token_ptr, an output then)."""
+    finds its expert's tokens in the ids [T, K] (_expert_tokens; the ids loaded beside the ends
+    that find its expert), and the first column tile's program writes their slots, rows and the
+    token list (token_ptr, an output then)."""
     wait_for_previous(PDL)
     launch_next(PDL)
     pid = tl.program_id(0)
     up_tiles = tl.cdiv(F, UP_N)
     if pid < ACTIVE * up_tiles:
         i = pid // up_tiles
+        if PLACE:  # issued with the loads of the ends: the ids do not depend on the expert
+            ids = _routed_ids(ids_ptr, T, K, BLOCK_M, BLOCK_C)
         e, lo, hi = _active_expert(ends_ptr, i, E, BLOCK_E)
         if hi > lo:
             I = 2 * F if SWIGLU else F
             n = (pid % up_tiles) * UP_N + tl.arange(0, UP_N)
             w_e = w_in_ptr + e.to(tl.int64) * D * I
             if PLACE:
-                t, k_t, mine, rank = _expert_tokens(ids_ptr, e, T, K, BLOCK_M, BLOCK_C)
+                t, k_t, mine, rank = _expert_tokens(ids, e, T, BLOCK_M, BLOCK_C)
                 dst = lo + rank
                 first = mine & (pid % up_tiles == 0)
                 flat = t * K + k_t

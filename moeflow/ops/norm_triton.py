@@ -26,22 +26,29 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.grid import next_power_of_2
-from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
+from moeflow.ops.pdl import (launch_next, pdl_launch, prefetch_l2, prefetchable,
+                             wait_for_previous)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_ptr, D, eps,
                      HAS_RESIDUAL: tl.constexpr, COMBINE_K: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """Row `row`: y = rms_norm(x [+ h]) · w; with HAS_RESIDUAL also s = x + h (rounded to x's
     dtype) stored. COMBINE_K > 0: h is a MoE combine, Σ_k kept · (weight · y_ND[row_TK]) over
     that many choices, as permute_triton's _sum_rows_kernel sums it (each product rounded to
-    the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND."""
+    the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND. PREFETCH (with
+    PDL): the weight, which no kernel writes, is prefetched to L2 before the wait."""
+    if PREFETCH:
+        prefetch_l2(w_ptr, D * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
     wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
     x = tl.load(x_ptr + row * D + d, mask=m, other=0.0)
+    # Issued with x's load, not after the sum of squares: one trip to memory fewer in the chain
+    # (with the prefetch, the batch-1 decode norm's end step 2.60 -> 2.14-2.20 µs, session 32).
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         if COMBINE_K > 0:
             acc = tl.zeros([BLOCK], tl.float32)
@@ -59,7 +66,6 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
         x = s
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
     launch_next(PDL)
     tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
@@ -82,11 +88,15 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
     block = next_power_of_2(D)
     row_TK, w_TK, kept_TK = combine if combine is not None else (x_RD, x_RD, x_RD)
     if R:
-        _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight.contiguous(),
+        pdl = pdl_launch(x_RD)
+        weight = weight.contiguous()
+        prefetch = pdl["PDL"] and prefetchable(weight, D * weight.element_size())
+        _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight,
                                y_RD if s_RD is None else s_RD, y_RD, row_TK, kept_TK, w_TK, D,
                                float(eps), HAS_RESIDUAL=h is not None,
                                COMBINE_K=0 if combine is None else row_TK.shape[1], BLOCK=block,
-                               num_warps=min(16, max(1, block // 256)), **pdl_launch(x_RD))
+                               PREFETCH=prefetch,
+                               num_warps=min(16, max(1, block // 256)), **pdl)
     return (None if s_RD is None else s_RD.view(x.shape)), y_RD.view(x.shape)
 
 

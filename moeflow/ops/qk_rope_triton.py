@@ -80,6 +80,15 @@ def _sum_squares(x, R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos1, cos2, sin1, sin2):
+    """RoPE of a head's two halves in fp32: (x1·cos1 − x2·sin1, x2·cos2 + x1·sin2), each as an
+    explicit fused multiply-add onto the other product, so that every kernel that rotates
+    (this one, the decode attention's) gets the same bits whatever the compiler would
+    otherwise contract (plain `a * b - c * d` was fused differently in two kernels)."""
+    return tl.fma(x1, cos1, -(x2 * sin1)), tl.fma(x2, cos2, x1 * sin2)
+
+
+@triton.jit
 def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, sin_ptr, c_b,
                 c_t, b, t0, T, head0, NH, eps, cache_ptr, cache_h, cache_t,
                 HD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -127,8 +136,7 @@ def _heads_tile(src_ptr, s_b, s_h, s_t, dst_ptr, o_b, o_h, o_t, w_ptr, cos_ptr, 
         cos2 = tl.load(c + HALF, mask=cm, other=0.0).to(tl.float32)[:, None, :]
         sin1 = tl.load(s, mask=cm, other=0.0).to(tl.float32)[:, None, :]
         sin2 = tl.load(s + HALF, mask=cm, other=0.0).to(tl.float32)[:, None, :]
-        y1 = x1 * cos1 - x2 * sin1
-        y2 = x2 * cos2 + x1 * sin2
+        y1, y2 = rotate_halves(x1, x2, cos1, cos2, sin1, sin2)
     else:
         y1 = x1
         y2 = x2
