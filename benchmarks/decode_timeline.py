@@ -12,7 +12,7 @@ own start and end, so this takes the served step itself. Per batch size:
   over the layers: what it adds to the step when kernels overlap under PDL.
 
     PYTHONPATH=. python benchmarks/decode_timeline.py --out DIR [--model qwen3-30b-a3b]
-        [--batches 1 16] [--variant label=field:value,... ...]
+        [--batches 1 16] [--prompt 32] [--variant label=field:value,... ...]
         [--linear-config BN,BK,WARPS,STAGES,SWAP] [--router-places]
 
 Each --variant (repeatable; default one, `auto=`, Backends' defaults) forces Backends fields on
@@ -176,6 +176,10 @@ def main() -> None:
     ap.add_argument("--variant", action="append",
                     help="label=field:value,... : Backends fields forced (repeatable)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--prompt", type=int, default=PROMPT,
+                    help="prompt tokens per request: the replayed step attends over about this "
+                         "many positions plus four (the steps before it); from 64 on, the "
+                         "attention runs two or more key splits and merges them")
     ap.add_argument("--linear-config", metavar="BN,BK,WARPS,STAGES,SWAP",
                     help="run the dense projections' MMA stream kernel (2-16 rows) with this one "
                          "config instead of moeflow.ops.skinny_linear_triton.linear_config's")
@@ -202,7 +206,7 @@ def main() -> None:
         model.set_backends(Backends(**forced))
         v = res["variants"][label] = {"forced": forced, "batches": []}
         for batch in args.batches:
-            v["batches"].append(measure(model, batch, args.max_seq_len))
+            v["batches"].append(measure(model, batch, args.max_seq_len, args.prompt))
             r = v["batches"][-1]
             t = r["replay"]
             print(f"{label} batch {batch}: replay {r['graph_replay_ms']:.3f} ms, "
