@@ -185,13 +185,11 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
     start = s * CHUNK
     if PREFETCH:  # before the wait: see the module docstring
         n = tl.minimum(BLOCK_N, kv_len - start).to(tl.int64)
-        prefetch_l2(kc_ptr + b * skc_n + g * skc_g + start * skc_m,
-                    n * skc_m * (kc_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        prefetch_l2(vc_ptr + b * svc_n + g * svc_g + start * svc_m,
-                    n * svc_m * (vc_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        prefetch_l2(kc_ptr + b * skc_n + g * skc_g + start * skc_m, n * skc_m)
+        prefetch_l2(vc_ptr + b * svc_n + g * svc_g + start * svc_m, n * svc_m)
         if PREP_NORM:
-            prefetch_l2(qw_ptr, DK * (qw_ptr.dtype.element_ty.primitive_bitwidth // 8))
-            prefetch_l2(kw_ptr, DK * (kw_ptr.dtype.element_ty.primitive_bitwidth // 8))
+            prefetch_l2(qw_ptr, DK)
+            prefetch_l2(kw_ptr, DK)
     wait_for_previous(PDL)
     qi = tl.arange(0, BLOCK_Q)
     dk = tl.arange(0, BLOCK_DK)
@@ -416,10 +414,9 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     # which the kernel ahead (the qkv projection) does not write, are prefetched to L2 before
     # the PDL wait: the loads after it then find L2 instead of HBM.
     prefetch = pdl["PDL"] and all(
-        c.stride(2) == c.shape[-1]
-        and prefetchable(c, *(st * c.element_size() for st in c.stride()[:3]))
+        c.stride(2) == c.shape[-1] and prefetchable(c, *c.stride()[:3])
         for c in (k_NGMd, v_NGMd)) and (not norm or all(
-            prefetchable(w, dk * w.element_size()) for w in (qk.q_weight, qk.k_weight)))
+            prefetchable(w, dk) for w in (qk.q_weight, qk.k_weight)))
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](

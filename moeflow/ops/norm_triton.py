@@ -40,7 +40,7 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
     the rows' dtype, fp32 sum in k order, one rounding); h_ptr holds y_ND. PREFETCH (with
     PDL): the weight, which no kernel writes, is prefetched to L2 before the wait."""
     if PREFETCH:
-        prefetch_l2(w_ptr, D * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        prefetch_l2(w_ptr, D)
     wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
@@ -90,7 +90,7 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
     if R:
         pdl = pdl_launch(x_RD)
         weight = weight.contiguous()
-        prefetch = pdl["PDL"] and prefetchable(weight, D * weight.element_size())
+        prefetch = pdl["PDL"] and prefetchable(weight, D)
         _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight,
                                y_RD if s_RD is None else s_RD, y_RD, row_TK, kept_TK, w_TK, D,
                                float(eps), HAS_RESIDUAL=h is not None,

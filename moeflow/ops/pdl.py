@@ -56,20 +56,22 @@ def pdl_launch(t: torch.Tensor) -> dict:
     return {"PDL": False}
 
 
-def prefetchable(t: torch.Tensor, *row_bytes: int) -> bool:
+def prefetchable(t: torch.Tensor, *spans: int) -> bool:
     """Whether prefetch_l2 may warm spans of t: on the GPU, t 16-byte aligned and every span
-    length and stride given (bytes) a multiple of 16, as the bulk prefetch requires."""
+    length and stride given (in t's elements) a multiple of 16 bytes, as the bulk prefetch
+    requires."""
     return (t.is_cuda and t.data_ptr() % 16 == 0
-            and all(b % 16 == 0 for b in row_bytes))
+            and all(n * t.element_size() % 16 == 0 for n in spans))
 
 
 @triton.jit
-def prefetch_l2(ptr, nbytes):
-    """Warm L2 with the `nbytes` bytes from `ptr` (both multiples of 16: prefetchable), one bulk
-    prefetch issued by the program's first thread (sm_90). For a PDL kernel's read-only inputs
-    that the kernel ahead does not write (weights, older cache rows): issued before the wait,
-    the trip to HBM overlaps the kernel ahead and the loads after the wait find L2. A prefetch
-    is a hint, not a load: nothing reads it, so it orders nothing."""
+def prefetch_l2(ptr, count):
+    """Warm L2 with the `count` elements from `ptr` (address and bytes multiples of 16:
+    prefetchable), one bulk prefetch issued by the program's first thread (sm_90). For a PDL
+    kernel's read-only inputs that the kernel ahead does not write (weights, older cache rows):
+    issued before the wait, the trip to HBM overlaps the kernel ahead and the loads after the
+    wait find L2. A prefetch is a hint, not a load: nothing reads it, so it orders nothing."""
+    nbytes = count * (ptr.dtype.element_ty.primitive_bitwidth // 8)
     tl.inline_asm_elementwise(
         "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
         "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
