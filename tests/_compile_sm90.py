@@ -302,7 +302,7 @@ def skinny_linear():
                      {"stride_xk": 1, "stride_wk": 1,
                       "HAS_BIAS": has_bias, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                       "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
-                      "SWAP": config["SWAP"], "PDL": True},
+                      "SWAP": config["SWAP"], "PREFETCH_ROWS": N // 128, "PDL": True},
                      num_warps=config["num_warps"], num_stages=config["num_stages"])
         # The one-row GEMV at the Qwen3-30B-A3B projections' configs (gemv_config): output, qkv.
         for N, K in ((2048, 4096), (5120, 2048)):
@@ -312,6 +312,7 @@ def skinny_linear():
                           "N": "i32", "stride_wn": "i32"},
                          {"stride_xk": 1, "stride_wk": 1, "K": K, "HAS_BIAS": has_bias,
                           "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+                          "PREFETCH_ROWS": N // 128,
                           "PDL": True},
                          num_warps=config["num_warps"], num_stages=1)
 

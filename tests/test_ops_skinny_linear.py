@@ -69,6 +69,16 @@ def test_stream_matches_f_linear(M, swap, bias, shape, monkeypatch):
     assert ((y.double() - F.linear(x, w, b).double()).abs() <= 2 * bound).all()
 
 
+@pytest.mark.parametrize("M", [1, 16])
+def test_warming_l2_changes_no_bit(M):
+    """warm_l2 (the first programs prefetch the weight before the PDL wait; on a CPU, without
+    PDL, nothing is prefetched) gives the bits of the plain launch, at one row and at 16; a
+    shape whose rows do not divide among the prefetching programs."""
+    K, N = SHAPES[-1]
+    x, w, b = _operands(M, K, N, True)
+    assert torch.equal(linear_stream(x, w, b, warm_l2=True), linear_stream(x, w, b))
+
+
 def test_stream_takes_strided_3d_input():
     """x [B, T, K] as a slice of a wider tensor and a transposed weight: y [B, T, N]."""
     K, N = SHAPES[-1]
@@ -158,9 +168,9 @@ def test_project_runs_the_kernel_and_keeps_the_bias_contract(monkeypatch):
     plain linear."""
     calls = []
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args)
-        return linear_stream(*args)
+        return linear_stream(*args, **kwargs)
 
     monkeypatch.setattr(skinny_linear_triton, "linear_stream", spy)
     matmul = "auto" if ON_GPU else "stream"

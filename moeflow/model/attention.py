@@ -134,5 +134,8 @@ class Attention(nn.Module, ChoosesBackends):
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, qk=qk_prep)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
+        # After the decode attention kernel (the cache view that prepares q/k runs it) the
+        # output projection warms L2 with its weight while that latency-bound kernel runs.
+        warm_l2 = cache is not None and cache.prepares_qk(q_BHTd)
         return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp,
-                            self.backends.matmul)
+                            self.backends.matmul, warm_l2=warm_l2)

@@ -31,16 +31,18 @@ from moeflow.ops.backend import resolve_linear_backend
 from moeflow.ops.fp8_linear import fp8_linear
 
 
-def project(layer: nn.Linear, x: torch.Tensor, matmul: str, bias: bool = True
-            ) -> torch.Tensor:
+def project(layer: nn.Linear, x: torch.Tensor, matmul: str, bias: bool = True,
+            warm_l2: bool = False) -> torch.Tensor:
     """layer(x) as `matmul` (a Backends.matmul name) chooses; `bias=False` leaves the layer's
-    bias out (a row-parallel partial sum adds it after the reduction)."""
+    bias out (a row-parallel partial sum adds it after the reduction). `warm_l2`: the
+    weight-streaming kernel prefetches its weight to L2 while the latency-bound kernel ahead
+    still runs (moeflow.ops.skinny_linear_triton.linear_stream)."""
     kind = resolve_linear_backend(matmul, x, layer.weight)
     if kind == "reference":
         return layer(x) if bias else F.linear(x, layer.weight)
     if kind == "stream":
         from moeflow.ops.skinny_linear_triton import linear_stream
-        return linear_stream(x, layer.weight, layer.bias if bias else None)
+        return linear_stream(x, layer.weight, layer.bias if bias else None, warm_l2=warm_l2)
     y = fp8_linear(x, layer.weight, kernel=kind == "fp8")
     if bias and layer.bias is not None:
         y = y + layer.bias.to(y.dtype)

@@ -30,8 +30,8 @@ def part(n: int, tp: TensorSlice | None, what: str) -> int:
 
 
 def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TensorSlice | None,
-                 matmul: str = "auto") -> torch.Tensor:
+                 matmul: str = "auto", warm_l2: bool = False) -> torch.Tensor:
     if tp is None:
-        return project(linear, x, matmul)
-    y = tp.all_reduce(project(linear, x, matmul, bias=False))
+        return project(linear, x, matmul, warm_l2=warm_l2)
+    y = tp.all_reduce(project(linear, x, matmul, bias=False, warm_l2=warm_l2))
     return y if linear.bias is None else y + linear.bias

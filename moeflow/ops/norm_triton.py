@@ -42,6 +42,9 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
     if PREFETCH:
         prefetch_l2(w_ptr, D)
     wait_for_previous(PDL)
+    # The next kernel (a projection) in at once: its programs become resident on idle SMs while
+    # this one-row pass runs (batch-1 decode qkv end step 6.6 -> 6.1 µs, session 33).
+    launch_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK)
     m = d < D
@@ -66,7 +69,6 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
         x = s
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    launch_next(PDL)
     tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
 

@@ -11,8 +11,12 @@ How: every kernel that takes a `PDL` constexpr calls `wait_for_previous(PDL)` be
 writes memory, so ordering is what it is without PDL: nothing is read or written before the
 kernel ahead is done, and since that kernel itself waited for the one before it, every earlier
 kernel's writes are visible too. It calls `launch_next(PDL)` once its main loads are issued (the
-weight-streaming loops, the attention's key loop, the router's logits tiles; the expert kernels
-at their start), so the next kernel's launch and ramp overlap this kernel's tail. A kernel ahead
+weight-streaming loops, the router's logits tiles; the expert kernels at their start), so the
+next kernel's launch and ramp overlap this kernel's tail. The latency-bound one-row kernels ahead
+of a projection (the decode attention, the norm) call it right after their wait: the
+projection's programs then become resident on the SMs they leave idle, and the output
+projection prefetches its weight to L2 meanwhile (moeflow.ops.skinny_linear_triton, warm_l2;
+session 33: batch-1 layer 49.2 -> 48.2-48.4 µs). A kernel ahead
 that is not PDL-aware (torch, cuBLAS) never lets the next one in early; the wait then returns at
 once. The one exception to "nothing before the wait" is an L2 prefetch (`prefetch_l2`) of
 read-only inputs the kernel ahead does not write: a hint that reads nothing into the kernel, so
