@@ -68,6 +68,7 @@ Legend: B running requests (batch rows), V vocabulary, L MoE layers, T tokens, K
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -80,7 +81,7 @@ from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.infer.offload.config import OffloadConfig
 from moeflow.infer.offload.placement import ExpertOffload, OffloadStats, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
-from moeflow.infer.sampling import SamplingParams, sample_next
+from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_next
 from moeflow.infer.scheduler import BATCHING, Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
@@ -221,6 +222,9 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
+        self._argmax_tickets = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
+        # A captured decode step counts its experts on this stream, beside the LM head.
+        self._count_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if channel is not None and self.expert_groups:
             raise ValueError("expert groups: a grouped model runs on one rank for now (the "
                              "multi-rank step broadcast carries no group ids)")
@@ -450,11 +454,21 @@ class Engine:
             self.offload.before_decode(self.model, tokens_B1, history_BH)
         extra = {} if history_BH is None else {"history": history_BH}
         out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
-                         inference=True, groups=groups_B1, **extra)
-        counts = count_experts(out.routing, valid_B, self._expert_offsets,
-                               self._expert_counts.numel())
-        logits_BV = out.logits[:, 0]
-        return StepOutput(logits_BV, logits_BV.argmax(dim=-1), counts)
+                         inference=True, groups=groups_B1, hidden_only=True, **extra)
+        # Captured, the expert counts (a few small kernels on the routing ids) run on a side
+        # stream beside the LM head, off the step's critical path; joined before the step ends.
+        side = (self._count_stream if self._count_stream is not None
+                and torch.cuda.is_current_stream_capturing() else None)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            counts = count_experts(out.routing, valid_B, self._expert_offsets,
+                                   self._expert_counts.numel())
+        logits_BV = self.model.head(out.hidden)[:, 0]
+        greedy_B = greedy_tokens(logits_BV, self._argmax_tickets)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        return StepOutput(logits_BV, greedy_B, counts)
 
     def _prefill_forward(self, ids_1T: torch.Tensor, last_11: torch.Tensor,
                          valid_T: torch.Tensor, slot_1: torch.Tensor
@@ -503,7 +517,7 @@ class Engine:
             for request, row_V in zip(requests, logits_BV):
                 self.logits_hook(request.request_id, row_V)
         if greedy_B is None:
-            greedy_B = logits_BV.argmax(dim=-1)  # exact in any float dtype: no upcast needed
+            greedy_B = greedy_tokens(logits_BV, self._argmax_tickets)
         tokens_B = greedy_B
         if not all(r.params.greedy for r in requests):
             tokens_B = greedy_B.clone()

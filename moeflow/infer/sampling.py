@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.ops.backend import triton_available
 from moeflow.validate import check, integer, number, option
 
 
@@ -47,6 +48,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's argmax, [B] int64 (ties to the lower id): one Triton launch on CUDA
+    (moeflow.ops.argmax_triton, the same ids; `tickets` its counters), torch's argmax
+    elsewhere. Exact in any float dtype: no upcast needed."""
+    if logits_BV.is_cuda and triton_available() and not torch.is_grad_enabled():
+        from moeflow.ops.argmax_triton import argmax_rows_triton
+        return argmax_rows_triton(logits_BV, tickets)
+    return logits_BV.argmax(dim=-1)
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams,

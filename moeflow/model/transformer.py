@@ -291,6 +291,10 @@ class Transformer(nn.Module, ChoosesBackends):
         return [m.router(None, inference=True, logits_TE=lg).ids_TK
                 for m, lg in zip(self.moe_layers(), logits, strict=True)]
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits of the LM head's input h [..., D] (a forward's `hidden`): [..., V]."""
+        return head_logits(h, self.lm_head.weight)
+
     def forward(self, input_ids: torch.Tensor, cache=None,
                 logits_at: torch.Tensor | None = None, inference: bool = False,
                 groups: torch.Tensor | None = None, history: torch.Tensor | None = None,
@@ -368,7 +372,7 @@ class Transformer(nn.Module, ChoosesBackends):
             cache.advance(T)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        out = ModelOutput(None if hidden_only else head_logits(h, self.lm_head.weight),
+        out = ModelOutput(None if hidden_only else self.head(h),
                           tuple(losses), tuple(stats),
                           h if hidden_only else None)
         if torch.is_grad_enabled():
