@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--between", action="store_true",
                     help="also profile six served steps for what runs between the graphs")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode_served: needs a CUDA GPU (it times the engine's decode graphs)")
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases]
     if any(ctx < 6 for _, ctx in cases):
         sys.exit("decode_served: a context must be at least 6 tokens")
