@@ -191,7 +191,7 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             prefetch_l2(qw_ptr, DK)
             prefetch_l2(kw_ptr, DK)
     wait_for_previous(PDL)
-    # The next kernel in now (the module docstring): its programs take idle SMs while this
+    # The next kernel in now (moeflow.ops.pdl): its programs take idle SMs while this
     # latency-bound one runs, and the output projection warms L2 with its weight meanwhile.
     launch_next(PDL)
     qi = tl.arange(0, BLOCK_Q)

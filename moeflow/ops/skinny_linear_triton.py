@@ -62,7 +62,7 @@ this kernel in right after its own wait (moeflow.ops.pdl) and then runs ~5 µs o
 loads with HBM nearly idle, so the first PREFETCH_PROGRAMS programs to become resident each
 prefetch a share of the weight to L2 before they wait, and the kernel reads it from L2. Measured
 in the served batch-1 graph of Qwen3-30B-A3B (H200, session 33, benchmarks/results/
-decode_timeline): output projection end step 5.2 -> 4.75 µs, and with the attention and norm
+decode_served): output projection end step 5.2 -> 4.75 µs, and with the attention and norm
 letting their projections in at once, the layer 49.2 -> 48.2-48.4 µs (graph replay 2.522-2.525
 -> 2.483-2.488 ms), batch 16 10.34 -> 10.29 ms. The qkv projection warmed the same way during the
 norm ahead of it (~2 µs, too short to stream its 21 MB) lost: the norm's end step grew by ~1 µs
