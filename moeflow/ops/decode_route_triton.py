@@ -103,7 +103,7 @@ from moeflow.config import RouterConfig
 from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
 from moeflow.ops.backend import DECODE_ROUTE_MAX_ASSIGNMENTS, EXPERTS_PLACE_MAX_TOKENS
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops.norm_triton import PendingAddNorm
+from moeflow.ops.norm_triton import PendingAddNorm, residual_sum, rms_scale
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
 from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
@@ -364,14 +364,12 @@ def _norm_operands(res_ptr, h_ptr, nw_ptr, rows, rmask, d, dmask, D):
 def _add_norm(x, h, w, s_ptr, y_ptr, rows, rmask, d, dmask, D, eps, store):
     """moeflow.ops.norm_triton's add + RMSNorm pass for the token rows (_norm_operands), all D
     columns in one tile: s = x + h and y = s · rsqrt(mean(s²) + eps) · w, each rounded once to
-    x's dtype, the same arithmetic (only the order of the fp32 sum of squares may differ); s
-    and y stored where `store`; returns y in fp32."""
+    x's dtype, the same arithmetic (its helpers; only the order of the fp32 sum of squares may
+    differ); s and y stored where `store`; returns y in fp32."""
     offs = rows[:, None].to(tl.int64) * D + d[None, :]
     m = rmask[:, None] & dmask[None, :]
-    s = (x.to(tl.float32) + h.to(tl.float32)).to(x.dtype)
-    sf = s.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / D + eps)
-    y = (sf * r[:, None] * w[None, :]).to(y_ptr.dtype.element_ty)
+    s = residual_sum(x, h)
+    y = rms_scale(s.to(tl.float32), w, D, eps, 1).to(y_ptr.dtype.element_ty)
     tl.store(s_ptr + offs, s, mask=m & store)
     tl.store(y_ptr + offs, y, mask=m & store)
     return y.to(tl.float32)

@@ -31,6 +31,21 @@ from moeflow.ops.pdl import (launch_next, pdl_launch, prefetch_l2, prefetchable,
 
 
 @triton.jit
+def residual_sum(x, h):
+    """x + h in fp32, rounded to x's dtype: the residual stream's update, as the plain `x + h`."""
+    return (x.to(tl.float32) + h.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def rms_scale(xf, w, D, eps, AXIS: tl.constexpr):
+    """xf · rsqrt(mean(xf²) + eps) · w in fp32, the mean over xf's AXIS (its last: 0 for one
+    row, 1 for a tile of rows) of D values; w [D] in fp32. The norm's arithmetic, shared by
+    this module's kernel and the decode router's (moeflow.ops.decode_route_triton)."""
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=AXIS) / D + eps)
+    return xf * tl.expand_dims(r, AXIS) * w
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_ptr, D, eps,
                      HAS_RESIDUAL: tl.constexpr, COMBINE_K: tl.constexpr,
                      BLOCK: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
@@ -64,12 +79,11 @@ def _rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, row_ptr, kept_ptr, cw_pt
             h = acc.to(h_ptr.dtype.element_ty)
         else:
             h = tl.load(h_ptr + row * D + d, mask=m, other=0.0)
-        s = (x.to(tl.float32) + h.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        s = residual_sum(x, h)
         tl.store(s_ptr + row * D + d, s, mask=m)
         x = s
-    xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    tl.store(y_ptr + row * D + d, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
+    y = rms_scale(x.to(tl.float32), w, D, eps, 0)
+    tl.store(y_ptr + row * D + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float,
