@@ -415,10 +415,9 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     # The split's first block of cached rows (contiguous rows only) and the q/k norm weights,
     # which the kernel ahead (the qkv projection) does not write, are prefetched to L2 before
     # the PDL wait: the loads after it then find L2 instead of HBM.
-    prefetch = pdl["PDL"] and all(
-        c.stride(2) == c.shape[-1] and prefetchable(c, *c.stride()[:3])
-        for c in (k_NGMd, v_NGMd)) and (not norm or all(
-            prefetchable(w, dk) for w in (qk.q_weight, qk.k_weight)))
+    prefetch = all(c.stride(2) == c.shape[-1] and prefetchable(c, *c.stride()[:3])
+                   for c in (k_NGMd, v_NGMd)) and (not norm or all(
+                       prefetchable(w, dk) for w in (qk.q_weight, qk.k_weight)))
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     _split_kernel[(B * G, P)](

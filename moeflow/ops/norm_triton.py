@@ -104,15 +104,13 @@ def _launch(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: 
     block = next_power_of_2(D)
     row_TK, w_TK, kept_TK = combine if combine is not None else (x_RD, x_RD, x_RD)
     if R:
-        pdl = pdl_launch(x_RD)
         weight = weight.contiguous()
-        prefetch = pdl["PDL"] and prefetchable(weight, D)
         _rms_norm_kernel[(R,)](x_RD, x_RD if h_RD is None else h_RD, weight,
                                y_RD if s_RD is None else s_RD, y_RD, row_TK, kept_TK, w_TK, D,
                                float(eps), HAS_RESIDUAL=h is not None,
                                COMBINE_K=0 if combine is None else row_TK.shape[1], BLOCK=block,
-                               PREFETCH=prefetch,
-                               num_warps=min(16, max(1, block // 256)), **pdl)
+                               PREFETCH=prefetchable(weight, D),
+                               num_warps=min(16, max(1, block // 256)), **pdl_launch(x_RD))
     return (None if s_RD is None else s_RD.view(x.shape)), y_RD.view(x.shape)
 
 
@@ -125,8 +123,7 @@ def add_rms_norm_triton(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, 
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, rms_norm(s)) with s = x + h rounded to x's dtype (the residual stream's update)."""
     _check_residual(x, h)
-    s, y = _launch(x, h, weight, eps)
-    return s, y
+    return _launch(x, h, weight, eps)
 
 
 def _check_residual(x: torch.Tensor, h: torch.Tensor) -> None:

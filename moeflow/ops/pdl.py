@@ -61,10 +61,11 @@ def pdl_launch(t: torch.Tensor) -> dict:
 
 
 def prefetchable(t: torch.Tensor, *spans: int) -> bool:
-    """Whether prefetch_l2 may warm spans of t: on the GPU, t 16-byte aligned and every span
-    length and stride given (in t's elements) a multiple of 16 bytes, as the bulk prefetch
-    requires."""
-    return (t.is_cuda and t.data_ptr() % 16 == 0
+    """Whether prefetch_l2 may warm spans of t: t on a GPU that launches with PDL (the bulk
+    prefetch is sm_90 PTX, and only a kernel let in early has a kernel ahead to overlap), 16-byte
+    aligned, and every span length and stride given (in t's elements) a multiple of 16 bytes,
+    as the bulk prefetch requires."""
+    return (pdl_launch(t)["PDL"] and t.data_ptr() % 16 == 0
             and all(n * t.element_size() % 16 == 0 for n in spans))
 
 

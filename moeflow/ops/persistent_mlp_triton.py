@@ -179,11 +179,12 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
 @triton.jit
 def _store_tile(desc, m0, n0, y, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT: tl.constexpr):
-    """A whole [BLOCK_M, BLOCK_N] tile through TMA at (m0, n0), in SPLIT column pieces
+    """A whole [BLOCK_M, BLOCK_N] tile through TMA at (m0, n0), in SPLIT (1 or 2) column pieces
     (desc's block: [BLOCK_M, BLOCK_N // SPLIT]; columns past the tensor's are clipped)."""
     if SPLIT == 1:
         desc.store([m0, n0], y)
     else:
+        tl.static_assert(SPLIT == 2, "a whole tile is stored in one or two column pieces")
         halves = tl.permute(tl.reshape(y, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1))
         y0, y1 = tl.split(halves)
         desc.store([m0, n0], y0)

@@ -232,7 +232,7 @@ def linear_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _check(x, weight, bias, M)
     y_MN = torch.empty(M, N, dtype=x.dtype, device=x.device)
     pdl = pdl_launch(x)
-    warm = (warm_l2 and pdl["PDL"] and weight.stride() == (K, 1) and prefetchable(weight, K))
+    warm = warm_l2 and weight.stride() == (K, 1) and prefetchable(weight, K)
     prefetch_rows = cdiv(N, PREFETCH_PROGRAMS) if warm else 0
     if M == 1 and N > 0:
         x_K = x.reshape(K)
