@@ -5,7 +5,8 @@ timed (autotuning the kernel alone picked configs that lost 1-5 µs per layer in
 Each variant is a ';'-separated list of settings (an empty one: the product as it is):
 
     gemv=N,K:BN,BK,W      the one-row GEMV of weight [N, K] (skinny_linear_triton.gemv_config)
-    rw=W                  the decode router's warps at every T (decode_route_triton.route_warps)
+    rw=W                  the decode router's warps at every T
+                          (decode_route_fused_triton.route_warps)
     gate=BYTES            gate bytes per router logits program (_GATE_BYTES_PER_PROGRAM)
     moe=UN,UK,DN,DK,W,S[,P]  the experts' one launch, every call (grouped_mlp_triton's
                           _moe_stream_kernel: up and down tiles, warps, stages, and the
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_timeline import measure  # noqa: E402
 from generate import PROMPT, build  # noqa: E402
 
-import moeflow.ops.decode_route_triton as route  # noqa: E402
+import moeflow.ops.decode_route_fused_triton as route  # noqa: E402
 import moeflow.ops.grouped_mlp_triton as experts  # noqa: E402
 import moeflow.ops.skinny_linear_triton as skinny  # noqa: E402
 

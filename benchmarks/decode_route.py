@@ -14,16 +14,16 @@ replayed from a CUDA graph (what the serving engine runs at decode: launch gaps 
 - `logits+route`: from the layer input x (bf16) and the gate weight to the plan — unfused:
   router_logits (casts, GEMV, nan_to_num) + route_decode_triton; fused: route_decode_fused
   (one launch: logits tiles over many programs, the last one routes), at the same T·K.
-- `warps` (with --sweep-warps): route_decode_fused's kernel time (the profiler's CUPTI
-  records, median of eager calls, each after an L2 flush) with the warps forced
-  (decode_route_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4, 8
-  and the gate bytes per logits program (_GATE_BYTES_PER_PROGRAM) to each of GATE_BYTES, its
+- `warps` (with --sweep-warps): route_decode_fused's kernel time (the profiler's CUPTI records,
+  median of eager calls, each after an L2 flush) with the warps forced
+  (decode_route_fused_triton.route_warps, which also sizes the logits tiles) to each of 1, 2, 4,
+  8 and the gate bytes per logits program (_GATE_BYTES_PER_PROGRAM) to each of GATE_BYTES, its
   choices compared with the default's; both constants come from this table. Also
-  route_decode_triton (the routing program alone, on precomputed logits) at each warp count:
-  in the fused kernel one count serves both the logits programs and the routing program, so
-  this separates what the routing program alone would prefer. (An earlier version timed
-  single-kernel CUDA graphs with events: their replay overhead, ±5 µs from call to call,
-  buried the kernels' differences.)
+  route_decode_triton (the routing program alone, on precomputed logits) at each warp count (its
+  ONE_PROGRAM_WARPS forced): in the fused kernel one count serves both the logits programs and
+  the routing program, so this separates what the routing program alone would prefer. (An
+  earlier version timed single-kernel CUDA graphs with events: their replay overhead, ±5 µs from
+  call to call, buried the kernels' differences.)
 - `layer`: the whole MoE layer forward, Backends(router="triton") (before the decode router),
   Backends(router="triton_decode") (what auto takes now) and
   Backends(router="triton_decode_fused"), at T = 1, 8, 16, 64, with the CUDA kernels each
@@ -52,9 +52,9 @@ from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
-from moeflow.ops import decode_route_triton  # noqa: E402
-from moeflow.ops.decode_route_triton import (route_decode_fused, route_decode_triton,
-                                             route_tickets)  # noqa: E402
+from moeflow.ops import decode_route_fused_triton, decode_route_triton  # noqa: E402
+from moeflow.ops.decode_route_fused_triton import route_decode_fused, route_tickets  # noqa: E402
+from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
 from moeflow.ops.permute_triton import dispatch_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 
@@ -148,14 +148,17 @@ def kernel_us(fn, name: str, reps: int = 25) -> float:
 
 
 def warps_table(tokens: list[int]) -> dict:
-    """The fused router's kernel time with decode_route_triton.route_warps at 1, 2, 4, 8 and
-    _GATE_BYTES_PER_PROGRAM at each of GATE_BYTES (the logits tiles), and the routing program
-    alone (route_decode_triton on precomputed logits) at each warp count."""
+    """The fused router's kernel time with decode_route_fused_triton.route_warps at 1, 2, 4, 8
+    and _GATE_BYTES_PER_PROGRAM at each of GATE_BYTES (the logits tiles), and the routing
+    program alone (route_decode_triton on precomputed logits, its ONE_PROGRAM_WARPS) at each
+    warp count."""
     out = {}
     torch.manual_seed(0)
     gate = (torch.randn(E, D, device="cuda") * D ** -0.5).bfloat16()
     ticket = route_tickets("cuda")
-    rule = decode_route_triton.route_warps, decode_route_triton._GATE_BYTES_PER_PROGRAM
+    fused_mod = decode_route_fused_triton
+    rule = (fused_mod.route_warps, fused_mod._GATE_BYTES_PER_PROGRAM,
+            decode_route_triton.ONE_PROGRAM_WARPS)
     try:
         for T in tokens:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
@@ -164,9 +167,10 @@ def warps_table(tokens: list[int]) -> dict:
                 logits = router_logits(x, gate)
             row = {"T": T, "rule": [rule[0](T, D, E), rule[1]], "fused": {}, "route_only": {}}
             for warps in (1, 2, 4, 8):
-                decode_route_triton.route_warps = lambda *args, _w=warps: _w
+                fused_mod.route_warps = lambda *args, _w=warps, **kw: _w
+                decode_route_triton.ONE_PROGRAM_WARPS = warps
                 for gate_bytes in GATE_BYTES:
-                    decode_route_triton._GATE_BYTES_PER_PROGRAM = gate_bytes
+                    fused_mod._GATE_BYTES_PER_PROGRAM = gate_bytes
                     fused = lambda: route_decode_fused(x, gate, CFG, None, ticket)  # noqa: E731
                     with torch.no_grad():
                         got = fused()[0].ids_TK
@@ -179,7 +183,8 @@ def warps_table(tokens: list[int]) -> dict:
             out[T * K] = row
             print(f"warps T·K={T * K:5d}: {row}", flush=True)
     finally:
-        decode_route_triton.route_warps, decode_route_triton._GATE_BYTES_PER_PROGRAM = rule
+        (fused_mod.route_warps, fused_mod._GATE_BYTES_PER_PROGRAM,
+         decode_route_triton.ONE_PROGRAM_WARPS) = rule
     return out
 
 

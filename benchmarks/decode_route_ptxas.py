@@ -1,4 +1,4 @@
-"""Compile the fused-logits decode router (moeflow.ops.decode_route_triton's
+"""Compile the fused-logits decode router (moeflow.ops.decode_route_fused_triton's
 _decode_route_logits_kernel) for sm_90 without a GPU and print ptxas's registers and spills at
 the tiles route_decode_fused picks, plus the ticket's atomic as emitted. CPU only:
 
@@ -12,14 +12,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moeflow.config import RouterConfig
-from moeflow.ops import decode_route_triton as m
+from moeflow.ops import decode_route_fused_triton as m
+from moeflow.ops.decode_route_triton import route_args
 
 def compile_case(T, D, E, cfg, gate_dtype="bf16", x_dtype="bf16", capacity=None,
                  prenorm=False):
     gate_bytes = 2 if gate_dtype == "bf16" else 4
-    scalars, meta = m._route_args(cfg, T, E, False, capacity, D, gate_bytes,
-                                  whole_rows=prenorm)
-    nw = meta.pop("num_warps")
+    scalars, meta = route_args(cfg, T, E, False, capacity)
+    nw = m.route_warps(T, D, E, gate_bytes, whole_rows=prenorm)
     lt, le, ld = m.logits_tiles(T, D, E, gate_bytes, nw)
     names = ["x_ptr", "gate_ptr", "logits_ptr", "ticket_ptr", "part_ptr", "bias_ptr", "ids_ptr",
              "w_ptr", "kept_ptr", "slots_ptr", "counts_ptr", "ends_ptr", "row_ptr", "token_ptr",

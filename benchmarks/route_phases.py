@@ -29,6 +29,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import cuda_kernel_events  # noqa: E402
 
+import moeflow.ops.decode_route_fused_triton as fused_route  # noqa: E402
 import moeflow.ops.decode_route_triton as drt  # noqa: E402
 from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
@@ -53,7 +54,8 @@ def sweep(shapes, label: str, ticket, gate) -> None:
         logits = torch.randn(T, E, device="cuda")
         x = torch.randn(T, D, device="cuda").to(torch.bfloat16)
         plan = call_kernel_us(lambda: drt.route_decode_triton(logits, cfg, None), "route")
-        fused = call_kernel_us(lambda: drt.route_decode_fused(x, gate, cfg, None, ticket), "route")
+        fused = call_kernel_us(
+            lambda: fused_route.route_decode_fused(x, gate, cfg, None, ticket), "route")
         print(f"{label}T {T:2d} K {K}: plan alone {plan:6.2f} us, fused {fused:6.2f} us",
               flush=True)
 
@@ -66,7 +68,8 @@ def _counts_and_ends_only(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots
                           RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                           PAIRWISE: tl.constexpr, PLACE: tl.constexpr = True):
-    """--skip pass2: drt._plan's signature, storing only the counts and their prefix sum."""
+    """--skip pass2: drt.plan_passes' signature, storing only the counts and their prefix
+    sum."""
     cols = tl.arange(0, BLOCK_E)
     tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
     tl.store(ends_ptr + cols, tl.cumsum(counts, axis=0).to(tl.int64), mask=cols < E)
@@ -87,10 +90,10 @@ def main() -> None:
                     help="take this phase out of the decode kernels (see the docstring)")
     args = ap.parse_args()
     if args.skip == "pass2":
-        drt._plan = _counts_and_ends_only
+        drt.plan_passes = fused_route.plan_passes = _counts_and_ends_only
     elif args.skip == "routing":
-        drt.last_to_arrive = _never_last
-    ticket = drt.route_tickets("cuda")
+        fused_route.last_to_arrive = _never_last
+    ticket = fused_route.route_tickets("cuda")
     gate = (torch.randn(E, D, device="cuda") * 0.02).to(torch.bfloat16)
     if args.tokens:
         sweep([(T, 8) for T in args.tokens], "", ticket, gate)
@@ -103,12 +106,12 @@ def main() -> None:
         run = lambda: route_triton(logits, cfg, None, None, None, None)  # noqa: E731
         print(f"prefill T {T}: topk kernel {call_kernel_us(run, 'topk'):7.2f} us, all routing "
               f"kernels {call_kernel_us(run, ''):7.2f} us", flush=True)
-    products = drt._LOGIT_PRODUCTS_PER_WARP  # session 18's tiles: D in chunks at 8+ tokens
-    drt._LOGIT_PRODUCTS_PER_WARP = 1024
+    products = fused_route._LOGIT_PRODUCTS_PER_WARP  # session 18's tiles: D in chunks at 8+
+    fused_route._LOGIT_PRODUCTS_PER_WARP = 1024
     try:
         sweep([(1, 8), (8, 8), (16, 8), (32, 8)], "1024 products per warp: ", ticket, gate)
     finally:
-        drt._LOGIT_PRODUCTS_PER_WARP = products
+        fused_route._LOGIT_PRODUCTS_PER_WARP = products
 
 
 if __name__ == "__main__":

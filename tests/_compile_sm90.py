@@ -13,11 +13,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
-from moeflow.ops import (cross_entropy_triton, decode_attention_triton, decode_route_triton,
-                         expert_bias_triton, fp8_quantize_triton, grouped_mlp_triton, norm_triton,
-                         permute_triton, persistent_mlp_triton, qk_rope_triton,
-                         routing_slots_triton, routing_triton, skinny_linear_triton,
-                         slot_write_triton)
+from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
+                         decode_route_fused_triton, decode_route_triton, expert_bias_triton,
+                         fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
+                         persistent_mlp_triton, qk_rope_triton, routing_slots_triton,
+                         routing_triton, skinny_linear_triton, slot_write_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -201,7 +201,7 @@ def qk_norm_rope():
 def fused_decode_router():
     """Both decode routers: Qwen3-30B-A3B's dropless top-8 (with the add + norm ahead of it),
     and DeepSpeed-MoE's top-1 (ds-1.3b+moe128) and top-2 with a capacity (the third pass)."""
-    m = decode_route_triton
+    m, fused = decode_route_triton, decode_route_fused_triton
     outputs = {"ids_ptr": "*i64", "w_ptr": "*fp32", "kept_ptr": "*i8",
                **_args("slots_ptr counts_ptr ends_ptr row_ptr token_ptr dropped_ptr", "*i64"),
                "loss_ptr": "*fp32"}
@@ -213,10 +213,10 @@ def fused_decode_router():
         # dropless (the served decode): the experts place the rows and the add + norm ahead
         # runs in the kernel (route_warps' whole_rows)
         prenorm = capacity is None
-        _, meta = m._route_args(cfg, T, E, False, capacity, D, whole_rows=prenorm)
-        warps = meta.pop("num_warps")
-        lt, le, ld = m.logits_tiles(T, D, E, 2, warps)
-        compile_sm90(m._decode_route_logits_kernel,
+        _, meta = m.route_args(cfg, T, E, False, capacity)
+        warps = fused.route_warps(T, D, E, whole_rows=prenorm)
+        lt, le, ld = fused.logits_tiles(T, D, E, 2, warps)
+        compile_sm90(fused._decode_route_logits_kernel,
                      {"x_ptr": "*bf16", "gate_ptr": "*bf16", "logits_ptr": "*fp32",
                       "ticket_ptr": "*i32", "part_ptr": "*fp32", "bias_ptr": "*fp32",
                       **outputs, **_args("res_ptr h_ptr nw_ptr s_ptr", "*bf16"),
@@ -228,7 +228,7 @@ def fused_decode_router():
         compile_sm90(m._decode_route_kernel,
                      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", **outputs,
                       **_args("T E", "i32"), **scalars}, dict(meta, PDL=True),
-                     num_warps=m.route_warps(T))  # the logits given: the one-program warps
+                     num_warps=m.ONE_PROGRAM_WARPS)
         assert not prenorm or ld >= D, "the served decode router splits D: no norm inside"
 
 

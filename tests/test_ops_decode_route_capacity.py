@@ -1,12 +1,12 @@
-"""The one-launch decode routers (moeflow.ops.decode_route_triton: "triton_decode" and
-"triton_decode_fused") for routers with a capacity (DeepSpeed-MoE's gating evaluated with
-eval_capacity_factor): each expert keeps its first `capacity` assignments in priority order
-(first choices before second choices, then token order); the RoutingResult equals
-route_reference's field for field and the plan sort_by_expert's row for row, dropped
-assignments parked after the kept rows; a layer through the decode path equals the reference
-layer, dropped tokens included; the Router takes the kernels where they reproduce the
-reference's drops and not where they cannot (Random Token Selection, Gumbel noise, statistics
-summed over ranks, autograd, expert groups)."""
+"""The one-launch decode routers (moeflow.ops.decode_route_triton, "triton_decode", and
+moeflow.ops.decode_route_fused_triton, "triton_decode_fused") for routers with a capacity
+(DeepSpeed-MoE's gating evaluated with eval_capacity_factor): each expert keeps its first
+`capacity` assignments in priority order (first choices before second choices, then token
+order); the RoutingResult equals route_reference's field for field and the plan
+sort_by_expert's row for row, dropped assignments parked after the kept rows; a layer through
+the decode path equals the reference layer, dropped tokens included; the Router takes the
+kernels where they reproduce the reference's drops and not where they cannot (Random Token
+Selection, Gumbel noise, statistics summed over ranks, autograd, expert groups)."""
 
 import pytest
 
@@ -20,8 +20,8 @@ from moeflow.config import RouterConfig  # noqa: E402
 from moeflow.model.dispatch import LocalDispatcher, sort_by_expert  # noqa: E402
 from moeflow.model.router import Router, route_reference, router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
-from moeflow.ops.decode_route_triton import (route_decode_fused, route_decode_triton,
-                                             route_tickets)  # noqa: E402
+from moeflow.ops.decode_route_fused_triton import route_decode_fused, route_tickets  # noqa: E402
+from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 from tests.test_ops_decode_route import SortedRowsOnly  # noqa: E402
 from tests.test_ops_decode_route_fused import _layer  # noqa: E402

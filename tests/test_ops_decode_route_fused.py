@@ -1,4 +1,4 @@
-"""The decode router that computes its own logits (moeflow.ops.decode_route_triton's
+"""The decode router that computes its own logits (moeflow.ops.decode_route_fused_triton's
 route_decode_fused, router backend "triton_decode_fused"): its logits are router_logits' (fp32
 products of upcast operands, summed in another order: equal to fp32 rounding, exactly where the
 sums are exact), its routing is route_decode_triton's on those logits field for field, and the
@@ -17,8 +17,9 @@ from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router, router_logits  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
-from moeflow.ops.decode_route_triton import (logits_tiles, route_decode_fused,  # noqa: E402
-                                             route_decode_triton, route_tickets, route_warps)
+from moeflow.ops.decode_route_fused_triton import (logits_tiles, route_decode_fused,  # noqa: E402
+                                                   route_tickets, route_warps)
+from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
 
 CONFIGS = {  # name: (config, has expert bias)
     "qwen3_top8": (RouterConfig(top_k=8, normalize_topk=True, dropless=True,

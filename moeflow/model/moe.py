@@ -100,10 +100,11 @@ class MoELayer(nn.Module, ChoosesBackends):
         return y_TD.view_as(x_BTD), routing
 
     def _experts_place(self, x_TD: torch.Tensor) -> bool:
-        """Whether this call's experts can place the rows themselves, so that the router may
-        leave them (decode: moeflow.ops.decode_route_triton's pass 2 moves into the experts'
-        one-launch kernel): the local dispatcher hands the tokens over ungathered through the
-        Triton dispatch, and the experts run the stream kernel."""
+        """Whether this call's experts can place the rows themselves, so that the router
+        may leave them (decode: moeflow.ops.decode_route_fused_triton's place_rows, the
+        router's pass 2 moved into the experts' one-launch kernel): the local dispatcher hands
+        the tokens over ungathered through the Triton dispatch, and the experts run the stream
+        kernel."""
         d = self.dispatcher
         return (isinstance(d, LocalDispatcher) and d.defer_gather
                 and x_TD.shape[0] <= EXPERTS_PLACE_MAX_TOKENS

@@ -72,7 +72,7 @@ class ExpertOrder:
     ends_E: torch.Tensor  # int64 cumulative rows per expert
     # False: row_TK, token_N and the RoutingResult's slots_TK are not written yet; the experts'
     # weight-streaming kernel writes them from the ids as it gathers its rows (decode, see
-    # moeflow.ops.decode_route_triton.route_decode_fused's place_rows).
+    # moeflow.ops.decode_route_fused_triton.route_decode_fused's place_rows).
     placed: bool = True
 
 
@@ -419,9 +419,9 @@ class Router(nn.Module, ChoosesBackends):
 
     def _route_fused(self, x_TD: torch.Tensor, capacity: int | None, place_rows: bool,
                      norm_input: PendingAddNorm | None) -> RoutingResult:
-        """Logits and decode routing in one launch (moeflow.ops.decode_route_triton), the
-        norm of x_TD too when it is pending."""
-        from moeflow.ops.decode_route_triton import ROUTE_TICKETS, route_decode_fused
+        """Logits and decode routing in one launch (moeflow.ops.decode_route_fused_triton),
+        the norm of x_TD too when it is pending."""
+        from moeflow.ops.decode_route_fused_triton import ROUTE_TICKETS, route_decode_fused
         from moeflow.ops.tickets import zeroed_counters
         self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
         rows = x_TD if norm_input is None else norm_input

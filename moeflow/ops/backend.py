@@ -11,8 +11,9 @@ benchmarks compare every fast path with its plain-torch reference.
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
   kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits: no autograd,
   noise or Random Token Selection, dropless or with capacity drops), route_triton elsewhere;
-  "triton_decode_fused" = the same kernel computing the fp32 router logits too, from the
-  layer input and the gate weight (one launch for the router instead of five), where
+  "triton_decode_fused" = its passes in the launch that computes the fp32 router logits
+  too, moeflow.ops.decode_route_fused_triton, from the layer input and the gate weight (one
+  launch for the router instead of five), where
   decode_route_fits, route_triton elsewhere; "auto" takes triton_decode_fused on CUDA where
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,

@@ -40,7 +40,7 @@ def residual_sum(x, h):
 def rms_scale(xf, w, D, eps, AXIS: tl.constexpr):
     """xf · rsqrt(mean(xf²) + eps) · w in fp32, the mean over xf's AXIS (its last: 0 for one
     row, 1 for a tile of rows) of D values; w [D] in fp32. The norm's arithmetic, shared by
-    this module's kernel and the decode router's (moeflow.ops.decode_route_triton)."""
+    this module's kernel and the decode router's (moeflow.ops.decode_route_fused_triton)."""
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=AXIS) / D + eps)
     return xf * tl.expand_dims(r, AXIS) * w
 
@@ -137,7 +137,7 @@ class PendingAddNorm:
     """add_rms_norm_triton(x, h, weight, eps) not yet run: its outputs s (the residual stream's
     update) and y (the normalised s) are allocated, contiguous, shaped like x, and unwritten.
     The MoE router's decode kernel writes both in its own launch, where it computes the
-    routing logits from y (moeflow.ops.decode_route_triton.route_decode_fused: one launch and
+    routing logits from y (moeflow.ops.decode_route_fused_triton.route_decode_fused: one launch and
     one kernel boundary fewer per decode layer); any other consumer calls run() before it
     reads them. Made by moeflow.model.norms.pending_add_norm."""
 
