@@ -31,8 +31,9 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import cuda_event_ms  # noqa: E402
 from moeflow.config import RouterConfig  # noqa: E402
-from moeflow.ops.grouped_mlp_triton import (_down_tiled_kernel, _expert_tile,  # noqa: E402
-                                            _tiled_configs, _tiled_grid, _tune_keys)
+from moeflow.ops.grouped_mlp_triton import tune_keys  # noqa: E402
+from moeflow.ops.tiled_mlp_triton import (_down_tiled_kernel, _expert_tile,  # noqa: E402
+                                          _tiled_configs, _tiled_grid)
 from moeflow.ops.permute_triton import combine_triton  # noqa: E402
 from moeflow.ops.routing_triton import route_triton  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
         h = torch.randn(N, F, device=dev).to(bf)
         w_row = torch.empty(N, device=dev)
         w_row[order.row_TK.flatten()] = r.weights_TK.flatten()
-        keys, block_e = _tune_keys(N, E), triton.next_power_of_2(E)
+        keys, block_e = tune_keys(N, E), triton.next_power_of_2(E)
         y_ND = torch.empty(N, D, device=dev, dtype=bf)
 
         def base():

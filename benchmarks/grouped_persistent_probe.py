@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 
 from machine import cuda_event_ms
-from moeflow.ops import grouped_mlp_triton as g
 from moeflow.ops import persistent_mlp_triton as pm
-from moeflow.ops.grouped_mlp_triton import list_tile, tile_list
+from moeflow.ops import tiled_mlp_triton as g
+from moeflow.ops.grouped_mlp_triton import expert_mlp_grouped_fused
+from moeflow.ops.tiled_mlp_triton import list_tile, tile_list
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
@@ -184,8 +185,8 @@ def main() -> None:
 
         variants = {
             "product grouped_mm_fused (gather, grouped_mm, act, grouped_mm)":
-                lambda: g.expert_mlp_grouped_fused(x, ends, w_in, None, w_out, None, "swiglu",
-                                                   parked=False, rows_N=tok.long()),
+                lambda: expert_mlp_grouped_fused(x, ends, w_in, None, w_out, None, "swiglu",
+                                                 parked=False, rows_N=tok.long()),
             "product tiled": lambda: g.expert_mlp_tiled(x, ends, w_in, None, w_out, None,
                                                         "swiglu", rows_N=tok),
             "persistent gathering up (no WS) + down WS": composite(

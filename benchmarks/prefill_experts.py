@@ -37,7 +37,7 @@ import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter with
 from machine import (cuda_event_ms, kernel_bench_heading, kernel_bench_parser, measure_shapes,  # noqa: E402
                      write_kernel_bench)
 
-from moeflow.ops import grouped_mlp_triton  # noqa: E402
+from moeflow.ops import tiled_mlp_triton  # noqa: E402
 from moeflow.ops.backend import EXPERT_BACKENDS  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
 
@@ -112,8 +112,8 @@ def measure(sh: Shape, dtype, device) -> dict:
                      "tflops": row["flops"] / ms_b2b / 1e9, "rel_err": err}
     if device.type == "cuda":
         row["tiled_configs"] = {k.fn.__name__: str(k.best_config)
-                                for k in (grouped_mlp_triton._up_tiled_kernel,
-                                          grouped_mlp_triton._down_tiled_kernel)}
+                                for k in (tiled_mlp_triton._up_tiled_kernel,
+                                          tiled_mlp_triton._down_tiled_kernel)}
     print(f"{sh.name}: " + ", ".join(
         f"{p} {row[p]['ms_back_to_back']:.3f} / {row[p]['ms']:.3f} ms (err "
         f"{row[p]['rel_err']:.1e})" for p in PATHS), flush=True)

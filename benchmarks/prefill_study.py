@@ -129,8 +129,9 @@ def run_variant(model, label, elementwise, graphs, experts, args, prompt, res, l
                                                        "graph_replay_ms") if k in d}
             log(f"  {label} decode b{batch} {r[f'decode_b{batch}']}")
         if cuda:
-            from moeflow.ops import grouped_mlp_triton, skinny_linear_triton
-            r["autotuned"] = autotuned_configs(grouped_mlp_triton, skinny_linear_triton)
+            from moeflow.ops import grouped_mlp_triton, skinny_linear_triton, tiled_mlp_triton
+            r["autotuned"] = autotuned_configs(grouped_mlp_triton, tiled_mlp_triton,
+                                               skinny_linear_triton)
             log(f"  {label} autotuned {r['autotuned']}")
         return logits
     except Exception:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/tiled_tma_probe.py OUT.json      # one CUDA GPU, ~1 min
 
-Variants of moeflow.ops.grouped_mlp_triton's `_up_tiled_kernel` / `_down_tiled_kernel` (same
+Variants of moeflow.ops.tiled_mlp_triton's `_up_tiled_kernel` / `_down_tiled_kernel` (same
 program order, `_expert_tile`) that load the expert weight tiles — and in the down kernel the
 activation rows — through `tl.make_tensor_descriptor` (the Hopper TMA engine) instead of pointer
 tiles, autotuned over the product configs plus BLOCK_K = 128 ones, on the Qwen3-30B-A3B expert
@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from machine import cuda_event_ms
-from moeflow.ops import grouped_mlp_triton as g
-from moeflow.ops.grouped_mlp_triton import _expert_tile, _m_bucket, _tiled_grid
+from moeflow.ops import tiled_mlp_triton as g
+from moeflow.ops.grouped_mlp_triton import m_bucket
+from moeflow.ops.tiled_mlp_triton import _expert_tile, _tiled_grid
 
 triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
@@ -94,7 +95,7 @@ def tma_mlp(x, token_N, ends, w_in, w_out):
     E, F = w_out.shape[0], w_out.shape[1]
     h = torch.empty(N, F, dtype=x.dtype, device=x.device)
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)
-    b = _m_bucket(N, E)
+    b = m_bucket(N, E)
     be = triton.next_power_of_2(E)
     up_tma[_tiled_grid(N, E, F)](x, token_N, ends, w_in, h, D, F, E, b, BLOCK_E=be)
     down_tma[_tiled_grid(N, E, D)](h, ends, w_out, y, N, D, F, E, b, BLOCK_E=be)

@@ -116,7 +116,7 @@ def main() -> None:
         plans = routings(T, K, E, count, dev)
         N = T * K
         h = torch.empty(N, Fd, device=dev, dtype=torch.bfloat16)
-        bucket, a_bucket = gm._tune_keys(N, E)
+        bucket, a_bucket = gm.tune_keys(N, E)
         block_m = 16 if bucket <= 16 else 32 if bucket <= 32 else 64
         active = min(N, E)
 

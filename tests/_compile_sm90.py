@@ -17,7 +17,8 @@ from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
                          decode_route_fused_triton, decode_route_triton, expert_bias_triton,
                          fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
                          persistent_mlp_triton, qk_rope_triton, routing_slots_triton,
-                         routing_triton, skinny_linear_triton, slot_write_triton)
+                         routing_triton, skinny_linear_triton, slot_write_triton,
+                         tiled_mlp_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -126,7 +127,7 @@ def stream_experts():
 
 def tiled_experts():
     """The largest tiles of the tiled kernels' configs (SwiGLU's two accumulators: 128x128)."""
-    m = grouped_mlp_triton
+    m = tiled_mlp_triton
     blocks = {"BLOCK_E": 128, "BLOCK_M": 128, "BLOCK_K": 64}
     compile_sm90(m._up_tiled_kernel.fn,
                  {"x_ptr": "*bf16", "token_ptr": "*i64", "ends_ptr": "*i64", "w_ptr": "*bf16",

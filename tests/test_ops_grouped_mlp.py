@@ -12,8 +12,8 @@ import torch  # noqa: E402
 
 from moeflow.ops.backend import EXPERT_BACKENDS, grouped_mm_supported  # noqa: E402
 from moeflow.ops.expert_mlp import expert_mlp_reference  # noqa: E402
-from moeflow.ops.grouped_mlp_triton import (expert_mlp_stream, fused_activation,  # noqa: E402
-                                            stream_counters)
+from moeflow.ops.expert_activation_triton import fused_activation  # noqa: E402
+from moeflow.ops.grouped_mlp_triton import expert_mlp_stream, stream_counters  # noqa: E402
 from moeflow.ops.activation import apply_activation  # noqa: E402
 
 

@@ -18,12 +18,12 @@ benchmarks compare every fast path with its plain-torch reference.
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
-- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream"
-  and "tiled", moeflow.ops.grouped_mlp_triton's weight-streaming and tiled grouped-GEMM
-  kernels, and "persistent", moeflow.ops.persistent_mlp_triton's, are inference only; "auto"
-  on CUDA in bf16: "stream" up to STREAM_MAX_ROWS_PER_EXPERT rows per expert, then
-  "persistent" where it wins and TMA runs (above PERSISTENT_MIN_ROWS_PER_EXPERT, up to
-  PERSISTENT_MAX_ROWS_PER_EXPERT or for narrow experts), else "tiled" up to
+- experts:  EXPERT_BACKENDS (callables with the signature of expert_mlp_reference; "stream" and
+  "tiled", the weight-streaming and tiled grouped-GEMM kernels of moeflow.ops.grouped_mlp_triton
+  and moeflow.ops.tiled_mlp_triton, and "persistent", moeflow.ops.persistent_mlp_triton's, are
+  inference only; "auto" on CUDA in bf16: "stream" up to STREAM_MAX_ROWS_PER_EXPERT rows per
+  expert, then "persistent" where it wins and TMA runs (above PERSISTENT_MIN_ROWS_PER_EXPERT, up
+  to PERSISTENT_MAX_ROWS_PER_EXPERT or for narrow experts), else "tiled" up to
   TILED_MAX_ROWS_PER_EXPERT, else and in training "grouped_mm_fused").
 - fuse:     FUSE_BACKENDS, the small-op chains of moeflow.ops.fused ("reference" = plain torch,
   "compiled" = their torch.compile twins whenever autograd is off, on any device and size;
@@ -168,7 +168,7 @@ def _stream(*args, **kwargs):
 
 
 def _tiled(*args, **kwargs):
-    from moeflow.ops.grouped_mlp_triton import expert_mlp_tiled
+    from moeflow.ops.tiled_mlp_triton import expert_mlp_tiled
     return expert_mlp_tiled(*args, **kwargs)
 
 

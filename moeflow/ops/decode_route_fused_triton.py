@@ -206,15 +206,15 @@ def _decode_route_logits_kernel(x_ptr, gate_ptr, logits_ptr, ticket_ptr, part_pt
                                    cache_modifier=".cg")
                     z += tl.load(part + 3 * BLOCK_E, mask=live, other=0.0, cache_modifier=".cg")
                 plan_passes(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-                      ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
-                      routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
-                      RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE, PLACE)
+                            ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E,
+                            routed_scaling, aux_coef, z_coef, capacity, K, FIRST_BALANCE, CAPPED,
+                            RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P, PAIRWISE, PLACE)
     elif last_to_arrive(ticket_ptr, tl.num_programs(0) * tl.num_programs(1)):
         route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-                    ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
-                    aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
-                    TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
-                    FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True, PLACE)
+                   ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling,
+                   aux_coef, z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS,
+                   TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T,
+                   FULL_E, BLOCK_E, BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, True, PLACE)
 
 
 def route_warps(T: int, D: int, E: int, gate_bytes: int = 2, whole_rows: bool = False) -> int:

@@ -79,11 +79,11 @@ def _place(slot, row, t, flat, valid, slots_ptr, kept_ptr, row_ptr, token_ptr, c
 
 @triton.jit
 def choose_pass(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, t_hi, E, pass1_scaling,
-            K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-            NORMALIZE: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-            GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
-            BLOCK_T: tl.constexpr, FULL_E: tl.constexpr, BLOCK_E: tl.constexpr,
-            BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PEER_LOGITS: tl.constexpr):
+                K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                NORMALIZE: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+                BLOCK_T: tl.constexpr, FULL_E: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PEER_LOGITS: tl.constexpr):
     """Pass 1 over the tokens [t_lo, t_hi), in tiles of BLOCK_T: stores their ids and weights
     (and kept = 1, dropless) and returns (counts, first-choice counts, the balance
     probabilities' column sums, Σ lse²), each summed tile by tile in token order. FULL_E:
@@ -126,12 +126,12 @@ def choose_pass(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, t_lo, t_hi, E, p
 
 
 @triton.jit
-def plan_passes(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr,
-          ends_ptr, row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-          z_coef, capacity, K: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
-          RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
-          PLACE: tl.constexpr = True):
+def plan_passes(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
+                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
+                capacity, K: tl.constexpr, FIRST_BALANCE: tl.constexpr, CAPPED: tl.constexpr,
+                RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+                PLACE: tl.constexpr = True):
     """The passes after pass 1, from its sums over all T tokens (the ids and weights it
     stored are read back). PLACE False (dropless only): stop after the counts, ends and
     losses; the experts' kernel places the rows (slots, rows, token list; see
@@ -239,14 +239,14 @@ def _assign_rows(starts, kept_counts, ids_ptr, w_ptr, kept_ptr, slots_ptr, row_p
 
 @triton.jit
 def route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
-                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-                z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
-                CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                FULL_E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
-                PEER_LOGITS: tl.constexpr, PLACE: tl.constexpr = True):
+               row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+               z_coef, capacity, K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
+               HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
+               TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, FIRST_BALANCE: tl.constexpr,
+               CAPPED: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+               FULL_E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr,
+               PEER_LOGITS: tl.constexpr, PLACE: tl.constexpr = True):
     """The passes of the module docstring, run by one program over the finite logits at
     `logits_ptr` ([T, E] fp32). PEER_LOGITS: other programs of the same launch wrote them
     (the fused-logits kernel), so the loads must not be served from this SM's L1. CAPPED:
@@ -258,9 +258,9 @@ def route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts
         GROUPS, TOPK_GROUPS, GROUP_TOP2, FIRST_BALANCE, CAPPED, BLOCK_T, FULL_E, BLOCK_E,
         BLOCK_G, BLOCK_K, PEER_LOGITS)
     plan_passes(counts, first, p_e, z, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
-          row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
-          capacity, K, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P,
-          PAIRWISE, PLACE)
+                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef, z_coef,
+                capacity, K, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_P,
+                PAIRWISE, PLACE)
 
 
 @triton.jit
@@ -286,10 +286,10 @@ def _decode_route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_p
                          BLOCK_P: tl.constexpr, PAIRWISE: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     route_plan(logits_ptr, bias_ptr, ids_ptr, w_ptr, kept_ptr, slots_ptr, counts_ptr, ends_ptr,
-                row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
-                z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
-                GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, FULL_E, BLOCK_E,
-                BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, False)
+               row_ptr, token_ptr, dropped_ptr, loss_ptr, T, E, routed_scaling, aux_coef,
+               z_coef, capacity, K, SOFTMAX, SEL, HAS_BIAS, NORMALIZE, GROUPS, TOPK_GROUPS,
+               GROUP_TOP2, FIRST_BALANCE, CAPPED, RENORMALIZE, BLOCK_T, FULL_E, BLOCK_E,
+               BLOCK_G, BLOCK_K, BLOCK_P, PAIRWISE, False)
 
 
 # Warps of the one-program kernel (the logits given): the 8 session 13 measured for it.

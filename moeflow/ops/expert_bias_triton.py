@@ -23,7 +23,7 @@ rows, one program per column block walking all of them, took 2.4 / 4.5 ms per fo
 backward call there (with capacity drops at random initialisation most rows were parked).
 
 Same math as the composition: the sum h + b rounded to h's dtype (as the plain add), the
-activation in fp32 from that rounded sum (moeflow.ops.grouped_mlp_triton's act kernels), and
+activation in fp32 from that rounded sum (moeflow.ops.expert_activation_triton's kernels), and
 the bias gradient the fp32 sum of the expert's rows of the gradient as rounded to their dtype,
 cast to the bias's dtype. Only the order of that fp32 sum differs.
 
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops.grouped_mlp_triton import activate, activation_grads
+from moeflow.ops.expert_activation_triton import activate, activation_grads
 
 _BLOCK_R = 16  # rows per step of a program's walk over its rows
 _BLOCK_F = 256  # columns per program

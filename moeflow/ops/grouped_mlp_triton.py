@@ -36,21 +36,14 @@ batch-1 call against 26.8, +0.1 ms per step in the graph; a probe of the streami
 (benchmarks/decode_stream_probe.py) read the 50 MB of gate|up in 14.2-14.7 µs whatever the
 program count, split or layout, so the decomposition is not what these kernels lack.
 
-Prefill-sized inference (tens to ~128 rows per expert): `expert_mlp_tiled`, a grouped GEMM on
-tensor-core tiles. One program per (expert, column tile, row tile), in that order of launch
-(`_expert_tile` finds a program's expert, row tile and column tile from ends_E): an expert's row
-tiles of one column tile run side by side and read its weight slab once through L2, and a wave
-of programs covers all column tiles of a few experts, which share their rows. At these sizes the
-layer is bound by reading every expert's weights (Qwen3-30B-A3B, 2048 tokens: 1.2 GB per
-layer), so that order matters more than the MMA rate. The up kernel gathers its rows
-(`token_N`) and applies the activation before storing, as the stream kernel does; the row-tile
-bodies (`_up_rows`, `_down_rows`) are the stream kernels' too.
+Prefill-sized inference (tens to ~128 rows per expert): moeflow.ops.tiled_mlp_triton, whose
+row-tile bodies are this module's `up_rows` and `down_rows`.
 
 Many tokens: on Hopper the tiled kernels' persistent twin (moeflow.ops.persistent_mlp_triton)
 where it wins, else (and in training) `torch._grouped_mm` (CUTLASS grouped GEMM), faster than
 the tiled kernels from ~256 rows per expert (benchmarks/results/prefill_experts); the
-activation between the two GEMMs runs as one Triton pass forward (h → act) and one backward
-(recomputing from h), instead of torch's chunk/silu/mul and their backward temporaries.
+activation between the two GEMMs runs as one Triton pass each way
+(moeflow.ops.expert_activation_triton.fused_activation).
 Backward of the GEMMs is torch._grouped_mm's own (input and weight grads).
 
 Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F (SwiGLU), E experts.
@@ -59,40 +52,18 @@ Legend: N expert-sorted rows, D model dim, F expert ffn dim, I = F (GELU) or 2F 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from moeflow.ops import expert_bias_triton as bias
+from moeflow.ops.expert_activation_triton import activate, fused_activation
 from moeflow.ops.expert_mlp import FusedBias, grouped_mlp
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.tickets import last_to_arrive, zeroed_counters
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def activate(g, u, SWIGLU: tl.constexpr):
-    """The experts' activation in fp32: SwiGLU silu(g) · u, or GELU(g) (u unused)."""
-    if SWIGLU:
-        return g * tl.sigmoid(g) * u
-    return _gelu(g)
-
-
-@triton.jit
-def activation_grads(g, u, ga, SWIGLU: tl.constexpr):
-    """(d_g, d_u) of activate(g, u) for its output gradient ga, in fp32 (d_u 0 for GELU)."""
-    if SWIGLU:
-        sg = tl.sigmoid(g)
-        silu = g * sg
-        return ga * u * (sg + silu * (1.0 - sg)), ga * silu
-    cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
-    return ga * (cdf + g * pdf), tl.zeros_like(g)
 
 
 @triton.jit
@@ -122,9 +93,9 @@ def _stream_configs():
 
 
 @triton.jit
-def _up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
-             HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def up_rows(x_ptr, token_ptr, w_e, b_e, h_ptr, m0, hi, n, nmask, D, F, SWIGLU: tl.constexpr,
+            HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """act(x[rows] · w_e[:, n] + b_e[n]) into h[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi))
     of one expert (w_e, b_e: its weight [D, I] and bias [I]); SwiGLU multiplies the gate
     columns n by the up columns F + n, both accumulated over the same x tiles."""
@@ -182,9 +153,9 @@ def store_activated(acc_g, acc_u, b_e, h_ptr, dst, rmask, n, nmask, F, SWIGLU: t
 
 
 @triton.jit
-def _down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               H_FROM_PEERS: tl.constexpr = False, w_pre=None, PRE_K: tl.constexpr = 0):
+def down_rows(h_ptr, w_e, b_e, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              H_FROM_PEERS: tl.constexpr = False, w_pre=None, PRE_K: tl.constexpr = 0):
     """h[rows] · w_e[:, n] + b_e[n] into y[rows, n] for the rows [m0, min(m0 + BLOCK_M, hi)) of
     one expert (w_e, b_e: its weight [F, D] and bias [D]). H_FROM_PEERS: other programs of this
     launch stored h: read it through L2 (.cg), never from this SM's L1. PRE_K > 0: w_pre holds
@@ -232,8 +203,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKE
     nmask = n < F
     w_e = w_ptr + e.to(tl.int64) * D * I
     for m0 in range(lo, hi, BLOCK_M):
-        _up_rows(x_ptr, token_ptr, w_e, b_ptr + e * I, h_ptr, m0, hi, n, nmask, D, F, SWIGLU,
-                 HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
+        up_rows(x_ptr, token_ptr, w_e, b_ptr + e * I, h_ptr, m0, hi, n, nmask, D, F, SWIGLU,
+                HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.autotune(configs=_stream_configs(), key=["D", "F", "E", "M_BUCKET", "A_BUCKET"],
@@ -252,8 +223,8 @@ def _down_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCK
     nmask = n < D
     w_e = w_ptr + e.to(tl.int64) * F * D
     for m0 in range(lo, hi, BLOCK_M):
-        _down_rows(h_ptr, w_e, b_ptr + e * D, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS, BLOCK_M,
-                   BLOCK_N, BLOCK_K)
+        down_rows(h_ptr, w_e, b_ptr + e * D, y_ptr, m0, hi, n, nmask, D, F, HAS_BIAS, BLOCK_M,
+                  BLOCK_N, BLOCK_K)
 
 
 def _moe_stream_configs():
@@ -364,8 +335,8 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
                          SWIGLU, HAS_IN_BIAS, BLOCK_M, UP_N, UP_K)
             else:
                 for m0 in range(lo, hi, BLOCK_M):
-                    _up_rows(x_ptr, token_ptr, w_e, b_in_ptr + e * I, h_ptr, m0, hi, n, n < F,
-                             D, F, SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, UP_N, UP_K)
+                    up_rows(x_ptr, token_ptr, w_e, b_in_ptr + e * I, h_ptr, m0, hi, n, n < F,
+                            D, F, SWIGLU, HAS_IN_BIAS, GATHER, BLOCK_M, UP_N, UP_K)
             tl.debug_barrier()  # every thread's stores of the tile, then one release
             tl.atomic_add(count_ptr + i, 1, sem="release", scope="gpu")
     else:
@@ -386,167 +357,93 @@ def _moe_stream_kernel(x_ptr, token_ptr, ends_ptr, w_in_ptr, b_in_ptr, h_ptr, w_
                 seen = tl.atomic_add(count_ptr + i, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()  # the acquire above orders every thread's loads after it
             for m0 in range(lo, hi, BLOCK_M):
-                _down_rows(h_ptr, w_e, b_out_ptr + e * D, y_ptr, m0, hi, n, n < D, D, F,
-                           HAS_OUT_BIAS, BLOCK_M, DOWN_N, DOWN_K, True, w_pre, PRE_K)
+                down_rows(h_ptr, w_e, b_out_ptr + e * D, y_ptr, m0, hi, n, n < D, D, F,
+                          HAS_OUT_BIAS, BLOCK_M, DOWN_N, DOWN_K, True, w_pre, PRE_K)
             if last_to_arrive(count_ptr + E + i, down_tiles):
                 tl.store(count_ptr + i, 0)
 
 
-@triton.jit
-def _expert_tile(ends_ptr, pid, E, n_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(e, m0, hi, j): program `pid`'s expert, first row, the expert's row end and column tile.
-    Programs run expert by expert, within one expert column tile by column tile, within a
-    column tile row tile by row tile: the row tiles of a column tile (neighbours in launch
-    order, so resident together) share its weight slab through L2, and one wave of programs
-    covers all column tiles of a few experts, which share their rows. m0 >= hi: past the last
-    tile, no work (the grid is sized for the most tiles any routing can need)."""
-    ee, lo_e, hi_e, tiles_e, cum, _ = tile_list(ends_ptr, E, n_tiles, BLOCK_E, BLOCK_M)
-    return list_tile(ee, lo_e, hi_e, tiles_e, cum, pid, n_tiles, BLOCK_M)
-
-
-@triton.jit
-def tile_list(ends_ptr, E, n_cols, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The (expert, column tile, row tile) list of a grouped GEMM over ends_E: per expert its
-    row range and row tiles, the list's running tile count, and its length."""
-    ee = tl.arange(0, BLOCK_E)
-    emask = ee < E
-    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
-    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
-    tiles_e = tl.where(emask, (hi_e - lo_e + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(tiles_e * n_cols, axis=0)
-    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_cols
-
-
-@triton.jit
-def list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M: tl.constexpr):
-    """Tile t of tile_list's list: its expert, first row, the expert's row end, column tile."""
-    e = tl.sum((cum <= t).to(tl.int32), axis=0)
-    hit = ee == e
-    first = tl.sum(tl.where(hit, cum - tiles_e * n_cols, 0), axis=0)
-    tiles = tl.maximum(tl.sum(tl.where(hit, tiles_e, 0), axis=0), 1)
-    lo = tl.sum(tl.where(hit, lo_e, 0), axis=0)
-    hi = tl.sum(tl.where(hit, hi_e, 0), axis=0)
-    r = t - first
-    return e, lo + (r % tiles) * BLOCK_M, hi, r // tiles
-
-
-def _tiled_configs(accumulators: int):
-    # Tensor-core tiles for prefill (tens to hundreds of rows per expert): 64- and 128-row
-    # tiles (one or two warpgroups), 2-4 stages of loads in flight; at most 128 fp32
-    # accumulator registers per thread (the up kernel holds two tiles for SwiGLU).
-    tiles = ((64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
-             (64, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
-             (128, 256, 64, 8, 3))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                          num_stages=s)
-            for bm, bn, bk, w, s in tiles if accumulators * bm * bn <= 128 * 32 * w]
-
-
-@triton.autotune(configs=_tiled_configs(accumulators=2),
-                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET", "SWIGLU"], reset_to_zero=[],
-                 cache_results=True)
-@triton.jit
-def _up_tiled_kernel(x_ptr, token_ptr, ends_ptr, w_ptr, b_ptr, h_ptr, D, F, E, M_BUCKET, A_BUCKET,
-                     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
-                     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)
-    launch_next(PDL)
-    e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(F, BLOCK_N),
-                                    BLOCK_E, BLOCK_M)
-    if m0 >= hi:
-        return
-    I = 2 * F if SWIGLU else F
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _up_rows(x_ptr, token_ptr, w_ptr + e.to(tl.int64) * D * I, b_ptr + e * I, h_ptr, m0, hi, n,
-             n < F, D, F, SWIGLU, HAS_BIAS, GATHER, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.autotune(configs=_tiled_configs(accumulators=1),
-                 key=["D", "F", "E", "M_BUCKET", "A_BUCKET"], reset_to_zero=[],
-                 cache_results=True)
-@triton.jit
-def _down_tiled_kernel(h_ptr, ends_ptr, w_ptr, b_ptr, y_ptr, D, F, E, M_BUCKET, A_BUCKET,
-                       HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)
-    launch_next(PDL)
-    e, m0, hi, pid_n = _expert_tile(ends_ptr, tl.program_id(0), E, tl.cdiv(D, BLOCK_N),
-                                    BLOCK_E, BLOCK_M)
-    if m0 >= hi:
-        return
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _down_rows(h_ptr, w_ptr + e.to(tl.int64) * F * D, b_ptr + e * D, y_ptr, m0, hi, n, n < D, D,
-               F, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-def _m_bucket(n_rows: int, n_experts: int) -> int:
+def m_bucket(n_rows: int, n_experts: int) -> int:
     """Autotune key: rows per expert, rounded to a power of two (configs differ by load)."""
     return next_power_of_2(max(1, cdiv(n_rows, n_experts)))
 
 
-def _tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
-    """The expert kernels' autotune keys after E: rows per expert (_m_bucket) and the bound on
+def tune_keys(n_rows: int, n_experts: int) -> tuple[int, int]:
+    """The expert kernels' autotune keys after E: rows per expert (m_bucket) and the bound on
     experts with rows, min(rows, E), to a power of two. Batch 1 and 16 of Qwen3-30B-A3B (8 and
     128 rows over 128 experts) share rows-per-expert bucket 1 but not the best tiles (8 vs ~82
     busy experts; benchmarks/results/decode_experts, session 15)."""
-    return _m_bucket(n_rows, n_experts), next_power_of_2(min(n_rows, n_experts))
+    return m_bucket(n_rows, n_experts), next_power_of_2(min(n_rows, n_experts))
 
 
-def _expert_mlp_triton(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
-                       b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                       b_out_ED: torch.Tensor | None, activation: str,
-                       rows_N: torch.Tensor | None, tiled: bool,
-                       counters: torch.Tensor | None = None,
-                       placement: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """The up and down launches of the stream (`tiled` False) or the tiled kernels, or the
-    stream kernels in one launch (`counters`, see expert_mlp_stream). Rows past ends_E[-1] are
-    left unwritten (combine never reads them). `rows_N`: x_ND holds the tokens and row n is
-    x_ND[rows_N[n]], gathered by the up kernel."""
+class ExpertBuffers(NamedTuple):
+    """One call's operands (contiguous), outputs and autotune keys (expert_buffers)."""
+
+    x_ND: torch.Tensor
+    ends_E: torch.Tensor
+    w_in_EDI: torch.Tensor
+    w_out_EFD: torch.Tensor
+    h_NF: torch.Tensor
+    y_ND: torch.Tensor
+    keys: tuple[int, int]  # tune_keys'
+
+
+class UpDown(NamedTuple):
+    """An up kernel (rows gathered through rows_N, x · w_in, the activation, h stored) and a
+    down kernel (h · w_out, y stored) with the signatures of _up_kernel and _down_kernel, their
+    grids, and the meta-parameters they take fixed; `interpreter`: the fixed config for
+    Triton's interpreter (CPU tests), which cannot autotune."""
+
+    up: Callable
+    down: Callable
+    up_grid: Callable
+    down_grid: Callable
+    blocks: dict
+    interpreter: dict
+
+
+def expert_buffers(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
+                   w_out_EFD: torch.Tensor, rows_N: torch.Tensor | None) -> ExpertBuffers:
+    """The contiguous operands, h and y (unwritten) and the autotune keys of one call of the
+    expert kernels over N rows (rows_N's, else x_ND's)."""
     N, D = x_ND.shape if rows_N is None else (rows_N.shape[0], x_ND.shape[1])
     E, F = w_out_EFD.shape[0], w_out_EFD.shape[1]
-    x_ND, w_in_EDI, w_out_EFD = x_ND.contiguous(), w_in_EDI.contiguous(), w_out_EFD.contiguous()
-    ends = ends_E.contiguous()
-    h_NF = torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device)
-    y_ND = torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device)
-    if N == 0:
-        return y_ND
-    keys = _tune_keys(N, E)
-    bucket = keys[0]
-    if tiled:
-        up, down, blocks = _up_tiled_kernel, _down_tiled_kernel, {}
-        up_grid, down_grid = _tiled_grid(N, E, F), _tiled_grid(N, E, D)
-        interpreter = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-    else:
-        up, down = _up_kernel, _down_kernel
-        blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
-        # At most N experts have rows: one column of programs per possibly active expert.
-        active = min(N, E)
-        up_grid = lambda meta: (active, cdiv(F, meta["BLOCK_N"]))  # noqa: E731
-        down_grid = lambda meta: (active, cdiv(D, meta["BLOCK_N"]))  # noqa: E731
-        interpreter = {"BLOCK_N": 32, "BLOCK_K": 32}
-    if not x_ND.is_cuda:  # Triton's interpreter (CPU tests) cannot autotune: one fixed config
-        up, down, blocks = up.fn, down.fn, dict(blocks, **interpreter)
+    x_ND = x_ND.contiguous()
+    return ExpertBuffers(x_ND, ends_E.contiguous(), w_in_EDI.contiguous(),
+                         w_out_EFD.contiguous(),
+                         torch.empty(N, F, dtype=x_ND.dtype, device=x_ND.device),
+                         torch.empty(N, D, dtype=x_ND.dtype, device=x_ND.device),
+                         tune_keys(N, E))
+
+
+def run_up_down(kernels: UpDown, buf: ExpertBuffers, b_in_EI: torch.Tensor | None,
+                b_out_ED: torch.Tensor | None, activation: str,
+                rows_N: torch.Tensor | None) -> torch.Tensor:
+    """Launch the up and the down kernel over buf's rows; returns buf.y_ND. Rows past
+    ends_E[-1] are left unwritten (combine never reads them)."""
+    up, down, blocks = kernels.up, kernels.down, kernels.blocks
+    if not buf.x_ND.is_cuda:
+        up, down, blocks = up.fn, down.fn, dict(blocks, **kernels.interpreter)
+    E = buf.w_out_EFD.shape[0]
+    D, F = buf.y_ND.shape[1], buf.h_NF.shape[1]
     block_e = next_power_of_2(E)
-    pdl = pdl_launch(x_ND)
-    if counters is not None:
-        _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
-                    counters, activation, keys, dict(blocks, BLOCK_E=block_e, **pdl), placement)
-        return y_ND
-    up[up_grid](
-        x_ND, rows_N if rows_N is not None else ends, ends, w_in_EDI,
-        b_in_EI if b_in_EI is not None else w_in_EDI, h_NF, D, F, E, *keys,
+    pdl = pdl_launch(buf.x_ND)
+    ends, w_in, w_out = buf.ends_E, buf.w_in_EDI, buf.w_out_EFD
+    up[kernels.up_grid](
+        buf.x_ND, rows_N if rows_N is not None else ends, ends, w_in,
+        b_in_EI if b_in_EI is not None else w_in, buf.h_NF, D, F, E, *buf.keys,
         SWIGLU=activation == "swiglu", HAS_BIAS=b_in_EI is not None, GATHER=rows_N is not None,
         BLOCK_E=block_e, **blocks, **pdl)
-    down[down_grid](
-        h_NF, ends, w_out_EFD, b_out_ED if b_out_ED is not None else w_out_EFD, y_ND, D, F, E,
-        *keys, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks, **pdl)
-    return y_ND
+    down[kernels.down_grid](
+        buf.h_NF, ends, w_out, b_out_ED if b_out_ED is not None else w_out, buf.y_ND, D, F, E,
+        *buf.keys, HAS_BIAS=b_out_ED is not None, BLOCK_E=block_e, **blocks, **pdl)
+    return buf.y_ND
 
 
-def _moe_stream(x_ND, rows_N, ends, w_in_EDI, b_in_EI, h_NF, w_out_EFD, b_out_ED, y_ND,
-                counters, activation, keys, meta, placement) -> None:
+def _moe_stream(buf: ExpertBuffers, b_in_EI, b_out_ED, rows_N, counters, activation, meta,
+                placement) -> None:
     """Launch _moe_stream_kernel (one launch for the up and the down kernels' programs)."""
+    x_ND, ends, w_in_EDI, w_out_EFD, h_NF, y_ND, keys = buf
     D, E, F = x_ND.shape[1], w_out_EFD.shape[0], w_out_EFD.shape[1]
     if placement is not None:
         ids_TK, slots_TK, row_TK = placement
@@ -609,96 +506,24 @@ def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.
     that the router's pass 2 would have, the sorted rows coming out the same."""
     if placement is not None and counters is None:
         raise ValueError("expert_mlp_stream: placing the rows needs the counters (one launch)")
-    return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=False, counters=counters, placement=placement)
-
-
-def _tiled_grid(N: int, E: int, cols: int):
-    """Programs for the most (row tile, column tile) pairs any routing of N rows can need: each
-    expert with rows wastes less than one row tile."""
-    return lambda meta: ((cdiv(N, meta["BLOCK_M"]) + min(N, E))
-                         * cdiv(cols, meta["BLOCK_N"]),)
-
-
-def expert_mlp_tiled(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
-                     b_in_EI: torch.Tensor | None, w_out_EFD: torch.Tensor,
-                     b_out_ED: torch.Tensor | None, activation: str,
-                     parked: bool = True, rows_N: torch.Tensor | None = None) -> torch.Tensor:
-    """Many-token path for inference (no autograd): a grouped GEMM in Triton over (expert, row
-    tile, column tile) programs. The up kernel gathers its rows (`rows_N`) as it loads them and
-    applies the activation before it stores, so neither the gathered rows nor the [N, 2F]
-    pre-activation touch memory; the down kernel writes y. Rows past ends_E[-1] are left
-    unwritten, as in expert_mlp_stream."""
-    return _expert_mlp_triton(x_ND, ends_E, w_in_EDI, b_in_EI, w_out_EFD, b_out_ED, activation,
-                              rows_N, tiled=True)
-
-
-@triton.jit
-def _act_fwd_kernel(h_ptr, a_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = f < F
-    row = pid_n.to(tl.int64)
-    I = 2 * F if SWIGLU else F
-    g = tl.load(h_ptr + row * I + f, mask=m, other=0.0).to(tl.float32)
-    u = g
-    if SWIGLU:
-        u = tl.load(h_ptr + row * I + F + f, mask=m, other=0.0).to(tl.float32)
-    tl.store(a_ptr + row * F + f, activate(g, u, SWIGLU).to(a_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = f < F
-    row = pid_n.to(tl.int64)
-    ga = tl.load(ga_ptr + row * F + f, mask=m, other=0.0).to(tl.float32)
-    I = 2 * F if SWIGLU else F
-    g = tl.load(h_ptr + row * I + f, mask=m, other=0.0).to(tl.float32)
-    u = g
-    if SWIGLU:
-        u = tl.load(h_ptr + row * I + F + f, mask=m, other=0.0).to(tl.float32)
-    d_g, d_u = activation_grads(g, u, ga, SWIGLU)
-    tl.store(gh_ptr + row * I + f, d_g.to(gh_ptr.dtype.element_ty), mask=m)
-    if SWIGLU:
-        tl.store(gh_ptr + row * I + F + f, d_u.to(gh_ptr.dtype.element_ty), mask=m)
-
-
-def _act_grid(N: int, F: int, block: int):
-    return (N, cdiv(F, block))
-
-
-class _Activation(torch.autograd.Function):
-    """act(h) in one pass; backward recomputes from h (h is saved, act is not)."""
-
-    @staticmethod
-    def forward(ctx, h_NI, swiglu: bool):
-        N, I = h_NI.shape
-        F = I // 2 if swiglu else I
-        a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
-        block = min(1024, next_power_of_2(F))
-        if N > 0:
-            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
-        ctx.save_for_backward(h_NI)
-        ctx.swiglu = swiglu
-        return a_NF
-
-    @staticmethod
-    def backward(ctx, g_a_NF):
-        (h_NI,) = ctx.saved_tensors
-        N, I = h_NI.shape
-        F = g_a_NF.shape[1]
-        g_h = torch.empty_like(h_NI)
-        block = min(1024, next_power_of_2(F))
-        if N > 0:
-            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
-                                                    SWIGLU=ctx.swiglu, BLOCK=block)
-        return g_h, None
-
-
-def fused_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
-    return _Activation.apply(h_NI.contiguous(), activation == "swiglu")
+    buf = expert_buffers(x_ND, ends_E, w_in_EDI, w_out_EFD, rows_N)
+    N, F = buf.h_NF.shape
+    if N == 0:
+        return buf.y_ND
+    D, E = buf.y_ND.shape[1], buf.w_out_EFD.shape[0]
+    bucket = buf.keys[0]
+    blocks = {"BLOCK_M": 16 if bucket <= 16 else 32 if bucket <= 32 else 64}
+    if counters is not None:
+        _moe_stream(buf, b_in_EI, b_out_ED, rows_N, counters, activation,
+                    dict(blocks, BLOCK_E=next_power_of_2(E), **pdl_launch(buf.x_ND)), placement)
+        return buf.y_ND
+    # At most N experts have rows: one column of programs per possibly active expert.
+    active = min(N, E)
+    kernels = UpDown(_up_kernel, _down_kernel,
+                     lambda meta: (active, cdiv(F, meta["BLOCK_N"])),
+                     lambda meta: (active, cdiv(D, meta["BLOCK_N"])),
+                     blocks, {"BLOCK_N": 32, "BLOCK_K": 32})
+    return run_up_down(kernels, buf, b_in_EI, b_out_ED, activation, rows_N)
 
 
 def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,
@@ -716,9 +541,5 @@ def expert_mlp_grouped_fused(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI:
 
 @functools.cache
 def _fused_bias(activation: str) -> FusedBias:
-    from moeflow.ops import expert_bias_triton as bias  # imports this module
-
     return FusedBias(functools.partial(bias.activate_with_bias, activation=activation),
                      bias.add_bias)
-
-

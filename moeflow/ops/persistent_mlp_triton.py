@@ -49,7 +49,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
-from moeflow.ops.grouped_mlp_triton import activated, list_tile, store_activated, tile_list
+from moeflow.ops.grouped_mlp_triton import activated, store_activated
+from moeflow.ops.tiled_mlp_triton import list_tile, tile_list
 
 
 @functools.cache
