@@ -28,6 +28,15 @@ with the larger token counts of that implementation; an OOM is recorded as such.
 moe_layer_<GPU>_<date>.json and .md into --out (rewritten after every implementation, so an
 interrupted run keeps what it measured); a cell that did not run says why instead of a time.
 
+With --rounds N (N > 1) every implementation of a shape is built at once and each (T, mode) is
+timed N times, all implementations one after the other in each round, in an order rotated from
+round to round: the small-T cells are bound by the host's launch cost, which moves by up to 2x
+between runs and machines, so implementations timed minutes apart (the default schedule, one
+implementation at a time) can meet different hosts. The cell is the median of its rounds; the
+JSON keeps the rounds and in how many of them moeflow beat each peer.
+
+    PYTHONPATH=. python benchmarks/moe_layer.py --tokens 8 128 --rounds 5
+
 Routing per shape follows the model each shape comes from: Mixtral and Qwen3 softmax top-k with
 renormalised weights, dropless; ds-1.3b+moe128 top-1 with capacity factor 1.0 (DeepSpeed-MoE);
 DeepSeek-V3 sigmoid scores, 8 groups / top-4 groups, expert bias, scaling 2.5, dropless.
@@ -39,6 +48,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -268,6 +278,148 @@ def run_cell(fn, params, x, g, mode, graph=False):
     return time_fn(step, warmup=0 if once > 0.3 else 1)
 
 
+class Cell:
+    """One implementation's layer on one shape, and the (mode -> reason) of the modes it is too
+    slow for at some T: larger T are not tried."""
+
+    def __init__(self, impl: str, shape: str) -> None:
+        self.impl = impl
+        self.fn, self.mod = build(impl, shape)
+        self.params = [p for p in self.mod.parameters() if p.requires_grad]
+        self.too_slow: dict[str, str] = {}
+
+    def floor(self, row: dict, x: torch.Tensor, bw: float, rate: float) -> None:
+        """moeflow's routing of x gives the row's floor (the pairs it keeps, the experts hit)."""
+        with torch.no_grad():
+            routing = self.mod.router(x)
+        kept = int(routing.kept_TK.sum())
+        row["floor"] = floors(row["shape"], row["T"], kept,
+                              int((routing.counts_E > 0).sum()), bw, rate)
+        row["dropped"] = int(routing.num_dropped)
+
+    def time(self, row: dict, x: torch.Tensor, g: torch.Tensor, mode: str) -> float | None:
+        """One timing of this implementation on x in `mode` (ms), or None with the reason in
+        row["skipped"]."""
+        key = f"{self.impl}/{mode}"
+        if mode in self.too_slow:
+            row["skipped"][key] = self.too_slow[mode]
+            return None
+        xi = x.clone().requires_grad_(mode != "fwd")
+        ms = None
+        try:
+            ms = run_cell(self.fn, self.params, xi, g, mode, graph=self.impl.endswith(GRAPH))
+        except NotApplicable as exc:
+            row["skipped"][key] = str(exc)
+        except TooSlow as exc:
+            row["skipped"][key] = str(exc)
+            self.too_slow[mode] = f"T={row['T']} already took {exc}"
+        except torch.OutOfMemoryError:
+            row["skipped"][key] = "out of GPU memory"
+        except Exception as exc:  # noqa: BLE001
+            row["skipped"][key] = f"failed: {exc!r}"[:200]
+        del xi
+        for p in self.params:
+            p.grad = None
+        torch.cuda.empty_cache()
+        return ms
+
+
+def _build(impl: str, shape: str, rows: dict, modes) -> Cell | None:
+    try:
+        return Cell(impl, shape)
+    except Exception as exc:  # noqa: BLE001  (a peer that cannot be built)
+        for row in rows.values():
+            for mode in modes:
+                row["skipped"][f"{impl}/{mode}"] = f"build failed: {exc!r}"[:200]
+        print(f"{shape} {impl}: build failed: {exc!r}"[:300], flush=True)
+        torch.cuda.empty_cache()
+        return None
+
+
+def _inputs(shape: str, tokens) -> dict[int, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    D = SHAPES[shape][0]
+    return {T: torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for T in tokens}
+
+
+def _show(row: dict, key: str, mode: str) -> None:
+    t = row["times_ms"].get(key)
+    fl = row.get("floor", {}).get("fwd_floor_ms" if mode == "fwd" else "fwdbwd_floor_ms")
+    shown = f"{t:.3f} ms ({t / fl:.2f}x floor)" if t and fl else row["skipped"].get(key)
+    print(f"{row['shape']} T={row['T']} {key}: {shown}", flush=True)
+
+
+def run_shape_impl_by_impl(shape: str, rows: dict, args, bw: float, rate: float, save) -> None:
+    """One implementation at a time (built, timed at every T and mode, freed): the least GPU
+    memory, but each implementation meets the host as it is minutes apart."""
+    xs = _inputs(shape, args.tokens)
+    for impl in args.impls:
+        cell = _build(impl, shape, rows, args.modes)
+        if cell is None:
+            continue
+        for T, row in rows.items():
+            if impl == "moeflow":
+                cell.floor(row, xs[T], bw, rate)
+            g = torch.randn_like(xs[T])
+            for mode in args.modes:
+                ms = cell.time(row, xs[T], g, mode)
+                if ms is not None:
+                    row["times_ms"][f"{impl}/{mode}"] = ms
+                _show(row, f"{impl}/{mode}", mode)
+        del cell
+        torch.cuda.empty_cache()
+        save()
+
+
+def run_shape_interleaved(shape: str, rows: dict, args, bw: float, rate: float, save) -> None:
+    """Every implementation built at once; each (T, mode) timed in args.rounds rounds, every
+    round all implementations one after the other, in an order rotated from round to round,
+    so that each meets the host in the same states as the others (the host-bound small-T cells
+    move by up to 2x between runs and machines, benchmarks/results/moe_layer). A cell's time is
+    the median of its rounds; the rounds are kept (row["rounds_ms"]), and row["wins"] counts
+    the rounds moeflow was faster than each peer."""
+    xs = _inputs(shape, args.tokens)
+    cells = [c for c in (_build(i, shape, rows, args.modes) for i in args.impls) if c is not None]
+    for T, row in rows.items():
+        if cells and cells[0].impl == "moeflow":
+            cells[0].floor(row, xs[T], bw, rate)
+        g = torch.randn_like(xs[T])
+        rounds = row.setdefault("rounds_ms", {})
+        for mode in args.modes:
+            for r in range(args.rounds):
+                order = cells[r % len(cells):] + cells[:r % len(cells)]
+                for cell in order:
+                    key = f"{cell.impl}/{mode}"
+                    if key in row["skipped"]:
+                        continue
+                    ms = cell.time(row, xs[T], g, mode)
+                    if ms is not None:
+                        rounds.setdefault(key, []).append(ms)
+            for cell in cells:
+                key = f"{cell.impl}/{mode}"
+                if rounds.get(key):
+                    row["times_ms"][key] = statistics.median(rounds[key])
+                    row["skipped"].pop(key, None)
+                _show(row, key, mode)
+            row.setdefault("wins", {})[mode] = wins(rounds, mode)
+        save()
+    del cells
+    torch.cuda.empty_cache()
+
+
+def wins(rounds: dict[str, list[float]], mode: str) -> dict[str, str]:
+    """Per eager peer: in how many of the rounds both ran moeflow was the faster, "k/n"."""
+    ours = rounds.get(f"moeflow/{mode}", [])
+    out = {}
+    for key, theirs in rounds.items():
+        impl = key.split("/")[0]
+        if key.endswith("/" + mode) and not impl.startswith("moeflow") and not impl.endswith(GRAPH):
+            n = min(len(ours), len(theirs))
+            out[impl] = f"{sum(a < b for a, b in zip(ours, theirs))}/{n}"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
@@ -275,6 +427,9 @@ def main() -> None:
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="> 1: time every (T, mode) this many times, the implementations "
+                         "interleaved (all built at once; run_shape_interleaved)")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown of a results file")
     args = ap.parse_args()
     if args.render:
@@ -300,72 +455,21 @@ def main() -> None:
           f"TFLOP/s", flush=True)
     result = {"gpu": props.name, "date": datetime.date.today().isoformat(),
               "command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-              "bandwidth_Bps": bw, "bf16_flops": rate, "rows": []}
+              "bandwidth_Bps": bw, "bf16_flops": rate, "rounds": args.rounds, "rows": []}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"moe_layer_{props.name.replace(' ', '-')}_{result['date']}")
+
+    def save() -> None:
+        with open(stem + ".json", "w") as fh:
+            json.dump(result, fh, indent=1)
+        with open(stem + ".md", "w") as fh:
+            fh.write(markdown(result, args.impls, args.modes))
+
     for shape in args.shapes:
-        D = SHAPES[shape][0]
         rows = {T: {"shape": shape, "T": T, "times_ms": {}, "skipped": {}} for T in args.tokens}
         result["rows"] += rows.values()
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        xs = {T: torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-              for T in args.tokens}
-        for impl in args.impls:
-            try:
-                fn, mod = build(impl, shape)
-            except Exception as exc:  # noqa: BLE001  (a peer that cannot be built)
-                for row in rows.values():
-                    for mode in args.modes:
-                        row["skipped"][f"{impl}/{mode}"] = f"build failed: {exc!r}"[:200]
-                print(f"{shape} {impl}: build failed: {exc!r}"[:300], flush=True)
-                torch.cuda.empty_cache()
-                continue
-            params = [p for p in mod.parameters() if p.requires_grad]
-            too_slow = {}  # mode -> reason: larger T are not tried once a smaller one was too slow
-            for T, row in rows.items():
-                x = xs[T]
-                if impl == "moeflow":
-                    with torch.no_grad():
-                        routing = mod.router(x)
-                    kept = int(routing.kept_TK.sum())
-                    row["floor"] = floors(shape, T, kept, int((routing.counts_E > 0).sum()),
-                                          bw, rate)
-                    row["dropped"] = int(routing.num_dropped)
-                g = torch.randn_like(x)
-                for mode in args.modes:
-                    key = f"{impl}/{mode}"
-                    if mode in too_slow:
-                        row["skipped"][key] = too_slow[mode]
-                        continue
-                    xi = x.clone().requires_grad_(mode != "fwd")
-                    try:
-                        row["times_ms"][key] = run_cell(fn, params, xi, g, mode,
-                                                        graph=impl.endswith(GRAPH))
-                    except NotApplicable as exc:
-                        row["skipped"][key] = str(exc)
-                    except TooSlow as exc:
-                        row["skipped"][key] = str(exc)
-                        too_slow[mode] = f"T={T} already took {exc}"
-                    except torch.OutOfMemoryError:
-                        row["skipped"][key] = "out of GPU memory"
-                    except Exception as exc:  # noqa: BLE001
-                        row["skipped"][key] = f"failed: {exc!r}"[:200]
-                    del xi
-                    for p in params:
-                        p.grad = None
-                    torch.cuda.empty_cache()
-                    t = row["times_ms"].get(key)
-                    fl = row.get("floor", {}).get("fwd_floor_ms" if mode == "fwd"
-                                                  else "fwdbwd_floor_ms")
-                    shown = f"{t:.3f} ms ({t / fl:.2f}x floor)" if t and fl else \
-                        row["skipped"].get(key)
-                    print(f"{shape} T={T} {key}: {shown}", flush=True)
-            del fn, mod, params
-            torch.cuda.empty_cache()
-            with open(stem + ".json", "w") as fh:
-                json.dump(result, fh, indent=1)
-            with open(stem + ".md", "w") as fh:
-                fh.write(markdown(result, args.impls, args.modes))
+        run_shape = run_shape_impl_by_impl if args.rounds == 1 else run_shape_interleaved
+        run_shape(shape, rows, args, bw, rate, save)
     print(markdown(result, args.impls, args.modes))
 
 
@@ -373,7 +477,9 @@ def markdown(result: dict, impls, modes) -> str:
     lines = [f"# MoE layer benchmark — {result['gpu']}, {result['date']}", "",
              f"Command: `{result['command']}` (torch {result['torch']}). Measured copy bandwidth "
              f"{result['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 GEMM "
-             f"{result['bf16_flops'] / 1e12:.0f} TFLOP/s. Each cell: median ms (× floor).", ""]
+             f"{result['bf16_flops'] / 1e12:.0f} TFLOP/s. Each cell: median ms (× floor)"
+             + (f", the median of {result['rounds']} interleaved rounds"
+                if result.get("rounds", 1) > 1 else "") + ".", ""]
     notes = []
     all_impls = impls
     for mode in modes:
@@ -426,6 +532,9 @@ def targets(result: dict, modes) -> list[str]:
                      and not k.split("/")[0].endswith(GRAPH)}
             best = min(peers.items(), key=lambda kv: kv[1]) if peers else None
             verdict = ("yes" if all(t < v for v in peers.values()) else "no") if peers else "?"
+            won = row.get("wins", {}).get(mode)
+            if won:
+                verdict += "; rounds won: " + ", ".join(f"{p} {kn}" for p, kn in won.items())
             hg = row["times_ms"].get(f"hf-grouped_mm{GRAPH}/{mode}")
             if g is not None and hg is not None:
                 verdict += (f"; graphs: {g:.3f} ({g / fl:.2f}×) vs {hg:.3f} "
