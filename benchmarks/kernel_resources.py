@@ -48,10 +48,11 @@ def survey(names: list[str]) -> list[dict]:
     rows: list[dict] = []
     compile_sm90 = cases.compile_sm90
 
-    def recording(fn, signature, constexprs, num_warps=4):
-        kernel = compile_sm90(fn, signature, constexprs, num_warps)
+    def recording(fn, signature, constexprs, num_warps=4, num_stages=3):
+        kernel = compile_sm90(fn, signature, constexprs, num_warps, num_stages)
         ptx = kernel.asm["ptx"]
         rows.append({"case": case, "kernel": fn.__name__, "num_warps": num_warps,
+                     "num_stages": num_stages,
                      "constexprs": {k: v for k, v in constexprs.items()
                                     if isinstance(v, (bool, int, str))},
                      **ptxas_usage(ptx), "shared_bytes": kernel.metadata.shared,
