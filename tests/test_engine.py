@@ -7,7 +7,7 @@ import torch
 from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.config import MLAConfig
 from moeflow.infer import Engine, EngineConfig, SamplingParams
-from moeflow.infer.decode_graphs import GraphDecoder
+from moeflow.infer.decode_graphs import warm_up
 
 VOCAB = 101
 
@@ -120,8 +120,7 @@ def test_requests_joining_and_leaving_mid_batch_match_alone(padded):
     model = make_model("llama")
     engine = Engine(model, EngineConfig(max_batch_size=3))
     if padded:  # the CUDA-graph bucketing (padding rows into free slots), without capture
-        engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
-                                       engine.max_seq_len, capture=False)
+        engine._decoder = engine._graph_decoder(capture=False)
     ps = prompts(6, seed=4)
     lengths = [3, 9, 5, 1, 7, 4]
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0))
@@ -232,8 +231,7 @@ def test_pipelined_decode_emits_what_one_step_at_a_time_emits(padded):
     for pipelined in (False, True):
         engine = Engine(model, EngineConfig(max_batch_size=3, pipelined_decode=pipelined))
         if padded:
-            engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
-                                           engine.max_seq_len, capture=False)
+            engine._decoder = engine._graph_decoder(capture=False)
         runs[pipelined] = _drive(engine, script)
         assert engine.stats().cache_used == 0 and not engine.has_work()
     (plain, plain_calls), (piped, piped_calls) = runs[False], runs[True]
@@ -255,8 +253,7 @@ def test_expert_counts_cover_every_processed_token():
     model = make_model("llama")
     engine = Engine(model, EngineConfig(max_batch_size=2))
     # padding rows must not be counted
-    engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
-                                   engine.max_seq_len, capture=False)
+    engine._decoder = engine._graph_decoder(capture=False)
     ps = prompts(3, seed=7)
     outs = engine.generate(ps, SamplingParams(max_new_tokens=5, temperature=0))
     processed = sum(len(p) + len(o) - 1 for p, o in zip(ps, outs))
@@ -264,6 +261,37 @@ def test_expert_counts_cover_every_processed_token():
     assert len(stats.expert_counts) == 3 and all(len(c) == 8 for c in stats.expert_counts)
     assert all(sum(c) == 2 * processed for c in stats.expert_counts)
     assert stats.tokens_generated == 15 and stats.cache_capacity == 2 * 48
+
+
+def test_a_decode_step_leaves_its_greedy_tokens_where_the_next_step_reads_them():
+    """The step writes each row's argmax into the next-token buffer itself, so nothing runs
+    between two replayed steps to put it there (NextTokens.record then copies nothing)."""
+    engine = Engine(make_model("llama"), EngineConfig(max_batch_size=2))
+    prompt = prompts(1, seed=3)[0]
+    engine.add_request(prompt, SamplingParams(max_new_tokens=4, temperature=0))
+    engine.step()  # the prefill: its first token goes into the slot's buffer entry
+    out = engine._decoder(None, [len(prompt)])
+    assert out.greedy_B.data_ptr() == engine.next_tokens.ids.data_ptr()
+    assert torch.equal(engine.next_tokens.ids[:1], out.logits_BV.argmax(dim=-1))
+
+
+def test_capture_warm_up_leaves_the_step_state_as_it_found_it():
+    """A decode step writes its greedy tokens into its input buffer and adds to the expert
+    counts; capture's warm-up runs (moeflow.infer.decode_graphs.warm_up) must leave both as
+    they were, or the first replay would decode the warm-up's tokens and the counts would
+    include the warm-ups."""
+    tokens = torch.tensor([3, 1, 4, 1])
+    counts = torch.tensor([5, 0, 2])
+    inputs_seen = []
+
+    def step(tokens_B1):
+        inputs_seen.append(tokens_B1[:, 0].tolist())
+        counts.add_(torch.tensor([1, 2, 3]))
+        tokens_B1[:, 0] = tokens_B1[:, 0] * 2 + 1
+
+    warm_up(step, (tokens[:3, None],), (tokens, counts), runs=3)
+    assert inputs_seen == [[3, 1, 4]] * 3  # every run from the same inputs
+    assert tokens.tolist() == [3, 1, 4, 1] and counts.tolist() == [5, 0, 2]
 
 
 def test_bad_inputs_raise_one_line_value_errors():

@@ -175,8 +175,7 @@ def test_graph_replay_equals_uncaptured_step():
     runs = []
     for capture in (False, True):
         engine = Engine(model, EngineConfig(max_batch_size=4))
-        engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
-                                       engine.max_seq_len, capture=capture)
+        engine._decoder = engine._graph_decoder(capture=capture)
         seen = {}
         engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.float().clone())
         outs = engine.generate(prompts(3, seed=2), GREEDY)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from moeflow import ModelConfig, RouterConfig, Transformer
 from moeflow.infer import Engine, EngineConfig, SamplingParams
-from moeflow.infer.decode_graphs import GraphDecoder
 from moeflow.infer.offload import OffloadConfig
 from moeflow.infer.offload.prefetch import LookaheadPrefetch, PrefetchLedger
 from moeflow.infer.scheduler import Request, Scheduler
@@ -192,8 +191,7 @@ def test_padded_graph_decoder_passes_the_history():
     ps = prompts(3, seed=4)
     _, ref, _ = run(copy.deepcopy(model), ps, max_batch_size=4)
     engine = Engine(copy.deepcopy(model), EngineConfig(max_batch_size=4))
-    engine._decoder = GraphDecoder(engine._decode_forward, engine.next_tokens.ids,
-                                   engine.max_seq_len, capture=False, history=2)
+    engine._decoder = engine._graph_decoder(capture=False)
     assert engine.generate(ps, SamplingParams(max_new_tokens=6, temperature=0)) == ref
 
 

@@ -60,3 +60,18 @@ def test_refuses_what_it_cannot_reduce_in_one_line():
     with pytest.raises(ValueError, match="tickets must be int32 zeros, at least 2"):
         argmax_rows_triton(torch.randn(2, 3, device=DEVICE),
                            torch.zeros(1, dtype=torch.int32, device=DEVICE))
+
+
+def test_writes_into_a_given_buffer_and_refuses_one_it_cannot_fill():
+    """`out` (the engine's next-token buffer): the ids land in that memory, the rest of the
+    buffer untouched; a buffer of the wrong size, dtype or layout is refused."""
+    x = torch.randn(3, 70, device=DEVICE)
+    buffer = torch.full((5,), -1, dtype=torch.int64, device=DEVICE)
+    got = argmax_rows_triton(x, out=buffer[1:4])
+    assert got.data_ptr() == buffer[1:4].data_ptr()
+    assert torch.equal(buffer[1:4], x.argmax(dim=-1)) and buffer[0] == buffer[4] == -1
+    for bad in (torch.empty(4, dtype=torch.int64, device=DEVICE),
+                torch.empty(3, dtype=torch.int32, device=DEVICE),
+                torch.empty(6, dtype=torch.int64, device=DEVICE)[::2]):
+        with pytest.raises(ValueError, match=r"out must be a contiguous \[3\] int64 tensor"):
+            argmax_rows_triton(x, out=bad)

@@ -6,17 +6,21 @@ GPU needs to stream the weights. Capturing the step once and replaying it remove
 cost. Graphs need static shapes and addresses, so:
 
 - the input tokens live in the engine's device buffer of each slot's next token
-  (moeflow.infer.next_tokens: the previous step's sampling wrote them there); the cached lengths
-  and a real-row mask in one static device buffer, refreshed by a single host-to-device copy per
-  step;
+  (moeflow.infer.next_tokens), where the step before wrote its greedy tokens itself (and the
+  host's sampling, rows that sample); the cached lengths and a real-row mask in one static
+  device buffer, refreshed by a single host-to-device copy per step;
 - the batch is padded up to a bucket (powers of two up to the slot count); padded rows decode a
   dummy token into free cache slots (running sequences always occupy slots 0..B-1) and are masked
   out of the expert counts;
 - keys are read up to a bucketed length S (powers of two, at least `MIN_KV_LEN`), masked past
   each sequence's own length;
-- one graph per (batch bucket, S bucket), captured on first use after a warm-up run on a side
-  stream (Triton autotuning and lazy initialisation must happen outside capture), all sharing one
-  memory pool since they never run concurrently.
+- one graph per (batch bucket, S bucket), captured on first use after warm-up runs on a side
+  stream (Triton autotuning and lazy initialisation must happen outside capture), each from the
+  state the step found (the token buffer, the expert counts it adds to: `state`), all sharing
+  one memory pool since they never run concurrently.
+
+The step updates that state itself, so that between two replays the engine runs only the
+copies to and from the host (the lengths in, the tokens out): no counts' add, no token copy.
 
 Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`, so
 CPU tests exercise the exact computation the graphs capture; `GraphDecoder` with
@@ -36,8 +40,9 @@ MIN_KV_LEN = 128
 
 class StepOutput(NamedTuple):
     logits_BV: torch.Tensor
-    greedy_B: torch.Tensor  # each row's argmax (int64), computed inside the step
-    counts: torch.Tensor  # expert assignments of the real rows, flattened over MoE layers
+    # Each row's argmax (int64), computed inside the step and written into the token buffer
+    # (the step's input), where the next step reads it: a greedy row's next input.
+    greedy_B: torch.Tensor
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepOutput]
@@ -83,12 +88,16 @@ def _pow2_at_least(n: int) -> int:
 class GraphDecoder:
     """Replays one captured CUDA graph per (batch bucket, key-length bucket)."""
 
-    def __init__(self, step_fn: StepFn, tokens: torch.Tensor, max_len: int,
-                 capture: bool = True, history: int | None = None) -> None:
+    def __init__(self, step_fn: StepFn, tokens: torch.Tensor, max_len: int, *,
+                 state: tuple[torch.Tensor, ...], capture: bool = True,
+                 history: int | None = None) -> None:
         """`tokens`: the [slots] device buffer the input tokens are read from (one per cache
-        slot, moeflow.infer.next_tokens); `history`: H, the tokens before each row's input that
-        step_fn takes (None: none)."""
+        slot, moeflow.infer.next_tokens), which the step also writes (its greedy tokens);
+        `history`: H, the tokens before each row's input that step_fn takes (None: none);
+        `state`: the other tensors the step updates in place (beside the KV cache: the
+        engine's expert counts). Capture's warm-up runs put both back as they found them."""
         self.step_fn, self.tokens, self.max_len = step_fn, tokens, max_len
+        self.state = (tokens, *state)
         self.num_slots = num_slots = tokens.numel()
         self.capture, self.history = capture, history
         rows = 2 + (history or 0)
@@ -133,7 +142,7 @@ class GraphDecoder:
                 self.graphs[B, S] = self._capture(B, S)
             graph, out = self.graphs[B, S]
             graph.replay()
-        return StepOutput(out.logits_BV[:n], out.greedy_B[:n], out.counts)
+        return StepOutput(out.logits_BV[:n], out.greedy_B[:n])
 
     def _args(self, B: int, S: int) -> tuple:
         # Padded rows (n..B-1) read whatever token their free slot holds: always a valid id
@@ -144,20 +153,32 @@ class GraphDecoder:
         return args
 
     def _capture(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, StepOutput]:
-        graph, outputs = capture_graph(self.step_fn, self._args(B, S), self.pool)
+        graph, outputs = capture_graph(self.step_fn, self._args(B, S), self.pool, self.state)
         self.pool = graph.pool()
         return graph, outputs
 
 
-def capture_graph(fn: Callable, args: tuple, pool) -> tuple[torch.cuda.CUDAGraph, tuple]:
+def warm_up(fn: Callable, args: tuple, state: tuple[torch.Tensor, ...] = (),
+            runs: int = 2) -> None:
+    """Run `fn(*args)` `runs` times, each from the same `state` (tensors fn updates in place:
+    after each run they are put back as they were), so that the runs leave no trace there."""
+    saved = [t.clone() for t in state]
+    for _ in range(runs):
+        fn(*args)
+        for t, before in zip(state, saved):
+            t.copy_(before)
+
+
+def capture_graph(fn: Callable, args: tuple, pool, state: tuple[torch.Tensor, ...] = ()
+                  ) -> tuple[torch.cuda.CUDAGraph, tuple]:
     """`fn(*args)` captured into `pool` (None: a new one), after two warm-up runs on a side
-    stream: Triton autotuning, torch.compile and lazy initialisation must happen outside
-    capture. The warm-ups' writes (KV cache) are the ones the replays repeat."""
+    stream (warm_up: `state` restored after each): Triton autotuning, torch.compile and lazy
+    initialisation must happen outside capture. The warm-ups' other writes (KV cache) are the
+    ones the replays repeat, from the same inputs."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(*args)
+        warm_up(fn, args, state)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):

@@ -160,10 +160,12 @@ def graph_capturable(model: torch.nn.Module) -> bool:
 
 
 def count_experts(routing, valid_T: torch.Tensor, offsets_L: torch.Tensor,
-                  total_experts: int) -> torch.Tensor:
+                  total_experts: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """Assignments per expert over all MoE layers, flattened [Σ E], counting only rows where
-    valid_T is 1 (padding rows of a captured batch are 0). Few kernels, no host sync."""
-    counts = torch.zeros(total_experts, dtype=torch.int64, device=valid_T.device)
+    valid_T is 1 (padding rows of a captured batch are 0). Few kernels, no host sync.
+    `into`: an int64 [Σ E] tensor the counts are added to (returned), else a new one."""
+    counts = (torch.zeros(total_experts, dtype=torch.int64, device=valid_T.device)
+              if into is None else into)
     if not routing:
         return counts
     if len({r.ids_TK.shape for r in routing}) == 1:
@@ -238,8 +240,7 @@ class Engine:
         self._prefiller: GraphPrefiller | None = None
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
-            self._decoder = GraphDecoder(self._decode_forward, self.next_tokens.ids,
-                                         self.max_seq_len, history=self._history)
+            self._decoder = self._graph_decoder()
             if config.prefill_graphs:
                 self._prefiller = GraphPrefiller(
                     self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
@@ -385,7 +386,6 @@ class Engine:
         history = (None if self._history is None
                    else [r.history(self._history) for r in running])
         out = self._decoder(None, lengths, groups, history)  # tokens: self.next_tokens
-        self._expert_counts += out.counts
         for request in running:
             request.cached += 1
         return self._sample(running, out.logits_BV, out.greedy_B, 0)
@@ -455,20 +455,30 @@ class Engine:
         extra = {} if history_BH is None else {"history": history_BH}
         out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
                          inference=True, groups=groups_B1, hidden_only=True, **extra)
-        # Captured, the expert counts (a few small kernels on the routing ids) run on a side
-        # stream beside the LM head, off the step's critical path; joined before the step ends.
+        # The step keeps its own books, so that nothing runs between two replayed steps but
+        # the copies to and from the host: the expert counts are added to the engine's running
+        # totals (captured, on a side stream beside the LM head, off the step's critical path;
+        # joined before the step ends) and the greedy tokens are written where the next step
+        # reads its input (rows decoding a sampled token get theirs on the host's side).
         side = (self._count_stream if self._count_stream is not None
                 and torch.cuda.is_current_stream_capturing() else None)
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            counts = count_experts(out.routing, valid_B, self._expert_offsets,
-                                   self._expert_counts.numel())
+            count_experts(out.routing, valid_B, self._expert_offsets, self._expert_counts.numel(),
+                          into=self._expert_counts)
         logits_BV = self.model.head(out.hidden)[:, 0]
-        greedy_B = greedy_tokens(logits_BV, self._argmax_tickets)
+        greedy_B = greedy_tokens(logits_BV, self._argmax_tickets, out=tokens_B1[:, 0])
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
-        return StepOutput(logits_BV, greedy_B, counts)
+        return StepOutput(logits_BV, greedy_B)
+
+    def _graph_decoder(self, capture: bool = True) -> GraphDecoder:
+        """The decode step bucketed, and on CUDA captured (capture=False: padded and bucketed
+        only, as CPU tests run it); the step's in-place state (the next-token buffer, the expert
+        counts) declared so that capture's warm-up runs leave it as it was."""
+        return GraphDecoder(self._decode_forward, self.next_tokens.ids, self.max_seq_len,
+                            capture=capture, history=self._history, state=(self._expert_counts,))
 
     def _prefill_forward(self, ids_1T: torch.Tensor, last_11: torch.Tensor,
                          valid_T: torch.Tensor, slot_1: torch.Tensor

@@ -40,7 +40,9 @@ class NextTokens:
         """tokens_n ([n] int64, on the device) become the next inputs of slots first_slot ...
         first_slot + n - 1 (requests' slots, in order); returns their copy for the host."""
         n = tokens_n.numel()
-        self.ids[first_slot:first_slot + n].copy_(tokens_n)
+        ids_n = self.ids[first_slot:first_slot + n]
+        if tokens_n.data_ptr() != ids_n.data_ptr():  # else a decode step wrote them in place
+            ids_n.copy_(tokens_n)
         host_n = torch.empty(n, dtype=torch.int64, pin_memory=self._cuda)
         host_n.copy_(tokens_n, non_blocking=self._cuda)
         copied = None

@@ -50,14 +50,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's argmax, [B] int64 (ties to the lower id): one Triton launch on CUDA
     (moeflow.ops.argmax_triton, the same ids; `tickets` its counters), torch's argmax
-    elsewhere. Exact in any float dtype: no upcast needed."""
+    elsewhere. Exact in any float dtype: no upcast needed. `out`: a contiguous [B] int64
+    tensor to write them into (returned)."""
     if logits_BV.is_cuda and triton_available() and not torch.is_grad_enabled():
         from moeflow.ops.argmax_triton import argmax_rows_triton
-        return argmax_rows_triton(logits_BV, tickets)
-    return logits_BV.argmax(dim=-1)
+        return argmax_rows_triton(logits_BV, tickets, out)
+    if out is None:
+        return logits_BV.argmax(dim=-1)
+    return torch.argmax(logits_BV, dim=-1, out=out)
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams,

@@ -71,11 +71,12 @@ def _argmax_kernel(x_ptr, stride_b, V, val_ptr, idx_ptr, out_ptr, tickets_ptr, P
         tl.store(out_ptr + b, at.to(tl.int64))
 
 
-def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """torch.argmax(logits_BV, dim=-1) as one launch: [B] int64. `tickets`: int32 zeros, at
     least B, on the logits' device, left at 0 (moeflow.ops.tickets; None: made here, one
-    launch at a time may share them)."""
+    launch at a time may share them). `out`: a contiguous [B] int64 tensor on that device to
+    write the ids into (returned)."""
     if logits_BV.dim() != 2 or logits_BV.shape[1] == 0:
         raise ValueError(f"argmax_rows: logits must be [B, V] with V > 0, got "
                          f"{tuple(logits_BV.shape)}")
@@ -90,7 +91,14 @@ def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = N
     elif tickets.dtype != torch.int32 or tickets.numel() < B or tickets.device != device:
         raise ValueError(f"argmax_rows: tickets must be int32 zeros, at least {B}, on {device}; "
                          f"got {tickets.dtype} [{tickets.numel()}] on {tickets.device}")
-    out_B = torch.empty(B, dtype=torch.int64, device=device)
+    if out is None:
+        out_B = torch.empty(B, dtype=torch.int64, device=device)
+    elif out.shape != (B,) or out.dtype != torch.int64 or out.device != device or (
+            B > 1 and out.stride(0) != 1):
+        raise ValueError(f"argmax_rows: out must be a contiguous [{B}] int64 tensor on "
+                         f"{device}; got {out.dtype} {tuple(out.shape)} on {out.device}")
+    else:
+        out_B = out
     if B == 0:
         return out_B
     x_BV = logits_BV if logits_BV.stride(1) == 1 else logits_BV.contiguous()
