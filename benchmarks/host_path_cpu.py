@@ -7,13 +7,17 @@ assignments: the fused multi-kernel router). The experts' hidden size is shrunk 
 kernel runs, and nothing on the host depends on it); at T = 40 the router's logits GEMM, a
 torch op, still runs on the CPU, so that figure includes it. `--count` instead counts the
 Python function calls per layer call (cProfile; deterministic, unlike the times on a shared
-host), for those cases and for a training fwd+bwd of the Qwen3 layer (D 256, T 8: the fused
-router with its backward, the Triton dispatch; the experts' torch._grouped_mm runs on the CPU).
+host), for those cases and for training fwd+bwd calls (D 256: the fused router with its
+backward, the Triton dispatch; the experts' torch._grouped_mm runs on the CPU), and beside it
+the kernels each call would launch on CUDA (the Triton launches and the aten ops that launch a
+kernel) and the ops among them that synchronise with the host, for moeflow and for the
+minimal grouped_mm layer of benchmarks/moe_layer.py at the same shape (issue 14, item 3:
+"count launches; remove syncs").
 
     PYTHONPATH=. python benchmarks/host_path_cpu.py [--calls 2000] [--repeats 5] [--count]
 
 prints µs per call (median of the repeats, each the mean of --calls calls) per case, or with
---count the Python calls per call.
+--count the Python calls, kernels and synchronising ops per call.
 """
 
 from __future__ import annotations
@@ -26,14 +30,20 @@ import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime import jit  # noqa: E402
 
 from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/moe_layer.py
 
 SHAPES = {  # name: (D, E, activation, router), as benchmarks/moe_layer.py
     "qwen3-30b-a3b": (2048, 128, "swiglu",
@@ -55,7 +65,8 @@ def _layer(name: str, T: int, D: int | None = None, backends: Backends = BACKEND
 
 
 def python_calls(fn, calls: int = 20) -> float:
-    """Python function calls per call of fn, after warm-up calls."""
+    """Python function calls per call of fn, after warm-up calls, those of this script (fn
+    itself, the no-op launches) left out."""
     for _ in range(3):
         fn()
     profile = cProfile.Profile()
@@ -63,23 +74,127 @@ def python_calls(fn, calls: int = 20) -> float:
     for _ in range(calls):
         fn()
     profile.disable()
-    return pstats.Stats(profile).total_calls / calls
+    stats = pstats.Stats(profile)
+    own = sum(row[1] for key, row in stats.stats.items() if key[0] == __file__)
+    return (stats.total_calls - own) / calls
+
+
+# aten ops that launch no kernel on CUDA: views, metadata, allocations without a fill.
+NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand",
+    "select", "slice", "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "unbind",
+    "as_strided", "alias", "detach", "lift_fresh", "resolve_conj", "resolve_neg",
+    "is_same_size", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+# aten ops that wait for the GPU on CUDA: each reads a value back to size its output (bincount
+# its largest id, nonzero its count; _local_scalar_dense is .item()).
+SYNCS = frozenset({"_local_scalar_dense", "bincount", "nonzero", "unique", "_unique2",
+                   "masked_select"})
+TRITON_LAUNCHES: list[str] = []  # what the no-op launches were asked to run (_recorded_launch)
+
+
+class KernelCounter(TorchDispatchMode):
+    """The kernels one call would launch on CUDA (aten ops that launch one, and the Triton
+    launches the stub recorded) and the syncs among them."""
+
+    def __enter__(self):
+        self.kernels: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self._triton_before = len(TRITON_LAUNCHES)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.kernels.update(f"triton:{n}" for n in TRITON_LAUNCHES[self._triton_before:])
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NO_KERNEL:
+            self.kernels[name] += 1
+        if name in SYNCS:
+            self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _no_launch(kernel, grid):
+    """A Triton launch that runs nothing (every launch, as main installs it)."""
+    return lambda *args, **kwargs: None
+
+
+def _recorded_launch(kernel, grid):
+    """A Triton launch that runs nothing and records the kernel's name."""
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+    return lambda *args, **kwargs: TRITON_LAUNCHES.append(name)
+
+
+def launches(fn) -> KernelCounter:
+    for _ in range(2):
+        fn()
+    jit.KernelInterface.__getitem__ = _recorded_launch
+    try:
+        with KernelCounter() as counter:
+            fn()
+    finally:
+        jit.KernelInterface.__getitem__ = _no_launch
+    return counter
+
+
+def _minimal(name: str, T: int, D: int):
+    """The issue's minimal grouped_mm layer (benchmarks/moe_layer.py) at this case's shape."""
+    from moe_layer import MinimalMoE
+
+    _, E, act, router = SHAPES[name]
+    layer = MinimalMoE(D, 64, E, router.top_k, act, router.normalize_topk)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, D ** -0.5)
+    return layer
+
+
+def _describe(label: str, counter: KernelCounter, calls: float | None = None) -> str:
+    triton = sum(v for k, v in counter.kernels.items() if k.startswith("triton:"))
+    py = "" if calls is None else f"{calls:.0f} Python calls, "
+    return (f"{label}: {py}{sum(counter.kernels.values())} kernels ({triton} Triton), "
+            f"{sum(counter.syncs.values())} synchronising ops")
 
 
 def count() -> None:
+    """Per call: moeflow's Python calls, and the kernels (with the Triton launches among them)
+    and host syncs it would issue on CUDA, beside the minimal layer's at the same shape; the
+    inference cases as CASES (bf16, no autograd), then training fwd+bwd of the Qwen3 layer at
+    T 8 and 128 and the ds-1.3b one at T 8 (D 256; the backward of moe_layer.py's cells:
+    y.backward(g)), on the paths "auto" takes there on CUDA."""
     for name, T in CASES:
         layer, x = _layer(name, T)
         layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
         with torch.no_grad():
-            print(f"{name} T={T}: {python_calls(lambda: layer(x)):.0f} Python calls per call")
-    layer, x = _layer("qwen3-30b-a3b", 8, D=256, backends=Backends(
-        router="triton", dispatch="triton", elementwise="triton"))
-    x.requires_grad_(True)
+            calls = python_calls(lambda: layer(x))
+            minimal = _minimal(name, T, x.shape[-1]).to(torch.bfloat16)
+            their_calls = python_calls(lambda: minimal(x[0]))
+            ours, theirs = launches(lambda: layer(x)), launches(lambda: minimal(x[0]))
+        print(f"{name} T={T}: " + _describe("moeflow", ours, calls) + "; "
+              + _describe("minimal", theirs, their_calls))
+    train = Backends(router="triton", dispatch="triton", experts="grouped_mm_fused",
+                     elementwise="triton")
+    for name, T in (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 128), ("ds-1.3b+moe128", 8)):
+        layer, x = _layer(name, T, D=256, backends=train)
+        layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
+        minimal = _minimal(name, T, 256).to(torch.bfloat16)
+        g = torch.randn_like(x)
 
-    def fwd_bwd():
-        y, routing = layer(x)
-        (y.float().sum() + routing.loss).backward()
-    print(f"qwen3-30b-a3b T=8 fwd+bwd (D 256): {python_calls(fwd_bwd):.0f} Python calls per call")
+        def fwd_bwd(module, moeflow: bool):
+            params = list(module.parameters())
+
+            def run():
+                for p in params:
+                    p.grad = None
+                x.grad = None
+                (module(x)[0] if moeflow else module(x)).backward(g)
+            return run
+        calls = python_calls(fwd_bwd(layer, True))
+        their_calls = python_calls(fwd_bwd(minimal, False))
+        ours, theirs = launches(fwd_bwd(layer, True)), launches(fwd_bwd(minimal, False))
+        print(f"{name} T={T} fwd+bwd (D 256): " + _describe("moeflow", ours, calls) + "; "
+              + _describe("minimal", theirs, their_calls))
 
 
 def per_call_us(name: str, T: int, calls: int, repeats: int) -> float:
@@ -101,10 +216,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--count", action="store_true", help="Python calls per call instead")
+    ap.add_argument("--count", action="store_true",
+                    help="Python calls, kernels and syncs per call instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    jit.KernelInterface.__getitem__ = lambda self, grid: (lambda *a, **k: None)  # no launches
+    jit.KernelInterface.__getitem__ = _no_launch
     if args.count:
         count()
         return
