@@ -64,6 +64,7 @@ def forced(spec: str):
                 route.route_warps = lambda *a, _w=int(value), **k: _w
             elif key == "gate":
                 route._GATE_BYTES_PER_PROGRAM = int(value)
+                route.logits_tiles.cache_clear()
             elif key == "moe":
                 un, uk, dn, dk, warps, stages, *pre = _ints(value)
                 experts.FEW_ACTIVE_EXPERTS = 1 << 30  # every call takes the forced config
@@ -80,6 +81,7 @@ def forced(spec: str):
     finally:
         (skinny.gemv_config, route.route_warps, route._GATE_BYTES_PER_PROGRAM,
          experts.FEW_ACTIVE_EXPERTS, experts.FEW_ACTIVE_CONFIG) = saved
+        route.logits_tiles.cache_clear()
 
 
 def main() -> None:

@@ -171,6 +171,7 @@ def warps_table(tokens: list[int]) -> dict:
                 decode_route_triton.ONE_PROGRAM_WARPS = warps
                 for gate_bytes in GATE_BYTES:
                     fused_mod._GATE_BYTES_PER_PROGRAM = gate_bytes
+                    fused_mod.logits_tiles.cache_clear()
                     fused = lambda: route_decode_fused(x, gate, CFG, None, ticket)  # noqa: E731
                     with torch.no_grad():
                         got = fused()[0].ids_TK
@@ -185,6 +186,7 @@ def warps_table(tokens: list[int]) -> dict:
     finally:
         (fused_mod.route_warps, fused_mod._GATE_BYTES_PER_PROGRAM,
          decode_route_triton.ONE_PROGRAM_WARPS) = rule
+        fused_mod.logits_tiles.cache_clear()
     return out
 
 

@@ -108,10 +108,12 @@ def main() -> None:
               f"kernels {call_kernel_us(run, ''):7.2f} us", flush=True)
     products = fused_route._LOGIT_PRODUCTS_PER_WARP  # session 18's tiles: D in chunks at 8+
     fused_route._LOGIT_PRODUCTS_PER_WARP = 1024
+    fused_route.logits_tiles.cache_clear()
     try:
         sweep([(1, 8), (8, 8), (16, 8), (32, 8)], "1024 products per warp: ", ticket, gate)
     finally:
         fused_route._LOGIT_PRODUCTS_PER_WARP = products
+        fused_route.logits_tiles.cache_clear()
 
 
 if __name__ == "__main__":

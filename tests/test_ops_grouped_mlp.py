@@ -278,8 +278,10 @@ def test_experts_stream_in_one_launch(rows):
                             device=DEVICE)
         rows_N = torch.randint(0, 5, (rows,), device=DEVICE)
         got = experts(x, ends, parked=False, rows_N=rows_N)
-        counters = experts._stream_counters
-        assert counters.numel() == 8 and torch.count_nonzero(counters) == 0
+        counters = experts._stream_counters.get(8, x.device)
+        assert experts(x, ends, parked=False, rows_N=rows_N) is not got  # a second launch
+        assert experts._stream_counters.get(8, x.device) is counters  # kept, not remade
+        assert torch.count_nonzero(counters) == 0  # every launch leaves them at 0
         want = expert_mlp_stream(x, ends, experts.w_in_EDI, None, experts.w_out_EFD, None,
                                  "swiglu", False, rows_N=rows_N)
     if ON_GPU:
@@ -288,14 +290,16 @@ def test_experts_stream_in_one_launch(rows):
         assert torch.equal(got, want)
 
 
-def test_zeroed_counters_are_made_once_per_device_and_count():
-    from moeflow.ops.tickets import zeroed_counters
+def test_device_counters_are_made_once_per_device_and_count():
+    from moeflow.ops.device_counters import DeviceCounters
 
-    first = zeroed_counters(None, 6, torch.device(DEVICE))
+    counters = DeviceCounters()
+    first = counters.get(6, torch.device(DEVICE))
     assert first.dtype == torch.int32 and first.numel() == 6 and not first.any()
-    assert zeroed_counters(first, 6, first.device) is first
-    other = zeroed_counters(first, 8, first.device)
+    assert counters.get(6, first.device) is first
+    other = counters.get(8, first.device)
     assert other.numel() == 8 and other is not first and not other.any()
+    assert counters.get(8, first.device) is other
 
 
 def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):

@@ -23,6 +23,7 @@ from moeflow.ops.activation import ffn_in_width
 from moeflow.ops.autocast import autocast_dtype
 from moeflow.ops.backend import (EXPERT_BACKENDS, Backends, ChoosesBackends, records_grad,
                                   resolve_expert_backend)
+from moeflow.ops.device_counters import DeviceCounters
 
 if TYPE_CHECKING:  # moeflow.parallel imports the model; the model only names the type
     from moeflow.model.dispatch import RowPlacement
@@ -38,7 +39,7 @@ class Experts(nn.Module, ChoosesBackends):
         self.backends = backends
         self.layout = layout
         # The one-launch stream kernel's counts, made on its first launch on a device.
-        self._stream_counters: torch.Tensor | None = None
+        self._stream_counters = DeviceCounters()
         held_E, held_F, out_bias = num_experts, d_ff, bias
         if layout is not None:
             if layout.num_experts != num_experts:
@@ -97,13 +98,12 @@ class Experts(nn.Module, ChoosesBackends):
             # The up and down kernels in one launch (moeflow.ops.grouped_mlp_triton), with two
             # counts per expert (one launch at a time: one stream, as the router's tickets).
             from moeflow.ops.grouped_mlp_triton import COUNTERS_PER_EXPERT  # imports Triton
-            from moeflow.ops.tickets import zeroed_counters
-            self._stream_counters = zeroed_counters(
-                self._stream_counters, COUNTERS_PER_EXPERT * w_out.shape[0], x_ND.device)
+            counters = self._stream_counters.get(COUNTERS_PER_EXPERT * w_out.shape[0],
+                                                 x_ND.device)
             place = (None if placement is None else
                      (placement.ids_TK, placement.slots_TK, placement.row_TK))
             return fn(x_ND, ends_E, w_in, b_in, w_out, b_out, self.activation, parked,
-                      rows_N=rows_N, counters=self._stream_counters, placement=place)
+                      rows_N=rows_N, counters=counters, placement=place)
         if placement is not None:
             raise ValueError(f"Experts: the rows were left for the stream kernel to place, but "
                              f"this call runs {getattr(fn, '__name__', fn)}")

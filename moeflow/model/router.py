@@ -49,6 +49,7 @@ from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routin
                                          grouped_aux_loss)
 from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
                                  records_grad, resolve_router_backend, router_fuses_logits)
+from moeflow.ops.device_counters import DeviceCounters
 
 if TYPE_CHECKING:  # imports Triton; only the decode path, which has it, makes one
     from moeflow.ops.norm_triton import PendingAddNorm
@@ -339,7 +340,7 @@ class Router(nn.Module, ChoosesBackends):
         # Balance counts summed over data-parallel ranks (None: this process's batch only).
         self.stats_reduce = stats_reduce
         # The fused decode kernel's ticket counters, made on its first launch on a device.
-        self._route_tickets: torch.Tensor | None = None
+        self._route_tickets = DeviceCounters()
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
@@ -422,11 +423,10 @@ class Router(nn.Module, ChoosesBackends):
         """Logits and decode routing in one launch (moeflow.ops.decode_route_fused_triton),
         the norm of x_TD too when it is pending."""
         from moeflow.ops.decode_route_fused_triton import ROUTE_TICKETS, route_decode_fused
-        from moeflow.ops.tickets import zeroed_counters
-        self._route_tickets = zeroed_counters(self._route_tickets, ROUTE_TICKETS, x_TD.device)
+        tickets = self._route_tickets.get(ROUTE_TICKETS, x_TD.device)
         rows = x_TD if norm_input is None else norm_input
         return route_decode_fused(rows, self.gate.weight, self.config, self.expert_bias,
-                                  self._route_tickets, capacity, place_rows)[0]
+                                  tickets, capacity, place_rows)[0]
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ the four saved launches save; ~16 KB of gate rows per program spreads both over 
 (logits_tiles). The sum order differs from cuBLAS's: the logits agree to fp32 rounding, not bit
 for bit, and a near-tie between two experts may resolve differently than on the two-step path.
 The ticket counters are why a Router keeps its own per device
-(moeflow.ops.tickets.zeroed_counters) and why one router may route on one stream at a time.
+(moeflow.ops.device_counters) and why one router may route on one stream at a time.
 
 The kernel also takes the residual add + RMSNorm ahead of it (a
 moeflow.ops.norm_triton.PendingAddNorm in place of its input rows: at decode the add of the
@@ -56,6 +56,8 @@ Legend: T tokens, E experts, K top-k, N = T·K assignments, D model dim.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -70,7 +72,7 @@ from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.norm_triton import PendingAddNorm, residual_sum, rms_scale
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.routing_triton import finite_logits
-from moeflow.ops.tickets import last_to_arrive, zeroed_counters
+from moeflow.ops.tickets import last_to_arrive
 
 
 
@@ -254,8 +256,8 @@ ROUTE_TICKETS = 1 + MAX_TOKEN_BLOCKS
 
 def route_tickets(device: torch.device) -> torch.Tensor:
     """The fused kernel's ticket counters, zero (every launch leaves them so), for one launch at
-    a time (a Router keeps its own, moeflow.ops.tickets.zeroed_counters)."""
-    return zeroed_counters(None, ROUTE_TICKETS, device)
+    a time (a Router keeps its own, moeflow.ops.device_counters)."""
+    return torch.zeros(ROUTE_TICKETS, dtype=torch.int32, device=device)
 
 
 # Logits tiles: at most this many products per step (LT·LE·LD) and warp, and about this many
@@ -275,11 +277,13 @@ _GATE_BYTES_PER_PROGRAM = 8192
 _LOGITS_PROGRAMS = 128
 
 
+@functools.lru_cache(maxsize=1024)
 def logits_tiles(T: int, D: int, E: int, gate_bytes: int, num_warps: int = 8
                  ) -> tuple[int, int, int]:
     """(LT, LE, LD): tokens, experts and model-dim columns per logits tile. A program streams
     LE·D gate elements once per token block of LT; the grid is ⌈E/LE⌉ × ⌈T/LT⌉ programs.
-    The products per step scale with the warps (128 per thread)."""
+    The products per step scale with the warps (128 per thread). Cached (asked on every
+    decode layer call): a benchmark that changes the constants above clears it."""
     lt = choice_rows(T, E)
     le = next_power_of_2(max(1, _GATE_BYTES_PER_PROGRAM // max(1, D * gate_bytes)))
     one_wave = next_power_of_2(cdiv(E * cdiv(max(T, 1), lt), _LOGITS_PROGRAMS))

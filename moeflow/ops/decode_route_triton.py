@@ -49,6 +49,10 @@ Legend: T tokens, E experts, K top-k, N = T·K assignments.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -306,11 +310,13 @@ def route_outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.
             "losses": new(3, dtype=torch.float32)}
 
 
+@functools.lru_cache(maxsize=1024)
 def route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int | None
-               ) -> tuple[tuple, dict]:
+               ) -> tuple[tuple, Mapping]:
     """The routing passes' scalar arguments (routed_scaling, aux_coef, z_coef, capacity) and
     constexprs (the launch's warps are the caller's: ONE_PROGRAM_WARPS here, the fused
-    kernel's route_warps)."""
+    kernel's route_warps). Cached: a function of its arguments, asked on every decode layer
+    call (read-only: shared between calls)."""
     K = cfg.top_k
     block_e = next_power_of_2(E)
     sel = SEL_DEEPSPEED if selects_by_logits(cfg, has_bias) else SEL_SCORES
@@ -324,7 +330,7 @@ def route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int 
     # compiles a variant per int argument that is 1 or a multiple of 16).
     scalars = (float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
                capacity if capped else 0)
-    return scalars, dict(
+    return scalars, MappingProxyType(dict(
         K=K, SOFTMAX=cfg.score_func == "softmax", SEL=sel, HAS_BIAS=has_bias,
         NORMALIZE=cfg.normalizes and not capped, GROUPS=cfg.num_groups,
         TOPK_GROUPS=cfg.topk_groups, GROUP_TOP2=E // cfg.num_groups >= 2,
@@ -339,7 +345,7 @@ def route_args(cfg: RouterConfig, T: int, E: int, has_bias: bool, capacity: int 
         BLOCK_T=choice_rows(T, E), FULL_E=E == block_e,
         BLOCK_E=block_e, BLOCK_G=next_power_of_2(cfg.num_groups),
         BLOCK_K=next_power_of_2(K),
-        BLOCK_P=block_p, PAIRWISE=pairwise)
+        BLOCK_P=block_p, PAIRWISE=pairwise))
 
 
 def choice_rows(T: int, E: int) -> int:

@@ -63,7 +63,7 @@ from moeflow.ops.expert_activation_triton import activate, fused_activation
 from moeflow.ops.expert_mlp import FusedBias, grouped_mlp
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
-from moeflow.ops.tickets import last_to_arrive, zeroed_counters
+from moeflow.ops.tickets import last_to_arrive
 
 
 @triton.jit
@@ -484,8 +484,8 @@ COUNTERS_PER_EXPERT = 2
 def stream_counters(num_experts: int, device: torch.device) -> torch.Tensor:
     """expert_mlp_stream's counters for one layer's experts: int32 zeros (every launch leaves
     them so), for one launch at a time (the Experts module keeps its own,
-    moeflow.ops.tickets.zeroed_counters)."""
-    return zeroed_counters(None, COUNTERS_PER_EXPERT * num_experts, device)
+    moeflow.ops.device_counters)."""
+    return torch.zeros(COUNTERS_PER_EXPERT * num_experts, dtype=torch.int32, device=device)
 
 
 def expert_mlp_stream(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: torch.Tensor,

@@ -11,13 +11,12 @@ arrivals - 1 sees the stores of all the programs that drew before it (it must re
 through L2, with .cg or volatile loads, not from its own L1). That program puts the counter
 back to 0, so the next launch (or a replayed CUDA graph) finds it as it was captured. The
 counters are the callers' (int32 zeros kept across launches), one launch at a time per counter:
-the module that launches declares an attribute for them and keeps what `zeroed_counters`
-returns (the router's tickets, the experts' counts), made once per device.
+the module that launches holds a moeflow.ops.device_counters.DeviceCounters for them (the
+router's tickets, the experts' counts), which makes them once per device.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -31,11 +30,3 @@ def last_to_arrive(counter_ptr, arrivals):
     tl.store(counter_ptr, 0, mask=last)
     return last
 
-
-def zeroed_counters(kept: torch.Tensor | None, count: int, device: torch.device
-                    ) -> torch.Tensor:
-    """`kept` if it is `count` counters on `device` (every launch leaves them at 0), else new
-    int32 zeros there: the caller keeps the result and passes it back on its next call."""
-    if kept is None or kept.device != device or kept.numel() != count:
-        kept = torch.zeros(count, dtype=torch.int32, device=device)
-    return kept
