@@ -1,0 +1,69 @@
+"""Kernels and host syncs of one eager MoE layer call on the paths "auto" takes on CUDA, counted
+on the CPU (benchmarks/host_path_cpu.py: Triton launches recorded, not run; aten ops that launch
+a kernel), against the issue's minimal grouped_mm layer: a regression guard for issue 14's
+small-T item ("count launches; remove syncs"), not a timing test. The bounds are the counts
+measured in session 34 (benchmarks/results/host_ops/README.md): a change that adds a launch to
+these paths fails here; raise a bound only with a reason in that README."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._triton_cpu import DEVICE  # noqa: I001  (sets TRITON_INTERPRET first)
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from moeflow.ops.backend import Backends  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # host_path_cpu imports moe_layer's MinimalMoE
+spec = importlib.util.spec_from_file_location("host_path_cpu",
+                                              REPO / "benchmarks" / "host_path_cpu.py")
+host_path = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_path)
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="counts the CUDA paths on a CPU")
+TRAIN = Backends(router="triton", dispatch="triton", experts="grouped_mm_fused",
+                 elementwise="triton")
+
+
+def _kernels(counter) -> tuple[int, int, int]:
+    triton = sum(v for k, v in counter.kernels.items() if k.startswith("triton:"))
+    return sum(counter.kernels.values()), triton, sum(counter.syncs.values())
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "ds-1.3b+moe128"])
+def test_a_decode_call_is_three_launches_and_never_waits(name):
+    """Router (logits, choices, plan), experts (up and down in one launch), combine; the
+    minimal layer launches ~20 kernels and synchronises on its bincount."""
+    layer, x = host_path._layer(name, 8, D=64)
+    layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    minimal = host_path._minimal(name, 8, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ours = host_path.launches(lambda: layer(x))
+        theirs = host_path.launches(lambda: minimal(x[0]))
+    assert _kernels(ours) == (3, 3, 0), ours.kernels
+    assert _kernels(theirs)[0] > 10 and _kernels(theirs)[2] >= 1, theirs.kernels
+
+
+@pytest.mark.parametrize("name, bound", [("qwen3-30b-a3b", 25), ("ds-1.3b+moe128", 31)])
+def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, bound):
+    layer, x = host_path._layer(name, 8, D=64, backends=TRAIN)
+    layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
+    minimal = host_path._minimal(name, 8, 64).to(torch.bfloat16)
+    g = torch.randn_like(x)
+
+    def fwd_bwd(module, moeflow):
+        def run():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            (module(x)[0] if moeflow else module(x)).backward(g)
+        return run
+    kernels, triton, syncs = _kernels(host_path.launches(fwd_bwd(layer, True)))
+    their_kernels, _, their_syncs = _kernels(host_path.launches(fwd_bwd(minimal, False)))
+    assert kernels <= bound and triton == 10 and syncs == 0, (kernels, triton, syncs)
+    assert kernels < their_kernels and their_syncs >= 1
