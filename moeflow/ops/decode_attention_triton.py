@@ -371,7 +371,8 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     if kv_len > k_NGMd.shape[2] or B > k_NGMd.shape[0]:
         raise ValueError(f"decode attention: kv_len {kv_len} or batch {B} exceeds the cache "
                          f"{tuple(k_NGMd.shape)}")
-    if k_NGMd.stride(-1) != 1 or v_NGMd.stride(-1) != 1:
+    ks, vs = k_NGMd.stride(), v_NGMd.stride()  # read once: each stride() is a host call
+    if ks[-1] != 1 or vs[-1] != 1:
         raise ValueError("decode attention: the cache's last dim must be contiguous")
     q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
     Q = H // G
@@ -415,17 +416,16 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     # The split's first block of cached rows (contiguous rows only) and the q/k norm weights,
     # which the kernel ahead (the qkv projection) does not write, are prefetched to L2 before
     # the PDL wait: the loads after it then find L2 instead of HBM.
-    prefetch = all(c.stride(2) == c.shape[-1] and prefetchable(c, *c.stride()[:3])
-                   for c in (k_NGMd, v_NGMd)) and (not norm or all(
+    prefetch = all(s[2] == c.shape[-1] and prefetchable(c, *s[:3])
+                   for c, s in ((k_NGMd, ks), (v_NGMd, vs))) and (not norm or all(
                        prefetchable(w, dk) for w in (qk.q_weight, qk.k_weight)))
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
+    qs, kbs, vbs, ys = q_BHd.stride(), k_BGd.stride(), v_BGd.stride(), y_BHd.stride()
     _split_kernel[(B * G, P)](
-        q_BHd, q_BHd.stride(0), q_BHd.stride(1), k_BGd, k_BGd.stride(0), k_BGd.stride(1),
-        v_BGd, v_BGd.stride(0), v_BGd.stride(1),
-        k_NGMd, k_NGMd.stride(0), k_NGMd.stride(1), k_NGMd.stride(2),
-        v_NGMd, v_NGMd.stride(0), v_NGMd.stride(1), v_NGMd.stride(2), lengths_B,
-        m_BHP, l_BHP, acc_BHPd, y_BHd, y_BHd.stride(0), y_BHd.stride(1),
+        q_BHd, qs[0], qs[1], k_BGd, kbs[0], kbs[1], v_BGd, vbs[0], vbs[1],
+        k_NGMd, ks[0], ks[1], ks[2], v_NGMd, vs[0], vs[1], vs[2], lengths_B,
+        m_BHP, l_BHP, acc_BHPd, y_BHd, ys[0], ys[1],
         qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
         tickets if merge else lengths_B, G, P, chunk, kv_len, dk ** -0.5 * LOG2E,
@@ -434,8 +434,8 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
         PREFETCH=prefetch, num_warps=num_warps, **pdl)
     if not single and not merge:
-        _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, y_BHd.stride(0),
-                                y_BHd.stride(1), H, P, chunk, DV=dv, BLOCK_P=block_p,
+        _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, ys[0], ys[1], H, P,
+                                chunk, DV=dv, BLOCK_P=block_p,
                                 BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1,
                                 **pdl_launch(q_BHd))
     return y_BHd
