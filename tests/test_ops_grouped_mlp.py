@@ -279,7 +279,7 @@ def test_experts_stream_in_one_launch(rows):
         rows_N = torch.randint(0, 5, (rows,), device=DEVICE)
         got = experts(x, ends, parked=False, rows_N=rows_N)
         counters = experts._stream_counters.get(8, x.device)
-        assert experts(x, ends, parked=False, rows_N=rows_N) is not got  # a second launch
+        experts(x, ends, parked=False, rows_N=rows_N)  # a second launch, on the same counters
         assert experts._stream_counters.get(8, x.device) is counters  # kept, not remade
         assert torch.count_nonzero(counters) == 0  # every launch leaves them at 0
         want = expert_mlp_stream(x, ends, experts.w_in_EDI, None, experts.w_out_EFD, None,

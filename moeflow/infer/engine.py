@@ -506,9 +506,8 @@ class Engine:
                 self._group_tokens[g] += 1
         out = self.model(ids_1T, cache=PrefillView(self.cache, slot, 0), logits_at=last,
                          inference=True, groups=groups_1T, **self._prompt_history())
-        self._expert_counts += count_experts(out.routing, torch.ones(T, dtype=torch.int64,
-                                             device=self.device), self._expert_offsets,
-                                             self._expert_counts.numel())
+        count_experts(out.routing, torch.ones(T, dtype=torch.int64, device=self.device),
+                      self._expert_offsets, self._expert_counts.numel(), into=self._expert_counts)
         return out.logits[:, 0]
 
     def _prompt_history(self) -> dict[str, torch.Tensor]:

@@ -111,9 +111,11 @@ class Attention(nn.Module, ChoosesBackends):
                    self.q_norm.eps if head_norm else 0.0, cos, sin, self.rope_interleave)
         kv_write = None  # set when the q/k kernel also stores k and v into the cache
         qk_prep = None  # set when the decode attention kernel norms and rotates q and k itself
+        # Whether the cache view runs the decode attention kernel (which can prepare q/k).
+        decode_kernel = cache is not None and cache.prepares_qk(q_BHTd)
         if head_norm or cos is not None:
             if resolve_elementwise_backend(self.backends.elementwise, q_BHTd) == "triton":
-                if cache is not None and not self.rope_interleave and cache.prepares_qk(q_BHTd):
+                if decode_kernel and not self.rope_interleave:
                     from moeflow.ops.decode_attention_triton import QKPrep, prepares
                     if prepares(hd):
                         qk_prep = QKPrep(*qk_args[2:4], qk_args[4],
@@ -134,8 +136,7 @@ class Attention(nn.Module, ChoosesBackends):
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd, qk=qk_prep)
         else:
             y_BHTd = cache.attend(self.layer_idx, q_BHTd, k_BGTd, v_BGTd)
-        # After the decode attention kernel (the cache view that prepares q/k runs it) the
-        # output projection warms L2 with its weight while that latency-bound kernel runs.
-        warm_l2 = cache is not None and cache.prepares_qk(q_BHTd)
+        # After the decode attention kernel the output projection warms L2 with its weight
+        # while that latency-bound kernel runs.
         return row_parallel(self.proj, y_BHTd.transpose(1, 2).reshape(B, T, H * hd), self.tp,
-                            self.backends.matmul, warm_l2=warm_l2)
+                            self.backends.matmul, warm_l2=decode_kernel)

@@ -437,6 +437,6 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, ys[0], ys[1], H, P,
                                 chunk, DV=dv, BLOCK_P=block_p,
                                 BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1,
-                                **pdl_launch(q_BHd))
+                                **pdl)
     return y_BHd
 
