@@ -1,23 +1,25 @@
-"""Host cost of moeflow's own code per MoE layer call on the inference paths, measured on a CPU:
-every Triton launch is made a no-op, so what is timed is the Python, the argument checks, the
-allocations and the torch ops around the kernels (what a GPU host pays per eager call on top
-of the launches themselves), for the Qwen3-30B-A3B and ds-1.3b+moe128 layers of
-benchmarks/moe_layer.py at T = 8 (the one-launch decode router) and Qwen3 at T = 40 (320
-assignments: the fused multi-kernel router). The experts' hidden size is shrunk to 64 (no
-kernel runs, and nothing on the host depends on it); at T = 40 the router's logits GEMM, a
-torch op, still runs on the CPU, so that figure includes it. `--count` instead counts the
-Python function calls per layer call (cProfile; deterministic, unlike the times on a shared
-host), for those cases and for training fwd+bwd calls (D 256: the fused router with its
-backward, the Triton dispatch; the experts' torch._grouped_mm runs on the CPU), and beside it
-the kernels each call would launch on CUDA (the Triton launches and the aten ops that launch a
-kernel) and the ops among them that synchronise with the host, for moeflow and for the
-minimal grouped_mm layer of benchmarks/moe_layer.py at the same shape (issue 14, item 3:
-"count launches; remove syncs").
+"""Host cost of moeflow's own code per MoE layer call, measured on a CPU: every Triton launch is
+made a no-op, so what is timed is the Python, the argument checks, the allocations and the
+torch ops around the kernels (what a GPU host pays per eager call on top of the launches
+themselves), for the Qwen3-30B-A3B and ds-1.3b+moe128 layers of benchmarks/moe_layer.py at
+T = 8 (the one-launch decode router) and Qwen3 at T = 40 (320 assignments: the fused
+multi-kernel router). The experts' hidden size is shrunk to 64 (no kernel runs, and nothing on
+the host depends on it); at T = 40 the router's logits GEMM, a torch op, still runs on the
+CPU, so that figure includes it. `--train` times training fwd+bwd calls instead (D 16, 8
+experts: Qwen3 at T 8, where the one-launch router runs under autograd, and 128, where the
+multi-kernel one does, ds-1.3b at T 8); the no-op launches zero their integer outputs there,
+so the torch ops after them index valid rows and the grouped GEMMs get empty groups.
+`--count` instead counts the Python function calls per call (cProfile; deterministic, unlike
+the times on a shared host) for the inference and training cases (training at D 256), and
+beside them the kernels each call would launch on CUDA (the Triton launches and the aten ops
+that launch a kernel) and the ops among them that synchronise with the host, for moeflow and
+for the minimal layer (issue 14, item 3: "count launches; remove syncs").
 
-    PYTHONPATH=. python benchmarks/host_path_cpu.py [--calls 2000] [--repeats 5] [--count]
+    PYTHONPATH=. python benchmarks/host_path_cpu.py [--calls 2000] [--repeats 5] [--count | --train]
 
-prints µs per call (median of the repeats, each the mean of --calls calls) per case, or with
---count the Python calls, kernels and synchronising ops per call.
+prints µs per call (median of the repeats, each the mean of --calls calls; --train: a tenth
+as many calls) per case, or with --count the Python calls, kernels and synchronising ops per
+call.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from triton.runtime import jit  # noqa: E402
 
 from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
@@ -57,26 +59,36 @@ BACKENDS = Backends(router="triton_decode_fused", dispatch="triton", experts="st
                     elementwise="triton")
 
 
-def _layer(name: str, T: int, D: int | None = None, backends: Backends = BACKENDS):
-    D0, E, act, router = SHAPES[name]
-    D = D or D0
+def _layer(name: str, T: int, D: int | None = None, backends: Backends = BACKENDS,
+           E: int | None = None):
+    D0, E0, act, router = SHAPES[name]
+    D, E = D or D0, E or E0
     spec = FFNSpec(kind="moe", d_ff=64, num_experts=E, expert_d_ff=64, router=router)
     return MoELayer(spec, D, act, bias=False, backends=backends), torch.randn(1, T, D)
 
 
 def python_calls(fn, calls: int = 20) -> float:
-    """Python function calls per call of fn, after warm-up calls, those of this script (fn
-    itself, the no-op launches) left out."""
-    for _ in range(3):
-        fn()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(calls):
-        fn()
-    profile.disable()
+    """Python function calls per call of fn, after warm-up calls, with the Triton launches as
+    no-ops that leave valid indices (_valid_launch); those of this script (fn itself, the
+    no-op launches and what they call) left out."""
+    launch = jit.KernelInterface.__getitem__
+    jit.KernelInterface.__getitem__ = _valid_launch
+    try:
+        for _ in range(3):
+            fn()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(calls):
+            fn()
+        profile.disable()
+    finally:
+        jit.KernelInterface.__getitem__ = launch
     stats = pstats.Stats(profile)
     own = sum(row[1] for key, row in stats.stats.items() if key[0] == __file__)
-    return (stats.total_calls - own) / calls
+    by_stub = sum(counts[1] for key, row in stats.stats.items() if key[0] != __file__
+                  for caller, counts in row[4].items()
+                  if caller[0] == __file__ and caller[2] in ("stub", "_valid_launch"))
+    return (stats.total_calls - own - by_stub) / calls
 
 
 # aten ops that launch no kernel on CUDA: views, metadata, allocations without a fill.
@@ -89,7 +101,7 @@ NO_KERNEL = frozenset({
 # its largest id, nonzero its count; _local_scalar_dense is .item()).
 SYNCS = frozenset({"_local_scalar_dense", "bincount", "nonzero", "unique", "_unique2",
                    "masked_select"})
-TRITON_LAUNCHES: list[str] = []  # what the no-op launches were asked to run (_recorded_launch)
+TRITON_LAUNCHES: list[str] = []  # what the no-op launches were asked to run (_valid_launch)
 
 
 class KernelCounter(TorchDispatchMode):
@@ -120,17 +132,36 @@ def _no_launch(kernel, grid):
     return lambda *args, **kwargs: None
 
 
-def _recorded_launch(kernel, grid):
-    """A Triton launch that runs nothing and records the kernel's name."""
+def _valid_launch(kernel, grid, in_counter: bool = False):
+    """A Triton launch that runs nothing but records the kernel's name and zero-fills its
+    integer tensors (ids, rows, token lists, counts; through .data, which autograd's version
+    checks do not see), so that the torch ops after it index valid rows: the training path
+    gathers the rows the router planned. `in_counter`: a KernelCounter is active and must not
+    count the fills."""
     name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
-    return lambda *args, **kwargs: TRITON_LAUNCHES.append(name)
+
+    def stub(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                if in_counter:
+                    with _disable_current_modes():
+                        a.data.zero_()
+                else:
+                    a.data.zero_()
+        TRITON_LAUNCHES.append(name)
+    return stub
+
+
+def _counted_launch(kernel, grid):
+    """_valid_launch inside a KernelCounter."""
+    return _valid_launch(kernel, grid, in_counter=True)
 
 
 def launches(fn) -> KernelCounter:
     """The kernels and synchronising ops of one call of fn (after two warm-up calls), its
-    Triton launches recorded and not run."""
+    Triton launches recorded and not run (_valid_launch)."""
     launch = jit.KernelInterface.__getitem__
-    jit.KernelInterface.__getitem__ = _recorded_launch
+    jit.KernelInterface.__getitem__ = _counted_launch
     try:
         for _ in range(2):
             fn()
@@ -141,11 +172,12 @@ def launches(fn) -> KernelCounter:
     return counter
 
 
-def _minimal(name: str, T: int, D: int):
+def _minimal(name: str, T: int, D: int, E: int | None = None):
     """The issue's minimal grouped_mm layer (benchmarks/moe_layer.py) at this case's shape."""
     from moe_layer import MinimalMoE
 
-    _, E, act, router = SHAPES[name]
+    _, E0, act, router = SHAPES[name]
+    E = E or E0
     layer = MinimalMoE(D, 64, E, router.top_k, act, router.normalize_topk)
     with torch.no_grad():
         for p in layer.parameters():
@@ -176,28 +208,63 @@ def count() -> None:
             ours, theirs = launches(lambda: layer(x)), launches(lambda: minimal(x[0]))
         print(f"{name} T={T}: " + _describe("moeflow", ours, calls) + "; "
               + _describe("minimal", theirs, their_calls))
-    train = Backends(router="triton", dispatch="triton", experts="grouped_mm_fused",
-                     elementwise="triton")
-    for name, T in (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 128), ("ds-1.3b+moe128", 8)):
-        layer, x = _layer(name, T, D=256, backends=train)
-        layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
-        minimal = _minimal(name, T, 256).to(torch.bfloat16)
-        g = torch.randn_like(x)
-
-        def fwd_bwd(module, moeflow: bool):
-            params = list(module.parameters())
-
-            def run():
-                for p in params:
-                    p.grad = None
-                x.grad = None
-                (module(x)[0] if moeflow else module(x)).backward(g)
-            return run
-        calls = python_calls(fwd_bwd(layer, True))
-        their_calls = python_calls(fwd_bwd(minimal, False))
-        ours, theirs = launches(fwd_bwd(layer, True)), launches(fwd_bwd(minimal, False))
+    for name, T in TRAIN_CASES:
+        ours_run, theirs_run = _train_calls(name, T)
+        calls, their_calls = python_calls(ours_run), python_calls(theirs_run)
+        ours, theirs = launches(ours_run), launches(theirs_run)
         print(f"{name} T={T} fwd+bwd (D 256): " + _describe("moeflow", ours, calls) + "; "
               + _describe("minimal", theirs, their_calls))
+
+
+# Training fwd+bwd cases (D 256), on the paths "auto" takes there on CUDA.
+TRAIN_CASES = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 128), ("ds-1.3b+moe128", 8))
+TRAIN = Backends(router="triton_decode", dispatch="triton", experts="grouped_mm_fused",
+                 elementwise="triton")
+
+
+def _train_calls(name: str, T: int, D: int = 256, E: int | None = None):
+    """(moeflow's, the minimal layer's) fwd+bwd call at this case's shape, model dim D (and E
+    experts if given): the backward of moe_layer.py's cells, y.backward(g)."""
+    layer, x = _layer(name, T, D=D, backends=TRAIN, E=E)
+    layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
+    minimal = _minimal(name, T, D, E).to(torch.bfloat16)
+    g = torch.randn_like(x)
+
+    def fwd_bwd(module, moeflow: bool):
+        params = list(module.parameters())
+
+        def run():
+            for p in params:
+                p.grad = None
+            x.grad = None
+            (module(x)[0] if moeflow else module(x)).backward(g)
+        return run
+    return fwd_bwd(layer, True), fwd_bwd(minimal, False)
+
+
+def train_us(name: str, T: int, calls: int, repeats: int) -> float:
+    """µs per moeflow fwd+bwd call. The Triton launches zero-fill their integer outputs
+    (_valid_launch), so the experts' grouped GEMMs get empty groups (all offsets 0); the model
+    dim is 16 and the experts 8 (the CPU's torch._grouped_mm loops over the groups, ~10 torch
+    ops each, and writes every expert's weight gradient: at 128 experts that took most of the
+    time). What is timed is mostly host work, the backward's autograd engine included. The
+    minimal layer is not timed: its ops compute on the CPU, where a GPU host only issues
+    them."""
+    run = _train_calls(name, T, D=16, E=8)[0]
+    launch = jit.KernelInterface.__getitem__
+    jit.KernelInterface.__getitem__ = _valid_launch
+    times = []
+    try:
+        for _ in range(20):
+            run()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+    finally:
+        jit.KernelInterface.__getitem__ = launch
+    return statistics.median(times)
 
 
 def per_call_us(name: str, T: int, calls: int, repeats: int) -> float:
@@ -221,11 +288,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--count", action="store_true",
                     help="Python calls, kernels and syncs per call instead")
+    ap.add_argument("--train", action="store_true",
+                    help="time the training fwd+bwd cases (and the minimal layer's) instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     jit.KernelInterface.__getitem__ = _no_launch
     if args.count:
         count()
+        return
+    if args.train:
+        for name, T in TRAIN_CASES:
+            us = train_us(name, T, max(1, args.calls // 10), args.repeats)
+            print(f"{name} T={T} fwd+bwd (D 16, 8 experts): {us:.1f} us per call", flush=True)
         return
     for name, T in CASES:
         calls = args.calls if T <= 8 else max(1, args.calls // 4)

@@ -2,7 +2,7 @@
 on the CPU (benchmarks/host_path_cpu.py: Triton launches recorded, not run; aten ops that launch
 a kernel), against the issue's minimal grouped_mm layer: a regression guard for issue 14's
 small-T item ("count launches; remove syncs"), not a timing test. The bounds are the counts
-measured in session 34 (benchmarks/results/host_ops/README.md): a change that adds a launch to
+measured in sessions 34-35 (benchmarks/results/host_ops/README.md): a change that adds a launch to
 these paths fails here; raise a bound only with a reason in that README."""
 
 import importlib.util
@@ -17,7 +17,6 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from moeflow.ops.backend import Backends  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # host_path_cpu imports moe_layer's MinimalMoE
@@ -27,8 +26,6 @@ host_path = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(host_path)
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="counts the CUDA paths on a CPU")
-TRAIN = Backends(router="triton", dispatch="triton", experts="grouped_mm_fused",
-                 elementwise="triton")
 
 
 def _kernels(counter) -> tuple[int, int, int]:
@@ -50,9 +47,11 @@ def test_a_decode_call_is_three_launches_and_never_waits(name):
     assert _kernels(theirs)[0] > 10 and _kernels(theirs)[2] >= 1, theirs.kernels
 
 
-@pytest.mark.parametrize("name, bound", [("qwen3-30b-a3b", 25), ("ds-1.3b+moe128", 31)])
+@pytest.mark.parametrize("name, bound", [("qwen3-30b-a3b", 23), ("ds-1.3b+moe128", 28)])
 def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, bound):
-    layer, x = host_path._layer(name, 8, D=64, backends=TRAIN)
+    """T = 8: the one-launch router under autograd (session 35; 25 / 31 kernels with ten
+    Triton launches through route_triton and the Triton dispatch before)."""
+    layer, x = host_path._layer(name, 8, D=64, backends=host_path.TRAIN)
     layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
     minimal = host_path._minimal(name, 8, 64).to(torch.bfloat16)
     g = torch.randn_like(x)
@@ -65,5 +64,5 @@ def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, bou
         return run
     kernels, triton, syncs = _kernels(host_path.launches(fwd_bwd(layer, True)))
     their_kernels, _, their_syncs = _kernels(host_path.launches(fwd_bwd(minimal, False)))
-    assert kernels <= bound and triton == 10 and syncs == 0, (kernels, triton, syncs)
+    assert kernels <= bound and triton == 7 and syncs == 0, (kernels, triton, syncs)
     assert kernels < their_kernels and their_syncs >= 1

@@ -18,10 +18,12 @@ dispatcher built with
 source token of each row, and the experts' up kernel gathers the rows as it loads them: no
 planning and no gather launch. Otherwise without autograd (capacity routing in evaluation)
 the Triton dispatch likewise only plans (permute_triton.dispatch_plan_triton) and leaves the
-gather to the experts:
-the tiled and streaming kernels gather as they load, the grouped_mm paths index first. Every
-plan has `ends_E`, `parked` and `gather_N` (None: x_ND
-holds the sorted rows), so MoELayer reads them alike from local and expert-parallel plans.
+gather to the experts: the tiled and streaming kernels gather as they load, the grouped_mm
+paths index first. Under autograd a planned layout (the one-launch router also routes training
+calls of a few tokens) is gathered here, by one index_select whose backward sums each token's
+rows in a Triton pass (permute_triton.gather_planned_triton). Every plan has `ends_E`,
+`parked` and `gather_N` (None: x_ND holds the sorted rows), so MoELayer reads them alike from
+local and expert-parallel plans.
 
 Without autograd the combine can wait for the residual add and RMSNorm that follow the layer
 (`PendingCombine`, moeflow.model.norms.add_norm): one Triton pass sums each token's K weighted
@@ -130,6 +132,13 @@ class LocalDispatcher(nn.Module, ChoosesBackends):
                  ) -> tuple[torch.Tensor, DispatchPlan]:
         if resolve_dispatch_backend(self.backends.dispatch, x_TD) == "triton":
             order = routing.order
+            # training: gather with a backward (requires_grad first: no call when serving)
+            if order is not None and x_TD.requires_grad and records_grad(x_TD):
+                from moeflow.ops.permute_triton import gather_planned_triton
+                plan = DispatchPlan(token_N=order.token_N, row_TK=order.row_TK,
+                                    ends_E=order.ends_E, parked=routing.capacity is not None)
+                return gather_planned_triton(x_TD, plan.token_N, plan.row_TK,
+                                             routing.kept_TK), plan
             if order is not None:  # the router's kernels planned the layout
                 placement = None
                 if not order.placed:

@@ -48,7 +48,8 @@ from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
 from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
-                                 records_grad, resolve_router_backend, router_fuses_logits)
+                                 one_launch_routes, records_grad, resolve_router_backend,
+                                 router_fuses_logits)
 from moeflow.ops.device_counters import DeviceCounters
 
 if TYPE_CHECKING:  # imports Triton; only the decode path, which has it, makes one
@@ -367,16 +368,12 @@ class Router(nn.Module, ChoosesBackends):
         T = x.shape[0]
         noise = cfg.noise if self.training and not inference else "none"
         capacity = None if inference else cfg.capacity(T, E, self.training)
-        # Whether the one-launch decode kernels may route this call: they drop in position order
-        # only (a capacity with Random Token Selection needs the RNG's permutation), have no
-        # backward, add no Gumbel noise and sum no statistics over ranks.
         sources = (x,) if logits_TE is not None else (x, self.gate.weight)
-        decode = ((capacity is None or cfg.drop_policy == "position")
-                  and noise not in ("rsample", "rsample_second")
-                  and self.stats_reduce is None
-                  and not records_grad(*sources))
-        fused = (logits_TE is None and noise != "jitter"
-                 and router_fuses_logits(self.backends.router, x, cfg, E, decode))
+        grad = records_grad(*sources)
+        one_launch = one_launch_routes(cfg, capacity, noise, self.stats_reduce is not None, grad)
+        fused = (logits_TE is None and noise != "jitter"  # the logits' launch has no backward
+                 and router_fuses_logits(self.backends.router, x, cfg, E,
+                                         one_launch and not grad))
         if norm_input is not None and not fused:
             norm_input.run()  # x_TD is its output: written before anything reads it
         # Raw logits: only the reference router needs them made finite (a launch the Triton
@@ -407,7 +404,7 @@ class Router(nn.Module, ChoosesBackends):
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
             return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
-        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, decode)
+        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, one_launch)
         if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
             return route_decode_triton(logits_TE, cfg, self.expert_bias, capacity)

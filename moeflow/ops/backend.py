@@ -9,12 +9,13 @@ benchmarks compare every fast path with its plain-torch reference.
 
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
-  kernel moeflow.ops.decode_route_triton where it applies (decode_route_fits: no autograd,
-  noise or Random Token Selection, dropless or with capacity drops), route_triton elsewhere;
+  kernel moeflow.ops.decode_route_triton where it applies (one_launch_routes and
+  decode_route_fits: a few tokens, no Gumbel noise or Random Token Selection, dropless or with
+  capacity drops; under autograd not where a capacity renormalises), route_triton elsewhere;
   "triton_decode_fused" = its passes in the launch that computes the fp32 router logits
   too, moeflow.ops.decode_route_fused_triton, from the layer input and the gate weight (one
-  launch for the router instead of five), where
-  decode_route_fits, route_triton elsewhere; "auto" takes triton_decode_fused on CUDA where
+  launch for the router instead of five), where decode_route_fits without autograd,
+  route_triton elsewhere; "auto" takes triton_decode_fused on CUDA where
   it fits (router_fuses_logits), else triton_decode, else route_triton).
 - dispatch: DISPATCH_BACKENDS ("reference" = moeflow.model.dispatch's sort and gather,
   "triton" = moeflow.ops.permute_triton), for dispatch and combine.
@@ -362,28 +363,40 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
     return EXPERT_BACKENDS[requested]
 
 
-def decode_route_fits(tokens_T: torch.Tensor, cfg, decode: bool) -> bool:
-    """Whether the one-launch decode router (moeflow.ops.decode_route_triton) can route this
-    call: `decode` (the router's word: no autograd, no Gumbel noise, one process's statistics,
-    and either dropless or a capacity that drops in position order, as the kernel reproduces
-    route_reference's drops exactly; Random Token Selection needs the RNG's order, so not
-    that) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments, whether or not a CUDA graph
-    is being captured. `tokens_T`: anything with a row per token (the logits, or the router's
-    input for the fused-logits kernel)."""
-    return decode and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
+def one_launch_routes(cfg, capacity: int | None, noise: str, reduces_stats: bool,
+                      grad: bool) -> bool:
+    """Whether the one-launch router (moeflow.ops.decode_route_triton) may route a call, its
+    size aside (decode_route_fits): it drops in position order only (it reproduces
+    route_reference's drops exactly; Random Token Selection needs the RNG's permutation), adds
+    no Gumbel noise and sums no statistics over ranks. Under autograd (`grad`) its backward is
+    route_triton's kernel, which cannot differentiate a renormalisation over the kept routes,
+    so a capacity with normalised weights takes route_triton there. Training calls of a few
+    tokens take it since session 35 (three launches fewer than route_triton and its dispatch,
+    and half the allocations: issue 14's small-T fwd+bwd cells are bound by the host)."""
+    return ((capacity is None or cfg.drop_policy == "position")
+            and noise not in ("rsample", "rsample_second") and not reduces_stats
+            and not (grad and capacity is not None and cfg.normalizes))
+
+
+def decode_route_fits(tokens_T: torch.Tensor, cfg, one_launch: bool) -> bool:
+    """Whether the one-launch router (moeflow.ops.decode_route_triton) routes this call:
+    `one_launch` (one_launch_routes) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments,
+    whether or not a CUDA graph is being captured. `tokens_T`: anything with a row per token
+    (the logits, or the router's input for the fused-logits kernel)."""
+    return one_launch and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
 
 
 def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: int,
-                        decode: bool) -> bool:
+                        one_launch: bool) -> bool:
     """Whether the router hands its input to the fused-logits decode kernel
-    ("triton_decode_fused") instead of computing the logits first: asked for, or "auto" on
-    CUDA where the decode kernel applies (decode_route_fits: dropless or dropping over
-    capacity in position order; as resolve_router_backend's rule, E <= 1024 in equal groups;
-    no expert groups). Measured on the H200 (benchmarks/results/decode_study, 2026-12-02,
-    Qwen3-30B-A3B shape, dropless, two runs each): 942 -> 702 kernels and 4.20 -> 3.81 ms of
-    kernel time per batch-1 decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32 ms, batch 16
-    13.50 / 13.94 -> 13.34 / 12.98 ms."""
-    if cfg.expert_groups or not decode_route_fits(x_TD, cfg, decode):
+    ("triton_decode_fused") instead of computing the logits first (never under autograd: the
+    router passes one_launch False then): asked for, or "auto" on CUDA where the one-launch
+    router applies (decode_route_fits; as resolve_router_backend's rule, E <= 1024 in equal
+    groups; no expert groups). Measured on the H200 (benchmarks/results/decode_study,
+    2026-12-02, Qwen3-30B-A3B shape, dropless, two runs each): 942 -> 702 kernels and 4.20 ->
+    3.81 ms of kernel time per batch-1 decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32
+    ms, batch 16 13.50 / 13.94 -> 13.34 / 12.98 ms."""
+    if cfg.expert_groups or not decode_route_fits(x_TD, cfg, one_launch):
         return False
     if requested == "triton_decode_fused":
         return True
@@ -392,7 +405,7 @@ def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: in
 
 
 def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
-                           decode: bool = False) -> str:
+                           one_launch: bool = False) -> str:
     """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups, and
     "triton_decode" (one launch, which also plans the dispatch, dropless or with capacity
     drops in position order) where decode_route_fits; the reference router for expert groups
@@ -409,7 +422,7 @@ def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
         fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
         requested = "triton_decode" if _triton_cuda(logits_TE) and fits else "reference"
     if (requested in ("triton_decode", "triton_decode_fused")
-            and not decode_route_fits(logits_TE, cfg, decode)):
+            and not decode_route_fits(logits_TE, cfg, one_launch)):
         return "triton"
     return requested
 

@@ -5,9 +5,9 @@ Why: at decode sizes (a few tokens) every launch costs ~2-3 µs of latency and a
 The fused router (moeflow.ops.routing_triton) still takes four launches (top-k, queue, finalize,
 plus a scatter for first-choice counts) and the Triton dispatch one more, so for a decode step of
 the Qwen3-30B-A3B shape the MoE layer's bookkeeping outnumbered its two weight-streaming expert
-kernels. When nothing needs a gradient (inference) the whole plan fits in one program, dropless
-or with a capacity (DeepSpeed-MoE's top-1/top-2 gating evaluated with eval_capacity_factor,
-which took the multi-kernel router and the Triton dispatch before): the choice pass accumulates
+kernels. For a few tokens the whole plan fits in one program, dropless or with a capacity
+(DeepSpeed-MoE's top-1/top-2 gating evaluated with eval_capacity_factor, which took the
+multi-kernel router and the Triton dispatch before): the choice pass accumulates
 each expert's count; an assignment's queue slot in priority order decides whether it is kept
 (slot < capacity; always, dropless); each expert keeps min(count, capacity) rows, so a kept
 assignment's row is start[e] + slot with the starts the prefix sum of the clamped counts.
@@ -44,6 +44,11 @@ DispatchPlan is sort_by_expert's, row for row (parked when there is a capacity).
 moeflow.ops.decode_route_fused_triton runs the same passes in the launch that computes the
 logits (router backend "triton_decode_fused"), and can leave pass 2 to the experts' kernel.
 
+Training calls of a few tokens (issue 14's small-T fwd+bwd cells, bound by the host) take this
+launch too, with route_triton's backward kernel (_RouteWithGrad): one launch instead of
+route_triton's three and the Triton dispatch's one, eleven allocations instead of 23 (with the
+gather), and the layer gathers the planned rows by one index_select (moeflow.model.dispatch).
+
 Legend: T tokens, E experts, K top-k, N = T·K assignments.
 """
 
@@ -58,11 +63,13 @@ import triton
 import triton.language as tl
 
 from moeflow.config import RouterConfig
-from moeflow.model.router import ExpertOrder, RoutingResult, selects_by_logits
+from moeflow.model.router import ExpertOrder, RoutingResult, count_ids, selects_by_logits
+from moeflow.ops.backend import records_grad
 from moeflow.ops.grid import next_power_of_2
 from moeflow.ops.pdl import pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
-from moeflow.ops.routing_triton import SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits
+from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
+                                        route_logits_grad)
 
 
 @triton.jit
@@ -367,19 +374,69 @@ def routing_result(out: dict[str, torch.Tensor], capacity: int | None, placed: b
                                            ends_E=out["ends"], placed=placed))
 
 
-def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
-                        expert_bias_E: torch.Tensor | None, capacity: int | None = None
-                        ) -> RoutingResult:
-    """Routing without noise or autograd, dropless (capacity None) or keeping each expert's
-    first `capacity` assignments in priority order, with the expert-sorted layout in `order`:
-    route_reference(logits_TE, cfg, capacity, expert_bias_E, None, None)'s result (weights to
-    fp32 rounding, equal to route_triton's) plus sort_by_expert's plan. For small T
-    (moeflow.ops.backend.decode_route_fits)."""
-    logits_TE = logits_TE.contiguous()
+def _launch(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None,
+            capacity: int | None, out: dict[str, torch.Tensor]) -> None:
+    """One _decode_route_kernel launch over contiguous logits into route_outputs' `out`."""
     T, E = logits_TE.shape
-    out = route_outputs(T, E, cfg.top_k, logits_TE.device)
     scalars, meta = route_args(cfg, T, E, expert_bias_E is not None, capacity)
     _decode_route_kernel[(1,)](
         logits_TE, expert_bias_E if expert_bias_E is not None else logits_TE, *out.values(),
         T, E, *scalars, **meta, num_warps=ONE_PROGRAM_WARPS, **pdl_launch(logits_TE))
+
+
+class _RouteWithGrad(torch.autograd.Function):
+    """The one launch under autograd (training calls of at most DECODE_ROUTE_MAX_ASSIGNMENTS
+    assignments: three launches fewer than route_triton plus the Triton dispatch, and half the
+    allocations). Its outputs are the weights and the losses; the integer outputs are written
+    into the caller's buffers (`out`), which autograd need not track (each output of an
+    apply costs host time). The backward is route_triton's kernel, given what it reads: the
+    choices, the kept flags and the balance counts. Those are the counts the kernel writes when
+    routing is dropless and the balance loss counts every choice; else (first choices only,
+    or counts before a capacity's drops) the backward counts them, and only when the losses
+    have a gradient. Weights renormalised over the kept routes (a capacity with normalize) are
+    not this backward's: moeflow.ops.backend.one_launch_routes sends those to route_triton."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, cfg, expert_bias_E, capacity, out):
+        _launch(logits_TE, cfg, expert_bias_E, capacity, out)
+        ctx.save_for_backward(logits_TE, out["ids"], out["kept"], out["counts"])
+        ctx.cfg, ctx.capped = cfg, capacity is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return out["weights"], out["losses"]
+
+    @staticmethod
+    def backward(ctx, g_w, g_losses):
+        logits_TE, ids_TK, kept_i8, balance_E = ctx.saved_tensors
+        cfg = ctx.cfg
+        first = cfg.balance_on_first_choice and cfg.top_k > 1
+        if g_losses is not None and (first or ctx.capped):
+            balance_E = count_ids(ids_TK[:, 0] if first else ids_TK.reshape(-1),
+                                  logits_TE.shape[1])
+        d_logits = route_logits_grad(logits_TE, ids_TK, kept_i8, balance_E, g_w, g_losses, cfg,
+                                     cfg.normalizes and not ctx.capped,
+                                     float(cfg.routed_scaling))
+        return d_logits, None, None, None, None
+
+
+def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
+                        expert_bias_E: torch.Tensor | None, capacity: int | None = None
+                        ) -> RoutingResult:
+    """Routing without noise, dropless (capacity None) or keeping each expert's first
+    `capacity` assignments in priority order, with the expert-sorted layout in `order`:
+    route_reference(logits_TE, cfg, capacity, expert_bias_E, None, None)'s result (weights to
+    fp32 rounding, equal to route_triton's) plus sort_by_expert's plan. For small T
+    (moeflow.ops.backend.decode_route_fits); under autograd the weights and losses have
+    route_triton's backward (not with a capacity that renormalises the kept weights)."""
+    logits_TE = logits_TE.contiguous()
+    T, E = logits_TE.shape
+    out = route_outputs(T, E, cfg.top_k, logits_TE.device)
+    if not records_grad(logits_TE):
+        _launch(logits_TE, cfg, expert_bias_E, capacity, out)
+        return routing_result(out, capacity)
+    if capacity is not None and cfg.normalizes:
+        raise ValueError("route_decode_triton: under autograd a capacity that renormalises "
+                         "the kept weights takes route_triton (its renormalisation is a torch "
+                         "op with a backward)")
+    out["weights"], out["losses"] = _RouteWithGrad.apply(logits_TE, cfg, expert_bias_E,
+                                                         capacity, out)
     return routing_result(out, capacity)

@@ -182,6 +182,22 @@ class _Gather(torch.autograd.Function):
                          False), None, None, None, None, None
 
 
+class _GatherPlanned(torch.autograd.Function):
+    """x_TD's rows in a layout the router planned (its token list), with _Gather's backward:
+    each token's gradient the sum of its kept rows', in choice order (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, row_TK, kept_TK):
+        ctx.save_for_backward(row_TK, kept_TK.view(torch.int8))
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, g_x_ND):
+        row_TK, kept_i8 = ctx.saved_tensors
+        return _sum_rows(g_x_ND.contiguous(), row_TK, kept_i8, None, row_TK.shape[0],
+                         False), None, None, None
+
+
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND, w_TK, row_TK, kept_TK, packed):
@@ -217,6 +233,14 @@ def dispatch_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Te
                          kept_TK.contiguous(), counts_E.contiguous(), may_drop, gather=True)
     return _Gather.apply(x_TD.contiguous(), ids_TK.contiguous(), slots_TK.contiguous(),
                          kept_TK.contiguous(), counts_E.contiguous(), may_drop)
+
+
+def gather_planned_triton(x_TD: torch.Tensor, token_N: torch.Tensor, row_TK: torch.Tensor,
+                          kept_TK: torch.Tensor) -> torch.Tensor:
+    """x_TD[token_N] under autograd, for a layout the router planned (the one-launch router's
+    ExpertOrder: token_N lists each row's token, row_TK each assignment's row): one gather in
+    the forward, one Triton sum of each token's kept rows in the backward."""
+    return _GatherPlanned.apply(x_TD.contiguous(), token_N, row_TK, kept_TK.contiguous())
 
 
 def dispatch_plan_triton(x_TD: torch.Tensor, ids_TK: torch.Tensor, slots_TK: torch.Tensor,

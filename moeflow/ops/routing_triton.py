@@ -33,8 +33,10 @@ Under data parallelism the balance counts are summed over the ranks (the router'
 `stats_reduce`, one all-reduce of E counts) between the queue pass and `_finalize_kernel`; the
 kernels take f_e's denominator from the counts they are given, so the fused aux loss is the
 global batch's, as in the reference path.
-Backward (`_route_bwd_kernel`) recomputes scores from the logits and returns d logits for the
-weights, the aux loss and the z-loss in one pass, so the router trains through this path.
+Backward (`_route_bwd_kernel`, launched by route_logits_grad) recomputes scores from the logits
+and returns d logits for the weights, the aux loss and the z-loss in one pass, so the router
+trains through this path; it is also the backward of the one-launch router
+(moeflow.ops.decode_route_triton), which routes training calls of a few tokens.
 The kernels after the choice (queue, scans, finalize, the dropless plan) live in
 moeflow.ops.routing_slots_triton; this module chooses, launches them, and holds the backward.
 
@@ -457,23 +459,38 @@ class _FusedRoute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ids, g_w, g_kept, g_slots, g_counts, g_dropped, g_losses):
         logits_TE, ids, kept, balance = ctx.saved_tensors
-        cfg, plan = ctx.cfg, ctx.plan
-        T, E = logits_TE.shape
-        if g_w is None and g_losses is None:
-            return (None,) * 8
-        if g_w is None:
-            g_w = logits_TE.new_zeros(ids.shape)
-        d_logits = torch.empty_like(logits_TE)
-        if T > 0:
-            block_t = _block_t(E, T)
-            loss_grad = g_losses is not None
-            _route_bwd_kernel[(cdiv(T, block_t),)](
-                logits_TE, ids, kept.view(torch.int8), g_w.contiguous(),
-                g_losses.contiguous() if loss_grad else g_w, balance, d_logits, T, E,
-                plan.scaling, float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
-                SOFTMAX=cfg.score_func == "softmax", NORMALIZE=plan.normalize_in_kernel,
-                LOSS_GRAD=loss_grad, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
+        d_logits = route_logits_grad(logits_TE, ids, kept.view(torch.int8), balance, g_w,
+                                     g_losses, ctx.cfg, ctx.plan.normalize_in_kernel,
+                                     ctx.plan.scaling)
         return d_logits, None, None, None, None, None, None, None
+
+
+def route_logits_grad(logits_TE: torch.Tensor, ids_TK: torch.Tensor, kept_i8: torch.Tensor,
+                      balance_E: torch.Tensor, g_w: torch.Tensor | None,
+                      g_losses: torch.Tensor | None, cfg: RouterConfig, normalize: bool,
+                      scaling: float) -> torch.Tensor | None:
+    """The logits' gradient from the routing weights' and the losses' (either may be None:
+    unused), in one launch: the backward of every Triton router (this module's, and the
+    one-launch moeflow.ops.decode_route_triton under autograd). `normalize`: the weights were
+    renormalised in the kernel that chose them; `scaling`: the routed_scaling it applied;
+    `balance_E`: the counts the balance loss used (read only when the losses have a
+    gradient)."""
+    if g_w is None and g_losses is None:
+        return None
+    T, E = logits_TE.shape
+    if g_w is None:
+        g_w = logits_TE.new_zeros(ids_TK.shape)
+    d_logits = torch.empty_like(logits_TE)
+    if T > 0:
+        block_t = _block_t(E, T)
+        loss_grad = g_losses is not None
+        _route_bwd_kernel[(cdiv(T, block_t),)](
+            logits_TE, ids_TK, kept_i8, g_w.contiguous(),
+            g_losses.contiguous() if loss_grad else g_w, balance_E, d_logits, T, E, scaling,
+            float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
+            SOFTMAX=cfg.score_func == "softmax", NORMALIZE=normalize, LOSS_GRAD=loss_grad,
+            BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
+    return d_logits
 
 
 def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
