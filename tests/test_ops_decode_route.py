@@ -104,21 +104,21 @@ def test_router_takes_the_decode_kernel_only_where_it_applies():
     assert router(x).order is None
     # auto: plain torch off CUDA; the decode kernel above the bound is route_triton
     logits = torch.zeros(4, 8, device=DEVICE)
-    assert backend.resolve_router_backend("auto", logits, cfg, one_launch=True) == (
+    B = backend.DECODE_ROUTE_MAX_ASSIGNMENTS
+    assert backend.resolve_router_backend("auto", logits, cfg, bound=B) == (
         "triton_decode" if ON_GPU else "reference")
     # ... and on CUDA "auto" routes decode calls with the fused-logits kernel before that
     x_TD = torch.zeros(4, 16, device=DEVICE)
-    assert backend.router_fuses_logits("auto", x_TD, cfg, 8, one_launch=True) == ON_GPU
-    assert not backend.router_fuses_logits("auto", x_TD, cfg, 8, one_launch=False)
-    assert backend.router_fuses_logits("triton_decode_fused", x_TD, cfg, 8, one_launch=True)
-    assert not backend.router_fuses_logits("triton_decode", x_TD, cfg, 8, one_launch=True)
+    assert backend.router_fuses_logits("auto", x_TD, cfg, 8, bound=B) == ON_GPU
+    assert not backend.router_fuses_logits("auto", x_TD, cfg, 8, bound=0)
+    assert backend.router_fuses_logits("triton_decode_fused", x_TD, cfg, 8, bound=B)
+    assert not backend.router_fuses_logits("triton_decode", x_TD, cfg, 8, bound=B)
     big = torch.zeros(backend.DECODE_ROUTE_MAX_ASSIGNMENTS // 2 + 1, 8, device=DEVICE)
-    assert backend.resolve_router_backend("triton_decode", big, cfg, one_launch=True) == "triton"
-    assert backend.resolve_router_backend("triton_decode", logits, cfg,
-                                          one_launch=False) == "triton"
+    assert backend.resolve_router_backend("triton_decode", big, cfg, bound=B) == "triton"
+    assert backend.resolve_router_backend("triton_decode", logits, cfg, bound=0) == "triton"
     grouped = RouterConfig(top_k=1, expert_groups=(("text", 4), ("image", 4)))
     with pytest.raises(ValueError, match="expert groups"):
-        backend.resolve_router_backend("triton_decode", logits, grouped, one_launch=True)
+        backend.resolve_router_backend("triton_decode", logits, grouped, bound=B)
 
 
 def test_decode_route_bound_does_not_move_while_a_graph_is_captured(monkeypatch):
@@ -136,7 +136,7 @@ def test_decode_route_bound_does_not_move_while_a_graph_is_captured(monkeypatch)
         decided = {}
         for capturing in (False, True):
             monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
-            decided[capturing] = [backend.decode_route_fits(x, cfg, True) for x in calls]
+            decided[capturing] = [backend.decode_route_fits(x, cfg, bound) for x in calls]
     assert decided[False] == decided[True] == [True, True, True, False]
 
 

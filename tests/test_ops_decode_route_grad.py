@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 from moeflow.config import FFNSpec, RouterConfig  # noqa: E402
 from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
+from moeflow.ops import backend  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
 from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
 
@@ -64,8 +65,8 @@ def test_one_launch_router_trains_like_route_triton(name, used):
     x0 = torch.randn(T, D, device=DEVICE)
     ramp = torch.linspace(-1, 1, T * cfg.top_k, device=DEVICE).view(T, cfg.top_k)
     runs = {}
-    for backend in ("triton", "triton_decode"):
-        set_backends(router, Backends(router=backend))
+    for router_name in ("triton", "triton_decode"):
+        set_backends(router, Backends(router=router_name))
         x = x0.clone().requires_grad_(True)
         router.zero_grad()
         r = router(x)
@@ -75,7 +76,7 @@ def test_one_launch_router_trains_like_route_triton(name, used):
         if used in ("loss", "both"):
             loss = loss + 3.0 * r.loss
         loss.backward()
-        runs[backend] = (r, x.grad, router.gate.weight.grad.clone())
+        runs[router_name] = (r, x.grad, router.gate.weight.grad.clone())
     (r_multi, gx_multi, gw_multi), (r, gx, gw) = runs["triton"], runs["triton_decode"]
     assert r.order is not None and r_multi.order is None  # each path ran
     for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped", "weights_TK"):
@@ -86,6 +87,50 @@ def test_one_launch_router_trains_like_route_triton(name, used):
     assert gx.abs().sum() > 0
     _assert_equal(gx, gx_multi, "x grad")
     _assert_equal(gw, gw_multi, "gate grad")
+
+
+def test_one_launch_bound():
+    """Training calls (never captured) up to TRAIN_ROUTE_MAX_ASSIGNMENTS, served ones up to
+    DECODE_ROUTE_MAX_ASSIGNMENTS; none with Random Token Selection, Gumbel noise, statistics
+    summed over ranks, or, under autograd, a capacity that renormalises the kept weights."""
+    dropless = RouterConfig(top_k=2, normalize_topk=True, dropless=True)
+    top2 = RouterConfig(top_k=2, capacity_factor=1.0)
+    rts = RouterConfig(top_k=1, capacity_factor=1.0, drop_policy="random")
+    serve, train = backend.DECODE_ROUTE_MAX_ASSIGNMENTS, backend.TRAIN_ROUTE_MAX_ASSIGNMENTS
+    assert serve < train
+    assert backend.one_launch_bound(dropless, None, "none", False, grad=False) == serve
+    assert backend.one_launch_bound(dropless, None, "jitter", False, grad=True) == train
+    assert backend.one_launch_bound(top2, 4, "none", False, grad=False) == serve
+    assert backend.one_launch_bound(top2, 4, "none", False, grad=True) == 0
+    assert backend.one_launch_bound(top2, None, "none", False, grad=True) == train
+    assert backend.one_launch_bound(rts, 4, "none", False, grad=False) == 0
+    assert backend.one_launch_bound(dropless, None, "rsample", False, grad=False) == 0
+    assert backend.one_launch_bound(dropless, None, "none", True, grad=True) == 0
+
+
+def test_training_calls_take_the_one_launch_above_the_served_bound():
+    """400 assignments: one launch with a gradient (equal to route_triton's routing and
+    gradients), route_triton without."""
+    cfg = CONFIGS["qwen3_top4"]
+    E, D = 16, 16
+    T = backend.DECODE_ROUTE_MAX_ASSIGNMENTS // cfg.top_k + 36
+    router = _router(cfg, D, E)
+    x0 = torch.randn(T, D, device=DEVICE)
+    with torch.no_grad():
+        assert router(x0, inference=True).order is None  # served: above its bound
+    runs = {}
+    for name in ("triton", "triton_decode"):
+        set_backends(router, Backends(router=name))
+        router.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        r = router(x)
+        ((r.weights_TK * r.weights_TK).sum() + r.loss).backward()
+        runs[name] = (r, x.grad)
+    (r_multi, gx_multi), (r, gx) = runs["triton"], runs["triton_decode"]
+    assert r.order is not None and r_multi.order is None
+    assert torch.equal(r.ids_TK, r_multi.ids_TK)
+    _assert_equal(r.weights_TK, r_multi.weights_TK, "weights")
+    _assert_equal(gx, gx_multi, "x grad")
 
 
 def test_one_launch_router_under_autograd_refuses_a_renormalising_capacity():
@@ -121,13 +166,13 @@ def test_moe_layer_trains_through_the_one_launch_router(name):
     x0 = torch.randn(T, D, device=DEVICE, dtype=dtype)
     g = torch.randn(T, D, device=DEVICE, dtype=dtype)
     runs = {}
-    for backend in ("triton", "triton_decode"):
-        set_backends(layer, Backends(router=backend, **TRAIN))
+    for router_name in ("triton", "triton_decode"):
+        set_backends(layer, Backends(router=router_name, **TRAIN))
         layer.zero_grad()
         x = x0.clone().requires_grad_(True)
         y, r = layer(x)
         ((y * g).sum() + r.loss).backward()
-        runs[backend] = (r.order is not None, y.detach(), x.grad,
+        runs[router_name] = (r.order is not None, y.detach(), x.grad,
                          {n: p.grad.clone() for n, p in layer.named_parameters()})
     (planned_multi, y_multi, gx_multi, grads_multi) = runs["triton"]
     (planned, y, gx, grads) = runs["triton_decode"]

@@ -48,7 +48,7 @@ from moeflow.config import RouterConfig
 from moeflow.model.expert_groups import (GroupRouting, TokenGroups, group_routing,
                                          grouped_aux_loss)
 from moeflow.ops.backend import (EXPERTS_PLACE_MAX_TOKENS, Backends, ChoosesBackends,
-                                 one_launch_routes, records_grad, resolve_router_backend,
+                                 one_launch_bound, records_grad, resolve_router_backend,
                                  router_fuses_logits)
 from moeflow.ops.device_counters import DeviceCounters
 
@@ -370,10 +370,9 @@ class Router(nn.Module, ChoosesBackends):
         capacity = None if inference else cfg.capacity(T, E, self.training)
         sources = (x,) if logits_TE is not None else (x, self.gate.weight)
         grad = records_grad(*sources)
-        one_launch = one_launch_routes(cfg, capacity, noise, self.stats_reduce is not None, grad)
+        bound = one_launch_bound(cfg, capacity, noise, self.stats_reduce is not None, grad)
         fused = (logits_TE is None and noise != "jitter"  # the logits' launch has no backward
-                 and router_fuses_logits(self.backends.router, x, cfg, E,
-                                         one_launch and not grad))
+                 and router_fuses_logits(self.backends.router, x, cfg, E, 0 if grad else bound))
         if norm_input is not None and not fused:
             norm_input.run()  # x_TD is its output: written before anything reads it
         # Raw logits: only the reference router needs them made finite (a launch the Triton
@@ -404,7 +403,7 @@ class Router(nn.Module, ChoosesBackends):
             resolve_router_backend(self.backends.router, logits_TE, cfg)  # refuses "triton"
             return route_reference(_finite(logits_TE), cfg, capacity, self.expert_bias, gumbel_TE,
                                    token_order, self.stats_reduce, grouped)
-        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, one_launch)
+        backend = resolve_router_backend(self.backends.router, logits_TE, cfg, bound)
         if backend in ("triton_decode", "triton_decode_fused"):
             from moeflow.ops.decode_route_triton import route_decode_triton
             return route_decode_triton(logits_TE, cfg, self.expert_bias, capacity)

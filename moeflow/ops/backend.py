@@ -9,7 +9,7 @@ benchmarks compare every fast path with its plain-torch reference.
 
 - router:   ROUTER_BACKENDS ("reference" = moeflow.model.router.route_reference, "triton" =
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
-  kernel moeflow.ops.decode_route_triton where it applies (one_launch_routes and
+  kernel moeflow.ops.decode_route_triton where it applies (one_launch_bound and
   decode_route_fits: a few tokens, no Gumbel noise or Random Token Selection, dropless or with
   capacity drops; under autograd not where a capacity renormalises), route_triton elsewhere;
   "triton_decode_fused" = its passes in the launch that computes the fp32 router logits
@@ -150,6 +150,12 @@ LINEAR_STREAM_MAX_ROWS = 16
 # could flip) and failed tests/test_engine_cuda.py's captured = uncaptured test on the H200;
 # with the one bound it passed there (session 10, benchmarks/results/gpu_tests_*_session10.log).
 DECODE_ROUTE_MAX_ASSIGNMENTS = 256
+# Training calls (autograd: never captured, so the reason for one bound above does not hold):
+# the bound where the one program still won eagerly in the measurement above (T·K 1024:
+# route+plan 155 against 266 µs), which covers issue 14's Qwen3 T = 128 fwd+bwd cell, bound by
+# the host. Its GPU time at 1024 (153 against 67 µs, replayed) hides under the host's issue
+# time there; at real training sizes (thousands of tokens) route_triton runs.
+TRAIN_ROUTE_MAX_ASSIGNMENTS = 1024
 
 # Decode calls of at most this many tokens let the experts' one-launch stream kernel place the
 # rows (moeflow.ops.grouped_mlp_triton: one 16-row tile holds every token an expert can have)
@@ -363,40 +369,43 @@ def resolve_expert_backend(requested: str, x: torch.Tensor, w_in: torch.Tensor,
     return EXPERT_BACKENDS[requested]
 
 
-def one_launch_routes(cfg, capacity: int | None, noise: str, reduces_stats: bool,
-                      grad: bool) -> bool:
-    """Whether the one-launch router (moeflow.ops.decode_route_triton) may route a call, its
-    size aside (decode_route_fits): it drops in position order only (it reproduces
-    route_reference's drops exactly; Random Token Selection needs the RNG's permutation), adds
-    no Gumbel noise and sums no statistics over ranks. Under autograd (`grad`) its backward is
-    route_triton's kernel, which cannot differentiate a renormalisation over the kept routes,
-    so a capacity with normalised weights takes route_triton there. Training calls of a few
-    tokens take it since session 35 (three launches fewer than route_triton and its dispatch,
-    and half the allocations: issue 14's small-T fwd+bwd cells are bound by the host)."""
-    return ((capacity is None or cfg.drop_policy == "position")
-            and noise not in ("rsample", "rsample_second") and not reduces_stats
-            and not (grad and capacity is not None and cfg.normalizes))
+def one_launch_bound(cfg, capacity: int | None, noise: str, reduces_stats: bool,
+                     grad: bool) -> int:
+    """How many assignments (T·K) the one-launch router (moeflow.ops.decode_route_triton) may
+    route in this call; 0 where it may not route it at all. It drops in position order only
+    (it reproduces route_reference's drops exactly; Random Token Selection needs the RNG's
+    permutation), adds no Gumbel noise and sums no statistics over ranks. Without autograd
+    the bound is DECODE_ROUTE_MAX_ASSIGNMENTS. Under autograd (`grad`, training calls, which
+    are never captured) it is TRAIN_ROUTE_MAX_ASSIGNMENTS, and its backward is route_triton's
+    kernel, which cannot differentiate a renormalisation over the kept routes, so a capacity
+    with normalised weights takes route_triton there."""
+    if (capacity is not None and cfg.drop_policy != "position"
+            or noise in ("rsample", "rsample_second") or reduces_stats):
+        return 0
+    if not grad:
+        return DECODE_ROUTE_MAX_ASSIGNMENTS
+    return 0 if capacity is not None and cfg.normalizes else TRAIN_ROUTE_MAX_ASSIGNMENTS
 
 
-def decode_route_fits(tokens_T: torch.Tensor, cfg, one_launch: bool) -> bool:
-    """Whether the one-launch router (moeflow.ops.decode_route_triton) routes this call:
-    `one_launch` (one_launch_routes) and at most DECODE_ROUTE_MAX_ASSIGNMENTS assignments,
-    whether or not a CUDA graph is being captured. `tokens_T`: anything with a row per token
-    (the logits, or the router's input for the fused-logits kernel)."""
-    return one_launch and tokens_T.shape[0] * cfg.top_k <= DECODE_ROUTE_MAX_ASSIGNMENTS
+def decode_route_fits(tokens_T: torch.Tensor, cfg, bound: int) -> bool:
+    """Whether the one-launch router (moeflow.ops.decode_route_triton) routes this call: at
+    most `bound` (one_launch_bound) assignments, whether or not a CUDA graph is being
+    captured. `tokens_T`: anything with a row per token (the logits, or the router's input for
+    the fused-logits kernel)."""
+    return tokens_T.shape[0] * cfg.top_k <= bound
 
 
 def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: int,
-                        one_launch: bool) -> bool:
+                        bound: int) -> bool:
     """Whether the router hands its input to the fused-logits decode kernel
     ("triton_decode_fused") instead of computing the logits first (never under autograd: the
-    router passes one_launch False then): asked for, or "auto" on CUDA where the one-launch
+    router passes a bound of 0 then): asked for, or "auto" on CUDA where the one-launch
     router applies (decode_route_fits; as resolve_router_backend's rule, E <= 1024 in equal
     groups; no expert groups). Measured on the H200 (benchmarks/results/decode_study,
     2026-12-02, Qwen3-30B-A3B shape, dropless, two runs each): 942 -> 702 kernels and 4.20 ->
     3.81 ms of kernel time per batch-1 decode step; graph replay 4.59 / 5.10 -> 4.49 / 4.32
     ms, batch 16 13.50 / 13.94 -> 13.34 / 12.98 ms."""
-    if cfg.expert_groups or not decode_route_fits(x_TD, cfg, one_launch):
+    if cfg.expert_groups or not decode_route_fits(x_TD, cfg, bound):
         return False
     if requested == "triton_decode_fused":
         return True
@@ -404,8 +413,7 @@ def router_fuses_logits(requested: str, x_TD: torch.Tensor, cfg, num_experts: in
             and num_experts % cfg.num_groups == 0)
 
 
-def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
-                           one_launch: bool = False) -> str:
+def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg, bound: int = 0) -> str:
     """"triton" (fused routing kernels) on CUDA for up to 1024 experts in equal groups, and
     "triton_decode" (one launch, which also plans the dispatch, dropless or with capacity
     drops in position order) where decode_route_fits; the reference router for expert groups
@@ -422,7 +430,7 @@ def resolve_router_backend(requested: str, logits_TE: torch.Tensor, cfg,
         fits = (logits_TE.dtype == torch.float32 and E <= 1024 and E % cfg.num_groups == 0)
         requested = "triton_decode" if _triton_cuda(logits_TE) and fits else "reference"
     if (requested in ("triton_decode", "triton_decode_fused")
-            and not decode_route_fits(logits_TE, cfg, one_launch)):
+            and not decode_route_fits(logits_TE, cfg, bound)):
         return "triton"
     return requested
 

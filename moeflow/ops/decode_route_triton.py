@@ -44,10 +44,11 @@ DispatchPlan is sort_by_expert's, row for row (parked when there is a capacity).
 moeflow.ops.decode_route_fused_triton runs the same passes in the launch that computes the
 logits (router backend "triton_decode_fused"), and can leave pass 2 to the experts' kernel.
 
-Training calls of a few tokens (issue 14's small-T fwd+bwd cells, bound by the host) take this
-launch too, with route_triton's backward kernel (_RouteWithGrad): one launch instead of
-route_triton's three and the Triton dispatch's one, eleven allocations instead of 23 (with the
-gather), and the layer gathers the planned rows by one index_select (moeflow.model.dispatch).
+Training calls of up to TRAIN_ROUTE_MAX_ASSIGNMENTS (issue 14's small-T fwd+bwd cells, bound
+by the host) take this launch too, with route_triton's backward kernel (_RouteWithGrad): one
+launch instead of route_triton's three and the Triton dispatch's one, eleven allocations
+instead of 23 (with the gather), and the layer gathers the planned rows by one index_select
+(moeflow.model.dispatch).
 
 Legend: T tokens, E experts, K top-k, N = T·K assignments.
 """
@@ -385,7 +386,7 @@ def _launch(logits_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Ten
 
 
 class _RouteWithGrad(torch.autograd.Function):
-    """The one launch under autograd (training calls of at most DECODE_ROUTE_MAX_ASSIGNMENTS
+    """The one launch under autograd (training calls of at most TRAIN_ROUTE_MAX_ASSIGNMENTS
     assignments: three launches fewer than route_triton plus the Triton dispatch, and half the
     allocations). Its outputs are the weights and the losses; the integer outputs are written
     into the caller's buffers (`out`), which autograd need not track (each output of an
@@ -394,7 +395,7 @@ class _RouteWithGrad(torch.autograd.Function):
     routing is dropless and the balance loss counts every choice; else (first choices only,
     or counts before a capacity's drops) the backward counts them, and only when the losses
     have a gradient. Weights renormalised over the kept routes (a capacity with normalize) are
-    not this backward's: moeflow.ops.backend.one_launch_routes sends those to route_triton."""
+    not this backward's: moeflow.ops.backend.one_launch_bound sends those to route_triton."""
 
     @staticmethod
     def forward(ctx, logits_TE, cfg, expert_bias_E, capacity, out):
