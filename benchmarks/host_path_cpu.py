@@ -6,9 +6,9 @@ T = 8 (the one-launch decode router) and Qwen3 at T = 40 (320 assignments: the f
 multi-kernel router). The experts' hidden size is shrunk to 64 (no kernel runs, and nothing on
 the host depends on it); at T = 40 the router's logits GEMM, a torch op, still runs on the
 CPU, so that figure includes it. `--train` times training fwd+bwd calls instead (D 16, 8
-experts: Qwen3 at T 8, where the one-launch router runs under autograd, and 128, where the
-multi-kernel one does, ds-1.3b at T 8); the no-op launches zero their integer outputs there,
-so the torch ops after them index valid rows and the grouped GEMMs get empty groups.
+experts: Qwen3 at T 8 and 128, ds-1.3b at T 8, all through the one-launch router under
+autograd since session 35); the no-op launches zero their integer outputs there, so the torch
+ops after them index valid rows and the grouped GEMMs get empty groups.
 `--count` instead counts the Python function calls per call (cProfile; deterministic, unlike
 the times on a shared host) for the inference and training cases (training at D 256), and
 beside them the kernels each call would launch on CUDA (the Triton launches and the aten ops
@@ -289,7 +289,7 @@ def main() -> None:
     ap.add_argument("--count", action="store_true",
                     help="Python calls, kernels and syncs per call instead")
     ap.add_argument("--train", action="store_true",
-                    help="time the training fwd+bwd cases (and the minimal layer's) instead")
+                    help="time the training fwd+bwd cases instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     jit.KernelInterface.__getitem__ = _no_launch

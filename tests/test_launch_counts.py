@@ -17,7 +17,6 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # host_path_cpu imports moe_layer's MinimalMoE
 spec = importlib.util.spec_from_file_location("host_path_cpu",
@@ -47,13 +46,14 @@ def test_a_decode_call_is_three_launches_and_never_waits(name):
     assert _kernels(theirs)[0] > 10 and _kernels(theirs)[2] >= 1, theirs.kernels
 
 
-@pytest.mark.parametrize("name, bound", [("qwen3-30b-a3b", 23), ("ds-1.3b+moe128", 28)])
-def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, bound):
-    """T = 8: the one-launch router under autograd (session 35; 25 / 31 kernels with ten
-    Triton launches through route_triton and the Triton dispatch before)."""
-    layer, x = host_path._layer(name, 8, D=64, backends=host_path.TRAIN)
+@pytest.mark.parametrize("name, T, bound", [("qwen3-30b-a3b", 8, 23), ("qwen3-30b-a3b", 128, 23),
+                                            ("ds-1.3b+moe128", 8, 28)])
+def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, T, bound):
+    """The one-launch router under autograd (session 35; 25 / 31 kernels with ten Triton
+    launches through route_triton and the Triton dispatch before), up to 1024 assignments."""
+    layer, x = host_path._layer(name, T, D=64, backends=host_path.TRAIN)
     layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
-    minimal = host_path._minimal(name, 8, 64).to(torch.bfloat16)
+    minimal = host_path._minimal(name, T, 64).to(torch.bfloat16)
     g = torch.randn_like(x)
 
     def fwd_bwd(module, moeflow):
