@@ -16,7 +16,9 @@ and forward+backward (input and all weight gradients), bf16:
 Implementations: moeflow (backend "auto": the fast paths), moeflow+graph and
 hf-grouped_mm+graph (forward replayed from a CUDA graph captured for that T, as servers run
 decode steps: no per-launch host cost; forward only), moeflow-ref (all plain-torch
-references), "minimal" (the issue's yardstick: softmax top-k, argsort, gather, two
+references), moeflow-route_triton (the multi-kernel router forced: training calls of up to 1024
+assignments take the one-launch router since session 35; run only when named, as an A/B in one
+process), "minimal" (the issue's yardstick: softmax top-k, argsort, gather, two
 `torch._grouped_mm` calls, index_add; dropless, about 30 lines), DeepSpeed
 `deepspeed.moe.layer.MoE` (capacity factor 1.0, one process group of one rank),
 transformers `MixtralSparseMoeBlock` with experts_implementation "eager" and "grouped_mm" (its
@@ -73,7 +75,9 @@ SHAPES = {  # name: (D, F, E, k, activation, shared experts, router)
 }
 # Slowest last, so a run cut short loses the least telling cells.
 IMPLS = ("moeflow", "minimal", "hf-grouped_mm", "deepspeed", "moeflow+graph", "minimal+graph",
-         "hf-grouped_mm+graph", "hf-eager", "moeflow-ref")
+         "hf-grouped_mm+graph", "hf-eager", "moeflow-ref", "moeflow-route_triton")
+# Run only when named: moeflow with another path forced, for an A/B in one process.
+VARIANTS = ("moeflow-route_triton",)
 GRAPH = "+graph"  # forward replayed from a CUDA graph captured for that T (decode-style serving)
 MAX_CALL_S = 10.0  # a cell whose single call takes longer is skipped (and larger T with it)
 DEVICE = "cuda"  # where layers are built (a CPU smoke test of build() sets "cpu")
@@ -183,7 +187,8 @@ def build(impl: str, shape: str):
     if impl.startswith("moeflow"):
         spec = FFNSpec(kind="moe", d_ff=F, num_experts=E, expert_d_ff=F,
                        num_shared_experts=shared, shared_d_ff=F * shared, router=router)
-        backends = Backends.reference() if impl == "moeflow-ref" else Backends()
+        backends = {"moeflow-ref": Backends.reference(),
+                    "moeflow-route_triton": Backends(router="triton")}.get(impl, Backends())
         layer = MoELayer(spec, D, act, bias=False, backends=backends).to(dev, dt)
         _init_(layer, D ** -0.5)
         if layer.router.expert_bias is not None:
@@ -409,12 +414,13 @@ def run_shape_interleaved(shape: str, rows: dict, args, bw: float, rate: float, 
 
 
 def wins(rounds: dict[str, list[float]], mode: str) -> dict[str, str]:
-    """Per eager peer: in how many of the rounds both ran moeflow was the faster, "k/n"."""
+    """Per eager peer (and moeflow variant): in how many of the rounds both ran moeflow was the
+    faster, "k/n"."""
     ours = rounds.get(f"moeflow/{mode}", [])
     out = {}
     for key, theirs in rounds.items():
         impl = key.split("/")[0]
-        if key.endswith("/" + mode) and not impl.startswith("moeflow") and not impl.endswith(GRAPH):
+        if key.endswith("/" + mode) and impl != "moeflow" and not impl.endswith(GRAPH):
             n = min(len(ours), len(theirs))
             out[impl] = f"{sum(a < b for a, b in zip(ours, theirs))}/{n}"
     return out
@@ -424,7 +430,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="*", type=int, default=[8, 128, 4096, 16384])
-    ap.add_argument("--impls", nargs="*", default=list(IMPLS))
+    ap.add_argument("--impls", nargs="*", default=[i for i in IMPLS if i not in VARIANTS])
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--rounds", type=int, default=1,
