@@ -16,9 +16,9 @@ from moeflow.config import RouterConfig
 from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
                          decode_route_fused_triton, decode_route_triton, expert_bias_triton,
                          fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
-                         persistent_mlp_triton, qk_rope_triton, routing_slots_triton,
-                         routing_triton, skinny_linear_triton, slot_write_triton,
-                         tiled_mlp_triton)
+                         persistent_mlp_triton, qk_rope_triton, routing_choice_triton,
+                         routing_grad_triton, routing_slots_triton, routing_triton,
+                         skinny_linear_triton, slot_write_triton, tiled_mlp_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -242,10 +242,10 @@ def dropless_router():
                      {**_args("logits_ptr noise_ptr bias_ptr", "*fp32"), "ids_ptr": "*i64",
                       **_args("w_ptr lse_ptr psum_ptr", "*fp32"), "hist_ptr": "*i32",
                       **_args("T E NB", "i32"), "routed_scaling": "fp32"},
-                     {"K": K, "SOFTMAX": True, "SEL": m.SEL_SCORES, "HAS_NOISE": False,
-                      "HIST": True, "HAS_BIAS": False, "NORMALIZE": True, "GROUPS": 1,
-                      "TOPK_GROUPS": 1, "GROUP_TOP2": True, "BLOCK_T": 8, "BLOCK_E": 128,
-                      "BLOCK_G": 1, "BLOCK_K": K})
+                     {"K": K, "SOFTMAX": True, "SEL": routing_choice_triton.SEL_SCORES,
+                      "HAS_NOISE": False, "HIST": True, "HAS_BIAS": False, "NORMALIZE": True,
+                      "GROUPS": 1, "TOPK_GROUPS": 1, "GROUP_TOP2": True, "BLOCK_T": 8,
+                      "BLOCK_E": 128, "BLOCK_G": 1, "BLOCK_K": K})
         compile_sm90(routing_slots_triton._dropless_scan_kernel,
                      {**_args("hist_ptr offsets_ptr totals_ptr", "*i32"),
                       **_args("psum_ptr lse_ptr pe_part_ptr z_part_ptr", "*fp32"),
@@ -272,7 +272,7 @@ def training_route_dispatch():
     (their ranks from the kept flags' running count), and the combine's backward; Qwen3-30B-A3B
     sizes, bf16 rows."""
     for softmax, loss_grad in ((True, True), (True, False), (False, True)):
-        compile_sm90(routing_triton._route_bwd_kernel,
+        compile_sm90(routing_grad_triton._route_bwd_kernel,
                      {"logits_ptr": "*fp32", "ids_ptr": "*i64", "kept_ptr": "*i8",
                       **_args("gw_ptr gloss_ptr", "*fp32"), "balance_ptr": "*i64",
                       "dlogits_ptr": "*fp32", **_args("T E", "i32"),

@@ -71,7 +71,7 @@ from moeflow.ops.decode_route_triton import (choice_rows, choose_pass, pass1_sca
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.norm_triton import PendingAddNorm, residual_sum, rms_scale
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
-from moeflow.ops.routing_triton import finite_logits
+from moeflow.ops.routing_choice_triton import finite_logits
 from moeflow.ops.tickets import last_to_arrive
 
 

@@ -69,8 +69,9 @@ from moeflow.ops.backend import records_grad
 from moeflow.ops.grid import next_power_of_2
 from moeflow.ops.pdl import pdl_launch, wait_for_previous
 from moeflow.ops.routing_slots_triton import store_losses
-from moeflow.ops.routing_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile, finite_logits,
-                                        route_logits_grad)
+from moeflow.ops.routing_choice_triton import (SEL_DEEPSPEED, SEL_SCORES, choose_tile,
+                                               finite_logits)
+from moeflow.ops.routing_grad_triton import route_logits_grad
 
 
 @triton.jit

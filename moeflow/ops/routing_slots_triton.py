@@ -1,7 +1,7 @@
 """The fused router's second stage on CUDA: from the chosen experts to each assignment's queue
 slot, the drops, the counts and the losses, and on the dropless path the expert-sorted dispatch
 plan. The launches and why they are shaped so: moeflow.ops.routing_triton, which chooses the
-experts, launches these kernels and holds the backward.
+experts (with moeflow.ops.routing_choice_triton) and launches these kernels.
 
 Capacity path: `_queue_kernel` (one program walking every block, or a histogram pass, the
 block scan `_scan_kernel` and a slot pass), then `_finalize_kernel`. Dropless path:

@@ -33,12 +33,13 @@ Under data parallelism the balance counts are summed over the ranks (the router'
 `stats_reduce`, one all-reduce of E counts) between the queue pass and `_finalize_kernel`; the
 kernels take f_e's denominator from the counts they are given, so the fused aux loss is the
 global batch's, as in the reference path.
-Backward (`_route_bwd_kernel`, launched by route_logits_grad) recomputes scores from the logits
-and returns d logits for the weights, the aux loss and the z-loss in one pass, so the router
-trains through this path; it is also the backward of the one-launch router
-(moeflow.ops.decode_route_triton), which routes training calls of a few tokens.
-The kernels after the choice (queue, scans, finalize, the dropless plan) live in
-moeflow.ops.routing_slots_triton; this module chooses, launches them, and holds the backward.
+Backward: one launch (moeflow.ops.routing_grad_triton, shared with the one-launch router,
+which routes training calls of up to 1024 assignments) recomputes the scores from the logits
+and returns d logits for the weights, the aux loss and the z-loss, so the router trains through
+this path. The per-token choice (`choose_tile`, the scores) lives in
+moeflow.ops.routing_choice_triton, shared with the one-launch router; the kernels after the
+choice (queue, scans, finalize, the dropless plan) in moeflow.ops.routing_slots_triton; this
+module launches them and holds the autograd Function.
 
 Ids, slots, kept and counts equal the reference exactly (same arithmetic on the same fp32
 logits); weights and losses agree to fp32 rounding (the exponentials differ in the last bits).
@@ -60,10 +61,12 @@ from moeflow.model.router import (ExpertOrder, RoutingResult, StatsReduce, count
                                   detach_unused, selects_by_logits)
 from moeflow.ops.backend import records_grad
 from moeflow.ops.grid import cdiv, next_power_of_2
+from moeflow.ops.routing_choice_triton import (SEL_DEEPSPEED, SEL_NOISY_LOGITS, SEL_SCORES,
+                                               choose_tile, finite_logits, route_block_t)
+from moeflow.ops.routing_grad_triton import route_logits_grad
 from moeflow.ops.routing_slots_triton import (_dropless_plan_kernel, _dropless_scan_kernel,
                                               _finalize_kernel, _queue_kernel, _scan_kernel)
 
-_FP32_MAX = 3.4028234663852886e38
 _SERIAL_LIMIT = 1024  # assignments handled by one program walking all blocks (≈ 16 blocks)
 _SCAN_TILE = 8192  # entries of the dropless scan's [blocks, experts] tiles (one step ≤ 256 blocks)
 
@@ -75,111 +78,7 @@ def scan_warps(block_r: int, block_c: int) -> int:
     return 8 if block_r * block_c > 4096 else 4
 
 
-@triton.jit
-def finite_logits(x):
-    x = tl.where(x != x, -3.4028234663852886e38, x)
-    return tl.minimum(tl.maximum(x, -3.4028234663852886e38), 3.4028234663852886e38)
-
-
-@triton.jit
-def _scores(x, cmask, SOFTMAX: tl.constexpr):
-    """Returns (scores, balance probabilities, logsumexp, softmax) for a [BT, BE] logits tile."""
-    xm = tl.where(cmask[None, :], x, float("-inf"))
-    mx = tl.max(xm, axis=1)
-    ex = tl.exp(xm - mx[:, None])
-    den = tl.sum(ex, axis=1)
-    soft = ex / den[:, None]
-    lse = mx + tl.log(den)
-    if SOFTMAX:
-        scores = soft
-        probs = soft
-    else:
-        scores = tl.where(cmask[None, :], tl.sigmoid(x), 0.0)
-        probs = scores / tl.maximum(tl.sum(scores, axis=1), 1e-20)[:, None]
-    return scores, probs, lse, soft
-
-
 _NORM_EPS = 1.1920928955078125e-07  # fp32 eps, DeepSpeed's clamp of a token's weight sum
-SEL_SCORES, SEL_NOISY_LOGITS, SEL_DEEPSPEED = 0, 1, 2
-
-
-@triton.jit
-def _first_largest(v1, i1, s1, v2, i2, s2):
-    """tl.reduce's combine for top-k: of two (value, column, score) candidates the larger
-    value, the lower column on a tie."""
-    left = (v1 > v2) | ((v1 == v2) & (i1 < i2))
-    return tl.where(left, v1, v2), tl.where(left, i1, i2), tl.where(left, s1, s2)
-
-
-@triton.jit
-def choose_tile(x, xr, bias_ptr, rows, cols, cmask, E, routed_scaling,
-                K: tl.constexpr, SOFTMAX: tl.constexpr, SEL: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GROUPS: tl.constexpr,
-                TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The choices of a [BLOCK_T, BLOCK_E] tile of finite logits `x` (`xr`: with noise, or `x`):
-    returns (ids [BLOCK_T, BLOCK_K], weights (scaled; normalised if NORMALIZE), logsumexp,
-    balance probabilities, chosen [BLOCK_T, BLOCK_E] = the experts each row picked).
-    Shared by `_topk_kernel` and moeflow.ops.decode_route_triton, so both choose alike."""
-    scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
-    if SEL == 1:
-        sel = xr
-    else:
-        sel = scores
-    if HAS_BIAS:
-        sel = sel + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-
-    if GROUPS > 1:
-        per_group = E // GROUPS
-        gid = cols // per_group
-        gcols = tl.arange(0, BLOCK_G)
-        gscore = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
-        for g in tl.static_range(GROUPS):
-            v = tl.where(((gid == g) & cmask)[None, :], sel, float("-inf"))
-            m1 = tl.max(v, axis=1)
-            s = m1
-            if GROUP_TOP2:
-                i1 = tl.min(tl.where(v == m1[:, None], cols[None, :], BLOCK_E), axis=1)
-                v2 = tl.where(cols[None, :] == i1[:, None], float("-inf"), v)
-                s = m1 + tl.max(v2, axis=1)
-            gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
-        gtaken = (gcols >= GROUPS)[None, :] & (rows >= 0)[:, None]
-        for _ in tl.static_range(TOPK_GROUPS):
-            cand = tl.where(gtaken, float("-inf"), gscore)
-            m = tl.max(cand, axis=1)
-            gi = tl.min(tl.where((cand == m[:, None]) & ~gtaken, gcols[None, :], BLOCK_G), axis=1)
-            gtaken = gtaken | (gcols[None, :] == gi[:, None])
-        keep = (cols < 0)[None, :] & (rows >= 0)[:, None]
-        for g in tl.static_range(GROUPS):
-            chosen = tl.max(tl.where(gcols[None, :] == g, gtaken.to(tl.int32), 0), axis=1) > 0
-            keep = keep | ((gid == g)[None, :] & chosen[:, None])
-        sel = tl.where(keep, sel, float("-inf"))
-
-    kcols = tl.arange(0, BLOCK_K)
-    taken = (~cmask)[None, :] & (rows >= 0)[:, None]
-    ids_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.int64)
-    w_tile = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
-    for k in tl.static_range(K):
-        if SEL == 2:
-            if k == 0:
-                cand = tl.where(taken, float("-inf"), soft)
-            else:
-                cand = tl.where(taken, float("-inf"), xr)
-        else:
-            cand = tl.where(taken, float("-inf"), sel)
-        # One reduction per round: the largest candidate (the lowest column among equals)
-        # and its score. Taken columns are -inf and every round has a finite one left (the
-        # config keeps top_k ≤ topk_groups × experts per group), so a taken one never wins.
-        _, idx, w = tl.reduce((cand, tl.broadcast_to(cols[None, :], cand.shape), scores),
-                              axis=1, combine_fn=_first_largest)
-        hit = cols[None, :] == idx[:, None]
-        taken = taken | hit
-        ids_tile = tl.where(kcols[None, :] == k, idx.to(tl.int64)[:, None], ids_tile)
-        w_tile = tl.where(kcols[None, :] == k, w[:, None], w_tile)
-    if NORMALIZE:
-        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1.1920928955078125e-07)[:, None]
-    w_tile = w_tile * routed_scaling
-    return ids_tile, w_tile, lse, probs, taken & cmask[None, :]
 
 
 @triton.jit
@@ -217,83 +116,6 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
         tl.store(hist_ptr + (kcols[:, None] * NB + pid) * E + cols[None, :],
                  tl.sum(hit.to(tl.int32), axis=0), mask=(kcols < K)[:, None] & cmask[None, :])
 
-
-
-@triton.jit
-def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_ptr,
-                      dlogits_ptr, T, E, routed_scaling, aux_coef, z_coef,
-                      K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
-                      LOSS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """`LOSS_GRAD`: the losses have a gradient at gloss_ptr (else they are unused: zero)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    rmask = rows < T
-    cmask = cols < E
-    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
-    raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
-    x = finite_logits(raw)
-    scores, probs, lse, soft = _scores(x, cmask, SOFTMAX)
-    if LOSS_GRAD:
-        g_total = tl.load(gloss_ptr + 2)
-        g_aux = tl.load(gloss_ptr) + tl.where(aux_coef != 0.0, aux_coef * g_total, 0.0)
-        g_z = tl.load(gloss_ptr + 1) + tl.where(z_coef != 0.0, z_coef * g_total, 0.0)
-    else:
-        g_aux = tl.full([], 0.0, tl.float32)
-        g_z = tl.full([], 0.0, tl.float32)
-
-    # d weights → d selected scores (through normalisation, scaling and the drop mask).
-    s_sum = tl.zeros([BLOCK_T], tl.float32)
-    gs_sum = tl.zeros([BLOCK_T], tl.float32)
-    for k in tl.static_range(K):
-        idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
-        s_k = tl.sum(tl.where(cols[None, :] == idx[:, None], scores, 0.0), axis=1)
-        kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
-        g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
-        g_k = g_k * routed_scaling
-        s_sum += s_k
-        gs_sum += g_k * s_k
-    denom = tl.maximum(s_sum, 1.1920928955078125e-07)
-    ds = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
-    for k in tl.static_range(K):
-        idx = tl.load(ids_ptr + rows * K + k, mask=rmask, other=0)
-        kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
-        g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
-        g_k = g_k * routed_scaling
-        if NORMALIZE:
-            g_k = g_k / denom - tl.where(s_sum >= 1.1920928955078125e-07,
-                                         gs_sum / (denom * denom), 0.0)
-        ds += tl.where(cols[None, :] == idx[:, None], g_k[:, None], 0.0)
-
-    # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = balance_e / Σ balance.
-    balance_i = tl.load(balance_ptr + cols, mask=cmask, other=0)
-    balance = balance_i.to(tl.float32)
-    total = tl.maximum(tl.sum(balance_i), 1).to(tl.float32)
-    dprobs = g_aux * E * balance / total / tl.maximum(T, 1)
-    dprobs = tl.where(m2, dprobs[None, :] + tl.zeros([BLOCK_T, BLOCK_E], tl.float32), 0.0)
-    if SOFTMAX:
-        ds += dprobs
-        dx = scores * (ds - tl.sum(ds * scores, axis=1)[:, None])
-    else:
-        q_raw = tl.sum(scores, axis=1)
-        q = tl.maximum(q_raw, 1e-20)
-        corr = tl.where(q_raw >= 1e-20, tl.sum(dprobs * scores, axis=1) / (q * q), 0.0)
-        ds += dprobs / q[:, None] - corr[:, None]
-        dx = ds * scores * (1.0 - scores)
-    dz = tl.where(g_z != 0.0, g_z * 2.0 * lse / tl.maximum(T, 1), 0.0)  # lse may overflow
-    dx += dz[:, None] * soft
-    finite = (raw == raw) & (raw < float("inf")) & (raw > float("-inf"))
-    tl.store(dlogits_ptr + offs, tl.where(finite, dx, 0.0), mask=m2)
-
-
-def _block_t(E: int, T: int) -> int:
-    """Tokens per routing program: a [BLOCK_T, E] tile of at most 4096 scores (larger tiles
-    spill registers: 64 × 128 took 77 µs for one program on an H100), and few enough tokens that
-    small batches still spread over the SMs instead of one program doing all the work."""
-    cap = max(2, min(16, 4096 // next_power_of_2(E)))
-    spread = next_power_of_2(max(1, cdiv(T, 264)))  # ≥ 2 programs per SM when T allows
-    return max(2, min(cap, spread))
 
 
 @dataclass(frozen=True)
@@ -342,7 +164,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     dev = logits_TE.device
     block_e = next_power_of_2(E)
     dropless = capacity is None and stats_reduce is None and T > 0
-    block_t = _block_t(E, T)
+    block_t = route_block_t(E, T)
     if dropless:  # the histogram's [BLOCK_T, K, E] tile: at most 8192 entries
         block_t = min(block_t, max(2, 8192 // (next_power_of_2(K) * block_e)))
     nb = cdiv(T, block_t)
@@ -463,34 +285,6 @@ class _FusedRoute(torch.autograd.Function):
                                      g_losses, ctx.cfg, ctx.plan.normalize_in_kernel,
                                      ctx.plan.scaling)
         return d_logits, None, None, None, None, None, None, None
-
-
-def route_logits_grad(logits_TE: torch.Tensor, ids_TK: torch.Tensor, kept_i8: torch.Tensor,
-                      balance_E: torch.Tensor, g_w: torch.Tensor | None,
-                      g_losses: torch.Tensor | None, cfg: RouterConfig, normalize: bool,
-                      scaling: float) -> torch.Tensor | None:
-    """The logits' gradient from the routing weights' and the losses' (either may be None:
-    unused), in one launch: the backward of every Triton router (this module's, and the
-    one-launch moeflow.ops.decode_route_triton under autograd). `normalize`: the weights were
-    renormalised in the kernel that chose them; `scaling`: the routed_scaling it applied;
-    `balance_E`: the counts the balance loss used (read only when the losses have a
-    gradient)."""
-    if g_w is None and g_losses is None:
-        return None
-    T, E = logits_TE.shape
-    if g_w is None:
-        g_w = logits_TE.new_zeros(ids_TK.shape)
-    d_logits = torch.empty_like(logits_TE)
-    if T > 0:
-        block_t = _block_t(E, T)
-        loss_grad = g_losses is not None
-        _route_bwd_kernel[(cdiv(T, block_t),)](
-            logits_TE, ids_TK, kept_i8, g_w.contiguous(),
-            g_losses.contiguous() if loss_grad else g_w, balance_E, d_logits, T, E, scaling,
-            float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
-            SOFTMAX=cfg.score_func == "softmax", NORMALIZE=normalize, LOSS_GRAD=loss_grad,
-            BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
-    return d_logits
 
 
 def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | None,
