@@ -1,7 +1,9 @@
-"""The one-launch router under autograd (training calls of a few tokens): the same routing and
-the same gradients as the multi-kernel route_triton, whose backward kernel it shares, for every
-balance-count source the backward reads (the kernel's counts, first choices only, counts before
-a capacity's drops), and the MoE layer's fwd+bwd through it equals the multi-kernel path's."""
+"""The one-launch router under autograd (training calls of up to 1024 assignments): the same
+routing and the same gradients as the multi-kernel route_triton, whose backward kernel it
+shares, and plain torch's gradients, for every balance-count source the backward reads (the
+kernel's counts, first choices only, counts before a capacity's drops) and DeepSpeed's top-2
+renormalisation over a capacity's kept routes; the MoE layer's fwd+bwd through it equals the
+multi-kernel path's."""
 
 import pytest
 
@@ -17,7 +19,6 @@ from moeflow.model.moe import MoELayer  # noqa: E402
 from moeflow.model.router import Router  # noqa: E402
 from moeflow.ops import backend  # noqa: E402
 from moeflow.ops.backend import Backends, set_backends  # noqa: E402
-from moeflow.ops.decode_route_triton import route_decode_triton  # noqa: E402
 
 CONFIGS = {
     # dropless, every choice counted: the backward reads the kernel's counts
@@ -29,6 +30,9 @@ CONFIGS = {
     # DeepSpeed-MoE's top-1 with a capacity: drops; the balance counts precede them
     "top1_capacity": RouterConfig(top_k=1, capacity_factor=1.0, min_capacity=1,
                                   z_loss_coef=1e-3),
+    # DeepSpeed's top-2 with a capacity: the kept weights renormalised, first-choice balance
+    "top2_capacity": RouterConfig(top_k=2, capacity_factor=0.75, min_capacity=1,
+                                  z_loss_coef=1e-3, routed_scaling=1.5),
     # sigmoid scores, expert bias in the choice, groups, scaled weights
     "deepseek_v3": RouterConfig(top_k=4, score_func="sigmoid", normalize_topk=True,
                                 routed_scaling=2.5, num_groups=4, topk_groups=2,
@@ -65,7 +69,7 @@ def test_one_launch_router_trains_like_route_triton(name, used):
     x0 = torch.randn(T, D, device=DEVICE)
     ramp = torch.linspace(-1, 1, T * cfg.top_k, device=DEVICE).view(T, cfg.top_k)
     runs = {}
-    for router_name in ("triton", "triton_decode"):
+    for router_name in ("reference", "triton", "triton_decode"):
         set_backends(router, Backends(router=router_name))
         x = x0.clone().requires_grad_(True)
         router.zero_grad()
@@ -79,6 +83,9 @@ def test_one_launch_router_trains_like_route_triton(name, used):
         runs[router_name] = (r, x.grad, router.gate.weight.grad.clone())
     (r_multi, gx_multi, gw_multi), (r, gx, gw) = runs["triton"], runs["triton_decode"]
     assert r.order is not None and r_multi.order is None  # each path ran
+    _, gx_ref, gw_ref = runs["reference"]  # plain torch's autograd: the math itself
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)
     for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped", "weights_TK"):
         assert torch.equal(getattr(r, field), getattr(r_multi, field)), field
     if cfg.capacity_factor is not None and not cfg.dropless:
@@ -92,16 +99,16 @@ def test_one_launch_router_trains_like_route_triton(name, used):
 def test_one_launch_bound():
     """Training calls (never captured) up to TRAIN_ROUTE_MAX_ASSIGNMENTS, served ones up to
     DECODE_ROUTE_MAX_ASSIGNMENTS; none with Random Token Selection, Gumbel noise, statistics
-    summed over ranks, or, under autograd, a capacity that renormalises the kept weights."""
+    summed over ranks."""
     dropless = RouterConfig(top_k=2, normalize_topk=True, dropless=True)
-    top2 = RouterConfig(top_k=2, capacity_factor=1.0)
+    top2 = RouterConfig(top_k=2, capacity_factor=1.0)  # renormalises over its kept routes
     rts = RouterConfig(top_k=1, capacity_factor=1.0, drop_policy="random")
     serve, train = backend.DECODE_ROUTE_MAX_ASSIGNMENTS, backend.TRAIN_ROUTE_MAX_ASSIGNMENTS
     assert serve < train
     assert backend.one_launch_bound(dropless, None, "none", False, grad=False) == serve
     assert backend.one_launch_bound(dropless, None, "jitter", False, grad=True) == train
     assert backend.one_launch_bound(top2, 4, "none", False, grad=False) == serve
-    assert backend.one_launch_bound(top2, 4, "none", False, grad=True) == 0
+    assert backend.one_launch_bound(top2, 4, "none", False, grad=True) == train
     assert backend.one_launch_bound(top2, None, "none", False, grad=True) == train
     assert backend.one_launch_bound(rts, 4, "none", False, grad=False) == 0
     assert backend.one_launch_bound(dropless, None, "rsample", False, grad=False) == 0
@@ -133,25 +140,10 @@ def test_training_calls_take_the_one_launch_above_the_served_bound():
     _assert_equal(gx, gx_multi, "x grad")
 
 
-def test_one_launch_router_under_autograd_refuses_a_renormalising_capacity():
-    """DeepSpeed's top-2 with a capacity renormalises the kept weights in the kernel, which the
-    shared backward cannot differentiate: the router takes route_triton, and asking the
-    one-launch router directly is an error naming why."""
-    cfg = RouterConfig(top_k=2, capacity_factor=1.0, min_capacity=1)
-    router = _router(cfg, 16, 8)
-    set_backends(router, Backends(router="triton_decode"))
-    x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
-    assert router(x).order is None  # route_triton
-    assert router(x, inference=True).order is not None  # dropless as served: one launch
-    logits = torch.randn(6, 8, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="renormalises"):
-        route_decode_triton(logits, cfg, None, capacity=2)
-
-
 TRAIN = dict(dispatch="triton", experts="grouped_mm_fused" if ON_GPU else "reference")
 
 
-@pytest.mark.parametrize("name", ["qwen3_top4", "top1_capacity"])
+@pytest.mark.parametrize("name", ["qwen3_top4", "top1_capacity", "top2_capacity"])
 def test_moe_layer_trains_through_the_one_launch_router(name):
     """fwd+bwd of the layer: the planned rows gathered by gather_planned_triton give the same
     output and gradients as the multi-kernel router with the Triton dispatch."""

@@ -11,7 +11,7 @@ benchmarks compare every fast path with its plain-torch reference.
   moeflow.ops.routing_triton.route_triton, "triton_decode" = the one-launch route-and-plan
   kernel moeflow.ops.decode_route_triton where it applies (one_launch_bound and
   decode_route_fits: a few tokens, no Gumbel noise or Random Token Selection, dropless or with
-  capacity drops; under autograd not where a capacity renormalises), route_triton elsewhere;
+  capacity drops), route_triton elsewhere;
   "triton_decode_fused" = its passes in the launch that computes the fp32 router logits
   too, moeflow.ops.decode_route_fused_triton, from the layer input and the gate weight (one
   launch for the router instead of five), where decode_route_fits without autograd,
@@ -375,16 +375,12 @@ def one_launch_bound(cfg, capacity: int | None, noise: str, reduces_stats: bool,
     route in this call; 0 where it may not route it at all. It drops in position order only
     (it reproduces route_reference's drops exactly; Random Token Selection needs the RNG's
     permutation), adds no Gumbel noise and sums no statistics over ranks. Without autograd
-    the bound is DECODE_ROUTE_MAX_ASSIGNMENTS. Under autograd (`grad`, training calls, which
-    are never captured) it is TRAIN_ROUTE_MAX_ASSIGNMENTS, and its backward is route_triton's
-    kernel, which cannot differentiate a renormalisation over the kept routes, so a capacity
-    with normalised weights takes route_triton there."""
+    the bound is DECODE_ROUTE_MAX_ASSIGNMENTS; under autograd (`grad`: training calls, which
+    are never captured; the backward is route_triton's kernel) TRAIN_ROUTE_MAX_ASSIGNMENTS."""
     if (capacity is not None and cfg.drop_policy != "position"
             or noise in ("rsample", "rsample_second") or reduces_stats):
         return 0
-    if not grad:
-        return DECODE_ROUTE_MAX_ASSIGNMENTS
-    return 0 if capacity is not None and cfg.normalizes else TRAIN_ROUTE_MAX_ASSIGNMENTS
+    return TRAIN_ROUTE_MAX_ASSIGNMENTS if grad else DECODE_ROUTE_MAX_ASSIGNMENTS
 
 
 def decode_route_fits(tokens_T: torch.Tensor, cfg, bound: int) -> bool:

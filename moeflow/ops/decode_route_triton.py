@@ -395,8 +395,7 @@ class _RouteWithGrad(torch.autograd.Function):
     choices, the kept flags and the balance counts. Those are the counts the kernel writes when
     routing is dropless and the balance loss counts every choice; else (first choices only,
     or counts before a capacity's drops) the backward counts them, and only when the losses
-    have a gradient. Weights renormalised over the kept routes (a capacity with normalize) are
-    not this backward's: moeflow.ops.backend.one_launch_bound sends those to route_triton."""
+    have a gradient."""
 
     @staticmethod
     def forward(ctx, logits_TE, cfg, expert_bias_E, capacity, out):
@@ -414,9 +413,7 @@ class _RouteWithGrad(torch.autograd.Function):
         if g_losses is not None and (first or ctx.capped):
             balance_E = count_ids(ids_TK[:, 0] if first else ids_TK.reshape(-1),
                                   logits_TE.shape[1])
-        d_logits = route_logits_grad(logits_TE, ids_TK, kept_i8, balance_E, g_w, g_losses, cfg,
-                                     cfg.normalizes and not ctx.capped,
-                                     float(cfg.routed_scaling))
+        d_logits = route_logits_grad(logits_TE, ids_TK, kept_i8, balance_E, g_w, g_losses, cfg)
         return d_logits, None, None, None, None
 
 
@@ -428,17 +425,13 @@ def route_decode_triton(logits_TE: torch.Tensor, cfg: RouterConfig,
     route_reference(logits_TE, cfg, capacity, expert_bias_E, None, None)'s result (weights to
     fp32 rounding, equal to route_triton's) plus sort_by_expert's plan. For small T
     (moeflow.ops.backend.decode_route_fits); under autograd the weights and losses have
-    route_triton's backward (not with a capacity that renormalises the kept weights)."""
+    route_triton's backward."""
     logits_TE = logits_TE.contiguous()
     T, E = logits_TE.shape
     out = route_outputs(T, E, cfg.top_k, logits_TE.device)
     if not records_grad(logits_TE):
         _launch(logits_TE, cfg, expert_bias_E, capacity, out)
         return routing_result(out, capacity)
-    if capacity is not None and cfg.normalizes:
-        raise ValueError("route_decode_triton: under autograd a capacity that renormalises "
-                         "the kept weights takes route_triton (its renormalisation is a torch "
-                         "op with a backward)")
     out["weights"], out["losses"] = _RouteWithGrad.apply(logits_TE, cfg, expert_bias_E,
                                                          capacity, out)
     return routing_result(out, capacity)

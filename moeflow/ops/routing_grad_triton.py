@@ -4,8 +4,9 @@ weights and of the losses (aux and z), the scores recomputed from the logits
 router's Function (moeflow.ops.routing_triton) and the one-launch router's
 (moeflow.ops.decode_route_triton), so both train alike.
 
-Per token: the weights' gradient through the scaling, the renormalisation over the K choices
-(where the router renormalised in its kernel) and the drop mask, onto the chosen scores; the
+Per token: the weights' gradient through the scaling, the renormalisation over the kept choices
+(where the router renormalises: all K when dropless, the kept ones after a capacity's drops,
+DeepSpeed's top-2) and the drop mask, onto the chosen scores; the
 balance loss's onto every probability, f_e from the counts the loss used (`balance_E`); the
 z-loss's onto the softmax; then through softmax or sigmoid onto the logits. A non-finite logit
 gets no gradient, as torch.nan_to_num's backward gives it.
@@ -48,7 +49,8 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
         g_aux = tl.full([], 0.0, tl.float32)
         g_z = tl.full([], 0.0, tl.float32)
 
-    # d weights → d selected scores_TE (through normalisation, scaling and the drop mask).
+    # d weights → d selected scores (through the renormalisation over the kept routes, the
+    # scaling and the drop mask).
     s_sum = tl.zeros([BLOCK_T], tl.float32)
     gs_sum = tl.zeros([BLOCK_T], tl.float32)
     for k in tl.static_range(K):
@@ -57,7 +59,7 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
         kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
         g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
         g_k = g_k * routed_scaling
-        s_sum += s_k
+        s_sum += tl.where(kept, s_k, 0.0)
         gs_sum += g_k * s_k
     denom = tl.maximum(s_sum, 1.1920928955078125e-07)
     ds = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
@@ -66,9 +68,9 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
         kept = tl.load(kept_ptr + rows * K + k, mask=rmask, other=0) != 0
         g_k = tl.where(kept, tl.load(gw_ptr + rows * K + k, mask=rmask, other=0.0), 0.0)
         g_k = g_k * routed_scaling
-        if NORMALIZE:
-            g_k = g_k / denom - tl.where(s_sum >= 1.1920928955078125e-07,
-                                         gs_sum / (denom * denom), 0.0)
+        if NORMALIZE:  # a dropped route's weight is 0 whatever its score: no gradient
+            g_k = tl.where(kept, g_k / denom - tl.where(s_sum >= 1.1920928955078125e-07,
+                                                        gs_sum / (denom * denom), 0.0), 0.0)
         ds += tl.where(cols[None, :] == idx[:, None], g_k[:, None], 0.0)
 
     # aux = E/T · Σ_e f_e Σ_t probs_te, f_e = balance_e / Σ balance.
@@ -94,14 +96,12 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
 
 def route_logits_grad(logits_TE: torch.Tensor, ids_TK: torch.Tensor, kept_i8: torch.Tensor,
                       balance_E: torch.Tensor, g_w: torch.Tensor | None,
-                      g_losses: torch.Tensor | None, cfg: RouterConfig, normalize: bool,
-                      scaling: float) -> torch.Tensor | None:
+                      g_losses: torch.Tensor | None, cfg: RouterConfig) -> torch.Tensor | None:
     """The logits' gradient from the routing weights' and the losses' (either may be None:
-    unused), in one launch: the backward of every Triton router (this module's, and the
-    one-launch moeflow.ops.decode_route_triton under autograd). `normalize`: the weights were
-    renormalised in the kernel that chose them; `scaling`: the routed_scaling it applied;
-    `balance_E`: the counts the balance loss used (read only when the losses have a
-    gradient)."""
+    unused), in one launch: the backward of every Triton router, whose weights are each
+    token's chosen scores, renormalised over its kept routes where the config normalises (all
+    of them when dropless) and scaled by routed_scaling. `balance_E`: the counts the balance
+    loss used (read only when the losses have a gradient)."""
     if g_w is None and g_losses is None:
         return None
     T, E = logits_TE.shape
@@ -113,8 +113,8 @@ def route_logits_grad(logits_TE: torch.Tensor, ids_TK: torch.Tensor, kept_i8: to
         loss_grad = g_losses is not None
         _route_bwd_kernel[(cdiv(T, block_t),)](
             logits_TE, ids_TK, kept_i8, g_w.contiguous(),
-            g_losses.contiguous() if loss_grad else g_w, balance_E, d_logits, T, E, scaling,
-            float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=cfg.top_k,
-            SOFTMAX=cfg.score_func == "softmax", NORMALIZE=normalize, LOSS_GRAD=loss_grad,
-            BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
+            g_losses.contiguous() if loss_grad else g_w, balance_E, d_logits, T, E,
+            float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
+            K=cfg.top_k, SOFTMAX=cfg.score_func == "softmax", NORMALIZE=cfg.normalizes,
+            LOSS_GRAD=loss_grad, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
     return d_logits

@@ -21,7 +21,8 @@ Launches (after the router GEMM, which stays in torch so logits match the refere
   3. `_finalize_kernel`, one program: counts after dropping = min(count, capacity), the number
      dropped, aux and z losses (f_e from the first choices' counts when the config says so,
      counted by one torch scatter). With capacity, renormalising the kept weights (DeepSpeed's
-     top-2) needs every route's kept flag, so it runs after the queue pass, in torch.
+     top-2) needs every route's kept flag, so it runs after the queue pass, in torch, inside
+     the autograd Function (the backward kernel differentiates it).
 Dropless routing without a statistics reduction (serving prefill, dropless training on one
 rank) takes three launches instead: the top-k kernel also stores each block's count per
 (choice, expert); `_dropless_scan_kernel` (a program per choice and column tile of experts)
@@ -124,7 +125,7 @@ class _Plan:
 
     sel: int  # SEL_*: what the choices are ranked by
     normalize_in_kernel: bool  # renormalise in _topk_kernel (nothing can be dropped)
-    normalize_after: bool  # renormalise the kept weights after the queue pass (torch)
+    normalize_after: bool  # renormalise the kept weights after the queue pass (torch, no grad)
     scaling: float  # routed_scaling applied in the kernel (1 when applied after)
     first_choice_balance: bool  # f_e from first choices only
 
@@ -224,6 +225,8 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
                            T, E, max(nb, 1) if T > 0 else 1, cap, float(cfg.aux_loss_coef),
                            float(cfg.z_loss_coef), K=K, BLOCK_E=block_e, BLOCK_T=1024,
                            BLOCK_B=max(1, min(256, 16384 // block_e)), num_warps=8)
+    if plan.normalize_after:  # the kept routes' weights (no autograd: the backward kernel's)
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
     return _Routed(ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped,
                    losses, balance, None)
 
@@ -271,7 +274,7 @@ class _FusedRoute(torch.autograd.Function):
         r = _route_forward(logits_TE, cfg, plan, capacity, expert_bias_E, noise_TE, order_T,
                            stats_reduce)
         ctx.save_for_backward(logits_TE, r.ids_TK, r.kept_TK, r.balance_E)
-        ctx.cfg, ctx.plan = cfg, plan
+        ctx.cfg = cfg
         ctx.mark_non_differentiable(r.ids_TK, r.kept_TK, r.slots_TK, r.counts_E, r.num_dropped)
         # Unused outputs' gradients stay None: autograd would fill a zero tensor for each of
         # the five integer outputs, one launch apiece in every backward (issue 14, small T).
@@ -282,8 +285,7 @@ class _FusedRoute(torch.autograd.Function):
     def backward(ctx, g_ids, g_w, g_kept, g_slots, g_counts, g_dropped, g_losses):
         logits_TE, ids, kept, balance = ctx.saved_tensors
         d_logits = route_logits_grad(logits_TE, ids, kept.view(torch.int8), balance, g_w,
-                                     g_losses, ctx.cfg, ctx.plan.normalize_in_kernel,
-                                     ctx.plan.scaling)
+                                     g_losses, ctx.cfg)
         return d_logits, None, None, None, None, None, None, None
 
 
@@ -305,8 +307,6 @@ def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | Non
                            stats_reduce)
         ids, w, kept, slots, counts = r.ids_TK, r.weights_TK, r.kept_TK, r.slots_TK, r.counts_E
         dropped, losses, order = r.num_dropped, r.losses, r.order
-    if plan.normalize_after:
-        w = w / w.sum(-1, keepdim=True).clamp_min(_NORM_EPS) * cfg.routed_scaling
     aux_loss, z_loss = detach_unused(cfg, losses[0], losses[1])
     return RoutingResult(ids_TK=ids, weights_TK=w, kept_TK=kept, slots_TK=slots, counts_E=counts,
                          num_dropped=dropped, capacity=capacity, aux_loss=aux_loss,
