@@ -280,8 +280,10 @@ def test_router_takes_the_decode_kernels_for_capacity_where_they_apply(fused):
         # Statistics summed over ranks.
         reduced = Router(D, E, plain.config, backends, stats_reduce=lambda c: c * 2)
         assert not _routes_with_decode(reduced.to(DEVICE).eval(), x)[0]
-    # Autograd through the gate.
-    assert not _routes_with_decode(plain, x)[0]
+    # Autograd through the gate: the one launch too (the logits by torch where fused), its
+    # backward route_triton's, renormalising over the kept routes (test_ops_decode_route_grad).
+    taken, out = _routes_with_decode(plain, x)
+    assert taken and out.weights_TK.requires_grad and out.num_dropped.item() > 0
     grouped = RouterConfig(top_k=1, min_capacity=1, expert_groups=(("text", 4), ("image", 4)))
     with torch.no_grad(), pytest.raises(ValueError, match="expert groups"):
         Router(D, E, grouped, backends).to(DEVICE).eval()(x)
