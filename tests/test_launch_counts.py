@@ -66,3 +66,26 @@ def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, T, 
     their_kernels, _, their_syncs = _kernels(host_path.launches(fwd_bwd(minimal, False)))
     assert kernels <= bound and triton == 7 and syncs == 0, (kernels, triton, syncs)
     assert kernels < their_kernels and their_syncs >= 1
+
+
+def test_deepspeed_top2_training_with_a_capacity_launches_no_renormalisation_kernels():
+    """DeepSpeed's top-2 gating with a capacity, the router loss in the objective: the one
+    launch routes, the backward kernel differentiates the renormalisation over the kept routes
+    (session 35: 56 kernels with route_triton and torch's renormalisation under autograd)."""
+    from moeflow.config import FFNSpec, RouterConfig
+    from moeflow.model.moe import MoELayer
+
+    cfg = RouterConfig(top_k=2, capacity_factor=1.0, min_capacity=1)
+    spec = FFNSpec(kind="moe", d_ff=64, num_experts=16, expert_d_ff=64, router=cfg)
+    layer = MoELayer(spec, 64, "gelu", bias=False, backends=host_path.TRAIN)
+    layer = layer.to(torch.bfloat16).train()
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y, routing = layer(x)
+        ((y * g).sum() + routing.loss).backward()
+    kernels, triton, syncs = _kernels(host_path.launches(run))
+    assert kernels <= 38 and triton == 7 and syncs == 0, (kernels, triton, syncs)
