@@ -310,13 +310,19 @@ ONE_PROGRAM_WARPS = 8
 
 
 def route_outputs(T: int, E: int, K: int, dev: torch.device) -> dict[str, torch.Tensor]:
-    """The kernels' outputs, in their argument order (ids … losses)."""
-    def new(*shape, dtype=torch.int64):
-        return torch.empty(*shape, dtype=dtype, device=dev)
-    return {"ids": new(T, K), "weights": new(T, K, dtype=torch.float32),
-            "kept": new(T, K, dtype=torch.int8), "slots": new(T, K), "counts": new(E),
-            "ends": new(E), "rows": new(T, K), "tokens": new(T * K), "dropped": new(()),
-            "losses": new(3, dtype=torch.float32)}
+    """The kernels' outputs, in their argument order (ids … losses); torch.empty written out
+    ten times: a helper would add ten Python calls to every eager layer call."""
+    i64, f32, empty = torch.int64, torch.float32, torch.empty
+    return {"ids": empty(T, K, dtype=i64, device=dev),
+            "weights": empty(T, K, dtype=f32, device=dev),
+            "kept": empty(T, K, dtype=torch.int8, device=dev),
+            "slots": empty(T, K, dtype=i64, device=dev),
+            "counts": empty(E, dtype=i64, device=dev),
+            "ends": empty(E, dtype=i64, device=dev),
+            "rows": empty(T, K, dtype=i64, device=dev),
+            "tokens": empty(T * K, dtype=i64, device=dev),
+            "dropped": empty((), dtype=i64, device=dev),
+            "losses": empty(3, dtype=f32, device=dev)}
 
 
 @functools.lru_cache(maxsize=1024)

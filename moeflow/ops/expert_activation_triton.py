@@ -14,6 +14,8 @@ Legend: N rows, F expert ffn dim, I = F (GELU) or 2F (SwiGLU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,8 +81,12 @@ def _act_bwd_kernel(h_ptr, ga_ptr, gh_ptr, N, F, SWIGLU: tl.constexpr, BLOCK: tl
         tl.store(gh_ptr + row * I + F + f, d_u.to(gh_ptr.dtype.element_ty), mask=m)
 
 
-def _act_grid(N: int, F: int, block: int):
-    return (N, cdiv(F, block))
+@functools.lru_cache(maxsize=1024)
+def _act_tiles(N: int, F: int) -> tuple[tuple[int, int], int]:
+    """(grid, block) of the activation kernels over [N, F]: a program per row and block of at
+    most 1024 columns; cached per shape (asked on every eager layer call)."""
+    block = min(1024, next_power_of_2(F))
+    return (N, cdiv(F, block)), block
 
 
 class _Activation(torch.autograd.Function):
@@ -91,9 +97,9 @@ class _Activation(torch.autograd.Function):
         N, I = h_NI.shape
         F = I // 2 if swiglu else I
         a_NF = torch.empty(N, F, dtype=h_NI.dtype, device=h_NI.device)
-        block = min(1024, next_power_of_2(F))
         if N > 0:
-            _act_fwd_kernel[_act_grid(N, F, block)](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
+            grid, block = _act_tiles(N, F)
+            _act_fwd_kernel[grid](h_NI, a_NF, N, F, SWIGLU=swiglu, BLOCK=block)
         ctx.save_for_backward(h_NI)
         ctx.swiglu = swiglu
         return a_NF
@@ -104,10 +110,10 @@ class _Activation(torch.autograd.Function):
         N, I = h_NI.shape
         F = g_a_NF.shape[1]
         g_h = torch.empty_like(h_NI)
-        block = min(1024, next_power_of_2(F))
         if N > 0:
-            _act_bwd_kernel[_act_grid(N, F, block)](h_NI, g_a_NF.contiguous(), g_h, N, F,
-                                                    SWIGLU=ctx.swiglu, BLOCK=block)
+            grid, block = _act_tiles(N, F)
+            _act_bwd_kernel[grid](h_NI, g_a_NF.contiguous(), g_h, N, F, SWIGLU=ctx.swiglu,
+                                  BLOCK=block)
         return g_h, None
 
 

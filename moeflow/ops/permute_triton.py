@@ -20,6 +20,8 @@ Legend: T tokens, K top-k, N = T·K sorted rows, D model dim, E experts.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -123,20 +125,28 @@ def _sum_rows(y_ND, row_TK, kept_i8, w_TK, T, weighted, *, block_t: int = 1,
     is its own sum in k order). The defaults were the fastest of 69 tiles in
     benchmarks/elementwise_sweep.py on the H200 at 128, 2048 and 8192 tokens of the Qwen3-30B-A3B
     combine (2048 tokens: 22.3 µs against the first version's 4 × 512 on 4 warps, 25.0 µs)."""
-    for name, v in (("block_t", block_t), ("block_d", block_d), ("num_warps", num_warps)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"combine: {name} must be a power of two, got {v}")
     K = row_TK.shape[1]
     D = y_ND.shape[1]
+    grid, block_d = _sum_rows_tiles(T, D, block_t, block_d, num_warps)
     out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
     if T == 0:
         return out
-    block_d = min(next_power_of_2(D), block_d)
-    grid = (cdiv(T, block_t), cdiv(D, block_d))
     _sum_rows_kernel[grid](y_ND, row_TK, kept_i8, w_TK if weighted else y_ND, out, T, D, K=K,
                            WEIGHTED=weighted, BLOCK_T=block_t, BLOCK_D=block_d,
                            num_warps=num_warps)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _sum_rows_tiles(T: int, D: int, block_t: int, block_d: int, num_warps: int
+                    ) -> tuple[tuple[int, int], int]:
+    """(grid, block_d) of a _sum_rows launch, checked; cached per shape (the combine's host
+    arithmetic is asked on every eager layer call)."""
+    for name, v in (("block_t", block_t), ("block_d", block_d), ("num_warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"combine: {name} must be a power of two, got {v}")
+    block_d = min(next_power_of_2(D), block_d)
+    return (cdiv(T, block_t), cdiv(D, block_d)), block_d
 
 
 def _dispatch(x_TD, ids_TK, slots_TK, kept_TK, counts_E, has_drops: bool, gather: bool):
@@ -217,10 +227,10 @@ class _Combine(torch.autograd.Function):
         g_y = torch.empty_like(y_ND) if ctx.packed else torch.zeros_like(y_ND)
         g_w = torch.empty(T, K, dtype=torch.float32, device=y_ND.device)
         if T > 0:
-            block_t = 4
-            _combine_bwd_kernel[(cdiv(T, block_t),)](
+            grid, block_d = _sum_rows_tiles(T, D, 4, 512, 4)  # 4 tokens × ≤ 512 columns
+            _combine_bwd_kernel[grid[:1]](
                 g_TD.contiguous(), y_ND, row_TK, kept_i8, w_TK, g_y, g_w, T, D, K=K,
-                BLOCK_T=block_t, BLOCK_D=min(next_power_of_2(D), 512), num_warps=4)
+                BLOCK_T=4, BLOCK_D=block_d, num_warps=4)
         return g_y, g_w.to(w_TK.dtype), None, None, None
 
 

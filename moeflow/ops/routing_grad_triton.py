@@ -16,6 +16,8 @@ Legend: T tokens, E experts, K top-k.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -109,12 +111,20 @@ def route_logits_grad(logits_TE: torch.Tensor, ids_TK: torch.Tensor, kept_i8: to
         g_w = logits_TE.new_zeros(ids_TK.shape)
     d_logits = torch.empty_like(logits_TE)
     if T > 0:
-        block_t = route_block_t(E, T)
+        grid, block_t, block_e = _tiles(T, E)
         loss_grad = g_losses is not None
-        _route_bwd_kernel[(cdiv(T, block_t),)](
+        _route_bwd_kernel[grid](
             logits_TE, ids_TK, kept_i8, g_w.contiguous(),
             g_losses.contiguous() if loss_grad else g_w, balance_E, d_logits, T, E,
             float(cfg.routed_scaling), float(cfg.aux_loss_coef), float(cfg.z_loss_coef),
             K=cfg.top_k, SOFTMAX=cfg.score_func == "softmax", NORMALIZE=cfg.normalizes,
-            LOSS_GRAD=loss_grad, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), num_warps=4)
+            LOSS_GRAD=loss_grad, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
     return d_logits
+
+
+@functools.lru_cache(maxsize=1024)
+def _tiles(T: int, E: int) -> tuple[tuple[int], int, int]:
+    """(grid, BLOCK_T, BLOCK_E) of the backward over [T, E] logits: route_block_t tokens per
+    program; cached per shape (asked on every training layer call)."""
+    block_t = route_block_t(E, T)
+    return (cdiv(T, block_t),), block_t, next_power_of_2(E)
