@@ -86,8 +86,9 @@ def test_one_launch_router_trains_like_route_triton(name, used):
     _, gx_ref, gw_ref = runs["reference"]  # plain torch's autograd: the math itself
     torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-5)
-    for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped", "weights_TK"):
+    for field in ("ids_TK", "kept_TK", "slots_TK", "counts_E", "num_dropped"):
         assert torch.equal(getattr(r, field), getattr(r_multi, field)), field
+    _assert_equal(r.weights_TK, r_multi.weights_TK, "weights")
     if cfg.capacity_factor is not None and not cfg.dropless:
         assert r.num_dropped.item() > 0  # the capacity dropped some: kept flags matter
     torch.testing.assert_close(r.loss, r_multi.loss, rtol=1e-5, atol=1e-7)
