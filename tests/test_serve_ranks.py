@@ -2,10 +2,13 @@
 
 The server answers an OpenAI completion (the 1-process engine's greedy text) and a streaming chat
 request; then rank 1 is killed (SIGKILL: no goodbye to the process group) and the whole process
-tree (torchrun, rank 0) must exit non-zero within the configured --timeout-s, with the request
-sent after the kill answered with an error or the connection closed, never left hanging. (Rank 0
-sees the dead peer at its next collective and exits 1; torchrun, seeing a worker fail, stops the
-others and exits 1 as well: whichever comes first, the tree ends non-zero at once.)
+tree (torchrun, rank 0) must exit non-zero within the configured --timeout-s plus the tree's
+teardown, with the request sent after the kill answered with an error or the connection closed,
+never left hanging. (Rank 0 sees the dead peer at its next collective and exits 1; torchrun,
+seeing a worker fail, stops the others and exits 1 as well: whichever comes first, the tree
+ends non-zero, usually ~1.4 s after the kill. Now and then gloo does not see the closed
+connection and rank 0's collective waits out --timeout-s first: 11.3 s on a loaded 2-core
+host in session 35, which the old bound of --timeout-s alone failed.)
 One server start: three Python processes importing torch dominate the cost.
 """
 
@@ -25,6 +28,7 @@ from moeflow.serve.loader import load_for_serving
 from tests._serve_util import ServerProcess, parse_sse, save_training_checkpoint
 
 TIMEOUT_S = 10.0  # --timeout-s: how long any collective may wait for the other rank
+TEARDOWN_S = 5.0  # after a rank exits: torchrun stopping the others and exiting itself
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
 PROMPT, TOKENS = "def hello", 6
 
@@ -87,6 +91,6 @@ def test_two_rank_server_answers_then_exits_nonzero_when_a_rank_is_killed(checkp
         status = srv.proc.wait(timeout=2 * TIMEOUT_S)
         elapsed = time.monotonic() - start
         assert status != 0, srv.output()
-        assert elapsed < TIMEOUT_S, (elapsed, srv.output())
+        assert elapsed < TIMEOUT_S + TEARDOWN_S, (elapsed, srv.output())
     finally:
         srv.stop()
