@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The checks owed to the GPU after sessions without one (34-35): the GPU parity tests of the code
+# those sessions changed ("tests"), the small-T MoE-layer cells with the one-launch training
+# route against the multi-kernel one and the peers in interleaved rounds ("moe"), and the served
+# decode rate against an older tree, two rounds alternating ("decode": each run builds the
+# Qwen3-30B-A3B-shaped model, so this step alone may need most of a 10-minute device call).
+#
+#   STEPS="tests moe decode" benchmarks/gpu_session.sh OUT [BASE_TREE]
+#
+# STEPS: which steps to run (default all three; split them over calls to stay within the
+# device tool's per-call limit). OUT: where the logs and results go ($OUT on the device
+# machine). BASE_TREE: a `git archive` of the commit to compare the served decode with
+# (session 34's change is 84fa648, so c8e18ba), carried to the machine; without it the served
+# decode runs on this tree alone. Each step logs to its own file and a failing step does not
+# stop the next; OUT/steps.txt lists their exit codes.
+set -u
+OUT=${1:?usage: benchmarks/gpu_session.sh OUT [BASE_TREE]}
+BASE=${2:-}
+STEPS=${STEPS:-tests moe decode}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+[ -n "$BASE" ] && BASE=$(cd "$BASE" && pwd)
+cd "$HERE"
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+step tests && { python -m pytest -p no:cacheprovider -o addopts= -n 8 -q --tb=short \
+    tests/test_engine_cuda.py tests/test_ops_decode_route_grad.py tests/test_ops_decode_route.py \
+    tests/test_ops_decode_route_fused.py tests/test_ops_decode_route_capacity.py \
+    tests/test_ops_routing.py tests/test_ops_moe_layer.py tests/test_ops_permute.py \
+    tests/test_ops_elementwise.py tests/test_ops_argmax.py > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu tests: exit $?" >> "$OUT/steps.txt"; }
+
+step moe && { python benchmarks/moe_layer.py --shapes qwen3-30b-a3b ds-1.3b+moe128 mixtral-8x7b \
+    --tokens 8 128 --impls moeflow minimal hf-grouped_mm moeflow-route_triton \
+    --modes fwd+bwd --rounds 5 --out "$OUT/moe_layer" > "$OUT/moe_layer.log" 2>&1
+    echo "moe_layer rounds: exit $?" >> "$OUT/steps.txt"; }
+
+step decode && for round in 1 2; do
+    if [ -n "$BASE" ]; then
+        (cd "$BASE" && PYTHONPATH=. python benchmarks/decode_served.py --out "$OUT/decode_served" \
+            --label "base$round" --cases 1:36 1:76 16:36 --between) \
+            > "$OUT/decode_served_base$round.log" 2>&1
+        echo "decode_served base $round: exit $?" >> "$OUT/steps.txt"
+    fi
+    python benchmarks/decode_served.py --out "$OUT/decode_served" --label "new$round" \
+        --cases 1:36 1:76 16:36 --between > "$OUT/decode_served_new$round.log" 2>&1
+    echo "decode_served new $round: exit $?" >> "$OUT/steps.txt"
+done
+cat "$OUT/steps.txt"
