@@ -50,6 +50,7 @@ Legend: T tokens, E experts, K top-k, N = T·K assignments, G expert groups, NB 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,17 +131,62 @@ class _Plan:
     first_choice_balance: bool  # f_e from first choices only
 
 
-def _plan(cfg: RouterConfig, capacity, expert_bias_E, noise_TE) -> _Plan:
-    if noise_TE is not None and cfg.noise == "rsample":
+@functools.lru_cache(maxsize=256)
+def _plan(cfg: RouterConfig, capped: bool, has_bias: bool, noisy: bool) -> _Plan:
+    """Cached: a function of the config and of what the call has (a capacity, an expert bias,
+    Gumbel noise), asked on every eager layer call."""
+    if noisy and cfg.noise == "rsample":
         sel = SEL_NOISY_LOGITS
-    elif selects_by_logits(cfg, expert_bias_E is not None):
+    elif selects_by_logits(cfg, has_bias):
         sel = SEL_DEEPSPEED
     else:
         sel = SEL_SCORES
-    after = cfg.normalizes and capacity is not None
-    return _Plan(sel=sel, normalize_in_kernel=cfg.normalizes and capacity is None,
+    after = cfg.normalizes and capped
+    return _Plan(sel=sel, normalize_in_kernel=cfg.normalizes and not capped,
                  normalize_after=after, scaling=1.0 if after else float(cfg.routed_scaling),
                  first_choice_balance=cfg.balance_on_first_choice)
+
+
+class _TopkTiles(NamedTuple):
+    block_t: int  # tokens per program
+    block_e: int
+    nb: int  # programs (token blocks)
+    block_g: int
+    block_k: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _topk_tiles(T: int, E: int, K: int, groups: int, dropless: bool) -> _TopkTiles:
+    """The top-k kernel's tiles; on the dropless path its histogram's [BLOCK_T, K, E] tile
+    holds at most 8192 entries. Cached per shape (asked on every eager layer call)."""
+    block_e = next_power_of_2(E)
+    block_t = route_block_t(E, T)
+    if dropless:
+        block_t = min(block_t, max(2, 8192 // (next_power_of_2(K) * block_e)))
+    return _TopkTiles(block_t, block_e, cdiv(T, block_t), next_power_of_2(groups),
+                      next_power_of_2(K))
+
+
+class _DroplessTiles(NamedTuple):
+    block_c: int  # the scan's expert columns per program
+    tiles: int  # its programs per choice
+    block_r: int  # its block rows per step
+    warps: int
+    block_e: int
+    block_k: int
+    block_q: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _dropless_tiles(K: int, nb: int, E: int, scan_tile: int) -> _DroplessTiles:
+    """The dropless scan's and plan's tiles over K choices × nb token blocks × E experts, the
+    scan's tile at most `scan_tile` entries (_SCAN_TILE, passed so that a test that lowers it
+    gets its own entry); cached per shape."""
+    block_c = min(next_power_of_2(E), 32)
+    tiles = cdiv(E, block_c)
+    block_r = min(next_power_of_2(nb), max(16, scan_tile // block_c))
+    return _DroplessTiles(block_c, tiles, block_r, scan_warps(block_r, block_c),
+                          next_power_of_2(E), next_power_of_2(K), next_power_of_2(K * tiles))
 
 
 class _Routed(NamedTuple):
@@ -163,12 +209,8 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
     T, E = logits_TE.shape
     K = cfg.top_k
     dev = logits_TE.device
-    block_e = next_power_of_2(E)
     dropless = capacity is None and stats_reduce is None and T > 0
-    block_t = route_block_t(E, T)
-    if dropless:  # the histogram's [BLOCK_T, K, E] tile: at most 8192 entries
-        block_t = min(block_t, max(2, 8192 // (next_power_of_2(K) * block_e)))
-    nb = cdiv(T, block_t)
+    block_t, block_e, nb, block_g, block_k = _topk_tiles(T, E, K, cfg.num_groups, dropless)
     ids_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     lse_T = torch.empty(T, dtype=torch.float32, device=dev)
@@ -184,8 +226,7 @@ def _route_forward(logits_TE, cfg: RouterConfig, plan: _Plan, capacity, expert_b
             HAS_BIAS=expert_bias_E is not None, NORMALIZE=plan.normalize_in_kernel,
             GROUPS=cfg.num_groups, TOPK_GROUPS=cfg.topk_groups,
             GROUP_TOP2=E // cfg.num_groups >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
-            BLOCK_G=next_power_of_2(cfg.num_groups),
-            BLOCK_K=next_power_of_2(K), num_warps=4)
+            BLOCK_G=block_g, BLOCK_K=block_k, num_warps=4)
     else:
         psum.zero_()
     if dropless:
@@ -239,30 +280,29 @@ def _plan_dropless(ids_TK, w_TK, hist, psum, lse_T, cfg: RouterConfig, plan: _Pl
     K, nb, E = hist.shape
     T = ids_TK.shape[0]
     dev = ids_TK.device
-    block_c = min(next_power_of_2(E), 32)
-    tiles = cdiv(E, block_c)
+    tile = _dropless_tiles(K, nb, E, _SCAN_TILE)
     offsets = torch.empty_like(hist)
     totals = torch.empty(K, E, dtype=torch.int32, device=dev)
     pe_part = torch.empty(K, E, dtype=torch.float32, device=dev)
-    z_part = torch.empty(K * tiles, dtype=torch.float32, device=dev)
-    block_r = min(next_power_of_2(nb), max(16, _SCAN_TILE // block_c))
-    _dropless_scan_kernel[(K, tiles)](hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E,
-                                      nb, K=K, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Z=256,
-                                      num_warps=scan_warps(block_r, block_c))
+    z_part = torch.empty(K * tile.tiles, dtype=torch.float32, device=dev)
+    _dropless_scan_kernel[(K, tile.tiles)](
+        hist, offsets, totals, psum, lse_T, pe_part, z_part, T, E, nb, K=K, BLOCK_R=tile.block_r,
+        BLOCK_C=tile.block_c, BLOCK_Z=256, num_warps=tile.warps)
     slots_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     kept_u8 = torch.empty(T, K, dtype=torch.int8, device=dev)
     row_TK = torch.empty(T, K, dtype=torch.int64, device=dev)
     token_N = torch.empty(T * K, dtype=torch.int64, device=dev)
-    ends_E, counts_E, balance_E = (torch.empty(E, dtype=torch.int64, device=dev)
-                                   for _ in range(3))
+    ends_E = torch.empty(E, dtype=torch.int64, device=dev)
+    counts_E = torch.empty(E, dtype=torch.int64, device=dev)
+    balance_E = torch.empty(E, dtype=torch.int64, device=dev)
     num_dropped = torch.empty((), dtype=torch.int64, device=dev)
     losses = torch.empty(3, dtype=torch.float32, device=dev)
     _dropless_plan_kernel[(nb,)](
         ids_TK, hist, offsets, totals, pe_part, z_part, slots_TK, kept_u8, row_TK, token_N, ends_E,
-        counts_E, balance_E, num_dropped, losses, T, E, nb, K * tiles, float(cfg.aux_loss_coef),
-        float(cfg.z_loss_coef), K=K, FIRST_CHOICE_BALANCE=plan.first_choice_balance,
-        BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(K),
-        BLOCK_Q=next_power_of_2(K * tiles), num_warps=4)
+        counts_E, balance_E, num_dropped, losses, T, E, nb, K * tile.tiles,
+        float(cfg.aux_loss_coef), float(cfg.z_loss_coef), K=K,
+        FIRST_CHOICE_BALANCE=plan.first_choice_balance, BLOCK_T=block_t, BLOCK_E=tile.block_e,
+        BLOCK_K=tile.block_k, BLOCK_Q=tile.block_q, num_warps=4)
     return _Routed(ids_TK, w_TK, kept_u8.view(torch.bool), slots_TK, counts_E, num_dropped,
                    losses, balance_E, ExpertOrder(row_TK=row_TK, token_N=token_N, ends_E=ends_E))
 
@@ -297,7 +337,7 @@ def route_triton(logits_TE: torch.Tensor, cfg: RouterConfig, capacity: int | Non
     logits_TE = logits_TE.contiguous()
     if noise_TE is not None:
         noise_TE = noise_TE.contiguous()
-    plan = _plan(cfg, capacity, expert_bias_E, noise_TE)
+    plan = _plan(cfg, capacity is not None, expert_bias_E is not None, noise_TE is not None)
     order = None
     if records_grad(logits_TE):
         ids, w, kept, slots, counts, dropped, losses = _FusedRoute.apply(
