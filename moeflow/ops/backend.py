@@ -153,8 +153,10 @@ DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 # Training calls (autograd: never captured, so the reason for one bound above does not hold):
 # the bound where the one program still won eagerly in the measurement above (T·K 1024:
 # route+plan 155 against 266 µs), which covers issue 14's Qwen3 T = 128 fwd+bwd cell, bound by
-# the host. Its GPU time at 1024 (153 against 67 µs, replayed) hides under the host's issue
-# time there; at real training sizes (thousands of tokens) route_triton runs.
+# the host. Its GPU time at 1024 (153 against 67 µs replayed, 2026-12-02; session 22 timed the
+# plan program alone at 76 µs for 256 assignments, so 1024 may take ~300) should hide under
+# the host's ~2.4 ms issue time there: not yet measured (benchmarks/gpu_session.sh's A/B
+# against moeflow-route_triton decides). At real training sizes route_triton runs.
 TRAIN_ROUTE_MAX_ASSIGNMENTS = 1024
 
 # Decode calls of at most this many tokens let the experts' one-launch stream kernel place the
