@@ -51,19 +51,9 @@ def test_a_decode_call_is_three_launches_and_never_waits(name):
 def test_a_training_call_launches_fewer_kernels_than_the_minimal_layer(name, T, bound):
     """The one-launch router under autograd (session 35; 25 / 31 kernels with ten Triton
     launches through route_triton and the Triton dispatch before), up to 1024 assignments."""
-    layer, x = host_path._layer(name, T, D=64, backends=host_path.TRAIN)
-    layer, x = layer.to(torch.bfloat16), x[0].to(torch.bfloat16).requires_grad_(True)
-    minimal = host_path._minimal(name, T, 64).to(torch.bfloat16)
-    g = torch.randn_like(x)
-
-    def fwd_bwd(module, moeflow):
-        def run():
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            (module(x)[0] if moeflow else module(x)).backward(g)
-        return run
-    kernels, triton, syncs = _kernels(host_path.launches(fwd_bwd(layer, True)))
-    their_kernels, _, their_syncs = _kernels(host_path.launches(fwd_bwd(minimal, False)))
+    ours, theirs = host_path._train_calls(name, T, D=64)  # benchmark's own fwd+bwd calls
+    kernels, triton, syncs = _kernels(host_path.launches(ours))
+    their_kernels, _, their_syncs = _kernels(host_path.launches(theirs))
     assert kernels <= bound and triton == 7 and syncs == 0, (kernels, triton, syncs)
     assert kernels < their_kernels and their_syncs >= 1
 
