@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks owed to the GPU after sessions without one (34-35): the GPU parity tests of the code
-# those sessions changed ("tests"), the small-T MoE-layer cells with the one-launch training
+# The checks owed to the GPU after sessions without one (34-35): the CUDA parity tests (every
+# tests/test_ops_*.py and the engine's, "tests"), the small-T MoE-layer cells with the one-launch training
 # route against the multi-kernel one and the peers in interleaved rounds ("moe"), and the served
 # decode rate against an older tree, two rounds alternating ("decode": each run builds the
 # Qwen3-30B-A3B-shaped model, so this step alone may need most of a 10-minute device call).
@@ -27,10 +27,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step tests && { python -m pytest -p no:cacheprovider -o addopts= -n 8 -q --tb=short \
-    tests/test_engine_cuda.py tests/test_ops_decode_route_grad.py tests/test_ops_decode_route.py \
-    tests/test_ops_decode_route_fused.py tests/test_ops_decode_route_capacity.py \
-    tests/test_ops_routing.py tests/test_ops_moe_layer.py tests/test_ops_permute.py \
-    tests/test_ops_elementwise.py tests/test_ops_argmax.py > "$OUT/gpu_tests.log" 2>&1
+    tests/test_engine_cuda.py tests/test_ops_*.py > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests: exit $?" >> "$OUT/steps.txt"; }
 
 step moe && { python benchmarks/moe_layer.py --shapes qwen3-30b-a3b ds-1.3b+moe128 mixtral-8x7b \
