@@ -124,8 +124,10 @@ def test_training_calls_take_the_one_launch_above_the_served_bound():
     T = backend.DECODE_ROUTE_MAX_ASSIGNMENTS // cfg.top_k + 36
     router = _router(cfg, D, E)
     x0 = torch.randn(T, D, device=DEVICE)
-    with torch.no_grad():
-        assert router(x0, inference=True).order is None  # served: above its bound
+    served = backend.one_launch_bound(cfg, None, "none", False, grad=False)
+    trained = backend.one_launch_bound(cfg, None, "none", False, grad=True)
+    assert not backend.decode_route_fits(x0, cfg, served)  # served: above its bound
+    assert backend.decode_route_fits(x0, cfg, trained)
     runs = {}
     for name in ("triton", "triton_decode"):
         set_backends(router, Backends(router=name))
