@@ -180,8 +180,40 @@ def _init_(module: nn.Module, std: float) -> None:
             p.normal_(0, std)
 
 
+def shared_gate(shape: str) -> torch.Tensor:
+    """The router gate [E, D] every implementation of `shape` gets: drawn from a fixed seed
+    (on the CPU, so any device gets the same values), so that every implementation routes a
+    given x to the same experts. Each used to draw its own: at small T, which experts a call
+    hits is what the weight-bound cells cost (Mixtral T = 8: 16 assignments hit 7 or 8 of the 8
+    experts, 0.28 ms of fwd+bwd weight traffic per expert on the H200; ds-1.3b T = 128: ~81 of
+    128, 0.05 ms each), so two builds of one implementation differed by up to 0.27 ms (session
+    36). Peers whose gate computes in bf16 may still break a near-tie the other way."""
+    D, _, E = SHAPES[shape][:3]
+    gen = torch.Generator().manual_seed(20261205)
+    return torch.randn(E, D, generator=gen) * D ** -0.5
+
+
+def gate_weight(impl: str, module: nn.Module) -> torch.Tensor:
+    """The [E, D] router gate parameter of a module build() made (a peer's comes in a
+    ModuleList, with the shared expert if the shape has one)."""
+    if impl.startswith("moeflow"):
+        return module.router.gate.weight
+    peer = module[0]
+    if impl.removesuffix(GRAPH) == "deepspeed":
+        return peer.deepspeed_moe.gate.wg.weight
+    return peer.gate.weight  # the minimal layer; transformers' Mixtral block
+
+
 def build(impl: str, shape: str):
-    impl = impl.removesuffix(GRAPH)
+    """(fn, module) for one implementation of `shape`: fn(x_TD) -> y_TD; module holds the
+    parameters. Random weights (std D^-1/2), the router gate shared_gate(shape)'s."""
+    fn, module = _build_impl(impl.removesuffix(GRAPH), shape)
+    with torch.no_grad():
+        gate_weight(impl, module).copy_(shared_gate(shape))
+    return fn, module
+
+
+def _build_impl(impl: str, shape: str):
     D, F, E, k, act, shared, router = SHAPES[shape]
     dev, dt = DEVICE, torch.bfloat16
     if impl.startswith("moeflow"):
