@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The checks owed to the GPU after sessions without one (34-35): the CUDA parity tests (every
-# tests/test_ops_*.py and the engine's, "tests"), the small-T MoE-layer cells with the
-# one-launch training route against the multi-kernel one and the peers in interleaved rounds
-# ("moe"), and the served decode rate against an older tree, two rounds alternating ("decode":
-# each run builds the Qwen3-30B-A3B-shaped model, so this step alone may need most of a
-# 10-minute device call).
+# The checks owed to the GPU after sessions without one (written in 35, run in 36: tests 164 s,
+# moe ~90 s, decode ~100 s on one H200): the CUDA parity tests (every tests/test_ops_*.py and
+# the engine's, "tests"), the small-T MoE-layer cells with the one-launch training route
+# against the multi-kernel one and the peers in interleaved rounds ("moe"), and the served
+# decode rate against an older tree, two rounds alternating ("decode"). The device tool brings
+# back at most 8 files per call: pack OUT (tar) when running several steps at once.
 #
 #   STEPS="tests moe decode" benchmarks/gpu_session.sh OUT [BASE_TREE]
 #
