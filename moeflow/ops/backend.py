@@ -154,9 +154,11 @@ DECODE_ROUTE_MAX_ASSIGNMENTS = 256
 # the bound where the one program still won eagerly in the measurement above (T·K 1024:
 # route+plan 155 against 266 µs), which covers issue 14's Qwen3 T = 128 fwd+bwd cell, bound by
 # the host. Its GPU time at 1024 (153 against 67 µs replayed, 2026-12-02; session 22 timed the
-# plan program alone at 76 µs for 256 assignments, so 1024 may take ~300) should hide under
-# the host's ~2.4 ms issue time there: not yet measured (benchmarks/gpu_session.sh's A/B
-# against moeflow-route_triton decides). At real training sizes route_triton runs.
+# plan program alone at 76 µs for 256 assignments, so 1024 may take ~300) hides under the
+# host's issue time there: measured on the H200 (session 36, benchmarks/results/moe_layer),
+# Qwen3 T = 128 fwd+bwd 2.083 against route_triton's 2.496 ms; where the GPU binds it costs
+# +0.05 ms of 6.4 (ds-1.3b T = 128, 128 experts with a capacity). At real training sizes
+# route_triton runs.
 TRAIN_ROUTE_MAX_ASSIGNMENTS = 1024
 
 # Decode calls of at most this many tokens let the experts' one-launch stream kernel place the
