@@ -24,6 +24,18 @@ SEL_SCORES, SEL_NOISY_LOGITS, SEL_DEEPSPEED = 0, 1, 2
 
 
 @triton.jit
+def token_tile(pid, T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program `pid`'s [BLOCK_T, BLOCK_E] tile of a row-major [T, E] logits array: its rows,
+    the expert columns, their masks, the element offsets and the 2-D mask."""
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    cmask = cols < E
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    return rows, cols, rmask, cmask, offs, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def finite_logits(x):
     x = tl.where(x != x, -3.4028234663852886e38, x)
     return tl.minimum(tl.maximum(x, -3.4028234663852886e38), 3.4028234663852886e38)

@@ -24,7 +24,8 @@ import triton.language as tl
 
 from moeflow.config import RouterConfig
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops.routing_choice_triton import finite_logits, route_block_t, scores
+from moeflow.ops.routing_choice_triton import (finite_logits, route_block_t, scores,
+                                               token_tile)
 
 
 @triton.jit
@@ -33,13 +34,7 @@ def _route_bwd_kernel(logits_ptr, ids_ptr, kept_ptr, gw_ptr, gloss_ptr, balance_
                       K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
                       LOSS_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """`LOSS_GRAD`: the losses have a gradient at gloss_ptr (else they are unused: zero)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    rmask = rows < T
-    cmask = cols < E
-    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, offs, m2 = token_tile(tl.program_id(0), T, E, BLOCK_T, BLOCK_E)
     raw = tl.load(logits_ptr + offs, mask=m2, other=0.0)
     x = finite_logits(raw)
     scores_TE, probs, lse, soft = scores(x, cmask, SOFTMAX)

@@ -64,7 +64,8 @@ from moeflow.model.router import (ExpertOrder, RoutingResult, StatsReduce, count
 from moeflow.ops.backend import records_grad
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.routing_choice_triton import (SEL_DEEPSPEED, SEL_NOISY_LOGITS, SEL_SCORES,
-                                               choose_tile, finite_logits, route_block_t)
+                                               choose_tile, finite_logits, route_block_t,
+                                               token_tile)
 from moeflow.ops.routing_grad_triton import route_logits_grad
 from moeflow.ops.routing_slots_triton import (_dropless_plan_kernel, _dropless_scan_kernel,
                                               _finalize_kernel, _queue_kernel, _scan_kernel)
@@ -93,12 +94,7 @@ def _topk_kernel(logits_ptr, noise_ptr, bias_ptr, ids_ptr, w_ptr, lse_ptr, psum_
                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    rmask = rows < T
-    cmask = cols < E
-    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
-    m2 = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, offs, m2 = token_tile(pid, T, E, BLOCK_T, BLOCK_E)
     x = finite_logits(tl.load(logits_ptr + offs, mask=m2, other=0.0))
     xr = x
     if HAS_NOISE:
