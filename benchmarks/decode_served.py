@@ -5,10 +5,13 @@ decode_timeline.py times a graph replay between two CUDA events, synchronised ar
 includes the host's graph launch, which the served loop overlaps (the engine launches step n+1
 before it reads step n's tokens, moeflow.infer.engine). Per case (batch, context) this gives:
 - `replay_ms`: 20 replays enqueued back to back over their events, three times (the graph's
-  device time, launch overlapped);
+  device time, launch overlapped; the step state the replays advance put back after each);
 - `served_ms`: consecutive `engine.step()` calls, device synchronised only around 12 of them,
   twice (the engine's rate, its host work and the copies and kernels between graphs included);
-- the layer path of one profiled replay (decode_timeline.layer_path: each kernel's end step);
+- the layer path of one profiled replay (decode_timeline.layer_path: each kernel's end step),
+  after the served steps: steps served after the replays and a profiled one were slower
+  (session 37, batch 1, contexts 36-60: 2.5428 / 2.5075 ms against 2.4985 / 2.4982 served
+  first; 76-100: 2.6027 / 2.5875 against 2.5848 / 2.5860);
 - with --between, the device records between two graphs of six served steps (copies and
   kernels outside the graph, with the idle gap before each).
 
@@ -25,6 +28,7 @@ its rows (an A/B of two trees: run each tree's copy of this script in turn).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -95,12 +99,14 @@ def measure(model, batch: int, context: int, between: bool) -> dict:
     if not isinstance(dec, GraphDecoder):
         sys.exit("decode_served: the engine decodes without CUDA graphs here (a GPU is needed)")
     graph = dec.graphs[dec.last_key][0]
+    # (A tree before session 37, run with this script for an A/B, has no held_state.)
+    held = getattr(dec, "held_state", contextlib.nullcontext)
+    replays = []
+    for _ in range(3):
+        with held():  # each round from the context the served steps start at
+            replays.append(round(_replay_ms(graph), 4))
     out = {"batch": batch, "context": context, "graph_key": list(dec.last_key),
-           "replay_ms": [round(_replay_ms(graph), 4) for _ in range(3)]}
-    summary = summarise(cuda_kernel_events(graph.replay), model.config.n_layers)
-    out["kernels"] = summary["kernels"]
-    out["layer_period_us"] = summary["layer_path"]["period_us"]
-    out["layer_path"] = summary["layer_path"]["rows"]
+           "replay_ms": replays}
     served = []
     for _ in range(2):
         t0 = _sync_time()
@@ -108,6 +114,12 @@ def measure(model, batch: int, context: int, between: bool) -> dict:
             engine.step()
         served.append(round((_sync_time() - t0) * 1e3 / 12, 4))
     out["served_ms"] = served
+    # The profiler last (see the module docstring).
+    with held():
+        summary = summarise(cuda_kernel_events(graph.replay), model.config.n_layers)
+    out["kernels"] = summary["kernels"]
+    out["layer_period_us"] = summary["layer_path"]["period_us"]
+    out["layer_path"] = summary["layer_path"]["rows"]
     if between:
         out["between"] = _between_graphs(engine, {r[0] for r in summary["by_name"]})
     return out

@@ -115,8 +115,9 @@ def measure(model, batch: int, max_seq_len: int, prompt: int = PROMPT) -> dict:
     if not isinstance(dec, GraphDecoder):
         sys.exit("decode_timeline: the engine decodes without CUDA graphs here (a GPU is needed)")
     graph = dec.graphs[dec.last_key][0]
-    replay_ms = cuda_event_ms(graph.replay, 20)
-    replay = summarise(cuda_kernel_events(graph.replay), model.config.n_layers)
+    with dec.held_state():  # the replays advance the lengths: back as the engine left them
+        replay_ms = cuda_event_ms(graph.replay, 20)
+        replay = summarise(cuda_kernel_events(graph.replay), model.config.n_layers)
     if not replay["kernels"]:
         sys.exit("decode_timeline: the profiler saw no kernels inside the graph replay")
     out = {"batch": batch, "graph_replay_ms": replay_ms, "replay": replay}

@@ -166,7 +166,8 @@ def engine_decode(engine: Engine, batch: int, steps: int, vocab: int) -> dict:
     dec = engine._decoder
     if hasattr(dec, "graphs") and dec.graphs:
         graph = dec.graphs[dec.last_key][0]
-        out["graph_replay_ms"] = cuda_event_ms(graph.replay, 20)
+        with dec.held_state():  # the replays advance the lengths: back for the next steps
+            out["graph_replay_ms"] = cuda_event_ms(graph.replay, 20)
         out["graph_key"] = list(dec.last_key)
     distinct = []
     for _ in range(8):

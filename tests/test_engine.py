@@ -294,6 +294,29 @@ def test_capture_warm_up_leaves_the_step_state_as_it_found_it():
     assert tokens.tolist() == [3, 1, 4, 1] and counts.tolist() == [5, 0, 2]
 
 
+def test_a_steady_batch_copies_its_lengths_in_once():
+    """The step advances each real row's length itself, so the bucketed decoder copies the
+    lengths in only when the rows change (here: once, both requests running to the end
+    together), and its tokens are those of the eager decoder's. held_state (for replays
+    outside the decoder) puts back what a step advances."""
+    model = make_model("llama")
+    ps = prompts(2, seed=5)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    engine = Engine(model, EngineConfig(max_batch_size=2))
+    dec = engine._decoder = engine._graph_decoder(capture=False)
+    assert engine.generate(ps, params) == [run_alone(model, p, params) for p in ps]
+    assert dec.calls == 1  # five steps of the same two rows
+
+    engine.add_request(ps[0], params)
+    engine.step()  # prefill
+    engine.step()  # a decode step: lengths copied in, then advanced by the step
+    held = dec.static.clone()
+    with dec.held_state():
+        dec.step_fn(*dec._args(*dec.last_key))
+        assert not torch.equal(dec.static, held)
+    assert torch.equal(dec.static, held)
+
+
 def test_bad_inputs_raise_one_line_value_errors():
     engine = Engine(make_model("gpt"), EngineConfig(max_batch_size=2))
     ok = SamplingParams(max_new_tokens=4, temperature=0)

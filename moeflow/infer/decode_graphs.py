@@ -8,7 +8,9 @@ cost. Graphs need static shapes and addresses, so:
 - the input tokens live in the engine's device buffer of each slot's next token
   (moeflow.infer.next_tokens), where the step before wrote its greedy tokens itself (and the
   host's sampling, rows that sample); the cached lengths and a real-row mask in one static
-  device buffer, refreshed by a single host-to-device copy per step;
+  device buffer, which the step advances itself (each real row's length by one), so a single
+  host-to-device copy refreshes it only when the rows change (a request joins, finishes or
+  moves; lookahead models, whose history rows change every step: each step);
 - the batch is padded up to a bucket (powers of two up to the slot count); padded rows decode a
   dummy token into free cache slots (running sequences always occupy slots 0..B-1) and are masked
   out of the expert counts;
@@ -16,22 +18,26 @@ cost. Graphs need static shapes and addresses, so:
   each sequence's own length;
 - one graph per (batch bucket, S bucket), captured on first use after warm-up runs on a side
   stream (Triton autotuning and lazy initialisation must happen outside capture), each from the
-  state the step found (the token buffer, the expert counts it adds to: `state`), all sharing
+  state the step found (the token buffer, the lengths, the expert counts it adds to), all sharing
   one memory pool since they never run concurrently.
 
-The step updates that state itself, so that between two replays the engine runs only the
-copies to and from the host (the lengths in, the tokens out): no counts' add, no token copy.
+The step updates that state itself, so that between two replays of a steady batch the engine
+runs only the tokens' copy to the host: no counts' add, no token copy, no lengths copied in.
+Replays outside `GraphDecoder.__call__` (benchmarks) advance that state too: `held_state()`
+puts it back after them.
 
-Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`, so
-CPU tests exercise the exact computation the graphs capture; `GraphDecoder` with
-capture=False runs the padded, bucketed step without graphs (CPU tests of the padding). A model
+Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`
+(which also adds valid_B to lengths_B in place), so CPU tests exercise the exact computation
+the graphs capture; `GraphDecoder` with capture=False runs the padded, bucketed step without
+graphs (CPU tests of the padding). A model
 with a lookahead router (moeflow.model.lookahead) also needs each row's `history` (the tokens
 before its input): `history_BH=` is then passed too, from H more rows of the same buffer.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -95,13 +101,18 @@ class GraphDecoder:
         slot, moeflow.infer.next_tokens), which the step also writes (its greedy tokens);
         `history`: H, the tokens before each row's input that step_fn takes (None: none);
         `state`: the other tensors the step updates in place (beside the KV cache: the
-        engine's expert counts). Capture's warm-up runs put both back as they found them."""
+        engine's expert counts). step_fn adds valid_B to lengths_B in place (each real row's
+        length one longer); capture's warm-up runs put all of it back as they found it."""
         self.step_fn, self.tokens, self.max_len = step_fn, tokens, max_len
-        self.state = (tokens, *state)
         self.num_slots = num_slots = tokens.numel()
         self.capture, self.history = capture, history
         rows = 2 + (history or 0)
+        # Row 0: each slot's cached length (the step adds row 1 to it); row 1: 1 for a real
+        # row, 0 for padding; then the history rows. `held`: the rows of the static buffer as
+        # the last step left them (None: not known), so an unchanged batch copies nothing in.
         self.static = torch.zeros(rows, num_slots, dtype=torch.int64, device=tokens.device)
+        self.held: list[list[int]] | None = None
+        self.state = (tokens, self.static, *state)
         # Two pinned staging buffers, used in turn: the engine launches a step before it has
         # waited for the one before (pipelined decode), so the buffer that step's copy reads may
         # not be rewritten yet; the one two steps back was copied before a step it waited for.
@@ -127,14 +138,17 @@ class GraphDecoder:
         n = len(lengths)
         B, S = self.buckets(n, max(lengths) + 1)
         self.last_key = (B, S)
-        host = self.host[self.calls % 2]
-        self.calls += 1
-        host.zero_()
         rows = [lengths, [1] * n]
         if self.history:
             rows += [list(col) for col in zip(*history)]
-        host[:, :n] = torch.tensor(rows, dtype=torch.int64)
-        self.static.copy_(host, non_blocking=True)
+        if rows != self.held:
+            host = self.host[self.calls % 2]
+            self.calls += 1
+            host.zero_()
+            host[:, :n] = torch.tensor(rows, dtype=torch.int64)
+            self.static.copy_(host, non_blocking=True)
+        # What the step leaves there: the lengths one longer (history rows change each step).
+        self.held = None if self.history else [[length + 1 for length in lengths], rows[1]]
         if not self.capture:
             out = self.step_fn(*self._args(B, S))
         else:
@@ -143,6 +157,15 @@ class GraphDecoder:
             graph, out = self.graphs[B, S]
             graph.replay()
         return StepOutput(out.logits_BV[:n], out.greedy_B[:n])
+
+    @contextlib.contextmanager
+    def held_state(self) -> Iterator[None]:
+        """For replays of the captured graphs outside __call__ (benchmarks timing them): the
+        state they advance (lengths, next tokens, expert counts) is put back afterwards, so the
+        engine's next step finds it as the last one left it. The KV cache is not (the replays
+        write the positions the next steps write again)."""
+        with restored(self.state):
+            yield
 
     def _args(self, B: int, S: int) -> tuple:
         # Padded rows (n..B-1) read whatever token their free slot holds: always a valid id
@@ -162,9 +185,18 @@ def warm_up(fn: Callable, args: tuple, state: tuple[torch.Tensor, ...] = (),
             runs: int = 2) -> None:
     """Run `fn(*args)` `runs` times, each from the same `state` (tensors fn updates in place:
     after each run they are put back as they were), so that the runs leave no trace there."""
-    saved = [t.clone() for t in state]
     for _ in range(runs):
-        fn(*args)
+        with restored(state):
+            fn(*args)
+
+
+@contextlib.contextmanager
+def restored(state: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """The tensors of `state` as they were on entry, again on exit."""
+    saved = [t.clone() for t in state]
+    try:
+        yield
+    finally:
         for t, before in zip(state, saved):
             t.copy_(before)
 

@@ -455,11 +455,12 @@ class Engine:
         extra = {} if history_BH is None else {"history": history_BH}
         out = self.model(tokens_B1, cache=DecodeView(self.cache, lengths_B, kv_len),
                          inference=True, groups=groups_B1, hidden_only=True, **extra)
-        # The step keeps its own books, so that nothing runs between two replayed steps but
-        # the copies to and from the host: the expert counts are added to the engine's running
-        # totals (captured, on a side stream beside the LM head, off the step's critical path;
-        # joined before the step ends) and the greedy tokens are written where the next step
-        # reads its input (rows decoding a sampled token get theirs on the host's side).
+        # The step keeps its own books, so that nothing runs between two replayed steps of a
+        # steady batch but the tokens' copy to the host: the expert counts are added to the
+        # engine's running totals and each real row's length grows by one (captured: on a side
+        # stream beside the LM head, off the step's critical path; joined before the step
+        # ends), and the greedy tokens are written where the next step reads its input (rows
+        # decoding a sampled token get theirs on the host's side).
         side = (self._count_stream if self._count_stream is not None
                 and torch.cuda.is_current_stream_capturing() else None)
         if side is not None:
@@ -467,6 +468,7 @@ class Engine:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             count_experts(out.routing, valid_B, self._expert_offsets, self._expert_counts.numel(),
                           into=self._expert_counts)
+            lengths_B.add_(valid_B)
         logits_BV = self.model.head(out.hidden)[:, 0]
         greedy_B = greedy_tokens(logits_BV, self._argmax_tickets, out=tokens_B1[:, 0])
         if side is not None:
