@@ -340,11 +340,9 @@ def rms_norm():
 def decode_attention():
     """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
     with raw q/k prepared in the kernel (norm + RoPE, each alone) and without, the splits
-    merged by the last split (with raw q/k), by split 1 taking split 0's posted partials (with
-    raw q/k) and by the merge kernel (and that kernel)."""
-    for norm, rope, merge, pair in ((True, True, True, False), (True, True, False, True),
-                                    (True, False, False, False), (False, True, False, False),
-                                    (False, False, False, False)):
+    merged by the last split (with raw q/k) and by the merge kernel (and that kernel)."""
+    for norm, rope, merge in ((True, True, True), (True, False, False), (False, True, False),
+                              (False, False, False)):
         split = compile_sm90(decode_attention_triton._split_kernel,
                              {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
                               "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
@@ -354,18 +352,16 @@ def decode_attention():
                               "len_ptr": "*i64", **_args("m_ptr l_ptr acc_ptr", "*fp32"),
                               "out_ptr": "*bf16", **_args("so_b so_h", "i32"),
                               **_args("qw_ptr kw_ptr cos_ptr sin_ptr", "*bf16"), "c_b": "i32",
-                              "eps": "fp32", "tickets_ptr": "*i32", "posts_ptr": "*i64",
+                              "eps": "fp32", "tickets_ptr": "*i32",
                               **_args("G P CHUNK kv_len", "i32"),
                               "scale_log2": "fp32"},
                              {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
                               "BLOCK_DK": 128, "BLOCK_DV": 128, "SINGLE": False,
                               "PRECISION": "tf32", "PREP_NORM": norm, "PREP_ROPE": rope,
-                              "MERGE": merge, "PAIR": pair, "BLOCK_QM": 8, "BLOCK_P": 4,
-                              "PREFETCH": True, "PDL": True})
+                              "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4, "PREFETCH": True,
+                              "PDL": True})
         if merge:  # the merging split loads partials other programs stored: coherent loads
             assert "ld.global.nc" not in split.asm["ptx"], "split kernel: non-coherent loads"
-        if pair:  # split 1 polls split 0's posted words past L1
-            assert "ld.volatile.global" in split.asm["ptx"], "split kernel: posts not volatile"
     # The merge kernel, for long contexts' splits (64 of them at head dim 128).
     compile_sm90(decode_attention_triton._merge_kernel,
                  {**_args("m_ptr l_ptr acc_ptr", "*fp32"), "len_ptr": "*i64", "out_ptr": "*bf16",

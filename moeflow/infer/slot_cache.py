@@ -50,7 +50,6 @@ import torch
 
 from moeflow.model.attention import sdpa
 from moeflow.ops.backend import Backends, resolve_attention_backend
-from moeflow.ops.device_counters import DeviceCounters
 from moeflow.ops.fused import fused
 
 if TYPE_CHECKING:  # the kernels' modules import Triton, which the CPU-only install may lack
@@ -78,11 +77,9 @@ class SlotKVCache:
         self.num_slots, self.max_len = num_slots, max_len
         # The model's choice (fuse, attention) for decode attention, taken when the cache is built.
         self.backends = backends
-        # The Triton decode attention's merge tickets (one counter per slot and kv head) and
-        # the words its split 0 posts partials in (made on the first launch, which knows the
-        # query heads), zero between launches; the layers take turns with them.
+        # The Triton decode attention's merge tickets (one counter per slot and kv head), zero
+        # between launches; the layers take turns with them.
         self.merge_tickets = torch.zeros(num_slots * G, dtype=torch.int32, device=device)
-        self.merge_posts = DeviceCounters()
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int) -> "SlotKVCache":
@@ -117,11 +114,6 @@ class PrefillView:
 
     def prepares_qk(self, q_BHTd: torch.Tensor) -> bool:
         return False
-
-    def _merge_posts(self, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
-        """The posted-partials words for every slot's heads (decode_attention_triton `posts`)."""
-        words = self.cache.num_slots * q_BHTd.shape[1] * (v_BGTd.shape[-1] + 2)
-        return self.cache.merge_posts.get(words, q_BHTd.device, torch.int64)
 
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor) -> torch.Tensor:
@@ -167,11 +159,6 @@ class SlotPrefillView:
 
     def prepares_qk(self, q_BHTd: torch.Tensor) -> bool:
         return False
-
-    def _merge_posts(self, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
-        """The posted-partials words for every slot's heads (decode_attention_triton `posts`)."""
-        words = self.cache.num_slots * q_BHTd.shape[1] * (v_BGTd.shape[-1] + 2)
-        return self.cache.merge_posts.get(words, q_BHTd.device, torch.int64)
 
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
@@ -237,11 +224,6 @@ class DecodeView:
         """With the Triton attention backend: the kernel norms and rotates raw q and k."""
         return resolve_attention_backend(self.cache.backends.attention, q_BHTd) == "triton"
 
-    def _merge_posts(self, q_BHTd: torch.Tensor, v_BGTd: torch.Tensor) -> torch.Tensor:
-        """The posted-partials words for every slot's heads (decode_attention_triton `posts`)."""
-        words = self.cache.num_slots * q_BHTd.shape[1] * (v_BGTd.shape[-1] + 2)
-        return self.cache.merge_posts.get(words, q_BHTd.device, torch.int64)
-
     def attend(self, layer: int, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor,
                v_BGTd: torch.Tensor, qk: QKPrep | None = None) -> torch.Tensor:
         """qk: q and k are raw, prepared by the kernel (where prepares_qk says so)."""
@@ -251,8 +233,7 @@ class DecodeView:
             y_BHd = decode_attention_triton(q_BHTd[:, :, 0], k_BGTd[:, :, 0], v_BGTd[:, :, 0],
                                             self.cache.k_LNGMd[layer], self.cache.v_LNGMd[layer],
                                             self.lengths_B, self.kv_len, qk=qk,
-                                            tickets=self.cache.merge_tickets,
-                                            posts=self._merge_posts(q_BHTd, v_BGTd))
+                                            tickets=self.cache.merge_tickets)
             return y_BHd[:, :, None]
         if qk is not None:
             raise ValueError("DecodeView.attend: raw q/k (qk) need the Triton attention backend")

@@ -40,18 +40,6 @@ prefetched to L2 before the wait (moeflow.ops.pdl.prefetch_l2). Measured in the 
 graph of Qwen3-30B-A3B (H200, session 32, benchmarks/results/decode_timeline, a 36-token
 context): the attention's end step 6.30-6.40 -> 4.72-4.86 µs.
 
-Where exactly two splits run (a batch-1 step of Qwen3-30B-A3B at 64-127 tokens: 128-key bucket,
-64-key splits) the ticket costs the merging split two dependent trips through L2 after its own
-partials (the atomic, then the other split's partials); measured, the two splits with that merge
-took 1.25 µs more than one split (results/decode_served, session 37). There, with `posts`,
-split 0 posts its partials as flagged 64-bit words (the fp32 bits in the low half, 1 in the
-high half: one store per word, which no reader can see half-written) and split 1, which holds
-position L and finishes about when split 0 does, loads them through L2 (volatile loads) until
-every word carries its flag, merges and writes the output, then zeroes the words for the next
-launch: one trip after split 0's stores land. A program that waits for another needs that one
-to be resident: `pair_merges` takes this path only where the grid fits on the GPU's SMs at once
-(the programs the kernel lets in early under PDL come only after every split has started).
-
 CUDA-graph capturable: no host syncs, grid and shapes depend only on (B, G, S); lengths are read
 on the device. Numerics: fp32 scores and softmax, probabilities rounded to V's dtype before P·V
 (as the reference does), fp32 accumulation, output rounded once to q's dtype. The reference
@@ -182,14 +170,14 @@ def _attend_block(q_QK, kT_KN, v_NV, pmask, m_Q, l_Q, acc_QV, scale_log2,
 def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   kc_ptr, skc_n, skc_g, skc_m, vc_ptr, svc_n, svc_g, svc_m, len_ptr,
                   m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h,
-                  qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps, tickets_ptr, posts_ptr,
+                  qw_ptr, kw_ptr, cos_ptr, sin_ptr, c_b, eps, tickets_ptr,
                   G, P, CHUNK, kv_len, scale_log2,
                   Q: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                   PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
-                  PAIR: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr,
-                  PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr,
+                  PDL: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -269,27 +257,10 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
         # With the merge in this kernel, a sequence shorter than one split (L < CHUNK: split 0
         # is the only one that runs) writes its output here: no partials, no ticket, the bits
         # of the merge of one split (weight exp2(0) = 1).
-        y_ptrs = out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :]
-        ymask = qmask[:, None] & dvmask[None, :]
-        if SINGLE or ((MERGE or PAIR) and L < CHUNK):
+        if SINGLE or (MERGE and L < CHUNK):
             y_QV = acc_QV / l_Q[:, None]
-            tl.store(y_ptrs, y_QV.to(out_ptr.dtype.element_ty), mask=ymask)
-        elif PAIR:
-            # Two splits run (L >= CHUNK): split 0 posts its partials, split 1 (it holds
-            # position L) takes them as soon as they land and merges (the module docstring).
-            post = posts_ptr + (b * G * Q + heads).to(tl.int64) * (DV + 2)
-            if s == 0:
-                tl.store(post[:, None] + dv[None, :], _posted(acc_QV), mask=ymask)
-                tl.store(post + DV, _posted(m_Q), mask=qmask)
-                tl.store(post + DV + 1, _posted(l_Q), mask=qmask)
-            else:
-                m0_Q, l0_Q, acc0_QV = _take_posted(post, dv, ymask, qmask, DV)
-                m_max = tl.maximum(m0_Q, m_Q)
-                w0 = tl.exp2(m0_Q - m_max)
-                w1 = tl.exp2(m_Q - m_max)
-                y_QV = ((acc0_QV * w0[:, None] + acc_QV * w1[:, None])
-                        / (l0_Q * w0 + l_Q * w1)[:, None])
-                tl.store(y_ptrs, y_QV.to(out_ptr.dtype.element_ty), mask=ymask)
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
+                     y_QV.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dvmask[None, :])
         else:
             row = (b * G * Q + heads) * P + s  # partials laid out [B, H, P]
             tl.store(m_ptr + row, m_Q, mask=qmask)
@@ -303,35 +274,6 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                     _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * so_b + g * Q * so_h,
                                  so_h, b * G * Q + g * Q, L // CHUNK + 1, P, Q, DV, BLOCK_QM,
                                  BLOCK_P, BLOCK_DV)
-
-
-@triton.jit
-def _posted(x):
-    """fp32 values as posted words (int64): their bits in the low half, 1 in the high half."""
-    return x.to(tl.uint32, bitcast=True).to(tl.int64) + 4294967296
-
-
-@triton.jit
-def _unposted(words):
-    return words.to(tl.uint32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _take_posted(post, dv, mask_QV, mask_Q, DV: tl.constexpr):
-    """The partials split 0 posts at `post` (per head: DV acc words, then m, then l): loaded
-    through L2 until every word carries its flag, then zeroed for the next launch."""
-    acc_ptrs = post[:, None] + dv[None, :]
-    acc_w = tl.load(acc_ptrs, mask=mask_QV, other=4294967296, volatile=True)
-    m_w = tl.load(post + DV, mask=mask_Q, other=4294967296, volatile=True)
-    l_w = tl.load(post + DV + 1, mask=mask_Q, other=4294967296, volatile=True)
-    while (tl.min(acc_w >> 32) == 0) | (tl.min(m_w >> 32) == 0) | (tl.min(l_w >> 32) == 0):
-        acc_w = tl.load(acc_ptrs, mask=mask_QV, other=4294967296, volatile=True)
-        m_w = tl.load(post + DV, mask=mask_Q, other=4294967296, volatile=True)
-        l_w = tl.load(post + DV + 1, mask=mask_Q, other=4294967296, volatile=True)
-    tl.store(acc_ptrs, 0, mask=mask_QV)
-    tl.store(post + DV, 0, mask=mask_Q)
-    tl.store(post + DV + 1, 0, mask=mask_Q)
-    return _unposted(m_w), _unposted(l_w), _unposted(acc_w)
 
 
 @triton.jit
@@ -385,13 +327,6 @@ def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device
     return max(1, min(cdiv(target, batch_heads), cdiv(kv_len, block_n)))
 
 
-def pair_merges(batch_heads: int, splits: int, device: torch.device) -> bool:
-    """Whether split 1 merges by waiting for split 0's posted partials: exactly two splits,
-    and on a GPU a grid no larger than its SM count, so every program is resident at once and
-    the waiting one cannot hold the SM its split 0 needs (the interpreter runs split 0 first)."""
-    return splits == 2 and (device.type != "cuda" or 2 * batch_heads <= _sm_count(device.index))
-
-
 def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -419,8 +354,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
                             k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, lengths_B: torch.Tensor,
                             kv_len: int, splits: int | None = None, block_n: int | None = None,
                             num_warps: int = 4, qk: QKPrep | None = None,
-                            tickets: torch.Tensor | None = None,
-                            posts: torch.Tensor | None = None) -> torch.Tensor:
+                            tickets: torch.Tensor | None = None) -> torch.Tensor:
     """Store k_BGd/v_BGd at position lengths_B[b] of slots b = 0..B-1 of the cache k_NGMd/v_NGMd
     (in place), and return each query's attention over its slot's positions 0..lengths_B[b]
     (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`: override the choice (tests,
@@ -428,10 +362,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     it loads them; the key stored is the prepared one. `tickets`: int32 zeros, at least B·G
     (SlotKVCache keeps them), left at 0: the last split of each (sequence, kv head) merges the
     splits itself where its Q·P·dv tile of partials is small enough (MERGE_TILE), with no
-    merge launch; one launch at a time may use them. `posts`: int64 zeros, at least
-    B·H·(dv + 2) (SlotKVCache keeps them), left at 0: where exactly two splits run and every
-    program is resident at once, split 0 posts its partials there and split 1 takes them
-    (pair_merges); one launch at a time may use them."""
+    merge launch; one launch at a time may use them."""
     B, H, dk = q_BHd.shape
     G, dv = k_BGd.shape[1], v_BGd.shape[-1]
     if H % G or k_NGMd.shape[1] != G or k_NGMd.shape[-1] != dk or v_NGMd.shape[-1] != dv:
@@ -488,13 +419,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     prefetch = all(s[2] == c.shape[-1] and prefetchable(c, *s[:3])
                    for c, s in ((k_NGMd, ks), (v_NGMd, vs))) and (not norm or all(
                        prefetchable(w, dk) for w in (qk.q_weight, qk.k_weight)))
-    if posts is not None and (posts.dtype != torch.int64 or posts.numel() < B * H * (dv + 2)
-                              or posts.device != q_BHd.device):
-        raise ValueError(f"decode attention: posts must be int64 zeros, at least "
-                         f"B·H·(dv + 2) = {B * H * (dv + 2)}, on {q_BHd.device}; got "
-                         f"{posts.dtype} [{posts.numel()}] on {posts.device}")
-    pair = posts is not None and pair_merges(B * G, P, q_BHd.device)
-    merge = (not single and not pair and tickets is not None
+    merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     qs, kbs, vbs, ys = q_BHd.stride(), k_BGd.stride(), v_BGd.stride(), y_BHd.stride()
     _split_kernel[(B * G, P)](
@@ -503,13 +428,12 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         m_BHP, l_BHP, acc_BHPd, y_BHd, ys[0], ys[1],
         qk.q_weight if norm else q_BHd, qk.k_weight if norm else q_BHd, cos_Bd, sin_Bd,
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
-        tickets if merge else lengths_B, posts if pair else lengths_B, G, P, chunk, kv_len,
-        dk ** -0.5 * LOG2E,
+        tickets if merge else lengths_B, G, P, chunk, kv_len, dk ** -0.5 * LOG2E,
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, next_power_of_2(Q)), BLOCK_N=block_n,
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
-        PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, PAIR=pair, BLOCK_QM=block_qm,
-        BLOCK_P=block_p, PREFETCH=prefetch, num_warps=num_warps, **pdl)
-    if not single and not merge and not pair:
+        PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
+        PREFETCH=prefetch, num_warps=num_warps, **pdl)
+    if not single and not merge:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, ys[0], ys[1], H, P,
                                 chunk, DV=dv, BLOCK_P=block_p,
                                 BLOCK_DV=block_dv, num_warps=4 if block_dv >= 128 else 1,

@@ -1,5 +1,4 @@
-"""The counters a module keeps for its ticketed kernels (moeflow.ops.tickets), zero between
-launches.
+"""The int32 counters a module keeps for its ticketed kernels (moeflow.ops.tickets).
 
 A module that launches a kernel drawing tickets (the decode router, the experts' one-launch
 stream kernel) holds one DeviceCounters from construction and asks it for the counters at each
@@ -19,12 +18,10 @@ class DeviceCounters:
     def __init__(self) -> None:
         self._counters: torch.Tensor | None = None
 
-    def get(self, count: int, device: torch.device, dtype: torch.dtype = torch.int32
-            ) -> torch.Tensor:
-        """`count` counters of `dtype` (int32, or int64 for flagged words) on `device`, zero:
-        the same tensor call after call, made anew when the count, device or dtype changes."""
+    def get(self, count: int, device: torch.device) -> torch.Tensor:
+        """`count` int32 counters on `device`, zero: the same tensor call after call, made anew
+        when the count or the device changes."""
         counters = self._counters
-        if (counters is None or counters.numel() != count or counters.device != device
-                or counters.dtype != dtype):
-            counters = self._counters = torch.zeros(count, dtype=dtype, device=device)
+        if counters is None or counters.numel() != count or counters.device != device:
+            counters = self._counters = torch.zeros(count, dtype=torch.int32, device=device)
         return counters
