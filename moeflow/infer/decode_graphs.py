@@ -29,9 +29,9 @@ puts it back after them.
 Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`
 (which also adds valid_B to lengths_B in place), so CPU tests exercise the exact computation
 the graphs capture; `GraphDecoder` with capture=False runs the padded, bucketed step without
-graphs (CPU tests of the padding). A model
-with a lookahead router (moeflow.model.lookahead) also needs each row's `history` (the tokens
-before its input): `history_BH=` is then passed too, from H more rows of the same buffer.
+graphs (CPU tests of the padding). A model with a lookahead router (moeflow.model.lookahead)
+also needs each row's `history` (the tokens before its input): `history_BH=` is then passed
+too, from H more rows of the same buffer.
 """
 
 from __future__ import annotations
