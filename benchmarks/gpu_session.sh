@@ -36,6 +36,9 @@ step moe && { python benchmarks/moe_layer.py --shapes qwen3-30b-a3b ds-1.3b+moe1
     --modes fwd+bwd --rounds 5 --out "$OUT/moe_layer" > "$OUT/moe_layer.log" 2>&1
     echo "moe_layer rounds: exit $?" >> "$OUT/steps.txt"; }
 
+# The base tree runs this tree's decode_served.py (its order of timing: served steps before the
+# profiler), copied in; the script runs in trees without GraphDecoder.held_state too.
+[ -n "$BASE" ] && step decode && cp benchmarks/decode_served.py "$BASE/benchmarks/"
 step decode && for round in 1 2; do
     if [ -n "$BASE" ]; then
         (cd "$BASE" && PYTHONPATH=. python benchmarks/decode_served.py --out "$OUT/decode_served" \
