@@ -305,7 +305,7 @@ def test_a_steady_batch_copies_its_lengths_in_once():
     engine = Engine(model, EngineConfig(max_batch_size=2))
     dec = engine._decoder = engine._graph_decoder(capture=False)
     assert engine.generate(ps, params) == [run_alone(model, p, params) for p in ps]
-    assert dec.calls == 1  # five steps of the same two rows
+    assert dec.copies_in == 1  # five steps of the same two rows
 
     engine.add_request(ps[0], params)
     engine.step()  # prefill

@@ -113,12 +113,13 @@ class GraphDecoder:
         self.static = torch.zeros(rows, num_slots, dtype=torch.int64, device=tokens.device)
         self.held: list[list[int]] | None = None
         self.state = (tokens, self.static, *state)
-        # Two pinned staging buffers, used in turn: the engine launches a step before it has
-        # waited for the one before (pipelined decode), so the buffer that step's copy reads may
-        # not be rewritten yet; the one two steps back was copied before a step it waited for.
+        # Two pinned staging buffers, used by the copies in turn: the engine launches a step
+        # before it has waited for the one before (pipelined decode), so the buffer the last
+        # copy reads may not be rewritten yet; the one two copies back was read before a step
+        # the engine has since waited for.
         self.host = [torch.zeros(rows, num_slots, dtype=torch.int64,
                                  pin_memory=tokens.device.type == "cuda") for _ in range(2)]
-        self.calls = 0
+        self.copies_in = 0
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.last_key: tuple[int, int] | None = None  # (batch, key-length) bucket of the last step
         self.pool = None
@@ -142,8 +143,8 @@ class GraphDecoder:
         if self.history:
             rows += [list(col) for col in zip(*history)]
         if rows != self.held:
-            host = self.host[self.calls % 2]
-            self.calls += 1
+            host = self.host[self.copies_in % 2]
+            self.copies_in += 1
             host.zero_()
             host[:, :n] = torch.tensor(rows, dtype=torch.int64)
             self.static.copy_(host, non_blocking=True)
