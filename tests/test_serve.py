@@ -104,6 +104,22 @@ MALFORMED = [
     ("too many stop strings", C, completion(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ("stop wrong type", C, completion(stop=5), 400, "stop"),
     ("logprobs unsupported", C, completion(logprobs=2), 400, "logprobs"),
+    ("logprobs zero (the sampled tokens' logprobs)", C, completion(logprobs=0), 400,
+     "logprobs"),
+    ("repetition_penalty unsupported", C, completion(repetition_penalty=1.5), 400,
+     "repetition_penalty"),
+    ("min_tokens unsupported", C, completion(min_tokens=10), 400, "min_tokens"),
+    ("prompt with a lone surrogate", C,
+     b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 4}', 400, "surrogate"),
+    ("stop with a lone surrogate", C,
+     b'{"model": "tiny", "prompt": "a", "stop": ["\\udfff"]}', 400, "stop"),
+    ("chat content with a lone surrogate", CH,
+     b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "messages[0].content"),
+    ("chat functions unsupported", CH, chat(functions=[{"name": "f"}]), 400, "functions"),
+    ("chat tool_choice required", CH, chat(tool_choice="required"), 400, "tool_choice"),
+    ("chat echo unsupported", CH, chat(echo=True), 400, "echo"),
+    ("trailing slash is an unknown route", C + "/", completion(), 404, "/v1/completions/"),
     ("presence_penalty unsupported", C, completion(presence_penalty=1.0), 400,
      "presence_penalty"),
     ("unknown model", C, completion(model="gpt-4"), 404, "gpt-4"),
@@ -203,6 +219,30 @@ def test_chat_models_and_metrics(server):
     # The tiny model has one MoE layer of 4 experts; tokens were routed through it.
     assert sum(server.metric("moeflow_expert_tokens_total", moe_layer="0", expert=str(e))
                for e in range(4)) > 0
+
+
+def test_tiny_temperatures_neutral_extras_and_a_half_sent_body(server):
+    """A temperature just above 0 samples the greedy tokens (its logits used to overflow to
+    NaN and fail every sequence in the batch); unimplemented fields at their neutral values are
+    served; a client that leaves mid-body is counted as 499, not as a server error."""
+    greedy = completion(prompt="def hello(name):", max_tokens=12, temperature=0, ignore_eos=True)
+    tiny = [{**greedy, "temperature": t, "seed": 3} for t in (1e-45, 5e-324, 1e-30)]
+    results = asyncio.run(_many(server, [greedy, *tiny]))
+    assert [status for status, _ in results] == [200] * 4, results
+    texts = [out["choices"][0]["text"] for _, out in results]
+    assert texts[0] and texts[1:] == [texts[0]] * 3, texts
+
+    neutral = chat(tool_choice="auto", parallel_tool_calls=True, modalities=["text"],
+                   repetition_penalty=1.0, min_tokens=0, echo=False)
+    assert server.post(CH, neutral).status_code == 200
+    assert server.post(C, completion(logprobs=None, min_p=0)).status_code == 200
+
+    closed = server.metric("moeflow_requests_total", endpoint=C, status="499")
+    s = raw_request(server.port, C, b'{"model":', {"Content-Length": "100"})
+    s.close()
+    wait_for(lambda: server.metric("moeflow_requests_total", endpoint=C, status="499")
+             == closed + 1, what="the half-sent request counted as 499")
+    assert server.metric("moeflow_requests_total", status="500") == 0
 
 
 async def _many(server, bodies):

@@ -1,8 +1,9 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
 
 temperature == 0 means greedy (argmax, ties to the lower id). Otherwise logits are divided by the
-temperature, filtered to the top_k best (0 = all) and to the smallest set whose probability
-reaches top_p, and sampled with the given torch.Generator (reproducible for a fixed seed).
+temperature (any > 0: a tiny one samples among the tied maxima), filtered to the top_k best
+(0 = all) and to the smallest set whose probability reaches top_p, and sampled with the given
+torch.Generator (reproducible for a fixed seed).
 
 Stopping is part of the request: `stop_token_ids` end it when one of them is produced,
 `stop_sequences` (token-id tuples) when the generated tokens end with one of them; the stopping
@@ -70,7 +71,11 @@ def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
     logits = logits_BV.float()
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted to a maximum of 0 first (softmax does not change): at a tiny temperature the
+    # others go to -inf rather than the maximum to inf, which would make every probability NaN;
+    # and at least float32's smallest normal, which a smaller one would round to 0 (0 / 0).
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

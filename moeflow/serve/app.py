@@ -46,6 +46,7 @@ from moeflow.serve.worker import DISCONNECTED, EngineFailure, EngineWorker, JobH
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 KNOWN_PATHS = GENERATION_PATHS + ("/v1/models", "/health", "/metrics")
 ALWAYS_OPEN = ("/health", "/metrics")   # still answered while draining
+CLIENT_CLOSED = 499  # counted (and answered, where anything is) when the client went away
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Guard:
         path = scope["path"]
         endpoint = path if path in KNOWN_PATHS else (
             "/v1/models" if path.startswith("/v1/models/") else "other")
-        status = {"code": 500}
+        status = {"code": None}
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":
@@ -99,6 +100,8 @@ class Guard:
                     code="draining"))
             body = await self._read_body(scope, receive, counting_send)
             if body is None:
+                if status["code"] is None:  # no response: the client left before its body came
+                    status["code"] = CLIENT_CLOSED
                 return
             replayed = False
 
@@ -111,7 +114,7 @@ class Guard:
 
             await self.app(scope, replay, counting_send)
         finally:
-            state.metrics.requests.labels(endpoint, status["code"]).inc()
+            state.metrics.requests.labels(endpoint, status["code"] or 500).inc()
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
         limit = self.state.config.max_body_bytes
@@ -340,7 +343,7 @@ class _Run:
                 item = await self.handle.events.get()
                 if item is DISCONNECTED:
                     self.close(disconnected=True)
-                    return Response(status_code=499)
+                    return Response(status_code=CLIENT_CLOSED)
                 self.apply(*item)
         finally:
             watcher.cancel()
@@ -453,6 +456,7 @@ def create_app(state: ServerState) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         RequestError: _request_error, HTTPException: _http_error, Exception: _server_error})
+    app.router.redirect_slashes = False  # "/v1/completions/" is an unknown route: a JSON 404
     app.state.serve = state
     app.add_middleware(Guard, state=state)
     return app

@@ -11,16 +11,19 @@ where an exception would hurt every request in the batch. Hence:
     capacity) are checked in `build_job` with the same rules the engine applies, so
     `Engine.add_request` never raises for a request that got this far.
 Fields OpenAI defines but this server does not implement (logprobs, penalties, logit_bias,
-tools, ...) are accepted only at their neutral value and otherwise refused by name, rather than
-silently ignored; unknown extra fields are ignored as OpenAI's own clients send many.
-Extensions (as vLLM): top_k, ignore_eos, stop_token_ids. And `expert_group`, for a model with
-expert groups (moeflow.model.expert_groups): a group name for the whole request (prompt and
-generation), or a list of names, one per prompt token, for a single prompt (generated tokens
-continue in the last one's group). A request that names none takes the server's rule
-(`--group-rule modality`: moeflow.data.modality labels the prompt's tokens), else (no rule, or
-a token-id prompt the rule cannot label) its `--default-group`; with neither it is refused
-with a 400 naming the field, since guessing a group would answer from experts trained on other
-data.
+tools and functions, audio, ...) are accepted only at their neutral value and otherwise refused
+by name, rather than silently ignored; unknown extra fields are ignored as OpenAI's own clients
+send many. Extensions (as vLLM): top_k, ignore_eos, stop_token_ids; vLLM's other sampling
+extensions (repetition_penalty, min_tokens, min_p, beam search, chat echo) are refused like
+OpenAI's unimplemented fields, since a client sending them expects them to act. Text fields must
+be valid Unicode (JSON's escapes can carry a lone surrogate, which the tokenizer cannot take).
+And `expert_group`, for a model with expert groups (moeflow.model.expert_groups): a group name
+for the whole request (prompt and generation), or a list of names, one per prompt token, for a
+single prompt (generated tokens continue in the last one's group). A request that names none
+takes the server's rule (`--group-rule modality`: moeflow.data.modality labels the prompt's
+tokens), else (no rule, or a token-id prompt the rule cannot label) its `--default-group`; with
+neither it is refused with a 400 naming the field, since guessing a group would answer from
+experts trained on other data.
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def _unicode(s: str) -> str:
+    """s, if it is valid Unicode text: JSON's \\uD800-style escapes can carry a lone surrogate,
+    which no encoding (nor the tokenizer) takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains an unpaired surrogate U+{ord(s[e.start]):04X} at character "
+                         f"{e.start} (not valid Unicode)") from None
+    return s
+
+
 def _finite(lo: float, hi: float, **kw: Any) -> Any:
     return Field(None, ge=lo, le=hi, allow_inf_nan=False, **kw)
 
@@ -85,6 +99,11 @@ class _CommonRequest(_Strict):
     presence_penalty: float | None = _finite(-2.0, 2.0)
     frequency_penalty: float | None = _finite(-2.0, 2.0)
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions beside the three taken (refused unless neutral)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int | None = Field(None, ge=0)
+    min_p: float | None = _finite(0.0, 1.0)
+    use_beam_search: bool | None = None
     user: str | None = None
     expert_group: str | list[str] | None = None
 
@@ -100,7 +119,7 @@ class _CommonRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
-        return tuple(items)
+        return tuple(map(_unicode, items))
 
 
 class CompletionRequest(_CommonRequest):
@@ -119,9 +138,9 @@ class CompletionRequest(_CommonRequest):
             return isinstance(x, list) and all(type(t) is int for t in x)
 
         if isinstance(v, str) or (ids(v) and v):
-            return [v]
+            return [_unicode(v) if isinstance(v, str) else v]
         if isinstance(v, list) and v and all(isinstance(p, str) or (ids(p) and p) for p in v):
-            return list(v)
+            return [_unicode(p) if isinstance(p, str) else p for p in v]
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
         raise ValueError("must be a string, a list of strings, a non-empty list of integer "
@@ -133,13 +152,18 @@ class ChatMessage(_Strict):
     content: Any = None
     name: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _unicode(v)
+
     @field_validator("content", mode="plain")
     @classmethod
     def _content(cls, v: Any) -> str:
         if v is None:
             return ""
         if isinstance(v, str):
-            return v
+            return _unicode(v)
         if isinstance(v, list):
             parts = []
             for i, part in enumerate(v):
@@ -148,7 +172,7 @@ class ChatMessage(_Strict):
                     raise ValueError(f"part {i} must be {{\"type\": \"text\", \"text\": <string>}}"
                                      f" (only text content is supported)")
                 parts.append(part["text"])
-            return "".join(parts)
+            return _unicode("".join(parts))
         raise ValueError("must be a string or a list of text parts")
 
 
@@ -159,7 +183,14 @@ class ChatRequest(_CommonRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
     response_format: dict | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    echo: bool | None = None  # vLLM's: the reply prefixed with the last message
 
 
 @dataclass(frozen=True)
@@ -252,8 +283,12 @@ def _unsupported(req: _CommonRequest) -> None:
             refuse(field, "is not supported by this server (only 0)")
     if req.logit_bias:
         refuse("logit_bias")
+    for field, neutral in (("repetition_penalty", 1), ("min_tokens", 0), ("min_p", 0),
+                           ("use_beam_search", False)):
+        if getattr(req, field) not in (None, neutral):
+            refuse(field, f"is not supported by this server (only {json.dumps(neutral)})")
     if isinstance(req, CompletionRequest):
-        if req.logprobs:
+        if req.logprobs is not None:  # 0 too: OpenAI then returns the sampled tokens' logprobs
             refuse("logprobs")
         if req.suffix:
             refuse("suffix")
@@ -264,8 +299,21 @@ def _unsupported(req: _CommonRequest) -> None:
             refuse("logprobs" if req.logprobs else "top_logprobs")
         if req.tools:
             refuse("tools")
+        if req.functions:
+            refuse("functions")
+        for field in ("tool_choice", "function_call"):
+            if getattr(req, field) not in (None, "none", "auto"):
+                refuse(field, "is not supported by this server (no tools: only \"none\" or "
+                              "\"auto\")")
         if req.response_format and req.response_format.get("type", "text") != "text":
             refuse("response_format", "only {\"type\": \"text\"} is supported")
+        if req.modalities not in (None, ["text"]):
+            refuse("modalities", "only [\"text\"] is supported")
+        for field in ("audio", "prediction"):
+            if getattr(req, field) is not None:
+                refuse(field)
+        if req.echo:
+            refuse("echo", "is not supported for chat by this server")
 
 
 def build_job(req: CompletionRequest | ChatRequest, limits: Limits, tokenizer: BPETokenizer,
