@@ -41,7 +41,8 @@ def test_fast_layer_matches_reference(router_cfg, shared):
         results.append((y.float(), xi.grad.float(), grads, routing))
     (y0, gx0, gr0, r0), (y1, gx1, gr1, r1) = results
     assert torch.equal(r0.ids_TK, r1.ids_TK) and torch.equal(r0.counts_E, r1.counts_E)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    # fp32: the paths differ in the order of their sums only (measured ≤ 1.6e-7 relative)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()  # noqa: E731
     assert rel(y1, y0) < tol
     assert rel(gx1, gx0) < tol
@@ -74,5 +75,6 @@ def test_inference_layer_leaves_the_gather_to_the_experts(router_cfg, experts):
         y1, r1 = layer(x)
     assert torch.equal(r0.ids_TK, r1.ids_TK) and torch.equal(r0.kept_TK, r1.kept_TK)
     assert (int(r0.num_dropped) > 0) == (not router_cfg.dropless)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    # fp32: the paths differ in the order of their sums only (measured ≤ 1.6e-7 relative)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert ((y1.float() - y0.float()).norm() / y0.float().norm()).item() < tol
