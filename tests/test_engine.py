@@ -261,6 +261,15 @@ def test_expert_counts_cover_every_processed_token():
     assert len(stats.expert_counts) == 3 and all(len(c) == 8 for c in stats.expert_counts)
     assert all(sum(c) == 2 * processed for c in stats.expert_counts)
     assert stats.tokens_generated == 15 and stats.cache_capacity == 2 * 48
+    # Per expert: the routing of a full forward over every processed position (each sequence
+    # but its last token, which no step fed back), counted here by bincount.
+    want = torch.zeros(3, 8, dtype=torch.int64)
+    with torch.no_grad():
+        for p, o in zip(ps, outs):
+            routing = model(torch.tensor([p + o[:-1]]), inference=True).routing
+            for layer, r in enumerate(routing):
+                want[layer] += torch.bincount(r.ids_TK.flatten(), minlength=8)
+    assert torch.tensor(stats.expert_counts).tolist() == want.tolist()
 
 
 def test_a_decode_step_leaves_its_greedy_tokens_where_the_next_step_reads_them():

@@ -20,7 +20,9 @@ import time
 
 import httpx
 import pytest
+import torch
 
+from moeflow.train.checkpoint import load_for_inference
 from tests._serve_util import (CONTEXT, MODEL_VOCAB, REPO, ServerProcess, parse_sse, raw_request,
                                read_status, save_training_checkpoint)
 
@@ -254,7 +256,7 @@ async def _many(server, bodies):
         return await asyncio.gather(*(one(b) for b in bodies))
 
 
-def test_fifty_concurrent_clients_are_all_served_correctly(server):
+def test_fifty_concurrent_clients_are_all_served_correctly(server, checkpoint):
     prompts = [[(7 * i + j) % 290 + 1 for j in range(3 + i % 5)] for i in range(50)]
     bodies = [completion(prompt=p, max_tokens=8, temperature=0, ignore_eos=True,
                          stream=bool(i % 2)) for i, p in enumerate(prompts)]
@@ -269,11 +271,25 @@ def test_fifty_concurrent_clients_are_all_served_correctly(server):
         else:
             assert out["usage"]["completion_tokens"] == 8
             texts.append(out["choices"][0]["text"])
-    # Batched answers equal answers computed alone (greedy, dropless routing).
+    # Batched answers equal answers computed alone (greedy, dropless routing), and both equal
+    # the greedy tokens of full forwards of the checkpoint's model, with no engine or server.
+    model, tokenizer = load_for_inference(checkpoint, "cpu")
     for i in (0, 17, 49):
         alone = server.post(C, {**bodies[i], "stream": False}).json()["choices"][0]["text"]
         assert texts[i] == alone, i
+        assert texts[i] == tokenizer.decode(_greedy_by_full_forwards(model, prompts[i], 8)), i
     assert server.health()["admitted"] == 0
+
+
+def _greedy_by_full_forwards(model, prompt: list[int], steps: int) -> list[int]:
+    """The greedy continuation without the engine: a forward of the whole sequence per token
+    (no cache, no batching), routed as served (dropless), argmax ties to the lower id."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits_V = model(torch.tensor([ids]), inference=True).logits[0, -1]
+            ids.append(int(logits_V.argmax()))
+    return ids[len(prompt):]
 
 
 def test_clients_disconnecting_mid_stream_free_their_sequences(server):
