@@ -5,8 +5,9 @@ torch.distributed.checkpoint, each rank its own chunks. Its step-2 checkpoint, A
 included, resumes in 1 process and on 4 ranks (EP=4 with ZeRO: the 2-expert layer is sliced over
 two ranks each and the moments are spread over the replicas) and the next two steps' losses are
 the 2-rank run's own; step 4's loss depends on the moments, which a resume without them misses.
-The same checkpoint serves through `moeflow serve`'s loader and the engine as it is. A format-1
-checkpoint (what moeflow wrote before) still serves and is refused for --resume in one line.
+The same checkpoint serves through `moeflow serve`'s loader and the engine as it is, with the
+logits the 2 ranks computed. A format-1 checkpoint (what moeflow wrote before) still serves
+and is refused for --resume in one line.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from moeflow.serve.loader import load_for_serving
 from moeflow.train import Trainer, TrainConfig
 from moeflow.train import checkpoint as ckpt_io
 from tests._train_small import write_word_corpus
-from tests.parallel_workers import layouts_worker, spawn
+from tests.parallel_workers import layouts_worker, spawn, trainer_worker
 
 LOSS_TOL = 2e-6  # fp32 rounding of another layout's sums; fresh moments move step 4 by ~1e-3
+# Two prompts of one length: each of the 2 ranks computes one row of the trained model's logits.
+PROMPTS_BT = torch.tensor([[5, 17, 33, 2, 9], [7, 1, 4, 120, 3]])
 
 
 def tiny() -> ModelConfig:
@@ -72,9 +75,12 @@ def two_rank_run(tmp_path_factory, corpus):
     kwargs = dict(model_config=str(tmp / "tiny.json"), data=(str(corpus),), seq_len=16, steps=4,
                   save_every=2, batch_size=4, val_every=100, val_batches=1, device="cpu",
                   progress=False, lr=3e-3, out=str(tmp / "run"))
-    spawn(layouts_worker, 2, (kwargs, {"ep": 2}, None), tmp, timeout_s=120)
+    # trainer_worker: the run layouts_worker makes, then the trained (step-4) model's logits on
+    # PROMPTS_BT as the EP=2 ranks compute them, the reference for what the checkpoint serves
+    ranks = spawn(trainer_worker, 2, (kwargs, {"ep": 2}, PROMPTS_BT), tmp, timeout_s=120)
+    assert [r["step"] for r in ranks] == [4, 4]
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
-    return {"kwargs": kwargs, "run": tmp / "run", "tmp": tmp,
+    return {"kwargs": kwargs, "run": tmp / "run", "tmp": tmp, "logits": ranks[0]["logits"],
             "continued": {s: v for s, v in losses(rows[1:]).items() if s > 2}}
 
 
@@ -113,15 +119,22 @@ def test_ep2_checkpoint_resumes_at_1_and_4_ranks_with_the_same_losses(two_rank_r
 
 
 def test_ep2_checkpoint_serves_through_the_serve_loader_and_engine(two_rank_run):
-    run = two_rank_run["run"]
+    """What the serve loader reads from the training directory is the model the 2 ranks
+    trained: its logits are the ranks' own at the last step (each rank its experts, gathered
+    by all-to-all), to fp32 rounding of the other layout's sums; the engine's greedy tokens
+    are the argmax of plain forwards of that model."""
+    run, want_BTV = two_rank_run["run"], two_rank_run["logits"]
     loaded = load_for_serving(run, device="cpu")
-    model, _ = ckpt_io.load_for_inference(run)
-    prompt = [5, 17, 33, 2, 9]
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(torch.tensor([prompt])).logits,
-                                   model(torch.tensor([prompt])).logits, atol=0, rtol=0)
+        got_BTV = loaded.model(PROMPTS_BT).logits.float()
+    # fp32 rounding: the same rows through the same ops, summed in another order at most (a
+    # few ulps on logits of magnitude ~1); an expert swapped or misplaced moves them by O(0.1)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(got_BTV, want_BTV, rtol=16 * eps, atol=16 * eps)
+    prompt = PROMPTS_BT[0].tolist()
     out = Engine(loaded.model, EngineConfig(max_batch_size=2)).generate(
         [prompt], SamplingParams(max_new_tokens=4, temperature=0))[0]
+    model, _ = ckpt_io.load_for_inference(run)
     ids = list(prompt)
     with torch.no_grad():  # the oracle: greedy over plain full-sequence forwards
         for _ in range(4):

@@ -99,20 +99,35 @@ def test_staged_kd_switches_off_and_the_student_trains(setup, tmp_path):
 
 
 def test_kd_objective_is_ce_plus_alpha_t2_kl(setup, tmp_path):
+    """The objective, recomputed here from both models' logits (not from the trainer's
+    statistics): CE + router loss + α·T²·KL(softmax(t/T) ‖ softmax(s/T)), the KL the mean over
+    tokens, with the teacher routed as served; from kd_stop_step on, CE + router loss."""
     root, corpus, _, student_cfg = setup
+    alpha, T = 0.3, 2.0
     trainer = Trainer(_cfg(tmp_path / "obj", student_cfg, corpus, steps=4,
-                           teacher=str(root / "teacher"), kd_alpha=0.3, kd_temperature=2.0,
-                           kd_stop_step=2))
+                           teacher=str(root / "teacher"), kd_alpha=alpha, kd_temperature=T,
+                           kd_stop_step=2, student_init="random"))
     trainer.prepare()
     batch = trainer.loader.next_batch()
+    input_BT, target_BT = batch[:, :-1], batch[:, 1:]
     trainer.model.eval()  # no router noise: two forwards give the same logits
-    objective, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=1)
-    out = trainer.model(batch[:, :-1])
-    expected = stats["loss"] + out.router_loss + 0.3 * 4.0 * stats["kd_loss"]
-    torch.testing.assert_close(objective, expected)
-    objective, stats = trainer.forward_loss(batch[:, :-1], batch[:, 1:], step=2)
+    objective, stats = trainer.forward_loss(input_BT, target_BT, step=1)
+    with torch.no_grad():
+        out = trainer.model(input_BT)
+        teacher_NV = trainer.teacher(input_BT, inference=True).logits.float().flatten(0, 1)
+    student_NV = out.logits.float().flatten(0, 1)
+    ce = F.cross_entropy(student_NV, target_BT.flatten())
+    kl = F.kl_div(F.log_softmax(student_NV / T, -1), F.log_softmax(teacher_NV / T, -1),
+                  log_target=True, reduction="sum") / student_NV.shape[0]
+    # a random student (not the teacher's layers, whose KL is ~1e-4 here): the KD term, α·T²·KL
+    # ~1e-2, is far above the objective's fp32 rounding (~64 ulps of ~6: 5e-5)
+    assert kl > 1e-3
+    expected = ce + out.router_loss + alpha * T ** 2 * kl
+    eps = torch.finfo(torch.float32).eps  # fp32 sums over V and N, in another order
+    torch.testing.assert_close(objective.detach(), expected, rtol=64 * eps, atol=0)
+    objective, stats = trainer.forward_loss(input_BT, target_BT, step=2)
     assert "kd_loss" not in stats
-    torch.testing.assert_close(objective, stats["loss"] + out.router_loss)
+    torch.testing.assert_close(objective.detach(), ce + out.router_loss, rtol=64 * eps, atol=0)
 
 
 def test_teacher_with_another_width_is_refused_before_writing(setup, tmp_path):

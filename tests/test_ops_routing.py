@@ -121,7 +121,12 @@ def _route_inference(router, x):
 
 
 def test_eval_dropless_routing_matches_reference():
+    """A capacity config routed as served (no capacity): the integer fields exactly; the top-2
+    weights, renormalised to sum 1 (the reference's softmax → gather → divide), and the aux,
+    z and weighted losses (the reference computes them in inference too) to fp32 rounding:
+    the kernel's exponentials and sums differ in the last bits."""
     cfg = RouterConfig(top_k=2, capacity_factor=1.0)
+    assert cfg.normalizes and cfg.aux_loss_coef > 0
     T, D, E = (512, 128, 32) if ON_GPU else (19, 8, 8)
     torch.manual_seed(0)
     router = Router(D, E, cfg).to(DEVICE).eval()
@@ -129,6 +134,12 @@ def test_eval_dropless_routing_matches_reference():
     assert out.capacity is None
     assert torch.equal(out.slots_TK, ref.slots_TK) and torch.equal(out.counts_E, ref.counts_E)
     assert torch.equal(out.ids_TK, ref.ids_TK) and bool(out.kept_TK.all())
+    assert torch.equal(out.num_dropped, ref.num_dropped)
+    # the file's fp32-rounding bound: rtol 1e-5 ~ 84 ulps, atol 1e-6 ~ 8 ulps of a weight <= 1;
+    # unnormalised, a token's two weights would sum to its top-2 probability, far below 1
+    for field in ("weights_TK", "aux_loss", "z_loss", "loss"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, field=field: f"{field}: {m}")
 
 
 @pytest.mark.parametrize("name,T", [("top3_dropless_norm", 37), ("deepseek_v3", 37),

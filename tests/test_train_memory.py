@@ -89,11 +89,13 @@ def test_training_with_loss_chunk_follows_the_plain_run(tmp_path, corpus, config
 
 def test_recompute_gives_the_same_run(tmp_path, corpus, config):
     """--recompute (activation checkpointing per block): on the CPU the recomputed activations
-    are the kept ones bit for bit, so the run's losses and weights are the plain run's."""
+    are the kept ones bit for bit, so the run's losses and weights are the plain run's. With
+    --loss-chunk too (the model returns its final-normed hidden states to the fused head) the
+    run follows the plain one as a --loss-chunk run does: to the chunked sums' fp32 rounding."""
     runs = train_variants(tmp_path, config, corpus, 3, plain=(), recompute=("--recompute",),
                           both=("--recompute", "--loss-chunk", "40"))
     assert runs["recompute"] == runs["plain"]
-    assert [s for s, *_ in runs["both"]] == [s for s, *_ in runs["plain"]]
+    assert_follows(runs["both"], runs["plain"], rel=1e-4)  # the --loss-chunk run's bound
 
 
 def test_recompute_runs_each_block_again_in_the_backward():
