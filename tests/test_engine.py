@@ -348,3 +348,72 @@ def test_bad_inputs_raise_one_line_value_errors():
         SamplingParams(stop_sequences=[[]])
     with pytest.raises(RuntimeError):
         engine.generate([[1]], ok)  # "dup" is still waiting
+
+
+def test_prompt_ids_must_be_integers_and_a_full_context_names_the_prompt():
+    """int() would run [1, 3.7] as [1, 3], True as 1 and "5" as 5: each is refused by name;
+    integer tensors and numpy-like ints are token ids."""
+    engine = Engine(make_model("gpt"), EngineConfig(max_batch_size=2))
+    for bad in ([1, 3.7], [True, 2], ["5"], "hello", None, [[1, 2]]):
+        with pytest.raises(ValueError, match="prompt_ids") as err:
+            engine.add_request(bad, GREEDY)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="prompt_ids: 48 tokens leave no room"):
+        engine.add_request([1] * 48, SamplingParams(max_new_tokens=1))
+    assert not engine.has_work()
+    out = engine.generate([torch.tensor([5, 6, 7])], GREEDY)
+    assert out == engine.generate([[5, 6, 7]], GREEDY)
+
+
+def test_generate_with_a_bad_prompt_leaves_the_engine_idle():
+    engine = Engine(make_model("llama"), EngineConfig(max_batch_size=2))
+    good = prompts(2, seed=4)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        engine.generate(good + [[7, VOCAB]], GREEDY)
+    with pytest.raises(ValueError, match="groups: 1 entries for 2 prompts"):
+        engine.generate(good, GREEDY, groups=[None])
+    assert not engine.has_work() and engine.stats().waiting == 0
+    assert engine.generate(good, GREEDY) == [run_alone(engine.model, p, GREEDY) for p in good]
+
+
+def test_an_aborted_id_is_reused_only_after_its_abort_event():
+    """Until step() has returned a request's last event its id stays taken: a caller tracking
+    requests by id must never see tokens after an "abort" under the same id."""
+    engine = Engine(make_model("llama"), EngineConfig(max_batch_size=2))
+    engine.add_request([1, 2, 3], GREEDY, request_id="x")
+    engine.step()
+    engine.abort("x")
+    with pytest.raises(ValueError, match="request_id='x': already in use"):
+        engine.add_request([4, 5], GREEDY, request_id="x")
+    events = engine.step()
+    assert [(e.request_id, e.finish_reason) for e in events] == [("x", "abort")]
+    engine.add_request([4, 5], GREEDY, request_id="x")
+    after = []
+    while engine.has_work():
+        after += engine.step()
+    assert [e.token_id for e in after] == run_alone(engine.model, [4, 5], GREEDY)
+    assert after[-1].finish_reason == "length"
+
+
+def test_sampling_params_and_stop_strings_are_checked_by_name():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)  # a torch.Generator takes < 2**63
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=5)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=[1, 2.0])
+    from moeflow.infer.text import generate_text
+    from tests._serve_util import tiny_tokenizer
+    engine = Engine(make_model("gpt"), EngineConfig(max_batch_size=1))
+    with pytest.raises(ValueError, match="tuple of stop strings"):
+        generate_text(engine, tiny_tokenizer(), "ab", GREEDY, stop="-s")
+
+
+def test_a_refused_expert_aware_offload_engine_leaves_the_model_as_it_was():
+    from moeflow.infer.offload import OffloadConfig
+    model = make_model("llama")
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="expert-aware"):
+        Engine(model, EngineConfig(batching="expert-aware",
+                                   offload=OffloadConfig(device="cpu", gpu_memory="64GiB")))
+    assert [n for n, _ in model.named_parameters()] == names

@@ -81,7 +81,9 @@ def test_prefill_with_per_token_groups_equals_the_full_forward():
 def test_engine_refuses_missing_or_bad_groups():
     engine = Engine(grouped_model(), EngineConfig(max_batch_size=1))
     for groups, message in [(None, "routes inside expert groups (code, text)"),
-                            ([0, 1], "give one group id or 3"),
+                            ([0, 1], "or a list of 3 (one per prompt token), got 2 ids"),
+                            (torch.tensor([0, 1]), "got 2 ids"),
+                            (True, "got True"), ("code", "got 'code'"),
                             (2, "group id 2 outside [0, 2)")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                            .replace("[", r"\[")):

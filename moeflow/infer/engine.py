@@ -70,8 +70,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -141,10 +143,32 @@ class EngineStats:
     cache_used: int  # tokens held by running requests
     cache_capacity: int  # slots * max_seq_len
     tokens_generated: int  # cumulative
-    expert_counts: tuple[tuple[int, ...], ...]  # cumulative per MoE layer, per expert
+    # Cumulative per MoE layer, per expert: the assignments the engine computed, so with
+    # pipelined decode also the row of a request that finished while its batch-mates ran on
+    # (computed, its token dropped).
+    expert_counts: tuple[tuple[int, ...], ...]
     offload: OffloadStats | None = None  # expert cache and prefetch statistics, if offloading
     expert_groups: tuple[tuple[str, int], ...] = ()  # the model's ((name, experts), ...)
     group_tokens: tuple[int, ...] = ()  # cumulative tokens processed (prompt + decode) per group
+
+
+def _token_ids(prompt_ids: Any) -> list[int]:
+    """A prompt as a list of Python ints: a sequence or 1-d tensor of integers (no bools,
+    floats or strings, which int() would quietly turn into other ids)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Iterable):
+        raise ValueError(f"prompt_ids: expected a list of token ids, got "
+                         f"{type(prompt_ids).__name__}")
+    ids = []
+    for t in prompt_ids:
+        if isinstance(t, bool):
+            raise ValueError(f"prompt_ids: {t!r} is not a token id")
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise ValueError(f"prompt_ids: {t!r} is not a token id (an integer)") from None
+    return ids
 
 
 def graph_capturable(model: torch.nn.Module) -> bool:
@@ -198,6 +222,10 @@ class Engine:
         if num_slots < 1:
             raise ValueError(f"cache_tokens={config.cache_tokens}: holds no sequence of "
                              f"max_seq_len {self.max_seq_len}")
+        if config.batching == "expert-aware" and model.lookahead is None:
+            raise ValueError("batching='expert-aware': the model has no lookahead router to "
+                             "predict requests' experts (moeflow train --lookahead)")
+        # Every refusal above: offload_experts below rewrites the model's MoE layers.
         self.model = model
         self.offload: ExpertOffload | None = None
         if config.offload is not None:
@@ -211,9 +239,6 @@ class Engine:
         lookahead = model.lookahead
         # tokens before each row's input that a lookahead model's forwards take (None: none)
         self._history = None if lookahead is None else lookahead.history
-        if config.batching == "expert-aware" and lookahead is None:
-            raise ValueError("batching='expert-aware': the model has no lookahead router to "
-                             "predict requests' experts (moeflow train --lookahead)")
         if self._history is not None and channel is not None:
             raise ValueError("lookahead router: a lookahead model runs on one rank for now "
                              "(the multi-rank step broadcast carries no token history)")
@@ -249,6 +274,8 @@ class Engine:
             self._decoder = EagerDecoder(self._decode_forward, self.next_tokens.ids)
         self._pending: list[TokenEvent] = []
         self._next_id = itertools.count()
+        # Ids whose last event (finished or aborted) step() has not returned yet: not reusable.
+        self._live_ids: set[str] = set()
         self._tokens_generated = 0
         # Optional observer of every sampled row's logits (request_id, logits_V); tests use it.
         # Pipelined, a request that finished while batch-mates ran on may show one more row
@@ -264,22 +291,27 @@ class Engine:
         or one per prompt token."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
-        prompt = [int(t) for t in prompt_ids]
+        prompt = _token_ids(prompt_ids)
         if not prompt:
             raise ValueError("prompt_ids: the prompt is empty")
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt_ids: token id {bad} outside [0, {self.vocab_size})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt_ids: {len(prompt)} tokens leave no room to generate in "
+                             f"max_seq_len {self.max_seq_len}")
         if len(prompt) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"max_new_tokens: prompt of {len(prompt)} tokens + "
                              f"max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
                              f"{self.max_seq_len}")
         if request_id is None:
-            request_id = next(f"req-{i}" for i in self._next_id if f"req-{i}" not in self.scheduler)
+            request_id = next(f"req-{i}" for i in self._next_id if f"req-{i}" not in
+                              self._live_ids)
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
-        elif request_id in self.scheduler:
-            raise ValueError(f"request_id={request_id!r}: already in use")
+        elif request_id in self._live_ids:
+            raise ValueError(f"request_id={request_id!r}: already in use (until step() has "
+                             f"returned its last event)")
         prompt_groups = self._check_groups(groups, len(prompt))
         generator = torch.Generator(device=self.device)
         if params.seed is None:
@@ -287,6 +319,7 @@ class Engine:
         else:
             generator.manual_seed(params.seed)
         self.scheduler.add(Request(request_id, prompt, params, generator, prompt_groups))
+        self._live_ids.add(request_id)
         return request_id
 
     def _check_groups(self, groups: int | list[int] | None, length: int) -> list[int] | None:
@@ -298,10 +331,16 @@ class Engine:
         if groups is None:
             raise ValueError(f"groups: the model routes inside expert groups ({', '.join(names)}); "
                              f"give the request one group id or one per prompt token")
-        ids = [groups] * length if isinstance(groups, int) else list(groups)
-        if len(ids) != length or not all(isinstance(g, int) for g in ids):
-            raise ValueError(f"groups: give one group id or {length} (one per prompt token), "
-                             f"got {len(ids)}")
+        if isinstance(groups, torch.Tensor):
+            groups = groups.tolist()
+        if isinstance(groups, (list, tuple)):
+            ids = list(groups)
+        else:
+            ids = [groups] * length
+        if len(ids) != length or not all(type(g) is int for g in ids):
+            got = (f"{len(ids)} ids" if isinstance(groups, (list, tuple)) else repr(groups))
+            raise ValueError(f"groups: give one group id (an int) or a list of {length} (one per "
+                             f"prompt token), got {got}")
         bad = next((g for g in ids if not 0 <= g < len(names)), None)
         if bad is not None:
             raise ValueError(f"groups: group id {bad} outside [0, {len(names)}) "
@@ -365,6 +404,7 @@ class Engine:
             logits_1V = self._prefill(slot, request.prompt_ids, request.prompt_groups)
             request.cached = len(request.prompt_ids)
             self._emit(self._sample([request], logits_1V, None, slot), events)
+        self._live_ids.difference_update(e.request_id for e in events if e.finished)
         return events
 
     @staticmethod
@@ -424,7 +464,17 @@ class Engine:
         if self.has_work():
             raise RuntimeError("generate() needs an idle engine; drive step() instead")
         groups = [None] * len(prompts) if groups is None else groups
-        ids = [self.add_request(p, params, groups=g) for p, g in zip(prompts, groups, strict=True)]
+        if len(groups) != len(prompts):
+            raise ValueError(f"groups: {len(groups)} entries for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for prompt, group in zip(prompts, groups):
+                ids.append(self.add_request(prompt, params, groups=group))
+        except Exception:
+            for request_id in ids:  # none has run: take them back, the engine idle again
+                self.scheduler.drop_waiting(request_id)
+                self._live_ids.discard(request_id)
+            raise
         outputs: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_work():
             for event in self.step():

@@ -32,19 +32,22 @@ class SamplingParams:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        stop_ids = tuple(self.stop_token_ids)
-        check(all(isinstance(t, int) and t >= 0 for t in stop_ids), "stop_token_ids",
-              self.stop_token_ids, "must be ids >= 0")
-        object.__setattr__(self, "stop_token_ids", stop_ids)
-        seqs = tuple(tuple(s) for s in self.stop_sequences)
-        check(all(s and all(isinstance(t, int) and t >= 0 for t in s) for s in seqs),
-              "stop_sequences", self.stop_sequences, "must be non-empty sequences of ids >= 0")
-        object.__setattr__(self, "stop_sequences", seqs)
+        def ids(x) -> bool:
+            return all(type(t) is int and t >= 0 for t in x)
+
+        sequence = (list, tuple)
+        check(isinstance(self.stop_token_ids, sequence) and ids(self.stop_token_ids),
+              "stop_token_ids", self.stop_token_ids, "must be a list of ids >= 0")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        check(isinstance(self.stop_sequences, sequence) and all(
+            isinstance(s, sequence) and s and ids(s) for s in self.stop_sequences),
+              "stop_sequences", self.stop_sequences, "must be non-empty lists of ids >= 0")
+        object.__setattr__(self, "stop_sequences", tuple(tuple(s) for s in self.stop_sequences))
         integer("max_new_tokens", self.max_new_tokens, lo=1)
         number("temperature", self.temperature, lo=0)
         integer("top_k", self.top_k, lo=0)
         number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
-        integer("seed", self.seed, optional=True)
+        integer("seed", self.seed, lo=0, hi=2**63 - 1, optional=True)  # a torch.Generator's
 
     @property
     def greedy(self) -> bool:

@@ -87,9 +87,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[i] owns slot i
 
-    def __contains__(self, request_id: str) -> bool:
-        return any(r.request_id == request_id for r in (*self.waiting, *self.running))
-
     def add(self, request: Request) -> None:
         request.queued_at = self.rounds
         self.waiting.append(request)

@@ -119,6 +119,8 @@ def generate_text(engine: Engine, tokenizer: BPETokenizer, prompt: str, params: 
     refused rather than silently truncated; otherwise max_new_tokens is capped by the room left.
     `group`: the expert group of prompt and generation (models with expert groups).
     """
+    if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop={stop!r}: give a tuple of stop strings")
     if any(not s for s in stop):
         raise ValueError(f"stop={stop!r}: stop strings must not be empty")
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
