@@ -45,6 +45,17 @@ def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
     again = cli_in_process("prepare-data", "--out", str(data), "--data", str(corpus))
     assert again.returncode == 2 and "already exists" in again.stderr
 
+    # A token file whose ids the tokenizer does not have (damaged, or from another dataset):
+    # one line naming the file, nothing written (it was an IndexError inside the embedding).
+    tokens = np.fromfile(data / "val.tokens", dtype=np.dtype(info["dtype"]))
+    tokens[3] = prepared.tokenizer.vocab_size + 7
+    tokens.tofile(data / "val.tokens")
+    r = cli_in_process("train", "--config", str(config), "--data", str(data), "--out",
+                       str(tmp_path / "bad"), "--steps", "2", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"val.tokens: token id {prepared.tokenizer.vocab_size + 7} is outside" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
 
 def test_interpreter_corpus_is_deduplicated_and_sampled_across_the_split(tmp_path):
     docs, stats = interpreter_documents(max_bytes=1 << 20)

@@ -160,3 +160,34 @@ def test_schedule_extension_during_warmup_is_the_plain_longer_schedule():
     with pytest.raises(ValueError, match="steps=50: a run planned for 100 steps"):
         short.extended(20, 50)
     assert short.extended(20, 100) is short
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_and_other_damage_named(tmp_path, stopped,
+                                                                     finished):
+    """A kill while a row was written leaves its line unterminated: resume drops it (it was
+    a JSON error that blocked the run for good); a damaged row elsewhere is named by line."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.')
+    r = cli_in_process("train", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [x[:2] for x in losses(out)] == [x[:2] for x in losses(finished)]
+    text = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(text[:1] + ["[1]"] + text[1:]) + "\n")
+    line = one_error_line(cli_in_process("plot", str(out)))
+    assert "metrics.jsonl: line 2 is not a metrics row" in line, line
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(tmp_path, finished):
+    """Killed before it saved anything, a run dir held run.json and metrics but no checkpoint:
+    a plain rerun was refused ("already holds a run") and --resume too ("no checkpoint").
+    --resume now trains it again from step 0, with the metrics of a run made in one go."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoints")
+    r = cli_in_process("train", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint: training it again from step 0" in r.stdout + r.stderr
+    assert timeless(rows(out)) == timeless(rows(finished))
+    assert ckpt_io.latest_checkpoint(out).name == "step_00000004"

@@ -248,6 +248,16 @@ def test_plot_writes_pngs(small_run, capsys):
         assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(name) > 5000
 
 
+def test_plot_of_a_forecast_run_says_what_it_is(tmp_path, capsys):
+    """A forecast run has a metrics.jsonl too, without token counts (it was a KeyError)."""
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "loss": 1.2, "huber": 0.7, "expert_load": [[5, 3]]}\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a language-model training run" in err[0], err
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_expert_load_colour_is_relative_to_uniform_so_layers_of_any_size_compare():
     """A balanced 4-expert layer and a balanced 8-expert layer get the same value (1), so the
     heatmap's colour shows imbalance, not the expert count; step 0 is left out."""

@@ -239,12 +239,19 @@ def load_prepared(path: str | Path) -> PreparedDataset:
         tokens = np.fromfile(path / name, dtype=np.dtype(info.dtype))
         if len(tokens) != expected:
             raise ValueError(f"{path / name}: {len(tokens)} tokens, dataset.json says {expected}")
+        if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:
+            raise ValueError(f"{path / name}: token id {int(tokens.max())} is outside the "
+                             f"dataset's vocabulary of {tokenizer.vocab_size} (damaged file?)")
         splits.append(tokens)
         if info.group_names:
             labels = np.fromfile((path / name).with_suffix(".groups"), dtype=np.uint8)
             if len(labels) != expected:
                 raise ValueError(f"{(path / name).with_suffix('.groups')}: {len(labels)} group "
                                  f"labels for {expected} tokens")
+            if len(labels) and int(labels.max()) >= len(info.group_names):
+                raise ValueError(f"{(path / name).with_suffix('.groups')}: group label "
+                                 f"{int(labels.max())} but the dataset names "
+                                 f"{len(info.group_names)} groups")
             groups.append(labels)
     return PreparedDataset(path, info, tokenizer, splits[0], splits[1],
                            *(groups if groups else (None, None)))

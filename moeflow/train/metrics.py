@@ -6,7 +6,7 @@ val_ppl, moe_layers and expert_load (assignments per expert, one list per MoE la
 with expert groups adds group_assignments and group_dropped_frac ({group: value}, summed over
 MoE layers) to every step and expert_groups to validation rows (moeflow.train.group_stats).
 Step 0 is the validation before training. A resumed run first drops rows after its checkpoint's
-step, so the file reads as one uninterrupted run.
+step (and a last row cut short by a kill), so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,11 +18,24 @@ from typing import Any
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A last line cut short (no newline: the process was killed
+    while writing it) is dropped; any other line that is not a row is an error naming it."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
     rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if number == len(lines):  # the unterminated last line
+                break
+            raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise ValueError(f"{path}: line {number} is not a metrics row (an object with an "
+                             f"integer step)")
+        rows.append(row)
     return rows
 
 

@@ -32,6 +32,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} holds no metrics.jsonl (not a moeflow run directory)")
     rows = read_metrics(path)
+    if rows and not any("tokens" in r for r in rows):
+        raise ValueError(f"{path} is not a language-model training run's (no token counts; a "
+                         f"forecast run's? see moeflow forecast eval)")
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
     if not train and not val:

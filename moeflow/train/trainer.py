@@ -179,6 +179,7 @@ class Trainer:
         self.out = Path(config.out)
         self._reporter = reporter
         self.prepared = False
+        self.restarted = False  # --resume of a run that had written no checkpoint
 
     # ---- overridable steps ------------------------------------------------------------
 
@@ -486,8 +487,10 @@ class Trainer:
         out, cfg = self.out, self.cfg
         if cfg.resume:
             ckpt = ckpt_io.latest_checkpoint(out) if out.is_dir() else None
-            if ckpt is None:
+            if ckpt is None and not (out / "run.json").is_file():
                 raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume")
+            # A run stopped before its first checkpoint starts again from step 0.
+            self.restarted = ckpt is None
             return ckpt
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             what = "a run" if (out / "run.json").exists() else "other files"
@@ -590,8 +593,9 @@ class Trainer:
             cfg.save(self.out / "run.json")
             if self.resume_ckpt is None:
                 self.model_config.save(self.out / "config.json")
-        metrics = MetricsWriter(self.out / "metrics.jsonl",
-                                resume_step=self.start_step if self.resume_ckpt else None) \
+        # Rows after the checkpoint go (all of a restarted run's: it validates step 0 again).
+        keep = self.start_step if self.resume_ckpt else (-1 if self.restarted else None)
+        metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=keep) \
             if self.is_writer else None
         val_start = metrics.last_validation() if metrics is not None else None
         reporter = self.reporter
@@ -601,6 +605,8 @@ class Trainer:
         end = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
         if self.resume_ckpt is not None:
             reporter.note(f"resumed from {self.resume_ckpt} at step {step}")
+        elif self.restarted:
+            reporter.note("the run had written no checkpoint: training it again from step 0")
         stop = StopRequest()
         dropped: dict[str, float] = {}  # expert groups: summed dropped fraction of these steps
         try:
