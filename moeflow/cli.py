@@ -587,9 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         from moeflow.train.trainer import NonFiniteLossError
 
-        if not isinstance(e, NonFiniteLossError) or os.environ.get("MOEFLOW_DEBUG"):
+        out_of_memory = (type(e).__name__ == "OutOfMemoryError"  # torch's, on a GPU
+                         or "can't allocate memory" in str(e))  # the CPU allocator's
+        if os.environ.get("MOEFLOW_DEBUG") or not (
+                isinstance(e, NonFiniteLossError) or out_of_memory):
             raise
-        print(f"moeflow: error: {e}", file=sys.stderr)
+        message = str(e).strip().splitlines()[0]
+        if out_of_memory:
+            message = "out of memory: " + message.split("DefaultCPUAllocator: ")[-1]
+        print(f"moeflow: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("moeflow: interrupted", file=sys.stderr)

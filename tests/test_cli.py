@@ -81,6 +81,31 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"moeflow {__version__}"
 
 
+@pytest.mark.parametrize("error, status, line", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 51200000000 bytes."), 1,
+     "moeflow: error: out of memory: can't allocate memory: you tried to allocate 51200000000 "
+     "bytes."),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 9 GiB"
+                                                   "\nmore lines"), 1,
+     "moeflow: error: out of memory: CUDA out of memory. Tried to allocate 9 GiB"),
+])
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error, status, line):
+    """A model too large for the machine (say --vocab-size 100000000) ends in one line naming
+    the allocation, not an allocator traceback; other RuntimeErrors still raise."""
+    import moeflow.cli as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert cli.main(["info", "--preset", "tiny"]) == status
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        cli.main(["info", "--preset", "tiny"])
+
+
 @pytest.mark.parametrize("content, where", [
     ("name: x\nn_layers: 2\nrouter:\n  top_k: [1\nd_model: 64\n", "line 5, column 8"),
     ("name: x\n\td_model: 64\n", "line 2, column 1"),

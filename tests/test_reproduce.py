@@ -142,3 +142,33 @@ def test_unwritable_or_occupied_out_is_one_line_exit_2(tmp_path, smoke, run_cli)
         r = run_cli(*SMOKE, "--out", str(out))
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
+
+
+def test_data_that_failed_to_prepare_can_be_replaced_on_resume(tmp_path, monkeypatch):
+    """A reproduction whose --data could not be prepared (an empty corpus) has written only its
+    manifest: the corrected retry, --resume --data GOOD, takes the new data (it was refused as
+    "--data differs"); once data is prepared or a stage trained, --data stays the run's."""
+    import moeflow.reproduce.runner as runner
+
+    empty, good = tmp_path / "empty.txt", tmp_path / "good.txt"
+    empty.write_text("")
+    good.write_text("def f(x):\n    return x\n" * 200)
+    out = tmp_path / "out"
+    r = cli_in_process(*SMOKE, "--out", str(out), "--data", str(empty))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert _manifest(out)["data"] == [str(empty)]
+
+    seen = []
+
+    def prepare(spec, path, log):  # stands in for the real one: records what it was given
+        seen.append(spec.source)
+        raise ValueError("stopped here by the test")
+
+    monkeypatch.setattr(runner, "prepare_dataset", prepare)
+    r = cli_in_process(*SMOKE, "--out", str(out), "--resume", "--data", str(good))
+    assert "stopped here by the test" in r.stderr and seen == [(str(good),)], r.stderr
+    assert _manifest(out)["data"] == [str(good)]
+    (out / "data").mkdir()
+    (out / "data" / "dataset.json").write_text("{}")  # prepared, as far as is_prepared sees
+    r = cli_in_process(*SMOKE, "--out", str(out), "--resume", "--data", str(empty))
+    assert r.returncode == 2 and "--data differs" in r.stderr, r.stderr

@@ -49,6 +49,7 @@ from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer
 
 MANIFEST = "reproduce.json"
+DATA_DIR = "data"  # OUT/data: the prepared dataset
 FORMAT = 1
 
 
@@ -85,7 +86,7 @@ class _Context:
 
     @property
     def data_dir(self) -> Path:
-        return self.out / "data"
+        return self.out / DATA_DIR
 
     def run_dir(self, stage: str) -> Path:
         return self.out / "runs" / stage
@@ -230,7 +231,9 @@ def reproduce(opts: ReproduceOptions, console=None) -> Path:
             raise ValueError(f"--scale {opts.scale}: {opts.out!r} holds a {manifest['scale']} "
                              f"reproduction")
         if opts.data and tuple(opts.data) != tuple(manifest["data"]):
-            raise ValueError(f"--data differs from the reproduction's ({manifest['data']})")
+            if is_prepared(out / DATA_DIR) or manifest["stages"]:
+                raise ValueError(f"--data differs from the reproduction's ({manifest['data']})")
+            manifest["data"] = list(opts.data)  # its data never got prepared: take the new
         scale = get_scale(manifest["scale"])
         data = tuple(manifest["data"])
     else:
