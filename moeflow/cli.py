@@ -132,8 +132,6 @@ def offload_config(args: argparse.Namespace, device: str):
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     if getattr(args, "config", None):
-        if not os.path.isfile(args.config):
-            raise UsageError(f"config file {args.config!r} does not exist")
         return ModelConfig.load(args.config)
     return ModelConfig.from_name(args.preset)
 

@@ -521,6 +521,8 @@ class ModelConfig:
             raise ValueError(f"unknown model config field {unknown[0]!r}")
         data = dict(data)
         router = data.get("router", {})
+        if not isinstance(router, (dict, RouterConfig)):
+            raise ValueError(f"router={router!r}: must be a mapping of router settings")
         if isinstance(router, dict):
             known_r = {f.name for f in dataclasses.fields(RouterConfig)}
             bad = sorted(set(router) - known_r)
@@ -528,6 +530,8 @@ class ModelConfig:
                 raise ValueError(f"unknown router config field {bad[0]!r}")
             data["router"] = RouterConfig(**router)
         mla = data.get("mla")
+        if mla is not None and not isinstance(mla, (dict, MLAConfig)):
+            raise ValueError(f"mla={mla!r}: must be a mapping of MLA settings (or null)")
         if isinstance(mla, dict):
             known_m = {f.name for f in dataclasses.fields(MLAConfig)}
             bad = sorted(set(mla) - known_m)
@@ -562,6 +566,9 @@ class ModelConfig:
     def load(cls, path: str | Path) -> "ModelConfig":
         """Read a JSON or YAML config file (YAML by suffix .yaml/.yml)."""
         path = Path(path)
+        if not path.is_file():
+            what = "is a directory, not a config file" if path.is_dir() else "does not exist"
+            raise ValueError(f"config file {str(path)!r} {what}")
         text = path.read_text()
         yaml_file = path.suffix in (".yaml", ".yml")
         try:

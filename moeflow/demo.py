@@ -27,6 +27,7 @@ from moeflow.infer.sampling import SamplingParams
 from moeflow.infer.text import generate_text
 from moeflow.train.run_config import TrainConfig
 from moeflow.train.trainer import Trainer
+from moeflow.validate import integer
 
 DEMO = dict(preset="tiny", steps=600, batch_size=16, lr=3e-3, warmup_steps=30, val_every=150,
             val_batches=16, seed=0)
@@ -62,6 +63,7 @@ def expert_load_table(moe_layers: list[int], loads: list[list[int]]) -> Table:
 
 def run_demo(steps: int | None = None, out: str | None = None,
              console: Console | None = None) -> DemoResult:
+    integer("steps", steps, lo=1, optional=True)
     console = console or Console()
     start = time.perf_counter()
     if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
@@ -74,7 +76,7 @@ def run_demo(steps: int | None = None, out: str | None = None,
     # warmup_steps <= steps, so the demo's 30 warm-up steps cannot come first); runs of under
     # 40 steps validate only before and after (each validation costs several steps' time).
     short = dict(steps=steps, val_every=max(10, steps // 4) if steps >= 40 else steps,
-                 warmup_steps=min(DEMO["warmup_steps"], steps // 10)) if steps else {}
+                 warmup_steps=min(DEMO["warmup_steps"], steps // 10)) if steps is not None else {}
     cfg = TrainConfig(**{**DEMO, "out": out, **short})
     trainer = Trainer(cfg)
     console.print(f"[bold]moeflow demo[/]: training the `{cfg.preset}` PR-MoE on the Python "

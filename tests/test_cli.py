@@ -43,6 +43,9 @@ def test_unknown_preset_is_one_line_exit_2():
     ('{"n_layers": 2, "moe_every": 1, "num_experts": [4], "d_model": 64, "n_heads": 4}',
      "num_experts="),
     ('{"d_model": 30, "n_heads": 4}', "d_model=30"),
+    ('{"router": 5}', "router=5: must be a mapping"),  # was an AttributeError traceback
+    ('{"router": null}', "router=None: must be a mapping"),
+    ('{"arch": "llama", "mla": [1]}', "mla=[1]: must be a mapping"),
 ])
 def test_bad_config_file_is_one_line_exit_2(tmp_path, run_cli, content, message):
     path = tmp_path / "model.json"
@@ -55,6 +58,17 @@ def test_bad_config_file_is_one_line_exit_2(tmp_path, run_cli, content, message)
 def test_missing_config_file(tmp_path, run_cli):
     r = run_cli("info", "--config", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("info", "--config", str(tmp_path))  # it exists: "does not exist" misled
+    assert r.returncode == 2 and "is a directory, not a config file" in r.stderr, r.stderr
+
+
+def test_demo_refuses_zero_steps(tmp_path, run_cli):
+    """--steps 0 ran the whole 600-step demo (0 read as "not given"); -1 was refused."""
+    for steps in ("0", "-1"):
+        r = run_cli("demo", "--steps", steps, "--out", str(tmp_path / "d"))
+        assert r.returncode == 2 and f"steps={steps}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow

@@ -90,5 +90,7 @@ def test_spec_rejects_bad_values():
         DataSpec(val_fraction=1.5)
     with pytest.raises(ValueError, match="max_bytes applies"):
         DataSpec(source=("some/dir",), max_bytes=10)
+    with pytest.raises(ValueError, match="max_bytes=0"):  # was "min() arg is an empty sequence"
+        DataSpec(max_bytes=0)
     with pytest.raises(ValueError, match="already exists"):
         prepare_dataset(DataSpec(), ".")

@@ -74,6 +74,7 @@ class DataSpec:
         number("val_fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
         for name in ("vocab_size", "tokenizer_sample_bytes"):
             integer(name, getattr(self, name), lo=1)
+        integer("max_bytes", self.max_bytes, lo=1, optional=True)
         if self.max_bytes is not None and self.source != ("builtin:interpreter",):
             raise ValueError("max_bytes applies to the builtin:interpreter corpus only")
         if self.group_rule is not None and self.group_rule not in GROUP_RULES:

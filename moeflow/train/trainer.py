@@ -139,8 +139,6 @@ def load_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> Mode
                              f"{base.vocab_size}")
         model_config = base
     elif cfg.model_config:
-        if not Path(cfg.model_config).is_file():
-            raise ValueError(f"config file {cfg.model_config!r} does not exist")
         model_config = ModelConfig.load(cfg.model_config)
     else:
         model_config = ModelConfig.from_name(cfg.preset)
