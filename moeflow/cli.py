@@ -46,6 +46,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 
 from moeflow.config import PRESETS, ModelConfig
 
@@ -331,6 +332,12 @@ def serve_config(args: argparse.Namespace):
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeflow.serve.bench import BenchConfig, run_bench
 
+    if args.out:  # refused before the run, not after it, when its results would be lost
+        out = Path(args.out)
+        if out.exists():
+            raise UsageError(f"--out {args.out!r} already exists; choose a new file")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
     result = run_bench(BenchConfig(**given(args, BenchConfig)))
     print(json.dumps(result.to_dict()) if args.json else result.table())
     if args.out:

@@ -208,6 +208,11 @@ def test_serve_and_bench_serve_flags_come_from_their_configs(monkeypatch):
     (["serve", "--model", "m", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["serve", "--model", "m", "--max-batch", "0"], "max_batch=0: must be an integer >= 1"),
     (["bench-serve", "--requests", "0"], "requests=0: must be an integer >= 1"),
+    # --out checked before the benchmark runs (it failed after it, losing the results), and an
+    # existing file is not overwritten; nothing listens on port 9, so a run would fail anyway
+    (["bench-serve", "--url", "http://127.0.0.1:9", "--out", "/nonexistent/x.json"],
+     "directory '/nonexistent' does not exist"),
+    (["bench-serve", "--url", "http://127.0.0.1:9", "--out", __file__], "already exists"),
 ])
 def test_bad_serve_flags_are_one_line_exit_2(argv, message, capsys):
     from moeflow.cli import main
