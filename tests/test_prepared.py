@@ -44,6 +44,9 @@ def test_prepare_then_train_reads_the_prepared_tokens(tmp_path):
 
     again = cli_in_process("prepare-data", "--out", str(data), "--data", str(corpus))
     assert again.returncode == 2 and "already exists" in again.stderr
+    mixed = cli_in_process("train", "--config", str(config), "--data", str(data), str(corpus),
+                           "--out", str(tmp_path / "mixed"), "--steps", "2", "--no-progress")
+    assert mixed.returncode == 2 and "is a prepared dataset, which trains alone" in mixed.stderr
 
     # A token file whose ids the tokenizer does not have (damaged, or from another dataset):
     # one line naming the file, nothing written (it was an IndexError inside the embedding).

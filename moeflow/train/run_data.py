@@ -41,8 +41,14 @@ class RunData:
 
 
 def is_prepared_run(cfg: TrainConfig) -> bool:
-    """Whether the run's data is one prepared dataset directory."""
-    return len(cfg.data) == 1 and is_prepared(cfg.data[0])
+    """Whether the run's data is one prepared dataset directory (refused beside other data:
+    its tokens come with their own tokenizer)."""
+    prepared = [d for d in cfg.data if is_prepared(d)]
+    if prepared and len(cfg.data) > 1:
+        raise ValueError(f"--data: {prepared[0]!r} is a prepared dataset, which trains alone "
+                         f"(its tokens have their own tokenizer); prepare the other data with "
+                         f"it (moeflow prepare-data --data ...) or train on text only")
+    return bool(prepared)
 
 
 def check_group_source(cfg: TrainConfig, model_config: ModelConfig, prepared: bool) -> None:
