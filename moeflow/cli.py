@@ -384,7 +384,7 @@ def cmd_forecast_predict(args: argparse.Namespace) -> int:
     config = PredictConfig(**given(args, PredictConfig))
     text = predict_csv(config)
     if config.out:
-        with open(config.out, "w") as f:
+        with open(config.out, "x") as f:
             f.write(text)
         print(config.out)
     else:

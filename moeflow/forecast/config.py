@@ -173,8 +173,8 @@ class ForecastTrainConfig(DataOptions):
     grad_clip: float = option("clip the gradient norm to this (0 = off)", default=1.0)
     seed: int = option("seeds weights and window sampling", default=0)
     log_every: int = option("metrics.jsonl row every N steps", default=10)
-    out: str = option("run directory: forecast.json, model.safetensors, metrics.jsonl",
-                      default="runs/forecast")
+    out: str = option("run directory, new or empty: forecast.json, model.safetensors, "
+                      "metrics.jsonl", default="runs/forecast")
     device: str = option("where to train", choices=DEVICES, default="auto")
 
     def __post_init__(self) -> None:
@@ -202,8 +202,10 @@ class ForecastTrainConfig(DataOptions):
 @dataclass(frozen=True)
 class PredictConfig(DataOptions):
     run: str = option("a `moeflow forecast train` run directory", kw_only=True)
-    horizon: int = option("points to forecast past the end of each series", default=24)
-    out: str | None = option("write the CSV here (default: print it)", default=None)
+    horizon: int = option("points to forecast past the end of each series (at most the "
+                          "model's context_len)", default=24)
+    out: str | None = option("write the CSV here, a new file (default: print it)",
+                             default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,8 +222,8 @@ class EvalConfig(DataOptions):
                                 "the horizon)", default=None)
     baselines: tuple[str, ...] = option("baselines to compare with", choices=BASELINES,
                                         default=BASELINES)
-    out: str | None = option("directory for eval.json and forecast plots (default: RUN/eval)",
-                             default=None)
+    out: str | None = option("directory for eval.json and forecast plots, new or empty "
+                             "(default: RUN/eval)", default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()

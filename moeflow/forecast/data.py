@@ -11,7 +11,10 @@ period used by seasonal-naive and MASE:
              they are seasonally adjusted, so period 1
 A CSV file gives one series per numeric column (or the `--column`s asked for), rows in time
 order; empty cells inside a column are linearly interpolated (leading/trailing ones dropped).
-A missing column, a non-numeric cell or a series with no values is a ValueError naming it.
+A missing column, a non-numeric cell, a non-finite number (nan, inf: leave a missing value's
+cell empty instead) or a series with no values is a ValueError naming it. A seasonal period
+must leave more than one period of training points (check_period): seasonal-naive repeats the
+last period and MASE scales by the period's differences.
 """
 
 from __future__ import annotations
@@ -96,13 +99,18 @@ def _csv(path: Path, columns: tuple[str, ...]) -> list[Series]:
     for j, name in enumerate(header):
         if columns and name not in columns:
             continue
-        values, bad = _parse_column(body, j)
+        values, bad, nonfinite = _parse_column(body, j)
         if bad is not None:
             if columns:
                 line, cell = bad
                 raise ValueError(f"{path}: column {name!r} is not numeric "
                                  f"(line {line}: {cell!r})")
             continue  # a date or label column, skipped when no columns were named
+        if nonfinite is not None:
+            line, cell = nonfinite
+            raise ValueError(f"{path}: column {name!r} has a non-finite value at line {line} "
+                             f"({cell!r}); leave a missing value's cell empty (it is "
+                             f"interpolated)")
         parsed[name] = values
     if not parsed:
         raise ValueError(f"{path}: no numeric column (columns: {', '.join(header)})")
@@ -110,9 +118,14 @@ def _csv(path: Path, columns: tuple[str, ...]) -> list[Series]:
             for name, values in parsed.items()]
 
 
-def _parse_column(body: list[list[str]], j: int) -> tuple[np.ndarray, tuple[int, str] | None]:
-    """The column's floats (NaN for empty cells), or the first non-numeric (line, cell)."""
+def _parse_column(body: list[list[str]], j: int
+                  ) -> tuple[np.ndarray, tuple[int, str] | None, tuple[int, str] | None]:
+    """The column's floats (NaN for empty cells), the first non-numeric (line, cell) and the
+    first non-finite one (nan, inf, 1e999). A column with a non-numeric cell is a label column
+    even if some cells read as nan or inf; one that is all numbers but for a non-finite value
+    is a numeric column with a bad value."""
     values = np.full(len(body), np.nan)
+    nonfinite = None
     for i, row in enumerate(body):
         cell = row[j].strip() if j < len(row) else ""
         if cell == "":
@@ -120,11 +133,12 @@ def _parse_column(body: list[list[str]], j: int) -> tuple[np.ndarray, tuple[int,
         try:
             v = float(cell)
         except ValueError:
-            return values, (i + 2, cell)
+            return values, (i + 2, cell), nonfinite
         if not math.isfinite(v):
-            return values, (i + 2, cell)
+            nonfinite = nonfinite or (i + 2, cell)
+            continue
         values[i] = v
-    return values, None
+    return values, None, nonfinite
 
 
 def _fill_gaps(values: np.ndarray, what: str) -> np.ndarray:
@@ -150,3 +164,14 @@ def split_holdout(series: list[Series], holdout: int, min_train: int) -> list[Se
                              f"of {holdout} and at least {min_train} training points")
         out.append(Series(s.name, s.values[:-holdout], s.period))
     return out
+
+
+def check_period(s: Series, n_train: int, holdout: int, given: bool) -> None:
+    """Seasonal-naive repeats the last `period` points and MASE scales by the mean absolute
+    `period`-difference of the training part: both need more than one period of it (a longer
+    period silently fell back to the last value and to 1-differences)."""
+    if s.period >= n_train:
+        what = f"--period {s.period}" if given else f"period {s.period} (the dataset's)"
+        raise ValueError(f"{what}: series {s.name!r} has {n_train} points before its held-out "
+                         f"tail of {holdout}; seasonal-naive and MASE need more than one period "
+                         f"of them (a period below {n_train})")

@@ -14,7 +14,10 @@ units; MASE = MAE / the in-sample MAE of the seasonal-naive forecast on the trai
 (Hyndman & Koehler; period m, or 1 where the seasonal differences are all 0); and, where a
 method gives intervals, the coverage of the outer quantile levels' interval (0.1-0.9 is an 80%
 interval). Across series (units differ): the mean MASE, and MSE/MAE on values standardised by
-each series' training mean and std ("scaled"). Writes OUT/eval.json and OUT/forecasts.png.
+each series' training mean and std ("scaled"). Writes OUT/eval.json and OUT/forecasts.png; OUT
+(default RUN/eval) must not exist or be empty, so an evaluation never replaces an earlier one
+or drops files into another run's directory. A period must leave more than one period of
+points before the tail (moeflow.forecast.data.check_period).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import numpy as np
 
 from moeflow.forecast.baselines import fit_baseline, seasonal_naive
 from moeflow.forecast.config import EvalConfig
-from moeflow.forecast.data import Series, load_series
+from moeflow.forecast.data import Series, check_period, load_series
 from moeflow.forecast.predict import forecast
-from moeflow.forecast.run import load_run
+from moeflow.forecast.run import check_out_dir, load_run
 
 MOEFLOW = "moeflow"
 
@@ -111,6 +114,10 @@ def evaluate(cfg: EvalConfig, log=print) -> EvalReport:
         if len(s) < need:
             raise ValueError(f"series {s.name!r} has {len(s)} points; the holdout of {holdout} "
                              f"needs at least {need}")
+        check_period(s, len(s) - holdout, holdout, given=cfg.period is not None or (
+            not cfg.data and run.train_config.period is not None))
+    out = Path(cfg.out) if cfg.out else run.path / "eval"
+    check_out_dir(out, default=not cfg.out)
     origins = {s.name: _origins(len(s), holdout, horizon, stride) for s in series}
 
     t0 = time.perf_counter()
@@ -149,7 +156,6 @@ def evaluate(cfg: EvalConfig, log=print) -> EvalReport:
         agg["seconds"] = seconds[method]
         summary[method] = agg
 
-    out = Path(cfg.out) if cfg.out else run.path / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "run": str(run.path), "holdout": holdout, "horizon": horizon, "stride": stride,

@@ -10,6 +10,13 @@ continues from there. Only the first pass's intervals are calibrated by training
 condition on the point path, so their intervals leave out the uncertainty of the points fed
 back (too narrow); eval reports coverage, so this shows where it matters.
 
+A horizon is at most the model's context_len: past that, every pass would read nothing but
+the model's own earlier forecasts (and take its scale from them), so predict refuses it rather
+than roll out for minutes.
+
+--out is written only where nothing is: an existing file (or directory) is refused before any
+forecasting, as is a directory that does not exist.
+
 Each pass reads the last context_len points of the history, standardised by their first
 norm_len points (moeflow.forecast.windows), and maps the outputs back. Quantile outputs are
 sorted per step (monotone rearrangement), so a lower level never lies above a higher one.
@@ -20,11 +27,12 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from moeflow.forecast.config import PredictConfig
+from moeflow.forecast.config import ForecastModelConfig, PredictConfig
 from moeflow.forecast.data import load_series
 from moeflow.forecast.model import TimeMoE
 from moeflow.forecast.run import load_run
@@ -84,10 +92,30 @@ def forecast(model: TimeMoE, histories: list[np.ndarray], horizon: int) -> list[
     return [Forecast(np.concatenate(p), np.concatenate(q)) for p, q in zip(points, quants)]
 
 
+def check_horizon(horizon: int, config: ForecastModelConfig) -> None:
+    if horizon > config.context_len:
+        raise ValueError(f"--horizon {horizon}: at most the model's context_len "
+                         f"({config.context_len}); past that a forecast would read only its own "
+                         f"earlier forecasts")
+
+
+def check_out_file(out: Path) -> None:
+    """predict writes one new file: an existing path or a missing directory is refused."""
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; name a new CSV file")
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} already exists; choose another --out")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
+
+
 def predict_csv(cfg: PredictConfig) -> str:
     """The CSV `moeflow forecast predict` prints: series, step (1 = the first point after the
     series), point, one column per quantile level."""
+    if cfg.out is not None:
+        check_out_file(Path(cfg.out))
     run, model = load_run(cfg.run)
+    check_horizon(cfg.horizon, run.model_config)
     sources = cfg.data or run.train_config.data
     columns = cfg.column if cfg.data else run.train_config.column
     series = load_series(sources, columns, cfg.period)

@@ -7,7 +7,9 @@
                       expert_load (assignments per expert, one list per MoE layer)
   eval/               what `moeflow forecast eval` writes (eval.json, forecasts.png)
 
-A missing or damaged file is a one-line ValueError naming it.
+A missing or damaged file is a one-line ValueError naming it. No command writes into a
+location that already holds something (check_out_dir): train and eval refuse an --out that is
+not an empty directory, predict an --out that exists.
 """
 
 from __future__ import annotations
@@ -27,6 +29,36 @@ from moeflow.forecast.model import TimeMoE
 RUN_FILE = "forecast.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+def describe_contents(path: Path) -> str:
+    """What a non-empty directory holds, for an error: its kind of run and its first names."""
+    names = sorted(p.name for p in path.iterdir())
+    if RUN_FILE in names:
+        what = "a forecast run"
+    elif "run.json" in names:
+        what = "a training run"
+    elif EVAL_FILE in names:
+        what = "a forecast evaluation"
+    else:
+        what = "other files"
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{what} ({shown})"
+
+
+def check_out_dir(out: Path, default: bool = False) -> None:
+    """Refuse an output directory that exists and is not empty (as `moeflow train` does):
+    nothing a command writes may replace or mix with what is already there. `default`: the
+    directory is the command's default, not a --out the user gave."""
+    if not out.exists():
+        return
+    where = f"{str(out)!r} (the default --out)" if default else f"--out {str(out)!r}"
+    if not out.is_dir():
+        raise ValueError(f"{where} is an existing file; choose another --out")
+    if any(out.iterdir()):
+        raise ValueError(f"{where} already holds {describe_contents(out)}; choose another "
+                         f"--out")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,11 @@
     moeflow forecast train --data co2 elnino sunspots --out runs/fc --steps 2000
     moeflow forecast train --data sales.csv --column units --period 12 --holdout 12 --out runs/s
 
-Every series loses its last `holdout` points first (moeflow.forecast.data.split_holdout): they
-are what `moeflow forecast eval` scores, and no training step reads them. Each step draws
+The run directory --out must not exist or be empty (a run is never written over another's
+files). Every series loses its last `holdout` points first (moeflow.forecast.data.
+split_holdout): they are what `moeflow forecast eval` scores, and no training step reads them.
+The longest training part must hold one whole window (context_len + the longest horizon
+points), and each training part more than one seasonal period. Each step draws
 `batch_size` random windows from what is left (moeflow.forecast.windows), standardises each by
 its leading points, and minimises Huber + pinball over every head and position plus the
 routers' balance loss (moeflow.forecast.loss) with AdamW, linear warmup and cosine decay
@@ -20,10 +23,10 @@ from pathlib import Path
 import torch
 
 from moeflow.forecast.config import ForecastModelConfig, ForecastTrainConfig
-from moeflow.forecast.data import load_series, split_holdout
+from moeflow.forecast.data import Series, check_period, load_series, split_holdout
 from moeflow.forecast.loss import forecast_loss
 from moeflow.forecast.model import TimeMoE
-from moeflow.forecast.run import METRICS, save_run
+from moeflow.forecast.run import METRICS, check_out_dir, save_run
 from moeflow.forecast.windows import WindowSampler
 from moeflow.train.determinism import deterministic_on_cpu
 from moeflow.train.metrics import MetricsWriter
@@ -60,20 +63,39 @@ def _optimizer(model: TimeMoE, cfg: ForecastTrainConfig) -> torch.optim.Optimize
                              betas=(0.9, 0.95))
 
 
+def check_context(train_parts: list[Series], series: list[Series],
+                  model_config: ForecastModelConfig, holdout: int) -> None:
+    """A window is context_len + the longest horizon points: the longest training part must
+    hold one, or no window ever fills the context (every step would compute padding, and the
+    heads at the positions a forecast reads would never be trained)."""
+    i = max(range(len(train_parts)), key=lambda k: len(train_parts[k]))
+    n, L, H = len(train_parts[i]), model_config.context_len, model_config.max_horizon
+    if n < L + H:
+        raise ValueError(f"context_len={L}: a training window is context_len + the longest "
+                         f"horizon ({H}) = {L + H} points, but the longest training series "
+                         f"{series[i].name!r} has {n} ({len(series[i])} less the holdout of "
+                         f"{holdout}); pass a smaller --context-len"
+                         f"{f' (at most {n - H})' if n > H else ''}, shorter --horizons or a "
+                         f"shorter --holdout")
+
+
 def train_forecaster(cfg: ForecastTrainConfig, model_config: ForecastModelConfig | None = None,
                      log=print) -> ForecastTrainResult:
     """Train and write the run directory cfg.out; `model_config` overrides the preset."""
     model_config = model_config or ForecastModelConfig.from_name(cfg.preset)
+    out = Path(cfg.out)
+    check_out_dir(out)
     series = load_series(cfg.data, cfg.column, cfg.period)
     train_parts = split_holdout(series, cfg.holdout, model_config.norm_len + 1)
+    check_context(train_parts, series, model_config, cfg.holdout)
+    for s, t in zip(series, train_parts):
+        check_period(s, len(t), cfg.holdout, given=cfg.period is not None)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = TimeMoE(model_config).to(device)
     sampler = WindowSampler([s.values for s in train_parts], model_config, cfg.seed)
     opt = _optimizer(model, cfg)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).unlink(missing_ok=True)
     metrics = MetricsWriter(out / METRICS)
     t0 = time.perf_counter()
     loss_value = float("nan")
