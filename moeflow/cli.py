@@ -51,6 +51,12 @@ from pathlib import Path
 from moeflow.config import PRESETS, ModelConfig
 
 
+# Optional dependencies (pyproject.toml's extras) by the module a command imports.
+EXTRAS = {**dict.fromkeys(("starlette", "uvicorn", "pydantic", "httpx", "jinja2",
+                           "prometheus_client"), "serve"),
+          "statsmodels": "forecast"}
+
+
 class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
@@ -519,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/report.md with each paper claim and its measurement.")
     p.add_argument("--out", required=True, help="directory for data, runs and the report")
     p.add_argument("--scale", choices=list(SCALES),
-                   help="gpu: one H200, ~25 min (default); smoke: a few steps per stage on CPU")
+                   help="gpu: one H200, ~8 min (default); smoke: a few steps per stage on CPU")
     p.add_argument("--only", help=f"comma-separated stages to (re)train: {', '.join(STAGES)}")
     p.add_argument("--resume", action="store_true",
                    help="continue the reproduction in --out (finished stages are kept)")
@@ -584,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None or os.environ.get("MOEFLOW_DEBUG"):
+            raise
+        print(f"moeflow: error: `moeflow {args.command}` needs {e.name}, which comes with the "
+              f"{extra!r} extra: pip install 'moeflow[{extra}]'", file=sys.stderr)
+        return 2
     except (UsageError, ValueError, OSError) as e:
         if os.environ.get("MOEFLOW_DEBUG"):
             raise

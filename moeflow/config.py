@@ -350,6 +350,8 @@ class ModelConfig:
 
         self._resolve_layout(resolve)
         if self.router.expert_groups:
+            check(bool(self.num_experts), "router.expert_groups",
+                  [list(g) for g in self.router.expert_groups], "needs MoE layers to route in")
             total = sum(self.router.group_sizes)
             check(all(e == total for e in self.num_experts), "router.expert_groups",
                   [list(g) for g in self.router.expert_groups],
@@ -422,6 +424,9 @@ class ModelConfig:
                 if self.moe_every else range(0)
             n_moe = len(moe_layers)
             if isinstance(experts, int):
+                check(n_moe > 0 or experts == 0, "num_experts", experts,
+                      "makes no layer MoE without moe_every (1: every layer, 2: every other) "
+                      "or an ffn_layout")
                 experts = (experts,) * n_moe
             check(len(experts) == n_moe, "num_experts", experts,
                   f"needs one entry per MoE layer ({n_moe} MoE layers)")

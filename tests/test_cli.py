@@ -120,6 +120,26 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error, status, l
         cli.main(["info", "--preset", "tiny"])
 
 
+def test_a_missing_extra_names_the_pip_install(monkeypatch, capsys):
+    """`moeflow serve` after the Quickstart's plain install ended in a ModuleNotFoundError
+    traceback; a module outside the extras still raises."""
+    import moeflow.cli as cli
+
+    def missing(name):
+        def command(args):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return command
+
+    monkeypatch.setattr(cli, "cmd_serve", missing("uvicorn"))
+    assert cli.main(["serve", "--model", "m"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "moeflow: error: `moeflow serve` needs uvicorn, which comes with the 'serve' extra: "
+        "pip install 'moeflow[serve]'"]
+    monkeypatch.setattr(cli, "cmd_serve", missing("numpy"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["serve", "--model", "m"])
+
+
 @pytest.mark.parametrize("content, where", [
     ("name: x\nn_layers: 2\nrouter:\n  top_k: [1\nd_model: 64\n", "line 5, column 8"),
     ("name: x\n\td_model: 64\n", "line 2, column 1"),

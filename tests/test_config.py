@@ -278,6 +278,14 @@ def _configs():
          "must be a finite number in [0, 1)"),
         (RouterConfig, dict(top_k=2.0), "router.top_k", "must be an integer >= 1"),
         (moe, dict(norm_eps=0), "norm_eps", "must be a finite number > 0"),
+        # an expert count with no MoE layer for it silently built a dense model
+        (ModelConfig, dict(n_layers=2, d_model=32, n_heads=4, num_experts=8), "num_experts",
+         "makes no layer MoE without moe_every (1: every layer, 2: every other) or an "
+         "ffn_layout"),
+        # a stop step past the run's end silently distilled throughout
+        (TrainConfig, dict(kd_stop_step=4000, steps=1000), "kd_stop_step",
+         "is beyond steps=1000, so the distillation would never stop; leave it out to distil "
+         "throughout, or raise --steps"),
     ]
 
 

@@ -1,6 +1,6 @@
 """`moeflow reproduce`: the DeepSpeed-MoE paper's claims at small scale, in one command.
 
-    moeflow reproduce --out runs/repro                  # the gpu scale: one H200, ~25 minutes
+    moeflow reproduce --out runs/repro                  # the gpu scale: one H200, ~8 minutes
     moeflow reproduce --out runs/repro --resume         # continue after an interruption
     moeflow reproduce --out runs/repro --resume --only moe-S   # retrain one stage
     moeflow reproduce --out /tmp/smoke --scale smoke    # every stage for a few steps, on a CPU

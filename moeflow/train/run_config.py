@@ -216,6 +216,9 @@ class TrainConfig:
               "is not used with --teacher: distillation compares the student's full logits")
         number("kd_temperature", self.kd_temperature, lo=0, lo_open=True)
         integer("kd_stop_step", self.kd_stop_step, lo=0, optional=True)
+        check(self.kd_stop_step is None or self.kd_stop_step <= self.steps, "kd_stop_step",
+              self.kd_stop_step, f"is beyond steps={self.steps}, so the distillation would "
+              f"never stop; leave it out to distil throughout, or raise --steps")
         choice("device", self.device, DEVICES)
         choice("student_init", self.student_init, STUDENT_INITS)
         choice("group_rule", self.group_rule, GROUP_RULES, optional=True)
