@@ -215,3 +215,30 @@ def test_format_1_checkpoint_serves_and_is_refused_for_resume_in_one_line(two_ra
     with pytest.raises(ValueError, match="format version 1") as e:
         trainer.prepare()
     assert "\n" not in str(e.value)
+
+
+def test_ep2_checkpoint_lists_both_ranks_files_and_names_a_damaged_one(two_rank_run, tmp_path):
+    """Each rank lists the files it wrote (sizes, CRC32s) in the manifest rank 0 writes; a byte
+    garbled in rank 1's weights file, which only that file holds, is named on load."""
+    import zlib
+
+    from moeflow.checkpoint import CheckpointError
+
+    ckpt = ckpt_io.latest_checkpoint(two_rank_run["run"])
+    listed = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert sorted(listed) == sorted(p.relative_to(ckpt).as_posix()
+                                    for p in ckpt.rglob("*.safetensors"))
+    assert {n.split("/")[0] for n in listed} == {"model", "trainer"} and len(listed) == 4
+    for name, entry in listed.items():
+        data = (ckpt / name).read_bytes()
+        assert entry["bytes"] == len(data)
+        assert entry["crc32"] == [f"{zlib.crc32(data[i:i + entry['block']]):08x}"
+                                  for i in range(0, len(data), entry["block"])]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    second = copy / "model" / "shard-00002-model-00001-of-00001.safetensors"
+    data = bytearray(second.read_bytes())
+    data[-3] ^= 0xFF  # the last expert's last weight
+    second.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{second}.*CRC32"):
+        load_model(copy)

@@ -248,6 +248,12 @@ def test_convert_refuses_an_existing_destination_unless_overwrite(tmp_path, caps
     assert _snapshot(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mf", "out"]  # no temporary left
 
+    for size in ("0", "-1"):  # it wrote one file per tensor
+        assert main(["convert", str(src), str(tmp_path / "new"), "--to", "hf",
+                     "--max-shard-gb", size]) == 2
+        assert f"max_shard_gb={size}: must be at least 1 MiB" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
     # a destination that holds the source is refused even with --overwrite
     for holder in (src, tmp_path):
         assert main(["convert", str(src), str(holder), "--to", "moeflow", "--overwrite"]) == 2

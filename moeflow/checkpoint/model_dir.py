@@ -1,7 +1,8 @@
 """A model directory: moeflow's one checkpoint format (format version 2).
 
     manifest.json   {"format": "moeflow-checkpoint", "version": 2, "weights": "model",
-                     "tensors": {name: {"shape", "dtype"}}, "experts": {...}, ...}
+                     "tensors": {name: {"shape", "dtype"}}, "experts": {...},
+                     "files": {"model/<file>": {"bytes", "block", "crc32"}}, ...}
     config.json     the ModelConfig
     model/          the weights: safetensors files, one per writing rank (moeflow.checkpoint
                     .storage), together holding every tensor whole and layout-free
@@ -13,9 +14,13 @@
 weights into a model at any layout (a 1-process model, or one rank's shard); `load_model` builds
 the model of a directory. The manifest names every stored tensor with its global shape, so a
 model that does not fit is refused, naming the first tensor that differs, before anything is
-read. Directories written before the manifest existed (format 1: one model.safetensors, the
-model's own state dict) still load for inference (`load_legacy_weights`); anything newer than
-this code reads, or not a moeflow checkpoint at all, is refused in one line naming the version.
+read; so is a manifest its files do not fit: a file missing, truncated or not listed, a header
+whose tensor differs from the manifest's (shape, dtype, a part missing) and, for checkpoints
+written since the manifest lists its files, bytes that fail their CRC32
+(moeflow.checkpoint.integrity). Directories written before the manifest existed (format 1:
+one model.safetensors, the model's own state dict) still load for inference
+(`load_legacy_weights`); anything newer than this code reads, or not a moeflow checkpoint at all,
+is refused in one line naming the version.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from torch import nn
 
 from moeflow.checkpoint.chunks import global_shapes, model_chunks, tensor_names
 from moeflow.checkpoint.errors import reading
-from moeflow.checkpoint.storage import read_chunks, write_chunks
+from moeflow.checkpoint.integrity import FILES, check_listed, record, verify
+from moeflow.checkpoint.storage import check_stored, read_chunks, spans_read, write_chunks
 from moeflow.config import ModelConfig
 from moeflow.model.experts import Experts
 
@@ -47,7 +53,9 @@ def format_version(path: Path) -> int | None:
     """2 (or what the manifest says) for a manifest, 1 for a format-1 directory, else None."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        return int(read_manifest(path, check=False).get("version", 0))
+        manifest = read_manifest(path, check=False)
+        with reading(path / MANIFEST):
+            return int(manifest.get("version", 0))
     if (path / LEGACY_WEIGHTS).is_file():
         return 1
     return None
@@ -75,6 +83,7 @@ def write_weights(path: Path, model: nn.Module, group=None, rank: int = 0,
     (path / WEIGHTS).mkdir(exist_ok=True)
     chunks = model_chunks(model)
     write_chunks(path / WEIGHTS, chunks, group, max_file_bytes)
+    listed = record(path, WEIGHTS, group, rank)
     if rank != 0:
         return
     experts = {name: {"num_experts": m.num_experts, "expert_axis": 0,
@@ -84,16 +93,46 @@ def write_weights(path: Path, model: nn.Module, group=None, rank: int = 0,
                 "tensors": {k: {"shape": list(c.shape),
                                 "dtype": str(c.local.dtype).removeprefix("torch.")}
                             for k, c in chunks.items()},
-                "experts": experts, **extra}
+                "experts": experts, FILES: listed, **extra}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     (path / CONFIG).write_text(model.config.to_json() + "\n")
+
+
+def add_files(path: Path, sub: str, group=None, rank: int = 0) -> dict[str, Any] | None:
+    """List the files just written into `path/sub` (another directory of tensors beside the
+    weights, e.g. a training checkpoint's trainer state) in the manifest; collective over
+    `group`. Rank 0 gets the updated manifest for the caller to write, the others None."""
+    listed = record(path, sub, group, rank)
+    if rank != 0:
+        return None
+    manifest = read_manifest(path)
+    manifest[FILES] = dict(sorted({**manifest.get(FILES, {}), **listed}.items()))
+    return manifest
+
+
+def read_tensors(path: Path, sub: str, chunks: dict, want: dict | None = None,
+                 manifest: dict | None = None) -> None:
+    """Fill `chunks` (in place) from the tensors stored in `path/sub`, after checking, before
+    any data is read, that its files are the ones the manifest lists (their sizes; then the
+    CRC32 of the bytes to be read: moeflow.checkpoint.integrity) and that their headers make up
+    whole tensors (`want`: {name: (shape, dtype)}, those the manifest lists; None: whatever
+    is stored)."""
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    listed = manifest.get(FILES)
+    check_listed(path, sub, listed, path / MANIFEST)
+    stored = check_stored(path / sub, want, path / MANIFEST)
+    verify(path, sub, listed, spans_read(stored, chunks), path / MANIFEST)
+    read_chunks(path / sub, chunks)
 
 
 def check_fits(model: nn.Module, path: Path, mapped: set[str] = frozenset()) -> None:
     """Raise ValueError naming the first tensor whose name or stored shape differs; `mapped`:
     stored names the model serves from the files instead (moeflow.checkpoint.mapped)."""
-    have = {k: tuple(v["shape"]) for k, v in read_manifest(path)["tensors"].items()
-            if k not in mapped}
+    path = Path(path)
+    manifest = read_manifest(path)
+    with reading(path / MANIFEST):
+        have = {k: tuple(v["shape"]) for k, v in manifest["tensors"].items() if k not in mapped}
     _compare(global_shapes(model), have, path)
 
 
@@ -115,9 +154,15 @@ def _compare(want: dict, have: dict, where: Path) -> None:
 @torch.no_grad()
 def load_weights(model: nn.Module, path: Path, mapped: set[str] = frozenset()) -> None:
     """Read the weights of directory `path` into `model` (whatever its layout), in place;
-    `mapped`: stored names not to read (experts served from the files)."""
+    `mapped`: stored names not to read (experts served from the files). The model is checked
+    against the manifest, the manifest against the files (read_tensors), before anything is
+    read."""
+    path = Path(path)
     check_fits(model, path, mapped)
-    read_chunks(Path(path) / WEIGHTS, model_chunks(model))
+    manifest = read_manifest(path)
+    with reading(path / MANIFEST):
+        want = {k: (tuple(v["shape"]), v.get("dtype")) for k, v in manifest["tensors"].items()}
+    read_tensors(path, WEIGHTS, model_chunks(model), want, manifest)
 
 
 def load_config(path: Path) -> ModelConfig:

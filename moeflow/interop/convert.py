@@ -96,6 +96,9 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None
     returns a one-line summary. ValueError (nothing written) for what is refused."""
     if to not in ("hf", "moeflow"):
         raise ValueError(f"to={to!r}: must be 'hf' or 'moeflow'")
+    if max_shard_bytes < 1 << 20:  # 0 or less wrote one file per tensor
+        raise ValueError(f"max_shard_gb={max_shard_bytes / (1 << 30):g}: must be at least 1 MiB "
+                         f"(0.001 GB)")
     dst = Path(dst)
     _check_destination(dst, overwrite)
     source = find_model_dir(src)

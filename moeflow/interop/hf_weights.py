@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moeflow.checkpoint.errors import CheckpointError, reading
 from moeflow.config import ModelConfig
 from moeflow.interop.hf_config import GPT_MODEL_TYPE
 
@@ -220,18 +221,36 @@ SINGLE_NAME = "model.safetensors"
 
 
 class SafetensorsDir:
-    """Lazy read access to a directory's (possibly sharded) safetensors weights."""
+    """Lazy read access to a directory's (possibly sharded) safetensors weights. A file that
+    cannot be read or parsed (an index that is not JSON, a shard missing, truncated or with a
+    damaged header) is a CheckpointError naming it, raised here for every shard before any
+    tensor is read. HF checkpoints carry no checksums: bytes garbled inside the data of a
+    well-formed file cannot be told from weights."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            with reading(index):
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and v
+                        and not Path(v).is_absolute() and ".." not in Path(v).parts
+                        for k, v in weight_map.items()):
+                    raise ValueError("'weight_map' is not an object of tensor: file names "
+                                     "in this directory")
             for shard in sorted(set(weight_map.values())):
                 if not (self.path / shard).is_file():
                     raise ValueError(f"{index}: shard {shard!r} is missing")
+            for shard in sorted(set(weight_map.values())):
+                with reading(self.path / shard), safe_open(self.path / shard, "pt") as f:
+                    absent = sorted(k for k, v in weight_map.items()
+                                    if v == shard and k not in set(f.keys()))
+                if absent:
+                    raise CheckpointError(f"checkpoint file {self.path / shard} has no tensor "
+                                          f"{absent[0]!r}, which {index} places there")
         elif (self.path / SINGLE_NAME).is_file():
-            with safe_open(self.path / SINGLE_NAME, "pt") as f:
+            with reading(self.path / SINGLE_NAME), safe_open(self.path / SINGLE_NAME, "pt") as f:
                 weight_map = {k: SINGLE_NAME for k in f.keys()}
         else:
             raise ValueError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}")
@@ -251,7 +270,8 @@ class SafetensorsDir:
     def _file(self, name: str):
         shard = self.weight_map[name]
         if shard not in self._open:
-            self._open[shard] = safe_open(self.path / shard, "pt")
+            with reading(self.path / shard):
+                self._open[shard] = safe_open(self.path / shard, "pt")
         return self._open[shard]
 
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from moeflow.checkpoint.errors import CheckpointError, reading
 from moeflow.checkpoint.model_dir import MANIFEST, load_model, write_weights
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
@@ -66,7 +67,8 @@ def find_model_dir(path: str | Path) -> ModelDir:
 
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"model directory {str(path)!r} does not exist")
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise ValueError(f"model directory {str(path)!r} {what}")
     if not (path / "config.json").is_file() or (path / TRAIN_MARKER).is_file():
         return ModelDir(resolve_checkpoint(path), TRAINING)
     _, model_type = read_config(path)
@@ -86,16 +88,34 @@ def json_object(path: Path) -> dict:
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str | None]:
-    """(config, HF model_type or None for a moeflow checkpoint) of a checkpoint directory."""
+    """(config, HF model_type or None for a moeflow checkpoint) of a checkpoint directory.
+    ValueError naming config.json for a file that is not JSON, a field missing or of the wrong
+    type (CheckpointError) or a value moeflow does not support."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json (not a checkpoint directory)")
-    data = json.loads(cfg_file.read_text())
-    if is_moeflow_config(data):
-        return ModelConfig.from_dict(data), None
-    model_type = hf_model_type(data)
-    return config_from_hf(data), model_type
+    with reading(cfg_file):
+        data = json.loads(cfg_file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    try:
+        if is_moeflow_config(data):
+            return ModelConfig.from_dict(data), None
+        model_type = hf_model_type(data)
+        return config_from_hf(data), model_type
+    except KeyError as e:
+        kind = data.get("model_type")
+        needs = f", which model_type {kind!r} needs" if kind else ""
+        raise CheckpointError(f"checkpoint file {cfg_file} has no field {e.args[0]!r}{needs}"
+                              ) from None
+    except (TypeError, AttributeError) as e:  # a field of another type: "'str' object has ..."
+        raise CheckpointError(f"checkpoint file {cfg_file} has a field of the wrong type "
+                              f"({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if str(cfg_file) in str(e):
+            raise
+        raise ValueError(f"{cfg_file}: {e}") from None
 
 
 def _moeflow_state(config: ModelConfig, weights: SafetensorsDir, where: str
@@ -117,8 +137,8 @@ def _moeflow_state(config: ModelConfig, weights: SafetensorsDir, where: str
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
     """Load a moeflow or HF (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3; dense Llama, Qwen2)
-    checkpoint directory."""
-    path = Path(path)
+    checkpoint directory, or a training run (its latest checkpoint) as find_model_dir finds it."""
+    path = find_model_dir(path).path
     config, model_type = read_config(path)
     if model_type is None and (path / MANIFEST).is_file():
         return load_model(path, device, dtype)

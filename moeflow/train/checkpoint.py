@@ -8,9 +8,10 @@ manifest.json, config.json, model/ weights) with the trainer's state beside it:
   state.json      step, tokens seen, loader position, scheduler position, world size, Python RNG
   tokenizer.json  the run's BPE tokenizer
   run.json        the TrainConfig
-and OUT/checkpoints/latest names the newest complete one. Every rank writes its own chunks of
-the weights and the optimizer state (torch.distributed.checkpoint); nothing is gathered to one
-rank, so the checkpoint directory must be on a filesystem every rank reaches.
+and OUT/checkpoints/latest names the newest complete one (lost or dangling, the newest step_*
+directory stands in for it, with a warning: `latest_checkpoint`). Every rank writes its own
+chunks of the weights and the optimizer state (torch.distributed.checkpoint); nothing is
+gathered to one rank, so the checkpoint directory must be on a filesystem every rank reaches.
 
 Atomicity: rank 0 makes a fresh temporary directory next to the final one; every rank writes
 into it (each file fsync'ed); rank 0 writes the JSON files, fsyncs the directories and renames it
@@ -28,8 +29,11 @@ model.safetensors, optimizer.pt, rng.pt) still serve, generate and teach; resumi
 in one line naming its format version.
 
 Damaged files: any file that cannot be read or parsed raises `CheckpointError`, a ValueError
-naming the file in one line (moeflow.checkpoint.errors). Loading never deletes or rewrites
-anything.
+naming the file in one line (moeflow.checkpoint.errors), and so does one that does not fit the
+manifest: the weights' and the trainer state's files are listed in it with their sizes and
+CRC32s (moeflow.checkpoint.integrity), and their headers must make up whole tensors of the
+manifest's shapes, with the RNG state among the trainer's, before anything is read. state.json's
+entries are checked for their types. Loading never deletes or rewrites anything.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,10 +53,12 @@ import torch.distributed as dist
 
 from moeflow.checkpoint.chunks import Chunk, empty_optimizer_chunks, optimizer_chunks, whole
 from moeflow.checkpoint.errors import CheckpointError, reading
-from moeflow.checkpoint.model_dir import (LEGACY_WEIGHTS, MANIFEST, check_fits, format_version,
-                                          load_config, load_model, load_weights, read_manifest,
+from moeflow.checkpoint.integrity import FILES, check_listed
+from moeflow.checkpoint.model_dir import (CONFIG, LEGACY_WEIGHTS, MANIFEST, WEIGHTS, add_files,
+                                          check_fits, format_version, load_config, load_model,
+                                          load_weights, read_manifest, read_tensors,
                                           write_weights)
-from moeflow.checkpoint.storage import read_chunks, stored_tensors, write_chunks
+from moeflow.checkpoint.storage import check_stored, stored_tensors, write_chunks
 from moeflow.config import ModelConfig
 from moeflow.data.tokenizer import BPETokenizer
 from moeflow.train.run_config import TrainConfig
@@ -70,6 +78,10 @@ def checkpoint_name(step: int) -> str:
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
+
+
+def _is_step_name(name: str) -> bool:
+    return re.fullmatch(r"step_\d+", name) is not None
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -96,19 +108,36 @@ def rng_chunks() -> dict[str, Chunk]:
     return out
 
 
+def _trainer_tensors(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (global shape, dtype)} of the trainer state's tensors, checked whole from the
+    files' headers; CheckpointError naming the directory when rank 0's file (the RNG states
+    and most of the optimizer state) is not among them."""
+    check_listed(ckpt, TRAINER, read_manifest(ckpt).get(FILES), ckpt / MANIFEST)
+    stored = check_stored(ckpt / TRAINER, None, ckpt / MANIFEST)
+    if f"{RNG}torch" not in stored:
+        raise CheckpointError(f"checkpoint {ckpt / TRAINER} holds no tensor '{RNG}torch' (the "
+                              f"RNG state rank 0 writes with its optimizer state): a trainer "
+                              f"state file is missing or damaged")
+    return stored_tensors(ckpt / TRAINER, stored)
+
+
 def restore_rng(ckpt: Path, python_state: list | None) -> None:
     """Every rank takes the RNG states rank 0 saved."""
-    stored = stored_tensors(ckpt / TRAINER)
+    stored = _trainer_tensors(ckpt)
     chunks = {k: whole(torch.empty(shape, dtype=dtype)) for k, (shape, dtype) in stored.items()
               if k.startswith(RNG)}
-    read_chunks(ckpt / TRAINER, chunks)
+    read_tensors(ckpt, TRAINER, chunks)
+    if python_state is not None:
+        with reading(ckpt / "state.json"):
+            version, internal, gauss = python_state
+            state = (version, tuple(internal), gauss)
+            random.Random().setstate(state)  # refused here, before any RNG is touched
     torch.set_rng_state(chunks[f"{RNG}torch"].local)
     cuda = [chunks[k].local for k in sorted(chunks) if k.startswith(f"{RNG}cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     if python_state is not None:
-        version, internal, gauss = python_state
-        random.setstate((version, tuple(internal), gauss))
+        random.setstate(state)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
@@ -135,8 +164,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
     if rank == 0:
         trainer.update(rng_chunks())
     write_chunks(tmp / TRAINER, trainer, group)
+    manifest = add_files(tmp, TRAINER, group, rank)  # the trainer files' sizes and CRC32s
     final = root / name
     if rank == 0:
+        _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
         py_version, py_internal, py_gauss = random.getstate()
         files = {
             "state.json": {**state, "step": step,
@@ -173,14 +204,49 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / LEGACY_WEIGHTS).is_file()
 
 
+def _no_manifest(path: Path, why: str = "") -> CheckpointError:
+    return CheckpointError(f"checkpoint {path}{why} has no {MANIFEST} (deleted or lost), so "
+                           f"its files cannot be checked or read; restore it, or name an older "
+                           f"step_* checkpoint")
+
+
+def _warn(message: str) -> None:
+    print(f"moeflow: warning: {message}", file=sys.stderr)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `run_dir/checkpoints/latest` names; None when the run has none yet.
+
+    `latest` missing, empty or naming no directory (lost, not written by a save: a save renames
+    its directory into place before it moves `latest`) falls back, with a warning, to the
+    newest step_* directory. The one chosen must be whole: one without its manifest.json is a
+    CheckpointError naming it (not None, which would start the run over and, at that step,
+    replace it; nor an older one, which would quietly lose the steps between)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST
     try:
-        name = (root / LATEST).read_text().strip()
+        name = pointer.read_bytes().decode("utf-8", "replace").strip()
     except FileNotFoundError:
+        name = None
+    if name and _is_step_name(name) and (root / name).is_dir():
+        path = root / name
+        if not is_checkpoint(path):
+            raise _no_manifest(path, f" (named by {pointer})")
+        return path
+    steps = sorted((p for p in root.glob("step_*") if _is_step_name(p.name) and p.is_dir()),
+                   key=_step_of) if root.is_dir() else []
+    if not steps:
+        if name:
+            _warn(f"{pointer} names {name!r}, which is missing, and no step_* "
+                             f"checkpoint is left: the run has none")
         return None
-    path = root / name
-    return path if is_checkpoint(path) else None
+    newest = steps[-1]
+    if not is_checkpoint(newest):
+        raise _no_manifest(newest, f" (the newest; {pointer} names none)")
+    what = ("is missing" if name is None else "is empty" if not name else
+            f"names {name!r}, which is not a checkpoint directory")
+    _warn(f"{pointer} {what}; using the newest checkpoint, {newest}")
+    return newest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -195,6 +261,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return found
     if not p.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if any((p / f).exists() for f in (CONFIG, WEIGHTS, TRAINER, "state.json")):
+        raise _no_manifest(p)  # the rest of a checkpoint directory
     raise ValueError(f"{str(path)!r} holds no moeflow checkpoint")
 
 
@@ -222,9 +290,10 @@ def load_trainer_state(ckpt: Path, model: torch.nn.Module,
     """Weights and optimizer state into this rank's model (shard) and local optimizers, at
     whatever layout they have now."""
     check_compatible(model, ckpt)
+    stored = _trainer_tensors(ckpt)  # before anything is read: the trainer state is there
     load_weights(model, ckpt)
-    wanted, states = empty_optimizer_chunks(model, optimizers, stored_tensors(ckpt / TRAINER))
-    read_chunks(ckpt / TRAINER, wanted)
+    wanted, states = empty_optimizer_chunks(model, optimizers, stored)
+    read_tensors(ckpt, TRAINER, wanted)
     for opt, state in zip(optimizers, states):
         opt.load_state_dict(state)
 
@@ -252,12 +321,37 @@ def load_run_config(ckpt: Path) -> TrainConfig:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
+    """state.json, what resuming reads of it checked: CheckpointError naming the file and the
+    entry (a value of the wrong type read on would be a traceback, or a run resumed wrongly)."""
     state = load_json(ckpt, "state.json")
     with reading(ckpt / "state.json"):
         for key in ("step", "tokens", "loader"):
             if key not in state:
                 raise ValueError(f"no {key!r} entry")
+        _entry(state, "step", "a count", _count)
+        _entry(state, "tokens", "a count", _count)
+        _entry(state, "loader", "an object with a 'consumed' count",
+               lambda v: isinstance(v, dict) and _count(v.get("consumed")))
+        _entry(state, "scheduler", "an object with 'segments' [[start, end], ...]",
+               lambda v: isinstance(v, dict) and (v.get("segments") is None or (
+                   isinstance(v["segments"], list) and all(
+                       isinstance(x, list) and len(x) == 2 and all(map(_count, x))
+                       for x in v["segments"]))))
+        _entry(state, "python_rng", "[version, [625 integers], gauss]",
+               lambda v: v is None or isinstance(v, list) and len(v) == 3 and isinstance(
+                   v[1], list) and all(map(_count, v[1])))
     return state
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _entry(state: dict, key: str, what: str, ok) -> None:
+    if key in state and not ok(state[key]):
+        shown = json.dumps(state[key])
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"entry {key!r} is {shown}, not {what}")
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"

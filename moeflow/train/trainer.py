@@ -577,7 +577,10 @@ class Trainer:
         return row
 
     def _non_finite(self, what: str, value: float, step: int) -> None:
-        last = ckpt_io.latest_checkpoint(self.out) if self.out.is_dir() else None
+        try:
+            last = ckpt_io.latest_checkpoint(self.out) if self.out.is_dir() else None
+        except ckpt_io.CheckpointError:  # the loss is the error to report here
+            last = None
         kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
         raise NonFiniteLossError(f"{what} is {value} at step {step}; stopped before the "
                                  f"optimizer step{kept}")
