@@ -237,8 +237,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
                    key=_step_of) if root.is_dir() else []
     if not steps:
         if name:
-            _warn(f"{pointer} names {name!r}, which is missing, and no step_* "
-                             f"checkpoint is left: the run has none")
+            _warn(f"{pointer} names {name!r}, which is missing, and no step_* checkpoint is "
+                  f"left: the run has none")
         return None
     newest = steps[-1]
     if not is_checkpoint(newest):
