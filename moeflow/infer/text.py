@@ -160,14 +160,14 @@ def generate_text_on_ranks(path: str, par, device: str, prompt: str, sampling: d
     cast the weights (None: as stored). Returns the text on rank 0, None on the others (they
     run the same forwards)."""
     from moeflow.infer.engine import EngineConfig
-    from moeflow.parallel.launch import shutdown
+    from moeflow.parallel.launch import finish
     from moeflow.serve.loader import load_shard_for_serving
 
     shard = load_shard_for_serving(path, par, device, dtype)
     engine = Engine(shard.model, EngineConfig(max_batch_size=1), shard.channel)
     if shard.loaded is None:
         engine.follow()
-        shutdown(shard.env)
+        finish(shard.env)
         return None
     tokenizer = shard.loaded.tokenizer
     params = SamplingParams(**sampling, stop_token_ids=tokenizer.eos_ids)
@@ -175,5 +175,5 @@ def generate_text_on_ranks(path: str, par, device: str, prompt: str, sampling: d
         text = generate_text(engine, tokenizer, prompt, params, stop=stop)
     finally:
         engine.close()
-    shutdown(shard.env)
+    finish(shard.env)
     return text

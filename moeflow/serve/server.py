@@ -193,7 +193,7 @@ def is_multi_rank(config: ServeConfig) -> bool:
 
 
 def _serve_ranks(config: ServeConfig) -> int:
-    from moeflow.parallel.launch import shutdown
+    from moeflow.parallel.launch import finish
 
     main = int(os.environ.get("RANK", "0")) == 0
     sock = bind_socket(config.host, config.port) if main else None
@@ -202,11 +202,11 @@ def _serve_ranks(config: ServeConfig) -> int:
                                        config.dtype)
         if not main:
             Engine(shard.model, engine_config(config), shard.channel).follow()
-            shutdown(shard.env)
+            finish(shard.env)
             return 0
         status = _serve(config, sock, shard)
         if status == 0:
-            shutdown(shard.env)
+            finish(shard.env)
         return status
     finally:
         if sock is not None:
