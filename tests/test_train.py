@@ -384,3 +384,27 @@ def test_adamw_is_torchs_fused_kernel_on_cuda_and_its_default_on_the_cpu():
         opt = trainer.build_optimizer(model)
         assert opt.defaults["fused"] is fused, device
         assert opt.defaults["foreach"] is None
+
+
+def test_every_rank_validates_an_equal_share_of_a_short_split(tmp_path, corpus, config):
+    """A validation split with fewer windows than asked for was cut into uneven shares: an
+    IndexError on the last rank, a collective mismatch between ranks' expert all-to-alls, or a
+    loss skewed by averaging unequal means. The windows are trimmed to a multiple of the world
+    size (prepare() on rank 0 of a world of w; no process group needed) and a split with fewer
+    windows than ranks is one line."""
+    def prepared(world, batch):
+        cfg = TrainConfig(model_config=str(config), data=(str(corpus),), seq_len=16, steps=2,
+                          batch_size=batch, val_batches=50, device="cpu", progress=False,
+                          out=str(tmp_path / f"w{world}"))
+        trainer = Trainer(cfg, rank=0, world=world)
+        trainer.prepare()
+        return trainer
+
+    alone = len(prepared(1, 6).val_windows)
+    assert alone < 50 * 6  # the split is short: every window it has is taken
+    for world in (2, 3, 4):
+        got = len(prepared(world, 12).val_windows)
+        assert got == alone // world * world, (world, got, alone)
+    with pytest.raises(ValueError, match=f"holds {alone} windows of 16 tokens, fewer than the "
+                                         f"{alone + 1} ranks"):
+        prepared(alone + 1, alone + 1)

@@ -451,6 +451,16 @@ class Trainer:
         self.tokenizer, self.train_data, self.val_data = data.tokenizer, data.train, data.val
         # Global, like the batch: the same windows at any world size (each rank takes a share).
         val_idx = validation_indices(self.val_data, cfg.val_batches * self.micro_batch * self.world)
+        # An equal share per rank: the same forwards (so the same expert all-to-alls) and the
+        # same token count (so the mean of the ranks' means is the global mean). A short split
+        # gave uneven shares: an IndexError, a collective mismatch or a skewed loss.
+        usable = len(val_idx) // self.world * self.world
+        if usable == 0:
+            raise ValueError(f"val_fraction={cfg.val_fraction}: the validation split holds "
+                             f"{len(val_idx)} windows of {self.seq_len} tokens, fewer than the "
+                             f"{self.world} ranks that each validate a share; raise "
+                             f"--val-fraction or lower --seq-len")
+        val_idx = val_idx[:usable]
         self.val_windows = self.val_data.windows(val_idx)
         self.val_groups = self.val_data.group_windows(val_idx)
         self.loader = BatchLoader(self.train_data, cfg.batch_size, cfg.seed)
