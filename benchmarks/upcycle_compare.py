@@ -1,6 +1,6 @@
 """Upcycled MoE vs the dense model trained on vs an MoE from scratch, at equal token budgets.
 
-    python benchmarks/upcycle_compare.py --scale gpu --out $OUT     # one H200, ~4 minutes (229 s measured)
+    python benchmarks/upcycle_compare.py --scale gpu --out $OUT     # one H200, 229 s
     nice python benchmarks/upcycle_compare.py --scale cpu --out runs/upcycle-cpu   # 2 CPU cores
 
 On `moeflow reproduce`'s data (builtin:interpreter, prepared once), with its GPT family
