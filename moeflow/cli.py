@@ -46,9 +46,9 @@ import json
 import os
 import sys
 import typing
-from pathlib import Path
 
 from moeflow.config import PRESETS, ModelConfig
+from moeflow.validate import check_new_file
 
 
 # Optional dependencies (pyproject.toml's extras) by the module a command imports.
@@ -339,11 +339,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeflow.serve.bench import BenchConfig, run_bench
 
     if args.out:  # refused before the run, not after it, when its results would be lost
-        out = Path(args.out)
-        if out.exists():
-            raise UsageError(f"--out {args.out!r} already exists; choose a new file")
-        if not out.parent.is_dir():
-            raise UsageError(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+        check_new_file(args.out)
     result = run_bench(BenchConfig(**given(args, BenchConfig)))
     print(json.dumps(result.to_dict()) if args.json else result.table())
     if args.out:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, NoReturn
 
 
@@ -81,3 +82,15 @@ def option(help: str, *, flag: str | None = None, choices: tuple | None = None,
     if choices:
         meta["choices"] = choices
     return dataclasses.field(metadata=meta, **field_kw)
+
+
+def check_new_file(path: str | Path, flag: str = "--out") -> None:
+    """A file a command will create: refused (ValueError naming `flag`) if something is there
+    already or its directory does not exist, before the command does its work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; name a new file")
+    if path.exists():
+        raise ValueError(f"{flag} {str(path)!r} already exists; choose another {flag}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not exist")

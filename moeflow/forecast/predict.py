@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from moeflow.forecast.config import ForecastModelConfig, PredictConfig
 from moeflow.forecast.data import load_series
 from moeflow.forecast.model import TimeMoE
 from moeflow.forecast.run import load_run
+from moeflow.validate import check_new_file
 from moeflow.forecast.windows import scale_of
 
 
@@ -99,21 +99,11 @@ def check_horizon(horizon: int, config: ForecastModelConfig) -> None:
                          f"earlier forecasts")
 
 
-def check_out_file(out: Path) -> None:
-    """predict writes one new file: an existing path or a missing directory is refused."""
-    if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a directory; name a new CSV file")
-    if out.exists():
-        raise ValueError(f"--out {str(out)!r} already exists; choose another --out")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
-
-
 def predict_csv(cfg: PredictConfig) -> str:
     """The CSV `moeflow forecast predict` prints: series, step (1 = the first point after the
     series), point, one column per quantile level."""
     if cfg.out is not None:
-        check_out_file(Path(cfg.out))
+        check_new_file(cfg.out)
     run, model = load_run(cfg.run)
     check_horizon(cfg.horizon, run.model_config)
     sources = cfg.data or run.train_config.data

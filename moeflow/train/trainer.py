@@ -177,7 +177,6 @@ class Trainer:
         self.out = Path(config.out)
         self._reporter = reporter
         self.prepared = False
-        self.restarted = False  # --resume of a run that had written no checkpoint
 
     # ---- overridable steps ------------------------------------------------------------
 
@@ -490,6 +489,11 @@ class Trainer:
             self.restore(resume_ckpt)
         self.prepared = True
 
+    @property
+    def restarted(self) -> bool:
+        """--resume of a run that had written no checkpoint: it trains again from step 0."""
+        return self.cfg.resume and self.resume_ckpt is None
+
     def _check_out_dir(self) -> Path | None:
         """The checkpoint to resume from, or None for a fresh run into an empty --out."""
         out, cfg = self.out, self.cfg
@@ -497,8 +501,7 @@ class Trainer:
             ckpt = ckpt_io.latest_checkpoint(out) if out.is_dir() else None
             if ckpt is None and not (out / "run.json").is_file():
                 raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume")
-            # A run stopped before its first checkpoint starts again from step 0.
-            self.restarted = ckpt is None
+            # A run stopped before its first checkpoint starts again from step 0 (restarted).
             return ckpt
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             what = "a run" if (out / "run.json").exists() else "other files"
