@@ -16,10 +16,12 @@ before it reads step n's tokens, moeflow.infer.engine). Per case (batch, context
   kernels outside the graph, with the idle gap before each).
 
 The context is the prompt plus the prefill's token and four steps (capture, warm-up); the served
-steps add 24 more (from 64 on the attention runs two key splits at batch 1).
+steps add 24 more (from 64 on the attention runs two key splits at batch 1). With --sampling
+every request samples (seed 0): the sampler runs after each replayed graph, outside it, so
+served_ms includes it and replay_ms does not.
 
     PYTHONPATH=. python benchmarks/decode_served.py --out DIR [--cases 1:36 16:36 1:76]
-        [--label NAME] [--between]
+        [--label NAME] [--sampling T:K:P] [--between]
 
 Writes DIR/decode_served.{json,md}; a second run with another --label and the same --out adds
 its rows (an A/B of two trees: run each tree's copy of this script in turn).
@@ -86,13 +88,13 @@ def _between_graphs(engine: Engine, graph_names: set[str], steps: int = 6) -> li
     return rows
 
 
-def measure(model, batch: int, context: int, between: bool) -> dict:
+def measure(model, batch: int, context: int, between: bool, params: SamplingParams) -> dict:
     vocab = model.config.vocab_size
     engine = Engine(model, EngineConfig(max_batch_size=batch, max_seq_len=1024))
     g = torch.Generator().manual_seed(context)
     for _ in range(batch):
         engine.add_request(torch.randint(0, vocab, (context - 5,), generator=g).tolist(),
-                           SamplingParams(max_new_tokens=400, temperature=0))
+                           params)
     for _ in range(5):  # prefill, capture, warm-up
         engine.step()
     dec = engine._decoder
@@ -105,7 +107,8 @@ def measure(model, batch: int, context: int, between: bool) -> dict:
     for _ in range(3):
         with held():  # each round from the context the served steps start at
             replays.append(round(_replay_ms(graph), 4))
-    out = {"batch": batch, "context": context, "graph_key": list(dec.last_key),
+    out = {"batch": batch, "context": context, "sampling": sampling_label(params),
+           "graph_key": list(dec.last_key),
            "replay_ms": replays}
     served = []
     for _ in range(2):
@@ -125,13 +128,20 @@ def measure(model, batch: int, context: int, between: bool) -> dict:
     return out
 
 
+def sampling_label(p: SamplingParams) -> str:
+    if p.greedy:
+        return "greedy"
+    return f"T {p.temperature}, top-k {p.top_k}, top-p {p.top_p}"
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Served decode — {res['gpu']}, {res['date']}", "",
              f"Model {res['model']}, torch {res['torch']}.", "",
-             "| label | batch | context | replay ms (back to back) | served ms | layer µs | "
-             "kernels |", "|---|---:|---:|---|---|---:|---:|"]
+             "| label | sampling | batch | context | replay ms (back to back) | served ms | "
+             "layer µs | kernels |", "|---|---|---:|---:|---|---|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['label']} | {r['batch']} | {r['context']} | "
+        lines.append(f"| {r['label']} | {r.get('sampling', 'greedy')} | {r['batch']} | "
+                     f"{r['context']} | "
                      f"{' / '.join(f'{v:.3f}' for v in r['replay_ms'])} | "
                      f"{' / '.join(f'{v:.3f}' for v in r['served_ms'])} | "
                      f"{r['layer_period_us']} | {r['kernels']} |")
@@ -152,12 +162,20 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["1:36", "16:36", "1:76"],
                     help="batch:context pairs")
     ap.add_argument("--label", default="this tree")
+    ap.add_argument("--sampling", metavar="T:K:P",
+                    help="every request samples with temperature T, top-k K (0: all), top-p P "
+                         "(default: greedy)")
     ap.add_argument("--between", action="store_true",
                     help="also profile six served steps for what runs between the graphs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_served: needs a CUDA GPU (it times the engine's decode graphs)")
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases]
+    params = SamplingParams(max_new_tokens=400, temperature=0)
+    if args.sampling:
+        t, k, p = args.sampling.split(":")
+        params = SamplingParams(max_new_tokens=400, temperature=float(t), top_k=int(k),
+                                top_p=float(p), seed=0)
     if any(ctx < 6 for _, ctx in cases):
         sys.exit("decode_served: a context must be at least 6 tokens")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +186,7 @@ def main() -> None:
     res.setdefault("commands", []).append("python " + " ".join(sys.argv))
     model = build(args.model)
     for batch, context in cases:
-        row = {"label": args.label, **measure(model, batch, context, args.between)}
+        row = {"label": args.label, **measure(model, batch, context, args.between, params)}
         res["rows"].append(row)
         print(f"{args.label} b{batch} ctx {context}: replay {row['replay_ms']} ms, served "
               f"{row['served_ms']} ms, layer {row['layer_period_us']} µs", flush=True)

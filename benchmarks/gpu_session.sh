@@ -6,9 +6,11 @@
 # decode rate against an older tree, two rounds alternating ("decode"). The device tool brings
 # back at most 8 files per call: pack OUT (tar) when running several steps at once.
 #
-#   STEPS="tests moe decode" benchmarks/gpu_session.sh OUT [BASE_TREE]
+#   STEPS="tests moe decode sampling" benchmarks/gpu_session.sh OUT [BASE_TREE]
 #
-# STEPS: which steps to run (default all three; split them over calls to stay within the
+# "sampling" (session 39): the batched sampler alone against the per-row chain it replaced and
+# transformers' (benchmarks/sampling.py), and served decode greedy against sampled.
+# STEPS: which steps to run (default the first three; split them over calls to stay within the
 # device tool's per-call limit). OUT: where the logs and results go ($OUT on the device
 # machine). BASE_TREE: a `git archive` of the commit to compare the served decode with
 # (session 34's change is 84fa648, so c8e18ba), carried to the machine; without it the served
@@ -49,5 +51,17 @@ step decode && for round in 1 2; do
     python benchmarks/decode_served.py --out "$OUT/decode_served" --label "new$round" \
         --cases 1:36 1:76 16:36 --between > "$OUT/decode_served_new$round.log" 2>&1
     echo "decode_served new $round: exit $?" >> "$OUT/steps.txt"
+done
+# The sampler: alone against the per-row chain and transformers, then served decode greedy
+# against sampled (temperature 0.8, top-k 40, top-p 0.95; temperature 0.8 alone), two rounds.
+step sampling && { python benchmarks/sampling.py --out "$OUT/sampling" > "$OUT/sampling.log" 2>&1
+    echo "sampling alone: exit $?" >> "$OUT/steps.txt"; }
+step sampling && for round in 1 2; do
+    for how in greedy 0.8:40:0.95 0.8:0:1; do
+        flag=(); [ "$how" != greedy ] && flag=(--sampling "$how")
+        python benchmarks/decode_served.py --out "$OUT/decode_sampled" --label "round$round" \
+            --cases 1:36 16:36 "${flag[@]}" >> "$OUT/decode_sampled.log" 2>&1
+        echo "decode_served $how round $round: exit $?" >> "$OUT/steps.txt"
+    done
 done
 cat "$OUT/steps.txt"

@@ -18,7 +18,8 @@ from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
                          fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
                          persistent_mlp_triton, qk_rope_triton, routing_choice_triton,
                          routing_grad_triton, routing_slots_triton, routing_triton,
-                         skinny_linear_triton, slot_write_triton, tiled_mlp_triton)
+                         sample_triton, skinny_linear_triton, slot_write_triton,
+                         tiled_mlp_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -394,8 +395,19 @@ def training_losses_and_biases():
                   **_args("X E", "i32")}, blocks)
 
 
+def sampled_draw():
+    """The sampler's draw over a whole row (temperature only), over top-k or sorted candidates
+    with top-p, and with top-k alone; bf16 logits, the launcher's tile and warps."""
+    for ranked, top_p in ((False, False), (True, True), (True, False)):
+        compile_sm90(sample_triton._draw_kernel,
+                     {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
+                      "out_ptr": "*i64", **_args("stride_v stride_i N", "i32")},
+                     {"RANKED": ranked, "HAS_IDS": ranked, "TOP_P": top_p,
+                      "BLOCK": sample_triton.BLOCK}, num_warps=8)
+
+
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, persistent_experts,
-                                 slot_write,
+                                 slot_write, sampled_draw,
                                  qk_norm_rope, fused_decode_router, dropless_router,
                                  training_route_dispatch, skinny_linear, rms_norm,
                                  decode_attention, training_losses_and_biases)}

@@ -79,3 +79,34 @@ def test_deepspeed_top2_training_with_a_capacity_launches_no_renormalisation_ker
         ((y * g).sum() + routing.loss).backward()
     kernels, triton, syncs = _kernels(host_path.launches(run))
     assert kernels <= 38 and triton == 7 and syncs == 0, (kernels, triton, syncs)
+
+
+@pytest.mark.parametrize("top_k, top_p, candidates", [(0, 1.0, None), (40, 0.95, "topk"),
+                                                      (0, 0.95, "sort")])
+def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, top_p,
+                                                                        candidates, monkeypatch):
+    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates' top-k or
+    sort, a copy of the greedy tokens, one draw launch, no sync (plus the table's copy to the
+    device, a memcpy); the per-row chain it replaced launched ~16-19 kernels per row."""
+    from moeflow.infer import sampling
+
+    spec = importlib.util.spec_from_file_location("sampling_bench",
+                                                  REPO / "benchmarks" / "sampling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sampling, "_use_kernel", lambda logits: True)
+    B = 16
+    logits = torch.randn(B, 1000).bfloat16()
+    greedy = logits.argmax(-1)
+    params = sampling.SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    ours = host_path.launches(
+        lambda: sampling.sample_tokens(logits, [params] * B, list(range(B)), [5] * B, greedy))
+    expected = {"clone": 1, "triton:_draw_kernel": 1} | ({candidates: 1} if candidates else {})
+    assert dict(ours.kernels) == expected and not ours.syncs
+    generators = [torch.Generator().manual_seed(i) for i in range(B)]
+
+    def per_row():
+        out = greedy.clone()
+        for i in range(B):
+            out[i] = bench.per_row_chain(logits[i:i + 1], params, generators[i])[0]
+    assert _kernels(host_path.launches(per_row))[0] >= 7 * B

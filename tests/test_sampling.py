@@ -1,6 +1,8 @@
-"""sample_next against the distribution it claims: temperature, top-k and top-p each checked on
-a row whose probabilities are known, over many seeded draws, with bounds derived from the
-binomial spread of the counts; greedy and tiny temperatures against the argmax."""
+"""sample_tokens against the distribution it claims: temperature, top-k and top-p each checked on
+a row whose probabilities are known, over many draws (one row per position, so each row is a
+draw of its own), with bounds derived from the binomial spread of the counts; greedy and tiny
+temperatures against the argmax; the counter-based noise's marginal and the independence of
+draws at neighbouring positions and seeds; a row's token the same alone and in any batch."""
 
 from __future__ import annotations
 
@@ -9,16 +11,22 @@ import math
 import pytest
 import torch
 
-from moeflow.infer.sampling import SamplingParams, sample_next
+from moeflow.infer.sampling import SamplingParams, draw_key, gumbel_noise, sample_tokens
 
 DRAWS = 20000
 
 
+def _draw(logits_BV: torch.Tensor, params: SamplingParams | list[SamplingParams], seed: int = 0,
+          positions: list[int] | None = None) -> torch.Tensor:
+    B = logits_BV.shape[0]
+    params = params if isinstance(params, list) else [params] * B
+    positions = list(range(B)) if positions is None else positions
+    return sample_tokens(logits_BV, params, [seed] * B, positions)
+
+
 def _frequencies(logits_V: torch.Tensor, params: SamplingParams, seed: int = 0) -> torch.Tensor:
-    """The share of DRAWS seeded draws that picked each token (one row, drawn DRAWS times)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = logits_V.expand(DRAWS, -1)
-    ids = sample_next(rows, params, generator)
+    """The share of DRAWS draws (positions 0 .. DRAWS - 1 of one seed) that picked each token."""
+    ids = _draw(logits_V.expand(DRAWS, -1), params, seed)
     return torch.bincount(ids, minlength=logits_V.numel()).double() / DRAWS
 
 
@@ -63,12 +71,10 @@ def test_greedy_and_tiny_temperatures_take_the_argmax_of_every_row():
     torch.manual_seed(0)
     logits_BV = torch.randn(6, 300) * 4
     argmax = logits_BV.argmax(-1)
-    assert torch.equal(sample_next(logits_BV, SamplingParams(temperature=0)), argmax)
+    assert torch.equal(_draw(logits_BV, SamplingParams(temperature=0)), argmax)
     # Below float32's range a temperature used to overflow the logits (every probability NaN).
     for t in (1e-3, 1e-30, 1e-45, 5e-324):
-        got = sample_next(logits_BV, SamplingParams(temperature=t),
-                          torch.Generator().manual_seed(1))
-        assert torch.equal(got, argmax), t
+        assert torch.equal(_draw(logits_BV, SamplingParams(temperature=t), seed=1), argmax), t
 
 
 def test_a_tiny_temperature_samples_among_tied_maxima_only():
@@ -77,16 +83,83 @@ def test_a_tiny_temperature_samples_among_tied_maxima_only():
     _assert_close_to(freq, torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0]))
 
 
-def test_the_same_seed_draws_the_same_tokens_and_another_seed_others():
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
+def test_greedy_and_sampled_rows_in_one_call():
+    torch.manual_seed(1)
+    logits_BV = torch.randn(5, 40)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=5.0),
+              SamplingParams(temperature=0), SamplingParams(temperature=5.0, top_k=3),
+              SamplingParams(temperature=0)]
+    got = _draw(logits_BV, params, positions=[0] * 5)
+    assert got[[0, 2, 4]].tolist() == logits_BV[[0, 2, 4]].argmax(-1).tolist()
+    # the sampled rows are the ones they are alone
+    for i in (1, 3):
+        assert got[i] == _draw(logits_BV[i:i + 1], params[i], positions=[0])[0]
+
+
+def test_the_same_seed_and_position_draw_the_same_token_and_others_others():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(5))
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+    assert torch.equal(_draw(logits, params, seed=7), _draw(logits, params, seed=7))
+    assert not torch.equal(_draw(logits, params, seed=7), _draw(logits, params, seed=8))
+    shifted = list(range(1, 65))
+    assert not torch.equal(_draw(logits, params, seed=7),
+                           _draw(logits, params, seed=7, positions=shifted))
 
-    def draw(seed):
-        g = torch.Generator().manual_seed(seed)
-        return torch.stack([sample_next(logits, params, g) for _ in range(16)])
 
-    assert torch.equal(draw(7), draw(7))
-    assert not torch.equal(draw(7), draw(8))
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.9),  # temperature only: the whole row
+    SamplingParams(temperature=0.9, top_k=7, top_p=0.8),  # top-k candidates
+    SamplingParams(temperature=0.9, top_p=0.8),  # a full sort
+])
+def test_a_rows_token_does_not_depend_on_its_batch_mates(params):
+    """Batch-mates decide how candidates are found (their k, whether one needs a sort): each
+    row's token is the one it draws alone."""
+    torch.manual_seed(2)
+    logits = torch.randn(24, 300) * 2
+    mates = [SamplingParams(temperature=0.5, top_k=40), SamplingParams(temperature=1.3, top_p=0.5),
+             SamplingParams(temperature=0), SamplingParams(temperature=2.0)]
+    batch = [params if i % 2 == 0 else mates[(i // 2) % 4] for i in range(24)]
+    seeds = [100 + i for i in range(24)]
+    got = sample_tokens(logits, batch, seeds, list(range(24)))
+    for i in range(0, 24, 2):
+        alone = sample_tokens(logits[i:i + 1], [params], [seeds[i]], [i])
+        assert got[i] == alone[0], i
+
+
+def test_the_noise_is_gumbel_distributed():
+    """The CDF of the noise of 200,000 token ids under one key, at nine points, against
+    exp(-exp(-g)) within 5 binomial standard deviations."""
+    n = 200_000
+    lo, hi = draw_key(3, 11)
+    g = gumbel_noise(torch.arange(n), torch.tensor(lo), torch.tensor(hi)).double()
+    assert torch.isfinite(g).all()
+    for q in (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0):
+        cdf = math.exp(-math.exp(-q))
+        sd = math.sqrt(cdf * (1 - cdf) / n)
+        assert abs((g <= q).double().mean().item() - cdf) <= 5 * sd, q
+
+
+@pytest.mark.parametrize("neighbour", ["position", "seed"])
+def test_draws_at_neighbouring_positions_and_seeds_are_independent(neighbour):
+    """Two equally likely tokens drawn at positions i and i + 1 (or with seeds s and s + 1, as
+    the server numbers a request's choices): each of the four pairs a quarter of the time."""
+    logits = torch.zeros(DRAWS + 1, 2)
+    params = SamplingParams(temperature=1.0)
+    if neighbour == "position":
+        t = _draw(logits, params, seed=9)
+        a, b = t[:-1], t[1:]
+    else:
+        rows, pos = logits[:DRAWS], list(range(DRAWS))
+        a = sample_tokens(rows, [params] * DRAWS, list(range(9, 9 + DRAWS)), pos)
+        b = sample_tokens(rows, [params] * DRAWS, list(range(10, 10 + DRAWS)), pos)
+    pairs = torch.bincount(a * 2 + b, minlength=4).double() / DRAWS
+    _assert_close_to(pairs, torch.full((4,), 0.25))
+
+
+def test_refuses_mismatched_rows_in_one_line():
+    with pytest.raises(ValueError, match="3 rows of logits need as many params, seeds and "
+                                         "positions, got 2, 3, 3"):
+        sample_tokens(torch.randn(3, 5), [SamplingParams()] * 2, [0] * 3, [0] * 3)
 
 
 def test_bounds_of_the_frequency_check_are_tight_enough_to_fail():

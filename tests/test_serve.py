@@ -417,19 +417,28 @@ def test_sigterm_aborts_what_outlives_the_drain_timeout_and_exits_0(checkpoint):
 def test_chat_reply_does_not_start_with_the_templates_space(server):
     """The default template ends at "Assistant:" and the model writes the space after it; that
     space belongs to the "Role: content" format, so the reply is the completion of the same
-    rendered prompt without it (and the stream says the same)."""
+    rendered prompt without it (and the stream says the same). Checked for seeds whose first
+    token starts with the space (~2% of them for this model: found with n = 64 choices, whose
+    seeds are seed, seed + 1, ...) and seeds whose first token does not."""
     rendered = "User: hi\n\nAssistant:"
-    spaced = 0
-    for seed in range(12):
+    spaced, plain = [], []
+    for base in range(0, 512, 64):
+        firsts = server.post(C, completion(prompt=rendered, max_tokens=1, temperature=1.0, n=64,
+                                           seed=base, ignore_eos=True)).json()["choices"]
+        for choice in firsts:
+            (spaced if choice["text"].startswith(" ") else plain).append(base + choice["index"])
+        if spaced:
+            break
+    assert spaced, "no seed's completion starts with the space: the test could not fail"
+    for seed in spaced[:2] + plain[:3]:
         sampling = {"max_tokens": 5, "temperature": 1.0, "seed": seed, "ignore_eos": True}
         raw = server.post(C, completion(prompt=rendered, **sampling)).json()
         text = raw["choices"][0]["text"]
+        assert text.startswith(" ") == (seed in spaced), (seed, text)
         reply = server.post(CH, chat(**sampling)).json()["choices"][0]["message"]["content"]
         assert reply == text.removeprefix(" "), (seed, text, reply)
         events = parse_sse(server.post(CH, chat(**sampling, stream=True)).text)
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == reply
-        spaced += text.startswith(" ")
-    assert spaced >= 1  # some completions did start with the space, so the test can fail
 
 
 def moeflow_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:

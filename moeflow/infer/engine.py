@@ -22,13 +22,14 @@ groups.
 
 Why a request's tokens do not depend on its batch-mates: every forward the engine runs routes
 with `inference=True` (dropless, so no competition for expert slots, and no router noise), every
-row attends only to its own slot, and each request samples with its own torch.Generator (seeded
-from `SamplingParams.seed`, else from the global RNG). The routing mode is an argument of the
-engine's forwards, not a setting of the model: the engine changes nothing on the model it is
-given (not even `model.training`), so a model shared with a trainer trains as before. The one
-exception is `EngineConfig.offload` (`--gpu-memory`): a model that does not fit the GPU must be
-placed by the engine, which moves its experts to host memory behind a GPU expert cache and the
-rest to the device (moeflow.infer.offload.placement).
+row attends only to its own slot, and a sampled token is a function of its row's logits, the
+request's parameters and seed (`SamplingParams.seed`, else a random one drawn at add_request) and
+the token's position (moeflow.infer.sampling: counter-based noise, no generator state). The
+routing mode is an argument of the engine's forwards, not a setting of the model: the engine
+changes nothing on the model it is given (not even `model.training`), so a model shared with a
+trainer trains as before. The one exception is `EngineConfig.offload` (`--gpu-memory`): a
+model that does not fit the GPU must be placed by the engine, which moves its experts to host
+memory behind a GPU expert cache and the rest to the device (moeflow.infer.offload.placement).
 
 On several ranks (tensor slicing × expert parallelism, moeflow.parallel.inference) every rank
 builds an Engine over its shard of the model with the same `channel` (moeflow.infer.ranks):
@@ -71,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import secrets
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -82,7 +84,7 @@ from moeflow.infer.next_tokens import NextTokens, SampledTokens
 from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.infer.offload.placement import ExpertOffload, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
-from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_next
+from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_tokens
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
@@ -253,12 +255,8 @@ class Engine:
             raise ValueError(f"request_id={request_id!r}: already in use (until step() has "
                              f"returned its last event)")
         prompt_groups = self._check_groups(groups, len(prompt))
-        generator = torch.Generator(device=self.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
-        self.scheduler.add(Request(request_id, prompt, params, generator, prompt_groups))
+        seed = secrets.randbits(63) if params.seed is None else params.seed
+        self.scheduler.add(Request(request_id, prompt, params, seed, prompt_groups))
         self._live_ids.add(request_id)
         return request_id
 
@@ -513,19 +511,18 @@ class Engine:
                 greedy_B: torch.Tensor | None, first_slot: int) -> SampledTokens:
         """Each row's next token, on the device, recorded as the next input of the requests'
         slots (first_slot onwards): greedy rows take their argmax (`greedy_B`, or computed
-        here), sampled rows are drawn one by one with their own generator. No host sync."""
+        here), sampled rows are drawn together, each for its position in its sequence (the
+        tokens its cache holds: a new token's index) under its seed. No host sync."""
         if self.logits_hook is not None:
             for request, row_V in zip(requests, logits_BV):
                 self.logits_hook(request.request_id, row_V)
-        if greedy_B is None:
+        if greedy_B is None and any(r.params.greedy for r in requests):
             greedy_B = greedy_tokens(logits_BV, self._argmax_tickets)
         tokens_B = greedy_B
         if not all(r.params.greedy for r in requests):
-            tokens_B = greedy_B.clone()
-            for i, request in enumerate(requests):
-                if not request.params.greedy:
-                    tokens_B[i] = sample_next(logits_BV[i:i + 1], request.params,
-                                              request.generator)[0]
+            tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
+                                     [r.seed for r in requests], [r.cached for r in requests],
+                                     greedy_B)
         return self.next_tokens.record(first_slot, tokens_B, requests)
 
     def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:

@@ -2,16 +2,32 @@
 
 temperature == 0 means greedy (argmax, ties to the lower id). Otherwise logits are divided by the
 temperature (any > 0: a tiny one samples among the tied maxima), filtered to the top_k best
-(0 = all) and to the smallest set whose probability reaches top_p, and sampled with the given
-torch.Generator (reproducible for a fixed seed).
+(0 = all; exactly k tokens, ties at the k-th value kept in the order torch.topk gives them) and
+to the smallest set whose probability reaches top_p, and sampled.
+
+One draw for a whole batch: the sampled rows of a step are drawn together, whatever their
+parameters (`sample_tokens`: a top-k or a sort over the rows, then one pass per row; one Triton
+launch on CUDA, moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead
+of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
+the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
+is distributed as softmax(x) over the kept tokens. The noise is counter-based, with no generator
+state: u of token v is a hash of v and the draw's key, and the key a hash of the request's seed
+and the position in the sequence of the token being drawn (`draw_key`). So a row's token is a
+function of its logits, its parameters, its seed and its position only: the same alone or in any
+batch, pipelined or not, replayed or resumed. (Batch-mates decide whether the candidates come
+from a top-k or a full sort; the kept set is the same except among tokens tied at a row's k-th
+value.)
 
 Stopping is part of the request: `stop_token_ids` end it when one of them is produced,
 `stop_sequences` (token-id tuples) when the generated tokens end with one of them; the stopping
 tokens are still emitted. Lists are accepted and stored as tuples so params stay hashable.
+
+Legend: B rows of logits, V vocabulary, S sampled rows, N candidates per row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +43,8 @@ class SamplingParams:
     top_k: int = option("sample among the k most likely tokens (0 = all)", default=0)
     top_p: float = option("nucleus sampling: the smallest set of tokens with this much "
                           "probability", default=1.0)
-    seed: int | None = option("seed for reproducible sampling", default=None)
+    seed: int | None = option("seed for reproducible sampling (none: a random one per request)",
+                              default=None)
     stop_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
@@ -47,7 +64,7 @@ class SamplingParams:
         number("temperature", self.temperature, lo=0)
         integer("top_k", self.top_k, lo=0)
         number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
-        integer("seed", self.seed, lo=0, hi=2**63 - 1, optional=True)  # a torch.Generator's
+        integer("seed", self.seed, lo=0, hi=2**63 - 1, optional=True)  # OpenAI's and vLLM's range
 
     @property
     def greedy(self) -> bool:
@@ -68,25 +85,131 @@ def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
     return torch.argmax(logits_BV, dim=-1, out=out)
 
 
-def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token id per row: [B] int64."""
-    logits = logits_BV.float()
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    # Shifted to a maximum of 0 first (softmax does not change): at a tiny temperature the
-    # others go to -inf rather than the maximum to inf, which would make every probability NaN;
-    # and at least float32's smallest normal, which a smaller one would round to 0 (0 / 0).
-    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p  # keep the first past p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- counter-based noise ----------------------------------------------------------------------
+
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / the golden ratio: splitmix64's step
+# A 32-bit multiply-xorshift hash (a bijection); both multipliers are below 2^31, so a product
+# with a 32-bit value fits int64 exactly and torch needs no unsigned type.
+HASH_MUL_1, HASH_MUL_2 = 0x21F0AAAD, 0x735A2D97
+# The sampler's per-row table, float64 [S, 6] (every column exact: ids and keys < 2^53).
+TABLE_COLUMNS = ("temperature", "top_k", "top_p", "key_lo", "key_hi", "row")
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit ints in which every input bit moves every
+    output bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def draw_key(seed: int, position: int) -> tuple[int, int]:
+    """The key of the draw of the token at `position` (its index in the whole sequence, prompt
+    included) of a request sampled with `seed`: 64 bits as two 32-bit halves. Host side, exact."""
+    key = _mix64((_mix64(seed) + (position + 1) * _GOLDEN) & _M64)
+    return key & _M32, key >> 32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash of int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * HASH_MUL_1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * HASH_MUL_2) & _M32
+    return x ^ (x >> 15)
+
+
+def gumbel_noise(ids: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise (fp32) of token ids (int64, < 2^32) under a draw's key (int64 halves,
+    broadcast against ids): u = (h + 1/2) / 2^32 from the hash h of id and key, g = -log(-log u).
+    Where u >= 1/2, -log u is -log1p(-w) with w = 1 - u held exactly, so that u near 1 (which
+    fp32 rounds to 1: an infinite g) keeps its precision; log1p by Kahan's identity, log(1 - w)
+    * w / (1 - (1 - w)), so that the Triton kernel needs no log1p. Every g is finite, between
+    -3.1 and 22.9."""
+    h = _hash32(_hash32(ids ^ key_lo) ^ key_hi)
+    scale = 2.0 ** -32
+    low = h < 2 ** 31
+    w = ((_M32 - h).float() + 0.5) * scale
+    u = torch.where(low, (h.float() + 0.5) * scale, 1.0 - w)
+    e = -torch.log(u)
+    e = torch.where(low, e, torch.where(u == 1.0, w, e * (w / (1.0 - u))))
+    return -torch.log(e)
+
+
+# -- the batched draw -------------------------------------------------------------------------
+
+def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
+                   out_B: torch.Tensor, *, ranked: bool, top_p: bool) -> torch.Tensor:
+    """Plain-torch draw: for each row of the table, the token of logits row `row` drawn from its
+    candidates (values_BN[row], token ids ids_BN[row], or 0..N-1 when None; `ranked`: sorted
+    best first, as top-k and top-p need), written into out_B[row] (returned). `top_p`: apply the
+    rows' top_p (else ignored). The reference of moeflow.ops.sample_triton, the same arithmetic."""
+    rows = table_S6[:, 5].long()
+    x = values_BN.index_select(0, rows).float()
+    N = x.shape[1]
+    temperature = table_S6[:, 0:1].float()
+    x = (x - (x[:, :1] if ranked else x.amax(dim=-1, keepdim=True))) / temperature
+    j = torch.arange(N, device=x.device)
+    k = table_S6[:, 1:2].long()
+    keep = j < torch.where(k > 0, k, N) if ranked else torch.ones_like(x, dtype=torch.bool)
+    if top_p:
+        e = torch.where(keep, x.exp(), 0.0)
+        p = table_S6[:, 2:3].float()
+        mass = torch.where(p < 1.0, e.sum(dim=-1, keepdim=True) * p, float("inf"))
+        keep &= (e.cumsum(dim=-1) - e) < mass  # up to and including the first to reach p
+    ids = j.expand(len(rows), N) if ids_BN is None else ids_BN.index_select(0, rows)
+    if ranked and x.device.type == "cpu":  # each row keeps a prefix: noise for the longest
+        n = int(keep.any(dim=0).nonzero().max()) + 1
+        x, keep, ids = x[:, :n], keep[:, :n], ids[:, :n]
+    g = gumbel_noise(ids, table_S6[:, 3:4].long(), table_S6[:, 4:5].long())
+    best = torch.where(keep, x + g, float("-inf")).argmax(dim=-1, keepdim=True)
+    return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
+
+
+def _use_kernel(logits: torch.Tensor) -> bool:
+    return logits.is_cuda and triton_available()
+
+
+def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
+                  seeds: Sequence[int], positions: Sequence[int],
+                  greedy_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's next token, [B] int64 on the logits' device, with no host sync: row i drawn
+    with params[i] for the token at positions[i] of the sequence sampled with seeds[i]
+    (`draw_key`); greedy rows take their argmax (`greedy_B` when the caller has it)."""
+    B, V = logits_BV.shape
+    if not len(params) == len(seeds) == len(positions) == B:
+        raise ValueError(f"sample_tokens: {B} rows of logits need as many params, seeds and "
+                         f"positions, got {len(params)}, {len(seeds)}, {len(positions)}")
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if greedy_B is None and len(sampled) < B:
+        greedy_B = greedy_tokens(logits_BV)
+    if not sampled:
+        return greedy_B
+    tiny = torch.finfo(torch.float32).tiny  # a smaller temperature would round to 0 (0 / 0)
+    table = []
+    for i in sampled:
+        p = params[i]
+        table.append((max(p.temperature, tiny), p.top_k if p.top_k < V else 0, p.top_p,
+                      *draw_key(seeds[i], positions[i]), i))
+    ks = [row[1] for row in table]
+    top_p = any(row[2] < 1.0 for row in table)
+    if all(ks):  # the candidates: the best max(k) of each row, best first
+        values, ids = logits_BV.topk(max(ks), dim=-1)
+    elif top_p or any(ks):
+        values, ids = logits_BV.sort(dim=-1, descending=True)
+    else:  # temperature only: the whole row, as it is
+        values, ids = logits_BV, None
+    ranked = ids is not None
+    cuda = logits_BV.is_cuda
+    table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
+        torch.tensor(table, dtype=torch.float64)
+    table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
+    out = (torch.empty(B, dtype=torch.int64, device=logits_BV.device) if greedy_B is None
+           else greedy_B.clone())
+    if _use_kernel(logits_BV):
+        from moeflow.ops.sample_triton import draw_triton
+        return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p)
+    return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p)

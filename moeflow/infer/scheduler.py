@@ -25,7 +25,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-import torch
 
 from moeflow.infer.sampling import SamplingParams
 
@@ -35,7 +34,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # its draws' (moeflow.infer.sampling.draw_key)
     # Expert groups: the prompt tokens' group ids (None: the model has no groups); generated
     # tokens continue in the last prompt token's group (`decode_group`).
     prompt_groups: list[int] | None = None

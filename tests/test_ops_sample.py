@@ -1,0 +1,97 @@
+"""The sampled rows' one-launch draw (moeflow.ops.sample_triton) against its plain-torch reference
+(moeflow.infer.sampling.draw_reference), token for token: the three ways candidates come (the
+whole row, a top-k, a full sort), fp32 and bf16, rows of mixed temperature / k / p (k past the
+candidates, p = 1 beside p < 1, a tiny temperature), a table naming only some rows (the others
+keep their greedy tokens), several tiles per row. Under Triton's interpreter on tiny rows
+(16-candidate tiles); on a GPU also the Qwen3-30B-A3B vocabulary through sample_tokens."""
+
+import pytest
+
+from tests._triton_cpu import DEVICE, ON_GPU  # noqa: I001  (sets TRITON_INTERPRET first)
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from moeflow.infer import sampling  # noqa: E402
+from moeflow.infer.sampling import (SamplingParams, draw_key, draw_reference,  # noqa: E402
+                                    sample_tokens)
+from moeflow.ops.sample_triton import draw_triton  # noqa: E402
+
+# (temperature, top_k, top_p) per row: every row differs from the next
+ROWS = [(0.8, 5, 0.9), (1.0, 0, 0.7), (1e-30, 12, 1.0), (1.7, 40, 0.95), (0.6, 200, 0.5),
+        (2.5, 1, 1.0), (1.0, 0, 1.0)]
+
+
+def _table(rows: list[int], seed: int = 3) -> torch.Tensor:
+    return torch.tensor([(*ROWS[r % len(ROWS)], *draw_key(seed + r, 17 + r), r) for r in rows],
+                        dtype=torch.float64, device=DEVICE)
+
+
+def _both(values, ids, table, ranked, top_p):
+    B = values.shape[0]
+    filler = torch.arange(100, 100 + B, device=DEVICE)
+    ref = draw_reference(values, ids, table, filler.clone(), ranked=ranked, top_p=top_p)
+    got = draw_triton(values, ids, table, filler.clone(), ranked=ranked, top_p=top_p)
+    return ref, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["whole", "top-k", "sort"])
+@pytest.mark.parametrize("V", [37, 100])
+def test_the_kernel_draws_the_references_tokens(how, V, dtype):
+    torch.manual_seed(V)
+    B = 7
+    logits = (torch.randn(B, V, device=DEVICE) * 3).to(dtype)
+    if how == "whole":
+        values, ids, ranked = logits, None, False
+    elif how == "top-k":
+        values, ids = logits.topk(min(V, 24), dim=-1)
+        ranked = True
+    else:
+        values, ids = logits.sort(dim=-1, descending=True)
+        ranked = True
+    for seed in range(4):
+        table = _table(list(range(B)), seed)
+        ref, got = _both(values.contiguous(), ids, table, ranked, top_p=how != "whole")
+        assert torch.equal(got, ref), (seed, got, ref)
+
+
+def test_rows_outside_the_table_keep_their_tokens_and_the_table_may_skip_and_reorder():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50, device=DEVICE)
+    values, ids = logits.sort(dim=-1, descending=True)
+    table = _table([4, 1, 3])
+    ref, got = _both(values, ids, table, ranked=True, top_p=True)
+    assert torch.equal(got, ref)
+    assert got[[0, 2, 5]].tolist() == [100, 102, 105]
+    assert got[4] != 104 and 0 <= got[4] < 50
+
+
+def test_an_empty_table_changes_nothing_and_bad_tables_are_named():
+    values = torch.randn(3, 10, device=DEVICE)
+    out = torch.arange(3, device=DEVICE)
+    empty = torch.empty(0, 6, dtype=torch.float64, device=DEVICE)
+    assert draw_triton(values, None, empty, out, ranked=False, top_p=False).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"table must be float64 \[S, 6\]"):
+        draw_triton(values, None, empty.float(), out, ranked=False, top_p=False)
+    with pytest.raises(ValueError, match="candidate ids must match"):
+        draw_triton(values, torch.zeros(3, 9, dtype=torch.int64, device=DEVICE), _table([0]), out,
+                    ranked=True, top_p=False)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the full vocabulary needs a GPU (interpreter: minutes)")
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.95),
+    SamplingParams(temperature=0.8, top_p=0.95),
+])
+def test_sample_tokens_on_the_gpu_matches_the_reference_at_qwen3s_vocabulary(params,
+                                                                             monkeypatch):
+    torch.manual_seed(1)
+    B, V = 16, 151936
+    logits = (torch.randn(B, V, device=DEVICE) * 4).bfloat16()
+    got = sample_tokens(logits, [params] * B, list(range(B)), [50] * B)
+    # the same candidates (the same device's top-k or sort), drawn by the reference
+    monkeypatch.setattr(sampling, "triton_available", lambda: False)
+    assert torch.equal(got, sample_tokens(logits, [params] * B, list(range(B)), [50] * B))
