@@ -396,14 +396,19 @@ def training_losses_and_biases():
 
 
 def sampled_draw():
-    """The sampler's draw over a whole row (temperature only), over top-k or sorted candidates
-    with top-p, and with top-k alone; bf16 logits, the launcher's tile and warps."""
-    for ranked, top_p in ((False, False), (True, True), (True, False)):
-        compile_sm90(sample_triton._draw_kernel,
+    """The sampler's draws: over top-k or sorted candidates with top-p and with top-k alone,
+    and over whole rows in tiles (temperature only); bf16 logits, the launcher's tiles and
+    warps (151,936 logits: 75 tiles)."""
+    for top_p in (True, False):
+        compile_sm90(sample_triton._draw_ranked_kernel,
                      {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
                       "out_ptr": "*i64", **_args("stride_v stride_i N", "i32")},
-                     {"RANKED": ranked, "HAS_IDS": ranked, "TOP_P": top_p,
-                      "BLOCK": sample_triton.BLOCK}, num_warps=8)
+                     {"TOP_P": top_p, "BLOCK": sample_triton.BLOCK}, num_warps=8)
+    compile_sm90(sample_triton._draw_whole_rows_kernel,
+                 {"val_ptr": "*bf16", "table_ptr": "*fp64", "argmax_ptr": "*i64",
+                  "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
+                  "tickets_ptr": "*i32", **_args("stride_v V P", "i32")},
+                 {"BLOCK": sample_triton.BLOCK, "BLOCK_P": 128}, num_warps=8)
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, persistent_experts,

@@ -1,8 +1,9 @@
 """The sampled rows' one-launch draw (moeflow.ops.sample_triton) against its plain-torch reference
 (moeflow.infer.sampling.draw_reference), token for token: the three ways candidates come (the
-whole row, a top-k, a full sort), fp32 and bf16, rows of mixed temperature / k / p (k past the
-candidates, p = 1 beside p < 1, a tiny temperature), a table naming only some rows (the others
-keep their greedy tokens), several tiles per row. Under Triton's interpreter on tiny rows
+whole row, in tiles reduced by the last to arrive; a top-k; a full sort), fp32 and bf16, rows
+of mixed temperature / k / p (k past the candidates, p = 1 beside p < 1, a tiny temperature), a
+table naming only some rows (the others keep their greedy tokens), several tiles per row, NaN
+rows. Under Triton's interpreter on tiny rows
 (16-candidate tiles); on a GPU also the Qwen3-30B-A3B vocabulary through sample_tokens."""
 
 import pytest
@@ -32,7 +33,10 @@ def _both(values, ids, table, ranked, top_p):
     B = values.shape[0]
     filler = torch.arange(100, 100 + B, device=DEVICE)
     ref = draw_reference(values, ids, table, filler.clone(), ranked=ranked, top_p=top_p)
-    got = draw_triton(values, ids, table, filler.clone(), ranked=ranked, top_p=top_p)
+    tickets = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    got = draw_triton(values, ids, table, filler.clone(), ranked=ranked, top_p=top_p,
+                      argmax_B=values.argmax(dim=-1), tickets=tickets)
+    assert not tickets.any()  # left at 0 for the next launch
     return ref, got
 
 
@@ -68,6 +72,17 @@ def test_rows_outside_the_table_keep_their_tokens_and_the_table_may_skip_and_reo
     assert got[4] != 104 and 0 <= got[4] < 50
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max
+def test_whole_rows_of_nan_logits_draw_their_greedy_token_not_an_id_outside_the_vocabulary():
+    values = torch.randn(3, 40, device=DEVICE)
+    values[1] = float("nan")
+    values[2, 7] = float("nan")
+    argmax = values.argmax(dim=-1)
+    got = draw_triton(values, None, _table([0, 1, 2]), torch.full((3,), -1, device=DEVICE),
+                      ranked=False, top_p=False, argmax_B=argmax)
+    assert got[1] == argmax[1] and got[2] == argmax[2] and 0 <= got[0] < 40
+
+
 def test_an_empty_table_changes_nothing_and_bad_tables_are_named():
     values = torch.randn(3, 10, device=DEVICE)
     out = torch.arange(3, device=DEVICE)
@@ -75,6 +90,10 @@ def test_an_empty_table_changes_nothing_and_bad_tables_are_named():
     assert draw_triton(values, None, empty, out, ranked=False, top_p=False).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match=r"table must be float64 \[S, 6\]"):
         draw_triton(values, None, empty.float(), out, ranked=False, top_p=False)
+    with pytest.raises(ValueError, match=r"whole rows need their argmax"):
+        draw_triton(values, None, _table([0]), out, ranked=False, top_p=False)
+    with pytest.raises(ValueError, match="ranked candidates need their token ids"):
+        draw_triton(values, None, _table([0]), out, ranked=True, top_p=False)
     with pytest.raises(ValueError, match="candidate ids must match"):
         draw_triton(values, torch.zeros(3, 9, dtype=torch.int64, device=DEVICE), _table([0]), out,
                     ranked=True, top_p=False)

@@ -522,7 +522,7 @@ class Engine:
         if not all(r.params.greedy for r in requests):
             tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
                                      [r.seed for r in requests], [r.cached for r in requests],
-                                     greedy_B)
+                                     greedy_B, self._argmax_tickets)
         return self.next_tokens.record(first_slot, tokens_B, requests)
 
     def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:

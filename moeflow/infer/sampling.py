@@ -6,9 +6,9 @@ temperature (any > 0: a tiny one samples among the tied maxima), filtered to the
 to the smallest set whose probability reaches top_p, and sampled.
 
 One draw for a whole batch: the sampled rows of a step are drawn together, whatever their
-parameters (`sample_tokens`: a top-k or a sort over the rows, then one pass per row; one Triton
-launch on CUDA, moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead
-of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
+parameters (`sample_tokens`: a top-k or a sort over the rows, then one Triton launch on CUDA,
+moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead of a chain of
+ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
 the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
 is distributed as softmax(x) over the kept tokens. The noise is counter-based, with no generator
 state: u of token v is a hash of v and the draw's key, and the key a hash of the request's seed
@@ -175,19 +175,20 @@ def _use_kernel(logits: torch.Tensor) -> bool:
 
 def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                   seeds: Sequence[int], positions: Sequence[int],
-                  greedy_B: torch.Tensor | None = None) -> torch.Tensor:
+                  greedy_B: torch.Tensor | None = None,
+                  tickets: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's next token, [B] int64 on the logits' device, with no host sync: row i drawn
     with params[i] for the token at positions[i] of the sequence sampled with seeds[i]
-    (`draw_key`); greedy rows take their argmax (`greedy_B` when the caller has it)."""
+    (`draw_key`); greedy rows take their argmax (`greedy_B`: every row's, when the caller has
+    them). `tickets`: int32 zeros, at least B, for the Triton kernels (moeflow.ops.tickets;
+    None: made per call)."""
     B, V = logits_BV.shape
     if not len(params) == len(seeds) == len(positions) == B:
         raise ValueError(f"sample_tokens: {B} rows of logits need as many params, seeds and "
                          f"positions, got {len(params)}, {len(seeds)}, {len(positions)}")
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if greedy_B is None and len(sampled) < B:
-        greedy_B = greedy_tokens(logits_BV)
     if not sampled:
-        return greedy_B
+        return greedy_B if greedy_B is not None else greedy_tokens(logits_BV, tickets)
     tiny = torch.finfo(torch.float32).tiny  # a smaller temperature would round to 0 (0 / 0)
     table = []
     for i in sampled:
@@ -203,13 +204,17 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
     ranked = ids is not None
+    kernel = _use_kernel(logits_BV)
+    if greedy_B is None and (len(sampled) < B or (kernel and not ranked)):
+        greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the kernel's shift
     cuda = logits_BV.is_cuda
     table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
         torch.tensor(table, dtype=torch.float64)
     table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
     out = (torch.empty(B, dtype=torch.int64, device=logits_BV.device) if greedy_B is None
            else greedy_B.clone())
-    if _use_kernel(logits_BV):
+    if kernel:
         from moeflow.ops.sample_triton import draw_triton
-        return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p)
+        return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
+                           argmax_B=greedy_B, tickets=tickets)
     return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p)

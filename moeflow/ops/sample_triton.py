@@ -2,23 +2,29 @@
 Gumbel-max draw over each row's candidates (moeflow.infer.sampling, whose `draw_reference` this
 is, operation for operation).
 
-Why: drawn with torch ops one row at a time, a sampled row cost ~20 launches (cast, max,
-divide, top-k, sort, softmaxes, cumsum, scatter, multinomial) after the decode graph, ~320 for a
-batch of 16 (benchmarks/NOTES-infer.md, "Sampled decode"); here the batch's candidates come from
-one top-k or sort (moeflow.infer.sampling.sample_tokens) and this one launch does the rest.
+Why: drawn with torch ops one row at a time, a sampled row cost 16-19 kernels (cast, max,
+divide, top-k, sort, softmaxes, cumsum, scatter, multinomial) after the decode graph, 305 for a
+16-row step with top-k and top-p (benchmarks/NOTES-infer.md, "Sampled decode"); here the batch's
+candidates come from one top-k or sort (moeflow.infer.sampling.sample_tokens) and one launch
+does the rest. Two kernels, by how the candidates come:
 
-One program per sampled row: the table row (temperature, k, p, the draw's key, the logits row)
-gives what to do; the row's candidates are read in tiles of BLOCK, best first when `RANKED`:
-  1. the shift: the first candidate when ranked, else a pass for the row's maximum;
-  2. with `TOP_P`, a pass for the mass of the k best (the softmax's denominator);
-  3. the draw: x = (value - max) / temperature, kept while within the k best and, with top-p,
-     while the mass before it is below p of the total (a running sum carried across tiles: the
-     loop ends at the tile where it reaches the limit); the row's token is the kept candidate
-     with the largest x + g, g the Gumbel noise of its id under the draw's key
-     (moeflow.infer.sampling.gumbel_noise's hash, in uint32 arithmetic).
+- ranked (a top-k or a sort, best first): one program per sampled row, its table row
+  (temperature, k, p, the draw's key, the logits row) saying what to do, the candidates read
+  in tiles of BLOCK: with `TOP_P` a pass for the mass of the k best (the softmax's
+  denominator); then x = (value - best) / temperature, kept while within the k best and, with
+  top-p, while the mass before it is below p of the total (a running sum carried across tiles:
+  the loop ends at the tile where it reaches the limit); the row's token is the kept candidate
+  with the largest x + g, g the Gumbel noise of its id under the draw's key
+  (moeflow.infer.sampling.gumbel_noise's hash, in uint32 arithmetic);
+- whole rows (temperature only, the default request): nothing needs order, so the vocabulary
+  is cut into tiles, one program per (row, tile) finds its tile's best x + g (the shift read at
+  the row's argmax, the greedy token the caller has), and the last program of the row to
+  arrive (moeflow.ops.tickets) reduces the tiles' bests: one round of loads over the GPU
+  rather than one program's passes over 151,936 logits.
+
 The token goes to out[row]; rows not in the table keep what out holds (the greedy tokens).
 
-Legend: S sampled rows (programs), B logits rows, N candidates per row.
+Legend: S sampled rows, B logits rows, N candidates per row, P tiles per row.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import triton
 import triton.language as tl
 
 from moeflow.infer.sampling import HASH_MUL_1, HASH_MUL_2, TABLE_COLUMNS
-from moeflow.ops.grid import next_power_of_2
+from moeflow.ops.grid import cdiv, next_power_of_2
+from moeflow.ops.tickets import last_to_arrive
 
 BLOCK = 2048  # candidates per tile (a 151,936-token row: 75 tiles)
 INTERPRETER_BLOCK = 16  # the CPU tests' tiles: several per row
@@ -61,9 +68,9 @@ def _gumbel(ids, key_lo, key_hi):
 
 
 @triton.jit
-def _draw_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
-                 RANKED: tl.constexpr, HAS_IDS: tl.constexpr, TOP_P: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
+                        TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Candidates best first (a top-k or a sort): one program per sampled row."""
     s = tl.program_id(0)
     temperature = tl.load(table_ptr + s * 6).to(tl.float32)
     k = tl.load(table_ptr + s * 6 + 1).to(tl.int32)
@@ -73,16 +80,8 @@ def _draw_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
     row = tl.load(table_ptr + s * 6 + 5).to(tl.int64)
     vals = val_ptr + row * stride_v
     offs = tl.arange(0, BLOCK)
-    n = N
-    if RANKED:
-        top = tl.load(vals).to(tl.float32)
-        n = tl.where((k > 0) & (k < N), k, N)
-    else:
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        for start in range(0, N, BLOCK):
-            v = tl.load(vals + start + offs, mask=start + offs < N, other=float("-inf"))
-            best = tl.maximum(best, v.to(tl.float32))
-        top = tl.max(best, axis=0)
+    top = tl.load(vals).to(tl.float32)
+    n = tl.where((k > 0) & (k < N), k, N)
     limit = float("inf")
     if TOP_P:
         mass = tl.zeros([BLOCK], tl.float32)
@@ -93,10 +92,7 @@ def _draw_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
         limit = tl.where(p < 1.0, tl.sum(mass, axis=0) * p, float("inf"))
     carried = tl.zeros([], tl.float32)
     best_score = float("-inf")
-    if HAS_IDS:
-        best_id = tl.load(id_ptr + row * stride_i).to(tl.int64)
-    else:
-        best_id = tl.zeros([], tl.int64)
+    best_id = tl.load(id_ptr + row * stride_i).to(tl.int64)  # kept whatever the scores
     start = 0
     # Past the tile where the mass before a candidate reaches the limit nothing more is kept:
     # a top-p row stops there (its nucleus), not at the end of its sorted vocabulary.
@@ -111,10 +107,7 @@ def _draw_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
             before = carried + tl.cumsum(e, axis=0) - e
             keep = keep & (before < limit)
             carried += tl.sum(e, axis=0)
-        if HAS_IDS:
-            ids = tl.load(id_ptr + row * stride_i + j, mask=valid, other=0).to(tl.int64)
-        else:
-            ids = j.to(tl.int64)
+        ids = tl.load(id_ptr + row * stride_i + j, mask=valid, other=0).to(tl.int64)
         score = tl.where(keep, x + _gumbel(ids, key_lo, key_hi), float("-inf"))
         tile_best = tl.max(score, axis=0)
         at = tl.min(tl.where(score == tile_best, offs, _NO_ID), axis=0)
@@ -126,9 +119,52 @@ def _draw_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
     tl.store(out_ptr + row, best_id)
 
 
+@triton.jit
+def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_ptr, at_ptr,
+                            out_ptr, tickets_ptr, P, BLOCK: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    """Temperature only, every row's whole vocabulary: one program per (sampled row, tile) finds
+    its tile's best x + g, the last of the row's P to arrive (moeflow.ops.tickets) the row's.
+    The shift is the row's maximum, read at its argmax (the greedy token)."""
+    s = tl.program_id(0)
+    t = tl.program_id(1)
+    temperature = tl.load(table_ptr + s * 6).to(tl.float32)
+    key_lo = tl.load(table_ptr + s * 6 + 3).to(tl.int64).to(tl.uint32)
+    key_hi = tl.load(table_ptr + s * 6 + 4).to(tl.int64).to(tl.uint32)
+    row = tl.load(table_ptr + s * 6 + 5).to(tl.int64)
+    argmax = tl.load(argmax_ptr + row)
+    top = tl.load(val_ptr + row * stride_v + argmax).to(tl.float32)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < V
+    v = tl.load(val_ptr + row * stride_v + offs, mask=valid, other=float("-inf"))
+    x = (v.to(tl.float32) - top) / temperature
+    score = tl.where(valid, x + _gumbel(offs.to(tl.int64), key_lo, key_hi), float("-inf"))
+    best = tl.max(score, axis=0)
+    # A valid offset only: with NaN logits the max may be the padding's -inf.
+    at = tl.min(tl.where((score == best) & valid, offs, _NO_ID), axis=0)
+    tl.store(score_ptr + s * P + t, best)
+    tl.store(at_ptr + s * P + t, at)
+    if last_to_arrive(tickets_ptr + s, P):
+        ps = tl.arange(0, BLOCK_P)
+        pmask = ps < P
+        # Through L2 (.cg): the other programs' partials, not this SM's L1 copy.
+        scores = tl.load(score_ptr + s * P + ps, mask=pmask, other=float("-inf"),
+                         cache_modifier=".cg")
+        ats = tl.load(at_ptr + s * P + ps, mask=pmask, other=_NO_ID, cache_modifier=".cg")
+        best = tl.max(scores, axis=0)
+        at = tl.min(tl.where(scores == best, ats, _NO_ID), axis=0)  # ties: the lowest id
+        # No score at all (NaN logits): the greedy token, never an id outside the vocabulary.
+        tl.store(out_ptr + row, tl.where(at == _NO_ID, argmax, at.to(tl.int64)))
+
+
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
-                out_B: torch.Tensor, *, ranked: bool, top_p: bool) -> torch.Tensor:
-    """moeflow.infer.sampling.draw_reference as one launch (same arguments; returns out_B)."""
+                out_B: torch.Tensor, *, ranked: bool, top_p: bool,
+                argmax_B: torch.Tensor | None = None,
+                tickets: torch.Tensor | None = None) -> torch.Tensor:
+    """moeflow.infer.sampling.draw_reference as one launch (same arguments; returns out_B).
+    Whole rows (not `ranked`) also need each row's argmax (`argmax_B`, int64, the greedy
+    tokens) and are drawn by the tiled kernel, whose `tickets` are int32 zeros, at least S
+    (moeflow.ops.tickets; None: made here)."""
     if values_BN.dim() != 2 or values_BN.stride(1) != 1 or not values_BN.is_floating_point():
         raise ValueError("draw: candidates must be [B, N] floating point, rows contiguous")
     if table_S6.dtype != torch.float64 or table_S6.shape[1:] != (len(TABLE_COLUMNS),):
@@ -140,8 +176,24 @@ def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: 
         raise ValueError("draw: candidate ids must match the values' shape, rows contiguous")
     interpreting = not values_BN.is_cuda
     block = min(INTERPRETER_BLOCK if interpreting else BLOCK, max(16, next_power_of_2(N)))
-    ids = values_BN if ids_BN is None else ids_BN  # a placeholder pointer when ids are 0..N-1
-    _draw_kernel[(S,)](values_BN, values_BN.stride(0), ids, ids.stride(0), table_S6.contiguous(),
-                       out_B, N, RANKED=ranked, HAS_IDS=ids_BN is not None, TOP_P=top_p,
-                       BLOCK=block, num_warps=4 if block <= 256 else 8)
+    table_S6 = table_S6.contiguous()
+    if not ranked:
+        if argmax_B is None or argmax_B.dtype != torch.int64:
+            raise ValueError("draw: whole rows need their argmax (int64)")
+        if tickets is None:
+            tickets = torch.zeros(S, dtype=torch.int32, device=values_BN.device)
+        elif tickets.dtype != torch.int32 or tickets.numel() < S:
+            raise ValueError(f"draw: tickets must be int32 zeros, at least {S}")
+        P = cdiv(N, block)
+        score_SP = torch.empty(S, P, dtype=torch.float32, device=values_BN.device)
+        at_SP = torch.empty(S, P, dtype=torch.int32, device=values_BN.device)
+        _draw_whole_rows_kernel[(S, P)](values_BN, values_BN.stride(0), N, table_S6, argmax_B,
+                                        score_SP, at_SP, out_B, tickets, P, BLOCK=block,
+                                        BLOCK_P=next_power_of_2(P), num_warps=8)
+        return out_B
+    if ids_BN is None:
+        raise ValueError("draw: ranked candidates need their token ids")
+    _draw_ranked_kernel[(S,)](values_BN, values_BN.stride(0), ids_BN, ids_BN.stride(0),
+                              table_S6, out_B, N, TOP_P=top_p, BLOCK=block,
+                              num_warps=4 if block <= 256 else 8)
     return out_B
