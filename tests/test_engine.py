@@ -115,6 +115,35 @@ def test_batch_invariance_greedy_and_seeded_sampling():
     assert run_alone(model, ps[0], other) != run_alone(model, ps[0], sampled)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_sampled_token_is_the_draw_for_its_seed_and_its_position(pipelined):
+    """Each emitted token of sampled requests (mixed parameters, one greedy batch-mate) is
+    sample_tokens' draw of the logits row the engine saw, under the request's seed, at the
+    token's index in its sequence (prompt length + tokens before it): the engine's
+    bookkeeping of positions, pipelined or not."""
+    from moeflow.infer.sampling import sample_tokens
+
+    model = make_model("llama")
+    engine = Engine(model, EngineConfig(max_batch_size=3, pipelined_decode=pipelined))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    ps = prompts(4, seed=9)
+    params = [SamplingParams(max_new_tokens=6, temperature=1.2, seed=3),
+              SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, top_p=0.9, seed=4),
+              GREEDY, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.8, seed=5)]
+    ids = [engine.add_request(p, q) for p, q in zip(ps, params)]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token_id is not None:
+                out[event.request_id].append(event.token_id)
+    for prompt, q, rid in zip(ps, params, ids):
+        want = [sample_tokens(row[None], [q], [q.seed or 0], [len(prompt) + step]).item()
+                for step, row in enumerate(seen[rid])]
+        assert out[rid] == want[:len(out[rid])] and len(out[rid]) == q.max_new_tokens
+    assert len(set(map(tuple, out.values()))) == 4
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_requests_joining_and_leaving_mid_batch_match_alone(padded):
     model = make_model("llama")

@@ -250,3 +250,35 @@ def test_graph_prefill_equals_padded_prefill_and_matches_eager(elementwise):
         assert int(rows[0].argmax()) == int(captured[0].argmax()) == out_c[i][0]
         err = rel_err_S(captured, rows)
         assert float(err.mean()) < 2e-2 and float(err.max()) < 0.15, err.tolist()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (20, 0.9), (0, 0.9)])
+def test_sampled_tokens_are_the_reference_draws_of_the_logits_the_engine_saw(top_k, top_p,
+                                                                            monkeypatch):
+    """Sampled requests through the captured, pipelined decode (session 39's one-launch draws:
+    whole rows in tiles, top-k candidates, a sort): every emitted token is the plain-torch draw
+    of the logits row the engine saw, for that request's seed and the token's position. fp32,
+    so that no tie among candidates leaves their order to the top-k or sort."""
+    from moeflow.infer import sampling
+
+    model = qwen_like()
+    engine = Engine(model, EngineConfig(max_batch_size=3))
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    ps = prompts(4, seed=7)
+    params = [SamplingParams(max_new_tokens=STEPS, temperature=0.9, top_k=top_k, top_p=top_p,
+                             seed=40 + i) for i in range(4)]
+    ids = [engine.add_request(p, q) for p, q in zip(ps, params)]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token_id is not None:
+                out[event.request_id].append(event.token_id)
+    assert isinstance(engine._decoder, GraphDecoder)
+    monkeypatch.setattr(sampling, "_use_kernel", lambda logits: False)
+    for i, rid in enumerate(ids):
+        assert len(out[rid]) == STEPS
+        for step, token in enumerate(out[rid]):
+            want = sampling.sample_tokens(seen[rid][step][None], [params[i]], [40 + i],
+                                          [len(ps[i]) + step])
+            assert want.item() == token, (rid, step)
