@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from moeflow.infer.sampling import SamplingParams, draw_key, gumbel_noise, sample_tokens
+from moeflow.infer.sampling import (SamplingParams, draw_key, gumbel_noise, gumbel_of_hash,
+                                    sample_tokens)
 
 DRAWS = 20000
 
@@ -137,6 +138,23 @@ def test_the_noise_is_gumbel_distributed():
         cdf = math.exp(-math.exp(-q))
         sd = math.sqrt(cdf * (1 - cdf) / n)
         assert abs((g <= q).double().mean().item() - cdf) <= 5 * sd, q
+
+
+def test_the_noise_is_finite_and_increasing_over_every_hash_including_the_ends():
+    """u from the hash's extremes (and across the switch to the log1p form at u = 1/2) gives
+    finite noise that grows with the hash, within the documented range; and matches
+    -log(-log u) computed in float64."""
+    edges = [0, 1, 2, 2 ** 24, 2 ** 31 - 2, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 32 - 2 ** 8,
+             2 ** 32 - 3, 2 ** 32 - 2, 2 ** 32 - 1]
+    h = torch.tensor(edges + torch.randint(0, 2 ** 32, (5000,)).sort().values.tolist())
+    h = h.sort().values
+    g = gumbel_of_hash(h)
+    assert torch.isfinite(g).all() and g.min() > -3.2 and g.max() < 22.9
+    assert (g[1:] >= g[:-1]).all()
+    u = (h.double() + 0.5) * 2.0 ** -32
+    w = (2.0 ** 32 - h.double() - 0.5) * 2.0 ** -32  # 1 - u, exact in float64
+    exact = -torch.log(torch.where(u < 0.5, -torch.log(u), -torch.log1p(-w)))
+    assert torch.allclose(g.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("neighbour", ["position", "seed"])

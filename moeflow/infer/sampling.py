@@ -129,7 +129,12 @@ def gumbel_noise(ids: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) 
     fp32 rounds to 1: an infinite g) keeps its precision; log1p by Kahan's identity, log(1 - w)
     * w / (1 - (1 - w)), so that the Triton kernel needs no log1p. Every g is finite, between
     -3.1 and 22.9."""
-    h = _hash32(_hash32(ids ^ key_lo) ^ key_hi)
+    return gumbel_of_hash(_hash32(_hash32(ids ^ key_lo) ^ key_hi))
+
+
+def gumbel_of_hash(h: torch.Tensor) -> torch.Tensor:
+    """g = -log(-log u) of u = (h + 1/2) / 2^32 for 32-bit hashes h (int64), as gumbel_noise
+    takes it."""
     scale = 2.0 ** -32
     low = h < 2 ** 31
     w = ((_M32 - h).float() + 0.5) * scale
