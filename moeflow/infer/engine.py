@@ -516,13 +516,9 @@ class Engine:
         if self.logits_hook is not None:
             for request, row_V in zip(requests, logits_BV):
                 self.logits_hook(request.request_id, row_V)
-        if greedy_B is None and any(r.params.greedy for r in requests):
-            greedy_B = greedy_tokens(logits_BV, self._argmax_tickets)
-        tokens_B = greedy_B
-        if not all(r.params.greedy for r in requests):
-            tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
-                                     [r.seed for r in requests], [r.cached for r in requests],
-                                     greedy_B, self._argmax_tickets)
+        tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
+                                 [r.seed for r in requests], [r.cached for r in requests],
+                                 greedy_B, self._argmax_tickets)
         return self.next_tokens.record(first_slot, tokens_B, requests)
 
     def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:

@@ -25,7 +25,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-
 from moeflow.infer.sampling import SamplingParams
 
 

@@ -182,8 +182,10 @@ def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: 
             raise ValueError("draw: whole rows need their argmax (int64)")
         if tickets is None:
             tickets = torch.zeros(S, dtype=torch.int32, device=values_BN.device)
-        elif tickets.dtype != torch.int32 or tickets.numel() < S:
-            raise ValueError(f"draw: tickets must be int32 zeros, at least {S}")
+        elif (tickets.dtype != torch.int32 or tickets.numel() < S
+              or tickets.device != values_BN.device):
+            raise ValueError(f"draw: tickets must be int32 zeros, at least {S}, on "
+                             f"{values_BN.device}")
         P = cdiv(N, block)
         score_SP = torch.empty(S, P, dtype=torch.float32, device=values_BN.device)
         at_SP = torch.empty(S, P, dtype=torch.int32, device=values_BN.device)
