@@ -17,7 +17,11 @@ counts is the slower of the host's launches and the device's kernels), median µ
     PYTHONPATH=. python benchmarks/sampling.py --out DIR [--batches 1 16] [--vocab 151936]
         [--calls 50] [--rounds 5]
 
-Writes DIR/sampling.{json,md}.
+Writes DIR/sampling.{json,md}. With --engine LABEL instead: the engine alone on the `tiny`
+preset (random weights, vocabulary 2048), 16 prompts of 40 tokens generating 64 each at batch 16,
+greedy and sampled, output tokens/s (best of three generate() calls), appended to
+DIR/engine_sampled.md under LABEL; runs in trees from session 38 on, for an A/B of two trees
+(PYTHONPATH=OTHER_TREE python benchmarks/sampling.py --out DIR --engine base).
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH's tree
 from benchmarks.machine import cpu_name  # noqa: E402
-from moeflow.infer.sampling import SamplingParams, sample_tokens  # noqa: E402
+from moeflow.infer.sampling import SamplingParams  # noqa: E402
 
 CASES = {  # name -> (temperature, top_k, top_p)
     "temperature 0.8": (0.8, 0, 1.0),
@@ -62,6 +66,8 @@ def per_row_chain(logits_1V: torch.Tensor, p: SamplingParams,
 
 
 def implementations(logits_BV: torch.Tensor, p: SamplingParams) -> dict:
+    from moeflow.infer.sampling import sample_tokens
+
     B = logits_BV.shape[0]
     device = logits_BV.device
     params, seeds = [p] * B, list(range(B))
@@ -120,6 +126,46 @@ def time_us(fn, device: torch.device, calls: int, rounds: int) -> list[float]:
     return out
 
 
+ENGINE_CASES = {"greedy": dict(temperature=0),
+                "temperature 0.8, top-k 40, top-p 0.95": dict(temperature=0.8, top_k=40,
+                                                              top_p=0.95, seed=1),
+                "temperature 1.0": dict(temperature=1.0, seed=1)}
+
+
+def engine_tokens_per_s(label: str, out: Path) -> None:
+    from moeflow import ModelConfig, Transformer
+    from moeflow.infer import Engine, EngineConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny")).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 2048, (40,), generator=g).tolist() for _ in range(16)]
+    cells = []
+    for kw in ENGINE_CASES.values():
+        engine = Engine(model, EngineConfig(max_batch_size=16))
+        engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, **kw))  # warm-up
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            got = engine.generate(prompts, SamplingParams(max_new_tokens=64, **kw))
+            best = max(best, sum(map(len, got)) / (time.perf_counter() - t0))
+        cells.append(f"{best:.0f}")
+    path = out / "engine_sampled.md"
+    out.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("# Engine alone, sampled against greedy (tiny preset, batch 16)\n\n"
+                        "Output tokens/s, best of three generate() calls of 16 x 64 tokens; "
+                        "one row per run.\n\n| label | machine, threads, date | "
+                        + " | ".join(ENGINE_CASES) + " |\n|---|---|"
+                        + "---:|" * len(ENGINE_CASES) + "\n")
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    row = f"| {label} | {where}, {torch.get_num_threads()}, {when} | " + " | ".join(cells) + " |"
+    with path.open("a") as f:
+        f.write(row + "\n")
+    print(row, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -127,7 +173,14 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--engine", metavar="LABEL",
+                    help="time the engine alone (tiny preset) instead, as LABEL's row")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.engine:
+        return engine_tokens_per_s(args.engine, args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(),

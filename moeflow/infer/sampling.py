@@ -114,34 +114,31 @@ def draw_key(seed: int, position: int) -> tuple[int, int]:
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit hash of int64 values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * HASH_MUL_1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * HASH_MUL_2) & _M32
-    return x ^ (x >> 15)
+    """The 32-bit hash of int64 values in [0, 2^32), in place (x must be a temporary)."""
+    x.bitwise_xor_(x >> 16).mul_(HASH_MUL_1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(HASH_MUL_2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
 
 
 def gumbel_noise(ids: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
     """Gumbel noise (fp32) of token ids (int64, < 2^32) under a draw's key (int64 halves,
-    broadcast against ids): u = (h + 1/2) / 2^32 from the hash h of id and key, g = -log(-log u).
-    Where u >= 1/2, -log u is -log1p(-w) with w = 1 - u held exactly, so that u near 1 (which
-    fp32 rounds to 1: an infinite g) keeps its precision; log1p by Kahan's identity, log(1 - w)
-    * w / (1 - (1 - w)), so that the Triton kernel needs no log1p. Every g is finite, between
-    -3.1 and 22.9."""
-    return gumbel_of_hash(_hash32(_hash32(ids ^ key_lo) ^ key_hi))
+    broadcast against ids): u = (h + 1/2) / 2^32 from the hash h of id and key, g = -log(-log u)
+    (`gumbel_of_hash`)."""
+    return gumbel_of_hash(_hash32(_hash32(ids ^ key_lo).bitwise_xor_(key_hi)))
 
 
 def gumbel_of_hash(h: torch.Tensor) -> torch.Tensor:
-    """g = -log(-log u) of u = (h + 1/2) / 2^32 for 32-bit hashes h (int64), as gumbel_noise
-    takes it."""
+    """g = -log(-log u) of u = (h + 1/2) / 2^32 for 32-bit hashes h (int64). Where u >= 1/2,
+    -log u is -log1p(-w) with w = 1 - u held exactly, so that u near 1 (which fp32 rounds to 1:
+    an infinite g) keeps its precision; every g is finite, between -3.2 and 22.9. (The Triton
+    kernel, which has no log1p, takes it by Kahan's identity, log(1 - w) * w / (1 - (1 - w)):
+    the same to the last bits.)"""
     scale = 2.0 ** -32
     low = h < 2 ** 31
-    w = ((_M32 - h).float() + 0.5) * scale
-    u = torch.where(low, (h.float() + 0.5) * scale, 1.0 - w)
-    e = -torch.log(u)
-    e = torch.where(low, e, torch.where(u == 1.0, w, e * (w / (1.0 - u))))
-    return -torch.log(e)
+    u = h.float().add_(0.5).mul_(scale)
+    w = (_M32 - h).float().add_(0.5).mul_(scale)
+    e = torch.where(low, u.log_(), w.neg_().log1p_())
+    return e.neg_().log_().neg_()
 
 
 # -- the batched draw -------------------------------------------------------------------------
@@ -151,7 +148,8 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     """Plain-torch draw: for each row of the table, the token of logits row `row` drawn from its
     candidates (values_BN[row], token ids ids_BN[row], or 0..N-1 when None; `ranked`: sorted
     best first, as top-k and top-p need), written into out_B[row] (returned). `top_p`: apply the
-    rows' top_p (else ignored). The reference of moeflow.ops.sample_triton, the same arithmetic."""
+    rows' top_p (else ignored). The reference of moeflow.ops.sample_triton (the same arithmetic,
+    to the last bits of a log)."""
     rows = table_S6[:, 5].long()
     x = values_BN.index_select(0, rows).float()
     N = x.shape[1]
@@ -160,6 +158,7 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     j = torch.arange(N, device=x.device)
     k = table_S6[:, 1:2].long()
     keep = j < torch.where(k > 0, k, N) if ranked else torch.ones_like(x, dtype=torch.bool)
+    # (a whole row keeps everything: no mask then)
     if top_p:
         e = torch.where(keep, x.exp(), 0.0)
         p = table_S6[:, 2:3].float()
@@ -169,8 +168,10 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     if ranked and x.device.type == "cpu":  # each row keeps a prefix: noise for the longest
         n = int(keep.any(dim=0).nonzero().max()) + 1
         x, keep, ids = x[:, :n], keep[:, :n], ids[:, :n]
-    g = gumbel_noise(ids, table_S6[:, 3:4].long(), table_S6[:, 4:5].long())
-    best = torch.where(keep, x + g, float("-inf")).argmax(dim=-1, keepdim=True)
+    score = x.add_(gumbel_noise(ids, table_S6[:, 3:4].long(), table_S6[:, 4:5].long()))
+    if ranked or top_p:
+        score.masked_fill_(~keep, float("-inf"))
+    best = score.argmax(dim=-1, keepdim=True)
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
 
 

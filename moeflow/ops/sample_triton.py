@@ -1,6 +1,7 @@
 """The sampled rows of a decode step drawn in one Triton launch: temperature, top-k, top-p and the
 Gumbel-max draw over each row's candidates (moeflow.infer.sampling, whose `draw_reference` this
-is, operation for operation).
+is: the same operations, but for log1p, taken here by Kahan's identity; the same to the last
+bits).
 
 Why: drawn with torch ops one row at a time, a sampled row cost 16-19 kernels (cast, max,
 divide, top-k, sort, softmaxes, cumsum, scatter, multinomial) after the decode graph, 305 for a
