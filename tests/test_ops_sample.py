@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from moeflow.infer import sampling  # noqa: E402
 from moeflow.infer.sampling import (SamplingParams, draw_key, draw_reference,  # noqa: E402
-                                    sample_tokens)
-from moeflow.ops.sample_triton import draw_triton  # noqa: E402
+                                    ranking_keys, sample_tokens)
+from moeflow.ops.sample_triton import draw_triton, ranking_keys_triton  # noqa: E402
 
 # (temperature, top_k, top_p) per row: every row differs from the next
 ROWS = [(0.8, 5, 0.9), (1.0, 0, 0.7), (1e-30, 12, 1.0), (1.7, 40, 0.95), (0.6, 200, 0.5),
@@ -61,6 +61,30 @@ def test_the_kernel_draws_the_references_tokens(how, V, dtype):
         assert torch.equal(got, ref), (seed, got, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_ranking_keys_kernel_gives_the_references_keys(dtype):
+    torch.manual_seed(2)
+    x = (torch.randn(3, 70, device=DEVICE) * 3).round().to(dtype)
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0])
+    x[1, 9] = float("nan")
+    assert torch.equal(ranking_keys_triton(x), ranking_keys(x))
+    assert torch.equal(ranking_keys_triton(x[:, 3:60]), ranking_keys(x[:, 3:60]))  # strided
+
+
+def test_the_kernels_top_p_stops_at_the_first_candidate_that_reaches_p():
+    """Four equal candidates, p = 0.5: only the first two are ever drawn."""
+    values = torch.zeros(1, 4, device=DEVICE)
+    ids = torch.arange(4, device=DEVICE)[None]
+    drawn = set()
+    for seed in range(40):
+        table = _table([0], seed)
+        table[0, :3] = torch.tensor([1.0, 0, 0.5], dtype=torch.float64)
+        ref, got = _both(values, ids, table, ranked=True, top_p=True)
+        assert torch.equal(got, ref)
+        drawn.add(got.item())
+    assert drawn == {0, 1}
+
+
 def test_rows_outside_the_table_keep_their_tokens_and_the_table_may_skip_and_reorder():
     torch.manual_seed(0)
     logits = torch.randn(6, 50, device=DEVICE)
@@ -72,15 +96,42 @@ def test_rows_outside_the_table_keep_their_tokens_and_the_table_may_skip_and_reo
     assert got[4] != 104 and 0 <= got[4] < 50
 
 
-@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max
-def test_whole_rows_of_nan_logits_draw_their_greedy_token_not_an_id_outside_the_vocabulary():
-    values = torch.randn(3, 40, device=DEVICE)
-    values[1] = float("nan")
-    values[2, 7] = float("nan")
+# numpy's warnings under the interpreter: inf - inf, NaN maxima
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("how", ["whole", "sort"])
+def test_infinite_and_nan_logits_draw_the_references_token_inside_the_vocabulary(how):
+    """x is 0 where (value - best) is NaN: +inf logits tie as the maximum (one of them is
+    drawn), a row of -inf or with a NaN draws among all its tokens; never an id outside."""
+    V = 40
+    values = torch.randn(5, V, device=DEVICE)
+    values[0, 7] = float("inf")
+    values[1, [3, 30]] = float("inf")
+    values[2] = float("-inf")
+    values[3, 7] = float("nan")
+    values[4] = float("nan")
+    for seed in range(6):
+        table = _table([0, 1, 2, 3, 4], seed)
+        table[:, 2] = 0.9  # top-p on the sorted rows
+        if how == "whole":
+            ref, got = _both(values, None, table, ranked=False, top_p=False)
+        else:
+            ranked, ids = values.sort(dim=-1, descending=True)
+            ref, got = _both(ranked, ids, table, ranked=True, top_p=True)
+        assert torch.equal(got, ref), (seed, got, ref)
+        assert ((0 <= got) & (got < V)).all() and got[0] == 7 and got[1] in (3, 30)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # / 1.2e-38
+def test_whole_rows_in_a_reordered_table_take_their_own_rows_maximum():
+    """A table naming rows out of order: each program reads its row's argmax (a tiny
+    temperature makes the draw that argmax)."""
+    values = torch.randn(4, 50, device=DEVICE) * 100
+    table = _table([2, 0, 3])
+    table[:, 0] = 1.2e-38
+    ref, got = _both(values, None, table, ranked=False, top_p=False)
     argmax = values.argmax(dim=-1)
-    got = draw_triton(values, None, _table([0, 1, 2]), torch.full((3,), -1, device=DEVICE),
-                      ranked=False, top_p=False, argmax_B=argmax)
-    assert got[1] == argmax[1] and got[2] == argmax[2] and 0 <= got[0] < 40
+    assert torch.equal(got, ref) and got[[2, 0, 3]].tolist() == argmax[[2, 0, 3]].tolist()
 
 
 def test_an_empty_table_changes_nothing_and_bad_tables_are_named():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeflow.infer.sampling import (SamplingParams, draw_key, gumbel_noise, gumbel_of_hash,
-                                    sample_tokens)
+                                    ranking_keys, sample_tokens)
 
 DRAWS = 20000
 
@@ -125,6 +125,68 @@ def test_a_rows_token_does_not_depend_on_its_batch_mates(params):
     for i in range(0, 24, 2):
         alone = sample_tokens(logits[i:i + 1], [params], [seeds[i]], [i])
         assert got[i] == alone[0], i
+
+
+def test_ranking_keys_order_by_value_then_lower_id():
+    """A total order over bf16 logits full of ties, signed zeros and infinities: sorting the
+    keys gives Python's sort by (-value, id)."""
+    torch.manual_seed(3)
+    x = (torch.randn(3, 500) * 2).round().bfloat16()
+    x[0, [5, 9]] = float("inf")
+    x[1, [2, 4]] = float("-inf")
+    x[2, 10], x[2, 11] = -0.0, 0.0
+    order = ranking_keys(x).sort(dim=-1, descending=True).indices
+    for row, got in zip(x.float().tolist(), order.tolist()):
+        want = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        assert got == want or _zeros_swapped(got, want, row)
+
+
+def _zeros_swapped(got, want, row):
+    """ranking_keys puts -0.0 just below +0.0 (Python's sort ties them)."""
+    return sorted(got) == sorted(want) and [row[i] for i in got] == [row[i] for i in want]
+
+
+@pytest.mark.parametrize("mate", [SamplingParams(temperature=0.7, top_k=50),
+                                  SamplingParams(temperature=0.7, top_p=0.9),
+                                  SamplingParams(temperature=0.7)])
+def test_top_k_rows_with_tied_logits_do_not_depend_on_their_batch_mates(mate):
+    """bf16 logits rounded to halves, so that tokens tie at the k-th value: a top-k row draws
+    the same tokens alone (candidates from a top-k of its own k) as beside a row that needs more
+    candidates or a full sort (a tie order left to torch.topk changed ~8% of them)."""
+    torch.manual_seed(4)
+    row = (torch.randn(1, 2000) * 3).mul(2).round().div(2).bfloat16()
+    kth = row.float().topk(6).values[0, -1]
+    assert (row.float() == kth).sum() >= 2  # a tie at the 6th value
+    params = SamplingParams(temperature=1.0, top_k=6)
+    n = 400
+    alone = sample_tokens(row.expand(n, -1), [params] * n, [1] * n, list(range(n)))
+    both = sample_tokens(torch.cat([row.expand(n, -1), row.expand(n, -1)]),
+                         [params] * n + [mate] * n, [1] * (2 * n), list(range(n)) * 2)
+    assert torch.equal(both[:n], alone)
+
+
+def test_top_p_stops_at_the_first_token_that_reaches_p():
+    """Four equal tokens, p = 0.5: the first two in rank order (the lower ids) reach it; a
+    third is not kept (a <= in the rule would keep it)."""
+    freq = _frequencies(torch.zeros(4), SamplingParams(temperature=1.0, top_p=0.5))
+    _assert_close_to(freq, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+
+def test_a_huge_temperature_never_draws_a_masked_token_and_nan_rows_still_draw():
+    logits = torch.tensor([0.0, float("-inf"), 1.0, float("-inf")])
+    for params in (SamplingParams(temperature=1e39), SamplingParams(temperature=1e39, top_k=3)):
+        assert set(_draw(logits.expand(400, -1), params).tolist()) == {0, 2}
+    for row in (torch.full((1, 10), float("nan")), torch.full((1, 10), float("-inf"))):
+        got = sample_tokens(row, [SamplingParams(top_p=0.9)], [1], [0])
+        assert 0 <= got.item() < 10
+
+
+def test_the_noise_uses_the_whole_key():
+    ids = torch.arange(1000)
+    lo, hi = draw_key(5, 5)
+    g = gumbel_noise(ids, torch.tensor(lo), torch.tensor(hi))
+    assert not torch.equal(g, gumbel_noise(ids, torch.tensor(lo), torch.tensor(hi ^ 1)))
+    assert not torch.equal(g, gumbel_noise(ids, torch.tensor(lo ^ 1), torch.tensor(hi)))
 
 
 def test_the_noise_is_gumbel_distributed():

@@ -2,21 +2,22 @@
 
 temperature == 0 means greedy (argmax, ties to the lower id). Otherwise logits are divided by the
 temperature (any > 0: a tiny one samples among the tied maxima), filtered to the top_k best
-(0 = all; exactly k tokens, ties at the k-th value kept in the order torch.topk gives them) and
-to the smallest set whose probability reaches top_p, and sampled.
+(0 = all; exactly k tokens: among tokens of equal logits the lower ids rank first,
+`ranking_keys`) and to the smallest set, in that order, whose probability reaches top_p, and
+sampled.
 
 One draw for a whole batch: the sampled rows of a step are drawn together, whatever their
-parameters (`sample_tokens`: a top-k or a sort over the rows, then one Triton launch on CUDA,
-moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead of a chain of
-ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
+parameters (`sample_tokens`: a top-k or a sort of the rows' ranking keys, then one Triton
+launch on CUDA, moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead
+of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
 the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
 is distributed as softmax(x) over the kept tokens. The noise is counter-based, with no generator
 state: u of token v is a hash of v and the draw's key, and the key a hash of the request's seed
 and the position in the sequence of the token being drawn (`draw_key`). So a row's token is a
 function of its logits, its parameters, its seed and its position only: the same alone or in any
 batch, pipelined or not, replayed or resumed. (Batch-mates decide whether the candidates come
-from a top-k or a full sort; the kept set is the same except among tokens tied at a row's k-th
-value.)
+from a top-k of some size or a full sort; the candidates' total order, value then id, makes the
+kept set the same either way, ties included.)
 
 Stopping is part of the request: `stop_token_ids` end it when one of them is produced,
 `stop_sequences` (token-id tuples) when the generated tokens end with one of them; the stopping
@@ -148,13 +149,16 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     """Plain-torch draw: for each row of the table, the token of logits row `row` drawn from its
     candidates (values_BN[row], token ids ids_BN[row], or 0..N-1 when None; `ranked`: sorted
     best first, as top-k and top-p need), written into out_B[row] (returned). `top_p`: apply the
-    rows' top_p (else ignored). The reference of moeflow.ops.sample_triton (the same arithmetic,
-    to the last bits of a log)."""
+    rows' top_p (else ignored). x = (value - best) / temperature, and 0 where that is NaN (tied
+    infinite maxima, a row of -inf, NaN logits), so that every row draws a token of its own.
+    The reference of moeflow.ops.sample_triton: the same operations, whose exp, log and division
+    may differ in their last bits (a token differs only where two scores are that close)."""
     rows = table_S6[:, 5].long()
     x = values_BN.index_select(0, rows).float()
     N = x.shape[1]
     temperature = table_S6[:, 0:1].float()
     x = (x - (x[:, :1] if ranked else x.amax(dim=-1, keepdim=True))) / temperature
+    x.masked_fill_(x.isnan(), 0.0)  # inf - inf (tied infinite maxima, an all -inf row), NaN
     j = torch.arange(N, device=x.device)
     k = table_S6[:, 1:2].long()
     keep = j < torch.where(k > 0, k, N) if ranked else torch.ones_like(x, dtype=torch.bool)
@@ -166,13 +170,42 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
         keep &= (e.cumsum(dim=-1) - e) < mass  # up to and including the first to reach p
     ids = j.expand(len(rows), N) if ids_BN is None else ids_BN.index_select(0, rows)
     if ranked and x.device.type == "cpu":  # each row keeps a prefix: noise for the longest
-        n = int(keep.any(dim=0).nonzero().max()) + 1
+        n = max(int(keep.sum(dim=-1).max()), 1)
         x, keep, ids = x[:, :n], keep[:, :n], ids[:, :n]
     score = x.add_(gumbel_noise(ids, table_S6[:, 3:4].long(), table_S6[:, 4:5].long()))
     if ranked or top_p:
         score.masked_fill_(~keep, float("-inf"))
     best = score.argmax(dim=-1, keepdim=True)
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
+
+
+def ranking_keys(logits_BV: torch.Tensor) -> torch.Tensor:
+    """Each logit's key, [B, V] int64: larger for a larger value and, among equal values, for a
+    lower id (the value's fp32 bits made order-preserving, then 2^32 - 1 - id): a total order,
+    so that a top-k or a sort of the keys picks the same tokens in the same order whatever the
+    ties, and a row's kept set does not depend on how many candidates its batch-mates need. NaN
+    ranks above +inf, -0.0 just below +0.0."""
+    bits = logits_BV.float().view(torch.int32)
+    # A negative float's magnitude bits flipped (b ^ 0x7FFFFFFF = -1 - magnitude): the int32s
+    # then order as the floats do.
+    ordered = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+    ids = torch.arange(logits_BV.shape[1], device=logits_BV.device)
+    return ordered.long().bitwise_left_shift_(32).add_(_M32 - ids)
+
+
+def _ranked(logits_BV: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of each row's k best logits (None: all), best first in ranking_keys'
+    order."""
+    if _use_kernel(logits_BV):
+        from moeflow.ops.sample_triton import ranking_keys_triton
+        keys = ranking_keys_triton(logits_BV)
+    else:
+        keys = ranking_keys(logits_BV)
+    if k is None:
+        ids = keys.sort(dim=-1, descending=True).indices
+    else:
+        ids = keys.topk(k, dim=-1).indices
+    return logits_BV.gather(1, ids), ids
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
@@ -195,18 +228,20 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return greedy_B if greedy_B is not None else greedy_tokens(logits_BV, tickets)
-    tiny = torch.finfo(torch.float32).tiny  # a smaller temperature would round to 0 (0 / 0)
+    # In float32's normal range: a smaller temperature would round to 0 (0 / 0), a larger one
+    # to inf (-inf / inf: NaN for masked tokens).
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
     table = []
     for i in sampled:
         p = params[i]
-        table.append((max(p.temperature, tiny), p.top_k if p.top_k < V else 0, p.top_p,
+        table.append((min(max(p.temperature, tiny), huge), p.top_k if p.top_k < V else 0, p.top_p,
                       *draw_key(seeds[i], positions[i]), i))
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
     if all(ks):  # the candidates: the best max(k) of each row, best first
-        values, ids = logits_BV.topk(max(ks), dim=-1)
+        values, ids = _ranked(logits_BV, max(ks))
     elif top_p or any(ks):
-        values, ids = logits_BV.sort(dim=-1, descending=True)
+        values, ids = _ranked(logits_BV, None)
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
     ranked = ids is not None

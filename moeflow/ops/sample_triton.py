@@ -1,18 +1,21 @@
 """The sampled rows of a decode step drawn in one Triton launch: temperature, top-k, top-p and the
 Gumbel-max draw over each row's candidates (moeflow.infer.sampling, whose `draw_reference` this
-is: the same operations, but for log1p, taken here by Kahan's identity; the same to the last
-bits).
+is: the same operations, log1p taken here by Kahan's identity; exp, log and division may differ
+in their last bits, so a token may differ where two scores are that close, ~1e-6 apart).
 
 Why: drawn with torch ops one row at a time, a sampled row cost 16-19 kernels (cast, max,
 divide, top-k, sort, softmaxes, cumsum, scatter, multinomial) after the decode graph, 305 for a
 16-row step with top-k and top-p (benchmarks/NOTES-infer.md, "Sampled decode"); here the batch's
-candidates come from one top-k or sort (moeflow.infer.sampling.sample_tokens) and one launch
-does the rest. Two kernels, by how the candidates come:
+candidates come from one top-k or sort of their ranking keys (moeflow.infer.sampling.
+sample_tokens; the keys by `_ranking_keys_kernel`) and one launch does the rest. Two draw
+kernels, by how the candidates come:
 
-- ranked (a top-k or a sort, best first): one program per sampled row, its table row
+- ranked (a top-k or a sort of `ranking_keys_triton`'s keys, best first, ties to the lower
+  id): one program per sampled row, its table row
   (temperature, k, p, the draw's key, the logits row) saying what to do, the candidates read
   in tiles of BLOCK: with `TOP_P` a pass for the mass of the k best (the softmax's
-  denominator); then x = (value - best) / temperature, kept while within the k best and, with
+  denominator); then x = (value - best) / temperature (0 where NaN: tied infinite maxima, a row
+  of -inf, NaN logits), kept while within the k best and, with
   top-p, while the mass before it is below p of the total (a running sum carried across tiles:
   the loop ends at the tile where it reaches the limit); the row's token is the kept candidate
   with the largest x + g, g the Gumbel noise of its id under the draw's key
@@ -89,7 +92,8 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
         for start in range(0, n, BLOCK):
             j = start + offs
             v = tl.load(vals + j, mask=j < n, other=float("-inf")).to(tl.float32)
-            mass += tl.where(j < n, tl.exp((v - top) / temperature), 0.0)
+            x = (v - top) / temperature
+            mass += tl.where(j < n, tl.exp(tl.where(x != x, 0.0, x)), 0.0)
         limit = tl.where(p < 1.0, tl.sum(mass, axis=0) * p, float("inf"))
     carried = tl.zeros([], tl.float32)
     best_score = float("-inf")
@@ -102,6 +106,7 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
         valid = j < n
         v = tl.load(vals + j, mask=valid, other=float("-inf")).to(tl.float32)
         x = (v - top) / temperature
+        x = tl.where(x != x, 0.0, x)
         keep = valid
         if TOP_P:
             e = tl.where(valid, tl.exp(x), 0.0)
@@ -139,6 +144,7 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
     valid = offs < V
     v = tl.load(val_ptr + row * stride_v + offs, mask=valid, other=float("-inf"))
     x = (v.to(tl.float32) - top) / temperature
+    x = tl.where(x != x, 0.0, x)
     score = tl.where(valid, x + _gumbel(offs.to(tl.int64), key_lo, key_hi), float("-inf"))
     best = tl.max(score, axis=0)
     # A valid offset only: with NaN logits the max may be the padding's -inf.
@@ -156,6 +162,31 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
         at = tl.min(tl.where(scores == best, ats, _NO_ID), axis=0)  # ties: the lowest id
         # No score at all (NaN logits): the greedy token, never an id outside the vocabulary.
         tl.store(out_ptr + row, tl.where(at == _NO_ID, argmax, at.to(tl.int64)))
+
+
+@triton.jit
+def _ranking_keys_kernel(x_ptr, stride_x, V, key_ptr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < V
+    x = tl.load(x_ptr + b * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = (((bits >> 31) & 0x7FFFFFFF) ^ bits).to(tl.int64)  # >> of an int32: arithmetic
+    tl.store(key_ptr + b * V + offs, (ordered << 32) + (4294967295 - offs.to(tl.int64)),
+             mask=valid)
+
+
+def ranking_keys_triton(logits_BV: torch.Tensor) -> torch.Tensor:
+    """moeflow.infer.sampling.ranking_keys in one launch (rows contiguous)."""
+    if logits_BV.dim() != 2 or logits_BV.stride(1) != 1 or not logits_BV.is_floating_point():
+        raise ValueError("ranking_keys: logits must be [B, V] floating point, rows contiguous")
+    B, V = logits_BV.shape
+    keys = torch.empty(B, V, dtype=torch.int64, device=logits_BV.device)
+    if B and V:
+        block = INTERPRETER_BLOCK if not logits_BV.is_cuda else 1024
+        _ranking_keys_kernel[(B, cdiv(V, block))](logits_BV, logits_BV.stride(0), V, keys,
+                                                  BLOCK=block, num_warps=4)
+    return keys
 
 
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
@@ -179,8 +210,8 @@ def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: 
     block = min(INTERPRETER_BLOCK if interpreting else BLOCK, max(16, next_power_of_2(N)))
     table_S6 = table_S6.contiguous()
     if not ranked:
-        if argmax_B is None or argmax_B.dtype != torch.int64:
-            raise ValueError("draw: whole rows need their argmax (int64)")
+        if argmax_B is None or argmax_B.dtype != torch.int64 or not argmax_B.is_contiguous():
+            raise ValueError("draw: whole rows need their argmax (contiguous int64)")
         if tickets is None:
             tickets = torch.zeros(S, dtype=torch.int32, device=values_BN.device)
         elif (tickets.dtype != torch.int32 or tickets.numel() < S
