@@ -85,10 +85,10 @@ def test_deepspeed_top2_training_with_a_capacity_launches_no_renormalisation_ker
                                                       (0, 0.95, "sort")])
 def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, top_p,
                                                                         candidates, monkeypatch):
-    """The sampled rows of a 16-row step on the CUDA path (session 39): the logits' ranking keys,
-    their top-k or sort and the candidates' values gathered (temperature only: none of the
-    three), a copy of the greedy tokens, one draw launch, no sync (plus the table's copy to the
-    device, a memcpy); the per-row chain it replaced launched ~16-19 kernels per row."""
+    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates (a stable
+    sort; or a top-k, its tie group refilled and the k re-sorted), a copy of the greedy tokens,
+    one draw launch, no sync (plus the table's copy to the device, a memcpy), whatever the
+    batch size; the per-row chain it replaced launched ~16-19 kernels per row."""
     from moeflow.infer import sampling
 
     spec = importlib.util.spec_from_file_location("sampling_bench",
@@ -104,9 +104,16 @@ def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, t
     ours = host_path.launches(lambda: sampling.sample_tokens(
         logits, [params] * B, list(range(B)), [5] * B, greedy, tickets))
     draw = "triton:_draw_ranked_kernel" if candidates else "triton:_draw_whole_rows_kernel"
-    ranked = {candidates: 1, "triton:_ranking_keys_kernel": 1, "gather": 1}
-    expected = {"clone": 1, draw: 1} | (ranked if candidates else {})
-    assert dict(ours.kernels) == expected and not ours.syncs
+    kernels = dict(ours.kernels)
+    assert kernels.pop("clone") == 1 and kernels.pop(draw) == 1 and not ours.syncs
+    if candidates == "sort":
+        assert kernels == {"sort": 1}
+    elif candidates == "topk":
+        # the refill and re-sort: 18 small kernels (session 39), a Triton launch's worth of
+        # work each; a bound, so that more cannot creep in unnoticed
+        assert kernels.pop("topk") == 1 and sum(kernels.values()) <= 18, kernels
+    else:
+        assert not kernels
     generators = [torch.Generator().manual_seed(i) for i in range(B)]
 
     def per_row():

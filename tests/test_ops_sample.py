@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from moeflow.infer import sampling  # noqa: E402
 from moeflow.infer.sampling import (SamplingParams, draw_key, draw_reference,  # noqa: E402
-                                    ranking_keys, sample_tokens)
-from moeflow.ops.sample_triton import draw_triton, ranking_keys_triton  # noqa: E402
+                                    sample_tokens)
+from moeflow.ops.sample_triton import draw_triton  # noqa: E402
 
 # (temperature, top_k, top_p) per row: every row differs from the next
 ROWS = [(0.8, 5, 0.9), (1.0, 0, 0.7), (1e-30, 12, 1.0), (1.7, 40, 0.95), (0.6, 200, 0.5),
@@ -59,16 +59,6 @@ def test_the_kernel_draws_the_references_tokens(how, V, dtype):
         table = _table(list(range(B)), seed)
         ref, got = _both(values.contiguous(), ids, table, ranked, top_p=how != "whole")
         assert torch.equal(got, ref), (seed, got, ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_ranking_keys_kernel_gives_the_references_keys(dtype):
-    torch.manual_seed(2)
-    x = (torch.randn(3, 70, device=DEVICE) * 3).round().to(dtype)
-    x[0, :4] = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0])
-    x[1, 9] = float("nan")
-    assert torch.equal(ranking_keys_triton(x), ranking_keys(x))
-    assert torch.equal(ranking_keys_triton(x[:, 3:60]), ranking_keys(x[:, 3:60]))  # strided
 
 
 def test_the_kernels_top_p_stops_at_the_first_candidate_that_reaches_p():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeflow.infer.sampling import (SamplingParams, draw_key, gumbel_noise, gumbel_of_hash,
-                                    ranking_keys, sample_tokens)
+                                    ranked_candidates, sample_tokens)
 
 DRAWS = 20000
 
@@ -127,23 +127,19 @@ def test_a_rows_token_does_not_depend_on_its_batch_mates(params):
         assert got[i] == alone[0], i
 
 
-def test_ranking_keys_order_by_value_then_lower_id():
-    """A total order over bf16 logits full of ties, signed zeros and infinities: sorting the
-    keys gives Python's sort by (-value, id)."""
+@pytest.mark.parametrize("k", [None, 1, 7, 40, 300])
+def test_candidates_rank_by_value_then_lower_id(k):
+    """bf16 logits full of ties, with infinities: a stable sort (all) or a top-k with its tie
+    group refilled (k) gives Python's sort by (-value, id), its first k."""
     torch.manual_seed(3)
-    x = (torch.randn(3, 500) * 2).round().bfloat16()
+    x = (torch.randn(4, 500) * 2).round().bfloat16()
     x[0, [5, 9]] = float("inf")
     x[1, [2, 4]] = float("-inf")
-    x[2, 10], x[2, 11] = -0.0, 0.0
-    order = ranking_keys(x).sort(dim=-1, descending=True).indices
-    for row, got in zip(x.float().tolist(), order.tolist()):
-        want = sorted(range(len(row)), key=lambda i: (-row[i], i))
-        assert got == want or _zeros_swapped(got, want, row)
-
-
-def _zeros_swapped(got, want, row):
-    """ranking_keys puts -0.0 just below +0.0 (Python's sort ties them)."""
-    return sorted(got) == sorted(want) and [row[i] for i in got] == [row[i] for i in want]
+    x[3] = 0.0  # one tie group holding the whole row
+    values, ids = ranked_candidates(x, k)
+    for row, got_ids, got_values in zip(x.float().tolist(), ids.tolist(), values.float().tolist()):
+        want = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        assert got_ids == want and got_values == [row[i] for i in want]
 
 
 @pytest.mark.parametrize("mate", [SamplingParams(temperature=0.7, top_k=50),

@@ -3,11 +3,11 @@
 temperature == 0 means greedy (argmax, ties to the lower id). Otherwise logits are divided by the
 temperature (any > 0: a tiny one samples among the tied maxima), filtered to the top_k best
 (0 = all; exactly k tokens: among tokens of equal logits the lower ids rank first,
-`ranking_keys`) and to the smallest set, in that order, whose probability reaches top_p, and
-sampled.
+`ranked_candidates`) and to the smallest set, in that order, whose probability reaches top_p,
+and sampled.
 
 One draw for a whole batch: the sampled rows of a step are drawn together, whatever their
-parameters (`sample_tokens`: a top-k or a sort of the rows' ranking keys, then one Triton
+parameters (`sample_tokens`: the rows' candidates ranked by a top-k or a sort, then one Triton
 launch on CUDA, moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead
 of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
 the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
@@ -179,33 +179,29 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
 
 
-def ranking_keys(logits_BV: torch.Tensor) -> torch.Tensor:
-    """Each logit's key, [B, V] int64: larger for a larger value and, among equal values, for a
-    lower id (the value's fp32 bits made order-preserving, then 2^32 - 1 - id): a total order,
-    so that a top-k or a sort of the keys picks the same tokens in the same order whatever the
-    ties, and a row's kept set does not depend on how many candidates its batch-mates need. NaN
-    ranks above +inf, -0.0 just below +0.0."""
-    bits = logits_BV.float().view(torch.int32)
-    # A negative float's magnitude bits flipped (b ^ 0x7FFFFFFF = -1 - magnitude): the int32s
-    # then order as the floats do.
-    ordered = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
-    ids = torch.arange(logits_BV.shape[1], device=logits_BV.device)
-    return ordered.long().bitwise_left_shift_(32).add_(_M32 - ids)
-
-
-def _ranked(logits_BV: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, ids) of each row's k best logits (None: all), best first in ranking_keys'
-    order."""
-    if _use_kernel(logits_BV):
-        from moeflow.ops.sample_triton import ranking_keys_triton
-        keys = ranking_keys_triton(logits_BV)
-    else:
-        keys = ranking_keys(logits_BV)
+def ranked_candidates(logits_BV: torch.Tensor, k: int | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of each row's k best logits (None: all), best first in a total order:
+    value, then the lower id. A total order, so that the kept set and its order do not depend
+    on how many candidates the batch-mates need (with bf16 logits, tokens tie at a row's k-th
+    value in most rows) nor on how torch orders ties. All: a stable sort. k: topk's values
+    (cheap), then its tie group at the k-th value refilled with the row's lowest tied ids (topk
+    keeps every larger value, but any of the tied ones), then the k sorted by id and stably by
+    value. No host sync."""
     if k is None:
-        ids = keys.sort(dim=-1, descending=True).indices
-    else:
-        ids = keys.topk(k, dim=-1).indices
-    return logits_BV.gather(1, ids), ids
+        return logits_BV.sort(dim=-1, descending=True, stable=True)
+    B, V = logits_BV.shape
+    values, ids = logits_BV.topk(k, dim=-1)
+    kth = values[:, -1:]
+    above = (values > kth).sum(dim=-1, keepdim=True)
+    tied = logits_BV == kth
+    rank = tied.cumsum(dim=-1, dtype=torch.int32)  # among the row's ties, in id order, from 1
+    slot = torch.where(tied & (rank <= k - above), above + rank - 1, k)  # k: a column dropped
+    every_id = torch.arange(V, device=logits_BV.device).expand(B, V)
+    ids = torch.cat([ids, ids[:, :1]], dim=1).scatter_(1, slot, every_id)[:, :k]
+    ids = ids.sort(dim=-1).values
+    values, order = logits_BV.gather(1, ids).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
@@ -239,9 +235,9 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
     if all(ks):  # the candidates: the best max(k) of each row, best first
-        values, ids = _ranked(logits_BV, max(ks))
+        values, ids = ranked_candidates(logits_BV, max(ks))
     elif top_p or any(ks):
-        values, ids = _ranked(logits_BV, None)
+        values, ids = ranked_candidates(logits_BV, None)
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
     ranked = ids is not None

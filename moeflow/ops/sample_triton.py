@@ -6,13 +6,12 @@ in their last bits, so a token may differ where two scores are that close, ~1e-6
 Why: drawn with torch ops one row at a time, a sampled row cost 16-19 kernels (cast, max,
 divide, top-k, sort, softmaxes, cumsum, scatter, multinomial) after the decode graph, 305 for a
 16-row step with top-k and top-p (benchmarks/NOTES-infer.md, "Sampled decode"); here the batch's
-candidates come from one top-k or sort of their ranking keys (moeflow.infer.sampling.
-sample_tokens; the keys by `_ranking_keys_kernel`) and one launch does the rest. Two draw
-kernels, by how the candidates come:
+candidates come from one top-k or sort (moeflow.infer.sampling.ranked_candidates) and one
+launch does the rest. Two draw kernels, by how the candidates come:
 
-- ranked (a top-k or a sort of `ranking_keys_triton`'s keys, best first, ties to the lower
-  id): one program per sampled row, its table row
-  (temperature, k, p, the draw's key, the logits row) saying what to do, the candidates read
+- ranked (a top-k or a sort, best first, ties to the lower id): one program per sampled row,
+  its table row (temperature, k, p, the draw's key, the logits row) saying what to do, the
+  candidates read
   in tiles of BLOCK: with `TOP_P` a pass for the mass of the k best (the softmax's
   denominator); then x = (value - best) / temperature (0 where NaN: tied infinite maxima, a row
   of -inf, NaN logits), kept while within the k best and, with
@@ -162,31 +161,6 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
         at = tl.min(tl.where(scores == best, ats, _NO_ID), axis=0)  # ties: the lowest id
         # No score at all (NaN logits): the greedy token, never an id outside the vocabulary.
         tl.store(out_ptr + row, tl.where(at == _NO_ID, argmax, at.to(tl.int64)))
-
-
-@triton.jit
-def _ranking_keys_kernel(x_ptr, stride_x, V, key_ptr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < V
-    x = tl.load(x_ptr + b * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = (((bits >> 31) & 0x7FFFFFFF) ^ bits).to(tl.int64)  # >> of an int32: arithmetic
-    tl.store(key_ptr + b * V + offs, (ordered << 32) + (4294967295 - offs.to(tl.int64)),
-             mask=valid)
-
-
-def ranking_keys_triton(logits_BV: torch.Tensor) -> torch.Tensor:
-    """moeflow.infer.sampling.ranking_keys in one launch (rows contiguous)."""
-    if logits_BV.dim() != 2 or logits_BV.stride(1) != 1 or not logits_BV.is_floating_point():
-        raise ValueError("ranking_keys: logits must be [B, V] floating point, rows contiguous")
-    B, V = logits_BV.shape
-    keys = torch.empty(B, V, dtype=torch.int64, device=logits_BV.device)
-    if B and V:
-        block = INTERPRETER_BLOCK if not logits_BV.is_cuda else 1024
-        _ranking_keys_kernel[(B, cdiv(V, block))](logits_BV, logits_BV.stride(0), V, keys,
-                                                  BLOCK=block, num_warps=4)
-    return keys
 
 
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
