@@ -115,6 +115,20 @@ def test_batch_invariance_greedy_and_seeded_sampling():
     assert run_alone(model, ps[0], other) != run_alone(model, ps[0], sampled)
 
 
+def generate_seeing_logits(engine, ps, params):
+    """Run prompts ps (params[i] each) to the end: their request ids, each one's tokens, and the
+    logits rows the engine sampled them from (its logits_hook)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    ids = [engine.add_request(p, q) for p, q in zip(ps, params)]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token_id is not None:
+                out[event.request_id].append(event.token_id)
+    return ids, out, seen
+
+
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_a_sampled_token_is_the_draw_for_its_seed_and_its_position(pipelined):
     """Each emitted token of sampled requests (mixed parameters, one greedy batch-mate) is
@@ -125,18 +139,11 @@ def test_a_sampled_token_is_the_draw_for_its_seed_and_its_position(pipelined):
 
     model = make_model("llama")
     engine = Engine(model, EngineConfig(max_batch_size=3, pipelined_decode=pipelined))
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
     ps = prompts(4, seed=9)
     params = [SamplingParams(max_new_tokens=6, temperature=1.2, seed=3),
               SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, top_p=0.9, seed=4),
               GREEDY, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.8, seed=5)]
-    ids = [engine.add_request(p, q) for p, q in zip(ps, params)]
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for event in engine.step():
-            if event.token_id is not None:
-                out[event.request_id].append(event.token_id)
+    ids, out, seen = generate_seeing_logits(engine, ps, params)
     for prompt, q, rid in zip(ps, params, ids):
         want = [sample_tokens(row[None], [q], [q.seed or 0], [len(prompt) + step]).item()
                 for step, row in enumerate(seen[rid])]

@@ -261,19 +261,14 @@ def test_sampled_tokens_are_the_reference_draws_of_the_logits_the_engine_saw(top
     ties among candidates are common, and ranked the same way in both)."""
     from moeflow.infer import sampling
 
+    from tests.test_engine import generate_seeing_logits
+
     model = qwen_like().bfloat16()
     engine = Engine(model, EngineConfig(max_batch_size=3))
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.logits_hook = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
     ps = prompts(4, seed=7)
     params = [SamplingParams(max_new_tokens=STEPS, temperature=0.9, top_k=top_k, top_p=top_p,
                              seed=40 + i) for i in range(4)]
-    ids = [engine.add_request(p, q) for p, q in zip(ps, params)]
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for event in engine.step():
-            if event.token_id is not None:
-                out[event.request_id].append(event.token_id)
+    ids, out, seen = generate_seeing_logits(engine, ps, params)
     assert isinstance(engine._decoder, GraphDecoder)
     monkeypatch.setattr(sampling, "_use_kernel", lambda logits: False)
     for i, rid in enumerate(ids):
