@@ -11,13 +11,12 @@ launch does the rest. Two draw kernels, by how the candidates come:
 
 - ranked (a top-k or a sort, best first, ties to the lower id): one program per sampled row,
   its table row (temperature, k, p, the draw's key, the logits row) saying what to do, the
-  candidates read
-  in tiles of BLOCK: with `TOP_P` a pass for the mass of the k best (the softmax's
-  denominator); then x = (value - best) / temperature (0 where NaN: tied infinite maxima, a row
-  of -inf, NaN logits), kept while within the k best and, with
-  top-p, while the mass before it is below p of the total (a running sum carried across tiles:
-  the loop ends at the tile where it reaches the limit); the row's token is the kept candidate
-  with the largest x + g, g the Gumbel noise of its id under the draw's key
+  candidates read in tiles of BLOCK: with `TOP_P` a pass for the mass of the k best (the
+  softmax's denominator); then x = (value - best) / temperature (0 where NaN: tied infinite
+  maxima, a row of -inf, NaN logits), kept while within the k best and, with top-p, while the
+  mass before it is below p of the total (a running sum carried across tiles: the loop ends at
+  the tile where it reaches the limit); the row's token is the kept candidate with the largest
+  x + g, g the Gumbel noise of its id under the draw's key
   (moeflow.infer.sampling.gumbel_noise's hash, in uint32 arithmetic);
 - whole rows (temperature only, the default request): nothing needs order, so the vocabulary
   is cut into tiles, one program per (row, tile) finds its tile's best x + g (the shift read at
