@@ -78,7 +78,7 @@ def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
     (moeflow.ops.argmax_triton, the same ids; `tickets` its counters), torch's argmax
     elsewhere. Exact in any float dtype: no upcast needed. `out`: a contiguous [B] int64
     tensor to write them into (returned)."""
-    if logits_BV.is_cuda and triton_available() and not torch.is_grad_enabled():
+    if _use_kernel(logits_BV) and not torch.is_grad_enabled():
         from moeflow.ops.argmax_triton import argmax_rows_triton
         return argmax_rows_triton(logits_BV, tickets, out)
     if out is None:
@@ -205,6 +205,7 @@ def ranked_candidates(logits_BV: torch.Tensor, k: int | None
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
+    """Whether the Triton kernels run (CUDA with Triton), else plain torch."""
     return logits.is_cuda and triton_available()
 
 
