@@ -21,7 +21,12 @@ written cache rows must be equal.
     PYTHONPATH=. python benchmarks/decode_attention.py --smoke --out /tmp/d  # CPU, interpreter
 
 writes OUT/decode_attention.{json,md}. `--sweep` also times the kernel alone with other
-(block_n, num_warps, programs per SM) choices for every shape (more Triton compiles). --smoke
+(block_n, num_warps, programs per SM) choices for every shape (more Triton compiles).
+`--splits-study` instead times the kernel as the engine's decode step launches it (tickets: the
+last program merges) at batch-1 and batch-16 contexts of a served step (every row one length),
+with the work split as work_split chooses it, as num_splits alone did (key splits, one value
+slice), and forced (key splits x value slices x block_n), in ROUNDS rounds, the configs in an
+order rotated each round; writes OUT/decode_attention_splits.{json,md}. --smoke
 runs tiny shapes through Triton's interpreter on the CPU (timings meaningless: it only shows the
 script runs).
 """
@@ -41,11 +46,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
-from machine import kernel_bench_device, kernel_bench_parser  # noqa: E402
+from machine import kernel_bench_device, kernel_bench_parser, write_kernel_bench  # noqa: E402,E501
 from moeflow.infer.decode_graphs import capture_graph  # noqa: E402
 from moeflow.infer.slot_cache import DecodeView, SlotKVCache  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
-from moeflow.ops.decode_attention_triton import decode_attention_triton  # noqa: E402
+from moeflow.ops.decode_attention_triton import (decode_attention_triton,  # noqa: E402
+                                                 num_splits, work_split)
 
 
 
@@ -190,6 +196,72 @@ def measure(sh: Shape, B: int, S: int, fill: str, device, sweep: bool) -> dict:
     return row
 
 
+# (batch, bucket S, every row's length) as the served decode steps see them (decode_served.py's
+# contexts 36 and 76: buckets of 64 and 128 keys), and a bucket past SLICED_KEYS.
+SPLIT_CASES = ((1, 64, 36), (1, 128, 76), (1, 128, 110), (16, 64, 36), (16, 128, 76),
+               (1, 256, 200))
+# (key splits, value slices, block_n) forced; "rule" (work_split) and "keys" (num_splits, one
+# slice: the rule before value slices) are timed beside them.
+SPLIT_CONFIGS = ((1, 1, 64), (1, 2, 64), (1, 4, 64), (1, 4, 128), (2, 1, 64), (2, 2, 64),
+                 (2, 4, 64))
+ROUNDS = 3
+
+
+def splits_study(sh: Shape, device, cases=SPLIT_CASES) -> tuple[list[dict], str]:
+    """µs per layer of the kernel with tickets at `cases` for each work split."""
+    rows = []
+    for B, S, length in cases:
+        lengths_B = torch.full((B,), length, dtype=torch.int64, device=device)
+        q, k_new, v_new = inputs(sh, B, device)
+        cache = make_cache(sh, B, S, "triton", device)
+        tickets = torch.zeros(B * sh.G, dtype=torch.int32, device=device)
+        rule = work_split(B * sh.G, S, 64, sh.HD, device)
+        configs = {"rule": (None, None, None),
+                   "keys": (num_splits(B * sh.G, S, 64, device), 1, None)}
+        configs.update({f"P{p}_V{v}_bn{bn}": (p, v, bn) for p, v, bn in SPLIT_CONFIGS
+                        if p <= -(-S // bn) and sh.HD // v >= 16})
+        outs, times = {}, {name: [] for name in configs}
+
+        def step(splits, slices, block_n, cache=cache, B=B):
+            for layer in range(sh.layers):
+                decode_attention_triton(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0],
+                                        cache.k_LNGMd[layer], cache.v_LNGMd[layer], lengths_B,
+                                        S, splits=splits, block_n=block_n, tickets=tickets,
+                                        value_splits=slices)
+        names = list(configs)
+        for r in range(ROUNDS):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                splits, slices, block_n = configs[name]
+                with torch.no_grad():
+                    if name not in outs:
+                        k0, v0 = cache.k_LNGMd[0].clone(), cache.v_LNGMd[0].clone()
+                        outs[name] = decode_attention_triton(
+                            q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k0, v0, lengths_B, S,
+                            splits=splits, block_n=block_n, tickets=tickets,
+                            value_splits=slices).float()
+                    times[name].append(time_per_call(
+                        lambda: step(splits, slices, block_n), sh.layers, device))
+        row = {"batch": B, "kv_len": S, "length": length, "rule": list(rule),
+               "us": {name: statistics.median(t) for name, t in times.items()},
+               "rounds_us": times,
+               "max_abs_diff_vs_keys": max(float((y - outs["keys"]).abs().max())
+                                           for y in outs.values())}
+        rows.append(row)
+        print(f"B={B} S={S} length {length} rule {rule}: " + "  ".join(
+            f"{n} {u:.2f}" for n, u in row["us"].items()), flush=True)
+        del cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    names = ["rule", "keys"] + [f"P{p}_V{v}_bn{bn}" for p, v, bn in SPLIT_CONFIGS]
+    md = ("| B | S | length | rule (P, slices) | " + " | ".join(names) + " | max diff |\n|"
+          + "---|" * (len(names) + 5) + "\n")
+    for r in rows:
+        md += (f"| {r['batch']} | {r['kv_len']} | {r['length']} | {tuple(r['rule'])} | "
+               + " | ".join(f"{r['us'][n]:.2f}" if n in r["us"] else "-" for n in names)
+               + f" | {r['max_abs_diff_vs_keys']:.1e} |\n")
+    return rows, md
+
+
 def copy_ceiling_gbps(device) -> float | None:
     """Bytes read + written per second by a 4 GiB device-to-device copy (median of 5)."""
     if device.type != "cuda":
@@ -241,10 +313,24 @@ def main() -> None:
     ap = kernel_bench_parser(__doc__)
     ap.add_argument("--sweep", action="store_true",
                     help="also time other (block_n, num_warps, programs per SM) choices")
+    ap.add_argument("--splits-study", action="store_true",
+                    help="time the engine's launch at served contexts for each work split")
     args = ap.parse_args()
     t_start = time.perf_counter()
     device = kernel_bench_device(args.smoke)
     sh, batches, kv_lens = (SMOKE, (1, 3), (32, 64)) if args.smoke else (QWEN3, BATCHES, KV_LENS)
+    if args.splits_study:
+        rows, md = splits_study(sh, device, ((1, 32, 20), (3, 64, 40)) if args.smoke
+                                else SPLIT_CASES)
+        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"), "torch": torch.__version__,
+                "command": " ".join(sys.argv), "seconds": time.perf_counter() - t_start}
+        md = (f"# Decode attention work splits, µs per layer ({meta['device']}, {meta['date']})"
+              f"\n\n`{meta['command']}`; median of {ROUNDS} rounds of {sh.layers}-layer "
+              f"graphs, each the median of {REPS} replays.\n\n" + md)
+        write_kernel_bench(args.out, "decode_attention_splits", meta, rows, md)
+        return
     ceiling = copy_ceiling_gbps(device)
     rows = []
     for S in kv_lens:

@@ -25,7 +25,8 @@ from moeflow.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
 from moeflow.infer.slot_cache import decode_attention  # noqa: E402
 from moeflow.ops import backend  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
-from moeflow.ops.decode_attention_triton import decode_attention_triton, num_splits  # noqa: E402
+from moeflow.ops.decode_attention_triton import (decode_attention_triton, num_splits,  # noqa: E402
+                                                 work_split)
 
 
 def reference(q_BHd, k_BGd, v_BGd, k_NGMd, v_NGMd, lengths_B, kv_len):
@@ -70,12 +71,17 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
     y32, _, _ = reference(q.float(), k_new.float(), v_new.float(), k_cache.float(),
                           v_cache.float(), lengths_B, kv_len)
     # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step;
-    # each merged by the merge kernel and (with tickets) by the last split of each kv head.
+    # each merged by the merge kernel and (with tickets) by the last split of each kv head; and
+    # the value dims in two slices (32 and more), with one split and with three merged.
     tickets = torch.zeros(B * G, dtype=torch.int32, device=DEVICE)
-    for splits, block_n, ticketed in itertools.product((None, 1, 3), (16, None), (False, True)):
+    runs = [(*run, None) for run in itertools.product((None, 1, 3), (16, None), (False, True))]
+    if dv >= 32:
+        runs += [(1, 16, True, 2), (3, 16, True, 2), (3, 16, False, 2)]
+    for splits, block_n, ticketed, slices in runs:
         k, v = k_cache.clone(), v_cache.clone()
         y = decode_attention_triton(q, k_new, v_new, k, v, lengths_B, kv_len, splits=splits,
-                                    block_n=block_n, tickets=tickets if ticketed else None)
+                                    block_n=block_n, tickets=tickets if ticketed else None,
+                                    value_splits=slices)
         assert not tickets.any()  # left at 0 for the next launch
         assert y.shape == (B, H, dv) and y.dtype == dtype
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # the new rows, nothing else
@@ -98,6 +104,10 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
         for b in zero:  # a sequence's first token attends to its own key only
             rows = v_new[b].repeat_interleave(H // G, dim=0)
             torch.testing.assert_close(y[b], rows, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"{dv} value dims do not make 3 value slices") as err:
+        decode_attention_triton(q, k_new, v_new, k_cache.clone(), v_cache.clone(), lengths_B,
+                                kv_len, value_splits=3)
+    assert "\n" not in str(err.value)
     for bad in (tickets.long(), tickets[:-1]):
         with pytest.raises(ValueError, match="tickets must be int32 zeros, at least B·G") as err:
             decode_attention_triton(q, k_new, v_new, k_cache.clone(), v_cache.clone(),
@@ -152,8 +162,8 @@ def test_kernel_prepares_raw_heads_like_the_qk_kernel(dtype, prep):
                                                               sin[:, 0, :8]))
 
 
-@pytest.mark.parametrize("splits", [1, 2, 4])
-def test_positions_past_the_length_never_reach_the_output(splits):
+@pytest.mark.parametrize("splits, slices", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
+def test_positions_past_the_length_never_reach_the_output(splits, slices):
     """The split kernel loads its first block of cached rows before it knows the length
     (masked only at kv_len), so rows past a sequence's length are read: whatever they hold
     (NaN, inf, as an uninitialised cache may) must drop out of the scores and the values. The
@@ -175,18 +185,29 @@ def test_positions_past_the_length_never_reach_the_output(splits):
         k_cache[b, :, L:] = float("nan")
         v_cache[b, :, L:] = float("inf")
     y = decode_attention_triton(q, k_new, v_new, k_cache, v_cache, lengths_B, kv_len,
-                                splits=splits, block_n=16, tickets=tickets)
+                                splits=splits, block_n=16, tickets=tickets, value_splits=slices)
     assert torch.equal(y, y_ref)
     assert not tickets.any()
 
 
 def test_split_count_rule():
-    assert num_splits(4, 8192, 64, torch.device("cpu")) == 2  # CPU_PROGRAMS = 8
-    assert num_splits(1, 64, 64, torch.device("cpu")) == 1  # never more splits than key blocks
-    assert num_splits(256, 8192, 64, torch.device("cpu")) == 1
+    cpu = torch.device("cpu")
+    assert num_splits(4, 8192, 64, cpu) == 2  # CPU_PROGRAMS = 8
+    assert num_splits(1, 64, 64, cpu) == 1  # never more splits than key blocks
+    assert num_splits(256, 8192, 64, cpu) == 1
+    # Up to SLICED_KEYS keys: one split, value slices up to CPU_PROGRAMS programs, each slice
+    # at least 32 value dims; past that, the key splits and one slice.
+    assert work_split(1, 128, 64, 128, cpu) == (1, 4)
+    assert work_split(2, 64, 64, 128, cpu) == (1, 4)
+    assert work_split(4, 64, 64, 128, cpu) == (1, 2)
+    assert work_split(1, 64, 64, 64, cpu) == (1, 2)
+    assert work_split(1, 64, 64, 24, cpu) == (1, 1)
+    assert work_split(8, 64, 64, 128, cpu) == (1, 1)
+    assert work_split(1, 129, 64, 128, cpu) == (3, 1)
     if ON_GPU:  # batch 1 of the Qwen3 shape (4 kv heads) puts a program on every SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert 4 * num_splits(4, 8192, 64, torch.device(DEVICE)) >= sms
+        assert work_split(4, 128, 64, 128, torch.device(DEVICE)) == (1, 4)
 
 
 def test_attention_backend_choice():

@@ -11,14 +11,16 @@ head to finish, by an atomic ticket; a second small launch where the partials ar
 one program, none when one split suffices), and keys past a sequence's own length are never
 read.
 
-Work split: one program per (sequence b, kv head g, key split s). The program computes all H/G
-query heads of its kv group against the keys of its split (grouped-query attention reads each
-key once for the whole group; the queries are padded to 16 rows, the smallest tl.dot tile), with
-an fp32 online softmax in base 2 (scores · dk^-0.5 · log2 e). Splits are chosen from the
-launch's B·G and S so that a batch-1 step still fills the GPU (about two programs per SM); a
-split that starts past position lengths_B[b] returns at once, so the cost follows each
-sequence's real length, not S. Every split that runs has at least one visible key, so no
-partial is all -inf.
+Work split: one program per (sequence b, kv head g, key split s, value slice). The program
+computes all H/G query heads of its kv group against the keys of its split (grouped-query
+attention reads each key once for the whole group; the queries are padded to 16 rows, the
+smallest tl.dot tile), with an fp32 online softmax in base 2 (scores · dk^-0.5 · log2 e), and
+sums its slice of the value dims. Splits are chosen from the launch's B·G and S so that a
+batch-1 step still fills the GPU (about two programs per SM): up to SLICED_KEYS keys by slicing
+the values (every slice reads all the split's keys and its share of the values; no merge), past
+that by splitting the keys; a split that starts past position lengths_B[b] returns at once, so
+the cost follows each sequence's real length, not S. Every split that runs has at least one
+visible key, so no partial is all -inf.
 
 The new token's key is visible to its own query without a read-after-write through memory: each
 program reads only cached positions < lengths_B[b]; the one program whose split holds position
@@ -73,6 +75,15 @@ PROGRAMS_PER_SM = 2
 # still exercise the merge.
 CPU_PROGRAMS = 8
 LOG2E = 1.4426950408889634
+# Up to this many keys (the bucket, kv_len) one program reads all of a (sequence, kv head)'s
+# keys, and the value dims are sliced among up to VALUE_SLICES programs (each at least
+# MIN_VALUE_SLICE dims) instead of the keys split among programs and merged: a batch-1 program's
+# time follows the bytes it loads (session 33: 64 KB of keys and values took 1.3 µs more than
+# 32 KB, about what the merge of two splits costs), and a slice loads every key but only its
+# share of the values, with no partials, ticket or merge.
+SLICED_KEYS = 128
+VALUE_SLICES = 4
+MIN_VALUE_SLICE = 32
 # The most fp32 partials (query heads per kv head × splits × value dims, each a power of two)
 # the last split merges itself: 64 per thread of a 4-warp program. Qwen3-30B-A3B (8 × P × 128)
 # merges in the split kernel up to P = 16; more splits (long contexts) launch the merge kernel.
@@ -176,10 +187,11 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                   BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                   PREP_NORM: tl.constexpr, PREP_ROPE: tl.constexpr, MERGE: tl.constexpr,
-                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr,
-                  PDL: tl.constexpr):
+                  BLOCK_QM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DVM: tl.constexpr,
+                  PREFETCH: tl.constexpr, PDL: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
+    vs = tl.program_id(2)  # the slice of the value dims this program sums (BLOCK_DV of them)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
     start = s * CHUNK
@@ -196,7 +208,7 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
     launch_next(PDL)
     qi = tl.arange(0, BLOCK_Q)
     dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
+    dv = vs * BLOCK_DV + tl.arange(0, BLOCK_DV)
     qmask = qi < Q
     dkmask = dk < DK
     dvmask = dv < DV
@@ -239,7 +251,7 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
             m_Q, l_Q, acc_QV = _attend_block(q_QK, kT_KN, v_NV, pmask, m_Q, l_Q, acc_QV,
                                              scale_log2, PRECISION)
         if L < start + CHUNK:  # this split holds position L: store the new key and use it
-            tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask)
+            tl.store(kc + L.to(tl.int64) * skc_m + dk, k_K, mask=dkmask & (vs == 0))
             tl.store(vc + L.to(tl.int64) * svc_m + dv, v_V, mask=dvmask)
             # Scored by the cached keys' tl.dot (the key as 16 equal columns): its order of
             # sums is fixed, where tl.sum's would follow q_QK's layout, and that layout differs
@@ -263,17 +275,18 @@ def _split_kernel(q_ptr, sq_b, sq_h, kn_ptr, skn_b, skn_g, vn_ptr, svn_b, svn_g,
                      y_QV.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dvmask[None, :])
         else:
             row = (b * G * Q + heads) * P + s  # partials laid out [B, H, P]
-            tl.store(m_ptr + row, m_Q, mask=qmask)
-            tl.store(l_ptr + row, l_Q, mask=qmask)
+            tl.store(m_ptr + row, m_Q, mask=qmask & (vs == 0))  # each slice has the same
+            tl.store(l_ptr + row, l_Q, mask=qmask & (vs == 0))
             tl.store(acc_ptr + row[:, None] * DV + dv[None, :], acc_QV,
                      mask=qmask[:, None] & dvmask[None, :])
-            # The last of the splits that run (s = 0 .. L // CHUNK) to store its partials, by
-            # its (sequence, kv head)'s counter (moeflow.ops.tickets), merges them all.
+            # The last of the programs that run (splits s = 0 .. L // CHUNK, every value slice)
+            # to store its partials, by its (sequence, kv head)'s counter (moeflow.ops.tickets),
+            # merges them all, every value dim.
             if MERGE:
-                if last_to_arrive(tickets_ptr + bg, L // CHUNK + 1):
+                if last_to_arrive(tickets_ptr + bg, (L // CHUNK + 1) * tl.num_programs(2)):
                     _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr + b * so_b + g * Q * so_h,
                                  so_h, b * G * Q + g * Q, L // CHUNK + 1, P, Q, DV, BLOCK_QM,
-                                 BLOCK_P, BLOCK_DV)
+                                 BLOCK_P, BLOCK_DVM)
 
 
 @triton.jit
@@ -327,6 +340,21 @@ def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device
     return max(1, min(cdiv(target, batch_heads), cdiv(kv_len, block_n)))
 
 
+def work_split(batch_heads: int, kv_len: int, block_n: int, dv: int,
+               device: torch.device) -> tuple[int, int]:
+    """(key splits, value slices) per (sequence, kv head): up to SLICED_KEYS keys one split and
+    value slices up to about PROGRAMS_PER_SM programs per SM (CPU: CPU_PROGRAMS); beyond, the
+    key splits of num_splits and one slice."""
+    if kv_len > SLICED_KEYS:
+        return num_splits(batch_heads, kv_len, block_n, device), 1
+    target = PROGRAMS_PER_SM * _sm_count(device.index) if device.type == "cuda" else CPU_PROGRAMS
+    slices = 1
+    while (slices < VALUE_SLICES and batch_heads * 2 * slices <= target
+           and dv % (2 * slices) == 0 and dv // (2 * slices) >= MIN_VALUE_SLICE):
+        slices *= 2
+    return 1, slices
+
+
 def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -354,15 +382,18 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
                             k_NGMd: torch.Tensor, v_NGMd: torch.Tensor, lengths_B: torch.Tensor,
                             kv_len: int, splits: int | None = None, block_n: int | None = None,
                             num_warps: int = 4, qk: QKPrep | None = None,
-                            tickets: torch.Tensor | None = None) -> torch.Tensor:
+                            tickets: torch.Tensor | None = None,
+                            value_splits: int | None = None) -> torch.Tensor:
     """Store k_BGd/v_BGd at position lengths_B[b] of slots b = 0..B-1 of the cache k_NGMd/v_NGMd
     (in place), and return each query's attention over its slot's positions 0..lengths_B[b]
-    (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`: override the choice (tests,
-    benchmarks). `qk`: q and k are raw (before their norm and RoPE), prepared by the kernel as
-    it loads them; the key stored is the prepared one. `tickets`: int32 zeros, at least B·G
-    (SlotKVCache keeps them), left at 0: the last split of each (sequence, kv head) merges the
-    splits itself where its Q·P·dv tile of partials is small enough (MERGE_TILE), with no
-    merge launch; one launch at a time may use them."""
+    (< kv_len), [B, H, dv] in q's dtype. `splits`, `block_n`, `value_splits` (the programs
+    that share a split's value dims, each summing its slice): override the choice (tests,
+    benchmarks; work_split's, or with either split given, num_splits' and one slice). `qk`: q
+    and k are raw (before their norm and RoPE), prepared by the kernel as it loads them; the
+    key stored is the prepared one. `tickets`: int32 zeros, at least B·G (SlotKVCache keeps
+    them), left at 0: the last program of each (sequence, kv head) merges the splits itself
+    where its Q·P·dv tile of partials is small enough (MERGE_TILE), with no merge launch; one
+    launch at a time may use them."""
     B, H, dk = q_BHd.shape
     G, dv = k_BGd.shape[1], v_BGd.shape[-1]
     if H % G or k_NGMd.shape[1] != G or k_NGMd.shape[-1] != dk or v_NGMd.shape[-1] != dv:
@@ -382,7 +413,15 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
         # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
-    P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
+    if splits is None and value_splits is None:
+        P, slices = work_split(B * G, kv_len, block_n, dv, q_BHd.device)
+    else:
+        P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
+        slices = value_splits or 1
+    slice_dv = max(16, next_power_of_2(cdiv(dv, max(slices, 1))))
+    if slices < 1 or cdiv(dv, slice_dv) != slices:
+        raise ValueError(f"decode attention: {dv} value dims do not make {slices} value "
+                         f"slices of at least 16")
     chunk = cdiv(cdiv(kv_len, P), block_n) * block_n
     P = cdiv(kv_len, chunk)
     y_BHd = torch.empty(B, H, dv, dtype=q_BHd.dtype, device=q_BHd.device)
@@ -422,7 +461,7 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     merge = (not single and tickets is not None
              and block_qm * block_p * block_dv <= MERGE_TILE)
     qs, kbs, vbs, ys = q_BHd.stride(), k_BGd.stride(), v_BGd.stride(), y_BHd.stride()
-    _split_kernel[(B * G, P)](
+    _split_kernel[(B * G, P, slices)](
         q_BHd, qs[0], qs[1], k_BGd, kbs[0], kbs[1], v_BGd, vbs[0], vbs[1],
         k_NGMd, ks[0], ks[1], ks[2], v_NGMd, vs[0], vs[1], vs[2], lengths_B,
         m_BHP, l_BHP, acc_BHPd, y_BHd, ys[0], ys[1],
@@ -430,9 +469,9 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         cos_Bd.stride(0) if rope else 0, float(qk.eps) if norm else 0.0,
         tickets if merge else lengths_B, G, P, chunk, kv_len, dk ** -0.5 * LOG2E,
         Q=Q, DK=dk, DV=dv, BLOCK_Q=max(16, next_power_of_2(Q)), BLOCK_N=block_n,
-        BLOCK_DK=block_dk, BLOCK_DV=block_dv, SINGLE=single, PRECISION=precision,
+        BLOCK_DK=block_dk, BLOCK_DV=slice_dv, SINGLE=single, PRECISION=precision,
         PREP_NORM=norm, PREP_ROPE=rope, MERGE=merge, BLOCK_QM=block_qm, BLOCK_P=block_p,
-        PREFETCH=prefetch, num_warps=num_warps, **pdl)
+        BLOCK_DVM=block_dv, PREFETCH=prefetch, num_warps=num_warps, **pdl)
     if not single and not merge:
         _merge_kernel[(B * H,)](m_BHP, l_BHP, acc_BHPd, lengths_B, y_BHd, ys[0], ys[1], H, P,
                                 chunk, DV=dv, BLOCK_P=block_p,
