@@ -401,7 +401,7 @@ def training_losses_and_biases():
 def sampled_draw():
     """The sampler's draws: over top-k or sorted candidates with top-p and with top-k alone,
     and over whole rows in tiles (temperature only); bf16 logits, the launchers' tiles and
-    warps (151,936 logits: 75 tiles)."""
+    warps (151,936 logits: 75 tiles); the top-k's refill and order at 64 and 1,024 candidates."""
     for top_p in (True, False):
         compile_sm90(sample_triton._draw_ranked_kernel,
                      {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
@@ -412,6 +412,12 @@ def sampled_draw():
                   "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                   "tickets_ptr": "*i32", **_args("stride_v V P", "i32")},
                  {"BLOCK": sample_triton.BLOCK, "BLOCK_P": 128}, num_warps=8)
+    for block_k in (64, sample_triton.RANK_MAX_K):  # top-k 40-64, and the largest sort
+        compile_sm90(sample_triton._rank_top_k_kernel,
+                     {"x_ptr": "*bf16", "val_ptr": "*bf16", "id_ptr": "*i64",
+                      "out_val_ptr": "*bf16", "out_id_ptr": "*i64",
+                      **_args("stride_x V K", "i32")},
+                     {"BLOCK_K": block_k, "TILE": sample_triton.RANK_TILE}, num_warps=8)
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, persistent_experts,

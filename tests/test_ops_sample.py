@@ -155,3 +155,36 @@ def test_sample_tokens_on_the_gpu_matches_the_reference_at_qwen3s_vocabulary(par
     # the same candidates (the same device's top-k or sort), drawn by the reference
     monkeypatch.setattr(sampling, "triton_available", lambda: False)
     assert torch.equal(got, sample_tokens(logits, [params] * B, list(range(B)), [50] * B))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rank_kernel_refills_and_orders_a_top_k_like_the_reference(dtype):
+    """rank_top_k_triton against ranked_candidates' torch refill, bit for bit: logits on a coarse
+    grid, so the k-th value ties across the boundary in most rows (topk keeps any of the tied
+    ids; both must keep the lowest), -0 beside +0, -inf, a row of one value, rows with NaN
+    (kept first, never duplicated), k of 1, of the tile and of the whole row."""
+    from moeflow.infer.sampling import _ranked_top_k
+    from moeflow.ops.sample_triton import rank_top_k_triton
+
+    torch.manual_seed(5)
+    B, V = 6, 70  # several 16-wide tiles
+    logits = torch.randint(-4, 5, (B, V), device=DEVICE).float() / 2
+    logits[1, ::3] = -0.0
+    logits[1, 1::3] = 0.0
+    logits[2, :] = 1.5
+    logits[3, 5:40] = float("-inf")
+    logits[4, [3, 50]] = float("nan")
+    logits[5, :] = float("nan")
+    logits = logits.to(dtype)
+    for k in (1, 7, 16, 33, V):
+        values, ids = logits.topk(k, dim=-1)
+        want_v, want_i = _ranked_top_k(logits, values, ids)
+        got_v, got_i = rank_top_k_triton(logits, values, ids)
+        assert torch.equal(got_i, want_i), (k, got_i, want_i)
+        assert torch.equal(got_v.isnan(), want_v.isnan())
+        assert torch.equal(got_v.nan_to_num(), want_v.nan_to_num()) and got_v.dtype == dtype
+        assert all(len(set(row.tolist())) == k for row in got_i)  # no id twice
+    # The lowest tied ids: row 2 (all equal) keeps 0..k-1 in order.
+    assert torch.equal(got_i[2], torch.arange(V, device=DEVICE))
+    with pytest.raises(ValueError, match="rank: a top-k of 1 to 1024 candidates"):
+        rank_top_k_triton(logits, values[:, :0], ids[:, :0])

@@ -187,13 +187,25 @@ def ranked_candidates(logits_BV: torch.Tensor, k: int | None
     value in most rows) nor on how torch orders ties. All: a stable sort. k: topk's values
     (cheap), then its tie group at the k-th value refilled with the row's lowest tied ids (topk
     keeps every larger value, but any of the tied ones), then the k sorted by id and stably by
-    value. No host sync."""
+    value. NaN counts as the largest value (torch's order). No host sync. On CUDA with Triton,
+    k <= RANK_MAX_K: the refill and order by one launch (moeflow.ops.sample_triton)."""
     if k is None:
         return logits_BV.sort(dim=-1, descending=True, stable=True)
-    B, V = logits_BV.shape
     values, ids = logits_BV.topk(k, dim=-1)
+    if _use_kernel(logits_BV):
+        from moeflow.ops.sample_triton import RANK_MAX_K, rank_top_k_triton
+        if k <= RANK_MAX_K:
+            return rank_top_k_triton(logits_BV, values, ids)
+    return _ranked_top_k(logits_BV, values, ids)
+
+
+def _ranked_top_k(logits_BV: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ranked_candidates from topk's (values, ids) in plain torch."""
+    B, V = logits_BV.shape
+    k = values.shape[1]
     kth = values[:, -1:]
-    above = (values > kth).sum(dim=-1, keepdim=True)
+    above = ((values > kth) | values.isnan()).sum(dim=-1, keepdim=True)
     tied = logits_BV == kth
     rank = tied.cumsum(dim=-1, dtype=torch.int32)  # among the row's ties, in id order, from 1
     slot = torch.where(tied & (rank <= k - above), above + rank - 1, k)  # k: a column dropped

@@ -162,6 +162,75 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
         tl.store(out_ptr + row, tl.where(at == _NO_ID, argmax, at.to(tl.int64)))
 
 
+@triton.jit
+def _rank_top_k_kernel(x_ptr, stride_x, V, val_ptr, id_ptr, K, out_val_ptr, out_id_ptr,
+                       BLOCK_K: tl.constexpr, TILE: tl.constexpr):
+    """One program per logits row: its top-k (values, ids) in the total order (value, then the
+    lower id; NaN first), the k-th value's ties refilled with the row's lowest tied ids."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_K)
+    jm = j < K
+    v = tl.load(val_ptr + b * K + j, mask=jm, other=0.0).to(tl.float32)
+    kth = tl.load(val_ptr + b * K + K - 1).to(tl.float32)
+    # Kept whatever the ties: every larger value and NaN (topk's largest).
+    above = tl.sum((((v > kth) | (v != v)) & jm).to(tl.int32), axis=0)
+    need = K - above
+    tl.store(out_id_ptr + b * K + j, tl.load(id_ptr + b * K + j, mask=jm, other=0), mask=jm)
+    tl.debug_barrier()  # the refill below overwrites topk's tied ids
+    row = x_ptr + b * stride_x
+    found = tl.zeros([], tl.int32)
+    offs = tl.arange(0, TILE)
+    for t0 in range(0, V, TILE):  # no early exit: the loads pipeline; one row, ~V·2 bytes
+        at = t0 + offs
+        x = tl.load(row + at, mask=at < V, other=0.0).to(tl.float32)
+        tied = ((x == kth) & (at < V)).to(tl.int32)
+        rank = found + tl.cumsum(tied, axis=0)  # among the row's ties, in id order, from 1
+        tl.store(out_id_ptr + b * K + above + rank - 1, at.to(tl.int64),
+                 mask=(tied > 0) & (rank <= need))
+        found += tl.sum(tied, axis=0)
+    tl.debug_barrier()
+    ids = tl.load(out_id_ptr + b * K + j, mask=jm, other=0)
+    x = tl.load(row + ids, mask=jm, other=0.0)
+    # The sort key: value descending (-0 as +0, every NaN first), then id ascending.
+    f = x.to(tl.float32)
+    f = tl.where(f == 0.0, 0.0, f)
+    bits = f.to(tl.int32, bitcast=True)
+    ordered = tl.where(f != f, 2147483647, tl.where(bits >= 0, bits, bits ^ 2147483647))
+    key = ((~ordered).to(tl.int64) << 32) | ids.to(tl.int64)
+    key = tl.sort(tl.where(jm, key, 9223372036854775807))
+    ids = key & 4294967295
+    tl.debug_barrier()  # every program's thread has read the refilled ids
+    tl.store(out_val_ptr + b * K + j, tl.load(row + ids, mask=jm, other=0.0), mask=jm)
+    tl.store(out_id_ptr + b * K + j, ids, mask=jm)
+
+
+# The most candidates rank_top_k_triton sorts in one program (more: the torch refill).
+RANK_MAX_K = 1024
+RANK_TILE = 4096
+
+
+def rank_top_k_triton(logits_BV: torch.Tensor, values_BK: torch.Tensor, ids_BK: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """moeflow.infer.sampling.ranked_candidates' refill and order of a top-k (torch.topk's
+    values and ids of logits_BV, k <= RANK_MAX_K) in one launch: (values, ids) best first."""
+    B, V = logits_BV.shape
+    K = values_BK.shape[1]
+    if not 0 < K <= RANK_MAX_K or logits_BV.stride(1) != 1 or values_BK.shape != ids_BK.shape \
+            or values_BK.shape[0] != B:
+        raise ValueError(f"rank: a top-k of 1 to {RANK_MAX_K} candidates of contiguous rows, "
+                         f"got values {tuple(values_BK.shape)}, ids {tuple(ids_BK.shape)} of "
+                         f"logits {tuple(logits_BV.shape)}")
+    out_values = torch.empty_like(values_BK)
+    out_ids = torch.empty(B, K, dtype=torch.int64, device=logits_BV.device)
+    if B == 0:
+        return out_values, out_ids
+    tile = INTERPRETER_BLOCK if not logits_BV.is_cuda else RANK_TILE
+    _rank_top_k_kernel[(B,)](logits_BV, logits_BV.stride(0), V, values_BK.contiguous(),
+                             ids_BK.contiguous(), K, out_values, out_ids,
+                             BLOCK_K=max(16, next_power_of_2(K)), TILE=tile, num_warps=8)
+    return out_values, out_ids
+
+
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
                 out_B: torch.Tensor, *, ranked: bool, top_p: bool,
                 argmax_B: torch.Tensor | None = None,
