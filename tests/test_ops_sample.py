@@ -186,5 +186,11 @@ def test_the_rank_kernel_refills_and_orders_a_top_k_like_the_reference(dtype):
         assert all(len(set(row.tolist())) == k for row in got_i)  # no id twice
     # The lowest tied ids: row 2 (all equal) keeps 0..k-1 in order.
     assert torch.equal(got_i[2], torch.arange(V, device=DEVICE))
+    if ON_GPU:  # the launcher's tiles over the Qwen3-30B-A3B vocabulary, bf16 ties
+        big = (torch.randn(16, 151936, device=DEVICE) * 4).to(dtype)
+        for k in (40, 1024):
+            values, ids = big.topk(k, dim=-1)
+            assert torch.equal(rank_top_k_triton(big, values, ids)[1],
+                               _ranked_top_k(big, values, ids)[1])
     with pytest.raises(ValueError, match="rank: a top-k of 1 to 1024 candidates"):
         rank_top_k_triton(logits, values[:, :0], ids[:, :0])

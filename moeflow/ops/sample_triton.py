@@ -180,14 +180,21 @@ def _rank_top_k_kernel(x_ptr, stride_x, V, val_ptr, id_ptr, K, out_val_ptr, out_
     row = x_ptr + b * stride_x
     found = tl.zeros([], tl.int32)
     offs = tl.arange(0, TILE)
-    for t0 in range(0, V, TILE):  # no early exit: the loads pipeline; one row, ~V·2 bytes
+    # Every tile is read, the next one's load issued before this one is scanned (no early
+    # exit); a tile scans and stores only where it holds ties still needed (few do: the k-th
+    # value is in the row's far tail).
+    x_next = tl.load(row + offs, mask=offs < V, other=0.0)
+    for t0 in range(0, V, TILE):
         at = t0 + offs
-        x = tl.load(row + at, mask=at < V, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        x_next = tl.load(row + TILE + at, mask=TILE + at < V, other=0.0)
         tied = ((x == kth) & (at < V)).to(tl.int32)
-        rank = found + tl.cumsum(tied, axis=0)  # among the row's ties, in id order, from 1
-        tl.store(out_id_ptr + b * K + above + rank - 1, at.to(tl.int64),
-                 mask=(tied > 0) & (rank <= need))
-        found += tl.sum(tied, axis=0)
+        count = tl.sum(tied, axis=0)
+        if (count > 0) & (found < need):
+            rank = found + tl.cumsum(tied, axis=0)  # among the row's ties, in id order, from 1
+            tl.store(out_id_ptr + b * K + above + rank - 1, at.to(tl.int64),
+                     mask=(tied > 0) & (rank <= need))
+        found += count
     tl.debug_barrier()
     ids = tl.load(out_id_ptr + b * K + j, mask=jm, other=0)
     x = tl.load(row + ids, mask=jm, other=0.0)
@@ -206,7 +213,7 @@ def _rank_top_k_kernel(x_ptr, stride_x, V, val_ptr, id_ptr, K, out_val_ptr, out_
 
 # The most candidates rank_top_k_triton sorts in one program (more: the torch refill).
 RANK_MAX_K = 1024
-RANK_TILE = 4096
+RANK_TILE = 8192
 
 
 def rank_top_k_triton(logits_BV: torch.Tensor, values_BK: torch.Tensor, ids_BK: torch.Tensor
