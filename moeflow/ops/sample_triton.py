@@ -26,6 +26,11 @@ launch does the rest. Two draw kernels, by how the candidates come:
 
 The token goes to out[row]; rows not in the table keep what out holds (the greedy tokens).
 
+A top-k's candidates come ranked from one more launch (rank_top_k_triton, one program per row,
+in place of ranked_candidates' 18 torch kernels): topk's values and ids, the k-th value's tie
+group refilled with the row's lowest tied ids (a scan of the row in tiles), then the k sorted by
+one int64 key per candidate (the value's order bits, then the id).
+
 Legend: S sampled rows, B logits rows, N candidates per row, P tiles per row.
 """
 
@@ -206,7 +211,7 @@ def _rank_top_k_kernel(x_ptr, stride_x, V, val_ptr, id_ptr, K, out_val_ptr, out_
     key = ((~ordered).to(tl.int64) << 32) | ids.to(tl.int64)
     key = tl.sort(tl.where(jm, key, 9223372036854775807))
     ids = key & 4294967295
-    tl.debug_barrier()  # every program's thread has read the refilled ids
+    tl.debug_barrier()  # every thread has read the refilled ids before they are overwritten
     tl.store(out_val_ptr + b * K + j, tl.load(row + ids, mask=jm, other=0.0), mask=jm)
     tl.store(out_id_ptr + b * K + j, ids, mask=jm)
 
