@@ -342,11 +342,12 @@ def decode_attention():
     """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
     with raw q/k prepared in the kernel (norm + RoPE, each alone) and without, the splits
     merged by the last split (with raw q/k) and by the merge kernel (and that kernel); one
-    split in four value slices (the batch-1 rule up to 128 keys) and split ones merged."""
-    for norm, rope, merge, single, block_dv in (
-            (True, True, True, False, 128), (True, False, False, False, 128),
-            (False, True, False, False, 128), (False, False, False, False, 128),
-            (True, True, False, True, 32), (True, True, True, False, 32)):
+    split in four value slices (the batch-1 rule up to 128 keys: one block of 128) and split
+    ones merged."""
+    for norm, rope, merge, single, block_dv, block_n in (
+            (True, True, True, False, 128, 64), (True, False, False, False, 128, 64),
+            (False, True, False, False, 128, 64), (False, False, False, False, 128, 64),
+            (True, True, False, True, 32, 128), (True, True, True, False, 32, 64)):
         split = compile_sm90(decode_attention_triton._split_kernel,
                              {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
                               "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),
@@ -359,7 +360,7 @@ def decode_attention():
                               "eps": "fp32", "tickets_ptr": "*i32",
                               **_args("G P CHUNK kv_len", "i32"),
                               "scale_log2": "fp32"},
-                             {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": 64,
+                             {"Q": 8, "DK": 128, "DV": 128, "BLOCK_Q": 16, "BLOCK_N": block_n,
                               "BLOCK_DK": 128, "BLOCK_DV": block_dv, "SINGLE": single,
                               "PRECISION": "tf32", "PREP_NORM": norm, "PREP_ROPE": rope,
                               "MERGE": merge, "BLOCK_QM": 8, "BLOCK_P": 4, "BLOCK_DVM": 128,

@@ -72,11 +72,12 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
                           v_cache.float(), lengths_B, kv_len)
     # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step;
     # each merged by the merge kernel and (with tickets) by the last split of each kv head; and
-    # the value dims in two slices (32 and more), with one split and with three merged.
+    # the value dims in two slices (32 and more), with one split (16-key steps, or all keys in
+    # one block as the rule takes them) and with three merged.
     tickets = torch.zeros(B * G, dtype=torch.int32, device=DEVICE)
     runs = [(*run, None) for run in itertools.product((None, 1, 3), (16, None), (False, True))]
     if dv >= 32:
-        runs += [(1, 16, True, 2), (3, 16, True, 2), (3, 16, False, 2)]
+        runs += [(1, 16, True, 2), (3, 16, True, 2), (3, 16, False, 2), (1, 128, True, 2)]
     for splits, block_n, ticketed, slices in runs:
         k, v = k_cache.clone(), v_cache.clone()
         y = decode_attention_triton(q, k_new, v_new, k, v, lengths_B, kv_len, splits=splits,
@@ -203,11 +204,18 @@ def test_split_count_rule():
     assert work_split(1, 64, 64, 64, cpu) == (1, 2)
     assert work_split(1, 64, 64, 24, cpu) == (1, 1)
     assert work_split(8, 64, 64, 128, cpu) == (1, 1)
+    assert work_split(8, 128, 64, 128, cpu) == (1, 1)  # one slice: num_splits' (8 programs)
+    assert work_split(4, 128, 64, 128, cpu) == (1, 2)
+    assert work_split(2, 128, 32, 64, cpu) == (1, 2)
     assert work_split(1, 129, 64, 128, cpu) == (3, 1)
+    assert work_split(1, 8192, 64, 128, cpu) == (8, 1)
     if ON_GPU:  # batch 1 of the Qwen3 shape (4 kv heads) puts a program on every SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert 4 * num_splits(4, 8192, 64, torch.device(DEVICE)) >= sms
-        assert work_split(4, 128, 64, 128, torch.device(DEVICE)) == (1, 4)
+        gpu = torch.device(DEVICE)
+        assert work_split(4, 128, 64, 128, gpu) == (1, 4)  # batch 1
+        # batch 16: slices would take more than half the SMs; key splits as before
+        assert work_split(64, 128, 64, 128, gpu) == (num_splits(64, 128, 64, gpu), 1)
 
 
 def test_attention_backend_choice():

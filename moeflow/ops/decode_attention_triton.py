@@ -80,7 +80,11 @@ LOG2E = 1.4426950408889634
 # MIN_VALUE_SLICE dims) instead of the keys split among programs and merged: a batch-1 program's
 # time follows the bytes it loads (session 33: 64 KB of keys and values took 1.3 µs more than
 # 32 KB, about what the merge of two splits costs), and a slice loads every key but only its
-# share of the values, with no partials, ticket or merge.
+# share of the values, with no partials, ticket or merge. Sliced, the launch keeps to half the
+# SMs (the output projection, launched early, takes the others: at batch 16, 256 programs of
+# 4 slices cost it 8 µs a layer, session 40), and a 16-bit cache reads its keys as one block,
+# all prefetched to L2 before the PDL wait (two 64-key blocks, the second read after the wait
+# from HBM: +1.7 µs a layer at 76 tokens, session 40).
 SLICED_KEYS = 128
 VALUE_SLICES = 4
 MIN_VALUE_SLICE = 32
@@ -342,16 +346,17 @@ def num_splits(batch_heads: int, kv_len: int, block_n: int, device: torch.device
 
 def work_split(batch_heads: int, kv_len: int, block_n: int, dv: int,
                device: torch.device) -> tuple[int, int]:
-    """(key splits, value slices) per (sequence, kv head): up to SLICED_KEYS keys one split and
-    value slices up to about PROGRAMS_PER_SM programs per SM (CPU: CPU_PROGRAMS); beyond, the
-    key splits of num_splits and one slice."""
-    if kv_len > SLICED_KEYS:
-        return num_splits(batch_heads, kv_len, block_n, device), 1
-    target = PROGRAMS_PER_SM * _sm_count(device.index) if device.type == "cuda" else CPU_PROGRAMS
+    """(key splits, value slices) per (sequence, kv head): up to SLICED_KEYS keys, one split
+    and as many value slices as keep the launch within half the SMs (CPU: CPU_PROGRAMS
+    programs); where that is one slice, or beyond SLICED_KEYS, num_splits' key splits."""
     slices = 1
-    while (slices < VALUE_SLICES and batch_heads * 2 * slices <= target
-           and dv % (2 * slices) == 0 and dv // (2 * slices) >= MIN_VALUE_SLICE):
-        slices *= 2
+    if kv_len <= SLICED_KEYS:
+        target = _sm_count(device.index) // 2 if device.type == "cuda" else CPU_PROGRAMS
+        while (slices < VALUE_SLICES and batch_heads * 2 * slices <= target
+               and dv % (2 * slices) == 0 and dv // (2 * slices) >= MIN_VALUE_SLICE):
+            slices *= 2
+    if slices == 1:
+        return num_splits(batch_heads, kv_len, block_n, device), 1
     return 1, slices
 
 
@@ -408,13 +413,16 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
     Q = H // G
     block_dk, block_dv = max(16, next_power_of_2(dk)), max(16, next_power_of_2(dv))
-    if block_n is None:
+    chosen_block = block_n is None
+    if chosen_block:
         # Keys per loop step. The loop's loads are pipelined through shared memory (3 stages):
         # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
         # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
     if splits is None and value_splits is None:
         P, slices = work_split(B * G, kv_len, block_n, dv, q_BHd.device)
+        if slices > 1 and chosen_block and q_BHd.element_size() <= 2:  # SLICED_KEYS' note
+            block_n = max(block_n, next_power_of_2(kv_len))
     else:
         P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
         slices = value_splits or 1
