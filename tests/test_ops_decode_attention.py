@@ -73,7 +73,7 @@ def test_decode_attention_matches_reference_and_writes_the_cache(dtype, shape, l
     # The chosen splits; one split (no merge); three (a merge); 16-key steps; the default step;
     # each merged by the merge kernel and (with tickets) by the last split of each kv head; and
     # the value dims in two slices (32 and more), with one split (16-key steps, or all keys in
-    # one block as the rule takes them) and with three merged.
+    # one block) and with three merged.
     tickets = torch.zeros(B * G, dtype=torch.int32, device=DEVICE)
     runs = [(*run, None) for run in itertools.product((None, 1, 3), (16, None), (False, True))]
     if dv >= 32:
@@ -196,26 +196,23 @@ def test_split_count_rule():
     assert num_splits(4, 8192, 64, cpu) == 2  # CPU_PROGRAMS = 8
     assert num_splits(1, 64, 64, cpu) == 1  # never more splits than key blocks
     assert num_splits(256, 8192, 64, cpu) == 1
-    # Up to SLICED_KEYS keys: one split, value slices up to CPU_PROGRAMS programs, each slice
-    # at least 32 value dims; past that, the key splits and one slice.
-    assert work_split(1, 128, 64, 128, cpu) == (1, 4)
-    assert work_split(2, 64, 64, 128, cpu) == (1, 4)
+    # Up to SLICED_KEYS (64) keys: one split, value slices up to CPU_PROGRAMS programs, each
+    # slice at least 32 value dims; where that is one slice, or past 64 keys, num_splits'.
+    assert work_split(1, 64, 64, 128, cpu) == (1, 4)
+    assert work_split(2, 40, 64, 128, cpu) == (1, 4)
     assert work_split(4, 64, 64, 128, cpu) == (1, 2)
     assert work_split(1, 64, 64, 64, cpu) == (1, 2)
-    assert work_split(1, 64, 64, 24, cpu) == (1, 1)
-    assert work_split(8, 64, 64, 128, cpu) == (1, 1)
-    assert work_split(8, 128, 64, 128, cpu) == (1, 1)  # one slice: num_splits' (8 programs)
-    assert work_split(4, 128, 64, 128, cpu) == (1, 2)
-    assert work_split(2, 128, 32, 64, cpu) == (1, 2)
-    assert work_split(1, 129, 64, 128, cpu) == (3, 1)
+    assert work_split(1, 64, 16, 24, cpu) == (4, 1)  # no slice of 32 dims: key splits
+    assert work_split(8, 64, 16, 128, cpu) == (1, 1)
+    assert work_split(1, 128, 64, 128, cpu) == (2, 1)
     assert work_split(1, 8192, 64, 128, cpu) == (8, 1)
     if ON_GPU:  # batch 1 of the Qwen3 shape (4 kv heads) puts a program on every SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert 4 * num_splits(4, 8192, 64, torch.device(DEVICE)) >= sms
         gpu = torch.device(DEVICE)
-        assert work_split(4, 128, 64, 128, gpu) == (1, 4)  # batch 1
+        assert work_split(4, 64, 64, 128, gpu) == (1, 4)  # batch 1
         # batch 16: slices would take more than half the SMs; key splits as before
-        assert work_split(64, 128, 64, 128, gpu) == (num_splits(64, 128, 64, gpu), 1)
+        assert work_split(64, 64, 64, 128, gpu) == (num_splits(64, 64, 64, gpu), 1)
 
 
 def test_attention_backend_choice():

@@ -16,11 +16,11 @@ computes all H/G query heads of its kv group against the keys of its split (grou
 attention reads each key once for the whole group; the queries are padded to 16 rows, the
 smallest tl.dot tile), with an fp32 online softmax in base 2 (scores · dk^-0.5 · log2 e), and
 sums its slice of the value dims. Splits are chosen from the launch's B·G and S so that a
-batch-1 step still fills the GPU (about two programs per SM): up to SLICED_KEYS keys by slicing
-the values (every slice reads all the split's keys and its share of the values; no merge), past
-that by splitting the keys; a split that starts past position lengths_B[b] returns at once, so
-the cost follows each sequence's real length, not S. Every split that runs has at least one
-visible key, so no partial is all -inf.
+batch-1 step still fills the GPU (about two programs per SM): up to SLICED_KEYS keys at small
+batches by slicing the values (every slice reads all the split's keys and its share of the
+values; no merge), else by splitting the keys; a split that starts past position
+lengths_B[b] returns at once, so the cost follows each sequence's real length, not S. Every
+split that runs has at least one visible key, so no partial is all -inf.
 
 The new token's key is visible to its own query without a read-after-write through memory: each
 program reads only cached positions < lengths_B[b]; the one program whose split holds position
@@ -77,15 +77,17 @@ CPU_PROGRAMS = 8
 LOG2E = 1.4426950408889634
 # Up to this many keys (the bucket, kv_len) one program reads all of a (sequence, kv head)'s
 # keys, and the value dims are sliced among up to VALUE_SLICES programs (each at least
-# MIN_VALUE_SLICE dims) instead of the keys split among programs and merged: a batch-1 program's
-# time follows the bytes it loads (session 33: 64 KB of keys and values took 1.3 µs more than
-# 32 KB, about what the merge of two splits costs), and a slice loads every key but only its
-# share of the values, with no partials, ticket or merge. Sliced, the launch keeps to half the
-# SMs (the output projection, launched early, takes the others: at batch 16, 256 programs of
-# 4 slices cost it 8 µs a layer, session 40), and a 16-bit cache reads its keys as one block,
-# all prefetched to L2 before the PDL wait (two 64-key blocks, the second read after the wait
-# from HBM: +1.7 µs a layer at 76 tokens, session 40).
-SLICED_KEYS = 128
+# MIN_VALUE_SLICE dims) instead of the keys split among programs and merged: a slice reads every
+# key but only its share of the values, with no partials, ticket or merge. Sliced, the launch
+# keeps to half the SMs (the output projection, launched early, takes the others). Measured in
+# the served Qwen3-30B-A3B step on an H100 (session 40, benchmarks/results/decode_attention):
+# batch 1 at 36 tokens, 4 slices, the attention's end step 4.76-4.80 -> 4.65-4.76 µs; at 76
+# tokens (a 128-key bucket) 4 slices of two 64-key blocks lost, 6.04 -> 7.7 µs (the second block
+# is read after the PDL wait, where two splits have both first blocks prefetched to L2), and at
+# batch 16 256 sliced programs cost the output projection 8 µs; so 64 keys, where one block is
+# all the keys. (Alone, 4 slices of one 128-key block beat two splits, 3.60 against 4.67 µs,
+# not measured in the engine.)
+SLICED_KEYS = 64
 VALUE_SLICES = 4
 MIN_VALUE_SLICE = 32
 # The most fp32 partials (query heads per kv head × splits × value dims, each a power of two)
@@ -413,16 +415,13 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
     Q = H // G
     block_dk, block_dv = max(16, next_power_of_2(dk)), max(16, next_power_of_2(dv))
-    chosen_block = block_n is None
-    if chosen_block:
+    if block_n is None:
         # Keys per loop step. The loop's loads are pipelined through shared memory (3 stages):
         # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
         # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
     if splits is None and value_splits is None:
         P, slices = work_split(B * G, kv_len, block_n, dv, q_BHd.device)
-        if slices > 1 and chosen_block and q_BHd.element_size() <= 2:  # SLICED_KEYS' note
-            block_n = max(block_n, next_power_of_2(kv_len))
     else:
         P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
         slices = value_splits or 1
