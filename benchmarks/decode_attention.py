@@ -46,7 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_cpu  # noqa: E402, F401  (before the kernels: the interpreter without CUDA)
-from machine import kernel_bench_device, kernel_bench_parser, write_kernel_bench  # noqa: E402,E501
+from machine import (kernel_bench_device, kernel_bench_parser,  # noqa: E402
+                     write_kernel_bench)
 from moeflow.infer.decode_graphs import capture_graph  # noqa: E402
 from moeflow.infer.slot_cache import DecodeView, SlotKVCache  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
@@ -197,7 +198,7 @@ def measure(sh: Shape, B: int, S: int, fill: str, device, sweep: bool) -> dict:
 
 
 # (batch, bucket S, every row's length) as the served decode steps see them (decode_served.py's
-# contexts 36 and 76: buckets of 64 and 128 keys), and a bucket past SLICED_KEYS.
+# contexts 36 and 76: buckets of 64 and 128 keys), and a 256-key bucket.
 SPLIT_CASES = ((1, 64, 36), (1, 128, 76), (1, 128, 110), (16, 64, 36), (16, 128, 76),
                (1, 256, 200))
 # (key splits, value slices, block_n) forced; "rule" (work_split) and "keys" (num_splits, one
