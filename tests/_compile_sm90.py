@@ -342,11 +342,13 @@ def decode_attention():
     """The split kernel as Qwen3-30B-A3B decodes (8 queries per kv head, heads of 128, bf16),
     with raw q/k prepared in the kernel (norm + RoPE, each alone) and without, the splits
     merged by the last split (with raw q/k) and by the merge kernel (and that kernel); one
-    split in four value slices (the batch-1 rule up to 64 keys) and split ones merged."""
+    split in four value slices (64-key blocks, and one 128-key block in four or two slices: the
+    batch-1 rule up to 128 keys) and split ones merged."""
     for norm, rope, merge, single, block_dv, block_n in (
             (True, True, True, False, 128, 64), (True, False, False, False, 128, 64),
             (False, True, False, False, 128, 64), (False, False, False, False, 128, 64),
-            (True, True, False, True, 32, 64), (True, True, True, False, 32, 64)):
+            (True, True, False, True, 32, 64), (True, True, True, False, 32, 64),
+            (True, True, False, True, 32, 128), (True, True, False, True, 64, 128)):
         split = compile_sm90(decode_attention_triton._split_kernel,
                              {"q_ptr": "*bf16", **_args("sq_b sq_h", "i32"),
                               "kn_ptr": "*bf16", **_args("skn_b skn_g", "i32"),

@@ -26,7 +26,7 @@ from moeflow.infer.slot_cache import decode_attention  # noqa: E402
 from moeflow.ops import backend  # noqa: E402
 from moeflow.ops.backend import Backends  # noqa: E402
 from moeflow.ops.decode_attention_triton import (decode_attention_triton, num_splits,  # noqa: E402
-                                                 work_split)
+                                                 one_block, work_split)
 
 
 def reference(q_BHd, k_BGd, v_BGd, k_NGMd, v_NGMd, lengths_B, kv_len):
@@ -50,6 +50,7 @@ SHAPES = {"mha64": (2, 2, 64, 64), "gqa128": (8, 2, 128, 128), "mla": (2, 2, 24,
 LENGTHS = {"b1": ([21], 40), "b3": ([0, 29, 47], 48)}
 if ON_GPU:
     LENGTHS["long"] = ([0, 700, 2047, 1500], 2048)
+    LENGTHS["b1_128"] = ([100], 128)  # bf16: four slices of one 128-key block
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
@@ -196,21 +197,31 @@ def test_split_count_rule():
     assert num_splits(4, 8192, 64, cpu) == 2  # CPU_PROGRAMS = 8
     assert num_splits(1, 64, 64, cpu) == 1  # never more splits than key blocks
     assert num_splits(256, 8192, 64, cpu) == 1
-    # Up to SLICED_KEYS (64) keys: one split, value slices up to CPU_PROGRAMS programs, each
-    # slice at least 32 value dims; where that is one slice, or past 64 keys, num_splits'.
+    # Up to SLICED_KEYS (128) keys: one split, value slices up to CPU_PROGRAMS programs, each
+    # slice at least 32 value dims; where that is one slice, or past 128 keys, num_splits'.
     assert work_split(1, 64, 64, 128, cpu) == (1, 4)
     assert work_split(2, 40, 64, 128, cpu) == (1, 4)
     assert work_split(4, 64, 64, 128, cpu) == (1, 2)
     assert work_split(1, 64, 64, 64, cpu) == (1, 2)
     assert work_split(1, 64, 16, 24, cpu) == (4, 1)  # no slice of 32 dims: key splits
     assert work_split(8, 64, 16, 128, cpu) == (1, 1)
-    assert work_split(1, 128, 64, 128, cpu) == (2, 1)
+    assert work_split(1, 128, 64, 128, cpu) == (1, 4)
+    assert work_split(8, 128, 64, 128, cpu) == (1, 1)
+    assert work_split(1, 256, 64, 128, cpu) == (4, 1)
     assert work_split(1, 8192, 64, 128, cpu) == (8, 1)
+    # A sliced split's keys in one block where 3 stages of its tiles fit shared memory, 16-bit
+    # caches only (sm_90: 227 KB a program).
+    assert one_block(76, 64, 128, 32, 2, 232448) == 128
+    assert one_block(40, 64, 128, 32, 2, 232448) == 64
+    assert one_block(128, 64, 128, 32, 2, 101376) == 64  # 120 KB of tiles: over 99 KB
+    assert one_block(128, 64, 128, 32, 4, 232448) == 64  # fp32
+    assert one_block(128, 64, 128, 32, 2, 0) == 64  # torch does not say
     if ON_GPU:  # batch 1 of the Qwen3 shape (4 kv heads) puts a program on every SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert 4 * num_splits(4, 8192, 64, torch.device(DEVICE)) >= sms
         gpu = torch.device(DEVICE)
         assert work_split(4, 64, 64, 128, gpu) == (1, 4)  # batch 1
+        assert work_split(4, 128, 64, 128, gpu) == (1, 4)
         # batch 16: slices would take more than half the SMs; key splits as before
         assert work_split(64, 64, 64, 128, gpu) == (num_splits(64, 64, 64, gpu), 1)
 

@@ -41,7 +41,11 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-MIN_KV_LEN = 128
+# The smallest key bucket: one 64-key block, the decode attention's (bf16, head dim 128) and,
+# at batch 1, all its keys in one sliced block (moeflow.ops.decode_attention_triton.SLICED_KEYS:
+# a 128-key bucket loads its 128 keys whatever the sequences' lengths). One more graph per batch
+# bucket than a 128-key floor.
+MIN_KV_LEN = 64
 
 
 class StepOutput(NamedTuple):

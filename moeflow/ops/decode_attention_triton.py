@@ -74,20 +74,23 @@ PROGRAMS_PER_SM = 2
 # Without a GPU (the interpreter runs programs one after another) a few splits, so that tests
 # still exercise the merge.
 CPU_PROGRAMS = 8
+# The split kernel's loop loads through shared memory in this many stages (Triton's default).
+LOAD_STAGES = 3
 LOG2E = 1.4426950408889634
 # Up to this many keys (the bucket, kv_len) one program reads all of a (sequence, kv head)'s
 # keys, and the value dims are sliced among up to VALUE_SLICES programs (each at least
 # MIN_VALUE_SLICE dims) instead of the keys split among programs and merged: a slice reads every
 # key but only its share of the values, with no partials, ticket or merge. Sliced, the launch
-# keeps to half the SMs (the output projection, launched early, takes the others). Measured in
-# the served Qwen3-30B-A3B step on an H100 (session 40, benchmarks/results/decode_attention):
-# batch 1 at 36 tokens, 4 slices, the attention's end step 4.76-4.80 -> 4.65-4.76 µs; at 76
-# tokens (a 128-key bucket) 4 slices of two 64-key blocks lost, 6.04 -> 7.7 µs (the second block
-# is read after the PDL wait, where two splits have both first blocks prefetched to L2), and at
-# batch 16 256 sliced programs cost the output projection 8 µs; so 64 keys, where one block is
-# all the keys. (Alone, 4 slices of one 128-key block beat two splits, 3.60 against 4.67 µs,
-# not measured in the engine.)
-SLICED_KEYS = 64
+# keeps to half the SMs (the output projection, launched early, takes the others), and a 16-bit
+# cache reads all the keys as one block (prefetched to L2 before the PDL wait, loaded in one
+# round after it). Measured in the served Qwen3-30B-A3B step: on an H100 (session 40) slices of
+# two 64-key blocks at a 128-key bucket lost to two key splits (attention 6.04 -> 7.7 µs: the
+# second block read after the wait from HBM), and at batch 16 256 sliced programs cost the
+# output projection 8 µs; on an H200 (session 41, benchmarks/results/decode_attention) one
+# 128-key block in four slices won at 76 tokens, served 2.548-2.574 -> 2.504-2.525 ms, and lost
+# at 36 (2.478-2.486 -> 2.494-2.503: the block's 128 keys are loaded whatever the length), which
+# the engine's 64-key bucket below 64 tokens (moeflow.infer.decode_graphs.MIN_KV_LEN) avoids.
+SLICED_KEYS = 128
 VALUE_SLICES = 4
 MIN_VALUE_SLICE = 32
 # The most fp32 partials (query heads per kv head × splits × value dims, each a power of two)
@@ -362,6 +365,23 @@ def work_split(batch_heads: int, kv_len: int, block_n: int, dv: int,
     return 1, slices
 
 
+def one_block(kv_len: int, block_n: int, block_dk: int, slice_dv: int, elem_bytes: int,
+              shared_bytes: int) -> int:
+    """Keys per block for a sliced split of a 16-bit cache: all kv_len keys in one block where
+    its pipeline's tiles (LOAD_STAGES of keys and value slices) fit the device's shared memory
+    per program (`shared_bytes`), else `block_n`."""
+    wide = max(block_n, next_power_of_2(kv_len))
+    fits = LOAD_STAGES * wide * (block_dk + slice_dv) * elem_bytes <= shared_bytes
+    return wide if elem_bytes <= 2 and fits else block_n
+
+
+@functools.lru_cache
+def _shared_bytes(index: int | None) -> int:
+    """Shared memory one program may use (0 where torch does not say)."""
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 0)
+
+
 def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -415,13 +435,17 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     q_BHd, k_BGd, v_BGd = _last_unit(q_BHd), _last_unit(k_BGd), _last_unit(v_BGd)
     Q = H // G
     block_dk, block_dv = max(16, next_power_of_2(dk)), max(16, next_power_of_2(dv))
-    if block_n is None:
+    chosen_block = block_n is None
+    if chosen_block:
         # Keys per loop step. The loop's loads are pipelined through shared memory (3 stages):
         # at head dim 128 a 64-key step takes 70 KB in bf16 and 140 KB in fp32 (ptxas for sm_90),
         # so fp32 and wider heads take 32 keys to stay within smaller GPUs' shared memory.
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
     if splits is None and value_splits is None:
         P, slices = work_split(B * G, kv_len, block_n, dv, q_BHd.device)
+        if slices > 1 and chosen_block and q_BHd.is_cuda:
+            block_n = one_block(kv_len, block_n, block_dk, cdiv(block_dv, slices),
+                                q_BHd.element_size(), _shared_bytes(q_BHd.device.index))
     else:
         P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
         slices = value_splits or 1
