@@ -13,13 +13,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
+from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
                          decode_route_fused_triton, decode_route_triton, expert_bias_triton,
                          fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
                          persistent_mlp_triton, qk_rope_triton, routing_choice_triton,
                          routing_grad_triton, routing_slots_triton, routing_triton,
                          sample_triton, skinny_linear_triton, slot_write_triton,
-                         tiled_mlp_triton)
+                         tiled_mlp_triton, top_k_triton)
 
 NO_PTXAS = 3
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KB)
@@ -403,7 +404,7 @@ def training_losses_and_biases():
 def sampled_draw():
     """The sampler's draws: over top-k or sorted candidates with top-p and with top-k alone,
     and over whole rows in tiles (temperature only); bf16 logits, the launchers' tiles and
-    warps (151,936 logits: 75 tiles); the top-k's refill and order at 64 and 1,024 candidates."""
+    warps (151,936 logits: 75 tiles); the top-k at 40 and 1,024 candidates."""
     for top_p in (True, False):
         compile_sm90(sample_triton._draw_ranked_kernel,
                      {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
@@ -414,12 +415,18 @@ def sampled_draw():
                   "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
                   "tickets_ptr": "*i32", **_args("stride_v V P", "i32")},
                  {"BLOCK": sample_triton.BLOCK, "BLOCK_P": 128}, num_warps=8)
-    for block_k in (64, sample_triton.RANK_MAX_K):  # top-k 40-64, and the largest sort
-        compile_sm90(sample_triton._rank_top_k_kernel,
-                     {"x_ptr": "*bf16", "val_ptr": "*bf16", "id_ptr": "*i64",
-                      "out_val_ptr": "*bf16", "out_id_ptr": "*i64",
-                      **_args("stride_x V K", "i32")},
-                     {"BLOCK_K": block_k, "TILE": sample_triton.RANK_TILE}, num_warps=8)
+    # The top-k: the launcher's (tile, candidates, k block, key bits, warps) at Qwen3's
+    # vocabulary for k = 40 in bf16 and fp32, and for the largest k.
+    for dtype, k in (("*bf16", 40), ("*fp32", 40), ("*bf16", top_k_triton.MAX_K)):
+        tile = top_k_triton.top_k_tile(151936, k)
+        block_c = next_power_of_2(cdiv(151936, tile) * k)
+        compile_sm90(top_k_triton._top_k_kernel,
+                     {"x_ptr": dtype, "cand_key_ptr": "*u32", "cand_id_ptr": "*i32",
+                      "tickets_ptr": "*i32", "out_val_ptr": dtype, "out_id_ptr": "*i64",
+                      **_args("stride_x V K T", "i32")},
+                     {"TILE": tile, "BLOCK_C": block_c, "BLOCK_K": max(16, next_power_of_2(k)),
+                      "BITS": 16 if dtype == "*bf16" else 32},
+                     num_warps=min(32, max(4, max(tile, block_c) // 512)))
 
 
 CASES = {f.__name__: f for f in (fp8_quantize, stream_experts, tiled_experts, persistent_experts,

@@ -179,23 +179,24 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
 
 
-def ranked_candidates(logits_BV: torch.Tensor, k: int | None
+def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
+                      tickets: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of each row's k best logits (None: all), best first in a total order:
-    value, then the lower id. A total order, so that the kept set and its order do not depend
-    on how many candidates the batch-mates need (with bf16 logits, tokens tie at a row's k-th
-    value in most rows) nor on how torch orders ties. All: a stable sort. k: topk's values
-    (cheap), then its tie group at the k-th value refilled with the row's lowest tied ids (topk
-    keeps every larger value, but any of the tied ones), then the k sorted by id and stably by
-    value. NaN counts as the largest value (torch's order). No host sync. On CUDA with Triton,
-    k <= RANK_MAX_K: the refill and order by one launch (moeflow.ops.sample_triton)."""
+    value (NaN first, -0 as +0), then the lower id. A total order, so that the kept set and its
+    order do not depend on how many candidates the batch-mates need (with bf16 logits, tokens
+    tie at a row's k-th value in most rows) nor on how torch orders ties. All: a stable sort.
+    k: on CUDA with Triton (k <= top_k_triton.MAX_K) one launch (moeflow.ops.top_k_triton,
+    `tickets`: int32 zeros, at least B, or None); else topk's values (cheap), then its tie group
+    at the k-th value refilled with the row's lowest tied ids (topk keeps every larger value,
+    but any of the tied ones), then the k sorted by id and stably by value. No host sync."""
     if k is None:
         return logits_BV.sort(dim=-1, descending=True, stable=True)
-    values, ids = logits_BV.topk(k, dim=-1)
     if _use_kernel(logits_BV):
-        from moeflow.ops.sample_triton import RANK_MAX_K, rank_top_k_triton
-        if k <= RANK_MAX_K:
-            return rank_top_k_triton(logits_BV, values, ids)
+        from moeflow.ops.top_k_triton import MAX_K, top_k_triton
+        if k <= MAX_K:
+            return top_k_triton(logits_BV, k, tickets)
+    values, ids = logits_BV.topk(k, dim=-1)
     return _ranked_top_k(logits_BV, values, ids)
 
 
@@ -205,8 +206,9 @@ def _ranked_top_k(logits_BV: torch.Tensor, values: torch.Tensor, ids: torch.Tens
     B, V = logits_BV.shape
     k = values.shape[1]
     kth = values[:, -1:]
-    above = ((values > kth) | values.isnan()).sum(dim=-1, keepdim=True)
-    tied = logits_BV == kth
+    nan_kth = kth.isnan()  # more NaNs than k: the k-th is one, tied with every NaN
+    above = ((values > kth) | (values.isnan() & ~nan_kth)).sum(dim=-1, keepdim=True)
+    tied = (logits_BV == kth) | (logits_BV.isnan() & nan_kth)
     rank = tied.cumsum(dim=-1, dtype=torch.int32)  # among the row's ties, in id order, from 1
     slot = torch.where(tied & (rank <= k - above), above + rank - 1, k)  # k: a column dropped
     every_id = torch.arange(V, device=logits_BV.device).expand(B, V)
@@ -248,7 +250,7 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
     if all(ks):  # the candidates: the best max(k) of each row, best first
-        values, ids = ranked_candidates(logits_BV, max(ks))
+        values, ids = ranked_candidates(logits_BV, max(ks), tickets)
     elif top_p or any(ks):
         values, ids = ranked_candidates(logits_BV, None)
     else:  # temperature only: the whole row, as it is

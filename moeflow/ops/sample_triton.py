@@ -26,10 +26,7 @@ launch does the rest. Two draw kernels, by how the candidates come:
 
 The token goes to out[row]; rows not in the table keep what out holds (the greedy tokens).
 
-A top-k's candidates come ranked from one more launch (rank_top_k_triton, one program per row,
-in place of ranked_candidates' 18 torch kernels): topk's values and ids, the k-th value's tie
-group refilled with the row's lowest tied ids (a scan of the row in tiles), then the k sorted by
-one int64 key per candidate (the value's order bits, then the id).
+A top-k's candidates come ranked from one more launch (moeflow.ops.top_k_triton).
 
 Legend: S sampled rows, B logits rows, N candidates per row, P tiles per row.
 """
@@ -165,82 +162,6 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
         at = tl.min(tl.where(scores == best, ats, _NO_ID), axis=0)  # ties: the lowest id
         # No score at all (NaN logits): the greedy token, never an id outside the vocabulary.
         tl.store(out_ptr + row, tl.where(at == _NO_ID, argmax, at.to(tl.int64)))
-
-
-@triton.jit
-def _rank_top_k_kernel(x_ptr, stride_x, V, val_ptr, id_ptr, K, out_val_ptr, out_id_ptr,
-                       BLOCK_K: tl.constexpr, TILE: tl.constexpr):
-    """One program per logits row: its top-k (values, ids) in the total order (value, then the
-    lower id; NaN first), the k-th value's ties refilled with the row's lowest tied ids."""
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_K)
-    jm = j < K
-    v = tl.load(val_ptr + b * K + j, mask=jm, other=0.0).to(tl.float32)
-    kth = tl.load(val_ptr + b * K + K - 1).to(tl.float32)
-    # Kept whatever the ties: every larger value and NaN (topk's largest).
-    above = tl.sum((((v > kth) | (v != v)) & jm).to(tl.int32), axis=0)
-    need = K - above
-    tl.store(out_id_ptr + b * K + j, tl.load(id_ptr + b * K + j, mask=jm, other=0), mask=jm)
-    tl.debug_barrier()  # the refill below overwrites topk's tied ids
-    row = x_ptr + b * stride_x
-    found = tl.zeros([], tl.int32)
-    offs = tl.arange(0, TILE)
-    # Every tile is read, the next one's load issued before this one is scanned (no early
-    # exit); a tile scans and stores only where it holds ties still needed (few do: the k-th
-    # value is in the row's far tail).
-    x_next = tl.load(row + offs, mask=offs < V, other=0.0)
-    for t0 in range(0, V, TILE):
-        at = t0 + offs
-        x = x_next.to(tl.float32)
-        x_next = tl.load(row + TILE + at, mask=TILE + at < V, other=0.0)
-        tied = ((x == kth) & (at < V)).to(tl.int32)
-        count = tl.sum(tied, axis=0)
-        if (count > 0) & (found < need):
-            rank = found + tl.cumsum(tied, axis=0)  # among the row's ties, in id order, from 1
-            tl.store(out_id_ptr + b * K + above + rank - 1, at.to(tl.int64),
-                     mask=(tied > 0) & (rank <= need))
-        found += count
-    tl.debug_barrier()
-    ids = tl.load(out_id_ptr + b * K + j, mask=jm, other=0)
-    x = tl.load(row + ids, mask=jm, other=0.0)
-    # The sort key: value descending (-0 as +0, every NaN first), then id ascending.
-    f = x.to(tl.float32)
-    f = tl.where(f == 0.0, 0.0, f)
-    bits = f.to(tl.int32, bitcast=True)
-    ordered = tl.where(f != f, 2147483647, tl.where(bits >= 0, bits, bits ^ 2147483647))
-    key = ((~ordered).to(tl.int64) << 32) | ids.to(tl.int64)
-    key = tl.sort(tl.where(jm, key, 9223372036854775807))
-    ids = key & 4294967295
-    tl.debug_barrier()  # every thread has read the refilled ids before they are overwritten
-    tl.store(out_val_ptr + b * K + j, tl.load(row + ids, mask=jm, other=0.0), mask=jm)
-    tl.store(out_id_ptr + b * K + j, ids, mask=jm)
-
-
-# The most candidates rank_top_k_triton sorts in one program (more: the torch refill).
-RANK_MAX_K = 1024
-RANK_TILE = 8192
-
-
-def rank_top_k_triton(logits_BV: torch.Tensor, values_BK: torch.Tensor, ids_BK: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """moeflow.infer.sampling.ranked_candidates' refill and order of a top-k (torch.topk's
-    values and ids of logits_BV, k <= RANK_MAX_K) in one launch: (values, ids) best first."""
-    B, V = logits_BV.shape
-    K = values_BK.shape[1]
-    if not 0 < K <= RANK_MAX_K or logits_BV.stride(1) != 1 or values_BK.shape != ids_BK.shape \
-            or values_BK.shape[0] != B:
-        raise ValueError(f"rank: a top-k of 1 to {RANK_MAX_K} candidates of contiguous rows, "
-                         f"got values {tuple(values_BK.shape)}, ids {tuple(ids_BK.shape)} of "
-                         f"logits {tuple(logits_BV.shape)}")
-    out_values = torch.empty_like(values_BK)
-    out_ids = torch.empty(B, K, dtype=torch.int64, device=logits_BV.device)
-    if B == 0:
-        return out_values, out_ids
-    tile = INTERPRETER_BLOCK if not logits_BV.is_cuda else RANK_TILE
-    _rank_top_k_kernel[(B,)](logits_BV, logits_BV.stride(0), V, values_BK.contiguous(),
-                             ids_BK.contiguous(), K, out_values, out_ids,
-                             BLOCK_K=max(16, next_power_of_2(K)), TILE=tile, num_warps=8)
-    return out_values, out_ids
 
 
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
