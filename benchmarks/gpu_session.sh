@@ -10,10 +10,6 @@
 #
 # "sampling" (session 39): the batched sampler alone against the per-row chain it replaced and
 # transformers' (benchmarks/sampling.py), and served decode greedy against sampled.
-# "attention128" (session 40): a twin of this tree with
-# results/decode_attention/one_block_128_session40.patch applied (value slices up to 128 keys,
-# read as one block) against this tree, served decode at batch 1, contexts 36 and 76, two rounds
-# alternating; the kernel alone first (decode_attention.py --splits-study).
 # STEPS: which steps to run (default the first three; split them over calls to stay within the
 # device tool's per-call limit). OUT: where the logs and results go ($OUT on the device
 # machine). BASE_TREE: a `git archive` of the commit to compare the served decode with
@@ -68,18 +64,4 @@ step sampling && for round in 1 2; do
         echo "decode_served $how round $round: exit $?" >> "$OUT/steps.txt"
     done
 done
-# One block of 128 keys in four value slices (session 40's lead for batch 1 from 64 tokens).
-step attention128 && { python benchmarks/decode_attention.py --splits-study \
-    --out "$OUT/attention_splits" > "$OUT/attention_splits.log" 2>&1
-    echo "attention splits study: exit $?" >> "$OUT/steps.txt"
-    TWIN=$(mktemp -d) && cp -r moeflow benchmarks pyproject.toml "$TWIN/" && (cd "$TWIN" \
-        && patch -s -p1 < "$HERE/benchmarks/results/decode_attention/one_block_128_session40.patch")
-    for round in 1 2; do
-        for tree in "$HERE" "$TWIN"; do
-            label=$([ "$tree" = "$HERE" ] && echo "this$round" || echo "block128_$round")
-            (cd "$tree" && PYTHONPATH=. python benchmarks/decode_served.py --cases 1:36 1:76 \
-                --out "$OUT/attention128" --label "$label") >> "$OUT/attention128.log" 2>&1
-            echo "decode_served $label: exit $?" >> "$OUT/steps.txt"
-        done
-    done; }
 cat "$OUT/steps.txt"
