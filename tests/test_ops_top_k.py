@@ -1,9 +1,10 @@
-"""The one-launch top-k (moeflow.ops.top_k_triton) and ranked_candidates' torch path against the
-total order they promise (value, NaN first, -0 as +0, then the lower id), bit for bit: Python's
-sort of the logits as the yardstick, rows full of ties across the k-th value and the tiles'
-boundaries, ±0 and subnormals beside each other, -inf, NaN (fewer and more than k), one value
-throughout; fp32, bf16, fp16; k of 1, of a tile, past a tile and the whole row. Under Triton's
-interpreter on tiny rows (16-logit tiles); on a GPU also Qwen3-30B-A3B's vocabulary."""
+"""The one-launch top-k (moeflow.ops.top_k_triton) and ranked_candidates' torch paths (a top-k
+refilled, a sort of every logit) against the total order they promise (value, NaN first, -0 as
++0, then the lower id), bit for bit: Python's sort of the logits as the yardstick, rows full of
+ties across the k-th value and the tiles' boundaries, ±0 and subnormals beside each other, -inf,
+NaN (fewer and more than k), one value throughout; fp32, bf16, fp16; k of 1, of a tile, past a
+tile and the whole row. Under Triton's interpreter on tiny rows (16-logit tiles); on a GPU also
+Qwen3-30B-A3B's vocabulary."""
 
 import math
 
@@ -15,7 +16,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from moeflow.infer.sampling import _ranked_top_k  # noqa: E402
+from moeflow.infer.sampling import _ranked_top_k, ranked_candidates  # noqa: E402
 from moeflow.ops.top_k_triton import MAX_K, top_k_tile, top_k_triton  # noqa: E402
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -55,12 +56,14 @@ def test_top_k_follows_the_total_order_bit_for_bit(dtype):
     tickets = torch.zeros(B, dtype=torch.int32, device=DEVICE)
     for k in (1, 7, 16, 33, V):
         want = torch.tensor(_spec(logits, k), device=DEVICE)
-        for path in ("kernel", "torch"):
+        for path in ("kernel", "torch", "sort"):
             if path == "kernel":
                 values, ids = top_k_triton(logits, k, tickets)
                 assert not tickets.any()  # left at 0 for the next launch
-            else:
+            elif path == "torch":
                 values, ids = _ranked_top_k(logits, *logits.topk(k, dim=-1))
+            else:  # every candidate (top-p alone), sorted by order_keys
+                values, ids = (t[:, :k] for t in ranked_candidates(logits, None))
             assert torch.equal(ids, want), (path, k, ids, want)
             assert values.dtype == dtype and torch.equal(  # the logits' own bits (-0 stays -0)
                 values.view(BITS[dtype]), logits.gather(1, want).view(BITS[dtype]))
@@ -102,3 +105,17 @@ def test_top_k_at_qwen3s_vocabulary_matches_a_stable_sort(dtype):
         want_v, want_i = logits.sort(dim=-1, descending=True, stable=True)
         assert torch.equal(ids, want_i[:, :k]), k
         assert torch.equal(values.view(BITS[dtype]), want_v[:, :k].view(BITS[dtype]))
+
+
+@pytest.mark.parametrize("dtype", list(BITS))
+def test_order_keys_rank_nan_first_and_zeros_equal(dtype):
+    """The integer keys the torch paths sort by (torch's float sort on CUDA ranked sign-bit and
+    bf16 NaNs last): NaN of either sign above +inf, -0 equal to +0, subnormals apart from 0."""
+    from moeflow.infer.sampling import order_keys
+
+    tiny = torch.finfo(dtype).tiny / 4
+    x = torch.tensor([-float("nan"), float("nan"), float("inf"), 1.0, tiny, 0.0, -0.0, -tiny,
+                      -1.0, -float("inf")], dtype=dtype)
+    keys = order_keys(x).tolist()
+    assert keys[0] == keys[1] and keys[5] == keys[6]
+    assert keys[1] > keys[2] > keys[3] > keys[4] > keys[5] and keys[6] > keys[7] > keys[8] > keys[9]

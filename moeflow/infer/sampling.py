@@ -191,7 +191,8 @@ def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
     at the k-th value refilled with the row's lowest tied ids (topk keeps every larger value,
     but any of the tied ones), then the k sorted by id and stably by value. No host sync."""
     if k is None:
-        return logits_BV.sort(dim=-1, descending=True, stable=True)
+        ids = order_keys(logits_BV).sort(dim=-1, descending=True, stable=True).indices
+        return logits_BV.gather(1, ids), ids
     if _use_kernel(logits_BV):
         from moeflow.ops.top_k_triton import MAX_K, top_k_triton
         if k <= MAX_K:
@@ -214,8 +215,24 @@ def _ranked_top_k(logits_BV: torch.Tensor, values: torch.Tensor, ids: torch.Tens
     every_id = torch.arange(V, device=logits_BV.device).expand(B, V)
     ids = torch.cat([ids, ids[:, :1]], dim=1).scatter_(1, slot, every_id)[:, :k]
     ids = ids.sort(dim=-1).values
-    values, order = logits_BV.gather(1, ids).sort(dim=-1, descending=True, stable=True)
-    return values, ids.gather(1, order)
+    values = logits_BV.gather(1, ids)
+    order = order_keys(values).sort(dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order), ids.gather(1, order)
+
+
+_KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Signed integer keys of floating-point values in ranked_candidates' order (a larger value,
+    a larger key; NaN above +inf whatever its sign bit; -0 as +0), of the values' width: what
+    the candidates are sorted by. torch's own sort of floats on CUDA put a NaN with its sign bit
+    set last, and bf16 NaNs last altogether (H100, session 41)."""
+    bits = values.view(_KEY_DTYPES[values.element_size()])
+    magnitude = torch.iinfo(bits.dtype).max
+    ordered = torch.where(bits >= 0, bits, bits ^ magnitude)
+    ordered = ordered.masked_fill_((bits & magnitude) == 0, 0)  # ±0, by their bits
+    return ordered.masked_fill_(values.isnan(), magnitude)
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
