@@ -403,16 +403,13 @@ def training_losses_and_biases():
 
 def sampled_draw():
     """The sampler's draws: over top-k or sorted candidates with top-p and with top-k alone,
-    over a top-p row's best candidates and past them (NUCLEUS), and over whole rows in tiles
-    (temperature only); bf16 logits, the launchers' tiles and warps (151,936 logits: 75
-    tiles); the top-k at 40 and 1,024 candidates."""
-    for top_p, nucleus in ((True, False), (False, False), (True, True)):
+    and over whole rows in tiles (temperature only); bf16 logits, the launchers' tiles and
+    warps (151,936 logits: 75 tiles); the top-k at 40 and 1,024 candidates."""
+    for top_p in (True, False):
         compile_sm90(sample_triton._draw_ranked_kernel,
                      {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
-                      "out_ptr": "*i64", "x_ptr": "*bf16",
-                      **_args("stride_v stride_i N stride_x V", "i32")},
-                     {"TOP_P": top_p, "NUCLEUS": nucleus, "BLOCK": sample_triton.BLOCK,
-                      "BITS": 16, "PAST_BLOCK": sample_triton.PAST_BLOCK}, num_warps=8)
+                      "out_ptr": "*i64", **_args("stride_v stride_i N", "i32")},
+                     {"TOP_P": top_p, "BLOCK": sample_triton.BLOCK}, num_warps=8)
     compile_sm90(sample_triton._draw_whole_rows_kernel,
                  {"val_ptr": "*bf16", "table_ptr": "*fp64", "argmax_ptr": "*i64",
                   "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",

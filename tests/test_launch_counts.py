@@ -81,14 +81,12 @@ def test_deepspeed_top2_training_with_a_capacity_launches_no_renormalisation_ker
     assert kernels <= 38 and triton == 7 and syncs == 0, (kernels, triton, syncs)
 
 
-@pytest.mark.parametrize("top_k, top_p, V, candidates", [
-    (0, 1.0, 2000, None), (40, 0.95, 2000, "topk"), (0, 0.95, 2000, "topk"),
-    (0, 0.95, 1000, "sort")])
-def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, top_p, V,
+@pytest.mark.parametrize("top_k, top_p, candidates", [(0, 1.0, None), (40, 0.95, "topk"),
+                                                      (0, 0.95, "sort")])
+def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, top_p,
                                                                         candidates, monkeypatch):
-    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates (one
-    top-k launch in the total order, session 41: of k, or for top-p alone of the 1,024 best; a
-    sort where the vocabulary has no more than those), a copy of the
+    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates (a stable
+    sort; or one top-k launch in the total order, session 41), a copy of the
     greedy tokens, one draw launch, no sync (plus the table's copy to the device, a memcpy),
     whatever the batch size; the per-row chain it replaced launched ~16-19 kernels per row."""
     from moeflow.infer import sampling
@@ -99,7 +97,7 @@ def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, t
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sampling, "_use_kernel", lambda logits: True)
     B = 16
-    logits = torch.randn(B, V).bfloat16()
+    logits = torch.randn(B, 1000).bfloat16()
     greedy = logits.argmax(-1)
     params = sampling.SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
     tickets = torch.zeros(B, dtype=torch.int32)  # the engine's, kept across steps
@@ -109,9 +107,7 @@ def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, t
     kernels = dict(ours.kernels)
     assert kernels.pop("clone") == 1 and kernels.pop(draw) == 1 and not ours.syncs
     if candidates == "sort":
-        # sorted by order keys (8 elementwise kernels: NaN first, -0 as +0), values gathered
-        assert kernels == {"ge": 1, "bitwise_xor": 1, "where": 1, "bitwise_and": 1, "eq": 1,
-                           "masked_fill_": 2, "isnan": 1, "sort": 1, "gather": 1}, kernels
+        assert kernels == {"sort": 1}
     elif candidates == "topk":  # one launch (topk's ~16 kernels and a refill's 1-18 before)
         assert kernels == {"triton:_top_k_kernel": 1}, kernels
     else:

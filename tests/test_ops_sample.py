@@ -41,43 +41,6 @@ def _both(values, ids, table, ranked, top_p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_top_p_rows_draw_from_their_best_candidates_as_from_the_whole_sorted_row(dtype):
-    """nucleus_of: 4 candidates of 100 logits, rows with top-p and no k drawing as from the
-    whole sorted row (the reference): a peaked row (the nucleus inside the candidates), flat
-    ones (past them: the whole row's threshold), -inf, a NaN, p = 1 (every logit), a row with a
-    k; and four rows of 20 tied best logits whose nucleus keeps the first 5 (one more kept would
-    be drawn in a sixth of the draws)."""
-    from moeflow.infer.sampling import ranked_candidates
-
-    torch.manual_seed(11)
-    B, V, N = 10, 100, 4
-    scale = torch.tensor([8.0, 0.5, 0.1, 1.0, 2.0, 0.3])[:, None]
-    logits = torch.full((B, V), -10.0)
-    logits[:6] = torch.randn(6, V) * scale
-    logits[6:, 40:60] = 1.0
-    logits[3, 50:] = float("-inf")
-    logits[4, 7] = float("nan")
-    logits = logits.to(dtype).to(DEVICE)
-    sorted_v, sorted_i = ranked_candidates(logits, None)
-    values, ids = ranked_candidates(logits, N)
-    ks = [0, 0, 0, 0, 0, 2, 0, 0, 0, 0]
-    ps = [0.9, 0.95, 0.99, 0.8, 1.0, 0.9, 0.225, 0.225, 0.225, 0.225]
-    filler = torch.arange(100, 100 + B, device=DEVICE)
-    for seed in range(4):
-        table = torch.tensor([(1.0 if r >= 6 else 0.7 + 0.2 * r, ks[r], ps[r],
-                               *draw_key(seed + r, 17 + r), r) for r in range(B)],
-                             dtype=torch.float64, device=DEVICE)
-        ref = draw_reference(sorted_v, sorted_i, table, filler.clone(), ranked=True, top_p=True)
-        got = draw_triton(values, ids, table, filler.clone(), ranked=True, top_p=True,
-                          nucleus_of=logits)
-        assert torch.equal(got, ref), (seed, got, ref)
-        assert all(40 <= t < 45 for t in got[6:].tolist())  # the first 5 of the tie group
-    with pytest.raises(ValueError, match="the candidates' logits must be"):
-        draw_triton(values, ids, table, filler.clone(), ranked=True, top_p=True,
-                    nucleus_of=logits[:, :N - 1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("how", ["whole", "top-k", "sort"])
 @pytest.mark.parametrize("V", [37, 100])
 def test_the_kernel_draws_the_references_tokens(how, V, dtype):
@@ -182,7 +145,6 @@ def test_an_empty_table_changes_nothing_and_bad_tables_are_named():
     SamplingParams(temperature=0.8),
     SamplingParams(temperature=0.8, top_k=40, top_p=0.95),
     SamplingParams(temperature=0.8, top_p=0.95),
-    SamplingParams(temperature=2.0, top_p=0.99),  # flat: nuclei past the 1,024 candidates
 ])
 def test_sample_tokens_on_the_gpu_matches_the_reference_at_qwen3s_vocabulary(params,
                                                                              monkeypatch):

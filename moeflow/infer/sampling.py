@@ -179,11 +179,6 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
 
 
-# The candidates a top-p row without a k draws from on the Triton path (its nucleus holds more
-# in few rows: those are drawn from the whole row, slower, as exactly).
-NUCLEUS_CANDIDATES = 1024
-
-
 def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
                       tickets: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,20 +266,14 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                       *draw_key(seeds[i], positions[i]), i))
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
-    kernel = _use_kernel(logits_BV)
-    # The Triton draw takes a top-p row without a k from the NUCLEUS_CANDIDATES best (the whole
-    # row for its mass, and past them where its nucleus holds more): no sort of every logit.
-    nucleus = kernel and top_p and all(row[1] or row[2] < 1.0 for row in table) \
-        and max(NUCLEUS_CANDIDATES, *ks) < V
     if all(ks):  # the candidates: the best max(k) of each row, best first
         values, ids = ranked_candidates(logits_BV, max(ks), tickets)
-    elif nucleus:
-        values, ids = ranked_candidates(logits_BV, max(NUCLEUS_CANDIDATES, *ks), tickets)
     elif top_p or any(ks):
         values, ids = ranked_candidates(logits_BV, None)
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
     ranked = ids is not None
+    kernel = _use_kernel(logits_BV)
     if greedy_B is None and (len(sampled) < B or (kernel and not ranked)):
         greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the kernel's shift
     cuda = logits_BV.is_cuda
@@ -296,6 +285,5 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     if kernel:
         from moeflow.ops.sample_triton import draw_triton
         return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
-                           argmax_B=greedy_B, tickets=tickets,
-                           nucleus_of=logits_BV if nucleus and not all(ks) else None)
+                           argmax_B=greedy_B, tickets=tickets)
     return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p)

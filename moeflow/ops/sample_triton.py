@@ -40,11 +40,9 @@ import triton.language as tl
 from moeflow.infer.sampling import HASH_MUL_1, HASH_MUL_2, TABLE_COLUMNS
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.tickets import last_to_arrive
-from moeflow.ops.top_k_triton import _order_key
 
 BLOCK = 2048  # candidates per tile (a 151,936-token row: 75 tiles)
 INTERPRETER_BLOCK = 16  # the CPU tests' tiles: several per row
-PAST_BLOCK = 512  # logits per step past a top-p row's candidates (16 masses each: registers)
 _NO_ID = tl.constexpr(2147483647)
 _MUL_1 = tl.constexpr(HASH_MUL_1)
 _MUL_2 = tl.constexpr(HASH_MUL_2)
@@ -74,19 +72,9 @@ def _gumbel(ids, key_lo, key_hi):
 
 
 @triton.jit
-def _scaled(v, top, temperature):
-    """x = (v - top) / temperature in fp32, 0 where NaN (the reference's convention)."""
-    x = (v.to(tl.float32) - top) / temperature
-    return tl.where(x != x, 0.0, x)
-
-
-@triton.jit
 def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
-                        x_ptr, stride_x, V, TOP_P: tl.constexpr, NUCLEUS: tl.constexpr,
-                        BLOCK: tl.constexpr, BITS: tl.constexpr, PAST_BLOCK: tl.constexpr):
-    """Candidates best first (a top-k or a sort): one program per sampled row. NUCLEUS: the
-    candidates are the N best of the V logits at x_ptr, and a row without a k takes its top-p
-    mass over the whole row, past the candidates where the nucleus reaches past them."""
+                        TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Candidates best first (a top-k or a sort): one program per sampled row."""
     s = tl.program_id(0)
     temperature = tl.load(table_ptr + s * 6).to(tl.float32)
     k = tl.load(table_ptr + s * 6 + 1).to(tl.int32)
@@ -98,23 +86,14 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
     offs = tl.arange(0, BLOCK)
     top = tl.load(vals).to(tl.float32)
     n = tl.where((k > 0) & (k < N), k, N)
-    if NUCLEUS:
-        whole = k == 0  # the mass of every logit of the row, not of the candidates
-    else:
-        whole = k < 0
     limit = float("inf")
     if TOP_P:
         mass = tl.zeros([BLOCK], tl.float32)
-        if whole:
-            for start in range(0, V, BLOCK):
-                j = start + offs
-                v = tl.load(x_ptr + row * stride_x + j, mask=j < V, other=0.0)
-                mass += tl.where(j < V, tl.exp(_scaled(v, top, temperature)), 0.0)
-        else:
-            for start in range(0, n, BLOCK):
-                j = start + offs
-                v = tl.load(vals + j, mask=j < n, other=0.0)
-                mass += tl.where(j < n, tl.exp(_scaled(v, top, temperature)), 0.0)
+        for start in range(0, n, BLOCK):
+            j = start + offs
+            v = tl.load(vals + j, mask=j < n, other=float("-inf")).to(tl.float32)
+            x = (v - top) / temperature
+            mass += tl.where(j < n, tl.exp(tl.where(x != x, 0.0, x)), 0.0)
         limit = tl.where(p < 1.0, tl.sum(mass, axis=0) * p, float("inf"))
     carried = tl.zeros([], tl.float32)
     best_score = float("-inf")
@@ -125,8 +104,9 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
     while (start < n) & (carried < limit):
         j = start + offs
         valid = j < n
-        v = tl.load(vals + j, mask=valid, other=float("-inf"))
-        x = _scaled(v, top, temperature)
+        v = tl.load(vals + j, mask=valid, other=float("-inf")).to(tl.float32)
+        x = (v - top) / temperature
+        x = tl.where(x != x, 0.0, x)
         keep = valid
         if TOP_P:
             e = tl.where(valid, tl.exp(x), 0.0)
@@ -142,69 +122,7 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
         best_id = tl.where(better, tile_id, best_id)
         best_score = tl.where(better, tile_best, best_score)
         start += BLOCK
-    if NUCLEUS and TOP_P:
-        if whole & (carried < limit) & (N < V):  # the nucleus reaches past the candidates
-            best_id = _draw_past_candidates(x_ptr + row * stride_x, V, top, temperature, limit,
-                                            key_lo, key_hi, best_id, PAST_BLOCK, BITS)
     tl.store(out_ptr + row, best_id)
-
-
-@triton.jit
-def _draw_past_candidates(x_row, V, top, temperature, limit, key_lo, key_hi, best_id,
-                          BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """A top-p row whose nucleus holds more than its candidates, drawn from the whole row: the
-    nucleus is every logit of order key above t (moeflow.ops.top_k_triton._order_key), the
-    largest key whose logits and those above hold at least `limit`, and the first of the logits
-    at t (in id order) while the mass before them is below it; BITS / 4 passes find t."""
-    offs = tl.arange(0, BLOCK)
-    # t four bits a pass: the mass at or above each of the 16 keys t | d << shift at once.
-    digits = tl.arange(0, 16)
-    t = tl.zeros([], tl.uint32)
-    for level in tl.static_range(BITS // 4):
-        c_D = t | (digits.to(tl.uint32) << (BITS - 4 - 4 * level))
-        mass_BD = tl.zeros([BLOCK, 16], tl.float32)
-        for start in range(0, V, BLOCK):
-            j = start + offs
-            v = tl.load(x_row + j, mask=j < V, other=0.0)
-            e = tl.exp(_scaled(v, top, temperature))
-            u = _order_key(v, j < V, BITS)
-            mass_BD += tl.where(u[:, None] >= c_D[None, :], e[:, None], 0.0)
-        mass_D = tl.sum(mass_BD, axis=0)
-        t = t | (tl.max(tl.where(mass_D >= limit, digits, 0), axis=0).to(tl.uint32)
-                 << (BITS - 4 - 4 * level))
-    # The mass above t, and one logit at t (they are equal): how many of those are kept.
-    above = tl.zeros([BLOCK], tl.float32)
-    at_t = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
-        j = start + offs
-        valid = j < V
-        v = tl.load(x_row + j, mask=valid, other=0.0)
-        u = _order_key(v, valid, BITS)
-        e = tl.exp(_scaled(v, top, temperature))
-        above += tl.where(u > t, e, 0.0)
-        at_t = tl.maximum(at_t, tl.where((u == t) & valid, e, 0.0))
-    e_t = tl.max(at_t, axis=0)
-    # The tied logits kept: the first r with above + r·e_t >= limit is the first one not kept.
-    ties_kept = tl.ceil((limit - tl.sum(above, axis=0)) / e_t)
-    best_score = float("-inf")
-    ties_before = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK):
-        j = start + offs
-        valid = j < V
-        v = tl.load(x_row + j, mask=valid, other=0.0)
-        u = _order_key(v, valid, BITS)
-        tied = ((u == t) & valid).to(tl.float32)  # (t = 0, all kept: not the padding)
-        rank = ties_before + tl.cumsum(tied, axis=0) - tied  # among the ties, from 0
-        keep = (u > t) | ((tied > 0) & (rank < ties_kept))
-        ties_before += tl.sum(tied, axis=0)
-        score = tl.where(keep, _scaled(v, top, temperature)
-                         + _gumbel(j.to(tl.int64), key_lo, key_hi), float("-inf"))
-        tile_best = tl.max(score, axis=0)
-        at = tl.min(tl.where(score == tile_best, j, _NO_ID), axis=0)
-        better = tile_best > best_score
-        best_id = tl.where(better, at.to(tl.int64), best_id)
-        best_score = tl.where(better, tile_best, best_score)
-    return best_id
 
 
 @triton.jit
@@ -249,14 +167,11 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
                 out_B: torch.Tensor, *, ranked: bool, top_p: bool,
                 argmax_B: torch.Tensor | None = None,
-                tickets: torch.Tensor | None = None,
-                nucleus_of: torch.Tensor | None = None) -> torch.Tensor:
+                tickets: torch.Tensor | None = None) -> torch.Tensor:
     """moeflow.infer.sampling.draw_reference as one launch (same arguments; returns out_B).
     Whole rows (not `ranked`) also need each row's argmax (`argmax_B`, int64, the greedy
     tokens) and are drawn by the tiled kernel, whose `tickets` are int32 zeros, at least S
-    (moeflow.ops.tickets; None: made here). `nucleus_of`: the logits [B, V] whose N best
-    (ranked) the candidates are; a row with top-p and no k then draws as from all V sorted:
-    its mass over the whole row, and past the candidates where its nucleus holds more."""
+    (moeflow.ops.tickets; None: made here)."""
     if values_BN.dim() != 2 or values_BN.stride(1) != 1 or not values_BN.is_floating_point():
         raise ValueError("draw: candidates must be [B, N] floating point, rows contiguous")
     if table_S6.dtype != torch.float64 or table_S6.shape[1:] != (len(TABLE_COLUMNS),):
@@ -287,17 +202,7 @@ def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: 
         return out_B
     if ids_BN is None:
         raise ValueError("draw: ranked candidates need their token ids")
-    logits = values_BN if nucleus_of is None else nucleus_of
-    if nucleus_of is not None and (logits.dim() != 2 or logits.stride(1) != 1
-                                   or logits.shape[0] != values_BN.shape[0]
-                                   or logits.shape[1] < N or logits.dtype != values_BN.dtype):
-        raise ValueError(f"draw: the candidates' logits must be [{values_BN.shape[0]}, >= {N}] "
-                         f"{values_BN.dtype} with contiguous rows, got {logits.dtype} "
-                         f"{tuple(logits.shape)}")
     _draw_ranked_kernel[(S,)](values_BN, values_BN.stride(0), ids_BN, ids_BN.stride(0),
-                              table_S6, out_B, N, logits, logits.stride(0), logits.shape[1],
-                              TOP_P=top_p, NUCLEUS=nucleus_of is not None, BLOCK=block,
-                              BITS=16 if logits.element_size() == 2 else 32,
-                              PAST_BLOCK=min(block, PAST_BLOCK),
+                              table_S6, out_B, N, TOP_P=top_p, BLOCK=block,
                               num_warps=4 if block <= 256 else 8)
     return out_B
