@@ -61,7 +61,7 @@ def test_top_k_follows_the_total_order_bit_for_bit(dtype):
                 values, ids = top_k_triton(logits, k, tickets)
                 assert not tickets.any()  # left at 0 for the next launch
             elif path == "torch":
-                values, ids = _ranked_top_k(logits, *logits.topk(k, dim=-1))
+                values, ids = _ranked_top_k(logits, k)
             else:  # every candidate (top-p alone), sorted by order_keys
                 values, ids = (t[:, :k] for t in ranked_candidates(logits, None))
             assert torch.equal(ids, want), (path, k, ids, want)

@@ -187,9 +187,10 @@ def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
     order do not depend on how many candidates the batch-mates need (with bf16 logits, tokens
     tie at a row's k-th value in most rows) nor on how torch orders ties. All: a stable sort.
     k: on CUDA with Triton (k <= top_k_triton.MAX_K) one launch (moeflow.ops.top_k_triton,
-    `tickets`: int32 zeros, at least B, or None); else topk's values (cheap), then its tie group
-    at the k-th value refilled with the row's lowest tied ids (topk keeps every larger value,
-    but any of the tied ones), then the k sorted by id and stably by value. No host sync."""
+    `tickets`: int32 zeros, at least B, or None); else a top-k of the order keys (cheap), then
+    its tie group at the k-th key refilled with the row's lowest tied ids (topk keeps every
+    larger key, but any of the tied ones), then the k sorted by id and stably by key. No host
+    sync."""
     if k is None:
         ids = order_keys(logits_BV).sort(dim=-1, descending=True, stable=True).indices
         return logits_BV.gather(1, ids), ids
@@ -197,27 +198,26 @@ def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
         from moeflow.ops.top_k_triton import MAX_K, top_k_triton
         if k <= MAX_K:
             return top_k_triton(logits_BV, k, tickets)
-    values, ids = logits_BV.topk(k, dim=-1)
-    return _ranked_top_k(logits_BV, values, ids)
+    return _ranked_top_k(logits_BV, k)
 
 
-def _ranked_top_k(logits_BV: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ranked_candidates from topk's (values, ids) in plain torch."""
+def _ranked_top_k(logits_BV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ranked_candidates' top-k in plain torch, over order_keys (integers: torch's float top-k
+    and sort on CUDA do not rank NaN and -0 as the order does)."""
     B, V = logits_BV.shape
-    k = values.shape[1]
-    kth = values[:, -1:]
-    nan_kth = kth.isnan()  # more NaNs than k: the k-th is one, tied with every NaN
-    above = ((values > kth) | (values.isnan() & ~nan_kth)).sum(dim=-1, keepdim=True)
-    tied = (logits_BV == kth) | (logits_BV.isnan() & nan_kth)
+    keys = order_keys(logits_BV)
+    top, ids = keys.topk(k, dim=-1)
+    kth = top[:, -1:]
+    above = (top > kth).sum(dim=-1, keepdim=True)
+    tied = keys == kth
     rank = tied.cumsum(dim=-1, dtype=torch.int32)  # among the row's ties, in id order, from 1
     slot = torch.where(tied & (rank <= k - above), above + rank - 1, k)  # k: a column dropped
     every_id = torch.arange(V, device=logits_BV.device).expand(B, V)
     ids = torch.cat([ids, ids[:, :1]], dim=1).scatter_(1, slot, every_id)[:, :k]
     ids = ids.sort(dim=-1).values
-    values = logits_BV.gather(1, ids)
-    order = order_keys(values).sort(dim=-1, descending=True, stable=True).indices
-    return values.gather(1, order), ids.gather(1, order)
+    order = keys.gather(1, ids).sort(dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    return logits_BV.gather(1, ids), ids
 
 
 _KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
