@@ -109,8 +109,9 @@ def test_top_k_at_qwen3s_vocabulary_matches_a_stable_sort(dtype):
 
 @pytest.mark.parametrize("dtype", list(BITS))
 def test_order_keys_rank_nan_first_and_zeros_equal(dtype):
-    """The integer keys the torch paths sort by (torch's float sort on CUDA ranked sign-bit and
-    bf16 NaNs last): NaN of either sign above +inf, -0 equal to +0, subnormals apart from 0."""
+    """The integer keys the torch paths sort by (torch's float sort on CUDA ranked a sign-bit
+    NaN last, and in a short bf16 row every NaN): NaN of either sign above +inf, -0 equal to
+    +0, subnormals apart from 0."""
     from moeflow.infer.sampling import order_keys
 
     tiny = torch.finfo(dtype).tiny / 4

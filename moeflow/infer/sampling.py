@@ -227,7 +227,7 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     """Signed integer keys of floating-point values in ranked_candidates' order (a larger value,
     a larger key; NaN above +inf whatever its sign bit; -0 as +0), of the values' width: what
     the candidates are sorted by. torch's own sort of floats on CUDA put a NaN with its sign bit
-    set last, and bf16 NaNs last altogether (H100, session 41)."""
+    set last, and in a short bf16 row every NaN (H100, session 41)."""
     bits = values.view(_KEY_DTYPES[values.element_size()])
     magnitude = torch.iinfo(bits.dtype).max
     ordered = torch.where(bits >= 0, bits, bits ^ magnitude)

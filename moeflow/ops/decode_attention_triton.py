@@ -90,6 +90,8 @@ LOG2E = 1.4426950408889634
 # 128-key block in four slices won at 76 tokens, served 2.548-2.574 -> 2.504-2.525 ms, and lost
 # at 36 (2.478-2.486 -> 2.494-2.503: the block's 128 keys are loaded whatever the length), which
 # the engine's 64-key bucket below 64 tokens (moeflow.infer.decode_graphs.MIN_KV_LEN) avoids.
+# Both, on an H100 against two key splits (session 41): batch 1 at 76 tokens 3.013-3.036 ->
+# 2.951-2.968 ms, at 36 2.928-2.943 -> 2.922-2.931.
 SLICED_KEYS = 128
 VALUE_SLICES = 4
 MIN_VALUE_SLICE = 32

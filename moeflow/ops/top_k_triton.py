@@ -1,6 +1,7 @@
 """Each row's k best logits in a total order, in one Triton launch: the candidates a top-k
 sampler draws from (moeflow.infer.sampling.ranked_candidates, whose torch path is the
-reference: topk, its tie group refilled with the lowest ids, a stable sort).
+reference: a top-k of integer order keys, its tie group refilled with the lowest ids, a stable
+sort).
 
 The order: the value (NaN above everything, -0 equal to +0), then the lower id, so the kept set
 and its order depend neither on how torch breaks ties (with bf16 logits tokens tie at a row's
@@ -19,6 +20,8 @@ benchmarks/results/decode_served). Here:
 2. the last of the row's programs to arrive (moeflow.ops.tickets) takes the same two steps over
    the row's T·k candidates (the row's k best are among them: each is among its tile's k best),
    then sorts the k by one int64 key (the order key, then the id) and writes ids and values.
+
+Measured in the served Qwen3-30B-A3B step (H100, session 41): 15 µs at batch 1, 31 µs at 16.
 
 TILE is chosen so that a row's candidates stay within MAX_CANDIDATES (one program holds them in
 registers): 4,096 logits for k up to 215 at Qwen3's vocabulary (38 programs a row, 1,520
