@@ -445,9 +445,6 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
         block_n = 64 if q_BHd.element_size() <= 2 and max(block_dk, block_dv) <= 128 else 32
     if splits is None and value_splits is None:
         P, slices = work_split(B * G, kv_len, block_n, dv, q_BHd.device)
-        if slices > 1 and chosen_block and q_BHd.is_cuda:
-            block_n = one_block(kv_len, block_n, block_dk, cdiv(block_dv, slices),
-                                q_BHd.element_size(), _shared_bytes(q_BHd.device.index))
     else:
         P = splits or num_splits(B * G, kv_len, block_n, q_BHd.device)
         slices = value_splits or 1
@@ -455,6 +452,9 @@ def decode_attention_triton(q_BHd: torch.Tensor, k_BGd: torch.Tensor, v_BGd: tor
     if slices < 1 or cdiv(dv, slice_dv) != slices:
         raise ValueError(f"decode attention: {dv} value dims do not make {slices} value "
                          f"slices of at least 16")
+    if splits is None and value_splits is None and slices > 1 and chosen_block and q_BHd.is_cuda:
+        block_n = one_block(kv_len, block_n, block_dk, slice_dv, q_BHd.element_size(),
+                            _shared_bytes(q_BHd.device.index))
     chunk = cdiv(cdiv(kv_len, P), block_n) * block_n
     P = cdiv(kv_len, chunk)
     y_BHd = torch.empty(B, H, dv, dtype=q_BHd.dtype, device=q_BHd.device)
