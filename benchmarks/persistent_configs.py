@@ -32,14 +32,16 @@ def _config(m, n, k, warps, stages, ws, per_sm=1, store=0):
 
 
 # Session 31: the product's tiles against the same tiles storing through TMA (shared memory
-# for the staged output tile leaves 2-4 stages; tests/_compile_sm90.py sizes).
+# for the staged output tile leaves 2-4 stages; tests/_compile_sm90.py sizes). Session 42: two
+# more 64-row down tiles, for the padded last row tile of each expert at ~256 rows per expert.
 UP = [_config(128, 128, 64, 8, 3, True), _config(128, 128, 64, 8, 3, True, store=1),
       _config(128, 128, 64, 8, 4, True, store=2), _config(128, 128, 64, 8, 3, True, store=2),
       _config(64, 256, 64, 8, 3, True), _config(64, 256, 64, 8, 2, True),
       _config(64, 256, 64, 8, 2, True, store=2)]
 DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 4, True, store=2),
         _config(128, 256, 64, 8, 3, True, store=1), _config(128, 256, 64, 8, 3, True, store=2),
-        _config(64, 256, 64, 8, 4, True), _config(64, 256, 64, 8, 4, True, store=2)]
+        _config(64, 256, 64, 8, 4, True), _config(64, 256, 64, 8, 4, True, store=2),
+        _config(64, 256, 64, 8, 5, True), _config(64, 128, 64, 8, 5, True)]
 
 
 def _timed(fn):
