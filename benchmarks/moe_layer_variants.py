@@ -14,7 +14,7 @@ rows per expert), `product-above128` (the same tiles, persistent above 128 rows)
 (session 42) `wide-from-256` / `wide4-from-256`: SwiGLU's up on the long path's 128 x 128
 tiles stored whole through TMA from 256 rows per expert, on its 3 stages / on 4 (at any row
 count from 256).
-Results (H200, session 26): benchmarks/results/moe_layer/README.md.
+Results: benchmarks/results/moe_layer/README.md (H200, session 26; H100, session 42).
 """
 import argparse
 import json
