@@ -185,6 +185,23 @@ def test_the_noise_uses_the_whole_key():
     assert not torch.equal(g, gumbel_noise(ids, torch.tensor(lo ^ 1), torch.tensor(hi)))
 
 
+@pytest.mark.parametrize("block", [7, 64, 1 << 17])  # several blocks a row; whole rows; all
+def test_the_cpus_noise_in_blocks_is_the_noise(monkeypatch, block):
+    """draw_reference adds the noise on the CPU in blocks (cache-sized): each row's own key,
+    every element once, the same bits as the whole block's noise."""
+    from moeflow.infer import sampling
+
+    monkeypatch.setattr(sampling, "CPU_NOISE_BLOCK", block)
+    S, N = 5, 150
+    x = torch.randn(S, N, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 2**32, (S, N), generator=torch.Generator().manual_seed(3))
+    keys = [draw_key(7, p) for p in range(S)]
+    lo, hi = (torch.tensor([[k[i]] for k in keys]) for i in (0, 1))
+    want = x + gumbel_noise(ids, lo, hi)
+    got = sampling._add_noise(x.clone(), ids, lo, hi)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_the_noise_is_gumbel_distributed():
     """The CDF of the noise of 200,000 token ids under one key, at nine points, against
     exp(-exp(-g)) within 5 binomial standard deviations."""
