@@ -127,6 +127,73 @@ def test_a_rows_token_does_not_depend_on_its_batch_mates(params):
         assert got[i] == alone[0], i
 
 
+def test_a_nucleus_mass_is_its_whole_rows_sum():
+    """row_mass: exp((logit - max) / temperature) summed over the whole row (NaN as 0: a row
+    with a NaN or tied infinite maxima draws among those), what a row without a top-k measures
+    its nucleus against."""
+    from moeflow.infer.sampling import row_mass
+
+    torch.manual_seed(10)
+    logits = torch.randn(5, 64) * 3
+    logits[1, 7] = float("nan")
+    logits[2, :] = float("-inf")
+    logits[3, [4, 40]] = float("inf")
+    table = torch.tensor([[t, 0, 0.9, 0, 0, r] for t, r in
+                          [(0.7, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.5, 4)]], dtype=torch.float64)
+    got = row_mass(logits.bfloat16(), table)[:, 0].double()
+    x = logits.bfloat16().double()
+    want = ((x[[0, 4]] - x[[0, 4]].amax(-1, keepdim=True)) / torch.tensor([[0.7], [1.5]])).exp()
+    assert torch.allclose(got[[0, 4]], want.sum(-1), rtol=1e-6)
+    assert got[1:4].tolist() == [64.0, 64.0, 2.0]
+
+
+@pytest.mark.parametrize("first", [8, 32])
+def test_the_cpus_best_candidates_first_draw_what_the_sort_draws(monkeypatch, first):
+    """On the CPU a batch of nucleus and top-k rows takes each row's best `first` candidates,
+    then 4 times more while a nucleus runs past them, before a sort of every logit
+    (CPU_FIRST_CANDIDATES): the tokens are the sort's, row by row, for flat and peaked rows,
+    ties, NaN and infinite logits, alone or beside rows that need the sort."""
+    from moeflow.infer import sampling
+
+    torch.manual_seed(9)
+    V = 300
+    logits = torch.randn(12, V) * torch.tensor([0.3, 1.0, 4.0, 12.0]).repeat(3)[:, None]
+    logits[4] = (logits[4] * 2).round() / 2  # ties at most values
+    logits[5, 17] = float("nan")
+    logits[6, :] = float("-inf")
+    logits[7, [3, 9]] = float("inf")
+    logits = logits.bfloat16()
+    rows = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in
+            [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.3, 0, 0.99), (0.8, 20, 0.9), (1.0, 0, 0.3),
+             (0.9, 0, 0.95), (1.0, 0, 0.8), (1.0, 0, 0.7), (1.0, 5, 1.0), (0.5, 0, 0.999),
+             (2.0, 0, 0.6), (1.0, 0, 0.9)]]
+    seeds, positions = list(range(40, 52)), list(range(12))
+    calls, drawn = [], []
+    ranked, draw_reference = sampling.ranked_candidates, sampling.draw_reference
+    monkeypatch.setattr(sampling, "ranked_candidates",
+                        lambda x, k, *a: calls.append(k) or ranked(x, k, *a))
+    monkeypatch.setattr(sampling, "draw_reference", lambda *a, **kw: drawn.append(
+        (kw.get("whole", True), draw_reference(*a, **kw))) or drawn[-1][1])
+    peaked = [3, 7, 10, 11]  # nuclei of a few tokens
+    for draw in range(20):
+        pos = [q + 100 * draw for q in positions]
+        for batch in (list(range(12)), peaked):
+            args = (logits[batch], [rows[i] for i in batch], [seeds[i] for i in batch],
+                    [pos[i] for i in batch])
+            monkeypatch.setattr(sampling, "CPU_FIRST_CANDIDATES", V)  # no shortcut: the sort
+            want = sample_tokens(*args)
+            monkeypatch.setattr(sampling, "CPU_FIRST_CANDIDATES", first)
+            assert torch.equal(sample_tokens(*args), want)
+        with_mate = sample_tokens(torch.cat([logits, logits[:1]]),
+                                  rows + [SamplingParams(temperature=1.0)], seeds + [1],
+                                  pos + [0])  # a row with neither filter: the sort
+        assert torch.equal(with_mate[:12], sample_tokens(logits, rows, seeds, pos))
+    n = max(first, 20)  # the top-k row's k at least
+    assert n in calls and 4 * n in calls and None in calls  # first, 4 times more, the sort
+    outcomes = {(whole, got is None) for whole, got in drawn}
+    assert outcomes == {(True, False), (False, False), (False, True)}  # each way taken
+
+
 @pytest.mark.parametrize("k", [None, 1, 7, 40, 300])
 def test_candidates_rank_by_value_then_lower_id(k):
     """bf16 logits full of ties, with infinities: a stable sort (all) or a top-k with its tie

@@ -17,7 +17,9 @@ and the position in the sequence of the token being drawn (`draw_key`). So a row
 function of its logits, its parameters, its seed and its position only: the same alone or in any
 batch, pipelined or not, replayed or resumed. (Batch-mates decide whether the candidates come
 from a top-k of some size or a full sort; the candidates' total order, value then id, makes the
-kept set the same either way, ties included.)
+kept set the same either way, ties included, and a row without a top-k measures its nucleus
+against its whole row's mass, `row_mass`, not its candidates'. On the CPU that lets a batch of
+top-k and nucleus rows try each row's best few thousand candidates before sorting every logit.)
 
 Stopping is part of the request: `stop_token_ids` end it when one of them is produced,
 `stop_sequences` (token-id tuples) when the generated tokens end with one of them; the stopping
@@ -145,6 +147,11 @@ def gumbel_of_hash(h: torch.Tensor) -> torch.Tensor:
 
 # -- the batched draw -------------------------------------------------------------------------
 
+# On the CPU, a batch whose every sampled row keeps a top-k or a nucleus takes the best this
+# many of each row first (4 times more while a nucleus runs past them), not a sort of every
+# logit: 16 x 151,936 bf16 logits, one thread, the best 4,096 in 48 ms, the sort 154 (session 42).
+CPU_FIRST_CANDIDATES = 4096
+
 # On the CPU the noise is made and added in blocks of about this many elements, whose hash
 # temporaries stay in cache: over a whole [16, 151,936] block its ~35 passes were bound by memory
 # (one thread: 52.7 ms for the noise alone, 35 ms in blocks; session 42).
@@ -167,14 +174,20 @@ def _add_noise(x_SN: torch.Tensor, ids_SN: torch.Tensor, key_lo_S1: torch.Tensor
 
 
 def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
-                   out_B: torch.Tensor, *, ranked: bool, top_p: bool) -> torch.Tensor:
+                   out_B: torch.Tensor, *, ranked: bool, top_p: bool,
+                   row_mass_S1: torch.Tensor | None = None, whole: bool = True
+                   ) -> torch.Tensor | None:
     """Plain-torch draw: for each row of the table, the token of logits row `row` drawn from its
     candidates (values_BN[row], token ids ids_BN[row], or 0..N-1 when None; `ranked`: sorted
     best first, as top-k and top-p need), written into out_B[row] (returned). `top_p`: apply the
     rows' top_p (else ignored). x = (value - best) / temperature, and 0 where that is NaN (tied
     infinite maxima, a row of -inf, NaN logits), so that every row draws a token of its own.
     The reference of moeflow.ops.sample_triton: the same operations, whose exp, log and division
-    may differ in their last bits (a token differs only where two scores are that close)."""
+    may differ in their last bits (a token differs only where two scores are that close).
+    `row_mass_S1` (`row_mass`): the mass of each table row's whole logits row, which a row
+    without a top-k measures its nucleus against (else: its candidates' sum), so that its kept
+    set does not depend on how many candidates the batch took. `whole` False: the candidates
+    are each row's best N only, and None is returned where a nucleus runs past them."""
     rows = table_S6[:, 5].long()
     x = values_BN.index_select(0, rows).float()
     N = x.shape[1]
@@ -188,8 +201,14 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     if top_p:
         e = torch.where(keep, x.exp(), 0.0)
         p = table_S6[:, 2:3].float()
-        mass = torch.where(p < 1.0, e.sum(dim=-1, keepdim=True) * p, float("inf"))
-        keep &= (e.cumsum(dim=-1) - e) < mass  # up to and including the first to reach p
+        total = e.sum(dim=-1, keepdim=True)
+        if row_mass_S1 is not None:
+            total = torch.where(k > 0, total, row_mass_S1)
+        mass = torch.where(p < 1.0, total * p, float("inf"))
+        reached = e.cumsum(dim=-1)
+        if not whole and bool(((reached[:, -1:] < mass) & (k == 0)).any()):
+            return None  # a nucleus (or a row without either filter) runs past the candidates
+        keep &= (reached - e) < mass  # up to and including the first to reach p
     ids = j.expand(len(rows), N) if ids_BN is None else ids_BN.index_select(0, rows)
     if ranked and x.device.type == "cpu":  # each row keeps a prefix: noise for the longest
         n = max(int(keep.sum(dim=-1).max()), 1)
@@ -199,6 +218,15 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
         score.masked_fill_(~keep, float("-inf"))
     best = score.argmax(dim=-1, keepdim=True)
     return out_B.index_copy_(0, rows, ids.gather(1, best)[:, 0])
+
+
+def row_mass(logits_BV: torch.Tensor, table_S6: torch.Tensor) -> torch.Tensor:
+    """[S, 1]: the sum over each table row's whole logits row of exp(x), x as draw_reference
+    makes it (NaN as 0), in id order: a nucleus's mass, the same whatever candidates a batch
+    takes (the best of the row, whose x is 0, is its largest value in the total order)."""
+    x = logits_BV.index_select(0, table_S6[:, 5].long()).float()
+    x = (x - x.amax(dim=-1, keepdim=True)) / table_S6[:, 0:1].float()
+    return x.masked_fill_(x.isnan(), 0.0).exp_().sum(dim=-1, keepdim=True)
 
 
 def ranked_candidates(logits_BV: torch.Tensor, k: int | None,
@@ -300,6 +328,27 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                       *draw_key(seeds[i], positions[i]), i))
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
+    kernel = _use_kernel(logits_BV)
+    cuda = logits_BV.is_cuda
+    table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
+        torch.tensor(table, dtype=torch.float64)
+    table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
+    if greedy_B is None and len(sampled) < B:
+        greedy_B = greedy_tokens(logits_BV, tickets)
+    # Rows without a top-k measure their nucleus against their whole row (draw_reference).
+    mass = row_mass(logits_BV, table_S6) if top_p and not kernel and not all(ks) else None
+    if (mass is not None and logits_BV.device.type == "cpu"
+            and all(row[1] or row[2] < 1.0 for row in table)):
+        # Every row keeps a top-k or a nucleus: the best N of each row suffice where the nuclei
+        # fit in them (a host check, free on the CPU), before a sort of every logit.
+        n = max(max(ks), CPU_FIRST_CANDIDATES)
+        while n < V:
+            values, ids = ranked_candidates(logits_BV, n)
+            drawn = draw_reference(values, ids, table_S6, _draw_out(B, greedy_B, logits_BV),
+                                   ranked=True, top_p=True, row_mass_S1=mass, whole=False)
+            if drawn is not None:
+                return drawn
+            n *= 4
     if all(ks):  # the candidates: the best max(k) of each row, best first
         values, ids = ranked_candidates(logits_BV, max(ks), tickets)
     elif top_p or any(ks):
@@ -307,17 +356,18 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
     ranked = ids is not None
-    kernel = _use_kernel(logits_BV)
-    if greedy_B is None and (len(sampled) < B or (kernel and not ranked)):
+    if greedy_B is None and kernel and not ranked:
         greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the kernel's shift
-    cuda = logits_BV.is_cuda
-    table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
-        torch.tensor(table, dtype=torch.float64)
-    table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
-    out = (torch.empty(B, dtype=torch.int64, device=logits_BV.device) if greedy_B is None
-           else greedy_B.clone())
+    out = _draw_out(B, greedy_B, logits_BV)
     if kernel:
         from moeflow.ops.sample_triton import draw_triton
         return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
                            argmax_B=greedy_B, tickets=tickets)
-    return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p)
+    return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
+                          row_mass_S1=mass)
+
+
+def _draw_out(B: int, greedy_B: torch.Tensor | None, logits_BV: torch.Tensor) -> torch.Tensor:
+    """The draw's output: the greedy tokens (rows not sampled keep theirs), or empty."""
+    return (torch.empty(B, dtype=torch.int64, device=logits_BV.device) if greedy_B is None
+            else greedy_B.clone())
