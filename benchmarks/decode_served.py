@@ -21,7 +21,7 @@ every request samples (seed 0): the sampler runs after each replayed graph, outs
 served_ms includes it and replay_ms does not.
 
     PYTHONPATH=. python benchmarks/decode_served.py --out DIR [--cases 1:36 16:36 1:76]
-        [--label NAME] [--sampling T:K:P] [--between]
+        [--label NAME] [--sampling greedy T:K:P ...] [--between]
 
 Writes DIR/decode_served.{json,md}; a second run with another --label and the same --out adds
 its rows (an A/B of two trees: run each tree's copy of this script in turn).
@@ -162,20 +162,23 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["1:36", "16:36", "1:76"],
                     help="batch:context pairs")
     ap.add_argument("--label", default="this tree")
-    ap.add_argument("--sampling", metavar="T:K:P",
-                    help="every request samples with temperature T, top-k K (0: all), top-p P "
-                         "(default: greedy)")
+    ap.add_argument("--sampling", metavar="T:K:P", nargs="+", default=["greedy"],
+                    help="every request samples with temperature T, top-k K (0: all), top-p P, "
+                         "or `greedy` (the default); several: each case under each, in turn")
     ap.add_argument("--between", action="store_true",
                     help="also profile six served steps for what runs between the graphs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_served: needs a CUDA GPU (it times the engine's decode graphs)")
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases]
-    params = SamplingParams(max_new_tokens=400, temperature=0)
-    if args.sampling:
-        t, k, p = args.sampling.split(":")
-        params = SamplingParams(max_new_tokens=400, temperature=float(t), top_k=int(k),
-                                top_p=float(p), seed=0)
+    settings = []
+    for spec in args.sampling:
+        if spec == "greedy":
+            settings.append(SamplingParams(max_new_tokens=400, temperature=0))
+            continue
+        t, k, p = spec.split(":")
+        settings.append(SamplingParams(max_new_tokens=400, temperature=float(t), top_k=int(k),
+                                       top_p=float(p), seed=0))
     if any(ctx < 6 for _, ctx in cases):
         sys.exit("decode_served: a context must be at least 6 tokens")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,14 +188,16 @@ def main() -> None:
         "torch": torch.__version__, "model": args.model, "rows": []}
     res.setdefault("commands", []).append("python " + " ".join(sys.argv))
     model = build(args.model)
-    for batch, context in cases:
-        row = {"label": args.label, **measure(model, batch, context, args.between, params)}
-        res["rows"].append(row)
-        print(f"{args.label} b{batch} ctx {context}: replay {row['replay_ms']} ms, served "
-              f"{row['served_ms']} ms, layer {row['layer_period_us']} µs", flush=True)
-        path.write_text(json.dumps(res, indent=1))
-        (args.out / "decode_served.md").write_text(markdown(res))
-        torch.cuda.empty_cache()
+    for params in settings:
+        for batch, context in cases:
+            row = {"label": args.label, **measure(model, batch, context, args.between, params)}
+            res["rows"].append(row)
+            print(f"{args.label} {row['sampling']} b{batch} ctx {context}: replay "
+                  f"{row['replay_ms']} ms, served {row['served_ms']} ms, layer "
+                  f"{row['layer_period_us']} µs", flush=True)
+            path.write_text(json.dumps(res, indent=1))
+            (args.out / "decode_served.md").write_text(markdown(res))
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from moeflow.config import RouterConfig
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
                          decode_route_fused_triton, decode_route_triton, expert_bias_triton,
-                         fp8_quantize_triton, grouped_mlp_triton, norm_triton, permute_triton,
-                         persistent_mlp_triton, qk_rope_triton, routing_choice_triton,
+                         fp8_quantize_triton, grouped_mlp_triton, norm_triton, nucleus_triton,
+                         permute_triton, persistent_mlp_triton, qk_rope_triton,
+                         routing_choice_triton,
                          routing_grad_triton, routing_slots_triton, routing_triton,
                          sample_triton, skinny_linear_triton, slot_write_triton,
                          tiled_mlp_triton, top_k_triton)
@@ -403,18 +404,33 @@ def training_losses_and_biases():
 
 def sampled_draw():
     """The sampler's draws: over top-k or sorted candidates with top-p and with top-k alone,
-    and over whole rows in tiles (temperature only); bf16 logits, the launchers' tiles and
-    warps (151,936 logits: 75 tiles); the top-k at 40 and 1,024 candidates."""
+    and over whole rows in tiles (temperature only, and inside a nucleus's bounds); bf16
+    logits, the launchers' tiles and warps (151,936 logits: 75 tiles); the top-k at 40 and
+    1,024 candidates; the nucleus's launches."""
     for top_p in (True, False):
         compile_sm90(sample_triton._draw_ranked_kernel,
                      {"val_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*fp64",
                       "out_ptr": "*i64", **_args("stride_v stride_i N", "i32")},
                      {"TOP_P": top_p, "BLOCK": sample_triton.BLOCK}, num_warps=8)
-    compile_sm90(sample_triton._draw_whole_rows_kernel,
-                 {"val_ptr": "*bf16", "table_ptr": "*fp64", "argmax_ptr": "*i64",
-                  "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
-                  "tickets_ptr": "*i32", **_args("stride_v V P", "i32")},
-                 {"BLOCK": sample_triton.BLOCK, "BLOCK_P": 128}, num_warps=8)
+    for bounded in (False, True):
+        bounds = {"bounds_ptr": "*i64"} if bounded else {}
+        compile_sm90(sample_triton._draw_whole_rows_kernel,
+                     {"val_ptr": "*bf16", "table_ptr": "*fp64", "argmax_ptr": "*i64",
+                      "score_ptr": "*fp32", "at_ptr": "*i32", "out_ptr": "*i64",
+                      "tickets_ptr": "*i32", **bounds, **_args("stride_v V P", "i32")},
+                     {"BLOCK": sample_triton.BLOCK, "BLOCK_P": 128, "BOUNDED": bounded,
+                      "BITS": 16, **({} if bounded else {"bounds_ptr": None})}, num_warps=8)
+    # The nucleus's launches at Qwen3's vocabulary (149 tiles), every shift of bf16 and fp32.
+    for dtype, bits in (("*bf16", 16), ("*fp32", 32)):
+        for shift in range(bits - nucleus_triton.DIGIT, -1, -nucleus_triton.DIGIT):
+            compile_sm90(nucleus_triton._level_kernel,
+                         {"val_ptr": dtype, "table_ptr": "*fp64", "argmax_ptr": "*i64",
+                          "bounds_ptr": "*i64", "mass_ptr": "*fp32", "ge_ptr": "*fp32",
+                          "tie_n_ptr": "*i32", "tie_e_ptr": "*fp32", "tickets_ptr": "*i32",
+                          **_args("stride_v V P", "i32")},
+                         {"SHIFT": shift, "FIRST": shift == bits - nucleus_triton.DIGIT,
+                          "BITS": bits, "BLOCK": nucleus_triton.BLOCK, "BLOCK_P": 256},
+                         num_warps=nucleus_triton.NUM_WARPS)
     # The top-k: the launcher's (tile, candidates, k block, key bits, warps) at Qwen3's
     # vocabulary for k = 40 in bf16 and fp32, and for the largest k.
     for dtype, k in (("*bf16", 40), ("*fp32", 40), ("*bf16", top_k_triton.MAX_K)):

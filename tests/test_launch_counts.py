@@ -82,13 +82,16 @@ def test_deepspeed_top2_training_with_a_capacity_launches_no_renormalisation_ker
 
 
 @pytest.mark.parametrize("top_k, top_p, candidates", [(0, 1.0, None), (40, 0.95, "topk"),
-                                                      (0, 0.95, "sort")])
-def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, top_p,
-                                                                        candidates, monkeypatch):
-    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates (a stable
-    sort; or one top-k launch in the total order, session 41), a copy of the
-    greedy tokens, one draw launch, no sync (plus the table's copy to the device, a memcpy),
-    whatever the batch size; the per-row chain it replaced launched ~16-19 kernels per row."""
+                                                      (0, 0.95, "nucleus")])
+def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_nucleus(top_k, top_p,
+                                                                           candidates,
+                                                                           monkeypatch):
+    """The sampled rows of a 16-row step on the CUDA path (session 39): the candidates (one
+    top-k launch in the total order, session 41; a top-p without a k: its nucleus bounded by
+    four launches over bf16 keys, session 43, where a sort and 8 elementwise kernels ran), a
+    copy of the greedy tokens, one draw launch, no sync (plus the table's copy to the device,
+    a memcpy), whatever the batch size; the per-row chain it replaced launched ~16-19 kernels
+    per row."""
     from moeflow.infer import sampling
 
     spec = importlib.util.spec_from_file_location("sampling_bench",
@@ -103,12 +106,12 @@ def test_a_sampled_batch_is_drawn_in_one_launch_after_one_top_k_or_sort(top_k, t
     tickets = torch.zeros(B, dtype=torch.int32)  # the engine's, kept across steps
     ours = host_path.launches(lambda: sampling.sample_tokens(
         logits, [params] * B, list(range(B)), [5] * B, greedy, tickets))
-    draw = "triton:_draw_ranked_kernel" if candidates else "triton:_draw_whole_rows_kernel"
+    draw = "triton:_draw_ranked_kernel" if candidates == "topk" else \
+        "triton:_draw_whole_rows_kernel"
     kernels = dict(ours.kernels)
     assert kernels.pop("clone") == 1 and kernels.pop(draw) == 1 and not ours.syncs
-    if candidates == "sort":  # by order keys (6 elementwise kernels, session 42; 8 before)
-        assert kernels == {"bitwise_and": 1, "gt": 1, "__rshift__": 1, "bitwise_xor_": 1,
-                           "sub_": 1, "masked_fill_": 1, "sort": 1, "gather": 1}, kernels
+    if candidates == "nucleus":  # four bits of the bf16 key a launch
+        assert kernels == {"triton:_level_kernel": 4}, kernels
     elif candidates == "topk":  # one launch (topk's ~16 kernels and a refill's 1-18 before)
         assert kernels == {"triton:_top_k_kernel": 1}, kernels
     else:

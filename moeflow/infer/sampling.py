@@ -7,9 +7,10 @@ temperature (any > 0: a tiny one samples among the tied maxima), filtered to the
 and sampled.
 
 One draw for a whole batch: the sampled rows of a step are drawn together, whatever their
-parameters (`sample_tokens`: the rows' candidates ranked by a top-k or a sort, then one Triton
-launch on CUDA, moeflow.ops.sample_triton, the plain-torch `draw_reference` elsewhere), instead
-of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
+parameters (`sample_tokens`: the rows' candidates ranked by a top-k or a sort, then the
+plain-torch `draw_reference`; on CUDA with Triton, rows with a top-k from one top-k launch and
+the others from their whole rows, a nucleus bounded without a sort, moeflow.ops.nucleus_triton,
+each group drawn in one launch, moeflow.ops.sample_triton), instead of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
 the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
 is distributed as softmax(x) over the kept tokens. The noise is counter-based, with no generator
 state: u of token v is a hash of v and the draw's key, and the key a hash of the request's seed
@@ -326,17 +327,21 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
         p = params[i]
         table.append((min(max(p.temperature, tiny), huge), p.top_k if p.top_k < V else 0, p.top_p,
                       *draw_key(seeds[i], positions[i]), i))
-    ks = [row[1] for row in table]
-    top_p = any(row[2] < 1.0 for row in table)
     kernel = _use_kernel(logits_BV)
+    if kernel:  # rows with a top-k first, then the whole rows (_sample_on_kernels)
+        table.sort(key=lambda row: row[1] == 0)
     cuda = logits_BV.is_cuda
     table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
         torch.tensor(table, dtype=torch.float64)
     table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
     if greedy_B is None and len(sampled) < B:
         greedy_B = greedy_tokens(logits_BV, tickets)
+    if kernel:
+        return _sample_on_kernels(logits_BV, table, table_S6, greedy_B, tickets)
+    ks = [row[1] for row in table]
+    top_p = any(row[2] < 1.0 for row in table)
     # Rows without a top-k measure their nucleus against their whole row (draw_reference).
-    mass = row_mass(logits_BV, table_S6) if top_p and not kernel and not all(ks) else None
+    mass = row_mass(logits_BV, table_S6) if top_p and not all(ks) else None
     if (mass is not None and logits_BV.device.type == "cpu"
             and all(row[1] or row[2] < 1.0 for row in table)):
         # Every row keeps a top-k or a nucleus: the best N of each row suffice where the nuclei
@@ -350,21 +355,40 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                 return drawn
             n *= 4
     if all(ks):  # the candidates: the best max(k) of each row, best first
-        values, ids = ranked_candidates(logits_BV, max(ks), tickets)
+        values, ids = ranked_candidates(logits_BV, max(ks))
     elif top_p or any(ks):
         values, ids = ranked_candidates(logits_BV, None)
     else:  # temperature only: the whole row, as it is
         values, ids = logits_BV, None
-    ranked = ids is not None
-    if greedy_B is None and kernel and not ranked:
-        greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the kernel's shift
+    return draw_reference(values, ids, table_S6, _draw_out(B, greedy_B, logits_BV),
+                          ranked=ids is not None, top_p=top_p, row_mass_S1=mass)
+
+
+def _sample_on_kernels(logits_BV: torch.Tensor, table: list[tuple], table_S6: torch.Tensor,
+                       greedy_B: torch.Tensor | None, tickets: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """sample_tokens on CUDA with Triton, the table's rows with a top-k first: those drawn from
+    their best max(k) (moeflow.ops.top_k_triton), the rest from their whole rows
+    (moeflow.ops.sample_triton), a nucleus bounded without a sort (moeflow.ops.nucleus_triton)."""
+    from moeflow.ops.nucleus_triton import nucleus_bounds_triton
+    from moeflow.ops.sample_triton import draw_triton
+    B = logits_BV.shape[0]
+    n_ranked = sum(1 for row in table if row[1])
+    whole = table[n_ranked:]
+    if greedy_B is None and whole:
+        greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the draw's shift
     out = _draw_out(B, greedy_B, logits_BV)
-    if kernel:
-        from moeflow.ops.sample_triton import draw_triton
-        return draw_triton(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
-                           argmax_B=greedy_B, tickets=tickets)
-    return draw_reference(values, ids, table_S6, out, ranked=ranked, top_p=top_p,
-                          row_mass_S1=mass)
+    if n_ranked:
+        values, ids = ranked_candidates(logits_BV, max(row[1] for row in table), tickets)
+        draw_triton(values, ids, table_S6[:n_ranked], out, ranked=True,
+                    top_p=any(row[2] < 1.0 for row in table[:n_ranked]), tickets=tickets)
+    if whole:
+        top_p = any(row[2] < 1.0 for row in whole)
+        bounds = nucleus_bounds_triton(logits_BV, table_S6[n_ranked:], greedy_B, tickets) \
+            if top_p else None
+        draw_triton(logits_BV, None, table_S6[n_ranked:], out, ranked=False, top_p=top_p,
+                    argmax_B=greedy_B, tickets=tickets, bounds_S2=bounds)
+    return out
 
 
 def _draw_out(B: int, greedy_B: torch.Tensor | None, logits_BV: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,12 @@ launch does the rest. Two draw kernels, by how the candidates come:
   the tile where it reaches the limit); the row's token is the kept candidate with the largest
   x + g, g the Gumbel noise of its id under the draw's key
   (moeflow.infer.sampling.gumbel_noise's hash, in uint32 arithmetic);
-- whole rows (temperature only, the default request): nothing needs order, so the vocabulary
-  is cut into tiles, one program per (row, tile) finds its tile's best x + g (the shift read at
-  the row's argmax, the greedy token the caller has), and the last program of the row to
-  arrive (moeflow.ops.tickets) reduces the tiles' bests: one round of loads over the GPU
-  rather than one program's passes over 151,936 logits.
+- whole rows (no top-k: a temperature alone, the default request, or a top-p whose nucleus
+  moeflow.ops.nucleus_triton bounded without a sort): nothing needs order, so the vocabulary
+  is cut into tiles, one program per (row, tile) finds its tile's best x + g among the logits
+  kept (the shift read at the row's argmax, the greedy token the caller has), and the last
+  program of the row to arrive (moeflow.ops.tickets) reduces the tiles' bests: one round of
+  loads over the GPU rather than one program's passes over 151,936 logits.
 
 The token goes to out[row]; rows not in the table keep what out holds (the greedy tokens).
 
@@ -40,6 +41,7 @@ import triton.language as tl
 from moeflow.infer.sampling import HASH_MUL_1, HASH_MUL_2, TABLE_COLUMNS
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.tickets import last_to_arrive
+from moeflow.ops.top_k_triton import order_key
 
 BLOCK = 2048  # candidates per tile (a 151,936-token row: 75 tiles)
 INTERPRETER_BLOCK = 16  # the CPU tests' tiles: several per row
@@ -126,12 +128,14 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
 
 
 @triton.jit
-def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_ptr, at_ptr,
-                            out_ptr, tickets_ptr, P, BLOCK: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
-    """Temperature only, every row's whole vocabulary: one program per (sampled row, tile) finds
-    its tile's best x + g, the last of the row's P to arrive (moeflow.ops.tickets) the row's.
-    The shift is the row's maximum, read at its argmax (the greedy token)."""
+def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, bounds_ptr, score_ptr,
+                            at_ptr, out_ptr, tickets_ptr, P, BOUNDED: tl.constexpr,
+                            BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Every row's whole vocabulary: one program per (sampled row, tile) finds its tile's best
+    x + g, the last of the row's P to arrive (moeflow.ops.tickets) the row's. The shift is the
+    row's maximum, read at its argmax (the greedy token). BOUNDED: only the row's nucleus is
+    drawn from, the logits of order key above bounds[s, 0] and those at it with an id below
+    bounds[s, 1] (moeflow.ops.nucleus_triton)."""
     s = tl.program_id(0)
     t = tl.program_id(1)
     temperature = tl.load(table_ptr + s * 6).to(tl.float32)
@@ -145,10 +149,15 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
     v = tl.load(val_ptr + row * stride_v + offs, mask=valid, other=float("-inf"))
     x = (v.to(tl.float32) - top) / temperature
     x = tl.where(x != x, 0.0, x)
-    score = tl.where(valid, x + _gumbel(offs.to(tl.int64), key_lo, key_hi), float("-inf"))
+    keep = valid
+    if BOUNDED:
+        key = order_key(v, valid, BITS).to(tl.int64)
+        t_key = tl.load(bounds_ptr + s * 2)
+        keep = valid & ((key > t_key) | ((key == t_key) & (offs < tl.load(bounds_ptr + s * 2 + 1))))
+    score = tl.where(keep, x + _gumbel(offs.to(tl.int64), key_lo, key_hi), float("-inf"))
     best = tl.max(score, axis=0)
-    # A valid offset only: with NaN logits the max may be the padding's -inf.
-    at = tl.min(tl.where((score == best) & valid, offs, _NO_ID), axis=0)
+    # A kept offset only: with NaN logits the max may be the padding's -inf.
+    at = tl.min(tl.where((score == best) & keep, offs, _NO_ID), axis=0)
     tl.store(score_ptr + s * P + t, best)
     tl.store(at_ptr + s * P + t, at)
     if last_to_arrive(tickets_ptr + s, P):
@@ -167,11 +176,13 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, score_p
 def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: torch.Tensor,
                 out_B: torch.Tensor, *, ranked: bool, top_p: bool,
                 argmax_B: torch.Tensor | None = None,
-                tickets: torch.Tensor | None = None) -> torch.Tensor:
+                tickets: torch.Tensor | None = None,
+                bounds_S2: torch.Tensor | None = None) -> torch.Tensor:
     """moeflow.infer.sampling.draw_reference as one launch (same arguments; returns out_B).
     Whole rows (not `ranked`) also need each row's argmax (`argmax_B`, int64, the greedy
     tokens) and are drawn by the tiled kernel, whose `tickets` are int32 zeros, at least S
-    (moeflow.ops.tickets; None: made here)."""
+    (moeflow.ops.tickets; None: made here); with top_p, their nuclei's bounds
+    (moeflow.ops.nucleus_triton.nucleus_bounds_triton, `bounds_S2`)."""
     if values_BN.dim() != 2 or values_BN.stride(1) != 1 or not values_BN.is_floating_point():
         raise ValueError("draw: candidates must be [B, N] floating point, rows contiguous")
     if table_S6.dtype != torch.float64 or table_S6.shape[1:] != (len(TABLE_COLUMNS),):
@@ -193,12 +204,17 @@ def draw_triton(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S6: 
               or tickets.device != values_BN.device):
             raise ValueError(f"draw: tickets must be int32 zeros, at least {S}, on "
                              f"{values_BN.device}")
+        if top_p and (bounds_S2 is None or bounds_S2.shape != (S, 2)
+                      or bounds_S2.dtype != torch.int64 or not bounds_S2.is_contiguous()):
+            raise ValueError(f"draw: top-p over whole rows needs their nuclei's bounds "
+                             f"(contiguous int64 [{S}, 2])")
         P = cdiv(N, block)
         score_SP = torch.empty(S, P, dtype=torch.float32, device=values_BN.device)
         at_SP = torch.empty(S, P, dtype=torch.int32, device=values_BN.device)
         _draw_whole_rows_kernel[(S, P)](values_BN, values_BN.stride(0), N, table_S6, argmax_B,
-                                        score_SP, at_SP, out_B, tickets, P, BLOCK=block,
-                                        BLOCK_P=next_power_of_2(P), num_warps=8)
+                                        bounds_S2, score_SP, at_SP, out_B, tickets, P,
+                                        BOUNDED=top_p, BITS=8 * values_BN.element_size(),
+                                        BLOCK=block, BLOCK_P=next_power_of_2(P), num_warps=8)
         return out_B
     if ids_BN is None:
         raise ValueError("draw: ranked candidates need their token ids")

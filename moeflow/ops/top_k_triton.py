@@ -13,7 +13,7 @@ tie refill and order took one more program that scanned the row (15-28 µs; sess
 benchmarks/results/decode_served). Here:
 
 1. one program per (row, tile of TILE logits): each logit becomes an unsigned key in the order
-   above (`_order_key`: the value's bits, BITS = 16 for bf16 and fp16, 32 for fp32); the tile's
+   above (`order_key`: the value's bits, BITS = 16 for bf16 and fp16, 32 for fp32); the tile's
    k-th largest key by a bitwise search (`_kth_largest`: BITS counting passes over the tile in
    registers), and the tile's k best (every larger key, then the tied ones in id order) written
    to the row's candidate list, in id order;
@@ -46,7 +46,7 @@ MAX_CANDIDATES = 8192  # a row's tiles' candidates, held by one program
 
 
 @triton.jit
-def _order_key(x, valid, BITS: tl.constexpr):
+def order_key(x, valid, BITS: tl.constexpr):
     """uint32 keys of values x in the total order (larger value, larger key; -0 as +0; NaN
     above +inf), 0 where not `valid` (below every value): the value's bits with the magnitude of
     negatives flipped, offset to unsigned, in [1, 2^BITS)."""
@@ -69,7 +69,7 @@ def _order_key(x, valid, BITS: tl.constexpr):
 
 @triton.jit
 def _signed(u, BITS: tl.constexpr):
-    """_order_key's keys back to signed (the same order)."""
+    """order_key's keys back to signed (the same order)."""
     if BITS == 16:
         ordered = u.to(tl.int32, bitcast=True) - 32768
     else:
@@ -109,7 +109,7 @@ def _top_k_kernel(x_ptr, stride_x, V, K, cand_key_ptr, cand_id_ptr, tickets_ptr,
     row = x_ptr + b * stride_x
     at = t * TILE + tl.arange(0, TILE)
     valid = at < V
-    u = _order_key(tl.load(row + at, mask=valid, other=0.0), valid, BITS)
+    u = order_key(tl.load(row + at, mask=valid, other=0.0), valid, BITS)
     tile_keep, tile_pos = _first_k(u, _kth_largest(u, K, BITS), K)
     cands = (b * T + t) * K
     tl.store(cand_key_ptr + cands + tile_pos, u, mask=tile_keep)
