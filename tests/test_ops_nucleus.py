@@ -162,3 +162,27 @@ def test_bad_inputs_are_named_in_one_line():
     with pytest.raises(ValueError, match="top-p over whole rows needs their nuclei's bounds"):
         draw_triton(logits, None, table, argmax.clone(), ranked=False, top_p=True,
                     argmax_B=argmax)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_mixed_batch_on_the_kernels_draws_what_the_torch_path_draws(monkeypatch):
+    """sample_tokens' CUDA path (forced here, the kernels interpreted): rows with a top-k drawn
+    from one top-k launch, the rest from their whole rows inside their nuclei's bounds, greedy
+    rows left their argmax; the same tokens as the plain-torch path (a sort, row_mass)."""
+    from moeflow.infer import sampling
+    from moeflow.infer.sampling import SamplingParams, sample_tokens
+
+    logits = _rows(torch.bfloat16)
+    B = logits.shape[0]
+    kinds = [dict(temperature=0.0), dict(temperature=0.9, top_k=5),
+             dict(temperature=1.1, top_p=0.55), dict(temperature=0.8),
+             dict(temperature=0.7, top_k=9, top_p=0.62), dict(temperature=1.3, top_p=0.91)]
+    params = [SamplingParams(**kinds[(b * 5) % len(kinds)]) for b in range(B)]
+    assert len({(p.greedy, p.top_k > 0, p.top_p < 1) for p in params}) == 5
+    for seed in range(2):
+        seeds, positions = [seed * 10 + b for b in range(B)], [30 + b for b in range(B)]
+        monkeypatch.setattr(sampling, "_use_kernel", lambda x: True)
+        got = sample_tokens(logits, params, seeds, positions,
+                            tickets=torch.zeros(B, dtype=torch.int32, device=DEVICE))
+        monkeypatch.setattr(sampling, "_use_kernel", lambda x: False)
+        assert torch.equal(got, sample_tokens(logits, params, seeds, positions)), seed

@@ -145,13 +145,21 @@ def test_an_empty_table_changes_nothing_and_bad_tables_are_named():
     SamplingParams(temperature=0.8),
     SamplingParams(temperature=0.8, top_k=40, top_p=0.95),
     SamplingParams(temperature=0.8, top_p=0.95),
+    "mixed",
 ])
 def test_sample_tokens_on_the_gpu_matches_the_reference_at_qwen3s_vocabulary(params,
                                                                              monkeypatch):
     torch.manual_seed(1)
     B, V = 16, 151936
     logits = (torch.randn(B, V, device=DEVICE) * 4).bfloat16()
-    got = sample_tokens(logits, [params] * B, list(range(B)), [50] * B)
+    if params == "mixed":  # greedy, top-k, top-p alone, temperature alone, both, in turn
+        kinds = [dict(temperature=0), dict(temperature=0.9, top_k=50),
+                 dict(temperature=0.7, top_p=0.9), dict(temperature=1.2),
+                 dict(temperature=0.8, top_k=40, top_p=0.95)]
+        rows = [SamplingParams(**kinds[b % len(kinds)]) for b in range(B)]
+    else:
+        rows = [params] * B
+    got = sample_tokens(logits, rows, list(range(B)), [50] * B)
     # the same candidates (the same device's top-k or sort), drawn by the reference
     monkeypatch.setattr(sampling, "triton_available", lambda: False)
-    assert torch.equal(got, sample_tokens(logits, [params] * B, list(range(B)), [50] * B))
+    assert torch.equal(got, sample_tokens(logits, rows, list(range(B)), [50] * B))

@@ -10,13 +10,14 @@ One draw for a whole batch: the sampled rows of a step are drawn together, whate
 parameters (`sample_tokens`: the rows' candidates ranked by a top-k or a sort, then the
 plain-torch `draw_reference`; on CUDA with Triton, rows with a top-k from one top-k launch and
 the others from their whole rows, a nucleus bounded without a sort, moeflow.ops.nucleus_triton,
-each group drawn in one launch, moeflow.ops.sample_triton), instead of a chain of ops per row. Each kept token gets Gumbel noise g = -log(-log u) and the row takes
-the argmax of x + g, where x = (logit - max) / temperature: the Gumbel-max trick, whose winner
-is distributed as softmax(x) over the kept tokens. The noise is counter-based, with no generator
-state: u of token v is a hash of v and the draw's key, and the key a hash of the request's seed
-and the position in the sequence of the token being drawn (`draw_key`). So a row's token is a
-function of its logits, its parameters, its seed and its position only: the same alone or in any
-batch, pipelined or not, replayed or resumed. (Batch-mates decide whether the candidates come
+each group drawn in one launch, moeflow.ops.sample_triton), instead of a chain of ops per row.
+Each kept token gets Gumbel noise g = -log(-log u) and the row takes the argmax of x + g, where
+x = (logit - max) / temperature: the Gumbel-max trick, whose winner is distributed as softmax(x)
+over the kept tokens. The noise is counter-based, with no generator state: u of token v is a
+hash of v and the draw's key, and the key a hash of the request's seed and the position in the
+sequence of the token being drawn (`draw_key`). So a row's token is a function of its logits,
+its parameters, its seed and its position only: the same alone or in any batch, pipelined or
+not, replayed or resumed. (Batch-mates decide whether the candidates come
 from a top-k of some size or a full sort; the candidates' total order, value then id, makes the
 kept set the same either way, ties included, and a row without a top-k measures its nucleus
 against its whole row's mass, `row_mass`, not its candidates'. On the CPU that lets a batch of
