@@ -2,8 +2,9 @@
 transformers' sampling, on the same logits (a decode step's [B, V] bf16 row block).
 
 Implementations, per (batch, parameters):
-- `moeflow`: moeflow.infer.sampling.sample_tokens (one top-k or sort for the batch, then one
-  Triton launch on CUDA; the plain-torch draw elsewhere), every row with its own seed;
+- `moeflow`: moeflow.infer.sampling.sample_tokens (on CUDA a top-k launch, or a top-p's
+  nucleus bounded without a sort, then one Triton draw; a top-k or sort and the plain-torch
+  draw elsewhere), every row with its own seed;
 - `per-row`: the chain moeflow ran until session 39, one row at a time with the request's own
   torch.Generator (kept here, as it was, as the baseline);
 - `transformers`: its logits processors (temperature, top-k, top-p warpers) over the batch, a
