@@ -24,7 +24,8 @@ from moeflow.ops.sample_triton import draw_triton  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (temperature, top_p) per row, cycled
-PARAMS = [(1.0, 0.91), (0.7, 0.55), (3.0, 0.33), (1.0, 1.0), (0.5, 0.999), (1.3, 0.04), (1.0, 0.62)]
+PARAMS = [(1.0, 0.91), (0.7, 0.55), (3.0, 0.33), (1.0, 1.0), (0.5, 0.999), (1.3, 0.04), (1.0, 0.62),
+          (1e-30, 0.5)]  # a tiny temperature: mass 1 at the maxima, 0 elsewhere
 
 
 def _rows(dtype: torch.dtype, V: int = 70) -> torch.Tensor:
@@ -54,8 +55,9 @@ def _table(B: int, seed: int = 0, params=PARAMS) -> torch.Tensor:
 
 def _nucleus(row: list[float], temperature: float, p: float) -> set[int]:
     """The ids the sampler's definition keeps, in float64 after fp32's x and exp; asserts that
-    no logit's mass before it lies within 1e-5 of the limit (where fp32 sums in another order
-    could decide otherwise, and the yardstick would not be one)."""
+    no logit's mass before it lies within 1e-5 of the limit unless equal to it (where fp32 sums
+    in another order could decide otherwise, and the yardstick would not be one; equal: sums of
+    whole masses, exact in both)."""
     def key(i):
         return (0, 0.0, i) if math.isnan(row[i]) else (1, -row[i], i)
     order = sorted(range(len(row)), key=key)
@@ -66,7 +68,7 @@ def _nucleus(row: list[float], temperature: float, p: float) -> set[int]:
     kept, before = set(), 0.0
     for i in order:
         if p < 1.0:
-            assert abs(before - limit) > 1e-5 * limit, (row, temperature, p)
+            assert before == limit or abs(before - limit) > 1e-5 * limit, (row, temperature, p)
             if before >= limit:
                 break
         kept.add(i)
