@@ -193,9 +193,7 @@ def draw_reference(values_BN: torch.Tensor, ids_BN: torch.Tensor | None, table_S
     rows = table_S6[:, 5].long()
     x = values_BN.index_select(0, rows).float()
     N = x.shape[1]
-    temperature = table_S6[:, 0:1].float()
-    x = (x - (x[:, :1] if ranked else x.amax(dim=-1, keepdim=True))) / temperature
-    x.masked_fill_(x.isnan(), 0.0)  # inf - inf (tied infinite maxima, an all -inf row), NaN
+    x = _scaled(x, x[:, :1] if ranked else x.amax(dim=-1, keepdim=True), table_S6)
     j = torch.arange(N, device=x.device)
     k = table_S6[:, 1:2].long()
     keep = j < torch.where(k > 0, k, N) if ranked else torch.ones_like(x, dtype=torch.bool)
@@ -227,8 +225,14 @@ def row_mass(logits_BV: torch.Tensor, table_S6: torch.Tensor) -> torch.Tensor:
     makes it (NaN as 0), in id order: a nucleus's mass, the same whatever candidates a batch
     takes (the best of the row, whose x is 0, is its largest value in the total order)."""
     x = logits_BV.index_select(0, table_S6[:, 5].long()).float()
-    x = (x - x.amax(dim=-1, keepdim=True)) / table_S6[:, 0:1].float()
-    return x.masked_fill_(x.isnan(), 0.0).exp_().sum(dim=-1, keepdim=True)
+    return _scaled(x, x.amax(dim=-1, keepdim=True), table_S6).exp_().sum(dim=-1, keepdim=True)
+
+
+def _scaled(x_SN: torch.Tensor, shift_S1: torch.Tensor, table_S6: torch.Tensor) -> torch.Tensor:
+    """x = (x - shift) / the table rows' temperature, 0 where NaN (inf - inf: tied infinite
+    maxima, an all -inf row; NaN logits): what the draw and a nucleus's mass are made of."""
+    x = (x_SN - shift_S1) / table_S6[:, 0:1].float()
+    return x.masked_fill_(x.isnan(), 0.0)
 
 
 def ranked_candidates(logits_BV: torch.Tensor, k: int | None,

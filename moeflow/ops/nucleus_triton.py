@@ -48,6 +48,7 @@ import triton.language as tl
 
 from moeflow.infer.sampling import TABLE_COLUMNS
 from moeflow.ops.grid import cdiv, next_power_of_2
+from moeflow.ops.sample_triton import scaled
 from moeflow.ops.tickets import last_to_arrive
 from moeflow.ops.top_k_triton import order_key
 
@@ -61,15 +62,15 @@ INTERPRETER_BLOCK = 16  # the CPU tests' tiles: several per row
 def _tile(val_ptr, stride_v, V, table_ptr, argmax_ptr, s, t, BITS: tl.constexpr,
           BLOCK: tl.constexpr):
     """Tile t of table row s's logits: (ids, valid, order keys as int64, e = exp(x)), x as the
-    draw makes it: (value - the row's maximum, read at its argmax) / temperature, 0 where NaN."""
+    draw makes it (moeflow.ops.sample_triton.scaled, the shift the row's maximum read at its
+    argmax)."""
     temperature = tl.load(table_ptr + s * 6).to(tl.float32)
     row = tl.load(table_ptr + s * 6 + 5).to(tl.int64)
     top = tl.load(val_ptr + row * stride_v + tl.load(argmax_ptr + row)).to(tl.float32)
     ids = t * BLOCK + tl.arange(0, BLOCK)
     valid = ids < V
     v = tl.load(val_ptr + row * stride_v + ids, mask=valid, other=0.0)
-    x = (v.to(tl.float32) - top) / temperature
-    e = tl.where(valid, tl.exp(tl.where(x != x, 0.0, x)), 0.0)
+    e = tl.where(valid, tl.exp(scaled(v, top, temperature)), 0.0)
     return ids, valid, order_key(v, valid, BITS).to(tl.int64), e
 
 

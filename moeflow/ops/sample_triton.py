@@ -74,6 +74,14 @@ def _gumbel(ids, key_lo, key_hi):
 
 
 @triton.jit
+def scaled(v, top, temperature):
+    """x = (v - top) / temperature in fp32, 0 where NaN (inf - inf: tied infinite maxima, a row
+    of -inf; NaN logits): what every draw, and the nucleus's masses, are made of."""
+    x = (v.to(tl.float32) - top) / temperature
+    return tl.where(x != x, 0.0, x)
+
+
+@triton.jit
 def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr, N,
                         TOP_P: tl.constexpr, BLOCK: tl.constexpr):
     """Candidates best first (a top-k or a sort): one program per sampled row."""
@@ -93,9 +101,8 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
         mass = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n, BLOCK):
             j = start + offs
-            v = tl.load(vals + j, mask=j < n, other=float("-inf")).to(tl.float32)
-            x = (v - top) / temperature
-            mass += tl.where(j < n, tl.exp(tl.where(x != x, 0.0, x)), 0.0)
+            v = tl.load(vals + j, mask=j < n, other=float("-inf"))
+            mass += tl.where(j < n, tl.exp(scaled(v, top, temperature)), 0.0)
         limit = tl.where(p < 1.0, tl.sum(mass, axis=0) * p, float("inf"))
     carried = tl.zeros([], tl.float32)
     best_score = float("-inf")
@@ -106,9 +113,8 @@ def _draw_ranked_kernel(val_ptr, stride_v, id_ptr, stride_i, table_ptr, out_ptr,
     while (start < n) & (carried < limit):
         j = start + offs
         valid = j < n
-        v = tl.load(vals + j, mask=valid, other=float("-inf")).to(tl.float32)
-        x = (v - top) / temperature
-        x = tl.where(x != x, 0.0, x)
+        v = tl.load(vals + j, mask=valid, other=float("-inf"))
+        x = scaled(v, top, temperature)
         keep = valid
         if TOP_P:
             e = tl.where(valid, tl.exp(x), 0.0)
@@ -147,8 +153,7 @@ def _draw_whole_rows_kernel(val_ptr, stride_v, V, table_ptr, argmax_ptr, bounds_
     offs = t * BLOCK + tl.arange(0, BLOCK)
     valid = offs < V
     v = tl.load(val_ptr + row * stride_v + offs, mask=valid, other=float("-inf"))
-    x = (v.to(tl.float32) - top) / temperature
-    x = tl.where(x != x, 0.0, x)
+    x = scaled(v, top, temperature)
     keep = valid
     if BOUNDED:
         key = order_key(v, valid, BITS).to(tl.int64)
