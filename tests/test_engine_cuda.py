@@ -94,7 +94,7 @@ class ForcedEngine(Engine):
         self.rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in paths}
         self.logits_hook = lambda rid, row_V: self.rows[rid].append(row_V.float().clone())
 
-    def _sample(self, requests, logits_BV, greedy_B, first_slot):
+    def _sample(self, requests, logits_BV, greedy_B, first_slot, published=None):
         super()._sample(requests, logits_BV, greedy_B, first_slot)
         forced = [self.paths[r.request_id][len(self.rows[r.request_id]) - 1] for r in requests]
         return self.next_tokens.record(first_slot, torch.tensor(forced, device=self.device),
@@ -277,3 +277,39 @@ def test_sampled_tokens_are_the_reference_draws_of_the_logits_the_engine_saw(top
             want = sampling.sample_tokens(seen[rid][step][None], [params[i]], [40 + i],
                                           [len(ps[i]) + step])
             assert want.item() == token, (rid, step)
+
+
+def test_greedy_tokens_reach_the_host_through_the_token_ring():
+    """Greedy decode steps publish their tokens into the token ring (pinned memory the argmax
+    kernel writes; nothing runs between two graphs): every emitted token is the argmax of the
+    logits row the engine saw, through a first batch, benchmark-style replays under
+    held_state (steps the host did not launch: the ring resynchronises), and a second batch
+    whose graphs were captured mid-run (warm-ups publish too). A mixed batch (one row
+    sampling) takes the copy and still emits each greedy row's argmax."""
+    from tests.test_engine import generate_seeing_logits
+
+    model = qwen_like().bfloat16()
+    engine = Engine(model, EngineConfig(max_batch_size=4))
+    ring = engine.next_tokens.ring
+    assert ring is not None and ring.words_RN.is_pinned()
+
+    def check(ids, out, seen, greedy):
+        for rid in ids[:greedy]:
+            assert out[rid] == [int(row.argmax()) for row in seen[rid]], rid
+
+    ids, out, seen = generate_seeing_logits(engine, prompts(2, seed=3), [GREEDY] * 2)
+    check(ids, out, seen, 2)
+    dec = engine._decoder
+    assert isinstance(dec, GraphDecoder) and len(dec.graphs) >= 1
+    with dec.held_state():
+        graph = dec.graphs[dec.last_key][0]
+        for _ in range(3):
+            graph.replay()
+    graphs_before = len(dec.graphs)
+    ids, out, seen = generate_seeing_logits(engine, prompts(4, seed=4), [GREEDY] * 4)
+    check(ids, out, seen, 4)
+    assert len(dec.graphs) > graphs_before  # a batch bucket of 4: captured mid-run
+    sampled = SamplingParams(max_new_tokens=STEPS, temperature=0.8, seed=5)
+    ids, out, seen = generate_seeing_logits(engine, prompts(3, seed=5), [GREEDY] * 2 + [sampled])
+    check(ids, out, seen, 2)
+    assert len(out[ids[2]]) == STEPS

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.infer.token_ring import TokenRing
 from moeflow.ops.backend import triton_available
 from moeflow.validate import check, integer, number, option
 
@@ -78,14 +79,19 @@ class SamplingParams:
 
 
 def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, ring: TokenRing | None = None
+                  ) -> torch.Tensor:
     """Each row's argmax, [B] int64 (ties to the lower id): one Triton launch on CUDA
     (moeflow.ops.argmax_triton, the same ids; `tickets` its counters), torch's argmax
     elsewhere. Exact in any float dtype: no upcast needed. `out`: a contiguous [B] int64
-    tensor to write them into (returned)."""
+    tensor to write them into (returned). `ring`: the kernel also publishes them there
+    (moeflow.infer.token_ring; the Triton launch only)."""
     if _use_kernel(logits_BV) and not torch.is_grad_enabled():
         from moeflow.ops.argmax_triton import argmax_rows_triton
-        return argmax_rows_triton(logits_BV, tickets, out)
+        return argmax_rows_triton(logits_BV, tickets, out, ring)
+    if ring is not None:
+        raise ValueError("greedy_tokens: a token ring is written by the Triton argmax only "
+                         "(CUDA with Triton, no autograd)")
     if out is None:
         return logits_BV.argmax(dim=-1)
     return torch.argmax(logits_BV, dim=-1, out=out)
