@@ -14,7 +14,9 @@ the expert counts moved beside the LM head in the same change: graph replay 2.48
 Same result as `torch.argmax(logits_BV, dim=-1)`, bit for bit: the values are compared exactly
 (bf16 and fp16 widen to fp32 exactly); ties go to the lowest index; a NaN counts as the largest
 value (the first NaN wins), as torch has it. Forward only; B rows of V logits, any float dtype,
-the last dim contiguous.
+the last dim contiguous. With a token ring (moeflow.infer.token_ring: a decode step's tokens
+published to the host by the kernel itself) each row's last program also writes its token
+there, and the last of the rows advances the ring's count.
 
 Legend: B rows, V logits per row, P tiles per row.
 """
