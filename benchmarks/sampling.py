@@ -20,9 +20,10 @@ counts is the slower of the host's launches and the device's kernels), median µ
 
 Writes DIR/sampling.{json,md}. With --engine LABEL instead: the engine alone on the `tiny`
 preset (random weights, vocabulary 2048; on a GPU in bf16, its decode steps replayed from CUDA
-graphs), 16 prompts of 40 tokens generating 64 each at batch 16, greedy and sampled, output tokens/s (best of three generate() calls), appended to
-DIR/engine_sampled.md under LABEL; runs in trees from session 38 on, for an A/B of two trees
-(PYTHONPATH=OTHER_TREE python benchmarks/sampling.py --out DIR --engine base).
+graphs), 16 prompts of 40 tokens generating 64 each at batch 16, greedy and sampled, output
+tokens/s (best of three generate() calls), appended to DIR/engine_sampled.md under LABEL; runs
+in trees from session 38 on, for an A/B of two trees (PYTHONPATH=OTHER_TREE python
+benchmarks/sampling.py --out DIR --engine base).
 """
 
 from __future__ import annotations
