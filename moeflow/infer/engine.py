@@ -82,6 +82,7 @@ from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder, StepOutput
 from moeflow.infer.engine_types import EngineConfig, EngineStats, TokenEvent
 from moeflow.infer.next_tokens import NextTokens, SampledTokens
 from moeflow.infer.prefill_graphs import GraphPrefiller
+from moeflow.infer.sampler_graphs import SamplerGraphs
 from moeflow.infer.offload.placement import ExpertOffload, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
 from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_tokens
@@ -210,9 +211,12 @@ class Engine:
                            and self.offload is None and not self.expert_groups)
         self._in_flight: SampledTokens | None = None  # a launched decode's unread tokens
         self._prefiller: GraphPrefiller | None = None
+        # A replayed decode step's sampled rows are drawn by replayed graphs too.
+        self._sampler_graphs: SamplerGraphs | None = None
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
             self._decoder = self._graph_decoder()
+            self._sampler_graphs = SamplerGraphs(self.device)
             if config.prefill_graphs:
                 self._prefiller = GraphPrefiller(
                     self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
@@ -373,7 +377,8 @@ class Engine:
         published = ring.issued() if ring is not None else None
         for request in running:
             request.cached += 1
-        return self._sample(running, out.logits_BV, out.greedy_B, 0, published)
+        return self._sample(running, out.logits_BV, out.greedy_B, 0, published,
+                            self._sampler_graphs)
 
     def follow(self) -> None:
         """On a rank other than 0 of a multi-rank engine: run the forwards rank 0 announces
@@ -518,11 +523,13 @@ class Engine:
 
     def _sample(self, requests: list[Request], logits_BV: torch.Tensor,
                 greedy_B: torch.Tensor | None, first_slot: int,
-                published: int | None = None) -> SampledTokens:
+                published: int | None = None, graphs: SamplerGraphs | None = None
+                ) -> SampledTokens:
         """Each row's next token, on the device, recorded as the next input of the requests'
         slots (first_slot onwards): greedy rows take their argmax (`greedy_B`, or computed
         here), sampled rows are drawn together, each for its position in its sequence (the
-        tokens its cache holds: a new token's index) under its seed. No host sync.
+        tokens its cache holds: a new token's index) under its seed (`graphs`: a decode
+        step's draw, replayed from CUDA graphs once its shape repeats). No host sync.
         `published`: a decode step's seq in the token ring (TokenRing.issued), where the host
         then reads the step's tokens if they are all its greedy ones."""
         if self.logits_hook is not None:
@@ -530,7 +537,7 @@ class Engine:
                 self.logits_hook(request.request_id, row_V)
         tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
                                  [r.seed for r in requests], [r.cached for r in requests],
-                                 greedy_B, self._argmax_tickets)
+                                 greedy_B, self._argmax_tickets, graphs)
         return self.next_tokens.record(first_slot, tokens_B, requests, published)
 
     def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:
