@@ -94,7 +94,7 @@ class ForcedEngine(Engine):
         self.rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in paths}
         self.logits_hook = lambda rid, row_V: self.rows[rid].append(row_V.float().clone())
 
-    def _sample(self, requests, logits_BV, greedy_B, first_slot):
+    def _sample(self, requests, logits_BV, greedy_B, first_slot, graphs=None):
         super()._sample(requests, logits_BV, greedy_B, first_slot)
         forced = [self.paths[r.request_id][len(self.rows[r.request_id]) - 1] for r in requests]
         return self.next_tokens.record(first_slot, torch.tensor(forced, device=self.device),
