@@ -143,3 +143,46 @@ def test_the_host_reads_a_decode_steps_own_greedy_tokens_from_the_ring_only():
     assert nt.record(0, drawn, [], index).read() == [5, 6]
     assert nt.ids[:2].tolist() == [5, 6]  # the next step's inputs
     assert nt.record(0, nt.ids[:2], []).read() == [5, 6]  # nothing published: copied
+
+
+def test_the_engine_reads_its_greedy_decode_steps_from_the_ring(monkeypatch):
+    """The engine's bookkeeping, on the CPU with the Triton argmax under the interpreter in the
+    GPU's place: an engine whose decode steps publish into a token ring emits the tokens of one
+    that copies them, one step at a time and pipelined, through a batch that changes (requests
+    join and finish) and has a sampled row for a while (those steps copy), and again after a
+    step run outside the engine under held_state (the ring resynchronises). Each all-greedy
+    decode step is read from the ring, in launch order, and every step is counted once."""
+    from moeflow.infer import sampling
+    from moeflow.infer.engine import Engine, EngineConfig
+    from moeflow.infer.next_tokens import NextTokens
+    from moeflow.infer.sampling import SamplingParams
+
+    from tests.test_engine import generate_seeing_logits, make_model, prompts
+
+    def run(engine, ps, params):
+        ids, out, _ = generate_seeing_logits(engine, ps, params)
+        return [out[i] for i in ids]
+
+    monkeypatch.setattr(sampling, "_use_kernel", lambda logits: True)
+    model = make_model("llama")
+    ps = prompts(5, seed=3)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (6, 9, 4, 7, 5)]
+    params[3] = SamplingParams(max_new_tokens=3, temperature=0.9, seed=1)
+    for pipelined in (False, True):
+        config = EngineConfig(max_batch_size=3, pipelined_decode=pipelined)
+        copied = Engine(model, config)
+        assert copied.next_tokens.ring is None  # the CPU's default
+        want = run(copied, ps, params)
+        engine = Engine(model, config)
+        engine.next_tokens = NextTokens(3, engine.device, ring=True)
+        dec = engine._decoder = engine._graph_decoder(capture=False)
+        ring = engine.next_tokens.ring
+        reads = []
+        read = ring.read
+        monkeypatch.setattr(ring, "read", lambda i, n: reads.append(i) or read(i, n))
+        assert run(engine, ps, params) == want
+        assert len(reads) >= 5 and reads == sorted(set(reads))
+        with dec.held_state(), torch.no_grad():
+            dec.step_fn(*dec._args(*dec.last_key))  # publishes a step the host did not launch
+        assert run(engine, ps[:2], params[:2]) == want[:2]
+        assert ring.issued() == int(ring.seq_1)
