@@ -25,8 +25,8 @@ The step updates that state itself and publishes its greedy tokens to the host i
 argmax writes them into the token ring, moeflow.infer.token_ring), so that between two replays
 of a steady greedy batch the engine runs nothing: no counts' add, no token copy, no lengths
 copied in, no copy out. Replays outside `GraphDecoder.__call__` (benchmarks) advance that state
-too: `held_state()` puts it back after them. Those replays and capture's warm-up runs also
-publish steps the host did not launch: the ring is resynchronised after them.
+too: `held_state()` puts it back after them, the token ring included. Capture's warm-up runs
+also publish steps the host did not launch: the ring is resynchronised after them.
 
 Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`
 (which also adds valid_B to lengths_B in place), so CPU tests exercise the exact computation
@@ -111,8 +111,8 @@ class GraphDecoder:
         `state`: the other tensors the step updates in place (beside the KV cache: the
         engine's expert counts). step_fn adds valid_B to lengths_B in place (each real row's
         length one longer); capture's warm-up runs put all of it back as they found it.
-        `ring`: the token ring step_fn publishes into, resynchronised after the runs the
-        host does not count (warm-ups, replays under held_state)."""
+        `ring`: the token ring step_fn publishes into, resynchronised after capture's
+        warm-ups and held with the rest of the state by held_state."""
         self.step_fn, self.tokens, self.max_len = step_fn, tokens, max_len
         self.num_slots = num_slots = tokens.numel()
         self.capture, self.history, self.ring = capture, history, ring
@@ -165,7 +165,8 @@ class GraphDecoder:
         else:
             if (B, S) not in self.graphs:
                 self.graphs[B, S] = self._capture(B, S)
-                self._resync()
+                if self.ring is not None:  # the warm-ups published
+                    self.ring.resync()
             graph, out = self.graphs[B, S]
             graph.replay()
         return StepOutput(out.logits_BV[:n], out.greedy_B[:n])
@@ -173,18 +174,13 @@ class GraphDecoder:
     @contextlib.contextmanager
     def held_state(self) -> Iterator[None]:
         """For replays of the captured graphs outside __call__ (benchmarks timing them): the
-        state they advance (lengths, next tokens, expert counts) is put back afterwards, so the
+        state they advance (lengths, next tokens, expert counts, the token ring) is put back
+        afterwards, so the
         engine's next step finds it as the last one left it. The KV cache is not (the replays
         write the positions the next steps write again)."""
-        try:
-            with restored(self.state):
-                yield
-        finally:
-            self._resync()
-
-    def _resync(self) -> None:
-        if self.ring is not None:
-            self.ring.resync()
+        ring = self.ring.held() if self.ring is not None else contextlib.nullcontext()
+        with ring, restored(self.state):
+            yield
 
     def _args(self, B: int, S: int) -> tuple:
         # Padded rows (n..B-1) read whatever token their free slot holds: always a valid id

@@ -17,17 +17,21 @@ slot until every row's tag is its own (`read`); a tag newer than its own means t
 reused before the host read it (an error, never silently another step's tokens), and an idle
 stream with the tag still missing means the step will never publish (an error, not a hang).
 
-Runs outside the host's count advance seq too: capture's warm-up runs and benchmarks' replays
-(moeflow.infer.decode_graphs, which calls `resync` after them: one stream sync, rare). Tags only
-grow, so no earlier write can pass for a later step's. R = 8 slots: between a step's launch and
-the host's read at most one more step (pipelined decode) and a capture's two warm-ups publish.
+Runs outside the host's count publish too (moeflow.infer.decode_graphs): capture's two warm-up
+runs advance seq, and the host takes the device's count after them (`resync`: one stream sync,
+rare); tags only grow, so no earlier write can pass for a later step's. Benchmarks' replays, any
+number of them, run inside `held()`, which puts the ring back as it was, words included: a step
+launched before them may not have been read yet. R = 8 slots: between a step's launch and the
+host's read at most one more step (pipelined decode) and a capture's two warm-ups publish.
 
 Legend: R ring slots, N rows (the engine's cache slots).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 import torch
 
@@ -67,9 +71,22 @@ class TokenRing:
     def resync(self) -> None:
         """After runs the host did not count (warm-ups, replays outside the engine): wait for
         the device and take its count."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        self._synchronize()
         self._next = int(self.seq_1.item())
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Publishing runs the host does not count, undone: on exit the ring (its count and
+        every slot's words) is as it was on entry, once the steps launched before had
+        published."""
+        self._synchronize()
+        words_RN, seq_1 = self.words_RN.clone(), self.seq_1.clone()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.words_RN.copy_(words_RN)
+            self.seq_1.copy_(seq_1)
 
     def read(self, index: int, n: int) -> list[int]:
         """Rows 0..n-1 of step `index` (its seq, from `issued`), once the step has written
@@ -95,6 +112,10 @@ class TokenRing:
             idle = polls % POLLS_PER_IDLE_CHECK == 0 and self._idle()
             if not idle:
                 time.sleep(0)  # lets other threads run (a server's), as a blocking wait would
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _idle(self) -> bool:
         if self.device.type != "cuda":
