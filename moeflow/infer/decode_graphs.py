@@ -175,9 +175,8 @@ class GraphDecoder:
     def held_state(self) -> Iterator[None]:
         """For replays of the captured graphs outside __call__ (benchmarks timing them): the
         state they advance (lengths, next tokens, expert counts, the token ring) is put back
-        afterwards, so the
-        engine's next step finds it as the last one left it. The KV cache is not (the replays
-        write the positions the next steps write again)."""
+        afterwards, so the engine's next step finds it as the last one left it. The KV cache is
+        not (the replays write the positions the next steps write again)."""
         ring = self.ring.held() if self.ring is not None else contextlib.nullcontext()
         with ring, restored(self.state):
             yield
