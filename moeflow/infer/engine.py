@@ -85,10 +85,10 @@ from moeflow.infer.prefill_graphs import GraphPrefiller
 from moeflow.infer.sampler_graphs import SamplerGraphs
 from moeflow.infer.offload.placement import ExpertOffload, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
-from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_tokens
+from moeflow.infer.sampling import SamplingParams, greedy_tokens, kernels_on, sample_tokens
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
-from moeflow.ops.backend import resolve_expert_backend, triton_available
+from moeflow.ops.backend import resolve_expert_backend
 from moeflow.ops.expert_mlp import expert_mlp_reference
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "TokenEvent", "count_experts",
@@ -204,8 +204,7 @@ class Engine:
         self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
         # Decode steps' greedy tokens come to the host through the token ring where the
         # Triton argmax writes them (moeflow.infer.next_tokens).
-        self.next_tokens = NextTokens(num_slots, self.device,
-                                      ring=self.device.type == "cuda" and triton_available())
+        self.next_tokens = NextTokens(num_slots, self.device, ring=kernels_on(self.device))
         # Pipelined decode (module docstring) where no forward needs its tokens on the host.
         self._pipelined = (config.pipelined_decode and channel is None and self._history is None
                            and self.offload is None and not self.expert_groups)

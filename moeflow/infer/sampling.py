@@ -313,9 +313,14 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     return keys.masked_fill_(nan, magnitude)
 
 
+def kernels_on(device: torch.device) -> bool:
+    """Whether the sampler's Triton kernels run on `device` (CUDA with Triton), else plain
+    torch: also whether a decode step's argmax can publish into a token ring."""
+    return torch.device(device).type == "cuda" and triton_available()
+
+
 def _use_kernel(logits: torch.Tensor) -> bool:
-    """Whether the Triton kernels run (CUDA with Triton), else plain torch."""
-    return logits.is_cuda and triton_available()
+    return kernels_on(logits.device)
 
 
 def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
