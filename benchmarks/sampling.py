@@ -19,10 +19,11 @@ counts is the slower of the host's launches and the device's kernels), median µ
         [--calls 50] [--rounds 5]
 
 Writes DIR/sampling.{json,md}. With --engine LABEL instead: the engine alone on the `tiny`
-preset (random weights, vocabulary 2048), 16 prompts of 40 tokens generating 64 each at batch 16,
-greedy and sampled, output tokens/s (best of three generate() calls), appended to
-DIR/engine_sampled.md under LABEL; runs in trees from session 38 on, for an A/B of two trees
-(PYTHONPATH=OTHER_TREE python benchmarks/sampling.py --out DIR --engine base).
+preset (random weights, vocabulary 2048; on a GPU in bf16, its decode steps replayed from CUDA
+graphs), 16 prompts of 40 tokens generating 64 each at batch 16, greedy and sampled, output
+tokens/s (best of three generate() calls), appended to DIR/engine_sampled.md under LABEL; runs
+in trees from session 38 on, for an A/B of two trees (PYTHONPATH=OTHER_TREE python
+benchmarks/sampling.py --out DIR --engine base).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def time_us(fn, device: torch.device, calls: int, rounds: int) -> list[float]:
 ENGINE_CASES = {"greedy": dict(temperature=0),
                 "temperature 0.8, top-k 40, top-p 0.95": dict(temperature=0.8, top_k=40,
                                                               top_p=0.95, seed=1),
-                "temperature 1.0": dict(temperature=1.0, seed=1)}
+                "temperature 1.0": dict(temperature=1.0, seed=1),
+                "temperature 0.8, top-p 0.95": dict(temperature=0.8, top_p=0.95, seed=1)}
 
 
 def engine_tokens_per_s(label: str, out: Path) -> None:
@@ -139,6 +141,8 @@ def engine_tokens_per_s(label: str, out: Path) -> None:
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny")).eval()
+    if torch.cuda.is_available():  # served as a GPU serves it: bf16, its steps from CUDA graphs
+        model = model.to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 2048, (40,), generator=g).tolist() for _ in range(16)]
     cells = []

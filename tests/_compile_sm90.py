@@ -13,8 +13,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeflow.config import RouterConfig
+from moeflow.infer import token_ring
 from moeflow.ops.grid import cdiv, next_power_of_2
-from moeflow.ops import (cross_entropy_triton, decode_attention_triton,
+from moeflow.ops import (argmax_triton, cross_entropy_triton, decode_attention_triton,
                          decode_route_fused_triton, decode_route_triton, expert_bias_triton,
                          fp8_quantize_triton, grouped_mlp_triton, norm_triton, nucleus_triton,
                          permute_triton, persistent_mlp_triton, qk_rope_triton,
@@ -431,6 +432,16 @@ def sampled_draw():
                          {"SHIFT": shift, "FIRST": shift == bits - nucleus_triton.DIGIT,
                           "BITS": bits, "BLOCK": nucleus_triton.BLOCK, "BLOCK_P": 256},
                          num_warps=nucleus_triton.NUM_WARPS)
+    # The greedy tokens' argmax (Qwen3's vocabulary: 38 tiles), with and without publishing
+    # them into the token ring, as the decode graphs launch it (PDL).
+    for publish in (False, True):
+        compile_sm90(argmax_triton._argmax_kernel,
+                     {"x_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64",
+                      "tickets_ptr": "*i32", "words_ptr": "*i64", "seq_ptr": "*i64",
+                      **_args("stride_b V P B ring_cols", "i32")},
+                     {"BLOCK": argmax_triton.BLOCK, "BLOCK_P": 64, "PDL": True,
+                      "PUBLISH": publish, "RING_SLOTS": token_ring.SLOTS,
+                      "TAG_MOD": token_ring.TAG_MOD})
     # The top-k: the launcher's (tile, candidates, k block, key bits, warps) at Qwen3's
     # vocabulary for k = 40 in bf16 and fp32, and for the largest k.
     for dtype, k in (("*bf16", 40), ("*fp32", 40), ("*bf16", top_k_triton.MAX_K)):

@@ -94,7 +94,7 @@ class ForcedEngine(Engine):
         self.rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in paths}
         self.logits_hook = lambda rid, row_V: self.rows[rid].append(row_V.float().clone())
 
-    def _sample(self, requests, logits_BV, greedy_B, first_slot):
+    def _sample(self, requests, logits_BV, greedy_B, first_slot, published=None, graphs=None):
         super()._sample(requests, logits_BV, greedy_B, first_slot)
         forced = [self.paths[r.request_id][len(self.rows[r.request_id]) - 1] for r in requests]
         return self.next_tokens.record(first_slot, torch.tensor(forced, device=self.device),
@@ -275,5 +275,71 @@ def test_sampled_tokens_are_the_reference_draws_of_the_logits_the_engine_saw(top
         assert len(out[rid]) == STEPS
         for step, token in enumerate(out[rid]):
             want = sampling.sample_tokens(seen[rid][step][None], [params[i]], [40 + i],
+                                          [len(ps[i]) + step])
+            assert want.item() == token, (rid, step)
+
+
+def test_greedy_tokens_reach_the_host_through_the_token_ring():
+    """Greedy decode steps publish their tokens into the token ring (pinned memory the argmax
+    kernel writes; nothing runs between two graphs): every emitted token is the argmax of the
+    logits row the engine saw, through a first batch, benchmark-style replays under
+    held_state (steps the host did not launch: the ring resynchronises), and a second batch
+    whose graphs were captured mid-run (warm-ups publish too). A mixed batch (one row
+    sampling) takes the copy and still emits each greedy row's argmax."""
+    from tests.test_engine import generate_seeing_logits
+
+    model = qwen_like().bfloat16()
+    engine = Engine(model, EngineConfig(max_batch_size=4))
+    ring = engine.next_tokens.ring
+    assert ring is not None and ring.words_RN.is_pinned()
+
+    def check(ids, out, seen, greedy):
+        for rid in ids[:greedy]:
+            assert out[rid] == [int(row.argmax()) for row in seen[rid]], rid
+
+    ids, out, seen = generate_seeing_logits(engine, prompts(2, seed=3), [GREEDY] * 2)
+    check(ids, out, seen, 2)
+    dec = engine._decoder
+    assert isinstance(dec, GraphDecoder) and len(dec.graphs) >= 1
+    with dec.held_state():
+        graph = dec.graphs[dec.last_key][0]
+        for _ in range(3):
+            graph.replay()
+    graphs_before = len(dec.graphs)
+    ids, out, seen = generate_seeing_logits(engine, prompts(4, seed=4), [GREEDY] * 4)
+    check(ids, out, seen, 4)
+    assert len(dec.graphs) > graphs_before  # a batch bucket of 4: captured mid-run
+    sampled = SamplingParams(max_new_tokens=STEPS, temperature=0.8, seed=5)
+    ids, out, seen = generate_seeing_logits(engine, prompts(3, seed=5), [GREEDY] * 2 + [sampled])
+    check(ids, out, seen, 2)
+    assert len(out[ids[2]]) == STEPS
+
+
+def test_replayed_draws_of_a_changing_mix_are_the_reference_draws(monkeypatch):
+    """The decode steps' draws replayed from CUDA graphs (moeflow.infer.sampler_graphs) while
+    the batch's mix changes: requests of every kind (greedy, a temperature alone, top-k, top-p,
+    both) with different lengths, so that rows finish, queued requests join and the draw's shape
+    moves several times. Every emitted token is the plain-torch draw of the logits row the
+    engine saw for its seed and position (a graph replaying a stale table, or another shape's,
+    would draw for the wrong key), and draws were captured and replayed."""
+    from moeflow.infer import sampling
+
+    from tests.test_engine import generate_seeing_logits
+
+    model = qwen_like().bfloat16()
+    engine = Engine(model, EngineConfig(max_batch_size=4))
+    kinds = [dict(temperature=0), dict(temperature=0.9), dict(temperature=0.8, top_k=7),
+             dict(temperature=1.1, top_p=0.7), dict(temperature=0.7, top_k=30, top_p=0.9)]
+    ps = prompts(7, seed=11)
+    params = [SamplingParams(max_new_tokens=(6, 20, 11, 16, 9, 14, 13)[i], seed=60 + i,
+                             **kinds[i % len(kinds)]) for i in range(len(ps))]
+    ids, out, seen = generate_seeing_logits(engine, ps, params)
+    graphs = engine._sampler_graphs
+    assert graphs.captures >= 2 and graphs.replays >= 10, (graphs.captures, graphs.replays)
+    monkeypatch.setattr(sampling, "_use_kernel", lambda logits: False)
+    for i, rid in enumerate(ids):
+        assert len(out[rid]) == params[i].max_new_tokens
+        for step, token in enumerate(out[rid]):
+            want = sampling.sample_tokens(seen[rid][step][None], [params[i]], [params[i].seed],
                                           [len(ps[i]) + step])
             assert want.item() == token, (rid, step)

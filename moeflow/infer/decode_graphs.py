@@ -21,10 +21,12 @@ cost. Graphs need static shapes and addresses, so:
   state the step found (the token buffer, the lengths, the expert counts it adds to), all sharing
   one memory pool since they never run concurrently.
 
-The step updates that state itself, so that between two replays of a steady batch the engine
-runs only the tokens' copy to the host: no counts' add, no token copy, no lengths copied in.
-Replays outside `GraphDecoder.__call__` (benchmarks) advance that state too: `held_state()`
-puts it back after them.
+The step updates that state itself and publishes its greedy tokens to the host itself (its
+argmax writes them into the token ring, moeflow.infer.token_ring), so that between two replays
+of a steady greedy batch the engine runs nothing: no counts' add, no token copy, no lengths
+copied in, no copy out. Replays outside `GraphDecoder.__call__` (benchmarks) advance that state
+too: `held_state()` puts it back after them, the token ring included. Capture's warm-up runs
+also publish steps the host did not launch: the ring is resynchronised after them.
 
 Both runners call the same `step_fn(tokens_B1, lengths_B, valid_B, kv_len) -> StepOutput`
 (which also adds valid_B to lengths_B in place), so CPU tests exercise the exact computation
@@ -40,6 +42,8 @@ import contextlib
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+
+from moeflow.infer.token_ring import TokenRing
 
 # The smallest key bucket: one 64-key block, the decode attention's (bf16, head dim 128) and,
 # at batch 1, all its keys in one sliced block (moeflow.ops.decode_attention_triton.SLICED_KEYS:
@@ -100,16 +104,18 @@ class GraphDecoder:
 
     def __init__(self, step_fn: StepFn, tokens: torch.Tensor, max_len: int, *,
                  state: tuple[torch.Tensor, ...], capture: bool = True,
-                 history: int | None = None) -> None:
+                 history: int | None = None, ring: TokenRing | None = None) -> None:
         """`tokens`: the [slots] device buffer the input tokens are read from (one per cache
         slot, moeflow.infer.next_tokens), which the step also writes (its greedy tokens);
         `history`: H, the tokens before each row's input that step_fn takes (None: none);
         `state`: the other tensors the step updates in place (beside the KV cache: the
         engine's expert counts). step_fn adds valid_B to lengths_B in place (each real row's
-        length one longer); capture's warm-up runs put all of it back as they found it."""
+        length one longer); capture's warm-up runs put all of it back as they found it.
+        `ring`: the token ring step_fn publishes into, resynchronised after capture's
+        warm-ups and held with the rest of the state by held_state."""
         self.step_fn, self.tokens, self.max_len = step_fn, tokens, max_len
         self.num_slots = num_slots = tokens.numel()
-        self.capture, self.history = capture, history
+        self.capture, self.history, self.ring = capture, history, ring
         rows = 2 + (history or 0)
         # Row 0: each slot's cached length (the step adds row 1 to it); row 1: 1 for a real
         # row, 0 for padding; then the history rows. `held`: the rows of the static buffer as
@@ -159,6 +165,8 @@ class GraphDecoder:
         else:
             if (B, S) not in self.graphs:
                 self.graphs[B, S] = self._capture(B, S)
+                if self.ring is not None:  # the warm-ups published
+                    self.ring.resync()
             graph, out = self.graphs[B, S]
             graph.replay()
         return StepOutput(out.logits_BV[:n], out.greedy_B[:n])
@@ -166,10 +174,11 @@ class GraphDecoder:
     @contextlib.contextmanager
     def held_state(self) -> Iterator[None]:
         """For replays of the captured graphs outside __call__ (benchmarks timing them): the
-        state they advance (lengths, next tokens, expert counts) is put back afterwards, so the
-        engine's next step finds it as the last one left it. The KV cache is not (the replays
-        write the positions the next steps write again)."""
-        with restored(self.state):
+        state they advance (lengths, next tokens, expert counts, the token ring) is put back
+        afterwards, so the engine's next step finds it as the last one left it. The KV cache is
+        not (the replays write the positions the next steps write again)."""
+        ring = self.ring.held() if self.ring is not None else contextlib.nullcontext()
+        with ring, restored(self.state):
             yield
 
     def _args(self, B: int, S: int) -> tuple:

@@ -82,9 +82,10 @@ from moeflow.infer.decode_graphs import EagerDecoder, GraphDecoder, StepOutput
 from moeflow.infer.engine_types import EngineConfig, EngineStats, TokenEvent
 from moeflow.infer.next_tokens import NextTokens, SampledTokens
 from moeflow.infer.prefill_graphs import GraphPrefiller
+from moeflow.infer.sampler_graphs import SamplerGraphs
 from moeflow.infer.offload.placement import ExpertOffload, offload_experts
 from moeflow.infer.ranks import StepChannel, StepOp
-from moeflow.infer.sampling import SamplingParams, greedy_tokens, sample_tokens
+from moeflow.infer.sampling import SamplingParams, greedy_tokens, kernels_on, sample_tokens
 from moeflow.infer.scheduler import Request, Scheduler
 from moeflow.infer.slot_cache import DecodeView, PrefillView, SlotKVCache, SlotPrefillView
 from moeflow.ops.backend import resolve_expert_backend
@@ -191,7 +192,9 @@ class Engine:
         self._expert_offsets = torch.tensor([0, *itertools.accumulate(sizes)][:len(sizes)],
                                             dtype=torch.int64, device=self.device)
         self._expert_counts = torch.zeros(sum(sizes), dtype=torch.int64, device=self.device)
-        self._argmax_tickets = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
+        # One counter per row, one more across rows (the token ring's).
+        self._argmax_tickets = torch.zeros(num_slots + 1, dtype=torch.int32,
+                                           device=self.device)
         # A captured decode step counts its experts on this stream, beside the LM head.
         self._count_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if channel is not None and self.expert_groups:
@@ -199,15 +202,20 @@ class Engine:
                              "multi-rank step broadcast carries no group ids)")
         self.channel = channel
         self._moves: list[tuple[int, int, int]] = []  # not yet sent to the other ranks
-        self.next_tokens = NextTokens(num_slots, self.device)
+        # Decode steps' greedy tokens come to the host through the token ring where the
+        # Triton argmax writes them (moeflow.infer.next_tokens).
+        self.next_tokens = NextTokens(num_slots, self.device, ring=kernels_on(self.device))
         # Pipelined decode (module docstring) where no forward needs its tokens on the host.
         self._pipelined = (config.pipelined_decode and channel is None and self._history is None
                            and self.offload is None and not self.expert_groups)
         self._in_flight: SampledTokens | None = None  # a launched decode's unread tokens
         self._prefiller: GraphPrefiller | None = None
+        # A replayed decode step's sampled rows are drawn by replayed graphs too.
+        self._sampler_graphs: SamplerGraphs | None = None
         if (self.device.type == "cuda" and config.cuda_graphs and self.offload is None
                 and channel is None and not self.expert_groups and graph_capturable(model)):
             self._decoder = self._graph_decoder()
+            self._sampler_graphs = SamplerGraphs(self.device)
             if config.prefill_graphs:
                 self._prefiller = GraphPrefiller(
                     self._prefill_forward, min(config.prefill_graph_tokens, self.max_seq_len),
@@ -364,9 +372,12 @@ class Engine:
         history = (None if self._history is None
                    else [r.history(self._history) for r in running])
         out = self._decoder(None, lengths, groups, history)  # tokens: self.next_tokens
+        ring = self.next_tokens.ring
+        published = ring.issued() if ring is not None else None
         for request in running:
             request.cached += 1
-        return self._sample(running, out.logits_BV, out.greedy_B, 0)
+        return self._sample(running, out.logits_BV, out.greedy_B, 0, published,
+                            self._sampler_graphs)
 
     def follow(self) -> None:
         """On a rank other than 0 of a multi-rank engine: run the forwards rank 0 announces
@@ -458,7 +469,8 @@ class Engine:
                           into=self._expert_counts)
             lengths_B.add_(valid_B)
         logits_BV = self.model.head(out.hidden)[:, 0]
-        greedy_B = greedy_tokens(logits_BV, self._argmax_tickets, out=tokens_B1[:, 0])
+        greedy_B = greedy_tokens(logits_BV, self._argmax_tickets, out=tokens_B1[:, 0],
+                                 ring=self.next_tokens.ring)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         return StepOutput(logits_BV, greedy_B)
@@ -468,7 +480,8 @@ class Engine:
         only, as CPU tests run it); the step's in-place state (the next-token buffer, the expert
         counts) declared so that capture's warm-up runs leave it as it was."""
         return GraphDecoder(self._decode_forward, self.next_tokens.ids, self.max_seq_len,
-                            capture=capture, history=self._history, state=(self._expert_counts,))
+                            capture=capture, history=self._history, state=(self._expert_counts,),
+                            ring=self.next_tokens.ring)
 
     def _prefill_forward(self, ids_1T: torch.Tensor, last_11: torch.Tensor,
                          valid_T: torch.Tensor, slot_1: torch.Tensor
@@ -508,18 +521,23 @@ class Engine:
                                       device=self.device)}
 
     def _sample(self, requests: list[Request], logits_BV: torch.Tensor,
-                greedy_B: torch.Tensor | None, first_slot: int) -> SampledTokens:
+                greedy_B: torch.Tensor | None, first_slot: int,
+                published: int | None = None, graphs: SamplerGraphs | None = None
+                ) -> SampledTokens:
         """Each row's next token, on the device, recorded as the next input of the requests'
         slots (first_slot onwards): greedy rows take their argmax (`greedy_B`, or computed
         here), sampled rows are drawn together, each for its position in its sequence (the
-        tokens its cache holds: a new token's index) under its seed. No host sync."""
+        tokens its cache holds: a new token's index) under its seed (`graphs`: a decode
+        step's draw, replayed from CUDA graphs once its shape repeats). No host sync.
+        `published`: a decode step's seq in the token ring (TokenRing.issued), where the host
+        then reads the step's tokens if they are all its greedy ones."""
         if self.logits_hook is not None:
             for request, row_V in zip(requests, logits_BV):
                 self.logits_hook(request.request_id, row_V)
         tokens_B = sample_tokens(logits_BV, [r.params for r in requests],
                                  [r.seed for r in requests], [r.cached for r in requests],
-                                 greedy_B, self._argmax_tickets)
-        return self.next_tokens.record(first_slot, tokens_B, requests)
+                                 greedy_B, self._argmax_tickets, graphs)
+        return self.next_tokens.record(first_slot, tokens_B, requests, published)
 
     def _emit(self, sampled: SampledTokens, events: list[TokenEvent]) -> None:
         for request, token in zip(sampled.requests, sampled.read()):

@@ -35,11 +35,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from moeflow.infer.token_ring import TokenRing
 from moeflow.ops.backend import triton_available
 from moeflow.validate import check, integer, number, option
+
+if TYPE_CHECKING:
+    from moeflow.infer.sampler_graphs import SamplerGraphs
 
 
 @dataclass(frozen=True)
@@ -78,14 +83,19 @@ class SamplingParams:
 
 
 def greedy_tokens(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, ring: TokenRing | None = None
+                  ) -> torch.Tensor:
     """Each row's argmax, [B] int64 (ties to the lower id): one Triton launch on CUDA
     (moeflow.ops.argmax_triton, the same ids; `tickets` its counters), torch's argmax
     elsewhere. Exact in any float dtype: no upcast needed. `out`: a contiguous [B] int64
-    tensor to write them into (returned)."""
+    tensor to write them into (returned). `ring`: the kernel also publishes them there
+    (moeflow.infer.token_ring; the Triton launch only)."""
     if _use_kernel(logits_BV) and not torch.is_grad_enabled():
         from moeflow.ops.argmax_triton import argmax_rows_triton
-        return argmax_rows_triton(logits_BV, tickets, out)
+        return argmax_rows_triton(logits_BV, tickets, out, ring)
+    if ring is not None:
+        raise ValueError("greedy_tokens: a token ring is written by the Triton argmax only "
+                         "(CUDA with Triton, no autograd)")
     if out is None:
         return logits_BV.argmax(dim=-1)
     return torch.argmax(logits_BV, dim=-1, out=out)
@@ -303,46 +313,49 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     return keys.masked_fill_(nan, magnitude)
 
 
+def kernels_on(device: torch.device) -> bool:
+    """Whether the sampler's Triton kernels run on `device` (CUDA with Triton), else plain
+    torch: also whether a decode step's argmax can publish into a token ring."""
+    return torch.device(device).type == "cuda" and triton_available()
+
+
 def _use_kernel(logits: torch.Tensor) -> bool:
-    """Whether the Triton kernels run (CUDA with Triton), else plain torch."""
-    return logits.is_cuda and triton_available()
+    return kernels_on(logits.device)
 
 
 def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                   seeds: Sequence[int], positions: Sequence[int],
                   greedy_B: torch.Tensor | None = None,
-                  tickets: torch.Tensor | None = None) -> torch.Tensor:
+                  tickets: torch.Tensor | None = None,
+                  graphs: SamplerGraphs | None = None) -> torch.Tensor:
     """Each row's next token, [B] int64 on the logits' device, with no host sync: row i drawn
     with params[i] for the token at positions[i] of the sequence sampled with seeds[i]
     (`draw_key`); greedy rows take their argmax (`greedy_B`: every row's, when the caller has
     them). `tickets`: int32 zeros, at least B, for the Triton kernels (moeflow.ops.tickets;
-    None: made per call)."""
+    None: made per call). `graphs` (with greedy_B, on CUDA with Triton): the draw's kernels
+    replayed from CUDA graphs once its shape repeats (moeflow.infer.sampler_graphs; the result
+    is then a graph's output buffer, valid until that graph's next replay)."""
     B, V = logits_BV.shape
     if not len(params) == len(seeds) == len(positions) == B:
         raise ValueError(f"sample_tokens: {B} rows of logits need as many params, seeds and "
                          f"positions, got {len(params)}, {len(seeds)}, {len(positions)}")
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return greedy_B if greedy_B is not None else greedy_tokens(logits_BV, tickets)
-    # In float32's normal range: a smaller temperature would round to 0 (0 / 0), a larger one
-    # to inf (-inf / inf: NaN for masked tokens).
-    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
-    table = []
-    for i in sampled:
-        p = params[i]
-        table.append((min(max(p.temperature, tiny), huge), p.top_k if p.top_k < V else 0, p.top_p,
-                      *draw_key(seeds[i], positions[i]), i))
     kernel = _use_kernel(logits_BV)
-    if kernel:  # rows with a top-k first, then the whole rows (_sample_on_kernels)
-        table.sort(key=lambda row: row[1] == 0)
+    table = sampling_table(params, seeds, positions, V, kernel)
+    if not table:
+        return greedy_B if greedy_B is not None else greedy_tokens(logits_BV, tickets)
     cuda = logits_BV.is_cuda
-    table_S6 = torch.tensor(table, dtype=torch.float64).pin_memory() if cuda else \
-        torch.tensor(table, dtype=torch.float64)
-    table_S6 = table_S6.to(logits_BV.device, non_blocking=cuda)
-    if greedy_B is None and len(sampled) < B:
+    host_S6 = torch.tensor(table, dtype=torch.float64)
+    if cuda:
+        host_S6 = host_S6.pin_memory()
+    if greedy_B is None and len(table) < B:
         greedy_B = greedy_tokens(logits_BV, tickets)
     if kernel:
-        return _sample_on_kernels(logits_BV, table, table_S6, greedy_B, tickets)
+        draws = KernelDraws.of(table)
+        if graphs is not None and greedy_B is not None:
+            return graphs.draw(logits_BV, draws, host_S6, greedy_B, tickets)
+        return draw_on_kernels(logits_BV, draws, host_S6.to(logits_BV.device, non_blocking=True),
+                               greedy_B, tickets)
+    table_S6 = host_S6.to(logits_BV.device, non_blocking=cuda)
     ks = [row[1] for row in table]
     top_p = any(row[2] < 1.0 for row in table)
     # Rows without a top-k measure their nucleus against their whole row (draw_reference).
@@ -369,29 +382,65 @@ def sample_tokens(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
                           ranked=ids is not None, top_p=top_p, row_mass_S1=mass)
 
 
-def _sample_on_kernels(logits_BV: torch.Tensor, table: list[tuple], table_S6: torch.Tensor,
-                       greedy_B: torch.Tensor | None, tickets: torch.Tensor | None
-                       ) -> torch.Tensor:
+def sampling_table(params: Sequence[SamplingParams], seeds: Sequence[int],
+                   positions: Sequence[int], V: int, kernel: bool) -> list[tuple]:
+    """The rows of the sampler's table (TABLE_COLUMNS) for the rows of a batch that sample
+    (none: every row is greedy); for the kernels (`kernel`) the rows with a top-k first."""
+    # In float32's normal range: a smaller temperature would round to 0 (0 / 0), a larger one
+    # to inf (-inf / inf: NaN for masked tokens).
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    table = []
+    for i, p in enumerate(params):
+        if not p.greedy:
+            table.append((min(max(p.temperature, tiny), huge), p.top_k if p.top_k < V else 0,
+                          p.top_p, *draw_key(seeds[i], positions[i]), i))
+    if kernel:  # rows with a top-k first, then the whole rows (draw_on_kernels)
+        table.sort(key=lambda row: row[1] == 0)
+    return table
+
+
+@dataclass(frozen=True)
+class KernelDraws:
+    """The launches of a table's draw on the kernels (draw_on_kernels), its rows with a top-k
+    first: what shapes them, the same for every step of a steady batch (moeflow.infer.
+    sampler_graphs keys its graphs by it)."""
+    ranked: int  # rows with a top-k, drawn from one top-k launch of their largest k
+    k: int
+    ranked_top_p: bool  # any of them with a top-p
+    whole: int  # rows drawn from their whole logits rows
+    whole_top_p: bool  # any of them with a top-p (their nuclei bounded first)
+
+    @staticmethod
+    def of(table: list[tuple]) -> KernelDraws:
+        ranked = [row for row in table if row[1]]
+        whole = table[len(ranked):]
+        return KernelDraws(len(ranked), max((row[1] for row in ranked), default=0),
+                           any(row[2] < 1.0 for row in ranked), len(whole),
+                           any(row[2] < 1.0 for row in whole))
+
+
+def draw_on_kernels(logits_BV: torch.Tensor, draws: KernelDraws, table_S6: torch.Tensor,
+                    greedy_B: torch.Tensor | None, tickets: torch.Tensor | None
+                    ) -> torch.Tensor:
     """sample_tokens on CUDA with Triton, the table's rows with a top-k first: those drawn from
-    their best max(k) (moeflow.ops.top_k_triton), the rest from their whole rows
-    (moeflow.ops.sample_triton), a nucleus bounded without a sort (moeflow.ops.nucleus_triton)."""
+    their best k (moeflow.ops.top_k_triton), the rest from their whole rows
+    (moeflow.ops.sample_triton), a nucleus bounded without a sort (moeflow.ops.nucleus_triton).
+    No host work but the launches: what sampler_graphs captures."""
     from moeflow.ops.nucleus_triton import nucleus_bounds_triton
     from moeflow.ops.sample_triton import draw_triton
     B = logits_BV.shape[0]
-    n_ranked = sum(1 for row in table if row[1])
-    whole = table[n_ranked:]
-    if greedy_B is None and whole:
+    n = draws.ranked
+    if greedy_B is None and draws.whole:
         greedy_B = greedy_tokens(logits_BV, tickets)  # whole rows: the draw's shift
     out = _draw_out(B, greedy_B, logits_BV)
-    if n_ranked:
-        values, ids = ranked_candidates(logits_BV, max(row[1] for row in table), tickets)
-        draw_triton(values, ids, table_S6[:n_ranked], out, ranked=True,
-                    top_p=any(row[2] < 1.0 for row in table[:n_ranked]), tickets=tickets)
-    if whole:
-        top_p = any(row[2] < 1.0 for row in whole)
-        bounds = nucleus_bounds_triton(logits_BV, table_S6[n_ranked:], greedy_B, tickets) \
-            if top_p else None
-        draw_triton(logits_BV, None, table_S6[n_ranked:], out, ranked=False, top_p=top_p,
+    if n:
+        values, ids = ranked_candidates(logits_BV, draws.k, tickets)
+        draw_triton(values, ids, table_S6[:n], out, ranked=True, top_p=draws.ranked_top_p,
+                    tickets=tickets)
+    if draws.whole:
+        bounds = nucleus_bounds_triton(logits_BV, table_S6[n:], greedy_B, tickets) \
+            if draws.whole_top_p else None
+        draw_triton(logits_BV, None, table_S6[n:], out, ranked=False, top_p=draws.whole_top_p,
                     argmax_B=greedy_B, tickets=tickets, bounds_S2=bounds)
     return out
 

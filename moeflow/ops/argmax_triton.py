@@ -14,7 +14,9 @@ the expert counts moved beside the LM head in the same change: graph replay 2.48
 Same result as `torch.argmax(logits_BV, dim=-1)`, bit for bit: the values are compared exactly
 (bf16 and fp16 widen to fp32 exactly); ties go to the lowest index; a NaN counts as the largest
 value (the first NaN wins), as torch has it. Forward only; B rows of V logits, any float dtype,
-the last dim contiguous.
+the last dim contiguous. With a token ring (moeflow.infer.token_ring: a decode step's tokens
+published to the host by the kernel itself) each row's last program also writes its token
+there, and the last of the rows advances the ring's count.
 
 Legend: B rows, V logits per row, P tiles per row.
 """
@@ -25,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflow.infer.token_ring import SLOTS, TAG_MOD, TokenRing
 from moeflow.ops.grid import cdiv, next_power_of_2
 from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.tickets import last_to_arrive
@@ -48,8 +51,10 @@ def _best(values, index, valid, NO_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, stride_b, V, val_ptr, idx_ptr, out_ptr, tickets_ptr, P,
-                   BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+def _argmax_kernel(x_ptr, stride_b, V, val_ptr, idx_ptr, out_ptr, tickets_ptr, P, B,
+                   words_ptr, seq_ptr, ring_cols, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PDL: tl.constexpr, PUBLISH: tl.constexpr, RING_SLOTS: tl.constexpr,
+                   TAG_MOD: tl.constexpr):
     wait_for_previous(PDL)
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
@@ -69,14 +74,23 @@ def _argmax_kernel(x_ptr, stride_b, V, val_ptr, idx_ptr, out_ptr, tickets_ptr, P
         # Tiles are in index order, so the lowest index among ties is the lowest tile's.
         _, at = _best(vals, idxs, pmask, 2147483647)
         tl.store(out_ptr + b, at.to(tl.int64))
+        if PUBLISH:  # moeflow.infer.token_ring: one word (tag, token) into the host's ring
+            seq = tl.load(seq_ptr, cache_modifier=".cg")
+            word = ((seq % TAG_MOD + 1) << 32) | at.to(tl.int64)
+            tl.store(words_ptr + (seq % RING_SLOTS) * ring_cols + b, word)
+            # The rows' last: every row has read seq (the ticket's release orders the load).
+            if last_to_arrive(tickets_ptr + B, B):
+                tl.store(seq_ptr, seq + 1)
 
 
 def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, ring: TokenRing | None = None
+                       ) -> torch.Tensor:
     """torch.argmax(logits_BV, dim=-1) as one launch: [B] int64. `tickets`: int32 zeros, at
-    least B, on the logits' device, left at 0 (moeflow.ops.tickets; None: made here, one
-    launch at a time may share them). `out`: a contiguous [B] int64 tensor on that device to
-    write the ids into (returned)."""
+    least B (B + 1 with a ring), on the logits' device, left at 0 (moeflow.ops.tickets; None:
+    made here, one launch at a time may share them). `out`: a contiguous [B] int64 tensor on
+    that device to write the ids into (returned). `ring`: also publish them there as one step
+    (moeflow.infer.token_ring; its rows at least B)."""
     if logits_BV.dim() != 2 or logits_BV.shape[1] == 0:
         raise ValueError(f"argmax_rows: logits must be [B, V] with V > 0, got "
                          f"{tuple(logits_BV.shape)}")
@@ -86,11 +100,16 @@ def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = N
     if V >= 2 ** 31 - 1:
         raise ValueError(f"argmax_rows: {V} logits per row is more than int32 indexes")
     device = logits_BV.device
+    counters = B + (ring is not None)
     if tickets is None:
-        tickets = torch.zeros(B, dtype=torch.int32, device=device)
-    elif tickets.dtype != torch.int32 or tickets.numel() < B or tickets.device != device:
-        raise ValueError(f"argmax_rows: tickets must be int32 zeros, at least {B}, on {device}; "
-                         f"got {tickets.dtype} [{tickets.numel()}] on {tickets.device}")
+        tickets = torch.zeros(counters, dtype=torch.int32, device=device)
+    elif tickets.dtype != torch.int32 or tickets.numel() < counters or tickets.device != device:
+        raise ValueError(f"argmax_rows: tickets must be int32 zeros, at least {counters}, on "
+                         f"{device}; got {tickets.dtype} [{tickets.numel()}] on "
+                         f"{tickets.device}")
+    if ring is not None and (ring.rows < B or ring.device != device):
+        raise ValueError(f"argmax_rows: the token ring must hold {B} rows on {device}; it "
+                         f"holds {ring.rows} on {ring.device}")
     if out is None:
         out_B = torch.empty(B, dtype=torch.int64, device=device)
     elif out.shape != (B,) or out.dtype != torch.int64 or out.device != device or (
@@ -107,7 +126,10 @@ def argmax_rows_triton(logits_BV: torch.Tensor, tickets: torch.Tensor | None = N
     P = cdiv(V, block)
     vals_BP = torch.empty(B, P, dtype=torch.float32, device=device)
     idxs_BP = torch.empty(B, P, dtype=torch.int32, device=device)
-    _argmax_kernel[(B, P)](x_BV, x_BV.stride(0), V, vals_BP, idxs_BP, out_B, tickets, P,
-                           BLOCK=block, BLOCK_P=next_power_of_2(P), num_warps=4,
+    words, seq = (out_B, out_B) if ring is None else (ring.words_RN, ring.seq_1)
+    _argmax_kernel[(B, P)](x_BV, x_BV.stride(0), V, vals_BP, idxs_BP, out_B, tickets, P, B,
+                           words, seq, words.shape[-1], BLOCK=block,
+                           BLOCK_P=next_power_of_2(P), PUBLISH=ring is not None,
+                           RING_SLOTS=SLOTS, TAG_MOD=TAG_MOD, num_warps=4,
                            **pdl_launch(x_BV))
     return out_B
