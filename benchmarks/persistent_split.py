@@ -7,7 +7,8 @@ Why: at ~256 rows per expert (Qwen3-30B-A3B, 4096 tokens) the down kernel's 128-
 run 2.5 tiles of work per expert for 2 of rows, since half the experts hold a few rows past
 their second tile (random routing: 256 +- 16); the up kernel's 64-row tiles 4.5 for 4. A
 config with REST (moeflow.ops.persistent_mlp_triton._parts) runs those last, mostly empty
-tiles in a second launch on shorter tiles.
+tiles in a second launch on shorter tiles; "overlapped" (OVERLAP) lets that launch's programs
+onto the SMs the first one's leave at its tail.
 
 Per cell (shape:tokens), under random top-k routing (benchmarks/prefill_experts.problem) and
 under balanced routing (every expert exactly tokens * k / E rows, so no tile is partial where
@@ -31,8 +32,9 @@ from prefill_experts import Shape, problem
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # D, F, E, top-k
 
 
-def _blocks(m, n, rest=None):
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, **({"REST": rest} if rest else {})}
+def _blocks(m, n, rest=None, overlap=False):
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, **({"REST": rest} if rest else {}),
+            **({"OVERLAP": True} if overlap else {})}
 
 
 def _launch(warps, stages):
@@ -44,6 +46,8 @@ def _launch(warps, stages):
 UP = [("product 64x256", _blocks(64, 256), _launch(8, 3), True),
       ("64x256 + rest 32x256", _blocks(64, 256, (_blocks(32, 256), _launch(4, 3))),
        _launch(8, 3), True),
+      ("64x256 + rest 32x256, overlapped", _blocks(64, 256, (_blocks(32, 256), _launch(4, 3)),
+                                                   True), _launch(8, 3), True),
       ("128x128", _blocks(128, 128), _launch(8, 4), True),
       ("128x128 + rest 64x256", _blocks(128, 128, (_blocks(64, 256), _launch(8, 3))),
        _launch(8, 4), True),
@@ -54,6 +58,10 @@ DOWN = [("product 128x256", _blocks(128, 256), _launch(8, 4), True),
          _launch(8, 4), True),
         ("128x256 + rest 32x256", _blocks(128, 256, (_blocks(32, 256), _launch(4, 4))),
          _launch(8, 4), True),
+        ("128x256 + rest 32x256, overlapped",
+         _blocks(128, 256, (_blocks(32, 256), _launch(4, 4)), True), _launch(8, 4), True),
+        ("128x256 + rest 64x256, overlapped",
+         _blocks(128, 256, (_blocks(64, 256), _launch(8, 4)), True), _launch(8, 4), True),
         ("128x256 + rest 16x256", _blocks(128, 256, (_blocks(16, 256), _launch(4, 4))),
          _launch(8, 4), True)]
 

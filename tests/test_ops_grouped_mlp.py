@@ -373,7 +373,8 @@ def test_persistent_tma_stores_equal_pointer_stores(split, activation):
 def test_persistent_split_launches_cover_each_row_once(activation):
     """A config with REST: each expert's last row tile split off (the main launch leaves out a
     last tile of at most the rest's rows; the rest launch runs only those rows, on smaller
-    tiles): h and y equal one launch's on every kept row, rows past ends_E[-1] stay unwritten.
+    tiles; on a GPU with PDL also overlapped, the rest launch let in at the main launch's
+    start): h and y equal one launch's on every kept row, rows past ends_E[-1] stay unwritten.
     Experts whose remainder goes to the rest launch (one row past a main tile, exactly REST_M
     past it, one smaller than a main tile), stays in the main one (more than REST_M past),
     whole tiles, idle ones."""
@@ -392,7 +393,8 @@ def test_persistent_split_launches_cover_each_row_once(activation):
     base = {"BLOCK_M": main_m, "BLOCK_N": 128, "BLOCK_K": 64} if ON_GPU else dict(
         pm._INTERPRETER_BLOCKS, BLOCK_M=main_m)
     launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
-    configs = {"one": base, "split": dict(base, REST=(dict(base, BLOCK_M=rest_m), launch))}
+    split = dict(base, REST=(dict(base, BLOCK_M=rest_m), launch))
+    configs = {"one": base, "split": split, "overlapped": dict(split, OVERLAP=True)}
     outs = {}
     for name, blocks in configs.items():
         h = torch.full((n + 5, F), 7.0, device=DEVICE, dtype=dtype)
@@ -401,13 +403,14 @@ def test_persistent_split_launches_cover_each_row_once(activation):
                      launch)
         pm.launch_down(h, ends, w_out, b_out, y, programs, ws, blocks, launch)
         outs[name] = (h, y)
-    (h0, y0), (h1, y1) = outs["one"], outs["split"]
-    assert (h1[n:] == 7).all() and (y1[n:] == 7).all()
+    h0, y0 = outs["one"]
     tol = 1e-3 if ON_GPU else 1e-6  # the GPU: another MMA shape for the rest tiles
-    assert _rel_err(h1[:n], h0[:n]) < tol and _rel_err(y1[:n], y0[:n]) < tol
-    for e in range(E):  # no row of any expert left to the sentinel
-        lo = int(ends[e - 1]) if e else 0
-        assert not (y1[lo:int(ends[e])] == 7).all(dim=1).any(), e
+    for h1, y1 in (outs["split"], outs["overlapped"]):
+        assert (h1[n:] == 7).all() and (y1[n:] == 7).all()
+        assert _rel_err(h1[:n], h0[:n]) < tol and _rel_err(y1[:n], y0[:n]) < tol
+        for e in range(E):  # no row of any expert left to the sentinel
+            lo = int(ends[e - 1]) if e else 0
+            assert not (y1[lo:int(ends[e])] == 7).all(dim=1).any(), e
 
 
 @pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m,stores", [

@@ -50,6 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
 from moeflow.ops.grouped_mlp_triton import activated, store_activated
+from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
 from moeflow.ops.tiled_mlp_triton import list_tile
 
 
@@ -145,7 +146,8 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
                STORE_SPLIT: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-               REST_M: tl.constexpr = 0):
+               REST_M: tl.constexpr = 0, OVERLAP: tl.constexpr = 0):
+    launch_next(OVERLAP == 1)
     n_cols = tl.cdiv(F, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M,
                                                      MAIN_M, REST_M)
@@ -176,6 +178,7 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
         else:
             store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
                             SWIGLU, HAS_BIAS)
+    wait_for_previous(OVERLAP == 2)
 
 
 @triton.jit
@@ -183,7 +186,8 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-                 REST_M: tl.constexpr = 0):
+                 REST_M: tl.constexpr = 0, OVERLAP: tl.constexpr = 0):
+    launch_next(OVERLAP == 1)
     n_cols = tl.cdiv(D, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M,
                                                      MAIN_M, REST_M)
@@ -206,6 +210,7 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
         else:
             tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :], y,
                      mask=(rows < hi)[:, None] & nmask[None, :])
+    wait_for_previous(OVERLAP == 2)
 
 
 @triton.jit
@@ -257,13 +262,13 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
 def launch_up(x: torch.Tensor, rows_N: torch.Tensor | None, ends_E: torch.Tensor,
               w_in_EDI: torch.Tensor, b_in_EI: torch.Tensor | None, h_NF: torch.Tensor,
               swiglu: bool, programs: int, ws: bool, blocks: dict, launch: dict) -> None:
-    """The up kernel into h_NF under one config (blocks: BLOCK_M/N/K, STORE_SPLIT, REST;
+    """The up kernel into h_NF under one config (blocks: BLOCK_M/N/K, STORE_SPLIT, REST, OVERLAP;
     launch: warps, stages): x holds the tokens when rows_N is given (gathered), else the
     expert-sorted rows. The tile-config benchmarks call it directly
     (benchmarks/persistent_configs.py)."""
     E, D, I = w_in_EDI.shape
     w_in = w_in_EDI.contiguous().view(E * D, I)
-    for part, part_launch in _parts(blocks, launch):
+    for part, part_launch in _parts(blocks, launch, h_NF):
         w_desc = TensorDescriptor.from_tensor(w_in, [part["BLOCK_K"], part["BLOCK_N"]])
         _up_kernel[(programs,)](x, rows_N if rows_N is not None else ends_E, ends_E, w_desc,
                                 b_in_EI if b_in_EI is not None else w_in, h_NF,
@@ -280,7 +285,7 @@ def launch_down(h_NF: torch.Tensor, ends_E: torch.Tensor, w_out_EFD: torch.Tenso
     """The down kernel from h_NF into y_ND under one config (as launch_up)."""
     E, F, D = w_out_EFD.shape
     w_out = w_out_EFD.contiguous().view(E * F, D)
-    for part, part_launch in _parts(blocks, launch):
+    for part, part_launch in _parts(blocks, launch, y_ND):
         h_desc = TensorDescriptor.from_tensor(h_NF, [part["BLOCK_M"], part["BLOCK_K"]])
         w_desc = TensorDescriptor.from_tensor(w_out, [part["BLOCK_K"], part["BLOCK_N"]])
         _down_kernel[(programs,)](h_desc, ends_E, w_desc,
@@ -297,18 +302,25 @@ def _specialised(ws: bool, blocks: dict) -> bool:
     return ws and blocks["BLOCK_M"] >= 64
 
 
-def _parts(blocks: dict, launch: dict) -> list[tuple[dict, dict]]:
-    """A config's launches: itself, or with blocks["REST"] = (rest blocks, rest launch) two,
-    each expert's last row tile split off when it holds at most the rest's BLOCK_M rows: the
-    main launch leaves it out (REST_M), the rest launch runs it on its smaller tile (MAIN_M)."""
+def _parts(blocks: dict, launch: dict, t: torch.Tensor) -> list[tuple[dict, dict]]:
+    """A config's launches on t's device: itself, or with blocks["REST"] = (rest blocks, rest
+    launch) two, each expert's last row tile split off when it holds at most the rest's
+    BLOCK_M rows: the main launch leaves it out (REST_M), the rest launch runs it on its
+    smaller tile (MAIN_M). With blocks["OVERLAP"] (PDL GPUs) the rest launch's programs start
+    on the SMs the main launch's programs leave at its tail: the main launch lets it in at
+    once (it reads nothing the main launch writes and writes other rows), and it waits for
+    the main launch at its end, so the kernels after it see both launches' rows."""
     if "REST" not in blocks:
         return [(blocks, launch)]
-    (rest, rest_launch), main = blocks["REST"], {k: v for k, v in blocks.items() if k != "REST"}
+    main = {k: v for k, v in blocks.items() if k not in ("REST", "OVERLAP")}
+    rest, rest_launch = blocks["REST"]
     if rest["BLOCK_M"] >= main["BLOCK_M"]:
         raise ValueError(f"the rest tiles ({rest['BLOCK_M']} rows) must be shorter than the "
                          f"main tiles ({main['BLOCK_M']})")
-    return [(dict(main, REST_M=rest["BLOCK_M"]), launch),
-            (dict(rest, MAIN_M=main["BLOCK_M"]), rest_launch)]
+    overlap = blocks.get("OVERLAP", False) and pdl_launch(t)["PDL"]
+    return [(dict(main, REST_M=rest["BLOCK_M"], OVERLAP=int(overlap)), launch),
+            (dict(rest, MAIN_M=main["BLOCK_M"], OVERLAP=2 * int(overlap)),
+             dict(rest_launch, launch_pdl=True) if overlap else rest_launch)]
 
 
 def _store_desc(out: torch.Tensor, blocks: dict, unused: TensorDescriptor) -> TensorDescriptor:
