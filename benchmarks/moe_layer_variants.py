@@ -13,10 +13,7 @@ persistent above 64 rows), `product` (moeflow's: GELU's up on 128 x 256, 128 x 1
 rows per expert), `product-above128` (the same tiles, persistent above 128 rows), and
 (session 42) `wide-from-256` / `wide4-from-256`: SwiGLU's up on the long path's 128 x 128
 tiles stored whole through TMA from 256 rows per expert, on its 3 stages / on 4 (at any row
-count from 256); (session 47) `split-*`: the short-row SwiGLU tiles with each expert's last
-row tile split off onto shorter tiles (benchmarks/persistent_split.py): the down kernel's onto
-32 or 16 rows, both kernels' onto 32, or the up kernel on 128 x 128 with its rest on 64 x 256
-and the down kernel's on 32; `-overlap`: the rest launches start at the main launches' tails.
+count from 256).
 Results: benchmarks/results/moe_layer/README.md (H200, session 26; H100, session 42).
 """
 import argparse
@@ -53,39 +50,9 @@ def _wide_from_256(stages):
     return configs
 
 
-def _split(up_rest, down_rest, wide_up=False, overlap=False):
-    """The product's short-row SwiGLU tiles (65 to LONG_EXPERT_ROWS rows per expert, sm_90)
-    with each expert's last row tile split off (persistent_mlp_triton._parts) onto
-    `up_rest` / `down_rest` tiles (None: not split); wide_up: the up kernel on 128 x 128;
-    overlap: the rest launches start at the main launches' tails."""
-    def configs(ws, F, rows, swiglu):
-        up, up_launch, down, down_launch = _PRODUCT(ws, F, rows, swiglu)
-        if ws and swiglu and rows <= pm.LONG_EXPERT_ROWS:
-            if wide_up:
-                up, up_launch = dict(pm._WIDE), L4
-            if up_rest:
-                up = dict(up, REST=up_rest, OVERLAP=overlap)
-            if down_rest and down["BLOCK_M"] > down_rest[0]["BLOCK_M"]:
-                down = dict(down, REST=down_rest, OVERLAP=overlap)
-        return up, up_launch, down, down_launch
-    return configs
-
-
-def _rest(m, n, warps, stages):
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, {"num_warps": warps, "num_stages": stages}
-
-
 VARIANTS = {"session25": (128, _session25), "up64-all": (64, _up64_all),
             "product": (64, _PRODUCT), "product-above128": (128, _PRODUCT),
-            "wide-from-256": (64, _wide_from_256(3)), "wide4-from-256": (64, _wide_from_256(4)),
-            "split-down32": (64, _split(None, _rest(32, 256, 4, 4))),
-            "split-down16": (64, _split(None, _rest(16, 256, 4, 4))),
-            "split-both32": (64, _split(_rest(32, 256, 4, 3), _rest(32, 256, 4, 4))),
-            "split-both32-overlap": (64, _split(_rest(32, 256, 4, 3), _rest(32, 256, 4, 4),
-                                                overlap=True)),
-            "split-down32-overlap": (64, _split(None, _rest(32, 256, 4, 4), overlap=True)),
-            "split-wide64-down32": (64, _split(_rest(64, 256, 8, 3), _rest(32, 256, 4, 4),
-                                               wide_up=True))}
+            "wide-from-256": (64, _wide_from_256(3)), "wide4-from-256": (64, _wide_from_256(4))}
 CELLS = [("ds-1.3b+moe128", 16384), ("qwen3-30b-a3b", 2048), ("qwen3-30b-a3b", 4096),
          ("qwen3-30b-a3b", 16384), ("mixtral-8x7b", 1024), ("mixtral-8x7b", 2048)]
 

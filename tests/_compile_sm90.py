@@ -168,8 +168,7 @@ def persistent_experts():
                       "b_ptr": "*bf16", "h_ptr": "*bf16", "h_desc": _store_desc(up),
                       **_args("D F E", "i32")},
                      {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": True, "BLOCK_E": 128,
-                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, "MAIN_M": 0, "REST_M": 0,
-                      "OVERLAP": 0, **up, "WS": True}, **up_launch)
+                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, **up, "WS": True}, **up_launch)
         compile_sm90(m._down_kernel,
                      {"h_desc": f"tensordesc<bf16[{down['BLOCK_M']}, {down['BLOCK_K']}]>",
                       "ends_ptr": "*i64",
@@ -177,8 +176,7 @@ def persistent_experts():
                       "b_ptr": "*bf16", "y_ptr": "*bf16", "y_desc": _store_desc(down),
                       **_args("D F E", "i32")},
                      {"HAS_BIAS": not swiglu, "BLOCK_E": 128, "NUM_PROGRAMS": 132,
-                      "STORE_SPLIT": 0, "MAIN_M": 0, "REST_M": 0, "OVERLAP": 0, **down,
-                      "WS": True}, **down_launch)
+                      "STORE_SPLIT": 0, **down, "WS": True}, **down_launch)
 
 
 def qk_norm_rope():

@@ -369,50 +369,6 @@ def test_persistent_tma_stores_equal_pointer_stores(split, activation):
     assert _rel_err(y1[:n], ref) < _tol(dtype)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_persistent_split_launches_cover_each_row_once(activation):
-    """A config with REST: each expert's last row tile split off (the main launch leaves out a
-    last tile of at most the rest's rows; the rest launch runs only those rows, on smaller
-    tiles; on a GPU with PDL also overlapped, the rest launch let in at the main launch's
-    start): h and y equal one launch's on every kept row, rows past ends_E[-1] stay unwritten.
-    Experts whose remainder goes to the rest launch (one row past a main tile, exactly REST_M
-    past it, one smaller than a main tile), stays in the main one (more than REST_M past),
-    whole tiles, idle ones."""
-    from moeflow.ops import persistent_mlp_triton as pm
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    D, F = (1032, 776) if ON_GPU else (72, 40)
-    main_m, rest_m = (128, 64) if ON_GPU else (32, 16)
-    counts = [2 * main_m, 0, main_m + 1, main_m + rest_m + 2, main_m + rest_m, main_m, rest_m,
-              rest_m + 1, 2 * main_m + 1, 0, 1]
-    E = len(counts)
-    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
-    ends = torch.tensor(counts, device=DEVICE).cumsum(0)
-    n = int(ends[-1])
-    x = torch.randn(n + 5, D, device=DEVICE).to(dtype)
-    programs, ws = (pm._device_launch(x.device.index or 0) if ON_GPU else (3, False))
-    base = {"BLOCK_M": main_m, "BLOCK_N": 128, "BLOCK_K": 64} if ON_GPU else dict(
-        pm._INTERPRETER_BLOCKS, BLOCK_M=main_m)
-    launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
-    split = dict(base, REST=(dict(base, BLOCK_M=rest_m), launch))
-    configs = {"one": base, "split": split, "overlapped": dict(split, OVERLAP=True)}
-    outs = {}
-    for name, blocks in configs.items():
-        h = torch.full((n + 5, F), 7.0, device=DEVICE, dtype=dtype)
-        y = torch.full((n + 5, D), 7.0, device=DEVICE, dtype=dtype)
-        pm.launch_up(x, None, ends, w_in, b_in, h, activation == "swiglu", programs, ws, blocks,
-                     launch)
-        pm.launch_down(h, ends, w_out, b_out, y, programs, ws, blocks, launch)
-        outs[name] = (h, y)
-    h0, y0 = outs["one"]
-    tol = 1e-3 if ON_GPU else 1e-6  # the GPU: another MMA shape for the rest tiles
-    for h1, y1 in (outs["split"], outs["overlapped"]):
-        assert (h1[n:] == 7).all() and (y1[n:] == 7).all()
-        assert _rel_err(h1[:n], h0[:n]) < tol and _rel_err(y1[:n], y0[:n]) < tol
-        for e in range(E):  # no row of any expert left to the sentinel
-            lo = int(ends[e - 1]) if e else 0
-            assert not (y1[lo:int(ends[e])] == 7).all(dim=1).any(), e
-
-
 @pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m,stores", [
     (True, 768, 128, True, (64, 256), 128, 0), (True, 14336, 256, True, (64, 256), 64, 0),
     (True, 8192, 128, False, (128, 256), 64, 0), (True, 768, 512, True, (64, 256), 128, 0),

@@ -50,8 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflow.ops.grid import next_power_of_2
 from moeflow.ops.grouped_mlp_triton import activated, store_activated
-from moeflow.ops.pdl import launch_next, pdl_launch, wait_for_previous
-from moeflow.ops.tiled_mlp_triton import list_tile
+from moeflow.ops.tiled_mlp_triton import list_tile, tile_list
 
 
 @functools.cache
@@ -114,43 +113,13 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
 @triton.jit
-def _tile_list(ends_ptr, E, n_cols, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-               MAIN_M: tl.constexpr, REST_M: tl.constexpr):
-    """tiled_mlp_triton.tile_list's (expert, column tile, row tile) list, optionally one of two
-    launches that split each expert's rows. REST_M > 0 (the main launch): the expert's last
-    row tile is left out when it holds at most REST_M rows. MAIN_M > 0 (the rest launch, on
-    BLOCK_M = the main launch's REST_M): only the rows after the main launch's MAIN_M-row
-    tiles, one tile or none. So an expert of 260 rows runs two 128-row tiles and one of 64
-    (REST_M 64) where one launch ran three of 128."""
-    ee = tl.arange(0, BLOCK_E)
-    emask = ee < E
-    hi_e = tl.load(ends_ptr + ee, mask=emask, other=0).to(tl.int32)
-    lo_e = tl.load(ends_ptr + ee - 1, mask=emask & (ee > 0), other=0).to(tl.int32)
-    if MAIN_M > 0:
-        rows = hi_e - lo_e
-        main = rows // MAIN_M + ((rows % MAIN_M) > BLOCK_M).to(tl.int32)
-        lo_e = tl.minimum(lo_e + main * MAIN_M, hi_e)
-    rows = hi_e - lo_e
-    if REST_M > 0:
-        tiles_e = rows // BLOCK_M + ((rows % BLOCK_M) > REST_M).to(tl.int32)
-    else:
-        tiles_e = (rows + BLOCK_M - 1) // BLOCK_M
-    tiles_e = tl.where(emask, tiles_e, 0)
-    cum = tl.cumsum(tiles_e * n_cols, axis=0)
-    return ee, lo_e, hi_e, tiles_e, cum, tl.sum(tiles_e, axis=0) * n_cols
-
-
-@triton.jit
 def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E,
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
-               STORE_SPLIT: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-               REST_M: tl.constexpr = 0, OVERLAP: tl.constexpr = 0):
-    launch_next(OVERLAP == 1)
+               STORE_SPLIT: tl.constexpr = 0):
     n_cols = tl.cdiv(F, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M,
-                                                     MAIN_M, REST_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
         e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
@@ -178,19 +147,15 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
         else:
             store_activated(acc_g, acc_u, b_ptr + e * I, h_ptr, rows, rmask, n, n < F, F,
                             SWIGLU, HAS_BIAS)
-    wait_for_previous(OVERLAP == 2)
 
 
 @triton.jit
 def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0, MAIN_M: tl.constexpr = 0,
-                 REST_M: tl.constexpr = 0, OVERLAP: tl.constexpr = 0):
-    launch_next(OVERLAP == 1)
+                 WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0):
     n_cols = tl.cdiv(D, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = _tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M,
-                                                     MAIN_M, REST_M)
+    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
         e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
@@ -210,7 +175,6 @@ def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
         else:
             tl.store(y_ptr + rows[:, None].to(tl.int64) * D + n[None, :], y,
                      mask=(rows < hi)[:, None] & nmask[None, :])
-    wait_for_previous(OVERLAP == 2)
 
 
 @triton.jit
@@ -262,21 +226,18 @@ def expert_mlp_persistent(x_ND: torch.Tensor, ends_E: torch.Tensor, w_in_EDI: to
 def launch_up(x: torch.Tensor, rows_N: torch.Tensor | None, ends_E: torch.Tensor,
               w_in_EDI: torch.Tensor, b_in_EI: torch.Tensor | None, h_NF: torch.Tensor,
               swiglu: bool, programs: int, ws: bool, blocks: dict, launch: dict) -> None:
-    """The up kernel into h_NF under one config (blocks: BLOCK_M/N/K, STORE_SPLIT, REST, OVERLAP;
-    launch: warps, stages): x holds the tokens when rows_N is given (gathered), else the
-    expert-sorted rows. The tile-config benchmarks call it directly
-    (benchmarks/persistent_configs.py)."""
+    """The up kernel into h_NF under one config (blocks: BLOCK_M/N/K; launch: warps, stages):
+    x holds the tokens when rows_N is given (gathered), else the expert-sorted rows. The
+    tile-config benchmarks call it directly (benchmarks/persistent_configs.py)."""
     E, D, I = w_in_EDI.shape
     w_in = w_in_EDI.contiguous().view(E * D, I)
-    for part, part_launch in _parts(blocks, launch, h_NF):
-        w_desc = TensorDescriptor.from_tensor(w_in, [part["BLOCK_K"], part["BLOCK_N"]])
-        _up_kernel[(programs,)](x, rows_N if rows_N is not None else ends_E, ends_E, w_desc,
-                                b_in_EI if b_in_EI is not None else w_in, h_NF,
-                                _store_desc(h_NF, part, w_desc), D, h_NF.shape[1],
-                                E, SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None,
-                                GATHER=rows_N is not None, BLOCK_E=next_power_of_2(E),
-                                NUM_PROGRAMS=programs, WS=_specialised(ws, part), **part,
-                                **part_launch)
+    w_desc = TensorDescriptor.from_tensor(w_in, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    _up_kernel[(programs,)](x, rows_N if rows_N is not None else ends_E, ends_E, w_desc,
+                            b_in_EI if b_in_EI is not None else w_in, h_NF,
+                            _store_desc(h_NF, blocks, w_desc), D, h_NF.shape[1],
+                            E, SWIGLU=swiglu, HAS_BIAS=b_in_EI is not None,
+                            GATHER=rows_N is not None, BLOCK_E=next_power_of_2(E),
+                            NUM_PROGRAMS=programs, WS=ws, **blocks, **launch)
 
 
 def launch_down(h_NF: torch.Tensor, ends_E: torch.Tensor, w_out_EFD: torch.Tensor,
@@ -285,42 +246,13 @@ def launch_down(h_NF: torch.Tensor, ends_E: torch.Tensor, w_out_EFD: torch.Tenso
     """The down kernel from h_NF into y_ND under one config (as launch_up)."""
     E, F, D = w_out_EFD.shape
     w_out = w_out_EFD.contiguous().view(E * F, D)
-    for part, part_launch in _parts(blocks, launch, y_ND):
-        h_desc = TensorDescriptor.from_tensor(h_NF, [part["BLOCK_M"], part["BLOCK_K"]])
-        w_desc = TensorDescriptor.from_tensor(w_out, [part["BLOCK_K"], part["BLOCK_N"]])
-        _down_kernel[(programs,)](h_desc, ends_E, w_desc,
-                                  b_out_ED if b_out_ED is not None else w_out, y_ND,
-                                  _store_desc(y_ND, part, w_desc), D, F, E,
-                                  HAS_BIAS=b_out_ED is not None, BLOCK_E=next_power_of_2(E),
-                                  NUM_PROGRAMS=programs, WS=_specialised(ws, part),
-                                  **part, **part_launch)
-
-
-def _specialised(ws: bool, blocks: dict) -> bool:
-    """Warp-specialised where the GPU runs it (ws) on tiles of at least 64 rows: shorter ones
-    take mma.sync, not wgmma, and Triton 3.6's specialisation pass fails on them."""
-    return ws and blocks["BLOCK_M"] >= 64
-
-
-def _parts(blocks: dict, launch: dict, t: torch.Tensor) -> list[tuple[dict, dict]]:
-    """A config's launches on t's device: itself, or with blocks["REST"] = (rest blocks, rest
-    launch) two, each expert's last row tile split off when it holds at most the rest's
-    BLOCK_M rows: the main launch leaves it out (REST_M), the rest launch runs it on its
-    smaller tile (MAIN_M). With blocks["OVERLAP"] (PDL GPUs) the rest launch's programs start
-    on the SMs the main launch's programs leave at its tail: the main launch lets it in at
-    once (it reads nothing the main launch writes and writes other rows), and it waits for
-    the main launch at its end, so the kernels after it see both launches' rows."""
-    if "REST" not in blocks:
-        return [(blocks, launch)]
-    main = {k: v for k, v in blocks.items() if k not in ("REST", "OVERLAP")}
-    rest, rest_launch = blocks["REST"]
-    if rest["BLOCK_M"] >= main["BLOCK_M"]:
-        raise ValueError(f"the rest tiles ({rest['BLOCK_M']} rows) must be shorter than the "
-                         f"main tiles ({main['BLOCK_M']})")
-    overlap = blocks.get("OVERLAP", False) and pdl_launch(t)["PDL"]
-    return [(dict(main, REST_M=rest["BLOCK_M"], OVERLAP=int(overlap)), launch),
-            (dict(rest, MAIN_M=main["BLOCK_M"], OVERLAP=2 * int(overlap)),
-             dict(rest_launch, launch_pdl=True) if overlap else rest_launch)]
+    h_desc = TensorDescriptor.from_tensor(h_NF, [blocks["BLOCK_M"], blocks["BLOCK_K"]])
+    w_desc = TensorDescriptor.from_tensor(w_out, [blocks["BLOCK_K"], blocks["BLOCK_N"]])
+    _down_kernel[(programs,)](h_desc, ends_E, w_desc, b_out_ED if b_out_ED is not None else w_out,
+                              y_ND, _store_desc(y_ND, blocks, w_desc), D, F, E,
+                              HAS_BIAS=b_out_ED is not None,
+                              BLOCK_E=next_power_of_2(E), NUM_PROGRAMS=programs, WS=ws,
+                              **blocks, **launch)
 
 
 def _store_desc(out: torch.Tensor, blocks: dict, unused: TensorDescriptor) -> TensorDescriptor:
