@@ -1,8 +1,9 @@
-"""The persistent expert kernels against the GEMM libraries on the same rows, under random
-routing and under perfectly balanced routing: how much the padded last row tile of each expert
-costs, and how fast a GEMM of this size can run.
+"""Expert GEMM ceilings: the persistent expert kernels against the GEMM libraries.
 
-    PYTHONPATH=. python benchmarks/expert_gemm_ceiling.py OUT.json qwen3:4096 qwen3:2048 ...
+On the same rows, under random routing and under perfectly balanced routing: how much the
+padded last row tile of each expert costs, and how fast a GEMM of this size can run.
+
+    PYTHONPATH=. python benchmarks/expert_gemm_ceiling.py OUT.json [qwen3:4096 qwen3:2048 ...]
 
 Why: issue 14's forward at 4096 tokens of the Qwen3-30B-A3B shape (~256 rows per expert) is
 1.7-1.8x its floor, and the two expert kernels are ~90% of it. Under random routing (here
@@ -19,16 +20,14 @@ routing torch.bmm (cuBLAS) on [E, rows, D] batches. Libraries neither gather nor
 activation. Each timed as five calls back to back (median of 20 CUDA-event timings), with its
 useful TFLOP/s (the rows' FLOPs) and the kernels' relative difference from the product's h / y.
 """
+import argparse
 import json
-import sys
 
 import torch
 
-from machine import cuda_event_ms
 from moeflow.ops import persistent_mlp_triton as pm
+from persistent_configs import SHAPES, timed_back_to_back
 from prefill_experts import Shape, problem
-
-SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # D, F, E, top-k
 
 
 def balanced(sh: Shape, device):
@@ -39,10 +38,6 @@ def balanced(sh: Shape, device):
     order = ids_TK.reshape(-1).argsort(stable=True)
     ends = torch.bincount(ids_TK.reshape(-1), minlength=sh.E).cumsum(0)
     return x, (order // sh.top_k).to(device), ends.to(device), weights
-
-
-def _timed(fn) -> float:
-    return cuda_event_ms(lambda: [fn() for _ in range(5)], 20, warmup=2) / 5
 
 
 def _rel(a, b) -> float:
@@ -84,7 +79,7 @@ def measure(cell: str, routing: str, sms: int) -> dict:
     rec["kernels"] = {}
     for label, (run, ref, flops) in runs.items():
         out = run(torch.empty_like(ref))
-        ms = _timed(lambda run=run, out=out: run(out))
+        ms = timed_back_to_back(lambda run=run, out=out: run(out))
         rec["kernels"][label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_diff": _rel(out, ref)}
         print(cell, routing, label, rec["kernels"][label], flush=True)
     offs = ends.to(torch.int32)
@@ -95,7 +90,7 @@ def measure(cell: str, routing: str, sms: int) -> dict:
         libs["torch.bmm"] = (lambda: torch.bmm(xb, w_in), lambda: torch.bmm(hb, w_out))
     rec["libraries"] = {}
     for lib, (lib_up, lib_down) in libs.items():
-        up_ms, down_ms = _timed(lib_up), _timed(lib_down)
+        up_ms, down_ms = timed_back_to_back(lib_up), timed_back_to_back(lib_down)
         rec["libraries"][lib] = {"up_ms": up_ms, "down_ms": down_ms,
                                  "up_tflops": 2 * N * D * 2 * F / up_ms / 1e9,
                                  "down_tflops": 2 * N * F * D / down_ms / 1e9}
@@ -122,17 +117,19 @@ def markdown(results: list[dict], gpu: str) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) < 3 or not torch.cuda.is_available():
-        raise SystemExit("usage (on a Hopper GPU): expert_gemm_ceiling.py OUT.json "
-                         "qwen3:TOKENS|mixtral:TOKENS ...")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="JSON path (the markdown table beside it)")
+    ap.add_argument("cells", nargs="*", default=["qwen3:4096", "qwen3:2048", "qwen3:16384"],
+                    help=f"shape:tokens, shape one of {sorted(SHAPES)}")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("expert_gemm_ceiling.py needs a Hopper GPU")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    results = []
-    for cell in sys.argv[2:]:
-        for routing in ("random", "balanced"):
-            results.append(measure(cell, routing, sms))
-            with open(sys.argv[1], "w") as f:
-                json.dump(results, f, indent=1)
-    with open(sys.argv[1].removesuffix(".json") + ".md", "w") as f:
+    results = [measure(cell, routing, sms) for cell in args.cells
+               for routing in ("random", "balanced")]
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    with open(args.out.removesuffix(".json") + ".md", "w") as f:
         f.write(markdown(results, torch.cuda.get_device_name()))
 
 

@@ -44,7 +44,8 @@ DOWN = [_config(128, 256, 64, 8, 4, True), _config(128, 256, 64, 8, 4, True, sto
         _config(64, 256, 64, 8, 5, True), _config(64, 128, 64, 8, 5, True)]
 
 
-def _timed(fn):
+def timed_back_to_back(fn):
+    """ms per call of fn, five calls back to back between the events (median of 20)."""
     return cuda_event_ms(lambda: [fn() for _ in range(5)], 20, warmup=2) / 5
 
 
@@ -53,7 +54,7 @@ def _sweep(configs, run, nbytes, check):
     for cfg in configs:
         try:
             out = run(cfg)
-            rows.append({"config": repr(cfg), "ms": _timed(lambda: run(cfg)),
+            rows.append({"config": repr(cfg), "ms": timed_back_to_back(lambda: run(cfg)),
                          "check": check(out)})
             rows[-1]["TBps"] = nbytes / rows[-1]["ms"] / 1e9
         except Exception as exc:  # noqa: BLE001  (a config that does not build is a result)
@@ -72,8 +73,8 @@ def measure(cell: str, sms: int) -> dict:
     rec = {"cell": cell, "rows_per_expert": N / E}
     for path in ("tiled", "persistent", "grouped_mm_fused"):
         fn = EXPERT_BACKENDS[path]
-        rec[path] = _timed(lambda fn=fn: fn(x, ends, w_in, None, w_out, None, "swiglu", False,
-                                            rows_N=rows_N))
+        rec[path] = timed_back_to_back(lambda fn=fn: fn(x, ends, w_in, None, w_out, None,
+                                                        "swiglu", False, rows_N=rows_N))
 
     def run_up(cfg, h=None):
         blocks, launch, ws, per_sm = cfg
