@@ -6,7 +6,7 @@ padded last row tile of each expert costs, and how fast a GEMM of this size can 
     PYTHONPATH=. python benchmarks/expert_gemm_ceiling.py OUT.json [qwen3:4096 qwen3:2048 ...]
 
 Why: issue 14's forward at 4096 tokens of the Qwen3-30B-A3B shape (~256 rows per expert) is
-1.7-1.8x its floor, and the two expert kernels are ~90% of it. Under random routing (here
+1.84x its floor (H200, session 36), the two expert kernels ~90% of it. Under random routing (here
 benchmarks/prefill_experts.problem: 207-299 rows per expert at 4096 tokens) the kernels' row
 tiles pad each expert's last tile; under balanced routing (token t to experts (t*k + j) % E:
 every expert tokens * k / E rows, a whole number of tiles) nothing is padded, and cuBLAS can
