@@ -1,7 +1,7 @@
 """Prefill's experts, forward, at prefill sizes: the tiled Triton grouped GEMM (Backends.experts
 "tiled": rows gathered in the up kernel's loads, SwiGLU/GELU before its store), its persistent
-twin ("persistent": one program per SM over the tile list, weights through TMA, warp-specialised
-on Hopper where that wins) and the rows gathered by index, torch._grouped_mm, the one-pass
+twin ("persistent": one program per SM over the tile list, weights through TMA, Hopper only)
+and the rows gathered by index, torch._grouped_mm, the one-pass
 Triton activation, torch._grouped_mm ("grouped_mm_fused").
 
 Why: on the H200 the expert GEMMs take 19.3 of the 37 ms of a 2048-token prefill of the

@@ -314,7 +314,8 @@ def test_device_counters_are_made_once_per_device_and_count():
 
 def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):
     """The persistent kernels load through TMA: on a GPU older than Hopper they stop with one
-    line naming the GPU; on Hopper they run one program per SM, warp-specialised on sm_90."""
+    line naming the GPU; on Hopper they run one program per SM, with the sm_90 configs (ws)
+    on sm_90 only."""
     from types import SimpleNamespace
 
     from moeflow.ops import persistent_mlp_triton as pm

@@ -16,9 +16,12 @@ gate and up columns in two accumulators, or GELU) is applied before the store of
 the gathered rows nor the pre-activation touch memory. `_down_kernel` reads h through TMA too.
 Each program strides over the tile list by the number of programs (the SMs), in the tiled
 kernels' order — expert, then column tile, then row tile — so the tiles in flight at once
-cover a few experts and share their weight slabs and rows through L2. On Hopper the tile loop
-runs warp-specialised (`tl.range(warp_specialize=True)`: producer warps issue the loads,
-consumer warpgroups the MMAs, so a tile's epilogue overlaps the next tile's loads).
+cover a few experts and share their weight slabs and rows through L2. On sm_90 the tile loop
+asks for warp specialisation (`tl.range(warp_specialize=True)`), but Triton 3.6 compiles these
+loops to the same PTX with or without it (session 47, compiled for sm_90): each tile runs one
+software-pipelined loop over K, all warps issuing its loads (one thread) and its wgmma, and
+the next tile's first loads are issued after this tile's epilogue, so neither that load
+latency nor the epilogue overlaps the MMAs.
 
 Rows the tile list reads past an expert's end (the last row tile of each expert) belong to the
 next expert or lie past the last row: they are loaded, computed and never stored. Rows past
@@ -55,9 +58,9 @@ from moeflow.ops.tiled_mlp_triton import list_tile, tile_list
 
 @functools.cache
 def _device_launch(index: int) -> tuple[int, bool]:
-    """(programs, warp-specialised) on CUDA device `index`: one program per SM; Triton 3.6's
-    warp specialisation of these loops only where it is measured (sm_90). Raises on GPUs
-    without TMA."""
+    """(programs, ws) on CUDA device `index`: one program per SM; ws on sm_90, where the
+    configs below were measured (it also asks Triton for warp specialisation, which Triton 3.6
+    does not apply to these loops: see the module's docstring). Raises on GPUs without TMA."""
     props = torch.cuda.get_device_properties(index)
     if props.major < 9:
         raise ValueError("persistent experts load through TMA: they need a Hopper (sm_90) or "
@@ -67,7 +70,7 @@ def _device_launch(index: int) -> tuple[int, bool]:
 
 # One launch config per kernel and GPU kind; no autotuning: a config with a pre-hook (the
 # descriptors' block shapes) re-times in every process and cost ~0.1 ms of host per call
-# (session 25). Warp-specialised (sm_90), from the H200 sweeps of sessions 25-26
+# (session 25). On sm_90 (ws), from the H200 sweeps of sessions 25-26
 # (benchmarks/results/prefill_experts):
 # - the SwiGLU up kernel on 64-row tiles with 256 columns of each half (its rows are gathered
 #   by pointer loads, so a shorter row tile with wider columns loads fewer of them per weight
@@ -86,7 +89,7 @@ def _device_launch(index: int) -> tuple[int, bool]:
 #   0.801; the MoE layer's forward 2.486-2.529 -> 2.315-2.358 on one machine (2.315-2.541 over
 #   six runs on three). At 128-512 rows the same stores were within +-2% on Qwen3 and 4-10%
 #   slower on Mixtral's 256 rows.
-# Without warp specialisation (unmeasured GPUs): session 25's 128-row configs.
+# Elsewhere (unmeasured GPUs): session 25's 128-row configs.
 LONG_EXPERT_ROWS = 512
 DOWN_SHORT_K_MAX = 2048
 _WIDE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
@@ -94,8 +97,8 @@ _WIDE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
 
 def _configs(ws: bool, F: int, rows_per_expert: float, swiglu: bool
              ) -> tuple[dict, dict, dict, dict]:
-    """(up blocks, up launch, down blocks, down launch) on a GPU with or without warp
-    specialisation, for experts F wide averaging `rows_per_expert` rows."""
+    """(up blocks, up launch, down blocks, down launch) on sm_90 (ws) or another GPU, for
+    experts F wide averaging `rows_per_expert` rows."""
     if not ws:
         return (_WIDE, {"num_warps": 8, "num_stages": 4},
                 {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, {"num_warps": 8, "num_stages": 3})
