@@ -8,10 +8,12 @@ compiles a down-projection tile loop two ways and prints, per launch config, whe
 holds a `ttg.warp_specialize` op, the PTX's setmaxnreg (producer and consumer register
 budgets) and its threads per block:
 
-- `tile_list`: the product's tile lookup (per tile, reductions over the per-expert vectors
-  of tiled_mlp_triton.tile_list / list_tile inside the loop);
-- `tile_table`: the tile's (expert, first row, row end, first column) loaded from a table in
-  global memory, nothing with a region of its own inside the loop.
+- `tile_list`: the product's down kernel (moeflow.ops.persistent_mlp_triton._down_kernel: per
+  tile, reductions over the per-expert vectors of tiled_mlp_triton.tile_list / list_tile inside
+  the loop);
+- `tile_table`: the same tile's work, its (expert, first row, row end, first column) loaded
+  from a table in global memory, nothing with a region of its own inside the loop (not in the
+  product: a probe of its own below).
 
 Printed on 2026-12-06 (Triton 3.6): with 8 warps neither is specialised (Hopper's pass leaves
 8-warp loops alone); with 4 warps the `tile_list` loop fails Triton's pass (on stderr: "Other
@@ -26,18 +28,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from moeflow.ops.tiled_mlp_triton import list_tile, tile_list
-
-
-@triton.jit
-def _down_tile_list(h_desc, ends_ptr, w_desc, y_ptr, D, F, E, BLOCK_E: tl.constexpr,
-                    NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    n_cols = tl.cdiv(D, BLOCK_N)
-    ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
-    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=True):
-        e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
-        _tile(h_desc, w_desc, y_ptr, D, F, e, m0, hi, col * BLOCK_N, BLOCK_M, BLOCK_N, BLOCK_K)
+from moeflow.ops import persistent_mlp_triton as pm
 
 
 @triton.jit
@@ -77,16 +68,18 @@ def _compile(fn, signature: dict, constexprs: dict, warps: int, stages: int):
 
 
 def main() -> None:
-    for loop, fn in (("tile_list", _down_tile_list), ("tile_table", _down_tile_table)):
+    for loop, fn in (("tile_list", pm._down_kernel), ("tile_table", _down_tile_table)):
         for bm, bn, warps, stages in ((128, 256, 8, 4), (128, 128, 4, 3), (128, 128, 4, 4),
                                       (128, 256, 4, 3), (64, 256, 4, 3)):
             sig = {"h_desc": f"tensordesc<bf16[{bm}, 64]>",
                    "w_desc": f"tensordesc<bf16[64, {bn}]>", "y_ptr": "*bf16", "D": "i32",
                    "F": "i32"}
-            sig.update({"ends_ptr": "*i64", "E": "i32"} if loop == "tile_list" else
+            sig.update({"ends_ptr": "*i64", "E": "i32", "b_ptr": "*bf16",
+                        "y_desc": f"tensordesc<bf16[{bm}, {bn}]>"} if loop == "tile_list" else
                        {"table_ptr": "*i32", "total_ptr": "*i32"})
             consts = {"NUM_PROGRAMS": 132, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64,
-                      **({"BLOCK_E": 128} if loop == "tile_list" else {})}
+                      **({"BLOCK_E": 128, "HAS_BIAS": False, "WS": True, "STORE_SPLIT": 0}
+                         if loop == "tile_list" else {})}
             label = f"{loop:10s} {bm}x{bn} warps {warps} stages {stages}:"
             try:
                 k = _compile(fn, sig, consts, warps, stages)
