@@ -155,8 +155,8 @@ def _store_desc(blocks: dict) -> str:
 def persistent_experts():
     """The persistent expert kernels at every launch config _configs picks on sm_90 (warp
     specialised): the up kernel's short-row SwiGLU and GELU tiles, the down kernel's for short
-    and long sums, and above LONG_EXPERT_ROWS both storing whole tiles through TMA; weights
-    (and the down kernel's h) as TMA descriptors."""
+    sums (its loops flattened) and long ones, and above LONG_EXPERT_ROWS both storing whole
+    tiles through TMA; weights (and the down kernel's h) as TMA descriptors."""
     m = persistent_mlp_triton
     rows_f = ((256, 768, True), (256, 768, False), (1024, 768, True), (1024, 768, False),
               (256, 14336, True))
@@ -168,7 +168,8 @@ def persistent_experts():
                       "b_ptr": "*bf16", "h_ptr": "*bf16", "h_desc": _store_desc(up),
                       **_args("D F E", "i32")},
                      {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": True, "BLOCK_E": 128,
-                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, **up, "WS": True}, **up_launch)
+                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, "FLATTEN": False, **up, "WS": True},
+                     **up_launch)
         compile_sm90(m._down_kernel,
                      {"h_desc": f"tensordesc<bf16[{down['BLOCK_M']}, {down['BLOCK_K']}]>",
                       "ends_ptr": "*i64",
@@ -176,7 +177,7 @@ def persistent_experts():
                       "b_ptr": "*bf16", "y_ptr": "*bf16", "y_desc": _store_desc(down),
                       **_args("D F E", "i32")},
                      {"HAS_BIAS": not swiglu, "BLOCK_E": 128, "NUM_PROGRAMS": 132,
-                      "STORE_SPLIT": 0, **down, "WS": True}, **down_launch)
+                      "STORE_SPLIT": 0, "FLATTEN": False, **down, "WS": True}, **down_launch)
 
 
 def qk_norm_rope():

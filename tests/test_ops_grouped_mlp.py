@@ -333,41 +333,56 @@ def test_persistent_experts_refuse_gpus_without_tma(monkeypatch):
         pm._device_launch.cache_clear()
 
 
-@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("variant", [{"STORE_SPLIT": 1}, {"STORE_SPLIT": 2}, {"FLATTEN": True}],
+                         ids=["tma-store-1", "tma-store-2", "flatten"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_persistent_tma_stores_equal_pointer_stores(split, activation):
-    """STORE_SPLIT > 0: the persistent kernels store each whole row tile through TMA (in that
-    many column pieces) and the expert's last, partial one by pointers, which must not touch
-    the next expert's rows: h and y bit for bit the pointer stores' (the rows past ends_E[-1]
-    unwritten by both). Experts of whole tiles, partial ones, idle ones (tiles of 16 rows on
-    the CPU); F and D not multiples of the column tile (the TMA store clips them)."""
+def test_persistent_variants_equal_the_plain_loop(variant, activation):
+    """h and y bit for bit the plain configs' (pointer stores, the tile and K loops nested),
+    rows past ends_E[-1] unwritten by both, on experts of whole tiles, partial ones, idle ones
+    and one-row ones; F and D not multiples of the column tile. STORE_SPLIT > 0: each whole
+    row tile stored through TMA (in that many column pieces) and the expert's last, partial
+    one by pointers, which must not touch the next expert's rows (the TMA store clips the
+    columns). FLATTEN: one loop over tiles x K steps, so the pipeliner loads the next tile's
+    first stages before this tile's epilogue (the interpreter runs both alike; on the GPU each
+    compiles its own pipeline)."""
+    from moeflow.ops import persistent_mlp_triton as pm
+    p = _persistent_problem(activation, bias=True)
+    launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
+    outs = []
+    for b in (p.blocks, dict(p.blocks, **variant)):
+        h = torch.full((p.n + 5, p.F), 7.0, device=DEVICE, dtype=p.dtype)
+        y = torch.full((p.n + 5, p.D), 7.0, device=DEVICE, dtype=p.dtype)
+        pm.launch_up(p.x, None, p.ends, p.w_in, p.b_in, h, activation == "swiglu", p.programs,
+                     p.ws, b, launch)
+        pm.launch_down(h, p.ends, p.w_out, p.b_out, y, p.programs, p.ws, b, launch)
+        outs.append((h, y))
+    (h0, y0), (h1, y1) = outs
+    assert torch.equal(h1, h0) and torch.equal(y1, y0)
+    assert (h1[p.n:] == 7).all() and (y1[p.n:] == 7).all()
+    ref = expert_mlp_reference(p.x[:p.n], p.ends, p.w_in, p.b_in, p.w_out, p.b_out, activation)
+    assert _rel_err(y1[:p.n], ref) < _tol(p.dtype)
+
+
+def _persistent_problem(activation: str, bias: bool):
+    """The persistent kernels' parity problem: experts of whole tiles, partial ones, idle ones
+    and one-row ones (128-row tiles on the GPU, 16 on the CPU), F and D not multiples of the
+    column tile, 5 rows past ends_E[-1]; the launch's programs and tiles."""
+    from types import SimpleNamespace
+
     from moeflow.ops import persistent_mlp_triton as pm
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     D, F = (1032, 776) if ON_GPU else (72, 40)
-    counts = [16, 0, 32, 1, 0, 17, 0, 48]
+    counts = [128, 0, 257, 1, 0, 130, 64, 300] if ON_GPU else [16, 0, 32, 1, 0, 17, 0, 48]
     E = len(counts)
-    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, bias, dtype)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
     n = int(ends[-1])
     x = torch.randn(n + 5, D, device=DEVICE).to(dtype)
     programs, ws = (pm._device_launch(x.device.index or 0) if ON_GPU else (3, False))
     blocks = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64} if ON_GPU
               else pm._INTERPRETER_BLOCKS)
-    launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
-    outs = []
-    for store in (0, split):
-        b = dict(blocks, STORE_SPLIT=store)
-        h = torch.full((n + 5, F), 7.0, device=DEVICE, dtype=dtype)
-        y = torch.full((n + 5, D), 7.0, device=DEVICE, dtype=dtype)
-        pm.launch_up(x, None, ends, w_in, b_in, h, activation == "swiglu", programs, ws, b,
-                     launch)
-        pm.launch_down(h, ends, w_out, b_out, y, programs, ws, b, launch)
-        outs.append((h, y))
-    (h0, y0), (h1, y1) = outs
-    assert torch.equal(h1, h0) and torch.equal(y1, y0)
-    assert (h1[n:] == 7).all() and (y1[n:] == 7).all()
-    ref = expert_mlp_reference(x[:n], ends, w_in, b_in, w_out, b_out, activation)
-    assert _rel_err(y1[:n], ref) < _tol(dtype)
+    return SimpleNamespace(dtype=dtype, D=D, F=F, x=x, ends=ends, n=n, w_in=w_in, b_in=b_in,
+                           w_out=w_out, b_out=b_out, programs=programs, ws=ws, blocks=blocks)
 
 
 @pytest.mark.parametrize("ws,F,rows,swiglu,up_mn,down_m,stores", [
@@ -387,6 +402,8 @@ def test_persistent_tiles_follow_rows_width_and_activation(ws, F, rows, swiglu, 
     up, up_launch, down, down_launch = pm._configs(ws, F, rows, swiglu)
     assert (up["BLOCK_M"], up["BLOCK_N"]) == up_mn and down["BLOCK_M"] == down_m
     assert bool(up.get("STORE_SPLIT")) == bool(down.get("STORE_SPLIT")) == bool(stores)
+    assert not up.get("FLATTEN")
+    assert down.get("FLATTEN", False) == (ws and F <= pm.DOWN_SHORT_K_MAX and not stores)
     halves = 2 if swiglu else 1
 
     def staged(blocks):

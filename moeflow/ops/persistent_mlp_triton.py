@@ -21,7 +21,10 @@ asks for warp specialisation (`tl.range(warp_specialize=True)`), but Triton 3.6 
 loops to the same PTX with or without it (session 47, compiled for sm_90): each tile runs one
 software-pipelined loop over K, all warps issuing its loads (one thread) and its wgmma, and
 the next tile's first loads are issued after this tile's epilogue, so neither that load
-latency nor the epilogue overlaps the MMAs.
+latency nor the epilogue overlaps the MMAs. With FLATTEN (the down kernel's configs for short
+sums) the tile and K loops are one loop (`tl.range(flatten=True)`), which the pipeliner runs
+across tile boundaries: the next tile's first stages load during this tile's last MMAs and
+epilogue.
 
 Rows the tile list reads past an expert's end (the last row tile of each expert) belong to the
 next expert or lie past the last row: they are loaded, computed and never stored. Rows past
@@ -89,6 +92,13 @@ def _device_launch(index: int) -> tuple[int, bool]:
 #   0.801; the MoE layer's forward 2.486-2.529 -> 2.315-2.358 on one machine (2.315-2.541 over
 #   six runs on three). At 128-512 rows the same stores were within +-2% on Qwen3 and 4-10%
 #   slower on Mixtral's 256 rows.
+# - for short sums the down kernel's tile and K loops flattened (FLATTEN; session 49, H100,
+#   benchmarks/results/prefill_experts and moe_layer): a tile of Qwen3-30B-A3B's F 768 is 12 K
+#   steps, whose pipeline fill and epilogue the flattened loop overlaps with the tiles around
+#   it. The kernel alone at 4096 / 8192 tokens 0.270-0.277 -> 0.239-0.251 / 0.476-0.547 ->
+#   0.435-0.442 ms, the MoE layer's forward at 4096 replayed from a graph 0.793-0.817 ->
+#   0.767-0.785. Flattening the up kernel lost (its 32-step tiles gain little and fit fewer
+#   stages: session 48).
 # Elsewhere (unmeasured GPUs): session 25's 128-row configs.
 LONG_EXPERT_ROWS = 512
 DOWN_SHORT_K_MAX = 2048
@@ -107,7 +117,8 @@ def _configs(ws: bool, F: int, rows_per_expert: float, swiglu: bool
         return (dict(_WIDE, STORE_SPLIT=2), launch,
                 {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "STORE_SPLIT": 1}, launch)
     up = {"BLOCK_M": 64 if swiglu else 128, "BLOCK_N": 256, "BLOCK_K": 64}
-    down = {"BLOCK_M": 64 if F > DOWN_SHORT_K_MAX else 128, "BLOCK_N": 256, "BLOCK_K": 64}
+    down = {"BLOCK_M": 64 if F > DOWN_SHORT_K_MAX else 128, "BLOCK_N": 256, "BLOCK_K": 64,
+            "FLATTEN": F <= DOWN_SHORT_K_MAX}
     return up, launch, down, {"num_warps": 8, "num_stages": 4}
 
 
@@ -120,11 +131,12 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
-               STORE_SPLIT: tl.constexpr = 0):
+               STORE_SPLIT: tl.constexpr = 0, FLATTEN: tl.constexpr = False):
     n_cols = tl.cdiv(F, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
-    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS,
+                        flatten=FLATTEN):
         e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -156,10 +168,12 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
 def _down_kernel(h_desc, ends_ptr, w_desc, b_ptr, y_ptr, y_desc, D, F, E,
                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0):
+                 WS: tl.constexpr, STORE_SPLIT: tl.constexpr = 0,
+                 FLATTEN: tl.constexpr = False):
     n_cols = tl.cdiv(D, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
-    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS,
+                        flatten=FLATTEN):
         e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
