@@ -111,7 +111,7 @@ def test_stream_in_one_launch_equals_two_launches(counts, activation, bias):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     D, F = (1024, 768) if ON_GPU else (72, 40)
     E = len(counts)
-    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, bias, dtype)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
     n = int(ends[-1])
     x_TD = torch.randn(5, D, device=DEVICE).to(dtype)
@@ -346,7 +346,7 @@ def test_persistent_variants_equal_the_plain_loop(variant, activation):
     first stages before this tile's epilogue (the interpreter runs both alike; on the GPU each
     compiles its own pipeline)."""
     from moeflow.ops import persistent_mlp_triton as pm
-    p = _persistent_problem(activation, bias=True)
+    p = _persistent_problem(activation)
     launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
     outs = []
     for b in (p.blocks, dict(p.blocks, **variant)):
@@ -363,10 +363,10 @@ def test_persistent_variants_equal_the_plain_loop(variant, activation):
     assert _rel_err(y1[:p.n], ref) < _tol(p.dtype)
 
 
-def _persistent_problem(activation: str, bias: bool):
+def _persistent_problem(activation: str):
     """The persistent kernels' parity problem: experts of whole tiles, partial ones, idle ones
     and one-row ones (128-row tiles on the GPU, 16 on the CPU), F and D not multiples of the
-    column tile, 5 rows past ends_E[-1]; the launch's programs and tiles."""
+    column tile, biases, 5 rows past ends_E[-1]; the launch's programs and tiles."""
     from types import SimpleNamespace
 
     from moeflow.ops import persistent_mlp_triton as pm
@@ -374,7 +374,7 @@ def _persistent_problem(activation: str, bias: bool):
     D, F = (1032, 776) if ON_GPU else (72, 40)
     counts = [128, 0, 257, 1, 0, 130, 64, 300] if ON_GPU else [16, 0, 32, 1, 0, 17, 0, 48]
     E = len(counts)
-    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, bias, dtype)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
     n = int(ends[-1])
     x = torch.randn(n + 5, D, device=DEVICE).to(dtype)
