@@ -111,7 +111,7 @@ def test_stream_in_one_launch_equals_two_launches(counts, activation, bias):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     D, F = (1024, 768) if ON_GPU else (72, 40)
     E = len(counts)
-    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, True, dtype)
+    _, _, w_in, b_in, w_out, b_out, _ = _problem(E, D, F, E, activation, bias, dtype)
     ends = torch.tensor(counts, device=DEVICE).cumsum(0)
     n = int(ends[-1])
     x_TD = torch.randn(5, D, device=DEVICE).to(dtype)
