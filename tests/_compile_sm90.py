@@ -168,8 +168,7 @@ def persistent_experts():
                       "b_ptr": "*bf16", "h_ptr": "*bf16", "h_desc": _store_desc(up),
                       **_args("D F E", "i32")},
                      {"SWIGLU": swiglu, "HAS_BIAS": not swiglu, "GATHER": True, "BLOCK_E": 128,
-                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, "FLATTEN": False, **up, "WS": True},
-                     **up_launch)
+                      "NUM_PROGRAMS": 132, "STORE_SPLIT": 0, **up, "WS": True}, **up_launch)
         compile_sm90(m._down_kernel,
                      {"h_desc": f"tensordesc<bf16[{down['BLOCK_M']}, {down['BLOCK_K']}]>",
                       "ends_ptr": "*i64",

@@ -342,19 +342,21 @@ def test_persistent_variants_equal_the_plain_loop(variant, activation):
     and one-row ones; F and D not multiples of the column tile. STORE_SPLIT > 0: each whole
     row tile stored through TMA (in that many column pieces) and the expert's last, partial
     one by pointers, which must not touch the next expert's rows (the TMA store clips the
-    columns). FLATTEN: one loop over tiles x K steps, so the pipeliner loads the next tile's
-    first stages before this tile's epilogue (the interpreter runs both alike; on the GPU each
-    compiles its own pipeline)."""
+    columns). FLATTEN (the down kernel's only): one loop over tiles x K steps, so the
+    pipeliner loads the next tile's first stages before this tile's epilogue (the interpreter
+    runs both alike; on the GPU each compiles its own pipeline)."""
     from moeflow.ops import persistent_mlp_triton as pm
     p = _persistent_problem(activation)
     launch = {"num_warps": 8, "num_stages": 3} if ON_GPU else {}
+    up_variant = {k: v for k, v in variant.items() if k != "FLATTEN"}
     outs = []
-    for b in (p.blocks, dict(p.blocks, **variant)):
+    for up_b, down_b in ((p.blocks, p.blocks),
+                         (dict(p.blocks, **up_variant), dict(p.blocks, **variant))):
         h = torch.full((p.n + 5, p.F), 7.0, device=DEVICE, dtype=p.dtype)
         y = torch.full((p.n + 5, p.D), 7.0, device=DEVICE, dtype=p.dtype)
         pm.launch_up(p.x, None, p.ends, p.w_in, p.b_in, h, activation == "swiglu", p.programs,
-                     p.ws, b, launch)
-        pm.launch_down(h, p.ends, p.w_out, p.b_out, y, p.programs, p.ws, b, launch)
+                     p.ws, up_b, launch)
+        pm.launch_down(h, p.ends, p.w_out, p.b_out, y, p.programs, p.ws, down_b, launch)
         outs.append((h, y))
     (h0, y0), (h1, y1) = outs
     assert torch.equal(h1, h0) and torch.equal(y1, y0)

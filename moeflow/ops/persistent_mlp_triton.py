@@ -131,12 +131,11 @@ def _up_kernel(x_ptr, token_ptr, ends_ptr, w_desc, b_ptr, h_ptr, h_desc, D, F, E
                SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS: tl.constexpr,
-               STORE_SPLIT: tl.constexpr = 0, FLATTEN: tl.constexpr = False):
+               STORE_SPLIT: tl.constexpr = 0):
     n_cols = tl.cdiv(F, BLOCK_N)
     ee, lo_e, hi_e, tiles_e, cum, total = tile_list(ends_ptr, E, n_cols, BLOCK_E, BLOCK_M)
     I = 2 * F if SWIGLU else F
-    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS,
-                        flatten=FLATTEN):
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, warp_specialize=WS):
         e, m0, hi, col = list_tile(ee, lo_e, hi_e, tiles_e, cum, t, n_cols, BLOCK_M)
         n0 = col * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
